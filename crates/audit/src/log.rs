@@ -1,0 +1,745 @@
+//! The log writer: group commit of audit entries, the periodic tree-head
+//! signer, and proofs served from stored leaf hashes.
+//!
+//! Appenders send their prepared entries to one writer task over a bounded
+//! queue. The writer takes whatever is queued (up to `max_batch` entries),
+//! numbers it densely and writes it with ONE `append_entries` call, so a burst
+//! of N lookups costs one transaction and one fsync instead of N. Only after
+//! the store acknowledged the commit does the in-memory tree advance and does
+//! any appender get its receipt: callers release data only with a receipt, so
+//! an entry that may not be durable never lets data out.
+
+use crate::keys::LogKeys;
+use crate::merkle::{self, Frontier, Hash};
+use crate::sth::{SignedTreeHead, verify_tree_head};
+use lienthong_core::audit::AuditEvent;
+use lienthong_store::{LogInfo, Store, StoreError, StoredEntry, StoredTreeHead};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Leaf hashes read from the store per query when rebuilding or proving.
+const HASH_CHUNK: u64 = 65_536;
+
+/// Errors of the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The log cannot be written: callers answer UNAVAILABLE and release nothing.
+    #[error("audit log unavailable: {0}")]
+    Unavailable(String),
+    /// Key files are missing, unreadable, too open or malformed.
+    #[error("audit keys: {0}")]
+    Keys(String),
+    /// The store failed outside the append path.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The log, entry, tree size or tree head asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed (sizes out of order, event not serialisable).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// Stored data contradicts the signed history: entries were altered or lost.
+    #[error("audit log is corrupt: {0}")]
+    Corrupt(String),
+    /// The log is shutting down and accepts no more entries.
+    #[error("audit log is shutting down")]
+    ShuttingDown,
+}
+
+/// Tuning of the writer and signer.
+#[derive(Clone, Debug)]
+pub struct AuditConfig {
+    /// How often a new tree head is signed when the tree grew.
+    pub sign_interval: Duration,
+    /// Most entries written in one transaction.
+    pub max_batch: usize,
+    /// Appends waiting for the writer before appenders are held back.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            sign_interval: Duration::from_secs(1),
+            max_batch: 512,
+            queue: 16_384,
+        }
+    }
+}
+
+/// Proof that an entry was durably logged: the consumer keeps it to later
+/// obtain an inclusion proof.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// Log the entry is in.
+    pub log_id: String,
+    /// Its position.
+    pub sequence: u64,
+    /// Its RFC 9162 leaf hash.
+    pub leaf_hash: Hash,
+}
+
+/// Writer counters, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Entries in the last attempted batch.
+    pub last_batch_size: u64,
+    /// Batches committed.
+    pub total_batches: u64,
+    /// Entries committed.
+    pub total_entries: u64,
+    /// Batches the store refused or failed.
+    pub failed_batches: u64,
+    /// Duration of the last `append_entries` call.
+    pub last_commit: Duration,
+}
+
+#[derive(Default)]
+struct Counters {
+    last_batch_size: AtomicU64,
+    total_batches: AtomicU64,
+    total_entries: AtomicU64,
+    failed_batches: AtomicU64,
+    last_commit_micros: AtomicU64,
+}
+
+/// State shared by the handle, the writer task and the signer task.
+struct Shared {
+    /// The committed tree; `size` mirrors its size for lock-free reads.
+    frontier: Mutex<Frontier>,
+    size: AtomicU64,
+    counters: Counters,
+}
+
+impl Shared {
+    fn frontier(&self) -> MutexGuard<'_, Frontier> {
+        // The frontier is only mutated by whole pushes; a panic elsewhere while
+        // holding the lock cannot leave it half-updated.
+        self.frontier.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One appender's entries, numbered by the writer.
+struct Request {
+    entries: Vec<StoredEntry>,
+    reply: oneshot::Sender<Result<Vec<Receipt>, AuditError>>,
+}
+
+/// The audit log of this broker: one Merkle tree, one key.
+pub struct AuditLog {
+    store: Arc<dyn Store>,
+    keys: LogKeys,
+    log_id: String,
+    shared: Arc<Shared>,
+    sender: Mutex<Option<mpsc::Sender<Request>>>,
+    closing: AtomicBool,
+    last_signed: Mutex<Option<SignedTreeHead>>,
+    sign_lock: tokio::sync::Mutex<()>,
+    stop_signer: watch::Sender<bool>,
+    writer_task: Mutex<Option<JoinHandle<()>>>,
+    signer_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("log_id", &self.log_id)
+            .field("size", &self.size())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+impl AuditLog {
+    /// Opens this broker's log: registers it, rebuilds the tree from stored leaf
+    /// hashes (checking them against the latest signed head), and starts the
+    /// writer and signer tasks. Must run inside a Tokio runtime.
+    pub async fn open(store: Arc<dyn Store>, keys: LogKeys, config: AuditConfig) -> Result<Arc<AuditLog>, AuditError> {
+        if config.max_batch == 0 || config.queue == 0 {
+            return Err(AuditError::InvalidArgument(
+                "audit max_batch and queue must be at least 1".into(),
+            ));
+        }
+        if config.sign_interval.is_zero() {
+            return Err(AuditError::InvalidArgument(
+                "audit sign_interval must be positive".into(),
+            ));
+        }
+        let log_id = keys.log_id();
+        let public_key = keys.public_key();
+        let info = store
+            .ensure_log(&LogInfo {
+                log_id: log_id.clone(),
+                public_key: public_key.to_vec(),
+                created_at: OffsetDateTime::now_utc(),
+            })
+            .await?;
+        if info.public_key != public_key {
+            return Err(AuditError::Corrupt(format!(
+                "log {log_id} is registered with a different public key"
+            )));
+        }
+
+        let size = store.log_size(&log_id).await?;
+        let latest = store.latest_tree_head(&log_id).await?.map(SignedTreeHead::from);
+        if let Some(head) = &latest {
+            verify_tree_head(head, &public_key).map_err(|e| {
+                AuditError::Corrupt(format!(
+                    "latest stored tree head (size {}) does not verify: {e}",
+                    head.tree_size
+                ))
+            })?;
+            if head.tree_size > size {
+                return Err(AuditError::Corrupt(format!(
+                    "log {log_id} holds {size} entries but its signed tree head covers {}: entries were deleted",
+                    head.tree_size
+                )));
+            }
+        }
+        let frontier = rebuild(store.as_ref(), &log_id, size, latest.as_ref()).await?;
+        tracing::info!(log_id = %log_id, size, "audit log opened");
+
+        let shared = Arc::new(Shared {
+            frontier: Mutex::new(frontier),
+            size: AtomicU64::new(size),
+            counters: Counters::default(),
+        });
+        let (sender, receiver) = mpsc::channel(config.queue);
+        let (stop_signer, stop_rx) = watch::channel(false);
+        let log = Arc::new(AuditLog {
+            store: Arc::clone(&store),
+            keys,
+            log_id: log_id.clone(),
+            shared: Arc::clone(&shared),
+            sender: Mutex::new(Some(sender)),
+            closing: AtomicBool::new(false),
+            last_signed: Mutex::new(latest),
+            sign_lock: tokio::sync::Mutex::new(()),
+            stop_signer,
+            writer_task: Mutex::new(None),
+            signer_task: Mutex::new(None),
+        });
+        let writer = Writer {
+            store,
+            log_id,
+            shared,
+            max_batch: config.max_batch,
+            needs_resync: false,
+        };
+        *lock(&log.writer_task) = Some(tokio::spawn(writer.run(receiver)));
+        *lock(&log.signer_task) = Some(tokio::spawn(run_signer(
+            Arc::downgrade(&log),
+            config.sign_interval,
+            stop_rx,
+        )));
+        Ok(log)
+    }
+
+    /// This log's id (hex SHA-256 of its public key).
+    pub fn log_id(&self) -> &str {
+        &self.log_id
+    }
+
+    /// The log's keys.
+    pub fn keys(&self) -> &LogKeys {
+        &self.keys
+    }
+
+    /// Pseudonym of a subject key under this log's HMAC secret.
+    pub fn subject_hash(&self, subject_key: &str) -> String {
+        self.keys.subject_hash(subject_key)
+    }
+
+    /// Committed entries.
+    pub fn size(&self) -> u64 {
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    /// Appends one entry; returns once it is durably committed.
+    pub async fn append(&self, event: AuditEvent) -> Result<Receipt, AuditError> {
+        let mut receipts = self.submit(vec![event]).await?;
+        receipts
+            .pop()
+            .ok_or_else(|| AuditError::Unavailable("audit writer returned no receipt".into()))
+    }
+
+    /// Appends entries in one commit (all or none); receipts in input order.
+    pub async fn append_many(&self, events: Vec<AuditEvent>) -> Result<Vec<Receipt>, AuditError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.submit(events).await
+    }
+
+    async fn submit(&self, events: Vec<AuditEvent>) -> Result<Vec<Receipt>, AuditError> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(AuditError::ShuttingDown);
+        }
+        // Serialising and hashing here rather than in the writer spreads that
+        // work over all cores; the leaf does not depend on the sequence number.
+        let entries = events
+            .into_iter()
+            .map(|e| self.prepare(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sender = lock(&self.sender).clone().ok_or(AuditError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(Request { entries, reply })
+            .await
+            .map_err(|_| AuditError::ShuttingDown)?;
+        drop(sender);
+        answer
+            .await
+            .map_err(|_| AuditError::Unavailable("audit writer stopped before answering".into()))?
+    }
+
+    fn prepare(&self, event: AuditEvent) -> Result<StoredEntry, AuditError> {
+        let leaf = event
+            .to_leaf()
+            .map_err(|e| AuditError::InvalidArgument(format!("audit event cannot be serialised: {e}")))?;
+        Ok(StoredEntry {
+            log_id: self.log_id.clone(),
+            sequence: 0,
+            leaf_hash: merkle::leaf_hash(leaf.as_bytes()),
+            leaf,
+            time: event.time,
+            kind: event.kind,
+            actor: event.actor,
+            provider: event.provider,
+            record_type: event.record_type,
+            purpose: event.purpose,
+            outcome: event.outcome,
+            subject_hash: event.subject_hash,
+        })
+    }
+
+    /// Signs the current tree if it grew since the last head (or there is no
+    /// head yet), stores the head and returns it; otherwise returns the last one.
+    pub async fn sign_now(&self) -> Result<SignedTreeHead, AuditError> {
+        let _one_signer = self.sign_lock.lock().await;
+        let (size, root) = {
+            let frontier = self.shared.frontier();
+            (frontier.size(), frontier.root())
+        };
+        let last = lock(&self.last_signed).clone();
+        let mut timestamp_ms = now_ms();
+        if let Some(last) = last {
+            if last.tree_size == size {
+                return Ok(last);
+            }
+            if last.tree_size > size {
+                return Err(AuditError::Corrupt(format!(
+                    "latest signed head covers {} entries but the tree has {size}",
+                    last.tree_size
+                )));
+            }
+            // Heads must not go back in time even if the wall clock does.
+            timestamp_ms = timestamp_ms.max(last.timestamp_ms);
+        }
+        let sth = self.keys.sign_tree_head(size, &root, timestamp_ms);
+        self.store.insert_tree_head(&StoredTreeHead::from(&sth)).await?;
+        tracing::debug!(log_id = %self.log_id, tree_size = size, "signed tree head");
+        *lock(&self.last_signed) = Some(sth.clone());
+        Ok(sth)
+    }
+
+    /// The newest head this log signed, without touching the store.
+    pub fn latest_signed(&self) -> Option<SignedTreeHead> {
+        lock(&self.last_signed).clone()
+    }
+
+    fn needs_signing(&self) -> bool {
+        let size = self.size();
+        lock(&self.last_signed)
+            .as_ref()
+            .is_none_or(|last| last.tree_size != size)
+    }
+
+    /// The newest signed head of any log in the database (other replicas' too).
+    pub async fn latest_tree_head(&self, log_id: &str) -> Result<SignedTreeHead, AuditError> {
+        self.store
+            .latest_tree_head(log_id)
+            .await?
+            .map(SignedTreeHead::from)
+            .ok_or_else(|| AuditError::NotFound(format!("log {log_id} has no signed tree head")))
+    }
+
+    /// Leaf hash of entry `sequence` and its audit path in the tree of the
+    /// first `tree_size` entries of `log_id`.
+    pub async fn inclusion_proof(
+        &self,
+        log_id: &str,
+        sequence: u64,
+        tree_size: u64,
+    ) -> Result<(Hash, Vec<Hash>), AuditError> {
+        if sequence >= tree_size {
+            return Err(AuditError::InvalidArgument(format!(
+                "sequence {sequence} is not inside a tree of size {tree_size}"
+            )));
+        }
+        self.require_size(log_id, tree_size).await?;
+        let leaves = self.load_leaf_hashes(log_id, tree_size).await?;
+        // O(n) over stored leaf hashes; a persistent cache of subtree roots would
+        // make proofs O(log n) if logs grow large enough for this to matter.
+        tokio::task::spawn_blocking(move || {
+            let index =
+                usize::try_from(sequence).map_err(|_| AuditError::InvalidArgument("sequence too large".into()))?;
+            let leaf = *leaves
+                .get(index)
+                .ok_or_else(|| AuditError::Corrupt(format!("entry {sequence} has no stored leaf hash")))?;
+            Ok((leaf, merkle::inclusion_proof(sequence, &leaves)))
+        })
+        .await
+        .map_err(|e| AuditError::Unavailable(format!("proof computation failed: {e}")))?
+    }
+
+    /// Consistency proof between the trees of the first `first` and `second`
+    /// entries of `log_id`.
+    pub async fn consistency_proof(&self, log_id: &str, first: u64, second: u64) -> Result<Vec<Hash>, AuditError> {
+        if first > second {
+            return Err(AuditError::InvalidArgument(format!(
+                "first tree size {first} is larger than second tree size {second}"
+            )));
+        }
+        self.require_size(log_id, second).await?;
+        if first == 0 || first == second {
+            return Ok(Vec::new());
+        }
+        let leaves = self.load_leaf_hashes(log_id, second).await?;
+        tokio::task::spawn_blocking(move || merkle::consistency_proof(first, &leaves))
+            .await
+            .map_err(|e| AuditError::Unavailable(format!("proof computation failed: {e}")))
+    }
+
+    async fn require_size(&self, log_id: &str, tree_size: u64) -> Result<(), AuditError> {
+        let available = if log_id == self.log_id {
+            self.size()
+        } else {
+            self.store.log_size(log_id).await?
+        };
+        if tree_size > available {
+            return Err(AuditError::NotFound(format!(
+                "log {log_id} has {available} entries, fewer than the tree size {tree_size} asked for"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn load_leaf_hashes(&self, log_id: &str, tree_size: u64) -> Result<Vec<Hash>, AuditError> {
+        let mut leaves = Vec::with_capacity(usize::try_from(tree_size).unwrap_or(0));
+        let mut from = 0;
+        while from < tree_size {
+            let to = tree_size.min(from + HASH_CHUNK);
+            let chunk = self.store.leaf_hashes(log_id, from, to).await?;
+            check_chunk(log_id, from, to, chunk.len())?;
+            leaves.extend(chunk);
+            from = to;
+        }
+        Ok(leaves)
+    }
+
+    /// Stops accepting entries (they fail with `ShuttingDown`), commits
+    /// everything already queued, stops the signer and signs a final head over
+    /// every entry. `None` if the log was already shut down.
+    pub async fn shutdown(&self) -> Result<Option<SignedTreeHead>, AuditError> {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        // Dropping our sender lets the writer finish once queued requests (and
+        // appenders already holding a sender clone) are committed.
+        drop(lock(&self.sender).take());
+        let writer = lock(&self.writer_task).take();
+        if let Some(writer) = writer {
+            writer
+                .await
+                .map_err(|e| AuditError::Unavailable(format!("audit writer task failed: {e}")))?;
+        }
+        let _ = self.stop_signer.send(true);
+        let signer = lock(&self.signer_task).take();
+        if let Some(signer) = signer {
+            let _ = signer.await;
+        }
+        let sth = self.sign_now().await?;
+        tracing::info!(log_id = %self.log_id, tree_size = sth.tree_size, "audit log closed with a final signed head");
+        Ok(Some(sth))
+    }
+
+    /// Counters of the writer.
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.shared.counters;
+        WriterStats {
+            last_batch_size: c.last_batch_size.load(Ordering::Relaxed),
+            total_batches: c.total_batches.load(Ordering::Relaxed),
+            total_entries: c.total_entries.load(Ordering::Relaxed),
+            failed_batches: c.failed_batches.load(Ordering::Relaxed),
+            last_commit: Duration::from_micros(c.last_commit_micros.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Entries in the last attempted batch.
+    pub fn last_batch_size(&self) -> u64 {
+        self.shared.counters.last_batch_size.load(Ordering::Relaxed)
+    }
+
+    /// Batches committed so far.
+    pub fn total_batches(&self) -> u64 {
+        self.shared.counters.total_batches.load(Ordering::Relaxed)
+    }
+
+    /// Duration of the last commit.
+    pub fn last_commit_duration(&self) -> Duration {
+        Duration::from_micros(self.shared.counters.last_commit_micros.load(Ordering::Relaxed))
+    }
+
+    /// Append requests waiting for the writer.
+    pub fn queued(&self) -> usize {
+        lock(&self.sender)
+            .as_ref()
+            .map_or(0, |s| s.max_capacity() - s.capacity())
+    }
+}
+
+fn check_chunk(log_id: &str, from: u64, to: u64, got: usize) -> Result<(), AuditError> {
+    if u64::try_from(got).ok() != Some(to - from) {
+        return Err(AuditError::Corrupt(format!(
+            "log {log_id}: asked for leaf hashes {from}..{to}, the store returned {got}"
+        )));
+    }
+    Ok(())
+}
+
+/// Rebuilds the frontier from the stored leaf hashes, checking that the first
+/// `head.tree_size` of them still hash to the head's signed root.
+async fn rebuild(
+    store: &dyn Store,
+    log_id: &str,
+    size: u64,
+    head: Option<&SignedTreeHead>,
+) -> Result<Frontier, AuditError> {
+    let mut frontier = Frontier::new();
+    let altered = |h: &SignedTreeHead| {
+        AuditError::Corrupt(format!(
+            "log {log_id}: stored entries 0..{} no longer hash to their signed root; the log was altered",
+            h.tree_size
+        ))
+    };
+    if let Some(h) = head.filter(|h| h.tree_size == 0) {
+        if h.root_hash != merkle::empty_root() {
+            return Err(altered(h));
+        }
+    }
+    let mut from = 0;
+    while from < size {
+        let to = size.min(from + HASH_CHUNK);
+        let chunk = store.leaf_hashes(log_id, from, to).await?;
+        check_chunk(log_id, from, to, chunk.len())?;
+        for leaf in chunk {
+            frontier.push(leaf);
+            if let Some(h) = head.filter(|h| h.tree_size == frontier.size()) {
+                if frontier.root() != h.root_hash {
+                    return Err(altered(h));
+                }
+            }
+        }
+        from = to;
+    }
+    Ok(frontier)
+}
+
+/// The group-commit writer task.
+struct Writer {
+    store: Arc<dyn Store>,
+    log_id: String,
+    shared: Arc<Shared>,
+    max_batch: usize,
+    /// A commit failed: the store may hold more (or, if corrupt, fewer) entries
+    /// than the frontier; re-read its size before the next commit.
+    needs_resync: bool,
+}
+
+impl Writer {
+    async fn run(mut self, mut receiver: mpsc::Receiver<Request>) {
+        let mut carried: Option<Request> = None;
+        loop {
+            let first = match carried.take() {
+                Some(request) => request,
+                None => match receiver.recv().await {
+                    Some(request) => request,
+                    None => break,
+                },
+            };
+            let mut count = first.entries.len();
+            let mut batch = vec![first];
+            while count < self.max_batch {
+                match receiver.try_recv() {
+                    Ok(request) if count + request.entries.len() > self.max_batch => {
+                        carried = Some(request);
+                        break;
+                    }
+                    Ok(request) => {
+                        count += request.entries.len();
+                        batch.push(request);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch, count).await;
+        }
+        tracing::debug!(log_id = %self.log_id, "audit writer stopped");
+    }
+
+    async fn commit(&mut self, batch: Vec<Request>, count: usize) {
+        let shared = Arc::clone(&self.shared);
+        let counters = &shared.counters;
+        counters.last_batch_size.store(count as u64, Ordering::Relaxed);
+        if self.needs_resync {
+            match self.resync().await {
+                Ok(()) => self.needs_resync = false,
+                Err(e) => {
+                    counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(log_id = %self.log_id, error = %e, "audit log cannot resynchronise with the store");
+                    let message = match e {
+                        AuditError::Unavailable(message) => message,
+                        other => other.to_string(),
+                    };
+                    fail_all(batch, &message);
+                    return;
+                }
+            }
+        }
+
+        // Only this task advances the tree, so the size cannot move under us.
+        let start = self.shared.size.load(Ordering::Acquire);
+        let mut entries = Vec::with_capacity(count);
+        let mut waiters = Vec::with_capacity(batch.len());
+        let mut next = start;
+        for request in batch {
+            let first = next;
+            for mut entry in request.entries {
+                entry.sequence = next;
+                next += 1;
+                entries.push(entry);
+            }
+            waiters.push((request.reply, first, next));
+        }
+
+        let began = Instant::now();
+        let result = self.store.append_entries(&entries).await;
+        counters.last_commit_micros.store(
+            u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+
+        if let Err(e) = result {
+            counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+            // The transaction may still have committed (connection lost after
+            // COMMIT): never guess, re-read the store before the next batch.
+            self.needs_resync = true;
+            tracing::error!(log_id = %self.log_id, entries = count, error = %e, "audit commit failed; nothing released");
+            for (reply, _, _) in waiters {
+                let _ = reply.send(Err(AuditError::Unavailable(format!(
+                    "audit entry could not be committed: {e}"
+                ))));
+            }
+            return;
+        }
+
+        {
+            let mut frontier = self.shared.frontier();
+            for entry in &entries {
+                frontier.push(entry.leaf_hash);
+            }
+            self.shared.size.store(frontier.size(), Ordering::Release);
+        }
+        counters.total_batches.fetch_add(1, Ordering::Relaxed);
+        counters.total_entries.fetch_add(count as u64, Ordering::Relaxed);
+
+        for (reply, first, end) in waiters {
+            let receipts = entries[(first - start) as usize..(end - start) as usize]
+                .iter()
+                .map(|e| Receipt {
+                    log_id: self.log_id.clone(),
+                    sequence: e.sequence,
+                    leaf_hash: e.leaf_hash,
+                })
+                .collect();
+            // An appender that gave up waiting is fine: its entry is logged anyway.
+            let _ = reply.send(Ok(receipts));
+        }
+    }
+
+    /// Brings the frontier in line with what the store really holds.
+    async fn resync(&mut self) -> Result<(), AuditError> {
+        let stored = self
+            .store
+            .log_size(&self.log_id)
+            .await
+            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let have = self.shared.size.load(Ordering::Acquire);
+        if stored < have {
+            return Err(AuditError::Corrupt(format!(
+                "log {} holds {stored} entries but {have} were committed; entries were deleted",
+                self.log_id
+            )));
+        }
+        let mut from = have;
+        while from < stored {
+            let to = stored.min(from + HASH_CHUNK);
+            let chunk = self
+                .store
+                .leaf_hashes(&self.log_id, from, to)
+                .await
+                .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+            check_chunk(&self.log_id, from, to, chunk.len())?;
+            let mut frontier = self.shared.frontier();
+            frontier.extend(&chunk);
+            self.shared.size.store(frontier.size(), Ordering::Release);
+            from = to;
+        }
+        if stored > have {
+            tracing::warn!(
+                log_id = %self.log_id,
+                recovered = stored - have,
+                "a failed audit commit had been written after all; tree resynchronised"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn fail_all(batch: Vec<Request>, message: &str) {
+    for request in batch {
+        let _ = request.reply.send(Err(AuditError::Unavailable(message.to_string())));
+    }
+}
+
+/// Signs a head every `interval` when the tree grew. Holds only a weak
+/// reference, so a dropped log stops its signer.
+async fn run_signer(log: Weak<AuditLog>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let Some(log) = log.upgrade() else { break };
+        if log.needs_signing() {
+            if let Err(e) = log.sign_now().await {
+                tracing::warn!(log_id = %log.log_id, error = %e, "signing the audit tree head failed; will retry");
+            }
+        }
+    }
+}

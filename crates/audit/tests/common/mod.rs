@@ -1,0 +1,326 @@
+//! Shared test support: an in-memory `Store` holding only the audit tables,
+//! which can be told to fail (before or after "committing") and to be slow.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use async_trait::async_trait;
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
+use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
+use lienthong_store::{
+    Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoredEntry, StoredTreeHead,
+};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use time::OffsetDateTime;
+
+#[derive(Default)]
+struct Tables {
+    logs: Vec<LogInfo>,
+    entries: BTreeMap<String, Vec<StoredEntry>>,
+    heads: BTreeMap<String, Vec<StoredTreeHead>>,
+}
+
+/// In-memory audit store with fault injection.
+#[derive(Default)]
+pub struct FakeStore {
+    tables: Mutex<Tables>,
+    /// Every call fails `Unavailable` without writing.
+    pub fail: AtomicBool,
+    /// `append_entries` writes, then reports failure (a connection lost after COMMIT).
+    pub fail_after_commit: AtomicBool,
+    delay: Mutex<Duration>,
+    batches: Mutex<Vec<usize>>,
+}
+
+impl FakeStore {
+    pub fn new() -> Self {
+        FakeStore::default()
+    }
+
+    /// Each `append_entries` takes this long, as an fsync would.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap() = delay;
+    }
+
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// Sizes of the successful `append_entries` calls, in order.
+    pub fn batches(&self) -> Vec<usize> {
+        self.batches.lock().unwrap().clone()
+    }
+
+    pub fn entries(&self, log_id: &str) -> Vec<StoredEntry> {
+        self.tables
+            .lock()
+            .unwrap()
+            .entries
+            .get(log_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn heads(&self, log_id: &str) -> Vec<StoredTreeHead> {
+        self.tables
+            .lock()
+            .unwrap()
+            .heads
+            .get(log_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Rewrites one stored row, as an attacker with database access would.
+    pub fn tamper(&self, log_id: &str, sequence: usize, f: impl FnOnce(&mut StoredEntry)) {
+        let mut tables = self.tables.lock().unwrap();
+        f(&mut tables.entries.get_mut(log_id).unwrap()[sequence]);
+    }
+
+    /// Deletes the newest rows, as a rollback would.
+    pub fn truncate(&self, log_id: &str, len: usize) {
+        self.tables
+            .lock()
+            .unwrap()
+            .entries
+            .get_mut(log_id)
+            .unwrap()
+            .truncate(len);
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected fault: disk full".into()));
+        }
+        Ok(())
+    }
+
+    fn unsupported<T>() -> Result<T> {
+        Err(StoreError::Unavailable(
+            "the fake store holds only the audit log".into(),
+        ))
+    }
+}
+
+#[async_trait]
+impl Store for FakeStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn insert_member(&self, _member: &Member) -> Result<()> {
+        Self::unsupported()
+    }
+    async fn update_member(&self, _member: &Member) -> Result<()> {
+        Self::unsupported()
+    }
+    async fn get_member(&self, _id: &str) -> Result<Option<Member>> {
+        Self::unsupported()
+    }
+    async fn list_members(&self) -> Result<Vec<Member>> {
+        Self::unsupported()
+    }
+    async fn insert_endpoint(&self, _endpoint: &Endpoint) -> Result<()> {
+        Self::unsupported()
+    }
+    async fn delete_endpoint(&self, _id: &str) -> Result<Endpoint> {
+        Self::unsupported()
+    }
+    async fn list_endpoints(&self) -> Result<Vec<Endpoint>> {
+        Self::unsupported()
+    }
+    async fn insert_grant(&self, _grant: &Grant) -> Result<()> {
+        Self::unsupported()
+    }
+    async fn revoke_grant(&self, _id: &str, _reason: &str, _at: OffsetDateTime) -> Result<Grant> {
+        Self::unsupported()
+    }
+    async fn get_grant(&self, _id: &str) -> Result<Option<Grant>> {
+        Self::unsupported()
+    }
+    async fn list_grants(&self, _query: &GrantQuery) -> Result<Vec<Grant>> {
+        Self::unsupported()
+    }
+    async fn insert_record_type_version(&self, _version: &RecordTypeVersion) -> Result<()> {
+        Self::unsupported()
+    }
+    async fn deprecate_record_type_version(
+        &self,
+        _name: &str,
+        _version: u32,
+        _note: &str,
+    ) -> Result<RecordTypeVersion> {
+        Self::unsupported()
+    }
+    async fn list_record_type_versions(&self) -> Result<Vec<RecordTypeVersion>> {
+        Self::unsupported()
+    }
+    async fn change_counter(&self) -> Result<u64> {
+        Self::unsupported()
+    }
+    async fn publish_change(&self) -> Result<u64> {
+        Self::unsupported()
+    }
+    fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<u64> {
+        tokio::sync::broadcast::channel(1).1
+    }
+
+    async fn ensure_log(&self, log: &LogInfo) -> Result<LogInfo> {
+        self.check()?;
+        let mut tables = self.tables.lock().unwrap();
+        if let Some(existing) = tables.logs.iter().find(|l| l.log_id == log.log_id) {
+            return Ok(existing.clone());
+        }
+        tables.logs.push(log.clone());
+        tables.entries.entry(log.log_id.clone()).or_default();
+        Ok(log.clone())
+    }
+
+    async fn list_logs(&self) -> Result<Vec<LogInfo>> {
+        self.check()?;
+        Ok(self.tables.lock().unwrap().logs.clone())
+    }
+
+    async fn append_entries(&self, entries: &[StoredEntry]) -> Result<()> {
+        let delay = *self.delay.lock().unwrap();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.check()?;
+        {
+            let mut tables = self.tables.lock().unwrap();
+            for (i, entry) in entries.iter().enumerate() {
+                let Some(log) = tables.entries.get(&entry.log_id) else {
+                    return Err(StoreError::NotFound {
+                        what: format!("log {}", entry.log_id),
+                    });
+                };
+                let expected =
+                    log.len() as u64 + entries[..i].iter().filter(|e| e.log_id == entry.log_id).count() as u64;
+                if entry.sequence < expected {
+                    return Err(StoreError::AlreadyExists {
+                        what: format!("entry {}", entry.sequence),
+                    });
+                }
+                if entry.sequence > expected {
+                    return Err(StoreError::SequenceGap {
+                        log_id: entry.log_id.clone(),
+                        expected,
+                        found: entry.sequence,
+                    });
+                }
+            }
+            for entry in entries {
+                tables.entries.get_mut(&entry.log_id).unwrap().push(entry.clone());
+            }
+        }
+        if self.fail_after_commit.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable(
+                "injected fault: connection lost after commit".into(),
+            ));
+        }
+        self.batches.lock().unwrap().push(entries.len());
+        Ok(())
+    }
+
+    async fn log_size(&self, log_id: &str) -> Result<u64> {
+        self.check()?;
+        Ok(self
+            .tables
+            .lock()
+            .unwrap()
+            .entries
+            .get(log_id)
+            .map_or(0, |e| e.len() as u64))
+    }
+
+    async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>> {
+        self.check()?;
+        let tables = self.tables.lock().unwrap();
+        let entries = tables.entries.get(log_id).map(Vec::as_slice).unwrap_or_default();
+        if (entries.len() as u64) < to || from > to {
+            return Err(StoreError::NotFound {
+                what: format!("entries {from}..{to} of log {log_id}"),
+            });
+        }
+        Ok(entries[from as usize..to as usize]
+            .iter()
+            .map(|e| e.leaf_hash)
+            .collect())
+    }
+
+    async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>> {
+        self.check()?;
+        let tables = self.tables.lock().unwrap();
+        let entries = tables.entries.get(&query.log_id).cloned().unwrap_or_default();
+        Ok(entries
+            .into_iter()
+            .filter(|e| e.sequence >= query.from_sequence)
+            .take(query.limit as usize)
+            .collect())
+    }
+
+    async fn subject_entries(
+        &self,
+        subject_hash: &str,
+        _since: Option<OffsetDateTime>,
+        _limit: u32,
+    ) -> Result<Vec<StoredEntry>> {
+        self.check()?;
+        let tables = self.tables.lock().unwrap();
+        let mut found: Vec<StoredEntry> = tables
+            .entries
+            .values()
+            .flatten()
+            .filter(|e| !subject_hash.is_empty() && e.subject_hash == subject_hash)
+            .cloned()
+            .collect();
+        found.reverse();
+        Ok(found)
+    }
+
+    async fn insert_tree_head(&self, head: &StoredTreeHead) -> Result<()> {
+        self.check()?;
+        self.tables
+            .lock()
+            .unwrap()
+            .heads
+            .entry(head.log_id.clone())
+            .or_default()
+            .push(head.clone());
+        Ok(())
+    }
+
+    async fn latest_tree_head(&self, log_id: &str) -> Result<Option<StoredTreeHead>> {
+        self.check()?;
+        Ok(self
+            .tables
+            .lock()
+            .unwrap()
+            .heads
+            .get(log_id)
+            .and_then(|h| h.iter().max_by_key(|h| h.tree_size).cloned()))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.check()
+    }
+}
+
+/// An access event numbered `i`, for a made-up subject.
+pub fn event(i: u64) -> AuditEvent {
+    let time = OffsetDateTime::from_unix_timestamp(1_750_000_000 + i as i64).unwrap();
+    let mut e = AuditEvent::new(EntryKind::Access, time);
+    e.request_id = format!("req-{i}");
+    e.actor = "tax-board".into();
+    e.provider = "civil-registry".into();
+    e.record_type = "person".into();
+    e.schema_version = 1;
+    e.purpose = "income-tax-assessment".into();
+    e.subject_hash = format!("{i:064x}");
+    e.fields_released = vec!["/name".into(), "/birth_date".into()];
+    e.outcome = if i % 7 == 0 { Outcome::Denied } else { Outcome::Allowed };
+    e.latency_us = 100 + i;
+    e
+}

@@ -1,0 +1,383 @@
+//! The group-commit writer against an in-memory store with fault injection.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{FakeStore, event};
+use lienthong_audit::merkle::{self, Hash};
+use lienthong_audit::{AuditConfig, AuditError, AuditLog, LogKeys, verify_tree_head};
+use lienthong_store::Store;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn quiet() -> AuditConfig {
+    // The periodic signer stays out of the way unless a test wants it.
+    AuditConfig {
+        sign_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    }
+}
+
+async fn open(store: &Arc<FakeStore>, keys: LogKeys) -> Arc<AuditLog> {
+    AuditLog::open(store.clone() as Arc<dyn Store>, keys, quiet())
+        .await
+        .unwrap()
+}
+
+fn stored_hashes(store: &FakeStore, log_id: &str) -> Vec<Hash> {
+    store.entries(log_id).iter().map(|e| e.leaf_hash).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_dense_sequences_and_share_commits() {
+    let store = Arc::new(FakeStore::new());
+    store.set_delay(Duration::from_millis(2));
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+
+    let tasks: Vec<_> = (0..1000u64)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { (i, log.append(event(i)).await.unwrap()) })
+        })
+        .collect();
+    let mut receipts = Vec::new();
+    for task in tasks {
+        receipts.push(task.await.unwrap());
+    }
+
+    let sequences: BTreeSet<u64> = receipts.iter().map(|(_, r)| r.sequence).collect();
+    assert_eq!(sequences, (0..1000).collect(), "sequences are dense and unique");
+    assert_eq!(log.size(), 1000);
+
+    let batches = store.batches();
+    assert_eq!(batches.iter().sum::<usize>(), 1000);
+    assert!(
+        batches.len() < 1000,
+        "appends must share commits, got {} commits",
+        batches.len()
+    );
+    assert!(batches.iter().any(|&b| b > 1));
+    assert!(batches.iter().all(|&b| b <= quiet().max_batch));
+    let stats = log.stats();
+    assert_eq!(stats.total_entries, 1000);
+    assert_eq!(stats.total_batches, batches.len() as u64);
+    assert_eq!(log.total_batches(), batches.len() as u64);
+    assert_eq!(stats.failed_batches, 0);
+    assert!(log.last_commit_duration() >= Duration::from_millis(2));
+
+    // Each receipt names the row that holds its own event.
+    let entries = store.entries(log.log_id());
+    for (i, receipt) in &receipts {
+        let row = &entries[receipt.sequence as usize];
+        assert_eq!(row.leaf, event(*i).to_leaf().unwrap());
+        assert_eq!(row.leaf_hash, receipt.leaf_hash);
+        assert_eq!(receipt.leaf_hash, merkle::leaf_hash(row.leaf.as_bytes()));
+        assert_eq!(receipt.log_id, log.log_id());
+        assert_eq!(row.subject_hash, event(*i).subject_hash);
+    }
+
+    // And is provably in the signed tree.
+    let sth = log.sign_now().await.unwrap();
+    assert_eq!(sth.tree_size, 1000);
+    verify_tree_head(&sth, &log.keys().public_key()).unwrap();
+    for (_, receipt) in receipts.iter().step_by(97) {
+        let (leaf, proof) = log
+            .inclusion_proof(log.log_id(), receipt.sequence, sth.tree_size)
+            .await
+            .unwrap();
+        assert_eq!(leaf, receipt.leaf_hash);
+        assert!(merkle::verify_inclusion(
+            receipt.sequence,
+            sth.tree_size,
+            &leaf,
+            &proof,
+            &sth.root_hash
+        ));
+    }
+}
+
+#[tokio::test]
+async fn append_many_is_one_commit_with_consecutive_receipts() {
+    let store = Arc::new(FakeStore::new());
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    log.append(event(0)).await.unwrap();
+    let receipts = log.append_many((1..=5).map(event).collect()).await.unwrap();
+    assert_eq!(
+        receipts.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(store.batches(), vec![1, 5]);
+    assert!(log.append_many(Vec::new()).await.unwrap().is_empty());
+    assert_eq!(store.batches().len(), 2, "an empty collect writes nothing");
+}
+
+#[tokio::test]
+async fn failing_store_fails_closed_and_resumes_at_the_right_sequence() {
+    let store = Arc::new(FakeStore::new());
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    for i in 0..3 {
+        assert_eq!(log.append(event(i)).await.unwrap().sequence, i);
+    }
+    let before = log.sign_now().await.unwrap();
+
+    store.set_failing(true);
+    let err = log.append(event(3)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+    let err = log.append_many(vec![event(4), event(5)]).await.unwrap_err();
+    assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+    assert_eq!(log.size(), 3, "nothing advanced");
+    assert_eq!(log.stats().failed_batches, 2);
+
+    store.set_failing(false);
+    assert_eq!(store.entries(log.log_id()).len(), 3, "nothing was written");
+    assert_eq!(log.append(event(6)).await.unwrap().sequence, 3);
+    let after = log.sign_now().await.unwrap();
+    assert_eq!(after.tree_size, 4);
+    assert_eq!(after.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
+    let proof = log
+        .consistency_proof(log.log_id(), before.tree_size, after.tree_size)
+        .await
+        .unwrap();
+    assert!(merkle::verify_consistency(
+        before.tree_size,
+        after.tree_size,
+        &before.root_hash,
+        &after.root_hash,
+        &proof
+    ));
+}
+
+#[tokio::test]
+async fn a_commit_that_landed_despite_an_error_is_resynchronised() {
+    let store = Arc::new(FakeStore::new());
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    log.append(event(0)).await.unwrap();
+
+    store.fail_after_commit.store(true, Ordering::SeqCst);
+    let err = log.append(event(1)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+    assert_eq!(log.size(), 1, "an unacknowledged commit is not counted");
+    store.fail_after_commit.store(false, Ordering::SeqCst);
+
+    // The row did land: the next entry must continue after it, not collide.
+    assert_eq!(log.append(event(2)).await.unwrap().sequence, 2);
+    assert_eq!(log.size(), 3);
+    let sth = log.sign_now().await.unwrap();
+    assert_eq!(sth.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
+}
+
+#[tokio::test]
+async fn resynchronisation_failing_keeps_failing_closed() {
+    let store = Arc::new(FakeStore::new());
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    log.append(event(0)).await.unwrap();
+    log.append(event(1)).await.unwrap();
+    store.set_failing(true);
+    assert!(log.append(event(2)).await.is_err());
+    store.set_failing(false);
+    // Someone deleted committed rows meanwhile: the writer must refuse to go on.
+    store.truncate(log.log_id(), 1);
+    let err = log.append(event(3)).await.unwrap_err();
+    assert!(
+        matches!(err, AuditError::Unavailable(ref m) if m.contains("deleted")),
+        "{err:?}"
+    );
+    assert_eq!(store.entries(log.log_id()).len(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_flushes_the_queue_and_signs_a_final_head() {
+    let store = Arc::new(FakeStore::new());
+    store.set_delay(Duration::from_millis(1));
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(event(i)).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let head = log.shutdown().await.unwrap().unwrap();
+
+    let mut committed = 0u64;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(receipt) => {
+                committed += 1;
+                assert!(receipt.sequence < head.tree_size, "the final head covers every receipt");
+            }
+            Err(e) => assert!(matches!(e, AuditError::ShuttingDown), "{e:?}"),
+        }
+    }
+    assert_eq!(head.tree_size, committed);
+    assert_eq!(head.tree_size, store.entries(log.log_id()).len() as u64);
+    assert_eq!(head.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
+    verify_tree_head(&head, &log.keys().public_key()).unwrap();
+    assert_eq!(store.heads(log.log_id()).last().unwrap().tree_size, head.tree_size);
+
+    assert!(matches!(log.append(event(999)).await, Err(AuditError::ShuttingDown)));
+    assert!(
+        log.shutdown().await.unwrap().is_none(),
+        "a second shutdown has nothing to do"
+    );
+}
+
+#[tokio::test]
+async fn signer_signs_when_the_tree_grows() {
+    let store = Arc::new(FakeStore::new());
+    let config = AuditConfig {
+        sign_interval: Duration::from_millis(20),
+        ..AuditConfig::default()
+    };
+    let log = AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), config)
+        .await
+        .unwrap();
+    log.append(event(0)).await.unwrap();
+    log.append(event(1)).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(head) = log.latest_tree_head(log.log_id()).await {
+            if head.tree_size == 2 {
+                verify_tree_head(&head, &log.keys().public_key()).unwrap();
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no head of size 2 was signed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Idle: no new heads pile up.
+    let count = store.heads(log.log_id()).len();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(store.heads(log.log_id()).len(), count);
+}
+
+#[tokio::test]
+async fn restart_reloads_keys_and_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FakeStore::new());
+    let first = open(&store, LogKeys::load_or_create(dir.path()).unwrap()).await;
+    for i in 0..10 {
+        first.append(event(i)).await.unwrap();
+    }
+    let head = first.shutdown().await.unwrap().unwrap();
+    let log_id = first.log_id().to_string();
+    drop(first);
+
+    let second = open(&store, LogKeys::load_or_create(dir.path()).unwrap()).await;
+    assert_eq!(second.log_id(), log_id, "same key, same log");
+    assert_eq!(second.size(), 10);
+    assert_eq!(second.latest_signed(), Some(head.clone()));
+    assert_eq!(
+        second.sign_now().await.unwrap(),
+        head,
+        "an unchanged tree is not re-signed"
+    );
+    assert_eq!(second.append(event(10)).await.unwrap().sequence, 10);
+    let grown = second.sign_now().await.unwrap();
+    assert_eq!(grown.root_hash, merkle::root(&stored_hashes(&store, &log_id)));
+    assert!(grown.timestamp_ms >= head.timestamp_ms);
+    let proof = second
+        .consistency_proof(&log_id, head.tree_size, grown.tree_size)
+        .await
+        .unwrap();
+    assert!(merkle::verify_consistency(
+        head.tree_size,
+        grown.tree_size,
+        &head.root_hash,
+        &grown.root_hash,
+        &proof
+    ));
+}
+
+#[tokio::test]
+async fn opening_an_altered_log_is_refused() {
+    let store = Arc::new(FakeStore::new());
+    let keys = LogKeys::generate().unwrap();
+    let log = open(&store, keys.clone()).await;
+    for i in 0..5 {
+        log.append(event(i)).await.unwrap();
+    }
+    log.shutdown().await.unwrap();
+    let log_id = log.log_id().to_string();
+
+    // Rewriting a row together with its leaf hash no longer matches the signed root.
+    store.tamper(&log_id, 2, |e| {
+        e.leaf = e.leaf.replace("tax-board", "tax-b0ard");
+        e.leaf_hash = merkle::leaf_hash(e.leaf.as_bytes());
+    });
+    let err = AuditLog::open(store.clone() as Arc<dyn Store>, keys.clone(), quiet())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuditError::Corrupt(_)), "{err:?}");
+    assert!(err.to_string().contains("0..5"), "{err}");
+
+    // Deleting signed rows is refused too.
+    store.truncate(&log_id, 3);
+    let err = AuditLog::open(store.clone() as Arc<dyn Store>, keys, quiet())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("deleted"), "{err}");
+}
+
+#[tokio::test]
+async fn proofs_and_heads_validate_their_arguments() {
+    let store = Arc::new(FakeStore::new());
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    let id = log.log_id().to_string();
+    assert!(matches!(log.latest_tree_head(&id).await, Err(AuditError::NotFound(_))));
+    for i in 0..6 {
+        log.append(event(i)).await.unwrap();
+    }
+    assert!(matches!(
+        log.inclusion_proof(&id, 6, 6).await,
+        Err(AuditError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        log.inclusion_proof(&id, 0, 7).await,
+        Err(AuditError::NotFound(_))
+    ));
+    assert!(matches!(
+        log.inclusion_proof("other", 0, 1).await,
+        Err(AuditError::NotFound(_))
+    ));
+    assert!(matches!(
+        log.consistency_proof(&id, 4, 3).await,
+        Err(AuditError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        log.consistency_proof(&id, 3, 7).await,
+        Err(AuditError::NotFound(_))
+    ));
+    assert!(log.consistency_proof(&id, 6, 6).await.unwrap().is_empty());
+
+    // Proofs for every smaller tree, not only the current one.
+    let hashes = stored_hashes(&store, &id);
+    for size in 1..=6u64 {
+        let r = merkle::root(&hashes[..size as usize]);
+        for seq in 0..size {
+            let (leaf, proof) = log.inclusion_proof(&id, seq, size).await.unwrap();
+            assert!(merkle::verify_inclusion(seq, size, &leaf, &proof, &r));
+        }
+    }
+
+    let bad = AuditConfig {
+        max_batch: 0,
+        ..AuditConfig::default()
+    };
+    let err = AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), bad)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuditError::InvalidArgument(_)));
+}
+
+#[tokio::test]
+async fn subject_hash_is_the_keys_hmac() {
+    let store = Arc::new(FakeStore::new());
+    let a = open(&store, LogKeys::from_parts([1; 32], [2; 32]).unwrap()).await;
+    let b = open(&store, LogKeys::from_parts([3; 32], [4; 32]).unwrap()).await;
+    assert_eq!(a.subject_hash("38001085718"), a.subject_hash("38001085718"));
+    assert_ne!(a.subject_hash("38001085718"), b.subject_hash("38001085718"));
+    assert_eq!(a.subject_hash("x"), a.keys().subject_hash("x"));
+}

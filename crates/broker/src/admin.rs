@@ -1,0 +1,400 @@
+//! `Admin`: members, provider endpoints and grants. Every change is validated
+//! in full before it is written, recorded in the audit log, published to the
+//! other replicas, and visible to this broker's next request.
+
+use crate::convert;
+use crate::error::{BrokerError, Result};
+use crate::state::{Broker, Caller};
+use lienthong::v1 as pb;
+use lienthong::v1::admin_server::Admin;
+use lienthong_core::{Endpoint, Grant, GrantFields, Member, MemberId, Role};
+use lienthong_store::GrantQuery;
+use std::future::Future;
+use std::sync::Arc;
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+
+/// The Admin service.
+pub struct AdminService {
+    broker: Arc<Broker>,
+}
+
+impl AdminService {
+    /// Wraps the shared state.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        AdminService { broker }
+    }
+
+    /// Authenticates an admin caller; a refusal is audited.
+    async fn admin<T>(&self, request: &Request<T>, rpc: &str) -> std::result::Result<Caller, Status> {
+        let caller = self.broker.authenticate(request, rpc).await?;
+        if let Err(e) = caller.require(&[Role::Admin], "administer the federation") {
+            self.broker.admin_refused(caller.id(), rpc, "", &e).await;
+            return Err(e.into());
+        }
+        Ok(caller)
+    }
+
+    /// Runs one change; a failure is audited with the action and target.
+    async fn change<T>(&self, caller: &Caller, action: &str, target: &str, f: impl Future<Output = Result<T>>) -> std::result::Result<Response<T>, Status> {
+        match f.await {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                self.broker.admin_refused(caller.id(), action, target, &e).await;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn member_id(id: &str) -> Result<MemberId> {
+    MemberId::new(id).map_err(|e| BrokerError::InvalidArgument(e.to_string()))
+}
+
+fn roles(numbers: &[i32]) -> Result<Vec<Role>> {
+    if numbers.is_empty() {
+        return Err(BrokerError::InvalidArgument(
+            "a member needs at least one role: admin, provider, consumer, integrator, auditor or subject-portal".into(),
+        ));
+    }
+    let mut roles = Vec::with_capacity(numbers.len());
+    for n in numbers {
+        roles.push(convert::role_from_pb(*n).ok_or_else(|| BrokerError::InvalidArgument(format!("role number {n} is not a valid role")))?);
+    }
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
+}
+
+/// A legal-basis code such as `decree-47-2020/art-12`.
+fn check_purpose(p: &str) -> Result<()> {
+    let ok = !p.is_empty()
+        && p.len() <= 128
+        && p.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:/-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::InvalidArgument(format!(
+            "purpose {p:?} is not a legal-basis code: use lowercase letters, digits and . _ : / - (e.g. decree-47-2020/art-12)"
+        )))
+    }
+}
+
+fn check_endpoint_url(url: &str) -> Result<()> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| BrokerError::InvalidArgument(format!("endpoint url {url:?} must start with https:// (providers are called over mutual TLS)")))?;
+    let hostport = rest.trim_end_matches('/');
+    let ok = match hostport.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && !hostport.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::InvalidArgument(format!("endpoint url {url:?} must look like https://host:port")))
+    }
+}
+
+impl Broker {
+    async fn add_member(&self, caller: &Caller, r: pb::AddMemberRequest) -> Result<pb::Member> {
+        let id = member_id(&r.id)?;
+        let name = r.display_name.trim();
+        if name.is_empty() || name.len() > 200 {
+            return Err(BrokerError::InvalidArgument("display_name is required (at most 200 characters)".into()));
+        }
+        let now = OffsetDateTime::now_utc();
+        let m = Member {
+            id,
+            display_name: name.to_string(),
+            roles: roles(&r.roles)?,
+            enabled: true,
+            disabled_reason: String::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.insert_member(&m).await?;
+        let roles: Vec<&str> = m.roles.iter().map(|r| r.as_str()).collect();
+        self.admin_event(caller, "member.add", m.id.as_str(), Some(format!("roles={}", roles.join(",")))).await?;
+        self.changed().await?;
+        Ok(convert::member(&m))
+    }
+
+    async fn set_enabled(&self, caller: &Caller, r: pb::SetMemberEnabledRequest, enabled: bool) -> Result<pb::Member> {
+        let mut m = self
+            .store
+            .get_member(&r.id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("member {:?} is not registered", r.id)))?;
+        if !enabled {
+            if r.reason.trim().is_empty() {
+                return Err(BrokerError::InvalidArgument("a reason is required to disable a member".into()));
+            }
+            if m.id.as_str() == caller.id() {
+                return Err(BrokerError::FailedPrecondition("an admin cannot disable itself; ask another admin".into()));
+            }
+        }
+        if m.enabled != enabled {
+            m.enabled = enabled;
+            m.disabled_reason = if enabled { String::new() } else { r.reason.trim().to_string() };
+            m.updated_at = OffsetDateTime::now_utc();
+            self.store.update_member(&m).await?;
+            let action = if enabled { "member.enable" } else { "member.disable" };
+            self.admin_event(caller, action, m.id.as_str(), (!enabled).then(|| m.disabled_reason.clone())).await?;
+            self.changed().await?;
+        }
+        Ok(convert::member(&m))
+    }
+
+    async fn add_endpoint(&self, caller: &Caller, r: pb::AddEndpointRequest) -> Result<pb::Endpoint> {
+        let provider = member_id(&r.provider)?;
+        match self.store.get_member(provider.as_str()).await? {
+            None => return Err(BrokerError::NotFound(format!("member {provider} is not registered"))),
+            Some(m) if !m.has_role(Role::Provider) => {
+                return Err(BrokerError::FailedPrecondition(format!("member {provider} does not hold the provider role")));
+            }
+            Some(_) => {}
+        }
+        check_endpoint_url(&r.url)?;
+        let e = Endpoint {
+            id: format!("ep-{}", uuid::Uuid::new_v4().simple()),
+            provider,
+            url: r.url.trim_end_matches('/').to_string(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        self.store.insert_endpoint(&e).await?;
+        self.admin_event(caller, "endpoint.add", &e.id, Some(format!("provider={} url={}", e.provider, e.url))).await?;
+        self.changed().await?;
+        Ok(convert::endpoint(&e))
+    }
+
+    async fn remove_endpoint(&self, caller: &Caller, r: pb::RemoveEndpointRequest) -> Result<pb::Endpoint> {
+        let e = self.store.delete_endpoint(&r.id).await?;
+        self.admin_event(caller, "endpoint.remove", &e.id, Some(format!("provider={} url={}", e.provider, e.url))).await?;
+        self.changed().await?;
+        Ok(convert::endpoint(&e))
+    }
+
+    async fn create_grant(&self, caller: &Caller, r: pb::CreateGrantRequest) -> Result<pb::Grant> {
+        let consumer = member_id(&r.consumer)?;
+        match self.store.get_member(consumer.as_str()).await? {
+            None => return Err(BrokerError::NotFound(format!("consumer {consumer} is not a registered member"))),
+            Some(m) if !m.has_role(Role::Consumer) => {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "member {consumer} does not hold the consumer role; add it before granting access"
+                )));
+            }
+            Some(_) => {}
+        }
+        let snapshot = self.snapshot();
+        let rt = snapshot.record_type(&r.record_type, 0).ok_or_else(|| {
+            BrokerError::NotFound(format!("record type {:?} is not registered; register its schema first", r.record_type))
+        })?;
+        let fields = if r.fields.iter().any(|f| f == "*") {
+            if r.fields.len() > 1 {
+                return Err(BrokerError::InvalidArgument("fields: `*` (every field) cannot be combined with other fields".into()));
+            }
+            GrantFields::All
+        } else {
+            if r.fields.is_empty() {
+                return Err(BrokerError::InvalidArgument("fields: name at least one field as a JSON Pointer, or `*` for every field".into()));
+            }
+            for f in &r.fields {
+                if !rt.has_field(f) {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "fields: record type {} v{} has no field {f:?}; its fields are {}",
+                        rt.name(),
+                        rt.version_number(),
+                        rt.version.field_pointers.join(", ")
+                    )));
+                }
+            }
+            let mut p = r.fields.clone();
+            p.sort();
+            p.dedup();
+            GrantFields::Pointers(p)
+        };
+        if r.purposes.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "purposes: name at least one legal basis (e.g. decree-47-2020/art-12); access is purpose-bound".into(),
+            ));
+        }
+        for p in &r.purposes {
+            check_purpose(p)?;
+        }
+        let mut purposes = r.purposes.clone();
+        purposes.sort();
+        purposes.dedup();
+        let now = OffsetDateTime::now_utc();
+        let valid_from = match &r.valid_from {
+            Some(t) => convert::from_ts(t).ok_or_else(|| BrokerError::InvalidArgument("valid_from is out of range".into()))?,
+            None => now,
+        };
+        let valid_until = match &r.valid_until {
+            Some(t) => Some(convert::from_ts(t).ok_or_else(|| BrokerError::InvalidArgument("valid_until is out of range".into()))?),
+            None => None,
+        };
+        if let Some(until) = valid_until {
+            if until <= valid_from {
+                return Err(BrokerError::InvalidArgument("valid_until must be after valid_from".into()));
+            }
+        }
+        let g = Grant {
+            id: format!("g-{}", uuid::Uuid::new_v4().simple()),
+            consumer,
+            record_type: rt.name().to_string(),
+            fields,
+            purposes,
+            valid_from,
+            valid_until,
+            rate_limit_per_minute: r.rate_limit_per_minute,
+            revoked_at: None,
+            revoked_reason: String::new(),
+            created_by: caller.member.id.clone(),
+            created_at: now,
+        };
+        self.store.insert_grant(&g).await?;
+        let pb = convert::grant(&g);
+        let detail = format!(
+            "consumer={} record_type={} fields={} purposes={} rate_limit_per_minute={}",
+            g.consumer,
+            g.record_type,
+            pb.fields.join(","),
+            g.purposes.join(","),
+            g.rate_limit_per_minute
+        );
+        self.admin_event(caller, "grant.create", &g.id, Some(detail)).await?;
+        self.changed().await?;
+        Ok(pb)
+    }
+
+    async fn revoke_grant(&self, caller: &Caller, r: pb::RevokeGrantRequest) -> Result<pb::Grant> {
+        if r.reason.trim().is_empty() {
+            return Err(BrokerError::InvalidArgument("a reason is required to revoke a grant".into()));
+        }
+        let g = self.store.revoke_grant(&r.id, r.reason.trim(), OffsetDateTime::now_utc()).await?;
+        self.admin_event(caller, "grant.revoke", &g.id, Some(g.revoked_reason.clone())).await?;
+        self.changed().await?;
+        Ok(convert::grant(&g))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+        let caller = self.admin(&request, "Admin.AddMember").await?;
+        let r = request.into_inner();
+        let target = r.id.clone();
+        self.change(&caller, "member.add", &target, self.broker.add_member(&caller, r)).await
+    }
+
+    async fn get_member(&self, request: Request<pb::GetMemberRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+        let caller = self.admin(&request, "Admin.GetMember").await?;
+        let id = &request.get_ref().id;
+        let m = caller
+            .snapshot
+            .member(id)
+            .ok_or_else(|| BrokerError::NotFound(format!("member {id:?} is not registered")))?;
+        Ok(Response::new(convert::member(m)))
+    }
+
+    async fn list_members(&self, request: Request<pb::ListMembersRequest>) -> std::result::Result<Response<pb::ListMembersResponse>, Status> {
+        let caller = self.admin(&request, "Admin.ListMembers").await?;
+        let role = convert::role_from_pb(request.get_ref().role);
+        let mut members: Vec<pb::Member> = caller
+            .snapshot
+            .members()
+            .filter(|m| role.is_none_or(|r| m.has_role(r)))
+            .map(convert::member)
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::ListMembersResponse { members }))
+    }
+
+    async fn disable_member(&self, request: Request<pb::SetMemberEnabledRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+        let caller = self.admin(&request, "Admin.DisableMember").await?;
+        let r = request.into_inner();
+        let target = r.id.clone();
+        self.change(&caller, "member.disable", &target, self.broker.set_enabled(&caller, r, false)).await
+    }
+
+    async fn enable_member(&self, request: Request<pb::SetMemberEnabledRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+        let caller = self.admin(&request, "Admin.EnableMember").await?;
+        let r = request.into_inner();
+        let target = r.id.clone();
+        self.change(&caller, "member.enable", &target, self.broker.set_enabled(&caller, r, true)).await
+    }
+
+    async fn add_endpoint(&self, request: Request<pb::AddEndpointRequest>) -> std::result::Result<Response<pb::Endpoint>, Status> {
+        let caller = self.admin(&request, "Admin.AddEndpoint").await?;
+        let r = request.into_inner();
+        let target = r.provider.clone();
+        self.change(&caller, "endpoint.add", &target, self.broker.add_endpoint(&caller, r)).await
+    }
+
+    async fn list_endpoints(&self, request: Request<pb::ListEndpointsRequest>) -> std::result::Result<Response<pb::ListEndpointsResponse>, Status> {
+        let caller = self.admin(&request, "Admin.ListEndpoints").await?;
+        let provider = &request.get_ref().provider;
+        let _ = caller;
+        let endpoints = self
+            .broker
+            .store
+            .list_endpoints()
+            .await
+            .map_err(BrokerError::from)?
+            .iter()
+            .filter(|e| provider.is_empty() || e.provider.as_str() == provider)
+            .map(convert::endpoint)
+            .collect();
+        Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
+    }
+
+    async fn remove_endpoint(&self, request: Request<pb::RemoveEndpointRequest>) -> std::result::Result<Response<pb::Endpoint>, Status> {
+        let caller = self.admin(&request, "Admin.RemoveEndpoint").await?;
+        let r = request.into_inner();
+        let target = r.id.clone();
+        self.change(&caller, "endpoint.remove", &target, self.broker.remove_endpoint(&caller, r)).await
+    }
+
+    async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> std::result::Result<Response<pb::Grant>, Status> {
+        let caller = self.admin(&request, "Admin.CreateGrant").await?;
+        let r = request.into_inner();
+        let target = format!("{}/{}", r.consumer, r.record_type);
+        self.change(&caller, "grant.create", &target, self.broker.create_grant(&caller, r)).await
+    }
+
+    async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> std::result::Result<Response<pb::ListGrantsResponse>, Status> {
+        self.admin(&request, "Admin.ListGrants").await?;
+        let r = request.into_inner();
+        let query = GrantQuery {
+            consumer: (!r.consumer.is_empty()).then_some(r.consumer),
+            record_type: (!r.record_type.is_empty()).then_some(r.record_type),
+        };
+        let grants = self.broker.store.list_grants(&query).await.map_err(BrokerError::from)?;
+        Ok(Response::new(pb::ListGrantsResponse { grants: grants.iter().map(convert::grant).collect() }))
+    }
+
+    async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> std::result::Result<Response<pb::Grant>, Status> {
+        let caller = self.admin(&request, "Admin.RevokeGrant").await?;
+        let r = request.into_inner();
+        let target = r.id.clone();
+        self.change(&caller, "grant.revoke", &target, self.broker.revoke_grant(&caller, r)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purposes_and_urls() {
+        assert!(check_purpose("decree-47-2020/art-12").is_ok());
+        assert!(check_purpose("").is_err());
+        assert!(check_purpose("Decree 47").is_err());
+        assert!(check_endpoint_url("https://127.0.0.1:9001").is_ok());
+        assert!(check_endpoint_url("http://127.0.0.1:9001").is_err());
+        assert!(check_endpoint_url("https://host").is_err());
+        assert!(check_endpoint_url("https://host:0").is_err());
+    }
+}

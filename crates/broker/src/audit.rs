@@ -1,0 +1,317 @@
+//! `Audit`: queries, export, subject history, tree heads and proofs.
+
+use crate::convert::{from_ts, ts};
+use crate::error::{BrokerError, Result};
+use crate::state::Broker;
+use futures::Stream;
+use lienthong::v1 as pb;
+use lienthong::v1::audit_server::Audit;
+use lienthong_audit::SignedTreeHead;
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
+use lienthong_core::Role;
+use lienthong_store::{EntryQuery, StoredEntry};
+use std::pin::Pin;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// The Audit service.
+pub struct AuditService {
+    broker: Arc<Broker>,
+}
+
+impl AuditService {
+    /// Wraps the shared state.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        AuditService { broker }
+    }
+}
+
+fn kind_to_pb(k: EntryKind) -> pb::EntryKind {
+    match k {
+        EntryKind::Access => pb::EntryKind::Access,
+        EntryKind::Authentication => pb::EntryKind::Authentication,
+        EntryKind::Admin => pb::EntryKind::Admin,
+    }
+}
+
+fn outcome_to_pb(o: Outcome) -> pb::Outcome {
+    match o {
+        Outcome::Allowed => pb::Outcome::Allowed,
+        Outcome::Denied => pb::Outcome::Denied,
+        Outcome::Failed => pb::Outcome::Failed,
+        Outcome::Invalid => pb::Outcome::Invalid,
+    }
+}
+
+fn outcome_from_pb(n: i32) -> Option<Outcome> {
+    match pb::Outcome::try_from(n).ok()? {
+        pb::Outcome::Unspecified => None,
+        pb::Outcome::Allowed => Some(Outcome::Allowed),
+        pb::Outcome::Denied => Some(Outcome::Denied),
+        pb::Outcome::Failed => Some(Outcome::Failed),
+        pb::Outcome::Invalid => Some(Outcome::Invalid),
+    }
+}
+
+fn kind_from_pb(n: i32) -> Option<EntryKind> {
+    match pb::EntryKind::try_from(n).ok()? {
+        pb::EntryKind::Unspecified => None,
+        pb::EntryKind::Access => Some(EntryKind::Access),
+        pb::EntryKind::Authentication => Some(EntryKind::Authentication),
+        pb::EntryKind::Admin => Some(EntryKind::Admin),
+    }
+}
+
+/// Stored entry to wire. The leaf is passed on byte for byte so auditors can
+/// re-hash it; the decoded fields are a convenience.
+pub fn entry(e: &StoredEntry) -> pb::AuditEntry {
+    let mut out = pb::AuditEntry {
+        log_id: e.log_id.clone(),
+        sequence: e.sequence,
+        leaf_hash: e.leaf_hash.to_vec(),
+        leaf_json: e.leaf.clone(),
+        time: Some(ts(e.time)),
+        kind: kind_to_pb(e.kind) as i32,
+        actor: e.actor.clone(),
+        provider: e.provider.clone(),
+        record_type: e.record_type.clone(),
+        purpose: e.purpose.clone(),
+        subject_hash: e.subject_hash.clone(),
+        outcome: outcome_to_pb(e.outcome) as i32,
+        ..Default::default()
+    };
+    if let Ok(ev) = serde_json::from_str::<AuditEvent>(&e.leaf) {
+        out.request_id = ev.request_id;
+        out.trace_id = ev.trace_id;
+        out.schema_version = ev.schema_version;
+        out.fields_released = ev.fields_released;
+        out.reason = ev.reason;
+        out.payload_digest = ev.payload_digest;
+        out.latency_us = ev.latency_us;
+        out.action = ev.action;
+        out.target = ev.target;
+    }
+    out
+}
+
+/// Tree head to wire.
+pub fn sth(h: &SignedTreeHead) -> pb::SignedTreeHead {
+    pb::SignedTreeHead {
+        log_id: h.log_id.clone(),
+        tree_size: h.tree_size,
+        root_hash: h.root_hash.to_vec(),
+        timestamp_ms: h.timestamp_ms,
+        signature: h.signature.clone(),
+    }
+}
+
+impl Broker {
+    fn log_or_own<'a>(&'a self, log_id: &'a str) -> &'a str {
+        if log_id.is_empty() { self.audit.log_id() } else { log_id }
+    }
+
+    fn entry_query(&self, f: Option<pb::EntryFilter>) -> Result<EntryQuery> {
+        let f = f.unwrap_or_default();
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        let time = |t: Option<prost_types::Timestamp>, key: &str| -> Result<_> {
+            t.map(|t| from_ts(&t).ok_or_else(|| BrokerError::InvalidArgument(format!("filter.{key} is out of range"))))
+                .transpose()
+        };
+        Ok(EntryQuery {
+            log_id: self.log_or_own(&f.log_id).to_string(),
+            actor: opt(f.actor),
+            provider: opt(f.provider),
+            record_type: opt(f.record_type),
+            purpose: opt(f.purpose),
+            outcome: outcome_from_pb(f.outcome),
+            kind: kind_from_pb(f.kind),
+            since: time(f.since, "since")?,
+            until: time(f.until, "until")?,
+            from_sequence: 0,
+            limit: 100,
+        })
+    }
+
+    async fn tree_head(&self, log_id: &str) -> Result<SignedTreeHead> {
+        Ok(self.audit.latest_tree_head(self.log_or_own(log_id)).await?)
+    }
+}
+
+type EntryStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::AuditEntry, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Audit for AuditService {
+    async fn query_entries(&self, request: Request<pb::QueryEntriesRequest>) -> std::result::Result<Response<pb::QueryEntriesResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "Audit.QueryEntries").await?;
+        caller.require(&[Role::Auditor, Role::Admin], "read the audit log")?;
+        let r = request.into_inner();
+        let mut q = self.broker.entry_query(r.filter)?;
+        q.limit = match r.page_size {
+            0 => 100,
+            n => n.min(1000),
+        };
+        if !r.page_token.is_empty() {
+            q.from_sequence = r
+                .page_token
+                .parse()
+                .map_err(|_| BrokerError::InvalidArgument("page_token is not a token returned by QueryEntries".into()))?;
+        }
+        let entries = self.broker.store.query_entries(&q).await.map_err(BrokerError::from)?;
+        let next_page_token = if entries.len() as u32 == q.limit {
+            entries.last().map(|e| (e.sequence + 1).to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::QueryEntriesResponse { entries: entries.iter().map(entry).collect(), next_page_token }))
+    }
+
+    type ExportEntriesStream = EntryStream;
+
+    async fn export_entries(&self, request: Request<pb::ExportEntriesRequest>) -> std::result::Result<Response<Self::ExportEntriesStream>, Status> {
+        let caller = self.broker.authenticate(&request, "Audit.ExportEntries").await?;
+        caller.require(&[Role::Auditor, Role::Admin], "export the audit log")?;
+        let r = request.into_inner();
+        let mut q = self.broker.entry_query(r.filter)?;
+        q.from_sequence = r.from_sequence;
+        q.limit = 1000;
+        let store = self.broker.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let page = match store.query_entries(&q).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(BrokerError::from(e)))).await;
+                        return;
+                    }
+                };
+                let full = page.len() as u32 == q.limit;
+                if let Some(last) = page.last() {
+                    q.from_sequence = last.sequence + 1;
+                }
+                for e in &page {
+                    if tx.send(Ok(entry(e))).await.is_err() {
+                        return;
+                    }
+                }
+                if !full {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn subject_history(&self, request: Request<pb::SubjectHistoryRequest>) -> std::result::Result<Response<pb::SubjectHistoryResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "Audit.SubjectHistory").await?;
+        caller.require(&[Role::SubjectPortal, Role::Auditor], "read a citizen's access history")?;
+        let r = request.into_inner();
+        if r.subject_key.trim().is_empty() {
+            return Err(BrokerError::InvalidArgument("subject_key is required".into()).into());
+        }
+        let since = r
+            .since
+            .map(|t| from_ts(&t).ok_or_else(|| BrokerError::InvalidArgument("since is out of range".into())))
+            .transpose()?;
+        let limit = match r.limit {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let hash = self.broker.audit.subject_hash(r.subject_key.trim());
+        let entries = self.broker.store.subject_entries(&hash, since, limit).await.map_err(BrokerError::from)?;
+        let accesses = entries
+            .iter()
+            .map(|e| {
+                let fields = serde_json::from_str::<AuditEvent>(&e.leaf).map(|ev| ev.fields_released).unwrap_or_default();
+                pb::SubjectAccess {
+                    time: Some(ts(e.time)),
+                    consumer: e.actor.clone(),
+                    consumer_name: caller.snapshot.member(&e.actor).map(|m| m.display_name.clone()).unwrap_or_default(),
+                    provider: e.provider.clone(),
+                    record_type: e.record_type.clone(),
+                    purpose: e.purpose.clone(),
+                    fields_released: fields,
+                    outcome: outcome_to_pb(e.outcome) as i32,
+                    receipt: Some(pb::Receipt { log_id: e.log_id.clone(), sequence: e.sequence, leaf_hash: e.leaf_hash.to_vec() }),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::SubjectHistoryResponse { accesses }))
+    }
+
+    async fn get_signed_tree_head(&self, request: Request<pb::GetSignedTreeHeadRequest>) -> std::result::Result<Response<pb::SignedTreeHead>, Status> {
+        self.broker.authenticate(&request, "Audit.GetSignedTreeHead").await?;
+        let head = self.broker.tree_head(&request.get_ref().log_id).await?;
+        Ok(Response::new(sth(&head)))
+    }
+
+    async fn get_inclusion_proof(&self, request: Request<pb::GetInclusionProofRequest>) -> std::result::Result<Response<pb::InclusionProof>, Status> {
+        self.broker.authenticate(&request, "Audit.GetInclusionProof").await?;
+        let r = request.into_inner();
+        let log_id = self.broker.log_or_own(&r.log_id).to_string();
+        let (tree_size, tree_head) = if r.tree_size == 0 {
+            let head = self.broker.tree_head(&log_id).await?;
+            (head.tree_size, Some(sth(&head)))
+        } else {
+            (r.tree_size, None)
+        };
+        if r.sequence >= tree_size {
+            return Err(BrokerError::InvalidArgument(format!(
+                "entry {} is not covered by a tree of size {tree_size}; wait for the next signed tree head",
+                r.sequence
+            ))
+            .into());
+        }
+        let (leaf, path) = self.broker.audit.inclusion_proof(&log_id, r.sequence, tree_size).await.map_err(BrokerError::from)?;
+        Ok(Response::new(pb::InclusionProof {
+            log_id,
+            sequence: r.sequence,
+            tree_size,
+            leaf_hash: leaf.to_vec(),
+            path: path.iter().map(|h| h.to_vec()).collect(),
+            tree_head,
+        }))
+    }
+
+    async fn get_consistency_proof(&self, request: Request<pb::GetConsistencyProofRequest>) -> std::result::Result<Response<pb::ConsistencyProof>, Status> {
+        self.broker.authenticate(&request, "Audit.GetConsistencyProof").await?;
+        let r = request.into_inner();
+        let log_id = self.broker.log_or_own(&r.log_id).to_string();
+        let second = if r.second == 0 { self.broker.tree_head(&log_id).await?.tree_size } else { r.second };
+        if r.first > second {
+            return Err(BrokerError::InvalidArgument(format!("first ({}) must not exceed second ({second})", r.first)).into());
+        }
+        let path = self.broker.audit.consistency_proof(&log_id, r.first, second).await.map_err(BrokerError::from)?;
+        Ok(Response::new(pb::ConsistencyProof { log_id, first: r.first, second, path: path.iter().map(|h| h.to_vec()).collect() }))
+    }
+
+    async fn get_public_key(&self, request: Request<pb::GetPublicKeyRequest>) -> std::result::Result<Response<pb::LogPublicKey>, Status> {
+        self.broker.authenticate(&request, "Audit.GetPublicKey").await?;
+        let log_id = self.broker.log_or_own(&request.get_ref().log_id).to_string();
+        if log_id == self.broker.audit.log_id() {
+            let keys = self.broker.audit.keys();
+            return Ok(Response::new(pb::LogPublicKey {
+                log_id,
+                public_key: keys.public_key().to_vec(),
+                public_key_pem: keys.public_key_pem(),
+            }));
+        }
+        let logs = self.broker.store.list_logs().await.map_err(BrokerError::from)?;
+        let log = logs
+            .into_iter()
+            .find(|l| l.log_id == log_id)
+            .ok_or_else(|| BrokerError::NotFound(format!("log {log_id} is not in this federation's database")))?;
+        Ok(Response::new(pb::LogPublicKey { log_id: log.log_id, public_key: log.public_key, public_key_pem: String::new() }))
+    }
+
+    async fn list_logs(&self, request: Request<pb::ListLogsRequest>) -> std::result::Result<Response<pb::ListLogsResponse>, Status> {
+        self.broker.authenticate(&request, "Audit.ListLogs").await?;
+        let logs = self.broker.store.list_logs().await.map_err(BrokerError::from)?;
+        Ok(Response::new(pb::ListLogsResponse {
+            logs: logs
+                .into_iter()
+                .map(|l| pb::LogPublicKey { log_id: l.log_id, public_key: l.public_key, public_key_pem: String::new() })
+                .collect(),
+        }))
+    }
+}

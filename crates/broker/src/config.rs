@@ -1,0 +1,505 @@
+//! Broker configuration: defaults, then a TOML file, then `LIENTHONG_*`
+//! environment variables, then [`Config::validate`].
+//!
+//! Every key of the file can be overridden by an environment variable named
+//! after its path: `limits.provider_timeout_ms` is `LIENTHONG_LIMITS_PROVIDER_TIMEOUT_MS`,
+//! `listen` is `LIENTHONG_LISTEN`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "LIENTHONG_";
+
+/// Why the configuration could not be used. Always names the key and where it
+/// came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has an unknown key or a wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// toml's message, which names the key and line.
+        message: String,
+    },
+    /// An environment override has a value of the wrong type.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// Variable.
+        var: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value parsed but is unusable.
+    #[error("config key `{key}` (from {source_name}): {message}")]
+    Invalid {
+        /// Dotted key.
+        key: String,
+        /// File path or "defaults"/"environment".
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole broker configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address (mutual TLS), e.g. `0.0.0.0:7443`.
+    pub listen: String,
+    /// Directory for the SQLite database and the audit keys.
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; empty means `sqlite://<data_dir>/lienthong.db`.
+    pub database_url: String,
+    /// SPIFFE trust domain of the federation.
+    pub trust_domain: String,
+    /// Member id of the first administrator, created on first start.
+    pub bootstrap_admin: String,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// Limits.
+    pub limits: Limits,
+    /// Relay to providers.
+    pub relay: RelayConfig,
+    /// Audit log.
+    pub audit: AuditSection,
+    /// Logs, traces and metrics.
+    pub telemetry: Telemetry,
+}
+
+/// Certificate files (PEM).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Federation CA certificate: trusted for clients and providers.
+    pub ca: PathBuf,
+    /// Broker certificate chain.
+    pub cert: PathBuf,
+    /// Broker private key.
+    pub key: PathBuf,
+    /// Concurrent TLS handshakes at most.
+    pub max_concurrent_handshakes: usize,
+    /// Handshake timeout.
+    pub handshake_timeout_ms: u64,
+}
+
+/// Size and rate limits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest schema accepted at registration, bytes.
+    pub max_schema_bytes: usize,
+    /// Deepest JSON nesting accepted in a schema.
+    pub max_schema_depth: usize,
+    /// Largest gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// Largest query JSON, bytes.
+    pub max_query_bytes: usize,
+    /// Most items in one Collect.
+    pub max_collect_items: usize,
+    /// Pooled database connections.
+    pub database_max_connections: u32,
+    /// Wait for a pooled connection before failing closed.
+    pub database_acquire_timeout_ms: u64,
+    /// Grace period for in-flight requests on shutdown.
+    pub shutdown_grace_ms: u64,
+}
+
+/// How the broker calls providers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Default timeout of a provider call, capped further by the consumer's deadline.
+    pub provider_timeout_ms: u64,
+    /// Per record type timeouts overriding `provider_timeout_ms`.
+    pub record_type_timeouts_ms: BTreeMap<String, u64>,
+    /// Connect timeout to a provider endpoint.
+    pub connect_timeout_ms: u64,
+    /// Concurrent calls to one provider at most; further calls wait (up to their deadline).
+    pub provider_concurrency: usize,
+    /// Attempts after the first one, for `UNAVAILABLE` answers only.
+    pub max_retries: u32,
+    /// Retries allowed as a percentage of calls (retry budget).
+    pub retry_budget_percent: u32,
+    /// Consecutive failures that open an endpoint's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before letting a probe through.
+    pub breaker_open_ms: u64,
+}
+
+/// Audit log settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// Sign a tree head this often when the log grew.
+    pub sign_interval_ms: u64,
+    /// Most entries per group commit.
+    pub max_batch: usize,
+}
+
+/// Observability.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// `text` or `json`.
+    pub log_format: String,
+    /// `RUST_LOG`-style filter, e.g. `info,lienthong_broker=debug`.
+    pub log_filter: String,
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; empty: no export.
+    pub otlp_endpoint: String,
+    /// Prometheus `/metrics` listener, e.g. `127.0.0.1:9464`; empty: off.
+    pub metrics_listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7443".into(),
+            data_dir: PathBuf::from("lienthong-data"),
+            database_url: String::new(),
+            trust_domain: "lienthong.local".into(),
+            bootstrap_admin: String::new(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            relay: RelayConfig::default(),
+            audit: AuditSection::default(),
+            telemetry: Telemetry::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca: PathBuf::from("certs/ca.pem"),
+            cert: PathBuf::from("certs/broker.pem"),
+            key: PathBuf::from("certs/broker.key"),
+            max_concurrent_handshakes: 256,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_schema_bytes: 256 * 1024,
+            max_schema_depth: 32,
+            max_message_bytes: 4 * 1024 * 1024,
+            max_query_bytes: 16 * 1024,
+            max_collect_items: 16,
+            database_max_connections: 16,
+            database_acquire_timeout_ms: 3_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            provider_timeout_ms: 5_000,
+            record_type_timeouts_ms: BTreeMap::new(),
+            connect_timeout_ms: 2_000,
+            provider_concurrency: 1024,
+            max_retries: 2,
+            retry_budget_percent: 20,
+            breaker_failures: 5,
+            breaker_open_ms: 5_000,
+        }
+    }
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection { sign_interval_ms: 1_000, max_batch: 512 }
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            log_format: "text".into(),
+            log_filter: "info".into(),
+            otlp_endpoint: String::new(),
+            metrics_listen: String::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (if given) over the defaults, applies environment overrides
+    /// from `env`, resolves relative paths against the file's directory and
+    /// validates.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let (mut tree, source_name) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let tree: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?;
+                (tree, path.display().to_string())
+            }
+            None => (toml::Table::new(), "defaults".to_string()),
+        };
+        apply_env(&mut tree, env)?;
+        let mut config: Config = Config::deserialize(toml::Value::Table(tree)).map_err(|e| ConfigError::Parse {
+            path: path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<environment>")),
+            message: e.to_string(),
+        })?;
+        if let Some(dir) = path.and_then(Path::parent) {
+            config.resolve_relative(dir);
+        }
+        config.validate(&source_name)?;
+        Ok(config)
+    }
+
+    /// Makes relative file paths relative to the config file's directory, so a
+    /// config works wherever the broker is started from.
+    fn resolve_relative(&mut self, base: &Path) {
+        for p in [&mut self.data_dir, &mut self.tls.ca, &mut self.tls.cert, &mut self.tls.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.into(),
+            source_name: source_name.into(),
+            message,
+        };
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("listen", format!("{:?} is not an address like 127.0.0.1:7443 ({e})", self.listen)))?;
+        if self.trust_domain.is_empty()
+            || !self
+                .trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        {
+            return Err(invalid(
+                "trust_domain",
+                format!("{:?} is not a trust domain (lowercase letters, digits, '.', '-')", self.trust_domain),
+            ));
+        }
+        if !self.bootstrap_admin.is_empty() {
+            lienthong_core::MemberId::new(self.bootstrap_admin.clone())
+                .map_err(|e| invalid("bootstrap_admin", e.to_string()))?;
+        }
+        for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+            if !path.is_file() {
+                return Err(invalid(key, format!("file {} does not exist", path.display())));
+            }
+        }
+        if !self.database_url.is_empty()
+            && !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://"))
+        {
+            return Err(invalid("database_url", "must start with sqlite: or postgres://".into()));
+        }
+        if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
+            return Err(invalid("telemetry.log_format", format!("{:?} is not `text` or `json`", self.telemetry.log_format)));
+        }
+        if !self.telemetry.metrics_listen.is_empty() {
+            self.telemetry.metrics_listen.parse::<SocketAddr>().map_err(|e| {
+                invalid("telemetry.metrics_listen", format!("{:?} is not an address ({e})", self.telemetry.metrics_listen))
+            })?;
+        }
+        let positive = [
+            ("limits.max_schema_bytes", self.limits.max_schema_bytes as u64),
+            ("limits.max_schema_depth", self.limits.max_schema_depth as u64),
+            ("limits.max_message_bytes", self.limits.max_message_bytes as u64),
+            ("limits.max_query_bytes", self.limits.max_query_bytes as u64),
+            ("limits.max_collect_items", self.limits.max_collect_items as u64),
+            ("limits.database_max_connections", self.limits.database_max_connections as u64),
+            ("relay.provider_timeout_ms", self.relay.provider_timeout_ms),
+            ("relay.provider_concurrency", self.relay.provider_concurrency as u64),
+            ("relay.breaker_failures", self.relay.breaker_failures as u64),
+            ("audit.sign_interval_ms", self.audit.sign_interval_ms),
+            ("audit.max_batch", self.audit.max_batch as u64),
+            ("tls.max_concurrent_handshakes", self.tls.max_concurrent_handshakes as u64),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        for (record_type, ms) in &self.relay.record_type_timeouts_ms {
+            if *ms == 0 {
+                return Err(invalid(&format!("relay.record_type_timeouts_ms.{record_type}"), "must be greater than 0".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address (validated).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|e| ConfigError::Invalid {
+            key: "listen".into(),
+            source_name: "config".into(),
+            message: format!("{e}"),
+        })
+    }
+
+    /// The database URL, defaulting to SQLite in the data directory.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("lienthong.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// Timeout of a provider call for one record type.
+    pub fn provider_timeout(&self, record_type: &str) -> Duration {
+        Duration::from_millis(
+            self.relay
+                .record_type_timeouts_ms
+                .get(record_type)
+                .copied()
+                .unwrap_or(self.relay.provider_timeout_ms),
+        )
+    }
+
+    /// A commented example file, as `lienthong serve --print-config` shows it.
+    pub fn example_toml() -> String {
+        toml::to_string_pretty(&Config::default()).unwrap_or_default()
+    }
+}
+
+/// Applies `LIENTHONG_*` overrides to the parsed table. The type of each value
+/// follows the default's type, so `LIENTHONG_LIMITS_MAX_COLLECT_ITEMS=8` is an
+/// integer and `LIENTHONG_LISTEN=0.0.0.0:7443` a string.
+fn apply_env(tree: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    let defaults = match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let mut known: Vec<(String, Vec<String>, toml::Value)> = Vec::new();
+    collect_leaves(&defaults, &mut Vec::new(), &mut known);
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+        let Some((_, path, default)) = known.iter().find(|(name, _, _)| name == rest) else {
+            continue;
+        };
+        let value = match default {
+            toml::Value::Integer(_) => raw.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| ConfigError::Env {
+                var: var.clone(),
+                message: format!("{raw:?} is not an integer"),
+            })?,
+            toml::Value::Boolean(_) => raw.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| ConfigError::Env {
+                var: var.clone(),
+                message: format!("{raw:?} is not true or false"),
+            })?,
+            _ => toml::Value::String(raw),
+        };
+        let mut table = &mut *tree;
+        for key in &path[..path.len() - 1] {
+            let entry = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => table = t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("`{key}` is not a table in the config file"),
+                    });
+                }
+            }
+        }
+        if let Some(last) = path.last() {
+            table.insert(last.clone(), value);
+        }
+    }
+    Ok(())
+}
+
+fn collect_leaves(table: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(String, Vec<String>, toml::Value)>) {
+    for (key, value) in table {
+        prefix.push(key.clone());
+        match value {
+            toml::Value::Table(t) if !t.is_empty() => collect_leaves(t, prefix, out),
+            // Maps keyed by user data (record type timeouts) are not overridable by env.
+            toml::Value::Table(_) => {}
+            other => out.push((prefix.join("_").to_uppercase(), prefix.clone(), other.clone())),
+        }
+        prefix.pop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tls_files(dir: &Path) -> String {
+        for f in ["ca.pem", "broker.pem", "broker.key"] {
+            write(dir, f, "x");
+        }
+        "[tls]\nca = \"ca.pem\"\ncert = \"broker.pem\"\nkey = \"broker.key\"\n".into()
+    }
+
+    #[test]
+    fn file_then_env_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        let p = write(dir.path(), "c.toml", &format!("listen = \"127.0.0.1:9000\"\n{tls}[limits]\nmax_collect_items = 4\n"));
+        let env = vec![
+            ("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS".to_string(), "8".to_string()),
+            ("LIENTHONG_TRUST_DOMAIN".to_string(), "gov.example".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ];
+        let c = Config::load(Some(&p), env).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9000");
+        assert_eq!(c.limits.max_collect_items, 8);
+        assert_eq!(c.trust_domain, "gov.example");
+        assert_eq!(c.tls.ca, dir.path().join("ca.pem"));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        let p = write(dir.path(), "c.toml", &format!("{tls}lisen = \"x\"\n"));
+        let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("lisen") && e.contains("c.toml"), "{e}");
+
+        let p = write(dir.path(), "d.toml", &format!("listen = \"nonsense\"\n{tls}"));
+        let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("listen") && e.contains("d.toml"), "{e}");
+
+        let p = write(dir.path(), "e.toml", "[tls]\nca = \"missing.pem\"\n");
+        let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("tls.ca") && e.contains("missing.pem"), "{e}");
+
+        let p = write(dir.path(), "f.toml", &tls);
+        let e = Config::load(Some(&p), vec![("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS".into(), "many".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS"), "{e}");
+    }
+}

@@ -1,0 +1,122 @@
+//! The broker's error type and its one mapping to `tonic::Status`.
+
+use lienthong_audit::AuditError;
+use lienthong_store::StoreError;
+use std::time::Duration;
+use tonic::{Code, Status};
+
+/// Every way a broker RPC can fail. Messages are for people: lowercase, no
+/// trailing period, naming what to change; never a subject key or a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The caller could not be identified.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but not allowed.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The object exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request conflicts with the current state (e.g. an incompatible schema).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A grant's rate limit is reached.
+    #[error("{message}")]
+    RateLimited {
+        /// What was limited.
+        message: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// A dependency (provider, database, audit log) cannot serve now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The provider did not answer in time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The provider answered something that violates its registered schema.
+    #[error("{0}")]
+    InvalidProviderRecord(String),
+    /// A bug or an unexpected state; details are logged, not returned.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, BrokerError>;
+
+impl BrokerError {
+    /// The gRPC code this error is answered with.
+    pub fn code(&self) -> Code {
+        match self {
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
+            BrokerError::InvalidArgument(_) => Code::InvalidArgument,
+            BrokerError::NotFound(_) => Code::NotFound,
+            BrokerError::AlreadyExists(_) => Code::AlreadyExists,
+            BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            BrokerError::RateLimited { .. } => Code::ResourceExhausted,
+            BrokerError::Unavailable(_) => Code::Unavailable,
+            BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            // Distinct from every consumer-side error: the register is at fault.
+            BrokerError::InvalidProviderRecord(_) => Code::DataLoss,
+            BrokerError::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Status {
+        let mut status = Status::new(e.code(), e.to_string());
+        if let BrokerError::RateLimited { retry_after, .. } = &e {
+            // Whole seconds, rounded up, as HTTP's Retry-After.
+            let secs = retry_after.as_millis().div_ceil(1000).max(1);
+            if let Ok(v) = secs.to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+        }
+        status
+    }
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyExists { what } => BrokerError::AlreadyExists(format!("{what} already exists")),
+            StoreError::NotFound { what } => BrokerError::NotFound(format!("{what} not found")),
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "database unavailable");
+                BrokerError::Unavailable("the broker's database is unavailable; retry shortly".into())
+            }
+            e @ StoreError::SequenceGap { .. } => {
+                tracing::error!(error = %e, "audit log sequence conflict");
+                BrokerError::Unavailable("the audit log cannot be written; no data was released; retry shortly".into())
+            }
+            StoreError::Config(m) | StoreError::Corrupt(m) => {
+                tracing::error!(error = %m, "database error");
+                BrokerError::Internal("internal database error; the operator has the details in the broker log".into())
+            }
+        }
+    }
+}
+
+impl From<AuditError> for BrokerError {
+    fn from(e: AuditError) -> Self {
+        match e {
+            AuditError::NotFound(m) => BrokerError::NotFound(m),
+            AuditError::InvalidArgument(m) => BrokerError::InvalidArgument(m),
+            AuditError::ShuttingDown => BrokerError::Unavailable("the broker is shutting down; retry on another replica".into()),
+            other => {
+                tracing::error!(error = %other, "audit log unavailable");
+                BrokerError::Unavailable("the audit log cannot be written; no data was released; retry shortly".into())
+            }
+        }
+    }
+}

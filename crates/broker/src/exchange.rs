@@ -1,0 +1,456 @@
+//! `Exchange`: Lookup and Collect, the relay path of the data flow in
+//! DESIGN.md: identify, authorize, validate the query, rate limit, fetch,
+//! validate the record, filter, audit (durably), reply with a receipt.
+
+use crate::error::BrokerError;
+use crate::relay::RelayError;
+use crate::state::{Broker, Caller};
+use lienthong::provider::v1::FetchRequest;
+use lienthong::v1::exchange_server::Exchange;
+use lienthong::v1::{collect_result, CollectRequest, CollectResponse, CollectResult, ItemError, LookupRequest, LookupResponse, Receipt};
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
+use lienthong_core::filter::filter_record;
+use lienthong_core::policy::{AccessRequest, Decision};
+use lienthong_core::GrantFields;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::{Request, Response, Status};
+
+/// The Exchange service.
+pub struct ExchangeService {
+    broker: Arc<Broker>,
+}
+
+impl ExchangeService {
+    /// Wraps the shared state.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        ExchangeService { broker }
+    }
+}
+
+/// Per-request context shared by the items of a Collect.
+struct CallContext {
+    deadline: Option<Instant>,
+    traceparent: Option<MetadataValue<Ascii>>,
+    trace_id: String,
+    request_id: String,
+}
+
+impl CallContext {
+    fn of<T>(request: &Request<T>, request_id: &str) -> CallContext {
+        let traceparent = request.metadata().get("traceparent").cloned();
+        let trace_id = traceparent
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id_of)
+            .unwrap_or_default();
+        let request_id = if request_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            request_id.to_string()
+        };
+        CallContext {
+            deadline: grpc_timeout(request.metadata()).map(|d| Instant::now() + d),
+            traceparent,
+            trace_id,
+            request_id,
+        }
+    }
+}
+
+/// The query of one lookup: text from Lookup, an object from Collect.
+enum Query<'a> {
+    Text(&'a str),
+    Value(Value),
+}
+
+/// One lookup's inputs.
+struct Item<'a> {
+    record_type: &'a str,
+    query: Query<'a>,
+    purpose: &'a str,
+    fields: &'a [String],
+    schema_version: u32,
+}
+
+/// A failure with its audit outcome and reason code.
+type Failure = (Outcome, &'static str, BrokerError);
+
+fn fail(outcome: Outcome, code: &'static str, error: BrokerError) -> Failure {
+    (outcome, code, error)
+}
+
+#[tonic::async_trait]
+impl Exchange for ExchangeService {
+    async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "Exchange.Lookup").await?;
+        let ctx = CallContext::of(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        let item = Item {
+            record_type: &r.record_type,
+            query: Query::Text(&r.query_json),
+            purpose: &r.purpose,
+            fields: &r.fields,
+            schema_version: r.schema_version,
+        };
+        let (result, _) = self.broker.lookup_one(&caller, item, &ctx).await;
+        Ok(Response::new(result?))
+    }
+
+    async fn collect(&self, request: Request<CollectRequest>) -> Result<Response<CollectResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "Exchange.Collect").await?;
+        let ctx = CallContext::of(&request, &request.get_ref().request_id);
+        let r = request.into_inner();
+        if let Err(e) = check_collect(&r, self.broker.config.limits.max_collect_items) {
+            let mut event = self.broker.access_event(&caller, &ctx, "", &r.purpose);
+            event.outcome = Outcome::Invalid;
+            event.reason = format!("invalid_collect: {e}");
+            self.broker.audit_refusal(event).await;
+            return Err(e.into());
+        }
+        let shared = match parse_object(&r.query_json, "query_json", self.broker.config.limits.max_query_bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                let mut event = self.broker.access_event(&caller, &ctx, "", &r.purpose);
+                event.outcome = Outcome::Invalid;
+                event.reason = format!("invalid_query: {e}");
+                self.broker.audit_refusal(event).await;
+                return Err(e.into());
+            }
+        };
+        let mut queries = Vec::with_capacity(r.items.len());
+        for item in &r.items {
+            let mut q = shared.clone();
+            if !item.query_json.trim().is_empty() {
+                match parse_object(&item.query_json, "items[].query_json", self.broker.config.limits.max_query_bytes) {
+                    Ok(Value::Object(extra)) => {
+                        if let Value::Object(base) = &mut q {
+                            base.extend(extra);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(BrokerError::InvalidArgument(format!("item {}: {e}", item.record_type)).into()),
+                }
+            }
+            queries.push(q);
+        }
+        if let Err(e) = self.broker.check_one_subject(&caller, &r, &queries) {
+            let mut event = self.broker.access_event(&caller, &ctx, "", &r.purpose);
+            event.outcome = Outcome::Invalid;
+            event.reason = format!("several_subjects: {e}");
+            self.broker.audit_refusal(event).await;
+            return Err(e.into());
+        }
+        let futures = r.items.iter().zip(queries).map(|(item, query)| {
+            let one = Item {
+                record_type: &item.record_type,
+                query: Query::Value(query),
+                purpose: &r.purpose,
+                fields: &item.fields,
+                schema_version: item.schema_version,
+            };
+            self.broker.lookup_one(&caller, one, &ctx)
+        });
+        let outcomes = futures::future::join_all(futures).await;
+        let results = r
+            .items
+            .iter()
+            .zip(outcomes)
+            .map(|(item, (result, receipt))| CollectResult {
+                record_type: item.record_type.clone(),
+                receipt,
+                result: Some(match result {
+                    Ok(record) => collect_result::Result::Record(record),
+                    Err(e) => collect_result::Result::Error(ItemError {
+                        code: e.code() as i32,
+                        message: e.to_string(),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(CollectResponse { results, request_id: ctx.request_id }))
+    }
+}
+
+fn check_collect(r: &CollectRequest, max: usize) -> Result<(), BrokerError> {
+    if r.items.is_empty() {
+        return Err(BrokerError::InvalidArgument("collect needs at least one item".into()));
+    }
+    if r.items.len() > max {
+        return Err(BrokerError::InvalidArgument(format!("collect has {} items; at most {max} are allowed", r.items.len())));
+    }
+    for (i, item) in r.items.iter().enumerate() {
+        if r.items[..i].iter().any(|o| o.record_type == item.record_type) {
+            return Err(BrokerError::InvalidArgument(format!("record type {} appears twice in the collect", item.record_type)));
+        }
+    }
+    Ok(())
+}
+
+fn parse_object(text: &str, what: &str, max: usize) -> Result<Value, BrokerError> {
+    if text.len() > max {
+        return Err(BrokerError::InvalidArgument(format!("{what} is {} bytes; at most {max} are allowed", text.len())));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(BrokerError::InvalidArgument(format!("{what} must be a JSON object"))),
+        // serde_json's message names line and column, never the content.
+        Err(e) => Err(BrokerError::InvalidArgument(format!("{what} is not valid JSON: {e}"))),
+    }
+}
+
+impl Broker {
+    fn access_event(&self, caller: &Caller, ctx: &CallContext, record_type: &str, purpose: &str) -> AuditEvent {
+        let mut event = AuditEvent::new(EntryKind::Access, OffsetDateTime::now_utc());
+        event.actor = caller.id().to_string();
+        event.request_id = ctx.request_id.clone();
+        event.trace_id = ctx.trace_id.clone();
+        event.record_type = record_type.to_string();
+        event.purpose = purpose.to_string();
+        event
+    }
+
+    /// Audits a request that releases nothing; the refusal stands even if the
+    /// log cannot be written (nothing leaves either way), but it is logged.
+    async fn audit_refusal(&self, event: AuditEvent) -> Option<Receipt> {
+        match self.audit.append(event).await {
+            Ok(r) => Some(receipt(r)),
+            Err(e) => {
+                tracing::error!(error = %e, "could not audit a refused lookup");
+                None
+            }
+        }
+    }
+
+    /// A Collect is about one subject: every item's subject key must agree.
+    fn check_one_subject(&self, caller: &Caller, r: &CollectRequest, queries: &[Value]) -> Result<(), BrokerError> {
+        let mut subject: Option<&str> = None;
+        for (item, q) in r.items.iter().zip(queries) {
+            let Some(rt) = caller.snapshot.record_type(&item.record_type, item.schema_version) else { continue };
+            if let Some(s) = rt.subject(q) {
+                match subject {
+                    Some(prev) if prev != s => {
+                        return Err(BrokerError::InvalidArgument(format!(
+                            "items name different subjects (record type {}); a collect is for one subject",
+                            item.record_type
+                        )));
+                    }
+                    _ => subject = Some(s),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One audited lookup. Returns the result and, when the entry was
+    /// logged, its receipt.
+    async fn lookup_one(&self, caller: &Caller, item: Item<'_>, ctx: &CallContext) -> (Result<LookupResponse, BrokerError>, Option<Receipt>) {
+        let started = Instant::now();
+        let mut event = self.access_event(caller, ctx, item.record_type, item.purpose);
+        match self.lookup_inner(caller, item, ctx, &mut event).await {
+            Ok((mut response, record_json)) => {
+                event.latency_us = started.elapsed().as_micros() as u64;
+                event.payload_digest = hex::encode(Sha256::digest(record_json.as_bytes()));
+                // Fail closed: the record leaves only once its entry is durable.
+                match self.audit.append(event).await {
+                    Ok(r) => {
+                        let receipt = receipt(r);
+                        response.receipt = Some(receipt.clone());
+                        response.record_json = record_json;
+                        (Ok(response), Some(receipt))
+                    }
+                    Err(e) => (Err(e.into()), None),
+                }
+            }
+            Err((outcome, code, error)) => {
+                event.latency_us = started.elapsed().as_micros() as u64;
+                event.outcome = outcome;
+                event.fields_released.clear();
+                event.reason = format!("{code}: {error}");
+                let receipt = self.audit_refusal(event).await;
+                (Err(error), receipt)
+            }
+        }
+    }
+
+    async fn lookup_inner(&self, caller: &Caller, item: Item<'_>, ctx: &CallContext, event: &mut AuditEvent) -> Result<(LookupResponse, String), Failure> {
+        let snapshot = &caller.snapshot;
+        let invalid = |code, msg: String| fail(Outcome::Invalid, code, BrokerError::InvalidArgument(msg));
+        let Some(rt) = snapshot.record_type(item.record_type, item.schema_version) else {
+            let msg = if item.schema_version == 0 || snapshot.record_type(item.record_type, 0).is_none() {
+                format!("record type {:?} is not registered; `lienthong schema list` shows the registered types", item.record_type)
+            } else {
+                format!("record type {} has no version {}", item.record_type, item.schema_version)
+            };
+            return Err(invalid("unknown_record_type", msg));
+        };
+        event.provider = rt.owner().to_string();
+        event.schema_version = rt.version_number();
+        let query = match item.query {
+            Query::Text(text) => parse_object(text, "query_json", self.config.limits.max_query_bytes).map_err(|e| fail(Outcome::Invalid, "invalid_query", e))?,
+            Query::Value(v) => v,
+        };
+        if let Some(subject) = rt.subject(&query) {
+            event.subject_hash = self.audit.subject_hash(subject);
+        }
+        if item.purpose.trim().is_empty() {
+            return Err(invalid("no_purpose", "purpose is required: name the legal basis of this lookup, as written in your grant".into()));
+        }
+        for f in item.fields {
+            if !rt.has_field(f) {
+                return Err(invalid(
+                    "unknown_field",
+                    format!("record type {} v{} has no field {f:?}; fields are JSON Pointers such as /full_name", rt.name(), rt.version_number()),
+                ));
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        let access = AccessRequest { record_type: rt.name(), purpose: item.purpose, fields: item.fields };
+        let allowed = match snapshot.decide(caller.id(), &access, now) {
+            Decision::Allow(a) => a,
+            Decision::Deny(reason) => {
+                return Err(fail(Outcome::Denied, reason.code(), BrokerError::PermissionDenied(reason.to_string())));
+            }
+        };
+        rt.validate_query(&query).map_err(|f| invalid("invalid_query", format!("query does not match the query schema of {} v{} {f}", rt.name(), rt.version_number())))?;
+        if let Err(retry_after) = self.rate_limiter.check(&allowed.grant_id, allowed.rate_limit_per_minute, Instant::now()) {
+            return Err(fail(
+                Outcome::Denied,
+                "rate_limited",
+                BrokerError::RateLimited {
+                    message: format!(
+                        "rate limit of {} lookups per minute of grant {} reached; retry in {} s",
+                        allowed.rate_limit_per_minute,
+                        allowed.grant_id,
+                        retry_after.as_secs_f64().ceil()
+                    ),
+                    retry_after,
+                },
+            ));
+        }
+        let released: Vec<String> = match &allowed.fields {
+            GrantFields::All => rt.version.field_pointers.iter().filter(|p| p.rfind('/') == Some(0)).cloned().collect(),
+            GrantFields::Pointers(p) => p.clone(),
+        };
+        let timeout = self.config.provider_timeout(rt.name());
+        let now = Instant::now();
+        let deadline = match ctx.deadline {
+            // Keep a margin so the consumer hears the broker's DEADLINE_EXCEEDED
+            // (audited, with a reason) before its own timer fires.
+            Some(d) => {
+                let left = d.saturating_duration_since(now);
+                let margin = (left / 10).min(Duration::from_millis(50));
+                (now + left - margin).min(now + timeout)
+            }
+            None => now + timeout,
+        };
+        let fetch = FetchRequest {
+            record_type: rt.name().to_string(),
+            schema_version: rt.version_number(),
+            query_json: query.to_string(),
+            request_id: ctx.request_id.clone(),
+            consumer: caller.id().to_string(),
+            purpose: item.purpose.to_string(),
+            fields: released.clone(),
+        };
+        let provider = rt.owner().as_str();
+        let record_text = self.relay.fetch(provider, fetch, deadline, ctx.traceparent.as_ref()).await.map_err(|e| match e {
+            RelayError::NotFound => fail(
+                Outcome::Failed,
+                "not_found",
+                BrokerError::NotFound(format!("register {provider} holds no {} record for this query", rt.name())),
+            ),
+            RelayError::Rejected => fail(
+                Outcome::Failed,
+                "provider_rejected_query",
+                BrokerError::InvalidArgument(format!("register {provider} could not use the query for {}", rt.name())),
+            ),
+            RelayError::Unavailable(m) => fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m)),
+            RelayError::Deadline(d) => fail(
+                Outcome::Failed,
+                "provider_timeout",
+                BrokerError::DeadlineExceeded(format!("register {provider} did not answer within {} ms", d.as_millis())),
+            ),
+        })?;
+        let bad = |code, msg: String| fail(Outcome::Failed, code, BrokerError::InvalidProviderRecord(msg));
+        let record: Value = serde_json::from_str(&record_text)
+            .map_err(|e| bad("provider_malformed_record", format!("register {provider} answered malformed JSON for {} ({e}); nothing was passed on", rt.name())))?;
+        rt.validate_record(&record).map_err(|f| {
+            bad(
+                "provider_invalid_record",
+                format!("register {provider} answered a record violating {} v{} {f}; nothing was passed on", rt.name(), rt.version_number()),
+            )
+        })?;
+        let filtered = filter_record(&record, &allowed.fields);
+        let record_json = filtered.to_string();
+        event.fields_released = released.clone();
+        event.outcome = Outcome::Allowed;
+        let deprecation_notice = if rt.deprecated() {
+            format!("{} v{} is deprecated: {}", rt.name(), rt.version_number(), rt.version.deprecation_note)
+        } else {
+            String::new()
+        };
+        Ok((
+            LookupResponse {
+                record_json: String::new(),
+                record_type: rt.name().to_string(),
+                schema_version: rt.version_number(),
+                fields_released: released,
+                receipt: None,
+                deprecation_notice,
+                request_id: ctx.request_id.clone(),
+            },
+            record_json,
+        ))
+    }
+}
+
+fn receipt(r: lienthong_audit::Receipt) -> Receipt {
+    Receipt { log_id: r.log_id, sequence: r.sequence, leaf_hash: r.leaf_hash.to_vec() }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+pub fn trace_id_of(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace) = (parts.next()?, parts.next()?);
+    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_ascii_lowercase())
+}
+
+/// The gRPC deadline a client sent (`grpc-timeout`, e.g. `250m`).
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout_and_traceparent() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        m.insert("grpc-timeout", MetadataValue::from_static("250m"));
+        assert_eq!(grpc_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", MetadataValue::from_static("x"));
+        assert_eq!(grpc_timeout(&m), None);
+        assert_eq!(
+            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id_of("garbage"), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! lienthong broker: the gRPC services (Admin, SchemaRegistry, Exchange,
+//! Audit), mutual-TLS identity, the relay to providers, configuration and
+//! server assembly.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod exchange;
+pub mod relay;
+pub mod schema;
+pub mod server;
+pub mod state;
+
+pub use config::Config;
+pub use error::BrokerError;
+pub use server::{start, ServerHandle, StartError};

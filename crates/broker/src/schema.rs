@@ -1,0 +1,254 @@
+//! `SchemaRegistry`: record types and their versions.
+
+use crate::convert;
+use crate::error::{BrokerError, Result};
+use crate::state::{Broker, Caller};
+use lienthong::v1 as pb;
+use lienthong::v1::schema_registry_server::SchemaRegistry;
+use lienthong_core::schema::{check_compatibility, parse_definition, CompiledRecordType};
+use lienthong_core::{Compatibility, MemberId, RecordTypeDefinition, RecordTypeVersion, Role};
+use lienthong_store::StoreError;
+use std::sync::Arc;
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+
+/// The SchemaRegistry service.
+pub struct SchemaService {
+    broker: Arc<Broker>,
+}
+
+impl SchemaService {
+    /// Wraps the shared state.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        SchemaService { broker }
+    }
+}
+
+/// Only an integrator or admin of the owning member, or a federation admin,
+/// may change a member's record types.
+fn may_manage(caller: &Caller, owner: &str) -> Result<()> {
+    let own = caller.id() == owner && (caller.member.has_role(Role::Integrator) || caller.member.has_role(Role::Admin));
+    if own || caller.member.has_role(Role::Admin) {
+        Ok(())
+    } else {
+        Err(BrokerError::PermissionDenied(format!(
+            "member {} may not manage record types owned by {owner}: only that member's integrators or a federation admin may",
+            caller.id()
+        )))
+    }
+}
+
+impl Broker {
+    fn parse(&self, d: &pb::RecordTypeDefinition) -> Result<RecordTypeDefinition> {
+        let owner = MemberId::new(d.owner.clone()).map_err(|e| BrokerError::InvalidArgument(format!("owner: {e}")))?;
+        parse_definition(
+            &d.name,
+            &d.description,
+            owner,
+            &d.query_schema_json,
+            &d.record_schema_json,
+            &d.subject_key,
+            &self.schema_limits,
+        )
+        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
+    }
+
+    async fn versions_of(&self, name: &str) -> Result<Vec<RecordTypeVersion>> {
+        let mut v: Vec<_> = self
+            .store
+            .list_record_type_versions()
+            .await?
+            .into_iter()
+            .filter(|v| v.definition.name == name)
+            .collect();
+        v.sort_by_key(|v| v.version);
+        Ok(v)
+    }
+
+    async fn register(&self, caller: &Caller, r: pb::RegisterRequest) -> Result<pb::RegisterResponse> {
+        let d = r
+            .definition
+            .ok_or_else(|| BrokerError::InvalidArgument("definition is required".into()))?;
+        may_manage(caller, &d.owner)?;
+        let compatibility = match pb::Compatibility::try_from(r.compatibility) {
+            Ok(pb::Compatibility::None) => {
+                caller.require(&[Role::Admin], "register with compatibility NONE")?;
+                Compatibility::None
+            }
+            Ok(_) => Compatibility::Backward,
+            Err(_) => return Err(BrokerError::InvalidArgument(format!("compatibility {} is not a valid mode", r.compatibility))),
+        };
+        let def = self.parse(&d)?;
+        match caller.snapshot.member(def.owner.as_str()) {
+            Some(m) if m.has_role(Role::Provider) => {}
+            Some(_) => return Err(BrokerError::FailedPrecondition(format!("owner {} does not hold the provider role", def.owner))),
+            None => return Err(BrokerError::NotFound(format!("owner {} is not a registered member", def.owner))),
+        }
+        let digest = def.digest();
+        // A concurrent registration on another replica can take our version
+        // number; re-read and try again.
+        for _ in 0..3 {
+            let existing = self.versions_of(&def.name).await?;
+            if let Some(same) = existing.iter().find(|v| v.digest == digest) {
+                return Ok(pb::RegisterResponse { version: Some(convert::record_type_version(same)), created: false });
+            }
+            if let Some(latest) = existing.last() {
+                if compatibility == Compatibility::Backward {
+                    let changes = check_compatibility(&latest.definition, &def);
+                    if !changes.is_empty() {
+                        let list: Vec<String> = changes.iter().map(|c| format!("{} at {}: {}", c.kind, c.pointer, c.message)).collect();
+                        return Err(BrokerError::FailedPrecondition(format!(
+                            "{} is not backward compatible with version {}: {}",
+                            def.name,
+                            latest.version,
+                            list.join("; ")
+                        )));
+                    }
+                }
+            }
+            let version = RecordTypeVersion {
+                field_pointers: def.field_pointers(),
+                digest: digest.clone(),
+                definition: def.clone(),
+                version: existing.last().map_or(1, |v| v.version + 1),
+                deprecated: false,
+                deprecation_note: String::new(),
+                registered_at: OffsetDateTime::now_utc(),
+                registered_by: caller.member.id.clone(),
+                compatibility,
+            };
+            CompiledRecordType::compile(version.clone()).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            match self.store.insert_record_type_version(&version).await {
+                Ok(()) => {
+                    let mode = if compatibility == Compatibility::None { "none" } else { "backward" };
+                    self.admin_event(
+                        caller,
+                        "schema.register",
+                        &format!("{}@{}", version.definition.name, version.version),
+                        Some(format!("compatibility={mode} digest={digest}")),
+                    )
+                    .await?;
+                    self.changed().await?;
+                    return Ok(pb::RegisterResponse { version: Some(convert::record_type_version(&version)), created: true });
+                }
+                Err(StoreError::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(BrokerError::Unavailable(format!("{} is being registered concurrently; retry", def.name)))
+    }
+
+    async fn deprecate(&self, caller: &Caller, r: pb::DeprecateRequest) -> Result<pb::RecordTypeVersion> {
+        let v = caller
+            .snapshot
+            .record_type(&r.name, r.version)
+            .filter(|_| r.version != 0)
+            .ok_or_else(|| BrokerError::NotFound(format!("record type {} has no version {}", r.name, r.version)))?;
+        may_manage(caller, v.owner().as_str())?;
+        if r.note.trim().is_empty() {
+            return Err(BrokerError::InvalidArgument("note is required: say why and what to use instead".into()));
+        }
+        let updated = self.store.deprecate_record_type_version(&r.name, r.version, r.note.trim()).await?;
+        self.admin_event(caller, "schema.deprecate", &format!("{}@{}", r.name, r.version), Some(r.note.trim().to_string()))
+            .await?;
+        self.changed().await?;
+        Ok(convert::record_type_version(&updated))
+    }
+}
+
+#[tonic::async_trait]
+impl SchemaRegistry for SchemaService {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> std::result::Result<Response<pb::RegisterResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "SchemaRegistry.Register").await?;
+        let r = request.into_inner();
+        let target = r.definition.as_ref().map(|d| d.name.clone()).unwrap_or_default();
+        match self.broker.register(&caller, r).await {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                self.broker.admin_refused(caller.id(), "schema.register", &target, &e).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn get(&self, request: Request<pb::GetRecordTypeRequest>) -> std::result::Result<Response<pb::RecordTypeVersion>, Status> {
+        let caller = self.broker.authenticate(&request, "SchemaRegistry.Get").await?;
+        let r = request.get_ref();
+        let v = caller.snapshot.record_type(&r.name, r.version).ok_or_else(|| {
+            BrokerError::NotFound(if r.version == 0 {
+                format!("record type {:?} is not registered", r.name)
+            } else {
+                format!("record type {:?} has no version {}", r.name, r.version)
+            })
+        })?;
+        Ok(Response::new(convert::record_type_version(&v.version)))
+    }
+
+    async fn list_versions(&self, request: Request<pb::ListVersionsRequest>) -> std::result::Result<Response<pb::ListVersionsResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "SchemaRegistry.ListVersions").await?;
+        let name = &request.get_ref().name;
+        let versions: Vec<_> = caller
+            .snapshot
+            .record_type_versions(name)
+            .iter()
+            .map(|v| convert::record_type_version(&v.version))
+            .collect();
+        if versions.is_empty() {
+            return Err(BrokerError::NotFound(format!("record type {name:?} is not registered")).into());
+        }
+        Ok(Response::new(pb::ListVersionsResponse { versions }))
+    }
+
+    async fn list_record_types(&self, request: Request<pb::ListRecordTypesRequest>) -> std::result::Result<Response<pb::ListRecordTypesResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "SchemaRegistry.ListRecordTypes").await?;
+        let owner = &request.get_ref().owner;
+        let mut names: Vec<&str> = caller.snapshot.record_type_names().collect();
+        names.sort();
+        let record_types = names
+            .into_iter()
+            .filter_map(|n| caller.snapshot.record_type(n, 0))
+            .filter(|v| owner.is_empty() || v.owner().as_str() == owner)
+            .map(|v| convert::record_type_version(&v.version))
+            .collect();
+        Ok(Response::new(pb::ListRecordTypesResponse { record_types }))
+    }
+
+    async fn deprecate(&self, request: Request<pb::DeprecateRequest>) -> std::result::Result<Response<pb::RecordTypeVersion>, Status> {
+        let caller = self.broker.authenticate(&request, "SchemaRegistry.Deprecate").await?;
+        let r = request.into_inner();
+        let target = format!("{}@{}", r.name, r.version);
+        match self.broker.deprecate(&caller, r).await {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                self.broker.admin_refused(caller.id(), "schema.deprecate", &target, &e).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn check_compatibility(
+        &self,
+        request: Request<pb::CheckCompatibilityRequest>,
+    ) -> std::result::Result<Response<pb::CheckCompatibilityResponse>, Status> {
+        let caller = self.broker.authenticate(&request, "SchemaRegistry.CheckCompatibility").await?;
+        let d = request
+            .into_inner()
+            .definition
+            .ok_or_else(|| BrokerError::InvalidArgument("definition is required".into()))?;
+        let _ = caller;
+        let def = self.broker.parse(&d)?;
+        let existing = self.broker.versions_of(&def.name).await?;
+        let digest = def.digest();
+        let identical = existing.iter().any(|v| v.digest == digest);
+        let (against_version, changes) = match existing.last() {
+            Some(latest) => (latest.version, check_compatibility(&latest.definition, &def)),
+            None => (0, Vec::new()),
+        };
+        Ok(Response::new(pb::CheckCompatibilityResponse {
+            compatible: changes.is_empty(),
+            against_version,
+            changes: changes.iter().map(convert::breaking_change).collect(),
+            identical,
+        }))
+    }
+}

@@ -1,0 +1,266 @@
+//! Server assembly: opens the store and the audit log, bootstraps the first
+//! admin, and serves every service (plus health and reflection) over mutual
+//! TLS until shut down.
+
+use crate::admin::AdminService;
+use crate::audit::AuditService;
+use crate::config::Config;
+use crate::error::BrokerError;
+use crate::exchange::ExchangeService;
+use crate::relay::Relay;
+use crate::schema::SchemaService;
+use crate::state::Broker;
+use lienthong::v1::admin_server::AdminServer;
+use lienthong::v1::audit_server::AuditServer;
+use lienthong::v1::exchange_server::ExchangeServer;
+use lienthong::v1::schema_registry_server::SchemaRegistryServer;
+use lienthong_audit::{AuditConfig, AuditLog, LogKeys};
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
+use lienthong_core::{Member, MemberId, Role};
+use lienthong_store::{StoreError, StoreOptions};
+use lienthong_tls::{AcceptOptions, ServerTls, TlsFiles, TlsMaterial};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] lienthong_tls::TlsError),
+    /// Database unusable.
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    /// Audit log unusable.
+    #[error("audit log: {0}")]
+    Audit(#[from] lienthong_audit::AuditError),
+    /// Listener or data directory.
+    #[error("{what}: {source}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+}
+
+/// A running broker.
+pub struct ServerHandle {
+    /// Address the gRPC listener is bound to.
+    pub addr: SocketAddr,
+    /// Shared state (for tests and the demo).
+    pub broker: Arc<Broker>,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<Result<(), StartError>>>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, drains in-flight requests (up to the configured grace
+    /// period), flushes the audit log and signs a final tree head.
+    pub async fn shutdown(mut self) -> Result<(), StartError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server stops by itself (after a shutdown signal).
+    pub async fn wait(&mut self) -> Result<(), StartError> {
+        match self.join.take() {
+            Some(j) => match j.await {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => Err(StartError::Broker(BrokerError::Internal(format!("server task ended: {e}")))),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// A sender that starts the graceful shutdown.
+    pub fn take_shutdown(&mut self) -> Option<oneshot::Sender<()>> {
+        self.shutdown.take()
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
+    let what = what.into();
+    move |source| StartError::Io { what, source }
+}
+
+/// Creates the data directory readable by the owner only.
+fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("cannot create data directory {}", dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("cannot restrict data directory {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Starts a broker. With `listener` given (tests bind `127.0.0.1:0`), serves on
+/// it; otherwise binds `config.listen`.
+pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<ServerHandle, StartError> {
+    lienthong_tls::install_crypto_provider();
+    let config = Arc::new(config);
+    create_data_dir(&config.data_dir)?;
+    let material = TlsMaterial::load(&TlsFiles {
+        ca: config.tls.ca.clone(),
+        cert: config.tls.cert.clone(),
+        key: config.tls.key.clone(),
+    })?;
+    let server_tls = Arc::new(ServerTls::new(&material, &config.trust_domain)?);
+    let store = lienthong_store::open(&StoreOptions {
+        url: config.database_url(),
+        max_connections: config.limits.database_max_connections,
+        acquire_timeout: Duration::from_millis(config.limits.database_acquire_timeout_ms),
+    })
+    .await?;
+    let keys = LogKeys::load_or_create(&config.data_dir)?;
+    let audit = AuditLog::open(
+        store.clone(),
+        keys,
+        AuditConfig {
+            sign_interval: Duration::from_millis(config.audit.sign_interval_ms),
+            max_batch: config.audit.max_batch,
+            ..AuditConfig::default()
+        },
+    )
+    .await?;
+    bootstrap_admin(&config, &store, &audit).await?;
+    let relay = Relay::new(material, config.trust_domain.clone(), config.relay.clone());
+    let broker = Broker::new(config.clone(), store, audit, relay).await?;
+    let watcher = broker.spawn_watcher(Duration::from_secs(2));
+
+    let listener = match listener {
+        Some(l) => l,
+        None => TcpListener::bind(&config.listen).await.map_err(io(format!("cannot listen on {}", config.listen)))?,
+    };
+    let addr = listener.local_addr().map_err(io("listener address"))?;
+    let incoming = lienthong_tls::incoming(
+        listener,
+        server_tls,
+        AcceptOptions {
+            max_concurrent_handshakes: config.tls.max_concurrent_handshakes,
+            handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
+        },
+    );
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AdminServer<AdminService>>().await;
+    health_reporter.set_serving::<SchemaRegistryServer<SchemaService>>().await;
+    health_reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
+    health_reporter.set_serving::<AuditServer<AuditService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+
+    let max = config.limits.max_message_bytes;
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max))
+        .add_service(SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max))
+        .add_service(ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max))
+        .add_service(AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max));
+
+    let (tx, rx) = oneshot::channel::<()>();
+    let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
+    let task_broker = broker.clone();
+    let join = tokio::spawn(async move {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let signal = async move {
+            let _ = rx.await;
+            health_reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+            let _ = stop_tx.send(());
+        };
+        let serve = router.serve_with_incoming_shutdown(incoming, signal);
+        tokio::pin!(serve);
+        // Serve until the signal; then give in-flight requests the grace period.
+        let served = tokio::select! {
+            r = &mut serve => Some(r),
+            _ = stop_rx => None,
+        };
+        let result = match served {
+            Some(r) => r,
+            None => match tokio::time::timeout(grace, &mut serve).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; abandoning in-flight requests");
+                    Ok(())
+                }
+            },
+        };
+        watcher.abort();
+        let head = task_broker.audit.shutdown().await?;
+        if let Some(h) = head {
+            tracing::info!(tree_size = h.tree_size, "final tree head signed");
+        }
+        result.map_err(|e| StartError::Broker(BrokerError::Internal(format!("server: {e}"))))
+    });
+    tracing::info!(%addr, trust_domain = %config.trust_domain, log_id = %broker.audit.log_id(), "broker serving");
+    Ok(ServerHandle { addr, broker, shutdown: Some(tx), join: Some(join) })
+}
+
+/// Creates the admin named in the config on first start, so a fresh
+/// federation can be administered.
+async fn bootstrap_admin(config: &Config, store: &Arc<dyn lienthong_store::Store>, audit: &Arc<AuditLog>) -> Result<(), StartError> {
+    if config.bootstrap_admin.is_empty() {
+        return Ok(());
+    }
+    let id = MemberId::new(config.bootstrap_admin.clone()).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+    if store.get_member(id.as_str()).await?.is_some() {
+        return Ok(());
+    }
+    let now = OffsetDateTime::now_utc();
+    let member = Member {
+        id: id.clone(),
+        display_name: "Federation administrator (bootstrap)".into(),
+        roles: vec![Role::Admin],
+        enabled: true,
+        disabled_reason: String::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    match store.insert_member(&member).await {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut event = AuditEvent::new(EntryKind::Admin, now);
+    event.actor = "config".into();
+    event.action = "member.bootstrap".into();
+    event.target = id.to_string();
+    event.outcome = Outcome::Allowed;
+    event.reason = "roles=admin".into();
+    audit.append(event).await?;
+    store.publish_change().await?;
+    tracing::info!(member = %id, "bootstrap admin created");
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! Shared broker state: the authorization snapshot (swapped atomically), the
+//! store, the audit log, the relay and the rate limiter.
+
+use crate::config::Config;
+use crate::error::{BrokerError, Result};
+use crate::relay::Relay;
+use arc_swap::ArcSwap;
+use lienthong_audit::AuditLog;
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
+use lienthong_core::ratelimit::RateLimiter;
+use lienthong_core::schema::{CompiledRecordType, SchemaLimits};
+use lienthong_core::snapshot::Snapshot;
+use lienthong_core::{Member, Role};
+use lienthong_store::Store;
+use lienthong_tls::{Identity, PeerInfo};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+
+/// Everything the services share.
+pub struct Broker {
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Persistence.
+    pub store: Arc<dyn Store>,
+    /// The access log.
+    pub audit: Arc<AuditLog>,
+    /// Calls to providers.
+    pub relay: Relay,
+    /// Per-grant token buckets.
+    pub rate_limiter: RateLimiter,
+    /// Limits applied to registered schemas.
+    pub schema_limits: SchemaLimits,
+    snapshot: ArcSwap<Snapshot>,
+    snapshot_loaded_at: Mutex<Instant>,
+    // Compiled validators by (name, version, digest, deprecated): a snapshot
+    // rebuild reuses them, so validation never recompiles a schema.
+    compiled: Mutex<HashMap<(String, u32, String, bool), Arc<CompiledRecordType>>>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The member, as in the snapshot the request was authenticated against.
+    pub member: Member,
+    /// The snapshot used for the whole request.
+    pub snapshot: Arc<Snapshot>,
+}
+
+impl Caller {
+    /// The member id.
+    pub fn id(&self) -> &str {
+        self.member.id.as_str()
+    }
+
+    /// Refuses unless the caller holds one of `roles`.
+    pub fn require(&self, roles: &[Role], what: &str) -> Result<()> {
+        if roles.iter().any(|r| self.member.has_role(*r)) {
+            return Ok(());
+        }
+        let names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        Err(BrokerError::PermissionDenied(format!(
+            "member {} may not {what}: it needs the role {}",
+            self.member.id,
+            names.join(" or ")
+        )))
+    }
+}
+
+impl Broker {
+    /// Assembles the state and loads the first snapshot.
+    pub async fn new(config: Arc<Config>, store: Arc<dyn Store>, audit: Arc<AuditLog>, relay: Relay) -> Result<Arc<Broker>> {
+        let schema_limits = SchemaLimits {
+            max_schema_bytes: config.limits.max_schema_bytes,
+            max_depth: config.limits.max_schema_depth,
+        };
+        let broker = Arc::new(Broker {
+            config,
+            store,
+            audit,
+            relay,
+            rate_limiter: RateLimiter::new(),
+            schema_limits,
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            snapshot_loaded_at: Mutex::new(Instant::now()),
+            compiled: Mutex::new(HashMap::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+        broker.reload().await?;
+        Ok(broker)
+    }
+
+    /// The current snapshot; requests use one snapshot from start to end.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Age of the current snapshot.
+    pub fn snapshot_age(&self) -> Duration {
+        self.snapshot_loaded_at.lock().map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// Rebuilds the snapshot from the store and swaps it in.
+    pub async fn reload(&self) -> Result<()> {
+        let _guard = self.reload_lock.lock().await;
+        let version = self.store.change_counter().await?;
+        let members = self.store.list_members().await?;
+        let grants = self.store.list_grants(&Default::default()).await?;
+        let versions = self.store.list_record_type_versions().await?;
+        let endpoints = self.store.list_endpoints().await?;
+        let mut compiled_types = Vec::with_capacity(versions.len());
+        {
+            let mut cache = self.compiled.lock().map_err(|_| BrokerError::Internal("validator cache poisoned".into()))?;
+            let mut live = HashMap::with_capacity(versions.len());
+            for v in versions {
+                let key = (v.definition.name.clone(), v.version, v.digest.clone(), v.deprecated);
+                let compiled = match cache.remove(&key) {
+                    Some(c) => c,
+                    None => match CompiledRecordType::compile(v) {
+                        Ok(c) => Arc::new(c),
+                        Err(e) => {
+                            // Registration checked it; a stored schema that no longer
+                            // compiles is skipped loudly rather than taking the broker down.
+                            tracing::error!(error = %e, record_type = %key.0, version = key.1, "stored schema does not compile");
+                            continue;
+                        }
+                    },
+                };
+                compiled_types.push(compiled.clone());
+                live.insert(key, compiled);
+            }
+            *cache = live;
+        }
+        let snapshot = Snapshot::build(version, OffsetDateTime::now_utc(), members, grants, compiled_types, endpoints.clone());
+        self.relay.sync(&endpoints);
+        self.snapshot.store(Arc::new(snapshot));
+        if let Ok(mut t) = self.snapshot_loaded_at.lock() {
+            *t = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Publishes a change to every replica and reloads this one before
+    /// returning, so the change applies to this broker's next request.
+    pub async fn changed(&self) -> Result<()> {
+        self.store.publish_change().await?;
+        self.reload().await
+    }
+
+    /// Keeps the snapshot fresh: reloads on change notifications from other
+    /// replicas, and polls the change counter as a safety net for a dropped
+    /// notification connection.
+    pub fn spawn_watcher(self: &Arc<Self>, poll: Duration) -> tokio::task::JoinHandle<()> {
+        let broker = Arc::downgrade(self);
+        let mut changes = self.store.subscribe_changes();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(poll);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let notified = tokio::select! {
+                    r = changes.recv() => !matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)),
+                    _ = ticker.tick() => false,
+                };
+                let Some(broker) = broker.upgrade() else { return };
+                let current = broker.snapshot.load().version;
+                let stale = notified || matches!(broker.store.change_counter().await, Ok(v) if v != current);
+                if stale {
+                    if let Err(e) = broker.reload().await {
+                        tracing::warn!(error = %e, "snapshot reload failed; keeping the previous snapshot");
+                    }
+                }
+            }
+        })
+    }
+
+    /// Identifies the caller of a request from its mutual-TLS peer certificate,
+    /// against the current snapshot. A failure is audited and answered
+    /// `UNAUTHENTICATED`.
+    pub async fn authenticate<T>(&self, request: &tonic::Request<T>, rpc: &str) -> Result<Caller> {
+        let snapshot = self.snapshot();
+        let peer = lienthong_tls::peer_info(request);
+        match check_peer(peer.as_deref(), &snapshot, &self.config.trust_domain) {
+            Ok(member) => Ok(Caller { member, snapshot }),
+            Err((claimed, message)) => {
+                let mut event = AuditEvent::new(EntryKind::Authentication, OffsetDateTime::now_utc());
+                event.actor = claimed;
+                event.outcome = Outcome::Denied;
+                event.action = rpc.to_string();
+                event.reason = format!("unauthenticated: {message}");
+                event.request_id = request_id_of(request);
+                if let Err(e) = self.audit.append(event).await {
+                    tracing::error!(error = %e, "could not audit an authentication failure");
+                }
+                Err(BrokerError::Unauthenticated(message))
+            }
+        }
+    }
+
+    /// Appends an administrative event (members, endpoints, grants, schemas).
+    /// The one place admin events are emitted.
+    pub async fn admin_event(&self, caller: &Caller, action: &str, target: &str, detail: Option<String>) -> Result<()> {
+        let mut event = AuditEvent::new(EntryKind::Admin, OffsetDateTime::now_utc());
+        event.actor = caller.id().to_string();
+        event.action = action.to_string();
+        event.target = target.to_string();
+        event.outcome = Outcome::Allowed;
+        if let Some(detail) = detail {
+            event.reason = detail;
+        }
+        self.audit.append(event).await?;
+        Ok(())
+    }
+
+    /// Audits a refused administrative request.
+    pub async fn admin_refused(&self, actor: &str, action: &str, target: &str, error: &BrokerError) {
+        let mut event = AuditEvent::new(EntryKind::Admin, OffsetDateTime::now_utc());
+        event.actor = actor.to_string();
+        event.action = action.to_string();
+        event.target = target.to_string();
+        event.outcome = match error {
+            BrokerError::PermissionDenied(_) | BrokerError::Unauthenticated(_) => Outcome::Denied,
+            BrokerError::InvalidArgument(_) | BrokerError::NotFound(_) | BrokerError::AlreadyExists(_) | BrokerError::FailedPrecondition(_) => {
+                Outcome::Invalid
+            }
+            _ => Outcome::Failed,
+        };
+        event.reason = error.to_string();
+        if let Err(e) = self.audit.append(event).await {
+            tracing::error!(error = %e, "could not audit a refused admin request");
+        }
+    }
+}
+
+/// The caller-supplied request id header (`x-request-id`), if any, bounded.
+pub fn request_id_of<T>(request: &tonic::Request<T>) -> String {
+    request
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| s.len() <= 128)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Maps a peer to an enabled member of the snapshot, or to (claimed identity,
+/// message) for the audit log and the caller.
+fn check_peer(peer: Option<&PeerInfo>, snapshot: &Snapshot, trust_domain: &str) -> std::result::Result<Member, (String, String)> {
+    let Some(peer) = peer else {
+        return Err((String::new(), "connection is not mutual TLS; connect with a member certificate".into()));
+    };
+    let identity = peer.identity.as_ref().map_err(|e| (String::new(), e.to_string()))?;
+    let id = match identity {
+        Identity::Member(id) => id,
+        Identity::Broker => {
+            return Err((
+                Identity::Broker.spiffe_uri(trust_domain),
+                "the broker's own certificate cannot call the broker; use a member certificate".into(),
+            ));
+        }
+    };
+    if let Some(not_after) = peer.not_after {
+        if not_after <= OffsetDateTime::now_utc() {
+            return Err((id.clone(), format!("client certificate of member {id} expired during the connection; reconnect with a renewed certificate")));
+        }
+    }
+    match snapshot.member(id) {
+        None => Err((id.clone(), format!("member {id} is not registered in this federation; ask the federation admin to add it"))),
+        Some(m) if !m.enabled => Err((
+            id.clone(),
+            if m.disabled_reason.is_empty() {
+                format!("member {id} is disabled")
+            } else {
+                format!("member {id} is disabled: {}", m.disabled_reason)
+            },
+        )),
+        Some(m) => Ok(m.clone()),
+    }
+}

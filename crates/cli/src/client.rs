@@ -1,0 +1,108 @@
+//! Connecting to a broker as a member (mutual TLS) and the typed clients.
+
+use anyhow::{Context, Result};
+use lienthong::v1::admin_client::AdminClient;
+use lienthong::v1::audit_client::AuditClient;
+use lienthong::v1::exchange_client::ExchangeClient;
+use lienthong::v1::schema_registry_client::SchemaRegistryClient;
+use lienthong_tls::{TlsFiles, TlsMaterial};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Where the broker is and which certificate to present.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ConnectArgs {
+    /// Broker address.
+    #[arg(long, env = "LIENTHONG_BROKER", default_value = "https://127.0.0.1:7443", global = true)]
+    pub broker: String,
+    /// Directory holding `ca.pem` and `<member>.pem`/`<member>.key` (as made by `lienthong certs`).
+    #[arg(long, env = "LIENTHONG_CERTS", global = true)]
+    pub certs: Option<PathBuf>,
+    /// Member to act as; picks `<member>.pem` and `<member>.key` in `--certs`.
+    #[arg(long = "as", env = "LIENTHONG_AS", global = true)]
+    pub member: Option<String>,
+    /// Federation CA certificate (overrides `--certs`).
+    #[arg(long, env = "LIENTHONG_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (overrides `--certs`/`--as`).
+    #[arg(long, env = "LIENTHONG_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Client private key (overrides `--certs`/`--as`).
+    #[arg(long, env = "LIENTHONG_KEY", global = true)]
+    pub key: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    /// The certificate files to use.
+    pub fn files(&self) -> Result<TlsFiles> {
+        let from_dir = |name: &str| -> Option<PathBuf> { self.certs.as_ref().map(|d| d.join(name)) };
+        let member = self.member.as_deref();
+        let ca = self.ca.clone().or_else(|| from_dir("ca.pem"));
+        let cert = self.cert.clone().or_else(|| member.and_then(|m| from_dir(&format!("{m}.pem"))));
+        let key = self.key.clone().or_else(|| member.and_then(|m| from_dir(&format!("{m}.key"))));
+        match (ca, cert, key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(TlsFiles { ca, cert, key }),
+            _ => anyhow::bail!(
+                "no client certificate: pass --certs DIR --as MEMBER (or --ca, --cert and --key, or the LIENTHONG_CERTS and LIENTHONG_AS variables)"
+            ),
+        }
+    }
+
+    /// Opens a mutual-TLS channel to the broker.
+    pub async fn connect(&self) -> Result<Clients> {
+        let files = self.files()?;
+        connect(&self.broker, &files).await
+    }
+}
+
+/// Typed clients sharing one channel.
+#[derive(Clone)]
+pub struct Clients {
+    /// The channel.
+    pub channel: Channel,
+}
+
+impl Clients {
+    /// Admin service.
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+    }
+    /// Schema registry.
+    pub fn schemas(&self) -> SchemaRegistryClient<Channel> {
+        SchemaRegistryClient::new(self.channel.clone())
+    }
+    /// Exchange.
+    pub fn exchange(&self) -> ExchangeClient<Channel> {
+        ExchangeClient::new(self.channel.clone())
+    }
+    /// Audit.
+    pub fn audit(&self) -> AuditClient<Channel> {
+        AuditClient::new(self.channel.clone())
+    }
+}
+
+/// Connects to `url` presenting the certificate in `files`.
+pub async fn connect(url: &str, files: &TlsFiles) -> Result<Clients> {
+    lienthong_tls::install_crypto_provider();
+    let material = TlsMaterial::load(files).with_context(|| format!("loading client certificate {}", files.cert.display()))?;
+    let config = lienthong_tls::client_config(&material, None)?;
+    let channel = lienthong_tls::connect_channel(url, config, Duration::from_secs(5))
+        .await
+        .with_context(|| format!("cannot connect to the broker at {url}"))?;
+    Ok(Clients { channel })
+}
+
+/// Certificate files of `member` in a directory made by `lienthong certs`.
+pub fn member_files(dir: &Path, member: &str) -> TlsFiles {
+    TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join(format!("{member}.pem")),
+        key: dir.join(format!("{member}.key")),
+    }
+}
+
+/// Turns a gRPC status into an error a person can read.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

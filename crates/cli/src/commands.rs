@@ -1,0 +1,768 @@
+//! Client subcommands: members, endpoints, grants, schemas, lookups, audit.
+
+use crate::client::{status_error, ConnectArgs};
+use crate::federation::definition_from_json;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use lienthong::v1 as pb;
+use lienthong_audit::merkle::{verify_consistency, verify_inclusion, Hash};
+use lienthong_audit::verify::{verify_export, ExportLine, VerifierState};
+use lienthong_audit::SignedTreeHead;
+use std::io::Write;
+use std::path::PathBuf;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// Formats a protobuf timestamp as RFC 3339.
+pub fn format_ts(t: &prost_types::Timestamp) -> String {
+    OffsetDateTime::from_unix_timestamp(t.seconds)
+        .ok()
+        .and_then(|d| d.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn parse_time(s: &str) -> Result<prost_types::Timestamp> {
+    let t = OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("{s:?} is not an RFC 3339 time like 2026-12-31T00:00:00Z"))?;
+    Ok(prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() as i32 })
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn role_name(n: i32) -> String {
+    pb::Role::try_from(n)
+        .map(|r| r.as_str_name().trim_start_matches("ROLE_").to_lowercase().replace('_', "-"))
+        .unwrap_or_else(|_| n.to_string())
+}
+
+fn parse_role(s: &str) -> Result<i32> {
+    let r = lienthong_core::Role::parse(s).with_context(|| {
+        format!("unknown role {s:?}: use admin, provider, consumer, integrator, auditor or subject-portal")
+    })?;
+    Ok(crate::convert_role(r) as i32)
+}
+
+// === members ===
+
+/// `lienthong member ...`
+#[derive(Debug, Subcommand)]
+pub enum MemberCmd {
+    /// Admit a member agency.
+    Add {
+        /// Member id (the `<member-id>` of its certificate).
+        id: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Role (repeat for several): admin, provider, consumer, integrator, auditor, subject-portal.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+    },
+    /// Show one member.
+    Get {
+        /// Member id.
+        id: String,
+    },
+    /// List members.
+    List {
+        /// Only members with this role.
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Disable a member: its next request is refused.
+    Disable {
+        /// Member id.
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Enable a disabled member.
+    Enable {
+        /// Member id.
+        id: String,
+    },
+}
+
+fn print_member(m: &pb::Member) {
+    let roles: Vec<String> = m.roles.iter().map(|r| role_name(*r)).collect();
+    let state = if m.enabled { "enabled".to_string() } else { format!("DISABLED ({})", m.disabled_reason) };
+    println!("{:<24} {:<16} {:<34} {}", m.id, state, roles.join(","), m.display_name);
+}
+
+/// Runs a member command.
+pub async fn member(conn: &ConnectArgs, cmd: MemberCmd) -> Result<()> {
+    let mut c = conn.connect().await?.admin();
+    match cmd {
+        MemberCmd::Add { id, name, roles } => {
+            let roles = roles.iter().map(|r| parse_role(r)).collect::<Result<Vec<_>>>()?;
+            let m = c.add_member(pb::AddMemberRequest { id, display_name: name, roles }).await.map_err(status_error)?;
+            print_member(m.get_ref());
+        }
+        MemberCmd::Get { id } => print_member(c.get_member(pb::GetMemberRequest { id }).await.map_err(status_error)?.get_ref()),
+        MemberCmd::List { role } => {
+            let role = role.map(|r| parse_role(&r)).transpose()?.unwrap_or(0);
+            for m in c.list_members(pb::ListMembersRequest { role }).await.map_err(status_error)?.into_inner().members {
+                print_member(&m);
+            }
+        }
+        MemberCmd::Disable { id, reason } => {
+            print_member(c.disable_member(pb::SetMemberEnabledRequest { id, reason }).await.map_err(status_error)?.get_ref())
+        }
+        MemberCmd::Enable { id } => print_member(
+            c.enable_member(pb::SetMemberEnabledRequest { id, reason: String::new() })
+                .await
+                .map_err(status_error)?
+                .get_ref(),
+        ),
+    }
+    Ok(())
+}
+
+// === endpoints ===
+
+/// `lienthong endpoint ...`
+#[derive(Debug, Subcommand)]
+pub enum EndpointCmd {
+    /// Register where a provider serves RecordProvider.
+    Add {
+        /// Provider member id.
+        #[arg(long)]
+        provider: String,
+        /// `https://host:port`.
+        #[arg(long)]
+        url: String,
+    },
+    /// List endpoints.
+    List {
+        /// Only this provider's.
+        #[arg(long, default_value = "")]
+        provider: String,
+    },
+    /// Remove an endpoint.
+    Remove {
+        /// Endpoint id.
+        id: String,
+    },
+}
+
+/// Runs an endpoint command.
+pub async fn endpoint(conn: &ConnectArgs, cmd: EndpointCmd) -> Result<()> {
+    let mut c = conn.connect().await?.admin();
+    let show = |e: &pb::Endpoint| println!("{:<40} {:<20} {}", e.id, e.provider, e.url);
+    match cmd {
+        EndpointCmd::Add { provider, url } => show(c.add_endpoint(pb::AddEndpointRequest { provider, url }).await.map_err(status_error)?.get_ref()),
+        EndpointCmd::List { provider } => {
+            for e in c.list_endpoints(pb::ListEndpointsRequest { provider }).await.map_err(status_error)?.into_inner().endpoints {
+                show(&e);
+            }
+        }
+        EndpointCmd::Remove { id } => show(c.remove_endpoint(pb::RemoveEndpointRequest { id }).await.map_err(status_error)?.get_ref()),
+    }
+    Ok(())
+}
+
+// === grants ===
+
+/// `lienthong grant ...`
+#[derive(Debug, Subcommand)]
+pub enum GrantCmd {
+    /// Let a consumer read fields of a record type for given purposes.
+    Create {
+        /// Consumer member id.
+        #[arg(long)]
+        consumer: String,
+        /// Record type, e.g. civil_status.birth_record.
+        #[arg(long = "type")]
+        record_type: String,
+        /// Field as a JSON Pointer (repeat), or `*` for every field.
+        #[arg(long = "field", required = true)]
+        fields: Vec<String>,
+        /// Legal-basis code (repeat), e.g. decree-47-2020/art-12.
+        #[arg(long = "purpose", required = true)]
+        purposes: Vec<String>,
+        /// Start of validity (RFC 3339); now when omitted.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of validity (RFC 3339); none when omitted.
+        #[arg(long)]
+        until: Option<String>,
+        /// Lookups per minute; 0 for unlimited.
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+    },
+    /// List grants (revoked and expired included).
+    List {
+        /// Only this consumer's.
+        #[arg(long, default_value = "")]
+        consumer: String,
+        /// Only on this record type.
+        #[arg(long = "type", default_value = "")]
+        record_type: String,
+    },
+    /// Revoke a grant.
+    Revoke {
+        /// Grant id.
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+fn print_grant(g: &pb::Grant) {
+    let state = if g.revoked_at.is_some() { format!("REVOKED ({})", g.revoked_reason) } else { "active".into() };
+    let until = g.valid_until.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
+    println!(
+        "{}  {} -> {}  fields [{}]  purposes [{}]  until {}  rate {}/min  {}",
+        g.id,
+        g.consumer,
+        g.record_type,
+        g.fields.join(", "),
+        g.purposes.join(", "),
+        until,
+        g.rate_limit_per_minute,
+        state
+    );
+}
+
+/// Runs a grant command.
+pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd) -> Result<()> {
+    let mut c = conn.connect().await?.admin();
+    match cmd {
+        GrantCmd::Create { consumer, record_type, fields, purposes, from, until, rate } => {
+            let g = c
+                .create_grant(pb::CreateGrantRequest {
+                    consumer,
+                    record_type,
+                    fields,
+                    purposes,
+                    valid_from: from.as_deref().map(parse_time).transpose()?,
+                    valid_until: until.as_deref().map(parse_time).transpose()?,
+                    rate_limit_per_minute: rate,
+                })
+                .await
+                .map_err(status_error)?;
+            print_grant(g.get_ref());
+        }
+        GrantCmd::List { consumer, record_type } => {
+            for g in c.list_grants(pb::ListGrantsRequest { consumer, record_type }).await.map_err(status_error)?.into_inner().grants {
+                print_grant(&g);
+            }
+        }
+        GrantCmd::Revoke { id, reason } => print_grant(c.revoke_grant(pb::RevokeGrantRequest { id, reason }).await.map_err(status_error)?.get_ref()),
+    }
+    Ok(())
+}
+
+// === schemas ===
+
+/// `lienthong schema ...`
+#[derive(Debug, Subcommand)]
+pub enum SchemaCmd {
+    /// Register a record type (or its next version) from a JSON file with
+    /// name, description, owner, subject_key, query_schema and record_schema.
+    Register {
+        /// The record type file.
+        #[arg(long)]
+        file: PathBuf,
+        /// Skip the backward-compatibility check (admins only; recorded).
+        #[arg(long)]
+        no_compatibility: bool,
+    },
+    /// List record types (newest version of each).
+    List {
+        /// Only this owner's.
+        #[arg(long, default_value = "")]
+        owner: String,
+    },
+    /// Show one record type version with its schemas.
+    Show {
+        /// Record type.
+        name: String,
+        /// Version; newest active when omitted.
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+    },
+    /// Check whether a file could be registered as the next version, listing every breaking change.
+    Check {
+        /// The record type file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Deprecate a version.
+    Deprecate {
+        /// Record type.
+        name: String,
+        /// Version.
+        #[arg(long)]
+        version: u32,
+        /// Why and what to use instead.
+        #[arg(long)]
+        note: String,
+    },
+}
+
+fn read_definition(file: &PathBuf) -> Result<pb::RecordTypeDefinition> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    definition_from_json(&text).with_context(|| format!("in {}", file.display()))
+}
+
+/// Runs a schema command.
+pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
+    let mut c = conn.connect().await?.schemas();
+    let line = |v: &pb::RecordTypeVersion| {
+        let d = v.definition.clone().unwrap_or_default();
+        let dep = if v.deprecated { format!(" DEPRECATED: {}", v.deprecation_note) } else { String::new() };
+        println!("{:<36} v{:<3} owner {:<18} {}{dep}", d.name, v.version, d.owner, d.description);
+    };
+    match cmd {
+        SchemaCmd::Register { file, no_compatibility } => {
+            let def = read_definition(&file)?;
+            let compatibility = if no_compatibility { pb::Compatibility::None } else { pb::Compatibility::Backward } as i32;
+            let r = c.register(pb::RegisterRequest { definition: Some(def), compatibility }).await.map_err(status_error)?.into_inner();
+            if let Some(v) = &r.version {
+                line(v);
+                println!("{}", if r.created { "registered" } else { "identical to an existing version; nothing changed" });
+            }
+        }
+        SchemaCmd::List { owner } => {
+            for v in c.list_record_types(pb::ListRecordTypesRequest { owner }).await.map_err(status_error)?.into_inner().record_types {
+                line(&v);
+            }
+        }
+        SchemaCmd::Show { name, version } => {
+            let v = c.get(pb::GetRecordTypeRequest { name, version }).await.map_err(status_error)?.into_inner();
+            line(&v);
+            let d = v.definition.clone().unwrap_or_default();
+            println!("subject key: {}", d.subject_key);
+            println!("fields: {}", v.field_pointers.join(" "));
+            let pretty = |s: &str| serde_json::from_str::<serde_json::Value>(s).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or_default();
+            println!("query schema:\n{}", pretty(&d.query_schema_json));
+            println!("record schema:\n{}", pretty(&d.record_schema_json));
+        }
+        SchemaCmd::Check { file } => {
+            let def = read_definition(&file)?;
+            let r = c
+                .check_compatibility(pb::CheckCompatibilityRequest { definition: Some(def) })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if r.identical {
+                println!("identical to an existing version");
+            } else if r.against_version == 0 {
+                println!("new record type: would be version 1");
+            } else if r.compatible {
+                println!("compatible with version {}: would be version {}", r.against_version, r.against_version + 1);
+            } else {
+                println!("NOT compatible with version {}:", r.against_version);
+                for ch in &r.changes {
+                    println!("  {:<26} {:<30} {}", ch.kind, ch.pointer, ch.message);
+                }
+                bail!("{} breaking change(s)", r.changes.len());
+            }
+        }
+        SchemaCmd::Deprecate { name, version, note } => {
+            line(c.deprecate(pb::DeprecateRequest { name, version, note }).await.map_err(status_error)?.get_ref())
+        }
+    }
+    Ok(())
+}
+
+// === lookups ===
+
+/// `lienthong lookup`
+#[derive(Debug, Args)]
+pub struct LookupArgs {
+    /// Record type, e.g. civil_status.birth_record.
+    #[arg(long = "type")]
+    pub record_type: String,
+    /// Query as a JSON object, e.g. '{"national_id":"001090004217"}'.
+    #[arg(long)]
+    pub query: String,
+    /// Legal-basis code of this lookup.
+    #[arg(long)]
+    pub purpose: String,
+    /// Field wanted, as a JSON Pointer (repeat); every granted field when omitted.
+    #[arg(long = "field")]
+    pub fields: Vec<String>,
+    /// Schema version; newest active when omitted.
+    #[arg(long, default_value_t = 0)]
+    pub version: u32,
+    /// Your correlation id (e.g. an application number).
+    #[arg(long, default_value = "")]
+    pub request_id: String,
+}
+
+/// Runs a lookup and prints the record and its receipt.
+pub async fn lookup(conn: &ConnectArgs, a: LookupArgs) -> Result<()> {
+    let mut c = conn.connect().await?.exchange();
+    let r = c
+        .lookup(pb::LookupRequest {
+            record_type: a.record_type,
+            query_json: a.query,
+            purpose: a.purpose,
+            fields: a.fields,
+            schema_version: a.version,
+            request_id: a.request_id,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let record: serde_json::Value = serde_json::from_str(&r.record_json).unwrap_or(serde_json::Value::Null);
+    let receipt = r.receipt.as_ref().map(|rc| {
+        serde_json::json!({ "log_id": rc.log_id, "sequence": rc.sequence, "leaf_hash": hex::encode(&rc.leaf_hash) })
+    });
+    print_json(&serde_json::json!({
+        "record_type": r.record_type,
+        "schema_version": r.schema_version,
+        "record": record,
+        "fields_released": r.fields_released,
+        "receipt": receipt,
+        "deprecation_notice": r.deprecation_notice,
+        "request_id": r.request_id,
+    }));
+    Ok(())
+}
+
+// === audit ===
+
+/// `lienthong audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Query entries (auditor role).
+    Query {
+        /// Only this caller.
+        #[arg(long, default_value = "")]
+        actor: String,
+        /// Only this provider.
+        #[arg(long, default_value = "")]
+        provider: String,
+        /// Only this record type.
+        #[arg(long = "type", default_value = "")]
+        record_type: String,
+        /// Only this purpose.
+        #[arg(long, default_value = "")]
+        purpose: String,
+        /// Only this outcome: allowed, denied, failed, invalid.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Entries at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Entries before this time (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Log id; this broker's own log when omitted.
+        #[arg(long, default_value = "")]
+        log: String,
+        /// Most entries to show.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Who accessed one citizen's data (subject-portal or auditor role).
+    History {
+        /// The subject key (national id); sent over mTLS and hashed by the broker.
+        #[arg(long)]
+        subject: String,
+    },
+    /// Export every entry of a log as JSON lines (auditor role).
+    Export {
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Log id; this broker's own log when omitted.
+        #[arg(long, default_value = "")]
+        log: String,
+    },
+    /// The latest signed tree head of a log.
+    Sth {
+        /// Log id; this broker's own log when omitted.
+        #[arg(long, default_value = "")]
+        log: String,
+    },
+    /// Verify logs: signatures, the export rebuilding the signed root, every
+    /// inclusion, and consistency with the heads seen last time (state file).
+    Verify(VerifyArgs),
+}
+
+/// `lienthong audit verify`
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// State file remembering the last verified tree head of each log.
+    #[arg(long, default_value = "lienthong-verifier-state.json")]
+    pub state: PathBuf,
+    /// Pinned public key (hex, 32 bytes) or a file holding it; without it the
+    /// key is taken from the broker on first use and pinned in the state file.
+    #[arg(long)]
+    pub public_key: Option<String>,
+    /// Offline: verify this export file (from `audit export`) against `--sth`.
+    #[arg(long, requires = "sth")]
+    pub export: Option<PathBuf>,
+    /// Offline: signed tree head as JSON (from `audit sth --json`).
+    #[arg(long)]
+    pub sth: Option<PathBuf>,
+    /// Only this log (default: every log in the federation's database).
+    #[arg(long)]
+    pub log: Option<String>,
+}
+
+fn outcome_from(s: &str) -> Result<i32> {
+    Ok(match s {
+        "allowed" => pb::Outcome::Allowed,
+        "denied" => pb::Outcome::Denied,
+        "failed" => pb::Outcome::Failed,
+        "invalid" => pb::Outcome::Invalid,
+        other => bail!("unknown outcome {other:?}: use allowed, denied, failed or invalid"),
+    } as i32)
+}
+
+fn outcome_name(n: i32) -> String {
+    pb::Outcome::try_from(n).map(|o| o.as_str_name().trim_start_matches("OUTCOME_").to_lowercase()).unwrap_or_default()
+}
+
+/// Tree head from the wire.
+pub fn sth_from_pb(h: &pb::SignedTreeHead) -> Result<SignedTreeHead> {
+    Ok(SignedTreeHead {
+        log_id: h.log_id.clone(),
+        tree_size: h.tree_size,
+        root_hash: to_hash(&h.root_hash)?,
+        timestamp_ms: h.timestamp_ms,
+        signature: h.signature.clone(),
+    })
+}
+
+fn to_hash(b: &[u8]) -> Result<Hash> {
+    b.try_into().map_err(|_| anyhow::anyhow!("hash of {} bytes; expected 32", b.len()))
+}
+
+fn key_from(b: &[u8]) -> Result<[u8; 32]> {
+    b.try_into().map_err(|_| anyhow::anyhow!("public key of {} bytes; expected 32", b.len()))
+}
+
+/// Checks an inclusion proof and the signature of its tree head.
+pub fn verify_inclusion_proof(p: &pb::InclusionProof, public_key: &[u8]) -> Result<()> {
+    let head = p.tree_head.as_ref().context("the proof carries no signed tree head")?;
+    let sth = sth_from_pb(head)?;
+    lienthong_audit::sth::verify_tree_head(&sth, &key_from(public_key)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let path = p.path.iter().map(|h| to_hash(h)).collect::<Result<Vec<_>>>()?;
+    if !verify_inclusion(p.sequence, p.tree_size, &to_hash(&p.leaf_hash)?, &path, &sth.root_hash) {
+        bail!("entry {} is not included in the signed tree of size {}", p.sequence, p.tree_size);
+    }
+    Ok(())
+}
+
+/// Runs an audit command.
+pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> {
+    if let AuditCmd::Verify(v) = &cmd {
+        if let Some(export) = &v.export {
+            return verify_offline(v, export);
+        }
+    }
+    let mut c = conn.connect().await?.audit();
+    match cmd {
+        AuditCmd::Query { actor, provider, record_type, purpose, outcome, since, until, log, limit } => {
+            let filter = pb::EntryFilter {
+                log_id: log,
+                actor,
+                provider,
+                record_type,
+                outcome: outcome.as_deref().map(outcome_from).transpose()?.unwrap_or(0),
+                purpose,
+                since: since.as_deref().map(parse_time).transpose()?,
+                until: until.as_deref().map(parse_time).transpose()?,
+                kind: 0,
+            };
+            let mut token = String::new();
+            let mut shown = 0u32;
+            loop {
+                let page = c
+                    .query_entries(pb::QueryEntriesRequest { filter: Some(filter.clone()), page_size: (limit - shown).min(1000), page_token: token })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for e in &page.entries {
+                    if json {
+                        println!("{}", e.leaf_json);
+                    } else {
+                        let when = e.time.as_ref().map(format_ts).unwrap_or_default();
+                        let what = if e.record_type.is_empty() { e.action.clone() } else { e.record_type.clone() };
+                        println!("#{:<6} {when} {:<22} {:<34} {:<8} {} {}", e.sequence, e.actor, what, outcome_name(e.outcome), e.purpose, e.reason);
+                    }
+                }
+                shown += page.entries.len() as u32;
+                if page.next_page_token.is_empty() || shown >= limit {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        AuditCmd::History { subject } => {
+            let h = c
+                .subject_history(pb::SubjectHistoryRequest { subject_key: subject, since: None, limit: 1000 })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for a in h.accesses {
+                let when = a.time.as_ref().map(format_ts).unwrap_or_default();
+                println!(
+                    "{when} {} ({}) read {} from {} for {} [{}] {}",
+                    a.consumer,
+                    a.consumer_name,
+                    a.record_type,
+                    a.provider,
+                    a.purpose,
+                    a.fields_released.join(", "),
+                    outcome_name(a.outcome)
+                );
+            }
+        }
+        AuditCmd::Export { out, log } => {
+            let mut stream = c
+                .export_entries(pb::ExportEntriesRequest { filter: Some(pb::EntryFilter { log_id: log, ..Default::default() }), from_sequence: 0 })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let file = std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            let mut n = 0u64;
+            while let Some(e) = stream.message().await.map_err(status_error)? {
+                let line = ExportLine { log_id: e.log_id, sequence: e.sequence, leaf_hash: hex::encode(&e.leaf_hash), leaf: e.leaf_json };
+                serde_json::to_writer(&mut w, &line)?;
+                w.write_all(b"\n")?;
+                n += 1;
+                if n % 10_000 == 0 {
+                    eprint!("\rexported {n} entries");
+                }
+            }
+            w.flush()?;
+            eprintln!("\rexported {n} entries to {}", out.display());
+        }
+        AuditCmd::Sth { log } => {
+            let h = c.get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: log }).await.map_err(status_error)?.into_inner();
+            let sth = sth_from_pb(&h)?;
+            if json {
+                print_json(&sth);
+            } else {
+                println!("log {} size {} root {} signed at {} ms", sth.log_id, sth.tree_size, hex::encode(sth.root_hash), sth.timestamp_ms);
+            }
+        }
+        AuditCmd::Verify(v) => verify_online(&mut c, &v).await?,
+    }
+    Ok(())
+}
+
+fn read_pinned_key(spec: &str) -> Result<[u8; 32]> {
+    let text = if std::path::Path::new(spec).is_file() {
+        std::fs::read_to_string(spec).with_context(|| format!("cannot read {spec}"))?
+    } else {
+        spec.to_string()
+    };
+    let bytes = hex::decode(text.trim()).context("the public key must be 64 hex digits")?;
+    key_from(&bytes)
+}
+
+fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
+    let sth_path = v.sth.as_ref().context("--sth is required with --export")?;
+    let sth: SignedTreeHead = serde_json::from_str(&std::fs::read_to_string(sth_path).with_context(|| format!("cannot read {}", sth_path.display()))?)
+        .with_context(|| format!("{} is not a signed tree head", sth_path.display()))?;
+    let key = read_pinned_key(v.public_key.as_deref().context("--public-key is required offline")?)?;
+    let mut state = VerifierState::load(&v.state)?;
+    let previous = state.logs.get(&sth.log_id).cloned();
+    let file = std::fs::File::open(export).with_context(|| format!("cannot read {}", export.display()))?;
+    let lines = read_export(file)?;
+    let report = verify_export(lines.into_iter(), &sth, &key, previous.as_ref(), None).map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
+    state.logs.insert(sth.log_id.clone(), sth);
+    state.save(&v.state)?;
+    println!("log {}: {} entries verified, root signed", report.log_id, report.entries);
+    Ok(())
+}
+
+fn read_export(file: std::fs::File) -> Result<Vec<ExportLine>> {
+    use std::io::BufRead;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).with_context(|| format!("export line {} is malformed", i + 1))?);
+    }
+    Ok(out)
+}
+
+async fn verify_online(c: &mut lienthong::v1::audit_client::AuditClient<tonic::transport::Channel>, v: &VerifyArgs) -> Result<()> {
+    let mut state = VerifierState::load(&v.state)?;
+    let logs = c.list_logs(pb::ListLogsRequest {}).await.map_err(status_error)?.into_inner().logs;
+    let pinned = v.public_key.as_deref().map(read_pinned_key).transpose()?;
+    let mut failures = 0;
+    for log in logs.iter().filter(|l| v.log.as_ref().is_none_or(|only| *only == l.log_id)) {
+        let key = key_from(&log.public_key)?;
+        // The log id is the hash of its key: a log cannot change keys unnoticed.
+        use sha2::Digest;
+        if hex::encode(sha2::Sha256::digest(key)) != log.log_id {
+            println!("log {}: FAILED: its public key does not hash to its log id", log.log_id);
+            failures += 1;
+            continue;
+        }
+        if let Some(pin) = pinned {
+            if v.log.is_some() && pin != key {
+                bail!("log {} is signed by a different key than the pinned one", log.log_id);
+            }
+        }
+        let head = match c.get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: log.log_id.clone() }).await {
+            Ok(h) => sth_from_pb(&h.into_inner())?,
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                println!("log {}: no signed tree head yet", log.log_id);
+                continue;
+            }
+            Err(s) => return Err(status_error(s)),
+        };
+        let previous = state.logs.get(&log.log_id).cloned();
+        let proof = match &previous {
+            Some(p) if p.tree_size > 0 && p.tree_size <= head.tree_size => {
+                let r = c
+                    .get_consistency_proof(pb::GetConsistencyProofRequest { log_id: log.log_id.clone(), first: p.tree_size, second: head.tree_size })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let path = r.path.iter().map(|h| to_hash(h)).collect::<Result<Vec<_>>>()?;
+                if !verify_consistency(p.tree_size, head.tree_size, &p.root_hash, &head.root_hash, &path) {
+                    println!("log {}: FAILED: the log of size {} does not extend the one verified before (size {}): it was rewritten", log.log_id, head.tree_size, p.tree_size);
+                    failures += 1;
+                    continue;
+                }
+                Some(path)
+            }
+            _ => None,
+        };
+        let mut stream = c
+            .export_entries(pb::ExportEntriesRequest { filter: Some(pb::EntryFilter { log_id: log.log_id.clone(), ..Default::default() }), from_sequence: 0 })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let mut lines = Vec::new();
+        while let Some(e) = stream.message().await.map_err(status_error)? {
+            lines.push(ExportLine { log_id: e.log_id, sequence: e.sequence, leaf_hash: hex::encode(&e.leaf_hash), leaf: e.leaf_json });
+            if lines.len() % 50_000 == 0 {
+                eprint!("\rlog {}: fetched {} entries", &log.log_id[..12.min(log.log_id.len())], lines.len());
+            }
+        }
+        match verify_export(lines.into_iter(), &head, &key, previous.as_ref(), proof.as_deref()) {
+            Ok(report) => {
+                println!("log {}: OK, {} entries, signed tree head of size {} verified", log.log_id, report.entries, head.tree_size);
+                state.logs.insert(log.log_id.clone(), head);
+            }
+            Err(e) => {
+                println!("log {}: FAILED: {e}", log.log_id);
+                failures += 1;
+            }
+        }
+    }
+    state.save(&v.state)?;
+    if failures > 0 {
+        bail!("{failures} log(s) failed verification");
+    }
+    Ok(())
+}

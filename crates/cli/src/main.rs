@@ -1,0 +1,251 @@
+//! `lienthong`: the broker, its demo federation, and the tools to run it.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use lienthong_cli::client::ConnectArgs;
+use lienthong_cli::commands::{self, AuditCmd, EndpointCmd, GrantCmd, LookupArgs, MemberCmd, SchemaCmd};
+use lienthong_cli::demo::{self, DemoOptions};
+use lienthong_cli::federation::FederationOptions;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// lienthong: a data-sharing broker between government agency registers.
+#[derive(Debug, Parser)]
+#[command(name = "lienthong", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Print machine-readable JSON where a command supports it.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Log format: text or json.
+    #[arg(long, global = true, default_value = "text", env = "LIENTHONG_LOG_FORMAT")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve {
+        /// Config file (TOML); every key can be overridden by a LIENTHONG_* variable.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the default configuration and exit.
+        #[arg(long)]
+        print_default_config: bool,
+    },
+    /// Run a whole federation on this machine and play the once-only story.
+    Demo {
+        /// Directory for certificates, config and data; a fresh temporary one when omitted.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the federation running after the story, and print how to call it.
+        #[arg(long)]
+        keep_running: bool,
+        /// Seed of the synthetic citizens.
+        #[arg(long, default_value_t = 2020)]
+        seed: u64,
+        /// Expose Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+    },
+    /// Run one of the demo registers (synthetic data for 100,000 citizens).
+    DemoProvider {
+        /// Which register.
+        #[arg(value_enum)]
+        kind: RegisterKind,
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9101")]
+        listen: String,
+        /// Certificates directory (ca.pem and the register's member certificate).
+        #[arg(long = "tls-dir")]
+        tls_dir: PathBuf,
+        /// The register's member id (its certificate is `<member>.pem`).
+        #[arg(long)]
+        member: Option<String>,
+        /// Federation trust domain.
+        #[arg(long, default_value = "lienthong.gov.vn")]
+        trust_domain: String,
+        /// Seed of the synthetic citizens.
+        #[arg(long, default_value_t = 2020)]
+        seed: u64,
+    },
+    /// Create the federation CA and issue certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Administer member agencies.
+    #[command(subcommand)]
+    Member(MemberCmd),
+    /// Administer provider endpoints.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    /// Administer grants.
+    #[command(subcommand)]
+    Grant(GrantCmd),
+    /// Register and inspect record types.
+    #[command(subcommand)]
+    Schema(SchemaCmd),
+    /// Look one record up, as a consumer.
+    Lookup(LookupArgs),
+    /// Read, export and verify the access log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RegisterKind {
+    CivilStatus,
+    JudicialRecords,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Create a federation CA and the broker's certificate in DIR.
+    Init {
+        /// Directory (created).
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain of the federation.
+        #[arg(long, default_value = "lienthong.gov.vn")]
+        trust_domain: String,
+    },
+    /// Issue a member certificate (`<member>.pem`, `<member>.key`) signed by the CA in DIR.
+    Issue {
+        /// Member id.
+        #[arg(long)]
+        member: String,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Host names or IPs the certificate may serve (for providers).
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+    },
+}
+
+fn init_logging(format: &str, filter: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("warn")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { config, print_default_config } => {
+            if print_default_config {
+                print!("{}", lienthong_broker::Config::example_toml());
+                return Ok(());
+            }
+            let cfg = lienthong_broker::Config::load(config.as_deref(), std::env::vars())?;
+            init_logging(
+                if cli.log_format == "json" { "json" } else { &cfg.telemetry.log_format },
+                Some(&cfg.telemetry.log_filter),
+            );
+            serve(cfg).await
+        }
+        Command::Demo { dir, keep_running, seed, metrics_listen } => {
+            init_logging(&cli.log_format, Some("warn"));
+            let (dir, _temp) = match dir {
+                Some(d) => (d, None),
+                None => {
+                    let t = tempfile::Builder::new().prefix("lienthong-demo-").tempdir()?;
+                    (t.path().to_path_buf(), Some(t))
+                }
+            };
+            let mut federation = FederationOptions::new(dir);
+            federation.seed = seed;
+            federation.metrics_listen = metrics_listen;
+            demo::run(DemoOptions { federation, keep_running }).await
+        }
+        Command::DemoProvider { kind, listen, tls_dir, member, trust_domain, seed } => {
+            init_logging(&cli.log_format, Some("info"));
+            let kind = match kind {
+                RegisterKind::CivilStatus => lienthong_provider::demo::DemoRegisterKind::CivilStatus,
+                RegisterKind::JudicialRecords => lienthong_provider::demo::DemoRegisterKind::JudicialRecords,
+            };
+            let member = member.unwrap_or_else(|| match kind {
+                lienthong_provider::demo::DemoRegisterKind::CivilStatus => "civil-status".into(),
+                lienthong_provider::demo::DemoRegisterKind::JudicialRecords => "judicial-records".into(),
+            });
+            lienthong_tls::install_crypto_provider();
+            let material = lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(&tls_dir, &member))?;
+            let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &trust_domain)?);
+            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!("{member} register serving on {}", listener.local_addr()?);
+            lienthong_provider::demo::run_demo_register(kind, seed, tls, listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Certs(CertsCmd::Init { dir, trust_domain }) => {
+            lienthong_tls::init_dir(&dir, &trust_domain)?;
+            println!("federation CA and broker certificate written to {} (trust domain {trust_domain})", dir.display());
+            Ok(())
+        }
+        Command::Certs(CertsCmd::Issue { member, dir, hosts }) => {
+            let (cert, key) = lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?;
+            println!("issued {} and {}", cert.display(), key.display());
+            Ok(())
+        }
+        Command::Member(c) => commands::member(&cli.connect, c).await,
+        Command::Endpoint(c) => commands::endpoint(&cli.connect, c).await,
+        Command::Grant(c) => commands::grant(&cli.connect, c).await,
+        Command::Schema(c) => commands::schema(&cli.connect, c).await,
+        Command::Lookup(a) => commands::lookup(&cli.connect, a).await,
+        Command::Audit(c) => commands::audit(&cli.connect, c, cli.json).await,
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn serve(cfg: lienthong_broker::Config) -> Result<()> {
+    let mut handle = lienthong_broker::start(cfg, None).await?;
+    eprintln!("lienthong broker listening on {} (mutual TLS)", handle.addr);
+    let stop = handle.take_shutdown();
+    tokio::select! {
+        r = handle.wait() => return r.map_err(Into::into),
+        _ = shutdown_signal() => {}
+    }
+    eprintln!("shutting down: draining in-flight requests, flushing the audit log");
+    if let Some(tx) = stop {
+        let _ = tx.send(());
+    }
+    handle.wait().await?;
+    eprintln!("stopped cleanly");
+    Ok(())
+}

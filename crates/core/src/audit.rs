@@ -1,0 +1,151 @@
+//! The audit event: what the access log records for every lookup, collect item,
+//! authentication failure and administrative change.
+//!
+//! The canonical serialisation of an [`AuditEvent`] (`serde_json::to_string`,
+//! fields in declaration order) is the Merkle leaf, so the field order and names
+//! here are part of the log format: append new fields at the end only.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Kind of event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A lookup or one collect item.
+    Access,
+    /// A request refused because its caller could not be authenticated.
+    Authentication,
+    /// A change to members, endpoints, grants or record types.
+    Admin,
+}
+
+impl EntryKind {
+    /// Stable name used in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Access => "access",
+            EntryKind::Authentication => "authentication",
+            EntryKind::Admin => "admin",
+        }
+    }
+
+    /// Parses [`EntryKind::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "access" => Some(EntryKind::Access),
+            "authentication" => Some(EntryKind::Authentication),
+            "admin" => Some(EntryKind::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// How the recorded request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Data released, or the change applied.
+    Allowed,
+    /// Refused by policy or authentication.
+    Denied,
+    /// Allowed but failed (register down, no record, invalid answer, ...).
+    Failed,
+    /// Malformed request, rejected before policy.
+    Invalid,
+}
+
+impl Outcome {
+    /// Stable name used in storage and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::Failed => "failed",
+            Outcome::Invalid => "invalid",
+        }
+    }
+
+    /// Parses [`Outcome::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "allowed" => Some(Outcome::Allowed),
+            "denied" => Some(Outcome::Denied),
+            "failed" => Some(Outcome::Failed),
+            "invalid" => Some(Outcome::Invalid),
+            _ => None,
+        }
+    }
+}
+
+/// One event of the access log. Never holds a subject key in clear nor record
+/// contents: `subject_hash` is an HMAC, `payload_digest` a SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When it happened (UTC).
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// Kind of event.
+    pub kind: EntryKind,
+    /// Request id (caller-supplied or server-assigned).
+    pub request_id: String,
+    /// W3C trace id, hex; empty when untraced.
+    pub trace_id: String,
+    /// Calling member; for authentication failures, the identity claimed.
+    pub actor: String,
+    /// Provider owning the record type.
+    pub provider: String,
+    /// Record type.
+    pub record_type: String,
+    /// Schema version used; 0 when none was resolved.
+    pub schema_version: u32,
+    /// Purpose (legal basis) stated.
+    pub purpose: String,
+    /// HMAC-SHA-256 of the subject key, hex; empty when there is none.
+    pub subject_hash: String,
+    /// JSON Pointers of fields released.
+    pub fields_released: Vec<String>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// `code: message` for denials and failures; empty when allowed.
+    pub reason: String,
+    /// SHA-256 of the released record JSON, hex; empty when nothing released.
+    pub payload_digest: String,
+    /// Broker time spent, microseconds.
+    pub latency_us: u64,
+    /// Admin entries: action, e.g. `grant.revoke`.
+    pub action: String,
+    /// Admin entries: object acted on, e.g. the grant id.
+    pub target: String,
+}
+
+impl AuditEvent {
+    /// An empty event of `kind` at `time`, to be filled in field by field.
+    pub fn new(kind: EntryKind, time: OffsetDateTime) -> Self {
+        AuditEvent {
+            time,
+            kind,
+            request_id: String::new(),
+            trace_id: String::new(),
+            actor: String::new(),
+            provider: String::new(),
+            record_type: String::new(),
+            schema_version: 0,
+            purpose: String::new(),
+            subject_hash: String::new(),
+            fields_released: Vec::new(),
+            outcome: Outcome::Allowed,
+            reason: String::new(),
+            payload_digest: String::new(),
+            latency_us: 0,
+            action: String::new(),
+            target: String::new(),
+        }
+    }
+
+    /// The canonical leaf bytes hashed into the Merkle tree.
+    /// Fails only for a time outside RFC 3339's years 0000-9999.
+    pub fn to_leaf(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
+    }
+}

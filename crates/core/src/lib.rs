@@ -1,0 +1,26 @@
+//! lienthong domain model: members, record types and their schemas, grants, the
+//! authorization decision and field filtering.
+//!
+//! Pure: no I/O, no async runtime. Everything here takes the current time as an
+//! argument so it can be tested and benchmarked deterministically.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod filter;
+pub mod grant;
+pub mod member;
+pub mod policy;
+pub mod ratelimit;
+pub mod schema;
+pub mod snapshot;
+
+pub use filter::{FieldSelection, filter_record};
+pub use grant::{Endpoint, Grant, GrantFields};
+pub use member::{Member, MemberId, Role};
+pub use policy::{AccessRequest, Allowed, Decision, DenyReason, decide};
+pub use ratelimit::RateLimiter;
+pub use schema::{
+    BreakingChange, Compatibility, CompiledRecordType, RecordTypeDefinition, RecordTypeVersion, SchemaError,
+    SchemaLimits, ValidationFailure,
+};
+pub use snapshot::Snapshot;

@@ -1,0 +1,1352 @@
+//! Record types: their JSON Schemas (query and record), validation on
+//! registration, compatibility between versions, and compiled validators.
+//!
+//! The broker never fetches anything while handling a schema: only local
+//! references (`#...`) are accepted, and every validator is built with a
+//! retriever that refuses every URI.
+
+use crate::member::MemberId;
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+use jsonschema::{Draft, ValidationError, Validator};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use time::OffsetDateTime;
+
+/// How a new version must relate to the previous one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compatibility {
+    /// No removed or retyped record property, no new required query parameter,
+    /// no narrowed enum.
+    Backward,
+    /// No check (admins only); recorded on the version.
+    None,
+}
+
+/// What an integrator submits, parsed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordTypeDefinition {
+    /// `[a-z0-9_]+(\.[a-z0-9_]+)+`.
+    pub name: String,
+    /// What the record is.
+    pub description: String,
+    /// Owning provider member.
+    pub owner: MemberId,
+    /// JSON Schema of the query.
+    pub query_schema: Value,
+    /// JSON Schema of the record.
+    pub record_schema: Value,
+    /// Query property naming the subject.
+    pub subject_key: String,
+}
+
+/// A registered version of a record type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordTypeVersion {
+    /// The definition.
+    pub definition: RecordTypeDefinition,
+    /// 1, 2, 3, ...
+    pub version: u32,
+    /// True once deprecated.
+    pub deprecated: bool,
+    /// Why deprecated.
+    pub deprecation_note: String,
+    /// When registered.
+    #[serde(with = "time::serde::rfc3339")]
+    pub registered_at: OffsetDateTime,
+    /// Who registered it.
+    pub registered_by: MemberId,
+    /// Mode it was registered under.
+    pub compatibility: Compatibility,
+    /// Every record field a grant can name, as JSON Pointers.
+    pub field_pointers: Vec<String>,
+    /// Hex SHA-256 of the canonical schemas and subject key.
+    pub digest: String,
+}
+
+impl RecordTypeVersion {
+    /// A fresh, non-deprecated version of `definition`, with its field pointers
+    /// and digest computed from the definition.
+    pub fn new(
+        definition: RecordTypeDefinition,
+        version: u32,
+        registered_at: OffsetDateTime,
+        registered_by: MemberId,
+        compatibility: Compatibility,
+    ) -> Self {
+        let field_pointers = definition.field_pointers();
+        let digest = definition.digest();
+        RecordTypeVersion {
+            definition,
+            version,
+            deprecated: false,
+            deprecation_note: String::new(),
+            registered_at,
+            registered_by,
+            compatibility,
+            field_pointers,
+            digest,
+        }
+    }
+}
+
+/// Name of the query schema in errors.
+pub const QUERY_SCHEMA: &str = "query_schema";
+/// Name of the record schema in errors.
+pub const RECORD_SCHEMA: &str = "record_schema";
+/// Most properties (nested ones included) a schema may declare; bounds the work
+/// of expanding `$ref`s into field pointers.
+pub const MAX_FIELDS: usize = 4096;
+/// Longest record type name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// How many `$ref` hops are followed before a schema is taken as it is.
+const MAX_REF_HOPS: usize = 16;
+/// How many levels of nested properties and array items are expanded.
+const MAX_FIELD_LEVELS: usize = 64;
+
+/// Size and nesting limits applied to submitted schemas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchemaLimits {
+    /// Largest schema document, in bytes.
+    pub max_schema_bytes: usize,
+    /// Deepest JSON nesting of a schema document (`{}` is 1).
+    pub max_depth: usize,
+}
+
+impl Default for SchemaLimits {
+    fn default() -> Self {
+        SchemaLimits {
+            max_schema_bytes: 256 * 1024,
+            max_depth: 32,
+        }
+    }
+}
+
+/// What is wrong with the subject key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubjectKeyProblem {
+    /// Not a property of the query schema.
+    NotAProperty,
+    /// Not listed in the query schema's `required`.
+    NotRequired,
+    /// Not declared `"type": "string"`.
+    NotAString,
+}
+
+impl fmt::Display for SubjectKeyProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SubjectKeyProblem::NotAProperty => "is not a property of the query schema",
+            SubjectKeyProblem::NotRequired => "is not listed in the query schema's \"required\"",
+            SubjectKeyProblem::NotAString => "is not declared with \"type\": \"string\"",
+        })
+    }
+}
+
+/// Why a record type definition was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The name does not match `[a-z0-9_]+(\.[a-z0-9_]+)+` or is too long.
+    #[error(
+        "record type name {name:?} is invalid: use two or more dot-separated segments of a-z, 0-9 and '_' (for example \"civil.birth\"), at most 128 characters"
+    )]
+    InvalidName {
+        /// The refused name.
+        name: String,
+    },
+    /// The description is blank.
+    #[error("description is empty: say what the record type holds")]
+    EmptyDescription,
+    /// A schema is not parseable JSON.
+    #[error("{schema} is not valid JSON at line {line}, column {column}: {message}")]
+    MalformedJson {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What the parser expected.
+        message: String,
+    },
+    /// A schema document is larger than allowed.
+    #[error("{schema} is {size} bytes, more than the limit of {limit} bytes")]
+    TooLarge {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A schema document nests deeper than allowed.
+    #[error("{schema} nests {depth} levels deep, more than the limit of {limit}")]
+    TooDeep {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// Depth reached (counting stops just past the limit).
+        depth: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// `$schema` names a draft other than 2020-12 or draft-07.
+    #[error(
+        "{schema} at /$schema declares unsupported meta-schema {uri}: use \"https://json-schema.org/draft/2020-12/schema\" or \"http://json-schema.org/draft-07/schema#\""
+    )]
+    UnsupportedDraft {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// The declared value, as JSON.
+        uri: String,
+    },
+    /// A schema violates its meta-schema.
+    #[error("{schema} at {} does not conform to the JSON Schema meta-schema: {message}", show_pointer(.pointer))]
+    MetaSchema {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer into the schema of the offending part.
+        pointer: String,
+        /// What the meta-schema requires.
+        message: String,
+    },
+    /// A `$ref` (or `$dynamicRef`, `$recursiveRef`) points outside the document.
+    #[error(
+        "{schema} at {} references {reference:?}: only local references starting with '#' are allowed, the broker never fetches schemas",
+        show_pointer(.pointer)
+    )]
+    RemoteRef {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer of the reference keyword.
+        pointer: String,
+        /// The reference.
+        reference: String,
+    },
+    /// The schema is not `{"type": "object", "properties": {...}}`.
+    #[error(
+        "{schema} at {} must be an object schema (\"type\": \"object\" with \"properties\"): {problem}",
+        show_pointer(.pointer)
+    )]
+    NotAnObjectSchema {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer of the offending part.
+        pointer: String,
+        /// What is missing.
+        problem: &'static str,
+    },
+    /// The subject key is missing from the query schema or is not a required string.
+    #[error("subject key {key:?} {problem} (query_schema at {})", show_pointer(.pointer))]
+    SubjectKey {
+        /// The subject key property name.
+        key: String,
+        /// JSON Pointer into the query schema where the property is (or should be).
+        pointer: String,
+        /// What is wrong.
+        problem: SubjectKeyProblem,
+    },
+    /// The schema declares too many (nested) properties.
+    #[error("{schema} declares more than {limit} fields: flatten it or split the record type")]
+    TooManyFields {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+    /// The schema passed the meta-schema but could not be compiled (bad regex,
+    /// unresolvable local reference, ...).
+    #[error("{schema} at {} cannot be compiled: {message}", show_pointer(.pointer))]
+    Compile {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer into the schema, when known.
+        pointer: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn show_pointer(pointer: &str) -> &str {
+    if pointer.is_empty() { "the root" } else { pointer }
+}
+
+impl SchemaError {
+    /// JSON Pointer into the offending schema, when the error has one.
+    pub fn pointer(&self) -> Option<&str> {
+        match self {
+            SchemaError::MetaSchema { pointer, .. }
+            | SchemaError::RemoteRef { pointer, .. }
+            | SchemaError::NotAnObjectSchema { pointer, .. }
+            | SchemaError::SubjectKey { pointer, .. }
+            | SchemaError::Compile { pointer, .. } => Some(pointer),
+            SchemaError::UnsupportedDraft { .. } => Some("/$schema"),
+            _ => None,
+        }
+    }
+
+    /// Which schema (`query_schema` / `record_schema`) is at fault, when one is.
+    pub fn schema(&self) -> Option<&'static str> {
+        match self {
+            SchemaError::MalformedJson { schema, .. }
+            | SchemaError::TooLarge { schema, .. }
+            | SchemaError::TooDeep { schema, .. }
+            | SchemaError::UnsupportedDraft { schema, .. }
+            | SchemaError::MetaSchema { schema, .. }
+            | SchemaError::RemoteRef { schema, .. }
+            | SchemaError::NotAnObjectSchema { schema, .. }
+            | SchemaError::TooManyFields { schema, .. }
+            | SchemaError::Compile { schema, .. } => Some(schema),
+            SchemaError::SubjectKey { .. } => Some(QUERY_SCHEMA),
+            SchemaError::InvalidName { .. } | SchemaError::EmptyDescription => None,
+        }
+    }
+}
+
+/// Checks a record type name: `[a-z0-9_]+(\.[a-z0-9_]+)+`, at most 128 characters.
+pub fn validate_record_type_name(name: &str) -> Result<(), SchemaError> {
+    let segments_ok = name.split('.').all(|seg| {
+        !seg.is_empty()
+            && seg
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    });
+    if name.len() <= MAX_NAME_LEN && name.contains('.') && segments_ok {
+        Ok(())
+    } else {
+        Err(SchemaError::InvalidName {
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Parses and checks what an integrator submits: name, description, both
+/// schemas (size, depth, JSON, draft, local references only, meta-schema,
+/// object shape, compilability) and the subject key.
+pub fn parse_definition(
+    name: &str,
+    description: &str,
+    owner: MemberId,
+    query_schema_json: &str,
+    record_schema_json: &str,
+    subject_key: &str,
+    limits: &SchemaLimits,
+) -> Result<RecordTypeDefinition, SchemaError> {
+    validate_record_type_name(name)?;
+    if description.trim().is_empty() {
+        return Err(SchemaError::EmptyDescription);
+    }
+    let query_schema = parse_schema(QUERY_SCHEMA, query_schema_json, limits)?;
+    let record_schema = parse_schema(RECORD_SCHEMA, record_schema_json, limits)?;
+    check_subject_key(&query_schema, subject_key)?;
+    Ok(RecordTypeDefinition {
+        name: name.to_owned(),
+        description: description.to_owned(),
+        owner,
+        query_schema,
+        record_schema,
+        subject_key: subject_key.to_owned(),
+    })
+}
+
+/// Every check of one schema document, in the order cheapest-first.
+fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Result<Value, SchemaError> {
+    if text.len() > limits.max_schema_bytes {
+        return Err(SchemaError::TooLarge {
+            schema: which,
+            size: text.len(),
+            limit: limits.max_schema_bytes,
+        });
+    }
+    // Scanned on the text so a document too deep for the JSON parser still gets
+    // the right error.
+    if let Some(depth) = text_depth_exceeding(text, limits.max_depth) {
+        return Err(SchemaError::TooDeep {
+            schema: which,
+            depth,
+            limit: limits.max_depth,
+        });
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
+    check_schema_value(which, &value)?;
+    build_validator(which, &value)?;
+    Ok(value)
+}
+
+fn malformed(which: &'static str, e: &serde_json::Error) -> SchemaError {
+    let full = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let message = full.strip_suffix(&suffix).unwrap_or(&full).to_owned();
+    SchemaError::MalformedJson {
+        schema: which,
+        line: e.line(),
+        column: e.column(),
+        message,
+    }
+}
+
+/// Nesting depth of a JSON text if it exceeds `limit` (counting stops at `limit + 1`).
+fn text_depth_exceeding(text: &str, limit: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for b in text.bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return Some(depth);
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Checks of a parsed schema shared by registration and compilation.
+fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaError> {
+    let draft = draft_of(which, value)?;
+    find_remote_ref(which, value, &mut String::new())?;
+    let meta = match draft {
+        Draft::Draft7 => jsonschema::draft7::meta::validate(value),
+        _ => jsonschema::draft202012::meta::validate(value),
+    };
+    if let Err(e) = meta {
+        return Err(SchemaError::MetaSchema {
+            schema: which,
+            pointer: e.instance_path().as_str().to_owned(),
+            message: truncate(e.to_string(), 300),
+        });
+    }
+    check_object_schema(which, value)?;
+    let mut walk = Walk::new(value, MAX_FIELDS);
+    if walk.run().is_err() {
+        return Err(SchemaError::TooManyFields {
+            schema: which,
+            limit: MAX_FIELDS,
+        });
+    }
+    Ok(())
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+/// Accepted `$schema` values, without scheme and trailing `#`.
+const DRAFT_2020_12: &str = "json-schema.org/draft/2020-12/schema";
+const DRAFT_07: &str = "json-schema.org/draft-07/schema";
+
+/// The draft named by `$schema`: 2020-12 when absent; draft-07 accepted too.
+fn draft_of(which: &'static str, value: &Value) -> Result<Draft, SchemaError> {
+    let Some(declared) = value.get("$schema") else {
+        return Ok(Draft::Draft202012);
+    };
+    let normalized = declared
+        .as_str()
+        .map(|s| s.strip_suffix('#').unwrap_or(s))
+        .and_then(|s| s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")));
+    match normalized {
+        Some(DRAFT_2020_12) => Ok(Draft::Draft202012),
+        Some(DRAFT_07) => Ok(Draft::Draft7),
+        _ => Err(SchemaError::UnsupportedDraft {
+            schema: which,
+            uri: truncate(declared.to_string(), 200),
+        }),
+    }
+}
+
+/// Keywords whose values are data, not schemas: a `$ref` inside them is never resolved.
+const DATA_KEYWORDS: [&str; 4] = ["enum", "const", "examples", "default"];
+const REF_KEYWORDS: [&str; 3] = ["$ref", "$dynamicRef", "$recursiveRef"];
+
+fn find_remote_ref(which: &'static str, value: &Value, pointer: &mut String) -> Result<(), SchemaError> {
+    match value {
+        Value::Object(map) => {
+            for (key, sub) in map {
+                let len = pointer.len();
+                push_segment(pointer, key);
+                if REF_KEYWORDS.contains(&key.as_str()) {
+                    if let Some(reference) = sub.as_str() {
+                        if !reference.starts_with('#') {
+                            return Err(SchemaError::RemoteRef {
+                                schema: which,
+                                pointer: pointer.clone(),
+                                reference: truncate(reference.to_owned(), 200),
+                            });
+                        }
+                    }
+                } else if !DATA_KEYWORDS.contains(&key.as_str()) {
+                    find_remote_ref(which, sub, pointer)?;
+                }
+                pointer.truncate(len);
+            }
+        }
+        Value::Array(items) => {
+            for (i, sub) in items.iter().enumerate() {
+                let len = pointer.len();
+                pointer.push('/');
+                pointer.push_str(&i.to_string());
+                find_remote_ref(which, sub, pointer)?;
+                pointer.truncate(len);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn check_object_schema(which: &'static str, value: &Value) -> Result<(), SchemaError> {
+    let not_object = |pointer: &str, problem| SchemaError::NotAnObjectSchema {
+        schema: which,
+        pointer: pointer.to_owned(),
+        problem,
+    };
+    let Some(obj) = value.as_object() else {
+        return Err(not_object("", "the schema is not a JSON object"));
+    };
+    let is_object_type = match obj.get("type") {
+        Some(Value::String(t)) => t == "object",
+        Some(Value::Array(ts)) => ts.len() == 1 && ts[0] == "object",
+        _ => false,
+    };
+    if !is_object_type {
+        return Err(not_object("/type", "\"type\" must be \"object\""));
+    }
+    match obj.get("properties").and_then(Value::as_object) {
+        Some(props) if !props.is_empty() => Ok(()),
+        Some(_) => Err(not_object("/properties", "\"properties\" declares no property")),
+        None => Err(not_object("/properties", "\"properties\" is missing")),
+    }
+}
+
+fn check_subject_key(query_schema: &Value, key: &str) -> Result<(), SchemaError> {
+    let mut pointer = String::from("/properties");
+    push_segment(&mut pointer, key);
+    let fail = |pointer: String, problem| SchemaError::SubjectKey {
+        key: key.to_owned(),
+        pointer,
+        problem,
+    };
+    let Some(prop) = query_schema.get("properties").and_then(|p| p.get(key)) else {
+        return Err(fail(pointer, SubjectKeyProblem::NotAProperty));
+    };
+    let required = query_schema
+        .get("required")
+        .and_then(Value::as_array)
+        .is_some_and(|r| r.iter().any(|v| v.as_str() == Some(key)));
+    if !required {
+        return Err(fail("/required".to_owned(), SubjectKeyProblem::NotRequired));
+    }
+    let resolved = follow_refs(query_schema, prop);
+    let is_string = match resolved.get("type") {
+        Some(Value::String(t)) => t == "string",
+        Some(Value::Array(ts)) => ts.len() == 1 && ts[0] == "string",
+        _ => false,
+    };
+    if !is_string {
+        return Err(fail(pointer, SubjectKeyProblem::NotAString));
+    }
+    Ok(())
+}
+
+/// Appends one RFC 6901-escaped segment.
+fn push_segment(pointer: &mut String, segment: &str) {
+    pointer.push('/');
+    for c in segment.chars() {
+        match c {
+            '~' => pointer.push_str("~0"),
+            '/' => pointer.push_str("~1"),
+            c => pointer.push(c),
+        }
+    }
+}
+
+/// Retriever that refuses every URI: schemas are self-contained by rule.
+struct RefuseRetrieval;
+
+impl jsonschema::Retrieve for RefuseRetrieval {
+    fn retrieve(
+        &self,
+        _uri: &jsonschema::Uri<String>,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        Err("the broker does not fetch schemas; use local references only".into())
+    }
+}
+
+fn build_validator(which: &'static str, schema: &Value) -> Result<Validator, SchemaError> {
+    let draft = draft_of(which, schema)?;
+    jsonschema::options()
+        .with_draft(draft)
+        .with_retriever(RefuseRetrieval)
+        // Linear-time matching: patterns run on every client query.
+        .with_pattern_options(jsonschema::PatternOptions::regex())
+        .should_validate_formats(true)
+        .build(schema)
+        .map_err(|e| {
+            let mut pointer = e.instance_path().as_str().to_owned();
+            if pointer.is_empty() {
+                // Reference errors carry no location; point at the first local
+                // reference that does not resolve, if that is the cause.
+                if let Some(found) = find_unresolved_ref(schema, schema, &mut String::new()) {
+                    pointer = found;
+                }
+            }
+            SchemaError::Compile {
+                schema: which,
+                pointer,
+                message: truncate(e.to_string(), 300),
+            }
+        })
+}
+
+/// Pointer of the first `$ref` to a JSON Pointer fragment absent from the document.
+fn find_unresolved_ref(root: &Value, value: &Value, pointer: &mut String) -> Option<String> {
+    match value {
+        Value::Object(map) => {
+            for (key, sub) in map {
+                let len = pointer.len();
+                push_segment(pointer, key);
+                if key == "$ref" {
+                    if let Some(reference) = sub.as_str() {
+                        if reference.starts_with("#/") && local_target(root, reference).is_none() {
+                            return Some(pointer.clone());
+                        }
+                    }
+                } else if !DATA_KEYWORDS.contains(&key.as_str()) {
+                    if let Some(found) = find_unresolved_ref(root, sub, pointer) {
+                        return Some(found);
+                    }
+                }
+                pointer.truncate(len);
+            }
+            None
+        }
+        Value::Array(items) => {
+            for (i, sub) in items.iter().enumerate() {
+                let len = pointer.len();
+                pointer.push('/');
+                pointer.push_str(&i.to_string());
+                if let Some(found) = find_unresolved_ref(root, sub, pointer) {
+                    return Some(found);
+                }
+                pointer.truncate(len);
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Resolves a local JSON Pointer reference (`#`, `#/...`) within `root`.
+fn local_target<'a>(root: &'a Value, reference: &str) -> Option<&'a Value> {
+    let fragment = reference.strip_prefix('#')?;
+    if fragment.is_empty() {
+        return Some(root);
+    }
+    if !fragment.starts_with('/') {
+        // An anchor (`#name`): not followed for field discovery.
+        return None;
+    }
+    if fragment.contains('%') {
+        root.pointer(&percent_decode(fragment)?)
+    } else {
+        root.pointer(fragment)
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// True if the schema object carries structure of its own rather than being a bare `$ref`.
+fn has_own_structure(obj: &Map<String, Value>) -> bool {
+    obj.contains_key("properties") || obj.contains_key("items") || obj.contains_key("type")
+}
+
+/// Follows local `$ref`s of bare reference schemas, without cycle tracking
+/// (bounded by [`MAX_REF_HOPS`]).
+fn follow_refs<'a>(root: &'a Value, mut schema: &'a Value) -> &'a Value {
+    for _ in 0..MAX_REF_HOPS {
+        let Some(obj) = schema.as_object() else {
+            return schema;
+        };
+        if has_own_structure(obj) {
+            return schema;
+        }
+        match obj
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| local_target(root, r))
+        {
+            Some(target) => schema = target,
+            None => return schema,
+        }
+    }
+    schema
+}
+
+/// One property found in a schema's tree of `properties` (array items transparent).
+struct FieldInfo<'a> {
+    /// JSON Pointer of the field in instances.
+    pointer: String,
+    /// Its schema, bare `$ref`s followed.
+    schema: &'a Value,
+    /// Its array items' schema, if it declares one.
+    items: Option<&'a Value>,
+    /// Listed in the parent's `required`.
+    required: bool,
+}
+
+/// Depth-first walk of `properties`, following local references with cycle detection.
+struct Walk<'a> {
+    root: &'a Value,
+    refs: Vec<&'a str>,
+    out: Vec<FieldInfo<'a>>,
+    limit: usize,
+}
+
+/// The walk found more fields than its limit.
+struct TooManyFields;
+
+impl<'a> Walk<'a> {
+    fn new(root: &'a Value, limit: usize) -> Self {
+        Walk {
+            root,
+            refs: Vec::new(),
+            out: Vec::new(),
+            limit,
+        }
+    }
+
+    fn run(&mut self) -> Result<(), TooManyFields> {
+        let root = self.root;
+        // The root is being expanded: a `"$ref": "#"` below it is a cycle.
+        self.refs.push("#");
+        let (resolved, expand, pushed) = self.resolve(root);
+        let result = if expand {
+            self.children(resolved, "", 0)
+        } else {
+            Ok(())
+        };
+        self.refs.truncate(self.refs.len() - pushed);
+        result
+    }
+
+    /// Follows bare `$ref`s; says whether the target may be expanded (false on a
+    /// cycle) and how many references it pushed on the stack.
+    fn resolve(&mut self, mut schema: &'a Value) -> (&'a Value, bool, usize) {
+        let mut pushed = 0;
+        for _ in 0..MAX_REF_HOPS {
+            let Some(obj) = schema.as_object() else {
+                break;
+            };
+            if has_own_structure(obj) {
+                break;
+            }
+            let Some(reference) = obj.get("$ref").and_then(Value::as_str) else {
+                break;
+            };
+            if self.refs.contains(&reference) {
+                return (schema, false, pushed);
+            }
+            let Some(target) = local_target(self.root, reference) else {
+                break;
+            };
+            self.refs.push(reference);
+            pushed += 1;
+            schema = target;
+        }
+        (schema, true, pushed)
+    }
+
+    fn children(&mut self, schema: &'a Value, prefix: &str, level: usize) -> Result<(), TooManyFields> {
+        if level >= MAX_FIELD_LEVELS {
+            return Ok(());
+        }
+        self.properties(schema, prefix, level)?;
+        if let Some(items) = schema.get("items").filter(|i| i.is_object()) {
+            let (resolved, expand, pushed) = self.resolve(items);
+            let result = if expand {
+                self.children(resolved, prefix, level + 1)
+            } else {
+                Ok(())
+            };
+            self.refs.truncate(self.refs.len() - pushed);
+            result?;
+        }
+        Ok(())
+    }
+
+    fn properties(&mut self, schema: &'a Value, prefix: &str, level: usize) -> Result<(), TooManyFields> {
+        let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+            return Ok(());
+        };
+        let required = schema.get("required").and_then(Value::as_array);
+        for (name, sub) in props {
+            if self.out.len() >= self.limit {
+                return Err(TooManyFields);
+            }
+            let mut pointer = String::with_capacity(prefix.len() + name.len() + 1);
+            pointer.push_str(prefix);
+            push_segment(&mut pointer, name);
+            let (resolved, expand, pushed) = self.resolve(sub);
+            let items = resolved
+                .get("items")
+                .filter(|i| i.is_object())
+                .map(|i| follow_refs(self.root, i));
+            let is_required = required.is_some_and(|r| r.iter().any(|v| v.as_str() == Some(name)));
+            self.out.push(FieldInfo {
+                pointer: pointer.clone(),
+                schema: resolved,
+                items,
+                required: is_required,
+            });
+            let result = if expand {
+                self.children(resolved, &pointer, level + 1)
+            } else {
+                Ok(())
+            };
+            self.refs.truncate(self.refs.len() - pushed);
+            result?;
+        }
+        Ok(())
+    }
+}
+
+/// Fields of a schema; on overflow, the fields found up to the limit.
+fn collect_fields(schema: &Value) -> Vec<FieldInfo<'_>> {
+    let mut walk = Walk::new(schema, MAX_FIELDS);
+    // Overflow is refused at registration; a truncated list is the best answer here.
+    let _ = walk.run();
+    walk.out
+}
+
+/// Canonical JSON: object keys sorted, no whitespace.
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json_string(key, out);
+                out.push(':');
+                if let Some(v) = map.get(key.as_str()) {
+                    write_canonical(v, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+fn write_json_string(s: &str, out: &mut String) {
+    out.push_str(&Value::String(s.to_owned()).to_string());
+}
+
+impl RecordTypeDefinition {
+    /// Hex SHA-256 of the canonical (sorted-key) JSON array
+    /// `[name, subject_key, query_schema, record_schema]`.
+    pub fn digest(&self) -> String {
+        let mut canonical = String::new();
+        canonical.push('[');
+        write_json_string(&self.name, &mut canonical);
+        canonical.push(',');
+        write_json_string(&self.subject_key, &mut canonical);
+        canonical.push(',');
+        write_canonical(&self.query_schema, &mut canonical);
+        canonical.push(',');
+        write_canonical(&self.record_schema, &mut canonical);
+        canonical.push(']');
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    }
+
+    /// Every record field a grant can name, as sorted JSON Pointers: nested
+    /// object properties and the properties of array items (array levels
+    /// transparent), parents and children alike.
+    pub fn field_pointers(&self) -> Vec<String> {
+        let mut pointers: Vec<String> = collect_fields(&self.record_schema)
+            .into_iter()
+            .map(|f| f.pointer)
+            .collect();
+        pointers.sort();
+        pointers.dedup();
+        pointers
+    }
+}
+
+/// One reason a new version breaks consumers of the previous one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakingChange {
+    /// `record_property_removed`, `record_property_retyped`, `record_enum_narrowed`,
+    /// `query_parameter_required`, `query_parameter_removed`, `query_parameter_retyped`,
+    /// `query_enum_narrowed`, `subject_key_changed` or `owner_changed`.
+    pub kind: String,
+    /// Instance JSON Pointer of the field (`/subject_key`, `/owner` for the definition).
+    pub pointer: String,
+    /// What changed, for a person.
+    pub message: String,
+}
+
+impl fmt::Display for BreakingChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)
+    }
+}
+
+fn breaking(kind: &str, pointer: &str, message: String) -> BreakingChange {
+    BreakingChange {
+        kind: kind.to_owned(),
+        pointer: pointer.to_owned(),
+        message,
+    }
+}
+
+/// The `type` of a schema as a set; `None` when it accepts any type.
+fn type_set(schema: &Value) -> Option<BTreeSet<&str>> {
+    match schema.get("type")? {
+        Value::String(t) => Some(BTreeSet::from([t.as_str()])),
+        Value::Array(ts) => Some(ts.iter().filter_map(Value::as_str).collect()),
+        _ => None,
+    }
+}
+
+fn show_types(types: &Option<BTreeSet<&str>>) -> String {
+    match types {
+        None => "any".to_owned(),
+        Some(set) => set.iter().copied().collect::<Vec<_>>().join(" or "),
+    }
+}
+
+/// Every old type still accepted by the new set (`integer` is covered by `number`).
+fn types_widened_or_equal(old: &Option<BTreeSet<&str>>, new: &Option<BTreeSet<&str>>) -> bool {
+    match (old, new) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(o), Some(n)) => o
+            .iter()
+            .all(|t| n.contains(t) || (*t == "integer" && n.contains("number"))),
+    }
+}
+
+/// The allowed values (`enum`, or `const` as one value); `None` when unrestricted.
+fn enum_values(schema: &Value) -> Option<Vec<&Value>> {
+    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+        return Some(values.iter().collect());
+    }
+    schema.get("const").map(|c| vec![c])
+}
+
+/// Some value allowed before is no longer allowed.
+fn enum_narrowed(old: Option<Vec<&Value>>, new: Option<Vec<&Value>>) -> bool {
+    match (old, new) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(o), Some(n)) => o.iter().any(|v| !n.contains(v)),
+    }
+}
+
+fn parent_pointer(pointer: &str) -> &str {
+    pointer.rfind('/').map_or("", |i| &pointer[..i])
+}
+
+/// Lists every change from `previous` to `next` that breaks consumers of
+/// `previous` (BACKWARD compatibility); empty when compatible.
+pub fn check_compatibility(previous: &RecordTypeDefinition, next: &RecordTypeDefinition) -> Vec<BreakingChange> {
+    let mut out = Vec::new();
+    if previous.subject_key != next.subject_key {
+        out.push(breaking(
+            "subject_key_changed",
+            "/subject_key",
+            format!(
+                "subject key changed from {:?} to {:?}; consumers name the subject by it",
+                previous.subject_key, next.subject_key
+            ),
+        ));
+    }
+    if previous.owner != next.owner {
+        out.push(breaking(
+            "owner_changed",
+            "/owner",
+            format!(
+                "owner changed from {} to {}; register a new record type instead",
+                previous.owner, next.owner
+            ),
+        ));
+    }
+    compare_record(&previous.record_schema, &next.record_schema, &mut out);
+    compare_query(&previous.query_schema, &next.query_schema, &mut out);
+    out
+}
+
+fn index<'a, 'b>(fields: &'b [FieldInfo<'a>]) -> HashMap<&'b str, &'b FieldInfo<'a>> {
+    fields.iter().map(|f| (f.pointer.as_str(), f)).collect()
+}
+
+fn compare_record(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingChange>) {
+    let old_fields = collect_fields(old_schema);
+    let new_fields = collect_fields(new_schema);
+    let new_index = index(&new_fields);
+    for old in &old_fields {
+        let p = old.pointer.as_str();
+        let Some(new) = new_index.get(p) else {
+            out.push(breaking(
+                "record_property_removed",
+                p,
+                format!("record property {p} was removed; consumers of the previous version read it"),
+            ));
+            continue;
+        };
+        let (ot, nt) = (type_set(old.schema), type_set(new.schema));
+        if ot != nt {
+            out.push(breaking(
+                "record_property_retyped",
+                p,
+                format!(
+                    "record property {p} changed type from {} to {}",
+                    show_types(&ot),
+                    show_types(&nt)
+                ),
+            ));
+        }
+        if enum_narrowed(enum_values(old.schema), enum_values(new.schema)) {
+            out.push(breaking(
+                "record_enum_narrowed",
+                p,
+                format!("record property {p} no longer allows every value it allowed (enum narrowed or added)"),
+            ));
+        }
+        if let (Some(oi), Some(ni)) = (old.items, new.items) {
+            let (ot, nt) = (type_set(oi), type_set(ni));
+            if ot != nt {
+                out.push(breaking(
+                    "record_property_retyped",
+                    p,
+                    format!(
+                        "items of record property {p} changed type from {} to {}",
+                        show_types(&ot),
+                        show_types(&nt)
+                    ),
+                ));
+            }
+            if enum_narrowed(enum_values(oi), enum_values(ni)) {
+                out.push(breaking(
+                    "record_enum_narrowed",
+                    p,
+                    format!("items of record property {p} no longer allow every value they allowed (enum narrowed or added)"),
+                ));
+            }
+        }
+    }
+}
+
+fn compare_query(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingChange>) {
+    let old_fields = collect_fields(old_schema);
+    let new_fields = collect_fields(new_schema);
+    let old_index = index(&old_fields);
+    let new_index = index(&new_fields);
+    for old in &old_fields {
+        let p = old.pointer.as_str();
+        let Some(new) = new_index.get(p) else {
+            out.push(breaking(
+                "query_parameter_removed",
+                p,
+                format!("query parameter {p} was removed; queries of the previous version send it"),
+            ));
+            continue;
+        };
+        let (ot, nt) = (type_set(old.schema), type_set(new.schema));
+        if !types_widened_or_equal(&ot, &nt) {
+            out.push(breaking(
+                "query_parameter_retyped",
+                p,
+                format!(
+                    "query parameter {p} changed type from {} to {}, refusing queries that were valid",
+                    show_types(&ot),
+                    show_types(&nt)
+                ),
+            ));
+        }
+        if enum_narrowed(enum_values(old.schema), enum_values(new.schema)) {
+            out.push(breaking(
+                "query_enum_narrowed",
+                p,
+                format!("query parameter {p} no longer accepts every value it accepted (enum narrowed or added)"),
+            ));
+        }
+        if let (Some(oi), Some(ni)) = (old.items, new.items) {
+            let (ot, nt) = (type_set(oi), type_set(ni));
+            if !types_widened_or_equal(&ot, &nt) {
+                out.push(breaking(
+                    "query_parameter_retyped",
+                    p,
+                    format!(
+                        "items of query parameter {p} changed type from {} to {}",
+                        show_types(&ot),
+                        show_types(&nt)
+                    ),
+                ));
+            }
+            if enum_narrowed(enum_values(oi), enum_values(ni)) {
+                out.push(breaking(
+                    "query_enum_narrowed",
+                    p,
+                    format!("items of query parameter {p} no longer accept every value they accepted"),
+                ));
+            }
+        }
+    }
+    for new in &new_fields {
+        let p = new.pointer.as_str();
+        if !new.required {
+            continue;
+        }
+        let old = old_index.get(p);
+        if old.is_some_and(|o| o.required) {
+            continue;
+        }
+        // A required child of a new optional object does not affect old queries;
+        // a new required object is reported on the object itself.
+        let parent = parent_pointer(p);
+        if parent.is_empty() || old_index.contains_key(parent) {
+            let message = if old.is_some() {
+                format!("query parameter {p} is now required; queries of the previous version may omit it")
+            } else {
+                format!("new query parameter {p} is required; queries of the previous version do not send it")
+            };
+            out.push(breaking("query_parameter_required", p, message));
+        }
+    }
+}
+
+/// Why an instance (query or record) does not validate. Never holds the
+/// instance's values: it names the location and the constraint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidationFailure {
+    /// JSON Pointer of the offending instance location.
+    pub pointer: String,
+    /// The constraint violated.
+    pub message: String,
+}
+
+impl fmt::Display for ValidationFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at {}: {}", show_pointer(&self.pointer), self.message)
+    }
+}
+
+impl std::error::Error for ValidationFailure {}
+
+fn describe_types(kind: &TypeKind) -> String {
+    match kind {
+        TypeKind::Single(t) => t.to_string(),
+        TypeKind::Multiple(set) => set.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" or "),
+    }
+}
+
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 { format!("{n} {word}") } else { format!("{n} {word}s") }
+}
+
+/// Turns a jsonschema error into a message free of instance values.
+fn failure_from(error: &ValidationError<'_>) -> ValidationFailure {
+    let mut pointer = error.instance_path().as_str().to_owned();
+    let message = match error.kind() {
+        ValidationErrorKind::Required { property } => {
+            if let Some(name) = property.as_str() {
+                push_segment(&mut pointer, name);
+            }
+            "is required".to_owned()
+        }
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            if let Some(first) = unexpected.first() {
+                push_segment(&mut pointer, first);
+            }
+            "is not allowed (additionalProperties)".to_owned()
+        }
+        ValidationErrorKind::UnevaluatedProperties { unexpected } => {
+            if let Some(first) = unexpected.first() {
+                push_segment(&mut pointer, first);
+            }
+            "is not allowed (unevaluatedProperties)".to_owned()
+        }
+        ValidationErrorKind::Type { kind } => format!("expected type {}", describe_types(kind)),
+        ValidationErrorKind::Pattern { pattern } => format!("does not match pattern {pattern}"),
+        ValidationErrorKind::BacktrackLimitExceeded { .. } | ValidationErrorKind::RegexEngineFailure { .. } => {
+            "could not be checked against its pattern".to_owned()
+        }
+        ValidationErrorKind::Enum { .. } => "must be one of the allowed values".to_owned(),
+        ValidationErrorKind::Constant { .. } => "must equal the value fixed by the schema (const)".to_owned(),
+        ValidationErrorKind::Format { format } => format!("is not a valid {format}"),
+        ValidationErrorKind::MinLength { limit } => {
+            format!("must be at least {} long", plural(*limit, "character"))
+        }
+        ValidationErrorKind::MaxLength { limit } => {
+            format!("must be at most {} long", plural(*limit, "character"))
+        }
+        ValidationErrorKind::Minimum { limit } => format!("must be at least {limit}"),
+        ValidationErrorKind::Maximum { limit } => format!("must be at most {limit}"),
+        ValidationErrorKind::ExclusiveMinimum { limit } => format!("must be greater than {limit}"),
+        ValidationErrorKind::ExclusiveMaximum { limit } => format!("must be less than {limit}"),
+        ValidationErrorKind::MultipleOf { multiple_of } => format!("must be a multiple of {multiple_of}"),
+        ValidationErrorKind::MinItems { limit } => format!("must have at least {}", plural(*limit, "item")),
+        ValidationErrorKind::MaxItems { limit } => format!("must have at most {}", plural(*limit, "item")),
+        ValidationErrorKind::AdditionalItems { limit } => {
+            format!("must have at most {} (additionalItems)", plural(*limit as u64, "item"))
+        }
+        ValidationErrorKind::UnevaluatedItems { .. } => "has items that are not allowed (unevaluatedItems)".to_owned(),
+        ValidationErrorKind::UniqueItems => "must not contain duplicate items".to_owned(),
+        ValidationErrorKind::Contains => "must contain an item matching the schema (contains)".to_owned(),
+        ValidationErrorKind::MinProperties { limit } => {
+            format!("must have at least {}", plural(*limit, "property").replace("propertys", "properties"))
+        }
+        ValidationErrorKind::MaxProperties { limit } => {
+            format!("must have at most {}", plural(*limit, "property").replace("propertys", "properties"))
+        }
+        ValidationErrorKind::PropertyNames { .. } => "has a property name that is not allowed (propertyNames)".to_owned(),
+        ValidationErrorKind::AnyOf { .. } => "does not match any of the allowed alternatives (anyOf)".to_owned(),
+        ValidationErrorKind::OneOfNotValid { .. } => "does not match any of the allowed alternatives (oneOf)".to_owned(),
+        ValidationErrorKind::OneOfMultipleValid { .. } => "matches more than one alternative (oneOf)".to_owned(),
+        ValidationErrorKind::Not { .. } => "matches a schema it must not match (not)".to_owned(),
+        ValidationErrorKind::FalseSchema => "is not allowed".to_owned(),
+        ValidationErrorKind::ContentEncoding { content_encoding } => {
+            format!("is not valid {content_encoding} content")
+        }
+        ValidationErrorKind::ContentMediaType { content_media_type } => {
+            format!("is not valid {content_media_type} content")
+        }
+        ValidationErrorKind::FromUtf8 { .. } => "is not valid UTF-8 once decoded".to_owned(),
+        ValidationErrorKind::Custom { keyword, .. } => format!("fails the {keyword} constraint"),
+        ValidationErrorKind::Referencing(_) => "could not be checked: a schema reference does not resolve".to_owned(),
+    };
+    ValidationFailure { pointer, message }
+}
+
+/// A record type version with its validators compiled once.
+pub struct CompiledRecordType {
+    /// The version compiled.
+    pub version: RecordTypeVersion,
+    query_validator: Validator,
+    record_validator: Validator,
+    fields: HashSet<String>,
+}
+
+impl fmt::Debug for CompiledRecordType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompiledRecordType")
+            .field("name", &self.version.definition.name)
+            .field("version", &self.version.version)
+            .field("deprecated", &self.version.deprecated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CompiledRecordType {
+    /// Compiles both schemas of `version` (never fetching anything).
+    pub fn compile(version: RecordTypeVersion) -> Result<Self, SchemaError> {
+        let definition = &version.definition;
+        check_schema_value(QUERY_SCHEMA, &definition.query_schema)?;
+        check_schema_value(RECORD_SCHEMA, &definition.record_schema)?;
+        let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema)?;
+        let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema)?;
+        let fields = definition.field_pointers().into_iter().collect();
+        Ok(CompiledRecordType {
+            version,
+            query_validator,
+            record_validator,
+            fields,
+        })
+    }
+
+    /// Validates a query; the first error, without the query's values.
+    pub fn validate_query(&self, query: &Value) -> Result<(), ValidationFailure> {
+        self.query_validator.validate(query).map_err(|e| failure_from(&e))
+    }
+
+    /// Validates a record a provider returned; the first error, without its values.
+    pub fn validate_record(&self, record: &Value) -> Result<(), ValidationFailure> {
+        self.record_validator.validate(record).map_err(|e| failure_from(&e))
+    }
+
+    /// The subject key's value in `query`, if present and a string.
+    pub fn subject<'a>(&self, query: &'a Value) -> Option<&'a str> {
+        query.get(&self.version.definition.subject_key)?.as_str()
+    }
+
+    /// True if `pointer` is one of the record type's field pointers.
+    pub fn has_field(&self, pointer: &str) -> bool {
+        self.fields.contains(pointer)
+    }
+
+    /// Record type name.
+    pub fn name(&self) -> &str {
+        &self.version.definition.name
+    }
+
+    /// Version number.
+    pub fn version_number(&self) -> u32 {
+        self.version.version
+    }
+
+    /// Owning provider.
+    pub fn owner(&self) -> &MemberId {
+        &self.version.definition.owner
+    }
+
+    /// True once deprecated.
+    pub fn deprecated(&self) -> bool {
+        self.version.deprecated
+    }
+}

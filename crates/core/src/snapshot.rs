@@ -1,0 +1,226 @@
+//! The in-memory authorization snapshot: members, grants, compiled record
+//! types and endpoints indexed for the lookup path. Immutable once built; the
+//! broker builds a new one from the store and swaps it atomically.
+
+use crate::grant::{Endpoint, Grant};
+use crate::member::Member;
+use crate::policy::{self, AccessRequest, Decision, DenyReason};
+use crate::schema::CompiledRecordType;
+use std::collections::HashMap;
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+/// Where a grant sits in the nested grant index.
+#[derive(Debug)]
+struct GrantLocation {
+    consumer: String,
+    record_type: String,
+    index: usize,
+}
+
+/// Read-only view of everything the broker needs to authorize and route.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Store change counter the snapshot was built from.
+    pub version: u64,
+    /// When it was built.
+    pub built_at: OffsetDateTime,
+    /// Sorted by id.
+    members: Vec<Member>,
+    member_index: HashMap<String, usize>,
+    /// consumer -> record type -> grants, most recently created first.
+    grants: HashMap<String, HashMap<String, Vec<Grant>>>,
+    grant_index: HashMap<String, GrantLocation>,
+    /// name -> versions, ascending.
+    record_types: HashMap<String, Vec<Arc<CompiledRecordType>>>,
+    record_type_names: Vec<String>,
+    /// provider -> endpoints, oldest first.
+    endpoints: HashMap<String, Vec<Endpoint>>,
+}
+
+impl Snapshot {
+    /// A snapshot holding nothing: every decision is a denial.
+    pub fn empty() -> Snapshot {
+        Snapshot::build(
+            0,
+            OffsetDateTime::UNIX_EPOCH,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        )
+    }
+
+    /// Indexes store lists. Duplicates (same member id, grant id, or record type
+    /// name and version) keep the last one given.
+    pub fn build(
+        version: u64,
+        built_at: OffsetDateTime,
+        members: Vec<Member>,
+        grants: Vec<Grant>,
+        record_types: Vec<Arc<CompiledRecordType>>,
+        endpoints: Vec<Endpoint>,
+    ) -> Snapshot {
+        let mut by_id: HashMap<String, Member> = HashMap::with_capacity(members.len());
+        for member in members {
+            by_id.insert(member.id.as_str().to_owned(), member);
+        }
+        let mut members: Vec<Member> = by_id.into_values().collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let member_index = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.as_str().to_owned(), i))
+            .collect();
+
+        let mut unique_grants: HashMap<String, Grant> = HashMap::with_capacity(grants.len());
+        for grant in grants {
+            unique_grants.insert(grant.id.clone(), grant);
+        }
+        let mut nested: HashMap<String, HashMap<String, Vec<Grant>>> = HashMap::new();
+        for grant in unique_grants.into_values() {
+            nested
+                .entry(grant.consumer.as_str().to_owned())
+                .or_default()
+                .entry(grant.record_type.clone())
+                .or_default()
+                .push(grant);
+        }
+        let mut grant_index = HashMap::new();
+        for (consumer, by_type) in &mut nested {
+            for (record_type, list) in by_type.iter_mut() {
+                // Same order policy::decide prefers, so the winner is found first.
+                list.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+                for (index, grant) in list.iter().enumerate() {
+                    grant_index.insert(
+                        grant.id.clone(),
+                        GrantLocation {
+                            consumer: consumer.clone(),
+                            record_type: record_type.clone(),
+                            index,
+                        },
+                    );
+                }
+            }
+        }
+
+        let mut types: HashMap<String, Vec<Arc<CompiledRecordType>>> = HashMap::new();
+        for compiled in record_types {
+            types.entry(compiled.name().to_owned()).or_default().push(compiled);
+        }
+        for versions in types.values_mut() {
+            // Stable sort, then keep the last of equal versions.
+            versions.sort_by_key(|v| v.version_number());
+            let mut deduped: Vec<Arc<CompiledRecordType>> = Vec::with_capacity(versions.len());
+            for v in versions.drain(..) {
+                match deduped.last_mut() {
+                    Some(last) if last.version_number() == v.version_number() => *last = v,
+                    _ => deduped.push(v),
+                }
+            }
+            *versions = deduped;
+        }
+        let mut record_type_names: Vec<String> = types.keys().cloned().collect();
+        record_type_names.sort();
+
+        let mut by_provider: HashMap<String, Vec<Endpoint>> = HashMap::new();
+        for endpoint in endpoints {
+            by_provider
+                .entry(endpoint.provider.as_str().to_owned())
+                .or_default()
+                .push(endpoint);
+        }
+        for list in by_provider.values_mut() {
+            list.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+            list.dedup_by(|a, b| a.id == b.id);
+        }
+
+        Snapshot {
+            version,
+            built_at,
+            members,
+            member_index,
+            grants: nested,
+            grant_index,
+            record_types: types,
+            record_type_names,
+            endpoints: by_provider,
+        }
+    }
+
+    /// The member with this id.
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.member_index.get(id).and_then(|&i| self.members.get(i))
+    }
+
+    /// Every member, by id.
+    pub fn members(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter()
+    }
+
+    /// Grants of `consumer` for `record_type` in any state, most recently created first.
+    pub fn grants_for(&self, consumer: &str, record_type: &str) -> &[Grant] {
+        self.grants
+            .get(consumer)
+            .and_then(|by_type| by_type.get(record_type))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The grant with this id.
+    pub fn grant(&self, id: &str) -> Option<&Grant> {
+        let location = self.grant_index.get(id)?;
+        self.grants_for(&location.consumer, &location.record_type)
+            .get(location.index)
+    }
+
+    /// Number of grants held.
+    pub fn grant_count(&self) -> usize {
+        self.grant_index.len()
+    }
+
+    /// A record type version; `version == 0` means the newest non-deprecated one
+    /// (or the newest if all are deprecated).
+    pub fn record_type(&self, name: &str, version: u32) -> Option<&Arc<CompiledRecordType>> {
+        let versions = self.record_types.get(name)?;
+        if version == 0 {
+            versions
+                .iter()
+                .rev()
+                .find(|v| !v.deprecated())
+                .or_else(|| versions.last())
+        } else {
+            versions
+                .binary_search_by_key(&version, |v| v.version_number())
+                .ok()
+                .and_then(|i| versions.get(i))
+        }
+    }
+
+    /// Every version of a record type, ascending.
+    pub fn record_type_versions(&self, name: &str) -> &[Arc<CompiledRecordType>] {
+        self.record_types.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Record type names, sorted.
+    pub fn record_type_names(&self) -> impl Iterator<Item = &str> {
+        self.record_type_names.iter().map(String::as_str)
+    }
+
+    /// Endpoints of a provider, oldest first.
+    pub fn endpoints(&self, provider: &str) -> &[Endpoint] {
+        self.endpoints.get(provider).map_or(&[], Vec::as_slice)
+    }
+
+    /// [`policy::decide`] for `consumer`; an unknown member is not a consumer.
+    pub fn decide(&self, consumer: &str, request: &AccessRequest<'_>, now: OffsetDateTime) -> Decision {
+        match self.member(consumer) {
+            Some(member) => policy::decide(
+                member,
+                self.grants_for(consumer, request.record_type),
+                request,
+                now,
+            ),
+            None => Decision::Deny(DenyReason::NotAConsumer),
+        }
+    }
+}

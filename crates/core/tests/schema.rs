@@ -1,0 +1,797 @@
+//! Record type registration, compatibility between versions and validation.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lienthong_core::schema::{
+    CompiledRecordType, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility,
+    parse_definition, validate_record_type_name,
+};
+use lienthong_core::{Compatibility, MemberId, RecordTypeDefinition, RecordTypeVersion};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use time::macros::datetime;
+
+fn owner() -> MemberId {
+    MemberId::new("civil-registry").unwrap()
+}
+
+fn base_query() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "national_id": {"type": "string", "pattern": "^[0-9]{12}$"},
+            "birth_date": {"type": "string", "format": "date"}
+        },
+        "required": ["national_id"],
+        "additionalProperties": false
+    })
+}
+
+fn base_record() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "full_name": {"type": "string"},
+            "sex": {"type": "string", "enum": ["female", "male"]},
+            "birth_year": {"type": "integer"},
+            "father": {
+                "type": "object",
+                "properties": {
+                    "full_name": {"type": "string"},
+                    "national_id": {"type": "string"}
+                }
+            },
+            "previous_names": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "family_name": {"type": "string"},
+                        "given_name": {"type": "string"}
+                    }
+                }
+            }
+        },
+        "required": ["full_name"]
+    })
+}
+
+fn define(query: &Value, record: &Value, subject: &str) -> Result<RecordTypeDefinition, SchemaError> {
+    parse_definition(
+        "civil.birth",
+        "birth record of a citizen",
+        owner(),
+        &query.to_string(),
+        &record.to_string(),
+        subject,
+        &SchemaLimits::default(),
+    )
+}
+
+fn compiled(definition: RecordTypeDefinition) -> CompiledRecordType {
+    let version = RecordTypeVersion::new(
+        definition,
+        1,
+        datetime!(2025-01-01 0:00 UTC),
+        owner(),
+        Compatibility::Backward,
+    );
+    CompiledRecordType::compile(version).unwrap()
+}
+
+fn base() -> CompiledRecordType {
+    compiled(define(&base_query(), &base_record(), "national_id").unwrap())
+}
+
+// ---------------------------------------------------------------- compatibility
+
+struct Row {
+    what: &'static str,
+    /// Changes applied to (query, record) of the previous version.
+    before: fn(&mut Value, &mut Value),
+    /// Changes applied to (query, record) of the next version.
+    after: fn(&mut Value, &mut Value, &mut String, &mut MemberId),
+    /// Expected (kind, pointer) of every breaking change; empty = compatible.
+    expect: &'static [(&'static str, &'static str)],
+}
+
+/// Sets (or adds) the value at `pointer`.
+fn set(v: &mut Value, pointer: &str, new: Value) {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    v.pointer_mut(parent).unwrap().as_object_mut().unwrap().insert(key.to_owned(), new);
+}
+
+fn remove(v: &mut Value, pointer: &str, key: &str) {
+    v.pointer_mut(pointer).unwrap().as_object_mut().unwrap().remove(key);
+}
+
+fn nothing(_: &mut Value, _: &mut Value) {}
+
+const TABLE: &[Row] = &[
+    Row {
+        what: "add an optional record property",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/death_date", json!({"type": "string"})),
+        expect: &[],
+    },
+    Row {
+        what: "add an optional query parameter",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/properties/district", json!({"type": "string"})),
+        expect: &[],
+    },
+    Row {
+        what: "widen a record enum",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/sex/enum", json!(["female", "male", "unknown"])),
+        expect: &[],
+    },
+    Row {
+        what: "drop a record enum altogether (widening)",
+        before: nothing,
+        after: |_, r, _, _| remove(r, "/properties/sex", "enum"),
+        expect: &[],
+    },
+    Row {
+        what: "change descriptions",
+        before: nothing,
+        after: |q, r, _, _| {
+            set(q, "/properties/national_id/description", json!("12-digit citizen id"));
+            set(r, "/description", json!("a birth record"));
+        },
+        expect: &[],
+    },
+    Row {
+        what: "widen a query parameter's type",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/properties/birth_date/type", json!(["string", "null"])),
+        expect: &[],
+    },
+    Row {
+        what: "add an optional nested record property",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/father/properties/birth_year", json!({"type": "integer"})),
+        expect: &[],
+    },
+    Row {
+        what: "make a record property required",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/required", json!(["full_name", "sex"])),
+        expect: &[],
+    },
+    Row {
+        what: "add an optional query object with a required child",
+        before: nothing,
+        after: |q, _, _, _| {
+            set(
+                q,
+                "/properties/address",
+                json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+            )
+        },
+        expect: &[],
+    },
+    Row {
+        what: "widen a query enum",
+        before: |q, _| set(q, "/properties/birth_date/enum", json!(["2000-01-01"])),
+        after: |q, _, _, _| set(q, "/properties/birth_date/enum", json!(["2000-01-01", "2000-01-02"])),
+        expect: &[],
+    },
+    Row {
+        what: "remove a record property",
+        before: nothing,
+        after: |_, r, _, _| {
+            remove(r, "/properties", "birth_year");
+        },
+        expect: &[("record_property_removed", "/birth_year")],
+    },
+    Row {
+        what: "remove a nested record property",
+        before: nothing,
+        after: |_, r, _, _| remove(r, "/properties/father/properties", "national_id"),
+        expect: &[("record_property_removed", "/father/national_id")],
+    },
+    Row {
+        what: "remove a property of array items",
+        before: nothing,
+        after: |_, r, _, _| remove(r, "/properties/previous_names/items/properties", "given_name"),
+        expect: &[("record_property_removed", "/previous_names/given_name")],
+    },
+    Row {
+        what: "remove an object property removes its children too",
+        before: nothing,
+        after: |_, r, _, _| remove(r, "/properties", "father"),
+        expect: &[
+            ("record_property_removed", "/father"),
+            ("record_property_removed", "/father/full_name"),
+            ("record_property_removed", "/father/national_id"),
+        ],
+    },
+    Row {
+        what: "retype a record property",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/birth_year/type", json!("string")),
+        expect: &[("record_property_retyped", "/birth_year")],
+    },
+    Row {
+        what: "retype a property of array items",
+        before: nothing,
+        after: |_, r, _, _| {
+            set(r, "/properties/previous_names/items/properties/family_name/type", json!("integer"))
+        },
+        expect: &[("record_property_retyped", "/previous_names/family_name")],
+    },
+    Row {
+        what: "narrow a record type union",
+        before: |_, r| set(r, "/properties/full_name/type", json!(["string", "null"])),
+        after: |_, r, _, _| set(r, "/properties/full_name/type", json!("string")),
+        expect: &[("record_property_retyped", "/full_name")],
+    },
+    Row {
+        what: "narrow a record enum",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/sex/enum", json!(["female"])),
+        expect: &[("record_enum_narrowed", "/sex")],
+    },
+    Row {
+        what: "add an enum to an unrestricted record property",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/full_name/enum", json!(["A", "B"])),
+        expect: &[("record_enum_narrowed", "/full_name")],
+    },
+    Row {
+        what: "make an optional query parameter required",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/required", json!(["national_id", "birth_date"])),
+        expect: &[("query_parameter_required", "/birth_date")],
+    },
+    Row {
+        what: "add a new required query parameter",
+        before: nothing,
+        after: |q, _, _, _| {
+            set(q, "/properties/district", json!({"type": "string"}));
+            set(q, "/required", json!(["national_id", "district"]));
+        },
+        expect: &[("query_parameter_required", "/district")],
+    },
+    Row {
+        what: "remove a query parameter",
+        before: nothing,
+        after: |q, _, _, _| remove(q, "/properties", "birth_date"),
+        expect: &[("query_parameter_removed", "/birth_date")],
+    },
+    Row {
+        what: "retype a query parameter",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/properties/birth_date/type", json!("integer")),
+        expect: &[("query_parameter_retyped", "/birth_date")],
+    },
+    Row {
+        what: "narrow a query type union",
+        before: |q, _| set(q, "/properties/birth_date/type", json!(["string", "null"])),
+        after: |q, _, _, _| set(q, "/properties/birth_date/type", json!("string")),
+        expect: &[("query_parameter_retyped", "/birth_date")],
+    },
+    Row {
+        what: "add an enum to a query parameter",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/properties/birth_date/enum", json!(["2000-01-01"])),
+        expect: &[("query_enum_narrowed", "/birth_date")],
+    },
+    Row {
+        what: "change the subject key",
+        before: nothing,
+        after: |q, _, subject, _| {
+            set(q, "/properties/citizen_id", json!({"type": "string"}));
+            set(q, "/required", json!(["national_id", "citizen_id"]));
+            *subject = "citizen_id".to_owned();
+        },
+        expect: &[
+            ("subject_key_changed", "/subject_key"),
+            ("query_parameter_required", "/citizen_id"),
+        ],
+    },
+    Row {
+        what: "change the owner",
+        before: nothing,
+        after: |_, _, _, owner| *owner = MemberId::new("judicial-records").unwrap(),
+        expect: &[("owner_changed", "/owner")],
+    },
+];
+
+#[test]
+fn compatibility_table() {
+    assert!(TABLE.len() >= 12);
+    for row in TABLE {
+        let (mut q0, mut r0) = (base_query(), base_record());
+        (row.before)(&mut q0, &mut r0);
+        let previous = define(&q0, &r0, "national_id").unwrap_or_else(|e| panic!("{}: {e}", row.what));
+        let (mut q1, mut r1, mut subject, mut new_owner) = (q0.clone(), r0.clone(), "national_id".to_owned(), owner());
+        (row.after)(&mut q1, &mut r1, &mut subject, &mut new_owner);
+        let mut next = define(&q1, &r1, &subject).unwrap_or_else(|e| panic!("{}: {e}", row.what));
+        next.owner = new_owner;
+        if row.what == "change descriptions" {
+            next.description = "a different description".to_owned();
+        }
+        let changes = check_compatibility(&previous, &next);
+        let got: Vec<(&str, &str)> = changes.iter().map(|c| (c.kind.as_str(), c.pointer.as_str())).collect();
+        let mut got_sorted = got.clone();
+        got_sorted.sort();
+        let mut want: Vec<(&str, &str)> = row.expect.to_vec();
+        want.sort();
+        assert_eq!(got_sorted, want, "{}: got {changes:#?}", row.what);
+        for change in &changes {
+            assert!(change.message.contains(&change.pointer) || change.pointer.starts_with("/subject") || change.pointer == "/owner",
+                "{}: message {:?} does not name {}", row.what, change.message, change.pointer);
+        }
+    }
+}
+
+#[test]
+fn identical_versions_are_compatible() {
+    let def = define(&base_query(), &base_record(), "national_id").unwrap();
+    assert!(check_compatibility(&def, &def.clone()).is_empty());
+}
+
+// ---------------------------------------------------------------- registration
+
+fn record_error(record_text: &str) -> SchemaError {
+    parse_definition(
+        "civil.birth",
+        "birth record",
+        owner(),
+        &base_query().to_string(),
+        record_text,
+        "national_id",
+        &SchemaLimits::default(),
+    )
+    .unwrap_err()
+}
+
+#[test]
+fn malformed_json_is_refused_with_its_position() {
+    let err = record_error("{\n  \"type\": \"object\",\n  \"properties\": {\n}");
+    match &err {
+        SchemaError::MalformedJson { schema, line, .. } => {
+            assert_eq!(*schema, "record_schema");
+            assert_eq!(*line, 4);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains("record_schema") && text.contains("line 4"), "{text}");
+
+    let err = parse_definition("civil.birth", "d", owner(), "{", &base_record().to_string(), "national_id", &SchemaLimits::default())
+        .unwrap_err();
+    assert!(matches!(err, SchemaError::MalformedJson { schema: "query_schema", .. }), "{err:?}");
+}
+
+#[test]
+fn meta_schema_failure_names_the_pointer() {
+    let err = record_error(r#"{"type": 12}"#);
+    assert!(matches!(err, SchemaError::MetaSchema { .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/type"));
+    assert!(err.to_string().contains("/type") && err.to_string().contains("meta-schema"), "{err}");
+
+    let err = record_error(r#"{"type":"object","properties":{"a":{"type":"string","minLength":-1}}}"#);
+    assert_eq!(err.pointer(), Some("/properties/a/minLength"), "{err}");
+}
+
+#[test]
+fn remote_references_are_refused() {
+    for (reference, pointer) in [
+        ("https://schemas.example.org/person.json", "/properties/father/$ref"),
+        ("http://127.0.0.1:9/x#/a", "/properties/father/$ref"),
+        ("person.json#/$defs/person", "/properties/father/$ref"),
+        ("file:///etc/passwd", "/properties/father/$ref"),
+    ] {
+        let schema = json!({"type": "object", "properties": {"father": {"$ref": reference}}});
+        let err = record_error(&schema.to_string());
+        match &err {
+            SchemaError::RemoteRef { reference: r, .. } => assert_eq!(r, reference),
+            other => panic!("{reference}: unexpected {other:?}"),
+        }
+        assert_eq!(err.pointer(), Some(pointer));
+        let text = err.to_string();
+        assert!(text.contains("only local references"), "{text}");
+    }
+    let nested = json!({"type": "object", "properties": {"a": {"type": "object", "properties": {}, "allOf": [{"$dynamicRef": "https://x.example/meta"}]}}});
+    assert!(matches!(record_error(&nested.to_string()), SchemaError::RemoteRef { .. }));
+}
+
+#[test]
+fn unknown_meta_schemas_are_refused() {
+    let schema = json!({"$schema": "https://schemas.example.org/my-meta", "type": "object", "properties": {"a": {}}});
+    let err = record_error(&schema.to_string());
+    assert!(matches!(err, SchemaError::UnsupportedDraft { .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/$schema"));
+}
+
+#[test]
+fn local_references_and_draft_07_are_accepted() {
+    let record = json!({
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "definitions": {
+            "person": {"type": "object", "properties": {"full_name": {"type": "string"}, "father": {"$ref": "#/definitions/person"}}}
+        },
+        "properties": {"father": {"$ref": "#/definitions/person"}, "self": {"$ref": "#"}}
+    });
+    let def = define(&base_query(), &record, "national_id").unwrap();
+    let fields = def.field_pointers();
+    // The recursive reference is cut at the cycle: /father/father is a field, not expanded further.
+    assert_eq!(fields, vec!["/father", "/father/father", "/father/full_name", "/self"]);
+    let c = compiled(def);
+    assert!(c.validate_record(&json!({"father": {"full_name": "A", "father": {"full_name": "B"}}})).is_ok());
+    let err = c.validate_record(&json!({"father": {"father": {"full_name": 1}}})).unwrap_err();
+    assert_eq!(err.pointer, "/father/father/full_name");
+}
+
+#[test]
+fn oversize_schemas_are_refused() {
+    let limits = SchemaLimits { max_schema_bytes: 64, max_depth: 32 };
+    let err = parse_definition("civil.birth", "d", owner(), &base_query().to_string(), &base_record().to_string(), "national_id", &limits)
+        .unwrap_err();
+    match &err {
+        SchemaError::TooLarge { schema, limit, size } => {
+            assert_eq!((*schema, *limit), ("query_schema", 64));
+            assert_eq!(*size, base_query().to_string().len());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("more than the limit of 64 bytes"), "{err}");
+    assert_eq!(SchemaLimits::default().max_schema_bytes, 256 * 1024);
+}
+
+fn nested_schema(levels: usize) -> String {
+    let mut s = json!({"type": "string"});
+    for _ in 0..levels {
+        s = json!({"type": "object", "properties": {"a": s}});
+    }
+    s.to_string()
+}
+
+#[test]
+fn too_deep_schemas_are_refused() {
+    // Each level adds two objects (the schema and its "properties").
+    let err = record_error(&nested_schema(20));
+    match &err {
+        SchemaError::TooDeep { schema, depth, limit } => {
+            assert_eq!((*schema, *limit), ("record_schema", 32));
+            assert!(*depth > 32);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("levels deep"), "{err}");
+    // Deeper than the JSON parser's own recursion limit: still reported as too deep.
+    let text = format!("{}{}", "[".repeat(500), "]".repeat(500));
+    assert!(matches!(record_error(&text), SchemaError::TooDeep { .. }));
+    // Brackets inside strings do not count.
+    let stringy = json!({"type": "object", "properties": {"a": {"type": "string", "description": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}});
+    assert!(define(&base_query(), &stringy, "national_id").is_ok());
+    assert!(define(&base_query(), &serde_json::from_str(&nested_schema(15)).unwrap(), "national_id").is_ok());
+}
+
+#[test]
+fn bad_names_are_refused() {
+    for name in ["Civil.Birth", "nodot", "a..b", ".a", "a.", "civil.birth-record", "civil birth.x", ""] {
+        let err = validate_record_type_name(name).unwrap_err();
+        assert!(matches!(err, SchemaError::InvalidName { .. }), "{name}");
+        assert!(err.to_string().contains("record type name"), "{err}");
+    }
+    let long = format!("a.{}", "b".repeat(127));
+    assert!(validate_record_type_name(&long).is_err());
+    for name in ["civil.birth", "civil_status.birth_v2.extract", "a.b", &format!("a.{}", "b".repeat(126))] {
+        assert!(validate_record_type_name(name).is_ok(), "{name}");
+    }
+    let err = parse_definition("nodot", "d", owner(), "{}", "{}", "x", &SchemaLimits::default()).unwrap_err();
+    assert!(matches!(err, SchemaError::InvalidName { .. }));
+}
+
+#[test]
+fn subject_key_must_be_a_required_string_property() {
+    let err = define(&base_query(), &base_record(), "citizen_id").unwrap_err();
+    match &err {
+        SchemaError::SubjectKey { key, problem, pointer } => {
+            assert_eq!(key, "citizen_id");
+            assert_eq!(*problem, SubjectKeyProblem::NotAProperty);
+            assert_eq!(pointer, "/properties/citizen_id");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(err.to_string().contains("is not a property of the query schema"), "{err}");
+
+    let err = define(&base_query(), &base_record(), "birth_date").unwrap_err();
+    assert!(matches!(err, SchemaError::SubjectKey { problem: SubjectKeyProblem::NotRequired, .. }), "{err:?}");
+
+    let mut q = base_query();
+    set(&mut q, "/properties/national_id", json!({"type": "integer"}));
+    let err = define(&q, &base_record(), "national_id").unwrap_err();
+    assert!(matches!(err, SchemaError::SubjectKey { problem: SubjectKeyProblem::NotAString, .. }), "{err:?}");
+}
+
+#[test]
+fn schemas_must_be_objects_with_properties() {
+    for (schema, pointer) in [
+        (json!({"type": "string"}), "/type"),
+        (json!({"properties": {"a": {}}}), "/type"),
+        (json!({"type": "object"}), "/properties"),
+        (json!({"type": "object", "properties": {}}), "/properties"),
+        (json!(true), ""),
+    ] {
+        let err = record_error(&schema.to_string());
+        assert!(matches!(err, SchemaError::NotAnObjectSchema { .. }), "{schema}: {err:?}");
+        assert_eq!(err.pointer(), Some(pointer), "{schema}");
+        assert!(err.to_string().contains("object schema"), "{err}");
+    }
+}
+
+#[test]
+fn empty_description_is_refused() {
+    let err = parse_definition("civil.birth", "  ", owner(), &base_query().to_string(), &base_record().to_string(), "national_id", &SchemaLimits::default())
+        .unwrap_err();
+    assert!(matches!(err, SchemaError::EmptyDescription));
+    assert!(err.to_string().contains("description is empty"));
+}
+
+#[test]
+fn uncompilable_patterns_are_refused() {
+    let schema = json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}});
+    let err = record_error(&schema.to_string());
+    assert!(matches!(err, SchemaError::Compile { .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/properties/a/pattern"));
+    assert!(err.to_string().contains("cannot be compiled"), "{err}");
+    // Look-around needs a backtracking engine; patterns run in linear time here.
+    let schema = json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}});
+    assert!(matches!(record_error(&schema.to_string()), SchemaError::Compile { .. }));
+}
+
+#[test]
+fn unresolvable_local_references_are_refused_at_their_pointer() {
+    let schema = json!({"type": "object", "$defs": {"person": {"type": "object"}}, "properties": {"a": {"$ref": "#/$defs/persn"}}});
+    let err = record_error(&schema.to_string());
+    assert!(matches!(err, SchemaError::Compile { .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/properties/a/$ref"), "{err}");
+}
+
+#[test]
+fn compile_refuses_a_stored_version_with_a_remote_reference() {
+    let mut def = define(&base_query(), &base_record(), "national_id").unwrap();
+    set(&mut def.record_schema, "/properties/father", json!({"$ref": "https://example.org/person.json"}));
+    let version = RecordTypeVersion::new(def, 1, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::None);
+    assert!(matches!(CompiledRecordType::compile(version), Err(SchemaError::RemoteRef { .. })));
+}
+
+// ---------------------------------------------------------------- fields and digest
+
+#[test]
+fn field_pointers_cover_nested_objects_and_array_items() {
+    let def = define(&base_query(), &base_record(), "national_id").unwrap();
+    assert_eq!(
+        def.field_pointers(),
+        vec![
+            "/birth_year",
+            "/father",
+            "/father/full_name",
+            "/father/national_id",
+            "/full_name",
+            "/previous_names",
+            "/previous_names/family_name",
+            "/previous_names/given_name",
+            "/sex",
+        ]
+    );
+    let c = compiled(def);
+    assert!(c.has_field("/father/full_name"));
+    assert!(c.has_field("/previous_names"));
+    assert!(!c.has_field("/mother"));
+    assert!(!c.has_field("father"));
+}
+
+#[test]
+fn field_pointers_are_escaped() {
+    let record = json!({"type": "object", "properties": {"a/b": {"type": "object", "properties": {"c~d": {}}}}});
+    let def = define(&base_query(), &record, "national_id").unwrap();
+    assert_eq!(def.field_pointers(), vec!["/a~1b", "/a~1b/c~0d"]);
+}
+
+#[test]
+fn digest_is_canonical() {
+    let a = define(&base_query(), &base_record(), "national_id").unwrap();
+    // Same schemas with keys in another order and whitespace.
+    let reordered = r#"{ "required": ["national_id"], "additionalProperties": false,
+        "properties": { "birth_date": {"format": "date", "type": "string"},
+                        "national_id": {"pattern": "^[0-9]{12}$", "type": "string"} },
+        "type": "object" }"#;
+    let b = parse_definition("civil.birth", "another description", owner(), reordered, &base_record().to_string(), "national_id", &SchemaLimits::default())
+        .unwrap();
+    assert_eq!(a.digest(), b.digest());
+    assert_eq!(a.digest().len(), 64);
+    let mut c = a.clone();
+    c.name = "civil.birth2".into();
+    assert_ne!(a.digest(), c.digest());
+    let mut d = a.clone();
+    set(&mut d.record_schema, "/properties/full_name/type", json!("integer"));
+    assert_ne!(a.digest(), d.digest());
+}
+
+#[test]
+fn version_constructor_fills_fields_and_digest() {
+    let def = define(&base_query(), &base_record(), "national_id").unwrap();
+    let v = RecordTypeVersion::new(def.clone(), 3, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::Backward);
+    assert_eq!(v.field_pointers, def.field_pointers());
+    assert_eq!(v.digest, def.digest());
+    assert!(!v.deprecated);
+    let c = CompiledRecordType::compile(v).unwrap();
+    assert_eq!((c.name(), c.version_number(), c.owner(), c.deprecated()), ("civil.birth", 3, &owner(), false));
+}
+
+// ---------------------------------------------------------------- validation
+
+const NATIONAL_ID: &str = "0010990123456";
+
+#[test]
+fn query_validation_names_the_field_and_constraint_never_the_value() {
+    let c = base();
+    assert!(c.validate_query(&json!({"national_id": "001099012345"})).is_ok());
+    assert_eq!(c.subject(&json!({"national_id": "001099012345"})), Some("001099012345"));
+    assert_eq!(c.subject(&json!({"national_id": 1})), None);
+
+    let missing = c.validate_query(&json!({"birth_date": "2000-01-01"})).unwrap_err();
+    assert_eq!(missing.pointer, "/national_id");
+    assert_eq!(missing.message, "is required");
+    assert_eq!(missing.to_string(), "at /national_id: is required");
+
+    let pattern = c.validate_query(&json!({"national_id": NATIONAL_ID})).unwrap_err();
+    assert_eq!(pattern.pointer, "/national_id");
+    assert_eq!(pattern.message, "does not match pattern ^[0-9]{12}$");
+    assert!(!pattern.to_string().contains(NATIONAL_ID));
+    assert!(!format!("{pattern:?}").contains(NATIONAL_ID));
+
+    let typed = c.validate_query(&json!({"national_id": 1234567890123_u64})).unwrap_err();
+    assert_eq!(typed.message, "expected type string");
+    assert!(!typed.to_string().contains("1234567890123"));
+
+    let extra = c.validate_query(&json!({"national_id": "001099012345", "nickname": NATIONAL_ID})).unwrap_err();
+    assert_eq!(extra.pointer, "/nickname");
+    assert_eq!(extra.message, "is not allowed (additionalProperties)");
+    assert!(!extra.to_string().contains(NATIONAL_ID));
+
+    let date = c.validate_query(&json!({"national_id": "001099012345", "birth_date": "2000-13-45"})).unwrap_err();
+    assert_eq!(date.pointer, "/birth_date");
+    assert_eq!(date.message, "is not a valid date");
+    assert!(!date.to_string().contains("2000-13-45"));
+}
+
+#[test]
+fn record_validation_names_the_field_and_constraint_never_the_value() {
+    let c = base();
+    let good = json!({"full_name": "Nguyen Van A", "sex": "female", "father": {"full_name": "B"}, "previous_names": [{"family_name": "Tran"}]});
+    assert!(c.validate_record(&good).is_ok());
+
+    let enum_err = c.validate_record(&json!({"full_name": "A", "sex": "Nguyen-secret"})).unwrap_err();
+    assert_eq!(enum_err.pointer, "/sex");
+    assert_eq!(enum_err.message, "must be one of the allowed values");
+    assert!(!enum_err.to_string().contains("Nguyen-secret"));
+
+    let nested = c.validate_record(&json!({"full_name": "A", "father": {"full_name": NATIONAL_ID.parse::<u64>().unwrap()}})).unwrap_err();
+    assert_eq!(nested.pointer, "/father/full_name");
+    assert!(!nested.to_string().contains(NATIONAL_ID.trim_start_matches('0')));
+
+    let item = c.validate_record(&json!({"full_name": "A", "previous_names": [{"family_name": "x"}, {"family_name": false}]})).unwrap_err();
+    assert_eq!(item.pointer, "/previous_names/1/family_name");
+
+    let whole = c.validate_record(&json!(NATIONAL_ID)).unwrap_err();
+    assert_eq!(whole.message, "expected type object");
+    assert!(!whole.to_string().contains(NATIONAL_ID));
+}
+
+#[test]
+fn the_first_error_is_deterministic() {
+    let c = base();
+    let bad = json!({"sex": 3, "birth_year": "x", "father": 1});
+    let first = c.validate_record(&bad).unwrap_err();
+    for _ in 0..20 {
+        assert_eq!(c.validate_record(&bad).unwrap_err(), first);
+    }
+}
+
+#[test]
+fn compiled_record_types_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<CompiledRecordType>();
+}
+
+// ---------------------------------------------------------------- property: later compatible versions accept old records
+
+fn family() -> Vec<RecordTypeDefinition> {
+    let v1 = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 40},
+            "age": {"type": "integer", "minimum": 0},
+            "status": {"type": "string", "enum": ["active", "inactive"]},
+            "address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "aliases": {"type": "array", "items": {"type": "object", "properties": {"alias": {"type": "string"}}}}
+        },
+        "required": ["name"]
+    });
+    let mut v2 = v1.clone();
+    set(&mut v2, "/properties/email", json!({"type": "string"}));
+    let mut v3 = v2.clone();
+    set(&mut v3, "/properties/status/enum", json!(["active", "inactive", "deceased"]));
+    set(&mut v3, "/properties/tags", json!({"type": "array", "items": {"type": "string"}}));
+    let mut v4 = v3.clone();
+    set(&mut v4, "/properties/address/properties/district", json!({"type": "string"}));
+    set(&mut v4, "/properties/aliases/items/properties/since", json!({"type": "integer"}));
+    remove(&mut v4, "/properties/status", "enum");
+    [v1, v2, v3, v4]
+        .iter()
+        .map(|r| define(&base_query(), r, "national_id").unwrap())
+        .collect()
+}
+
+fn v1_record() -> impl Strategy<Value = Value> {
+    (
+        "[a-zA-Z ]{0,40}",
+        proptest::option::of(0u32..150),
+        proptest::option::of(prop_oneof![Just("active"), Just("inactive")]),
+        proptest::option::of("[a-z]{1,10}"),
+        proptest::option::of(proptest::collection::vec(proptest::option::of("[a-z]{0,8}"), 0..4)),
+    )
+        .prop_map(|(name, age, status, city, aliases)| {
+            let mut record = serde_json::Map::new();
+            record.insert("name".into(), json!(name));
+            if let Some(age) = age {
+                record.insert("age".into(), json!(age));
+            }
+            if let Some(status) = status {
+                record.insert("status".into(), json!(status));
+            }
+            if let Some(city) = city {
+                record.insert("address".into(), json!({"city": city}));
+            }
+            if let Some(aliases) = aliases {
+                let items: Vec<Value> = aliases
+                    .into_iter()
+                    .map(|a| a.map_or_else(|| json!({}), |a| json!({"alias": a})))
+                    .collect();
+                record.insert("aliases".into(), Value::Array(items));
+            }
+            Value::Object(record)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn records_of_a_version_validate_under_every_later_compatible_version(record in v1_record()) {
+        let versions: Vec<CompiledRecordType> = family().into_iter().map(compiled).collect();
+        prop_assert!(versions[0].validate_record(&record).is_ok());
+        for later in &versions[1..] {
+            prop_assert!(later.validate_record(&record).is_ok(), "{:?}", later.validate_record(&record));
+        }
+    }
+
+    #[test]
+    fn validation_messages_never_contain_the_value(id in "[0-9]{13,20}", name in "[A-Z][a-z]{3,12} [A-Z][a-z]{3,12}") {
+        let c = base();
+        let err = c.validate_query(&json!({"national_id": id.clone()})).unwrap_err();
+        prop_assert!(!err.to_string().contains(&id));
+        let err = c.validate_record(&json!({"full_name": name.clone(), "sex": name.clone()})).unwrap_err();
+        prop_assert!(!err.to_string().contains(&name));
+        let err = c.validate_record(&json!({"full_name": 5, "father": {"national_id": id.clone()}, "x": [id.clone()]})).unwrap_err();
+        prop_assert!(!err.to_string().contains(&id));
+    }
+}
+
+#[test]
+fn the_version_family_is_backward_compatible_step_by_step() {
+    let defs = family();
+    for i in 0..defs.len() {
+        for j in i + 1..defs.len() {
+            let changes = check_compatibility(&defs[i], &defs[j]);
+            assert!(changes.is_empty(), "v{} -> v{}: {changes:?}", i + 1, j + 1);
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The provider kit: implement [`RecordSource`], call [`serve`], and the register
+//! answers the broker's `lienthong.provider.v1.RecordProvider/Fetch` over mutual TLS.
+//!
+//! The kit takes care of what every register must get right the same way: only
+//! the broker may call, the query is parsed once, errors map to the gRPC codes
+//! the broker understands, the caller's trace is continued, one log line per
+//! fetch that never contains the query (it holds national IDs), and a standard
+//! `grpc.health.v1.Health` service.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::FutureExt;
+use lienthong::provider::v1::record_provider_server::{RecordProvider, RecordProviderServer};
+use lienthong::provider::v1::{FetchRequest, FetchResponse};
+use lienthong_tls::{AcceptOptions, Identity, ServerTls, incoming, peer_info};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// One lookup, as the broker asked for it.
+#[derive(Clone, Debug)]
+pub struct FetchContext {
+    /// Record type name, e.g. `civil_status.birth_record`.
+    pub record_type: String,
+    /// Schema version the answer must satisfy.
+    pub schema_version: u32,
+    /// The query, already valid against the registered query schema. Holds
+    /// subject identifiers: never log it.
+    pub query: Value,
+    /// The broker's request id, for correlating logs.
+    pub request_id: String,
+    /// Consumer member the lookup is made for.
+    pub consumer: String,
+    /// Legal basis stated by the consumer.
+    pub purpose: String,
+    /// JSON Pointers of the fields the consumer will receive; the broker filters regardless.
+    pub fields: Vec<String>,
+}
+
+/// Why a register cannot answer; each maps to the gRPC code the broker expects.
+///
+/// Messages go back to the broker and into its logs: never put a national ID or
+/// other subject data in them.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No record for this query (`NOT_FOUND`).
+    #[error("{0}")]
+    NotFound(String),
+    /// The register cannot use the query (`INVALID_ARGUMENT`).
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// Temporarily unable to answer; the broker may retry (`UNAVAILABLE`).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of the register itself (`INTERNAL`).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl FetchError {
+    /// Short outcome label for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            FetchError::NotFound(_) => "not_found",
+            FetchError::InvalidQuery(_) => "invalid_query",
+            FetchError::Unavailable(_) => "unavailable",
+            FetchError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<FetchError> for Status {
+    fn from(error: FetchError) -> Self {
+        match error {
+            FetchError::NotFound(m) => Status::not_found(m),
+            FetchError::InvalidQuery(m) => Status::invalid_argument(m),
+            FetchError::Unavailable(m) => Status::unavailable(m),
+            FetchError::Internal(m) => Status::internal(m),
+        }
+    }
+}
+
+/// A register's data: what it serves and how to look one record up.
+#[async_trait::async_trait]
+pub trait RecordSource: Send + Sync + 'static {
+    /// Record types served; fetches for any other type get `NOT_FOUND`.
+    fn record_types(&self) -> Vec<String>;
+
+    /// Looks up one record. Must be free of side effects: the broker may retry.
+    async fn fetch(&self, ctx: FetchContext) -> Result<Value, FetchError>;
+}
+
+/// How the kit serves.
+#[derive(Clone, Debug)]
+pub struct ProviderConfig {
+    /// The federation's SPIFFE trust domain, e.g. `gov.example`.
+    pub trust_domain: String,
+    /// Limits on TLS handshakes.
+    pub accept: AcceptOptions,
+}
+
+impl ProviderConfig {
+    /// Default accept limits for `trust_domain`.
+    pub fn new(trust_domain: impl Into<String>) -> Self {
+        ProviderConfig {
+            trust_domain: trust_domain.into(),
+            accept: AcceptOptions::default(),
+        }
+    }
+}
+
+/// Why a provider server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The TLS configuration was built for another federation than configured.
+    #[error(
+        "tls configuration is for trust domain {tls:?} but the provider is configured for {configured:?}"
+    )]
+    TrustDomainMismatch {
+        /// Trust domain of the `ServerTls`.
+        tls: String,
+        /// Trust domain of the `ProviderConfig`.
+        configured: String,
+    },
+    /// The gRPC server failed.
+    #[error("provider server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The W3C trace id carried by the `traceparent` header, if present and well formed.
+///
+/// `traceparent` is `version-traceid-parentid-flags`, e.g.
+/// `00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01`; the all-zero ids and
+/// version `ff` are invalid by the specification.
+pub fn trace_id_from_metadata(metadata: &MetadataMap) -> Option<String> {
+    let value = metadata.get("traceparent")?.to_str().ok()?.trim();
+    let mut parts = value.split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let is_hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = is_hex(version, 2)
+        && version != "ff"
+        // Version 00 has exactly four parts; later versions may append more.
+        && (version != "00" || parts.next().is_none())
+        && is_hex(trace_id, 32)
+        && trace_id.bytes().any(|b| b != b'0')
+        && is_hex(parent_id, 16)
+        && parent_id.bytes().any(|b| b != b'0')
+        && is_hex(flags, 2);
+    valid.then(|| trace_id.to_owned())
+}
+
+/// The `RecordProvider` service the kit puts in front of a [`RecordSource`].
+struct KitService {
+    source: Arc<dyn RecordSource>,
+}
+
+/// Refuses every caller but the broker.
+fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
+    let Some(peer) = peer_info(request) else {
+        // Only reachable if the server was not started through `incoming`.
+        return Err(Status::unauthenticated(
+            "connection carries no tls peer information",
+        ));
+    };
+    match &peer.identity {
+        Ok(Identity::Broker) => Ok(()),
+        Ok(Identity::Member(member)) => {
+            tracing::warn!(remote = ?peer.remote_addr, %member, "refused fetch from a member");
+            Err(Status::permission_denied(
+                "only the broker may call this register",
+            ))
+        }
+        Err(reason) => {
+            tracing::warn!(remote = ?peer.remote_addr, %reason, "refused unauthenticated fetch");
+            Err(Status::unauthenticated(reason.to_string()))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RecordProvider for KitService {
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        authorize(&request)?;
+        let trace_id = trace_id_from_metadata(request.metadata());
+        let req = request.into_inner();
+        let span = tracing::info_span!(
+            "fetch",
+            record_type = %req.record_type,
+            request_id = %req.request_id,
+            consumer = %req.consumer,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(trace_id) = &trace_id {
+            span.record("trace_id", trace_id.as_str());
+        }
+        let source = self.source.clone();
+        async move {
+            let started = Instant::now();
+            let record_type = req.record_type.clone();
+            let result = fetch_record(source, req).await;
+            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+            match &result {
+                Ok(_) => tracing::info!(%record_type, outcome = "ok", latency_ms, "fetch"),
+                Err(error) => tracing::info!(
+                    %record_type,
+                    outcome = error.outcome(),
+                    latency_ms,
+                    reason = %error,
+                    "fetch"
+                ),
+            }
+            result
+                .map(|record_json| Response::new(FetchResponse { record_json }))
+                .map_err(Status::from)
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Checks the type and query, asks the source, serialises the record.
+async fn fetch_record(
+    source: Arc<dyn RecordSource>,
+    req: FetchRequest,
+) -> Result<String, FetchError> {
+    if !source.record_types().contains(&req.record_type) {
+        return Err(FetchError::NotFound(format!(
+            "record type {} is not served here",
+            req.record_type
+        )));
+    }
+    // serde_json's error names line and column only, never the offending text.
+    let query: Value = serde_json::from_str(&req.query_json)
+        .map_err(|e| FetchError::InvalidQuery(format!("query_json is not valid json: {e}")))?;
+    let ctx = FetchContext {
+        record_type: req.record_type,
+        schema_version: req.schema_version,
+        query,
+        request_id: req.request_id,
+        consumer: req.consumer,
+        purpose: req.purpose,
+        fields: req.fields,
+    };
+    // A panicking register fails this one lookup, not the connection it came on.
+    let record = AssertUnwindSafe(source.fetch(ctx))
+        .catch_unwind()
+        .await
+        .map_err(|_| FetchError::Internal("the register failed unexpectedly".to_owned()))??;
+    serde_json::to_string(&record)
+        .map_err(|e| FetchError::Internal(format!("cannot serialise the record: {e}")))
+}
+
+/// Serves `source` over mutual TLS on `listener` until `shutdown` resolves.
+///
+/// Also serves `grpc.health.v1.Health`, reporting the `RecordProvider` service
+/// (and the server as a whole) as serving.
+pub async fn serve<F>(
+    source: Arc<dyn RecordSource>,
+    tls: Arc<ServerTls>,
+    config: ProviderConfig,
+    listener: TcpListener,
+    shutdown: F,
+) -> Result<(), ProviderError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    if tls.trust_domain() != config.trust_domain {
+        return Err(ProviderError::TrustDomainMismatch {
+            tls: tls.trust_domain().to_owned(),
+            configured: config.trust_domain,
+        });
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RecordProviderServer<KitService>>()
+        .await;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(
+            %addr,
+            trust_domain = %config.trust_domain,
+            record_types = ?source.record_types(),
+            "provider listening"
+        );
+    }
+    let service = RecordProviderServer::new(KitService { source });
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming(listener, tls, config.accept), shutdown)
+        .await?;
+    Ok(())
+}

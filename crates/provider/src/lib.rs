@@ -1,0 +1,17 @@
+//! lienthong provider kit and demo registers.
+//!
+//! * [`kit`] (re-exported at the root): implement [`RecordSource`] and call
+//!   [`serve`] to answer the broker's lookups over mutual TLS.
+//! * [`demo`]: the civil status and judicial records registers with synthetic,
+//!   deterministic data for [`demo::DEMO_CITIZENS`] citizens.
+//! * [`testing`]: misbehaving providers for the broker's end-to-end tests.
+#![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod kit;
+pub mod testing;
+
+pub use kit::{
+    FetchContext, FetchError, ProviderConfig, ProviderError, RecordSource, serve,
+    trace_id_from_metadata,
+};

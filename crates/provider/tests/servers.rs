@@ -1,0 +1,350 @@
+//! The kit and the faulty providers over real mutual TLS on ephemeral ports.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lienthong::provider::v1::record_provider_client::RecordProviderClient;
+use lienthong::provider::v1::{FetchRequest, FetchResponse};
+use lienthong_provider::demo::{
+    BIRTH_RECORD, CivilStatusRegister, DEMO_CITIZENS, citizen, citizen_national_id, demo_schemas,
+};
+use lienthong_provider::testing::{
+    FaultMode, Faulty, RawProvider, start_dropping_server, start_faulty_server, start_raw_server,
+    start_server,
+};
+use lienthong_tls::{
+    CertificateAuthority, Identity, IssueSpec, ServerTls, TlsMaterial, client_config,
+    connect_channel,
+};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const TD: &str = "gov.test";
+const SEED: u64 = 7;
+const PROVIDER: &str = "civil-status";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+struct Federation {
+    ca: CertificateAuthority,
+}
+
+impl Federation {
+    fn new() -> Self {
+        Federation {
+            ca: CertificateAuthority::generate(TD).unwrap(),
+        }
+    }
+
+    fn material(&self, spec: &IssueSpec) -> TlsMaterial {
+        let issued = self.ca.issue(spec).unwrap();
+        TlsMaterial::from_pem(&self.ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap()
+    }
+
+    fn provider_tls(&self) -> Arc<ServerTls> {
+        Arc::new(ServerTls::new(&self.material(&IssueSpec::member(PROVIDER)), TD).unwrap())
+    }
+
+    /// A client pinned to the provider's identity, presenting `material`.
+    async fn channel(&self, material: &TlsMaterial, url: &str) -> Channel {
+        let config =
+            client_config(material, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
+        connect_channel(url, config, Duration::from_secs(5))
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self, spec: &IssueSpec, url: &str) -> RecordProviderClient<Channel> {
+        RecordProviderClient::new(self.channel(&self.material(spec), url).await)
+    }
+
+    async fn broker(&self, url: &str) -> RecordProviderClient<Channel> {
+        self.client(&IssueSpec::broker(), url).await
+    }
+}
+
+fn fetch_request(record_type: &str, query_json: &str) -> FetchRequest {
+    FetchRequest {
+        record_type: record_type.to_owned(),
+        schema_version: 1,
+        query_json: query_json.to_owned(),
+        request_id: "req-42".to_owned(),
+        consumer: "tax-office".to_owned(),
+        purpose: "tax assessment".to_owned(),
+        fields: vec!["/full_name".to_owned()],
+    }
+}
+
+fn birth_query(index: u32) -> String {
+    json!({ "national_id": citizen_national_id(SEED, index) }).to_string()
+}
+
+async fn fetch(
+    client: &mut RecordProviderClient<Channel>,
+    record_type: &str,
+    query_json: &str,
+) -> Result<FetchResponse, Status> {
+    client
+        .fetch(fetch_request(record_type, query_json))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn civil() -> Arc<CivilStatusRegister> {
+    Arc::new(CivilStatusRegister::new(SEED))
+}
+
+#[tokio::test]
+async fn broker_gets_records_and_the_health_service_answers() {
+    let fed = Federation::new();
+    let server = start_server(civil(), fed.provider_tls()).await.unwrap();
+    let mut broker = fed.broker(&server.url()).await;
+
+    let answer = fetch(&mut broker, BIRTH_RECORD, &birth_query(42)).await.unwrap();
+    let record: Value = serde_json::from_str(&answer.record_json).unwrap();
+    assert_eq!(record, CivilStatusRegister::new(SEED).birth_record(42));
+    assert_eq!(record["national_id"], citizen_national_id(SEED, 42).as_str());
+    assert_eq!(server.requests(), 1);
+
+    let channel = fed
+        .channel(&fed.material(&IssueSpec::broker()), &server.url())
+        .await;
+    let mut health = HealthClient::new(channel);
+    for service in ["", "lienthong.provider.v1.RecordProvider"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    // Shutting down completes although the broker's connection is still open.
+    tokio::time::timeout(Duration::from_secs(5), server.shutdown())
+        .await
+        .expect("server stops promptly");
+}
+
+#[tokio::test]
+async fn only_the_broker_may_call() {
+    let fed = Federation::new();
+    let server = start_server(civil(), fed.provider_tls()).await.unwrap();
+
+    let mut member = fed.client(&IssueSpec::member("tax-office"), &server.url()).await;
+    let status = fetch(&mut member, BIRTH_RECORD, &birth_query(1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.message(), "only the broker may call this register");
+
+    // A certificate from another CA, even naming the broker, is not the broker.
+    let rogue_ca = CertificateAuthority::generate(TD).unwrap();
+    let rogue = rogue_ca.issue(&IssueSpec::broker()).unwrap();
+    let rogue = TlsMaterial::from_pem(&fed.ca.cert_pem(), &rogue.cert_pem, &rogue.key_pem).unwrap();
+    let mut rogue = RecordProviderClient::new(fed.channel(&rogue, &server.url()).await);
+    let status = fetch(&mut rogue, BIRTH_RECORD, &birth_query(1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+    // Neither refused call reached the register.
+    assert_eq!(server.requests(), 0);
+}
+
+#[tokio::test]
+async fn bad_queries_unknown_types_and_unknown_citizens_are_refused_precisely() {
+    let fed = Federation::new();
+    let server = start_server(civil(), fed.provider_tls()).await.unwrap();
+    let mut broker = fed.broker(&server.url()).await;
+
+    let id = citizen_national_id(SEED, 3);
+    let malformed = format!("{{\"national_id\": \"{id}\"");
+    let status = fetch(&mut broker, BIRTH_RECORD, &malformed).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(!status.message().contains(&id), "{}", status.message());
+
+    let status = fetch(&mut broker, "land.parcel", &birth_query(3))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.message(), "record type land.parcel is not served here");
+
+    let unknown = json!({ "national_id": format!("{}{}", &id[..6], DEMO_CITIZENS + 7) });
+    let status = fetch(&mut broker, BIRTH_RECORD, &unknown.to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    let wrong_date = json!({ "national_id": id, "birth_date": "1901-01-01" });
+    let status = fetch(&mut broker, BIRTH_RECORD, &wrong_date.to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    let no_id = json!({ "birth_date": "1901-01-01" });
+    let status = fetch(&mut broker, BIRTH_RECORD, &no_id.to_string())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+}
+
+/// Collects everything the fmt subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fetches_continue_the_callers_trace_and_never_log_the_query() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::DEBUG)
+        .finish();
+    // Thread-local, and the current-thread runtime runs the server tasks on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fed = Federation::new();
+    let server = start_server(civil(), fed.provider_tls()).await.unwrap();
+    let mut broker = fed.broker(&server.url()).await;
+    let subject = citizen(SEED, 9);
+    let mut request = Request::new(fetch_request(BIRTH_RECORD, &birth_query(9)));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{TRACE_ID}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    broker.fetch(request).await.unwrap();
+    let missing = json!({ "national_id": format!("{}{}", &subject.national_id[..6], DEMO_CITIZENS) });
+    fetch(&mut broker, BIRTH_RECORD, &missing.to_string())
+        .await
+        .unwrap_err();
+    drop(broker);
+    server.shutdown().await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let fetch_lines: Vec<&str> = logs.lines().filter(|l| l.contains("outcome=")).collect();
+    assert_eq!(fetch_lines.len(), 2, "{logs}");
+    assert!(fetch_lines[0].contains(&format!("trace_id={TRACE_ID}")), "{logs}");
+    assert!(fetch_lines[0].contains("outcome=\"ok\""), "{logs}");
+    assert!(fetch_lines[0].contains("latency_ms="), "{logs}");
+    assert!(fetch_lines[0].contains(BIRTH_RECORD), "{logs}");
+    assert!(fetch_lines[1].contains("outcome=\"not_found\""), "{logs}");
+    assert!(!fetch_lines[1].contains("trace_id="), "{logs}");
+    // Neither the national ID, nor a name from the record, is logged.
+    assert!(!logs.contains(&subject.national_id), "{logs}");
+    assert!(!logs.contains(&subject.national_id[6..]), "{logs}");
+    assert!(!logs.contains(&subject.full_name), "{logs}");
+}
+
+#[tokio::test]
+async fn faulty_provider_switches_modes_at_runtime() {
+    let fed = Federation::new();
+    let faulty = Faulty::new(civil());
+    let server = start_faulty_server(faulty.clone(), fed.provider_tls())
+        .await
+        .unwrap();
+    let mut broker = fed.broker(&server.url()).await;
+    let query = birth_query(5);
+
+    let healthy = fetch(&mut broker, BIRTH_RECORD, &query).await.unwrap();
+    let healthy: Value = serde_json::from_str(&healthy.record_json).unwrap();
+    let (_, definition) = demo_schemas()
+        .into_iter()
+        .find(|(name, _)| *name == BIRTH_RECORD)
+        .unwrap();
+    let definition: Value = serde_json::from_str(definition).unwrap();
+    let validator = jsonschema::validator_for(&definition["record_schema"]).unwrap();
+    assert!(validator.is_valid(&healthy));
+
+    faulty.set_mode(FaultMode::Unavailable);
+    let status = fetch(&mut broker, BIRTH_RECORD, &query).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    faulty.set_mode(FaultMode::InvalidRecord);
+    let invalid = fetch(&mut broker, BIRTH_RECORD, &query).await.unwrap();
+    let invalid: Value = serde_json::from_str(&invalid.record_json).unwrap();
+    assert!(!validator.is_valid(&invalid));
+    assert!(invalid.get("national_id").is_none(), "{invalid}");
+    assert!(invalid["full_name"].is_number(), "{invalid}");
+
+    let delay = Duration::from_millis(400);
+    faulty.set_mode(FaultMode::Sleep(delay));
+    // With a deadline shorter than the delay, no answer comes in time.
+    let started = Instant::now();
+    let mut request = Request::new(fetch_request(BIRTH_RECORD, &query));
+    request.set_timeout(Duration::from_millis(100));
+    let status = broker.fetch(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    assert!(started.elapsed() < delay, "answered after {:?}", started.elapsed());
+    // Without a deadline, the answer is late but correct.
+    let started = Instant::now();
+    let late = fetch(&mut broker, BIRTH_RECORD, &query).await.unwrap();
+    assert!(started.elapsed() >= delay);
+    assert_eq!(serde_json::from_str::<Value>(&late.record_json).unwrap(), healthy);
+
+    faulty.set_mode(FaultMode::Healthy);
+    let again = fetch(&mut broker, BIRTH_RECORD, &query).await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&again.record_json).unwrap(), healthy);
+    assert_eq!(faulty.mode(), FaultMode::Healthy);
+    assert_eq!(faulty.calls(), 6);
+    assert_eq!(server.requests(), 6);
+}
+
+#[tokio::test]
+async fn raw_provider_answers_any_text() {
+    let fed = Federation::new();
+    let raw = RawProvider::new("{\"full_name\": ");
+    let server = start_raw_server(raw.clone(), fed.provider_tls()).await.unwrap();
+    let mut broker = fed.broker(&server.url()).await;
+
+    let answer = fetch(&mut broker, BIRTH_RECORD, &birth_query(1)).await.unwrap();
+    assert_eq!(answer.record_json, "{\"full_name\": ");
+    assert!(serde_json::from_str::<Value>(&answer.record_json).is_err());
+
+    raw.set_answer("[1, 2, 3]");
+    let answer = fetch(&mut broker, BIRTH_RECORD, &birth_query(1)).await.unwrap();
+    assert_eq!(answer.record_json, "[1, 2, 3]");
+    assert_eq!(raw.calls(), 2);
+    assert_eq!(server.requests(), 2);
+}
+
+#[tokio::test]
+async fn dropping_server_reads_the_request_then_hangs_up() {
+    let fed = Federation::new();
+    let server = start_dropping_server(fed.provider_tls()).await.unwrap();
+    let mut broker = fed.broker(&server.url()).await;
+
+    let started = Instant::now();
+    let mut request = Request::new(fetch_request(BIRTH_RECORD, &birth_query(1)));
+    request.set_timeout(Duration::from_secs(5));
+    let status = broker.fetch(request).await.unwrap_err();
+    // Hung up, not timed out.
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal),
+        "{status:?}"
+    );
+    assert_eq!(server.requests(), 1, "the whole request was read first");
+}

@@ -1,0 +1,371 @@
+//! lienthong persistence: one [`Store`] trait with an embedded SQLite
+//! implementation (the default) and a PostgreSQL one (several broker replicas).
+//!
+//! Only this crate speaks SQL. Migrations are embedded in the binary and applied
+//! by [`open`].
+//!
+//! Times are stored as integer microseconds since the Unix epoch (UTC) on both
+//! backends, so a time read back is the time written truncated to the
+//! microsecond (PostgreSQL's own precision).
+#![forbid(unsafe_code)]
+
+mod rows;
+mod sql;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+use async_trait::async_trait;
+use lienthong_core::audit::{EntryKind, Outcome};
+use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
+use std::sync::Arc;
+use time::OffsetDateTime;
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A row with this key exists already.
+    #[error("{what} already exists")]
+    AlreadyExists {
+        /// What, e.g. `member "civil-status"`.
+        what: String,
+    },
+    /// The row does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What, e.g. `grant "g-..."`.
+        what: String,
+    },
+    /// The database cannot be reached or refused the operation (full disk,
+    /// read-only file, connection lost). Callers fail closed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database URL or file is unusable.
+    #[error("database configuration: {0}")]
+    Config(String),
+    /// Stored data could not be decoded (corruption or a newer schema).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// An appended batch does not start at the log's current size (a gap), or
+    /// its sequences are not consecutive. Nothing was written.
+    #[error("log {log_id} has {expected} entries but the batch continues at sequence {found}")]
+    SequenceGap {
+        /// Log id.
+        log_id: String,
+        /// The sequence the log expects next.
+        expected: u64,
+        /// The sequence offered.
+        found: u64,
+    },
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Which backend a store runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite file (WAL).
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+/// One log (one broker's tree and key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogInfo {
+    /// Hex SHA-256 of the public key.
+    pub log_id: String,
+    /// Raw Ed25519 public key (32 bytes).
+    pub public_key: Vec<u8>,
+    /// When the log was created.
+    pub created_at: OffsetDateTime,
+}
+
+/// One stored log entry: the canonical leaf plus columns to filter on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// Log id.
+    pub log_id: String,
+    /// Position, 0-based, dense.
+    pub sequence: u64,
+    /// RFC 9162 leaf hash of `leaf`.
+    pub leaf_hash: [u8; 32],
+    /// Canonical leaf JSON (an `AuditEvent`).
+    pub leaf: String,
+    /// Event time (filter column).
+    pub time: OffsetDateTime,
+    /// Kind (filter column).
+    pub kind: EntryKind,
+    /// Actor member id (filter column).
+    pub actor: String,
+    /// Provider member id (filter column).
+    pub provider: String,
+    /// Record type (filter column).
+    pub record_type: String,
+    /// Purpose (filter column).
+    pub purpose: String,
+    /// Outcome (filter column).
+    pub outcome: Outcome,
+    /// Subject HMAC, hex, empty when none (filter column).
+    pub subject_hash: String,
+}
+
+/// A signed tree head as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredTreeHead {
+    /// Log id.
+    pub log_id: String,
+    /// Entries covered.
+    pub tree_size: u64,
+    /// Root hash.
+    pub root_hash: [u8; 32],
+    /// Signing time, ms since the epoch.
+    pub timestamp_ms: u64,
+    /// Ed25519 signature (64 bytes).
+    pub signature: Vec<u8>,
+}
+
+/// Filters for reading entries; `None` fields do not filter.
+#[derive(Clone, Debug, Default)]
+pub struct EntryQuery {
+    /// Log id (required).
+    pub log_id: String,
+    /// Actor.
+    pub actor: Option<String>,
+    /// Provider.
+    pub provider: Option<String>,
+    /// Record type.
+    pub record_type: Option<String>,
+    /// Purpose.
+    pub purpose: Option<String>,
+    /// Outcome.
+    pub outcome: Option<Outcome>,
+    /// Kind.
+    pub kind: Option<EntryKind>,
+    /// At or after.
+    pub since: Option<OffsetDateTime>,
+    /// Before.
+    pub until: Option<OffsetDateTime>,
+    /// Only entries with sequence >= this.
+    pub from_sequence: u64,
+    /// At most this many, in sequence order; 0 means no limit.
+    pub limit: u32,
+}
+
+/// Filters for listing grants.
+#[derive(Clone, Debug, Default)]
+pub struct GrantQuery {
+    /// Only this consumer.
+    pub consumer: Option<String>,
+    /// Only this record type.
+    pub record_type: Option<String>,
+}
+
+/// Everything the broker persists. Implementations are cheap to share
+/// (`Arc<dyn Store>`) and safe to call concurrently.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The backend.
+    fn backend(&self) -> Backend;
+
+    // === members ===
+
+    /// Inserts a member; `AlreadyExists` if the id is taken.
+    async fn insert_member(&self, member: &Member) -> Result<()>;
+    /// Replaces a member's mutable fields (name, roles, enabled, reason, updated_at).
+    async fn update_member(&self, member: &Member) -> Result<()>;
+    /// One member.
+    async fn get_member(&self, id: &str) -> Result<Option<Member>>;
+    /// All members by id.
+    async fn list_members(&self) -> Result<Vec<Member>>;
+
+    // === endpoints ===
+
+    /// Inserts an endpoint; `AlreadyExists` for the same provider and URL.
+    async fn insert_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
+    /// Deletes an endpoint and returns it; `NotFound` if absent.
+    async fn delete_endpoint(&self, id: &str) -> Result<Endpoint>;
+    /// All endpoints by provider, then id.
+    async fn list_endpoints(&self) -> Result<Vec<Endpoint>>;
+
+    // === grants ===
+
+    /// Inserts a grant.
+    async fn insert_grant(&self, grant: &Grant) -> Result<()>;
+    /// Marks a grant revoked (first revocation wins) and returns it.
+    async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<Grant>;
+    /// One grant.
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>>;
+    /// Grants matching the query, newest first.
+    async fn list_grants(&self, query: &GrantQuery) -> Result<Vec<Grant>>;
+
+    // === record types ===
+
+    /// Inserts a version; `AlreadyExists` if (name, version) is taken, which
+    /// tells a racing registration to re-read and retry.
+    async fn insert_record_type_version(&self, version: &RecordTypeVersion) -> Result<()>;
+    /// Sets a version's deprecation and returns it; `NotFound` if absent.
+    async fn deprecate_record_type_version(&self, name: &str, version: u32, note: &str) -> Result<RecordTypeVersion>;
+    /// Every version of every record type, by name then version.
+    async fn list_record_type_versions(&self) -> Result<Vec<RecordTypeVersion>>;
+
+    // === change feed ===
+
+    /// A counter bumped by every change to members, endpoints, grants or record
+    /// types, by any replica. Brokers rebuild their snapshot when it moves.
+    async fn change_counter(&self) -> Result<u64>;
+    /// Bumps the change counter and tells other replicas (PostgreSQL NOTIFY).
+    async fn publish_change(&self) -> Result<u64>;
+    /// Receives the new counter whenever a change is published: on PostgreSQL by
+    /// any replica (LISTEN/NOTIFY, plus the current counter after each
+    /// (re)connection so a notification missed during an outage is caught up);
+    /// on SQLite by this process. A receiver may see a value it already knows.
+    fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<u64>;
+
+    // === audit log ===
+
+    /// Creates the log if new; returns the stored info (the existing one if it
+    /// was there).
+    async fn ensure_log(&self, log: &LogInfo) -> Result<LogInfo>;
+    /// Every log.
+    async fn list_logs(&self) -> Result<Vec<LogInfo>>;
+    /// Appends entries in one durable transaction. Sequences must continue the
+    /// log densely; a duplicate is refused with `AlreadyExists`, a gap with
+    /// `SequenceGap`, an unknown log with `NotFound`, and nothing is written.
+    async fn append_entries(&self, entries: &[StoredEntry]) -> Result<()>;
+    /// Number of entries in a log.
+    async fn log_size(&self, log_id: &str) -> Result<u64>;
+    /// Leaf hashes of entries `[from, to)` in order; `NotFound` if the log holds
+    /// fewer than `to` entries.
+    async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>>;
+    /// Entries matching a query, in sequence order.
+    async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>>;
+    /// Entries of one subject across all logs, newest first, at most `limit`
+    /// (0: no limit); an empty `subject_hash` matches nothing.
+    async fn subject_entries(&self, subject_hash: &str, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<StoredEntry>>;
+    /// Stores a signed tree head. A head for a size already stored replaces it
+    /// only if it has the same root and is newer; a different root for the same
+    /// size is refused with `AlreadyExists` (it would be a fork).
+    async fn insert_tree_head(&self, head: &StoredTreeHead) -> Result<()>;
+    /// The newest signed tree head of a log.
+    async fn latest_tree_head(&self, log_id: &str) -> Result<Option<StoredTreeHead>>;
+
+    // === health ===
+
+    /// Cheap round trip proving the database answers.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// Options for opening a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// `sqlite://path/to/file.db` or `postgres://...`.
+    pub url: String,
+    /// Maximum pooled connections.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection before failing `Unavailable`.
+    pub acquire_timeout: std::time::Duration,
+}
+
+/// Opens the store named by `options.url`, creating the SQLite file if needed,
+/// and applies migrations.
+///
+/// Accepted URLs: `sqlite://PATH`, `sqlite:PATH`, a bare path (SQLite; `:memory:`
+/// for a private in-memory database), `postgres://...` or `postgresql://...`.
+pub async fn open(options: &StoreOptions) -> Result<Arc<dyn Store>> {
+    let url = options.url.trim();
+    let opened = match parse_url(url)? {
+        Target::Sqlite(path) => sql::open_sqlite(path, options).await,
+        Target::Postgres => sql::open_postgres(url, options).await,
+    };
+    opened.map_err(|e| redact(e, url))
+}
+
+enum Target<'a> {
+    Sqlite(&'a str),
+    Postgres,
+}
+
+fn parse_url(url: &str) -> Result<Target<'_>> {
+    if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if path.is_empty() {
+            return Err(StoreError::Config("the sqlite URL names no file: use sqlite://PATH".into()));
+        }
+        return Ok(Target::Sqlite(path));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Target::Postgres);
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        // A scheme cannot hold ':' or '@', so printing it never leaks a password.
+        let valid = !scheme.is_empty()
+            && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+        let shown = if valid { format!("{scheme:?}") } else { "(unreadable)".into() };
+        return Err(StoreError::Config(format!(
+            "unsupported database URL scheme {shown}: use sqlite://PATH or postgres://USER@HOST/DB"
+        )));
+    }
+    if url.is_empty() {
+        return Err(StoreError::Config("the database URL is empty: use sqlite://PATH or postgres://USER@HOST/DB".into()));
+    }
+    Ok(Target::Sqlite(url))
+}
+
+/// The password of a `scheme://user:password@host/...` URL, as written.
+fn url_password(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    (!password.is_empty()).then_some(password)
+}
+
+/// Belt and braces: drivers do not echo the URL, but an error must never carry
+/// the password whatever a future driver version prints.
+fn redact(error: StoreError, url: &str) -> StoreError {
+    let Some(password) = url_password(url) else { return error };
+    let clean = |s: String| s.replace(password, "***");
+    match error {
+        StoreError::AlreadyExists { what } => StoreError::AlreadyExists { what: clean(what) },
+        StoreError::NotFound { what } => StoreError::NotFound { what: clean(what) },
+        StoreError::Unavailable(m) => StoreError::Unavailable(clean(m)),
+        StoreError::Config(m) => StoreError::Config(clean(m)),
+        StoreError::Corrupt(m) => StoreError::Corrupt(clean(m)),
+        other @ StoreError::SequenceGap { .. } => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_and_bare_paths_name_a_file() {
+        for (url, path) in [("sqlite://data/x.db", "data/x.db"), ("sqlite:///abs/x.db", "/abs/x.db"), ("sqlite:x.db", "x.db"), ("x.db", "x.db")] {
+            match parse_url(url).unwrap() {
+                Target::Sqlite(p) => assert_eq!(p, path),
+                Target::Postgres => panic!("{url} is not postgres"),
+            }
+        }
+        assert!(matches!(parse_url("postgresql://h/db").unwrap(), Target::Postgres));
+        assert!(matches!(parse_url("sqlite://"), Err(StoreError::Config(_))));
+        assert!(matches!(parse_url(""), Err(StoreError::Config(_))));
+    }
+
+    #[test]
+    fn unknown_scheme_is_named_without_the_password() {
+        let Err(StoreError::Config(m)) = parse_url("mysql://root:hunter2@db/x") else { panic!("accepted mysql") };
+        assert!(m.contains("\"mysql\""), "{m}");
+        assert!(!m.contains("hunter2"), "{m}");
+    }
+
+    #[test]
+    fn redaction_removes_the_url_password() {
+        let url = "postgres://app:s3cr%40t@db:5432/x";
+        assert_eq!(url_password(url), Some("s3cr%40t"));
+        let e = redact(StoreError::Unavailable("login s3cr%40t failed".into()), url);
+        assert_eq!(e.to_string(), "database unavailable: login *** failed");
+        assert_eq!(url_password("postgres://app@db/x"), None);
+    }
+}

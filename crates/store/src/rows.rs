@@ -1,0 +1,292 @@
+//! Row shapes shared by both backends (`sqlx::FromRow` derives a decoder for
+//! each database) and their conversion to and from the domain types.
+
+use crate::{LogInfo, Result, StoreError, StoredEntry, StoredTreeHead};
+use lienthong_core::audit::{EntryKind, Outcome};
+use lienthong_core::{Compatibility, Endpoint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition, RecordTypeVersion, Role};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+/// Microseconds since the epoch, rounded down (both backends use this column format).
+pub(crate) fn to_us(t: OffsetDateTime) -> i64 {
+    let us = t.unix_timestamp_nanos().div_euclid(1000);
+    // `time` limits years to ±9999, well inside i64 microseconds.
+    i64::try_from(us).unwrap_or(if us < 0 { i64::MIN } else { i64::MAX })
+}
+
+pub(crate) fn from_us(us: i64, column: &str) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .map_err(|_| StoreError::Corrupt(format!("{column} holds an out-of-range time")))
+}
+
+/// Converts a `u64` counter or sequence to the signed column type.
+pub(crate) fn to_i64(v: u64, what: &str) -> Result<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Config(format!("{what} {v} is beyond the database's range")))
+}
+
+pub(crate) fn to_u64(v: i64, column: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{column} holds a negative value")))
+}
+
+fn to_u32(v: i64, column: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{column} holds {v}, outside 0..=4294967295")))
+}
+
+fn member_id(s: String, column: &str) -> Result<MemberId> {
+    MemberId::new(s).map_err(|_| StoreError::Corrupt(format!("{column} holds an invalid member id")))
+}
+
+pub(crate) fn to_json<T: Serialize + ?Sized>(v: &T, what: &str) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Config(format!("cannot encode {what} as JSON: {e}")))
+}
+
+fn from_json<T: DeserializeOwned>(s: &str, column: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{column} is not valid JSON for its type: {e}")))
+}
+
+fn hash32(v: Vec<u8>, column: &str) -> Result<[u8; 32]> {
+    <[u8; 32]>::try_from(v.as_slice()).map_err(|_| StoreError::Corrupt(format!("{column} holds {} bytes, expected 32", v.len())))
+}
+
+/// Roles as stored: comma-separated [`Role::as_str`] names.
+pub(crate) fn roles_text(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+}
+
+/// The stable name of a compatibility mode (its serde name).
+pub(crate) fn compatibility_text(c: Compatibility) -> Result<String> {
+    match serde_json::to_value(c) {
+        Ok(serde_json::Value::String(s)) => Ok(s),
+        _ => Err(StoreError::Config("cannot encode the compatibility mode".into())),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct MemberRow {
+    id: String,
+    display_name: String,
+    roles: String,
+    enabled: bool,
+    disabled_reason: String,
+    created_at_us: i64,
+    updated_at_us: i64,
+}
+
+impl MemberRow {
+    pub(crate) fn into_member(self) -> Result<Member> {
+        let roles = self
+            .roles
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(|r| Role::parse(r).ok_or_else(|| StoreError::Corrupt(format!("members.roles holds unknown role {r:?}"))))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Member {
+            id: member_id(self.id, "members.id")?,
+            display_name: self.display_name,
+            roles,
+            enabled: self.enabled,
+            disabled_reason: self.disabled_reason,
+            created_at: from_us(self.created_at_us, "members.created_at_us")?,
+            updated_at: from_us(self.updated_at_us, "members.updated_at_us")?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EndpointRow {
+    id: String,
+    provider: String,
+    url: String,
+    created_at_us: i64,
+}
+
+impl EndpointRow {
+    pub(crate) fn into_endpoint(self) -> Result<Endpoint> {
+        Ok(Endpoint {
+            id: self.id,
+            provider: member_id(self.provider, "endpoints.provider")?,
+            url: self.url,
+            created_at: from_us(self.created_at_us, "endpoints.created_at_us")?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct GrantRow {
+    id: String,
+    consumer: String,
+    record_type: String,
+    fields: String,
+    purposes: String,
+    valid_from_us: i64,
+    valid_until_us: Option<i64>,
+    rate_limit_per_minute: i64,
+    revoked_at_us: Option<i64>,
+    revoked_reason: String,
+    created_by: String,
+    created_at_us: i64,
+}
+
+impl GrantRow {
+    pub(crate) fn into_grant(self) -> Result<Grant> {
+        Ok(Grant {
+            id: self.id,
+            consumer: member_id(self.consumer, "grants.consumer")?,
+            record_type: self.record_type,
+            fields: from_json::<GrantFields>(&self.fields, "grants.fields")?,
+            purposes: from_json(&self.purposes, "grants.purposes")?,
+            valid_from: from_us(self.valid_from_us, "grants.valid_from_us")?,
+            valid_until: self.valid_until_us.map(|t| from_us(t, "grants.valid_until_us")).transpose()?,
+            rate_limit_per_minute: to_u32(self.rate_limit_per_minute, "grants.rate_limit_per_minute")?,
+            revoked_at: self.revoked_at_us.map(|t| from_us(t, "grants.revoked_at_us")).transpose()?,
+            revoked_reason: self.revoked_reason,
+            created_by: member_id(self.created_by, "grants.created_by")?,
+            created_at: from_us(self.created_at_us, "grants.created_at_us")?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RecordTypeRow {
+    name: String,
+    version: i64,
+    description: String,
+    owner: String,
+    query_schema: String,
+    record_schema: String,
+    subject_key: String,
+    deprecated: bool,
+    deprecation_note: String,
+    registered_at_us: i64,
+    registered_by: String,
+    compatibility: String,
+    field_pointers: String,
+    digest: String,
+}
+
+impl RecordTypeRow {
+    pub(crate) fn into_version(self) -> Result<RecordTypeVersion> {
+        Ok(RecordTypeVersion {
+            definition: RecordTypeDefinition {
+                name: self.name,
+                description: self.description,
+                owner: member_id(self.owner, "record_type_versions.owner")?,
+                query_schema: from_json(&self.query_schema, "record_type_versions.query_schema")?,
+                record_schema: from_json(&self.record_schema, "record_type_versions.record_schema")?,
+                subject_key: self.subject_key,
+            },
+            version: to_u32(self.version, "record_type_versions.version")?,
+            deprecated: self.deprecated,
+            deprecation_note: self.deprecation_note,
+            registered_at: from_us(self.registered_at_us, "record_type_versions.registered_at_us")?,
+            registered_by: member_id(self.registered_by, "record_type_versions.registered_by")?,
+            compatibility: serde_json::from_value(serde_json::Value::String(self.compatibility))
+                .map_err(|_| StoreError::Corrupt("record_type_versions.compatibility holds an unknown mode".into()))?,
+            field_pointers: from_json(&self.field_pointers, "record_type_versions.field_pointers")?,
+            digest: self.digest,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct LogRow {
+    log_id: String,
+    public_key: Vec<u8>,
+    created_at_us: i64,
+}
+
+impl LogRow {
+    pub(crate) fn into_log(self) -> Result<LogInfo> {
+        Ok(LogInfo {
+            log_id: self.log_id,
+            public_key: self.public_key,
+            created_at: from_us(self.created_at_us, "audit_logs.created_at_us")?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct EntryRow {
+    log_id: String,
+    sequence: i64,
+    leaf_hash: Vec<u8>,
+    leaf: String,
+    time_us: i64,
+    kind: String,
+    actor: String,
+    provider: String,
+    record_type: String,
+    purpose: String,
+    outcome: String,
+    subject_hash: String,
+}
+
+impl EntryRow {
+    pub(crate) fn into_entry(self) -> Result<StoredEntry> {
+        Ok(StoredEntry {
+            sequence: to_u64(self.sequence, "audit_entries.sequence")?,
+            leaf_hash: hash32(self.leaf_hash, "audit_entries.leaf_hash")?,
+            time: from_us(self.time_us, "audit_entries.time_us")?,
+            kind: EntryKind::parse(&self.kind).ok_or_else(|| StoreError::Corrupt("audit_entries.kind holds an unknown kind".into()))?,
+            outcome: Outcome::parse(&self.outcome)
+                .ok_or_else(|| StoreError::Corrupt("audit_entries.outcome holds an unknown outcome".into()))?,
+            log_id: self.log_id,
+            leaf: self.leaf,
+            actor: self.actor,
+            provider: self.provider,
+            record_type: self.record_type,
+            purpose: self.purpose,
+            subject_hash: self.subject_hash,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct TreeHeadRow {
+    log_id: String,
+    tree_size: i64,
+    root_hash: Vec<u8>,
+    timestamp_ms: i64,
+    signature: Vec<u8>,
+}
+
+impl TreeHeadRow {
+    pub(crate) fn into_head(self) -> Result<StoredTreeHead> {
+        Ok(StoredTreeHead {
+            log_id: self.log_id,
+            tree_size: to_u64(self.tree_size, "tree_heads.tree_size")?,
+            root_hash: hash32(self.root_hash, "tree_heads.root_hash")?,
+            timestamp_ms: to_u64(self.timestamp_ms, "tree_heads.timestamp_ms")?,
+            signature: self.signature,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn times_round_down_to_the_microsecond_on_both_sides_of_the_epoch() {
+        let t = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
+        assert_eq!(to_us(t), 1_700_000_000_123_456);
+        assert_eq!(from_us(to_us(t), "c").unwrap().unix_timestamp_nanos(), 1_700_000_000_123_456_000);
+        let before = OffsetDateTime::from_unix_timestamp_nanos(-1_500).unwrap();
+        assert_eq!(to_us(before), -2);
+        let far = time::macros::datetime!(9999-12-31 23:59:59.999999 UTC);
+        assert_eq!(from_us(to_us(far), "c").unwrap(), far);
+    }
+
+    #[test]
+    fn roles_round_trip_through_their_text_form() {
+        let text = roles_text(&[Role::Admin, Role::SubjectPortal]);
+        assert_eq!(text, "admin,subject-portal");
+    }
+
+    #[test]
+    fn a_short_hash_is_corrupt() {
+        assert!(matches!(hash32(vec![0; 31], "c"), Err(StoreError::Corrupt(_))));
+    }
+}

@@ -1,0 +1,715 @@
+//! The one [`Store`] implementation, over either an SQLite or a PostgreSQL
+//! pool. Both dialects accept `$N` placeholders, so almost every statement is
+//! written once and [`on_pool!`] instantiates it for each driver.
+
+use crate::rows::{
+    EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, TreeHeadRow, compatibility_text, roles_text, to_i64, to_json,
+    to_u64, to_us,
+};
+use crate::{
+    Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead,
+};
+use async_trait::async_trait;
+use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
+use sqlx::error::{DatabaseError, ErrorKind};
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgPoolOptions, Postgres};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Sqlite, Transaction};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// PostgreSQL channel the change counter is announced on.
+const CHANGES_CHANNEL: &str = "lienthong_changes";
+/// Rows per multi-row INSERT: 12 binds each stays far below SQLite's 32766 and
+/// PostgreSQL's 65535 parameters.
+const ENTRY_ROWS_PER_INSERT: usize = 1000;
+/// Stands for "no limit" in `LIMIT $n` on both backends.
+const NO_LIMIT: i64 = i64::MAX;
+
+const MEMBER_COLUMNS: &str = "id, display_name, roles, enabled, disabled_reason, created_at_us, updated_at_us";
+const ENDPOINT_COLUMNS: &str = "id, provider, url, created_at_us";
+const GRANT_COLUMNS: &str = "id, consumer, record_type, fields, purposes, valid_from_us, valid_until_us, \
+     rate_limit_per_minute, revoked_at_us, revoked_reason, created_by, created_at_us";
+const RECORD_TYPE_COLUMNS: &str = "name, version, description, owner, query_schema, record_schema, subject_key, \
+     deprecated, deprecation_note, registered_at_us, registered_by, compatibility, field_pointers, digest";
+const ENTRY_COLUMNS: &str =
+    "log_id, sequence, leaf_hash, leaf, time_us, kind, actor, provider, record_type, purpose, outcome, subject_hash";
+const TREE_HEAD_COLUMNS: &str = "log_id, tree_size, root_hash, timestamp_ms, signature";
+
+/// Runs `$body` with `$p` bound to the concrete pool; the body is compiled once
+/// per driver, so it must evaluate to the same type in both arms.
+macro_rules! on_pool {
+    ($store:expr, $p:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// How each dialect opens a transaction that will write.
+trait Dialect: sqlx::Database {
+    /// SQLite must take the write lock up front: a deferred transaction that
+    /// reads first fails with SQLITE_BUSY when it later tries to write.
+    const BEGIN_WRITE: &'static str;
+}
+
+impl Dialect for Sqlite {
+    const BEGIN_WRITE: &'static str = "BEGIN IMMEDIATE";
+}
+
+impl Dialect for Postgres {
+    const BEGIN_WRITE: &'static str = "BEGIN";
+}
+
+async fn begin_write<DB: Dialect>(pool: &sqlx::Pool<DB>) -> Result<Transaction<'static, DB>> {
+    pool.begin_with(DB::BEGIN_WRITE).await.map_err(db_err)
+}
+
+pub(crate) struct SqlStore {
+    pool: Pool,
+    changes: broadcast::Sender<u64>,
+    listener: Option<JoinHandle<()>>,
+}
+
+impl Drop for SqlStore {
+    fn drop(&mut self) {
+        if let Some(task) = &self.listener {
+            task.abort();
+        }
+    }
+}
+
+pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
+    let (connect, pool) = if path == ":memory:" {
+        // Every connection would get its own empty database: keep exactly one forever.
+        let connect = SqliteConnectOptions::from_str("sqlite::memory:").map_err(db_err)?;
+        (connect, SqlitePoolOptions::new().max_connections(1).idle_timeout(None).max_lifetime(None))
+    } else {
+        let file = std::path::Path::new(path);
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| StoreError::Config(format!("cannot create the database directory {}: {e}", dir.display())))?;
+        }
+        let connect = SqliteConnectOptions::new()
+            .filename(file)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an appended audit entry survives power loss once committed.
+            .synchronous(SqliteSynchronous::Full);
+        (connect, SqlitePoolOptions::new().max_connections(options.max_connections.max(1)))
+    };
+    let connect = connect.foreign_keys(true).busy_timeout(options.acquire_timeout);
+    let pool = pool.acquire_timeout(options.acquire_timeout).connect_with(connect).await.map_err(db_err)?;
+    SQLITE_MIGRATOR.run(&pool).await.map_err(migrate_err)?;
+    let (changes, _) = broadcast::channel(64);
+    Ok(Arc::new(SqlStore { pool: Pool::Sqlite(pool), changes, listener: None }))
+}
+
+pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
+    let connect = PgConnectOptions::from_str(url).map_err(db_err)?.application_name("lienthong");
+    let pool = PgPoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect.clone())
+        .await
+        .map_err(db_err)?;
+    // The migrator holds pg_advisory_lock (keyed on the database name) around
+    // the whole run, so replicas starting together apply each migration once.
+    POSTGRES_MIGRATOR.run(&pool).await.map_err(migrate_err)?;
+    // The listener keeps its connection for good: give it its own pool so it
+    // never takes one of `max_connections` from the queries.
+    let listener_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(options.acquire_timeout)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_lazy_with(connect);
+    let (changes, _) = broadcast::channel(64);
+    let listener = tokio::spawn(relay_changes(listener_pool, changes.clone()));
+    Ok(Arc::new(SqlStore { pool: Pool::Postgres(pool), changes, listener: Some(listener) }))
+}
+
+/// Re-sends every `lienthong_changes` notification on `changes`, forever,
+/// reconnecting with backoff; after each (re)connection it sends the current
+/// counter, which covers notifications sent while it was not listening.
+async fn relay_changes(pool: PgPool, changes: broadcast::Sender<u64>) {
+    const FIRST_RETRY: Duration = Duration::from_millis(100);
+    let mut retry = FIRST_RETRY;
+    loop {
+        let error = match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => match listener.listen(CHANGES_CHANNEL).await {
+                Ok(()) => {
+                    retry = FIRST_RETRY;
+                    relay_until_error(&mut listener, &changes).await
+                }
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        tracing::warn!(error = %db_err(error), retry_in_ms = retry.as_millis() as u64, "change listener lost its database connection");
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn relay_until_error(listener: &mut PgListener, changes: &broadcast::Sender<u64>) -> sqlx::Error {
+    loop {
+        let current = sqlx::query_scalar::<_, i64>("SELECT value FROM change_counter WHERE id = 1")
+            .fetch_one(&mut *listener)
+            .await;
+        match current {
+            // No receiver is not an error: subscribers come and go.
+            Ok(v) => drop(changes.send(u64::try_from(v).unwrap_or(0))),
+            Err(e) => return e,
+        }
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(note)) => match note.payload().parse::<u64>() {
+                    Ok(v) => drop(changes.send(v)),
+                    Err(_) => tracing::warn!("ignoring a malformed change notification"),
+                },
+                // The connection dropped and the listener reconnected: catch up.
+                Ok(None) => break,
+                Err(e) => return e,
+            }
+        }
+    }
+}
+
+/// One log's part of an appended batch.
+struct Run<'a> {
+    log_id: &'a str,
+    first: u64,
+    next: u64,
+}
+
+/// Checks that each log's entries in the batch are consecutive.
+fn plan_append(entries: &[StoredEntry]) -> Result<Vec<Run<'_>>> {
+    let mut runs: Vec<Run<'_>> = Vec::new();
+    for e in entries {
+        let after = e
+            .sequence
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Config(format!("sequence {} is beyond the database's range", e.sequence)))?;
+        match runs.iter_mut().find(|r| r.log_id == e.log_id) {
+            Some(run) if e.sequence == run.next => run.next = after,
+            Some(run) if e.sequence < run.next => {
+                return Err(StoreError::AlreadyExists { what: format!("entry {} of log {}", e.sequence, e.log_id) });
+            }
+            Some(run) => {
+                return Err(StoreError::SequenceGap { log_id: e.log_id.clone(), expected: run.next, found: e.sequence });
+            }
+            None => runs.push(Run { log_id: &e.log_id, first: e.sequence, next: after }),
+        }
+    }
+    Ok(runs)
+}
+
+/// Why `UPDATE audit_logs ... WHERE size = first` matched nothing.
+fn append_refused(run: &Run<'_>, size: Option<i64>) -> Result<StoreError> {
+    let Some(size) = size else { return Ok(StoreError::NotFound { what: format!("log {}", run.log_id) }) };
+    let size = to_u64(size, "audit_logs.size")?;
+    Ok(if run.first < size {
+        StoreError::AlreadyExists { what: format!("entry {} of log {}", run.first, run.log_id) }
+    } else {
+        StoreError::SequenceGap { log_id: run.log_id.to_owned(), expected: size, found: run.first }
+    })
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    async fn insert_member(&self, m: &Member) -> Result<()> {
+        let roles = roles_text(&m.roles);
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO members (id, display_name, roles, enabled, disabled_reason, created_at_us, updated_at_us) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(m.id.as_str()).bind(&m.display_name).bind(&roles).bind(m.enabled).bind(&m.disabled_reason)
+            .bind(to_us(m.created_at)).bind(to_us(m.updated_at))
+            .execute(p).await.map(|_| ()))
+        .map_err(unique(|| format!("member {:?}", m.id.as_str())))
+    }
+
+    async fn update_member(&self, m: &Member) -> Result<()> {
+        let roles = roles_text(&m.roles);
+        let changed = on_pool!(self, p => sqlx::query(
+            "UPDATE members SET display_name = $2, roles = $3, enabled = $4, disabled_reason = $5, updated_at_us = $6 \
+             WHERE id = $1")
+            .bind(m.id.as_str()).bind(&m.display_name).bind(&roles).bind(m.enabled).bind(&m.disabled_reason)
+            .bind(to_us(m.updated_at))
+            .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(db_err)?;
+        if changed == 0 {
+            return Err(StoreError::NotFound { what: format!("member {:?}", m.id.as_str()) });
+        }
+        Ok(())
+    }
+
+    async fn get_member(&self, id: &str) -> Result<Option<Member>> {
+        let sql = format!("SELECT {MEMBER_COLUMNS} FROM members WHERE id = $1");
+        let row = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).bind(id).fetch_optional(p).await).map_err(db_err)?;
+        row.map(MemberRow::into_member).transpose()
+    }
+
+    async fn list_members(&self) -> Result<Vec<Member>> {
+        let sql = format!("SELECT {MEMBER_COLUMNS} FROM members ORDER BY id");
+        let rows = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).fetch_all(p).await).map_err(db_err)?;
+        rows.into_iter().map(MemberRow::into_member).collect()
+    }
+
+    async fn insert_endpoint(&self, e: &Endpoint) -> Result<()> {
+        on_pool!(self, p => sqlx::query("INSERT INTO endpoints (id, provider, url, created_at_us) VALUES ($1, $2, $3, $4)")
+            .bind(&e.id).bind(e.provider.as_str()).bind(&e.url).bind(to_us(e.created_at))
+            .execute(p).await.map(|_| ()))
+        .map_err(unique(|| format!("endpoint {:?} ({} of provider {:?})", e.id, e.url, e.provider.as_str())))
+    }
+
+    async fn delete_endpoint(&self, id: &str) -> Result<Endpoint> {
+        let sql = format!("DELETE FROM endpoints WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}");
+        let row = on_pool!(self, p => sqlx::query_as::<_, EndpointRow>(&sql).bind(id).fetch_optional(p).await).map_err(db_err)?;
+        row.ok_or_else(|| StoreError::NotFound { what: format!("endpoint {id:?}") })?.into_endpoint()
+    }
+
+    async fn list_endpoints(&self) -> Result<Vec<Endpoint>> {
+        let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY provider, id");
+        let rows = on_pool!(self, p => sqlx::query_as::<_, EndpointRow>(&sql).fetch_all(p).await).map_err(db_err)?;
+        rows.into_iter().map(EndpointRow::into_endpoint).collect()
+    }
+
+    async fn insert_grant(&self, g: &Grant) -> Result<()> {
+        let fields = to_json(&g.fields, "grant fields")?;
+        let purposes = to_json(&g.purposes, "grant purposes")?;
+        let sql = format!(
+            "INSERT INTO grants ({GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        );
+        on_pool!(self, p => sqlx::query(&sql)
+            .bind(&g.id).bind(g.consumer.as_str()).bind(&g.record_type).bind(&fields).bind(&purposes)
+            .bind(to_us(g.valid_from)).bind(g.valid_until.map(to_us)).bind(i64::from(g.rate_limit_per_minute))
+            .bind(g.revoked_at.map(to_us)).bind(&g.revoked_reason).bind(g.created_by.as_str()).bind(to_us(g.created_at))
+            .execute(p).await.map(|_| ()))
+        .map_err(unique(|| format!("grant {:?}", g.id)))
+    }
+
+    async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<Grant> {
+        // The `IS NULL` guard makes the first revocation win; grants are never deleted.
+        on_pool!(self, p => sqlx::query(
+            "UPDATE grants SET revoked_at_us = $2, revoked_reason = $3 WHERE id = $1 AND revoked_at_us IS NULL")
+            .bind(id).bind(to_us(at)).bind(reason)
+            .execute(p).await.map(|_| ()))
+        .map_err(db_err)?;
+        self.get_grant(id).await?.ok_or_else(|| StoreError::NotFound { what: format!("grant {id:?}") })
+    }
+
+    async fn get_grant(&self, id: &str) -> Result<Option<Grant>> {
+        let sql = format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1");
+        let row = on_pool!(self, p => sqlx::query_as::<_, GrantRow>(&sql).bind(id).fetch_optional(p).await).map_err(db_err)?;
+        row.map(GrantRow::into_grant).transpose()
+    }
+
+    async fn list_grants(&self, q: &GrantQuery) -> Result<Vec<Grant>> {
+        let rows = on_pool!(self, p => {
+            let mut qb = QueryBuilder::new(format!("SELECT {GRANT_COLUMNS} FROM grants WHERE 1 = 1"));
+            if let Some(consumer) = &q.consumer {
+                qb.push(" AND consumer = ").push_bind(consumer);
+            }
+            if let Some(record_type) = &q.record_type {
+                qb.push(" AND record_type = ").push_bind(record_type);
+            }
+            qb.push(" ORDER BY created_at_us DESC, id DESC");
+            qb.build_query_as::<GrantRow>().fetch_all(p).await
+        })
+        .map_err(db_err)?;
+        rows.into_iter().map(GrantRow::into_grant).collect()
+    }
+
+    async fn insert_record_type_version(&self, v: &RecordTypeVersion) -> Result<()> {
+        let d = &v.definition;
+        let query_schema = to_json(&d.query_schema, "query schema")?;
+        let record_schema = to_json(&d.record_schema, "record schema")?;
+        let field_pointers = to_json(&v.field_pointers, "field pointers")?;
+        let compatibility = compatibility_text(v.compatibility)?;
+        let sql = format!(
+            "INSERT INTO record_type_versions ({RECORD_TYPE_COLUMNS}) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        );
+        on_pool!(self, p => sqlx::query(&sql)
+            .bind(&d.name).bind(i64::from(v.version)).bind(&d.description).bind(d.owner.as_str())
+            .bind(&query_schema).bind(&record_schema).bind(&d.subject_key).bind(v.deprecated)
+            .bind(&v.deprecation_note).bind(to_us(v.registered_at)).bind(v.registered_by.as_str())
+            .bind(&compatibility).bind(&field_pointers).bind(&v.digest)
+            .execute(p).await.map(|_| ()))
+        .map_err(unique(|| format!("record type {:?} version {}", d.name, v.version)))
+    }
+
+    async fn deprecate_record_type_version(&self, name: &str, version: u32, note: &str) -> Result<RecordTypeVersion> {
+        let sql = format!(
+            "UPDATE record_type_versions SET deprecated = $3, deprecation_note = $4 \
+             WHERE name = $1 AND version = $2 RETURNING {RECORD_TYPE_COLUMNS}"
+        );
+        let row = on_pool!(self, p => sqlx::query_as::<_, RecordTypeRow>(&sql)
+            .bind(name).bind(i64::from(version)).bind(true).bind(note)
+            .fetch_optional(p).await)
+        .map_err(db_err)?;
+        row.ok_or_else(|| StoreError::NotFound { what: format!("record type {name:?} version {version}") })?.into_version()
+    }
+
+    async fn list_record_type_versions(&self) -> Result<Vec<RecordTypeVersion>> {
+        let sql = format!("SELECT {RECORD_TYPE_COLUMNS} FROM record_type_versions ORDER BY name, version");
+        let rows = on_pool!(self, p => sqlx::query_as::<_, RecordTypeRow>(&sql).fetch_all(p).await).map_err(db_err)?;
+        rows.into_iter().map(RecordTypeRow::into_version).collect()
+    }
+
+    async fn change_counter(&self) -> Result<u64> {
+        let sql = "SELECT value FROM change_counter WHERE id = 1";
+        let v = on_pool!(self, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await).map_err(db_err)?;
+        to_u64(v, "change_counter.value")
+    }
+
+    async fn publish_change(&self) -> Result<u64> {
+        let bump = "UPDATE change_counter SET value = value + 1 WHERE id = 1 RETURNING value";
+        let value = match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut tx = begin_write(p).await?;
+                let v: i64 = sqlx::query_scalar(bump).fetch_one(&mut *tx).await.map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                v
+            }
+            Pool::Postgres(p) => {
+                let mut tx = begin_write(p).await?;
+                let v: i64 = sqlx::query_scalar(bump).fetch_one(&mut *tx).await.map_err(db_err)?;
+                // Delivered at commit, so listeners never see an uncommitted counter.
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANGES_CHANNEL)
+                    .bind(v.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                tx.commit().await.map_err(db_err)?;
+                v
+            }
+        };
+        let value = to_u64(value, "change_counter.value")?;
+        if matches!(self.pool, Pool::Sqlite(_)) {
+            // No receiver is not an error.
+            drop(self.changes.send(value));
+        }
+        Ok(value)
+    }
+
+    fn subscribe_changes(&self) -> broadcast::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    async fn ensure_log(&self, log: &LogInfo) -> Result<LogInfo> {
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO audit_logs (log_id, public_key, created_at_us, size) VALUES ($1, $2, $3, 0) \
+             ON CONFLICT (log_id) DO NOTHING")
+            .bind(&log.log_id).bind(&log.public_key).bind(to_us(log.created_at))
+            .execute(p).await.map(|_| ()))
+        .map_err(db_err)?;
+        let sql = "SELECT log_id, public_key, created_at_us FROM audit_logs WHERE log_id = $1";
+        let row = on_pool!(self, p => sqlx::query_as::<_, LogRow>(sql).bind(&log.log_id).fetch_optional(p).await).map_err(db_err)?;
+        row.ok_or_else(|| StoreError::NotFound { what: format!("log {}", log.log_id) })?.into_log()
+    }
+
+    async fn list_logs(&self) -> Result<Vec<LogInfo>> {
+        let sql = "SELECT log_id, public_key, created_at_us FROM audit_logs ORDER BY created_at_us, log_id";
+        let rows = on_pool!(self, p => sqlx::query_as::<_, LogRow>(sql).fetch_all(p).await).map_err(db_err)?;
+        rows.into_iter().map(LogRow::into_log).collect()
+    }
+
+    async fn append_entries(&self, entries: &[StoredEntry]) -> Result<()> {
+        let runs = plan_append(entries)?;
+        let mut bounds = Vec::with_capacity(runs.len());
+        for run in &runs {
+            bounds.push((to_i64(run.first, "sequence")?, to_i64(run.next - run.first, "batch size")?));
+        }
+        let rows = entries
+            .iter()
+            .map(|e| Ok((e, to_i64(e.sequence, "sequence")?, to_us(e.time))))
+            .collect::<Result<Vec<_>>>()?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, p => {
+            let mut tx = begin_write(p).await?;
+            // The log's size moves in the same transaction as its rows, and only if
+            // the batch starts exactly at it: concurrent writers cannot interleave.
+            for (run, (first, count)) in runs.iter().zip(&bounds) {
+                let moved = sqlx::query_scalar::<_, i64>(
+                    "UPDATE audit_logs SET size = size + $3 WHERE log_id = $1 AND size = $2 RETURNING size")
+                    .bind(run.log_id).bind(first).bind(count)
+                    .fetch_optional(&mut *tx).await.map_err(db_err)?;
+                if moved.is_none() {
+                    let size = sqlx::query_scalar::<_, i64>("SELECT size FROM audit_logs WHERE log_id = $1")
+                        .bind(run.log_id)
+                        .fetch_optional(&mut *tx).await.map_err(db_err)?;
+                    // Dropping `tx` rolls back.
+                    return Err(append_refused(run, size)?);
+                }
+            }
+            for chunk in rows.chunks(ENTRY_ROWS_PER_INSERT) {
+                let mut qb = QueryBuilder::new(format!("INSERT INTO audit_entries ({ENTRY_COLUMNS}) "));
+                qb.push_values(chunk, |mut b, (e, sequence, time_us)| {
+                    b.push_bind(&e.log_id).push_bind(*sequence).push_bind(&e.leaf_hash[..]).push_bind(&e.leaf)
+                        .push_bind(*time_us).push_bind(e.kind.as_str()).push_bind(&e.actor).push_bind(&e.provider)
+                        .push_bind(&e.record_type).push_bind(&e.purpose).push_bind(e.outcome.as_str())
+                        .push_bind(&e.subject_hash);
+                });
+                // Batch sizes vary with load: do not fill the statement cache with them.
+                qb.build().persistent(false).execute(&mut *tx).await.map_err(unique(|| "an entry of this batch".to_owned()))?;
+            }
+            tx.commit().await.map_err(db_err)
+        })
+    }
+
+    async fn log_size(&self, log_id: &str) -> Result<u64> {
+        let sql = "SELECT size FROM audit_logs WHERE log_id = $1";
+        let size = on_pool!(self, p => sqlx::query_scalar::<_, i64>(sql).bind(log_id).fetch_optional(p).await).map_err(db_err)?;
+        to_u64(size.ok_or_else(|| StoreError::NotFound { what: format!("log {log_id}") })?, "audit_logs.size")
+    }
+
+    async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>> {
+        if to <= from {
+            return Ok(Vec::new());
+        }
+        let (lo, hi) = (to_i64(from, "sequence")?, to_i64(to, "sequence")?);
+        let sql = "SELECT leaf_hash FROM audit_entries WHERE log_id = $1 AND sequence >= $2 AND sequence < $3 ORDER BY sequence";
+        let hashes = on_pool!(self, p => sqlx::query_scalar::<_, Vec<u8>>(sql).bind(log_id).bind(lo).bind(hi).fetch_all(p).await)
+            .map_err(db_err)?;
+        if hashes.len() as u64 != to - from {
+            return Err(StoreError::NotFound { what: format!("entries {from}..{to} of log {log_id}") });
+        }
+        hashes
+            .into_iter()
+            .map(|h| {
+                <[u8; 32]>::try_from(h.as_slice())
+                    .map_err(|_| StoreError::Corrupt(format!("audit_entries.leaf_hash holds {} bytes, expected 32", h.len())))
+            })
+            .collect()
+    }
+
+    async fn query_entries(&self, q: &EntryQuery) -> Result<Vec<StoredEntry>> {
+        let from = to_i64(q.from_sequence, "sequence")?;
+        let limit = if q.limit == 0 { NO_LIMIT } else { i64::from(q.limit) };
+        let rows = on_pool!(self, p => {
+            let mut qb = QueryBuilder::new(format!("SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE log_id = "));
+            qb.push_bind(&q.log_id).push(" AND sequence >= ").push_bind(from);
+            for (column, value) in [
+                ("actor", &q.actor),
+                ("provider", &q.provider),
+                ("record_type", &q.record_type),
+                ("purpose", &q.purpose),
+            ] {
+                if let Some(value) = value {
+                    qb.push(format!(" AND {column} = ")).push_bind(value.as_str());
+                }
+            }
+            if let Some(outcome) = q.outcome {
+                qb.push(" AND outcome = ").push_bind(outcome.as_str());
+            }
+            if let Some(kind) = q.kind {
+                qb.push(" AND kind = ").push_bind(kind.as_str());
+            }
+            if let Some(since) = q.since {
+                qb.push(" AND time_us >= ").push_bind(to_us(since));
+            }
+            if let Some(until) = q.until {
+                qb.push(" AND time_us < ").push_bind(to_us(until));
+            }
+            qb.push(" ORDER BY sequence LIMIT ").push_bind(limit);
+            qb.build_query_as::<EntryRow>().fetch_all(p).await
+        })
+        .map_err(db_err)?;
+        rows.into_iter().map(EntryRow::into_entry).collect()
+    }
+
+    async fn subject_entries(&self, subject_hash: &str, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<StoredEntry>> {
+        if subject_hash.is_empty() {
+            return Ok(Vec::new());
+        }
+        // `subject_hash <> ''` lets both planners use the partial index.
+        let sql = format!(
+            "SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE subject_hash = $1 AND subject_hash <> '' AND time_us >= $2 \
+             ORDER BY time_us DESC, log_id, sequence DESC LIMIT $3"
+        );
+        let since = since.map_or(i64::MIN, to_us);
+        let limit = if limit == 0 { NO_LIMIT } else { i64::from(limit) };
+        let rows = on_pool!(self, p => sqlx::query_as::<_, EntryRow>(&sql).bind(subject_hash).bind(since).bind(limit).fetch_all(p).await)
+            .map_err(db_err)?;
+        rows.into_iter().map(EntryRow::into_entry).collect()
+    }
+
+    async fn insert_tree_head(&self, h: &StoredTreeHead) -> Result<()> {
+        let size = to_i64(h.tree_size, "tree size")?;
+        let timestamp = to_i64(h.timestamp_ms, "tree head timestamp")?;
+        let sql = format!(
+            "INSERT INTO tree_heads ({TREE_HEAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (log_id, tree_size) DO UPDATE SET timestamp_ms = excluded.timestamp_ms, signature = excluded.signature \
+             WHERE tree_heads.root_hash = excluded.root_hash AND tree_heads.timestamp_ms < excluded.timestamp_ms"
+        );
+        let changed = on_pool!(self, p => sqlx::query(&sql)
+            .bind(&h.log_id).bind(size).bind(&h.root_hash[..]).bind(timestamp).bind(&h.signature)
+            .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(|e| match db_err(e) {
+            StoreError::NotFound { .. } => StoreError::NotFound { what: format!("log {}", h.log_id) },
+            other => other,
+        })?;
+        if changed > 0 {
+            return Ok(());
+        }
+        let sql = "SELECT root_hash FROM tree_heads WHERE log_id = $1 AND tree_size = $2";
+        let root = on_pool!(self, p => sqlx::query_scalar::<_, Vec<u8>>(sql).bind(&h.log_id).bind(size).fetch_optional(p).await)
+            .map_err(db_err)?;
+        match root {
+            // Same root, not newer than the stored head: nothing to do.
+            Some(root) if root == h.root_hash => Ok(()),
+            _ => Err(StoreError::AlreadyExists {
+                what: format!("a tree head of size {} with a different root for log {}", h.tree_size, h.log_id),
+            }),
+        }
+    }
+
+    async fn latest_tree_head(&self, log_id: &str) -> Result<Option<StoredTreeHead>> {
+        let sql = format!("SELECT {TREE_HEAD_COLUMNS} FROM tree_heads WHERE log_id = $1 ORDER BY tree_size DESC LIMIT 1");
+        let row = on_pool!(self, p => sqlx::query_as::<_, TreeHeadRow>(&sql).bind(log_id).fetch_optional(p).await).map_err(db_err)?;
+        row.map(TreeHeadRow::into_head).transpose()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())).map_err(db_err)
+    }
+}
+
+/// Maps a unique violation to `AlreadyExists { what }`, anything else as [`db_err`].
+fn unique(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match db_err(e) {
+        StoreError::AlreadyExists { .. } => StoreError::AlreadyExists { what: what() },
+        other => other,
+    }
+}
+
+/// Classifies a driver error so callers can fail closed on `Unavailable`.
+pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    match e {
+        E::Database(d) => database_error(d.as_ref()),
+        E::Io(e) => StoreError::Unavailable(format!("i/o error talking to the database: {e}")),
+        E::Tls(e) => StoreError::Unavailable(format!("tls error talking to the database: {e}")),
+        E::Protocol(m) => StoreError::Unavailable(format!("database protocol error: {m}")),
+        E::PoolTimedOut => StoreError::Unavailable("no database connection became available in time".into()),
+        E::PoolClosed => StoreError::Unavailable("the database connection pool is closed".into()),
+        E::WorkerCrashed => StoreError::Unavailable("the sqlite worker thread stopped".into()),
+        E::Configuration(e) => StoreError::Config(e.to_string()),
+        E::InvalidArgument(m) => StoreError::Config(m),
+        E::Encode(e) => StoreError::Config(format!("cannot encode a value for the database: {e}")),
+        E::RowNotFound => StoreError::NotFound { what: "row".into() },
+        E::Migrate(m) => migrate_err(*m),
+        e @ (E::TypeNotFound { .. } | E::ColumnIndexOutOfBounds { .. } | E::ColumnNotFound(_) | E::ColumnDecode { .. } | E::Decode(_)) => {
+            StoreError::Corrupt(e.to_string())
+        }
+        other => StoreError::Unavailable(format!("database error: {other}")),
+    }
+}
+
+fn database_error(d: &dyn DatabaseError) -> StoreError {
+    match d.kind() {
+        ErrorKind::UniqueViolation => return StoreError::AlreadyExists { what: "a row with this key".into() },
+        ErrorKind::ForeignKeyViolation => return StoreError::NotFound { what: "the referenced row".into() },
+        _ => {}
+    }
+    let message = d.message();
+    if let Some(e) = d.try_downcast_ref::<SqliteError>() {
+        let code = e.code().and_then(|c| c.parse::<i32>().ok()).unwrap_or(1);
+        // Primary result codes (the low byte of the extended code).
+        return match code & 0xff {
+            // PERM, BUSY, LOCKED, NOMEM, READONLY, INTERRUPT, IOERR, FULL, CANTOPEN, PROTOCOL
+            3 | 5 | 6 | 7 | 8 | 9 | 10 | 13 | 14 | 15 => StoreError::Unavailable(format!("sqlite: {message}")),
+            _ => StoreError::Corrupt(format!("sqlite: {message}")),
+        };
+    }
+    let state = d.try_downcast_ref::<PgDatabaseError>().map(|e| e.code().to_owned()).unwrap_or_default();
+    match state.get(..2).unwrap_or_default() {
+        // connection exception, insufficient resources (disk full, too many
+        // connections), operator intervention (shutdown), system error (i/o),
+        // transaction rollback (serialization, deadlock): retryable.
+        "08" | "53" | "57" | "58" | "40" => StoreError::Unavailable(format!("postgres {state}: {message}")),
+        _ if state == "25006" => StoreError::Unavailable(format!("postgres {state}: {message}")),
+        // authorization, unknown database or role
+        "28" | "3D" => StoreError::Config(format!("postgres {state}: {message}")),
+        _ => StoreError::Corrupt(format!("postgres {state}: {message}")),
+    }
+}
+
+fn migrate_err(e: MigrateError) -> StoreError {
+    match e {
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => db_err(e),
+        // Applied migrations unknown to, or different from, this binary's.
+        other => StoreError::Corrupt(format!("database schema: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use lienthong_core::audit::{EntryKind, Outcome};
+
+    fn entry(log: &str, sequence: u64) -> StoredEntry {
+        StoredEntry {
+            log_id: log.into(),
+            sequence,
+            leaf_hash: [0; 32],
+            leaf: String::new(),
+            time: OffsetDateTime::UNIX_EPOCH,
+            kind: EntryKind::Access,
+            actor: String::new(),
+            provider: String::new(),
+            record_type: String::new(),
+            purpose: String::new(),
+            outcome: Outcome::Allowed,
+            subject_hash: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_batch_must_be_consecutive_per_log() {
+        let batch = [entry("a", 3), entry("b", 0), entry("a", 4)];
+        let runs = plan_append(&batch).unwrap();
+        assert_eq!(runs.iter().map(|r| (r.log_id, r.first, r.next)).collect::<Vec<_>>(), [("a", 3, 5), ("b", 0, 1)]);
+        assert!(matches!(plan_append(&[entry("a", 3), entry("a", 3)]), Err(StoreError::AlreadyExists { .. })));
+        assert!(matches!(
+            plan_append(&[entry("a", 3), entry("a", 5)]),
+            Err(StoreError::SequenceGap { expected: 4, found: 5, .. })
+        ));
+    }
+
+    #[test]
+    fn pool_timeouts_and_io_errors_are_unavailable() {
+        assert!(matches!(db_err(sqlx::Error::PoolTimedOut), StoreError::Unavailable(_)));
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(db_err(sqlx::Error::Io(io)), StoreError::Unavailable(_)));
+        assert!(matches!(db_err(sqlx::Error::ColumnNotFound("x".into())), StoreError::Corrupt(_)));
+    }
+}

@@ -1,0 +1,588 @@
+//! One behaviour suite run against both backends: every `check_*` function is
+//! instantiated as `sqlite::*` (fresh file in a temp dir) and `postgres::*`
+//! (fresh database on a cluster shared by this test binary).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use lienthong_core::audit::{EntryKind, Outcome};
+use lienthong_core::{Compatibility, Endpoint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition, RecordTypeVersion, Role};
+use lienthong_store::testing::PgCluster;
+use lienthong_store::{
+    Backend, EntryQuery, GrantQuery, LogInfo, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead, open,
+};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+fn options(url: &str) -> StoreOptions {
+    StoreOptions { url: url.to_owned(), max_connections: 5, acquire_timeout: Duration::from_secs(5) }
+}
+
+async fn sqlite_store() -> (tempfile::TempDir, Arc<dyn Store>) {
+    let dir = tempfile::tempdir().unwrap();
+    // A nested path also proves that missing parent directories are created.
+    let url = format!("sqlite://{}/nested/dir/lienthong.db", dir.path().display());
+    let store = open(&options(&url)).await.unwrap();
+    (dir, store)
+}
+
+async fn postgres_url() -> String {
+    let cluster = PgCluster::shared().expect("PostgreSQL test cluster");
+    cluster.create_database().await.expect("create a test database")
+}
+
+/// Generates `sqlite::NAME` and `postgres::NAME` tests running `check_NAME`.
+macro_rules! on_both_backends {
+    ($($name:ident => $check:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (_dir, store) = super::sqlite_store().await;
+                assert_eq!(store.backend(), super::Backend::Sqlite);
+                super::$check(store).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let url = super::postgres_url().await;
+                let store = super::open(&super::options(&url)).await.unwrap();
+                assert_eq!(store.backend(), super::Backend::Postgres);
+                super::$check(store).await;
+            })*
+        }
+    };
+}
+
+on_both_backends! {
+    members => check_members,
+    endpoints => check_endpoints,
+    grants => check_grants,
+    record_types => check_record_types,
+    change_feed => check_change_feed,
+    logs => check_logs,
+    append_is_dense_and_atomic => check_append_is_dense_and_atomic,
+    leaf_hashes => check_leaf_hashes,
+    query_entries => check_query_entries,
+    subject_entries => check_subject_entries,
+    tree_heads => check_tree_heads,
+    ping => check_ping,
+}
+
+// === fixtures ===
+
+fn id(s: &str) -> MemberId {
+    MemberId::new(s).unwrap()
+}
+
+fn at(minute: u8) -> OffsetDateTime {
+    // Microsecond precision, which both backends store exactly.
+    datetime!(2025-03-01 10:00:00.123456 UTC).replace_minute(minute).unwrap()
+}
+
+fn member(name: &str, roles: Vec<Role>) -> Member {
+    Member {
+        id: id(name),
+        display_name: format!("Agency {name}"),
+        roles,
+        enabled: true,
+        disabled_reason: String::new(),
+        created_at: at(1),
+        updated_at: at(1),
+    }
+}
+
+fn grant(gid: &str, consumer: &str, record_type: &str, created: u8) -> Grant {
+    Grant {
+        id: gid.into(),
+        consumer: id(consumer),
+        record_type: record_type.into(),
+        fields: GrantFields::Pointers(vec!["/full_name".into(), "/children/full_name".into()]),
+        purposes: vec!["social-benefit".into(), "tax".into()],
+        valid_from: at(0),
+        valid_until: Some(datetime!(9999-12-31 23:59:59.999999 UTC)),
+        rate_limit_per_minute: 60,
+        revoked_at: None,
+        revoked_reason: String::new(),
+        created_by: id("admin"),
+        created_at: at(created),
+    }
+}
+
+fn record_type(name: &str, version: u32) -> RecordTypeVersion {
+    RecordTypeVersion {
+        definition: RecordTypeDefinition {
+            name: name.into(),
+            description: "A person's civil status".into(),
+            owner: id("civil-status"),
+            // Key order is kept, so a digest over the stored text stays valid.
+            query_schema: json!({"type": "object", "properties": {"national_id": {"type": "string"}}, "required": ["national_id"]}),
+            record_schema: json!({"type": "object", "properties": {"full_name": {"type": "string"}, "age": {"type": "integer"}}}),
+            subject_key: "national_id".into(),
+        },
+        version,
+        deprecated: false,
+        deprecation_note: String::new(),
+        registered_at: at(2),
+        registered_by: id("integrator"),
+        compatibility: if version == 1 { Compatibility::Backward } else { Compatibility::None },
+        field_pointers: vec!["/age".into(), "/full_name".into()],
+        digest: format!("{version:064x}"),
+    }
+}
+
+fn log_info(log_id: &str) -> LogInfo {
+    LogInfo { log_id: log_id.into(), public_key: vec![7; 32], created_at: at(0) }
+}
+
+fn entry(log_id: &str, sequence: u64) -> StoredEntry {
+    let n = sequence as usize;
+    StoredEntry {
+        log_id: log_id.into(),
+        sequence,
+        leaf_hash: [sequence as u8; 32],
+        leaf: format!("{{\"n\":{sequence}}}"),
+        time: at((sequence % 60) as u8),
+        kind: [EntryKind::Access, EntryKind::Admin, EntryKind::Authentication][n % 3],
+        actor: ["tax-office", "police"][n % 2].into(),
+        provider: "civil-status".into(),
+        record_type: ["ee.civil.person", "ee.civil.marriage"][n % 2].into(),
+        purpose: ["tax", "crime"][n / 2 % 2].into(),
+        outcome: [Outcome::Allowed, Outcome::Denied, Outcome::Failed, Outcome::Invalid][n % 4],
+        subject_hash: String::new(),
+    }
+}
+
+fn entries(log_id: &str, range: std::ops::Range<u64>) -> Vec<StoredEntry> {
+    range.map(|s| entry(log_id, s)).collect()
+}
+
+fn sequences(entries: &[StoredEntry]) -> Vec<u64> {
+    entries.iter().map(|e| e.sequence).collect()
+}
+
+async fn with_log(store: &Arc<dyn Store>, log_id: &str, size: u64) {
+    store.ensure_log(&log_info(log_id)).await.unwrap();
+    if size > 0 {
+        store.append_entries(&entries(log_id, 0..size)).await.unwrap();
+    }
+}
+
+// === checks ===
+
+async fn check_members(store: Arc<dyn Store>) {
+    let portal = member("portal", vec![Role::Auditor, Role::SubjectPortal]);
+    let admin = member("admin", vec![Role::Admin]);
+    let none = member("no-roles", vec![]);
+    for m in [&portal, &admin, &none] {
+        store.insert_member(m).await.unwrap();
+    }
+    assert_eq!(store.get_member("portal").await.unwrap().as_ref(), Some(&portal));
+    assert_eq!(store.get_member("nobody").await.unwrap(), None);
+
+    let mut dup = member("admin", vec![Role::Consumer]);
+    dup.display_name = "Impostor".into();
+    match store.insert_member(&dup).await {
+        Err(StoreError::AlreadyExists { what }) => assert!(what.contains("admin"), "{what}"),
+        other => panic!("duplicate member: {other:?}"),
+    }
+    assert_eq!(store.get_member("admin").await.unwrap().unwrap().display_name, "Agency admin");
+
+    let mut changed = portal.clone();
+    changed.display_name = "Citizen portal".into();
+    changed.roles = vec![Role::SubjectPortal];
+    changed.enabled = false;
+    changed.disabled_reason = "contract ended".into();
+    changed.updated_at = at(30);
+    changed.created_at = at(59); // immutable: must not be written
+    store.update_member(&changed).await.unwrap();
+    let stored = store.get_member("portal").await.unwrap().unwrap();
+    assert_eq!(stored, Member { created_at: portal.created_at, ..changed });
+
+    assert!(matches!(store.update_member(&member("ghost", vec![])).await, Err(StoreError::NotFound { .. })));
+    let ids: Vec<String> = store.list_members().await.unwrap().into_iter().map(|m| m.id.to_string()).collect();
+    assert_eq!(ids, ["admin", "no-roles", "portal"]);
+}
+
+async fn check_endpoints(store: Arc<dyn Store>) {
+    let ep = |eid: &str, provider: &str, url: &str| Endpoint {
+        id: eid.into(),
+        provider: id(provider),
+        url: url.into(),
+        created_at: at(3),
+    };
+    let a2 = ep("e-2", "civil-status", "https://a2:443");
+    let a1 = ep("e-1", "civil-status", "https://a1:443");
+    let b = ep("e-0", "business", "https://a1:443"); // same URL, other provider: allowed
+    for e in [&a2, &a1, &b] {
+        store.insert_endpoint(e).await.unwrap();
+    }
+    assert!(matches!(
+        store.insert_endpoint(&ep("e-3", "civil-status", "https://a1:443")).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(store.insert_endpoint(&ep("e-1", "other", "https://x:1")).await, Err(StoreError::AlreadyExists { .. })));
+    assert_eq!(store.list_endpoints().await.unwrap(), [b.clone(), a1.clone(), a2.clone()]);
+
+    assert_eq!(store.delete_endpoint("e-1").await.unwrap(), a1);
+    assert!(matches!(store.delete_endpoint("e-1").await, Err(StoreError::NotFound { .. })));
+    assert_eq!(store.list_endpoints().await.unwrap(), [b, a2]);
+}
+
+async fn check_grants(store: Arc<dyn Store>) {
+    let g1 = grant("g-1", "tax-office", "ee.civil.person", 1);
+    let mut g2 = grant("g-2", "police", "ee.civil.person", 2);
+    g2.fields = GrantFields::All;
+    g2.valid_until = None;
+    g2.rate_limit_per_minute = 0;
+    let g3 = grant("g-3", "tax-office", "ee.civil.marriage", 3);
+    for g in [&g1, &g2, &g3] {
+        store.insert_grant(g).await.unwrap();
+    }
+    assert!(matches!(store.insert_grant(&g1).await, Err(StoreError::AlreadyExists { .. })));
+    assert_eq!(store.get_grant("g-2").await.unwrap().as_ref(), Some(&g2));
+    assert_eq!(store.get_grant("g-9").await.unwrap(), None);
+
+    let ids = |gs: Vec<Grant>| gs.into_iter().map(|g| g.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.list_grants(&GrantQuery::default()).await.unwrap()), ["g-3", "g-2", "g-1"]);
+    let by_consumer = GrantQuery { consumer: Some("tax-office".into()), record_type: None };
+    assert_eq!(ids(store.list_grants(&by_consumer).await.unwrap()), ["g-3", "g-1"]);
+    let by_type = GrantQuery { consumer: None, record_type: Some("ee.civil.person".into()) };
+    assert_eq!(ids(store.list_grants(&by_type).await.unwrap()), ["g-2", "g-1"]);
+    let both = GrantQuery { consumer: Some("tax-office".into()), record_type: Some("ee.civil.person".into()) };
+    assert_eq!(store.list_grants(&both).await.unwrap(), [g1.clone()]);
+
+    let revoked = store.revoke_grant("g-1", "court order", at(40)).await.unwrap();
+    assert_eq!(revoked, Grant { revoked_at: Some(at(40)), revoked_reason: "court order".into(), ..g1.clone() });
+    // First revocation wins.
+    let again = store.revoke_grant("g-1", "second thoughts", at(50)).await.unwrap();
+    assert_eq!(again, revoked);
+    // Never deleted.
+    assert_eq!(store.list_grants(&both).await.unwrap(), [revoked]);
+    assert!(matches!(store.revoke_grant("g-9", "x", at(1)).await, Err(StoreError::NotFound { .. })));
+}
+
+async fn check_record_types(store: Arc<dyn Store>) {
+    let v1 = record_type("ee.civil.person", 1);
+    let v2 = record_type("ee.civil.person", 2);
+    let other = record_type("ee.business.company", 1);
+    for v in [&v2, &other, &v1] {
+        store.insert_record_type_version(v).await.unwrap();
+    }
+    let mut racing = record_type("ee.civil.person", 2);
+    racing.digest = "f".repeat(64);
+    match store.insert_record_type_version(&racing).await {
+        Err(StoreError::AlreadyExists { what }) => assert!(what.contains("version 2"), "{what}"),
+        other => panic!("duplicate version: {other:?}"),
+    }
+    assert_eq!(store.list_record_type_versions().await.unwrap(), [other.clone(), v1.clone(), v2.clone()]);
+    // Schemas come back as the same JSON text, key order included.
+    let listed = store.list_record_type_versions().await.unwrap();
+    assert_eq!(listed[1].definition.query_schema.to_string(), v1.definition.query_schema.to_string());
+
+    let deprecated = store.deprecate_record_type_version("ee.civil.person", 1, "use version 2").await.unwrap();
+    assert_eq!(
+        deprecated,
+        RecordTypeVersion { deprecated: true, deprecation_note: "use version 2".into(), ..v1 }
+    );
+    assert_eq!(store.list_record_type_versions().await.unwrap()[1], deprecated);
+    assert!(matches!(
+        store.deprecate_record_type_version("ee.civil.person", 3, "x").await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+/// Waits up to `within` for `want` on `rx`, skipping older values.
+async fn receive(rx: &mut tokio::sync::broadcast::Receiver<u64>, want: u64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(v)) if v >= want => return assert_eq!(v, want),
+            Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(e)) => panic!("change feed closed: {e}"),
+            Err(_) => panic!("change {want} not received within {within:?}"),
+        }
+    }
+}
+
+async fn check_change_feed(store: Arc<dyn Store>) {
+    assert_eq!(store.change_counter().await.unwrap(), 0);
+    let mut rx = store.subscribe_changes();
+    assert_eq!(store.publish_change().await.unwrap(), 1);
+    assert_eq!(store.publish_change().await.unwrap(), 2);
+    assert_eq!(store.change_counter().await.unwrap(), 2);
+    receive(&mut rx, 2, Duration::from_secs(1)).await;
+}
+
+async fn check_logs(store: Arc<dyn Store>) {
+    let first = store.ensure_log(&log_info("log-b")).await.unwrap();
+    assert_eq!(first, log_info("log-b"));
+    // Idempotent: a second call returns what is stored, not what was passed.
+    let again = store.ensure_log(&LogInfo { created_at: at(9), ..log_info("log-b") }).await.unwrap();
+    assert_eq!(again, first);
+    store.ensure_log(&LogInfo { created_at: at(5), ..log_info("log-a") }).await.unwrap();
+    let ids: Vec<String> = store.list_logs().await.unwrap().into_iter().map(|l| l.log_id).collect();
+    assert_eq!(ids, ["log-b", "log-a"]);
+    assert_eq!(store.log_size("log-a").await.unwrap(), 0);
+    assert!(matches!(store.log_size("log-z").await, Err(StoreError::NotFound { .. })));
+}
+
+async fn check_append_is_dense_and_atomic(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 0).await;
+    with_log(&store, "log-b", 0).await;
+    store.append_entries(&[]).await.unwrap();
+    store.append_entries(&entries("log-a", 0..3)).await.unwrap();
+    store.append_entries(&entries("log-a", 3..5)).await.unwrap();
+    assert_eq!(store.log_size("log-a").await.unwrap(), 5);
+
+    // Overlap with what is stored.
+    match store.append_entries(&entries("log-a", 4..7)).await {
+        Err(StoreError::AlreadyExists { what }) => assert!(what.contains("entry 4"), "{what}"),
+        other => panic!("overlapping batch: {other:?}"),
+    }
+    // Gap after the end.
+    assert!(matches!(
+        store.append_entries(&entries("log-a", 6..8)).await,
+        Err(StoreError::SequenceGap { expected: 5, found: 6, .. })
+    ));
+    // Gap inside the batch.
+    let mut holey = entries("log-a", 5..7);
+    holey.push(entry("log-a", 8));
+    assert!(matches!(store.append_entries(&holey).await, Err(StoreError::SequenceGap { .. })));
+    // A batch spanning two logs is all or nothing: log-b's part is fine, log-a's is not.
+    let mut mixed = entries("log-b", 0..2);
+    mixed.extend(entries("log-a", 6..7));
+    assert!(matches!(store.append_entries(&mixed).await, Err(StoreError::SequenceGap { .. })));
+    assert!(matches!(store.append_entries(&entries("log-z", 0..1)).await, Err(StoreError::NotFound { .. })));
+
+    // Nothing of the refused batches was written.
+    assert_eq!(store.log_size("log-a").await.unwrap(), 5);
+    assert_eq!(store.log_size("log-b").await.unwrap(), 0);
+    let all = store.query_entries(&EntryQuery { log_id: "log-a".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(all, entries("log-a", 0..5));
+
+    // Both logs continue in one batch.
+    let mut both = entries("log-b", 0..2);
+    both.extend(entries("log-a", 5..6));
+    store.append_entries(&both).await.unwrap();
+    assert_eq!(store.log_size("log-a").await.unwrap(), 6);
+    assert_eq!(store.log_size("log-b").await.unwrap(), 2);
+}
+
+async fn check_leaf_hashes(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 5).await;
+    let hashes = |r: std::ops::Range<u64>| r.map(|s| [s as u8; 32]).collect::<Vec<_>>();
+    assert_eq!(store.leaf_hashes("log-a", 0, 5).await.unwrap(), hashes(0..5));
+    assert_eq!(store.leaf_hashes("log-a", 2, 4).await.unwrap(), hashes(2..4));
+    assert!(store.leaf_hashes("log-a", 5, 5).await.unwrap().is_empty());
+    assert!(matches!(store.leaf_hashes("log-a", 3, 6).await, Err(StoreError::NotFound { .. })));
+}
+
+async fn check_query_entries(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 12).await;
+    with_log(&store, "log-b", 3).await;
+    let q = || EntryQuery { log_id: "log-a".into(), ..Default::default() };
+    let run = |query: EntryQuery| {
+        let store = store.clone();
+        async move { sequences(&store.query_entries(&query).await.unwrap()) }
+    };
+    assert_eq!(run(q()).await, (0..12).collect::<Vec<_>>());
+    assert_eq!(run(EntryQuery { actor: Some("police".into()), ..q() }).await, [1, 3, 5, 7, 9, 11]);
+    assert_eq!(run(EntryQuery { provider: Some("civil-status".into()), ..q() }).await.len(), 12);
+    assert_eq!(run(EntryQuery { provider: Some("other".into()), ..q() }).await, Vec::<u64>::new());
+    assert_eq!(run(EntryQuery { record_type: Some("ee.civil.person".into()), ..q() }).await, [0, 2, 4, 6, 8, 10]);
+    assert_eq!(run(EntryQuery { purpose: Some("crime".into()), ..q() }).await, [2, 3, 6, 7, 10, 11]);
+    assert_eq!(run(EntryQuery { outcome: Some(Outcome::Denied), ..q() }).await, [1, 5, 9]);
+    assert_eq!(run(EntryQuery { kind: Some(EntryKind::Authentication), ..q() }).await, [2, 5, 8, 11]);
+    assert_eq!(run(EntryQuery { since: Some(at(4)), until: Some(at(7)), ..q() }).await, [4, 5, 6]);
+    let combined = EntryQuery { actor: Some("police".into()), outcome: Some(Outcome::Denied), since: Some(at(2)), ..q() };
+    assert_eq!(run(combined).await, [5, 9]);
+
+    // Paging: from_sequence continues after the last entry seen.
+    let mut seen = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = store.query_entries(&EntryQuery { from_sequence: from, limit: 5, ..q() }).await.unwrap();
+        assert!(page.len() <= 5);
+        let Some(last) = page.last() else { break };
+        from = last.sequence + 1;
+        seen.extend(sequences(&page));
+    }
+    assert_eq!(seen, (0..12).collect::<Vec<_>>());
+    // Every column round-trips.
+    assert_eq!(store.query_entries(&EntryQuery { from_sequence: 7, limit: 1, ..q() }).await.unwrap(), [entry("log-a", 7)]);
+    assert_eq!(run(EntryQuery { log_id: "log-b".into(), ..Default::default() }).await, [0, 1, 2]);
+}
+
+async fn check_subject_entries(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 0).await;
+    with_log(&store, "log-b", 0).await;
+    let subject = |mut e: StoredEntry, hash: &str, minute: u8| {
+        e.subject_hash = hash.into();
+        e.time = at(minute);
+        e
+    };
+    store
+        .append_entries(&[
+            subject(entry("log-a", 0), "aa11", 1),
+            subject(entry("log-a", 1), "bb22", 2),
+            subject(entry("log-a", 2), "aa11", 5),
+            entry("log-a", 3),
+        ])
+        .await
+        .unwrap();
+    store
+        .append_entries(&[subject(entry("log-b", 0), "aa11", 3), subject(entry("log-b", 1), "aa11", 7)])
+        .await
+        .unwrap();
+    let found = store.subject_entries("aa11", None, 0).await.unwrap();
+    let keys: Vec<(String, u64)> = found.iter().map(|e| (e.log_id.clone(), e.sequence)).collect();
+    assert_eq!(keys, [("log-b".into(), 1), ("log-a".into(), 2), ("log-b".into(), 0), ("log-a".into(), 0)]);
+    assert!(found.iter().all(|e| e.subject_hash == "aa11"));
+    assert_eq!(store.subject_entries("aa11", Some(at(3)), 0).await.unwrap().len(), 3);
+    assert_eq!(store.subject_entries("aa11", None, 2).await.unwrap(), found[..2]);
+    assert!(store.subject_entries("cc33", None, 0).await.unwrap().is_empty());
+    // Entries without a subject are never "the subject ''".
+    assert!(store.subject_entries("", None, 0).await.unwrap().is_empty());
+}
+
+async fn check_tree_heads(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 0).await;
+    assert_eq!(store.latest_tree_head("log-a").await.unwrap(), None);
+    let head = |size: u64, root: u8, ts: u64| StoredTreeHead {
+        log_id: "log-a".into(),
+        tree_size: size,
+        root_hash: [root; 32],
+        timestamp_ms: ts,
+        signature: vec![root; 64],
+    };
+    store.insert_tree_head(&head(5, 1, 1000)).await.unwrap();
+    store.insert_tree_head(&head(3, 2, 900)).await.unwrap();
+    assert_eq!(store.latest_tree_head("log-a").await.unwrap(), Some(head(5, 1, 1000)));
+    // Re-signing the same tree later refreshes the head.
+    store.insert_tree_head(&head(5, 1, 2000)).await.unwrap();
+    assert_eq!(store.latest_tree_head("log-a").await.unwrap(), Some(head(5, 1, 2000)));
+    // An older signature of the same tree is accepted but does not go back in time.
+    store.insert_tree_head(&head(5, 1, 1500)).await.unwrap();
+    assert_eq!(store.latest_tree_head("log-a").await.unwrap(), Some(head(5, 1, 2000)));
+    // Another root for the same size would be a fork.
+    assert!(matches!(store.insert_tree_head(&head(5, 9, 3000)).await, Err(StoreError::AlreadyExists { .. })));
+    assert_eq!(store.latest_tree_head("log-a").await.unwrap(), Some(head(5, 1, 2000)));
+    let orphan = StoredTreeHead { log_id: "log-z".into(), ..head(1, 1, 1) };
+    assert!(matches!(store.insert_tree_head(&orphan).await, Err(StoreError::NotFound { .. })));
+}
+
+async fn check_ping(store: Arc<dyn Store>) {
+    store.ping().await.unwrap();
+}
+
+// === backend-specific ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_appends_20000_entries_in_batches_of_500() {
+    let (_dir, store) = sqlite_store().await;
+    with_log(&store, "log-a", 0).await;
+    let all = entries("log-a", 0..20_000);
+    for batch in all.chunks(500) {
+        store.append_entries(batch).await.unwrap();
+    }
+    assert_eq!(store.log_size("log-a").await.unwrap(), 20_000);
+    assert_eq!(store.leaf_hashes("log-a", 19_998, 20_000).await.unwrap(), [[(19_998 % 256) as u8; 32], [(19_999 % 256) as u8; 32]]);
+}
+
+#[tokio::test]
+async fn sqlite_file_is_in_wal_mode_and_reopens_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    for url in [format!("sqlite:{}", path.display()), path.display().to_string()] {
+        let store = open(&options(&url)).await.unwrap();
+        if store.list_members().await.unwrap().is_empty() {
+            store.insert_member(&member("admin", vec![Role::Admin])).await.unwrap();
+        } else {
+            assert_eq!(store.list_members().await.unwrap(), [member("admin", vec![Role::Admin])]);
+        }
+    }
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn sqlite_in_memory_store_works() {
+    let store = open(&options("sqlite::memory:")).await.unwrap();
+    with_log(&store, "log-a", 3).await;
+    assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+}
+
+#[tokio::test]
+async fn unsupported_scheme_is_a_config_error_without_the_password() {
+    match open(&options("mysql://root:hunter2@db/lienthong")).await {
+        Err(StoreError::Config(m)) => {
+            assert!(m.contains("mysql") && !m.contains("hunter2"), "{m}");
+        }
+        other => panic!("mysql URL accepted: {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_change_reaches_another_handle_within_a_second() {
+    let url = postgres_url().await;
+    let writer = open(&options(&url)).await.unwrap();
+    let reader = open(&options(&url)).await.unwrap();
+    let mut rx = reader.subscribe_changes();
+    // Let the reader's listener connect; a change made before that is caught
+    // up anyway (it sends the current counter once listening).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let value = writer.publish_change().await.unwrap();
+    receive(&mut rx, value, Duration::from_secs(1)).await;
+    let value = writer.publish_change().await.unwrap();
+    receive(&mut rx, value, Duration::from_secs(1)).await;
+    assert_eq!(reader.change_counter().await.unwrap(), value);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_opens_of_a_fresh_database_both_succeed() {
+    let url = postgres_url().await;
+    let opts = options(&url);
+    let (a, b, c) = tokio::join!(open(&opts), open(&opts), open(&opts));
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    a.insert_member(&member("admin", vec![Role::Admin])).await.unwrap();
+    assert_eq!(b.list_members().await.unwrap().len(), 1);
+    assert_eq!(c.change_counter().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_fails_fast_and_the_same_handle_recovers() {
+    // A private cluster: stopping the shared one would break concurrent tests.
+    let cluster = PgCluster::start().expect("PostgreSQL test cluster");
+    let url = cluster.create_database().await.unwrap();
+    let opts = StoreOptions { acquire_timeout: Duration::from_secs(2), ..options(&url) };
+    let store = open(&opts).await.unwrap();
+    with_log(&store, "log-a", 2).await;
+    let mut rx = store.subscribe_changes();
+    store.ping().await.unwrap();
+
+    tokio::task::block_in_place(|| cluster.stop()).unwrap();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let ping = store.ping().await;
+        assert!(matches!(ping, Err(StoreError::Unavailable(_))), "{ping:?}");
+        let append = store.append_entries(&entries("log-a", 2..3)).await;
+        assert!(matches!(append, Err(StoreError::Unavailable(_))), "{append:?}");
+        assert!(started.elapsed() < Duration::from_secs(6), "took {:?}", started.elapsed());
+    }
+
+    tokio::task::block_in_place(|| cluster.restart()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "store did not recover after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.append_entries(&entries("log-a", 2..3)).await.unwrap();
+    assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+    // The change listener reconnects too.
+    let value = store.publish_change().await.unwrap();
+    receive(&mut rx, value, Duration::from_secs(10)).await;
+}

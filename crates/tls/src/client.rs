@@ -1,0 +1,269 @@
+//! Client side: rustls config with optional server identity pinning, and tonic channels.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::identity::{Identity, identity_of, is_valid_trust_domain};
+use crate::{TlsError, TlsMaterial, provider};
+
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client config presenting `material`'s certificate and trusting `material.roots`.
+///
+/// The server's chain and host name are always verified. With `expected_server =
+/// Some((trust_domain, identity))` the server certificate must also carry exactly that
+/// SPIFFE identity, so e.g. the broker only ever sends a lookup to the member that owns
+/// the register, never to another member's server at the same address.
+pub fn client_config(
+    material: &TlsMaterial,
+    expected_server: Option<(&str, Identity)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for root in &material.roots {
+        roots.add(root.clone())?;
+    }
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+    let builder = match expected_server {
+        None => builder.with_webpki_verifier(webpki),
+        Some((trust_domain, expected)) => {
+            if !is_valid_trust_domain(trust_domain) {
+                return Err(TlsError::InvalidRequest(format!(
+                    "trust domain {trust_domain:?} is invalid"
+                )));
+            }
+            // Not actually dangerous: the pinned verifier runs the full webpki check first.
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
+                    inner: webpki,
+                    trust_domain: trust_domain.to_owned(),
+                    expected,
+                }))
+        }
+    };
+    let mut config = builder.with_client_auth_cert(material.chain.clone(), material.key.clone_key())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// WebPKI server verification plus an exact SPIFFE identity match.
+#[derive(Debug)]
+struct PinnedServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    trust_domain: String,
+    expected: Identity,
+}
+
+/// The server's certificate is valid but names someone else.
+#[derive(thiserror::Error)]
+#[error("server is not {expected}: {found}")]
+struct WrongServerIdentity {
+    expected: String,
+    found: String,
+}
+
+// rustls renders `CertificateError::Other` with `Debug`; make that the readable message.
+impl std::fmt::Debug for WrongServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl ServerCertVerifier for PinnedServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let found = match identity_of(&parsed, &self.trust_domain) {
+            Ok(identity) if identity == self.expected => return Ok(ServerCertVerified::assertion()),
+            Ok(identity) => format!("its certificate names {}", identity.spiffe_uri(&self.trust_domain)),
+            Err(reason) => format!("its certificate has no usable identity ({reason})"),
+        };
+        Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+            Arc::new(WrongServerIdentity {
+                expected: self.expected.spiffe_uri(&self.trust_domain),
+                found,
+            }),
+        ))))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Connects a tonic channel to `url` (`https://host:port`) over mutual TLS, eagerly.
+///
+/// `connect_timeout` bounds TCP connect plus TLS handshake.
+pub async fn connect_channel(
+    url: &str,
+    config: Arc<ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = endpoint(url, config, connect_timeout)?;
+    endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| TlsError::Connect {
+            url: url.to_owned(),
+            detail: error_chain(&e),
+        })
+}
+
+/// Like [`connect_channel`] but connects on first use (and reconnects as needed).
+pub fn lazy_channel(url: &str, config: Arc<ClientConfig>, connect_timeout: Duration) -> Result<Channel, TlsError> {
+    let (endpoint, connector) = endpoint(url, config, connect_timeout)?;
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+fn endpoint(
+    url: &str,
+    config: Arc<ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<(Endpoint, MtlsConnector), TlsError> {
+    let bad = |reason: &str| TlsError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(bad("the scheme must be https"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad("a host is required"))?;
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("give only https://host:port, without a path"));
+    }
+    // tonic refuses `https` URIs unless its own TLS is configured, so the endpoint dials
+    // `http://` through our TLS connector while `origin` keeps `https` on the requests.
+    let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+        .map_err(|e| bad(&error_chain(&e)))?
+        .origin(uri.clone())
+        .connect_timeout(connect_timeout)
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    Ok((
+        endpoint,
+        MtlsConnector {
+            tls: tokio_rustls::TlsConnector::from(config),
+        },
+    ))
+}
+
+/// Dials TCP and runs the TLS handshake, verifying the server against the URI host.
+#[derive(Clone)]
+struct MtlsConnector {
+    tls: tokio_rustls::TlsConnector,
+}
+
+type MtlsIo = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+
+impl tower_service::Service<http::Uri> for MtlsConnector {
+    type Response = MtlsIo;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<MtlsIo>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let tls = self.tls.clone();
+        Box::pin(async move {
+            let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("no host in {uri}")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            let server_name = ServerName::try_from(host.clone())
+                .map_err(|e| invalid(format!("{host:?} is not a valid server name: {e}")))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(TokioIo::new(tls.connect(server_name, tcp).await?))
+        })
+    }
+}
+
+/// An error with its causes, outermost first, skipping causes already quoted.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{CertificateAuthority, IssueSpec};
+
+    #[test]
+    fn endpoint_urls_are_checked() {
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let issued = ca.issue(&IssueSpec::member("m1")).unwrap();
+        let material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+        let config = client_config(&material, None).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+        for bad in ["http://localhost:1", "localhost:1", "https://", "https://h:1/x", "::"] {
+            assert!(
+                matches!(
+                    lazy_channel(bad, config.clone(), Duration::from_secs(1)),
+                    Err(TlsError::BadUrl { .. })
+                ),
+                "{bad} should be refused"
+            );
+        }
+    }
+}

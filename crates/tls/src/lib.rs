@@ -1,0 +1,112 @@
+//! Mutual TLS for every lienthong connection.
+//!
+//! * [`CertificateAuthority`], [`init_dir`], [`issue_member_in_dir`]: the federation PKI
+//!   (ECDSA P-256, SPIFFE-style URI SANs `spiffe://<trust-domain>/member/<id>` and
+//!   `spiffe://<trust-domain>/broker`).
+//! * [`TlsMaterial`]: PEM loading.
+//! * [`ServerTls`], [`incoming`], [`MtlsStream`], [`PeerInfo`]: the server side. Client
+//!   certificates are requested but verified *after* the handshake, so a client with no
+//!   certificate, a foreign certificate or an expired one still reaches the application,
+//!   which answers `UNAUTHENTICATED` with a precise reason and audits the attempt. Handshake
+//!   signatures are always checked, so nobody can present a certificate whose key they lack.
+//! * [`client_config`], [`connect_channel`], [`lazy_channel`]: the client side, optionally
+//!   pinned to the exact SPIFFE identity of the server.
+//!
+//! Everything uses rustls' `ring` provider explicitly; no process-wide default is needed,
+//! but [`install_crypto_provider`] is offered for other rustls users in the process.
+
+mod client;
+mod identity;
+mod material;
+mod pki;
+mod server;
+
+use std::path::PathBuf;
+
+pub use client::{client_config, connect_channel, lazy_channel};
+pub use identity::{AuthError, Identity};
+pub use material::{TlsFiles, TlsMaterial};
+pub use pki::{CertificateAuthority, IssueSpec, IssuedCert, init_dir, issue_member_in_dir, trust_domain_from_ca_cert};
+pub use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+pub use server::{AcceptOptions, MtlsStream, PeerInfo, ServerTls, incoming, peer_info};
+
+/// Installs rustls' `ring` provider as the process default; a no-op if one is installed.
+pub fn install_crypto_provider() {
+    // Err means some provider is already installed, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The crypto provider every config in this crate is built with.
+pub(crate) fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Why certificate material could not be produced, loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("cannot access {}: {source}", path.display())]
+    Io {
+        /// The file concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("no PEM certificate found in {}", path.display())]
+    NoCertificate {
+        /// The file concerned.
+        path: PathBuf,
+    },
+    /// A key file holds no private key.
+    #[error("no PEM private key (PKCS#8, PKCS#1 or SEC1) found in {}", path.display())]
+    NoKey {
+        /// The file concerned.
+        path: PathBuf,
+    },
+    /// A file is not valid PEM, or holds something other than what was expected.
+    #[error("{} is not usable: {reason}", path.display())]
+    BadPem {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `init` would overwrite an existing CA key.
+    #[error(
+        "refusing to overwrite existing CA key {}; move it away first if you really want a new federation CA",
+        path.display()
+    )]
+    AlreadyExists {
+        /// The existing key file.
+        path: PathBuf,
+    },
+    /// A trust domain, member id, host name or validity period is unacceptable.
+    #[error("invalid certificate request: {0}")]
+    InvalidRequest(String),
+    /// rustls refused the material (e.g. key does not match certificate).
+    #[error("tls configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A certificate verifier could not be built from the CA roots.
+    #[error("cannot build certificate verifier from the CA roots: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// rcgen failed to generate or sign a certificate.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A URL given to the client is unusable.
+    #[error("invalid endpoint url {url:?}: {reason}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The connection or TLS handshake to a server failed.
+    #[error("cannot connect to {url}: {detail}")]
+    Connect {
+        /// The URL dialled.
+        url: String,
+        /// The error and its causes, outermost first.
+        detail: String,
+    },
+}

@@ -1,0 +1,100 @@
+//! Loading the CA roots, certificate chain and private key from PEM.
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::TlsError;
+
+/// Where a node's TLS files live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The federation CA certificate(s) trusted for peers.
+    pub ca: PathBuf,
+    /// This node's certificate chain (end entity first).
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// Parsed TLS material: trusted roots, own chain and own key.
+pub struct TlsMaterial {
+    /// Trust anchors for verifying peers.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Own certificate chain, end entity first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Own private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsMaterial {
+    fn clone(&self) -> Self {
+        TlsMaterial {
+            roots: self.roots.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is deliberately left out.
+        f.debug_struct("TlsMaterial")
+            .field("roots", &self.roots.len())
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsMaterial {
+    /// Reads and parses the three PEM files.
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        Ok(TlsMaterial {
+            roots: certs(&read(&files.ca)?, &files.ca)?,
+            chain: certs(&read(&files.cert)?, &files.cert)?,
+            key: key(&read(&files.key)?, &files.key)?,
+        })
+    }
+
+    /// Parses PEM text held in memory (errors name the part as `<ca>`, `<cert>`, `<key>`).
+    pub fn from_pem(ca: &str, cert: &str, key_pem: &str) -> Result<Self, TlsError> {
+        Ok(TlsMaterial {
+            roots: certs(ca, Path::new("<ca>"))?,
+            chain: certs(cert, Path::new("<cert>"))?,
+            key: key(key_pem, Path::new("<key>"))?,
+        })
+    }
+}
+
+pub(crate) fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// All certificates in `pem`; at least one is required.
+pub(crate) fn certs(pem: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad_pem(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate { path: path.to_owned() });
+    }
+    Ok(certs)
+}
+
+/// The first private key in `pem`.
+pub(crate) fn key(pem: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| bad_pem(path, e))?
+        .ok_or_else(|| TlsError::NoKey { path: path.to_owned() })
+}
+
+fn bad_pem(path: &Path, e: std::io::Error) -> TlsError {
+    TlsError::BadPem {
+        path: path.to_owned(),
+        reason: format!("malformed PEM: {e}"),
+    }
+}

@@ -1,0 +1,471 @@
+//! The federation PKI: one self-signed ECDSA P-256 CA issuing broker and member certificates.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+use time::{Duration, OffsetDateTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+use crate::TlsError;
+use crate::identity::{Identity, is_valid_member_id, is_valid_trust_domain};
+use crate::material::{certs, read};
+
+const CA_VALIDITY: Duration = Duration::days(3650);
+const LEAF_VALIDITY: Duration = Duration::days(365);
+/// Back-dating absorbs modest clock skew between the issuing and verifying machines.
+const BACKDATE: Duration = Duration::hours(1);
+
+/// The federation certificate authority.
+pub struct CertificateAuthority {
+    trust_domain: String,
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Creates a new CA for `trust_domain`, valid for ten years.
+    ///
+    /// The trust domain is recorded as the CA's URI SAN `spiffe://<trust-domain>` so
+    /// [`trust_domain_from_ca_cert`] can recover it later.
+    pub fn generate(trust_domain: &str) -> Result<Self, TlsError> {
+        check_trust_domain(trust_domain)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&format!("lienthong federation CA {trust_domain}"));
+        params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+        // Path length 0: the CA signs leaves directly and nothing else.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + CA_VALIDITY;
+        let cert = params.self_signed(&key)?;
+        Ok(CertificateAuthority {
+            trust_domain: trust_domain.to_owned(),
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads an existing CA; the key must match the certificate, and if the certificate
+    /// records a trust domain it must be `trust_domain`.
+    pub fn load(cert_pem_path: &Path, key_pem_path: &Path, trust_domain: &str) -> Result<Self, TlsError> {
+        check_trust_domain(trust_domain)?;
+        let cert_pem = read(cert_pem_path)?;
+        let der = certs(&cert_pem, cert_pem_path)?.swap_remove(0);
+        let bad_cert = |reason: String| TlsError::BadPem {
+            path: cert_pem_path.to_owned(),
+            reason,
+        };
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| bad_cert(format!("unparsable certificate: {e}")))?;
+        if !parsed.is_ca() {
+            return Err(bad_cert("certificate is not a CA (basicConstraints CA:false)".into()));
+        }
+        if let Some(found) = recorded_trust_domain(&parsed)
+            && found != trust_domain
+        {
+            return Err(bad_cert(format!(
+                "CA belongs to trust domain {found:?}, not {trust_domain:?}"
+            )));
+        }
+        let bad_key = |reason: String| TlsError::BadPem {
+            path: key_pem_path.to_owned(),
+            reason,
+        };
+        let key = KeyPair::from_pem(&read(key_pem_path)?).map_err(|e| bad_key(format!("unusable private key: {e}")))?;
+        if key.public_key_raw() != parsed.public_key().subject_public_key.data.as_ref() {
+            return Err(bad_key(format!(
+                "private key does not belong to the CA certificate {}",
+                cert_pem_path.display()
+            )));
+        }
+        let issuer = Issuer::from_ca_cert_der(&der, key).map_err(|e| bad_cert(format!("cannot use as issuer: {e}")))?;
+        Ok(CertificateAuthority {
+            trust_domain: trust_domain.to_owned(),
+            cert_pem,
+            issuer,
+        })
+    }
+
+    /// The federation's trust domain.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The CA certificate in PEM.
+    pub fn cert_pem(&self) -> String {
+        self.cert_pem.clone()
+    }
+
+    /// The CA private key in PEM (PKCS#8). Secret: store with mode 0600.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Issues a leaf certificate usable both as TLS client and TLS server.
+    pub fn issue(&self, spec: &IssueSpec) -> Result<IssuedCert, TlsError> {
+        let common_name = match &spec.identity {
+            Identity::Broker => "broker".to_owned(),
+            Identity::Member(id) if is_valid_member_id(id) => id.clone(),
+            Identity::Member(id) => {
+                return Err(TlsError::InvalidRequest(format!(
+                    "member id {id:?} is invalid: use 2 to 63 characters from a-z, 0-9 and '-', starting with a letter or digit"
+                )));
+            }
+        };
+        if spec.not_before >= spec.not_after {
+            return Err(TlsError::InvalidRequest(
+                "not_before must be earlier than not_after".into(),
+            ));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&common_name);
+        params.subject_alt_names = vec![SanType::URI(spec.identity.spiffe_uri(&self.trust_domain).try_into()?)];
+        for host in &spec.hosts {
+            params.subject_alt_names.push(match host.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) if !host.is_empty() => SanType::DnsName(host.as_str().try_into()?),
+                Err(_) => return Err(TlsError::InvalidRequest("empty host name".into())),
+            });
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// What to put in a leaf certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssueSpec {
+    /// The identity written as the URI SAN.
+    pub identity: Identity,
+    /// DNS names or IP addresses the holder serves on (e.g. `localhost`, `127.0.0.1`).
+    pub hosts: Vec<String>,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
+}
+
+impl IssueSpec {
+    /// A member certificate valid from an hour ago for one year, for localhost.
+    pub fn member(id: &str) -> Self {
+        Self::default_for(Identity::Member(id.to_owned()))
+    }
+
+    /// A broker certificate valid from an hour ago for one year, for localhost.
+    pub fn broker() -> Self {
+        Self::default_for(Identity::Broker)
+    }
+
+    fn default_for(identity: Identity) -> Self {
+        let now = OffsetDateTime::now_utc();
+        IssueSpec {
+            identity,
+            hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            not_before: now - BACKDATE,
+            not_after: now + LEAF_VALIDITY,
+        }
+    }
+}
+
+/// A freshly issued certificate and its private key, both PEM.
+#[derive(Clone)]
+pub struct IssuedCert {
+    /// The certificate.
+    pub cert_pem: String,
+    /// The private key (PKCS#8). Secret.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert").finish_non_exhaustive()
+    }
+}
+
+impl IssuedCert {
+    /// Writes `dir/<stem>.pem` and `dir/<stem>.key` (mode 0600), replacing existing files.
+    pub fn write(&self, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+        let cert_path = dir.join(format!("{stem}.pem"));
+        let key_path = dir.join(format!("{stem}.key"));
+        write_file(&key_path, &self.key_pem, Mode::Secret)?;
+        write_file(&cert_path, &self.cert_pem, Mode::Public)?;
+        Ok((cert_path, key_path))
+    }
+}
+
+/// `lienthong certs init`: writes `ca.pem`, `ca.key`, `broker.pem`, `broker.key` into `dir`.
+///
+/// Refuses to run if `dir/ca.key` exists: replacing the CA would silently invalidate every
+/// certificate the federation has issued.
+pub fn init_dir(dir: &Path, trust_domain: &str) -> Result<(), TlsError> {
+    let ca_key = dir.join("ca.key");
+    if ca_key.exists() {
+        return Err(TlsError::AlreadyExists { path: ca_key });
+    }
+    let ca = CertificateAuthority::generate(trust_domain)?;
+    let broker = ca.issue(&IssueSpec::broker())?;
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    write_file(&ca_key, &ca.key_pem(), Mode::SecretCreateNew)?;
+    write_file(&dir.join("ca.pem"), &ca.cert_pem(), Mode::Public)?;
+    broker.write(dir, "broker")?;
+    Ok(())
+}
+
+/// `lienthong certs issue`: signs `dir/<member_id>.pem` + `.key` with `dir/ca.pem` + `ca.key`.
+///
+/// The trust domain is read back from the CA certificate. An empty `hosts` means the
+/// defaults of [`IssueSpec::member`] (`localhost`, `127.0.0.1`).
+pub fn issue_member_in_dir(dir: &Path, member_id: &str, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    let ca_pem = dir.join("ca.pem");
+    let trust_domain = trust_domain_from_ca_cert(&ca_pem)?;
+    let ca = CertificateAuthority::load(&ca_pem, &dir.join("ca.key"), &trust_domain)?;
+    let mut spec = IssueSpec::member(member_id);
+    if !hosts.is_empty() {
+        spec.hosts = hosts.to_vec();
+    }
+    ca.issue(&spec)?.write(dir, member_id)
+}
+
+/// The trust domain recorded in a CA certificate written by [`CertificateAuthority::generate`].
+pub fn trust_domain_from_ca_cert(cert_pem_path: &Path) -> Result<String, TlsError> {
+    let der = certs(&read(cert_pem_path)?, cert_pem_path)?.swap_remove(0);
+    let bad = |reason: String| TlsError::BadPem {
+        path: cert_pem_path.to_owned(),
+        reason,
+    };
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| bad(format!("unparsable certificate: {e}")))?;
+    recorded_trust_domain(&parsed).ok_or_else(|| {
+        bad("CA certificate records no spiffe://<trust-domain> URI; was it made by `lienthong certs init`?".into())
+    })
+}
+
+/// The `spiffe://<td>` URI SAN (no path) of a CA certificate.
+fn recorded_trust_domain(cert: &X509Certificate<'_>) -> Option<String> {
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => uri
+            .strip_prefix("spiffe://")
+            .filter(|td| is_valid_trust_domain(td))
+            .map(str::to_owned),
+        _ => None,
+    })
+}
+
+fn check_trust_domain(td: &str) -> Result<(), TlsError> {
+    if is_valid_trust_domain(td) {
+        Ok(())
+    } else {
+        Err(TlsError::InvalidRequest(format!(
+            "trust domain {td:?} is invalid: use 1 to 255 characters from a-z, 0-9, '.', '-' and '_'"
+        )))
+    }
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "lienthong");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Public,
+    Secret,
+    /// A secret that must not replace an existing file.
+    SecretCreateNew,
+}
+
+fn write_file(path: &Path, contents: &str, mode: Mode) -> Result<(), TlsError> {
+    let io_err = |source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = OpenOptions::new();
+    options.write(true);
+    if mode == Mode::SecretCreateNew {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(true);
+    }
+    #[cfg(unix)]
+    if mode != Mode::Public {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            TlsError::AlreadyExists { path: path.to_owned() }
+        } else {
+            io_err(e)
+        }
+    })?;
+    // `mode` only applies on creation; tighten a pre-existing key file before writing to it.
+    #[cfg(unix)]
+    if mode != Mode::Public {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err)?;
+    }
+    file.write_all(contents.as_bytes()).map_err(io_err)?;
+    file.sync_all().map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[cfg(unix)]
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_then_issue_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs_dir = dir.path().join("certs");
+        init_dir(&certs_dir, "gov.example").unwrap();
+        for f in ["ca.pem", "ca.key", "broker.pem", "broker.key"] {
+            assert!(certs_dir.join(f).is_file(), "{f} missing");
+        }
+        assert_eq!(
+            trust_domain_from_ca_cert(&certs_dir.join("ca.pem")).unwrap(),
+            "gov.example"
+        );
+
+        let (cert, key) = issue_member_in_dir(&certs_dir, "tax-office", &["tax.internal".into()]).unwrap();
+        assert_eq!(cert, certs_dir.join("tax-office.pem"));
+        assert_eq!(key, certs_dir.join("tax-office.key"));
+
+        let pem = std::fs::read_to_string(&cert).unwrap();
+        let der = certs(&pem, &cert).unwrap().swap_remove(0);
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            crate::identity::identity_of(&parsed, "gov.example"),
+            Ok(Identity::Member("tax-office".into()))
+        );
+        let names = format!("{:?}", parsed.subject_alternative_name().unwrap());
+        assert!(names.contains("tax.internal"), "{names}");
+        assert!(!names.contains("localhost"), "explicit hosts replace the defaults");
+
+        // The member certificate verifies against the CA written by init.
+        let material = crate::TlsMaterial::load(&crate::TlsFiles {
+            ca: certs_dir.join("ca.pem"),
+            cert,
+            key: key.clone(),
+        })
+        .unwrap();
+        let server = crate::ServerTls::new(&material, "gov.example").unwrap();
+        assert_eq!(
+            server.verify_peer(Some(&material.chain)).0,
+            Ok(Identity::Member("tax-office".into()))
+        );
+
+        #[cfg(unix)]
+        {
+            assert_eq!(mode_of(&certs_dir.join("ca.key")), 0o600);
+            assert_eq!(mode_of(&certs_dir.join("broker.key")), 0o600);
+            assert_eq!(mode_of(&key), 0o600);
+        }
+    }
+
+    #[test]
+    fn init_refuses_to_overwrite_the_ca_key() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "gov").unwrap();
+        let before = std::fs::read(dir.path().join("ca.key")).unwrap();
+        let err = init_dir(dir.path(), "gov").unwrap_err();
+        assert!(matches!(err, TlsError::AlreadyExists { .. }));
+        assert!(err.to_string().contains("ca.key"), "{err}");
+        assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), before);
+    }
+
+    #[test]
+    fn rewriting_a_key_tightens_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let key = dir.path().join("m1.key");
+        std::fs::write(&key, "old").unwrap();
+        ca.issue(&IssueSpec::member("m1"))
+            .unwrap()
+            .write(dir.path(), "m1")
+            .unwrap();
+        #[cfg(unix)]
+        assert_eq!(mode_of(&key), 0o600);
+        assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn load_checks_key_and_trust_domain() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "gov").unwrap();
+        let (ca_pem, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+        assert_eq!(
+            CertificateAuthority::load(&ca_pem, &ca_key, "gov")
+                .unwrap()
+                .trust_domain(),
+            "gov"
+        );
+        let err = CertificateAuthority::load(&ca_pem, &ca_key, "other").unwrap_err();
+        assert!(err.to_string().contains("\"gov\""), "{err}");
+        // broker.key is a valid key, but not the CA's.
+        let err = CertificateAuthority::load(&ca_pem, &dir.path().join("broker.key"), "gov").unwrap_err();
+        assert!(err.to_string().contains("does not belong"), "{err}");
+        // broker.pem is not a CA.
+        let err = CertificateAuthority::load(&dir.path().join("broker.pem"), &ca_key, "gov").unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn issue_rejects_bad_requests() {
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        assert!(matches!(
+            ca.issue(&IssueSpec::member("../etc")),
+            Err(TlsError::InvalidRequest(_))
+        ));
+        let mut spec = IssueSpec::member("m1");
+        spec.not_after = spec.not_before;
+        assert!(matches!(ca.issue(&spec), Err(TlsError::InvalidRequest(_))));
+        assert!(matches!(
+            CertificateAuthority::generate("Bad/Domain"),
+            Err(TlsError::InvalidRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,495 @@
+//! Server side: TLS with deferred client verification, and a concurrent TLS accept stream.
+//!
+//! The TLS handshake asks for a client certificate but accepts any (or none), checking
+//! only that the client holds the private key of what it presents. Right after the
+//! handshake, [`ServerTls::verify_peer`] checks the chain against the federation CA and
+//! reads the SPIFFE identity; the outcome travels with the connection as [`PeerInfo`]
+//! so handlers can answer `UNAUTHENTICATED` with a precise reason and audit the attempt.
+//! Handlers must therefore refuse every request whose `PeerInfo::identity` is an `Err`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::identity::{AuthError, Identity, identity_of, is_valid_trust_domain};
+use crate::{TlsError, TlsMaterial, provider};
+
+/// What the server learned about a connected client.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// The client's TCP address.
+    pub remote_addr: Option<SocketAddr>,
+    /// The verified identity, or why there is none.
+    pub identity: Result<Identity, AuthError>,
+    /// Expiry of the presented certificate, when one could be parsed.
+    pub not_after: Option<OffsetDateTime>,
+}
+
+/// The peer of the connection a tonic request arrived on (set by [`incoming`]).
+///
+/// tonic copies the `Connected::ConnectInfo` of [`MtlsStream`] (an `Arc<PeerInfo>`) into
+/// every request's extensions, so this is `req.extensions().get::<Arc<PeerInfo>>()`.
+pub fn peer_info<T>(req: &tonic::Request<T>) -> Option<Arc<PeerInfo>> {
+    req.extensions().get::<Arc<PeerInfo>>().cloned()
+}
+
+/// Offers client authentication but defers the chain check to [`ServerTls::verify_peer`].
+///
+/// Handshake signatures are still verified, so a client cannot present a certificate
+/// without holding its private key.
+#[derive(Debug)]
+struct DeferredClientVerifier {
+    root_hints: Vec<DistinguishedName>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for DeferredClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.root_hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        // Deliberately deferred: see the module documentation.
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+impl DeferredClientVerifier {
+    fn new(roots: &[CertificateDer<'static>]) -> Result<Self, TlsError> {
+        let mut store = RootCertStore::empty();
+        for root in roots {
+            store.add(root.clone())?;
+        }
+        Ok(DeferredClientVerifier {
+            root_hints: store.subjects(),
+            algorithms: provider().signature_verification_algorithms,
+        })
+    }
+}
+
+/// Server TLS configuration plus the post-handshake client check.
+pub struct ServerTls {
+    config: Arc<ServerConfig>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Builds the server config (ALPN `h2`) from own chain/key, trusting `material.roots`
+    /// for clients of `trust_domain`.
+    pub fn new(material: &TlsMaterial, trust_domain: &str) -> Result<Self, TlsError> {
+        if !is_valid_trust_domain(trust_domain) {
+            return Err(TlsError::InvalidRequest(format!(
+                "trust domain {trust_domain:?} is invalid"
+            )));
+        }
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        for root in &material.roots {
+            roots.add(root.clone())?;
+        }
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let deferred = DeferredClientVerifier::new(&material.roots)?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(Arc::new(deferred))
+            .with_single_cert(material.chain.clone(), material.key.clone_key())?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(ServerTls {
+            config: Arc::new(config),
+            verifier,
+            trust_domain: trust_domain.to_owned(),
+        })
+    }
+
+    /// The rustls config, for callers driving their own acceptor.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
+    }
+
+    /// The trust domain clients must belong to.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Verifies a client's presented chain (end entity first) against the CA, now, and
+    /// extracts its identity. Also returns the certificate's expiry when it is readable.
+    pub fn verify_peer(
+        &self,
+        certs: Option<&[CertificateDer<'_>]>,
+    ) -> (Result<Identity, AuthError>, Option<OffsetDateTime>) {
+        let Some((end_entity, intermediates)) = certs.and_then(|c| c.split_first()) else {
+            return (Err(AuthError::NoCertificate), None);
+        };
+        let parsed = match x509_parser::parse_x509_certificate(end_entity) {
+            Ok((_, parsed)) => parsed,
+            Err(e) => return (Err(AuthError::BadCertificate(format!("unparsable: {e}"))), None),
+        };
+        let not_after = parsed.validity().not_after.to_datetime();
+        let verified = self
+            .verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now());
+        let identity = match verified {
+            Ok(_) => identity_of(&parsed, &self.trust_domain),
+            Err(e) => Err(auth_error(e, not_after)),
+        };
+        (identity, Some(not_after))
+    }
+
+    fn peer_info(&self, stream: &tokio_rustls::server::TlsStream<TcpStream>) -> PeerInfo {
+        let (tcp, conn) = stream.get_ref();
+        let (identity, not_after) = self.verify_peer(conn.peer_certificates());
+        PeerInfo {
+            remote_addr: tcp.peer_addr().ok(),
+            identity,
+            not_after,
+        }
+    }
+}
+
+fn auth_error(error: rustls::Error, not_after: OffsetDateTime) -> AuthError {
+    let rustls::Error::InvalidCertificate(cert_error) = error else {
+        return AuthError::BadCertificate(error.to_string());
+    };
+    match cert_error {
+        // A bad signature on the certificate itself means it only pretends to be ours.
+        CertificateError::UnknownIssuer | CertificateError::BadSignature => AuthError::UnknownIssuer,
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => AuthError::Expired {
+            not_after: not_after.format(&Rfc3339).unwrap_or_else(|_| not_after.to_string()),
+        },
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => AuthError::NotYetValid,
+        other => AuthError::BadCertificate(rustls::Error::InvalidCertificate(other).to_string()),
+    }
+}
+
+/// Limits on TLS handshakes in progress.
+#[derive(Clone, Copy, Debug)]
+pub struct AcceptOptions {
+    /// Handshakes running at once; further connections wait in the listen backlog.
+    pub max_concurrent_handshakes: usize,
+    /// A client that has not finished its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for AcceptOptions {
+    fn default() -> Self {
+        AcceptOptions {
+            max_concurrent_handshakes: 256,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A client connection whose TLS handshake completed; carries its [`PeerInfo`].
+pub struct MtlsStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Arc<PeerInfo>,
+}
+
+impl std::fmt::Debug for MtlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MtlsStream")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MtlsStream {
+    /// Who the client is (or why that is unknown).
+    pub fn peer(&self) -> &Arc<PeerInfo> {
+        &self.peer
+    }
+}
+
+impl tonic::transport::server::Connected for MtlsStream {
+    type ConnectInfo = Arc<PeerInfo>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for MtlsStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MtlsStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP connections on `listener` and yields those that complete a TLS handshake.
+///
+/// Handshakes run concurrently in their own tasks, at most
+/// `options.max_concurrent_handshakes` at a time and each bounded by
+/// `options.handshake_timeout`, so a slow or silent client cannot stall accepting. A failed
+/// handshake is logged and dropped. Only errors of the listener itself (e.g. out of file
+/// descriptors) are yielded as `Err`; accepting then resumes after a short pause. Dropping
+/// the stream stops accepting and closes the listener.
+///
+/// Must be called within a Tokio runtime. Use with
+/// `tonic::transport::Server::builder()...serve_with_incoming_shutdown(incoming(..), signal)`.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    options: AcceptOptions,
+) -> impl Stream<Item = Result<MtlsStream, io::Error>> + Send + 'static {
+    let max = options.max_concurrent_handshakes.max(1);
+    let (tx, rx) = mpsc::channel(max);
+    tokio::spawn(accept_loop(listener, tls, options.handshake_timeout, max, tx));
+    ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    handshake_timeout: Duration,
+    max_handshakes: usize,
+    tx: mpsc::Sender<Result<MtlsStream, io::Error>>,
+) {
+    let permits = Arc::new(Semaphore::new(max_handshakes));
+    let acceptor = TlsAcceptor::from(tls.config.clone());
+    loop {
+        let accepted = tokio::select! {
+            () = tx.closed() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => tokio::select! {
+                    () = tx.closed() => return,
+                    accepted = listener.accept() => accepted.map(|conn| (conn, permit)),
+                },
+                Err(_closed) => return,
+            },
+        };
+        let ((tcp, remote), permit) = match accepted {
+            Ok(conn) => conn,
+            Err(e) if is_per_connection(&e) => {
+                tracing::debug!(error = %e, "connection failed before accept");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "tls listener cannot accept connections");
+                if tx.send(Err(e)).await.is_err() {
+                    return;
+                }
+                // Typically descriptor exhaustion: give in-flight connections time to finish.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // gRPC is latency-sensitive request/response traffic.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
+        }
+        let (acceptor, tls, tx) = (acceptor.clone(), tls.clone(), tx.clone());
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+            drop(permit);
+            match handshake {
+                Ok(Ok(stream)) => {
+                    let peer = Arc::new(tls.peer_info(&stream));
+                    match &peer.identity {
+                        Ok(identity) => tracing::debug!(%remote, %identity, "tls client connected"),
+                        Err(reason) => {
+                            tracing::debug!(%remote, %reason, "unauthenticated tls client connected")
+                        }
+                    }
+                    // Err means the server is shutting down; the connection is just dropped.
+                    let _ = tx.send(Ok(MtlsStream { inner: stream, peer })).await;
+                }
+                Ok(Err(e)) => tracing::info!(%remote, error = %e, "tls handshake failed"),
+                Err(_elapsed) => tracing::info!(
+                    %remote,
+                    timeout_ms = handshake_timeout.as_millis() as u64,
+                    "tls handshake timed out"
+                ),
+            }
+        });
+    }
+}
+
+/// Errors that concern one incoming connection, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{CertificateAuthority, IssueSpec};
+
+    fn material(ca: &CertificateAuthority, spec: &IssueSpec) -> TlsMaterial {
+        let issued = ca.issue(spec).unwrap();
+        TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap()
+    }
+
+    #[test]
+    fn verify_peer_classifies_certificates() {
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let server = ServerTls::new(&material(&ca, &IssueSpec::broker()), "gov").unwrap();
+
+        let good = material(&ca, &IssueSpec::member("m1"));
+        let (id, not_after) = server.verify_peer(Some(&good.chain));
+        assert_eq!(id, Ok(Identity::Member("m1".into())));
+        assert!(not_after.unwrap() > OffsetDateTime::now_utc());
+
+        assert_eq!(server.verify_peer(None), (Err(AuthError::NoCertificate), None));
+        assert_eq!(server.verify_peer(Some(&[])).0, Err(AuthError::NoCertificate));
+
+        let other_ca = CertificateAuthority::generate("gov").unwrap();
+        let foreign = material(&other_ca, &IssueSpec::member("m1"));
+        assert_eq!(
+            server.verify_peer(Some(&foreign.chain)).0,
+            Err(AuthError::UnknownIssuer)
+        );
+
+        let mut expired = IssueSpec::member("m1");
+        expired.not_before = time::macros::datetime!(2024-12-01 00:00:00 UTC);
+        expired.not_after = time::macros::datetime!(2025-01-01 00:00:00 UTC);
+        let expired = material(&ca, &expired);
+        assert_eq!(
+            server.verify_peer(Some(&expired.chain)).0,
+            Err(AuthError::Expired {
+                not_after: "2025-01-01T00:00:00Z".into()
+            })
+        );
+
+        let mut future = IssueSpec::member("m1");
+        future.not_before = OffsetDateTime::now_utc() + time::Duration::days(1);
+        let future = material(&ca, &future);
+        assert_eq!(server.verify_peer(Some(&future.chain)).0, Err(AuthError::NotYetValid));
+
+        let garbage = [CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01])];
+        assert!(matches!(
+            server.verify_peer(Some(&garbage)).0,
+            Err(AuthError::BadCertificate(_))
+        ));
+    }
+
+    #[test]
+    fn verify_peer_requires_the_trust_domain() {
+        // Same CA key material, but the server expects another federation's identities.
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let server = ServerTls::new(&material(&ca, &IssueSpec::broker()), "other").unwrap();
+        let member = material(&ca, &IssueSpec::member("m1"));
+        assert_eq!(
+            server.verify_peer(Some(&member.chain)).0,
+            Err(AuthError::WrongTrustDomain {
+                found: "gov".into(),
+                expected: "other".into()
+            })
+        );
+    }
+
+    #[test]
+    fn deferred_verifier_offers_but_defers_client_auth() {
+        // Signature checking is exercised end to end in tests/mtls.rs (impersonation).
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let roots = material(&ca, &IssueSpec::broker()).roots;
+        let verifier = DeferredClientVerifier::new(&roots).unwrap();
+        assert!(verifier.offer_client_auth());
+        assert!(!verifier.client_auth_mandatory());
+        assert_eq!(verifier.root_hint_subjects().len(), 1);
+        assert!(!verifier.supported_verify_schemes().is_empty());
+        let other_ca = CertificateAuthority::generate("x").unwrap();
+        let foreign = material(&other_ca, &IssueSpec::member("m1"));
+        let deferred = verifier.verify_client_cert(&foreign.chain[0], &[], UnixTime::now());
+        assert!(deferred.is_ok());
+    }
+}

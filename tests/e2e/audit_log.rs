@@ -1,0 +1,233 @@
+//! The access log end to end: tampering caught by `lienthong audit verify`,
+//! a SIGKILL in the middle of a load, and failing closed when the database
+//! cannot be written.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::federation::{Federation, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT};
+use sqlx::sqlite::SqlitePoolOptions;
+use sqlx::{Row, SqlitePool};
+use std::time::Duration;
+use tonic::Code;
+
+async fn lookups(fed: &Federation, n: u32) -> Vec<pb::Receipt> {
+    let office = client(fed, JUDICIAL_OFFICE).await;
+    let mut receipts = Vec::new();
+    for i in 0..n {
+        let r = office.exchange().lookup(birth_lookup(&citizen_id(fed, 100 + i), PURPOSE_CERTIFICATE)).await.unwrap();
+        receipts.push(r.into_inner().receipt.unwrap());
+    }
+    receipts
+}
+
+/// Waits until a signed tree head covers the whole log.
+async fn signed_up_to_date(fed: &Federation) -> u64 {
+    let audit = fed.broker.broker.audit.clone();
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let size = audit.size();
+            audit.latest_signed().is_some_and(|h| h.tree_size == size)
+        })
+        .await,
+        "a tree head covering the log is signed"
+    );
+    audit.size()
+}
+
+async fn db(fed: &Federation) -> SqlitePool {
+    let path = fed.dir.join("broker-data/lienthong.db");
+    SqlitePoolOptions::new().max_connections(1).connect(&format!("sqlite://{}", path.display())).await.unwrap()
+}
+
+async fn row(pool: &SqlitePool, seq: i64) -> (String, Vec<u8>) {
+    let r = sqlx::query("SELECT leaf, leaf_hash FROM audit_entries WHERE sequence = ?").bind(seq).fetch_one(pool).await.unwrap();
+    (r.get(0), r.get(1))
+}
+
+async fn put(pool: &SqlitePool, seq: i64, (leaf, hash): &(String, Vec<u8>)) {
+    sqlx::query("UPDATE audit_entries SET leaf = ?, leaf_hash = ? WHERE sequence = ?")
+        .bind(leaf)
+        .bind(hash)
+        .bind(seq)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn tampering_with_stored_rows_is_caught_and_named() {
+    let (dir, fed) = federation().await;
+    lookups(&fed, 12).await;
+    let size = signed_up_to_date(&fed).await as i64;
+    let state = dir.path().join("verifier-state.json");
+    let state = state.to_str().unwrap();
+    let verify = || cli_as(&fed, STATE_AUDIT, &["audit", "verify", "--state", state]);
+    let (ok, out) = verify();
+    assert!(ok && out.contains("OK"), "a clean log verifies: {out}");
+
+    let pool = db(&fed).await;
+    let victim = size - 5;
+    let original = row(&pool, victim).await;
+
+    // One row changed (the consumer rewritten), its stored hash left alone.
+    let forged = original.0.replace(JUDICIAL_OFFICE, "hanoi-tax-dept");
+    assert_ne!(forged, original.0);
+    put(&pool, victim, &(forged.clone(), original.1.clone())).await;
+    let (ok, out) = verify();
+    assert!(!ok && out.contains(&format!("entry {victim} was altered")), "{out}");
+    // ... and with the hash recomputed too: the signed root no longer matches.
+    let rehashed = lienthong_audit::merkle::leaf_hash(forged.as_bytes()).to_vec();
+    put(&pool, victim, &(forged, rehashed)).await;
+    let (ok, out) = verify();
+    assert!(!ok && out.contains("FAILED"), "{out}");
+    put(&pool, victim, &original).await;
+    assert!(verify().0, "restored log verifies");
+
+    // One row deleted.
+    sqlx::query("DELETE FROM audit_entries WHERE sequence = ?").bind(victim).execute(&pool).await.unwrap();
+    let (ok, out) = verify();
+    assert!(!ok && out.contains(&format!("entry {victim} is missing")), "{out}");
+    let log_id = fed.broker.broker.audit.log_id().to_string();
+    restore_row(&pool, &log_id, victim, &original).await;
+    assert!(verify().0);
+
+    // Two rows swapped.
+    let next = row(&pool, victim + 1).await;
+    put(&pool, victim, &next).await;
+    put(&pool, victim + 1, &original).await;
+    let (ok, out) = verify();
+    assert!(!ok && out.contains(&format!("{victim}")) && out.contains("FAILED"), "{out}");
+    put(&pool, victim, &original).await;
+    put(&pool, victim + 1, &next).await;
+    assert!(verify().0);
+
+    // The tail truncated.
+    sqlx::query("DELETE FROM audit_entries WHERE sequence >= ?").bind(size - 3).execute(&pool).await.unwrap();
+    let (ok, out) = verify();
+    assert!(!ok && out.contains("truncated") && out.contains(&format!("{}", size - 3)), "{out}");
+    fed.shutdown().await.unwrap();
+}
+
+async fn restore_row(pool: &SqlitePool, log_id: &str, seq: i64, (leaf, hash): &(String, Vec<u8>)) {
+    let ev: lienthong_core::audit::AuditEvent = serde_json::from_str(leaf).unwrap();
+    sqlx::query(
+        "INSERT INTO audit_entries (log_id, sequence, leaf_hash, leaf, time_us, kind, actor, provider, record_type, purpose, outcome, subject_hash) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(log_id)
+    .bind(seq)
+    .bind(hash)
+    .bind(leaf)
+    .bind((ev.time.unix_timestamp_nanos() / 1000) as i64)
+    .bind(ev.kind.as_str())
+    .bind(&ev.actor)
+    .bind(&ev.provider)
+    .bind(&ev.record_type)
+    .bind(&ev.purpose)
+    .bind(ev.outcome.as_str())
+    .bind(&ev.subject_hash)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_no_released_lookup() {
+    let (dir, mut fed) = federation().await;
+    // Hand the data directory to a broker process of its own.
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+    let mut process = BrokerProcess::start(&fed.config_path);
+    let certs = fed.certs.clone();
+    let files = lienthong_cli::client::member_files(&certs, JUDICIAL_OFFICE);
+    let office = lienthong_cli::client::connect(&process.url, &files).await.unwrap();
+    let receipts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<pb::Receipt>::new()));
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let office = office.clone();
+        let receipts = receipts.clone();
+        let seed = fed.options.seed;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..2000u32 {
+                let subject = lienthong_provider::demo::citizen_national_id(seed, t * 2000 + i);
+                match office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await {
+                    Ok(r) => receipts.lock().unwrap().push(r.into_inner().receipt.unwrap()),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Let the load run, then kill the broker without warning.
+    assert!(eventually(Duration::from_secs(30), async || receipts.lock().unwrap().len() >= 200).await);
+    process.kill();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let receipts = receipts.lock().unwrap().clone();
+    assert!(receipts.len() >= 200);
+
+    let mut process = BrokerProcess::start(&fed.config_path);
+    let auditor =
+        lienthong_cli::client::connect(&process.url, &lienthong_cli::client::member_files(&certs, STATE_AUDIT)).await.unwrap();
+    let mut entries = std::collections::HashMap::new();
+    let mut token = String::new();
+    loop {
+        let page = auditor
+            .audit()
+            .query_entries(pb::QueryEntriesRequest { filter: None, page_size: 1000, page_token: token })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in &page.entries {
+            entries.insert(e.sequence, e.leaf_hash.clone());
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    for r in &receipts {
+        assert_eq!(entries.get(&r.sequence), Some(&r.leaf_hash), "entry {} of a released lookup survived the crash", r.sequence);
+    }
+    // The restarted broker signs a head covering everything, and the log verifies.
+    let env = [
+        ("LIENTHONG_BROKER", process.url.clone()),
+        ("LIENTHONG_CERTS", certs.display().to_string()),
+        ("LIENTHONG_AS", STATE_AUDIT.to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let state = dir.path().join("state.json");
+    let ok = eventually(Duration::from_secs(10), async || {
+        run_cli(&["audit", "verify", "--state", state.to_str().unwrap()], &env).0
+    })
+    .await;
+    assert!(ok, "log verifies after the crash: {}", run_cli(&["audit", "verify", "--state", state.to_str().unwrap()], &env).1);
+    assert_eq!(process.terminate().code(), Some(0), "SIGTERM exits cleanly");
+    fed.shutdown_registers().await;
+}
+
+#[tokio::test]
+async fn an_unwritable_log_fails_closed_and_recovers() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 321);
+    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap();
+    let before = fed.broker.broker.audit.size();
+
+    // Another process holds the database's write lock (as a stuck backup job
+    // would): the broker cannot commit audit entries.
+    let pool = db(&fed).await;
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut *conn).await.unwrap();
+    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("no data was released"), "{}", err.message());
+    assert_eq!(fed.broker.broker.audit.size(), before, "nothing was logged, nothing released");
+
+    sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
+    drop(conn);
+    let r = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("writes resume");
+    assert_eq!(r.into_inner().receipt.unwrap().sequence, before, "the log continues densely");
+    fed.shutdown().await.unwrap();
+}

@@ -1,0 +1,156 @@
+//! Authorization end to end: grants, revocation, roles, expiry, rate limits
+//! and refused admin input.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT};
+use tonic::Code;
+
+fn grant(consumer: &str, fields: &[&str], rate: u32) -> pb::CreateGrantRequest {
+    pb::CreateGrantRequest {
+        consumer: consumer.into(),
+        record_type: "civil_status.birth_record".into(),
+        fields: fields.iter().map(|s| s.to_string()).collect(),
+        purposes: vec!["tax-law-38-2019/art-17".into()],
+        valid_from: None,
+        valid_until: None,
+        rate_limit_per_minute: rate,
+    }
+}
+
+#[tokio::test]
+async fn grant_allows_revocation_denies_the_next_lookup() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let tax = client(&fed, TAX_DEPT).await;
+    let subject = citizen_id(&fed, 11);
+    let lookup = birth_lookup(&subject, "tax-law-38-2019/art-17");
+
+    let err = tax.exchange().lookup(lookup.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("grant"), "{}", err.message());
+
+    let g = admin.admin().create_grant(grant(TAX_DEPT, &["/full_name", "/birth_date"], 0)).await.unwrap().into_inner();
+    let r = tax.exchange().lookup(lookup.clone()).await.unwrap().into_inner();
+    let record: serde_json::Value = serde_json::from_str(&r.record_json).unwrap();
+    let keys: Vec<&String> = record.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["birth_date", "full_name"], "only granted fields leave the broker");
+    assert!(r.receipt.is_some());
+
+    // A purpose not in the grant.
+    let err = tax.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("purpose"), "{}", err.message());
+
+    admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest { id: g.id.clone(), reason: "end of the tax audit".into() })
+        .await
+        .unwrap();
+    let err = tax.exchange().lookup(lookup).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+
+    // Grants are never deleted: the revoked one is still listed.
+    let listed = admin
+        .admin()
+        .list_grants(pb::ListGrantsRequest { consumer: TAX_DEPT.into(), record_type: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert!(listed.iter().any(|x| x.id == g.id && x.revoked_at.is_some()));
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_member_without_the_consumer_role_is_denied() {
+    let (_dir, fed) = federation().await;
+    let portal = client(&fed, CITIZEN_PORTAL).await;
+    let err = portal.exchange().lookup(birth_lookup(&citizen_id(&fed, 3), PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("consumer"), "{}", err.message());
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_grant_is_denied() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let now = time::OffsetDateTime::now_utc();
+    let mut g = grant(TAX_DEPT, &["*"], 0);
+    g.valid_from = Some(lienthong_broker::convert::ts(now - time::Duration::hours(2)));
+    g.valid_until = Some(lienthong_broker::convert::ts(now - time::Duration::hours(1)));
+    admin.admin().create_grant(g).await.unwrap();
+    let err = client(&fed, TAX_DEPT)
+        .await
+        .exchange()
+        .lookup(birth_lookup(&citizen_id(&fed, 5), "tax-law-38-2019/art-17"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("expired"), "{}", err.message());
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rate_limit_of_n_per_minute_allows_n_and_refuses_the_next() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    admin.admin().create_grant(grant(TAX_DEPT, &["/full_name"], 3)).await.unwrap();
+    let tax = client(&fed, TAX_DEPT).await;
+    for i in 0..3 {
+        tax.exchange()
+            .lookup(birth_lookup(&citizen_id(&fed, 20 + i), "tax-law-38-2019/art-17"))
+            .await
+            .unwrap_or_else(|e| panic!("lookup {i} within the limit: {e:?}"));
+    }
+    let err = tax.exchange().lookup(birth_lookup(&citizen_id(&fed, 30), "tax-law-38-2019/art-17")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let retry: u64 = err.metadata().get("retry-after").unwrap().to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_admin_input_is_refused_and_changes_nothing() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let count = async || {
+        admin.admin().list_grants(pb::ListGrantsRequest::default()).await.unwrap().into_inner().grants.len()
+    };
+    let before = count().await;
+    let now = time::OffsetDateTime::now_utc();
+    let mut until_before_from = grant(TAX_DEPT, &["/full_name"], 0);
+    until_before_from.valid_from = Some(lienthong_broker::convert::ts(now));
+    until_before_from.valid_until = Some(lienthong_broker::convert::ts(now - time::Duration::hours(1)));
+    let mut no_purpose = grant(TAX_DEPT, &["/full_name"], 0);
+    no_purpose.purposes.clear();
+    let mut unknown_type = grant(TAX_DEPT, &["/full_name"], 0);
+    unknown_type.record_type = "civil_status.pet_record".into();
+    let cases: Vec<(pb::CreateGrantRequest, Code, &str)> = vec![
+        (grant("ghost-agency", &["/full_name"], 0), Code::NotFound, "ghost-agency"),
+        (unknown_type, Code::NotFound, "civil_status.pet_record"),
+        (grant(TAX_DEPT, &["/shoe_size"], 0), Code::InvalidArgument, "/shoe_size"),
+        (no_purpose, Code::InvalidArgument, "purpose"),
+        (until_before_from, Code::InvalidArgument, "valid_until"),
+        (grant(CITIZEN_PORTAL, &["/full_name"], 0), Code::FailedPrecondition, "consumer role"),
+    ];
+    for (req, code, needle) in cases {
+        let err = admin.admin().create_grant(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert!(err.message().contains(needle), "{:?} should name {needle:?}", err.message());
+    }
+    // A non-admin caller.
+    let err = client(&fed, JUDICIAL_OFFICE).await.admin().create_grant(grant(JUDICIAL_OFFICE, &["*"], 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("admin"), "{}", err.message());
+    let err = admin
+        .admin()
+        .add_member(pb::AddMemberRequest { id: "Bad Id".into(), display_name: "x".into(), roles: vec![pb::Role::Consumer as i32] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(count().await, before, "nothing was stored");
+    fed.shutdown().await.unwrap();
+}

@@ -1,0 +1,142 @@
+//! The foundation: health, reflection, mutual-TLS identity, config errors.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::federation::{ADMIN, JUDICIAL_OFFICE};
+use lienthong_tls::{Identity, IssueSpec};
+use std::time::Duration;
+use tonic::Code;
+
+#[tokio::test]
+async fn health_serving_and_reflection_lists_every_service() {
+    let (_dir, fed) = bare_federation().await;
+    let c = client(&fed, ADMIN).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel.clone());
+    for service in ["", "lienthong.v1.Exchange", "lienthong.v1.Admin"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service}");
+    }
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut refl = ServerReflectionClient::new(c.channel.clone());
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in lienthong::SERVICE_NAMES {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+    assert!(names.iter().any(|n| n == "grpc.health.v1.Health"));
+    fed.shutdown().await.unwrap();
+}
+
+async fn expect_unauthenticated(c: &lienthong_cli::client::Clients, needle: &str) {
+    let err = c
+        .schemas()
+        .list_record_types(pb::ListRecordTypesRequest::default())
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains(needle), "message {:?} should mention {needle:?}", err.message());
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
+    let (_dir, fed) = federation().await;
+
+    // No client certificate at all.
+    let ca_pem = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&ca_pem) {
+        roots.add(c).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let channel = lienthong_tls::connect_channel(&fed.broker_url, std::sync::Arc::new(cfg), Duration::from_secs(5))
+        .await
+        .unwrap();
+    expect_unauthenticated(&lienthong_cli::client::Clients { channel }, "no client certificate").await;
+
+    // A certificate from another CA, naming a real member.
+    let other = lienthong_tls::CertificateAuthority::generate(&fed.options.trust_domain).unwrap();
+    let forged = other.issue(&IssueSpec::member(JUDICIAL_OFFICE)).unwrap();
+    expect_unauthenticated(&connect_with(&fed, &forged.cert_pem, &forged.key_pem).await, "CA").await;
+
+    // An expired certificate.
+    let now = time::OffsetDateTime::now_utc();
+    let expired = ca(&fed)
+        .issue(&IssueSpec {
+            identity: Identity::Member(JUDICIAL_OFFICE.into()),
+            hosts: vec![],
+            not_before: now - time::Duration::days(30),
+            not_after: now - time::Duration::days(1),
+        })
+        .unwrap();
+    expect_unauthenticated(&connect_with(&fed, &expired.cert_pem, &expired.key_pem).await, "expired").await;
+
+    // A valid certificate of a member that was never registered.
+    let (cert, key) = issue(&fed, "stranger-agency");
+    expect_unauthenticated(&connect_with(&fed, &cert, &key).await, "not registered").await;
+
+    // An enabled member is served; once disabled, its open connection is
+    // refused on the very next request.
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    office.schemas().list_record_types(pb::ListRecordTypesRequest::default()).await.unwrap();
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .disable_member(pb::SetMemberEnabledRequest { id: JUDICIAL_OFFICE.into(), reason: "certificate compromised".into() })
+        .await
+        .unwrap();
+    expect_unauthenticated(&office, "disabled").await;
+
+    // Every refusal reached the audit log as an authentication entry.
+    let auditor = client(&fed, lienthong_cli::federation::STATE_AUDIT).await;
+    let entries = auditor
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(pb::EntryFilter { kind: pb::EntryKind::Authentication as i32, ..Default::default() }),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(entries.len() >= 5, "authentication failures audited: {}", entries.len());
+    fed.shutdown().await.unwrap();
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
+}
+
+#[test]
+fn bad_config_files_exit_non_zero_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for f in ["ca.pem", "broker.pem", "broker.key"] {
+        std::fs::write(d.join(f), "x").unwrap();
+    }
+    let tls = "[tls]\nca = \"ca.pem\"\ncert = \"broker.pem\"\nkey = \"broker.key\"\n";
+    let cases = [
+        ("unknown-key.toml", format!("{tls}\n[limits]\nmax_colect_items = 3\n"), "max_colect_items"),
+        ("bad-address.toml", format!("listen = \"localhost-7443\"\n{tls}"), "listen"),
+        ("missing-tls.toml", "[tls]\nca = \"nowhere/ca.pem\"\n".to_string(), "tls.ca"),
+    ];
+    for (name, text, needle) in cases {
+        let path = d.join(name);
+        std::fs::write(&path, text).unwrap();
+        let (ok, out) = run_cli(&["serve", "--config", path.to_str().unwrap()], &[]);
+        assert!(!ok, "{name} must fail");
+        assert!(out.contains(needle) && out.contains(name), "{name}: output {out:?} should name {needle} and the file");
+    }
+}

@@ -1,0 +1,169 @@
+//! Shared set-up for the end-to-end tests.
+
+use lienthong::v1 as pb;
+use lienthong_cli::client::{Clients, connect, member_files};
+use lienthong_cli::federation::{Federation, FederationOptions};
+use lienthong_tls::{CertificateAuthority, IssueSpec, TlsMaterial};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// A federation in a temporary directory, set up (members, schemas, grants).
+pub async fn federation() -> (TempDir, Federation) {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = Federation::start(FederationOptions::new(dir.path())).await.expect("federation starts");
+    (dir, fed)
+}
+
+/// A federation with only the bootstrap admin.
+pub async fn bare_federation() -> (TempDir, Federation) {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = Federation::start_bare(FederationOptions::new(dir.path())).await.expect("federation starts");
+    (dir, fed)
+}
+
+/// The federation's CA, to issue odd certificates.
+pub fn ca(fed: &Federation) -> CertificateAuthority {
+    CertificateAuthority::load(&fed.certs.join("ca.pem"), &fed.certs.join("ca.key"), &fed.options.trust_domain).unwrap()
+}
+
+/// Connects presenting an arbitrary certificate.
+pub async fn connect_with(fed: &Federation, cert_pem: &str, key_pem: &str) -> Clients {
+    let ca = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
+    let material = TlsMaterial::from_pem(&ca, cert_pem, key_pem).unwrap();
+    let config = lienthong_tls::client_config(&material, None).unwrap();
+    let channel = lienthong_tls::connect_channel(&fed.broker_url, config, Duration::from_secs(5)).await.unwrap();
+    Clients { channel }
+}
+
+/// Connects as a member of the federation.
+pub async fn client(fed: &Federation, member: &str) -> Clients {
+    connect(&fed.broker_url, &member_files(&fed.certs, member)).await.unwrap()
+}
+
+/// Issues a certificate for `member` from the federation CA.
+pub fn issue(fed: &Federation, member: &str) -> (String, String) {
+    let c = ca(fed).issue(&IssueSpec::member(member)).unwrap();
+    (c.cert_pem, c.key_pem)
+}
+
+/// National id of demo citizen `index`.
+pub fn citizen_id(fed: &Federation, index: u32) -> String {
+    lienthong_provider::demo::citizen_national_id(fed.options.seed, index)
+}
+
+/// A birth-record lookup for `subject`.
+pub fn birth_lookup(subject: &str, purpose: &str) -> pb::LookupRequest {
+    pb::LookupRequest {
+        record_type: "civil_status.birth_record".into(),
+        query_json: serde_json::json!({ "national_id": subject }).to_string(),
+        purpose: purpose.into(),
+        ..Default::default()
+    }
+}
+
+/// Path of the built `lienthong` binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lienthong"))
+}
+
+/// Runs the binary with arguments, returning (success, stdout + stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(bin()).args(args).envs(env.iter().copied()).stdin(Stdio::null()).output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// CLI environment acting as `member` against the federation.
+pub fn cli_env(fed: &Federation, member: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("LIENTHONG_BROKER", fed.broker_url.clone()),
+        ("LIENTHONG_CERTS", fed.certs.display().to_string()),
+        ("LIENTHONG_AS", member.to_string()),
+    ]
+}
+
+/// Runs the CLI as `member`.
+pub fn cli_as(fed: &Federation, member: &str, args: &[&str]) -> (bool, String) {
+    let env = cli_env(fed, member);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    run_cli(args, &env)
+}
+
+/// A broker running as its own OS process (`lienthong serve`), for crash and
+/// signal tests. Killed on drop.
+pub struct BrokerProcess {
+    pub child: Child,
+    pub url: String,
+}
+
+impl BrokerProcess {
+    /// Starts `lienthong serve --config <config>` where the config listens on
+    /// port 0, and reads the bound address from its output.
+    pub fn start(config: &Path) -> BrokerProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("LIENTHONG_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(addr) = line.strip_prefix("lienthong broker listening on ") {
+                        let addr = addr.split_whitespace().next().unwrap_or_default().to_string();
+                        let _ = tx.send(addr);
+                        sent = true;
+                    }
+                }
+                eprintln!("[broker] {line}");
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("broker process prints its address");
+        let port = addr.rsplit(':').next().unwrap();
+        BrokerProcess { child, url: format!("https://127.0.0.1:{port}") }
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if std::time::Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests of a whole federation: real mutual TLS with generated
+//! certificates, real SQLite (and PostgreSQL where noted), real gRPC servers on
+//! ephemeral ports, and the built `lienthong` binary where a separate process
+//! is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod audit_log;
+mod authz;
+mod foundation;
+mod harness;
+mod relay;
+mod schemas;

@@ -1,0 +1,214 @@
+//! The relay end to end: the demo story, provider faults caused for real,
+//! the circuit breaker, and Collect with a register down.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::federation::{
+    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT,
+};
+use lienthong_provider::demo::DemoRegisterKind;
+use lienthong_provider::testing::{self, FaultMode, Faulty, RawProvider};
+use lienthong_tls::{ServerTls, TlsMaterial};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+
+#[tokio::test]
+async fn the_demo_story_goes_as_told() {
+    let (_dir, fed) = federation().await;
+    let mut out = Vec::new();
+    let report = lienthong_cli::demo::story(&fed, &mut out).await.unwrap();
+    let transcript = String::from_utf8(out).unwrap();
+    let record = report.birth_record.expect("birth record released");
+    let fields: Vec<&String> = record.as_object().unwrap().keys().collect();
+    assert!(fields.iter().any(|f| *f == "full_name"));
+    assert!(!fields.iter().any(|f| *f == "native_place" || *f == "registration"), "ungranted fields withheld: {fields:?}");
+    assert_eq!(report.no_grant_code, Some(Code::PermissionDenied));
+    assert_eq!(report.ungranted_field_code, Some(Code::PermissionDenied));
+    assert_eq!(report.collect.len(), 3);
+    assert!(report.collect.iter().any(|(t, ok)| t == "judicial.criminal_record_extract" && *ok), "{:?}", report.collect);
+    assert!(report.collect.iter().any(|(t, ok)| t == "civil_status.birth_record" && *ok));
+    assert!(report.receipt_verified, "receipt verifies against the signed tree head");
+    // The citizen's history shows the office's accesses and the tax department's refusal.
+    assert!(report.history.iter().any(|a| a.consumer == JUDICIAL_OFFICE && a.outcome == pb::Outcome::Allowed as i32));
+    assert!(report.history.iter().any(|a| a.outcome == pb::Outcome::Denied as i32));
+    // The national id never appears in the transcript's history section.
+    assert!(transcript.contains("SubjectHistory"));
+    fed.shutdown().await.unwrap();
+}
+
+/// Serves `source` with the civil-status register's certificate and makes it
+/// the only endpoint of civil-status.
+async fn replace_civil_endpoint(fed: &Federation, url: &str) {
+    let admin = client(fed, ADMIN).await;
+    let eps = admin
+        .admin()
+        .list_endpoints(pb::ListEndpointsRequest { provider: CIVIL_STATUS.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    admin.admin().add_endpoint(pb::AddEndpointRequest { provider: CIVIL_STATUS.into(), url: url.into() }).await.unwrap();
+    for e in eps {
+        admin.admin().remove_endpoint(pb::RemoveEndpointRequest { id: e.id }).await.unwrap();
+    }
+}
+
+fn civil_tls(fed: &Federation) -> Arc<ServerTls> {
+    let m = TlsMaterial::load(&lienthong_cli::client::member_files(&fed.certs, CIVIL_STATUS)).unwrap();
+    Arc::new(ServerTls::new(&m, &fed.options.trust_domain).unwrap())
+}
+
+async fn failed_entries(fed: &Federation) -> Vec<pb::AuditEntry> {
+    client(fed, STATE_AUDIT)
+        .await
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(pb::EntryFilter { actor: JUDICIAL_OFFICE.into(), outcome: pb::Outcome::Failed as i32, ..Default::default() }),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+async fn criminal_record_still_served(office: &lienthong_cli::client::Clients, subject: &str) {
+    office
+        .exchange()
+        .lookup(pb::LookupRequest {
+            record_type: "judicial.criminal_record_extract".into(),
+            query_json: serde_json::json!({ "national_id": subject }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the other register keeps being served");
+}
+
+#[tokio::test]
+async fn provider_faults_get_their_documented_status_and_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.extra_config = "\n[relay]\nbreaker_failures = 1000\n".into();
+    let fed = Federation::start(opts).await.unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 77);
+    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
+    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed)).await.unwrap();
+    replace_civil_endpoint(&fed, &server.url()).await;
+    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("healthy first");
+
+    // Sleeps past the consumer's deadline.
+    faulty.set_mode(FaultMode::Sleep(Duration::from_secs(3)));
+    let mut req = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
+    req.set_timeout(Duration::from_millis(800));
+    let err = office.exchange().lookup(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    criminal_record_still_served(&office, &subject).await;
+
+    // Answers a record violating the schema: never passed on.
+    faulty.set_mode(FaultMode::InvalidRecord);
+    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("violating") && err.message().contains("nothing was passed on"), "{}", err.message());
+
+    // Answers UNAVAILABLE: retried within the budget, then UNAVAILABLE.
+    faulty.set_mode(FaultMode::Unavailable);
+    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    server.shutdown().await;
+
+    // Malformed JSON.
+    let raw = testing::start_raw_server(RawProvider::new("{\"full_name\": "), civil_tls(&fed)).await.unwrap();
+    replace_civil_endpoint(&fed, &raw.url()).await;
+    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("malformed JSON"), "{}", err.message());
+    raw.shutdown().await;
+
+    // Drops the connection mid-call.
+    let dropping = testing::start_dropping_server(civil_tls(&fed)).await.unwrap();
+    replace_civil_endpoint(&fed, &dropping.url()).await;
+    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    dropping.shutdown().await;
+
+    // Not running at all.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    replace_civil_endpoint(&fed, &url).await;
+    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    criminal_record_still_served(&office, &subject).await;
+
+    let failed = failed_entries(&fed).await;
+    assert_eq!(failed.len(), 6, "every failed attempt is audited: {failed:#?}");
+    for reason in ["provider_timeout", "provider_invalid_record", "provider_malformed_record", "provider_unavailable"] {
+        assert!(failed.iter().any(|e| e.reason.starts_with(reason)), "{reason} audited");
+    }
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_circuit_breaker_opens_and_closes_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.extra_config = "\n[relay]\nbreaker_failures = 3\nbreaker_open_ms = 400\nmax_retries = 0\n".into();
+    let fed = Federation::start(opts).await.unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 78);
+    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
+    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed)).await.unwrap();
+    replace_civil_endpoint(&fed, &server.url()).await;
+
+    faulty.set_mode(FaultMode::Unavailable);
+    for _ in 0..3 {
+        let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+    }
+    let calls = faulty.calls();
+    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("circuit open"), "{}", err.message());
+    assert_eq!(faulty.calls(), calls, "an open circuit does not call the provider");
+
+    faulty.set_mode(FaultMode::Healthy);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("probe succeeds, circuit closes");
+    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("closed circuit");
+    server.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn collect_with_one_register_down_returns_the_others() {
+    let (_dir, mut fed) = federation().await;
+    fed.registers[1].stop().await; // judicial records
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 99);
+    let r = office
+        .exchange()
+        .collect(pb::CollectRequest {
+            query_json: serde_json::json!({ "national_id": subject }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            items: ["civil_status.birth_record", "judicial.criminal_record_extract"]
+                .iter()
+                .map(|t| pb::CollectItem { record_type: t.to_string(), ..Default::default() })
+                .collect(),
+            request_id: "collect-test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 2);
+    assert!(matches!(r.results[0].result, Some(pb::collect_result::Result::Record(_))), "{:?}", r.results[0]);
+    match &r.results[1].result {
+        Some(pb::collect_result::Result::Error(e)) => assert_eq!(e.code, Code::Unavailable as i32, "{e:?}"),
+        other => panic!("expected an error item, got {other:?}"),
+    }
+    assert!(r.results.iter().all(|x| x.receipt.is_some()), "both items are audited");
+    fed.shutdown().await.unwrap();
+}
