@@ -4,8 +4,7 @@
 #![allow(clippy::all, missing_docs)]
 
 /// Encoded `FileDescriptorSet` of every lienthong proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/lienthong_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lienthong_descriptor.bin"));
 
 /// `lienthong.v1`: Admin, SchemaRegistry, Exchange, Audit.
 pub mod v1 {

@@ -14,7 +14,11 @@ async fn lookups(fed: &Federation, n: u32) -> Vec<pb::Receipt> {
     let office = client(fed, JUDICIAL_OFFICE).await;
     let mut receipts = Vec::new();
     for i in 0..n {
-        let r = office.exchange().lookup(birth_lookup(&citizen_id(fed, 100 + i), PURPOSE_CERTIFICATE)).await.unwrap();
+        let r = office
+            .exchange()
+            .lookup(birth_lookup(&citizen_id(fed, 100 + i), PURPOSE_CERTIFICATE))
+            .await
+            .unwrap();
         receipts.push(r.into_inner().receipt.unwrap());
     }
     receipts
@@ -36,11 +40,19 @@ async fn signed_up_to_date(fed: &Federation) -> u64 {
 
 async fn db(fed: &Federation) -> SqlitePool {
     let path = fed.dir.join("broker-data/lienthong.db");
-    SqlitePoolOptions::new().max_connections(1).connect(&format!("sqlite://{}", path.display())).await.unwrap()
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap()
 }
 
 async fn row(pool: &SqlitePool, seq: i64) -> (String, Vec<u8>) {
-    let r = sqlx::query("SELECT leaf, leaf_hash FROM audit_entries WHERE sequence = ?").bind(seq).fetch_one(pool).await.unwrap();
+    let r = sqlx::query("SELECT leaf, leaf_hash FROM audit_entries WHERE sequence = ?")
+        .bind(seq)
+        .fetch_one(pool)
+        .await
+        .unwrap();
     (r.get(0), r.get(1))
 }
 
@@ -61,8 +73,8 @@ async fn tampering_with_stored_rows_is_caught_and_named() {
     let size = signed_up_to_date(&fed).await as i64;
     let state = dir.path().join("verifier-state.json");
     let state = state.to_str().unwrap();
-    let verify = || cli_as(&fed, STATE_AUDIT, &["audit", "verify", "--state", state]);
-    let (ok, out) = verify();
+    let verify = async || cli_as(&fed, STATE_AUDIT, &["audit", "verify", "--state", state]).await;
+    let (ok, out) = verify().await;
     assert!(ok && out.contains("OK"), "a clean log verifies: {out}");
 
     let pool = db(&fed).await;
@@ -73,38 +85,52 @@ async fn tampering_with_stored_rows_is_caught_and_named() {
     let forged = original.0.replace(JUDICIAL_OFFICE, "hanoi-tax-dept");
     assert_ne!(forged, original.0);
     put(&pool, victim, &(forged.clone(), original.1.clone())).await;
-    let (ok, out) = verify();
+    let (ok, out) = verify().await;
     assert!(!ok && out.contains(&format!("entry {victim} was altered")), "{out}");
     // ... and with the hash recomputed too: the signed root no longer matches.
     let rehashed = lienthong_audit::merkle::leaf_hash(forged.as_bytes()).to_vec();
     put(&pool, victim, &(forged, rehashed)).await;
-    let (ok, out) = verify();
+    let (ok, out) = verify().await;
     assert!(!ok && out.contains("FAILED"), "{out}");
     put(&pool, victim, &original).await;
-    assert!(verify().0, "restored log verifies");
+    assert!(verify().await.0, "restored log verifies");
 
     // One row deleted.
-    sqlx::query("DELETE FROM audit_entries WHERE sequence = ?").bind(victim).execute(&pool).await.unwrap();
-    let (ok, out) = verify();
+    sqlx::query("DELETE FROM audit_entries WHERE sequence = ?")
+        .bind(victim)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (ok, out) = verify().await;
     assert!(!ok && out.contains(&format!("entry {victim} is missing")), "{out}");
     let log_id = fed.broker.broker.audit.log_id().to_string();
     restore_row(&pool, &log_id, victim, &original).await;
-    assert!(verify().0);
+    assert!(verify().await.0);
 
     // Two rows swapped.
     let next = row(&pool, victim + 1).await;
     put(&pool, victim, &next).await;
     put(&pool, victim + 1, &original).await;
-    let (ok, out) = verify();
-    assert!(!ok && out.contains(&format!("{victim}")) && out.contains("FAILED"), "{out}");
+    let (ok, out) = verify().await;
+    assert!(
+        !ok && out.contains(&format!("{victim}")) && out.contains("FAILED"),
+        "{out}"
+    );
     put(&pool, victim, &original).await;
     put(&pool, victim + 1, &next).await;
-    assert!(verify().0);
+    assert!(verify().await.0);
 
     // The tail truncated.
-    sqlx::query("DELETE FROM audit_entries WHERE sequence >= ?").bind(size - 3).execute(&pool).await.unwrap();
-    let (ok, out) = verify();
-    assert!(!ok && out.contains("truncated") && out.contains(&format!("{}", size - 3)), "{out}");
+    sqlx::query("DELETE FROM audit_entries WHERE sequence >= ?")
+        .bind(size - 3)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (ok, out) = verify().await;
+    assert!(
+        !ok && out.contains("truncated") && out.contains(&format!("{}", size - 3)),
+        "{out}"
+    );
     fed.shutdown().await.unwrap();
 }
 
@@ -151,7 +177,11 @@ async fn sigkill_under_load_loses_no_released_lookup() {
         tasks.push(tokio::spawn(async move {
             for i in 0..2000u32 {
                 let subject = lienthong_provider::demo::citizen_national_id(seed, t * 2000 + i);
-                match office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await {
+                match office
+                    .exchange()
+                    .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+                    .await
+                {
                     Ok(r) => receipts.lock().unwrap().push(r.into_inner().receipt.unwrap()),
                     Err(_) => return,
                 }
@@ -169,13 +199,19 @@ async fn sigkill_under_load_loses_no_released_lookup() {
 
     let mut process = BrokerProcess::start(&fed.config_path);
     let auditor =
-        lienthong_cli::client::connect(&process.url, &lienthong_cli::client::member_files(&certs, STATE_AUDIT)).await.unwrap();
+        lienthong_cli::client::connect(&process.url, &lienthong_cli::client::member_files(&certs, STATE_AUDIT))
+            .await
+            .unwrap();
     let mut entries = std::collections::HashMap::new();
     let mut token = String::new();
     loop {
         let page = auditor
             .audit()
-            .query_entries(pb::QueryEntriesRequest { filter: None, page_size: 1000, page_token: token })
+            .query_entries(pb::QueryEntriesRequest {
+                filter: None,
+                page_size: 1000,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -188,7 +224,12 @@ async fn sigkill_under_load_loses_no_released_lookup() {
         token = page.next_page_token;
     }
     for r in &receipts {
-        assert_eq!(entries.get(&r.sequence), Some(&r.leaf_hash), "entry {} of a released lookup survived the crash", r.sequence);
+        assert_eq!(
+            entries.get(&r.sequence),
+            Some(&r.leaf_hash),
+            "entry {} of a released lookup survived the crash",
+            r.sequence
+        );
     }
     // The restarted broker signs a head covering everything, and the log verifies.
     let env = [
@@ -202,7 +243,11 @@ async fn sigkill_under_load_loses_no_released_lookup() {
         run_cli(&["audit", "verify", "--state", state.to_str().unwrap()], &env).0
     })
     .await;
-    assert!(ok, "log verifies after the crash: {}", run_cli(&["audit", "verify", "--state", state.to_str().unwrap()], &env).1);
+    assert!(
+        ok,
+        "log verifies after the crash: {}",
+        run_cli(&["audit", "verify", "--state", state.to_str().unwrap()], &env).1
+    );
     assert_eq!(process.terminate().code(), Some(0), "SIGTERM exits cleanly");
     fed.shutdown_registers().await;
 }
@@ -212,7 +257,11 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
     let (_dir, fed) = federation().await;
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = citizen_id(&fed, 321);
-    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap();
+    office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap();
     let before = fed.broker.broker.audit.size();
 
     // Another process holds the database's write lock (as a stuck backup job
@@ -220,14 +269,30 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
     let pool = db(&fed).await;
     let mut conn = pool.acquire().await.unwrap();
     sqlx::query("BEGIN EXCLUSIVE").execute(&mut *conn).await.unwrap();
-    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("no data was released"), "{}", err.message());
-    assert_eq!(fed.broker.broker.audit.size(), before, "nothing was logged, nothing released");
+    assert_eq!(
+        fed.broker.broker.audit.size(),
+        before,
+        "nothing was logged, nothing released"
+    );
 
     sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
     drop(conn);
-    let r = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("writes resume");
-    assert_eq!(r.into_inner().receipt.unwrap().sequence, before, "the log continues densely");
+    let r = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .expect("writes resume");
+    assert_eq!(
+        r.into_inner().receipt.unwrap().sequence,
+        before,
+        "the log continues densely"
+    );
     fed.shutdown().await.unwrap();
 }

@@ -14,21 +14,36 @@ async fn health_serving_and_reflection_lists_every_service() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel.clone());
     for service in ["", "lienthong.v1.Exchange", "lienthong.v1.Admin"] {
         let r = health
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service}");
+        assert_eq!(
+            r.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service}"
+        );
     }
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut refl = ServerReflectionClient::new(c.channel.clone());
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("no service list") };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("no service list")
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for s in lienthong::SERVICE_NAMES {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
@@ -44,7 +59,11 @@ async fn expect_unauthenticated(c: &lienthong_cli::client::Clients, needle: &str
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    assert!(err.message().contains(needle), "message {:?} should mention {needle:?}", err.message());
+    assert!(
+        err.message().contains(needle),
+        "message {:?} should mention {needle:?}",
+        err.message()
+    );
 }
 
 #[tokio::test]
@@ -57,7 +76,9 @@ async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
     for c in rustls_pemfile_certs(&ca_pem) {
         roots.add(c).unwrap();
     }
-    let mut cfg = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let channel = lienthong_tls::connect_channel(&fed.broker_url, std::sync::Arc::new(cfg), Duration::from_secs(5))
         .await
@@ -79,7 +100,11 @@ async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
             not_after: now - time::Duration::days(1),
         })
         .unwrap();
-    expect_unauthenticated(&connect_with(&fed, &expired.cert_pem, &expired.key_pem).await, "expired").await;
+    expect_unauthenticated(
+        &connect_with(&fed, &expired.cert_pem, &expired.key_pem).await,
+        "expired",
+    )
+    .await;
 
     // A valid certificate of a member that was never registered.
     let (cert, key) = issue(&fed, "stranger-agency");
@@ -88,11 +113,18 @@ async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
     // An enabled member is served; once disabled, its open connection is
     // refused on the very next request.
     let office = client(&fed, JUDICIAL_OFFICE).await;
-    office.schemas().list_record_types(pb::ListRecordTypesRequest::default()).await.unwrap();
+    office
+        .schemas()
+        .list_record_types(pb::ListRecordTypesRequest::default())
+        .await
+        .unwrap();
     client(&fed, ADMIN)
         .await
         .admin()
-        .disable_member(pb::SetMemberEnabledRequest { id: JUDICIAL_OFFICE.into(), reason: "certificate compromised".into() })
+        .disable_member(pb::SetMemberEnabledRequest {
+            id: JUDICIAL_OFFICE.into(),
+            reason: "certificate compromised".into(),
+        })
         .await
         .unwrap();
     expect_unauthenticated(&office, "disabled").await;
@@ -102,7 +134,10 @@ async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
     let entries = auditor
         .audit()
         .query_entries(pb::QueryEntriesRequest {
-            filter: Some(pb::EntryFilter { kind: pb::EntryKind::Authentication as i32, ..Default::default() }),
+            filter: Some(pb::EntryFilter {
+                kind: pb::EntryKind::Authentication as i32,
+                ..Default::default()
+            }),
             page_size: 100,
             page_token: String::new(),
         })
@@ -116,7 +151,9 @@ async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
 
 fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.unwrap()).collect()
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
 }
 
 #[test]
@@ -128,15 +165,30 @@ fn bad_config_files_exit_non_zero_naming_the_problem() {
     }
     let tls = "[tls]\nca = \"ca.pem\"\ncert = \"broker.pem\"\nkey = \"broker.key\"\n";
     let cases = [
-        ("unknown-key.toml", format!("{tls}\n[limits]\nmax_colect_items = 3\n"), "max_colect_items"),
-        ("bad-address.toml", format!("listen = \"localhost-7443\"\n{tls}"), "listen"),
-        ("missing-tls.toml", "[tls]\nca = \"nowhere/ca.pem\"\n".to_string(), "tls.ca"),
+        (
+            "unknown-key.toml",
+            format!("{tls}\n[limits]\nmax_colect_items = 3\n"),
+            "max_colect_items",
+        ),
+        (
+            "bad-address.toml",
+            format!("listen = \"localhost-7443\"\n{tls}"),
+            "listen",
+        ),
+        (
+            "missing-tls.toml",
+            "[tls]\nca = \"nowhere/ca.pem\"\n".to_string(),
+            "tls.ca",
+        ),
     ];
     for (name, text, needle) in cases {
         let path = d.join(name);
         std::fs::write(&path, text).unwrap();
         let (ok, out) = run_cli(&["serve", "--config", path.to_str().unwrap()], &[]);
         assert!(!ok, "{name} must fail");
-        assert!(out.contains(needle) && out.contains(name), "{name}: output {out:?} should name {needle} and the file");
+        assert!(
+            out.contains(needle) && out.contains(name),
+            "{name}: output {out:?} should name {needle} and the file"
+        );
     }
 }

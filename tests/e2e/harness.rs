@@ -12,20 +12,29 @@ use tempfile::TempDir;
 /// A federation in a temporary directory, set up (members, schemas, grants).
 pub async fn federation() -> (TempDir, Federation) {
     let dir = tempfile::tempdir().unwrap();
-    let fed = Federation::start(FederationOptions::new(dir.path())).await.expect("federation starts");
+    let fed = Federation::start(FederationOptions::new(dir.path()))
+        .await
+        .expect("federation starts");
     (dir, fed)
 }
 
 /// A federation with only the bootstrap admin.
 pub async fn bare_federation() -> (TempDir, Federation) {
     let dir = tempfile::tempdir().unwrap();
-    let fed = Federation::start_bare(FederationOptions::new(dir.path())).await.expect("federation starts");
+    let fed = Federation::start_bare(FederationOptions::new(dir.path()))
+        .await
+        .expect("federation starts");
     (dir, fed)
 }
 
 /// The federation's CA, to issue odd certificates.
 pub fn ca(fed: &Federation) -> CertificateAuthority {
-    CertificateAuthority::load(&fed.certs.join("ca.pem"), &fed.certs.join("ca.key"), &fed.options.trust_domain).unwrap()
+    CertificateAuthority::load(
+        &fed.certs.join("ca.pem"),
+        &fed.certs.join("ca.key"),
+        &fed.options.trust_domain,
+    )
+    .unwrap()
 }
 
 /// Connects presenting an arbitrary certificate.
@@ -33,13 +42,17 @@ pub async fn connect_with(fed: &Federation, cert_pem: &str, key_pem: &str) -> Cl
     let ca = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
     let material = TlsMaterial::from_pem(&ca, cert_pem, key_pem).unwrap();
     let config = lienthong_tls::client_config(&material, None).unwrap();
-    let channel = lienthong_tls::connect_channel(&fed.broker_url, config, Duration::from_secs(5)).await.unwrap();
+    let channel = lienthong_tls::connect_channel(&fed.broker_url, config, Duration::from_secs(5))
+        .await
+        .unwrap();
     Clients { channel }
 }
 
 /// Connects as a member of the federation.
 pub async fn client(fed: &Federation, member: &str) -> Clients {
-    connect(&fed.broker_url, &member_files(&fed.certs, member)).await.unwrap()
+    connect(&fed.broker_url, &member_files(&fed.certs, member))
+        .await
+        .unwrap()
 }
 
 /// Issues a certificate for `member` from the federation CA.
@@ -70,7 +83,12 @@ pub fn bin() -> PathBuf {
 
 /// Runs the binary with arguments, returning (success, stdout + stderr).
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(bin()).args(args).envs(env.iter().copied()).stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let mut text = String::from_utf8_lossy(&out.stdout).to_string();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
@@ -85,11 +103,18 @@ pub fn cli_env(fed: &Federation, member: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Runs the CLI as `member`.
-pub fn cli_as(fed: &Federation, member: &str, args: &[&str]) -> (bool, String) {
+/// Runs the CLI as `member`, off the async runtime so an in-process broker
+/// keeps serving while the CLI waits for it.
+pub async fn cli_as(fed: &Federation, member: &str, args: &[&str]) -> (bool, String) {
     let env = cli_env(fed, member);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    run_cli(args, &env)
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cli(&args, &env)
+    })
+    .await
+    .unwrap()
 }
 
 /// A broker running as its own OS process (`lienthong serve`), for crash and
@@ -129,9 +154,14 @@ impl BrokerProcess {
                 eprintln!("[broker] {line}");
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("broker process prints its address");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("broker process prints its address");
         let port = addr.rsplit(':').next().unwrap();
-        BrokerProcess { child, url: format!("https://127.0.0.1:{port}") }
+        BrokerProcess {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+        }
     }
 
     /// SIGKILL.
@@ -142,7 +172,9 @@ impl BrokerProcess {
 
     /// SIGTERM, then the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         self.child.wait().unwrap()
     }
 }

@@ -22,15 +22,35 @@ async fn the_demo_story_goes_as_told() {
     let record = report.birth_record.expect("birth record released");
     let fields: Vec<&String> = record.as_object().unwrap().keys().collect();
     assert!(fields.iter().any(|f| *f == "full_name"));
-    assert!(!fields.iter().any(|f| *f == "native_place" || *f == "registration"), "ungranted fields withheld: {fields:?}");
+    assert!(
+        !fields.iter().any(|f| *f == "native_place" || *f == "registration"),
+        "ungranted fields withheld: {fields:?}"
+    );
     assert_eq!(report.no_grant_code, Some(Code::PermissionDenied));
     assert_eq!(report.ungranted_field_code, Some(Code::PermissionDenied));
     assert_eq!(report.collect.len(), 3);
-    assert!(report.collect.iter().any(|(t, ok)| t == "judicial.criminal_record_extract" && *ok), "{:?}", report.collect);
-    assert!(report.collect.iter().any(|(t, ok)| t == "civil_status.birth_record" && *ok));
+    assert!(
+        report
+            .collect
+            .iter()
+            .any(|(t, ok)| t == "judicial.criminal_record_extract" && *ok),
+        "{:?}",
+        report.collect
+    );
+    assert!(
+        report
+            .collect
+            .iter()
+            .any(|(t, ok)| t == "civil_status.birth_record" && *ok)
+    );
     assert!(report.receipt_verified, "receipt verifies against the signed tree head");
     // The citizen's history shows the office's accesses and the tax department's refusal.
-    assert!(report.history.iter().any(|a| a.consumer == JUDICIAL_OFFICE && a.outcome == pb::Outcome::Allowed as i32));
+    assert!(
+        report
+            .history
+            .iter()
+            .any(|a| a.consumer == JUDICIAL_OFFICE && a.outcome == pb::Outcome::Allowed as i32)
+    );
     assert!(report.history.iter().any(|a| a.outcome == pb::Outcome::Denied as i32));
     // The national id never appears in the transcript's history section.
     assert!(transcript.contains("SubjectHistory"));
@@ -43,14 +63,27 @@ async fn replace_civil_endpoint(fed: &Federation, url: &str) {
     let admin = client(fed, ADMIN).await;
     let eps = admin
         .admin()
-        .list_endpoints(pb::ListEndpointsRequest { provider: CIVIL_STATUS.into() })
+        .list_endpoints(pb::ListEndpointsRequest {
+            provider: CIVIL_STATUS.into(),
+        })
         .await
         .unwrap()
         .into_inner()
         .endpoints;
-    admin.admin().add_endpoint(pb::AddEndpointRequest { provider: CIVIL_STATUS.into(), url: url.into() }).await.unwrap();
+    admin
+        .admin()
+        .add_endpoint(pb::AddEndpointRequest {
+            provider: CIVIL_STATUS.into(),
+            url: url.into(),
+        })
+        .await
+        .unwrap();
     for e in eps {
-        admin.admin().remove_endpoint(pb::RemoveEndpointRequest { id: e.id }).await.unwrap();
+        admin
+            .admin()
+            .remove_endpoint(pb::RemoveEndpointRequest { id: e.id })
+            .await
+            .unwrap();
     }
 }
 
@@ -64,7 +97,11 @@ async fn failed_entries(fed: &Federation) -> Vec<pb::AuditEntry> {
         .await
         .audit()
         .query_entries(pb::QueryEntriesRequest {
-            filter: Some(pb::EntryFilter { actor: JUDICIAL_OFFICE.into(), outcome: pb::Outcome::Failed as i32, ..Default::default() }),
+            filter: Some(pb::EntryFilter {
+                actor: JUDICIAL_OFFICE.into(),
+                outcome: pb::Outcome::Failed as i32,
+                ..Default::default()
+            }),
             page_size: 1000,
             page_token: String::new(),
         })
@@ -96,9 +133,15 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = citizen_id(&fed, 77);
     let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
-    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed)).await.unwrap();
+    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
+        .await
+        .unwrap();
     replace_civil_endpoint(&fed, &server.url()).await;
-    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("healthy first");
+    office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .expect("healthy first");
 
     // Sleeps past the consumer's deadline.
     faulty.set_mode(FaultMode::Sleep(Duration::from_secs(3)));
@@ -110,20 +153,38 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
 
     // Answers a record violating the schema: never passed on.
     faulty.set_mode(FaultMode::InvalidRecord);
-    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
-    assert!(err.message().contains("violating") && err.message().contains("nothing was passed on"), "{}", err.message());
+    assert!(
+        err.message().contains("violating") && err.message().contains("nothing was passed on"),
+        "{}",
+        err.message()
+    );
 
     // Answers UNAVAILABLE: retried within the budget, then UNAVAILABLE.
     faulty.set_mode(FaultMode::Unavailable);
-    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     server.shutdown().await;
 
     // Malformed JSON.
-    let raw = testing::start_raw_server(RawProvider::new("{\"full_name\": "), civil_tls(&fed)).await.unwrap();
+    let raw = testing::start_raw_server(RawProvider::new("{\"full_name\": "), civil_tls(&fed))
+        .await
+        .unwrap();
     replace_civil_endpoint(&fed, &raw.url()).await;
-    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(err.message().contains("malformed JSON"), "{}", err.message());
     raw.shutdown().await;
@@ -131,7 +192,11 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     // Drops the connection mid-call.
     let dropping = testing::start_dropping_server(civil_tls(&fed)).await.unwrap();
     replace_civil_endpoint(&fed, &dropping.url()).await;
-    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     dropping.shutdown().await;
 
@@ -140,13 +205,22 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     let url = format!("https://127.0.0.1:{}", closed.local_addr().unwrap().port());
     drop(closed);
     replace_civil_endpoint(&fed, &url).await;
-    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     criminal_record_still_served(&office, &subject).await;
 
     let failed = failed_entries(&fed).await;
     assert_eq!(failed.len(), 6, "every failed attempt is audited: {failed:#?}");
-    for reason in ["provider_timeout", "provider_invalid_record", "provider_malformed_record", "provider_unavailable"] {
+    for reason in [
+        "provider_timeout",
+        "provider_invalid_record",
+        "provider_malformed_record",
+        "provider_unavailable",
+    ] {
         assert!(failed.iter().any(|e| e.reason.starts_with(reason)), "{reason} audited");
     }
     fed.shutdown().await.unwrap();
@@ -161,24 +235,42 @@ async fn the_circuit_breaker_opens_and_closes_again() {
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = citizen_id(&fed, 78);
     let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
-    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed)).await.unwrap();
+    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
+        .await
+        .unwrap();
     replace_civil_endpoint(&fed, &server.url()).await;
 
     faulty.set_mode(FaultMode::Unavailable);
     for _ in 0..3 {
-        let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+        let err = office
+            .exchange()
+            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
     }
     let calls = faulty.calls();
-    let err = office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.unwrap_err();
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("circuit open"), "{}", err.message());
     assert_eq!(faulty.calls(), calls, "an open circuit does not call the provider");
 
     faulty.set_mode(FaultMode::Healthy);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("probe succeeds, circuit closes");
-    office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await.expect("closed circuit");
+    office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .expect("probe succeeds, circuit closes");
+    office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .expect("closed circuit");
     server.shutdown().await;
     fed.shutdown().await.unwrap();
 }
@@ -196,7 +288,10 @@ async fn collect_with_one_register_down_returns_the_others() {
             purpose: PURPOSE_CERTIFICATE.into(),
             items: ["civil_status.birth_record", "judicial.criminal_record_extract"]
                 .iter()
-                .map(|t| pb::CollectItem { record_type: t.to_string(), ..Default::default() })
+                .map(|t| pb::CollectItem {
+                    record_type: t.to_string(),
+                    ..Default::default()
+                })
                 .collect(),
             request_id: "collect-test".into(),
         })
@@ -204,7 +299,11 @@ async fn collect_with_one_register_down_returns_the_others() {
         .unwrap()
         .into_inner();
     assert_eq!(r.results.len(), 2);
-    assert!(matches!(r.results[0].result, Some(pb::collect_result::Result::Record(_))), "{:?}", r.results[0]);
+    assert!(
+        matches!(r.results[0].result, Some(pb::collect_result::Result::Record(_))),
+        "{:?}",
+        r.results[0]
+    );
     match &r.results[1].result {
         Some(pb::collect_result::Result::Error(e)) => assert_eq!(e.code, Code::Unavailable as i32, "{e:?}"),
         other => panic!("expected an error item, got {other:?}"),

@@ -35,7 +35,13 @@ async fn bad_registrations_are_refused_and_nothing_is_stored() {
     let civil = client(&fed, CIVIL_STATUS).await;
     let register = |d: pb::RecordTypeDefinition| {
         let mut c = civil.schemas();
-        async move { c.register(pb::RegisterRequest { definition: Some(d), compatibility: 0 }).await }
+        async move {
+            c.register(pb::RegisterRequest {
+                definition: Some(d),
+                compatibility: 0,
+            })
+            .await
+        }
     };
     let name = "civil_status.adoption_record";
     let mut malformed = def(name, query_schema(), record_schema(json!({})));
@@ -43,30 +49,62 @@ async fn bad_registrations_are_refused_and_nothing_is_stored() {
     let big = "x".repeat(300 * 1024);
     let cases: Vec<(pb::RecordTypeDefinition, &str)> = vec![
         (malformed, "JSON"),
-        (def(name, query_schema(), json!({"type":"object","properties":{"full_name":{"type":12}}})), "/properties/full_name/type"),
         (
-            def(name, query_schema(), json!({"type":"object","properties":{"father":{"$ref":"https://example.org/person.json"}}})),
+            def(
+                name,
+                query_schema(),
+                json!({"type":"object","properties":{"full_name":{"type":12}}}),
+            ),
+            "/properties/full_name/type",
+        ),
+        (
+            def(
+                name,
+                query_schema(),
+                json!({"type":"object","properties":{"father":{"$ref":"https://example.org/person.json"}}}),
+            ),
             "https://example.org/person.json",
         ),
-        (def(name, query_schema(), record_schema(json!({"note":{"type":"string","description": big}}))), "256"),
-        (def("Civil Status.Adoption", query_schema(), record_schema(json!({}))), "Civil Status.Adoption"),
+        (
+            def(
+                name,
+                query_schema(),
+                record_schema(json!({"note":{"type":"string","description": big}})),
+            ),
+            "limit of 262144 bytes",
+        ),
+        (
+            def("Civil Status.Adoption", query_schema(), record_schema(json!({}))),
+            "Civil Status.Adoption",
+        ),
     ];
     for (d, needle) in cases {
         let err = register(d).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-        assert!(err.message().contains(needle), "{:?} should name {needle:?}", err.message());
+        assert!(
+            err.message().contains(needle),
+            "{:?} should name {needle:?}",
+            err.message()
+        );
     }
     // Another agency's integrator may not register civil-status types.
     let judicial = client(&fed, JUDICIAL_RECORDS).await;
     let err = judicial
         .schemas()
-        .register(pb::RegisterRequest { definition: Some(def(name, query_schema(), record_schema(json!({})))), compatibility: 0 })
+        .register(pb::RegisterRequest {
+            definition: Some(def(name, query_schema(), record_schema(json!({})))),
+            compatibility: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains(CIVIL_STATUS), "{}", err.message());
 
-    let err = civil.schemas().list_versions(pb::ListVersionsRequest { name: name.into() }).await.unwrap_err();
+    let err = civil
+        .schemas()
+        .list_versions(pb::ListVersionsRequest { name: name.into() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "nothing was stored");
     fed.shutdown().await.unwrap();
 }
@@ -77,36 +115,95 @@ async fn versions_compatibility_and_deprecation() {
     let civil = client(&fed, CIVIL_STATUS).await;
     let name = "civil_status.adoption_record";
     let v1 = def(name, query_schema(), record_schema(json!({})));
-    let r = civil.schemas().register(pb::RegisterRequest { definition: Some(v1.clone()), compatibility: 0 }).await.unwrap().into_inner();
+    let r = civil
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(v1.clone()),
+            compatibility: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.created);
     assert_eq!(r.version.as_ref().unwrap().version, 1);
     // Idempotent.
-    let again = civil.schemas().register(pb::RegisterRequest { definition: Some(v1), compatibility: 0 }).await.unwrap().into_inner();
+    let again = civil
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(v1),
+            compatibility: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!again.created);
     assert_eq!(again.version.unwrap().version, 1);
     // A compatible change: a new optional property.
     let v2 = def(name, query_schema(), record_schema(json!({"court":{"type":"string"}})));
-    let r = civil.schemas().register(pb::RegisterRequest { definition: Some(v2), compatibility: 0 }).await.unwrap().into_inner();
+    let r = civil
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(v2),
+            compatibility: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.version.unwrap().version, 2);
     // A breaking one: property removed. Check lists it; Register refuses it.
-    let broken = def(name, query_schema(), json!({"type":"object","properties":{"full_name":{"type":"string"}}}));
+    let broken = def(
+        name,
+        query_schema(),
+        json!({"type":"object","properties":{"full_name":{"type":"string"}}}),
+    );
     let check = civil
         .schemas()
-        .check_compatibility(pb::CheckCompatibilityRequest { definition: Some(broken.clone()) })
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            definition: Some(broken.clone()),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!check.compatible);
     assert_eq!(check.against_version, 2);
-    assert!(check.changes.iter().any(|c| c.kind == "record_property_removed" && c.pointer.contains("adoption_date")), "{:?}", check.changes);
-    let err = civil.schemas().register(pb::RegisterRequest { definition: Some(broken.clone()), compatibility: 0 }).await.unwrap_err();
+    assert!(
+        check
+            .changes
+            .iter()
+            .any(|c| c.kind == "record_property_removed" && c.pointer.contains("adoption_date")),
+        "{:?}",
+        check.changes
+    );
+    let err = civil
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(broken.clone()),
+            compatibility: 0,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     // Compatibility NONE is for admins only.
     let none = pb::Compatibility::None as i32;
-    let err = civil.schemas().register(pb::RegisterRequest { definition: Some(broken.clone()), compatibility: none }).await.unwrap_err();
+    let err = civil
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(broken.clone()),
+            compatibility: none,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let admin = client(&fed, ADMIN).await;
-    let r = admin.schemas().register(pb::RegisterRequest { definition: Some(broken), compatibility: none }).await.unwrap().into_inner();
+    let r = admin
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(broken),
+            compatibility: none,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let v3 = r.version.unwrap();
     assert_eq!((v3.version, v3.compatibility), (3, none));
 
@@ -114,31 +211,60 @@ async fn versions_compatibility_and_deprecation() {
     let birth = "civil_status.birth_record";
     civil
         .schemas()
-        .deprecate(pb::DeprecateRequest { name: birth.into(), version: 1, note: "use version 2".into() })
+        .deprecate(pb::DeprecateRequest {
+            name: birth.into(),
+            version: 1,
+            note: "use version 2".into(),
+        })
         .await
         .unwrap();
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let mut req = birth_lookup(&citizen_id(&fed, 12), PURPOSE_CERTIFICATE);
     req.schema_version = 1;
     let r = office.exchange().lookup(req).await.unwrap().into_inner();
-    assert!(r.deprecation_notice.contains("use version 2"), "{:?}", r.deprecation_notice);
+    assert!(
+        r.deprecation_notice.contains("use version 2"),
+        "{:?}",
+        r.deprecation_notice
+    );
     fed.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn cli_schema_commands_work_as_documented() {
     let (_dir, fed) = bare_federation().await;
-    let (ok, out) = cli_as(&fed, ADMIN, &["member", "add", CIVIL_STATUS, "--name", "Civil status register", "--role", "provider", "--role", "integrator"]);
+    let (ok, out) = cli_as(
+        &fed,
+        ADMIN,
+        &[
+            "member",
+            "add",
+            CIVIL_STATUS,
+            "--name",
+            "Civil status register",
+            "--role",
+            "provider",
+            "--role",
+            "integrator",
+        ],
+    )
+    .await;
     assert!(ok, "{out}");
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../provider/schemas/civil_status.birth_record.json");
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../provider/schemas/civil_status.birth_record.json");
     let file = file.to_str().unwrap();
-    let (ok, out) = cli_as(&fed, CIVIL_STATUS, &["schema", "check", "--file", file]);
+    let (ok, out) = cli_as(&fed, CIVIL_STATUS, &["schema", "check", "--file", file]).await;
     assert!(ok && out.contains("new record type"), "{out}");
-    let (ok, out) = cli_as(&fed, CIVIL_STATUS, &["schema", "register", "--file", file]);
+    let (ok, out) = cli_as(&fed, CIVIL_STATUS, &["schema", "register", "--file", file]).await;
     assert!(ok && out.contains("registered"), "{out}");
-    let (ok, out) = cli_as(&fed, CIVIL_STATUS, &["schema", "list"]);
+    let (ok, out) = cli_as(&fed, CIVIL_STATUS, &["schema", "list"]).await;
     assert!(ok && out.contains("civil_status.birth_record"), "{out}");
-    let (ok, out) = cli_as(&fed, CIVIL_STATUS, &["schema", "show", "civil_status.birth_record", "--version", "1"]);
+    let (ok, out) = cli_as(
+        &fed,
+        CIVIL_STATUS,
+        &["schema", "show", "civil_status.birth_record", "--version", "1"],
+    )
+    .await;
     assert!(ok && out.contains("/father/full_name"), "{out}");
     fed.shutdown().await.unwrap();
 }

@@ -534,10 +534,8 @@ async fn rebuild(
             h.tree_size
         ))
     };
-    if let Some(h) = head.filter(|h| h.tree_size == 0) {
-        if h.root_hash != merkle::empty_root() {
-            return Err(altered(h));
-        }
+    if let Some(h) = head.filter(|h| h.tree_size == 0 && h.root_hash != merkle::empty_root()) {
+        return Err(altered(h));
     }
     let mut from = 0;
     while from < size {
@@ -546,10 +544,8 @@ async fn rebuild(
         check_chunk(log_id, from, to, chunk.len())?;
         for leaf in chunk {
             frontier.push(leaf);
-            if let Some(h) = head.filter(|h| h.tree_size == frontier.size()) {
-                if frontier.root() != h.root_hash {
-                    return Err(altered(h));
-                }
+            if let Some(h) = head.filter(|h| h.tree_size == frontier.size() && frontier.root() != h.root_hash) {
+                return Err(altered(h));
             }
         }
         from = to;
@@ -736,10 +732,11 @@ async fn run_signer(log: Weak<AuditLog>, interval: Duration, mut stop: watch::Re
             _ = stop.changed() => break,
         }
         let Some(log) = log.upgrade() else { break };
-        if log.needs_signing() {
-            if let Err(e) = log.sign_now().await {
-                tracing::warn!(log_id = %log.log_id, error = %e, "signing the audit tree head failed; will retry");
-            }
+        if !log.needs_signing() {
+            continue;
+        }
+        if let Err(e) = log.sign_now().await {
+            tracing::warn!(log_id = %log.log_id, error = %e, "signing the audit tree head failed; will retry");
         }
     }
 }

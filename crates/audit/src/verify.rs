@@ -249,10 +249,11 @@ fn verify_lines(
         if prev.tree_size == 0 && prev.root_hash != merkle::empty_root() {
             return Err(forked());
         }
-        if let Some(proof) = consistency_proof {
-            if !merkle::verify_consistency(prev.tree_size, sth.tree_size, &prev.root_hash, &sth.root_hash, proof) {
-                return Err(forked());
-            }
+        let proof_fails = |proof: &&[Hash]| {
+            !merkle::verify_consistency(prev.tree_size, sth.tree_size, &prev.root_hash, &sth.root_hash, proof)
+        };
+        if consistency_proof.filter(proof_fails).is_some() {
+            return Err(forked());
         }
     }
 
@@ -293,13 +294,12 @@ fn verify_lines(
         }
         frontier.push(computed);
         let size = frontier.size();
-        if let Some(prev) = previous {
-            if size == prev.tree_size && frontier.root() != prev.root_hash {
-                return Err(VerifyError::Inconsistent {
-                    old_size: prev.tree_size,
-                    new_size: sth.tree_size,
-                });
-            }
+        let prefix_rewritten = |prev: &&SignedTreeHead| size == prev.tree_size && frontier.root() != prev.root_hash;
+        if let Some(prev) = previous.filter(prefix_rewritten) {
+            return Err(VerifyError::Inconsistent {
+                old_size: prev.tree_size,
+                new_size: sth.tree_size,
+            });
         }
         if size == sth.tree_size && frontier.root() != sth.root_hash {
             return Err(match previous {
@@ -382,10 +382,9 @@ impl VerifierState {
             return Err(state_error(format!("cannot write: {e}")));
         }
         // Make the rename itself durable; not every platform can sync a directory.
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(dir) = std::fs::File::open(dir) {
-                let _ = dir.sync_all();
-            }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.and_then(|d| std::fs::File::open(d).ok()) {
+            let _ = dir.sync_all();
         }
         Ok(())
     }

@@ -238,11 +238,14 @@ async fn signer_signs_when_the_tree_grows() {
     log.append(event(1)).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        if let Ok(head) = log.latest_tree_head(log.log_id()).await {
-            if head.tree_size == 2 {
-                verify_tree_head(&head, &log.keys().public_key()).unwrap();
-                break;
-            }
+        let signed = log
+            .latest_tree_head(log.log_id())
+            .await
+            .ok()
+            .filter(|h| h.tree_size == 2);
+        if let Some(head) = signed {
+            verify_tree_head(&head, &log.keys().public_key()).unwrap();
+            break;
         }
         assert!(tokio::time::Instant::now() < deadline, "no head of size 2 was signed");
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -36,7 +36,13 @@ impl AdminService {
     }
 
     /// Runs one change; a failure is audited with the action and target.
-    async fn change<T>(&self, caller: &Caller, action: &str, target: &str, f: impl Future<Output = Result<T>>) -> std::result::Result<Response<T>, Status> {
+    async fn change<T>(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: &str,
+        f: impl Future<Output = Result<T>>,
+    ) -> std::result::Result<Response<T>, Status> {
         match f.await {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
@@ -59,7 +65,10 @@ fn roles(numbers: &[i32]) -> Result<Vec<Role>> {
     }
     let mut roles = Vec::with_capacity(numbers.len());
     for n in numbers {
-        roles.push(convert::role_from_pb(*n).ok_or_else(|| BrokerError::InvalidArgument(format!("role number {n} is not a valid role")))?);
+        roles.push(
+            convert::role_from_pb(*n)
+                .ok_or_else(|| BrokerError::InvalidArgument(format!("role number {n} is not a valid role")))?,
+        );
     }
     roles.sort();
     roles.dedup();
@@ -71,7 +80,8 @@ fn check_purpose(p: &str) -> Result<()> {
     let ok = !p.is_empty()
         && p.len() <= 128
         && p.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:/-".contains(&b));
+        && p.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._:/-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -82,9 +92,11 @@ fn check_purpose(p: &str) -> Result<()> {
 }
 
 fn check_endpoint_url(url: &str) -> Result<()> {
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| BrokerError::InvalidArgument(format!("endpoint url {url:?} must start with https:// (providers are called over mutual TLS)")))?;
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        BrokerError::InvalidArgument(format!(
+            "endpoint url {url:?} must start with https:// (providers are called over mutual TLS)"
+        ))
+    })?;
     let hostport = rest.trim_end_matches('/');
     let ok = match hostport.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && !hostport.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0),
@@ -93,7 +105,9 @@ fn check_endpoint_url(url: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(BrokerError::InvalidArgument(format!("endpoint url {url:?} must look like https://host:port")))
+        Err(BrokerError::InvalidArgument(format!(
+            "endpoint url {url:?} must look like https://host:port"
+        )))
     }
 }
 
@@ -102,7 +116,9 @@ impl Broker {
         let id = member_id(&r.id)?;
         let name = r.display_name.trim();
         if name.is_empty() || name.len() > 200 {
-            return Err(BrokerError::InvalidArgument("display_name is required (at most 200 characters)".into()));
+            return Err(BrokerError::InvalidArgument(
+                "display_name is required (at most 200 characters)".into(),
+            ));
         }
         let now = OffsetDateTime::now_utc();
         let m = Member {
@@ -116,7 +132,13 @@ impl Broker {
         };
         self.store.insert_member(&m).await?;
         let roles: Vec<&str> = m.roles.iter().map(|r| r.as_str()).collect();
-        self.admin_event(caller, "member.add", m.id.as_str(), Some(format!("roles={}", roles.join(",")))).await?;
+        self.admin_event(
+            caller,
+            "member.add",
+            m.id.as_str(),
+            Some(format!("roles={}", roles.join(","))),
+        )
+        .await?;
         self.changed().await?;
         Ok(convert::member(&m))
     }
@@ -129,19 +151,33 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("member {:?} is not registered", r.id)))?;
         if !enabled {
             if r.reason.trim().is_empty() {
-                return Err(BrokerError::InvalidArgument("a reason is required to disable a member".into()));
+                return Err(BrokerError::InvalidArgument(
+                    "a reason is required to disable a member".into(),
+                ));
             }
             if m.id.as_str() == caller.id() {
-                return Err(BrokerError::FailedPrecondition("an admin cannot disable itself; ask another admin".into()));
+                return Err(BrokerError::FailedPrecondition(
+                    "an admin cannot disable itself; ask another admin".into(),
+                ));
             }
         }
         if m.enabled != enabled {
             m.enabled = enabled;
-            m.disabled_reason = if enabled { String::new() } else { r.reason.trim().to_string() };
+            m.disabled_reason = if enabled {
+                String::new()
+            } else {
+                r.reason.trim().to_string()
+            };
             m.updated_at = OffsetDateTime::now_utc();
             self.store.update_member(&m).await?;
             let action = if enabled { "member.enable" } else { "member.disable" };
-            self.admin_event(caller, action, m.id.as_str(), (!enabled).then(|| m.disabled_reason.clone())).await?;
+            self.admin_event(
+                caller,
+                action,
+                m.id.as_str(),
+                (!enabled).then(|| m.disabled_reason.clone()),
+            )
+            .await?;
             self.changed().await?;
         }
         Ok(convert::member(&m))
@@ -152,7 +188,9 @@ impl Broker {
         match self.store.get_member(provider.as_str()).await? {
             None => return Err(BrokerError::NotFound(format!("member {provider} is not registered"))),
             Some(m) if !m.has_role(Role::Provider) => {
-                return Err(BrokerError::FailedPrecondition(format!("member {provider} does not hold the provider role")));
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "member {provider} does not hold the provider role"
+                )));
             }
             Some(_) => {}
         }
@@ -164,14 +202,26 @@ impl Broker {
             created_at: OffsetDateTime::now_utc(),
         };
         self.store.insert_endpoint(&e).await?;
-        self.admin_event(caller, "endpoint.add", &e.id, Some(format!("provider={} url={}", e.provider, e.url))).await?;
+        self.admin_event(
+            caller,
+            "endpoint.add",
+            &e.id,
+            Some(format!("provider={} url={}", e.provider, e.url)),
+        )
+        .await?;
         self.changed().await?;
         Ok(convert::endpoint(&e))
     }
 
     async fn remove_endpoint(&self, caller: &Caller, r: pb::RemoveEndpointRequest) -> Result<pb::Endpoint> {
         let e = self.store.delete_endpoint(&r.id).await?;
-        self.admin_event(caller, "endpoint.remove", &e.id, Some(format!("provider={} url={}", e.provider, e.url))).await?;
+        self.admin_event(
+            caller,
+            "endpoint.remove",
+            &e.id,
+            Some(format!("provider={} url={}", e.provider, e.url)),
+        )
+        .await?;
         self.changed().await?;
         Ok(convert::endpoint(&e))
     }
@@ -179,7 +229,11 @@ impl Broker {
     async fn create_grant(&self, caller: &Caller, r: pb::CreateGrantRequest) -> Result<pb::Grant> {
         let consumer = member_id(&r.consumer)?;
         match self.store.get_member(consumer.as_str()).await? {
-            None => return Err(BrokerError::NotFound(format!("consumer {consumer} is not a registered member"))),
+            None => {
+                return Err(BrokerError::NotFound(format!(
+                    "consumer {consumer} is not a registered member"
+                )));
+            }
             Some(m) if !m.has_role(Role::Consumer) => {
                 return Err(BrokerError::FailedPrecondition(format!(
                     "member {consumer} does not hold the consumer role; add it before granting access"
@@ -189,16 +243,23 @@ impl Broker {
         }
         let snapshot = self.snapshot();
         let rt = snapshot.record_type(&r.record_type, 0).ok_or_else(|| {
-            BrokerError::NotFound(format!("record type {:?} is not registered; register its schema first", r.record_type))
+            BrokerError::NotFound(format!(
+                "record type {:?} is not registered; register its schema first",
+                r.record_type
+            ))
         })?;
         let fields = if r.fields.iter().any(|f| f == "*") {
             if r.fields.len() > 1 {
-                return Err(BrokerError::InvalidArgument("fields: `*` (every field) cannot be combined with other fields".into()));
+                return Err(BrokerError::InvalidArgument(
+                    "fields: `*` (every field) cannot be combined with other fields".into(),
+                ));
             }
             GrantFields::All
         } else {
             if r.fields.is_empty() {
-                return Err(BrokerError::InvalidArgument("fields: name at least one field as a JSON Pointer, or `*` for every field".into()));
+                return Err(BrokerError::InvalidArgument(
+                    "fields: name at least one field as a JSON Pointer, or `*` for every field".into(),
+                ));
             }
             for f in &r.fields {
                 if !rt.has_field(f) {
@@ -228,16 +289,23 @@ impl Broker {
         purposes.dedup();
         let now = OffsetDateTime::now_utc();
         let valid_from = match &r.valid_from {
-            Some(t) => convert::from_ts(t).ok_or_else(|| BrokerError::InvalidArgument("valid_from is out of range".into()))?,
+            Some(t) => {
+                convert::from_ts(t).ok_or_else(|| BrokerError::InvalidArgument("valid_from is out of range".into()))?
+            }
             None => now,
         };
         let valid_until = match &r.valid_until {
-            Some(t) => Some(convert::from_ts(t).ok_or_else(|| BrokerError::InvalidArgument("valid_until is out of range".into()))?),
+            Some(t) => Some(
+                convert::from_ts(t)
+                    .ok_or_else(|| BrokerError::InvalidArgument("valid_until is out of range".into()))?,
+            ),
             None => None,
         };
         if let Some(until) = valid_until {
             if until <= valid_from {
-                return Err(BrokerError::InvalidArgument("valid_until must be after valid_from".into()));
+                return Err(BrokerError::InvalidArgument(
+                    "valid_until must be after valid_from".into(),
+                ));
             }
         }
         let g = Grant {
@@ -271,10 +339,16 @@ impl Broker {
 
     async fn revoke_grant(&self, caller: &Caller, r: pb::RevokeGrantRequest) -> Result<pb::Grant> {
         if r.reason.trim().is_empty() {
-            return Err(BrokerError::InvalidArgument("a reason is required to revoke a grant".into()));
+            return Err(BrokerError::InvalidArgument(
+                "a reason is required to revoke a grant".into(),
+            ));
         }
-        let g = self.store.revoke_grant(&r.id, r.reason.trim(), OffsetDateTime::now_utc()).await?;
-        self.admin_event(caller, "grant.revoke", &g.id, Some(g.revoked_reason.clone())).await?;
+        let g = self
+            .store
+            .revoke_grant(&r.id, r.reason.trim(), OffsetDateTime::now_utc())
+            .await?;
+        self.admin_event(caller, "grant.revoke", &g.id, Some(g.revoked_reason.clone()))
+            .await?;
         self.changed().await?;
         Ok(convert::grant(&g))
     }
@@ -282,14 +356,21 @@ impl Broker {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> std::result::Result<Response<pb::Member>, Status> {
         let caller = self.admin(&request, "Admin.AddMember").await?;
         let r = request.into_inner();
         let target = r.id.clone();
-        self.change(&caller, "member.add", &target, self.broker.add_member(&caller, r)).await
+        self.change(&caller, "member.add", &target, self.broker.add_member(&caller, r))
+            .await
     }
 
-    async fn get_member(&self, request: Request<pb::GetMemberRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+    async fn get_member(
+        &self,
+        request: Request<pb::GetMemberRequest>,
+    ) -> std::result::Result<Response<pb::Member>, Status> {
         let caller = self.admin(&request, "Admin.GetMember").await?;
         let id = &request.get_ref().id;
         let m = caller
@@ -299,7 +380,10 @@ impl Admin for AdminService {
         Ok(Response::new(convert::member(m)))
     }
 
-    async fn list_members(&self, request: Request<pb::ListMembersRequest>) -> std::result::Result<Response<pb::ListMembersResponse>, Status> {
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> std::result::Result<Response<pb::ListMembersResponse>, Status> {
         let caller = self.admin(&request, "Admin.ListMembers").await?;
         let role = convert::role_from_pb(request.get_ref().role);
         let mut members: Vec<pb::Member> = caller
@@ -312,28 +396,53 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListMembersResponse { members }))
     }
 
-    async fn disable_member(&self, request: Request<pb::SetMemberEnabledRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+    async fn disable_member(
+        &self,
+        request: Request<pb::SetMemberEnabledRequest>,
+    ) -> std::result::Result<Response<pb::Member>, Status> {
         let caller = self.admin(&request, "Admin.DisableMember").await?;
         let r = request.into_inner();
         let target = r.id.clone();
-        self.change(&caller, "member.disable", &target, self.broker.set_enabled(&caller, r, false)).await
+        self.change(
+            &caller,
+            "member.disable",
+            &target,
+            self.broker.set_enabled(&caller, r, false),
+        )
+        .await
     }
 
-    async fn enable_member(&self, request: Request<pb::SetMemberEnabledRequest>) -> std::result::Result<Response<pb::Member>, Status> {
+    async fn enable_member(
+        &self,
+        request: Request<pb::SetMemberEnabledRequest>,
+    ) -> std::result::Result<Response<pb::Member>, Status> {
         let caller = self.admin(&request, "Admin.EnableMember").await?;
         let r = request.into_inner();
         let target = r.id.clone();
-        self.change(&caller, "member.enable", &target, self.broker.set_enabled(&caller, r, true)).await
+        self.change(
+            &caller,
+            "member.enable",
+            &target,
+            self.broker.set_enabled(&caller, r, true),
+        )
+        .await
     }
 
-    async fn add_endpoint(&self, request: Request<pb::AddEndpointRequest>) -> std::result::Result<Response<pb::Endpoint>, Status> {
+    async fn add_endpoint(
+        &self,
+        request: Request<pb::AddEndpointRequest>,
+    ) -> std::result::Result<Response<pb::Endpoint>, Status> {
         let caller = self.admin(&request, "Admin.AddEndpoint").await?;
         let r = request.into_inner();
         let target = r.provider.clone();
-        self.change(&caller, "endpoint.add", &target, self.broker.add_endpoint(&caller, r)).await
+        self.change(&caller, "endpoint.add", &target, self.broker.add_endpoint(&caller, r))
+            .await
     }
 
-    async fn list_endpoints(&self, request: Request<pb::ListEndpointsRequest>) -> std::result::Result<Response<pb::ListEndpointsResponse>, Status> {
+    async fn list_endpoints(
+        &self,
+        request: Request<pb::ListEndpointsRequest>,
+    ) -> std::result::Result<Response<pb::ListEndpointsResponse>, Status> {
         let caller = self.admin(&request, "Admin.ListEndpoints").await?;
         let provider = &request.get_ref().provider;
         let _ = caller;
@@ -350,21 +459,37 @@ impl Admin for AdminService {
         Ok(Response::new(pb::ListEndpointsResponse { endpoints }))
     }
 
-    async fn remove_endpoint(&self, request: Request<pb::RemoveEndpointRequest>) -> std::result::Result<Response<pb::Endpoint>, Status> {
+    async fn remove_endpoint(
+        &self,
+        request: Request<pb::RemoveEndpointRequest>,
+    ) -> std::result::Result<Response<pb::Endpoint>, Status> {
         let caller = self.admin(&request, "Admin.RemoveEndpoint").await?;
         let r = request.into_inner();
         let target = r.id.clone();
-        self.change(&caller, "endpoint.remove", &target, self.broker.remove_endpoint(&caller, r)).await
+        self.change(
+            &caller,
+            "endpoint.remove",
+            &target,
+            self.broker.remove_endpoint(&caller, r),
+        )
+        .await
     }
 
-    async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> std::result::Result<Response<pb::Grant>, Status> {
+    async fn create_grant(
+        &self,
+        request: Request<pb::CreateGrantRequest>,
+    ) -> std::result::Result<Response<pb::Grant>, Status> {
         let caller = self.admin(&request, "Admin.CreateGrant").await?;
         let r = request.into_inner();
         let target = format!("{}/{}", r.consumer, r.record_type);
-        self.change(&caller, "grant.create", &target, self.broker.create_grant(&caller, r)).await
+        self.change(&caller, "grant.create", &target, self.broker.create_grant(&caller, r))
+            .await
     }
 
-    async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> std::result::Result<Response<pb::ListGrantsResponse>, Status> {
+    async fn list_grants(
+        &self,
+        request: Request<pb::ListGrantsRequest>,
+    ) -> std::result::Result<Response<pb::ListGrantsResponse>, Status> {
         self.admin(&request, "Admin.ListGrants").await?;
         let r = request.into_inner();
         let query = GrantQuery {
@@ -372,14 +497,20 @@ impl Admin for AdminService {
             record_type: (!r.record_type.is_empty()).then_some(r.record_type),
         };
         let grants = self.broker.store.list_grants(&query).await.map_err(BrokerError::from)?;
-        Ok(Response::new(pb::ListGrantsResponse { grants: grants.iter().map(convert::grant).collect() }))
+        Ok(Response::new(pb::ListGrantsResponse {
+            grants: grants.iter().map(convert::grant).collect(),
+        }))
     }
 
-    async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> std::result::Result<Response<pb::Grant>, Status> {
+    async fn revoke_grant(
+        &self,
+        request: Request<pb::RevokeGrantRequest>,
+    ) -> std::result::Result<Response<pb::Grant>, Status> {
         let caller = self.admin(&request, "Admin.RevokeGrant").await?;
         let r = request.into_inner();
         let target = r.id.clone();
-        self.change(&caller, "grant.revoke", &target, self.broker.revoke_grant(&caller, r)).await
+        self.change(&caller, "grant.revoke", &target, self.broker.revoke_grant(&caller, r))
+            .await
     }
 }
 

@@ -7,8 +7,8 @@ use futures::Stream;
 use lienthong::v1 as pb;
 use lienthong::v1::audit_server::Audit;
 use lienthong_audit::SignedTreeHead;
-use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::Role;
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_store::{EntryQuery, StoredEntry};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -141,7 +141,10 @@ type EntryStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::AuditEntry,
 
 #[tonic::async_trait]
 impl Audit for AuditService {
-    async fn query_entries(&self, request: Request<pb::QueryEntriesRequest>) -> std::result::Result<Response<pb::QueryEntriesResponse>, Status> {
+    async fn query_entries(
+        &self,
+        request: Request<pb::QueryEntriesRequest>,
+    ) -> std::result::Result<Response<pb::QueryEntriesResponse>, Status> {
         let caller = self.broker.authenticate(&request, "Audit.QueryEntries").await?;
         caller.require(&[Role::Auditor, Role::Admin], "read the audit log")?;
         let r = request.into_inner();
@@ -151,10 +154,9 @@ impl Audit for AuditService {
             n => n.min(1000),
         };
         if !r.page_token.is_empty() {
-            q.from_sequence = r
-                .page_token
-                .parse()
-                .map_err(|_| BrokerError::InvalidArgument("page_token is not a token returned by QueryEntries".into()))?;
+            q.from_sequence = r.page_token.parse().map_err(|_| {
+                BrokerError::InvalidArgument("page_token is not a token returned by QueryEntries".into())
+            })?;
         }
         let entries = self.broker.store.query_entries(&q).await.map_err(BrokerError::from)?;
         let next_page_token = if entries.len() as u32 == q.limit {
@@ -162,12 +164,18 @@ impl Audit for AuditService {
         } else {
             String::new()
         };
-        Ok(Response::new(pb::QueryEntriesResponse { entries: entries.iter().map(entry).collect(), next_page_token }))
+        Ok(Response::new(pb::QueryEntriesResponse {
+            entries: entries.iter().map(entry).collect(),
+            next_page_token,
+        }))
     }
 
     type ExportEntriesStream = EntryStream;
 
-    async fn export_entries(&self, request: Request<pb::ExportEntriesRequest>) -> std::result::Result<Response<Self::ExportEntriesStream>, Status> {
+    async fn export_entries(
+        &self,
+        request: Request<pb::ExportEntriesRequest>,
+    ) -> std::result::Result<Response<Self::ExportEntriesStream>, Status> {
         let caller = self.broker.authenticate(&request, "Audit.ExportEntries").await?;
         caller.require(&[Role::Auditor, Role::Admin], "export the audit log")?;
         let r = request.into_inner();
@@ -202,7 +210,10 @@ impl Audit for AuditService {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
-    async fn subject_history(&self, request: Request<pb::SubjectHistoryRequest>) -> std::result::Result<Response<pb::SubjectHistoryResponse>, Status> {
+    async fn subject_history(
+        &self,
+        request: Request<pb::SubjectHistoryRequest>,
+    ) -> std::result::Result<Response<pb::SubjectHistoryResponse>, Status> {
         let caller = self.broker.authenticate(&request, "Audit.SubjectHistory").await?;
         caller.require(&[Role::SubjectPortal, Role::Auditor], "read a citizen's access history")?;
         let r = request.into_inner();
@@ -218,34 +229,55 @@ impl Audit for AuditService {
             n => n.min(1000),
         };
         let hash = self.broker.audit.subject_hash(r.subject_key.trim());
-        let entries = self.broker.store.subject_entries(&hash, since, limit).await.map_err(BrokerError::from)?;
+        let entries = self
+            .broker
+            .store
+            .subject_entries(&hash, since, limit)
+            .await
+            .map_err(BrokerError::from)?;
         let accesses = entries
             .iter()
             .map(|e| {
-                let fields = serde_json::from_str::<AuditEvent>(&e.leaf).map(|ev| ev.fields_released).unwrap_or_default();
+                let fields = serde_json::from_str::<AuditEvent>(&e.leaf)
+                    .map(|ev| ev.fields_released)
+                    .unwrap_or_default();
                 pb::SubjectAccess {
                     time: Some(ts(e.time)),
                     consumer: e.actor.clone(),
-                    consumer_name: caller.snapshot.member(&e.actor).map(|m| m.display_name.clone()).unwrap_or_default(),
+                    consumer_name: caller
+                        .snapshot
+                        .member(&e.actor)
+                        .map(|m| m.display_name.clone())
+                        .unwrap_or_default(),
                     provider: e.provider.clone(),
                     record_type: e.record_type.clone(),
                     purpose: e.purpose.clone(),
                     fields_released: fields,
                     outcome: outcome_to_pb(e.outcome) as i32,
-                    receipt: Some(pb::Receipt { log_id: e.log_id.clone(), sequence: e.sequence, leaf_hash: e.leaf_hash.to_vec() }),
+                    receipt: Some(pb::Receipt {
+                        log_id: e.log_id.clone(),
+                        sequence: e.sequence,
+                        leaf_hash: e.leaf_hash.to_vec(),
+                    }),
                 }
             })
             .collect();
         Ok(Response::new(pb::SubjectHistoryResponse { accesses }))
     }
 
-    async fn get_signed_tree_head(&self, request: Request<pb::GetSignedTreeHeadRequest>) -> std::result::Result<Response<pb::SignedTreeHead>, Status> {
+    async fn get_signed_tree_head(
+        &self,
+        request: Request<pb::GetSignedTreeHeadRequest>,
+    ) -> std::result::Result<Response<pb::SignedTreeHead>, Status> {
         self.broker.authenticate(&request, "Audit.GetSignedTreeHead").await?;
         let head = self.broker.tree_head(&request.get_ref().log_id).await?;
         Ok(Response::new(sth(&head)))
     }
 
-    async fn get_inclusion_proof(&self, request: Request<pb::GetInclusionProofRequest>) -> std::result::Result<Response<pb::InclusionProof>, Status> {
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<pb::GetInclusionProofRequest>,
+    ) -> std::result::Result<Response<pb::InclusionProof>, Status> {
         self.broker.authenticate(&request, "Audit.GetInclusionProof").await?;
         let r = request.into_inner();
         let log_id = self.broker.log_or_own(&r.log_id).to_string();
@@ -262,7 +294,12 @@ impl Audit for AuditService {
             ))
             .into());
         }
-        let (leaf, path) = self.broker.audit.inclusion_proof(&log_id, r.sequence, tree_size).await.map_err(BrokerError::from)?;
+        let (leaf, path) = self
+            .broker
+            .audit
+            .inclusion_proof(&log_id, r.sequence, tree_size)
+            .await
+            .map_err(BrokerError::from)?;
         Ok(Response::new(pb::InclusionProof {
             log_id,
             sequence: r.sequence,
@@ -273,19 +310,41 @@ impl Audit for AuditService {
         }))
     }
 
-    async fn get_consistency_proof(&self, request: Request<pb::GetConsistencyProofRequest>) -> std::result::Result<Response<pb::ConsistencyProof>, Status> {
+    async fn get_consistency_proof(
+        &self,
+        request: Request<pb::GetConsistencyProofRequest>,
+    ) -> std::result::Result<Response<pb::ConsistencyProof>, Status> {
         self.broker.authenticate(&request, "Audit.GetConsistencyProof").await?;
         let r = request.into_inner();
         let log_id = self.broker.log_or_own(&r.log_id).to_string();
-        let second = if r.second == 0 { self.broker.tree_head(&log_id).await?.tree_size } else { r.second };
+        let second = if r.second == 0 {
+            self.broker.tree_head(&log_id).await?.tree_size
+        } else {
+            r.second
+        };
         if r.first > second {
-            return Err(BrokerError::InvalidArgument(format!("first ({}) must not exceed second ({second})", r.first)).into());
+            return Err(
+                BrokerError::InvalidArgument(format!("first ({}) must not exceed second ({second})", r.first)).into(),
+            );
         }
-        let path = self.broker.audit.consistency_proof(&log_id, r.first, second).await.map_err(BrokerError::from)?;
-        Ok(Response::new(pb::ConsistencyProof { log_id, first: r.first, second, path: path.iter().map(|h| h.to_vec()).collect() }))
+        let path = self
+            .broker
+            .audit
+            .consistency_proof(&log_id, r.first, second)
+            .await
+            .map_err(BrokerError::from)?;
+        Ok(Response::new(pb::ConsistencyProof {
+            log_id,
+            first: r.first,
+            second,
+            path: path.iter().map(|h| h.to_vec()).collect(),
+        }))
     }
 
-    async fn get_public_key(&self, request: Request<pb::GetPublicKeyRequest>) -> std::result::Result<Response<pb::LogPublicKey>, Status> {
+    async fn get_public_key(
+        &self,
+        request: Request<pb::GetPublicKeyRequest>,
+    ) -> std::result::Result<Response<pb::LogPublicKey>, Status> {
         self.broker.authenticate(&request, "Audit.GetPublicKey").await?;
         let log_id = self.broker.log_or_own(&request.get_ref().log_id).to_string();
         if log_id == self.broker.audit.log_id() {
@@ -301,16 +360,27 @@ impl Audit for AuditService {
             .into_iter()
             .find(|l| l.log_id == log_id)
             .ok_or_else(|| BrokerError::NotFound(format!("log {log_id} is not in this federation's database")))?;
-        Ok(Response::new(pb::LogPublicKey { log_id: log.log_id, public_key: log.public_key, public_key_pem: String::new() }))
+        Ok(Response::new(pb::LogPublicKey {
+            log_id: log.log_id,
+            public_key: log.public_key,
+            public_key_pem: String::new(),
+        }))
     }
 
-    async fn list_logs(&self, request: Request<pb::ListLogsRequest>) -> std::result::Result<Response<pb::ListLogsResponse>, Status> {
+    async fn list_logs(
+        &self,
+        request: Request<pb::ListLogsRequest>,
+    ) -> std::result::Result<Response<pb::ListLogsResponse>, Status> {
         self.broker.authenticate(&request, "Audit.ListLogs").await?;
         let logs = self.broker.store.list_logs().await.map_err(BrokerError::from)?;
         Ok(Response::new(pb::ListLogsResponse {
             logs: logs
                 .into_iter()
-                .map(|l| pb::LogPublicKey { log_id: l.log_id, public_key: l.public_key, public_key_pem: String::new() })
+                .map(|l| pb::LogPublicKey {
+                    log_id: l.log_id,
+                    public_key: l.public_key,
+                    public_key_pem: String::new(),
+                })
                 .collect(),
         }))
     }

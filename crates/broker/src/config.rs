@@ -225,7 +225,10 @@ impl Default for RelayConfig {
 
 impl Default for AuditSection {
     fn default() -> Self {
-        AuditSection { sign_interval_ms: 1_000, max_batch: 512 }
+        AuditSection {
+            sign_interval_ms: 1_000,
+            max_batch: 512,
+        }
     }
 }
 
@@ -261,7 +264,9 @@ impl Config {
         };
         apply_env(&mut tree, env)?;
         let mut config: Config = Config::deserialize(toml::Value::Table(tree)).map_err(|e| ConfigError::Parse {
-            path: path.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("<environment>")),
+            path: path
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("<environment>")),
             message: e.to_string(),
         })?;
         if let Some(dir) = path.and_then(Path::parent) {
@@ -274,7 +279,12 @@ impl Config {
     /// Makes relative file paths relative to the config file's directory, so a
     /// config works wherever the broker is started from.
     fn resolve_relative(&mut self, base: &Path) {
-        for p in [&mut self.data_dir, &mut self.tls.ca, &mut self.tls.cert, &mut self.tls.key] {
+        for p in [
+            &mut self.data_dir,
+            &mut self.tls.ca,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+        ] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -288,9 +298,12 @@ impl Config {
             source_name: source_name.into(),
             message,
         };
-        self.listen
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("listen", format!("{:?} is not an address like 127.0.0.1:7443 ({e})", self.listen)))?;
+        self.listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:7443 ({e})", self.listen),
+            )
+        })?;
         if self.trust_domain.is_empty()
             || !self
                 .trust_domain
@@ -299,29 +312,44 @@ impl Config {
         {
             return Err(invalid(
                 "trust_domain",
-                format!("{:?} is not a trust domain (lowercase letters, digits, '.', '-')", self.trust_domain),
+                format!(
+                    "{:?} is not a trust domain (lowercase letters, digits, '.', '-')",
+                    self.trust_domain
+                ),
             ));
         }
         if !self.bootstrap_admin.is_empty() {
             lienthong_core::MemberId::new(self.bootstrap_admin.clone())
                 .map_err(|e| invalid("bootstrap_admin", e.to_string()))?;
         }
-        for (key, path) in [("tls.ca", &self.tls.ca), ("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)] {
+        for (key, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
             if !path.is_file() {
                 return Err(invalid(key, format!("file {} does not exist", path.display())));
             }
         }
         if !self.database_url.is_empty()
-            && !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres://") || self.database_url.starts_with("postgresql://"))
+            && !(self.database_url.starts_with("sqlite:")
+                || self.database_url.starts_with("postgres://")
+                || self.database_url.starts_with("postgresql://"))
         {
             return Err(invalid("database_url", "must start with sqlite: or postgres://".into()));
         }
         if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {
-            return Err(invalid("telemetry.log_format", format!("{:?} is not `text` or `json`", self.telemetry.log_format)));
+            return Err(invalid(
+                "telemetry.log_format",
+                format!("{:?} is not `text` or `json`", self.telemetry.log_format),
+            ));
         }
         if !self.telemetry.metrics_listen.is_empty() {
             self.telemetry.metrics_listen.parse::<SocketAddr>().map_err(|e| {
-                invalid("telemetry.metrics_listen", format!("{:?} is not an address ({e})", self.telemetry.metrics_listen))
+                invalid(
+                    "telemetry.metrics_listen",
+                    format!("{:?} is not an address ({e})", self.telemetry.metrics_listen),
+                )
             })?;
         }
         let positive = [
@@ -330,13 +358,19 @@ impl Config {
             ("limits.max_message_bytes", self.limits.max_message_bytes as u64),
             ("limits.max_query_bytes", self.limits.max_query_bytes as u64),
             ("limits.max_collect_items", self.limits.max_collect_items as u64),
-            ("limits.database_max_connections", self.limits.database_max_connections as u64),
+            (
+                "limits.database_max_connections",
+                self.limits.database_max_connections as u64,
+            ),
             ("relay.provider_timeout_ms", self.relay.provider_timeout_ms),
             ("relay.provider_concurrency", self.relay.provider_concurrency as u64),
             ("relay.breaker_failures", self.relay.breaker_failures as u64),
             ("audit.sign_interval_ms", self.audit.sign_interval_ms),
             ("audit.max_batch", self.audit.max_batch as u64),
-            ("tls.max_concurrent_handshakes", self.tls.max_concurrent_handshakes as u64),
+            (
+                "tls.max_concurrent_handshakes",
+                self.tls.max_concurrent_handshakes as u64,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -345,7 +379,10 @@ impl Config {
         }
         for (record_type, ms) in &self.relay.record_type_timeouts_ms {
             if *ms == 0 {
-                return Err(invalid(&format!("relay.record_type_timeouts_ms.{record_type}"), "must be greater than 0".into()));
+                return Err(invalid(
+                    &format!("relay.record_type_timeouts_ms.{record_type}"),
+                    "must be greater than 0".into(),
+                ));
             }
         }
         Ok(())
@@ -397,24 +434,38 @@ fn apply_env(tree: &mut toml::Table, env: impl IntoIterator<Item = (String, Stri
     let mut known: Vec<(String, Vec<String>, toml::Value)> = Vec::new();
     collect_leaves(&defaults, &mut Vec::new(), &mut known);
     for (var, raw) in env {
-        let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
         let Some((_, path, default)) = known.iter().find(|(name, _, _)| name == rest) else {
             continue;
         };
         let value = match default {
-            toml::Value::Integer(_) => raw.trim().parse::<i64>().map(toml::Value::Integer).map_err(|_| ConfigError::Env {
-                var: var.clone(),
-                message: format!("{raw:?} is not an integer"),
-            })?,
-            toml::Value::Boolean(_) => raw.trim().parse::<bool>().map(toml::Value::Boolean).map_err(|_| ConfigError::Env {
-                var: var.clone(),
-                message: format!("{raw:?} is not true or false"),
-            })?,
+            toml::Value::Integer(_) => {
+                raw.trim()
+                    .parse::<i64>()
+                    .map(toml::Value::Integer)
+                    .map_err(|_| ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("{raw:?} is not an integer"),
+                    })?
+            }
+            toml::Value::Boolean(_) => {
+                raw.trim()
+                    .parse::<bool>()
+                    .map(toml::Value::Boolean)
+                    .map_err(|_| ConfigError::Env {
+                        var: var.clone(),
+                        message: format!("{raw:?} is not true or false"),
+                    })?
+            }
             _ => toml::Value::String(raw),
         };
         let mut table = &mut *tree;
         for key in &path[..path.len() - 1] {
-            let entry = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             match entry {
                 toml::Value::Table(t) => table = t,
                 _ => {
@@ -467,7 +518,11 @@ mod tests {
     fn file_then_env_overrides() {
         let dir = tempfile::tempdir().unwrap();
         let tls = tls_files(dir.path());
-        let p = write(dir.path(), "c.toml", &format!("listen = \"127.0.0.1:9000\"\n{tls}[limits]\nmax_collect_items = 4\n"));
+        let p = write(
+            dir.path(),
+            "c.toml",
+            &format!("listen = \"127.0.0.1:9000\"\n{tls}[limits]\nmax_collect_items = 4\n"),
+        );
         let env = vec![
             ("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS".to_string(), "8".to_string()),
             ("LIENTHONG_TRUST_DOMAIN".to_string(), "gov.example".to_string()),
@@ -497,9 +552,12 @@ mod tests {
         assert!(e.contains("tls.ca") && e.contains("missing.pem"), "{e}");
 
         let p = write(dir.path(), "f.toml", &tls);
-        let e = Config::load(Some(&p), vec![("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS".into(), "many".into())])
-            .unwrap_err()
-            .to_string();
+        let e = Config::load(
+            Some(&p),
+            vec![("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS".into(), "many".into())],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS"), "{e}");
     }
 }

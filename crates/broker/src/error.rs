@@ -112,7 +112,9 @@ impl From<AuditError> for BrokerError {
         match e {
             AuditError::NotFound(m) => BrokerError::NotFound(m),
             AuditError::InvalidArgument(m) => BrokerError::InvalidArgument(m),
-            AuditError::ShuttingDown => BrokerError::Unavailable("the broker is shutting down; retry on another replica".into()),
+            AuditError::ShuttingDown => {
+                BrokerError::Unavailable("the broker is shutting down; retry on another replica".into())
+            }
             other => {
                 tracing::error!(error = %other, "audit log unavailable");
                 BrokerError::Unavailable("the audit log cannot be written; no data was released; retry shortly".into())

@@ -7,11 +7,13 @@ use crate::relay::RelayError;
 use crate::state::{Broker, Caller};
 use lienthong::provider::v1::FetchRequest;
 use lienthong::v1::exchange_server::Exchange;
-use lienthong::v1::{collect_result, CollectRequest, CollectResponse, CollectResult, ItemError, LookupRequest, LookupResponse, Receipt};
+use lienthong::v1::{
+    CollectRequest, CollectResponse, CollectResult, ItemError, LookupRequest, LookupResponse, Receipt, collect_result,
+};
+use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::filter::filter_record;
 use lienthong_core::policy::{AccessRequest, Decision};
-use lienthong_core::GrantFields;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -126,14 +128,20 @@ impl Exchange for ExchangeService {
         for item in &r.items {
             let mut q = shared.clone();
             if !item.query_json.trim().is_empty() {
-                match parse_object(&item.query_json, "items[].query_json", self.broker.config.limits.max_query_bytes) {
+                match parse_object(
+                    &item.query_json,
+                    "items[].query_json",
+                    self.broker.config.limits.max_query_bytes,
+                ) {
                     Ok(Value::Object(extra)) => {
                         if let Value::Object(base) = &mut q {
                             base.extend(extra);
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => return Err(BrokerError::InvalidArgument(format!("item {}: {e}", item.record_type)).into()),
+                    Err(e) => {
+                        return Err(BrokerError::InvalidArgument(format!("item {}: {e}", item.record_type)).into());
+                    }
                 }
             }
             queries.push(q);
@@ -172,7 +180,10 @@ impl Exchange for ExchangeService {
                 }),
             })
             .collect();
-        Ok(Response::new(CollectResponse { results, request_id: ctx.request_id }))
+        Ok(Response::new(CollectResponse {
+            results,
+            request_id: ctx.request_id,
+        }))
     }
 }
 
@@ -181,11 +192,17 @@ fn check_collect(r: &CollectRequest, max: usize) -> Result<(), BrokerError> {
         return Err(BrokerError::InvalidArgument("collect needs at least one item".into()));
     }
     if r.items.len() > max {
-        return Err(BrokerError::InvalidArgument(format!("collect has {} items; at most {max} are allowed", r.items.len())));
+        return Err(BrokerError::InvalidArgument(format!(
+            "collect has {} items; at most {max} are allowed",
+            r.items.len()
+        )));
     }
     for (i, item) in r.items.iter().enumerate() {
         if r.items[..i].iter().any(|o| o.record_type == item.record_type) {
-            return Err(BrokerError::InvalidArgument(format!("record type {} appears twice in the collect", item.record_type)));
+            return Err(BrokerError::InvalidArgument(format!(
+                "record type {} appears twice in the collect",
+                item.record_type
+            )));
         }
     }
     Ok(())
@@ -193,7 +210,10 @@ fn check_collect(r: &CollectRequest, max: usize) -> Result<(), BrokerError> {
 
 fn parse_object(text: &str, what: &str, max: usize) -> Result<Value, BrokerError> {
     if text.len() > max {
-        return Err(BrokerError::InvalidArgument(format!("{what} is {} bytes; at most {max} are allowed", text.len())));
+        return Err(BrokerError::InvalidArgument(format!(
+            "{what} is {} bytes; at most {max} are allowed",
+            text.len()
+        )));
     }
     match serde_json::from_str::<Value>(text) {
         Ok(v @ Value::Object(_)) => Ok(v),
@@ -230,7 +250,9 @@ impl Broker {
     fn check_one_subject(&self, caller: &Caller, r: &CollectRequest, queries: &[Value]) -> Result<(), BrokerError> {
         let mut subject: Option<&str> = None;
         for (item, q) in r.items.iter().zip(queries) {
-            let Some(rt) = caller.snapshot.record_type(&item.record_type, item.schema_version) else { continue };
+            let Some(rt) = caller.snapshot.record_type(&item.record_type, item.schema_version) else {
+                continue;
+            };
             if let Some(s) = rt.subject(q) {
                 match subject {
                     Some(prev) if prev != s => {
@@ -248,7 +270,12 @@ impl Broker {
 
     /// One audited lookup. Returns the result and, when the entry was
     /// logged, its receipt.
-    async fn lookup_one(&self, caller: &Caller, item: Item<'_>, ctx: &CallContext) -> (Result<LookupResponse, BrokerError>, Option<Receipt>) {
+    async fn lookup_one(
+        &self,
+        caller: &Caller,
+        item: Item<'_>,
+        ctx: &CallContext,
+    ) -> (Result<LookupResponse, BrokerError>, Option<Receipt>) {
         let started = Instant::now();
         let mut event = self.access_event(caller, ctx, item.record_type, item.purpose);
         match self.lookup_inner(caller, item, ctx, &mut event).await {
@@ -277,47 +304,87 @@ impl Broker {
         }
     }
 
-    async fn lookup_inner(&self, caller: &Caller, item: Item<'_>, ctx: &CallContext, event: &mut AuditEvent) -> Result<(LookupResponse, String), Failure> {
+    async fn lookup_inner(
+        &self,
+        caller: &Caller,
+        item: Item<'_>,
+        ctx: &CallContext,
+        event: &mut AuditEvent,
+    ) -> Result<(LookupResponse, String), Failure> {
         let snapshot = &caller.snapshot;
         let invalid = |code, msg: String| fail(Outcome::Invalid, code, BrokerError::InvalidArgument(msg));
         let Some(rt) = snapshot.record_type(item.record_type, item.schema_version) else {
             let msg = if item.schema_version == 0 || snapshot.record_type(item.record_type, 0).is_none() {
-                format!("record type {:?} is not registered; `lienthong schema list` shows the registered types", item.record_type)
+                format!(
+                    "record type {:?} is not registered; `lienthong schema list` shows the registered types",
+                    item.record_type
+                )
             } else {
-                format!("record type {} has no version {}", item.record_type, item.schema_version)
+                format!(
+                    "record type {} has no version {}",
+                    item.record_type, item.schema_version
+                )
             };
             return Err(invalid("unknown_record_type", msg));
         };
         event.provider = rt.owner().to_string();
         event.schema_version = rt.version_number();
         let query = match item.query {
-            Query::Text(text) => parse_object(text, "query_json", self.config.limits.max_query_bytes).map_err(|e| fail(Outcome::Invalid, "invalid_query", e))?,
+            Query::Text(text) => parse_object(text, "query_json", self.config.limits.max_query_bytes)
+                .map_err(|e| fail(Outcome::Invalid, "invalid_query", e))?,
             Query::Value(v) => v,
         };
         if let Some(subject) = rt.subject(&query) {
             event.subject_hash = self.audit.subject_hash(subject);
         }
         if item.purpose.trim().is_empty() {
-            return Err(invalid("no_purpose", "purpose is required: name the legal basis of this lookup, as written in your grant".into()));
+            return Err(invalid(
+                "no_purpose",
+                "purpose is required: name the legal basis of this lookup, as written in your grant".into(),
+            ));
         }
         for f in item.fields {
             if !rt.has_field(f) {
                 return Err(invalid(
                     "unknown_field",
-                    format!("record type {} v{} has no field {f:?}; fields are JSON Pointers such as /full_name", rt.name(), rt.version_number()),
+                    format!(
+                        "record type {} v{} has no field {f:?}; fields are JSON Pointers such as /full_name",
+                        rt.name(),
+                        rt.version_number()
+                    ),
                 ));
             }
         }
         let now = OffsetDateTime::now_utc();
-        let access = AccessRequest { record_type: rt.name(), purpose: item.purpose, fields: item.fields };
+        let access = AccessRequest {
+            record_type: rt.name(),
+            purpose: item.purpose,
+            fields: item.fields,
+        };
         let allowed = match snapshot.decide(caller.id(), &access, now) {
             Decision::Allow(a) => a,
             Decision::Deny(reason) => {
-                return Err(fail(Outcome::Denied, reason.code(), BrokerError::PermissionDenied(reason.to_string())));
+                return Err(fail(
+                    Outcome::Denied,
+                    reason.code(),
+                    BrokerError::PermissionDenied(reason.to_string()),
+                ));
             }
         };
-        rt.validate_query(&query).map_err(|f| invalid("invalid_query", format!("query does not match the query schema of {} v{} {f}", rt.name(), rt.version_number())))?;
-        if let Err(retry_after) = self.rate_limiter.check(&allowed.grant_id, allowed.rate_limit_per_minute, Instant::now()) {
+        rt.validate_query(&query).map_err(|f| {
+            invalid(
+                "invalid_query",
+                format!(
+                    "query does not match the query schema of {} v{} {f}",
+                    rt.name(),
+                    rt.version_number()
+                ),
+            )
+        })?;
+        if let Err(retry_after) =
+            self.rate_limiter
+                .check(&allowed.grant_id, allowed.rate_limit_per_minute, Instant::now())
+        {
             return Err(fail(
                 Outcome::Denied,
                 "rate_limited",
@@ -333,7 +400,13 @@ impl Broker {
             ));
         }
         let released: Vec<String> = match &allowed.fields {
-            GrantFields::All => rt.version.field_pointers.iter().filter(|p| p.rfind('/') == Some(0)).cloned().collect(),
+            GrantFields::All => rt
+                .version
+                .field_pointers
+                .iter()
+                .filter(|p| p.rfind('/') == Some(0))
+                .cloned()
+                .collect(),
             GrantFields::Pointers(p) => p.clone(),
         };
         let timeout = self.config.provider_timeout(rt.name());
@@ -358,31 +431,57 @@ impl Broker {
             fields: released.clone(),
         };
         let provider = rt.owner().as_str();
-        let record_text = self.relay.fetch(provider, fetch, deadline, ctx.traceparent.as_ref()).await.map_err(|e| match e {
-            RelayError::NotFound => fail(
-                Outcome::Failed,
-                "not_found",
-                BrokerError::NotFound(format!("register {provider} holds no {} record for this query", rt.name())),
-            ),
-            RelayError::Rejected => fail(
-                Outcome::Failed,
-                "provider_rejected_query",
-                BrokerError::InvalidArgument(format!("register {provider} could not use the query for {}", rt.name())),
-            ),
-            RelayError::Unavailable(m) => fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m)),
-            RelayError::Deadline(d) => fail(
-                Outcome::Failed,
-                "provider_timeout",
-                BrokerError::DeadlineExceeded(format!("register {provider} did not answer within {} ms", d.as_millis())),
-            ),
-        })?;
+        let record_text = self
+            .relay
+            .fetch(provider, fetch, deadline, ctx.traceparent.as_ref())
+            .await
+            .map_err(|e| match e {
+                RelayError::NotFound => fail(
+                    Outcome::Failed,
+                    "not_found",
+                    BrokerError::NotFound(format!(
+                        "register {provider} holds no {} record for this query",
+                        rt.name()
+                    )),
+                ),
+                RelayError::Rejected => fail(
+                    Outcome::Failed,
+                    "provider_rejected_query",
+                    BrokerError::InvalidArgument(format!(
+                        "register {provider} could not use the query for {}",
+                        rt.name()
+                    )),
+                ),
+                RelayError::Unavailable(m) => {
+                    fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m))
+                }
+                RelayError::Deadline(d) => fail(
+                    Outcome::Failed,
+                    "provider_timeout",
+                    BrokerError::DeadlineExceeded(format!(
+                        "register {provider} did not answer within {} ms",
+                        d.as_millis()
+                    )),
+                ),
+            })?;
         let bad = |code, msg: String| fail(Outcome::Failed, code, BrokerError::InvalidProviderRecord(msg));
-        let record: Value = serde_json::from_str(&record_text)
-            .map_err(|e| bad("provider_malformed_record", format!("register {provider} answered malformed JSON for {} ({e}); nothing was passed on", rt.name())))?;
+        let record: Value = serde_json::from_str(&record_text).map_err(|e| {
+            bad(
+                "provider_malformed_record",
+                format!(
+                    "register {provider} answered malformed JSON for {} ({e}); nothing was passed on",
+                    rt.name()
+                ),
+            )
+        })?;
         rt.validate_record(&record).map_err(|f| {
             bad(
                 "provider_invalid_record",
-                format!("register {provider} answered a record violating {} v{} {f}; nothing was passed on", rt.name(), rt.version_number()),
+                format!(
+                    "register {provider} answered a record violating {} v{} {f}; nothing was passed on",
+                    rt.name(),
+                    rt.version_number()
+                ),
             )
         })?;
         let filtered = filter_record(&record, &allowed.fields);
@@ -390,7 +489,12 @@ impl Broker {
         event.fields_released = released.clone();
         event.outcome = Outcome::Allowed;
         let deprecation_notice = if rt.deprecated() {
-            format!("{} v{} is deprecated: {}", rt.name(), rt.version_number(), rt.version.deprecation_note)
+            format!(
+                "{} v{} is deprecated: {}",
+                rt.name(),
+                rt.version_number(),
+                rt.version.deprecation_note
+            )
         } else {
             String::new()
         };
@@ -410,7 +514,11 @@ impl Broker {
 }
 
 fn receipt(r: lienthong_audit::Receipt) -> Receipt {
-    Receipt { log_id: r.log_id, sequence: r.sequence, leaf_hash: r.leaf_hash.to_vec() }
+    Receipt {
+        log_id: r.log_id,
+        sequence: r.sequence,
+        leaf_hash: r.leaf_hash.to_vec(),
+    }
 }
 
 /// The trace id of a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).

@@ -16,4 +16,4 @@ pub mod state;
 
 pub use config::Config;
 pub use error::BrokerError;
-pub use server::{start, ServerHandle, StartError};
+pub use server::{ServerHandle, StartError, start};

@@ -4,8 +4,8 @@
 //! deadlines, and bounded retries for `UNAVAILABLE` within a retry budget.
 
 use crate::config::RelayConfig;
-use lienthong::provider::v1::record_provider_client::RecordProviderClient;
 use lienthong::provider::v1::FetchRequest;
+use lienthong::provider::v1::record_provider_client::RecordProviderClient;
 use lienthong_core::Endpoint;
 use lienthong_tls::{Identity, TlsMaterial};
 use std::collections::HashMap;
@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-use tonic::transport::Channel;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// How a provider call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -116,11 +116,15 @@ impl EndpointState {
         let Ok(mut b) = self.breaker.lock() else { return };
         let next = match (&*b, ok) {
             (_, true) => Breaker::Closed { failures: 0 },
-            (Breaker::Closed { failures }, false) if failures + 1 < threshold => Breaker::Closed { failures: failures + 1 },
+            (Breaker::Closed { failures }, false) if failures + 1 < threshold => {
+                Breaker::Closed { failures: failures + 1 }
+            }
             (Breaker::Open { until }, false) => Breaker::Open { until: *until },
             (_, false) => {
                 tracing::warn!(provider = %provider, endpoint = %self.id, open_for_ms = open_for.as_millis() as u64, "circuit opened");
-                Breaker::Open { until: Instant::now() + open_for }
+                Breaker::Open {
+                    until: Instant::now() + open_for,
+                }
             }
         };
         if ok && !matches!(*b, Breaker::Closed { .. }) {
@@ -197,19 +201,30 @@ impl Relay {
             let limit = old
                 .map(|p| p.limit.clone())
                 .unwrap_or_else(|| Arc::new(Semaphore::new(self.config.provider_concurrency)));
-            next.insert(provider.to_string(), Arc::new(ProviderPool { endpoints: states, limit }));
+            next.insert(
+                provider.to_string(),
+                Arc::new(ProviderPool {
+                    endpoints: states,
+                    limit,
+                }),
+            );
         }
         *pools = next;
     }
 
     fn channel(&self, provider: &str, url: &str) -> Result<Channel, lienthong_tls::TlsError> {
-        let tls = lienthong_tls::client_config(&self.material, Some((&self.trust_domain, Identity::Member(provider.to_string()))))?;
+        let tls = lienthong_tls::client_config(
+            &self.material,
+            Some((&self.trust_domain, Identity::Member(provider.to_string()))),
+        )?;
         lienthong_tls::lazy_channel(url, tls, Duration::from_millis(self.config.connect_timeout_ms))
     }
 
     /// Every endpoint of every provider, for metrics.
     pub fn endpoints(&self) -> Vec<(String, Arc<EndpointState>)> {
-        let Ok(pools) = self.pools.read() else { return Vec::new() };
+        let Ok(pools) = self.pools.read() else {
+            return Vec::new();
+        };
         pools
             .iter()
             .flat_map(|(p, pool)| pool.endpoints.iter().map(move |e| (p.clone(), e.clone())))
@@ -240,7 +255,11 @@ impl Relay {
                 if a == b {
                     b = candidates[(candidates.iter().position(|c| *c == a).unwrap_or(0) + 1) % n];
                 }
-                if pool.endpoints[a].outstanding() <= pool.endpoints[b].outstanding() { a } else { b }
+                if pool.endpoints[a].outstanding() <= pool.endpoints[b].outstanding() {
+                    a
+                } else {
+                    b
+                }
             }
         };
         pool.endpoints[chosen].admit(now).then_some(chosen)
@@ -261,7 +280,9 @@ impl Relay {
             .and_then(|p| p.get(provider).cloned())
             .ok_or_else(|| RelayError::Unavailable(format!("provider {provider} has no registered endpoint")))?;
         if pool.endpoints.is_empty() {
-            return Err(RelayError::Unavailable(format!("provider {provider} has no usable endpoint")));
+            return Err(RelayError::Unavailable(format!(
+                "provider {provider} has no usable endpoint"
+            )));
         }
         let total = deadline.saturating_duration_since(Instant::now());
         let _permit = match tokio::time::timeout_at(deadline.into(), pool.limit.clone().acquire_owned()).await {
@@ -274,7 +295,9 @@ impl Relay {
             }
         };
         let pct = i64::from(self.config.retry_budget_percent);
-        let _ = self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some((b + pct).min(BUDGET_CAP)));
+        let _ = self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+            Some((b + pct).min(BUDGET_CAP))
+        });
         let mut tried: Vec<usize> = Vec::new();
         let mut retries = 0;
         loop {
@@ -297,9 +320,13 @@ impl Relay {
                 req.metadata_mut().insert("traceparent", tp.clone());
             }
             ep.outstanding.fetch_add(1, Ordering::Relaxed);
-            let result = tokio::time::timeout(remaining, RecordProviderClient::new(ep.channel.clone()).fetch(req)).await;
+            let result =
+                tokio::time::timeout(remaining, RecordProviderClient::new(ep.channel.clone()).fetch(req)).await;
             ep.outstanding.fetch_sub(1, Ordering::Relaxed);
-            let (threshold, open_for) = (self.config.breaker_failures, Duration::from_millis(self.config.breaker_open_ms));
+            let (threshold, open_for) = (
+                self.config.breaker_failures,
+                Duration::from_millis(self.config.breaker_open_ms),
+            );
             let status = match result {
                 Ok(Ok(resp)) => {
                     ep.record(true, threshold, open_for, provider);
@@ -343,7 +370,9 @@ impl Relay {
                     // register: the answer may be half-made, so no retry.
                     ep.record(false, threshold, open_for, provider);
                     tracing::warn!(provider = %provider, endpoint = %ep.id, code = ?code, "provider call failed");
-                    return Err(RelayError::Unavailable(format!("provider {provider} failed to answer ({code:?})")));
+                    return Err(RelayError::Unavailable(format!(
+                        "provider {provider} failed to answer ({code:?})"
+                    )));
                 }
             }
         }

@@ -5,7 +5,7 @@ use crate::error::{BrokerError, Result};
 use crate::state::{Broker, Caller};
 use lienthong::v1 as pb;
 use lienthong::v1::schema_registry_server::SchemaRegistry;
-use lienthong_core::schema::{check_compatibility, parse_definition, CompiledRecordType};
+use lienthong_core::schema::{CompiledRecordType, check_compatibility, parse_definition};
 use lienthong_core::{Compatibility, MemberId, RecordTypeDefinition, RecordTypeVersion, Role};
 use lienthong_store::StoreError;
 use std::sync::Arc;
@@ -76,13 +76,28 @@ impl Broker {
                 Compatibility::None
             }
             Ok(_) => Compatibility::Backward,
-            Err(_) => return Err(BrokerError::InvalidArgument(format!("compatibility {} is not a valid mode", r.compatibility))),
+            Err(_) => {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "compatibility {} is not a valid mode",
+                    r.compatibility
+                )));
+            }
         };
         let def = self.parse(&d)?;
         match caller.snapshot.member(def.owner.as_str()) {
             Some(m) if m.has_role(Role::Provider) => {}
-            Some(_) => return Err(BrokerError::FailedPrecondition(format!("owner {} does not hold the provider role", def.owner))),
-            None => return Err(BrokerError::NotFound(format!("owner {} is not a registered member", def.owner))),
+            Some(_) => {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "owner {} does not hold the provider role",
+                    def.owner
+                )));
+            }
+            None => {
+                return Err(BrokerError::NotFound(format!(
+                    "owner {} is not a registered member",
+                    def.owner
+                )));
+            }
         }
         let digest = def.digest();
         // A concurrent registration on another replica can take our version
@@ -90,13 +105,19 @@ impl Broker {
         for _ in 0..3 {
             let existing = self.versions_of(&def.name).await?;
             if let Some(same) = existing.iter().find(|v| v.digest == digest) {
-                return Ok(pb::RegisterResponse { version: Some(convert::record_type_version(same)), created: false });
+                return Ok(pb::RegisterResponse {
+                    version: Some(convert::record_type_version(same)),
+                    created: false,
+                });
             }
             if let Some(latest) = existing.last() {
                 if compatibility == Compatibility::Backward {
                     let changes = check_compatibility(&latest.definition, &def);
                     if !changes.is_empty() {
-                        let list: Vec<String> = changes.iter().map(|c| format!("{} at {}: {}", c.kind, c.pointer, c.message)).collect();
+                        let list: Vec<String> = changes
+                            .iter()
+                            .map(|c| format!("{} at {}: {}", c.kind, c.pointer, c.message))
+                            .collect();
                         return Err(BrokerError::FailedPrecondition(format!(
                             "{} is not backward compatible with version {}: {}",
                             def.name,
@@ -120,7 +141,11 @@ impl Broker {
             CompiledRecordType::compile(version.clone()).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
             match self.store.insert_record_type_version(&version).await {
                 Ok(()) => {
-                    let mode = if compatibility == Compatibility::None { "none" } else { "backward" };
+                    let mode = if compatibility == Compatibility::None {
+                        "none"
+                    } else {
+                        "backward"
+                    };
                     self.admin_event(
                         caller,
                         "schema.register",
@@ -129,13 +154,19 @@ impl Broker {
                     )
                     .await?;
                     self.changed().await?;
-                    return Ok(pb::RegisterResponse { version: Some(convert::record_type_version(&version)), created: true });
+                    return Ok(pb::RegisterResponse {
+                        version: Some(convert::record_type_version(&version)),
+                        created: true,
+                    });
                 }
                 Err(StoreError::AlreadyExists { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(BrokerError::Unavailable(format!("{} is being registered concurrently; retry", def.name)))
+        Err(BrokerError::Unavailable(format!(
+            "{} is being registered concurrently; retry",
+            def.name
+        )))
     }
 
     async fn deprecate(&self, caller: &Caller, r: pb::DeprecateRequest) -> Result<pb::RecordTypeVersion> {
@@ -146,11 +177,21 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("record type {} has no version {}", r.name, r.version)))?;
         may_manage(caller, v.owner().as_str())?;
         if r.note.trim().is_empty() {
-            return Err(BrokerError::InvalidArgument("note is required: say why and what to use instead".into()));
+            return Err(BrokerError::InvalidArgument(
+                "note is required: say why and what to use instead".into(),
+            ));
         }
-        let updated = self.store.deprecate_record_type_version(&r.name, r.version, r.note.trim()).await?;
-        self.admin_event(caller, "schema.deprecate", &format!("{}@{}", r.name, r.version), Some(r.note.trim().to_string()))
+        let updated = self
+            .store
+            .deprecate_record_type_version(&r.name, r.version, r.note.trim())
             .await?;
+        self.admin_event(
+            caller,
+            "schema.deprecate",
+            &format!("{}@{}", r.name, r.version),
+            Some(r.note.trim().to_string()),
+        )
+        .await?;
         self.changed().await?;
         Ok(convert::record_type_version(&updated))
     }
@@ -158,20 +199,28 @@ impl Broker {
 
 #[tonic::async_trait]
 impl SchemaRegistry for SchemaService {
-    async fn register(&self, request: Request<pb::RegisterRequest>) -> std::result::Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> std::result::Result<Response<pb::RegisterResponse>, Status> {
         let caller = self.broker.authenticate(&request, "SchemaRegistry.Register").await?;
         let r = request.into_inner();
         let target = r.definition.as_ref().map(|d| d.name.clone()).unwrap_or_default();
         match self.broker.register(&caller, r).await {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
-                self.broker.admin_refused(caller.id(), "schema.register", &target, &e).await;
+                self.broker
+                    .admin_refused(caller.id(), "schema.register", &target, &e)
+                    .await;
                 Err(e.into())
             }
         }
     }
 
-    async fn get(&self, request: Request<pb::GetRecordTypeRequest>) -> std::result::Result<Response<pb::RecordTypeVersion>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRecordTypeRequest>,
+    ) -> std::result::Result<Response<pb::RecordTypeVersion>, Status> {
         let caller = self.broker.authenticate(&request, "SchemaRegistry.Get").await?;
         let r = request.get_ref();
         let v = caller.snapshot.record_type(&r.name, r.version).ok_or_else(|| {
@@ -184,8 +233,14 @@ impl SchemaRegistry for SchemaService {
         Ok(Response::new(convert::record_type_version(&v.version)))
     }
 
-    async fn list_versions(&self, request: Request<pb::ListVersionsRequest>) -> std::result::Result<Response<pb::ListVersionsResponse>, Status> {
-        let caller = self.broker.authenticate(&request, "SchemaRegistry.ListVersions").await?;
+    async fn list_versions(
+        &self,
+        request: Request<pb::ListVersionsRequest>,
+    ) -> std::result::Result<Response<pb::ListVersionsResponse>, Status> {
+        let caller = self
+            .broker
+            .authenticate(&request, "SchemaRegistry.ListVersions")
+            .await?;
         let name = &request.get_ref().name;
         let versions: Vec<_> = caller
             .snapshot
@@ -199,8 +254,14 @@ impl SchemaRegistry for SchemaService {
         Ok(Response::new(pb::ListVersionsResponse { versions }))
     }
 
-    async fn list_record_types(&self, request: Request<pb::ListRecordTypesRequest>) -> std::result::Result<Response<pb::ListRecordTypesResponse>, Status> {
-        let caller = self.broker.authenticate(&request, "SchemaRegistry.ListRecordTypes").await?;
+    async fn list_record_types(
+        &self,
+        request: Request<pb::ListRecordTypesRequest>,
+    ) -> std::result::Result<Response<pb::ListRecordTypesResponse>, Status> {
+        let caller = self
+            .broker
+            .authenticate(&request, "SchemaRegistry.ListRecordTypes")
+            .await?;
         let owner = &request.get_ref().owner;
         let mut names: Vec<&str> = caller.snapshot.record_type_names().collect();
         names.sort();
@@ -213,14 +274,19 @@ impl SchemaRegistry for SchemaService {
         Ok(Response::new(pb::ListRecordTypesResponse { record_types }))
     }
 
-    async fn deprecate(&self, request: Request<pb::DeprecateRequest>) -> std::result::Result<Response<pb::RecordTypeVersion>, Status> {
+    async fn deprecate(
+        &self,
+        request: Request<pb::DeprecateRequest>,
+    ) -> std::result::Result<Response<pb::RecordTypeVersion>, Status> {
         let caller = self.broker.authenticate(&request, "SchemaRegistry.Deprecate").await?;
         let r = request.into_inner();
         let target = format!("{}@{}", r.name, r.version);
         match self.broker.deprecate(&caller, r).await {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
-                self.broker.admin_refused(caller.id(), "schema.deprecate", &target, &e).await;
+                self.broker
+                    .admin_refused(caller.id(), "schema.deprecate", &target, &e)
+                    .await;
                 Err(e.into())
             }
         }
@@ -230,7 +296,10 @@ impl SchemaRegistry for SchemaService {
         &self,
         request: Request<pb::CheckCompatibilityRequest>,
     ) -> std::result::Result<Response<pb::CheckCompatibilityResponse>, Status> {
-        let caller = self.broker.authenticate(&request, "SchemaRegistry.CheckCompatibility").await?;
+        let caller = self
+            .broker
+            .authenticate(&request, "SchemaRegistry.CheckCompatibility")
+            .await?;
         let d = request
             .into_inner()
             .definition

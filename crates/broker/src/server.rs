@@ -78,7 +78,9 @@ impl ServerHandle {
             Some(j) => match j.await {
                 Ok(r) => r,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => Err(StartError::Broker(BrokerError::Internal(format!("server task ended: {e}")))),
+                Err(e) => Err(StartError::Broker(BrokerError::Internal(format!(
+                    "server task ended: {e}"
+                )))),
             },
             None => Ok(()),
         }
@@ -151,7 +153,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
 
     let listener = match listener {
         Some(l) => l,
-        None => TcpListener::bind(&config.listen).await.map_err(io(format!("cannot listen on {}", config.listen)))?,
+        None => TcpListener::bind(&config.listen)
+            .await
+            .map_err(io(format!("cannot listen on {}", config.listen)))?,
     };
     let addr = listener.local_addr().map_err(io("listener address"))?;
     let incoming = lienthong_tls::incoming(
@@ -165,7 +169,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AdminServer<AdminService>>().await;
-    health_reporter.set_serving::<SchemaRegistryServer<SchemaService>>().await;
+    health_reporter
+        .set_serving::<SchemaRegistryServer<SchemaService>>()
+        .await;
     health_reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
     health_reporter.set_serving::<AuditServer<AuditService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -198,7 +204,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let signal = async move {
             let _ = rx.await;
-            health_reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+            health_reporter
+                .set_not_serving::<ExchangeServer<ExchangeService>>()
+                .await;
             let _ = stop_tx.send(());
         };
         let serve = router.serve_with_incoming_shutdown(incoming, signal);
@@ -213,7 +221,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             None => match tokio::time::timeout(grace, &mut serve).await {
                 Ok(r) => r,
                 Err(_) => {
-                    tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; abandoning in-flight requests");
+                    tracing::warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        "grace period over; abandoning in-flight requests"
+                    );
                     Ok(())
                 }
             },
@@ -226,12 +237,21 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         result.map_err(|e| StartError::Broker(BrokerError::Internal(format!("server: {e}"))))
     });
     tracing::info!(%addr, trust_domain = %config.trust_domain, log_id = %broker.audit.log_id(), "broker serving");
-    Ok(ServerHandle { addr, broker, shutdown: Some(tx), join: Some(join) })
+    Ok(ServerHandle {
+        addr,
+        broker,
+        shutdown: Some(tx),
+        join: Some(join),
+    })
 }
 
 /// Creates the admin named in the config on first start, so a fresh
 /// federation can be administered.
-async fn bootstrap_admin(config: &Config, store: &Arc<dyn lienthong_store::Store>, audit: &Arc<AuditLog>) -> Result<(), StartError> {
+async fn bootstrap_admin(
+    config: &Config,
+    store: &Arc<dyn lienthong_store::Store>,
+    audit: &Arc<AuditLog>,
+) -> Result<(), StartError> {
     if config.bootstrap_admin.is_empty() {
         return Ok(());
     }

@@ -71,7 +71,12 @@ impl Caller {
 
 impl Broker {
     /// Assembles the state and loads the first snapshot.
-    pub async fn new(config: Arc<Config>, store: Arc<dyn Store>, audit: Arc<AuditLog>, relay: Relay) -> Result<Arc<Broker>> {
+    pub async fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        audit: Arc<AuditLog>,
+        relay: Relay,
+    ) -> Result<Arc<Broker>> {
         let schema_limits = SchemaLimits {
             max_schema_bytes: config.limits.max_schema_bytes,
             max_depth: config.limits.max_schema_depth,
@@ -112,7 +117,10 @@ impl Broker {
         let endpoints = self.store.list_endpoints().await?;
         let mut compiled_types = Vec::with_capacity(versions.len());
         {
-            let mut cache = self.compiled.lock().map_err(|_| BrokerError::Internal("validator cache poisoned".into()))?;
+            let mut cache = self
+                .compiled
+                .lock()
+                .map_err(|_| BrokerError::Internal("validator cache poisoned".into()))?;
             let mut live = HashMap::with_capacity(versions.len());
             for v in versions {
                 let key = (v.definition.name.clone(), v.version, v.digest.clone(), v.deprecated);
@@ -133,7 +141,14 @@ impl Broker {
             }
             *cache = live;
         }
-        let snapshot = Snapshot::build(version, OffsetDateTime::now_utc(), members, grants, compiled_types, endpoints.clone());
+        let snapshot = Snapshot::build(
+            version,
+            OffsetDateTime::now_utc(),
+            members,
+            grants,
+            compiled_types,
+            endpoints.clone(),
+        );
         self.relay.sync(&endpoints);
         self.snapshot.store(Arc::new(snapshot));
         if let Ok(mut t) = self.snapshot_loaded_at.lock() {
@@ -221,9 +236,10 @@ impl Broker {
         event.target = target.to_string();
         event.outcome = match error {
             BrokerError::PermissionDenied(_) | BrokerError::Unauthenticated(_) => Outcome::Denied,
-            BrokerError::InvalidArgument(_) | BrokerError::NotFound(_) | BrokerError::AlreadyExists(_) | BrokerError::FailedPrecondition(_) => {
-                Outcome::Invalid
-            }
+            BrokerError::InvalidArgument(_)
+            | BrokerError::NotFound(_)
+            | BrokerError::AlreadyExists(_)
+            | BrokerError::FailedPrecondition(_) => Outcome::Invalid,
             _ => Outcome::Failed,
         };
         event.reason = error.to_string();
@@ -246,9 +262,16 @@ pub fn request_id_of<T>(request: &tonic::Request<T>) -> String {
 
 /// Maps a peer to an enabled member of the snapshot, or to (claimed identity,
 /// message) for the audit log and the caller.
-fn check_peer(peer: Option<&PeerInfo>, snapshot: &Snapshot, trust_domain: &str) -> std::result::Result<Member, (String, String)> {
+fn check_peer(
+    peer: Option<&PeerInfo>,
+    snapshot: &Snapshot,
+    trust_domain: &str,
+) -> std::result::Result<Member, (String, String)> {
     let Some(peer) = peer else {
-        return Err((String::new(), "connection is not mutual TLS; connect with a member certificate".into()));
+        return Err((
+            String::new(),
+            "connection is not mutual TLS; connect with a member certificate".into(),
+        ));
     };
     let identity = peer.identity.as_ref().map_err(|e| (String::new(), e.to_string()))?;
     let id = match identity {
@@ -262,11 +285,19 @@ fn check_peer(peer: Option<&PeerInfo>, snapshot: &Snapshot, trust_domain: &str) 
     };
     if let Some(not_after) = peer.not_after {
         if not_after <= OffsetDateTime::now_utc() {
-            return Err((id.clone(), format!("client certificate of member {id} expired during the connection; reconnect with a renewed certificate")));
+            return Err((
+                id.clone(),
+                format!(
+                    "client certificate of member {id} expired during the connection; reconnect with a renewed certificate"
+                ),
+            ));
         }
     }
     match snapshot.member(id) {
-        None => Err((id.clone(), format!("member {id} is not registered in this federation; ask the federation admin to add it"))),
+        None => Err((
+            id.clone(),
+            format!("member {id} is not registered in this federation; ask the federation admin to add it"),
+        )),
         Some(m) if !m.enabled => Err((
             id.clone(),
             if m.disabled_reason.is_empty() {

@@ -14,7 +14,12 @@ use tonic::transport::Channel;
 #[derive(Clone, Debug, clap::Args)]
 pub struct ConnectArgs {
     /// Broker address.
-    #[arg(long, env = "LIENTHONG_BROKER", default_value = "https://127.0.0.1:7443", global = true)]
+    #[arg(
+        long,
+        env = "LIENTHONG_BROKER",
+        default_value = "https://127.0.0.1:7443",
+        global = true
+    )]
     pub broker: String,
     /// Directory holding `ca.pem` and `<member>.pem`/`<member>.key` (as made by `lienthong certs`).
     #[arg(long, env = "LIENTHONG_CERTS", global = true)]
@@ -39,8 +44,14 @@ impl ConnectArgs {
         let from_dir = |name: &str| -> Option<PathBuf> { self.certs.as_ref().map(|d| d.join(name)) };
         let member = self.member.as_deref();
         let ca = self.ca.clone().or_else(|| from_dir("ca.pem"));
-        let cert = self.cert.clone().or_else(|| member.and_then(|m| from_dir(&format!("{m}.pem"))));
-        let key = self.key.clone().or_else(|| member.and_then(|m| from_dir(&format!("{m}.key"))));
+        let cert = self
+            .cert
+            .clone()
+            .or_else(|| member.and_then(|m| from_dir(&format!("{m}.pem"))));
+        let key = self
+            .key
+            .clone()
+            .or_else(|| member.and_then(|m| from_dir(&format!("{m}.key"))));
         match (ca, cert, key) {
             (Some(ca), Some(cert), Some(key)) => Ok(TlsFiles { ca, cert, key }),
             _ => anyhow::bail!(
@@ -85,7 +96,8 @@ impl Clients {
 /// Connects to `url` presenting the certificate in `files`.
 pub async fn connect(url: &str, files: &TlsFiles) -> Result<Clients> {
     lienthong_tls::install_crypto_provider();
-    let material = TlsMaterial::load(files).with_context(|| format!("loading client certificate {}", files.cert.display()))?;
+    let material =
+        TlsMaterial::load(files).with_context(|| format!("loading client certificate {}", files.cert.display()))?;
     let config = lienthong_tls::client_config(&material, None)?;
     let channel = lienthong_tls::connect_channel(url, config, Duration::from_secs(5))
         .await

@@ -1,17 +1,17 @@
 //! Client subcommands: members, endpoints, grants, schemas, lookups, audit.
 
-use crate::client::{status_error, ConnectArgs};
+use crate::client::{ConnectArgs, status_error};
 use crate::federation::definition_from_json;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use lienthong::v1 as pb;
-use lienthong_audit::merkle::{verify_consistency, verify_inclusion, Hash};
-use lienthong_audit::verify::{verify_export, ExportLine, VerifierState};
 use lienthong_audit::SignedTreeHead;
+use lienthong_audit::merkle::{Hash, verify_consistency, verify_inclusion};
+use lienthong_audit::verify::{ExportLine, VerifierState, verify_export};
 use std::io::Write;
 use std::path::PathBuf;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Formats a protobuf timestamp as RFC 3339.
 pub fn format_ts(t: &prost_types::Timestamp) -> String {
@@ -22,8 +22,12 @@ pub fn format_ts(t: &prost_types::Timestamp) -> String {
 }
 
 fn parse_time(s: &str) -> Result<prost_types::Timestamp> {
-    let t = OffsetDateTime::parse(s, &Rfc3339).with_context(|| format!("{s:?} is not an RFC 3339 time like 2026-12-31T00:00:00Z"))?;
-    Ok(prost_types::Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() as i32 })
+    let t = OffsetDateTime::parse(s, &Rfc3339)
+        .with_context(|| format!("{s:?} is not an RFC 3339 time like 2026-12-31T00:00:00Z"))?;
+    Ok(prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: t.nanosecond() as i32,
+    })
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
@@ -32,7 +36,12 @@ fn print_json<T: serde::Serialize>(v: &T) {
 
 fn role_name(n: i32) -> String {
     pb::Role::try_from(n)
-        .map(|r| r.as_str_name().trim_start_matches("ROLE_").to_lowercase().replace('_', "-"))
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("ROLE_")
+                .to_lowercase()
+                .replace('_', "-")
+        })
         .unwrap_or_else(|_| n.to_string())
 }
 
@@ -87,7 +96,11 @@ pub enum MemberCmd {
 
 fn print_member(m: &pb::Member) {
     let roles: Vec<String> = m.roles.iter().map(|r| role_name(*r)).collect();
-    let state = if m.enabled { "enabled".to_string() } else { format!("DISABLED ({})", m.disabled_reason) };
+    let state = if m.enabled {
+        "enabled".to_string()
+    } else {
+        format!("DISABLED ({})", m.disabled_reason)
+    };
     println!("{:<24} {:<16} {:<34} {}", m.id, state, roles.join(","), m.display_name);
 }
 
@@ -97,24 +110,48 @@ pub async fn member(conn: &ConnectArgs, cmd: MemberCmd) -> Result<()> {
     match cmd {
         MemberCmd::Add { id, name, roles } => {
             let roles = roles.iter().map(|r| parse_role(r)).collect::<Result<Vec<_>>>()?;
-            let m = c.add_member(pb::AddMemberRequest { id, display_name: name, roles }).await.map_err(status_error)?;
+            let m = c
+                .add_member(pb::AddMemberRequest {
+                    id,
+                    display_name: name,
+                    roles,
+                })
+                .await
+                .map_err(status_error)?;
             print_member(m.get_ref());
         }
-        MemberCmd::Get { id } => print_member(c.get_member(pb::GetMemberRequest { id }).await.map_err(status_error)?.get_ref()),
-        MemberCmd::List { role } => {
-            let role = role.map(|r| parse_role(&r)).transpose()?.unwrap_or(0);
-            for m in c.list_members(pb::ListMembersRequest { role }).await.map_err(status_error)?.into_inner().members {
-                print_member(&m);
-            }
-        }
-        MemberCmd::Disable { id, reason } => {
-            print_member(c.disable_member(pb::SetMemberEnabledRequest { id, reason }).await.map_err(status_error)?.get_ref())
-        }
-        MemberCmd::Enable { id } => print_member(
-            c.enable_member(pb::SetMemberEnabledRequest { id, reason: String::new() })
+        MemberCmd::Get { id } => print_member(
+            c.get_member(pb::GetMemberRequest { id })
                 .await
                 .map_err(status_error)?
                 .get_ref(),
+        ),
+        MemberCmd::List { role } => {
+            let role = role.map(|r| parse_role(&r)).transpose()?.unwrap_or(0);
+            for m in c
+                .list_members(pb::ListMembersRequest { role })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .members
+            {
+                print_member(&m);
+            }
+        }
+        MemberCmd::Disable { id, reason } => print_member(
+            c.disable_member(pb::SetMemberEnabledRequest { id, reason })
+                .await
+                .map_err(status_error)?
+                .get_ref(),
+        ),
+        MemberCmd::Enable { id } => print_member(
+            c.enable_member(pb::SetMemberEnabledRequest {
+                id,
+                reason: String::new(),
+            })
+            .await
+            .map_err(status_error)?
+            .get_ref(),
         ),
     }
     Ok(())
@@ -152,13 +189,29 @@ pub async fn endpoint(conn: &ConnectArgs, cmd: EndpointCmd) -> Result<()> {
     let mut c = conn.connect().await?.admin();
     let show = |e: &pb::Endpoint| println!("{:<40} {:<20} {}", e.id, e.provider, e.url);
     match cmd {
-        EndpointCmd::Add { provider, url } => show(c.add_endpoint(pb::AddEndpointRequest { provider, url }).await.map_err(status_error)?.get_ref()),
+        EndpointCmd::Add { provider, url } => show(
+            c.add_endpoint(pb::AddEndpointRequest { provider, url })
+                .await
+                .map_err(status_error)?
+                .get_ref(),
+        ),
         EndpointCmd::List { provider } => {
-            for e in c.list_endpoints(pb::ListEndpointsRequest { provider }).await.map_err(status_error)?.into_inner().endpoints {
+            for e in c
+                .list_endpoints(pb::ListEndpointsRequest { provider })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .endpoints
+            {
                 show(&e);
             }
         }
-        EndpointCmd::Remove { id } => show(c.remove_endpoint(pb::RemoveEndpointRequest { id }).await.map_err(status_error)?.get_ref()),
+        EndpointCmd::Remove { id } => show(
+            c.remove_endpoint(pb::RemoveEndpointRequest { id })
+                .await
+                .map_err(status_error)?
+                .get_ref(),
+        ),
     }
     Ok(())
 }
@@ -212,7 +265,11 @@ pub enum GrantCmd {
 }
 
 fn print_grant(g: &pb::Grant) {
-    let state = if g.revoked_at.is_some() { format!("REVOKED ({})", g.revoked_reason) } else { "active".into() };
+    let state = if g.revoked_at.is_some() {
+        format!("REVOKED ({})", g.revoked_reason)
+    } else {
+        "active".into()
+    };
     let until = g.valid_until.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
     println!(
         "{}  {} -> {}  fields [{}]  purposes [{}]  until {}  rate {}/min  {}",
@@ -231,7 +288,15 @@ fn print_grant(g: &pb::Grant) {
 pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd) -> Result<()> {
     let mut c = conn.connect().await?.admin();
     match cmd {
-        GrantCmd::Create { consumer, record_type, fields, purposes, from, until, rate } => {
+        GrantCmd::Create {
+            consumer,
+            record_type,
+            fields,
+            purposes,
+            from,
+            until,
+            rate,
+        } => {
             let g = c
                 .create_grant(pb::CreateGrantRequest {
                     consumer,
@@ -247,11 +312,22 @@ pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd) -> Result<()> {
             print_grant(g.get_ref());
         }
         GrantCmd::List { consumer, record_type } => {
-            for g in c.list_grants(pb::ListGrantsRequest { consumer, record_type }).await.map_err(status_error)?.into_inner().grants {
+            for g in c
+                .list_grants(pb::ListGrantsRequest { consumer, record_type })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .grants
+            {
                 print_grant(&g);
             }
         }
-        GrantCmd::Revoke { id, reason } => print_grant(c.revoke_grant(pb::RevokeGrantRequest { id, reason }).await.map_err(status_error)?.get_ref()),
+        GrantCmd::Revoke { id, reason } => print_grant(
+            c.revoke_grant(pb::RevokeGrantRequest { id, reason })
+                .await
+                .map_err(status_error)?
+                .get_ref(),
+        ),
     }
     Ok(())
 }
@@ -314,31 +390,70 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
     let mut c = conn.connect().await?.schemas();
     let line = |v: &pb::RecordTypeVersion| {
         let d = v.definition.clone().unwrap_or_default();
-        let dep = if v.deprecated { format!(" DEPRECATED: {}", v.deprecation_note) } else { String::new() };
-        println!("{:<36} v{:<3} owner {:<18} {}{dep}", d.name, v.version, d.owner, d.description);
+        let dep = if v.deprecated {
+            format!(" DEPRECATED: {}", v.deprecation_note)
+        } else {
+            String::new()
+        };
+        println!(
+            "{:<36} v{:<3} owner {:<18} {}{dep}",
+            d.name, v.version, d.owner, d.description
+        );
     };
     match cmd {
         SchemaCmd::Register { file, no_compatibility } => {
             let def = read_definition(&file)?;
-            let compatibility = if no_compatibility { pb::Compatibility::None } else { pb::Compatibility::Backward } as i32;
-            let r = c.register(pb::RegisterRequest { definition: Some(def), compatibility }).await.map_err(status_error)?.into_inner();
+            let compatibility = if no_compatibility {
+                pb::Compatibility::None
+            } else {
+                pb::Compatibility::Backward
+            } as i32;
+            let r = c
+                .register(pb::RegisterRequest {
+                    definition: Some(def),
+                    compatibility,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
             if let Some(v) = &r.version {
                 line(v);
-                println!("{}", if r.created { "registered" } else { "identical to an existing version; nothing changed" });
+                println!(
+                    "{}",
+                    if r.created {
+                        "registered"
+                    } else {
+                        "identical to an existing version; nothing changed"
+                    }
+                );
             }
         }
         SchemaCmd::List { owner } => {
-            for v in c.list_record_types(pb::ListRecordTypesRequest { owner }).await.map_err(status_error)?.into_inner().record_types {
+            for v in c
+                .list_record_types(pb::ListRecordTypesRequest { owner })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .record_types
+            {
                 line(&v);
             }
         }
         SchemaCmd::Show { name, version } => {
-            let v = c.get(pb::GetRecordTypeRequest { name, version }).await.map_err(status_error)?.into_inner();
+            let v = c
+                .get(pb::GetRecordTypeRequest { name, version })
+                .await
+                .map_err(status_error)?
+                .into_inner();
             line(&v);
             let d = v.definition.clone().unwrap_or_default();
             println!("subject key: {}", d.subject_key);
             println!("fields: {}", v.field_pointers.join(" "));
-            let pretty = |s: &str| serde_json::from_str::<serde_json::Value>(s).and_then(|v| serde_json::to_string_pretty(&v)).unwrap_or_default();
+            let pretty = |s: &str| {
+                serde_json::from_str::<serde_json::Value>(s)
+                    .and_then(|v| serde_json::to_string_pretty(&v))
+                    .unwrap_or_default()
+            };
             println!("query schema:\n{}", pretty(&d.query_schema_json));
             println!("record schema:\n{}", pretty(&d.record_schema_json));
         }
@@ -354,7 +469,11 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
             } else if r.against_version == 0 {
                 println!("new record type: would be version 1");
             } else if r.compatible {
-                println!("compatible with version {}: would be version {}", r.against_version, r.against_version + 1);
+                println!(
+                    "compatible with version {}: would be version {}",
+                    r.against_version,
+                    r.against_version + 1
+                );
             } else {
                 println!("NOT compatible with version {}:", r.against_version);
                 for ch in &r.changes {
@@ -363,9 +482,12 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
                 bail!("{} breaking change(s)", r.changes.len());
             }
         }
-        SchemaCmd::Deprecate { name, version, note } => {
-            line(c.deprecate(pb::DeprecateRequest { name, version, note }).await.map_err(status_error)?.get_ref())
-        }
+        SchemaCmd::Deprecate { name, version, note } => line(
+            c.deprecate(pb::DeprecateRequest { name, version, note })
+                .await
+                .map_err(status_error)?
+                .get_ref(),
+        ),
     }
     Ok(())
 }
@@ -519,7 +641,9 @@ fn outcome_from(s: &str) -> Result<i32> {
 }
 
 fn outcome_name(n: i32) -> String {
-    pb::Outcome::try_from(n).map(|o| o.as_str_name().trim_start_matches("OUTCOME_").to_lowercase()).unwrap_or_default()
+    pb::Outcome::try_from(n)
+        .map(|o| o.as_str_name().trim_start_matches("OUTCOME_").to_lowercase())
+        .unwrap_or_default()
 }
 
 /// Tree head from the wire.
@@ -534,11 +658,13 @@ pub fn sth_from_pb(h: &pb::SignedTreeHead) -> Result<SignedTreeHead> {
 }
 
 fn to_hash(b: &[u8]) -> Result<Hash> {
-    b.try_into().map_err(|_| anyhow::anyhow!("hash of {} bytes; expected 32", b.len()))
+    b.try_into()
+        .map_err(|_| anyhow::anyhow!("hash of {} bytes; expected 32", b.len()))
 }
 
 fn key_from(b: &[u8]) -> Result<[u8; 32]> {
-    b.try_into().map_err(|_| anyhow::anyhow!("public key of {} bytes; expected 32", b.len()))
+    b.try_into()
+        .map_err(|_| anyhow::anyhow!("public key of {} bytes; expected 32", b.len()))
 }
 
 /// Checks an inclusion proof and the signature of its tree head.
@@ -548,7 +674,11 @@ pub fn verify_inclusion_proof(p: &pb::InclusionProof, public_key: &[u8]) -> Resu
     lienthong_audit::sth::verify_tree_head(&sth, &key_from(public_key)?).map_err(|e| anyhow::anyhow!("{e}"))?;
     let path = p.path.iter().map(|h| to_hash(h)).collect::<Result<Vec<_>>>()?;
     if !verify_inclusion(p.sequence, p.tree_size, &to_hash(&p.leaf_hash)?, &path, &sth.root_hash) {
-        bail!("entry {} is not included in the signed tree of size {}", p.sequence, p.tree_size);
+        bail!(
+            "entry {} is not included in the signed tree of size {}",
+            p.sequence,
+            p.tree_size
+        );
     }
     Ok(())
 }
@@ -562,7 +692,17 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
     }
     let mut c = conn.connect().await?.audit();
     match cmd {
-        AuditCmd::Query { actor, provider, record_type, purpose, outcome, since, until, log, limit } => {
+        AuditCmd::Query {
+            actor,
+            provider,
+            record_type,
+            purpose,
+            outcome,
+            since,
+            until,
+            log,
+            limit,
+        } => {
             let filter = pb::EntryFilter {
                 log_id: log,
                 actor,
@@ -578,7 +718,11 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             let mut shown = 0u32;
             loop {
                 let page = c
-                    .query_entries(pb::QueryEntriesRequest { filter: Some(filter.clone()), page_size: (limit - shown).min(1000), page_token: token })
+                    .query_entries(pb::QueryEntriesRequest {
+                        filter: Some(filter.clone()),
+                        page_size: (limit - shown).min(1000),
+                        page_token: token,
+                    })
                     .await
                     .map_err(status_error)?
                     .into_inner();
@@ -587,8 +731,20 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                         println!("{}", e.leaf_json);
                     } else {
                         let when = e.time.as_ref().map(format_ts).unwrap_or_default();
-                        let what = if e.record_type.is_empty() { e.action.clone() } else { e.record_type.clone() };
-                        println!("#{:<6} {when} {:<22} {:<34} {:<8} {} {}", e.sequence, e.actor, what, outcome_name(e.outcome), e.purpose, e.reason);
+                        let what = if e.record_type.is_empty() {
+                            e.action.clone()
+                        } else {
+                            e.record_type.clone()
+                        };
+                        println!(
+                            "#{:<6} {when} {:<22} {:<34} {:<8} {} {}",
+                            e.sequence,
+                            e.actor,
+                            what,
+                            outcome_name(e.outcome),
+                            e.purpose,
+                            e.reason
+                        );
                     }
                 }
                 shown += page.entries.len() as u32;
@@ -600,7 +756,11 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
         }
         AuditCmd::History { subject } => {
             let h = c
-                .subject_history(pb::SubjectHistoryRequest { subject_key: subject, since: None, limit: 1000 })
+                .subject_history(pb::SubjectHistoryRequest {
+                    subject_key: subject,
+                    since: None,
+                    limit: 1000,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -620,7 +780,13 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
         }
         AuditCmd::Export { out, log } => {
             let mut stream = c
-                .export_entries(pb::ExportEntriesRequest { filter: Some(pb::EntryFilter { log_id: log, ..Default::default() }), from_sequence: 0 })
+                .export_entries(pb::ExportEntriesRequest {
+                    filter: Some(pb::EntryFilter {
+                        log_id: log,
+                        ..Default::default()
+                    }),
+                    from_sequence: 0,
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -628,7 +794,12 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             let mut w = std::io::BufWriter::new(file);
             let mut n = 0u64;
             while let Some(e) = stream.message().await.map_err(status_error)? {
-                let line = ExportLine { log_id: e.log_id, sequence: e.sequence, leaf_hash: hex::encode(&e.leaf_hash), leaf: e.leaf_json };
+                let line = ExportLine {
+                    log_id: e.log_id,
+                    sequence: e.sequence,
+                    leaf_hash: hex::encode(&e.leaf_hash),
+                    leaf: e.leaf_json,
+                };
                 serde_json::to_writer(&mut w, &line)?;
                 w.write_all(b"\n")?;
                 n += 1;
@@ -640,12 +811,22 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             eprintln!("\rexported {n} entries to {}", out.display());
         }
         AuditCmd::Sth { log } => {
-            let h = c.get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: log }).await.map_err(status_error)?.into_inner();
+            let h = c
+                .get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: log })
+                .await
+                .map_err(status_error)?
+                .into_inner();
             let sth = sth_from_pb(&h)?;
             if json {
                 print_json(&sth);
             } else {
-                println!("log {} size {} root {} signed at {} ms", sth.log_id, sth.tree_size, hex::encode(sth.root_hash), sth.timestamp_ms);
+                println!(
+                    "log {} size {} root {} signed at {} ms",
+                    sth.log_id,
+                    sth.tree_size,
+                    hex::encode(sth.root_hash),
+                    sth.timestamp_ms
+                );
             }
         }
         AuditCmd::Verify(v) => verify_online(&mut c, &v).await?,
@@ -665,17 +846,23 @@ fn read_pinned_key(spec: &str) -> Result<[u8; 32]> {
 
 fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     let sth_path = v.sth.as_ref().context("--sth is required with --export")?;
-    let sth: SignedTreeHead = serde_json::from_str(&std::fs::read_to_string(sth_path).with_context(|| format!("cannot read {}", sth_path.display()))?)
-        .with_context(|| format!("{} is not a signed tree head", sth_path.display()))?;
+    let sth: SignedTreeHead = serde_json::from_str(
+        &std::fs::read_to_string(sth_path).with_context(|| format!("cannot read {}", sth_path.display()))?,
+    )
+    .with_context(|| format!("{} is not a signed tree head", sth_path.display()))?;
     let key = read_pinned_key(v.public_key.as_deref().context("--public-key is required offline")?)?;
     let mut state = VerifierState::load(&v.state)?;
     let previous = state.logs.get(&sth.log_id).cloned();
     let file = std::fs::File::open(export).with_context(|| format!("cannot read {}", export.display()))?;
     let lines = read_export(file)?;
-    let report = verify_export(lines.into_iter(), &sth, &key, previous.as_ref(), None).map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
+    let report = verify_export(lines.into_iter(), &sth, &key, previous.as_ref(), None)
+        .map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
     state.logs.insert(sth.log_id.clone(), sth);
     state.save(&v.state)?;
-    println!("log {}: {} entries verified, root signed", report.log_id, report.entries);
+    println!(
+        "log {}: {} entries verified, root signed",
+        report.log_id, report.entries
+    );
     Ok(())
 }
 
@@ -692,12 +879,23 @@ fn read_export(file: std::fs::File) -> Result<Vec<ExportLine>> {
     Ok(out)
 }
 
-async fn verify_online(c: &mut lienthong::v1::audit_client::AuditClient<tonic::transport::Channel>, v: &VerifyArgs) -> Result<()> {
+async fn verify_online(
+    c: &mut lienthong::v1::audit_client::AuditClient<tonic::transport::Channel>,
+    v: &VerifyArgs,
+) -> Result<()> {
     let mut state = VerifierState::load(&v.state)?;
-    let logs = c.list_logs(pb::ListLogsRequest {}).await.map_err(status_error)?.into_inner().logs;
+    let logs = c
+        .list_logs(pb::ListLogsRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .logs;
     let pinned = v.public_key.as_deref().map(read_pinned_key).transpose()?;
     let mut failures = 0;
-    for log in logs.iter().filter(|l| v.log.as_ref().is_none_or(|only| *only == l.log_id)) {
+    for log in logs
+        .iter()
+        .filter(|l| v.log.as_ref().is_none_or(|only| *only == l.log_id))
+    {
         let key = key_from(&log.public_key)?;
         // The log id is the hash of its key: a log cannot change keys unnoticed.
         use sha2::Digest;
@@ -711,7 +909,12 @@ async fn verify_online(c: &mut lienthong::v1::audit_client::AuditClient<tonic::t
                 bail!("log {} is signed by a different key than the pinned one", log.log_id);
             }
         }
-        let head = match c.get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: log.log_id.clone() }).await {
+        let head = match c
+            .get_signed_tree_head(pb::GetSignedTreeHeadRequest {
+                log_id: log.log_id.clone(),
+            })
+            .await
+        {
             Ok(h) => sth_from_pb(&h.into_inner())?,
             Err(s) if s.code() == tonic::Code::NotFound => {
                 println!("log {}: no signed tree head yet", log.log_id);
@@ -723,13 +926,20 @@ async fn verify_online(c: &mut lienthong::v1::audit_client::AuditClient<tonic::t
         let proof = match &previous {
             Some(p) if p.tree_size > 0 && p.tree_size <= head.tree_size => {
                 let r = c
-                    .get_consistency_proof(pb::GetConsistencyProofRequest { log_id: log.log_id.clone(), first: p.tree_size, second: head.tree_size })
+                    .get_consistency_proof(pb::GetConsistencyProofRequest {
+                        log_id: log.log_id.clone(),
+                        first: p.tree_size,
+                        second: head.tree_size,
+                    })
                     .await
                     .map_err(status_error)?
                     .into_inner();
                 let path = r.path.iter().map(|h| to_hash(h)).collect::<Result<Vec<_>>>()?;
                 if !verify_consistency(p.tree_size, head.tree_size, &p.root_hash, &head.root_hash, &path) {
-                    println!("log {}: FAILED: the log of size {} does not extend the one verified before (size {}): it was rewritten", log.log_id, head.tree_size, p.tree_size);
+                    println!(
+                        "log {}: FAILED: the log of size {} does not extend the one verified before (size {}): it was rewritten",
+                        log.log_id, head.tree_size, p.tree_size
+                    );
                     failures += 1;
                     continue;
                 }
@@ -738,20 +948,38 @@ async fn verify_online(c: &mut lienthong::v1::audit_client::AuditClient<tonic::t
             _ => None,
         };
         let mut stream = c
-            .export_entries(pb::ExportEntriesRequest { filter: Some(pb::EntryFilter { log_id: log.log_id.clone(), ..Default::default() }), from_sequence: 0 })
+            .export_entries(pb::ExportEntriesRequest {
+                filter: Some(pb::EntryFilter {
+                    log_id: log.log_id.clone(),
+                    ..Default::default()
+                }),
+                from_sequence: 0,
+            })
             .await
             .map_err(status_error)?
             .into_inner();
         let mut lines = Vec::new();
         while let Some(e) = stream.message().await.map_err(status_error)? {
-            lines.push(ExportLine { log_id: e.log_id, sequence: e.sequence, leaf_hash: hex::encode(&e.leaf_hash), leaf: e.leaf_json });
+            lines.push(ExportLine {
+                log_id: e.log_id,
+                sequence: e.sequence,
+                leaf_hash: hex::encode(&e.leaf_hash),
+                leaf: e.leaf_json,
+            });
             if lines.len() % 50_000 == 0 {
-                eprint!("\rlog {}: fetched {} entries", &log.log_id[..12.min(log.log_id.len())], lines.len());
+                eprint!(
+                    "\rlog {}: fetched {} entries",
+                    &log.log_id[..12.min(log.log_id.len())],
+                    lines.len()
+                );
             }
         }
         match verify_export(lines.into_iter(), &head, &key, previous.as_ref(), proof.as_deref()) {
             Ok(report) => {
-                println!("log {}: OK, {} entries, signed tree head of size {} verified", log.log_id, report.entries, head.tree_size);
+                println!(
+                    "log {}: OK, {} entries, signed tree head of size {} verified",
+                    log.log_id, report.entries, head.tree_size
+                );
                 state.logs.insert(log.log_id.clone(), head);
             }
             Err(e) => {

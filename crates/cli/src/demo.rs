@@ -1,6 +1,9 @@
 //! `lienthong demo`: the once-only story, told as a transcript.
 
-use crate::federation::{self, Federation, FederationOptions, ADMIN, CITIZEN_PORTAL, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT};
+use crate::federation::{
+    self, ADMIN, CITIZEN_PORTAL, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT,
+    TAX_DEPT,
+};
 use anyhow::{Context, Result};
 use lienthong::v1 as pb;
 use std::io::Write;
@@ -46,7 +49,10 @@ fn pretty(json: &str) -> String {
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .map(|l| format!("      {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Runs the story against a set-up federation, printing the transcript.
@@ -71,7 +77,10 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
 
     let office = fed.client(JUDICIAL_OFFICE).await?;
     say(out, "");
-    say(out, format!("== 2. {JUDICIAL_OFFICE} -> Lookup civil_status.birth_record (purpose {PURPOSE_CERTIFICATE})"));
+    say(
+        out,
+        format!("== 2. {JUDICIAL_OFFICE} -> Lookup civil_status.birth_record (purpose {PURPOSE_CERTIFICATE})"),
+    );
     let birth = office
         .exchange()
         .lookup(pb::LookupRequest {
@@ -85,12 +94,26 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
     match birth {
         Ok(r) => {
             let r = r.into_inner();
-            say(out, "   ALLOWED. The register answered; the broker checked the record against its schema,");
-            say(out, "   kept only the granted fields and logged the access before releasing it:");
+            say(
+                out,
+                "   ALLOWED. The register answered; the broker checked the record against its schema,",
+            );
+            say(
+                out,
+                "   kept only the granted fields and logged the access before releasing it:",
+            );
             say(out, indent(&pretty(&r.record_json)));
             say(out, format!("   fields released: {}", r.fields_released.join(", ")));
             if let Some(rc) = &r.receipt {
-                say(out, format!("   receipt: log {}… entry #{} leaf {}…", &rc.log_id[..12.min(rc.log_id.len())], rc.sequence, &hex::encode(&rc.leaf_hash)[..16]));
+                say(
+                    out,
+                    format!(
+                        "   receipt: log {}… entry #{} leaf {}…",
+                        &rc.log_id[..12.min(rc.log_id.len())],
+                        rc.sequence,
+                        &hex::encode(&rc.leaf_hash)[..16]
+                    ),
+                );
             }
             report.birth_record = serde_json::from_str(&r.record_json).ok();
             report.receipt = r.receipt;
@@ -99,7 +122,10 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
     }
 
     say(out, "");
-    say(out, format!("== 3. {TAX_DEPT} -> Lookup civil_status.birth_record (it holds no grant)"));
+    say(
+        out,
+        format!("== 3. {TAX_DEPT} -> Lookup civil_status.birth_record (it holds no grant)"),
+    );
     let tax = fed.client(TAX_DEPT).await?;
     match tax
         .exchange()
@@ -119,7 +145,10 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
     }
 
     say(out, "");
-    say(out, format!("== 4. {JUDICIAL_OFFICE} -> Lookup asking also for /native_place, outside its grant"));
+    say(
+        out,
+        format!("== 4. {JUDICIAL_OFFICE} -> Lookup asking also for /native_place, outside its grant"),
+    );
     match office
         .exchange()
         .lookup(pb::LookupRequest {
@@ -134,14 +163,24 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
         Ok(_) => say(out, "   UNEXPECTED: an ungranted field was released"),
         Err(s) => {
             say(out, format!("   WITHHELD {:?}: {}", s.code(), s.message()));
-            say(out, "   (the broker refuses rather than trims, so the office knows what it lacks)");
+            say(
+                out,
+                "   (the broker refuses rather than trims, so the office knows what it lacks)",
+            );
             report.ungranted_field_code = Some(s.code());
         }
     }
 
     say(out, "");
-    say(out, format!("== 5. {JUDICIAL_OFFICE} -> Collect birth + marriage + criminal record in one call"));
-    let types = ["civil_status.birth_record", "civil_status.marriage_record", "judicial.criminal_record_extract"];
+    say(
+        out,
+        format!("== 5. {JUDICIAL_OFFICE} -> Collect birth + marriage + criminal record in one call"),
+    );
+    let types = [
+        "civil_status.birth_record",
+        "civil_status.marriage_record",
+        "judicial.criminal_record_extract",
+    ];
     let collected = office
         .exchange()
         .collect(pb::CollectRequest {
@@ -149,7 +188,10 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
             purpose: PURPOSE_CERTIFICATE.into(),
             items: types
                 .iter()
-                .map(|t| pb::CollectItem { record_type: t.to_string(), ..Default::default() })
+                .map(|t| pb::CollectItem {
+                    record_type: t.to_string(),
+                    ..Default::default()
+                })
                 .collect(),
             request_id: "application-2026-000417".into(),
         })
@@ -159,11 +201,22 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
     for r in &collected.results {
         match &r.result {
             Some(pb::collect_result::Result::Record(rec)) => {
-                say(out, format!("   {:<34} OK   {}", r.record_type, compact(&rec.record_json)));
+                say(
+                    out,
+                    format!("   {:<34} OK   {}", r.record_type, compact(&rec.record_json)),
+                );
                 report.collect.push((r.record_type.clone(), true));
             }
             Some(pb::collect_result::Result::Error(e)) => {
-                say(out, format!("   {:<34} {}   {}", r.record_type, tonic::Code::from(e.code).description(), e.message));
+                say(
+                    out,
+                    format!(
+                        "   {:<34} {}   {}",
+                        r.record_type,
+                        tonic::Code::from(e.code).description(),
+                        e.message
+                    ),
+                );
                 report.collect.push((r.record_type.clone(), false));
             }
             None => report.collect.push((r.record_type.clone(), false)),
@@ -171,13 +224,20 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
     }
 
     say(out, "");
-    say(out, format!("== 6. {CITIZEN_PORTAL} -> SubjectHistory: who looked at this citizen's data, when and why"));
+    say(
+        out,
+        format!("== 6. {CITIZEN_PORTAL} -> SubjectHistory: who looked at this citizen's data, when and why"),
+    );
     let portal = fed.client(CITIZEN_PORTAL).await?;
     // The portal sends the national id over mTLS; the broker hashes it and
     // matches the keyed hashes in the log, which never stores it in clear.
     let history = portal
         .audit()
-        .subject_history(pb::SubjectHistoryRequest { subject_key: subject.clone(), since: None, limit: 50 })
+        .subject_history(pb::SubjectHistoryRequest {
+            subject_key: subject.clone(),
+            since: None,
+            limit: 50,
+        })
         .await
         .map_err(crate::client::status_error)?
         .into_inner()
@@ -190,7 +250,9 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
                 "   {when}  {:<22} {:<34} {:<8} purpose {}",
                 a.consumer,
                 a.record_type,
-                pb::Outcome::try_from(a.outcome).map(|o| o.as_str_name().trim_start_matches("OUTCOME_").to_lowercase()).unwrap_or_default(),
+                pb::Outcome::try_from(a.outcome)
+                    .map(|o| o.as_str_name().trim_start_matches("OUTCOME_").to_lowercase())
+                    .unwrap_or_default(),
                 a.purpose
             ),
         );
@@ -198,14 +260,21 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
     report.history = history;
 
     say(out, "");
-    say(out, format!("== 7. {STATE_AUDIT} checks the office's receipt against the signed log"));
+    say(
+        out,
+        format!("== 7. {STATE_AUDIT} checks the office's receipt against the signed log"),
+    );
     let auditor = fed.client(STATE_AUDIT).await?;
     if let Some(rc) = &report.receipt {
         let mut proof = None;
         for _ in 0..50 {
             match auditor
                 .audit()
-                .get_inclusion_proof(pb::GetInclusionProofRequest { log_id: rc.log_id.clone(), sequence: rc.sequence, tree_size: 0 })
+                .get_inclusion_proof(pb::GetInclusionProofRequest {
+                    log_id: rc.log_id.clone(),
+                    sequence: rc.sequence,
+                    tree_size: 0,
+                })
                 .await
             {
                 Ok(p) => {
@@ -218,7 +287,9 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
         }
         let key = auditor
             .audit()
-            .get_public_key(pb::GetPublicKeyRequest { log_id: rc.log_id.clone() })
+            .get_public_key(pb::GetPublicKeyRequest {
+                log_id: rc.log_id.clone(),
+            })
             .await
             .map_err(crate::client::status_error)?
             .into_inner();
@@ -242,17 +313,29 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
 
 fn compact(json: &str) -> String {
     let s = json.chars().take(90).collect::<String>();
-    if json.chars().count() > 90 { format!("{s}…") } else { s }
+    if json.chars().count() > 90 {
+        format!("{s}…")
+    } else {
+        s
+    }
 }
 
 /// `lienthong demo`.
 pub async fn run(options: DemoOptions) -> Result<()> {
     let dir = options.federation.dir.clone();
     let mut out = std::io::stdout();
-    say(&mut out, "lienthong demo: a federation of Vietnamese agency registers on one machine");
+    say(
+        &mut out,
+        "lienthong demo: a federation of Vietnamese agency registers on one machine",
+    );
     say(&mut out, format!("   directory: {}", dir.display()));
-    say(&mut out, "   generating certificates, starting the broker (SQLite) and two registers…");
-    let fed = Federation::start(options.federation.clone()).await.context("starting the demo federation")?;
+    say(
+        &mut out,
+        "   generating certificates, starting the broker (SQLite) and two registers…",
+    );
+    let fed = Federation::start(options.federation.clone())
+        .await
+        .context("starting the demo federation")?;
     say(
         &mut out,
         format!(
@@ -262,7 +345,13 @@ pub async fn run(options: DemoOptions) -> Result<()> {
             fed.registers[1].url()
         ),
     );
-    say(&mut out, format!("   members admitted, {} record types registered, grants created", lienthong_provider::demo::demo_schemas().len()));
+    say(
+        &mut out,
+        format!(
+            "   members admitted, {} record types registered, grants created",
+            lienthong_provider::demo::demo_schemas().len()
+        ),
+    );
     let report = story(&fed, &mut out).await?;
     let ok = report.birth_record.is_some()
         && report.no_grant_code == Some(tonic::Code::PermissionDenied)
@@ -272,9 +361,15 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     if options.keep_running {
         let certs = fed.certs.display().to_string();
         say(&mut out, "== The federation keeps running (Ctrl-C to stop). Try:");
-        say(&mut out, format!("   export LIENTHONG_BROKER={} LIENTHONG_CERTS={certs}", fed.broker_url));
+        say(
+            &mut out,
+            format!("   export LIENTHONG_BROKER={} LIENTHONG_CERTS={certs}", fed.broker_url),
+        );
         say(&mut out, format!("   lienthong --as {ADMIN} member list"));
-        say(&mut out, format!("   lienthong --as {ADMIN} grant list --consumer {JUDICIAL_OFFICE}"));
+        say(
+            &mut out,
+            format!("   lienthong --as {ADMIN} grant list --consumer {JUDICIAL_OFFICE}"),
+        );
         say(&mut out, "   lienthong --as hanoi-judicial-office schema list");
         say(
             &mut out,
@@ -283,8 +378,17 @@ pub async fn run(options: DemoOptions) -> Result<()> {
                 lienthong_provider::demo::citizen_national_id(fed.options.seed, 7)
             ),
         );
-        say(&mut out, format!("   lienthong --as {STATE_AUDIT} audit query --limit 10"));
-        say(&mut out, format!("   lienthong --as {STATE_AUDIT} audit verify --state {}/verifier-state.json", dir.display()));
+        say(
+            &mut out,
+            format!("   lienthong --as {STATE_AUDIT} audit query --limit 10"),
+        );
+        say(
+            &mut out,
+            format!(
+                "   lienthong --as {STATE_AUDIT} audit verify --state {}/verifier-state.json",
+                dir.display()
+            ),
+        );
         if let Some(m) = &fed.options.metrics_listen {
             say(&mut out, format!("   curl http://{m}/metrics"));
         }
@@ -296,7 +400,10 @@ pub async fn run(options: DemoOptions) -> Result<()> {
     if !ok {
         anyhow::bail!("the demo story did not go as expected; see the transcript above");
     }
-    say(&mut out, "Done: the applicant brought no paper; every access is in the signed log.");
+    say(
+        &mut out,
+        "Done: the applicant brought no paper; every access is in the signed log.",
+    );
     Ok(())
 }
 

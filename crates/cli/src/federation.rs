@@ -2,7 +2,7 @@
 //! given database), the two demo registers, members, schemas, endpoints and
 //! grants. `lienthong demo` and the end-to-end tests both start it.
 
-use crate::client::{connect, member_files, status_error, Clients};
+use crate::client::{Clients, connect, member_files, status_error};
 use anyhow::{Context, Result};
 use lienthong::v1 as pb;
 use lienthong_broker::{Config, ServerHandle};
@@ -37,15 +37,27 @@ pub const PURPOSE_DATA_SHARING: &str = "decree-47-2020/art-12";
 
 /// Members of the demo federation: id, display name, roles.
 pub const MEMBERS: &[(&str, &str, &[pb::Role])] = &[
-    (CIVIL_STATUS, "Civil status register (Ministry of Justice)", &[pb::Role::Provider, pb::Role::Integrator]),
+    (
+        CIVIL_STATUS,
+        "Civil status register (Ministry of Justice)",
+        &[pb::Role::Provider, pb::Role::Integrator],
+    ),
     (
         JUDICIAL_RECORDS,
         "National Centre for Judicial Records",
         &[pb::Role::Provider, pb::Role::Integrator],
     ),
-    (JUDICIAL_OFFICE, "Ha Noi Department of Justice, judicial-records office", &[pb::Role::Consumer]),
+    (
+        JUDICIAL_OFFICE,
+        "Ha Noi Department of Justice, judicial-records office",
+        &[pb::Role::Consumer],
+    ),
     (TAX_DEPT, "Ha Noi Tax Department", &[pb::Role::Consumer]),
-    (CITIZEN_PORTAL, "National Public Service Portal", &[pb::Role::SubjectPortal]),
+    (
+        CITIZEN_PORTAL,
+        "National Public Service Portal",
+        &[pb::Role::SubjectPortal],
+    ),
     (STATE_AUDIT, "State Audit Office", &[pb::Role::Auditor]),
 ];
 
@@ -112,7 +124,13 @@ impl Register {
                 tracing::error!(error = %e, "demo register stopped");
             }
         });
-        Ok(Register { kind, member, addr, shutdown: Some(tx), join: Some(join) })
+        Ok(Register {
+            kind,
+            member,
+            addr,
+            shutdown: Some(tx),
+            join: Some(join),
+        })
     }
 
     /// The endpoint URL to register with the broker.
@@ -228,7 +246,15 @@ impl Federation {
         for kind in [DemoRegisterKind::CivilStatus, DemoRegisterKind::JudicialRecords] {
             registers.push(Register::start(kind, &certs, options.seed, &options.trust_domain).await?);
         }
-        Ok(Federation { dir: options.dir.clone(), certs, config_path, broker, broker_url, registers, options })
+        Ok(Federation {
+            dir: options.dir.clone(),
+            certs,
+            config_path,
+            broker,
+            broker_url,
+            registers,
+            options,
+        })
     }
 
     /// Clients acting as `member`.
@@ -261,7 +287,10 @@ impl Federation {
             let integrator = self.client(&owner).await?;
             integrator
                 .schemas()
-                .register(pb::RegisterRequest { definition: Some(def), compatibility: 0 })
+                .register(pb::RegisterRequest {
+                    definition: Some(def),
+                    compatibility: 0,
+                })
                 .await
                 .map_err(status_error)
                 .with_context(|| format!("registering {record_type}"))?;
@@ -279,13 +308,21 @@ impl Federation {
             }
             admin
                 .admin()
-                .add_endpoint(pb::AddEndpointRequest { provider: reg.member.to_string(), url: reg.url() })
+                .add_endpoint(pb::AddEndpointRequest {
+                    provider: reg.member.to_string(),
+                    url: reg.url(),
+                })
                 .await
                 .map_err(status_error)
                 .with_context(|| format!("adding the endpoint of {}", reg.member))?;
         }
         for g in demo_grants() {
-            admin.admin().create_grant(g).await.map_err(status_error).context("creating a grant")?;
+            admin
+                .admin()
+                .create_grant(g)
+                .await
+                .map_err(status_error)
+                .context("creating a grant")?;
         }
         Ok(())
     }
@@ -321,10 +358,21 @@ pub fn demo_grants() -> Vec<pb::CreateGrantRequest> {
     vec![
         grant(
             "civil_status.birth_record",
-            &["/full_name", "/birth_date", "/gender", "/place_of_birth", "/father/full_name", "/mother/full_name"],
+            &[
+                "/full_name",
+                "/birth_date",
+                "/gender",
+                "/place_of_birth",
+                "/father/full_name",
+                "/mother/full_name",
+            ],
             &[PURPOSE_CERTIFICATE, PURPOSE_DATA_SHARING],
         ),
-        grant("civil_status.marriage_record", &["/marriage_date", "/spouse/full_name", "/status"], &[PURPOSE_CERTIFICATE]),
+        grant(
+            "civil_status.marriage_record",
+            &["/marriage_date", "/spouse/full_name", "/status"],
+            &[PURPOSE_CERTIFICATE],
+        ),
         grant("judicial.criminal_record_extract", &["*"], &[PURPOSE_CERTIFICATE]),
     ]
 }

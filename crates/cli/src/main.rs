@@ -129,8 +129,14 @@ enum CertsCmd {
 fn init_logging(format: &str, filter: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[tokio::main]
@@ -147,19 +153,31 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config, print_default_config } => {
+        Command::Serve {
+            config,
+            print_default_config,
+        } => {
             if print_default_config {
                 print!("{}", lienthong_broker::Config::example_toml());
                 return Ok(());
             }
             let cfg = lienthong_broker::Config::load(config.as_deref(), std::env::vars())?;
             init_logging(
-                if cli.log_format == "json" { "json" } else { &cfg.telemetry.log_format },
+                if cli.log_format == "json" {
+                    "json"
+                } else {
+                    &cfg.telemetry.log_format
+                },
                 Some(&cfg.telemetry.log_filter),
             );
             serve(cfg).await
         }
-        Command::Demo { dir, keep_running, seed, metrics_listen } => {
+        Command::Demo {
+            dir,
+            keep_running,
+            seed,
+            metrics_listen,
+        } => {
             init_logging(&cli.log_format, Some("warn"));
             let (dir, _temp) = match dir {
                 Some(d) => (d, None),
@@ -171,9 +189,20 @@ async fn run(cli: Cli) -> Result<()> {
             let mut federation = FederationOptions::new(dir);
             federation.seed = seed;
             federation.metrics_listen = metrics_listen;
-            demo::run(DemoOptions { federation, keep_running }).await
+            demo::run(DemoOptions {
+                federation,
+                keep_running,
+            })
+            .await
         }
-        Command::DemoProvider { kind, listen, tls_dir, member, trust_domain, seed } => {
+        Command::DemoProvider {
+            kind,
+            listen,
+            tls_dir,
+            member,
+            trust_domain,
+            seed,
+        } => {
             init_logging(&cli.log_format, Some("info"));
             let kind = match kind {
                 RegisterKind::CivilStatus => lienthong_provider::demo::DemoRegisterKind::CivilStatus,
@@ -186,14 +215,19 @@ async fn run(cli: Cli) -> Result<()> {
             lienthong_tls::install_crypto_provider();
             let material = lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(&tls_dir, &member))?;
             let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &trust_domain)?);
-            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("{member} register serving on {}", listener.local_addr()?);
             lienthong_provider::demo::run_demo_register(kind, seed, tls, listener, shutdown_signal()).await?;
             Ok(())
         }
         Command::Certs(CertsCmd::Init { dir, trust_domain }) => {
             lienthong_tls::init_dir(&dir, &trust_domain)?;
-            println!("federation CA and broker certificate written to {} (trust domain {trust_domain})", dir.display());
+            println!(
+                "federation CA and broker certificate written to {} (trust domain {trust_domain})",
+                dir.display()
+            );
             Ok(())
         }
         Command::Certs(CertsCmd::Issue { member, dir, hosts }) => {
@@ -214,7 +248,7 @@ async fn run(cli: Cli) -> Result<()> {
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::terminate()) {
             Ok(mut term) => {
                 tokio::select! {

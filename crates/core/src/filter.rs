@@ -49,10 +49,8 @@ impl Node {
             Value::Object(map) => {
                 let mut out = Map::with_capacity(self.children.len().min(map.len()));
                 for (key, sub) in map {
-                    if let Some(node) = self.child(key) {
-                        if let Some(kept) = node.apply(sub) {
-                            out.insert(key.clone(), kept);
-                        }
+                    if let Some(kept) = self.child(key).and_then(|node| node.apply(sub)) {
+                        out.insert(key.clone(), kept);
                     }
                 }
                 Some(Value::Object(out))

@@ -317,9 +317,7 @@ pub fn validate_record_type_name(name: &str) -> Result<(), SchemaError> {
     if name.len() <= MAX_NAME_LEN && name.contains('.') && segments_ok {
         Ok(())
     } else {
-        Err(SchemaError::InvalidName {
-            name: name.to_owned(),
-        })
+        Err(SchemaError::InvalidName { name: name.to_owned() })
     }
 }
 
@@ -491,14 +489,13 @@ fn find_remote_ref(which: &'static str, value: &Value, pointer: &mut String) -> 
                 let len = pointer.len();
                 push_segment(pointer, key);
                 if REF_KEYWORDS.contains(&key.as_str()) {
-                    if let Some(reference) = sub.as_str() {
-                        if !reference.starts_with('#') {
-                            return Err(SchemaError::RemoteRef {
-                                schema: which,
-                                pointer: pointer.clone(),
-                                reference: truncate(reference.to_owned(), 200),
-                            });
-                        }
+                    let remote = sub.as_str().filter(|r| !r.starts_with('#'));
+                    if let Some(reference) = remote {
+                        return Err(SchemaError::RemoteRef {
+                            schema: which,
+                            pointer: pointer.clone(),
+                            reference: truncate(reference.to_owned(), 200),
+                        });
                     }
                 } else if !DATA_KEYWORDS.contains(&key.as_str()) {
                     find_remote_ref(which, sub, pointer)?;
@@ -590,10 +587,7 @@ fn push_segment(pointer: &mut String, segment: &str) {
 struct RefuseRetrieval;
 
 impl jsonschema::Retrieve for RefuseRetrieval {
-    fn retrieve(
-        &self,
-        _uri: &jsonschema::Uri<String>,
-    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    fn retrieve(&self, _uri: &jsonschema::Uri<String>) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
         Err("the broker does not fetch schemas; use local references only".into())
     }
 }
@@ -631,16 +625,17 @@ fn find_unresolved_ref(root: &Value, value: &Value, pointer: &mut String) -> Opt
             for (key, sub) in map {
                 let len = pointer.len();
                 push_segment(pointer, key);
-                if key == "$ref" {
-                    if let Some(reference) = sub.as_str() {
-                        if reference.starts_with("#/") && local_target(root, reference).is_none() {
-                            return Some(pointer.clone());
-                        }
-                    }
-                } else if !DATA_KEYWORDS.contains(&key.as_str()) {
-                    if let Some(found) = find_unresolved_ref(root, sub, pointer) {
-                        return Some(found);
-                    }
+                let found = if key == "$ref" {
+                    sub.as_str()
+                        .filter(|r| r.starts_with("#/") && local_target(root, r).is_none())
+                        .map(|_| pointer.clone())
+                } else if DATA_KEYWORDS.contains(&key.as_str()) {
+                    None
+                } else {
+                    find_unresolved_ref(root, sub, pointer)
+                };
+                if found.is_some() {
+                    return found;
                 }
                 pointer.truncate(len);
             }
@@ -761,11 +756,7 @@ impl<'a> Walk<'a> {
         // The root is being expanded: a `"$ref": "#"` below it is a cycle.
         self.refs.push("#");
         let (resolved, expand, pushed) = self.resolve(root);
-        let result = if expand {
-            self.children(resolved, "", 0)
-        } else {
-            Ok(())
-        };
+        let result = if expand { self.children(resolved, "", 0) } else { Ok(()) };
         self.refs.truncate(self.refs.len() - pushed);
         result
     }
@@ -1085,7 +1076,9 @@ fn compare_record(old_schema: &Value, new_schema: &Value, out: &mut Vec<Breaking
                 out.push(breaking(
                     "record_enum_narrowed",
                     p,
-                    format!("items of record property {p} no longer allow every value they allowed (enum narrowed or added)"),
+                    format!(
+                        "items of record property {p} no longer allow every value they allowed (enum narrowed or added)"
+                    ),
                 ));
             }
         }
@@ -1197,7 +1190,11 @@ fn describe_types(kind: &TypeKind) -> String {
 }
 
 fn plural(n: u64, word: &str) -> String {
-    if n == 1 { format!("{n} {word}") } else { format!("{n} {word}s") }
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
 }
 
 /// Turns a jsonschema error into a message free of instance values.
@@ -1250,14 +1247,24 @@ fn failure_from(error: &ValidationError<'_>) -> ValidationFailure {
         ValidationErrorKind::UniqueItems => "must not contain duplicate items".to_owned(),
         ValidationErrorKind::Contains => "must contain an item matching the schema (contains)".to_owned(),
         ValidationErrorKind::MinProperties { limit } => {
-            format!("must have at least {}", plural(*limit, "property").replace("propertys", "properties"))
+            format!(
+                "must have at least {}",
+                plural(*limit, "property").replace("propertys", "properties")
+            )
         }
         ValidationErrorKind::MaxProperties { limit } => {
-            format!("must have at most {}", plural(*limit, "property").replace("propertys", "properties"))
+            format!(
+                "must have at most {}",
+                plural(*limit, "property").replace("propertys", "properties")
+            )
         }
-        ValidationErrorKind::PropertyNames { .. } => "has a property name that is not allowed (propertyNames)".to_owned(),
+        ValidationErrorKind::PropertyNames { .. } => {
+            "has a property name that is not allowed (propertyNames)".to_owned()
+        }
         ValidationErrorKind::AnyOf { .. } => "does not match any of the allowed alternatives (anyOf)".to_owned(),
-        ValidationErrorKind::OneOfNotValid { .. } => "does not match any of the allowed alternatives (oneOf)".to_owned(),
+        ValidationErrorKind::OneOfNotValid { .. } => {
+            "does not match any of the allowed alternatives (oneOf)".to_owned()
+        }
         ValidationErrorKind::OneOfMultipleValid { .. } => "matches more than one alternative (oneOf)".to_owned(),
         ValidationErrorKind::Not { .. } => "matches a schema it must not match (not)".to_owned(),
         ValidationErrorKind::FalseSchema => "is not allowed".to_owned(),

@@ -214,12 +214,7 @@ impl Snapshot {
     /// [`policy::decide`] for `consumer`; an unknown member is not a consumer.
     pub fn decide(&self, consumer: &str, request: &AccessRequest<'_>, now: OffsetDateTime) -> Decision {
         match self.member(consumer) {
-            Some(member) => policy::decide(
-                member,
-                self.grants_for(consumer, request.record_type),
-                request,
-                now,
-            ),
+            Some(member) => policy::decide(member, self.grants_for(consumer, request.record_type), request, now),
             None => Decision::Deny(DenyReason::NotAConsumer),
         }
     }

@@ -2,8 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lienthong_core::schema::{
-    CompiledRecordType, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility,
-    parse_definition, validate_record_type_name,
+    CompiledRecordType, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility, parse_definition,
+    validate_record_type_name,
 };
 use lienthong_core::{Compatibility, MemberId, RecordTypeDefinition, RecordTypeVersion};
 use proptest::prelude::*;
@@ -97,7 +97,11 @@ struct Row {
 /// Sets (or adds) the value at `pointer`.
 fn set(v: &mut Value, pointer: &str, new: Value) {
     let (parent, key) = pointer.rsplit_once('/').unwrap();
-    v.pointer_mut(parent).unwrap().as_object_mut().unwrap().insert(key.to_owned(), new);
+    v.pointer_mut(parent)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .insert(key.to_owned(), new);
 }
 
 fn remove(v: &mut Value, pointer: &str, key: &str) {
@@ -149,7 +153,13 @@ const TABLE: &[Row] = &[
     Row {
         what: "add an optional nested record property",
         before: nothing,
-        after: |_, r, _, _| set(r, "/properties/father/properties/birth_year", json!({"type": "integer"})),
+        after: |_, r, _, _| {
+            set(
+                r,
+                "/properties/father/properties/birth_year",
+                json!({"type": "integer"}),
+            )
+        },
         expect: &[],
     },
     Row {
@@ -216,7 +226,11 @@ const TABLE: &[Row] = &[
         what: "retype a property of array items",
         before: nothing,
         after: |_, r, _, _| {
-            set(r, "/properties/previous_names/items/properties/family_name/type", json!("integer"))
+            set(
+                r,
+                "/properties/previous_names/items/properties/family_name/type",
+                json!("integer"),
+            )
         },
         expect: &[("record_property_retyped", "/previous_names/family_name")],
     },
@@ -320,8 +334,15 @@ fn compatibility_table() {
         want.sort();
         assert_eq!(got_sorted, want, "{}: got {changes:#?}", row.what);
         for change in &changes {
-            assert!(change.message.contains(&change.pointer) || change.pointer.starts_with("/subject") || change.pointer == "/owner",
-                "{}: message {:?} does not name {}", row.what, change.message, change.pointer);
+            assert!(
+                change.message.contains(&change.pointer)
+                    || change.pointer.starts_with("/subject")
+                    || change.pointer == "/owner",
+                "{}: message {:?} does not name {}",
+                row.what,
+                change.message,
+                change.pointer
+            );
         }
     }
 }
@@ -360,9 +381,26 @@ fn malformed_json_is_refused_with_its_position() {
     let text = err.to_string();
     assert!(text.contains("record_schema") && text.contains("line 4"), "{text}");
 
-    let err = parse_definition("civil.birth", "d", owner(), "{", &base_record().to_string(), "national_id", &SchemaLimits::default())
-        .unwrap_err();
-    assert!(matches!(err, SchemaError::MalformedJson { schema: "query_schema", .. }), "{err:?}");
+    let err = parse_definition(
+        "civil.birth",
+        "d",
+        owner(),
+        "{",
+        &base_record().to_string(),
+        "national_id",
+        &SchemaLimits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SchemaError::MalformedJson {
+                schema: "query_schema",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -370,7 +408,10 @@ fn meta_schema_failure_names_the_pointer() {
     let err = record_error(r#"{"type": 12}"#);
     assert!(matches!(err, SchemaError::MetaSchema { .. }), "{err:?}");
     assert_eq!(err.pointer(), Some("/type"));
-    assert!(err.to_string().contains("/type") && err.to_string().contains("meta-schema"), "{err}");
+    assert!(
+        err.to_string().contains("/type") && err.to_string().contains("meta-schema"),
+        "{err}"
+    );
 
     let err = record_error(r#"{"type":"object","properties":{"a":{"type":"string","minLength":-1}}}"#);
     assert_eq!(err.pointer(), Some("/properties/a/minLength"), "{err}");
@@ -395,7 +436,10 @@ fn remote_references_are_refused() {
         assert!(text.contains("only local references"), "{text}");
     }
     let nested = json!({"type": "object", "properties": {"a": {"type": "object", "properties": {}, "allOf": [{"$dynamicRef": "https://x.example/meta"}]}}});
-    assert!(matches!(record_error(&nested.to_string()), SchemaError::RemoteRef { .. }));
+    assert!(matches!(
+        record_error(&nested.to_string()),
+        SchemaError::RemoteRef { .. }
+    ));
 }
 
 #[test]
@@ -421,16 +465,32 @@ fn local_references_and_draft_07_are_accepted() {
     // The recursive reference is cut at the cycle: /father/father is a field, not expanded further.
     assert_eq!(fields, vec!["/father", "/father/father", "/father/full_name", "/self"]);
     let c = compiled(def);
-    assert!(c.validate_record(&json!({"father": {"full_name": "A", "father": {"full_name": "B"}}})).is_ok());
-    let err = c.validate_record(&json!({"father": {"father": {"full_name": 1}}})).unwrap_err();
+    assert!(
+        c.validate_record(&json!({"father": {"full_name": "A", "father": {"full_name": "B"}}}))
+            .is_ok()
+    );
+    let err = c
+        .validate_record(&json!({"father": {"father": {"full_name": 1}}}))
+        .unwrap_err();
     assert_eq!(err.pointer, "/father/father/full_name");
 }
 
 #[test]
 fn oversize_schemas_are_refused() {
-    let limits = SchemaLimits { max_schema_bytes: 64, max_depth: 32 };
-    let err = parse_definition("civil.birth", "d", owner(), &base_query().to_string(), &base_record().to_string(), "national_id", &limits)
-        .unwrap_err();
+    let limits = SchemaLimits {
+        max_schema_bytes: 64,
+        max_depth: 32,
+    };
+    let err = parse_definition(
+        "civil.birth",
+        "d",
+        owner(),
+        &base_query().to_string(),
+        &base_record().to_string(),
+        "national_id",
+        &limits,
+    )
+    .unwrap_err();
     match &err {
         SchemaError::TooLarge { schema, limit, size } => {
             assert_eq!((*schema, *limit), ("query_schema", 64));
@@ -468,19 +528,40 @@ fn too_deep_schemas_are_refused() {
     // Brackets inside strings do not count.
     let stringy = json!({"type": "object", "properties": {"a": {"type": "string", "description": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}}});
     assert!(define(&base_query(), &stringy, "national_id").is_ok());
-    assert!(define(&base_query(), &serde_json::from_str(&nested_schema(15)).unwrap(), "national_id").is_ok());
+    assert!(
+        define(
+            &base_query(),
+            &serde_json::from_str(&nested_schema(15)).unwrap(),
+            "national_id"
+        )
+        .is_ok()
+    );
 }
 
 #[test]
 fn bad_names_are_refused() {
-    for name in ["Civil.Birth", "nodot", "a..b", ".a", "a.", "civil.birth-record", "civil birth.x", ""] {
+    for name in [
+        "Civil.Birth",
+        "nodot",
+        "a..b",
+        ".a",
+        "a.",
+        "civil.birth-record",
+        "civil birth.x",
+        "",
+    ] {
         let err = validate_record_type_name(name).unwrap_err();
         assert!(matches!(err, SchemaError::InvalidName { .. }), "{name}");
         assert!(err.to_string().contains("record type name"), "{err}");
     }
     let long = format!("a.{}", "b".repeat(127));
     assert!(validate_record_type_name(&long).is_err());
-    for name in ["civil.birth", "civil_status.birth_v2.extract", "a.b", &format!("a.{}", "b".repeat(126))] {
+    for name in [
+        "civil.birth",
+        "civil_status.birth_v2.extract",
+        "a.b",
+        &format!("a.{}", "b".repeat(126)),
+    ] {
         assert!(validate_record_type_name(name).is_ok(), "{name}");
     }
     let err = parse_definition("nodot", "d", owner(), "{}", "{}", "x", &SchemaLimits::default()).unwrap_err();
@@ -498,15 +579,36 @@ fn subject_key_must_be_a_required_string_property() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(err.to_string().contains("is not a property of the query schema"), "{err}");
+    assert!(
+        err.to_string().contains("is not a property of the query schema"),
+        "{err}"
+    );
 
     let err = define(&base_query(), &base_record(), "birth_date").unwrap_err();
-    assert!(matches!(err, SchemaError::SubjectKey { problem: SubjectKeyProblem::NotRequired, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SchemaError::SubjectKey {
+                problem: SubjectKeyProblem::NotRequired,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 
     let mut q = base_query();
     set(&mut q, "/properties/national_id", json!({"type": "integer"}));
     let err = define(&q, &base_record(), "national_id").unwrap_err();
-    assert!(matches!(err, SchemaError::SubjectKey { problem: SubjectKeyProblem::NotAString, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            SchemaError::SubjectKey {
+                problem: SubjectKeyProblem::NotAString,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -519,7 +621,10 @@ fn schemas_must_be_objects_with_properties() {
         (json!(true), ""),
     ] {
         let err = record_error(&schema.to_string());
-        assert!(matches!(err, SchemaError::NotAnObjectSchema { .. }), "{schema}: {err:?}");
+        assert!(
+            matches!(err, SchemaError::NotAnObjectSchema { .. }),
+            "{schema}: {err:?}"
+        );
         assert_eq!(err.pointer(), Some(pointer), "{schema}");
         assert!(err.to_string().contains("object schema"), "{err}");
     }
@@ -527,8 +632,16 @@ fn schemas_must_be_objects_with_properties() {
 
 #[test]
 fn empty_description_is_refused() {
-    let err = parse_definition("civil.birth", "  ", owner(), &base_query().to_string(), &base_record().to_string(), "national_id", &SchemaLimits::default())
-        .unwrap_err();
+    let err = parse_definition(
+        "civil.birth",
+        "  ",
+        owner(),
+        &base_query().to_string(),
+        &base_record().to_string(),
+        "national_id",
+        &SchemaLimits::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, SchemaError::EmptyDescription));
     assert!(err.to_string().contains("description is empty"));
 }
@@ -556,9 +669,16 @@ fn unresolvable_local_references_are_refused_at_their_pointer() {
 #[test]
 fn compile_refuses_a_stored_version_with_a_remote_reference() {
     let mut def = define(&base_query(), &base_record(), "national_id").unwrap();
-    set(&mut def.record_schema, "/properties/father", json!({"$ref": "https://example.org/person.json"}));
+    set(
+        &mut def.record_schema,
+        "/properties/father",
+        json!({"$ref": "https://example.org/person.json"}),
+    );
     let version = RecordTypeVersion::new(def, 1, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::None);
-    assert!(matches!(CompiledRecordType::compile(version), Err(SchemaError::RemoteRef { .. })));
+    assert!(matches!(
+        CompiledRecordType::compile(version),
+        Err(SchemaError::RemoteRef { .. })
+    ));
 }
 
 // ---------------------------------------------------------------- fields and digest
@@ -602,8 +722,16 @@ fn digest_is_canonical() {
         "properties": { "birth_date": {"format": "date", "type": "string"},
                         "national_id": {"pattern": "^[0-9]{12}$", "type": "string"} },
         "type": "object" }"#;
-    let b = parse_definition("civil.birth", "another description", owner(), reordered, &base_record().to_string(), "national_id", &SchemaLimits::default())
-        .unwrap();
+    let b = parse_definition(
+        "civil.birth",
+        "another description",
+        owner(),
+        reordered,
+        &base_record().to_string(),
+        "national_id",
+        &SchemaLimits::default(),
+    )
+    .unwrap();
     assert_eq!(a.digest(), b.digest());
     assert_eq!(a.digest().len(), 64);
     let mut c = a.clone();
@@ -617,12 +745,21 @@ fn digest_is_canonical() {
 #[test]
 fn version_constructor_fills_fields_and_digest() {
     let def = define(&base_query(), &base_record(), "national_id").unwrap();
-    let v = RecordTypeVersion::new(def.clone(), 3, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::Backward);
+    let v = RecordTypeVersion::new(
+        def.clone(),
+        3,
+        datetime!(2025-01-01 0:00 UTC),
+        owner(),
+        Compatibility::Backward,
+    );
     assert_eq!(v.field_pointers, def.field_pointers());
     assert_eq!(v.digest, def.digest());
     assert!(!v.deprecated);
     let c = CompiledRecordType::compile(v).unwrap();
-    assert_eq!((c.name(), c.version_number(), c.owner(), c.deprecated()), ("civil.birth", 3, &owner(), false));
+    assert_eq!(
+        (c.name(), c.version_number(), c.owner(), c.deprecated()),
+        ("civil.birth", 3, &owner(), false)
+    );
 }
 
 // ---------------------------------------------------------------- validation
@@ -647,16 +784,22 @@ fn query_validation_names_the_field_and_constraint_never_the_value() {
     assert!(!pattern.to_string().contains(NATIONAL_ID));
     assert!(!format!("{pattern:?}").contains(NATIONAL_ID));
 
-    let typed = c.validate_query(&json!({"national_id": 1234567890123_u64})).unwrap_err();
+    let typed = c
+        .validate_query(&json!({"national_id": 1234567890123_u64}))
+        .unwrap_err();
     assert_eq!(typed.message, "expected type string");
     assert!(!typed.to_string().contains("1234567890123"));
 
-    let extra = c.validate_query(&json!({"national_id": "001099012345", "nickname": NATIONAL_ID})).unwrap_err();
+    let extra = c
+        .validate_query(&json!({"national_id": "001099012345", "nickname": NATIONAL_ID}))
+        .unwrap_err();
     assert_eq!(extra.pointer, "/nickname");
     assert_eq!(extra.message, "is not allowed (additionalProperties)");
     assert!(!extra.to_string().contains(NATIONAL_ID));
 
-    let date = c.validate_query(&json!({"national_id": "001099012345", "birth_date": "2000-13-45"})).unwrap_err();
+    let date = c
+        .validate_query(&json!({"national_id": "001099012345", "birth_date": "2000-13-45"}))
+        .unwrap_err();
     assert_eq!(date.pointer, "/birth_date");
     assert_eq!(date.message, "is not a valid date");
     assert!(!date.to_string().contains("2000-13-45"));
@@ -668,16 +811,22 @@ fn record_validation_names_the_field_and_constraint_never_the_value() {
     let good = json!({"full_name": "Nguyen Van A", "sex": "female", "father": {"full_name": "B"}, "previous_names": [{"family_name": "Tran"}]});
     assert!(c.validate_record(&good).is_ok());
 
-    let enum_err = c.validate_record(&json!({"full_name": "A", "sex": "Nguyen-secret"})).unwrap_err();
+    let enum_err = c
+        .validate_record(&json!({"full_name": "A", "sex": "Nguyen-secret"}))
+        .unwrap_err();
     assert_eq!(enum_err.pointer, "/sex");
     assert_eq!(enum_err.message, "must be one of the allowed values");
     assert!(!enum_err.to_string().contains("Nguyen-secret"));
 
-    let nested = c.validate_record(&json!({"full_name": "A", "father": {"full_name": NATIONAL_ID.parse::<u64>().unwrap()}})).unwrap_err();
+    let nested = c
+        .validate_record(&json!({"full_name": "A", "father": {"full_name": NATIONAL_ID.parse::<u64>().unwrap()}}))
+        .unwrap_err();
     assert_eq!(nested.pointer, "/father/full_name");
     assert!(!nested.to_string().contains(NATIONAL_ID.trim_start_matches('0')));
 
-    let item = c.validate_record(&json!({"full_name": "A", "previous_names": [{"family_name": "x"}, {"family_name": false}]})).unwrap_err();
+    let item = c
+        .validate_record(&json!({"full_name": "A", "previous_names": [{"family_name": "x"}, {"family_name": false}]}))
+        .unwrap_err();
     assert_eq!(item.pointer, "/previous_names/1/family_name");
 
     let whole = c.validate_record(&json!(NATIONAL_ID)).unwrap_err();
@@ -718,11 +867,27 @@ fn family() -> Vec<RecordTypeDefinition> {
     let mut v2 = v1.clone();
     set(&mut v2, "/properties/email", json!({"type": "string"}));
     let mut v3 = v2.clone();
-    set(&mut v3, "/properties/status/enum", json!(["active", "inactive", "deceased"]));
-    set(&mut v3, "/properties/tags", json!({"type": "array", "items": {"type": "string"}}));
+    set(
+        &mut v3,
+        "/properties/status/enum",
+        json!(["active", "inactive", "deceased"]),
+    );
+    set(
+        &mut v3,
+        "/properties/tags",
+        json!({"type": "array", "items": {"type": "string"}}),
+    );
     let mut v4 = v3.clone();
-    set(&mut v4, "/properties/address/properties/district", json!({"type": "string"}));
-    set(&mut v4, "/properties/aliases/items/properties/since", json!({"type": "integer"}));
+    set(
+        &mut v4,
+        "/properties/address/properties/district",
+        json!({"type": "string"}),
+    );
+    set(
+        &mut v4,
+        "/properties/aliases/items/properties/since",
+        json!({"type": "integer"}),
+    );
     remove(&mut v4, "/properties/status", "enum");
     [v1, v2, v3, v4]
         .iter()

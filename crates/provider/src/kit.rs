@@ -118,9 +118,7 @@ impl ProviderConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     /// The TLS configuration was built for another federation than configured.
-    #[error(
-        "tls configuration is for trust domain {tls:?} but the provider is configured for {configured:?}"
-    )]
+    #[error("tls configuration is for trust domain {tls:?} but the provider is configured for {configured:?}")]
     TrustDomainMismatch {
         /// Trust domain of the `ServerTls`.
         tls: String,
@@ -140,11 +138,9 @@ pub enum ProviderError {
 pub fn trace_id_from_metadata(metadata: &MetadataMap) -> Option<String> {
     let value = metadata.get("traceparent")?.to_str().ok()?.trim();
     let mut parts = value.split('-');
-    let (version, trace_id, parent_id, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let is_hex = |s: &str, len: usize| {
-        s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
+    let (version, trace_id, parent_id, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let is_hex =
+        |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     let valid = is_hex(version, 2)
         && version != "ff"
         // Version 00 has exactly four parts; later versions may append more.
@@ -166,17 +162,13 @@ struct KitService {
 fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
     let Some(peer) = peer_info(request) else {
         // Only reachable if the server was not started through `incoming`.
-        return Err(Status::unauthenticated(
-            "connection carries no tls peer information",
-        ));
+        return Err(Status::unauthenticated("connection carries no tls peer information"));
     };
     match &peer.identity {
         Ok(Identity::Broker) => Ok(()),
         Ok(Identity::Member(member)) => {
             tracing::warn!(remote = ?peer.remote_addr, %member, "refused fetch from a member");
-            Err(Status::permission_denied(
-                "only the broker may call this register",
-            ))
+            Err(Status::permission_denied("only the broker may call this register"))
         }
         Err(reason) => {
             tracing::warn!(remote = ?peer.remote_addr, %reason, "refused unauthenticated fetch");
@@ -187,10 +179,7 @@ fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl RecordProvider for KitService {
-    async fn fetch(
-        &self,
-        request: Request<FetchRequest>,
-    ) -> Result<Response<FetchResponse>, Status> {
+    async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         authorize(&request)?;
         let trace_id = trace_id_from_metadata(request.metadata());
         let req = request.into_inner();
@@ -202,7 +191,7 @@ impl RecordProvider for KitService {
             trace_id = tracing::field::Empty,
         );
         if let Some(trace_id) = &trace_id {
-            span.record("trace_id", trace_id.as_str());
+            span.record("trace_id", tracing::field::display(trace_id));
         }
         let source = self.source.clone();
         async move {
@@ -230,10 +219,7 @@ impl RecordProvider for KitService {
 }
 
 /// Checks the type and query, asks the source, serialises the record.
-async fn fetch_record(
-    source: Arc<dyn RecordSource>,
-    req: FetchRequest,
-) -> Result<String, FetchError> {
+async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Result<String, FetchError> {
     if !source.record_types().contains(&req.record_type) {
         return Err(FetchError::NotFound(format!(
             "record type {} is not served here",
@@ -257,8 +243,7 @@ async fn fetch_record(
         .catch_unwind()
         .await
         .map_err(|_| FetchError::Internal("the register failed unexpectedly".to_owned()))??;
-    serde_json::to_string(&record)
-        .map_err(|e| FetchError::Internal(format!("cannot serialise the record: {e}")))
+    serde_json::to_string(&record).map_err(|e| FetchError::Internal(format!("cannot serialise the record: {e}")))
 }
 
 /// Serves `source` over mutual TLS on `listener` until `shutdown` resolves.
@@ -282,9 +267,7 @@ where
         });
     }
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<RecordProviderServer<KitService>>()
-        .await;
+    health.set_serving::<RecordProviderServer<KitService>>().await;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             %addr,
@@ -300,4 +283,91 @@ where
         .serve_with_incoming_shutdown(incoming(listener, tls, config.accept), shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn with_traceparent(value: &str) -> MetadataMap {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("traceparent", value.parse().unwrap());
+        metadata
+    }
+
+    #[test]
+    fn trace_id_is_read_from_a_valid_traceparent() {
+        let metadata = with_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert_eq!(
+            trace_id_from_metadata(&metadata).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        // A future version may append fields.
+        let future = with_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-xyz");
+        assert!(trace_id_from_metadata(&future).is_some());
+        assert_eq!(trace_id_from_metadata(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn malformed_traceparents_are_ignored() {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "garbage",
+        ] {
+            assert_eq!(trace_id_from_metadata(&with_traceparent(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn fetch_errors_map_to_the_codes_the_broker_expects() {
+        let code = |e: FetchError| Status::from(e).code();
+        assert_eq!(code(FetchError::NotFound("x".into())), tonic::Code::NotFound);
+        assert_eq!(code(FetchError::InvalidQuery("x".into())), tonic::Code::InvalidArgument);
+        assert_eq!(code(FetchError::Unavailable("x".into())), tonic::Code::Unavailable);
+        assert_eq!(code(FetchError::Internal("x".into())), tonic::Code::Internal);
+    }
+
+    struct Panicking;
+
+    #[async_trait::async_trait]
+    impl RecordSource for Panicking {
+        fn record_types(&self) -> Vec<String> {
+            vec!["test.record".to_owned()]
+        }
+
+        async fn fetch(&self, _ctx: FetchContext) -> Result<Value, FetchError> {
+            panic!("register bug")
+        }
+    }
+
+    fn request(query_json: &str) -> FetchRequest {
+        FetchRequest {
+            record_type: "test.record".to_owned(),
+            schema_version: 1,
+            query_json: query_json.to_owned(),
+            ..FetchRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_register_fails_the_lookup_with_internal() {
+        let result = fetch_record(Arc::new(Panicking), request("{}")).await;
+        assert!(matches!(result, Err(FetchError::Internal(_))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn malformed_query_json_is_an_invalid_query_without_echoing_it() {
+        let result = fetch_record(Arc::new(Panicking), request("{\"national_id\": \"0790")).await;
+        match result {
+            Err(FetchError::InvalidQuery(message)) => assert!(!message.contains("0790"), "{message}"),
+            other => panic!("expected InvalidQuery, got {other:?}"),
+        }
+    }
 }

@@ -68,10 +68,7 @@ impl Faulty {
 
     /// The current mode.
     pub fn mode(&self) -> FaultMode {
-        self.mode
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.mode.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Fetches received so far.
@@ -152,16 +149,9 @@ impl RawProvider {
 
 #[tonic::async_trait]
 impl RecordProvider for RawProvider {
-    async fn fetch(
-        &self,
-        _request: Request<FetchRequest>,
-    ) -> Result<Response<FetchResponse>, Status> {
+    async fn fetch(&self, _request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        let record_json = self
-            .answer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let record_json = self.answer.lock().unwrap_or_else(PoisonError::into_inner).clone();
         Ok(Response::new(FetchResponse { record_json }))
     }
 }
@@ -244,10 +234,7 @@ pub async fn start_faulty_server(faulty: Faulty, tls: Arc<ServerTls>) -> io::Res
 }
 
 /// Serves `source` through the kit on an ephemeral port, healthy.
-pub async fn start_server(
-    source: Arc<dyn RecordSource>,
-    tls: Arc<ServerTls>,
-) -> io::Result<ServerHandle> {
+pub async fn start_server(source: Arc<dyn RecordSource>, tls: Arc<ServerTls>) -> io::Result<ServerHandle> {
     start_faulty_server(Faulty::new(source), tls).await
 }
 
@@ -260,10 +247,7 @@ pub async fn start_raw_server(raw: RawProvider, tls: Arc<ServerTls>) -> io::Resu
         };
         let served = tonic::transport::Server::builder()
             .add_service(RecordProviderServer::new(raw))
-            .serve_with_incoming_shutdown(
-                incoming(listener, tls, AcceptOptions::default()),
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(incoming(listener, tls, AcceptOptions::default()), shutdown)
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "raw test provider stopped");
@@ -330,7 +314,9 @@ async fn read_one_request(mut stream: MtlsStream) -> io::Result<bool> {
         stream.read_exact(&mut payload).await?;
         match kind {
             FRAME_SETTINGS if flags & FLAG_ACK == 0 => {
-                stream.write_all(&[0, 0, 0, FRAME_SETTINGS, FLAG_ACK, 0, 0, 0, 0]).await?;
+                stream
+                    .write_all(&[0, 0, 0, FRAME_SETTINGS, FLAG_ACK, 0, 0, 0, 0])
+                    .await?;
                 stream.flush().await?;
             }
             FRAME_DATA | FRAME_HEADERS if stream_id != 0 && flags & FLAG_END_STREAM != 0 => {
@@ -338,5 +324,19 @@ async fn read_one_request(mut stream: MtlsStream) -> io::Result<bool> {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_drops_the_first_field_and_retypes_the_next() {
+        let record = json!({ "national_id": "001090000001", "full_name": "Lê Văn An", "age": 3 });
+        assert_eq!(corrupt(record), json!({ "full_name": 12345, "age": 3 }));
+        let numeric = json!({ "id": "x", "count": 2 });
+        assert_eq!(corrupt(numeric), json!({ "count": "not a number" }));
+        assert_eq!(corrupt(json!("text")), json!([]));
     }
 }

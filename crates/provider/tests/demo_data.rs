@@ -5,9 +5,8 @@
 use std::collections::HashSet;
 
 use lienthong_provider::demo::{
-    BIRTH_RECORD, CRIMINAL_RECORD_EXTRACT, CivilStatusRegister, DEATH_RECORD, DEMO_CITIZENS,
-    DemoRegisterKind, Gender, JudicialRegister, MARRIAGE_RECORD, citizen, citizen_index,
-    citizen_national_id, demo_schemas,
+    BIRTH_RECORD, CRIMINAL_RECORD_EXTRACT, CivilStatusRegister, DEATH_RECORD, DEMO_CITIZENS, DemoRegisterKind, Gender,
+    JudicialRegister, MARRIAGE_RECORD, citizen, citizen_index, citizen_national_id, demo_schemas,
 };
 use lienthong_provider::{FetchContext, FetchError, RecordSource};
 use serde_json::{Value, json};
@@ -242,7 +241,11 @@ fn population_has_realistic_shares() {
     let share = |k: usize| k as f64 / f64::from(n);
     assert!((0.2..0.5).contains(&share(married)), "married {}", share(married));
     assert!((0.02..0.2).contains(&share(deceased)), "deceased {}", share(deceased));
-    assert!((0.005..0.06).contains(&share(convicted)), "convicted {}", share(convicted));
+    assert!(
+        (0.005..0.06).contains(&share(convicted)),
+        "convicted {}",
+        share(convicted)
+    );
     assert!((0.33..0.43).contains(&share(nguyen)), "Nguyễn {}", share(nguyen));
     assert!((0.45..0.55).contains(&share(male)), "male {}", share(male));
     assert!(provinces.contains("001") && provinces.contains("079") && provinces.len() > 15);

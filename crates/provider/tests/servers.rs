@@ -1,34 +1,32 @@
 //! The kit and the faulty providers over real mutual TLS on ephemeral ports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lienthong::provider::v1::record_provider_client::RecordProviderClient;
 use lienthong::provider::v1::{FetchRequest, FetchResponse};
 use lienthong_provider::demo::{
-    BIRTH_RECORD, CivilStatusRegister, DEMO_CITIZENS, citizen, citizen_national_id, demo_schemas,
+    BIRTH_RECORD, CRIMINAL_RECORD_EXTRACT, CivilStatusRegister, DEMO_CITIZENS, DemoRegisterKind, JudicialRegister,
+    citizen_national_id, demo_schemas, run_demo_register,
 };
 use lienthong_provider::testing::{
-    FaultMode, Faulty, RawProvider, start_dropping_server, start_faulty_server, start_raw_server,
-    start_server,
+    FaultMode, Faulty, RawProvider, start_dropping_server, start_faulty_server, start_raw_server, start_server,
 };
+use lienthong_provider::{ProviderConfig, ProviderError, serve};
 use lienthong_tls::{
-    CertificateAuthority, Identity, IssueSpec, ServerTls, TlsMaterial, client_config,
-    connect_channel,
+    CertificateAuthority, Identity, IssueSpec, ServerTls, TlsMaterial, client_config, connect_channel,
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 const TD: &str = "gov.test";
 const SEED: u64 = 7;
 const PROVIDER: &str = "civil-status";
-const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
 struct Federation {
     ca: CertificateAuthority,
@@ -52,11 +50,8 @@ impl Federation {
 
     /// A client pinned to the provider's identity, presenting `material`.
     async fn channel(&self, material: &TlsMaterial, url: &str) -> Channel {
-        let config =
-            client_config(material, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
-        connect_channel(url, config, Duration::from_secs(5))
-            .await
-            .unwrap()
+        let config = client_config(material, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
+        connect_channel(url, config, Duration::from_secs(5)).await.unwrap()
     }
 
     async fn client(&self, spec: &IssueSpec, url: &str) -> RecordProviderClient<Channel> {
@@ -111,9 +106,7 @@ async fn broker_gets_records_and_the_health_service_answers() {
     assert_eq!(record["national_id"], citizen_national_id(SEED, 42).as_str());
     assert_eq!(server.requests(), 1);
 
-    let channel = fed
-        .channel(&fed.material(&IssueSpec::broker()), &server.url())
-        .await;
+    let channel = fed.channel(&fed.material(&IssueSpec::broker()), &server.url()).await;
     let mut health = HealthClient::new(channel);
     for service in ["", "lienthong.provider.v1.RecordProvider"] {
         let status = health
@@ -139,9 +132,7 @@ async fn only_the_broker_may_call() {
     let server = start_server(civil(), fed.provider_tls()).await.unwrap();
 
     let mut member = fed.client(&IssueSpec::member("tax-office"), &server.url()).await;
-    let status = fetch(&mut member, BIRTH_RECORD, &birth_query(1))
-        .await
-        .unwrap_err();
+    let status = fetch(&mut member, BIRTH_RECORD, &birth_query(1)).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(status.message(), "only the broker may call this register");
 
@@ -150,9 +141,7 @@ async fn only_the_broker_may_call() {
     let rogue = rogue_ca.issue(&IssueSpec::broker()).unwrap();
     let rogue = TlsMaterial::from_pem(&fed.ca.cert_pem(), &rogue.cert_pem, &rogue.key_pem).unwrap();
     let mut rogue = RecordProviderClient::new(fed.channel(&rogue, &server.url()).await);
-    let status = fetch(&mut rogue, BIRTH_RECORD, &birth_query(1))
-        .await
-        .unwrap_err();
+    let status = fetch(&mut rogue, BIRTH_RECORD, &birth_query(1)).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
 
     // Neither refused call reached the register.
@@ -171,9 +160,7 @@ async fn bad_queries_unknown_types_and_unknown_citizens_are_refused_precisely() 
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(!status.message().contains(&id), "{}", status.message());
 
-    let status = fetch(&mut broker, "land.parcel", &birth_query(3))
-        .await
-        .unwrap_err();
+    let status = fetch(&mut broker, "land.parcel", &birth_query(3)).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert_eq!(status.message(), "record type land.parcel is not served here");
 
@@ -190,78 +177,15 @@ async fn bad_queries_unknown_types_and_unknown_citizens_are_refused_precisely() 
     assert_eq!(status.code(), Code::NotFound);
 
     let no_id = json!({ "birth_date": "1901-01-01" });
-    let status = fetch(&mut broker, BIRTH_RECORD, &no_id.to_string())
-        .await
-        .unwrap_err();
+    let status = fetch(&mut broker, BIRTH_RECORD, &no_id.to_string()).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-}
-
-/// Collects everything the fmt subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-#[tokio::test(flavor = "current_thread")]
-async fn fetches_continue_the_callers_trace_and_never_log_the_query() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
-    // Thread-local, and the current-thread runtime runs the server tasks on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let fed = Federation::new();
-    let server = start_server(civil(), fed.provider_tls()).await.unwrap();
-    let mut broker = fed.broker(&server.url()).await;
-    let subject = citizen(SEED, 9);
-    let mut request = Request::new(fetch_request(BIRTH_RECORD, &birth_query(9)));
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{TRACE_ID}-00f067aa0ba902b7-01").parse().unwrap(),
-    );
-    broker.fetch(request).await.unwrap();
-    let missing = json!({ "national_id": format!("{}{}", &subject.national_id[..6], DEMO_CITIZENS) });
-    fetch(&mut broker, BIRTH_RECORD, &missing.to_string())
-        .await
-        .unwrap_err();
-    drop(broker);
-    server.shutdown().await;
-
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    let fetch_lines: Vec<&str> = logs.lines().filter(|l| l.contains("outcome=")).collect();
-    assert_eq!(fetch_lines.len(), 2, "{logs}");
-    assert!(fetch_lines[0].contains(&format!("trace_id={TRACE_ID}")), "{logs}");
-    assert!(fetch_lines[0].contains("outcome=\"ok\""), "{logs}");
-    assert!(fetch_lines[0].contains("latency_ms="), "{logs}");
-    assert!(fetch_lines[0].contains(BIRTH_RECORD), "{logs}");
-    assert!(fetch_lines[1].contains("outcome=\"not_found\""), "{logs}");
-    assert!(!fetch_lines[1].contains("trace_id="), "{logs}");
-    // Neither the national ID, nor a name from the record, is logged.
-    assert!(!logs.contains(&subject.national_id), "{logs}");
-    assert!(!logs.contains(&subject.national_id[6..]), "{logs}");
-    assert!(!logs.contains(&subject.full_name), "{logs}");
 }
 
 #[tokio::test]
 async fn faulty_provider_switches_modes_at_runtime() {
     let fed = Federation::new();
     let faulty = Faulty::new(civil());
-    let server = start_faulty_server(faulty.clone(), fed.provider_tls())
-        .await
-        .unwrap();
+    let server = start_faulty_server(faulty.clone(), fed.provider_tls()).await.unwrap();
     let mut broker = fed.broker(&server.url()).await;
     let query = birth_query(5);
 
@@ -347,4 +271,55 @@ async fn dropping_server_reads_the_request_then_hangs_up() {
         "{status:?}"
     );
     assert_eq!(server.requests(), 1, "the whole request was read first");
+}
+
+#[tokio::test]
+async fn demo_register_serves_until_shut_down() {
+    let fed = Federation::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let register = tokio::spawn(run_demo_register(
+        DemoRegisterKind::JudicialRecords,
+        SEED,
+        fed.provider_tls(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut broker = fed.broker(&url).await;
+    let answer = fetch(&mut broker, CRIMINAL_RECORD_EXTRACT, &birth_query(77))
+        .await
+        .unwrap();
+    let extract: Value = serde_json::from_str(&answer.record_json).unwrap();
+    assert_eq!(extract, JudicialRegister::new(SEED).criminal_record_extract(77));
+    let status = fetch(&mut broker, BIRTH_RECORD, &birth_query(77)).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "civil status is another register");
+
+    drop(broker);
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), register)
+        .await
+        .expect("register stops promptly")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn serving_for_another_trust_domain_is_refused() {
+    let fed = Federation::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let result = serve(
+        civil(),
+        fed.provider_tls(),
+        ProviderConfig::new("other.test"),
+        listener,
+        std::future::pending(),
+    )
+    .await;
+    assert!(
+        matches!(result, Err(ProviderError::TrustDomainMismatch { .. })),
+        "{result:?}"
+    );
 }

@@ -28,11 +28,23 @@ impl Log {
         // On the target disk, not a tmpfs, so fsync costs what it costs in production.
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let url = format!("sqlite://{}/bench.db", dir.path().display());
-        let options = StoreOptions { url, max_connections: 4, acquire_timeout: Duration::from_secs(5) };
+        let options = StoreOptions {
+            url,
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+        };
         let store = rt.block_on(open(&options)).unwrap();
-        let log = LogInfo { log_id: "bench".into(), public_key: vec![1; 32], created_at: OffsetDateTime::now_utc() };
+        let log = LogInfo {
+            log_id: "bench".into(),
+            public_key: vec![1; 32],
+            created_at: OffsetDateTime::now_utc(),
+        };
         rt.block_on(store.ensure_log(&log)).unwrap();
-        Log { store, next: 0, _dir: dir }
+        Log {
+            store,
+            next: 0,
+            _dir: dir,
+        }
     }
 
     fn next_entries(&mut self, n: u64) -> Vec<StoredEntry> {
@@ -87,7 +99,10 @@ fn per_second(n: u64, d: Duration) -> f64 {
 
 fn bench_append(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let mut group = c.benchmark_group("sqlite_append");
-    group.sample_size(10).measurement_time(Duration::from_secs(10)).warm_up_time(Duration::from_secs(1));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(1));
 
     let mut log = Log::open(rt);
     group.throughput(Throughput::Elements(ENTRIES));

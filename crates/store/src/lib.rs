@@ -242,7 +242,12 @@ pub trait Store: Send + Sync + 'static {
     async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>>;
     /// Entries of one subject across all logs, newest first, at most `limit`
     /// (0: no limit); an empty `subject_hash` matches nothing.
-    async fn subject_entries(&self, subject_hash: &str, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<StoredEntry>>;
+    async fn subject_entries(
+        &self,
+        subject_hash: &str,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>>;
     /// Stores a signed tree head. A head for a size already stored replaces it
     /// only if it has the same root and is newer; a different root for the same
     /// size is refused with `AlreadyExists` (it would be a fork).
@@ -289,7 +294,9 @@ enum Target<'a> {
 fn parse_url(url: &str) -> Result<Target<'_>> {
     if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
         if path.is_empty() {
-            return Err(StoreError::Config("the sqlite URL names no file: use sqlite://PATH".into()));
+            return Err(StoreError::Config(
+                "the sqlite URL names no file: use sqlite://PATH".into(),
+            ));
         }
         return Ok(Target::Sqlite(path));
     }
@@ -299,14 +306,22 @@ fn parse_url(url: &str) -> Result<Target<'_>> {
     if let Some((scheme, _)) = url.split_once("://") {
         // A scheme cannot hold ':' or '@', so printing it never leaks a password.
         let valid = !scheme.is_empty()
-            && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
-        let shown = if valid { format!("{scheme:?}") } else { "(unreadable)".into() };
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+        let shown = if valid {
+            format!("{scheme:?}")
+        } else {
+            "(unreadable)".into()
+        };
         return Err(StoreError::Config(format!(
             "unsupported database URL scheme {shown}: use sqlite://PATH or postgres://USER@HOST/DB"
         )));
     }
     if url.is_empty() {
-        return Err(StoreError::Config("the database URL is empty: use sqlite://PATH or postgres://USER@HOST/DB".into()));
+        return Err(StoreError::Config(
+            "the database URL is empty: use sqlite://PATH or postgres://USER@HOST/DB".into(),
+        ));
     }
     Ok(Target::Sqlite(url))
 }
@@ -323,7 +338,9 @@ fn url_password(url: &str) -> Option<&str> {
 /// Belt and braces: drivers do not echo the URL, but an error must never carry
 /// the password whatever a future driver version prints.
 fn redact(error: StoreError, url: &str) -> StoreError {
-    let Some(password) = url_password(url) else { return error };
+    let Some(password) = url_password(url) else {
+        return error;
+    };
     let clean = |s: String| s.replace(password, "***");
     match error {
         StoreError::AlreadyExists { what } => StoreError::AlreadyExists { what: clean(what) },
@@ -342,7 +359,12 @@ mod tests {
 
     #[test]
     fn sqlite_urls_and_bare_paths_name_a_file() {
-        for (url, path) in [("sqlite://data/x.db", "data/x.db"), ("sqlite:///abs/x.db", "/abs/x.db"), ("sqlite:x.db", "x.db"), ("x.db", "x.db")] {
+        for (url, path) in [
+            ("sqlite://data/x.db", "data/x.db"),
+            ("sqlite:///abs/x.db", "/abs/x.db"),
+            ("sqlite:x.db", "x.db"),
+            ("x.db", "x.db"),
+        ] {
             match parse_url(url).unwrap() {
                 Target::Sqlite(p) => assert_eq!(p, path),
                 Target::Postgres => panic!("{url} is not postgres"),
@@ -355,7 +377,9 @@ mod tests {
 
     #[test]
     fn unknown_scheme_is_named_without_the_password() {
-        let Err(StoreError::Config(m)) = parse_url("mysql://root:hunter2@db/x") else { panic!("accepted mysql") };
+        let Err(StoreError::Config(m)) = parse_url("mysql://root:hunter2@db/x") else {
+            panic!("accepted mysql")
+        };
         assert!(m.contains("\"mysql\""), "{m}");
         assert!(!m.contains("hunter2"), "{m}");
     }

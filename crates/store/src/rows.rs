@@ -3,7 +3,9 @@
 
 use crate::{LogInfo, Result, StoreError, StoredEntry, StoredTreeHead};
 use lienthong_core::audit::{EntryKind, Outcome};
-use lienthong_core::{Compatibility, Endpoint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition, RecordTypeVersion, Role};
+use lienthong_core::{
+    Compatibility, Endpoint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition, RecordTypeVersion, Role,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
@@ -46,7 +48,8 @@ fn from_json<T: DeserializeOwned>(s: &str, column: &str) -> Result<T> {
 }
 
 fn hash32(v: Vec<u8>, column: &str) -> Result<[u8; 32]> {
-    <[u8; 32]>::try_from(v.as_slice()).map_err(|_| StoreError::Corrupt(format!("{column} holds {} bytes, expected 32", v.len())))
+    <[u8; 32]>::try_from(v.as_slice())
+        .map_err(|_| StoreError::Corrupt(format!("{column} holds {} bytes, expected 32", v.len())))
 }
 
 /// Roles as stored: comma-separated [`Role::as_str`] names.
@@ -79,7 +82,9 @@ impl MemberRow {
             .roles
             .split(',')
             .filter(|r| !r.is_empty())
-            .map(|r| Role::parse(r).ok_or_else(|| StoreError::Corrupt(format!("members.roles holds unknown role {r:?}"))))
+            .map(|r| {
+                Role::parse(r).ok_or_else(|| StoreError::Corrupt(format!("members.roles holds unknown role {r:?}")))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Member {
             id: member_id(self.id, "members.id")?,
@@ -137,9 +142,15 @@ impl GrantRow {
             fields: from_json::<GrantFields>(&self.fields, "grants.fields")?,
             purposes: from_json(&self.purposes, "grants.purposes")?,
             valid_from: from_us(self.valid_from_us, "grants.valid_from_us")?,
-            valid_until: self.valid_until_us.map(|t| from_us(t, "grants.valid_until_us")).transpose()?,
+            valid_until: self
+                .valid_until_us
+                .map(|t| from_us(t, "grants.valid_until_us"))
+                .transpose()?,
             rate_limit_per_minute: to_u32(self.rate_limit_per_minute, "grants.rate_limit_per_minute")?,
-            revoked_at: self.revoked_at_us.map(|t| from_us(t, "grants.revoked_at_us")).transpose()?,
+            revoked_at: self
+                .revoked_at_us
+                .map(|t| from_us(t, "grants.revoked_at_us"))
+                .transpose()?,
             revoked_reason: self.revoked_reason,
             created_by: member_id(self.created_by, "grants.created_by")?,
             created_at: from_us(self.created_at_us, "grants.created_at_us")?,
@@ -228,7 +239,8 @@ impl EntryRow {
             sequence: to_u64(self.sequence, "audit_entries.sequence")?,
             leaf_hash: hash32(self.leaf_hash, "audit_entries.leaf_hash")?,
             time: from_us(self.time_us, "audit_entries.time_us")?,
-            kind: EntryKind::parse(&self.kind).ok_or_else(|| StoreError::Corrupt("audit_entries.kind holds an unknown kind".into()))?,
+            kind: EntryKind::parse(&self.kind)
+                .ok_or_else(|| StoreError::Corrupt("audit_entries.kind holds an unknown kind".into()))?,
             outcome: Outcome::parse(&self.outcome)
                 .ok_or_else(|| StoreError::Corrupt("audit_entries.outcome holds an unknown outcome".into()))?,
             log_id: self.log_id,
@@ -272,7 +284,10 @@ mod tests {
     fn times_round_down_to_the_microsecond_on_both_sides_of_the_epoch() {
         let t = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
         assert_eq!(to_us(t), 1_700_000_000_123_456);
-        assert_eq!(from_us(to_us(t), "c").unwrap().unix_timestamp_nanos(), 1_700_000_000_123_456_000);
+        assert_eq!(
+            from_us(to_us(t), "c").unwrap().unix_timestamp_nanos(),
+            1_700_000_000_123_456_000
+        );
         let before = OffsetDateTime::from_unix_timestamp_nanos(-1_500).unwrap();
         assert_eq!(to_us(before), -2);
         let far = time::macros::datetime!(9999-12-31 23:59:59.999999 UTC);

@@ -3,8 +3,8 @@
 //! written once and [`on_pool!`] instantiates it for each driver.
 
 use crate::rows::{
-    EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, TreeHeadRow, compatibility_text, roles_text, to_i64, to_json,
-    to_u64, to_us,
+    EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, TreeHeadRow, compatibility_text, roles_text,
+    to_i64, to_json, to_u64, to_us,
 };
 use crate::{
     Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead,
@@ -14,7 +14,9 @@ use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
 use sqlx::error::{DatabaseError, ErrorKind};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgPoolOptions, Postgres};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteError, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Sqlite, Transaction};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -97,13 +99,19 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
     let (connect, pool) = if path == ":memory:" {
         // Every connection would get its own empty database: keep exactly one forever.
         let connect = SqliteConnectOptions::from_str("sqlite::memory:").map_err(db_err)?;
-        (connect, SqlitePoolOptions::new().max_connections(1).idle_timeout(None).max_lifetime(None))
+        (
+            connect,
+            SqlitePoolOptions::new()
+                .max_connections(1)
+                .idle_timeout(None)
+                .max_lifetime(None),
+        )
     } else {
         let file = std::path::Path::new(path);
         if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir)
-                .await
-                .map_err(|e| StoreError::Config(format!("cannot create the database directory {}: {e}", dir.display())))?;
+            tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                StoreError::Config(format!("cannot create the database directory {}: {e}", dir.display()))
+            })?;
         }
         let connect = SqliteConnectOptions::new()
             .filename(file)
@@ -111,17 +119,30 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: an appended audit entry survives power loss once committed.
             .synchronous(SqliteSynchronous::Full);
-        (connect, SqlitePoolOptions::new().max_connections(options.max_connections.max(1)))
+        (
+            connect,
+            SqlitePoolOptions::new().max_connections(options.max_connections.max(1)),
+        )
     };
     let connect = connect.foreign_keys(true).busy_timeout(options.acquire_timeout);
-    let pool = pool.acquire_timeout(options.acquire_timeout).connect_with(connect).await.map_err(db_err)?;
+    let pool = pool
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(db_err)?;
     SQLITE_MIGRATOR.run(&pool).await.map_err(migrate_err)?;
     let (changes, _) = broadcast::channel(64);
-    Ok(Arc::new(SqlStore { pool: Pool::Sqlite(pool), changes, listener: None }))
+    Ok(Arc::new(SqlStore {
+        pool: Pool::Sqlite(pool),
+        changes,
+        listener: None,
+    }))
 }
 
 pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
-    let connect = PgConnectOptions::from_str(url).map_err(db_err)?.application_name("lienthong");
+    let connect = PgConnectOptions::from_str(url)
+        .map_err(db_err)?
+        .application_name("lienthong");
     let pool = PgPoolOptions::new()
         .max_connections(options.max_connections.max(1))
         .acquire_timeout(options.acquire_timeout)
@@ -141,7 +162,11 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         .connect_lazy_with(connect);
     let (changes, _) = broadcast::channel(64);
     let listener = tokio::spawn(relay_changes(listener_pool, changes.clone()));
-    Ok(Arc::new(SqlStore { pool: Pool::Postgres(pool), changes, listener: Some(listener) }))
+    Ok(Arc::new(SqlStore {
+        pool: Pool::Postgres(pool),
+        changes,
+        listener: Some(listener),
+    }))
 }
 
 /// Re-sends every `lienthong_changes` notification on `changes`, forever,
@@ -209,12 +234,22 @@ fn plan_append(entries: &[StoredEntry]) -> Result<Vec<Run<'_>>> {
         match runs.iter_mut().find(|r| r.log_id == e.log_id) {
             Some(run) if e.sequence == run.next => run.next = after,
             Some(run) if e.sequence < run.next => {
-                return Err(StoreError::AlreadyExists { what: format!("entry {} of log {}", e.sequence, e.log_id) });
+                return Err(StoreError::AlreadyExists {
+                    what: format!("entry {} of log {}", e.sequence, e.log_id),
+                });
             }
             Some(run) => {
-                return Err(StoreError::SequenceGap { log_id: e.log_id.clone(), expected: run.next, found: e.sequence });
+                return Err(StoreError::SequenceGap {
+                    log_id: e.log_id.clone(),
+                    expected: run.next,
+                    found: e.sequence,
+                });
             }
-            None => runs.push(Run { log_id: &e.log_id, first: e.sequence, next: after }),
+            None => runs.push(Run {
+                log_id: &e.log_id,
+                first: e.sequence,
+                next: after,
+            }),
         }
     }
     Ok(runs)
@@ -222,12 +257,22 @@ fn plan_append(entries: &[StoredEntry]) -> Result<Vec<Run<'_>>> {
 
 /// Why `UPDATE audit_logs ... WHERE size = first` matched nothing.
 fn append_refused(run: &Run<'_>, size: Option<i64>) -> Result<StoreError> {
-    let Some(size) = size else { return Ok(StoreError::NotFound { what: format!("log {}", run.log_id) }) };
+    let Some(size) = size else {
+        return Ok(StoreError::NotFound {
+            what: format!("log {}", run.log_id),
+        });
+    };
     let size = to_u64(size, "audit_logs.size")?;
     Ok(if run.first < size {
-        StoreError::AlreadyExists { what: format!("entry {} of log {}", run.first, run.log_id) }
+        StoreError::AlreadyExists {
+            what: format!("entry {} of log {}", run.first, run.log_id),
+        }
     } else {
-        StoreError::SequenceGap { log_id: run.log_id.to_owned(), expected: size, found: run.first }
+        StoreError::SequenceGap {
+            log_id: run.log_id.to_owned(),
+            expected: size,
+            found: run.first,
+        }
     })
 }
 
@@ -261,14 +306,17 @@ impl Store for SqlStore {
             .execute(p).await.map(|r| r.rows_affected()))
         .map_err(db_err)?;
         if changed == 0 {
-            return Err(StoreError::NotFound { what: format!("member {:?}", m.id.as_str()) });
+            return Err(StoreError::NotFound {
+                what: format!("member {:?}", m.id.as_str()),
+            });
         }
         Ok(())
     }
 
     async fn get_member(&self, id: &str) -> Result<Option<Member>> {
         let sql = format!("SELECT {MEMBER_COLUMNS} FROM members WHERE id = $1");
-        let row = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).bind(id).fetch_optional(p).await).map_err(db_err)?;
+        let row = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).bind(id).fetch_optional(p).await)
+            .map_err(db_err)?;
         row.map(MemberRow::into_member).transpose()
     }
 
@@ -287,8 +335,12 @@ impl Store for SqlStore {
 
     async fn delete_endpoint(&self, id: &str) -> Result<Endpoint> {
         let sql = format!("DELETE FROM endpoints WHERE id = $1 RETURNING {ENDPOINT_COLUMNS}");
-        let row = on_pool!(self, p => sqlx::query_as::<_, EndpointRow>(&sql).bind(id).fetch_optional(p).await).map_err(db_err)?;
-        row.ok_or_else(|| StoreError::NotFound { what: format!("endpoint {id:?}") })?.into_endpoint()
+        let row = on_pool!(self, p => sqlx::query_as::<_, EndpointRow>(&sql).bind(id).fetch_optional(p).await)
+            .map_err(db_err)?;
+        row.ok_or_else(|| StoreError::NotFound {
+            what: format!("endpoint {id:?}"),
+        })?
+        .into_endpoint()
     }
 
     async fn list_endpoints(&self) -> Result<Vec<Endpoint>> {
@@ -300,9 +352,8 @@ impl Store for SqlStore {
     async fn insert_grant(&self, g: &Grant) -> Result<()> {
         let fields = to_json(&g.fields, "grant fields")?;
         let purposes = to_json(&g.purposes, "grant purposes")?;
-        let sql = format!(
-            "INSERT INTO grants ({GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-        );
+        let sql =
+            format!("INSERT INTO grants ({GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
         on_pool!(self, p => sqlx::query(&sql)
             .bind(&g.id).bind(g.consumer.as_str()).bind(&g.record_type).bind(&fields).bind(&purposes)
             .bind(to_us(g.valid_from)).bind(g.valid_until.map(to_us)).bind(i64::from(g.rate_limit_per_minute))
@@ -318,12 +369,15 @@ impl Store for SqlStore {
             .bind(id).bind(to_us(at)).bind(reason)
             .execute(p).await.map(|_| ()))
         .map_err(db_err)?;
-        self.get_grant(id).await?.ok_or_else(|| StoreError::NotFound { what: format!("grant {id:?}") })
+        self.get_grant(id).await?.ok_or_else(|| StoreError::NotFound {
+            what: format!("grant {id:?}"),
+        })
     }
 
     async fn get_grant(&self, id: &str) -> Result<Option<Grant>> {
         let sql = format!("SELECT {GRANT_COLUMNS} FROM grants WHERE id = $1");
-        let row = on_pool!(self, p => sqlx::query_as::<_, GrantRow>(&sql).bind(id).fetch_optional(p).await).map_err(db_err)?;
+        let row = on_pool!(self, p => sqlx::query_as::<_, GrantRow>(&sql).bind(id).fetch_optional(p).await)
+            .map_err(db_err)?;
         row.map(GrantRow::into_grant).transpose()
     }
 
@@ -371,7 +425,10 @@ impl Store for SqlStore {
             .bind(name).bind(i64::from(version)).bind(true).bind(note)
             .fetch_optional(p).await)
         .map_err(db_err)?;
-        row.ok_or_else(|| StoreError::NotFound { what: format!("record type {name:?} version {version}") })?.into_version()
+        row.ok_or_else(|| StoreError::NotFound {
+            what: format!("record type {name:?} version {version}"),
+        })?
+        .into_version()
     }
 
     async fn list_record_type_versions(&self) -> Result<Vec<RecordTypeVersion>> {
@@ -429,8 +486,12 @@ impl Store for SqlStore {
             .execute(p).await.map(|_| ()))
         .map_err(db_err)?;
         let sql = "SELECT log_id, public_key, created_at_us FROM audit_logs WHERE log_id = $1";
-        let row = on_pool!(self, p => sqlx::query_as::<_, LogRow>(sql).bind(&log.log_id).fetch_optional(p).await).map_err(db_err)?;
-        row.ok_or_else(|| StoreError::NotFound { what: format!("log {}", log.log_id) })?.into_log()
+        let row = on_pool!(self, p => sqlx::query_as::<_, LogRow>(sql).bind(&log.log_id).fetch_optional(p).await)
+            .map_err(db_err)?;
+        row.ok_or_else(|| StoreError::NotFound {
+            what: format!("log {}", log.log_id),
+        })?
+        .into_log()
     }
 
     async fn list_logs(&self) -> Result<Vec<LogInfo>> {
@@ -443,7 +504,10 @@ impl Store for SqlStore {
         let runs = plan_append(entries)?;
         let mut bounds = Vec::with_capacity(runs.len());
         for run in &runs {
-            bounds.push((to_i64(run.first, "sequence")?, to_i64(run.next - run.first, "batch size")?));
+            bounds.push((
+                to_i64(run.first, "sequence")?,
+                to_i64(run.next - run.first, "batch size")?,
+            ));
         }
         let rows = entries
             .iter()
@@ -486,8 +550,14 @@ impl Store for SqlStore {
 
     async fn log_size(&self, log_id: &str) -> Result<u64> {
         let sql = "SELECT size FROM audit_logs WHERE log_id = $1";
-        let size = on_pool!(self, p => sqlx::query_scalar::<_, i64>(sql).bind(log_id).fetch_optional(p).await).map_err(db_err)?;
-        to_u64(size.ok_or_else(|| StoreError::NotFound { what: format!("log {log_id}") })?, "audit_logs.size")
+        let size = on_pool!(self, p => sqlx::query_scalar::<_, i64>(sql).bind(log_id).fetch_optional(p).await)
+            .map_err(db_err)?;
+        to_u64(
+            size.ok_or_else(|| StoreError::NotFound {
+                what: format!("log {log_id}"),
+            })?,
+            "audit_logs.size",
+        )
     }
 
     async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>> {
@@ -499,13 +569,16 @@ impl Store for SqlStore {
         let hashes = on_pool!(self, p => sqlx::query_scalar::<_, Vec<u8>>(sql).bind(log_id).bind(lo).bind(hi).fetch_all(p).await)
             .map_err(db_err)?;
         if hashes.len() as u64 != to - from {
-            return Err(StoreError::NotFound { what: format!("entries {from}..{to} of log {log_id}") });
+            return Err(StoreError::NotFound {
+                what: format!("entries {from}..{to} of log {log_id}"),
+            });
         }
         hashes
             .into_iter()
             .map(|h| {
-                <[u8; 32]>::try_from(h.as_slice())
-                    .map_err(|_| StoreError::Corrupt(format!("audit_entries.leaf_hash holds {} bytes, expected 32", h.len())))
+                <[u8; 32]>::try_from(h.as_slice()).map_err(|_| {
+                    StoreError::Corrupt(format!("audit_entries.leaf_hash holds {} bytes, expected 32", h.len()))
+                })
             })
             .collect()
     }
@@ -545,7 +618,12 @@ impl Store for SqlStore {
         rows.into_iter().map(EntryRow::into_entry).collect()
     }
 
-    async fn subject_entries(&self, subject_hash: &str, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<StoredEntry>> {
+    async fn subject_entries(
+        &self,
+        subject_hash: &str,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<StoredEntry>> {
         if subject_hash.is_empty() {
             return Ok(Vec::new());
         }
@@ -573,7 +651,9 @@ impl Store for SqlStore {
             .bind(&h.log_id).bind(size).bind(&h.root_hash[..]).bind(timestamp).bind(&h.signature)
             .execute(p).await.map(|r| r.rows_affected()))
         .map_err(|e| match db_err(e) {
-            StoreError::NotFound { .. } => StoreError::NotFound { what: format!("log {}", h.log_id) },
+            StoreError::NotFound { .. } => StoreError::NotFound {
+                what: format!("log {}", h.log_id),
+            },
             other => other,
         })?;
         if changed > 0 {
@@ -586,14 +666,19 @@ impl Store for SqlStore {
             // Same root, not newer than the stored head: nothing to do.
             Some(root) if root == h.root_hash => Ok(()),
             _ => Err(StoreError::AlreadyExists {
-                what: format!("a tree head of size {} with a different root for log {}", h.tree_size, h.log_id),
+                what: format!(
+                    "a tree head of size {} with a different root for log {}",
+                    h.tree_size, h.log_id
+                ),
             }),
         }
     }
 
     async fn latest_tree_head(&self, log_id: &str) -> Result<Option<StoredTreeHead>> {
-        let sql = format!("SELECT {TREE_HEAD_COLUMNS} FROM tree_heads WHERE log_id = $1 ORDER BY tree_size DESC LIMIT 1");
-        let row = on_pool!(self, p => sqlx::query_as::<_, TreeHeadRow>(&sql).bind(log_id).fetch_optional(p).await).map_err(db_err)?;
+        let sql =
+            format!("SELECT {TREE_HEAD_COLUMNS} FROM tree_heads WHERE log_id = $1 ORDER BY tree_size DESC LIMIT 1");
+        let row = on_pool!(self, p => sqlx::query_as::<_, TreeHeadRow>(&sql).bind(log_id).fetch_optional(p).await)
+            .map_err(db_err)?;
         row.map(TreeHeadRow::into_head).transpose()
     }
 
@@ -626,17 +711,27 @@ pub(crate) fn db_err(e: sqlx::Error) -> StoreError {
         E::Encode(e) => StoreError::Config(format!("cannot encode a value for the database: {e}")),
         E::RowNotFound => StoreError::NotFound { what: "row".into() },
         E::Migrate(m) => migrate_err(*m),
-        e @ (E::TypeNotFound { .. } | E::ColumnIndexOutOfBounds { .. } | E::ColumnNotFound(_) | E::ColumnDecode { .. } | E::Decode(_)) => {
-            StoreError::Corrupt(e.to_string())
-        }
+        e @ (E::TypeNotFound { .. }
+        | E::ColumnIndexOutOfBounds { .. }
+        | E::ColumnNotFound(_)
+        | E::ColumnDecode { .. }
+        | E::Decode(_)) => StoreError::Corrupt(e.to_string()),
         other => StoreError::Unavailable(format!("database error: {other}")),
     }
 }
 
 fn database_error(d: &dyn DatabaseError) -> StoreError {
     match d.kind() {
-        ErrorKind::UniqueViolation => return StoreError::AlreadyExists { what: "a row with this key".into() },
-        ErrorKind::ForeignKeyViolation => return StoreError::NotFound { what: "the referenced row".into() },
+        ErrorKind::UniqueViolation => {
+            return StoreError::AlreadyExists {
+                what: "a row with this key".into(),
+            };
+        }
+        ErrorKind::ForeignKeyViolation => {
+            return StoreError::NotFound {
+                what: "the referenced row".into(),
+            };
+        }
         _ => {}
     }
     let message = d.message();
@@ -649,7 +744,10 @@ fn database_error(d: &dyn DatabaseError) -> StoreError {
             _ => StoreError::Corrupt(format!("sqlite: {message}")),
         };
     }
-    let state = d.try_downcast_ref::<PgDatabaseError>().map(|e| e.code().to_owned()).unwrap_or_default();
+    let state = d
+        .try_downcast_ref::<PgDatabaseError>()
+        .map(|e| e.code().to_owned())
+        .unwrap_or_default();
     match state.get(..2).unwrap_or_default() {
         // connection exception, insufficient resources (disk full, too many
         // connections), operator intervention (shutdown), system error (i/o),
@@ -697,11 +795,21 @@ mod tests {
     fn a_batch_must_be_consecutive_per_log() {
         let batch = [entry("a", 3), entry("b", 0), entry("a", 4)];
         let runs = plan_append(&batch).unwrap();
-        assert_eq!(runs.iter().map(|r| (r.log_id, r.first, r.next)).collect::<Vec<_>>(), [("a", 3, 5), ("b", 0, 1)]);
-        assert!(matches!(plan_append(&[entry("a", 3), entry("a", 3)]), Err(StoreError::AlreadyExists { .. })));
+        assert_eq!(
+            runs.iter().map(|r| (r.log_id, r.first, r.next)).collect::<Vec<_>>(),
+            [("a", 3, 5), ("b", 0, 1)]
+        );
+        assert!(matches!(
+            plan_append(&[entry("a", 3), entry("a", 3)]),
+            Err(StoreError::AlreadyExists { .. })
+        ));
         assert!(matches!(
             plan_append(&[entry("a", 3), entry("a", 5)]),
-            Err(StoreError::SequenceGap { expected: 4, found: 5, .. })
+            Err(StoreError::SequenceGap {
+                expected: 4,
+                found: 5,
+                ..
+            })
         ));
     }
 
@@ -710,6 +818,9 @@ mod tests {
         assert!(matches!(db_err(sqlx::Error::PoolTimedOut), StoreError::Unavailable(_)));
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert!(matches!(db_err(sqlx::Error::Io(io)), StoreError::Unavailable(_)));
-        assert!(matches!(db_err(sqlx::Error::ColumnNotFound("x".into())), StoreError::Corrupt(_)));
+        assert!(matches!(
+            db_err(sqlx::Error::ColumnNotFound("x".into())),
+            StoreError::Corrupt(_)
+        ));
     }
 }

@@ -38,9 +38,17 @@ impl PgCluster {
         let dir = tempfile::Builder::new().prefix("lienthong-pg-").tempdir()?;
         if as_postgres_user {
             let chown = Command::new("chown").arg("postgres:").arg(dir.path()).output()?;
-            check(&chown, "chown the cluster directory to the postgres user (running as root needs the `postgres` system user, which the postgresql package creates)")?;
+            check(
+                &chown,
+                "chown the cluster directory to the postgres user (running as root needs the `postgres` system user, which the postgresql package creates)",
+            )?;
         }
-        let mut cluster = PgCluster { dir, bin, port: 0, as_postgres_user };
+        let mut cluster = PgCluster {
+            dir,
+            bin,
+            port: 0,
+            as_postgres_user,
+        };
         let data = cluster.data_dir();
         let initdb = cluster
             .pg_command("initdb")
@@ -69,7 +77,10 @@ impl PgCluster {
     /// One cluster per test binary, started on first use.
     pub fn shared() -> io::Result<&'static PgCluster> {
         static SHARED: OnceLock<Result<PgCluster, String>> = OnceLock::new();
-        SHARED.get_or_init(|| PgCluster::start().map_err(|e| e.to_string())).as_ref().map_err(|e| io::Error::other(e.clone()))
+        SHARED
+            .get_or_init(|| PgCluster::start().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| io::Error::other(e.clone()))
     }
 
     /// URL of the `postgres` database as user `lienthong`.
@@ -88,15 +99,25 @@ impl PgCluster {
         use sqlx::Connection;
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!("test_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        let mut conn = sqlx::PgConnection::connect(&self.url()).await.map_err(io::Error::other)?;
-        sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await.map_err(io::Error::other)?;
+        let mut conn = sqlx::PgConnection::connect(&self.url())
+            .await
+            .map_err(io::Error::other)?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .map_err(io::Error::other)?;
         conn.close().await.map_err(io::Error::other)?;
         Ok(self.database_url(&name))
     }
 
     /// Stops the server (`pg_ctl stop -m fast`), keeping its data, to simulate an outage.
     pub fn stop(&self) -> io::Result<()> {
-        let out = self.pg_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-m", "fast", "-w", "stop"]).output()?;
+        let out = self
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "fast", "-w", "stop"])
+            .output()?;
         check(&out, "pg_ctl stop")
     }
 
@@ -126,7 +147,10 @@ impl PgCluster {
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\n",
             self.port
         );
-        std::fs::OpenOptions::new().append(true).open(self.data_dir().join("postgresql.conf"))?.write_all(settings.as_bytes())
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data_dir().join("postgresql.conf"))?
+            .write_all(settings.as_bytes())
     }
 
     fn pg_ctl_start(&self) -> io::Result<()> {
@@ -185,7 +209,12 @@ fi"#;
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let _ = self.pg_command("pg_ctl").arg("-D").arg(self.data_dir()).args(["-m", "immediate", "-w", "stop"]).output();
+        let _ = self
+            .pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
         // `TempDir` removes the directory after this.
     }
 }
@@ -211,10 +240,10 @@ fn has_server_binaries(dir: &Path) -> bool {
 }
 
 fn find_bin_dir() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|d| has_server_binaries(d)) {
-            return Some(dir);
-        }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|d| has_server_binaries(d))
+    {
+        return Some(dir);
     }
     std::fs::read_dir("/usr/lib/postgresql")
         .ok()?

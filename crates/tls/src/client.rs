@@ -152,6 +152,8 @@ pub async fn connect_channel(
 }
 
 /// Like [`connect_channel`] but connects on first use (and reconnects as needed).
+///
+/// Must be called within a Tokio runtime: tonic spawns the channel's worker task.
 pub fn lazy_channel(url: &str, config: Arc<ClientConfig>, connect_timeout: Duration) -> Result<Channel, TlsError> {
     let (endpoint, connector) = endpoint(url, config, connect_timeout)?;
     Ok(endpoint.connect_with_connector_lazy(connector))

@@ -320,7 +320,10 @@ pub fn event(i: u64) -> AuditEvent {
     e.purpose = "income-tax-assessment".into();
     e.subject_hash = format!("{i:064x}");
     e.fields_released = vec!["/name".into(), "/birth_date".into()];
-    e.outcome = if i % 7 == 0 { Outcome::Denied } else { Outcome::Allowed };
+    e.outcome = match i % 7 {
+        0 => Outcome::Denied,
+        _ => Outcome::Allowed,
+    };
     e.latency_us = 100 + i;
     e
 }

@@ -8,8 +8,8 @@ use time::{Date, Duration};
 use super::names::{pick_family_name, pick_name};
 use super::places::{pick_any_locality, pick_locality};
 use super::{
-    BIRTH_RECORD, Citizen, DEATH_RECORD, Gender, Locality, MARRIAGE_RECORD, REFERENCE_DATE, Stream,
-    citizen, couple, date_between, death_date, iso_date, place_json, rng_for, subject,
+    BIRTH_RECORD, Citizen, DEATH_RECORD, Gender, Locality, MARRIAGE_RECORD, REFERENCE_DATE, Stream, citizen, couple,
+    date_between, death_date, iso_date, place_json, rng_for, subject,
 };
 use crate::kit::{FetchContext, FetchError, RecordSource};
 
@@ -197,13 +197,7 @@ impl CivilStatusRegister {
 
 /// Who declared the death: the surviving spouse if any, else a child, a parent
 /// or a sibling depending on the age of the deceased.
-fn declarant(
-    seed: u64,
-    rng: &mut SmallRng,
-    c: &Citizen,
-    died: Date,
-    age: i32,
-) -> (String, &'static str) {
+fn declarant(seed: u64, rng: &mut SmallRng, c: &Citizen, died: Date, age: i32) -> (String, &'static str) {
     if let Some(marriage) = couple(seed, c.index) {
         let spouse = citizen(seed, marriage.spouse_of(c.index));
         if death_date(seed, &spouse).is_none_or(|d| d > died) {
@@ -250,15 +244,13 @@ impl RecordSource for CivilStatusRegister {
         let c = subject(self.seed, &ctx.query)?;
         match ctx.record_type.as_str() {
             BIRTH_RECORD => Ok(self.birth_record(c.index)),
-            MARRIAGE_RECORD => self.marriage_record(c.index).ok_or_else(|| {
-                FetchError::NotFound("no marriage is registered for this citizen".to_owned())
-            }),
-            DEATH_RECORD => self.death_record(c.index).ok_or_else(|| {
-                FetchError::NotFound("no death is registered for this citizen".to_owned())
-            }),
-            other => Err(FetchError::NotFound(format!(
-                "record type {other} is not served here"
-            ))),
+            MARRIAGE_RECORD => self
+                .marriage_record(c.index)
+                .ok_or_else(|| FetchError::NotFound("no marriage is registered for this citizen".to_owned())),
+            DEATH_RECORD => self
+                .death_record(c.index)
+                .ok_or_else(|| FetchError::NotFound("no death is registered for this citizen".to_owned())),
+            other => Err(FetchError::NotFound(format!("record type {other} is not served here"))),
         }
     }
 }

@@ -7,8 +7,8 @@ use time::{Date, Duration};
 
 use super::places::pick_locality;
 use super::{
-    CRIMINAL_RECORD_EXTRACT, Gender, REFERENCE_DATE, Stream, add_months, add_years, citizen,
-    date_between, death_date, iso_date, rng_for, subject,
+    CRIMINAL_RECORD_EXTRACT, Gender, REFERENCE_DATE, Stream, add_months, add_years, citizen, date_between, death_date,
+    iso_date, rng_for, subject,
 };
 use crate::kit::{FetchContext, FetchError, RecordSource};
 
@@ -205,15 +205,16 @@ fn term_text(months: u32) -> String {
 
 /// `20.000.000 đồng`.
 fn vnd_text(amount: u64) -> String {
-    let digits = amount.to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push('.');
-        }
-        out.push(ch);
+    // Thousands groups, most significant last, then joined with dots.
+    let mut groups = Vec::new();
+    let mut rest = amount;
+    while rest >= 1000 {
+        groups.push(format!("{:03}", rest % 1000));
+        rest /= 1000;
     }
-    format!("{out} đồng")
+    groups.push(rest.to_string());
+    groups.reverse();
+    format!("{} đồng", groups.join("."))
 }
 
 /// One judgment and its sentence; expungement is decided over all of a
@@ -231,10 +232,7 @@ impl Conviction {
         let mut json = self.json;
         if let Some(object) = json.as_object_mut() {
             if self.served <= REFERENCE_DATE {
-                object.insert(
-                    "sentence_completed_on".into(),
-                    json!(iso_date(self.served)),
-                );
+                object.insert("sentence_completed_on".into(), json!(iso_date(self.served)));
             }
             let expunged = expunged_on <= REFERENCE_DATE;
             object.insert("expunged".into(), json!(expunged));
@@ -256,14 +254,9 @@ fn conviction(rng: &mut SmallRng, judgment: Date, court: String) -> Conviction {
     let (served, clean_years, description) = match penalty {
         Penalty::Warning => (judgment, 1, "Cảnh cáo".to_owned()),
         Penalty::Fine => {
-            let fine = u64::from(rng.gen_range(offence.fine_millions.0..=offence.fine_millions.1))
-                * 1_000_000;
+            let fine = u64::from(rng.gen_range(offence.fine_millions.0..=offence.fine_millions.1)) * 1_000_000;
             sentence["fine_vnd"] = json!(fine);
-            (
-                add_months(judgment, 3),
-                1,
-                format!("Phạt tiền {}", vnd_text(fine)),
-            )
+            (add_months(judgment, 3), 1, format!("Phạt tiền {}", vnd_text(fine)))
         }
         Penalty::NonCustodialReform => {
             let months = months.min(36);
@@ -339,11 +332,7 @@ fn expunge(convictions: Vec<Conviction>) -> Vec<Value> {
     chains
         .into_iter()
         .flat_map(|chain| {
-            let expunged_on = chain
-                .iter()
-                .map(|c| c.eligible)
-                .max()
-                .unwrap_or(REFERENCE_DATE);
+            let expunged_on = chain.iter().map(|c| c.eligible).max().unwrap_or(REFERENCE_DATE);
             chain.into_iter().map(move |c| c.into_json(expunged_on))
         })
         .collect()
@@ -374,9 +363,7 @@ impl JudicialRegister {
         let mut convictions = Vec::new();
         if offender && first < last {
             let count = if rng.gen_bool(0.2) { 2 } else { 1 };
-            let mut judgments: Vec<Date> = (0..count)
-                .map(|_| date_between(&mut rng, first, last))
-                .collect();
+            let mut judgments: Vec<Date> = (0..count).map(|_| date_between(&mut rng, first, last)).collect();
             judgments.sort();
             judgments.dedup();
             for judgment in judgments {
@@ -385,18 +372,12 @@ impl JudicialRegister {
                 } else {
                     pick_locality(&mut rng, c.birth_place.province)
                 };
-                let court = format!(
-                    "{}, {}",
-                    locality.district_court(),
-                    locality.province.full_name()
-                );
+                let court = format!("{}, {}", locality.district_court(), locality.province.full_name());
                 convictions.push(conviction(&mut rng, judgment, court));
             }
         }
         let convictions = expunge(convictions);
-        let has_record = convictions
-            .iter()
-            .any(|c| c["expunged"] == Value::Bool(false));
+        let has_record = convictions.iter().any(|c| c["expunged"] == Value::Bool(false));
         let number = rng.gen_range(1..=99_999);
         json!({
             "national_id": c.national_id,
@@ -425,9 +406,7 @@ impl RecordSource for JudicialRegister {
         let c = subject(self.seed, &ctx.query)?;
         match ctx.record_type.as_str() {
             CRIMINAL_RECORD_EXTRACT => Ok(self.criminal_record_extract(c.index)),
-            other => Err(FetchError::NotFound(format!(
-                "record type {other} is not served here"
-            ))),
+            other => Err(FetchError::NotFound(format!("record type {other} is not served here"))),
         }
     }
 }

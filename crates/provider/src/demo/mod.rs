@@ -57,10 +57,7 @@ pub enum DemoRegisterKind {
 
 impl DemoRegisterKind {
     /// Both kinds, in a stable order.
-    pub const ALL: [DemoRegisterKind; 2] = [
-        DemoRegisterKind::CivilStatus,
-        DemoRegisterKind::JudicialRecords,
-    ];
+    pub const ALL: [DemoRegisterKind; 2] = [DemoRegisterKind::CivilStatus, DemoRegisterKind::JudicialRecords];
 
     /// The member id owning this register's record types.
     pub fn member_id(self) -> &'static str {
@@ -276,12 +273,7 @@ pub(crate) fn add_months(date: Date, months: u32) -> Date {
 
 /// `YYYY-MM-DD`, the JSON Schema `date` format.
 pub(crate) fn iso_date(date: Date) -> String {
-    format!(
-        "{:04}-{:02}-{:02}",
-        date.year(),
-        u8::from(date.month()),
-        date.day()
-    )
+    format!("{:04}-{:02}-{:02}", date.year(), u8::from(date.month()), date.day())
 }
 
 /// Parses a `YYYY-MM-DD` date.
@@ -327,11 +319,7 @@ pub(crate) struct Couple {
 impl Couple {
     /// The other spouse of `index`.
     pub fn spouse_of(&self, index: u32) -> u32 {
-        if index == self.husband {
-            self.wife
-        } else {
-            self.husband
-        }
+        if index == self.husband { self.wife } else { self.husband }
     }
 }
 
@@ -422,11 +410,7 @@ fn national_id_of(province_code: &str, gender: Gender, birth_year: i32, serial: 
             Gender::Male => 0,
             Gender::Female => 1,
         };
-    format!(
-        "{province_code}{digit}{:02}{:06}",
-        birth_year.rem_euclid(100),
-        serial
-    )
+    format!("{province_code}{digit}{:02}{:06}", birth_year.rem_euclid(100), serial)
 }
 
 /// The 12-digit national ID of citizen `index` (wrapping like [`citizen`]).
@@ -476,10 +460,7 @@ pub(crate) fn subject(seed: u64, query: &Value) -> Result<Citizen, FetchError> {
     let object = query
         .as_object()
         .ok_or_else(|| FetchError::InvalidQuery("query must be a JSON object".to_owned()))?;
-    if let Some(unknown) = object
-        .keys()
-        .find(|k| *k != "national_id" && *k != "birth_date")
-    {
+    if let Some(unknown) = object.keys().find(|k| *k != "national_id" && *k != "birth_date") {
         return Err(FetchError::InvalidQuery(format!(
             "query field {unknown:?} is not understood by this register; use national_id and birth_date"
         )));
@@ -505,9 +486,7 @@ pub(crate) fn subject(seed: u64, query: &Value) -> Result<Citizen, FetchError> {
     let birth_date = match object.get("birth_date") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(parse_iso_date(s).ok_or_else(|| {
-            FetchError::InvalidQuery(
-                "query field birth_date must be a date like 1990-01-31".to_owned(),
-            )
+            FetchError::InvalidQuery("query field birth_date must be a date like 1990-01-31".to_owned())
         })?),
         Some(_) => {
             return Err(FetchError::InvalidQuery(
@@ -515,9 +494,8 @@ pub(crate) fn subject(seed: u64, query: &Value) -> Result<Citizen, FetchError> {
             ));
         }
     };
-    let index = citizen_index(seed, national_id).ok_or_else(|| {
-        FetchError::NotFound("no citizen with this national id is registered here".to_owned())
-    })?;
+    let index = citizen_index(seed, national_id)
+        .ok_or_else(|| FetchError::NotFound("no citizen with this national id is registered here".to_owned()))?;
     let citizen = citizen(seed, index);
     if birth_date.is_some_and(|d| d != citizen.birth_date) {
         return Err(FetchError::NotFound(
@@ -534,4 +512,54 @@ pub(crate) fn place_json(locality: &Locality) -> Value {
         "district": locality.district,
         "province": locality.province.full_name(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn iso_dates_round_trip_and_reject_impossible_days() {
+        let day = date!(2004 - 02 - 29);
+        assert_eq!(iso_date(day), "2004-02-29");
+        assert_eq!(parse_iso_date("2004-02-29"), Some(day));
+        for bad in [
+            "2005-02-29",
+            "2004-2-29",
+            "29/02/2004",
+            "2004-02-29-01",
+            "",
+            "abcd-ef-gh",
+        ] {
+            assert_eq!(parse_iso_date(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn calendar_arithmetic_stays_valid() {
+        assert_eq!(add_years(date!(2004 - 02 - 29), 18), date!(2022 - 02 - 28));
+        assert_eq!(add_years(date!(2000 - 07 - 15), 18), date!(2018 - 07 - 15));
+        assert_eq!(add_months(date!(2020 - 11 - 30), 3), date!(2021 - 02 - 28));
+        assert_eq!(add_months(date!(2020 - 01 - 10), 24), date!(2022 - 01 - 10));
+    }
+
+    #[test]
+    fn every_province_has_localities_with_real_codes() {
+        let mut codes = std::collections::HashSet::new();
+        for province in places::PROVINCES {
+            assert!(!province.localities.is_empty(), "{}", province.name);
+            assert_eq!(province.code.len(), 3);
+            assert!(codes.insert(province.code), "duplicate {}", province.code);
+        }
+        assert_eq!(places::province_by_code("001").map(|p| p.name), Some("Hà Nội"));
+        assert_eq!(
+            places::province_by_code("079").map(|p| p.full_name()),
+            Some("Thành phố Hồ Chí Minh".to_owned())
+        );
+        assert_eq!(
+            places::province_by_code("046").map(|p| p.full_name()),
+            Some("Tỉnh Thừa Thiên Huế".to_owned())
+        );
+    }
 }

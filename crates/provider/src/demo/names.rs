@@ -35,8 +35,7 @@ static FAMILY_NAMES: &[(&str, u32)] = &[
 ];
 
 static MALE_MIDDLE: &[&str] = &[
-    "Văn", "Hữu", "Đức", "Minh", "Quốc", "Thanh", "Xuân", "Công", "Đình", "Quang", "Tiến", "Gia",
-    "Trung", "Anh",
+    "Văn", "Hữu", "Đức", "Minh", "Quốc", "Thanh", "Xuân", "Công", "Đình", "Quang", "Tiến", "Gia", "Trung", "Anh",
 ];
 
 static FEMALE_MIDDLE: &[&str] = &[
@@ -44,15 +43,15 @@ static FEMALE_MIDDLE: &[&str] = &[
 ];
 
 static MALE_GIVEN: &[&str] = &[
-    "An", "Bình", "Dũng", "Hải", "Hùng", "Long", "Nam", "Quân", "Tuấn", "Cường", "Đạt", "Hiếu",
-    "Hoàng", "Huy", "Khang", "Khoa", "Kiên", "Minh", "Phúc", "Quang", "Sơn", "Thắng", "Thành",
-    "Trung", "Tùng", "Việt", "Vinh", "Đức", "Tâm", "Lâm",
+    "An", "Bình", "Dũng", "Hải", "Hùng", "Long", "Nam", "Quân", "Tuấn", "Cường", "Đạt", "Hiếu", "Hoàng", "Huy",
+    "Khang", "Khoa", "Kiên", "Minh", "Phúc", "Quang", "Sơn", "Thắng", "Thành", "Trung", "Tùng", "Việt", "Vinh", "Đức",
+    "Tâm", "Lâm",
 ];
 
 static FEMALE_GIVEN: &[&str] = &[
-    "An", "Châu", "Hà", "Hạnh", "Hoa", "Hương", "Lan", "Linh", "Mai", "Phương", "Thảo", "Trang",
-    "Yến", "Anh", "Chi", "Dung", "Giang", "Hằng", "Hiền", "Huyền", "Loan", "Ngân", "Nhung",
-    "Oanh", "Quyên", "Thu", "Thủy", "Trâm", "Uyên", "Vy",
+    "An", "Châu", "Hà", "Hạnh", "Hoa", "Hương", "Lan", "Linh", "Mai", "Phương", "Thảo", "Trang", "Yến", "Anh", "Chi",
+    "Dung", "Giang", "Hằng", "Hiền", "Huyền", "Loan", "Ngân", "Nhung", "Oanh", "Quyên", "Thu", "Thủy", "Trâm", "Uyên",
+    "Vy",
 ];
 
 /// A person's name in Vietnamese order: family, middle, given.
@@ -88,12 +87,7 @@ pub fn pick_family_name(rng: &mut SmallRng) -> &'static str {
 
 /// Draws middle and given names for someone of `gender` born in `birth_year`;
 /// `Văn`/`Thị` were the usual middle names before the 1980s.
-pub fn pick_name(
-    rng: &mut SmallRng,
-    family: &'static str,
-    gender: Gender,
-    birth_year: i32,
-) -> PersonName {
+pub fn pick_name(rng: &mut SmallRng, family: &'static str, gender: Gender, birth_year: i32) -> PersonName {
     let (middles, givens) = match gender {
         Gender::Male => (MALE_MIDDLE, MALE_GIVEN),
         Gender::Female => (FEMALE_MIDDLE, FEMALE_GIVEN),
@@ -110,11 +104,7 @@ pub fn pick_name(
         let at = givens.iter().position(|g| *g == given).unwrap_or(0);
         given = givens[(at + 1) % givens.len()];
     }
-    PersonName {
-        family,
-        middle,
-        given,
-    }
+    PersonName { family, middle, given }
 }
 
 #[cfg(test)]
@@ -139,11 +129,7 @@ mod tests {
     fn middle_and_given_name_never_repeat() {
         let mut rng = SmallRng::seed_from_u64(9);
         for i in 0..5_000 {
-            let gender = if i % 2 == 0 {
-                Gender::Male
-            } else {
-                Gender::Female
-            };
+            let gender = if i % 2 == 0 { Gender::Male } else { Gender::Female };
             let name = pick_name(&mut rng, "Lê", gender, 1950 + (i % 70));
             assert_ne!(name.middle, name.given);
         }

@@ -51,12 +51,7 @@ impl Eq for Province {}
 impl Locality {
     /// Address line: `Phường Hàng Bạc, Quận Hoàn Kiếm, Thành phố Hà Nội`.
     pub fn address(&self) -> String {
-        format!(
-            "{}, {}, {}",
-            self.ward,
-            self.district,
-            self.province.full_name()
-        )
+        format!("{}, {}, {}", self.ward, self.district, self.province.full_name())
     }
 
     /// The commune-level People's Committee that keeps the civil status books,
@@ -325,10 +320,7 @@ pub static PROVINCES: &[Province] = &[
         name: "Lâm Đồng",
         is_city: false,
         weight: 130,
-        localities: &[
-            ("Thành phố Đà Lạt", "Phường 1"),
-            ("Thành phố Đà Lạt", "Phường 10"),
-        ],
+        localities: &[("Thành phố Đà Lạt", "Phường 1"), ("Thành phố Đà Lạt", "Phường 10")],
     },
     Province {
         code: "089",
@@ -345,10 +337,7 @@ pub static PROVINCES: &[Province] = &[
         name: "Cà Mau",
         is_city: false,
         weight: 119,
-        localities: &[
-            ("Thành phố Cà Mau", "Phường 5"),
-            ("Thành phố Cà Mau", "Phường 7"),
-        ],
+        localities: &[("Thành phố Cà Mau", "Phường 5"), ("Thành phố Cà Mau", "Phường 7")],
     },
 ];
 
