@@ -9,4 +9,5 @@ mod authz;
 mod foundation;
 mod harness;
 mod relay;
+mod replicas;
 mod schemas;

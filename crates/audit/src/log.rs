@@ -294,10 +294,14 @@ impl AuditLog {
             .collect::<Result<Vec<_>, _>>()?;
         let sender = lock(&self.sender).clone().ok_or(AuditError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(Request { entries, reply })
-            .await
-            .map_err(|_| AuditError::ShuttingDown)?;
+        if sender.send(Request { entries, reply }).await.is_err() {
+            // The writer stops early only if it died; outside shutdown that is an outage.
+            return Err(if self.closing.load(Ordering::Acquire) {
+                AuditError::ShuttingDown
+            } else {
+                AuditError::Unavailable("audit writer is not running".into())
+            });
+        }
         drop(sender);
         answer
             .await
@@ -370,7 +374,8 @@ impl AuditLog {
     pub async fn latest_tree_head(&self, log_id: &str) -> Result<SignedTreeHead, AuditError> {
         self.store
             .latest_tree_head(log_id)
-            .await?
+            .await
+            .map_err(lookup_error)?
             .map(SignedTreeHead::from)
             .ok_or_else(|| AuditError::NotFound(format!("log {log_id} has no signed tree head")))
     }
@@ -426,7 +431,7 @@ impl AuditLog {
         let available = if log_id == self.log_id {
             self.size()
         } else {
-            self.store.log_size(log_id).await?
+            self.store.log_size(log_id).await.map_err(lookup_error)?
         };
         if tree_size > available {
             return Err(AuditError::NotFound(format!(
@@ -441,7 +446,7 @@ impl AuditLog {
         let mut from = 0;
         while from < tree_size {
             let to = tree_size.min(from + HASH_CHUNK);
-            let chunk = self.store.leaf_hashes(log_id, from, to).await?;
+            let chunk = self.store.leaf_hashes(log_id, from, to).await.map_err(lookup_error)?;
             check_chunk(log_id, from, to, chunk.len())?;
             leaves.extend(chunk);
             from = to;
@@ -507,6 +512,15 @@ impl AuditLog {
         lock(&self.sender)
             .as_ref()
             .map_or(0, |s| s.max_capacity() - s.capacity())
+    }
+}
+
+/// Store errors of read-only lookups: an unknown log or range is the caller's
+/// `NotFound`, not an outage.
+fn lookup_error(e: StoreError) -> AuditError {
+    match e {
+        StoreError::NotFound { what } => AuditError::NotFound(format!("{what} not found")),
+        other => AuditError::Store(other),
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 
 use common::event;
 use lienthong_audit::merkle;
-use lienthong_audit::{AuditConfig, AuditLog, ExportLine, LogKeys, verify_export, verify_tree_head};
+use lienthong_audit::{AuditConfig, AuditError, AuditLog, ExportLine, LogKeys, verify_export, verify_tree_head};
 use lienthong_store::{EntryQuery, Store, StoreOptions};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -112,5 +112,36 @@ async fn sqlite_log_survives_restart_and_verifies_offline() {
     .unwrap();
     assert_eq!(report.entries, 310);
     assert_eq!(report.consistent_with_previous, Some(300));
+
+    // A second replica's log in the same database: each replica serves the
+    // other's heads and proofs.
+    let replica = AuditLog::open(store.clone(), LogKeys::generate().unwrap(), config())
+        .await
+        .unwrap();
+    let other_id = replica.log_id().to_string();
+    assert_ne!(other_id, log_id);
+    let theirs = replica.append(event(1000)).await.unwrap();
+    replica.append(event(1001)).await.unwrap();
+    let their_head = replica.shutdown().await.unwrap().unwrap();
+    assert_eq!(log.latest_tree_head(&other_id).await.unwrap(), their_head);
+    let (leaf, proof) = log.inclusion_proof(&other_id, theirs.sequence, 2).await.unwrap();
+    assert!(merkle::verify_inclusion(
+        theirs.sequence,
+        2,
+        &leaf,
+        &proof,
+        &their_head.root_hash
+    ));
+    assert_eq!(log.size(), 310, "the other log does not move ours");
+
+    let unknown = "f".repeat(64);
+    assert!(matches!(
+        log.latest_tree_head(&unknown).await,
+        Err(AuditError::NotFound(_))
+    ));
+    assert!(matches!(
+        log.inclusion_proof(&unknown, 0, 1).await,
+        Err(AuditError::NotFound(_))
+    ));
     log.shutdown().await.unwrap();
 }

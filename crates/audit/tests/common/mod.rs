@@ -254,10 +254,16 @@ impl Store for FakeStore {
         self.check()?;
         let tables = self.tables.lock().unwrap();
         let entries = tables.entries.get(&query.log_id).cloned().unwrap_or_default();
+        // Limit 0 means no limit, as in the real store.
+        let limit = if query.limit == 0 {
+            usize::MAX
+        } else {
+            query.limit as usize
+        };
         Ok(entries
             .into_iter()
             .filter(|e| e.sequence >= query.from_sequence)
-            .take(query.limit as usize)
+            .take(limit)
             .collect())
     }
 

@@ -1,0 +1,214 @@
+//! Several broker replicas on one PostgreSQL: shared members, grants and
+//! schemas with changes reaching every replica within a second, one audit log
+//! per replica, and failing closed through a database outage.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::client::{Clients, connect, member_files};
+use lienthong_cli::federation::{
+    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT,
+    write_config,
+};
+use lienthong_store::testing::PgCluster;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tonic::Code;
+
+/// A second broker on the same database, with its own data directory (own
+/// log and signing key) and the federation's shared subject-hashing secret.
+async fn second_broker(fed: &Federation, database_url: &str) -> (TempDir, lienthong_broker::ServerHandle, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let secret = data.join("subject-hmac.key");
+    std::fs::copy(fed.dir.join("broker-data/subject-hmac.key"), &secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.database_url = Some(database_url.to_string());
+    let (_, config) = write_config(&opts, &fed.certs, &data).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handle = lienthong_broker::start(config, Some(listener)).await.unwrap();
+    let url = format!("https://127.0.0.1:{}", handle.addr.port());
+    (dir, handle, url)
+}
+
+async fn as_member(url: &str, fed: &Federation, member: &str) -> Clients {
+    connect(url, &member_files(&fed.certs, member)).await.unwrap()
+}
+
+async fn pg_federation(cluster: &PgCluster) -> (TempDir, Federation, String) {
+    let url = cluster.create_database().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.database_url = Some(url.clone());
+    let fed = Federation::start(opts).await.expect("federation on PostgreSQL");
+    (dir, fed, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (dir, fed, url) = pg_federation(&cluster).await;
+    let (_dir_b, broker_b, url_b) = second_broker(&fed, &url).await;
+    let admin_a = client(&fed, ADMIN).await;
+    let tax_b = as_member(&url_b, &fed, TAX_DEPT).await;
+    let subject = citizen_id(&fed, 501);
+    let lookup = birth_lookup(&subject, "tax-law-38-2019/art-17");
+
+    // A grant created through A is usable through B...
+    let g = admin_a
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            consumer: TAX_DEPT.into(),
+            record_type: "civil_status.birth_record".into(),
+            fields: vec!["/full_name".into()],
+            purposes: vec!["tax-law-38-2019/art-17".into()],
+            valid_from: None,
+            valid_until: None,
+            rate_limit_per_minute: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = tax_b.clone();
+    assert!(
+        eventually(Duration::from_secs(1), async || t.exchange().lookup(lookup.clone()).await.is_ok()).await,
+        "grant reaches replica B within a second"
+    );
+    // ...and revoked through A, B denies within one second.
+    admin_a.admin().revoke_grant(pb::RevokeGrantRequest { id: g.id, reason: "audit finished".into() }).await.unwrap();
+    let revoked_at = Instant::now();
+    let t = tax_b.clone();
+    let denied = eventually(Duration::from_secs(1), async || {
+        matches!(t.exchange().lookup(lookup.clone()).await, Err(e) if e.code() == Code::PermissionDenied)
+    })
+    .await;
+    assert!(denied, "revocation reached B after {:?}", revoked_at.elapsed());
+
+    // A schema version registered through B is usable through A.
+    let birth = lienthong_provider::demo::demo_schemas()
+        .into_iter()
+        .find(|(t, _)| *t == "civil_status.birth_record")
+        .unwrap()
+        .1;
+    let mut def: serde_json::Value = serde_json::from_str(birth).unwrap();
+    def["record_schema"]["properties"]["remarks"] = serde_json::json!({"type": "string", "description": "Notes of the registrar"});
+    let def = lienthong_cli::federation::definition_from_json(&def.to_string()).unwrap();
+    let civil_b = as_member(&url_b, &fed, CIVIL_STATUS).await;
+    let v = civil_b
+        .schemas()
+        .register(pb::RegisterRequest { definition: Some(def), compatibility: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .version
+        .unwrap();
+    assert_eq!(v.version, 2);
+    let office_a = client(&fed, JUDICIAL_OFFICE).await;
+    let mut pinned = birth_lookup(&subject, PURPOSE_CERTIFICATE);
+    pinned.schema_version = 2;
+    let o = office_a.clone();
+    assert!(
+        eventually(Duration::from_secs(1), async || o.exchange().lookup(pinned.clone()).await.is_ok()).await,
+        "version 2 registered through B serves lookups through A"
+    );
+
+    // Lookups through both land in two logs, and both verify.
+    let office_b = as_member(&url_b, &fed, JUDICIAL_OFFICE).await;
+    for i in 0..5 {
+        office_a.exchange().lookup(birth_lookup(&citizen_id(&fed, 600 + i), PURPOSE_CERTIFICATE)).await.unwrap();
+        office_b.exchange().lookup(birth_lookup(&citizen_id(&fed, 700 + i), PURPOSE_CERTIFICATE)).await.unwrap();
+    }
+    let history = as_member(&url_b, &fed, lienthong_cli::federation::CITIZEN_PORTAL)
+        .await
+        .audit()
+        .subject_history(pb::SubjectHistoryRequest { subject_key: subject.clone(), since: None, limit: 100 })
+        .await
+        .unwrap()
+        .into_inner()
+        .accesses;
+    let logs: std::collections::HashSet<String> = history.iter().filter_map(|a| a.receipt.as_ref().map(|r| r.log_id.clone())).collect();
+    assert_eq!(logs.len(), 2, "the subject's history spans both replicas' logs");
+    tokio::time::sleep(Duration::from_millis(600)).await; // both sign a head covering the lookups
+    let state = dir.path().join("verifier.json");
+    let (ok, out) = cli_as(&fed, STATE_AUDIT, &["audit", "verify", "--state", state.to_str().unwrap()]).await;
+    assert!(ok, "{out}");
+    assert_eq!(out.matches(": OK").count(), 2, "two logs verified: {out}");
+    broker_b.shutdown().await.unwrap();
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_fails_closed_and_traffic_resumes_without_restart() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (dir, fed, _url) = pg_federation(&cluster).await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let receipts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<pb::Receipt>::new()));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..4u32 {
+        let (office, receipts, refused, stop) = (office.clone(), receipts.clone(), refused.clone(), stop.clone());
+        let seed = fed.options.seed;
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let subject = lienthong_provider::demo::citizen_national_id(seed, t * 10_000 + i);
+                i += 1;
+                match office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await {
+                    Ok(r) => receipts.lock().unwrap().push(r.into_inner().receipt.unwrap()),
+                    Err(e) => {
+                        assert_eq!(e.code(), Code::Unavailable, "only UNAVAILABLE during the outage: {e:?}");
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    assert!(eventually(Duration::from_secs(10), async || receipts.lock().unwrap().len() >= 50).await);
+    cluster.stop().unwrap();
+    let during = receipts.lock().unwrap().len();
+    assert!(
+        eventually(Duration::from_secs(15), async || refused.load(std::sync::atomic::Ordering::Relaxed) >= 10).await,
+        "lookups are refused while the database is down"
+    );
+    cluster.restart().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), async || receipts.lock().unwrap().len() >= during + 50).await,
+        "traffic resumes once the database is back, without restarting the broker"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Every lookup that released data has its entry in the log.
+    let auditor = client(&fed, STATE_AUDIT).await;
+    let mut stored = std::collections::HashMap::new();
+    let mut token = String::new();
+    loop {
+        let page = auditor
+            .audit()
+            .query_entries(pb::QueryEntriesRequest { filter: None, page_size: 1000, page_token: token })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in page.entries {
+            stored.insert(e.sequence, e.leaf_hash);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    for r in receipts.lock().unwrap().iter() {
+        assert_eq!(stored.get(&r.sequence), Some(&r.leaf_hash), "released lookup #{} is logged", r.sequence);
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let state = dir.path().join("verifier.json");
+    let (ok, out) = cli_as(&fed, STATE_AUDIT, &["audit", "verify", "--state", state.to_str().unwrap()]).await;
+    assert!(ok, "{out}");
+    fed.shutdown().await.unwrap();
+}
