@@ -57,7 +57,7 @@ fn subtree_root(leaves: &[Hash]) -> Hash {
     root(leaves)
 }
 
-/// Audit path PATH(m, D[n]) of leaf `index` in the tree of all `leaves`, leaf
+/// Audit path `PATH(m, D[n])` of leaf `index` in the tree of all `leaves`, leaf
 /// side first. Empty when `index` is out of range (no proof exists).
 ///
 /// Costs O(n) hashes: callers holding a persistent subtree cache could make it
@@ -120,7 +120,7 @@ pub fn verify_inclusion(index: u64, tree_size: u64, leaf: &Hash, proof: &[Hash],
     snode == 0 && r == *root
 }
 
-/// Consistency proof PROOF(m, D[n]) between the first `first` leaves and all of
+/// Consistency proof `PROOF(m, D[n])` between the first `first` leaves and all of
 /// `leaves`. Empty when `first` is 0 or not smaller than the tree (nothing to
 /// prove, or no proof exists).
 pub fn consistency_proof(first: u64, leaves: &[Hash]) -> Vec<Hash> {

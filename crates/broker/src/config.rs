@@ -160,8 +160,26 @@ pub struct Telemetry {
     pub log_filter: String,
     /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; empty: no export.
     pub otlp_endpoint: String,
-    /// Prometheus `/metrics` listener, e.g. `127.0.0.1:9464`; empty: off.
+    /// Prometheus `/metrics` listener (plain HTTP), e.g. `127.0.0.1:9464`,
+    /// or a bare port such as `9464` for loopback; empty: off.
     pub metrics_listen: String,
+}
+
+impl Telemetry {
+    /// The metrics listener address, `None` when off. A bare port means loopback.
+    pub fn metrics_addr(&self) -> Option<Result<SocketAddr, String>> {
+        let text = self.metrics_listen.trim();
+        if text.is_empty() {
+            return None;
+        }
+        if let Ok(port) = text.trim_start_matches(':').parse::<u16>() {
+            return Some(Ok(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+        Some(
+            text.parse::<SocketAddr>()
+                .map_err(|e| format!("{text:?} is not an address like 127.0.0.1:9464 or a port ({e})")),
+        )
+    }
 }
 
 impl Default for Config {
@@ -344,14 +362,17 @@ impl Config {
                 format!("{:?} is not `text` or `json`", self.telemetry.log_format),
             ));
         }
-        if !self.telemetry.metrics_listen.is_empty() {
-            self.telemetry.metrics_listen.parse::<SocketAddr>().map_err(|e| {
-                invalid(
-                    "telemetry.metrics_listen",
-                    format!("{:?} is not an address ({e})", self.telemetry.metrics_listen),
-                )
-            })?;
+        if let Some(Err(e)) = self.telemetry.metrics_addr() {
+            return Err(invalid("telemetry.metrics_listen", e));
         }
+        crate::telemetry::check_log_filter(&self.telemetry.log_filter).map_err(|e| {
+            invalid(
+                "telemetry.log_filter",
+                format!("{:?} is not a RUST_LOG-style filter: {e}", self.telemetry.log_filter),
+            )
+        })?;
+        crate::telemetry::check_otlp_endpoint(&self.telemetry.otlp_endpoint)
+            .map_err(|e| invalid("telemetry.otlp_endpoint", e))?;
         let positive = [
             ("limits.max_schema_bytes", self.limits.max_schema_bytes as u64),
             ("limits.max_schema_depth", self.limits.max_schema_depth as u64),

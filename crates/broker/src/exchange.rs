@@ -3,8 +3,10 @@
 //! validate the record, filter, audit (durably), reply with a receipt.
 
 use crate::error::BrokerError;
+use crate::metrics::{CallOutcome, Rpc, UNKNOWN};
 use crate::relay::RelayError;
 use crate::state::{Broker, Caller};
+use crate::telemetry;
 use lienthong::provider::v1::FetchRequest;
 use lienthong::v1::exchange_server::Exchange;
 use lienthong::v1::{
@@ -14,13 +16,14 @@ use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::filter::filter_record;
 use lienthong_core::policy::{AccessRequest, Decision};
+use opentelemetry::trace::SpanContext;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
+use tracing::{Instrument, Span, field::Empty};
 
 /// The Exchange service.
 pub struct ExchangeService {
@@ -36,31 +39,79 @@ impl ExchangeService {
 
 /// Per-request context shared by the items of a Collect.
 struct CallContext {
+    rpc: Rpc,
     deadline: Option<Instant>,
-    traceparent: Option<MetadataValue<Ascii>>,
+    /// The consumer's trace (`traceparent`), invalid when it sent none.
+    caller_trace: SpanContext,
     trace_id: String,
     request_id: String,
 }
 
 impl CallContext {
-    fn of<T>(request: &Request<T>, request_id: &str) -> CallContext {
-        let traceparent = request.metadata().get("traceparent").cloned();
-        let trace_id = traceparent
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .and_then(trace_id_of)
-            .unwrap_or_default();
+    /// Built inside the RPC span, whose trace id the audit entries carry.
+    fn of<T>(request: &Request<T>, request_id: &str, rpc: Rpc, caller_trace: SpanContext) -> CallContext {
+        let trace_id = telemetry::trace_id(&Span::current(), &caller_trace);
         let request_id = if request_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {
             request_id.to_string()
         };
+        Span::current().record("request_id", request_id.as_str());
         CallContext {
+            rpc,
             deadline: grpc_timeout(request.metadata()).map(|d| Instant::now() + d),
-            traceparent,
+            caller_trace,
             trace_id,
             request_id,
         }
+    }
+}
+
+/// The span of one Exchange RPC (and, for a Collect, of each item). Its
+/// fields are registry names, fixed words and ids: never the query.
+fn rpc_span(rpc: Rpc) -> Span {
+    macro_rules! span {
+        ($name:literal, $otel_name:literal, $kind:literal) => {
+            tracing::info_span!(
+                $name,
+                otel.name = $otel_name,
+                otel.kind = $kind,
+                otel.status_code = Empty,
+                rpc = rpc.as_str(),
+                consumer = Empty,
+                provider = Empty,
+                record_type = Empty,
+                purpose = Empty,
+                outcome = Empty,
+                request_id = Empty,
+            )
+        };
+    }
+    match rpc {
+        Rpc::Lookup => span!("lookup", "lienthong.v1.Exchange/Lookup", "server"),
+        Rpc::Collect => span!("collect", "lienthong.v1.Exchange/Collect", "server"),
+    }
+}
+
+/// The span of one item of a Collect.
+fn item_span() -> Span {
+    tracing::info_span!(
+        "collect_item",
+        consumer = Empty,
+        provider = Empty,
+        record_type = Empty,
+        purpose = Empty,
+        outcome = Empty,
+        otel.status_code = Empty,
+    )
+}
+
+/// Records how a request or item ended on the current span.
+fn record_outcome(outcome: Outcome) {
+    let span = Span::current();
+    span.record("outcome", outcome.as_str());
+    if outcome == Outcome::Failed {
+        span.record("otel.status_code", "ERROR");
     }
 }
 
@@ -86,11 +137,31 @@ fn fail(outcome: Outcome, code: &'static str, error: BrokerError) -> Failure {
     (outcome, code, error)
 }
 
-#[tonic::async_trait]
-impl Exchange for ExchangeService {
-    async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
-        let caller = self.broker.authenticate(&request, "Exchange.Lookup").await?;
-        let ctx = CallContext::of(&request, &request.get_ref().request_id);
+impl ExchangeService {
+    /// Authenticates the caller of an Exchange RPC; a refusal is counted.
+    async fn caller<T>(&self, request: &Request<T>, rpc: Rpc, started: Instant) -> Result<Caller, Status> {
+        let name = match rpc {
+            Rpc::Lookup => "Exchange.Lookup",
+            Rpc::Collect => "Exchange.Collect",
+        };
+        match self.broker.authenticate(request, name).await {
+            Ok(caller) => {
+                Span::current().record("consumer", caller.id());
+                Ok(caller)
+            }
+            Err(e) => {
+                let metrics = &self.broker.metrics;
+                metrics.unauthenticated(rpc);
+                metrics.request(rpc, UNKNOWN, UNKNOWN, Outcome::Denied, started.elapsed());
+                record_outcome(Outcome::Denied);
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn lookup_rpc(&self, request: Request<LookupRequest>, caller_trace: SpanContext) -> Result<Response<LookupResponse>, Status> {
+        let caller = self.caller(&request, Rpc::Lookup, Instant::now()).await?;
+        let ctx = CallContext::of(&request, &request.get_ref().request_id, Rpc::Lookup, caller_trace);
         let r = request.into_inner();
         let item = Item {
             record_type: &r.record_type,
@@ -103,24 +174,33 @@ impl Exchange for ExchangeService {
         Ok(Response::new(result?))
     }
 
-    async fn collect(&self, request: Request<CollectRequest>) -> Result<Response<CollectResponse>, Status> {
-        let caller = self.broker.authenticate(&request, "Exchange.Collect").await?;
-        let ctx = CallContext::of(&request, &request.get_ref().request_id);
+    /// Audits and counts a Collect refused as a whole.
+    async fn refuse_collect(&self, caller: &Caller, ctx: &CallContext, purpose: &str, reason: String, started: Instant) {
+        let mut event = self.broker.access_event(caller, ctx, "", purpose);
+        event.outcome = Outcome::Invalid;
+        event.reason = reason;
+        self.broker.audit_refusal(event).await;
+        self.broker
+            .metrics
+            .request(Rpc::Collect, caller.id(), UNKNOWN, Outcome::Invalid, started.elapsed());
+        record_outcome(Outcome::Invalid);
+    }
+
+    async fn collect_rpc(&self, request: Request<CollectRequest>, caller_trace: SpanContext) -> Result<Response<CollectResponse>, Status> {
+        let started = Instant::now();
+        let caller = self.caller(&request, Rpc::Collect, started).await?;
+        let ctx = CallContext::of(&request, &request.get_ref().request_id, Rpc::Collect, caller_trace);
         let r = request.into_inner();
         if let Err(e) = check_collect(&r, self.broker.config.limits.max_collect_items) {
-            let mut event = self.broker.access_event(&caller, &ctx, "", &r.purpose);
-            event.outcome = Outcome::Invalid;
-            event.reason = format!("invalid_collect: {e}");
-            self.broker.audit_refusal(event).await;
+            self.refuse_collect(&caller, &ctx, &r.purpose, format!("invalid_collect: {e}"), started)
+                .await;
             return Err(e.into());
         }
         let shared = match parse_object(&r.query_json, "query_json", self.broker.config.limits.max_query_bytes) {
             Ok(v) => v,
             Err(e) => {
-                let mut event = self.broker.access_event(&caller, &ctx, "", &r.purpose);
-                event.outcome = Outcome::Invalid;
-                event.reason = format!("invalid_query: {e}");
-                self.broker.audit_refusal(event).await;
+                self.refuse_collect(&caller, &ctx, &r.purpose, format!("invalid_query: {e}"), started)
+                    .await;
                 return Err(e.into());
             }
         };
@@ -140,6 +220,10 @@ impl Exchange for ExchangeService {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        self.broker
+                            .metrics
+                            .request(Rpc::Collect, caller.id(), UNKNOWN, Outcome::Invalid, started.elapsed());
+                        record_outcome(Outcome::Invalid);
                         return Err(BrokerError::InvalidArgument(format!("item {}: {e}", item.record_type)).into());
                     }
                 }
@@ -147,10 +231,8 @@ impl Exchange for ExchangeService {
             queries.push(q);
         }
         if let Err(e) = self.broker.check_one_subject(&caller, &r, &queries) {
-            let mut event = self.broker.access_event(&caller, &ctx, "", &r.purpose);
-            event.outcome = Outcome::Invalid;
-            event.reason = format!("several_subjects: {e}");
-            self.broker.audit_refusal(event).await;
+            self.refuse_collect(&caller, &ctx, &r.purpose, format!("several_subjects: {e}"), started)
+                .await;
             return Err(e.into());
         }
         let futures = r.items.iter().zip(queries).map(|(item, query)| {
@@ -161,7 +243,7 @@ impl Exchange for ExchangeService {
                 fields: &item.fields,
                 schema_version: item.schema_version,
             };
-            self.broker.lookup_one(&caller, one, &ctx)
+            self.broker.lookup_one(&caller, one, &ctx).instrument(item_span())
         });
         let outcomes = futures::future::join_all(futures).await;
         let results = r
@@ -184,6 +266,25 @@ impl Exchange for ExchangeService {
             results,
             request_id: ctx.request_id,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Exchange for ExchangeService {
+    async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
+        let _in_flight = self.broker.metrics.in_flight(Rpc::Lookup);
+        let caller_trace = telemetry::remote_parent(request.metadata());
+        let span = rpc_span(Rpc::Lookup);
+        telemetry::continue_trace(&span, &caller_trace);
+        self.lookup_rpc(request, caller_trace).instrument(span).await
+    }
+
+    async fn collect(&self, request: Request<CollectRequest>) -> Result<Response<CollectResponse>, Status> {
+        let _in_flight = self.broker.metrics.in_flight(Rpc::Collect);
+        let caller_trace = telemetry::remote_parent(request.metadata());
+        let span = rpc_span(Rpc::Collect);
+        telemetry::continue_trace(&span, &caller_trace);
+        self.collect_rpc(request, caller_trace).instrument(span).await
     }
 }
 
@@ -237,13 +338,25 @@ impl Broker {
     /// Audits a request that releases nothing; the refusal stands even if the
     /// log cannot be written (nothing leaves either way), but it is logged.
     async fn audit_refusal(&self, event: AuditEvent) -> Option<Receipt> {
-        match self.audit.append(event).await {
+        match self.append_access(event).await {
             Ok(r) => Some(receipt(r)),
             Err(e) => {
                 tracing::error!(error = %e, "could not audit a refused lookup");
                 None
             }
         }
+    }
+
+    /// Appends an access entry in an `audit_commit` span, timing the wait.
+    async fn append_access(&self, event: AuditEvent) -> Result<lienthong_audit::Receipt, lienthong_audit::AuditError> {
+        let started = Instant::now();
+        let span = tracing::info_span!("audit_commit", sequence = Empty);
+        let result = self.audit.append(event).instrument(span.clone()).await;
+        self.metrics.audit_append(started.elapsed());
+        if let Ok(r) = &result {
+            span.record("sequence", r.sequence);
+        }
+        result
     }
 
     /// A Collect is about one subject: every item's subject key must agree.
@@ -277,20 +390,34 @@ impl Broker {
         ctx: &CallContext,
     ) -> (Result<LookupResponse, BrokerError>, Option<Receipt>) {
         let started = Instant::now();
+        // Label and span values come from the registry: a record type the
+        // registry does not know is `unknown`, never the client's text.
+        let label = if caller.snapshot.record_type(item.record_type, 0).is_some() {
+            item.record_type
+        } else {
+            UNKNOWN
+        };
+        let span = Span::current();
+        span.record("consumer", caller.id());
+        span.record("record_type", label);
+        let purpose = item.purpose;
         let mut event = self.access_event(caller, ctx, item.record_type, item.purpose);
-        match self.lookup_inner(caller, item, ctx, &mut event).await {
+        let (outcome, result) = match self.lookup_inner(caller, item, ctx, &mut event).await {
             Ok((mut response, record_json)) => {
                 event.latency_us = started.elapsed().as_micros() as u64;
                 event.payload_digest = hex::encode(Sha256::digest(record_json.as_bytes()));
+                if !event.provider.is_empty() {
+                    span.record("provider", event.provider.as_str());
+                }
                 // Fail closed: the record leaves only once its entry is durable.
-                match self.audit.append(event).await {
+                match self.append_access(event).await {
                     Ok(r) => {
                         let receipt = receipt(r);
                         response.receipt = Some(receipt.clone());
                         response.record_json = record_json;
-                        (Ok(response), Some(receipt))
+                        (Outcome::Allowed, (Ok(response), Some(receipt)))
                     }
-                    Err(e) => (Err(e.into()), None),
+                    Err(e) => (Outcome::Failed, (Err(e.into()), None)),
                 }
             }
             Err((outcome, code, error)) => {
@@ -298,10 +425,24 @@ impl Broker {
                 event.outcome = outcome;
                 event.fields_released.clear();
                 event.reason = format!("{code}: {error}");
+                if !event.provider.is_empty() {
+                    span.record("provider", event.provider.as_str());
+                }
+                if code == "rate_limited" {
+                    self.metrics.rate_limited(caller.id(), label);
+                }
                 let receipt = self.audit_refusal(event).await;
-                (Err(error), receipt)
+                (outcome, (Err(error), receipt))
             }
+        };
+        // A purpose is shown once a grant accepted it: then it is a registered legal basis.
+        if matches!(outcome, Outcome::Allowed | Outcome::Failed) {
+            span.record("purpose", purpose);
         }
+        record_outcome(outcome);
+        self.metrics
+            .request(ctx.rpc, caller.id(), label, outcome, started.elapsed());
+        result
     }
 
     async fn lookup_inner(
@@ -361,7 +502,8 @@ impl Broker {
             purpose: item.purpose,
             fields: item.fields,
         };
-        let allowed = match snapshot.decide(caller.id(), &access, now) {
+        let decision = tracing::info_span!("authorize").in_scope(|| snapshot.decide(caller.id(), &access, now));
+        let allowed = match decision {
             Decision::Allow(a) => a,
             Decision::Deny(reason) => {
                 return Err(fail(
@@ -371,15 +513,17 @@ impl Broker {
                 ));
             }
         };
-        rt.validate_query(&query).map_err(|f| {
-            invalid(
-                "invalid_query",
-                format!(
-                    "query does not match the query schema of {} v{} {f}",
-                    rt.name(),
-                    rt.version_number()
-                ),
-            )
+        tracing::info_span!("validate_query").in_scope(|| {
+            rt.validate_query(&query).map_err(|f| {
+                invalid(
+                    "invalid_query",
+                    format!(
+                        "query does not match the query schema of {} v{} {f}",
+                        rt.name(),
+                        rt.version_number()
+                    ),
+                )
+            })
         })?;
         if let Err(retry_after) =
             self.rate_limiter
@@ -431,11 +575,18 @@ impl Broker {
             fields: released.clone(),
         };
         let provider = rt.owner().as_str();
-        let record_text = self
-            .relay
-            .fetch(provider, fetch, deadline, ctx.traceparent.as_ref())
-            .await
-            .map_err(|e| match e {
+        let call_started = Instant::now();
+        let fetched = self.relay.fetch(provider, fetch, deadline, &ctx.caller_trace).await;
+        let call_outcome = match &fetched {
+            Ok(_) => CallOutcome::Ok,
+            Err(RelayError::NotFound) => CallOutcome::NotFound,
+            Err(RelayError::Rejected) => CallOutcome::Rejected,
+            Err(RelayError::Unavailable(_)) => CallOutcome::Unavailable,
+            Err(RelayError::Deadline(_)) => CallOutcome::Timeout,
+        };
+        self.metrics
+            .provider_call(provider, call_outcome, call_started.elapsed());
+        let record_text = fetched.map_err(|e| match e {
                 RelayError::NotFound => fail(
                     Outcome::Failed,
                     "not_found",
@@ -465,27 +616,28 @@ impl Broker {
                 ),
             })?;
         let bad = |code, msg: String| fail(Outcome::Failed, code, BrokerError::InvalidProviderRecord(msg));
-        let record: Value = serde_json::from_str(&record_text).map_err(|e| {
-            bad(
-                "provider_malformed_record",
-                format!(
-                    "register {provider} answered malformed JSON for {} ({e}); nothing was passed on",
-                    rt.name()
-                ),
-            )
+        let record_json = tracing::info_span!("validate_record").in_scope(|| {
+            let record: Value = serde_json::from_str(&record_text).map_err(|e| {
+                bad(
+                    "provider_malformed_record",
+                    format!(
+                        "register {provider} answered malformed JSON for {} ({e}); nothing was passed on",
+                        rt.name()
+                    ),
+                )
+            })?;
+            rt.validate_record(&record).map_err(|f| {
+                bad(
+                    "provider_invalid_record",
+                    format!(
+                        "register {provider} answered a record violating {} v{} {f}; nothing was passed on",
+                        rt.name(),
+                        rt.version_number()
+                    ),
+                )
+            })?;
+            Ok::<_, Failure>(filter_record(&record, &allowed.fields).to_string())
         })?;
-        rt.validate_record(&record).map_err(|f| {
-            bad(
-                "provider_invalid_record",
-                format!(
-                    "register {provider} answered a record violating {} v{} {f}; nothing was passed on",
-                    rt.name(),
-                    rt.version_number()
-                ),
-            )
-        })?;
-        let filtered = filter_record(&record, &allowed.fields);
-        let record_json = filtered.to_string();
         event.fields_released = released.clone();
         event.outcome = Outcome::Allowed;
         let deprecation_notice = if rt.deprecated() {
@@ -547,6 +699,7 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::metadata::MetadataValue;
 
     #[test]
     fn parses_grpc_timeout_and_traceparent() {

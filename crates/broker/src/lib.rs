@@ -9,10 +9,12 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod exchange;
+pub mod metrics;
 pub mod relay;
 pub mod schema;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 
 pub use config::Config;
 pub use error::BrokerError;

@@ -8,6 +8,7 @@ use lienthong::provider::v1::FetchRequest;
 use lienthong::provider::v1::record_provider_client::RecordProviderClient;
 use lienthong_core::Endpoint;
 use lienthong_tls::{Identity, TlsMaterial};
+use opentelemetry::trace::SpanContext;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tonic::Code;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 /// How a provider call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -266,12 +268,54 @@ impl Relay {
     }
 
     /// Fetches one record, returning the provider's record JSON text.
+    ///
+    /// Runs in a `provider_call` span; every attempt carries that span's trace
+    /// context to the provider (`traceparent`), so the register's span is its
+    /// child. `caller_trace` is the consumer's trace, handed on instead when
+    /// spans are not exported.
     pub async fn fetch(
         &self,
         provider: &str,
         request: FetchRequest,
         deadline: Instant,
-        traceparent: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+        caller_trace: &SpanContext,
+    ) -> Result<String, RelayError> {
+        let span = tracing::info_span!(
+            "provider_call",
+            otel.name = "lienthong.provider.v1.RecordProvider/Fetch",
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            provider = %provider,
+            record_type = %request.record_type,
+            endpoint = tracing::field::Empty,
+            attempts = 0u32,
+            outcome = tracing::field::Empty,
+        );
+        let result = self
+            .fetch_in(provider, request, deadline, caller_trace, &span)
+            .instrument(span.clone())
+            .await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(RelayError::NotFound) => "not_found",
+            Err(RelayError::Rejected) => "rejected",
+            Err(RelayError::Unavailable(_)) => "unavailable",
+            Err(RelayError::Deadline(_)) => "timeout",
+        };
+        span.record("outcome", outcome);
+        if matches!(result, Err(RelayError::Unavailable(_) | RelayError::Deadline(_))) {
+            span.record("otel.status_code", "ERROR");
+        }
+        result
+    }
+
+    async fn fetch_in(
+        &self,
+        provider: &str,
+        request: FetchRequest,
+        deadline: Instant,
+        caller_trace: &SpanContext,
+        span: &tracing::Span,
     ) -> Result<String, RelayError> {
         let pool = self
             .pools
@@ -316,9 +360,9 @@ impl Relay {
             let ep = &pool.endpoints[i];
             let mut req = tonic::Request::new(request.clone());
             req.set_timeout(remaining);
-            if let Some(tp) = traceparent {
-                req.metadata_mut().insert("traceparent", tp.clone());
-            }
+            span.record("endpoint", ep.id.as_str());
+            span.record("attempts", retries + 1);
+            crate::telemetry::inject(span, caller_trace, req.metadata_mut());
             ep.outstanding.fetch_add(1, Ordering::Relaxed);
             let result =
                 tokio::time::timeout(remaining, RecordProviderClient::new(ep.channel.clone()).fetch(req)).await;

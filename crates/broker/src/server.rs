@@ -56,6 +56,8 @@ pub enum StartError {
 pub struct ServerHandle {
     /// Address the gRPC listener is bound to.
     pub addr: SocketAddr,
+    /// Address of the Prometheus `/metrics` listener, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     /// Shared state (for tests and the demo).
     pub broker: Arc<Broker>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -149,6 +151,22 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     bootstrap_admin(&config, &store, &audit).await?;
     let relay = Relay::new(material, config.trust_domain.clone(), config.relay.clone());
     let broker = Broker::new(config.clone(), store, audit, relay).await?;
+    let metrics_listener = match config.telemetry.metrics_addr() {
+        None => None,
+        Some(Ok(addr)) => Some(
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|e| StartError::Io {
+                    what: format!("cannot listen for metrics on {addr}"),
+                    source: e.source,
+                })?,
+        ),
+        Some(Err(e)) => return Err(BrokerError::InvalidArgument(format!("telemetry.metrics_listen: {e}")).into()),
+    };
+    let metrics_addr = match &metrics_listener {
+        Some(l) => Some(l.local_addr().map_err(io("metrics listener address"))?),
+        None => None,
+    };
     let watcher = broker.spawn_watcher(Duration::from_secs(2));
 
     let listener = match listener {
@@ -197,6 +215,26 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .add_service(ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max))
         .add_service(AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max));
 
+    // The metrics listener outlives the gRPC one until the final tree head
+    // is signed, so a scrape can watch the drain.
+    let (metrics_stop, metrics_task) = match metrics_listener {
+        Some(listener) => {
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), async move {
+                let _ = stopped.await;
+            }));
+            if let Some(addr) = metrics_addr {
+                if addr.ip().is_loopback() {
+                    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+                } else {
+                    tracing::warn!(%addr, "metrics listener is reachable from the network; /metrics has no authentication");
+                }
+            }
+            (Some(stop), Some(task))
+        }
+        None => (None, None),
+    };
+
     let (tx, rx) = oneshot::channel::<()>();
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     let task_broker = broker.clone();
@@ -230,8 +268,14 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             },
         };
         watcher.abort();
-        let head = task_broker.audit.shutdown().await?;
-        if let Some(h) = head {
+        let head = task_broker.audit.shutdown().await;
+        if let Some(stop) = metrics_stop {
+            let _ = stop.send(());
+        }
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        if let Some(h) = head? {
             tracing::info!(tree_size = h.tree_size, "final tree head signed");
         }
         result.map_err(|e| StartError::Broker(BrokerError::Internal(format!("server: {e}"))))
@@ -239,6 +283,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     tracing::info!(%addr, trust_domain = %config.trust_domain, log_id = %broker.audit.log_id(), "broker serving");
     Ok(ServerHandle {
         addr,
+        metrics_addr,
         broker,
         shutdown: Some(tx),
         join: Some(join),

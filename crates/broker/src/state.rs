@@ -32,6 +32,8 @@ pub struct Broker {
     pub rate_limiter: RateLimiter,
     /// Limits applied to registered schemas.
     pub schema_limits: SchemaLimits,
+    /// Prometheus metrics of the request path.
+    pub metrics: crate::metrics::Metrics,
     snapshot: ArcSwap<Snapshot>,
     snapshot_loaded_at: Mutex<Instant>,
     // Compiled validators by (name, version, digest, deprecated): a snapshot
@@ -88,6 +90,7 @@ impl Broker {
             relay,
             rate_limiter: RateLimiter::new(),
             schema_limits,
+            metrics: crate::metrics::Metrics::new(),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             snapshot_loaded_at: Mutex::new(Instant::now()),
             compiled: Mutex::new(HashMap::new()),

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use lienthong::v1 as pb;
 use lienthong_audit::SignedTreeHead;
 use lienthong_audit::merkle::{Hash, verify_consistency, verify_inclusion};
-use lienthong_audit::verify::{ExportLine, VerifierState, verify_export};
+use lienthong_audit::verify::{ExportLine, VerifierState, verify_export, verify_export_reader};
 use std::io::Write;
 use std::path::PathBuf;
 use time::OffsetDateTime;
@@ -615,8 +615,9 @@ pub struct VerifyArgs {
     /// State file remembering the last verified tree head of each log.
     #[arg(long, default_value = "lienthong-verifier-state.json")]
     pub state: PathBuf,
-    /// Pinned public key (hex, 32 bytes) or a file holding it; without it the
-    /// key is taken from the broker on first use and pinned in the state file.
+    /// Pinned public key (PEM or 64 hex digits) or a file holding it. Online,
+    /// each log's key must hash to its log id, and the state file pins the
+    /// heads verified before.
     #[arg(long)]
     pub public_key: Option<String>,
     /// Offline: verify this export file (from `audit export`) against `--sth`.
@@ -840,8 +841,8 @@ fn read_pinned_key(spec: &str) -> Result<[u8; 32]> {
     } else {
         spec.to_string()
     };
-    let bytes = hex::decode(text.trim()).context("the public key must be 64 hex digits")?;
-    key_from(&bytes)
+    // PEM (as `GetPublicKey` serves it) or 64 hex digits.
+    Ok(lienthong_audit::keys::parse_public_key(&text)?)
 }
 
 fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
@@ -854,8 +855,7 @@ fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     let mut state = VerifierState::load(&v.state)?;
     let previous = state.logs.get(&sth.log_id).cloned();
     let file = std::fs::File::open(export).with_context(|| format!("cannot read {}", export.display()))?;
-    let lines = read_export(file)?;
-    let report = verify_export(lines.into_iter(), &sth, &key, previous.as_ref(), None)
+    let report = verify_export_reader(std::io::BufReader::new(file), &sth, &key, previous.as_ref(), None)
         .map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
     state.logs.insert(sth.log_id.clone(), sth);
     state.save(&v.state)?;
@@ -864,19 +864,6 @@ fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
         report.log_id, report.entries
     );
     Ok(())
-}
-
-fn read_export(file: std::fs::File) -> Result<Vec<ExportLine>> {
-    use std::io::BufRead;
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        out.push(serde_json::from_str(&line).with_context(|| format!("export line {} is malformed", i + 1))?);
-    }
-    Ok(out)
 }
 
 async fn verify_online(
@@ -890,24 +877,28 @@ async fn verify_online(
         .map_err(status_error)?
         .into_inner()
         .logs;
-    let pinned = v.public_key.as_deref().map(read_pinned_key).transpose()?;
+    // A pinned key names exactly one log: the one whose id is its hash.
+    let only = match v.public_key.as_deref().map(read_pinned_key).transpose()? {
+        Some(pin) => {
+            let id = lienthong_audit::keys::log_id_of(&pin);
+            if v.log.as_ref().is_some_and(|l| *l != id) {
+                bail!("--log {} is not the log of the pinned public key ({id})", v.log.as_deref().unwrap_or_default());
+            }
+            if !logs.iter().any(|l| l.log_id == id) {
+                bail!("the log of the pinned public key ({id}) is not in this federation's database");
+            }
+            Some(id)
+        }
+        None => v.log.clone(),
+    };
     let mut failures = 0;
-    for log in logs
-        .iter()
-        .filter(|l| v.log.as_ref().is_none_or(|only| *only == l.log_id))
-    {
+    for log in logs.iter().filter(|l| only.as_ref().is_none_or(|id| *id == l.log_id)) {
         let key = key_from(&log.public_key)?;
         // The log id is the hash of its key: a log cannot change keys unnoticed.
-        use sha2::Digest;
-        if hex::encode(sha2::Sha256::digest(key)) != log.log_id {
+        if lienthong_audit::keys::log_id_of(&key) != log.log_id {
             println!("log {}: FAILED: its public key does not hash to its log id", log.log_id);
             failures += 1;
             continue;
-        }
-        if let Some(pin) = pinned {
-            if v.log.is_some() && pin != key {
-                bail!("log {} is signed by a different key than the pinned one", log.log_id);
-            }
         }
         let head = match c
             .get_signed_tree_head(pb::GetSignedTreeHeadRequest {

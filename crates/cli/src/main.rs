@@ -10,6 +10,8 @@ use lienthong_cli::federation::FederationOptions;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod health;
+
 /// lienthong: a data-sharing broker between government agency registers.
 #[derive(Debug, Parser)]
 #[command(name = "lienthong", version, about, long_about = None)]
@@ -93,6 +95,9 @@ enum Command {
     /// Read, export and verify the access log.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Ask a broker's gRPC health service whether it serves (exit 0) or not (exit 1);
+    /// needs only the CA certificate (`--ca` or `--certs`), for container probes.
+    Health(health::HealthArgs),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -241,6 +246,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Schema(c) => commands::schema(&cli.connect, c).await,
         Command::Lookup(a) => commands::lookup(&cli.connect, a).await,
         Command::Audit(c) => commands::audit(&cli.connect, c, cli.json).await,
+        Command::Health(a) => health::run(&cli.connect, a).await,
     }
 }
 
