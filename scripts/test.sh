@@ -22,6 +22,7 @@ if [ -d deploy/k8s ] && ! python3 -c 'import kubernetes_validate' >/dev/null 2>&
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
 
+bash scripts/check-deploy.sh
 echo "== building"
 cargo build --workspace --all-targets --locked
 echo "== testing"

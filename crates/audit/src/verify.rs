@@ -249,13 +249,12 @@ fn verify_lines(
         if prev.tree_size == 0 && prev.root_hash != merkle::empty_root() {
             return Err(forked());
         }
-        let proof_fails = |proof: &&[Hash]| {
-            !merkle::verify_consistency(prev.tree_size, sth.tree_size, &prev.root_hash, &sth.root_hash, proof)
-        };
-        if consistency_proof.filter(proof_fails).is_some() {
-            return Err(forked());
-        }
     }
+    // A failing supplied proof is reported after the entries were read, so a
+    // more precise finding (a named entry, a truncated tail) comes first.
+    let proof_failed = previous.zip(consistency_proof).is_some_and(|(prev, proof)| {
+        !merkle::verify_consistency(prev.tree_size, sth.tree_size, &prev.root_hash, &sth.root_hash, proof)
+    });
 
     let mut frontier = Frontier::new();
     let mut lines = lines.peekable();
@@ -318,6 +317,12 @@ fn verify_lines(
         return Err(VerifyError::Truncated {
             have,
             signed: sth.tree_size,
+        });
+    }
+    if let (true, Some(prev)) = (proof_failed, previous) {
+        return Err(VerifyError::Inconsistent {
+            old_size: prev.tree_size,
+            new_size: sth.tree_size,
         });
     }
     Ok(VerifyReport {

@@ -915,7 +915,7 @@ async fn verify_online(
         };
         let previous = state.logs.get(&log.log_id).cloned();
         let proof = match &previous {
-            Some(p) if p.tree_size > 0 && p.tree_size <= head.tree_size => {
+            Some(p) if p.tree_size > 0 && p.tree_size < head.tree_size => {
                 let r = c
                     .get_consistency_proof(pb::GetConsistencyProofRequest {
                         log_id: log.log_id.clone(),

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// One lookup, as the broker asked for it.
 #[derive(Clone, Debug)]
@@ -153,6 +154,38 @@ pub fn trace_id_from_metadata(metadata: &MetadataMap) -> Option<String> {
     valid.then(|| trace_id.to_owned())
 }
 
+/// Reads gRPC metadata for the W3C trace-context propagator.
+struct MetadataExtractor<'a>(&'a MetadataMap);
+
+impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// The broker's span this fetch continues (`traceparent`, `tracestate`), if
+/// the broker sent a valid one.
+pub fn remote_parent(metadata: &MetadataMap) -> Option<opentelemetry::Context> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    if !metadata.contains_key("traceparent") {
+        return None;
+    }
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+        .extract_with_context(&opentelemetry::Context::new(), &MetadataExtractor(metadata));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
 /// The `RecordProvider` service the kit puts in front of a [`RecordSource`].
 struct KitService {
     source: Arc<dyn RecordSource>,
@@ -182,16 +215,25 @@ impl RecordProvider for KitService {
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         authorize(&request)?;
         let trace_id = trace_id_from_metadata(request.metadata());
+        let parent = remote_parent(request.metadata());
         let req = request.into_inner();
         let span = tracing::info_span!(
             "fetch",
+            otel.name = "lienthong.provider.v1.RecordProvider/Fetch",
+            otel.kind = "server",
             record_type = %req.record_type,
             request_id = %req.request_id,
             consumer = %req.consumer,
             trace_id = tracing::field::Empty,
+            outcome = tracing::field::Empty,
         );
         if let Some(trace_id) = &trace_id {
             span.record("trace_id", tracing::field::display(trace_id));
+        }
+        if let Some(parent) = parent {
+            // Without an OpenTelemetry layer there is no span tree to join;
+            // the trace id above still correlates the log lines.
+            let _ = span.set_parent(parent);
         }
         let source = self.source.clone();
         async move {
@@ -199,6 +241,13 @@ impl RecordProvider for KitService {
             let record_type = req.record_type.clone();
             let result = fetch_record(source, req).await;
             let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+            tracing::Span::current().record(
+                "outcome",
+                match &result {
+                    Ok(_) => "ok",
+                    Err(error) => error.outcome(),
+                },
+            );
             match &result {
                 Ok(_) => tracing::info!(%record_type, outcome = "ok", latency_ms, "fetch"),
                 Err(error) => tracing::info!(
@@ -307,6 +356,21 @@ mod tests {
         let future = with_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-xyz");
         assert!(trace_id_from_metadata(&future).is_some());
         assert_eq!(trace_id_from_metadata(&MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn the_broker_span_is_the_parent() {
+        use opentelemetry::trace::TraceContextExt;
+        let cx = remote_parent(&with_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ))
+        .unwrap();
+        let parent = cx.span().span_context().clone();
+        assert_eq!(parent.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parent.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(parent.is_remote() && parent.is_sampled());
+        assert!(remote_parent(&with_traceparent("garbage")).is_none());
+        assert!(remote_parent(&MetadataMap::new()).is_none());
     }
 
     #[test]

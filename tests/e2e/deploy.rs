@@ -1,0 +1,527 @@
+//! deploy/: what operators copy must work as shipped.
+//!
+//! * Every broker TOML file in deploy/ loads through the broker's own loader.
+//! * The compose federation's topology runs as separate OS processes on
+//!   loopback, driven by the compose files themselves: `init-certs.sh` makes the
+//!   certificates and the shared subject secret, two `lienthong serve` processes
+//!   run deploy/compose/broker.toml on one PostgreSQL, two `lienthong
+//!   demo-provider` processes serve the registers, `setup-federation.sh`
+//!   administers the federation. A client spreads lookups over both brokers;
+//!   one broker is SIGKILLed mid-run and the client's retries land on the
+//!   other; both logs verify, before and after the killed broker comes back.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::client::{Clients, connect, member_files};
+use lienthong_cli::federation::{JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT};
+use lienthong_store::testing::PgCluster;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::Code;
+
+const TRUST_DOMAIN: &str = "lienthong.gov.vn";
+const SEED: u64 = 2020;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            toml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
+    let deploy = repo().join("deploy");
+    let mut files = Vec::new();
+    toml_files(&deploy, &mut files);
+    files.sort();
+    let shipped: Vec<String> = files
+        .iter()
+        .map(|f| f.strip_prefix(&deploy).unwrap().display().to_string())
+        .collect();
+    for expected in ["compose/broker.toml", "k8s/lienthong.toml", "systemd/lienthong.toml"] {
+        assert!(
+            shipped.iter().any(|s| s == expected),
+            "{expected} missing from {shipped:?}"
+        );
+    }
+    // The certificates live where the deployment mounts them; the loader
+    // insists they exist, so stand-ins are given through the environment.
+    let tls = tempfile::tempdir().unwrap();
+    let mut env = Vec::new();
+    for (var, file) in [("CA", "ca.pem"), ("CERT", "broker.pem"), ("KEY", "broker.key")] {
+        let path = tls.path().join(file);
+        std::fs::write(&path, "placeholder").unwrap();
+        env.push((format!("LIENTHONG_TLS_{var}"), path.display().to_string()));
+    }
+    for (file, name) in files.iter().zip(&shipped) {
+        let config = lienthong_broker::Config::load(Some(file), env.clone())
+            .unwrap_or_else(|e| panic!("deploy/{name} does not load: {e}"));
+        // One layout everywhere: the image, the unit and the manifests agree.
+        assert_eq!(config.listen_addr().unwrap().port(), 7443, "{name}");
+        assert_eq!(config.data_dir, Path::new("/var/lib/lienthong"), "{name}");
+        assert_eq!(config.trust_domain, TRUST_DOMAIN, "{name}");
+        assert_eq!(config.bootstrap_admin, "federation-admin", "{name}");
+        assert_eq!(config.telemetry.log_format, "json", "{name}");
+        if name.starts_with("compose/") || name.starts_with("k8s/") {
+            // Replicas: one shared PostgreSQL, the password from PGPASSWORD.
+            let rest = config
+                .database_url
+                .strip_prefix("postgres://")
+                .unwrap_or_else(|| panic!("{name}"));
+            let userinfo = rest.split_once('@').map(|(u, _)| u).unwrap_or("");
+            assert!(!userinfo.contains(':'), "{name} must not hold a database password");
+            assert!(!config.telemetry.metrics_listen.is_empty(), "{name} exposes metrics");
+            assert!(!config.telemetry.otlp_endpoint.is_empty(), "{name} exports traces");
+        }
+    }
+    // And a typo in a shipped file would be caught: the loader refuses unknown keys.
+    let broken = tls.path().join("broken.toml");
+    let text = std::fs::read_to_string(deploy.join("compose/broker.toml")).unwrap();
+    std::fs::write(&broken, text.replace("sign_interval_ms", "sign_intervall_ms")).unwrap();
+    let err = lienthong_broker::Config::load(Some(&broken), env)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sign_intervall_ms"), "{err}");
+}
+
+/// A long-running `lienthong` process whose stderr is forwarded with a label;
+/// killed on drop.
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    /// Spawns `cmd` and waits for the stderr line containing `marker`, which
+    /// ends with the bound address (`... on 127.0.0.1:PORT[ (...)]`).
+    fn spawn(label: &'static str, mut cmd: Command, marker: &'static str) -> Daemon {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some((_, rest)) = line.split_once(marker) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                }
+                eprintln!("[{label}] {line}");
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{label} prints its address"));
+        Daemon { child, addr }
+    }
+
+    fn url(&self) -> String {
+        let port = self.addr.rsplit(':').next().unwrap();
+        format!("https://127.0.0.1:{port}")
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The test's layout: where each piece of the compose federation lives.
+struct Site {
+    dir: tempfile::TempDir,
+    database_url: String,
+}
+
+impl Site {
+    fn certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+    fn ca_private(&self) -> PathBuf {
+        self.dir.path().join("ca-private")
+    }
+    fn data(&self, broker: u32) -> PathBuf {
+        self.dir.path().join(format!("broker-{broker}-data"))
+    }
+
+    /// `PATH` with the built binary first, as the scripts call `lienthong`.
+    fn path_env() -> String {
+        let bin_dir = bin().parent().unwrap().to_path_buf();
+        format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default())
+    }
+
+    fn run_script(&self, script: &str, env: &[(&str, String)]) -> String {
+        let out = Command::new("sh")
+            .arg(repo().join("deploy/compose").join(script))
+            .env("PATH", Self::path_env())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{script} failed:\n{text}");
+        text
+    }
+
+    fn init_certs(&self) -> String {
+        self.run_script(
+            "init-certs.sh",
+            &[
+                ("TRUST_DOMAIN", TRUST_DOMAIN.into()),
+                ("CERTS_DIR", self.certs().display().to_string()),
+                ("CA_PRIVATE_DIR", self.ca_private().display().to_string()),
+                (
+                    "BROKER_DATA_DIRS",
+                    format!("{} {}", self.data(1).display(), self.data(2).display()),
+                ),
+            ],
+        )
+    }
+
+    /// `lienthong serve` with deploy/compose/broker.toml, adapted to loopback
+    /// through environment overrides only.
+    fn broker(&self, n: u32) -> Daemon {
+        let certs = self.certs();
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--config"])
+            .arg(repo().join("deploy/compose/broker.toml"))
+            .env("LIENTHONG_LISTEN", "127.0.0.1:0")
+            .env("LIENTHONG_DATA_DIR", self.data(n))
+            .env("LIENTHONG_DATABASE_URL", &self.database_url)
+            .env("LIENTHONG_TLS_CA", certs.join("ca.pem"))
+            .env("LIENTHONG_TLS_CERT", certs.join("broker.pem"))
+            .env("LIENTHONG_TLS_KEY", certs.join("broker.key"))
+            .env("LIENTHONG_TELEMETRY_OTLP_ENDPOINT", "")
+            .env("LIENTHONG_TELEMETRY_METRICS_LISTEN", "")
+            .env("LIENTHONG_AUDIT_SIGN_INTERVAL_MS", "200")
+            .env("RUST_LOG", "warn");
+        Daemon::spawn(
+            if n == 1 { "broker-1" } else { "broker-2" },
+            cmd,
+            "lienthong broker listening on ",
+        )
+    }
+
+    fn register(&self, kind: &'static str) -> Daemon {
+        let mut cmd = Command::new(bin());
+        cmd.args(["demo-provider", kind, "--listen", "127.0.0.1:0", "--tls-dir"])
+            .arg(self.certs())
+            .args(["--trust-domain", TRUST_DOMAIN, "--seed", &SEED.to_string()])
+            .env("RUST_LOG", "warn");
+        Daemon::spawn(kind, cmd, "register serving on ")
+    }
+
+    fn setup_federation(&self, broker_url: &str, civil: &Daemon, judicial: &Daemon) -> String {
+        self.run_script(
+            "setup-federation.sh",
+            &[
+                ("LIENTHONG_BROKER", broker_url.to_string()),
+                ("LIENTHONG_CERTS", self.certs().display().to_string()),
+                (
+                    "SCHEMAS_DIR",
+                    repo().join("crates/provider/schemas").display().to_string(),
+                ),
+                ("CIVIL_STATUS_URL", civil.url()),
+                ("JUDICIAL_RECORDS_URL", judicial.url()),
+            ],
+        )
+    }
+
+    async fn client(&self, url: &str, member: &str) -> Clients {
+        connect(url, &member_files(&self.certs(), member)).await.unwrap()
+    }
+
+    /// `lienthong audit verify` as the state auditor through `broker_url`.
+    async fn verify(&self, broker_url: &str) -> (bool, String) {
+        let args: Vec<String> = [
+            "--broker",
+            broker_url,
+            "--certs",
+            &self.certs().display().to_string(),
+            "--as",
+            STATE_AUDIT,
+            "audit",
+            "verify",
+            "--state",
+            &self.dir.path().join("verifier.json").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        tokio::task::spawn_blocking(move || run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]))
+            .await
+            .unwrap()
+    }
+}
+
+/// `(size, entries)` that `audit verify` reported for `log_id`, if it verified.
+fn verified(out: &str, log_id: &str) -> Option<(u64, u64)> {
+    let line = out.lines().find(|l| l.starts_with(&format!("log {log_id}: OK")))?;
+    let number_before = |word: &str| -> Option<u64> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let i = words.iter().position(|w| w.trim_end_matches(',') == word)?;
+        words.get(i.checked_sub(1)?)?.trim_end_matches(',').parse().ok()
+    };
+    let size = line.split("of size ").nth(1)?.split_whitespace().next()?.parse().ok()?;
+    Some((size, number_before("entries")?))
+}
+
+/// One lookup, preferring broker `first` and retrying on the other while a
+/// broker is unreachable; returns the answering broker and the receipt.
+async fn lookup_with_failover(brokers: &[Clients; 2], first: usize, subject: &str) -> (usize, pb::Receipt) {
+    let mut last = None;
+    for attempt in 0..6 {
+        let b = (first + attempt) % 2;
+        let mut request = tonic::Request::new(birth_lookup(subject, PURPOSE_CERTIFICATE));
+        request.set_timeout(Duration::from_secs(5));
+        match brokers[b].exchange().lookup(request).await {
+            Ok(r) => return (b, r.into_inner().receipt.expect("a released record carries a receipt")),
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled) => {
+                last = Some(s);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(s) => panic!("lookup through broker {} failed for good: {s:?}", b + 1),
+        }
+    }
+    panic!("no broker answered: {last:?}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let site = Site {
+        dir: tempfile::tempdir().unwrap(),
+        database_url: cluster.create_database().await.unwrap(),
+    };
+
+    // Certificates and the shared subject secret, as the compose init service
+    // makes them; running it again changes nothing.
+    site.init_certs();
+    assert!(
+        !site.certs().join("ca.key").exists(),
+        "the CA key is kept apart from the certificates"
+    );
+    assert!(site.ca_private().join("ca.key").is_file());
+    let secret = |n| std::fs::read_to_string(site.data(n).join("subject-hmac.key")).unwrap();
+    assert_eq!(secret(1).trim().len(), 64);
+    assert_eq!(secret(1), secret(2), "replicas share one subject secret");
+    let ca_before = std::fs::read(site.certs().join("ca.pem")).unwrap();
+    site.init_certs();
+    assert_eq!(std::fs::read(site.certs().join("ca.pem")).unwrap(), ca_before);
+    assert_eq!(secret(1), secret(2));
+
+    let mut broker1 = site.broker(1);
+    let mut broker2 = site.broker(2);
+    let civil = site.register("civil-status");
+    let judicial = site.register("judicial-records");
+
+    let out = site.setup_federation(&broker1.url(), &civil, &judicial);
+    assert!(out.contains("federation set up"), "{out}");
+    let again = site.setup_federation(&broker1.url(), &civil, &judicial);
+    assert!(
+        again.contains("member civil-status exists") && again.contains("active grant of judicial"),
+        "a second run keeps what exists:\n{again}"
+    );
+
+    // The probe of the image and the manifests: only the CA, no client certificate.
+    let ca = site.certs().join("ca.pem").display().to_string();
+    let health = |url: String| {
+        let ca = ca.clone();
+        tokio::task::spawn_blocking(move || {
+            run_cli(
+                &[
+                    "health",
+                    "--broker",
+                    &url,
+                    "--ca",
+                    &ca,
+                    "--service",
+                    "lienthong.v1.Exchange",
+                ],
+                &[],
+            )
+        })
+    };
+    let (ok, out) = health(broker2.url()).await.unwrap();
+    assert!(ok && out.contains("SERVING"), "{out}");
+
+    let office = [
+        site.client(&broker1.url(), JUDICIAL_OFFICE).await,
+        site.client(&broker2.url(), JUDICIAL_OFFICE).await,
+    ];
+    // Broker 2 learns the grants created through broker 1 from the database.
+    let o = office.clone();
+    let subject = lienthong_provider::demo::citizen_national_id(SEED, 1);
+    assert!(
+        eventually(Duration::from_secs(5), async || o[1]
+            .exchange()
+            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+            .await
+            .is_ok())
+        .await,
+        "broker 2 serves the grants set up through broker 1"
+    );
+
+    // Four clients spread lookups over both brokers; broker 2 is killed
+    // once 40 lookups have been answered.
+    const TOTAL: u32 = 160;
+    const KILL_AFTER: u32 = 40;
+    let next = Arc::new(AtomicU32::new(0));
+    let answered = Arc::new(AtomicU32::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let receipts = Arc::new(Mutex::new(Vec::<(usize, bool, pb::Receipt)>::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (office, next, answered, killed, receipts) = (
+            office.clone(),
+            next.clone(),
+            answered.clone(),
+            killed.clone(),
+            receipts.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= TOTAL {
+                    break;
+                }
+                let subject = lienthong_provider::demo::citizen_national_id(SEED, 1000 + i);
+                let after_kill = killed.load(Ordering::SeqCst);
+                let (b, receipt) = lookup_with_failover(&office, (i % 2) as usize, &subject).await;
+                receipts.lock().unwrap().push((b, after_kill, receipt));
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    let a = answered.clone();
+    assert!(eventually(Duration::from_secs(20), async || a.load(Ordering::SeqCst) >= KILL_AFTER).await);
+    broker2.kill();
+    killed.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.expect("every lookup was answered by one broker or the other");
+    }
+    let receipts = receipts.lock().unwrap().clone();
+    assert_eq!(receipts.len(), TOTAL as usize);
+    assert!(
+        receipts.iter().any(|(b, _, _)| *b == 1),
+        "broker 2 answered before it was killed"
+    );
+    assert!(
+        receipts.iter().filter(|(_, after, _)| *after).all(|(b, _, _)| *b == 0),
+        "after the kill only broker 1 answers"
+    );
+    let log_of = |broker: usize| -> String {
+        let ids: std::collections::BTreeSet<&str> = receipts
+            .iter()
+            .filter(|(b, _, _)| *b == broker)
+            .map(|(_, _, r)| r.log_id.as_str())
+            .collect();
+        assert_eq!(ids.len(), 1, "broker {} writes one log", broker + 1);
+        ids.into_iter().next().unwrap().to_string()
+    };
+    let (log1, log2) = (log_of(0), log_of(1));
+    assert_ne!(log1, log2, "each replica keeps its own log");
+
+    let (ok, out) = health(broker2.url()).await.unwrap();
+    assert!(!ok, "a killed broker is reported unhealthy: {out}");
+
+    // Through the surviving broker, both logs verify: the killed one up to
+    // the last tree head it signed.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (ok, out) = site.verify(&broker1.url()).await;
+    assert!(ok, "{out}");
+    assert!(verified(&out, &log1).is_some(), "{out}");
+    let (killed_head, _) = verified(&out, &log2).unwrap_or_else(|| panic!("{out}"));
+
+    // Broker 2 comes back on its data directory (same key, same log), then
+    // stops cleanly, signing a head over everything it ever logged.
+    let mut restarted = site.broker(2);
+    let status = restarted.terminate();
+    assert!(status.success(), "{status:?}");
+    let (ok, out) = site.verify(&broker1.url()).await;
+    assert!(ok, "the restarted broker extended its log consistently: {out}");
+    let (final_head, entries) = verified(&out, &log2).unwrap_or_else(|| panic!("{out}"));
+    assert!(final_head >= killed_head);
+    assert_eq!(final_head, entries, "the final head covers the whole log");
+
+    // Every lookup that released data is in a verified log, as answered.
+    let auditor = site.client(&broker1.url(), STATE_AUDIT).await;
+    let mut stored: HashMap<(String, u64), Vec<u8>> = HashMap::new();
+    for log in [&log1, &log2] {
+        let mut token = String::new();
+        loop {
+            let page = auditor
+                .audit()
+                .query_entries(pb::QueryEntriesRequest {
+                    filter: Some(pb::EntryFilter {
+                        log_id: log.clone(),
+                        ..Default::default()
+                    }),
+                    page_size: 1000,
+                    page_token: token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for e in page.entries {
+                stored.insert((log.clone(), e.sequence), e.leaf_hash);
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+    }
+    let mut per_log = BTreeMap::<&str, u64>::new();
+    for (_, _, r) in &receipts {
+        assert_eq!(
+            stored.get(&(r.log_id.clone(), r.sequence)),
+            Some(&r.leaf_hash),
+            "released lookup {}#{} is logged",
+            r.log_id,
+            r.sequence
+        );
+        if r.log_id == log2 {
+            assert!(r.sequence < final_head, "covered by broker 2's signed head");
+        }
+        *per_log.entry(r.log_id.as_str()).or_default() += 1;
+    }
+    assert_eq!(per_log.len(), 2, "{per_log:?}");
+
+    assert!(broker1.terminate().success());
+}
