@@ -202,27 +202,7 @@ async fn sigkill_under_load_loses_no_released_lookup() {
         lienthong_cli::client::connect(&process.url, &lienthong_cli::client::member_files(&certs, STATE_AUDIT))
             .await
             .unwrap();
-    let mut entries = std::collections::HashMap::new();
-    let mut token = String::new();
-    loop {
-        let page = auditor
-            .audit()
-            .query_entries(pb::QueryEntriesRequest {
-                filter: None,
-                page_size: 1000,
-                page_token: token,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for e in &page.entries {
-            entries.insert(e.sequence, e.leaf_hash.clone());
-        }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let entries = logged_leaves(&auditor, "").await;
     for r in &receipts {
         assert_eq!(
             entries.get(&r.sequence),

@@ -301,7 +301,19 @@ fn verified(out: &str, log_id: &str) -> Option<(u64, u64)> {
     Some((size, number_before("entries")?))
 }
 
-/// One lookup, preferring broker `first` and retrying on the other while a
+/// How one lookup of the client was answered.
+#[derive(Clone)]
+struct Answer {
+    /// Index of the broker that answered.
+    broker: usize,
+    /// Index of the broker tried first.
+    first: usize,
+    /// Whether broker 2 had been killed when the lookup started.
+    after_kill: bool,
+    receipt: pb::Receipt,
+}
+
+/// One lookup, trying broker `first` and retrying on the other while a
 /// broker is unreachable; returns the answering broker and the receipt.
 async fn lookup_with_failover(brokers: &[Clients; 2], first: usize, subject: &str) -> (usize, pb::Receipt) {
     let mut last = None;
@@ -404,7 +416,7 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     let next = Arc::new(AtomicU32::new(0));
     let answered = Arc::new(AtomicU32::new(0));
     let killed = Arc::new(AtomicBool::new(false));
-    let receipts = Arc::new(Mutex::new(Vec::<(usize, bool, pb::Receipt)>::new()));
+    let receipts = Arc::new(Mutex::new(Vec::<Answer>::new()));
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let (office, next, answered, killed, receipts) = (
@@ -422,8 +434,14 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
                 }
                 let subject = lienthong_provider::demo::citizen_national_id(SEED, 1000 + i);
                 let after_kill = killed.load(Ordering::SeqCst);
-                let (b, receipt) = lookup_with_failover(&office, (i % 2) as usize, &subject).await;
-                receipts.lock().unwrap().push((b, after_kill, receipt));
+                let first = (i % 2) as usize;
+                let (broker, receipt) = lookup_with_failover(&office, first, &subject).await;
+                receipts.lock().unwrap().push(Answer {
+                    broker,
+                    first,
+                    after_kill,
+                    receipt,
+                });
                 answered.fetch_add(1, Ordering::SeqCst);
             }
         }));
@@ -438,18 +456,23 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     let receipts = receipts.lock().unwrap().clone();
     assert_eq!(receipts.len(), TOTAL as usize);
     assert!(
-        receipts.iter().any(|(b, _, _)| *b == 1),
+        receipts.iter().any(|a| a.broker == 1),
         "broker 2 answered before it was killed"
     );
     assert!(
-        receipts.iter().filter(|(_, after, _)| *after).all(|(b, _, _)| *b == 0),
+        receipts.iter().filter(|a| a.after_kill).all(|a| a.broker == 0),
         "after the kill only broker 1 answers"
+    );
+    let failed_over = receipts.iter().filter(|a| a.after_kill && a.first == 1).count();
+    assert!(
+        failed_over > 0,
+        "lookups sent to the killed broker were retried on the other"
     );
     let log_of = |broker: usize| -> String {
         let ids: std::collections::BTreeSet<&str> = receipts
             .iter()
-            .filter(|(b, _, _)| *b == broker)
-            .map(|(_, _, r)| r.log_id.as_str())
+            .filter(|a| a.broker == broker)
+            .map(|a| a.receipt.log_id.as_str())
             .collect();
         assert_eq!(ids.len(), 1, "broker {} writes one log", broker + 1);
         ids.into_iter().next().unwrap().to_string()
@@ -468,18 +491,9 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     assert!(verified(&out, &log1).is_some(), "{out}");
     let (killed_head, _) = verified(&out, &log2).unwrap_or_else(|| panic!("{out}"));
 
-    // Broker 2 comes back on its data directory (same key, same log), then
-    // stops cleanly, signing a head over everything it ever logged.
-    let mut restarted = site.broker(2);
-    let status = restarted.terminate();
-    assert!(status.success(), "{status:?}");
-    let (ok, out) = site.verify(&broker1.url()).await;
-    assert!(ok, "the restarted broker extended its log consistently: {out}");
-    let (final_head, entries) = verified(&out, &log2).unwrap_or_else(|| panic!("{out}"));
-    assert!(final_head >= killed_head);
-    assert_eq!(final_head, entries, "the final head covers the whole log");
-
-    // Every lookup that released data is in a verified log, as answered.
+    // Every lookup that released data is in the log of the broker that
+    // answered, as the receipt says, even those broker 2 answered just
+    // before it was killed.
     let auditor = site.client(&broker1.url(), STATE_AUDIT).await;
     let mut stored: HashMap<(String, u64), Vec<u8>> = HashMap::new();
     for log in [&log1, &log2] {
@@ -508,7 +522,7 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
         }
     }
     let mut per_log = BTreeMap::<&str, u64>::new();
-    for (_, _, r) in &receipts {
+    for r in receipts.iter().map(|a| &a.receipt) {
         assert_eq!(
             stored.get(&(r.log_id.clone(), r.sequence)),
             Some(&r.leaf_hash),
@@ -516,12 +530,42 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
             r.log_id,
             r.sequence
         );
-        if r.log_id == log2 {
-            assert!(r.sequence < final_head, "covered by broker 2's signed head");
-        }
         *per_log.entry(r.log_id.as_str()).or_default() += 1;
     }
     assert_eq!(per_log.len(), 2, "{per_log:?}");
+    let log2_size = stored.keys().filter(|(log, _)| *log == log2).count() as u64;
+
+    // Broker 2 comes back on its data directory (same key, same log) and
+    // signs a head over everything it logged before the kill.
+    let mut restarted = site.broker(2);
+    let head_of_log2 = async || {
+        auditor
+            .audit()
+            .get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: log2.clone() })
+            .await
+            .map(|h| h.into_inner().tree_size)
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), async || head_of_log2().await == log2_size).await,
+        "the restarted broker signs a head over its whole log ({log2_size} entries)"
+    );
+    assert!(restarted.terminate().success());
+    let (ok, out) = site.verify(&broker1.url()).await;
+    assert!(ok, "the restarted broker extended its log consistently: {out}");
+    let (head, entries) = verified(&out, &log2).unwrap_or_else(|| panic!("{out}"));
+    assert!(head >= killed_head && head >= log2_size, "{out}");
+    assert_eq!(
+        head, entries,
+        "every entry of the killed broker's log is now signed: {out}"
+    );
+    for r in receipts.iter().map(|a| &a.receipt).filter(|r| r.log_id == log2) {
+        assert!(
+            r.sequence < head,
+            "lookup {} is covered by broker 2's signed head",
+            r.sequence
+        );
+    }
 
     assert!(broker1.terminate().success());
 }

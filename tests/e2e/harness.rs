@@ -199,3 +199,26 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Every entry of a log (this broker's own when `log_id` is empty), as
+/// sequence -> leaf hash, read page by page as an auditor.
+pub async fn logged_leaves(auditor: &Clients, log_id: &str) -> std::collections::HashMap<u64, Vec<u8>> {
+    let mut entries = std::collections::HashMap::new();
+    let mut token = String::new();
+    loop {
+        let filter = pb::EntryFilter { log_id: log_id.into(), ..Default::default() };
+        let page = auditor
+            .audit()
+            .query_entries(pb::QueryEntriesRequest { filter: Some(filter), page_size: 1000, page_token: token })
+            .await
+            .unwrap()
+            .into_inner();
+        for e in page.entries {
+            entries.insert(e.sequence, e.leaf_hash);
+        }
+        if page.next_page_token.is_empty() {
+            return entries;
+        }
+        token = page.next_page_token;
+    }
+}

@@ -9,6 +9,7 @@ mod authz;
 mod deploy;
 mod foundation;
 mod harness;
+mod observability;
 mod relay;
 mod replicas;
 mod schemas;

@@ -186,23 +186,7 @@ async fn a_database_outage_fails_closed_and_traffic_resumes_without_restart() {
     }
     // Every lookup that released data has its entry in the log.
     let auditor = client(&fed, STATE_AUDIT).await;
-    let mut stored = std::collections::HashMap::new();
-    let mut token = String::new();
-    loop {
-        let page = auditor
-            .audit()
-            .query_entries(pb::QueryEntriesRequest { filter: None, page_size: 1000, page_token: token })
-            .await
-            .unwrap()
-            .into_inner();
-        for e in page.entries {
-            stored.insert(e.sequence, e.leaf_hash);
-        }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let stored = logged_leaves(&auditor, "").await;
     for r in receipts.lock().unwrap().iter() {
         assert_eq!(stored.get(&r.sequence), Some(&r.leaf_hash), "released lookup #{} is logged", r.sequence);
     }

@@ -98,6 +98,8 @@ enum Command {
     /// Ask a broker's gRPC health service whether it serves (exit 0) or not (exit 1);
     /// needs only the CA certificate (`--ca` or `--certs`), for container probes.
     Health(health::HealthArgs),
+    /// Measure the broker against a direct call and an nginx proxy, all with mutual TLS.
+    Bench(lienthong_cli::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -167,15 +169,14 @@ async fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let cfg = lienthong_broker::Config::load(config.as_deref(), std::env::vars())?;
-            init_logging(
-                if cli.log_format == "json" {
-                    "json"
-                } else {
-                    &cfg.telemetry.log_format
-                },
-                Some(&cfg.telemetry.log_filter),
-            );
-            serve(cfg).await
+            let mut telemetry = lienthong_broker::telemetry::TelemetryOptions::from_config(&cfg.telemetry);
+            if cli.log_format == "json" {
+                telemetry.log_format = "json".into();
+            }
+            let telemetry = lienthong_broker::telemetry::init(&telemetry)?;
+            let result = serve(cfg).await;
+            telemetry.shutdown().await;
+            result
         }
         Command::Demo {
             dir,
@@ -247,6 +248,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Lookup(a) => commands::lookup(&cli.connect, a).await,
         Command::Audit(c) => commands::audit(&cli.connect, c, cli.json).await,
         Command::Health(a) => health::run(&cli.connect, a).await,
+        Command::Bench(a) => {
+            init_logging(&cli.log_format, Some("warn"));
+            lienthong_cli::bench::run(a, cli.json).await
+        }
     }
 }
 
@@ -274,12 +279,20 @@ async fn shutdown_signal() {
 }
 
 async fn serve(cfg: lienthong_broker::Config) -> Result<()> {
+    // Handlers are installed on the first poll: do it before starting, so a
+    // SIGTERM during start-up also ends in a clean shutdown.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let _ = futures::poll!(&mut signal);
     let mut handle = lienthong_broker::start(cfg, None).await?;
     eprintln!("lienthong broker listening on {} (mutual TLS)", handle.addr);
+    if let Some(m) = handle.metrics_addr {
+        eprintln!("metrics on http://{m}/metrics");
+    }
     let stop = handle.take_shutdown();
     tokio::select! {
         r = handle.wait() => return r.map_err(Into::into),
-        _ = shutdown_signal() => {}
+        _ = &mut signal => {}
     }
     eprintln!("shutting down: draining in-flight requests, flushing the audit log");
     if let Some(tx) = stop {

@@ -11,7 +11,7 @@
 
 mod rows;
 mod sql;
-#[cfg(any(test, feature = "testing"))]
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use async_trait::async_trait;

@@ -840,3 +840,24 @@ async fn postgres_outage_fails_fast_and_the_same_handle_recovers() {
     let value = store.publish_change().await.unwrap();
     receive(&mut rx, value, Duration::from_secs(10)).await;
 }
+
+#[tokio::test]
+async fn postgres_unreachable_server_is_unavailable_without_the_password() {
+    // Port 1 on loopback refuses connections.
+    let url = "postgres://lienthong:pa55word@127.0.0.1:1/lienthong";
+    let started = Instant::now();
+    let opened = open(&StoreOptions {
+        acquire_timeout: Duration::from_millis(500),
+        ..options(url)
+    })
+    .await;
+    match opened {
+        Err(StoreError::Unavailable(m)) => assert!(!m.contains("pa55word"), "{m}"),
+        other => panic!("unreachable server: {:?}", other.map(|_| ())),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+}

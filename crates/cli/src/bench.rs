@@ -1,0 +1,1815 @@
+//! `lienthong bench`: what the broker costs compared with calling the register
+//! directly and with a plain reverse proxy, measured in one run on the same
+//! payloads, all with mutual TLS.
+//!
+//! Three scenarios share one demo civil-status register (a kit provider, its
+//! own process):
+//! * `direct`: the load generator calls `RecordProvider.Fetch` itself,
+//!   presenting the broker's certificate (a register only answers the broker);
+//! * `relayed`: `Exchange.Lookup` through a broker (`lienthong serve`, its own
+//!   process) with authorization, query and record validation, field filtering,
+//!   rate limiting and durable audit (SQLite in the run's directory);
+//! * `proxy`: `RecordProvider.Fetch` through nginx `grpc_pass`, which checks the
+//!   consumer's certificate and calls the register with the broker's.
+//!
+//! Servers run as separate processes so their CPU time and memory are read
+//! from `/proc/<pid>` without counting the load generator.
+
+use crate::client::{member_files, status_error};
+use crate::federation::{
+    ADMIN, CIVIL_STATUS, JUDICIAL_OFFICE, MEMBERS, PURPOSE_DATA_SHARING, definition_from_json, demo_grants, make_certs,
+};
+use anyhow::{Context, Result, anyhow, bail};
+use hdrhistogram::Histogram;
+use lienthong::provider::v1::FetchRequest;
+use lienthong::provider::v1::record_provider_client::RecordProviderClient;
+use lienthong::v1 as pb;
+use lienthong::v1::exchange_client::ExchangeClient;
+use lienthong_provider::demo::{BIRTH_RECORD, citizen_national_id};
+use lienthong_tls::{Identity, TlsMaterial};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// Deadline each benchmark call carries (`grpc-timeout`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Latencies above this are recorded as this (microseconds).
+const MAX_LATENCY_US: u64 = 60_000_000;
+/// Requests a single HTTP/2 connection carries at once in the in-flight probe;
+/// hyper's servers allow 200 concurrent streams by default.
+const STREAMS_PER_CONNECTION: usize = 100;
+/// Open loop: requests still outstanding beyond which new ones are counted as
+/// dropped instead of sent, so an overloaded target cannot exhaust memory.
+const OPEN_LOOP_MAX_OUTSTANDING: u64 = 50_000;
+/// Rate limit of the benchmark grant: high enough never to refuse, so the
+/// limiter runs but does not shape the load.
+const BENCH_RATE_LIMIT_PER_MINUTE: u32 = 1_000_000_000;
+/// `USER_HZ`: the unit of CPU times in `/proc/<pid>/stat` (100 on every Linux
+/// architecture lienthong builds for).
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// `lienthong bench` options.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    about = "Measure the broker against a direct call and an nginx proxy, all with mutual TLS",
+    long_about = "Measure the broker against a direct call and an nginx proxy, all with mutual TLS.\n\n\
+        Starts a demo civil-status register and a broker (`lienthong serve`, SQLite audit log in the run's \
+        directory) as separate processes, and nginx (`grpc_pass`, mutual TLS on both sides) when it is \
+        installed. The load generator then measures, on the same birth-record payloads:\n  \
+        direct   RecordProvider.Fetch on the register, presenting the broker's certificate\n  \
+        relayed  Exchange.Lookup through the broker: authorization, query and record validation, field \
+        filtering, rate limiting, durable audit\n  \
+        proxy    RecordProvider.Fetch through nginx grpc_pass\n\n\
+        Closed loop (fixed concurrency) gives the saturation throughput; open loop (fixed arrival rate, \
+        latency from each request's intended send time, so a stall is not hidden by coordinated omission) \
+        gives latency under load. The broker's peak RSS is also measured with --inflight lookups in flight.\n\n\
+        Prints a table, or JSON with the global --json flag."
+)]
+pub struct BenchArgs {
+    /// Scenarios to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,relayed,proxy")]
+    pub scenarios: Vec<Scenario>,
+    /// Load model: `closed` (fixed concurrency, finds saturation), `open` (fixed
+    /// arrival rate, needs --rate) or `both` (closed, then open at --rate or at
+    /// half the relayed saturation throughput).
+    #[arg(long, value_enum, default_value = "both")]
+    pub mode: Mode,
+    /// Closed loop: requests kept in flight.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Open loop: arrival rate in lookups per second, e.g. `2000` or `2000/s`
+    /// (default with `--mode both`: half the relayed closed-loop throughput).
+    #[arg(long, value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Measured time of every scenario and mode, e.g. `10s` or `1500ms`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Unmeasured load before each measurement (connections, caches, allocator).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pub warmup: Duration,
+    /// HTTP/2 connections the load generator opens to each target (the same for all scenarios).
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Distinct citizens the lookups cycle through.
+    #[arg(long, default_value_t = 1000)]
+    pub subjects: u32,
+    /// Lookups held in flight through the broker while its peak RSS is measured (0: skip).
+    #[arg(long, default_value_t = 1000)]
+    pub inflight: usize,
+    /// A few seconds per scenario (warm-up 300ms, 1.5s measured, 200 subjects): a smoke run
+    /// that checks everything works; too short for figures worth quoting.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seed of the synthetic citizens.
+    #[arg(long, default_value_t = 2020)]
+    pub seed: u64,
+    /// Directory for certificates, configs, the broker's database and logs (kept
+    /// afterwards); a temporary one, removed at the end, when omitted.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// The nginx executable for the proxy scenario; default: `nginx` on PATH, then /usr/sbin/nginx.
+    #[arg(long)]
+    pub nginx: Option<PathBuf>,
+    /// nginx worker processes (one per core is nginx's own recommendation).
+    #[arg(long)]
+    pub nginx_workers: Option<usize>,
+}
+
+/// Where the load goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// The register itself.
+    Direct,
+    /// Through the broker.
+    Relayed,
+    /// Through nginx `grpc_pass`.
+    Proxy,
+}
+
+impl Scenario {
+    /// Lowercase name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Direct => "direct",
+            Scenario::Relayed => "relayed",
+            Scenario::Proxy => "proxy",
+        }
+    }
+}
+
+/// Load model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Fixed concurrency.
+    Closed,
+    /// Fixed arrival rate.
+    Open,
+    /// Closed, then open.
+    Both,
+}
+
+fn parse_rate(s: &str) -> std::result::Result<f64, String> {
+    let number = s.trim().trim_end_matches("/s").trim();
+    match number.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a rate; give lookups per second such as 2000 or 2000/s")),
+    }
+}
+
+/// Durations and sizes after `--quick`.
+#[derive(Debug, Clone, Serialize)]
+struct Settings {
+    scenarios: Vec<Scenario>,
+    closed_loop: bool,
+    open_loop: bool,
+    concurrency: usize,
+    connections: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_per_s: Option<f64>,
+    duration_s: f64,
+    warmup_s: f64,
+    subjects: u32,
+    inflight: usize,
+    quick: bool,
+    seed: u64,
+}
+
+impl Settings {
+    fn of(args: &BenchArgs) -> Result<Settings> {
+        let mut scenarios = Vec::new();
+        for s in &args.scenarios {
+            if !scenarios.contains(s) {
+                scenarios.push(*s);
+            }
+        }
+        if scenarios.is_empty() {
+            bail!("no scenario given; use --scenarios direct,relayed,proxy");
+        }
+        if args.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        if args.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if args.subjects == 0 || args.subjects > lienthong_provider::demo::DEMO_CITIZENS {
+            bail!(
+                "--subjects must be between 1 and {}",
+                lienthong_provider::demo::DEMO_CITIZENS
+            );
+        }
+        let (closed_loop, open_loop) = match args.mode {
+            Mode::Closed => (true, false),
+            Mode::Open => (false, true),
+            Mode::Both => (true, true),
+        };
+        if args.mode == Mode::Open && args.rate.is_none() {
+            bail!("--mode open needs --rate (lookups per second); --mode both picks half the relayed saturation");
+        }
+        let (duration, warmup, subjects) = if args.quick {
+            (
+                Duration::from_millis(1500),
+                Duration::from_millis(300),
+                args.subjects.min(200),
+            )
+        } else {
+            (args.duration, args.warmup, args.subjects)
+        };
+        if duration.is_zero() {
+            bail!("--duration must be positive");
+        }
+        Ok(Settings {
+            scenarios,
+            closed_loop,
+            open_loop,
+            concurrency: args.concurrency,
+            connections: args.connections,
+            rate_per_s: args.rate,
+            duration_s: duration.as_secs_f64(),
+            warmup_s: warmup.as_secs_f64(),
+            subjects,
+            inflight: args.inflight,
+            quick: args.quick,
+            seed: args.seed,
+        })
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.duration_s)
+    }
+
+    fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(self.warmup_s)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Report
+
+/// Everything one run measured.
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    settings: Settings,
+    scenarios: Vec<ScenarioReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker: Option<BrokerReport>,
+    ratios: Ratios,
+    notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    memory_mib: u64,
+    load_average_at_start: String,
+}
+
+impl Machine {
+    fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let memory_mib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| field_kib(&m, "MemTotal:"))
+            .map(|k| k / 1024)
+            .unwrap_or(0);
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        Machine {
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cpu_model,
+            memory_mib,
+            load_average_at_start: load,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ScenarioReport {
+    name: &'static str,
+    /// `ok`, `skipped` or `failed`.
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closed: Option<PhaseReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    open: Option<PhaseReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct PhaseReport {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    concurrency: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_rate_per_s: Option<f64>,
+    connections: usize,
+    duration_s: f64,
+    ok: u64,
+    errors: u64,
+    /// Open loop: arrivals not sent because too many were outstanding.
+    dropped: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_error: Option<String>,
+    throughput_per_s: f64,
+    latency_us: Latency,
+    cpu_s_per_1000: CpuCost,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct Latency {
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    p999: u64,
+    max: u64,
+    mean: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+}
+
+/// CPU seconds per 1,000 successful lookups, per process.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct CpuCost {
+    /// The process between consumer and register: the broker or nginx (all workers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intermediary: Option<f64>,
+    /// The register.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<f64>,
+    /// This process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_generator: Option<f64>,
+}
+
+#[derive(Debug, Serialize, Default)]
+struct BrokerReport {
+    pid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_after_setup_kib: Option<u64>,
+    /// Peak RSS over the relayed closed-loop run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_saturation_kib: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inflight: Option<InflightReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct InflightReport {
+    lookups_in_flight: usize,
+    connections: usize,
+    /// Peak RSS while they were in flight (`VmHWM`, reset just before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_rss_kib: Option<u64>,
+    phase: PhaseReport,
+}
+
+#[derive(Debug, Serialize, Default)]
+struct Ratios {
+    /// Closed loop: relayed throughput / direct throughput.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relayed_over_direct_throughput: Option<f64>,
+    /// Closed loop: relayed throughput / proxy throughput.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relayed_over_proxy_throughput: Option<f64>,
+    /// Open loop: relayed p99 minus direct p99, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_added_over_direct_ms: Option<f64>,
+    /// Open loop: relayed p99 minus proxy p99, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    p99_added_over_proxy_ms: Option<f64>,
+    /// Closed loop: broker CPU per lookup / nginx CPU per lookup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_over_proxy_cpu_per_lookup: Option<f64>,
+}
+
+// ---------------------------------------------------------------------------
+// /proc
+
+/// The first number after `key` in a `/proc/<pid>/status`-style text.
+fn field_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l[key.len()..].split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    field_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?, key)
+}
+
+/// User plus system CPU time of a process (all its threads), seconds.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// Resets a process's peak RSS (`VmHWM`) to its current RSS (proc(5), `clear_refs` value 5).
+fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+fn child_pids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// CPU seconds of a set of processes.
+fn cpu_of(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_seconds(*p)).sum()
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+
+/// A server process started by the bench; stopped (SIGTERM, then SIGKILL) on drop.
+struct ChildProcess {
+    name: &'static str,
+    child: std::process::Child,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl ChildProcess {
+    /// Starts `cmd` and, when `ready_prefix` is given, waits for a stderr line
+    /// starting with it and returns the rest of that line.
+    async fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        ready_prefix: Option<&'static str>,
+        timeout: Duration,
+    ) -> Result<(ChildProcess, Option<String>)> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start the {name}"))?;
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+        if let Some(stderr) = child.stderr.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                    if let (Some(prefix), Some(_)) = (ready_prefix, tx.as_ref()) {
+                        if let Some(rest) = line.strip_prefix(prefix) {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(rest.trim().to_string());
+                            }
+                        }
+                    }
+                    if let Ok(mut log) = log.lock() {
+                        if log.len() == 40 {
+                            log.pop_front();
+                        }
+                        log.push_back(line);
+                    }
+                }
+            });
+        }
+        let mut process = ChildProcess { name, child, log };
+        let Some(_) = ready_prefix else {
+            return Ok((process, None));
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(line)) => Ok((process, Some(line))),
+            Ok(Err(_)) => {
+                let status = process.child.wait().ok();
+                // Let the reader thread store the last lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(anyhow!(
+                    "the {name} exited before it was ready ({}): {}",
+                    status.map(|s| s.to_string()).unwrap_or_else(|| "unknown status".into()),
+                    process.last_lines()
+                ))
+            }
+            Err(_) => Err(anyhow!(
+                "the {name} was not ready within {} s: {}",
+                timeout.as_secs(),
+                process.last_lines()
+            )),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    fn last_lines(&self) -> String {
+        let lines = self.log.lock().map(|l| l.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        if lines.is_empty() {
+            "no output".into()
+        } else {
+            lines.join(" | ")
+        }
+    }
+
+    /// SIGTERM, up to `grace` to exit, then SIGKILL.
+    async fn stop(&mut self, grace: Duration) {
+        if self.exited() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let end = Instant::now() + grace;
+        while Instant::now() < end {
+            if self.exited() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(process = self.name, "did not stop in time; killing it");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if !self.exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn parse_addr(text: &str, what: &str) -> Result<SocketAddr> {
+    let first = text.split_whitespace().next().unwrap_or_default();
+    first
+        .parse()
+        .with_context(|| format!("the {what} printed an address that does not parse: {first:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Load targets
+
+#[derive(Debug)]
+struct CallError {
+    code: tonic::Code,
+    message: String,
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(s: tonic::Status) -> Self {
+        CallError {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// What one benchmark call does.
+#[derive(Clone)]
+enum Target {
+    /// `RecordProvider.Fetch` (direct, or through nginx).
+    Fetch {
+        clients: Arc<[RecordProviderClient<Channel>]>,
+        requests: Arc<[FetchRequest]>,
+    },
+    /// `Exchange.Lookup` through the broker.
+    Lookup {
+        clients: Arc<[ExchangeClient<Channel>]>,
+        requests: Arc<[pb::LookupRequest]>,
+    },
+}
+
+fn pick<T>(items: &[T], i: u64) -> &T {
+    // Both slices are built non-empty; `i % len` is in range.
+    &items[(i % items.len() as u64) as usize]
+}
+
+impl Target {
+    async fn call(&self, i: u64) -> std::result::Result<(), CallError> {
+        match self {
+            Target::Fetch { clients, requests } => {
+                let mut client = pick(clients, i).clone();
+                let mut request = tonic::Request::new(pick(requests, i).clone());
+                request.set_timeout(CALL_TIMEOUT);
+                let response = client.fetch(request).await?.into_inner();
+                if response.record_json.is_empty() {
+                    return Err(CallError {
+                        code: tonic::Code::Internal,
+                        message: "the register answered an empty record".into(),
+                    });
+                }
+            }
+            Target::Lookup { clients, requests } => {
+                let mut client = pick(clients, i).clone();
+                let mut request = tonic::Request::new(pick(requests, i).clone());
+                request.set_timeout(CALL_TIMEOUT);
+                let response = client.lookup(request).await?.into_inner();
+                if response.record_json.is_empty() || response.receipt.is_none() {
+                    return Err(CallError {
+                        code: tonic::Code::Internal,
+                        message: "the broker answered without a record or without a receipt".into(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Opens `n` mutual-TLS connections to `url`.
+async fn channels(url: &str, material: &TlsMaterial, pin: Option<(&str, Identity)>, n: usize) -> Result<Vec<Channel>> {
+    let config = lienthong_tls::client_config(material, pin)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(lienthong_tls::connect_channel(url, config.clone(), Duration::from_secs(5)).await?);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------
+// Measurement
+
+fn histogram() -> Histogram<u64> {
+    #[allow(clippy::expect_used)]
+    // Constant bounds that hdrhistogram accepts (low >= 1, high >= 2 * low, 3 significant digits).
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid constant histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Counters the progress line reads while a phase runs.
+#[derive(Default)]
+struct Live {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Live {
+    fn error(&self, e: &CallError, measured: bool) {
+        if measured {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut first) = self.first_error.lock() {
+            if first.is_none() {
+                *first = Some(format!("{:?}: {}", e.code, e.message));
+            }
+        }
+    }
+}
+
+/// The processes whose CPU a phase charges to each role.
+#[derive(Clone, Default)]
+struct Watched {
+    intermediary: Vec<u32>,
+    provider: Vec<u32>,
+}
+
+#[derive(Clone, Copy)]
+struct CpuSnapshot {
+    intermediary: Option<f64>,
+    provider: Option<f64>,
+    load_generator: Option<f64>,
+}
+
+impl Watched {
+    fn snapshot(&self) -> CpuSnapshot {
+        CpuSnapshot {
+            intermediary: cpu_of(&self.intermediary),
+            provider: cpu_of(&self.provider),
+            load_generator: cpu_of(&[std::process::id()]),
+        }
+    }
+}
+
+fn cost(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> CpuCost {
+    let per_1000 = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if ok > 0 => Some((b - a).max(0.0) * 1000.0 / ok as f64),
+        _ => None,
+    };
+    CpuCost {
+        intermediary: per_1000(before.intermediary, after.intermediary),
+        provider: per_1000(before.provider, after.provider),
+        load_generator: per_1000(before.load_generator, after.load_generator),
+    }
+}
+
+/// Progress on stderr: one line updated in place on a terminal, one line per
+/// phase otherwise.
+struct Progress {
+    tty: bool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&self, text: &str) {
+        if self.tty {
+            let mut err = std::io::stderr().lock();
+            let _ = write!(err, "\r\x1b[2K{text}");
+            let _ = err.flush();
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K");
+        }
+        let _ = writeln!(err, "{text}");
+    }
+
+    /// Redraws the phase's line every 250 ms until `stop` is set.
+    fn spawn_ticker(
+        self: &Arc<Self>,
+        label: String,
+        live: Arc<Live>,
+        started: Instant,
+        total: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let progress = self.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let ok = live.ok.load(Ordering::Relaxed);
+                let now = Instant::now();
+                let rate = (ok.saturating_sub(last.1)) as f64 / now.duration_since(last.0).as_secs_f64().max(1e-3);
+                last = (now, ok);
+                progress.update(&format!(
+                    "{label}: {:>4.1}/{:.1} s  {ok} ok  {} errors  {rate:.0}/s",
+                    started.elapsed().as_secs_f64().min(total.as_secs_f64()),
+                    total.as_secs_f64(),
+                    live.errors.load(Ordering::Relaxed),
+                ));
+            }
+        })
+    }
+}
+
+/// One measured phase's raw results.
+struct Phase {
+    histogram: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    dropped: u64,
+    first_error: Option<String>,
+    cpu: CpuCost,
+    measured: Duration,
+}
+
+impl Phase {
+    fn report(&self, concurrency: Option<usize>, rate: Option<f64>, connections: usize) -> PhaseReport {
+        let secs = self.measured.as_secs_f64().max(1e-9);
+        PhaseReport {
+            concurrency,
+            target_rate_per_s: rate,
+            connections,
+            duration_s: secs,
+            ok: self.ok,
+            errors: self.errors,
+            dropped: self.dropped,
+            first_error: self.first_error.clone(),
+            throughput_per_s: self.ok as f64 / secs,
+            latency_us: Latency::of(&self.histogram),
+            cpu_s_per_1000: self.cpu,
+        }
+    }
+}
+
+/// Fixed concurrency: `concurrency` workers, each sending its next request as
+/// soon as the previous one is answered. Counts completions inside the
+/// measured window.
+async fn closed_loop(
+    target: &Target,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    watched: &Watched,
+    progress: &Arc<Progress>,
+    label: String,
+    on_measure_start: impl FnOnce(),
+) -> Phase {
+    let live = Arc::new(Live::default());
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let measure_from = started + warmup;
+    let end = measure_from + duration;
+    let mut workers = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        let target = target.clone();
+        let live = live.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut h = histogram();
+            loop {
+                let sent = Instant::now();
+                if sent >= end {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let result = target.call(i).await;
+                let done = Instant::now();
+                let measured = done >= measure_from && done < end;
+                match result {
+                    Ok(()) if measured => {
+                        h.saturating_record(micros(done - sent));
+                        live.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(()) => {}
+                    Err(e) => live.error(&e, measured),
+                }
+            }
+            h
+        }));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = progress.spawn_ticker(label, live.clone(), started, warmup + duration, stop.clone());
+    tokio::time::sleep_until(measure_from.into()).await;
+    on_measure_start();
+    let before = watched.snapshot();
+    tokio::time::sleep_until(end.into()).await;
+    let after = watched.snapshot();
+    let mut total = histogram();
+    for w in workers {
+        if let Ok(h) = w.await {
+            let _ = total.add(&h);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = ticker.await;
+    let ok = live.ok.load(Ordering::Relaxed);
+    let first_error = live.first_error.lock().ok().and_then(|f| f.clone());
+    Phase {
+        histogram: total,
+        ok,
+        errors: live.errors.load(Ordering::Relaxed),
+        dropped: 0,
+        first_error,
+        cpu: cost(before, after, ok),
+        measured: duration,
+    }
+}
+
+/// Fixed arrival rate: request `i` is due at `start + i / rate` whatever
+/// happened to earlier ones, and its latency counts from that intended time,
+/// so a stalled target shows up in the percentiles instead of slowing the
+/// generator down (coordinated omission). A dedicated thread paces the
+/// arrivals with `thread::sleep`, which is far finer than the runtime's 1 ms
+/// timer.
+async fn open_loop(
+    target: &Target,
+    rate: f64,
+    warmup: Duration,
+    duration: Duration,
+    watched: &Watched,
+    progress: &Arc<Progress>,
+    label: String,
+) -> Phase {
+    let live = Arc::new(Live::default());
+    let recorded = Arc::new(Mutex::new(histogram()));
+    let outstanding = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let measure_from = started + warmup;
+    let end = measure_from + duration;
+    let runtime = tokio::runtime::Handle::current();
+    let pacer = {
+        let (target, live, recorded, outstanding, dropped) = (
+            target.clone(),
+            live.clone(),
+            recorded.clone(),
+            outstanding.clone(),
+            dropped.clone(),
+        );
+        let interval_ns = 1e9 / rate;
+        std::thread::spawn(move || {
+            let mut i: u64 = 0;
+            loop {
+                let intended = started + Duration::from_nanos((i as f64 * interval_ns) as u64);
+                if intended >= end {
+                    break;
+                }
+                let now = Instant::now();
+                if intended > now {
+                    std::thread::sleep(intended - now);
+                }
+                let measured = intended >= measure_from;
+                if outstanding.load(Ordering::Relaxed) >= OPEN_LOOP_MAX_OUTSTANDING {
+                    if measured {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 1;
+                    continue;
+                }
+                outstanding.fetch_add(1, Ordering::Relaxed);
+                let (target, live, recorded, outstanding) =
+                    (target.clone(), live.clone(), recorded.clone(), outstanding.clone());
+                runtime.spawn(async move {
+                    let result = target.call(i).await;
+                    let latency = micros(intended.elapsed());
+                    match result {
+                        Ok(()) if measured => {
+                            if let Ok(mut h) = recorded.lock() {
+                                h.saturating_record(latency);
+                            }
+                            live.ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(()) => {}
+                        Err(e) => live.error(&e, measured),
+                    }
+                    outstanding.fetch_sub(1, Ordering::Relaxed);
+                });
+                i += 1;
+            }
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = progress.spawn_ticker(label, live.clone(), started, warmup + duration, stop.clone());
+    tokio::time::sleep_until(measure_from.into()).await;
+    let before = watched.snapshot();
+    tokio::time::sleep_until(end.into()).await;
+    let after = watched.snapshot();
+    // Late answers to requests due inside the window still count: that is the point.
+    let drain_until = Instant::now() + CALL_TIMEOUT + Duration::from_secs(1);
+    while (outstanding.load(Ordering::Relaxed) > 0 || !pacer.is_finished()) && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = ticker.await;
+    let ok = live.ok.load(Ordering::Relaxed);
+    let histogram = recorded.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let first_error = live.first_error.lock().ok().and_then(|f| f.clone());
+    Phase {
+        histogram,
+        ok,
+        errors: live.errors.load(Ordering::Relaxed),
+        dropped: dropped.load(Ordering::Relaxed),
+        first_error,
+        cpu: cost(before, after, ok),
+        measured: duration,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Setting the federation up
+
+/// Writes the broker's config: defaults, except logging at `warn` like the
+/// register and nginx (access log off), and the listener on an ephemeral port.
+fn write_broker_config(dir: &Path, certs: &Path, trust_domain: &str) -> Result<PathBuf> {
+    let text = format!(
+        "# Written by `lienthong bench`.\n\
+         listen = \"127.0.0.1:0\"\n\
+         data_dir = {data:?}\n\
+         trust_domain = {trust_domain:?}\n\
+         bootstrap_admin = {ADMIN:?}\n\n\
+         [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n\
+         [telemetry]\nlog_filter = \"warn\"\n",
+        data = dir.join("broker-data").display().to_string(),
+        ca = certs.join("ca.pem").display().to_string(),
+        cert = certs.join("broker.pem").display().to_string(),
+        key = certs.join("broker.key").display().to_string(),
+    );
+    let path = dir.join("broker.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Members, the birth-record schema, the register's endpoint and the grant.
+async fn administer(broker_url: &str, certs: &Path, provider_url: &str) -> Result<pb::CreateGrantRequest> {
+    let admin = crate::client::connect(broker_url, &member_files(certs, ADMIN)).await?;
+    for (id, name, roles) in MEMBERS.iter().filter(|m| [CIVIL_STATUS, JUDICIAL_OFFICE].contains(&m.0)) {
+        admin
+            .admin()
+            .add_member(pb::AddMemberRequest {
+                id: id.to_string(),
+                display_name: name.to_string(),
+                roles: roles.iter().map(|r| *r as i32).collect(),
+            })
+            .await
+            .map_err(status_error)
+            .with_context(|| format!("adding member {id}"))?;
+    }
+    let (_, json) = lienthong_provider::demo::demo_schemas()
+        .into_iter()
+        .find(|(name, _)| *name == BIRTH_RECORD)
+        .ok_or_else(|| anyhow!("the demo registers have no {BIRTH_RECORD} schema"))?;
+    let integrator = crate::client::connect(broker_url, &member_files(certs, CIVIL_STATUS)).await?;
+    integrator
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(definition_from_json(json)?),
+            compatibility: 0,
+        })
+        .await
+        .map_err(status_error)
+        .context("registering the birth-record schema")?;
+    admin
+        .admin()
+        .add_endpoint(pb::AddEndpointRequest {
+            provider: CIVIL_STATUS.into(),
+            url: provider_url.into(),
+        })
+        .await
+        .map_err(status_error)
+        .context("adding the register's endpoint")?;
+    let mut grant = demo_grants()
+        .into_iter()
+        .find(|g| g.record_type == BIRTH_RECORD)
+        .ok_or_else(|| anyhow!("the demo has no birth-record grant"))?;
+    grant.rate_limit_per_minute = BENCH_RATE_LIMIT_PER_MINUTE;
+    admin
+        .admin()
+        .create_grant(grant.clone())
+        .await
+        .map_err(status_error)
+        .context("creating the grant")?;
+    Ok(grant)
+}
+
+/// The same lookups, as the consumer sends them and as the broker relays them.
+fn payloads(seed: u64, subjects: u32, grant: &pb::CreateGrantRequest) -> (Vec<pb::LookupRequest>, Vec<FetchRequest>) {
+    let mut lookups = Vec::with_capacity(subjects as usize);
+    let mut fetches = Vec::with_capacity(subjects as usize);
+    for i in 0..subjects {
+        let query_json = serde_json::json!({ "national_id": citizen_national_id(seed, i) }).to_string();
+        lookups.push(pb::LookupRequest {
+            record_type: BIRTH_RECORD.into(),
+            query_json: query_json.clone(),
+            purpose: PURPOSE_DATA_SHARING.into(),
+            fields: Vec::new(),
+            schema_version: 0,
+            request_id: String::new(),
+        });
+        fetches.push(FetchRequest {
+            record_type: BIRTH_RECORD.into(),
+            schema_version: 1,
+            query_json,
+            // What the broker sends: a UUIDv7 request id, the consumer, the purpose, the granted fields.
+            request_id: format!("0197a000-0000-7000-8000-{i:012}"),
+            consumer: JUDICIAL_OFFICE.into(),
+            purpose: PURPOSE_DATA_SHARING.into(),
+            fields: grant.fields.clone(),
+        });
+    }
+    (lookups, fetches)
+}
+
+fn find_nginx(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("nginx")).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin/nginx")])
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port for nginx")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// nginx terminating the consumer's mutual TLS (client certificate checked
+/// against the federation CA) and calling the register over mutual TLS with
+/// the broker's certificate, verifying the register's. Tuned as one would in
+/// production: upstream keep-alive, no access log, one worker per core.
+fn nginx_config(dir: &Path, certs: &Path, port: u16, provider: SocketAddr, workers: usize) -> String {
+    let p = |name: &str| certs.join(name).display().to_string();
+    let d = |name: &str| dir.join(name).display().to_string();
+    // Workers drop root privileges to `user`; Debian has no `nobody` group, the default.
+    let user = if effective_uid() == Some(0) {
+        "user root root;\n"
+    } else {
+        ""
+    };
+    format!(
+        "# Written by `lienthong bench`.\n\
+{user}worker_processes {workers};\n\
+pid {pid};\n\
+error_log {error_log} warn;\n\
+events {{ worker_connections 4096; }}\n\
+http {{\n\
+    access_log off;\n\
+    client_body_temp_path {tmp}/body;\n\
+    proxy_temp_path {tmp}/proxy;\n\
+    fastcgi_temp_path {tmp}/fastcgi;\n\
+    uwsgi_temp_path {tmp}/uwsgi;\n\
+    scgi_temp_path {tmp}/scgi;\n\
+    keepalive_requests 1000000;\n\
+    keepalive_timeout 300s;\n\
+    http2_max_concurrent_streams 1024;\n\
+    upstream register {{\n\
+        server {provider};\n\
+        keepalive 256;\n\
+        keepalive_requests 1000000;\n\
+        keepalive_timeout 300s;\n\
+    }}\n\
+    server {{\n\
+        listen 127.0.0.1:{port} ssl http2;\n\
+        ssl_protocols TLSv1.2 TLSv1.3;\n\
+        ssl_certificate {broker_pem};\n\
+        ssl_certificate_key {broker_key};\n\
+        ssl_client_certificate {ca};\n\
+        ssl_verify_client on;\n\
+        ssl_verify_depth 2;\n\
+        location / {{\n\
+            grpc_pass grpcs://register;\n\
+            grpc_ssl_protocols TLSv1.2 TLSv1.3;\n\
+            grpc_ssl_certificate {broker_pem};\n\
+            grpc_ssl_certificate_key {broker_key};\n\
+            grpc_ssl_trusted_certificate {ca};\n\
+            grpc_ssl_verify on;\n\
+            grpc_ssl_verify_depth 2;\n\
+            grpc_ssl_name localhost;\n\
+            grpc_ssl_server_name on;\n\
+            grpc_ssl_session_reuse on;\n\
+        }}\n\
+    }}\n\
+}}\n",
+        pid = d("nginx.pid"),
+        error_log = d("error.log"),
+        tmp = d("tmp"),
+        broker_pem = p("broker.pem"),
+        broker_key = p("broker.key"),
+        ca = p("ca.pem"),
+    )
+}
+
+/// Starts nginx in the foreground and waits until it accepts connections and
+/// its workers are up.
+async fn start_nginx(
+    exe: &Path,
+    dir: &Path,
+    certs: &Path,
+    provider: SocketAddr,
+    workers: usize,
+) -> Result<(ChildProcess, u16)> {
+    let nginx_dir = dir.join("nginx");
+    std::fs::create_dir_all(nginx_dir.join("tmp")).with_context(|| format!("creating {}", nginx_dir.display()))?;
+    let mut last_error = None;
+    // The port is free when picked but nginx binds it later: retry on a race.
+    for _ in 0..3 {
+        let port = free_port()?;
+        let conf = nginx_dir.join("nginx.conf");
+        std::fs::write(&conf, nginx_config(&nginx_dir, certs, port, provider, workers))
+            .with_context(|| format!("writing {}", conf.display()))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("-p")
+            .arg(&nginx_dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"]);
+        let (mut process, _) = ChildProcess::spawn("nginx proxy", cmd, None, Duration::ZERO).await?;
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if process.exited() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let log = std::fs::read_to_string(nginx_dir.join("error.log")).unwrap_or_default();
+                last_error = Some(format!(
+                    "nginx exited at start: {} {}",
+                    process.last_lines(),
+                    log.lines().last().unwrap_or_default()
+                ));
+                break;
+            }
+            let up = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok();
+            if up && child_pids(process.pid()).len() >= workers {
+                return Ok((process, port));
+            }
+            if Instant::now() > end {
+                bail!("nginx did not accept connections within 10 s: {}", process.last_lines());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Err(anyhow!(
+        last_error.unwrap_or_else(|| "nginx could not start".into())
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// The run
+
+struct Prepared {
+    scenario: Scenario,
+    target: Target,
+    watched: Watched,
+}
+
+/// Runs the benchmark and prints its report (a table, or JSON with `json`).
+pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
+    let settings = Settings::of(&args)?;
+    let machine = Machine::read();
+    let progress = Arc::new(Progress::new());
+    lienthong_tls::install_crypto_provider();
+    let (dir, _temp) = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("lienthong-bench-").tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let trust_domain = "lienthong.gov.vn";
+    let certs = dir.join("certs");
+    make_certs(&certs, trust_domain)?;
+    let exe = std::env::current_exe().context("cannot find the lienthong executable to start the servers")?;
+    let mut notes = Vec::new();
+
+    progress.line("bench: starting the civil-status register and the broker");
+    let mut provider_cmd = Command::new(&exe);
+    provider_cmd
+        .args(["demo-provider", "civil-status", "--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(&certs)
+        .args(["--trust-domain", trust_domain, "--seed", &settings.seed.to_string()])
+        // The kit logs every fetch at info; the bench measures serving, not logging.
+        .env("RUST_LOG", "warn");
+    let (mut provider, line) = ChildProcess::spawn(
+        "civil-status register",
+        provider_cmd,
+        Some("civil-status register serving on "),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let provider_addr = parse_addr(&line.unwrap_or_default(), "register")?;
+    let provider_url = format!("https://127.0.0.1:{}", provider_addr.port());
+
+    let config = write_broker_config(&dir, &certs, trust_domain)?;
+    let mut broker_cmd = Command::new(&exe);
+    broker_cmd
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("LIENTHONG_LISTEN");
+    let (mut broker, line) = ChildProcess::spawn(
+        "broker",
+        broker_cmd,
+        Some("lienthong broker listening on "),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let broker_addr = parse_addr(&line.unwrap_or_default(), "broker")?;
+    let broker_url = format!("https://127.0.0.1:{}", broker_addr.port());
+    let grant = administer(&broker_url, &certs, &provider_url).await?;
+    let (lookups, fetches) = payloads(settings.seed, settings.subjects, &grant);
+    let (lookups, fetches): (Arc<[pb::LookupRequest]>, Arc<[FetchRequest]>) = (lookups.into(), fetches.into());
+
+    let broker_material = TlsMaterial::load(&member_files(&certs, "broker"))?;
+    let consumer_material = TlsMaterial::load(&member_files(&certs, JUDICIAL_OFFICE))?;
+    let mut nginx: Option<ChildProcess> = None;
+    let mut prepared = Vec::new();
+    let mut reports: Vec<ScenarioReport> = Vec::new();
+    for scenario in &settings.scenarios {
+        let skipped = |status: &'static str, note: String| ScenarioReport {
+            name: scenario.name(),
+            status,
+            note: Some(note),
+            closed: None,
+            open: None,
+        };
+        match scenario {
+            Scenario::Direct => {
+                let chans = channels(
+                    &provider_url,
+                    &broker_material,
+                    Some((trust_domain, Identity::Member(CIVIL_STATUS.into()))),
+                    settings.connections,
+                )
+                .await?;
+                prepared.push(Prepared {
+                    scenario: *scenario,
+                    target: Target::Fetch {
+                        clients: chans.into_iter().map(RecordProviderClient::new).collect(),
+                        requests: fetches.clone(),
+                    },
+                    watched: Watched {
+                        intermediary: Vec::new(),
+                        provider: vec![provider.pid()],
+                    },
+                });
+            }
+            Scenario::Relayed => {
+                let chans = channels(&broker_url, &consumer_material, None, settings.connections).await?;
+                prepared.push(Prepared {
+                    scenario: *scenario,
+                    target: Target::Lookup {
+                        clients: chans.into_iter().map(ExchangeClient::new).collect(),
+                        requests: lookups.clone(),
+                    },
+                    watched: Watched {
+                        intermediary: vec![broker.pid()],
+                        provider: vec![provider.pid()],
+                    },
+                });
+            }
+            Scenario::Proxy => {
+                let Some(exe) = find_nginx(args.nginx.as_deref()) else {
+                    let note = "skipped: nginx is not installed (not on PATH nor /usr/sbin/nginx); \
+                        install it (Debian: apt-get install nginx) or pass --nginx PATH"
+                        .to_string();
+                    progress.line(&format!("bench: proxy {note}"));
+                    reports.push(skipped("skipped", note));
+                    continue;
+                };
+                let workers = args.nginx_workers.unwrap_or(machine.cpus).max(1);
+                let started = start_nginx(&exe, &dir, &certs, provider_addr, workers).await;
+                let (process, port) = match started {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let note = format!("failed: nginx ({}) could not be started: {e:#}", exe.display());
+                        progress.line(&format!("bench: proxy {note}"));
+                        reports.push(skipped("failed", note));
+                        continue;
+                    }
+                };
+                let url = format!("https://127.0.0.1:{port}");
+                let chans = match channels(&url, &consumer_material, None, settings.connections).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let note = format!("failed: cannot connect to nginx: {e:#}");
+                        progress.line(&format!("bench: proxy {note}"));
+                        reports.push(skipped("failed", note));
+                        continue;
+                    }
+                };
+                let mut pids = vec![process.pid()];
+                pids.extend(child_pids(process.pid()));
+                nginx = Some(process);
+                prepared.push(Prepared {
+                    scenario: *scenario,
+                    target: Target::Fetch {
+                        clients: chans.into_iter().map(RecordProviderClient::new).collect(),
+                        requests: fetches.clone(),
+                    },
+                    watched: Watched {
+                        intermediary: pids,
+                        provider: vec![provider.pid()],
+                    },
+                });
+            }
+        }
+        reports.push(ScenarioReport {
+            name: scenario.name(),
+            status: "ok",
+            note: None,
+            closed: None,
+            open: None,
+        });
+    }
+
+    let mut broker_report = BrokerReport {
+        pid: broker.pid(),
+        rss_after_setup_kib: status_kib(broker.pid(), "VmRSS:"),
+        ..BrokerReport::default()
+    };
+
+    if settings.closed_loop {
+        for p in &prepared {
+            let label = format!("{} closed c={}", p.scenario.name(), settings.concurrency);
+            let broker_pid = broker.pid();
+            let is_relayed = p.scenario == Scenario::Relayed;
+            let phase = closed_loop(
+                &p.target,
+                settings.concurrency,
+                settings.warmup(),
+                settings.duration(),
+                &p.watched,
+                &progress,
+                label.clone(),
+                || {
+                    if is_relayed && !reset_peak_rss(broker_pid) {
+                        tracing::debug!("cannot reset the broker's peak RSS");
+                    }
+                },
+            )
+            .await;
+            if is_relayed {
+                broker_report.peak_rss_saturation_kib = status_kib(broker.pid(), "VmHWM:");
+            }
+            let r = phase.report(Some(settings.concurrency), None, settings.connections);
+            progress.line(&phase_line(&label, &r));
+            if let Some(i) = reports.iter().position(|r| r.name == p.scenario.name()) {
+                reports[i].closed = Some(r);
+            }
+        }
+    }
+
+    if settings.open_loop {
+        let rate = match settings.rate_per_s {
+            Some(r) => Some(r),
+            None => {
+                let closed = |s: Scenario| {
+                    reports
+                        .iter()
+                        .find(|r| r.name == s.name())
+                        .and_then(|r| r.closed.as_ref())
+                        .map(|c| c.throughput_per_s)
+                        .filter(|t| *t > 0.0)
+                };
+                let base = closed(Scenario::Relayed).or_else(|| {
+                    prepared
+                        .iter()
+                        .filter_map(|p| closed(p.scenario))
+                        .min_by(|a, b| a.total_cmp(b))
+                });
+                base.map(|t| (t / 2.0).max(1.0))
+            }
+        };
+        match rate {
+            None => notes.push("open loop skipped: no closed-loop throughput to derive a rate from; pass --rate".into()),
+            Some(rate) => {
+                for p in &prepared {
+                    let label = format!("{} open {rate:.0}/s", p.scenario.name());
+                    let phase = open_loop(
+                        &p.target,
+                        rate,
+                        settings.warmup(),
+                        settings.duration(),
+                        &p.watched,
+                        &progress,
+                        label.clone(),
+                    )
+                    .await;
+                    let r = phase.report(None, Some(rate), settings.connections);
+                    progress.line(&phase_line(&label, &r));
+                    if let Some(i) = reports.iter().position(|r| r.name == p.scenario.name()) {
+                        reports[i].open = Some(r);
+                    }
+                }
+            }
+        }
+    }
+
+    if settings.inflight > 0 && settings.scenarios.contains(&Scenario::Relayed) {
+        let connections = settings.inflight.div_ceil(STREAMS_PER_CONNECTION).max(settings.connections);
+        let chans = channels(&broker_url, &consumer_material, None, connections).await?;
+        let target = Target::Lookup {
+            clients: chans.into_iter().map(ExchangeClient::new).collect(),
+            requests: lookups.clone(),
+        };
+        let watched = Watched {
+            intermediary: vec![broker.pid()],
+            provider: vec![provider.pid()],
+        };
+        let label = format!("relayed in flight={}", settings.inflight);
+        let broker_pid = broker.pid();
+        let mut reset = true;
+        let phase = closed_loop(
+            &target,
+            settings.inflight,
+            settings.warmup(),
+            settings.duration().min(Duration::from_secs(5)),
+            &watched,
+            &progress,
+            label.clone(),
+            || reset = reset_peak_rss(broker_pid),
+        )
+        .await;
+        let r = phase.report(Some(settings.inflight), None, connections);
+        progress.line(&phase_line(&label, &r));
+        if !reset {
+            notes.push("could not reset the broker's peak RSS before the in-flight probe; its figure is the peak since start".into());
+        }
+        broker_report.inflight = Some(InflightReport {
+            lookups_in_flight: settings.inflight,
+            connections,
+            peak_rss_kib: status_kib(broker.pid(), "VmHWM:"),
+            phase: r,
+        });
+    }
+
+    if broker.exited() {
+        notes.push(format!("the broker exited during the run: {}", broker.last_lines()));
+    }
+    if let Some(n) = nginx.as_mut() {
+        n.stop(Duration::from_secs(5)).await;
+    }
+    broker.stop(Duration::from_secs(15)).await;
+    provider.stop(Duration::from_secs(5)).await;
+    if args.dir.is_some() {
+        notes.push(format!("files kept in {}", dir.display()));
+    }
+    if settings.quick {
+        notes.push("--quick: a smoke run; measure without it for figures worth quoting".into());
+    }
+
+    let ratios = ratios(&reports);
+    let report = Report {
+        machine,
+        settings,
+        scenarios: reports,
+        broker: settings_has_relayed(&prepared).then_some(broker_report),
+        ratios,
+        notes,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_table(&report));
+    }
+    Ok(())
+}
+
+fn settings_has_relayed(prepared: &[Prepared]) -> bool {
+    prepared.iter().any(|p| p.scenario == Scenario::Relayed)
+}
+
+fn ratios(reports: &[ScenarioReport]) -> Ratios {
+    let get = |name: &str| reports.iter().find(|r| r.name == name && r.status == "ok");
+    let closed_tp = |name: &str| {
+        get(name)
+            .and_then(|r| r.closed.as_ref())
+            .map(|c| c.throughput_per_s)
+            .filter(|t| *t > 0.0)
+    };
+    let open_p99 = |name: &str| {
+        get(name)
+            .and_then(|r| r.open.as_ref())
+            .filter(|o| o.ok > 0)
+            .map(|o| o.latency_us.p99 as f64)
+    };
+    let cpu = |name: &str| get(name).and_then(|r| r.closed.as_ref()).and_then(|c| c.cpu_s_per_1000.intermediary);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let diff_ms = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some((a - b) / 1000.0),
+        _ => None,
+    };
+    Ratios {
+        relayed_over_direct_throughput: ratio(closed_tp("relayed"), closed_tp("direct")),
+        relayed_over_proxy_throughput: ratio(closed_tp("relayed"), closed_tp("proxy")),
+        p99_added_over_direct_ms: diff_ms(open_p99("relayed"), open_p99("direct")),
+        p99_added_over_proxy_ms: diff_ms(open_p99("relayed"), open_p99("proxy")),
+        broker_over_proxy_cpu_per_lookup: ratio(cpu("relayed"), cpu("proxy")),
+    }
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn phase_line(label: &str, r: &PhaseReport) -> String {
+    let mut line = format!(
+        "bench: {label}: {:.0}/s, p50 {} ms, p99 {} ms, {} errors",
+        r.throughput_per_s,
+        ms(r.latency_us.p50),
+        ms(r.latency_us.p99),
+        r.errors
+    );
+    if r.dropped > 0 {
+        line.push_str(&format!(", {} dropped", r.dropped));
+    }
+    if let Some(e) = &r.first_error {
+        line.push_str(&format!(" (first: {e})"));
+    }
+    line
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
+}
+
+fn render_table(report: &Report) -> String {
+    let mut out = String::new();
+    let m = &report.machine;
+    let s = &report.settings;
+    out.push_str(&format!(
+        "\nlienthong bench: {} CPUs ({}), {} MiB, load average at start {}\n",
+        m.cpus, m.cpu_model, m.memory_mib, m.load_average_at_start
+    ));
+    out.push_str(&format!(
+        "{} s measured after {} s warm-up per phase, {} connections, {} subjects; all calls mutual TLS\n\n",
+        s.duration_s, s.warmup_s, s.connections, s.subjects
+    ));
+    out.push_str(&format!(
+        "{:<9} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>15} {:>9}\n",
+        "scenario", "load", "lookups/s", "p50 ms", "p90 ms", "p99 ms", "p99.9", "max ms", "errors", "cpu ms/lookup*", "register"
+    ));
+    let row = |name: &str, load: String, p: &PhaseReport| {
+        format!(
+            "{:<9} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>15} {:>9}\n",
+            name,
+            load,
+            p.throughput_per_s,
+            ms(p.latency_us.p50),
+            ms(p.latency_us.p90),
+            ms(p.latency_us.p99),
+            ms(p.latency_us.p999),
+            ms(p.latency_us.max),
+            p.errors + p.dropped,
+            opt(p.cpu_s_per_1000.intermediary, 3),
+            opt(p.cpu_s_per_1000.provider, 3),
+        )
+    };
+    for r in &report.scenarios {
+        if r.status != "ok" {
+            out.push_str(&format!("{:<9} {}\n", r.name, r.note.as_deref().unwrap_or(r.status)));
+            continue;
+        }
+        if let Some(c) = &r.closed {
+            out.push_str(&row(r.name, format!("closed c={}", c.concurrency.unwrap_or(0)), c));
+        }
+        if let Some(o) = &r.open {
+            out.push_str(&row(r.name, format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)), o));
+        }
+    }
+    out.push_str("* CPU ms per lookup = CPU s per 1,000 lookups, of the broker (relayed) or nginx (proxy); register: the provider's\n");
+    if let Some(b) = &report.broker {
+        out.push_str("\nbroker process:");
+        if let Some(k) = b.rss_after_setup_kib {
+            out.push_str(&format!(" RSS after setup {:.1} MiB;", k as f64 / 1024.0));
+        }
+        if let Some(k) = b.peak_rss_saturation_kib {
+            out.push_str(&format!(" peak RSS at saturation {:.1} MiB;", k as f64 / 1024.0));
+        }
+        if let Some(i) = &b.inflight {
+            out.push_str(&format!(
+                " peak RSS with {} lookups in flight {} ({:.0}/s, p99 {} ms, {} errors)",
+                i.lookups_in_flight,
+                i.peak_rss_kib
+                    .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                    .unwrap_or_else(|| "-".into()),
+                i.phase.throughput_per_s,
+                ms(i.phase.latency_us.p99),
+                i.phase.errors
+            ));
+        }
+        out.push('\n');
+    }
+    let r = &report.ratios;
+    out.push_str("\nratios (same run):\n");
+    out.push_str(&format!(
+        "  throughput relayed/direct  {}\n  throughput relayed/proxy   {}\n  p99 added vs direct (open) {} ms\n  p99 added vs proxy (open)  {} ms\n  CPU per lookup broker/nginx {}\n",
+        opt(r.relayed_over_direct_throughput, 3),
+        opt(r.relayed_over_proxy_throughput, 3),
+        opt(r.p99_added_over_direct_ms, 3),
+        opt(r.p99_added_over_proxy_ms, 3),
+        opt(r.broker_over_proxy_cpu_per_lookup, 3),
+    ));
+    for n in &report.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_or_without_unit() {
+        assert_eq!(parse_rate("2000").unwrap(), 2000.0);
+        assert_eq!(parse_rate("2500/s").unwrap(), 2500.0);
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("-5/s").is_err());
+    }
+
+    #[test]
+    fn proc_stat_cpu_time_skips_a_command_name_with_spaces() {
+        // Our own process is always readable.
+        assert!(cpu_seconds(std::process::id()).is_some());
+        assert!(status_kib(std::process::id(), "VmHWM:").is_some_and(|k| k > 0));
+    }
+
+    #[test]
+    fn status_fields_are_read_in_kib() {
+        let text = "Name:\tx\nVmHWM:\t   12345 kB\nVmRSS:\t  100 kB\n";
+        assert_eq!(field_kib(text, "VmHWM:"), Some(12345));
+        assert_eq!(field_kib(text, "VmRSS:"), Some(100));
+        assert_eq!(field_kib(text, "VmSwap:"), None);
+    }
+
+    #[test]
+    fn ratios_compare_relayed_with_the_baselines_of_the_same_run() {
+        let phase = |tp: f64, p99: u64, cpu: Option<f64>| PhaseReport {
+            concurrency: None,
+            target_rate_per_s: None,
+            connections: 1,
+            duration_s: 1.0,
+            ok: 10,
+            errors: 0,
+            dropped: 0,
+            first_error: None,
+            throughput_per_s: tp,
+            latency_us: Latency {
+                p99,
+                ..Latency::default()
+            },
+            cpu_s_per_1000: CpuCost {
+                intermediary: cpu,
+                ..CpuCost::default()
+            },
+        };
+        let scenario = |name, status, closed: Option<PhaseReport>, open: Option<PhaseReport>| ScenarioReport {
+            name,
+            status,
+            note: None,
+            closed,
+            open,
+        };
+        let reports = vec![
+            scenario("direct", "ok", Some(phase(1000.0, 0, None)), Some(phase(0.0, 800, None))),
+            scenario(
+                "relayed",
+                "ok",
+                Some(phase(500.0, 0, Some(0.2))),
+                Some(phase(0.0, 1300, None)),
+            ),
+            scenario("proxy", "skipped", None, None),
+        ];
+        let r = ratios(&reports);
+        assert_eq!(r.relayed_over_direct_throughput, Some(0.5));
+        assert_eq!(r.relayed_over_proxy_throughput, None);
+        assert_eq!(r.p99_added_over_direct_ms, Some(0.5));
+        assert_eq!(r.broker_over_proxy_cpu_per_lookup, None);
+    }
+
+    #[test]
+    fn nginx_config_terminates_and_originates_mutual_tls() {
+        let conf = nginx_config(
+            Path::new("/run/x"),
+            Path::new("/c"),
+            8443,
+            "127.0.0.1:9101".parse().unwrap(),
+            2,
+        );
+        for needle in [
+            "listen 127.0.0.1:8443 ssl http2;",
+            "ssl_verify_client on;",
+            "ssl_client_certificate /c/ca.pem;",
+            "grpc_pass grpcs://register;",
+            "server 127.0.0.1:9101;",
+            "grpc_ssl_certificate /c/broker.pem;",
+            "grpc_ssl_certificate_key /c/broker.key;",
+            "grpc_ssl_trusted_certificate /c/ca.pem;",
+            "grpc_ssl_verify on;",
+            "grpc_ssl_name localhost;",
+            "worker_processes 2;",
+        ] {
+            assert!(conf.contains(needle), "missing {needle:?} in\n{conf}");
+        }
+    }
+}

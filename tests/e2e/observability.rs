@@ -1,0 +1,425 @@
+//! Observability end to end: one trace from the consumer through the broker
+//! into the register, Prometheus counters moving for every outcome without a
+//! subject key in sight, and a SIGTERM under load that drains, signs a final
+//! tree head over every entry and exits 0.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::federation::{
+    CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT,
+};
+use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
+use opentelemetry_sdk::trace::{IdGenerator, InMemorySpanExporter, RandomIdGenerator, SdkTracerProvider, SpanData};
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+/// Installs, once per test process, a subscriber exporting the spans of the
+/// broker and the provider kit to memory through the OpenTelemetry layer.
+fn span_exporter() -> InMemorySpanExporter {
+    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
+    EXPORTER
+        .get_or_init(|| {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::{Layer, filter::Targets};
+            let exporter = InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("e2e"))
+                .with_filter(
+                    Targets::new()
+                        .with_target("lienthong_broker", tracing::Level::INFO)
+                        .with_target("lienthong_provider", tracing::Level::INFO),
+                );
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+                .expect("no other subscriber in this test process");
+            exporter
+        })
+        .clone()
+}
+
+fn spans_of(exporter: &InMemorySpanExporter, trace: TraceId) -> Vec<SpanData> {
+    exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.span_context.trace_id() == trace)
+        .collect()
+}
+
+fn attr(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+fn named<'a>(spans: &'a [SpanData], name: &str, kind: SpanKind) -> &'a SpanData {
+    spans
+        .iter()
+        .find(|s| s.name == name && s.span_kind == kind)
+        .unwrap_or_else(|| {
+            let names: Vec<_> = spans.iter().map(|s| (s.name.to_string(), s.span_kind.clone())).collect();
+            panic!("no {kind:?} span {name}; spans: {names:?}")
+        })
+}
+
+fn child<'a>(spans: &'a [SpanData], parent: &SpanData, name: &str) -> &'a SpanData {
+    spans
+        .iter()
+        .find(|s| s.name == name && s.parent_span_id == parent.span_context.span_id())
+        .unwrap_or_else(|| panic!("span {name} is not a child of {}", parent.name))
+}
+
+const LOOKUP: &str = "lienthong.v1.Exchange/Lookup";
+const FETCH: &str = "lienthong.provider.v1.RecordProvider/Fetch";
+
+#[tokio::test]
+async fn a_lookup_is_one_trace_from_the_consumer_into_the_register() {
+    let exporter = span_exporter();
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 4242);
+
+    // The consumer's own span: the broker's span must be its child.
+    let ids = RandomIdGenerator::default();
+    let (trace, consumer_span) = (ids.new_trace_id(), ids.new_span_id());
+    let mut request = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{consumer_span}-01").parse().unwrap(),
+    );
+    let receipt = office.exchange().lookup(request).await.unwrap().into_inner().receipt.unwrap();
+
+    // The broker's RPC span ends as the answer leaves; wait for it.
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            let spans = spans_of(&exporter, trace);
+            spans.iter().any(|s| s.name == LOOKUP) && spans.iter().any(|s| s.name == FETCH && s.span_kind == SpanKind::Server)
+        })
+        .await,
+        "broker and register spans are exported under the consumer's trace id: {:?}",
+        spans_of(&exporter, trace).iter().map(|s| s.name.to_string()).collect::<Vec<_>>()
+    );
+    let spans = spans_of(&exporter, trace);
+    let rpc = named(&spans, LOOKUP, SpanKind::Server);
+    assert_eq!(rpc.parent_span_id, consumer_span, "the broker continues the consumer's span");
+    assert!(rpc.parent_span_is_remote);
+    assert_eq!(attr(rpc, "consumer").as_deref(), Some(JUDICIAL_OFFICE));
+    assert_eq!(attr(rpc, "provider").as_deref(), Some(CIVIL_STATUS));
+    assert_eq!(attr(rpc, "record_type").as_deref(), Some("civil_status.birth_record"));
+    assert_eq!(attr(rpc, "purpose").as_deref(), Some(PURPOSE_CERTIFICATE));
+    assert_eq!(attr(rpc, "outcome").as_deref(), Some("allowed"));
+    for step in ["authorize", "validate_query", "validate_record", "audit_commit"] {
+        child(&spans, rpc, step);
+    }
+    let call = named(&spans, FETCH, SpanKind::Client);
+    assert_eq!(call.parent_span_id, rpc.span_context.span_id());
+    assert_eq!(attr(call, "outcome").as_deref(), Some("ok"));
+    // The register's span is a child of the broker's provider call, in the same trace.
+    let fetch = named(&spans, FETCH, SpanKind::Server);
+    assert_eq!(fetch.parent_span_id, call.span_context.span_id());
+    assert!(fetch.parent_span_is_remote, "the register learnt its parent over the wire");
+    assert_eq!(attr(fetch, "trace_id"), Some(trace.to_string()));
+    assert_eq!(attr(fetch, "outcome").as_deref(), Some("ok"));
+
+    // Nothing in any span of the trace holds the national id.
+    for s in &spans {
+        for kv in &s.attributes {
+            assert!(
+                !kv.value.to_string().contains(&subject),
+                "span {} attribute {} carries the subject key",
+                s.name,
+                kv.key
+            );
+        }
+    }
+
+    // The audit entry names the same trace.
+    let entries = client(&fed, STATE_AUDIT)
+        .await
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(pb::EntryFilter {
+                actor: JUDICIAL_OFFICE.into(),
+                ..Default::default()
+            }),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let entry = entries.iter().find(|e| e.sequence == receipt.sequence).unwrap();
+    assert_eq!(entry.trace_id, trace.to_string());
+
+    // Without a traceparent the broker starts the trace, and the register still joins it.
+    let untraced = pb::LookupRequest {
+        request_id: "untraced-lookup-1".into(),
+        ..birth_lookup(&subject, PURPOSE_CERTIFICATE)
+    };
+    office.exchange().lookup(untraced).await.unwrap();
+    let mut started: Option<TraceId> = None;
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            let all = exporter.get_finished_spans().unwrap();
+            started = all
+                .iter()
+                .find(|s| s.name == LOOKUP && attr(s, "request_id").as_deref() == Some("untraced-lookup-1"))
+                .map(|s| s.span_context.trace_id());
+            started.is_some_and(|t| {
+                all.iter()
+                    .any(|s| s.name == FETCH && s.span_kind == SpanKind::Server && s.span_context.trace_id() == t)
+            })
+        })
+        .await,
+        "the register's span joins the trace the broker started"
+    );
+    let spans = spans_of(&exporter, started.unwrap());
+    assert_eq!(named(&spans, LOOKUP, SpanKind::Server).parent_span_id, SpanId::INVALID);
+    fed.shutdown().await.unwrap();
+}
+
+/// `GET path` over plain HTTP/1.1; returns (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed), 0 when absent.
+fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+fn requests(consumer: &str, record_type: &str, outcome: &str) -> String {
+    format!(
+        r#"lienthong_requests_total{{rpc="lookup",consumer="{consumer}",record_type="{record_type}",outcome="{outcome}"}}"#
+    )
+}
+
+#[tokio::test]
+async fn metrics_move_for_allowed_denied_and_failed_lookups_and_never_name_a_subject() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = FederationOptions::new(dir.path());
+    options.metrics_listen = Some("127.0.0.1:0".into());
+    let mut fed = Federation::start(options).await.unwrap();
+    let addr = fed.broker.metrics_addr.expect("metrics listener configured");
+    assert!(addr.ip().is_loopback());
+    let (status, before) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{before}");
+    assert!(before.ends_with("# EOF\n"), "a complete OpenMetrics exposition");
+
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let tax = client(&fed, TAX_DEPT).await;
+    let subjects: Vec<String> = (0..4).map(|i| citizen_id(&fed, 7000 + i)).collect();
+    let birth = "civil_status.birth_record";
+    let criminal = "judicial.criminal_record_extract";
+    // Allowed.
+    office
+        .exchange()
+        .lookup(birth_lookup(&subjects[0], PURPOSE_CERTIFICATE))
+        .await
+        .unwrap();
+    // Denied: the tax department holds no grant.
+    let e = tax
+        .exchange()
+        .lookup(birth_lookup(&subjects[1], PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    // Failed: the judicial-records register is down.
+    fed.registers[1].stop().await;
+    let e = office
+        .exchange()
+        .lookup(pb::LookupRequest {
+            record_type: criminal.into(),
+            query_json: serde_json::json!({ "national_id": subjects[2] }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    // Invalid: a record type the registry does not know, named after a citizen.
+    let made_up = format!("made_up.{}", subjects[3]);
+    let e = office
+        .exchange()
+        .lookup(pb::LookupRequest {
+            record_type: made_up.clone(),
+            query_json: serde_json::json!({ "national_id": subjects[3] }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let (status, after) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let moved = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(moved(&requests(JUDICIAL_OFFICE, birth, "allowed")), 1.0, "{after}");
+    assert_eq!(moved(&requests(TAX_DEPT, birth, "denied")), 1.0, "{after}");
+    assert_eq!(moved(&requests(JUDICIAL_OFFICE, criminal, "failed")), 1.0, "{after}");
+    assert_eq!(moved(&requests(JUDICIAL_OFFICE, "unknown", "invalid")), 1.0, "{after}");
+    assert_eq!(
+        moved(r#"lienthong_provider_calls_total{provider="civil-status",outcome="ok"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"lienthong_provider_calls_total{provider="judicial-records",outcome="unavailable"}"#),
+        1.0
+    );
+    assert_eq!(
+        moved(r#"lienthong_request_duration_seconds_count{rpc="lookup",record_type="civil_status.birth_record",outcome="allowed"}"#),
+        1.0
+    );
+    assert!(sample(&after, r#"lienthong_requests_in_flight{rpc="lookup"}"#) == 0.0);
+    assert!(sample(&after, "lienthong_audit_log_entries") >= sample(&before, "lienthong_audit_log_entries") + 4.0);
+    assert!(sample(&after, "lienthong_audit_entries_total") >= 4.0);
+    assert!(sample(&after, "lienthong_snapshot_version") >= 1.0);
+    assert!(after.contains("lienthong_snapshot_age_seconds "), "{after}");
+    assert!(
+        after.contains(r#"lienthong_provider_endpoint_breaker_state{provider="civil-status""#),
+        "{after}"
+    );
+
+    // No label carries a subject key or a client's made-up name.
+    for s in &subjects {
+        assert!(!after.contains(s.as_str()), "the scrape names subject {s}");
+    }
+    assert!(!after.contains(&made_up));
+    assert!(!after.contains("made_up"));
+
+    let (status, _) = http_get(addr, "/other").await;
+    assert_eq!(status, 404);
+    fed.shutdown().await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the metrics listener stops with the broker"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_under_load_drains_and_signs_a_head_over_every_entry() {
+    let (dir, mut fed) = federation().await;
+    // Hand the data directory to a broker process of its own.
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+    let mut process = BrokerProcess::start(&fed.config_path);
+    let files = lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE);
+    let office = lienthong_cli::client::connect(&process.url, &files).await.unwrap();
+    let receipts = std::sync::Arc::new(std::sync::Mutex::new(Vec::<pb::Receipt>::new()));
+    let refusals = std::sync::Arc::new(std::sync::Mutex::new(Vec::<tonic::Status>::new()));
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let (office, receipts, refusals) = (office.clone(), receipts.clone(), refusals.clone());
+        let seed = fed.options.seed;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..2000u32 {
+                let subject = lienthong_provider::demo::citizen_national_id(seed, t * 2000 + i);
+                match office
+                    .exchange()
+                    .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+                    .await
+                {
+                    Ok(r) => receipts.lock().unwrap().push(r.into_inner().receipt.expect("a receipt")),
+                    Err(status) => {
+                        refusals.lock().unwrap().push(status);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    assert!(eventually(Duration::from_secs(30), async || receipts.lock().unwrap().len() >= 150).await);
+    let status = tokio::task::spawn_blocking(move || {
+        let status = process.terminate();
+        (process, status)
+    })
+    .await
+    .unwrap();
+    let (_process, status) = status;
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0 after draining");
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let refusals = refusals.lock().unwrap().clone();
+    for r in &refusals { eprintln!("REFUSAL {r:?}"); }
+    for r in &refusals {
+        assert_eq!(r.code(), Code::Unavailable, "a lookup was cut off: {r:?}");
+    }
+    assert_eq!(refusals.len(), 8, "every load task ends refused once the broker is gone");
+    let receipts = receipts.lock().unwrap().clone();
+
+    // The stopped broker's database: the last signed head covers every entry.
+    let path = dir.path().join("broker-data/lienthong.db");
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    use sqlx::Row;
+    let log = sqlx::query("SELECT log_id, public_key FROM audit_logs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let (log_id, public_key): (String, Vec<u8>) = (log.get(0), log.get(1));
+    let head = sqlx::query(
+        "SELECT tree_size, root_hash, timestamp_ms, signature FROM tree_heads WHERE log_id = ? ORDER BY tree_size DESC LIMIT 1",
+    )
+    .bind(&log_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let leaves: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT sequence, leaf_hash FROM audit_entries WHERE log_id = ? ORDER BY sequence")
+            .bind(&log_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let tree_size: i64 = head.get(0);
+    assert_eq!(tree_size as usize, leaves.len(), "the final head covers every entry");
+    let hashes: Vec<[u8; 32]> = leaves.iter().map(|(_, h)| h.as_slice().try_into().unwrap()).collect();
+    let root_hash: Vec<u8> = head.get(1);
+    assert_eq!(lienthong_audit::merkle::root(&hashes).to_vec(), root_hash);
+    let sth = lienthong_audit::SignedTreeHead {
+        log_id: log_id.clone(),
+        tree_size: tree_size as u64,
+        root_hash: root_hash.as_slice().try_into().unwrap(),
+        timestamp_ms: head.get::<i64, _>(2) as u64,
+        signature: head.get(3),
+    };
+    lienthong_audit::sth::verify_tree_head(&sth, public_key.as_slice().try_into().unwrap())
+        .expect("the final head is signed by the log's key");
+    for r in &receipts {
+        assert_eq!(
+            leaves.get(r.sequence as usize).map(|(_, h)| h),
+            Some(&r.leaf_hash),
+            "the entry of released lookup {} is in the log",
+            r.sequence
+        );
+    }
+    fed.shutdown_registers().await;
+}
