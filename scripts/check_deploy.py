@@ -14,6 +14,9 @@ Called by scripts/check-deploy.sh, optionally with the output of
   * compose.yaml agrees with broker.toml and the collector config: certificates
     and data_dir mounted, the OTLP endpoint and the scrape targets name real
     services, every pipeline component is defined;
+  * the systemd unit provides what lienthong.toml expects (credentials for
+    the certificate paths, the state directory as data_dir) and keeps its
+    hardening options;
   * the Dockerfile copies only paths that exist, runs as a non-root user, and
     checks health with `lienthong health`.
 Exits non-zero naming each problem.
@@ -287,6 +290,40 @@ def check_compose():
     print(f"compose: {len(services)} services, {len(brokers)} brokers consistent with their config and the collector")
 
 
+# --- systemd ------------------------------------------------------------------
+
+
+def check_systemd():
+    where = "deploy/systemd/lienthong.service"
+    settings = {}
+    for line in (DEPLOY / "systemd" / "lienthong.service").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    cfg = load_toml(DEPLOY / "systemd" / "lienthong.toml")
+    exec_start = settings.get("ExecStart", [""])[-1].split()
+    if "--config" not in exec_start:
+        problem(where, "ExecStart must pass --config")
+    credentials = {v.split(":", 1)[0] for v in settings.get("LoadCredential", [])}
+    for key in ("ca", "cert", "key"):
+        path = PurePosixPath(cfg.get("tls", {}).get(key, ""))
+        if path.parent == PurePosixPath("/run/credentials/lienthong.service") and path.name not in credentials:
+            problem(where, f"lienthong.toml tls.{key} = {path} but no LoadCredential={path.name}:...")
+    state_dirs = [f"/var/lib/{d}" for v in settings.get("StateDirectory", []) for d in v.split()]
+    if cfg.get("data_dir") not in state_dirs:
+        problem(where, f"data_dir {cfg.get('data_dir')} is not the unit's StateDirectory (the only writable path)")
+    for required in ("ProtectSystem", "NoNewPrivileges", "ProtectHome", "PrivateTmp", "CapabilityBoundingSet",
+                     "RestrictAddressFamilies", "SystemCallFilter"):
+        if required not in settings:
+            problem(where, f"hardening option {required}= is missing")
+    if settings.get("ProtectSystem", [""])[-1] != "strict":
+        problem(where, "ProtectSystem must be strict")
+    if not (settings.get("DynamicUser", ["no"])[-1] == "yes" or settings.get("User")):
+        problem(where, "the service must run as a dedicated user (User= or DynamicUser=yes)")
+    print("systemd: unit and lienthong.toml agree (credentials, state directory), hardening options present")
+
+
 # --- Dockerfile ---------------------------------------------------------------
 
 
@@ -336,6 +373,7 @@ def main():
         check_kubernetes_consistency(rendered)
     check_kubernetes_consistency(docs)
     check_compose()
+    check_systemd()
     check_dockerfile()
     return report()
 

@@ -423,3 +423,45 @@ async fn sigterm_under_load_drains_and_signs_a_head_over_every_entry() {
     }
     fed.shutdown_registers().await;
 }
+
+#[tokio::test]
+async fn zz_debug_sigterm() {
+    let (_dir, mut fed) = federation().await;
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+    let log = std::fs::File::create("/tmp/broker-debug.log").unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&fed.config_path)
+        .env("LIENTHONG_LISTEN", "127.0.0.1:17999")
+        .env("RUST_LOG", "h2=debug,hyper=debug,tonic=trace,lienthong_broker=debug,lienthong_tls=debug")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let files = lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE);
+    let office = lienthong_cli::client::connect("https://127.0.0.1:17999", &files).await.unwrap();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let (office, n) = (office.clone(), n.clone());
+        let seed = fed.options.seed;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..2000u32 {
+                let subject = lienthong_provider::demo::citizen_national_id(seed, t * 2000 + i);
+                match office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)).await {
+                    Ok(_) => { n.fetch_add(1, std::sync::atomic::Ordering::Relaxed); }
+                    Err(status) => { eprintln!("TASK {t} ERR {:?} at {:?}", status, std::time::SystemTime::now()); return; }
+                }
+            }
+        }));
+    }
+    assert!(eventually(Duration::from_secs(30), async || n.load(std::sync::atomic::Ordering::Relaxed) >= 150).await);
+    eprintln!("SIGTERM at {:?}", std::time::SystemTime::now());
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let st = child.wait().unwrap();
+    eprintln!("exit {st:?}");
+    for t in tasks { t.await.unwrap(); }
+    fed.shutdown_registers().await;
+}

@@ -349,11 +349,10 @@ impl Config {
                 return Err(invalid(key, format!("file {} does not exist", path.display())));
             }
         }
-        if !self.database_url.is_empty()
-            && !(self.database_url.starts_with("sqlite:")
-                || self.database_url.starts_with("postgres://")
-                || self.database_url.starts_with("postgresql://"))
-        {
+        let known_scheme = ["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| self.database_url.starts_with(scheme));
+        if !self.database_url.is_empty() && !known_scheme {
             return Err(invalid("database_url", "must start with sqlite: or postgres://".into()));
         }
         if !["text", "json"].contains(&self.telemetry.log_format.as_str()) {

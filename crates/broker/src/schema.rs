@@ -110,8 +110,8 @@ impl Broker {
                     created: false,
                 });
             }
-            if let Some(latest) = existing.last() {
-                if compatibility == Compatibility::Backward {
+            if let Some(latest) = existing.last()
+                && compatibility == Compatibility::Backward {
                     let changes = check_compatibility(&latest.definition, &def);
                     if !changes.is_empty() {
                         let list: Vec<String> = changes
@@ -126,7 +126,6 @@ impl Broker {
                         )));
                     }
                 }
-            }
             let version = RecordTypeVersion {
                 field_pointers: def.field_pointers(),
                 digest: digest.clone(),

@@ -38,9 +38,12 @@ pub struct Broker {
     snapshot_loaded_at: Mutex<Instant>,
     // Compiled validators by (name, version, digest, deprecated): a snapshot
     // rebuild reuses them, so validation never recompiles a schema.
-    compiled: Mutex<HashMap<(String, u32, String, bool), Arc<CompiledRecordType>>>,
+    compiled: Mutex<HashMap<CompiledKey, Arc<CompiledRecordType>>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
+
+/// Identifies one compiled version: (name, version, digest, deprecated).
+type CompiledKey = (String, u32, String, bool);
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
@@ -184,11 +187,10 @@ impl Broker {
                 let Some(broker) = broker.upgrade() else { return };
                 let current = broker.snapshot.load().version;
                 let stale = notified || matches!(broker.store.change_counter().await, Ok(v) if v != current);
-                if stale {
-                    if let Err(e) = broker.reload().await {
+                if stale
+                    && let Err(e) = broker.reload().await {
                         tracing::warn!(error = %e, "snapshot reload failed; keeping the previous snapshot");
                     }
-                }
             }
         })
     }
@@ -286,8 +288,8 @@ fn check_peer(
             ));
         }
     };
-    if let Some(not_after) = peer.not_after {
-        if not_after <= OffsetDateTime::now_utc() {
+    if let Some(not_after) = peer.not_after
+        && not_after <= OffsetDateTime::now_utc() {
             return Err((
                 id.clone(),
                 format!(
@@ -295,7 +297,6 @@ fn check_peer(
                 ),
             ));
         }
-    }
     match snapshot.member(id) {
         None => Err((
             id.clone(),

@@ -686,10 +686,10 @@ pub fn verify_inclusion_proof(p: &pb::InclusionProof, public_key: &[u8]) -> Resu
 
 /// Runs an audit command.
 pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> {
-    if let AuditCmd::Verify(v) = &cmd {
-        if let Some(export) = &v.export {
-            return verify_offline(v, export);
-        }
+    if let AuditCmd::Verify(v) = &cmd
+        && let Some(export) = &v.export
+    {
+        return verify_offline(v, export);
     }
     let mut c = conn.connect().await?.audit();
     match cmd {
@@ -804,7 +804,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 serde_json::to_writer(&mut w, &line)?;
                 w.write_all(b"\n")?;
                 n += 1;
-                if n % 10_000 == 0 {
+                if n.is_multiple_of(10_000) {
                     eprint!("\rexported {n} entries");
                 }
             }
@@ -957,7 +957,7 @@ async fn verify_online(
                 leaf_hash: hex::encode(&e.leaf_hash),
                 leaf: e.leaf_json,
             });
-            if lines.len() % 50_000 == 0 {
+            if lines.len().is_multiple_of(50_000) {
                 eprint!(
                     "\rlog {}: fetched {} entries",
                     &log.log_id[..12.min(log.log_id.len())],
