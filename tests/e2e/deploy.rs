@@ -452,7 +452,7 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     }
     let a = answered.clone();
     assert!(eventually(Duration::from_secs(20), async || a.load(Ordering::SeqCst) >= KILL_AFTER).await);
-    broker2.kill();
+    tokio::task::block_in_place(|| broker2.kill());
     killed.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await.expect("every lookup was answered by one broker or the other");
@@ -554,7 +554,7 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
         eventually(Duration::from_secs(10), async || head_of_log2().await == log2_size).await,
         "the restarted broker signs a head over its whole log ({log2_size} entries)"
     );
-    assert!(restarted.terminate().success());
+    assert!(tokio::task::block_in_place(|| restarted.terminate()).success());
     let (ok, out) = site.verify(&broker1.url()).await;
     assert!(ok, "the restarted broker extended its log consistently: {out}");
     let (head, entries) = verified(&out, &log2).unwrap_or_else(|| panic!("{out}"));
@@ -571,5 +571,5 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
         );
     }
 
-    assert!(broker1.terminate().success());
+    assert!(tokio::task::block_in_place(|| broker1.terminate()).success());
 }

@@ -75,16 +75,22 @@ impl ServerHandle {
     }
 
     /// Waits until the server stops by itself (after a shutdown signal).
+    ///
+    /// Cancel-safe: dropping the future (say, in a `select!` that a signal
+    /// won) leaves the handle waitable, so a later `wait` still sees the drain
+    /// and the final tree head through.
     pub async fn wait(&mut self) -> Result<(), StartError> {
-        match self.join.take() {
-            Some(j) => match j.await {
-                Ok(r) => r,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => Err(StartError::Broker(BrokerError::Internal(format!(
-                    "server task ended: {e}"
-                )))),
-            },
-            None => Ok(()),
+        let Some(join) = self.join.as_mut() else {
+            return Ok(());
+        };
+        let ended = join.await;
+        self.join = None;
+        match ended {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StartError::Broker(BrokerError::Internal(format!(
+                "server task ended: {e}"
+            )))),
         }
     }
 
