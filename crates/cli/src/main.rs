@@ -118,16 +118,23 @@ enum CertsCmd {
         /// SPIFFE trust domain of the federation.
         #[arg(long, default_value = "lienthong.gov.vn")]
         trust_domain: String,
+        /// Host names or IPs clients reach the broker by (repeat; e.g. a Service name).
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
     },
-    /// Issue a member certificate (`<member>.pem`, `<member>.key`) signed by the CA in DIR.
+    /// Issue a member certificate (`<member>.pem`, `<member>.key`), or with
+    /// `--broker-cert` a new broker certificate, signed by the CA in DIR.
     Issue {
         /// Member id.
+        #[arg(long, required_unless_present = "broker_cert", conflicts_with = "broker_cert")]
+        member: Option<String>,
+        /// Re-issue the broker's own certificate (rotation, new host names).
         #[arg(long)]
-        member: String,
+        broker_cert: bool,
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         dir: PathBuf,
-        /// Host names or IPs the certificate may serve (for providers).
+        /// Host names or IPs the certificate may serve (providers, the broker).
         #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         hosts: Vec<String>,
     },
@@ -228,16 +235,19 @@ async fn run(cli: Cli) -> Result<()> {
             lienthong_provider::demo::run_demo_register(kind, seed, tls, listener, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Certs(CertsCmd::Init { dir, trust_domain }) => {
-            lienthong_tls::init_dir(&dir, &trust_domain)?;
+        Command::Certs(CertsCmd::Init { dir, trust_domain, hosts }) => {
+            lienthong_tls::init_dir_with_hosts(&dir, &trust_domain, &hosts)?;
             println!(
                 "federation CA and broker certificate written to {} (trust domain {trust_domain})",
                 dir.display()
             );
             Ok(())
         }
-        Command::Certs(CertsCmd::Issue { member, dir, hosts }) => {
-            let (cert, key) = lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?;
+        Command::Certs(CertsCmd::Issue { member, broker_cert, dir, hosts }) => {
+            let (cert, key) = match member {
+                Some(member) if !broker_cert => lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?,
+                _ => lienthong_tls::issue_broker_in_dir(&dir, &hosts)?,
+            };
             println!("issued {} and {}", cert.display(), key.display());
             Ok(())
         }

@@ -229,12 +229,23 @@ impl IssuedCert {
 /// Refuses to run if `dir/ca.key` exists: replacing the CA would silently invalidate every
 /// certificate the federation has issued.
 pub fn init_dir(dir: &Path, trust_domain: &str) -> Result<(), TlsError> {
+    init_dir_with_hosts(dir, trust_domain, &[])
+}
+
+/// [`init_dir`] with the host names or IPs the broker certificate serves (a
+/// Kubernetes Service name, a load balancer's DNS name); empty means
+/// `localhost` and `127.0.0.1`.
+pub fn init_dir_with_hosts(dir: &Path, trust_domain: &str, hosts: &[String]) -> Result<(), TlsError> {
     let ca_key = dir.join("ca.key");
     if ca_key.exists() {
         return Err(TlsError::AlreadyExists { path: ca_key });
     }
     let ca = CertificateAuthority::generate(trust_domain)?;
-    let broker = ca.issue(&IssueSpec::broker())?;
+    let mut spec = IssueSpec::broker();
+    if !hosts.is_empty() {
+        spec.hosts = hosts.to_vec();
+    }
+    let broker = ca.issue(&spec)?;
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
         path: dir.to_owned(),
         source,
@@ -250,14 +261,28 @@ pub fn init_dir(dir: &Path, trust_domain: &str) -> Result<(), TlsError> {
 /// The trust domain is read back from the CA certificate. An empty `hosts` means the
 /// defaults of [`IssueSpec::member`] (`localhost`, `127.0.0.1`).
 pub fn issue_member_in_dir(dir: &Path, member_id: &str, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    issue_in_dir(dir, Identity::Member(member_id.to_string()), hosts)
+}
+
+/// `lienthong certs issue --broker`: a new `dir/broker.pem` + `.key` under the
+/// existing CA, to rotate the broker's certificate or change its host names.
+pub fn issue_broker_in_dir(dir: &Path, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    issue_in_dir(dir, Identity::Broker, hosts)
+}
+
+fn issue_in_dir(dir: &Path, identity: Identity, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
     let ca_pem = dir.join("ca.pem");
     let trust_domain = trust_domain_from_ca_cert(&ca_pem)?;
     let ca = CertificateAuthority::load(&ca_pem, &dir.join("ca.key"), &trust_domain)?;
-    let mut spec = IssueSpec::member(member_id);
+    let stem = match &identity {
+        Identity::Broker => "broker".to_string(),
+        Identity::Member(id) => id.clone(),
+    };
+    let mut spec = IssueSpec::default_for(identity);
     if !hosts.is_empty() {
         spec.hosts = hosts.to_vec();
     }
-    ca.issue(&spec)?.write(dir, member_id)
+    ca.issue(&spec)?.write(dir, &stem)
 }
 
 /// The trust domain recorded in a CA certificate written by [`CertificateAuthority::generate`].
