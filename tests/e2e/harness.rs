@@ -144,12 +144,10 @@ impl BrokerProcess {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Some(addr) = line.strip_prefix("lienthong broker listening on ") {
-                        let addr = addr.split_whitespace().next().unwrap_or_default().to_string();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
+                if !sent && let Some(addr) = line.strip_prefix("lienthong broker listening on ") {
+                    let addr = addr.split_whitespace().next().unwrap_or_default().to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
                 }
                 eprintln!("[broker] {line}");
             }
@@ -206,10 +204,17 @@ pub async fn logged_leaves(auditor: &Clients, log_id: &str) -> std::collections:
     let mut entries = std::collections::HashMap::new();
     let mut token = String::new();
     loop {
-        let filter = pb::EntryFilter { log_id: log_id.into(), ..Default::default() };
+        let filter = pb::EntryFilter {
+            log_id: log_id.into(),
+            ..Default::default()
+        };
         let page = auditor
             .audit()
-            .query_entries(pb::QueryEntriesRequest { filter: Some(filter), page_size: 1000, page_token: token })
+            .query_entries(pb::QueryEntriesRequest {
+                filter: Some(filter),
+                page_size: 1000,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();

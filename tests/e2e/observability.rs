@@ -29,11 +29,7 @@ fn span_exporter() -> InMemorySpanExporter {
                 .build();
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("e2e"))
-                .with_filter(
-                    Targets::new()
-                        .with_target("lienthong_broker", tracing::Level::INFO)
-                        .with_target("lienthong_provider", tracing::Level::INFO),
-                );
+                .with_filter(Targets::new().with_target("lienthong", tracing::Level::DEBUG));
             tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
                 .expect("no other subscriber in this test process");
             exporter
@@ -62,7 +58,10 @@ fn named<'a>(spans: &'a [SpanData], name: &str, kind: SpanKind) -> &'a SpanData 
         .iter()
         .find(|s| s.name == name && s.span_kind == kind)
         .unwrap_or_else(|| {
-            let names: Vec<_> = spans.iter().map(|s| (s.name.to_string(), s.span_kind.clone())).collect();
+            let names: Vec<_> = spans
+                .iter()
+                .map(|s| (s.name.to_string(), s.span_kind.clone()))
+                .collect();
             panic!("no {kind:?} span {name}; spans: {names:?}")
         })
 }
@@ -88,25 +87,38 @@ async fn a_lookup_is_one_trace_from_the_consumer_into_the_register() {
     let ids = RandomIdGenerator::default();
     let (trace, consumer_span) = (ids.new_trace_id(), ids.new_span_id());
     let mut request = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace}-{consumer_span}-01").parse().unwrap(),
-    );
-    let receipt = office.exchange().lookup(request).await.unwrap().into_inner().receipt.unwrap();
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{trace}-{consumer_span}-01").parse().unwrap());
+    let receipt = office
+        .exchange()
+        .lookup(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .receipt
+        .unwrap();
 
     // The broker's RPC span ends as the answer leaves; wait for it.
     assert!(
         eventually(Duration::from_secs(5), async || {
             let spans = spans_of(&exporter, trace);
-            spans.iter().any(|s| s.name == LOOKUP) && spans.iter().any(|s| s.name == FETCH && s.span_kind == SpanKind::Server)
+            spans.iter().any(|s| s.name == LOOKUP)
+                && spans.iter().any(|s| s.name == FETCH && s.span_kind == SpanKind::Server)
         })
         .await,
         "broker and register spans are exported under the consumer's trace id: {:?}",
-        spans_of(&exporter, trace).iter().map(|s| s.name.to_string()).collect::<Vec<_>>()
+        spans_of(&exporter, trace)
+            .iter()
+            .map(|s| s.name.to_string())
+            .collect::<Vec<_>>()
     );
     let spans = spans_of(&exporter, trace);
     let rpc = named(&spans, LOOKUP, SpanKind::Server);
-    assert_eq!(rpc.parent_span_id, consumer_span, "the broker continues the consumer's span");
+    assert_eq!(
+        rpc.parent_span_id, consumer_span,
+        "the broker continues the consumer's span"
+    );
     assert!(rpc.parent_span_is_remote);
     assert_eq!(attr(rpc, "consumer").as_deref(), Some(JUDICIAL_OFFICE));
     assert_eq!(attr(rpc, "provider").as_deref(), Some(CIVIL_STATUS));
@@ -122,7 +134,10 @@ async fn a_lookup_is_one_trace_from_the_consumer_into_the_register() {
     // The register's span is a child of the broker's provider call, in the same trace.
     let fetch = named(&spans, FETCH, SpanKind::Server);
     assert_eq!(fetch.parent_span_id, call.span_context.span_id());
-    assert!(fetch.parent_span_is_remote, "the register learnt its parent over the wire");
+    assert!(
+        fetch.parent_span_is_remote,
+        "the register learnt its parent over the wire"
+    );
     assert_eq!(attr(fetch, "trace_id"), Some(trace.to_string()));
     assert_eq!(attr(fetch, "outcome").as_deref(), Some("ok"));
 
@@ -194,12 +209,11 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
     let text = String::from_utf8(raw).unwrap();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -291,7 +305,9 @@ async fn metrics_move_for_allowed_denied_and_failed_lookups_and_never_name_a_sub
         1.0
     );
     assert_eq!(
-        moved(r#"lienthong_request_duration_seconds_count{rpc="lookup",record_type="civil_status.birth_record",outcome="allowed"}"#),
+        moved(
+            r#"lienthong_request_duration_seconds_count{rpc="lookup",record_type="civil_status.birth_record",outcome="allowed"}"#
+        ),
         1.0
     );
     assert!(sample(&after, r#"lienthong_requests_in_flight{rpc="lookup"}"#) == 0.0);
@@ -413,7 +429,10 @@ async fn sigterm_under_load_drains_and_signs_a_head_over_every_entry() {
             .unwrap();
     let tree_size: i64 = head.get(0);
     assert_eq!(tree_size as usize, entries.len(), "the final head covers every entry");
-    let hashes: Vec<[u8; 32]> = entries.iter().map(|(_, h, _)| h.as_slice().try_into().unwrap()).collect();
+    let hashes: Vec<[u8; 32]> = entries
+        .iter()
+        .map(|(_, h, _)| h.as_slice().try_into().unwrap())
+        .collect();
     let root_hash: Vec<u8> = head.get(1);
     assert_eq!(lienthong_audit::merkle::root(&hashes).to_vec(), root_hash);
     let sth = lienthong_audit::SignedTreeHead {
@@ -447,7 +466,11 @@ async fn sigterm_under_load_drains_and_signs_a_head_over_every_entry() {
             }
             // The broker took the lookup in and then refused it (draining).
             Ended::Refused(status) if accepted.contains(request_id) => {
-                assert_eq!(status.code(), Code::Unavailable, "accepted lookup {request_id} was cut off: {status:?}");
+                assert_eq!(
+                    status.code(),
+                    Code::Unavailable,
+                    "accepted lookup {request_id} was cut off: {status:?}"
+                );
                 refused += 1;
             }
             // Never reached the broker: the client found the connection gone

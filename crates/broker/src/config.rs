@@ -535,6 +535,48 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_keys_are_checked_and_a_bare_metrics_port_is_loopback() {
+        let mut t = Telemetry::default();
+        assert!(t.metrics_addr().is_none(), "metrics are off by default");
+        t.metrics_listen = "9464".into();
+        assert_eq!(
+            t.metrics_addr().unwrap().unwrap(),
+            "127.0.0.1:9464".parse::<SocketAddr>().unwrap()
+        );
+        t.metrics_listen = "0.0.0.0:9464".into();
+        assert_eq!(t.metrics_addr().unwrap().unwrap().port(), 9464);
+        t.metrics_listen = "everywhere".into();
+        assert!(t.metrics_addr().unwrap().is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        for (extra, key) in [
+            (
+                "[telemetry]\nmetrics_listen = \"nowhere\"\n",
+                "telemetry.metrics_listen",
+            ),
+            (
+                "[telemetry]\nlog_filter = \"info,lienthong=loud\"\n",
+                "telemetry.log_filter",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"127.0.0.1:4317\"\n",
+                "telemetry.otlp_endpoint",
+            ),
+        ] {
+            let p = write(dir.path(), "t.toml", &format!("{tls}{extra}"));
+            let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let p = write(
+            dir.path(),
+            "ok.toml",
+            &format!("{tls}[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nmetrics_listen = \"9464\"\n"),
+        );
+        assert!(Config::load(Some(&p), vec![]).is_ok());
+    }
+
+    #[test]
     fn file_then_env_overrides() {
         let dir = tempfile::tempdir().unwrap();
         let tls = tls_files(dir.path());

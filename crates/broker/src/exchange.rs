@@ -49,14 +49,8 @@ struct CallContext {
 
 impl CallContext {
     /// Built inside the RPC span, whose trace id the audit entries carry.
-    fn of<T>(request: &Request<T>, request_id: &str, rpc: Rpc, caller_trace: SpanContext) -> CallContext {
+    fn of<T>(request: &Request<T>, request_id: String, rpc: Rpc, caller_trace: SpanContext) -> CallContext {
         let trace_id = telemetry::trace_id(&Span::current(), &caller_trace);
-        let request_id = if request_id.is_empty() {
-            uuid::Uuid::now_v7().to_string()
-        } else {
-            request_id.to_string()
-        };
-        Span::current().record("request_id", request_id.as_str());
         CallContext {
             rpc,
             deadline: grpc_timeout(request.metadata()).map(|d| Instant::now() + d),
@@ -67,48 +61,71 @@ impl CallContext {
     }
 }
 
-/// The span of one Exchange RPC (and, for a Collect, of each item). Its
-/// fields are registry names, fixed words and ids: never the query.
-fn rpc_span(rpc: Rpc) -> Span {
-    macro_rules! span {
-        ($name:literal, $otel_name:literal, $kind:literal) => {
-            tracing::info_span!(
-                $name,
-                otel.name = $otel_name,
-                otel.kind = $kind,
-                otel.status_code = Empty,
-                rpc = rpc.as_str(),
-                consumer = Empty,
-                provider = Empty,
-                record_type = Empty,
-                purpose = Empty,
-                outcome = Empty,
-                request_id = Empty,
-            )
-        };
-    }
-    match rpc {
-        Rpc::Lookup => span!("lookup", "lienthong.v1.Exchange/Lookup", "server"),
-        Rpc::Collect => span!("collect", "lienthong.v1.Exchange/Collect", "server"),
+/// The caller's request id, or a new one.
+fn request_id_or_new(given: &str) -> String {
+    if given.is_empty() {
+        uuid::Uuid::now_v7().to_string()
+    } else {
+        given.to_string()
     }
 }
 
-/// The span of one item of a Collect.
-fn item_span() -> Span {
+/// The metric and span label of a record type a client named (the
+/// registry's name, or `unknown`), and its provider (empty when unknown).
+/// Never the client's text for a type the registry does not know.
+fn labels<'a>(caller: &'a Caller, record_type: &'a str) -> (&'a str, &'a str) {
+    match caller.snapshot.record_type(record_type, 0) {
+        Some(rt) => (record_type, rt.owner().as_str()),
+        None => (UNKNOWN, ""),
+    }
+}
+
+/// The span of one Exchange RPC (and of each item of a Collect). Its fields
+/// are registry names, fixed words and ids, never the query. Everything known
+/// up front is set at creation: each later `record` costs a log-format pass
+/// (a JSON re-encoding with `--log-format json`), so only the purpose and the
+/// outcome are recorded later.
+fn rpc_span(rpc: Rpc, request_id: &str, consumer: &str, record_type: &str, provider: &str) -> Span {
+    match rpc {
+        Rpc::Lookup => tracing::info_span!(
+            "lookup",
+            otel.name = "lienthong.v1.Exchange/Lookup",
+            otel.kind = "server",
+            otel.status_code = Empty,
+            request_id = %request_id,
+            consumer = %consumer,
+            record_type = %record_type,
+            provider = %provider,
+            purpose = Empty,
+            outcome = Empty,
+        ),
+        // Record types, providers and outcomes are per item (`collect_item`).
+        Rpc::Collect => tracing::info_span!(
+            "collect",
+            otel.name = "lienthong.v1.Exchange/Collect",
+            otel.kind = "server",
+            otel.status_code = Empty,
+            request_id = %request_id,
+            consumer = %consumer,
+            outcome = Empty,
+        ),
+    }
+}
+
+/// The span of one item of a Collect, inside the Collect's span.
+fn item_span(record_type: &str, provider: &str) -> Span {
     tracing::info_span!(
         "collect_item",
-        consumer = Empty,
-        provider = Empty,
-        record_type = Empty,
+        record_type = %record_type,
+        provider = %provider,
         purpose = Empty,
         outcome = Empty,
         otel.status_code = Empty,
     )
 }
 
-/// Records how a request or item ended on the current span.
-fn record_outcome(outcome: Outcome) {
-    let span = Span::current();
+/// Records how a request or item ended on its span.
+fn record_outcome(span: &Span, outcome: Outcome) {
     span.record("outcome", outcome.as_str());
     if outcome == Outcome::Failed {
         span.record("otel.status_code", "ERROR");
@@ -138,30 +155,42 @@ fn fail(outcome: Outcome, code: &'static str, error: BrokerError) -> Failure {
 }
 
 impl ExchangeService {
-    /// Authenticates the caller of an Exchange RPC; a refusal is counted.
-    async fn caller<T>(&self, request: &Request<T>, rpc: Rpc, started: Instant) -> Result<Caller, Status> {
+    /// Authenticates the caller of an Exchange RPC; a refusal is counted and
+    /// gets a span of its own (the RPC span needs the caller).
+    async fn caller<T>(
+        &self,
+        request: &Request<T>,
+        rpc: Rpc,
+        request_id: &str,
+        caller_trace: &SpanContext,
+    ) -> Result<Caller, Status> {
+        let started = Instant::now();
         let name = match rpc {
             Rpc::Lookup => "Exchange.Lookup",
             Rpc::Collect => "Exchange.Collect",
         };
         match self.broker.authenticate(request, name).await {
-            Ok(caller) => {
-                Span::current().record("consumer", caller.id());
-                Ok(caller)
-            }
+            Ok(caller) => Ok(caller),
             Err(e) => {
                 let metrics = &self.broker.metrics;
                 metrics.unauthenticated(rpc);
                 metrics.request(rpc, UNKNOWN, UNKNOWN, Outcome::Denied, started.elapsed());
-                record_outcome(Outcome::Denied);
+                let span = rpc_span(rpc, request_id, UNKNOWN, UNKNOWN, "");
+                telemetry::continue_trace(&span, caller_trace);
+                record_outcome(&span, Outcome::Denied);
                 Err(e.into())
             }
         }
     }
 
-    async fn lookup_rpc(&self, request: Request<LookupRequest>, caller_trace: SpanContext) -> Result<Response<LookupResponse>, Status> {
-        let caller = self.caller(&request, Rpc::Lookup, Instant::now()).await?;
-        let ctx = CallContext::of(&request, &request.get_ref().request_id, Rpc::Lookup, caller_trace);
+    async fn lookup_rpc(
+        &self,
+        request: Request<LookupRequest>,
+        caller: Caller,
+        request_id: String,
+        caller_trace: SpanContext,
+    ) -> Result<Response<LookupResponse>, Status> {
+        let ctx = CallContext::of(&request, request_id, Rpc::Lookup, caller_trace);
         let r = request.into_inner();
         let item = Item {
             record_type: &r.record_type,
@@ -175,7 +204,14 @@ impl ExchangeService {
     }
 
     /// Audits and counts a Collect refused as a whole.
-    async fn refuse_collect(&self, caller: &Caller, ctx: &CallContext, purpose: &str, reason: String, started: Instant) {
+    async fn refuse_collect(
+        &self,
+        caller: &Caller,
+        ctx: &CallContext,
+        purpose: &str,
+        reason: String,
+        started: Instant,
+    ) {
         let mut event = self.broker.access_event(caller, ctx, "", purpose);
         event.outcome = Outcome::Invalid;
         event.reason = reason;
@@ -183,13 +219,18 @@ impl ExchangeService {
         self.broker
             .metrics
             .request(Rpc::Collect, caller.id(), UNKNOWN, Outcome::Invalid, started.elapsed());
-        record_outcome(Outcome::Invalid);
+        record_outcome(&Span::current(), Outcome::Invalid);
     }
 
-    async fn collect_rpc(&self, request: Request<CollectRequest>, caller_trace: SpanContext) -> Result<Response<CollectResponse>, Status> {
+    async fn collect_rpc(
+        &self,
+        request: Request<CollectRequest>,
+        caller: Caller,
+        request_id: String,
+        caller_trace: SpanContext,
+    ) -> Result<Response<CollectResponse>, Status> {
         let started = Instant::now();
-        let caller = self.caller(&request, Rpc::Collect, started).await?;
-        let ctx = CallContext::of(&request, &request.get_ref().request_id, Rpc::Collect, caller_trace);
+        let ctx = CallContext::of(&request, request_id, Rpc::Collect, caller_trace);
         let r = request.into_inner();
         if let Err(e) = check_collect(&r, self.broker.config.limits.max_collect_items) {
             self.refuse_collect(&caller, &ctx, &r.purpose, format!("invalid_collect: {e}"), started)
@@ -220,10 +261,14 @@ impl ExchangeService {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        self.broker
-                            .metrics
-                            .request(Rpc::Collect, caller.id(), UNKNOWN, Outcome::Invalid, started.elapsed());
-                        record_outcome(Outcome::Invalid);
+                        self.broker.metrics.request(
+                            Rpc::Collect,
+                            caller.id(),
+                            UNKNOWN,
+                            Outcome::Invalid,
+                            started.elapsed(),
+                        );
+                        record_outcome(&Span::current(), Outcome::Invalid);
                         return Err(BrokerError::InvalidArgument(format!("item {}: {e}", item.record_type)).into());
                     }
                 }
@@ -243,7 +288,10 @@ impl ExchangeService {
                 fields: &item.fields,
                 schema_version: item.schema_version,
             };
-            self.broker.lookup_one(&caller, one, &ctx).instrument(item_span())
+            let (label, provider) = labels(&caller, &item.record_type);
+            self.broker
+                .lookup_one(&caller, one, &ctx)
+                .instrument(item_span(label, provider))
         });
         let outcomes = futures::future::join_all(futures).await;
         let results = r
@@ -274,17 +322,26 @@ impl Exchange for ExchangeService {
     async fn lookup(&self, request: Request<LookupRequest>) -> Result<Response<LookupResponse>, Status> {
         let _in_flight = self.broker.metrics.in_flight(Rpc::Lookup);
         let caller_trace = telemetry::remote_parent(request.metadata());
-        let span = rpc_span(Rpc::Lookup);
+        let request_id = request_id_or_new(&request.get_ref().request_id);
+        let caller = self.caller(&request, Rpc::Lookup, &request_id, &caller_trace).await?;
+        let (label, provider) = labels(&caller, &request.get_ref().record_type);
+        let span = rpc_span(Rpc::Lookup, &request_id, caller.id(), label, provider);
         telemetry::continue_trace(&span, &caller_trace);
-        self.lookup_rpc(request, caller_trace).instrument(span).await
+        self.lookup_rpc(request, caller, request_id, caller_trace)
+            .instrument(span)
+            .await
     }
 
     async fn collect(&self, request: Request<CollectRequest>) -> Result<Response<CollectResponse>, Status> {
         let _in_flight = self.broker.metrics.in_flight(Rpc::Collect);
         let caller_trace = telemetry::remote_parent(request.metadata());
-        let span = rpc_span(Rpc::Collect);
+        let request_id = request_id_or_new(&request.get_ref().request_id);
+        let caller = self.caller(&request, Rpc::Collect, &request_id, &caller_trace).await?;
+        let span = rpc_span(Rpc::Collect, &request_id, caller.id(), UNKNOWN, "");
         telemetry::continue_trace(&span, &caller_trace);
-        self.collect_rpc(request, caller_trace).instrument(span).await
+        self.collect_rpc(request, caller, request_id, caller_trace)
+            .instrument(span)
+            .await
     }
 }
 
@@ -350,7 +407,7 @@ impl Broker {
     /// Appends an access entry in an `audit_commit` span, timing the wait.
     async fn append_access(&self, event: AuditEvent) -> Result<lienthong_audit::Receipt, lienthong_audit::AuditError> {
         let started = Instant::now();
-        let span = tracing::info_span!("audit_commit", sequence = Empty);
+        let span = tracing::debug_span!("audit_commit", sequence = Empty);
         let result = self.audit.append(event).instrument(span.clone()).await;
         self.metrics.audit_append(started.elapsed());
         if let Ok(r) = &result {
@@ -390,25 +447,16 @@ impl Broker {
         ctx: &CallContext,
     ) -> (Result<LookupResponse, BrokerError>, Option<Receipt>) {
         let started = Instant::now();
-        // Label and span values come from the registry: a record type the
-        // registry does not know is `unknown`, never the client's text.
-        let label = if caller.snapshot.record_type(item.record_type, 0).is_some() {
-            item.record_type
-        } else {
-            UNKNOWN
-        };
+        let (label, _) = labels(caller, item.record_type);
+        // The RPC span (Lookup) or the item span (Collect), created with the
+        // consumer, record type and provider already set.
         let span = Span::current();
-        span.record("consumer", caller.id());
-        span.record("record_type", label);
         let purpose = item.purpose;
         let mut event = self.access_event(caller, ctx, item.record_type, item.purpose);
         let (outcome, result) = match self.lookup_inner(caller, item, ctx, &mut event).await {
             Ok((mut response, record_json)) => {
                 event.latency_us = started.elapsed().as_micros() as u64;
                 event.payload_digest = hex::encode(Sha256::digest(record_json.as_bytes()));
-                if !event.provider.is_empty() {
-                    span.record("provider", event.provider.as_str());
-                }
                 // Fail closed: the record leaves only once its entry is durable.
                 match self.append_access(event).await {
                     Ok(r) => {
@@ -425,9 +473,6 @@ impl Broker {
                 event.outcome = outcome;
                 event.fields_released.clear();
                 event.reason = format!("{code}: {error}");
-                if !event.provider.is_empty() {
-                    span.record("provider", event.provider.as_str());
-                }
                 if code == "rate_limited" {
                     self.metrics.rate_limited(caller.id(), label);
                 }
@@ -439,7 +484,7 @@ impl Broker {
         if matches!(outcome, Outcome::Allowed | Outcome::Failed) {
             span.record("purpose", purpose);
         }
-        record_outcome(outcome);
+        record_outcome(&span, outcome);
         self.metrics
             .request(ctx.rpc, caller.id(), label, outcome, started.elapsed());
         result
@@ -502,7 +547,7 @@ impl Broker {
             purpose: item.purpose,
             fields: item.fields,
         };
-        let decision = tracing::info_span!("authorize").in_scope(|| snapshot.decide(caller.id(), &access, now));
+        let decision = tracing::debug_span!("authorize").in_scope(|| snapshot.decide(caller.id(), &access, now));
         let allowed = match decision {
             Decision::Allow(a) => a,
             Decision::Deny(reason) => {
@@ -513,7 +558,7 @@ impl Broker {
                 ));
             }
         };
-        tracing::info_span!("validate_query").in_scope(|| {
+        tracing::debug_span!("validate_query").in_scope(|| {
             rt.validate_query(&query).map_err(|f| {
                 invalid(
                     "invalid_query",
@@ -587,36 +632,31 @@ impl Broker {
         self.metrics
             .provider_call(provider, call_outcome, call_started.elapsed());
         let record_text = fetched.map_err(|e| match e {
-                RelayError::NotFound => fail(
-                    Outcome::Failed,
-                    "not_found",
-                    BrokerError::NotFound(format!(
-                        "register {provider} holds no {} record for this query",
-                        rt.name()
-                    )),
-                ),
-                RelayError::Rejected => fail(
-                    Outcome::Failed,
-                    "provider_rejected_query",
-                    BrokerError::InvalidArgument(format!(
-                        "register {provider} could not use the query for {}",
-                        rt.name()
-                    )),
-                ),
-                RelayError::Unavailable(m) => {
-                    fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m))
-                }
-                RelayError::Deadline(d) => fail(
-                    Outcome::Failed,
-                    "provider_timeout",
-                    BrokerError::DeadlineExceeded(format!(
-                        "register {provider} did not answer within {} ms",
-                        d.as_millis()
-                    )),
-                ),
-            })?;
+            RelayError::NotFound => fail(
+                Outcome::Failed,
+                "not_found",
+                BrokerError::NotFound(format!(
+                    "register {provider} holds no {} record for this query",
+                    rt.name()
+                )),
+            ),
+            RelayError::Rejected => fail(
+                Outcome::Failed,
+                "provider_rejected_query",
+                BrokerError::InvalidArgument(format!("register {provider} could not use the query for {}", rt.name())),
+            ),
+            RelayError::Unavailable(m) => fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m)),
+            RelayError::Deadline(d) => fail(
+                Outcome::Failed,
+                "provider_timeout",
+                BrokerError::DeadlineExceeded(format!(
+                    "register {provider} did not answer within {} ms",
+                    d.as_millis()
+                )),
+            ),
+        })?;
         let bad = |code, msg: String| fail(Outcome::Failed, code, BrokerError::InvalidProviderRecord(msg));
-        let record_json = tracing::info_span!("validate_record").in_scope(|| {
+        let record_json = tracing::debug_span!("validate_record").in_scope(|| {
             let record: Value = serde_json::from_str(&record_text).map_err(|e| {
                 bad(
                     "provider_malformed_record",

@@ -169,10 +169,14 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
 
-/// The series of one (rpc, record type, consumer), by outcome.
+/// The series of one (rpc, record type, consumer), by outcome. Counters
+/// exist from the first request on (so `rate()` sees every outcome start at
+/// zero); a histogram, 19 series, only once its outcome happened.
 struct RequestSeries {
+    rpc: Rpc,
+    record_type: String,
     count: [Counter; 4],
-    seconds: [Histogram; 4],
+    seconds: [std::sync::OnceLock<Histogram>; 4],
 }
 
 /// The series of one provider, by call outcome.
@@ -268,7 +272,8 @@ impl Metrics {
             "Exchange requests being processed",
             in_flight_family.clone(),
         );
-        let in_flight = [Rpc::Lookup, Rpc::Collect].map(|rpc| in_flight_family.get_or_create_owned(&RpcLabels { rpc: rpc.as_str() }));
+        let in_flight = [Rpc::Lookup, Rpc::Collect]
+            .map(|rpc| in_flight_family.get_or_create_owned(&RpcLabels { rpc: rpc.as_str() }));
         let provider_calls = Family::<ProviderCallLabels, Counter>::default();
         registry.register(
             "provider_calls",
@@ -337,18 +342,24 @@ impl Metrics {
                     outcome: o.as_str(),
                 })
             });
-            let seconds = OUTCOMES.map(|o| {
-                self.request_seconds.get_or_create_owned(&LatencyLabels {
-                    rpc: rpc.as_str(),
-                    record_type: record_type.to_string(),
-                    outcome: o.as_str(),
-                })
-            });
-            RequestSeries { count, seconds }
+            RequestSeries {
+                rpc,
+                record_type: record_type.to_string(),
+                count,
+                seconds: Default::default(),
+            }
         });
         let i = outcome_index(outcome);
         series.count[i].inc();
-        series.seconds[i].observe(elapsed.as_secs_f64());
+        series.seconds[i]
+            .get_or_init(|| {
+                self.request_seconds.get_or_create_owned(&LatencyLabels {
+                    rpc: series.rpc.as_str(),
+                    record_type: series.record_type.clone(),
+                    outcome: outcome.as_str(),
+                })
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts one call to a register.
@@ -493,7 +504,9 @@ fn scrape_time(broker: &Broker) -> Registry {
             provider: provider.clone(),
             endpoint: endpoint.id.clone(),
         };
-        outstanding.get_or_create(&labels).set(saturating_i64(endpoint.outstanding()));
+        outstanding
+            .get_or_create(&labels)
+            .set(saturating_i64(endpoint.outstanding()));
         let current = endpoint.breaker_state();
         for (state, name) in [
             (BreakerState::Closed, "closed"),
@@ -666,6 +679,16 @@ mod tests {
             t.contains(r#"lienthong_request_duration_seconds_count{rpc="lookup",record_type="civil.birth",outcome="allowed"} 2"#),
             "{t}"
         );
+        // Counters start at zero for every outcome; histograms appear with their first observation.
+        assert!(
+            t.contains(
+                r#"lienthong_requests_total{rpc="lookup",consumer="office",record_type="civil.birth",outcome="failed"} 0"#
+            ),
+            "{t}"
+        );
+        assert!(!t.contains(
+            r#"lienthong_request_duration_seconds_count{rpc="lookup",record_type="civil.birth",outcome="failed"}"#
+        ));
     }
 
     #[test]

@@ -288,7 +288,7 @@ impl Relay {
             provider = %provider,
             record_type = %request.record_type,
             endpoint = tracing::field::Empty,
-            attempts = 0u32,
+            attempts = 1u32,
             outcome = tracing::field::Empty,
         );
         let result = self
@@ -361,7 +361,9 @@ impl Relay {
             let mut req = tonic::Request::new(request.clone());
             req.set_timeout(remaining);
             span.record("endpoint", ep.id.as_str());
-            span.record("attempts", retries + 1);
+            if retries > 0 {
+                span.record("attempts", retries + 1);
+            }
             crate::telemetry::inject(span, caller_trace, req.metadata_mut());
             ep.outstanding.fetch_add(1, Ordering::Relaxed);
             let result =

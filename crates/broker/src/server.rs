@@ -159,14 +159,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     let broker = Broker::new(config.clone(), store, audit, relay).await?;
     let metrics_listener = match config.telemetry.metrics_addr() {
         None => None,
-        Some(Ok(addr)) => Some(
-            crate::metrics::bind(addr)
-                .await
-                .map_err(|e| StartError::Io {
-                    what: format!("cannot listen for metrics on {addr}"),
-                    source: e.source,
-                })?,
-        ),
+        Some(Ok(addr)) => Some(crate::metrics::bind(addr).await.map_err(|e| StartError::Io {
+            what: format!("cannot listen for metrics on {addr}"),
+            source: e.source,
+        })?),
         Some(Err(e)) => return Err(BrokerError::InvalidArgument(format!("telemetry.metrics_listen: {e}")).into()),
     };
     let metrics_addr = match &metrics_listener {

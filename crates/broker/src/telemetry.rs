@@ -50,8 +50,10 @@ impl TelemetryOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// The log filter does not parse.
-    #[error("log filter {filter:?} is not valid: {message}")]
+    #[error("{origin} {filter:?} is not a valid log filter: {message}")]
     Filter {
+        /// Where it came from: `RUST_LOG` or `telemetry.log_filter`.
+        origin: &'static str,
         /// The filter text.
         filter: String,
         /// The parser's message.
@@ -140,48 +142,44 @@ impl Drop for TelemetryGuard {
 pub fn init(options: &TelemetryOptions) -> Result<TelemetryGuard, TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => EnvFilter::builder().parse(&env).map_err(|e| TelemetryError::Filter {
+            origin: "RUST_LOG",
             filter: env.clone(),
             message: e.to_string(),
         })?,
         _ => EnvFilter::builder()
             .parse(&options.log_filter)
             .map_err(|e| TelemetryError::Filter {
+                origin: "telemetry.log_filter",
                 filter: options.log_filter.clone(),
                 message: e.to_string(),
             })?,
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    // Colour codes only for a person at a terminal: they garble log files and
+    // cost a third of the formatting time of a span.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // The filter applies to the log lines only, so exported traces keep the
+    // broker's debug-level steps (authorize, validate, audit commit) whatever
+    // the log level; without export those spans are never even created.
     let fmt = if options.log_format == "json" {
-        fmt.json().boxed()
+        fmt.json().with_filter(filter).boxed()
     } else {
-        fmt.boxed()
+        fmt.with_filter(filter).boxed()
     };
     let (otel, provider) = if options.otlp_endpoint.is_empty() {
         (None, None)
     } else {
         let provider = otlp_provider(&options.otlp_endpoint, &options.service_name)?;
         let tracer = provider.tracer("lienthong");
-        // The exporter's own gRPC client logs through `tracing` too; exporting
-        // those spans would feed the exporter its own traffic.
-        let quiet = Targets::new()
-            .with_default(LevelFilter::TRACE)
-            .with_target("h2", LevelFilter::OFF)
-            .with_target("hyper", LevelFilter::OFF)
-            .with_target("hyper_util", LevelFilter::OFF)
-            .with_target("tonic", LevelFilter::OFF)
-            .with_target("tower", LevelFilter::OFF)
-            .with_target("opentelemetry", LevelFilter::OFF)
-            .with_target("opentelemetry_sdk", LevelFilter::OFF)
-            .with_target("opentelemetry_otlp", LevelFilter::OFF);
-        let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(quiet);
+        // lienthong's own spans only: the exporter's gRPC client logs through
+        // `tracing` too, and exporting those spans would feed it its own traffic.
+        let ours = Targets::new().with_target("lienthong", LevelFilter::DEBUG);
+        let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(ours);
         (Some(layer), Some(provider))
     };
-    let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .is_ok();
+    let installed = tracing_subscriber::registry().with(fmt).with(otel).try_init().is_ok();
     if !installed {
         // Tests and embedders may have their own subscriber: keep it.
         if let Some(p) = provider {
@@ -368,11 +366,84 @@ mod tests {
         assert_eq!(trace_id(&Span::none(), &SpanContext::empty_context()), "");
     }
 
+    /// An OTLP/gRPC collector that hands every export to the test.
+    struct Collector(tokio::sync::mpsc::UnboundedSender<ExportTraceServiceRequest>);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let _ = self.0.send(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_reach_an_otlp_collector() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Collector(tx)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let provider = otlp_provider(&format!("http://{addr}"), "lienthong-test").unwrap();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let remote = remote_parent(&with_parent(PARENT));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("lookup", consumer = "office", outcome = "allowed");
+            continue_trace(&span, &remote);
+            let _inner = tracing::info_span!(parent: &span, "authorize").entered();
+        });
+        tokio::task::spawn_blocking(move || provider.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        let export = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the collector got an export")
+            .unwrap();
+        let resource = export.resource_spans[0].resource.as_ref().unwrap();
+        assert!(
+            resource
+                .attributes
+                .iter()
+                .any(|kv| kv.key == "service.name" && format!("{:?}", kv.value).contains("lienthong-test")),
+            "{resource:?}"
+        );
+        let spans: Vec<_> = export
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            .collect();
+        let lookup = spans.iter().find(|s| s.name == "lookup").unwrap();
+        assert_eq!(hex_of(&lookup.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex_of(&lookup.parent_span_id), "00f067aa0ba902b7");
+        let authorize = spans.iter().find(|s| s.name == "authorize").unwrap();
+        assert_eq!(authorize.parent_span_id, lookup.span_id);
+    }
+
+    fn hex_of(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     #[test]
     fn configuration_values_are_checked() {
         assert!(check_otlp_endpoint("").is_ok());
         assert!(check_otlp_endpoint("http://127.0.0.1:4317").is_ok());
-        assert!(check_otlp_endpoint("https://collector:4317").unwrap_err().contains("https"));
+        assert!(
+            check_otlp_endpoint("https://collector:4317")
+                .unwrap_err()
+                .contains("https")
+        );
         assert!(check_otlp_endpoint("127.0.0.1:4317").is_err());
         assert!(check_log_filter("info,lienthong_broker=debug").is_ok());
         assert!(check_log_filter("info,lienthong_broker=loud").is_err());

@@ -81,8 +81,8 @@ pub struct BenchArgs {
     /// half the relayed saturation throughput).
     #[arg(long, value_enum, default_value = "both")]
     pub mode: Mode,
-    /// Closed loop: requests kept in flight.
-    #[arg(long, default_value_t = 64)]
+    /// Closed loop: requests kept in flight (enough to saturate every scenario on a small machine).
+    #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
     /// Open loop: arrival rate in lookups per second, e.g. `2000` or `2000/s`
     /// (default with `--mode both`: half the relayed closed-loop throughput).
@@ -97,6 +97,11 @@ pub struct BenchArgs {
     /// HTTP/2 connections the load generator opens to each target (the same for all scenarios).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
+    /// Repeat every phase this many times, alternating scenarios, and report the
+    /// median round of each (throughput for closed loop, p99 for open loop):
+    /// steadier ratios on a machine with other work running.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Distinct citizens the lookups cycle through.
     #[arg(long, default_value_t = 1000)]
     pub subjects: u32,
@@ -114,6 +119,11 @@ pub struct BenchArgs {
     /// afterwards); a temporary one, removed at the end, when omitted.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Directory for the broker's SQLite database and audit keys (default: inside --dir).
+    /// Put it on the disk a deployment would use: every lookup waits for a commit,
+    /// so the disk's fsync latency is part of the relayed latency.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// The nginx executable for the proxy scenario; default: `nginx` on PATH, then /usr/sbin/nginx.
     #[arg(long)]
     pub nginx: Option<PathBuf>,
@@ -178,6 +188,7 @@ struct Settings {
     warmup_s: f64,
     subjects: u32,
     inflight: usize,
+    rounds: usize,
     quick: bool,
     seed: u64,
 }
@@ -195,6 +206,9 @@ impl Settings {
         }
         if args.concurrency == 0 {
             bail!("--concurrency must be at least 1");
+        }
+        if args.rounds == 0 {
+            bail!("--rounds must be at least 1");
         }
         if args.connections == 0 {
             bail!("--connections must be at least 1");
@@ -236,6 +250,7 @@ impl Settings {
             warmup_s: warmup.as_secs_f64(),
             subjects,
             inflight: args.inflight,
+            rounds: args.rounds,
             quick: args.quick,
             seed: args.seed,
         })
@@ -258,6 +273,8 @@ impl Settings {
 struct Report {
     machine: Machine,
     settings: Settings,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk: Option<DiskReport>,
     scenarios: Vec<ScenarioReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<BrokerReport>,
@@ -299,6 +316,42 @@ impl Machine {
     }
 }
 
+/// The filesystem under the broker's database: each commit waits for one
+/// `fdatasync` (SQLite WAL, `synchronous = FULL`), so this bounds the latency
+/// a durable audit entry adds.
+#[derive(Debug, Serialize)]
+struct DiskReport {
+    path: String,
+    fdatasync_p50_us: u64,
+    fdatasync_p99_us: u64,
+    samples: usize,
+}
+
+/// Times `samples` 4 KiB appends each followed by `fdatasync`.
+fn probe_fsync(dir: &Path, samples: usize) -> Result<DiskReport> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("fsync-probe.tmp");
+    let result = (|| -> Result<DiskReport> {
+        let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let block = [0u8; 4096];
+        let mut h = histogram();
+        for _ in 0..samples {
+            file.write_all(&block)?;
+            let started = Instant::now();
+            file.sync_data()?;
+            h.saturating_record(micros(started.elapsed()));
+        }
+        Ok(DiskReport {
+            path: dir.display().to_string(),
+            fdatasync_p50_us: h.value_at_quantile(0.5),
+            fdatasync_p99_us: h.value_at_quantile(0.99),
+            samples,
+        })
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
 #[derive(Debug, Serialize)]
 struct ScenarioReport {
     name: &'static str,
@@ -329,6 +382,29 @@ struct PhaseReport {
     throughput_per_s: f64,
     latency_us: Latency,
     cpu_s_per_1000: CpuCost,
+    /// With --rounds above 1: throughput (closed) or p99 in µs (open) of every
+    /// round, in order; the figures above are from the median one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rounds: Vec<f64>,
+}
+
+/// The median round: by throughput for closed loop, by p99 for open loop.
+fn median_round(mut rounds: Vec<PhaseReport>, open: bool) -> Option<PhaseReport> {
+    let key = |r: &PhaseReport| {
+        if open {
+            r.latency_us.p99 as f64
+        } else {
+            r.throughput_per_s
+        }
+    };
+    let all: Vec<f64> = rounds.iter().map(key).collect();
+    rounds.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let mid = rounds.len().checked_sub(1)? / 2;
+    let mut median = rounds.swap_remove(mid);
+    if all.len() > 1 {
+        median.rounds = all;
+    }
+    Some(median)
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Default)]
@@ -429,7 +505,11 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
 
 /// User plus system CPU time of a process (all its threads), seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// User plus system time in a `/proc/<pid>/stat` line, seconds.
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     // The command name may hold spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -826,6 +906,7 @@ impl Phase {
             throughput_per_s: self.ok as f64 / secs,
             latency_us: Latency::of(&self.histogram),
             cpu_s_per_1000: self.cpu,
+            rounds: Vec::new(),
         }
     }
 }
@@ -1009,7 +1090,7 @@ async fn open_loop(
 
 /// Writes the broker's config: defaults, except logging at `warn` like the
 /// register and nginx (access log off), and the listener on an ephemeral port.
-fn write_broker_config(dir: &Path, certs: &Path, trust_domain: &str) -> Result<PathBuf> {
+fn write_broker_config(dir: &Path, data_dir: &Path, certs: &Path, trust_domain: &str) -> Result<PathBuf> {
     let text = format!(
         "# Written by `lienthong bench`.\n\
          listen = \"127.0.0.1:0\"\n\
@@ -1018,7 +1099,7 @@ fn write_broker_config(dir: &Path, certs: &Path, trust_domain: &str) -> Result<P
          bootstrap_admin = {ADMIN:?}\n\n\
          [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n\
          [telemetry]\nlog_filter = \"warn\"\n",
-        data = dir.join("broker-data").display().to_string(),
+        data = data_dir.display().to_string(),
         ca = certs.join("ca.pem").display().to_string(),
         cert = certs.join("broker.pem").display().to_string(),
         key = certs.join("broker.key").display().to_string(),
@@ -1293,7 +1374,18 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     let provider_addr = parse_addr(&line.unwrap_or_default(), "register")?;
     let provider_url = format!("https://127.0.0.1:{}", provider_addr.port());
 
-    let config = write_broker_config(&dir, &certs, trust_domain)?;
+    let data_dir = match &args.data_dir {
+        Some(d) => d.join(format!("lienthong-bench-{}", std::process::id())),
+        None => dir.join("broker-data"),
+    };
+    let disk = match probe_fsync(&data_dir, if settings.quick { 20 } else { 200 }) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            notes.push(format!("could not time fdatasync in {}: {e:#}", data_dir.display()));
+            None
+        }
+    };
+    let config = write_broker_config(&dir, &data_dir, &certs, trust_domain)?;
     let mut broker_cmd = Command::new(&exe);
     broker_cmd
         .args(["serve", "--config"])
@@ -1423,32 +1515,43 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     };
 
     if settings.closed_loop {
-        for p in &prepared {
-            let label = format!("{} closed c={}", p.scenario.name(), settings.concurrency);
-            let broker_pid = broker.pid();
-            let is_relayed = p.scenario == Scenario::Relayed;
-            let phase = closed_loop(
-                &p.target,
-                settings.concurrency,
-                settings.warmup(),
-                settings.duration(),
-                &p.watched,
-                &progress,
-                label.clone(),
-                || {
-                    if is_relayed && !reset_peak_rss(broker_pid) {
-                        tracing::debug!("cannot reset the broker's peak RSS");
-                    }
-                },
-            )
-            .await;
-            if is_relayed {
-                broker_report.peak_rss_saturation_kib = status_kib(broker.pid(), "VmHWM:");
+        let mut rounds: Vec<Vec<PhaseReport>> = vec![Vec::new(); prepared.len()];
+        let mut peaks: Vec<u64> = Vec::new();
+        for round in 0..settings.rounds {
+            for (k, p) in prepared.iter().enumerate() {
+                let mut label = format!("{} closed c={}", p.scenario.name(), settings.concurrency);
+                if settings.rounds > 1 {
+                    label.push_str(&format!(" round {}/{}", round + 1, settings.rounds));
+                }
+                let broker_pid = broker.pid();
+                let is_relayed = p.scenario == Scenario::Relayed;
+                let phase = closed_loop(
+                    &p.target,
+                    settings.concurrency,
+                    settings.warmup(),
+                    settings.duration(),
+                    &p.watched,
+                    &progress,
+                    label.clone(),
+                    || {
+                        if is_relayed && !reset_peak_rss(broker_pid) {
+                            tracing::debug!("cannot reset the broker's peak RSS");
+                        }
+                    },
+                )
+                .await;
+                if is_relayed {
+                    peaks.extend(status_kib(broker.pid(), "VmHWM:"));
+                }
+                let r = phase.report(Some(settings.concurrency), None, settings.connections);
+                progress.line(&phase_line(&label, &r));
+                rounds[k].push(r);
             }
-            let r = phase.report(Some(settings.concurrency), None, settings.connections);
-            progress.line(&phase_line(&label, &r));
+        }
+        broker_report.peak_rss_saturation_kib = peaks.into_iter().max();
+        for (p, phases) in prepared.iter().zip(rounds) {
             if let Some(i) = reports.iter().position(|r| r.name == p.scenario.name()) {
-                reports[i].closed = Some(r);
+                reports[i].closed = median_round(phases, false);
             }
         }
     }
@@ -1477,22 +1580,31 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         match rate {
             None => notes.push("open loop skipped: no closed-loop throughput to derive a rate from; pass --rate".into()),
             Some(rate) => {
-                for p in &prepared {
-                    let label = format!("{} open {rate:.0}/s", p.scenario.name());
-                    let phase = open_loop(
-                        &p.target,
-                        rate,
-                        settings.warmup(),
-                        settings.duration(),
-                        &p.watched,
-                        &progress,
-                        label.clone(),
-                    )
-                    .await;
-                    let r = phase.report(None, Some(rate), settings.connections);
-                    progress.line(&phase_line(&label, &r));
+                let mut rounds: Vec<Vec<PhaseReport>> = vec![Vec::new(); prepared.len()];
+                for round in 0..settings.rounds {
+                    for (k, p) in prepared.iter().enumerate() {
+                        let mut label = format!("{} open {rate:.0}/s", p.scenario.name());
+                        if settings.rounds > 1 {
+                            label.push_str(&format!(" round {}/{}", round + 1, settings.rounds));
+                        }
+                        let phase = open_loop(
+                            &p.target,
+                            rate,
+                            settings.warmup(),
+                            settings.duration(),
+                            &p.watched,
+                            &progress,
+                            label.clone(),
+                        )
+                        .await;
+                        let r = phase.report(None, Some(rate), settings.connections);
+                        progress.line(&phase_line(&label, &r));
+                        rounds[k].push(r);
+                    }
+                }
+                for (p, phases) in prepared.iter().zip(rounds) {
                     if let Some(i) = reports.iter().position(|r| r.name == p.scenario.name()) {
-                        reports[i].open = Some(r);
+                        reports[i].open = median_round(phases, true);
                     }
                 }
             }
@@ -1547,6 +1659,8 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     provider.stop(Duration::from_secs(5)).await;
     if args.dir.is_some() {
         notes.push(format!("files kept in {}", dir.display()));
+    } else if args.data_dir.is_some() {
+        let _ = std::fs::remove_dir_all(&data_dir);
     }
     if settings.quick {
         notes.push("--quick: a smoke run; measure without it for figures worth quoting".into());
@@ -1556,6 +1670,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     let report = Report {
         machine,
         settings,
+        disk,
         scenarios: reports,
         broker: settings_has_relayed(&prepared).then_some(broker_report),
         ratios,
@@ -1642,13 +1757,25 @@ fn render_table(report: &Report) -> String {
         "{} s measured after {} s warm-up per phase, {} connections, {} subjects; all calls mutual TLS\n\n",
         s.duration_s, s.warmup_s, s.connections, s.subjects
     ));
+    if let Some(d) = &report.disk {
+        out.push_str(&format!(
+            "broker database in {}: fdatasync p50 {} ms, p99 {} ms (every lookup waits for one commit)\n\n",
+            d.path,
+            ms(d.fdatasync_p50_us),
+            ms(d.fdatasync_p99_us)
+        ));
+    }
     out.push_str(&format!(
-        "{:<9} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>15} {:>9}\n",
-        "scenario", "load", "lookups/s", "p50 ms", "p90 ms", "p99 ms", "p99.9", "max ms", "errors", "cpu ms/lookup*", "register"
+        "{:<9} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8}\n",
+        "", "", "", "", "", "", "", "", "", "CPU ms per lookup", "", ""
+    ));
+    out.push_str(&format!(
+        "{:<9} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8}\n",
+        "scenario", "load", "lookups/s", "p50 ms", "p90 ms", "p99 ms", "p99.9", "max ms", "errors", "middle", "register", "loadgen"
     ));
     let row = |name: &str, load: String, p: &PhaseReport| {
         format!(
-            "{:<9} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>15} {:>9}\n",
+            "{:<9} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8}\n",
             name,
             load,
             p.throughput_per_s,
@@ -1660,6 +1787,7 @@ fn render_table(report: &Report) -> String {
             p.errors + p.dropped,
             opt(p.cpu_s_per_1000.intermediary, 3),
             opt(p.cpu_s_per_1000.provider, 3),
+            opt(p.cpu_s_per_1000.load_generator, 3),
         )
     };
     for r in &report.scenarios {
@@ -1674,7 +1802,7 @@ fn render_table(report: &Report) -> String {
             out.push_str(&row(r.name, format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)), o));
         }
     }
-    out.push_str("* CPU ms per lookup = CPU s per 1,000 lookups, of the broker (relayed) or nginx (proxy); register: the provider's\n");
+    out.push_str("CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed) or nginx (proxy, all workers)\n");
     if let Some(b) = &report.broker {
         out.push_str("\nbroker process:");
         if let Some(k) = b.rss_after_setup_kib {
@@ -1729,9 +1857,52 @@ mod tests {
 
     #[test]
     fn proc_stat_cpu_time_skips_a_command_name_with_spaces() {
+        let line = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 130 0 0 20 0 9 0 100 1000 200";
+        assert_eq!(stat_cpu_seconds(line), Some(3.8));
+        assert_eq!(stat_cpu_seconds("4242 (short"), None);
         // Our own process is always readable.
         assert!(cpu_seconds(std::process::id()).is_some());
         assert!(status_kib(std::process::id(), "VmHWM:").is_some_and(|k| k > 0));
+    }
+
+    #[test]
+    fn the_median_round_is_reported_with_every_round() {
+        let phase = |tp: f64, p99: u64| Phase {
+            histogram: histogram(),
+            ok: 1,
+            errors: 0,
+            dropped: 0,
+            first_error: None,
+            cpu: CpuCost::default(),
+            measured: Duration::from_secs(1),
+        }
+        .report(None, None, 1)
+        .with(tp, p99);
+        let closed = median_round(vec![phase(300.0, 9), phase(100.0, 1), phase(200.0, 5)], false).unwrap();
+        assert_eq!(closed.throughput_per_s, 200.0);
+        assert_eq!(closed.rounds, vec![300.0, 100.0, 200.0]);
+        let open = median_round(vec![phase(1.0, 900), phase(1.0, 100), phase(1.0, 500), phase(1.0, 700)], true).unwrap();
+        assert_eq!(open.latency_us.p99, 500);
+        assert!(median_round(Vec::new(), true).is_none());
+        let single = median_round(vec![phase(1.0, 1)], false).unwrap();
+        assert!(single.rounds.is_empty(), "one round lists no rounds");
+    }
+
+    impl PhaseReport {
+        fn with(mut self, throughput: f64, p99: u64) -> PhaseReport {
+            self.throughput_per_s = throughput;
+            self.latency_us.p99 = p99;
+            self
+        }
+    }
+
+    #[test]
+    fn fsync_probe_times_every_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = probe_fsync(&dir.path().join("data"), 3).unwrap();
+        assert_eq!(d.samples, 3);
+        assert!(d.fdatasync_p99_us >= d.fdatasync_p50_us && d.fdatasync_p50_us > 0);
+        assert!(!dir.path().join("data/fsync-probe.tmp").exists(), "the probe file is removed");
     }
 
     #[test]
@@ -1762,6 +1933,7 @@ mod tests {
                 intermediary: cpu,
                 ..CpuCost::default()
             },
+            rounds: Vec::new(),
         };
         let scenario = |name, status, closed: Option<PhaseReport>, open: Option<PhaseReport>| ScenarioReport {
             name,
