@@ -302,11 +302,12 @@ impl Broker {
             None => None,
         };
         if let Some(until) = valid_until
-            && until <= valid_from {
-                return Err(BrokerError::InvalidArgument(
-                    "valid_until must be after valid_from".into(),
-                ));
-            }
+            && until <= valid_from
+        {
+            return Err(BrokerError::InvalidArgument(
+                "valid_until must be after valid_from".into(),
+            ));
+        }
         let g = Grant {
             id: format!("g-{}", uuid::Uuid::new_v4().simple()),
             consumer,

@@ -111,21 +111,22 @@ impl Broker {
                 });
             }
             if let Some(latest) = existing.last()
-                && compatibility == Compatibility::Backward {
-                    let changes = check_compatibility(&latest.definition, &def);
-                    if !changes.is_empty() {
-                        let list: Vec<String> = changes
-                            .iter()
-                            .map(|c| format!("{} at {}: {}", c.kind, c.pointer, c.message))
-                            .collect();
-                        return Err(BrokerError::FailedPrecondition(format!(
-                            "{} is not backward compatible with version {}: {}",
-                            def.name,
-                            latest.version,
-                            list.join("; ")
-                        )));
-                    }
+                && compatibility == Compatibility::Backward
+            {
+                let changes = check_compatibility(&latest.definition, &def);
+                if !changes.is_empty() {
+                    let list: Vec<String> = changes
+                        .iter()
+                        .map(|c| format!("{} at {}: {}", c.kind, c.pointer, c.message))
+                        .collect();
+                    return Err(BrokerError::FailedPrecondition(format!(
+                        "{} is not backward compatible with version {}: {}",
+                        def.name,
+                        latest.version,
+                        list.join("; ")
+                    )));
                 }
+            }
             let version = RecordTypeVersion {
                 field_pointers: def.field_pointers(),
                 digest: digest.clone(),

@@ -187,10 +187,9 @@ impl Broker {
                 let Some(broker) = broker.upgrade() else { return };
                 let current = broker.snapshot.load().version;
                 let stale = notified || matches!(broker.store.change_counter().await, Ok(v) if v != current);
-                if stale
-                    && let Err(e) = broker.reload().await {
-                        tracing::warn!(error = %e, "snapshot reload failed; keeping the previous snapshot");
-                    }
+                if stale && let Err(e) = broker.reload().await {
+                    tracing::warn!(error = %e, "snapshot reload failed; keeping the previous snapshot");
+                }
             }
         })
     }
@@ -289,14 +288,15 @@ fn check_peer(
         }
     };
     if let Some(not_after) = peer.not_after
-        && not_after <= OffsetDateTime::now_utc() {
-            return Err((
-                id.clone(),
-                format!(
-                    "client certificate of member {id} expired during the connection; reconnect with a renewed certificate"
-                ),
-            ));
-        }
+        && not_after <= OffsetDateTime::now_utc()
+    {
+        return Err((
+            id.clone(),
+            format!(
+                "client certificate of member {id} expired during the connection; reconnect with a renewed certificate"
+            ),
+        ));
+    }
     match snapshot.member(id) {
         None => Err((
             id.clone(),

@@ -170,7 +170,9 @@ fn parse_rate(s: &str) -> std::result::Result<f64, String> {
     let number = s.trim().trim_end_matches("/s").trim();
     match number.parse::<f64>() {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        _ => Err(format!("{s:?} is not a rate; give lookups per second such as 2000 or 2000/s")),
+        _ => Err(format!(
+            "{s:?} is not a rate; give lookups per second such as 2000 or 2000/s"
+        )),
     }
 }
 
@@ -625,7 +627,11 @@ impl ChildProcess {
     }
 
     fn last_lines(&self) -> String {
-        let lines = self.log.lock().map(|l| l.iter().cloned().collect::<Vec<_>>()).unwrap_or_default();
+        let lines = self
+            .log
+            .lock()
+            .map(|l| l.iter().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
         if lines.is_empty() {
             "no output".into()
         } else {
@@ -1112,7 +1118,10 @@ fn write_broker_config(dir: &Path, data_dir: &Path, certs: &Path, trust_domain: 
 /// Members, the birth-record schema, the register's endpoint and the grant.
 async fn administer(broker_url: &str, certs: &Path, provider_url: &str) -> Result<pb::CreateGrantRequest> {
     let admin = crate::client::connect(broker_url, &member_files(certs, ADMIN)).await?;
-    for (id, name, roles) in MEMBERS.iter().filter(|m| [CIVIL_STATUS, JUDICIAL_OFFICE].contains(&m.0)) {
+    for (id, name, roles) in MEMBERS
+        .iter()
+        .filter(|m| [CIVIL_STATUS, JUDICIAL_OFFICE].contains(&m.0))
+    {
         admin
             .admin()
             .add_member(pb::AddMemberRequest {
@@ -1194,7 +1203,11 @@ fn find_nginx(explicit: Option<&Path>) -> Option<PathBuf> {
         return Some(p.to_path_buf());
     }
     let on_path = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("nginx")).collect::<Vec<_>>())
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("nginx"))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     on_path
         .into_iter()
@@ -1320,9 +1333,7 @@ async fn start_nginx(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    Err(anyhow!(
-        last_error.unwrap_or_else(|| "nginx could not start".into())
-    ))
+    Err(anyhow!(last_error.unwrap_or_else(|| "nginx could not start".into())))
 }
 
 // ---------------------------------------------------------------------------
@@ -1386,7 +1397,15 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         }
     };
     let config = write_broker_config(&dir, &data_dir, &certs, trust_domain)?;
-    let mut broker_cmd = Command::new(&exe);
+    let wrap = std::env::var("BENCH_BROKER_WRAP").unwrap_or_default();
+    let mut wrap_args: Vec<String> = wrap.split_whitespace().map(String::from).collect();
+    let mut broker_cmd = if wrap_args.is_empty() {
+        Command::new(&exe)
+    } else {
+        let mut c = Command::new(wrap_args.remove(0));
+        c.args(&wrap_args).arg(&exe);
+        c
+    };
     broker_cmd
         .args(["serve", "--config"])
         .arg(&config)
@@ -1578,7 +1597,9 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             }
         };
         match rate {
-            None => notes.push("open loop skipped: no closed-loop throughput to derive a rate from; pass --rate".into()),
+            None => {
+                notes.push("open loop skipped: no closed-loop throughput to derive a rate from; pass --rate".into())
+            }
             Some(rate) => {
                 let mut rounds: Vec<Vec<PhaseReport>> = vec![Vec::new(); prepared.len()];
                 for round in 0..settings.rounds {
@@ -1612,7 +1633,10 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     }
 
     if settings.inflight > 0 && settings.scenarios.contains(&Scenario::Relayed) {
-        let connections = settings.inflight.div_ceil(STREAMS_PER_CONNECTION).max(settings.connections);
+        let connections = settings
+            .inflight
+            .div_ceil(STREAMS_PER_CONNECTION)
+            .max(settings.connections);
         let chans = channels(&broker_url, &consumer_material, None, connections).await?;
         let target = Target::Lookup {
             clients: chans.into_iter().map(ExchangeClient::new).collect(),
@@ -1639,7 +1663,10 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         let r = phase.report(Some(settings.inflight), None, connections);
         progress.line(&phase_line(&label, &r));
         if !reset {
-            notes.push("could not reset the broker's peak RSS before the in-flight probe; its figure is the peak since start".into());
+            notes.push(
+                "could not reset the broker's peak RSS before the in-flight probe; its figure is the peak since start"
+                    .into(),
+            );
         }
         broker_report.inflight = Some(InflightReport {
             lookups_in_flight: settings.inflight,
@@ -1702,7 +1729,11 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
             .filter(|o| o.ok > 0)
             .map(|o| o.latency_us.p99 as f64)
     };
-    let cpu = |name: &str| get(name).and_then(|r| r.closed.as_ref()).and_then(|c| c.cpu_s_per_1000.intermediary);
+    let cpu = |name: &str| {
+        get(name)
+            .and_then(|r| r.closed.as_ref())
+            .and_then(|c| c.cpu_s_per_1000.intermediary)
+    };
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
@@ -1771,7 +1802,18 @@ fn render_table(report: &Report) -> String {
     ));
     out.push_str(&format!(
         "{:<9} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8}\n",
-        "scenario", "load", "lookups/s", "p50 ms", "p90 ms", "p99 ms", "p99.9", "max ms", "errors", "middle", "register", "loadgen"
+        "scenario",
+        "load",
+        "lookups/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9",
+        "max ms",
+        "errors",
+        "middle",
+        "register",
+        "loadgen"
     ));
     let row = |name: &str, load: String, p: &PhaseReport| {
         format!(
@@ -1799,10 +1841,16 @@ fn render_table(report: &Report) -> String {
             out.push_str(&row(r.name, format!("closed c={}", c.concurrency.unwrap_or(0)), c));
         }
         if let Some(o) = &r.open {
-            out.push_str(&row(r.name, format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)), o));
+            out.push_str(&row(
+                r.name,
+                format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)),
+                o,
+            ));
         }
     }
-    out.push_str("CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed) or nginx (proxy, all workers)\n");
+    out.push_str(
+        "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed) or nginx (proxy, all workers)\n",
+    );
     if let Some(b) = &report.broker {
         out.push_str("\nbroker process:");
         if let Some(k) = b.rss_after_setup_kib {
@@ -1867,21 +1915,27 @@ mod tests {
 
     #[test]
     fn the_median_round_is_reported_with_every_round() {
-        let phase = |tp: f64, p99: u64| Phase {
-            histogram: histogram(),
-            ok: 1,
-            errors: 0,
-            dropped: 0,
-            first_error: None,
-            cpu: CpuCost::default(),
-            measured: Duration::from_secs(1),
-        }
-        .report(None, None, 1)
-        .with(tp, p99);
+        let phase = |tp: f64, p99: u64| {
+            Phase {
+                histogram: histogram(),
+                ok: 1,
+                errors: 0,
+                dropped: 0,
+                first_error: None,
+                cpu: CpuCost::default(),
+                measured: Duration::from_secs(1),
+            }
+            .report(None, None, 1)
+            .with(tp, p99)
+        };
         let closed = median_round(vec![phase(300.0, 9), phase(100.0, 1), phase(200.0, 5)], false).unwrap();
         assert_eq!(closed.throughput_per_s, 200.0);
         assert_eq!(closed.rounds, vec![300.0, 100.0, 200.0]);
-        let open = median_round(vec![phase(1.0, 900), phase(1.0, 100), phase(1.0, 500), phase(1.0, 700)], true).unwrap();
+        let open = median_round(
+            vec![phase(1.0, 900), phase(1.0, 100), phase(1.0, 500), phase(1.0, 700)],
+            true,
+        )
+        .unwrap();
         assert_eq!(open.latency_us.p99, 500);
         assert!(median_round(Vec::new(), true).is_none());
         let single = median_round(vec![phase(1.0, 1)], false).unwrap();
@@ -1902,7 +1956,10 @@ mod tests {
         let d = probe_fsync(&dir.path().join("data"), 3).unwrap();
         assert_eq!(d.samples, 3);
         assert!(d.fdatasync_p99_us >= d.fdatasync_p50_us && d.fdatasync_p50_us > 0);
-        assert!(!dir.path().join("data/fsync-probe.tmp").exists(), "the probe file is removed");
+        assert!(
+            !dir.path().join("data/fsync-probe.tmp").exists(),
+            "the probe file is removed"
+        );
     }
 
     #[test]
@@ -1943,7 +2000,12 @@ mod tests {
             open,
         };
         let reports = vec![
-            scenario("direct", "ok", Some(phase(1000.0, 0, None)), Some(phase(0.0, 800, None))),
+            scenario(
+                "direct",
+                "ok",
+                Some(phase(1000.0, 0, None)),
+                Some(phase(0.0, 800, None)),
+            ),
             scenario(
                 "relayed",
                 "ok",

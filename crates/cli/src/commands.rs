@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use lienthong::v1 as pb;
 use lienthong_audit::SignedTreeHead;
 use lienthong_audit::merkle::{Hash, verify_consistency, verify_inclusion};
-use lienthong_audit::verify::{ExportLine, VerifierState, verify_export, verify_export_reader};
+use lienthong_audit::verify::{ExportLine, VerifierState, verify_export};
 use std::io::Write;
 use std::path::PathBuf;
 use time::OffsetDateTime;
@@ -845,6 +845,92 @@ fn read_pinned_key(spec: &str) -> Result<[u8; 32]> {
     Ok(lienthong_audit::keys::parse_public_key(&text)?)
 }
 
+/// The leaf hashes this verifier already checked, per log, kept beside the
+/// state file (32 bytes an entry), as Certificate Transparency monitors keep a
+/// copy: a later run names the exact entry that was replaced, rewritten or
+/// moved, where the signed roots alone only tell that something changed.
+struct Mirror {
+    path: PathBuf,
+    hashes: Vec<u8>,
+}
+
+impl Mirror {
+    fn load(state: &std::path::Path, log_id: &str) -> Result<Mirror> {
+        let mut name = state.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(format!(".{}.leaves", &log_id[..16.min(log_id.len())]));
+        let path = state.with_file_name(name);
+        let hashes = match std::fs::read(&path) {
+            Ok(h) => h,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        if hashes.len() % 32 != 0 {
+            bail!(
+                "{} is damaged (not a whole number of hashes); delete it to start over",
+                path.display()
+            );
+        }
+        Ok(Mirror { path, hashes })
+    }
+
+    /// The first entry whose leaf differs from the copy verified before.
+    fn first_difference(&self, lines: &[ExportLine]) -> Option<u64> {
+        self.hashes
+            .chunks_exact(32)
+            .zip(lines)
+            .enumerate()
+            .find_map(|(i, (kept, line))| {
+                (lienthong_audit::merkle::leaf_hash(line.leaf.as_bytes()) != kept).then_some(i as u64)
+            })
+    }
+
+    /// Keeps the hashes of the first `covered` entries (those a verified head signs).
+    fn save(&mut self, lines: &[ExportLine], covered: u64) -> Result<()> {
+        self.hashes.clear();
+        for line in lines.iter().take(covered as usize) {
+            self.hashes
+                .extend_from_slice(&lienthong_audit::merkle::leaf_hash(line.leaf.as_bytes()));
+        }
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, &self.hashes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("cannot write {}", self.path.display()))?;
+        Ok(())
+    }
+}
+
+/// Verifies one log's entries against its head and what this verifier saw before.
+fn verify_log(
+    lines: Vec<ExportLine>,
+    head: &SignedTreeHead,
+    key: &[u8; 32],
+    state: &mut VerifierState,
+    state_path: &std::path::Path,
+    proof: Option<&[Hash]>,
+) -> Result<lienthong_audit::verify::VerifyReport> {
+    use lienthong_audit::verify::VerifyError;
+    let mut mirror = Mirror::load(state_path, &head.log_id)?;
+    let previous = state.logs.get(&head.log_id).cloned();
+    let report = match verify_export(lines.iter().cloned(), head, key, previous.as_ref(), proof) {
+        Ok(report) => report,
+        // Roots only say that something before a size changed; the kept copy
+        // says which entry.
+        Err(
+            e @ (VerifyError::RootMismatch { .. }
+            | VerifyError::RootMismatchSince { .. }
+            | VerifyError::Inconsistent { .. }),
+        ) => match mirror.first_difference(&lines) {
+            Some(n) => bail!(
+                "entry {n} differs from the copy verified on an earlier run: it was replaced, rewritten or moved ({e})"
+            ),
+            None => return Err(e.into()),
+        },
+        Err(e) => return Err(e.into()),
+    };
+    mirror.save(&lines, head.tree_size)?;
+    state.logs.insert(head.log_id.clone(), head.clone());
+    Ok(report)
+}
+
 fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     let sth_path = v.sth.as_ref().context("--sth is required with --export")?;
     let sth: SignedTreeHead = serde_json::from_str(
@@ -853,11 +939,12 @@ fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     .with_context(|| format!("{} is not a signed tree head", sth_path.display()))?;
     let key = read_pinned_key(v.public_key.as_deref().context("--public-key is required offline")?)?;
     let mut state = VerifierState::load(&v.state)?;
-    let previous = state.logs.get(&sth.log_id).cloned();
     let file = std::fs::File::open(export).with_context(|| format!("cannot read {}", export.display()))?;
-    let report = verify_export_reader(std::io::BufReader::new(file), &sth, &key, previous.as_ref(), None)
+    let lines = lienthong_audit::verify::read_export(std::io::BufReader::new(file))
+        .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
-    state.logs.insert(sth.log_id.clone(), sth);
+    let report = verify_log(lines, &sth, &key, &mut state, &v.state, None)
+        .map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
     state.save(&v.state)?;
     println!(
         "log {}: {} entries verified, root signed",
@@ -882,7 +969,10 @@ async fn verify_online(
         Some(pin) => {
             let id = lienthong_audit::keys::log_id_of(&pin);
             if v.log.as_ref().is_some_and(|l| *l != id) {
-                bail!("--log {} is not the log of the pinned public key ({id})", v.log.as_deref().unwrap_or_default());
+                bail!(
+                    "--log {} is not the log of the pinned public key ({id})",
+                    v.log.as_deref().unwrap_or_default()
+                );
             }
             if !logs.iter().any(|l| l.log_id == id) {
                 bail!("the log of the pinned public key ({id}) is not in this federation's database");
@@ -965,13 +1055,12 @@ async fn verify_online(
                 );
             }
         }
-        match verify_export(lines.into_iter(), &head, &key, previous.as_ref(), proof.as_deref()) {
+        match verify_log(lines, &head, &key, &mut state, &v.state, proof.as_deref()) {
             Ok(report) => {
                 println!(
                     "log {}: OK, {} entries, signed tree head of size {} verified",
                     log.log_id, report.entries, head.tree_size
                 );
-                state.logs.insert(log.log_id.clone(), head);
             }
             Err(e) => {
                 println!("log {}: FAILED: {e}", log.log_id);

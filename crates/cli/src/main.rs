@@ -235,7 +235,11 @@ async fn run(cli: Cli) -> Result<()> {
             lienthong_provider::demo::run_demo_register(kind, seed, tls, listener, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Certs(CertsCmd::Init { dir, trust_domain, hosts }) => {
+        Command::Certs(CertsCmd::Init {
+            dir,
+            trust_domain,
+            hosts,
+        }) => {
             lienthong_tls::init_dir_with_hosts(&dir, &trust_domain, &hosts)?;
             println!(
                 "federation CA and broker certificate written to {} (trust domain {trust_domain})",
@@ -243,7 +247,12 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Certs(CertsCmd::Issue { member, broker_cert, dir, hosts }) => {
+        Command::Certs(CertsCmd::Issue {
+            member,
+            broker_cert,
+            dir,
+            hosts,
+        }) => {
             let (cert, key) = match member {
                 Some(member) if !broker_cert => lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?,
                 _ => lienthong_tls::issue_broker_in_dir(&dir, &hosts)?,

@@ -27,8 +27,8 @@ pub use client::{client_config, connect_channel, lazy_channel};
 pub use identity::{AuthError, Identity};
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{
-    CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir, issue_member_in_dir,
-    trust_domain_from_ca_cert,
+    CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir,
+    issue_member_in_dir, trust_domain_from_ca_cert,
 };
 pub use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 pub use server::{AcceptOptions, MtlsStream, PeerInfo, ServerTls, incoming, peer_info};
