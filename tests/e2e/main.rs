@@ -6,6 +6,7 @@
 
 mod audit_log;
 mod authz;
+mod bench;
 mod deploy;
 mod foundation;
 mod harness;

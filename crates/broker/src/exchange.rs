@@ -621,7 +621,10 @@ impl Broker {
         };
         let provider = rt.owner().as_str();
         let call_started = Instant::now();
-        let fetched = self.relay.fetch(provider, fetch, deadline, &ctx.caller_trace).await;
+        // Boxed: the provider call's state (tonic client, timers) is the bulk of a
+        // lookup's future; inline, every lookup would carry it from its first
+        // poll to its last, boxed only while the call runs.
+        let fetched = Box::pin(self.relay.fetch(provider, fetch, deadline, &ctx.caller_trace)).await;
         let call_outcome = match &fetched {
             Ok(_) => CallOutcome::Ok,
             Err(RelayError::NotFound) => CallOutcome::NotFound,

@@ -1397,15 +1397,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         }
     };
     let config = write_broker_config(&dir, &data_dir, &certs, trust_domain)?;
-    let wrap = std::env::var("BENCH_BROKER_WRAP").unwrap_or_default();
-    let mut wrap_args: Vec<String> = wrap.split_whitespace().map(String::from).collect();
-    let mut broker_cmd = if wrap_args.is_empty() {
-        Command::new(&exe)
-    } else {
-        let mut c = Command::new(wrap_args.remove(0));
-        c.args(&wrap_args).arg(&exe);
-        c
-    };
+    let mut broker_cmd = Command::new(&exe);
     broker_cmd
         .args(["serve", "--config"])
         .arg(&config)

@@ -118,7 +118,10 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: an appended audit entry survives power loss once committed.
-            .synchronous(SqliteSynchronous::Full);
+            .synchronous(SqliteSynchronous::Full)
+            // A multi-row audit batch keeps a statement journal; on disk that is a
+            // temporary file created, written and unlinked for every large batch.
+            .pragma("temp_store", "memory");
         (
             connect,
             SqlitePoolOptions::new().max_connections(options.max_connections.max(1)),

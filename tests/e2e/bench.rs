@@ -1,0 +1,64 @@
+//! `lienthong bench`: one quick run through the built binary measures the three
+//! scenarios and reports them as JSON. No timing is asserted: only that every
+//! scenario ran and moved lookups (the proxy may be skipped without nginx).
+
+use crate::harness::run_cli;
+use serde_json::Value;
+
+/// The first JSON value of the output (stdout comes first; progress lines on
+/// stderr follow it).
+fn report_of(output: &str) -> Value {
+    serde_json::Deserializer::from_str(output)
+        .into_iter::<Value>()
+        .next()
+        .unwrap_or_else(|| panic!("no JSON in the bench output:\n{output}"))
+        .unwrap_or_else(|e| panic!("bench output is not JSON ({e}):\n{output}"))
+}
+
+fn throughput(phase: &Value) -> f64 {
+    phase["throughput_per_s"].as_f64().unwrap_or(0.0)
+}
+
+#[test]
+fn quick_bench_reports_direct_relayed_and_proxy_as_json() {
+    let (ok, output) = run_cli(&["bench", "--quick", "--json"], &[]);
+    assert!(ok, "bench failed:\n{output}");
+    let report = report_of(&output);
+    let scenarios = report["scenarios"].as_array().expect("scenarios array");
+    let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names, ["direct", "relayed", "proxy"], "{report:#}");
+    for s in scenarios {
+        let name = s["name"].as_str().unwrap_or_default();
+        if name == "proxy" && s["status"] == "skipped" {
+            assert!(
+                s["note"].as_str().is_some_and(|n| n.contains("nginx")),
+                "a skipped proxy says why: {s:#}"
+            );
+            continue;
+        }
+        assert_eq!(s["status"], "ok", "{name}: {s:#}");
+        for mode in ["closed", "open"] {
+            let phase = &s[mode];
+            assert!(throughput(phase) > 0.0, "{name} {mode} moved no lookups: {s:#}");
+            assert!(
+                phase["latency_us"]["p99"].as_u64().unwrap_or(0) > 0,
+                "{name} {mode}: {s:#}"
+            );
+            assert!(phase["ok"].as_u64().unwrap_or(0) > 0, "{name} {mode}: {s:#}");
+        }
+    }
+    // The relayed lookups were real ones: the broker's own figures are there.
+    let broker = &report["broker"];
+    assert!(broker["rss_after_setup_kib"].as_u64().unwrap_or(0) > 0, "{broker:#}");
+    let inflight = &broker["inflight"];
+    assert_eq!(inflight["lookups_in_flight"], 1000, "{broker:#}");
+    assert!(inflight["peak_rss_kib"].as_u64().unwrap_or(0) > 0, "{broker:#}");
+    assert!(throughput(&inflight["phase"]) > 0.0, "{broker:#}");
+    assert!(
+        report["ratios"]["relayed_over_direct_throughput"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "{report:#}"
+    );
+}
