@@ -12,6 +12,13 @@ use std::process::ExitCode;
 
 mod health;
 
+// jemalloc rather than glibc malloc: per-request allocations on many threads
+// were a fifth of the broker's CPU per lookup, and glibc's per-thread arenas
+// kept freed memory around after bursts (see BENCHMARKS.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// lienthong: a data-sharing broker between government agency registers.
 #[derive(Debug, Parser)]
 #[command(name = "lienthong", version, about, long_about = None)]

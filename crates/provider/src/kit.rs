@@ -327,6 +327,10 @@ where
     }
     let service = RecordProviderServer::new(KitService { source });
     tonic::transport::Server::builder()
+        // The broker multiplexes hundreds of concurrent fetches on a few
+        // connections; h2's default 64 KiB window would have it closed with
+        // ENHANCE_YOUR_CALM at ~200 small requests queued on one.
+        .initial_connection_window_size(Some(1 << 20))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener, tls, config.accept), shutdown)
