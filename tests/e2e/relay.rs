@@ -311,3 +311,68 @@ async fn collect_with_one_register_down_returns_the_others() {
     assert!(r.results.iter().all(|x| x.receipt.is_some()), "both items are audited");
     fed.shutdown().await.unwrap();
 }
+
+/// With `limits.max_concurrent_exchanges = 1`, a second lookup waits for the
+/// first one's turn to end instead of being refused, while health checks and
+/// admin calls on the same broker are answered at once.
+#[tokio::test]
+async fn exchanges_beyond_the_limit_wait_their_turn_and_health_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.extra_config = "\n[limits]\nmax_concurrent_exchanges = 1\n".into();
+    let fed = Federation::start(opts).await.unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 12);
+    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
+    faulty.set_mode(FaultMode::Sleep(Duration::from_millis(1500)));
+    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
+        .await
+        .unwrap();
+    replace_civil_endpoint(&fed, &server.url()).await;
+
+    let slow = {
+        let office = office.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move {
+            office
+                .exchange()
+                .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+                .await
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), async || faulty.calls() == 1).await,
+        "the first lookup reached the register"
+    );
+
+    // The only turn is taken: health and admin still answer right away.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(office.channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "lienthong.v1.Exchange".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .list_members(pb::ListMembersRequest::default())
+        .await
+        .unwrap();
+    assert!(!slow.is_finished(), "health and admin answered during the slow lookup");
+
+    // A lookup of the other register waits for the turn, then succeeds.
+    criminal_record_still_served(&office, &subject).await;
+    assert!(
+        slow.is_finished(),
+        "the waiting lookup ran only after the first one ended"
+    );
+    slow.await.unwrap().expect("the slow lookup succeeds");
+    server.shutdown().await;
+    fed.shutdown().await.unwrap();
+}

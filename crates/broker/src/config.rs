@@ -110,6 +110,9 @@ pub struct Limits {
     pub max_query_bytes: usize,
     /// Most items in one Collect.
     pub max_collect_items: usize,
+    /// Lookups and collects processed at once; further ones wait their turn
+    /// (within their deadline) before anything is allocated for them.
+    pub max_concurrent_exchanges: usize,
     /// Pooled database connections.
     pub database_max_connections: u32,
     /// Wait for a pooled connection before failing closed.
@@ -219,6 +222,7 @@ impl Default for Limits {
             max_message_bytes: 4 * 1024 * 1024,
             max_query_bytes: 16 * 1024,
             max_collect_items: 16,
+            max_concurrent_exchanges: 256,
             database_max_connections: 16,
             database_acquire_timeout_ms: 3_000,
             shutdown_grace_ms: 10_000,
@@ -378,6 +382,10 @@ impl Config {
             ("limits.max_message_bytes", self.limits.max_message_bytes as u64),
             ("limits.max_query_bytes", self.limits.max_query_bytes as u64),
             ("limits.max_collect_items", self.limits.max_collect_items as u64),
+            (
+                "limits.max_concurrent_exchanges",
+                self.limits.max_concurrent_exchanges as u64,
+            ),
             (
                 "limits.database_max_connections",
                 self.limits.database_max_connections as u64,

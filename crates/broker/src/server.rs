@@ -221,7 +221,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .add_service(reflection_alpha)
         .add_service(AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max))
         .add_service(SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max))
-        .add_service(ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max))
+        .add_service(Bounded::new(
+            ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
+            config.limits.max_concurrent_exchanges,
+        ))
         .add_service(AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max));
 
     // The metrics listener outlives the gRPC one until the final tree head
@@ -337,4 +340,47 @@ async fn bootstrap_admin(
     store.publish_change().await?;
     tracing::info!(member = %id, "bootstrap admin created");
     Ok(())
+}
+
+/// A service of which at most `limit` calls run at once across every
+/// connection; the rest wait for a turn in arrival order.
+///
+/// A waiting call holds its HTTP/2 stream and nothing else, while a running
+/// lookup holds its future, the relay call and its buffers: under a burst of
+/// a thousand lookups on a CPU-bound broker this keeps memory near what the
+/// limit needs, with the same throughput. Only the exchange is bounded so
+/// health checks, admin and audit calls are answered under load.
+#[derive(Clone)]
+struct Bounded<S> {
+    inner: tower::limit::ConcurrencyLimit<S>,
+}
+
+impl<S> Bounded<S> {
+    fn new(service: S, limit: usize) -> Self {
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+        Bounded {
+            inner: tower::limit::ConcurrencyLimit::with_semaphore(service, semaphore),
+        }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Bounded<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, R> tower::Service<R> for Bounded<S>
+where
+    S: tower::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tower::limit::concurrency::future::ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        self.inner.call(request)
+    }
 }
