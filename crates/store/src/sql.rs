@@ -34,6 +34,8 @@ const CHANGES_CHANNEL: &str = "lienthong_changes";
 /// Rows per multi-row INSERT: 12 binds each stays far below SQLite's 32766 and
 /// PostgreSQL's 65535 parameters.
 const ENTRY_ROWS_PER_INSERT: usize = 1000;
+/// Audit batches of up to this many rows keep their `INSERT` prepared.
+const PREPARED_BATCH_SIZES: usize = 16;
 /// Stands for "no limit" in `LIMIT $n` on both backends.
 const NO_LIMIT: i64 = i64::MAX;
 
@@ -125,7 +127,12 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
             .pragma("temp_store", "memory");
         (
             connect,
-            SqlitePoolOptions::new().max_connections(options.max_connections.max(1)),
+            SqlitePoolOptions::new()
+                .max_connections(options.max_connections.max(1))
+                // A file connection does not go stale like a socket; pinging it
+                // before every use cost each audit commit another round trip to
+                // the connection's worker thread.
+                .test_before_acquire(false),
         )
     };
     let connect = connect.foreign_keys(true).busy_timeout(options.acquire_timeout);
@@ -545,8 +552,9 @@ impl Store for SqlStore {
                         .push_bind(&e.record_type).push_bind(&e.purpose).push_bind(e.outcome.as_str())
                         .push_bind(&e.subject_hash);
                 });
-                // Batch sizes vary with load: do not fill the statement cache with them.
-                qb.build().persistent(false).execute(&mut *tx).await.map_err(unique(|| "an entry of this batch".to_owned()))?;
+                // Small batches (every commit at a moderate rate) reuse their prepared
+                // statement; large sizes vary with load and would fill the cache.
+                qb.build().persistent(chunk.len() <= PREPARED_BATCH_SIZES).execute(&mut *tx).await.map_err(unique(|| "an entry of this batch".to_owned()))?;
             }
             tx.commit().await.map_err(db_err)
         })
