@@ -60,6 +60,17 @@ macro_rules! on_pool {
     };
 }
 
+/// `on_pool!` on the connection(s) that write the audit log.
+macro_rules! on_audit_writer {
+    ($store:expr, $p:ident => $body:expr) => {
+        match &$store.audit_writer {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+#[derive(Clone)]
 enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
@@ -86,6 +97,9 @@ async fn begin_write<DB: Dialect>(pool: &sqlx::Pool<DB>) -> Result<Transaction<'
 
 pub(crate) struct SqlStore {
     pool: Pool,
+    /// Audit appends and tree heads: one dedicated connection on SQLite, the
+    /// shared pool on PostgreSQL.
+    audit_writer: Pool,
     changes: broadcast::Sender<u64>,
     listener: Option<JoinHandle<()>>,
 }
@@ -138,13 +152,32 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
     let connect = connect.foreign_keys(true).busy_timeout(options.acquire_timeout);
     let pool = pool
         .acquire_timeout(options.acquire_timeout)
-        .connect_with(connect)
+        .connect_with(connect.clone())
         .await
         .map_err(db_err)?;
     SQLITE_MIGRATOR.run(&pool).await.map_err(migrate_err)?;
+    // The audit log's writes go through one connection of their own. SQLite has
+    // one writer at a time anyway; on a pool, each commit landed on whichever
+    // connection was free, whose page cache the previous commit (made on another
+    // connection) had invalidated, so every commit re-read the B-tree pages it
+    // was about to change.
+    let writer = if path == ":memory:" {
+        pool.clone()
+    } else {
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .test_before_acquire(false)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(db_err)?
+    };
     let (changes, _) = broadcast::channel(64);
     Ok(Arc::new(SqlStore {
         pool: Pool::Sqlite(pool),
+        audit_writer: Pool::Sqlite(writer),
         changes,
         listener: None,
     }))
@@ -174,6 +207,7 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
     let (changes, _) = broadcast::channel(64);
     let listener = tokio::spawn(relay_changes(listener_pool, changes.clone()));
     Ok(Arc::new(SqlStore {
+        audit_writer: Pool::Postgres(pool.clone()),
         pool: Pool::Postgres(pool),
         changes,
         listener: Some(listener),
@@ -527,7 +561,7 @@ impl Store for SqlStore {
         if rows.is_empty() {
             return Ok(());
         }
-        on_pool!(self, p => {
+        on_audit_writer!(self, p => {
             let mut tx = begin_write(p).await?;
             // The log's size moves in the same transaction as its rows, and only if
             // the batch starts exactly at it: concurrent writers cannot interleave.
@@ -666,7 +700,7 @@ impl Store for SqlStore {
              ON CONFLICT (log_id, tree_size) DO UPDATE SET timestamp_ms = excluded.timestamp_ms, signature = excluded.signature \
              WHERE tree_heads.root_hash = excluded.root_hash AND tree_heads.timestamp_ms < excluded.timestamp_ms"
         );
-        let changed = on_pool!(self, p => sqlx::query(&sql)
+        let changed = on_audit_writer!(self, p => sqlx::query(&sql)
             .bind(&h.log_id).bind(size).bind(&h.root_hash[..]).bind(timestamp).bind(&h.signature)
             .execute(p).await.map(|r| r.rows_affected()))
         .map_err(|e| match db_err(e) {
