@@ -10,7 +10,11 @@
 //!   process) with authorization, query and record validation, field filtering,
 //!   rate limiting and durable audit (SQLite in the run's directory);
 //! * `proxy`: `RecordProvider.Fetch` through nginx `grpc_pass`, which checks the
-//!   consumer's certificate and calls the register with the broker's.
+//!   consumer's certificate and calls the register with the broker's;
+//! * `relayed-pg`: the relayed lookup through a broker on PostgreSQL (a
+//!   throwaway cluster the bench starts with `initdb`/`pg_ctl`);
+//! * `relayed-pg-2`: the same through two broker replicas on that database, the
+//!   load generator alternating between them as a round-robin balancer would.
 //!
 //! Servers run as separate processes so their CPU time and memory are read
 //! from `/proc/<pid>` without counting the load generator.
@@ -26,6 +30,7 @@ use lienthong::provider::v1::record_provider_client::RecordProviderClient;
 use lienthong::v1 as pb;
 use lienthong::v1::exchange_client::ExchangeClient;
 use lienthong_provider::demo::{BIRTH_RECORD, citizen_national_id};
+use lienthong_store::testing::PgCluster;
 use lienthong_tls::{Identity, TlsMaterial};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -66,14 +71,23 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
         direct   RecordProvider.Fetch on the register, presenting the broker's certificate\n  \
         relayed  Exchange.Lookup through the broker: authorization, query and record validation, field \
         filtering, rate limiting, durable audit\n  \
-        proxy    RecordProvider.Fetch through nginx grpc_pass\n\n\
+        proxy    RecordProvider.Fetch through nginx grpc_pass\n  \
+        relayed-pg    the relayed lookup through a broker whose database is PostgreSQL: a throwaway cluster \
+        started with initdb/pg_ctl (on PATH or /usr/lib/postgresql/*/bin; as root it runs as the postgres \
+        user), made as durable as the SQLite broker (fsync, synchronous_commit, full_page_writes on)\n  \
+        relayed-pg-2  the same through two broker replicas on that one database (own data dirs and audit \
+        logs, shared subject HMAC key), the load alternating between them\n\n\
+        The PostgreSQL scenarios are not run by default; without PostgreSQL they are skipped with a note. \
+        CPU per lookup of the database server (postmaster and all its backends) is reported apart from the \
+        broker's.\n\n\
         Closed loop (fixed concurrency) gives the saturation throughput; open loop (fixed arrival rate, \
         latency from each request's intended send time, so a stall is not hidden by coordinated omission) \
         gives latency under load. The broker's peak RSS is also measured with --inflight lookups in flight.\n\n\
         Prints a table, or JSON with the global --json flag."
 )]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated.
+    /// Scenarios to run, comma-separated: direct, relayed, proxy, relayed-pg, relayed-pg-2
+    /// (e.g. `--scenarios relayed,relayed-pg,relayed-pg-2` compares SQLite, PostgreSQL and two replicas).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,relayed,proxy")]
     pub scenarios: Vec<Scenario>,
     /// Load model: `closed` (fixed concurrency, finds saturation), `open` (fixed
@@ -94,7 +108,8 @@ pub struct BenchArgs {
     /// Unmeasured load before each measurement (connections, caches, allocator).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     pub warmup: Duration,
-    /// HTTP/2 connections the load generator opens to each target (the same for all scenarios).
+    /// HTTP/2 connections the load generator opens to each target (the same for all scenarios;
+    /// relayed-pg-2 splits them between its two replicas).
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
     /// Repeat every phase this many times, alternating scenarios, and report the
@@ -138,10 +153,18 @@ pub struct BenchArgs {
 pub enum Scenario {
     /// The register itself.
     Direct,
-    /// Through the broker.
+    /// Through the broker (SQLite).
     Relayed,
     /// Through nginx `grpc_pass`.
     Proxy,
+    /// Through a broker on PostgreSQL.
+    #[value(name = "relayed-pg")]
+    #[serde(rename = "relayed-pg")]
+    RelayedPg,
+    /// Through two broker replicas on one PostgreSQL database.
+    #[value(name = "relayed-pg-2")]
+    #[serde(rename = "relayed-pg-2")]
+    RelayedPg2,
 }
 
 impl Scenario {
@@ -151,6 +174,17 @@ impl Scenario {
             Scenario::Direct => "direct",
             Scenario::Relayed => "relayed",
             Scenario::Proxy => "proxy",
+            Scenario::RelayedPg => "relayed-pg",
+            Scenario::RelayedPg2 => "relayed-pg-2",
+        }
+    }
+
+    /// Broker replicas on PostgreSQL the scenario needs.
+    fn pg_replicas(self) -> usize {
+        match self {
+            Scenario::RelayedPg => 1,
+            Scenario::RelayedPg2 => 2,
+            Scenario::Direct | Scenario::Relayed | Scenario::Proxy => 0,
         }
     }
 }
@@ -280,6 +314,8 @@ struct Report {
     scenarios: Vec<ScenarioReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<BrokerReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postgres: Option<PostgresReport>,
     ratios: Ratios,
     notes: Vec<String>,
 }
@@ -444,6 +480,11 @@ struct CpuCost {
     /// The register.
     #[serde(skip_serializing_if = "Option::is_none")]
     provider: Option<f64>,
+    /// The PostgreSQL server: the postmaster and every backend, including those
+    /// that exited during the phase (relayed-pg scenarios only; SQLite runs
+    /// inside the broker and is counted there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<f64>,
     /// This process.
     #[serde(skip_serializing_if = "Option::is_none")]
     load_generator: Option<f64>,
@@ -459,6 +500,34 @@ struct BrokerReport {
     peak_rss_saturation_kib: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     inflight: Option<InflightReport>,
+}
+
+/// The PostgreSQL cluster and the broker replicas of the relayed-pg scenarios.
+#[derive(Debug, Serialize)]
+struct PostgresReport {
+    server_version: String,
+    /// `fsync`, `synchronous_commit` and `full_page_writes` as the brokers' sessions see them.
+    durability: String,
+    /// The cluster's data directory (removed at the end of the run).
+    data_directory: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    postmaster_pid: Option<u32>,
+    /// The cluster's filesystem: every lookup waits for one WAL flush.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    disk: Option<DiskReport>,
+    replicas: Vec<ReplicaReport>,
+    /// With two replicas: from the end of the administration through replica A
+    /// until replica B answered its first lookup (LISTEN/NOTIFY propagation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica_b_ready_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ReplicaReport {
+    pid: u32,
+    data_dir: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_after_setup_kib: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -488,6 +557,16 @@ struct Ratios {
     /// Closed loop: broker CPU per lookup / nginx CPU per lookup.
     #[serde(skip_serializing_if = "Option::is_none")]
     broker_over_proxy_cpu_per_lookup: Option<f64>,
+    /// Closed loop: relayed-pg throughput / relayed throughput (PostgreSQL against SQLite).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relayed_pg_over_relayed_throughput: Option<f64>,
+    /// Closed loop: relayed-pg-2 throughput / relayed-pg throughput (two replicas against one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relayed_pg_2_over_relayed_pg_throughput: Option<f64>,
+    /// Closed loop: CPU per lookup of broker plus PostgreSQL server (relayed-pg) / of the
+    /// broker with SQLite inside it (relayed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relayed_pg_over_relayed_cpu_per_lookup: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -519,6 +598,36 @@ fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// CPU seconds of the reaped children of a process (`cutime` + `cstime`) in a
+/// `/proc/<pid>/stat` line.
+fn stat_reaped_children_cpu_seconds(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 16 (cutime) and 17 (cstime) of proc(5), signed in the kernel's type.
+    let cutime: i64 = fields.get(13)?.parse().ok()?;
+    let cstime: i64 = fields.get(14)?.parse().ok()?;
+    Some((cutime.max(0) + cstime.max(0)) as f64 / CLOCK_TICKS_PER_SECOND)
+}
+
+/// CPU seconds of a process, its live children and its children that exited
+/// and were reaped. PostgreSQL serves each connection from a backend process
+/// that exits with it: a backend ending inside a phase moves its time into
+/// the postmaster's reaped-children time, so the sum stays monotonic.
+fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let own = stat_cpu_seconds(&stat)? + stat_reaped_children_cpu_seconds(&stat)?;
+    // A child that exits between the two reads is lost for this snapshot; the
+    // window is a few microseconds against phases of seconds.
+    let children: f64 = child_pids(pid).into_iter().filter_map(cpu_seconds).sum();
+    Some(own + children)
+}
+
+/// The parent of a process, from `/proc/<pid>/stat` (field 4).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Resets a process's peak RSS (`VmHWM`) to its current RSS (proc(5), `clear_refs` value 5).
@@ -796,12 +905,15 @@ impl Live {
 struct Watched {
     intermediary: Vec<u32>,
     provider: Vec<u32>,
+    /// The PostgreSQL postmaster, counted with all its children.
+    database: Option<u32>,
 }
 
 #[derive(Clone, Copy)]
 struct CpuSnapshot {
     intermediary: Option<f64>,
     provider: Option<f64>,
+    database: Option<f64>,
     load_generator: Option<f64>,
 }
 
@@ -810,6 +922,7 @@ impl Watched {
         CpuSnapshot {
             intermediary: cpu_of(&self.intermediary),
             provider: cpu_of(&self.provider),
+            database: self.database.and_then(tree_cpu_seconds),
             load_generator: cpu_of(&[std::process::id()]),
         }
     }
@@ -823,6 +936,7 @@ fn cost(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> CpuCost {
     CpuCost {
         intermediary: per_1000(before.intermediary, after.intermediary),
         provider: per_1000(before.provider, after.provider),
+        database: per_1000(before.database, after.database),
         load_generator: per_1000(before.load_generator, after.load_generator),
     }
 }
@@ -1094,13 +1208,25 @@ async fn open_loop(
 // ---------------------------------------------------------------------------
 // Setting the federation up
 
-/// Writes the broker's config: defaults, except logging at `warn` like the
-/// register and nginx (access log off), and the listener on an ephemeral port.
-fn write_broker_config(dir: &Path, data_dir: &Path, certs: &Path, trust_domain: &str) -> Result<PathBuf> {
+/// Writes a broker's config to `dir/name`: defaults, except logging at `warn`
+/// like the register and nginx (access log off), the listener on an ephemeral
+/// port and, when given, a PostgreSQL `database_url` instead of SQLite in `data_dir`.
+fn write_broker_config(
+    dir: &Path,
+    name: &str,
+    data_dir: &Path,
+    database_url: Option<&str>,
+    certs: &Path,
+    trust_domain: &str,
+) -> Result<PathBuf> {
+    let database = database_url
+        .map(|url| format!("database_url = {url:?}\n"))
+        .unwrap_or_default();
     let text = format!(
         "# Written by `lienthong bench`.\n\
          listen = \"127.0.0.1:0\"\n\
          data_dir = {data:?}\n\
+         {database}\
          trust_domain = {trust_domain:?}\n\
          bootstrap_admin = {ADMIN:?}\n\n\
          [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n\
@@ -1110,9 +1236,31 @@ fn write_broker_config(dir: &Path, data_dir: &Path, certs: &Path, trust_domain: 
         cert = certs.join("broker.pem").display().to_string(),
         key = certs.join("broker.key").display().to_string(),
     );
-    let path = dir.join("broker.toml");
+    let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
+}
+
+/// Starts `lienthong serve --config config` and returns it with its URL.
+async fn start_broker(exe: &Path, config: &Path, name: &'static str) -> Result<(ChildProcess, String)> {
+    let mut cmd = Command::new(exe);
+    cmd.args(["serve", "--config"])
+        .arg(config)
+        // The config file is the whole setup: an operator's environment must not
+        // move the listener or the database of a bench broker.
+        .env_remove("RUST_LOG")
+        .env_remove("LIENTHONG_LISTEN")
+        .env_remove("LIENTHONG_DATA_DIR")
+        .env_remove("LIENTHONG_DATABASE_URL");
+    let (process, line) = ChildProcess::spawn(
+        name,
+        cmd,
+        Some("lienthong broker listening on "),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let addr = parse_addr(&line.unwrap_or_default(), name)?;
+    Ok((process, format!("https://127.0.0.1:{}", addr.port())))
 }
 
 /// Members, the birth-record schema, the register's endpoint and the grant.
@@ -1337,12 +1485,232 @@ async fn start_nginx(
 }
 
 // ---------------------------------------------------------------------------
+// PostgreSQL
+
+/// Process names of the broker replicas on PostgreSQL, by index.
+const PG_REPLICA_NAMES: [&str; 2] = ["broker on PostgreSQL (replica A)", "broker on PostgreSQL (replica B)"];
+
+/// How long replica B may take to see the administration done through replica A.
+const REPLICA_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A throwaway PostgreSQL cluster with the broker replicas serving one database of it.
+struct PgSetup {
+    /// Each replica and its URL; A first. Declared before `cluster` so that an
+    /// early return kills the brokers before the database goes away.
+    replicas: Vec<(ChildProcess, String)>,
+    report: PostgresReport,
+    cluster: PgCluster,
+}
+
+/// What the bench learns from the cluster once it is durable.
+struct PgFacts {
+    server_version: String,
+    durability: String,
+    data_directory: String,
+    postmaster_pid: Option<u32>,
+}
+
+/// `PgCluster` is tuned for tests (no fsync, asynchronous commit). A broker on
+/// PostgreSQL in production waits for its WAL flush on every commit, as the
+/// SQLite broker waits for `fdatasync`, so the comparison turns durability
+/// back on (`ALTER SYSTEM` overrides `postgresql.conf`) and reloads.
+async fn make_durable(admin_url: &str) -> Result<PgFacts> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .context("connecting to the bench's PostgreSQL cluster")?;
+    for setting in ["fsync", "synchronous_commit", "full_page_writes"] {
+        sqlx::query(&format!("ALTER SYSTEM SET {setting} = on"))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("setting {setting} = on"))?;
+    }
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&mut conn)
+        .await
+        .context("reloading the PostgreSQL configuration")?;
+    conn.close().await.context("closing the setup connection")?;
+    // The postmaster applies a reload asynchronously; a fresh session shows when it has.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut conn = sqlx::PgConnection::connect(admin_url)
+            .await
+            .context("connecting to the bench's PostgreSQL cluster")?;
+        let (fsync, synchronous_commit, full_page_writes, server_version, data_directory, backend): (
+            String,
+            String,
+            String,
+            String,
+            String,
+            i32,
+        ) = sqlx::query_as(
+            "SELECT current_setting('fsync'), current_setting('synchronous_commit'), \
+             current_setting('full_page_writes'), current_setting('server_version'), \
+             current_setting('data_directory'), pg_backend_pid()",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .context("reading the PostgreSQL settings")?;
+        // Read while the backend is alive: its parent is the postmaster.
+        let postmaster_pid = u32::try_from(backend).ok().and_then(parent_pid);
+        conn.close().await.context("closing the setup connection")?;
+        let durability =
+            format!("fsync={fsync}, synchronous_commit={synchronous_commit}, full_page_writes={full_page_writes}");
+        if [&fsync, &synchronous_commit, &full_page_writes]
+            .iter()
+            .all(|v| *v == "on")
+        {
+            return Ok(PgFacts {
+                server_version,
+                durability,
+                data_directory,
+                postmaster_pid,
+            });
+        }
+        if Instant::now() > deadline {
+            bail!("PostgreSQL did not apply the durable settings within 10 s after a reload: {durability}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Copies replica A's subject HMAC key into `to` (README, "PostgreSQL and
+/// several replicas"): a citizen's pseudonym must be the same in every log.
+fn share_subject_key(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let key = lienthong_audit::keys::SUBJECT_KEY_FILE;
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let target = to.join(key);
+    std::fs::copy(from.join(key), &target)
+        .with_context(|| format!("copying {key} from {} to {}", from.display(), to.display()))?;
+    // The broker refuses a key file readable by group or others.
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", target.display()))?;
+    Ok(())
+}
+
+/// Waits until `url` answers `request` with a record: the replica has picked
+/// up the members, schema, endpoint and grant written through the other one.
+async fn await_first_lookup(url: &str, material: &TlsMaterial, request: &pb::LookupRequest) -> Result<Duration> {
+    let started = Instant::now();
+    let target = Target::Lookup {
+        clients: channels(url, material, None, 1)
+            .await?
+            .into_iter()
+            .map(ExchangeClient::new)
+            .collect(),
+        requests: Arc::from(vec![request.clone()]),
+    };
+    loop {
+        match target.call(0).await {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(e) if started.elapsed() > REPLICA_SYNC_TIMEOUT => bail!(
+                "replica B did not serve a lookup within {} s of the administration through replica A \
+                 (last answer {:?}: {})",
+                REPLICA_SYNC_TIMEOUT.as_secs(),
+                e.code,
+                e.message
+            ),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Everything the PostgreSQL scenarios share, besides the cluster.
+struct PgContext<'a> {
+    exe: &'a Path,
+    dir: &'a Path,
+    certs: &'a Path,
+    trust_domain: &'a str,
+    provider_url: &'a str,
+    consumer_material: &'a TlsMaterial,
+    probe: &'a pb::LookupRequest,
+    fsync_samples: usize,
+    progress: &'a Progress,
+}
+
+/// Starts `replicas` brokers (1 or 2) on a fresh database of `cluster`,
+/// administers the federation through the first and, with two, waits until
+/// the second serves lookups.
+async fn setup_postgres(cluster: PgCluster, replicas: usize, cx: &PgContext<'_>) -> Result<PgSetup> {
+    let database_url = cluster.create_database().await.context("creating the bench database")?;
+    let facts = make_durable(&cluster.url()).await?;
+    // The cluster lives in a temporary directory of its own; its WAL is there.
+    let disk = Path::new(&facts.data_directory)
+        .parent()
+        .and_then(|d| probe_fsync(d, cx.fsync_samples).ok());
+    let mut started: Vec<(ChildProcess, String)> = Vec::new();
+    let mut replica_reports = Vec::new();
+    let mut data_dirs: Vec<PathBuf> = Vec::new();
+    for (i, name) in PG_REPLICA_NAMES
+        .iter()
+        .enumerate()
+        .take(replicas.clamp(1, PG_REPLICA_NAMES.len()))
+    {
+        let tag = if i == 0 { "a" } else { "b" };
+        let data_dir = cx.dir.join(format!("broker-pg-{tag}-data"));
+        if let Some(first) = data_dirs.first() {
+            share_subject_key(first, &data_dir)?;
+        }
+        let config = write_broker_config(
+            cx.dir,
+            &format!("broker-pg-{tag}.toml"),
+            &data_dir,
+            Some(&database_url),
+            cx.certs,
+            cx.trust_domain,
+        )?;
+        let (process, url) = start_broker(cx.exe, &config, name).await?;
+        replica_reports.push(ReplicaReport {
+            pid: process.pid(),
+            data_dir: data_dir.display().to_string(),
+            rss_after_setup_kib: None,
+        });
+        data_dirs.push(data_dir);
+        started.push((process, url));
+    }
+    let Some((_, url_a)) = started.first() else {
+        bail!("no broker replica was started");
+    };
+    administer(url_a, cx.certs, cx.provider_url).await?;
+    let mut replica_b_ready_ms = None;
+    if let Some((_, url_b)) = started.get(1) {
+        cx.progress
+            .line("bench: waiting for replica B to see the administration done through replica A");
+        let waited = await_first_lookup(url_b, cx.consumer_material, cx.probe).await?;
+        cx.progress.line(&format!(
+            "bench: replica B served its first lookup {} ms after the administration through replica A",
+            waited.as_millis()
+        ));
+        replica_b_ready_ms = Some(u64::try_from(waited.as_millis()).unwrap_or(u64::MAX));
+    }
+    for (r, (process, _)) in replica_reports.iter_mut().zip(&started) {
+        r.rss_after_setup_kib = status_kib(process.pid(), "VmRSS:");
+    }
+    Ok(PgSetup {
+        replicas: started,
+        report: PostgresReport {
+            server_version: facts.server_version,
+            durability: facts.durability,
+            data_directory: facts.data_directory,
+            postmaster_pid: facts.postmaster_pid,
+            disk,
+            replicas: replica_reports,
+            replica_b_ready_ms,
+        },
+        cluster,
+    })
+}
+
+// ---------------------------------------------------------------------------
 // The run
 
 struct Prepared {
     scenario: Scenario,
     target: Target,
     watched: Watched,
+    /// Connections the load generator holds to the target (all replicas).
+    connections: usize,
 }
 
 /// Runs the benchmark and prints its report (a table, or JSON with `json`).
@@ -1396,28 +1764,59 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             None
         }
     };
-    let config = write_broker_config(&dir, &data_dir, &certs, trust_domain)?;
-    let mut broker_cmd = Command::new(&exe);
-    broker_cmd
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .env_remove("LIENTHONG_LISTEN");
-    let (mut broker, line) = ChildProcess::spawn(
-        "broker",
-        broker_cmd,
-        Some("lienthong broker listening on "),
-        Duration::from_secs(60),
-    )
-    .await?;
-    let broker_addr = parse_addr(&line.unwrap_or_default(), "broker")?;
-    let broker_url = format!("https://127.0.0.1:{}", broker_addr.port());
+    let config = write_broker_config(&dir, "broker.toml", &data_dir, None, &certs, trust_domain)?;
+    let (mut broker, broker_url) = start_broker(&exe, &config, "broker").await?;
     let grant = administer(&broker_url, &certs, &provider_url).await?;
     let (lookups, fetches) = payloads(settings.seed, settings.subjects, &grant);
     let (lookups, fetches): (Arc<[pb::LookupRequest]>, Arc<[FetchRequest]>) = (lookups.into(), fetches.into());
 
     let broker_material = TlsMaterial::load(&member_files(&certs, "broker"))?;
     let consumer_material = TlsMaterial::load(&member_files(&certs, JUDICIAL_OFFICE))?;
+
+    // relayed-pg and relayed-pg-2 share one cluster and one database: the
+    // second replica joins the deployment the first one measures alone.
+    let pg_replicas = settings.scenarios.iter().map(|s| s.pg_replicas()).max().unwrap_or(0);
+    let mut pg: Option<PgSetup> = None;
+    let mut pg_unavailable: Option<(&'static str, String)> = None;
+    if pg_replicas > 0 {
+        progress.line(&format!(
+            "bench: starting a throwaway PostgreSQL cluster and {pg_replicas} broker replica{} on it",
+            if pg_replicas == 1 { "" } else { "s" }
+        ));
+        match tokio::task::spawn_blocking(PgCluster::start).await {
+            Ok(Ok(cluster)) => {
+                let probe = lookups
+                    .first()
+                    .ok_or_else(|| anyhow!("no lookup payloads were built"))?
+                    .clone();
+                let cx = PgContext {
+                    exe: &exe,
+                    dir: &dir,
+                    certs: &certs,
+                    trust_domain,
+                    provider_url: &provider_url,
+                    consumer_material: &consumer_material,
+                    probe: &probe,
+                    fsync_samples: if settings.quick { 20 } else { 200 },
+                    progress: &progress,
+                };
+                match setup_postgres(cluster, pg_replicas, &cx).await {
+                    Ok(setup) => pg = Some(setup),
+                    Err(e) => pg_unavailable = Some(("failed", format!("failed: PostgreSQL setup: {e:#}"))),
+                }
+            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                pg_unavailable = Some(("skipped", format!("skipped: {e}")));
+            }
+            Ok(Err(e)) => {
+                pg_unavailable = Some(("failed", format!("failed: PostgreSQL could not be started: {e}")));
+            }
+            Err(e) => pg_unavailable = Some(("failed", format!("failed: starting PostgreSQL panicked: {e}"))),
+        }
+        if let Some((_, note)) = &pg_unavailable {
+            progress.line(&format!("bench: PostgreSQL scenarios {note}"));
+        }
+    }
     let mut nginx: Option<ChildProcess> = None;
     let mut prepared = Vec::new();
     let mut reports: Vec<ScenarioReport> = Vec::new();
@@ -1447,7 +1846,9 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                     watched: Watched {
                         intermediary: Vec::new(),
                         provider: vec![provider.pid()],
+                        database: None,
                     },
+                    connections: settings.connections,
                 });
             }
             Scenario::Relayed => {
@@ -1461,7 +1862,9 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                     watched: Watched {
                         intermediary: vec![broker.pid()],
                         provider: vec![provider.pid()],
+                        database: None,
                     },
+                    connections: settings.connections,
                 });
             }
             Scenario::Proxy => {
@@ -1506,7 +1909,47 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                     watched: Watched {
                         intermediary: pids,
                         provider: vec![provider.pid()],
+                        database: None,
                     },
+                    connections: settings.connections,
+                });
+            }
+            Scenario::RelayedPg | Scenario::RelayedPg2 => {
+                let wanted = scenario.pg_replicas();
+                let Some(setup) = pg.as_ref().filter(|s| s.replicas.len() >= wanted) else {
+                    let (status, note) = pg_unavailable
+                        .clone()
+                        .unwrap_or(("failed", "failed: the PostgreSQL replicas were not started".into()));
+                    reports.push(skipped(status, note));
+                    continue;
+                };
+                let per_replica = settings.connections.div_ceil(wanted);
+                let mut by_replica = Vec::with_capacity(wanted);
+                for (_, url) in setup.replicas.iter().take(wanted) {
+                    by_replica.push(channels(url, &consumer_material, None, per_replica).await?);
+                }
+                // Interleaved, so that request i goes to replica i % wanted: the
+                // round robin of a gRPC-aware balancer in front of the replicas.
+                let mut clients = Vec::with_capacity(per_replica * wanted);
+                for j in 0..per_replica {
+                    for replica in &by_replica {
+                        if let Some(c) = replica.get(j) {
+                            clients.push(ExchangeClient::new(c.clone()));
+                        }
+                    }
+                }
+                prepared.push(Prepared {
+                    scenario: *scenario,
+                    target: Target::Lookup {
+                        clients: clients.into(),
+                        requests: lookups.clone(),
+                    },
+                    watched: Watched {
+                        intermediary: setup.replicas.iter().take(wanted).map(|(p, _)| p.pid()).collect(),
+                        provider: vec![provider.pid()],
+                        database: setup.report.postmaster_pid,
+                    },
+                    connections: per_replica * wanted,
                 });
             }
         }
@@ -1554,7 +1997,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                 if is_relayed {
                     peaks.extend(status_kib(broker.pid(), "VmHWM:"));
                 }
-                let r = phase.report(Some(settings.concurrency), None, settings.connections);
+                let r = phase.report(Some(settings.concurrency), None, p.connections);
                 progress.line(&phase_line(&label, &r));
                 rounds[k].push(r);
             }
@@ -1610,7 +2053,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                             label.clone(),
                         )
                         .await;
-                        let r = phase.report(None, Some(rate), settings.connections);
+                        let r = phase.report(None, Some(rate), p.connections);
                         progress.line(&phase_line(&label, &r));
                         rounds[k].push(r);
                     }
@@ -1637,6 +2080,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         let watched = Watched {
             intermediary: vec![broker.pid()],
             provider: vec![provider.pid()],
+            database: None,
         };
         let label = format!("relayed in flight={}", settings.inflight);
         let broker_pid = broker.pid();
@@ -1671,6 +2115,29 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     if broker.exited() {
         notes.push(format!("the broker exited during the run: {}", broker.last_lines()));
     }
+    let mut postgres = None;
+    if let Some(mut setup) = pg.take() {
+        for (process, _) in &mut setup.replicas {
+            if process.exited() {
+                notes.push(format!(
+                    "the {} exited during the run: {}",
+                    process.name,
+                    process.last_lines()
+                ));
+            }
+            process.stop(Duration::from_secs(15)).await;
+        }
+        if args.dir.is_some() {
+            notes.push(format!(
+                "the PostgreSQL cluster in {} is removed at the end of the run, whatever --dir says",
+                setup.report.data_directory
+            ));
+        }
+        let PgSetup { report, cluster, .. } = setup;
+        // Dropping the cluster runs `pg_ctl stop` and removes its directory: blocking work.
+        let _ = tokio::task::spawn_blocking(move || drop(cluster)).await;
+        postgres = Some(report);
+    }
     if let Some(n) = nginx.as_mut() {
         n.stop(Duration::from_secs(5)).await;
     }
@@ -1692,6 +2159,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         disk,
         scenarios: reports,
         broker: settings_has_relayed(&prepared).then_some(broker_report),
+        postgres,
         ratios,
         notes,
     };
@@ -1726,6 +2194,13 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
             .and_then(|r| r.closed.as_ref())
             .and_then(|c| c.cpu_s_per_1000.intermediary)
     };
+    // SQLite runs inside the broker; PostgreSQL's share is in its own processes.
+    let cpu_with_database = |name: &str| {
+        get(name).and_then(|r| r.closed.as_ref()).and_then(|c| {
+            let broker = c.cpu_s_per_1000.intermediary?;
+            Some(broker + c.cpu_s_per_1000.database.unwrap_or(0.0))
+        })
+    };
     let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
@@ -1740,6 +2215,9 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
         p99_added_over_direct_ms: diff_ms(open_p99("relayed"), open_p99("direct")),
         p99_added_over_proxy_ms: diff_ms(open_p99("relayed"), open_p99("proxy")),
         broker_over_proxy_cpu_per_lookup: ratio(cpu("relayed"), cpu("proxy")),
+        relayed_pg_over_relayed_throughput: ratio(closed_tp("relayed-pg"), closed_tp("relayed")),
+        relayed_pg_2_over_relayed_pg_throughput: ratio(closed_tp("relayed-pg-2"), closed_tp("relayed-pg")),
+        relayed_pg_over_relayed_cpu_per_lookup: ratio(cpu_with_database("relayed-pg"), cpu_with_database("relayed")),
     }
 }
 
@@ -1789,11 +2267,11 @@ fn render_table(report: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:<9} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8}\n",
-        "", "", "", "", "", "", "", "", "", "CPU ms per lookup", "", ""
+        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {}\n",
+        "", "", "", "", "", "", "", "", "", "CPU ms per lookup"
     ));
     out.push_str(&format!(
-        "{:<9} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8}\n",
+        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}\n",
         "scenario",
         "load",
         "lookups/s",
@@ -1805,11 +2283,12 @@ fn render_table(report: &Report) -> String {
         "errors",
         "middle",
         "register",
+        "database",
         "loadgen"
     ));
     let row = |name: &str, load: String, p: &PhaseReport| {
         format!(
-            "{:<9} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8}\n",
+            "{:<12} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}\n",
             name,
             load,
             p.throughput_per_s,
@@ -1821,12 +2300,13 @@ fn render_table(report: &Report) -> String {
             p.errors + p.dropped,
             opt(p.cpu_s_per_1000.intermediary, 3),
             opt(p.cpu_s_per_1000.provider, 3),
+            opt(p.cpu_s_per_1000.database, 3),
             opt(p.cpu_s_per_1000.load_generator, 3),
         )
     };
     for r in &report.scenarios {
         if r.status != "ok" {
-            out.push_str(&format!("{:<9} {}\n", r.name, r.note.as_deref().unwrap_or(r.status)));
+            out.push_str(&format!("{:<12} {}\n", r.name, r.note.as_deref().unwrap_or(r.status)));
             continue;
         }
         if let Some(c) = &r.closed {
@@ -1841,7 +2321,9 @@ fn render_table(report: &Report) -> String {
         }
     }
     out.push_str(
-        "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed) or nginx (proxy, all workers)\n",
+        "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed; relayed-pg-2: both replicas) \
+         or nginx (proxy, all workers); database: the PostgreSQL server, all its processes (SQLite runs inside \
+         the broker)\n",
     );
     if let Some(b) = &report.broker {
         out.push_str("\nbroker process:");
@@ -1865,16 +2347,70 @@ fn render_table(report: &Report) -> String {
         }
         out.push('\n');
     }
+    if let Some(pg) = &report.postgres {
+        out.push_str(&format!(
+            "\nPostgreSQL {} (throwaway cluster, {}): {} broker replica{}, RSS after setup {}",
+            pg.server_version,
+            pg.durability,
+            pg.replicas.len(),
+            if pg.replicas.len() == 1 { "" } else { "s" },
+            pg.replicas
+                .iter()
+                .map(|r| {
+                    r.rss_after_setup_kib
+                        .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                        .unwrap_or_else(|| "-".into())
+                })
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ));
+        if let Some(ms) = pg.replica_b_ready_ms {
+            out.push_str(&format!(
+                "; replica B served lookups {ms} ms after the administration through A"
+            ));
+        }
+        out.push('\n');
+        if let Some(d) = &pg.disk {
+            out.push_str(&format!(
+                "PostgreSQL data in {}: fdatasync p50 {} ms, p99 {} ms (every lookup waits for one WAL flush)\n",
+                d.path,
+                ms(d.fdatasync_p50_us),
+                ms(d.fdatasync_p99_us)
+            ));
+        }
+    }
     let r = &report.ratios;
     out.push_str("\nratios (same run):\n");
-    out.push_str(&format!(
-        "  throughput relayed/direct  {}\n  throughput relayed/proxy   {}\n  p99 added vs direct (open) {} ms\n  p99 added vs proxy (open)  {} ms\n  CPU per lookup broker/nginx {}\n",
-        opt(r.relayed_over_direct_throughput, 3),
-        opt(r.relayed_over_proxy_throughput, 3),
-        opt(r.p99_added_over_direct_ms, 3),
-        opt(r.p99_added_over_proxy_ms, 3),
-        opt(r.broker_over_proxy_cpu_per_lookup, 3),
-    ));
+    let ms_opt = |v: Option<f64>| v.map(|v| format!("{v:.3} ms")).unwrap_or_else(|| "-".into());
+    let mut lines = vec![
+        ("throughput relayed/direct", opt(r.relayed_over_direct_throughput, 3)),
+        ("throughput relayed/proxy", opt(r.relayed_over_proxy_throughput, 3)),
+        ("p99 added vs direct (open)", ms_opt(r.p99_added_over_direct_ms)),
+        ("p99 added vs proxy (open)", ms_opt(r.p99_added_over_proxy_ms)),
+        (
+            "CPU per lookup broker/nginx",
+            opt(r.broker_over_proxy_cpu_per_lookup, 3),
+        ),
+    ];
+    if report.postgres.is_some() || r.relayed_pg_over_relayed_throughput.is_some() {
+        lines.extend([
+            (
+                "throughput relayed-pg/relayed (PostgreSQL/SQLite)",
+                opt(r.relayed_pg_over_relayed_throughput, 3),
+            ),
+            (
+                "throughput relayed-pg-2/relayed-pg (2 replicas/1)",
+                opt(r.relayed_pg_2_over_relayed_pg_throughput, 3),
+            ),
+            (
+                "CPU per lookup relayed-pg/relayed (broker+database)",
+                opt(r.relayed_pg_over_relayed_cpu_per_lookup, 3),
+            ),
+        ]);
+    }
+    for (label, value) in lines {
+        out.push_str(&format!("  {label:<52} {value}\n"));
+    }
     for n in &report.notes {
         out.push_str(&format!("note: {n}\n"));
     }
@@ -1900,9 +2436,85 @@ mod tests {
         let line = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 130 0 0 20 0 9 0 100 1000 200";
         assert_eq!(stat_cpu_seconds(line), Some(3.8));
         assert_eq!(stat_cpu_seconds("4242 (short"), None);
+        let reaped = "77 (postgres) S 1 77 77 0 -1 4194560 900 0 0 0 250 130 1200 34 20 0 1 0 100 1000 200";
+        assert_eq!(stat_reaped_children_cpu_seconds(reaped), Some(12.34));
+        assert_eq!(stat_reaped_children_cpu_seconds("77 (short) S 1"), None);
         // Our own process is always readable.
         assert!(cpu_seconds(std::process::id()).is_some());
         assert!(status_kib(std::process::id(), "VmHWM:").is_some_and(|k| k > 0));
+        assert!(tree_cpu_seconds(std::process::id()).is_some());
+        assert_eq!(
+            parent_pid(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
+    }
+
+    #[test]
+    fn postgres_scenarios_parse_and_name_themselves() {
+        use clap::ValueEnum;
+        for (text, scenario, replicas) in [
+            ("relayed", Scenario::Relayed, 0),
+            ("relayed-pg", Scenario::RelayedPg, 1),
+            ("relayed-pg-2", Scenario::RelayedPg2, 2),
+        ] {
+            let parsed = Scenario::from_str(text, false).unwrap();
+            assert_eq!(parsed, scenario);
+            assert_eq!(parsed.name(), text);
+            assert_eq!(parsed.pg_replicas(), replicas);
+            assert_eq!(serde_json::to_value(parsed).unwrap(), text);
+        }
+    }
+
+    #[test]
+    fn a_replica_config_points_at_postgres_and_keeps_its_own_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        make_certs(&certs, "gov.example").unwrap();
+        let url = "postgres://lienthong@127.0.0.1:5999/bench";
+        let data = dir.path().join("broker-pg-b-data");
+        let path = write_broker_config(dir.path(), "b.toml", &data, Some(url), &certs, "gov.example").unwrap();
+        let config = lienthong_broker::config::Config::load(Some(&path), Vec::new()).unwrap();
+        assert_eq!(config.database_url(), url);
+        assert_eq!(config.data_dir, data);
+        let sqlite = write_broker_config(dir.path(), "a.toml", &data, None, &certs, "gov.example").unwrap();
+        let config = lienthong_broker::config::Config::load(Some(&sqlite), Vec::new()).unwrap();
+        assert!(
+            config.database_url().starts_with("sqlite://"),
+            "{}",
+            config.database_url()
+        );
+    }
+
+    #[test]
+    fn the_subject_key_is_shared_privately() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let keys = lienthong_audit::LogKeys::load_or_create(&a).unwrap();
+        share_subject_key(&a, &b).unwrap();
+        let key = lienthong_audit::keys::SUBJECT_KEY_FILE;
+        assert_eq!(std::fs::read(a.join(key)).unwrap(), std::fs::read(b.join(key)).unwrap());
+        let mode = std::fs::metadata(b.join(key)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "readable by group or others: {mode:o}");
+        // Replica B loads it: same pseudonyms, its own signing key.
+        let other = lienthong_audit::LogKeys::load_or_create(&b).unwrap();
+        assert_ne!(keys.log_id(), other.log_id());
+        assert_eq!(keys.subject_hash("001084004217"), other.subject_hash("001084004217"));
+    }
+
+    /// Needs the PostgreSQL server binaries, like the store's PostgreSQL suite.
+    #[tokio::test]
+    async fn the_bench_cluster_is_made_durable() {
+        let cluster = tokio::task::spawn_blocking(PgCluster::start).await.unwrap().unwrap();
+        let facts = make_durable(&cluster.url()).await.unwrap();
+        assert_eq!(facts.durability, "fsync=on, synchronous_commit=on, full_page_writes=on");
+        let postmaster = facts.postmaster_pid.unwrap();
+        assert!(tree_cpu_seconds(postmaster).is_some());
+        assert!(
+            !child_pids(postmaster).is_empty(),
+            "the postmaster has its auxiliary processes"
+        );
+        tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
     }
 
     #[test]
@@ -2011,6 +2623,23 @@ mod tests {
         assert_eq!(r.relayed_over_proxy_throughput, None);
         assert_eq!(r.p99_added_over_direct_ms, Some(0.5));
         assert_eq!(r.broker_over_proxy_cpu_per_lookup, None);
+        assert_eq!(r.relayed_pg_over_relayed_throughput, None);
+
+        let with_database = |tp: f64, broker: f64, database: f64| {
+            let mut p = phase(tp, 0, Some(broker));
+            p.cpu_s_per_1000.database = Some(database);
+            p
+        };
+        let reports = vec![
+            scenario("relayed", "ok", Some(phase(500.0, 0, Some(0.2))), None),
+            scenario("relayed-pg", "ok", Some(with_database(400.0, 0.2, 0.1)), None),
+            scenario("relayed-pg-2", "ok", Some(with_database(600.0, 0.25, 0.15)), None),
+        ];
+        let r = ratios(&reports);
+        assert_eq!(r.relayed_pg_over_relayed_throughput, Some(0.8));
+        assert_eq!(r.relayed_pg_2_over_relayed_pg_throughput, Some(1.5));
+        let cpu = r.relayed_pg_over_relayed_cpu_per_lookup.unwrap();
+        assert!((cpu - 1.5).abs() < 1e-9, "{cpu}");
     }
 
     #[test]
