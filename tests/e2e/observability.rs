@@ -12,7 +12,6 @@ use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{IdGenerator, InMemorySpanExporter, RandomIdGenerator, SdkTracerProvider, SpanData};
 use std::sync::OnceLock;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
 /// Installs, once per test process, a subscriber exporting the spans of the
@@ -197,33 +196,6 @@ async fn a_lookup_is_one_trace_from_the_consumer_into_the_register() {
     let spans = spans_of(&exporter, started.unwrap());
     assert_eq!(named(&spans, LOOKUP, SpanKind::Server).parent_span_id, SpanId::INVALID);
     fed.shutdown().await.unwrap();
-}
-
-/// `GET path` over plain HTTP/1.1; returns (status, body).
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// The value of the sample `series` (name and labels exactly as exposed), 0 when absent.
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 fn requests(consumer: &str, record_type: &str, outcome: &str) -> String {

@@ -320,11 +320,14 @@ async fn exchanges_beyond_the_limit_wait_their_turn_and_health_still_answers() {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = FederationOptions::new(dir.path());
     opts.extra_config = "\n[limits]\nmax_concurrent_exchanges = 1\n".into();
+    opts.metrics_listen = Some("127.0.0.1:0".into());
     let fed = Federation::start(opts).await.unwrap();
+    let metrics = fed.broker.metrics_addr.unwrap();
+    let waiting = async || sample(&http_get(metrics, "/metrics").await.1, "lienthong_exchanges_waiting");
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = citizen_id(&fed, 12);
     let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
-    faulty.set_mode(FaultMode::Sleep(Duration::from_millis(1500)));
+    faulty.set_mode(FaultMode::Sleep(Duration::from_secs(3)));
     let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
         .await
         .unwrap();
@@ -366,8 +369,19 @@ async fn exchanges_beyond_the_limit_wait_their_turn_and_health_still_answers() {
         .unwrap();
     assert!(!slow.is_finished(), "health and admin answered during the slow lookup");
 
-    // A lookup of the other register waits for the turn, then succeeds.
-    criminal_record_still_served(&office, &subject).await;
+    // A lookup of the other register waits for the turn (operators see it
+    // waiting), then succeeds.
+    let waiter = {
+        let office = office.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move { criminal_record_still_served(&office, &subject).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), async || waiting().await == 1.0).await,
+        "the second lookup is counted as waiting"
+    );
+    waiter.await.unwrap();
+    assert_eq!(waiting().await, 0.0);
     assert!(
         slow.is_finished(),
         "the waiting lookup ran only after the first one ended"

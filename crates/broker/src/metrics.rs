@@ -226,6 +226,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Family<LatencyLabels, Histogram, fn() -> Histogram>,
     in_flight: [Gauge; 2],
+    /// Exchange calls waiting for a turn (`limits.max_concurrent_exchanges`).
+    pub exchanges_waiting: Gauge,
     provider_calls: Family<ProviderCallLabels, Counter>,
     provider_seconds: Family<ProviderLabels, Histogram, fn() -> Histogram>,
     rate_limited: Family<GrantLabels, Counter>,
@@ -274,6 +276,12 @@ impl Metrics {
         );
         let in_flight = [Rpc::Lookup, Rpc::Collect]
             .map(|rpc| in_flight_family.get_or_create_owned(&RpcLabels { rpc: rpc.as_str() }));
+        let exchanges_waiting = Gauge::default();
+        registry.register(
+            "exchanges_waiting",
+            "Lookups and collects waiting for a turn because limits.max_concurrent_exchanges are running",
+            exchanges_waiting.clone(),
+        );
         let provider_calls = Family::<ProviderCallLabels, Counter>::default();
         registry.register(
             "provider_calls",
@@ -312,6 +320,7 @@ impl Metrics {
             requests,
             request_seconds,
             in_flight,
+            exchanges_waiting,
             provider_calls,
             provider_seconds,
             rate_limited,

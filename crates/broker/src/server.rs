@@ -224,6 +224,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .add_service(Bounded::new(
             ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
             config.limits.max_concurrent_exchanges,
+            broker.metrics.exchanges_waiting.clone(),
         ))
         .add_service(AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max));
 
@@ -350,17 +351,46 @@ async fn bootstrap_admin(
 /// a thousand lookups on a CPU-bound broker this keeps memory near what the
 /// limit needs, with the same throughput. Only the exchange is bounded so
 /// health checks, admin and audit calls are answered under load.
-#[derive(Clone)]
 struct Bounded<S> {
     inner: tower::limit::ConcurrencyLimit<S>,
+    /// Calls waiting for a turn, for `lienthong_exchanges_waiting`.
+    waiting: prometheus_client::metrics::gauge::Gauge,
+    /// Whether this call is counted in `waiting` (the router clones the
+    /// service for every call, so the flag is per call).
+    counted: bool,
 }
 
 impl<S> Bounded<S> {
-    fn new(service: S, limit: usize) -> Self {
+    fn new(service: S, limit: usize, waiting: prometheus_client::metrics::gauge::Gauge) -> Self {
         let semaphore = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
         Bounded {
             inner: tower::limit::ConcurrencyLimit::with_semaphore(service, semaphore),
+            waiting,
+            counted: false,
         }
+    }
+
+    fn stop_waiting(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.waiting.dec();
+        }
+    }
+}
+
+impl<S: Clone> Clone for Bounded<S> {
+    fn clone(&self) -> Self {
+        Bounded {
+            inner: self.inner.clone(),
+            waiting: self.waiting.clone(),
+            counted: false,
+        }
+    }
+}
+
+impl<S> Drop for Bounded<S> {
+    fn drop(&mut self) {
+        // A call abandoned while waiting (cancelled, deadline) stops counting.
+        self.stop_waiting();
     }
 }
 
@@ -377,7 +407,16 @@ where
     type Future = tower::limit::concurrency::future::ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        let ready = self.inner.poll_ready(cx);
+        if ready.is_pending() {
+            if !self.counted {
+                self.counted = true;
+                self.waiting.inc();
+            }
+        } else {
+            self.stop_waiting();
+        }
+        ready
     }
 
     fn call(&mut self, request: R) -> Self::Future {
