@@ -93,13 +93,17 @@ fn civil_tls(fed: &Federation) -> Arc<ServerTls> {
 }
 
 async fn failed_entries(fed: &Federation) -> Vec<pb::AuditEntry> {
+    office_entries(fed, pb::Outcome::Failed).await
+}
+
+async fn office_entries(fed: &Federation, outcome: pb::Outcome) -> Vec<pb::AuditEntry> {
     client(fed, STATE_AUDIT)
         .await
         .audit()
         .query_entries(pb::QueryEntriesRequest {
             filter: Some(pb::EntryFilter {
                 actor: JUDICIAL_OFFICE.into(),
-                outcome: pb::Outcome::Failed as i32,
+                outcome: outcome as i32,
                 ..Default::default()
             }),
             page_size: 1000,
@@ -223,6 +227,62 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     ] {
         assert!(failed.iter().any(|e| e.reason.starts_with(reason)), "{reason} audited");
     }
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_consumer_hanging_up_mid_call_is_still_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.extra_config = "\n[relay]\nprovider_timeout_ms = 1500\n".into();
+    let fed = Federation::start(opts).await.unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 79);
+    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
+    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
+        .await
+        .unwrap();
+    replace_civil_endpoint(&fed, &server.url()).await;
+    let allowed_before = office_entries(&fed, pb::Outcome::Allowed).await.len();
+
+    // The consumer gives up (no deadline sent, the call is just dropped) while
+    // the register is still working; the register answers afterwards. The
+    // record reached the broker, so the access is logged though nobody got it.
+    faulty.set_mode(FaultMode::Sleep(Duration::from_millis(500)));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(150),
+        office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the consumer hung up before the answer");
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            office_entries(&fed, pb::Outcome::Allowed).await.len() == allowed_before + 1
+        })
+        .await,
+        "the record the register sent after the hang-up is audited"
+    );
+
+    // The register never answers: the broker's own deadline ends the call and
+    // the timeout is logged, with the consumer long gone.
+    faulty.set_mode(FaultMode::Sleep(Duration::from_secs(30)));
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(150),
+        office.exchange().lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the consumer hung up before the answer");
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            failed_entries(&fed)
+                .await
+                .iter()
+                .any(|e| e.reason.starts_with("provider_timeout"))
+        })
+        .await,
+        "the abandoned call's timeout is audited"
+    );
+    server.shutdown().await;
     fed.shutdown().await.unwrap();
 }
 

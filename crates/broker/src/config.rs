@@ -2,7 +2,7 @@
 //! environment variables, then [`Config::validate`].
 //!
 //! Every key of the file can be overridden by an environment variable named
-//! after its path: `limits.provider_timeout_ms` is `LIENTHONG_LIMITS_PROVIDER_TIMEOUT_MS`,
+//! after its path: `relay.provider_timeout_ms` is `LIENTHONG_RELAY_PROVIDER_TIMEOUT_MS`,
 //! `listen` is `LIENTHONG_LISTEN`.
 
 use serde::{Deserialize, Serialize};

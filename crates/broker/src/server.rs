@@ -219,14 +219,20 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max))
-        .add_service(SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max))
+        .add_service(ToTheEnd(
+            AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max),
+        ))
+        .add_service(ToTheEnd(
+            SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max),
+        ))
         .add_service(Bounded::new(
-            ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
+            ToTheEnd(ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max)),
             config.limits.max_concurrent_exchanges,
             broker.metrics.exchanges_waiting.clone(),
         ))
-        .add_service(AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max));
+        .add_service(ToTheEnd(
+            AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max),
+        ));
 
     // The metrics listener outlives the gRPC one until the final tree head
     // is signed, so a scrape can watch the drain.
@@ -343,6 +349,55 @@ async fn bootstrap_admin(
     Ok(())
 }
 
+/// Runs every call of a service in its own task.
+///
+/// When a client hangs up (deadline, cancel, dropped connection), hyper drops
+/// the call's future wherever it stands: after the register answered but
+/// before the audit entry was written, or after an admin change was stored but
+/// before it was logged. In its own task the call goes on to its audited end
+/// and only the answer is thrown away. Inside [`Bounded`], so a call given up
+/// while still waiting for its turn never starts.
+#[derive(Clone)]
+struct ToTheEnd<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for ToTheEnd<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for ToTheEnd<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let call = tokio::spawn(self.0.call(request));
+        Box::pin(async move {
+            match call.await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::error!(error = %e, "a call ended without an answer");
+                    Ok(tonic::Status::internal(
+                        "the broker failed while handling this request; it is in the broker's log, retry later",
+                    )
+                    .into_http())
+                }
+            }
+        })
+    }
+}
+
 /// A service of which at most `limit` calls run at once across every
 /// connection; the rest wait for a turn in arrival order.
 ///
@@ -421,5 +476,54 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         self.inner.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower::Service;
+
+    type Answer = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
+
+    fn request() -> http::Request<tonic::body::Body> {
+        http::Request::new(tonic::body::Body::empty())
+    }
+
+    #[tokio::test]
+    async fn a_call_given_up_by_its_client_still_runs_to_its_end() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let flag = finished.clone();
+        let mut service = ToTheEnd(tower::service_fn(move |_: http::Request<tonic::body::Body>| {
+            let flag = flag.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                flag.store(true, Ordering::SeqCst);
+                Answer::Ok(http::Response::new(tonic::body::Body::empty()))
+            }
+        }));
+        let call = service.call(request());
+        // The client hangs up: hyper drops the call's future.
+        assert!(tokio::time::timeout(Duration::from_millis(5), call).await.is_err());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "the call went on after its client left"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_that_panics_is_answered_internal() {
+        let mut service = ToTheEnd(tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+            if true {
+                panic!("a bug in a handler");
+            }
+            Answer::Ok(http::Response::new(tonic::body::Body::empty()))
+        }));
+        let Ok(answer) = service.call(request()).await;
+        let status = tonic::Status::from_header_map(answer.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(status.message().contains("retry later"), "{}", status.message());
     }
 }
