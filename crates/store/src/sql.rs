@@ -144,12 +144,13 @@ pub(crate) struct SqlStore {
     /// shared pool on PostgreSQL.
     audit_writer: Pool,
     changes: broadcast::Sender<u64>,
-    listener: Option<JoinHandle<()>>,
+    /// PostgreSQL's change listener, SQLite's checkpointer.
+    background: Option<JoinHandle<()>>,
 }
 
 impl Drop for SqlStore {
     fn drop(&mut self) {
-        if let Some(task) = &self.listener {
+        if let Some(task) = &self.background {
             task.abort();
         }
     }
@@ -181,7 +182,10 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
             .synchronous(SqliteSynchronous::Full)
             // A multi-row audit batch keeps a statement journal; on disk that is a
             // temporary file created, written and unlinked for every large batch.
-            .pragma("temp_store", "memory");
+            .pragma("temp_store", "memory")
+            // The checkpoint normally runs in the background (`checkpoint_wal`);
+            // this is only the bound on the WAL should it fall behind.
+            .pragma("wal_autocheckpoint", WAL_MAX_PAGES);
         (
             connect,
             SqlitePoolOptions::new()
@@ -217,13 +221,41 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
             .await
             .map_err(db_err)?
     };
+    let checkpointer = (path != ":memory:").then(|| tokio::spawn(checkpoint_wal(pool.clone())));
     let (changes, _) = broadcast::channel(64);
     Ok(Arc::new(SqlStore {
         pool: Pool::Sqlite(pool),
         audit_writer: Pool::Sqlite(writer),
         changes,
-        listener: None,
+        background: checkpointer,
     }))
+}
+
+/// WAL pages (4 KiB each) after which a committing connection checkpoints
+/// the WAL itself: a bound for when the background checkpointer falls behind.
+const WAL_MAX_PAGES: &str = "16000";
+/// How often the background checkpointer copies the WAL into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Copies the WAL into the database file every [`CHECKPOINT_EVERY`], on a
+/// pool connection.
+///
+/// With SQLite's default, the commit that takes the WAL past 1,000 pages runs
+/// the checkpoint itself: that audit commit, and every lookup waiting for it,
+/// also waits for a few milliseconds of copying and two `fsync`s, and under
+/// load the hot B-tree pages are copied again every thousand pages. A passive
+/// checkpoint never blocks the writer; the writer restarts the WAL from its
+/// start once a checkpoint has caught up, so the file stays bounded.
+async fn checkpoint_wal(pool: SqlitePool) {
+    let mut ticker = tokio::time::interval(CHECKPOINT_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            // Harmless: the next tick, or the writer past WAL_MAX_PAGES, catches up.
+            tracing::debug!(error = %db_err(e), "background WAL checkpoint failed");
+        }
+    }
 }
 
 pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
@@ -253,7 +285,7 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         audit_writer: Pool::Postgres(pool.clone()),
         pool: Pool::Postgres(pool),
         changes,
-        listener: Some(listener),
+        background: Some(listener),
     }))
 }
 

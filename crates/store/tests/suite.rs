@@ -750,6 +750,45 @@ async fn sqlite_file_is_in_wal_mode_and_reopens_with_its_data() {
     assert_eq!(mode, "wal");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_wal_is_copied_back_in_the_background_and_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let wal = dir.path().join("db.sqlite-wal");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let store = open(&options(&path.display().to_string())).await.unwrap();
+    with_log(&store, "log-a", 0).await;
+    let db_before = size(&path);
+    for batch in entries("log-a", 0..1_500).chunks(100) {
+        store.append_entries(batch).await.unwrap();
+    }
+    let wal_after_first = size(&wal);
+    // No commit came near the WAL's bound: only the background checkpoint
+    // puts the entries into the database file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while size(&path) < db_before + 100 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL was not copied back within 10 s (database {} bytes, WAL {} bytes)",
+            size(&path),
+            size(&wal)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the checkpoint finish its last pages, then write as much again:
+    // the WAL starts over from its beginning instead of growing.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for batch in entries("log-a", 1_500..3_000).chunks(100) {
+        store.append_entries(batch).await.unwrap();
+    }
+    assert!(
+        size(&wal) < wal_after_first + wal_after_first / 2,
+        "WAL grew from {wal_after_first} to {} bytes",
+        size(&wal)
+    );
+    assert_eq!(store.log_size("log-a").await.unwrap(), 3_000);
+}
+
 #[tokio::test]
 async fn sqlite_in_memory_store_works() {
     let store = open(&options("sqlite::memory:")).await.unwrap();
