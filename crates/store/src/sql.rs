@@ -376,6 +376,84 @@ fn plan_append(entries: &[StoredEntry]) -> Result<Vec<Run<'_>>> {
 }
 
 /// Why `UPDATE audit_logs ... WHERE size = first` matched nothing.
+/// Appends one log's run of entries on SQLite in a single call to the
+/// connection's worker thread.
+///
+/// Every lookup waits for its entry's commit, and at moderate rates a commit
+/// carries one or two entries: `BEGIN`, the size update, the insert and
+/// `COMMIT` as four calls cost four wake-ups of the worker thread and four of
+/// the appender. As one script it is one of each. The rows go in only if the
+/// log's size is where the run starts (the `WHERE` of each insert), and the
+/// size moves only then, so a refused run commits an empty transaction.
+async fn append_sqlite_in_one_call(
+    writer: &SqlitePool,
+    run: &Run<'_>,
+    (first, count): (i64, i64),
+    rows: &[(&StoredEntry, i64, i64)],
+) -> Result<()> {
+    let mut qb = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
+    for chunk in rows.chunks(ENTRY_ROWS_PER_INSERT) {
+        qb.push(format!(" INSERT INTO audit_entries ({ENTRY_COLUMNS}) SELECT * FROM ("));
+        qb.push_values(chunk, |mut b, (e, sequence, time_us)| {
+            b.push_bind(&e.log_id)
+                .push_bind(*sequence)
+                .push_bind(&e.leaf_hash[..])
+                .push_bind(&e.leaf)
+                .push_bind(*time_us)
+                .push_bind(e.kind.as_str())
+                .push_bind(&e.actor)
+                .push_bind(&e.provider)
+                .push_bind(&e.record_type)
+                .push_bind(&e.purpose)
+                .push_bind(e.outcome.as_str())
+                .push_bind(&e.subject_hash);
+        });
+        qb.push(") WHERE (SELECT size FROM audit_logs WHERE log_id = ")
+            .push_bind(run.log_id)
+            .push(") = ")
+            .push_bind(first)
+            .push(";");
+    }
+    qb.push(" UPDATE audit_logs SET size = size + ")
+        .push_bind(count)
+        .push(" WHERE log_id = ")
+        .push_bind(run.log_id)
+        .push(" AND size = ")
+        .push_bind(first)
+        .push(" RETURNING size; COMMIT;");
+    let mut conn = writer.acquire().await.map_err(db_err)?;
+    // Small batches (every commit at a moderate rate) reuse their prepared
+    // statements; large sizes vary with load and would fill the cache.
+    let moved = qb
+        .build_query_scalar::<i64>()
+        .persistent(rows.len() <= PREPARED_BATCH_SIZES)
+        .fetch_all(&mut *conn)
+        .await;
+    match moved {
+        Ok(moved) if !moved.is_empty() => Ok(()),
+        Ok(_) => {
+            let size = sqlx::query_scalar::<_, i64>("SELECT size FROM audit_logs WHERE log_id = $1")
+                .bind(run.log_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db_err)?;
+            Err(append_refused(run, size)?)
+        }
+        Err(e) => {
+            // The script stopped at the failing statement, possibly inside its
+            // transaction: end it, or retire the connection rather than hand
+            // back one with a transaction open.
+            if let Err(rollback) = sqlx::query("ROLLBACK").execute(&mut *conn).await
+                && !rollback.to_string().contains("no transaction is active")
+            {
+                tracing::warn!(error = %db_err(rollback), "audit writer connection retired after a failed rollback");
+                conn.close_on_drop();
+            }
+            Err(unique(|| "an entry of this batch".to_owned())(e))
+        }
+    }
+}
+
 fn append_refused(run: &Run<'_>, size: Option<i64>) -> Result<StoreError> {
     let Some(size) = size else {
         return Ok(StoreError::NotFound {
@@ -635,6 +713,9 @@ impl Store for SqlStore {
             .collect::<Result<Vec<_>>>()?;
         if rows.is_empty() {
             return Ok(());
+        }
+        if let (Pool::Sqlite(writer), [run]) = (&self.audit_writer, runs.as_slice()) {
+            return append_sqlite_in_one_call(writer, run, bounds[0], &rows).await;
         }
         on_audit_writer!(self, p => {
             let mut tx = begin_write(p).await?;

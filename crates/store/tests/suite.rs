@@ -790,6 +790,44 @@ async fn sqlite_wal_is_copied_back_in_the_background_and_reused() {
 }
 
 #[tokio::test]
+async fn sqlite_append_failing_inside_its_transaction_leaves_nothing_and_the_writer_works_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = open(&options(&path.display().to_string())).await.unwrap();
+    with_log(&store, "log-a", 0).await;
+    // A row the log's size does not account for (a damaged database): the
+    // size check passes, the insert then fails on the primary key.
+    use sqlx::Connection;
+    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO audit_entries (log_id, sequence, leaf_hash, leaf, time_us, kind, actor, provider, \
+         record_type, purpose, outcome, subject_hash) VALUES ('log-a', 1, x'00', '{}', 0, 'access', '', '', '', '', 'allowed', '')",
+    )
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    match store.append_entries(&entries("log-a", 0..3)).await {
+        Err(StoreError::AlreadyExists { .. }) => {}
+        other => panic!("append over a stray row: {other:?}"),
+    }
+    assert_eq!(store.log_size("log-a").await.unwrap(), 0);
+    let zero: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_entries WHERE sequence = 0")
+        .fetch_one(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(zero, 0, "entry 0 was rolled back with the rest");
+    sqlx::query("DELETE FROM audit_entries")
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    // The writer's connection is not left inside the failed transaction.
+    store.append_entries(&entries("log-a", 0..3)).await.unwrap();
+    assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+}
+
+#[tokio::test]
 async fn sqlite_in_memory_store_works() {
     let store = open(&options("sqlite::memory:")).await.unwrap();
     with_log(&store, "log-a", 3).await;
