@@ -259,3 +259,47 @@ async fn a_database_outage_fails_closed_and_traffic_resumes_without_restart() {
     assert!(ok, "{out}");
     fed.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_hangs_fails_lookups_after_the_commit_timeout_and_nothing_leaves() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    // Bare keys land in [audit] (see FederationOptions::extra_config). A long
+    // acquire timeout: a pool that checks a connection before lending it
+    // would otherwise give up first, but a query sent just before the hang
+    // waits with no pool timeout at all.
+    let (_dir, fed, _url) = pg_federation(
+        &cluster,
+        "commit_timeout_ms = 1000\n\n[limits]\ndatabase_acquire_timeout_ms = 60000\n",
+    )
+    .await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = lienthong_provider::demo::citizen_national_id(fed.options.seed, 5);
+    office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .expect("healthy first");
+
+    // The database host hangs: connections stay open, nothing answers.
+    cluster.freeze().unwrap();
+    // The consumer would wait far longer than the commit timeout: the broker
+    // answers first, and without the record.
+    let mut req = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
+    req.set_timeout(Duration::from_secs(15));
+    let during = office.exchange().lookup(req).await;
+    cluster.thaw().unwrap();
+    let err = during.expect_err("no record without a durable entry");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("no data was released"), "{}", err.message());
+
+    assert!(
+        eventually(Duration::from_secs(30), async || office
+            .exchange()
+            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+            .await
+            .is_ok())
+        .await,
+        "lookups succeed again once the database answers, without a restart"
+    );
+    fed.shutdown().await.unwrap();
+}

@@ -59,6 +59,12 @@ pub struct AuditConfig {
     pub max_batch: usize,
     /// Appends waiting for the writer before appenders are held back.
     pub queue: usize,
+    /// Longest an appender waits for its entry to be durable. Past it the
+    /// append fails (`Unavailable`), so nothing is released, and the caller's
+    /// task ends instead of piling up behind a database that hangs; the
+    /// entry may still be committed later (the log then records an access
+    /// that released nothing, never the reverse).
+    pub commit_timeout: Duration,
 }
 
 impl Default for AuditConfig {
@@ -67,6 +73,7 @@ impl Default for AuditConfig {
             sign_interval: Duration::from_secs(1),
             max_batch: 512,
             queue: 16_384,
+            commit_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -137,6 +144,7 @@ pub struct AuditLog {
     shared: Arc<Shared>,
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     closing: AtomicBool,
+    commit_timeout: Duration,
     last_signed: Mutex<Option<SignedTreeHead>>,
     sign_lock: tokio::sync::Mutex<()>,
     stop_signer: watch::Sender<bool>,
@@ -224,6 +232,7 @@ impl AuditLog {
             shared: Arc::clone(&shared),
             sender: Mutex::new(Some(sender)),
             closing: AtomicBool::new(false),
+            commit_timeout: config.commit_timeout,
             last_signed: Mutex::new(latest),
             sign_lock: tokio::sync::Mutex::new(()),
             stop_signer,
@@ -294,17 +303,29 @@ impl AuditLog {
             .collect::<Result<Vec<_>, _>>()?;
         let sender = lock(&self.sender).clone().ok_or(AuditError::ShuttingDown)?;
         let (reply, answer) = oneshot::channel();
-        if sender.send(Request { entries, reply }).await.is_err() {
-            // The writer stops early only if it died; outside shutdown that is an outage.
-            return Err(if self.closing.load(Ordering::Acquire) {
-                AuditError::ShuttingDown
-            } else {
-                AuditError::Unavailable("audit writer is not running".into())
-            });
+        let deadline = tokio::time::Instant::now() + self.commit_timeout;
+        let too_slow = || {
+            AuditError::Unavailable(format!(
+                "the audit log did not confirm the entry within {:?}: its database is slow or unreachable",
+                self.commit_timeout
+            ))
+        };
+        match tokio::time::timeout_at(deadline, sender.send(Request { entries, reply })).await {
+            Err(_) => return Err(too_slow()),
+            Ok(Err(_)) => {
+                // The writer stops early only if it died; outside shutdown that is an outage.
+                return Err(if self.closing.load(Ordering::Acquire) {
+                    AuditError::ShuttingDown
+                } else {
+                    AuditError::Unavailable("audit writer is not running".into())
+                });
+            }
+            Ok(Ok(())) => {}
         }
         drop(sender);
-        answer
+        tokio::time::timeout_at(deadline, answer)
             .await
+            .map_err(|_| too_slow())?
             .map_err(|_| AuditError::Unavailable("audit writer stopped before answering".into()))?
     }
 

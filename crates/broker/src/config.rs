@@ -151,6 +151,9 @@ pub struct AuditSection {
     pub sign_interval_ms: u64,
     /// Most entries per group commit.
     pub max_batch: usize,
+    /// Longest a lookup waits for its audit entry to be durable before it
+    /// fails with `UNAVAILABLE` (a database that hangs rather than refuses).
+    pub commit_timeout_ms: u64,
 }
 
 /// Observability.
@@ -250,6 +253,7 @@ impl Default for AuditSection {
         AuditSection {
             sign_interval_ms: 1_000,
             max_batch: 512,
+            commit_timeout_ms: 10_000,
         }
     }
 }
@@ -395,6 +399,7 @@ impl Config {
             ("relay.breaker_failures", self.relay.breaker_failures as u64),
             ("audit.sign_interval_ms", self.audit.sign_interval_ms),
             ("audit.max_batch", self.audit.max_batch as u64),
+            ("audit.commit_timeout_ms", self.audit.commit_timeout_ms),
             (
                 "tls.max_concurrent_handshakes",
                 self.tls.max_concurrent_handshakes as u64,

@@ -153,6 +153,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         AuditConfig {
             sign_interval: Duration::from_millis(config.audit.sign_interval_ms),
             max_batch: config.audit.max_batch,
+            commit_timeout: Duration::from_millis(config.audit.commit_timeout_ms),
             ..AuditConfig::default()
         },
     )
@@ -226,7 +227,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max),
         ))
         .add_service(Bounded::new(
-            ToTheEnd(ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max)),
+            ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
             config.limits.max_concurrent_exchanges,
             broker.metrics.exchanges_waiting.clone(),
         ))
@@ -349,14 +350,43 @@ async fn bootstrap_admin(
     Ok(())
 }
 
-/// Runs every call of a service in its own task.
+type HttpRequest = http::Request<tonic::body::Body>;
+type HttpResponse = http::Response<tonic::body::Body>;
+type Answer = futures::future::BoxFuture<'static, Result<HttpResponse, std::convert::Infallible>>;
+
+/// Runs a call in a task of its own, holding `keep` until the call ends.
 ///
 /// When a client hangs up (deadline, cancel, dropped connection), hyper drops
 /// the call's future wherever it stands: after the register answered but
 /// before the audit entry was written, or after an admin change was stored but
 /// before it was logged. In its own task the call goes on to its audited end
-/// and only the answer is thrown away. Inside [`Bounded`], so a call given up
-/// while still waiting for its turn never starts.
+/// and only the answer is thrown away. A handler that panics is answered
+/// `INTERNAL`.
+fn to_the_end<F, K>(call: F, keep: K) -> Answer
+where
+    F: std::future::Future<Output = Result<HttpResponse, std::convert::Infallible>> + Send + 'static,
+    K: Send + 'static,
+{
+    let call = tokio::spawn(async move {
+        let answer = call.await;
+        drop(keep);
+        answer
+    });
+    Box::pin(async move {
+        match call.await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::error!(error = %e, "a call ended without an answer");
+                Ok(tonic::Status::internal(
+                    "the broker failed while handling this request; it is in the broker's log, retry later",
+                )
+                .into_http())
+            }
+        }
+    })
+}
+
+/// A service whose every call runs to its end (see [`to_the_end`]).
 #[derive(Clone)]
 struct ToTheEnd<S>(S);
 
@@ -364,42 +394,29 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for ToTheEnd<S>
     const NAME: &'static str = S::NAME;
 }
 
-impl<S> tower::Service<http::Request<tonic::body::Body>> for ToTheEnd<S>
+impl<S> tower::Service<HttpRequest> for ToTheEnd<S>
 where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        >,
+    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>,
     S::Future: Send + 'static,
 {
-    type Response = http::Response<tonic::body::Body>;
+    type Response = HttpResponse;
     type Error = std::convert::Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = Answer;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let call = tokio::spawn(self.0.call(request));
-        Box::pin(async move {
-            match call.await {
-                Ok(answer) => answer,
-                Err(e) => {
-                    tracing::error!(error = %e, "a call ended without an answer");
-                    Ok(tonic::Status::internal(
-                        "the broker failed while handling this request; it is in the broker's log, retry later",
-                    )
-                    .into_http())
-                }
-            }
-        })
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        to_the_end(self.0.call(request), ())
     }
 }
 
 /// A service of which at most `limit` calls run at once across every
-/// connection; the rest wait for a turn in arrival order.
+/// connection; the rest wait for a turn in arrival order. Each call runs to
+/// its end (see [`to_the_end`]) and keeps its turn until then, even when its
+/// client has gone, so calls given up on still count against the limit
+/// while they finish; a call given up while still waiting never starts.
 ///
 /// A waiting call holds its HTTP/2 stream and nothing else, while a running
 /// lookup holds its future, the relay call and its buffers: under a burst of
@@ -407,7 +424,10 @@ where
 /// limit needs, with the same throughput. Only the exchange is bounded so
 /// health checks, admin and audit calls are answered under load.
 struct Bounded<S> {
-    inner: tower::limit::ConcurrencyLimit<S>,
+    inner: S,
+    turns: tokio_util::sync::PollSemaphore,
+    /// The turn taken in `poll_ready`, handed to the call.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Calls waiting for a turn, for `lienthong_exchanges_waiting`.
     waiting: prometheus_client::metrics::gauge::Gauge,
     /// Whether this call is counted in `waiting` (the router clones the
@@ -417,9 +437,10 @@ struct Bounded<S> {
 
 impl<S> Bounded<S> {
     fn new(service: S, limit: usize, waiting: prometheus_client::metrics::gauge::Gauge) -> Self {
-        let semaphore = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
         Bounded {
-            inner: tower::limit::ConcurrencyLimit::with_semaphore(service, semaphore),
+            inner: service,
+            turns: tokio_util::sync::PollSemaphore::new(Arc::new(tokio::sync::Semaphore::new(limit.max(1)))),
+            turn: None,
             waiting,
             counted: false,
         }
@@ -436,6 +457,8 @@ impl<S: Clone> Clone for Bounded<S> {
     fn clone(&self) -> Self {
         Bounded {
             inner: self.inner.clone(),
+            turns: self.turns.clone(),
+            turn: None,
             waiting: self.waiting.clone(),
             counted: false,
         }
@@ -453,29 +476,36 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for Bounded<S> 
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, R> tower::Service<R> for Bounded<S>
+impl<S> tower::Service<HttpRequest> for Bounded<S>
 where
-    S: tower::Service<R>,
+    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = tower::limit::concurrency::future::ResponseFuture<S::Future>;
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = Answer;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        let ready = self.inner.poll_ready(cx);
-        if ready.is_pending() {
-            if !self.counted {
-                self.counted = true;
-                self.waiting.inc();
+        if self.turn.is_none() {
+            match self.turns.poll_acquire(cx) {
+                std::task::Poll::Pending => {
+                    if !self.counted {
+                        self.counted = true;
+                        self.waiting.inc();
+                    }
+                    return std::task::Poll::Pending;
+                }
+                // `None` only for a closed semaphore, which this one never is.
+                std::task::Poll::Ready(turn) => self.turn = turn,
             }
-        } else {
-            self.stop_waiting();
         }
-        ready
+        self.stop_waiting();
+        self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: R) -> Self::Future {
-        self.inner.call(request)
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        let turn = self.turn.take();
+        to_the_end(self.inner.call(request), turn)
     }
 }
 
@@ -485,7 +515,7 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tower::Service;
 
-    type Answer = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
+    type Outcome = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
 
     fn request() -> http::Request<tonic::body::Body> {
         http::Request::new(tonic::body::Body::empty())
@@ -500,7 +530,7 @@ mod tests {
             async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 flag.store(true, Ordering::SeqCst);
-                Answer::Ok(http::Response::new(tonic::body::Body::empty()))
+                Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
             }
         }));
         let call = service.call(request());
@@ -514,12 +544,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_call_given_up_keeps_its_turn_until_it_ends() {
+        let waiting = prometheus_client::metrics::gauge::Gauge::default();
+        let finished = Arc::new(AtomicBool::new(false));
+        let flag = finished.clone();
+        let slow = tower::service_fn(move |_: http::Request<tonic::body::Body>| {
+            let flag = flag.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                flag.store(true, Ordering::SeqCst);
+                Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
+            }
+        });
+        let mut first = Bounded::new(slow, 1, waiting.clone());
+        let mut second = first.clone();
+        std::future::poll_fn(|cx| first.poll_ready(cx)).await.unwrap();
+        let call = first.call(request());
+        assert!(tokio::time::timeout(Duration::from_millis(5), call).await.is_err());
+        // Its client is gone, but the call still runs and holds the only turn.
+        let early = tokio::time::timeout(
+            Duration::from_millis(50),
+            std::future::poll_fn(|cx| second.poll_ready(cx)),
+        )
+        .await;
+        assert!(early.is_err(), "a second call got a turn while the first was running");
+        assert_eq!(waiting.get(), 1);
+        std::future::poll_fn(|cx| second.poll_ready(cx)).await.unwrap();
+        assert!(
+            finished.load(Ordering::SeqCst),
+            "the turn came back when the first call ended"
+        );
+        assert_eq!(waiting.get(), 0);
+    }
+
+    #[tokio::test]
     async fn a_call_that_panics_is_answered_internal() {
         let mut service = ToTheEnd(tower::service_fn(|_: http::Request<tonic::body::Body>| async {
             if true {
                 panic!("a bug in a handler");
             }
-            Answer::Ok(http::Response::new(tonic::body::Body::empty()))
+            Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
         }));
         let Ok(answer) = service.call(request()).await;
         let status = tonic::Status::from_header_map(answer.headers()).expect("a gRPC status");

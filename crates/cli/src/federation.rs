@@ -75,6 +75,7 @@ pub struct FederationOptions {
     /// Prometheus listener, if any.
     pub metrics_listen: Option<String>,
     /// Extra TOML appended to the broker config (tests tune timeouts with it).
+    /// It follows the `[audit]` table: bare keys before any header are audit settings.
     pub extra_config: String,
 }
 
@@ -212,10 +213,11 @@ pub fn write_config(opts: &FederationOptions, certs: &Path, data_dir: &Path) -> 
         certs.join("broker.pem").display().to_string(),
         certs.join("broker.key").display().to_string()
     ));
-    text.push_str("\n[audit]\nsign_interval_ms = 200\n");
     if let Some(m) = &opts.metrics_listen {
         text.push_str(&format!("\n[telemetry]\nmetrics_listen = {m:?}\n"));
     }
+    // Last, so that bare keys at the start of `extra_config` land in it.
+    text.push_str("\n[audit]\nsign_interval_ms = 200\n");
     text.push_str(&opts.extra_config);
     let path = opts.dir.join("broker.toml");
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;

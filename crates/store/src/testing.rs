@@ -126,6 +126,46 @@ impl PgCluster {
         self.pg_ctl_start()
     }
 
+    /// Freezes the server and every backend (`SIGSTOP`): connections stay
+    /// open and queries go unanswered, as with a database host that hangs.
+    pub fn freeze(&self) -> io::Result<()> {
+        self.signal_all("STOP")
+    }
+
+    /// Lets a [`PgCluster::freeze`]d server run again (`SIGCONT`).
+    pub fn thaw(&self) -> io::Result<()> {
+        self.signal_all("CONT")
+    }
+
+    /// Sends `signal` to the postmaster and each of its children.
+    fn signal_all(&self, signal: &str) -> io::Result<()> {
+        let pid_file = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))?;
+        let postmaster = pid_file
+            .lines()
+            .next()
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| io::Error::other("postmaster.pid names no process"))?
+            .to_owned();
+        let mut pids = vec![postmaster.clone()];
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if ppid == Some(postmaster.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        // The shell's builtin `kill`: no procps needed on a minimal machine.
+        let out = Command::new("sh")
+            .args(["-c", &format!("kill -{signal} \"$@\""), "kill"])
+            .args(&pids)
+            .output()?;
+        check(&out, "kill")
+    }
+
     fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
