@@ -128,19 +128,49 @@ async fn criminal_record_still_served(office: &lienthong_cli::client::Clients, s
         .expect("the other register keeps being served");
 }
 
-#[tokio::test]
-async fn provider_faults_get_their_documented_status_and_are_audited() {
+/// A federation whose civil-status register is a [`Faulty`] one (healthy
+/// until told otherwise), and the judicial office's client.
+struct FaultyRegister {
+    _dir: tempfile::TempDir,
+    fed: Federation,
+    office: lienthong_cli::client::Clients,
+    subject: String,
+    faulty: Faulty,
+    server: testing::ServerHandle,
+}
+
+async fn with_faulty_register(extra_config: &str, citizen: u32) -> FaultyRegister {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = FederationOptions::new(dir.path());
-    opts.extra_config = "\n[relay]\nbreaker_failures = 1000\n".into();
+    opts.extra_config = extra_config.into();
     let fed = Federation::start(opts).await.unwrap();
     let office = client(&fed, JUDICIAL_OFFICE).await;
-    let subject = citizen_id(&fed, 77);
+    let subject = citizen_id(&fed, citizen);
     let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
     let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
         .await
         .unwrap();
     replace_civil_endpoint(&fed, &server.url()).await;
+    FaultyRegister {
+        _dir: dir,
+        fed,
+        office,
+        subject,
+        faulty,
+        server,
+    }
+}
+
+#[tokio::test]
+async fn provider_faults_get_their_documented_status_and_are_audited() {
+    let FaultyRegister {
+        _dir,
+        fed,
+        office,
+        subject,
+        faulty,
+        server,
+    } = with_faulty_register("\n[relay]\nbreaker_failures = 1000\n", 77).await;
     office
         .exchange()
         .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
@@ -251,17 +281,14 @@ async fn hang_up_once_the_register_has_it(office: &lienthong_cli::client::Client
 
 #[tokio::test]
 async fn a_consumer_hanging_up_mid_call_is_still_audited() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = FederationOptions::new(dir.path());
-    opts.extra_config = "\n[relay]\nprovider_timeout_ms = 1500\n".into();
-    let fed = Federation::start(opts).await.unwrap();
-    let office = client(&fed, JUDICIAL_OFFICE).await;
-    let subject = citizen_id(&fed, 79);
-    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
-    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
-        .await
-        .unwrap();
-    replace_civil_endpoint(&fed, &server.url()).await;
+    let FaultyRegister {
+        _dir,
+        fed,
+        office,
+        subject,
+        faulty,
+        server,
+    } = with_faulty_register("\n[relay]\nprovider_timeout_ms = 1500\n", 79).await;
     office
         .exchange()
         .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
@@ -302,17 +329,18 @@ async fn a_consumer_hanging_up_mid_call_is_still_audited() {
 
 #[tokio::test]
 async fn the_circuit_breaker_opens_and_closes_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut opts = FederationOptions::new(dir.path());
-    opts.extra_config = "\n[relay]\nbreaker_failures = 3\nbreaker_open_ms = 400\nmax_retries = 0\n".into();
-    let fed = Federation::start(opts).await.unwrap();
-    let office = client(&fed, JUDICIAL_OFFICE).await;
-    let subject = citizen_id(&fed, 78);
-    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
-    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
-        .await
-        .unwrap();
-    replace_civil_endpoint(&fed, &server.url()).await;
+    let FaultyRegister {
+        _dir,
+        fed,
+        office,
+        subject,
+        faulty,
+        server,
+    } = with_faulty_register(
+        "\n[relay]\nbreaker_failures = 3\nbreaker_open_ms = 400\nmax_retries = 0\n",
+        78,
+    )
+    .await;
 
     faulty.set_mode(FaultMode::Unavailable);
     for _ in 0..3 {

@@ -220,18 +220,18 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(ToTheEnd(
+        .add_service(ToTheEnd::new(
             AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max),
         ))
-        .add_service(ToTheEnd(
+        .add_service(ToTheEnd::new(
             SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max),
         ))
-        .add_service(Bounded::new(
+        .add_service(ToTheEnd::bounded(
             ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
             config.limits.max_concurrent_exchanges,
             broker.metrics.exchanges_waiting.clone(),
         ))
-        .add_service(ToTheEnd(
+        .add_service(ToTheEnd::new(
             AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max),
         ));
 
@@ -386,9 +386,78 @@ where
     })
 }
 
-/// A service whose every call runs to its end (see [`to_the_end`]).
+/// A service whose every call runs to its end (see [`to_the_end`]), and
+/// optionally of which at most `limit` calls run at once across every
+/// connection, the rest waiting for a turn in arrival order.
+///
+/// A call keeps its turn until it ends, even when its client has gone, so
+/// calls given up on still count against the limit while they finish; a call
+/// given up while still waiting never starts. A waiting call holds its HTTP/2
+/// stream and nothing else, while a running lookup holds its future, the relay
+/// call and its buffers: under a burst of a thousand lookups on a CPU-bound
+/// broker the limit keeps memory near what it needs, with the same
+/// throughput. Only the exchange is limited so health checks, admin and audit
+/// calls are answered under load.
+struct ToTheEnd<S> {
+    inner: S,
+    limit: Option<Limit>,
+    /// The turn taken in `poll_ready`, handed to the call.
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Whether this call is counted as waiting (the router clones the
+    /// service for every call, so the flag is per call).
+    counted: bool,
+}
+
 #[derive(Clone)]
-struct ToTheEnd<S>(S);
+struct Limit {
+    turns: tokio_util::sync::PollSemaphore,
+    /// Calls waiting for a turn, for `lienthong_exchanges_waiting`.
+    waiting: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl<S> ToTheEnd<S> {
+    fn new(service: S) -> Self {
+        ToTheEnd {
+            inner: service,
+            limit: None,
+            turn: None,
+            counted: false,
+        }
+    }
+
+    fn bounded(service: S, limit: usize, waiting: prometheus_client::metrics::gauge::Gauge) -> Self {
+        let turns = tokio_util::sync::PollSemaphore::new(Arc::new(tokio::sync::Semaphore::new(limit.max(1))));
+        let mut bounded = ToTheEnd::new(service);
+        bounded.limit = Some(Limit { turns, waiting });
+        bounded
+    }
+
+    fn stop_waiting(&mut self) {
+        if std::mem::take(&mut self.counted)
+            && let Some(limit) = &self.limit
+        {
+            limit.waiting.dec();
+        }
+    }
+}
+
+impl<S: Clone> Clone for ToTheEnd<S> {
+    fn clone(&self) -> Self {
+        ToTheEnd {
+            inner: self.inner.clone(),
+            limit: self.limit.clone(),
+            turn: None,
+            counted: false,
+        }
+    }
+}
+
+impl<S> Drop for ToTheEnd<S> {
+    fn drop(&mut self) {
+        // A call abandoned while waiting (cancelled, deadline) stops counting.
+        self.stop_waiting();
+    }
+}
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for ToTheEnd<S> {
     const NAME: &'static str = S::NAME;
@@ -404,94 +473,14 @@ where
     type Future = Answer;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: HttpRequest) -> Self::Future {
-        to_the_end(self.0.call(request), ())
-    }
-}
-
-/// A service of which at most `limit` calls run at once across every
-/// connection; the rest wait for a turn in arrival order. Each call runs to
-/// its end (see [`to_the_end`]) and keeps its turn until then, even when its
-/// client has gone, so calls given up on still count against the limit
-/// while they finish; a call given up while still waiting never starts.
-///
-/// A waiting call holds its HTTP/2 stream and nothing else, while a running
-/// lookup holds its future, the relay call and its buffers: under a burst of
-/// a thousand lookups on a CPU-bound broker this keeps memory near what the
-/// limit needs, with the same throughput. Only the exchange is bounded so
-/// health checks, admin and audit calls are answered under load.
-struct Bounded<S> {
-    inner: S,
-    turns: tokio_util::sync::PollSemaphore,
-    /// The turn taken in `poll_ready`, handed to the call.
-    turn: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Calls waiting for a turn, for `lienthong_exchanges_waiting`.
-    waiting: prometheus_client::metrics::gauge::Gauge,
-    /// Whether this call is counted in `waiting` (the router clones the
-    /// service for every call, so the flag is per call).
-    counted: bool,
-}
-
-impl<S> Bounded<S> {
-    fn new(service: S, limit: usize, waiting: prometheus_client::metrics::gauge::Gauge) -> Self {
-        Bounded {
-            inner: service,
-            turns: tokio_util::sync::PollSemaphore::new(Arc::new(tokio::sync::Semaphore::new(limit.max(1)))),
-            turn: None,
-            waiting,
-            counted: false,
-        }
-    }
-
-    fn stop_waiting(&mut self) {
-        if std::mem::take(&mut self.counted) {
-            self.waiting.dec();
-        }
-    }
-}
-
-impl<S: Clone> Clone for Bounded<S> {
-    fn clone(&self) -> Self {
-        Bounded {
-            inner: self.inner.clone(),
-            turns: self.turns.clone(),
-            turn: None,
-            waiting: self.waiting.clone(),
-            counted: false,
-        }
-    }
-}
-
-impl<S> Drop for Bounded<S> {
-    fn drop(&mut self) {
-        // A call abandoned while waiting (cancelled, deadline) stops counting.
-        self.stop_waiting();
-    }
-}
-
-impl<S: tonic::server::NamedService> tonic::server::NamedService for Bounded<S> {
-    const NAME: &'static str = S::NAME;
-}
-
-impl<S> tower::Service<HttpRequest> for Bounded<S>
-where
-    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>,
-    S::Future: Send + 'static,
-{
-    type Response = HttpResponse;
-    type Error = std::convert::Infallible;
-    type Future = Answer;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        if self.turn.is_none() {
-            match self.turns.poll_acquire(cx) {
+        if let Some(limit) = &mut self.limit
+            && self.turn.is_none()
+        {
+            match limit.turns.poll_acquire(cx) {
                 std::task::Poll::Pending => {
                     if !self.counted {
                         self.counted = true;
-                        self.waiting.inc();
+                        limit.waiting.inc();
                     }
                     return std::task::Poll::Pending;
                 }
@@ -525,7 +514,7 @@ mod tests {
     async fn a_call_given_up_by_its_client_still_runs_to_its_end() {
         let finished = Arc::new(AtomicBool::new(false));
         let flag = finished.clone();
-        let mut service = ToTheEnd(tower::service_fn(move |_: http::Request<tonic::body::Body>| {
+        let mut service = ToTheEnd::new(tower::service_fn(move |_: http::Request<tonic::body::Body>| {
             let flag = flag.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -556,7 +545,7 @@ mod tests {
                 Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
             }
         });
-        let mut first = Bounded::new(slow, 1, waiting.clone());
+        let mut first = ToTheEnd::bounded(slow, 1, waiting.clone());
         let mut second = first.clone();
         std::future::poll_fn(|cx| first.poll_ready(cx)).await.unwrap();
         let call = first.call(request());
@@ -579,7 +568,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_that_panics_is_answered_internal() {
-        let mut service = ToTheEnd(tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+        let mut service = ToTheEnd::new(tower::service_fn(|_: http::Request<tonic::body::Body>| async {
             if true {
                 panic!("a bug in a handler");
             }
