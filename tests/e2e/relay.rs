@@ -492,3 +492,63 @@ async fn exchanges_beyond_the_limit_wait_their_turn_and_health_still_answers() {
     server.shutdown().await;
     fed.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn shutdown_waits_for_a_call_whose_consumer_left_and_signs_over_its_entry() {
+    use lienthong_core::audit::{EntryKind, Outcome};
+    let FaultyRegister {
+        _dir,
+        fed,
+        office,
+        subject,
+        faulty,
+        server,
+    } = with_faulty_register("", 80).await;
+    office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .expect("healthy first");
+    faulty.set_mode(FaultMode::Sleep(Duration::from_millis(700)));
+    hang_up_once_the_register_has_it(&office, &faulty, &subject).await;
+    // Shut down at once: the consumer has gone, its call has not ended yet.
+    let database = fed.dir.join("broker-data").join("lienthong.db");
+    fed.shutdown().await.unwrap();
+    server.shutdown().await;
+
+    let store = lienthong_store::open(&lienthong_store::StoreOptions {
+        url: format!("sqlite://{}", database.display()),
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(5),
+    })
+    .await
+    .unwrap();
+    let logs = store.list_logs().await.unwrap();
+    assert_eq!(logs.len(), 1);
+    let log_id = &logs[0].log_id;
+    let accesses = store
+        .query_entries(&lienthong_store::EntryQuery {
+            log_id: log_id.clone(),
+            actor: Some(JUDICIAL_OFFICE.into()),
+            kind: Some(EntryKind::Access),
+            outcome: Some(Outcome::Allowed),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        accesses.len(),
+        2,
+        "the first lookup and the one whose consumer left are logged"
+    );
+    let head = store
+        .latest_tree_head(log_id)
+        .await
+        .unwrap()
+        .expect("a final tree head");
+    assert_eq!(
+        head.tree_size,
+        store.log_size(log_id).await.unwrap(),
+        "the final tree head covers every entry"
+    );
+}

@@ -210,6 +210,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
 
     let max = config.limits.max_message_bytes;
+    let calls = TaskTracker::new();
     let router = tonic::transport::Server::builder()
         // h2 closes a connection whose peer has more small DATA frames unread
         // than half the connection window allows (ENHANCE_YOUR_CALM); with the
@@ -222,17 +223,21 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .add_service(reflection_alpha)
         .add_service(ToTheEnd::new(
             AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max),
+            &calls,
         ))
         .add_service(ToTheEnd::new(
             SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max),
+            &calls,
         ))
         .add_service(ToTheEnd::bounded(
             ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
+            &calls,
             config.limits.max_concurrent_exchanges,
             broker.metrics.exchanges_waiting.clone(),
         ))
         .add_service(ToTheEnd::new(
             AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max),
+            &calls,
         ));
 
     // The metrics listener outlives the gRPC one until the final tree head
@@ -274,9 +279,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             r = &mut serve => Some(r),
             _ = stop_rx => None,
         };
+        let grace_ends = tokio::time::Instant::now() + grace;
         let result = match served {
             Some(r) => r,
-            None => match tokio::time::timeout(grace, &mut serve).await {
+            None => match tokio::time::timeout_at(grace_ends, &mut serve).await {
                 Ok(r) => r,
                 Err(_) => {
                     tracing::warn!(
@@ -287,6 +293,15 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
                 }
             },
         };
+        // Connections are closed; calls whose client left earlier may still be
+        // running towards their audit entry, which the final head should cover.
+        calls.close();
+        if tokio::time::timeout_at(grace_ends, calls.wait()).await.is_err() {
+            tracing::warn!(
+                running = calls.len(),
+                "grace period over; calls whose client left are abandoned before their end"
+            );
+        }
         watcher.abort();
         let head = task_broker.audit.shutdown().await;
         if let Some(stop) = metrics_stop {
@@ -354,6 +369,10 @@ type HttpRequest = http::Request<tonic::body::Body>;
 type HttpResponse = http::Response<tonic::body::Body>;
 type Answer = futures::future::BoxFuture<'static, Result<HttpResponse, std::convert::Infallible>>;
 
+/// The tasks of calls under way; shutdown waits for them (within the grace
+/// period) before the final tree head, including calls whose client left.
+type TaskTracker = tokio_util::task::TaskTracker;
+
 /// Runs a call in a task of its own, holding `keep` until the call ends.
 ///
 /// When a client hangs up (deadline, cancel, dropped connection), hyper drops
@@ -362,12 +381,12 @@ type Answer = futures::future::BoxFuture<'static, Result<HttpResponse, std::conv
 /// before it was logged. In its own task the call goes on to its audited end
 /// and only the answer is thrown away. A handler that panics is answered
 /// `INTERNAL`.
-fn to_the_end<F, K>(call: F, keep: K) -> Answer
+fn to_the_end<F, K>(tracker: &TaskTracker, call: F, keep: K) -> Answer
 where
     F: std::future::Future<Output = Result<HttpResponse, std::convert::Infallible>> + Send + 'static,
     K: Send + 'static,
 {
-    let call = tokio::spawn(async move {
+    let call = tracker.spawn(async move {
         let answer = call.await;
         drop(keep);
         answer
@@ -400,6 +419,7 @@ where
 /// calls are answered under load.
 struct ToTheEnd<S> {
     inner: S,
+    tracker: TaskTracker,
     limit: Option<Limit>,
     /// The turn taken in `poll_ready`, handed to the call.
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -416,18 +436,24 @@ struct Limit {
 }
 
 impl<S> ToTheEnd<S> {
-    fn new(service: S) -> Self {
+    fn new(service: S, tracker: &TaskTracker) -> Self {
         ToTheEnd {
             inner: service,
+            tracker: tracker.clone(),
             limit: None,
             turn: None,
             counted: false,
         }
     }
 
-    fn bounded(service: S, limit: usize, waiting: prometheus_client::metrics::gauge::Gauge) -> Self {
+    fn bounded(
+        service: S,
+        tracker: &TaskTracker,
+        limit: usize,
+        waiting: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         let turns = tokio_util::sync::PollSemaphore::new(Arc::new(tokio::sync::Semaphore::new(limit.max(1))));
-        let mut bounded = ToTheEnd::new(service);
+        let mut bounded = ToTheEnd::new(service, tracker);
         bounded.limit = Some(Limit { turns, waiting });
         bounded
     }
@@ -445,6 +471,7 @@ impl<S: Clone> Clone for ToTheEnd<S> {
     fn clone(&self) -> Self {
         ToTheEnd {
             inner: self.inner.clone(),
+            tracker: self.tracker.clone(),
             limit: self.limit.clone(),
             turn: None,
             counted: false,
@@ -494,7 +521,7 @@ where
 
     fn call(&mut self, request: HttpRequest) -> Self::Future {
         let turn = self.turn.take();
-        to_the_end(self.inner.call(request), turn)
+        to_the_end(&self.tracker, self.inner.call(request), turn)
     }
 }
 
@@ -514,14 +541,17 @@ mod tests {
     async fn a_call_given_up_by_its_client_still_runs_to_its_end() {
         let finished = Arc::new(AtomicBool::new(false));
         let flag = finished.clone();
-        let mut service = ToTheEnd::new(tower::service_fn(move |_: http::Request<tonic::body::Body>| {
-            let flag = flag.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                flag.store(true, Ordering::SeqCst);
-                Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
-            }
-        }));
+        let mut service = ToTheEnd::new(
+            tower::service_fn(move |_: http::Request<tonic::body::Body>| {
+                let flag = flag.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    flag.store(true, Ordering::SeqCst);
+                    Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
+                }
+            }),
+            &TaskTracker::new(),
+        );
         let call = service.call(request());
         // The client hangs up: hyper drops the call's future.
         assert!(tokio::time::timeout(Duration::from_millis(5), call).await.is_err());
@@ -545,7 +575,7 @@ mod tests {
                 Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
             }
         });
-        let mut first = ToTheEnd::bounded(slow, 1, waiting.clone());
+        let mut first = ToTheEnd::bounded(slow, &TaskTracker::new(), 1, waiting.clone());
         let mut second = first.clone();
         std::future::poll_fn(|cx| first.poll_ready(cx)).await.unwrap();
         let call = first.call(request());
@@ -568,12 +598,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_that_panics_is_answered_internal() {
-        let mut service = ToTheEnd::new(tower::service_fn(|_: http::Request<tonic::body::Body>| async {
-            if true {
-                panic!("a bug in a handler");
-            }
-            Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
-        }));
+        let mut service = ToTheEnd::new(
+            tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+                if true {
+                    panic!("a bug in a handler");
+                }
+                Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
+            }),
+            &TaskTracker::new(),
+        );
         let Ok(answer) = service.call(request()).await;
         let status = tonic::Status::from_header_map(answer.headers()).expect("a gRPC status");
         assert_eq!(status.code(), tonic::Code::Internal);
