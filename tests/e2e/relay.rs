@@ -128,18 +128,20 @@ async fn criminal_record_still_served(office: &lienthong_cli::client::Clients, s
         .expect("the other register keeps being served");
 }
 
-/// A federation whose civil-status register is a [`Faulty`] one (healthy
-/// until told otherwise), and the judicial office's client.
-struct FaultyRegister {
-    _dir: tempfile::TempDir,
-    fed: Federation,
-    office: lienthong_cli::client::Clients,
-    subject: String,
-    faulty: Faulty,
-    server: testing::ServerHandle,
-}
-
-async fn with_faulty_register(extra_config: &str, citizen: u32) -> FaultyRegister {
+/// A federation whose civil-status register is a [`Faulty`] one, the
+/// judicial office's client, a citizen, and one healthy lookup done through
+/// the faulty register: `(dir, federation, office, subject, faulty, server)`.
+async fn with_faulty_register(
+    extra_config: &str,
+    citizen: u32,
+) -> (
+    tempfile::TempDir,
+    Federation,
+    lienthong_cli::client::Clients,
+    String,
+    Faulty,
+    testing::ServerHandle,
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = FederationOptions::new(dir.path());
     opts.extra_config = extra_config.into();
@@ -151,31 +153,18 @@ async fn with_faulty_register(extra_config: &str, citizen: u32) -> FaultyRegiste
         .await
         .unwrap();
     replace_civil_endpoint(&fed, &server.url()).await;
-    FaultyRegister {
-        _dir: dir,
-        fed,
-        office,
-        subject,
-        faulty,
-        server,
-    }
-}
-
-#[tokio::test]
-async fn provider_faults_get_their_documented_status_and_are_audited() {
-    let FaultyRegister {
-        _dir,
-        fed,
-        office,
-        subject,
-        faulty,
-        server,
-    } = with_faulty_register("\n[relay]\nbreaker_failures = 1000\n", 77).await;
     office
         .exchange()
         .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
         .await
         .expect("healthy first");
+    (dir, fed, office, subject, faulty, server)
+}
+
+#[tokio::test]
+async fn provider_faults_get_their_documented_status_and_are_audited() {
+    let (_dir, fed, office, subject, faulty, server) =
+        with_faulty_register("\n[relay]\nbreaker_failures = 1000\n", 77).await;
 
     // Sleeps past the consumer's deadline.
     faulty.set_mode(FaultMode::Sleep(Duration::from_secs(3)));
@@ -281,19 +270,8 @@ async fn hang_up_once_the_register_has_it(office: &lienthong_cli::client::Client
 
 #[tokio::test]
 async fn a_consumer_hanging_up_mid_call_is_still_audited() {
-    let FaultyRegister {
-        _dir,
-        fed,
-        office,
-        subject,
-        faulty,
-        server,
-    } = with_faulty_register("\n[relay]\nprovider_timeout_ms = 1500\n", 79).await;
-    office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .expect("healthy first");
+    let (_dir, fed, office, subject, faulty, server) =
+        with_faulty_register("\n[relay]\nprovider_timeout_ms = 1500\n", 79).await;
     let allowed_before = office_entries(&fed, pb::Outcome::Allowed).await.len();
 
     // The consumer hangs up while the register is working; the register
@@ -329,14 +307,7 @@ async fn a_consumer_hanging_up_mid_call_is_still_audited() {
 
 #[tokio::test]
 async fn the_circuit_breaker_opens_and_closes_again() {
-    let FaultyRegister {
-        _dir,
-        fed,
-        office,
-        subject,
-        faulty,
-        server,
-    } = with_faulty_register(
+    let (_dir, fed, office, subject, faulty, server) = with_faulty_register(
         "\n[relay]\nbreaker_failures = 3\nbreaker_open_ms = 400\nmax_retries = 0\n",
         78,
     )
@@ -496,19 +467,7 @@ async fn exchanges_beyond_the_limit_wait_their_turn_and_health_still_answers() {
 #[tokio::test]
 async fn shutdown_waits_for_a_call_whose_consumer_left_and_signs_over_its_entry() {
     use lienthong_core::audit::{EntryKind, Outcome};
-    let FaultyRegister {
-        _dir,
-        fed,
-        office,
-        subject,
-        faulty,
-        server,
-    } = with_faulty_register("", 80).await;
-    office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .expect("healthy first");
+    let (_dir, fed, office, subject, faulty, server) = with_faulty_register("", 80).await;
     faulty.set_mode(FaultMode::Sleep(Duration::from_millis(700)));
     hang_up_once_the_register_has_it(&office, &faulty, &subject).await;
     // Shut down at once: the consumer has gone, its call has not ended yet.
