@@ -348,6 +348,57 @@ async fn the_circuit_breaker_opens_and_closes_again() {
     fed.shutdown().await.unwrap();
 }
 
+/// A register restarted on its address (a redeployment) is called again
+/// without restarting the broker, on every one of the broker's connections
+/// to it; while it is down, lookups get UNAVAILABLE and are audited.
+#[tokio::test]
+async fn a_register_back_on_its_address_is_called_again() {
+    let (_dir, mut fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 31);
+    for _ in 0..4 {
+        office
+            .exchange()
+            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+            .await
+            .expect("served before the restart");
+    }
+    let addr = fed.registers[0].addr;
+    fed.registers[0].stop().await; // civil status
+    let err = office
+        .exchange()
+        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    fed.registers[0] = lienthong_cli::federation::Register::start_at(
+        DemoRegisterKind::CivilStatus,
+        &fed.certs,
+        fed.options.seed,
+        &fed.options.trust_domain,
+        addr,
+    )
+    .await
+    .unwrap();
+    for i in 0..8 {
+        let found = office
+            .exchange()
+            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+            .await
+            .unwrap_or_else(|e| panic!("lookup {i} after the restart: {e:?}"))
+            .into_inner();
+        assert!(!found.record_json.is_empty());
+    }
+    let failed = failed_entries(&fed).await;
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(
+        failed[0].reason.starts_with("provider_unavailable"),
+        "{:?}",
+        failed[0].reason
+    );
+    fed.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn collect_with_one_register_down_returns_the_others() {
     let (_dir, mut fed) = federation().await;

@@ -4,9 +4,11 @@
 //! deadlines, and bounded retries for `UNAVAILABLE` within a retry budget.
 
 use crate::config::RelayConfig;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use lienthong::provider::v1::{FetchRequest, FetchResponse};
 use lienthong_core::Endpoint;
-use lienthong_tls::{Identity, TlsMaterial};
+use lienthong_tls::{Dialer, Identity, TlsMaterial};
 use opentelemetry::trace::SpanContext;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -15,7 +17,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tonic::Code;
 use tonic::codec::{BufferSettings, Codec};
-use tonic::transport::Channel;
 use tonic_prost::{ProstDecoder, ProstEncoder};
 use tracing::Instrument;
 
@@ -86,14 +87,124 @@ impl Codec for FetchCodec {
     }
 }
 
+/// One HTTP/2 connection to a register endpoint, dialled on first use and
+/// again once it has closed.
+///
+/// Calls go straight to hyper's connection task. tonic's `Channel` puts a
+/// `tower::buffer` worker task in front of it, which costs every call one
+/// more hand-off between tasks (and wake-up between threads).
+struct Conn {
+    dialer: Dialer,
+    sender: Mutex<Option<SendRequest<tonic::body::Body>>>,
+    /// One dial at a time; callers arriving meanwhile wait for its outcome.
+    dialling: tokio::sync::Mutex<()>,
+    /// Dials made so far, to tell a caller who waited that a dial failed.
+    dials: AtomicU64,
+    last_error: Mutex<String>,
+}
+
+impl Conn {
+    fn new(dialer: Dialer) -> Conn {
+        Conn {
+            dialer,
+            sender: Mutex::new(None),
+            dialling: tokio::sync::Mutex::new(()),
+            dials: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
+        }
+    }
+
+    fn open(&self) -> Option<SendRequest<tonic::body::Body>> {
+        let sender = self.sender.lock().ok()?;
+        sender.as_ref().filter(|s| !s.is_closed()).cloned()
+    }
+
+    /// A sender on an open connection, dialling one if needed.
+    async fn sender(&self) -> Result<SendRequest<tonic::body::Body>, tonic::Status> {
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        let seen = self.dials.load(Ordering::Acquire);
+        let _turn = self.dialling.lock().await;
+        if let Some(sender) = self.open() {
+            return Ok(sender);
+        }
+        if self.dials.load(Ordering::Acquire) != seen {
+            // The dial this call waited for failed: no second attempt per wave.
+            let error = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+            return Err(tonic::Status::unavailable(error));
+        }
+        let dialled = self.dial().await;
+        self.dials.fetch_add(1, Ordering::Release);
+        match dialled {
+            Ok(sender) => {
+                if let Ok(mut slot) = self.sender.lock() {
+                    *slot = Some(sender.clone());
+                }
+                Ok(sender)
+            }
+            Err(error) => {
+                if let Ok(mut last) = self.last_error.lock() {
+                    last.clone_from(&error);
+                }
+                Err(tonic::Status::unavailable(error))
+            }
+        }
+    }
+
+    async fn dial(&self) -> Result<SendRequest<tonic::body::Body>, String> {
+        let stream = self.dialer.dial().await.map_err(|e| e.to_string())?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with {} failed: {e}", self.dialer.origin()))?;
+        let origin = self.dialer.origin().clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%origin, error = %e, "connection to a register ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tower service tonic's client calls: one request on one HTTP/2 connection.
+struct Http2(SendRequest<tonic::body::Body>);
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for Http2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        request
+            .headers_mut()
+            .insert(http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT));
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+const USER_AGENT: &str = concat!("lienthong-broker/", env!("CARGO_PKG_VERSION"));
+
 /// One provider endpoint and its connections.
 pub struct EndpointState {
     /// Endpoint id.
     pub id: String,
     /// URL.
     pub url: String,
-    channels: Vec<Channel>,
-    next_channel: AtomicUsize,
+    conns: Vec<Conn>,
+    next_conn: AtomicUsize,
     outstanding: AtomicU64,
     breaker: Mutex<Breaker>,
 }
@@ -104,15 +215,17 @@ impl EndpointState {
         &self,
         request: tonic::Request<FetchRequest>,
     ) -> Result<tonic::Response<FetchResponse>, tonic::Status> {
-        let i = self.next_channel.fetch_add(1, Ordering::Relaxed) % self.channels.len().max(1);
-        let Some(channel) = self.channels.get(i) else {
+        let i = self.next_conn.fetch_add(1, Ordering::Relaxed) % self.conns.len().max(1);
+        let Some(conn) = self.conns.get(i) else {
             return Err(tonic::Status::unavailable("endpoint has no connection"));
         };
-        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        let sender = conn.sender().await?;
+        let mut grpc = tonic::client::Grpc::with_origin(Http2(sender), conn.dialer.origin().clone());
+        // Not ready means the connection closed before the request left, so
+        // the call may go elsewhere.
         grpc.ready()
             .await
-            // As the generated client does.
-            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+            .map_err(|e| tonic::Status::unavailable(format!("the connection to the register closed: {e}")))?;
         let mut request = request;
         request
             .extensions_mut()
@@ -240,15 +353,14 @@ impl Relay {
                 let existing = old.and_then(|p| p.endpoints.iter().find(|s| s.id == e.id && s.url == e.url).cloned());
                 let state = match existing {
                     Some(s) => s,
-                    None => match (0..CONNECTIONS_PER_ENDPOINT)
-                        .map(|_| self.channel(provider, &e.url))
-                        .collect::<Result<Vec<_>, _>>()
-                    {
-                        Ok(channels) => Arc::new(EndpointState {
+                    None => match self.dialer(provider, &e.url) {
+                        Ok(dialer) => Arc::new(EndpointState {
                             id: e.id.clone(),
                             url: e.url.clone(),
-                            channels,
-                            next_channel: AtomicUsize::new(0),
+                            conns: (0..CONNECTIONS_PER_ENDPOINT)
+                                .map(|_| Conn::new(dialer.clone()))
+                                .collect(),
+                            next_conn: AtomicUsize::new(0),
                             outstanding: AtomicU64::new(0),
                             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
                         }),
@@ -274,12 +386,12 @@ impl Relay {
         *pools = next;
     }
 
-    fn channel(&self, provider: &str, url: &str) -> Result<Channel, lienthong_tls::TlsError> {
+    fn dialer(&self, provider: &str, url: &str) -> Result<Dialer, lienthong_tls::TlsError> {
         let tls = lienthong_tls::client_config(
             &self.material,
             Some((&self.trust_domain, Identity::Member(provider.to_string()))),
         )?;
-        lienthong_tls::lazy_channel(url, tls, Duration::from_millis(self.config.connect_timeout_ms))
+        Dialer::new(url, tls, Duration::from_millis(self.config.connect_timeout_ms))
     }
 
     /// Every endpoint of every provider, for metrics.

@@ -108,11 +108,22 @@ pub struct Register {
 impl Register {
     /// Starts a demo register with its member certificate from `certs`.
     pub async fn start(kind: DemoRegisterKind, certs: &Path, seed: u64, trust_domain: &str) -> Result<Register> {
+        Register::start_at(kind, certs, seed, trust_domain, "127.0.0.1:0".parse()?).await
+    }
+
+    /// Like [`Register::start`], on `addr` (e.g. the address of one stopped before).
+    pub async fn start_at(
+        kind: DemoRegisterKind,
+        certs: &Path,
+        seed: u64,
+        trust_domain: &str,
+        addr: SocketAddr,
+    ) -> Result<Register> {
         let member = match kind {
             DemoRegisterKind::CivilStatus => CIVIL_STATUS,
             DemoRegisterKind::JudicialRecords => JUDICIAL_RECORDS,
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let material = TlsMaterial::load(&member_files(certs, member))?;
         let tls = Arc::new(ServerTls::new(&material, trust_domain)?);

@@ -151,19 +151,8 @@ pub async fn connect_channel(
         })
 }
 
-/// Like [`connect_channel`] but connects on first use (and reconnects as needed).
-///
-/// Must be called within a Tokio runtime: tonic spawns the channel's worker task.
-pub fn lazy_channel(url: &str, config: Arc<ClientConfig>, connect_timeout: Duration) -> Result<Channel, TlsError> {
-    let (endpoint, connector) = endpoint(url, config, connect_timeout)?;
-    Ok(endpoint.connect_with_connector_lazy(connector))
-}
-
-fn endpoint(
-    url: &str,
-    config: Arc<ClientConfig>,
-    connect_timeout: Duration,
-) -> Result<(Endpoint, MtlsConnector), TlsError> {
+/// Checks `url` is `https://host:port` (no path, no query) and parses it.
+fn https_origin(url: &str) -> Result<http::Uri, TlsError> {
     let bad = |reason: &str| TlsError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),
@@ -172,14 +161,29 @@ fn endpoint(
     if uri.scheme_str() != Some("https") {
         return Err(bad("the scheme must be https"));
     }
-    let authority = uri.authority().ok_or_else(|| bad("a host is required"))?;
+    if uri.authority().is_none() {
+        return Err(bad("a host is required"));
+    }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(bad("give only https://host:port, without a path"));
     }
+    Ok(uri)
+}
+
+fn endpoint(
+    url: &str,
+    config: Arc<ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<(Endpoint, MtlsConnector), TlsError> {
+    let uri = https_origin(url)?;
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
     // tonic refuses `https` URIs unless its own TLS is configured, so the endpoint dials
     // `http://` through our TLS connector while `origin` keeps `https` on the requests.
     let endpoint = Endpoint::from_shared(format!("http://{authority}"))
-        .map_err(|e| bad(&error_chain(&e)))?
+        .map_err(|e| TlsError::BadUrl {
+            url: url.to_owned(),
+            reason: error_chain(&e),
+        })?
         .origin(uri.clone())
         .connect_timeout(connect_timeout)
         .http2_adaptive_window(true)
@@ -212,21 +216,64 @@ impl tower_service::Service<http::Uri> for MtlsConnector {
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let tls = self.tls.clone();
-        Box::pin(async move {
-            let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
-            let host = uri
-                .host()
-                .ok_or_else(|| invalid(format!("no host in {uri}")))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = uri.port_u16().unwrap_or(443);
-            let server_name = ServerName::try_from(host.clone())
-                .map_err(|e| invalid(format!("{host:?} is not a valid server name: {e}")))?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            Ok(TokioIo::new(tls.connect(server_name, tcp).await?))
+        Box::pin(async move { Ok(TokioIo::new(dial(&tls, &uri).await?)) })
+    }
+}
+
+async fn dial(
+    tls: &tokio_rustls::TlsConnector,
+    uri: &http::Uri,
+) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+    let host = uri
+        .host()
+        .ok_or_else(|| invalid(format!("no host in {uri}")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let server_name =
+        ServerName::try_from(host.clone()).map_err(|e| invalid(format!("{host:?} is not a valid server name: {e}")))?;
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    tcp.set_nodelay(true)?;
+    tls.connect(server_name, tcp).await
+}
+
+/// Opens mutual-TLS connections to one `https://host:port` origin, for
+/// callers that run their own HTTP/2 connection over them.
+#[derive(Clone)]
+pub struct Dialer {
+    origin: http::Uri,
+    tls: tokio_rustls::TlsConnector,
+    connect_timeout: Duration,
+}
+
+impl Dialer {
+    /// A dialer for `url` (`https://host:port`), presenting and verifying as `config` says.
+    pub fn new(url: &str, config: Arc<ClientConfig>, connect_timeout: Duration) -> Result<Dialer, TlsError> {
+        Ok(Dialer {
+            origin: https_origin(url)?,
+            tls: tokio_rustls::TlsConnector::from(config),
+            connect_timeout,
         })
+    }
+
+    /// The origin requests go to (`https://host:port`).
+    pub fn origin(&self) -> &http::Uri {
+        &self.origin
+    }
+
+    /// TCP connect plus TLS handshake, within the connect timeout.
+    pub async fn dial(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TlsError> {
+        let failed = |detail: String| TlsError::Connect {
+            url: self.origin.to_string(),
+            detail,
+        };
+        match tokio::time::timeout(self.connect_timeout, dial(&self.tls, &self.origin)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(failed(error_chain(&e))),
+            Err(_) => Err(failed(format!("no connection within {:?}", self.connect_timeout))),
+        }
     }
 }
 
@@ -261,10 +308,17 @@ mod tests {
         for bad in ["http://localhost:1", "localhost:1", "https://", "https://h:1/x", "::"] {
             assert!(
                 matches!(
-                    lazy_channel(bad, config.clone(), Duration::from_secs(1)),
+                    endpoint(bad, config.clone(), Duration::from_secs(1)),
                     Err(TlsError::BadUrl { .. })
                 ),
                 "{bad} should be refused"
+            );
+            assert!(
+                matches!(
+                    Dialer::new(bad, config.clone(), Duration::from_secs(1)),
+                    Err(TlsError::BadUrl { .. })
+                ),
+                "{bad} should be refused by the dialer"
             );
         }
     }

@@ -9,7 +9,7 @@
 //!   certificate, a foreign certificate or an expired one still reaches the application,
 //!   which answers `UNAUTHENTICATED` with a precise reason and audits the attempt. Handshake
 //!   signatures are always checked, so nobody can present a certificate whose key they lack.
-//! * [`client_config`], [`connect_channel`], [`lazy_channel`]: the client side, optionally
+//! * [`client_config`], [`connect_channel`], [`Dialer`]: the client side, optionally
 //!   pinned to the exact SPIFFE identity of the server.
 //!
 //! Everything uses rustls' `ring` provider explicitly; no process-wide default is needed,
@@ -23,7 +23,7 @@ mod server;
 
 use std::path::PathBuf;
 
-pub use client::{client_config, connect_channel, lazy_channel};
+pub use client::{Dialer, client_config, connect_channel};
 pub use identity::{AuthError, Identity};
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{

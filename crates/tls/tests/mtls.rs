@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lienthong_tls::{
-    AcceptOptions, AuthError, CertificateAuthority, Identity, IssueSpec, PeerInfo, ServerTls, TlsError, TlsMaterial,
-    client_config, connect_channel, incoming, lazy_channel, peer_info,
+    AcceptOptions, AuthError, CertificateAuthority, Dialer, Identity, IssueSpec, PeerInfo, ServerTls, TlsError,
+    TlsMaterial, client_config, connect_channel, incoming, peer_info,
 };
 use rustls::ClientConfig;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
@@ -121,13 +121,33 @@ async fn member_certificate_identifies_the_member() {
         check(&server.url(), pinned(&client)).await.unwrap(),
         ServingStatus::Serving
     );
-    // Also over 127.0.0.1 (IP SAN), unpinned and with a lazily connecting channel.
+    // Also over 127.0.0.1 (IP SAN), unpinned.
     let url = format!("https://127.0.0.1:{}", server.port);
-    let lazy = lazy_channel(&url, client_config(&client, None).unwrap(), TIMEOUT).unwrap();
-    HealthClient::new(lazy)
+    let unpinned = connect_channel(&url, client_config(&client, None).unwrap(), TIMEOUT)
+        .await
+        .unwrap();
+    HealthClient::new(unpinned)
         .check(HealthCheckRequest::default())
         .await
         .unwrap();
+
+    // The dialer the relay runs its own HTTP/2 connections over checks the
+    // same pinned identity.
+    let dialled = Dialer::new(&server.url(), pinned(&client), TIMEOUT)
+        .unwrap()
+        .dial()
+        .await;
+    assert!(dialled.is_ok(), "{:?}", dialled.err());
+    drop(dialled);
+    let someone_else = client_config(&client, Some((TD, Identity::Member("other".into())))).unwrap();
+    let refused = Dialer::new(&server.url(), someone_else, TIMEOUT).unwrap().dial().await;
+    let Err(TlsError::Connect { detail, .. }) = refused else {
+        panic!("a server with another identity was accepted");
+    };
+    assert!(
+        detail.contains("server is not spiffe://gov.test/member/other"),
+        "{detail}"
+    );
 
     let peers = server.peers();
     assert_eq!(peers.len(), 2);
