@@ -99,7 +99,7 @@ impl From<StoreError> for BrokerError {
                 tracing::error!(error = %e, "audit log sequence conflict");
                 BrokerError::Unavailable("the audit log cannot be written; no data was released; retry shortly".into())
             }
-            StoreError::Config(m) | StoreError::Corrupt(m) => {
+            StoreError::Config(m) | StoreError::Corrupt(m) | StoreError::Invalid(m) => {
                 tracing::error!(error = %m, "database error");
                 BrokerError::Internal("internal database error; the operator has the details in the broker log".into())
             }

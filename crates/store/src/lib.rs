@@ -42,6 +42,9 @@ pub enum StoreError {
     /// The database URL or file is unusable.
     #[error("database configuration: {0}")]
     Config(String),
+    /// A value given to the store cannot be stored as it is. Nothing was written.
+    #[error("cannot store {0}")]
+    Invalid(String),
     /// Stored data could not be decoded (corruption or a newer schema).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
@@ -348,6 +351,7 @@ fn redact(error: StoreError, url: &str) -> StoreError {
         StoreError::Unavailable(m) => StoreError::Unavailable(clean(m)),
         StoreError::Config(m) => StoreError::Config(clean(m)),
         StoreError::Corrupt(m) => StoreError::Corrupt(clean(m)),
+        StoreError::Invalid(m) => StoreError::Invalid(clean(m)),
         other @ StoreError::SequenceGap { .. } => other,
     }
 }

@@ -230,7 +230,7 @@ pub(crate) struct EntryRow {
     record_type: String,
     purpose: String,
     outcome: String,
-    subject_hash: String,
+    subject_hash: Option<Vec<u8>>,
 }
 
 impl EntryRow {
@@ -249,7 +249,7 @@ impl EntryRow {
             provider: self.provider,
             record_type: self.record_type,
             purpose: self.purpose,
-            subject_hash: self.subject_hash,
+            subject_hash: self.subject_hash.map(hex::encode).unwrap_or_default(),
         })
     }
 }

@@ -45,8 +45,12 @@ const GRANT_COLUMNS: &str = "id, consumer, record_type, fields, purposes, valid_
      rate_limit_per_minute, revoked_at_us, revoked_reason, created_by, created_at_us";
 const RECORD_TYPE_COLUMNS: &str = "name, version, description, owner, query_schema, record_schema, subject_key, \
      deprecated, deprecation_note, registered_at_us, registered_by, compatibility, field_pointers, digest";
+/// Stored columns of `audit_entries`, in insert order.
 const ENTRY_COLUMNS: &str =
-    "log_id, sequence, leaf_hash, leaf, time_us, kind, actor, provider, record_type, purpose, outcome, subject_hash";
+    "log_no, sequence, leaf_hash, leaf, time_us, kind, actor, provider, record_type, purpose, outcome, subject_hash";
+/// Entries read back as [`EntryRow`]s, with their log's id for its number.
+const ENTRY_SELECT: &str = "SELECT l.log_id, e.sequence, e.leaf_hash, e.leaf, e.time_us, e.kind, e.actor, e.provider, \
+     e.record_type, e.purpose, e.outcome, e.subject_hash FROM audit_entries e JOIN audit_logs l ON l.log_no = e.log_no";
 const TREE_HEAD_COLUMNS: &str = "log_id, tree_size, root_hash, timestamp_ms, signature";
 
 /// Runs `$body` with `$p` bound to the concrete pool; the body is compiled once
@@ -96,15 +100,15 @@ async fn begin_write<DB: Dialect>(pool: &sqlx::Pool<DB>) -> Result<Transaction<'
 }
 
 /// The audit query of `q` for either backend, binds included.
-fn entry_query<'a, DB>(q: &'a EntryQuery, from: i64, limit: i64) -> QueryBuilder<'a, DB>
+fn entry_query<'a, DB>(q: &'a EntryQuery, log_no: i64, from: i64, limit: i64) -> QueryBuilder<'a, DB>
 where
     DB: sqlx::Database,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
-    let mut qb = QueryBuilder::new(format!("SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE log_id = "));
-    qb.push_bind(&q.log_id).push(" AND sequence >= ").push_bind(from);
+    let mut qb = QueryBuilder::new(format!("{ENTRY_SELECT} WHERE e.log_no = "));
+    qb.push_bind(log_no).push(" AND e.sequence >= ").push_bind(from);
     for (column, value) in [
         ("actor", &q.actor),
         ("provider", &q.provider),
@@ -112,29 +116,29 @@ where
         ("purpose", &q.purpose),
     ] {
         if let Some(value) = value {
-            qb.push(format!(" AND {column} = ")).push_bind(value.as_str());
+            qb.push(format!(" AND e.{column} = ")).push_bind(value.as_str());
         }
     }
     if let Some(outcome) = q.outcome {
-        qb.push(" AND outcome = ").push_bind(outcome.as_str());
+        qb.push(" AND e.outcome = ").push_bind(outcome.as_str());
         // Spelled out so the planners can prove the partial index applies.
         if outcome != Outcome::Allowed {
-            qb.push(" AND outcome <> 'allowed'");
+            qb.push(" AND e.outcome <> 'allowed'");
         }
     }
     if let Some(kind) = q.kind {
-        qb.push(" AND kind = ").push_bind(kind.as_str());
+        qb.push(" AND e.kind = ").push_bind(kind.as_str());
         if kind != EntryKind::Access {
-            qb.push(" AND kind <> 'access'");
+            qb.push(" AND e.kind <> 'access'");
         }
     }
     if let Some(since) = q.since {
-        qb.push(" AND time_us >= ").push_bind(to_us(since));
+        qb.push(" AND e.time_us >= ").push_bind(to_us(since));
     }
     if let Some(until) = q.until {
-        qb.push(" AND time_us < ").push_bind(to_us(until));
+        qb.push(" AND e.time_us < ").push_bind(to_us(until));
     }
-    qb.push(" ORDER BY sequence LIMIT ").push_bind(limit);
+    qb.push(" ORDER BY e.sequence LIMIT ").push_bind(limit);
     qb
 }
 
@@ -146,6 +150,8 @@ pub(crate) struct SqlStore {
     changes: broadcast::Sender<u64>,
     /// PostgreSQL's change listener, SQLite's checkpointer.
     background: Option<JoinHandle<()>>,
+    /// Each log's number, which its entries carry (a log's number never changes).
+    log_nos: std::sync::RwLock<std::collections::HashMap<String, i64>>,
 }
 
 impl Drop for SqlStore {
@@ -228,6 +234,7 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
         audit_writer: Pool::Sqlite(writer),
         changes,
         background: checkpointer,
+        log_nos: Default::default(),
     }))
 }
 
@@ -286,6 +293,7 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         pool: Pool::Postgres(pool),
         changes,
         background: Some(listener),
+        log_nos: Default::default(),
     }))
 }
 
@@ -389,24 +397,25 @@ async fn append_sqlite_in_one_call(
     writer: &SqlitePool,
     run: &Run<'_>,
     (first, count): (i64, i64),
-    rows: &[(&StoredEntry, i64, i64)],
+    rows: &[EntryInsert<'_>],
 ) -> Result<()> {
     let mut qb = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
     for chunk in rows.chunks(ENTRY_ROWS_PER_INSERT) {
         qb.push(format!(" INSERT INTO audit_entries ({ENTRY_COLUMNS}) SELECT * FROM ("));
-        qb.push_values(chunk, |mut b, (e, sequence, time_us)| {
-            b.push_bind(&e.log_id)
-                .push_bind(*sequence)
+        qb.push_values(chunk, |mut b, row| {
+            let e = row.entry;
+            b.push_bind(row.log_no)
+                .push_bind(row.sequence)
                 .push_bind(&e.leaf_hash[..])
                 .push_bind(&e.leaf)
-                .push_bind(*time_us)
+                .push_bind(row.time_us)
                 .push_bind(e.kind.as_str())
                 .push_bind(&e.actor)
                 .push_bind(&e.provider)
                 .push_bind(&e.record_type)
                 .push_bind(&e.purpose)
                 .push_bind(e.outcome.as_str())
-                .push_bind(&e.subject_hash);
+                .push_bind(row.subject_hash.as_ref().map(|h| &h[..]));
         });
         qb.push(") WHERE (SELECT size FROM audit_logs WHERE log_id = ")
             .push_bind(run.log_id)
@@ -472,6 +481,63 @@ fn append_refused(run: &Run<'_>, size: Option<i64>) -> Result<StoreError> {
             found: run.first,
         }
     })
+}
+
+/// A subject's entries across every log, newest first: `$1` the subject
+/// HMAC's bytes, `$2` the earliest time, `$3` the limit.
+fn subject_query() -> String {
+    format!(
+        "{ENTRY_SELECT} WHERE e.subject_hash = $1 AND e.time_us >= $2 \
+         ORDER BY e.time_us DESC, l.log_id, e.sequence DESC LIMIT $3"
+    )
+}
+
+/// One audit entry as its row is inserted.
+struct EntryInsert<'a> {
+    entry: &'a StoredEntry,
+    log_no: i64,
+    sequence: i64,
+    time_us: i64,
+    /// The subject HMAC's bytes, `None` when the entry has no subject.
+    subject_hash: Option<Vec<u8>>,
+}
+
+impl<'a> EntryInsert<'a> {
+    fn new(entry: &'a StoredEntry, log_no: i64) -> Result<EntryInsert<'a>> {
+        let subject_hash = match entry.subject_hash.as_str() {
+            "" => None,
+            hash => Some(hex::decode(hash).map_err(|_| {
+                StoreError::Invalid(format!(
+                    "entry {} of log {}: the subject hash is not hexadecimal",
+                    entry.sequence, entry.log_id
+                ))
+            })?),
+        };
+        Ok(EntryInsert {
+            entry,
+            log_no,
+            sequence: to_i64(entry.sequence, "sequence")?,
+            time_us: to_us(entry.time),
+            subject_hash,
+        })
+    }
+}
+
+impl SqlStore {
+    /// The number `log_id`'s entries carry, `None` for an unknown log.
+    async fn log_no(&self, log_id: &str) -> Result<Option<i64>> {
+        if let Some(n) = self.log_nos.read().ok().and_then(|m| m.get(log_id).copied()) {
+            return Ok(Some(n));
+        }
+        let sql = "SELECT log_no FROM audit_logs WHERE log_id = $1";
+        let found = on_pool!(self, p => sqlx::query_scalar::<_, Option<i64>>(sql).bind(log_id).fetch_optional(p).await)
+            .map_err(db_err)?
+            .flatten();
+        if let (Some(n), Ok(mut known)) = (found, self.log_nos.write()) {
+            known.insert(log_id.to_owned(), n);
+        }
+        Ok(found)
+    }
 }
 
 #[async_trait]
@@ -677,9 +743,20 @@ impl Store for SqlStore {
     }
 
     async fn ensure_log(&self, log: &LogInfo) -> Result<LogInfo> {
-        on_pool!(self, p => sqlx::query(
-            "INSERT INTO audit_logs (log_id, public_key, created_at_us, size) VALUES ($1, $2, $3, 0) \
-             ON CONFLICT (log_id) DO NOTHING")
+        // PostgreSQL numbers a log from a sequence; SQLite, whose writes are
+        // serialized, from the largest number so far.
+        let sql = match self.pool {
+            Pool::Sqlite(_) => {
+                "INSERT INTO audit_logs (log_id, public_key, created_at_us, size, log_no) \
+                 VALUES ($1, $2, $3, 0, (SELECT COALESCE(MAX(log_no), 0) + 1 FROM audit_logs)) \
+                 ON CONFLICT (log_id) DO NOTHING"
+            }
+            Pool::Postgres(_) => {
+                "INSERT INTO audit_logs (log_id, public_key, created_at_us, size) VALUES ($1, $2, $3, 0) \
+                 ON CONFLICT (log_id) DO NOTHING"
+            }
+        };
+        on_pool!(self, p => sqlx::query(sql)
             .bind(&log.log_id).bind(&log.public_key).bind(to_us(log.created_at))
             .execute(p).await.map(|_| ()))
         .map_err(db_err)?;
@@ -707,13 +784,23 @@ impl Store for SqlStore {
                 to_i64(run.next - run.first, "batch size")?,
             ));
         }
-        let rows = entries
-            .iter()
-            .map(|e| Ok((e, to_i64(e.sequence, "sequence")?, to_us(e.time))))
-            .collect::<Result<Vec<_>>>()?;
-        if rows.is_empty() {
+        if entries.is_empty() {
             return Ok(());
         }
+        let mut numbers = Vec::with_capacity(runs.len());
+        for run in &runs {
+            let number = self.log_no(run.log_id).await?.ok_or_else(|| StoreError::NotFound {
+                what: format!("log {}", run.log_id),
+            })?;
+            numbers.push((run.log_id, number));
+        }
+        let rows = entries
+            .iter()
+            .map(|e| {
+                let log_no = numbers.iter().find(|(id, _)| *id == e.log_id).map_or(0, |(_, n)| *n);
+                EntryInsert::new(e, log_no)
+            })
+            .collect::<Result<Vec<_>>>()?;
         if let (Pool::Sqlite(writer), [run]) = (&self.audit_writer, runs.as_slice()) {
             return append_sqlite_in_one_call(writer, run, bounds[0], &rows).await;
         }
@@ -736,11 +823,12 @@ impl Store for SqlStore {
             }
             for chunk in rows.chunks(ENTRY_ROWS_PER_INSERT) {
                 let mut qb = QueryBuilder::new(format!("INSERT INTO audit_entries ({ENTRY_COLUMNS}) "));
-                qb.push_values(chunk, |mut b, (e, sequence, time_us)| {
-                    b.push_bind(&e.log_id).push_bind(*sequence).push_bind(&e.leaf_hash[..]).push_bind(&e.leaf)
-                        .push_bind(*time_us).push_bind(e.kind.as_str()).push_bind(&e.actor).push_bind(&e.provider)
+                qb.push_values(chunk, |mut b, row| {
+                    let e = row.entry;
+                    b.push_bind(row.log_no).push_bind(row.sequence).push_bind(&e.leaf_hash[..]).push_bind(&e.leaf)
+                        .push_bind(row.time_us).push_bind(e.kind.as_str()).push_bind(&e.actor).push_bind(&e.provider)
                         .push_bind(&e.record_type).push_bind(&e.purpose).push_bind(e.outcome.as_str())
-                        .push_bind(&e.subject_hash);
+                        .push_bind(row.subject_hash.as_ref().map(|h| &h[..]));
                 });
                 // Small batches (every commit at a moderate rate) reuse their prepared
                 // statement; large sizes vary with load and would fill the cache.
@@ -767,13 +855,15 @@ impl Store for SqlStore {
             return Ok(Vec::new());
         }
         let (lo, hi) = (to_i64(from, "sequence")?, to_i64(to, "sequence")?);
-        let sql = "SELECT leaf_hash FROM audit_entries WHERE log_id = $1 AND sequence >= $2 AND sequence < $3 ORDER BY sequence";
-        let hashes = on_pool!(self, p => sqlx::query_scalar::<_, Vec<u8>>(sql).bind(log_id).bind(lo).bind(hi).fetch_all(p).await)
+        let missing = || StoreError::NotFound {
+            what: format!("entries {from}..{to} of log {log_id}"),
+        };
+        let log_no = self.log_no(log_id).await?.ok_or_else(missing)?;
+        let sql = "SELECT leaf_hash FROM audit_entries WHERE log_no = $1 AND sequence >= $2 AND sequence < $3 ORDER BY sequence";
+        let hashes = on_pool!(self, p => sqlx::query_scalar::<_, Vec<u8>>(sql).bind(log_no).bind(lo).bind(hi).fetch_all(p).await)
             .map_err(db_err)?;
         if hashes.len() as u64 != to - from {
-            return Err(StoreError::NotFound {
-                what: format!("entries {from}..{to} of log {log_id}"),
-            });
+            return Err(missing());
         }
         hashes
             .into_iter()
@@ -788,8 +878,11 @@ impl Store for SqlStore {
     async fn query_entries(&self, q: &EntryQuery) -> Result<Vec<StoredEntry>> {
         let from = to_i64(q.from_sequence, "sequence")?;
         let limit = if q.limit == 0 { NO_LIMIT } else { i64::from(q.limit) };
+        let Some(log_no) = self.log_no(&q.log_id).await? else {
+            return Ok(Vec::new());
+        };
         let rows = on_pool!(self, p => {
-            let mut qb = entry_query(q, from, limit);
+            let mut qb = entry_query(q, log_no, from, limit);
             qb.build_query_as::<EntryRow>().fetch_all(p).await
         })
         .map_err(db_err)?;
@@ -802,14 +895,14 @@ impl Store for SqlStore {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<StoredEntry>> {
+        // Stored as bytes: a value that is not a hash matches nothing.
+        let Ok(subject_hash) = hex::decode(subject_hash) else {
+            return Ok(Vec::new());
+        };
         if subject_hash.is_empty() {
             return Ok(Vec::new());
         }
-        // `subject_hash <> ''` lets both planners use the partial index.
-        let sql = format!(
-            "SELECT {ENTRY_COLUMNS} FROM audit_entries WHERE subject_hash = $1 AND subject_hash <> '' AND time_us >= $2 \
-             ORDER BY time_us DESC, log_id, sequence DESC LIMIT $3"
-        );
+        let sql = subject_query();
         let since = since.map_or(i64::MIN, to_us);
         let limit = if limit == 0 { NO_LIMIT } else { i64::from(limit) };
         let rows = on_pool!(self, p => sqlx::query_as::<_, EntryRow>(&sql).bind(subject_hash).bind(since).bind(limit).fetch_all(p).await)
@@ -1005,7 +1098,7 @@ mod tests {
     /// The index SQLite picks for the audit query of `q`, on an empty database
     /// with the embedded migrations applied.
     async fn index_used(pool: &SqlitePool, q: &EntryQuery) -> String {
-        let qb = entry_query::<Sqlite>(q, 0, 100);
+        let qb = entry_query::<Sqlite>(q, 1, 0, 100);
         let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", qb.sql()))
             .fetch_all(pool)
             .await
@@ -1056,9 +1149,21 @@ mod tests {
         for (q, index) in cases {
             let plan = index_used(&pool, &q).await;
             assert!(
-                plan.starts_with("SEARCH") && plan.contains(index),
-                "{q:?}: expected a search of {index}, planned {plan}"
+                plan.contains(&format!("SEARCH e USING INDEX {index}"))
+                    && !plan.contains("SCAN")
+                    && !plan.contains("TEMP B-TREE"),
+                "{q:?}: expected a search of {index} in sequence order, planned {plan}"
             );
         }
+        // A citizen's history: the subject index, whatever the log.
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", subject_query()))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let plan = plan.into_iter().map(|(_, _, _, d)| d).collect::<Vec<_>>().join("; ");
+        assert!(
+            plan.contains("SEARCH e USING INDEX audit_entries_by_subject") && !plan.contains("SCAN"),
+            "subject history planned {plan}"
+        );
     }
 }
