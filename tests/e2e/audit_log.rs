@@ -135,8 +135,8 @@ async fn tampering_with_stored_rows_is_caught_and_named() {
 async fn restore_row(pool: &SqlitePool, log_id: &str, seq: i64, (leaf, hash): &(String, Vec<u8>)) {
     let ev: lienthong_core::audit::AuditEvent = serde_json::from_str(leaf).unwrap();
     sqlx::query(
-        "INSERT INTO audit_entries (log_id, sequence, leaf_hash, leaf, time_us, kind, actor, provider, record_type, purpose, outcome, subject_hash) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO audit_entries (log_no, sequence, leaf_hash, leaf, time_us, kind, actor, provider, record_type, purpose, outcome, subject_hash) \
+         VALUES ((SELECT log_no FROM audit_logs WHERE log_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(log_id)
     .bind(seq)
@@ -149,7 +149,7 @@ async fn restore_row(pool: &SqlitePool, log_id: &str, seq: i64, (leaf, hash): &(
     .bind(&ev.record_type)
     .bind(&ev.purpose)
     .bind(ev.outcome.as_str())
-    .bind(&ev.subject_hash)
+    .bind((!ev.subject_hash.is_empty()).then(|| hex::decode(&ev.subject_hash).unwrap()))
     .execute(pool)
     .await
     .unwrap();

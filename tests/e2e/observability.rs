@@ -393,12 +393,14 @@ async fn sigterm_under_load_drains_and_signs_a_head_over_every_entry() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    let entries: Vec<(i64, Vec<u8>, String)> =
-        sqlx::query_as("SELECT sequence, leaf_hash, leaf FROM audit_entries WHERE log_id = ? ORDER BY sequence")
-            .bind(&log_id)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let entries: Vec<(i64, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT sequence, leaf_hash, leaf FROM audit_entries \
+             WHERE log_no = (SELECT log_no FROM audit_logs WHERE log_id = ?) ORDER BY sequence",
+    )
+    .bind(&log_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     let tree_size: i64 = head.get(0);
     assert_eq!(tree_size as usize, entries.len(), "the final head covers every entry");
     let hashes: Vec<[u8; 32]> = entries

@@ -244,6 +244,7 @@ impl AuditLog {
             log_id,
             shared,
             max_batch: config.max_batch,
+            commit_timeout: config.commit_timeout,
             needs_resync: false,
         };
         *lock(&log.writer_task) = Some(tokio::spawn(writer.run(receiver)));
@@ -594,6 +595,10 @@ struct Writer {
     log_id: String,
     shared: Arc<Shared>,
     max_batch: usize,
+    /// Longest a commit (or a resynchronisation) may take before the writer
+    /// gives it up, so that a database behind a network black hole fails
+    /// batches rather than holding the writer until TCP gives up.
+    commit_timeout: Duration,
     /// A commit failed: the store may hold more (or, if corrupt, fewer) entries
     /// than the frontier; re-read its size before the next commit.
     needs_resync: bool,
@@ -635,7 +640,14 @@ impl Writer {
         let counters = &shared.counters;
         counters.last_batch_size.store(count as u64, Ordering::Relaxed);
         if self.needs_resync {
-            match self.resync().await {
+            let resynced = match tokio::time::timeout(self.commit_timeout, self.resync()).await {
+                Ok(resynced) => resynced,
+                Err(_) => Err(AuditError::Unavailable(format!(
+                    "the database did not answer within {:?}",
+                    self.commit_timeout
+                ))),
+            };
+            match resynced {
                 Ok(()) => self.needs_resync = false,
                 Err(e) => {
                     counters.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -666,7 +678,15 @@ impl Writer {
         }
 
         let began = Instant::now();
-        let result = self.store.append_entries(&entries).await;
+        // A commit given up may still land: the resynchronisation before the
+        // next batch finds it, as after any failed commit.
+        let result = match tokio::time::timeout(self.commit_timeout, self.store.append_entries(&entries)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "the database did not confirm the commit within {:?}",
+                self.commit_timeout
+            ))),
+        };
         counters.last_commit_micros.store(
             u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,

@@ -168,6 +168,34 @@ async fn a_commit_that_landed_despite_an_error_is_resynchronised() {
     assert_eq!(sth.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
 }
 
+/// A database that stops answering (a network black hole) fails the batch
+/// after the commit timeout, and the writer is free for the next one as soon
+/// as the database answers again, not when the hung call would have ended.
+#[tokio::test]
+async fn a_commit_that_hangs_is_given_up_and_the_writer_goes_on() {
+    let store = Arc::new(FakeStore::new());
+    let config = AuditConfig {
+        commit_timeout: Duration::from_millis(300),
+        ..quiet()
+    };
+    let log = AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), config)
+        .await
+        .unwrap();
+    log.append(event(0)).await.unwrap();
+    store.set_delay(Duration::from_secs(60));
+    let err = log.append(event(1)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+    store.set_delay(Duration::ZERO);
+    let next = tokio::time::timeout(Duration::from_secs(5), log.append(event(2)))
+        .await
+        .expect("the writer was free again")
+        .unwrap();
+    assert_eq!(next.sequence, 1, "the abandoned batch left nothing behind");
+    assert_eq!(log.stats().failed_batches, 1);
+    let sth = log.sign_now().await.unwrap();
+    assert_eq!(sth.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
+}
+
 #[tokio::test]
 async fn resynchronisation_failing_keeps_failing_closed() {
     let store = Arc::new(FakeStore::new());
