@@ -175,11 +175,7 @@ async fn sigkill_under_load_loses_no_released_lookup() {
         tasks.push(tokio::spawn(async move {
             for i in 0..2000u32 {
                 let subject = lienthong_provider::demo::citizen_national_id(seed, t * 2000 + i);
-                match office
-                    .exchange()
-                    .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-                    .await
-                {
+                match look_up_birth(&office, &subject).await {
                     Ok(r) => receipts.lock().unwrap().push(r.into_inner().receipt.unwrap()),
                     Err(_) => return,
                 }
@@ -235,11 +231,7 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
     let (_dir, fed) = federation().await;
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = citizen_id(&fed, 321);
-    office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap();
+    look_up_birth(&office, &subject).await.unwrap();
     let before = fed.broker.broker.audit.size();
 
     // Another process holds the database's write lock (as a stuck backup job
@@ -247,11 +239,7 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
     let pool = db(&fed).await;
     let mut conn = pool.acquire().await.unwrap();
     sqlx::query("BEGIN EXCLUSIVE").execute(&mut *conn).await.unwrap();
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("no data was released"), "{}", err.message());
     assert_eq!(
@@ -262,11 +250,7 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
 
     sqlx::query("ROLLBACK").execute(&mut *conn).await.unwrap();
     drop(conn);
-    let r = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .expect("writes resume");
+    let r = look_up_birth(&office, &subject).await.expect("writes resume");
     assert_eq!(
         r.into_inner().receipt.unwrap().sequence,
         before,

@@ -76,6 +76,17 @@ pub fn birth_lookup(subject: &str, purpose: &str) -> pb::LookupRequest {
     }
 }
 
+/// `office` looks `subject`'s birth record up for a criminal-record certificate.
+pub async fn look_up_birth(
+    office: &Clients,
+    subject: &str,
+) -> Result<tonic::Response<pb::LookupResponse>, tonic::Status> {
+    office
+        .exchange()
+        .lookup(birth_lookup(subject, lienthong_cli::federation::PURPOSE_CERTIFICATE))
+        .await
+}
+
 /// Path of the built `lienthong` binary.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lienthong"))

@@ -153,11 +153,7 @@ async fn with_faulty_register(
         .await
         .unwrap();
     replace_civil_endpoint(&fed, &server.url()).await;
-    office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .expect("healthy first");
+    look_up_birth(&office, &subject).await.expect("healthy first");
     (dir, fed, office, subject, faulty, server)
 }
 
@@ -176,11 +172,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
 
     // Answers a record violating the schema: never passed on.
     faulty.set_mode(FaultMode::InvalidRecord);
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(
         err.message().contains("violating") && err.message().contains("nothing was passed on"),
@@ -190,11 +182,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
 
     // Answers UNAVAILABLE: retried within the budget, then UNAVAILABLE.
     faulty.set_mode(FaultMode::Unavailable);
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     server.shutdown().await;
 
@@ -203,11 +191,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
         .await
         .unwrap();
     replace_civil_endpoint(&fed, &raw.url()).await;
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(err.message().contains("malformed JSON"), "{}", err.message());
     raw.shutdown().await;
@@ -215,11 +199,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     // Drops the connection mid-call.
     let dropping = testing::start_dropping_server(civil_tls(&fed)).await.unwrap();
     replace_civil_endpoint(&fed, &dropping.url()).await;
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     dropping.shutdown().await;
 
@@ -228,11 +208,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     let url = format!("https://127.0.0.1:{}", closed.local_addr().unwrap().port());
     drop(closed);
     replace_civil_endpoint(&fed, &url).await;
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     criminal_record_still_served(&office, &subject).await;
 
@@ -315,35 +291,21 @@ async fn the_circuit_breaker_opens_and_closes_again() {
 
     faulty.set_mode(FaultMode::Unavailable);
     for _ in 0..3 {
-        let err = office
-            .exchange()
-            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-            .await
-            .unwrap_err();
+        let err = look_up_birth(&office, &subject).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable);
     }
     let calls = faulty.calls();
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert!(err.message().contains("circuit open"), "{}", err.message());
     assert_eq!(faulty.calls(), calls, "an open circuit does not call the provider");
 
     faulty.set_mode(FaultMode::Healthy);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+    look_up_birth(&office, &subject)
         .await
         .expect("probe succeeds, circuit closes");
-    office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .expect("closed circuit");
+    look_up_birth(&office, &subject).await.expect("closed circuit");
     server.shutdown().await;
     fed.shutdown().await.unwrap();
 }
@@ -357,19 +319,13 @@ async fn a_register_back_on_its_address_is_called_again() {
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = citizen_id(&fed, 31);
     for _ in 0..4 {
-        office
-            .exchange()
-            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        look_up_birth(&office, &subject)
             .await
             .expect("served before the restart");
     }
     let addr = fed.registers[0].addr;
     fed.registers[0].stop().await; // civil status
-    let err = office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .unwrap_err();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     fed.registers[0] = lienthong_cli::federation::Register::start_at(
         DemoRegisterKind::CivilStatus,
@@ -381,9 +337,7 @@ async fn a_register_back_on_its_address_is_called_again() {
     .await
     .unwrap();
     for i in 0..8 {
-        let found = office
-            .exchange()
-            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        let found = look_up_birth(&office, &subject)
             .await
             .unwrap_or_else(|e| panic!("lookup {i} after the restart: {e:?}"))
             .into_inner();
@@ -460,12 +414,7 @@ async fn exchanges_beyond_the_limit_wait_their_turn_and_health_still_answers() {
     let slow = {
         let office = office.clone();
         let subject = subject.clone();
-        tokio::spawn(async move {
-            office
-                .exchange()
-                .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-                .await
-        })
+        tokio::spawn(async move { look_up_birth(&office, &subject).await })
     };
     assert!(
         eventually(Duration::from_secs(10), async || faulty.calls() == 1).await,

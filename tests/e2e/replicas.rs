@@ -201,11 +201,7 @@ async fn a_database_outage_fails_closed_and_traffic_resumes_without_restart() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let subject = lienthong_provider::demo::citizen_national_id(seed, t * 10_000 + i);
                 i += 1;
-                match office
-                    .exchange()
-                    .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-                    .await
-                {
+                match look_up_birth(&office, &subject).await {
                     Ok(r) => receipts.lock().unwrap().push(r.into_inner().receipt.unwrap()),
                     Err(e) => {
                         assert_eq!(e.code(), Code::Unavailable, "only UNAVAILABLE during the outage: {e:?}");
@@ -274,11 +270,7 @@ async fn a_database_that_hangs_fails_lookups_after_the_commit_timeout_and_nothin
     .await;
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = lienthong_provider::demo::citizen_national_id(fed.options.seed, 5);
-    office
-        .exchange()
-        .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
-        .await
-        .expect("healthy first");
+    look_up_birth(&office, &subject).await.expect("healthy first");
 
     // The database host hangs: connections stay open, nothing answers.
     cluster.freeze().unwrap();
@@ -293,9 +285,7 @@ async fn a_database_that_hangs_fails_lookups_after_the_commit_timeout_and_nothin
     assert!(err.message().contains("no data was released"), "{}", err.message());
 
     assert!(
-        eventually(Duration::from_secs(30), async || office
-            .exchange()
-            .lookup(birth_lookup(&subject, PURPOSE_CERTIFICATE))
+        eventually(Duration::from_secs(30), async || look_up_birth(&office, &subject)
             .await
             .is_ok())
         .await,
