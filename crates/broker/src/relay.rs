@@ -98,9 +98,10 @@ struct Conn {
     sender: Mutex<Option<SendRequest<tonic::body::Body>>>,
     /// One dial at a time; callers arriving meanwhile wait for its outcome.
     dialling: tokio::sync::Mutex<()>,
-    /// Dials made so far, to tell a caller who waited that a dial failed.
+    /// Dials made so far, to tell a caller who waited that a dial was made.
     dials: AtomicU64,
-    last_error: Mutex<String>,
+    /// Why the last dial failed; `None` once one succeeded.
+    last_error: Mutex<Option<String>>,
 }
 
 impl Conn {
@@ -110,7 +111,7 @@ impl Conn {
             sender: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
             dials: AtomicU64::new(0),
-            last_error: Mutex::new(String::new()),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -129,27 +130,22 @@ impl Conn {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
-        if self.dials.load(Ordering::Acquire) != seen {
-            // The dial this call waited for failed: no second attempt per wave.
-            let error = self.last_error.lock().map(|e| e.clone()).unwrap_or_default();
+        if self.dials.load(Ordering::Acquire) != seen
+            && let Some(error) = self.last_error.lock().ok().and_then(|e| e.clone())
+        {
+            // The dial this call waited for failed: one attempt per wave of callers.
             return Err(tonic::Status::unavailable(error));
         }
         let dialled = self.dial().await;
-        self.dials.fetch_add(1, Ordering::Release);
-        match dialled {
-            Ok(sender) => {
-                if let Ok(mut slot) = self.sender.lock() {
-                    *slot = Some(sender.clone());
-                }
-                Ok(sender)
-            }
-            Err(error) => {
-                if let Ok(mut last) = self.last_error.lock() {
-                    last.clone_from(&error);
-                }
-                Err(tonic::Status::unavailable(error))
-            }
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = dialled.as_ref().err().cloned();
         }
+        self.dials.fetch_add(1, Ordering::Release);
+        let sender = dialled.map_err(tonic::Status::unavailable)?;
+        if let Ok(mut slot) = self.sender.lock() {
+            *slot = Some(sender.clone());
+        }
+        Ok(sender)
     }
 
     async fn dial(&self) -> Result<SendRequest<tonic::body::Body>, String> {
@@ -157,8 +153,8 @@ impl Conn {
         let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_interval(lienthong_tls::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(lienthong_tls::KEEPALIVE_TIMEOUT)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP/2 handshake with {} failed: {e}", self.dialer.origin()))?;
@@ -171,9 +167,6 @@ impl Conn {
         Ok(sender)
     }
 }
-
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The tower service tonic's client calls: one request on one HTTP/2 connection.
 struct Http2(SendRequest<tonic::body::Body>);

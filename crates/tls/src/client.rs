@@ -18,8 +18,11 @@ use tonic::transport::{Channel, Endpoint};
 use crate::identity::{Identity, identity_of, is_valid_trust_domain};
 use crate::{TlsError, TlsMaterial, provider};
 
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 keep-alive ping interval of client connections: a dead peer is noticed
+/// without waiting for TCP to give up.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a keep-alive ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client config presenting `material`'s certificate and trusting `material.roots`.
 ///

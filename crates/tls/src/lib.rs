@@ -23,7 +23,7 @@ mod server;
 
 use std::path::PathBuf;
 
-pub use client::{Dialer, client_config, connect_channel};
+pub use client::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, client_config, connect_channel};
 pub use identity::{AuthError, Identity};
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{
