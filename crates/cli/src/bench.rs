@@ -548,6 +548,13 @@ struct Ratios {
     /// Closed loop: relayed throughput / proxy throughput.
     #[serde(skip_serializing_if = "Option::is_none")]
     relayed_over_proxy_throughput: Option<f64>,
+    /// With --rounds above 1: relayed/direct throughput of each round, whose
+    /// phases ran minutes apart at most and so shared the machine's state.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    relayed_over_direct_throughput_by_round: Vec<f64>,
+    /// With --rounds above 1: relayed/proxy throughput of each round.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    relayed_over_proxy_throughput_by_round: Vec<f64>,
     /// Open loop: relayed p99 minus direct p99, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     p99_added_over_direct_ms: Option<f64>,
@@ -2205,6 +2212,25 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
         (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     };
+    // The scenarios' phases alternate within a round, so a round's pair is
+    // a fairer comparison on a noisy machine than the medians of each.
+    let by_round = |a: &str, b: &str| -> Vec<f64> {
+        let rounds = |name: &str| {
+            get(name)
+                .and_then(|r| r.closed.as_ref())
+                .map(|c| c.rounds.clone())
+                .unwrap_or_default()
+        };
+        let (a, b) = (rounds(a), rounds(b));
+        if a.len() < 2 || a.len() != b.len() {
+            return Vec::new();
+        }
+        a.iter()
+            .zip(&b)
+            .filter(|(_, b)| **b > 0.0)
+            .map(|(a, b)| a / b)
+            .collect()
+    };
     let diff_ms = |a: Option<f64>, b: Option<f64>| match (a, b) {
         (Some(a), Some(b)) => Some((a - b) / 1000.0),
         _ => None,
@@ -2212,6 +2238,8 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
     Ratios {
         relayed_over_direct_throughput: ratio(closed_tp("relayed"), closed_tp("direct")),
         relayed_over_proxy_throughput: ratio(closed_tp("relayed"), closed_tp("proxy")),
+        relayed_over_direct_throughput_by_round: by_round("relayed", "direct"),
+        relayed_over_proxy_throughput_by_round: by_round("relayed", "proxy"),
         p99_added_over_direct_ms: diff_ms(open_p99("relayed"), open_p99("direct")),
         p99_added_over_proxy_ms: diff_ms(open_p99("relayed"), open_p99("proxy")),
         broker_over_proxy_cpu_per_lookup: ratio(cpu("relayed"), cpu("proxy")),
@@ -2382,16 +2410,31 @@ fn render_table(report: &Report) -> String {
     let r = &report.ratios;
     out.push_str("\nratios (same run):\n");
     let ms_opt = |v: Option<f64>| v.map(|v| format!("{v:.3} ms")).unwrap_or_else(|| "-".into());
+    let rounds = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" / ");
     let mut lines = vec![
         ("throughput relayed/direct", opt(r.relayed_over_direct_throughput, 3)),
         ("throughput relayed/proxy", opt(r.relayed_over_proxy_throughput, 3)),
+    ];
+    if !r.relayed_over_direct_throughput_by_round.is_empty() {
+        lines.push((
+            "throughput relayed/direct, round by round",
+            rounds(&r.relayed_over_direct_throughput_by_round),
+        ));
+    }
+    if !r.relayed_over_proxy_throughput_by_round.is_empty() {
+        lines.push((
+            "throughput relayed/proxy, round by round",
+            rounds(&r.relayed_over_proxy_throughput_by_round),
+        ));
+    }
+    lines.extend([
         ("p99 added vs direct (open)", ms_opt(r.p99_added_over_direct_ms)),
         ("p99 added vs proxy (open)", ms_opt(r.p99_added_over_proxy_ms)),
         (
             "CPU per lookup broker/nginx",
             opt(r.broker_over_proxy_cpu_per_lookup, 3),
         ),
-    ];
+    ]);
     if report.postgres.is_some() || r.relayed_pg_over_relayed_throughput.is_some() {
         lines.extend([
             (
@@ -2621,6 +2664,7 @@ mod tests {
         let r = ratios(&reports);
         assert_eq!(r.relayed_over_direct_throughput, Some(0.5));
         assert_eq!(r.relayed_over_proxy_throughput, None);
+        assert!(r.relayed_over_direct_throughput_by_round.is_empty(), "one round");
         assert_eq!(r.p99_added_over_direct_ms, Some(0.5));
         assert_eq!(r.broker_over_proxy_cpu_per_lookup, None);
         assert_eq!(r.relayed_pg_over_relayed_throughput, None);
@@ -2640,6 +2684,30 @@ mod tests {
         assert_eq!(r.relayed_pg_2_over_relayed_pg_throughput, Some(1.5));
         let cpu = r.relayed_pg_over_relayed_cpu_per_lookup.unwrap();
         assert!((cpu - 1.5).abs() < 1e-9, "{cpu}");
+
+        // Three rounds: each round's pair, in order, beside the medians' ratio.
+        let with_rounds = |tp: f64, rounds: &[f64]| {
+            let mut p = phase(tp, 0, None);
+            p.rounds = rounds.to_vec();
+            p
+        };
+        let reports = vec![
+            scenario(
+                "direct",
+                "ok",
+                Some(with_rounds(1000.0, &[1000.0, 800.0, 1200.0])),
+                None,
+            ),
+            scenario("relayed", "ok", Some(with_rounds(300.0, &[300.0, 400.0, 240.0])), None),
+            scenario("proxy", "ok", Some(with_rounds(600.0, &[600.0, 800.0])), None),
+        ];
+        let r = ratios(&reports);
+        assert_eq!(r.relayed_over_direct_throughput, Some(0.3));
+        assert_eq!(r.relayed_over_direct_throughput_by_round, vec![0.3, 0.5, 0.2]);
+        assert!(
+            r.relayed_over_proxy_throughput_by_round.is_empty(),
+            "rounds that do not pair up are not compared"
+        );
     }
 
     #[test]
