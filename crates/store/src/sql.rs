@@ -797,8 +797,14 @@ impl Store for SqlStore {
         let rows = entries
             .iter()
             .map(|e| {
-                let log_no = numbers.iter().find(|(id, _)| *id == e.log_id).map_or(0, |(_, n)| *n);
-                EntryInsert::new(e, log_no)
+                // Every entry's log is one of the runs, numbered just above.
+                let (_, log_no) = numbers.iter().find(|(id, _)| *id == e.log_id).ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "entry {} names log {}, outside the batch's runs",
+                        e.sequence, e.log_id
+                    ))
+                })?;
+                EntryInsert::new(e, *log_no)
             })
             .collect::<Result<Vec<_>>>()?;
         if let (Pool::Sqlite(writer), [run]) = (&self.audit_writer, runs.as_slice()) {
