@@ -14,7 +14,7 @@ use lienthong::v1::{
 };
 use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
-use lienthong_core::filter::filter_record;
+use lienthong_core::filter::FieldSelection;
 use lienthong_core::policy::{AccessRequest, Decision};
 use opentelemetry::trace::SpanContext;
 use serde_json::Value;
@@ -679,7 +679,18 @@ impl Broker {
                     ),
                 )
             })?;
-            Ok::<_, Failure>(filter_record(&record, &allowed.fields).to_string())
+            // A request naming no fields gets its grant's fields, compiled with the snapshot.
+            let written = match snapshot.grant_selection(&allowed.grant_id) {
+                Some(selection) if item.fields.is_empty() => selection.to_json(&record),
+                _ => FieldSelection::from_fields(&allowed.fields).to_json(&record),
+            };
+            written.map_err(|e| {
+                fail(
+                    Outcome::Failed,
+                    "record_encoding_failed",
+                    BrokerError::Internal(format!("the released {} record could not be written: {e}", rt.name())),
+                )
+            })
         })?;
         event.fields_released = released.clone();
         event.outcome = Outcome::Allowed;

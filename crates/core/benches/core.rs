@@ -152,6 +152,21 @@ fn benches(c: &mut Criterion) {
     c.bench_function("filter/20_fields/filter_record", |b| {
         b.iter(|| black_box(filter_record(black_box(&record), black_box(&selected))))
     });
+    // What a lookup did before and does now: build the tree, cut a copy, write it;
+    // against writing the cut straight from the record with the snapshot's tree.
+    c.bench_function("filter/20_fields/build_cut_and_write", |b| {
+        b.iter(|| black_box(filter_record(black_box(&record), black_box(&selected)).to_string()))
+    });
+    c.bench_function("filter/20_fields/write_with_prebuilt_selection", |b| {
+        b.iter(|| black_box(selection.to_json(black_box(&record))))
+    });
+    let everything = FieldSelection::all();
+    c.bench_function("filter/20_fields/write_all_fields", |b| {
+        b.iter(|| black_box(everything.to_json(black_box(&record))))
+    });
+    c.bench_function("filter/20_fields/copy_and_write_all_fields", |b| {
+        b.iter(|| black_box(filter_record(black_box(&record), black_box(&GrantFields::All)).to_string()))
+    });
 }
 
 criterion_group!(core, benches);

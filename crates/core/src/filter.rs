@@ -5,6 +5,7 @@
 //! every item of `previous_names`). Selecting a field keeps all of it.
 
 use crate::grant::GrantFields;
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Value};
 
 /// A set of selected pointers as a tree, built once and applied to many records.
@@ -40,6 +41,12 @@ impl Node {
             .map(|i| &self.children[i].1)
     }
 
+    /// True when [`Node::apply`] keeps something of `value`: scalars hold no
+    /// selected properties, objects and arrays are kept (possibly emptied).
+    fn keeps(&self, value: &Value) -> bool {
+        self.whole || value.is_object() || value.is_array()
+    }
+
     /// The selected part of `value`, or `None` when nothing of it is selected.
     fn apply(&self, value: &Value) -> Option<Value> {
         if self.whole {
@@ -65,6 +72,46 @@ impl Node {
                     .collect(),
             )),
             _ => None,
+        }
+    }
+}
+
+/// The part of a value a node selects, serialized as [`Node::apply`] would build
+/// it, so the lookup path writes the released record without copying it first.
+struct Selected<'a> {
+    node: &'a Node,
+    value: &'a Value,
+}
+
+impl Serialize for Selected<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.node.whole {
+            return self.value.serialize(serializer);
+        }
+        match self.value {
+            Value::Object(map) => {
+                let mut out = serializer.serialize_map(None)?;
+                for (key, sub) in map {
+                    if let Some(node) = self.node.child(key)
+                        && node.keeps(sub)
+                    {
+                        out.serialize_entry(key, &Selected { node, value: sub })?;
+                    }
+                }
+                out.end()
+            }
+            Value::Array(items) => {
+                let mut out = serializer.serialize_seq(None)?;
+                for item in items.iter().filter(|item| item.is_object() || item.is_array()) {
+                    out.serialize_element(&Selected {
+                        node: self.node,
+                        value: item,
+                    })?;
+                }
+                out.end()
+            }
+            // Only a root scalar gets here; `apply` makes it an empty object.
+            _ => serializer.serialize_map(Some(0))?.end(),
         }
     }
 }
@@ -122,6 +169,15 @@ impl FieldSelection {
     pub fn apply(&self, record: &Value) -> Value {
         self.root.apply(record).unwrap_or_else(|| Value::Object(Map::new()))
     }
+
+    /// [`FieldSelection::apply`] as compact JSON text, written straight from
+    /// `record` without building the cut-down copy.
+    pub fn to_json(&self, record: &Value) -> serde_json::Result<String> {
+        serde_json::to_string(&Selected {
+            node: &self.root,
+            value: record,
+        })
+    }
 }
 
 /// `record` cut down to `fields`; `GrantFields::All` returns it unchanged.
@@ -136,6 +192,7 @@ pub fn filter_record(record: &Value, fields: &GrantFields) -> Value {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn record() -> Value {
@@ -248,5 +305,60 @@ mod tests {
             FieldSelection::from_fields(&GrantFields::All).apply(&record()),
             record()
         );
+    }
+
+    #[test]
+    fn written_json_keeps_only_the_selected_fields_in_record_order() {
+        let selection = FieldSelection::new(&[
+            "/previous_names/given_name".to_string(),
+            "/full_name".to_string(),
+            "/tags/x".to_string(),
+        ]);
+        assert_eq!(
+            selection.to_json(&record()).unwrap(),
+            r#"{"full_name":"Nguyen Van A","previous_names":[{"given_name":"Thi C"},{"given_name":"Thi D"}],"tags":[]}"#
+        );
+        assert_eq!(FieldSelection::new(&[]).to_json(&json!(7)).unwrap(), "{}");
+        assert_eq!(FieldSelection::all().to_json(&json!(7)).unwrap(), "7");
+    }
+
+    /// JSON values a few levels deep, keys drawn from a small set so that
+    /// pointers built from the same set often hit.
+    fn value() -> impl Strategy<Value = Value> {
+        let key = prop::sample::select(vec!["a", "b", "c", "d~1", "e/f"]);
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(|n| json!(n)),
+            "[a-z\\\\\"é]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 5, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::vec((key.clone(), inner), 0..5)
+                    .prop_map(|kvs| Value::Object(kvs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    fn pointer_set() -> impl Strategy<Value = Vec<String>> {
+        let segment = prop::sample::select(vec!["a", "b", "c", "d~01", "e~1f", "zz"]);
+        let pointer = prop_oneof![
+            1 => Just(String::new()),
+            12 => prop::collection::vec(segment, 1..4).prop_map(|s| format!("/{}", s.join("/"))),
+        ];
+        prop::collection::vec(pointer, 0..5)
+    }
+
+    proptest! {
+        /// The lookup path writes `to_json`; auditors and tests reason about
+        /// `apply`. They must never release different data.
+        #[test]
+        fn written_json_is_the_applied_selection(record in value(), pointers in pointer_set()) {
+            let selection = FieldSelection::new(&pointers);
+            let written = selection.to_json(&record).unwrap();
+            prop_assert_eq!(&written, &serde_json::to_string(&selection.apply(&record)).unwrap());
+            prop_assert_eq!(serde_json::from_str::<Value>(&written).unwrap(), selection.apply(&record));
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! types and endpoints indexed for the lookup path. Immutable once built; the
 //! broker builds a new one from the store and swaps it atomically.
 
+use crate::filter::FieldSelection;
 use crate::grant::{Endpoint, Grant};
 use crate::member::Member;
 use crate::policy::{self, AccessRequest, Decision, DenyReason};
@@ -16,6 +17,8 @@ struct GrantLocation {
     consumer: String,
     record_type: String,
     index: usize,
+    /// The grant's fields as a tree, built once rather than on every lookup.
+    selection: FieldSelection,
 }
 
 /// Read-only view of everything the broker needs to authorize and route.
@@ -98,6 +101,7 @@ impl Snapshot {
                             consumer: consumer.clone(),
                             record_type: record_type.clone(),
                             index,
+                            selection: FieldSelection::from_fields(&grant.fields),
                         },
                     );
                 }
@@ -171,6 +175,11 @@ impl Snapshot {
         let location = self.grant_index.get(id)?;
         self.grants_for(&location.consumer, &location.record_type)
             .get(location.index)
+    }
+
+    /// The fields a grant releases, as built with the snapshot.
+    pub fn grant_selection(&self, id: &str) -> Option<&FieldSelection> {
+        self.grant_index.get(id).map(|location| &location.selection)
     }
 
     /// Number of grants held.

@@ -191,3 +191,21 @@ fn snapshot_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Snapshot>();
 }
+
+#[test]
+fn each_grant_carries_the_selection_of_its_own_fields() {
+    let mut narrow = grant("g-narrow", "alpha", "civil.birth", datetime!(2025-04-01 0:00 UTC));
+    narrow.fields = GrantFields::Pointers(vec!["/full_name".into()]);
+    let wide = grant("g-wide", "alpha", "civil.birth", datetime!(2025-02-01 0:00 UTC));
+    let snap = Snapshot::build(1, NOW, vec![member("alpha")], vec![narrow, wide], Vec::new(), Vec::new());
+    let record = serde_json::json!({"full_name": "Le Thi B", "national_id": "001099012345"});
+    assert_eq!(
+        snap.grant_selection("g-narrow").unwrap().to_json(&record).unwrap(),
+        r#"{"full_name":"Le Thi B"}"#
+    );
+    assert_eq!(
+        snap.grant_selection("g-wide").unwrap().to_json(&record).unwrap(),
+        record.to_string()
+    );
+    assert!(snap.grant_selection("g-unknown").is_none());
+}
