@@ -187,13 +187,19 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     server.shutdown().await;
 
     // Malformed JSON.
-    let raw = testing::start_raw_server(RawProvider::new("{\"full_name\": "), civil_tls(&fed))
+    let raw_provider = RawProvider::new("{\"full_name\": ");
+    let raw = testing::start_raw_server(raw_provider.clone(), civil_tls(&fed))
         .await
         .unwrap();
     replace_civil_endpoint(&fed, &raw.url()).await;
     let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(err.message().contains("malformed JSON"), "{}", err.message());
+    // An answer past the 4 MiB limit is refused, not buffered.
+    raw_provider.set_answer(format!("\"{}\"", "x".repeat(5 * 1024 * 1024)));
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("OutOfRange"), "{}", err.message());
     raw.shutdown().await;
 
     // Drops the connection mid-call.
@@ -213,7 +219,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     criminal_record_still_served(&office, &subject).await;
 
     let failed = failed_entries(&fed).await;
-    assert_eq!(failed.len(), 6, "every failed attempt is audited: {failed:#?}");
+    assert_eq!(failed.len(), 7, "every failed attempt is audited: {failed:#?}");
     for reason in [
         "provider_timeout",
         "provider_invalid_record",

@@ -4,20 +4,18 @@
 //! deadlines, and bounded retries for `UNAVAILABLE` within a retry budget.
 
 use crate::config::RelayConfig;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::{BufMut, Bytes};
 use lienthong::provider::v1::{FetchRequest, FetchResponse};
 use lienthong_core::Endpoint;
 use lienthong_tls::{Dialer, Identity, TlsMaterial};
 use opentelemetry::trace::SpanContext;
+use prost::Message;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tonic::Code;
-use tonic::codec::{BufferSettings, Codec};
-use tonic_prost::{ProstDecoder, ProstEncoder};
 use tracing::Instrument;
 
 /// How a provider call failed.
@@ -65,37 +63,59 @@ const CONNECTIONS_PER_ENDPOINT: usize = 4;
 /// `RecordProvider.Fetch` path, as the generated client sends it.
 const FETCH_PATH: &str = "/lienthong.provider.v1.RecordProvider/Fetch";
 
-/// The generated client's codec with buffers sized for fetches: tonic's
-/// default 8 KiB per call is held for the whole call, which with a thousand
-/// lookups in flight is megabytes for requests of a few hundred bytes. The
-/// buffers still grow for larger messages.
-#[derive(Clone, Copy, Debug, Default)]
-struct FetchCodec;
+/// Largest `FetchResponse` accepted, as tonic's default decoding limit: a
+/// register answering more is refused rather than buffered.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
-impl Codec for FetchCodec {
-    type Encode = FetchRequest;
-    type Decode = FetchResponse;
-    type Encoder = ProstEncoder<FetchRequest>;
-    type Decoder = ProstDecoder<FetchResponse>;
+/// HTTP/2 flow-control windows offered to registers. A fixed window in place
+/// of hyper's adaptive one: records are small, and a call reads its whole
+/// answer at once.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(512, 32 * 1024))
+const USER_AGENT: &str = concat!("lienthong-broker/", env!("CARGO_PKG_VERSION"));
+
+/// An HTTP/2 connection that is up: requests go out through `send`; `alive`
+/// turns false once the connection task has ended.
+#[derive(Clone)]
+struct Live {
+    send: h2::client::SendRequest<Bytes>,
+    alive: Arc<AtomicBool>,
+    /// Calls on this connection now; keep-alive pings only while there are some.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a call on its connection until dropped, however the call ends.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
     }
+}
 
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(2048, 32 * 1024))
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// One HTTP/2 connection to a register endpoint, dialled on first use and
 /// again once it has closed.
 ///
-/// Calls go straight to hyper's connection task. tonic's `Channel` puts a
-/// `tower::buffer` worker task in front of it, which costs every call one
-/// more hand-off between tasks (and wake-up between threads).
+/// Calls speak h2 directly. Through hyper's client every call also went
+/// through a channel to hyper's connection task, a spawned task awaiting the
+/// response and, because h2 gives a client stream send capacity only once the
+/// connection task has opened it, a spawned task holding the request body: on
+/// the wire, the headers and the body left in two TLS records. Here a call
+/// queues its headers and its one message together and awaits the answer in
+/// its own task.
 struct Conn {
     dialer: Dialer,
-    sender: Mutex<Option<SendRequest<tonic::body::Body>>>,
+    /// `https://host:port/lienthong.provider.v1.RecordProvider/Fetch`.
+    fetch_uri: http::Uri,
+    sender: Mutex<Option<Live>>,
     /// One dial at a time; callers arriving meanwhile wait for its outcome.
     dialling: tokio::sync::Mutex<()>,
     /// Dials made so far, to tell a caller who waited that a dial was made.
@@ -105,23 +125,32 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(dialer: Dialer) -> Conn {
-        Conn {
+    fn new(dialer: Dialer) -> Result<Conn, http::Error> {
+        let fetch_uri = http::Uri::builder()
+            .scheme(http::uri::Scheme::HTTPS)
+            .authority(dialer.origin().authority().map_or("", |a| a.as_str()))
+            .path_and_query(FETCH_PATH)
+            .build()?;
+        Ok(Conn {
             dialer,
+            fetch_uri,
             sender: Mutex::new(None),
             dialling: tokio::sync::Mutex::new(()),
             dials: AtomicU64::new(0),
             last_error: Mutex::new(None),
-        }
+        })
     }
 
-    fn open(&self) -> Option<SendRequest<tonic::body::Body>> {
+    fn open(&self) -> Option<Live> {
         let sender = self.sender.lock().ok()?;
-        sender.as_ref().filter(|s| !s.is_closed()).cloned()
+        sender
+            .as_ref()
+            .filter(|live| live.alive.load(Ordering::Acquire))
+            .cloned()
     }
 
-    /// A sender on an open connection, dialling one if needed.
-    async fn sender(&self) -> Result<SendRequest<tonic::body::Body>, tonic::Status> {
+    /// An open connection, dialling one if needed.
+    async fn sender(&self) -> Result<Live, tonic::Status> {
         if let Some(sender) = self.open() {
             return Ok(sender);
         }
@@ -141,54 +170,197 @@ impl Conn {
             *last = dialled.as_ref().err().cloned();
         }
         self.dials.fetch_add(1, Ordering::Release);
-        let sender = dialled.map_err(tonic::Status::unavailable)?;
+        let live = dialled.map_err(tonic::Status::unavailable)?;
         if let Ok(mut slot) = self.sender.lock() {
-            *slot = Some(sender.clone());
+            *slot = Some(live.clone());
         }
-        Ok(sender)
+        Ok(live)
     }
 
-    async fn dial(&self) -> Result<SendRequest<tonic::body::Body>, String> {
+    async fn dial(&self) -> Result<Live, String> {
         let stream = self.dialer.dial().await.map_err(|e| e.to_string())?;
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(lienthong_tls::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(lienthong_tls::KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(stream))
+        let (send, mut connection) = h2::client::Builder::new()
+            // hyper's default: a register's headers are a few hundred bytes.
+            .max_header_list_size(16 * 1024)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {} failed: {e}", self.dialer.origin()))?;
+        let alive = Arc::new(AtomicBool::new(true));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let ping_pong = connection.ping_pong();
+        let busy = in_flight.clone();
         let origin = self.dialer.origin().clone();
+        let ended = alive.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%origin, error = %e, "connection to a register ended");
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        tracing::debug!(%origin, error = %e, "connection to a register ended");
+                    }
+                }
+                // Dropping the connection closes it: calls on it fail and the
+                // next call dials again.
+                silent = keep_alive(ping_pong, busy) => {
+                    tracing::warn!(%origin, "register stopped answering HTTP/2 pings within {silent:?}; connection closed");
+                }
             }
+            ended.store(false, Ordering::Release);
         });
-        Ok(sender)
+        Ok(Live { send, alive, in_flight })
+    }
+
+    /// One unary `Fetch` on this connection.
+    async fn fetch(&self, request: tonic::Request<FetchRequest>) -> Result<FetchResponse, tonic::Status> {
+        // Not ready means the connection closed before the request left, so
+        // the call may go elsewhere.
+        let closed = |e: h2::Error| tonic::Status::unavailable(format!("the connection to the register closed: {e}"));
+        let live = self.sender().await?;
+        let _counted = InFlight::new(&live.in_flight);
+        let mut send = live.send.ready().await.map_err(closed)?;
+        let (metadata, _, message) = request.into_parts();
+        let mut head = http::Request::new(());
+        *head.method_mut() = http::Method::POST;
+        *head.uri_mut() = self.fetch_uri.clone();
+        *head.headers_mut() = metadata.into_headers();
+        let headers = head.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT));
+        let (response, mut body) = send.send_request(head, false).map_err(closed)?;
+        // Queued with the headers: both leave in the connection task's next write.
+        body.send_data(grpc_frame(&message)?, true).map_err(closed)?;
+        let response = response.await.map_err(h2_status)?;
+        read_fetch_response(response).await
     }
 }
 
-/// The tower service tonic's client calls: one request on one HTTP/2 connection.
-struct Http2(SendRequest<tonic::body::Body>);
-
-impl tower_service::Service<http::Request<tonic::body::Body>> for Http2 {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        request
-            .headers_mut()
-            .insert(http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT));
-        Box::pin(self.0.send_request(request))
+/// Pings the register every [`lienthong_tls::KEEPALIVE_INTERVAL`] while calls
+/// are waiting on the connection, so that a register gone silent fails them
+/// rather than leaving them to their deadlines; returns how long it waited for
+/// the pong it gave up on. Never returns while the register answers. Idle
+/// connections are not pinged: gRPC servers refuse clients that ping without
+/// calls (`too_many_pings`), as with hyper's `keep_alive_while_idle(false)`.
+async fn keep_alive(ping_pong: Option<h2::PingPong>, in_flight: Arc<AtomicUsize>) -> Duration {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(lienthong_tls::KEEPALIVE_INTERVAL).await;
+        if in_flight.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        match tokio::time::timeout(lienthong_tls::KEEPALIVE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            // The connection itself failed: its task reports that.
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return lienthong_tls::KEEPALIVE_TIMEOUT,
+        }
     }
 }
 
-const USER_AGENT: &str = concat!("lienthong-broker/", env!("CARGO_PKG_VERSION"));
+/// The gRPC length-prefixed frame of one uncompressed message.
+fn grpc_frame(message: &FetchRequest) -> Result<Bytes, tonic::Status> {
+    let len = message.encoded_len();
+    let prefix = u32::try_from(len).map_err(|_| tonic::Status::internal("fetch request too large to frame"))?;
+    let mut buf = bytes::BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(prefix);
+    message
+        .encode(&mut buf)
+        .map_err(|e| tonic::Status::internal(format!("fetch request could not be encoded: {e}")))?;
+    Ok(buf.freeze())
+}
+
+/// The status gRPC gives an HTTP/2 error (tonic's mapping).
+fn h2_status(e: h2::Error) -> tonic::Status {
+    tonic::Status::from_error(Box::new(e))
+}
+
+/// Reads a unary gRPC answer: headers, at most [`MAX_RESPONSE_BYTES`] of
+/// message, trailers; the status is the trailers' (or the headers' in a
+/// trailers-only answer).
+async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result<FetchResponse, tonic::Status> {
+    let (head, mut body) = response.into_parts();
+    if head.status != http::StatusCode::OK {
+        return Err(http_status(head.status));
+    }
+    if let Some(status) = tonic::Status::from_header_map(&head.headers) {
+        // Trailers-only: the status came with the headers and no message follows.
+        return Err(if status.code() == Code::Ok {
+            tonic::Status::internal("the register answered OK without a message")
+        } else {
+            status
+        });
+    }
+    let grpc = head
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        return Err(tonic::Status::unknown(
+            "the register answered without the gRPC content type",
+        ));
+    }
+    let mut message = bytes::BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(h2_status)?;
+        // Hand the window back at once: the whole answer is read here anyway.
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if message.len() + chunk.len() > MAX_RESPONSE_BYTES + 5 {
+            return Err(tonic::Status::out_of_range(format!(
+                "the register's answer is larger than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        }
+        message.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.map_err(h2_status)?;
+    let status = trailers
+        .as_ref()
+        .and_then(tonic::Status::from_header_map)
+        .unwrap_or_else(|| tonic::Status::internal("the register's answer ended without a gRPC status"));
+    if status.code() != Code::Ok {
+        return Err(status);
+    }
+    decode_grpc_frame(&message)
+}
+
+/// The one message of a unary answer.
+fn decode_grpc_frame(frame: &[u8]) -> Result<FetchResponse, tonic::Status> {
+    let Some((&[compressed, a, b, c, d], message)) = frame.split_first_chunk::<5>() else {
+        return Err(tonic::Status::internal("the register answered OK without a message"));
+    };
+    if compressed != 0 {
+        return Err(tonic::Status::internal(
+            "the register compressed its answer, but the broker asked for none",
+        ));
+    }
+    if u32::from_be_bytes([a, b, c, d]) as usize != message.len() {
+        return Err(tonic::Status::internal(
+            "the register's answer is not exactly one length-prefixed message",
+        ));
+    }
+    FetchResponse::decode(message)
+        .map_err(|e| tonic::Status::internal(format!("the register's answer could not be decoded: {e}")))
+}
+
+/// The gRPC code for an HTTP status other than 200, as the gRPC spec maps them.
+fn http_status(status: http::StatusCode) -> tonic::Status {
+    let code = match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    };
+    tonic::Status::new(code, format!("the register answered HTTP {status}"))
+}
 
 /// One provider endpoint and its connections.
 pub struct EndpointState {
@@ -204,27 +376,12 @@ pub struct EndpointState {
 
 impl EndpointState {
     /// One `Fetch` on the next connection (round robin).
-    async fn call(
-        &self,
-        request: tonic::Request<FetchRequest>,
-    ) -> Result<tonic::Response<FetchResponse>, tonic::Status> {
+    async fn call(&self, request: tonic::Request<FetchRequest>) -> Result<FetchResponse, tonic::Status> {
         let i = self.next_conn.fetch_add(1, Ordering::Relaxed) % self.conns.len().max(1);
         let Some(conn) = self.conns.get(i) else {
             return Err(tonic::Status::unavailable("endpoint has no connection"));
         };
-        let sender = conn.sender().await?;
-        let mut grpc = tonic::client::Grpc::with_origin(Http2(sender), conn.dialer.origin().clone());
-        // Not ready means the connection closed before the request left, so
-        // the call may go elsewhere.
-        grpc.ready()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("the connection to the register closed: {e}")))?;
-        let mut request = request;
-        request
-            .extensions_mut()
-            .insert(tonic::GrpcMethod::new("lienthong.provider.v1.RecordProvider", "Fetch"));
-        grpc.unary(request, http::uri::PathAndQuery::from_static(FETCH_PATH), FetchCodec)
-            .await
+        conn.fetch(request).await
     }
 
     /// Requests in flight to this endpoint.
@@ -346,13 +503,11 @@ impl Relay {
                 let existing = old.and_then(|p| p.endpoints.iter().find(|s| s.id == e.id && s.url == e.url).cloned());
                 let state = match existing {
                     Some(s) => s,
-                    None => match self.dialer(provider, &e.url) {
-                        Ok(dialer) => Arc::new(EndpointState {
+                    None => match self.connections(provider, &e.url) {
+                        Ok(conns) => Arc::new(EndpointState {
                             id: e.id.clone(),
                             url: e.url.clone(),
-                            conns: (0..CONNECTIONS_PER_ENDPOINT)
-                                .map(|_| Conn::new(dialer.clone()))
-                                .collect(),
+                            conns,
                             next_conn: AtomicUsize::new(0),
                             outstanding: AtomicU64::new(0),
                             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
@@ -379,12 +534,18 @@ impl Relay {
         *pools = next;
     }
 
-    fn dialer(&self, provider: &str, url: &str) -> Result<Dialer, lienthong_tls::TlsError> {
+    /// The (not yet dialled) connections to one endpoint of `provider`.
+    fn connections(&self, provider: &str, url: &str) -> Result<Vec<Conn>, String> {
         let tls = lienthong_tls::client_config(
             &self.material,
             Some((&self.trust_domain, Identity::Member(provider.to_string()))),
-        )?;
-        Dialer::new(url, tls, Duration::from_millis(self.config.connect_timeout_ms))
+        )
+        .map_err(|e| e.to_string())?;
+        let dialer =
+            Dialer::new(url, tls, Duration::from_millis(self.config.connect_timeout_ms)).map_err(|e| e.to_string())?;
+        (0..CONNECTIONS_PER_ENDPOINT)
+            .map(|_| Conn::new(dialer.clone()).map_err(|e| format!("{url} gives no request URI: {e}")))
+            .collect()
     }
 
     /// Every endpoint of every provider, for metrics.
@@ -540,7 +701,7 @@ impl Relay {
             let status = match result {
                 Ok(Ok(resp)) => {
                     ep.record(true, threshold, open_for, provider);
-                    return Ok(resp.into_inner().record_json);
+                    return Ok(resp.record_json);
                 }
                 Ok(Err(status)) => status,
                 Err(_) => {
@@ -585,6 +746,86 @@ impl Relay {
                     )));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn answer(record_json: &str) -> FetchResponse {
+        FetchResponse {
+            record_json: record_json.into(),
+            ..Default::default()
+        }
+    }
+
+    fn framed(compressed: u8, message: &[u8], declared: u32) -> Vec<u8> {
+        let mut frame = vec![compressed];
+        frame.extend_from_slice(&declared.to_be_bytes());
+        frame.extend_from_slice(message);
+        frame
+    }
+
+    #[test]
+    fn a_request_frame_is_the_length_prefixed_message() {
+        let request = FetchRequest {
+            record_type: "civil.birth".into(),
+            query_json: r#"{"national_id":"x"}"#.into(),
+            ..Default::default()
+        };
+        let frame = grpc_frame(&request).unwrap();
+        assert_eq!(frame[0], 0, "not compressed");
+        assert_eq!(
+            u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize,
+            frame.len() - 5
+        );
+        assert_eq!(FetchRequest::decode(&frame[5..]).unwrap(), request);
+    }
+
+    #[test]
+    fn an_answer_is_exactly_one_uncompressed_message() {
+        let message = answer(r#"{"full_name":"Tran Thi C"}"#).encode_to_vec();
+        let len = message.len() as u32;
+        assert_eq!(
+            decode_grpc_frame(&framed(0, &message, len)).unwrap(),
+            answer(r#"{"full_name":"Tran Thi C"}"#)
+        );
+        for (frame, says) in [
+            (Vec::new(), "without a message"),
+            (vec![0, 0, 0], "without a message"),
+            (framed(1, &message, len), "compressed"),
+            (framed(0, &message, len + 1), "exactly one"),
+            (
+                framed(0, &[message.clone(), message.clone()].concat(), len),
+                "exactly one",
+            ),
+            (framed(0, &[0xff, 0xff], 2), "could not be decoded"),
+        ] {
+            let status = decode_grpc_frame(&frame).unwrap_err();
+            assert_eq!(status.code(), Code::Internal, "{status:?}");
+            assert!(status.message().contains(says), "{}", status.message());
+        }
+    }
+
+    #[test]
+    fn http_errors_get_the_codes_the_grpc_spec_gives_them() {
+        for (http, code) in [
+            (400, Code::Internal),
+            (401, Code::Unauthenticated),
+            (403, Code::PermissionDenied),
+            (404, Code::Unimplemented),
+            (429, Code::Unavailable),
+            (502, Code::Unavailable),
+            (503, Code::Unavailable),
+            (504, Code::Unavailable),
+            (500, Code::Unknown),
+        ] {
+            let status = http_status(http::StatusCode::from_u16(http).unwrap());
+            assert_eq!(status.code(), code, "HTTP {http}");
+            assert!(status.message().contains(&http.to_string()));
         }
     }
 }

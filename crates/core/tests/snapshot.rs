@@ -197,7 +197,14 @@ fn each_grant_carries_the_selection_of_its_own_fields() {
     let mut narrow = grant("g-narrow", "alpha", "civil.birth", datetime!(2025-04-01 0:00 UTC));
     narrow.fields = GrantFields::Pointers(vec!["/full_name".into()]);
     let wide = grant("g-wide", "alpha", "civil.birth", datetime!(2025-02-01 0:00 UTC));
-    let snap = Snapshot::build(1, NOW, vec![member("alpha")], vec![narrow, wide], Vec::new(), Vec::new());
+    let snap = Snapshot::build(
+        1,
+        NOW,
+        vec![member("alpha")],
+        vec![narrow, wide],
+        Vec::new(),
+        Vec::new(),
+    );
     let record = serde_json::json!({"full_name": "Le Thi B", "national_id": "001099012345"});
     assert_eq!(
         snap.grant_selection("g-narrow").unwrap().to_json(&record).unwrap(),
