@@ -758,7 +758,6 @@ mod tests {
     fn answer(record_json: &str) -> FetchResponse {
         FetchResponse {
             record_json: record_json.into(),
-            ..Default::default()
         }
     }
 
