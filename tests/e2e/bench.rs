@@ -27,6 +27,7 @@ fn quick_bench_reports_direct_relayed_and_proxy_as_json() {
     let scenarios = report["scenarios"].as_array().expect("scenarios array");
     let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(names, ["direct", "relayed", "proxy"], "{report:#}");
+    let cpus = report["machine"]["cpus"].as_f64().unwrap_or(0.0);
     for s in scenarios {
         let name = s["name"].as_str().unwrap_or_default();
         if name == "proxy" && s["status"] == "skipped" {
@@ -45,6 +46,9 @@ fn quick_bench_reports_direct_relayed_and_proxy_as_json() {
                 "{name} {mode}: {s:#}"
             );
             assert!(phase["ok"].as_u64().unwrap_or(0) > 0, "{name} {mode}: {s:#}");
+            // The machine did the work of the phase, and no more than its cores can.
+            let busy = phase["machine"]["busy_cores"].as_f64().unwrap_or(0.0);
+            assert!(busy > 0.0 && busy <= cpus + 0.5, "{name} {mode} busy {busy}: {s:#}");
         }
     }
     // The relayed lookups were real ones: the broker's own figures are there.

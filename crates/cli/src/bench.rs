@@ -420,6 +420,9 @@ struct PhaseReport {
     throughput_per_s: f64,
     latency_us: Latency,
     cpu_s_per_1000: CpuCost,
+    /// The whole machine's CPU during the phase: on two shared cores, latency
+    /// is queueing once this nears the core count.
+    machine: MachineLoad,
     /// With --rounds above 1: throughput (closed) or p99 in µs (open) of every
     /// round, in order; the figures above are from the median one.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -922,6 +925,55 @@ struct CpuSnapshot {
     provider: Option<f64>,
     database: Option<f64>,
     load_generator: Option<f64>,
+    machine: Option<MachineCpu>,
+}
+
+/// CPU seconds the whole machine spent, all cores together, from `/proc/stat`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MachineCpu {
+    /// Running anything: user, nice, system, irq, softirq.
+    busy: f64,
+    /// Wanted but given to other guests by the hypervisor.
+    steal: f64,
+}
+
+/// The `cpu` line of `/proc/stat` (proc(5)): user nice system idle iowait irq
+/// softirq steal, in clock ticks.
+fn parse_machine_cpu(proc_stat: &str) -> Option<MachineCpu> {
+    let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).map_while(|t| t.parse().ok()).collect();
+    let tick = |i: usize| ticks.get(i).copied();
+    let busy = tick(0)? + tick(1)? + tick(2)? + tick(5)? + tick(6)?;
+    Some(MachineCpu {
+        busy: busy as f64 / CLOCK_TICKS_PER_SECOND,
+        steal: tick(7).unwrap_or(0) as f64 / CLOCK_TICKS_PER_SECOND,
+    })
+}
+
+fn machine_cpu() -> Option<MachineCpu> {
+    parse_machine_cpu(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// How many cores the whole machine kept busy, on average, during a phase.
+#[derive(Debug, Clone, Copy, Serialize, Default, PartialEq)]
+struct MachineLoad {
+    /// Every process on the machine, this run's and others'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    busy_cores: Option<f64>,
+    /// Time the hypervisor gave to other guests while this one wanted it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stolen_cores: Option<f64>,
+}
+
+fn machine_load(before: CpuSnapshot, after: CpuSnapshot, measured: Duration) -> MachineLoad {
+    let secs = measured.as_secs_f64();
+    match (before.machine, after.machine) {
+        (Some(b), Some(a)) if secs > 0.0 => MachineLoad {
+            busy_cores: Some((a.busy - b.busy).max(0.0) / secs),
+            stolen_cores: Some((a.steal - b.steal).max(0.0) / secs),
+        },
+        _ => MachineLoad::default(),
+    }
 }
 
 impl Watched {
@@ -931,6 +983,7 @@ impl Watched {
             provider: cpu_of(&self.provider),
             database: self.database.and_then(tree_cpu_seconds),
             load_generator: cpu_of(&[std::process::id()]),
+            machine: machine_cpu(),
         }
     }
 }
@@ -1014,6 +1067,7 @@ struct Phase {
     dropped: u64,
     first_error: Option<String>,
     cpu: CpuCost,
+    machine: MachineLoad,
     measured: Duration,
 }
 
@@ -1032,6 +1086,7 @@ impl Phase {
             throughput_per_s: self.ok as f64 / secs,
             latency_us: Latency::of(&self.histogram),
             cpu_s_per_1000: self.cpu,
+            machine: self.machine,
             rounds: Vec::new(),
         }
     }
@@ -1108,6 +1163,7 @@ async fn closed_loop(
         dropped: 0,
         first_error,
         cpu: cost(before, after, ok),
+        machine: machine_load(before, after, duration),
         measured: duration,
     }
 }
@@ -1208,6 +1264,7 @@ async fn open_loop(
         dropped: dropped.load(Ordering::Relaxed),
         first_error,
         cpu: cost(before, after, ok),
+        machine: machine_load(before, after, duration),
         measured: duration,
     }
 }
@@ -2295,11 +2352,11 @@ fn render_table(report: &Report) -> String {
         ));
     }
     out.push_str(&format!(
-        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {}\n",
-        "", "", "", "", "", "", "", "", "", "CPU ms per lookup"
+        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:<35}   {}\n",
+        "", "", "", "", "", "", "", "", "", "CPU ms per lookup", "machine"
     ));
     out.push_str(&format!(
-        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}\n",
+        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10}\n",
         "scenario",
         "load",
         "lookups/s",
@@ -2312,11 +2369,12 @@ fn render_table(report: &Report) -> String {
         "middle",
         "register",
         "database",
-        "loadgen"
+        "loadgen",
+        "cores busy"
     ));
     let row = |name: &str, load: String, p: &PhaseReport| {
         format!(
-            "{:<12} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}\n",
+            "{:<12} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10}\n",
             name,
             load,
             p.throughput_per_s,
@@ -2330,6 +2388,10 @@ fn render_table(report: &Report) -> String {
             opt(p.cpu_s_per_1000.provider, 3),
             opt(p.cpu_s_per_1000.database, 3),
             opt(p.cpu_s_per_1000.load_generator, 3),
+            match p.machine.busy_cores {
+                Some(busy) => format!("{busy:.2}/{}", report.machine.cpus),
+                None => "-".into(),
+            },
         )
     };
     for r in &report.scenarios {
@@ -2351,7 +2413,8 @@ fn render_table(report: &Report) -> String {
     out.push_str(
         "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed; relayed-pg-2: both replicas) \
          or nginx (proxy, all workers); database: the PostgreSQL server, all its processes (SQLite runs inside \
-         the broker)\n",
+         the broker); cores busy: the whole machine's CPU during the phase, every process counted, \
+         against its core count\n",
     );
     if let Some(b) = &report.broker {
         out.push_str("\nbroker process:");
@@ -2570,6 +2633,7 @@ mod tests {
                 dropped: 0,
                 first_error: None,
                 cpu: CpuCost::default(),
+                machine: MachineLoad::default(),
                 measured: Duration::from_secs(1),
             }
             .report(None, None, 1)
@@ -2610,6 +2674,40 @@ mod tests {
     }
 
     #[test]
+    fn machine_cpu_counts_busy_and_stolen_ticks_of_all_cores() {
+        let stat = "cpu  100 20 30 5000 40 5 6 7 0 0\ncpu0 50 10 15 2500 20 2 3 3 0 0\nintr 1\n";
+        assert_eq!(
+            parse_machine_cpu(stat),
+            Some(MachineCpu {
+                busy: 1.61,
+                steal: 0.07
+            })
+        );
+        assert_eq!(parse_machine_cpu("cpu0 1 2 3\n"), None);
+        let before = |busy, steal| CpuSnapshot {
+            intermediary: None,
+            provider: None,
+            database: None,
+            load_generator: None,
+            machine: Some(MachineCpu { busy, steal }),
+        };
+        let load = machine_load(before(10.0, 1.0), before(29.0, 1.5), Duration::from_secs(10));
+        assert!((load.busy_cores.unwrap() - 1.9).abs() < 1e-9, "{load:?}");
+        assert!((load.stolen_cores.unwrap() - 0.05).abs() < 1e-9, "{load:?}");
+        assert_eq!(
+            machine_load(
+                before(10.0, 1.0),
+                CpuSnapshot {
+                    machine: None,
+                    ..before(0.0, 0.0)
+                },
+                Duration::from_secs(10)
+            ),
+            MachineLoad::default()
+        );
+    }
+
+    #[test]
     fn status_fields_are_read_in_kib() {
         let text = "Name:\tx\nVmHWM:\t   12345 kB\nVmRSS:\t  100 kB\n";
         assert_eq!(field_kib(text, "VmHWM:"), Some(12345));
@@ -2637,6 +2735,7 @@ mod tests {
                 intermediary: cpu,
                 ..CpuCost::default()
             },
+            machine: MachineLoad::default(),
             rounds: Vec::new(),
         };
         let scenario = |name, status, closed: Option<PhaseReport>, open: Option<PhaseReport>| ScenarioReport {
