@@ -211,15 +211,19 @@ impl Conn {
         Ok(Live { send, alive, in_flight })
     }
 
-    /// One unary `Fetch` on this connection.
-    async fn fetch(&self, request: tonic::Request<FetchRequest>) -> Result<FetchResponse, tonic::Status> {
+    /// One unary `Fetch` on this connection: `metadata` as headers, then the
+    /// framed request.
+    async fn fetch(
+        &self,
+        metadata: tonic::metadata::MetadataMap,
+        frame: Bytes,
+    ) -> Result<FetchResponse, tonic::Status> {
         // Not ready means the connection closed before the request left, so
         // the call may go elsewhere.
         let closed = |e: h2::Error| tonic::Status::unavailable(format!("the connection to the register closed: {e}"));
         let live = self.sender().await?;
         let _counted = InFlight::new(&live.in_flight);
         let mut send = live.send.ready().await.map_err(closed)?;
-        let (metadata, _, message) = request.into_parts();
         let mut head = http::Request::new(());
         *head.method_mut() = http::Method::POST;
         *head.uri_mut() = self.fetch_uri.clone();
@@ -233,7 +237,7 @@ impl Conn {
         headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT));
         let (response, mut body) = send.send_request(head, false).map_err(closed)?;
         // Queued with the headers: both leave in the connection task's next write.
-        body.send_data(grpc_frame(&message)?, true).map_err(closed)?;
+        body.send_data(frame, true).map_err(closed)?;
         let response = response.await.map_err(h2_status)?;
         read_fetch_response(response).await
     }
@@ -376,12 +380,12 @@ pub struct EndpointState {
 
 impl EndpointState {
     /// One `Fetch` on the next connection (round robin).
-    async fn call(&self, request: tonic::Request<FetchRequest>) -> Result<FetchResponse, tonic::Status> {
+    async fn call(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchResponse, tonic::Status> {
         let i = self.next_conn.fetch_add(1, Ordering::Relaxed) % self.conns.len().max(1);
         let Some(conn) = self.conns.get(i) else {
             return Err(tonic::Status::unavailable("endpoint has no connection"));
         };
-        conn.fetch(request).await
+        conn.fetch(metadata, frame).await
     }
 
     /// Requests in flight to this endpoint.
@@ -668,6 +672,13 @@ impl Relay {
         let _ = self.budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
             Some((b + pct).min(BUDGET_CAP))
         });
+        // Encoded once: a retry sends the same bytes.
+        let frame = grpc_frame(&request).map_err(|e| {
+            RelayError::Unavailable(format!(
+                "the request to {provider} could not be encoded: {}",
+                e.message()
+            ))
+        })?;
         let mut tried: Vec<usize> = Vec::new();
         let mut retries = 0;
         loop {
@@ -684,7 +695,7 @@ impl Relay {
                 }));
             };
             let ep = &pool.endpoints[i];
-            let mut req = tonic::Request::new(request.clone());
+            let mut req = tonic::Request::new(());
             req.set_timeout(remaining);
             span.record("endpoint", ep.id.as_str());
             if retries > 0 {
@@ -692,7 +703,7 @@ impl Relay {
             }
             crate::telemetry::inject(span, caller_trace, req.metadata_mut());
             ep.outstanding.fetch_add(1, Ordering::Relaxed);
-            let result = tokio::time::timeout(remaining, ep.call(req)).await;
+            let result = tokio::time::timeout(remaining, ep.call(req.into_parts().0, frame.clone())).await;
             ep.outstanding.fetch_sub(1, Ordering::Relaxed);
             let (threshold, open_for) = (
                 self.config.breaker_failures,
