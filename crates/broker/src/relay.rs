@@ -1,5 +1,5 @@
 //! The relay: calls providers' `RecordProvider.Fetch` over mutual TLS with
-//! pooled HTTP/2 channels, power-of-two-choices load balancing on outstanding
+//! pooled HTTP/2 connections (h2), power-of-two-choices load balancing on outstanding
 //! requests, a circuit breaker per endpoint, a concurrency limit per provider,
 //! deadlines, and bounded retries for `UNAVAILABLE` within a retry budget.
 
@@ -492,7 +492,7 @@ impl Relay {
     }
 
     /// Brings the pools in line with the registered endpoints, keeping the
-    /// channels (and breakers) of endpoints that did not change.
+    /// connections (and breakers) of endpoints that did not change.
     pub fn sync(&self, endpoints: &[Endpoint]) {
         let Ok(mut pools) = self.pools.write() else { return };
         let mut by_provider: HashMap<&str, Vec<&Endpoint>> = HashMap::new();
@@ -517,7 +517,7 @@ impl Relay {
                             breaker: Mutex::new(Breaker::Closed { failures: 0 }),
                         }),
                         Err(err) => {
-                            tracing::error!(provider = %provider, endpoint = %e.id, error = %err, "cannot build a channel to a provider endpoint");
+                            tracing::error!(provider = %provider, endpoint = %e.id, error = %err, "cannot build the connections to a provider endpoint");
                             continue;
                         }
                     },
