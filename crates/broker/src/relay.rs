@@ -7,7 +7,7 @@ use crate::config::RelayConfig;
 use bytes::{BufMut, Bytes};
 use lienthong::provider::v1::{FetchRequest, FetchResponse};
 use lienthong_core::Endpoint;
-use lienthong_tls::{Dialer, Identity, TlsMaterial};
+use lienthong_tls::{Coalesced, Dialer, Identity, TlsMaterial};
 use opentelemetry::trace::SpanContext;
 use prost::Message;
 use std::collections::HashMap;
@@ -178,7 +178,8 @@ impl Conn {
     }
 
     async fn dial(&self) -> Result<Live, String> {
-        let stream = self.dialer.dial().await.map_err(|e| e.to_string())?;
+        // Calls made close together leave in one TLS record (see `Coalesced`).
+        let stream = Coalesced::new(self.dialer.dial().await.map_err(|e| e.to_string())?);
         let (send, mut connection) = h2::client::Builder::new()
             // hyper's default: a register's headers are a few hundred bytes.
             .max_header_list_size(16 * 1024)

@@ -11,11 +11,14 @@
 //!   signatures are always checked, so nobody can present a certificate whose key they lack.
 //! * [`client_config`], [`connect_channel`], [`Dialer`]: the client side, optionally
 //!   pinned to the exact SPIFFE identity of the server.
+//! * [`Coalesced`]: writes held until a flush, so an answer queued in steps leaves as one
+//!   TLS record.
 //!
 //! Everything uses rustls' `ring` provider explicitly; no process-wide default is needed,
 //! but [`install_crypto_provider`] is offered for other rustls users in the process.
 
 mod client;
+mod coalesce;
 mod identity;
 mod material;
 mod pki;
@@ -24,6 +27,7 @@ mod server;
 use std::path::PathBuf;
 
 pub use client::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, client_config, connect_channel};
+pub use coalesce::Coalesced;
 pub use identity::{AuthError, Identity};
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{

@@ -32,7 +32,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::identity::{AuthError, Identity, identity_of, is_valid_trust_domain};
-use crate::{TlsError, TlsMaterial, provider};
+use crate::{Coalesced, TlsError, TlsMaterial, provider};
 
 /// What the server learned about a connected client.
 #[derive(Clone, Debug)]
@@ -246,7 +246,7 @@ impl Default for AcceptOptions {
 
 /// A client connection whose TLS handshake completed; carries its [`PeerInfo`].
 pub struct MtlsStream {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    inner: Coalesced<tokio_rustls::server::TlsStream<TcpStream>>,
     peer: Arc<PeerInfo>,
 }
 
@@ -381,7 +381,12 @@ async fn accept_loop(
                         }
                     }
                     // Err means the server is shutting down; the connection is just dropped.
-                    let _ = tx.send(Ok(MtlsStream { inner: stream, peer })).await;
+                    let _ = tx
+                        .send(Ok(MtlsStream {
+                            inner: Coalesced::new(stream),
+                            peer,
+                        }))
+                        .await;
                 }
                 Ok(Err(e)) => tracing::info!(%remote, error = %e, "tls handshake failed"),
                 Err(_elapsed) => tracing::info!(
