@@ -180,36 +180,7 @@ impl Conn {
     async fn dial(&self) -> Result<Live, String> {
         // Calls made close together leave in one TLS record (see `Coalesced`).
         let stream = Coalesced::new(self.dialer.dial().await.map_err(|e| e.to_string())?);
-        let (send, mut connection) = h2::client::Builder::new()
-            // hyper's default: a register's headers are a few hundred bytes.
-            .max_header_list_size(16 * 1024)
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .handshake::<_, Bytes>(stream)
-            .await
-            .map_err(|e| format!("HTTP/2 handshake with {} failed: {e}", self.dialer.origin()))?;
-        let alive = Arc::new(AtomicBool::new(true));
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let ping_pong = connection.ping_pong();
-        let busy = in_flight.clone();
-        let origin = self.dialer.origin().clone();
-        let ended = alive.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                result = &mut connection => {
-                    if let Err(e) = result {
-                        tracing::debug!(%origin, error = %e, "connection to a register ended");
-                    }
-                }
-                // Dropping the connection closes it: calls on it fail and the
-                // next call dials again.
-                silent = keep_alive(ping_pong, busy) => {
-                    tracing::warn!(%origin, "register stopped answering HTTP/2 pings within {silent:?}; connection closed");
-                }
-            }
-            ended.store(false, Ordering::Release);
-        });
-        Ok(Live { send, alive, in_flight })
+        start(stream, self.dialer.origin().clone()).await
     }
 
     /// One unary `Fetch` on this connection: `metadata` as headers, then the
@@ -242,6 +213,44 @@ impl Conn {
         let response = response.await.map_err(h2_status)?;
         read_fetch_response(response).await
     }
+}
+
+/// Runs the HTTP/2 handshake on a register connection and spawns its task,
+/// which ends (turning `alive` false) when the connection fails or the
+/// register stops answering pings while calls wait.
+async fn start<S>(stream: S, origin: http::Uri) -> Result<Live, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (send, mut connection) = h2::client::Builder::new()
+        // hyper's default: a register's headers are a few hundred bytes.
+        .max_header_list_size(16 * 1024)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .map_err(|e| format!("HTTP/2 handshake with {origin} failed: {e}"))?;
+    let alive = Arc::new(AtomicBool::new(true));
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let ping_pong = connection.ping_pong();
+    let busy = in_flight.clone();
+    let ended = alive.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(e) = result {
+                    tracing::debug!(%origin, error = %e, "connection to a register ended");
+                }
+            }
+            // Dropping the connection closes it: calls on it fail and the
+            // next call dials again.
+            silent = keep_alive(ping_pong, busy) => {
+                tracing::warn!(%origin, "register stopped answering HTTP/2 pings within {silent:?}; connection closed");
+            }
+        }
+        ended.store(false, Ordering::Release);
+    });
+    Ok(Live { send, alive, in_flight })
 }
 
 /// Pings the register every [`lienthong_tls::KEEPALIVE_INTERVAL`] while calls
@@ -766,6 +775,93 @@ impl Relay {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Which register sits at the far end of an in-memory connection.
+    #[derive(Clone, Copy)]
+    enum Register {
+        /// Takes the handshake, then its connection is never polled again: no
+        /// pong, no answer (a hung host, a black hole).
+        Silent,
+        /// Keeps its connection served (pings are answered) but never answers a call.
+        Slow,
+    }
+
+    /// A connection as `Conn::dial` makes it, to `register` over a pipe.
+    async fn connect_to(register: Register) -> Live {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new().handshake::<_, Bytes>(far).await.unwrap();
+            if let Register::Silent = register {
+                // Hold the connection, and stop.
+                return std::future::pending::<()>().await;
+            }
+            let mut calls = Vec::new();
+            while let Some(call) = conn.accept().await {
+                calls.push(call.unwrap());
+            }
+        });
+        start(near, "https://register.test:443".parse().unwrap()).await.unwrap()
+    }
+
+    /// Sends a call and keeps it counted (as `Conn::fetch` does) while its
+    /// answer is awaited.
+    async fn call(live: &Live) -> (InFlight, h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+        let counted = InFlight::new(&live.in_flight);
+        let mut send = live.send.clone().ready().await.unwrap();
+        let head = http::Request::post("https://register.test:443/x").body(()).unwrap();
+        let (response, body) = send.send_request(head, false).unwrap();
+        (counted, response, body)
+    }
+
+    async fn ended(live: &Live) -> bool {
+        for _ in 0..100 {
+            if !live.alive.load(Ordering::Acquire) {
+                return true;
+            }
+            tokio::task::yield_now().await;
+        }
+        false
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_to_a_register_gone_silent_fails_after_one_unanswered_ping() {
+        let live = connect_to(Register::Silent).await;
+        let (_counted, response, _body) = call(&live).await;
+        let asked = tokio::time::Instant::now();
+        let failed = tokio::time::timeout(10 * lienthong_tls::KEEPALIVE_INTERVAL, response).await;
+        let waited = asked.elapsed();
+        assert!(
+            matches!(failed, Ok(Err(_))),
+            "the call must fail, not wait for its deadline"
+        );
+        assert!(
+            waited >= lienthong_tls::KEEPALIVE_INTERVAL + lienthong_tls::KEEPALIVE_TIMEOUT
+                && waited < 2 * lienthong_tls::KEEPALIVE_INTERVAL + lienthong_tls::KEEPALIVE_TIMEOUT,
+            "failed after {waited:?}"
+        );
+        assert!(ended(&live).await, "the next call must dial a new connection");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_not_pinged_and_stays_up() {
+        // The register would never answer a ping: had one been sent, the
+        // connection would have been closed.
+        let live = connect_to(Register::Silent).await;
+        tokio::time::sleep(10 * lienthong_tls::KEEPALIVE_INTERVAL).await;
+        assert!(!ended(&live).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_register_that_answers_pings_keeps_its_calls() {
+        let live = connect_to(Register::Slow).await;
+        let (_counted, response, _body) = call(&live).await;
+        let waiting = tokio::time::timeout(10 * lienthong_tls::KEEPALIVE_INTERVAL, response).await;
+        assert!(
+            waiting.is_err(),
+            "the call is still waiting: its deadline is the caller's business"
+        );
+        assert!(!ended(&live).await);
+    }
 
     fn answer(record_json: &str) -> FetchResponse {
         FetchResponse {
