@@ -564,6 +564,10 @@ struct Ratios {
     /// Open loop: relayed p99 minus proxy p99, milliseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     p99_added_over_proxy_ms: Option<f64>,
+    /// Open loop: proxy p99 minus direct p99, milliseconds: what a plain proxy
+    /// adds at the same rate, the yardstick for `p99_added_over_direct_ms`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_p99_added_over_direct_ms: Option<f64>,
     /// Closed loop: broker CPU per lookup / nginx CPU per lookup.
     #[serde(skip_serializing_if = "Option::is_none")]
     broker_over_proxy_cpu_per_lookup: Option<f64>,
@@ -2299,6 +2303,7 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
         relayed_over_proxy_throughput_by_round: by_round("relayed", "proxy"),
         p99_added_over_direct_ms: diff_ms(open_p99("relayed"), open_p99("direct")),
         p99_added_over_proxy_ms: diff_ms(open_p99("relayed"), open_p99("proxy")),
+        proxy_p99_added_over_direct_ms: diff_ms(open_p99("proxy"), open_p99("direct")),
         broker_over_proxy_cpu_per_lookup: ratio(cpu("relayed"), cpu("proxy")),
         relayed_pg_over_relayed_throughput: ratio(closed_tp("relayed-pg"), closed_tp("relayed")),
         relayed_pg_2_over_relayed_pg_throughput: ratio(closed_tp("relayed-pg-2"), closed_tp("relayed-pg")),
@@ -2493,6 +2498,10 @@ fn render_table(report: &Report) -> String {
     lines.extend([
         ("p99 added vs direct (open)", ms_opt(r.p99_added_over_direct_ms)),
         ("p99 added vs proxy (open)", ms_opt(r.p99_added_over_proxy_ms)),
+        (
+            "p99 nginx adds vs direct (open)",
+            ms_opt(r.proxy_p99_added_over_direct_ms),
+        ),
         (
             "CPU per lookup broker/nginx",
             opt(r.broker_over_proxy_cpu_per_lookup, 3),
@@ -2765,6 +2774,7 @@ mod tests {
         assert_eq!(r.relayed_over_proxy_throughput, None);
         assert!(r.relayed_over_direct_throughput_by_round.is_empty(), "one round");
         assert_eq!(r.p99_added_over_direct_ms, Some(0.5));
+        assert_eq!(r.proxy_p99_added_over_direct_ms, None, "no proxy in this run");
         assert_eq!(r.broker_over_proxy_cpu_per_lookup, None);
         assert_eq!(r.relayed_pg_over_relayed_throughput, None);
 
@@ -2795,12 +2805,19 @@ mod tests {
                 "direct",
                 "ok",
                 Some(with_rounds(1000.0, &[1000.0, 800.0, 1200.0])),
-                None,
+                Some(phase(0.0, 800, None)),
             ),
             scenario("relayed", "ok", Some(with_rounds(300.0, &[300.0, 400.0, 240.0])), None),
-            scenario("proxy", "ok", Some(with_rounds(600.0, &[600.0, 800.0])), None),
+            scenario(
+                "proxy",
+                "ok",
+                Some(with_rounds(600.0, &[600.0, 800.0])),
+                Some(phase(0.0, 2000, None)),
+            ),
         ];
         let r = ratios(&reports);
+        assert_eq!(r.proxy_p99_added_over_direct_ms, Some(1.2));
+        assert_eq!(r.p99_added_over_direct_ms, None, "no open-loop relayed phase");
         assert_eq!(r.relayed_over_direct_throughput, Some(0.3));
         assert_eq!(r.relayed_over_direct_throughput_by_round, vec![0.3, 0.5, 0.2]);
         assert!(
