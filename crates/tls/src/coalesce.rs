@@ -145,6 +145,18 @@ mod tests {
     use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    /// How many polls a flush took to complete.
+    async fn polls_to_flush<S: AsyncWrite + Unpin>(s: &mut Coalesced<S>) -> usize {
+        let mut polls = 0;
+        poll_fn(|cx| {
+            polls += 1;
+            Pin::new(&mut *s).poll_flush(cx)
+        })
+        .await
+        .unwrap();
+        polls
+    }
+
     #[tokio::test]
     async fn writes_leave_together_at_the_second_flush_poll() {
         let (near, mut far) = duplex(1 << 20);
@@ -161,26 +173,12 @@ mod tests {
         assert!(nothing_yet);
 
         // The first poll of the flush yields and asks to be polled again.
-        let mut polls = 0;
-        poll_fn(|cx| {
-            polls += 1;
-            Pin::new(&mut s).poll_flush(cx)
-        })
-        .await
-        .unwrap();
-        assert_eq!(polls, 2);
+        assert_eq!(polls_to_flush(&mut s).await, 2);
         let n = far.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"headers+message|trailers");
 
         // A flush with nothing held does not yield.
-        let mut polls = 0;
-        poll_fn(|cx| {
-            polls += 1;
-            Pin::new(&mut s).poll_flush(cx)
-        })
-        .await
-        .unwrap();
-        assert_eq!(polls, 1);
+        assert_eq!(polls_to_flush(&mut s).await, 1);
     }
 
     #[tokio::test]
