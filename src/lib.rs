@@ -19,6 +19,52 @@ pub mod provider {
     }
 }
 
+/// W3C trace context (`traceparent`, `tracestate`) carried in gRPC metadata,
+/// the way the broker and the registers hand a trace on to each other.
+pub mod trace_context {
+    use opentelemetry::propagation::{Extractor, Injector};
+    use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
+
+    /// Reads W3C trace-context headers from gRPC metadata.
+    #[derive(Debug)]
+    pub struct MetadataExtractor<'a>(pub &'a MetadataMap);
+
+    impl Extractor for MetadataExtractor<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0
+                .keys()
+                .filter_map(|k| match k {
+                    KeyRef::Ascii(k) => Some(k.as_str()),
+                    KeyRef::Binary(_) => None,
+                })
+                .collect()
+        }
+    }
+
+    /// Writes W3C trace-context headers into gRPC metadata; values that are
+    /// not valid metadata are dropped rather than sent half-formed.
+    #[derive(Debug)]
+    pub struct MetadataInjector<'a>(pub &'a mut MetadataMap);
+
+    impl Injector for MetadataInjector<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if value.is_empty() {
+                return;
+            }
+            if let (Ok(key), Ok(value)) = (
+                MetadataKey::from_bytes(key.as_bytes()),
+                MetadataValue::try_from(value.as_str()),
+            ) {
+                self.0.insert(key, value);
+            }
+        }
+    }
+}
+
 /// Fully qualified names of every service of the v1 contract.
 pub const SERVICE_NAMES: &[&str] = &[
     "lienthong.v1.Admin",

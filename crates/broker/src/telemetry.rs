@@ -8,12 +8,13 @@
 //! still passed on to providers (under a fresh parent id standing for the
 //! broker's hop), so logs on both sides of the relay correlate.
 
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use lienthong::trace_context::{MetadataExtractor, MetadataInjector};
+use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider};
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::{LevelFilter, Targets};
@@ -214,42 +215,6 @@ fn otlp_provider(endpoint: &str, service_name: &str) -> Result<SdkTracerProvider
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build())
-}
-
-/// Reads W3C trace-context headers from gRPC metadata.
-pub struct MetadataExtractor<'a>(pub &'a MetadataMap);
-
-impl Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
-/// Writes W3C trace-context headers into gRPC metadata.
-pub struct MetadataInjector<'a>(pub &'a mut MetadataMap);
-
-impl Injector for MetadataInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if value.is_empty() {
-            return;
-        }
-        if let (Ok(key), Ok(value)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_str()),
-        ) {
-            self.0.insert(key, value);
-        }
-    }
 }
 
 /// The caller's trace, from its `traceparent` (and `tracestate`) header;

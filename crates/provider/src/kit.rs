@@ -154,25 +154,6 @@ pub fn trace_id_from_metadata(metadata: &MetadataMap) -> Option<String> {
     valid.then(|| trace_id.to_owned())
 }
 
-/// Reads gRPC metadata for the W3C trace-context propagator.
-struct MetadataExtractor<'a>(&'a MetadataMap);
-
-impl opentelemetry::propagation::Extractor for MetadataExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
 /// The broker's span this fetch continues (`traceparent`, `tracestate`), if
 /// the broker sent a valid one.
 pub fn remote_parent(metadata: &MetadataMap) -> Option<opentelemetry::Context> {
@@ -181,8 +162,10 @@ pub fn remote_parent(metadata: &MetadataMap) -> Option<opentelemetry::Context> {
     if !metadata.contains_key("traceparent") {
         return None;
     }
-    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new()
-        .extract_with_context(&opentelemetry::Context::new(), &MetadataExtractor(metadata));
+    let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract_with_context(
+        &opentelemetry::Context::new(),
+        &lienthong::trace_context::MetadataExtractor(metadata),
+    );
     cx.span().span_context().is_valid().then_some(cx)
 }
 
