@@ -383,7 +383,73 @@ fn plan_append(entries: &[StoredEntry]) -> Result<Vec<Run<'_>>> {
     Ok(runs)
 }
 
-/// Why `UPDATE audit_logs ... WHERE size = first` matched nothing.
+/// `VALUES (...), (...)` of `rows`, in [`ENTRY_COLUMNS`] order.
+fn push_entry_values<'a, DB>(qb: &mut QueryBuilder<'a, DB>, rows: &'a [EntryInsert<'a>])
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    Option<&'a [u8]>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    qb.push_values(rows, |mut b, row| {
+        let e = row.entry;
+        b.push_bind(row.log_no)
+            .push_bind(row.sequence)
+            .push_bind(&e.leaf_hash[..])
+            .push_bind(&e.leaf)
+            .push_bind(row.time_us)
+            .push_bind(e.kind.as_str())
+            .push_bind(&e.actor)
+            .push_bind(&e.provider)
+            .push_bind(&e.record_type)
+            .push_bind(&e.purpose)
+            .push_bind(e.outcome.as_str())
+            .push_bind(row.subject_hash.as_deref());
+    });
+}
+
+/// Appends one log's run of entries on PostgreSQL in one statement, so in
+/// one round trip where `BEGIN`, the size update, the insert and `COMMIT`
+/// took four. The update and the insert run in the statement's implicit
+/// transaction; the insert takes its rows only if the update moved the log's
+/// size from where the run starts.
+async fn append_postgres_in_one_statement(
+    pool: &PgPool,
+    run: &Run<'_>,
+    (first, count): (i64, i64),
+    rows: &[EntryInsert<'_>],
+) -> Result<()> {
+    let mut qb = QueryBuilder::<Postgres>::new("WITH moved AS (UPDATE audit_logs SET size = size + ");
+    qb.push_bind(count)
+        .push(" WHERE log_id = ")
+        .push_bind(run.log_id)
+        .push(" AND size = ")
+        .push_bind(first)
+        .push(format!(
+            " RETURNING size) INSERT INTO audit_entries ({ENTRY_COLUMNS}) SELECT v.* FROM ("
+        ));
+    push_entry_values(&mut qb, rows);
+    qb.push(") AS v WHERE EXISTS (SELECT 1 FROM moved)");
+    let inserted = qb
+        .build()
+        .persistent(rows.len() <= PREPARED_BATCH_SIZES)
+        .execute(pool)
+        .await
+        .map_err(unique(|| "an entry of this batch".to_owned()))?
+        .rows_affected();
+    if usize::try_from(inserted).is_ok_and(|n| n == rows.len()) {
+        return Ok(());
+    }
+    let size = sqlx::query_scalar::<_, i64>("SELECT size FROM audit_logs WHERE log_id = $1")
+        .bind(run.log_id)
+        .fetch_optional(pool)
+        .await
+        .map_err(db_err)?;
+    Err(append_refused(run, size)?)
+}
+
 /// Appends one log's run of entries on SQLite in a single call to the
 /// connection's worker thread.
 ///
@@ -402,21 +468,7 @@ async fn append_sqlite_in_one_call(
     let mut qb = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
     for chunk in rows.chunks(ENTRY_ROWS_PER_INSERT) {
         qb.push(format!(" INSERT INTO audit_entries ({ENTRY_COLUMNS}) SELECT * FROM ("));
-        qb.push_values(chunk, |mut b, row| {
-            let e = row.entry;
-            b.push_bind(row.log_no)
-                .push_bind(row.sequence)
-                .push_bind(&e.leaf_hash[..])
-                .push_bind(&e.leaf)
-                .push_bind(row.time_us)
-                .push_bind(e.kind.as_str())
-                .push_bind(&e.actor)
-                .push_bind(&e.provider)
-                .push_bind(&e.record_type)
-                .push_bind(&e.purpose)
-                .push_bind(e.outcome.as_str())
-                .push_bind(row.subject_hash.as_ref().map(|h| &h[..]));
-        });
+        push_entry_values(&mut qb, chunk);
         qb.push(") WHERE (SELECT size FROM audit_logs WHERE log_id = ")
             .push_bind(run.log_id)
             .push(") = ")
@@ -463,6 +515,7 @@ async fn append_sqlite_in_one_call(
     }
 }
 
+/// Why `UPDATE audit_logs ... WHERE size = first` matched nothing.
 fn append_refused(run: &Run<'_>, size: Option<i64>) -> Result<StoreError> {
     let Some(size) = size else {
         return Ok(StoreError::NotFound {
@@ -807,8 +860,12 @@ impl Store for SqlStore {
                 EntryInsert::new(e, *log_no)
             })
             .collect::<Result<Vec<_>>>()?;
-        if let (Pool::Sqlite(writer), [run]) = (&self.audit_writer, runs.as_slice()) {
-            return append_sqlite_in_one_call(writer, run, bounds[0], &rows).await;
+        match (&self.audit_writer, runs.as_slice()) {
+            (Pool::Sqlite(writer), [run]) => return append_sqlite_in_one_call(writer, run, bounds[0], &rows).await,
+            (Pool::Postgres(pool), [run]) if rows.len() <= ENTRY_ROWS_PER_INSERT => {
+                return append_postgres_in_one_statement(pool, run, bounds[0], &rows).await;
+            }
+            _ => {}
         }
         on_audit_writer!(self, p => {
             let mut tx = begin_write(p).await?;
@@ -829,13 +886,7 @@ impl Store for SqlStore {
             }
             for chunk in rows.chunks(ENTRY_ROWS_PER_INSERT) {
                 let mut qb = QueryBuilder::new(format!("INSERT INTO audit_entries ({ENTRY_COLUMNS}) "));
-                qb.push_values(chunk, |mut b, row| {
-                    let e = row.entry;
-                    b.push_bind(row.log_no).push_bind(row.sequence).push_bind(&e.leaf_hash[..]).push_bind(&e.leaf)
-                        .push_bind(row.time_us).push_bind(e.kind.as_str()).push_bind(&e.actor).push_bind(&e.provider)
-                        .push_bind(&e.record_type).push_bind(&e.purpose).push_bind(e.outcome.as_str())
-                        .push_bind(row.subject_hash.as_ref().map(|h| &h[..]));
-                });
+                push_entry_values(&mut qb, chunk);
                 // Small batches (every commit at a moderate rate) reuse their prepared
                 // statement; large sizes vary with load and would fill the cache.
                 qb.build().persistent(chunk.len() <= PREPARED_BATCH_SIZES).execute(&mut *tx).await.map_err(unique(|| "an entry of this batch".to_owned()))?;

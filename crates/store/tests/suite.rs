@@ -829,6 +829,42 @@ async fn sqlite_append_failing_inside_its_transaction_leaves_nothing_and_the_wri
     assert_eq!(store.log_size("log-a").await.unwrap(), 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_append_failing_inside_its_statement_leaves_nothing_and_the_size_stays() {
+    let url = postgres_url().await;
+    let store = open(&options(&url)).await.unwrap();
+    with_log(&store, "log-a", 0).await;
+    // A row the log's size does not account for (a damaged database): the
+    // size update matches, the insert in the same statement then fails on the
+    // primary key, and the update must go with it.
+    use sqlx::Connection;
+    let mut raw = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_entries (log_no, sequence, leaf_hash, leaf, time_us, kind, actor, provider, \
+         record_type, purpose, outcome, subject_hash) VALUES ((SELECT log_no FROM audit_logs WHERE log_id = 'log-a'), \
+         1, '\\x00', '{}', 0, 'access', '', '', '', '', 'allowed', NULL)",
+    )
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    match store.append_entries(&entries("log-a", 0..3)).await {
+        Err(StoreError::AlreadyExists { .. }) => {}
+        other => panic!("append over a stray row: {other:?}"),
+    }
+    assert_eq!(store.log_size("log-a").await.unwrap(), 0);
+    let zero: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_entries WHERE sequence = 0")
+        .fetch_one(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(zero, 0, "entry 0 was rolled back with the rest");
+    sqlx::query("DELETE FROM audit_entries")
+        .execute(&mut raw)
+        .await
+        .unwrap();
+    store.append_entries(&entries("log-a", 0..3)).await.unwrap();
+    assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+}
+
 #[tokio::test]
 async fn sqlite_in_memory_store_works() {
     let store = open(&options("sqlite::memory:")).await.unwrap();
