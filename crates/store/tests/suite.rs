@@ -790,79 +790,59 @@ async fn sqlite_wal_is_copied_back_in_the_background_and_reused() {
     assert_eq!(store.log_size("log-a").await.unwrap(), 2_500);
 }
 
+/// An append over a row the log's size does not account for (a damaged
+/// database), put there through `$raw`, a connection of the store's backend:
+/// the size check passes, the insert then fails on the primary key, and the
+/// whole append (size update included) must go. The writer works on after it.
+macro_rules! check_append_over_a_stray_row {
+    ($store:expr, $raw:expr) => {{
+        let (store, raw) = ($store, $raw);
+        with_log(&store, "log-a", 0).await;
+        sqlx::query(
+            "INSERT INTO audit_entries (log_no, sequence, leaf_hash, leaf, time_us, kind, actor, provider, \
+             record_type, purpose, outcome, subject_hash) VALUES ((SELECT log_no FROM audit_logs WHERE log_id = 'log-a'), \
+             1, $1, '{}', 0, 'access', '', '', '', '', 'allowed', NULL)",
+        )
+        .bind(vec![0u8])
+        .execute(&mut *raw)
+        .await
+        .unwrap();
+        match store.append_entries(&entries("log-a", 0..3)).await {
+            Err(StoreError::AlreadyExists { .. }) => {}
+            other => panic!("append over a stray row: {other:?}"),
+        }
+        assert_eq!(store.log_size("log-a").await.unwrap(), 0);
+        let zero: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_entries WHERE sequence = 0")
+            .fetch_one(&mut *raw)
+            .await
+            .unwrap();
+        assert_eq!(zero, 0, "entry 0 was rolled back with the rest");
+        sqlx::query("DELETE FROM audit_entries").execute(&mut *raw).await.unwrap();
+        // The writer's connection is not left inside the failed transaction.
+        store.append_entries(&entries("log-a", 0..3)).await.unwrap();
+        assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+    }};
+}
+
 #[tokio::test]
 async fn sqlite_append_failing_inside_its_transaction_leaves_nothing_and_the_writer_works_on() {
+    use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sqlite");
     let store = open(&options(&path.display().to_string())).await.unwrap();
-    with_log(&store, "log-a", 0).await;
-    // A row the log's size does not account for (a damaged database): the
-    // size check passes, the insert then fails on the primary key.
-    use sqlx::Connection;
     let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO audit_entries (log_no, sequence, leaf_hash, leaf, time_us, kind, actor, provider, \
-         record_type, purpose, outcome, subject_hash) VALUES ((SELECT log_no FROM audit_logs WHERE log_id = 'log-a'), \
-         1, x'00', '{}', 0, 'access', '', '', '', '', 'allowed', NULL)",
-    )
-    .execute(&mut raw)
-    .await
-    .unwrap();
-    match store.append_entries(&entries("log-a", 0..3)).await {
-        Err(StoreError::AlreadyExists { .. }) => {}
-        other => panic!("append over a stray row: {other:?}"),
-    }
-    assert_eq!(store.log_size("log-a").await.unwrap(), 0);
-    let zero: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_entries WHERE sequence = 0")
-        .fetch_one(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(zero, 0, "entry 0 was rolled back with the rest");
-    sqlx::query("DELETE FROM audit_entries")
-        .execute(&mut raw)
-        .await
-        .unwrap();
-    // The writer's connection is not left inside the failed transaction.
-    store.append_entries(&entries("log-a", 0..3)).await.unwrap();
-    assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+    check_append_over_a_stray_row!(store, &mut raw);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_append_failing_inside_its_statement_leaves_nothing_and_the_size_stays() {
+async fn postgres_append_failing_inside_its_statement_leaves_nothing_and_the_writer_works_on() {
+    use sqlx::Connection;
     let url = postgres_url().await;
     let store = open(&options(&url)).await.unwrap();
-    with_log(&store, "log-a", 0).await;
-    // A row the log's size does not account for (a damaged database): the
-    // size update matches, the insert in the same statement then fails on the
-    // primary key, and the update must go with it.
-    use sqlx::Connection;
     let mut raw = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::query(
-        "INSERT INTO audit_entries (log_no, sequence, leaf_hash, leaf, time_us, kind, actor, provider, \
-         record_type, purpose, outcome, subject_hash) VALUES ((SELECT log_no FROM audit_logs WHERE log_id = 'log-a'), \
-         1, '\\x00', '{}', 0, 'access', '', '', '', '', 'allowed', NULL)",
-    )
-    .execute(&mut raw)
-    .await
-    .unwrap();
-    match store.append_entries(&entries("log-a", 0..3)).await {
-        Err(StoreError::AlreadyExists { .. }) => {}
-        other => panic!("append over a stray row: {other:?}"),
-    }
-    assert_eq!(store.log_size("log-a").await.unwrap(), 0);
-    let zero: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_entries WHERE sequence = 0")
-        .fetch_one(&mut raw)
-        .await
-        .unwrap();
-    assert_eq!(zero, 0, "entry 0 was rolled back with the rest");
-    sqlx::query("DELETE FROM audit_entries")
-        .execute(&mut raw)
-        .await
-        .unwrap();
-    store.append_entries(&entries("log-a", 0..3)).await.unwrap();
-    assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+    check_append_over_a_stray_row!(store, &mut raw);
 }
 
 #[tokio::test]
