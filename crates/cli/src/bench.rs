@@ -932,30 +932,53 @@ struct CpuSnapshot {
     machine: Option<MachineCpu>,
 }
 
-/// CPU seconds the whole machine spent, all cores together, from `/proc/stat`.
+/// The whole machine's idle and stolen CPU time, all cores together, from
+/// `/proc/stat`, and when it was read.
+///
+/// Busy time is what is left of the wall clock. The busy fields themselves
+/// (user, system, ...) only advance on timer ticks, and a tickless kernel
+/// stops the tick on an idle core: a core that wakes for a few hundred
+/// microseconds at a time and sleeps in between is then counted idle, so a
+/// lightly loaded phase read 0.00 cores busy while its processes alone used
+/// 0.2. Idle time is measured on every entry to and exit from idle.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct MachineCpu {
-    /// Running anything: user, nice, system, irq, softirq.
-    busy: f64,
-    /// Wanted but given to other guests by the hypervisor.
+    /// Idle or waiting for I/O, seconds.
+    idle: f64,
+    /// Wanted but given to other guests by the hypervisor, seconds.
     steal: f64,
+    /// Online cores: the `cpuN` lines.
+    cores: usize,
+    at: Instant,
 }
 
 /// The `cpu` line of `/proc/stat` (proc(5)): user nice system idle iowait irq
-/// softirq steal, in clock ticks.
-fn parse_machine_cpu(proc_stat: &str) -> Option<MachineCpu> {
+/// softirq steal, in clock ticks, read at `at`.
+fn parse_machine_cpu(proc_stat: &str, at: Instant) -> Option<MachineCpu> {
     let line = proc_stat.lines().find(|l| l.starts_with("cpu "))?;
     let ticks: Vec<u64> = line.split_whitespace().skip(1).map_while(|t| t.parse().ok()).collect();
     let tick = |i: usize| ticks.get(i).copied();
-    let busy = tick(0)? + tick(1)? + tick(2)? + tick(5)? + tick(6)?;
+    let cores = proc_stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    if cores == 0 {
+        return None;
+    }
     Some(MachineCpu {
-        busy: busy as f64 / CLOCK_TICKS_PER_SECOND,
+        idle: (tick(3)? + tick(4)?) as f64 / CLOCK_TICKS_PER_SECOND,
         steal: tick(7).unwrap_or(0) as f64 / CLOCK_TICKS_PER_SECOND,
+        cores,
+        at,
     })
 }
 
 fn machine_cpu() -> Option<MachineCpu> {
-    parse_machine_cpu(&std::fs::read_to_string("/proc/stat").ok()?)
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_cpu(&text, Instant::now())
 }
 
 /// How many cores the whole machine kept busy, on average, during a phase.
@@ -969,13 +992,18 @@ struct MachineLoad {
     stolen_cores: Option<f64>,
 }
 
-fn machine_load(before: CpuSnapshot, after: CpuSnapshot, measured: Duration) -> MachineLoad {
-    let secs = measured.as_secs_f64();
+fn machine_load(before: CpuSnapshot, after: CpuSnapshot) -> MachineLoad {
     match (before.machine, after.machine) {
-        (Some(b), Some(a)) if secs > 0.0 => MachineLoad {
-            busy_cores: Some((a.busy - b.busy).max(0.0) / secs),
-            stolen_cores: Some((a.steal - b.steal).max(0.0) / secs),
-        },
+        (Some(b), Some(a)) if a.at > b.at && a.cores == b.cores => {
+            let secs = (a.at - b.at).as_secs_f64();
+            let cores = a.cores as f64;
+            let idle = ((a.idle - b.idle) / secs).clamp(0.0, cores);
+            let stolen = ((a.steal - b.steal) / secs).clamp(0.0, cores - idle);
+            MachineLoad {
+                busy_cores: Some(cores - idle - stolen),
+                stolen_cores: Some(stolen),
+            }
+        }
         _ => MachineLoad::default(),
     }
 }
@@ -1099,7 +1127,7 @@ impl Phase {
 /// Fixed concurrency: `concurrency` workers, each sending its next request as
 /// soon as the previous one is answered. Counts completions inside the
 /// measured window.
-#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename the same eight values
+#[allow(clippy::too_many_arguments)] // two call sites; a struct would only rename the same eight values
 async fn closed_loop(
     target: &Target,
     concurrency: usize,
@@ -1167,7 +1195,7 @@ async fn closed_loop(
         dropped: 0,
         first_error,
         cpu: cost(before, after, ok),
-        machine: machine_load(before, after, duration),
+        machine: machine_load(before, after),
         measured: duration,
     }
 }
@@ -1268,7 +1296,7 @@ async fn open_loop(
         dropped: dropped.load(Ordering::Relaxed),
         first_error,
         cpu: cost(before, after, ok),
-        machine: machine_load(before, after, duration),
+        machine: machine_load(before, after),
         measured: duration,
     }
 }
@@ -2104,6 +2132,29 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                 notes.push("open loop skipped: no closed-loop throughput to derive a rate from; pass --rate".into())
             }
             Some(rate) => {
+                if !settings.closed_loop {
+                    // nginx opens an upstream connection (a TLS handshake with
+                    // the register) for every request in flight beyond those it
+                    // keeps alive. Started cold at a few thousand lookups/s it
+                    // could fall behind for good: p99 of seconds, its and the
+                    // register's CPU doubled. The closed loop of `--mode both`
+                    // leaves every target warm; `--mode open` warms them the
+                    // same way, unmeasured.
+                    for p in &prepared {
+                        let label = format!("{} warm-up c={}", p.scenario.name(), settings.concurrency);
+                        closed_loop(
+                            &p.target,
+                            settings.concurrency,
+                            settings.warmup(),
+                            Duration::ZERO,
+                            &p.watched,
+                            &progress,
+                            label,
+                            || {},
+                        )
+                        .await;
+                    }
+                }
                 let mut rounds: Vec<Vec<PhaseReport>> = vec![Vec::new(); prepared.len()];
                 for round in 0..settings.rounds {
                     for (k, p) in prepared.iter().enumerate() {
@@ -2683,35 +2734,47 @@ mod tests {
     }
 
     #[test]
-    fn machine_cpu_counts_busy_and_stolen_ticks_of_all_cores() {
-        let stat = "cpu  100 20 30 5000 40 5 6 7 0 0\ncpu0 50 10 15 2500 20 2 3 3 0 0\nintr 1\n";
+    fn machine_load_is_the_wall_clock_less_idle_and_stolen_time_of_every_core() {
+        let t0 = Instant::now();
+        let stat = "cpu  100 20 30 5000 40 5 6 7 0 0\ncpu0 50 10 15 2500 20 2 3 3 0 0\n\
+                    cpu1 50 10 15 2500 20 3 3 4 0 0\nintr 1\n";
         assert_eq!(
-            parse_machine_cpu(stat),
+            parse_machine_cpu(stat, t0),
             Some(MachineCpu {
-                busy: 1.61,
-                steal: 0.07
+                idle: 50.4,
+                steal: 0.07,
+                cores: 2,
+                at: t0
             })
         );
-        assert_eq!(parse_machine_cpu("cpu0 1 2 3\n"), None);
-        let before = |busy, steal| CpuSnapshot {
+        assert_eq!(parse_machine_cpu("cpu0 1 2 3\n", t0), None);
+        assert_eq!(parse_machine_cpu("cpu  1 2 3 4 5 6 7 8\nintr 1\n", t0), None);
+        let at = |secs: u64, idle, steal| CpuSnapshot {
             intermediary: None,
             provider: None,
             database: None,
             load_generator: None,
-            machine: Some(MachineCpu { busy, steal }),
+            machine: Some(MachineCpu {
+                idle,
+                steal,
+                cores: 2,
+                at: t0 + Duration::from_secs(secs),
+            }),
         };
-        let load = machine_load(before(10.0, 1.0), before(29.0, 1.5), Duration::from_secs(10));
+        // 10 s on 2 cores: 0.5 s idle and 0.5 s stolen leave 19 s busy.
+        let load = machine_load(at(0, 100.0, 1.0), at(10, 100.5, 1.5));
         assert!((load.busy_cores.unwrap() - 1.9).abs() < 1e-9, "{load:?}");
         assert!((load.stolen_cores.unwrap() - 0.05).abs() < 1e-9, "{load:?}");
+        // Counters that ran ahead of the wall clock never make it negative.
+        let load = machine_load(at(0, 100.0, 1.0), at(10, 125.0, 1.0));
+        assert_eq!(load.busy_cores, Some(0.0));
+        let unread = CpuSnapshot {
+            machine: None,
+            ..at(10, 0.0, 0.0)
+        };
+        assert_eq!(machine_load(at(0, 100.0, 1.0), unread), MachineLoad::default());
         assert_eq!(
-            machine_load(
-                before(10.0, 1.0),
-                CpuSnapshot {
-                    machine: None,
-                    ..before(0.0, 0.0)
-                },
-                Duration::from_secs(10)
-            ),
+            machine_load(at(10, 100.0, 1.0), at(10, 100.0, 1.0)),
             MachineLoad::default()
         );
     }
