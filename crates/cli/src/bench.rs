@@ -91,8 +91,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,relayed,proxy")]
     pub scenarios: Vec<Scenario>,
     /// Load model: `closed` (fixed concurrency, finds saturation), `open` (fixed
-    /// arrival rate, needs --rate) or `both` (closed, then open at --rate or at
-    /// half the relayed saturation throughput).
+    /// arrival rate, needs --rate; each target first gets an unmeasured
+    /// closed-loop warm-up of --warmup) or `both` (closed, then open at --rate or
+    /// at half the relayed saturation throughput).
     #[arg(long, value_enum, default_value = "both")]
     pub mode: Mode,
     /// Closed loop: requests kept in flight (enough to saturate every scenario on a small machine).
