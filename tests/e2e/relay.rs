@@ -317,8 +317,8 @@ async fn the_circuit_breaker_opens_and_closes_again() {
 }
 
 /// A register restarted on its address (a redeployment) is called again
-/// without restarting the broker, on every one of the broker's connections
-/// to it; while it is down, lookups get UNAVAILABLE and are audited.
+/// without restarting the broker, which dials it anew; while it is down,
+/// lookups get UNAVAILABLE and are audited.
 #[tokio::test]
 async fn a_register_back_on_its_address_is_called_again() {
     let (_dir, mut fed) = federation().await;
