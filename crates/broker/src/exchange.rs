@@ -660,7 +660,8 @@ impl Broker {
         })?;
         let bad = |code, msg: String| fail(Outcome::Failed, code, BrokerError::InvalidProviderRecord(msg));
         let record_json = tracing::debug_span!("validate_record").in_scope(|| {
-            let record: Value = serde_json::from_str(&record_text).map_err(|e| {
+            // Parsed from bytes: the parser checks the text is UTF-8 as it goes.
+            let record: Value = serde_json::from_slice(&record_text).map_err(|e| {
                 bad(
                     "provider_malformed_record",
                     format!(

@@ -5,7 +5,7 @@
 
 use crate::config::RelayConfig;
 use bytes::{BufMut, Bytes};
-use lienthong::provider::v1::{FetchRequest, FetchResponse};
+use lienthong::provider::v1::FetchRequest;
 use lienthong_core::Endpoint;
 use lienthong_tls::{Coalesced, Dialer, Identity, TlsMaterial};
 use opentelemetry::trace::SpanContext;
@@ -198,11 +198,7 @@ impl Conn {
 
     /// One unary `Fetch` on this connection: `metadata` as headers, then the
     /// framed request.
-    async fn fetch(
-        &self,
-        metadata: tonic::metadata::MetadataMap,
-        frame: Bytes,
-    ) -> Result<FetchResponse, tonic::Status> {
+    async fn fetch(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, tonic::Status> {
         // Not ready means the connection closed before the request left, so
         // the call may go elsewhere.
         let closed = |e: h2::Error| tonic::Status::unavailable(format!("the connection to the register closed: {e}"));
@@ -312,7 +308,7 @@ fn h2_status(e: h2::Error) -> tonic::Status {
 /// Reads a unary gRPC answer: headers, at most [`MAX_RESPONSE_BYTES`] of
 /// message, trailers; the status is the trailers' (or the headers' in a
 /// trailers-only answer).
-async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result<FetchResponse, tonic::Status> {
+async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result<FetchAnswer, tonic::Status> {
     let (head, mut body) = response.into_parts();
     if head.status != http::StatusCode::OK {
         return Err(http_status(head.status));
@@ -355,14 +351,28 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
     if status.code() != Code::Ok {
         return Err(status);
     }
-    decode_grpc_frame(&message)
+    decode_grpc_frame(message.freeze())
+}
+
+/// `lienthong.provider.v1.FetchResponse` as the relay reads it: the same
+/// field, as bytes. The broker parses the record as JSON straight away, and
+/// the JSON parser checks the text as it goes, so prost's separate UTF-8 pass
+/// over a `string` field (1.5 % of the broker's CPU at saturation) is spared,
+/// and the record is not copied out of the answer. Proto3 `string` and
+/// `bytes` are the same on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct FetchAnswer {
+    /// The record's JSON text, as the register sent it (not yet checked to be UTF-8).
+    #[prost(bytes = "bytes", tag = "1")]
+    pub(crate) record_json: Bytes,
 }
 
 /// The one message of a unary answer.
-fn decode_grpc_frame(frame: &[u8]) -> Result<FetchResponse, tonic::Status> {
-    let Some((&[compressed, a, b, c, d], message)) = frame.split_first_chunk::<5>() else {
+fn decode_grpc_frame(mut frame: Bytes) -> Result<FetchAnswer, tonic::Status> {
+    let Some(&[compressed, a, b, c, d]) = frame.first_chunk::<5>() else {
         return Err(tonic::Status::internal("the register answered OK without a message"));
     };
+    let message = frame.split_off(5);
     if compressed != 0 {
         return Err(tonic::Status::internal(
             "the register compressed its answer, but the broker asked for none",
@@ -373,7 +383,7 @@ fn decode_grpc_frame(frame: &[u8]) -> Result<FetchResponse, tonic::Status> {
             "the register's answer is not exactly one length-prefixed message",
         ));
     }
-    FetchResponse::decode(message)
+    FetchAnswer::decode(message)
         .map_err(|e| tonic::Status::internal(format!("the register's answer could not be decoded: {e}")))
 }
 
@@ -414,7 +424,7 @@ pub struct EndpointState {
 
 impl EndpointState {
     /// One `Fetch` on the connection [`next_connection`] picks.
-    async fn call(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchResponse, tonic::Status> {
+    async fn call(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, tonic::Status> {
         let calls = self.conns.iter().map(|c| c.calls.load(Ordering::Relaxed));
         let i = next_connection(calls, &self.next_conn, self.conns.len());
         let Some(conn) = self.conns.get(i) else {
@@ -644,7 +654,7 @@ impl Relay {
         request: FetchRequest,
         deadline: Instant,
         caller_trace: &SpanContext,
-    ) -> Result<String, RelayError> {
+    ) -> Result<Bytes, RelayError> {
         let span = tracing::info_span!(
             "provider_call",
             otel.name = "lienthong.provider.v1.RecordProvider/Fetch",
@@ -681,7 +691,7 @@ impl Relay {
         deadline: Instant,
         caller_trace: &SpanContext,
         span: &tracing::Span,
-    ) -> Result<String, RelayError> {
+    ) -> Result<Bytes, RelayError> {
         let pool = self
             .pools
             .read()
@@ -800,6 +810,7 @@ impl Relay {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use lienthong::provider::v1::FetchResponse;
 
     /// Which register sits at the far end of an in-memory connection.
     #[derive(Clone, Copy)]
@@ -934,11 +945,12 @@ mod tests {
 
     #[test]
     fn an_answer_is_exactly_one_uncompressed_message() {
+        // Encoded as a register encodes it, read as the relay reads it.
         let message = answer(r#"{"full_name":"Tran Thi C"}"#).encode_to_vec();
         let len = message.len() as u32;
         assert_eq!(
-            decode_grpc_frame(&framed(0, &message, len)).unwrap(),
-            answer(r#"{"full_name":"Tran Thi C"}"#)
+            decode_grpc_frame(framed(0, &message, len).into()).unwrap().record_json,
+            &br#"{"full_name":"Tran Thi C"}"#[..]
         );
         for (frame, says) in [
             (Vec::new(), "without a message"),
@@ -951,7 +963,7 @@ mod tests {
             ),
             (framed(0, &[0xff, 0xff], 2), "could not be decoded"),
         ] {
-            let status = decode_grpc_frame(&frame).unwrap_err();
+            let status = decode_grpc_frame(frame.into()).unwrap_err();
             assert_eq!(status.code(), Code::Internal, "{status:?}");
             assert!(status.message().contains(says), "{}", status.message());
         }

@@ -69,6 +69,7 @@ on_both_backends! {
     change_feed => check_change_feed,
     logs => check_logs,
     append_is_dense_and_atomic => check_append_is_dense_and_atomic,
+    appends_batches_of_every_size_exactly => check_appends_batches_of_every_size_exactly,
     leaf_hashes => check_leaf_hashes,
     query_entries => check_query_entries,
     subject_entries => check_subject_entries,
@@ -485,6 +486,40 @@ async fn check_append_is_dense_and_atomic(store: Arc<dyn Store>) {
     store.append_entries(&both).await.unwrap();
     assert_eq!(store.log_size("log-a").await.unwrap(), 6);
     assert_eq!(store.log_size("log-b").await.unwrap(), 2);
+}
+
+/// Batch sizes on both sides of the powers of two the insert statements are
+/// prepared for, and past one statement's rows: each stores exactly its
+/// entries, none twice, and a batch refused at any size writes nothing.
+async fn check_appends_batches_of_every_size_exactly(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 0).await;
+    with_log(&store, "log-b", 0).await;
+    let mut size = 0;
+    for n in [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 33, 255, 257, 1023, 1024, 1025, 2100] {
+        store.append_entries(&entries("log-a", size..size + n)).await.unwrap();
+        size += n;
+        assert_eq!(store.log_size("log-a").await.unwrap(), size, "after a batch of {n}");
+    }
+    // Two logs in one batch, the larger past one statement's rows.
+    let mut both = entries("log-b", 0..1500);
+    both.extend(entries("log-a", size..size + 3));
+    store.append_entries(&both).await.unwrap();
+    size += 3;
+    // A large batch overlapping its last entry is refused whole.
+    assert!(matches!(
+        store.append_entries(&entries("log-a", size - 1..size + 600)).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert_eq!(store.log_size("log-a").await.unwrap(), size);
+    let stored = store
+        .query_entries(&EntryQuery {
+            log_id: "log-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored, entries("log-a", 0..size));
+    assert_eq!(store.log_size("log-b").await.unwrap(), 1500);
 }
 
 async fn check_leaf_hashes(store: Arc<dyn Store>) {
