@@ -195,6 +195,11 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(err.message().contains("malformed JSON"), "{}", err.message());
+    // Not UTF-8 (a register that is not built on the kit can send any bytes).
+    raw_provider.set_answer(&b"{\"full_name\": \"Tr\xe1n\"}"[..]);
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("not UTF-8"), "{}", err.message());
     // An answer past the 4 MiB limit is refused, not buffered.
     raw_provider.set_answer(format!("\"{}\"", "x".repeat(5 * 1024 * 1024)));
     let err = look_up_birth(&office, &subject).await.unwrap_err();
@@ -219,7 +224,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     criminal_record_still_served(&office, &subject).await;
 
     let failed = failed_entries(&fed).await;
-    assert_eq!(failed.len(), 7, "every failed attempt is audited: {failed:#?}");
+    assert_eq!(failed.len(), 8, "every failed attempt is audited: {failed:#?}");
     for reason in [
         "provider_timeout",
         "provider_invalid_record",

@@ -10,8 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use lienthong::provider::v1::record_provider_server::{RecordProvider, RecordProviderServer};
-use lienthong::provider::v1::{FetchRequest, FetchResponse};
+use lienthong::provider::v1::FetchRequest;
 use lienthong_tls::{AcceptOptions, MtlsStream, ServerTls, incoming};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -117,19 +116,20 @@ impl RecordSource for Faulty {
     }
 }
 
-/// A `RecordProvider` answering every fetch with a fixed text, JSON or not.
+/// A `RecordProvider` answering every fetch with fixed bytes: JSON or not,
+/// UTF-8 or not.
 ///
 /// It bypasses the kit (which only answers serialised JSON values) and checks
 /// no identity, to let tests feed the broker malformed answers.
 #[derive(Clone)]
 pub struct RawProvider {
-    answer: Arc<Mutex<String>>,
+    answer: Arc<Mutex<Vec<u8>>>,
     calls: Arc<AtomicU64>,
 }
 
 impl RawProvider {
     /// Answers `record_json` to every fetch.
-    pub fn new(record_json: impl Into<String>) -> Self {
+    pub fn new(record_json: impl Into<Vec<u8>>) -> Self {
         RawProvider {
             answer: Arc::new(Mutex::new(record_json.into())),
             calls: Arc::new(AtomicU64::new(0)),
@@ -137,7 +137,7 @@ impl RawProvider {
     }
 
     /// Changes the answer for the next fetches.
-    pub fn set_answer(&self, record_json: impl Into<String>) {
+    pub fn set_answer(&self, record_json: impl Into<Vec<u8>>) {
         *self.answer.lock().unwrap_or_else(PoisonError::into_inner) = record_json.into();
     }
 
@@ -147,12 +147,60 @@ impl RawProvider {
     }
 }
 
-#[tonic::async_trait]
-impl RecordProvider for RawProvider {
-    async fn fetch(&self, _request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        let record_json = self.answer.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        Ok(Response::new(FetchResponse { record_json }))
+/// `FetchResponse` with its record as bytes: the same wire format (proto3
+/// `string` and `bytes` are both length-delimited), but free to carry text
+/// that is not UTF-8, as a register written in another language might send.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawAnswer {
+    #[prost(bytes = "vec", tag = "1")]
+    record_json: Vec<u8>,
+}
+
+/// A [`RawProvider`]'s `Fetch`.
+struct RawFetch(RawProvider);
+
+impl tonic::server::UnaryService<FetchRequest> for RawFetch {
+    type Response = RawAnswer;
+    type Future = std::future::Ready<Result<Response<RawAnswer>, Status>>;
+
+    fn call(&mut self, _request: Request<FetchRequest>) -> Self::Future {
+        self.0.calls.fetch_add(1, Ordering::SeqCst);
+        let record_json = self.0.answer.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        std::future::ready(Ok(Response::new(RawAnswer { record_json })))
+    }
+}
+
+/// The `RecordProvider` service of a [`RawProvider`], written out as
+/// tonic's generated server is, for its bytes answer.
+#[derive(Clone)]
+struct RawServer(RawProvider);
+
+impl tonic::server::NamedService for RawServer {
+    const NAME: &'static str = "lienthong.provider.v1.RecordProvider";
+}
+
+impl<B> tower_service::Service<http::Request<B>> for RawServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let raw = self.0.clone();
+        Box::pin(async move {
+            if request.uri().path() != "/lienthong.provider.v1.RecordProvider/Fetch" {
+                return Ok(Status::unimplemented("the raw test provider only answers Fetch").into_http());
+            }
+            let codec = tonic_prost::ProstCodec::<RawAnswer, FetchRequest>::default();
+            Ok(tonic::server::Grpc::new(codec).unary(RawFetch(raw), request).await)
+        })
     }
 }
 
@@ -246,7 +294,7 @@ pub async fn start_raw_server(raw: RawProvider, tls: Arc<ServerTls>) -> io::Resu
             let _ = rx.await;
         };
         let served = tonic::transport::Server::builder()
-            .add_service(RecordProviderServer::new(raw))
+            .add_service(RawServer(raw))
             .serve_with_incoming_shutdown(incoming(listener, tls, AcceptOptions::default()), shutdown)
             .await;
         if let Err(e) = served {
