@@ -179,6 +179,17 @@ fn sequences(entries: &[StoredEntry]) -> Vec<u64> {
     entries.iter().map(|e| e.sequence).collect()
 }
 
+/// Every entry of `log_id`, in order.
+async fn every_entry(store: &Arc<dyn Store>, log_id: &str) -> Vec<StoredEntry> {
+    store
+        .query_entries(&EntryQuery {
+            log_id: log_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 async fn with_log(store: &Arc<dyn Store>, log_id: &str, size: u64) {
     store.ensure_log(&log_info(log_id)).await.unwrap();
     if size > 0 {
@@ -471,14 +482,7 @@ async fn check_append_is_dense_and_atomic(store: Arc<dyn Store>) {
     // Nothing of the refused batches was written.
     assert_eq!(store.log_size("log-a").await.unwrap(), 5);
     assert_eq!(store.log_size("log-b").await.unwrap(), 0);
-    let all = store
-        .query_entries(&EntryQuery {
-            log_id: "log-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(all, entries("log-a", 0..5));
+    assert_eq!(every_entry(&store, "log-a").await, entries("log-a", 0..5));
 
     // Both logs continue in one batch.
     let mut both = entries("log-b", 0..2);
@@ -511,14 +515,7 @@ async fn check_appends_batches_of_every_size_exactly(store: Arc<dyn Store>) {
         Err(StoreError::AlreadyExists { .. })
     ));
     assert_eq!(store.log_size("log-a").await.unwrap(), size);
-    let stored = store
-        .query_entries(&EntryQuery {
-            log_id: "log-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(stored, entries("log-a", 0..size));
+    assert_eq!(every_entry(&store, "log-a").await, entries("log-a", 0..size));
     assert_eq!(store.log_size("log-b").await.unwrap(), 1500);
 }
 
