@@ -51,6 +51,20 @@ fn quick_bench_reports_direct_relayed_and_proxy_as_json() {
             assert!(busy > 0.0 && busy <= cpus + 0.5, "{name} {mode} busy {busy}: {s:#}");
         }
     }
+    // The audit's SQLite threads were found inside the broker, a part of its CPU;
+    // without a broker there is no such part.
+    let relayed = &scenarios[1]["closed"]["cpu_s_per_1000"];
+    let sqlite = relayed["sqlite_in_broker"].as_f64();
+    let broker_cpu = relayed["intermediary"].as_f64().unwrap_or(0.0);
+    assert!(
+        sqlite.is_some_and(|s| s <= broker_cpu + 1e-9),
+        "SQLite's share of the broker: {relayed:#}"
+    );
+    assert!(
+        scenarios[0]["closed"]["cpu_s_per_1000"]
+            .get("sqlite_in_broker")
+            .is_none()
+    );
     // The relayed lookups were real ones: the broker's own figures are there.
     let broker = &report["broker"];
     assert!(broker["rss_after_setup_kib"].as_u64().unwrap_or(0) > 0, "{broker:#}");

@@ -79,7 +79,8 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
         logs, shared subject HMAC key), the load alternating between them\n\n\
         The PostgreSQL scenarios are not run by default; without PostgreSQL they are skipped with a note. \
         CPU per lookup of the database server (postmaster and all its backends) is reported apart from the \
-        broker's.\n\n\
+        broker's; with SQLite, the CPU of its threads inside the broker (the audit commits) is shown in \
+        parentheses in the same column, as a part of the broker's.\n\n\
         Closed loop (fixed concurrency) gives the saturation throughput; open loop (fixed arrival rate, \
         latency from each request's intended send time, so a stall is not hidden by coordinated omission) \
         gives latency under load. The broker's peak RSS is also measured with --inflight lookups in flight.\n\n\
@@ -489,6 +490,10 @@ struct CpuCost {
     /// inside the broker and is counted there).
     #[serde(skip_serializing_if = "Option::is_none")]
     database: Option<f64>,
+    /// SQLite's worker threads inside the broker (the relayed scenario): the
+    /// durable audit's commits, a part of `intermediary`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sqlite_in_broker: Option<f64>,
     /// This process.
     #[serde(skip_serializing_if = "Option::is_none")]
     load_generator: Option<f64>,
@@ -602,6 +607,37 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
 /// User plus system CPU time of a process (all its threads), seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Names of the threads sqlx runs each SQLite connection on
+/// (`sqlx-sqlite-worker-N`, cut to 15 bytes by the kernel).
+const SQLITE_THREADS: &str = "sqlx-sqlite";
+
+/// CPU seconds of the threads of `pids` whose name starts with `prefix`, or
+/// `None` when none has such a thread (a broker on PostgreSQL, nginx).
+fn threads_cpu_seconds(pids: &[u32], prefix: &str) -> Option<f64> {
+    let mut found = None;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            if stat_name(&stat).is_some_and(|n| n.starts_with(prefix))
+                && let Some(seconds) = stat_cpu_seconds(&stat)
+            {
+                *found.get_or_insert(0.0) += seconds;
+            }
+        }
+    }
+    found
+}
+
+/// The command (or thread) name in a `/proc/<pid>/stat` line (field 2).
+fn stat_name(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
 }
 
 /// User plus system time in a `/proc/<pid>/stat` line, seconds.
@@ -929,6 +965,7 @@ struct CpuSnapshot {
     intermediary: Option<f64>,
     provider: Option<f64>,
     database: Option<f64>,
+    sqlite_in_broker: Option<f64>,
     load_generator: Option<f64>,
     machine: Option<MachineCpu>,
 }
@@ -1015,6 +1052,7 @@ impl Watched {
             intermediary: cpu_of(&self.intermediary),
             provider: cpu_of(&self.provider),
             database: self.database.and_then(tree_cpu_seconds),
+            sqlite_in_broker: threads_cpu_seconds(&self.intermediary, SQLITE_THREADS),
             load_generator: cpu_of(&[std::process::id()]),
             machine: machine_cpu(),
         }
@@ -1030,6 +1068,7 @@ fn cost(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> CpuCost {
         intermediary: per_1000(before.intermediary, after.intermediary),
         provider: per_1000(before.provider, after.provider),
         database: per_1000(before.database, after.database),
+        sqlite_in_broker: per_1000(before.sqlite_in_broker, after.sqlite_in_broker),
         load_generator: per_1000(before.load_generator, after.load_generator),
     }
 }
@@ -2443,7 +2482,10 @@ fn render_table(report: &Report) -> String {
             p.errors + p.dropped,
             opt(p.cpu_s_per_1000.intermediary, 3),
             opt(p.cpu_s_per_1000.provider, 3),
-            opt(p.cpu_s_per_1000.database, 3),
+            match (p.cpu_s_per_1000.database, p.cpu_s_per_1000.sqlite_in_broker) {
+                (None, Some(sqlite)) => format!("({sqlite:.3})"),
+                (database, _) => opt(database, 3),
+            },
             opt(p.cpu_s_per_1000.load_generator, 3),
             match p.machine.busy_cores {
                 Some(busy) => format!("{busy:.2}/{}", report.machine.cpus),
@@ -2469,8 +2511,8 @@ fn render_table(report: &Report) -> String {
     }
     out.push_str(
         "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed; relayed-pg-2: both replicas) \
-         or nginx (proxy, all workers); database: the PostgreSQL server, all its processes (SQLite runs inside \
-         the broker); cores busy: the whole machine's CPU during the phase, every process counted, \
+         or nginx (proxy, all workers); database: the PostgreSQL server, all its processes, or in parentheses \
+         SQLite's threads inside the broker (part of middle); cores busy: the whole machine's CPU during the phase, every process counted, \
          against its core count\n",
     );
     if let Some(b) = &report.broker {
@@ -2599,6 +2641,31 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_threads_are_found_by_name_and_their_cpu_counted() {
+        let me = [std::process::id()];
+        assert_eq!(threads_cpu_seconds(&me, "no-such-thread"), None);
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let busy = std::thread::Builder::new()
+            .name("sqlx-sqlite-worker-7".into())
+            .spawn(move || {
+                // Busy for a few clock ticks, then idle until the test is done.
+                let until = Instant::now() + Duration::from_millis(200);
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+                let _ = wait.recv();
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let sqlite = threads_cpu_seconds(&me, SQLITE_THREADS).expect("the named thread is found");
+        assert!(sqlite >= 0.05, "{sqlite} s: the busy thread's time is counted");
+        assert!(sqlite <= cpu_seconds(me[0]).unwrap(), "a part of the process's time");
+        drop(done);
+        busy.join().unwrap();
+    }
+
+    #[test]
     fn proc_stat_cpu_time_skips_a_command_name_with_spaces() {
         let line = "4242 (tokio (rt) 1) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 130 0 0 20 0 9 0 100 1000 200";
         assert_eq!(stat_cpu_seconds(line), Some(3.8));
@@ -2608,6 +2675,8 @@ mod tests {
         assert_eq!(stat_reaped_children_cpu_seconds("77 (short) S 1"), None);
         // Our own process is always readable.
         assert!(cpu_seconds(std::process::id()).is_some());
+        assert_eq!(stat_name(line), Some("tokio (rt) 1"));
+        assert_eq!(stat_name("4242 no name"), None);
         assert!(status_kib(std::process::id(), "VmHWM:").is_some_and(|k| k > 0));
         assert!(tree_cpu_seconds(std::process::id()).is_some());
         assert_eq!(
@@ -2754,6 +2823,7 @@ mod tests {
             intermediary: None,
             provider: None,
             database: None,
+            sqlite_in_broker: None,
             load_generator: None,
             machine: Some(MachineCpu {
                 idle,
