@@ -80,3 +80,18 @@ fn quick_bench_reports_direct_relayed_and_proxy_as_json() {
         "{report:#}"
     );
 }
+
+#[test]
+fn bench_help_explains_the_scenarios_and_the_load_models() {
+    let (ok, help) = run_cli(&["bench", "--help"], &[]);
+    assert!(ok, "{help}");
+    for scenario in ["direct", "relayed", "proxy", "relayed-pg", "relayed-pg-2"] {
+        assert!(
+            help.contains(&format!("  {scenario} ")),
+            "{scenario} is explained:\n{help}"
+        );
+    }
+    for words in ["coordinated omission", "in parentheses", "--inflight"] {
+        assert!(help.contains(words), "{words}:\n{help}");
+    }
+}

@@ -105,7 +105,8 @@ enum Command {
     /// Ask a broker's gRPC health service whether it serves (exit 0) or not (exit 1);
     /// needs only the CA certificate (`--ca` or `--certs`), for container probes.
     Health(health::HealthArgs),
-    /// Measure the broker against a direct call and an nginx proxy, all with mutual TLS.
+    // No doc comment: clap would take it for the about and drop the long
+    // help `BenchArgs` gives (the scenarios and how they are measured).
     Bench(lienthong_cli::bench::BenchArgs),
 }
 
