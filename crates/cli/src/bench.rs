@@ -2512,8 +2512,8 @@ fn render_table(report: &Report) -> String {
     out.push_str(
         "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed; relayed-pg-2: both replicas) \
          or nginx (proxy, all workers); database: the PostgreSQL server, all its processes, or in parentheses \
-         SQLite's threads inside the broker (part of middle); cores busy: the whole machine's CPU during the phase, every process counted, \
-         against its core count\n",
+         SQLite's threads inside the broker (part of middle); cores busy: the whole machine's CPU during the \
+         phase, every process counted, against its core count\n",
     );
     if let Some(b) = &report.broker {
         out.push_str("\nbroker process:");
@@ -2642,27 +2642,31 @@ mod tests {
 
     #[test]
     fn sqlite_threads_are_found_by_name_and_their_cpu_counted() {
+        use std::sync::atomic::AtomicBool;
         let me = [std::process::id()];
         assert_eq!(threads_cpu_seconds(&me, "no-such-thread"), None);
-        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let spin = stop.clone();
         let busy = std::thread::Builder::new()
             .name("sqlx-sqlite-worker-7".into())
             .spawn(move || {
-                // Busy for a few clock ticks, then idle until the test is done.
-                let until = Instant::now() + Duration::from_millis(200);
                 let mut n = 0u64;
-                while Instant::now() < until {
+                while !spin.load(Ordering::Relaxed) {
                     n = std::hint::black_box(n.wrapping_add(1));
                 }
-                let _ = wait.recv();
             })
             .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let sqlite = threads_cpu_seconds(&me, SQLITE_THREADS).expect("the named thread is found");
+        // However busy the machine, the spinning thread's time shows up.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut sqlite = 0.0;
+        while sqlite < 0.05 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            sqlite = threads_cpu_seconds(&me, SQLITE_THREADS).expect("the named thread is found");
+        }
+        stop.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
         assert!(sqlite >= 0.05, "{sqlite} s: the busy thread's time is counted");
         assert!(sqlite <= cpu_seconds(me[0]).unwrap(), "a part of the process's time");
-        drop(done);
-        busy.join().unwrap();
     }
 
     #[test]
