@@ -361,10 +361,10 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
 /// records of Vietnamese names and places, was 1.5 % of the broker's CPU at
 /// saturation.
 #[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct FetchAnswer {
+struct FetchAnswer {
     /// The record's JSON text, as the register sent it (not yet checked to be UTF-8).
     #[prost(bytes = "bytes", tag = "1")]
-    pub(crate) record_json: Bytes,
+    record_json: Bytes,
 }
 
 /// The one message of a unary answer.
