@@ -1,6 +1,6 @@
-//! `lienthong bench`: one quick run through the built binary measures the three
-//! scenarios and reports them as JSON. No timing is asserted: only that every
-//! scenario ran and moved lookups (the proxy may be skipped without nginx).
+//! `lienthong bench`: one quick run through the built binary measures the
+//! default scenarios and reports them as JSON. No timing is asserted: only that
+//! every scenario ran and moved lookups (the proxy may be skipped without nginx).
 
 use crate::harness::run_cli;
 use serde_json::Value;
@@ -20,13 +20,13 @@ fn throughput(phase: &Value) -> f64 {
 }
 
 #[test]
-fn quick_bench_reports_direct_relayed_and_proxy_as_json() {
+fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
     let (ok, output) = run_cli(&["bench", "--quick", "--json"], &[]);
     assert!(ok, "bench failed:\n{output}");
     let report = report_of(&output);
     let scenarios = report["scenarios"].as_array().expect("scenarios array");
     let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
-    assert_eq!(names, ["direct", "relayed", "proxy"], "{report:#}");
+    assert_eq!(names, ["direct", "relayed", "proxy", "bare"], "{report:#}");
     let cpus = report["machine"]["cpus"].as_f64().unwrap_or(0.0);
     for s in scenarios {
         let name = s["name"].as_str().unwrap_or_default();
@@ -72,20 +72,22 @@ fn quick_bench_reports_direct_relayed_and_proxy_as_json() {
     assert_eq!(inflight["lookups_in_flight"], 1000, "{broker:#}");
     assert!(inflight["peak_rss_kib"].as_u64().unwrap_or(0) > 0, "{broker:#}");
     assert!(throughput(&inflight["phase"]) > 0.0, "{broker:#}");
-    assert!(
-        report["ratios"]["relayed_over_direct_throughput"]
-            .as_f64()
-            .unwrap_or(0.0)
-            > 0.0,
-        "{report:#}"
-    );
+    let ratios = &report["ratios"];
+    for ratio in ["relayed_over_direct_throughput", "relayed_over_bare_throughput"] {
+        assert!(ratios[ratio].as_f64().unwrap_or(0.0) > 0.0, "{ratio}: {report:#}");
+    }
+    // The bare relay (the broker's stack without its work) is a process of its
+    // own, measured like the broker, so the broker's work can be told apart.
+    let bare_cpu = scenarios[3]["closed"]["cpu_s_per_1000"]["intermediary"].as_f64();
+    assert!(bare_cpu.is_some_and(|c| c > 0.0), "the bare relay's CPU: {report:#}");
+    assert!(ratios["broker_work_cpu_ms_per_lookup"].as_f64().is_some(), "{report:#}");
 }
 
 #[test]
 fn bench_help_explains_the_scenarios_and_the_load_models() {
     let (ok, help) = run_cli(&["bench", "--help"], &[]);
     assert!(ok, "{help}");
-    for scenario in ["direct", "relayed", "proxy", "relayed-pg", "relayed-pg-2"] {
+    for scenario in ["direct", "relayed", "proxy", "bare", "relayed-pg", "relayed-pg-2"] {
         assert!(
             help.contains(&format!("  {scenario} ")),
             "{scenario} is explained:\n{help}"

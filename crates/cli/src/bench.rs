@@ -2,7 +2,7 @@
 //! directly and with a plain reverse proxy, measured in one run on the same
 //! payloads, all with mutual TLS.
 //!
-//! Three scenarios share one demo civil-status register (a kit provider, its
+//! The scenarios share one demo civil-status register (a kit provider, its
 //! own process):
 //! * `direct`: the load generator calls `RecordProvider.Fetch` itself,
 //!   presenting the broker's certificate (a register only answers the broker);
@@ -11,6 +11,9 @@
 //!   rate limiting and durable audit (SQLite in the run's directory);
 //! * `proxy`: `RecordProvider.Fetch` through nginx `grpc_pass`, which checks the
 //!   consumer's certificate and calls the register with the broker's;
+//! * `bare`: `RecordProvider.Fetch` through the broker's own TLS, gRPC and relay
+//!   stack with none of its work (`lienthong bench-bare`, see `crate::bare`):
+//!   what the stack costs against nginx, and what the broker's work adds;
 //! * `relayed-pg`: the relayed lookup through a broker on PostgreSQL (a
 //!   throwaway cluster the bench starts with `initdb`/`pg_ctl`);
 //! * `relayed-pg-2`: the same through two broker replicas on that database, the
@@ -72,6 +75,10 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
         relayed  Exchange.Lookup through the broker: authorization, query and record validation, field \
         filtering, rate limiting, durable audit\n  \
         proxy    RecordProvider.Fetch through nginx grpc_pass\n  \
+        bare     RecordProvider.Fetch through a bare relay made of the broker's own parts (mutual-TLS \
+        acceptor, tonic server, the relay's register connections) doing none of its work: no authorization, \
+        validation, filtering or audit. What the broker's protocol stack alone costs, against nginx; the \
+        broker's CPU beyond it is what its work costs\n  \
         relayed-pg    the relayed lookup through a broker whose database is PostgreSQL: a throwaway cluster \
         started with initdb/pg_ctl (on PATH or /usr/lib/postgresql/*/bin; as root it runs as the postgres \
         user), made as durable as the SQLite broker (fsync, synchronous_commit, full_page_writes on)\n  \
@@ -87,9 +94,9 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
         Prints a table, or JSON with the global --json flag."
 )]
 pub struct BenchArgs {
-    /// Scenarios to run, comma-separated: direct, relayed, proxy, relayed-pg, relayed-pg-2
+    /// Scenarios to run, comma-separated: direct, relayed, proxy, bare, relayed-pg, relayed-pg-2
     /// (e.g. `--scenarios relayed,relayed-pg,relayed-pg-2` compares SQLite, PostgreSQL and two replicas).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,relayed,proxy")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,relayed,proxy,bare")]
     pub scenarios: Vec<Scenario>,
     /// Load model: `closed` (fixed concurrency, finds saturation), `open` (fixed
     /// arrival rate, needs --rate; each target first gets an unmeasured
@@ -159,6 +166,8 @@ pub enum Scenario {
     Relayed,
     /// Through nginx `grpc_pass`.
     Proxy,
+    /// Through the broker's stack without its work (`lienthong bench-bare`).
+    Bare,
     /// Through a broker on PostgreSQL.
     #[value(name = "relayed-pg")]
     #[serde(rename = "relayed-pg")]
@@ -176,6 +185,7 @@ impl Scenario {
             Scenario::Direct => "direct",
             Scenario::Relayed => "relayed",
             Scenario::Proxy => "proxy",
+            Scenario::Bare => "bare",
             Scenario::RelayedPg => "relayed-pg",
             Scenario::RelayedPg2 => "relayed-pg-2",
         }
@@ -186,7 +196,7 @@ impl Scenario {
         match self {
             Scenario::RelayedPg => 1,
             Scenario::RelayedPg2 => 2,
-            Scenario::Direct | Scenario::Relayed | Scenario::Proxy => 0,
+            Scenario::Direct | Scenario::Relayed | Scenario::Proxy | Scenario::Bare => 0,
         }
     }
 }
@@ -577,6 +587,34 @@ struct Ratios {
     /// Closed loop: broker CPU per lookup / nginx CPU per lookup.
     #[serde(skip_serializing_if = "Option::is_none")]
     broker_over_proxy_cpu_per_lookup: Option<f64>,
+    /// Closed loop: bare relay throughput / proxy throughput: the broker's
+    /// protocol stack alone against nginx.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bare_over_proxy_throughput: Option<f64>,
+    /// Closed loop: relayed throughput / bare relay throughput: what the
+    /// broker's work (policy, validation, filtering, audit) leaves of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    relayed_over_bare_throughput: Option<f64>,
+    /// With --rounds above 1: bare/proxy throughput of each round.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    bare_over_proxy_throughput_by_round: Vec<f64>,
+    /// With --rounds above 1: relayed/bare throughput of each round.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    relayed_over_bare_throughput_by_round: Vec<f64>,
+    /// Closed loop: bare relay CPU per lookup / nginx CPU per lookup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bare_over_proxy_cpu_per_lookup: Option<f64>,
+    /// Closed loop: broker CPU per lookup minus the bare relay's, milliseconds:
+    /// what the broker's work costs on top of its stack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_work_cpu_ms_per_lookup: Option<f64>,
+    /// Closed loop: that work's CPU per lookup / nginx CPU per lookup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_work_over_proxy_cpu_per_lookup: Option<f64>,
+    /// Open loop: bare relay p99 minus direct p99, milliseconds: what the
+    /// broker's stack alone adds at the same rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bare_p99_added_over_direct_ms: Option<f64>,
     /// Closed loop: relayed-pg throughput / relayed throughput (PostgreSQL against SQLite).
     #[serde(skip_serializing_if = "Option::is_none")]
     relayed_pg_over_relayed_throughput: Option<f64>,
@@ -1572,6 +1610,28 @@ http {{\n\
 
 /// Starts nginx in the foreground and waits until it accepts connections and
 /// its workers are up.
+/// Starts the bare relay (`lienthong bench-bare`) in front of the register;
+/// returns it and its URL.
+async fn start_bare(exe: &Path, certs: &Path, trust_domain: &str, register: &str) -> Result<(ChildProcess, String)> {
+    let mut cmd = Command::new(exe);
+    cmd.args(["bench-bare", "--tls-dir"])
+        .arg(certs)
+        .args([
+            "--trust-domain",
+            trust_domain,
+            "--provider",
+            CIVIL_STATUS,
+            "--register",
+            register,
+        ])
+        // Logged as the bench's broker is: its telemetry defaults, whatever the operator's RUST_LOG.
+        .env_remove("RUST_LOG");
+    let (process, line) =
+        ChildProcess::spawn("bare relay", cmd, Some(crate::bare::READY), Duration::from_secs(60)).await?;
+    let addr = parse_addr(&line.unwrap_or_default(), "bare relay")?;
+    Ok((process, format!("https://127.0.0.1:{}", addr.port())))
+}
+
 async fn start_nginx(
     exe: &Path,
     dir: &Path,
@@ -1954,6 +2014,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         }
     }
     let mut nginx: Option<ChildProcess> = None;
+    let mut bare: Option<ChildProcess> = None;
     let mut prepared = Vec::new();
     let mut reports: Vec<ScenarioReport> = Vec::new();
     for scenario in &settings.scenarios {
@@ -2049,6 +2110,24 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                     },
                     connections: settings.connections,
                 });
+            }
+            Scenario::Bare => {
+                let (process, url) = start_bare(&exe, &certs, trust_domain, &provider_url).await?;
+                let chans = channels(&url, &consumer_material, None, settings.connections).await?;
+                prepared.push(Prepared {
+                    scenario: *scenario,
+                    target: Target::Fetch {
+                        clients: chans.into_iter().map(RecordProviderClient::new).collect(),
+                        requests: fetches.clone(),
+                    },
+                    watched: Watched {
+                        intermediary: vec![process.pid()],
+                        provider: vec![provider.pid()],
+                        database: None,
+                    },
+                    connections: settings.connections,
+                });
+                bare = Some(process);
             }
             Scenario::RelayedPg | Scenario::RelayedPg2 => {
                 let wanted = scenario.pg_replicas();
@@ -2300,6 +2379,9 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     if let Some(n) = nginx.as_mut() {
         n.stop(Duration::from_secs(5)).await;
     }
+    if let Some(b) = bare.as_mut() {
+        b.stop(Duration::from_secs(5)).await;
+    }
     broker.stop(Duration::from_secs(15)).await;
     provider.stop(Duration::from_secs(5)).await;
     if args.dir.is_some() {
@@ -2387,6 +2469,11 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
         (Some(a), Some(b)) => Some((a - b) / 1000.0),
         _ => None,
     };
+    // CPU seconds per 1,000 lookups are milliseconds per lookup.
+    let work = match (cpu("relayed"), cpu("bare")) {
+        (Some(broker), Some(bare)) => Some(broker - bare),
+        _ => None,
+    };
     Ratios {
         relayed_over_direct_throughput: ratio(closed_tp("relayed"), closed_tp("direct")),
         relayed_over_proxy_throughput: ratio(closed_tp("relayed"), closed_tp("proxy")),
@@ -2396,6 +2483,14 @@ fn ratios(reports: &[ScenarioReport]) -> Ratios {
         p99_added_over_proxy_ms: diff_ms(open_p99("relayed"), open_p99("proxy")),
         proxy_p99_added_over_direct_ms: diff_ms(open_p99("proxy"), open_p99("direct")),
         broker_over_proxy_cpu_per_lookup: ratio(cpu("relayed"), cpu("proxy")),
+        bare_over_proxy_throughput: ratio(closed_tp("bare"), closed_tp("proxy")),
+        relayed_over_bare_throughput: ratio(closed_tp("relayed"), closed_tp("bare")),
+        bare_over_proxy_throughput_by_round: by_round("bare", "proxy"),
+        relayed_over_bare_throughput_by_round: by_round("relayed", "bare"),
+        bare_over_proxy_cpu_per_lookup: ratio(cpu("bare"), cpu("proxy")),
+        broker_work_cpu_ms_per_lookup: work,
+        broker_work_over_proxy_cpu_per_lookup: ratio(work, cpu("proxy")),
+        bare_p99_added_over_direct_ms: diff_ms(open_p99("bare"), open_p99("direct")),
         relayed_pg_over_relayed_throughput: ratio(closed_tp("relayed-pg"), closed_tp("relayed")),
         relayed_pg_2_over_relayed_pg_throughput: ratio(closed_tp("relayed-pg-2"), closed_tp("relayed-pg")),
         relayed_pg_over_relayed_cpu_per_lookup: ratio(cpu_with_database("relayed-pg"), cpu_with_database("relayed")),
@@ -2511,7 +2606,7 @@ fn render_table(report: &Report) -> String {
     }
     out.push_str(
         "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed; relayed-pg-2: both replicas) \
-         or nginx (proxy, all workers); database: the PostgreSQL server, all its processes, or in parentheses \
+         or nginx (proxy, all workers) or the bare relay (bare); database: the PostgreSQL server, all its processes, or in parentheses \
          SQLite's threads inside the broker (part of middle); cores busy: the whole machine's CPU during the \
          phase, every process counted, against its core count\n",
     );
@@ -2601,6 +2696,45 @@ fn render_table(report: &Report) -> String {
             opt(r.broker_over_proxy_cpu_per_lookup, 3),
         ),
     ]);
+    if report.scenarios.iter().any(|s| s.name == "bare") {
+        lines.extend([
+            (
+                "throughput bare/proxy (the stack alone/nginx)",
+                opt(r.bare_over_proxy_throughput, 3),
+            ),
+            (
+                "throughput relayed/bare (with the work/without)",
+                opt(r.relayed_over_bare_throughput, 3),
+            ),
+        ]);
+        if !r.bare_over_proxy_throughput_by_round.is_empty() {
+            lines.push((
+                "throughput bare/proxy, round by round",
+                rounds(&r.bare_over_proxy_throughput_by_round),
+            ));
+        }
+        if !r.relayed_over_bare_throughput_by_round.is_empty() {
+            lines.push((
+                "throughput relayed/bare, round by round",
+                rounds(&r.relayed_over_bare_throughput_by_round),
+            ));
+        }
+        lines.extend([
+            ("CPU per lookup bare/nginx", opt(r.bare_over_proxy_cpu_per_lookup, 3)),
+            (
+                "CPU per lookup of the broker's work (relayed-bare)",
+                ms_opt(r.broker_work_cpu_ms_per_lookup),
+            ),
+            (
+                "CPU per lookup broker's work/nginx",
+                opt(r.broker_work_over_proxy_cpu_per_lookup, 3),
+            ),
+            (
+                "p99 the bare stack adds vs direct (open)",
+                ms_opt(r.bare_p99_added_over_direct_ms),
+            ),
+        ]);
+    }
     if report.postgres.is_some() || r.relayed_pg_over_relayed_throughput.is_some() {
         lines.extend([
             (
@@ -2931,6 +3065,36 @@ mod tests {
         assert_eq!(r.relayed_pg_2_over_relayed_pg_throughput, Some(1.5));
         let cpu = r.relayed_pg_over_relayed_cpu_per_lookup.unwrap();
         assert!((cpu - 1.5).abs() < 1e-9, "{cpu}");
+
+        // The bare relay splits the broker's CPU into its stack and its work.
+        let reports = vec![
+            scenario(
+                "direct",
+                "ok",
+                Some(phase(1000.0, 0, None)),
+                Some(phase(0.0, 800, None)),
+            ),
+            scenario("relayed", "ok", Some(phase(300.0, 0, Some(0.25))), None),
+            scenario("proxy", "ok", Some(phase(600.0, 0, Some(0.05))), None),
+            scenario(
+                "bare",
+                "ok",
+                Some(phase(480.0, 0, Some(0.1))),
+                Some(phase(0.0, 1400, None)),
+            ),
+        ];
+        let r = ratios(&reports);
+        assert_eq!(r.bare_over_proxy_throughput, Some(0.8));
+        assert_eq!(r.relayed_over_bare_throughput, Some(0.625));
+        assert_eq!(r.bare_over_proxy_cpu_per_lookup, Some(2.0));
+        let work = r.broker_work_cpu_ms_per_lookup.unwrap();
+        assert!((work - 0.15).abs() < 1e-9, "{work}");
+        let over = r.broker_work_over_proxy_cpu_per_lookup.unwrap();
+        assert!((over - 3.0).abs() < 1e-9, "{over}");
+        assert_eq!(r.bare_p99_added_over_direct_ms, Some(0.6));
+        let r = ratios(&reports[..3]);
+        assert_eq!(r.broker_work_cpu_ms_per_lookup, None, "no bare relay in this run");
+        assert_eq!(r.bare_over_proxy_throughput, None);
 
         // Three rounds: each round's pair, in order, beside the medians' ratio.
         let with_rounds = |tp: f64, rounds: &[f64]| {

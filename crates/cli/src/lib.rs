@@ -3,6 +3,7 @@
 //! holds the pieces the end-to-end tests reuse (the in-process federation).
 #![forbid(unsafe_code)]
 
+pub mod bare;
 pub mod bench;
 pub mod client;
 pub mod commands;

@@ -108,6 +108,9 @@ enum Command {
     // No doc comment: clap would take it for the about and drop the long
     // help `BenchArgs` gives (the scenarios and how they are measured).
     Bench(lienthong_cli::bench::BenchArgs),
+    // Started by `bench --scenarios bare`; not a way to run a federation.
+    #[command(hide = true)]
+    BenchBare(lienthong_cli::bare::BareArgs),
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -279,6 +282,7 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging(&cli.log_format, Some("warn"));
             lienthong_cli::bench::run(a, cli.json).await
         }
+        Command::BenchBare(a) => lienthong_cli::bare::serve(a).await,
     }
 }
 
