@@ -60,13 +60,21 @@ pub struct BareArgs {
     /// The register's URL, `https://host:port`.
     #[arg(long)]
     pub register: String,
+    /// `RUST_LOG`-style filter (the broker's `telemetry.log_filter`); the bench
+    /// gives its broker and this relay the same one.
+    #[arg(long, default_value = "warn")]
+    pub log_filter: String,
 }
 
 /// Runs the bare relay until the process is stopped.
 pub async fn serve(args: BareArgs) -> Result<()> {
     lienthong_tls::install_crypto_provider();
     // The broker's logging and span set-up, so spans cost what they cost there.
-    let _telemetry = lienthong_broker::telemetry::init(&TelemetryOptions::from_config(&Telemetry::default()))?;
+    let telemetry = Telemetry {
+        log_filter: args.log_filter.clone(),
+        ..Telemetry::default()
+    };
+    let _telemetry = lienthong_broker::telemetry::init(&TelemetryOptions::from_config(&telemetry))?;
     let material = TlsMaterial::load(&member_files(&args.tls_dir, &args.member))?;
     let tls = Arc::new(ServerTls::new(&material, &args.trust_domain)?);
     let config = RelayConfig::default();

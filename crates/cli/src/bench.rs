@@ -59,6 +59,9 @@ const OPEN_LOOP_MAX_OUTSTANDING: u64 = 50_000;
 /// Rate limit of the benchmark grant: high enough never to refuse, so the
 /// limiter runs but does not shape the load.
 const BENCH_RATE_LIMIT_PER_MINUTE: u32 = 1_000_000_000;
+/// Log filter of the bench's broker and bare relay: the bench measures
+/// serving, not logging (nor the spans an `info` filter creates).
+const BENCH_LOG_FILTER: &str = "warn";
 /// `USER_HZ`: the unit of CPU times in `/proc/<pid>/stat` (100 on every Linux
 /// architecture lienthong builds for).
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
@@ -1404,7 +1407,7 @@ fn write_broker_config(
          trust_domain = {trust_domain:?}\n\
          bootstrap_admin = {ADMIN:?}\n\n\
          [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n\
-         [telemetry]\nlog_filter = \"warn\"\n",
+         [telemetry]\nlog_filter = {BENCH_LOG_FILTER:?}\n",
         data = data_dir.display().to_string(),
         ca = certs.join("ca.pem").display().to_string(),
         cert = certs.join("broker.pem").display().to_string(),
@@ -1623,8 +1626,10 @@ async fn start_bare(exe: &Path, certs: &Path, trust_domain: &str, register: &str
             CIVIL_STATUS,
             "--register",
             register,
+            "--log-filter",
+            BENCH_LOG_FILTER,
         ])
-        // Logged as the bench's broker is: its telemetry defaults, whatever the operator's RUST_LOG.
+        // Logged as the bench's broker is, whatever the operator's RUST_LOG.
         .env_remove("RUST_LOG");
     let (process, line) =
         ChildProcess::spawn("bare relay", cmd, Some(crate::bare::READY), Duration::from_secs(60)).await?;
