@@ -2018,6 +2018,21 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             progress.line(&format!("bench: PostgreSQL scenarios {note}"));
         }
     }
+    // Direct, proxy and bare all call `RecordProvider.Fetch`, differing in what stands between.
+    let provider_pid = provider.pid();
+    let fetch_phase = |scenario, chans: Vec<Channel>, intermediary: Vec<u32>| Prepared {
+        scenario,
+        target: Target::Fetch {
+            clients: chans.into_iter().map(RecordProviderClient::new).collect(),
+            requests: fetches.clone(),
+        },
+        watched: Watched {
+            intermediary,
+            provider: vec![provider_pid],
+            database: None,
+        },
+        connections: settings.connections,
+    };
     let mut nginx: Option<ChildProcess> = None;
     let mut bare: Option<ChildProcess> = None;
     let mut prepared = Vec::new();
@@ -2039,19 +2054,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                     settings.connections,
                 )
                 .await?;
-                prepared.push(Prepared {
-                    scenario: *scenario,
-                    target: Target::Fetch {
-                        clients: chans.into_iter().map(RecordProviderClient::new).collect(),
-                        requests: fetches.clone(),
-                    },
-                    watched: Watched {
-                        intermediary: Vec::new(),
-                        provider: vec![provider.pid()],
-                        database: None,
-                    },
-                    connections: settings.connections,
-                });
+                prepared.push(fetch_phase(*scenario, chans, Vec::new()));
             }
             Scenario::Relayed => {
                 let chans = channels(&broker_url, &consumer_material, None, settings.connections).await?;
@@ -2102,36 +2105,12 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                 let mut pids = vec![process.pid()];
                 pids.extend(child_pids(process.pid()));
                 nginx = Some(process);
-                prepared.push(Prepared {
-                    scenario: *scenario,
-                    target: Target::Fetch {
-                        clients: chans.into_iter().map(RecordProviderClient::new).collect(),
-                        requests: fetches.clone(),
-                    },
-                    watched: Watched {
-                        intermediary: pids,
-                        provider: vec![provider.pid()],
-                        database: None,
-                    },
-                    connections: settings.connections,
-                });
+                prepared.push(fetch_phase(*scenario, chans, pids));
             }
             Scenario::Bare => {
                 let (process, url) = start_bare(&exe, &certs, trust_domain, &provider_url).await?;
                 let chans = channels(&url, &consumer_material, None, settings.connections).await?;
-                prepared.push(Prepared {
-                    scenario: *scenario,
-                    target: Target::Fetch {
-                        clients: chans.into_iter().map(RecordProviderClient::new).collect(),
-                        requests: fetches.clone(),
-                    },
-                    watched: Watched {
-                        intermediary: vec![process.pid()],
-                        provider: vec![provider.pid()],
-                        database: None,
-                    },
-                    connections: settings.connections,
-                });
+                prepared.push(fetch_phase(*scenario, chans, vec![process.pid()]));
                 bare = Some(process);
             }
             Scenario::RelayedPg | Scenario::RelayedPg2 => {
