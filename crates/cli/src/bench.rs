@@ -2651,23 +2651,33 @@ fn render_table(report: &Report) -> String {
     let r = &report.ratios;
     out.push_str("\nratios (same run):\n");
     let ms_opt = |v: Option<f64>| v.map(|v| format!("{v:.3} ms")).unwrap_or_else(|| "-".into());
-    let rounds = |v: &[f64]| v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" / ");
+    // Round-by-round ratios, shown only when there were rounds that paired up.
+    let by_round = |pairs: [(&'static str, &[f64]); 2]| {
+        pairs
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(label, v)| {
+                (
+                    label,
+                    v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" / "),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
     let mut lines = vec![
         ("throughput relayed/direct", opt(r.relayed_over_direct_throughput, 3)),
         ("throughput relayed/proxy", opt(r.relayed_over_proxy_throughput, 3)),
     ];
-    if !r.relayed_over_direct_throughput_by_round.is_empty() {
-        lines.push((
+    lines.extend(by_round([
+        (
             "throughput relayed/direct, round by round",
-            rounds(&r.relayed_over_direct_throughput_by_round),
-        ));
-    }
-    if !r.relayed_over_proxy_throughput_by_round.is_empty() {
-        lines.push((
+            &r.relayed_over_direct_throughput_by_round,
+        ),
+        (
             "throughput relayed/proxy, round by round",
-            rounds(&r.relayed_over_proxy_throughput_by_round),
-        ));
-    }
+            &r.relayed_over_proxy_throughput_by_round,
+        ),
+    ]));
     lines.extend([
         ("p99 added vs direct (open)", ms_opt(r.p99_added_over_direct_ms)),
         ("p99 added vs proxy (open)", ms_opt(r.p99_added_over_proxy_ms)),
@@ -2691,18 +2701,16 @@ fn render_table(report: &Report) -> String {
                 opt(r.relayed_over_bare_throughput, 3),
             ),
         ]);
-        if !r.bare_over_proxy_throughput_by_round.is_empty() {
-            lines.push((
+        lines.extend(by_round([
+            (
                 "throughput bare/proxy, round by round",
-                rounds(&r.bare_over_proxy_throughput_by_round),
-            ));
-        }
-        if !r.relayed_over_bare_throughput_by_round.is_empty() {
-            lines.push((
+                &r.bare_over_proxy_throughput_by_round,
+            ),
+            (
                 "throughput relayed/bare, round by round",
-                rounds(&r.relayed_over_bare_throughput_by_round),
-            ));
-        }
+                &r.relayed_over_bare_throughput_by_round,
+            ),
+        ]));
         lines.extend([
             ("CPU per lookup bare/nginx", opt(r.bare_over_proxy_cpu_per_lookup, 3)),
             (
