@@ -3018,13 +3018,17 @@ mod tests {
             closed,
             open,
         };
-        let reports = vec![
+        // A direct run beside which the relayed figures are read.
+        let direct = || {
             scenario(
                 "direct",
                 "ok",
                 Some(phase(1000.0, 0, None)),
                 Some(phase(0.0, 800, None)),
-            ),
+            )
+        };
+        let reports = vec![
+            direct(),
             scenario(
                 "relayed",
                 "ok",
@@ -3060,12 +3064,7 @@ mod tests {
 
         // The bare relay splits the broker's CPU into its stack and its work.
         let reports = vec![
-            scenario(
-                "direct",
-                "ok",
-                Some(phase(1000.0, 0, None)),
-                Some(phase(0.0, 800, None)),
-            ),
+            direct(),
             scenario("relayed", "ok", Some(phase(300.0, 0, Some(0.25))), None),
             scenario("proxy", "ok", Some(phase(600.0, 0, Some(0.05))), None),
             scenario(
