@@ -81,6 +81,21 @@ fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
     let bare_cpu = scenarios[3]["closed"]["cpu_s_per_1000"]["intermediary"].as_f64();
     assert!(bare_cpu.is_some_and(|c| c > 0.0), "the bare relay's CPU: {report:#}");
     assert!(ratios["broker_work_cpu_ms_per_lookup"].as_f64().is_some(), "{report:#}");
+    // Every relayed lookup wakes the broker's threads at least once; direct has
+    // no process in the middle to count.
+    for (i, name) in [(1, "relayed"), (3, "bare")] {
+        let switches = &scenarios[i]["open"]["switches_per_lookup"];
+        assert!(
+            switches["intermediary"].as_f64().is_some_and(|n| n > 0.0),
+            "{name}'s context switches per lookup: {switches:#}"
+        );
+        assert!(switches["provider"].as_f64().is_some(), "{name}: {switches:#}");
+    }
+    assert!(
+        scenarios[0]["open"]["switches_per_lookup"]
+            .get("intermediary")
+            .is_none()
+    );
 }
 
 #[test]
@@ -93,7 +108,12 @@ fn bench_help_explains_the_scenarios_and_the_load_models() {
             "{scenario} is explained:\n{help}"
         );
     }
-    for words in ["coordinated omission", "in parentheses", "--inflight"] {
+    for words in [
+        "coordinated omission",
+        "in parentheses",
+        "context switches",
+        "--inflight",
+    ] {
         assert!(help.contains(words), "{words}:\n{help}");
     }
 }

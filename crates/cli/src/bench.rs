@@ -90,7 +90,9 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
         The PostgreSQL scenarios are not run by default; without PostgreSQL they are skipped with a note. \
         CPU per lookup of the database server (postmaster and all its backends) is reported apart from the \
         broker's; with SQLite, the CPU of its threads inside the broker (the audit commits) is shown in \
-        parentheses in the same column, as a part of the broker's.\n\n\
+        parentheses in the same column, as a part of the broker's. The switches column counts the context \
+        switches of the process in the middle, all its threads, per lookup: below saturation, waking a \
+        sleeping thread costs more than the work it then does.\n\n\
         Closed loop (fixed concurrency) gives the saturation throughput; open loop (fixed arrival rate, \
         latency from each request's intended send time, so a stall is not hidden by coordinated omission) \
         gives latency under load. The broker's peak RSS is also measured with --inflight lookups in flight.\n\n\
@@ -354,7 +356,7 @@ impl Machine {
             .unwrap_or_else(|| "unknown".into());
         let memory_mib = std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| field_kib(&m, "MemTotal:"))
+            .and_then(|m| status_field(&m, "MemTotal:"))
             .map(|k| k / 1024)
             .unwrap_or(0);
         let load = std::fs::read_to_string("/proc/loadavg")
@@ -435,6 +437,7 @@ struct PhaseReport {
     throughput_per_s: f64,
     latency_us: Latency,
     cpu_s_per_1000: CpuCost,
+    switches_per_lookup: Switches,
     /// The whole machine's CPU during the phase: on two shared cores, latency
     /// is queueing once this nears the core count.
     machine: MachineLoad,
@@ -510,6 +513,20 @@ struct CpuCost {
     /// This process.
     #[serde(skip_serializing_if = "Option::is_none")]
     load_generator: Option<f64>,
+}
+
+/// Context switches per successful lookup, voluntary and involuntary, of every
+/// thread of a process: each voluntary one is a thread going to sleep and
+/// being woken again, which below saturation costs more than the work done
+/// in between (see BENCHMARKS.md, eleventh round).
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct Switches {
+    /// The broker, nginx (all workers) or the bare relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intermediary: Option<f64>,
+    /// The register.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -634,7 +651,7 @@ struct Ratios {
 // /proc
 
 /// The first number after `key` in a `/proc/<pid>/status`-style text.
-fn field_kib(text: &str, key: &str) -> Option<u64> {
+fn status_field(text: &str, key: &str) -> Option<u64> {
     text.lines()
         .find(|l| l.starts_with(key))
         .and_then(|l| l[key.len()..].split_whitespace().next())
@@ -642,12 +659,37 @@ fn field_kib(text: &str, key: &str) -> Option<u64> {
 }
 
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    field_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?, key)
+    status_field(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?, key)
 }
 
 /// User plus system CPU time of a process (all its threads), seconds.
 fn cpu_seconds(pid: u32) -> Option<f64> {
     stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Context switches so far of every thread of `pids` (threads that have
+/// exited are not counted), or `None` when no process could be read.
+fn context_switches(pids: &[u32]) -> Option<u64> {
+    let mut found = None;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Some(n) = std::fs::read_to_string(task.path().join("status"))
+                .ok()
+                .and_then(|status| status_switches(&status))
+            {
+                *found.get_or_insert(0) += n;
+            }
+        }
+    }
+    found
+}
+
+/// Voluntary plus involuntary context switches in a `/proc/<pid>/task/<tid>/status` text.
+fn status_switches(status: &str) -> Option<u64> {
+    Some(status_field(status, "voluntary_ctxt_switches:")? + status_field(status, "nonvoluntary_ctxt_switches:")?)
 }
 
 /// Names of the threads sqlx runs each SQLite connection on
@@ -1009,6 +1051,8 @@ struct CpuSnapshot {
     sqlite_in_broker: Option<f64>,
     load_generator: Option<f64>,
     machine: Option<MachineCpu>,
+    intermediary_switches: Option<u64>,
+    provider_switches: Option<u64>,
 }
 
 /// The whole machine's idle and stolen CPU time, all cores together, from
@@ -1096,6 +1140,8 @@ impl Watched {
             sqlite_in_broker: threads_cpu_seconds(&self.intermediary, SQLITE_THREADS),
             load_generator: cpu_of(&[std::process::id()]),
             machine: machine_cpu(),
+            intermediary_switches: context_switches(&self.intermediary),
+            provider_switches: context_switches(&self.provider),
         }
     }
 }
@@ -1111,6 +1157,17 @@ fn cost(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> CpuCost {
         database: per_1000(before.database, after.database),
         sqlite_in_broker: per_1000(before.sqlite_in_broker, after.sqlite_in_broker),
         load_generator: per_1000(before.load_generator, after.load_generator),
+    }
+}
+
+fn switches(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> Switches {
+    let per_lookup = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) if ok > 0 => Some(b.saturating_sub(a) as f64 / ok as f64),
+        _ => None,
+    };
+    Switches {
+        intermediary: per_lookup(before.intermediary_switches, after.intermediary_switches),
+        provider: per_lookup(before.provider_switches, after.provider_switches),
     }
 }
 
@@ -1180,6 +1237,7 @@ struct Phase {
     dropped: u64,
     first_error: Option<String>,
     cpu: CpuCost,
+    switches: Switches,
     machine: MachineLoad,
     measured: Duration,
 }
@@ -1199,6 +1257,7 @@ impl Phase {
             throughput_per_s: self.ok as f64 / secs,
             latency_us: Latency::of(&self.histogram),
             cpu_s_per_1000: self.cpu,
+            switches_per_lookup: self.switches,
             machine: self.machine,
             rounds: Vec::new(),
         }
@@ -1276,6 +1335,7 @@ async fn closed_loop(
         dropped: 0,
         first_error,
         cpu: cost(before, after, ok),
+        switches: switches(before, after, ok),
         machine: machine_load(before, after),
         measured: duration,
     }
@@ -1377,6 +1437,7 @@ async fn open_loop(
         dropped: dropped.load(Ordering::Relaxed),
         first_error,
         cpu: cost(before, after, ok),
+        switches: switches(before, after, ok),
         machine: machine_load(before, after),
         measured: duration,
     }
@@ -2531,7 +2592,7 @@ fn render_table(report: &Report) -> String {
         "", "", "", "", "", "", "", "", "", "CPU ms per lookup", "machine"
     ));
     out.push_str(&format!(
-        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10}\n",
+        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10} {:>9}\n",
         "scenario",
         "load",
         "lookups/s",
@@ -2545,11 +2606,12 @@ fn render_table(report: &Report) -> String {
         "register",
         "database",
         "loadgen",
-        "cores busy"
+        "cores busy",
+        "switches"
     ));
     let row = |name: &str, load: String, p: &PhaseReport| {
         format!(
-            "{:<12} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10}\n",
+            "{:<12} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10} {:>9}\n",
             name,
             load,
             p.throughput_per_s,
@@ -2570,6 +2632,7 @@ fn render_table(report: &Report) -> String {
                 Some(busy) => format!("{busy:.2}/{}", report.machine.cpus),
                 None => "-".into(),
             },
+            opt(p.switches_per_lookup.intermediary, 1),
         )
     };
     for r in &report.scenarios {
@@ -2592,7 +2655,8 @@ fn render_table(report: &Report) -> String {
         "CPU ms per lookup = CPU s per 1,000 lookups; middle: the broker (relayed; relayed-pg-2: both replicas) \
          or nginx (proxy, all workers) or the bare relay (bare); database: the PostgreSQL server, all its processes, or in parentheses \
          SQLite's threads inside the broker (part of middle); cores busy: the whole machine's CPU during the \
-         phase, every process counted, against its core count\n",
+         phase, every process counted, against its core count; switches: the middle's context switches per lookup, \
+         all its threads (each voluntary one a sleep and a wake-up)\n",
     );
     if let Some(b) = &report.broker {
         out.push_str("\nbroker process:");
@@ -2893,6 +2957,7 @@ mod tests {
                 dropped: 0,
                 first_error: None,
                 cpu: CpuCost::default(),
+                switches: Switches::default(),
                 machine: MachineLoad::default(),
                 measured: Duration::from_secs(1),
             }
@@ -2961,6 +3026,8 @@ mod tests {
                 cores: 2,
                 at: t0 + Duration::from_secs(secs),
             }),
+            intermediary_switches: None,
+            provider_switches: None,
         };
         // 10 s on 2 cores: 0.5 s idle and 0.5 s stolen leave 19 s busy.
         let load = machine_load(at(0, 100.0, 1.0), at(10, 100.5, 1.5));
@@ -2981,11 +3048,39 @@ mod tests {
     }
 
     #[test]
+    fn context_switches_are_counted_per_lookup() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t700\nnonvoluntary_ctxt_switches:\t42\n";
+        assert_eq!(status_switches(status), Some(742));
+        assert_eq!(status_switches("Name:\tx\n"), None);
+        assert!(
+            context_switches(&[std::process::id()]).is_some(),
+            "this test's own threads are read"
+        );
+        assert_eq!(context_switches(&[u32::MAX]), None);
+
+        let snapshot = |intermediary, provider| CpuSnapshot {
+            intermediary: None,
+            provider: None,
+            database: None,
+            sqlite_in_broker: None,
+            load_generator: None,
+            machine: None,
+            intermediary_switches: intermediary,
+            provider_switches: provider,
+        };
+        let s = switches(snapshot(Some(1_000), Some(50)), snapshot(Some(15_700), None), 1_000);
+        assert_eq!(s.intermediary, Some(14.7));
+        assert_eq!(s.provider, None, "a register that could not be read has no figure");
+        let none = switches(snapshot(Some(1_000), Some(50)), snapshot(Some(15_700), Some(60)), 0);
+        assert_eq!((none.intermediary, none.provider), (None, None), "no lookups, no ratio");
+    }
+
+    #[test]
     fn status_fields_are_read_in_kib() {
         let text = "Name:\tx\nVmHWM:\t   12345 kB\nVmRSS:\t  100 kB\n";
-        assert_eq!(field_kib(text, "VmHWM:"), Some(12345));
-        assert_eq!(field_kib(text, "VmRSS:"), Some(100));
-        assert_eq!(field_kib(text, "VmSwap:"), None);
+        assert_eq!(status_field(text, "VmHWM:"), Some(12345));
+        assert_eq!(status_field(text, "VmRSS:"), Some(100));
+        assert_eq!(status_field(text, "VmSwap:"), None);
     }
 
     #[test]
@@ -3008,6 +3103,7 @@ mod tests {
                 intermediary: cpu,
                 ..CpuCost::default()
             },
+            switches_per_lookup: Switches::default(),
             machine: MachineLoad::default(),
             rounds: Vec::new(),
         };
