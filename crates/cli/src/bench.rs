@@ -91,8 +91,8 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
         CPU per lookup of the database server (postmaster and all its backends) is reported apart from the \
         broker's; with SQLite, the CPU of its threads inside the broker (the audit commits) is shown in \
         parentheses in the same column, as a part of the broker's. The switches column counts the context \
-        switches of the process in the middle, all its threads, per lookup: below saturation, waking a \
-        sleeping thread costs more than the work it then does.\n\n\
+        switches of the process in the middle, all its threads, per lookup: how often its threads went to \
+        sleep and were woken again (or were preempted), which grows as the rate falls.\n\n\
         Closed loop (fixed concurrency) gives the saturation throughput; open loop (fixed arrival rate, \
         latency from each request's intended send time, so a stall is not hidden by coordinated omission) \
         gives latency under load. The broker's peak RSS is also measured with --inflight lookups in flight.\n\n\
@@ -516,9 +516,8 @@ struct CpuCost {
 }
 
 /// Context switches per successful lookup, voluntary and involuntary, of every
-/// thread of a process: each voluntary one is a thread going to sleep and
-/// being woken again, which below saturation costs more than the work done
-/// in between (see BENCHMARKS.md, eleventh round).
+/// thread of a process: how often its threads slept and were woken again, or
+/// were preempted (see BENCHMARKS.md, eleventh round).
 #[derive(Debug, Clone, Copy, Serialize, Default)]
 struct Switches {
     /// The broker, nginx (all workers) or the bare relay.
