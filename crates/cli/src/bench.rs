@@ -666,24 +666,35 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// Context switches so far of every thread of `pids` (threads that have
-/// exited are not counted), or `None` when no process could be read.
-fn context_switches(pids: &[u32]) -> Option<u64> {
+/// The sum of `read(file)` over the threads of `pids`, `file` being the text
+/// of `/proc/<pid>/task/<tid>/<name>`, or `None` when no thread gave a value.
+/// Threads that have exited are not counted.
+fn over_threads<T: std::ops::AddAssign + Default>(
+    pids: &[u32],
+    name: &str,
+    read: impl Fn(&str) -> Option<T>,
+) -> Option<T> {
     let mut found = None;
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
         for task in tasks.flatten() {
-            if let Some(n) = std::fs::read_to_string(task.path().join("status"))
+            if let Some(value) = std::fs::read_to_string(task.path().join(name))
                 .ok()
-                .and_then(|status| status_switches(&status))
+                .and_then(|file| read(&file))
             {
-                *found.get_or_insert(0) += n;
+                *found.get_or_insert_with(T::default) += value;
             }
         }
     }
     found
+}
+
+/// Context switches so far of every thread of `pids`, or `None` when no
+/// process could be read.
+fn context_switches(pids: &[u32]) -> Option<u64> {
+    over_threads(pids, "status", status_switches)
 }
 
 /// Voluntary plus involuntary context switches in a `/proc/<pid>/task/<tid>/status` text.
@@ -698,23 +709,12 @@ const SQLITE_THREADS: &str = "sqlx-sqlite";
 /// CPU seconds of the threads of `pids` whose name starts with `prefix`, or
 /// `None` when none has such a thread (a broker on PostgreSQL, nginx).
 fn threads_cpu_seconds(pids: &[u32], prefix: &str) -> Option<f64> {
-    let mut found = None;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            if stat_name(&stat).is_some_and(|n| n.starts_with(prefix))
-                && let Some(seconds) = stat_cpu_seconds(&stat)
-            {
-                *found.get_or_insert(0.0) += seconds;
-            }
-        }
-    }
-    found
+    over_threads(pids, "stat", |stat| {
+        stat_name(stat)
+            .is_some_and(|n| n.starts_with(prefix))
+            .then(|| stat_cpu_seconds(stat))
+            .flatten()
+    })
 }
 
 /// The command (or thread) name in a `/proc/<pid>/stat` line (field 2).
