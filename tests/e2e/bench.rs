@@ -96,6 +96,27 @@ fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
             .get("intermediary")
             .is_none()
     );
+    // The broker's own histograms split each relayed phase into its call to
+    // the register and its wait for the audit entry. Lookups still in flight
+    // at a scrape are counted in one part and not yet in another, so the
+    // counts agree only up to them.
+    for mode in ["closed", "open"] {
+        let inside = &scenarios[1][mode]["inside_broker"];
+        let count = |part: &str| inside[part]["count"].as_u64().unwrap_or(0);
+        let lookups = count("lookup");
+        assert!(lookups > 0, "relayed {mode}: {inside:#}");
+        for part in ["provider_call", "audit_wait"] {
+            assert!(
+                count(part).abs_diff(lookups) <= lookups / 5 + 512,
+                "relayed {mode} {part}: {inside:#}"
+            );
+            let mean = |part: &str| inside[part]["mean_ms"].as_f64().unwrap_or(f64::NAN);
+            assert!(mean(part) <= mean("lookup"), "a part of the lookup: {inside:#}");
+        }
+    }
+    for i in [0, 2, 3] {
+        assert!(scenarios[i]["closed"].get("inside_broker").is_none(), "{report:#}");
+    }
 }
 
 #[test]

@@ -22,6 +22,8 @@
 //! Servers run as separate processes so their CPU time and memory are read
 //! from `/proc/<pid>` without counting the load generator.
 
+mod inside;
+
 use crate::client::{member_files, status_error};
 use crate::federation::{
     ADMIN, CIVIL_STATUS, JUDICIAL_OFFICE, MEMBERS, PURPOSE_DATA_SHARING, definition_from_json, demo_grants, make_certs,
@@ -441,6 +443,10 @@ struct PhaseReport {
     /// The whole machine's CPU during the phase: on two shared cores, latency
     /// is queueing once this nears the core count.
     machine: MachineLoad,
+    /// Relayed: the lookup, its register call and its audit wait as the
+    /// broker's own histograms timed them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inside_broker: Option<inside::InsideBroker>,
     /// With --rounds above 1: throughput (closed) or p99 in µs (open) of every
     /// round, in order; the figures above are from the median one.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -1040,6 +1046,9 @@ struct Watched {
     provider: Vec<u32>,
     /// The PostgreSQL postmaster, counted with all its children.
     database: Option<u32>,
+    /// The brokers' `/metrics` listeners (relayed scenarios), whose
+    /// histograms split a lookup's time inside the broker.
+    broker_metrics: Vec<SocketAddr>,
 }
 
 #[derive(Clone, Copy)]
@@ -1143,6 +1152,10 @@ impl Watched {
             provider_switches: context_switches(&self.provider),
         }
     }
+
+    async fn inside(&self) -> Option<inside::Scrape> {
+        inside::scrape(&self.broker_metrics).await
+    }
 }
 
 fn cost(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> CpuCost {
@@ -1239,6 +1252,7 @@ struct Phase {
     switches: Switches,
     machine: MachineLoad,
     measured: Duration,
+    inside: Option<inside::InsideBroker>,
 }
 
 impl Phase {
@@ -1258,6 +1272,7 @@ impl Phase {
             cpu_s_per_1000: self.cpu,
             switches_per_lookup: self.switches,
             machine: self.machine,
+            inside_broker: self.inside.clone(),
             rounds: Vec::new(),
         }
     }
@@ -1315,8 +1330,10 @@ async fn closed_loop(
     tokio::time::sleep_until(measure_from.into()).await;
     on_measure_start();
     let before = watched.snapshot();
+    let inside_before = watched.inside().await;
     tokio::time::sleep_until(end.into()).await;
     let after = watched.snapshot();
+    let inside_after = watched.inside().await;
     let mut total = histogram();
     for w in workers {
         if let Ok(h) = w.await {
@@ -1337,6 +1354,7 @@ async fn closed_loop(
         switches: switches(before, after, ok),
         machine: machine_load(before, after),
         measured: duration,
+        inside: inside_before.zip(inside_after).map(|(b, a)| inside::between(&b, &a)),
     }
 }
 
@@ -1417,6 +1435,7 @@ async fn open_loop(
     let ticker = progress.spawn_ticker(label, live.clone(), started, warmup + duration, stop.clone());
     tokio::time::sleep_until(measure_from.into()).await;
     let before = watched.snapshot();
+    let inside_before = watched.inside().await;
     tokio::time::sleep_until(end.into()).await;
     let after = watched.snapshot();
     // Late answers to requests due inside the window still count: that is the point.
@@ -1424,6 +1443,8 @@ async fn open_loop(
     while (outstanding.load(Ordering::Relaxed) > 0 || !pacer.is_finished()) && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // After the drain, so that the broker's timings cover the same lookups.
+    let inside_after = watched.inside().await;
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.await;
     let ok = live.ok.load(Ordering::Relaxed);
@@ -1439,6 +1460,7 @@ async fn open_loop(
         switches: switches(before, after, ok),
         machine: machine_load(before, after),
         measured: duration,
+        inside: inside_before.zip(inside_after).map(|(b, a)| inside::between(&b, &a)),
     }
 }
 
@@ -1447,7 +1469,8 @@ async fn open_loop(
 
 /// Writes a broker's config to `dir/name`: defaults, except logging at `warn`
 /// like the register and nginx (access log off), the listener on an ephemeral
-/// port and, when given, a PostgreSQL `database_url` instead of SQLite in `data_dir`.
+/// port, `/metrics` on a free loopback port (returned with the path) and,
+/// when given, a PostgreSQL `database_url` instead of SQLite in `data_dir`.
 fn write_broker_config(
     dir: &Path,
     name: &str,
@@ -1455,10 +1478,11 @@ fn write_broker_config(
     database_url: Option<&str>,
     certs: &Path,
     trust_domain: &str,
-) -> Result<PathBuf> {
+) -> Result<(PathBuf, SocketAddr)> {
     let database = database_url
         .map(|url| format!("database_url = {url:?}\n"))
         .unwrap_or_default();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let text = format!(
         "# Written by `lienthong bench`.\n\
          listen = \"127.0.0.1:0\"\n\
@@ -1467,7 +1491,7 @@ fn write_broker_config(
          trust_domain = {trust_domain:?}\n\
          bootstrap_admin = {ADMIN:?}\n\n\
          [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n\
-         [telemetry]\nlog_filter = {BENCH_LOG_FILTER:?}\n",
+         [telemetry]\nlog_filter = {BENCH_LOG_FILTER:?}\nmetrics_listen = \"{metrics}\"\n",
         data = data_dir.display().to_string(),
         ca = certs.join("ca.pem").display().to_string(),
         cert = certs.join("broker.pem").display().to_string(),
@@ -1475,7 +1499,7 @@ fn write_broker_config(
     );
     let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
+    Ok((path, metrics))
 }
 
 /// Starts `lienthong serve --config config` and returns it with its URL.
@@ -1601,7 +1625,7 @@ fn find_nginx(explicit: Option<&Path>) -> Option<PathBuf> {
 }
 
 fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port for nginx")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
     Ok(listener.local_addr()?.port())
 }
 
@@ -1759,6 +1783,8 @@ struct PgSetup {
     /// Each replica and its URL; A first. Declared before `cluster` so that an
     /// early return kills the brokers before the database goes away.
     replicas: Vec<(ChildProcess, String)>,
+    /// Each replica's `/metrics` address, in the same order.
+    metrics: Vec<SocketAddr>,
     report: PostgresReport,
     cluster: PgCluster,
 }
@@ -1903,6 +1929,7 @@ async fn setup_postgres(cluster: PgCluster, replicas: usize, cx: &PgContext<'_>)
     let mut started: Vec<(ChildProcess, String)> = Vec::new();
     let mut replica_reports = Vec::new();
     let mut data_dirs: Vec<PathBuf> = Vec::new();
+    let mut metrics_addrs = Vec::new();
     for (i, name) in PG_REPLICA_NAMES
         .iter()
         .enumerate()
@@ -1913,7 +1940,7 @@ async fn setup_postgres(cluster: PgCluster, replicas: usize, cx: &PgContext<'_>)
         if let Some(first) = data_dirs.first() {
             share_subject_key(first, &data_dir)?;
         }
-        let config = write_broker_config(
+        let (config, metrics) = write_broker_config(
             cx.dir,
             &format!("broker-pg-{tag}.toml"),
             &data_dir,
@@ -1929,6 +1956,7 @@ async fn setup_postgres(cluster: PgCluster, replicas: usize, cx: &PgContext<'_>)
         });
         data_dirs.push(data_dir);
         started.push((process, url));
+        metrics_addrs.push(metrics);
     }
     let Some((_, url_a)) = started.first() else {
         bail!("no broker replica was started");
@@ -1950,6 +1978,7 @@ async fn setup_postgres(cluster: PgCluster, replicas: usize, cx: &PgContext<'_>)
     }
     Ok(PgSetup {
         replicas: started,
+        metrics: metrics_addrs,
         report: PostgresReport {
             server_version: facts.server_version,
             durability: facts.durability,
@@ -2025,7 +2054,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             None
         }
     };
-    let config = write_broker_config(&dir, "broker.toml", &data_dir, None, &certs, trust_domain)?;
+    let (config, broker_metrics) = write_broker_config(&dir, "broker.toml", &data_dir, None, &certs, trust_domain)?;
     let (mut broker, broker_url) = start_broker(&exe, &config, "broker").await?;
     let grant = administer(&broker_url, &certs, &provider_url).await?;
     let (lookups, fetches) = payloads(settings.seed, settings.subjects, &grant);
@@ -2090,6 +2119,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             intermediary,
             provider: vec![provider_pid],
             database: None,
+            broker_metrics: Vec::new(),
         },
         connections: settings.connections,
     };
@@ -2128,6 +2158,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                         intermediary: vec![broker.pid()],
                         provider: vec![provider.pid()],
                         database: None,
+                        broker_metrics: vec![broker_metrics],
                     },
                     connections: settings.connections,
                 });
@@ -2207,6 +2238,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                         intermediary: setup.replicas.iter().take(wanted).map(|(p, _)| p.pid()).collect(),
                         provider: vec![provider.pid()],
                         database: setup.report.postmaster_pid,
+                        broker_metrics: setup.metrics.iter().take(wanted).copied().collect(),
                     },
                     connections: per_replica * wanted,
                 });
@@ -2363,6 +2395,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             intermediary: vec![broker.pid()],
             provider: vec![provider.pid()],
             database: None,
+            broker_metrics: vec![broker_metrics],
         };
         let label = format!("relayed in flight={}", settings.inflight);
         let broker_pid = broker.pid();
@@ -2566,6 +2599,50 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
+/// The relayed phases as the broker timed them, or nothing when no phase
+/// has its histograms.
+fn render_inside(scenarios: &[ScenarioReport]) -> String {
+    let timing = |t: &Option<inside::Timing>| match t {
+        Some(t) => format!("{:.2} / {:.2} / {:.2}", t.mean_ms, t.p50_ms, t.p99_ms),
+        None => "-".into(),
+    };
+    let mut rows = String::new();
+    for r in scenarios.iter().filter(|r| r.status == "ok") {
+        let phases = [
+            r.closed
+                .as_ref()
+                .map(|c| (format!("closed c={}", c.concurrency.unwrap_or(0)), c)),
+            r.open
+                .as_ref()
+                .map(|o| (format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)), o)),
+        ];
+        for (load, p) in phases.into_iter().flatten() {
+            if let Some(i) = &p.inside_broker {
+                rows.push_str(&format!(
+                    "{:<12} {:<13}   {:>24}   {:>24}   {:>24}\n",
+                    r.name,
+                    load,
+                    timing(&i.lookup),
+                    timing(&i.provider_call),
+                    timing(&i.audit_wait)
+                ));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "\ninside the broker, from its own histograms (ms: mean / p50 / p99)\n\
+         {:<12} {:<13}   {:>24}   {:>24}   {:>24}\n{rows}\
+         lookup: from its arrival at the broker's service to the answer; register call and audit wait are parts \
+         of it. Means are exact; p50 and p99 are interpolated inside factor-2 buckets (0.25 ms, 0.5 ms, 1 ms, ...), \
+         so read them as within a factor of two. A register call much slower than the direct phase's whole \
+         lookup is time spent waiting for a core, not in the register.\n",
+        "scenario", "load", "lookup", "register call", "audit wait"
+    )
+}
+
 fn render_table(report: &Report) -> String {
     let mut out = String::new();
     let m = &report.machine;
@@ -2657,6 +2734,7 @@ fn render_table(report: &Report) -> String {
          phase, every process counted, against its core count; switches: the middle's context switches per lookup, \
          all its threads (each voluntary one a sleep and a wake-up)\n",
     );
+    out.push_str(&render_inside(&report.scenarios));
     if let Some(b) = &report.broker {
         out.push_str("\nbroker process:");
         if let Some(k) = b.rss_after_setup_kib {
@@ -2901,11 +2979,17 @@ mod tests {
         make_certs(&certs, "gov.example").unwrap();
         let url = "postgres://lienthong@127.0.0.1:5999/bench";
         let data = dir.path().join("broker-pg-b-data");
-        let path = write_broker_config(dir.path(), "b.toml", &data, Some(url), &certs, "gov.example").unwrap();
+        let (path, metrics) =
+            write_broker_config(dir.path(), "b.toml", &data, Some(url), &certs, "gov.example").unwrap();
         let config = lienthong_broker::config::Config::load(Some(&path), Vec::new()).unwrap();
         assert_eq!(config.database_url(), url);
         assert_eq!(config.data_dir, data);
-        let sqlite = write_broker_config(dir.path(), "a.toml", &data, None, &certs, "gov.example").unwrap();
+        assert_eq!(
+            config.telemetry.metrics_addr(),
+            Some(Ok(metrics)),
+            "the bench reads the broker's histograms"
+        );
+        let (sqlite, _) = write_broker_config(dir.path(), "a.toml", &data, None, &certs, "gov.example").unwrap();
         let config = lienthong_broker::config::Config::load(Some(&sqlite), Vec::new()).unwrap();
         assert!(
             config.database_url().starts_with("sqlite://"),
@@ -2959,6 +3043,7 @@ mod tests {
                 switches: Switches::default(),
                 machine: MachineLoad::default(),
                 measured: Duration::from_secs(1),
+                inside: None,
             }
             .report(None, None, 1)
             .with(tp, p99)
@@ -3104,6 +3189,7 @@ mod tests {
             },
             switches_per_lookup: Switches::default(),
             machine: MachineLoad::default(),
+            inside_broker: None,
             rounds: Vec::new(),
         };
         let scenario = |name, status, closed: Option<PhaseReport>, open: Option<PhaseReport>| ScenarioReport {
@@ -3178,6 +3264,7 @@ mod tests {
         let over = r.broker_work_over_proxy_cpu_per_lookup.unwrap();
         assert!((over - 3.0).abs() < 1e-9, "{over}");
         assert_eq!(r.bare_p99_added_over_direct_ms, Some(0.6));
+        assert_eq!(render_inside(&reports), "", "no phase has the broker's histograms");
         let r = ratios(&reports[..3]);
         assert_eq!(r.broker_work_cpu_ms_per_lookup, None, "no bare relay in this run");
         assert_eq!(r.bare_over_proxy_throughput, None);
@@ -3212,6 +3299,57 @@ mod tests {
             r.relayed_over_proxy_throughput_by_round.is_empty(),
             "rounds that do not pair up are not compared"
         );
+    }
+
+    #[test]
+    fn relayed_phases_are_split_as_the_broker_timed_them() {
+        let timing = |mean_ms, p50_ms, p99_ms| {
+            Some(inside::Timing {
+                count: 100,
+                mean_ms,
+                p50_ms,
+                p99_ms,
+            })
+        };
+        let mut open = Phase {
+            histogram: histogram(),
+            ok: 100,
+            errors: 0,
+            dropped: 0,
+            first_error: None,
+            cpu: CpuCost::default(),
+            switches: Switches::default(),
+            machine: MachineLoad::default(),
+            measured: Duration::from_secs(1),
+            inside: Some(inside::InsideBroker {
+                lookup: timing(3.06, 2.82, 14.67),
+                provider_call: timing(0.92, 0.8, 3.77),
+                audit_wait: None,
+            }),
+        }
+        .report(None, Some(3500.0), 4);
+        let scenarios = vec![ScenarioReport {
+            name: "relayed",
+            status: "ok",
+            note: None,
+            closed: None,
+            open: Some(open.clone()),
+        }];
+        let text = render_inside(&scenarios);
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("relayed"))
+            .unwrap_or_else(|| panic!("no relayed row in {text}"));
+        assert!(row.contains("open 3500/s"), "{row}");
+        assert!(row.contains("3.06 / 2.82 / 14.67"), "{row}");
+        assert!(row.contains("0.92 / 0.80 / 3.77"), "{row}");
+        assert!(row.trim_end().ends_with('-'), "no audit wait observed: {row}");
+        let json = serde_json::to_value(&open).unwrap();
+        assert_eq!(json["inside_broker"]["provider_call"]["p99_ms"], 3.77);
+
+        open.inside_broker = None;
+        let json = serde_json::to_value(&open).unwrap();
+        assert!(json.get("inside_broker").is_none(), "{json}");
     }
 
     #[test]
