@@ -95,6 +95,9 @@ const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
         parentheses in the same column, as a part of the broker's. The switches column counts the context \
         switches of the process in the middle, all its threads, per lookup: how often its threads went to \
         sleep and were woken again (or were preempted), which grows as the rate falls.\n\n\
+        Each relayed phase is also split as the broker timed it, from its own histograms (the bench gives \
+        its brokers a loopback /metrics listener and reads it before and after the phase): the lookup inside \
+        the broker, its call to the register and its wait for the audit entry to be durable.\n\n\
         Closed loop (fixed concurrency) gives the saturation throughput; open loop (fixed arrival rate, \
         latency from each request's intended send time, so a stall is not hidden by coordinated omission) \
         gives latency under load. The broker's peak RSS is also measured with --inflight lookups in flight.\n\n\
