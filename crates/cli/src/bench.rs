@@ -713,6 +713,8 @@ fn status_switches(status: &str) -> Option<u64> {
 
 /// Names of the threads sqlx runs each SQLite connection on
 /// (`sqlx-sqlite-worker-N`, cut to 15 bytes by the kernel).
+/// How `lienthong serve` announces its `/metrics` listener on stderr.
+const METRICS_PREFIX: &str = "metrics on http://";
 const SQLITE_THREADS: &str = "sqlx-sqlite";
 
 /// CPU seconds of the threads of `pids` whose name starts with `prefix`, or
@@ -874,6 +876,14 @@ impl ChildProcess {
 
     fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// The rest of the last kept stderr line starting with `prefix`.
+    fn line_after(&self, prefix: &str) -> Option<String> {
+        let log = self.log.lock().ok()?;
+        log.iter()
+            .rev()
+            .find_map(|l| l.strip_prefix(prefix).map(str::to_string))
     }
 
     fn last_lines(&self) -> String {
@@ -1471,9 +1481,9 @@ async fn open_loop(
 // Setting the federation up
 
 /// Writes a broker's config to `dir/name`: defaults, except logging at `warn`
-/// like the register and nginx (access log off), the listener on an ephemeral
-/// port, `/metrics` on a free loopback port (returned with the path) and,
-/// when given, a PostgreSQL `database_url` instead of SQLite in `data_dir`.
+/// like the register and nginx (access log off), the listener and `/metrics`
+/// on ephemeral loopback ports and, when given, a PostgreSQL `database_url`
+/// instead of SQLite in `data_dir`.
 fn write_broker_config(
     dir: &Path,
     name: &str,
@@ -1481,11 +1491,10 @@ fn write_broker_config(
     database_url: Option<&str>,
     certs: &Path,
     trust_domain: &str,
-) -> Result<(PathBuf, SocketAddr)> {
+) -> Result<PathBuf> {
     let database = database_url
         .map(|url| format!("database_url = {url:?}\n"))
         .unwrap_or_default();
-    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let text = format!(
         "# Written by `lienthong bench`.\n\
          listen = \"127.0.0.1:0\"\n\
@@ -1494,7 +1503,7 @@ fn write_broker_config(
          trust_domain = {trust_domain:?}\n\
          bootstrap_admin = {ADMIN:?}\n\n\
          [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\n\
-         [telemetry]\nlog_filter = {BENCH_LOG_FILTER:?}\nmetrics_listen = \"{metrics}\"\n",
+         [telemetry]\nlog_filter = {BENCH_LOG_FILTER:?}\nmetrics_listen = \"127.0.0.1:0\"\n",
         data = data_dir.display().to_string(),
         ca = certs.join("ca.pem").display().to_string(),
         cert = certs.join("broker.pem").display().to_string(),
@@ -1502,11 +1511,12 @@ fn write_broker_config(
     );
     let path = dir.join(name);
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    Ok((path, metrics))
+    Ok(path)
 }
 
-/// Starts `lienthong serve --config config` and returns it with its URL.
-async fn start_broker(exe: &Path, config: &Path, name: &'static str) -> Result<(ChildProcess, String)> {
+/// Starts `lienthong serve --config config` and returns it with its URL and
+/// the address of its `/metrics` listener.
+async fn start_broker(exe: &Path, config: &Path, name: &'static str) -> Result<(ChildProcess, String, SocketAddr)> {
     let mut cmd = Command::new(exe);
     cmd.args(["serve", "--config"])
         .arg(config)
@@ -1524,7 +1534,19 @@ async fn start_broker(exe: &Path, config: &Path, name: &'static str) -> Result<(
     )
     .await?;
     let addr = parse_addr(&line.unwrap_or_default(), name)?;
-    Ok((process, format!("https://127.0.0.1:{}", addr.port())))
+    // `serve` prints its metrics address right after the line above; the
+    // broker picked the port, so no other process can have taken it.
+    let waited = Instant::now();
+    let metrics = loop {
+        if let Some(m) = process.line_after(METRICS_PREFIX) {
+            break parse_addr(m.trim_end_matches("/metrics"), name)?;
+        }
+        if waited.elapsed() > Duration::from_secs(5) {
+            bail!("the {name} did not say where its metrics are: {}", process.last_lines());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    Ok((process, format!("https://127.0.0.1:{}", addr.port()), metrics))
 }
 
 /// Members, the birth-record schema, the register's endpoint and the grant.
@@ -1943,7 +1965,7 @@ async fn setup_postgres(cluster: PgCluster, replicas: usize, cx: &PgContext<'_>)
         if let Some(first) = data_dirs.first() {
             share_subject_key(first, &data_dir)?;
         }
-        let (config, metrics) = write_broker_config(
+        let config = write_broker_config(
             cx.dir,
             &format!("broker-pg-{tag}.toml"),
             &data_dir,
@@ -1951,7 +1973,7 @@ async fn setup_postgres(cluster: PgCluster, replicas: usize, cx: &PgContext<'_>)
             cx.certs,
             cx.trust_domain,
         )?;
-        let (process, url) = start_broker(cx.exe, &config, name).await?;
+        let (process, url, metrics) = start_broker(cx.exe, &config, name).await?;
         replica_reports.push(ReplicaReport {
             pid: process.pid(),
             data_dir: data_dir.display().to_string(),
@@ -2057,8 +2079,8 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             None
         }
     };
-    let (config, broker_metrics) = write_broker_config(&dir, "broker.toml", &data_dir, None, &certs, trust_domain)?;
-    let (mut broker, broker_url) = start_broker(&exe, &config, "broker").await?;
+    let config = write_broker_config(&dir, "broker.toml", &data_dir, None, &certs, trust_domain)?;
+    let (mut broker, broker_url, broker_metrics) = start_broker(&exe, &config, "broker").await?;
     let grant = administer(&broker_url, &certs, &provider_url).await?;
     let (lookups, fetches) = payloads(settings.seed, settings.subjects, &grant);
     let (lookups, fetches): (Arc<[pb::LookupRequest]>, Arc<[FetchRequest]>) = (lookups.into(), fetches.into());
@@ -2982,17 +3004,16 @@ mod tests {
         make_certs(&certs, "gov.example").unwrap();
         let url = "postgres://lienthong@127.0.0.1:5999/bench";
         let data = dir.path().join("broker-pg-b-data");
-        let (path, metrics) =
-            write_broker_config(dir.path(), "b.toml", &data, Some(url), &certs, "gov.example").unwrap();
+        let path = write_broker_config(dir.path(), "b.toml", &data, Some(url), &certs, "gov.example").unwrap();
         let config = lienthong_broker::config::Config::load(Some(&path), Vec::new()).unwrap();
         assert_eq!(config.database_url(), url);
         assert_eq!(config.data_dir, data);
         assert_eq!(
             config.telemetry.metrics_addr(),
-            Some(Ok(metrics)),
+            Some(Ok(SocketAddr::from(([127, 0, 0, 1], 0)))),
             "the bench reads the broker's histograms"
         );
-        let (sqlite, _) = write_broker_config(dir.path(), "a.toml", &data, None, &certs, "gov.example").unwrap();
+        let sqlite = write_broker_config(dir.path(), "a.toml", &data, None, &certs, "gov.example").unwrap();
         let config = lienthong_broker::config::Config::load(Some(&sqlite), Vec::new()).unwrap();
         assert!(
             config.database_url().starts_with("sqlite://"),
