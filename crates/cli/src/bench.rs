@@ -3054,24 +3054,25 @@ mod tests {
         tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
     }
 
+    /// A one-second phase of `ok` lookups with nothing else measured.
+    fn bare_phase(ok: u64) -> Phase {
+        Phase {
+            histogram: histogram(),
+            ok,
+            errors: 0,
+            dropped: 0,
+            first_error: None,
+            cpu: CpuCost::default(),
+            switches: Switches::default(),
+            machine: MachineLoad::default(),
+            measured: Duration::from_secs(1),
+            inside: None,
+        }
+    }
+
     #[test]
     fn the_median_round_is_reported_with_every_round() {
-        let phase = |tp: f64, p99: u64| {
-            Phase {
-                histogram: histogram(),
-                ok: 1,
-                errors: 0,
-                dropped: 0,
-                first_error: None,
-                cpu: CpuCost::default(),
-                switches: Switches::default(),
-                machine: MachineLoad::default(),
-                measured: Duration::from_secs(1),
-                inside: None,
-            }
-            .report(None, None, 1)
-            .with(tp, p99)
-        };
+        let phase = |tp: f64, p99: u64| bare_phase(1).report(None, None, 1).with(tp, p99);
         let closed = median_round(vec![phase(300.0, 9), phase(100.0, 1), phase(200.0, 5)], false).unwrap();
         assert_eq!(closed.throughput_per_s, 200.0);
         assert_eq!(closed.rounds, vec![300.0, 100.0, 200.0]);
@@ -3336,20 +3337,12 @@ mod tests {
             })
         };
         let mut open = Phase {
-            histogram: histogram(),
-            ok: 100,
-            errors: 0,
-            dropped: 0,
-            first_error: None,
-            cpu: CpuCost::default(),
-            switches: Switches::default(),
-            machine: MachineLoad::default(),
-            measured: Duration::from_secs(1),
             inside: Some(inside::InsideBroker {
                 lookup: timing(3.06, 2.82, 14.67),
                 provider_call: timing(0.92, 0.8, 3.77),
                 audit_wait: None,
             }),
+            ..bare_phase(100)
         }
         .report(None, Some(3500.0), 4);
         let scenarios = vec![ScenarioReport {
