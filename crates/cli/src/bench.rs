@@ -2624,6 +2624,19 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into())
 }
 
+/// A scenario's phases that ran, each with its load as the table names it.
+fn phases(r: &ScenarioReport) -> impl Iterator<Item = (String, &PhaseReport)> {
+    let closed = r
+        .closed
+        .as_ref()
+        .map(|c| (format!("closed c={}", c.concurrency.unwrap_or(0)), c));
+    let open = r
+        .open
+        .as_ref()
+        .map(|o| (format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)), o));
+    closed.into_iter().chain(open)
+}
+
 /// The relayed phases as the broker timed them, or nothing when no phase
 /// has its histograms.
 fn render_inside(scenarios: &[ScenarioReport]) -> String {
@@ -2633,15 +2646,7 @@ fn render_inside(scenarios: &[ScenarioReport]) -> String {
     };
     let mut rows = String::new();
     for r in scenarios.iter().filter(|r| r.status == "ok") {
-        let phases = [
-            r.closed
-                .as_ref()
-                .map(|c| (format!("closed c={}", c.concurrency.unwrap_or(0)), c)),
-            r.open
-                .as_ref()
-                .map(|o| (format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)), o)),
-        ];
-        for (load, p) in phases.into_iter().flatten() {
+        for (load, p) in phases(r) {
             if let Some(i) = &p.inside_broker {
                 rows.push_str(&format!(
                     "{:<12} {:<13}   {:>24}   {:>24}   {:>24}\n",
@@ -2741,15 +2746,8 @@ fn render_table(report: &Report) -> String {
             out.push_str(&format!("{:<12} {}\n", r.name, r.note.as_deref().unwrap_or(r.status)));
             continue;
         }
-        if let Some(c) = &r.closed {
-            out.push_str(&row(r.name, format!("closed c={}", c.concurrency.unwrap_or(0)), c));
-        }
-        if let Some(o) = &r.open {
-            out.push_str(&row(
-                r.name,
-                format!("open {:.0}/s", o.target_rate_per_s.unwrap_or(0.0)),
-                o,
-            ));
+        for (load, p) in phases(r) {
+            out.push_str(&row(r.name, load, p));
         }
     }
     out.push_str(
