@@ -65,6 +65,11 @@ fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
             .get("sqlite_in_broker")
             .is_none()
     );
+    // The disk every relayed lookup waits on is timed and named, so a reader
+    // can tell a VM's scratch disk from a server's journalled one.
+    let disk = &report["disk"];
+    assert!(disk["fdatasync_p50_us"].as_u64().unwrap_or(0) > 0, "{disk:#}");
+    assert!(disk["filesystem"].as_str().is_some_and(|fs| !fs.is_empty()), "{disk:#}");
     // The relayed lookups were real ones: the broker's own figures are there.
     let broker = &report["broker"];
     assert!(broker["rss_after_setup_kib"].as_u64().unwrap_or(0) > 0, "{broker:#}");

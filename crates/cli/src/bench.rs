@@ -22,6 +22,7 @@
 //! Servers run as separate processes so their CPU time and memory are read
 //! from `/proc/<pid>` without counting the load generator.
 
+mod disk;
 mod inside;
 
 use crate::client::{member_files, status_error};
@@ -29,6 +30,7 @@ use crate::federation::{
     ADMIN, CIVIL_STATUS, JUDICIAL_OFFICE, MEMBERS, PURPOSE_DATA_SHARING, definition_from_json, demo_grants, make_certs,
 };
 use anyhow::{Context, Result, anyhow, bail};
+use disk::{DiskReport, probe_fsync};
 use hdrhistogram::Histogram;
 use lienthong::provider::v1::FetchRequest;
 use lienthong::provider::v1::record_provider_client::RecordProviderClient;
@@ -155,7 +157,8 @@ pub struct BenchArgs {
     pub dir: Option<PathBuf>,
     /// Directory for the broker's SQLite database and audit keys (default: inside --dir).
     /// Put it on the disk a deployment would use: every lookup waits for a commit,
-    /// so the disk's fsync latency is part of the relayed latency.
+    /// so the disk's fsync latency is part of the relayed latency. The report
+    /// names its file system and, for ext4, whether it keeps a journal.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// The nginx executable for the proxy scenario; default: `nginx` on PATH, then /usr/sbin/nginx.
@@ -374,42 +377,6 @@ impl Machine {
             load_average_at_start: load,
         }
     }
-}
-
-/// The filesystem under the broker's database: each commit waits for one
-/// `fdatasync` (SQLite WAL, `synchronous = FULL`), so this bounds the latency
-/// a durable audit entry adds.
-#[derive(Debug, Serialize)]
-struct DiskReport {
-    path: String,
-    fdatasync_p50_us: u64,
-    fdatasync_p99_us: u64,
-    samples: usize,
-}
-
-/// Times `samples` 4 KiB appends each followed by `fdatasync`.
-fn probe_fsync(dir: &Path, samples: usize) -> Result<DiskReport> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("fsync-probe.tmp");
-    let result = (|| -> Result<DiskReport> {
-        let mut file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        let block = [0u8; 4096];
-        let mut h = histogram();
-        for _ in 0..samples {
-            file.write_all(&block)?;
-            let started = Instant::now();
-            file.sync_data()?;
-            h.saturating_record(micros(started.elapsed()));
-        }
-        Ok(DiskReport {
-            path: dir.display().to_string(),
-            fdatasync_p50_us: h.value_at_quantile(0.5),
-            fdatasync_p99_us: h.value_at_quantile(0.99),
-            samples,
-        })
-    })();
-    let _ = std::fs::remove_file(&path);
-    result
 }
 
 #[derive(Debug, Serialize)]
@@ -2688,7 +2655,7 @@ fn render_table(report: &Report) -> String {
     if let Some(d) = &report.disk {
         out.push_str(&format!(
             "broker database in {}: fdatasync p50 {} ms, p99 {} ms (every lookup waits for one commit)\n\n",
-            d.path,
+            d.place(),
             ms(d.fdatasync_p50_us),
             ms(d.fdatasync_p99_us)
         ));
@@ -2806,7 +2773,7 @@ fn render_table(report: &Report) -> String {
         if let Some(d) = &pg.disk {
             out.push_str(&format!(
                 "PostgreSQL data in {}: fdatasync p50 {} ms, p99 {} ms (every lookup waits for one WAL flush)\n",
-                d.path,
+                d.place(),
                 ms(d.fdatasync_p50_us),
                 ms(d.fdatasync_p99_us)
             ));
@@ -3091,18 +3058,6 @@ mod tests {
             self.latency_us.p99 = p99;
             self
         }
-    }
-
-    #[test]
-    fn fsync_probe_times_every_sample() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = probe_fsync(&dir.path().join("data"), 3).unwrap();
-        assert_eq!(d.samples, 3);
-        assert!(d.fdatasync_p99_us >= d.fdatasync_p50_us && d.fdatasync_p50_us > 0);
-        assert!(
-            !dir.path().join("data/fsync-probe.tmp").exists(),
-            "the probe file is removed"
-        );
     }
 
     #[test]
