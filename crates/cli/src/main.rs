@@ -202,14 +202,17 @@ async fn run(cli: Cli) -> Result<()> {
             seed,
             metrics_listen,
         } => {
-            init_logging(&cli.log_format, Some("warn"));
-            let (dir, _temp) = match dir {
+            let (dir, temp) = match dir {
                 Some(d) => (d, None),
                 None => {
                     let t = tempfile::Builder::new().prefix("lienthong-demo-").tempdir()?;
                     (t.path().to_path_buf(), Some(t))
                 }
             };
+            // A throwaway federation's database is removed at the end anyway:
+            // no warning that a memory-backed temporary directory would lose it.
+            let quiet = format!("warn,{}=error", lienthong_store::VOLATILE_LOG_TARGET);
+            init_logging(&cli.log_format, Some(if temp.is_some() { &quiet } else { "warn" }));
             let mut federation = FederationOptions::new(dir);
             federation.seed = seed;
             federation.metrics_listen = metrics_listen;

@@ -9,10 +9,17 @@
 //! microsecond (PostgreSQL's own precision).
 #![forbid(unsafe_code)]
 
+mod disk;
 mod rows;
 mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use disk::{FileSystem, Journal, file_system};
+
+/// The log target of the warning that a SQLite database is on a
+/// memory-backed file system (a throwaway federation may silence it).
+pub const VOLATILE_LOG_TARGET: &str = "lienthong_store::volatile";
 
 use async_trait::async_trait;
 use lienthong_core::audit::{EntryKind, Outcome};

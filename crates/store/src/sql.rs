@@ -173,10 +173,23 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
         )
     } else {
         let file = std::path::Path::new(path);
-        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
             tokio::fs::create_dir_all(dir).await.map_err(|e| {
                 StoreError::Config(format!("cannot create the database directory {}: {e}", dir.display()))
             })?;
+        }
+        let dir = dir.unwrap_or(std::path::Path::new("."));
+        if let Some(fs) = crate::file_system(dir).filter(|fs| fs.volatile()) {
+            // Allowed (benchmarks and demos use it), but every audit entry
+            // synced here is lost when the machine restarts.
+            tracing::warn!(
+                target: crate::VOLATILE_LOG_TARGET,
+                directory = %dir.display(),
+                file_system = %fs,
+                "the database, audit log included, is on a memory-backed file system: \
+                 its entries are lost when the machine restarts; put the data directory on a disk"
+            );
         }
         let connect = SqliteConnectOptions::new()
             .filename(file)
