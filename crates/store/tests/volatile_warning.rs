@@ -6,34 +6,17 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lienthong_store::{StoreOptions, file_system, open};
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Collects everything the fmt subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// What opening a SQLite store in `dir` logs at `warn`.
 async fn warnings_opening_in(dir: &Path) -> String {
-    let captured = Captured::default();
-    let writer = captured.clone();
+    // The subscriber writes into a file of its own, read back afterwards.
+    let log = tempfile::NamedTempFile::new().unwrap();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
         .with_ansi(false)
-        .with_writer(move || writer.clone())
+        .with_writer(log.reopen().unwrap())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
     let options = StoreOptions {
@@ -43,7 +26,7 @@ async fn warnings_opening_in(dir: &Path) -> String {
     };
     let store = open(&options).await.unwrap();
     drop(store);
-    String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    std::fs::read_to_string(log.path()).unwrap()
 }
 
 #[tokio::test(flavor = "current_thread")]
