@@ -24,6 +24,7 @@
 
 mod disk;
 mod inside;
+mod pacer;
 
 use crate::client::{member_files, status_error};
 use crate::federation::{
@@ -923,9 +924,50 @@ impl From<tonic::Status> for CallError {
     }
 }
 
-/// What one benchmark call does.
+/// Where one of a target's client connections goes, so that the open loop can
+/// dial the same connections again on its own thread.
 #[derive(Clone)]
-enum Target {
+struct Dial {
+    url: String,
+    config: Arc<rustls::ClientConfig>,
+}
+
+/// A target's client connections, in the order its calls use them.
+struct Connections {
+    channels: Vec<Channel>,
+    dials: Vec<Dial>,
+}
+
+impl Connections {
+    /// Request `i` goes to connection `i % n` of the result: replica `i % k`
+    /// when `sets` are `k` replicas' connections.
+    fn interleave(sets: Vec<Connections>) -> Connections {
+        let longest = sets.iter().map(|s| s.channels.len()).max().unwrap_or(0);
+        let mut out = Connections {
+            channels: Vec::new(),
+            dials: Vec::new(),
+        };
+        for j in 0..longest {
+            for set in &sets {
+                if let (Some(c), Some(d)) = (set.channels.get(j), set.dials.get(j)) {
+                    out.channels.push(c.clone());
+                    out.dials.push(d.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What one benchmark call does, and over which connections.
+#[derive(Clone)]
+struct Target {
+    calls: Calls,
+    dials: Arc<[Dial]>,
+}
+
+#[derive(Clone)]
+enum Calls {
     /// `RecordProvider.Fetch` (direct, or through nginx).
     Fetch {
         clients: Arc<[RecordProviderClient<Channel>]>,
@@ -944,9 +986,50 @@ fn pick<T>(items: &[T], i: u64) -> &T {
 }
 
 impl Target {
+    fn fetch(connections: Connections, requests: Arc<[FetchRequest]>) -> Target {
+        Target {
+            calls: Calls::Fetch {
+                clients: connections
+                    .channels
+                    .into_iter()
+                    .map(RecordProviderClient::new)
+                    .collect(),
+                requests,
+            },
+            dials: connections.dials.into(),
+        }
+    }
+
+    fn lookup(connections: Connections, requests: Arc<[pb::LookupRequest]>) -> Target {
+        Target {
+            calls: Calls::Lookup {
+                clients: connections.channels.into_iter().map(ExchangeClient::new).collect(),
+                requests,
+            },
+            dials: connections.dials.into(),
+        }
+    }
+
+    /// The same calls over new connections, made on the current runtime so that
+    /// their tasks run there.
+    async fn redial(&self) -> Result<Target> {
+        let mut channels = Vec::with_capacity(self.dials.len());
+        for d in self.dials.iter() {
+            channels.push(lienthong_tls::connect_channel(&d.url, d.config.clone(), Duration::from_secs(5)).await?);
+        }
+        let connections = Connections {
+            channels,
+            dials: self.dials.to_vec(),
+        };
+        Ok(match &self.calls {
+            Calls::Fetch { requests, .. } => Target::fetch(connections, requests.clone()),
+            Calls::Lookup { requests, .. } => Target::lookup(connections, requests.clone()),
+        })
+    }
+
     async fn call(&self, i: u64) -> std::result::Result<(), CallError> {
-        match self {
-            Target::Fetch { clients, requests } => {
+        match &self.calls {
+            Calls::Fetch { clients, requests } => {
                 let mut client = pick(clients, i).clone();
                 let mut request = tonic::Request::new(pick(requests, i).clone());
                 request.set_timeout(CALL_TIMEOUT);
@@ -958,7 +1041,7 @@ impl Target {
                     });
                 }
             }
-            Target::Lookup { clients, requests } => {
+            Calls::Lookup { clients, requests } => {
                 let mut client = pick(clients, i).clone();
                 let mut request = tonic::Request::new(pick(requests, i).clone());
                 request.set_timeout(CALL_TIMEOUT);
@@ -976,11 +1059,19 @@ impl Target {
 }
 
 /// Opens `n` mutual-TLS connections to `url`.
-async fn channels(url: &str, material: &TlsMaterial, pin: Option<(&str, Identity)>, n: usize) -> Result<Vec<Channel>> {
+async fn channels(url: &str, material: &TlsMaterial, pin: Option<(&str, Identity)>, n: usize) -> Result<Connections> {
     let config = lienthong_tls::client_config(material, pin)?;
-    let mut out = Vec::with_capacity(n);
+    let mut out = Connections {
+        channels: Vec::with_capacity(n),
+        dials: Vec::with_capacity(n),
+    };
     for _ in 0..n {
-        out.push(lienthong_tls::connect_channel(url, config.clone(), Duration::from_secs(5)).await?);
+        out.channels
+            .push(lienthong_tls::connect_channel(url, config.clone(), Duration::from_secs(5)).await?);
+        out.dials.push(Dial {
+            url: url.to_owned(),
+            config: config.clone(),
+        });
     }
     Ok(out)
 }
@@ -1341,9 +1432,8 @@ async fn closed_loop(
 /// Fixed arrival rate: request `i` is due at `start + i / rate` whatever
 /// happened to earlier ones, and its latency counts from that intended time,
 /// so a stalled target shows up in the percentiles instead of slowing the
-/// generator down (coordinated omission). A dedicated thread paces the
-/// arrivals with `thread::sleep`, which is far finer than the runtime's 1 ms
-/// timer.
+/// generator down (coordinated omission). The requests are sent from a
+/// thread of their own over connections of their own (see [`pacer`]).
 async fn open_loop(
     target: &Target,
     rate: f64,
@@ -1352,65 +1442,21 @@ async fn open_loop(
     watched: &Watched,
     progress: &Arc<Progress>,
     label: String,
-) -> Phase {
-    let live = Arc::new(Live::default());
-    let recorded = Arc::new(Mutex::new(histogram()));
-    let outstanding = Arc::new(AtomicU64::new(0));
-    let dropped = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
+) -> Result<Phase> {
+    let shared = pacer::Shared {
+        live: Arc::new(Live::default()),
+        recorded: Arc::new(Mutex::new(histogram())),
+        outstanding: Arc::new(AtomicU64::new(0)),
+        dropped: Arc::new(AtomicU64::new(0)),
+    };
+    let schedule = pacer::Schedule { rate, warmup, duration };
+    let pacer = pacer::start(target, schedule, &shared)
+        .await
+        .with_context(|| format!("{label}: starting the load generator"))?;
+    let started = pacer.started;
     let measure_from = started + warmup;
     let end = measure_from + duration;
-    let runtime = tokio::runtime::Handle::current();
-    let pacer = {
-        let (target, live, recorded, outstanding, dropped) = (
-            target.clone(),
-            live.clone(),
-            recorded.clone(),
-            outstanding.clone(),
-            dropped.clone(),
-        );
-        let interval_ns = 1e9 / rate;
-        std::thread::spawn(move || {
-            let mut i: u64 = 0;
-            loop {
-                let intended = started + Duration::from_nanos((i as f64 * interval_ns) as u64);
-                if intended >= end {
-                    break;
-                }
-                let now = Instant::now();
-                if intended > now {
-                    std::thread::sleep(intended - now);
-                }
-                let measured = intended >= measure_from;
-                if outstanding.load(Ordering::Relaxed) >= OPEN_LOOP_MAX_OUTSTANDING {
-                    if measured {
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    i += 1;
-                    continue;
-                }
-                outstanding.fetch_add(1, Ordering::Relaxed);
-                let (target, live, recorded, outstanding) =
-                    (target.clone(), live.clone(), recorded.clone(), outstanding.clone());
-                runtime.spawn(async move {
-                    let result = target.call(i).await;
-                    let latency = micros(intended.elapsed());
-                    match result {
-                        Ok(()) if measured => {
-                            if let Ok(mut h) = recorded.lock() {
-                                h.saturating_record(latency);
-                            }
-                            live.ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(()) => {}
-                        Err(e) => live.error(&e, measured),
-                    }
-                    outstanding.fetch_sub(1, Ordering::Relaxed);
-                });
-                i += 1;
-            }
-        })
-    };
+    let live = shared.live.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let ticker = progress.spawn_ticker(label, live.clone(), started, warmup + duration, stop.clone());
     tokio::time::sleep_until(measure_from.into()).await;
@@ -1418,30 +1464,44 @@ async fn open_loop(
     let inside_before = watched.inside().await;
     tokio::time::sleep_until(end.into()).await;
     let after = watched.snapshot();
-    // Late answers to requests due inside the window still count: that is the point.
-    let drain_until = Instant::now() + CALL_TIMEOUT + Duration::from_secs(1);
-    while (outstanding.load(Ordering::Relaxed) > 0 || !pacer.is_finished()) && Instant::now() < drain_until {
+    // The pacer waits for the answers to requests due inside the window, then
+    // stops; a little longer here in case it is itself late.
+    let drain_until = Instant::now() + CALL_TIMEOUT + Duration::from_secs(2);
+    while !pacer.thread.is_finished() && Instant::now() < drain_until {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if pacer.thread.is_finished() && pacer.thread.join().is_err() {
+        live.error(
+            &CallError {
+                code: tonic::Code::Internal,
+                message: "the open loop's thread panicked".into(),
+            },
+            true,
+        );
     }
     // After the drain, so that the broker's timings cover the same lookups.
     let inside_after = watched.inside().await;
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.await;
     let ok = live.ok.load(Ordering::Relaxed);
-    let histogram = recorded.lock().map(|h| h.clone()).unwrap_or_else(|_| histogram());
+    let histogram = shared
+        .recorded
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
     let first_error = live.first_error.lock().ok().and_then(|f| f.clone());
-    Phase {
+    Ok(Phase {
         histogram,
         ok,
         errors: live.errors.load(Ordering::Relaxed),
-        dropped: dropped.load(Ordering::Relaxed),
+        dropped: shared.dropped.load(Ordering::Relaxed),
         first_error,
         cpu: cost(before, after, ok),
         switches: switches(before, after, ok),
         machine: machine_load(before, after),
         measured: duration,
         inside: inside_before.zip(inside_after).map(|(b, a)| inside::between(&b, &a)),
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1872,14 +1932,10 @@ fn share_subject_key(from: &Path, to: &Path) -> Result<()> {
 /// up the members, schema, endpoint and grant written through the other one.
 async fn await_first_lookup(url: &str, material: &TlsMaterial, request: &pb::LookupRequest) -> Result<Duration> {
     let started = Instant::now();
-    let target = Target::Lookup {
-        clients: channels(url, material, None, 1)
-            .await?
-            .into_iter()
-            .map(ExchangeClient::new)
-            .collect(),
-        requests: Arc::from(vec![request.clone()]),
-    };
+    let target = Target::lookup(
+        channels(url, material, None, 1).await?,
+        Arc::from(vec![request.clone()]),
+    );
     loop {
         match target.call(0).await {
             Ok(()) => return Ok(started.elapsed()),
@@ -2101,12 +2157,9 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     }
     // Direct, proxy and bare all call `RecordProvider.Fetch`, differing in what stands between.
     let provider_pid = provider.pid();
-    let fetch_phase = |scenario, chans: Vec<Channel>, intermediary: Vec<u32>| Prepared {
+    let fetch_phase = |scenario, chans: Connections, intermediary: Vec<u32>| Prepared {
         scenario,
-        target: Target::Fetch {
-            clients: chans.into_iter().map(RecordProviderClient::new).collect(),
-            requests: fetches.clone(),
-        },
+        target: Target::fetch(chans, fetches.clone()),
         watched: Watched {
             intermediary,
             provider: vec![provider_pid],
@@ -2142,10 +2195,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                 let chans = channels(&broker_url, &consumer_material, None, settings.connections).await?;
                 prepared.push(Prepared {
                     scenario: *scenario,
-                    target: Target::Lookup {
-                        clients: chans.into_iter().map(ExchangeClient::new).collect(),
-                        requests: lookups.clone(),
-                    },
+                    target: Target::lookup(chans, lookups.clone()),
                     watched: Watched {
                         intermediary: vec![broker.pid()],
                         provider: vec![provider.pid()],
@@ -2212,20 +2262,10 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                 }
                 // Interleaved, so that request i goes to replica i % wanted: the
                 // round robin of a gRPC-aware balancer in front of the replicas.
-                let mut clients = Vec::with_capacity(per_replica * wanted);
-                for j in 0..per_replica {
-                    for replica in &by_replica {
-                        if let Some(c) = replica.get(j) {
-                            clients.push(ExchangeClient::new(c.clone()));
-                        }
-                    }
-                }
+                let connections = Connections::interleave(by_replica);
                 prepared.push(Prepared {
                     scenario: *scenario,
-                    target: Target::Lookup {
-                        clients: clients.into(),
-                        requests: lookups.clone(),
-                    },
+                    target: Target::lookup(connections, lookups.clone()),
                     watched: Watched {
                         intermediary: setup.replicas.iter().take(wanted).map(|(p, _)| p.pid()).collect(),
                         provider: vec![provider.pid()],
@@ -2358,7 +2398,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                             &progress,
                             label.clone(),
                         )
-                        .await;
+                        .await?;
                         let r = phase.report(None, Some(rate), p.connections);
                         progress.line(&phase_line(&label, &r));
                         rounds[k].push(r);
@@ -2379,10 +2419,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
             .div_ceil(STREAMS_PER_CONNECTION)
             .max(settings.connections);
         let chans = channels(&broker_url, &consumer_material, None, connections).await?;
-        let target = Target::Lookup {
-            clients: chans.into_iter().map(ExchangeClient::new).collect(),
-            requests: lookups.clone(),
-        };
+        let target = Target::lookup(chans, lookups.clone());
         let watched = Watched {
             intermediary: vec![broker.pid()],
             provider: vec![provider.pid()],
