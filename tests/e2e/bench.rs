@@ -50,6 +50,16 @@ fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
             let busy = phase["machine"]["busy_cores"].as_f64().unwrap_or(0.0);
             assert!(busy > 0.0 && busy <= cpus + 0.5, "{name} {mode} busy {busy}: {s:#}");
         }
+        // The open loop says how late its generator sent, a part of the latencies;
+        // the closed loop has no due times.
+        let lag = &s["open"]["send_lag_us"];
+        assert!(
+            lag["max"]
+                .as_u64()
+                .is_some_and(|max| max >= lag["p50"].as_u64().unwrap_or(u64::MAX)),
+            "{name}: {s:#}"
+        );
+        assert!(s["closed"].get("send_lag_us").is_none(), "{name}: {s:#}");
     }
     // The audit's SQLite threads were found inside the broker, a part of its CPU;
     // without a broker there is no such part.

@@ -61,6 +61,9 @@ const STREAMS_PER_CONNECTION: usize = 100;
 /// Open loop: requests still outstanding beyond which new ones are counted as
 /// dropped instead of sent, so an overloaded target cannot exhaust memory.
 const OPEN_LOOP_MAX_OUTSTANDING: u64 = 50_000;
+/// Open loop: a p99 send lag from this many µs up is worth a note beside the
+/// latencies it is part of.
+const SEND_LAG_WORTH_NOTING_US: u64 = 1_000;
 /// Rate limit of the benchmark grant: high enough never to refuse, so the
 /// limiter runs but does not shape the load.
 const BENCH_RATE_LIMIT_PER_MINUTE: u32 = 1_000_000_000;
@@ -405,6 +408,12 @@ struct PhaseReport {
     errors: u64,
     /// Open loop: arrivals not sent because too many were outstanding.
     dropped: u64,
+    /// Open loop: how late the load generator sent the measured requests
+    /// after their due times, in µs. Already part of the latencies, which
+    /// count from the due times; on a busy machine the generator waits for a
+    /// core like every other process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    send_lag_us: Option<Latency>,
     #[serde(skip_serializing_if = "Option::is_none")]
     first_error: Option<String>,
     throughput_per_s: f64,
@@ -1318,6 +1327,7 @@ struct Phase {
     ok: u64,
     errors: u64,
     dropped: u64,
+    send_lag: Option<Histogram<u64>>,
     first_error: Option<String>,
     cpu: CpuCost,
     switches: Switches,
@@ -1337,6 +1347,7 @@ impl Phase {
             ok: self.ok,
             errors: self.errors,
             dropped: self.dropped,
+            send_lag_us: self.send_lag.as_ref().map(Latency::of),
             first_error: self.first_error.clone(),
             throughput_per_s: self.ok as f64 / secs,
             latency_us: Latency::of(&self.histogram),
@@ -1420,6 +1431,7 @@ async fn closed_loop(
         ok,
         errors: live.errors.load(Ordering::Relaxed),
         dropped: 0,
+        send_lag: None,
         first_error,
         cpu: cost(before, after, ok),
         switches: switches(before, after, ok),
@@ -1448,6 +1460,7 @@ async fn open_loop(
         recorded: Arc::new(Mutex::new(histogram())),
         outstanding: Arc::new(AtomicU64::new(0)),
         dropped: Arc::new(AtomicU64::new(0)),
+        send_lag: Arc::new(Mutex::new(histogram())),
     };
     let schedule = pacer::Schedule { rate, warmup, duration };
     let pacer = pacer::start(target, schedule, &shared)
@@ -1495,6 +1508,7 @@ async fn open_loop(
         ok,
         errors: live.errors.load(Ordering::Relaxed),
         dropped: shared.dropped.load(Ordering::Relaxed),
+        send_lag: shared.send_lag.lock().ok().map(|h| h.clone()),
         first_error,
         cpu: cost(before, after, ok),
         switches: switches(before, after, ok),
@@ -2409,6 +2423,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                         reports[i].open = median_round(phases, true);
                     }
                 }
+                notes.extend(send_lag_note(&reports));
             }
         }
     }
@@ -2607,6 +2622,28 @@ fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
+/// Says how late the open loop's generator sent its requests, when that is a
+/// part of the latencies worth knowing: on two shared cores it waits for a
+/// core like the processes it measures.
+fn send_lag_note(reports: &[ScenarioReport]) -> Option<String> {
+    let lags: Vec<(&str, u64)> = reports
+        .iter()
+        .filter_map(|r| Some((r.name, r.open.as_ref()?.send_lag_us?.p99)))
+        .collect();
+    if !lags.iter().any(|(_, p99)| *p99 >= SEND_LAG_WORTH_NOTING_US) {
+        return None;
+    }
+    let list: Vec<String> = lags
+        .iter()
+        .map(|(name, p99)| format!("{name} {} ms", ms(*p99)))
+        .collect();
+    Some(format!(
+        "open loop: the load generator sent requests late (p99 {}); the latencies count from the due times, \
+         so they include that delay: the generator waits for a core like every process on the machine",
+        list.join(", ")
+    ))
+}
+
 fn phase_line(label: &str, r: &PhaseReport) -> String {
     let mut line = format!(
         "bench: {label}: {:.0}/s, p50 {} ms, p99 {} ms, {} errors",
@@ -2617,6 +2654,9 @@ fn phase_line(label: &str, r: &PhaseReport) -> String {
     );
     if r.dropped > 0 {
         line.push_str(&format!(", {} dropped", r.dropped));
+    }
+    if let Some(lag) = r.send_lag_us.filter(|l| l.p99 >= SEND_LAG_WORTH_NOTING_US) {
+        line.push_str(&format!(", sent up to {} ms late (p99)", ms(lag.p99)));
     }
     if let Some(e) = &r.first_error {
         line.push_str(&format!(" (first: {e})"));
@@ -3063,6 +3103,7 @@ mod tests {
             ok,
             errors: 0,
             dropped: 0,
+            send_lag: None,
             first_error: None,
             cpu: CpuCost::default(),
             switches: Switches::default(),
@@ -3147,6 +3188,39 @@ mod tests {
     }
 
     #[test]
+    fn a_late_open_loop_generator_is_named_beside_the_latencies_it_is_part_of() {
+        let open = |name: &'static str, lag_us: &[u64]| {
+            let mut lag = histogram();
+            for v in lag_us {
+                lag.record(*v).unwrap();
+            }
+            ScenarioReport {
+                name,
+                status: "ok",
+                note: None,
+                closed: Some(bare_phase(10).report(Some(8), None, 1)),
+                open: Some(
+                    Phase {
+                        send_lag: Some(lag),
+                        ..bare_phase(10)
+                    }
+                    .report(None, Some(100.0), 1),
+                ),
+            }
+        };
+        let on_time = [open("direct", &[40; 100]), open("relayed", &[60; 100])];
+        assert_eq!(send_lag_note(&on_time), None);
+        let late = [open("direct", &[40; 100]), open("relayed", &[2_500; 100])];
+        let note = send_lag_note(&late).expect("a late generator is noted");
+        assert!(
+            note.contains("relayed 2.50 ms") && note.contains("direct 0.04 ms"),
+            "{note}"
+        );
+        // The closed loop has no due times, so no lag to report.
+        assert!(late[0].closed.as_ref().unwrap().send_lag_us.is_none());
+    }
+
+    #[test]
     fn context_switches_are_counted_per_lookup() {
         let status = "Name:\tx\nvoluntary_ctxt_switches:\t700\nnonvoluntary_ctxt_switches:\t42\n";
         assert_eq!(status_switches(status), Some(742));
@@ -3192,6 +3266,7 @@ mod tests {
             ok: 10,
             errors: 0,
             dropped: 0,
+            send_lag_us: None,
             first_error: None,
             throughput_per_s: tp,
             latency_us: Latency {

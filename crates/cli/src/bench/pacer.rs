@@ -36,6 +36,9 @@ pub(super) struct Shared {
     /// Measured requests not sent because [`OPEN_LOOP_MAX_OUTSTANDING`] were
     /// already waiting.
     pub(super) dropped: Arc<AtomicU64>,
+    /// How late each measured request was sent after its due time, in µs:
+    /// the generator's own delay, already inside the latencies.
+    pub(super) send_lag: Arc<Mutex<Histogram<u64>>>,
 }
 
 /// The schedule: request `i` is due at `started + i / rate`, the first
@@ -110,6 +113,7 @@ async fn pace(target: &Target, timer: &Timer, schedule: Schedule, started: Insta
     let measure_from = started + schedule.warmup;
     let end = measure_from + schedule.duration;
     let interval_ns = 1e9 / schedule.rate;
+    let mut lag = super::histogram();
     let mut i: u64 = 0;
     loop {
         let intended = started + Duration::from_nanos((i as f64 * interval_ns) as u64);
@@ -130,6 +134,9 @@ async fn pace(target: &Target, timer: &Timer, schedule: Schedule, started: Insta
             break;
         }
         let measured = intended >= measure_from;
+        if measured {
+            lag.saturating_record(micros(intended.elapsed()));
+        }
         if shared.outstanding.load(Ordering::Relaxed) >= OPEN_LOOP_MAX_OUTSTANDING {
             if measured {
                 shared.dropped.fetch_add(1, Ordering::Relaxed);
@@ -156,6 +163,9 @@ async fn pace(target: &Target, timer: &Timer, schedule: Schedule, started: Insta
             shared.outstanding.fetch_sub(1, Ordering::Relaxed);
         });
         i += 1;
+    }
+    if let Ok(mut h) = shared.send_lag.lock() {
+        let _ = h.add(&lag);
     }
 }
 
