@@ -2412,7 +2412,18 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                             &progress,
                             label.clone(),
                         )
-                        .await?;
+                        .await;
+                        // One target failing to take new connections costs its
+                        // open loop, not the figures of the whole run.
+                        let phase = match phase {
+                            Ok(phase) => phase,
+                            Err(e) => {
+                                let note = format!("{label} failed: {e:#}");
+                                progress.line(&format!("bench: {note}"));
+                                notes.push(note);
+                                continue;
+                            }
+                        };
                         let r = phase.report(None, Some(rate), p.connections);
                         progress.line(&phase_line(&label, &r));
                         rounds[k].push(r);

@@ -235,7 +235,53 @@ impl Timer {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use super::super::{Connections, Dial, histogram};
     use super::*;
+
+    /// A target that stopped taking connections after the closed loop costs
+    /// the open loop a clear error, not a hang or a panic.
+    #[tokio::test]
+    async fn a_target_that_refuses_connections_fails_the_start_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        lienthong_tls::init_dir(dir.path(), "bench.test").unwrap();
+        lienthong_tls::issue_member_in_dir(dir.path(), "consumer", &[]).unwrap();
+        let material = lienthong_tls::TlsMaterial::load(&crate::client::member_files(dir.path(), "consumer")).unwrap();
+        let config = lienthong_tls::client_config(&material, None).unwrap();
+        // A port that was just free: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let target = Target::fetch(
+            Connections {
+                channels: Vec::new(),
+                dials: vec![Dial {
+                    url: format!("https://127.0.0.1:{port}"),
+                    config,
+                }],
+            },
+            Arc::from(Vec::new()),
+        );
+        let shared = Shared {
+            live: Arc::default(),
+            recorded: Arc::new(Mutex::new(histogram())),
+            outstanding: Arc::default(),
+            dropped: Arc::default(),
+            send_lag: Arc::new(Mutex::new(histogram())),
+        };
+        let schedule = Schedule {
+            rate: 100.0,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+        };
+        let e = match start(&target, schedule, &shared).await {
+            Ok(_) => panic!("the open loop started against a closed port"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains("connecting the open loop to its target"), "{e}");
+        assert_eq!(shared.live.ok.load(Ordering::Relaxed), 0);
+    }
 
     #[tokio::test]
     async fn the_timer_never_fires_early_and_a_past_deadline_returns_at_once() {
