@@ -3,14 +3,13 @@
 //!
 //! The thread runs its own single-threaded Tokio runtime, with the target's
 //! connections dialled again on it, and waits for the next due time on a
-//! `timerfd` in that runtime's epoll set. One thread then wakes for a due
-//! request or for an answer, whichever comes first. The pacer it replaced, a
-//! sleeping thread handing each request to the shared runtime, woke two
-//! threads per request besides the answer's; on this VM a wake-up from idle
-//! is the dearest thing a process does, and the load generator cost more CPU
-//! per lookup in the open loop than the broker at saturation. Tokio's own
-//! timer rounds to the millisecond, too coarse to pace a few thousand
-//! requests a second.
+//! `timerfd` in that runtime's epoll set. It then wakes once for a due
+//! request or for an answer, and no other thread is woken to send: a
+//! generator that hands each request to another thread pays a wake-up per
+//! request, which on a small virtual machine costs more than the request,
+//! and adds its own delay to every latency it measures (BENCHMARKS.md,
+//! fifteenth round). Tokio's timer rounds to the millisecond, too coarse to
+//! pace a few thousand requests a second.
 
 use super::{CALL_TIMEOUT, CallError, Live, OPEN_LOOP_MAX_OUTSTANDING, Target, micros};
 use anyhow::{Context, Result, anyhow};
