@@ -3,7 +3,8 @@
 //!
 //! The thread runs its own single-threaded Tokio runtime, with the target's
 //! connections dialled again on it, and waits for the next due time on a
-//! `timerfd` in that runtime's epoll set. It then wakes once for a due
+//! `timerfd` in that runtime's epoll set (on Linux; elsewhere on Tokio's
+//! timer, to the millisecond). It then wakes once for a due
 //! request or for an answer, and no other thread is woken to send: a
 //! generator that hands each request to another thread pays a wake-up per
 //! request, which on a small virtual machine costs more than the request,
@@ -14,16 +15,11 @@
 use super::{CALL_TIMEOUT, CallError, Live, OPEN_LOOP_MAX_OUTSTANDING, Target, micros};
 use anyhow::{Context, Result, anyhow};
 use hdrhistogram::Histogram;
-use rustix::time::{
-    ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, clock_gettime, timerfd_create,
-    timerfd_settime,
-};
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tokio::io::unix::AsyncFd;
+use timer::Timer;
 
 /// What the pacer shares with the phase that watches it.
 #[derive(Clone)]
@@ -168,65 +164,98 @@ async fn pace(target: &Target, timer: &Timer, schedule: Schedule, started: Insta
     }
 }
 
-/// A `timerfd` registered with the current runtime: an absolute deadline on
-/// the monotonic clock (the one [`Instant`] reads on Linux), to the timer
-/// slack's precision.
-struct Timer {
-    fd: AsyncFd<OwnedFd>,
-    /// An [`Instant`] and the monotonic clock's reading at that moment, to
-    /// turn one into the other.
-    origin: (Instant, Duration),
-}
+#[cfg(target_os = "linux")]
+mod timer {
+    use rustix::time::{
+        ClockId, Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, clock_gettime, timerfd_create,
+        timerfd_settime,
+    };
+    use std::os::fd::OwnedFd;
+    use std::time::{Duration, Instant};
+    use tokio::io::unix::AsyncFd;
 
-impl Timer {
-    fn new() -> std::io::Result<Timer> {
-        let fd = timerfd_create(
-            TimerfdClockId::Monotonic,
-            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
-        )?;
-        let now = Instant::now();
-        let clock = clock_gettime(ClockId::Monotonic);
-        let clock = Duration::new(
-            u64::try_from(clock.tv_sec).unwrap_or(0),
-            u32::try_from(clock.tv_nsec).unwrap_or(0),
-        );
-        // Sound for an `OwnedFd`: it stays open, and the same descriptor, for
-        // as long as the `AsyncFd` owns it, which is what tokio's `unsafe`
-        // replacement (`register`) asks its caller to promise. The workspace
-        // forbids `unsafe`, so the safe, deprecated constructor it is.
-        #[allow(deprecated)]
-        let fd = AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)?;
-        Ok(Timer {
-            fd,
-            origin: (now, clock),
-        })
+    /// A `timerfd` registered with the current runtime: an absolute deadline on
+    /// the monotonic clock (the one [`Instant`] reads on Linux), to the timer
+    /// slack's precision.
+    pub(super) struct Timer {
+        fd: AsyncFd<OwnedFd>,
+        /// An [`Instant`] and the monotonic clock's reading at that moment, to
+        /// turn one into the other.
+        origin: (Instant, Duration),
     }
 
-    async fn sleep_until(&self, at: Instant) -> std::io::Result<()> {
-        let (origin, clock) = self.origin;
-        let due = clock + at.saturating_duration_since(origin);
-        let value = Timespec {
-            tv_sec: i64::try_from(due.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(due.subsec_nanos()),
-        };
-        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
-        // A past deadline fires at once. (`value` is never zero, which would disarm it:
-        // the monotonic clock is well past zero once anything runs.)
-        timerfd_settime(
-            self.fd.get_ref(),
-            TimerfdTimerFlags::ABSTIME,
-            &Itimerspec {
-                it_interval: zero,
-                it_value: value,
-            },
-        )?;
-        loop {
-            let mut ready = self.fd.readable().await?;
-            let mut expirations = [0u8; 8];
-            match ready.try_io(|fd| rustix::io::read(fd.get_ref(), &mut expirations).map_err(std::io::Error::from)) {
-                Ok(result) => return result.map(|_| ()),
-                Err(_would_block) => continue,
+    impl Timer {
+        pub(super) fn new() -> std::io::Result<Timer> {
+            let fd = timerfd_create(
+                TimerfdClockId::Monotonic,
+                TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+            )?;
+            let now = Instant::now();
+            let clock = clock_gettime(ClockId::Monotonic);
+            let clock = Duration::new(
+                u64::try_from(clock.tv_sec).unwrap_or(0),
+                u32::try_from(clock.tv_nsec).unwrap_or(0),
+            );
+            // Sound for an `OwnedFd`: it stays open, and the same descriptor, for
+            // as long as the `AsyncFd` owns it, which is what tokio's `unsafe`
+            // replacement (`register`) asks its caller to promise. The workspace
+            // forbids `unsafe`, so the safe, deprecated constructor it is.
+            #[allow(deprecated)]
+            let fd = AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)?;
+            Ok(Timer {
+                fd,
+                origin: (now, clock),
+            })
+        }
+
+        pub(super) async fn sleep_until(&self, at: Instant) -> std::io::Result<()> {
+            let (origin, clock) = self.origin;
+            let due = clock + at.saturating_duration_since(origin);
+            let value = Timespec {
+                tv_sec: i64::try_from(due.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(due.subsec_nanos()),
+            };
+            let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+            // A past deadline fires at once. (`value` is never zero, which would disarm it:
+            // the monotonic clock is well past zero once anything runs.)
+            timerfd_settime(
+                self.fd.get_ref(),
+                TimerfdTimerFlags::ABSTIME,
+                &Itimerspec {
+                    it_interval: zero,
+                    it_value: value,
+                },
+            )?;
+            loop {
+                let mut ready = self.fd.readable().await?;
+                let mut expirations = [0u8; 8];
+                match ready.try_io(|fd| rustix::io::read(fd.get_ref(), &mut expirations).map_err(std::io::Error::from))
+                {
+                    Ok(result) => return result.map(|_| ()),
+                    Err(_would_block) => continue,
+                }
             }
+        }
+    }
+}
+
+/// Without a `timerfd`, Tokio's timer: requests due within the same
+/// millisecond leave together, their latencies still counted from their own
+/// due times.
+#[cfg(not(target_os = "linux"))]
+mod timer {
+    use std::time::Instant;
+
+    pub(super) struct Timer;
+
+    impl Timer {
+        pub(super) fn new() -> std::io::Result<Timer> {
+            Ok(Timer)
+        }
+
+        pub(super) async fn sleep_until(&self, at: Instant) -> std::io::Result<()> {
+            tokio::time::sleep_until(at.into()).await;
+            Ok(())
         }
     }
 }
