@@ -941,6 +941,13 @@ struct Dial {
     config: Arc<rustls::ClientConfig>,
 }
 
+impl Dial {
+    /// Opens the connection on the current runtime, whose tasks then drive it.
+    async fn connect(&self) -> Result<Channel> {
+        Ok(lienthong_tls::connect_channel(&self.url, self.config.clone(), Duration::from_secs(5)).await?)
+    }
+}
+
 /// A target's client connections, in the order its calls use them.
 struct Connections {
     channels: Vec<Channel>,
@@ -1024,7 +1031,7 @@ impl Target {
     async fn redial(&self) -> Result<Target> {
         let mut channels = Vec::with_capacity(self.dials.len());
         for d in self.dials.iter() {
-            channels.push(lienthong_tls::connect_channel(&d.url, d.config.clone(), Duration::from_secs(5)).await?);
+            channels.push(d.connect().await?);
         }
         let connections = Connections {
             channels,
@@ -1075,12 +1082,12 @@ async fn channels(url: &str, material: &TlsMaterial, pin: Option<(&str, Identity
         dials: Vec::with_capacity(n),
     };
     for _ in 0..n {
-        out.channels
-            .push(lienthong_tls::connect_channel(url, config.clone(), Duration::from_secs(5)).await?);
-        out.dials.push(Dial {
+        let dial = Dial {
             url: url.to_owned(),
             config: config.clone(),
-        });
+        };
+        out.channels.push(dial.connect().await?);
+        out.dials.push(dial);
     }
     Ok(out)
 }
