@@ -28,6 +28,8 @@ fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
     let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(names, ["direct", "relayed", "proxy", "bare"], "{report:#}");
     let cpus = report["machine"]["cpus"].as_f64().unwrap_or(0.0);
+    // The open loop says how it spaced its requests; evenly unless asked otherwise.
+    assert_eq!(report["settings"]["arrivals"], "even", "{report:#}");
     for s in scenarios {
         let name = s["name"].as_str().unwrap_or_default();
         if name == "proxy" && s["status"] == "skipped" {

@@ -120,6 +120,14 @@ pub struct BenchArgs {
     /// at half the relayed saturation throughput).
     #[arg(long, value_enum, default_value = "both")]
     pub mode: Mode,
+    /// Open loop: how requests are spaced. `even`: one every 1/rate, the
+    /// steadiest load (as wrk2 sends). `poisson`: independent arrivals,
+    /// exponential gaps averaging 1/rate, as many clients acting on their own
+    /// send; some requests come close together, so queues form at rates an
+    /// even load would not show. Seeded by --seed: every scenario and round
+    /// gets the same arrival times.
+    #[arg(long, value_enum, default_value = "even")]
+    pub arrivals: Arrivals,
     /// Closed loop: requests kept in flight (enough to saturate every scenario on a small machine).
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
@@ -229,6 +237,16 @@ pub enum Mode {
     Both,
 }
 
+/// How the open loop spaces its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arrivals {
+    /// One every 1/rate.
+    Even,
+    /// Exponential gaps averaging 1/rate.
+    Poisson,
+}
+
 fn parse_rate(s: &str) -> std::result::Result<f64, String> {
     let number = s.trim().trim_end_matches("/s").trim();
     match number.parse::<f64>() {
@@ -249,6 +267,8 @@ struct Settings {
     connections: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     rate_per_s: Option<f64>,
+    /// How the open loop spaced its requests.
+    arrivals: Arrivals,
     duration_s: f64,
     warmup_s: f64,
     subjects: u32,
@@ -311,6 +331,7 @@ impl Settings {
             concurrency: args.concurrency,
             connections: args.connections,
             rate_per_s: args.rate,
+            arrivals: args.arrivals,
             duration_s: duration.as_secs_f64(),
             warmup_s: warmup.as_secs_f64(),
             subjects,
@@ -1448,16 +1469,15 @@ async fn closed_loop(
     }
 }
 
-/// Fixed arrival rate: request `i` is due at `start + i / rate` whatever
-/// happened to earlier ones, and its latency counts from that intended time,
+/// Fixed arrival rate: each request is due at a time set in advance (evenly
+/// spaced or Poisson, see [`Arrivals`]) whatever happened to earlier ones,
+/// and its latency counts from that intended time,
 /// so a stalled target shows up in the percentiles instead of slowing the
 /// generator down (coordinated omission). The requests are sent from a
 /// thread of their own over connections of their own (see [`pacer`]).
 async fn open_loop(
     target: &Target,
-    rate: f64,
-    warmup: Duration,
-    duration: Duration,
+    schedule: pacer::Schedule,
     watched: &Watched,
     progress: &Arc<Progress>,
     label: String,
@@ -1469,7 +1489,7 @@ async fn open_loop(
         dropped: Arc::new(AtomicU64::new(0)),
         send_lag: Arc::new(Mutex::new(histogram())),
     };
-    let schedule = pacer::Schedule { rate, warmup, duration };
+    let (warmup, duration) = (schedule.warmup, schedule.duration);
     let pacer = pacer::start(target, schedule, &shared)
         .await
         .with_context(|| format!("{label}: starting the load generator"))?;
@@ -2410,16 +2430,14 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
                         if settings.rounds > 1 {
                             label.push_str(&format!(" round {}/{}", round + 1, settings.rounds));
                         }
-                        let phase = open_loop(
-                            &p.target,
+                        let schedule = pacer::Schedule {
                             rate,
-                            settings.warmup(),
-                            settings.duration(),
-                            &p.watched,
-                            &progress,
-                            label.clone(),
-                        )
-                        .await;
+                            arrivals: settings.arrivals,
+                            seed: settings.seed,
+                            warmup: settings.warmup(),
+                            duration: settings.duration(),
+                        };
+                        let phase = open_loop(&p.target, schedule, &p.watched, &progress, label.clone()).await;
                         // One target failing to take new connections costs its
                         // open loop, not the figures of the whole run.
                         let phase = match phase {
@@ -2747,6 +2765,12 @@ fn render_table(report: &Report) -> String {
         "{} s measured after {} s warm-up per phase, {} connections, {} subjects; all calls mutual TLS\n\n",
         s.duration_s, s.warmup_s, s.connections, s.subjects
     ));
+    if s.open_loop {
+        out.push_str(match s.arrivals {
+            Arrivals::Even => "open loop: evenly spaced arrivals (--arrivals even)\n\n",
+            Arrivals::Poisson => "open loop: Poisson arrivals, exponential gaps (--arrivals poisson)\n\n",
+        });
+    }
     if let Some(d) = &report.disk {
         out.push_str(&format!(
             "broker database in {}: fdatasync p50 {} ms, p99 {} ms (every lookup waits for one commit)\n\n",

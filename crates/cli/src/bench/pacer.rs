@@ -12,9 +12,11 @@
 //! fifteenth round). Tokio's timer rounds to the millisecond, too coarse to
 //! pace a few thousand requests a second.
 
-use super::{CALL_TIMEOUT, CallError, Live, OPEN_LOOP_MAX_OUTSTANDING, Target, micros};
+use super::{Arrivals, CALL_TIMEOUT, CallError, Live, OPEN_LOOP_MAX_OUTSTANDING, Target, micros};
 use anyhow::{Context, Result, anyhow};
 use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -36,13 +38,63 @@ pub(super) struct Shared {
     pub(super) send_lag: Arc<Mutex<Histogram<u64>>>,
 }
 
-/// The schedule: request `i` is due at `started + i / rate`, the first
-/// `warmup` unmeasured, until `warmup + duration` has passed.
+/// The schedule: requests due at `rate` a second on average, spaced as
+/// `arrivals` says, the first `warmup` unmeasured, until `warmup + duration`
+/// has passed.
 #[derive(Clone, Copy)]
 pub(super) struct Schedule {
     pub(super) rate: f64,
+    pub(super) arrivals: Arrivals,
+    /// Seeds the Poisson gaps, so every scenario and round of a run gets the
+    /// same arrival times.
+    pub(super) seed: u64,
     pub(super) warmup: Duration,
     pub(super) duration: Duration,
+}
+
+/// When each request is due after the start, in order.
+struct DueTimes {
+    /// Mean gap between two requests, in nanoseconds.
+    gap_ns: f64,
+    /// `None`: evenly spaced.
+    poisson: Option<SmallRng>,
+    next: u64,
+    /// The Poisson schedule's running sum, in nanoseconds.
+    at_ns: f64,
+}
+
+impl DueTimes {
+    fn new(schedule: &Schedule) -> DueTimes {
+        DueTimes {
+            gap_ns: 1e9 / schedule.rate,
+            poisson: match schedule.arrivals {
+                Arrivals::Even => None,
+                Arrivals::Poisson => Some(SmallRng::seed_from_u64(schedule.seed)),
+            },
+            next: 0,
+            at_ns: 0.0,
+        }
+    }
+}
+
+impl Iterator for DueTimes {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let at_ns = match &mut self.poisson {
+            // From the index, not a running sum, so rounding never drifts.
+            None => self.next as f64 * self.gap_ns,
+            Some(rng) => {
+                let at = self.at_ns;
+                // Exponential gaps (inverse transform): 1 - u is in (0, 1], so the logarithm is finite.
+                let u: f64 = rng.r#gen();
+                self.at_ns += -(1.0_f64 - u).ln() * self.gap_ns;
+                at
+            }
+        };
+        self.next += 1;
+        Some(Duration::from_nanos(at_ns as u64))
+    }
 }
 
 /// The pacer's thread, once it has connected and started the schedule.
@@ -107,11 +159,10 @@ fn run(target: Target, schedule: Schedule, shared: Shared, ready: tokio::sync::o
 async fn pace(target: &Target, timer: &Timer, schedule: Schedule, started: Instant, shared: &Shared) {
     let measure_from = started + schedule.warmup;
     let end = measure_from + schedule.duration;
-    let interval_ns = 1e9 / schedule.rate;
     let mut lag = super::histogram();
     let mut i: u64 = 0;
-    loop {
-        let intended = started + Duration::from_nanos((i as f64 * interval_ns) as u64);
+    for offset in DueTimes::new(&schedule) {
+        let intended = started + offset;
         if intended >= end {
             break;
         }
@@ -300,6 +351,8 @@ mod tests {
         };
         let schedule = Schedule {
             rate: 100.0,
+            arrivals: Arrivals::Even,
+            seed: 0,
             warmup: Duration::ZERO,
             duration: Duration::from_secs(1),
         };
@@ -309,6 +362,55 @@ mod tests {
         };
         assert!(e.contains("connecting the open loop to its target"), "{e}");
         assert_eq!(shared.live.ok.load(Ordering::Relaxed), 0);
+    }
+
+    fn due_times(arrivals: Arrivals, seed: u64, n: usize) -> Vec<Duration> {
+        let schedule = Schedule {
+            rate: 4_000.0,
+            arrivals,
+            seed,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+        };
+        DueTimes::new(&schedule).take(n).collect()
+    }
+
+    #[test]
+    fn even_arrivals_are_due_every_one_over_the_rate() {
+        let due = due_times(Arrivals::Even, 1, 4_001);
+        assert_eq!(due[0], Duration::ZERO);
+        assert_eq!(due[1], Duration::from_micros(250));
+        assert_eq!(due[2_000], Duration::from_millis(500));
+        assert_eq!(due[4_000], Duration::from_secs(1));
+    }
+
+    /// What `--arrivals poisson` promises: the asked-for rate on average,
+    /// gaps spread as an exponential distribution's (not even ones), and the
+    /// same arrival times for every scenario of a run.
+    #[test]
+    fn poisson_arrivals_keep_the_rate_with_exponential_gaps_and_repeat_with_the_seed() {
+        let n = 200_000;
+        let due = due_times(Arrivals::Poisson, 2020, n + 1);
+        assert_eq!(due, due_times(Arrivals::Poisson, 2020, n + 1), "same seed, other times");
+        assert_ne!(
+            due,
+            due_times(Arrivals::Poisson, 2021, n + 1),
+            "another seed, same times"
+        );
+        assert_eq!(due[0], Duration::ZERO);
+        // `Duration` subtraction panics if a request were due before the one ahead of it.
+        let gaps: Vec<f64> = due.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e6).collect();
+        let mean = gaps.iter().sum::<f64>() / n as f64;
+        assert!((mean - 250.0).abs() < 2.5, "mean gap {mean} µs at 4,000/s");
+        // An exponential distribution's standard deviation is its mean; even gaps have none.
+        let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        assert!((sd / mean - 1.0).abs() < 0.02, "coefficient of variation {}", sd / mean);
+        // And 1 - 1/e of its gaps are shorter than the mean.
+        let short = gaps.iter().filter(|&&g| g < mean).count() as f64 / n as f64;
+        assert!(
+            (short - (1.0 - (-1.0_f64).exp())).abs() < 0.005,
+            "{short} of the gaps below the mean"
+        );
     }
 
     #[tokio::test]
