@@ -1,11 +1,19 @@
 //! Merkle costs of the audit log: appending to the in-memory frontier (paid per
-//! entry by the writer) and producing plus checking an inclusion proof in a
-//! 100k-entry log (paid per `GetInclusionProof` call, from stored leaf hashes).
-#![allow(missing_docs)]
+//! entry by the writer), producing plus checking an inclusion proof in a
+//! 100k-entry tree in memory, and serving one from a log on SQLite (paid per
+//! `GetInclusionProof` call): from the tree nodes the writer stores, against
+//! the earlier way, hashing every stored leaf hash.
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use lienthong_audit::merkle::{self, Frontier, Hash};
+use lienthong_audit::{AuditConfig, AuditLog, LogKeys};
+use lienthong_core::audit::{AuditEvent, EntryKind};
+use lienthong_store::{Store, StoreOptions};
 use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+use time::OffsetDateTime;
 
 const LOG_SIZE: u64 = 100_000;
 
@@ -67,5 +75,81 @@ fn inclusion(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, frontier_push, inclusion);
+/// Entries of the log proofs are served from: past a power of two, so the
+/// proof has a partial right edge as a live log's does.
+const SERVED_LOG_SIZE: u64 = 300_000;
+
+fn event(i: u64) -> AuditEvent {
+    let time = OffsetDateTime::from_unix_timestamp(1_750_000_000 + i as i64).expect("a valid time");
+    let mut e = AuditEvent::new(EntryKind::Access, time);
+    e.request_id = format!("req-{i}");
+    e.actor = "tax-board".into();
+    e.provider = "civil-registry".into();
+    e.record_type = "person".into();
+    e.purpose = "income-tax-assessment".into();
+    e.subject_hash = format!("{:064x}", i % 10_000);
+    e
+}
+
+fn served(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, log) = runtime.block_on(async {
+        let store = lienthong_store::open(&StoreOptions {
+            url: format!("sqlite://{}", dir.path().join("lienthong.db").display()),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+        })
+        .await
+        .unwrap();
+        let config = AuditConfig {
+            sign_interval: Duration::from_secs(3600),
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open(store.clone(), LogKeys::generate().unwrap(), config)
+            .await
+            .unwrap();
+        let mut next = 0;
+        while next < SERVED_LOG_SIZE {
+            let to = SERVED_LOG_SIZE.min(next + 512);
+            log.append_many((next..to).map(event).collect()).await.unwrap();
+            next = to;
+        }
+        (store, log)
+    });
+    let log_id = log.log_id().to_owned();
+    let index = SERVED_LOG_SIZE * 3 / 7;
+    let mut group = c.benchmark_group("inclusion proof served from a 300k-entry log on SQLite");
+    group.sample_size(10);
+    group.bench_function("from stored tree nodes", |b| {
+        b.iter(|| {
+            runtime
+                .block_on(log.inclusion_proof(&log_id, black_box(index), SERVED_LOG_SIZE))
+                .unwrap()
+        })
+    });
+    group.bench_function("from every leaf hash (before the sixteenth round)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let mut leaves = Vec::with_capacity(SERVED_LOG_SIZE as usize);
+                let mut from = 0;
+                while from < SERVED_LOG_SIZE {
+                    let to = SERVED_LOG_SIZE.min(from + 65_536);
+                    leaves.extend(store.leaf_hashes(&log_id, from, to).await.unwrap());
+                    from = to;
+                }
+                merkle::inclusion_proof(black_box(index), &leaves)
+            })
+        })
+    });
+    group.finish();
+    runtime.block_on(log.shutdown()).unwrap();
+    drop::<Arc<dyn Store>>(store);
+}
+
+criterion_group!(benches, frontier_push, inclusion, served);
 criterion_main!(benches);

@@ -10,10 +10,11 @@
 //! an entry that may not be durable never lets data out.
 
 use crate::keys::LogKeys;
-use crate::merkle::{self, Frontier, Hash};
+use crate::merkle::{self, Frontier, Hash, Subtree};
 use crate::sth::{SignedTreeHead, verify_tree_head};
 use lienthong_core::audit::AuditEvent;
-use lienthong_store::{LogInfo, Store, StoreError, StoredEntry, StoredTreeHead};
+use lienthong_store::{LogInfo, Store, StoreError, StoredEntry, StoredTreeHead, TreeNode};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -215,7 +216,14 @@ impl AuditLog {
                 )));
             }
         }
-        let frontier = rebuild(store.as_ref(), &log_id, size, latest.as_ref()).await?;
+        // A log written before tree nodes were stored (or whose nodes were
+        // lost) gets them from the leaf hashes the rebuild reads anyway.
+        let nodes = store.tree_node_count(&log_id).await?;
+        let backfill = nodes != merkle::stored_node_count(size);
+        if backfill {
+            tracing::info!(log_id = %log_id, size, stored = nodes, "storing the audit log's Merkle tree nodes");
+        }
+        let frontier = rebuild(store.as_ref(), &log_id, size, latest.as_ref(), backfill).await?;
         tracing::info!(log_id = %log_id, size, "audit log opened");
 
         let shared = Arc::new(Shared {
@@ -404,6 +412,9 @@ impl AuditLog {
 
     /// Leaf hash of entry `sequence` and its audit path in the tree of the
     /// first `tree_size` entries of `log_id`.
+    ///
+    /// Reads O(log n) stored tree nodes and the leaf hashes of one or two
+    /// blocks of 256 entries, whatever the size of the log.
     pub async fn inclusion_proof(
         &self,
         log_id: &str,
@@ -416,19 +427,11 @@ impl AuditLog {
             )));
         }
         self.require_size(log_id, tree_size).await?;
-        let leaves = self.load_leaf_hashes(log_id, tree_size).await?;
-        // O(n) over stored leaf hashes; a persistent cache of subtree roots would
-        // make proofs O(log n) if logs grow large enough for this to matter.
-        tokio::task::spawn_blocking(move || {
-            let index =
-                usize::try_from(sequence).map_err(|_| AuditError::InvalidArgument("sequence too large".into()))?;
-            let leaf = *leaves
-                .get(index)
-                .ok_or_else(|| AuditError::Corrupt(format!("entry {sequence} has no stored leaf hash")))?;
-            Ok((leaf, merkle::inclusion_proof(sequence, &leaves)))
-        })
-        .await
-        .map_err(|e| AuditError::Unavailable(format!("proof computation failed: {e}")))?
+        let ranges = merkle::inclusion_ranges(sequence, tree_size);
+        let mut hashes = SubtreeHashes::new(self.store.as_ref(), log_id, tree_size);
+        let leaf = hashes.leaf(sequence).await?;
+        let proof = hashes.prove(ranges).await?;
+        Ok((leaf, proof))
     }
 
     /// Consistency proof between the trees of the first `first` and `second`
@@ -440,13 +443,10 @@ impl AuditLog {
             )));
         }
         self.require_size(log_id, second).await?;
-        if first == 0 || first == second {
-            return Ok(Vec::new());
-        }
-        let leaves = self.load_leaf_hashes(log_id, second).await?;
-        tokio::task::spawn_blocking(move || merkle::consistency_proof(first, &leaves))
+        let ranges = merkle::consistency_ranges(first, second);
+        SubtreeHashes::new(self.store.as_ref(), log_id, second)
+            .prove(ranges)
             .await
-            .map_err(|e| AuditError::Unavailable(format!("proof computation failed: {e}")))
     }
 
     async fn require_size(&self, log_id: &str, tree_size: u64) -> Result<(), AuditError> {
@@ -461,19 +461,6 @@ impl AuditLog {
             )));
         }
         Ok(())
-    }
-
-    async fn load_leaf_hashes(&self, log_id: &str, tree_size: u64) -> Result<Vec<Hash>, AuditError> {
-        let mut leaves = Vec::with_capacity(usize::try_from(tree_size).unwrap_or(0));
-        let mut from = 0;
-        while from < tree_size {
-            let to = tree_size.min(from + HASH_CHUNK);
-            let chunk = self.store.leaf_hashes(log_id, from, to).await.map_err(lookup_error)?;
-            check_chunk(log_id, from, to, chunk.len())?;
-            leaves.extend(chunk);
-            from = to;
-        }
-        Ok(leaves)
     }
 
     /// Stops accepting entries (they fail with `ShuttingDown`), commits
@@ -537,6 +524,134 @@ impl AuditLog {
     }
 }
 
+/// The hashes a proof is made of, from one log's stored tree nodes and,
+/// below [`merkle::STORED_LEVEL`], from blocks of stored leaf hashes.
+struct SubtreeHashes<'a> {
+    store: &'a dyn Store,
+    log_id: &'a str,
+    tree_size: u64,
+    /// Leaf hashes of the blocks of 256 entries read so far, by block.
+    blocks: HashMap<u64, Vec<Hash>>,
+}
+
+impl<'a> SubtreeHashes<'a> {
+    fn new(store: &'a dyn Store, log_id: &'a str, tree_size: u64) -> Self {
+        SubtreeHashes {
+            store,
+            log_id,
+            tree_size,
+            blocks: HashMap::new(),
+        }
+    }
+
+    /// The leaf hashes of the block holding leaf `at` (up to the tree's size).
+    async fn block(&mut self, at: u64) -> Result<&[Hash], AuditError> {
+        let block = at >> merkle::STORED_LEVEL;
+        if !self.blocks.contains_key(&block) {
+            let from = block << merkle::STORED_LEVEL;
+            let to = self.tree_size.min((block + 1) << merkle::STORED_LEVEL);
+            let leaves = self
+                .store
+                .leaf_hashes(self.log_id, from, to)
+                .await
+                .map_err(lookup_error)?;
+            check_chunk(self.log_id, from, to, leaves.len())?;
+            self.blocks.insert(block, leaves);
+        }
+        Ok(self.blocks.get(&block).map(Vec::as_slice).unwrap_or_default())
+    }
+
+    async fn leaf(&mut self, sequence: u64) -> Result<Hash, AuditError> {
+        let offset = (sequence & ((1 << merkle::STORED_LEVEL) - 1)) as usize;
+        let log_id = self.log_id;
+        self.block(sequence)
+            .await?
+            .get(offset)
+            .copied()
+            .ok_or_else(|| AuditError::Corrupt(format!("log {log_id}: entry {sequence} has no stored leaf hash")))
+    }
+
+    /// The tree hash of each range, from its perfect subtrees.
+    async fn prove(&mut self, ranges: Vec<std::ops::Range<u64>>) -> Result<Vec<Hash>, AuditError> {
+        let split: Vec<Vec<Subtree>> = ranges.into_iter().map(merkle::perfect_subtrees).collect();
+        let wanted: Vec<(u32, u64)> = split
+            .iter()
+            .flatten()
+            .filter(|s| s.level >= merkle::STORED_LEVEL)
+            .map(|s| (s.level, s.index))
+            .collect();
+        let mut known: HashMap<Subtree, Hash> = self
+            .store
+            .tree_nodes(self.log_id, &wanted)
+            .await
+            .map_err(lookup_error)?
+            .into_iter()
+            .map(|n| {
+                (
+                    Subtree {
+                        level: n.level,
+                        index: n.index,
+                    },
+                    n.hash,
+                )
+            })
+            .collect();
+        let mut proof = Vec::with_capacity(split.len());
+        for subtrees in split {
+            let mut hashes = Vec::with_capacity(subtrees.len());
+            for s in subtrees {
+                let hash = match known.get(&s) {
+                    Some(hash) => *hash,
+                    None => {
+                        let hash = self.compute(s).await?;
+                        known.insert(s, hash);
+                        hash
+                    }
+                };
+                hashes.push(hash);
+            }
+            let hash = merkle::fold(&hashes)
+                .ok_or_else(|| AuditError::Corrupt(format!("log {}: an empty range in a proof", self.log_id)))?;
+            proof.push(hash);
+        }
+        Ok(proof)
+    }
+
+    /// A subtree's hash from leaf hashes: below the stored level from its
+    /// block, above it (a node the store lacks) from all of its leaves.
+    async fn compute(&mut self, s: Subtree) -> Result<Hash, AuditError> {
+        if s.level < merkle::STORED_LEVEL {
+            let base = (s.start() >> merkle::STORED_LEVEL) << merkle::STORED_LEVEL;
+            let (from, to) = ((s.start() - base) as usize, (s.end() - base) as usize);
+            let log_id = self.log_id;
+            let leaves = self.block(s.start()).await?;
+            return leaves.get(from..to).map(merkle::root).ok_or_else(|| {
+                AuditError::Corrupt(format!("log {log_id}: leaves {from}..{to} of a block are missing"))
+            });
+        }
+        tracing::warn!(
+            log_id = %self.log_id,
+            level = s.level,
+            index = s.index,
+            "a Merkle tree node is not stored; hashing its leaves"
+        );
+        let mut frontier = Frontier::new();
+        let mut from = s.start();
+        while from < s.end() {
+            let to = s.end().min(from + HASH_CHUNK);
+            let chunk = self
+                .store
+                .leaf_hashes(self.log_id, from, to)
+                .await
+                .map_err(lookup_error)?;
+            check_chunk(self.log_id, from, to, chunk.len())?;
+            frontier.extend(&chunk);
+            from = to;
+        }
+        Ok(frontier.root())
+    }
+}
+
 /// Store errors of read-only lookups: an unknown log or range is the caller's
 /// `NotFound`, not an outage.
 fn lookup_error(e: StoreError) -> AuditError {
@@ -556,12 +671,14 @@ fn check_chunk(log_id: &str, from: u64, to: u64, got: usize) -> Result<(), Audit
 }
 
 /// Rebuilds the frontier from the stored leaf hashes, checking that the first
-/// `head.tree_size` of them still hash to the head's signed root.
+/// `head.tree_size` of them still hash to the head's signed root, and with
+/// `backfill` stores every tree node along the way.
 async fn rebuild(
     store: &dyn Store,
     log_id: &str,
     size: u64,
     head: Option<&SignedTreeHead>,
+    backfill: bool,
 ) -> Result<Frontier, AuditError> {
     let mut frontier = Frontier::new();
     let altered = |h: &SignedTreeHead| {
@@ -578,12 +695,26 @@ async fn rebuild(
         let to = size.min(from + HASH_CHUNK);
         let chunk = store.leaf_hashes(log_id, from, to).await?;
         check_chunk(log_id, from, to, chunk.len())?;
+        let mut completed = Vec::new();
         for leaf in chunk {
-            frontier.push(leaf);
+            if backfill {
+                frontier.push_collecting(leaf, &mut completed);
+            } else {
+                frontier.push(leaf);
+            }
             if let Some(h) = head.filter(|h| h.tree_size == frontier.size() && frontier.root() != h.root_hash) {
                 return Err(altered(h));
             }
         }
+        let nodes: Vec<TreeNode> = completed
+            .into_iter()
+            .map(|(s, hash)| TreeNode {
+                level: s.level,
+                index: s.index,
+                hash,
+            })
+            .collect();
+        store.put_tree_nodes(log_id, &nodes).await?;
         from = to;
     }
     Ok(frontier)
@@ -677,10 +808,27 @@ impl Writer {
             waiters.push((request.reply, first, next));
         }
 
+        // The tree as it will be once the batch is in, and the nodes the batch
+        // completes, stored in the same transaction as the entries.
+        let mut grown = self.shared.frontier().clone();
+        let mut completed = Vec::new();
+        for entry in &entries {
+            grown.push_collecting(entry.leaf_hash, &mut completed);
+        }
+        let nodes: Vec<TreeNode> = completed
+            .into_iter()
+            .map(|(s, hash)| TreeNode {
+                level: s.level,
+                index: s.index,
+                hash,
+            })
+            .collect();
+
         let began = Instant::now();
         // A commit given up may still land: the resynchronisation before the
         // next batch finds it, as after any failed commit.
-        let result = match tokio::time::timeout(self.commit_timeout, self.store.append_entries(&entries)).await {
+        let append = self.store.append_entries_and_nodes(&entries, &nodes);
+        let result = match tokio::time::timeout(self.commit_timeout, append).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable(format!(
                 "the database did not confirm the commit within {:?}",
@@ -708,9 +856,7 @@ impl Writer {
 
         {
             let mut frontier = self.shared.frontier();
-            for entry in &entries {
-                frontier.push(entry.leaf_hash);
-            }
+            *frontier = grown;
             self.shared.size.store(frontier.size(), Ordering::Release);
         }
         counters.total_batches.fetch_add(1, Ordering::Relaxed);

@@ -1,10 +1,15 @@
 //! RFC 9162 section 2.1 Merkle tree hashing, inclusion and consistency proofs,
 //! and the compact [`Frontier`] the writer keeps in memory.
 //!
-//! Everything here is pure and works on leaf hashes, so a log of a million
-//! entries costs 32 MB to prove from rather than the size of its leaves.
+//! Everything here is pure and works on leaf hashes. A log proves from the
+//! nodes it stores (perfect subtrees of [`STORED_LEVEL`] and up, see
+//! [`Frontier::push_collecting`]) and at most a few blocks of leaf hashes:
+//! [`inclusion_ranges`] and [`consistency_ranges`] name the subtrees a proof
+//! is made of, [`perfect_subtrees`] splits them into stored nodes, and
+//! [`fold`] hashes them back together.
 
 use sha2::{Digest, Sha256};
+use std::ops::Range;
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];
@@ -52,6 +57,128 @@ pub fn root(leaves: &[Hash]) -> Hash {
     frontier.root()
 }
 
+/// The lowest level of the tree a log stores nodes for: a node there covers
+/// 256 leaves, so a log stores about one node per 128 entries, and a proof
+/// hashes at most a few blocks of 256 leaf hashes below it.
+pub const STORED_LEVEL: u32 = 8;
+
+/// A perfect subtree: the `2^level` leaves from `index << level`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Subtree {
+    /// Height above the leaves.
+    pub level: u32,
+    /// Position among the subtrees of its level.
+    pub index: u64,
+}
+
+impl Subtree {
+    /// Its first leaf.
+    pub fn start(self) -> u64 {
+        self.index << self.level
+    }
+
+    /// One past its last leaf.
+    pub fn end(self) -> u64 {
+        (self.index + 1) << self.level
+    }
+}
+
+/// How many nodes a log of `size` entries stores: one per perfect subtree of
+/// [`STORED_LEVEL`] and up.
+pub fn stored_node_count(size: u64) -> u64 {
+    (STORED_LEVEL..64).map(|level| size >> level).sum()
+}
+
+/// [`split`] for sizes of a log.
+fn split_u64(n: u64) -> u64 {
+    debug_assert!(n >= 2);
+    let k = n.next_power_of_two();
+    if k == n { n / 2 } else { k / 2 }
+}
+
+/// The leaf ranges whose tree hashes make up `PATH(m, D[n])` (RFC 9162
+/// 2.1.3.1), leaf side first, as [`inclusion_proof`] lists them. Empty when
+/// `m >= n`.
+pub fn inclusion_ranges(m: u64, n: u64) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    if m >= n {
+        return out;
+    }
+    let (mut start, mut end) = (0, n);
+    // From the root down; the proof lists the deepest sibling first.
+    while end - start > 1 {
+        let k = split_u64(end - start);
+        if m < start + k {
+            out.push(start + k..end);
+            end = start + k;
+        } else {
+            out.push(start..start + k);
+            start += k;
+        }
+    }
+    out.reverse();
+    out
+}
+
+/// The leaf ranges whose tree hashes make up `PROOF(m, D[n])` (RFC 9162
+/// 2.1.4.1), as [`consistency_proof`] lists them. Empty when `m` is 0 or not
+/// smaller than `n`.
+pub fn consistency_ranges(m: u64, n: u64) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    if m == 0 || m >= n {
+        return out;
+    }
+    let (mut start, mut end, mut complete) = (0, n, true);
+    loop {
+        let (size, mm) = (end - start, m - start);
+        if mm == size {
+            if !complete {
+                out.push(start..end);
+            }
+            break;
+        }
+        let k = split_u64(size);
+        if mm <= k {
+            out.push(start + k..end);
+            end = start + k;
+        } else {
+            out.push(start..start + k);
+            start += k;
+            complete = false;
+        }
+    }
+    out.reverse();
+    out
+}
+
+/// The perfect subtrees a proof's range splits into, left to right, largest
+/// first; [`fold`] of their hashes is the range's tree hash. (A range of
+/// [`inclusion_ranges`] or [`consistency_ranges`] starts at a multiple of the
+/// power of two at or above its length, so it splits as RFC 9162 does.)
+pub fn perfect_subtrees(range: Range<u64>) -> Vec<Subtree> {
+    let mut out = Vec::new();
+    let mut at = range.start;
+    while at < range.end {
+        let mut level = (range.end - at).ilog2();
+        if at != 0 {
+            level = level.min(at.trailing_zeros());
+        }
+        out.push(Subtree {
+            level,
+            index: at >> level,
+        });
+        at += 1 << level;
+    }
+    out
+}
+
+/// The tree hash of a range from the hashes of its [`perfect_subtrees`], in
+/// order; `None` when there are none.
+pub fn fold(hashes: &[Hash]) -> Option<Hash> {
+    let (last, rest) = hashes.split_last()?;
+    Some(rest.iter().rev().fold(*last, |acc, left| node_hash(left, &acc)))
+}
+
 /// MTH of a non-empty slice.
 fn subtree_root(leaves: &[Hash]) -> Hash {
     root(leaves)
@@ -60,8 +187,8 @@ fn subtree_root(leaves: &[Hash]) -> Hash {
 /// Audit path `PATH(m, D[n])` of leaf `index` in the tree of all `leaves`, leaf
 /// side first. Empty when `index` is out of range (no proof exists).
 ///
-/// Costs O(n) hashes: callers holding a persistent subtree cache could make it
-/// O(log n), but the log computes proofs from stored leaf hashes for now.
+/// Costs O(n) hashes: the log proves from its stored nodes instead
+/// ([`inclusion_ranges`]); this is the reference they are tested against.
 pub fn inclusion_proof(index: u64, leaves: &[Hash]) -> Vec<Hash> {
     let Ok(index) = usize::try_from(index) else {
         return Vec::new();
@@ -233,8 +360,21 @@ impl Frontier {
 
     /// Appends one leaf hash.
     pub fn push(&mut self, leaf: Hash) {
+        self.push_inner(leaf, None);
+    }
+
+    /// Appends one leaf hash and adds to `completed` each perfect subtree of
+    /// [`STORED_LEVEL`] and up that it completes, with its hash: the nodes a
+    /// log stores.
+    pub fn push_collecting(&mut self, leaf: Hash, completed: &mut Vec<(Subtree, Hash)>) {
+        self.push_inner(leaf, Some(completed));
+    }
+
+    fn push_inner(&mut self, leaf: Hash, mut completed: Option<&mut Vec<(Subtree, Hash)>>) {
+        let index = self.size;
         let mut node = leaf;
         let mut size = self.size;
+        let mut level = 0;
         // Each trailing one bit of the old size is a perfect subtree of the same
         // height as `node`: merge them, as carrying in binary addition.
         while size & 1 == 1 {
@@ -243,6 +383,18 @@ impl Frontier {
                 None => break,
             }
             size >>= 1;
+            level += 1;
+            if level >= STORED_LEVEL
+                && let Some(out) = completed.as_deref_mut()
+            {
+                out.push((
+                    Subtree {
+                        level,
+                        index: index >> level,
+                    },
+                    node,
+                ));
+            }
         }
         self.nodes.push(node);
         self.size += 1;
@@ -627,6 +779,104 @@ mod tests {
                     "changed new root {m} -> {n}"
                 );
             }
+        }
+    }
+
+    /// A range's tree hash from its perfect subtrees, each hashed from its leaves.
+    fn range_hash(leaves: &[Hash], range: Range<u64>) -> Hash {
+        let hashes: Vec<Hash> = perfect_subtrees(range)
+            .into_iter()
+            .map(|s| root(&leaves[s.start() as usize..s.end() as usize]))
+            .collect();
+        fold(&hashes).unwrap()
+    }
+
+    #[test]
+    fn proofs_from_ranges_match_the_reference_proofs_up_to_80() {
+        for n in 1..=80usize {
+            let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(format!("r/{i}").as_bytes())).collect();
+            for m in 0..n {
+                let proof: Vec<Hash> = inclusion_ranges(m as u64, n as u64)
+                    .into_iter()
+                    .map(|r| range_hash(&leaves, r))
+                    .collect();
+                assert_eq!(proof, inclusion_proof(m as u64, &leaves), "inclusion {m} in {n}");
+            }
+            for m in 0..=n {
+                let proof: Vec<Hash> = consistency_ranges(m as u64, n as u64)
+                    .into_iter()
+                    .map(|r| range_hash(&leaves, r))
+                    .collect();
+                assert_eq!(proof, consistency_proof(m as u64, &leaves), "consistency {m} -> {n}");
+            }
+        }
+        assert!(inclusion_ranges(5, 5).is_empty());
+        assert!(consistency_ranges(0, 5).is_empty());
+        assert!(consistency_ranges(5, 5).is_empty());
+    }
+
+    #[test]
+    fn the_frontier_collects_every_stored_node_once_with_its_hash() {
+        let n = 5_000u64;
+        let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(format!("c/{i}").as_bytes())).collect();
+        let mut frontier = Frontier::new();
+        let mut completed = Vec::new();
+        for leaf in &leaves {
+            frontier.push_collecting(*leaf, &mut completed);
+        }
+        assert_eq!(frontier, Frontier::from_leaves(&leaves));
+        assert_eq!(completed.len() as u64, stored_node_count(n));
+        // 5,000 leaves: 19 subtrees of 256, 9 of 512, 4 of 1,024, 2 of 2,048, 1 of 4,096.
+        assert_eq!(stored_node_count(n), 19 + 9 + 4 + 2 + 1);
+        let mut seen = std::collections::HashSet::new();
+        for (subtree, hash) in completed {
+            assert!(subtree.level >= STORED_LEVEL && subtree.end() <= n, "{subtree:?}");
+            assert!(seen.insert(subtree), "{subtree:?} twice");
+            assert_eq!(hash, root(&leaves[subtree.start() as usize..subtree.end() as usize]));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// What the log does: proofs of large trees from the nodes its writer
+        /// stored (level 8 and up) and leaf hashes below them equal the
+        /// reference proofs from every leaf.
+        #[test]
+        fn proofs_from_stored_nodes_equal_the_reference(
+            n in 1u64..=6_000,
+            m_pick in any::<proptest::sample::Index>(),
+            salt in any::<u32>(),
+        ) {
+            let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(format!("{salt}/{i}").as_bytes())).collect();
+            let mut frontier = Frontier::new();
+            let mut completed = Vec::new();
+            for leaf in &leaves {
+                frontier.push_collecting(*leaf, &mut completed);
+            }
+            let stored: std::collections::HashMap<Subtree, Hash> = completed.into_iter().collect();
+            let hash_of = |s: Subtree| -> Hash {
+                if s.level >= STORED_LEVEL {
+                    // Every subtree a proof needs at these levels was stored.
+                    *stored.get(&s).unwrap()
+                } else {
+                    // Below, the leaf hashes of one block: never more than 256.
+                    assert!(s.end() - s.start() < 256);
+                    root(&leaves[s.start() as usize..s.end() as usize])
+                }
+            };
+            let prove = |ranges: Vec<Range<u64>>| -> Vec<Hash> {
+                ranges
+                    .into_iter()
+                    .map(|r| fold(&perfect_subtrees(r).into_iter().map(hash_of).collect::<Vec<_>>()).unwrap())
+                    .collect()
+            };
+            let m = m_pick.index(n as usize) as u64;
+            prop_assert_eq!(prove(inclusion_ranges(m, n)), inclusion_proof(m, &leaves));
+            prop_assert_eq!(prove(consistency_ranges(m + 1, n)), consistency_proof(m + 1, &leaves));
+            // A proof needs O(log n) subtrees.
+            let count: usize = inclusion_ranges(m, n).into_iter().map(|r| perfect_subtrees(r).len()).sum();
+            prop_assert!(count <= 2 * 64, "{} subtrees", count);
         }
     }
 

@@ -412,3 +412,89 @@ async fn subject_hash_is_the_keys_hmac() {
     assert_ne!(a.subject_hash("38001085718"), b.subject_hash("38001085718"));
     assert_eq!(a.subject_hash("x"), a.keys().subject_hash("x"));
 }
+
+/// Every proof the log serves, for each entry and tree size asked, equals
+/// the reference computed from all leaf hashes.
+async fn assert_proofs_match_the_reference(log: &AuditLog, leaves: &[Hash], sizes: &[u64]) {
+    for &n in sizes {
+        let all = &leaves[..n as usize];
+        for m in [0, 1, 255, 256, 257, n / 2, n.saturating_sub(2), n - 1]
+            .into_iter()
+            .filter(|&m| m < n)
+        {
+            let (leaf, proof) = log.inclusion_proof(log.log_id(), m, n).await.unwrap();
+            assert_eq!(leaf, all[m as usize], "leaf {m} of {n}");
+            assert_eq!(proof, merkle::inclusion_proof(m, all), "inclusion {m} in {n}");
+        }
+        for m in [1, 255, 256, 257, 1000, n / 3, n - 1, n]
+            .into_iter()
+            .filter(|&m| m <= n)
+        {
+            let proof = log.consistency_proof(log.log_id(), m, n).await.unwrap();
+            assert_eq!(proof, merkle::consistency_proof(m, all), "consistency {m} -> {n}");
+        }
+    }
+}
+
+/// Proofs come from the tree nodes the writer stored with the entries, not
+/// from every leaf: the log stores one node per perfect subtree of 256
+/// leaves and up, and the proofs equal the reference ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_stores_tree_nodes_and_proofs_use_them() {
+    let store = Arc::new(FakeStore::new());
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    // Batches of odd sizes, so nodes are completed in the middle of batches.
+    let mut next = 0;
+    for size in [1, 300, 77, 512, 1, 1000, 333, 2900] {
+        log.append_many((next..next + size).map(event).collect()).await.unwrap();
+        next += size;
+    }
+    assert_eq!(next, 5124);
+    let nodes = store.nodes(log.log_id());
+    assert_eq!(nodes.len() as u64, merkle::stored_node_count(next));
+    let leaves = stored_hashes(&store, log.log_id());
+    for (&(level, index), hash) in &nodes {
+        let (from, to) = ((index << level) as usize, ((index + 1) << level) as usize);
+        assert_eq!(*hash, merkle::root(&leaves[from..to]), "node {level}/{index}");
+    }
+    assert_proofs_match_the_reference(&log, &leaves, &[1, 2, 256, 257, 1300, 4096, 5000, 5124]).await;
+
+    // A stored node that was altered gives a proof that does not verify
+    // against the signed root: tampering is caught by whoever checks.
+    let sth = log.sign_now().await.unwrap();
+    store.tamper_node(log.log_id(), (12, 0), [0xaa; 32]);
+    let (leaf, proof) = log.inclusion_proof(log.log_id(), 5100, sth.tree_size).await.unwrap();
+    assert!(!merkle::verify_inclusion(
+        5100,
+        sth.tree_size,
+        &leaf,
+        &proof,
+        &sth.root_hash
+    ));
+}
+
+/// A log written before tree nodes were stored gets them when it is opened,
+/// and a node missing anyway is hashed from its leaves: proofs stay right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_without_tree_nodes_gets_them_on_open_and_proofs_never_depend_on_them() {
+    let store = Arc::new(FakeStore::new());
+    let keys = LogKeys::generate().unwrap();
+    let log = open(&store, keys.clone()).await;
+    log.append_many((0..3000).map(event).collect()).await.unwrap();
+    let log_id = log.log_id().to_owned();
+    log.shutdown().await.unwrap();
+    drop(log);
+
+    store.forget_nodes(&log_id);
+    let log = open(&store, keys.clone()).await;
+    assert_eq!(store.nodes(&log_id).len() as u64, merkle::stored_node_count(3000));
+    let leaves = stored_hashes(&store, &log_id);
+    assert_proofs_match_the_reference(&log, &leaves, &[3000, 2048, 700]).await;
+
+    // Lost again while the log runs: proofs hash the leaves instead.
+    store.forget_nodes(&log_id);
+    assert_proofs_match_the_reference(&log, &leaves, &[3000, 1025]).await;
+    // And the writer goes on storing the nodes of new entries.
+    log.append_many((3000..3100).map(event).collect()).await.unwrap();
+    assert!(store.nodes(&log_id).contains_key(&(8, 11)));
+}

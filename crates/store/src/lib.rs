@@ -120,6 +120,18 @@ pub struct StoredEntry {
     pub subject_hash: String,
 }
 
+/// A stored node of a log's Merkle tree: the RFC 9162 hash of the perfect
+/// subtree over leaves `[index << level, (index + 1) << level)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeNode {
+    /// Height above the leaves (a node at `level` covers `2^level` leaves).
+    pub level: u32,
+    /// Position among the nodes of its level, from 0.
+    pub index: u64,
+    /// The subtree's hash.
+    pub hash: [u8; 32],
+}
+
 /// A signed tree head as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredTreeHead {
@@ -242,7 +254,21 @@ pub trait Store: Send + Sync + 'static {
     /// Appends entries in one durable transaction. Sequences must continue the
     /// log densely; a duplicate is refused with `AlreadyExists`, a gap with
     /// `SequenceGap`, an unknown log with `NotFound`, and nothing is written.
-    async fn append_entries(&self, entries: &[StoredEntry]) -> Result<()>;
+    async fn append_entries(&self, entries: &[StoredEntry]) -> Result<()> {
+        self.append_entries_and_nodes(entries, &[]).await
+    }
+    /// [`Store::append_entries`], storing in the same transaction the tree
+    /// nodes of the entries' log that the batch completes (written only if
+    /// the entries are). Nodes need the batch to be one log's entries.
+    async fn append_entries_and_nodes(&self, entries: &[StoredEntry], nodes: &[TreeNode]) -> Result<()>;
+    /// The stored tree nodes of a log among those asked for (`(level, index)`
+    /// pairs), in no particular order; a node not stored is left out.
+    async fn tree_nodes(&self, log_id: &str, wanted: &[(u32, u64)]) -> Result<Vec<TreeNode>>;
+    /// How many tree nodes a log has stored.
+    async fn tree_node_count(&self, log_id: &str) -> Result<u64>;
+    /// Stores tree nodes of a log, replacing any stored at the same place
+    /// (filling in nodes for entries written before nodes were stored).
+    async fn put_tree_nodes(&self, log_id: &str, nodes: &[TreeNode]) -> Result<()>;
     /// Number of entries in a log.
     async fn log_size(&self, log_id: &str) -> Result<u64>;
     /// Leaf hashes of entries `[from, to)` in order; `NotFound` if the log holds

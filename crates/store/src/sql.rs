@@ -8,6 +8,7 @@ use crate::rows::{
 };
 use crate::{
     Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead,
+    TreeNode,
 };
 use async_trait::async_trait;
 use lienthong_core::audit::{EntryKind, Outcome};
@@ -34,6 +35,9 @@ const CHANGES_CHANNEL: &str = "lienthong_changes";
 /// Rows per multi-row INSERT, a power of two (see [`push_entry_insert`]): 12
 /// binds each stays far below SQLite's 32766 and PostgreSQL's 65535 parameters.
 const ENTRY_ROWS_PER_INSERT: usize = 1024;
+
+/// Tree nodes read or written per statement (four parameters each when written).
+const TREE_NODES_PER_QUERY: usize = 512;
 /// Stands for "no limit" in `LIMIT $n` on both backends.
 const NO_LIMIT: i64 = i64::MAX;
 
@@ -394,6 +398,47 @@ fn plan_append(entries: &[StoredEntry]) -> Result<Vec<Run<'_>>> {
     Ok(runs)
 }
 
+/// Tree nodes, bound for an insert: `(level, index, hash)`.
+struct NodeInsert {
+    level: i64,
+    index: i64,
+    hash: [u8; 32],
+}
+
+fn node_inserts(nodes: &[TreeNode]) -> Result<Vec<NodeInsert>> {
+    nodes
+        .iter()
+        .map(|n| {
+            Ok(NodeInsert {
+                level: i64::from(n.level),
+                index: to_i64(n.index, "tree node index")?,
+                hash: n.hash,
+            })
+        })
+        .collect()
+}
+
+/// `INSERT INTO audit_tree_nodes (...) SELECT ... FROM (VALUES ...) AS v
+/// WHERE`: the caller adds the condition.
+fn push_node_insert<'a, DB>(qb: &mut QueryBuilder<'a, DB>, log_no: i64, nodes: &'a [NodeInsert])
+where
+    DB: sqlx::Database,
+    i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a [u8]: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    qb.push(
+        "INSERT INTO audit_tree_nodes (log_no, level, idx, hash) \
+         SELECT v.column1, v.column2, v.column3, v.column4 FROM (",
+    );
+    qb.push_values(nodes, |mut b, n| {
+        b.push_bind(log_no)
+            .push_bind(n.level)
+            .push_bind(n.index)
+            .push_bind(&n.hash[..]);
+    });
+    qb.push(") AS v WHERE ");
+}
+
 /// The values of [`ENTRY_COLUMNS`] as [`push_entry_insert`] selects them
 /// from its numbered rows.
 const ENTRY_VALUES: &str = "v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, \
@@ -453,6 +498,7 @@ async fn append_postgres_in_one_statement(
     run: &Run<'_>,
     (first, count): (i64, i64),
     rows: &[EntryInsert<'_>],
+    (log_no, nodes): (i64, &[NodeInsert]),
 ) -> Result<()> {
     let mut qb = QueryBuilder::<Postgres>::new("WITH moved AS (UPDATE audit_logs SET size = size + ");
     qb.push_bind(count)
@@ -461,6 +507,12 @@ async fn append_postgres_in_one_statement(
         .push(" AND size = ")
         .push_bind(first)
         .push(" RETURNING size) ");
+    if !nodes.is_empty() {
+        // PostgreSQL runs a data-modifying WITH whether or not it is referenced.
+        qb.push(", nodes AS (");
+        push_node_insert(&mut qb, log_no, nodes);
+        qb.push("EXISTS (SELECT 1 FROM moved)) ");
+    }
     push_entry_insert(&mut qb, rows);
     qb.push(" AND EXISTS (SELECT 1 FROM moved)");
     let inserted = qb
@@ -494,12 +546,23 @@ async fn append_sqlite_in_one_call(
     run: &Run<'_>,
     (first, count): (i64, i64),
     rows: &[EntryInsert<'_>],
+    (log_no, nodes): (i64, &[NodeInsert]),
 ) -> Result<()> {
     let mut qb = QueryBuilder::<Sqlite>::new("BEGIN IMMEDIATE;");
     for chunk in rows.chunks(ENTRY_ROWS_PER_INSERT) {
         qb.push(" ");
         push_entry_insert(&mut qb, chunk);
         qb.push(" AND (SELECT size FROM audit_logs WHERE log_id = ")
+            .push_bind(run.log_id)
+            .push(") = ")
+            .push_bind(first)
+            .push(";");
+    }
+    if !nodes.is_empty() {
+        // Under the same condition as the entries, before the size moves.
+        qb.push(" ");
+        push_node_insert(&mut qb, log_no, nodes);
+        qb.push("(SELECT size FROM audit_logs WHERE log_id = ")
             .push_bind(run.log_id)
             .push(") = ")
             .push_bind(first)
@@ -858,8 +921,14 @@ impl Store for SqlStore {
         rows.into_iter().map(LogRow::into_log).collect()
     }
 
-    async fn append_entries(&self, entries: &[StoredEntry]) -> Result<()> {
+    async fn append_entries_and_nodes(&self, entries: &[StoredEntry], nodes: &[TreeNode]) -> Result<()> {
         let runs = plan_append(entries)?;
+        if !nodes.is_empty() && runs.len() != 1 {
+            return Err(StoreError::Invalid(
+                "tree nodes can only be appended with entries of one log".into(),
+            ));
+        }
+        let nodes = node_inserts(nodes)?;
         let mut bounds = Vec::with_capacity(runs.len());
         for run in &runs {
             bounds.push((
@@ -890,10 +959,14 @@ impl Store for SqlStore {
                 EntryInsert::new(e, *log_no)
             })
             .collect::<Result<Vec<_>>>()?;
+        // With nodes there is one run, numbered above.
+        let node_log_no = numbers.first().map_or(0, |(_, n)| *n);
         match (&self.audit_writer, runs.as_slice()) {
-            (Pool::Sqlite(writer), [run]) => return append_sqlite_in_one_call(writer, run, bounds[0], &rows).await,
+            (Pool::Sqlite(writer), [run]) => {
+                return append_sqlite_in_one_call(writer, run, bounds[0], &rows, (node_log_no, &nodes)).await;
+            }
             (Pool::Postgres(pool), [run]) if rows.len() <= ENTRY_ROWS_PER_INSERT => {
-                return append_postgres_in_one_statement(pool, run, bounds[0], &rows).await;
+                return append_postgres_in_one_statement(pool, run, bounds[0], &rows, (node_log_no, &nodes)).await;
             }
             _ => {}
         }
@@ -918,6 +991,12 @@ impl Store for SqlStore {
                 let mut qb = QueryBuilder::new("");
                 push_entry_insert(&mut qb, chunk);
                 qb.build().execute(&mut *tx).await.map_err(unique(|| "an entry of this batch".to_owned()))?;
+            }
+            if !nodes.is_empty() {
+                let mut qb = QueryBuilder::new("");
+                push_node_insert(&mut qb, node_log_no, &nodes);
+                qb.push("TRUE");
+                qb.build().execute(&mut *tx).await.map_err(unique(|| "a tree node of this batch".to_owned()))?;
             }
             tx.commit().await.map_err(db_err)
         })
@@ -958,6 +1037,83 @@ impl Store for SqlStore {
                 })
             })
             .collect()
+    }
+
+    async fn tree_nodes(&self, log_id: &str, wanted: &[(u32, u64)]) -> Result<Vec<TreeNode>> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(log_no) = self.log_no(log_id).await? else {
+            return Err(StoreError::NotFound {
+                what: format!("log {log_id}"),
+            });
+        };
+        let keys = wanted
+            .iter()
+            .map(|&(level, index)| Ok((i64::from(level), to_i64(index, "tree node index")?)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut found = Vec::with_capacity(keys.len());
+        // A proof asks for a few dozen nodes; the bound keeps any one statement small.
+        for chunk in keys.chunks(TREE_NODES_PER_QUERY) {
+            let rows = on_pool!(self, p => {
+                let mut qb = QueryBuilder::new("SELECT CAST(level AS BIGINT), idx, hash FROM audit_tree_nodes WHERE log_no = ");
+                qb.push_bind(log_no).push(" AND (");
+                for (i, (level, index)) in chunk.iter().enumerate() {
+                    if i > 0 {
+                        qb.push(" OR ");
+                    }
+                    qb.push("(level = ").push_bind(*level).push(" AND idx = ").push_bind(*index).push(")");
+                }
+                qb.push(")");
+                qb.build_query_as::<(i64, i64, Vec<u8>)>().fetch_all(p).await
+            })
+            .map_err(db_err)?;
+            for (level, index, hash) in rows {
+                found.push(TreeNode {
+                    level: u32::try_from(level)
+                        .map_err(|_| StoreError::Corrupt(format!("audit_tree_nodes.level {level} out of range")))?,
+                    index: to_u64(index, "audit_tree_nodes.idx")?,
+                    hash: hash.try_into().map_err(|h: Vec<u8>| {
+                        StoreError::Corrupt(format!("audit_tree_nodes.hash has {} bytes, not 32", h.len()))
+                    })?,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    async fn tree_node_count(&self, log_id: &str) -> Result<u64> {
+        let Some(log_no) = self.log_no(log_id).await? else {
+            return Err(StoreError::NotFound {
+                what: format!("log {log_id}"),
+            });
+        };
+        let sql = "SELECT COUNT(*) FROM audit_tree_nodes WHERE log_no = $1";
+        let count =
+            on_pool!(self, p => sqlx::query_scalar::<_, i64>(sql).bind(log_no).fetch_one(p).await).map_err(db_err)?;
+        to_u64(count, "tree node count")
+    }
+
+    async fn put_tree_nodes(&self, log_id: &str, nodes: &[TreeNode]) -> Result<()> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
+        let Some(log_no) = self.log_no(log_id).await? else {
+            return Err(StoreError::NotFound {
+                what: format!("log {log_id}"),
+            });
+        };
+        let nodes = node_inserts(nodes)?;
+        on_audit_writer!(self, p => {
+            let mut tx = begin_write(p).await?;
+            for chunk in nodes.chunks(TREE_NODES_PER_QUERY) {
+                let mut qb = QueryBuilder::new("");
+                push_node_insert(&mut qb, log_no, chunk);
+                qb.push("TRUE ON CONFLICT (log_no, level, idx) DO UPDATE SET hash = excluded.hash");
+                qb.build().execute(&mut *tx).await.map_err(db_err)?;
+            }
+            tx.commit().await.map_err(db_err)
+        })
     }
 
     async fn query_entries(&self, q: &EntryQuery) -> Result<Vec<StoredEntry>> {

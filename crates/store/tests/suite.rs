@@ -9,7 +9,8 @@ use lienthong_core::{
 };
 use lienthong_store::testing::PgCluster;
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, LogInfo, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead, open,
+    Backend, EntryQuery, GrantQuery, LogInfo, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead, TreeNode,
+    open,
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -71,6 +72,7 @@ on_both_backends! {
     append_is_dense_and_atomic => check_append_is_dense_and_atomic,
     appends_batches_of_every_size_exactly => check_appends_batches_of_every_size_exactly,
     leaf_hashes => check_leaf_hashes,
+    tree_nodes => check_tree_nodes,
     query_entries => check_query_entries,
     subject_entries => check_subject_entries,
     tree_heads => check_tree_heads,
@@ -529,6 +531,97 @@ async fn check_leaf_hashes(store: Arc<dyn Store>) {
         store.leaf_hashes("log-a", 3, 6).await,
         Err(StoreError::NotFound { .. })
     ));
+}
+
+fn node(level: u32, index: u64, byte: u8) -> TreeNode {
+    TreeNode {
+        level,
+        index,
+        hash: [byte; 32],
+    }
+}
+
+fn sorted(mut nodes: Vec<TreeNode>) -> Vec<TreeNode> {
+    nodes.sort_by_key(|n| (n.level, n.index));
+    nodes
+}
+
+/// Tree nodes go in with the entries that complete them, in the same
+/// transaction: a refused batch stores neither. Proofs read back only the
+/// nodes they ask for, of their own log.
+async fn check_tree_nodes(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 0).await;
+    with_log(&store, "log-b", 0).await;
+    assert_eq!(store.tree_node_count("log-a").await.unwrap(), 0);
+    // A small batch (one statement) and a large one (past a statement's rows).
+    store
+        .append_entries_and_nodes(&entries("log-a", 0..300), &[node(8, 0, 1)])
+        .await
+        .unwrap();
+    store
+        .append_entries_and_nodes(
+            &entries("log-a", 300..1400),
+            &[node(8, 1, 2), node(9, 0, 3), node(8, 2, 4)],
+        )
+        .await
+        .unwrap();
+    store
+        .append_entries_and_nodes(&entries("log-b", 0..256), &[node(8, 0, 9)])
+        .await
+        .unwrap();
+    assert_eq!(store.tree_node_count("log-a").await.unwrap(), 4);
+    assert_eq!(store.tree_node_count("log-b").await.unwrap(), 1);
+    let got = store
+        .tree_nodes("log-a", &[(8, 0), (9, 0), (8, 7), (10, 0)])
+        .await
+        .unwrap();
+    assert_eq!(sorted(got), [node(8, 0, 1), node(9, 0, 3)]);
+    assert_eq!(store.tree_nodes("log-b", &[(8, 0)]).await.unwrap(), [node(8, 0, 9)]);
+    assert!(store.tree_nodes("log-a", &[]).await.unwrap().is_empty());
+    assert!(matches!(
+        store.tree_nodes("log-z", &[(8, 0)]).await,
+        Err(StoreError::NotFound { .. })
+    ));
+
+    // Refused batches, small and large, leave no node behind.
+    assert!(matches!(
+        store
+            .append_entries_and_nodes(&entries("log-a", 1399..1500), &[node(8, 5, 5)])
+            .await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        store
+            .append_entries_and_nodes(&entries("log-a", 1401..3000), &[node(8, 6, 6)])
+            .await,
+        Err(StoreError::SequenceGap { .. })
+    ));
+    assert_eq!(store.tree_node_count("log-a").await.unwrap(), 4);
+    assert_eq!(store.log_size("log-a").await.unwrap(), 1400);
+    // Nodes belong to one log's batch.
+    let mut mixed = entries("log-a", 1400..1401);
+    mixed.extend(entries("log-b", 256..257));
+    assert!(matches!(
+        store.append_entries_and_nodes(&mixed, &[node(8, 7, 7)]).await,
+        Err(StoreError::Invalid(_))
+    ));
+    assert_eq!(store.log_size("log-a").await.unwrap(), 1400);
+
+    // Filling in nodes replaces what is at their place and adds the rest.
+    store
+        .put_tree_nodes("log-a", &[node(8, 0, 11), node(8, 3, 12)])
+        .await
+        .unwrap();
+    let many: Vec<TreeNode> = (0..1200).map(|i| node(20, i, (i % 250) as u8)).collect();
+    store.put_tree_nodes("log-a", &many).await.unwrap();
+    assert_eq!(store.tree_node_count("log-a").await.unwrap(), 5 + 1200);
+    let wanted: Vec<(u32, u64)> = (0..1200).map(|i| (20, i)).chain([(8, 0), (8, 3)]).collect();
+    let mut expected = many.clone();
+    expected.extend([node(8, 0, 11), node(8, 3, 12)]);
+    assert_eq!(
+        sorted(store.tree_nodes("log-a", &wanted).await.unwrap()),
+        sorted(expected)
+    );
 }
 
 async fn check_query_entries(store: Arc<dyn Store>) {

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoredEntry, StoredTreeHead,
+    Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoredEntry, StoredTreeHead, TreeNode,
 };
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -19,6 +19,8 @@ struct Tables {
     logs: Vec<LogInfo>,
     entries: BTreeMap<String, Vec<StoredEntry>>,
     heads: BTreeMap<String, Vec<StoredTreeHead>>,
+    /// Tree nodes by log, keyed by `(level, index)`.
+    nodes: BTreeMap<String, BTreeMap<(u32, u64), [u8; 32]>>,
 }
 
 /// In-memory audit store with fault injection.
@@ -76,6 +78,33 @@ impl FakeStore {
     pub fn tamper(&self, log_id: &str, sequence: usize, f: impl FnOnce(&mut StoredEntry)) {
         let mut tables = self.tables.lock().unwrap();
         f(&mut tables.entries.get_mut(log_id).unwrap()[sequence]);
+    }
+
+    /// The stored tree nodes of a log.
+    pub fn nodes(&self, log_id: &str) -> BTreeMap<(u32, u64), [u8; 32]> {
+        self.tables
+            .lock()
+            .unwrap()
+            .nodes
+            .get(log_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Deletes a log's tree nodes, as a database from before they were stored holds none.
+    pub fn forget_nodes(&self, log_id: &str) {
+        self.tables.lock().unwrap().nodes.remove(log_id);
+    }
+
+    /// Rewrites a stored tree node.
+    pub fn tamper_node(&self, log_id: &str, key: (u32, u64), hash: [u8; 32]) {
+        self.tables
+            .lock()
+            .unwrap()
+            .nodes
+            .entry(log_id.to_owned())
+            .or_default()
+            .insert(key, hash);
     }
 
     /// Deletes the newest rows, as a rollback would.
@@ -182,7 +211,7 @@ impl Store for FakeStore {
         Ok(self.tables.lock().unwrap().logs.clone())
     }
 
-    async fn append_entries(&self, entries: &[StoredEntry]) -> Result<()> {
+    async fn append_entries_and_nodes(&self, entries: &[StoredEntry], nodes: &[TreeNode]) -> Result<()> {
         let delay = *self.delay.lock().unwrap();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -213,6 +242,12 @@ impl Store for FakeStore {
             }
             for entry in entries {
                 tables.entries.get_mut(&entry.log_id).unwrap().push(entry.clone());
+            }
+            if let Some(first) = entries.first() {
+                let stored = tables.nodes.entry(first.log_id.clone()).or_default();
+                for n in nodes {
+                    stored.insert((n.level, n.index), n.hash);
+                }
             }
         }
         if self.fail_after_commit.load(Ordering::SeqCst) {
@@ -248,6 +283,39 @@ impl Store for FakeStore {
             .iter()
             .map(|e| e.leaf_hash)
             .collect())
+    }
+
+    async fn tree_nodes(&self, log_id: &str, wanted: &[(u32, u64)]) -> Result<Vec<TreeNode>> {
+        self.check()?;
+        let tables = self.tables.lock().unwrap();
+        let Some(nodes) = tables.nodes.get(log_id) else {
+            return Ok(Vec::new());
+        };
+        Ok(wanted
+            .iter()
+            .filter_map(|&(level, index)| nodes.get(&(level, index)).map(|&hash| TreeNode { level, index, hash }))
+            .collect())
+    }
+
+    async fn tree_node_count(&self, log_id: &str) -> Result<u64> {
+        self.check()?;
+        Ok(self
+            .tables
+            .lock()
+            .unwrap()
+            .nodes
+            .get(log_id)
+            .map_or(0, |n| n.len() as u64))
+    }
+
+    async fn put_tree_nodes(&self, log_id: &str, nodes: &[TreeNode]) -> Result<()> {
+        self.check()?;
+        let mut tables = self.tables.lock().unwrap();
+        let stored = tables.nodes.entry(log_id.to_owned()).or_default();
+        for n in nodes {
+            stored.insert((n.level, n.index), n.hash);
+        }
+        Ok(())
     }
 
     async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>> {
