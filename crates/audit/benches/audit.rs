@@ -1,8 +1,9 @@
 //! Merkle costs of the audit log: appending to the in-memory frontier (paid per
 //! entry by the writer), producing plus checking an inclusion proof in a
-//! 100k-entry tree in memory, and serving one from a log on SQLite (paid per
-//! `GetInclusionProof` call): from the tree nodes the writer stores, against
-//! the earlier way, hashing every stored leaf hash.
+//! 100k-entry tree in memory, serving one from a log on SQLite (paid per
+//! `GetInclusionProof` call) and opening that log (paid at every start): from
+//! the tree nodes the writer stores, against the earlier way, hashing every
+//! stored leaf hash.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
@@ -98,6 +99,7 @@ fn served(c: &mut Criterion) {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let keys = LogKeys::generate().unwrap();
     let (store, log) = runtime.block_on(async {
         let store = lienthong_store::open(&StoreOptions {
             url: format!("sqlite://{}", dir.path().join("lienthong.db").display()),
@@ -106,13 +108,7 @@ fn served(c: &mut Criterion) {
         })
         .await
         .unwrap();
-        let config = AuditConfig {
-            sign_interval: Duration::from_secs(3600),
-            ..AuditConfig::default()
-        };
-        let log = AuditLog::open(store.clone(), LogKeys::generate().unwrap(), config)
-            .await
-            .unwrap();
+        let log = AuditLog::open(store.clone(), keys.clone(), quiet()).await.unwrap();
         let mut next = 0;
         while next < SERVED_LOG_SIZE {
             let to = SERVED_LOG_SIZE.min(next + 512);
@@ -148,7 +144,41 @@ fn served(c: &mut Criterion) {
     });
     group.finish();
     runtime.block_on(log.shutdown()).unwrap();
+    drop(log);
+
+    let mut group = c.benchmark_group("opening a 300k-entry log on SQLite");
+    group.sample_size(10);
+    group.bench_function("from stored tree nodes, history checked behind", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let log = AuditLog::open(store.clone(), keys.clone(), quiet()).await.unwrap();
+                log.shutdown().await.unwrap();
+            })
+        })
+    });
+    group.bench_function("rehashing every leaf hash first (before the sixteenth round)", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let mut frontier = Frontier::new();
+                let mut from = 0;
+                while from < SERVED_LOG_SIZE {
+                    let to = SERVED_LOG_SIZE.min(from + 65_536);
+                    frontier.extend(&store.leaf_hashes(&log_id, from, to).await.unwrap());
+                    from = to;
+                }
+                black_box(frontier.root())
+            })
+        })
+    });
+    group.finish();
     drop::<Arc<dyn Store>>(store);
+}
+
+fn quiet() -> AuditConfig {
+    AuditConfig {
+        sign_interval: Duration::from_secs(3600),
+        ..AuditConfig::default()
+    }
 }
 
 criterion_group!(benches, frontier_push, inclusion, served);

@@ -106,6 +106,24 @@ pub struct WriterStats {
     pub last_commit: Duration,
 }
 
+/// How far the check of a log's stored history against its signed root
+/// has come.
+///
+/// A log opens from its stored tree nodes, having checked them against the
+/// latest signed root, and rehashes every stored entry behind the opening:
+/// that takes about two seconds per million entries, too long to keep a
+/// broker from serving. Entries appended meanwhile are as durable as ever.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HistoryCheck {
+    /// Still reading the stored entries.
+    Running,
+    /// Every stored entry and tree node hashes to the signed root.
+    Passed,
+    /// The stored history was altered: the log refuses new entries, so no
+    /// data is released on top of it.
+    Failed(String),
+}
+
 #[derive(Default)]
 struct Counters {
     last_batch_size: AtomicU64,
@@ -121,6 +139,8 @@ struct Shared {
     frontier: Mutex<Frontier>,
     size: AtomicU64,
     counters: Counters,
+    /// The check of the stored history against the signed root.
+    history: watch::Sender<HistoryCheck>,
 }
 
 impl Shared {
@@ -216,20 +236,31 @@ impl AuditLog {
                 )));
             }
         }
-        // A log written before tree nodes were stored (or whose nodes were
-        // lost) gets them from the leaf hashes the rebuild reads anyway.
+        // With its tree nodes stored, the log opens from the right edge's
+        // nodes (checked against the signed root) and the whole history is
+        // checked behind the opening. A log written before tree nodes were
+        // stored (or whose nodes were lost) is checked first, as it is read,
+        // and gets its nodes from those leaf hashes.
         let nodes = store.tree_node_count(&log_id).await?;
-        let backfill = nodes != merkle::stored_node_count(size);
-        if backfill {
+        let complete = nodes == merkle::stored_node_count(size);
+        let frontier = if complete {
+            from_stored_nodes(store.as_ref(), &log_id, size, latest.as_ref()).await?
+        } else {
             tracing::info!(log_id = %log_id, size, stored = nodes, "storing the audit log's Merkle tree nodes");
-        }
-        let frontier = rebuild(store.as_ref(), &log_id, size, latest.as_ref(), backfill).await?;
+            rebuild(store.as_ref(), &log_id, size, latest.as_ref(), true).await?
+        };
         tracing::info!(log_id = %log_id, size, "audit log opened");
+        let (history, _) = watch::channel(if complete {
+            HistoryCheck::Running
+        } else {
+            HistoryCheck::Passed
+        });
 
         let shared = Arc::new(Shared {
             frontier: Mutex::new(frontier),
             size: AtomicU64::new(size),
             counters: Counters::default(),
+            history,
         });
         let (sender, receiver) = mpsc::channel(config.queue);
         let (stop_signer, stop_rx) = watch::channel(false);
@@ -256,6 +287,16 @@ impl AuditLog {
             needs_resync: false,
         };
         *lock(&log.writer_task) = Some(tokio::spawn(writer.run(receiver)));
+        if complete {
+            tokio::spawn(check_history(
+                Arc::clone(&log.store),
+                log.log_id.clone(),
+                size,
+                lock(&log.last_signed).clone(),
+                Arc::clone(&log.shared),
+                stop_rx.clone(),
+            ));
+        }
         *lock(&log.signer_task) = Some(tokio::spawn(run_signer(
             Arc::downgrade(&log),
             config.sign_interval,
@@ -284,6 +325,23 @@ impl AuditLog {
         self.shared.size.load(Ordering::Acquire)
     }
 
+    /// Where the check of the stored history stands.
+    pub fn history_check(&self) -> HistoryCheck {
+        self.shared.history.borrow().clone()
+    }
+
+    /// Waits for the check of the stored history to end (or the log to shut
+    /// down) and returns where it stands.
+    pub async fn history_checked(&self) -> HistoryCheck {
+        let mut rx = self.shared.history.subscribe();
+        let mut stop = self.stop_signer.subscribe();
+        tokio::select! {
+            _ = rx.wait_for(|h| *h != HistoryCheck::Running) => {}
+            _ = stop.wait_for(|stopped| *stopped) => {}
+        }
+        self.history_check()
+    }
+
     /// Appends one entry; returns once it is durably committed.
     pub async fn append(&self, event: AuditEvent) -> Result<Receipt, AuditError> {
         let mut receipts = self.submit(vec![event]).await?;
@@ -303,6 +361,9 @@ impl AuditLog {
     async fn submit(&self, events: Vec<AuditEvent>) -> Result<Vec<Receipt>, AuditError> {
         if self.closing.load(Ordering::Acquire) {
             return Err(AuditError::ShuttingDown);
+        }
+        if let HistoryCheck::Failed(why) = &*self.shared.history.borrow() {
+            return Err(AuditError::Corrupt(why.clone()));
         }
         // Serialising and hashing here rather than in the writer spreads that
         // work over all cores; the leaf does not depend on the sequence number.
@@ -571,12 +632,11 @@ impl<'a> SubtreeHashes<'a> {
             .ok_or_else(|| AuditError::Corrupt(format!("log {log_id}: entry {sequence} has no stored leaf hash")))
     }
 
-    /// The tree hash of each range, from its perfect subtrees.
-    async fn prove(&mut self, ranges: Vec<std::ops::Range<u64>>) -> Result<Vec<Hash>, AuditError> {
-        let split: Vec<Vec<Subtree>> = ranges.into_iter().map(merkle::perfect_subtrees).collect();
-        let wanted: Vec<(u32, u64)> = split
+    /// The hash of each subtree: stored nodes at [`merkle::STORED_LEVEL`] and
+    /// up, the rest from leaf hashes.
+    async fn hashes(&mut self, subtrees: &[Subtree]) -> Result<Vec<Hash>, AuditError> {
+        let wanted: Vec<(u32, u64)> = subtrees
             .iter()
-            .flatten()
             .filter(|s| s.level >= merkle::STORED_LEVEL)
             .map(|s| (s.level, s.index))
             .collect();
@@ -596,21 +656,30 @@ impl<'a> SubtreeHashes<'a> {
                 )
             })
             .collect();
+        let mut hashes = Vec::with_capacity(subtrees.len());
+        for &s in subtrees {
+            let hash = match known.get(&s) {
+                Some(hash) => *hash,
+                None => {
+                    let hash = self.compute(s).await?;
+                    known.insert(s, hash);
+                    hash
+                }
+            };
+            hashes.push(hash);
+        }
+        Ok(hashes)
+    }
+
+    /// The tree hash of each range, from its perfect subtrees.
+    async fn prove(&mut self, ranges: Vec<std::ops::Range<u64>>) -> Result<Vec<Hash>, AuditError> {
+        let split: Vec<Vec<Subtree>> = ranges.into_iter().map(merkle::perfect_subtrees).collect();
+        let all: Vec<Subtree> = split.iter().flatten().copied().collect();
+        let mut hashes = self.hashes(&all).await?.into_iter();
         let mut proof = Vec::with_capacity(split.len());
         for subtrees in split {
-            let mut hashes = Vec::with_capacity(subtrees.len());
-            for s in subtrees {
-                let hash = match known.get(&s) {
-                    Some(hash) => *hash,
-                    None => {
-                        let hash = self.compute(s).await?;
-                        known.insert(s, hash);
-                        hash
-                    }
-                };
-                hashes.push(hash);
-            }
-            let hash = merkle::fold(&hashes)
+            let parts: Vec<Hash> = hashes.by_ref().take(subtrees.len()).collect();
+            let hash = merkle::fold(&parts)
                 .ok_or_else(|| AuditError::Corrupt(format!("log {}: an empty range in a proof", self.log_id)))?;
             proof.push(hash);
         }
@@ -718,6 +787,131 @@ async fn rebuild(
         from = to;
     }
     Ok(frontier)
+}
+
+/// The frontier of the log's `size` entries from its stored tree nodes (and
+/// the leaf hashes of its last, partial block), checked against the latest
+/// signed root: O(log n) reads.
+async fn from_stored_nodes(
+    store: &dyn Store,
+    log_id: &str,
+    size: u64,
+    head: Option<&SignedTreeHead>,
+) -> Result<Frontier, AuditError> {
+    let mut hashes = SubtreeHashes::new(store, log_id, size);
+    let parts = hashes.hashes(&merkle::perfect_subtrees(0..size)).await?;
+    let frontier = Frontier::from_parts(size, parts)
+        .ok_or_else(|| AuditError::Corrupt(format!("log {log_id}: the right edge of its tree is incomplete")))?;
+    if let Some(h) = head {
+        let signed = match h.tree_size {
+            0 => merkle::empty_root(),
+            n if n == size => frontier.root(),
+            n => {
+                let parts = hashes.hashes(&merkle::perfect_subtrees(0..n)).await?;
+                merkle::fold(&parts).unwrap_or_else(merkle::empty_root)
+            }
+        };
+        if signed != h.root_hash {
+            return Err(AuditError::Corrupt(format!(
+                "log {log_id}: the stored tree no longer hashes to the root signed for entries 0..{}; the log was altered",
+                h.tree_size
+            )));
+        }
+    }
+    Ok(frontier)
+}
+
+/// Whether the log is shutting down or gone.
+fn stopping(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
+/// A store read of the history check, retried every few seconds while the
+/// database is unavailable; `None` once the log shuts down.
+async fn read_retrying<T, F, Fut>(stop: &mut watch::Receiver<bool>, log_id: &str, mut read: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    loop {
+        if stopping(stop) {
+            return None;
+        }
+        match read().await {
+            Ok(value) => return Some(value),
+            Err(e) => {
+                tracing::warn!(log_id = %log_id, error = %e, "checking the audit log's history: the store failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+/// Rehashes the log's first `size` stored entries, behind an opening from
+/// the stored tree nodes: every node must hash from its entries and the
+/// entries to the signed root. On a difference the log refuses new entries.
+async fn check_history(
+    store: Arc<dyn Store>,
+    log_id: String,
+    size: u64,
+    head: Option<SignedTreeHead>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let began = Instant::now();
+    let altered = |why: String| {
+        tracing::error!(log_id = %log_id, why = %why, "the audit log's stored history was altered; it refuses new entries");
+        shared.history.send_replace(HistoryCheck::Failed(why));
+    };
+    let mut frontier = Frontier::new();
+    let mut from = 0;
+    while from < size {
+        let to = size.min(from + HASH_CHUNK);
+        let Some(leaves) = read_retrying(&mut stop, &log_id, || store.leaf_hashes(&log_id, from, to)).await else {
+            return;
+        };
+        if let Err(e) = check_chunk(&log_id, from, to, leaves.len()) {
+            return altered(e.to_string());
+        }
+        let mut completed = Vec::new();
+        for leaf in leaves {
+            frontier.push_collecting(leaf, &mut completed);
+            if let Some(h) = head
+                .as_ref()
+                .filter(|h| h.tree_size == frontier.size() && frontier.root() != h.root_hash)
+            {
+                return altered(format!(
+                    "log {log_id}: stored entries 0..{} no longer hash to their signed root",
+                    h.tree_size
+                ));
+            }
+        }
+        let wanted: Vec<(u32, u64)> = completed.iter().map(|(s, _)| (s.level, s.index)).collect();
+        let Some(stored) = read_retrying(&mut stop, &log_id, || store.tree_nodes(&log_id, &wanted)).await else {
+            return;
+        };
+        let stored: HashMap<(u32, u64), Hash> = stored.into_iter().map(|n| ((n.level, n.index), n.hash)).collect();
+        for (s, hash) in completed {
+            if stored.get(&(s.level, s.index)) != Some(&hash) {
+                return altered(format!(
+                    "log {log_id}: the stored tree node over entries {}..{} does not hash from them",
+                    s.start(),
+                    s.end()
+                ));
+            }
+        }
+        from = to;
+    }
+    tracing::info!(
+        log_id = %log_id,
+        entries = size,
+        seconds = began.elapsed().as_secs_f64(),
+        "audit log history checked against its signed root"
+    );
+    shared.history.send_replace(HistoryCheck::Passed);
 }
 
 /// The group-commit writer task.

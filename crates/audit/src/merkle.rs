@@ -358,6 +358,13 @@ impl Frontier {
         f
     }
 
+    /// The frontier of a tree of `size` leaves from the hashes of
+    /// `perfect_subtrees(0..size)`, largest first; `None` if there are not
+    /// as many as `size` has one bits.
+    pub fn from_parts(size: u64, nodes: Vec<Hash>) -> Option<Self> {
+        (nodes.len() == size.count_ones() as usize).then_some(Frontier { nodes, size })
+    }
+
     /// Appends one leaf hash.
     pub fn push(&mut self, leaf: Hash) {
         self.push_inner(leaf, None);
@@ -813,6 +820,24 @@ mod tests {
         assert!(inclusion_ranges(5, 5).is_empty());
         assert!(consistency_ranges(0, 5).is_empty());
         assert!(consistency_ranges(5, 5).is_empty());
+    }
+
+    #[test]
+    fn a_frontier_is_rebuilt_from_the_hashes_of_its_perfect_subtrees() {
+        let leaves: Vec<Hash> = (0..1_000u64).map(|i| leaf_hash(format!("f/{i}").as_bytes())).collect();
+        for n in [0u64, 1, 2, 3, 255, 256, 257, 999, 1_000] {
+            let parts: Vec<Hash> = perfect_subtrees(0..n)
+                .into_iter()
+                .map(|s| root(&leaves[s.start() as usize..s.end() as usize]))
+                .collect();
+            let frontier = Frontier::from_parts(n, parts.clone()).unwrap();
+            assert_eq!(frontier, Frontier::from_leaves(&leaves[..n as usize]), "{n}");
+            assert_eq!(frontier.root(), root(&leaves[..n as usize]));
+            if !parts.is_empty() {
+                assert_eq!(fold(&parts), Some(frontier.root()));
+            }
+        }
+        assert!(Frontier::from_parts(3, vec![[0; 32]]).is_none());
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use common::{FakeStore, event};
 use lienthong_audit::merkle::{self, Hash};
-use lienthong_audit::{AuditConfig, AuditError, AuditLog, LogKeys, verify_tree_head};
+use lienthong_audit::{AuditConfig, AuditError, AuditLog, HistoryCheck, LogKeys, verify_tree_head};
 use lienthong_store::Store;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -497,4 +497,81 @@ async fn a_log_without_tree_nodes_gets_them_on_open_and_proofs_never_depend_on_t
     // And the writer goes on storing the nodes of new entries.
     log.append_many((3000..3100).map(event).collect()).await.unwrap();
     assert!(store.nodes(&log_id).contains_key(&(8, 11)));
+}
+
+/// A log of `n` entries, shut down (so its last head covers them all);
+/// returns its keys and id.
+async fn closed_log(store: &Arc<FakeStore>, n: u64) -> (LogKeys, String) {
+    let keys = LogKeys::generate().unwrap();
+    let log = open(store, keys.clone()).await;
+    let mut next = 0;
+    while next < n {
+        let to = n.min(next + 500);
+        log.append_many((next..to).map(event).collect()).await.unwrap();
+        next = to;
+    }
+    log.shutdown().await.unwrap();
+    (keys, log.log_id().to_owned())
+}
+
+/// A log with its tree nodes opens from them without reading its history
+/// first, checks that history behind the opening, and works on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_opens_from_its_tree_nodes_and_checks_its_history_behind_the_opening() {
+    let store = Arc::new(FakeStore::new());
+    let (keys, log_id) = closed_log(&store, 3000).await;
+    let log = open(&store, keys).await;
+    assert_eq!(log.size(), 3000);
+    let appended = log.append(event(3000)).await.unwrap();
+    assert_eq!(appended.sequence, 3000);
+    assert_eq!(log.history_checked().await, HistoryCheck::Passed);
+    let head = log.sign_now().await.unwrap();
+    assert_eq!(head.root_hash, merkle::root(&stored_hashes(&store, &log_id)));
+    let leaves = stored_hashes(&store, &log_id);
+    assert_proofs_match_the_reference(&log, &leaves, &[3001, 3000]).await;
+}
+
+/// An old entry rewritten (with its leaf hash) under a log that opens from
+/// its tree nodes is found by the check behind the opening; from then on the
+/// log refuses new entries, so nothing more is released on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_altered_entry_found_behind_the_opening_makes_the_log_refuse_new_entries() {
+    let store = Arc::new(FakeStore::new());
+    let (keys, log_id) = closed_log(&store, 3000).await;
+    store.tamper(&log_id, 2, |e| {
+        e.leaf = e.leaf.replace("tax-board", "tax-b0ard");
+        e.leaf_hash = merkle::leaf_hash(e.leaf.as_bytes());
+    });
+    let log = open(&store, keys).await;
+    let HistoryCheck::Failed(why) = log.history_checked().await else {
+        panic!("the altered entry went unnoticed");
+    };
+    assert!(why.contains(&log_id), "{why}");
+    let refused = log.append(event(3000)).await.unwrap_err();
+    assert!(matches!(refused, AuditError::Corrupt(_)), "{refused:?}");
+    assert_eq!(store.entries(&log_id).len(), 3000, "nothing appended after the finding");
+}
+
+/// Stored tree nodes are checked too: one on the tree's right edge at the
+/// opening (which is refused), any other behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn altered_tree_nodes_are_found_at_or_behind_the_opening() {
+    let store = Arc::new(FakeStore::new());
+    let (keys, log_id) = closed_log(&store, 3000).await;
+    // 3,000 = 2,048 + 512 + 256 + 184: the node over 0..2,048 is on the right edge.
+    let honest = store.nodes(&log_id)[&(11, 0)];
+    store.tamper_node(&log_id, (11, 0), [0x55; 32]);
+    let err = AuditLog::open(store.clone() as Arc<dyn Store>, keys.clone(), quiet())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuditError::Corrupt(_)), "{err:?}");
+    assert!(err.to_string().contains("0..3000"), "{err}");
+
+    store.tamper_node(&log_id, (11, 0), honest);
+    store.tamper_node(&log_id, (8, 1), [0x66; 32]);
+    let log = open(&store, keys).await;
+    let HistoryCheck::Failed(why) = log.history_checked().await else {
+        panic!("the altered node went unnoticed");
+    };
+    assert!(why.contains("256..512"), "{why}");
 }

@@ -515,8 +515,10 @@ async fn append_postgres_in_one_statement(
     }
     push_entry_insert(&mut qb, rows);
     qb.push(" AND EXISTS (SELECT 1 FROM moved)");
+    // As on SQLite: statements carrying tree nodes are not kept prepared.
     let inserted = qb
         .build()
+        .persistent(nodes.is_empty())
         .execute(pool)
         .await
         .map_err(unique(|| "an entry of this batch".to_owned()))?
@@ -577,10 +579,13 @@ async fn append_sqlite_in_one_call(
         .push(" RETURNING size; COMMIT;");
     let mut conn = writer.acquire().await.map_err(db_err)?;
     // One chunk's script has one text per power of two (see
-    // `push_entry_insert`); batches of several chunks are rare and vary.
+    // `push_entry_insert`); batches of several chunks are rare and vary, and
+    // so do scripts carrying tree nodes (one commit in 128 entries' worth):
+    // cached, each of those would hold another copy of the large prepared
+    // insert (7-8 MiB more at 1,000 lookups in flight).
     let moved = qb
         .build_query_scalar::<i64>()
-        .persistent(rows.len() <= ENTRY_ROWS_PER_INSERT)
+        .persistent(rows.len() <= ENTRY_ROWS_PER_INSERT && nodes.is_empty())
         .fetch_all(&mut *conn)
         .await;
     match moved {
