@@ -775,18 +775,23 @@ async fn rebuild(
                 return Err(altered(h));
             }
         }
-        let nodes: Vec<TreeNode> = completed
-            .into_iter()
-            .map(|(s, hash)| TreeNode {
-                level: s.level,
-                index: s.index,
-                hash,
-            })
-            .collect();
+        let nodes = to_store(completed);
         store.put_tree_nodes(log_id, &nodes).await?;
         from = to;
     }
     Ok(frontier)
+}
+
+/// Completed subtrees as the store keeps them.
+fn to_store(completed: Vec<(Subtree, Hash)>) -> Vec<TreeNode> {
+    completed
+        .into_iter()
+        .map(|(s, hash)| TreeNode {
+            level: s.level,
+            index: s.index,
+            hash,
+        })
+        .collect()
 }
 
 /// The frontier of the log's `size` entries from its stored tree nodes (and
@@ -1009,14 +1014,7 @@ impl Writer {
         for entry in &entries {
             grown.push_collecting(entry.leaf_hash, &mut completed);
         }
-        let nodes: Vec<TreeNode> = completed
-            .into_iter()
-            .map(|(s, hash)| TreeNode {
-                level: s.level,
-                index: s.index,
-                hash,
-            })
-            .collect();
+        let nodes = to_store(completed);
 
         let began = Instant::now();
         // A commit given up may still land: the resynchronisation before the
