@@ -258,3 +258,82 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
     );
     fed.shutdown().await.unwrap();
 }
+
+/// An entry altered in the database while the broker was down, deep enough
+/// in the log that the opening (from the stored Merkle tree nodes) does not
+/// read it: the check behind the opening finds it, and the broker stops
+/// releasing data (lookups UNAVAILABLE, its exchange NOT_SERVING so load
+/// balancers go elsewhere), while the audit service stays up for the
+/// auditors who look into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_altered_while_the_broker_was_down_stops_its_lookups() {
+    let (_dir, mut fed) = federation().await;
+    // Past 512 entries, so that the opening reads the node over entries
+    // 0..512 and not entry 5 itself.
+    let before = fed.broker.broker.audit.size();
+    lookups(&fed, 600).await;
+    assert!(fed.broker.broker.audit.size() >= before + 600);
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+
+    let pool = db(&fed).await;
+    let (leaf, _) = row(&pool, 5).await;
+    // Rewritten with its leaf hash, as someone with the database would.
+    let forged = format!("{leaf} ");
+    sqlx::query("UPDATE audit_entries SET leaf = ?, leaf_hash = ? WHERE sequence = 5")
+        .bind(&forged)
+        .bind(lienthong_audit::merkle::leaf_hash(forged.as_bytes()).to_vec())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    let process = BrokerProcess::start(&fed.config_path);
+    let ca = fed.certs.join("ca.pem").display().to_string();
+    let url = process.url.clone();
+    let exchange_health = move || {
+        let (url, ca) = (url.clone(), ca.clone());
+        tokio::task::spawn_blocking(move || {
+            run_cli(
+                &[
+                    "health",
+                    "--broker",
+                    &url,
+                    "--ca",
+                    &ca,
+                    "--service",
+                    "lienthong.v1.Exchange",
+                ],
+                &[],
+            )
+        })
+    };
+    let found = eventually(Duration::from_secs(30), async || {
+        let (ok, out) = exchange_health().await.unwrap();
+        !ok && out.contains("NOT_SERVING")
+    })
+    .await;
+    assert!(
+        found,
+        "the exchange still serves: {:?}",
+        exchange_health().await.unwrap()
+    );
+
+    let files = lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE);
+    let office = lienthong_cli::client::connect(&process.url, &files).await.unwrap();
+    let refused = look_up_birth(&office, &citizen_id(&fed, 7)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("no data was released"), "{refused:?}");
+
+    // Auditors still reach the log, and the altered entry is in it for them to see.
+    let auditor = lienthong_cli::client::connect(
+        &process.url,
+        &lienthong_cli::client::member_files(&fed.certs, STATE_AUDIT),
+    )
+    .await
+    .unwrap();
+    let leaves = logged_leaves(&auditor, "").await;
+    assert!(leaves.contains_key(&5));
+    fed.shutdown_registers().await;
+}

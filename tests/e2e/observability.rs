@@ -286,6 +286,17 @@ async fn metrics_move_for_allowed_denied_and_failed_lookups_and_never_name_a_sub
     assert!(sample(&after, "lienthong_audit_log_entries") >= sample(&before, "lienthong_audit_log_entries") + 4.0);
     assert!(sample(&after, "lienthong_audit_entries_total") >= 4.0);
     assert!(sample(&after, "lienthong_snapshot_version") >= 1.0);
+    // The fresh log's history check has ended, and found nothing.
+    assert_eq!(
+        sample(&after, r#"lienthong_audit_history_check{state="passed"}"#),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(&after, r#"lienthong_audit_history_check{state="failed"}"#),
+        0.0,
+        "{after}"
+    );
     assert!(after.contains("lienthong_snapshot_age_seconds "), "{after}");
     assert!(
         after.contains(r#"lienthong_provider_endpoint_breaker_state{provider="civil-status""#),

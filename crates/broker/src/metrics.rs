@@ -15,6 +15,7 @@
 use crate::relay::BreakerState;
 use crate::state::Broker;
 use arc_swap::ArcSwap;
+use lienthong_audit::HistoryCheck;
 use lienthong_core::audit::Outcome;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
@@ -155,6 +156,11 @@ struct GrantLabels {
 struct EndpointLabels {
     provider: String,
     endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -486,6 +492,22 @@ fn scrape_time(broker: &Broker) -> Registry {
         "audit_queued_appends",
         "Append requests waiting for the audit writer",
         gauge(i64::try_from(broker.audit.queued()).unwrap_or(i64::MAX)),
+    );
+    // An alert on state="failed" names a log whose stored history was altered
+    // (the broker then refuses lookups: no data is released on top of it).
+    let history = Family::<StateLabels, Gauge>::default();
+    let current = broker.audit.history_check();
+    for (name, is) in [
+        ("running", current == HistoryCheck::Running),
+        ("passed", current == HistoryCheck::Passed),
+        ("failed", matches!(current, HistoryCheck::Failed(_))),
+    ] {
+        history.get_or_create(&StateLabels { state: name }).set(i64::from(is));
+    }
+    r.register(
+        "audit_history_check",
+        "Check of the audit log's stored history against its signed root, behind the log's opening: 1 for its current state",
+        history,
     );
     if let Some(head) = broker.audit.latest_signed() {
         r.register(

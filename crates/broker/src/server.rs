@@ -14,7 +14,7 @@ use lienthong::v1::admin_server::AdminServer;
 use lienthong::v1::audit_server::AuditServer;
 use lienthong::v1::exchange_server::ExchangeServer;
 use lienthong::v1::schema_registry_server::SchemaRegistryServer;
-use lienthong_audit::{AuditConfig, AuditLog, LogKeys};
+use lienthong_audit::{AuditConfig, AuditLog, HistoryCheck, LogKeys};
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::{Member, MemberId, Role};
 use lienthong_store::{StoreError, StoreOptions};
@@ -198,6 +198,17 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .await;
     health_reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
     health_reporter.set_serving::<AuditServer<AuditService>>().await;
+    // A log whose stored history turns out altered refuses new entries, so
+    // this broker refuses every lookup: say so, and load balancers send the
+    // lookups to a replica whose log is sound. The audit service stays up
+    // for the auditors who look into it.
+    // (The task ends when the check does, or with the log's shutdown.)
+    let (audit, reporter) = (broker.audit.clone(), health_reporter.clone());
+    tokio::spawn(async move {
+        if let HistoryCheck::Failed(_) = audit.history_checked().await {
+            reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+        }
+    });
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
