@@ -575,3 +575,23 @@ async fn altered_tree_nodes_are_found_at_or_behind_the_opening() {
     };
     assert!(why.contains("256..512"), "{why}");
 }
+
+/// Opening a log reads its right edge, not its history: a restart takes
+/// about as long at a billion entries as at a thousand.
+#[tokio::test]
+async fn opening_a_log_reads_at_most_one_block_of_leaf_hashes() {
+    let store = Arc::new(FakeStore::new());
+    let (keys, _) = closed_log(&store, 70_000).await;
+    store.leaf_hashes_read.store(0, Ordering::SeqCst);
+    // On this single-threaded runtime the check behind the opening cannot
+    // start before `open` returns.
+    let log = open(&store, keys).await;
+    let read = store.leaf_hashes_read.load(Ordering::SeqCst);
+    assert!(read <= 256, "the opening read {read} leaf hashes");
+    assert_eq!(log.size(), 70_000);
+    assert_eq!(log.history_checked().await, HistoryCheck::Passed);
+    assert!(
+        store.leaf_hashes_read.load(Ordering::SeqCst) >= 70_000,
+        "the check read the whole history"
+    );
+}

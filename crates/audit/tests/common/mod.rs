@@ -33,6 +33,8 @@ pub struct FakeStore {
     pub fail_after_commit: AtomicBool,
     delay: Mutex<Duration>,
     batches: Mutex<Vec<usize>>,
+    /// Leaf hashes handed out by `leaf_hashes`, in all.
+    pub leaf_hashes_read: std::sync::atomic::AtomicU64,
 }
 
 impl FakeStore {
@@ -279,6 +281,7 @@ impl Store for FakeStore {
                 what: format!("entries {from}..{to} of log {log_id}"),
             });
         }
+        self.leaf_hashes_read.fetch_add(to - from, Ordering::SeqCst);
         Ok(entries[from as usize..to as usize]
             .iter()
             .map(|e| e.leaf_hash)
