@@ -844,6 +844,8 @@ where
         }
         match read().await {
             Ok(value) => return Some(value),
+            // A read cut short by the shutdown is no news.
+            Err(_) if stopping(stop) => return None,
             Err(e) => {
                 tracing::warn!(log_id = %log_id, error = %e, "checking the audit log's history: the store failed; retrying");
                 tokio::select! {
