@@ -1060,16 +1060,21 @@ impl Store for SqlStore {
         let mut found = Vec::with_capacity(keys.len());
         // A proof asks for a few dozen nodes; the bound keeps any one statement small.
         for chunk in keys.chunks(TREE_NODES_PER_QUERY) {
+            // A join from the wanted keys, so each is one primary-key lookup:
+            // as `level = ? AND idx = ? OR ...`, SQLite without statistics
+            // scanned every node of the log (5 times slower at 3 million
+            // entries than at 300,000).
             let rows = on_pool!(self, p => {
-                let mut qb = QueryBuilder::new("SELECT CAST(level AS BIGINT), idx, hash FROM audit_tree_nodes WHERE log_no = ");
-                qb.push_bind(log_no).push(" AND (");
-                for (i, (level, index)) in chunk.iter().enumerate() {
-                    if i > 0 {
-                        qb.push(" OR ");
-                    }
-                    qb.push("(level = ").push_bind(*level).push(" AND idx = ").push_bind(*index).push(")");
-                }
-                qb.push(")");
+                let mut qb = QueryBuilder::new("WITH w (level, idx) AS (");
+                qb.push_values(chunk, |mut b, (level, index)| {
+                    b.push_bind(*level).push_bind(*index);
+                });
+                qb.push(
+                    ") SELECT CAST(n.level AS BIGINT), n.idx, n.hash FROM w \
+                     JOIN audit_tree_nodes n ON n.log_no = ",
+                )
+                .push_bind(log_no)
+                .push(" AND n.level = w.level AND n.idx = w.idx");
                 qb.build_query_as::<(i64, i64, Vec<u8>)>().fetch_all(p).await
             })
             .map_err(db_err)?;
