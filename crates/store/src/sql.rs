@@ -580,7 +580,7 @@ async fn append_sqlite_in_one_call(
     let mut conn = writer.acquire().await.map_err(db_err)?;
     // One chunk's script has one text per power of two (see
     // `push_entry_insert`); batches of several chunks are rare and vary, and
-    // so do scripts carrying tree nodes (one commit in 128 entries' worth):
+    // so do scripts carrying tree nodes (one commit in 256 entries' worth):
     // cached, each of those would hold another copy of the large prepared
     // insert (7-8 MiB more at 1,000 lookups in flight).
     let moved = qb
