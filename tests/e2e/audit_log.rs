@@ -290,34 +290,16 @@ async fn an_entry_altered_while_the_broker_was_down_stops_its_lookups() {
     pool.close().await;
 
     let process = BrokerProcess::start(&fed.config_path);
-    let ca = fed.certs.join("ca.pem").display().to_string();
-    let url = process.url.clone();
-    let exchange_health = move || {
-        let (url, ca) = (url.clone(), ca.clone());
-        tokio::task::spawn_blocking(move || {
-            run_cli(
-                &[
-                    "health",
-                    "--broker",
-                    &url,
-                    "--ca",
-                    &ca,
-                    "--service",
-                    "lienthong.v1.Exchange",
-                ],
-                &[],
-            )
-        })
-    };
+    let ca = fed.certs.join("ca.pem");
     let found = eventually(Duration::from_secs(30), async || {
-        let (ok, out) = exchange_health().await.unwrap();
+        let (ok, out) = exchange_health(&process.url, &ca).await;
         !ok && out.contains("NOT_SERVING")
     })
     .await;
     assert!(
         found,
         "the exchange still serves: {:?}",
-        exchange_health().await.unwrap()
+        exchange_health(&process.url, &ca).await
     );
 
     let files = lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE);

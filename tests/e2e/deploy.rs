@@ -372,28 +372,13 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
 
     // The probe of the image and the manifests: only the CA, no client certificate.
     let ca = site.certs().join("ca.pem");
-    let health = |url: String, ca: PathBuf| {
-        tokio::task::spawn_blocking(move || {
-            let ca = ca.display().to_string();
-            let args = [
-                "health",
-                "--broker",
-                &url,
-                "--ca",
-                &ca,
-                "--service",
-                "lienthong.v1.Exchange",
-            ];
-            run_cli(&args, &[])
-        })
-    };
-    let (ok, out) = health(broker2.url(), ca.clone()).await.unwrap();
+    let (ok, out) = exchange_health(&broker2.url(), &ca).await;
     assert!(ok && out.contains("SERVING"), "{out}");
     // The probe checks whom it talks to: a broker of another CA is not healthy.
     let foreign = lienthong_tls::CertificateAuthority::generate(TRUST_DOMAIN).unwrap();
     let foreign_ca = site.dir.path().join("foreign-ca.pem");
     std::fs::write(&foreign_ca, foreign.cert_pem()).unwrap();
-    let (ok, out) = health(broker2.url(), foreign_ca).await.unwrap();
+    let (ok, out) = exchange_health(&broker2.url(), &foreign_ca).await;
     assert!(!ok && out.contains("certificate"), "{out}");
 
     let office = [
@@ -484,7 +469,7 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     let (log1, log2) = (log_of(0), log_of(1));
     assert_ne!(log1, log2, "each replica keeps its own log");
 
-    let (ok, out) = health(broker2.url(), ca.clone()).await.unwrap();
+    let (ok, out) = exchange_health(&broker2.url(), &ca).await;
     assert!(!ok, "a killed broker is reported unhealthy: {out}");
 
     // Through the surviving broker, both logs verify: the killed one up to

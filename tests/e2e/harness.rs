@@ -195,6 +195,29 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// `lienthong health --service lienthong.v1.Exchange` against the broker at
+/// `url`, trusting only `ca` and holding no member certificate, as a
+/// container probe does: whether it reports SERVING, and what it printed.
+pub async fn exchange_health(url: &str, ca: &Path) -> (bool, String) {
+    let (url, ca) = (url.to_owned(), ca.display().to_string());
+    tokio::task::spawn_blocking(move || {
+        run_cli(
+            &[
+                "health",
+                "--broker",
+                &url,
+                "--ca",
+                &ca,
+                "--service",
+                "lienthong.v1.Exchange",
+            ],
+            &[],
+        )
+    })
+    .await
+    .unwrap()
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
     let end = std::time::Instant::now() + timeout;
