@@ -605,18 +605,24 @@ impl<'a> SubtreeHashes<'a> {
         }
     }
 
+    /// Leaf hashes `[from, to)`, all of them or an error.
+    async fn leaves(&self, from: u64, to: u64) -> Result<Vec<Hash>, AuditError> {
+        let leaves = self
+            .store
+            .leaf_hashes(self.log_id, from, to)
+            .await
+            .map_err(lookup_error)?;
+        check_chunk(self.log_id, from, to, leaves.len())?;
+        Ok(leaves)
+    }
+
     /// The leaf hashes of the block holding leaf `at` (up to the tree's size).
     async fn block(&mut self, at: u64) -> Result<&[Hash], AuditError> {
         let block = at >> merkle::STORED_LEVEL;
         if !self.blocks.contains_key(&block) {
             let from = block << merkle::STORED_LEVEL;
             let to = self.tree_size.min((block + 1) << merkle::STORED_LEVEL);
-            let leaves = self
-                .store
-                .leaf_hashes(self.log_id, from, to)
-                .await
-                .map_err(lookup_error)?;
-            check_chunk(self.log_id, from, to, leaves.len())?;
+            let leaves = self.leaves(from, to).await?;
             self.blocks.insert(block, leaves);
         }
         Ok(self.blocks.get(&block).map(Vec::as_slice).unwrap_or_default())
@@ -708,13 +714,7 @@ impl<'a> SubtreeHashes<'a> {
         let mut from = s.start();
         while from < s.end() {
             let to = s.end().min(from + HASH_CHUNK);
-            let chunk = self
-                .store
-                .leaf_hashes(self.log_id, from, to)
-                .await
-                .map_err(lookup_error)?;
-            check_chunk(self.log_id, from, to, chunk.len())?;
-            frontier.extend(&chunk);
+            frontier.extend(&self.leaves(from, to).await?);
             from = to;
         }
         Ok(frontier.root())
