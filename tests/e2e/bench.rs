@@ -21,9 +21,17 @@ fn throughput(phase: &Value) -> f64 {
 
 #[test]
 fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
-    let (ok, output) = run_cli(&["bench", "--quick", "--json"], &[]);
+    // With a filled audit log: the broker is set up, stopped, filled and
+    // restarted before the phases, which then measure the restarted one.
+    let (ok, output) = run_cli(&["bench", "--quick", "--json", "--log-entries", "3000"], &[]);
     assert!(ok, "bench failed:\n{output}");
     let report = report_of(&output);
+    assert_eq!(report["settings"]["log_entries"], 3000, "{report:#}");
+    let fill = &report["log_fill"];
+    assert_eq!(fill["appended"], 3000, "{fill:#}");
+    // The set-up's own entries (members, schema, endpoint, grant) come first.
+    assert!(fill["entries"].as_u64().is_some_and(|n| n > 3000), "{fill:#}");
+    assert!(fill["history_check_s"].as_f64().is_some(), "{fill:#}");
     let scenarios = report["scenarios"].as_array().expect("scenarios array");
     let names: Vec<&str> = scenarios.iter().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(names, ["direct", "relayed", "proxy", "bare"], "{report:#}");
@@ -151,6 +159,7 @@ fn bench_help_explains_the_scenarios_and_the_load_models() {
         "in parentheses",
         "context switches",
         "--inflight",
+        "--log-entries",
     ] {
         assert!(help.contains(words), "{words}:\n{help}");
     }

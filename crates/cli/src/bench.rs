@@ -23,6 +23,7 @@
 //! from `/proc/<pid>` without counting the load generator.
 
 mod disk;
+mod fill;
 mod inside;
 mod pacer;
 
@@ -156,6 +157,17 @@ pub struct BenchArgs {
     /// Lookups held in flight through the broker while its peak RSS is measured (0: skip).
     #[arg(long, default_value_t = 1000)]
     pub inflight: usize,
+    /// Audit entries to put in the broker's log before the phases (0: the log
+    /// holds only the set-up's entries). A deployment's log holds millions,
+    /// and the citizens' index takes each entry on a random page, so commits
+    /// cost more once it outgrows the page cache. The bench sets the broker up,
+    /// stops it, appends the entries (accesses of the bench's consumer, one
+    /// subject each) through the audit crate as the broker would, restarts it
+    /// and waits for its check of the history. About a minute per million
+    /// entries, fill and check included. Only the SQLite broker of `relayed`
+    /// is filled.
+    #[arg(long, default_value_t = 0)]
+    pub log_entries: u64,
     /// A few seconds per scenario (warm-up 300ms, 1.5s measured, 200 subjects): a smoke run
     /// that checks everything works; too short for figures worth quoting.
     #[arg(long)]
@@ -273,6 +285,8 @@ struct Settings {
     warmup_s: f64,
     subjects: u32,
     inflight: usize,
+    /// Entries appended to the broker's audit log before the phases.
+    log_entries: u64,
     rounds: usize,
     quick: bool,
     seed: u64,
@@ -336,6 +350,7 @@ impl Settings {
             warmup_s: warmup.as_secs_f64(),
             subjects,
             inflight: args.inflight,
+            log_entries: args.log_entries,
             rounds: args.rounds,
             quick: args.quick,
             seed: args.seed,
@@ -361,6 +376,9 @@ struct Report {
     settings: Settings,
     #[serde(skip_serializing_if = "Option::is_none")]
     disk: Option<DiskReport>,
+    /// The broker's audit log as filled by `--log-entries`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_fill: Option<fill::FillReport>,
     scenarios: Vec<ScenarioReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     broker: Option<BrokerReport>,
@@ -1312,6 +1330,10 @@ impl Progress {
         }
     }
 
+    fn is_tty(&self) -> bool {
+        self.tty
+    }
+
     fn line(&self, text: &str) {
         let mut err = std::io::stderr().lock();
         if self.tty {
@@ -2144,8 +2166,26 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         }
     };
     let config = write_broker_config(&dir, "broker.toml", &data_dir, None, &certs, trust_domain)?;
-    let (mut broker, broker_url, broker_metrics) = start_broker(&exe, &config, "broker").await?;
+    let (mut broker, mut broker_url, mut broker_metrics) = start_broker(&exe, &config, "broker").await?;
     let grant = administer(&broker_url, &certs, &provider_url).await?;
+    let mut log_fill = None;
+    if settings.log_entries > 0 {
+        // The log has one writer: the broker is stopped while the bench appends.
+        broker.stop(Duration::from_secs(30)).await;
+        let (entries, seconds) = fill::fill(&config, &grant, settings.log_entries, settings.seed, &progress).await?;
+        (broker, broker_url, broker_metrics) = start_broker(&exe, &config, "broker").await?;
+        progress.line(&format!(
+            "bench: {entries} entries in the broker's audit log; waiting for the restarted broker's check of its history"
+        ));
+        let checking = Instant::now();
+        inside::wait_history_checked(broker_metrics, fill::check_timeout(entries)).await?;
+        log_fill = Some(fill::FillReport {
+            entries,
+            appended: settings.log_entries,
+            seconds,
+            history_check_s: checking.elapsed().as_secs_f64(),
+        });
+    }
     let (lookups, fetches) = payloads(settings.seed, settings.subjects, &grant);
     let (lookups, fetches): (Arc<[pb::LookupRequest]>, Arc<[FetchRequest]>) = (lookups.into(), fetches.into());
 
@@ -2555,6 +2595,7 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         machine,
         settings,
         disk,
+        log_fill,
         scenarios: reports,
         broker: settings_has_relayed(&prepared).then_some(broker_report),
         postgres,
@@ -2777,6 +2818,17 @@ fn render_table(report: &Report) -> String {
             d.place(),
             ms(d.fdatasync_p50_us),
             ms(d.fdatasync_p99_us)
+        ));
+    }
+    if let Some(f) = &report.log_fill {
+        out.push_str(&format!(
+            "broker's audit log: {} entries before the phases ({} appended by the bench in {:.1} s, {:.0}/s; \
+             the restarted broker checked the history in {:.1} s)\n\n",
+            f.entries,
+            f.appended,
+            f.seconds,
+            f.appended as f64 / f.seconds.max(1e-3),
+            f.history_check_s
         ));
     }
     out.push_str(&format!(

@@ -210,6 +210,49 @@ pub(super) async fn scrape(brokers: &[SocketAddr]) -> Option<Scrape> {
     Some(total)
 }
 
+/// The broker's gauge of where its check of the audit log's history stands.
+const HISTORY_CHECK: &str = "lienthong_audit_history_check";
+
+/// The state the history check is in (`running`, `passed`, `failed`): the
+/// label of the series set to 1.
+fn history_check_state(exposition: &str) -> Option<&str> {
+    exposition.lines().find_map(|line| {
+        let (labels, value) = line.strip_prefix(HISTORY_CHECK)?.strip_prefix('{')?.split_once('}')?;
+        if value.trim() == "1" {
+            label(labels, "state")
+        } else {
+            None
+        }
+    })
+}
+
+/// Waits until the broker whose `/metrics` is at `addr` has checked its audit
+/// log's history against the signed root; measuring meanwhile would time the
+/// lookups beside a read of the whole log.
+pub(super) async fn wait_history_checked(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match tokio::time::timeout(SCRAPE_TIMEOUT, get_metrics(addr)).await {
+            Ok(Ok(text)) => match history_check_state(&text) {
+                Some("passed") => return Ok(()),
+                Some("failed") => {
+                    anyhow::bail!("the restarted broker found its audit log's history altered; its log says why")
+                }
+                state => format!("check {}", state.unwrap_or("not reported")),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "metrics did not answer in time".into(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "the restarted broker did not finish checking its audit log's history within {} s ({last})",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `GET /metrics` over HTTP/1.0, so that the answer ends with the connection.
 async fn get_metrics(addr: SocketAddr) -> std::io::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -232,6 +275,18 @@ async fn get_metrics(addr: SocketAddr) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_history_check_state_is_the_series_set_to_one() {
+        let text = "# HELP lienthong_audit_history_check Check\n\
+            # TYPE lienthong_audit_history_check gauge\n\
+            lienthong_audit_history_check{state=\"running\"} 0\n\
+            lienthong_audit_history_check{state=\"passed\"} 1\n\
+            lienthong_audit_history_check{state=\"failed\"} 0\n";
+        assert_eq!(history_check_state(text), Some("passed"));
+        assert_eq!(history_check_state(&text.replace("} 1", "} 0")), None);
+        assert_eq!(history_check_state("lienthong_audit_queued_appends 1\n"), None);
+    }
 
     fn exposition(lookups: u32, slow: u32) -> String {
         // Two Lookup series (two outcomes) and one Collect series that must
