@@ -323,6 +323,12 @@ impl Settings {
             Mode::Open => (false, true),
             Mode::Both => (true, true),
         };
+        if args.log_entries > 0 && !scenarios.contains(&Scenario::Relayed) {
+            bail!(
+                "--log-entries fills the audit log of the SQLite broker, which only the relayed scenario measures \
+                 (the PostgreSQL replicas' logs are not filled); add relayed to --scenarios"
+            );
+        }
         if args.mode == Mode::Open && args.rate.is_none() {
             bail!("--mode open needs --rate (lookups per second); --mode both picks half the relayed saturation");
         }
@@ -3058,6 +3064,36 @@ fn render_table(report: &Report) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn bench_args(argv: &[&str]) -> BenchArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("bench").chain(argv.iter().copied()))
+            .unwrap()
+            .bench
+    }
+
+    #[test]
+    fn a_log_to_fill_needs_the_scenario_that_measures_it() {
+        let refused = Settings::of(&bench_args(&[
+            "--scenarios",
+            "direct,relayed-pg",
+            "--log-entries",
+            "10",
+        ]));
+        let message = refused.unwrap_err().to_string();
+        assert!(message.contains("add relayed to --scenarios"), "{message}");
+        let settings = Settings::of(&bench_args(&["--scenarios", "relayed", "--log-entries", "10"])).unwrap();
+        assert_eq!(settings.log_entries, 10);
+        assert_eq!(
+            Settings::of(&bench_args(&[])).unwrap().log_entries,
+            0,
+            "an empty log by default"
+        );
+    }
 
     #[test]
     fn rates_parse_with_or_without_unit() {
