@@ -94,7 +94,7 @@ pub(super) async fn fill(
         let events = (0..n)
             .map(|_| {
                 let mut e = AuditEvent::new(EntryKind::Access, time);
-                e.request_id = format!("{:032x}", rng.r#gen::<u128>());
+                e.request_id = uuid_shaped(rng.r#gen());
                 e.actor = grant.consumer.clone();
                 e.provider = CIVIL_STATUS.into();
                 e.record_type = grant.record_type.clone();
@@ -130,8 +130,34 @@ pub(super) async fn fill(
     Ok((size, started.elapsed().as_secs_f64()))
 }
 
+/// A request id shaped as the broker's own (a hyphenated UUID), so that
+/// filled entries are as long as real ones.
+fn uuid_shaped(bits: u128) -> String {
+    let hex = format!("{bits:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// How long the restarted broker may take to check a history of `entries`:
 /// about 2 s per million on the development VM, with room for a slow disk.
 pub(super) fn check_timeout(entries: u64) -> Duration {
     Duration::from_secs(60 + entries / 50_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filled_request_ids_look_like_the_brokers() {
+        let id = uuid_shaped(0x0197_a000_0000_7000_8000_0000_0000_002a);
+        assert_eq!(id, "0197a000-0000-7000-8000-00000000002a");
+        assert_eq!(uuid_shaped(u128::MAX).len(), 36);
+    }
 }
