@@ -132,14 +132,13 @@ impl Broker {
         };
         self.store.insert_member(&m).await?;
         let roles: Vec<&str> = m.roles.iter().map(|r| r.as_str()).collect();
-        self.admin_event(
+        self.applied(
             caller,
             "member.add",
             m.id.as_str(),
             Some(format!("roles={}", roles.join(","))),
         )
         .await?;
-        self.changed().await?;
         Ok(convert::member(&m))
     }
 
@@ -171,14 +170,13 @@ impl Broker {
             m.updated_at = OffsetDateTime::now_utc();
             self.store.update_member(&m).await?;
             let action = if enabled { "member.enable" } else { "member.disable" };
-            self.admin_event(
+            self.applied(
                 caller,
                 action,
                 m.id.as_str(),
                 (!enabled).then(|| m.disabled_reason.clone()),
             )
             .await?;
-            self.changed().await?;
         }
         Ok(convert::member(&m))
     }
@@ -202,27 +200,25 @@ impl Broker {
             created_at: OffsetDateTime::now_utc(),
         };
         self.store.insert_endpoint(&e).await?;
-        self.admin_event(
+        self.applied(
             caller,
             "endpoint.add",
             &e.id,
             Some(format!("provider={} url={}", e.provider, e.url)),
         )
         .await?;
-        self.changed().await?;
         Ok(convert::endpoint(&e))
     }
 
     async fn remove_endpoint(&self, caller: &Caller, r: pb::RemoveEndpointRequest) -> Result<pb::Endpoint> {
         let e = self.store.delete_endpoint(&r.id).await?;
-        self.admin_event(
+        self.applied(
             caller,
             "endpoint.remove",
             &e.id,
             Some(format!("provider={} url={}", e.provider, e.url)),
         )
         .await?;
-        self.changed().await?;
         Ok(convert::endpoint(&e))
     }
 
@@ -332,8 +328,7 @@ impl Broker {
             g.purposes.join(","),
             g.rate_limit_per_minute
         );
-        self.admin_event(caller, "grant.create", &g.id, Some(detail)).await?;
-        self.changed().await?;
+        self.applied(caller, "grant.create", &g.id, Some(detail)).await?;
         Ok(pb)
     }
 
@@ -347,9 +342,8 @@ impl Broker {
             .store
             .revoke_grant(&r.id, r.reason.trim(), OffsetDateTime::now_utc())
             .await?;
-        self.admin_event(caller, "grant.revoke", &g.id, Some(g.revoked_reason.clone()))
+        self.applied(caller, "grant.revoke", &g.id, Some(g.revoked_reason.clone()))
             .await?;
-        self.changed().await?;
         Ok(convert::grant(&g))
     }
 }

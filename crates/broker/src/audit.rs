@@ -2,7 +2,7 @@
 
 use crate::convert::{from_ts, ts};
 use crate::error::{BrokerError, Result};
-use crate::state::Broker;
+use crate::state::{Broker, Caller, request_id_of};
 use futures::Stream;
 use lienthong::v1 as pb;
 use lienthong::v1::audit_server::Audit;
@@ -12,6 +12,7 @@ use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_store::{EntryQuery, StoredEntry};
 use std::pin::Pin;
 use std::sync::Arc;
+use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
 /// The Audit service.
@@ -24,6 +25,65 @@ impl AuditService {
     pub fn new(broker: Arc<Broker>) -> Self {
         AuditService { broker }
     }
+
+    /// An audit read entry: who called which RPC, about which subject (an
+    /// HMAC, empty when none), and how it ended.
+    fn read_event(
+        caller: &Caller,
+        rpc: &str,
+        request_id: String,
+        subject_hash: String,
+        refused: Option<&BrokerError>,
+    ) -> AuditEvent {
+        let mut event = AuditEvent::new(EntryKind::AuditRead, OffsetDateTime::now_utc());
+        event.actor = caller.id().to_string();
+        event.action = rpc.to_string();
+        event.request_id = request_id;
+        event.subject_hash = subject_hash;
+        if let Some(e) = refused {
+            event.outcome = match e {
+                BrokerError::PermissionDenied(_) => Outcome::Denied,
+                BrokerError::InvalidArgument(_) => Outcome::Invalid,
+                _ => Outcome::Failed,
+            };
+            event.reason = e.to_string();
+        }
+        event
+    }
+
+    /// Audits a refused audit request; the refusal stands even if the log
+    /// cannot be written (nothing leaves either way), but it is logged.
+    async fn refused(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        request_id: String,
+        subject_hash: String,
+        error: BrokerError,
+    ) -> Status {
+        let event = Self::read_event(caller, rpc, request_id, subject_hash, Some(&error));
+        if let Err(e) = self.broker.audit.append(event).await {
+            tracing::error!(error = %e, rpc = %rpc, "could not audit a refused audit request");
+        }
+        error.into()
+    }
+
+    /// Checks the caller's roles for `rpc`; a refusal is audited.
+    async fn require(
+        &self,
+        caller: &Caller,
+        rpc: &str,
+        request_id: &str,
+        roles: &[Role],
+        what: &str,
+    ) -> std::result::Result<(), Status> {
+        match caller.require(roles, what) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self
+                .refused(caller, rpc, request_id.to_string(), String::new(), e)
+                .await),
+        }
+    }
 }
 
 fn kind_to_pb(k: EntryKind) -> pb::EntryKind {
@@ -31,6 +91,7 @@ fn kind_to_pb(k: EntryKind) -> pb::EntryKind {
         EntryKind::Access => pb::EntryKind::Access,
         EntryKind::Authentication => pb::EntryKind::Authentication,
         EntryKind::Admin => pb::EntryKind::Admin,
+        EntryKind::AuditRead => pb::EntryKind::AuditRead,
     }
 }
 
@@ -59,6 +120,7 @@ fn kind_from_pb(n: i32) -> Option<EntryKind> {
         pb::EntryKind::Access => Some(EntryKind::Access),
         pb::EntryKind::Authentication => Some(EntryKind::Authentication),
         pb::EntryKind::Admin => Some(EntryKind::Admin),
+        pb::EntryKind::AuditRead => Some(EntryKind::AuditRead),
     }
 }
 
@@ -145,8 +207,16 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::QueryEntriesRequest>,
     ) -> std::result::Result<Response<pb::QueryEntriesResponse>, Status> {
-        let caller = self.broker.authenticate(&request, "Audit.QueryEntries").await?;
-        caller.require(&[Role::Auditor, Role::Admin], "read the audit log")?;
+        const RPC: &str = "Audit.QueryEntries";
+        let caller = self.broker.authenticate(&request, RPC).await?;
+        self.require(
+            &caller,
+            RPC,
+            &request_id_of(&request),
+            &[Role::Auditor, Role::Admin],
+            "read the audit log",
+        )
+        .await?;
         let r = request.into_inner();
         let mut q = self.broker.entry_query(r.filter)?;
         q.limit = match r.page_size {
@@ -176,8 +246,16 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::ExportEntriesRequest>,
     ) -> std::result::Result<Response<Self::ExportEntriesStream>, Status> {
-        let caller = self.broker.authenticate(&request, "Audit.ExportEntries").await?;
-        caller.require(&[Role::Auditor, Role::Admin], "export the audit log")?;
+        const RPC: &str = "Audit.ExportEntries";
+        let caller = self.broker.authenticate(&request, RPC).await?;
+        self.require(
+            &caller,
+            RPC,
+            &request_id_of(&request),
+            &[Role::Auditor, Role::Admin],
+            "export the audit log",
+        )
+        .await?;
         let r = request.into_inner();
         let mut q = self.broker.entry_query(r.filter)?;
         q.from_sequence = r.from_sequence;
@@ -214,27 +292,43 @@ impl Audit for AuditService {
         &self,
         request: Request<pb::SubjectHistoryRequest>,
     ) -> std::result::Result<Response<pb::SubjectHistoryResponse>, Status> {
-        let caller = self.broker.authenticate(&request, "Audit.SubjectHistory").await?;
-        caller.require(&[Role::SubjectPortal, Role::Auditor], "read a citizen's access history")?;
+        const RPC: &str = "Audit.SubjectHistory";
+        let caller = self.broker.authenticate(&request, RPC).await?;
+        let request_id = request_id_of(&request);
+        self.require(
+            &caller,
+            RPC,
+            &request_id,
+            &[Role::SubjectPortal, Role::Auditor],
+            "read a citizen's access history",
+        )
+        .await?;
         let r = request.into_inner();
         if r.subject_key.trim().is_empty() {
-            return Err(BrokerError::InvalidArgument("subject_key is required".into()).into());
+            let e = BrokerError::InvalidArgument("subject_key is required".into());
+            return Err(self.refused(&caller, RPC, request_id, String::new(), e).await);
         }
-        let since = r
-            .since
-            .map(|t| from_ts(&t).ok_or_else(|| BrokerError::InvalidArgument("since is out of range".into())))
-            .transpose()?;
+        let hash = self.broker.audit.subject_hash(r.subject_key.trim());
+        let since = match r.since.map(|t| from_ts(&t)) {
+            Some(None) => {
+                let e = BrokerError::InvalidArgument("since is out of range".into());
+                return Err(self.refused(&caller, RPC, request_id, hash, e).await);
+            }
+            Some(Some(t)) => Some(t),
+            None => None,
+        };
         let limit = match r.limit {
             0 => 100,
             n => n.min(1000),
         };
-        let hash = self.broker.audit.subject_hash(r.subject_key.trim());
-        let entries = self
-            .broker
-            .store
-            .subject_entries(&hash, since, limit)
-            .await
-            .map_err(BrokerError::from)?;
+        let entries = match self.broker.store.subject_entries(&hash, since, limit).await {
+            Ok(entries) => entries,
+            Err(e) => return Err(self.refused(&caller, RPC, request_id, hash, e.into()).await),
+        };
+        // Fail closed: who read a citizen's history is itself on the record,
+        // and the history leaves only once that entry is durable.
+        let event = Self::read_event(&caller, RPC, request_id, hash, None);
+        self.broker.audit.append(event).await.map_err(BrokerError::from)?;
         let accesses = entries
             .iter()
             .map(|e| {

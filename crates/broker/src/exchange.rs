@@ -16,6 +16,7 @@ use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::filter::FieldSelection;
 use lienthong_core::policy::{AccessRequest, Decision};
+use lienthong_core::schema::MAX_FIELDS;
 use opentelemetry::trace::SpanContext;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -53,7 +54,8 @@ impl CallContext {
         let trace_id = telemetry::trace_id(&Span::current(), &caller_trace);
         CallContext {
             rpc,
-            deadline: grpc_timeout(request.metadata()).map(|d| Instant::now() + d),
+            // A deadline past what `Instant` holds is no deadline at all.
+            deadline: grpc_timeout(request.metadata()).and_then(|d| Instant::now().checked_add(d)),
             caller_trace,
             trace_id,
             request_id,
@@ -61,13 +63,57 @@ impl CallContext {
     }
 }
 
-/// The caller's request id, or a new one.
+/// Longest request id, record type and purpose a request may carry. Each is
+/// copied into the permanent audit log; no registered record type name and no
+/// granted purpose is longer, and the `x-request-id` header has the same bound.
+const MAX_NAME_BYTES: usize = 128;
+/// Longest field pointer a request may name; longer ones are refused (and
+/// audited clipped) before they are echoed in a message.
+const MAX_FIELD_BYTES: usize = 1024;
+
+/// `text`, cut to at most `max` bytes at a character boundary.
+fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The caller's request id, clipped to [`MAX_NAME_BYTES`], or a new one.
 fn request_id_or_new(given: &str) -> String {
     if given.is_empty() {
         uuid::Uuid::now_v7().to_string()
     } else {
-        given.to_string()
+        clip(given, MAX_NAME_BYTES).to_string()
     }
+}
+
+/// Refuses a lookup whose names are longer than anything registered, before
+/// any of them is echoed in a message or written to the log whole.
+fn check_sizes(item: &Item<'_>) -> Result<(), BrokerError> {
+    let too_long = |what: &str, len: usize, max: usize| {
+        BrokerError::InvalidArgument(format!("{what} is {len} bytes; at most {max} are allowed"))
+    };
+    if item.record_type.len() > MAX_NAME_BYTES {
+        return Err(too_long("record_type", item.record_type.len(), MAX_NAME_BYTES));
+    }
+    if item.purpose.len() > MAX_NAME_BYTES {
+        return Err(too_long("purpose", item.purpose.len(), MAX_NAME_BYTES));
+    }
+    if item.fields.len() > MAX_FIELDS {
+        return Err(BrokerError::InvalidArgument(format!(
+            "{} fields are named; no record type has more than {MAX_FIELDS}",
+            item.fields.len()
+        )));
+    }
+    if let Some(f) = item.fields.iter().find(|f| f.len() > MAX_FIELD_BYTES) {
+        return Err(too_long("a field pointer", f.len(), MAX_FIELD_BYTES));
+    }
+    Ok(())
 }
 
 /// The metric and span label of a record type a client named (the
@@ -261,15 +307,13 @@ impl ExchangeService {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        self.broker.metrics.request(
-                            Rpc::Collect,
-                            caller.id(),
-                            UNKNOWN,
-                            Outcome::Invalid,
-                            started.elapsed(),
-                        );
-                        record_outcome(&Span::current(), Outcome::Invalid);
-                        return Err(BrokerError::InvalidArgument(format!("item {}: {e}", item.record_type)).into());
+                        let e = BrokerError::InvalidArgument(format!(
+                            "item {}: {e}",
+                            clip(&item.record_type, MAX_NAME_BYTES)
+                        ));
+                        self.refuse_collect(&caller, &ctx, &r.purpose, format!("invalid_query: {e}"), started)
+                            .await;
+                        return Err(e.into());
                     }
                 }
             }
@@ -359,7 +403,7 @@ fn check_collect(r: &CollectRequest, max: usize) -> Result<(), BrokerError> {
         if r.items[..i].iter().any(|o| o.record_type == item.record_type) {
             return Err(BrokerError::InvalidArgument(format!(
                 "record type {} appears twice in the collect",
-                item.record_type
+                clip(&item.record_type, MAX_NAME_BYTES)
             )));
         }
     }
@@ -387,8 +431,9 @@ impl Broker {
         event.actor = caller.id().to_string();
         event.request_id = ctx.request_id.clone();
         event.trace_id = ctx.trace_id.clone();
-        event.record_type = record_type.to_string();
-        event.purpose = purpose.to_string();
+        // Clipped: an oversized name is refused, and its entry need not keep it whole.
+        event.record_type = clip(record_type, MAX_NAME_BYTES).to_string();
+        event.purpose = clip(purpose, MAX_NAME_BYTES).to_string();
         event
     }
 
@@ -428,7 +473,7 @@ impl Broker {
                     Some(prev) if prev != s => {
                         return Err(BrokerError::InvalidArgument(format!(
                             "items name different subjects (record type {}); a collect is for one subject",
-                            item.record_type
+                            clip(&item.record_type, MAX_NAME_BYTES)
                         )));
                     }
                     _ => subject = Some(s),
@@ -499,6 +544,7 @@ impl Broker {
     ) -> Result<(LookupResponse, String), Failure> {
         let snapshot = &caller.snapshot;
         let invalid = |code, msg: String| fail(Outcome::Invalid, code, BrokerError::InvalidArgument(msg));
+        check_sizes(&item).map_err(|e| fail(Outcome::Invalid, "oversized_request", e))?;
         let Some(rt) = snapshot.record_type(item.record_type, item.schema_version) else {
             let msg = if item.schema_version == 0 || snapshot.record_type(item.record_type, 0).is_none() {
                 format!(
@@ -746,10 +792,15 @@ pub fn trace_id_of(traceparent: &str) -> Option<String> {
     (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_ascii_lowercase())
 }
 
-/// The gRPC deadline a client sent (`grpc-timeout`, e.g. `250m`).
+/// The gRPC deadline a client sent (`grpc-timeout`, e.g. `250m`): at most
+/// eight ASCII digits and a unit, as the gRPC over HTTP/2 spec has it; any
+/// other value is ignored, as tonic's own timeout layer ignores it.
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),

@@ -146,14 +146,13 @@ impl Broker {
                     } else {
                         "backward"
                     };
-                    self.admin_event(
+                    self.applied(
                         caller,
                         "schema.register",
                         &format!("{}@{}", version.definition.name, version.version),
                         Some(format!("compatibility={mode} digest={digest}")),
                     )
                     .await?;
-                    self.changed().await?;
                     return Ok(pb::RegisterResponse {
                         version: Some(convert::record_type_version(&version)),
                         created: true,
@@ -185,14 +184,13 @@ impl Broker {
             .store
             .deprecate_record_type_version(&r.name, r.version, r.note.trim())
             .await?;
-        self.admin_event(
+        self.applied(
             caller,
             "schema.deprecate",
             &format!("{}@{}", r.name, r.version),
             Some(r.note.trim().to_string()),
         )
         .await?;
-        self.changed().await?;
         Ok(convert::record_type_version(&updated))
     }
 }

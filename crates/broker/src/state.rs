@@ -163,11 +163,23 @@ impl Broker {
         Ok(())
     }
 
-    /// Publishes a change to every replica and reloads this one before
-    /// returning, so the change applies to this broker's next request.
-    pub async fn changed(&self) -> Result<()> {
-        self.store.publish_change().await?;
-        self.reload().await
+    /// Audits a change to the registry that the store has committed, and makes
+    /// it live here before returning, so it applies to this broker's next
+    /// request. The change's own transaction moved the change counter, so
+    /// every replica picks it up whatever happens here; this one is reloaded
+    /// even when the audit entry cannot be written, because the change is in
+    /// effect either way (a revocation must never wait for the next change).
+    pub async fn applied(&self, caller: &Caller, action: &str, target: &str, detail: Option<String>) -> Result<()> {
+        let audited = self.admin_event(caller, action, target, detail).await;
+        if let Err(e) = self.reload().await {
+            tracing::warn!(error = %e, action = %action, "reloading after a change failed; the snapshot watcher retries");
+        }
+        audited.map_err(|_| {
+            BrokerError::Internal(format!(
+                "{action} {target} was applied and is in effect, but the audit log could not record it; \
+                 do not repeat it: the operator has the details in the broker log"
+            ))
+        })
     }
 
     /// Keeps the snapshot fresh: reloads on change notifications from other

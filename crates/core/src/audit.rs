@@ -18,6 +18,9 @@ pub enum EntryKind {
     Authentication,
     /// A change to members, endpoints, grants or record types.
     Admin,
+    /// A read of the audit log about one citizen (their access history), or
+    /// a request to the audit service refused for the caller's roles.
+    AuditRead,
 }
 
 impl EntryKind {
@@ -27,6 +30,7 @@ impl EntryKind {
             EntryKind::Access => "access",
             EntryKind::Authentication => "authentication",
             EntryKind::Admin => "admin",
+            EntryKind::AuditRead => "audit_read",
         }
     }
 
@@ -36,6 +40,7 @@ impl EntryKind {
             "access" => Some(EntryKind::Access),
             "authentication" => Some(EntryKind::Authentication),
             "admin" => Some(EntryKind::Admin),
+            "audit_read" => Some(EntryKind::AuditRead),
             _ => None,
         }
     }
@@ -113,7 +118,8 @@ pub struct AuditEvent {
     pub payload_digest: String,
     /// Broker time spent, microseconds.
     pub latency_us: u64,
-    /// Admin entries: action, e.g. `grant.revoke`.
+    /// Admin entries: action, e.g. `grant.revoke`; authentication and audit
+    /// read entries: the RPC, e.g. `Audit.SubjectHistory`.
     pub action: String,
     /// Admin entries: object acted on, e.g. the grant id.
     pub target: String,

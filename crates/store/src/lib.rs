@@ -276,8 +276,9 @@ pub trait Store: Send + Sync + 'static {
     async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>>;
     /// Entries matching a query, in sequence order.
     async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>>;
-    /// Entries of one subject across all logs, newest first, at most `limit`
-    /// (0: no limit); an empty `subject_hash` matches nothing.
+    /// Access entries of one subject across all logs (its records looked up,
+    /// not reads of its history), newest first, at most `limit` (0: no
+    /// limit); an empty `subject_hash` matches nothing.
     async fn subject_entries(
         &self,
         subject_hash: &str,

@@ -660,7 +660,7 @@ fn append_refused(run: &Run<'_>, size: Option<i64>) -> Result<StoreError> {
 /// HMAC's bytes, `$2` the earliest time, `$3` the limit.
 fn subject_query() -> String {
     format!(
-        "{ENTRY_SELECT} WHERE e.subject_hash = $1 AND e.time_us >= $2 \
+        "{ENTRY_SELECT} WHERE e.subject_hash = $1 AND e.time_us >= $2 AND e.kind = 'access' \
          ORDER BY e.time_us DESC, l.log_id, e.sequence DESC LIMIT $3"
     )
 }

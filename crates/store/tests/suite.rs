@@ -68,6 +68,7 @@ on_both_backends! {
     grants => check_grants,
     record_types => check_record_types,
     change_feed => check_change_feed,
+    registry_changes_move_the_counter => check_registry_changes_move_the_counter,
     logs => check_logs,
     append_is_dense_and_atomic => check_append_is_dense_and_atomic,
     appends_batches_of_every_size_exactly => check_appends_batches_of_every_size_exactly,
@@ -412,6 +413,64 @@ async fn check_change_feed(store: Arc<dyn Store>) {
     receive(&mut rx, 2, Duration::from_secs(1)).await;
 }
 
+async fn check_registry_changes_move_the_counter(store: Arc<dyn Store>) {
+    // Each change moves the counter in its own transaction: a broker that
+    // fails between a change and its announcement still leaves every replica
+    // able to see that something changed.
+    let mut rx = store.subscribe_changes();
+    let mut last = store.change_counter().await.unwrap();
+    let mut moved = async |what: &str| {
+        let now = store.change_counter().await.unwrap();
+        assert!(now > last, "{what} did not move the change counter ({last} -> {now})");
+        last = now;
+    };
+    let mut m = member("tax-office", vec![Role::Consumer]);
+    store.insert_member(&m).await.unwrap();
+    moved("insert_member").await;
+    m.enabled = false;
+    store.update_member(&m).await.unwrap();
+    moved("update_member").await;
+    let endpoint = Endpoint {
+        id: "e-1".into(),
+        provider: id("civil-status"),
+        url: "https://a:443".into(),
+        created_at: at(3),
+    };
+    store.insert_endpoint(&endpoint).await.unwrap();
+    moved("insert_endpoint").await;
+    store.delete_endpoint("e-1").await.unwrap();
+    moved("delete_endpoint").await;
+    store
+        .insert_grant(&grant("g-1", "tax-office", "ee.civil.person", 1))
+        .await
+        .unwrap();
+    moved("insert_grant").await;
+    store.revoke_grant("g-1", "done", at(3)).await.unwrap();
+    moved("revoke_grant").await;
+    store
+        .insert_record_type_version(&record_type("ee.civil.person", 1))
+        .await
+        .unwrap();
+    moved("insert_record_type_version").await;
+    store
+        .deprecate_record_type_version("ee.civil.person", 1, "use v2")
+        .await
+        .unwrap();
+    moved("deprecate_record_type_version").await;
+    // A refused change moves nothing.
+    assert!(
+        store
+            .insert_grant(&grant("g-1", "tax-office", "ee.civil.person", 1))
+            .await
+            .is_err()
+    );
+    assert_eq!(store.change_counter().await.unwrap(), last);
+    if store.backend() == Backend::Postgres {
+        // Announced to the listening replicas too, without publish_change.
+        receive(&mut rx, last, Duration::from_secs(5)).await;
+    }
+}
+
 async fn check_logs(store: Arc<dyn Store>) {
     let first = store.ensure_log(&log_info("log-b")).await.unwrap();
     assert_eq!(first, log_info("log-b"));
@@ -754,9 +813,16 @@ async fn check_subject_entries(store: Arc<dyn Store>) {
     with_log(&store, "log-a", 0).await;
     with_log(&store, "log-b", 0).await;
     let subject = |mut e: StoredEntry, hash: &str, minute: u8| {
+        e.kind = EntryKind::Access;
         e.subject_hash = hash.into();
         e.time = at(minute);
         e
+    };
+    // Someone reading the subject's history names it too, but did not look
+    // its records up.
+    let history_read = |e: StoredEntry, hash: &str, minute: u8| StoredEntry {
+        kind: EntryKind::AuditRead,
+        ..subject(e, hash, minute)
     };
     store
         .append_entries(&[
@@ -764,6 +830,7 @@ async fn check_subject_entries(store: Arc<dyn Store>) {
             subject(entry("log-a", 1), "bb22", 2),
             subject(entry("log-a", 2), "aa11", 5),
             entry("log-a", 3),
+            history_read(entry("log-a", 4), "aa11", 8),
         ])
         .await
         .unwrap();
@@ -1011,7 +1078,8 @@ async fn postgres_concurrent_opens_of_a_fresh_database_both_succeed() {
     let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     a.insert_member(&member("admin", vec![Role::Admin])).await.unwrap();
     assert_eq!(b.list_members().await.unwrap().len(), 1);
-    assert_eq!(c.change_counter().await.unwrap(), 0);
+    // One database, one counter, moved once by the one change.
+    assert_eq!(c.change_counter().await.unwrap(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,276 @@
+//! Requests refused for their shape or their caller's roles: each is answered
+//! with a status a person can act on and lands in the access log, bounded.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::client::Clients;
+use lienthong_cli::federation::{
+    CITIZEN_PORTAL, Federation, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT,
+};
+use sqlx::sqlite::SqlitePoolOptions;
+use std::time::Duration;
+use tonic::Code;
+
+/// The newest entries of the broker's log matching `filter`, newest last.
+async fn entries(fed: &Federation, filter: pb::EntryFilter) -> Vec<pb::AuditEntry> {
+    let auditor = client(fed, STATE_AUDIT).await;
+    auditor
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(filter),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+fn by(actor: &str, kind: pb::EntryKind) -> pb::EntryFilter {
+    pb::EntryFilter {
+        actor: actor.into(),
+        kind: kind as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn oversized_names_are_refused_and_logged_clipped() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 5);
+
+    let mut long_type = birth_lookup(&subject, PURPOSE_CERTIFICATE);
+    long_type.record_type = "civil_status.birth_record".repeat(8_000);
+    let err = office.exchange().lookup(long_type).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("record_type is 200000 bytes; at most 128"),
+        "{}",
+        err.message()
+    );
+
+    let mut long_purpose = birth_lookup(&subject, PURPOSE_CERTIFICATE);
+    long_purpose.purpose = "p".repeat(100_000);
+    let err = office.exchange().lookup(long_purpose).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("purpose is 100000 bytes"), "{}", err.message());
+
+    let mut long_field = birth_lookup(&subject, PURPOSE_CERTIFICATE);
+    long_field.fields = vec![format!("/{}", "f".repeat(50_000))];
+    let err = office.exchange().lookup(long_field).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().len() < 200,
+        "the pointer is not echoed: {} bytes",
+        err.message().len()
+    );
+
+    // A long request id is clipped, not refused: the answer says which id it got.
+    let mut long_id = birth_lookup(&subject, PURPOSE_CERTIFICATE);
+    long_id.request_id = "é".repeat(1_000);
+    let r = office.exchange().lookup(long_id).await.unwrap().into_inner();
+    assert_eq!(r.request_id, "é".repeat(64));
+
+    let logged = entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await;
+    let refused: Vec<_> = logged
+        .iter()
+        .filter(|e| e.outcome == pb::Outcome::Invalid as i32)
+        .collect();
+    assert_eq!(refused.len(), 3, "every refusal is logged");
+    for e in &refused {
+        assert!(e.reason.starts_with("oversized_request: "), "{}", e.reason);
+        assert!(
+            e.leaf_json.len() < 2_000,
+            "a refused request logs {} bytes",
+            e.leaf_json.len()
+        );
+    }
+    assert_eq!(refused[0].record_type.len(), 128);
+    assert_eq!(refused[1].purpose.len(), 128);
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_malformed_item_query_in_a_collect_is_refused_and_logged() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let err = office
+        .exchange()
+        .collect(pb::CollectRequest {
+            query_json: serde_json::json!({ "national_id": citizen_id(&fed, 6) }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            items: vec![pb::CollectItem {
+                record_type: "civil_status.birth_record".into(),
+                query_json: "{".into(),
+                ..Default::default()
+            }],
+            request_id: "collect-with-a-bad-item".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("items[].query_json is not valid JSON"),
+        "{}",
+        err.message()
+    );
+
+    let logged = entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await;
+    let e = logged
+        .iter()
+        .find(|e| e.request_id == "collect-with-a-bad-item")
+        .expect("the refused collect is logged");
+    assert_eq!(e.outcome, pb::Outcome::Invalid as i32);
+    assert!(e.reason.starts_with("invalid_query: "), "{}", e.reason);
+    fed.shutdown().await.unwrap();
+}
+
+/// A lookup sent with a raw `grpc-timeout` header.
+async fn lookup_with_timeout(office: &Clients, subject: &str, timeout: &'static str) -> Result<(), tonic::Status> {
+    let mut request = tonic::Request::new(birth_lookup(subject, PURPOSE_CERTIFICATE));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", tonic::metadata::MetadataValue::from_static(timeout));
+    office.exchange().lookup(request).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn a_grpc_timeout_outside_the_spec_is_ignored() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 7);
+    // Nineteen digits overflowed the deadline's arithmetic (the handler
+    // panicked, unaudited); nine break the spec's bound of eight. Each is no
+    // deadline, as tonic treats them.
+    for timeout in [
+        "9999999999999999999S",
+        "99999999999999999999S",
+        "999999999H",
+        "-5S",
+        "+5S",
+    ] {
+        lookup_with_timeout(&office, &subject, timeout)
+            .await
+            .unwrap_or_else(|e| panic!("grpc-timeout {timeout}: {e:?}"));
+    }
+    // The largest the spec allows is a deadline, far away.
+    lookup_with_timeout(&office, &subject, "99999999H").await.unwrap();
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn reads_of_a_citizens_history_and_refused_audit_requests_are_logged() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let portal = client(&fed, CITIZEN_PORTAL).await;
+    let subject = citizen_id(&fed, 8);
+    look_up_birth(&office, &subject).await.unwrap();
+
+    let history = async || {
+        portal
+            .audit()
+            .subject_history(pb::SubjectHistoryRequest {
+                subject_key: subject.clone(),
+                since: None,
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .accesses
+    };
+    let first = history().await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    // Reads of the history are logged but are not accesses to the records.
+    assert_eq!(history().await.len(), 1);
+
+    let reads = entries(&fed, by(CITIZEN_PORTAL, pb::EntryKind::AuditRead)).await;
+    assert_eq!(reads.len(), 2, "{reads:?}");
+    let lookup = &entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await[0];
+    for r in &reads {
+        assert_eq!(r.action, "Audit.SubjectHistory");
+        assert_eq!(r.outcome, pb::Outcome::Allowed as i32);
+        assert_eq!(
+            r.subject_hash, lookup.subject_hash,
+            "the read names the citizen by HMAC"
+        );
+        assert!(!r.leaf_json.contains(&subject), "no national id in clear");
+    }
+
+    // A consumer may not read the log; the refusal is on the record.
+    let err = office
+        .audit()
+        .query_entries(pb::QueryEntriesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = office
+        .audit()
+        .subject_history(pb::SubjectHistoryRequest {
+            subject_key: subject.clone(),
+            since: None,
+            limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let refused = entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::AuditRead)).await;
+    let actions: Vec<(&str, i32)> = refused.iter().map(|e| (e.action.as_str(), e.outcome)).collect();
+    assert_eq!(
+        actions,
+        [
+            ("Audit.QueryEntries", pb::Outcome::Denied as i32),
+            ("Audit.SubjectHistory", pb::Outcome::Denied as i32)
+        ]
+    );
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_grant_revoked_in_the_database_alone_stops_lookups_within_seconds() {
+    // What a revocation whose audit entry or announcement failed after its
+    // commit leaves behind: the change is in the database and nothing else.
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, lienthong_cli::federation::ADMIN).await;
+    let tax = client(&fed, TAX_DEPT).await;
+    let g = admin
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            consumer: TAX_DEPT.into(),
+            record_type: "civil_status.birth_record".into(),
+            fields: vec!["/full_name".into()],
+            purposes: vec!["tax-law-38-2019/art-17".into()],
+            valid_from: None,
+            valid_until: None,
+            rate_limit_per_minute: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lookup = birth_lookup(&citizen_id(&fed, 9), "tax-law-38-2019/art-17");
+    tax.exchange().lookup(lookup.clone()).await.unwrap();
+
+    let path = fed.dir.join("broker-data/lienthong.db");
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE grants SET revoked_at_us = 0, revoked_reason = 'revoked in the database' WHERE id = ?")
+        .bind(&g.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            matches!(tax.exchange().lookup(lookup.clone()).await, Err(e) if e.code() == Code::PermissionDenied)
+        })
+        .await,
+        "the broker reloads a change it did not make"
+    );
+    fed.shutdown().await.unwrap();
+}
