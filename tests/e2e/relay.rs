@@ -200,11 +200,16 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
     assert!(err.message().contains("not UTF-8"), "{}", err.message());
-    // An answer past the 4 MiB limit is refused, not buffered.
+    // An answer past the 4 MiB limit is refused, not buffered: the register
+    // broke the protocol, as a record breaking its schema does.
     raw_provider.set_answer(format!("\"{}\"", "x".repeat(5 * 1024 * 1024)));
     let err = look_up_birth(&office, &subject).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("OutOfRange"), "{}", err.message());
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(
+        err.message().contains("larger than") && err.message().contains("nothing was passed on"),
+        "{}",
+        err.message()
+    );
     raw.shutdown().await;
 
     // Drops the connection mid-call.
@@ -229,6 +234,7 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
         "provider_timeout",
         "provider_invalid_record",
         "provider_malformed_record",
+        "provider_malformed_answer",
         "provider_unavailable",
     ] {
         assert!(failed.iter().any(|e| e.reason.starts_with(reason)), "{reason} audited");
@@ -317,6 +323,29 @@ async fn the_circuit_breaker_opens_and_closes_again() {
         .await
         .expect("probe succeeds, circuit closes");
     look_up_birth(&office, &subject).await.expect("closed circuit");
+    server.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn consumers_with_short_deadlines_do_not_open_the_circuit_for_everyone() {
+    let (_dir, fed, office, subject, faulty, server) = with_faulty_register(
+        "\n[relay]\nbreaker_failures = 3\nbreaker_open_ms = 60000\nmax_retries = 0\nprovider_timeout_ms = 3000\n",
+        80,
+    )
+    .await;
+    // Slower than these consumers will wait, well within the provider timeout.
+    faulty.set_mode(FaultMode::Sleep(Duration::from_millis(400)));
+    for _ in 0..5 {
+        let mut req = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
+        req.set_timeout(Duration::from_millis(100));
+        let err = office.exchange().lookup(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    }
+    // Patient consumers are still served.
+    look_up_birth(&office, &subject)
+        .await
+        .expect("the circuit stays closed: the register did nothing wrong");
     server.shutdown().await;
     fed.shutdown().await.unwrap();
 }

@@ -656,6 +656,7 @@ impl Broker {
             }
             None => now + timeout,
         };
+        let deadline_is_callers = deadline < now + timeout;
         let fetch = FetchRequest {
             record_type: rt.name().to_string(),
             schema_version: rt.version_number(),
@@ -670,13 +671,18 @@ impl Broker {
         // Boxed: the provider call's state (tonic client, timers) is the bulk of a
         // lookup's future; inline, every lookup would carry it from its first
         // poll to its last, boxed only while the call runs.
-        let fetched = Box::pin(self.relay.fetch(provider, fetch, deadline, &ctx.caller_trace)).await;
+        let fetched = Box::pin(
+            self.relay
+                .fetch(provider, fetch, deadline, deadline_is_callers, &ctx.caller_trace),
+        )
+        .await;
         let call_outcome = match &fetched {
             Ok(_) => CallOutcome::Ok,
             Err(RelayError::NotFound) => CallOutcome::NotFound,
             Err(RelayError::Rejected) => CallOutcome::Rejected,
             Err(RelayError::Unavailable(_)) => CallOutcome::Unavailable,
             Err(RelayError::Deadline(_)) => CallOutcome::Timeout,
+            Err(RelayError::Malformed(_)) => CallOutcome::Malformed,
         };
         self.metrics
             .provider_call(provider, call_outcome, call_started.elapsed());
@@ -701,6 +707,15 @@ impl Broker {
                 BrokerError::DeadlineExceeded(format!(
                     "register {provider} did not answer within {} ms",
                     d.as_millis()
+                )),
+            ),
+            // The register is at fault, as for a record that breaks its schema.
+            RelayError::Malformed(why) => fail(
+                Outcome::Failed,
+                "provider_malformed_answer",
+                BrokerError::InvalidProviderRecord(format!(
+                    "register {provider} answered outside the gRPC protocol for {}: {why}; nothing was passed on",
+                    rt.name()
                 )),
             ),
         })?;

@@ -77,15 +77,18 @@ pub enum CallOutcome {
     Unavailable,
     /// No answer in time.
     Timeout,
+    /// An answer outside the gRPC protocol (compressed, truncated, oversized).
+    Malformed,
 }
 
 impl CallOutcome {
-    const ALL: [CallOutcome; 5] = [
+    const ALL: [CallOutcome; 6] = [
         CallOutcome::Ok,
         CallOutcome::NotFound,
         CallOutcome::Rejected,
         CallOutcome::Unavailable,
         CallOutcome::Timeout,
+        CallOutcome::Malformed,
     ];
 
     /// Label value.
@@ -96,6 +99,7 @@ impl CallOutcome {
             CallOutcome::Rejected => "rejected",
             CallOutcome::Unavailable => "unavailable",
             CallOutcome::Timeout => "timeout",
+            CallOutcome::Malformed => "malformed",
         }
     }
 
@@ -187,7 +191,7 @@ struct RequestSeries {
 
 /// The series of one provider, by call outcome.
 struct ProviderSeries {
-    calls: [Counter; 5],
+    calls: [Counter; CallOutcome::ALL.len()],
     seconds: Histogram,
 }
 

@@ -33,6 +33,26 @@ pub enum RelayError {
     /// No answer before the deadline.
     #[error("the register did not answer within {0:?}")]
     Deadline(Duration),
+    /// The register's answer broke the gRPC protocol (compressed although
+    /// none was asked for, truncated, oversized, undecodable, no status):
+    /// nothing of it is used.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// Why one call to an endpoint brought no record.
+#[derive(Debug)]
+enum CallError {
+    /// The register, or the HTTP/2 connection, answered with this status.
+    Status(tonic::Status),
+    /// The register answered, but not in the gRPC protocol.
+    Malformed(String),
+}
+
+impl From<tonic::Status> for CallError {
+    fn from(status: tonic::Status) -> Self {
+        CallError::Status(status)
+    }
 }
 
 /// State of one endpoint's circuit breaker.
@@ -198,7 +218,7 @@ impl Conn {
 
     /// One unary `Fetch` on this connection: `metadata` as headers, then the
     /// framed request.
-    async fn fetch(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, tonic::Status> {
+    async fn fetch(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, CallError> {
         // Not ready means the connection closed before the request left, so
         // the call may go elsewhere.
         let closed = |e: h2::Error| tonic::Status::unavailable(format!("the connection to the register closed: {e}"));
@@ -308,17 +328,17 @@ fn h2_status(e: h2::Error) -> tonic::Status {
 /// Reads a unary gRPC answer: headers, at most [`MAX_RESPONSE_BYTES`] of
 /// message, trailers; the status is the trailers' (or the headers' in a
 /// trailers-only answer).
-async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result<FetchAnswer, tonic::Status> {
+async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result<FetchAnswer, CallError> {
     let (head, mut body) = response.into_parts();
     if head.status != http::StatusCode::OK {
-        return Err(http_status(head.status));
+        return Err(http_status(head.status).into());
     }
     if let Some(status) = tonic::Status::from_header_map(&head.headers) {
         // Trailers-only: the status came with the headers and no message follows.
         return Err(if status.code() == Code::Ok {
-            tonic::Status::internal("the register answered OK without a message")
+            CallError::Malformed("the register answered OK without a message".into())
         } else {
-            status
+            status.into()
         });
     }
     let grpc = head
@@ -327,8 +347,8 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     if !grpc {
-        return Err(tonic::Status::unknown(
-            "the register answered without the gRPC content type",
+        return Err(CallError::Malformed(
+            "the register answered without the gRPC content type".into(),
         ));
     }
     let mut message = bytes::BytesMut::new();
@@ -337,21 +357,22 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
         // Hand the window back at once: the whole answer is read here anyway.
         let _ = body.flow_control().release_capacity(chunk.len());
         if message.len() + chunk.len() > MAX_RESPONSE_BYTES + 5 {
-            return Err(tonic::Status::out_of_range(format!(
+            return Err(CallError::Malformed(format!(
                 "the register's answer is larger than {MAX_RESPONSE_BYTES} bytes"
             )));
         }
         message.extend_from_slice(&chunk);
     }
     let trailers = body.trailers().await.map_err(h2_status)?;
-    let status = trailers
-        .as_ref()
-        .and_then(tonic::Status::from_header_map)
-        .unwrap_or_else(|| tonic::Status::internal("the register's answer ended without a gRPC status"));
+    let Some(status) = trailers.as_ref().and_then(tonic::Status::from_header_map) else {
+        return Err(CallError::Malformed(
+            "the register's answer ended without a gRPC status".into(),
+        ));
+    };
     if status.code() != Code::Ok {
-        return Err(status);
+        return Err(status.into());
     }
-    decode_grpc_frame(message.freeze())
+    decode_grpc_frame(message.freeze()).map_err(CallError::Malformed)
 }
 
 /// `lienthong.provider.v1.FetchResponse` as the relay reads it: the same
@@ -368,23 +389,18 @@ struct FetchAnswer {
 }
 
 /// The one message of a unary answer.
-fn decode_grpc_frame(mut frame: Bytes) -> Result<FetchAnswer, tonic::Status> {
+fn decode_grpc_frame(mut frame: Bytes) -> Result<FetchAnswer, String> {
     let Some(&[compressed, a, b, c, d]) = frame.first_chunk::<5>() else {
-        return Err(tonic::Status::internal("the register answered OK without a message"));
+        return Err("the register answered OK without a message".into());
     };
     let message = frame.split_off(5);
     if compressed != 0 {
-        return Err(tonic::Status::internal(
-            "the register compressed its answer, but the broker asked for none",
-        ));
+        return Err("the register compressed its answer, but the broker asked for none".into());
     }
     if u32::from_be_bytes([a, b, c, d]) as usize != message.len() {
-        return Err(tonic::Status::internal(
-            "the register's answer is not exactly one length-prefixed message",
-        ));
+        return Err("the register's answer is not exactly one length-prefixed message".into());
     }
-    FetchAnswer::decode(message)
-        .map_err(|e| tonic::Status::internal(format!("the register's answer could not be decoded: {e}")))
+    FetchAnswer::decode(message).map_err(|e| format!("the register's answer could not be decoded: {e}"))
 }
 
 /// The gRPC code for an HTTP status other than 200, as the gRPC spec maps them.
@@ -424,11 +440,11 @@ pub struct EndpointState {
 
 impl EndpointState {
     /// One `Fetch` on the connection [`next_connection`] picks.
-    async fn call(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, tonic::Status> {
+    async fn call(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, CallError> {
         let calls = self.conns.iter().map(|c| c.calls.load(Ordering::Relaxed));
         let i = next_connection(calls, &self.next_conn, self.conns.len());
         let Some(conn) = self.conns.get(i) else {
-            return Err(tonic::Status::unavailable("endpoint has no connection"));
+            return Err(tonic::Status::unavailable("endpoint has no connection").into());
         };
         conn.fetch(metadata, frame).await
     }
@@ -479,6 +495,17 @@ impl EndpointState {
                 Breaker::HalfOpen { probing } => !probing,
             },
             Err(_) => false,
+        }
+    }
+
+    /// A call that ended at its caller's deadline, shorter than the provider
+    /// timeout: it says nothing of the endpoint, but hands a half-open probe
+    /// back so that the next call can probe.
+    fn inconclusive(&self) {
+        if let Ok(mut b) = self.breaker.lock()
+            && let Breaker::HalfOpen { probing: true } = *b
+        {
+            *b = Breaker::HalfOpen { probing: false };
         }
     }
 
@@ -643,6 +670,10 @@ impl Relay {
     }
 
     /// Fetches one record, returning the provider's record JSON text.
+    /// `deadline_is_callers` says the deadline is the consumer's, shorter than
+    /// the provider timeout: a call it cuts short does not count against the
+    /// endpoint's circuit breaker, or one impatient consumer could open it for
+    /// everyone.
     ///
     /// Runs in a `provider_call` span; every attempt carries that span's trace
     /// context to the provider (`traceparent`), so the register's span is its
@@ -653,6 +684,7 @@ impl Relay {
         provider: &str,
         request: FetchRequest,
         deadline: Instant,
+        deadline_is_callers: bool,
         caller_trace: &SpanContext,
     ) -> Result<Bytes, RelayError> {
         let span = tracing::info_span!(
@@ -667,7 +699,7 @@ impl Relay {
             outcome = tracing::field::Empty,
         );
         let result = self
-            .fetch_in(provider, request, deadline, caller_trace, &span)
+            .fetch_in(provider, request, deadline, deadline_is_callers, caller_trace, &span)
             .instrument(span.clone())
             .await;
         let outcome = match &result {
@@ -676,9 +708,13 @@ impl Relay {
             Err(RelayError::Rejected) => "rejected",
             Err(RelayError::Unavailable(_)) => "unavailable",
             Err(RelayError::Deadline(_)) => "timeout",
+            Err(RelayError::Malformed(_)) => "malformed",
         };
         span.record("outcome", outcome);
-        if matches!(result, Err(RelayError::Unavailable(_) | RelayError::Deadline(_))) {
+        if matches!(
+            result,
+            Err(RelayError::Unavailable(_) | RelayError::Deadline(_) | RelayError::Malformed(_))
+        ) {
             span.record("otel.status_code", "ERROR");
         }
         result
@@ -689,6 +725,7 @@ impl Relay {
         provider: &str,
         request: FetchRequest,
         deadline: Instant,
+        deadline_is_callers: bool,
         caller_trace: &SpanContext,
         span: &tracing::Span,
     ) -> Result<Bytes, RelayError> {
@@ -754,16 +791,27 @@ impl Relay {
                 self.config.breaker_failures,
                 Duration::from_millis(self.config.breaker_open_ms),
             );
+            let timed_out = || {
+                if deadline_is_callers {
+                    ep.inconclusive();
+                } else {
+                    ep.record(false, threshold, open_for, provider);
+                }
+                Err(RelayError::Deadline(total))
+            };
             let status = match result {
                 Ok(Ok(resp)) => {
                     ep.record(true, threshold, open_for, provider);
                     return Ok(resp.record_json);
                 }
-                Ok(Err(status)) => status,
-                Err(_) => {
+                Ok(Err(CallError::Status(status))) => status,
+                Ok(Err(CallError::Malformed(why))) => {
+                    // A register answering garbage is as broken as one not answering.
                     ep.record(false, threshold, open_for, provider);
-                    return Err(RelayError::Deadline(total));
+                    tracing::warn!(provider = %provider, endpoint = %ep.id, why = %why, "provider answer malformed");
+                    return Err(RelayError::Malformed(why));
                 }
+                Err(_) => return timed_out(),
             };
             match status.code() {
                 Code::NotFound => {
@@ -775,8 +823,7 @@ impl Relay {
                     return Err(RelayError::Rejected);
                 }
                 Code::DeadlineExceeded | Code::Cancelled if Instant::now() >= deadline => {
-                    ep.record(false, threshold, open_for, provider);
-                    return Err(RelayError::Deadline(total));
+                    return timed_out();
                 }
                 Code::Unavailable => {
                     ep.record(false, threshold, open_for, provider);
@@ -963,9 +1010,8 @@ mod tests {
             ),
             (framed(0, &[0xff, 0xff], 2), "could not be decoded"),
         ] {
-            let status = decode_grpc_frame(frame.into()).unwrap_err();
-            assert_eq!(status.code(), Code::Internal, "{status:?}");
-            assert!(status.message().contains(says), "{}", status.message());
+            let why = decode_grpc_frame(frame.into()).unwrap_err();
+            assert!(why.contains(says), "{why}");
         }
     }
 

@@ -122,6 +122,7 @@ impl RecordProvider for Bare {
             &self.provider,
             request.into_inner(),
             deadline,
+            false,
             &SpanContext::empty_context(),
         ))
         .await;
@@ -134,6 +135,7 @@ impl RecordProvider for Bare {
             Err(RelayError::Rejected) => Err(Status::invalid_argument("the register could not use the query")),
             Err(e @ RelayError::Unavailable(_)) => Err(Status::unavailable(e.to_string())),
             Err(e @ RelayError::Deadline(_)) => Err(Status::deadline_exceeded(e.to_string())),
+            Err(RelayError::Malformed(why)) => Err(Status::data_loss(why)),
         }
     }
 }
