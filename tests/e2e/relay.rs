@@ -242,6 +242,87 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     fed.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_parent() {
+    let (_dir, fed) = federation().await;
+    let name = "civil_status.adoption_record";
+    // An open schema: valid records may carry keys it does not declare.
+    let record_schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "full_name": {"type": "string"},
+            "adoptive_parent": {"type": "object", "properties": {"full_name": {"type": "string"}}}
+        }
+    });
+    client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(pb::RecordTypeDefinition {
+                name: name.into(),
+                description: "Adoption record".into(),
+                owner: CIVIL_STATUS.into(),
+                query_schema_json: serde_json::json!({
+                    "type": "object",
+                    "properties": {"national_id": {"type": "string"}},
+                    "required": ["national_id"]
+                })
+                .to_string(),
+                record_schema_json: record_schema.to_string(),
+                subject_key: "national_id".into(),
+            }),
+            compatibility: 0,
+        })
+        .await
+        .unwrap();
+    let admin = client(&fed, ADMIN).await;
+    admin
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            consumer: JUDICIAL_OFFICE.into(),
+            record_type: name.into(),
+            fields: vec!["/adoptive_parent".into(), "/full_name".into()],
+            purposes: vec![PURPOSE_CERTIFICATE.into()],
+            valid_from: None,
+            valid_until: None,
+            rate_limit_per_minute: 0,
+        })
+        .await
+        .unwrap();
+    let raw = testing::start_raw_server(
+        RawProvider::new(
+            serde_json::json!({
+                "full_name": "Pham Van D",
+                "adoptive_parent": {"full_name": "Pham Thi E", "national_id": "001070000001"},
+                "national_id": "001099000002"
+            })
+            .to_string(),
+        ),
+        civil_tls(&fed),
+    )
+    .await
+    .unwrap();
+    replace_civil_endpoint(&fed, &raw.url()).await;
+    let r = client(&fed, JUDICIAL_OFFICE)
+        .await
+        .exchange()
+        .lookup(pb::LookupRequest {
+            record_type: name.into(),
+            query_json: serde_json::json!({ "national_id": citizen_id(&fed, 81) }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&r.record_json).unwrap(),
+        serde_json::json!({"full_name": "Pham Van D", "adoptive_parent": {"full_name": "Pham Thi E"}})
+    );
+    raw.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
 /// Starts a lookup, waits until the register is working on it, then hangs
 /// up: the consumer's call is dropped mid-flight.
 async fn hang_up_once_the_register_has_it(office: &lienthong_cli::client::Clients, faulty: &Faulty, subject: &str) {

@@ -752,10 +752,13 @@ impl Broker {
                     ),
                 )
             })?;
-            // A request naming no fields gets its grant's fields, compiled with the snapshot.
-            let written = match snapshot.grant_selection(&allowed.grant_id) {
+            // A request naming no fields gets its grant's fields, compiled with
+            // the snapshot; either way, only what the schema declares leaves.
+            let written = match snapshot.grant_selection(&allowed.grant_id, rt.version_number()) {
                 Some(selection) if item.fields.is_empty() => selection.to_json(&record),
-                _ => FieldSelection::from_fields(&allowed.fields).to_json(&record),
+                _ => FieldSelection::from_fields(&allowed.fields)
+                    .intersect(rt.shape())
+                    .to_json(&record),
             };
             written.map_err(|e| {
                 fail(

@@ -164,6 +164,20 @@ fn benches(c: &mut Criterion) {
     c.bench_function("filter/20_fields/write_all_fields", |b| {
         b.iter(|| black_box(everything.to_json(black_box(&record))))
     });
+    // What a grant of every field writes now: the schema's declared fields only.
+    let within_shape = everything.intersect(compiled.shape());
+    assert_eq!(
+        within_shape.apply(&record),
+        record,
+        "the record declares every key it has"
+    );
+    c.bench_function("filter/20_fields/write_all_fields_within_shape", |b| {
+        b.iter(|| black_box(within_shape.to_json(black_box(&record))))
+    });
+    let selected_within_shape = selection.intersect(compiled.shape());
+    c.bench_function("filter/20_fields/write_with_prebuilt_selection_within_shape", |b| {
+        b.iter(|| black_box(selected_within_shape.to_json(black_box(&record))))
+    });
     c.bench_function("filter/20_fields/copy_and_write_all_fields", |b| {
         b.iter(|| black_box(filter_record(black_box(&record), black_box(&GrantFields::All)).to_string()))
     });

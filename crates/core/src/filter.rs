@@ -2,7 +2,10 @@
 //!
 //! Pointers follow the grant convention: object properties by name, array
 //! levels transparent (`/previous_names/family_name` keeps `family_name` in
-//! every item of `previous_names`). Selecting a field keeps all of it.
+//! every item of `previous_names`). Selecting a field keeps all of it; the
+//! lookup path intersects a grant's selection with the record type's
+//! [`FieldSelection::shape`], so that "all of it" is what the schema declares
+//! and a register's undeclared keys never pass through.
 
 use crate::grant::GrantFields;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
@@ -39,6 +42,36 @@ impl Node {
             .binary_search_by(|(n, _)| n.as_str().cmp(name))
             .ok()
             .map(|i| &self.children[i].1)
+    }
+
+    /// What both `self` and `other` select.
+    fn intersect(&self, other: &Node) -> Node {
+        match (self.whole, other.whole) {
+            (true, true) => Node {
+                whole: true,
+                children: Vec::new(),
+            },
+            (true, false) => other.clone(),
+            (false, true) => self.clone(),
+            (false, false) => Node {
+                whole: false,
+                children: self
+                    .children
+                    .iter()
+                    .filter_map(|(name, mine)| other.child(name).map(|theirs| (name.clone(), mine.intersect(theirs))))
+                    .collect(),
+            },
+        }
+    }
+
+    /// Marks every node without children whole: the leaves of a shape.
+    fn mark_leaves(&mut self) {
+        if self.children.is_empty() {
+            self.whole = true;
+        }
+        for (_, child) in &mut self.children {
+            child.mark_leaves();
+        }
     }
 
     /// True when [`Node::apply`] keeps something of `value`: scalars hold no
@@ -145,6 +178,36 @@ impl FieldSelection {
             node.whole = true;
         }
         FieldSelection { root }
+    }
+
+    /// The shape of a record type from its declared field pointers (parents
+    /// and children alike, as [`crate::schema::RecordTypeDefinition::field_pointers`]
+    /// lists them): each declared field that declares no fields of its own is
+    /// kept whole, and nothing else is kept. An object that declares its
+    /// properties is cut down to them, whatever else the register sends.
+    pub fn shape(declared: &[String]) -> Self {
+        let mut root = Node::default();
+        for pointer in declared {
+            let Some(rest) = pointer.strip_prefix('/') else {
+                continue;
+            };
+            let mut node = &mut root;
+            for segment in rest.split('/') {
+                node = node.child_mut(unescape(segment));
+            }
+        }
+        // A shape that declares nothing keeps nothing, not everything.
+        for (_, child) in &mut root.children {
+            child.mark_leaves();
+        }
+        FieldSelection { root }
+    }
+
+    /// What both selections keep.
+    pub fn intersect(&self, other: &FieldSelection) -> Self {
+        FieldSelection {
+            root: self.root.intersect(&other.root),
+        }
     }
 
     /// A selection keeping everything.
@@ -350,7 +413,61 @@ mod tests {
         prop::collection::vec(pointer, 0..5)
     }
 
+    fn declared() -> FieldSelection {
+        FieldSelection::shape(
+            &[
+                "/birth_date",
+                "/father",
+                "/father/full_name",
+                "/full_name",
+                "/previous_names",
+                "/previous_names/family_name",
+                "/tags",
+            ]
+            .map(String::from),
+        )
+    }
+
+    #[test]
+    fn a_shape_keeps_declared_leaves_whole_and_drops_undeclared_keys() {
+        let mut rec = record();
+        rec["father"]["smuggled"] = json!("001060000009");
+        rec["undeclared"] = json!({"national_id": "001060000010"});
+        assert_eq!(
+            declared().apply(&rec),
+            json!({
+                "full_name": "Nguyen Van A",
+                "birth_date": "1990-01-02",
+                "father": {"full_name": "Nguyen Van B"},
+                "previous_names": [{"family_name": "Tran"}, {"family_name": "Le"}],
+                "tags": ["x", "y"]
+            })
+        );
+        assert_eq!(FieldSelection::shape(&[]).apply(&rec), json!({}));
+    }
+
+    #[test]
+    fn a_parent_grant_within_the_shape_keeps_only_declared_children() {
+        let mut rec = record();
+        rec["father"]["smuggled"] = json!("001060000009");
+        let grant = FieldSelection::new(&["/father".to_string()]);
+        let released = grant.intersect(&declared()).to_json(&rec).unwrap();
+        assert_eq!(released, r#"{"father":{"full_name":"Nguyen Van B"}}"#);
+        let everything = FieldSelection::all().intersect(&declared());
+        assert_eq!(everything, declared(), "a grant of every field is the shape");
+    }
+
     proptest! {
+        /// Intersecting is filtering twice, in either order: no field leaves
+        /// that either side would have cut.
+        #[test]
+        fn an_intersection_is_both_filters(record in value(), a in pointer_set(), b in pointer_set()) {
+            let (a, b) = (FieldSelection::new(&a), FieldSelection::new(&b));
+            let both = a.intersect(&b).apply(&record);
+            prop_assert_eq!(&both, &a.apply(&b.apply(&record)));
+            prop_assert_eq!(&both, &b.apply(&a.apply(&record)));
+        }
+
         /// The lookup path writes `to_json`; auditors and tests reason about
         /// `apply`. They must never release different data.
         #[test]

@@ -5,6 +5,7 @@
 //! references (`#...`) are accepted, and every validator is built with a
 //! retriever that refuses every URI.
 
+use crate::filter::FieldSelection;
 use crate::member::MemberId;
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use jsonschema::{Draft, ValidationError, Validator};
@@ -1288,6 +1289,7 @@ pub struct CompiledRecordType {
     query_validator: Validator,
     record_validator: Validator,
     fields: HashSet<String>,
+    shape: FieldSelection,
 }
 
 impl fmt::Debug for CompiledRecordType {
@@ -1308,12 +1310,14 @@ impl CompiledRecordType {
         check_schema_value(RECORD_SCHEMA, &definition.record_schema)?;
         let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema)?;
         let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema)?;
-        let fields = definition.field_pointers().into_iter().collect();
+        let pointers = definition.field_pointers();
+        let shape = FieldSelection::shape(&pointers);
         Ok(CompiledRecordType {
             version,
             query_validator,
             record_validator,
-            fields,
+            fields: pointers.into_iter().collect(),
+            shape,
         })
     }
 
@@ -1330,6 +1334,12 @@ impl CompiledRecordType {
     /// The subject key's value in `query`, if present and a string.
     pub fn subject<'a>(&self, query: &'a Value) -> Option<&'a str> {
         query.get(&self.version.definition.subject_key)?.as_str()
+    }
+
+    /// What a record of this version may release at most: its declared
+    /// fields, never a key the schema does not declare.
+    pub fn shape(&self) -> &FieldSelection {
+        &self.shape
     }
 
     /// True if `pointer` is one of the record type's field pointers.

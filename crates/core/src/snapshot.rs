@@ -17,8 +17,9 @@ struct GrantLocation {
     consumer: String,
     record_type: String,
     index: usize,
-    /// The grant's fields as a tree, built once rather than on every lookup.
-    selection: FieldSelection,
+    /// The grant's fields as a tree within each version's shape (version
+    /// number, selection), built once rather than on every lookup.
+    selections: Vec<(u32, FieldSelection)>,
 }
 
 /// Read-only view of everything the broker needs to authorize and route.
@@ -101,7 +102,7 @@ impl Snapshot {
                             consumer: consumer.clone(),
                             record_type: record_type.clone(),
                             index,
-                            selection: FieldSelection::from_fields(&grant.fields),
+                            selections: Vec::new(),
                         },
                     );
                 }
@@ -126,6 +127,23 @@ impl Snapshot {
         }
         let mut record_type_names: Vec<String> = types.keys().cloned().collect();
         record_type_names.sort();
+        for (id, location) in &mut grant_index {
+            let Some(grant) = nested
+                .get(&location.consumer)
+                .and_then(|by_type| by_type.get(&location.record_type))
+                .and_then(|list| list.get(location.index))
+                .filter(|g| &g.id == id)
+            else {
+                continue;
+            };
+            let granted = FieldSelection::from_fields(&grant.fields);
+            location.selections = types
+                .get(&location.record_type)
+                .into_iter()
+                .flatten()
+                .map(|v| (v.version_number(), granted.intersect(v.shape())))
+                .collect();
+        }
 
         let mut by_provider: HashMap<String, Vec<Endpoint>> = HashMap::new();
         for endpoint in endpoints {
@@ -177,9 +195,15 @@ impl Snapshot {
             .get(location.index)
     }
 
-    /// The fields a grant releases, as built with the snapshot.
-    pub fn grant_selection(&self, id: &str) -> Option<&FieldSelection> {
-        self.grant_index.get(id).map(|location| &location.selection)
+    /// The fields a grant releases from a record of `version` (its fields
+    /// within that version's shape), as built with the snapshot.
+    pub fn grant_selection(&self, id: &str, version: u32) -> Option<&FieldSelection> {
+        self.grant_index
+            .get(id)?
+            .selections
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, selection)| selection)
     }
 
     /// Number of grants held.
