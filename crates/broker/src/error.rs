@@ -115,10 +115,35 @@ impl From<AuditError> for BrokerError {
             AuditError::ShuttingDown => {
                 BrokerError::Unavailable("the broker is shutting down; retry on another replica".into())
             }
+            // Reads of the log (proofs, tree heads): the database's own answer,
+            // not "cannot be written".
+            AuditError::Store(e) => BrokerError::from(e),
             other => {
                 tracing::error!(error = %other, "audit log unavailable");
                 BrokerError::Unavailable("the audit log cannot be written; no data was released; retry shortly".into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_read_of_the_log_is_not_called_a_failed_write() {
+        let read = |e: StoreError| Status::from(BrokerError::from(AuditError::Store(e)));
+        let missing = read(StoreError::NotFound {
+            what: "tree head of log ab12".into(),
+        });
+        assert_eq!(missing.code(), Code::NotFound);
+        let down = read(StoreError::Unavailable("connection refused".into()));
+        assert_eq!(down.code(), Code::Unavailable);
+        assert!(down.message().contains("database is unavailable"), "{}", down.message());
+        assert!(!down.message().contains("cannot be written"), "{}", down.message());
+        // Appends keep their fail-closed message.
+        let append = Status::from(BrokerError::from(AuditError::Unavailable("disk full".into())));
+        assert_eq!(append.code(), Code::Unavailable);
+        assert!(append.message().contains("no data was released"), "{}", append.message());
     }
 }

@@ -567,7 +567,8 @@ impl Broker {
             Query::Value(v) => v,
         };
         if let Some(subject) = rt.subject(&query) {
-            event.subject_hash = self.audit.subject_hash(subject);
+            // Trimmed, as SubjectHistory trims the key a citizen portal sends.
+            event.subject_hash = self.audit.subject_hash(subject.trim());
         }
         if item.purpose.trim().is_empty() {
             return Err(invalid(
