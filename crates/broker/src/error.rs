@@ -144,6 +144,10 @@ mod tests {
         // Appends keep their fail-closed message.
         let append = Status::from(BrokerError::from(AuditError::Unavailable("disk full".into())));
         assert_eq!(append.code(), Code::Unavailable);
-        assert!(append.message().contains("no data was released"), "{}", append.message());
+        assert!(
+            append.message().contains("no data was released"),
+            "{}",
+            append.message()
+        );
     }
 }

@@ -646,27 +646,34 @@ impl Relay {
 
     /// Power of two choices among admissible endpoints not tried yet.
     fn pick(&self, pool: &ProviderPool, tried: &[usize], now: Instant) -> Option<usize> {
-        let candidates: Vec<usize> = (0..pool.endpoints.len())
+        let mut candidates: Vec<usize> = (0..pool.endpoints.len())
             .filter(|i| !tried.contains(i) && pool.endpoints[*i].peek_admit(now))
             .collect();
-        let chosen = match candidates.len() {
-            0 => return None,
-            1 => candidates[0],
-            n => {
-                let r = self.next_random();
-                let a = candidates[(r % n as u64) as usize];
-                let mut b = candidates[((r >> 32) % n as u64) as usize];
-                if a == b {
-                    b = candidates[(candidates.iter().position(|c| *c == a).unwrap_or(0) + 1) % n];
+        loop {
+            let chosen = match candidates.len() {
+                0 => return None,
+                1 => candidates[0],
+                n => {
+                    let r = self.next_random();
+                    let a = candidates[(r % n as u64) as usize];
+                    let mut b = candidates[((r >> 32) % n as u64) as usize];
+                    if a == b {
+                        b = candidates[(candidates.iter().position(|c| *c == a).unwrap_or(0) + 1) % n];
+                    }
+                    if pool.endpoints[a].outstanding() <= pool.endpoints[b].outstanding() {
+                        a
+                    } else {
+                        b
+                    }
                 }
-                if pool.endpoints[a].outstanding() <= pool.endpoints[b].outstanding() {
-                    a
-                } else {
-                    b
-                }
+            };
+            if pool.endpoints[chosen].admit(now) {
+                return Some(chosen);
             }
-        };
-        pool.endpoints[chosen].admit(now).then_some(chosen)
+            // Another call took its half-open probe since the peek: the others
+            // may still be closed.
+            candidates.retain(|c| *c != chosen);
+        }
     }
 
     /// Fetches one record, returning the provider's record JSON text.
