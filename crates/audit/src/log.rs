@@ -119,8 +119,8 @@ pub enum HistoryCheck {
     Running,
     /// Every stored entry and tree node hashes to the signed root.
     Passed,
-    /// The stored history was altered: the log refuses new entries, so no
-    /// data is released on top of it.
+    /// The stored history was altered or lost: the log refuses new entries,
+    /// so no data is released on top of it.
     Failed(String),
 }
 
@@ -831,35 +831,50 @@ fn stopping(stop: &watch::Receiver<bool>) -> bool {
     *stop.borrow() || stop.has_changed().is_err()
 }
 
+/// Why a read of the history check returned no value.
+enum Halt {
+    /// The log is shutting down.
+    ShuttingDown,
+    /// The store answered, and not with the history that was signed (rows
+    /// missing, a value that cannot be decoded, ...).
+    Refused(StoreError),
+}
+
 /// A store read of the history check, retried every few seconds while the
-/// database is unavailable; `None` once the log shuts down.
-async fn read_retrying<T, F, Fut>(stop: &mut watch::Receiver<bool>, log_id: &str, mut read: F) -> Option<T>
+/// database is unavailable.
+///
+/// Only an outage is worth waiting for: any other error is the store's
+/// answer about the stored history, and retrying it would leave the check
+/// running for ever while the log takes entries on top of that history.
+async fn read_retrying<T, F, Fut>(stop: &mut watch::Receiver<bool>, log_id: &str, mut read: F) -> Result<T, Halt>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, StoreError>>,
 {
     loop {
         if stopping(stop) {
-            return None;
+            return Err(Halt::ShuttingDown);
         }
         match read().await {
-            Ok(value) => return Some(value),
+            Ok(value) => return Ok(value),
             // A read cut short by the shutdown is no news.
-            Err(_) if stopping(stop) => return None,
-            Err(e) => {
-                tracing::warn!(log_id = %log_id, error = %e, "checking the audit log's history: the store failed; retrying");
+            Err(_) if stopping(stop) => return Err(Halt::ShuttingDown),
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(log_id = %log_id, error = %e, "checking the audit log's history: the database is unavailable; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     _ = stop.changed() => {}
                 }
             }
+            Err(e) => return Err(Halt::Refused(e)),
         }
     }
 }
 
 /// Rehashes the log's first `size` stored entries, behind an opening from
 /// the stored tree nodes: every node must hash from its entries and the
-/// entries to the signed root. On a difference the log refuses new entries.
+/// entries to the signed root. On a difference, or entries missing or
+/// unreadable, the log refuses new entries.
 async fn check_history(
     store: Arc<dyn Store>,
     log_id: String,
@@ -877,8 +892,14 @@ async fn check_history(
     let mut from = 0;
     while from < size {
         let to = size.min(from + HASH_CHUNK);
-        let Some(leaves) = read_retrying(&mut stop, &log_id, || store.leaf_hashes(&log_id, from, to)).await else {
-            return;
+        let leaves = match read_retrying(&mut stop, &log_id, || store.leaf_hashes(&log_id, from, to)).await {
+            Ok(leaves) => leaves,
+            Err(Halt::ShuttingDown) => return,
+            Err(Halt::Refused(e)) => {
+                return altered(format!(
+                    "log {log_id}: reading entries {from}..{to} to check them against the signed root: {e}"
+                ));
+            }
         };
         if let Err(e) = check_chunk(&log_id, from, to, leaves.len()) {
             return altered(e.to_string());
@@ -897,8 +918,14 @@ async fn check_history(
             }
         }
         let wanted: Vec<(u32, u64)> = completed.iter().map(|(s, _)| (s.level, s.index)).collect();
-        let Some(stored) = read_retrying(&mut stop, &log_id, || store.tree_nodes(&log_id, &wanted)).await else {
-            return;
+        let stored = match read_retrying(&mut stop, &log_id, || store.tree_nodes(&log_id, &wanted)).await {
+            Ok(stored) => stored,
+            Err(Halt::ShuttingDown) => return,
+            Err(Halt::Refused(e)) => {
+                return altered(format!(
+                    "log {log_id}: reading the tree nodes over entries {from}..{to}: {e}"
+                ));
+            }
         };
         let stored: HashMap<(u32, u64), Hash> = stored.into_iter().map(|n| ((n.level, n.index), n.hash)).collect();
         for (s, hash) in completed {

@@ -6,16 +6,24 @@ mod common;
 
 use common::event;
 use lienthong_audit::merkle;
-use lienthong_audit::{AuditConfig, AuditError, AuditLog, ExportLine, LogKeys, verify_export, verify_tree_head};
+use lienthong_audit::{
+    AuditConfig, AuditError, AuditLog, ExportLine, HistoryCheck, LogKeys, verify_export, verify_tree_head,
+};
 use lienthong_store::{EntryQuery, Store, StoreOptions};
+use sqlx::SqlitePool;
+use sqlx::sqlite::SqlitePoolOptions;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+fn db_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("lienthong.db").display())
+}
+
 async fn open_store(dir: &Path) -> Arc<dyn Store> {
     lienthong_store::open(&StoreOptions {
-        url: format!("sqlite://{}", dir.join("lienthong.db").display()),
+        url: db_url(dir),
         max_connections: 4,
         acquire_timeout: Duration::from_secs(5),
     })
@@ -144,4 +152,79 @@ async fn sqlite_log_survives_restart_and_verifies_offline() {
         Err(AuditError::NotFound(_))
     ));
     log.shutdown().await.unwrap();
+}
+
+/// A connection of its own to the database in `dir`, as whoever alters
+/// stored rows behind the broker's back would use.
+async fn raw(dir: &Path) -> SqlitePool {
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&db_url(dir))
+        .await
+        .unwrap()
+}
+
+/// Runs one statement through [`raw`]; returns the rows it changed.
+async fn alter(dir: &Path, sql: &str) -> u64 {
+    let pool = raw(dir).await;
+    let changed = sqlx::query(sql).execute(&pool).await.unwrap().rows_affected();
+    pool.close().await;
+    changed
+}
+
+/// A log of `n` entries on SQLite in `dir` (its tree nodes stored as the
+/// writer stores them), closed with a signed head covering them all.
+async fn closed_sqlite_log(dir: &Path, n: u64) {
+    let log = AuditLog::open(open_store(dir).await, LogKeys::load_or_create(dir).unwrap(), config())
+        .await
+        .unwrap();
+    let mut next = 0;
+    while next < n {
+        let to = n.min(next + 500);
+        log.append_many((next..to).map(event).collect()).await.unwrap();
+        next = to;
+    }
+    assert_eq!(log.shutdown().await.unwrap().unwrap().tree_size, n);
+}
+
+/// Reopens the log in `dir` on a fresh store and waits for its history
+/// check to end: a check that never ends fails the test instead of hanging.
+async fn reopen_and_check(dir: &Path) -> (Arc<AuditLog>, HistoryCheck) {
+    let log = AuditLog::open(open_store(dir).await, LogKeys::load_or_create(dir).unwrap(), config())
+        .await
+        .unwrap();
+    let check = tokio::time::timeout(Duration::from_secs(30), log.history_checked())
+        .await
+        .expect("the history check did not end within 30 s");
+    (log, check)
+}
+
+/// The reason of a failed check, which must mention `what`; the log then
+/// refuses new entries.
+async fn assert_failed(log: &AuditLog, check: HistoryCheck, what: &str) {
+    let HistoryCheck::Failed(why) = check else {
+        panic!("the history check passed an altered log: {check:?}");
+    };
+    assert!(why.contains(what), "says {what:?}: {why}");
+    assert!(why.contains(log.log_id()), "names the log: {why}");
+    let size = log.size();
+    let refused = log.append(event(1_000_000)).await.unwrap_err();
+    assert!(matches!(refused, AuditError::Corrupt(_)), "{refused:?}");
+    assert_eq!(log.size(), size, "nothing appended on top of the finding");
+}
+
+/// A row deleted below the signed head is not an outage to wait out: the
+/// check ends failed (the broker reports it and stops releasing data)
+/// instead of retrying the read for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_row_ends_the_history_check_failed_and_the_log_refuses_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_sqlite_log(dir.path(), 3000).await;
+    // Far from the right edge, which the opening itself reads.
+    assert_eq!(
+        alter(dir.path(), "DELETE FROM audit_entries WHERE sequence = 1234").await,
+        1
+    );
+    let (log, check) = reopen_and_check(dir.path()).await;
+    assert_failed(&log, check, "not found").await;
 }
