@@ -42,17 +42,51 @@ impl fmt::Debug for LogKeys {
 impl LogKeys {
     /// Loads both keys from `data_dir`, creating them (mode 0600) on first start.
     /// Refuses key files readable by group or others, and malformed ones.
+    ///
+    /// A new subject secret is made only on a first start (no signing key
+    /// either): with a signing key there is a log, whose entries name subjects
+    /// under the secret it was written with. A signing key missing beside a
+    /// secret is a new replica's first start: it gets its own key and keeps
+    /// the secret shared by every replica.
     pub fn load_or_create(data_dir: &Path) -> Result<LogKeys, AuditError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| AuditError::Keys(format!("cannot create data directory {}: {e}", data_dir.display())))?;
         let signing_path = data_dir.join(SIGNING_KEY_FILE);
-        let signing = match read_private(&signing_path)? {
-            Some(pem) => SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
+        let hmac_path = data_dir.join(SUBJECT_KEY_FILE);
+        let existing = read_private(&signing_path)?
+            .map(|pem| {
+                SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
+                    AuditError::Keys(format!(
+                        "{} is not an ed25519 pkcs#8 pem private key: {e}",
+                        signing_path.display()
+                    ))
+                })
+            })
+            .transpose()?;
+
+        let secret = match read_private(&hmac_path)? {
+            Some(text) => parse_secret(&text).ok_or_else(|| {
                 AuditError::Keys(format!(
-                    "{} is not an ed25519 pkcs#8 pem private key: {e}",
-                    signing_path.display()
+                    "{} must hold exactly 64 hex digits (a 32-byte secret)",
+                    hmac_path.display()
                 ))
             })?,
+            None if existing.is_some() => return Err(missing_subject_key(&hmac_path, &signing_path)),
+            None => {
+                // Written before the signing key, so that a first start cut
+                // short in between is still a first start when run again.
+                let mut secret = [0u8; 32];
+                OsRng.fill_bytes(&mut secret);
+                let text = format!("{}\n", hex::encode(secret));
+                match write_new_private(&hmac_path, text.as_bytes())? {
+                    Created::Yes => secret,
+                    Created::AlreadyThere => return LogKeys::load_or_create(data_dir),
+                }
+            }
+        };
+
+        let signing = match existing {
+            Some(key) => key,
             None => {
                 let key = SigningKey::generate(&mut OsRng);
                 let pem = key
@@ -61,25 +95,6 @@ impl LogKeys {
                 match write_new_private(&signing_path, pem.as_bytes())? {
                     Created::Yes => key,
                     // Another process created it between our read and write: use theirs.
-                    Created::AlreadyThere => return LogKeys::load_or_create(data_dir),
-                }
-            }
-        };
-
-        let hmac_path = data_dir.join(SUBJECT_KEY_FILE);
-        let secret = match read_private(&hmac_path)? {
-            Some(text) => parse_secret(&text).ok_or_else(|| {
-                AuditError::Keys(format!(
-                    "{} must hold exactly 64 hex digits (a 32-byte secret)",
-                    hmac_path.display()
-                ))
-            })?,
-            None => {
-                let mut secret = [0u8; 32];
-                OsRng.fill_bytes(&mut secret);
-                let text = format!("{}\n", hex::encode(secret));
-                match write_new_private(&hmac_path, text.as_bytes())? {
-                    Created::Yes => secret,
                     Created::AlreadyThere => return LogKeys::load_or_create(data_dir),
                 }
             }
@@ -237,6 +252,21 @@ fn write_new_private(path: &Path, contents: &[u8]) -> Result<Created, AuditError
     Ok(Created::Yes)
 }
 
+/// The refusal to start when the subject secret of an existing log is gone:
+/// a new one would make every earlier entry unfindable by its subject.
+fn missing_subject_key(hmac_path: &Path, signing_path: &Path) -> AuditError {
+    AuditError::Keys(format!(
+        "{hmac} is missing, but {signing} exists: this data directory holds an audit log whose \
+         subjects are pseudonymised with that secret, and a new one would hide every earlier access \
+         from citizens' history queries. Restore {SUBJECT_KEY_FILE} (mode 0600) from this data \
+         directory's backup or, on a replica, copy it from the first replica's data_dir (every \
+         replica shares it). Only if this directory never logged anything, remove {signing} as \
+         well to start a new log with a new secret",
+        hmac = hmac_path.display(),
+        signing = signing_path.display(),
+    ))
+}
+
 /// Paths of the key files under `data_dir`, for operators and backups.
 pub fn key_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
     (data_dir.join(SIGNING_KEY_FILE), data_dir.join(SUBJECT_KEY_FILE))
@@ -312,6 +342,65 @@ mod tests {
         .unwrap();
         let err = LogKeys::load_or_create(dir.path()).unwrap_err().to_string();
         assert!(err.contains(SIGNING_KEY_FILE), "{err}");
+    }
+
+    /// An existing log's subject secret is never replaced behind the
+    /// operator's back: the broker refuses to start, naming the file and
+    /// where to restore it from, and leaves the directory as it was.
+    #[test]
+    fn a_missing_subject_secret_beside_a_signing_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = LogKeys::load_or_create(dir.path()).unwrap();
+        let (signing, hmac) = key_paths(dir.path());
+        let secret = std::fs::read(&hmac).unwrap();
+        std::fs::remove_file(&hmac).unwrap();
+
+        let err = LogKeys::load_or_create(dir.path()).unwrap_err();
+        assert!(matches!(err, AuditError::Keys(_)), "{err:?}");
+        let err = err.to_string();
+        assert!(
+            err.contains(&hmac.display().to_string()),
+            "names the missing file: {err}"
+        );
+        assert!(
+            err.contains(&signing.display().to_string()),
+            "names the signing key: {err}"
+        );
+        assert!(
+            err.contains("backup") && err.contains("first replica's data_dir"),
+            "{err}"
+        );
+        assert!(!hmac.exists(), "no new secret was made");
+
+        std::fs::write(&hmac, &secret).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&hmac, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let restored = LogKeys::load_or_create(dir.path()).unwrap();
+        assert_eq!(restored.log_id(), first.log_id());
+        assert_eq!(restored.subject_hash("38001085718"), first.subject_hash("38001085718"));
+    }
+
+    /// A first start makes both files; a new replica, whose data directory
+    /// holds only the shared secret copied in, makes its own signing key and
+    /// keeps that secret.
+    #[test]
+    fn a_first_start_makes_both_keys_and_a_new_replica_keeps_the_shared_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let (signing, hmac) = key_paths(dir.path());
+        let first = LogKeys::load_or_create(dir.path()).unwrap();
+        assert!(signing.exists() && hmac.exists());
+
+        let replica = tempfile::tempdir().unwrap();
+        let (replica_signing, replica_hmac) = key_paths(replica.path());
+        std::fs::copy(&hmac, &replica_hmac).unwrap();
+        let second = LogKeys::load_or_create(replica.path()).unwrap();
+        assert!(replica_signing.exists());
+        assert_ne!(second.log_id(), first.log_id(), "a replica has a key of its own");
+        assert_eq!(second.subject_hash("38001085718"), first.subject_hash("38001085718"));
+        assert_eq!(std::fs::read(&replica_hmac).unwrap(), std::fs::read(&hmac).unwrap());
     }
 
     #[test]

@@ -576,6 +576,24 @@ async fn altered_tree_nodes_are_found_at_or_behind_the_opening() {
     assert!(why.contains("256..512"), "{why}");
 }
 
+/// A database that is down while the history is checked is waited out: the
+/// check stays running, retries, and passes once the database is back.
+#[tokio::test]
+async fn the_history_check_waits_out_an_unavailable_database() {
+    let store = Arc::new(FakeStore::new());
+    let (keys, _) = closed_log(&store, 3000).await;
+    // On this single-threaded runtime the check starts only once `open` returned.
+    let log = open(&store, keys).await;
+    store.set_failing(true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(log.history_check(), HistoryCheck::Running);
+    store.set_failing(false);
+    let check = tokio::time::timeout(Duration::from_secs(20), log.history_checked())
+        .await
+        .expect("the check resumed once the database was back");
+    assert_eq!(check, HistoryCheck::Passed);
+}
+
 /// Opening a log reads its right edge, not its history: a restart takes
 /// about as long at a billion entries as at a thousand.
 #[tokio::test]

@@ -274,6 +274,12 @@ pub trait Store: Send + Sync + 'static {
     /// Leaf hashes of entries `[from, to)` in order; `NotFound` if the log holds
     /// fewer than `to` entries.
     async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>>;
+    /// Entries `[from, to)` of a log in sequence order, each with its leaf,
+    /// leaf hash and indexed columns as stored, so that they can be checked
+    /// against one another; `NotFound` naming the first missing entry if the
+    /// log lacks any of them. The rows are held in memory: read a large log a
+    /// few thousand entries at a time.
+    async fn entries_in_range(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<StoredEntry>>;
     /// Entries matching a query, in sequence order.
     async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>>;
     /// Access entries of one subject across all logs (its records looked up,

@@ -254,6 +254,23 @@ impl EntryRow {
     }
 }
 
+impl EntryRow {
+    /// The entry's sequence as stored.
+    pub(crate) fn sequence(&self) -> i64 {
+        self.sequence
+    }
+
+    /// [`EntryRow::into_entry`], a column that cannot be decoded named with
+    /// its entry's sequence.
+    pub(crate) fn into_named_entry(self) -> Result<StoredEntry> {
+        let sequence = self.sequence;
+        self.into_entry().map_err(|e| match e {
+            StoreError::Corrupt(m) => StoreError::Corrupt(format!("entry {sequence}: {m}")),
+            other => other,
+        })
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct TreeHeadRow {
     log_id: String,

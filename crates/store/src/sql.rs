@@ -37,6 +37,16 @@ const CHANGES_CHANNEL: &str = "lienthong_changes";
 /// binds each stays far below SQLite's 32766 and PostgreSQL's 65535 parameters.
 const ENTRY_ROWS_PER_INSERT: usize = 1024;
 
+/// Audit entries read per statement by [`Store::entries_in_range`], all
+/// their rows held until the statement is done.
+///
+/// Not streamed: on SQLite every value of a streamed row is freed on the
+/// reading thread while the connection's thread allocates the next rows',
+/// both under SQLite's global allocator lock. With a row's twelve values
+/// that contention made reading 300,000 entries take 3.4 to 5.8 s instead
+/// of 1.8 s. 256 rows of about 1.3 KB hold a few hundred KiB.
+const ENTRY_ROWS_PER_READ: i64 = 256;
+
 /// Tree nodes read or written per statement (four parameters each when written).
 const TREE_NODES_PER_QUERY: usize = 512;
 /// Stands for "no limit" in `LIMIT $n` on both backends.
@@ -1072,6 +1082,45 @@ impl Store for SqlStore {
             return Err(missing());
         }
         Ok(hashes)
+    }
+
+    async fn entries_in_range(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
+        if to <= from {
+            return Ok(Vec::new());
+        }
+        let (lo, hi) = (to_i64(from, "sequence")?, to_i64(to, "sequence")?);
+        let missing = |sequence: i64| StoreError::NotFound {
+            what: format!("entry {sequence} of log {log_id}"),
+        };
+        let log_no = self.log_no(log_id).await?.ok_or_else(|| StoreError::NotFound {
+            what: format!("log {log_id}"),
+        })?;
+        let sql =
+            format!("{ENTRY_SELECT} WHERE e.log_no = $1 AND e.sequence >= $2 AND e.sequence < $3 ORDER BY e.sequence");
+        let mut entries = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0).min(1 << 16));
+        // The next sequence due: rows come in sequence order, one per
+        // sequence, so the first one past it shows which entry is missing.
+        let mut expected = lo;
+        while expected < hi {
+            let end = hi.min(expected + ENTRY_ROWS_PER_READ);
+            let rows = on_pool!(self, p => {
+                let rows = sqlx::query(&sql).bind(log_no).bind(expected).bind(end).fetch_all(p).await.map_err(db_err)?;
+                rows.iter()
+                    .map(|row| <EntryRow as sqlx::FromRow<_>>::from_row(row).map_err(db_err))
+                    .collect::<Result<Vec<EntryRow>>>()?
+            });
+            for row in rows {
+                if row.sequence() != expected {
+                    return Err(missing(expected));
+                }
+                expected += 1;
+                entries.push(row.into_named_entry()?);
+            }
+            if expected != end {
+                return Err(missing(expected));
+            }
+        }
+        Ok(entries)
     }
 
     async fn tree_nodes(&self, log_id: &str, wanted: &[(u32, u64)]) -> Result<Vec<TreeNode>> {

@@ -73,6 +73,7 @@ on_both_backends! {
     append_is_dense_and_atomic => check_append_is_dense_and_atomic,
     appends_batches_of_every_size_exactly => check_appends_batches_of_every_size_exactly,
     leaf_hashes => check_leaf_hashes,
+    entries_in_range => check_entries_in_range,
     tree_nodes => check_tree_nodes,
     query_entries => check_query_entries,
     subject_entries => check_subject_entries,
@@ -592,6 +593,43 @@ async fn check_leaf_hashes(store: Arc<dyn Store>) {
     ));
 }
 
+/// Entries come back with every stored column, of their log only; a range
+/// past the log's end names the first entry missing.
+async fn check_entries_in_range(store: Arc<dyn Store>) {
+    with_log(&store, "log-a", 0).await;
+    let mut written = entries("log-a", 0..6);
+    written[4].subject_hash = "ab".repeat(32);
+    // Leaves as long as the broker's, with characters JSON escapes.
+    written[5].leaf = format!("{{\"reason\":\"{}\u{e9}\\\"\"}}", "x".repeat(1000));
+    store.append_entries(&written).await.unwrap();
+    with_log(&store, "log-b", 3).await;
+    assert_eq!(store.entries_in_range("log-a", 0, 6).await.unwrap(), written);
+    assert_eq!(store.entries_in_range("log-a", 2, 5).await.unwrap(), written[2..5]);
+    assert_eq!(
+        store.entries_in_range("log-b", 0, 3).await.unwrap(),
+        entries("log-b", 0..3)
+    );
+    assert!(store.entries_in_range("log-a", 6, 6).await.unwrap().is_empty());
+    // Ranges of several statements' worth of rows.
+    with_log(&store, "log-c", 700).await;
+    assert_eq!(
+        store.entries_in_range("log-c", 0, 700).await.unwrap(),
+        entries("log-c", 0..700)
+    );
+    assert_eq!(
+        store.entries_in_range("log-c", 255, 513).await.unwrap(),
+        entries("log-c", 255..513)
+    );
+    match store.entries_in_range("log-a", 3, 8).await {
+        Err(StoreError::NotFound { what }) => assert!(what.contains("entry 6 of log log-a"), "{what}"),
+        other => panic!("a range past the end: {other:?}"),
+    }
+    assert!(matches!(
+        store.entries_in_range("log-unknown", 0, 1).await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
 fn node(level: u32, index: u64, byte: u8) -> TreeNode {
     TreeNode {
         level,
@@ -1035,6 +1073,61 @@ async fn postgres_append_failing_inside_its_statement_leaves_nothing_and_the_wri
     let store = open(&options(&url)).await.unwrap();
     let mut raw = sqlx::PgConnection::connect(&url).await.unwrap();
     check_append_over_a_stray_row!(store, &mut raw);
+}
+
+/// A row deleted from the middle of a range is named, not skipped, and a
+/// column that cannot be decoded names its entry.
+macro_rules! check_entries_in_range_after_tampering {
+    ($store:expr, $raw:expr) => {{
+        let (store, raw) = ($store, $raw);
+        with_log(&store, "log-a", 600).await;
+        // The last row of one statement's rows, then one in the middle of another's.
+        for deleted in [511, 4] {
+            sqlx::query(&format!("DELETE FROM audit_entries WHERE sequence = {deleted}"))
+                .execute(&mut *raw)
+                .await
+                .unwrap();
+            match store.entries_in_range("log-a", 0, 600).await {
+                Err(StoreError::NotFound { what }) => {
+                    assert!(what.contains(&format!("entry {deleted} of log log-a")), "{what}")
+                }
+                other => panic!("deleted row {deleted}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            store.entries_in_range("log-a", 5, 10).await.unwrap(),
+            entries("log-a", 5..10)
+        );
+        sqlx::query("UPDATE audit_entries SET kind = 'forged' WHERE sequence = 7")
+            .execute(&mut *raw)
+            .await
+            .unwrap();
+        match store.entries_in_range("log-a", 5, 10).await {
+            Err(StoreError::Corrupt(m)) => assert!(m.contains("entry 7") && m.contains("kind"), "{m}"),
+            other => panic!("an unknown kind: {other:?}"),
+        }
+    }};
+}
+
+#[tokio::test]
+async fn sqlite_entries_in_range_name_a_deleted_or_undecodable_entry() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = open(&options(&path.display().to_string())).await.unwrap();
+    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    check_entries_in_range_after_tampering!(store, &mut raw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_entries_in_range_name_a_deleted_or_undecodable_entry() {
+    use sqlx::Connection;
+    let url = postgres_url().await;
+    let store = open(&options(&url)).await.unwrap();
+    let mut raw = sqlx::PgConnection::connect(&url).await.unwrap();
+    check_entries_in_range_after_tampering!(store, &mut raw);
 }
 
 #[tokio::test]

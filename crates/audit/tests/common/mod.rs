@@ -33,7 +33,7 @@ pub struct FakeStore {
     pub fail_after_commit: AtomicBool,
     delay: Mutex<Duration>,
     batches: Mutex<Vec<usize>>,
-    /// Leaf hashes handed out by `leaf_hashes`, in all.
+    /// Leaf hashes handed out by `leaf_hashes` and `entries_in_range`, in all.
     pub leaf_hashes_read: std::sync::atomic::AtomicU64,
 }
 
@@ -286,6 +286,19 @@ impl Store for FakeStore {
             .iter()
             .map(|e| e.leaf_hash)
             .collect())
+    }
+
+    async fn entries_in_range(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
+        self.check()?;
+        let tables = self.tables.lock().unwrap();
+        let entries = tables.entries.get(log_id).map(Vec::as_slice).unwrap_or_default();
+        if (entries.len() as u64) < to || from > to {
+            return Err(StoreError::NotFound {
+                what: format!("entry {} of log {log_id}", entries.len()),
+            });
+        }
+        self.leaf_hashes_read.fetch_add(to - from, Ordering::SeqCst);
+        Ok(entries[from as usize..to as usize].to_vec())
     }
 
     async fn tree_nodes(&self, log_id: &str, wanted: &[(u32, u64)]) -> Result<Vec<TreeNode>> {
