@@ -319,3 +319,59 @@ async fn an_entry_altered_while_the_broker_was_down_stops_its_lookups() {
     assert!(leaves.contains_key(&5));
     fed.shutdown_registers().await;
 }
+
+#[tokio::test]
+async fn an_export_verifies_offline_and_says_what_no_signature_covers_yet() {
+    let (_dir, fed) = federation().await;
+    lookups(&fed, 3).await;
+    let signed = signed_up_to_date(&fed).await;
+    let (ok, sth) = cli_as(&fed, STATE_AUDIT, &["audit", "sth", "--json"]).await;
+    assert!(ok, "{sth}");
+    // Taken after the head: two entries no signature in hand covers.
+    lookups(&fed, 2).await;
+    let export = fed.dir.join("log.jsonl");
+    let (ok, out) = cli_as(
+        &fed,
+        STATE_AUDIT,
+        &["audit", "export", "--out", export.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let sth_file = fed.dir.join("sth.json");
+    std::fs::write(&sth_file, sth).unwrap();
+    let key = client(&fed, STATE_AUDIT)
+        .await
+        .audit()
+        .get_public_key(pb::GetPublicKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let key_file = fed.dir.join("log-key.pem");
+    std::fs::write(&key_file, &key.public_key_pem).unwrap();
+    let state = fed.dir.join("offline-state.json");
+    let (ok, out) = run_cli(
+        &[
+            "audit",
+            "verify",
+            "--export",
+            export.to_str().unwrap(),
+            "--sth",
+            sth_file.to_str().unwrap(),
+            "--public-key",
+            key_file.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    let total = signed + 2;
+    assert!(
+        out.contains(&format!(
+            "log {}: OK, {total} entries, signed tree head of size {signed} verified; entries {signed}..{total} are past it",
+            key.log_id
+        )),
+        "{out}"
+    );
+    fed.shutdown().await.unwrap();
+}

@@ -931,6 +931,23 @@ fn verify_log(
     Ok(report)
 }
 
+/// What an offline verification proved, in the online form: entries past
+/// the signed head have intact leaf hashes, but no signature covers them yet.
+fn offline_summary(report: &lienthong_audit::verify::VerifyReport) -> String {
+    let signed = report.tree_head.tree_size;
+    let mut line = format!(
+        "log {}: OK, {} entries, signed tree head of size {signed} verified",
+        report.log_id, report.entries
+    );
+    if report.entries > signed {
+        line.push_str(&format!(
+            "; entries {signed}..{} are past it: their leaf hashes are intact, but no signature covers them yet",
+            report.entries
+        ));
+    }
+    line
+}
+
 fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     let sth_path = v.sth.as_ref().context("--sth is required with --export")?;
     let sth: SignedTreeHead = serde_json::from_str(
@@ -946,10 +963,7 @@ fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     let report = verify_log(lines, &sth, &key, &mut state, &v.state, None)
         .map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
     state.save(&v.state)?;
-    println!(
-        "log {}: {} entries verified, root signed",
-        report.log_id, report.entries
-    );
+    println!("{}", offline_summary(&report));
     Ok(())
 }
 
