@@ -14,7 +14,6 @@ use lienthong::v1::{
 };
 use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
-use lienthong_core::filter::FieldSelection;
 use lienthong_core::policy::{AccessRequest, Decision};
 use lienthong_core::schema::MAX_FIELDS;
 use opentelemetry::trace::SpanContext;
@@ -636,13 +635,16 @@ impl Broker {
             ));
         }
         let released: Vec<String> = match &allowed.fields {
-            GrantFields::All => rt
-                .version
-                .field_pointers
-                .iter()
-                .filter(|p| p.rfind('/') == Some(0))
-                .cloned()
-                .collect(),
+            // Every top-level field the grant was made against that this version has.
+            GrantFields::All => {
+                let reviewed = snapshot.grant_reviewed(&allowed.grant_id);
+                rt.version
+                    .field_pointers
+                    .iter()
+                    .filter(|p| p.rfind('/') == Some(0) && reviewed.is_none_or(|r| r.has_field(p)))
+                    .cloned()
+                    .collect()
+            }
             GrantFields::Pointers(p) => p.clone(),
         };
         let timeout = self.config.provider_timeout(rt.name());
@@ -757,8 +759,8 @@ impl Broker {
             // the snapshot; either way, only what the schema declares leaves.
             let written = match snapshot.grant_selection(&allowed.grant_id, rt.version_number()) {
                 Some(selection) if item.fields.is_empty() => selection.to_json(&record),
-                _ => FieldSelection::from_fields(&allowed.fields)
-                    .intersect(rt.shape())
+                _ => snapshot
+                    .requested_selection(&allowed.grant_id, rt, &allowed.fields)
                     .to_json(&record),
             };
             written.map_err(|e| {

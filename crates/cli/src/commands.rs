@@ -229,7 +229,9 @@ pub enum GrantCmd {
         /// Record type, e.g. civil_status.birth_record.
         #[arg(long = "type")]
         record_type: String,
-        /// Field as a JSON Pointer (repeat), or `*` for every field.
+        /// Field as a JSON Pointer (repeat), or `*` for every field; a parent
+        /// covers the fields declared under it. Both as the newest version
+        /// declares them now: fields a later version adds need a new grant.
         #[arg(long = "field", required = true)]
         fields: Vec<String>,
         /// Legal-basis code (repeat), e.g. decree-47-2020/art-12.

@@ -3,7 +3,7 @@
 //! broker builds a new one from the store and swaps it atomically.
 
 use crate::filter::FieldSelection;
-use crate::grant::{Endpoint, Grant};
+use crate::grant::{Endpoint, Grant, GrantFields};
 use crate::member::Member;
 use crate::policy::{self, AccessRequest, Decision, DenyReason};
 use crate::schema::CompiledRecordType;
@@ -17,8 +17,14 @@ struct GrantLocation {
     consumer: String,
     record_type: String,
     index: usize,
-    /// The grant's fields as a tree within each version's shape (version
-    /// number, selection), built once rather than on every lookup.
+    /// The record type version the grant was made against: the newest one
+    /// registered when it was created. Its fields bound what the grant
+    /// releases, so a later version that adds a field under a granted object
+    /// (or at the top, under `*`) does not widen the grant.
+    reviewed: Option<Arc<CompiledRecordType>>,
+    /// The grant's fields as a tree within the reviewed version's shape and
+    /// each version's (version number, selection), built once rather than on
+    /// every lookup.
     selections: Vec<(u32, FieldSelection)>,
 }
 
@@ -102,6 +108,7 @@ impl Snapshot {
                             consumer: consumer.clone(),
                             record_type: record_type.clone(),
                             index,
+                            reviewed: None,
                             selections: Vec::new(),
                         },
                     );
@@ -136,13 +143,24 @@ impl Snapshot {
             else {
                 continue;
             };
-            let granted = FieldSelection::from_fields(&grant.fields);
-            location.selections = types
-                .get(&location.record_type)
-                .into_iter()
-                .flatten()
+            let versions = types.get(&location.record_type).map_or(&[][..], Vec::as_slice);
+            // Clocks of replicas differ a little: a grant that looks older than
+            // every version was made against the first.
+            let reviewed = versions
+                .iter()
+                .rev()
+                .find(|v| v.version.registered_at <= grant.created_at)
+                .or_else(|| versions.first())
+                .cloned();
+            let mut granted = FieldSelection::from_fields(&grant.fields);
+            if let Some(r) = &reviewed {
+                granted = granted.intersect(r.shape());
+            }
+            location.selections = versions
+                .iter()
                 .map(|v| (v.version_number(), granted.intersect(v.shape())))
                 .collect();
+            location.reviewed = reviewed;
         }
 
         let mut by_provider: HashMap<String, Vec<Endpoint>> = HashMap::new();
@@ -206,6 +224,23 @@ impl Snapshot {
             .map(|(_, selection)| selection)
     }
 
+    /// The record type version a grant was made against (the newest one
+    /// registered when it was created); `None` for an unknown grant or type.
+    pub fn grant_reviewed(&self, id: &str) -> Option<&Arc<CompiledRecordType>> {
+        self.grant_index.get(id)?.reviewed.as_ref()
+    }
+
+    /// What a request naming `fields` under grant `id` gets from a record of
+    /// `version`: those fields within the grant's reviewed version and
+    /// `version`'s shapes.
+    pub fn requested_selection(&self, id: &str, version: &CompiledRecordType, fields: &GrantFields) -> FieldSelection {
+        let mut selection = FieldSelection::from_fields(fields).intersect(version.shape());
+        if let Some(reviewed) = self.grant_reviewed(id) {
+            selection = selection.intersect(reviewed.shape());
+        }
+        selection
+    }
+
     /// Number of grants held.
     pub fn grant_count(&self) -> usize {
         self.grant_index.len()
@@ -245,10 +280,20 @@ impl Snapshot {
     }
 
     /// [`policy::decide`] for `consumer`; an unknown member is not a consumer.
+    /// A field the request names must also have existed when the grant was
+    /// made: a grant of `/father` made against a version without
+    /// `/father/national_id` does not release it when a later version adds it.
     pub fn decide(&self, consumer: &str, request: &AccessRequest<'_>, now: OffsetDateTime) -> Decision {
-        match self.member(consumer) {
-            Some(member) => policy::decide(member, self.grants_for(consumer, request.record_type), request, now),
-            None => Decision::Deny(DenyReason::NotAConsumer),
+        let Some(member) = self.member(consumer) else {
+            return Decision::Deny(DenyReason::NotAConsumer);
+        };
+        let decision = policy::decide(member, self.grants_for(consumer, request.record_type), request, now);
+        if let Decision::Allow(allowed) = &decision
+            && let Some(reviewed) = self.grant_reviewed(&allowed.grant_id)
+            && let Some(field) = request.fields.iter().find(|f| !reviewed.has_field(f))
+        {
+            return Decision::Deny(DenyReason::FieldNotGranted { field: field.clone() });
         }
+        decision
     }
 }

@@ -218,3 +218,105 @@ fn each_grant_carries_the_selection_of_its_own_fields_within_each_version() {
     assert!(snap.grant_selection("g-wide", 2).is_none(), "no version 2");
     assert!(snap.grant_selection("g-unknown", 1).is_none());
 }
+
+/// `civil.birth` version `n`, registered at `at`, with `record` as its record schema.
+fn birth_version(n: u32, at: OffsetDateTime, record: serde_json::Value) -> Arc<CompiledRecordType> {
+    let definition = parse_definition(
+        "civil.birth",
+        "a birth record",
+        id("civil-registry"),
+        r#"{"type":"object","properties":{"national_id":{"type":"string"}},"required":["national_id"]}"#,
+        &record.to_string(),
+        "national_id",
+        &SchemaLimits::default(),
+    )
+    .unwrap();
+    let v = RecordTypeVersion::new(definition, n, at, id("civil-registry"), Compatibility::Backward);
+    Arc::new(CompiledRecordType::compile(v).unwrap())
+}
+
+#[test]
+fn a_later_version_does_not_widen_a_grant_made_before_it() {
+    let v1 = birth_version(
+        1,
+        datetime!(2025-01-01 0:00 UTC),
+        serde_json::json!({"type": "object", "properties": {
+            "full_name": {"type": "string"},
+            "father": {"type": "object", "properties": {"full_name": {"type": "string"}}}
+        }}),
+    );
+    let v2 = birth_version(
+        2,
+        datetime!(2025-05-01 0:00 UTC),
+        serde_json::json!({"type": "object", "properties": {
+            "full_name": {"type": "string"},
+            "mother_name": {"type": "string"},
+            "father": {"type": "object", "properties": {
+                "full_name": {"type": "string"}, "national_id": {"type": "string"}
+            }}
+        }}),
+    );
+    let mut father = grant("g-father", "alpha", "civil.birth", datetime!(2025-03-01 0:00 UTC));
+    father.fields = GrantFields::Pointers(vec!["/father".into()]);
+    let everything = grant("g-all", "beta", "civil.birth", datetime!(2025-03-01 0:00 UTC));
+    let mut later = grant("g-later", "gamma", "civil.birth", datetime!(2025-05-02 0:00 UTC));
+    later.fields = GrantFields::Pointers(vec!["/father".into()]);
+    let snap = Snapshot::build(
+        1,
+        NOW,
+        vec![member("alpha"), member("beta"), member("gamma")],
+        vec![father, everything, later],
+        vec![v1.clone(), v2.clone()],
+        Vec::new(),
+    );
+    assert_eq!(snap.grant_reviewed("g-father").unwrap().version_number(), 1);
+    assert_eq!(snap.grant_reviewed("g-later").unwrap().version_number(), 2);
+
+    let record = serde_json::json!({
+        "full_name": "Le Thi B",
+        "mother_name": "Tran Thi C",
+        "father": {"full_name": "Le Van A", "national_id": "001060000001"}
+    });
+    let released = |gid: &str| snap.grant_selection(gid, 2).unwrap().to_json(&record).unwrap();
+    assert_eq!(released("g-father"), r#"{"father":{"full_name":"Le Van A"}}"#);
+    assert_eq!(
+        released("g-all"),
+        r#"{"full_name":"Le Thi B","father":{"full_name":"Le Van A"}}"#
+    );
+    assert_eq!(
+        released("g-later"),
+        r#"{"father":{"full_name":"Le Van A","national_id":"001060000001"}}"#,
+        "a grant made against version 2 covers what version 2 declares"
+    );
+
+    // Naming the new field is refused; naming the parent gets what it had.
+    let ask = |consumer: &str, fields: &[&str]| {
+        let fields: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+        let request = lienthong_core::policy::AccessRequest {
+            record_type: "civil.birth",
+            purpose: "tax",
+            fields: &fields,
+        };
+        snap.decide(consumer, &request, NOW)
+    };
+    match ask("alpha", &["/father/national_id"]) {
+        lienthong_core::policy::Decision::Deny(lienthong_core::policy::DenyReason::FieldNotGranted { field }) => {
+            assert_eq!(field, "/father/national_id")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !ask("beta", &["/mother_name"]).is_allowed(),
+        "a field added after a grant of every field"
+    );
+    let lienthong_core::policy::Decision::Allow(allowed) = ask("alpha", &["/father"]) else {
+        panic!("the parent the grant names is allowed");
+    };
+    assert_eq!(
+        snap.requested_selection("g-father", &v2, &allowed.fields)
+            .to_json(&record)
+            .unwrap(),
+        r#"{"father":{"full_name":"Le Van A"}}"#
+    );
+    assert!(ask("gamma", &["/father/national_id"]).is_allowed());
+}
