@@ -323,6 +323,100 @@ async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_paren
     fed.shutdown().await.unwrap();
 }
 
+/// Registers version `record_schema` of `civil_status.adoption_record` as its owner.
+async fn register_adoption(fed: &Federation, record_schema: serde_json::Value) {
+    client(fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(pb::RecordTypeDefinition {
+                name: "civil_status.adoption_record".into(),
+                description: "Adoption record".into(),
+                owner: CIVIL_STATUS.into(),
+                query_schema_json: serde_json::json!({
+                    "type": "object",
+                    "properties": {"national_id": {"type": "string"}},
+                    "required": ["national_id"]
+                })
+                .to_string(),
+                record_schema_json: record_schema.to_string(),
+                subject_key: "national_id".into(),
+            }),
+            compatibility: 0,
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_field_a_later_version_adds_under_a_granted_object_is_not_released() {
+    let (_dir, fed) = federation().await;
+    let parent = |props: serde_json::Value| {
+        serde_json::json!({"type": "object", "properties": {
+            "full_name": {"type": "string"},
+            "adoptive_parent": {"type": "object", "properties": props, "additionalProperties": false}
+        }, "additionalProperties": false})
+    };
+    register_adoption(&fed, parent(serde_json::json!({"full_name": {"type": "string"}}))).await;
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            consumer: JUDICIAL_OFFICE.into(),
+            record_type: "civil_status.adoption_record".into(),
+            fields: vec!["/adoptive_parent".into()],
+            purposes: vec![PURPOSE_CERTIFICATE.into()],
+            valid_from: None,
+            valid_until: None,
+            rate_limit_per_minute: 0,
+        })
+        .await
+        .unwrap();
+    // The owner adds the parent's national id: a backward-compatible version.
+    register_adoption(
+        &fed,
+        parent(serde_json::json!({"full_name": {"type": "string"}, "national_id": {"type": "string"}})),
+    )
+    .await;
+    let raw = testing::start_raw_server(
+        RawProvider::new(
+            serde_json::json!({
+                "full_name": "Pham Van D",
+                "adoptive_parent": {"full_name": "Pham Thi E", "national_id": "001070000001"}
+            })
+            .to_string(),
+        ),
+        civil_tls(&fed),
+    )
+    .await
+    .unwrap();
+    replace_civil_endpoint(&fed, &raw.url()).await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let lookup = |fields: &[&str]| pb::LookupRequest {
+        record_type: "civil_status.adoption_record".into(),
+        query_json: serde_json::json!({ "national_id": citizen_id(&fed, 82) }).to_string(),
+        purpose: PURPOSE_CERTIFICATE.into(),
+        fields: fields.iter().map(|f| f.to_string()).collect(),
+        ..Default::default()
+    };
+    let r = office.exchange().lookup(lookup(&[])).await.unwrap().into_inner();
+    assert_eq!(r.schema_version, 2);
+    assert_eq!(r.record_json, r#"{"adoptive_parent":{"full_name":"Pham Thi E"}}"#);
+    let err = office
+        .exchange()
+        .lookup(lookup(&["/adoptive_parent/national_id"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("/adoptive_parent/national_id"),
+        "{}",
+        err.message()
+    );
+    raw.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
 /// Starts a lookup, waits until the register is working on it, then hangs
 /// up: the consumer's call is dropped mid-flight.
 async fn hang_up_once_the_register_has_it(office: &lienthong_cli::client::Clients, faulty: &Faulty, subject: &str) {
