@@ -192,3 +192,40 @@ fn bad_config_files_exit_non_zero_naming_the_problem() {
         );
     }
 }
+
+#[tokio::test]
+async fn clients_refuse_a_server_that_is_not_the_broker() {
+    // Every member's certificate chains to the federation CA and may serve
+    // (registers do): one answering at the broker's address must get no
+    // queries and no admin commands.
+    let (_dir, fed) = federation().await;
+    let m = lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(
+        &fed.certs,
+        lienthong_cli::federation::CIVIL_STATUS,
+    ))
+    .unwrap();
+    let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&m, &fed.options.trust_domain).unwrap());
+    let impostor =
+        lienthong_provider::testing::start_raw_server(lienthong_provider::testing::RawProvider::new("{}"), tls)
+            .await
+            .unwrap();
+    let refused = lienthong_cli::client::connect(
+        &impostor.url(),
+        &lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE),
+    )
+    .await;
+    let err = format!(
+        "{:#}",
+        refused.err().expect("a member's certificate is not the broker's")
+    );
+    assert!(err.contains("cannot connect to the broker"), "{err}");
+    // The broker itself is accepted.
+    lienthong_cli::client::connect(
+        &fed.broker_url,
+        &lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE),
+    )
+    .await
+    .unwrap();
+    impostor.shutdown().await;
+    fed.shutdown().await.unwrap();
+}

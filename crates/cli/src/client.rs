@@ -93,12 +93,18 @@ impl Clients {
     }
 }
 
-/// Connects to `url` presenting the certificate in `files`.
+/// Connects to the broker at `url` presenting the certificate in `files`.
+/// The server must prove it is the federation's broker
+/// (`spiffe://<trust-domain>/broker`, the trust domain read from the CA
+/// certificate): any member's certificate chains to the same CA, and one
+/// answering at the broker's address must not receive queries or admin
+/// commands.
 pub async fn connect(url: &str, files: &TlsFiles) -> Result<Clients> {
     lienthong_tls::install_crypto_provider();
     let material =
         TlsMaterial::load(files).with_context(|| format!("loading client certificate {}", files.cert.display()))?;
-    let config = lienthong_tls::client_config(&material, None)?;
+    let trust_domain = lienthong_tls::trust_domain_from_ca_cert(&files.ca)?;
+    let config = lienthong_tls::client_config(&material, Some((&trust_domain, lienthong_tls::Identity::Broker)))?;
     let channel = lienthong_tls::connect_channel(url, config, Duration::from_secs(5))
         .await
         .with_context(|| format!("cannot connect to the broker at {url}"))?;
