@@ -3,7 +3,7 @@
 
 use crate::harness::*;
 use lienthong::v1 as pb;
-use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT};
+use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT};
 use tonic::Code;
 
 fn grant(consumer: &str, fields: &[&str], rate: u32) -> pb::CreateGrantRequest {
@@ -219,5 +219,39 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(count().await, before, "nothing was stored");
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_disabled_register_gets_no_more_queries() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 12);
+    look_up_birth(&office, &subject).await.unwrap();
+    admin
+        .admin()
+        .disable_member(pb::SetMemberEnabledRequest {
+            id: CIVIL_STATUS.into(),
+            reason: "register key reported stolen".into(),
+        })
+        .await
+        .unwrap();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("register civil-status is disabled"),
+        "{}",
+        err.message()
+    );
+    admin
+        .admin()
+        .enable_member(pb::SetMemberEnabledRequest {
+            id: CIVIL_STATUS.into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    look_up_birth(&office, &subject).await.unwrap();
     fed.shutdown().await.unwrap();
 }

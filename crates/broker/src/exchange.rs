@@ -647,6 +647,19 @@ impl Broker {
             }
             GrantFields::Pointers(p) => p.clone(),
         };
+        // A disabled register (its key leaked, its agency suspended) gets no
+        // more queries, as a disabled consumer gets no more answers.
+        if !snapshot.member(rt.owner().as_str()).is_some_and(|m| m.enabled) {
+            return Err(fail(
+                Outcome::Failed,
+                "provider_disabled",
+                BrokerError::Unavailable(format!(
+                    "register {} is disabled in the federation; {} records cannot be looked up until an admin enables it again",
+                    rt.owner(),
+                    rt.name()
+                )),
+            ));
+        }
         let timeout = self.config.provider_timeout(rt.name());
         let now = Instant::now();
         let deadline = match ctx.deadline {
