@@ -229,3 +229,60 @@ async fn clients_refuse_a_server_that_is_not_the_broker() {
     impostor.shutdown().await;
     fed.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_flood_without_a_certificate_is_summed_up_in_the_log_not_logged_call_by_call() {
+    let (dir, fed) = bare_federation().await;
+    let ca_pem = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile_certs(&ca_pem) {
+        roots.add(c).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let channel = lienthong_tls::connect_channel(&fed.broker_url, std::sync::Arc::new(cfg), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let anonymous = lienthong_cli::client::Clients { channel };
+    let per_minute = lienthong_broker::refusals::PER_MINUTE as usize;
+    for _ in 0..per_minute + 200 {
+        let err = anonymous
+            .admin()
+            .list_members(pb::ListMembersRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    // The shutdown writes the summary of what was not logged one by one.
+    fed.shutdown().await.unwrap();
+    let db = dir.path().join("broker-data/lienthong.db");
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT json_extract(leaf, '$.reason') FROM audit_entries WHERE kind = 'authentication' ORDER BY sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    // A minute's budget one by one (and what refilled while the calls ran,
+    // ten a second), then one summary of the rest.
+    let (summary, one_by_one) = reasons.split_last().unwrap();
+    assert!(
+        (per_minute..per_minute + 200).contains(&one_by_one.len()),
+        "{} logged one by one",
+        one_by_one.len()
+    );
+    assert!(one_by_one.iter().all(|r| r.contains("no client certificate")));
+    assert_eq!(
+        summary,
+        &format!(
+            "unauthenticated: {} more refusals from 127.0.0.1, past the {per_minute} a minute logged one by one",
+            per_minute + 200 - one_by_one.len()
+        )
+    );
+}

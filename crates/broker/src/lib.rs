@@ -10,6 +10,7 @@ pub mod convert;
 pub mod error;
 pub mod exchange;
 pub mod metrics;
+pub mod refusals;
 pub mod relay;
 pub mod schema;
 pub mod server;

@@ -174,6 +174,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         None => None,
     };
     let watcher = broker.spawn_watcher(Duration::from_secs(2));
+    let refusal_summaries = broker.spawn_refusal_summaries(Duration::from_secs(10));
 
     let listener = match listener {
         Some(l) => l,
@@ -314,6 +315,8 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             );
         }
         watcher.abort();
+        refusal_summaries.abort();
+        task_broker.summarize_refusals().await;
         let head = task_broker.audit.shutdown().await;
         if let Some(stop) = metrics_stop {
             let _ = stop.send(());

@@ -30,6 +30,8 @@ pub struct Broker {
     pub relay: Relay,
     /// Per-grant token buckets.
     pub rate_limiter: RateLimiter,
+    /// Per-address bound on authentication-failure entries.
+    pub refusals: crate::refusals::RefusalGate,
     /// Limits applied to registered schemas.
     pub schema_limits: SchemaLimits,
     /// Prometheus metrics of the request path.
@@ -92,6 +94,7 @@ impl Broker {
             audit,
             relay,
             rate_limiter: RateLimiter::new(),
+            refusals: Default::default(),
             schema_limits,
             metrics: crate::metrics::Metrics::new(),
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
@@ -182,6 +185,41 @@ impl Broker {
         })
     }
 
+    /// Writes, every `every`, one entry per address whose authentication
+    /// failures were past [`crate::refusals::PER_MINUTE`] and so not logged
+    /// one by one: how many, from where.
+    pub fn spawn_refusal_summaries(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let broker = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first tick is immediate and finds nothing.
+            loop {
+                ticker.tick().await;
+                let Some(broker) = broker.upgrade() else { return };
+                broker.summarize_refusals().await;
+            }
+        })
+    }
+
+    /// Logs the authentication failures counted and not yet logged, one
+    /// entry per address; also run at shutdown, so none is lost.
+    pub async fn summarize_refusals(&self) {
+        for (addr, count) in self.refusals.take(Instant::now()) {
+            let mut event = AuditEvent::new(EntryKind::Authentication, OffsetDateTime::now_utc());
+            event.outcome = Outcome::Denied;
+            event.action = "refusals.summary".into();
+            event.target = addr.to_string();
+            event.reason = format!(
+                "unauthenticated: {count} more refusals from {addr}, past the {} a minute logged one by one",
+                crate::refusals::PER_MINUTE
+            );
+            if let Err(e) = self.audit.append(event).await {
+                tracing::error!(error = %e, "could not audit a summary of authentication failures");
+            }
+        }
+    }
+
     /// Keeps the snapshot fresh: reloads on change notifications from other
     /// replicas, and polls the change counter as a safety net for a dropped
     /// notification connection.
@@ -221,7 +259,12 @@ impl Broker {
                 event.action = rpc.to_string();
                 event.reason = format!("unauthenticated: {message}");
                 event.request_id = request_id_of(request);
-                if let Err(e) = self.audit.append(event).await {
+                let addr = peer.as_ref().and_then(|p| p.remote_addr).map(|a| a.ip());
+                // Past its budget, an address's refusals are summed up by
+                // `spawn_refusal_summaries` instead of one entry each.
+                if self.refusals.admit(addr, Instant::now())
+                    && let Err(e) = self.audit.append(event).await
+                {
                     tracing::error!(error = %e, "could not audit an authentication failure");
                 }
                 Err(BrokerError::Unauthenticated(message))
