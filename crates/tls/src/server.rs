@@ -233,6 +233,10 @@ pub struct AcceptOptions {
     pub max_concurrent_handshakes: usize,
     /// A client that has not finished its handshake by then is dropped.
     pub handshake_timeout: Duration,
+    /// Handshakes running at once from one IP address; a connection past it
+    /// is closed at once, so one host of silent connections cannot hold
+    /// every slot for `handshake_timeout`.
+    pub max_handshakes_per_address: usize,
 }
 
 impl Default for AcceptOptions {
@@ -240,6 +244,44 @@ impl Default for AcceptOptions {
         AcceptOptions {
             max_concurrent_handshakes: 256,
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes_per_address: 32,
+        }
+    }
+}
+
+/// Handshakes in progress by client address.
+type AddressCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One handshake's place in its address's count, given back on drop.
+struct AddressSlot {
+    counts: AddressCounts,
+    ip: std::net::IpAddr,
+}
+
+impl AddressSlot {
+    /// A slot for `ip`, or `None` when it already runs `max` handshakes.
+    fn claim(counts: &AddressCounts, ip: std::net::IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let running = map.entry(ip).or_insert(0);
+        if *running >= max {
+            return None;
+        }
+        *running += 1;
+        Some(AddressSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(running) = map.get_mut(&self.ip) {
+            *running -= 1;
+            if *running == 0 {
+                map.remove(&self.ip);
+            }
         }
     }
 }
@@ -323,18 +365,24 @@ pub fn incoming(
 ) -> impl Stream<Item = Result<MtlsStream, io::Error>> + Send + 'static {
     let max = options.max_concurrent_handshakes.max(1);
     let (tx, rx) = mpsc::channel(max);
-    tokio::spawn(accept_loop(listener, tls, options.handshake_timeout, max, tx));
+    let options = AcceptOptions {
+        max_concurrent_handshakes: max,
+        max_handshakes_per_address: options.max_handshakes_per_address.max(1),
+        ..options
+    };
+    tokio::spawn(accept_loop(listener, tls, options, tx));
     ReceiverStream::new(rx)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerTls>,
-    handshake_timeout: Duration,
-    max_handshakes: usize,
+    options: AcceptOptions,
     tx: mpsc::Sender<Result<MtlsStream, io::Error>>,
 ) {
-    let permits = Arc::new(Semaphore::new(max_handshakes));
+    let handshake_timeout = options.handshake_timeout;
+    let permits = Arc::new(Semaphore::new(options.max_concurrent_handshakes));
+    let by_address: AddressCounts = Arc::default();
     let acceptor = TlsAcceptor::from(tls.config.clone());
     loop {
         let accepted = tokio::select! {
@@ -363,6 +411,14 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(slot) = AddressSlot::claim(&by_address, remote.ip(), options.max_handshakes_per_address) else {
+            tracing::info!(
+                %remote,
+                max = options.max_handshakes_per_address,
+                "too many tls handshakes from one address at once; connection closed"
+            );
+            continue;
+        };
         // gRPC is latency-sensitive request/response traffic.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
@@ -371,6 +427,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
             drop(permit);
+            drop(slot);
             match handshake {
                 Ok(Ok(stream)) => {
                     let peer = Arc::new(tls.peer_info(&stream));

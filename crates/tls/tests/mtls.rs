@@ -289,6 +289,7 @@ async fn a_silent_client_times_out_without_blocking_others() {
     let options = AcceptOptions {
         max_concurrent_handshakes: 1,
         handshake_timeout: Duration::from_millis(300),
+        max_handshakes_per_address: 1,
     };
     let server = TestServer::start(&ca, "provider", options).await;
     let mut silent = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
@@ -304,4 +305,37 @@ async fn a_silent_client_times_out_without_blocking_others() {
     let read = tokio::time::timeout(TIMEOUT, silent.read(&mut buf)).await.unwrap();
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_every_handshake_slot() {
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let options = AcceptOptions {
+        max_concurrent_handshakes: 8,
+        handshake_timeout: Duration::from_secs(5),
+        max_handshakes_per_address: 2,
+    };
+    let server = TestServer::start(&ca, "provider", options).await;
+    let silent: Vec<TcpStream> = futures_silent(server.port, 2).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A third from the same address is closed at once, not left to wait.
+    let mut third = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(1), third.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    // Once the silent ones leave, the address is served again.
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = material(&ca, &IssueSpec::member("alpha"));
+    assert!(check(&server.url(), pinned(&client)).await.is_ok());
+    server.shutdown().await;
+}
+
+/// `n` TCP connections that never start their handshake.
+async fn futures_silent(port: u16, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    out
 }
