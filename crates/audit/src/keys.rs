@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 pub const SIGNING_KEY_FILE: &str = "audit-signing.key";
 /// File name of the subject HMAC secret (64 hex digits) in the data directory.
 pub const SUBJECT_KEY_FILE: &str = "subject-hmac.key";
+/// File name of the newest tree head the broker signed (JSON) in the data
+/// directory, which the database's history is checked against at every start.
+pub const PINNED_HEAD_FILE: &str = "audit-head.json";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -28,6 +31,9 @@ pub struct LogKeys {
     hmac: HmacSha256,
     log_id: String,
     public_key_pem: String,
+    /// Where the keys were loaded from; `None` for keys held in memory only,
+    /// which have no data directory to pin their log's newest head in.
+    data_dir: Option<PathBuf>,
 }
 
 impl fmt::Debug for LogKeys {
@@ -48,6 +54,9 @@ impl LogKeys {
     /// under the secret it was written with. A signing key missing beside a
     /// secret is a new replica's first start: it gets its own key and keeps
     /// the secret shared by every replica.
+    ///
+    /// Keys loaded from a directory pin their log's newest signed head there
+    /// too ([`LogKeys::pinned_head_path`]).
     pub fn load_or_create(data_dir: &Path) -> Result<LogKeys, AuditError> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| AuditError::Keys(format!("cannot create data directory {}: {e}", data_dir.display())))?;
@@ -99,7 +108,9 @@ impl LogKeys {
                 }
             }
         };
-        LogKeys::from_parts(signing.to_bytes(), secret)
+        let mut keys = LogKeys::from_parts(signing.to_bytes(), secret)?;
+        keys.data_dir = Some(data_dir.to_path_buf());
+        Ok(keys)
     }
 
     /// Keys from raw material: a 32-byte Ed25519 seed and a 32-byte HMAC secret.
@@ -116,6 +127,7 @@ impl LogKeys {
             signing,
             hmac,
             public_key_pem,
+            data_dir: None,
         })
     }
 
@@ -136,6 +148,13 @@ impl LogKeys {
     /// Raw Ed25519 public key.
     pub fn public_key(&self) -> [u8; 32] {
         self.signing.verifying_key().to_bytes()
+    }
+
+    /// The file pinning the newest head signed with these keys
+    /// ([`PINNED_HEAD_FILE`] beside the signing key); `None` for keys held in
+    /// memory only, whose log is not pinned.
+    pub fn pinned_head_path(&self) -> Option<PathBuf> {
+        self.data_dir.as_ref().map(|dir| dir.join(PINNED_HEAD_FILE))
     }
 
     /// Public key as SPKI PEM (`-----BEGIN PUBLIC KEY-----`), for auditors.

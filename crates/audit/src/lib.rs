@@ -6,6 +6,8 @@
 //! * [`merkle`]: RFC 9162 hashing, proofs and the compact frontier.
 //! * [`keys`]: the signing key and the subject HMAC secret on disk.
 //! * [`sth`]: signed tree heads.
+//! * `pin`: the newest signed head, kept beside the signing key and checked
+//!   against the database at every start.
 //! * [`log`]: the group-commit writer, signer and proof server ([`AuditLog`]).
 //! * [`verify`]: offline verification of an export.
 #![forbid(unsafe_code)]
@@ -13,6 +15,7 @@
 pub mod keys;
 pub mod log;
 pub mod merkle;
+mod pin;
 pub mod sth;
 pub mod verify;
 

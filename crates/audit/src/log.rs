@@ -11,10 +11,12 @@
 
 use crate::keys::LogKeys;
 use crate::merkle::{self, Frontier, Hash, Subtree};
+use crate::pin::{self, Pinned};
 use crate::sth::{SignedTreeHead, verify_tree_head};
 use lienthong_core::audit::AuditEvent;
 use lienthong_store::{LogInfo, Store, StoreError, StoredEntry, StoredTreeHead, TreeNode};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -54,6 +56,14 @@ pub enum AuditError {
     /// Stored data contradicts the signed history: entries were altered or lost.
     #[error("audit log is corrupt: {0}")]
     Corrupt(String),
+    /// The database's history does not contain the newest head this broker
+    /// signed (pinned beside its key): it was rolled back or rewritten.
+    #[error("the audit log's database was rolled back or rewritten: {0}")]
+    RolledBack(String),
+    /// The file pinning the newest signed head is unreadable, malformed or
+    /// not signed by the log's key, or cannot be written.
+    #[error("pinned audit head: {0}")]
+    Pin(String),
     /// The log is shutting down and accepts no more entries.
     #[error("audit log is shutting down")]
     ShuttingDown,
@@ -172,6 +182,8 @@ pub struct AuditLog {
     store: Arc<dyn Store>,
     keys: LogKeys,
     log_id: String,
+    /// Where the newest signed head is pinned; `None` for in-memory keys.
+    pin_path: Option<PathBuf>,
     shared: Arc<Shared>,
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     closing: AtomicBool,
@@ -202,8 +214,10 @@ fn now_ms() -> u64 {
 
 impl AuditLog {
     /// Opens this broker's log: registers it, rebuilds the tree from stored leaf
-    /// hashes (checking them against the latest signed head), and starts the
-    /// writer and signer tasks. Must run inside a Tokio runtime.
+    /// hashes (checking them against the latest signed head), checks that the
+    /// database's history contains the head pinned beside the keys (see
+    /// [`LogKeys::pinned_head_path`]), and starts the writer and signer tasks.
+    /// Must run inside a Tokio runtime.
     pub async fn open(store: Arc<dyn Store>, keys: LogKeys, config: AuditConfig) -> Result<Arc<AuditLog>, AuditError> {
         if config.max_batch == 0 || config.queue == 0 {
             return Err(AuditError::InvalidArgument(
@@ -259,6 +273,10 @@ impl AuditLog {
             tracing::info!(log_id = %log_id, size, stored = nodes, "storing the audit log's Merkle tree nodes");
             rebuild(store.as_ref(), &log_id, size, latest.as_ref(), true).await?
         };
+        let pin_path = keys.pinned_head_path();
+        if let Some(path) = &pin_path {
+            check_pinned(store.as_ref(), &public_key, path, latest.as_ref(), &frontier).await?;
+        }
         tracing::info!(log_id = %log_id, size, "audit log opened");
         // Even a log whose leaf hashes were just rehashed is checked: the
         // rebuild read no leaf and no column, and deleting one tree node
@@ -277,6 +295,7 @@ impl AuditLog {
             store: Arc::clone(&store),
             keys,
             log_id: log_id.clone(),
+            pin_path,
             shared: Arc::clone(&shared),
             sender: Mutex::new(Some(sender)),
             closing: AtomicBool::new(false),
@@ -451,6 +470,17 @@ impl AuditLog {
         }
         let sth = self.keys.sign_tree_head(size, &root, timestamp_ms);
         self.store.insert_tree_head(&StoredTreeHead::from(&sth)).await?;
+        // Pinned after the database has the head, never before: a crash in
+        // between leaves the pin one head behind the database, which the next
+        // open accepts (the database's history contains it) and moves forward.
+        // The other order would leave a pin ahead of the database, which is
+        // what a rollback looks like, and an ordinary crash would keep the
+        // broker from starting. A pin that cannot be written fails the
+        // signing, so the signer tries again (same tree, same root) until it
+        // is written.
+        if let Some(path) = &self.pin_path {
+            pin::write_async(path, &sth).await?;
+        }
         tracing::debug!(log_id = %self.log_id, tree_size = size, "signed tree head");
         *lock(&self.last_signed) = Some(sth.clone());
         Ok(sth)
@@ -831,6 +861,70 @@ async fn from_stored_nodes(
         }
     }
     Ok(frontier)
+}
+
+/// Root of the log's first `n` entries from its stored tree nodes (and leaf
+/// hashes below them): O(log n) reads.
+async fn stored_root(store: &dyn Store, log_id: &str, n: u64) -> Result<Hash, AuditError> {
+    let parts = SubtreeHashes::new(store, log_id, n)
+        .hashes(&merkle::perfect_subtrees(0..n))
+        .await?;
+    Ok(merkle::fold(&parts).unwrap_or_else(merkle::empty_root))
+}
+
+/// Checks the database against the head pinned in `path`, then pins the
+/// database's newest head.
+///
+/// `latest` is the database's newest head of this log, its signature checked,
+/// and `frontier` the stored tree, checked against it. The database must hold
+/// a head at least as large as the pinned one, and its entries up to the
+/// pinned size must hash to the pinned root; the stored tree then extends the
+/// pinned head, and the pin may move forward to `latest`. Without a pin (a
+/// first start, or an upgrade from a version that kept none) the database's
+/// newest head is trusted and pinned: there is nothing to check it against.
+async fn check_pinned(
+    store: &dyn Store,
+    public_key: &[u8; 32],
+    path: &Path,
+    latest: Option<&SignedTreeHead>,
+    frontier: &Frontier,
+) -> Result<(), AuditError> {
+    let pinned = match pin::read(path, public_key)? {
+        Pinned::Head(head) => head,
+        found => {
+            if let Pinned::OtherLog(old) = &found {
+                // Logged in full: replacing the file loses the old log's last word.
+                tracing::warn!(
+                    file = %path.display(),
+                    pinned_log_id = %old.log_id,
+                    tree_size = old.tree_size,
+                    root_hash = %hex::encode(old.root_hash),
+                    timestamp_ms = old.timestamp_ms,
+                    "the pinned audit head is another log's: the signing key was replaced; pinning the new log's"
+                );
+            }
+            if let Some(head) = latest {
+                tracing::info!(file = %path.display(), tree_size = head.tree_size, "pinning the database's newest audit head");
+                pin::write_async(path, head).await?;
+            }
+            return Ok(());
+        }
+    };
+    if latest.map_or(0, |h| h.tree_size) < pinned.tree_size {
+        return Err(pin::rolled_back(path, &pinned, latest));
+    }
+    let root = if pinned.tree_size == frontier.size() {
+        frontier.root()
+    } else {
+        stored_root(store, &pinned.log_id, pinned.tree_size).await?
+    };
+    if root != pinned.root_hash {
+        return Err(pin::rewritten(path, &pinned, latest, &root));
+    }
+    if let Some(head) = latest.filter(|h| **h != pinned) {
+        pin::write_async(path, head).await?;
+    }
+    Ok(())
 }
 
 /// Whether the log is shutting down or gone.

@@ -5,9 +5,11 @@
 mod common;
 
 use common::event;
+use lienthong_audit::keys::{PINNED_HEAD_FILE, SIGNING_KEY_FILE, SUBJECT_KEY_FILE};
 use lienthong_audit::merkle;
 use lienthong_audit::{
-    AuditConfig, AuditError, AuditLog, ExportLine, HistoryCheck, LogKeys, verify_export, verify_tree_head,
+    AuditConfig, AuditError, AuditLog, ExportLine, HistoryCheck, LogKeys, SignedTreeHead, verify_export,
+    verify_tree_head,
 };
 use lienthong_core::audit::{EntryKind, Outcome};
 use lienthong_store::{EntryQuery, Store, StoreOptions};
@@ -329,5 +331,295 @@ async fn an_untouched_log_passes_the_history_check() {
     let (log, check) = reopen_and_check(dir.path()).await;
     assert_eq!(check, HistoryCheck::Passed);
     assert_eq!(log.append(event(3000)).await.unwrap().sequence, 3000);
+    log.shutdown().await.unwrap();
+}
+
+/// The head pinned beside the keys in `dir`.
+fn pinned(dir: &Path) -> SignedTreeHead {
+    serde_json::from_slice(&std::fs::read(dir.join(PINNED_HEAD_FILE)).unwrap()).unwrap()
+}
+
+/// The log in `dir`, opened as the broker opens it.
+async fn open_dir(dir: &Path) -> Result<Arc<AuditLog>, AuditError> {
+    AuditLog::open(open_store(dir).await, LogKeys::load_or_create(dir).unwrap(), config()).await
+}
+
+/// Appends entries `from..to` (made from those numbers) in batches.
+async fn grow(log: &AuditLog, from: u64, to: u64) {
+    let mut next = from;
+    while next < to {
+        let end = to.min(next + 500);
+        log.append_many((next..end).map(event).collect()).await.unwrap();
+        next = end;
+    }
+}
+
+/// A consistent copy of the database in `dir`, taken now into a directory
+/// of its own: what `sqlite3 lienthong.db ".backup"` makes.
+async fn back_up(dir: &Path) -> tempfile::TempDir {
+    let backup = tempfile::tempdir().unwrap();
+    let copy = backup.path().join("lienthong.db");
+    alter(dir, &format!("VACUUM INTO '{}'", copy.display())).await;
+    backup
+}
+
+/// A new directory holding a copy of the database in `backup` and the data
+/// directory files (keys and pin) of `data_dir`, as when only the database
+/// is restored.
+fn restore(backup: &Path, data_dir: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(backup.join("lienthong.db"), dir.path().join("lienthong.db")).unwrap();
+    for file in [SIGNING_KEY_FILE, SUBJECT_KEY_FILE, PINNED_HEAD_FILE] {
+        std::fs::copy(data_dir.join(file), dir.path().join(file)).unwrap();
+    }
+    dir
+}
+
+/// The newest head the database in `dir` holds for `log_id`.
+async fn stored_head(dir: &Path, log_id: &str) -> Option<SignedTreeHead> {
+    open_store(dir)
+        .await
+        .latest_tree_head(log_id)
+        .await
+        .unwrap()
+        .map(SignedTreeHead::from)
+}
+
+/// The refusal of a rolled back or rewritten database, which must name the
+/// log and the pin, say what to do, and say each of `needles`.
+fn assert_rolled_back(err: AuditError, log_id: &str, dir: &Path, needles: &[&str]) {
+    assert!(matches!(err, AuditError::RolledBack(_)), "{err:?}");
+    let err = err.to_string();
+    assert!(err.contains(log_id), "names the log: {err}");
+    assert!(err.contains("rolled back or rewritten"), "{err}");
+    assert!(
+        err.contains(&dir.join(PINNED_HEAD_FILE).display().to_string()),
+        "names the pin: {err}"
+    );
+    assert!(err.contains("backup taken at or after that head"), "{err}");
+    assert!(err.contains(SIGNING_KEY_FILE) && err.contains("auditors"), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "says {needle:?}: {err}");
+    }
+}
+
+/// A database restored from a backup older than the newest signed head,
+/// beside the data directory that signed it, is refused: the broker would
+/// otherwise sign a second history under the same log id. A backup taken
+/// at or after that head opens; so does a new key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_an_older_backup_is_refused() {
+    let live = tempfile::tempdir().unwrap();
+    let log = open_dir(live.path()).await.unwrap();
+    let log_id = log.log_id().to_string();
+    grow(&log, 0, 300).await;
+    assert_eq!(log.shutdown().await.unwrap().unwrap().tree_size, 300);
+    drop(log);
+    let old = back_up(live.path()).await;
+
+    let log = open_dir(live.path()).await.unwrap();
+    grow(&log, 300, 350).await;
+    let newest = log.shutdown().await.unwrap().unwrap();
+    assert_eq!(pinned(live.path()), newest);
+    drop(log);
+
+    let restored = restore(old.path(), live.path());
+    let err = open_dir(restored.path()).await.unwrap_err();
+    assert_rolled_back(
+        err,
+        &log_id,
+        restored.path(),
+        &["head of 350 entries", "covers only 300 entries"],
+    );
+    assert_eq!(
+        stored_head(restored.path(), &log_id).await.unwrap().tree_size,
+        300,
+        "nothing was signed on top of the old copy"
+    );
+    assert_eq!(pinned(restored.path()), newest, "the pin stays");
+
+    // A backup taken at the newest head: the log opens where it was.
+    let current = back_up(live.path()).await;
+    let restored = restore(current.path(), live.path());
+    let log = open_dir(restored.path()).await.unwrap();
+    assert_eq!((log.log_id(), log.size()), (log_id.as_str(), 350));
+    log.shutdown().await.unwrap();
+    drop(log);
+
+    // No such backup: the key and the pin moved away start a new log.
+    let restored = restore(old.path(), live.path());
+    let kept = tempfile::tempdir().unwrap();
+    for file in [SIGNING_KEY_FILE, PINNED_HEAD_FILE] {
+        std::fs::rename(restored.path().join(file), kept.path().join(file)).unwrap();
+    }
+    let log = open_dir(restored.path()).await.unwrap();
+    assert_ne!(log.log_id(), log_id);
+    assert_eq!(log.size(), 0);
+    log.shutdown().await.unwrap();
+}
+
+/// Signed heads deleted down to an older one are refused; so is the history
+/// grown again differently on top of it (here by a broker that kept no pin),
+/// which holds a head as large as the pinned one, with another root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_heads_and_a_history_grown_again_differently_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    let log_id = log.log_id().to_string();
+    grow(&log, 0, 100).await;
+    assert_eq!(log.sign_now().await.unwrap().tree_size, 100);
+    grow(&log, 100, 200).await;
+    let newest = log.shutdown().await.unwrap().unwrap();
+    assert_eq!(newest.tree_size, 200);
+    drop(log);
+
+    // Heads only: the entries are all still there.
+    assert_eq!(
+        alter(dir.path(), "DELETE FROM tree_heads WHERE tree_size > 100").await,
+        1
+    );
+    let err = open_dir(dir.path()).await.unwrap_err();
+    assert_rolled_back(
+        err,
+        &log_id,
+        dir.path(),
+        &["head of 200 entries", "covers only 100 entries"],
+    );
+
+    // The entries after it too, the tree nodes over them and the log's size.
+    assert_eq!(
+        alter(dir.path(), "DELETE FROM audit_entries WHERE sequence >= 100").await,
+        100
+    );
+    alter(dir.path(), "DELETE FROM audit_tree_nodes").await;
+    assert_eq!(alter(dir.path(), "UPDATE audit_logs SET size = 100").await, 1);
+    let err = open_dir(dir.path()).await.unwrap_err();
+    assert_rolled_back(
+        err,
+        &log_id,
+        dir.path(),
+        &["head of 200 entries", "covers only 100 entries"],
+    );
+
+    // Grown again, differently, past the pinned size.
+    let pin = dir.path().join(PINNED_HEAD_FILE);
+    let aside = dir.path().join("pin-aside");
+    std::fs::rename(&pin, &aside).unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    assert_eq!(log.size(), 100);
+    grow(&log, 10_000, 10_150).await;
+    let other = log.shutdown().await.unwrap().unwrap();
+    assert_eq!(other.tree_size, 250);
+    drop(log);
+    std::fs::rename(&aside, &pin).unwrap();
+
+    let err = open_dir(dir.path()).await.unwrap_err();
+    assert_rolled_back(
+        err,
+        &log_id,
+        dir.path(),
+        &[
+            "entries 0..200 hash to the root",
+            &hex::encode(newest.root_hash),
+            "newest head covers 250 entries",
+        ],
+    );
+    assert_eq!(pinned(dir.path()), newest, "the pin stays");
+}
+
+/// A data directory without a pin (a first start, or an upgrade from a
+/// version that kept none) trusts the database and pins its newest head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_pin_is_made_from_the_database_and_the_log_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = dir.path().join(PINNED_HEAD_FILE);
+    let log = open_dir(dir.path()).await.unwrap();
+    assert!(!pin.exists(), "nothing signed, nothing pinned");
+    grow(&log, 0, 40).await;
+    let head = log.shutdown().await.unwrap().unwrap();
+    assert_eq!(pinned(dir.path()), head, "every signed head is pinned");
+    drop(log);
+
+    std::fs::remove_file(&pin).unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    assert_eq!(log.size(), 40);
+    assert_eq!(pinned(dir.path()), head, "pinned again at open");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&pin).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "owner only, as the keys");
+    }
+    grow(&log, 40, 45).await;
+    log.shutdown().await.unwrap();
+}
+
+/// An ordinary restart opens, and the pin follows every signed head,
+/// including one the database got but the pin did not (a crash between the
+/// two), which the next open catches up with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_open_and_the_pin_moves_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    let log_id = log.log_id().to_string();
+    grow(&log, 0, 10).await;
+    let first = log.sign_now().await.unwrap();
+    assert_eq!(pinned(dir.path()), first);
+    grow(&log, 10, 30).await;
+    let second = log.sign_now().await.unwrap();
+    assert_eq!(pinned(dir.path()), second);
+    assert_eq!(log.shutdown().await.unwrap().unwrap(), second);
+    drop(log);
+
+    let log = open_dir(dir.path()).await.unwrap();
+    assert_eq!(log.size(), 30);
+    grow(&log, 30, 70).await;
+    let third = log.shutdown().await.unwrap().unwrap();
+    assert_eq!(third.tree_size, 70);
+    assert_eq!(pinned(dir.path()), third);
+    drop(log);
+
+    // The pin one head behind the database, as a crash leaves it.
+    let pin = dir.path().join(PINNED_HEAD_FILE);
+    std::fs::write(&pin, serde_json::to_vec(&second).unwrap()).unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    assert_eq!(log.size(), 70);
+    assert_eq!(pinned(dir.path()), third, "moved forward at open");
+    assert_eq!(stored_head(dir.path(), &log_id).await, Some(third));
+    log.shutdown().await.unwrap();
+}
+
+/// A pin that cannot be read as this log's signed head is refused, naming
+/// the file: a damaged file is not a rollback, and is not replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_pin_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    grow(&log, 0, 20).await;
+    let head = log.shutdown().await.unwrap().unwrap();
+    drop(log);
+    let pin = dir.path().join(PINNED_HEAD_FILE);
+
+    let mut forged = head.clone();
+    forged.tree_size = 5;
+    let damaged = [
+        b"{\"log_id\": ".to_vec(),
+        Vec::new(),
+        b"not json at all".to_vec(),
+        serde_json::to_vec(&forged).unwrap(),
+    ];
+    for contents in damaged {
+        std::fs::write(&pin, &contents).unwrap();
+        let err = open_dir(dir.path()).await.unwrap_err();
+        assert!(matches!(err, AuditError::Pin(_)), "{err:?}");
+        let err = err.to_string();
+        assert!(err.contains(&pin.display().to_string()), "names the file: {err}");
+        assert!(err.contains("backup"), "{err}");
+        assert_eq!(std::fs::read(&pin).unwrap(), contents, "left as it was");
+    }
+
+    std::fs::write(&pin, serde_json::to_vec(&head).unwrap()).unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    assert_eq!(log.size(), 20);
     log.shutdown().await.unwrap();
 }
