@@ -66,11 +66,8 @@ async fn expect_unauthenticated(c: &lienthong_cli::client::Clients, needle: &str
     );
 }
 
-#[tokio::test]
-async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
-    let (_dir, fed) = federation().await;
-
-    // No client certificate at all.
+/// A client that trusts the federation CA but presents no certificate.
+async fn without_certificate(fed: &lienthong_cli::federation::Federation) -> lienthong_cli::client::Clients {
     let ca_pem = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile_certs(&ca_pem) {
@@ -83,7 +80,15 @@ async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
     let channel = lienthong_tls::connect_channel(&fed.broker_url, std::sync::Arc::new(cfg), Duration::from_secs(5))
         .await
         .unwrap();
-    expect_unauthenticated(&lienthong_cli::client::Clients { channel }, "no client certificate").await;
+    lienthong_cli::client::Clients { channel }
+}
+
+#[tokio::test]
+async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
+    let (_dir, fed) = federation().await;
+
+    // No client certificate at all.
+    expect_unauthenticated(&without_certificate(&fed).await, "no client certificate").await;
 
     // A certificate from another CA, naming a real member.
     let other = lienthong_tls::CertificateAuthority::generate(&fed.options.trust_domain).unwrap();
@@ -233,19 +238,7 @@ async fn clients_refuse_a_server_that_is_not_the_broker() {
 #[tokio::test]
 async fn a_flood_without_a_certificate_is_summed_up_in_the_log_not_logged_call_by_call() {
     let (dir, fed) = bare_federation().await;
-    let ca_pem = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile_certs(&ca_pem) {
-        roots.add(c).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let channel = lienthong_tls::connect_channel(&fed.broker_url, std::sync::Arc::new(cfg), Duration::from_secs(5))
-        .await
-        .unwrap();
-    let anonymous = lienthong_cli::client::Clients { channel };
+    let anonymous = without_certificate(&fed).await;
     let per_minute = lienthong_broker::refusals::PER_MINUTE as usize;
     for _ in 0..per_minute + 200 {
         let err = anonymous

@@ -242,24 +242,17 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     fed.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_parent() {
-    let (_dir, fed) = federation().await;
-    let name = "civil_status.adoption_record";
-    // An open schema: valid records may carry keys it does not declare.
-    let record_schema = serde_json::json!({
-        "type": "object",
-        "properties": {
-            "full_name": {"type": "string"},
-            "adoptive_parent": {"type": "object", "properties": {"full_name": {"type": "string"}}}
-        }
-    });
-    client(&fed, CIVIL_STATUS)
+/// A record type the relay tests register themselves, owned by civil-status.
+const ADOPTION: &str = "civil_status.adoption_record";
+
+/// Registers version `record_schema` of `civil_status.adoption_record` as its owner.
+async fn register_adoption(fed: &Federation, record_schema: serde_json::Value) {
+    client(fed, CIVIL_STATUS)
         .await
         .schemas()
         .register(pb::RegisterRequest {
             definition: Some(pb::RecordTypeDefinition {
-                name: name.into(),
+                name: ADOPTION.into(),
                 description: "Adoption record".into(),
                 owner: CIVIL_STATUS.into(),
                 query_schema_json: serde_json::json!({
@@ -275,13 +268,17 @@ async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_paren
         })
         .await
         .unwrap();
-    let admin = client(&fed, ADMIN).await;
-    admin
+}
+
+/// Grants the judicial office `fields` of [`ADOPTION`] for certificates.
+async fn grant_adoption(fed: &Federation, fields: &[&str]) {
+    client(fed, ADMIN)
+        .await
         .admin()
         .create_grant(pb::CreateGrantRequest {
             consumer: JUDICIAL_OFFICE.into(),
-            record_type: name.into(),
-            fields: vec!["/adoptive_parent".into(), "/full_name".into()],
+            record_type: ADOPTION.into(),
+            fields: fields.iter().map(|f| f.to_string()).collect(),
             purposes: vec![PURPOSE_CERTIFICATE.into()],
             valid_from: None,
             valid_until: None,
@@ -289,25 +286,44 @@ async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_paren
         })
         .await
         .unwrap();
-    let raw = testing::start_raw_server(
-        RawProvider::new(
-            serde_json::json!({
-                "full_name": "Pham Van D",
-                "adoptive_parent": {"full_name": "Pham Thi E", "national_id": "001070000001"},
-                "national_id": "001099000002"
-            })
-            .to_string(),
-        ),
-        civil_tls(&fed),
+}
+
+/// Makes a register answering `record` to every fetch the only endpoint of civil-status.
+async fn serve_civil_records(fed: &Federation, record: serde_json::Value) -> testing::ServerHandle {
+    let raw = testing::start_raw_server(RawProvider::new(record.to_string()), civil_tls(fed))
+        .await
+        .unwrap();
+    replace_civil_endpoint(fed, &raw.url()).await;
+    raw
+}
+
+#[tokio::test]
+async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_parent() {
+    let (_dir, fed) = federation().await;
+    // An open schema: valid records may carry keys it does not declare.
+    let record_schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "full_name": {"type": "string"},
+            "adoptive_parent": {"type": "object", "properties": {"full_name": {"type": "string"}}}
+        }
+    });
+    register_adoption(&fed, record_schema).await;
+    grant_adoption(&fed, &["/adoptive_parent", "/full_name"]).await;
+    let raw = serve_civil_records(
+        &fed,
+        serde_json::json!({
+            "full_name": "Pham Van D",
+            "adoptive_parent": {"full_name": "Pham Thi E", "national_id": "001070000001"},
+            "national_id": "001099000002"
+        }),
     )
-    .await
-    .unwrap();
-    replace_civil_endpoint(&fed, &raw.url()).await;
+    .await;
     let r = client(&fed, JUDICIAL_OFFICE)
         .await
         .exchange()
         .lookup(pb::LookupRequest {
-            record_type: name.into(),
+            record_type: ADOPTION.into(),
             query_json: serde_json::json!({ "national_id": citizen_id(&fed, 81) }).to_string(),
             purpose: PURPOSE_CERTIFICATE.into(),
             ..Default::default()
@@ -323,31 +339,6 @@ async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_paren
     fed.shutdown().await.unwrap();
 }
 
-/// Registers version `record_schema` of `civil_status.adoption_record` as its owner.
-async fn register_adoption(fed: &Federation, record_schema: serde_json::Value) {
-    client(fed, CIVIL_STATUS)
-        .await
-        .schemas()
-        .register(pb::RegisterRequest {
-            definition: Some(pb::RecordTypeDefinition {
-                name: "civil_status.adoption_record".into(),
-                description: "Adoption record".into(),
-                owner: CIVIL_STATUS.into(),
-                query_schema_json: serde_json::json!({
-                    "type": "object",
-                    "properties": {"national_id": {"type": "string"}},
-                    "required": ["national_id"]
-                })
-                .to_string(),
-                record_schema_json: record_schema.to_string(),
-                subject_key: "national_id".into(),
-            }),
-            compatibility: 0,
-        })
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn a_field_a_later_version_adds_under_a_granted_object_is_not_released() {
     let (_dir, fed) = federation().await;
@@ -358,42 +349,24 @@ async fn a_field_a_later_version_adds_under_a_granted_object_is_not_released() {
         }, "additionalProperties": false})
     };
     register_adoption(&fed, parent(serde_json::json!({"full_name": {"type": "string"}}))).await;
-    client(&fed, ADMIN)
-        .await
-        .admin()
-        .create_grant(pb::CreateGrantRequest {
-            consumer: JUDICIAL_OFFICE.into(),
-            record_type: "civil_status.adoption_record".into(),
-            fields: vec!["/adoptive_parent".into()],
-            purposes: vec![PURPOSE_CERTIFICATE.into()],
-            valid_from: None,
-            valid_until: None,
-            rate_limit_per_minute: 0,
-        })
-        .await
-        .unwrap();
+    grant_adoption(&fed, &["/adoptive_parent"]).await;
     // The owner adds the parent's national id: a backward-compatible version.
     register_adoption(
         &fed,
         parent(serde_json::json!({"full_name": {"type": "string"}, "national_id": {"type": "string"}})),
     )
     .await;
-    let raw = testing::start_raw_server(
-        RawProvider::new(
-            serde_json::json!({
-                "full_name": "Pham Van D",
-                "adoptive_parent": {"full_name": "Pham Thi E", "national_id": "001070000001"}
-            })
-            .to_string(),
-        ),
-        civil_tls(&fed),
+    let raw = serve_civil_records(
+        &fed,
+        serde_json::json!({
+            "full_name": "Pham Van D",
+            "adoptive_parent": {"full_name": "Pham Thi E", "national_id": "001070000001"}
+        }),
     )
-    .await
-    .unwrap();
-    replace_civil_endpoint(&fed, &raw.url()).await;
+    .await;
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let lookup = |fields: &[&str]| pb::LookupRequest {
-        record_type: "civil_status.adoption_record".into(),
+        record_type: ADOPTION.into(),
         query_json: serde_json::json!({ "national_id": citizen_id(&fed, 82) }).to_string(),
         purpose: PURPOSE_CERTIFICATE.into(),
         fields: fields.iter().map(|f| f.to_string()).collect(),
@@ -515,7 +488,12 @@ async fn consumers_with_short_deadlines_do_not_open_the_circuit_for_everyone() {
         let mut req = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
         req.set_timeout(Duration::from_millis(100));
         let err = office.exchange().lookup(req).await.unwrap_err();
-        assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+        // The broker answers 10 ms before the deadline; on a busy machine the
+        // client's own timer may fire first.
+        assert!(
+            matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{err:?}"
+        );
     }
     // Patient consumers are still served.
     look_up_birth(&office, &subject)

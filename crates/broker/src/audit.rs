@@ -68,19 +68,19 @@ impl AuditService {
         error.into()
     }
 
-    /// Checks the caller's roles for `rpc`; a refusal is audited.
-    async fn require(
+    /// Authenticates the caller of `rpc` and checks its roles; a refusal is audited.
+    async fn authorized<T>(
         &self,
-        caller: &Caller,
+        request: &Request<T>,
         rpc: &str,
-        request_id: &str,
         roles: &[Role],
         what: &str,
-    ) -> std::result::Result<(), Status> {
+    ) -> std::result::Result<Caller, Status> {
+        let caller = self.broker.authenticate(request, rpc).await?;
         match caller.require(roles, what) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(caller),
             Err(e) => Err(self
-                .refused(caller, rpc, request_id.to_string(), String::new(), e)
+                .refused(&caller, rpc, request_id_of(request), String::new(), e)
                 .await),
         }
     }
@@ -208,15 +208,8 @@ impl Audit for AuditService {
         request: Request<pb::QueryEntriesRequest>,
     ) -> std::result::Result<Response<pb::QueryEntriesResponse>, Status> {
         const RPC: &str = "Audit.QueryEntries";
-        let caller = self.broker.authenticate(&request, RPC).await?;
-        self.require(
-            &caller,
-            RPC,
-            &request_id_of(&request),
-            &[Role::Auditor, Role::Admin],
-            "read the audit log",
-        )
-        .await?;
+        self.authorized(&request, RPC, &[Role::Auditor, Role::Admin], "read the audit log")
+            .await?;
         let r = request.into_inner();
         let mut q = self.broker.entry_query(r.filter)?;
         q.limit = match r.page_size {
@@ -247,15 +240,8 @@ impl Audit for AuditService {
         request: Request<pb::ExportEntriesRequest>,
     ) -> std::result::Result<Response<Self::ExportEntriesStream>, Status> {
         const RPC: &str = "Audit.ExportEntries";
-        let caller = self.broker.authenticate(&request, RPC).await?;
-        self.require(
-            &caller,
-            RPC,
-            &request_id_of(&request),
-            &[Role::Auditor, Role::Admin],
-            "export the audit log",
-        )
-        .await?;
+        self.authorized(&request, RPC, &[Role::Auditor, Role::Admin], "export the audit log")
+            .await?;
         let r = request.into_inner();
         let mut q = self.broker.entry_query(r.filter)?;
         q.from_sequence = r.from_sequence;
@@ -293,16 +279,15 @@ impl Audit for AuditService {
         request: Request<pb::SubjectHistoryRequest>,
     ) -> std::result::Result<Response<pb::SubjectHistoryResponse>, Status> {
         const RPC: &str = "Audit.SubjectHistory";
-        let caller = self.broker.authenticate(&request, RPC).await?;
+        let caller = self
+            .authorized(
+                &request,
+                RPC,
+                &[Role::SubjectPortal, Role::Auditor],
+                "read a citizen's access history",
+            )
+            .await?;
         let request_id = request_id_of(&request);
-        self.require(
-            &caller,
-            RPC,
-            &request_id,
-            &[Role::SubjectPortal, Role::Auditor],
-            "read a citizen's access history",
-        )
-        .await?;
         let r = request.into_inner();
         if r.subject_key.trim().is_empty() {
             let e = BrokerError::InvalidArgument("subject_key is required".into());
