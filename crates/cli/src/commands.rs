@@ -606,6 +606,13 @@ pub enum AuditCmd {
         #[arg(long, default_value = "")]
         log: String,
     },
+    /// The public key of a log (PEM; hex too with --json), to keep and pin
+    /// with `verify --public-key`; checked to hash to the log id.
+    Key {
+        /// Log id; this broker's own log when omitted.
+        #[arg(long, default_value = "")]
+        log: String,
+    },
     /// Verify logs: signatures, the export rebuilding the signed root, every
     /// inclusion, and consistency with the heads seen last time (state file).
     Verify(VerifyArgs),
@@ -830,6 +837,30 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                     hex::encode(sth.root_hash),
                     sth.timestamp_ms
                 );
+            }
+        }
+        AuditCmd::Key { log } => {
+            let k = c
+                .get_public_key(pb::GetPublicKeyRequest { log_id: log })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let key = key_from(&k.public_key)?;
+            let id = lienthong_audit::keys::log_id_of(&key);
+            if id != k.log_id {
+                bail!(
+                    "the broker gave for log {} a key whose log id is {id}; do not pin it",
+                    k.log_id
+                );
+            }
+            if json {
+                print_json(&serde_json::json!({
+                    "log_id": k.log_id,
+                    "public_key_hex": hex::encode(&k.public_key),
+                    "public_key_pem": k.public_key_pem,
+                }));
+            } else {
+                print!("{}", k.public_key_pem);
             }
         }
         AuditCmd::Verify(v) => verify_online(&mut c, &v).await?,
