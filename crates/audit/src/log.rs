@@ -267,11 +267,25 @@ impl AuditLog {
         // and gets its nodes from those leaf hashes.
         let nodes = store.tree_node_count(&log_id).await?;
         let complete = nodes == merkle::stored_node_count(size);
+        // The log's size says these rows exist: one missing was deleted.
+        let deleted = |e: AuditError| match e {
+            AuditError::NotFound(what) => AuditError::Corrupt(format!(
+                "{what}, though the log's size says they exist: entries were deleted"
+            )),
+            AuditError::Store(StoreError::NotFound { what }) => AuditError::Corrupt(format!(
+                "{what} not found, though the log's size says they exist: entries were deleted"
+            )),
+            other => other,
+        };
         let frontier = if complete {
-            from_stored_nodes(store.as_ref(), &log_id, size, latest.as_ref()).await?
+            from_stored_nodes(store.as_ref(), &log_id, size, latest.as_ref())
+                .await
+                .map_err(deleted)?
         } else {
             tracing::info!(log_id = %log_id, size, stored = nodes, "storing the audit log's Merkle tree nodes");
-            rebuild(store.as_ref(), &log_id, size, latest.as_ref(), true).await?
+            rebuild(store.as_ref(), &log_id, size, latest.as_ref(), true)
+                .await
+                .map_err(deleted)?
         };
         let pin_path = keys.pinned_head_path();
         if let Some(path) = &pin_path {

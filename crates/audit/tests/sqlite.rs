@@ -233,6 +233,30 @@ async fn a_deleted_row_ends_the_history_check_failed_and_the_log_refuses_entries
     assert_failed_naming(&log, check, 1234, "not found").await;
 }
 
+/// A row deleted at the right edge, which the opening itself reads, stops
+/// the opening, saying the history was cut, not only that rows are "not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_where_the_opening_reads_is_refused_as_a_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_sqlite_log(dir.path(), 3000).await;
+    assert_eq!(
+        alter(dir.path(), "DELETE FROM audit_entries WHERE sequence = 2999").await,
+        1
+    );
+    let err = AuditLog::open(
+        open_store(dir.path()).await,
+        LogKeys::load_or_create(dir.path()).unwrap(),
+        config(),
+    )
+    .await
+    .unwrap_err();
+    let AuditError::Corrupt(why) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(why.contains("entries 2816..3000"), "{why}");
+    assert!(why.ends_with("entries were deleted"), "{why}");
+}
+
 /// A leaf rewritten under its old leaf hash still hashes to the signed root
 /// through that hash: the check hashes the leaf itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
