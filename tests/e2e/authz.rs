@@ -6,18 +6,6 @@ use lienthong::v1 as pb;
 use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT};
 use tonic::Code;
 
-fn grant(consumer: &str, fields: &[&str], rate: u32) -> pb::CreateGrantRequest {
-    pb::CreateGrantRequest {
-        consumer: consumer.into(),
-        record_type: "civil_status.birth_record".into(),
-        fields: fields.iter().map(|s| s.to_string()).collect(),
-        purposes: vec!["tax-law-38-2019/art-17".into()],
-        valid_from: None,
-        valid_until: None,
-        rate_limit_per_minute: rate,
-    }
-}
-
 #[tokio::test]
 async fn grant_allows_revocation_denies_the_next_lookup() {
     let (_dir, fed) = federation().await;
@@ -32,7 +20,7 @@ async fn grant_allows_revocation_denies_the_next_lookup() {
 
     let g = admin
         .admin()
-        .create_grant(grant(TAX_DEPT, &["/full_name", "/birth_date"], 0))
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name", "/birth_date"], 0))
         .await
         .unwrap()
         .into_inner();
@@ -102,7 +90,7 @@ async fn an_expired_grant_is_denied() {
     let (_dir, fed) = federation().await;
     let admin = client(&fed, ADMIN).await;
     let now = time::OffsetDateTime::now_utc();
-    let mut g = grant(TAX_DEPT, &["*"], 0);
+    let mut g = birth_grant(TAX_DEPT, &["*"], 0);
     g.valid_from = Some(lienthong_broker::convert::ts(now - time::Duration::hours(2)));
     g.valid_until = Some(lienthong_broker::convert::ts(now - time::Duration::hours(1)));
     admin.admin().create_grant(g).await.unwrap();
@@ -123,7 +111,7 @@ async fn a_rate_limit_of_n_per_minute_allows_n_and_refuses_the_next() {
     let admin = client(&fed, ADMIN).await;
     admin
         .admin()
-        .create_grant(grant(TAX_DEPT, &["/full_name"], 3))
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 3))
         .await
         .unwrap();
     let tax = client(&fed, TAX_DEPT).await;
@@ -167,25 +155,29 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
     };
     let before = count().await;
     let now = time::OffsetDateTime::now_utc();
-    let mut until_before_from = grant(TAX_DEPT, &["/full_name"], 0);
+    let mut until_before_from = birth_grant(TAX_DEPT, &["/full_name"], 0);
     until_before_from.valid_from = Some(lienthong_broker::convert::ts(now));
     until_before_from.valid_until = Some(lienthong_broker::convert::ts(now - time::Duration::hours(1)));
-    let mut no_purpose = grant(TAX_DEPT, &["/full_name"], 0);
+    let mut no_purpose = birth_grant(TAX_DEPT, &["/full_name"], 0);
     no_purpose.purposes.clear();
-    let mut unknown_type = grant(TAX_DEPT, &["/full_name"], 0);
+    let mut unknown_type = birth_grant(TAX_DEPT, &["/full_name"], 0);
     unknown_type.record_type = "civil_status.pet_record".into();
     let cases: Vec<(pb::CreateGrantRequest, Code, &str)> = vec![
         (
-            grant("ghost-agency", &["/full_name"], 0),
+            birth_grant("ghost-agency", &["/full_name"], 0),
             Code::NotFound,
             "ghost-agency",
         ),
         (unknown_type, Code::NotFound, "civil_status.pet_record"),
-        (grant(TAX_DEPT, &["/shoe_size"], 0), Code::InvalidArgument, "/shoe_size"),
+        (
+            birth_grant(TAX_DEPT, &["/shoe_size"], 0),
+            Code::InvalidArgument,
+            "/shoe_size",
+        ),
         (no_purpose, Code::InvalidArgument, "purpose"),
         (until_before_from, Code::InvalidArgument, "valid_until"),
         (
-            grant(CITIZEN_PORTAL, &["/full_name"], 0),
+            birth_grant(CITIZEN_PORTAL, &["/full_name"], 0),
             Code::FailedPrecondition,
             "consumer role",
         ),
@@ -203,7 +195,7 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
     let err = client(&fed, JUDICIAL_OFFICE)
         .await
         .admin()
-        .create_grant(grant(JUDICIAL_OFFICE, &["*"], 0))
+        .create_grant(birth_grant(JUDICIAL_OFFICE, &["*"], 0))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);

@@ -76,6 +76,19 @@ pub fn birth_lookup(subject: &str, purpose: &str) -> pb::LookupRequest {
     }
 }
 
+/// A grant of birth records to `consumer` for the tax law's purpose.
+pub fn birth_grant(consumer: &str, fields: &[&str], rate: u32) -> pb::CreateGrantRequest {
+    pb::CreateGrantRequest {
+        consumer: consumer.into(),
+        record_type: "civil_status.birth_record".into(),
+        fields: fields.iter().map(|s| s.to_string()).collect(),
+        purposes: vec!["tax-law-38-2019/art-17".into()],
+        valid_from: None,
+        valid_until: None,
+        rate_limit_per_minute: rate,
+    }
+}
+
 /// `office` looks `subject`'s birth record up for a criminal-record certificate.
 pub async fn look_up_birth(
     office: &Clients,
@@ -288,4 +301,21 @@ pub fn sample(scrape: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .map(|v| v.trim().parse().unwrap())
         .unwrap_or(0.0)
+}
+
+/// Entries of the broker's own log matching `filter` (up to 1,000), oldest
+/// first, as the state auditor reads them.
+pub async fn logged(fed: &Federation, filter: pb::EntryFilter) -> Vec<pb::AuditEntry> {
+    client(fed, lienthong_cli::federation::STATE_AUDIT)
+        .await
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(filter),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
 }

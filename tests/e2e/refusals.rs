@@ -4,28 +4,10 @@
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::client::Clients;
-use lienthong_cli::federation::{
-    CITIZEN_PORTAL, Federation, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT,
-};
+use lienthong_cli::federation::{CITIZEN_PORTAL, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT};
 use sqlx::sqlite::SqlitePoolOptions;
 use std::time::Duration;
 use tonic::Code;
-
-/// The newest entries of the broker's log matching `filter`, newest last.
-async fn entries(fed: &Federation, filter: pb::EntryFilter) -> Vec<pb::AuditEntry> {
-    let auditor = client(fed, STATE_AUDIT).await;
-    auditor
-        .audit()
-        .query_entries(pb::QueryEntriesRequest {
-            filter: Some(filter),
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-}
 
 fn by(actor: &str, kind: pb::EntryKind) -> pb::EntryFilter {
     pb::EntryFilter {
@@ -73,7 +55,7 @@ async fn oversized_names_are_refused_and_logged_clipped() {
     let r = office.exchange().lookup(long_id).await.unwrap().into_inner();
     assert_eq!(r.request_id, "é".repeat(64));
 
-    let logged = entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await;
+    let logged = logged(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await;
     let refused: Vec<_> = logged
         .iter()
         .filter(|e| e.outcome == pb::Outcome::Invalid as i32)
@@ -117,7 +99,7 @@ async fn a_malformed_item_query_in_a_collect_is_refused_and_logged() {
         err.message()
     );
 
-    let logged = entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await;
+    let logged = logged(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await;
     let e = logged
         .iter()
         .find(|e| e.request_id == "collect-with-a-bad-item")
@@ -160,6 +142,19 @@ async fn a_grpc_timeout_outside_the_spec_is_ignored() {
     fed.shutdown().await.unwrap();
 }
 
+/// `subject`'s access history, read by `reader`.
+async fn history(reader: &Clients, subject: &str) -> Result<Vec<pb::SubjectAccess>, tonic::Status> {
+    let r = reader
+        .audit()
+        .subject_history(pb::SubjectHistoryRequest {
+            subject_key: subject.into(),
+            since: None,
+            limit: 0,
+        })
+        .await?;
+    Ok(r.into_inner().accesses)
+}
+
 #[tokio::test]
 async fn reads_of_a_citizens_history_and_refused_audit_requests_are_logged() {
     let (_dir, fed) = federation().await;
@@ -168,27 +163,14 @@ async fn reads_of_a_citizens_history_and_refused_audit_requests_are_logged() {
     let subject = citizen_id(&fed, 8);
     look_up_birth(&office, &subject).await.unwrap();
 
-    let history = async || {
-        portal
-            .audit()
-            .subject_history(pb::SubjectHistoryRequest {
-                subject_key: subject.clone(),
-                since: None,
-                limit: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .accesses
-    };
-    let first = history().await;
+    let first = history(&portal, &subject).await.unwrap();
     assert_eq!(first.len(), 1, "{first:?}");
     // Reads of the history are logged but are not accesses to the records.
-    assert_eq!(history().await.len(), 1);
+    assert_eq!(history(&portal, &subject).await.unwrap().len(), 1);
 
-    let reads = entries(&fed, by(CITIZEN_PORTAL, pb::EntryKind::AuditRead)).await;
+    let reads = logged(&fed, by(CITIZEN_PORTAL, pb::EntryKind::AuditRead)).await;
     assert_eq!(reads.len(), 2, "{reads:?}");
-    let lookup = &entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await[0];
+    let lookup = &logged(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await[0];
     for r in &reads {
         assert_eq!(r.action, "Audit.SubjectHistory");
         assert_eq!(r.outcome, pb::Outcome::Allowed as i32);
@@ -206,17 +188,9 @@ async fn reads_of_a_citizens_history_and_refused_audit_requests_are_logged() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    let err = office
-        .audit()
-        .subject_history(pb::SubjectHistoryRequest {
-            subject_key: subject.clone(),
-            since: None,
-            limit: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = history(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    let refused = entries(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::AuditRead)).await;
+    let refused = logged(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::AuditRead)).await;
     let actions: Vec<(&str, i32)> = refused.iter().map(|e| (e.action.as_str(), e.outcome)).collect();
     assert_eq!(
         actions,
@@ -237,15 +211,7 @@ async fn a_grant_revoked_in_the_database_alone_stops_lookups_within_seconds() {
     let tax = client(&fed, TAX_DEPT).await;
     let g = admin
         .admin()
-        .create_grant(pb::CreateGrantRequest {
-            consumer: TAX_DEPT.into(),
-            record_type: "civil_status.birth_record".into(),
-            fields: vec!["/full_name".into()],
-            purposes: vec!["tax-law-38-2019/art-17".into()],
-            valid_from: None,
-            valid_until: None,
-            rate_limit_per_minute: 0,
-        })
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
         .await
         .unwrap()
         .into_inner();

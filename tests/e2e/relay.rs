@@ -4,7 +4,7 @@
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::federation::{
-    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT,
+    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE,
 };
 use lienthong_provider::demo::DemoRegisterKind;
 use lienthong_provider::testing::{self, FaultMode, Faulty, RawProvider};
@@ -97,22 +97,12 @@ async fn failed_entries(fed: &Federation) -> Vec<pb::AuditEntry> {
 }
 
 async fn office_entries(fed: &Federation, outcome: pb::Outcome) -> Vec<pb::AuditEntry> {
-    client(fed, STATE_AUDIT)
-        .await
-        .audit()
-        .query_entries(pb::QueryEntriesRequest {
-            filter: Some(pb::EntryFilter {
-                actor: JUDICIAL_OFFICE.into(),
-                outcome: outcome as i32,
-                ..Default::default()
-            }),
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
+    let filter = pb::EntryFilter {
+        actor: JUDICIAL_OFFICE.into(),
+        outcome: outcome as i32,
+        ..Default::default()
+    };
+    logged(fed, filter).await
 }
 
 async fn criminal_record_still_served(office: &lienthong_cli::client::Clients, subject: &str) {

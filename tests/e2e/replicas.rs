@@ -61,15 +61,7 @@ async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
     // A grant created through A is usable through B...
     let g = admin_a
         .admin()
-        .create_grant(pb::CreateGrantRequest {
-            consumer: TAX_DEPT.into(),
-            record_type: "civil_status.birth_record".into(),
-            fields: vec!["/full_name".into()],
-            purposes: vec!["tax-law-38-2019/art-17".into()],
-            valid_from: None,
-            valid_until: None,
-            rate_limit_per_minute: 0,
-        })
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
         .await
         .unwrap()
         .into_inner();
