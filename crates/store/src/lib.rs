@@ -12,6 +12,7 @@
 mod disk;
 mod rows;
 mod sql;
+mod subjects;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -6,6 +6,7 @@ use crate::rows::{
     EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, TreeHeadRow, compatibility_text, roles_text,
     to_i64, to_json, to_u64, to_us,
 };
+use crate::subjects;
 use crate::{
     Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead,
     TreeNode,
@@ -28,7 +29,7 @@ use time::OffsetDateTime;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+pub(crate) static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// PostgreSQL channel the change counter is announced on.
@@ -161,15 +162,35 @@ pub(crate) struct SqlStore {
     /// shared pool on PostgreSQL.
     audit_writer: Pool,
     changes: broadcast::Sender<u64>,
-    /// PostgreSQL's change listener, SQLite's checkpointer.
-    background: Option<JoinHandle<()>>,
+    /// PostgreSQL's change listener; SQLite's checkpointer and subject runs.
+    background: Vec<JoinHandle<()>>,
+    /// Wakes SQLite's subject-run maintenance as entries are appended.
+    subject_runs: Option<Arc<subjects::Waker>>,
     /// Each log's number, which its entries carry (a log's number never changes).
     log_nos: std::sync::RwLock<std::collections::HashMap<String, i64>>,
 }
 
+impl SqlStore {
+    /// The pooled readers and the audit writer of an SQLite store (tests).
+    #[cfg(test)]
+    pub(crate) fn sqlite_pools(&self) -> Option<(SqlitePool, SqlitePool)> {
+        match (&self.pool, &self.audit_writer) {
+            (Pool::Sqlite(p), Pool::Sqlite(w)) => Some((p.clone(), w.clone())),
+            _ => None,
+        }
+    }
+
+    /// Tells SQLite's subject-run maintenance that `n` entries were appended.
+    fn appended_subjects(&self, n: usize) {
+        if let Some(waker) = &self.subject_runs {
+            waker.appended(n);
+        }
+    }
+}
+
 impl Drop for SqlStore {
     fn drop(&mut self) {
-        if let Some(task) = &self.background {
+        for task in &self.background {
             task.abort();
         }
     }
@@ -179,7 +200,7 @@ pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Ar
     Ok(Arc::new(sqlite_store(path, options).await?))
 }
 
-async fn sqlite_store(path: &str, options: &StoreOptions) -> Result<SqlStore> {
+pub(crate) async fn sqlite_store(path: &str, options: &StoreOptions) -> Result<SqlStore> {
     let (connect, pool) = if path == ":memory:" {
         // Every connection would get its own empty database: keep exactly one forever.
         let connect = SqliteConnectOptions::from_str("sqlite::memory:").map_err(db_err)?;
@@ -262,13 +283,18 @@ async fn sqlite_store(path: &str, options: &StoreOptions) -> Result<SqlStore> {
             .await
             .map_err(db_err)?
     };
-    let checkpointer = (path != ":memory:").then(|| tokio::spawn(checkpoint_wal(pool.clone())));
+    let waker = Arc::new(subjects::Waker::default());
+    let mut background = vec![tokio::spawn(subjects::maintain(writer.clone(), waker.clone()))];
+    if path != ":memory:" {
+        background.push(tokio::spawn(checkpoint_wal(pool.clone())));
+    }
     let (changes, _) = broadcast::channel(64);
     Ok(SqlStore {
         pool: Pool::Sqlite(pool),
         audit_writer: Pool::Sqlite(writer),
         changes,
-        background: checkpointer,
+        background,
+        subject_runs: Some(waker),
         log_nos: Default::default(),
     })
 }
@@ -339,7 +365,8 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         audit_writer: Pool::Postgres(pool.clone()),
         pool: Pool::Postgres(pool),
         changes,
-        background: Some(listener),
+        background: vec![listener],
+        subject_runs: None,
         log_nos: Default::default(),
     }))
 }
@@ -1000,7 +1027,9 @@ impl Store for SqlStore {
         let node_log_no = numbers.first().map_or(0, |(_, n)| *n);
         match (&self.audit_writer, runs.as_slice()) {
             (Pool::Sqlite(writer), [run]) => {
-                return append_sqlite_in_one_call(writer, run, bounds[0], &rows, (node_log_no, &nodes)).await;
+                append_sqlite_in_one_call(writer, run, bounds[0], &rows, (node_log_no, &nodes)).await?;
+                self.appended_subjects(rows.len());
+                return Ok(());
             }
             (Pool::Postgres(pool), [run]) if rows.len() <= ENTRY_ROWS_PER_INSERT => {
                 return append_postgres_in_one_statement(pool, run, bounds[0], &rows, (node_log_no, &nodes)).await;
@@ -1036,7 +1065,9 @@ impl Store for SqlStore {
                 qb.build().execute(&mut *tx).await.map_err(unique(|| "a tree node of this batch".to_owned()))?;
             }
             tx.commit().await.map_err(db_err)
-        })
+        })?;
+        self.appended_subjects(rows.len());
+        Ok(())
     }
 
     async fn log_size(&self, log_id: &str) -> Result<u64> {
@@ -1232,7 +1263,10 @@ impl Store for SqlStore {
         if subject_hash.is_empty() {
             return Ok(Vec::new());
         }
-        let sql = subject_query();
+        let sql = match self.pool {
+            Pool::Sqlite(_) => subjects::history_query(),
+            Pool::Postgres(_) => subject_query(),
+        };
         let since = since.map_or(i64::MIN, to_us);
         let limit = if limit == 0 { NO_LIMIT } else { i64::from(limit) };
         let rows = on_pool!(self, p => sqlx::query_as::<_, EntryRow>(&sql).bind(subject_hash).bind(since).bind(limit).fetch_all(p).await)
@@ -1513,14 +1547,24 @@ mod tests {
                 "{q:?}: expected a search of {index} in sequence order, planned {plan}"
             );
         }
-        // A citizen's history: the subject index, whatever the log.
-        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", subject_query()))
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        let plan = plan.into_iter().map(|(_, _, _, d)| d).collect::<Vec<_>>().join("; ");
+        // A citizen's history: one search per live run, the tail of each log
+        // by its primary key, and each entry found by its primary key.
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", subjects::history_query()))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let plan = plan.into_iter().map(|(_, _, _, d)| d).collect::<Vec<_>>();
+        let scans: Vec<&String> = plan
+            .iter()
+            .filter(|d| d.starts_with("SCAN") && !matches!(d.as_str(), "SCAN r" | "SCAN g" | "SCAN hit"))
+            .collect();
+        let plan = plan.join("; ");
         assert!(
-            plan.contains("SEARCH e USING INDEX audit_entries_by_subject") && !plan.contains("SCAN"),
+            scans.is_empty()
+                && plan.contains("SEARCH p USING PRIMARY KEY (run=? AND subject_hash=? AND time_us>?)")
+                && plan.contains("SEARCH t USING INDEX sqlite_autoindex_audit_entries_1 (log_no=? AND sequence>?)")
+                && plan.contains("SEARCH e USING INDEX sqlite_autoindex_audit_entries_1 (log_no=? AND sequence=?)"),
             "subject history planned {plan}"
         );
     }

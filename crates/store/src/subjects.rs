@@ -1,0 +1,639 @@
+//! Who accessed a citizen's data, on SQLite: sorted runs of postings
+//! (subject hash, time, entry), written and merged behind the audit commits.
+//!
+//! An ordinary index on the entries' subject hashes puts each entry on a
+//! random page of that index, because the hashes are random: every audit
+//! commit then writes one page of it per entry, and the database file's sync
+//! flushes them all again. Runs turn that into ordered writes, as a
+//! log-structured merge tree does: entries past a log's `subject_indexed`
+//! mark are the *tail*, read directly by a history query; every
+//! [`RUN_ENTRIES`] entries of the tail become one run, written in key order;
+//! [`FANOUT`] runs of a level are merged into one of the next. A posting is
+//! rewritten once per level, about six times at 10^8 entries, and a history
+//! is one index search per live run (at most `FANOUT - 1` per level) plus
+//! the tail.
+//!
+//! Every change is one short transaction on the audit writer's connection
+//! (a few milliseconds: at most [`CHUNK_POSTINGS`] postings copied or
+//! deleted), so commits wait behind at most one of them. Each posting is in
+//! exactly one live run at every commit: a merge's target becomes live in
+//! the transaction that retires its sources. PostgreSQL keeps an ordinary
+//! index: there its writes are the database server's, not the broker's.
+
+use crate::Result;
+use crate::sql::db_err;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Tail entries of a log that make a new run.
+#[cfg(not(test))]
+pub(crate) const RUN_ENTRIES: i64 = 4096;
+/// Live runs of one level merged into one run of the next.
+#[cfg(not(test))]
+pub(crate) const FANOUT: i64 = 8;
+/// Postings copied or deleted per transaction (a few milliseconds).
+#[cfg(not(test))]
+pub(crate) const CHUNK_POSTINGS: i64 = 4096;
+// Small enough for tests to run through merges of merges and many chunks.
+#[cfg(test)]
+pub(crate) const RUN_ENTRIES: i64 = 6;
+#[cfg(test)]
+pub(crate) const FANOUT: i64 = 3;
+#[cfg(test)]
+pub(crate) const CHUNK_POSTINGS: i64 = 4;
+/// How often the maintenance looks for work nobody woke it for.
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
+/// A citizen's history on SQLite: `$1` the subject HMAC's bytes, `$2` the
+/// earliest time, `$3` the limit. The entries' own subject hash is checked
+/// again, so a posting that names another entry shows nothing. The CROSS
+/// JOINs fix the order SQLite, which has no statistics here, would otherwise
+/// get wrong: the few runs and logs first, each searched by its key.
+pub(crate) fn history_query() -> String {
+    "SELECT l.log_id, e.sequence, e.leaf_hash, e.leaf, e.time_us, e.kind, e.actor, e.provider, \
+     e.record_type, e.purpose, e.outcome, e.subject_hash FROM ( \
+         SELECT p.log_no, p.sequence FROM audit_subject_runs r \
+         CROSS JOIN audit_subject_postings p ON p.run = r.run AND p.subject_hash = $1 AND p.time_us >= $2 \
+         WHERE r.state = 'live' \
+         UNION \
+         SELECT t.log_no, t.sequence FROM audit_logs g \
+         CROSS JOIN audit_entries t ON t.log_no = g.log_no AND t.sequence >= g.subject_indexed \
+         WHERE t.subject_hash = $1 \
+     ) AS hit \
+     CROSS JOIN audit_entries e ON e.log_no = hit.log_no AND e.sequence = hit.sequence \
+     JOIN audit_logs l ON l.log_no = e.log_no \
+     WHERE e.subject_hash = $1 AND e.time_us >= $2 AND e.kind = 'access' \
+     ORDER BY e.time_us DESC, l.log_id, e.sequence DESC LIMIT $3"
+        .to_owned()
+}
+
+/// Wakes the maintenance once enough entries were appended to make a run.
+#[derive(Default)]
+pub(crate) struct Waker {
+    appended: AtomicU64,
+    notify: Notify,
+}
+
+impl Waker {
+    /// Counts `n` appended entries.
+    pub(crate) fn appended(&self, n: usize) {
+        let n = n as u64;
+        let before = self.appended.fetch_add(n, Ordering::Relaxed);
+        // Several logs share the count, so it only says when to look.
+        if before + n >= RUN_ENTRIES.unsigned_abs() {
+            self.appended.store(0, Ordering::Relaxed);
+            self.notify.notify_one();
+        }
+    }
+}
+
+/// Keeps the runs up to date for as long as the store lives: at start (a
+/// tail left by the last run of the broker), when woken, and every
+/// [`IDLE_CHECK`].
+pub(crate) async fn maintain(writer: SqlitePool, waker: Arc<Waker>) {
+    loop {
+        loop {
+            match step(&writer).await {
+                // Commits queued meanwhile go first: the pool hands its one
+                // connection out in the order it was asked for.
+                Ok(true) => tokio::task::yield_now().await,
+                Ok(false) => break,
+                Err(e) => {
+                    // History queries stay complete: the tail is read as it is.
+                    tracing::warn!(error = %e, "the subject index could not be brought up to date; retrying later");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = waker.notify.notified() => {}
+            () = tokio::time::sleep(IDLE_CHECK) => {}
+        }
+    }
+}
+
+/// Does one transaction's worth of work; `false` when there was none.
+pub(crate) async fn step(writer: &SqlitePool) -> Result<bool> {
+    let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+    // A long tail slows every history query down, so it goes first.
+    let done = new_run(&mut tx).await? || merge_chunk(&mut tx).await? || plan_merge(&mut tx).await? || {
+        delete_chunk(&mut tx).await?
+    };
+    if done {
+        tx.commit().await.map_err(db_err)?;
+    }
+    Ok(done)
+}
+
+/// Turns the oldest [`RUN_ENTRIES`] tail entries of a log into a live run.
+async fn new_run(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
+    let tail: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT log_no, subject_indexed FROM audit_logs WHERE size - subject_indexed >= $1 ORDER BY log_no LIMIT 1",
+    )
+    .bind(RUN_ENTRIES)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let Some((log_no, from)) = tail else {
+        return Ok(false);
+    };
+    let run: i64 = sqlx::query_scalar(
+        "INSERT INTO audit_subject_runs (level, state, postings) VALUES (0, 'live', 0) RETURNING run",
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let postings = sqlx::query(
+        "INSERT INTO audit_subject_postings (run, subject_hash, time_us, log_no, sequence) \
+         SELECT $1, subject_hash, time_us, log_no, sequence FROM audit_entries \
+         WHERE log_no = $2 AND sequence >= $3 AND sequence < $4 AND subject_hash IS NOT NULL AND kind = 'access' \
+         ORDER BY subject_hash, time_us, log_no, sequence",
+    )
+    .bind(run)
+    .bind(log_no)
+    .bind(from)
+    .bind(from + RUN_ENTRIES)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?
+    .rows_affected();
+    let update = if postings == 0 {
+        // Administrative entries name nobody: no run to keep.
+        sqlx::query("DELETE FROM audit_subject_runs WHERE run = $1").bind(run)
+    } else {
+        sqlx::query("UPDATE audit_subject_runs SET postings = $2 WHERE run = $1")
+            .bind(run)
+            .bind(i64::try_from(postings).unwrap_or(i64::MAX))
+    };
+    update.execute(&mut **tx).await.map_err(db_err)?;
+    sqlx::query("UPDATE audit_logs SET subject_indexed = subject_indexed + $2 WHERE log_no = $1")
+        .bind(log_no)
+        .bind(RUN_ENTRIES)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    Ok(true)
+}
+
+/// Copies the next chunk of a merge's sources into its target; the last
+/// chunk makes the target live and its sources dead.
+async fn merge_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
+    let building: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT run, postings, next_chunk FROM audit_subject_runs WHERE state = 'building' ORDER BY run LIMIT 1",
+    )
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let Some((target, postings, chunk)) = building else {
+        return Ok(false);
+    };
+    let (from, to) = chunk_bounds(chunk, chunks(postings));
+    sqlx::query(
+        "INSERT INTO audit_subject_postings (run, subject_hash, time_us, log_no, sequence) \
+         SELECT $1, subject_hash, time_us, log_no, sequence FROM audit_subject_postings \
+         WHERE run IN (SELECT run FROM audit_subject_runs WHERE merging_into = $1) \
+         AND subject_hash >= $2 AND ($3 IS NULL OR subject_hash < $3) \
+         ORDER BY subject_hash, time_us, log_no, sequence",
+    )
+    .bind(target)
+    .bind(from.as_slice())
+    .bind(to.as_ref().map(|t| t.as_slice()))
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    if to.is_some() {
+        sqlx::query("UPDATE audit_subject_runs SET next_chunk = next_chunk + 1 WHERE run = $1")
+            .bind(target)
+            .execute(&mut **tx)
+            .await
+            .map_err(db_err)?;
+        return Ok(true);
+    }
+    // In one transaction, so each posting stays in exactly one live run.
+    sqlx::query(
+        "UPDATE audit_subject_runs SET state = 'dead', next_chunk = 0, merging_into = NULL WHERE merging_into = $1",
+    )
+    .bind(target)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    sqlx::query("UPDATE audit_subject_runs SET state = 'live', next_chunk = 0 WHERE run = $1")
+        .bind(target)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    Ok(true)
+}
+
+/// Starts merging the oldest [`FANOUT`] live runs of the lowest level that
+/// has that many.
+async fn plan_merge(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
+    let level: Option<i64> = sqlx::query_scalar(
+        "SELECT level FROM audit_subject_runs WHERE state = 'live' AND merging_into IS NULL \
+         GROUP BY level HAVING COUNT(*) >= $1 ORDER BY level LIMIT 1",
+    )
+    .bind(FANOUT)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let Some(level) = level else {
+        return Ok(false);
+    };
+    let target: i64 = sqlx::query_scalar(
+        "INSERT INTO audit_subject_runs (level, state, postings) \
+         SELECT $1 + 1, 'building', COALESCE(SUM(postings), 0) FROM ( \
+             SELECT postings FROM audit_subject_runs WHERE state = 'live' AND merging_into IS NULL AND level = $1 \
+             ORDER BY run LIMIT $2) \
+         RETURNING run",
+    )
+    .bind(level)
+    .bind(FANOUT)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    sqlx::query(
+        "UPDATE audit_subject_runs SET merging_into = $1 WHERE run IN ( \
+             SELECT run FROM audit_subject_runs WHERE state = 'live' AND merging_into IS NULL AND level = $2 \
+             ORDER BY run LIMIT $3)",
+    )
+    .bind(target)
+    .bind(level)
+    .bind(FANOUT)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    Ok(true)
+}
+
+/// Deletes the next chunk of a dead run's postings, and the run once none
+/// are left.
+async fn delete_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
+    let dead: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT run, postings, next_chunk FROM audit_subject_runs WHERE state = 'dead' ORDER BY run LIMIT 1",
+    )
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let Some((run, postings, chunk)) = dead else {
+        return Ok(false);
+    };
+    let (from, to) = chunk_bounds(chunk, chunks(postings));
+    sqlx::query(
+        "DELETE FROM audit_subject_postings WHERE run = $1 AND subject_hash >= $2 AND ($3 IS NULL OR subject_hash < $3)",
+    )
+    .bind(run)
+    .bind(from.as_slice())
+    .bind(to.as_ref().map(|t| t.as_slice()))
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let sql = if to.is_some() {
+        "UPDATE audit_subject_runs SET next_chunk = next_chunk + 1 WHERE run = $1"
+    } else {
+        "DELETE FROM audit_subject_runs WHERE run = $1"
+    };
+    sqlx::query(sql).bind(run).execute(&mut **tx).await.map_err(db_err)?;
+    Ok(true)
+}
+
+/// Chunks a run of `postings` is copied or deleted in, by subject-hash
+/// range: hashes are uniform, so each holds about [`CHUNK_POSTINGS`].
+fn chunks(postings: i64) -> u64 {
+    let n = postings.max(0).unsigned_abs().div_ceil(CHUNK_POSTINGS.unsigned_abs());
+    n.clamp(1, 1 << 32)
+}
+
+/// Subject-hash range of chunk `k` of `n`: from a 4-byte prefix (a 32-byte
+/// hash compares at or above it when its first bytes do) to the next chunk's,
+/// or to the end for the last chunk.
+fn chunk_bounds(k: i64, n: u64) -> ([u8; 4], Option<[u8; 4]>) {
+    let k = k.max(0).unsigned_abs().min(n - 1);
+    let prefix = |i: u64| {
+        u32::try_from((u128::from(i) << 32) / u128::from(n))
+            .unwrap_or(u32::MAX)
+            .to_be_bytes()
+    };
+    (prefix(k), (k + 1 < n).then(|| prefix(k + 1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::{SqlStore, sqlite_store};
+    use crate::{LogInfo, Store, StoreOptions, StoredEntry};
+    use lienthong_core::audit::{EntryKind, Outcome};
+    use proptest::prelude::*;
+    use time::OffsetDateTime;
+
+    const SUBJECTS: [&str; 4] = ["00aa", "7f01", "80ff", "ffee"];
+    const LOGS: [&str; 2] = ["log-a", "log-b"];
+
+    /// Every live posting against every entry below its log's mark, in one
+    /// snapshot: each must be in exactly one live run.
+    async fn assert_invariant(pool: &SqlitePool) {
+        let mut tx = pool.begin().await.unwrap();
+        let mut live: Vec<(Vec<u8>, i64, i64)> = sqlx::query_as(
+            "SELECT p.subject_hash, p.log_no, p.sequence FROM audit_subject_runs r \
+             JOIN audit_subject_postings p ON p.run = r.run WHERE r.state = 'live'",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        let mut expected: Vec<(Vec<u8>, i64, i64)> = sqlx::query_as(
+            "SELECT e.subject_hash, e.log_no, e.sequence FROM audit_entries e \
+             JOIN audit_logs g ON g.log_no = e.log_no \
+             WHERE e.sequence < g.subject_indexed AND e.subject_hash IS NOT NULL AND e.kind = 'access'",
+        )
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+        live.sort();
+        expected.sort();
+        assert_eq!(live, expected, "live postings against indexed entries");
+    }
+
+    fn entry(log: &str, sequence: u64, subject: Option<usize>, kind: EntryKind) -> StoredEntry {
+        StoredEntry {
+            log_id: log.into(),
+            sequence,
+            leaf_hash: [0; 32],
+            leaf: "{}".into(),
+            // Several entries share a time: the history breaks ties by log and sequence.
+            time: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds((sequence / 2) as i64),
+            kind,
+            actor: "tax-office".into(),
+            provider: "civil-status".into(),
+            record_type: "ee.civil.person".into(),
+            purpose: "tax".into(),
+            outcome: Outcome::Allowed,
+            subject_hash: subject.map_or_else(String::new, |s| SUBJECTS[s].into()),
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, SqlStore, SqlitePool, SqlitePool) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = StoreOptions {
+            url: String::new(),
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(5),
+        };
+        let store = sqlite_store(dir.path().join("l.db").to_str().unwrap(), &options)
+            .await
+            .unwrap();
+        for log in LOGS {
+            store
+                .ensure_log(&LogInfo {
+                    log_id: log.into(),
+                    public_key: vec![log.len() as u8; 32],
+                    created_at: OffsetDateTime::UNIX_EPOCH,
+                })
+                .await
+                .unwrap();
+        }
+        let (pool, writer) = store.sqlite_pools().unwrap();
+        (dir, store, pool, writer)
+    }
+
+    /// What a history must be: every access entry of the subject, newest
+    /// first, ties by log and then by sequence, newest first.
+    fn brute_force(appended: &[StoredEntry], subject: &str, since: i64) -> Vec<(String, u64)> {
+        let mut hits: Vec<&StoredEntry> = appended
+            .iter()
+            .filter(|e| e.subject_hash == subject && e.kind == EntryKind::Access)
+            .filter(|e| e.time.unix_timestamp() >= since)
+            .collect();
+        hits.sort_by(|a, b| {
+            b.time
+                .cmp(&a.time)
+                .then_with(|| a.log_id.cmp(&b.log_id))
+                .then_with(|| b.sequence.cmp(&a.sequence))
+        });
+        hits.into_iter().map(|e| (e.log_id.clone(), e.sequence)).collect()
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// Append entries to a log: each a subject (or none) and whether it is an access.
+        Append(usize, Vec<(Option<usize>, bool)>),
+        /// Run this many maintenance steps.
+        Steps(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (
+                0..LOGS.len(),
+                prop::collection::vec((prop::option::of(0..SUBJECTS.len()), any::<bool>()), 1..20)
+            )
+                .prop_map(|(log, entries)| Op::Append(log, entries)),
+            (0usize..12).prop_map(Op::Steps),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Whatever the appends and however far the maintenance got, each
+        /// history is exactly the subject's access entries, and each indexed
+        /// entry is in exactly one live run.
+        #[test]
+        fn histories_are_complete_at_every_step(ops in prop::collection::vec(op(), 1..14), since in 0i64..6) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (_dir, store, pool, writer) = store().await;
+                let mut appended = Vec::new();
+                let mut sizes = [0u64; 2];
+                for op in ops {
+                    match op {
+                        Op::Append(log, batch) => {
+                            let entries: Vec<StoredEntry> = batch
+                                .into_iter()
+                                .enumerate()
+                                .map(|(i, (subject, access))| {
+                                    let kind = if access { EntryKind::Access } else { EntryKind::AuditRead };
+                                    entry(LOGS[log], sizes[log] + i as u64, subject, kind)
+                                })
+                                .collect();
+                            sizes[log] += entries.len() as u64;
+                            store.append_entries(&entries).await.unwrap();
+                            appended.extend(entries);
+                        }
+                        Op::Steps(n) => {
+                            for _ in 0..n {
+                                step(&writer).await.unwrap();
+                            }
+                        }
+                    }
+                    assert_invariant(&pool).await;
+                    for subject in SUBJECTS {
+                        let since_time = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(since);
+                        let found: Vec<(String, u64)> = store
+                            .subject_entries(subject, Some(since_time), 0)
+                            .await
+                            .unwrap()
+                            .into_iter()
+                            .map(|e| (e.log_id, e.sequence))
+                            .collect();
+                        prop_assert_eq!(found, brute_force(&appended, subject, since));
+                    }
+                }
+                // Left alone, the maintenance finishes: no tail of a full run,
+                // nothing building or dead, fewer than FANOUT runs per level.
+                while step(&writer).await.unwrap() {}
+                assert_invariant(&pool).await;
+                let left: (i64, i64) = sqlx::query_as(
+                    "SELECT (SELECT COUNT(*) FROM audit_subject_runs WHERE state <> 'live'), \
+                            (SELECT COUNT(*) FROM audit_logs WHERE size - subject_indexed >= $1)",
+                )
+                .bind(RUN_ENTRIES)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                prop_assert_eq!(left, (0, 0));
+                let crowded: Option<i64> = sqlx::query_scalar(
+                    "SELECT level FROM audit_subject_runs GROUP BY level HAVING COUNT(*) >= $1",
+                )
+                .bind(FANOUT)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                prop_assert_eq!(crowded, None);
+                let orphans: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM audit_subject_postings WHERE run NOT IN (SELECT run FROM audit_subject_runs)",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                prop_assert_eq!(orphans, 0);
+                Ok(())
+            })?;
+        }
+    }
+
+    /// Enough entries for merges of merges: they happen, and the histories
+    /// read through them.
+    #[tokio::test]
+    async fn runs_are_merged_level_by_level() {
+        let (_dir, store, pool, writer) = store().await;
+        let entries: Vec<StoredEntry> = (0..120)
+            .map(|i| entry(LOGS[0], i, Some((i % 4) as usize), EntryKind::Access))
+            .collect();
+        for batch in entries.chunks(7) {
+            store.append_entries(batch).await.unwrap();
+        }
+        while step(&writer).await.unwrap() {}
+        let levels: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT level, COUNT(*) FROM audit_subject_runs GROUP BY level ORDER BY level")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        // 120 entries: 20 runs of 6, merged by threes into 6 of 18, then 2 of 54.
+        assert_eq!(levels, [(0, 2), (2, 2)]);
+        assert_invariant(&pool).await;
+        for subject in SUBJECTS {
+            let found = store.subject_entries(subject, None, 0).await.unwrap();
+            assert_eq!(found.len(), 30, "{subject}");
+        }
+    }
+
+    /// A database written before runs existed: its entries become one run,
+    /// and histories find them and what is appended after.
+    #[tokio::test]
+    async fn a_log_from_before_runs_is_migrated_into_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let pool = SqlitePool::connect_with(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+            let all = &crate::sql::SQLITE_MIGRATOR;
+            let before = sqlx::migrate::Migrator {
+                migrations: std::borrow::Cow::Owned(all.migrations[..5].to_vec()),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            before.run(&pool).await.unwrap();
+            sqlx::query(
+                "INSERT INTO audit_logs (log_id, public_key, created_at_us, size, log_no) VALUES ('log-a', x'01', 0, 5, 1)",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            for (sequence, kind, subject) in [
+                (0, "access", Some("00aa")),
+                (1, "admin", None),
+                (2, "access", Some("7f01")),
+                (3, "audit_read", Some("00aa")),
+                (4, "access", Some("00aa")),
+            ] {
+                sqlx::query(
+                    "INSERT INTO audit_entries VALUES (1, $1, zeroblob(32), '{}', $1, $2, 'a', 'p', 'r', 'u', 'allowed', unhex($3))",
+                )
+                .bind(sequence)
+                .bind(kind)
+                .bind(subject)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            pool.close().await;
+        }
+        let options = StoreOptions {
+            url: String::new(),
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(5),
+        };
+        let store = sqlite_store(path.to_str().unwrap(), &options).await.unwrap();
+        let (pool, _) = store.sqlite_pools().unwrap();
+        let runs: Vec<(i64, String, i64)> = sqlx::query_as("SELECT level, state, postings FROM audit_subject_runs")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(runs, [(1000, "live".to_owned(), 3)]);
+        assert_invariant(&pool).await;
+        store
+            .append_entries(&[entry("log-a", 5, Some(0), EntryKind::Access)])
+            .await
+            .unwrap();
+        let found: Vec<u64> = store
+            .subject_entries("00aa", None, 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(found, [5, 4, 0]);
+        let index: Option<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE name = 'audit_entries_by_subject'")
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+        assert_eq!(index, None, "the index on the entries is gone");
+    }
+
+    /// Chunks cover every hash exactly once, whatever their number.
+    #[test]
+    fn chunks_partition_the_hashes() {
+        for n in [1u64, 2, 3, 7, 1000, 1 << 32] {
+            let (first, _) = chunk_bounds(0, n);
+            assert_eq!(first, [0; 4]);
+            let (_, last) = chunk_bounds(i64::try_from(n - 1).unwrap(), n);
+            assert_eq!(last, None);
+            for k in 0..n.min(50) {
+                let (_, to) = chunk_bounds(k as i64, n);
+                if let Some(to) = to {
+                    assert_eq!(chunk_bounds(k as i64 + 1, n).0, to);
+                    assert!(chunk_bounds(k as i64, n).0 < to);
+                }
+            }
+        }
+        assert_eq!(chunks(0), 1);
+        assert_eq!(chunks(CHUNK_POSTINGS + 1), 2);
+    }
+}
