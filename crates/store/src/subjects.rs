@@ -321,6 +321,7 @@ fn chunk_bounds(k: i64, n: u64) -> ([u8; 4], Option<[u8; 4]>) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::sql::{SqlStore, sqlite_store};
     use crate::{LogInfo, Store, StoreOptions, StoredEntry};
