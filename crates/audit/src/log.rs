@@ -989,8 +989,9 @@ where
 /// Checks the log's first `size` stored entries behind an opening from the
 /// stored tree nodes: every entry's leaf must hash to its stored leaf hash
 /// and carry its indexed columns, every node must hash from its entries, and
-/// the entries to the signed root. On a difference, or entries missing or
-/// unreadable, the log refuses new entries.
+/// the entries to the signed root; then the index citizens' histories are
+/// read through. On a difference, or entries missing or unreadable, the log
+/// refuses new entries.
 async fn check_history(
     store: Arc<dyn Store>,
     log_id: String,
@@ -1068,6 +1069,13 @@ async fn check_history(
             }
         }
         from = to;
+    }
+    // The entries are what was signed; what a citizen's history is read
+    // through must hold each of them.
+    match read_retrying(&mut stop, &log_id, || store.check_subject_index(&log_id)).await {
+        Ok(()) => {}
+        Err(Halt::ShuttingDown) => return,
+        Err(Halt::Refused(e)) => return altered(format!("log {log_id}: {e}")),
     }
     tracing::info!(
         log_id = %log_id,

@@ -307,6 +307,41 @@ async fn an_altered_subject_hash_column_fails_the_history_check() {
     assert_failed_naming(&log, check, 300, "subject_hash").await;
 }
 
+/// A posting deleted from the runs citizens' histories are read through
+/// hides an access as surely as an altered subject column: the check finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_posting_deleted_from_the_subject_runs_fails_the_history_check() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_sqlite_log(dir.path(), 9000).await;
+    let (log, check) = reopen_and_check(dir.path()).await;
+    assert_eq!(check, HistoryCheck::Passed);
+    // The runs are made behind the appends: wait for the two of 4,096 entries.
+    let pool = raw(dir.path()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let runs: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_subject_runs WHERE state = 'live'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if runs >= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no subject runs made within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.close().await;
+    log.shutdown().await.unwrap();
+    assert_eq!(
+        alter(dir.path(), "DELETE FROM audit_subject_postings WHERE sequence = 5000").await,
+        1
+    );
+    let (log, check) = reopen_and_check(dir.path()).await;
+    assert_failed_naming(&log, check, 5000, "missing from run").await;
+}
+
 /// Deleting tree nodes makes the opening rehash the leaf hashes instead:
 /// the leaves and columns are checked all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -292,6 +292,11 @@ pub trait Store: Send + Sync + 'static {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<StoredEntry>>;
+    /// Checks that a log's citizens' history index holds exactly its access
+    /// entries naming a subject, each with its own subject and time (SQLite's
+    /// subject runs, which plain SQL could alter without touching an entry;
+    /// PostgreSQL's index is the database's own). `Corrupt` when it does not.
+    async fn check_subject_index(&self, log_id: &str) -> Result<()>;
     /// Stores a signed tree head. A head for a size already stored replaces it
     /// only if it has the same root and is newer; a different root for the same
     /// size is refused with `AlreadyExists` (it would be a fork).

@@ -1274,6 +1274,16 @@ impl Store for SqlStore {
         rows.into_iter().map(EntryRow::into_entry).collect()
     }
 
+    async fn check_subject_index(&self, log_id: &str) -> Result<()> {
+        let Pool::Sqlite(pool) = &self.pool else {
+            return Ok(());
+        };
+        let log_no = self.log_no(log_id).await?.ok_or_else(|| StoreError::NotFound {
+            what: format!("log {log_id}"),
+        })?;
+        subjects::verify(pool, log_no, log_id).await
+    }
+
     async fn insert_tree_head(&self, h: &StoredTreeHead) -> Result<()> {
         let size = to_i64(h.tree_size, "tree size")?;
         let timestamp = to_i64(h.timestamp_ms, "tree head timestamp")?;

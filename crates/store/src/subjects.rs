@@ -8,10 +8,12 @@
 //! log-structured merge tree does: entries past a log's `subject_indexed`
 //! mark are the *tail*, read directly by a history query; every
 //! [`RUN_ENTRIES`] entries of the tail become one run, written in key order;
-//! [`FANOUT`] runs of a level are merged into one of the next. A posting is
-//! rewritten once per level, about six times at 10^8 entries, and a history
-//! is one index search per live run (at most `FANOUT - 1` per level) plus
-//! the tail.
+//! [`FANOUT`] runs of a log and a level are merged into one of the next, up
+//! to [`TOP_LEVEL`]. A posting is written three times, and a history is one
+//! index search per live run (about 400 at 10^8 entries) plus the tail.
+//! Each run indexes a contiguous range of one log's entries, and no run
+//! holds more than 262,144, so [`verify`] can compare a run with its entries
+//! in two megabytes.
 //!
 //! Every change is one short transaction on the audit writer's connection
 //! (a few milliseconds: at most [`CHUNK_POSTINGS`] postings copied or
@@ -20,8 +22,8 @@
 //! the transaction that retires its sources. PostgreSQL keeps an ordinary
 //! index: there its writes are the database server's, not the broker's.
 
-use crate::Result;
 use crate::sql::db_err;
+use crate::{Result, StoreError};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +33,9 @@ use tokio::sync::Notify;
 /// Tail entries of a log that make a new run.
 #[cfg(not(test))]
 pub(crate) const RUN_ENTRIES: i64 = 4096;
+/// Runs of this level are not merged: with 4,096 entries a run and eight
+/// runs a merge, they hold 262,144 entries.
+pub(crate) const TOP_LEVEL: i64 = 2;
 /// Live runs of one level merged into one run of the next.
 #[cfg(not(test))]
 pub(crate) const FANOUT: i64 = 8;
@@ -141,8 +146,12 @@ async fn new_run(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
         return Ok(false);
     };
     let run: i64 = sqlx::query_scalar(
-        "INSERT INTO audit_subject_runs (level, state, postings) VALUES (0, 'live', 0) RETURNING run",
+        "INSERT INTO audit_subject_runs (log_no, first_seq, end_seq, level, state, postings) \
+         VALUES ($1, $2, $2 + $3, 0, 'live', 0) RETURNING run",
     )
+    .bind(log_no)
+    .bind(from)
+    .bind(RUN_ENTRIES)
     .fetch_one(&mut **tx)
     .await
     .map_err(db_err)?;
@@ -160,15 +169,14 @@ async fn new_run(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
     .await
     .map_err(db_err)?
     .rows_affected();
-    let update = if postings == 0 {
-        // Administrative entries name nobody: no run to keep.
-        sqlx::query("DELETE FROM audit_subject_runs WHERE run = $1").bind(run)
-    } else {
-        sqlx::query("UPDATE audit_subject_runs SET postings = $2 WHERE run = $1")
-            .bind(run)
-            .bind(i64::try_from(postings).unwrap_or(i64::MAX))
-    };
-    update.execute(&mut **tx).await.map_err(db_err)?;
+    // A run without postings (administrative entries name nobody) is kept:
+    // the runs must cover the log below its mark without a gap.
+    sqlx::query("UPDATE audit_subject_runs SET postings = $2 WHERE run = $1")
+        .bind(run)
+        .bind(i64::try_from(postings).unwrap_or(i64::MAX))
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
     sqlx::query("UPDATE audit_logs SET subject_indexed = subject_indexed + $2 WHERE log_no = $1")
         .bind(log_no)
         .bind(RUN_ENTRIES)
@@ -228,27 +236,31 @@ async fn merge_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
     Ok(true)
 }
 
-/// Starts merging the oldest [`FANOUT`] live runs of the lowest level that
-/// has that many.
+/// Starts merging the oldest [`FANOUT`] live runs of a log and a level below
+/// [`TOP_LEVEL`], the lowest level first. A level's runs are made in the
+/// order of the entries they index, so the oldest are contiguous.
 async fn plan_merge(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
-    let level: Option<i64> = sqlx::query_scalar(
-        "SELECT level FROM audit_subject_runs WHERE state = 'live' AND merging_into IS NULL \
-         GROUP BY level HAVING COUNT(*) >= $1 ORDER BY level LIMIT 1",
+    let crowded: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT log_no, level FROM audit_subject_runs WHERE state = 'live' AND merging_into IS NULL AND level < $2 \
+         GROUP BY log_no, level HAVING COUNT(*) >= $1 ORDER BY level, log_no LIMIT 1",
     )
     .bind(FANOUT)
+    .bind(TOP_LEVEL)
     .fetch_optional(&mut **tx)
     .await
     .map_err(db_err)?;
-    let Some(level) = level else {
+    let Some((log_no, level)) = crowded else {
         return Ok(false);
     };
     let target: i64 = sqlx::query_scalar(
-        "INSERT INTO audit_subject_runs (level, state, postings) \
-         SELECT $1 + 1, 'building', COALESCE(SUM(postings), 0) FROM ( \
-             SELECT postings FROM audit_subject_runs WHERE state = 'live' AND merging_into IS NULL AND level = $1 \
-             ORDER BY run LIMIT $2) \
+        "INSERT INTO audit_subject_runs (log_no, first_seq, end_seq, level, state, postings) \
+         SELECT $1, MIN(first_seq), MAX(end_seq), $2 + 1, 'building', SUM(postings) FROM ( \
+             SELECT first_seq, end_seq, postings FROM audit_subject_runs \
+             WHERE state = 'live' AND merging_into IS NULL AND log_no = $1 AND level = $2 \
+             ORDER BY run LIMIT $3) \
          RETURNING run",
     )
+    .bind(log_no)
     .bind(level)
     .bind(FANOUT)
     .fetch_one(&mut **tx)
@@ -256,10 +268,12 @@ async fn plan_merge(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
     .map_err(db_err)?;
     sqlx::query(
         "UPDATE audit_subject_runs SET merging_into = $1 WHERE run IN ( \
-             SELECT run FROM audit_subject_runs WHERE state = 'live' AND merging_into IS NULL AND level = $2 \
-             ORDER BY run LIMIT $3)",
+             SELECT run FROM audit_subject_runs \
+             WHERE state = 'live' AND merging_into IS NULL AND log_no = $2 AND level = $3 \
+             ORDER BY run LIMIT $4)",
     )
     .bind(target)
+    .bind(log_no)
     .bind(level)
     .bind(FANOUT)
     .execute(&mut **tx)
@@ -317,6 +331,156 @@ fn chunk_bounds(k: i64, n: u64) -> ([u8; 4], Option<[u8; 4]>) {
             .to_be_bytes()
     };
     (prefix(k), (k + 1 < n).then(|| prefix(k + 1)))
+}
+
+/// Postings read per statement by [`verify`].
+const VERIFY_PAGE: i64 = 8192;
+
+/// Checks a log's subject runs against its entries: the live runs cover
+/// its entries below the mark without gap or overlap, and each holds exactly
+/// one posting, with the entry's own subject hash and time, for each access
+/// entry naming a subject in its range. A posting deleted or altered with
+/// plain SQL would hide an access from the citizen's history, which the
+/// entries' own check (their leaves and the signed root) cannot see.
+///
+/// Each run is read in one snapshot; a run merged away meanwhile is skipped.
+pub(crate) async fn verify(pool: &SqlitePool, log_no: i64, log_id: &str) -> Result<()> {
+    let corrupt = |why: String| StoreError::Corrupt(format!("the citizens' history index of log {log_id}: {why}"));
+    let mut tx = pool.begin().await.map_err(db_err)?;
+    let mark: i64 = sqlx::query_scalar("SELECT subject_indexed FROM audit_logs WHERE log_no = $1")
+        .bind(log_no)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    let runs: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT run, first_seq, end_seq FROM audit_subject_runs WHERE log_no = $1 AND state = 'live' ORDER BY first_seq",
+    )
+    .bind(log_no)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    let mut covered = 0;
+    for &(run, first, end) in &runs {
+        if first != covered || end <= first || end - first > RUN_ENTRIES * FANOUT.pow(TOP_LEVEL.unsigned_abs() as u32) {
+            return Err(corrupt(format!(
+                "run {run} indexes entries {first}..{end} where entries from {covered} were due"
+            )));
+        }
+        covered = end;
+    }
+    if covered != mark {
+        return Err(corrupt(format!(
+            "its runs index entries 0..{covered}, its mark says 0..{mark}"
+        )));
+    }
+    for (run, first, end) in runs {
+        verify_run(pool, log_no, (run, first, end)).await.map_err(|e| match e {
+            StoreError::Corrupt(why) => corrupt(why),
+            other => other,
+        })?;
+    }
+    Ok(())
+}
+
+/// An entry's fingerprint as its posting must repeat it; never 0.
+fn fingerprint(subject_hash: &[u8], time_us: i64, sequence: i64) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(subject_hash);
+    h.update(time_us.to_be_bytes());
+    h.update(sequence.to_be_bytes());
+    let d = h.finalize();
+    let mut first = [0; 8];
+    first.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(first) | 1
+}
+
+async fn verify_run(pool: &SqlitePool, log_no: i64, (run, first, end): (i64, i64, i64)) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(db_err)?;
+    let still: Option<i64> = sqlx::query_scalar("SELECT run FROM audit_subject_runs WHERE run = $1 AND state = 'live'")
+        .bind(run)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    if still.is_none() {
+        return Ok(());
+    }
+    // Slot i: the fingerprint entry first + i's posting must carry, 0 when
+    // none is due (or it was seen).
+    let len = usize::try_from(end - first).map_err(|_| StoreError::Corrupt(format!("run {run} is empty")))?;
+    let mut due = vec![0u64; len];
+    let mut from = first;
+    while from < end {
+        let to = end.min(from + VERIFY_PAGE);
+        let rows: Vec<(i64, Vec<u8>, i64)> = sqlx::query_as(
+            "SELECT sequence, subject_hash, time_us FROM audit_entries \
+             WHERE log_no = $1 AND sequence >= $2 AND sequence < $3 AND subject_hash IS NOT NULL AND kind = 'access'",
+        )
+        .bind(log_no)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for (sequence, subject, time) in rows {
+            if let Some(slot) = usize::try_from(sequence - first).ok().and_then(|i| due.get_mut(i)) {
+                *slot = fingerprint(&subject, time, sequence);
+            }
+        }
+        from = to;
+    }
+    let mut after: Option<(Vec<u8>, i64, i64, i64)> = None;
+    loop {
+        let page: Vec<(Vec<u8>, i64, i64, i64)> = match &after {
+            None => sqlx::query_as(
+                "SELECT subject_hash, time_us, log_no, sequence FROM audit_subject_postings WHERE run = $1 \
+                 ORDER BY subject_hash, time_us, log_no, sequence LIMIT $2",
+            )
+            .bind(run)
+            .bind(VERIFY_PAGE),
+            Some((subject, time, log, sequence)) => sqlx::query_as(
+                "SELECT subject_hash, time_us, log_no, sequence FROM audit_subject_postings WHERE run = $1 \
+                 AND (subject_hash, time_us, log_no, sequence) > ($3, $4, $5, $6) \
+                 ORDER BY subject_hash, time_us, log_no, sequence LIMIT $2",
+            )
+            .bind(run)
+            .bind(VERIFY_PAGE)
+            .bind(subject.clone())
+            .bind(*time)
+            .bind(*log)
+            .bind(*sequence),
+        }
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let full = page.len() as i64 == VERIFY_PAGE;
+        for (subject, time, log, sequence) in &page {
+            let slot = (*log == log_no)
+                .then(|| usize::try_from(sequence - first).ok())
+                .flatten()
+                .and_then(|i| due.get_mut(i));
+            match slot {
+                Some(slot) if *slot == fingerprint(subject, *time, *sequence) => *slot = 0,
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "run {run} holds a posting for entry {sequence} of log number {log} that no entry of its range matches"
+                    )));
+                }
+            }
+        }
+        after = page.into_iter().last();
+        if !full {
+            break;
+        }
+    }
+    if let Some(i) = due.iter().position(|&d| d != 0) {
+        return Err(StoreError::Corrupt(format!(
+            "entry {} is missing from run {run}",
+            first + i as i64
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -469,6 +633,9 @@ mod tests {
                         }
                     }
                     assert_invariant(&pool).await;
+                    for (log_no, log) in [(1, LOGS[0]), (2, LOGS[1])] {
+                        verify(&pool, log_no, log).await.unwrap();
+                    }
                     for subject in SUBJECTS {
                         let since_time = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(since);
                         let found: Vec<(String, u64)> = store
@@ -495,9 +662,11 @@ mod tests {
                 .unwrap();
                 prop_assert_eq!(left, (0, 0));
                 let crowded: Option<i64> = sqlx::query_scalar(
-                    "SELECT level FROM audit_subject_runs GROUP BY level HAVING COUNT(*) >= $1",
+                    "SELECT level FROM audit_subject_runs WHERE level < $2 \
+                     GROUP BY log_no, level HAVING COUNT(*) >= $1",
                 )
                 .bind(FANOUT)
+                .bind(TOP_LEVEL)
                 .fetch_optional(&pool)
                 .await
                 .unwrap();
@@ -540,10 +709,10 @@ mod tests {
         }
     }
 
-    /// A database written before runs existed: its entries become one run,
-    /// and histories find them and what is appended after.
+    /// A database written before runs existed: its entries are indexed
+    /// in the background, and histories find them before and after.
     #[tokio::test]
-    async fn a_log_from_before_runs_is_migrated_into_one() {
+    async fn a_log_from_before_runs_is_indexed_after_the_upgrade() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         {
@@ -591,31 +760,72 @@ mod tests {
             acquire_timeout: Duration::from_secs(5),
         };
         let store = sqlite_store(path.to_str().unwrap(), &options).await.unwrap();
-        let (pool, _) = store.sqlite_pools().unwrap();
-        let runs: Vec<(i64, String, i64)> = sqlx::query_as("SELECT level, state, postings FROM audit_subject_runs")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        assert_eq!(runs, [(1000, "live".to_owned(), 3)]);
-        assert_invariant(&pool).await;
+        let (pool, writer) = store.sqlite_pools().unwrap();
+        let history = || async {
+            let found = store.subject_entries("00aa", None, 0).await.unwrap();
+            found.into_iter().map(|e| e.sequence).collect::<Vec<u64>>()
+        };
+        assert_eq!(history().await, [4, 0], "read from the entries");
         store
             .append_entries(&[entry("log-a", 5, Some(0), EntryKind::Access)])
             .await
             .unwrap();
-        let found: Vec<u64> = store
-            .subject_entries("00aa", None, 0)
+        while step(&writer).await.unwrap() {}
+        let runs: Vec<(i64, i64, i64)> = sqlx::query_as("SELECT first_seq, end_seq, postings FROM audit_subject_runs")
+            .fetch_all(&pool)
             .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.sequence)
-            .collect();
-        assert_eq!(found, [5, 4, 0]);
+            .unwrap();
+        assert_eq!(runs, [(0, 6, 4)]);
+        assert_eq!(history().await, [5, 4, 0], "read from the run");
+        verify(&pool, 1, "log-a").await.unwrap();
         let index: Option<String> =
             sqlx::query_scalar("SELECT name FROM sqlite_master WHERE name = 'audit_entries_by_subject'")
                 .fetch_optional(&pool)
                 .await
                 .unwrap();
         assert_eq!(index, None, "the index on the entries is gone");
+    }
+
+    /// Plain SQL that would hide an access from a citizen's history, or show
+    /// one that did not happen, is found.
+    #[tokio::test]
+    async fn altered_runs_are_found() {
+        let tampering = [
+            (
+                "DELETE FROM audit_subject_postings WHERE sequence = 7",
+                "entry 7 is missing",
+            ),
+            (
+                "UPDATE audit_subject_postings SET subject_hash = x'7f01' WHERE sequence = 8 AND subject_hash <> x'7f01'",
+                "posting for entry 8",
+            ),
+            (
+                "UPDATE audit_subject_postings SET time_us = time_us + 1 WHERE sequence = 9",
+                "posting for entry 9",
+            ),
+            (
+                "INSERT INTO audit_subject_postings SELECT run, x'00aa', 0, 1, 3 FROM audit_subject_runs LIMIT 1",
+                "posting for entry 3",
+            ),
+            ("DELETE FROM audit_subject_runs WHERE first_seq = 18", "run"),
+            (
+                "UPDATE audit_logs SET subject_indexed = 6 WHERE log_no = 1",
+                "mark says 0..6",
+            ),
+        ];
+        for (sql, expected) in tampering {
+            let (_dir, store, pool, writer) = store().await;
+            let entries: Vec<StoredEntry> = (0..30)
+                .map(|i| entry(LOGS[0], i, Some((i % 4) as usize), EntryKind::Access))
+                .collect();
+            store.append_entries(&entries).await.unwrap();
+            while step(&writer).await.unwrap() {}
+            verify(&pool, 1, LOGS[0]).await.unwrap();
+            sqlx::query(sql).execute(&pool).await.unwrap();
+            let found = verify(&pool, 1, LOGS[0]).await.map_err(|e| e.to_string());
+            let Err(found) = found else { panic!("{sql}: not found") };
+            assert!(found.contains(expected) && found.contains("log-a"), "{sql}: {found}");
+        }
     }
 
     /// Chunks cover every hash exactly once, whatever their number.
