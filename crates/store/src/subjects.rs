@@ -186,38 +186,60 @@ async fn new_run(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
     Ok(true)
 }
 
-/// Copies the next chunk of a merge's sources into its target; the last
-/// chunk makes the target live and its sources dead.
-async fn merge_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
-    let building: Option<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT run, postings, next_chunk FROM audit_subject_runs WHERE state = 'building' ORDER BY run LIMIT 1",
+/// The oldest run in `state` and the bounds of its next chunk.
+async fn next_chunk(tx: &mut Transaction<'static, Sqlite>, state: &str) -> Result<Option<(i64, Chunk)>> {
+    let run: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT run, postings, next_chunk FROM audit_subject_runs WHERE state = $1 ORDER BY run LIMIT 1",
     )
+    .bind(state)
     .fetch_optional(&mut **tx)
     .await
     .map_err(db_err)?;
-    let Some((target, postings, chunk)) = building else {
+    Ok(run.map(|(run, postings, chunk)| (run, chunk_bounds(chunk, chunks(postings)))))
+}
+
+/// Runs `sql` over one chunk: `$1` the run, `$2` and `$3` the chunk's bounds
+/// (`$3` NULL for the last).
+async fn on_chunk(tx: &mut Transaction<'static, Sqlite>, sql: &str, run: i64, (from, to): &Chunk) -> Result<()> {
+    sqlx::query(sql)
+        .bind(run)
+        .bind(from.as_slice())
+        .bind(to.as_ref().map(|t| t.as_slice()))
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Moves a run on to its next chunk.
+async fn advance(tx: &mut Transaction<'static, Sqlite>, run: i64) -> Result<()> {
+    sqlx::query("UPDATE audit_subject_runs SET next_chunk = next_chunk + 1 WHERE run = $1")
+        .bind(run)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// Copies the next chunk of a merge's sources into its target; the last
+/// chunk makes the target live and its sources dead.
+async fn merge_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
+    let Some((target, chunk)) = next_chunk(tx, "building").await? else {
         return Ok(false);
     };
-    let (from, to) = chunk_bounds(chunk, chunks(postings));
-    sqlx::query(
+    on_chunk(
+        tx,
         "INSERT INTO audit_subject_postings (run, subject_hash, time_us, log_no, sequence) \
          SELECT $1, subject_hash, time_us, log_no, sequence FROM audit_subject_postings \
          WHERE run IN (SELECT run FROM audit_subject_runs WHERE merging_into = $1) \
          AND subject_hash >= $2 AND ($3 IS NULL OR subject_hash < $3) \
          ORDER BY subject_hash, time_us, log_no, sequence",
+        target,
+        &chunk,
     )
-    .bind(target)
-    .bind(from.as_slice())
-    .bind(to.as_ref().map(|t| t.as_slice()))
-    .execute(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    if to.is_some() {
-        sqlx::query("UPDATE audit_subject_runs SET next_chunk = next_chunk + 1 WHERE run = $1")
-            .bind(target)
-            .execute(&mut **tx)
-            .await
-            .map_err(db_err)?;
+    .await?;
+    if chunk.1.is_some() {
+        advance(tx, target).await?;
         return Ok(true);
     }
     // In one transaction, so each posting stays in exactly one live run.
@@ -285,33 +307,30 @@ async fn plan_merge(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
 /// Deletes the next chunk of a dead run's postings, and the run once none
 /// are left.
 async fn delete_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
-    let dead: Option<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT run, postings, next_chunk FROM audit_subject_runs WHERE state = 'dead' ORDER BY run LIMIT 1",
-    )
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    let Some((run, postings, chunk)) = dead else {
+    let Some((run, chunk)) = next_chunk(tx, "dead").await? else {
         return Ok(false);
     };
-    let (from, to) = chunk_bounds(chunk, chunks(postings));
-    sqlx::query(
+    on_chunk(
+        tx,
         "DELETE FROM audit_subject_postings WHERE run = $1 AND subject_hash >= $2 AND ($3 IS NULL OR subject_hash < $3)",
+        run,
+        &chunk,
     )
-    .bind(run)
-    .bind(from.as_slice())
-    .bind(to.as_ref().map(|t| t.as_slice()))
-    .execute(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    let sql = if to.is_some() {
-        "UPDATE audit_subject_runs SET next_chunk = next_chunk + 1 WHERE run = $1"
+    .await?;
+    if chunk.1.is_some() {
+        advance(tx, run).await?;
     } else {
-        "DELETE FROM audit_subject_runs WHERE run = $1"
-    };
-    sqlx::query(sql).bind(run).execute(&mut **tx).await.map_err(db_err)?;
+        sqlx::query("DELETE FROM audit_subject_runs WHERE run = $1")
+            .bind(run)
+            .execute(&mut **tx)
+            .await
+            .map_err(db_err)?;
+    }
     Ok(true)
 }
+
+/// A chunk's subject-hash bounds: from, and to (none for the last chunk).
+type Chunk = ([u8; 4], Option<[u8; 4]>);
 
 /// Chunks a run of `postings` is copied or deleted in, by subject-hash
 /// range: hashes are uniform, so each holds about [`CHUNK_POSTINGS`].
@@ -323,7 +342,7 @@ fn chunks(postings: i64) -> u64 {
 /// Subject-hash range of chunk `k` of `n`: from a 4-byte prefix (a 32-byte
 /// hash compares at or above it when its first bytes do) to the next chunk's,
 /// or to the end for the last chunk.
-fn chunk_bounds(k: i64, n: u64) -> ([u8; 4], Option<[u8; 4]>) {
+fn chunk_bounds(k: i64, n: u64) -> Chunk {
     let k = k.max(0).unsigned_abs().min(n - 1);
     let prefix = |i: u64| {
         u32::try_from((u128::from(i) << 32) / u128::from(n))
