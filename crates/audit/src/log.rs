@@ -382,6 +382,21 @@ impl AuditLog {
         self.history_check()
     }
 
+    /// Waits until the log finds its stored history altered, by the check
+    /// behind the opening or later by the writer; `None` when the log shuts
+    /// down first.
+    pub async fn history_failure(&self) -> Option<String> {
+        let mut rx = self.shared.history.subscribe();
+        let mut stop = self.stop_signer.subscribe();
+        tokio::select! {
+            failed = rx.wait_for(|h| matches!(h, HistoryCheck::Failed(_))) => match failed.as_deref() {
+                Ok(HistoryCheck::Failed(why)) => Some(why.clone()),
+                _ => None,
+            },
+            _ = stop.wait_for(|stopped| *stopped) => None,
+        }
+    }
+
     /// Appends one entry; returns once it is durably committed.
     pub async fn append(&self, event: AuditEvent) -> Result<Receipt, AuditError> {
         let mut receipts = self.submit(vec![event]).await?;
@@ -1213,6 +1228,15 @@ impl Writer {
             };
             match resynced {
                 Ok(()) => self.needs_resync = false,
+                Err(AuditError::Corrupt(why)) => {
+                    // Not an outage to wait out: the log refuses entries from
+                    // now on, as when the check behind the opening finds it.
+                    counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(log_id = %self.log_id, why = %why, "the audit log's stored history was altered; it refuses new entries");
+                    self.shared.history.send_replace(HistoryCheck::Failed(why.clone()));
+                    fail_all(batch, &why);
+                    return;
+                }
                 Err(e) => {
                     counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(log_id = %self.log_id, error = %e, "audit log cannot resynchronise with the store");
@@ -1302,13 +1326,16 @@ impl Writer {
         }
     }
 
-    /// Brings the frontier in line with what the store really holds.
+    /// Brings the frontier in line with what the store really holds. Only
+    /// an outage is `Unavailable`: any other answer of the store is about the
+    /// stored log, and `Corrupt`.
     async fn resync(&mut self) -> Result<(), AuditError> {
-        let stored = self
-            .store
-            .log_size(&self.log_id)
-            .await
-            .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+        let log_id = self.log_id.clone();
+        let read_error = |e: StoreError| match e {
+            StoreError::Unavailable(m) => AuditError::Unavailable(m),
+            other => AuditError::Corrupt(format!("log {log_id}: reading it back after a failed commit: {other}")),
+        };
+        let stored = self.store.log_size(&self.log_id).await.map_err(read_error)?;
         let have = self.shared.size.load(Ordering::Acquire);
         if stored < have {
             return Err(AuditError::Corrupt(format!(
@@ -1323,7 +1350,7 @@ impl Writer {
                 .store
                 .leaf_hashes(&self.log_id, from, to)
                 .await
-                .map_err(|e| AuditError::Unavailable(e.to_string()))?;
+                .map_err(read_error)?;
             check_chunk(&self.log_id, from, to, chunk.len())?;
             let mut frontier = self.shared.frontier();
             frontier.extend(&chunk);

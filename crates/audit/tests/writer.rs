@@ -213,6 +213,35 @@ async fn resynchronisation_failing_keeps_failing_closed() {
         "{err:?}"
     );
     assert_eq!(store.entries(log.log_id()).len(), 1);
+    // Not an outage to retry: the log is failed for good, as when the check
+    // behind an opening finds it, so health checks and metrics say so too.
+    let HistoryCheck::Failed(why) = log.history_check() else {
+        panic!("{:?}", log.history_check());
+    };
+    assert!(why.contains("entries were deleted"), "{why}");
+    assert_eq!(log.history_failure().await, Some(why));
+    let err = log.append(event(4)).await.unwrap_err();
+    assert!(matches!(err, AuditError::Corrupt(_)), "{err:?}");
+    assert_eq!(store.entries(log.log_id()).len(), 1);
+}
+
+/// A store that answers the writer's read-back with anything but an outage
+/// (here, data it cannot decode) has no history to go on with either.
+#[tokio::test]
+async fn a_read_back_the_store_cannot_answer_fails_the_log_rather_than_waiting() {
+    let store = Arc::new(FakeStore::new());
+    let log = open(&store, LogKeys::generate().unwrap()).await;
+    log.append(event(0)).await.unwrap();
+    store.corrupt.store(true, Ordering::SeqCst);
+    assert!(log.append(event(1)).await.is_err());
+    assert!(log.append(event(2)).await.is_err());
+    assert!(
+        matches!(log.history_check(), HistoryCheck::Failed(ref why) if why.contains("reading it back")),
+        "{:?}",
+        log.history_check()
+    );
+    store.corrupt.store(false, Ordering::SeqCst);
+    assert!(matches!(log.append(event(3)).await, Err(AuditError::Corrupt(_))));
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use lienthong::v1::admin_server::AdminServer;
 use lienthong::v1::audit_server::AuditServer;
 use lienthong::v1::exchange_server::ExchangeServer;
 use lienthong::v1::schema_registry_server::SchemaRegistryServer;
-use lienthong_audit::{AuditConfig, AuditLog, HistoryCheck, LogKeys};
+use lienthong_audit::{AuditConfig, AuditLog, LogKeys};
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::{Member, MemberId, Role};
 use lienthong_store::{StoreError, StoreOptions};
@@ -205,10 +205,11 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     // this broker refuses every lookup: say so, and load balancers send the
     // lookups to a replica whose log is sound. The audit service stays up
     // for the auditors who look into it.
-    // (The task ends when the check does, or with the log's shutdown.)
+    // The check behind the opening finds it, or the writer later (rows
+    // deleted under it); the task ends then or with the log's shutdown.
     let (audit, reporter) = (broker.audit.clone(), health_reporter.clone());
     tokio::spawn(async move {
-        if let HistoryCheck::Failed(_) = audit.history_checked().await {
+        if audit.history_failure().await.is_some() {
             reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
         }
     });

@@ -31,6 +31,8 @@ pub struct FakeStore {
     pub fail: AtomicBool,
     /// `append_entries` writes, then reports failure (a connection lost after COMMIT).
     pub fail_after_commit: AtomicBool,
+    /// Every call answers that stored data cannot be decoded, without writing.
+    pub corrupt: AtomicBool,
     delay: Mutex<Duration>,
     batches: Mutex<Vec<usize>>,
     /// Leaf hashes handed out by `leaf_hashes` and `entries_in_range`, in all.
@@ -123,6 +125,11 @@ impl FakeStore {
     fn check(&self) -> Result<()> {
         if self.fail.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("injected fault: disk full".into()));
+        }
+        if self.corrupt.load(Ordering::SeqCst) {
+            return Err(StoreError::Corrupt(
+                "injected fault: a stored value cannot be decoded".into(),
+            ));
         }
         Ok(())
     }
