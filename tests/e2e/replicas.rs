@@ -34,6 +34,39 @@ async fn second_broker(fed: &Federation, database_url: &str) -> (TempDir, lienth
     (dir, handle, url)
 }
 
+/// A replica started without the federation's subject secret would make one
+/// of its own, and no citizen's history would find the lookups it logs: it
+/// refuses to start, saying which file to copy; with the file it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_shared_subject_secret_refuses_to_start() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (_dir, fed, url) = pg_federation(&cluster, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker-data");
+    let mut opts = FederationOptions::new(dir.path());
+    opts.database_url = Some(url.clone());
+    let (_, config) = write_config(&opts, &fed.certs, &data).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = lienthong_broker::start(config.clone(), Some(listener))
+        .await
+        .err()
+        .expect("a replica with a subject secret of its own started");
+    let why = refused.to_string();
+    assert!(
+        why.contains("is not the subject secret this federation's database was started with")
+            && why.contains("subject-hmac.key"),
+        "{why}"
+    );
+    // The secret it made is replaced by the shared one, as the message says.
+    let secret = data.join("subject-hmac.key");
+    std::fs::copy(fed.dir.join("broker-data/subject-hmac.key"), &secret).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let handle = lienthong_broker::start(config, Some(listener)).await.unwrap();
+    handle.shutdown().await.unwrap();
+}
+
 async fn as_member(url: &str, fed: &Federation, member: &str) -> Clients {
     connect(url, &member_files(&fed.certs, member)).await.unwrap()
 }

@@ -29,6 +29,10 @@ type HmacSha256 = Hmac<Sha256>;
 pub struct LogKeys {
     signing: SigningKey,
     hmac: HmacSha256,
+    /// Hex SHA-256 of the subject secret under a label of its own: names the
+    /// secret (to tell replicas sharing it from one that is not) without
+    /// revealing it.
+    subject_fingerprint: String,
     log_id: String,
     public_key_pem: String,
     /// Where the keys were loaded from; `None` for keys held in memory only,
@@ -122,10 +126,14 @@ impl LogKeys {
         let public_key_pem = verifying
             .to_public_key_pem(LineEnding::LF)
             .map_err(|e| AuditError::Keys(format!("cannot encode the public key: {e}")))?;
+        let mut fingerprint = Sha256::new();
+        fingerprint.update(b"lienthong subject-hmac.key fingerprint v1\0");
+        fingerprint.update(hmac_secret);
         Ok(LogKeys {
             log_id: log_id_of(&verifying.to_bytes()),
             signing,
             hmac,
+            subject_fingerprint: hex::encode(fingerprint.finalize()),
             public_key_pem,
             data_dir: None,
         })
@@ -160,6 +168,12 @@ impl LogKeys {
     /// Public key as SPKI PEM (`-----BEGIN PUBLIC KEY-----`), for auditors.
     pub fn public_key_pem(&self) -> String {
         self.public_key_pem.clone()
+    }
+
+    /// Names the subject secret without revealing it: equal for replicas that
+    /// share `subject-hmac.key`, different otherwise.
+    pub fn subject_key_fingerprint(&self) -> &str {
+        &self.subject_fingerprint
     }
 
     /// Pseudonym of a subject key: hex HMAC-SHA-256 under the log's secret.
@@ -442,6 +456,19 @@ mod tests {
             rfc.subject_hash("what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    /// Replicas sharing the secret share its fingerprint, whatever their
+    /// signing keys; another secret has another; neither is the secret.
+    #[test]
+    fn the_subject_fingerprint_names_the_secret_only() {
+        let a = LogKeys::from_parts([1; 32], [2; 32]).unwrap();
+        let replica = LogKeys::from_parts([9; 32], [2; 32]).unwrap();
+        let other = LogKeys::from_parts([1; 32], [3; 32]).unwrap();
+        assert_eq!(a.subject_key_fingerprint(), replica.subject_key_fingerprint());
+        assert_ne!(a.subject_key_fingerprint(), other.subject_key_fingerprint());
+        assert_eq!(a.subject_key_fingerprint().len(), 64);
+        assert_ne!(a.subject_key_fingerprint(), hex::encode([2u8; 32]));
     }
 
     #[test]

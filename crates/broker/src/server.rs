@@ -117,6 +117,30 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
 }
 
 /// Creates the data directory readable by the owner only.
+/// Refuses a broker whose subject secret is not the one the federation's
+/// database was first started with: the citizens' histories would not find
+/// the lookups it logs (a replica started without the shared
+/// `subject-hmac.key`, which then made one of its own, or given another's).
+async fn check_subject_key(
+    store: &Arc<dyn lienthong_store::Store>,
+    keys: &LogKeys,
+    data_dir: &std::path::Path,
+) -> Result<(), StartError> {
+    let recorded = store.claim_subject_key(keys.subject_key_fingerprint()).await?;
+    if recorded == keys.subject_key_fingerprint() {
+        return Ok(());
+    }
+    Err(lienthong_audit::AuditError::Keys(format!(
+        "{} is not the subject secret this federation's database was started with: citizens' \
+         histories would not find the lookups this broker logs. Copy subject-hmac.key from the data_dir \
+         of a broker already running on this database into {} (every replica holds the same file, \
+         mode 0600), then start again",
+        data_dir.join(lienthong_audit::keys::SUBJECT_KEY_FILE).display(),
+        data_dir.display()
+    ))
+    .into())
+}
+
 fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     std::fs::create_dir_all(dir).map_err(io(format!("cannot create data directory {}", dir.display())))?;
     #[cfg(unix)]
@@ -147,6 +171,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     })
     .await?;
     let keys = LogKeys::load_or_create(&config.data_dir)?;
+    check_subject_key(&store, &keys, &config.data_dir).await?;
     let audit = AuditLog::open(
         store.clone(),
         keys,

@@ -292,6 +292,9 @@ pub trait Store: Send + Sync + 'static {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<StoredEntry>>;
+    /// Records `fingerprint` as the federation's subject-secret fingerprint
+    /// unless one is recorded already, and returns the recorded one.
+    async fn claim_subject_key(&self, fingerprint: &str) -> Result<String>;
     /// Checks that a log's citizens' history index holds exactly its access
     /// entries naming a subject, each with its own subject and time (SQLite's
     /// subject runs, which plain SQL could alter without touching an entry;

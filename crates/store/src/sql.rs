@@ -1274,6 +1274,16 @@ impl Store for SqlStore {
         rows.into_iter().map(EntryRow::into_entry).collect()
     }
 
+    async fn claim_subject_key(&self, fingerprint: &str) -> Result<String> {
+        let claim = "INSERT INTO federation_settings (name, value) VALUES ('subject_key_fingerprint', $1) \
+                     ON CONFLICT (name) DO NOTHING";
+        let read = "SELECT value FROM federation_settings WHERE name = 'subject_key_fingerprint'";
+        on_pool!(self, p => {
+            sqlx::query(claim).bind(fingerprint).execute(p).await.map_err(db_err)?;
+            sqlx::query_scalar::<_, String>(read).fetch_one(p).await.map_err(db_err)
+        })
+    }
+
     async fn check_subject_index(&self, log_id: &str) -> Result<()> {
         let Pool::Sqlite(pool) = &self.pool else {
             return Ok(());

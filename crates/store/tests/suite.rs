@@ -78,6 +78,7 @@ on_both_backends! {
     query_entries => check_query_entries,
     subject_entries => check_subject_entries,
     tree_heads => check_tree_heads,
+    subject_key_claim => check_subject_key_claim,
     ping => check_ping,
 }
 
@@ -845,6 +846,15 @@ async fn check_query_entries(store: Arc<dyn Store>) {
         .await,
         [0, 1, 2]
     );
+}
+
+/// The first broker's subject-secret fingerprint is the federation's; a
+/// later claim with another is answered with the first, not recorded.
+async fn check_subject_key_claim(store: Arc<dyn Store>) {
+    let first = "a".repeat(64);
+    assert_eq!(store.claim_subject_key(&first).await.unwrap(), first);
+    assert_eq!(store.claim_subject_key(&first).await.unwrap(), first, "a restart");
+    assert_eq!(store.claim_subject_key(&"b".repeat(64)).await.unwrap(), first);
 }
 
 async fn check_subject_entries(store: Arc<dyn Store>) {

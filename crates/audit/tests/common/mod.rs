@@ -21,6 +21,7 @@ struct Tables {
     heads: BTreeMap<String, Vec<StoredTreeHead>>,
     /// Tree nodes by log, keyed by `(level, index)`.
     nodes: BTreeMap<String, BTreeMap<(u32, u64), [u8; 32]>>,
+    subject_key: Option<String>,
 }
 
 /// In-memory audit store with fault injection.
@@ -375,6 +376,12 @@ impl Store for FakeStore {
             .collect();
         found.reverse();
         Ok(found)
+    }
+
+    async fn claim_subject_key(&self, fingerprint: &str) -> Result<String> {
+        self.check()?;
+        let mut tables = self.tables.lock().unwrap();
+        Ok(tables.subject_key.get_or_insert_with(|| fingerprint.to_owned()).clone())
     }
 
     async fn check_subject_index(&self, _log_id: &str) -> Result<()> {
