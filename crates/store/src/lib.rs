@@ -292,6 +292,11 @@ pub trait Store: Send + Sync + 'static {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<StoredEntry>>;
+    /// Stops the store's background work (SQLite's checkpoints and subject
+    /// runs, PostgreSQL's change listener) and closes its connections once
+    /// the statements under way have ended: for a process that hands the
+    /// database over to another, as the bench's fill does to the broker.
+    async fn close(&self);
     /// Records `fingerprint` as the federation's subject-secret fingerprint
     /// unless one is recorded already, and returns the recorded one.
     async fn claim_subject_key(&self, fingerprint: &str) -> Result<String>;

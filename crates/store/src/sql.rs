@@ -163,7 +163,7 @@ pub(crate) struct SqlStore {
     audit_writer: Pool,
     changes: broadcast::Sender<u64>,
     /// PostgreSQL's change listener; SQLite's checkpointer and subject runs.
-    background: Vec<JoinHandle<()>>,
+    background: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Wakes SQLite's subject-run maintenance as entries are appended.
     subject_runs: Option<Arc<subjects::Waker>>,
     /// Each log's number, which its entries carry (a log's number never changes).
@@ -190,8 +190,10 @@ impl SqlStore {
 
 impl Drop for SqlStore {
     fn drop(&mut self) {
-        for task in &self.background {
-            task.abort();
+        if let Ok(tasks) = self.background.lock() {
+            for task in tasks.iter() {
+                task.abort();
+            }
         }
     }
 }
@@ -293,7 +295,7 @@ pub(crate) async fn sqlite_store(path: &str, options: &StoreOptions) -> Result<S
         pool: Pool::Sqlite(pool),
         audit_writer: Pool::Sqlite(writer),
         changes,
-        background,
+        background: std::sync::Mutex::new(background),
         subject_runs: Some(waker),
         log_nos: Default::default(),
     })
@@ -365,7 +367,7 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         audit_writer: Pool::Postgres(pool.clone()),
         pool: Pool::Postgres(pool),
         changes,
-        background: vec![listener],
+        background: std::sync::Mutex::new(vec![listener]),
         subject_runs: None,
         log_nos: Default::default(),
     }))
@@ -1272,6 +1274,20 @@ impl Store for SqlStore {
         let rows = on_pool!(self, p => sqlx::query_as::<_, EntryRow>(&sql).bind(subject_hash).bind(since).bind(limit).fetch_all(p).await)
             .map_err(db_err)?;
         rows.into_iter().map(EntryRow::into_entry).collect()
+    }
+
+    async fn close(&self) {
+        let tasks = match self.background.lock() {
+            Ok(mut tasks) => std::mem::take(&mut *tasks),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for task in tasks {
+            task.abort();
+            // Aborted is what is expected; a panic has been reported already.
+            let _ = task.await;
+        }
+        on_pool!(self, p => p.close().await);
+        on_audit_writer!(self, p => p.close().await);
     }
 
     async fn claim_subject_key(&self, fingerprint: &str) -> Result<String> {

@@ -198,13 +198,29 @@ async fn next_chunk(tx: &mut Transaction<'static, Sqlite>, state: &str) -> Resul
     Ok(run.map(|(run, postings, chunk)| (run, chunk_bounds(chunk, chunks(postings)))))
 }
 
-/// Runs `sql` over one chunk: `$1` the run, `$2` and `$3` the chunk's bounds
-/// (`$3` NULL for the last).
+/// Above every subject hash (32 bytes; shorter ones in tests): the last
+/// chunk's upper bound. A bound on both sides lets SQLite stop its range
+/// scan at the chunk's end, where an optional one made it read every run to
+/// its end for each chunk.
+const PAST_EVERY_HASH: [u8; 64] = [0xff; 64];
+
+/// Copies a chunk of a merge's sources into its target `$1`.
+const MERGE_CHUNK: &str = "INSERT INTO audit_subject_postings (run, subject_hash, time_us, log_no, sequence) \
+     SELECT $1, subject_hash, time_us, log_no, sequence FROM audit_subject_postings \
+     WHERE run IN (SELECT run FROM audit_subject_runs WHERE merging_into = $1) \
+     AND subject_hash >= $2 AND subject_hash < $3 \
+     ORDER BY subject_hash, time_us, log_no, sequence";
+
+/// Deletes a chunk of dead run `$1`'s postings.
+const DELETE_CHUNK: &str =
+    "DELETE FROM audit_subject_postings WHERE run = $1 AND subject_hash >= $2 AND subject_hash < $3";
+
+/// Runs `sql` over one chunk: `$1` the run, `$2` and `$3` the chunk's bounds.
 async fn on_chunk(tx: &mut Transaction<'static, Sqlite>, sql: &str, run: i64, (from, to): &Chunk) -> Result<()> {
     sqlx::query(sql)
         .bind(run)
         .bind(from.as_slice())
-        .bind(to.as_ref().map(|t| t.as_slice()))
+        .bind(to.as_ref().map_or(&PAST_EVERY_HASH[..], |t| t.as_slice()))
         .execute(&mut **tx)
         .await
         .map_err(db_err)?;
@@ -227,17 +243,7 @@ async fn merge_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
     let Some((target, chunk)) = next_chunk(tx, "building").await? else {
         return Ok(false);
     };
-    on_chunk(
-        tx,
-        "INSERT INTO audit_subject_postings (run, subject_hash, time_us, log_no, sequence) \
-         SELECT $1, subject_hash, time_us, log_no, sequence FROM audit_subject_postings \
-         WHERE run IN (SELECT run FROM audit_subject_runs WHERE merging_into = $1) \
-         AND subject_hash >= $2 AND ($3 IS NULL OR subject_hash < $3) \
-         ORDER BY subject_hash, time_us, log_no, sequence",
-        target,
-        &chunk,
-    )
-    .await?;
+    on_chunk(tx, MERGE_CHUNK, target, &chunk).await?;
     if chunk.1.is_some() {
         advance(tx, target).await?;
         return Ok(true);
@@ -310,13 +316,7 @@ async fn delete_chunk(tx: &mut Transaction<'static, Sqlite>) -> Result<bool> {
     let Some((run, chunk)) = next_chunk(tx, "dead").await? else {
         return Ok(false);
     };
-    on_chunk(
-        tx,
-        "DELETE FROM audit_subject_postings WHERE run = $1 AND subject_hash >= $2 AND ($3 IS NULL OR subject_hash < $3)",
-        run,
-        &chunk,
-    )
-    .await?;
+    on_chunk(tx, DELETE_CHUNK, run, &chunk).await?;
     if chunk.1.is_some() {
         advance(tx, run).await?;
     } else {
@@ -844,6 +844,26 @@ mod tests {
             let found = verify(&pool, 1, LOGS[0]).await.map_err(|e| e.to_string());
             let Err(found) = found else { panic!("{sql}: not found") };
             assert!(found.contains(expected) && found.contains("log-a"), "{sql}: {found}");
+        }
+    }
+
+    /// A chunk reads its range of each run and no more: a chunk that read
+    /// every run to its end made merging a run of 262,144 entries quadratic.
+    #[tokio::test]
+    async fn chunks_are_searched_between_both_bounds() {
+        let (_dir, _store, pool, _) = store().await;
+        for sql in [MERGE_CHUNK, DELETE_CHUNK] {
+            let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            let plan = plan.into_iter().map(|(_, _, _, d)| d).collect::<Vec<_>>().join("; ");
+            assert!(
+                plan.contains(
+                    "SEARCH audit_subject_postings USING PRIMARY KEY (run=? AND subject_hash>? AND subject_hash<?)"
+                ),
+                "{sql}: {plan}"
+            );
         }
     }
 

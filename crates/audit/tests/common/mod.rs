@@ -378,6 +378,10 @@ impl Store for FakeStore {
         Ok(found)
     }
 
+    async fn close(&self) {
+        // Nothing runs behind an in-memory store.
+    }
+
     async fn claim_subject_key(&self, fingerprint: &str) -> Result<String> {
         self.check()?;
         let mut tables = self.tables.lock().unwrap();

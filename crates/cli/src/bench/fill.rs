@@ -65,7 +65,7 @@ pub(super) async fn fill(
     .context("opening the broker's database")?;
     let keys = LogKeys::load_or_create(&config.data_dir).context("loading the broker's audit keys")?;
     let log = AuditLog::open(
-        store,
+        store.clone(),
         keys,
         AuditConfig {
             max_batch: CHUNK as usize,
@@ -127,6 +127,10 @@ pub(super) async fn fill(
     }
     let size = log.size();
     log.shutdown().await.context("closing the broker's audit log")?;
+    // The broker is restarted on this database next: nothing of this
+    // process may still hold its write lock then (SQLite's subject runs
+    // are still being made behind the fill).
+    store.close().await;
     Ok((size, started.elapsed().as_secs_f64()))
 }
 
