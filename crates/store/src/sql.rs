@@ -1286,6 +1286,14 @@ impl Store for SqlStore {
             // Aborted is what is expected; a panic has been reported already.
             let _ = task.await;
         }
+        if let Pool::Sqlite(writer) = &self.audit_writer {
+            // The last connection to close copies the WAL back into the
+            // database, holding its lock, possibly after close() returned:
+            // do it here, where the caller waits for it.
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(writer).await {
+                tracing::warn!(error = %db_err(e), "the WAL could not be copied back before closing the database");
+            }
+        }
         on_pool!(self, p => p.close().await);
         on_audit_writer!(self, p => p.close().await);
     }
