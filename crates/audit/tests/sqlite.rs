@@ -217,6 +217,14 @@ async fn assert_failed_naming(log: &AuditLog, check: HistoryCheck, entry: u64, w
     assert_eq!(log.size(), size, "nothing appended on top of the finding");
 }
 
+/// Alters one row with `sql`, reopens the log and expects its history check
+/// to fail naming `entry` and `what`.
+async fn assert_alteration_found(dir: &Path, sql: &str, entry: u64, what: &str) {
+    assert_eq!(alter(dir, sql).await, 1, "{sql}");
+    let (log, check) = reopen_and_check(dir).await;
+    assert_failed_naming(&log, check, entry, what).await;
+}
+
 /// A row deleted below the signed head is not an outage to wait out: the
 /// check ends failed (the broker reports it and stops releasing data)
 /// instead of retrying the read for ever.
@@ -225,12 +233,13 @@ async fn a_deleted_row_ends_the_history_check_failed_and_the_log_refuses_entries
     let dir = tempfile::tempdir().unwrap();
     closed_sqlite_log(dir.path(), 3000).await;
     // Far from the right edge, which the opening itself reads.
-    assert_eq!(
-        alter(dir.path(), "DELETE FROM audit_entries WHERE sequence = 1234").await,
-        1
-    );
-    let (log, check) = reopen_and_check(dir.path()).await;
-    assert_failed_naming(&log, check, 1234, "not found").await;
+    assert_alteration_found(
+        dir.path(),
+        "DELETE FROM audit_entries WHERE sequence = 1234",
+        1234,
+        "not found",
+    )
+    .await;
 }
 
 /// A row deleted at the right edge, which the opening itself reads, stops
@@ -265,9 +274,7 @@ async fn a_leaf_altered_under_its_stored_hash_fails_the_history_check() {
     closed_sqlite_log(dir.path(), 3000).await;
     let sql = "UPDATE audit_entries SET leaf = replace(leaf, 'income-tax-assessment', 'criminal-investigation') \
                WHERE sequence = 777";
-    assert_eq!(alter(dir.path(), sql).await, 1);
-    let (log, check) = reopen_and_check(dir.path()).await;
-    assert_failed_naming(&log, check, 777, "does not hash to its stored leaf hash").await;
+    assert_alteration_found(dir.path(), sql, 777, "does not hash to its stored leaf hash").await;
 }
 
 /// The purpose an auditor filters on and sees is the one of the leaf.
@@ -276,9 +283,7 @@ async fn an_altered_purpose_column_fails_the_history_check() {
     let dir = tempfile::tempdir().unwrap();
     closed_sqlite_log(dir.path(), 3000).await;
     let sql = "UPDATE audit_entries SET purpose = 'statistics' WHERE sequence = 2001";
-    assert_eq!(alter(dir.path(), sql).await, 1);
-    let (log, check) = reopen_and_check(dir.path()).await;
-    assert_failed_naming(&log, check, 2001, "purpose is \"statistics\"").await;
+    assert_alteration_found(dir.path(), sql, 2001, "purpose is \"statistics\"").await;
 }
 
 /// A subject hash rewritten (here to another citizen's) would hide the
@@ -289,22 +294,17 @@ async fn an_altered_subject_hash_column_fails_the_history_check() {
     closed_sqlite_log(dir.path(), 3000).await;
     let sql = "UPDATE audit_entries SET subject_hash = (SELECT subject_hash FROM audit_entries WHERE sequence = 9) \
                WHERE sequence = 10";
-    assert_eq!(alter(dir.path(), sql).await, 1);
-    let (log, check) = reopen_and_check(dir.path()).await;
-    assert_failed_naming(&log, check, 10, "subject_hash").await;
+    assert_alteration_found(dir.path(), sql, 10, "subject_hash").await;
     // Set to nothing, which hides it from every history query.
     let dir = tempfile::tempdir().unwrap();
     closed_sqlite_log(dir.path(), 600).await;
-    assert_eq!(
-        alter(
-            dir.path(),
-            "UPDATE audit_entries SET subject_hash = NULL WHERE sequence = 300"
-        )
-        .await,
-        1
-    );
-    let (log, check) = reopen_and_check(dir.path()).await;
-    assert_failed_naming(&log, check, 300, "subject_hash").await;
+    assert_alteration_found(
+        dir.path(),
+        "UPDATE audit_entries SET subject_hash = NULL WHERE sequence = 300",
+        300,
+        "subject_hash",
+    )
+    .await;
 }
 
 /// A posting deleted from the runs citizens' histories are read through
@@ -334,12 +334,13 @@ async fn a_posting_deleted_from_the_subject_runs_fails_the_history_check() {
     }
     pool.close().await;
     log.shutdown().await.unwrap();
-    assert_eq!(
-        alter(dir.path(), "DELETE FROM audit_subject_postings WHERE sequence = 5000").await,
-        1
-    );
-    let (log, check) = reopen_and_check(dir.path()).await;
-    assert_failed_naming(&log, check, 5000, "missing from run").await;
+    assert_alteration_found(
+        dir.path(),
+        "DELETE FROM audit_subject_postings WHERE sequence = 5000",
+        5000,
+        "missing from run",
+    )
+    .await;
 }
 
 /// Deleting tree nodes makes the opening rehash the leaf hashes instead:
