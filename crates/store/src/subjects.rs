@@ -362,16 +362,30 @@ const VERIFY_PAGE: i64 = 8192;
 /// plain SQL would hide an access from the citizen's history, which the
 /// entries' own check (their leaves and the signed root) cannot see.
 ///
-/// Each run is read in one snapshot; a run merged away meanwhile is skipped.
+/// Each run is read in one snapshot. A run merged away meanwhile is checked
+/// through the live runs that now hold its entries.
 pub(crate) async fn verify(pool: &SqlitePool, log_no: i64, log_id: &str) -> Result<()> {
-    let corrupt = |why: String| StoreError::Corrupt(format!("the citizens' history index of log {log_id}: {why}"));
+    let runs = live_runs(pool, log_no, log_id).await?;
+    verify_listed(pool, log_no, log_id, runs).await
+}
+
+/// A run as [`verify`] lists it: its id and the range of entries it indexes.
+type Listed = (i64, i64, i64);
+
+fn corrupt(log_id: &str, why: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("the citizens' history index of log {log_id}: {why}"))
+}
+
+/// The log's live runs, in one snapshot, once they are found to tile its
+/// indexed entries.
+async fn live_runs(pool: &SqlitePool, log_no: i64, log_id: &str) -> Result<Vec<Listed>> {
     let mut tx = pool.begin().await.map_err(db_err)?;
     let mark: i64 = sqlx::query_scalar("SELECT subject_indexed FROM audit_logs WHERE log_no = $1")
         .bind(log_no)
         .fetch_one(&mut *tx)
         .await
         .map_err(db_err)?;
-    let runs: Vec<(i64, i64, i64)> = sqlx::query_as(
+    let runs: Vec<Listed> = sqlx::query_as(
         "SELECT run, first_seq, end_seq FROM audit_subject_runs WHERE log_no = $1 AND state = 'live' ORDER BY first_seq",
     )
     .bind(log_no)
@@ -382,24 +396,56 @@ pub(crate) async fn verify(pool: &SqlitePool, log_no: i64, log_id: &str) -> Resu
     let mut covered = 0;
     for &(run, first, end) in &runs {
         if first != covered || end <= first || end - first > RUN_ENTRIES * FANOUT.pow(TOP_LEVEL.unsigned_abs() as u32) {
-            return Err(corrupt(format!(
-                "run {run} indexes entries {first}..{end} where entries from {covered} were due"
-            )));
+            return Err(corrupt(
+                log_id,
+                format!("run {run} indexes entries {first}..{end} where entries from {covered} were due"),
+            ));
         }
         covered = end;
     }
     if covered != mark {
-        return Err(corrupt(format!(
-            "its runs index entries 0..{covered}, its mark says 0..{mark}"
-        )));
+        return Err(corrupt(
+            log_id,
+            format!("its runs index entries 0..{covered}, its mark says 0..{mark}"),
+        ));
     }
-    for (run, first, end) in runs {
-        verify_run(pool, log_no, (run, first, end)).await.map_err(|e| match e {
-            StoreError::Corrupt(why) => corrupt(why),
-            other => other,
-        })?;
+    Ok(runs)
+}
+
+/// Checks the listed runs. The entries of one merged away since it was
+/// listed are in a run of a higher level, live in the merge's transaction:
+/// those runs are listed again and checked, until every range was checked
+/// in some run. Runs of [`TOP_LEVEL`] are never merged, so a range is
+/// listed again at most that many times.
+async fn verify_listed(pool: &SqlitePool, log_no: i64, log_id: &str, mut runs: Vec<Listed>) -> Result<()> {
+    let mut relisted = 0;
+    loop {
+        let mut gone = Vec::new();
+        for (run, first, end) in runs {
+            let checked = verify_run(pool, log_no, (run, first, end)).await.map_err(|e| match e {
+                StoreError::Corrupt(why) => corrupt(log_id, why),
+                other => other,
+            })?;
+            if !checked {
+                gone.push((first, end));
+            }
+        }
+        let Some(&(first, end)) = gone.first() else {
+            return Ok(());
+        };
+        if relisted >= TOP_LEVEL {
+            return Err(corrupt(
+                log_id,
+                format!("the runs holding entries {first}..{end} left the live runs without a merge"),
+            ));
+        }
+        runs = live_runs(pool, log_no, log_id)
+            .await?
+            .into_iter()
+            .filter(|&(_, f, e)| gone.iter().any(|&(gf, ge)| f < ge && gf < e))
+            .collect();
+        relisted += 1;
     }
-    Ok(())
 }
 
 /// An entry's fingerprint as its posting must repeat it; never 0.
@@ -415,7 +461,8 @@ fn fingerprint(subject_hash: &[u8], time_us: i64, sequence: i64) -> u64 {
     u64::from_be_bytes(first) | 1
 }
 
-async fn verify_run(pool: &SqlitePool, log_no: i64, (run, first, end): (i64, i64, i64)) -> Result<()> {
+/// Checks one run against its entries; `false` when it is no longer live.
+async fn verify_run(pool: &SqlitePool, log_no: i64, (run, first, end): Listed) -> Result<bool> {
     let mut tx = pool.begin().await.map_err(db_err)?;
     let still: Option<i64> = sqlx::query_scalar("SELECT run FROM audit_subject_runs WHERE run = $1 AND state = 'live'")
         .bind(run)
@@ -423,7 +470,7 @@ async fn verify_run(pool: &SqlitePool, log_no: i64, (run, first, end): (i64, i64
         .await
         .map_err(db_err)?;
     if still.is_none() {
-        return Ok(());
+        return Ok(false);
     }
     // Slot i: the fingerprint entry first + i's posting must carry, 0 when
     // none is due (or it was seen).
@@ -499,7 +546,7 @@ async fn verify_run(pool: &SqlitePool, log_no: i64, (run, first, end): (i64, i64
             first + i as i64
         )));
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -845,6 +892,73 @@ mod tests {
             let Err(found) = found else { panic!("{sql}: not found") };
             assert!(found.contains(expected) && found.contains("log-a"), "{sql}: {found}");
         }
+    }
+
+    /// A run merged away between the check's listing and its turn is checked
+    /// through the merge's run: a posting deleted from that run is found.
+    #[tokio::test]
+    async fn a_run_merged_during_the_check_is_checked_in_its_merge() {
+        for tamper in [false, true] {
+            let (_dir, store, pool, writer) = store().await;
+            // Three runs of level 0, then their merge into one of level 1.
+            let entries: Vec<StoredEntry> = (0..18)
+                .map(|i| entry(LOGS[0], i, Some((i % 4) as usize), EntryKind::Access))
+                .collect();
+            store.append_entries(&entries).await.unwrap();
+            for _ in 0..3 {
+                assert!(step(&writer).await.unwrap());
+            }
+            let listed = live_runs(&pool, 1, LOGS[0]).await.unwrap();
+            assert_eq!(listed.len(), 3, "{listed:?}");
+            while step(&writer).await.unwrap() {}
+            let merged: Vec<(i64, i64)> =
+                sqlx::query_as("SELECT level, end_seq FROM audit_subject_runs WHERE state = 'live'")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            assert_eq!(merged, [(1, 18)]);
+            if tamper {
+                sqlx::query("DELETE FROM audit_subject_postings WHERE sequence = 7")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            let found = verify_listed(&pool, 1, LOGS[0], listed)
+                .await
+                .map_err(|e| e.to_string());
+            if tamper {
+                let Err(found) = found else {
+                    panic!("the posting deleted from the merge was not found")
+                };
+                assert!(found.contains("entry 7 is missing"), "{found}");
+            } else {
+                found.unwrap();
+            }
+        }
+    }
+
+    /// A run that leaves the live runs without a merge is a gap, found when
+    /// the runs are listed again.
+    #[tokio::test]
+    async fn a_run_retired_during_the_check_without_a_merge_is_found() {
+        let (_dir, store, pool, writer) = store().await;
+        let entries: Vec<StoredEntry> = (0..12)
+            .map(|i| entry(LOGS[0], i, Some((i % 4) as usize), EntryKind::Access))
+            .collect();
+        store.append_entries(&entries).await.unwrap();
+        while step(&writer).await.unwrap() {}
+        let listed = live_runs(&pool, 1, LOGS[0]).await.unwrap();
+        sqlx::query("UPDATE audit_subject_runs SET state = 'dead' WHERE first_seq = 6")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let found = verify_listed(&pool, 1, LOGS[0], listed)
+            .await
+            .map_err(|e| e.to_string());
+        let Err(found) = found else {
+            panic!("a retired run was not found")
+        };
+        assert!(found.contains("mark says 0..12") && found.contains("log-a"), "{found}");
     }
 
     /// A chunk reads its range of each run and no more: a chunk that read
