@@ -81,6 +81,64 @@ async fn pg_federation(cluster: &PgCluster, extra_config: &str) -> (TempDir, Fed
     (dir, fed, url)
 }
 
+/// A grant's rate limit holds for the federation, not per replica: lookups
+/// spread over two replicas get N a minute in all, and past them both refuse
+/// with RESOURCE_EXHAUSTED and a retry-after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_across_replicas() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (_dir, fed, url) = pg_federation(&cluster, "").await;
+    let (_dir_b, broker_b, url_b) = second_broker(&fed, &url).await;
+    let started = Instant::now();
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 6))
+        .await
+        .unwrap();
+    let replicas = [client(&fed, TAX_DEPT).await, as_member(&url_b, &fed, TAX_DEPT).await];
+    let mut allowed = [0usize; 2];
+    let mut exhausted = [0usize; 2];
+    let mut i = 0u32;
+    // Until both replicas have refused twice (B may not know the grant for
+    // the first few hundred milliseconds: PERMISSION_DENIED, tried again).
+    while exhausted.iter().any(|&n| n < 2) {
+        assert!(started.elapsed() < Duration::from_secs(10), "allowed {allowed:?}");
+        let r = (i % 2) as usize;
+        i += 1;
+        match replicas[r]
+            .exchange()
+            .lookup(birth_lookup(&citizen_id(&fed, 40 + i), "tax-law-38-2019/art-17"))
+            .await
+        {
+            Ok(_) => allowed[r] += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(e.metadata().get("retry-after").is_some(), "{e:?}");
+                assert!(
+                    e.message().contains("rate limit of 6 lookups per minute"),
+                    "{}",
+                    e.message()
+                );
+                exhausted[r] += 1;
+            }
+            Err(e) if e.code() == Code::PermissionDenied && r == 1 => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("lookup {i} through replica {r}: {e:?}"),
+        }
+    }
+    // One token every ten seconds refills the shared bucket of six.
+    let refilled = (started.elapsed().as_secs() / 10) as usize;
+    let total = allowed[0] + allowed[1];
+    assert!(
+        (6..=6 + refilled).contains(&total),
+        "two replicas allowed {allowed:?} under one limit of 6 a minute"
+    );
+    assert!(allowed[0] > 0 && allowed[1] > 0, "both replicas served: {allowed:?}");
+    broker_b.shutdown().await.unwrap();
+    fed.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
     let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
@@ -296,18 +354,48 @@ async fn a_database_that_hangs_fails_lookups_after_the_commit_timeout_and_nothin
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = lienthong_provider::demo::citizen_national_id(fed.options.seed, 5);
     look_up_birth(&office, &subject).await.expect("healthy first");
+    // A grant without a rate limit: its lookups wait for nothing but the
+    // audit commit, where the office's (600 a minute) first waits for the
+    // count of its limit, which the replicas share in the database.
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
+        .await
+        .unwrap();
+    let tax = client(&fed, TAX_DEPT).await;
+    let tax_lookup = birth_lookup(&subject, "tax-law-38-2019/art-17");
+    let t = tax.clone();
+    assert!(
+        eventually(Duration::from_secs(2), async || t
+            .exchange()
+            .lookup(tax_lookup.clone())
+            .await
+            .is_ok())
+        .await,
+        "the tax department's grant is in effect"
+    );
 
     // The database host hangs: connections stay open, nothing answers.
     cluster.freeze().unwrap();
-    // The consumer would wait far longer than the commit timeout: the broker
+    // The consumers would wait far longer than the commit timeout: the broker
     // answers first, and without the record.
     let mut req = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
     req.set_timeout(Duration::from_secs(15));
-    let during = office.exchange().lookup(req).await;
+    let mut tax_req = tonic::Request::new(tax_lookup);
+    tax_req.set_timeout(Duration::from_secs(15));
+    let (mut office_exchange, mut tax_exchange) = (office.exchange(), tax.exchange());
+    let (limited, unlimited) = tokio::join!(office_exchange.lookup(req), tax_exchange.lookup(tax_req));
     cluster.thaw().unwrap();
-    let err = during.expect_err("no record without a durable entry");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("no data was released"), "{}", err.message());
+    for (during, what) in [(limited, "rate-limited"), (unlimited, "unlimited")] {
+        let err = during.expect_err("no record without a durable entry");
+        assert_eq!(err.code(), Code::Unavailable, "{what}: {err:?}");
+        assert!(
+            err.message().contains("no data was released"),
+            "{what}: {}",
+            err.message()
+        );
+    }
 
     assert!(
         eventually(Duration::from_secs(30), async || look_up_birth(&office, &subject)

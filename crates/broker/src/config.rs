@@ -151,8 +151,9 @@ pub struct AuditSection {
     pub sign_interval_ms: u64,
     /// Most entries per group commit.
     pub max_batch: usize,
-    /// Longest a lookup waits for its audit entry to be durable before it
-    /// fails with `UNAVAILABLE` (a database that hangs rather than refuses).
+    /// Longest a lookup waits for its audit entry to be durable, or for the
+    /// database's count of a rate limit the replicas share, before it fails
+    /// with `UNAVAILABLE` (a database that hangs rather than refuses).
     pub commit_timeout_ms: u64,
 }
 

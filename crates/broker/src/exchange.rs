@@ -15,7 +15,9 @@ use lienthong::v1::{
 use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::policy::{AccessRequest, Decision};
+use lienthong_core::ratelimit::lease_size;
 use lienthong_core::schema::MAX_FIELDS;
+use lienthong_store::{Backend, RateTake};
 use opentelemetry::trace::SpanContext;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -448,6 +450,43 @@ impl Broker {
         }
     }
 
+    /// Counts a lookup against its grant's limit: `Err(retry_after)` when
+    /// it is reached. One broker on its own database (SQLite) counts in
+    /// memory. Replicas count against the grant's bucket in the database,
+    /// shared by all of them, through tokens leased a few at a time
+    /// ([`lease_size`]), so most lookups do not wait for the database.
+    async fn count_against_limit(
+        &self,
+        grant_id: &str,
+        per_minute: u32,
+    ) -> Result<Result<(), Duration>, lienthong_store::StoreError> {
+        if per_minute == 0 || self.store.backend() == Backend::Sqlite {
+            return Ok(self.rate_limiter.check(grant_id, per_minute, Instant::now()));
+        }
+        if self.rate_leases.take(grant_id, Instant::now()) {
+            return Ok(Ok(()));
+        }
+        // Bounded as the audit commit is: a database that hangs, rather than
+        // refuses, fails the lookup in time for the consumer to hear why.
+        let limit = Duration::from_millis(self.config.audit.commit_timeout_ms);
+        let lease = self
+            .store
+            .take_rate_tokens(grant_id, per_minute, lease_size(per_minute))
+            .instrument(tracing::debug_span!("rate_lease"));
+        let taken = tokio::time::timeout(limit, lease).await.map_err(|_| {
+            lienthong_store::StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis()))
+        })??;
+        match taken {
+            Some(RateTake::Taken(n)) => {
+                self.rate_leases.hold(grant_id, n.saturating_sub(1), Instant::now());
+                Ok(Ok(()))
+            }
+            Some(RateTake::Empty(retry_after)) => Ok(Err(retry_after)),
+            // A backend without shared buckets has one broker.
+            None => Ok(self.rate_limiter.check(grant_id, per_minute, Instant::now())),
+        }
+    }
+
     /// Appends an access entry in an `audit_commit` span, timing the wait.
     async fn append_access(&self, event: AuditEvent) -> Result<lienthong_audit::Receipt, lienthong_audit::AuditError> {
         let started = Instant::now();
@@ -616,10 +655,22 @@ impl Broker {
                 )
             })
         })?;
-        if let Err(retry_after) =
-            self.rate_limiter
-                .check(&allowed.grant_id, allowed.rate_limit_per_minute, Instant::now())
-        {
+        let within_limit = self
+            .count_against_limit(&allowed.grant_id, allowed.rate_limit_per_minute)
+            .await
+            .map_err(|why| {
+                tracing::warn!(error = %why, grant = %allowed.grant_id, "cannot count a lookup against its grant's shared rate limit");
+                fail(
+                    Outcome::Failed,
+                    "rate_limit_unavailable",
+                    BrokerError::Unavailable(format!(
+                        "the count of grant {}'s rate limit, which all replicas share, is in the broker's database, \
+                         which did not answer; no data was released; retry shortly",
+                        allowed.grant_id
+                    )),
+                )
+            })?;
+        if let Err(retry_after) = within_limit {
             return Err(fail(
                 Outcome::Denied,
                 "rate_limited",

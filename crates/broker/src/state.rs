@@ -7,7 +7,7 @@ use crate::relay::Relay;
 use arc_swap::ArcSwap;
 use lienthong_audit::AuditLog;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
-use lienthong_core::ratelimit::RateLimiter;
+use lienthong_core::ratelimit::{Leases, RateLimiter};
 use lienthong_core::schema::{CompiledRecordType, SchemaLimits};
 use lienthong_core::snapshot::Snapshot;
 use lienthong_core::{Member, Role};
@@ -28,8 +28,10 @@ pub struct Broker {
     pub audit: Arc<AuditLog>,
     /// Calls to providers.
     pub relay: Relay,
-    /// Per-grant token buckets.
+    /// Per-grant token buckets, when this broker alone serves its database (SQLite).
     pub rate_limiter: RateLimiter,
+    /// Tokens leased from the grants' federation-wide buckets (PostgreSQL).
+    pub rate_leases: Leases,
     /// Per-address bound on authentication-failure entries.
     pub refusals: crate::refusals::RefusalGate,
     /// Limits applied to registered schemas.
@@ -94,6 +96,7 @@ impl Broker {
             audit,
             relay,
             rate_limiter: RateLimiter::new(),
+            rate_leases: Leases::new(),
             refusals: Default::default(),
             schema_limits,
             metrics: crate::metrics::Metrics::new(),

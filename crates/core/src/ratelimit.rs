@@ -1,4 +1,5 @@
-//! Per-grant token buckets.
+//! Per-grant token buckets, and the tokens a replica leased from the
+//! federation-wide ones.
 //!
 //! Arithmetic is exact integer arithmetic: one token is [`UNITS_PER_TOKEN`]
 //! units, and a bucket of `N` per minute refills `N` units per nanosecond.
@@ -73,11 +74,34 @@ fn capacity(per_minute: u32) -> u128 {
     u128::from(per_minute) * UNITS_PER_TOKEN
 }
 
+/// Maps keyed by grant id behind independent locks.
+#[derive(Debug)]
+struct Shards<T>(Vec<Mutex<HashMap<String, T>>>);
+
+impl<T> Shards<T> {
+    fn new() -> Self {
+        Shards((0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect())
+    }
+
+    fn lock(&self, grant_id: &str) -> Option<MutexGuard<'_, HashMap<String, T>>> {
+        // A panic while holding the lock leaves an entry at worst one token off.
+        Some(lock(self.0.get(shard_of(grant_id))?))
+    }
+
+    fn all(&self) -> impl Iterator<Item = MutexGuard<'_, HashMap<String, T>>> {
+        self.0.iter().map(lock)
+    }
+}
+
+fn lock<T>(shard: &Mutex<T>) -> MutexGuard<'_, T> {
+    shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Token buckets keyed by grant id: capacity `per_minute`, refilled at
 /// `per_minute / 60` tokens per second.
 #[derive(Debug)]
 pub struct RateLimiter {
-    shards: Vec<Mutex<HashMap<String, Bucket>>>,
+    shards: Shards<Bucket>,
 }
 
 impl Default for RateLimiter {
@@ -99,15 +123,7 @@ fn shard_of(grant_id: &str) -> usize {
 impl RateLimiter {
     /// An empty limiter.
     pub fn new() -> Self {
-        RateLimiter {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
-    }
-
-    fn lock(&self, grant_id: &str) -> Option<MutexGuard<'_, HashMap<String, Bucket>>> {
-        let shard = self.shards.get(shard_of(grant_id))?;
-        // A panic while holding the lock leaves a bucket at worst one token off.
-        Some(shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        RateLimiter { shards: Shards::new() }
     }
 
     /// Takes one token from the grant's bucket: `Ok` if the request may
@@ -117,7 +133,7 @@ impl RateLimiter {
         if per_minute == 0 {
             return Ok(());
         }
-        let Some(mut buckets) = self.lock(grant_id) else {
+        let Some(mut buckets) = self.shards.lock(grant_id) else {
             return Ok(());
         };
         if let Some(bucket) = buckets.get_mut(grant_id) {
@@ -132,8 +148,7 @@ impl RateLimiter {
     /// Drops buckets that have refilled completely by `now`; a full bucket
     /// behaves exactly like a new one, so this only frees memory.
     pub fn prune(&self, now: Instant) {
-        for shard in &self.shards {
-            let mut buckets = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for mut buckets in self.shards.all() {
             buckets.retain(|_, bucket| {
                 bucket.refill(now);
                 bucket.units < capacity(bucket.per_minute)
@@ -143,13 +158,99 @@ impl RateLimiter {
 
     /// Number of buckets held.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len())
-            .sum()
+        self.shards.all().map(|buckets| buckets.len()).sum()
     }
 
     /// True if no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How long leased tokens stay usable. A replica that stops using a grant
+/// lets its unused tokens lapse rather than spend them later in a burst the
+/// federation-wide bucket did not allow then.
+pub const LEASE_TTL: Duration = Duration::from_secs(1);
+
+/// Tokens a replica leases at once from a federation-wide bucket of
+/// `per_minute`: a tenth of a second's refill, at least one (a round trip to
+/// the database per lookup only for grants of under 600 a minute), at most
+/// 1,024. Leased tokens another replica cannot use are at most that much.
+pub fn lease_size(per_minute: u32) -> u32 {
+    (per_minute / 600).clamp(1, 1024)
+}
+
+#[derive(Debug)]
+struct Lease {
+    tokens: u32,
+    until: Instant,
+}
+
+/// Tokens this broker took from its grants' federation-wide buckets (shared
+/// by the replicas through the database) and has not used yet, each usable
+/// until [`LEASE_TTL`] after the grant's last lease. Every token used was
+/// handed out by a shared bucket, so the replicas together never exceed a
+/// grant's limit.
+#[derive(Debug)]
+pub struct Leases {
+    shards: Shards<Lease>,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases::new()
+    }
+}
+
+impl Leases {
+    /// No tokens held.
+    pub fn new() -> Self {
+        Leases { shards: Shards::new() }
+    }
+
+    /// Uses one of the grant's leased tokens; `false` when none is held or
+    /// they lapsed.
+    pub fn take(&self, grant_id: &str, now: Instant) -> bool {
+        let Some(mut leases) = self.shards.lock(grant_id) else {
+            return false;
+        };
+        let Some(lease) = leases.get_mut(grant_id) else {
+            return false;
+        };
+        let usable = lease.tokens > 0 && now < lease.until;
+        if usable {
+            lease.tokens -= 1;
+        }
+        if lease.tokens == 0 || now >= lease.until {
+            leases.remove(grant_id);
+        }
+        usable
+    }
+
+    /// Holds `tokens` more of the grant's, usable until `now + LEASE_TTL`;
+    /// tokens held before and lapsed by `now` are dropped.
+    pub fn hold(&self, grant_id: &str, tokens: u32, now: Instant) {
+        if tokens == 0 {
+            return;
+        }
+        let Some(mut leases) = self.shards.lock(grant_id) else {
+            return;
+        };
+        let until = now + LEASE_TTL;
+        let lease = leases.entry(grant_id.to_owned()).or_insert(Lease { tokens: 0, until });
+        if now >= lease.until {
+            lease.tokens = 0;
+        }
+        lease.tokens = lease.tokens.saturating_add(tokens);
+        lease.until = until;
+    }
+
+    /// Number of grants with tokens held.
+    pub fn len(&self) -> usize {
+        self.shards.all().map(|leases| leases.len()).sum()
+    }
+
+    /// True if no tokens are held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -257,5 +358,72 @@ mod tests {
     fn limiter_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<RateLimiter>();
+        assert_send_sync::<Leases>();
+    }
+
+    #[test]
+    fn leased_tokens_are_used_once_each_and_lapse() {
+        let leases = Leases::new();
+        let t0 = Instant::now();
+        assert!(!leases.take("g", t0), "nothing leased");
+        leases.hold("g", 3, t0);
+        for i in 0..3 {
+            assert!(leases.take("g", t0), "token {i}");
+        }
+        assert!(!leases.take("g", t0), "three leased, three used");
+        assert!(leases.is_empty(), "a spent lease is dropped");
+        leases.hold("g", 2, t0);
+        assert!(!leases.take("g", t0 + LEASE_TTL), "lapsed");
+        assert!(leases.is_empty(), "a lapsed lease is dropped");
+        // Tokens that lapsed are not revived by a new lease.
+        leases.hold("g", 5, t0);
+        leases.hold("g", 1, t0 + LEASE_TTL * 2);
+        assert!(leases.take("g", t0 + LEASE_TTL * 2));
+        assert!(!leases.take("g", t0 + LEASE_TTL * 2));
+    }
+
+    #[test]
+    fn leases_are_per_grant() {
+        let leases = Leases::new();
+        let t0 = Instant::now();
+        leases.hold("a", 1, t0);
+        assert!(!leases.take("b", t0));
+        assert!(leases.take("a", t0));
+    }
+
+    #[test]
+    fn a_lease_is_a_tenth_of_a_seconds_refill() {
+        assert_eq!(lease_size(1), 1);
+        assert_eq!(lease_size(599), 1);
+        assert_eq!(lease_size(6_000), 10);
+        assert_eq!(lease_size(60_000), 100);
+        assert_eq!(lease_size(u32::MAX), 1024);
+    }
+
+    proptest::proptest! {
+        /// Whatever the interleaving of leases and uses, a broker uses no
+        /// more tokens than it was handed, and none after its lease lapsed.
+        #[test]
+        fn never_uses_more_than_it_was_handed(
+            steps in proptest::collection::vec((0u32..4, 0u64..3_000), 1..60)
+        ) {
+            let leases = Leases::new();
+            let t0 = Instant::now();
+            let (mut handed, mut used, mut clock) = (0u64, 0u64, t0);
+            let mut last_hold = None;
+            for (tokens, advance_ms) in steps {
+                clock += Duration::from_millis(advance_ms);
+                if tokens > 0 {
+                    leases.hold("g", tokens, clock);
+                    handed += u64::from(tokens);
+                    last_hold = Some(clock);
+                } else if leases.take("g", clock) {
+                    used += 1;
+                    let held_at = last_hold.unwrap_or(t0);
+                    proptest::prop_assert!(clock < held_at + LEASE_TTL, "a token used after its lease lapsed");
+                }
+                proptest::prop_assert!(used <= handed);
+            }
+        }
     }
 }

@@ -312,10 +312,27 @@ pub trait Store: Send + Sync + 'static {
     /// The newest signed tree head of a log.
     async fn latest_tree_head(&self, log_id: &str) -> Result<Option<StoredTreeHead>>;
 
+    // === rate limits ===
+
+    /// Takes up to `wanted` tokens from a grant's federation-wide bucket of
+    /// `per_minute` (full when first used, refilled continuously by the
+    /// database's clock), atomically across replicas. `None` on a backend
+    /// that one broker alone uses (SQLite): it counts in its own memory.
+    async fn take_rate_tokens(&self, grant_id: &str, per_minute: u32, wanted: u32) -> Result<Option<RateTake>>;
+
     // === health ===
 
     /// Cheap round trip proving the database answers.
     async fn ping(&self) -> Result<()>;
+}
+
+/// What a grant's shared bucket gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateTake {
+    /// This many tokens (at least one, at most the number wanted).
+    Taken(u32),
+    /// None left; the next is due after this long.
+    Empty(std::time::Duration),
 }
 
 /// Options for opening a store.

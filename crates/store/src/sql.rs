@@ -8,8 +8,8 @@ use crate::rows::{
 };
 use crate::subjects;
 use crate::{
-    Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead,
-    TreeNode,
+    Backend, EntryQuery, GrantQuery, LogInfo, RateTake, Result, Store, StoreError, StoreOptions, StoredEntry,
+    StoredTreeHead, TreeNode,
 };
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -1361,10 +1361,76 @@ impl Store for SqlStore {
         row.map(TreeHeadRow::into_head).transpose()
     }
 
+    async fn take_rate_tokens(&self, grant_id: &str, per_minute: u32, wanted: u32) -> Result<Option<RateTake>> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return Ok(None);
+        };
+        if per_minute == 0 || wanted == 0 {
+            return Err(StoreError::Invalid(format!(
+                "a take of {wanted} tokens from a bucket of {per_minute} per minute"
+            )));
+        }
+        let (per_minute, wanted) = (i64::from(per_minute), i64::from(wanted));
+        let take = || {
+            sqlx::query_as::<_, (i64, i64)>(TAKE_RATE_TOKENS)
+                .bind(grant_id)
+                .bind(per_minute)
+                .bind(wanted)
+                .fetch_optional(pool)
+        };
+        let mut taken = take().await.map_err(db_err)?;
+        if taken.is_none() {
+            // First use, here or on any replica: the bucket starts full.
+            sqlx::query(
+                "INSERT INTO grant_rate_buckets (grant_id, units, updated_us) \
+                 VALUES ($1, $2 * 60000000, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) \
+                 ON CONFLICT (grant_id) DO NOTHING",
+            )
+            .bind(grant_id)
+            .bind(per_minute)
+            .execute(pool)
+            .await
+            .map_err(db_err)?;
+            taken = take().await.map_err(db_err)?;
+        }
+        let (took, left) = taken.ok_or_else(|| StoreError::NotFound {
+            what: format!("the rate bucket of grant {grant_id}"),
+        })?;
+        if took > 0 {
+            return Ok(Some(RateTake::Taken(u32::try_from(took).unwrap_or(u32::MAX))));
+        }
+        let missing = (RATE_UNITS_PER_TOKEN - left).max(1);
+        let micros = (missing + per_minute - 1) / per_minute;
+        Ok(Some(RateTake::Empty(Duration::from_micros(
+            u64::try_from(micros).unwrap_or(1),
+        ))))
+    }
+
     async fn ping(&self) -> Result<()> {
         on_pool!(self, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ())).map_err(db_err)
     }
 }
+
+/// A rate bucket's units per token: microseconds per minute, so that a
+/// bucket of N per minute refills N units per microsecond.
+const RATE_UNITS_PER_TOKEN: i64 = 60_000_000;
+
+/// Refills a grant's bucket to the database's clock and takes up to `$3`
+/// tokens of `$2` per minute, in one statement: the row lock serialises
+/// replicas, and a statement that waited for it works on the row as the
+/// other left it. Returns the tokens taken and the units left. Elapsed time
+/// is capped at a minute (a bucket is full by then), so nothing overflows.
+const TAKE_RATE_TOKENS: &str = "\
+    WITH t AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now_us), \
+    b AS ( \
+        SELECT g.grant_id, GREATEST(g.updated_us, t.now_us) AS at, \
+               LEAST($2 * 60000000, g.units + LEAST(GREATEST(t.now_us - g.updated_us, 0), 60000000) * $2) AS avail \
+        FROM grant_rate_buckets g CROSS JOIN t WHERE g.grant_id = $1 FOR UPDATE OF g \
+    ), \
+    k AS (SELECT grant_id, at, avail, LEAST($3, avail / 60000000) AS took FROM b) \
+    UPDATE grant_rate_buckets g SET units = k.avail - k.took * 60000000, updated_us = k.at \
+    FROM k WHERE g.grant_id = k.grant_id \
+    RETURNING k.took, g.units";
 
 /// Maps a unique violation to `AlreadyExists { what }`, anything else as [`db_err`].
 fn unique(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> StoreError {

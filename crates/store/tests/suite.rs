@@ -9,8 +9,8 @@ use lienthong_core::{
 };
 use lienthong_store::testing::PgCluster;
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, LogInfo, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead, TreeNode,
-    open,
+    Backend, EntryQuery, GrantQuery, LogInfo, RateTake, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead,
+    TreeNode, open,
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -79,6 +79,7 @@ on_both_backends! {
     subject_entries => check_subject_entries,
     tree_heads => check_tree_heads,
     subject_key_claim => check_subject_key_claim,
+    rate_buckets => check_rate_buckets,
     ping => check_ping,
 }
 
@@ -855,6 +856,65 @@ async fn check_subject_key_claim(store: Arc<dyn Store>) {
     assert_eq!(store.claim_subject_key(&first).await.unwrap(), first);
     assert_eq!(store.claim_subject_key(&first).await.unwrap(), first, "a restart");
     assert_eq!(store.claim_subject_key(&"b".repeat(64)).await.unwrap(), first);
+}
+
+/// A grant's bucket is shared by every replica: concurrent takes never hand
+/// out more than the bucket holds plus what it refilled meanwhile. SQLite has
+/// none (one broker counts in memory).
+async fn check_rate_buckets(store: Arc<dyn Store>) {
+    if store.backend() == Backend::Sqlite {
+        assert_eq!(store.take_rate_tokens("g-1", 60, 1).await.unwrap(), None);
+        return;
+    }
+    let taken = |t: Option<RateTake>| match t {
+        Some(RateTake::Taken(n)) => n,
+        other => panic!("expected tokens, got {other:?}"),
+    };
+    // 6,000 a minute: 100 a second, 6,000 held when first used.
+    let started = Instant::now();
+    assert_eq!(taken(store.take_rate_tokens("g-1", 6000, 4000).await.unwrap()), 4000);
+    let racers: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.take_rate_tokens("g-1", 6000, 300).await.unwrap() })
+        })
+        .collect();
+    let mut total = 0;
+    for racer in racers {
+        if let Some(RateTake::Taken(n)) = racer.await.unwrap() {
+            total += u64::from(n);
+        }
+    }
+    let refilled = (started.elapsed().as_secs_f64() * 100.0).ceil() as u64;
+    assert!(
+        (2000..=2000 + refilled).contains(&total),
+        "20 replicas took {total} of 2,000 left (+{refilled} refilled)"
+    );
+    // Drained: the next token is due within a hundredth of a second.
+    let due = loop {
+        match store.take_rate_tokens("g-1", 6000, 1000).await.unwrap() {
+            Some(RateTake::Empty(due)) => break due,
+            Some(RateTake::Taken(_)) => {}
+            None => panic!("PostgreSQL keeps buckets"),
+        }
+    };
+    assert!(due > Duration::ZERO && due <= Duration::from_millis(10), "{due:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let later = taken(store.take_rate_tokens("g-1", 6000, 1000).await.unwrap());
+    assert!(
+        (5..=100).contains(&later),
+        "{later} tokens refilled in 100 ms at 100 a second"
+    );
+    // Buckets are per grant; a bucket never holds more than its limit.
+    assert_eq!(taken(store.take_rate_tokens("g-2", 60, 1000).await.unwrap()), 60);
+    assert!(matches!(
+        store.take_rate_tokens("g-2", 60, 1).await.unwrap(),
+        Some(RateTake::Empty(due)) if due <= Duration::from_secs(1)
+    ));
+    assert!(matches!(
+        store.take_rate_tokens("g-3", 0, 1).await,
+        Err(StoreError::Invalid(_))
+    ));
 }
 
 async fn check_subject_entries(store: Arc<dyn Store>) {

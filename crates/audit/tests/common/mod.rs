@@ -6,7 +6,8 @@ use async_trait::async_trait;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, LogInfo, Result, Store, StoreError, StoredEntry, StoredTreeHead, TreeNode,
+    Backend, EntryQuery, GrantQuery, LogInfo, RateTake, Result, Store, StoreError, StoredEntry, StoredTreeHead,
+    TreeNode,
 };
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -414,6 +415,11 @@ impl Store for FakeStore {
             .heads
             .get(log_id)
             .and_then(|h| h.iter().max_by_key(|h| h.tree_size).cloned()))
+    }
+
+    async fn take_rate_tokens(&self, _grant_id: &str, _per_minute: u32, _wanted: u32) -> Result<Option<RateTake>> {
+        self.check()?;
+        Ok(None)
     }
 
     async fn ping(&self) -> Result<()> {
