@@ -139,6 +139,49 @@ async fn a_rate_limit_holds_across_replicas() {
     fed.shutdown().await.unwrap();
 }
 
+/// Lookups that find no leased token wait for the one lease being taken
+/// instead of each taking their own: 200 at once under a grant of 60,000 a
+/// minute (leases of 100) take a few hundred tokens from the shared bucket,
+/// not 200 leases' worth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_share_one_lease() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (_dir, fed, url) = pg_federation(&cluster, "").await;
+    let grant = client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    let tax = client(&fed, TAX_DEPT).await;
+    let lookups: Vec<_> = (0..200u32)
+        .map(|i| {
+            let (mut exchange, request) = (
+                tax.exchange(),
+                birth_lookup(&citizen_id(&fed, i), "tax-law-38-2019/art-17"),
+            );
+            tokio::spawn(async move { exchange.lookup(request).await })
+        })
+        .collect();
+    for lookup in lookups {
+        lookup.await.unwrap().unwrap();
+    }
+    let db = sqlx::postgres::PgPoolOptions::new().connect(&url).await.unwrap();
+    let units: i64 = sqlx::query_scalar("SELECT units FROM grant_rate_buckets WHERE grant_id = $1")
+        .bind(&grant.id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    // What the bucket lacks: what was leased, less what it refilled since.
+    let lacking = 60_000 - units / 60_000_000;
+    assert!(
+        (0..=200 + 2 * 100).contains(&lacking),
+        "200 lookups took {lacking} tokens from the shared bucket"
+    );
+    fed.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
     let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");

@@ -15,7 +15,7 @@ use lienthong::v1::{
 use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::policy::{AccessRequest, Decision};
-use lienthong_core::ratelimit::lease_size;
+use lienthong_core::ratelimit::{Held, lease_size};
 use lienthong_core::schema::MAX_FIELDS;
 use lienthong_store::{Backend, RateTake};
 use opentelemetry::trace::SpanContext;
@@ -463,27 +463,51 @@ impl Broker {
         if per_minute == 0 || self.store.backend() == Backend::Sqlite {
             return Ok(self.rate_limiter.check(grant_id, per_minute, Instant::now()));
         }
-        if self.rate_leases.take(grant_id, Instant::now()) {
-            return Ok(Ok(()));
+        if let Some(counted) = self.held_rate_token(grant_id) {
+            return Ok(counted);
         }
         // Bounded as the audit commit is: a database that hangs, rather than
         // refuses, fails the lookup in time for the consumer to hear why.
         let limit = Duration::from_millis(self.config.audit.commit_timeout_ms);
-        let lease = self
-            .store
-            .take_rate_tokens(grant_id, per_minute, lease_size(per_minute))
-            .instrument(tracing::debug_span!("rate_lease"));
-        let taken = tokio::time::timeout(limit, lease).await.map_err(|_| {
-            lienthong_store::StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis()))
-        })??;
-        match taken {
-            Some(RateTake::Taken(n)) => {
-                self.rate_leases.hold(grant_id, n.saturating_sub(1), Instant::now());
-                Ok(Ok(()))
+        let lease = async {
+            // One lease at a time per grant: the lookups that found none wait
+            // for it rather than each asking for one of their own (a herd that
+            // would queue on the bucket's row lock, its tokens left to lapse).
+            let _one_at_a_time = self.rate_lease_locks.lock(grant_id).await;
+            if let Some(counted) = self.held_rate_token(grant_id) {
+                return Ok(counted);
             }
-            Some(RateTake::Empty(retry_after)) => Ok(Err(retry_after)),
-            // A backend without shared buckets has one broker.
-            None => Ok(self.rate_limiter.check(grant_id, per_minute, Instant::now())),
+            let taken = self
+                .store
+                .take_rate_tokens(grant_id, per_minute, lease_size(per_minute))
+                .instrument(tracing::debug_span!("rate_lease"))
+                .await?;
+            let now = Instant::now();
+            Ok(match taken {
+                Some(RateTake::Taken(n)) => {
+                    self.rate_leases.hold(grant_id, n.saturating_sub(1), now);
+                    Ok(())
+                }
+                Some(RateTake::Empty(retry_after)) => {
+                    self.rate_leases.empty_until(grant_id, now, now + retry_after);
+                    Err(retry_after)
+                }
+                // A backend without shared buckets has one broker.
+                None => self.rate_limiter.check(grant_id, per_minute, now),
+            })
+        };
+        tokio::time::timeout(limit, lease).await.map_err(|_| {
+            lienthong_store::StoreError::Unavailable(format!("no answer within {} ms", limit.as_millis()))
+        })?
+    }
+
+    /// What this broker holds of a grant's shared bucket: a token, or the
+    /// knowledge that it is empty; `None` when it must ask the database.
+    fn held_rate_token(&self, grant_id: &str) -> Option<Result<(), Duration>> {
+        match self.rate_leases.take(grant_id, Instant::now()) {
+            Held::Token => Some(Ok(())),
+            Held::Empty(retry_after) => Some(Err(retry_after)),
+            Held::Nothing => None,
         }
     }
 

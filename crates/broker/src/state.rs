@@ -18,6 +18,23 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
+/// Locks serialising the leases of a grant's shared rate tokens, by grant
+/// id: sixteen, so that grants rarely wait for each other.
+#[derive(Default)]
+pub struct LeaseLocks([tokio::sync::Mutex<()>; 16]);
+
+impl LeaseLocks {
+    /// Waits for the lock of `grant_id`'s shard.
+    pub async fn lock(&self, grant_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        grant_id.hash(&mut hasher);
+        let shard = (hasher.finish() % self.0.len() as u64) as usize;
+        // In range by construction; the first shard is as good as any.
+        self.0.get(shard).unwrap_or(&self.0[0]).lock().await
+    }
+}
+
 /// Everything the services share.
 pub struct Broker {
     /// Validated configuration.
@@ -32,6 +49,8 @@ pub struct Broker {
     pub rate_limiter: RateLimiter,
     /// Tokens leased from the grants' federation-wide buckets (PostgreSQL).
     pub rate_leases: Leases,
+    /// Taken while a grant's tokens are leased, so one lookup at a time asks.
+    pub rate_lease_locks: LeaseLocks,
     /// Per-address bound on authentication-failure entries.
     pub refusals: crate::refusals::RefusalGate,
     /// Limits applied to registered schemas.
@@ -97,6 +116,7 @@ impl Broker {
             relay,
             rate_limiter: RateLimiter::new(),
             rate_leases: Leases::new(),
+            rate_lease_locks: LeaseLocks::default(),
             refusals: Default::default(),
             schema_limits,
             metrics: crate::metrics::Metrics::new(),

@@ -18,7 +18,7 @@ pub use filter::{FieldSelection, filter_record};
 pub use grant::{Endpoint, Grant, GrantFields};
 pub use member::{Member, MemberId, Role};
 pub use policy::{AccessRequest, Allowed, Decision, DenyReason, decide};
-pub use ratelimit::{Leases, RateLimiter};
+pub use ratelimit::{Held, Leases, RateLimiter};
 pub use schema::{
     BreakingChange, Compatibility, CompiledRecordType, RecordTypeDefinition, RecordTypeVersion, SchemaError,
     SchemaLimits, ValidationFailure,

@@ -180,17 +180,33 @@ pub fn lease_size(per_minute: u32) -> u32 {
     (per_minute / 600).clamp(1, 1024)
 }
 
+/// A grant's leased tokens, usable until `until`; none (`tokens == 0`)
+/// when the shared bucket was found empty, until it refills.
 #[derive(Debug)]
 struct Lease {
     tokens: u32,
     until: Instant,
 }
 
+/// What a broker holds of a grant's federation-wide bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Held {
+    /// A leased token, now used.
+    Token,
+    /// The shared bucket was empty when last asked, and its next token is
+    /// due after this long: refused without asking again.
+    Empty(Duration),
+    /// Nothing held: ask the shared bucket.
+    Nothing,
+}
+
 /// Tokens this broker took from its grants' federation-wide buckets (shared
 /// by the replicas through the database) and has not used yet, each usable
 /// until [`LEASE_TTL`] after the grant's last lease. Every token used was
 /// handed out by a shared bucket, so the replicas together never exceed a
-/// grant's limit.
+/// grant's limit. A bucket found empty is remembered until it refills, so
+/// a consumer past its limit does not cost the database a round trip per
+/// refused lookup.
 #[derive(Debug)]
 pub struct Leases {
     shards: Shards<Lease>,
@@ -208,23 +224,26 @@ impl Leases {
         Leases { shards: Shards::new() }
     }
 
-    /// Uses one of the grant's leased tokens; `false` when none is held or
-    /// they lapsed.
-    pub fn take(&self, grant_id: &str, now: Instant) -> bool {
+    /// Uses one of the grant's leased tokens if one is held.
+    pub fn take(&self, grant_id: &str, now: Instant) -> Held {
         let Some(mut leases) = self.shards.lock(grant_id) else {
-            return false;
+            return Held::Nothing;
         };
         let Some(lease) = leases.get_mut(grant_id) else {
-            return false;
+            return Held::Nothing;
         };
-        let usable = lease.tokens > 0 && now < lease.until;
-        if usable {
+        let held = if now >= lease.until {
+            Held::Nothing
+        } else if lease.tokens == 0 {
+            Held::Empty(lease.until - now)
+        } else {
             lease.tokens -= 1;
-        }
-        if lease.tokens == 0 || now >= lease.until {
+            Held::Token
+        };
+        if held == Held::Nothing || (held == Held::Token && lease.tokens == 0) {
             leases.remove(grant_id);
         }
-        usable
+        held
     }
 
     /// Holds `tokens` more of the grant's, usable until `now + LEASE_TTL`;
@@ -243,6 +262,25 @@ impl Leases {
         }
         lease.tokens = lease.tokens.saturating_add(tokens);
         lease.until = until;
+    }
+
+    /// Remembers at `now` that the grant's shared bucket had no token, and
+    /// that the next is due at `refilled`; tokens still held are kept.
+    pub fn empty_until(&self, grant_id: &str, now: Instant, refilled: Instant) {
+        let Some(mut leases) = self.shards.lock(grant_id) else {
+            return;
+        };
+        let empty = Lease {
+            tokens: 0,
+            until: refilled,
+        };
+        match leases.get_mut(grant_id) {
+            Some(lease) if lease.tokens > 0 && now < lease.until => {}
+            Some(lease) => *lease = empty,
+            None => {
+                leases.insert(grant_id.to_owned(), empty);
+            }
+        }
     }
 
     /// Number of grants with tokens held.
@@ -365,21 +403,47 @@ mod tests {
     fn leased_tokens_are_used_once_each_and_lapse() {
         let leases = Leases::new();
         let t0 = Instant::now();
-        assert!(!leases.take("g", t0), "nothing leased");
+        assert_eq!(leases.take("g", t0), Held::Nothing, "nothing leased");
         leases.hold("g", 3, t0);
         for i in 0..3 {
-            assert!(leases.take("g", t0), "token {i}");
+            assert_eq!(leases.take("g", t0), Held::Token, "token {i}");
         }
-        assert!(!leases.take("g", t0), "three leased, three used");
+        assert_eq!(leases.take("g", t0), Held::Nothing, "three leased, three used");
         assert!(leases.is_empty(), "a spent lease is dropped");
         leases.hold("g", 2, t0);
-        assert!(!leases.take("g", t0 + LEASE_TTL), "lapsed");
+        assert_eq!(leases.take("g", t0 + LEASE_TTL), Held::Nothing, "lapsed");
         assert!(leases.is_empty(), "a lapsed lease is dropped");
         // Tokens that lapsed are not revived by a new lease.
         leases.hold("g", 5, t0);
         leases.hold("g", 1, t0 + LEASE_TTL * 2);
-        assert!(leases.take("g", t0 + LEASE_TTL * 2));
-        assert!(!leases.take("g", t0 + LEASE_TTL * 2));
+        assert_eq!(leases.take("g", t0 + LEASE_TTL * 2), Held::Token);
+        assert_eq!(leases.take("g", t0 + LEASE_TTL * 2), Held::Nothing);
+    }
+
+    #[test]
+    fn an_empty_bucket_is_remembered_until_it_refills() {
+        let leases = Leases::new();
+        let t0 = Instant::now();
+        leases.empty_until("g", t0, t0 + Duration::from_secs(10));
+        assert_eq!(leases.take("g", t0), Held::Empty(Duration::from_secs(10)));
+        assert_eq!(
+            leases.take("g", t0 + Duration::from_secs(4)),
+            Held::Empty(Duration::from_secs(6))
+        );
+        assert_eq!(
+            leases.take("g", t0 + Duration::from_secs(10)),
+            Held::Nothing,
+            "refilled: ask again"
+        );
+        // Tokens leased meanwhile are used first.
+        leases.hold("g", 1, t0);
+        leases.empty_until("g", t0, t0 + Duration::from_secs(10));
+        assert_eq!(leases.take("g", t0), Held::Token);
+        // Tokens that lapsed are not: the bucket's emptiness is remembered.
+        leases.hold("g", 1, t0);
+        let later = t0 + LEASE_TTL;
+        leases.empty_until("g", later, later + Duration::from_secs(1));
+        assert_eq!(leases.take("g", later), Held::Empty(Duration::from_secs(1)));
     }
 
     #[test]
@@ -387,8 +451,8 @@ mod tests {
         let leases = Leases::new();
         let t0 = Instant::now();
         leases.hold("a", 1, t0);
-        assert!(!leases.take("b", t0));
-        assert!(leases.take("a", t0));
+        assert_eq!(leases.take("b", t0), Held::Nothing);
+        assert_eq!(leases.take("a", t0), Held::Token);
     }
 
     #[test]
@@ -417,7 +481,7 @@ mod tests {
                     leases.hold("g", tokens, clock);
                     handed += u64::from(tokens);
                     last_hold = Some(clock);
-                } else if leases.take("g", clock) {
+                } else if leases.take("g", clock) == Held::Token {
                     used += 1;
                     let held_at = last_hold.unwrap_or(t0);
                     proptest::prop_assert!(clock < held_at + LEASE_TTL, "a token used after its lease lapsed");
