@@ -85,6 +85,14 @@ fn quick_bench_reports_direct_relayed_proxy_and_bare_as_json() {
             .get("sqlite_in_broker")
             .is_none()
     );
+    // What each relayed lookup costs the disk is counted (zero on tmpfs).
+    assert!(
+        scenarios[1]["closed"]["disk_kib_per_lookup"]["intermediary"]
+            .as_f64()
+            .is_some(),
+        "{:#}",
+        scenarios[1]
+    );
     // The disk every relayed lookup waits on is timed and named, so a reader
     // can tell a VM's scratch disk from a server's journalled one.
     let disk = &report["disk"];

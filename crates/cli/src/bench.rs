@@ -465,6 +465,7 @@ struct PhaseReport {
     latency_us: Latency,
     cpu_s_per_1000: CpuCost,
     switches_per_lookup: Switches,
+    disk_kib_per_lookup: DiskWrites,
     /// The whole machine's CPU during the phase: on two shared cores, latency
     /// is queueing once this nears the core count.
     machine: MachineLoad,
@@ -557,6 +558,22 @@ struct Switches {
     /// The register.
     #[serde(skip_serializing_if = "Option::is_none")]
     provider: Option<f64>,
+}
+
+/// KiB written to storage per successful lookup (`write_bytes` of
+/// `/proc/<pid>/io`: pages sent to the disk, or dirtied to be, by the
+/// process; nothing on a memory-backed file system). The durable audit's
+/// cost to the disk: each commit writes every page it changed, whole, to
+/// SQLite's WAL (BENCHMARKS.md, twentieth round).
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct DiskWrites {
+    /// The broker (its SQLite database), nginx or the bare relay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intermediary: Option<f64>,
+    /// The PostgreSQL server: the postmaster and its live processes (a
+    /// backend that exits during the phase takes its count with it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -811,6 +828,29 @@ fn effective_uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Bytes a process caused to be written to storage so far (`write_bytes`
+/// of `/proc/<pid>/io`).
+fn written_bytes(pid: u32) -> Option<u64> {
+    status_field(
+        &std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?,
+        "write_bytes:",
+    )
+}
+
+/// [`written_bytes`] of a set of processes.
+fn written_by(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| written_bytes(*p)).sum()
+}
+
+/// [`written_bytes`] of a process and its live children.
+fn tree_written_bytes(pid: u32) -> Option<u64> {
+    let children: u64 = child_pids(pid).into_iter().filter_map(written_bytes).sum();
+    Some(written_bytes(pid)? + children)
 }
 
 /// CPU seconds of a set of processes.
@@ -1193,6 +1233,8 @@ struct CpuSnapshot {
     machine: Option<MachineCpu>,
     intermediary_switches: Option<u64>,
     provider_switches: Option<u64>,
+    intermediary_written: Option<u64>,
+    database_written: Option<u64>,
 }
 
 /// The whole machine's idle and stolen CPU time, all cores together, from
@@ -1282,6 +1324,8 @@ impl Watched {
             machine: machine_cpu(),
             intermediary_switches: context_switches(&self.intermediary),
             provider_switches: context_switches(&self.provider),
+            intermediary_written: written_by(&self.intermediary),
+            database_written: self.database.and_then(tree_written_bytes),
         }
     }
 
@@ -1312,6 +1356,17 @@ fn switches(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> Switches {
     Switches {
         intermediary: per_lookup(before.intermediary_switches, after.intermediary_switches),
         provider: per_lookup(before.provider_switches, after.provider_switches),
+    }
+}
+
+fn disk_writes(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> DiskWrites {
+    let per_lookup = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) if ok > 0 => Some(b.saturating_sub(a) as f64 / 1024.0 / ok as f64),
+        _ => None,
+    };
+    DiskWrites {
+        intermediary: per_lookup(before.intermediary_written, after.intermediary_written),
+        database: per_lookup(before.database_written, after.database_written),
     }
 }
 
@@ -1387,6 +1442,7 @@ struct Phase {
     first_error: Option<String>,
     cpu: CpuCost,
     switches: Switches,
+    disk: DiskWrites,
     machine: MachineLoad,
     measured: Duration,
     inside: Option<inside::InsideBroker>,
@@ -1409,6 +1465,7 @@ impl Phase {
             latency_us: Latency::of(&self.histogram),
             cpu_s_per_1000: self.cpu,
             switches_per_lookup: self.switches,
+            disk_kib_per_lookup: self.disk,
             machine: self.machine,
             inside_broker: self.inside.clone(),
             rounds: Vec::new(),
@@ -1491,6 +1548,7 @@ async fn closed_loop(
         first_error,
         cpu: cost(before, after, ok),
         switches: switches(before, after, ok),
+        disk: disk_writes(before, after, ok),
         machine: machine_load(before, after),
         measured: duration,
         inside: inside_before.zip(inside_after).map(|(b, a)| inside::between(&b, &a)),
@@ -1567,6 +1625,7 @@ async fn open_loop(
         first_error,
         cpu: cost(before, after, ok),
         switches: switches(before, after, ok),
+        disk: disk_writes(before, after, ok),
         machine: machine_load(before, after),
         measured: duration,
         inside: inside_before.zip(inside_after).map(|(b, a)| inside::between(&b, &a)),
@@ -2842,7 +2901,7 @@ fn render_table(report: &Report) -> String {
         "", "", "", "", "", "", "", "", "", "CPU ms per lookup", "machine"
     ));
     out.push_str(&format!(
-        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10} {:>9}\n",
+        "{:<12} {:<13} {:>11} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10} {:>9} {:>13}\n",
         "scenario",
         "load",
         "lookups/s",
@@ -2857,11 +2916,12 @@ fn render_table(report: &Report) -> String {
         "database",
         "loadgen",
         "cores busy",
-        "switches"
+        "switches",
+        "disk KiB"
     ));
     let row = |name: &str, load: String, p: &PhaseReport| {
         format!(
-            "{:<12} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10} {:>9}\n",
+            "{:<12} {:<13} {:>11.0} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}   {:>8} {:>8} {:>8} {:>8}   {:>10} {:>9} {:>13}\n",
             name,
             load,
             p.throughput_per_s,
@@ -2883,6 +2943,10 @@ fn render_table(report: &Report) -> String {
                 None => "-".into(),
             },
             opt(p.switches_per_lookup.intermediary, 1),
+            match (p.disk_kib_per_lookup.intermediary, p.disk_kib_per_lookup.database) {
+                (middle, Some(database)) => format!("{} ({database:.1})", opt(middle, 1)),
+                (middle, None) => opt(middle, 1),
+            },
         )
     };
     for r in &report.scenarios {
@@ -2899,7 +2963,8 @@ fn render_table(report: &Report) -> String {
          or nginx (proxy, all workers) or the bare relay (bare); database: the PostgreSQL server, all its processes, or in parentheses \
          SQLite's threads inside the broker (part of middle); cores busy: the whole machine's CPU during the \
          phase, every process counted, against its core count; switches: the middle's context switches per lookup, \
-         all its threads (each voluntary one a sleep and a wake-up)\n",
+         all its threads (each voluntary one a sleep and a wake-up); disk KiB: what the middle wrote to storage per \
+         lookup (the broker: its SQLite database, audit log included), in parentheses the PostgreSQL server's\n",
     );
     out.push_str(&render_inside(&report.scenarios));
     if let Some(b) = &report.broker {
@@ -3236,6 +3301,7 @@ mod tests {
             send_lag: None,
             first_error: None,
             cpu: CpuCost::default(),
+            disk: DiskWrites::default(),
             switches: Switches::default(),
             machine: MachineLoad::default(),
             measured: Duration::from_secs(1),
@@ -3298,6 +3364,8 @@ mod tests {
             }),
             intermediary_switches: None,
             provider_switches: None,
+            intermediary_written: None,
+            database_written: None,
         };
         // 10 s on 2 cores: 0.5 s idle and 0.5 s stolen leave 19 s busy.
         let load = machine_load(at(0, 100.0, 1.0), at(10, 100.5, 1.5));
@@ -3370,12 +3438,35 @@ mod tests {
             machine: None,
             intermediary_switches: intermediary,
             provider_switches: provider,
+            intermediary_written: intermediary.map(|n| n * 1024),
+            database_written: provider.map(|n| n * 1024),
         };
         let s = switches(snapshot(Some(1_000), Some(50)), snapshot(Some(15_700), None), 1_000);
         assert_eq!(s.intermediary, Some(14.7));
         assert_eq!(s.provider, None, "a register that could not be read has no figure");
         let none = switches(snapshot(Some(1_000), Some(50)), snapshot(Some(15_700), Some(60)), 0);
         assert_eq!((none.intermediary, none.provider), (None, None), "no lookups, no ratio");
+        // The same arithmetic for the bytes written, in KiB per lookup.
+        let w = disk_writes(snapshot(Some(1_000), Some(50)), snapshot(Some(15_700), None), 1_000);
+        assert_eq!((w.intermediary, w.database), (Some(14.7), None));
+        let none = disk_writes(snapshot(Some(1_000), Some(50)), snapshot(Some(15_700), Some(60)), 0);
+        assert_eq!((none.intermediary, none.database), (None, None), "no lookups, no ratio");
+    }
+
+    /// `write_bytes`, not `cancelled_write_bytes` nor `wchar`, is what
+    /// reached (or will reach) the disk.
+    #[test]
+    fn bytes_written_are_read_from_proc_io() {
+        let io =
+            "rchar: 10\nwchar: 999\nsyscr: 1\nsyscw: 2\nread_bytes: 0\nwrite_bytes: 4096\ncancelled_write_bytes: 7\n";
+        assert_eq!(status_field(io, "write_bytes:"), Some(4096));
+        assert!(
+            written_bytes(std::process::id()).is_some(),
+            "this process's own counters are read"
+        );
+        assert!(tree_written_bytes(std::process::id()).is_some());
+        assert_eq!(written_by(&[]), None);
+        assert_eq!(written_by(&[u32::MAX]), None);
     }
 
     #[test]
@@ -3408,6 +3499,7 @@ mod tests {
                 ..CpuCost::default()
             },
             switches_per_lookup: Switches::default(),
+            disk_kib_per_lookup: DiskWrites::default(),
             machine: MachineLoad::default(),
             inside_broker: None,
             rounds: Vec::new(),
