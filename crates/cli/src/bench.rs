@@ -461,6 +461,12 @@ struct PhaseReport {
     send_lag_us: Option<Latency>,
     #[serde(skip_serializing_if = "Option::is_none")]
     first_error: Option<String>,
+    /// Calls that failed during the unmeasured warm-up (nginx, say, while it
+    /// opens its upstream connections), counted apart from `errors`.
+    #[serde(skip_serializing_if = "is_zero")]
+    warmup_errors: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_warmup_error: Option<String>,
     throughput_per_s: f64,
     latency_us: Latency,
     cpu_s_per_1000: CpuCost,
@@ -1196,18 +1202,30 @@ struct Live {
     ok: AtomicU64,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
+    warmup_errors: AtomicU64,
+    first_warmup_error: Mutex<Option<String>>,
 }
 
 impl Live {
+    /// Counts a failed call, apart when it came during the warm-up.
     fn error(&self, e: &CallError, measured: bool) {
-        if measured {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Ok(mut first) = self.first_error.lock()
+        let (count, first) = if measured {
+            (&self.errors, &self.first_error)
+        } else {
+            (&self.warmup_errors, &self.first_warmup_error)
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut first) = first.lock()
             && first.is_none()
         {
             *first = Some(format!("{:?}: {}", e.code, e.message));
         }
+    }
+
+    /// The warm-up's failed calls and the first of them.
+    fn warmup(&self) -> (u64, Option<String>) {
+        let first = self.first_warmup_error.lock().ok().and_then(|f| f.clone());
+        (self.warmup_errors.load(Ordering::Relaxed), first)
     }
 }
 
@@ -1440,6 +1458,7 @@ struct Phase {
     dropped: u64,
     send_lag: Option<Histogram<u64>>,
     first_error: Option<String>,
+    warmup_errors: (u64, Option<String>),
     cpu: CpuCost,
     switches: Switches,
     disk: DiskWrites,
@@ -1461,6 +1480,8 @@ impl Phase {
             dropped: self.dropped,
             send_lag_us: self.send_lag.as_ref().map(Latency::of),
             first_error: self.first_error.clone(),
+            warmup_errors: self.warmup_errors.0,
+            first_warmup_error: self.warmup_errors.1.clone(),
             throughput_per_s: self.ok as f64 / secs,
             latency_us: Latency::of(&self.histogram),
             cpu_s_per_1000: self.cpu,
@@ -1546,6 +1567,7 @@ async fn closed_loop(
         dropped: 0,
         send_lag: None,
         first_error,
+        warmup_errors: live.warmup(),
         cpu: cost(before, after, ok),
         switches: switches(before, after, ok),
         disk: disk_writes(before, after, ok),
@@ -1623,6 +1645,7 @@ async fn open_loop(
         dropped: shared.dropped.load(Ordering::Relaxed),
         send_lag: shared.send_lag.lock().ok().map(|h| h.clone()),
         first_error,
+        warmup_errors: live.warmup(),
         cpu: cost(before, after, ok),
         switches: switches(before, after, ok),
         disk: disk_writes(before, after, ok),
@@ -2803,7 +2826,17 @@ fn phase_line(label: &str, r: &PhaseReport) -> String {
     if let Some(e) = &r.first_error {
         line.push_str(&format!(" (first: {e})"));
     }
+    if r.warmup_errors > 0 {
+        line.push_str(&format!("; {} during the unmeasured warm-up", r.warmup_errors));
+        if let Some(e) = &r.first_warmup_error {
+            line.push_str(&format!(" (first: {e})"));
+        }
+    }
     line
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -3300,6 +3333,7 @@ mod tests {
             dropped: 0,
             send_lag: None,
             first_error: None,
+            warmup_errors: (0, None),
             cpu: CpuCost::default(),
             disk: DiskWrites::default(),
             switches: Switches::default(),
@@ -3453,6 +3487,35 @@ mod tests {
         assert_eq!((none.intermediary, none.database), (None, None), "no lookups, no ratio");
     }
 
+    /// A failed call during the warm-up is not one of the phase's errors,
+    /// but it is reported beside them, with the first of its kind.
+    #[test]
+    fn warmup_errors_are_counted_apart() {
+        let live = Live::default();
+        let bad_gateway = CallError {
+            code: tonic::Code::Internal,
+            message: "502 Bad Gateway".into(),
+        };
+        live.error(&bad_gateway, false);
+        live.error(&bad_gateway, false);
+        assert_eq!(live.errors.load(Ordering::Relaxed), 0);
+        assert!(live.first_error.lock().unwrap().is_none());
+        let mut phase = bare_phase(10);
+        phase.warmup_errors = live.warmup();
+        let report = phase.report(Some(1), None, 1);
+        assert_eq!(report.warmup_errors, 2);
+        let line = phase_line("proxy closed c=1", &report);
+        assert!(
+            line.contains("0 errors; 2 during the unmeasured warm-up (first: Internal: 502 Bad Gateway)"),
+            "{line}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["warmup_errors"], 2);
+        assert!(json.get("first_error").is_none());
+        live.error(&bad_gateway, true);
+        assert_eq!(live.errors.load(Ordering::Relaxed), 1);
+    }
+
     /// `write_bytes`, not `cancelled_write_bytes` nor `wchar`, is what
     /// reached (or will reach) the disk.
     #[test]
@@ -3489,6 +3552,8 @@ mod tests {
             dropped: 0,
             send_lag_us: None,
             first_error: None,
+            warmup_errors: 0,
+            first_warmup_error: None,
             throughput_per_s: tp,
             latency_us: Latency {
                 p99,
