@@ -894,6 +894,18 @@ mod tests {
         }
     }
 
+    /// Runs `sql` (when given), then checks the runs of log-a listed before it.
+    async fn alter_and_check(
+        pool: &SqlitePool,
+        listed: Vec<Listed>,
+        sql: Option<&str>,
+    ) -> std::result::Result<(), String> {
+        if let Some(sql) = sql {
+            sqlx::query(sql).execute(pool).await.unwrap();
+        }
+        verify_listed(pool, 1, LOGS[0], listed).await.map_err(|e| e.to_string())
+    }
+
     /// A run merged away between the check's listing and its turn is checked
     /// through the merge's run: a posting deleted from that run is found.
     #[tokio::test]
@@ -917,15 +929,8 @@ mod tests {
                     .await
                     .unwrap();
             assert_eq!(merged, [(1, 18)]);
-            if tamper {
-                sqlx::query("DELETE FROM audit_subject_postings WHERE sequence = 7")
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            let found = verify_listed(&pool, 1, LOGS[0], listed)
-                .await
-                .map_err(|e| e.to_string());
+            let deleted = tamper.then_some("DELETE FROM audit_subject_postings WHERE sequence = 7");
+            let found = alter_and_check(&pool, listed, deleted).await;
             if tamper {
                 let Err(found) = found else {
                     panic!("the posting deleted from the merge was not found")
@@ -948,13 +953,8 @@ mod tests {
         store.append_entries(&entries).await.unwrap();
         while step(&writer).await.unwrap() {}
         let listed = live_runs(&pool, 1, LOGS[0]).await.unwrap();
-        sqlx::query("UPDATE audit_subject_runs SET state = 'dead' WHERE first_seq = 6")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let found = verify_listed(&pool, 1, LOGS[0], listed)
-            .await
-            .map_err(|e| e.to_string());
+        let retired = "UPDATE audit_subject_runs SET state = 'dead' WHERE first_seq = 6";
+        let found = alter_and_check(&pool, listed, Some(retired)).await;
         let Err(found) = found else {
             panic!("a retired run was not found")
         };
