@@ -92,6 +92,11 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// Concurrent TLS handshakes at most.
     pub max_concurrent_handshakes: usize,
+    /// Concurrent TLS handshakes from one IP address at most: a connection
+    /// past it is closed at once, so that one host cannot hold every slot.
+    /// Raise it when several agencies reach the broker through one NAT
+    /// address.
+    pub max_handshakes_per_address: usize,
     /// Handshake timeout.
     pub handshake_timeout_ms: u64,
 }
@@ -213,6 +218,7 @@ impl Default for TlsConfig {
             cert: PathBuf::from("certs/broker.pem"),
             key: PathBuf::from("certs/broker.key"),
             max_concurrent_handshakes: 256,
+            max_handshakes_per_address: 32,
             handshake_timeout_ms: 10_000,
         }
     }
@@ -404,6 +410,10 @@ impl Config {
             (
                 "tls.max_concurrent_handshakes",
                 self.tls.max_concurrent_handshakes as u64,
+            ),
+            (
+                "tls.max_handshakes_per_address",
+                self.tls.max_handshakes_per_address as u64,
             ),
         ];
         for (key, value) in positive {
@@ -609,6 +619,33 @@ mod tests {
         assert_eq!(c.limits.max_collect_items, 8);
         assert_eq!(c.trust_domain, "gov.example");
         assert_eq!(c.tls.ca, dir.path().join("ca.pem"));
+    }
+
+    /// Agencies behind one NAT share an address: its handshake bound is a
+    /// setting, from the file or the environment, and never 0.
+    #[test]
+    fn the_per_address_handshake_bound_is_set_by_the_operator() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        let p = write(dir.path(), "c.toml", &tls);
+        assert_eq!(
+            Config::load(Some(&p), vec![]).unwrap().tls.max_handshakes_per_address,
+            32
+        );
+        let p = write(
+            dir.path(),
+            "nat.toml",
+            &tls.replace("[tls]\n", "[tls]\nmax_handshakes_per_address = 200\n"),
+        );
+        assert_eq!(
+            Config::load(Some(&p), vec![]).unwrap().tls.max_handshakes_per_address,
+            200
+        );
+        let env = vec![("LIENTHONG_TLS_MAX_HANDSHAKES_PER_ADDRESS".to_string(), "64".to_string())];
+        assert_eq!(Config::load(Some(&p), env).unwrap().tls.max_handshakes_per_address, 64);
+        let env = vec![("LIENTHONG_TLS_MAX_HANDSHAKES_PER_ADDRESS".to_string(), "0".to_string())];
+        let e = Config::load(Some(&p), env).unwrap_err().to_string();
+        assert!(e.contains("max_handshakes_per_address"), "{e}");
     }
 
     #[test]

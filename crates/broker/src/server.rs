@@ -214,8 +214,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         AcceptOptions {
             max_concurrent_handshakes: config.tls.max_concurrent_handshakes,
             handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
-            // An eighth of them: one host cannot hold every slot.
-            max_handshakes_per_address: (config.tls.max_concurrent_handshakes / 8).max(1),
+            max_handshakes_per_address: config.tls.max_handshakes_per_address,
         },
     );
 
