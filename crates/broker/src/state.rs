@@ -29,9 +29,8 @@ impl LeaseLocks {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         grant_id.hash(&mut hasher);
-        let shard = (hasher.finish() % self.0.len() as u64) as usize;
-        // In range by construction; the first shard is as good as any.
-        self.0.get(shard).unwrap_or(&self.0[0]).lock().await
+        // In range: the remainder of a division by the length.
+        self.0[(hasher.finish() % self.0.len() as u64) as usize].lock().await
     }
 }
 

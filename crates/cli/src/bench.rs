@@ -1366,25 +1366,27 @@ fn cost(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> CpuCost {
     }
 }
 
-fn switches(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> Switches {
-    let per_lookup = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) if ok > 0 => Some(b.saturating_sub(a) as f64 / ok as f64),
+/// How much a counter grew per successful lookup; `None` when it could not
+/// be read at either end, or nothing succeeded.
+fn per_lookup(before: Option<u64>, after: Option<u64>, ok: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) if ok > 0 => Some(a.saturating_sub(b) as f64 / ok as f64),
         _ => None,
-    };
+    }
+}
+
+fn switches(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> Switches {
     Switches {
-        intermediary: per_lookup(before.intermediary_switches, after.intermediary_switches),
-        provider: per_lookup(before.provider_switches, after.provider_switches),
+        intermediary: per_lookup(before.intermediary_switches, after.intermediary_switches, ok),
+        provider: per_lookup(before.provider_switches, after.provider_switches, ok),
     }
 }
 
 fn disk_writes(before: CpuSnapshot, after: CpuSnapshot, ok: u64) -> DiskWrites {
-    let per_lookup = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) if ok > 0 => Some(b.saturating_sub(a) as f64 / 1024.0 / ok as f64),
-        _ => None,
-    };
+    let kib = |b: Option<u64>, a: Option<u64>| per_lookup(b, a, ok).map(|bytes| bytes / 1024.0);
     DiskWrites {
-        intermediary: per_lookup(before.intermediary_written, after.intermediary_written),
-        database: per_lookup(before.database_written, after.database_written),
+        intermediary: kib(before.intermediary_written, after.intermediary_written),
+        database: kib(before.database_written, after.database_written),
     }
 }
 
