@@ -14,4 +14,5 @@ mod observability;
 mod refusals;
 mod relay;
 mod replicas;
+mod revocation;
 mod schemas;

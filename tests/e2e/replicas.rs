@@ -227,6 +227,32 @@ async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
     .await;
     assert!(denied, "revocation reached B after {:?}", revoked_at.elapsed());
 
+    // A certificate revoked through A is refused by B, on B's open connection,
+    // within one second.
+    admin_a
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            certificate_pem: std::fs::read_to_string(fed.certs.join(format!("{TAX_DEPT}.pem"))).unwrap(),
+            reason: "key found on a public file share".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    let t = tax_b.clone();
+    let refused = eventually(Duration::from_secs(1), async || {
+        matches!(
+            t.schemas().list_record_types(pb::ListRecordTypesRequest::default()).await,
+            Err(e) if e.code() == Code::Unauthenticated && e.message().contains("revoked")
+        )
+    })
+    .await;
+    assert!(
+        refused,
+        "certificate revocation reached B after {:?}",
+        revoked_at.elapsed()
+    );
+
     // A schema version registered through B is usable through A.
     let birth = lienthong_provider::demo::demo_schemas()
         .into_iter()

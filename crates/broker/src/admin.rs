@@ -7,7 +7,7 @@ use crate::error::{BrokerError, Result};
 use crate::state::{Broker, Caller};
 use lienthong::v1 as pb;
 use lienthong::v1::admin_server::Admin;
-use lienthong_core::{Endpoint, Grant, GrantFields, Member, MemberId, Role};
+use lienthong_core::{Endpoint, Fingerprint, Grant, GrantFields, Member, MemberId, RevokedCertificate, Role};
 use lienthong_store::GrantQuery;
 use std::future::Future;
 use std::sync::Arc;
@@ -179,6 +179,108 @@ impl Broker {
             .await?;
         }
         Ok(convert::member(&m))
+    }
+
+    /// Revokes a member certificate. `presented` is the fingerprint of the
+    /// certificate the call came with: an admin revoking it would lock
+    /// itself out mid-way, so it is refused.
+    async fn revoke_certificate(
+        &self,
+        caller: &Caller,
+        r: pb::RevokeCertificateRequest,
+        presented: Option<Fingerprint>,
+    ) -> Result<pb::RevokedCertificate> {
+        let reason = r.reason.trim();
+        if reason.is_empty() || reason.chars().count() > 500 {
+            return Err(BrokerError::InvalidArgument(
+                "a reason is required to revoke a certificate (at most 500 characters)".into(),
+            ));
+        }
+        let given = (!r.fingerprint_sha256.trim().is_empty())
+            .then(|| Fingerprint::parse(&r.fingerprint_sha256))
+            .transpose()
+            .map_err(|e| BrokerError::InvalidArgument(format!("fingerprint_sha256: {e}")))?;
+        let named = (!r.member.is_empty()).then(|| member_id(&r.member)).transpose()?;
+        let (fingerprint, member, not_after) = if r.certificate_pem.trim().is_empty() {
+            let (Some(fingerprint), Some(member)) = (given, named) else {
+                return Err(BrokerError::InvalidArgument(
+                    "name the certificate: give certificate_pem, or fingerprint_sha256 with member".into(),
+                ));
+            };
+            // A typo in the member would file the revocation under nobody.
+            if self.store.get_member(member.as_str()).await?.is_none() {
+                return Err(BrokerError::NotFound(format!(
+                    "member {member} is not registered; check the member id, or revoke by the certificate's PEM"
+                )));
+            }
+            (fingerprint, member, None)
+        } else {
+            let cert = lienthong_tls::summarize_pem(&r.certificate_pem, &self.config.trust_domain)
+                .map_err(|e| BrokerError::InvalidArgument(format!("certificate_pem: {e}")))?;
+            let member = match cert.identity {
+                Ok(lienthong_tls::Identity::Member(id)) => member_id(&id)?,
+                Ok(lienthong_tls::Identity::Broker) => {
+                    return Err(BrokerError::FailedPrecondition(
+                        "certificate_pem is the broker's certificate: registers and members trust the broker \
+                         through the CA, so a leaked broker key is shut out by rolling the CA (see the deploy \
+                         guide, \"Rotate certificates\")"
+                            .into(),
+                    ));
+                }
+                Err(e) => {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "certificate_pem does not name a member of this federation: {e}"
+                    )));
+                }
+            };
+            let fingerprint = Fingerprint(cert.sha256);
+            if given.is_some_and(|g| g != fingerprint) {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "fingerprint_sha256 is not the fingerprint of certificate_pem ({fingerprint}); give one of them"
+                )));
+            }
+            if named.as_ref().is_some_and(|n| *n != member) {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "certificate_pem belongs to member {member}, not {}",
+                    r.member
+                )));
+            }
+            (fingerprint, member, Some(cert.not_after))
+        };
+        if presented == Some(fingerprint) {
+            return Err(BrokerError::FailedPrecondition(
+                "this is the certificate this call was made with; revoke it from another admin certificate \
+                 (`lienthong certs issue` makes one) so that you are not locked out"
+                    .into(),
+            ));
+        }
+        let revoked = RevokedCertificate {
+            fingerprint,
+            member,
+            reason: reason.to_string(),
+            not_after,
+            revoked_at: OffsetDateTime::now_utc(),
+            revoked_by: caller.member.id.clone(),
+        };
+        if let Err(e) = self.store.insert_revoked_certificate(&revoked).await {
+            if let lienthong_store::StoreError::AlreadyExists { .. } = e
+                && let Some(first) = self.snapshot().revoked_certificate(&fingerprint)
+            {
+                return Err(BrokerError::AlreadyExists(format!(
+                    "certificate {fingerprint} of member {} was revoked already, by {}: {}",
+                    first.member, first.revoked_by, first.reason
+                )));
+            }
+            return Err(e.into());
+        }
+        self.applied(
+            caller,
+            "certificate.revoke",
+            revoked.member.as_str(),
+            Some(format!("sha256={fingerprint} reason={}", revoked.reason)),
+        )
+        .await?;
+        Ok(convert::revoked_certificate(&revoked))
     }
 
     async fn add_endpoint(&self, caller: &Caller, r: pb::AddEndpointRequest) -> Result<pb::Endpoint> {
@@ -420,6 +522,45 @@ impl Admin for AdminService {
             self.broker.set_enabled(&caller, r, true),
         )
         .await
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<pb::RevokeCertificateRequest>,
+    ) -> std::result::Result<Response<pb::RevokedCertificate>, Status> {
+        let caller = self.admin(&request, "Admin.RevokeCertificate").await?;
+        let presented = lienthong_tls::peer_info(&request).and_then(|p| p.fingerprint.map(Fingerprint));
+        let r = request.into_inner();
+        let target = [&r.member, &r.fingerprint_sha256]
+            .into_iter()
+            .find(|t| !t.is_empty())
+            .map_or_else(|| "certificate_pem".to_string(), |t| t.clone());
+        self.change(
+            &caller,
+            "certificate.revoke",
+            &target,
+            self.broker.revoke_certificate(&caller, r, presented),
+        )
+        .await
+    }
+
+    async fn list_revoked_certificates(
+        &self,
+        request: Request<pb::ListRevokedCertificatesRequest>,
+    ) -> std::result::Result<Response<pb::ListRevokedCertificatesResponse>, Status> {
+        self.admin(&request, "Admin.ListRevokedCertificates").await?;
+        let member = &request.get_ref().member;
+        let certificates = self
+            .broker
+            .store
+            .list_revoked_certificates()
+            .await
+            .map_err(BrokerError::from)?
+            .iter()
+            .filter(|r| member.is_empty() || r.member.as_str() == member)
+            .map(convert::revoked_certificate)
+            .collect();
+        Ok(Response::new(pb::ListRevokedCertificatesResponse { certificates }))
     }
 
     async fn add_endpoint(

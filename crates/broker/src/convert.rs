@@ -2,7 +2,9 @@
 
 use lienthong::v1 as pb;
 use lienthong_core::schema::BreakingChange;
-use lienthong_core::{Compatibility, Endpoint, Grant, GrantFields, Member, RecordTypeVersion, Role};
+use lienthong_core::{
+    Compatibility, Endpoint, Grant, GrantFields, Member, RecordTypeVersion, RevokedCertificate, Role,
+};
 use time::OffsetDateTime;
 
 /// Domain time to protobuf Timestamp.
@@ -42,6 +44,18 @@ pub fn role_from_pb(n: i32) -> Option<Role> {
         pb::Role::Integrator => Some(Role::Integrator),
         pb::Role::Auditor => Some(Role::Auditor),
         pb::Role::SubjectPortal => Some(Role::SubjectPortal),
+    }
+}
+
+/// Certificate revocation to wire.
+pub fn revoked_certificate(r: &RevokedCertificate) -> pb::RevokedCertificate {
+    pb::RevokedCertificate {
+        fingerprint_sha256: r.fingerprint.to_string(),
+        member: r.member.to_string(),
+        reason: r.reason.clone(),
+        revoked_at: Some(ts(r.revoked_at)),
+        revoked_by: r.revoked_by.to_string(),
+        not_after: r.not_after.map(ts),
     }
 }
 

@@ -10,13 +10,14 @@ use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::ratelimit::{Leases, RateLimiter};
 use lienthong_core::schema::{CompiledRecordType, SchemaLimits};
 use lienthong_core::snapshot::Snapshot;
-use lienthong_core::{Member, Role};
+use lienthong_core::{Fingerprint, Member, Role};
 use lienthong_store::Store;
 use lienthong_tls::{Identity, PeerInfo};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Locks serialising the leases of a grant's shared rate tokens, by grant
 /// id: sixteen, so that grants rarely wait for each other.
@@ -143,6 +144,7 @@ impl Broker {
         let _guard = self.reload_lock.lock().await;
         let version = self.store.change_counter().await?;
         let members = self.store.list_members().await?;
+        let revoked_certificates = self.store.list_revoked_certificates().await?;
         let grants = self.store.list_grants(&Default::default()).await?;
         let versions = self.store.list_record_type_versions().await?;
         let endpoints = self.store.list_endpoints().await?;
@@ -179,7 +181,8 @@ impl Broker {
             grants,
             compiled_types,
             endpoints.clone(),
-        );
+        )
+        .with_revoked_certificates(revoked_certificates);
         self.relay.sync(&endpoints);
         self.snapshot.store(Arc::new(snapshot));
         if let Ok(mut t) = self.snapshot_loaded_at.lock() {
@@ -364,6 +367,21 @@ fn check_peer(
             ));
         }
     };
+    if let Some(revoked) = peer
+        .fingerprint
+        .and_then(|fp| snapshot.revoked_certificate(&Fingerprint(fp)))
+    {
+        return Err((
+            id.clone(),
+            format!(
+                "this certificate of member {id} (sha256 {}) was revoked at {}: {}; connect with the member's \
+                 current certificate, or ask the federation admin for a new one",
+                revoked.fingerprint,
+                revoked.revoked_at.format(&Rfc3339).unwrap_or_default(),
+                revoked.reason
+            ),
+        ));
+    }
     if let Some(not_after) = peer.not_after
         && not_after <= OffsetDateTime::now_utc()
     {

@@ -82,7 +82,7 @@ enum Command {
         #[arg(long, default_value_t = 2020)]
         seed: u64,
     },
-    /// Create the federation CA and issue certificates.
+    /// Create the federation CA, issue certificates, and revoke them at the broker.
     #[command(subcommand)]
     Certs(CertsCmd),
     /// Administer member agencies.
@@ -148,6 +148,22 @@ enum CertsCmd {
         /// Host names or IPs the certificate may serve (providers, the broker).
         #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         hosts: Vec<String>,
+    },
+    /// Revoke a member certificate at the broker (as an admin): every replica
+    /// refuses it from its next request, while the member's other
+    /// certificates keep working. Permanent.
+    Revoke(commands::RevokeCertArgs),
+    /// List the certificates revoked at the broker (as an admin).
+    Revoked {
+        /// Only this member's.
+        // Its own id: `member` is the global `--as`.
+        #[arg(long = "member", id = "owner", value_name = "MEMBER")]
+        member: Option<String>,
+    },
+    /// Print a certificate file's SHA-256 fingerprint, as revocations name it.
+    Fingerprint {
+        /// PEM certificate file.
+        file: PathBuf,
     },
 }
 
@@ -271,7 +287,18 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(member) if !broker_cert => lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?,
                 _ => lienthong_tls::issue_broker_in_dir(&dir, &hosts)?,
             };
-            println!("issued {} and {}", cert.display(), key.display());
+            println!(
+                "issued {} and {} (sha256 fingerprint {})",
+                cert.display(),
+                key.display(),
+                commands::certificate_fingerprint(&cert)?
+            );
+            Ok(())
+        }
+        Command::Certs(CertsCmd::Revoke(args)) => commands::revoke_certificate(&cli.connect, args).await,
+        Command::Certs(CertsCmd::Revoked { member }) => commands::revoked_certificates(&cli.connect, member).await,
+        Command::Certs(CertsCmd::Fingerprint { file }) => {
+            println!("{}", commands::certificate_fingerprint(&file)?);
             Ok(())
         }
         Command::Member(c) => commands::member(&cli.connect, c).await,

@@ -16,7 +16,7 @@ pub mod snapshot;
 
 pub use filter::{FieldSelection, filter_record};
 pub use grant::{Endpoint, Grant, GrantFields};
-pub use member::{Member, MemberId, Role};
+pub use member::{Fingerprint, Member, MemberId, RevokedCertificate, Role};
 pub use policy::{AccessRequest, Allowed, Decision, DenyReason, decide};
 pub use ratelimit::{Held, Leases, RateLimiter};
 pub use schema::{

@@ -4,7 +4,7 @@
 
 use crate::filter::FieldSelection;
 use crate::grant::{Endpoint, Grant, GrantFields};
-use crate::member::Member;
+use crate::member::{Fingerprint, Member, RevokedCertificate};
 use crate::policy::{self, AccessRequest, Decision, DenyReason};
 use crate::schema::CompiledRecordType;
 use std::collections::HashMap;
@@ -46,6 +46,8 @@ pub struct Snapshot {
     record_type_names: Vec<String>,
     /// provider -> endpoints, oldest first.
     endpoints: HashMap<String, Vec<Endpoint>>,
+    /// Member certificates refused although valid, by fingerprint.
+    revoked_certificates: HashMap<Fingerprint, RevokedCertificate>,
 }
 
 impl Snapshot {
@@ -185,7 +187,19 @@ impl Snapshot {
             record_types: types,
             record_type_names,
             endpoints: by_provider,
+            revoked_certificates: HashMap::new(),
         }
+    }
+
+    /// The same snapshot, refusing these member certificates.
+    pub fn with_revoked_certificates(mut self, revoked: Vec<RevokedCertificate>) -> Snapshot {
+        self.revoked_certificates = revoked.into_iter().map(|r| (r.fingerprint, r)).collect();
+        self
+    }
+
+    /// The revocation of the certificate with this fingerprint, if it is revoked.
+    pub fn revoked_certificate(&self, fingerprint: &Fingerprint) -> Option<&RevokedCertificate> {
+        self.revoked_certificates.get(fingerprint)
     }
 
     /// The member with this id.

@@ -24,7 +24,7 @@ pub const VOLATILE_LOG_TARGET: &str = "lienthong_store::volatile";
 
 use async_trait::async_trait;
 use lienthong_core::audit::{EntryKind, Outcome};
-use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
+use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion, RevokedCertificate};
 use std::sync::Arc;
 use time::OffsetDateTime;
 
@@ -201,6 +201,11 @@ pub trait Store: Send + Sync + 'static {
     async fn get_member(&self, id: &str) -> Result<Option<Member>>;
     /// All members by id.
     async fn list_members(&self) -> Result<Vec<Member>>;
+    /// Records a certificate revocation; `AlreadyExists` if that certificate
+    /// is revoked already (the first revocation stands).
+    async fn insert_revoked_certificate(&self, revoked: &RevokedCertificate) -> Result<()>;
+    /// Every certificate revocation, oldest first.
+    async fn list_revoked_certificates(&self) -> Result<Vec<RevokedCertificate>>;
 
     // === endpoints ===
 
@@ -234,8 +239,8 @@ pub trait Store: Send + Sync + 'static {
 
     // === change feed ===
 
-    /// A counter bumped by every change to members, endpoints, grants or record
-    /// types, by any replica. Brokers rebuild their snapshot when it moves.
+    /// A counter bumped by every change to members, certificate revocations,
+    /// endpoints, grants or record types, by any replica. Brokers rebuild their snapshot when it moves.
     async fn change_counter(&self) -> Result<u64>;
     /// Bumps the change counter and tells other replicas (PostgreSQL NOTIFY).
     async fn publish_change(&self) -> Result<u64>;

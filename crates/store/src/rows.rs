@@ -4,7 +4,8 @@
 use crate::{LogInfo, Result, StoreError, StoredEntry, StoredTreeHead};
 use lienthong_core::audit::{EntryKind, Outcome};
 use lienthong_core::{
-    Compatibility, Endpoint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition, RecordTypeVersion, Role,
+    Compatibility, Endpoint, Fingerprint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition,
+    RecordTypeVersion, RevokedCertificate, Role,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -94,6 +95,34 @@ impl MemberRow {
             disabled_reason: self.disabled_reason,
             created_at: from_us(self.created_at_us, "members.created_at_us")?,
             updated_at: from_us(self.updated_at_us, "members.updated_at_us")?,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(crate) struct RevokedCertificateRow {
+    fingerprint: String,
+    member_id: String,
+    reason: String,
+    not_after_us: Option<i64>,
+    revoked_at_us: i64,
+    revoked_by: String,
+}
+
+impl RevokedCertificateRow {
+    pub(crate) fn into_revoked(self) -> Result<RevokedCertificate> {
+        Ok(RevokedCertificate {
+            fingerprint: Fingerprint::parse(&self.fingerprint).map_err(|_| {
+                StoreError::Corrupt("revoked_certificates.fingerprint holds an invalid fingerprint".into())
+            })?,
+            member: member_id(self.member_id, "revoked_certificates.member_id")?,
+            reason: self.reason,
+            not_after: self
+                .not_after_us
+                .map(|us| from_us(us, "revoked_certificates.not_after_us"))
+                .transpose()?,
+            revoked_at: from_us(self.revoked_at_us, "revoked_certificates.revoked_at_us")?,
+            revoked_by: member_id(self.revoked_by, "revoked_certificates.revoked_by")?,
         })
     }
 }

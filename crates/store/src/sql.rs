@@ -3,8 +3,8 @@
 //! written once and [`on_pool!`] instantiates it for each driver.
 
 use crate::rows::{
-    EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, TreeHeadRow, compatibility_text, roles_text,
-    to_i64, to_json, to_u64, to_us,
+    EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, RevokedCertificateRow, TreeHeadRow,
+    compatibility_text, roles_text, to_i64, to_json, to_u64, to_us,
 };
 use crate::subjects;
 use crate::{
@@ -14,7 +14,7 @@ use crate::{
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use lienthong_core::audit::{EntryKind, Outcome};
-use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
+use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion, RevokedCertificate};
 use sqlx::error::{DatabaseError, ErrorKind};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgListener, PgPool, PgPoolOptions, Postgres};
@@ -55,6 +55,7 @@ const NO_LIMIT: i64 = i64::MAX;
 
 const MEMBER_COLUMNS: &str = "id, display_name, roles, enabled, disabled_reason, created_at_us, updated_at_us";
 const ENDPOINT_COLUMNS: &str = "id, provider, url, created_at_us";
+const REVOKED_CERTIFICATE_COLUMNS: &str = "fingerprint, member_id, reason, not_after_us, revoked_at_us, revoked_by";
 const GRANT_COLUMNS: &str = "id, consumer, record_type, fields, purposes, valid_from_us, valid_until_us, \
      rate_limit_per_minute, revoked_at_us, revoked_reason, created_by, created_at_us";
 const RECORD_TYPE_COLUMNS: &str = "name, version, description, owner, query_schema, record_schema, subject_key, \
@@ -800,6 +801,25 @@ impl Store for SqlStore {
         let sql = format!("SELECT {MEMBER_COLUMNS} FROM members ORDER BY id");
         let rows = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).fetch_all(p).await).map_err(db_err)?;
         rows.into_iter().map(MemberRow::into_member).collect()
+    }
+
+    async fn insert_revoked_certificate(&self, r: &RevokedCertificate) -> Result<()> {
+        let sql =
+            format!("INSERT INTO revoked_certificates ({REVOKED_CERTIFICATE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)");
+        on_pool!(self, p => sqlx::query(&sql)
+            .bind(r.fingerprint.to_string()).bind(r.member.as_str()).bind(&r.reason)
+            .bind(r.not_after.map(to_us)).bind(to_us(r.revoked_at)).bind(r.revoked_by.as_str())
+            .execute(p).await.map(|_| ()))
+        .map_err(unique(|| format!("the revocation of certificate {}", r.fingerprint)))
+    }
+
+    async fn list_revoked_certificates(&self) -> Result<Vec<RevokedCertificate>> {
+        let sql = format!(
+            "SELECT {REVOKED_CERTIFICATE_COLUMNS} FROM revoked_certificates ORDER BY revoked_at_us, fingerprint"
+        );
+        let rows =
+            on_pool!(self, p => sqlx::query_as::<_, RevokedCertificateRow>(&sql).fetch_all(p).await).map_err(db_err)?;
+        rows.into_iter().map(RevokedCertificateRow::into_revoked).collect()
     }
 
     async fn insert_endpoint(&self, e: &Endpoint) -> Result<()> {

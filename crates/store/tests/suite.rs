@@ -5,7 +5,8 @@
 
 use lienthong_core::audit::{EntryKind, Outcome};
 use lienthong_core::{
-    Compatibility, Endpoint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition, RecordTypeVersion, Role,
+    Compatibility, Endpoint, Fingerprint, Grant, GrantFields, Member, MemberId, RecordTypeDefinition,
+    RecordTypeVersion, RevokedCertificate, Role,
 };
 use lienthong_store::testing::PgCluster;
 use lienthong_store::{
@@ -64,6 +65,7 @@ macro_rules! on_both_backends {
 
 on_both_backends! {
     members => check_members,
+    revoked_certificates => check_revoked_certificates,
     endpoints => check_endpoints,
     grants => check_grants,
     record_types => check_record_types,
@@ -257,6 +259,45 @@ async fn check_members(store: Arc<dyn Store>) {
     assert_eq!(ids, ["admin", "no-roles", "portal"]);
 }
 
+fn revoked(byte: u8, member: &str, minute: u8) -> RevokedCertificate {
+    RevokedCertificate {
+        fingerprint: Fingerprint([byte; 32]),
+        member: id(member),
+        reason: format!("key of {member} leaked"),
+        not_after: byte.is_multiple_of(2).then(|| at(59)),
+        revoked_at: at(minute),
+        revoked_by: id("admin"),
+    }
+}
+
+async fn check_revoked_certificates(store: Arc<dyn Store>) {
+    assert_eq!(store.list_revoked_certificates().await.unwrap(), []);
+    let (a, b, c) = (
+        revoked(0xab, "tax-office", 5),
+        revoked(0x01, "police", 3),
+        revoked(0x02, "tax-office", 4),
+    );
+    for r in [&a, &b, &c] {
+        store.insert_revoked_certificate(r).await.unwrap();
+    }
+    // Oldest first; the expiry is kept when known and left out when not.
+    assert_eq!(
+        store.list_revoked_certificates().await.unwrap(),
+        [b.clone(), c.clone(), a.clone()]
+    );
+
+    // The first revocation of a certificate stands.
+    let again = RevokedCertificate {
+        reason: "typo".into(),
+        ..revoked(0xab, "police", 9)
+    };
+    match store.insert_revoked_certificate(&again).await {
+        Err(StoreError::AlreadyExists { what }) => assert!(what.contains(&a.fingerprint.to_string()), "{what}"),
+        other => panic!("a second revocation of one certificate: {other:?}"),
+    }
+    assert_eq!(store.list_revoked_certificates().await.unwrap(), [b, c, a]);
+}
+
 async fn check_endpoints(store: Arc<dyn Store>) {
     let ep = |eid: &str, provider: &str, url: &str| Endpoint {
         id: eid.into(),
@@ -433,6 +474,11 @@ async fn check_registry_changes_move_the_counter(store: Arc<dyn Store>) {
     m.enabled = false;
     store.update_member(&m).await.unwrap();
     moved("update_member").await;
+    store
+        .insert_revoked_certificate(&revoked(7, "tax-office", 2))
+        .await
+        .unwrap();
+    moved("insert_revoked_certificate").await;
     let endpoint = Endpoint {
         id: "e-1".into(),
         provider: id("civil-status"),

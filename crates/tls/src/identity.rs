@@ -1,9 +1,14 @@
 //! SPIFFE-style identities carried in certificate URI SANs, and why a peer was refused.
 
 use std::fmt;
+use std::path::Path;
+
+use time::OffsetDateTime;
 
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
+
+use crate::TlsError;
 
 const SCHEME: &str = "spiffe://";
 
@@ -137,6 +142,41 @@ pub(crate) fn spiffe_uri<'a>(cert: &X509Certificate<'a>) -> Result<&'a str, Auth
     Ok(first)
 }
 
+/// What a certificate says about itself, read without checking who signed it.
+#[derive(Clone, Debug)]
+pub struct CertificateSummary {
+    /// The identity its SPIFFE ID names in the trust domain asked for.
+    pub identity: Result<Identity, AuthError>,
+    /// Its expiry.
+    pub not_after: OffsetDateTime,
+    /// SHA-256 of its DER encoding.
+    pub sha256: [u8; 32],
+}
+
+/// The SHA-256 of a DER-encoded certificate: its fingerprint.
+pub fn sha256_fingerprint(der: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(der).into()
+}
+
+/// Reads the end-entity certificate of a PEM text (its first certificate).
+pub fn summarize_pem(pem: &str, trust_domain: &str) -> Result<CertificateSummary, TlsError> {
+    let path = Path::new("<certificate>");
+    let certs = crate::material::certs(pem, path)?;
+    let der = certs
+        .first()
+        .ok_or_else(|| TlsError::NoCertificate { path: path.to_owned() })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadPem {
+        path: path.to_owned(),
+        reason: format!("not an X.509 certificate: {e}"),
+    })?;
+    Ok(CertificateSummary {
+        identity: identity_of(&parsed, trust_domain),
+        not_after: parsed.validity().not_after.to_datetime(),
+        sha256: sha256_fingerprint(der),
+    })
+}
+
 /// The identity named by a certificate, required to be in `trust_domain`.
 pub(crate) fn identity_of(cert: &X509Certificate<'_>, trust_domain: &str) -> Result<Identity, AuthError> {
     Identity::from_spiffe_uri(spiffe_uri(cert)?, trust_domain)
@@ -144,6 +184,7 @@ pub(crate) fn identity_of(cert: &X509Certificate<'_>, trust_domain: &str) -> Res
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -180,6 +221,26 @@ mod tests {
                 "{bad} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn summarizes_a_pem_certificate() {
+        let ca = crate::CertificateAuthority::generate("gov").unwrap();
+        let issued = ca.issue(&crate::IssueSpec::member("tax-office")).unwrap();
+        let der = crate::TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem)
+            .unwrap()
+            .chain
+            .remove(0);
+        let summary = summarize_pem(&issued.cert_pem, "gov").unwrap();
+        assert_eq!(summary.identity, Ok(Identity::Member("tax-office".into())));
+        assert_eq!(summary.sha256, sha256_fingerprint(&der));
+        assert!(summary.not_after > OffsetDateTime::now_utc());
+        assert!(matches!(
+            summarize_pem(&issued.cert_pem, "other").unwrap().identity,
+            Err(AuthError::WrongTrustDomain { .. })
+        ));
+        assert!(matches!(summarize_pem("", "gov"), Err(TlsError::NoCertificate { .. })));
+        assert!(summarize_pem(&issued.key_pem, "gov").is_err());
     }
 
     #[test]

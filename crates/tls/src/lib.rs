@@ -28,7 +28,7 @@ use std::path::PathBuf;
 
 pub use client::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, client_config, connect_channel};
 pub use coalesce::Coalesced;
-pub use identity::{AuthError, Identity};
+pub use identity::{AuthError, CertificateSummary, Identity, sha256_fingerprint, summarize_pem};
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{
     CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir,

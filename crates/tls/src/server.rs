@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::identity::{AuthError, Identity, identity_of, is_valid_trust_domain};
+use crate::identity::{AuthError, Identity, identity_of, is_valid_trust_domain, sha256_fingerprint};
 use crate::{Coalesced, TlsError, TlsMaterial, provider};
 
 /// What the server learned about a connected client.
@@ -43,6 +43,9 @@ pub struct PeerInfo {
     pub identity: Result<Identity, AuthError>,
     /// Expiry of the presented certificate, when one could be parsed.
     pub not_after: Option<OffsetDateTime>,
+    /// SHA-256 of the presented end-entity certificate, to check against
+    /// revocations; `None` when none was presented.
+    pub fingerprint: Option<[u8; 32]>,
 }
 
 /// The peer of the connection a tonic request arrived on (set by [`incoming`]).
@@ -202,11 +205,13 @@ impl ServerTls {
 
     fn peer_info(&self, stream: &tokio_rustls::server::TlsStream<TcpStream>) -> PeerInfo {
         let (tcp, conn) = stream.get_ref();
-        let (identity, not_after) = self.verify_peer(conn.peer_certificates());
+        let presented = conn.peer_certificates();
+        let (identity, not_after) = self.verify_peer(presented);
         PeerInfo {
             remote_addr: tcp.peer_addr().ok(),
             identity,
             not_after,
+            fingerprint: presented.and_then(|c| c.first()).map(|der| sha256_fingerprint(der)),
         }
     }
 }

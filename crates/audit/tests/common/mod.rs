@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
-use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion};
+use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion, RevokedCertificate};
 use lienthong_store::{
     Backend, EntryQuery, GrantQuery, LogInfo, RateTake, Result, Store, StoreError, StoredEntry, StoredTreeHead,
     TreeNode,
@@ -159,6 +159,12 @@ impl Store for FakeStore {
         Self::unsupported()
     }
     async fn list_members(&self) -> Result<Vec<Member>> {
+        Self::unsupported()
+    }
+    async fn insert_revoked_certificate(&self, _revoked: &RevokedCertificate) -> Result<()> {
+        Self::unsupported()
+    }
+    async fn list_revoked_certificates(&self) -> Result<Vec<RevokedCertificate>> {
         Self::unsupported()
     }
     async fn insert_endpoint(&self, _endpoint: &Endpoint) -> Result<()> {

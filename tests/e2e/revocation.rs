@@ -1,0 +1,285 @@
+//! Certificate revocation: a member's leaked certificate is refused at once,
+//! on open connections too, while the member's new certificate works.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::client::Clients;
+use lienthong_cli::federation::{ADMIN, JUDICIAL_OFFICE};
+use tonic::Code;
+
+fn write_pem(dir: &std::path::Path, name: &str, pem: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, pem).unwrap();
+    path.display().to_string()
+}
+
+async fn refused_with(c: &Clients, needles: &[&str]) {
+    let err = c
+        .schemas()
+        .list_record_types(pb::ListRecordTypesRequest::default())
+        .await
+        .expect_err("a revoked certificate is refused");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    for needle in needles {
+        assert!(
+            err.message().contains(needle),
+            "{:?} should say {needle:?}",
+            err.message()
+        );
+    }
+}
+
+/// The operator's story: an office's key leaks, the admin issues it a new
+/// certificate and revokes the old one with the CLI. The old one is refused
+/// on its open connection's next request and on new connections, saying
+/// why; the new one is served; the revocation and every refusal are audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_while_the_members_new_one_works() {
+    let (dir, fed) = federation().await;
+    let subject = citizen_id(&fed, 42);
+    let (old_cert, old_key) = issue(&fed, JUDICIAL_OFFICE);
+    let old = connect_with(&fed, &old_cert, &old_key).await;
+    look_up_birth(&old, &subject).await.unwrap();
+    let (new_cert, new_key) = issue(&fed, JUDICIAL_OFFICE);
+
+    let file = write_pem(dir.path(), "leaked.pem", &old_cert);
+    let (ok, fingerprint) = cli_as(&fed, ADMIN, &["certs", "fingerprint", &file]).await;
+    assert!(ok, "{fingerprint}");
+    let fingerprint = fingerprint.trim().to_string();
+    assert_eq!(fingerprint.len(), 64, "{fingerprint}");
+    let (ok, out) = cli_as(
+        &fed,
+        ADMIN,
+        &["certs", "revoke", &file, "--reason", "laptop stolen on 2026-11-27"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains(&fingerprint) && out.contains(JUDICIAL_OFFICE), "{out}");
+
+    // The open connection's next request, and a new connection, are refused.
+    refused_with(&old, &["revoked", &fingerprint, "laptop stolen"]).await;
+    let err = look_up_birth(&old, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    refused_with(&connect_with(&fed, &old_cert, &old_key).await, &["revoked"]).await;
+    // The member itself is not shut out.
+    let new = connect_with(&fed, &new_cert, &new_key).await;
+    look_up_birth(&new, &subject).await.unwrap();
+    look_up_birth(&client(&fed, JUDICIAL_OFFICE).await, &subject)
+        .await
+        .unwrap();
+
+    // Listed, with the certificate's expiry; a second revocation is refused.
+    let (ok, out) = cli_as(&fed, ADMIN, &["certs", "revoked", "--member", JUDICIAL_OFFICE]).await;
+    assert!(
+        ok && out.contains(&fingerprint) && out.contains("laptop stolen"),
+        "{out}"
+    );
+    let (ok, out) = cli_as(&fed, ADMIN, &["certs", "revoked", "--member", "civil-status"]).await;
+    assert!(ok && out.trim().is_empty(), "{out}");
+    let listed = client(&fed, ADMIN)
+        .await
+        .admin()
+        .list_revoked_certificates(pb::ListRevokedCertificatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .certificates;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].member, JUDICIAL_OFFICE);
+    assert_eq!(listed[0].revoked_by, ADMIN);
+    assert!(listed[0].not_after.is_some());
+    let again = client(&fed, ADMIN)
+        .await
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            fingerprint_sha256: fingerprint.clone(),
+            member: JUDICIAL_OFFICE.into(),
+            reason: "again".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    assert!(again.message().contains("laptop stolen"), "{again:?}");
+
+    // Audited: the revocation, and the refusals naming the member.
+    let revocations = logged(
+        &fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Admin as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let revocation = revocations
+        .iter()
+        .find(|e| e.action == "certificate.revoke" && e.outcome == pb::Outcome::Allowed as i32)
+        .expect("the revocation is audited");
+    assert_eq!(revocation.actor, ADMIN);
+    assert_eq!(revocation.target, JUDICIAL_OFFICE);
+    assert!(revocation.reason.contains(&fingerprint), "{revocation:?}");
+    let refusals = logged(
+        &fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Authentication as i32,
+            actor: JUDICIAL_OFFICE.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        refusals.len() >= 3 && refusals.iter().all(|e| e.reason.contains("revoked")),
+        "{refusals:?}"
+    );
+    fed.shutdown().await.unwrap();
+}
+
+/// Bad revocations are refused with a message naming the problem, and
+/// change nothing; an admin cannot revoke the certificate it calls with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_revocations_are_refused_and_change_nothing() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let (office_cert, office_key) = issue(&fed, JUDICIAL_OFFICE);
+    let revoke = |r: pb::RevokeCertificateRequest| {
+        let mut a = admin.admin();
+        async move { a.revoke_certificate(r).await.unwrap_err() }
+    };
+    let request = |pem: &str, fingerprint: &str, member: &str, reason: &str| pb::RevokeCertificateRequest {
+        certificate_pem: pem.into(),
+        fingerprint_sha256: fingerprint.into(),
+        member: member.into(),
+        reason: reason.into(),
+    };
+    let own = std::fs::read_to_string(fed.certs.join(format!("{ADMIN}.pem"))).unwrap();
+    let broker = std::fs::read_to_string(fed.certs.join("broker.pem")).unwrap();
+    let other_ca = lienthong_tls::CertificateAuthority::generate("elsewhere.example").unwrap();
+    let foreign = other_ca
+        .issue(&lienthong_tls::IssueSpec::member(JUDICIAL_OFFICE))
+        .unwrap()
+        .cert_pem;
+    let cases = [
+        (
+            request(&office_cert, "", "", " "),
+            Code::InvalidArgument,
+            "reason is required",
+        ),
+        (
+            request(&office_cert, "", "", &"x".repeat(501)),
+            Code::InvalidArgument,
+            "500",
+        ),
+        (
+            request("", "", "", "leak"),
+            Code::InvalidArgument,
+            "name the certificate",
+        ),
+        (
+            request("", "abcd", JUDICIAL_OFFICE, "leak"),
+            Code::InvalidArgument,
+            "64 hex digits",
+        ),
+        (
+            request("", &"ab".repeat(32), "", "leak"),
+            Code::InvalidArgument,
+            "name the certificate",
+        ),
+        (
+            request("", &"ab".repeat(32), "no-such-agency", "leak"),
+            Code::NotFound,
+            "not registered",
+        ),
+        (
+            request("not a certificate", "", "", "leak"),
+            Code::InvalidArgument,
+            "certificate_pem",
+        ),
+        (
+            request(&office_cert, "", "civil-status", "leak"),
+            Code::InvalidArgument,
+            "belongs to member",
+        ),
+        (
+            request(&office_cert, &"ab".repeat(32), "", "leak"),
+            Code::InvalidArgument,
+            "is not the fingerprint",
+        ),
+        (request(&foreign, "", "", "leak"), Code::InvalidArgument, "trust domain"),
+        (
+            request(&broker, "", "", "leak"),
+            Code::FailedPrecondition,
+            "rolling the CA",
+        ),
+        (
+            request(&own, "", "", "leak"),
+            Code::FailedPrecondition,
+            "this call was made with",
+        ),
+    ];
+    for (r, code, needle) in cases {
+        let err = revoke(r.clone()).await;
+        assert_eq!(err.code(), code, "{r:?}: {err:?}");
+        assert!(
+            err.message().contains(needle),
+            "{r:?}: {:?} should say {needle:?}",
+            err.message()
+        );
+    }
+    // Only admins revoke; the refusal is audited.
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let err = office
+        .admin()
+        .revoke_certificate(request(&office_cert, "", "", "leak"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let listed = admin
+        .admin()
+        .list_revoked_certificates(pb::ListRevokedCertificatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .certificates;
+    assert!(listed.is_empty(), "{listed:?}");
+    connect_with(&fed, &office_cert, &office_key)
+        .await
+        .schemas()
+        .list_record_types(pb::ListRecordTypesRequest::default())
+        .await
+        .unwrap();
+    let refused = logged(
+        &fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Admin as i32,
+            ..Default::default()
+        },
+    )
+    .await
+    .into_iter()
+    .filter(|e| e.action == "certificate.revoke" || e.action == "Admin.RevokeCertificate")
+    .count();
+    assert!(refused >= 13, "every refused revocation is audited: {refused}");
+
+    // By fingerprint as OpenSSL prints it, with the member: refused from then on.
+    let der = lienthong_tls::summarize_pem(&office_cert, &fed.options.trust_domain)
+        .unwrap()
+        .sha256;
+    let openssl = format!(
+        "sha256 Fingerprint={}",
+        der.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+    );
+    let revoked = admin
+        .admin()
+        .revoke_certificate(request("", &openssl, JUDICIAL_OFFICE, "moved to a new certificate"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.fingerprint_sha256, lienthong_core::Fingerprint(der).to_string());
+    assert_eq!(revoked.not_after, None);
+    refused_with(
+        &connect_with(&fed, &office_cert, &office_key).await,
+        &["moved to a new certificate"],
+    )
+    .await;
+    fed.shutdown().await.unwrap();
+}
