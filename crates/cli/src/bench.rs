@@ -2232,6 +2232,11 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         .args(["demo-provider", "civil-status", "--listen", "127.0.0.1:0", "--tls-dir"])
         .arg(&certs)
         .args(["--trust-domain", trust_domain, "--seed", &settings.seed.to_string()])
+        // nginx opens an upstream connection per request in flight, all from
+        // one address: the default cap of 32 handshakes at once per address
+        // closed its first few hundred (502s in its warm-up), as a register
+        // behind nginx would be configured not to.
+        .args(["--max-handshakes-per-address", "256"])
         // The kit logs every fetch at info; the bench measures serving, not logging.
         .env("RUST_LOG", "warn");
     let (mut provider, line) = ChildProcess::spawn(

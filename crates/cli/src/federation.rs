@@ -132,7 +132,10 @@ impl Register {
             let _ = rx.await;
         };
         let join = tokio::spawn(async move {
-            if let Err(e) = lienthong_provider::demo::run_demo_register(kind, seed, tls, listener, shutdown).await {
+            if let Err(e) =
+                lienthong_provider::demo::run_demo_register(kind, seed, tls, Default::default(), listener, shutdown)
+                    .await
+            {
                 tracing::error!(error = %e, "demo register stopped");
             }
         });

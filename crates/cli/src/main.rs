@@ -81,6 +81,11 @@ enum Command {
         /// Seed of the synthetic citizens.
         #[arg(long, default_value_t = 2020)]
         seed: u64,
+        /// TLS handshakes under way from one address at once; a connection past
+        /// it is closed. Raise it when a proxy that opens a connection per
+        /// request (nginx `grpc_pass`) calls the register.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        max_handshakes_per_address: u32,
     },
     /// Create the federation CA, issue certificates, and revoke them at the broker.
     #[command(subcommand)]
@@ -245,6 +250,7 @@ async fn run(cli: Cli) -> Result<()> {
             member,
             trust_domain,
             seed,
+            max_handshakes_per_address,
         } => {
             init_logging(&cli.log_format, Some("info"));
             let kind = match kind {
@@ -262,7 +268,11 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("{member} register serving on {}", listener.local_addr()?);
-            lienthong_provider::demo::run_demo_register(kind, seed, tls, listener, shutdown_signal()).await?;
+            let accept = lienthong_tls::AcceptOptions {
+                max_handshakes_per_address: max_handshakes_per_address as usize,
+                ..Default::default()
+            };
+            lienthong_provider::demo::run_demo_register(kind, seed, tls, accept, listener, shutdown_signal()).await?;
             Ok(())
         }
         Command::Certs(CertsCmd::Init {

@@ -283,6 +283,7 @@ async fn demo_register_serves_until_shut_down() {
         DemoRegisterKind::JudicialRecords,
         SEED,
         fed.provider_tls(),
+        Default::default(),
         listener,
         async move {
             let _ = stopped.await;

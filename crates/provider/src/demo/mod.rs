@@ -146,6 +146,7 @@ pub async fn run_demo_register<F>(
     kind: DemoRegisterKind,
     seed: u64,
     tls: Arc<ServerTls>,
+    accept: AcceptOptions,
     listener: TcpListener,
     shutdown: F,
 ) -> Result<(), ProviderError>
@@ -155,7 +156,7 @@ where
     tracing::info!(register = %kind, "starting demo register with {DEMO_CITIZENS} synthetic citizens");
     let config = ProviderConfig {
         trust_domain: tls.trust_domain().to_owned(),
-        accept: AcceptOptions::default(),
+        accept,
     };
     serve(kind.source(seed), tls, config, listener, shutdown).await
 }
