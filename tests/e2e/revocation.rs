@@ -283,3 +283,77 @@ async fn bad_revocations_are_refused_and_change_nothing() {
     .await;
     fed.shutdown().await.unwrap();
 }
+
+/// A register's revoked certificate: the broker stops calling the register
+/// that presents it (a leaked register key must not let someone else answer
+/// for the register), and calls it again once it serves a new certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_presenting_a_revoked_certificate_is_not_called() {
+    use lienthong_cli::federation::CIVIL_STATUS;
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 7);
+    look_up_birth(&office, &subject).await.unwrap();
+
+    let admin = client(&fed, ADMIN).await;
+    let old = std::fs::read_to_string(fed.certs.join(format!("{CIVIL_STATUS}.pem"))).unwrap();
+    admin
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            certificate_pem: old,
+            reason: "register's key copied off a backup tape".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!err.message().contains(&subject), "{err:?}");
+
+    // The register comes back with a new certificate on a new endpoint.
+    let (cert, key) = issue(&fed, CIVIL_STATUS);
+    let ca_pem = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
+    let material = lienthong_tls::TlsMaterial::from_pem(&ca_pem, &cert, &key).unwrap();
+    let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &fed.options.trust_domain).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let register = tokio::spawn(lienthong_provider::demo::run_demo_register(
+        lienthong_provider::demo::DemoRegisterKind::CivilStatus,
+        fed.options.seed,
+        tls,
+        Default::default(),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let old_endpoints = admin
+        .admin()
+        .list_endpoints(pb::ListEndpointsRequest {
+            provider: CIVIL_STATUS.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    admin
+        .admin()
+        .add_endpoint(pb::AddEndpointRequest {
+            provider: CIVIL_STATUS.into(),
+            url,
+        })
+        .await
+        .unwrap();
+    for e in old_endpoints {
+        admin
+            .admin()
+            .remove_endpoint(pb::RemoveEndpointRequest { id: e.id })
+            .await
+            .unwrap();
+    }
+    look_up_birth(&office, &subject).await.unwrap();
+    let _ = stop.send(());
+    register.await.unwrap().unwrap();
+    fed.shutdown().await.unwrap();
+}

@@ -4,13 +4,14 @@
 //! deadlines, and bounded retries for `UNAVAILABLE` within a retry budget.
 
 use crate::config::RelayConfig;
+use arc_swap::ArcSwap;
 use bytes::{BufMut, Bytes};
 use lienthong::provider::v1::FetchRequest;
 use lienthong_core::Endpoint;
 use lienthong_tls::{Coalesced, Dialer, Identity, TlsMaterial};
 use opentelemetry::trace::SpanContext;
 use prost::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -542,6 +543,9 @@ pub struct Relay {
     trust_domain: String,
     config: RelayConfig,
     pools: RwLock<HashMap<String, Arc<ProviderPool>>>,
+    /// Fingerprints of revoked certificates: a register presenting one is
+    /// not called.
+    revoked: Arc<ArcSwap<HashSet<[u8; 32]>>>,
     // Retry budget in hundredths of a retry: each call deposits
     // `retry_budget_percent`, each retry withdraws 100.
     budget: AtomicI64,
@@ -558,15 +562,24 @@ impl Relay {
             trust_domain,
             config,
             pools: RwLock::new(HashMap::new()),
+            revoked: Arc::default(),
             budget: AtomicI64::new(10 * 100),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
         }
     }
 
     /// Brings the pools in line with the registered endpoints, keeping the
-    /// connections (and breakers) of endpoints that did not change.
-    pub fn sync(&self, endpoints: &[Endpoint]) {
+    /// connections (and breakers) of endpoints that did not change, and
+    /// refuses registers presenting a certificate in `revoked` (SHA-256
+    /// fingerprints). When `revoked` changes every connection is made anew,
+    /// with new TLS sessions: one made or resumed before was never checked
+    /// against the new list.
+    pub fn sync(&self, endpoints: &[Endpoint], revoked: HashSet<[u8; 32]>) {
         let Ok(mut pools) = self.pools.write() else { return };
+        let revocations_changed = **self.revoked.load() != revoked;
+        if revocations_changed {
+            self.revoked.store(Arc::new(revoked));
+        }
         let mut by_provider: HashMap<&str, Vec<&Endpoint>> = HashMap::new();
         for e in endpoints {
             by_provider.entry(e.provider.as_str()).or_default().push(e);
@@ -576,7 +589,9 @@ impl Relay {
             let old = pools.get(provider);
             let mut states = Vec::with_capacity(eps.len());
             for e in eps {
-                let existing = old.and_then(|p| p.endpoints.iter().find(|s| s.id == e.id && s.url == e.url).cloned());
+                let existing = old
+                    .filter(|_| !revocations_changed)
+                    .and_then(|p| p.endpoints.iter().find(|s| s.id == e.id && s.url == e.url).cloned());
                 let state = match existing {
                     Some(s) => s,
                     None => match self.connections(provider, &e.url) {
@@ -612,9 +627,12 @@ impl Relay {
 
     /// The (not yet dialled) connections to one endpoint of `provider`.
     fn connections(&self, provider: &str, url: &str) -> Result<Vec<Conn>, String> {
-        let tls = lienthong_tls::client_config(
+        let revoked = self.revoked.clone();
+        let tls = lienthong_tls::pinned_client_config(
             &self.material,
-            Some((&self.trust_domain, Identity::Member(provider.to_string()))),
+            &self.trust_domain,
+            Identity::Member(provider.to_string()),
+            Arc::new(move |fingerprint| revoked.load().contains(fingerprint)),
         )
         .map_err(|e| e.to_string())?;
         let dialer =

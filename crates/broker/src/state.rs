@@ -145,6 +145,7 @@ impl Broker {
         let version = self.store.change_counter().await?;
         let members = self.store.list_members().await?;
         let revoked_certificates = self.store.list_revoked_certificates().await?;
+        let revoked_fingerprints = revoked_certificates.iter().map(|r| r.fingerprint.0).collect();
         let grants = self.store.list_grants(&Default::default()).await?;
         let versions = self.store.list_record_type_versions().await?;
         let endpoints = self.store.list_endpoints().await?;
@@ -183,7 +184,7 @@ impl Broker {
             endpoints.clone(),
         )
         .with_revoked_certificates(revoked_certificates);
-        self.relay.sync(&endpoints);
+        self.relay.sync(&endpoints, revoked_fingerprints);
         self.snapshot.store(Arc::new(snapshot));
         if let Ok(mut t) = self.snapshot_loaded_at.lock() {
             *t = Instant::now();

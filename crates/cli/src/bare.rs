@@ -81,12 +81,15 @@ pub async fn serve(args: BareArgs) -> Result<()> {
     let timeout = Duration::from_millis(config.provider_timeout_ms);
     let provider = MemberId::new(args.provider.clone()).map_err(|e| anyhow!("--provider: {e}"))?;
     let relay = Relay::new(material, args.trust_domain.clone(), config);
-    relay.sync(&[Endpoint {
-        id: "bench".into(),
-        provider,
-        url: args.register.clone(),
-        created_at: OffsetDateTime::now_utc(),
-    }]);
+    relay.sync(
+        &[Endpoint {
+            id: "bench".into(),
+            provider,
+            url: args.register.clone(),
+            created_at: OffsetDateTime::now_utc(),
+        }],
+        Default::default(),
+    );
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::identity::{Identity, identity_of, is_valid_trust_domain};
+use crate::identity::{Identity, identity_of, is_valid_trust_domain, sha256_fingerprint};
 use crate::{TlsError, TlsMaterial, provider};
 
 /// HTTP/2 keep-alive ping interval of client connections: a dead peer is noticed
@@ -33,6 +33,29 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn client_config(
     material: &TlsMaterial,
     expected_server: Option<(&str, Identity)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(material, expected_server, None)
+}
+
+/// Tells whether a certificate, named by the SHA-256 of its DER encoding, was revoked.
+pub type RevocationCheck = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
+
+/// [`client_config`] pinned to `expected` in `trust_domain`, also refusing a
+/// server certificate that `is_revoked` names. A session resumed with this
+/// config skips the check, so build a new config when revocations change.
+pub fn pinned_client_config(
+    material: &TlsMaterial,
+    trust_domain: &str,
+    expected: Identity,
+    is_revoked: RevocationCheck,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    build_client_config(material, Some((trust_domain, expected)), Some(is_revoked))
+}
+
+fn build_client_config(
+    material: &TlsMaterial,
+    expected_server: Option<(&str, Identity)>,
+    is_revoked: Option<RevocationCheck>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let mut roots = RootCertStore::empty();
@@ -56,6 +79,7 @@ pub fn client_config(
                     inner: webpki,
                     trust_domain: trust_domain.to_owned(),
                     expected,
+                    is_revoked: is_revoked.map(Revocations),
                 }))
         }
     };
@@ -70,6 +94,30 @@ struct PinnedServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     trust_domain: String,
     expected: Identity,
+    is_revoked: Option<Revocations>,
+}
+
+/// A [`RevocationCheck`] that `PinnedServerVerifier` can derive `Debug` with.
+struct Revocations(RevocationCheck);
+
+impl std::fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Revocations")
+    }
+}
+
+/// The server's certificate names the expected identity but was revoked.
+#[derive(thiserror::Error)]
+#[error("the certificate of {server} (sha256 {fingerprint}) was revoked by the federation admin")]
+struct RevokedServer {
+    server: String,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for RevokedServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// The server's certificate is valid but names someone else.
@@ -101,7 +149,18 @@ impl ServerCertVerifier for PinnedServerVerifier {
         let (_, parsed) = x509_parser::parse_x509_certificate(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let found = match identity_of(&parsed, &self.trust_domain) {
-            Ok(identity) if identity == self.expected => return Ok(ServerCertVerified::assertion()),
+            Ok(identity) if identity == self.expected => {
+                let fingerprint = sha256_fingerprint(end_entity);
+                if self.is_revoked.as_ref().is_some_and(|r| (r.0)(&fingerprint)) {
+                    return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+                        Arc::new(RevokedServer {
+                            server: self.expected.spiffe_uri(&self.trust_domain),
+                            fingerprint: fingerprint.iter().map(|b| format!("{b:02x}")).collect(),
+                        }),
+                    ))));
+                }
+                return Ok(ServerCertVerified::assertion());
+            }
             Ok(identity) => format!("its certificate names {}", identity.spiffe_uri(&self.trust_domain)),
             Err(reason) => format!("its certificate has no usable identity ({reason})"),
         };

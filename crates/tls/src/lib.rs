@@ -26,7 +26,10 @@ mod server;
 
 use std::path::PathBuf;
 
-pub use client::{Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, client_config, connect_channel};
+pub use client::{
+    Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, RevocationCheck, client_config, connect_channel,
+    pinned_client_config,
+};
 pub use coalesce::Coalesced;
 pub use identity::{AuthError, CertificateSummary, Identity, sha256_fingerprint, summarize_pem};
 pub use material::{TlsFiles, TlsMaterial};

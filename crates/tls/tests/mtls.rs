@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lienthong_tls::{
     AcceptOptions, AuthError, CertificateAuthority, Dialer, Identity, IssueSpec, PeerInfo, ServerTls, TlsError,
-    TlsMaterial, client_config, connect_channel, incoming, peer_info,
+    TlsMaterial, client_config, connect_channel, incoming, peer_info, pinned_client_config,
 };
 use rustls::ClientConfig;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
@@ -285,6 +285,40 @@ async fn pinned_client_refuses_a_server_naming_another_member() {
             .is_err()
     );
     other.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The relay's config refuses a register whose certificate was revoked,
+/// naming it, and only that certificate.
+#[tokio::test]
+async fn a_pinned_client_refuses_a_revoked_server_certificate() {
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let server = TestServer::start(&ca, "provider", AcceptOptions::default()).await;
+    let client = material(&ca, &IssueSpec::broker());
+    let dial = |revoked: Option<[u8; 32]>, seen: Arc<Mutex<Vec<[u8; 32]>>>| {
+        let config = pinned_client_config(
+            &client,
+            TD,
+            Identity::Member("provider".into()),
+            Arc::new(move |fingerprint| {
+                seen.lock().unwrap().push(*fingerprint);
+                revoked == Some(*fingerprint)
+            }),
+        )
+        .unwrap();
+        let url = server.url();
+        async move { Dialer::new(&url, config, TIMEOUT).unwrap().dial().await }
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    assert!(dial(Some([0; 32]), seen.clone()).await.is_ok());
+    let server_fingerprint = seen.lock().unwrap()[0];
+    let Err(TlsError::Connect { detail, .. }) = dial(Some(server_fingerprint), Arc::default()).await else {
+        panic!("a revoked server certificate was accepted");
+    };
+    assert!(
+        detail.contains("spiffe://gov.test/member/provider") && detail.contains("was revoked"),
+        "{detail}"
+    );
     server.shutdown().await;
 }
 
