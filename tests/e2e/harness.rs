@@ -319,3 +319,32 @@ pub async fn logged(fed: &Federation, filter: pb::EntryFilter) -> Vec<pb::AuditE
         .into_inner()
         .entries
 }
+
+/// Makes `url` the only endpoint of civil-status.
+pub async fn replace_civil_endpoint(fed: &Federation, url: &str) {
+    let admin = client(fed, lienthong_cli::federation::ADMIN).await;
+    let eps = admin
+        .admin()
+        .list_endpoints(pb::ListEndpointsRequest {
+            provider: lienthong_cli::federation::CIVIL_STATUS.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    admin
+        .admin()
+        .add_endpoint(pb::AddEndpointRequest {
+            provider: lienthong_cli::federation::CIVIL_STATUS.into(),
+            url: url.into(),
+        })
+        .await
+        .unwrap();
+    for e in eps {
+        admin
+            .admin()
+            .remove_endpoint(pb::RemoveEndpointRequest { id: e.id })
+            .await
+            .unwrap();
+    }
+}

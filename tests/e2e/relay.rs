@@ -57,36 +57,6 @@ async fn the_demo_story_goes_as_told() {
     fed.shutdown().await.unwrap();
 }
 
-/// Serves `source` with the civil-status register's certificate and makes it
-/// the only endpoint of civil-status.
-async fn replace_civil_endpoint(fed: &Federation, url: &str) {
-    let admin = client(fed, ADMIN).await;
-    let eps = admin
-        .admin()
-        .list_endpoints(pb::ListEndpointsRequest {
-            provider: CIVIL_STATUS.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .endpoints;
-    admin
-        .admin()
-        .add_endpoint(pb::AddEndpointRequest {
-            provider: CIVIL_STATUS.into(),
-            url: url.into(),
-        })
-        .await
-        .unwrap();
-    for e in eps {
-        admin
-            .admin()
-            .remove_endpoint(pb::RemoveEndpointRequest { id: e.id })
-            .await
-            .unwrap();
-    }
-}
-
 fn civil_tls(fed: &Federation) -> Arc<ServerTls> {
     let m = TlsMaterial::load(&lienthong_cli::client::member_files(&fed.certs, CIVIL_STATUS)).unwrap();
     Arc::new(ServerTls::new(&m, &fed.options.trust_domain).unwrap())

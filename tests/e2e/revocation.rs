@@ -13,6 +13,16 @@ fn write_pem(dir: &std::path::Path, name: &str, pem: &str) -> String {
     path.display().to_string()
 }
 
+async fn revocations(admin: &Clients) -> Vec<pb::RevokedCertificate> {
+    admin
+        .admin()
+        .list_revoked_certificates(pb::ListRevokedCertificatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .certificates
+}
+
 async fn refused_with(c: &Clients, needles: &[&str]) {
     let err = c
         .schemas()
@@ -76,14 +86,7 @@ async fn a_revoked_certificate_is_refused_while_the_members_new_one_works() {
     );
     let (ok, out) = cli_as(&fed, ADMIN, &["certs", "revoked", "--member", "civil-status"]).await;
     assert!(ok && out.trim().is_empty(), "{out}");
-    let listed = client(&fed, ADMIN)
-        .await
-        .admin()
-        .list_revoked_certificates(pb::ListRevokedCertificatesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .certificates;
+    let listed = revocations(&client(&fed, ADMIN).await).await;
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].member, JUDICIAL_OFFICE);
     assert_eq!(listed[0].revoked_by, ADMIN);
@@ -233,13 +236,7 @@ async fn bad_revocations_are_refused_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    let listed = admin
-        .admin()
-        .list_revoked_certificates(pb::ListRevokedCertificatesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .certificates;
+    let listed = revocations(&admin).await;
     assert!(listed.is_empty(), "{listed:?}");
     connect_with(&fed, &office_cert, &office_key)
         .await
@@ -328,30 +325,7 @@ async fn a_register_presenting_a_revoked_certificate_is_not_called() {
             let _ = stopped.await;
         },
     ));
-    let old_endpoints = admin
-        .admin()
-        .list_endpoints(pb::ListEndpointsRequest {
-            provider: CIVIL_STATUS.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .endpoints;
-    admin
-        .admin()
-        .add_endpoint(pb::AddEndpointRequest {
-            provider: CIVIL_STATUS.into(),
-            url,
-        })
-        .await
-        .unwrap();
-    for e in old_endpoints {
-        admin
-            .admin()
-            .remove_endpoint(pb::RemoveEndpointRequest { id: e.id })
-            .await
-            .unwrap();
-    }
+    replace_civil_endpoint(&fed, &url).await;
     look_up_birth(&office, &subject).await.unwrap();
     let _ = stop.send(());
     register.await.unwrap().unwrap();
