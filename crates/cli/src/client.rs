@@ -101,8 +101,15 @@ impl Clients {
 /// commands.
 pub async fn connect(url: &str, files: &TlsFiles) -> Result<Clients> {
     lienthong_tls::install_crypto_provider();
-    let material =
-        TlsMaterial::load(files).with_context(|| format!("loading client certificate {}", files.cert.display()))?;
+    // The error names the file; the context says which ones were asked for.
+    let material = TlsMaterial::load(files).with_context(|| {
+        format!(
+            "loading the client's TLS files (--ca {}, --cert {}, --key {})",
+            files.ca.display(),
+            files.cert.display(),
+            files.key.display()
+        )
+    })?;
     let trust_domain = lienthong_tls::trust_domain_from_ca_cert(&files.ca)?;
     let config = lienthong_tls::client_config(&material, Some((&trust_domain, lienthong_tls::Identity::Broker)))?;
     let channel = lienthong_tls::connect_channel(url, config, Duration::from_secs(5))

@@ -23,3 +23,58 @@ pub fn convert_role(r: lienthong_core::Role) -> lienthong::v1::Role {
         D::SubjectPortal => P::SubjectPortal,
     }
 }
+
+/// An error and its causes on one line, outermost first, as `{:#}` writes
+/// them, but without a cause its outer message already ends with: many
+/// errors (thiserror's `#[from]`, or a `{source}` in the message) print their
+/// cause themselves and also name it as their source.
+pub fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Names its cause in its message and as its source, as thiserror's
+    /// `#[from]` does.
+    #[derive(Debug)]
+    struct Io {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Io {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot access ca.pem: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Io {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn error_text_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let error = anyhow::Error::new(Io { source: io }).context("loading client certificate ca.pem");
+        assert_eq!(
+            error_text(&error),
+            "loading client certificate ca.pem: cannot access ca.pem: No such file or directory"
+        );
+        let plain = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_text(&plain), "outer: middle: inner");
+    }
+}

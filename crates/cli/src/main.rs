@@ -191,7 +191,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", lienthong_cli::error_text(&e));
             ExitCode::FAILURE
         }
     }
