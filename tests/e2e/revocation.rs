@@ -211,7 +211,7 @@ async fn bad_revocations_are_refused_and_change_nothing() {
         (
             request(&broker, "", "", "leak"),
             Code::FailedPrecondition,
-            "rolling the CA",
+            "every register to refuse",
         ),
         (
             request(&own, "", "", "leak"),
@@ -319,7 +319,7 @@ async fn a_register_presenting_a_revoked_certificate_is_not_called() {
         lienthong_provider::demo::DemoRegisterKind::CivilStatus,
         fed.options.seed,
         tls,
-        Default::default(),
+        lienthong_provider::ProviderConfig::new(&fed.options.trust_domain),
         listener,
         async move {
             let _ = stopped.await;

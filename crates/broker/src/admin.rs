@@ -197,7 +197,7 @@ impl Broker {
             ));
         }
         let given = (!r.fingerprint_sha256.trim().is_empty())
-            .then(|| Fingerprint::parse(&r.fingerprint_sha256))
+            .then(|| lienthong_tls::parse_fingerprint(&r.fingerprint_sha256).map(Fingerprint))
             .transpose()
             .map_err(|e| BrokerError::InvalidArgument(format!("fingerprint_sha256: {e}")))?;
         let named = (!r.member.is_empty()).then(|| member_id(&r.member)).transpose()?;
@@ -221,9 +221,9 @@ impl Broker {
                 Ok(lienthong_tls::Identity::Member(id)) => member_id(&id)?,
                 Ok(lienthong_tls::Identity::Broker) => {
                     return Err(BrokerError::FailedPrecondition(
-                        "certificate_pem is the broker's certificate: registers and members trust the broker \
-                         through the CA, so a leaked broker key is shut out by rolling the CA (see the deploy \
-                         guide, \"Rotate certificates\")"
+                        "certificate_pem is the broker's certificate, which the broker does not check: once \
+                         the brokers present a new one, give its fingerprint (`lienthong certs fingerprint`) to \
+                         every register to refuse (see the deploy guide, \"Rotate certificates\")"
                             .into(),
                     ));
                 }

@@ -127,14 +127,14 @@ impl Register {
         let addr = listener.local_addr()?;
         let material = TlsMaterial::load(&member_files(certs, member))?;
         let tls = Arc::new(ServerTls::new(&material, trust_domain)?);
+        let config = lienthong_provider::ProviderConfig::new(trust_domain);
         let (tx, rx) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = rx.await;
         };
         let join = tokio::spawn(async move {
             if let Err(e) =
-                lienthong_provider::demo::run_demo_register(kind, seed, tls, Default::default(), listener, shutdown)
-                    .await
+                lienthong_provider::demo::run_demo_register(kind, seed, tls, config, listener, shutdown).await
             {
                 tracing::error!(error = %e, "demo register stopped");
             }

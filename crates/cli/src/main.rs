@@ -86,6 +86,11 @@ enum Command {
         /// request (nginx `grpc_pass`) calls the register.
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
         max_handshakes_per_address: u32,
+        /// Refuse the broker certificates listed in FILE (one SHA-256
+        /// fingerprint a line, as `lienthong certs fingerprint` prints it):
+        /// after a broker key leaked and the brokers moved to a new certificate.
+        #[arg(long, value_name = "FILE")]
+        refuse_certificates: Option<PathBuf>,
     },
     /// Create the federation CA, issue certificates, and revoke them at the broker.
     #[command(subcommand)]
@@ -251,6 +256,7 @@ async fn run(cli: Cli) -> Result<()> {
             trust_domain,
             seed,
             max_handshakes_per_address,
+            refuse_certificates,
         } => {
             init_logging(&cli.log_format, Some("info"));
             let kind = match kind {
@@ -268,11 +274,12 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("{member} register serving on {}", listener.local_addr()?);
-            let accept = lienthong_tls::AcceptOptions {
-                max_handshakes_per_address: max_handshakes_per_address as usize,
-                ..Default::default()
-            };
-            lienthong_provider::demo::run_demo_register(kind, seed, tls, accept, listener, shutdown_signal()).await?;
+            let mut config = lienthong_provider::ProviderConfig::new(&trust_domain);
+            config.accept.max_handshakes_per_address = max_handshakes_per_address as usize;
+            if let Some(path) = &refuse_certificates {
+                config.refused_certificates = lienthong_provider::read_refused_certificates(path)?;
+            }
+            lienthong_provider::demo::run_demo_register(kind, seed, tls, config, listener, shutdown_signal()).await?;
             Ok(())
         }
         Command::Certs(CertsCmd::Init {

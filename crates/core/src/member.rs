@@ -147,35 +147,10 @@ impl Member {
 
 /// The SHA-256 of a certificate's DER encoding: what `openssl x509
 /// -fingerprint -sha256` prints, and how a revoked certificate is named.
+/// Shown as 64 lowercase hex digits; `lienthong_tls::parse_fingerprint` reads
+/// what people paste.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Fingerprint(pub [u8; 32]);
-
-/// Why a fingerprint was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{0:?} is not a SHA-256 certificate fingerprint: give 64 hex digits, with or without colons \
-     (`openssl x509 -noout -fingerprint -sha256 -in CERT.pem` or `lienthong certs fingerprint CERT.pem` prints it)"
-)]
-pub struct InvalidFingerprint(pub String);
-
-impl Fingerprint {
-    /// Parses 64 hex digits in either case, as printed by this crate or, with
-    /// colons between the bytes and an optional `SHA256 Fingerprint=` prefix,
-    /// by OpenSSL.
-    pub fn parse(s: &str) -> Result<Fingerprint, InvalidFingerprint> {
-        let trimmed = s.trim();
-        let body = trimmed
-            .rsplit_once('=')
-            .map_or(trimmed, |(_, b)| b)
-            .trim_start_matches("sha256:");
-        let digits: String = body.chars().filter(|c| *c != ':').collect();
-        let mut out = [0u8; 32];
-        match hex::decode_to_slice(&digits, &mut out) {
-            Ok(()) => Ok(Fingerprint(out)),
-            Err(_) => Err(InvalidFingerprint(s.chars().take(100).collect())),
-        }
-    }
-}
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -201,39 +176,4 @@ pub struct RevokedCertificate {
     pub revoked_at: OffsetDateTime,
     /// The admin who revoked it.
     pub revoked_by: MemberId,
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn fingerprints_parse_as_openssl_and_this_crate_print_them() {
-        let fp = Fingerprint(std::array::from_fn(|i| (i * 37 + 5) as u8));
-        let plain = fp.to_string();
-        assert_eq!(plain.len(), 64);
-        let openssl = format!(
-            "sha256 Fingerprint={}",
-            fp.0.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
-        );
-        for text in [
-            plain.clone(),
-            plain.to_uppercase(),
-            openssl,
-            format!("sha256:{plain}"),
-            format!(" {plain}\n"),
-        ] {
-            assert_eq!(Fingerprint::parse(&text), Ok(fp), "{text}");
-        }
-        for bad in [
-            "",
-            "abc",
-            &plain[..62],
-            &format!("{plain}00"),
-            &format!("g{}", &plain[1..]),
-        ] {
-            assert!(Fingerprint::parse(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -7,6 +7,7 @@
 //! fetch that never contains the query (it holds national IDs), and a standard
 //! `grpc.health.v1.Health` service.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -103,16 +104,44 @@ pub struct ProviderConfig {
     pub trust_domain: String,
     /// Limits on TLS handshakes.
     pub accept: AcceptOptions,
+    /// Broker certificates refused although the federation CA signed them,
+    /// by SHA-256 fingerprint: a leaked broker key is shut out here, once the
+    /// brokers present their new certificate, without rolling the CA.
+    pub refused_certificates: HashSet<[u8; 32]>,
 }
 
 impl ProviderConfig {
-    /// Default accept limits for `trust_domain`.
+    /// Default accept limits for `trust_domain`, no certificate refused.
     pub fn new(trust_domain: impl Into<String>) -> Self {
         ProviderConfig {
             trust_domain: trust_domain.into(),
             accept: AcceptOptions::default(),
+            refused_certificates: HashSet::new(),
         }
     }
+}
+
+/// Reads a list of refused certificates: one SHA-256 fingerprint a line (as
+/// `lienthong certs fingerprint` or `openssl x509 -fingerprint -sha256`
+/// prints it), blank lines and `#` comments allowed.
+pub fn read_refused_certificates(path: &std::path::Path) -> Result<HashSet<[u8; 32]>, ProviderError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ProviderError::RefusedList {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut refused = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let fingerprint = lienthong_tls::parse_fingerprint(line).map_err(|e| ProviderError::RefusedList {
+            path: path.to_owned(),
+            reason: format!("line {}: {e}", n + 1),
+        })?;
+        refused.insert(fingerprint);
+    }
+    Ok(refused)
 }
 
 /// Why a provider server could not run.
@@ -129,6 +158,14 @@ pub enum ProviderError {
     /// The gRPC server failed.
     #[error("provider server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A list of refused certificates cannot be read.
+    #[error("cannot read the refused certificates in {}: {reason}", path.display())]
+    RefusedList {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// The W3C trace id carried by the `traceparent` header, if present and well formed.
@@ -172,16 +209,26 @@ pub fn remote_parent(metadata: &MetadataMap) -> Option<opentelemetry::Context> {
 /// The `RecordProvider` service the kit puts in front of a [`RecordSource`].
 struct KitService {
     source: Arc<dyn RecordSource>,
+    refused: Arc<HashSet<[u8; 32]>>,
 }
 
-/// Refuses every caller but the broker.
-fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
+/// Refuses every caller but the broker, and a broker certificate in `refused`.
+fn authorize<T>(request: &Request<T>, refused: &HashSet<[u8; 32]>) -> Result<(), Status> {
     let Some(peer) = peer_info(request) else {
         // Only reachable if the server was not started through `incoming`.
         return Err(Status::unauthenticated("connection carries no tls peer information"));
     };
     match &peer.identity {
-        Ok(Identity::Broker) => Ok(()),
+        Ok(Identity::Broker) => match peer.fingerprint.filter(|f| refused.contains(f)) {
+            None => Ok(()),
+            Some(fingerprint) => {
+                let fingerprint = lienthong_tls::fingerprint_hex(&fingerprint);
+                tracing::warn!(remote = ?peer.remote_addr, %fingerprint, "refused fetch with a refused broker certificate");
+                Err(Status::unauthenticated(format!(
+                    "this register refuses the broker certificate sha256 {fingerprint}; the broker must present its new certificate"
+                )))
+            }
+        },
         Ok(Identity::Member(member)) => {
             tracing::warn!(remote = ?peer.remote_addr, %member, "refused fetch from a member");
             Err(Status::permission_denied("only the broker may call this register"))
@@ -196,7 +243,7 @@ fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
 #[tonic::async_trait]
 impl RecordProvider for KitService {
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
-        authorize(&request)?;
+        authorize(&request, &self.refused)?;
         let trace_id = trace_id_from_metadata(request.metadata());
         let parent = remote_parent(request.metadata());
         let req = request.into_inner();
@@ -308,7 +355,10 @@ where
             "provider listening"
         );
     }
-    let service = RecordProviderServer::new(KitService { source });
+    let service = RecordProviderServer::new(KitService {
+        source,
+        refused: Arc::new(config.refused_certificates),
+    });
     tonic::transport::Server::builder()
         // The broker multiplexes hundreds of concurrent fetches on a few
         // connections; h2's default 64 KiB window would have it closed with

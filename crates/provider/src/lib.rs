@@ -11,4 +11,7 @@ pub mod demo;
 pub mod kit;
 pub mod testing;
 
-pub use kit::{FetchContext, FetchError, ProviderConfig, ProviderError, RecordSource, serve, trace_id_from_metadata};
+pub use kit::{
+    FetchContext, FetchError, ProviderConfig, ProviderError, RecordSource, read_refused_certificates, serve,
+    trace_id_from_metadata,
+};

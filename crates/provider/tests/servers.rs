@@ -283,7 +283,7 @@ async fn demo_register_serves_until_shut_down() {
         DemoRegisterKind::JudicialRecords,
         SEED,
         fed.provider_tls(),
-        Default::default(),
+        ProviderConfig::new(TD),
         listener,
         async move {
             let _ = stopped.await;
@@ -323,4 +323,60 @@ async fn serving_for_another_trust_domain_is_refused() {
         matches!(result, Err(ProviderError::TrustDomainMismatch { .. })),
         "{result:?}"
     );
+}
+
+/// After a broker key leaked, a register refuses the old broker certificate
+/// (listed by fingerprint, as an operator writes the file) and serves the
+/// broker's new one, without a new CA.
+#[tokio::test]
+async fn a_refused_broker_certificate_is_refused_and_the_new_one_served() {
+    let fed = Federation::new();
+    let leaked = fed.ca.issue(&IssueSpec::broker()).unwrap();
+    let leaked_material = TlsMaterial::from_pem(&fed.ca.cert_pem(), &leaked.cert_pem, &leaked.key_pem).unwrap();
+    let fingerprint = lienthong_tls::sha256_fingerprint(&leaked_material.chain[0]);
+    let openssl_form = fingerprint
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("refused.txt");
+    std::fs::write(
+        &list,
+        format!("# broker key leaked on 2026-11-27\n\nsha256 Fingerprint={openssl_form}  # old broker.pem\n"),
+    )
+    .unwrap();
+    let mut config = ProviderConfig::new(TD);
+    config.refused_certificates = lienthong_provider::read_refused_certificates(&list).unwrap();
+    assert_eq!(config.refused_certificates.len(), 1);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let register = tokio::spawn(run_demo_register(
+        DemoRegisterKind::CivilStatus,
+        SEED,
+        fed.provider_tls(),
+        config,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut old = RecordProviderClient::new(fed.channel(&leaked_material, &url).await);
+    let err = fetch(&mut old, BIRTH_RECORD, &birth_query(3)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains(&lienthong_tls::fingerprint_hex(&fingerprint)),
+        "{err:?}"
+    );
+    let mut new = fed.broker(&url).await;
+    fetch(&mut new, BIRTH_RECORD, &birth_query(3)).await.unwrap();
+    let _ = stop.send(());
+    register.await.unwrap().unwrap();
+
+    // A bad line is named, and nothing is served from a list half read.
+    std::fs::write(&list, format!("{openssl_form}\nnot-a-fingerprint\n")).unwrap();
+    let err = lienthong_provider::read_refused_certificates(&list).unwrap_err();
+    assert!(err.to_string().contains("line 2"), "{err}");
 }

@@ -112,9 +112,13 @@ pub(crate) struct RevokedCertificateRow {
 impl RevokedCertificateRow {
     pub(crate) fn into_revoked(self) -> Result<RevokedCertificate> {
         Ok(RevokedCertificate {
-            fingerprint: Fingerprint::parse(&self.fingerprint).map_err(|_| {
-                StoreError::Corrupt("revoked_certificates.fingerprint holds an invalid fingerprint".into())
-            })?,
+            fingerprint: {
+                let mut bytes = [0u8; 32];
+                hex::decode_to_slice(&self.fingerprint, &mut bytes).map_err(|_| {
+                    StoreError::Corrupt("revoked_certificates.fingerprint holds an invalid fingerprint".into())
+                })?;
+                Fingerprint(bytes)
+            },
             member: member_id(self.member_id, "revoked_certificates.member_id")?,
             reason: self.reason,
             not_after: self

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::identity::{Identity, identity_of, is_valid_trust_domain, sha256_fingerprint};
+use crate::identity::{Identity, fingerprint_hex, identity_of, is_valid_trust_domain, sha256_fingerprint};
 use crate::{TlsError, TlsMaterial, provider};
 
 /// HTTP/2 keep-alive ping interval of client connections: a dead peer is noticed
@@ -155,7 +155,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
                     return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
                         Arc::new(RevokedServer {
                             server: self.expected.spiffe_uri(&self.trust_domain),
-                            fingerprint: fingerprint.iter().map(|b| format!("{b:02x}")).collect(),
+                            fingerprint: fingerprint_hex(&fingerprint),
                         }),
                     ))));
                 }

@@ -159,6 +159,36 @@ pub fn sha256_fingerprint(der: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(der).into()
 }
 
+/// A fingerprint as 64 lowercase hex digits, as `lienthong` prints it.
+pub fn fingerprint_hex(fingerprint: &[u8; 32]) -> String {
+    hex::encode(fingerprint)
+}
+
+/// Why a text is not a certificate fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0:?} is not a SHA-256 certificate fingerprint: give 64 hex digits, with or without colons \
+     (`lienthong certs fingerprint CERT.pem` or `openssl x509 -noout -fingerprint -sha256 -in CERT.pem` prints it)"
+)]
+pub struct InvalidFingerprint(pub String);
+
+/// Reads a SHA-256 certificate fingerprint: 64 hex digits in either case, as
+/// `lienthong` prints them or, with colons between the bytes and an optional
+/// `sha256 Fingerprint=` prefix, as OpenSSL does.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], InvalidFingerprint> {
+    let trimmed = text.trim();
+    let body = trimmed
+        .rsplit_once('=')
+        .map_or(trimmed, |(_, b)| b)
+        .trim_start_matches("sha256:");
+    let digits: String = body.chars().filter(|c| *c != ':').collect();
+    let mut out = [0u8; 32];
+    match hex::decode_to_slice(&digits, &mut out) {
+        Ok(()) => Ok(out),
+        Err(_) => Err(InvalidFingerprint(text.chars().take(100).collect())),
+    }
+}
+
 /// Reads the end-entity certificate of a PEM text (its first certificate).
 pub fn summarize_pem(pem: &str, trust_domain: &str) -> Result<CertificateSummary, TlsError> {
     let path = Path::new("<certificate>");
@@ -220,6 +250,34 @@ mod tests {
                 matches!(Identity::from_spiffe_uri(bad, "gov"), Err(AuthError::BadIdentity(_))),
                 "{bad} should be refused"
             );
+        }
+    }
+
+    #[test]
+    fn fingerprints_parse_as_openssl_and_lienthong_print_them() {
+        let fp: [u8; 32] = std::array::from_fn(|i| (i * 37 + 5) as u8);
+        let plain = hex::encode(fp);
+        let openssl = format!(
+            "sha256 Fingerprint={}",
+            fp.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+        );
+        for text in [
+            plain.clone(),
+            plain.to_uppercase(),
+            openssl,
+            format!("sha256:{plain}"),
+            format!(" {plain}\n"),
+        ] {
+            assert_eq!(parse_fingerprint(&text), Ok(fp), "{text}");
+        }
+        for bad in [
+            "",
+            "abc",
+            &plain[..62],
+            &format!("{plain}00"),
+            &format!("g{}", &plain[1..]),
+        ] {
+            assert!(parse_fingerprint(bad).is_err(), "{bad}");
         }
     }
 

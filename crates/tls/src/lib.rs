@@ -31,7 +31,10 @@ pub use client::{
     pinned_client_config,
 };
 pub use coalesce::Coalesced;
-pub use identity::{AuthError, CertificateSummary, Identity, sha256_fingerprint, summarize_pem};
+pub use identity::{
+    AuthError, CertificateSummary, Identity, InvalidFingerprint, fingerprint_hex, parse_fingerprint,
+    sha256_fingerprint, summarize_pem,
+};
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{
     CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir,

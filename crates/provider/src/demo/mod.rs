@@ -16,7 +16,7 @@ use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use lienthong_tls::{AcceptOptions, ServerTls};
+use lienthong_tls::ServerTls;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -141,12 +141,13 @@ pub fn demo_schemas() -> Vec<(&'static str, &'static str)> {
 
 /// Serves one demo register over mutual TLS on `listener` until `shutdown` resolves.
 ///
-/// Only the broker of the trust domain `tls` was built for may call it.
+/// Only the broker of the trust domain `tls` was built for may call it;
+/// `config` must name that trust domain.
 pub async fn run_demo_register<F>(
     kind: DemoRegisterKind,
     seed: u64,
     tls: Arc<ServerTls>,
-    accept: AcceptOptions,
+    config: ProviderConfig,
     listener: TcpListener,
     shutdown: F,
 ) -> Result<(), ProviderError>
@@ -154,10 +155,6 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     tracing::info!(register = %kind, "starting demo register with {DEMO_CITIZENS} synthetic citizens");
-    let config = ProviderConfig {
-        trust_domain: tls.trust_domain().to_owned(),
-        accept,
-    };
     serve(kind.source(seed), tls, config, listener, shutdown).await
 }
 
