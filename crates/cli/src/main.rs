@@ -267,6 +267,11 @@ async fn run(cli: Cli) -> Result<()> {
                 lienthong_provider::demo::DemoRegisterKind::CivilStatus => "civil-status".into(),
                 lienthong_provider::demo::DemoRegisterKind::JudicialRecords => "judicial-records".into(),
             });
+            let mut config = lienthong_provider::ProviderConfig::new(&trust_domain);
+            config.accept.max_handshakes_per_address = max_handshakes_per_address as usize;
+            if let Some(path) = &refuse_certificates {
+                config.refused_certificates = lienthong_provider::read_refused_certificates(path)?;
+            }
             lienthong_tls::install_crypto_provider();
             let material = lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(&tls_dir, &member))?;
             let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &trust_domain)?);
@@ -274,11 +279,6 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("{member} register serving on {}", listener.local_addr()?);
-            let mut config = lienthong_provider::ProviderConfig::new(&trust_domain);
-            config.accept.max_handshakes_per_address = max_handshakes_per_address as usize;
-            if let Some(path) = &refuse_certificates {
-                config.refused_certificates = lienthong_provider::read_refused_certificates(path)?;
-            }
             lienthong_provider::demo::run_demo_register(kind, seed, tls, config, listener, shutdown_signal()).await?;
             Ok(())
         }
