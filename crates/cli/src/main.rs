@@ -159,9 +159,9 @@ enum CertsCmd {
         #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         hosts: Vec<String>,
     },
-    /// Revoke a member certificate at the broker (as an admin): every replica
-    /// refuses it from its next request, while the member's other
-    /// certificates keep working. Permanent.
+    /// Revoke a member certificate at the broker (as an admin): refused from
+    /// its next request (other replicas within a second), while the member's
+    /// other certificates keep working. Permanent.
     Revoke(commands::RevokeCertArgs),
     /// List the certificates revoked at the broker (as an admin).
     Revoked {
