@@ -273,22 +273,38 @@ async fn dropping_server_reads_the_request_then_hangs_up() {
     assert_eq!(server.requests(), 1, "the whole request was read first");
 }
 
-#[tokio::test]
-async fn demo_register_serves_until_shut_down() {
-    let fed = Federation::new();
+/// A demo register served on an ephemeral port: its URL, a sender that stops
+/// it, and its task.
+async fn start_demo_register(
+    fed: &Federation,
+    kind: DemoRegisterKind,
+    config: ProviderConfig,
+) -> (
+    String,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), ProviderError>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let register = tokio::spawn(run_demo_register(
-        DemoRegisterKind::JudicialRecords,
+        kind,
         SEED,
         fed.provider_tls(),
-        ProviderConfig::new(TD),
+        config,
         listener,
         async move {
             let _ = stopped.await;
         },
     ));
+    (url, stop, register)
+}
+
+#[tokio::test]
+async fn demo_register_serves_until_shut_down() {
+    let fed = Federation::new();
+    let (url, stop, register) =
+        start_demo_register(&fed, DemoRegisterKind::JudicialRecords, ProviderConfig::new(TD)).await;
     let mut broker = fed.broker(&url).await;
     let answer = fetch(&mut broker, CRIMINAL_RECORD_EXTRACT, &birth_query(77))
         .await
@@ -350,19 +366,7 @@ async fn a_refused_broker_certificate_is_refused_and_the_new_one_served() {
     config.refused_certificates = lienthong_provider::read_refused_certificates(&list).unwrap();
     assert_eq!(config.refused_certificates.len(), 1);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let register = tokio::spawn(run_demo_register(
-        DemoRegisterKind::CivilStatus,
-        SEED,
-        fed.provider_tls(),
-        config,
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (url, stop, register) = start_demo_register(&fed, DemoRegisterKind::CivilStatus, config).await;
     let mut old = RecordProviderClient::new(fed.channel(&leaked_material, &url).await);
     let err = fetch(&mut old, BIRTH_RECORD, &birth_query(3)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
