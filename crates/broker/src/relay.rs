@@ -571,14 +571,21 @@ impl Relay {
     /// Brings the pools in line with the registered endpoints, keeping the
     /// connections (and breakers) of endpoints that did not change, and
     /// refuses registers presenting a certificate in `revoked` (SHA-256
-    /// fingerprints). When `revoked` changes every connection is made anew,
-    /// with new TLS sessions: one made or resumed before was never checked
-    /// against the new list.
-    pub fn sync(&self, endpoints: &[Endpoint], revoked: HashSet<[u8; 32]>) {
+    /// fingerprint to the member it names). When a register's certificate is
+    /// newly revoked, that register's connections are made anew, with new TLS
+    /// sessions: one made or resumed before was never checked against the new
+    /// list. Other registers keep theirs, breakers included: the pin refuses a
+    /// certificate naming another member anyway.
+    pub fn sync(&self, endpoints: &[Endpoint], revoked: HashMap<[u8; 32], String>) {
         let Ok(mut pools) = self.pools.write() else { return };
-        let revocations_changed = **self.revoked.load() != revoked;
-        if revocations_changed {
-            self.revoked.store(Arc::new(revoked));
+        let before = self.revoked.load_full();
+        let newly_revoked: HashSet<&str> = revoked
+            .iter()
+            .filter(|(fingerprint, _)| !before.contains(*fingerprint))
+            .map(|(_, member)| member.as_str())
+            .collect();
+        if revoked.len() != before.len() || !newly_revoked.is_empty() {
+            self.revoked.store(Arc::new(revoked.keys().copied().collect()));
         }
         let mut by_provider: HashMap<&str, Vec<&Endpoint>> = HashMap::new();
         for e in endpoints {
@@ -590,7 +597,7 @@ impl Relay {
             let mut states = Vec::with_capacity(eps.len());
             for e in eps {
                 let existing = old
-                    .filter(|_| !revocations_changed)
+                    .filter(|_| !newly_revoked.contains(provider))
                     .and_then(|p| p.endpoints.iter().find(|s| s.id == e.id && s.url == e.url).cloned());
                 let state = match existing {
                     Some(s) => s,
@@ -919,6 +926,61 @@ mod tests {
         let head = http::Request::post("https://register.test:443/x").body(()).unwrap();
         let (response, body) = send.send_request(head, false).unwrap();
         (counted, response, body)
+    }
+
+    fn endpoint(id: &str, provider: &str) -> Endpoint {
+        Endpoint {
+            id: id.to_owned(),
+            provider: lienthong_core::MemberId::new(provider).unwrap(),
+            url: format!("https://{id}.test:443"),
+            created_at: time::OffsetDateTime::now_utc(),
+        }
+    }
+
+    /// The endpoint states by endpoint id, as the relay holds them now.
+    fn states(relay: &Relay) -> HashMap<String, Arc<EndpointState>> {
+        relay.endpoints().into_iter().map(|(_, e)| (e.id.clone(), e)).collect()
+    }
+
+    /// A revoked register certificate remakes that register's connections
+    /// (no TLS session of before is reused) and no other register's: their
+    /// connections and circuit breakers stay as they were.
+    #[tokio::test]
+    async fn a_revocation_remakes_only_the_revoked_registers_connections() {
+        lienthong_tls::install_crypto_provider();
+        let ca = lienthong_tls::CertificateAuthority::generate("gov.test").unwrap();
+        let issued = ca.issue(&lienthong_tls::IssueSpec::broker()).unwrap();
+        let material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+        let relay = Relay::new(material, "gov.test".to_owned(), RelayConfig::default());
+        let endpoints = [
+            endpoint("civil-1", "civil-status"),
+            endpoint("civil-2", "civil-status"),
+            endpoint("judicial-1", "judicial-records"),
+        ];
+        relay.sync(&endpoints, HashMap::new());
+        let first = states(&relay);
+        assert_eq!(first.len(), 3);
+        first["judicial-1"].record(false, 1, Duration::from_secs(60), "judicial-records");
+        assert_eq!(first["judicial-1"].breaker_state(), BreakerState::Open);
+
+        // Nothing changed: everything kept.
+        relay.sync(&endpoints, HashMap::new());
+        let same = states(&relay);
+        assert!(first.iter().all(|(id, s)| Arc::ptr_eq(s, &same[id])));
+
+        let revoked = HashMap::from([([7u8; 32], "civil-status".to_owned())]);
+        relay.sync(&endpoints, revoked.clone());
+        let after = states(&relay);
+        assert!(!Arc::ptr_eq(&first["civil-1"], &after["civil-1"]));
+        assert!(!Arc::ptr_eq(&first["civil-2"], &after["civil-2"]));
+        assert!(Arc::ptr_eq(&first["judicial-1"], &after["judicial-1"]));
+        assert_eq!(after["judicial-1"].breaker_state(), BreakerState::Open);
+        assert!(relay.revoked.load().contains(&[7u8; 32]));
+
+        // The same list again remakes nothing.
+        relay.sync(&endpoints, revoked);
+        let again = states(&relay);
+        assert!(after.iter().all(|(id, s)| Arc::ptr_eq(s, &again[id])));
     }
 
     #[test]

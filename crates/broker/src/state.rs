@@ -145,7 +145,10 @@ impl Broker {
         let version = self.store.change_counter().await?;
         let members = self.store.list_members().await?;
         let revoked_certificates = self.store.list_revoked_certificates().await?;
-        let revoked_fingerprints = revoked_certificates.iter().map(|r| r.fingerprint.0).collect();
+        let revoked_fingerprints = revoked_certificates
+            .iter()
+            .map(|r| (r.fingerprint.0, r.member.to_string()))
+            .collect();
         let grants = self.store.list_grants(&Default::default()).await?;
         let versions = self.store.list_record_type_versions().await?;
         let endpoints = self.store.list_endpoints().await?;
