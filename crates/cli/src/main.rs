@@ -7,6 +7,7 @@ use lienthong_cli::client::ConnectArgs;
 use lienthong_cli::commands::{self, AuditCmd, EndpointCmd, GrantCmd, LookupArgs, MemberCmd, SchemaCmd};
 use lienthong_cli::demo::{self, DemoOptions};
 use lienthong_cli::federation::FederationOptions;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -89,6 +90,9 @@ enum Command {
         /// Refuse the broker certificates listed in FILE (one SHA-256
         /// fingerprint a line, as `lienthong certs fingerprint` prints it):
         /// after a broker key leaked and the brokers moved to a new certificate.
+        /// The file is read again every second; a change applies to open
+        /// connections too. A bad file at start stops the register; later,
+        /// the list read before stays in force and the fault is logged.
         #[arg(long, value_name = "FILE")]
         refuse_certificates: Option<PathBuf>,
     },
@@ -182,7 +186,9 @@ fn init_logging(format: &str, filter: Option<&str>) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only clutter a log file or the journal.
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = if format == "json" {
         builder.json().try_init()
     } else {
@@ -270,7 +276,8 @@ async fn run(cli: Cli) -> Result<()> {
             let mut config = lienthong_provider::ProviderConfig::new(&trust_domain);
             config.accept.max_handshakes_per_address = max_handshakes_per_address as usize;
             if let Some(path) = &refuse_certificates {
-                config.refused_certificates = lienthong_provider::read_refused_certificates(path)?;
+                config.refused_certificates =
+                    lienthong_provider::RefusedCertificates::watch_file(path, std::time::Duration::from_secs(1))?;
             }
             lienthong_tls::install_crypto_provider();
             let material = lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(&tls_dir, &member))?;

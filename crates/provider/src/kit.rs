@@ -10,8 +10,11 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use futures::FutureExt;
 use lienthong::provider::v1::record_provider_server::{RecordProvider, RecordProviderServer};
@@ -107,7 +110,7 @@ pub struct ProviderConfig {
     /// Broker certificates refused although the federation CA signed them,
     /// by SHA-256 fingerprint: a leaked broker key is shut out here, once the
     /// brokers present their new certificate, without rolling the CA.
-    pub refused_certificates: HashSet<[u8; 32]>,
+    pub refused_certificates: RefusedCertificates,
 }
 
 impl ProviderConfig {
@@ -116,18 +119,126 @@ impl ProviderConfig {
         ProviderConfig {
             trust_domain: trust_domain.into(),
             accept: AcceptOptions::default(),
-            refused_certificates: HashSet::new(),
+            refused_certificates: RefusedCertificates::default(),
         }
+    }
+}
+
+/// The broker certificates a register refuses, by SHA-256 fingerprint.
+///
+/// Clones share one list, which may change while the register serves: a
+/// change applies to open connections too, from their next fetch.
+#[derive(Clone, Debug, Default)]
+pub struct RefusedCertificates(Arc<ArcSwap<HashSet<[u8; 32]>>>);
+
+impl RefusedCertificates {
+    /// A list holding `fingerprints`.
+    pub fn new(fingerprints: HashSet<[u8; 32]>) -> Self {
+        RefusedCertificates(Arc::new(ArcSwap::from_pointee(fingerprints)))
+    }
+
+    /// Replaces the list, for every clone.
+    pub fn replace(&self, fingerprints: HashSet<[u8; 32]>) {
+        self.0.store(Arc::new(fingerprints));
+    }
+
+    /// Whether the certificate with this fingerprint is refused.
+    pub fn contains(&self, fingerprint: &[u8; 32]) -> bool {
+        self.0.load().contains(fingerprint)
+    }
+
+    /// How many certificates are refused.
+    pub fn len(&self) -> usize {
+        self.0.load().len()
+    }
+
+    /// Whether no certificate is refused.
+    pub fn is_empty(&self) -> bool {
+        self.0.load().is_empty()
+    }
+
+    /// The list in the file at `path` (see [`read_refused_certificates`]),
+    /// read now and again every `every` for as long as a clone is alive, so
+    /// that an operator adds a leaked broker certificate without restarting
+    /// the register. A file that cannot be read or holds a bad line at start
+    /// is an error; later, it is logged and the list read before is kept,
+    /// since dropping it would let a refused certificate back in. Needs a
+    /// Tokio runtime.
+    pub fn watch_file(path: impl Into<PathBuf>, every: Duration) -> Result<Self, ProviderError> {
+        let path = path.into();
+        let mut last = std::fs::read(&path).map_err(|e| ProviderError::RefusedList {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let list = RefusedCertificates::new(parse_refused_certificates(&path, &last)?);
+        let shared = Arc::downgrade(&list.0);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            let mut last_error = None;
+            loop {
+                ticker.tick().await;
+                let Some(current) = shared.upgrade() else { return };
+                let read = tokio::fs::read(&path).await.map_err(|e| ProviderError::RefusedList {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                });
+                let changed = match read {
+                    Ok(bytes) if bytes == last => Ok(None),
+                    Ok(bytes) => {
+                        let parsed = parse_refused_certificates(&path, &bytes);
+                        last = bytes;
+                        parsed.map(Some)
+                    }
+                    Err(e) => Err(e),
+                };
+                match changed {
+                    Ok(None) => last_error = None,
+                    Ok(Some(fingerprints)) => {
+                        last_error = None;
+                        tracing::info!(
+                            path = %path.display(),
+                            refused = fingerprints.len(),
+                            "refused broker certificates reloaded"
+                        );
+                        current.store(Arc::new(fingerprints));
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        // Once per distinct fault, not every tick.
+                        if last_error.as_ref() != Some(&message) {
+                            tracing::error!(
+                                error = %message,
+                                kept = current.load().len(),
+                                "cannot reload the refused broker certificates; the list read before stays in force"
+                            );
+                            last_error = Some(message);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(list)
     }
 }
 
 /// Reads a list of refused certificates: one SHA-256 fingerprint a line (as
 /// `lienthong certs fingerprint` or `openssl x509 -fingerprint -sha256`
 /// prints it), blank lines and `#` comments allowed.
-pub fn read_refused_certificates(path: &std::path::Path) -> Result<HashSet<[u8; 32]>, ProviderError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ProviderError::RefusedList {
+pub fn read_refused_certificates(path: &Path) -> Result<HashSet<[u8; 32]>, ProviderError> {
+    let bytes = std::fs::read(path).map_err(|e| ProviderError::RefusedList {
         path: path.to_owned(),
         reason: e.to_string(),
+    })?;
+    parse_refused_certificates(path, &bytes)
+}
+
+/// The fingerprints in `bytes`, read from `path`; nothing from a list with a bad line.
+fn parse_refused_certificates(path: &Path, bytes: &[u8]) -> Result<HashSet<[u8; 32]>, ProviderError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| ProviderError::RefusedList {
+        path: path.to_owned(),
+        reason: format!("not UTF-8 text: {e}"),
     })?;
     let mut refused = HashSet::new();
     for (n, line) in text.lines().enumerate() {
@@ -162,7 +273,7 @@ pub enum ProviderError {
     #[error("cannot read the refused certificates in {}: {reason}", path.display())]
     RefusedList {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What is wrong with it.
         reason: String,
     },
@@ -209,11 +320,11 @@ pub fn remote_parent(metadata: &MetadataMap) -> Option<opentelemetry::Context> {
 /// The `RecordProvider` service the kit puts in front of a [`RecordSource`].
 struct KitService {
     source: Arc<dyn RecordSource>,
-    refused: Arc<HashSet<[u8; 32]>>,
+    refused: RefusedCertificates,
 }
 
 /// Refuses every caller but the broker, and a broker certificate in `refused`.
-fn authorize<T>(request: &Request<T>, refused: &HashSet<[u8; 32]>) -> Result<(), Status> {
+fn authorize<T>(request: &Request<T>, refused: &RefusedCertificates) -> Result<(), Status> {
     let Some(peer) = peer_info(request) else {
         // Only reachable if the server was not started through `incoming`.
         return Err(Status::unauthenticated("connection carries no tls peer information"));
@@ -357,7 +468,7 @@ where
     }
     let service = RecordProviderServer::new(KitService {
         source,
-        refused: Arc::new(config.refused_certificates),
+        refused: config.refused_certificates,
     });
     tonic::transport::Server::builder()
         // The broker multiplexes hundreds of concurrent fetches on a few

@@ -13,7 +13,7 @@ use lienthong_provider::demo::{
 use lienthong_provider::testing::{
     FaultMode, Faulty, RawProvider, start_dropping_server, start_faulty_server, start_raw_server, start_server,
 };
-use lienthong_provider::{ProviderConfig, ProviderError, serve};
+use lienthong_provider::{ProviderConfig, ProviderError, RefusedCertificates, serve};
 use lienthong_tls::{
     CertificateAuthority, Identity, IssueSpec, ServerTls, TlsMaterial, client_config, connect_channel,
 };
@@ -56,6 +56,13 @@ impl Federation {
 
     async fn client(&self, spec: &IssueSpec, url: &str) -> RecordProviderClient<Channel> {
         RecordProviderClient::new(self.channel(&self.material(spec), url).await)
+    }
+
+    /// A broker certificate of its own (as after a rotation), and its fingerprint.
+    fn broker_material(&self) -> (TlsMaterial, [u8; 32]) {
+        let material = self.material(&IssueSpec::broker());
+        let fingerprint = lienthong_tls::sha256_fingerprint(&material.chain[0]);
+        (material, fingerprint)
     }
 
     async fn broker(&self, url: &str) -> RecordProviderClient<Channel> {
@@ -347,40 +354,130 @@ async fn serving_for_another_trust_domain_is_refused() {
 #[tokio::test]
 async fn a_refused_broker_certificate_is_refused_and_the_new_one_served() {
     let fed = Federation::new();
-    let leaked = fed.ca.issue(&IssueSpec::broker()).unwrap();
-    let leaked_material = TlsMaterial::from_pem(&fed.ca.cert_pem(), &leaked.cert_pem, &leaked.key_pem).unwrap();
-    let fingerprint = lienthong_tls::sha256_fingerprint(&leaked_material.chain[0]);
-    let openssl_form = fingerprint
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let (leaked_material, fingerprint) = fed.broker_material();
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("refused.txt");
     std::fs::write(
         &list,
-        format!("# broker key leaked on 2026-11-27\n\nsha256 Fingerprint={openssl_form}  # old broker.pem\n"),
+        format!(
+            "# broker key leaked on 2026-11-27\n\nsha256 Fingerprint={}  # old broker.pem\n",
+            openssl_form(&fingerprint)
+        ),
     )
     .unwrap();
     let mut config = ProviderConfig::new(TD);
-    config.refused_certificates = lienthong_provider::read_refused_certificates(&list).unwrap();
+    config.refused_certificates = RefusedCertificates::watch_file(&list, Duration::from_secs(3600)).unwrap();
     assert_eq!(config.refused_certificates.len(), 1);
 
     let (url, stop, register) = start_demo_register(&fed, DemoRegisterKind::CivilStatus, config).await;
     let mut old = RecordProviderClient::new(fed.channel(&leaked_material, &url).await);
     let err = fetch(&mut old, BIRTH_RECORD, &birth_query(3)).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
-    assert!(
-        err.message().contains(&lienthong_tls::fingerprint_hex(&fingerprint)),
-        "{err:?}"
-    );
+    assert_refused(&err, &fingerprint);
     let mut new = fed.broker(&url).await;
     fetch(&mut new, BIRTH_RECORD, &birth_query(3)).await.unwrap();
     let _ = stop.send(());
     register.await.unwrap().unwrap();
 
-    // A bad line is named, and nothing is served from a list half read.
-    std::fs::write(&list, format!("{openssl_form}\nnot-a-fingerprint\n")).unwrap();
+    // A bad line is named, and nothing is served from a list half read:
+    // neither by the register starting on it nor by one reading it.
+    std::fs::write(&list, format!("{}\nnot-a-fingerprint\n", openssl_form(&fingerprint))).unwrap();
     let err = lienthong_provider::read_refused_certificates(&list).unwrap_err();
     assert!(err.to_string().contains("line 2"), "{err}");
+    let err = RefusedCertificates::watch_file(&list, Duration::from_secs(1)).unwrap_err();
+    assert!(err.to_string().contains("line 2"), "{err}");
+    let missing = RefusedCertificates::watch_file(dir.path().join("absent.txt"), Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(missing, ProviderError::RefusedList { .. }), "{missing:?}");
+}
+
+/// An operator adds a leaked broker certificate to the list of a register
+/// that is serving: the register refuses it from its next fetch, on the
+/// connection already open, without a restart. A list broken later keeps
+/// the one read before in force, as does a list deleted.
+#[tokio::test]
+async fn a_changed_refused_list_applies_to_open_connections_without_a_restart() {
+    let fed = Federation::new();
+    let (first, first_fingerprint) = fed.broker_material();
+    let (second, second_fingerprint) = fed.broker_material();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("refused.txt");
+    std::fs::write(&list, "# nothing refused yet\n").unwrap();
+    let mut config = ProviderConfig::new(TD);
+    config.refused_certificates = RefusedCertificates::watch_file(&list, Duration::from_millis(20)).unwrap();
+    let refused = config.refused_certificates.clone();
+    assert!(refused.is_empty());
+    let (url, stop, register) = start_demo_register(&fed, DemoRegisterKind::CivilStatus, config).await;
+    let mut first_client = RecordProviderClient::new(fed.channel(&first, &url).await);
+    let mut second_client = RecordProviderClient::new(fed.channel(&second, &url).await);
+    fetch(&mut first_client, BIRTH_RECORD, &birth_query(5)).await.unwrap();
+    fetch(&mut second_client, BIRTH_RECORD, &birth_query(5)).await.unwrap();
+
+    std::fs::write(&list, format!("{}\n", openssl_form(&first_fingerprint))).unwrap();
+    wait_until(|| refused.contains(&first_fingerprint)).await;
+    let err = fetch(&mut first_client, BIRTH_RECORD, &birth_query(5))
+        .await
+        .unwrap_err();
+    assert_refused(&err, &first_fingerprint);
+    fetch(&mut second_client, BIRTH_RECORD, &birth_query(5)).await.unwrap();
+
+    // A half-edited file is not applied: the first stays refused, the
+    // second served. Fixing it applies it.
+    std::fs::write(&list, format!("{}\nsha256:12", openssl_form(&second_fingerprint))).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(refused.len(), 1);
+    assert!(refused.contains(&first_fingerprint));
+    fetch(&mut second_client, BIRTH_RECORD, &birth_query(5)).await.unwrap();
+    std::fs::write(
+        &list,
+        format!(
+            "{}\n{}\n",
+            openssl_form(&first_fingerprint),
+            openssl_form(&second_fingerprint)
+        ),
+    )
+    .unwrap();
+    wait_until(|| refused.len() == 2).await;
+    let err = fetch(&mut second_client, BIRTH_RECORD, &birth_query(5))
+        .await
+        .unwrap_err();
+    assert_refused(&err, &second_fingerprint);
+
+    // A deleted file refuses what it listed until it comes back.
+    std::fs::remove_file(&list).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(refused.len(), 2);
+    let err = fetch(&mut first_client, BIRTH_RECORD, &birth_query(5))
+        .await
+        .unwrap_err();
+    assert_refused(&err, &first_fingerprint);
+    let _ = stop.send(());
+    register.await.unwrap().unwrap();
+}
+
+/// The fingerprint as `openssl x509 -noout -fingerprint -sha256` prints it.
+fn openssl_form(fingerprint: &[u8; 32]) -> String {
+    fingerprint
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn assert_refused(err: &Status, fingerprint: &[u8; 32]) {
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(
+        err.message().contains(&lienthong_tls::fingerprint_hex(fingerprint)),
+        "{err:?}"
+    );
+}
+
+/// Polls `done` until it holds, for at most ten seconds.
+async fn wait_until(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "the refused list was not reloaded within ten seconds"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
