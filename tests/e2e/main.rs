@@ -16,3 +16,4 @@ mod relay;
 mod replicas;
 mod revocation;
 mod schemas;
+mod stock_client;
