@@ -259,6 +259,67 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
     fed.shutdown().await.unwrap();
 }
 
+/// An admin change the store committed whose audit entry then fails (the
+/// database refuses the log's insert, as a full disk would): the admin hears
+/// it is in effect and not to repeat it, and no entry claims it failed.
+#[tokio::test]
+async fn a_change_in_effect_but_not_audited_is_not_logged_as_failed() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, lienthong_cli::federation::ADMIN).await;
+    let pool = db(&fed).await;
+    // Only the change's own entry is refused: an entry claiming it failed
+    // would be written, and is what this test looks for.
+    sqlx::query(
+        "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_entries WHEN NEW.outcome = 'allowed' \
+         BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let before = fed.broker.broker.audit.size();
+    let err = admin
+        .admin()
+        .create_grant(birth_grant(lienthong_cli::federation::TAX_DEPT, &["/full_name"], 0))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("was applied and is in effect") && err.message().contains("do not repeat it"),
+        "{err:?}"
+    );
+    sqlx::query("DROP TRIGGER refuse_audit").execute(&pool).await.unwrap();
+    pool.close().await;
+
+    // The grant is live, and the log holds no entry saying it failed.
+    let grants = admin
+        .admin()
+        .list_grants(pb::ListGrantsRequest {
+            consumer: lienthong_cli::federation::TAX_DEPT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    let failed = logged(
+        &fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Admin as i32,
+            outcome: pb::Outcome::Failed as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(failed.is_empty(), "{failed:?}");
+    // The log goes on densely once it can be written.
+    let r = look_up_birth(&client(&fed, JUDICIAL_OFFICE).await, &citizen_id(&fed, 5))
+        .await
+        .expect("writes resume");
+    assert_eq!(r.into_inner().receipt.unwrap().sequence, before);
+    fed.shutdown().await.unwrap();
+}
+
 /// An entry altered in the database while the broker was down, deep enough
 /// in the log that the opening (from the stored Merkle tree nodes) does not
 /// read it: the check behind the opening finds it, and the broker stops
@@ -369,5 +430,123 @@ async fn an_export_verifies_offline_and_says_what_no_signature_covers_yet() {
         )),
         "{out}"
     );
+
+    // A tree head file with its log id tampered with fails, naming it, and
+    // names no file outside the state's directory.
+    let head: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sth_file).unwrap()).unwrap();
+    for forged in ["€€€€€€€€€€€€€€€€€€€€€", "../../../../tmp/x"] {
+        let mut tampered = head.clone();
+        tampered["log_id"] = forged.into();
+        std::fs::write(&sth_file, tampered.to_string()).unwrap();
+        let (ok, out) = run_cli(
+            &[
+                "audit",
+                "verify",
+                "--export",
+                export.to_str().unwrap(),
+                "--sth",
+                sth_file.to_str().unwrap(),
+                "--public-key",
+                key_file.to_str().unwrap(),
+                "--state",
+                state.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(!ok && !out.contains("panicked"), "{forged}: {out}");
+        assert!(out.contains("is not a log id"), "{forged}: {out}");
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// What a client gets for proofs and pages the log cannot give: a code it
+/// can act on (OUT_OF_RANGE: ask again later; INVALID_ARGUMENT: fix the
+/// request), never INTERNAL or NOT_FOUND for a log that exists.
+#[tokio::test]
+async fn proofs_and_pages_past_the_log_get_codes_a_client_can_act_on() {
+    let (_dir, fed) = federation().await;
+    let signed = signed_up_to_date(&fed).await;
+    let auditor = client(&fed, STATE_AUDIT).await;
+    let mut audit = auditor.audit();
+    let code = |r: Result<tonic::Response<pb::InclusionProof>, tonic::Status>| r.unwrap_err().code();
+
+    // An entry no signed head covers yet: ask again after the next one. (A
+    // head signed between the lookup and the request covers it: try again.)
+    let mut err = None;
+    for _ in 0..5 {
+        let receipt = lookups(&fed, 1).await.remove(0);
+        let asked = audit
+            .get_inclusion_proof(pb::GetInclusionProofRequest {
+                sequence: receipt.sequence,
+                ..Default::default()
+            })
+            .await;
+        if let Err(status) = asked {
+            err = Some(status);
+            break;
+        }
+    }
+    let err = err.expect("every entry was covered at once");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("ask again after the next one"), "{err:?}");
+    // A tree larger than the log, for a proof or a consistency proof.
+    let past = pb::GetInclusionProofRequest {
+        sequence: 0,
+        tree_size: 1_000_000,
+        ..Default::default()
+    };
+    assert_eq!(code(audit.get_inclusion_proof(past).await), Code::OutOfRange);
+    let err = audit
+        .get_consistency_proof(pb::GetConsistencyProofRequest {
+            first: 1,
+            second: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // A request that can never succeed.
+    let inverted = pb::GetInclusionProofRequest {
+        sequence: signed,
+        tree_size: signed,
+        ..Default::default()
+    };
+    assert_eq!(code(audit.get_inclusion_proof(inverted).await), Code::InvalidArgument);
+    for log_id in ["not-a-log", "ÄÖ", &"F".repeat(64)] {
+        let err = audit
+            .get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: log_id.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{log_id}: {err:?}");
+        assert!(err.message().contains("64 lowercase hex digits"), "{err:?}");
+    }
+    let unknown = "f".repeat(64);
+    let err = audit
+        .get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: unknown })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // Pages: a token never returned is refused; a start past any log's end
+    // streams nothing.
+    for token in ["9223372036854775808", "18446744073709551615", "x"] {
+        let err = audit
+            .query_entries(pb::QueryEntriesRequest {
+                page_token: token.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{token}: {err:?}");
+    }
+    let mut stream = audit
+        .export_entries(pb::ExportEntriesRequest {
+            from_sequence: u64::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_none());
     fed.shutdown().await.unwrap();
 }

@@ -56,6 +56,35 @@ async fn grant_allows_revocation_denies_the_next_lookup() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("revoked"), "{}", err.message());
 
+    // A second revocation changes nothing and says so, quoting the first;
+    // the log holds one revocation, and the refused second.
+    let err = admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: g.id.clone(),
+            reason: "second thoughts".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("already revoked") && err.message().contains("end of the tax audit"),
+        "{err:?}"
+    );
+    let revocations: Vec<_> = logged(
+        &fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Admin as i32,
+            ..Default::default()
+        },
+    )
+    .await
+    .into_iter()
+    .filter(|e| e.action == "grant.revoke" && e.target == g.id)
+    .map(|e| e.outcome())
+    .collect();
+    assert_eq!(revocations, [pb::Outcome::Allowed, pb::Outcome::Invalid]);
+
     // Grants are never deleted: the revoked one is still listed.
     let listed = admin
         .admin()
@@ -210,6 +239,37 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // A name or reason is one line: a control character would forge log
+    // lines, and PostgreSQL refuses NUL.
+    for display_name in ["Office\nINFO granted", "Office\0", "Office\u{1b}[2J"] {
+        let err = admin
+            .admin()
+            .add_member(pb::AddMemberRequest {
+                id: "new-office".into(),
+                display_name: display_name.into(),
+                roles: vec![pb::Role::Consumer as i32],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{display_name:?}");
+        assert!(err.message().contains("without control characters"), "{err:?}");
+    }
+    let err = admin
+        .admin()
+        .disable_member(pb::SetMemberEnabledRequest {
+            id: TAX_DEPT.into(),
+            reason: "fraud\r\nsuspected".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let tax = admin
+        .admin()
+        .get_member(pb::GetMemberRequest { id: TAX_DEPT.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tax.enabled, "{tax:?}");
     assert_eq!(count().await, before, "nothing was stored");
     fed.shutdown().await.unwrap();
 }

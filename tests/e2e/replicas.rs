@@ -475,3 +475,91 @@ async fn a_database_that_hangs_fails_lookups_after_the_commit_timeout_and_nothin
     );
     fed.shutdown().await.unwrap();
 }
+
+/// PostgreSQL's text columns refuse NUL. A member sending one in a lookup's
+/// purpose, record type or request id is refused and audited like any
+/// other caller, and fails none of the lookups committed with its entry; in
+/// an admin's text it is refused as a bad argument, not an internal error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_audited_and_fails_no_other_lookup_on_postgresql() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (_dir, fed, _url) = pg_federation(&cluster, "").await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let mut calls = Vec::new();
+    for i in 0..40u32 {
+        let office = office.clone();
+        let mut request = birth_lookup(&citizen_id(&fed, i), PURPOSE_CERTIFICATE);
+        request.request_id = format!("nul-test-{i}");
+        // Five poisoned lookups among the others, so they share commits.
+        let poison = match i {
+            0 | 24 => Some("purpose"),
+            16 => Some("record_type"),
+            8 | 32 => Some("request_id"),
+            _ => None,
+        };
+        match poison {
+            Some("purpose") => request.purpose.push('\0'),
+            Some("record_type") => request.record_type.push('\0'),
+            Some(_) => request.request_id = format!("nul-{i}\0"),
+            None => {}
+        }
+        calls.push(tokio::spawn(async move {
+            (poison, office.exchange().lookup(request).await)
+        }));
+    }
+    let mut refused = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            (None | Some("request_id"), answer) => {
+                answer.unwrap();
+            }
+            (Some(_), answer) => {
+                let status = answer.unwrap_err();
+                assert!(
+                    matches!(status.code(), Code::PermissionDenied | Code::InvalidArgument),
+                    "{status:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 3);
+    let logged = logged(&fed, pb::EntryFilter::default()).await;
+    let with_replacement = logged
+        .iter()
+        .filter(|e| {
+            e.purpose.contains('\u{FFFD}') || e.record_type.contains('\u{FFFD}') || e.request_id.contains('\u{FFFD}')
+        })
+        .count();
+    assert_eq!(with_replacement, 5, "every poisoned lookup is in the log");
+    assert_eq!(
+        logged.iter().filter(|e| e.request_id.starts_with("nul-test-")).count(),
+        38
+    );
+
+    let admin = client(&fed, ADMIN).await;
+    let err = admin
+        .admin()
+        .add_member(pb::AddMemberRequest {
+            id: "nul-office".into(),
+            display_name: "Office\0".into(),
+            roles: vec![pb::Role::Consumer as i32],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = client(&fed, STATE_AUDIT)
+        .await
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(pb::EntryFilter {
+                purpose: "x\0".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    fed.shutdown().await.unwrap();
+}

@@ -165,12 +165,17 @@ async fn bad_revocations_are_refused_and_change_nothing() {
         (
             request(&office_cert, "", "", " "),
             Code::InvalidArgument,
-            "reason is required",
+            "reason to revoke a certificate is required",
         ),
         (
             request(&office_cert, "", "", &"x".repeat(501)),
             Code::InvalidArgument,
             "500",
+        ),
+        (
+            request(&office_cert, "", "", "stolen\0 laptop"),
+            Code::InvalidArgument,
+            "without control characters",
         ),
         (
             request("", "", "", "leak"),
@@ -255,7 +260,7 @@ async fn bad_revocations_are_refused_and_change_nothing() {
     .into_iter()
     .filter(|e| e.action == "certificate.revoke" || e.action == "Admin.RevokeCertificate")
     .count();
-    assert!(refused >= 13, "every refused revocation is audited: {refused}");
+    assert!(refused >= 14, "every refused revocation is audited: {refused}");
 
     // By fingerprint as OpenSSL prints it, with the member: refused from then on.
     let der = lienthong_tls::summarize_pem(&office_cert, &fed.options.trust_domain)

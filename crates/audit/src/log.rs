@@ -53,6 +53,9 @@ pub enum AuditError {
     /// The request is malformed (sizes out of order, event not serialisable).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A tree size past the log's end: it may exist once the log has grown.
+    #[error("{0}")]
+    OutOfRange(String),
     /// Stored data contradicts the signed history: entries were altered or lost.
     #[error("audit log is corrupt: {0}")]
     Corrupt(String),
@@ -455,6 +458,7 @@ impl AuditLog {
     }
 
     fn prepare(&self, event: AuditEvent) -> Result<StoredEntry, AuditError> {
+        let event = event.storable();
         let leaf = event
             .to_leaf()
             .map_err(|e| AuditError::InvalidArgument(format!("audit event cannot be serialised: {e}")))?;
@@ -583,7 +587,7 @@ impl AuditLog {
             self.store.log_size(log_id).await.map_err(lookup_error)?
         };
         if tree_size > available {
-            return Err(AuditError::NotFound(format!(
+            return Err(AuditError::OutOfRange(format!(
                 "log {log_id} has {available} entries, fewer than the tree size {tree_size} asked for"
             )));
         }

@@ -8,10 +8,11 @@ use crate::state::{Broker, Caller};
 use lienthong::v1 as pb;
 use lienthong::v1::admin_server::Admin;
 use lienthong_core::{Endpoint, Fingerprint, Grant, GrantFields, Member, MemberId, RevokedCertificate, Role};
-use lienthong_store::GrantQuery;
+use lienthong_store::{GrantQuery, GrantRevocation};
 use std::future::Future;
 use std::sync::Arc;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tonic::{Request, Response, Status};
 
 /// The Admin service.
@@ -51,6 +52,24 @@ impl AdminService {
             }
         }
     }
+}
+
+/// `value` trimmed, when it is one line of 1 to `max` characters: a control
+/// character would break the log lines it is shown in, and PostgreSQL's text
+/// columns refuse NUL.
+fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str> {
+    let value = value.trim();
+    if value.is_empty() || value.chars().count() > max {
+        return Err(BrokerError::InvalidArgument(format!(
+            "{field} is required (at most {max} characters)"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(BrokerError::InvalidArgument(format!(
+            "{field} must be one line of text, without control characters"
+        )));
+    }
+    Ok(value)
 }
 
 fn member_id(id: &str) -> Result<MemberId> {
@@ -114,12 +133,7 @@ fn check_endpoint_url(url: &str) -> Result<()> {
 impl Broker {
     async fn add_member(&self, caller: &Caller, r: pb::AddMemberRequest) -> Result<pb::Member> {
         let id = member_id(&r.id)?;
-        let name = r.display_name.trim();
-        if name.is_empty() || name.len() > 200 {
-            return Err(BrokerError::InvalidArgument(
-                "display_name is required (at most 200 characters)".into(),
-            ));
-        }
+        let name = one_line("display_name", &r.display_name, 200)?;
         let now = OffsetDateTime::now_utc();
         let m = Member {
             id,
@@ -149,11 +163,7 @@ impl Broker {
             .await?
             .ok_or_else(|| BrokerError::NotFound(format!("member {:?} is not registered", r.id)))?;
         if !enabled {
-            if r.reason.trim().is_empty() {
-                return Err(BrokerError::InvalidArgument(
-                    "a reason is required to disable a member".into(),
-                ));
-            }
+            one_line("the reason to disable a member", &r.reason, 500)?;
             if m.id.as_str() == caller.id() {
                 return Err(BrokerError::FailedPrecondition(
                     "an admin cannot disable itself; ask another admin".into(),
@@ -190,12 +200,7 @@ impl Broker {
         r: pb::RevokeCertificateRequest,
         presented: Option<Fingerprint>,
     ) -> Result<pb::RevokedCertificate> {
-        let reason = r.reason.trim();
-        if reason.is_empty() || reason.chars().count() > 500 {
-            return Err(BrokerError::InvalidArgument(
-                "a reason is required to revoke a certificate (at most 500 characters)".into(),
-            ));
-        }
+        let reason = one_line("the reason to revoke a certificate", &r.reason, 500)?;
         let given = (!r.fingerprint_sha256.trim().is_empty())
             .then(|| lienthong_tls::parse_fingerprint(&r.fingerprint_sha256).map(Fingerprint))
             .transpose()
@@ -435,15 +440,21 @@ impl Broker {
     }
 
     async fn revoke_grant(&self, caller: &Caller, r: pb::RevokeGrantRequest) -> Result<pb::Grant> {
-        if r.reason.trim().is_empty() {
-            return Err(BrokerError::InvalidArgument(
-                "a reason is required to revoke a grant".into(),
-            ));
-        }
-        let g = self
+        let reason = one_line("the reason to revoke a grant", &r.reason, 500)?;
+        let g = match self
             .store
-            .revoke_grant(&r.id, r.reason.trim(), OffsetDateTime::now_utc())
-            .await?;
+            .revoke_grant(&r.id, reason, OffsetDateTime::now_utc())
+            .await?
+        {
+            GrantRevocation::Revoked(g) => g,
+            GrantRevocation::AlreadyRevoked(g) => {
+                let when = g.revoked_at.and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default();
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "grant {} was already revoked at {when} ({}); nothing changed",
+                    g.id, g.revoked_reason
+                )));
+            }
+        };
         self.applied(caller, "grant.revoke", &g.id, Some(g.revoked_reason.clone()))
             .await?;
         Ok(convert::grant(&g))

@@ -168,19 +168,44 @@ pub fn sth(h: &SignedTreeHead) -> pb::SignedTreeHead {
 }
 
 impl Broker {
-    fn log_or_own<'a>(&'a self, log_id: &'a str) -> &'a str {
-        if log_id.is_empty() { self.audit.log_id() } else { log_id }
+    /// The log asked for, or this broker's own when none is named.
+    fn log_or_own<'a>(&'a self, log_id: &'a str) -> Result<&'a str> {
+        if log_id.is_empty() {
+            return Ok(self.audit.log_id());
+        }
+        if log_id.len() != 64 || !log_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(BrokerError::InvalidArgument(
+                "log_id is not a log id: give 64 lowercase hex digits, as receipts and ListLogs name logs, \
+                 or leave it empty for this broker's own log"
+                    .into(),
+            ));
+        }
+        Ok(log_id)
     }
 
     fn entry_query(&self, f: Option<pb::EntryFilter>) -> Result<EntryQuery> {
         let f = f.unwrap_or_default();
+        for (key, text) in [
+            ("actor", &f.actor),
+            ("provider", &f.provider),
+            ("record_type", &f.record_type),
+            ("purpose", &f.purpose),
+        ] {
+            // Stored entries hold none (`AuditEvent::storable`), and
+            // PostgreSQL refuses one in a query as an error of its own.
+            if text.contains('\0') {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "filter.{key} holds a NUL character, which no entry holds"
+                )));
+            }
+        }
         let opt = |s: String| (!s.is_empty()).then_some(s);
         let time = |t: Option<prost_types::Timestamp>, key: &str| -> Result<_> {
             t.map(|t| from_ts(&t).ok_or_else(|| BrokerError::InvalidArgument(format!("filter.{key} is out of range"))))
                 .transpose()
         };
         Ok(EntryQuery {
-            log_id: self.log_or_own(&f.log_id).to_string(),
+            log_id: self.log_or_own(&f.log_id)?.to_string(),
             actor: opt(f.actor),
             provider: opt(f.provider),
             record_type: opt(f.record_type),
@@ -195,7 +220,7 @@ impl Broker {
     }
 
     async fn tree_head(&self, log_id: &str) -> Result<SignedTreeHead> {
-        Ok(self.audit.latest_tree_head(self.log_or_own(log_id)).await?)
+        Ok(self.audit.latest_tree_head(self.log_or_own(log_id)?).await?)
     }
 }
 
@@ -217,9 +242,16 @@ impl Audit for AuditService {
             n => n.min(1000),
         };
         if !r.page_token.is_empty() {
-            q.from_sequence = r.page_token.parse().map_err(|_| {
-                BrokerError::InvalidArgument("page_token is not a token returned by QueryEntries".into())
-            })?;
+            // Sequences are stored as signed 64-bit integers: a larger token
+            // was never returned.
+            q.from_sequence = r
+                .page_token
+                .parse()
+                .ok()
+                .filter(|s| i64::try_from(*s).is_ok())
+                .ok_or_else(|| {
+                    BrokerError::InvalidArgument("page_token is not a token returned by QueryEntries".into())
+                })?;
         }
         let entries = self.broker.store.query_entries(&q).await.map_err(BrokerError::from)?;
         let next_page_token = if entries.len() as u32 == q.limit {
@@ -244,7 +276,9 @@ impl Audit for AuditService {
             .await?;
         let r = request.into_inner();
         let mut q = self.broker.entry_query(r.filter)?;
-        q.from_sequence = r.from_sequence;
+        // No log reaches past i64::MAX entries (sequences are stored signed):
+        // a start beyond it is past the end, and streams nothing.
+        q.from_sequence = r.from_sequence.min(i64::MAX as u64);
         q.limit = 1000;
         let store = self.broker.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -359,7 +393,7 @@ impl Audit for AuditService {
     ) -> std::result::Result<Response<pb::InclusionProof>, Status> {
         self.broker.authenticate(&request, "Audit.GetInclusionProof").await?;
         let r = request.into_inner();
-        let log_id = self.broker.log_or_own(&r.log_id).to_string();
+        let log_id = self.broker.log_or_own(&r.log_id)?.to_string();
         let (tree_size, tree_head) = if r.tree_size == 0 {
             let head = self.broker.tree_head(&log_id).await?;
             (head.tree_size, Some(sth(&head)))
@@ -367,10 +401,14 @@ impl Audit for AuditService {
             (r.tree_size, None)
         };
         if r.sequence >= tree_size {
-            return Err(BrokerError::InvalidArgument(format!(
-                "entry {} is not covered by a tree of size {tree_size}; wait for the next signed tree head",
-                r.sequence
-            ))
+            let message = format!("entry {} is not covered by a tree of size {tree_size}", r.sequence);
+            return Err(if tree_head.is_some() {
+                // A receipt is proved once the next tree head is signed
+                // (`audit.sign_interval_ms`): asking again then succeeds.
+                BrokerError::OutOfRange(format!("{message}, the newest signed; ask again after the next one"))
+            } else {
+                BrokerError::InvalidArgument(format!("{message}: the sequence must be below tree_size"))
+            }
             .into());
         }
         let (leaf, path) = self
@@ -395,16 +433,22 @@ impl Audit for AuditService {
     ) -> std::result::Result<Response<pb::ConsistencyProof>, Status> {
         self.broker.authenticate(&request, "Audit.GetConsistencyProof").await?;
         let r = request.into_inner();
-        let log_id = self.broker.log_or_own(&r.log_id).to_string();
+        let log_id = self.broker.log_or_own(&r.log_id)?.to_string();
         let second = if r.second == 0 {
             self.broker.tree_head(&log_id).await?.tree_size
         } else {
             r.second
         };
         if r.first > second {
-            return Err(
-                BrokerError::InvalidArgument(format!("first ({}) must not exceed second ({second})", r.first)).into(),
-            );
+            return Err(if r.second == 0 {
+                BrokerError::OutOfRange(format!(
+                    "first ({}) is past the newest signed tree head ({second}); ask again after the next one",
+                    r.first
+                ))
+            } else {
+                BrokerError::InvalidArgument(format!("first ({}) must not exceed second ({second})", r.first))
+            }
+            .into());
         }
         let path = self
             .broker
@@ -425,7 +469,7 @@ impl Audit for AuditService {
         request: Request<pb::GetPublicKeyRequest>,
     ) -> std::result::Result<Response<pb::LogPublicKey>, Status> {
         self.broker.authenticate(&request, "Audit.GetPublicKey").await?;
-        let log_id = self.broker.log_or_own(&request.get_ref().log_id).to_string();
+        let log_id = self.broker.log_or_own(&request.get_ref().log_id)?.to_string();
         if log_id == self.broker.audit.log_id() {
             let keys = self.broker.audit.keys();
             return Ok(Response::new(pb::LogPublicKey {

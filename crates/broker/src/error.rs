@@ -27,6 +27,10 @@ pub enum BrokerError {
     /// The request conflicts with the current state (e.g. an incompatible schema).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Past the end of the log as it is now (an entry no signed tree head
+    /// covers yet): it may succeed later, unlike `InvalidArgument`.
+    #[error("{0}")]
+    OutOfRange(String),
     /// A grant's rate limit is reached.
     #[error("{message}")]
     RateLimited {
@@ -47,6 +51,10 @@ pub enum BrokerError {
     /// A bug or an unexpected state; details are logged, not returned.
     #[error("{0}")]
     Internal(String),
+    /// An administrative change took effect, but its audit entry could not
+    /// be written: not a refusal, so it is not audited as one.
+    #[error("{0}")]
+    AppliedNotAudited(String),
 }
 
 /// Result alias.
@@ -62,12 +70,13 @@ impl BrokerError {
             BrokerError::NotFound(_) => Code::NotFound,
             BrokerError::AlreadyExists(_) => Code::AlreadyExists,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            BrokerError::OutOfRange(_) => Code::OutOfRange,
             BrokerError::RateLimited { .. } => Code::ResourceExhausted,
             BrokerError::Unavailable(_) => Code::Unavailable,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             // Distinct from every consumer-side error: the register is at fault.
             BrokerError::InvalidProviderRecord(_) => Code::DataLoss,
-            BrokerError::Internal(_) => Code::Internal,
+            BrokerError::Internal(_) | BrokerError::AppliedNotAudited(_) => Code::Internal,
         }
     }
 }
@@ -112,6 +121,7 @@ impl From<AuditError> for BrokerError {
         match e {
             AuditError::NotFound(m) => BrokerError::NotFound(m),
             AuditError::InvalidArgument(m) => BrokerError::InvalidArgument(m),
+            AuditError::OutOfRange(m) => BrokerError::OutOfRange(m),
             AuditError::ShuttingDown => {
                 BrokerError::Unavailable("the broker is shutting down; retry on another replica".into())
             }

@@ -206,8 +206,9 @@ impl Broker {
         if let Err(e) = self.reload().await {
             tracing::warn!(error = %e, action = %action, "reloading after a change failed; the snapshot watcher retries");
         }
-        audited.map_err(|_| {
-            BrokerError::Internal(format!(
+        audited.map_err(|e| {
+            tracing::error!(error = %e, action = %action, target = %target, "a change took effect but could not be audited");
+            BrokerError::AppliedNotAudited(format!(
                 "{action} {target} was applied and is in effect, but the audit log could not record it; \
                  do not repeat it: the operator has the details in the broker log"
             ))
@@ -318,6 +319,11 @@ impl Broker {
 
     /// Audits a refused administrative request.
     pub async fn admin_refused(&self, actor: &str, action: &str, target: &str, error: &BrokerError) {
+        if let BrokerError::AppliedNotAudited(_) = error {
+            // The change is in effect: an entry saying it failed would be
+            // false, and `applied` has logged why it is missing.
+            return;
+        }
         let mut event = AuditEvent::new(EntryKind::Admin, OffsetDateTime::now_utc());
         event.actor = actor.to_string();
         event.action = action.to_string();
@@ -327,7 +333,8 @@ impl Broker {
             BrokerError::InvalidArgument(_)
             | BrokerError::NotFound(_)
             | BrokerError::AlreadyExists(_)
-            | BrokerError::FailedPrecondition(_) => Outcome::Invalid,
+            | BrokerError::FailedPrecondition(_)
+            | BrokerError::OutOfRange(_) => Outcome::Invalid,
             _ => Outcome::Failed,
         };
         event.reason = error.to_string();

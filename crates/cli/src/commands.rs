@@ -969,8 +969,13 @@ struct Mirror {
 
 impl Mirror {
     fn load(state: &std::path::Path, log_id: &str) -> Result<Mirror> {
+        // The id comes from a file that may have been tampered with: only a
+        // log id's hex digits may name a file.
+        if log_id.len() != 64 || !log_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("the log id {log_id:?} is not a log id (64 hex digits): the tree head is not one a broker signed");
+        }
         let mut name = state.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        name.push(format!(".{}.leaves", &log_id[..16.min(log_id.len())]));
+        name.push(format!(".{}.leaves", &log_id[..16]));
         let path = state.with_file_name(name);
         let hashes = match std::fs::read(&path) {
             Ok(h) => h,

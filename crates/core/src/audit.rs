@@ -149,9 +149,84 @@ impl AuditEvent {
         }
     }
 
+    /// The event with every NUL character replaced by U+FFFD. PostgreSQL's
+    /// text columns refuse NUL, and an entry is written in one commit with
+    /// others: a client's `purpose` holding one must not fail the commit,
+    /// nor go unlogged itself.
+    pub fn storable(mut self) -> Self {
+        fn clean(text: &mut String) {
+            if text.contains('\0') {
+                *text = text.replace('\0', "\u{FFFD}");
+            }
+        }
+        // Destructured so that a text field added later cannot be missed.
+        let AuditEvent {
+            time: _,
+            kind: _,
+            request_id,
+            trace_id,
+            actor,
+            provider,
+            record_type,
+            schema_version: _,
+            purpose,
+            subject_hash,
+            fields_released,
+            outcome: _,
+            reason,
+            payload_digest,
+            latency_us: _,
+            action,
+            target,
+        } = &mut self;
+        for text in [
+            request_id,
+            trace_id,
+            actor,
+            provider,
+            record_type,
+            purpose,
+            subject_hash,
+            reason,
+            payload_digest,
+            action,
+            target,
+        ] {
+            clean(text);
+        }
+        fields_released.iter_mut().for_each(clean);
+        self
+    }
+
     /// The canonical leaf bytes hashed into the Merkle tree.
     /// Fails only for a time outside RFC 3339's years 0000-9999.
     pub fn to_leaf(&self) -> Result<String, serde_json::Error> {
         serde_json::to_string(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_storable_event_holds_no_nul_and_keeps_the_rest() {
+        let mut event = AuditEvent::new(EntryKind::Access, OffsetDateTime::UNIX_EPOCH);
+        event.purpose = "law\0/art-1".into();
+        event.record_type = "\0".into();
+        event.request_id = "app-42".into();
+        event.reason = "purpose_not_granted: \"law\0\"".into();
+        event.fields_released = vec!["/a\0b".into()];
+        let stored = event.clone().storable();
+        assert_eq!(stored.purpose, "law\u{FFFD}/art-1");
+        assert_eq!(stored.record_type, "\u{FFFD}");
+        assert_eq!(stored.request_id, "app-42");
+        assert_eq!(stored.fields_released, ["/a\u{FFFD}b"]);
+        let leaf = stored.to_leaf().unwrap();
+        assert!(!leaf.contains("\\u0000") && !leaf.contains('\0'), "{leaf}");
+        // Nothing to replace: the same event.
+        let clean = AuditEvent::new(EntryKind::Admin, OffsetDateTime::UNIX_EPOCH);
+        assert_eq!(clean.clone().storable(), clean);
     }
 }

@@ -162,6 +162,12 @@ pub enum SchemaError {
     /// The description is blank.
     #[error("description is empty: say what the record type holds")]
     EmptyDescription,
+    /// A text field holds a NUL character, which no database column stores.
+    #[error("{field} holds a NUL character; remove it")]
+    NulCharacter {
+        /// `description` or `subject_key`.
+        field: &'static str,
+    },
     /// A schema is not parseable JSON.
     #[error("{schema} is not valid JSON at line {line}, column {column}: {message}")]
     MalformedJson {
@@ -302,7 +308,7 @@ impl SchemaError {
             | SchemaError::TooManyFields { schema, .. }
             | SchemaError::Compile { schema, .. } => Some(schema),
             SchemaError::SubjectKey { .. } => Some(QUERY_SCHEMA),
-            SchemaError::InvalidName { .. } | SchemaError::EmptyDescription => None,
+            SchemaError::InvalidName { .. } | SchemaError::EmptyDescription | SchemaError::NulCharacter { .. } => None,
         }
     }
 }
@@ -337,6 +343,11 @@ pub fn parse_definition(
     validate_record_type_name(name)?;
     if description.trim().is_empty() {
         return Err(SchemaError::EmptyDescription);
+    }
+    for (field, text) in [("description", description), ("subject_key", subject_key)] {
+        if text.contains('\0') {
+            return Err(SchemaError::NulCharacter { field });
+        }
     }
     let query_schema = parse_schema(QUERY_SCHEMA, query_schema_json, limits)?;
     let record_schema = parse_schema(RECORD_SCHEMA, record_schema_json, limits)?;

@@ -646,6 +646,35 @@ fn empty_description_is_refused() {
     assert!(err.to_string().contains("description is empty"));
 }
 
+/// PostgreSQL's text columns refuse NUL: refused here, with the field named,
+/// rather than failing in the database as an internal error.
+#[test]
+fn a_nul_character_in_stored_text_is_refused() {
+    let parse = |description: &str, subject_key: &str| {
+        parse_definition(
+            "civil.birth",
+            description,
+            owner(),
+            &base_query().to_string(),
+            &base_record().to_string(),
+            subject_key,
+            &SchemaLimits::default(),
+        )
+    };
+    let err = parse("Birth records\0", "national_id").unwrap_err();
+    assert!(
+        matches!(err, SchemaError::NulCharacter { field: "description" }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("description holds a NUL character"), "{err}");
+    let err = parse("Birth records", "national_id\0").unwrap_err();
+    assert!(
+        matches!(err, SchemaError::NulCharacter { field: "subject_key" }),
+        "{err:?}"
+    );
+    assert!(parse("Birth records", "national_id").is_ok());
+}
+
 #[test]
 fn uncompilable_patterns_are_refused() {
     let schema = json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "(("}}});

@@ -184,6 +184,15 @@ pub struct GrantQuery {
     pub record_type: Option<String>,
 }
 
+/// What [`Store::revoke_grant`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GrantRevocation {
+    /// This call revoked the grant.
+    Revoked(Grant),
+    /// The grant was revoked before: as that revocation left it.
+    AlreadyRevoked(Grant),
+}
+
 /// Everything the broker persists. Implementations are cheap to share
 /// (`Arc<dyn Store>`) and safe to call concurrently.
 #[async_trait]
@@ -220,8 +229,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a grant.
     async fn insert_grant(&self, grant: &Grant) -> Result<()>;
-    /// Marks a grant revoked (first revocation wins) and returns it.
-    async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<Grant>;
+    /// Marks a grant revoked; the first revocation wins, and a later one
+    /// changes nothing.
+    async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<GrantRevocation>;
     /// One grant.
     async fn get_grant(&self, id: &str) -> Result<Option<Grant>>;
     /// Grants matching the query, newest first.

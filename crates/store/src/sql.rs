@@ -8,8 +8,8 @@ use crate::rows::{
 };
 use crate::subjects;
 use crate::{
-    Backend, EntryQuery, GrantQuery, LogInfo, RateTake, Result, Store, StoreError, StoreOptions, StoredEntry,
-    StoredTreeHead, TreeNode,
+    Backend, EntryQuery, GrantQuery, GrantRevocation, LogInfo, RateTake, Result, Store, StoreError, StoreOptions,
+    StoredEntry, StoredTreeHead, TreeNode,
 };
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -858,15 +858,20 @@ impl Store for SqlStore {
         .map_err(unique(|| format!("grant {:?}", g.id)))
     }
 
-    async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<Grant> {
+    async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<GrantRevocation> {
         // The `IS NULL` guard makes the first revocation win; grants are never deleted.
-        on_pool!(self, p => sqlx::query(
+        let changed = on_pool!(self, p => sqlx::query(
             "UPDATE grants SET revoked_at_us = $2, revoked_reason = $3 WHERE id = $1 AND revoked_at_us IS NULL")
             .bind(id).bind(to_us(at)).bind(reason)
-            .execute(p).await.map(|_| ()))
+            .execute(p).await.map(|r| r.rows_affected()))
         .map_err(db_err)?;
-        self.get_grant(id).await?.ok_or_else(|| StoreError::NotFound {
+        let grant = self.get_grant(id).await?.ok_or_else(|| StoreError::NotFound {
             what: format!("grant {id:?}"),
+        })?;
+        Ok(if changed > 0 {
+            GrantRevocation::Revoked(grant)
+        } else {
+            GrantRevocation::AlreadyRevoked(grant)
         })
     }
 

@@ -10,8 +10,8 @@ use lienthong_core::{
 };
 use lienthong_store::testing::PgCluster;
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, LogInfo, RateTake, Store, StoreError, StoreOptions, StoredEntry, StoredTreeHead,
-    TreeNode, open,
+    Backend, EntryQuery, GrantQuery, GrantRevocation, LogInfo, RateTake, Store, StoreError, StoreOptions, StoredEntry,
+    StoredTreeHead, TreeNode, open,
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -372,18 +372,18 @@ async fn check_grants(store: Arc<dyn Store>) {
     };
     assert_eq!(store.list_grants(&both).await.unwrap(), std::slice::from_ref(&g1));
 
-    let revoked = store.revoke_grant("g-1", "court order", at(40)).await.unwrap();
+    let revoked = Grant {
+        revoked_at: Some(at(40)),
+        revoked_reason: "court order".into(),
+        ..g1.clone()
+    };
     assert_eq!(
-        revoked,
-        Grant {
-            revoked_at: Some(at(40)),
-            revoked_reason: "court order".into(),
-            ..g1.clone()
-        }
+        store.revoke_grant("g-1", "court order", at(40)).await.unwrap(),
+        GrantRevocation::Revoked(revoked.clone())
     );
-    // First revocation wins.
+    // First revocation wins, and a second one says so.
     let again = store.revoke_grant("g-1", "second thoughts", at(50)).await.unwrap();
-    assert_eq!(again, revoked);
+    assert_eq!(again, GrantRevocation::AlreadyRevoked(revoked.clone()));
     // Never deleted.
     assert_eq!(store.list_grants(&both).await.unwrap(), [revoked]);
     assert!(matches!(

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion, RevokedCertificate};
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, LogInfo, RateTake, Result, Store, StoreError, StoredEntry, StoredTreeHead,
-    TreeNode,
+    Backend, EntryQuery, GrantQuery, GrantRevocation, LogInfo, RateTake, Result, Store, StoreError, StoredEntry,
+    StoredTreeHead, TreeNode,
 };
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -179,7 +179,7 @@ impl Store for FakeStore {
     async fn insert_grant(&self, _grant: &Grant) -> Result<()> {
         Self::unsupported()
     }
-    async fn revoke_grant(&self, _id: &str, _reason: &str, _at: OffsetDateTime) -> Result<Grant> {
+    async fn revoke_grant(&self, _id: &str, _reason: &str, _at: OffsetDateTime) -> Result<GrantRevocation> {
         Self::unsupported()
     }
     async fn get_grant(&self, _id: &str) -> Result<Option<Grant>> {
@@ -278,13 +278,16 @@ impl Store for FakeStore {
 
     async fn log_size(&self, log_id: &str) -> Result<u64> {
         self.check()?;
-        Ok(self
-            .tables
+        // As the SQL store: a log never opened is not found.
+        self.tables
             .lock()
             .unwrap()
             .entries
             .get(log_id)
-            .map_or(0, |e| e.len() as u64))
+            .map(|e| e.len() as u64)
+            .ok_or_else(|| StoreError::NotFound {
+                what: format!("log {log_id}"),
+            })
     }
 
     async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>> {
