@@ -472,3 +472,57 @@ async fn sigterm_under_load_drains_and_signs_a_head_over_every_entry() {
     assert_eq!(refused, 8, "every load task ends refused once the broker is gone");
     fed.shutdown_registers().await;
 }
+
+/// With `--log-format json`, every line the broker writes to stderr is one
+/// JSON object, its start and stop announcements included: a log shipper
+/// parses the stream line by line.
+#[tokio::test]
+async fn json_logs_are_json_on_every_line_from_start_to_stop() {
+    use std::io::{BufRead, BufReader};
+    let (_dir, mut fed) = bare_federation().await;
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&fed.config_path)
+        .env("LIENTHONG_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(&line);
+            if let Ok(addr) = parsed.as_ref().map(|v| v["fields"]["addr"].clone())
+                && let Some(addr) = addr.as_str()
+            {
+                let _ = tx.send(addr.to_owned());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the broker announces its address");
+    let (serving, out) = exchange_health(&format!("https://{addr}"), &fed.certs.join("ca.pem")).await;
+    assert!(serving, "{out}");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    let lines = reader.join().unwrap();
+    assert!(lines.len() >= 4, "{lines:?}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(lines.last().unwrap().contains("stopped cleanly"), "{lines:?}");
+    fed.shutdown_registers().await;
+}

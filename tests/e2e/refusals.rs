@@ -150,6 +150,7 @@ async fn history(reader: &Clients, subject: &str) -> Result<Vec<pb::SubjectAcces
             subject_key: subject.into(),
             since: None,
             limit: 0,
+            page_token: String::new(),
         })
         .await?;
     Ok(r.into_inner().accesses)
@@ -199,6 +200,27 @@ async fn reads_of_a_citizens_history_and_refused_audit_requests_are_logged() {
             ("Audit.SubjectHistory", pb::Outcome::Denied as i32)
         ]
     );
+
+    // A page token the broker did not give is refused, and on the record.
+    for token in ["x", "1.2.not-a-log", &format!("1.{}.{}", u64::MAX, "a".repeat(64))] {
+        let err = portal
+            .audit()
+            .subject_history(pb::SubjectHistoryRequest {
+                subject_key: subject.clone(),
+                since: None,
+                limit: 0,
+                page_token: token.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{token}: {err:?}");
+    }
+    let invalid = logged(&fed, by(CITIZEN_PORTAL, pb::EntryKind::AuditRead))
+        .await
+        .into_iter()
+        .filter(|e| e.outcome == pb::Outcome::Invalid as i32)
+        .count();
+    assert_eq!(invalid, 3);
     fed.shutdown().await.unwrap();
 }
 

@@ -304,23 +304,39 @@ async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
             .await
             .unwrap();
     }
-    let history = as_member(&url_b, &fed, lienthong_cli::federation::CITIZEN_PORTAL)
-        .await
-        .audit()
-        .subject_history(pb::SubjectHistoryRequest {
-            subject_key: subject.clone(),
-            since: None,
-            limit: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .accesses;
+    let portal_b = as_member(&url_b, &fed, lienthong_cli::federation::CITIZEN_PORTAL).await;
+    let page = async |limit: u32, page_token: String| {
+        portal_b
+            .audit()
+            .subject_history(pb::SubjectHistoryRequest {
+                subject_key: subject.clone(),
+                since: None,
+                limit,
+                page_token,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let history = page(100, String::new()).await.accesses;
     let logs: std::collections::HashSet<String> = history
         .iter()
         .filter_map(|a| a.receipt.as_ref().map(|r| r.log_id.clone()))
         .collect();
     assert_eq!(logs.len(), 2, "the subject's history spans both replicas' logs");
+    // A page at a time, across both logs: the same history, in order.
+    let mut paged = Vec::new();
+    let mut token = String::new();
+    loop {
+        let next = page(1, token).await;
+        assert!(next.accesses.len() <= 1);
+        paged.extend(next.accesses);
+        if next.next_page_token.is_empty() {
+            break;
+        }
+        token = next.next_page_token;
+    }
+    assert_eq!(paged, history);
     tokio::time::sleep(Duration::from_millis(600)).await; // both sign a head covering the lookups
     let state = dir.path().join("verifier.json");
     let (ok, out) = cli_as(

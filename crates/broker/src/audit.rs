@@ -9,7 +9,7 @@ use lienthong::v1::audit_server::Audit;
 use lienthong_audit::SignedTreeHead;
 use lienthong_core::Role;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
-use lienthong_store::{EntryQuery, StoredEntry};
+use lienthong_store::{EntryQuery, HistoryCursor, StoredEntry};
 use std::pin::Pin;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -167,13 +167,42 @@ pub fn sth(h: &SignedTreeHead) -> pb::SignedTreeHead {
     }
 }
 
+/// Whether `text` is a log id: the hex SHA-256 of a log's key, lowercase.
+fn is_log_id(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A page token of a citizen's history: where the page ended, as
+/// `<microseconds since the epoch>.<sequence>.<log id>`. It names entries,
+/// never the citizen.
+fn history_token(cursor: &HistoryCursor) -> String {
+    let micros = cursor.time.unix_timestamp_nanos() / 1_000;
+    format!("{micros}.{}.{}", cursor.sequence, cursor.log_id)
+}
+
+/// The cursor a [`history_token`] holds; `None` for anything else.
+fn parse_history_token(token: &str) -> Option<HistoryCursor> {
+    let mut parts = token.splitn(3, '.');
+    let micros: i64 = parts.next()?.parse().ok()?;
+    let sequence: u64 = parts.next()?.parse().ok()?;
+    let log_id = parts.next()?;
+    if !is_log_id(log_id) || i64::try_from(sequence).is_err() {
+        return None;
+    }
+    Some(HistoryCursor {
+        time: OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000).ok()?,
+        log_id: log_id.to_owned(),
+        sequence,
+    })
+}
+
 impl Broker {
     /// The log asked for, or this broker's own when none is named.
     fn log_or_own<'a>(&'a self, log_id: &'a str) -> Result<&'a str> {
         if log_id.is_empty() {
             return Ok(self.audit.log_id());
         }
-        if log_id.len() != 64 || !log_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !is_log_id(log_id) {
             return Err(BrokerError::InvalidArgument(
                 "log_id is not a log id: give 64 lowercase hex digits, as receipts and ListLogs name logs, \
                  or leave it empty for this broker's own log"
@@ -340,7 +369,26 @@ impl Audit for AuditService {
             0 => 100,
             n => n.min(1000),
         };
-        let entries = match self.broker.store.subject_entries(&hash, since, limit).await {
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            match parse_history_token(&r.page_token) {
+                Some(cursor) => Some(cursor),
+                None => {
+                    let e = BrokerError::InvalidArgument(
+                        "page_token is not a token returned by SubjectHistory; leave it empty for the newest page"
+                            .into(),
+                    );
+                    return Err(self.refused(&caller, RPC, request_id, hash, e).await);
+                }
+            }
+        };
+        let entries = match self
+            .broker
+            .store
+            .subject_entries(&hash, since, after.as_ref(), limit)
+            .await
+        {
             Ok(entries) => entries,
             Err(e) => return Err(self.refused(&caller, RPC, request_id, hash, e.into()).await),
         };
@@ -375,7 +423,14 @@ impl Audit for AuditService {
                 }
             })
             .collect();
-        Ok(Response::new(pb::SubjectHistoryResponse { accesses }))
+        let next_page_token = match entries.last() {
+            Some(last) if entries.len() as u32 == limit => history_token(&HistoryCursor::after(last)),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::SubjectHistoryResponse {
+            accesses,
+            next_page_token,
+        }))
     }
 
     async fn get_signed_tree_head(

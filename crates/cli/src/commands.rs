@@ -845,16 +845,27 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             }
         }
         AuditCmd::History { subject } => {
-            let h = c
-                .subject_history(pb::SubjectHistoryRequest {
-                    subject_key: subject,
-                    since: None,
-                    limit: 1000,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            for a in h.accesses {
+            // Every page, newest first: a citizen's whole history.
+            let mut accesses = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .subject_history(pb::SubjectHistoryRequest {
+                        subject_key: subject.clone(),
+                        since: None,
+                        limit: 1000,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                accesses.extend(page.accesses);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            for a in accesses {
                 let when = a.time.as_ref().map(format_ts).unwrap_or_default();
                 println!(
                     "{when} {} ({}) read {} from {} for {} [{}] {}",
@@ -1057,11 +1068,15 @@ fn offline_summary(report: &lienthong_audit::verify::VerifyReport) -> String {
         "log {}: OK, {} entries, signed tree head of size {signed} verified",
         report.log_id, report.entries
     );
-    if report.entries > signed {
-        line.push_str(&format!(
-            "; entries {signed}..{} are past it: their leaf hashes are intact, but no signature covers them yet",
-            report.entries
-        ));
+    let last = report.entries.saturating_sub(1);
+    match report.entries.saturating_sub(signed) {
+        0 => {}
+        1 => line.push_str(&format!(
+            "; entry {signed} is past it: its leaf hash is intact, but no signature covers it yet"
+        )),
+        _ => line.push_str(&format!(
+            "; entries {signed} to {last} are past it: their leaf hashes are intact, but no signature covers them yet"
+        )),
     }
     line
 }

@@ -237,6 +237,7 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
             subject_key: subject.clone(),
             since: None,
             limit: 50,
+            page_token: String::new(),
         })
         .await
         .map_err(crate::client::status_error)?

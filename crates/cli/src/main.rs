@@ -199,10 +199,12 @@ fn init_logging(format: &str, filter: Option<&str>) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.log_format == "json";
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", lienthong_cli::error_text(&e));
+            let text = format!("error: {}", lienthong_cli::error_text(&e));
+            stderr_line(json, "ERROR", &text, &[]);
             ExitCode::FAILURE
         }
     }
@@ -223,8 +225,9 @@ async fn run(cli: Cli) -> Result<()> {
             if cli.log_format == "json" {
                 telemetry.log_format = "json".into();
             }
+            let json = telemetry.log_format == "json";
             let telemetry = lienthong_broker::telemetry::init(&telemetry)?;
-            let result = serve(cfg).await;
+            let result = serve(cfg, json).await;
             telemetry.shutdown().await;
             result
         }
@@ -285,7 +288,13 @@ async fn run(cli: Cli) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            eprintln!("{member} register serving on {}", listener.local_addr()?);
+            let addr = listener.local_addr()?.to_string();
+            stderr_line(
+                cli.log_format == "json",
+                "INFO",
+                &format!("{member} register serving on {addr}"),
+                &[("addr", addr.clone())],
+            );
             lienthong_provider::demo::run_demo_register(kind, seed, tls, config, listener, shutdown_signal()).await?;
             Ok(())
         }
@@ -363,27 +372,71 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(cfg: lienthong_broker::Config) -> Result<()> {
+/// Prints a line that people and tools wait for on stderr (the listening
+/// address, the error that stopped the command), also when the log filter
+/// would drop it: as text, or as one JSON object shaped like the JSON log
+/// lines around it, so that every stderr line parses.
+fn stderr_line(json: bool, level: &str, message: &str, fields: &[(&str, String)]) {
+    if !json {
+        eprintln!("{message}");
+        return;
+    }
+    let mut object = serde_json::Map::new();
+    object.insert("message".into(), message.into());
+    for (key, value) in fields {
+        object.insert((*key).into(), value.as_str().into());
+    }
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    eprintln!(
+        "{}",
+        serde_json::json!({
+            "timestamp": timestamp,
+            "level": level,
+            "fields": object,
+            "target": "lienthong",
+        })
+    );
+}
+
+async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
     // Handlers are installed on the first poll: do it before starting, so a
     // SIGTERM during start-up also ends in a clean shutdown.
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let _ = futures::poll!(&mut signal);
     let mut handle = lienthong_broker::start(cfg, None).await?;
-    eprintln!("lienthong broker listening on {} (mutual TLS)", handle.addr);
+    let addr = handle.addr.to_string();
+    stderr_line(
+        json,
+        "INFO",
+        &format!("lienthong broker listening on {addr} (mutual TLS)"),
+        &[("addr", addr.clone())],
+    );
     if let Some(m) = handle.metrics_addr {
-        eprintln!("metrics on http://{m}/metrics");
+        stderr_line(
+            json,
+            "INFO",
+            &format!("metrics on http://{m}/metrics"),
+            &[("metrics_addr", m.to_string())],
+        );
     }
     let stop = handle.take_shutdown();
     tokio::select! {
         r = handle.wait() => return r.map_err(Into::into),
         _ = &mut signal => {}
     }
-    eprintln!("shutting down: draining in-flight requests, flushing the audit log");
+    stderr_line(
+        json,
+        "INFO",
+        "shutting down: draining in-flight requests, flushing the audit log",
+        &[],
+    );
     if let Some(tx) = stop {
         let _ = tx.send(());
     }
     handle.wait().await?;
-    eprintln!("stopped cleanly");
+    stderr_line(json, "INFO", "stopped cleanly", &[]);
     Ok(())
 }

@@ -148,6 +148,29 @@ pub struct StoredTreeHead {
     pub signature: Vec<u8>,
 }
 
+/// Where a page of a subject's history ended: the next page holds the
+/// entries after this one in the history's order (newest first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryCursor {
+    /// The last entry's time.
+    pub time: OffsetDateTime,
+    /// Its log.
+    pub log_id: String,
+    /// Its sequence in that log.
+    pub sequence: u64,
+}
+
+impl HistoryCursor {
+    /// The cursor after `entry`.
+    pub fn after(entry: &StoredEntry) -> Self {
+        HistoryCursor {
+            time: entry.time,
+            log_id: entry.log_id.clone(),
+            sequence: entry.sequence,
+        }
+    }
+}
+
 /// Filters for reading entries; `None` fields do not filter.
 #[derive(Clone, Debug, Default)]
 pub struct EntryQuery {
@@ -299,12 +322,14 @@ pub trait Store: Send + Sync + 'static {
     /// Entries matching a query, in sequence order.
     async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>>;
     /// Access entries of one subject across all logs (its records looked up,
-    /// not reads of its history), newest first, at most `limit` (0: no
-    /// limit); an empty `subject_hash` matches nothing.
+    /// not reads of its history), newest first (then by log id, then newest
+    /// sequence), after `after` when given, at most `limit` (0: no limit);
+    /// an empty `subject_hash` matches nothing.
     async fn subject_entries(
         &self,
         subject_hash: &str,
         since: Option<OffsetDateTime>,
+        after: Option<&HistoryCursor>,
         limit: u32,
     ) -> Result<Vec<StoredEntry>>;
     /// Stops the store's background work (SQLite's checkpoints and subject

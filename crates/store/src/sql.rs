@@ -8,8 +8,8 @@ use crate::rows::{
 };
 use crate::subjects;
 use crate::{
-    Backend, EntryQuery, GrantQuery, GrantRevocation, LogInfo, RateTake, Result, Store, StoreError, StoreOptions,
-    StoredEntry, StoredTreeHead, TreeNode,
+    Backend, EntryQuery, GrantQuery, GrantRevocation, HistoryCursor, LogInfo, RateTake, Result, Store, StoreError,
+    StoreOptions, StoredEntry, StoredTreeHead, TreeNode,
 };
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -199,6 +199,34 @@ impl Drop for SqlStore {
     }
 }
 
+/// Creates the database file readable by its owner alone, when it does not
+/// exist: it holds the access log. SQLite gives its WAL and shared-memory
+/// files the database file's permissions.
+fn create_owner_only(file: &std::path::Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(file)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(StoreError::Config(format!(
+                "cannot create the database file {}: {e}",
+                file.display()
+            ))),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        Ok(())
+    }
+}
+
 pub(crate) async fn open_sqlite(path: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(sqlite_store(path, options).await?))
 }
@@ -234,6 +262,7 @@ pub(crate) async fn sqlite_store(path: &str, options: &StoreOptions) -> Result<S
                  its entries are lost when the machine restarts; put the data directory on a disk"
             );
         }
+        create_owner_only(file)?;
         let connect = SqliteConnectOptions::new()
             .filename(file)
             .create_if_missing(true)
@@ -700,10 +729,15 @@ fn append_refused(run: &Run<'_>, size: Option<i64>) -> Result<StoreError> {
 /// HMAC's bytes, `$2` the earliest time, `$3` the limit.
 fn subject_query() -> String {
     format!(
-        "{ENTRY_SELECT} WHERE e.subject_hash = $1 AND e.time_us >= $2 AND e.kind = 'access' \
+        "{ENTRY_SELECT} WHERE e.subject_hash = $1 AND e.time_us >= $2 AND e.kind = 'access' AND {HISTORY_AFTER} \
          ORDER BY e.time_us DESC, l.log_id, e.sequence DESC LIMIT $3"
     )
 }
+
+/// The entries after the cursor `($4, $5, $6)` = (time, log id, sequence)
+/// in a history's order: newest first, then by log id, then newest sequence.
+pub(crate) const HISTORY_AFTER: &str = "(e.time_us < $4 OR (e.time_us = $4 AND \
+     (l.log_id > $5 OR (l.log_id = $5 AND e.sequence < $6))))";
 
 /// One audit entry as its row is inserted.
 struct EntryInsert<'a> {
@@ -1281,6 +1315,7 @@ impl Store for SqlStore {
         &self,
         subject_hash: &str,
         since: Option<OffsetDateTime>,
+        after: Option<&HistoryCursor>,
         limit: u32,
     ) -> Result<Vec<StoredEntry>> {
         // Stored as bytes: a value that is not a hash matches nothing.
@@ -1296,8 +1331,15 @@ impl Store for SqlStore {
         };
         let since = since.map_or(i64::MIN, to_us);
         let limit = if limit == 0 { NO_LIMIT } else { i64::from(limit) };
-        let rows = on_pool!(self, p => sqlx::query_as::<_, EntryRow>(&sql).bind(subject_hash).bind(since).bind(limit).fetch_all(p).await)
-            .map_err(db_err)?;
+        // Without a cursor, one past every entry: no time reaches i64::MAX µs.
+        let (after_us, after_log, after_sequence) = match after {
+            Some(c) => (to_us(c.time), c.log_id.as_str(), to_i64(c.sequence, "history cursor")?),
+            None => (i64::MAX, "", i64::MAX),
+        };
+        let rows = on_pool!(self, p => sqlx::query_as::<_, EntryRow>(&sql)
+            .bind(subject_hash).bind(since).bind(limit).bind(after_us).bind(after_log).bind(after_sequence)
+            .fetch_all(p).await)
+        .map_err(db_err)?;
         rows.into_iter().map(EntryRow::into_entry).collect()
     }
 
@@ -1682,7 +1724,8 @@ mod tests {
                 "{q:?}: expected a search of {index} in sequence order, planned {plan}"
             );
         }
-        // A citizen's history: one search per live run, the tail of each log
+        // A citizen's history: one search per live run (a time range: a page
+        // of it starts at its cursor), the tail of each log
         // by its primary key, and each entry found by its primary key.
         let plan: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(&format!("EXPLAIN QUERY PLAN {}", subjects::history_query()))
@@ -1697,7 +1740,7 @@ mod tests {
         let plan = plan.join("; ");
         assert!(
             scans.is_empty()
-                && plan.contains("SEARCH p USING PRIMARY KEY (run=? AND subject_hash=? AND time_us>?)")
+                && plan.contains("SEARCH p USING PRIMARY KEY (run=? AND subject_hash=? AND time_us>? AND time_us<?)")
                 && plan.contains("SEARCH t USING INDEX sqlite_autoindex_audit_entries_1 (log_no=? AND sequence>?)")
                 && plan.contains("SEARCH e USING INDEX sqlite_autoindex_audit_entries_1 (log_no=? AND sequence=?)"),
             "subject history planned {plan}"

@@ -58,21 +58,24 @@ const IDLE_CHECK: Duration = Duration::from_secs(30);
 /// JOINs fix the order SQLite, which has no statistics here, would otherwise
 /// get wrong: the few runs and logs first, each searched by its key.
 pub(crate) fn history_query() -> String {
-    "SELECT l.log_id, e.sequence, e.leaf_hash, e.leaf, e.time_us, e.kind, e.actor, e.provider, \
-     e.record_type, e.purpose, e.outcome, e.subject_hash FROM ( \
-         SELECT p.log_no, p.sequence FROM audit_subject_runs r \
-         CROSS JOIN audit_subject_postings p ON p.run = r.run AND p.subject_hash = $1 AND p.time_us >= $2 \
-         WHERE r.state = 'live' \
-         UNION \
-         SELECT t.log_no, t.sequence FROM audit_logs g \
-         CROSS JOIN audit_entries t ON t.log_no = g.log_no AND t.sequence >= g.subject_indexed \
-         WHERE t.subject_hash = $1 \
-     ) AS hit \
-     CROSS JOIN audit_entries e ON e.log_no = hit.log_no AND e.sequence = hit.sequence \
-     JOIN audit_logs l ON l.log_no = e.log_no \
-     WHERE e.subject_hash = $1 AND e.time_us >= $2 AND e.kind = 'access' \
-     ORDER BY e.time_us DESC, l.log_id, e.sequence DESC LIMIT $3"
-        .to_owned()
+    format!(
+        "SELECT l.log_id, e.sequence, e.leaf_hash, e.leaf, e.time_us, e.kind, e.actor, e.provider, \
+         e.record_type, e.purpose, e.outcome, e.subject_hash FROM ( \
+             SELECT p.log_no, p.sequence FROM audit_subject_runs r \
+             CROSS JOIN audit_subject_postings p ON p.run = r.run AND p.subject_hash = $1 \
+                 AND p.time_us >= $2 AND p.time_us <= $4 \
+             WHERE r.state = 'live' \
+             UNION \
+             SELECT t.log_no, t.sequence FROM audit_logs g \
+             CROSS JOIN audit_entries t ON t.log_no = g.log_no AND t.sequence >= g.subject_indexed \
+             WHERE t.subject_hash = $1 \
+         ) AS hit \
+         CROSS JOIN audit_entries e ON e.log_no = hit.log_no AND e.sequence = hit.sequence \
+         JOIN audit_logs l ON l.log_no = e.log_no \
+         WHERE e.subject_hash = $1 AND e.time_us >= $2 AND e.kind = 'access' AND {} \
+         ORDER BY e.time_us DESC, l.log_id, e.sequence DESC LIMIT $3",
+        crate::sql::HISTORY_AFTER
+    )
 }
 
 /// Wakes the maintenance once enough entries were appended to make a run.
@@ -705,7 +708,7 @@ mod tests {
                     for subject in SUBJECTS {
                         let since_time = OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(since);
                         let found: Vec<(String, u64)> = store
-                            .subject_entries(subject, Some(since_time), 0)
+                            .subject_entries(subject, Some(since_time), None, 0)
                             .await
                             .unwrap()
                             .into_iter()
@@ -770,7 +773,7 @@ mod tests {
         assert_eq!(levels, [(0, 2), (2, 2)]);
         assert_invariant(&pool).await;
         for subject in SUBJECTS {
-            let found = store.subject_entries(subject, None, 0).await.unwrap();
+            let found = store.subject_entries(subject, None, None, 0).await.unwrap();
             assert_eq!(found.len(), 30, "{subject}");
         }
     }
@@ -828,7 +831,7 @@ mod tests {
         let store = sqlite_store(path.to_str().unwrap(), &options).await.unwrap();
         let (pool, writer) = store.sqlite_pools().unwrap();
         let history = || async {
-            let found = store.subject_entries("00aa", None, 0).await.unwrap();
+            let found = store.subject_entries("00aa", None, None, 0).await.unwrap();
             found.into_iter().map(|e| e.sequence).collect::<Vec<u64>>()
         };
         assert_eq!(history().await, [4, 0], "read from the entries");

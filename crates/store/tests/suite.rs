@@ -10,8 +10,8 @@ use lienthong_core::{
 };
 use lienthong_store::testing::PgCluster;
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, GrantRevocation, LogInfo, RateTake, Store, StoreError, StoreOptions, StoredEntry,
-    StoredTreeHead, TreeNode, open,
+    Backend, EntryQuery, GrantQuery, GrantRevocation, HistoryCursor, LogInfo, RateTake, Store, StoreError,
+    StoreOptions, StoredEntry, StoredTreeHead, TreeNode, open,
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -995,7 +995,7 @@ async fn check_subject_entries(store: Arc<dyn Store>) {
         ])
         .await
         .unwrap();
-    let found = store.subject_entries("aa11", None, 0).await.unwrap();
+    let found = store.subject_entries("aa11", None, None, 0).await.unwrap();
     let keys: Vec<(String, u64)> = found.iter().map(|e| (e.log_id.clone(), e.sequence)).collect();
     assert_eq!(
         keys,
@@ -1007,11 +1007,63 @@ async fn check_subject_entries(store: Arc<dyn Store>) {
         ]
     );
     assert!(found.iter().all(|e| e.subject_hash == "aa11"));
-    assert_eq!(store.subject_entries("aa11", Some(at(3)), 0).await.unwrap().len(), 3);
-    assert_eq!(store.subject_entries("aa11", None, 2).await.unwrap(), found[..2]);
-    assert!(store.subject_entries("cc33", None, 0).await.unwrap().is_empty());
+    assert_eq!(
+        store.subject_entries("aa11", Some(at(3)), None, 0).await.unwrap().len(),
+        3
+    );
+    assert_eq!(store.subject_entries("aa11", None, None, 2).await.unwrap(), found[..2]);
+    assert!(store.subject_entries("cc33", None, None, 0).await.unwrap().is_empty());
     // Entries without a subject are never "the subject ''".
-    assert!(store.subject_entries("", None, 0).await.unwrap().is_empty());
+    assert!(store.subject_entries("", None, None, 0).await.unwrap().is_empty());
+
+    // Paging: entries at one time in two logs and twice in one log, so the
+    // order's ties decide. Every page size walks the whole history once, in
+    // order, without a gap or a repeat.
+    store
+        .append_entries(&[
+            subject(entry("log-a", 5), "dd44", 9),
+            subject(entry("log-a", 6), "dd44", 9),
+            subject(entry("log-a", 7), "dd44", 4),
+        ])
+        .await
+        .unwrap();
+    store
+        .append_entries(&[
+            subject(entry("log-b", 2), "dd44", 9),
+            subject(entry("log-b", 3), "dd44", 1),
+        ])
+        .await
+        .unwrap();
+    let whole = store.subject_entries("dd44", None, None, 0).await.unwrap();
+    let keys: Vec<(&str, u64)> = whole.iter().map(|e| (e.log_id.as_str(), e.sequence)).collect();
+    assert_eq!(
+        keys,
+        [("log-a", 6), ("log-a", 5), ("log-b", 2), ("log-a", 7), ("log-b", 3)]
+    );
+    for size in 1..=6 {
+        let mut walked = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = store
+                .subject_entries("dd44", None, cursor.as_ref(), size)
+                .await
+                .unwrap();
+            assert!(page.len() <= size as usize);
+            cursor = page.last().map(HistoryCursor::after);
+            walked.extend(page);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(walked, whole, "pages of {size}");
+    }
+    // A cursor and `since` together: the older side of both.
+    let after_first = HistoryCursor::after(&whole[0]);
+    let page = store
+        .subject_entries("dd44", Some(at(4)), Some(&after_first), 0)
+        .await
+        .unwrap();
+    assert_eq!(page, whole[1..4]);
 }
 
 async fn check_tree_heads(store: Arc<dyn Store>) {
@@ -1094,6 +1146,12 @@ async fn sqlite_file_is_in_wal_mode_and_reopens_with_its_data() {
         .await
         .unwrap();
     assert_eq!(mode, "wal");
+    // The access log is for its owner alone, its WAL included.
+    use std::os::unix::fs::PermissionsExt;
+    for file in [path.clone(), dir.path().join("db.sqlite-wal")] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1439,7 +1497,7 @@ async fn check_entries_survive_the_compact_keys_migration(url: &str, dialect: &s
         assert_eq!(&store.query_entries(&query).await.unwrap(), entries, "{log}");
         assert_eq!(store.log_size(log).await.unwrap(), entries.len() as u64);
     }
-    let history = store.subject_entries("aa11", None, 0).await.unwrap();
+    let history = store.subject_entries("aa11", None, None, 0).await.unwrap();
     assert_eq!(history.len(), 2, "{history:?}");
     assert!(history.iter().all(|e| e.subject_hash == "aa11" && e.sequence == 0));
     // The logs go on, and a new log gets a number of its own.

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::{Endpoint, Grant, Member, RecordTypeVersion, RevokedCertificate};
 use lienthong_store::{
-    Backend, EntryQuery, GrantQuery, GrantRevocation, LogInfo, RateTake, Result, Store, StoreError, StoredEntry,
-    StoredTreeHead, TreeNode,
+    Backend, EntryQuery, GrantQuery, GrantRevocation, HistoryCursor, LogInfo, RateTake, Result, Store, StoreError,
+    StoredEntry, StoredTreeHead, TreeNode,
 };
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -373,6 +373,7 @@ impl Store for FakeStore {
         &self,
         subject_hash: &str,
         _since: Option<OffsetDateTime>,
+        _after: Option<&HistoryCursor>,
         _limit: u32,
     ) -> Result<Vec<StoredEntry>> {
         self.check()?;
