@@ -664,3 +664,196 @@ async fn shutdown_waits_for_a_call_whose_consumer_left_and_signs_over_its_entry(
         "the final tree head covers every entry"
     );
 }
+
+/// A record type registered before its register serves it: the consumer is
+/// told so (FAILED_PRECONDITION), not that the citizen has no record, and
+/// the register's circuit stays closed for the record types it does serve.
+#[tokio::test]
+async fn a_record_type_the_register_does_not_serve_is_not_a_missing_record() {
+    let (_dir, fed) = federation().await;
+    let mut definition: serde_json::Value =
+        serde_json::from_str(lienthong_provider::demo::demo_schemas()[0].1).unwrap();
+    definition["name"] = "civil_status.adoption_record".into();
+    definition["description"] = "Adoption record (the register serves it from next month)".into();
+    let def = lienthong_cli::federation::definition_from_json(&definition.to_string()).unwrap();
+    client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(def),
+            compatibility: 0,
+        })
+        .await
+        .unwrap();
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            consumer: JUDICIAL_OFFICE.into(),
+            record_type: "civil_status.adoption_record".into(),
+            fields: vec!["*".into()],
+            purposes: vec![PURPOSE_CERTIFICATE.into()],
+            valid_from: None,
+            valid_until: None,
+            rate_limit_per_minute: 0,
+        })
+        .await
+        .unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 4);
+    for _ in 0..10 {
+        let err = office
+            .exchange()
+            .lookup(pb::LookupRequest {
+                record_type: "civil_status.adoption_record".into(),
+                ..birth_lookup(&subject, PURPOSE_CERTIFICATE)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains("does not serve civil_status.adoption_record"),
+            "{err:?}"
+        );
+    }
+    // Ten in a row would have opened the circuit (five failures) had they
+    // counted against the register.
+    look_up_birth(&office, &subject).await.unwrap();
+    let failed = logged(
+        &fed,
+        pb::EntryFilter {
+            record_type: "civil_status.adoption_record".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(failed.len(), 10);
+    assert!(
+        failed.iter().all(|e| e.reason.starts_with("provider_not_serving")),
+        "{failed:?}"
+    );
+    fed.shutdown().await.unwrap();
+}
+
+/// Retries are paid from one budget for every register. A register with a
+/// single endpoint that is down has no other endpoint to retry on: its
+/// failures must not drain the budget that another register's failover
+/// relies on.
+#[tokio::test]
+async fn a_down_register_with_one_endpoint_leaves_the_retry_budget_to_the_others() {
+    let (_dir, fed, office, subject, faulty, _server) =
+        with_faulty_register("\n[relay]\nbreaker_failures = 100000\n", 78).await;
+    faulty.set_mode(FaultMode::Unavailable);
+    for _ in 0..100 {
+        let err = look_up_birth(&office, &subject).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    // The judicial register gets a second endpoint that refuses every
+    // connection: half of its lookups try it first and need a retry.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("https://{}", dead.local_addr().unwrap());
+    drop(dead);
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .add_endpoint(pb::AddEndpointRequest {
+            provider: lienthong_cli::federation::JUDICIAL_RECORDS.into(),
+            url: dead_url,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..12 {
+        criminal_record_still_served(&office, &subject).await;
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// A register whose certificate expires while the broker holds a connection
+/// to it: the broker stops using that connection at the expiry, and the new
+/// one it dials checks the certificate then (no resumed session skips the
+/// check), so the register is not called again until it has a valid one.
+#[tokio::test]
+async fn a_register_certificate_that_expires_is_not_relied_on_past_its_expiry() {
+    let (_dir, fed) = federation().await;
+    let mut spec = lienthong_tls::IssueSpec::member(CIVIL_STATUS);
+    // Long enough for the first lookup on a slow machine.
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(3);
+    let issued = ca(&fed).issue(&spec).unwrap();
+    let ca_pem = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
+    let material = TlsMaterial::from_pem(&ca_pem, &issued.cert_pem, &issued.key_pem).unwrap();
+    let tls = Arc::new(ServerTls::new(&material, &fed.options.trust_domain).unwrap());
+    let register = testing::start_server(DemoRegisterKind::CivilStatus.source(fed.options.seed), tls)
+        .await
+        .unwrap();
+    replace_civil_endpoint(&fed, &register.url()).await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 9);
+    look_up_birth(&office, &subject)
+        .await
+        .expect("served while the certificate is valid");
+    let served = register.requests();
+    // X.509 counts a certificate valid through the second its expiry names.
+    let not_after = lienthong_tls::summarize_pem(&issued.cert_pem, &fed.options.trust_domain)
+        .unwrap()
+        .not_after;
+    let past = not_after + time::Duration::milliseconds(1_300) - time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::try_from(past).unwrap_or_default()).await;
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().to_lowercase().contains("expired"), "{err:?}");
+    assert_eq!(
+        register.requests(),
+        served,
+        "no lookup reached the register past its expiry"
+    );
+    fed.shutdown().await.unwrap();
+}
+
+/// A lookup's deadline counts from its arrival, its wait for a turn
+/// included (as its client's does): one that waited for a slot gets the
+/// rest of its time from the register, not its whole `grpc-timeout` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_waited_for_a_turn_counts_against_the_deadline() {
+    let (_dir, fed, office, subject, faulty, _server) = with_faulty_register(
+        "\n[limits]\nmax_concurrent_exchanges = 1\n[relay]\nbreaker_failures = 1000\n",
+        79,
+    )
+    .await;
+    faulty.set_mode(FaultMode::Sleep(Duration::from_millis(1_000)));
+    let first = {
+        let office = office.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move { look_up_birth(&office, &subject).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut queued = tonic::Request::new(pb::LookupRequest {
+        request_id: "waited-for-a-turn".into(),
+        ..birth_lookup(&subject, PURPOSE_CERTIFICATE)
+    });
+    queued.set_timeout(Duration::from_millis(1_500));
+    let err = office.exchange().lookup(queued).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    first.await.unwrap().expect("the first lookup is served");
+    // The queued lookup had ~0.6 s left when its turn came: the register's
+    // second of work did not fit, so nothing was released for it.
+    let entry = eventually(Duration::from_secs(5), async || {
+        logged(&fed, pb::EntryFilter::default())
+            .await
+            .iter()
+            .any(|e| e.request_id == "waited-for-a-turn")
+    })
+    .await;
+    assert!(entry, "the queued lookup is audited");
+    let entry = logged(&fed, pb::EntryFilter::default())
+        .await
+        .into_iter()
+        .find(|e| e.request_id == "waited-for-a-turn")
+        .unwrap();
+    assert_eq!(entry.outcome(), pb::Outcome::Failed, "{entry:?}");
+    assert!(entry.reason.starts_with("provider_timeout"), "{entry:?}");
+    fed.shutdown().await.unwrap();
+}

@@ -277,6 +277,24 @@ impl Default for Telemetry {
 }
 
 impl Config {
+    /// The process's environment as [`Config::load`] takes it. A variable
+    /// that is not UTF-8 belongs to another program and is skipped (reading
+    /// it as text would abort), unless it is one of ours: that one is kept,
+    /// its bad bytes replaced, so that validation names it.
+    pub fn environment() -> Vec<(String, String)> {
+        std::env::vars_os()
+            .filter_map(|(key, value)| {
+                let key = key.into_string().ok()?;
+                let value = match value.into_string() {
+                    Ok(value) => value,
+                    Err(raw) if key.starts_with(ENV_PREFIX) => raw.to_string_lossy().into_owned(),
+                    Err(_) => return None,
+                };
+                Some((key, value))
+            })
+            .collect()
+    }
+
     /// Loads `path` (if given) over the defaults, applies environment overrides
     /// from `env`, resolves relative paths against the file's directory and
     /// validates.
@@ -295,7 +313,7 @@ impl Config {
             }
             None => (toml::Table::new(), "defaults".to_string()),
         };
-        apply_env(&mut tree, env)?;
+        let from_env = apply_env(&mut tree, env)?;
         let mut config: Config = Config::deserialize(toml::Value::Table(tree)).map_err(|e| ConfigError::Parse {
             path: path
                 .map(Path::to_path_buf)
@@ -305,7 +323,15 @@ impl Config {
         if let Some(dir) = path.and_then(Path::parent) {
             config.resolve_relative(dir);
         }
-        config.validate(&source_name)?;
+        // A bad value set by a variable is named by the variable, not the file.
+        config.validate(&source_name).map_err(|e| match e {
+            ConfigError::Invalid { key, message, .. } if from_env.contains_key(&key) => ConfigError::Invalid {
+                source_name: format!("environment variable {}", from_env[&key]),
+                key,
+                message,
+            },
+            e => e,
+        })?;
         Ok(config)
     }
 
@@ -337,16 +363,12 @@ impl Config {
                 format!("{:?} is not an address like 127.0.0.1:7443 ({e})", self.listen),
             )
         })?;
-        if self.trust_domain.is_empty()
-            || !self
-                .trust_domain
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-        {
+        // The same rule as the certificates `lienthong certs init` makes.
+        if !lienthong_tls::is_valid_trust_domain(&self.trust_domain) {
             return Err(invalid(
                 "trust_domain",
                 format!(
-                    "{:?} is not a trust domain (lowercase letters, digits, '.', '-')",
+                    "{:?} is not a trust domain (lowercase letters, digits, '.', '-', '_')",
                     self.trust_domain
                 ),
             ));
@@ -400,6 +422,14 @@ impl Config {
             (
                 "limits.database_max_connections",
                 self.limits.database_max_connections as u64,
+            ),
+            // A timeout of 0 elapses at once: no handshake, dial or
+            // database connection could ever finish.
+            ("tls.handshake_timeout_ms", self.tls.handshake_timeout_ms),
+            ("relay.connect_timeout_ms", self.relay.connect_timeout_ms),
+            (
+                "limits.database_acquire_timeout_ms",
+                self.limits.database_acquire_timeout_ms,
             ),
             ("relay.provider_timeout_ms", self.relay.provider_timeout_ms),
             ("relay.provider_concurrency", self.relay.provider_concurrency as u64),
@@ -470,7 +500,12 @@ impl Config {
 /// Applies `LIENTHONG_*` overrides to the parsed table. The type of each value
 /// follows the default's type, so `LIENTHONG_LIMITS_MAX_COLLECT_ITEMS=8` is an
 /// integer and `LIENTHONG_LISTEN=0.0.0.0:7443` a string.
-fn apply_env(tree: &mut toml::Table, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+/// Returns the variables applied, by the dotted key each set.
+fn apply_env(
+    tree: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut applied = BTreeMap::new();
     let defaults = match toml::Value::try_from(Config::default()) {
         Ok(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
@@ -523,8 +558,9 @@ fn apply_env(tree: &mut toml::Table, env: impl IntoIterator<Item = (String, Stri
         if let Some(last) = path.last() {
             table.insert(last.clone(), value);
         }
+        applied.insert(path.join("."), var);
     }
-    Ok(())
+    Ok(applied)
 }
 
 fn collect_leaves(table: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(String, Vec<String>, toml::Value)>) {
@@ -672,5 +708,23 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS"), "{e}");
+
+        for key in [
+            "LIENTHONG_TLS_HANDSHAKE_TIMEOUT_MS",
+            "LIENTHONG_RELAY_CONNECT_TIMEOUT_MS",
+            "LIENTHONG_LIMITS_DATABASE_ACQUIRE_TIMEOUT_MS",
+        ] {
+            let e = Config::load(Some(&p), vec![(key.into(), "0".into())])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("must be greater than 0") && e.contains(key), "{key}: {e}");
+        }
+
+        // Trust domains as the certificates name them, '_' included.
+        let p = write(dir.path(), "g.toml", &format!("trust_domain = \"gov_vn.test\"\n{tls}"));
+        Config::load(Some(&p), vec![]).unwrap();
+        let p = write(dir.path(), "h.toml", &format!("trust_domain = \"Gov.VN\"\n{tls}"));
+        let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("trust_domain"), "{e}");
     }
 }

@@ -5,6 +5,7 @@
 use crate::error::BrokerError;
 use crate::metrics::{CallOutcome, Rpc, UNKNOWN};
 use crate::relay::RelayError;
+use crate::server::Arrived;
 use crate::state::{Broker, Caller};
 use crate::telemetry;
 use lienthong::provider::v1::FetchRequest;
@@ -55,8 +56,12 @@ impl CallContext {
         let trace_id = telemetry::trace_id(&Span::current(), &caller_trace);
         CallContext {
             rpc,
-            // A deadline past what `Instant` holds is no deadline at all.
-            deadline: grpc_timeout(request.metadata()).and_then(|d| Instant::now().checked_add(d)),
+            // From the request's arrival, time waited for a turn included. A
+            // deadline past what `Instant` holds is no deadline at all.
+            deadline: grpc_timeout(request.metadata()).and_then(|d| {
+                let arrived = request.extensions().get::<Arrived>().map_or_else(Instant::now, |a| a.0);
+                arrived.checked_add(d)
+            }),
             caller_trace,
             trace_id,
             request_id,
@@ -771,6 +776,7 @@ impl Broker {
             Ok(_) => CallOutcome::Ok,
             Err(RelayError::NotFound) => CallOutcome::NotFound,
             Err(RelayError::Rejected) => CallOutcome::Rejected,
+            Err(RelayError::NotServed) => CallOutcome::NotServed,
             Err(RelayError::Unavailable(_)) => CallOutcome::Unavailable,
             Err(RelayError::Deadline(_)) => CallOutcome::Timeout,
             Err(RelayError::Malformed(_)) => CallOutcome::Malformed,
@@ -790,6 +796,14 @@ impl Broker {
                 Outcome::Failed,
                 "provider_rejected_query",
                 BrokerError::InvalidArgument(format!("register {provider} could not use the query for {}", rt.name())),
+            ),
+            RelayError::NotServed => fail(
+                Outcome::Failed,
+                "provider_not_serving",
+                BrokerError::FailedPrecondition(format!(
+                    "register {provider} does not serve {} (yet): its operator must enable it",
+                    rt.name()
+                )),
             ),
             RelayError::Unavailable(m) => fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m)),
             RelayError::Deadline(d) => fail(

@@ -73,6 +73,8 @@ pub enum CallOutcome {
     NotFound,
     /// The register could not use the query.
     Rejected,
+    /// The register does not serve the record type.
+    NotServed,
     /// Down, refusing, overloaded or circuit open.
     Unavailable,
     /// No answer in time.
@@ -82,10 +84,11 @@ pub enum CallOutcome {
 }
 
 impl CallOutcome {
-    const ALL: [CallOutcome; 6] = [
+    const ALL: [CallOutcome; 7] = [
         CallOutcome::Ok,
         CallOutcome::NotFound,
         CallOutcome::Rejected,
+        CallOutcome::NotServed,
         CallOutcome::Unavailable,
         CallOutcome::Timeout,
         CallOutcome::Malformed,
@@ -97,6 +100,7 @@ impl CallOutcome {
             CallOutcome::Ok => "ok",
             CallOutcome::NotFound => "not_found",
             CallOutcome::Rejected => "rejected",
+            CallOutcome::NotServed => "not_served",
             CallOutcome::Unavailable => "unavailable",
             CallOutcome::Timeout => "timeout",
             CallOutcome::Malformed => "malformed",

@@ -28,6 +28,9 @@ pub enum RelayError {
     /// The provider refused the query as unusable.
     #[error("the register could not use the query")]
     Rejected,
+    /// The provider does not serve the record type (`UNIMPLEMENTED`).
+    #[error("the register does not serve the record type")]
+    NotServed,
     /// Provider down, refusing, overloaded or circuit open.
     #[error("{0}")]
     Unavailable(String),
@@ -112,6 +115,9 @@ const USER_AGENT: &str = concat!("lienthong-broker/", env!("CARGO_PKG_VERSION"))
 struct Live {
     send: h2::client::SendRequest<Bytes>,
     alive: Arc<AtomicBool>,
+    /// When the register's certificate expires: the connection is not used
+    /// past it, and the next dial checks whatever certificate it has then.
+    expires: Option<Instant>,
     /// Calls on this connection now; keep-alive pings only while there are some.
     in_flight: Arc<AtomicUsize>,
 }
@@ -177,9 +183,10 @@ impl Conn {
 
     fn open(&self) -> Option<Live> {
         let sender = self.sender.lock().ok()?;
+        let now = Instant::now();
         sender
             .as_ref()
-            .filter(|live| live.alive.load(Ordering::Acquire))
+            .filter(|live| live.alive.load(Ordering::Acquire) && live.expires.is_none_or(|t| now < t))
             .cloned()
     }
 
@@ -212,9 +219,20 @@ impl Conn {
     }
 
     async fn dial(&self) -> Result<Live, String> {
+        let stream = self.dialer.dial().await.map_err(|e| e.to_string())?;
+        let expires = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|der| lienthong_tls::certificate_not_after(der))
+            // Valid through its last second, as the handshake's check counts it.
+            .map(|t| t + time::Duration::SECOND)
+            .map(|t| Instant::now() + Duration::try_from(t - time::OffsetDateTime::now_utc()).unwrap_or_default());
         // Calls made close together leave in one TLS record (see `Coalesced`).
-        let stream = Coalesced::new(self.dialer.dial().await.map_err(|e| e.to_string())?);
-        start(stream, self.dialer.origin().clone()).await
+        let mut live = start(Coalesced::new(stream), self.dialer.origin().clone()).await?;
+        live.expires = expires;
+        Ok(live)
     }
 
     /// One unary `Fetch` on this connection: `metadata` as headers, then the
@@ -281,7 +299,12 @@ where
         }
         ended.store(false, Ordering::Release);
     });
-    Ok(Live { send, alive, in_flight })
+    Ok(Live {
+        send,
+        alive,
+        in_flight,
+        expires: None,
+    })
 }
 
 /// Pings the register every [`lienthong_tls::KEEPALIVE_INTERVAL`] while calls
@@ -425,6 +448,20 @@ fn next_connection(calls: impl IntoIterator<Item = usize>, round_robin: &AtomicU
         .into_iter()
         .position(|c| c < CALLS_BEFORE_SPILLING)
         .unwrap_or_else(|| round_robin.fetch_add(1, Ordering::Relaxed) % count.max(1))
+}
+
+/// A register's or a connection's own words, bounded: they reach the
+/// consumer and the broker's log.
+fn clip_message(message: &str) -> &str {
+    const MAX: usize = 200;
+    if message.len() <= MAX {
+        return message;
+    }
+    let mut end = MAX;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
 }
 
 /// One provider endpoint and its connections.
@@ -738,6 +775,7 @@ impl Relay {
             Ok(_) => "ok",
             Err(RelayError::NotFound) => "not_found",
             Err(RelayError::Rejected) => "rejected",
+            Err(RelayError::NotServed) => "not_served",
             Err(RelayError::Unavailable(_)) => "unavailable",
             Err(RelayError::Deadline(_)) => "timeout",
             Err(RelayError::Malformed(_)) => "malformed",
@@ -775,7 +813,9 @@ impl Relay {
         let total = deadline.saturating_duration_since(Instant::now());
         let _permit = match tokio::time::timeout_at(deadline.into(), pool.limit.clone().acquire_owned()).await {
             Ok(Ok(p)) => p,
-            _ => {
+            // The deadline passed while this call waited its turn.
+            Err(_) => return Err(RelayError::Deadline(total)),
+            Ok(Err(_)) => {
                 return Err(RelayError::Unavailable(format!(
                     "provider {provider} is at its concurrency limit of {} calls",
                     self.config.provider_concurrency
@@ -854,6 +894,12 @@ impl Relay {
                     ep.record(true, threshold, open_for, provider);
                     return Err(RelayError::Rejected);
                 }
+                // Alive, and not serving this record type (yet): the breaker
+                // must not shut the register's other record types out.
+                Code::Unimplemented => {
+                    ep.record(true, threshold, open_for, provider);
+                    return Err(RelayError::NotServed);
+                }
                 Code::DeadlineExceeded | Code::Cancelled if Instant::now() >= deadline => {
                     return timed_out();
                 }
@@ -861,15 +907,25 @@ impl Relay {
                     ep.record(false, threshold, open_for, provider);
                     tracing::debug!(provider = %provider, endpoint = %ep.id, "provider unavailable");
                     tried.push(i);
-                    let budget_ok = self
-                        .budget
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| (b >= 100).then_some(b - 100))
-                        .is_ok();
-                    if retries < self.config.max_retries && budget_ok {
+                    // The budget pays for retries made, not for ones there is
+                    // no endpoint left to make: a register with one endpoint
+                    // down must not drain it for the others.
+                    let another = (0..pool.endpoints.len())
+                        .any(|j| !tried.contains(&j) && pool.endpoints[j].peek_admit(Instant::now()));
+                    if retries < self.config.max_retries
+                        && another
+                        && self
+                            .budget
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| (b >= 100).then_some(b - 100))
+                            .is_ok()
+                    {
                         retries += 1;
                         continue;
                     }
-                    return Err(RelayError::Unavailable(format!("provider {provider} is unavailable")));
+                    return Err(RelayError::Unavailable(format!(
+                        "provider {provider} is unavailable: {}",
+                        clip_message(status.message())
+                    )));
                 }
                 code => {
                     // A dropped connection, a refused certificate or a crash in the

@@ -21,7 +21,7 @@ use lienthong_store::{StoreError, StoreOptions};
 use lienthong_tls::{AcceptOptions, ServerTls, TlsFiles, TlsMaterial};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -257,6 +257,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Stamped before any wait for an exchange slot, as tonic starts the
+        // client's `grpc-timeout` then: a lookup's deadline counts from here.
+        .layer(tower::util::MapRequestLayer::new(|mut request: HttpRequest| {
+            request.extensions_mut().insert(Arrived(Instant::now()));
+            request
+        }))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -405,6 +411,11 @@ async fn bootstrap_admin(
     tracing::info!(member = %id, "bootstrap admin created");
     Ok(())
 }
+
+/// When a request reached the broker, before it waited for a turn: its
+/// `grpc-timeout` counts from here.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived(pub Instant);
 
 type HttpRequest = http::Request<tonic::body::Body>;
 type HttpResponse = http::Response<tonic::body::Body>;

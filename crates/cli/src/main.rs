@@ -220,7 +220,7 @@ async fn run(cli: Cli) -> Result<()> {
                 print!("{}", lienthong_broker::Config::example_toml());
                 return Ok(());
             }
-            let cfg = lienthong_broker::Config::load(config.as_deref(), std::env::vars())?;
+            let cfg = lienthong_broker::Config::load(config.as_deref(), lienthong_broker::Config::environment())?;
             let mut telemetry = lienthong_broker::telemetry::TelemetryOptions::from_config(&cfg.telemetry);
             if cli.log_format == "json" {
                 telemetry.log_format = "json".into();

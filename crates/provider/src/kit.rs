@@ -59,6 +59,10 @@ pub enum FetchError {
     /// The register cannot use the query (`INVALID_ARGUMENT`).
     #[error("{0}")]
     InvalidQuery(String),
+    /// The register does not serve this record type (`UNIMPLEMENTED`): not
+    /// "no such record", which would tell the consumer the citizen has none.
+    #[error("{0}")]
+    NotServed(String),
     /// Temporarily unable to answer; the broker may retry (`UNAVAILABLE`).
     #[error("{0}")]
     Unavailable(String),
@@ -73,6 +77,7 @@ impl FetchError {
         match self {
             FetchError::NotFound(_) => "not_found",
             FetchError::InvalidQuery(_) => "invalid_query",
+            FetchError::NotServed(_) => "not_served",
             FetchError::Unavailable(_) => "unavailable",
             FetchError::Internal(_) => "internal",
         }
@@ -84,6 +89,7 @@ impl From<FetchError> for Status {
         match error {
             FetchError::NotFound(m) => Status::not_found(m),
             FetchError::InvalidQuery(m) => Status::invalid_argument(m),
+            FetchError::NotServed(m) => Status::unimplemented(m),
             FetchError::Unavailable(m) => Status::unavailable(m),
             FetchError::Internal(m) => Status::internal(m),
         }
@@ -93,7 +99,7 @@ impl From<FetchError> for Status {
 /// A register's data: what it serves and how to look one record up.
 #[async_trait::async_trait]
 pub trait RecordSource: Send + Sync + 'static {
-    /// Record types served; fetches for any other type get `NOT_FOUND`.
+    /// Record types served; fetches for any other type get `UNIMPLEMENTED`.
     fn record_types(&self) -> Vec<String>;
 
     /// Looks up one record. Must be free of side effects: the broker may retry.
@@ -330,6 +336,14 @@ fn authorize<T>(request: &Request<T>, refused: &RefusedCertificates) -> Result<(
         return Err(Status::unauthenticated("connection carries no tls peer information"));
     };
     match &peer.identity {
+        // Checked at the handshake, and again here: a connection outlives
+        // the certificate it was made with.
+        Ok(Identity::Broker) if peer.not_after.is_some_and(|t| t <= time::OffsetDateTime::now_utc()) => {
+            tracing::warn!(remote = ?peer.remote_addr, "refused fetch with a broker certificate that expired during the connection");
+            Err(Status::unauthenticated(
+                "the broker's certificate expired during the connection; the broker must reconnect with its renewed certificate",
+            ))
+        }
         Ok(Identity::Broker) => match peer.fingerprint.filter(|f| refused.contains(f)) {
             None => Ok(()),
             Some(fingerprint) => {
@@ -411,7 +425,7 @@ impl RecordProvider for KitService {
 /// Checks the type and query, asks the source, serialises the record.
 async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Result<String, FetchError> {
     if !source.record_types().contains(&req.record_type) {
-        return Err(FetchError::NotFound(format!(
+        return Err(FetchError::NotServed(format!(
             "record type {} is not served here",
             req.record_type
         )));

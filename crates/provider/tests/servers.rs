@@ -167,8 +167,9 @@ async fn bad_queries_unknown_types_and_unknown_citizens_are_refused_precisely() 
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(!status.message().contains(&id), "{}", status.message());
 
+    // Not "no such record": the consumer must not be told the citizen has none.
     let status = fetch(&mut broker, "land.parcel", &birth_query(3)).await.unwrap_err();
-    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(status.code(), Code::Unimplemented);
     assert_eq!(status.message(), "record type land.parcel is not served here");
 
     let unknown = json!({ "national_id": format!("{}{}", &id[..6], DEMO_CITIZENS + 7) });
@@ -319,7 +320,7 @@ async fn demo_register_serves_until_shut_down() {
     let extract: Value = serde_json::from_str(&answer.record_json).unwrap();
     assert_eq!(extract, JudicialRegister::new(SEED).criminal_record_extract(77));
     let status = fetch(&mut broker, BIRTH_RECORD, &birth_query(77)).await.unwrap_err();
-    assert_eq!(status.code(), Code::NotFound, "civil status is another register");
+    assert_eq!(status.code(), Code::Unimplemented, "civil status is another register");
 
     drop(broker);
     stop.send(()).unwrap();
@@ -480,4 +481,24 @@ async fn wait_until(done: impl Fn() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A register checks the broker certificate's expiry on every fetch, not
+/// only at the handshake: a connection outlives the certificate it was
+/// made with.
+#[tokio::test]
+async fn a_broker_certificate_that_expires_during_a_connection_is_refused() {
+    let fed = Federation::new();
+    let (url, stop, register) = start_demo_register(&fed, DemoRegisterKind::CivilStatus, ProviderConfig::new(TD)).await;
+    let mut spec = IssueSpec::broker();
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let short_lived = fed.material(&spec);
+    let mut broker = RecordProviderClient::new(fed.channel(&short_lived, &url).await);
+    fetch(&mut broker, BIRTH_RECORD, &birth_query(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let err = fetch(&mut broker, BIRTH_RECORD, &birth_query(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired during the connection"), "{err:?}");
+    let _ = stop.send(());
+    register.await.unwrap().unwrap();
 }

@@ -57,6 +57,7 @@ fn build_client_config(
     expected_server: Option<(&str, Identity)>,
     is_revoked: Option<RevocationCheck>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    let pinned_register = is_revoked.is_some();
     let provider = provider();
     let mut roots = RootCertStore::empty();
     for root in &material.roots {
@@ -85,6 +86,13 @@ fn build_client_config(
     };
     let mut config = builder.with_client_auth_cert(material.chain.clone(), material.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    if pinned_register {
+        // The relay's connections to registers: every one is verified in
+        // full. A resumed session skips the certificate check, so it would
+        // miss a revocation or an expiry since the session began; the relay
+        // holds a few long-lived connections, so resuming saves nothing.
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(Arc::new(config))
 }
 

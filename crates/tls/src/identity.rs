@@ -113,7 +113,7 @@ pub(crate) fn is_valid_member_id(id: &str) -> bool {
 }
 
 /// Whether `td` is a SPIFFE trust domain name: lowercase letters, digits, `.`, `-`, `_`.
-pub(crate) fn is_valid_trust_domain(td: &str) -> bool {
+pub fn is_valid_trust_domain(td: &str) -> bool {
     (1..=255).contains(&td.len())
         && td
             .bytes()
@@ -151,6 +151,12 @@ pub struct CertificateSummary {
     pub not_after: OffsetDateTime,
     /// SHA-256 of its DER encoding.
     pub sha256: [u8; 32],
+}
+
+/// The expiry of a DER-encoded certificate; `None` if it does not parse.
+pub fn certificate_not_after(der: &[u8]) -> Option<OffsetDateTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(parsed.validity().not_after.to_datetime())
 }
 
 /// The SHA-256 of a DER-encoded certificate: its fingerprint.

@@ -32,8 +32,8 @@ pub use client::{
 };
 pub use coalesce::Coalesced;
 pub use identity::{
-    AuthError, CertificateSummary, Identity, InvalidFingerprint, fingerprint_hex, parse_fingerprint,
-    sha256_fingerprint, summarize_pem,
+    AuthError, CertificateSummary, Identity, InvalidFingerprint, certificate_not_after, fingerprint_hex,
+    is_valid_trust_domain, parse_fingerprint, sha256_fingerprint, summarize_pem,
 };
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{

@@ -271,6 +271,16 @@ pub fn issue_broker_in_dir(dir: &Path, hosts: &[String]) -> Result<(PathBuf, Pat
 }
 
 fn issue_in_dir(dir: &Path, identity: Identity, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+    if let Identity::Member(id) = &identity
+        && matches!(id.as_str(), "ca" | "broker")
+    {
+        // `<id>.pem` and `<id>.key` would replace the federation CA's or the
+        // broker's own files: the CA key would be lost for good.
+        return Err(TlsError::InvalidRequest(format!(
+            "a member cannot be called {id:?} in a certificate directory: {id}.pem and {id}.key are the \
+             federation's own files there; choose another member id"
+        )));
+    }
     let ca_pem = dir.join("ca.pem");
     let trust_domain = trust_domain_from_ca_cert(&ca_pem)?;
     let ca = CertificateAuthority::load(&ca_pem, &dir.join("ca.key"), &trust_domain)?;
@@ -440,6 +450,30 @@ mod tests {
         assert!(matches!(err, TlsError::AlreadyExists { .. }));
         assert!(err.to_string().contains("ca.key"), "{err}");
         assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), before);
+    }
+
+    /// A member called "ca" or "broker" would have its certificate written
+    /// over the federation's own files (the police are commonly "CA").
+    #[test]
+    fn a_member_named_after_the_federations_files_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "gov").unwrap();
+        let files = ["ca.pem", "ca.key", "broker.pem", "broker.key"];
+        let before: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| std::fs::read(dir.path().join(f)).unwrap())
+            .collect();
+        for id in ["ca", "broker"] {
+            let err = issue_member_in_dir(dir.path(), id, &[]).unwrap_err();
+            assert!(matches!(err, TlsError::InvalidRequest(_)), "{err:?}");
+            assert!(err.to_string().contains("choose another member id"), "{err}");
+        }
+        let after: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| std::fs::read(dir.path().join(f)).unwrap())
+            .collect();
+        assert_eq!(after, before);
+        issue_member_in_dir(dir.path(), "ca-police", &[]).unwrap();
     }
 
     #[test]

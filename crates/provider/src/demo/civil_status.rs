@@ -250,7 +250,7 @@ impl RecordSource for CivilStatusRegister {
             DEATH_RECORD => self
                 .death_record(c.index)
                 .ok_or_else(|| FetchError::NotFound("no death is registered for this citizen".to_owned())),
-            other => Err(FetchError::NotFound(format!("record type {other} is not served here"))),
+            other => Err(FetchError::NotServed(format!("record type {other} is not served here"))),
         }
     }
 }

@@ -406,7 +406,7 @@ impl RecordSource for JudicialRegister {
         let c = subject(self.seed, &ctx.query)?;
         match ctx.record_type.as_str() {
             CRIMINAL_RECORD_EXTRACT => Ok(self.criminal_record_extract(c.index)),
-            other => Err(FetchError::NotFound(format!("record type {other} is not served here"))),
+            other => Err(FetchError::NotServed(format!("record type {other} is not served here"))),
         }
     }
 }
