@@ -279,3 +279,78 @@ async fn a_flood_without_a_certificate_is_summed_up_in_the_log_not_logged_call_b
         )
     );
 }
+
+/// The CLI as `member` with `input` on its standard input.
+async fn cli_with_stdin(
+    fed: &lienthong_cli::federation::Federation,
+    member: &str,
+    args: &[&str],
+    input: String,
+) -> (bool, String) {
+    use std::io::Write;
+    let env = cli_env(fed, member);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(bin())
+            .args(&args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    })
+    .await
+    .unwrap()
+}
+
+/// A national ID need not be typed on a command line (shell history,
+/// process list): `lookup --query -` and `audit history --subject -` read
+/// it from standard input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_a_national_id_from_standard_input() {
+    let (_dir, fed) = federation().await;
+    let subject = citizen_id(&fed, 21);
+    let query = serde_json::json!({ "national_id": subject }).to_string();
+    let (ok, out) = cli_with_stdin(
+        &fed,
+        lienthong_cli::federation::JUDICIAL_OFFICE,
+        &[
+            "lookup",
+            "--type",
+            "civil_status.birth_record",
+            "--query",
+            "-",
+            "--purpose",
+            lienthong_cli::federation::PURPOSE_CERTIFICATE,
+        ],
+        format!("{query}\n"),
+    )
+    .await;
+    assert!(ok && out.contains("full_name") && out.contains("receipt"), "{out}");
+    let (ok, out) = cli_with_stdin(
+        &fed,
+        lienthong_cli::federation::CITIZEN_PORTAL,
+        &["audit", "history", "--subject", "-"],
+        format!("{subject}\n"),
+    )
+    .await;
+    assert!(
+        ok && out.contains("hanoi-judicial-office") && out.contains("civil_status.birth_record"),
+        "{out}"
+    );
+    let (ok, out) = cli_with_stdin(
+        &fed,
+        lienthong_cli::federation::CITIZEN_PORTAL,
+        &["audit", "history", "--subject", "-"],
+        String::new(),
+    )
+    .await;
+    assert!(!ok && out.contains("standard input was empty"), "{out}");
+    fed.shutdown().await.unwrap();
+}

@@ -268,3 +268,86 @@ async fn cli_schema_commands_work_as_documented() {
     assert!(ok && out.contains("/father/full_name"), "{out}");
     fed.shutdown().await.unwrap();
 }
+
+/// A grant covers the fields of the version it was checked against. A newer
+/// version its provider registered and deprecated before the grant was made
+/// (so the admin checked the grant against the older one) does not widen
+/// it, even when a consumer asks for that version by number.
+#[tokio::test]
+async fn a_deprecated_newer_version_does_not_widen_a_grant_checked_against_an_older_one() {
+    let (_dir, fed) = federation().await;
+    // Version 2 declares the father's national id; its provider deprecates it.
+    let mut v2: serde_json::Value = serde_json::from_str(lienthong_provider::demo::demo_schemas()[0].1).unwrap();
+    v2["record_schema"]["properties"]["father"]["properties"]["national_id"] = json!({"type": "string"});
+    let civil = client(&fed, CIVIL_STATUS).await;
+    let registered = civil
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(lienthong_cli::federation::definition_from_json(&v2.to_string()).unwrap()),
+            compatibility: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(registered.version.unwrap().version, 2);
+    civil
+        .schemas()
+        .deprecate(pb::DeprecateRequest {
+            name: "civil_status.birth_record".into(),
+            version: 2,
+            note: "withdrawn".into(),
+        })
+        .await
+        .unwrap();
+    // The admin grants the father's fields, checked against version 1.
+    let grant = client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            consumer: lienthong_cli::federation::TAX_DEPT.into(),
+            record_type: "civil_status.birth_record".into(),
+            fields: vec!["/father".into()],
+            purposes: vec!["tax-law-38-2019/art-17".into()],
+            valid_from: None,
+            valid_until: None,
+            rate_limit_per_minute: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grant.reviewed_version, 1);
+    // The register answers the father's national id (valid under version 2).
+    let register = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed);
+    let (index, mut record) = (0..100)
+        .map(|i| (i, register.birth_record(i)))
+        .find(|(_, r)| r["father"].is_object())
+        .unwrap();
+    record["father"]["national_id"] = "001060000001".into();
+    let civil_material =
+        lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(&fed.certs, CIVIL_STATUS)).unwrap();
+    let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&civil_material, &fed.options.trust_domain).unwrap());
+    let raw = lienthong_provider::testing::start_raw_server(
+        lienthong_provider::testing::RawProvider::new(record.to_string()),
+        tls,
+    )
+    .await
+    .unwrap();
+    replace_civil_endpoint(&fed, &raw.url()).await;
+    let tax = client(&fed, lienthong_cli::federation::TAX_DEPT).await;
+    let lookup = |version: u32, fields: &[&str]| pb::LookupRequest {
+        schema_version: version,
+        fields: fields.iter().map(|f| f.to_string()).collect(),
+        ..birth_lookup(&citizen_id(&fed, index), "tax-law-38-2019/art-17")
+    };
+    let released = tax.exchange().lookup(lookup(2, &[])).await.unwrap().into_inner();
+    let released: serde_json::Value = serde_json::from_str(&released.record_json).unwrap();
+    assert!(released["father"]["full_name"].is_string(), "{released}");
+    assert!(released["father"].get("national_id").is_none(), "{released}");
+    let err = tax
+        .exchange()
+        .lookup(lookup(2, &["/father/national_id"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    fed.shutdown().await.unwrap();
+}

@@ -424,6 +424,7 @@ impl Broker {
             revoked_reason: String::new(),
             created_by: caller.member.id.clone(),
             created_at: now,
+            reviewed_version: Some(rt.version_number()),
         };
         self.store.insert_grant(&g).await?;
         let pb = convert::grant(&g);

@@ -100,6 +100,7 @@ pub fn grant(g: &Grant) -> pb::Grant {
         revoked_reason: g.revoked_reason.clone(),
         created_by: g.created_by.to_string(),
         created_at: Some(ts(g.created_at)),
+        reviewed_version: g.reviewed_version.unwrap_or_default(),
     }
 }
 

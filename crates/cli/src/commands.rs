@@ -582,7 +582,9 @@ pub struct LookupArgs {
     /// Record type, e.g. civil_status.birth_record.
     #[arg(long = "type")]
     pub record_type: String,
-    /// Query as a JSON object, e.g. '{"national_id":"001090004217"}'.
+    /// Query as a JSON object, e.g. '{"national_id":"001090004217"}'; `-`
+    /// reads it from standard input, which keeps the national ID out of the
+    /// shell's history and the process list.
     #[arg(long)]
     pub query: String,
     /// Legal-basis code of this lookup.
@@ -599,13 +601,29 @@ pub struct LookupArgs {
     pub request_id: String,
 }
 
+/// `value`, or for `-` what standard input holds (surrounding whitespace
+/// trimmed), so that a national ID need not be typed on a command line.
+fn arg_or_stdin(value: String, flag: &str) -> Result<String> {
+    if value != "-" {
+        return Ok(value);
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .with_context(|| format!("cannot read {flag} from standard input"))?;
+    let text = text.trim();
+    if text.is_empty() {
+        bail!("{flag} -: standard input was empty");
+    }
+    Ok(text.to_owned())
+}
+
 /// Runs a lookup and prints the record and its receipt.
 pub async fn lookup(conn: &ConnectArgs, a: LookupArgs) -> Result<()> {
     let mut c = conn.connect().await?.exchange();
     let r = c
         .lookup(pb::LookupRequest {
             record_type: a.record_type,
-            query_json: a.query,
+            query_json: arg_or_stdin(a.query, "--query")?,
             purpose: a.purpose,
             fields: a.fields,
             schema_version: a.version,
@@ -667,7 +685,9 @@ pub enum AuditCmd {
     },
     /// Who accessed one citizen's data (subject-portal or auditor role).
     History {
-        /// The subject key (national id); sent over mTLS and hashed by the broker.
+        /// The subject key (national id); sent over mTLS and hashed by the
+        /// broker. `-` reads it from standard input, which keeps it out of
+        /// the shell's history and the process list.
         #[arg(long)]
         subject: String,
     },
@@ -845,6 +865,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             }
         }
         AuditCmd::History { subject } => {
+            let subject = arg_or_stdin(subject, "--subject")?;
             // Every page, newest first: a citizen's whole history.
             let mut accesses = Vec::new();
             let mut token = String::new();
@@ -1197,7 +1218,7 @@ async fn verify_online(
             if lines.len().is_multiple_of(50_000) {
                 eprint!(
                     "\rlog {}: fetched {} entries",
-                    &log.log_id[..12.min(log.log_id.len())],
+                    log.log_id.get(..12).unwrap_or(&log.log_id),
                     lines.len()
                 );
             }

@@ -109,9 +109,9 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
                     out,
                     format!(
                         "   receipt: log {}… entry #{} leaf {}…",
-                        &rc.log_id[..12.min(rc.log_id.len())],
+                        rc.log_id.get(..12).unwrap_or(&rc.log_id),
                         rc.sequence,
-                        &hex::encode(&rc.leaf_hash)[..16]
+                        hex::encode(rc.leaf_hash.get(..8).unwrap_or(&rc.leaf_hash))
                     ),
                 );
             }
@@ -303,7 +303,7 @@ pub async fn story(fed: &Federation, out: &mut dyn Write) -> Result<StoryReport>
                     "   entry #{} is in the tree of size {} signed by log {}…: {}",
                     p.sequence,
                     p.tree_size,
-                    &p.log_id[..12.min(p.log_id.len())],
+                    p.log_id.get(..12).unwrap_or(&p.log_id),
                     if ok { "VERIFIED" } else { "NOT VERIFIED" }
                 ),
             );

@@ -48,6 +48,7 @@ fn snapshot() -> Snapshot {
                 revoked_reason: String::new(),
                 created_by: MemberId::new("admin").unwrap(),
                 created_at: datetime!(2024-01-01 0:00 UTC),
+                reviewed_version: None,
             });
         }
     }

@@ -48,6 +48,11 @@ pub struct Grant {
     /// When created.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The record type version whose fields the grant was checked against
+    /// when it was made: it covers fields as that version declares them.
+    /// `None` for grants made before this was recorded.
+    #[serde(default)]
+    pub reviewed_version: Option<u32>,
 }
 
 /// A network address of a provider's RecordProvider service.

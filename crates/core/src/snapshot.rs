@@ -146,14 +146,20 @@ impl Snapshot {
                 continue;
             };
             let versions = types.get(&location.record_type).map_or(&[][..], Vec::as_slice);
-            // Clocks of replicas differ a little: a grant that looks older than
-            // every version was made against the first.
-            let reviewed = versions
-                .iter()
-                .rev()
-                .find(|v| v.version.registered_at <= grant.created_at)
-                .or_else(|| versions.first())
-                .cloned();
+            // The version the grant was checked against when it was made. For
+            // a grant made before that was recorded: the newest version then
+            // in use (a deprecated one was not what the admin looked at);
+            // clocks of replicas differ a little, so a grant that looks older
+            // than every version was made against the first.
+            let reviewed = match grant.reviewed_version {
+                Some(n) => versions.iter().find(|v| v.version_number() == n),
+                None => versions
+                    .iter()
+                    .rev()
+                    .find(|v| v.version.registered_at <= grant.created_at && !v.version.deprecated),
+            }
+            .or_else(|| versions.first())
+            .cloned();
             let mut granted = FieldSelection::from_fields(&grant.fields);
             if let Some(r) = &reviewed {
                 granted = granted.intersect(r.shape());

@@ -43,6 +43,7 @@ fn grant(id: &str, fields: GrantFields, purposes: &[&str]) -> Grant {
         revoked_reason: String::new(),
         created_by: MemberId::new("admin").unwrap(),
         created_at: datetime!(2025-01-01 0:00 UTC),
+        reviewed_version: None,
     }
 }
 

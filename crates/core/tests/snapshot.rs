@@ -40,6 +40,7 @@ fn grant(gid: &str, consumer: &str, record_type: &str, created_at: OffsetDateTim
         revoked_reason: String::new(),
         created_by: id("admin"),
         created_at,
+        reviewed_version: None,
     }
 }
 
@@ -319,4 +320,57 @@ fn a_later_version_does_not_widen_a_grant_made_before_it() {
         r#"{"father":{"full_name":"Le Van A"}}"#
     );
     assert!(ask("gamma", &["/father/national_id"]).is_allowed());
+}
+
+/// The version a grant was checked against is the one recorded with it:
+/// a newer version registered before the grant, but deprecated, or not yet
+/// seen by the replica that made it, does not widen it. A grant made
+/// before the version was recorded stands in with the newest version then
+/// in use, a deprecated one excepted.
+#[test]
+fn a_grant_covers_the_version_it_was_checked_against_not_a_newer_one() {
+    let v1 = birth_version(
+        1,
+        datetime!(2025-01-01 0:00 UTC),
+        serde_json::json!({"type": "object", "properties": {
+            "father": {"type": "object", "properties": {"full_name": {"type": "string"}}}
+        }}),
+    );
+    let mut v2 = birth_version(
+        2,
+        datetime!(2025-02-01 0:00 UTC),
+        serde_json::json!({"type": "object", "properties": {
+            "father": {"type": "object", "properties": {
+                "full_name": {"type": "string"}, "national_id": {"type": "string"}
+            }}
+        }}),
+    )
+    .version
+    .clone();
+    v2.deprecated = true;
+    let v2 = Arc::new(CompiledRecordType::compile(v2).unwrap());
+    // Made after v2 was registered, checked against v1.
+    let mut recorded = grant("g-recorded", "alpha", "civil.birth", datetime!(2025-03-01 0:00 UTC));
+    recorded.fields = GrantFields::Pointers(vec!["/father".into()]);
+    recorded.reviewed_version = Some(1);
+    // The same, from before the version was recorded.
+    let mut legacy = grant("g-legacy", "beta", "civil.birth", datetime!(2025-03-01 0:00 UTC));
+    legacy.fields = GrantFields::Pointers(vec!["/father".into()]);
+    let snap = Snapshot::build(
+        1,
+        NOW,
+        vec![member("alpha"), member("beta")],
+        vec![recorded, legacy],
+        vec![v1, v2],
+        Vec::new(),
+    );
+    let record = serde_json::json!({"father": {"full_name": "Le Van A", "national_id": "001060000001"}});
+    for gid in ["g-recorded", "g-legacy"] {
+        assert_eq!(snap.grant_reviewed(gid).unwrap().version_number(), 1, "{gid}");
+        assert_eq!(
+            snap.grant_selection(gid, 2).unwrap().to_json(&record).unwrap(),
+            r#"{"father":{"full_name":"Le Van A"}}"#,
+            "{gid}: version 2 asked for by number"
+        );
+    }
 }

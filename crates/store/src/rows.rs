@@ -164,6 +164,7 @@ pub(crate) struct GrantRow {
     revoked_reason: String,
     created_by: String,
     created_at_us: i64,
+    reviewed_version: Option<i64>,
 }
 
 impl GrantRow {
@@ -187,6 +188,10 @@ impl GrantRow {
             revoked_reason: self.revoked_reason,
             created_by: member_id(self.created_by, "grants.created_by")?,
             created_at: from_us(self.created_at_us, "grants.created_at_us")?,
+            reviewed_version: self
+                .reviewed_version
+                .map(|v| to_u32(v, "grants.reviewed_version"))
+                .transpose()?,
         })
     }
 }

@@ -57,7 +57,7 @@ const MEMBER_COLUMNS: &str = "id, display_name, roles, enabled, disabled_reason,
 const ENDPOINT_COLUMNS: &str = "id, provider, url, created_at_us";
 const REVOKED_CERTIFICATE_COLUMNS: &str = "fingerprint, member_id, reason, not_after_us, revoked_at_us, revoked_by";
 const GRANT_COLUMNS: &str = "id, consumer, record_type, fields, purposes, valid_from_us, valid_until_us, \
-     rate_limit_per_minute, revoked_at_us, revoked_reason, created_by, created_at_us";
+     rate_limit_per_minute, revoked_at_us, revoked_reason, created_by, created_at_us, reviewed_version";
 const RECORD_TYPE_COLUMNS: &str = "name, version, description, owner, query_schema, record_schema, subject_key, \
      deprecated, deprecation_note, registered_at_us, registered_by, compatibility, field_pointers, digest";
 /// Stored columns of `audit_entries`, in insert order.
@@ -172,6 +172,17 @@ pub(crate) struct SqlStore {
 }
 
 impl SqlStore {
+    /// Stops the background work (subject runs, checkpoints) and leaves the
+    /// connections open, for tests that drive it step by step themselves.
+    #[cfg(test)]
+    pub(crate) fn stop_background(&self) {
+        let tasks = match self.background.lock() {
+            Ok(mut tasks) => std::mem::take(&mut *tasks),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        tasks.iter().for_each(tokio::task::JoinHandle::abort);
+    }
+
     /// The pooled readers and the audit writer of an SQLite store (tests).
     #[cfg(test)]
     pub(crate) fn sqlite_pools(&self) -> Option<(SqlitePool, SqlitePool)> {
@@ -882,12 +893,14 @@ impl Store for SqlStore {
     async fn insert_grant(&self, g: &Grant) -> Result<()> {
         let fields = to_json(&g.fields, "grant fields")?;
         let purposes = to_json(&g.purposes, "grant purposes")?;
-        let sql =
-            format!("INSERT INTO grants ({GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
+        let sql = format!(
+            "INSERT INTO grants ({GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        );
         on_pool!(self, p => sqlx::query(&sql)
             .bind(&g.id).bind(g.consumer.as_str()).bind(&g.record_type).bind(&fields).bind(&purposes)
             .bind(to_us(g.valid_from)).bind(g.valid_until.map(to_us)).bind(i64::from(g.rate_limit_per_minute))
             .bind(g.revoked_at.map(to_us)).bind(&g.revoked_reason).bind(g.created_by.as_str()).bind(to_us(g.created_at))
+            .bind(g.reviewed_version.map(i64::from))
             .execute(p).await.map(|_| ()))
         .map_err(unique(|| format!("grant {:?}", g.id)))
     }

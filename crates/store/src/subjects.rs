@@ -617,6 +617,9 @@ mod tests {
         let store = sqlite_store(dir.path().join("l.db").to_str().unwrap(), &options)
             .await
             .unwrap();
+        // The tests take the steps themselves: a background step between
+        // theirs (woken by their appends) would merge runs under them.
+        store.stop_background();
         for log in LOGS {
             store
                 .ensure_log(&LogInfo {

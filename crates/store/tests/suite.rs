@@ -124,6 +124,7 @@ fn grant(gid: &str, consumer: &str, record_type: &str, created: u8) -> Grant {
         revoked_reason: String::new(),
         created_by: id("admin"),
         created_at: at(created),
+        reviewed_version: Some(1),
     }
 }
 
