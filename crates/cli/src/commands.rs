@@ -353,8 +353,13 @@ fn print_grant(g: &pb::Grant) {
         "active".into()
     };
     let until = g.valid_until.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
+    // The version whose declared fields the grant covers.
+    let version = match g.reviewed_version {
+        0 => String::new(),
+        v => format!(" v{v}"),
+    };
     println!(
-        "{}  {} -> {}  fields [{}]  purposes [{}]  until {}  rate {}/min  {}",
+        "{}  {} -> {}{version}  fields [{}]  purposes [{}]  until {}  rate {}/min  {}",
         g.id,
         g.consumer,
         g.record_type,

@@ -703,9 +703,13 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// True if the schema object carries structure of its own rather than being a bare `$ref`.
+/// True if the schema object declares structure of its own, so that a `$ref`
+/// beside it is not where its fields are. A `type` beside a `$ref`
+/// (`{"type": "object", "$ref": "#/$defs/person"}`) declares none: the
+/// fields are the reference's, and releasing the object whole would pass
+/// whatever the register adds inside it.
 fn has_own_structure(obj: &Map<String, Value>) -> bool {
-    obj.contains_key("properties") || obj.contains_key("items") || obj.contains_key("type")
+    obj.contains_key("properties") || obj.contains_key("items")
 }
 
 /// Follows local `$ref`s of bare reference schemas, without cycle tracking
@@ -1071,6 +1075,22 @@ fn compare_record(old_schema: &Value, new_schema: &Value, out: &mut Vec<Breaking
                 format!("record property {p} no longer allows every value it allowed (enum narrowed or added)"),
             ));
         }
+        let changed = || match (resolved(old_schema, old.schema), resolved(new_schema, new.schema)) {
+            (Some(o), Some(n)) => o != n,
+            _ => true,
+        };
+        if is_opaque_leaf(new, &new_fields) && changed() {
+            out.push(breaking(
+                "record_property_structure_changed",
+                p,
+                format!(
+                    "record property {p} holds values whose fields its schema does not declare with \
+                     properties and items (allOf, anyOf, oneOf, a tuple, a map...), and that schema changed: a grant \
+                     on {p} releases whatever the new schema admits there. Declare its fields, or have an admin \
+                     register it with compatibility NONE"
+                ),
+            ));
+        }
         if let (Some(oi), Some(ni)) = (old.items, new.items) {
             let (ot, nt) = (type_set(oi), type_set(ni));
             if ot != nt {
@@ -1095,6 +1115,70 @@ fn compare_record(old_schema: &Value, new_schema: &Value, out: &mut Vec<Breaking
             }
         }
     }
+}
+
+/// A field released whole (no field of its own below it) whose values may
+/// be more than one scalar: its structure, if any, is invisible to the
+/// field-by-field filter.
+fn is_opaque_leaf(field: &FieldInfo<'_>, fields: &[FieldInfo<'_>]) -> bool {
+    const SCALARS: [&str; 5] = ["string", "number", "integer", "boolean", "null"];
+    let scalar_only = field.items.is_none()
+        && type_set(field.schema).is_some_and(|t| !t.is_empty() && t.iter().all(|t| SCALARS.contains(t)))
+        && !["allOf", "anyOf", "oneOf", "if", "then", "else", "not"]
+            .iter()
+            .any(|k| field.schema.get(*k).is_some());
+    let mut below = field.pointer.clone();
+    below.push('/');
+    !scalar_only && !fields.iter().any(|f| f.pointer.starts_with(&below))
+}
+
+/// A subschema with its local `$ref`s inlined (to a bounded depth) and the
+/// keywords that only annotate removed: two are equal when they admit the
+/// same values. `None` past a bound on the work, as for a schema whose
+/// references fan out: it then counts as changed.
+fn resolved(root: &Value, schema: &Value) -> Option<Value> {
+    /// Nodes inlined at most, so that references fanning out cannot make a
+    /// registration do exponential work.
+    const BUDGET: usize = 20_000;
+    fn inline(root: &Value, schema: &Value, depth: usize, budget: &mut usize) -> Option<Value> {
+        const ANNOTATIONS: [&str; 9] = [
+            "description",
+            "title",
+            "examples",
+            "$comment",
+            "default",
+            "deprecated",
+            "readOnly",
+            "writeOnly",
+            "$defs",
+        ];
+        *budget = budget.checked_sub(1)?;
+        Some(match schema {
+            Value::Object(obj) => {
+                let mut out = Map::new();
+                for (key, value) in obj {
+                    if ANNOTATIONS.contains(&key.as_str()) {
+                        continue;
+                    }
+                    let inlined = match (key.as_str(), value.as_str().and_then(|r| local_target(root, r))) {
+                        ("$ref", Some(target)) if depth < MAX_REF_HOPS => inline(root, target, depth + 1, budget)?,
+                        _ => inline(root, value, depth, budget)?,
+                    };
+                    out.insert(key.clone(), inlined);
+                }
+                Value::Object(out)
+            }
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|v| inline(root, v, depth, budget))
+                    .collect::<Option<_>>()?,
+            ),
+            other => other.clone(),
+        })
+    }
+    let mut budget = BUDGET;
+    inline(root, schema, 0, &mut budget)
 }
 
 fn compare_query(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingChange>) {
@@ -1129,6 +1213,22 @@ fn compare_query(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingC
                 "query_enum_narrowed",
                 p,
                 format!("query parameter {p} no longer accepts every value it accepted (enum narrowed or added)"),
+            ));
+        }
+        let changed = || match (resolved(old_schema, old.schema), resolved(new_schema, new.schema)) {
+            (Some(o), Some(n)) => o != n,
+            _ => true,
+        };
+        if is_opaque_leaf(new, &new_fields) && changed() {
+            out.push(breaking(
+                "record_property_structure_changed",
+                p,
+                format!(
+                    "record property {p} holds values whose fields its schema does not declare with \
+                     properties and items (allOf, anyOf, oneOf, a tuple, a map...), and that schema changed: a grant \
+                     on {p} releases whatever the new schema admits there. Declare its fields, or have an admin \
+                     register it with compatibility NONE"
+                ),
             ));
         }
         if let (Some(oi), Some(ni)) = (old.items, new.items) {

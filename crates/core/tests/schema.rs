@@ -235,6 +235,42 @@ const TABLE: &[Row] = &[
         expect: &[("record_property_retyped", "/previous_names/family_name")],
     },
     Row {
+        what: "widen the fields of an object declared through allOf",
+        before: |_, r| {
+            set(
+                r,
+                "/properties/guardian",
+                json!({"allOf": [{"type": "object", "properties": {"full_name": {"type": "string"}}}]}),
+            )
+        },
+        after: |_, r, _, _| {
+            set(
+                r,
+                "/properties/guardian/allOf/0/properties/national_id",
+                json!({"type": "string"}),
+            )
+        },
+        expect: &[("record_property_structure_changed", "/guardian")],
+    },
+    Row {
+        what: "let an array of strings hold anything",
+        before: |_, r| {
+            set(
+                r,
+                "/properties/aliases",
+                json!({"type": "array", "items": {"type": "string"}}),
+            )
+        },
+        after: |_, r, _, _| set(r, "/properties/aliases", json!({"type": "array"})),
+        expect: &[("record_property_structure_changed", "/aliases")],
+    },
+    Row {
+        what: "change only what describes a scalar field",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/birth_year/description", json!("year of birth")),
+        expect: &[],
+    },
+    Row {
         what: "narrow a record type union",
         before: |_, r| set(r, "/properties/full_name/type", json!(["string", "null"])),
         after: |_, r, _, _| set(r, "/properties/full_name/type", json!("string")),
@@ -345,6 +381,33 @@ fn compatibility_table() {
             );
         }
     }
+}
+
+/// A `$ref` beside a `type` is where the object's fields are: they are
+/// released field by field, not the object whole, so a key the register
+/// adds inside it never leaves, and a later version adding one there is a
+/// new field a grant made before does not cover.
+#[test]
+fn a_reference_beside_a_type_declares_the_fields() {
+    let mut record = base_record();
+    set(
+        &mut record,
+        "/properties/father",
+        json!({"type": "object", "$ref": "#/$defs/person"}),
+    );
+    set(
+        &mut record,
+        "/$defs",
+        json!({"person": {"type": "object", "properties": {"full_name": {"type": "string"}}}}),
+    );
+    let v1 = define(&base_query(), &record, "national_id").unwrap();
+    let pointers = v1.field_pointers();
+    assert!(pointers.iter().any(|p| p == "/father/full_name"), "{pointers:?}");
+    let released = compiled(v1.clone())
+        .shape()
+        .to_json(&json!({"full_name": "A", "father": {"full_name": "B", "national_id": "001060000001"}}))
+        .unwrap();
+    assert_eq!(released, r#"{"full_name":"A","father":{"full_name":"B"}}"#);
 }
 
 #[test]
