@@ -351,3 +351,63 @@ async fn a_deprecated_newer_version_does_not_widen_a_grant_checked_against_an_ol
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     fed.shutdown().await.unwrap();
 }
+
+/// What the consumer and the audit entry are told was released is what
+/// was: a granted field the version looked up does not declare is not
+/// listed as released.
+#[tokio::test]
+async fn fields_released_lists_only_what_the_version_looked_up_declares() {
+    let (_dir, fed) = federation().await;
+    let mut v2: serde_json::Value = serde_json::from_str(lienthong_provider::demo::demo_schemas()[0].1).unwrap();
+    v2["record_schema"]["properties"]["father"]["properties"]["national_id"] = json!({"type": "string"});
+    client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(lienthong_cli::federation::definition_from_json(&v2.to_string()).unwrap()),
+            compatibility: 0,
+        })
+        .await
+        .unwrap();
+    let grant = client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            consumer: lienthong_cli::federation::TAX_DEPT.into(),
+            record_type: "civil_status.birth_record".into(),
+            fields: vec!["/father/full_name".into(), "/father/national_id".into()],
+            purposes: vec!["tax-law-38-2019/art-17".into()],
+            valid_from: None,
+            valid_until: None,
+            rate_limit_per_minute: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grant.reviewed_version, 2);
+    let register = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed);
+    let index = (0..100)
+        .find(|i| register.birth_record(*i)["father"].is_object())
+        .unwrap();
+    let answer = client(&fed, lienthong_cli::federation::TAX_DEPT)
+        .await
+        .exchange()
+        .lookup(pb::LookupRequest {
+            schema_version: 1,
+            request_id: "version-one".into(),
+            ..birth_lookup(&citizen_id(&fed, index), "tax-law-38-2019/art-17")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.fields_released, ["/father/full_name"]);
+    let record: serde_json::Value = serde_json::from_str(&answer.record_json).unwrap();
+    assert_eq!(record["father"].as_object().unwrap().len(), 1, "{record}");
+    let entry = logged(&fed, pb::EntryFilter::default())
+        .await
+        .into_iter()
+        .find(|e| e.request_id == "version-one")
+        .unwrap();
+    assert_eq!(entry.fields_released, ["/father/full_name"]);
+    fed.shutdown().await.unwrap();
+}

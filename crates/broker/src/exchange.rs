@@ -714,18 +714,21 @@ impl Broker {
                 },
             ));
         }
+        // What the audit entry, the register and the consumer are told is
+        // released: only fields this version and the grant's reviewed
+        // version both declare, as the selection applied to the record.
+        let reviewed = snapshot.grant_reviewed(&allowed.grant_id);
+        let declared = |p: &String| rt.has_field(p) && reviewed.is_none_or(|r| r.has_field(p));
         let released: Vec<String> = match &allowed.fields {
-            // Every top-level field the grant was made against that this version has.
-            GrantFields::All => {
-                let reviewed = snapshot.grant_reviewed(&allowed.grant_id);
-                rt.version
-                    .field_pointers
-                    .iter()
-                    .filter(|p| p.rfind('/') == Some(0) && reviewed.is_none_or(|r| r.has_field(p)))
-                    .cloned()
-                    .collect()
-            }
-            GrantFields::Pointers(p) => p.clone(),
+            // Every top-level field.
+            GrantFields::All => rt
+                .version
+                .field_pointers
+                .iter()
+                .filter(|p| p.rfind('/') == Some(0) && declared(p))
+                .cloned()
+                .collect(),
+            GrantFields::Pointers(p) => p.iter().filter(|p| declared(p)).cloned().collect(),
         };
         // A disabled register (its key leaked, its agency suspended) gets no
         // more queries, as a disabled consumer gets no more answers.
