@@ -407,21 +407,24 @@ async fn an_export_verifies_offline_and_says_what_no_signature_covers_yet() {
     std::fs::write(&key_file, &pem).unwrap();
     let log_id = fed.broker.broker.audit.log_id().to_string();
     let state = fed.dir.join("offline-state.json");
-    let (ok, out) = run_cli(
-        &[
-            "audit",
-            "verify",
-            "--export",
-            export.to_str().unwrap(),
-            "--sth",
-            sth_file.to_str().unwrap(),
-            "--public-key",
-            key_file.to_str().unwrap(),
-            "--state",
-            state.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let verify_offline = || {
+        run_cli(
+            &[
+                "audit",
+                "verify",
+                "--export",
+                export.to_str().unwrap(),
+                "--sth",
+                sth_file.to_str().unwrap(),
+                "--public-key",
+                key_file.to_str().unwrap(),
+                "--state",
+                state.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let (ok, out) = verify_offline();
     assert!(ok, "{out}");
     let total = signed + 2;
     assert!(
@@ -439,21 +442,7 @@ async fn an_export_verifies_offline_and_says_what_no_signature_covers_yet() {
         let mut tampered = head.clone();
         tampered["log_id"] = forged.into();
         std::fs::write(&sth_file, tampered.to_string()).unwrap();
-        let (ok, out) = run_cli(
-            &[
-                "audit",
-                "verify",
-                "--export",
-                export.to_str().unwrap(),
-                "--sth",
-                sth_file.to_str().unwrap(),
-                "--public-key",
-                key_file.to_str().unwrap(),
-                "--state",
-                state.to_str().unwrap(),
-            ],
-            &[],
-        );
+        let (ok, out) = verify_offline();
         assert!(!ok && !out.contains("panicked"), "{forged}: {out}");
         assert!(out.contains("is not a log id"), "{forged}: {out}");
     }

@@ -269,18 +269,13 @@ async fn cli_schema_commands_work_as_documented() {
     fed.shutdown().await.unwrap();
 }
 
-/// A grant covers the fields of the version it was checked against. A newer
-/// version its provider registered and deprecated before the grant was made
-/// (so the admin checked the grant against the older one) does not widen
-/// it, even when a consumer asks for that version by number.
-#[tokio::test]
-async fn a_deprecated_newer_version_does_not_widen_a_grant_checked_against_an_older_one() {
-    let (_dir, fed) = federation().await;
-    // Version 2 declares the father's national id; its provider deprecates it.
+/// Registers version 2 of the birth record, which declares the father's
+/// national id.
+async fn register_birth_v2_with_fathers_id(fed: &lienthong_cli::federation::Federation) {
     let mut v2: serde_json::Value = serde_json::from_str(lienthong_provider::demo::demo_schemas()[0].1).unwrap();
     v2["record_schema"]["properties"]["father"]["properties"]["national_id"] = json!({"type": "string"});
-    let civil = client(&fed, CIVIL_STATUS).await;
-    let registered = civil
+    let registered = client(fed, CIVIL_STATUS)
+        .await
         .schemas()
         .register(pb::RegisterRequest {
             definition: Some(lienthong_cli::federation::definition_from_json(&v2.to_string()).unwrap()),
@@ -290,7 +285,33 @@ async fn a_deprecated_newer_version_does_not_widen_a_grant_checked_against_an_ol
         .unwrap()
         .into_inner();
     assert_eq!(registered.version.unwrap().version, 2);
-    civil
+}
+
+/// A grant of birth-record `fields` to the tax department.
+async fn tax_grant(fed: &lienthong_cli::federation::Federation, fields: &[&str]) -> pb::Grant {
+    client(fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(pb::CreateGrantRequest {
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+            ..birth_grant(lienthong_cli::federation::TAX_DEPT, &[], 0)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A grant covers the fields of the version it was checked against. A newer
+/// version its provider registered and deprecated before the grant was made
+/// (so the admin checked the grant against the older one) does not widen
+/// it, even when a consumer asks for that version by number.
+#[tokio::test]
+async fn a_deprecated_newer_version_does_not_widen_a_grant_checked_against_an_older_one() {
+    let (_dir, fed) = federation().await;
+    // Version 2 declares the father's national id; its provider deprecates it.
+    register_birth_v2_with_fathers_id(&fed).await;
+    client(&fed, CIVIL_STATUS)
+        .await
         .schemas()
         .deprecate(pb::DeprecateRequest {
             name: "civil_status.birth_record".into(),
@@ -300,21 +321,7 @@ async fn a_deprecated_newer_version_does_not_widen_a_grant_checked_against_an_ol
         .await
         .unwrap();
     // The admin grants the father's fields, checked against version 1.
-    let grant = client(&fed, ADMIN)
-        .await
-        .admin()
-        .create_grant(pb::CreateGrantRequest {
-            consumer: lienthong_cli::federation::TAX_DEPT.into(),
-            record_type: "civil_status.birth_record".into(),
-            fields: vec!["/father".into()],
-            purposes: vec!["tax-law-38-2019/art-17".into()],
-            valid_from: None,
-            valid_until: None,
-            rate_limit_per_minute: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = tax_grant(&fed, &["/father"]).await;
     assert_eq!(grant.reviewed_version, 1);
     // The register answers the father's national id (valid under version 2).
     let register = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed);
@@ -358,32 +365,8 @@ async fn a_deprecated_newer_version_does_not_widen_a_grant_checked_against_an_ol
 #[tokio::test]
 async fn fields_released_lists_only_what_the_version_looked_up_declares() {
     let (_dir, fed) = federation().await;
-    let mut v2: serde_json::Value = serde_json::from_str(lienthong_provider::demo::demo_schemas()[0].1).unwrap();
-    v2["record_schema"]["properties"]["father"]["properties"]["national_id"] = json!({"type": "string"});
-    client(&fed, CIVIL_STATUS)
-        .await
-        .schemas()
-        .register(pb::RegisterRequest {
-            definition: Some(lienthong_cli::federation::definition_from_json(&v2.to_string()).unwrap()),
-            compatibility: 0,
-        })
-        .await
-        .unwrap();
-    let grant = client(&fed, ADMIN)
-        .await
-        .admin()
-        .create_grant(pb::CreateGrantRequest {
-            consumer: lienthong_cli::federation::TAX_DEPT.into(),
-            record_type: "civil_status.birth_record".into(),
-            fields: vec!["/father/full_name".into(), "/father/national_id".into()],
-            purposes: vec!["tax-law-38-2019/art-17".into()],
-            valid_from: None,
-            valid_until: None,
-            rate_limit_per_minute: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    register_birth_v2_with_fathers_id(&fed).await;
+    let grant = tax_grant(&fed, &["/father/full_name", "/father/national_id"]).await;
     assert_eq!(grant.reviewed_version, 2);
     let register = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed);
     let index = (0..100)

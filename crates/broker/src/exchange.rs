@@ -78,7 +78,7 @@ const MAX_NAME_BYTES: usize = 128;
 const MAX_FIELD_BYTES: usize = 1024;
 
 /// `text`, cut to at most `max` bytes at a character boundary.
-fn clip(text: &str, max: usize) -> &str {
+pub(crate) fn clip(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }

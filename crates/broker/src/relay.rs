@@ -450,20 +450,6 @@ fn next_connection(calls: impl IntoIterator<Item = usize>, round_robin: &AtomicU
         .unwrap_or_else(|| round_robin.fetch_add(1, Ordering::Relaxed) % count.max(1))
 }
 
-/// A register's or a connection's own words, bounded: they reach the
-/// consumer and the broker's log.
-fn clip_message(message: &str) -> &str {
-    const MAX: usize = 200;
-    if message.len() <= MAX {
-        return message;
-    }
-    let mut end = MAX;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    &message[..end]
-}
-
 /// One provider endpoint and its connections.
 pub struct EndpointState {
     /// Endpoint id.
@@ -924,7 +910,9 @@ impl Relay {
                     }
                     return Err(RelayError::Unavailable(format!(
                         "provider {provider} is unavailable: {}",
-                        clip_message(status.message())
+                        // The register's or the connection's own words, bounded:
+                        // they reach the consumer and the broker's log.
+                        crate::exchange::clip(status.message(), 200)
                     )));
                 }
                 code => {

@@ -1215,22 +1215,6 @@ fn compare_query(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingC
                 format!("query parameter {p} no longer accepts every value it accepted (enum narrowed or added)"),
             ));
         }
-        let changed = || match (resolved(old_schema, old.schema), resolved(new_schema, new.schema)) {
-            (Some(o), Some(n)) => o != n,
-            _ => true,
-        };
-        if is_opaque_leaf(new, &new_fields) && changed() {
-            out.push(breaking(
-                "record_property_structure_changed",
-                p,
-                format!(
-                    "record property {p} holds values whose fields its schema does not declare with \
-                     properties and items (allOf, anyOf, oneOf, a tuple, a map...), and that schema changed: a grant \
-                     on {p} releases whatever the new schema admits there. Declare its fields, or have an admin \
-                     register it with compatibility NONE"
-                ),
-            ));
-        }
         if let (Some(oi), Some(ni)) = (old.items, new.items) {
             let (ot, nt) = (type_set(oi), type_set(ni));
             if !types_widened_or_equal(&ot, &nt) {
