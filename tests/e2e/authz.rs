@@ -270,6 +270,13 @@ async fn bad_admin_input_is_refused_and_changes_nothing() {
         .unwrap()
         .into_inner();
     assert!(tax.enabled, "{tax:?}");
+    // A role number that is no role is refused, not read as "every member".
+    let err = admin
+        .admin()
+        .list_members(pb::ListMembersRequest { role: 99 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert_eq!(count().await, before, "nothing was stored");
     fed.shutdown().await.unwrap();
 }

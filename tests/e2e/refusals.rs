@@ -262,3 +262,48 @@ async fn a_grant_revoked_in_the_database_alone_stops_lookups_within_seconds() {
     );
     fed.shutdown().await.unwrap();
 }
+
+/// A refused request's own text goes into the permanent log and back to the
+/// caller bounded: a member cannot write megabytes into either.
+#[tokio::test]
+async fn a_refused_request_cannot_write_megabytes_into_the_log() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let huge = "y".repeat(1_000_000);
+    let err = office
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(pb::RecordTypeDefinition {
+                name: huge.clone(),
+                owner: huge.clone(),
+                ..Default::default()
+            }),
+            compatibility: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "{}",
+        &err.message()[..200.min(err.message().len())]
+    );
+    assert!(err.message().len() < 1_000, "{} bytes", err.message().len());
+    let err = office
+        .schemas()
+        .deprecate(pb::DeprecateRequest {
+            name: huge.clone(),
+            version: 1,
+            note: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().len() < 1_000, "{} bytes", err.message().len());
+    let entries = logged(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Admin)).await;
+    assert_eq!(entries.len(), 2, "both refusals are on the record");
+    for e in &entries {
+        assert!(e.leaf_json.len() < 4_096, "{} bytes", e.leaf_json.len());
+        assert!(e.target.ends_with('…'), "{}", &e.target[..50]);
+    }
+    fed.shutdown().await.unwrap();
+}

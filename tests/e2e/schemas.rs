@@ -227,6 +227,26 @@ async fn versions_compatibility_and_deprecation() {
         "{:?}",
         r.deprecation_notice
     );
+
+    // A second deprecation with a new note: the note lookups carry changes.
+    client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .deprecate(pb::DeprecateRequest {
+            name: birth.into(),
+            version: 1,
+            note: "use version 3 from January".into(),
+        })
+        .await
+        .unwrap();
+    let mut req = birth_lookup(&citizen_id(&fed, 12), PURPOSE_CERTIFICATE);
+    req.schema_version = 1;
+    let r = office.exchange().lookup(req).await.unwrap().into_inner();
+    assert!(
+        r.deprecation_notice.contains("use version 3"),
+        "{:?}",
+        r.deprecation_notice
+    );
     fed.shutdown().await.unwrap();
 }
 

@@ -57,7 +57,7 @@ impl AdminService {
 /// `value` trimmed, when it is one line of 1 to `max` characters: a control
 /// character would break the log lines it is shown in, and PostgreSQL's text
 /// columns refuse NUL.
-fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str> {
+pub(crate) fn one_line<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str> {
     let value = value.trim();
     if value.is_empty() || value.chars().count() > max {
         return Err(BrokerError::InvalidArgument(format!(
@@ -105,29 +105,48 @@ fn check_purpose(p: &str) -> Result<()> {
         Ok(())
     } else {
         Err(BrokerError::InvalidArgument(format!(
-            "purpose {p:?} is not a legal-basis code: use lowercase letters, digits and . _ : / - (e.g. decree-47-2020/art-12)"
+            "purpose {:?} is not a legal-basis code: use lowercase letters, digits and . _ : / - (e.g. decree-47-2020/art-12)",
+            crate::exchange::clip(p, 128)
         )))
     }
 }
 
+/// An endpoint URL the relay can dial: `https://host:port`, the host a DNS
+/// name or an IP address (IPv6 in brackets), no user, path or query.
 fn check_endpoint_url(url: &str) -> Result<()> {
-    let rest = url.strip_prefix("https://").ok_or_else(|| {
-        BrokerError::InvalidArgument(format!(
-            "endpoint url {url:?} must start with https:// (providers are called over mutual TLS)"
-        ))
-    })?;
-    let hostport = rest.trim_end_matches('/');
-    let ok = match hostport.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && !hostport.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0),
-        None => false,
-    };
-    if ok {
-        Ok(())
-    } else {
+    let refuse = |why: &str| {
         Err(BrokerError::InvalidArgument(format!(
-            "endpoint url {url:?} must look like https://host:port"
+            "endpoint url {:?} {why}",
+            crate::exchange::clip(url, 128)
         )))
+    };
+    if url.len() > 255 {
+        return refuse("is longer than 255 characters");
     }
+    if !url.starts_with("https://") {
+        return refuse("must start with https:// (providers are called over mutual TLS)");
+    }
+    // The relay's own parse: what is accepted here is what it can dial.
+    let Ok(uri) = lienthong_tls::https_origin(url) else {
+        return refuse("must look like https://host:port");
+    };
+    let Some(authority) = uri.authority() else {
+        return refuse("must look like https://host:port");
+    };
+    let host = authority.host();
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host
+                    .split('.')
+                    .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        }
+    };
+    if authority.as_str().contains('@') || !host_ok || authority.port_u16().is_none_or(|p| p == 0) {
+        return refuse("must look like https://host:port (a DNS name or an IP address, an IPv6 one in brackets)");
+    }
+    Ok(())
 }
 
 impl Broker {
@@ -493,7 +512,13 @@ impl Admin for AdminService {
         request: Request<pb::ListMembersRequest>,
     ) -> std::result::Result<Response<pb::ListMembersResponse>, Status> {
         let caller = self.admin(&request, "Admin.ListMembers").await?;
-        let role = convert::role_from_pb(request.get_ref().role);
+        // 0 lists every member; a number that is no role is a mistake, not
+        // a filter matching nothing or everything.
+        let number = request.get_ref().role;
+        let role = convert::role_from_pb(number);
+        if number != 0 && role.is_none() {
+            return Err(BrokerError::InvalidArgument(format!("role number {number} is not a valid role")).into());
+        }
         let mut members: Vec<pb::Member> = caller
             .snapshot
             .members()
@@ -663,6 +688,7 @@ impl Admin for AdminService {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -674,5 +700,19 @@ mod tests {
         assert!(check_endpoint_url("http://127.0.0.1:9001").is_err());
         assert!(check_endpoint_url("https://host").is_err());
         assert!(check_endpoint_url("https://host:0").is_err());
+        assert!(check_endpoint_url("https://[::1]:9001").is_ok());
+        assert!(check_endpoint_url("https://civil.registry.gov.vn:443/").is_ok());
+        for bad in [
+            "https://::1:443",
+            "https://a b:443",
+            "https://u:p@h:443",
+            "https://h:443/path",
+            "https://h..x:443",
+        ] {
+            assert!(check_endpoint_url(bad).is_err(), "{bad}");
+        }
+        let long = format!("https://{}:443", "a".repeat(3000));
+        let err = check_endpoint_url(&long).unwrap_err().to_string();
+        assert!(err.contains("255") && err.len() < 400, "{err}");
     }
 }

@@ -27,6 +27,9 @@ pub enum BrokerError {
     /// The request conflicts with the current state (e.g. an incompatible schema).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Lost a conflict with concurrent changes; the whole request may be retried.
+    #[error("{0}")]
+    Aborted(String),
     /// Past the end of the log as it is now (an entry no signed tree head
     /// covers yet): it may succeed later, unlike `InvalidArgument`.
     #[error("{0}")]
@@ -71,6 +74,7 @@ impl BrokerError {
             BrokerError::AlreadyExists(_) => Code::AlreadyExists,
             BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
             BrokerError::OutOfRange(_) => Code::OutOfRange,
+            BrokerError::Aborted(_) => Code::Aborted,
             BrokerError::RateLimited { .. } => Code::ResourceExhausted,
             BrokerError::Unavailable(_) => Code::Unavailable,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,

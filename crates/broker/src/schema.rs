@@ -32,8 +32,9 @@ fn may_manage(caller: &Caller, owner: &str) -> Result<()> {
         Ok(())
     } else {
         Err(BrokerError::PermissionDenied(format!(
-            "member {} may not manage record types owned by {owner}: only that member's integrators or a federation admin may",
-            caller.id()
+            "member {} may not manage record types owned by {}: only that member's integrators or a federation admin may",
+            caller.id(),
+            crate::exchange::clip(owner, 64)
         )))
     }
 }
@@ -162,7 +163,9 @@ impl Broker {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(BrokerError::Unavailable(format!(
+        // A conflict with concurrent registrations: ABORTED, as the gRPC
+        // spec has it, so that a client retries the whole registration.
+        Err(BrokerError::Aborted(format!(
             "{} is being registered concurrently; retry",
             def.name
         )))
@@ -173,16 +176,19 @@ impl Broker {
             .snapshot
             .record_type(&r.name, r.version)
             .filter(|_| r.version != 0)
-            .ok_or_else(|| BrokerError::NotFound(format!("record type {} has no version {}", r.name, r.version)))?;
+            .ok_or_else(|| {
+                BrokerError::NotFound(format!(
+                    "record type {} has no version {}",
+                    crate::exchange::clip(&r.name, 128),
+                    r.version
+                ))
+            })?;
         may_manage(caller, v.owner().as_str())?;
-        if r.note.trim().is_empty() {
-            return Err(BrokerError::InvalidArgument(
-                "note is required: say why and what to use instead".into(),
-            ));
-        }
+        // Shown to every consumer of the version, in one line.
+        let note = crate::admin::one_line("the note (why, and what to use instead)", &r.note, 500)?;
         let updated = self
             .store
-            .deprecate_record_type_version(&r.name, r.version, r.note.trim())
+            .deprecate_record_type_version(&r.name, r.version, note)
             .await?;
         self.applied(
             caller,
@@ -223,9 +229,16 @@ impl SchemaRegistry for SchemaService {
         let r = request.get_ref();
         let v = caller.snapshot.record_type(&r.name, r.version).ok_or_else(|| {
             BrokerError::NotFound(if r.version == 0 {
-                format!("record type {:?} is not registered", r.name)
+                format!(
+                    "record type {:?} is not registered",
+                    crate::exchange::clip(&r.name, 128)
+                )
             } else {
-                format!("record type {:?} has no version {}", r.name, r.version)
+                format!(
+                    "record type {:?} has no version {}",
+                    crate::exchange::clip(&r.name, 128),
+                    r.version
+                )
             })
         })?;
         Ok(Response::new(convert::record_type_version(&v.version)))
@@ -247,7 +260,11 @@ impl SchemaRegistry for SchemaService {
             .map(|v| convert::record_type_version(&v.version))
             .collect();
         if versions.is_empty() {
-            return Err(BrokerError::NotFound(format!("record type {name:?} is not registered")).into());
+            return Err(BrokerError::NotFound(format!(
+                "record type {:?} is not registered",
+                crate::exchange::clip(name, 128)
+            ))
+            .into());
         }
         Ok(Response::new(pb::ListVersionsResponse { versions }))
     }

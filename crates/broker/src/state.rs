@@ -59,14 +59,16 @@ pub struct Broker {
     pub metrics: crate::metrics::Metrics,
     snapshot: ArcSwap<Snapshot>,
     snapshot_loaded_at: Mutex<Instant>,
-    // Compiled validators by (name, version, digest, deprecated): a snapshot
-    // rebuild reuses them, so validation never recompiles a schema.
+    // Compiled validators by (name, version, digest, deprecated, note): a
+    // snapshot rebuild reuses them, so validation never recompiles a schema,
+    // and a changed deprecation note still reaches every replica.
     compiled: Mutex<HashMap<CompiledKey, Arc<CompiledRecordType>>>,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
-/// Identifies one compiled version: (name, version, digest, deprecated).
-type CompiledKey = (String, u32, String, bool);
+/// Identifies one compiled version: (name, version, digest, deprecated,
+/// deprecation note).
+type CompiledKey = (String, u32, String, bool, String);
 
 /// An authenticated caller.
 #[derive(Clone, Debug)]
@@ -160,7 +162,13 @@ impl Broker {
                 .map_err(|_| BrokerError::Internal("validator cache poisoned".into()))?;
             let mut live = HashMap::with_capacity(versions.len());
             for v in versions {
-                let key = (v.definition.name.clone(), v.version, v.digest.clone(), v.deprecated);
+                let key = (
+                    v.definition.name.clone(),
+                    v.version,
+                    v.digest.clone(),
+                    v.deprecated,
+                    v.deprecation_note.clone(),
+                );
                 let compiled = match cache.remove(&key) {
                     Some(c) => c,
                     None => match CompiledRecordType::compile(v) {

@@ -149,16 +149,28 @@ impl AuditEvent {
         }
     }
 
-    /// The event with every NUL character replaced by U+FFFD. PostgreSQL's
-    /// text columns refuse NUL, and an entry is written in one commit with
-    /// others: a client's `purpose` holding one must not fail the commit,
-    /// nor go unlogged itself.
+    /// The event as the log keeps it: every NUL character replaced by
+    /// U+FFFD, and every text cut to [`MAX_TEXT_BYTES`] ([`MAX_REASON_BYTES`]
+    /// for the reason), marked with `…`. PostgreSQL's text columns refuse
+    /// NUL, and an entry is written in one commit with others: a client's
+    /// `purpose` holding one must not fail the commit, nor go unlogged
+    /// itself. And a refused request's text is the client's: megabytes of it
+    /// must not enter the permanent log.
     pub fn storable(mut self) -> Self {
-        fn clean(text: &mut String) {
+        fn bounded(text: &mut String, max: usize) {
             if text.contains('\0') {
                 *text = text.replace('\0', "\u{FFFD}");
             }
+            if text.len() > max {
+                let mut end = max;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push('…');
+            }
         }
+        let clean = |text: &mut String| bounded(text, MAX_TEXT_BYTES);
         // Destructured so that a text field added later cannot be missed.
         let AuditEvent {
             time: _,
@@ -187,13 +199,13 @@ impl AuditEvent {
             record_type,
             purpose,
             subject_hash,
-            reason,
             payload_digest,
             action,
             target,
         ] {
             clean(text);
         }
+        bounded(reason, MAX_REASON_BYTES);
         fields_released.iter_mut().for_each(clean);
         self
     }
@@ -204,6 +216,11 @@ impl AuditEvent {
         serde_json::to_string(self)
     }
 }
+
+/// Longest text an audit entry keeps of a name, id or target (bytes).
+pub const MAX_TEXT_BYTES: usize = 256;
+/// Longest reason an audit entry keeps (bytes).
+pub const MAX_REASON_BYTES: usize = 2048;
 
 #[cfg(test)]
 mod tests {
@@ -225,6 +242,16 @@ mod tests {
         assert_eq!(stored.fields_released, ["/a\u{FFFD}b"]);
         let leaf = stored.to_leaf().unwrap();
         assert!(!leaf.contains("\\u0000") && !leaf.contains('\0'), "{leaf}");
+        // A refused request's own text is kept bounded.
+        let mut huge = AuditEvent::new(EntryKind::Admin, OffsetDateTime::UNIX_EPOCH);
+        huge.target = "é".repeat(1_000_000);
+        huge.reason = format!(
+            "member x may not manage record types owned by {}",
+            "y".repeat(3_000_000)
+        );
+        let kept = huge.storable();
+        assert!(kept.target.len() <= MAX_TEXT_BYTES + '…'.len_utf8() && kept.target.ends_with('…'));
+        assert!(kept.reason.len() <= MAX_REASON_BYTES + '…'.len_utf8() && kept.reason.starts_with("member x"));
         // Nothing to replace: the same event.
         let clean = AuditEvent::new(EntryKind::Admin, OffsetDateTime::UNIX_EPOCH);
         assert_eq!(clean.clone().storable(), clean);

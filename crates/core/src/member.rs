@@ -72,8 +72,17 @@ pub struct MemberId(String);
 
 /// Why a member id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("member id {0:?} is invalid: use 2 to 63 characters from a-z, 0-9 and '-', starting with a letter or digit")]
+#[error("member id {:?} is invalid: use 2 to 63 characters from a-z, 0-9 and '-', starting with a letter or digit", shown(.0))]
 pub struct InvalidMemberId(pub String);
+
+/// At most the first 64 characters of a refused id: the message goes back
+/// to the client and into the log.
+pub(crate) fn shown(id: &str) -> String {
+    match id.char_indices().nth(64) {
+        Some((end, _)) => format!("{}…", &id[..end]),
+        None => id.to_owned(),
+    }
+}
 
 impl MemberId {
     /// Validates and wraps a member id.

@@ -153,7 +153,8 @@ impl fmt::Display for SubjectKeyProblem {
 pub enum SchemaError {
     /// The name does not match `[a-z0-9_]+(\.[a-z0-9_]+)+` or is too long.
     #[error(
-        "record type name {name:?} is invalid: use two or more dot-separated segments of a-z, 0-9 and '_' (for example \"civil.birth\"), at most 128 characters"
+        "record type name {:?} is invalid: use two or more dot-separated segments of a-z, 0-9 and '_' (for example \"civil.birth\"), at most 128 characters",
+        crate::member::shown(name)
     )]
     InvalidName {
         /// The refused name.

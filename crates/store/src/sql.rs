@@ -845,7 +845,14 @@ impl Store for SqlStore {
     async fn list_members(&self) -> Result<Vec<Member>> {
         let sql = format!("SELECT {MEMBER_COLUMNS} FROM members ORDER BY id");
         let rows = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).fetch_all(p).await).map_err(db_err)?;
-        rows.into_iter().map(MemberRow::into_member).collect()
+        let mut members = rows
+            .into_iter()
+            .map(MemberRow::into_member)
+            .collect::<Result<Vec<_>>>()?;
+        // PostgreSQL orders text by its locale ('-' ignored under en_US);
+        // both backends list in byte order, as SQLite does.
+        members.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        Ok(members)
     }
 
     async fn insert_revoked_certificate(&self, r: &RevokedCertificate) -> Result<()> {
@@ -887,7 +894,13 @@ impl Store for SqlStore {
     async fn list_endpoints(&self) -> Result<Vec<Endpoint>> {
         let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY provider, id");
         let rows = on_pool!(self, p => sqlx::query_as::<_, EndpointRow>(&sql).fetch_all(p).await).map_err(db_err)?;
-        rows.into_iter().map(EndpointRow::into_endpoint).collect()
+        let mut endpoints = rows
+            .into_iter()
+            .map(EndpointRow::into_endpoint)
+            .collect::<Result<Vec<_>>>()?;
+        // Byte order on both backends (see `list_members`).
+        endpoints.sort_by(|a, b| (a.provider.as_str(), &a.id).cmp(&(b.provider.as_str(), &b.id)));
+        Ok(endpoints)
     }
 
     async fn insert_grant(&self, g: &Grant) -> Result<()> {
@@ -982,7 +995,13 @@ impl Store for SqlStore {
     async fn list_record_type_versions(&self) -> Result<Vec<RecordTypeVersion>> {
         let sql = format!("SELECT {RECORD_TYPE_COLUMNS} FROM record_type_versions ORDER BY name, version");
         let rows = on_pool!(self, p => sqlx::query_as::<_, RecordTypeRow>(&sql).fetch_all(p).await).map_err(db_err)?;
-        rows.into_iter().map(RecordTypeRow::into_version).collect()
+        let mut versions = rows
+            .into_iter()
+            .map(RecordTypeRow::into_version)
+            .collect::<Result<Vec<_>>>()?;
+        // Byte order on both backends (see `list_members`).
+        versions.sort_by(|a, b| (&a.definition.name, a.version).cmp(&(&b.definition.name, b.version)));
+        Ok(versions)
     }
 
     async fn change_counter(&self) -> Result<u64> {

@@ -222,7 +222,8 @@ pub async fn connect_channel(
 }
 
 /// Checks `url` is `https://host:port` (no path, no query) and parses it.
-fn https_origin(url: &str) -> Result<http::Uri, TlsError> {
+/// `url` as the origin `https://host:port` requests go to, or why it is not one.
+pub fn https_origin(url: &str) -> Result<http::Uri, TlsError> {
     let bad = |reason: &str| TlsError::BadUrl {
         url: url.to_owned(),
         reason: reason.to_owned(),

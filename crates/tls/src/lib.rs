@@ -27,7 +27,7 @@ mod server;
 use std::path::PathBuf;
 
 pub use client::{
-    Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, RevocationCheck, client_config, connect_channel,
+    Dialer, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, RevocationCheck, client_config, connect_channel, https_origin,
     pinned_client_config,
 };
 pub use coalesce::Coalesced;
