@@ -1,6 +1,6 @@
 //! Bounds what callers without a valid identity can write to the permanent
 //! access log. Every refused request is still counted and logged, but an
-//! address refused more than [`PER_MINUTE`] times a minute gets one summary
+//! address (an IPv6 /64) refused more than [`PER_MINUTE`] times a minute gets one summary
 //! entry per interval instead of one entry per request: a host with no
 //! certificate looping on an RPC would otherwise grow the log for ever and
 //! take the audit writer's time from real lookups.
@@ -17,6 +17,19 @@ pub const PER_MINUTE: u32 = 600;
 /// many addresses cannot grow this map either.
 const MAX_ADDRESSES: usize = 4096;
 
+/// The address a budget belongs to: an IPv4 address, or an IPv6 address's
+/// /64. One IPv6 host is given a whole /64 and can rotate through it: a
+/// budget per address would let it log every refusal.
+fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+        v4 => v4,
+    }
+}
+
 /// Per-address gate on authentication-failure entries.
 #[derive(Default)]
 pub struct RefusalGate {
@@ -29,7 +42,7 @@ impl RefusalGate {
     /// is counted for the next [`RefusalGate::take`]. A refusal from an
     /// unknown address is always logged.
     pub fn admit(&self, addr: Option<IpAddr>, now: Instant) -> bool {
-        let Some(ip) = addr else { return true };
+        let Some(ip) = addr.map(network) else { return true };
         if self.limiter.check(&ip.to_string(), PER_MINUTE, now).is_ok() {
             return true;
         }
@@ -56,6 +69,7 @@ impl RefusalGate {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use std::net::Ipv4Addr;
 
@@ -73,6 +87,24 @@ mod tests {
         assert!(gate.take(now).is_empty(), "counts are handed over once");
         // A minute later the budget is back.
         assert!(gate.admit(Some(flood), now + std::time::Duration::from_secs(60)));
+    }
+
+    /// One host of an IPv6 /64 rotating its address shares one budget.
+    #[test]
+    fn an_ipv6_prefix_shares_one_budget() {
+        let gate = RefusalGate::default();
+        let now = Instant::now();
+        let base: u128 = "2001:db8:1:2::".parse::<Ipv6Addr>().unwrap().into();
+        let logged = (0..PER_MINUTE as u128 + 100)
+            .filter(|i| gate.admit(Some(IpAddr::V6(Ipv6Addr::from(base + i + 1))), now))
+            .count();
+        assert_eq!(logged, PER_MINUTE as usize);
+        let prefix = IpAddr::V6("2001:db8:1:2::".parse().unwrap());
+        assert_eq!(gate.take(now), [(prefix, 100)]);
+        assert!(
+            gate.admit(Some(IpAddr::V6("2001:db8:1:3::1".parse().unwrap())), now),
+            "the next /64"
+        );
     }
 
     #[test]
