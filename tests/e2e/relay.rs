@@ -671,41 +671,20 @@ async fn shutdown_waits_for_a_call_whose_consumer_left_and_signs_over_its_entry(
 #[tokio::test]
 async fn a_record_type_the_register_does_not_serve_is_not_a_missing_record() {
     let (_dir, fed) = federation().await;
-    let mut definition: serde_json::Value =
-        serde_json::from_str(lienthong_provider::demo::demo_schemas()[0].1).unwrap();
-    definition["name"] = "civil_status.adoption_record".into();
-    definition["description"] = "Adoption record (the register serves it from next month)".into();
-    let def = lienthong_cli::federation::definition_from_json(&definition.to_string()).unwrap();
-    client(&fed, CIVIL_STATUS)
-        .await
-        .schemas()
-        .register(pb::RegisterRequest {
-            definition: Some(def),
-            compatibility: 0,
-        })
-        .await
-        .unwrap();
-    client(&fed, ADMIN)
-        .await
-        .admin()
-        .create_grant(pb::CreateGrantRequest {
-            consumer: JUDICIAL_OFFICE.into(),
-            record_type: "civil_status.adoption_record".into(),
-            fields: vec!["*".into()],
-            purposes: vec![PURPOSE_CERTIFICATE.into()],
-            valid_from: None,
-            valid_until: None,
-            rate_limit_per_minute: 0,
-        })
-        .await
-        .unwrap();
+    // The demo civil-status register does not serve adoption records.
+    register_adoption(
+        &fed,
+        serde_json::json!({"type": "object", "properties": {"full_name": {"type": "string"}}}),
+    )
+    .await;
+    grant_adoption(&fed, &["*"]).await;
     let office = client(&fed, JUDICIAL_OFFICE).await;
     let subject = citizen_id(&fed, 4);
     for _ in 0..10 {
         let err = office
             .exchange()
             .lookup(pb::LookupRequest {
-                record_type: "civil_status.adoption_record".into(),
+                record_type: ADOPTION.into(),
                 ..birth_lookup(&subject, PURPOSE_CERTIFICATE)
             })
             .await
@@ -722,7 +701,7 @@ async fn a_record_type_the_register_does_not_serve_is_not_a_missing_record() {
     let failed = logged(
         &fed,
         pb::EntryFilter {
-            record_type: "civil_status.adoption_record".into(),
+            record_type: ADOPTION.into(),
             ..Default::default()
         },
     )
