@@ -71,18 +71,12 @@ async fn grant_allows_revocation_denies_the_next_lookup() {
         err.message().contains("already revoked") && err.message().contains("end of the tax audit"),
         "{err:?}"
     );
-    let revocations: Vec<_> = logged(
-        &fed,
-        pb::EntryFilter {
-            kind: pb::EntryKind::Admin as i32,
-            ..Default::default()
-        },
-    )
-    .await
-    .into_iter()
-    .filter(|e| e.action == "grant.revoke" && e.target == g.id)
-    .map(|e| e.outcome())
-    .collect();
+    let revocations: Vec<_> = admin_entries(&fed)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "grant.revoke" && e.target == g.id)
+        .map(|e| e.outcome())
+        .collect();
     assert_eq!(revocations, [pb::Outcome::Allowed, pb::Outcome::Invalid]);
 
     // Grants are never deleted: the revoked one is still listed.

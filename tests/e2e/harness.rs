@@ -320,6 +320,19 @@ pub async fn logged(fed: &Federation, filter: pb::EntryFilter) -> Vec<pb::AuditE
         .entries
 }
 
+/// The admin entries of the broker's own log (up to 1,000), oldest first:
+/// changes, and refused admin requests.
+pub async fn admin_entries(fed: &Federation) -> Vec<pb::AuditEntry> {
+    logged(
+        fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Admin as i32,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// Makes `url` the only endpoint of civil-status.
 pub async fn replace_civil_endpoint(fed: &Federation, url: &str) {
     let admin = client(fed, lienthong_cli::federation::ADMIN).await;

@@ -106,14 +106,7 @@ async fn a_revoked_certificate_is_refused_while_the_members_new_one_works() {
     assert!(again.message().contains("laptop stolen"), "{again:?}");
 
     // Audited: the revocation, and the refusals naming the member.
-    let revocations = logged(
-        &fed,
-        pb::EntryFilter {
-            kind: pb::EntryKind::Admin as i32,
-            ..Default::default()
-        },
-    )
-    .await;
+    let revocations = admin_entries(&fed).await;
     let revocation = revocations
         .iter()
         .find(|e| e.action == "certificate.revoke" && e.outcome == pb::Outcome::Allowed as i32)
@@ -249,17 +242,11 @@ async fn bad_revocations_are_refused_and_change_nothing() {
         .list_record_types(pb::ListRecordTypesRequest::default())
         .await
         .unwrap();
-    let refused = logged(
-        &fed,
-        pb::EntryFilter {
-            kind: pb::EntryKind::Admin as i32,
-            ..Default::default()
-        },
-    )
-    .await
-    .into_iter()
-    .filter(|e| e.action == "certificate.revoke" || e.action == "Admin.RevokeCertificate")
-    .count();
+    let refused = admin_entries(&fed)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "certificate.revoke" || e.action == "Admin.RevokeCertificate")
+        .count();
     assert!(refused >= 14, "every refused revocation is audited: {refused}");
 
     // By fingerprint as OpenSSL prints it, with the member: refused from then on.
