@@ -362,7 +362,7 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
         return Err(if status.code() == Code::Ok {
             CallError::Malformed("the register answered OK without a message".into())
         } else {
-            status.into()
+            from_register(&status)
         });
     }
     let grpc = head
@@ -394,7 +394,7 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
         ));
     };
     if status.code() != Code::Ok {
-        return Err(status.into());
+        return Err(from_register(&status));
     }
     decode_grpc_frame(message.freeze()).map_err(CallError::Malformed)
 }
@@ -425,6 +425,44 @@ fn decode_grpc_frame(mut frame: Bytes) -> Result<FetchAnswer, String> {
         return Err("the register's answer is not exactly one length-prefixed message".into());
     }
     FetchAnswer::decode(message).map_err(|e| format!("the register's answer could not be decoded: {e}"))
+}
+
+/// A status the register sent, without its message: the code is all the
+/// relay acts on, and a register's own words may hold a national id or a
+/// name (`UNAVAILABLE "timed out looking up 079203001234"`), which would
+/// reach the consumer and the permanent audit log. They stay in its log.
+fn from_register(status: &tonic::Status) -> CallError {
+    CallError::Status(tonic::Status::new(
+        status.code(),
+        format!(
+            "the register answered {} (its reason, {} bytes, is in its own log)",
+            code_name(status.code()),
+            status.message().len()
+        ),
+    ))
+}
+
+/// A gRPC code as the standard names it (`UNAVAILABLE`).
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
 /// The gRPC code for an HTTP status other than 200, as the gRPC spec maps them.
@@ -910,8 +948,9 @@ impl Relay {
                     }
                     return Err(RelayError::Unavailable(format!(
                         "provider {provider} is unavailable: {}",
-                        // The register's or the connection's own words, bounded:
-                        // they reach the consumer and the broker's log.
+                        // The connection's words, or the register's code only
+                        // (`from_register`), bounded: they reach the consumer,
+                        // the broker's log and the audit log.
                         crate::exchange::clip(status.message(), 200)
                     )));
                 }
@@ -1090,6 +1129,34 @@ mod tests {
             "the call is still waiting: its deadline is the caller's business"
         );
         assert!(!ended(&live).await);
+    }
+
+    /// A register's own words never leave the relay: they may name the
+    /// citizen, and the consumer and the audit log would get them.
+    #[tokio::test]
+    async fn a_registers_status_message_is_not_passed_on() {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new().handshake::<_, Bytes>(far).await.unwrap();
+            while let Some(call) = conn.accept().await {
+                let (_, mut respond) = call.unwrap();
+                let head = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "14")
+                    .header("grpc-message", "timed out looking up national_id=079203001234")
+                    .body(())
+                    .unwrap();
+                respond.send_response(head, true).unwrap();
+            }
+        });
+        let live = start(near, "https://register.test:443".parse().unwrap()).await.unwrap();
+        let (_counted, response, _body) = call(&live).await;
+        let Err(CallError::Status(status)) = read_fetch_response(response.await.unwrap()).await else {
+            panic!("a trailers-only UNAVAILABLE is a status");
+        };
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("079203001234"), "{}", status.message());
+        assert!(status.message().contains("UNAVAILABLE"), "{}", status.message());
     }
 
     fn answer(record_json: &str) -> FetchResponse {

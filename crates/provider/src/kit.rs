@@ -49,8 +49,10 @@ pub struct FetchContext {
 
 /// Why a register cannot answer; each maps to the gRPC code the broker expects.
 ///
-/// Messages go back to the broker and into its logs: never put a national ID or
-/// other subject data in them.
+/// Messages go back to the broker, which acts on the code alone and passes no
+/// register's words on (not to the consumer, its logs or the audit log); they
+/// still cross the wire and reach the register's own log, so never put a
+/// national ID or other subject data in them.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// No record for this query (`NOT_FOUND`).
