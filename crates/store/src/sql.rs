@@ -672,6 +672,22 @@ async fn append_sqlite_in_one_call(
             .push_bind(first)
             .push(";");
     }
+    // Every row must be in before the size moves over it: a trigger that
+    // drops rows (`RAISE(IGNORE)`) would otherwise have entries acknowledged
+    // that the log does not hold. A short count sets the size to NULL, which
+    // its NOT NULL refuses, so the script stops inside its transaction and is
+    // rolled back below (SQLite has no RAISE outside triggers).
+    qb.push(" UPDATE audit_logs SET size = NULL WHERE log_id = ")
+        .push_bind(run.log_id)
+        .push(" AND size = ")
+        .push_bind(first)
+        .push(" AND (SELECT count(*) FROM audit_entries WHERE log_no = ")
+        .push_bind(log_no)
+        .push(" AND sequence >= ")
+        .push_bind(first)
+        .push(") <> ")
+        .push_bind(count)
+        .push(";");
     qb.push(" UPDATE audit_logs SET size = size + ")
         .push_bind(count)
         .push(" WHERE log_id = ")
@@ -709,6 +725,13 @@ async fn append_sqlite_in_one_call(
             {
                 tracing::warn!(error = %db_err(rollback), "audit writer connection retired after a failed rollback");
                 conn.close_on_drop();
+            }
+            if e.to_string().contains("NOT NULL constraint failed: audit_logs.size") {
+                return Err(StoreError::Corrupt(format!(
+                    "the database kept fewer than the {count} entries of log {} given to it from sequence {first} \
+                     (a trigger or rule on audit_entries drops rows); none was committed",
+                    run.log_id
+                )));
             }
             Err(unique(|| "an entry of this batch".to_owned())(e))
         }

@@ -1241,6 +1241,40 @@ async fn sqlite_append_failing_inside_its_transaction_leaves_nothing_and_the_wri
     check_append_over_a_stray_row!(store, &mut raw);
 }
 
+/// A trigger that silently drops some rows (`RAISE(IGNORE)`) must not have
+/// the batch acknowledged: its entries would be answered as durable while the
+/// log does not hold them. Nothing of the batch is committed.
+#[tokio::test]
+async fn sqlite_append_whose_rows_a_trigger_drops_is_refused_whole() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let store = open(&options(&path.display().to_string())).await.unwrap();
+    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    with_log(&store, "log-a", 0).await;
+    sqlx::query(
+        "CREATE TRIGGER drop_one BEFORE INSERT ON audit_entries WHEN NEW.sequence = 1 BEGIN SELECT RAISE(IGNORE); END",
+    )
+    .execute(&mut raw)
+    .await
+    .unwrap();
+    match store.append_entries(&entries("log-a", 0..3)).await {
+        Err(StoreError::Corrupt(m)) => assert!(m.contains("fewer than the 3 entries"), "{m}"),
+        other => panic!("append with a row dropped: {other:?}"),
+    }
+    assert_eq!(store.log_size("log-a").await.unwrap(), 0);
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_entries")
+        .fetch_one(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0, "the rows the trigger let in were rolled back");
+    sqlx::query("DROP TRIGGER drop_one").execute(&mut raw).await.unwrap();
+    store.append_entries(&entries("log-a", 0..3)).await.unwrap();
+    assert_eq!(store.log_size("log-a").await.unwrap(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_append_failing_inside_its_statement_leaves_nothing_and_the_writer_works_on() {
     use sqlx::Connection;
