@@ -206,7 +206,10 @@ impl Conn {
             // The dial this call waited for failed: one attempt per wave of callers.
             return Err(tonic::Status::unavailable(error));
         }
-        let dialled = self.dial().await;
+        // Boxed: a dial's state (TLS and HTTP/2 handshakes, about 5 KiB) would
+        // otherwise be part of every call's future, allocated and moved with
+        // each lookup, though a call rarely dials.
+        let dialled = Box::pin(self.dial()).await;
         if let Ok(mut last) = self.last_error.lock() {
             *last = dialled.as_ref().err().cloned();
         }
