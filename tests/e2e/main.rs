@@ -16,4 +16,5 @@ mod relay;
 mod replicas;
 mod revocation;
 mod schemas;
+mod snapshot_lag;
 mod stock_client;

@@ -124,6 +124,12 @@ pub struct Limits {
     pub database_acquire_timeout_ms: u64,
     /// Grace period for in-flight requests on shutdown.
     pub shutdown_grace_ms: u64,
+    /// Longest this replica serves lookups from an authorization snapshot it
+    /// knows is behind the database (a change it cannot load: revoked grants,
+    /// disabled members and revoked certificates would still be honoured);
+    /// past it, lookups are refused with `UNAVAILABLE` until a reload
+    /// succeeds, and the Exchange reports `NOT_SERVING`.
+    pub max_snapshot_lag_ms: u64,
 }
 
 /// How the broker calls providers.
@@ -236,6 +242,10 @@ impl Default for Limits {
             database_max_connections: 16,
             database_acquire_timeout_ms: 3_000,
             shutdown_grace_ms: 10_000,
+            // Above a reload's usual time and a notification's delay (well
+            // under a second), short enough that a revocation is not ignored
+            // for long by a replica that cannot load it.
+            max_snapshot_lag_ms: 5_000,
         }
     }
 }
@@ -432,6 +442,8 @@ impl Config {
                 self.limits.database_acquire_timeout_ms,
             ),
             ("relay.provider_timeout_ms", self.relay.provider_timeout_ms),
+            // 0 would refuse every lookup after any reload that fails once.
+            ("limits.max_snapshot_lag_ms", self.limits.max_snapshot_lag_ms),
             ("relay.provider_concurrency", self.relay.provider_concurrency as u64),
             ("relay.breaker_failures", self.relay.breaker_failures as u64),
             ("audit.sign_interval_ms", self.audit.sign_interval_ms),
@@ -682,6 +694,36 @@ mod tests {
         let env = vec![("LIENTHONG_TLS_MAX_HANDSHAKES_PER_ADDRESS".to_string(), "0".to_string())];
         let e = Config::load(Some(&p), env).unwrap_err().to_string();
         assert!(e.contains("max_handshakes_per_address"), "{e}");
+    }
+
+    /// A replica that cannot load a change refuses lookups after a bound the
+    /// operator sets, from the file or the environment, and never 0.
+    #[test]
+    fn the_snapshot_lag_bound_is_set_by_the_operator() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        let p = write(dir.path(), "c.toml", &tls);
+        assert_eq!(
+            Config::load(Some(&p), vec![]).unwrap().limits.max_snapshot_lag_ms,
+            5_000
+        );
+        let p = write(
+            dir.path(),
+            "lag.toml",
+            &format!("{tls}[limits]\nmax_snapshot_lag_ms = 2000\n"),
+        );
+        assert_eq!(
+            Config::load(Some(&p), vec![]).unwrap().limits.max_snapshot_lag_ms,
+            2_000
+        );
+        let env = vec![("LIENTHONG_LIMITS_MAX_SNAPSHOT_LAG_MS".to_string(), "750".to_string())];
+        assert_eq!(Config::load(Some(&p), env).unwrap().limits.max_snapshot_lag_ms, 750);
+        let env = vec![("LIENTHONG_LIMITS_MAX_SNAPSHOT_LAG_MS".to_string(), "0".to_string())];
+        let e = Config::load(Some(&p), env).unwrap_err().to_string();
+        assert!(
+            e.contains("must be greater than 0") && e.contains("LIENTHONG_LIMITS_MAX_SNAPSHOT_LAG_MS"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub enum BrokerError {
     /// be written: not a refusal, so it is not audited as one.
     #[error("{0}")]
     AppliedNotAudited(String),
+    /// An administrative change took effect and was audited, but this
+    /// replica cannot load it into its snapshot, so it refuses lookups until
+    /// it can: not a refusal either, and not to be repeated.
+    #[error("{0}")]
+    AppliedNotLoaded(String),
 }
 
 /// Result alias.
@@ -80,7 +85,10 @@ impl BrokerError {
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             // Distinct from every consumer-side error: the register is at fault.
             BrokerError::InvalidProviderRecord(_) => Code::DataLoss,
-            BrokerError::Internal(_) | BrokerError::AppliedNotAudited(_) => Code::Internal,
+            // Not UNAVAILABLE: a client would retry a change already made.
+            BrokerError::Internal(_) | BrokerError::AppliedNotAudited(_) | BrokerError::AppliedNotLoaded(_) => {
+                Code::Internal
+            }
         }
     }
 }

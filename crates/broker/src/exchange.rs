@@ -609,6 +609,20 @@ impl Broker {
         ctx: &CallContext,
         event: &mut AuditEvent,
     ) -> Result<(LookupResponse, String), Failure> {
+        // Fail closed: a snapshot this replica knows is behind would still
+        // honour revoked grants, disabled members and revoked certificates.
+        if self.freshness.refusing() {
+            return Err(fail(
+                Outcome::Failed,
+                "snapshot_stale",
+                BrokerError::Unavailable(
+                    "this broker replica cannot load the federation's current grants, members and certificates \
+                     from its database, so it serves no lookups; no data was released; retry on another replica; \
+                     its operator finds why under `snapshot reload failed` in the broker log"
+                        .into(),
+                ),
+            ));
+        }
         let snapshot = &caller.snapshot;
         let invalid = |code, msg: String| fail(Outcome::Invalid, code, BrokerError::InvalidArgument(msg));
         check_sizes(&item).map_err(|e| fail(Outcome::Invalid, "oversized_request", e))?;

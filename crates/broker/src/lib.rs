@@ -9,6 +9,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod exchange;
+pub mod freshness;
 pub mod metrics;
 pub mod refusals;
 pub mod relay;

@@ -536,6 +536,14 @@ fn scrape_time(broker: &Broker) -> Registry {
         Unit::Seconds,
         seconds(broker.snapshot_age().as_secs_f64()),
     );
+    // An alert on 1 names a replica serving no lookups: a change in the
+    // database that it cannot load (the broker log says why).
+    r.register(
+        "snapshot_stale",
+        "1 while lookups are refused because the authorization snapshot is behind the database and cannot be \
+         reloaded (past limits.max_snapshot_lag_ms)",
+        gauge(i64::from(broker.freshness.refusing())),
+    );
     let outstanding = Family::<EndpointLabels, Gauge>::default();
     let breaker = Family::<BreakerLabels, Gauge>::default();
     for (provider, endpoint) in broker.relay.endpoints() {

@@ -225,18 +225,8 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .await;
     health_reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
     health_reporter.set_serving::<AuditServer<AuditService>>().await;
-    // A log whose stored history turns out altered refuses new entries, so
-    // this broker refuses every lookup: say so, and load balancers send the
-    // lookups to a replica whose log is sound. The audit service stays up
-    // for the auditors who look into it.
-    // The check behind the opening finds it, or the writer later (rows
-    // deleted under it); the task ends then or with the log's shutdown.
-    let (audit, reporter) = (broker.audit.clone(), health_reporter.clone());
-    tokio::spawn(async move {
-        if audit.history_failure().await.is_some() {
-            reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
-        }
-    });
+    // NOT_SERVING while this replica refuses lookups: an altered log, a stale snapshot.
+    let exchange_health = broker.spawn_exchange_health(health_reporter.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -312,6 +302,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let signal = async move {
             let _ = rx.await;
+            // Ended first, so that it cannot report SERVING after this.
+            exchange_health.abort();
+            let _ = exchange_health.await;
             health_reporter
                 .set_not_serving::<ExchangeServer<ExchangeService>>()
                 .await;

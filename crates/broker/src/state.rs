@@ -3,8 +3,11 @@
 
 use crate::config::Config;
 use crate::error::{BrokerError, Result};
+use crate::exchange::ExchangeService;
+use crate::freshness::Freshness;
 use crate::relay::Relay;
 use arc_swap::ArcSwap;
+use lienthong::v1::exchange_server::ExchangeServer;
 use lienthong_audit::AuditLog;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::ratelimit::{Leases, RateLimiter};
@@ -57,6 +60,8 @@ pub struct Broker {
     pub schema_limits: SchemaLimits,
     /// Prometheus metrics of the request path.
     pub metrics: crate::metrics::Metrics,
+    /// Whether the snapshot is behind the database, and lookups refused for it.
+    pub freshness: Freshness,
     snapshot: ArcSwap<Snapshot>,
     snapshot_loaded_at: Mutex<Instant>,
     // Compiled validators by (name, version, digest, deprecated, note): a
@@ -111,6 +116,7 @@ impl Broker {
             max_schema_bytes: config.limits.max_schema_bytes,
             max_depth: config.limits.max_schema_depth,
         };
+        let freshness = Freshness::new(Duration::from_millis(config.limits.max_snapshot_lag_ms));
         let broker = Arc::new(Broker {
             config,
             store,
@@ -122,6 +128,7 @@ impl Broker {
             refusals: Default::default(),
             schema_limits,
             metrics: crate::metrics::Metrics::new(),
+            freshness,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             snapshot_loaded_at: Mutex::new(Instant::now()),
             compiled: Mutex::new(HashMap::new()),
@@ -141,9 +148,32 @@ impl Broker {
         self.snapshot_loaded_at.lock().map(|t| t.elapsed()).unwrap_or_default()
     }
 
-    /// Rebuilds the snapshot from the store and swaps it in.
+    /// Rebuilds the snapshot from the store and swaps it in. A failure
+    /// leaves the previous snapshot in place and marks it behind the
+    /// database, which refuses lookups once it lasts past
+    /// `limits.max_snapshot_lag_ms` ([`Freshness`]).
     pub async fn reload(&self) -> Result<()> {
+        self.reload_after(false).await
+    }
+
+    /// [`Broker::reload`]; with `committed`, after a change known to be
+    /// committed, so that a failure refuses lookups at once.
+    async fn reload_after(&self, committed: bool) -> Result<()> {
         let _guard = self.reload_lock.lock().await;
+        // Marked under the lock, so that a reload that failed cannot mark
+        // the snapshot behind after a later one loaded the change.
+        let started = Instant::now();
+        let loaded = self.load_snapshot().await;
+        match &loaded {
+            Ok(()) => self.freshness.loaded(started),
+            Err(_) => self.freshness.behind(committed),
+        }
+        loaded
+    }
+
+    /// Reads everything the snapshot holds and swaps the new one in; the
+    /// caller holds `reload_lock`.
+    async fn load_snapshot(&self) -> Result<()> {
         let version = self.store.change_counter().await?;
         let members = self.store.list_members().await?;
         let revoked_certificates = self.store.list_revoked_certificates().await?;
@@ -209,18 +239,37 @@ impl Broker {
     /// every replica picks it up whatever happens here; this one is reloaded
     /// even when the audit entry cannot be written, because the change is in
     /// effect either way (a revocation must never wait for the next change).
+    ///
+    /// When this replica cannot load the change, the old snapshot would go on
+    /// honouring what the change took away (a revoked grant): lookups are
+    /// refused here at once, until a reload succeeds, and the admin is told.
     pub async fn applied(&self, caller: &Caller, action: &str, target: &str, detail: Option<String>) -> Result<()> {
         let audited = self.admin_event(caller, action, target, detail).await;
-        if let Err(e) = self.reload().await {
-            tracing::warn!(error = %e, action = %action, "reloading after a change failed; the snapshot watcher retries");
+        let loaded = self.reload_after(true).await;
+        if let Err(e) = &loaded {
+            tracing::error!(error = %e, action = %action, target = %target, "snapshot reload failed after a change that took effect; lookups are refused here until a reload succeeds");
         }
-        audited.map_err(|e| {
-            tracing::error!(error = %e, action = %action, target = %target, "a change took effect but could not be audited");
-            BrokerError::AppliedNotAudited(format!(
-                "{action} {target} was applied and is in effect, but the audit log could not record it; \
-                 do not repeat it: the operator has the details in the broker log"
-            ))
-        })
+        const NOT_LOADED: &str = "this broker replica cannot load it into its view of the federation and refuses \
+                                  lookups until it can";
+        match (audited, loaded) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Ok(()), Err(_)) => Err(BrokerError::AppliedNotLoaded(format!(
+                "{action} {target} was applied and audited, but {NOT_LOADED}; do not repeat it: the operator has \
+                 the details in the broker log"
+            ))),
+            (Err(e), loaded) => {
+                tracing::error!(error = %e, action = %action, target = %target, "a change took effect but could not be audited");
+                let also = if loaded.is_err() {
+                    format!("; {NOT_LOADED}")
+                } else {
+                    String::new()
+                };
+                Err(BrokerError::AppliedNotAudited(format!(
+                    "{action} {target} was applied and is in effect, but the audit log could not record it{also}; \
+                     do not repeat it: the operator has the details in the broker log"
+                )))
+            }
+        }
     }
 
     /// Writes, every `every`, one entry per address whose authentication
@@ -274,9 +323,74 @@ impl Broker {
                 };
                 let Some(broker) = broker.upgrade() else { return };
                 let current = broker.snapshot.load().version;
-                let stale = notified || matches!(broker.store.change_counter().await, Ok(v) if v != current);
-                if stale && let Err(e) = broker.reload().await {
-                    tracing::warn!(error = %e, "snapshot reload failed; keeping the previous snapshot");
+                let changed = notified || matches!(broker.store.change_counter().await, Ok(v) if v != current);
+                if changed {
+                    // Behind from now: a reload that hangs counts against the bound.
+                    broker.freshness.behind(false);
+                }
+                // Retried every poll while behind, even with the counter
+                // unchanged since (a failed reload after this replica's own change).
+                if broker.freshness.is_behind()
+                    && let Err(e) = broker.reload().await
+                {
+                    tracing::warn!(
+                        error = %e,
+                        behind_ms = broker.freshness.behind_for().as_millis() as u64,
+                        max_snapshot_lag_ms = broker.freshness.bound().as_millis() as u64,
+                        "snapshot reload failed; keeping the previous snapshot, and refusing lookups once it is \
+                         behind for longer than limits.max_snapshot_lag_ms"
+                    );
+                }
+                // Enters the refused state on time even when no lookup comes.
+                broker.freshness.refusing();
+            }
+        })
+    }
+
+    /// Keeps the health status of `lienthong.v1.Exchange` in step with what
+    /// this replica can serve, so that load balancers send lookups to
+    /// another replica: `NOT_SERVING` while its snapshot is too far behind
+    /// the database (until a reload succeeds), and for good once its audit
+    /// log finds its stored history altered (the log then refuses new
+    /// entries, so every lookup would fail; the audit service stays up for
+    /// the auditors who look into it). The check behind the log's opening
+    /// finds that, or the writer later (rows deleted under it). Aborted at
+    /// shutdown, which reports `NOT_SERVING` itself.
+    pub fn spawn_exchange_health(
+        self: &Arc<Self>,
+        reporter: tonic_health::server::HealthReporter,
+    ) -> tokio::task::JoinHandle<()> {
+        let audit = self.audit.clone();
+        let mut refusing = self.freshness.subscribe();
+        tokio::spawn(async move {
+            let history = audit.history_failure();
+            tokio::pin!(history);
+            // `None` once the log shut down: staleness is still followed.
+            let mut history_open = true;
+            let mut serving = true;
+            loop {
+                let refused = *refusing.borrow_and_update();
+                if refused == serving {
+                    serving = !refused;
+                    if serving {
+                        reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
+                    } else {
+                        reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+                    }
+                }
+                tokio::select! {
+                    failed = &mut history, if history_open => {
+                        history_open = false;
+                        if failed.is_some() {
+                            reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+                            return;
+                        }
+                    }
+                    changed = refusing.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
                 }
             }
         })
@@ -327,9 +441,10 @@ impl Broker {
 
     /// Audits a refused administrative request.
     pub async fn admin_refused(&self, actor: &str, action: &str, target: &str, error: &BrokerError) {
-        if let BrokerError::AppliedNotAudited(_) = error {
+        if let BrokerError::AppliedNotAudited(_) | BrokerError::AppliedNotLoaded(_) = error {
             // The change is in effect: an entry saying it failed would be
-            // false, and `applied` has logged why it is missing.
+            // false, and `applied` has logged why it is missing or not
+            // loaded (a change it could audit is on the record already).
             return;
         }
         let mut event = AuditEvent::new(EntryKind::Admin, OffsetDateTime::now_utc());

@@ -229,14 +229,17 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_member(&self, member: &Member) -> Result<()>;
     /// Replaces a member's mutable fields (name, roles, enabled, reason, updated_at).
     async fn update_member(&self, member: &Member) -> Result<()>;
-    /// One member.
+    /// One member; `Corrupt` when it holds a role this version does not
+    /// know (a member read to be changed must not lose it when written back).
     async fn get_member(&self, id: &str) -> Result<Option<Member>>;
-    /// All members by id.
+    /// All members by id, for reading only: roles this version does not know
+    /// are left out, and so is (logged) a member that cannot be decoded.
     async fn list_members(&self) -> Result<Vec<Member>>;
     /// Records a certificate revocation; `AlreadyExists` if that certificate
     /// is revoked already (the first revocation stands).
     async fn insert_revoked_certificate(&self, revoked: &RevokedCertificate) -> Result<()>;
-    /// Every certificate revocation, oldest first.
+    /// Every certificate revocation, oldest first; `Corrupt` when any one
+    /// cannot be decoded (leaving it out would let its certificate in).
     async fn list_revoked_certificates(&self) -> Result<Vec<RevokedCertificate>>;
 
     // === endpoints ===
@@ -245,7 +248,7 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_endpoint(&self, endpoint: &Endpoint) -> Result<()>;
     /// Deletes an endpoint and returns it; `NotFound` if absent.
     async fn delete_endpoint(&self, id: &str) -> Result<Endpoint>;
-    /// All endpoints by provider, then id.
+    /// All endpoints by provider, then id; one that cannot be decoded is left out (logged).
     async fn list_endpoints(&self) -> Result<Vec<Endpoint>>;
 
     // === grants ===
@@ -257,7 +260,7 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<GrantRevocation>;
     /// One grant.
     async fn get_grant(&self, id: &str) -> Result<Option<Grant>>;
-    /// Grants matching the query, newest first.
+    /// Grants matching the query, newest first; one that cannot be decoded is left out (logged).
     async fn list_grants(&self, query: &GrantQuery) -> Result<Vec<Grant>>;
 
     // === record types ===

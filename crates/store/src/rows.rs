@@ -66,6 +66,36 @@ pub(crate) fn compatibility_text(c: Compatibility) -> Result<String> {
     }
 }
 
+/// Decodes the rows of a table read whole, leaving out (with an error
+/// naming it) a row that cannot be decoded, so that one odd row does not
+/// stop every replica from loading the federation. Only for tables where a
+/// row left out takes capabilities away and gives none: a member (then
+/// unknown: it cannot call, and its register is not called), a grant (access
+/// is denied by default), an endpoint (a register is not called there).
+/// Revoked certificates and record type versions are decoded whole or not
+/// at all: see `list_revoked_certificates` and `list_record_type_versions`.
+pub(crate) fn decode_or_skip<R, T>(
+    rows: Vec<R>,
+    table: &str,
+    key: impl Fn(&R) -> String,
+    decode: impl Fn(R) -> Result<T>,
+) -> Vec<T> {
+    let mut decoded = Vec::with_capacity(rows.len());
+    for row in rows {
+        let name = key(&row);
+        match decode(row) {
+            Ok(v) => decoded.push(v),
+            Err(e) => tracing::error!(
+                table = %table,
+                row = %name,
+                error = %e,
+                "a row cannot be decoded and is left out, which takes away what it would allow; repair or delete it"
+            ),
+        }
+    }
+    decoded
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct MemberRow {
     id: String,
@@ -78,6 +108,13 @@ pub(crate) struct MemberRow {
 }
 
 impl MemberRow {
+    /// The row's id, to name it in a log.
+    pub(crate) fn key(&self) -> String {
+        format!("{:?}", self.id)
+    }
+
+    /// The member, refusing a role this version does not know: a member read
+    /// to be changed and written back must not lose it.
     pub(crate) fn into_member(self) -> Result<Member> {
         let roles = self
             .roles
@@ -87,6 +124,29 @@ impl MemberRow {
                 Role::parse(r).ok_or_else(|| StoreError::Corrupt(format!("members.roles holds unknown role {r:?}")))
             })
             .collect::<Result<Vec<_>>>()?;
+        self.with_roles(roles)
+    }
+
+    /// The member with the roles this version knows, for reading only. A
+    /// role it does not know (one a newer replica on the same database
+    /// gave) is left out with a warning: a role only grants, so the member
+    /// is refused what the role would allow here, and nothing else.
+    pub(crate) fn into_member_known_roles(self) -> Result<Member> {
+        let mut roles = Vec::new();
+        for r in self.roles.split(',').filter(|r| !r.is_empty()) {
+            match Role::parse(r) {
+                Some(role) => roles.push(role),
+                None => tracing::warn!(
+                    member = %self.id,
+                    role = %r,
+                    "members.roles holds a role this version does not know; the member is treated as not holding it"
+                ),
+            }
+        }
+        self.with_roles(roles)
+    }
+
+    fn with_roles(self, roles: Vec<Role>) -> Result<Member> {
         Ok(Member {
             id: member_id(self.id, "members.id")?,
             display_name: self.display_name,
@@ -140,6 +200,11 @@ pub(crate) struct EndpointRow {
 }
 
 impl EndpointRow {
+    /// The row's id, to name it in a log.
+    pub(crate) fn key(&self) -> String {
+        format!("{:?}", self.id)
+    }
+
     pub(crate) fn into_endpoint(self) -> Result<Endpoint> {
         Ok(Endpoint {
             id: self.id,
@@ -168,6 +233,11 @@ pub(crate) struct GrantRow {
 }
 
 impl GrantRow {
+    /// The row's id, to name it in a log.
+    pub(crate) fn key(&self) -> String {
+        format!("{:?}", self.id)
+    }
+
     pub(crate) fn into_grant(self) -> Result<Grant> {
         Ok(Grant {
             id: self.id,

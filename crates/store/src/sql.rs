@@ -4,7 +4,7 @@
 
 use crate::rows::{
     EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, RevokedCertificateRow, TreeHeadRow,
-    compatibility_text, roles_text, to_i64, to_json, to_u64, to_us,
+    compatibility_text, decode_or_skip, roles_text, to_i64, to_json, to_u64, to_us,
 };
 use crate::subjects;
 use crate::{
@@ -868,10 +868,9 @@ impl Store for SqlStore {
     async fn list_members(&self) -> Result<Vec<Member>> {
         let sql = format!("SELECT {MEMBER_COLUMNS} FROM members ORDER BY id");
         let rows = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).fetch_all(p).await).map_err(db_err)?;
-        let mut members = rows
-            .into_iter()
-            .map(MemberRow::into_member)
-            .collect::<Result<Vec<_>>>()?;
+        // Read to be used, never written back: unknown roles are dropped
+        // and an undecodable member is left out (see `decode_or_skip`).
+        let mut members = decode_or_skip(rows, "members", MemberRow::key, MemberRow::into_member_known_roles);
         // PostgreSQL orders text by its locale ('-' ignored under en_US);
         // both backends list in byte order, as SQLite does.
         members.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
@@ -894,6 +893,9 @@ impl Store for SqlStore {
         );
         let rows =
             on_pool!(self, p => sqlx::query_as::<_, RevokedCertificateRow>(&sql).fetch_all(p).await).map_err(db_err)?;
+        // All or nothing: a revocation left out would let its certificate in
+        // again. A row that cannot be decoded fails the snapshot's reload,
+        // which refuses lookups past `limits.max_snapshot_lag_ms`.
         rows.into_iter().map(RevokedCertificateRow::into_revoked).collect()
     }
 
@@ -917,10 +919,8 @@ impl Store for SqlStore {
     async fn list_endpoints(&self) -> Result<Vec<Endpoint>> {
         let sql = format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY provider, id");
         let rows = on_pool!(self, p => sqlx::query_as::<_, EndpointRow>(&sql).fetch_all(p).await).map_err(db_err)?;
-        let mut endpoints = rows
-            .into_iter()
-            .map(EndpointRow::into_endpoint)
-            .collect::<Result<Vec<_>>>()?;
+        // An endpoint left out is only one place fewer to call.
+        let mut endpoints = decode_or_skip(rows, "endpoints", EndpointRow::key, EndpointRow::into_endpoint);
         // Byte order on both backends (see `list_members`).
         endpoints.sort_by(|a, b| (a.provider.as_str(), &a.id).cmp(&(b.provider.as_str(), &b.id)));
         Ok(endpoints)
@@ -978,7 +978,9 @@ impl Store for SqlStore {
             qb.build_query_as::<GrantRow>().fetch_all(p).await
         })
         .map_err(db_err)?;
-        rows.into_iter().map(GrantRow::into_grant).collect()
+        // A grant left out denies what it allowed (access is denied by
+        // default; a revocation is a column of its own row).
+        Ok(decode_or_skip(rows, "grants", GrantRow::key, GrantRow::into_grant))
     }
 
     async fn insert_record_type_version(&self, v: &RecordTypeVersion) -> Result<()> {
@@ -1018,6 +1020,8 @@ impl Store for SqlStore {
     async fn list_record_type_versions(&self) -> Result<Vec<RecordTypeVersion>> {
         let sql = format!("SELECT {RECORD_TYPE_COLUMNS} FROM record_type_versions ORDER BY name, version");
         let rows = on_pool!(self, p => sqlx::query_as::<_, RecordTypeRow>(&sql).fetch_all(p).await).map_err(db_err)?;
+        // All or nothing: with a version left out, a lookup naming no version
+        // would get an older one, its schema and fields, as the latest.
         let mut versions = rows
             .into_iter()
             .map(RecordTypeRow::into_version)
