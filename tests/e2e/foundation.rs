@@ -49,6 +49,11 @@ async fn health_serving_and_reflection_lists_every_service() {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }
     assert!(names.iter().any(|n| n == "grpc.health.v1.Health"));
+    // In the contract, served by registers, not by the broker.
+    assert!(
+        !names.iter().any(|n| n == "lienthong.provider.v1.RecordProvider"),
+        "{names:?}"
+    );
     fed.shutdown().await.unwrap();
 }
 

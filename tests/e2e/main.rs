@@ -11,6 +11,7 @@ mod deploy;
 mod foundation;
 mod harness;
 mod observability;
+mod protocol;
 mod refusals;
 mod relay;
 mod replicas;

@@ -11,6 +11,7 @@ pub mod error;
 pub mod exchange;
 pub mod freshness;
 pub mod metrics;
+mod protocol;
 pub mod refusals;
 pub mod relay;
 pub mod schema;

@@ -7,6 +7,7 @@ use crate::audit::AuditService;
 use crate::config::Config;
 use crate::error::BrokerError;
 use crate::exchange::ExchangeService;
+use crate::protocol::CallOrigin;
 use crate::relay::Relay;
 use crate::schema::SchemaService;
 use crate::state::Broker;
@@ -227,14 +228,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     health_reporter.set_serving::<AuditServer<AuditService>>().await;
     // NOT_SERVING while this replica refuses lookups: an altered log, a stale snapshot.
     let exchange_health = broker.spawn_exchange_health(health_reporter.clone());
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection = reflection_builder()
         .build_v1()
         .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_alpha = reflection_builder()
         .build_v1alpha()
         .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
 
@@ -247,33 +244,43 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // Stamped before any wait for an exchange slot, as tonic starts the
-        // client's `grpc-timeout` then: a lookup's deadline counts from here.
-        .layer(tower::util::MapRequestLayer::new(|mut request: HttpRequest| {
-            request.extensions_mut().insert(Arrived(Instant::now()));
-            request
-        }))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Stamps each call's arrival, refuses what is not gRPC, and gives
+        // tonic's own failures the codes the gRPC spec gives them.
+        .layer(crate::protocol::ProtocolLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(ToTheEnd::new(
-            AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max),
-            &calls,
-        ))
-        .add_service(ToTheEnd::new(
-            SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max),
-            &calls,
-        ))
-        .add_service(ToTheEnd::bounded(
-            ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
-            &calls,
-            config.limits.max_concurrent_exchanges,
-            broker.metrics.exchanges_waiting.clone(),
-        ))
-        .add_service(ToTheEnd::new(
-            AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max),
-            &calls,
-        ));
+        .add_service(
+            ToTheEnd::new(
+                AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max),
+                &calls,
+            )
+            .audited(&broker),
+        )
+        .add_service(
+            ToTheEnd::new(
+                SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max),
+                &calls,
+            )
+            .audited(&broker),
+        )
+        .add_service(
+            ToTheEnd::bounded(
+                ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
+                &calls,
+                config.limits.max_concurrent_exchanges,
+                broker.metrics.exchanges_waiting.clone(),
+            )
+            .audited(&broker),
+        )
+        .add_service(
+            ToTheEnd::new(
+                AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max),
+                &calls,
+            )
+            .audited(&broker),
+        );
 
     // The metrics listener outlives the gRPC one until the final tree head
     // is signed, so a scrape can watch the drain.
@@ -305,8 +312,18 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             // Ended first, so that it cannot report SERVING after this.
             exchange_health.abort();
             let _ = exchange_health.await;
+            // Every service and the server as a whole (""), so that a probe
+            // or a Watch of any of them moves traffic away during the drain.
             health_reporter
                 .set_not_serving::<ExchangeServer<ExchangeService>>()
+                .await;
+            health_reporter.set_not_serving::<AdminServer<AdminService>>().await;
+            health_reporter
+                .set_not_serving::<SchemaRegistryServer<SchemaService>>()
+                .await;
+            health_reporter.set_not_serving::<AuditServer<AuditService>>().await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             let _ = stop_tx.send(());
         };
@@ -365,6 +382,31 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     })
 }
 
+/// Calls at once on one client connection (HTTP/2
+/// `SETTINGS_MAX_CONCURRENT_STREAMS`): without it a connection, even one
+/// without a certificate on the health service, could hold any number of
+/// streams open. The load generator's 256 lookups on 4 connections, a
+/// busy agency backend, stay well under it.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
+
+/// The reflection service's contents: the services this broker serves and
+/// their types. The contract also holds `lienthong.provider.v1.RecordProvider`,
+/// which registers serve and the broker does not: a client listing the
+/// broker's services must not find it.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    let builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    lienthong::SERVICE_NAMES
+        .iter()
+        .chain(&[
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ])
+        .fold(builder, |b, name| b.with_service_name(*name))
+}
+
 /// Creates the admin named in the config on first start, so a fresh
 /// federation can be administered.
 async fn bootstrap_admin(
@@ -410,8 +452,10 @@ async fn bootstrap_admin(
 #[derive(Clone, Copy, Debug)]
 pub struct Arrived(pub Instant);
 
-type HttpRequest = http::Request<tonic::body::Body>;
-type HttpResponse = http::Response<tonic::body::Body>;
+/// A call as hyper hands it to the services.
+pub(crate) type HttpRequest = http::Request<tonic::body::Body>;
+/// An answer as the services hand it to hyper.
+pub(crate) type HttpResponse = http::Response<tonic::body::Body>;
 type Answer = futures::future::BoxFuture<'static, Result<HttpResponse, std::convert::Infallible>>;
 
 /// The tasks of calls under way; shutdown waits for them (within the grace
@@ -436,8 +480,9 @@ struct RunToEnd {
 }
 
 impl RunToEnd {
-    /// Starts tracking `call`, holding `keep` until it ends.
-    fn new<F, K>(tracker: &TaskTracker, call: F, keep: K) -> RunToEnd
+    /// Starts tracking `call`, holding `keep` until it ends; an answer tonic
+    /// made before the handler ran is audited as `origin`'s.
+    fn new<F, K>(tracker: &TaskTracker, call: F, keep: K, origin: Option<CallOrigin>) -> RunToEnd
     where
         F: std::future::Future<Output = Result<HttpResponse, std::convert::Infallible>> + Send + 'static,
         K: Send + 'static,
@@ -446,6 +491,10 @@ impl RunToEnd {
         RunToEnd {
             call: Some(Box::pin(async move {
                 let answer = call.await;
+                let refused = answer.as_ref().ok().and_then(crate::protocol::refused_unseen);
+                if let (Some(origin), Some(failure)) = (origin, refused) {
+                    origin.audit(failure).await;
+                }
                 drop((keep, token));
                 answer
             })),
@@ -514,6 +563,8 @@ impl Drop for RunToEnd {
 struct ToTheEnd<S> {
     inner: S,
     tracker: TaskTracker,
+    /// Whose calls these are, to audit the ones tonic refuses unseen.
+    broker: Option<Arc<Broker>>,
     limit: Option<Limit>,
     /// The turn taken in `poll_ready`, handed to the call.
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -534,6 +585,7 @@ impl<S> ToTheEnd<S> {
         ToTheEnd {
             inner: service,
             tracker: tracker.clone(),
+            broker: None,
             limit: None,
             turn: None,
             counted: false,
@@ -552,6 +604,13 @@ impl<S> ToTheEnd<S> {
         bounded
     }
 
+    /// Audits the calls tonic refuses before their handler (a message that
+    /// cannot be decoded, too large, missing) as `broker`'s refusals.
+    fn audited(mut self, broker: &Arc<Broker>) -> Self {
+        self.broker = Some(broker.clone());
+        self
+    }
+
     fn stop_waiting(&mut self) {
         if std::mem::take(&mut self.counted)
             && let Some(limit) = &self.limit
@@ -566,6 +625,7 @@ impl<S: Clone> Clone for ToTheEnd<S> {
         ToTheEnd {
             inner: self.inner.clone(),
             tracker: self.tracker.clone(),
+            broker: self.broker.clone(),
             limit: self.limit.clone(),
             turn: None,
             counted: false,
@@ -615,7 +675,8 @@ where
 
     fn call(&mut self, request: HttpRequest) -> Self::Future {
         let turn = self.turn.take();
-        RunToEnd::new(&self.tracker, self.inner.call(request), turn)
+        let origin = self.broker.as_ref().map(|b| CallOrigin::of(b, &request));
+        RunToEnd::new(&self.tracker, self.inner.call(request), turn, origin)
     }
 }
 

@@ -1,0 +1,372 @@
+//! The gRPC protocol's own rules at the edge, for the answers tonic makes
+//! itself rather than the broker's handlers: what is not a gRPC call is
+//! refused with the HTTP status the gRPC spec names, the codes tonic gives
+//! a few of its own failures are replaced by the ones the gRPC status-code
+//! spec gives, and a call refused before its handler ran (a message that
+//! cannot be decoded, too large, missing) is audited like any refusal.
+
+use crate::server::{Arrived, HttpRequest, HttpResponse};
+use crate::state::Broker;
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
+use lienthong_tls::PeerInfo;
+use std::sync::Arc;
+use std::time::Instant;
+use time::OffsetDateTime;
+use tonic::Code;
+
+/// A failure tonic answers by itself, before or around a handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LibraryFailure {
+    /// The request message is over the service's decoding limit. tonic says
+    /// `OUT_OF_RANGE`; the spec says `RESOURCE_EXHAUSTED`, and the audit
+    /// service's `OUT_OF_RANGE` means "ask again later", which this is not.
+    TooLarge,
+    /// The request message is not the method's protobuf message (or its
+    /// frame is broken): `INTERNAL`, as the spec has it.
+    Undecodable,
+    /// A unary call without its request message: the spec's request
+    /// cardinality violation, `UNIMPLEMENTED`; tonic says `INTERNAL`.
+    NoMessage,
+    /// The client's `grpc-timeout` passed before any answer (a call that
+    /// waited for an exchange turn, or a deadline shorter than the broker's
+    /// margin): the spec's `DEADLINE_EXCEEDED`; tonic says `CANCELLED`.
+    TimedOut,
+}
+
+impl LibraryFailure {
+    /// Which of tonic's own failures `status` is, from the texts tonic 0.14
+    /// gives them (the end-to-end tests send each one, so a change of text in
+    /// a tonic upgrade fails them).
+    pub(crate) fn of(status: &tonic::Status) -> Option<LibraryFailure> {
+        let message = status.message();
+        match status.code() {
+            Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
+                Some(LibraryFailure::TooLarge)
+            }
+            Code::Internal if message == "Missing request message." => Some(LibraryFailure::NoMessage),
+            Code::Internal
+                if message.starts_with("failed to decode Protobuf message")
+                    || message.starts_with("protocol error: received message with") =>
+            {
+                Some(LibraryFailure::Undecodable)
+            }
+            Code::Cancelled if message == "Timeout expired" => Some(LibraryFailure::TimedOut),
+            _ => None,
+        }
+    }
+
+    /// The status a client gets instead: the spec's code and words a person
+    /// can act on.
+    fn status(self, original: &tonic::Status) -> tonic::Status {
+        match self {
+            LibraryFailure::TooLarge => tonic::Status::resource_exhausted(format!(
+                "the request message is larger than this broker accepts ({}); send less in one call",
+                original.message().trim_start_matches("Error, ")
+            )),
+            LibraryFailure::Undecodable => tonic::Status::internal(format!(
+                "the request is not this method's protobuf message ({}); check that the client was \
+                 built from the broker's .proto files (reflection serves them)",
+                original.message()
+            )),
+            LibraryFailure::NoMessage => {
+                tonic::Status::unimplemented("a unary call takes exactly one request message and this one sent none")
+            }
+            LibraryFailure::TimedOut => tonic::Status::deadline_exceeded(
+                "the call's deadline (grpc-timeout) passed before the broker could answer it; \
+                 nothing was released; retry with a longer deadline",
+            ),
+        }
+    }
+
+    /// The reason in the audit entry of a call refused this way.
+    fn reason(self) -> &'static str {
+        match self {
+            LibraryFailure::TooLarge => "malformed_request: the request message is over the size limit",
+            LibraryFailure::Undecodable => "malformed_request: the request message could not be decoded",
+            LibraryFailure::NoMessage => "malformed_request: the unary call sent no request message",
+            LibraryFailure::TimedOut => "deadline_exceeded: the deadline passed before the call started",
+        }
+    }
+}
+
+/// When the client's `grpc-timeout` runs out, counted from the call's
+/// arrival (time waited for a turn included); `None` without one, or for a
+/// deadline past what `Instant` holds.
+pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
+    let timeout = crate::exchange::grpc_timeout(request.metadata())?;
+    let arrived = request.extensions().get::<Arrived>().map_or_else(Instant::now, |a| a.0);
+    arrived.checked_add(timeout)
+}
+
+/// The status of a trailers-only answer, the form every error answer of
+/// tonic takes; `None` for an answer with a message (its status comes in the
+/// trailers).
+fn trailers_only_status(response: &HttpResponse) -> Option<tonic::Status> {
+    response.headers().get("grpc-status")?;
+    tonic::Status::from_header_map(response.headers())
+}
+
+/// How tonic refused a call before its handler ran, if it did.
+pub(crate) fn refused_unseen(response: &HttpResponse) -> Option<LibraryFailure> {
+    trailers_only_status(response).and_then(|s| LibraryFailure::of(&s))
+}
+
+/// Refuses what is not a gRPC call as the gRPC over HTTP/2 spec says: a
+/// method other than POST with 405, a content type other than
+/// `application/grpc` (or `+proto`, or with parameters) with 415. tonic would
+/// decode either as protobuf and answer it, to any HTTP/2 client, without a
+/// certificate on the health service.
+pub(crate) fn refuse_non_grpc(request: &HttpRequest) -> Option<HttpResponse> {
+    if request.method() != http::Method::POST {
+        return Some(plain(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            Some((http::header::ALLOW, "POST")),
+        ));
+    }
+    let grpc = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(is_grpc_content_type);
+    (!grpc).then(|| {
+        plain(
+            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Some((http::header::ACCEPT, "application/grpc")),
+        )
+    })
+}
+
+/// `application/grpc`, `application/grpc+proto`, either with parameters.
+fn is_grpc_content_type(value: &str) -> bool {
+    let media = value.split(';').next().unwrap_or_default().trim();
+    media.eq_ignore_ascii_case("application/grpc") || media.eq_ignore_ascii_case("application/grpc+proto")
+}
+
+fn plain(status: http::StatusCode, header: Option<(http::header::HeaderName, &'static str)>) -> HttpResponse {
+    let mut response = http::Response::new(tonic::body::Body::empty());
+    *response.status_mut() = status;
+    if let Some((name, value)) = header {
+        response
+            .headers_mut()
+            .insert(name, http::HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Replaces the status of an answer tonic made for one of its own failures
+/// with the spec's; any other answer is returned as it is.
+pub(crate) fn conform(mut response: HttpResponse) -> HttpResponse {
+    let Some(status) = trailers_only_status(&response) else {
+        return response;
+    };
+    let Some(failure) = LibraryFailure::of(&status) else {
+        return response;
+    };
+    let headers = response.headers_mut();
+    headers.remove("grpc-message");
+    headers.remove("grpc-status-details-bin");
+    if failure.status(&status).add_header(headers).is_err() {
+        // Only a message that cannot be a header value fails; ours are ASCII.
+        tracing::warn!(?failure, "could not rewrite the status of a failed call");
+    }
+    response
+}
+
+/// The outer layer of every call: stamps its arrival, refuses what is not
+/// gRPC, and gives tonic's own failures the spec's codes.
+#[derive(Clone)]
+pub(crate) struct Protocol<S> {
+    inner: S,
+}
+
+/// Wraps services in [`Protocol`].
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ProtocolLayer;
+
+impl<S> tower::Layer<S> for ProtocolLayer {
+    type Service = Protocol<S>;
+
+    fn layer(&self, inner: S) -> Protocol<S> {
+        Protocol { inner }
+    }
+}
+
+type Conformed<F, E> = futures::future::Either<
+    std::future::Ready<Result<HttpResponse, E>>,
+    futures::future::MapOk<F, fn(HttpResponse) -> HttpResponse>,
+>;
+
+impl<S> tower::Service<HttpRequest> for Protocol<S>
+where
+    S: tower::Service<HttpRequest, Response = HttpResponse>,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = Conformed<S::Future, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: HttpRequest) -> Self::Future {
+        use futures::TryFutureExt;
+        if let Some(refused) = refuse_non_grpc(&request) {
+            return futures::future::Either::Left(std::future::ready(Ok(refused)));
+        }
+        // Stamped before any wait for an exchange slot, as tonic starts the
+        // client's `grpc-timeout` then: a lookup's deadline counts from here.
+        request.extensions_mut().insert(Arrived(Instant::now()));
+        futures::future::Either::Right(
+            self.inner
+                .call(request)
+                .map_ok(conform as fn(HttpResponse) -> HttpResponse),
+        )
+    }
+}
+
+/// Who made a call and to which method, kept (cheaply: reference counts)
+/// while it runs, for the audit entry of a call tonic refuses before its
+/// handler sees it.
+pub(crate) struct CallOrigin {
+    broker: Arc<Broker>,
+    peer: Option<Arc<PeerInfo>>,
+    request_id: Option<http::HeaderValue>,
+    path: Option<http::uri::PathAndQuery>,
+}
+
+impl CallOrigin {
+    /// The origin of `request`, a call to one of the broker's services.
+    pub(crate) fn of(broker: &Arc<Broker>, request: &HttpRequest) -> CallOrigin {
+        CallOrigin {
+            broker: broker.clone(),
+            peer: request.extensions().get::<Arc<PeerInfo>>().cloned(),
+            request_id: request.headers().get("x-request-id").cloned(),
+            path: request.uri().path_and_query().cloned(),
+        }
+    }
+
+    /// Audits a call tonic refused before its handler ran: its caller
+    /// authenticated as any call's is (an unauthenticated one is audited as
+    /// such, within the refusal budget), then an entry naming the method
+    /// and why.
+    pub(crate) async fn audit(self, failure: LibraryFailure) {
+        let path = self.path.as_ref().map_or("", |p| p.path());
+        // `/lienthong.v1.Exchange/Lookup` is audited as `Exchange.Lookup`.
+        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+        let service = service.rsplit('.').next().unwrap_or(service);
+        let rpc = crate::exchange::clip(&format!("{service}.{method}"), 128).to_owned();
+        let mut request = tonic::Request::new(());
+        if let Some(peer) = self.peer {
+            request.extensions_mut().insert(peer);
+        }
+        if let Some(id) = self
+            .request_id
+            .and_then(|v| tonic::metadata::MetadataValue::try_from(v.as_bytes()).ok())
+        {
+            request.metadata_mut().insert("x-request-id", id);
+        }
+        let Ok(caller) = self.broker.authenticate(&request, &rpc).await else {
+            return;
+        };
+        let kind = match service {
+            "Exchange" => EntryKind::Access,
+            "Audit" => EntryKind::AuditRead,
+            _ => EntryKind::Admin,
+        };
+        let mut event = AuditEvent::new(kind, OffsetDateTime::now_utc());
+        event.actor = caller.id().to_string();
+        event.request_id = crate::state::request_id_of(&request);
+        event.action = rpc;
+        event.outcome = if failure == LibraryFailure::TimedOut {
+            Outcome::Failed
+        } else {
+            Outcome::Invalid
+        };
+        event.reason = failure.reason().to_owned();
+        if let Err(e) = self.broker.audit.append(event).await {
+            tracing::error!(error = %e, ?failure, "could not audit a call refused before its handler");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn request(method: http::Method, content_type: Option<&'static str>) -> HttpRequest {
+        let mut r = http::Request::new(tonic::body::Body::empty());
+        *r.method_mut() = method;
+        if let Some(ct) = content_type {
+            r.headers_mut()
+                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
+        }
+        r
+    }
+
+    #[test]
+    fn only_grpc_calls_get_through() {
+        for ct in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc; charset=utf-8",
+            "Application/GRPC",
+        ] {
+            assert!(
+                refuse_non_grpc(&request(http::Method::POST, Some(ct))).is_none(),
+                "{ct}"
+            );
+        }
+        for ct in [
+            None,
+            Some("application/json"),
+            Some("text/plain"),
+            Some("application/grpc+json"),
+            Some("application/grpc-web"),
+        ] {
+            let refused = refuse_non_grpc(&request(http::Method::POST, ct)).unwrap();
+            assert_eq!(refused.status(), http::StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}");
+        }
+        let get = refuse_non_grpc(&request(http::Method::GET, Some("application/grpc"))).unwrap();
+        assert_eq!(get.status(), http::StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(get.headers()[http::header::ALLOW], "POST");
+    }
+
+    #[test]
+    fn tonics_own_failures_get_the_specs_codes_and_others_are_left_alone() {
+        let cases = [
+            (
+                tonic::Status::out_of_range(
+                    "Error, decoded message length too large: found 4194314 bytes, the limit is: 4194304 bytes",
+                ),
+                Code::ResourceExhausted,
+            ),
+            (tonic::Status::internal("Missing request message."), Code::Unimplemented),
+            (tonic::Status::cancelled("Timeout expired"), Code::DeadlineExceeded),
+            (
+                tonic::Status::internal("failed to decode Protobuf message: invalid wire type value: 7"),
+                Code::Internal,
+            ),
+            // The broker's own answers pass as they are.
+            (
+                tonic::Status::out_of_range("entry 12 is past the signed tree head"),
+                Code::OutOfRange,
+            ),
+            (tonic::Status::internal("the broker failed"), Code::Internal),
+            (tonic::Status::cancelled("the client cancelled"), Code::Cancelled),
+        ];
+        for (status, want) in cases {
+            let fixed = conform(status.clone().into_http());
+            let got = tonic::Status::from_header_map(fixed.headers()).unwrap();
+            assert_eq!(got.code(), want, "{status:?} became {got:?}");
+            if LibraryFailure::of(&status).is_none() {
+                assert_eq!(got.message(), status.message());
+            } else {
+                assert_ne!(got.message(), status.message());
+            }
+        }
+        // An answer with a message is not looked into.
+        let ok = conform(http::Response::new(tonic::body::Body::empty()));
+        assert!(ok.headers().get("grpc-status").is_none());
+    }
+}

@@ -1,0 +1,188 @@
+//! The gRPC protocol at the broker's edge, as a client that does not go
+//! through generated code meets it: bytes that are not the method's message,
+//! a message over the limit, none at all, requests that are not gRPC. Each is
+//! answered with the code the gRPC spec gives it, and a refused call is
+//! audited like any other refusal.
+
+use crate::harness::*;
+use bytes::{Buf, BufMut};
+use lienthong::v1 as pb;
+use lienthong_cli::federation::JUDICIAL_OFFICE;
+use tonic::Code;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// Sends and receives message bytes as they are: a client that can send
+/// anything.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let bytes = src.chunk().to_vec();
+        src.advance(bytes.len());
+        Ok(Some(bytes))
+    }
+}
+
+const LOOKUP: &str = "/lienthong.v1.Exchange/Lookup";
+
+async fn raw_unary(channel: &tonic::transport::Channel, path: &'static str, message: Vec<u8>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone()).max_encoding_message_size(usize::MAX);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(message),
+        http::uri::PathAndQuery::from_static(path),
+        Raw,
+    )
+    .await
+    .expect_err("refused")
+}
+
+/// The office's refused Exchange calls in the log, oldest first.
+async fn refused_lookups(fed: &lienthong_cli::federation::Federation) -> Vec<pb::AuditEntry> {
+    logged(
+        fed,
+        pb::EntryFilter {
+            actor: JUDICIAL_OFFICE.into(),
+            outcome: pb::Outcome::Invalid as i32,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn calls_tonic_refuses_get_the_specs_codes_and_are_audited() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+
+    // Not a LookupRequest: a field number 0 is never valid protobuf.
+    let garbage = raw_unary(&office.channel, LOOKUP, vec![0x00, 0xff, 0xff]).await;
+    assert_eq!(garbage.code(), Code::Internal, "{garbage:?}");
+    assert!(
+        garbage.message().contains("not this method's protobuf message"),
+        "{}",
+        garbage.message()
+    );
+
+    // Over the broker's message limit (4 MiB by default).
+    let huge = raw_unary(&office.channel, LOOKUP, vec![b'a'; 5 * 1024 * 1024]).await;
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
+    assert!(
+        huge.message().contains("larger than this broker accepts"),
+        "{}",
+        huge.message()
+    );
+
+    // No message at all on a unary call: the spec's cardinality violation.
+    let mut grpc = tonic::client::Grpc::new(office.channel.clone());
+    grpc.ready().await.unwrap();
+    let none = grpc
+        .client_streaming::<_, Vec<u8>, Vec<u8>, _>(
+            tonic::Request::new(tokio_stream::iter(Vec::<Vec<u8>>::new())),
+            http::uri::PathAndQuery::from_static(LOOKUP),
+            Raw,
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(none.code(), Code::Unimplemented, "{none:?}");
+
+    let entries = refused_lookups(&fed).await;
+    let reasons: Vec<&str> = entries.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(entries.len(), 3, "each refused call is audited: {reasons:?}");
+    for e in &entries {
+        assert_eq!(e.kind, pb::EntryKind::Access as i32);
+        assert_eq!(e.action, "Exchange.Lookup");
+        assert!(e.reason.starts_with("malformed_request: "), "{}", e.reason);
+    }
+    assert!(
+        reasons.iter().any(|r| r.contains("could not be decoded")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("size limit")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("no request message")), "{reasons:?}");
+
+    // The Audit service's OUT_OF_RANGE means "ask again later"; a message
+    // over the limit there must not say that.
+    let huge_audit = raw_unary(
+        &office.channel,
+        "/lienthong.v1.Audit/GetSignedTreeHead",
+        vec![b'a'; 5 * 1024 * 1024],
+    )
+    .await;
+    assert_eq!(huge_audit.code(), Code::ResourceExhausted, "{huge_audit:?}");
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn requests_that_are_not_grpc_get_the_http_status_the_spec_names() {
+    use tower::ServiceExt;
+    let (_dir, fed) = bare_federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let send = |method: http::Method, content_type: &'static str| {
+        let channel = office.channel.clone();
+        let uri = format!("{}/grpc.health.v1.Health/Check", fed.broker_url);
+        async move {
+            let request = http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(http::header::CONTENT_TYPE, content_type)
+                .header("te", "trailers")
+                .body(tonic::body::Body::empty())
+                .unwrap();
+            channel.oneshot(request).await.unwrap().status()
+        }
+    };
+    assert_eq!(
+        send(http::Method::POST, "text/plain").await,
+        http::StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    assert_eq!(
+        send(http::Method::POST, "application/json").await,
+        http::StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    assert_eq!(
+        send(http::Method::GET, "application/grpc").await,
+        http::StatusCode::METHOD_NOT_ALLOWED
+    );
+    // A gRPC client is answered as before.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(office.channel.clone());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    fed.shutdown().await.unwrap();
+}
