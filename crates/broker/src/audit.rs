@@ -253,6 +253,66 @@ impl Broker {
     }
 }
 
+/// Sends the entries `q` selects to `tx`, a page at a time, until the last
+/// or `deadline`: then the export ends `DEADLINE_EXCEEDED`, naming the
+/// sequence to resume from. tonic's own timeout ends at a stream's headers.
+async fn export_pages(
+    store: Arc<dyn lienthong_store::Store>,
+    mut q: EntryQuery,
+    deadline: Option<std::time::Instant>,
+    tx: tokio::sync::mpsc::Sender<std::result::Result<pb::AuditEntry, Status>>,
+) {
+    // A time no deadline reaches, for a stream without one.
+    let until = deadline.map_or_else(
+        || tokio::time::Instant::now() + std::time::Duration::from_secs(86_400 * 365 * 30),
+        tokio::time::Instant::from_std,
+    );
+    let past_deadline = |next: u64| {
+        Err(Status::deadline_exceeded(format!(
+            "the export's deadline (grpc-timeout) passed; export again with from_sequence = {next} to go on"
+        )))
+    };
+    loop {
+        // A page ready at once would not meet the timeouts below.
+        if tokio::time::Instant::now() >= until {
+            let _ = tx.send(past_deadline(q.from_sequence)).await;
+            return;
+        }
+        let page = match tokio::time::timeout_at(until, store.query_entries(&q)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(Status::from(BrokerError::from(e)))).await;
+                return;
+            }
+            Err(_) => {
+                let _ = tx.send(past_deadline(q.from_sequence)).await;
+                return;
+            }
+        };
+        let full = page.len() as u32 == q.limit;
+        for e in &page {
+            match tokio::time::timeout_at(until, tx.send(Ok(entry(e)))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                // The client reads slower than its deadline allows. Its
+                // status must reach it, or the stream's end would read as the
+                // export's; a client that stops reading is cut off by its own
+                // deadline, which ends this.
+                Err(_) => {
+                    let _ = tx.send(past_deadline(e.sequence)).await;
+                    return;
+                }
+            }
+        }
+        if let Some(last) = page.last() {
+            q.from_sequence = last.sequence + 1;
+        }
+        if !full {
+            return;
+        }
+    }
+}
+
 type EntryStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::AuditEntry, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -303,37 +363,15 @@ impl Audit for AuditService {
         const RPC: &str = "Audit.ExportEntries";
         self.authorized(&request, RPC, &[Role::Auditor, Role::Admin], "export the audit log")
             .await?;
+        let deadline = crate::protocol::deadline_of(&request);
         let r = request.into_inner();
         let mut q = self.broker.entry_query(r.filter)?;
         // No log reaches past i64::MAX entries (sequences are stored signed):
         // a start beyond it is past the end, and streams nothing.
         q.from_sequence = r.from_sequence.min(i64::MAX as u64);
         q.limit = 1000;
-        let store = self.broker.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            loop {
-                let page = match store.query_entries(&q).await {
-                    Ok(p) => p,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(BrokerError::from(e)))).await;
-                        return;
-                    }
-                };
-                let full = page.len() as u32 == q.limit;
-                if let Some(last) = page.last() {
-                    q.from_sequence = last.sequence + 1;
-                }
-                for e in &page {
-                    if tx.send(Ok(entry(e))).await.is_err() {
-                        return;
-                    }
-                }
-                if !full {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(export_pages(self.broker.store.clone(), q, deadline, tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
@@ -561,5 +599,91 @@ impl Audit for AuditService {
                 })
                 .collect(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use lienthong_store::{LogInfo, StoreOptions};
+
+    const LOG: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+
+    /// A store holding one log of `size` entries.
+    async fn store_with(dir: &std::path::Path, size: u64) -> Arc<dyn lienthong_store::Store> {
+        let store = lienthong_store::open(&StoreOptions {
+            url: format!("sqlite://{}", dir.join("db.sqlite").display()),
+            max_connections: 2,
+            acquire_timeout: std::time::Duration::from_secs(5),
+        })
+        .await
+        .unwrap();
+        let now = OffsetDateTime::now_utc();
+        store
+            .ensure_log(&LogInfo {
+                log_id: LOG.into(),
+                public_key: vec![7; 32],
+                created_at: now,
+            })
+            .await
+            .unwrap();
+        let entries: Vec<StoredEntry> = (0..size)
+            .map(|sequence| StoredEntry {
+                log_id: LOG.into(),
+                sequence,
+                leaf_hash: [sequence as u8; 32],
+                leaf: "{}".into(),
+                time: now,
+                kind: EntryKind::Access,
+                actor: "tax-office".into(),
+                provider: "civil-status".into(),
+                record_type: "vn.civil.birth".into(),
+                purpose: "tax".into(),
+                outcome: Outcome::Allowed,
+                subject_hash: String::new(),
+            })
+            .collect();
+        store.append_entries(&entries).await.unwrap();
+        store
+    }
+
+    /// Runs an export of the log, a page of `page` entries at a time, and
+    /// collects what its client gets.
+    async fn export(
+        store: Arc<dyn lienthong_store::Store>,
+        page: u32,
+        deadline: Option<std::time::Instant>,
+    ) -> Vec<std::result::Result<u64, Status>> {
+        let q = EntryQuery {
+            log_id: LOG.into(),
+            limit: page,
+            ..Default::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(export_pages(store, q, deadline, tx));
+        let mut got = Vec::new();
+        while let Some(item) = rx.recv().await {
+            got.push(item.map(|e| e.sequence));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn an_export_ends_at_its_deadline_naming_where_to_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), 25).await;
+
+        let whole = export(store.clone(), 10, None).await;
+        let sequences: Vec<u64> = whole.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(sequences, (0..25).collect::<Vec<_>>());
+
+        // A deadline already past: no entry, and a status that is not the end.
+        let cut = export(store, 10, Some(std::time::Instant::now())).await;
+        let [Err(status)] = cut.as_slice() else {
+            panic!("a past deadline gives its status alone: {cut:?}");
+        };
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert!(status.message().contains("from_sequence = 0"), "{}", status.message());
     }
 }

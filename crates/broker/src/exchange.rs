@@ -5,7 +5,6 @@
 use crate::error::BrokerError;
 use crate::metrics::{CallOutcome, Rpc, UNKNOWN};
 use crate::relay::RelayError;
-use crate::server::Arrived;
 use crate::state::{Broker, Caller};
 use crate::telemetry;
 use lienthong::provider::v1::FetchRequest;
@@ -56,12 +55,7 @@ impl CallContext {
         let trace_id = telemetry::trace_id(&Span::current(), &caller_trace);
         CallContext {
             rpc,
-            // From the request's arrival, time waited for a turn included. A
-            // deadline past what `Instant` holds is no deadline at all.
-            deadline: grpc_timeout(request.metadata()).and_then(|d| {
-                let arrived = request.extensions().get::<Arrived>().map_or_else(Instant::now, |a| a.0);
-                arrived.checked_add(d)
-            }),
+            deadline: crate::protocol::deadline_of(request),
             caller_trace,
             trace_id,
             request_id,
