@@ -159,6 +159,19 @@ async fn a_rate_limit_of_n_per_minute_allows_n_and_refuses_the_next() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&retry), "retry-after {retry}");
+    // The same wait for gRPC's own retry policies (gRFC A6), in milliseconds.
+    let pushback: u64 = err
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        pushback > 0 && pushback <= retry * 1000,
+        "pushback {pushback} ms, retry-after {retry} s"
+    );
     fed.shutdown().await.unwrap();
 }
 

@@ -102,6 +102,12 @@ impl From<BrokerError> for Status {
             if let Ok(v) = secs.to_string().parse() {
                 status.metadata_mut().insert("retry-after", v);
             }
+            // The same wait for stock clients' retry policies (gRFC A6), which
+            // read this trailer and not HTTP's.
+            let ms = retry_after.as_millis().max(1);
+            if let Ok(v) = ms.to_string().parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
         }
         status
     }
