@@ -84,9 +84,18 @@ impl LibraryFailure {
             LibraryFailure::TooLarge => "malformed_request: the request message is over the size limit",
             LibraryFailure::Undecodable => "malformed_request: the request message could not be decoded",
             LibraryFailure::NoMessage => "malformed_request: the unary call sent no request message",
-            LibraryFailure::TimedOut => "deadline_exceeded: the deadline passed before the call started",
+            LibraryFailure::TimedOut => "deadline_exceeded: the client's deadline passed before the call started",
         }
     }
+}
+
+/// The answer to a call whose deadline passed while it waited for a turn.
+pub(crate) fn waited_past_deadline() -> HttpResponse {
+    tonic::Status::deadline_exceeded(
+        "the call's deadline (grpc-timeout) passed while it waited for one of the broker's exchange turns \
+         (limits.max_concurrent_exchanges, all busy); nothing was released; retry later or with a longer deadline",
+    )
+    .into_http()
 }
 
 /// When the client's `grpc-timeout` runs out, counted from the call's

@@ -477,6 +477,9 @@ type TaskTracker = tokio_util::task::TaskTracker;
 struct RunToEnd {
     call: Option<Answer>,
     tracker: TaskTracker,
+    /// For a call that had to wait for a turn: whether it has one. Given up
+    /// before, it never starts and nothing is handed on.
+    started: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RunToEnd {
@@ -499,7 +502,90 @@ impl RunToEnd {
                 answer
             })),
             tracker: tracker.clone(),
+            started: None,
         }
+    }
+
+    /// A call that waits for one of `limit`'s turns before `inner` is called
+    /// with `request`, in arrival order, and no longer than the client's
+    /// deadline allows (counted from its arrival, less the margin a lookup
+    /// keeps): past it, it is answered `DEADLINE_EXCEEDED` and audited as
+    /// `origin`'s, having released nothing.
+    fn waiting<S>(
+        tracker: &TaskTracker,
+        limit: &Limit,
+        mut inner: S,
+        request: HttpRequest,
+        origin: Option<CallOrigin>,
+    ) -> RunToEnd
+    where
+        S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible> + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        let token = tracker.token();
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = started.clone();
+        let turns = limit.turns.clone();
+        let waiting = Waiting::new(&limit.waiting);
+        let deadline = turn_deadline(&request);
+        RunToEnd {
+            call: Some(Box::pin(async move {
+                let turn = match deadline {
+                    Some(at) => tokio::time::timeout_at(at.into(), turns.acquire_owned()).await.ok(),
+                    None => Some(turns.acquire_owned().await),
+                };
+                // Either way it now runs to its end: the call, or its entry.
+                flag.store(true, Ordering::Release);
+                drop(waiting);
+                let Some(Ok(turn)) = turn else {
+                    if let Some(origin) = origin {
+                        origin.audit(crate::protocol::LibraryFailure::TimedOut).await;
+                    }
+                    drop(token);
+                    return Ok(crate::protocol::waited_past_deadline());
+                };
+                let answer = match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
+                    Ok(()) => inner.call(request).await,
+                    Err(never) => match never {},
+                };
+                let refused = answer.as_ref().ok().and_then(crate::protocol::refused_unseen);
+                if let (Some(origin), Some(failure)) = (origin, refused) {
+                    origin.audit(failure).await;
+                }
+                drop((turn, token));
+                answer
+            })),
+            tracker: tracker.clone(),
+            started: Some(started),
+        }
+    }
+}
+
+/// When a call waiting for a turn stops waiting: its client's deadline less
+/// the margin a lookup keeps (a tenth, at most 50 ms), so that the client
+/// hears the broker's answer before its own timer fires.
+fn turn_deadline(request: &HttpRequest) -> Option<Instant> {
+    let metadata = tonic::metadata::MetadataMap::from_headers(request.headers().clone());
+    let timeout = crate::exchange::grpc_timeout(&metadata)?;
+    let margin = (timeout / 10).min(Duration::from_millis(50));
+    let arrived = request.extensions().get::<Arrived>().map_or_else(Instant::now, |a| a.0);
+    arrived.checked_add(timeout - margin)
+}
+
+/// Counts a call in `lienthong_exchanges_waiting` while it lives.
+struct Waiting(prometheus_client::metrics::gauge::Gauge);
+
+impl Waiting {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> Waiting {
+        gauge.inc();
+        Waiting(gauge.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -534,6 +620,14 @@ impl std::future::Future for RunToEnd {
 impl Drop for RunToEnd {
     fn drop(&mut self) {
         let Some(call) = self.call.take() else { return };
+        if self
+            .started
+            .as_ref()
+            .is_some_and(|s| !s.load(std::sync::atomic::Ordering::Acquire))
+        {
+            // Given up while waiting for a turn: it never starts.
+            return;
+        }
         // Outside a runtime (it is shutting down) there is nowhere to go on.
         if tokio::runtime::Handle::try_current().is_ok() {
             self.tracker.spawn(async move {
@@ -554,28 +648,24 @@ impl Drop for RunToEnd {
 ///
 /// A call keeps its turn until it ends, even when its client has gone, so
 /// calls given up on still count against the limit while they finish; a call
-/// given up while still waiting never starts. A waiting call holds its HTTP/2
-/// stream and nothing else, while a running lookup holds its future, the relay
-/// call and its buffers: under a burst of a thousand lookups on a CPU-bound
-/// broker the limit keeps memory near what it needs, with the same
-/// throughput. Only the exchange is limited so health checks, admin and audit
-/// calls are answered under load.
+/// given up while still waiting never starts, and one whose deadline passes
+/// while it waits is answered `DEADLINE_EXCEEDED` and audited. A waiting call
+/// holds its HTTP/2 stream, its request and a small future, while a running
+/// lookup holds its future, the relay call and its buffers: under a burst of
+/// a thousand lookups on a CPU-bound broker the limit keeps memory near what
+/// it needs, with the same throughput. Only the exchange is limited so health
+/// checks, admin and audit calls are answered under load.
 struct ToTheEnd<S> {
     inner: S,
     tracker: TaskTracker,
     /// Whose calls these are, to audit the ones tonic refuses unseen.
     broker: Option<Arc<Broker>>,
     limit: Option<Limit>,
-    /// The turn taken in `poll_ready`, handed to the call.
-    turn: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Whether this call is counted as waiting (the router clones the
-    /// service for every call, so the flag is per call).
-    counted: bool,
 }
 
 #[derive(Clone)]
 struct Limit {
-    turns: tokio_util::sync::PollSemaphore,
+    turns: Arc<tokio::sync::Semaphore>,
     /// Calls waiting for a turn, for `lienthong_exchanges_waiting`.
     waiting: prometheus_client::metrics::gauge::Gauge,
 }
@@ -587,8 +677,6 @@ impl<S> ToTheEnd<S> {
             tracker: tracker.clone(),
             broker: None,
             limit: None,
-            turn: None,
-            counted: false,
         }
     }
 
@@ -598,7 +686,7 @@ impl<S> ToTheEnd<S> {
         limit: usize,
         waiting: prometheus_client::metrics::gauge::Gauge,
     ) -> Self {
-        let turns = tokio_util::sync::PollSemaphore::new(Arc::new(tokio::sync::Semaphore::new(limit.max(1))));
+        let turns = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
         let mut bounded = ToTheEnd::new(service, tracker);
         bounded.limit = Some(Limit { turns, waiting });
         bounded
@@ -610,14 +698,6 @@ impl<S> ToTheEnd<S> {
         self.broker = Some(broker.clone());
         self
     }
-
-    fn stop_waiting(&mut self) {
-        if std::mem::take(&mut self.counted)
-            && let Some(limit) = &self.limit
-        {
-            limit.waiting.dec();
-        }
-    }
 }
 
 impl<S: Clone> Clone for ToTheEnd<S> {
@@ -627,16 +707,7 @@ impl<S: Clone> Clone for ToTheEnd<S> {
             tracker: self.tracker.clone(),
             broker: self.broker.clone(),
             limit: self.limit.clone(),
-            turn: None,
-            counted: false,
         }
-    }
-}
-
-impl<S> Drop for ToTheEnd<S> {
-    fn drop(&mut self) {
-        // A call abandoned while waiting (cancelled, deadline) stops counting.
-        self.stop_waiting();
     }
 }
 
@@ -646,7 +717,7 @@ impl<S: tonic::server::NamedService> tonic::server::NamedService for ToTheEnd<S>
 
 impl<S> tower::Service<HttpRequest> for ToTheEnd<S>
 where
-    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>,
+    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = HttpResponse;
@@ -654,29 +725,20 @@ where
     type Future = RunToEnd;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        if let Some(limit) = &mut self.limit
-            && self.turn.is_none()
-        {
-            match limit.turns.poll_acquire(cx) {
-                std::task::Poll::Pending => {
-                    if !self.counted {
-                        self.counted = true;
-                        limit.waiting.inc();
-                    }
-                    return std::task::Poll::Pending;
-                }
-                // `None` only for a closed semaphore, which this one never is.
-                std::task::Poll::Ready(turn) => self.turn = turn,
-            }
-        }
-        self.stop_waiting();
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: HttpRequest) -> Self::Future {
-        let turn = self.turn.take();
         let origin = self.broker.as_ref().map(|b| CallOrigin::of(b, &request));
-        RunToEnd::new(&self.tracker, self.inner.call(request), turn, origin)
+        let Some(limit) = &self.limit else {
+            return RunToEnd::new(&self.tracker, self.inner.call(request), (), origin);
+        };
+        // A turn free now (none is free while calls wait: the semaphore hands
+        // each released one to the first waiter) costs nothing more.
+        match limit.turns.clone().try_acquire_owned() {
+            Ok(turn) => RunToEnd::new(&self.tracker, self.inner.call(request), turn, origin),
+            Err(_) => RunToEnd::waiting(&self.tracker, limit, self.inner.clone(), request, origin),
+        }
     }
 }
 
@@ -717,37 +779,99 @@ mod tests {
         );
     }
 
+    /// A service that counts its calls, each taking `ms`.
+    fn counted(
+        ms: u64,
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl tower::Service<
+        http::Request<tonic::body::Body>,
+        Response = http::Response<tonic::body::Body>,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |_: http::Request<tonic::body::Body>| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
+            }
+        })
+    }
+
+    fn with_timeout(timeout: &'static str) -> http::Request<tonic::body::Body> {
+        let mut r = request();
+        r.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+        r.extensions_mut().insert(Arrived(Instant::now()));
+        r
+    }
+
     #[tokio::test]
     async fn a_call_given_up_keeps_its_turn_until_it_ends() {
         let waiting = prometheus_client::metrics::gauge::Gauge::default();
-        let finished = Arc::new(AtomicBool::new(false));
-        let flag = finished.clone();
-        let slow = tower::service_fn(move |_: http::Request<tonic::body::Body>| {
-            let flag = flag.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                flag.store(true, Ordering::SeqCst);
-                Outcome::Ok(http::Response::new(tonic::body::Body::empty()))
-            }
-        });
-        let mut first = ToTheEnd::bounded(slow, &TaskTracker::new(), 1, waiting.clone());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut first = ToTheEnd::bounded(counted(200, calls.clone()), &TaskTracker::new(), 1, waiting.clone());
         let mut second = first.clone();
-        std::future::poll_fn(|cx| first.poll_ready(cx)).await.unwrap();
         let call = first.call(request());
         assert!(tokio::time::timeout(Duration::from_millis(5), call).await.is_err());
         // Its client is gone, but the call still runs and holds the only turn.
-        let early = tokio::time::timeout(
-            Duration::from_millis(50),
-            std::future::poll_fn(|cx| second.poll_ready(cx)),
-        )
-        .await;
+        let mut next = second.call(request());
+        let early = tokio::time::timeout(Duration::from_millis(50), &mut next).await;
         assert!(early.is_err(), "a second call got a turn while the first was running");
         assert_eq!(waiting.get(), 1);
-        std::future::poll_fn(|cx| second.poll_ready(cx)).await.unwrap();
-        assert!(
-            finished.load(Ordering::SeqCst),
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let Ok(_) = next.await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
             "the turn came back when the first call ended"
         );
+        assert_eq!(waiting.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_given_up_while_waiting_never_starts() {
+        let waiting = prometheus_client::metrics::gauge::Gauge::default();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut first = ToTheEnd::bounded(counted(100, calls.clone()), &TaskTracker::new(), 1, waiting.clone());
+        let mut second = first.clone();
+        let running = tokio::spawn(first.call(request()));
+        let mut given_up = second.call(request());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut given_up)
+                .await
+                .is_err()
+        );
+        assert_eq!(waiting.get(), 1);
+        drop(given_up);
+        assert_eq!(waiting.get(), 0);
+        let _ = running.await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the call given up while waiting ran");
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_deadline_passes_while_waiting_is_answered_deadline_exceeded() {
+        let waiting = prometheus_client::metrics::gauge::Gauge::default();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut first = ToTheEnd::bounded(counted(2_000, calls.clone()), &TaskTracker::new(), 1, waiting.clone());
+        let mut second = first.clone();
+        let _running = tokio::spawn(first.call(request()));
+        // 100 ms from its arrival, less the broker's margin: well before the first ends.
+        let Ok(answer) = tokio::time::timeout(Duration::from_secs(1), second.call(with_timeout("100m")))
+            .await
+            .expect("answered at its deadline, not after the running call");
+        let status = tonic::Status::from_header_map(answer.headers()).expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            status.message().contains("nothing was released"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the expired call never started");
         assert_eq!(waiting.get(), 0);
     }
 
