@@ -30,12 +30,20 @@ done
 echo "scripts: deploy/compose/*.sh parse"
 
 compose_file=deploy/compose/compose.yaml
+# The database password has no default: the stack refuses to start without one.
+compose_check() { # the compose command, as words
+  if (unset LIENTHONG_DB_PASSWORD; "$@" -f "$compose_file" config -q) >/dev/null 2>&1; then
+    echo "compose: $compose_file starts without LIENTHONG_DB_PASSWORD set" >&2
+    exit 1
+  fi
+  LIENTHONG_DB_PASSWORD=compose-config-check "$@" -f "$compose_file" config -q
+}
 if docker compose version >/dev/null 2>&1; then
-  docker compose -f "$compose_file" config -q
-  echo "compose: docker compose config accepts $compose_file"
+  compose_check docker compose
+  echo "compose: docker compose config accepts $compose_file (and refuses it without a database password)"
 elif command -v docker-compose >/dev/null 2>&1; then
-  docker-compose -f "$compose_file" config -q
-  echo "compose: docker-compose config accepts $compose_file"
+  compose_check docker-compose
+  echo "compose: docker-compose config accepts $compose_file (and refuses it without a database password)"
 else
   echo "compose: SKIPPED docker compose config (no docker compose plugin nor docker-compose here)"
 fi

@@ -196,17 +196,23 @@ def check_kubernetes_consistency(docs):
     if toml_text is None:
         return
     cfg = parse_toml(toml_text)
-    for key in ("ca", "cert", "key"):
-        path = cfg.get("tls", {}).get(key)
+    files = [(f"tls.{key}", cfg.get("tls", {}).get(key)) for key in ("ca", "cert", "key")]
+    # The collector's CA and client certificate, when set, come from a Secret too.
+    files += [
+        (f"telemetry.{key}", cfg["telemetry"][key])
+        for key in ("otlp_ca", "otlp_cert", "otlp_key")
+        if cfg.get("telemetry", {}).get(key)
+    ]
+    for key, path in files:
         m = mount_of(path) if path else None
         if m is None:
-            problem(where, f"tls.{key} = {path} is not on any volume mount")
+            problem(where, f"{key} = {path} is not on any volume mount")
             continue
         secret = volumes.get(m["name"], {}).get("secret")
         items = [i["path"] for i in (secret or {}).get("items", [])]
         rel = str(PurePosixPath(path).relative_to(m["mountPath"]))
         if secret is None or (items and rel not in items):
-            problem(where, f"tls.{key} = {path} is not provided by a Secret volume item")
+            problem(where, f"{key} = {path} is not provided by a Secret volume item")
     data_dir = cfg.get("data_dir")
     m = mount_of(data_dir) if data_dir else None
     if m is None or m.get("readOnly"):
@@ -287,6 +293,9 @@ def check_compose():
         db_host = re.sub(r"^\w+://([^@/]*@)?", "", cfg.get("database_url", "")).split(":")[0].split("/")[0]
         if db_host not in services:
             problem(os.path.normpath(f"deploy/compose/{src}"), f"database_url host {db_host} is no compose service")
+        # Another host: the broker refuses it without verified TLS.
+        if not re.search(r"[?&]sslmode=verify-(full|ca)\b", cfg.get("database_url", "")):
+            problem(os.path.normpath(f"deploy/compose/{src}"), "database_url must verify the database's TLS (sslmode=verify-full)")
     print(f"compose: {len(services)} services, {len(brokers)} brokers consistent with their config and the collector")
 
 

@@ -18,6 +18,11 @@ set -eu
 : "${BROKER_DATA_DIRS:=/data/broker-1 /data/broker-2}"
 # Owner of everything written (the image's unprivileged user); empty: leave as is.
 : "${OWNER:=}"
+# Where to put the database server's TLS certificate and key (for the host
+# name DATABASE_HOST), owned by DATABASE_OWNER; empty: no database certificate.
+: "${DATABASE_TLS_DIR:=}"
+: "${DATABASE_HOST:=postgres}"
+: "${DATABASE_OWNER:=}"
 
 mkdir -p "$CERTS_DIR" "$CA_PRIVATE_DIR"
 
@@ -45,6 +50,20 @@ issue hanoi-judicial-office
 issue hanoi-tax-dept
 issue citizen-portal
 issue state-audit
+if [ -n "$DATABASE_TLS_DIR" ]; then
+  # Not a member: the certificate only names the database's host for the
+  # brokers' verify-full; its key goes to the database alone.
+  issue database "$DATABASE_HOST"
+  mkdir -p "$DATABASE_TLS_DIR"
+  if [ -f "$CERTS_DIR/database.key" ]; then
+    mv "$CERTS_DIR/database.key" "$DATABASE_TLS_DIR/database.key"
+  fi
+  cp "$CERTS_DIR/database.pem" "$DATABASE_TLS_DIR/database.pem"
+  chmod 600 "$DATABASE_TLS_DIR/database.key"
+  if [ -n "$DATABASE_OWNER" ]; then
+    chown -R "$DATABASE_OWNER" "$DATABASE_TLS_DIR"
+  fi
+fi
 
 mv "$CERTS_DIR/ca.key" "$CA_PRIVATE_DIR/ca.key"
 

@@ -209,8 +209,15 @@ impl Site {
                     "BROKER_DATA_DIRS",
                     format!("{} {}", self.data(1).display(), self.data(2).display()),
                 ),
+                ("DATABASE_TLS_DIR", self.database_tls().display().to_string()),
+                ("DATABASE_HOST", "localhost".into()),
             ],
         )
+    }
+
+    /// The database server's certificate and key, as init-certs.sh leaves them.
+    fn database_tls(&self) -> PathBuf {
+        self.dir.path().join("pg-tls")
     }
 
     /// `lienthong serve` with deploy/compose/broker.toml, adapted to loopback
@@ -336,14 +343,26 @@ async fn lookup_with_failover(brokers: &[Clients; 2], first: usize, subject: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
-    let site = Site {
-        dir: tempfile::tempdir().unwrap(),
-        database_url: cluster.create_database().await.unwrap(),
-    };
+    let dir = tempfile::tempdir().unwrap();
+    // The brokers verify the database's certificate, as compose's do.
+    let database_url = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        cluster.create_database().await.unwrap(),
+        dir.path().join("certs/ca.pem").display()
+    );
+    let site = Site { dir, database_url };
 
     // Certificates and the shared subject secret, as the compose init service
     // makes them; running it again changes nothing.
     site.init_certs();
+    let database_file = |name| std::fs::read_to_string(site.database_tls().join(name)).unwrap();
+    cluster
+        .enable_tls(&database_file("database.pem"), &database_file("database.key"))
+        .unwrap();
+    assert!(
+        !site.certs().join("database.key").exists(),
+        "the database's key is not left among the members' certificates"
+    );
     assert!(
         !site.certs().join("ca.key").exists(),
         "the CA key is kept apart from the certificates"

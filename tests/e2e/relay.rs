@@ -632,6 +632,7 @@ async fn shutdown_waits_for_a_call_whose_consumer_left_and_signs_over_its_entry(
         url: format!("sqlite://{}", database.display()),
         max_connections: 1,
         acquire_timeout: Duration::from_secs(5),
+        allow_unverified_postgres: false,
     })
     .await
     .unwrap();

@@ -106,6 +106,7 @@ fn served(c: &mut Criterion) {
             url: format!("sqlite://{}", dir.path().join("lienthong.db").display()),
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
+            allow_unverified_postgres: false,
         })
         .await
         .unwrap();
@@ -237,6 +238,7 @@ fn history(c: &mut Criterion) {
             url: format!("sqlite://{}", dir.path().join("lienthong.db").display()),
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
+            allow_unverified_postgres: false,
         })
         .await
         .unwrap();

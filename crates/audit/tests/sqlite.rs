@@ -29,6 +29,7 @@ async fn open_store(dir: &Path) -> Arc<dyn Store> {
         url: db_url(dir),
         max_connections: 4,
         acquire_timeout: Duration::from_secs(5),
+        allow_unverified_postgres: false,
     })
     .await
     .unwrap()

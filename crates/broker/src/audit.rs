@@ -616,6 +616,7 @@ mod tests {
             url: format!("sqlite://{}", dir.join("db.sqlite").display()),
             max_connections: 2,
             acquire_timeout: std::time::Duration::from_secs(5),
+            allow_unverified_postgres: false,
         })
         .await
         .unwrap();

@@ -64,6 +64,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `sqlite://...` or `postgres://...`; empty means `sqlite://<data_dir>/lienthong.db`.
     pub database_url: String,
+    /// Allow a PostgreSQL server on another host without verified TLS
+    /// (`sslmode` other than `verify-full`/`verify-ca`): only where the
+    /// network path is protected otherwise. Off: such a URL is refused.
+    pub allow_unverified_database: bool,
     /// SPIFFE trust domain of the federation.
     pub trust_domain: String,
     /// Member id of the first administrator, created on first start.
@@ -206,6 +210,7 @@ impl Default for Config {
             listen: "127.0.0.1:7443".into(),
             data_dir: PathBuf::from("lienthong-data"),
             database_url: String::new(),
+            allow_unverified_database: false,
             trust_domain: "lienthong.local".into(),
             bootstrap_admin: String::new(),
             tls: TlsConfig::default(),

@@ -169,6 +169,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         url: config.database_url(),
         max_connections: config.limits.database_max_connections,
         acquire_timeout: Duration::from_millis(config.limits.database_acquire_timeout_ms),
+        allow_unverified_postgres: config.allow_unverified_database,
     })
     .await?;
     let keys = LogKeys::load_or_create(&config.data_dir)?;

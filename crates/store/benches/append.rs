@@ -32,6 +32,7 @@ impl Log {
             url,
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
+            allow_unverified_postgres: false,
         };
         let store = rt.block_on(open(&options)).unwrap();
         let log = LogInfo {

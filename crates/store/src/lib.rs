@@ -387,6 +387,11 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection before failing `Unavailable`.
     pub acquire_timeout: std::time::Duration,
+    /// Connect to a PostgreSQL server on another host without verified TLS
+    /// (`sslmode` other than `verify-full` or `verify-ca`). Off by default:
+    /// grants, revocations and audit rows would cross the network in clear,
+    /// open to whoever can change them on the way.
+    pub allow_unverified_postgres: bool,
 }
 
 /// Opens the store named by `options.url`, creating the SQLite file if needed,

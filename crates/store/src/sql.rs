@@ -381,10 +381,48 @@ async fn checkpoint_wal(pool: SqlitePool) {
     }
 }
 
+/// Refuses a connection to PostgreSQL on another host that is not verified
+/// TLS, unless the operator allowed it: the broker's grants, members,
+/// revocations and audit rows would cross the network in clear, and whoever
+/// could change them on the way could grant access or lift a revocation.
+/// A Unix socket or a loopback address does not leave the host. `sslmode`
+/// may come from the URL or from `PGSSLMODE`, as libpq reads them.
+fn check_postgres_transport(connect: &PgConnectOptions, allow_unverified: bool) -> Result<()> {
+    use sqlx::postgres::PgSslMode;
+    let host = connect.get_host();
+    let local = connect.get_socket().is_some()
+        || host.starts_with('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let verified = matches!(connect.get_ssl_mode(), PgSslMode::VerifyCa | PgSslMode::VerifyFull);
+    if local || verified || allow_unverified {
+        return Ok(());
+    }
+    let mode = match connect.get_ssl_mode() {
+        PgSslMode::Disable => "disable",
+        PgSslMode::Allow => "allow",
+        PgSslMode::Prefer => "prefer",
+        PgSslMode::Require => "require",
+        PgSslMode::VerifyCa => "verify-ca",
+        PgSslMode::VerifyFull => "verify-full",
+    };
+    Err(StoreError::Config(format!(
+        "the connection to PostgreSQL at {host} would not be verified TLS (sslmode={mode}): add \
+         `?sslmode=verify-full&sslrootcert=/path/to/the-database-ca.pem` to database_url (or set \
+         PGSSLMODE and PGSSLROOTCERT), or, only where the network path is protected otherwise (an \
+         IPsec tunnel, a sidecar proxy), set allow_unverified_database = true"
+    )))
+}
+
 pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>> {
     let connect = PgConnectOptions::from_str(url)
         .map_err(db_err)?
         .application_name("lienthong");
+    check_postgres_transport(&connect, options.allow_unverified_postgres)?;
     let pool = PgPoolOptions::new()
         .max_connections(options.max_connections.max(1))
         .acquire_timeout(options.acquire_timeout)
@@ -1719,6 +1757,7 @@ mod tests {
             url: String::new(),
             max_connections: 4,
             acquire_timeout: Duration::from_secs(5),
+            allow_unverified_postgres: false,
         };
         let store = sqlite_store(path.to_str().unwrap(), &options).await.unwrap();
         let cache = |pool: &Pool| {

@@ -613,6 +613,7 @@ mod tests {
             url: String::new(),
             max_connections: 2,
             acquire_timeout: Duration::from_secs(5),
+            allow_unverified_postgres: false,
         };
         let store = sqlite_store(dir.path().join("l.db").to_str().unwrap(), &options)
             .await
@@ -830,6 +831,7 @@ mod tests {
             url: String::new(),
             max_connections: 2,
             acquire_timeout: Duration::from_secs(5),
+            allow_unverified_postgres: false,
         };
         let store = sqlite_store(path.to_str().unwrap(), &options).await.unwrap();
         let (pool, writer) = store.sqlite_pools().unwrap();

@@ -110,6 +110,36 @@ impl PgCluster {
         Ok(self.database_url(&name))
     }
 
+    /// Serves TLS with `cert_pem` and `key_pem` (the server's certificate
+    /// chain and key) from now on, for clients that ask for it; reloaded
+    /// without a restart.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let data = self.data_dir();
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            // PostgreSQL refuses a key others can read.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            file.write_all(text.as_bytes())?;
+            if self.as_postgres_user {
+                let chown = Command::new("chown").arg("postgres:").arg(&path).output()?;
+                check(&chown, "chown the server's TLS files to the postgres user")?;
+            }
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))?
+            .write_all(b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")?;
+        let out = self.pg_command("pg_ctl").arg("-D").arg(&data).arg("reload").output()?;
+        check(&out, "pg_ctl reload")
+    }
+
     /// Stops the server (`pg_ctl stop -m fast`), keeping its data, to simulate an outage.
     pub fn stop(&self) -> io::Result<()> {
         let out = self

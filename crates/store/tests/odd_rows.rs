@@ -17,6 +17,7 @@ async fn store_and_raw(dir: &std::path::Path) -> (Arc<dyn Store>, sqlx::SqliteCo
         url: format!("sqlite://{}", path.display()),
         max_connections: 2,
         acquire_timeout: Duration::from_secs(5),
+        allow_unverified_postgres: false,
     })
     .await
     .unwrap();

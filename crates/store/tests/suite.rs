@@ -24,6 +24,7 @@ fn options(url: &str) -> StoreOptions {
         url: url.to_owned(),
         max_connections: 5,
         acquire_timeout: Duration::from_secs(5),
+        allow_unverified_postgres: false,
     }
 }
 
@@ -1392,6 +1393,7 @@ async fn postgres_outage_fails_fast_and_the_same_handle_recovers() {
     let acquire_timeout = Duration::from_secs(1);
     let store = open(&StoreOptions {
         acquire_timeout,
+        allow_unverified_postgres: false,
         ..options(&url)
     })
     .await
@@ -1438,6 +1440,7 @@ async fn postgres_unreachable_server_is_unavailable_without_the_password() {
     let started = Instant::now();
     let opened = open(&StoreOptions {
         acquire_timeout: Duration::from_millis(500),
+        allow_unverified_postgres: false,
         ..options(url)
     })
     .await;

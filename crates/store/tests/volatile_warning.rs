@@ -23,6 +23,7 @@ async fn warnings_opening_in(dir: &Path) -> String {
         url: format!("sqlite://{}", dir.join("data/lienthong.db").display()),
         max_connections: 2,
         acquire_timeout: Duration::from_secs(5),
+        allow_unverified_postgres: false,
     };
     let store = open(&options).await.unwrap();
     drop(store);

@@ -60,6 +60,7 @@ pub(super) async fn fill(
         url: config.database_url(),
         max_connections: 2,
         acquire_timeout: Duration::from_secs(30),
+        allow_unverified_postgres: false,
     })
     .await
     .context("opening the broker's database")?;
