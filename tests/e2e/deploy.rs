@@ -70,8 +70,15 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
         std::fs::write(&path, "placeholder").unwrap();
         env.push((format!("LIENTHONG_TLS_{var}"), path.display().to_string()));
     }
+    let otlp_ca = tls.path().join("collector-ca.pem");
+    std::fs::write(&otlp_ca, "placeholder").unwrap();
     for (file, name) in files.iter().zip(&shipped) {
-        let config = lienthong_broker::Config::load(Some(file), env.clone())
+        let mut env = env.clone();
+        if name.starts_with("k8s/") {
+            // Mounted from the `lienthong-otlp` Secret.
+            env.push(("LIENTHONG_TELEMETRY_OTLP_CA".to_string(), otlp_ca.display().to_string()));
+        }
+        let config = lienthong_broker::Config::load(Some(file), env)
             .unwrap_or_else(|e| panic!("deploy/{name} does not load: {e}"));
         // One layout everywhere: the image, the unit and the manifests agree.
         assert_eq!(config.listen_addr().unwrap().port(), 7443, "{name}");
@@ -89,6 +96,13 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
             assert!(!userinfo.contains(':'), "{name} must not hold a database password");
             assert!(!config.telemetry.metrics_listen.is_empty(), "{name} exposes metrics");
             assert!(!config.telemetry.otlp_endpoint.is_empty(), "{name} exports traces");
+        }
+        if name.starts_with("k8s/") {
+            // Spans cross namespaces: encrypted, the collector verified.
+            assert!(
+                config.telemetry.otlp_endpoint.starts_with("https://"),
+                "{name} exports traces in clear"
+            );
         }
     }
     // And a typo in a shipped file would be caught: the loader refuses unknown keys.

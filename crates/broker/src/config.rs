@@ -180,8 +180,17 @@ pub struct Telemetry {
     pub log_format: String,
     /// `RUST_LOG`-style filter, e.g. `info,lienthong_broker=debug`.
     pub log_filter: String,
-    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; empty: no export.
+    /// OTLP/gRPC collector, e.g. `https://collector.example:4317` (verified
+    /// against `otlp_ca`) or `http://127.0.0.1:4317`; empty: no export.
     pub otlp_endpoint: String,
+    /// CA certificates (PEM) the collector's certificate must chain to;
+    /// required with an `https` endpoint.
+    pub otlp_ca: PathBuf,
+    /// Client certificate chain (PEM) for a collector that requires mutual
+    /// TLS; empty: none.
+    pub otlp_cert: PathBuf,
+    /// Private key (PEM) of `otlp_cert`.
+    pub otlp_key: PathBuf,
     /// Prometheus `/metrics` listener (plain HTTP), e.g. `127.0.0.1:9464`,
     /// or a bare port such as `9464` for loopback; empty: off.
     pub metrics_listen: String,
@@ -286,6 +295,9 @@ impl Default for Telemetry {
             log_format: "text".into(),
             log_filter: "info".into(),
             otlp_endpoint: String::new(),
+            otlp_ca: PathBuf::new(),
+            otlp_cert: PathBuf::new(),
+            otlp_key: PathBuf::new(),
             metrics_listen: String::new(),
         }
     }
@@ -363,6 +375,16 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        // Optional files: empty stays empty (off), not the config's directory.
+        for p in [
+            &mut self.telemetry.otlp_ca,
+            &mut self.telemetry.otlp_cert,
+            &mut self.telemetry.otlp_key,
+        ] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        }
     }
 
     /// Checks every value; the error names the key.
@@ -422,8 +444,8 @@ impl Config {
                 format!("{:?} is not a RUST_LOG-style filter: {e}", self.telemetry.log_filter),
             )
         })?;
-        crate::telemetry::check_otlp_endpoint(&self.telemetry.otlp_endpoint)
-            .map_err(|e| invalid("telemetry.otlp_endpoint", e))?;
+        crate::telemetry::check_otlp(&crate::telemetry::TelemetryOptions::from_config(&self.telemetry))
+            .map_err(|e| invalid(e.key, e.message))?;
         let positive = [
             ("limits.max_schema_bytes", self.limits.max_schema_bytes as u64),
             ("limits.max_schema_depth", self.limits.max_schema_depth as u64),
@@ -651,6 +673,96 @@ mod tests {
             &format!("{tls}[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nmetrics_listen = \"9464\"\n"),
         );
         assert!(Config::load(Some(&p), vec![]).is_ok());
+    }
+
+    /// Spans name who read what and why: an https endpoint needs the CA its
+    /// certificate is checked against, a client certificate comes with its
+    /// key, TLS files next to a plain http endpoint are refused rather than
+    /// ignored, and credentials in the URL are refused without being echoed.
+    #[test]
+    fn otlp_tls_keys_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        for f in ["collector-ca.pem", "otlp.pem", "otlp.key"] {
+            write(dir.path(), f, "x");
+        }
+        let https = "[telemetry]\notlp_endpoint = \"https://collector.example:4317\"\n";
+        let p = write(
+            dir.path(),
+            "ok.toml",
+            &format!("{tls}{https}otlp_ca = \"collector-ca.pem\"\n"),
+        );
+        let c = Config::load(Some(&p), vec![]).unwrap();
+        assert_eq!(c.telemetry.otlp_ca, dir.path().join("collector-ca.pem"));
+        assert!(
+            c.telemetry.otlp_cert.as_os_str().is_empty(),
+            "no client certificate: empty, not the directory"
+        );
+        let p = write(
+            dir.path(),
+            "mtls.toml",
+            &format!("{tls}{https}otlp_ca = \"collector-ca.pem\"\notlp_cert = \"otlp.pem\"\notlp_key = \"otlp.key\"\n"),
+        );
+        Config::load(Some(&p), vec![]).unwrap();
+
+        for (extra, key, says) in [
+            ("", "telemetry.otlp_ca", "CA"),
+            (
+                "otlp_ca = \"gone.pem\"\n",
+                "telemetry.otlp_ca",
+                "gone.pem does not exist",
+            ),
+            (
+                "otlp_ca = \"collector-ca.pem\"\notlp_cert = \"otlp.pem\"\n",
+                "telemetry.otlp_key",
+                "private key",
+            ),
+            (
+                "otlp_ca = \"collector-ca.pem\"\notlp_key = \"otlp.key\"\n",
+                "telemetry.otlp_cert",
+                "certificate",
+            ),
+        ] {
+            let p = write(dir.path(), "t.toml", &format!("{tls}{https}{extra}"));
+            let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{extra}: {e}");
+        }
+        let p = write(
+            dir.path(),
+            "clear.toml",
+            &format!("{tls}[telemetry]\notlp_endpoint = \"http://10.0.0.9:4317\"\notlp_ca = \"collector-ca.pem\"\n"),
+        );
+        let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("telemetry.otlp_ca") && e.contains("https://"), "{e}");
+        let p = write(
+            dir.path(),
+            "creds.toml",
+            &format!("{tls}[telemetry]\notlp_endpoint = \"http://otlpuser:T0kenPW@203.0.113.9:4317\"\n"),
+        );
+        let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("telemetry.otlp_endpoint") && e.contains("otlp_cert"), "{e}");
+        assert!(!e.contains("T0kenPW") && !e.contains("otlpuser"), "{e}");
+
+        // From the environment, as the other keys; a bad one is named by its variable.
+        let p = write(dir.path(), "plain.toml", &tls);
+        let ca = dir.path().join("collector-ca.pem").display().to_string();
+        let env = |ca: &str| {
+            vec![
+                (
+                    "LIENTHONG_TELEMETRY_OTLP_ENDPOINT".to_string(),
+                    "https://collector.example:4317".to_string(),
+                ),
+                ("LIENTHONG_TELEMETRY_OTLP_CA".to_string(), ca.to_string()),
+            ]
+        };
+        assert_eq!(
+            Config::load(Some(&p), env(&ca)).unwrap().telemetry.otlp_ca,
+            PathBuf::from(&ca)
+        );
+        let e = Config::load(Some(&p), env("/nonexistent/ca.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LIENTHONG_TELEMETRY_OTLP_CA"), "{e}");
     }
 
     #[test]
