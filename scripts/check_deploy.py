@@ -203,6 +203,12 @@ def check_kubernetes_consistency(docs):
         for key in ("otlp_ca", "otlp_cert", "otlp_key")
         if cfg.get("telemetry", {}).get(key)
     ]
+    # So does the CA of PostgreSQL's certificate (sslrootcert in database_url).
+    root = re.search(r"[?&]sslrootcert=([^&]+)", cfg.get("database_url", ""))
+    if root:
+        files.append(("database_url sslrootcert", root.group(1)))
+    elif cfg.get("database_url", "").startswith("postgres"):
+        problem(where, "database_url must name the CA of PostgreSQL's certificate (sslrootcert)")
     for key, path in files:
         m = mount_of(path) if path else None
         if m is None:

@@ -96,6 +96,12 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
             assert!(!userinfo.contains(':'), "{name} must not hold a database password");
             assert!(!config.telemetry.metrics_listen.is_empty(), "{name} exposes metrics");
             assert!(!config.telemetry.otlp_endpoint.is_empty(), "{name} exports traces");
+            // Another host: the broker would refuse it without verified TLS.
+            assert!(
+                config.database_url.contains("sslmode=verify-full&sslrootcert=/etc/lienthong/"),
+                "{name} reaches its database without verified TLS"
+            );
+            assert!(!config.allow_unverified_database, "{name}");
         }
         if name.starts_with("k8s/") {
             // Spans cross namespaces: encrypted, the collector verified.
