@@ -334,7 +334,7 @@ impl Config {
                 })?;
                 let tree: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: path.to_path_buf(),
-                    message: e.to_string(),
+                    message: parse_message(&text, &e),
                 })?;
                 (tree, path.display().to_string())
             }
@@ -540,6 +540,19 @@ impl Config {
 /// follows the default's type, so `LIENTHONG_LIMITS_MAX_COLLECT_ITEMS=8` is an
 /// integer and `LIENTHONG_LISTEN=0.0.0.0:7443` a string.
 /// Returns the variables applied, by the dotted key each set.
+/// Where and why a config file is not TOML, without toml's quote of the
+/// line: that line may hold a secret (a `database_url` with a password whose
+/// backslash broke the string), and the message reaches the log.
+fn parse_message(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return error.message().to_owned();
+    };
+    let before = text.get(..span.start).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    format!("line {line}, column {column}: {}", error.message().trim_end())
+}
+
 fn apply_env(
     tree: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
@@ -815,6 +828,23 @@ mod tests {
 
     /// A replica that cannot load a change refuses lookups after a bound the
     /// operator sets, from the file or the environment, and never 0.
+    #[test]
+    fn a_file_that_is_not_toml_is_named_by_line_without_quoting_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("broker.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:7443\"\ndatabase_url = \"postgres://app:Xy7\\q9Pw@db/x\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        assert!(
+            !e.contains("Xy7") && !e.contains("q9Pw"),
+            "the password was quoted: {e}"
+        );
+    }
+
     #[test]
     fn the_snapshot_lag_bound_is_set_by_the_operator() {
         let dir = tempfile::tempdir().unwrap();
