@@ -8,6 +8,7 @@ use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use hmac::{Hmac, Mac};
+use lienthong_tls::{GroupAccess, KeyFileError};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use std::fmt;
@@ -225,35 +226,15 @@ fn parse_secret(text: &str) -> Option<[u8; 32]> {
 }
 
 /// Reads a private key file, `None` if it does not exist. Refuses files that
-/// group or others could read: a leaked signing key lets anyone forge heads.
+/// group or others could access: a leaked signing key lets anyone forge heads,
+/// and the broker makes these files itself, so nobody else needs them (the
+/// TLS key's rule, stricter on the group).
 fn read_private(path: &Path) -> Result<Option<String>, AuditError> {
-    let meta = match std::fs::metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(AuditError::Keys(format!("cannot read {}: {e}", path.display()))),
-    };
-    check_private_mode(path, &meta)?;
-    std::fs::read_to_string(path)
-        .map(Some)
-        .map_err(|e| AuditError::Keys(format!("cannot read {}: {e}", path.display())))
-}
-
-#[cfg(unix)]
-fn check_private_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), AuditError> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(AuditError::Keys(format!(
-            "{} is readable by group or others (mode {mode:04o}); restrict it with `chmod 600` or remove it to generate a new key",
-            path.display()
-        )));
+    match lienthong_tls::read_private_key(path, GroupAccess::Refuse) {
+        Ok(text) => Ok(Some(text)),
+        Err(KeyFileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AuditError::Keys(e.to_string())),
     }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn check_private_mode(_path: &Path, _meta: &std::fs::Metadata) -> Result<(), AuditError> {
-    Ok(())
 }
 
 enum Created {
@@ -347,11 +328,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         LogKeys::load_or_create(dir.path()).unwrap();
         let (signing, hmac) = key_paths(dir.path());
+        // The broker makes these files itself: unlike a TLS key, mounted from a
+        // Kubernetes Secret, not even the group may read them.
         for path in [&signing, &hmac] {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o640)).unwrap();
-            let err = LogKeys::load_or_create(dir.path()).unwrap_err().to_string();
-            assert!(err.contains(path.file_name().unwrap().to_str().unwrap()), "{err}");
-            assert!(err.contains("0640"), "{err}");
+            for mode in [0o640, 0o604, 0o644] {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+                let err = LogKeys::load_or_create(dir.path()).unwrap_err().to_string();
+                assert!(err.contains(path.file_name().unwrap().to_str().unwrap()), "{err}");
+                assert!(err.contains(&format!("{mode:04o}")), "{err}");
+                assert!(err.contains("chmod 600"), "{err}");
+            }
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         LogKeys::load_or_create(dir.path()).unwrap();

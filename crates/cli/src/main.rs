@@ -211,6 +211,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // The other commands log nothing of their own, but load key files: a
+    // warning about one (readable by its group) must still reach the operator.
+    if !matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Demo { .. } | Command::DemoProvider { .. } | Command::Bench(_)
+    ) {
+        init_logging(&cli.log_format, None);
+    }
     match cli.command {
         Command::Serve {
             config,

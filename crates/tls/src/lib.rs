@@ -3,7 +3,8 @@
 //! * [`CertificateAuthority`], [`init_dir`], [`issue_member_in_dir`]: the federation PKI
 //!   (ECDSA P-256, SPIFFE-style URI SANs `spiffe://<trust-domain>/member/<id>` and
 //!   `spiffe://<trust-domain>/broker`).
-//! * [`TlsMaterial`]: PEM loading.
+//! * [`TlsMaterial`]: PEM loading; [`read_private_key`]: the rule every private key file
+//!   read from disk meets (no access by other users; see [`GroupAccess`]).
 //! * [`ServerTls`], [`incoming`], [`MtlsStream`], [`PeerInfo`]: the server side. Client
 //!   certificates are requested but verified *after* the handshake, so a client with no
 //!   certificate, a foreign certificate or an expired one still reaches the application,
@@ -20,6 +21,7 @@
 mod client;
 mod coalesce;
 mod identity;
+mod keyfile;
 mod material;
 mod pki;
 mod server;
@@ -35,6 +37,7 @@ pub use identity::{
     AuthError, CertificateSummary, Identity, InvalidFingerprint, certificate_not_after, fingerprint_hex,
     is_valid_trust_domain, parse_fingerprint, sha256_fingerprint, summarize_pem,
 };
+pub use keyfile::{GroupAccess, KeyFileError, read_private_key};
 pub use material::{TlsFiles, TlsMaterial};
 pub use pki::{
     CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir,
@@ -76,6 +79,22 @@ pub enum TlsError {
     NoKey {
         /// The file concerned.
         path: PathBuf,
+    },
+    /// A private key file is open to other users, or cannot be read.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    /// Keys would be written into a directory others may write in.
+    #[error(
+        "refusing to write keys into {}: its group or other users can write in it (mode {mode:04o}) and so replace \
+         the keys or plant links where they are written; run `chmod go-w {}` or choose another directory",
+        path.display(),
+        path.display()
+    )]
+    InsecureDirectory {
+        /// The directory concerned.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// A file is not valid PEM, or holds something other than what was expected.
     #[error("{} is not usable: {reason}", path.display())]

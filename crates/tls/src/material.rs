@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::TlsError;
+use crate::keyfile::{GroupAccess, read_private_key};
 
 /// Where a node's TLS files live.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,12 +49,14 @@ impl std::fmt::Debug for TlsMaterial {
 }
 
 impl TlsMaterial {
-    /// Reads and parses the three PEM files.
+    /// Reads and parses the three PEM files. A key file other users can access
+    /// is refused; a group-readable one is accepted with a warning (see
+    /// [`read_private_key`]).
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         Ok(TlsMaterial {
             roots: certs(&read(&files.ca)?, &files.ca)?,
             chain: certs(&read(&files.cert)?, &files.cert)?,
-            key: key(&read(&files.key)?, &files.key)?,
+            key: key(&read_private_key(&files.key, GroupAccess::Warn)?, &files.key)?,
         })
     }
 
@@ -96,5 +99,62 @@ fn bad_pem(path: &Path, e: std::io::Error) -> TlsError {
     TlsError::BadPem {
         path: path.to_owned(),
         reason: format!("malformed PEM: {e}"),
+    }
+}
+
+// File modes mean nothing elsewhere.
+#[cfg(all(test, unix))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Node files as `lienthong certs` writes them, in a fresh directory.
+    fn node_files(dir: &Path) -> TlsFiles {
+        crate::init_dir(dir, "gov").unwrap();
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("broker.pem"),
+            key: dir.join("broker.key"),
+        }
+    }
+
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = node_files(dir.path());
+        TlsMaterial::load(&files).unwrap();
+        set_mode(&files.key, 0o644);
+        let err = TlsMaterial::load(&files).unwrap_err();
+        assert!(
+            matches!(err, TlsError::KeyFile(crate::KeyFileError::Exposed { .. })),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&files.key.display().to_string()), "{text}");
+        assert!(text.contains("chmod 600"), "{text}");
+    }
+
+    /// The mode of a Kubernetes Secret mounted with fsGroup.
+    #[test]
+    fn a_group_readable_key_file_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = node_files(dir.path());
+        set_mode(&files.key, 0o440);
+        TlsMaterial::load(&files).unwrap();
+    }
+
+    /// Certificates are public: their mode is not checked.
+    #[test]
+    fn certificate_files_may_be_world_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = node_files(dir.path());
+        set_mode(&files.ca, 0o644);
+        set_mode(&files.cert, 0o644);
+        TlsMaterial::load(&files).unwrap();
     }
 }

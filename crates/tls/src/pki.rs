@@ -1,7 +1,5 @@
 //! The federation PKI: one self-signed ECDSA P-256 CA issuing broker and member certificates.
 
-use std::fs::OpenOptions;
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +13,7 @@ use x509_parser::extensions::GeneralName;
 
 use crate::TlsError;
 use crate::identity::{Identity, is_valid_member_id, is_valid_trust_domain};
+use crate::keyfile::{GroupAccess, Replace, check_dir, prepare_dir, read_private_key, write_file};
 use crate::material::{certs, read};
 
 const CA_VALIDITY: Duration = Duration::days(3650);
@@ -67,7 +66,8 @@ impl CertificateAuthority {
     }
 
     /// Loads an existing CA; the key must match the certificate, and if the certificate
-    /// records a trust domain it must be `trust_domain`.
+    /// records a trust domain it must be `trust_domain`. A key file other users can
+    /// access is refused (see [`read_private_key`]).
     pub fn load(cert_pem_path: &Path, key_pem_path: &Path, trust_domain: &str) -> Result<Self, TlsError> {
         check_trust_domain(trust_domain)?;
         let cert_pem = read(cert_pem_path)?;
@@ -92,7 +92,8 @@ impl CertificateAuthority {
             path: key_pem_path.to_owned(),
             reason,
         };
-        let key = KeyPair::from_pem(&read(key_pem_path)?).map_err(|e| bad_key(format!("unusable private key: {e}")))?;
+        let key = KeyPair::from_pem(&read_private_key(key_pem_path, GroupAccess::Warn)?)
+            .map_err(|e| bad_key(format!("unusable private key: {e}")))?;
         if key.public_key_raw() != parsed.public_key().subject_public_key.data.as_ref() {
             return Err(bad_key(format!(
                 "private key does not belong to the CA certificate {}",
@@ -214,20 +215,25 @@ impl std::fmt::Debug for IssuedCert {
 }
 
 impl IssuedCert {
-    /// Writes `dir/<stem>.pem` and `dir/<stem>.key` (mode 0600), replacing existing files.
+    /// Writes `dir/<stem>.pem` and `dir/<stem>.key` (mode 0600), replacing existing files
+    /// (a link there is replaced, never followed). Refuses a `dir` its group or others
+    /// may write in.
     pub fn write(&self, dir: &Path, stem: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+        check_dir(dir)?;
         let cert_path = dir.join(format!("{stem}.pem"));
         let key_path = dir.join(format!("{stem}.key"));
-        write_file(&key_path, &self.key_pem, Mode::Secret)?;
-        write_file(&cert_path, &self.cert_pem, Mode::Public)?;
+        write_file(&key_path, self.key_pem.as_bytes(), SECRET, Replace::Yes)?;
+        write_file(&cert_path, self.cert_pem.as_bytes(), PUBLIC, Replace::Yes)?;
         Ok((cert_path, key_path))
     }
 }
 
-/// `lienthong certs init`: writes `ca.pem`, `ca.key`, `broker.pem`, `broker.key` into `dir`.
+/// `lienthong certs init`: writes `ca.pem`, `ca.key`, `broker.pem`, `broker.key` into `dir`,
+/// creating it with mode 0700 if it does not exist.
 ///
 /// Refuses to run if `dir/ca.key` exists: replacing the CA would silently invalidate every
-/// certificate the federation has issued.
+/// certificate the federation has issued. Refuses an existing `dir` its group or others
+/// may write in.
 pub fn init_dir(dir: &Path, trust_domain: &str) -> Result<(), TlsError> {
     init_dir_with_hosts(dir, trust_domain, &[])
 }
@@ -237,21 +243,20 @@ pub fn init_dir(dir: &Path, trust_domain: &str) -> Result<(), TlsError> {
 /// `localhost` and `127.0.0.1`.
 pub fn init_dir_with_hosts(dir: &Path, trust_domain: &str, hosts: &[String]) -> Result<(), TlsError> {
     let ca_key = dir.join("ca.key");
-    if ca_key.exists() {
+    // symlink_metadata: a dangling link is something there too.
+    if std::fs::symlink_metadata(&ca_key).is_ok() {
         return Err(TlsError::AlreadyExists { path: ca_key });
     }
+    prepare_dir(dir)?;
     let ca = CertificateAuthority::generate(trust_domain)?;
     let mut spec = IssueSpec::broker();
     if !hosts.is_empty() {
         spec.hosts = hosts.to_vec();
     }
     let broker = ca.issue(&spec)?;
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    write_file(&ca_key, &ca.key_pem(), Mode::SecretCreateNew)?;
-    write_file(&dir.join("ca.pem"), &ca.cert_pem(), Mode::Public)?;
+    // Written first and never over an existing file, so two runs at once leave one CA.
+    write_file(&ca_key, ca.key_pem().as_bytes(), SECRET, Replace::No)?;
+    write_file(&dir.join("ca.pem"), ca.cert_pem().as_bytes(), PUBLIC, Replace::Yes)?;
     broker.write(dir, "broker")?;
     Ok(())
 }
@@ -281,6 +286,9 @@ fn issue_in_dir(dir: &Path, identity: Identity, hosts: &[String]) -> Result<(Pat
              federation's own files there; choose another member id"
         )));
     }
+    // Before the CA key is even read: a directory others may write in could
+    // hold a planted link for the new key.
+    check_dir(dir)?;
     let ca_pem = dir.join("ca.pem");
     let trust_domain = trust_domain_from_ca_cert(&ca_pem)?;
     let ca = CertificateAuthority::load(&ca_pem, &dir.join("ca.key"), &trust_domain)?;
@@ -338,48 +346,10 @@ fn name(common_name: &str) -> DistinguishedName {
     dn
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Public,
-    Secret,
-    /// A secret that must not replace an existing file.
-    SecretCreateNew,
-}
-
-fn write_file(path: &Path, contents: &str, mode: Mode) -> Result<(), TlsError> {
-    let io_err = |source| TlsError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if mode == Mode::SecretCreateNew {
-        options.create_new(true);
-    } else {
-        options.create(true).truncate(true);
-    }
-    #[cfg(unix)]
-    if mode != Mode::Public {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            TlsError::AlreadyExists { path: path.to_owned() }
-        } else {
-            io_err(e)
-        }
-    })?;
-    // `mode` only applies on creation; tighten a pre-existing key file before writing to it.
-    #[cfg(unix)]
-    if mode != Mode::Public {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err)?;
-    }
-    file.write_all(contents.as_bytes()).map_err(io_err)?;
-    file.sync_all().map_err(io_err)
-}
+/// Mode of private key files written here.
+const SECRET: u32 = 0o600;
+/// Mode of certificate files written here (before the umask).
+const PUBLIC: u32 = 0o644;
 
 #[cfg(test)]
 mod tests {
@@ -435,6 +405,7 @@ mod tests {
 
         #[cfg(unix)]
         {
+            assert_eq!(mode_of(&certs_dir), 0o700, "a directory init creates is private");
             assert_eq!(mode_of(&certs_dir.join("ca.key")), 0o600);
             assert_eq!(mode_of(&certs_dir.join("broker.key")), 0o600);
             assert_eq!(mode_of(&key), 0o600);
@@ -474,6 +445,109 @@ mod tests {
             .collect();
         assert_eq!(after, before);
         issue_member_in_dir(dir.path(), "ca-police", &[]).unwrap();
+    }
+
+    #[cfg(unix)]
+    fn set_mode(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// `chmod 644 ca.key; lienthong certs issue --member m2` used to sign
+    /// with the exposed key.
+    #[cfg(unix)]
+    #[test]
+    fn a_ca_key_others_can_read_is_refused_and_nothing_is_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "gov").unwrap();
+        let ca_key = dir.path().join("ca.key");
+        set_mode(&ca_key, 0o644);
+        let err = issue_member_in_dir(dir.path(), "m2", &[]).unwrap_err();
+        assert!(
+            matches!(err, TlsError::KeyFile(crate::KeyFileError::Exposed { .. })),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&ca_key.display().to_string()) && text.contains("chmod 600"),
+            "{text}"
+        );
+        assert!(!dir.path().join("m2.key").exists() && !dir.path().join("m2.pem").exists());
+        let err = CertificateAuthority::load(&dir.path().join("ca.pem"), &ca_key, "gov").unwrap_err();
+        assert!(matches!(err, TlsError::KeyFile(_)), "{err:?}");
+
+        set_mode(&ca_key, 0o600);
+        issue_member_in_dir(dir.path(), "m2", &[]).unwrap();
+    }
+
+    /// `ln -s /some/victim.txt certs/evil.key; lienthong certs issue --member evil`
+    /// used to write the key into victim.txt and chmod it 0600.
+    #[cfg(unix)]
+    #[test]
+    fn issuing_replaces_planted_links_instead_of_writing_through_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs_dir = dir.path().join("certs");
+        init_dir(&certs_dir, "gov").unwrap();
+        let victims = [dir.path().join("victim.txt"), dir.path().join("victim.pem")];
+        for victim in &victims {
+            std::fs::write(victim, "precious").unwrap();
+            set_mode(victim, 0o644);
+        }
+        std::os::unix::fs::symlink(&victims[0], certs_dir.join("evil.key")).unwrap();
+        std::os::unix::fs::symlink(&victims[1], certs_dir.join("evil.pem")).unwrap();
+
+        let (cert, key) = issue_member_in_dir(&certs_dir, "evil", &[]).unwrap();
+        for victim in &victims {
+            assert_eq!(std::fs::read_to_string(victim).unwrap(), "precious");
+            assert_eq!(mode_of(victim), 0o644);
+        }
+        for file in [&cert, &key] {
+            assert!(
+                std::fs::symlink_metadata(file).unwrap().file_type().is_file(),
+                "{file:?}"
+            );
+        }
+        assert_eq!(mode_of(&key), 0o600);
+        assert!(std::fs::read_to_string(&key).unwrap().contains("PRIVATE KEY"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_certificate_directory_others_can_write_in_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        set_mode(&shared, 0o777);
+        let err = init_dir(&shared, "gov").unwrap_err();
+        assert!(matches!(err, TlsError::InsecureDirectory { .. }), "{err:?}");
+        assert!(err.to_string().contains(&shared.display().to_string()), "{err}");
+        assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0, "nothing written");
+
+        set_mode(&shared, 0o755);
+        init_dir(&shared, "gov").unwrap();
+        set_mode(&shared, 0o775);
+        let err = issue_member_in_dir(&shared, "m2", &[]).unwrap_err();
+        assert!(matches!(err, TlsError::InsecureDirectory { .. }), "{err:?}");
+        let err = CertificateAuthority::generate("gov")
+            .unwrap()
+            .issue(&IssueSpec::member("m2"))
+            .unwrap()
+            .write(&shared, "m2")
+            .unwrap_err();
+        assert!(matches!(err, TlsError::InsecureDirectory { .. }), "{err:?}");
+        assert!(!shared.join("m2.key").exists());
+    }
+
+    /// A link where ca.key goes, even one pointing nowhere, counts as a CA key.
+    #[cfg(unix)]
+    #[test]
+    fn init_does_not_create_the_ca_key_through_a_dangling_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere.key");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("ca.key")).unwrap();
+        let err = init_dir(dir.path(), "gov").unwrap_err();
+        assert!(matches!(err, TlsError::AlreadyExists { .. }), "{err:?}");
+        assert!(!elsewhere.exists());
     }
 
     #[test]
