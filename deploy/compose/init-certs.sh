@@ -11,6 +11,9 @@
 # the secret. The CA's private key is moved to $CA_PRIVATE_DIR, which no other
 # service mounts.
 set -eu
+# Directories and files for their owner only, whatever the caller's umask:
+# `lienthong certs` refuses a certificate directory others may write to.
+umask 077
 
 : "${TRUST_DOMAIN:=lienthong.gov.vn}"
 : "${CERTS_DIR:=/etc/lienthong/certs}"

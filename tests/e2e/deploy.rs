@@ -98,7 +98,9 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
             assert!(!config.telemetry.otlp_endpoint.is_empty(), "{name} exports traces");
             // Another host: the broker would refuse it without verified TLS.
             assert!(
-                config.database_url.contains("sslmode=verify-full&sslrootcert=/etc/lienthong/"),
+                config
+                    .database_url
+                    .contains("sslmode=verify-full&sslrootcert=/etc/lienthong/"),
                 "{name} reaches its database without verified TLS"
             );
             assert!(!config.allow_unverified_database, "{name}");

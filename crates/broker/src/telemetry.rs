@@ -441,7 +441,10 @@ fn otlp_tls(options: &TelemetryOptions) -> Result<Option<ClientTlsConfig>, Telem
         .timeout(EXPORT_TIMEOUT);
     if !options.otlp_cert.as_os_str().is_empty() {
         let cert_pem = read_file("telemetry.otlp_cert", &options.otlp_cert)?;
-        let key_pem = read_file("telemetry.otlp_key", &options.otlp_key)?;
+        // A private key: refused when others can read it, as the broker's own.
+        let key_pem = lienthong_tls::read_private_key(&options.otlp_key, lienthong_tls::GroupAccess::Warn)
+            .map(String::into_bytes)
+            .map_err(|e| invalid("telemetry.otlp_key", e.to_string()))?;
         let chain = certificates("telemetry.otlp_cert", &options.otlp_cert, &cert_pem)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
             file_error(
@@ -819,10 +822,20 @@ mod tests {
     fn unusable_tls_files_stop_the_start_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path());
+        use std::os::unix::fs::PermissionsExt;
+        let owner_only = |path: &PathBuf| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "not a certificate").unwrap();
+        owner_only(&garbage);
         let other_key = dir.path().join("other.key");
         std::fs::write(&other_key, pki.collector.key_pem.as_str()).unwrap();
+        owner_only(&other_key);
+        // The right key, but anyone on the host may read it.
+        let open_key = dir.path().join("open.key");
+        std::fs::write(&open_key, std::fs::read(&pki.key_file).unwrap()).unwrap();
+        std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
         let mut base = options("https://localhost:4317");
         base.otlp_ca = pki.ca_file.clone();
         base.otlp_cert = pki.cert_file.clone();
@@ -853,6 +866,11 @@ mod tests {
                 "telemetry.otlp_key",
                 with(|o, p| o.otlp_key = p, &other_key),
                 "unusable with",
+            ),
+            (
+                "telemetry.otlp_key",
+                with(|o, p| o.otlp_key = p, &open_key),
+                "chmod 600",
             ),
         ] {
             let e = otlp_tls(&spoiled).unwrap_err().to_string();
