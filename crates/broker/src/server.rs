@@ -494,11 +494,7 @@ impl RunToEnd {
         let token = tracker.token();
         RunToEnd {
             call: Some(Box::pin(async move {
-                let answer = call.await;
-                let refused = answer.as_ref().ok().and_then(crate::protocol::refused_unseen);
-                if let (Some(origin), Some(failure)) = (origin, refused) {
-                    origin.audit(failure).await;
-                }
+                let answer = audited(call, origin).await;
                 drop((keep, token));
                 answer
             })),
@@ -547,13 +543,9 @@ impl RunToEnd {
                     return Ok(crate::protocol::waited_past_deadline());
                 };
                 let answer = match std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
-                    Ok(()) => inner.call(request).await,
+                    Ok(()) => audited(inner.call(request), origin).await,
                     Err(never) => match never {},
                 };
-                let refused = answer.as_ref().ok().and_then(crate::protocol::refused_unseen);
-                if let (Some(origin), Some(failure)) = (origin, refused) {
-                    origin.audit(failure).await;
-                }
                 drop((turn, token));
                 answer
             })),
@@ -561,6 +553,20 @@ impl RunToEnd {
             started: Some(started),
         }
     }
+}
+
+/// The answer of `call`, once a call tonic refused before its handler (see
+/// [`crate::protocol::refused_unseen`]) is audited as `origin`'s.
+async fn audited<F>(call: F, origin: Option<CallOrigin>) -> Result<HttpResponse, std::convert::Infallible>
+where
+    F: std::future::Future<Output = Result<HttpResponse, std::convert::Infallible>>,
+{
+    let answer = call.await;
+    let refused = answer.as_ref().ok().and_then(crate::protocol::refused_unseen);
+    if let (Some(origin), Some(failure)) = (origin, refused) {
+        origin.audit(failure).await;
+    }
+    answer
 }
 
 /// When a call waiting for a turn stops waiting: its client's deadline less

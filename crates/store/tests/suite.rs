@@ -1230,15 +1230,22 @@ macro_rules! check_append_over_a_stray_row {
     }};
 }
 
-#[tokio::test]
-async fn sqlite_append_failing_inside_its_transaction_leaves_nothing_and_the_writer_works_on() {
+/// A SQLite store and a connection of its own to the same file, for
+/// changing the database under the store as damage or tampering would.
+async fn sqlite_store_with_raw_connection() -> (tempfile::TempDir, Arc<dyn Store>, sqlx::SqliteConnection) {
     use sqlx::Connection;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.sqlite");
     let store = open(&options(&path.display().to_string())).await.unwrap();
-    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+    let raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
+    (dir, store, raw)
+}
+
+#[tokio::test]
+async fn sqlite_append_failing_inside_its_transaction_leaves_nothing_and_the_writer_works_on() {
+    let (_dir, store, mut raw) = sqlite_store_with_raw_connection().await;
     check_append_over_a_stray_row!(store, &mut raw);
 }
 
@@ -1247,13 +1254,7 @@ async fn sqlite_append_failing_inside_its_transaction_leaves_nothing_and_the_wri
 /// log does not hold them. Nothing of the batch is committed.
 #[tokio::test]
 async fn sqlite_append_whose_rows_a_trigger_drops_is_refused_whole() {
-    use sqlx::Connection;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
-    let store = open(&options(&path.display().to_string())).await.unwrap();
-    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
+    let (_dir, store, mut raw) = sqlite_store_with_raw_connection().await;
     with_log(&store, "log-a", 0).await;
     sqlx::query(
         "CREATE TRIGGER drop_one BEFORE INSERT ON audit_entries WHEN NEW.sequence = 1 BEGIN SELECT RAISE(IGNORE); END",
@@ -1321,13 +1322,7 @@ macro_rules! check_entries_in_range_after_tampering {
 
 #[tokio::test]
 async fn sqlite_entries_in_range_name_a_deleted_or_undecodable_entry() {
-    use sqlx::Connection;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("db.sqlite");
-    let store = open(&options(&path.display().to_string())).await.unwrap();
-    let mut raw = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
+    let (_dir, store, mut raw) = sqlite_store_with_raw_connection().await;
     check_entries_in_range_after_tampering!(store, &mut raw);
 }
 
