@@ -252,16 +252,18 @@ fn sync_dir(dir: &Path) {
     let _ = dir;
 }
 
+/// Sets `path`'s permission bits, for the tests of the crate's key files.
+#[cfg(all(test, unix))]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[cfg(unix)]
-    fn set_mode(path: &Path, mode: u32) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
 
     #[cfg(unix)]
     fn mode_of(path: &Path) -> u32 {

@@ -118,10 +118,7 @@ mod tests {
         }
     }
 
-    fn set_mode(path: &Path, mode: u32) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
+    use crate::keyfile::set_mode;
 
     #[test]
     fn a_key_file_others_can_read_is_refused() {

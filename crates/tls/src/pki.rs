@@ -448,10 +448,7 @@ mod tests {
     }
 
     #[cfg(unix)]
-    fn set_mode(path: &Path, mode: u32) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
+    use crate::keyfile::set_mode;
 
     /// `chmod 644 ca.key; lienthong certs issue --member m2` used to sign
     /// with the exposed key.
