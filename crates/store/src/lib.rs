@@ -379,7 +379,7 @@ pub enum RateTake {
 }
 
 /// Options for opening a store.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// `sqlite://path/to/file.db` or `postgres://...`.
     pub url: String,
@@ -392,6 +392,18 @@ pub struct StoreOptions {
     /// grants, revocations and audit rows would cross the network in clear,
     /// open to whoever can change them on the way.
     pub allow_unverified_postgres: bool,
+}
+
+// By hand, so that a debug print never shows the database password.
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("allow_unverified_postgres", &self.allow_unverified_postgres)
+            .finish()
+    }
 }
 
 /// Opens the store named by `options.url`, creating the SQLite file if needed,
@@ -449,21 +461,56 @@ fn parse_url(url: &str) -> Result<Target<'_>> {
 }
 
 /// The password of a `scheme://user:password@host/...` URL, as written.
-fn url_password(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then_some(password)
+/// The secrets a database URL can carry: the password of its user info
+/// and a `password` query parameter, which sqlx also reads.
+fn url_secrets(url: &str) -> Vec<&str> {
+    let mut secrets = Vec::new();
+    let Some((_, rest)) = url.split_once("://") else {
+        return secrets;
+    };
+    if let Some(authority) = rest.split(['/', '?', '#']).next()
+        && let Some((userinfo, _)) = authority.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
+        && !password.is_empty()
+    {
+        secrets.push(password);
+    }
+    if let Some((_, query)) = rest.split_once('?') {
+        let query = query.split('#').next().unwrap_or_default();
+        secrets.extend(
+            query
+                .split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .filter(|(key, value)| *key == "password" && !value.is_empty())
+                .map(|(_, value)| value),
+        );
+    }
+    secrets
+}
+
+/// `url` with its passwords replaced by `***`, fit for a log line or a
+/// `Debug` print.
+pub fn redact_url(url: &str) -> String {
+    let mut clean = url.to_owned();
+    for secret in url_secrets(url) {
+        clean = clean.replace(secret, "***");
+    }
+    clean
 }
 
 /// Belt and braces: drivers do not echo the URL, but an error must never carry
 /// the password whatever a future driver version prints.
 fn redact(error: StoreError, url: &str) -> StoreError {
-    let Some(password) = url_password(url) else {
+    let secrets = url_secrets(url);
+    if secrets.is_empty() {
         return error;
+    }
+    let clean = |mut s: String| {
+        for secret in &secrets {
+            s = s.replace(secret, "***");
+        }
+        s
     };
-    let clean = |s: String| s.replace(password, "***");
     match error {
         StoreError::AlreadyExists { what } => StoreError::AlreadyExists { what: clean(what) },
         StoreError::NotFound { what } => StoreError::NotFound { what: clean(what) },
@@ -510,9 +557,31 @@ mod tests {
     #[test]
     fn redaction_removes_the_url_password() {
         let url = "postgres://app:s3cr%40t@db:5432/x";
-        assert_eq!(url_password(url), Some("s3cr%40t"));
+        assert_eq!(url_secrets(url), ["s3cr%40t"]);
         let e = redact(StoreError::Unavailable("login s3cr%40t failed".into()), url);
         assert_eq!(e.to_string(), "database unavailable: login *** failed");
-        assert_eq!(url_password("postgres://app@db/x"), None);
+        assert!(url_secrets("postgres://app@db/x").is_empty());
+    }
+
+    #[test]
+    fn redacted_urls_and_debug_prints_hold_no_password() {
+        let url = "postgres://app:Xy7pw@db:5432/x?sslmode=verify-full&password=Qz9pw#f";
+        assert_eq!(
+            redact_url(url),
+            "postgres://app:***@db:5432/x?sslmode=verify-full&password=***#f"
+        );
+        let options = StoreOptions {
+            url: url.into(),
+            max_connections: 4,
+            acquire_timeout: std::time::Duration::from_secs(1),
+            allow_unverified_postgres: false,
+        };
+        let printed = format!("{options:?}");
+        assert!(!printed.contains("Xy7pw") && !printed.contains("Qz9pw"), "{printed}");
+        assert!(
+            printed.contains("db:5432") && printed.contains("max_connections: 4"),
+            "{printed}"
+        );
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
     }
 }
