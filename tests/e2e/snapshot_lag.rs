@@ -6,7 +6,7 @@
 use crate::harness::{citizen_id, client, eventually, exchange_health, http_get, logged, look_up_birth, sample};
 use lienthong::v1 as pb;
 use lienthong_cli::client::Clients;
-use lienthong_cli::federation::{ADMIN, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE};
+use lienthong_cli::federation::{ADMIN, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT};
 use sqlx::sqlite::SqlitePoolOptions;
 use std::time::Duration;
 use tonic::Code;
@@ -171,7 +171,25 @@ async fn a_broker_that_cannot_load_a_change_refuses_lookups_until_it_can() {
     // Health checks send lookups elsewhere; the state is exported.
     assert!(eventually(Duration::from_secs(30), async || !exchange_serving(&fed).await).await);
     assert_eq!(stale_metric(&fed).await, 1.0);
-    // Admin calls go on, for the repair.
+    // Admin calls go on, for the repair, and report the database, not the
+    // snapshot this replica is stuck on: a member disabled now reads
+    // disabled, although lookups here cannot take it into account yet.
+    let disabled = admin
+        .admin()
+        .disable_member(pb::SetMemberEnabledRequest {
+            id: TAX_DEPT.into(),
+            reason: "certificate lost".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(disabled.code(), Code::Internal, "{disabled:?}");
+    let read = admin
+        .admin()
+        .get_member(pb::GetMemberRequest { id: TAX_DEPT.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!read.enabled, "{read:?}");
     let members = admin
         .admin()
         .list_members(pb::ListMembersRequest::default())
@@ -180,6 +198,8 @@ async fn a_broker_that_cannot_load_a_change_refuses_lookups_until_it_can() {
         .into_inner()
         .members;
     assert!(members.iter().any(|m| m.id == JUDICIAL_OFFICE));
+    let listed = members.iter().find(|m| m.id == TAX_DEPT).unwrap();
+    assert!(!listed.enabled, "{listed:?}");
 
     // Repaired: the revocation is loaded at last, and other lookups are served.
     sqlx::query(REPAIR).execute(&pool).await.unwrap();

@@ -498,20 +498,27 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::GetMemberRequest>,
     ) -> std::result::Result<Response<pb::Member>, Status> {
-        let caller = self.admin(&request, "Admin.GetMember").await?;
+        self.admin(&request, "Admin.GetMember").await?;
         let id = &request.get_ref().id;
-        let m = caller
-            .snapshot
-            .member(id)
-            .ok_or_else(|| BrokerError::NotFound(format!("member {id:?} is not registered")))?;
-        Ok(Response::new(convert::member(m)))
+        // From the database, as every Admin read: this replica's snapshot may
+        // be behind it (the admin is often checking that a change took).
+        let m = self
+            .broker
+            .store
+            .read_member(id)
+            .await
+            .map_err(BrokerError::from)?
+            .ok_or_else(|| {
+                BrokerError::NotFound(format!("member {:?} is not registered", crate::exchange::clip(id, 128)))
+            })?;
+        Ok(Response::new(convert::member(&m)))
     }
 
     async fn list_members(
         &self,
         request: Request<pb::ListMembersRequest>,
     ) -> std::result::Result<Response<pb::ListMembersResponse>, Status> {
-        let caller = self.admin(&request, "Admin.ListMembers").await?;
+        self.admin(&request, "Admin.ListMembers").await?;
         // 0 lists every member; a number that is no role is a mistake, not
         // a filter matching nothing or everything.
         let number = request.get_ref().role;
@@ -519,13 +526,17 @@ impl Admin for AdminService {
         if number != 0 && role.is_none() {
             return Err(BrokerError::InvalidArgument(format!("role number {number} is not a valid role")).into());
         }
-        let mut members: Vec<pb::Member> = caller
-            .snapshot
-            .members()
+        // In byte order of id, from the database (see GetMember).
+        let members = self
+            .broker
+            .store
+            .list_members()
+            .await
+            .map_err(BrokerError::from)?
+            .iter()
             .filter(|m| role.is_none_or(|r| m.has_role(r)))
             .map(convert::member)
             .collect();
-        members.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(pb::ListMembersResponse { members }))
     }
 
@@ -615,9 +626,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListEndpointsRequest>,
     ) -> std::result::Result<Response<pb::ListEndpointsResponse>, Status> {
-        let caller = self.admin(&request, "Admin.ListEndpoints").await?;
+        self.admin(&request, "Admin.ListEndpoints").await?;
         let provider = &request.get_ref().provider;
-        let _ = caller;
         let endpoints = self
             .broker
             .store

@@ -235,6 +235,10 @@ pub trait Store: Send + Sync + 'static {
     /// All members by id, for reading only: roles this version does not know
     /// are left out, and so is (logged) a member that cannot be decoded.
     async fn list_members(&self) -> Result<Vec<Member>>;
+    /// One member, for reading only, as [`Store::list_members`] decodes it.
+    async fn read_member(&self, id: &str) -> Result<Option<Member>> {
+        Ok(self.list_members().await?.into_iter().find(|m| m.id.as_str() == id))
+    }
     /// Records a certificate revocation; `AlreadyExists` if that certificate
     /// is revoked already (the first revocation stands).
     async fn insert_revoked_certificate(&self, revoked: &RevokedCertificate) -> Result<()>;

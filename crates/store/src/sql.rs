@@ -903,6 +903,13 @@ impl Store for SqlStore {
         row.map(MemberRow::into_member).transpose()
     }
 
+    async fn read_member(&self, id: &str) -> Result<Option<Member>> {
+        let sql = format!("SELECT {MEMBER_COLUMNS} FROM members WHERE id = $1");
+        let row = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).bind(id).fetch_optional(p).await)
+            .map_err(db_err)?;
+        row.map(MemberRow::into_member_known_roles).transpose()
+    }
+
     async fn list_members(&self) -> Result<Vec<Member>> {
         let sql = format!("SELECT {MEMBER_COLUMNS} FROM members ORDER BY id");
         let rows = on_pool!(self, p => sqlx::query_as::<_, MemberRow>(&sql).fetch_all(p).await).map_err(db_err)?;
