@@ -186,3 +186,93 @@ async fn requests_that_are_not_grpc_get_the_http_status_the_spec_names() {
     );
     fed.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn gzip_requests_are_served_and_other_encodings_are_refused_and_audited() {
+    use tonic::codec::CompressionEncoding;
+    use tower::ServiceExt;
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 1);
+
+    // A stock client set to gzip is served, and its lookup audited as any.
+    let mut gzip =
+        pb::exchange_client::ExchangeClient::new(office.channel.clone()).send_compressed(CompressionEncoding::Gzip);
+    let answer = gzip
+        .lookup(birth_lookup(&subject, lienthong_cli::federation::PURPOSE_CERTIFICATE))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.receipt.is_some(), "{answer:?}");
+
+    // A message that decompresses past the limit, however small on the wire.
+    let mut grpc = tonic::client::Grpc::new(office.channel.clone())
+        .max_encoding_message_size(usize::MAX)
+        .send_compressed(CompressionEncoding::Gzip);
+    grpc.ready().await.unwrap();
+    let bomb = grpc
+        .unary(
+            tonic::Request::new(vec![0x0a; 5 * 1024 * 1024]),
+            http::uri::PathAndQuery::from_static(LOOKUP),
+            Raw,
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(bomb.code(), Code::ResourceExhausted, "{bomb:?}");
+    assert!(
+        bomb.message().contains("larger than this broker accepts"),
+        "{}",
+        bomb.message()
+    );
+
+    // Bytes that are not gzip although the frame says compressed, and an
+    // encoding the broker does not accept.
+    let send = |encoding: &'static str, frame: Vec<u8>| {
+        let channel = office.channel.clone();
+        let uri = format!("{}{LOOKUP}", fed.broker_url);
+        async move {
+            let request = http::Request::builder()
+                .method(http::Method::POST)
+                .uri(uri)
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header("te", "trailers")
+                .header("grpc-encoding", encoding)
+                // ASCII frames, so that a String (an HTTP body as it is) carries them.
+                .body(tonic::body::Body::new(String::from_utf8(frame).unwrap()))
+                .unwrap();
+            channel.oneshot(request).await.unwrap()
+        }
+    };
+    let framed = |payload: &[u8]| {
+        let mut frame = vec![1u8];
+        frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    };
+    let corrupt = send("gzip", framed(b"not gzip at all")).await;
+    let corrupt = tonic::Status::from_header_map(corrupt.headers()).unwrap();
+    assert_eq!(corrupt.code(), Code::Internal, "{corrupt:?}");
+    let zstd = send("zstd", framed(b"whatever")).await;
+    assert!(
+        zstd.headers()["grpc-accept-encoding"]
+            .to_str()
+            .unwrap()
+            .contains("gzip"),
+        "{:?}",
+        zstd.headers()
+    );
+    let zstd = tonic::Status::from_header_map(zstd.headers()).unwrap();
+    assert_eq!(zstd.code(), Code::Unimplemented, "{zstd:?}");
+    assert!(zstd.message().contains("send it uncompressed or with gzip"), "{zstd:?}");
+
+    let entries = refused_lookups(&fed).await;
+    let reasons: Vec<&str> = entries.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(entries.len(), 3, "each refused call is audited: {reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("size limit")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("could not be decoded")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("encoding")), "{reasons:?}");
+    fed.shutdown().await.unwrap();
+}

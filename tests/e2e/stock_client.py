@@ -133,6 +133,13 @@ check("the request id comes back", answer.request_id == "stock-client-1", answer
 receipt = answer.receipt
 check("the receipt names a 32-byte leaf hash", len(receipt.leaf_hash) == 32, receipt)
 
+# A stub set to compress its requests, as grpc-java's withCompression("gzip").
+lookup_request, lookup = consumer.method("lienthong.v1.Exchange", "Lookup")
+gzipped, _ = lookup.with_call(lookup_request(record_type="civil_status.birth_record", query_json=query,
+                                             purpose=CFG["purpose"], request_id="gzip-client-1"),
+                              timeout=10, compression=grpc.Compression.Gzip)
+check("a gzip-compressed lookup is served", json.loads(gzipped.record_json) == record, gzipped.record_json)
+
 expect_error("a purpose not granted is PERMISSION_DENIED", grpc.StatusCode.PERMISSION_DENIED,
              lambda: consumer.call("lienthong.v1.Exchange", "Lookup", record_type="civil_status.birth_record",
                                    query_json=query, purpose="no-such-law/art-1", request_id="stock-client-2"),

@@ -31,6 +31,10 @@ pub(crate) enum LibraryFailure {
     /// waited for an exchange turn, or a deadline shorter than the broker's
     /// margin): the spec's `DEADLINE_EXCEEDED`; tonic says `CANCELLED`.
     TimedOut,
+    /// The request is compressed with an encoding the broker does not
+    /// accept: `UNIMPLEMENTED` with `grpc-accept-encoding`, as the spec has
+    /// it; only the words change, since tonic's echo the client's header.
+    UnknownEncoding,
 }
 
 impl LibraryFailure {
@@ -43,12 +47,20 @@ impl LibraryFailure {
             Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
                 Some(LibraryFailure::TooLarge)
             }
+            // A compressed message that decompresses past the limit.
+            Code::ResourceExhausted if message.starts_with("Error decompressing: size limit") => {
+                Some(LibraryFailure::TooLarge)
+            }
             Code::Internal if message == "Missing request message." => Some(LibraryFailure::NoMessage),
             Code::Internal
                 if message.starts_with("failed to decode Protobuf message")
-                    || message.starts_with("protocol error: received message with") =>
+                    || message.starts_with("protocol error: received message with")
+                    || message.starts_with("Error decompressing: ") =>
             {
                 Some(LibraryFailure::Undecodable)
+            }
+            Code::Unimplemented if message.starts_with("Content is compressed with `") => {
+                Some(LibraryFailure::UnknownEncoding)
             }
             Code::Cancelled if message == "Timeout expired" => Some(LibraryFailure::TimedOut),
             _ => None,
@@ -63,6 +75,11 @@ impl LibraryFailure {
                 "the request message is larger than this broker accepts ({}); send less in one call",
                 original.message().trim_start_matches("Error, ")
             )),
+            // tonic's `grpc-accept-encoding` header stays in the answer.
+            LibraryFailure::UnknownEncoding => tonic::Status::unimplemented(
+                "the request is compressed with an encoding this broker does not accept; \
+                 send it uncompressed or with gzip (grpc-accept-encoding)",
+            ),
             LibraryFailure::Undecodable => tonic::Status::internal(format!(
                 "the request is not this method's protobuf message ({}); check that the client was \
                  built from the broker's .proto files (reflection serves them)",
@@ -85,6 +102,9 @@ impl LibraryFailure {
             LibraryFailure::Undecodable => "malformed_request: the request message could not be decoded",
             LibraryFailure::NoMessage => "malformed_request: the unary call sent no request message",
             LibraryFailure::TimedOut => "deadline_exceeded: the client's deadline passed before the call started",
+            LibraryFailure::UnknownEncoding => {
+                "malformed_request: compressed with an encoding the broker does not accept"
+            }
         }
     }
 }
@@ -353,6 +373,20 @@ mod tests {
             (tonic::Status::internal("Missing request message."), Code::Unimplemented),
             (tonic::Status::cancelled("Timeout expired"), Code::DeadlineExceeded),
             (
+                tonic::Status::resource_exhausted(
+                    "Error decompressing: size limit, of 4194304 bytes, exceeded while decompressing message",
+                ),
+                Code::ResourceExhausted,
+            ),
+            (
+                tonic::Status::internal("Error decompressing: invalid gzip header, while sending request"),
+                Code::Internal,
+            ),
+            (
+                tonic::Status::unimplemented("Content is compressed with `zstd` which isn't supported"),
+                Code::Unimplemented,
+            ),
+            (
                 tonic::Status::internal("failed to decode Protobuf message: invalid wire type value: 7"),
                 Code::Internal,
             ),
@@ -374,6 +408,13 @@ mod tests {
                 assert_ne!(got.message(), status.message());
             }
         }
+        // The encodings a client may use instead are still named.
+        let mut unknown = tonic::Status::unimplemented("Content is compressed with `zstd` which isn't supported");
+        unknown
+            .metadata_mut()
+            .insert("grpc-accept-encoding", "gzip".parse().unwrap());
+        let fixed = conform(unknown.into_http());
+        assert_eq!(fixed.headers()["grpc-accept-encoding"], "gzip");
         // An answer with a message is not looked into.
         let ok = conform(http::Response::new(tonic::body::Body::empty()));
         assert!(ok.headers().get("grpc-status").is_none());

@@ -231,10 +231,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     let exchange_health = broker.spawn_exchange_health(health_reporter.clone());
     let reflection = reflection_builder()
         .build_v1()
-        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?
+        .accept_compressed(GZIP);
     let reflection_alpha = reflection_builder()
         .build_v1alpha()
-        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?
+        .accept_compressed(GZIP);
 
     let max = config.limits.max_message_bytes;
     let calls = TaskTracker::new();
@@ -254,21 +256,27 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         .add_service(reflection_alpha)
         .add_service(
             ToTheEnd::new(
-                AdminServer::new(AdminService::new(broker.clone())).max_decoding_message_size(max),
+                AdminServer::new(AdminService::new(broker.clone()))
+                    .max_decoding_message_size(max)
+                    .accept_compressed(GZIP),
                 &calls,
             )
             .audited(&broker),
         )
         .add_service(
             ToTheEnd::new(
-                SchemaRegistryServer::new(SchemaService::new(broker.clone())).max_decoding_message_size(max),
+                SchemaRegistryServer::new(SchemaService::new(broker.clone()))
+                    .max_decoding_message_size(max)
+                    .accept_compressed(GZIP),
                 &calls,
             )
             .audited(&broker),
         )
         .add_service(
             ToTheEnd::bounded(
-                ExchangeServer::new(ExchangeService::new(broker.clone())).max_decoding_message_size(max),
+                ExchangeServer::new(ExchangeService::new(broker.clone()))
+                    .max_decoding_message_size(max)
+                    .accept_compressed(GZIP),
                 &calls,
                 config.limits.max_concurrent_exchanges,
                 broker.metrics.exchanges_waiting.clone(),
@@ -277,7 +285,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         )
         .add_service(
             ToTheEnd::new(
-                AuditServer::new(AuditService::new(broker.clone())).max_decoding_message_size(max),
+                AuditServer::new(AuditService::new(broker.clone()))
+                    .max_decoding_message_size(max)
+                    .accept_compressed(GZIP),
                 &calls,
             )
             .audited(&broker),
@@ -382,6 +392,13 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         join: Some(join),
     })
 }
+
+/// The request compression every service accepts besides none: stock
+/// clients offer gzip (grpc-java's `withCompression("gzip")`, grpcio's
+/// `compression=Gzip`), and a message is still held to
+/// `limits.max_message_bytes` once decompressed. Answers go uncompressed,
+/// which every client reads.
+const GZIP: tonic::codec::CompressionEncoding = tonic::codec::CompressionEncoding::Gzip;
 
 /// Calls at once on one client connection (HTTP/2
 /// `SETTINGS_MAX_CONCURRENT_STREAMS`): without it a connection, even one
