@@ -31,12 +31,18 @@ async fn health_serving_and_reflection_lists_every_service() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     let mut refl = ServerReflectionClient::new(c.channel.clone());
-    let req = ServerReflectionRequest {
+    let ask = |request: MessageRequest| ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(request),
     };
+    // One stream, as grpcurl keeps it: a symbol the broker does not know is
+    // answered in the stream, and the questions after it are answered too.
     let mut stream = refl
-        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .server_reflection_info(tokio_stream::iter(vec![
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol("no.such.Service".into())),
+            ask(MessageRequest::FileContainingSymbol("lienthong.v1.Audit".into())),
+        ]))
         .await
         .unwrap()
         .into_inner();
@@ -53,6 +59,61 @@ async fn health_serving_and_reflection_lists_every_service() {
     assert!(
         !names.iter().any(|n| n == "lienthong.provider.v1.RecordProvider"),
         "{names:?}"
+    );
+    let unknown = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ErrorResponse(error)) = unknown.message_response else {
+        panic!("no error response: {unknown:?}")
+    };
+    assert_eq!(error.error_code, Code::NotFound as i32, "{error:?}");
+    let audit = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = audit.message_response else {
+        panic!("no files: {audit:?}")
+    };
+    // The file and its imports, so that a client can build the types at once.
+    use prost::Message;
+    let files: Vec<String> = files
+        .file_descriptor_proto
+        .iter()
+        .map(|f| {
+            prost_types::FileDescriptorProto::decode(f.as_slice())
+                .unwrap()
+                .name()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        files,
+        [
+            "lienthong/v1/audit.proto",
+            "google/protobuf/timestamp.proto",
+            "lienthong/v1/exchange.proto"
+        ]
+    );
+    assert!(
+        stream.message().await.unwrap().is_none(),
+        "ends with the client's stream"
+    );
+
+    // The older protocol version, which older clients call, answers alike.
+    use tonic_reflection::pb::v1alpha;
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(c.channel.clone());
+    let mut stream = alpha
+        .server_reflection_info(tokio_stream::iter(vec![v1alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileByFilename(
+                "lienthong/v1/exchange.proto".into(),
+            )),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            answer.message_response,
+            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{answer:?}"
     );
     fed.shutdown().await.unwrap();
 }

@@ -12,6 +12,7 @@ pub mod exchange;
 pub mod freshness;
 pub mod metrics;
 mod protocol;
+pub mod reflection;
 pub mod refusals;
 pub mod relay;
 pub mod schema;

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::error::BrokerError;
 use crate::exchange::ExchangeService;
 use crate::protocol::CallOrigin;
+use crate::reflection::{Index, ReflectionV1, ReflectionV1Alpha};
 use crate::relay::Relay;
 use crate::schema::SchemaService;
 use crate::state::Broker;
@@ -27,6 +28,8 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer;
+use tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer as ServerReflectionAlphaServer;
 
 /// HTTP/2 connection receive window of the broker's listener (1 MiB).
 const CONNECTION_WINDOW: u32 = 1 << 20;
@@ -229,14 +232,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     health_reporter.set_serving::<AuditServer<AuditService>>().await;
     // NOT_SERVING while this replica refuses lookups: an altered log, a stale snapshot.
     let exchange_health = broker.spawn_exchange_health(health_reporter.clone());
-    let reflection = reflection_builder()
-        .build_v1()
-        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?
-        .accept_compressed(GZIP);
-    let reflection_alpha = reflection_builder()
-        .build_v1alpha()
-        .map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?
-        .accept_compressed(GZIP);
+    let reflection = reflection_index().map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+    let reflection_alpha =
+        ServerReflectionAlphaServer::new(ReflectionV1Alpha(reflection.clone())).accept_compressed(GZIP);
+    let reflection = ServerReflectionServer::new(ReflectionV1(reflection)).accept_compressed(GZIP);
 
     let max = config.limits.max_message_bytes;
     let calls = TaskTracker::new();
@@ -411,18 +410,26 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
 /// their types. The contract also holds `lienthong.provider.v1.RecordProvider`,
 /// which registers serve and the broker does not: a client listing the
 /// broker's services must not find it.
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    let builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lienthong::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    lienthong::SERVICE_NAMES
+fn reflection_index() -> Result<Arc<Index>, crate::reflection::ReflectionError> {
+    let services: Vec<&str> = lienthong::SERVICE_NAMES
         .iter()
-        .chain(&[
+        .copied()
+        .chain([
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection",
         ])
-        .fold(builder, |b, name| b.with_service_name(*name))
+        .collect();
+    let index = Index::new(
+        &[
+            lienthong::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ],
+        &services,
+    )?;
+    Ok(Arc::new(index))
 }
 
 /// Creates the admin named in the config on first start, so a fresh
