@@ -14,6 +14,9 @@ Called by scripts/check-deploy.sh, optionally with the output of
   * compose.yaml agrees with broker.toml and the collector config: certificates
     and data_dir mounted, the OTLP endpoint and the scrape targets name real
     services, every pipeline component is defined;
+  * each compose container mounts only its own keys: every volume certs-init
+    writes keys into (one per container, named by its environment) is mounted
+    by certs-init and the services it is for, nothing else, read-only;
   * the systemd unit provides what lienthong.toml expects (credentials for
     the certificate paths, the state directory as data_dir) and keeps its
     hardening options;
@@ -270,6 +273,7 @@ def check_compose():
     for sc in collector.get("receivers", {}).get("prometheus", {}).get("config", {}).get("scrape_configs", []):
         for static in sc.get("static_configs", []):
             scrape_targets.update(static.get("targets", []))
+    configs = {}
     for name, svc in brokers.items():
         cmd = svc["command"]
         config_path = cmd[cmd.index("--config") + 1]
@@ -282,6 +286,7 @@ def check_compose():
             problem(where, f"{name}: the --config file {config_path} is not mounted from a file here")
             continue
         cfg = load_toml(compose_dir / src)
+        configs[name] = cfg
         for key in ("ca", "cert", "key"):
             path = cfg.get("tls", {}).get(key, "")
             if not any(under(path, t) for t in targets):
@@ -303,6 +308,120 @@ def check_compose():
         if not re.search(r"[?&]sslmode=verify-(full|ca)\b", cfg.get("database_url", "")):
             problem(os.path.normpath(f"deploy/compose/{src}"), "database_url must verify the database's TLS (sslmode=verify-full)")
     print(f"compose: {len(services)} services, {len(brokers)} brokers consistent with their config and the collector")
+    check_compose_secrets(services, brokers, configs)
+
+
+def named_mounts(svc):
+    """{container path: named volume} of a compose service (bind mounts left out)."""
+    out = {}
+    for vol in svc.get("volumes", []):
+        src, target = vol.split(":")[:2]
+        if not src.startswith((".", "/")):
+            out[target] = src
+    return out
+
+
+def volume_at(svc, path):
+    """The named volume a container path of `svc` lies on, if any."""
+    best = None
+    for target, src in named_mounts(svc).items():
+        if under(path, target) and (best is None or len(target) > len(best[0])):
+            best = (target, src)
+    return best[1] if best else None
+
+
+def check_compose_secrets(services, brokers, configs):
+    """Each container mounts its own keys and nobody else's.
+
+    certs-init (init-certs.sh) writes every key, one directory per container,
+    named by its environment; each such volume may be mounted by certs-init
+    and the services it is for, nothing else.
+    """
+    where = "deploy/compose/compose.yaml"
+    data_dirs = {n: cfg.get("data_dir", "") for n, cfg in configs.items()}
+    tls_paths = {n: cfg.get("tls", {}) for n, cfg in configs.items()}
+    init = services.get("certs-init")
+    if init is None:
+        problem(where, "no certs-init service")
+        return
+    env = init.get("environment", {}) or {}
+    script = " ".join(init.get("entrypoint", []) or [])
+    if "init-certs.sh" not in script:
+        problem(where, "certs-init must run init-certs.sh")
+
+    def running(predicate):
+        return {n for n, s in services.items() if n != "certs-init" and predicate(s)}
+
+    def words(s, key):
+        v = s.get(key) or []
+        return v.split() if isinstance(v, str) else v
+
+    def register(kind):
+        return running(lambda s: words(s, "command")[:2] == ["demo-provider", kind])
+
+    setup = running(lambda s: any("setup-federation.sh" in w for w in words(s, "entrypoint")))
+    postgres = running(lambda s: str(s.get("image", "")).startswith("postgres"))
+    owners = {
+        # The CA key: certs-init alone.
+        "CA_PRIVATE_DIR": set(),
+        "BROKER_TLS_DIR": set(brokers),
+        "CIVIL_STATUS_TLS_DIR": register("civil-status"),
+        "JUDICIAL_RECORDS_TLS_DIR": register("judicial-records"),
+        "CLIENTS_DIR": setup,
+        "DATABASE_TLS_DIR": postgres,
+    }
+    secret_volumes = {}  # volume -> (what, its services, read-only there)
+    for var, svcs in owners.items():
+        path = env.get(var)
+        vol = volume_at(init, path) if path else None
+        if vol is None:
+            problem(where, f"certs-init: {var} must name a directory on a volume of its own")
+            continue
+        if vol in secret_volumes:
+            problem(where, f"certs-init: {var} shares volume {vol} with {secret_volumes[vol][0]}")
+        secret_volumes[vol] = (var, svcs, True)
+    for path in str(env.get("BROKER_DATA_DIRS", "")).split():
+        vol = volume_at(init, path)
+        mine = {
+            n for n, s in brokers.items()
+            if vol is not None and volume_at(s, data_dirs.get(n, "")) == vol
+        }
+        if vol is None or len(mine) != 1:
+            problem(where, f"certs-init: BROKER_DATA_DIRS {path} must be one broker's data_dir volume")
+            continue
+        secret_volumes[vol] = (f"BROKER_DATA_DIRS {path}", mine, False)
+    for vol in set(named_mounts(init).values()) - set(secret_volumes):
+        problem(where, f"certs-init writes into volume {vol}, which is not one container's own directory")
+    for vol, (what, svcs, read_only) in sorted(secret_volumes.items()):
+        if not svcs and what != "CA_PRIVATE_DIR":
+            problem(where, f"certs-init: no service uses {what} (volume {vol})")
+        for name, svc in services.items():
+            if name == "certs-init":
+                continue
+            mounts = [v for v in svc.get("volumes", []) if v.split(":")[0] == vol]
+            if mounts and name not in svcs:
+                problem(where, f"{name} mounts {vol} ({what}): keys that are not its own")
+            if not mounts and name in svcs:
+                problem(where, f"{name} does not mount {vol} ({what}), its own keys")
+            if read_only and any(not v.endswith(":ro") for v in mounts):
+                problem(where, f"{name} must mount {vol} read-only")
+    # And each process reads its keys from its own volume.
+    for name, svc in brokers.items():
+        for key in ("ca", "cert", "key"):
+            path = tls_paths.get(name, {}).get(key, "")
+            if volume_at(svc, path) != volume_at(init, env.get("BROKER_TLS_DIR", "")):
+                problem(where, f"{name}: tls.{key} = {path} is not on the brokers' own volume")
+    for var, kind in (("CIVIL_STATUS_TLS_DIR", "civil-status"), ("JUDICIAL_RECORDS_TLS_DIR", "judicial-records")):
+        for name in register(kind):
+            svc = services[name]
+            tls_dir = next((w.split("=", 1)[1] for w in words(svc, "command") if w.startswith("--tls-dir=")), "")
+            if volume_at(svc, tls_dir) != volume_at(init, env.get(var, "")):
+                problem(where, f"{name}: --tls-dir {tls_dir} is not on its own volume ({var})")
+    for name in setup:
+        certs = (services[name].get("environment") or {}).get("LIENTHONG_CERTS", "")
+        if volume_at(services[name], certs) != volume_at(init, env.get("CLIENTS_DIR", "")):
+            problem(where, f"{name}: LIENTHONG_CERTS {certs} is not the clients volume (CLIENTS_DIR)")
+    print(f"compose: {len(secret_volumes)} key volumes, each mounted by certs-init and its own containers only")
 
 
 # --- systemd ------------------------------------------------------------------

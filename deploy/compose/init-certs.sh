@@ -2,22 +2,43 @@
 # One-shot initialisation of a lienthong federation's secrets, run by the
 # `certs-init` service of compose.yaml (and by the deployment test on loopback):
 #
-# * the federation CA and the broker certificate (`lienthong certs init`),
-# * a certificate for every demo member, the registers' valid for their host names,
+# * the federation CA, in $CA_PRIVATE_DIR, which no other service mounts;
+# * one directory per container, each holding the CA certificate and that
+#   container's own certificate and key, nothing else:
+#     $BROKER_TLS_DIR            broker.pem/.key (both replicas: one identity)
+#     $CIVIL_STATUS_TLS_DIR      civil-status.pem/.key, valid for its host name
+#     $JUDICIAL_RECORDS_TLS_DIR  judicial-records.pem/.key, likewise
+#     $CLIENTS_DIR               the client identities setup-federation.sh and
+#                                a person at the `federation-setup` service act
+#                                as: federation-admin, the two registers'
+#                                integrators (their own certificates, not the
+#                                registers' serving keys) and the demo consumer,
+#                                portal and auditor;
+# * the database server's certificate and key ($DATABASE_TLS_DIR), if asked;
 # * the subject-hashing secret, identical in every broker replica's data
 #   directory (replicas on one database must pseudonymise subjects alike).
 #
-# Idempotent: existing files are kept, so re-running never replaces the CA or
-# the secret. The CA's private key is moved to $CA_PRIVATE_DIR, which no other
-# service mounts.
+# Each certificate is issued in the CA's directory and its key moved out at
+# once, so no key but the CA's stays there.
+#
+# Idempotent: existing files are kept, so re-running never replaces the CA,
+# a certificate already handed out, or the secret.
 set -eu
 # Directories and files for their owner only, whatever the caller's umask:
 # `lienthong certs` refuses a certificate directory others may write to.
 umask 077
 
+if [ -n "${CERTS_DIR:-}" ]; then
+  echo "error: CERTS_DIR is no longer read: each container gets its own directory (BROKER_TLS_DIR, CIVIL_STATUS_TLS_DIR, JUDICIAL_RECORDS_TLS_DIR, CLIENTS_DIR); see deploy/compose/compose.yaml" >&2
+  exit 1
+fi
+
 : "${TRUST_DOMAIN:=lienthong.gov.vn}"
-: "${CERTS_DIR:=/etc/lienthong/certs}"
 : "${CA_PRIVATE_DIR:=/var/lib/lienthong-ca}"
+: "${BROKER_TLS_DIR:=/data/broker-tls}"
+: "${CIVIL_STATUS_TLS_DIR:=/data/civil-status-tls}"
+: "${JUDICIAL_RECORDS_TLS_DIR:=/data/judicial-records-tls}"
+: "${CLIENTS_DIR:=/data/clients}"
 : "${BROKER_DATA_DIRS:=/data/broker-1 /data/broker-2}"
 # Owner of everything written (the image's unprivileged user); empty: leave as is.
 : "${OWNER:=}"
@@ -27,48 +48,71 @@ umask 077
 : "${DATABASE_HOST:=postgres}"
 : "${DATABASE_OWNER:=}"
 
-mkdir -p "$CERTS_DIR" "$CA_PRIVATE_DIR"
+ca=$CA_PRIVATE_DIR
+tls_dirs="$BROKER_TLS_DIR $CIVIL_STATUS_TLS_DIR $JUDICIAL_RECORDS_TLS_DIR $CLIENTS_DIR"
+# shellcheck disable=SC2086 # one word per directory
+mkdir -p "$ca" $tls_dirs
+# A volume's root is made 0755 by the container engine: owner only.
+# shellcheck disable=SC2086
+chmod 700 "$ca" $tls_dirs
 
-# `certs issue` needs ca.key beside ca.pem: bring it back for the duration.
-if [ -f "$CA_PRIVATE_DIR/ca.key" ] && [ ! -f "$CERTS_DIR/ca.key" ]; then
-  mv "$CA_PRIVATE_DIR/ca.key" "$CERTS_DIR/ca.key"
-fi
-if [ ! -f "$CERTS_DIR/ca.pem" ]; then
-  lienthong certs init --dir "$CERTS_DIR" --trust-domain "$TRUST_DOMAIN"
+if [ ! -f "$ca/ca.pem" ]; then
+  if [ -f "$ca/ca.key" ]; then
+    echo "error: $ca/ca.key without ca.pem: a CA key from an older layout? Put its ca.pem beside it (or start from fresh volumes); a new CA would invalidate every certificate issued" >&2
+    exit 1
+  fi
+  # Also writes broker.pem/.key, handed out to the brokers below.
+  lienthong certs init --dir "$ca" --trust-domain "$TRUST_DOMAIN"
 fi
 
-issue() { # member id, then the host names it serves on
-  member=$1
-  shift
-  [ -f "$CERTS_DIR/$member.pem" ] && return 0
+hand_out() { # stem, destination directory: moves <stem>.pem/.key out of the CA's directory
+  mv "$ca/$1.key" "$2/$1.key"
+  mv "$ca/$1.pem" "$2/$1.pem"
+  chmod 600 "$2/$1.key"
+}
+
+issue() { # destination directory, member id, then the host names it serves on
+  dir=$1
+  member=$2
+  shift 2
+  [ -f "$dir/$member.pem" ] && return 0
   hosts=""
   for h in "$@" localhost 127.0.0.1; do hosts="$hosts --host $h"; done
   # shellcheck disable=SC2086 # one word per --host flag
-  lienthong certs issue --dir "$CERTS_DIR" --member "$member" $hosts
+  lienthong certs issue --dir "$ca" --member "$member" $hosts
+  hand_out "$member" "$dir"
 }
-issue federation-admin
-issue civil-status civil-status
-issue judicial-records judicial-records
-issue hanoi-judicial-office
-issue hanoi-tax-dept
-issue citizen-portal
-issue state-audit
+
+if [ ! -f "$BROKER_TLS_DIR/broker.pem" ]; then
+  if [ ! -f "$ca/broker.pem" ] || [ ! -f "$ca/broker.key" ]; then
+    lienthong certs issue --dir "$ca" --broker-cert
+  fi
+  hand_out broker "$BROKER_TLS_DIR"
+fi
+issue "$CIVIL_STATUS_TLS_DIR" civil-status civil-status
+issue "$JUDICIAL_RECORDS_TLS_DIR" judicial-records judicial-records
+for member in federation-admin civil-status judicial-records hanoi-judicial-office hanoi-tax-dept citizen-portal state-audit; do
+  issue "$CLIENTS_DIR" "$member"
+done
+for dir in $tls_dirs; do
+  if [ ! -f "$dir/ca.pem" ] || [ "$(cat "$dir/ca.pem")" != "$(cat "$ca/ca.pem")" ]; then
+    cp "$ca/ca.pem" "$dir/ca.pem"
+  fi
+done
+
 if [ -n "$DATABASE_TLS_DIR" ]; then
   # Not a member: the certificate only names the database's host for the
   # brokers' verify-full; its key goes to the database alone.
-  issue database "$DATABASE_HOST"
   mkdir -p "$DATABASE_TLS_DIR"
-  if [ -f "$CERTS_DIR/database.key" ]; then
-    mv "$CERTS_DIR/database.key" "$DATABASE_TLS_DIR/database.key"
+  chmod 700 "$DATABASE_TLS_DIR"
+  if [ ! -f "$DATABASE_TLS_DIR/database.pem" ]; then
+    lienthong certs issue --dir "$ca" --member database --host "$DATABASE_HOST" --host localhost --host 127.0.0.1
+    hand_out database "$DATABASE_TLS_DIR"
   fi
-  cp "$CERTS_DIR/database.pem" "$DATABASE_TLS_DIR/database.pem"
-  chmod 600 "$DATABASE_TLS_DIR/database.key"
   if [ -n "$DATABASE_OWNER" ]; then
     chown -R "$DATABASE_OWNER" "$DATABASE_TLS_DIR"
   fi
 fi
-
-mv "$CERTS_DIR/ca.key" "$CA_PRIVATE_DIR/ca.key"
 
 secret=""
 for dir in $BROKER_DATA_DIRS; do
@@ -81,9 +125,9 @@ if [ -z "$secret" ]; then
   # 32 random bytes as 64 hex digits, the format the broker reads.
   secret=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 fi
-umask 077
 for dir in $BROKER_DATA_DIRS; do
   mkdir -p "$dir"
+  chmod 700 "$dir"
   if [ ! -f "$dir/subject-hmac.key" ]; then
     printf '%s\n' "$secret" >"$dir/subject-hmac.key"
   elif [ "$(cat "$dir/subject-hmac.key")" != "$secret" ]; then
@@ -95,6 +139,6 @@ done
 
 if [ -n "$OWNER" ]; then
   # shellcheck disable=SC2086
-  chown -R "$OWNER" "$CERTS_DIR" "$CA_PRIVATE_DIR" $BROKER_DATA_DIRS
+  chown -R "$OWNER" "$ca" $tls_dirs $BROKER_DATA_DIRS
 fi
-echo "federation certificates in $CERTS_DIR, CA key in $CA_PRIVATE_DIR, subject secret in: $BROKER_DATA_DIRS"
+echo "federation CA in $ca; certificates and keys in $tls_dirs${DATABASE_TLS_DIR:+ $DATABASE_TLS_DIR}; subject secret in: $BROKER_DATA_DIRS"

@@ -6,6 +6,10 @@
 #
 # Idempotent: members, endpoints and active grants that exist are kept, and
 # registering an unchanged record type returns its existing version.
+#
+# Acts as federation-admin and as the two registers' integrators
+# (civil-status, judicial-records): $LIENTHONG_CERTS holds ca.pem and their
+# certificates and keys (init-certs.sh's $CLIENTS_DIR).
 set -eu
 
 : "${LIENTHONG_BROKER:=https://localhost:7443}"

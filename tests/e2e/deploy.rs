@@ -6,7 +6,10 @@
 //!   certificates and the shared subject secret, two `lienthong serve` processes
 //!   run deploy/compose/broker.toml on one PostgreSQL, two `lienthong
 //!   demo-provider` processes serve the registers, `setup-federation.sh`
-//!   administers the federation. A client spreads lookups over both brokers;
+//!   administers the federation. compose.yaml's volumes are directories, and
+//!   each process gets those its container mounts, at the paths compose.yaml
+//!   names: no container holds another member's private key, the CA's or the
+//!   admin's unless it is theirs. A client spreads lookups over both brokers;
 //!   one broker is SIGKILLed mid-run and the client's retries land on the
 //!   other; both logs verify, before and after the killed broker comes back.
 
@@ -180,21 +183,235 @@ impl Drop for Daemon {
     }
 }
 
-/// The test's layout: where each piece of the compose federation lives.
+/// One volume or file mounted into a compose service's container.
+#[derive(Clone, Debug)]
+struct Mount {
+    /// A named volume, or a path (relative to deploy/compose) for a bind mount.
+    source: String,
+    target: String,
+}
+
+impl Mount {
+    fn named_volume(&self) -> Option<&str> {
+        (!self.source.starts_with('.') && !self.source.starts_with('/')).then_some(self.source.as_str())
+    }
+}
+
+/// What the test takes from one service of deploy/compose/compose.yaml.
+#[derive(Clone, Debug, Default)]
+struct Service {
+    command: Vec<String>,
+    environment: BTreeMap<String, String>,
+    mounts: Vec<Mount>,
+}
+
+/// deploy/compose/compose.yaml's services, with the broker configuration
+/// they mount, read as the container engine reads them (YAML merge keys
+/// resolved). The workspace has no YAML parser: python3's PyYAML (which
+/// kubernetes-validate brings; ./scripts/test.sh installs it) turns both
+/// files into JSON.
+struct Compose {
+    services: BTreeMap<String, Service>,
+    broker_toml: serde_json::Value,
+}
+
+impl Compose {
+    fn load() -> Compose {
+        const TO_JSON: &str = r#"
+import json, sys, yaml
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+with open(sys.argv[1]) as f:
+    compose = yaml.safe_load(f)
+with open(sys.argv[2], "rb") as f:
+    broker = tomllib.load(f)
+json.dump({"compose": compose, "broker": broker}, sys.stdout)
+"#;
+        let compose_dir = repo().join("deploy/compose");
+        let out = Command::new("python3")
+            .args(["-c", TO_JSON])
+            .arg(compose_dir.join("compose.yaml"))
+            .arg(compose_dir.join("broker.toml"))
+            .output()
+            .expect("python3 (with PyYAML: ./scripts/test.sh installs it) reads compose.yaml");
+        assert!(
+            out.status.success(),
+            "python3 with PyYAML reads compose.yaml (./scripts/test.sh installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let words = |v: &serde_json::Value| -> Vec<String> {
+            match v {
+                serde_json::Value::Array(a) => a.iter().map(|w| w.as_str().unwrap().to_string()).collect(),
+                serde_json::Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut services = BTreeMap::new();
+        for (name, svc) in doc["compose"]["services"].as_object().unwrap() {
+            let environment = svc["environment"]
+                .as_object()
+                .map(|env| {
+                    env.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mounts = svc["volumes"]
+                .as_array()
+                .map(|vols| {
+                    vols.iter()
+                        .map(|v| {
+                            let v = v.as_str().expect("volumes in the short syntax");
+                            let mut parts = v.split(':');
+                            Mount {
+                                source: parts.next().unwrap().to_string(),
+                                target: parts.next().unwrap().to_string(),
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut command = words(&svc["entrypoint"]);
+            command.extend(words(&svc["command"]));
+            services.insert(
+                name.clone(),
+                Service {
+                    command,
+                    environment,
+                    mounts,
+                },
+            );
+        }
+        Compose {
+            services,
+            broker_toml: doc["broker"].clone(),
+        }
+    }
+
+    fn service(&self, name: &str) -> &Service {
+        self.services
+            .get(name)
+            .unwrap_or_else(|| panic!("compose.yaml has no service {name}"))
+    }
+
+    /// The value of `--flag=VALUE` in a service's command.
+    fn flag(&self, service: &str, flag: &str) -> String {
+        let prefix = format!("{flag}=");
+        self.service(service)
+            .command
+            .iter()
+            .find_map(|w| w.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("{service} runs without {flag}"))
+            .to_string()
+    }
+
+    /// A path of broker.toml (`tls.key`, say).
+    fn broker_path(&self, section: &str, key: &str) -> String {
+        let value = if section.is_empty() {
+            &self.broker_toml[key]
+        } else {
+            &self.broker_toml[section][key]
+        };
+        value
+            .as_str()
+            .unwrap_or_else(|| panic!("broker.toml {section}.{key}"))
+            .to_string()
+    }
+}
+
+/// The test's layout: the compose federation's volumes as directories, each
+/// process given the directories its container would mount, at the paths
+/// compose.yaml, init-certs.sh's environment and broker.toml name.
 struct Site {
     dir: tempfile::TempDir,
     database_url: String,
+    compose: Compose,
 }
 
 impl Site {
-    fn certs(&self) -> PathBuf {
-        self.dir.path().join("certs")
+    fn new(dir: tempfile::TempDir) -> Site {
+        Site {
+            dir,
+            database_url: String::new(),
+            compose: Compose::load(),
+        }
+    }
+
+    /// The directory standing for a named volume.
+    fn volume(&self, name: &str) -> PathBuf {
+        self.dir.path().join("volumes").join(name)
+    }
+
+    /// Where `container_path` of `service`'s container lives here: under the
+    /// volume (or the repository file) mounted deepest above it.
+    fn host_path(&self, service: &str, container_path: &str) -> PathBuf {
+        let path = Path::new(container_path);
+        let mount = self
+            .compose
+            .service(service)
+            .mounts
+            .iter()
+            .filter(|m| path.starts_with(&m.target))
+            .max_by_key(|m| m.target.len())
+            .unwrap_or_else(|| panic!("{service}'s container has nothing mounted at {container_path}"));
+        let rest = path.strip_prefix(&mount.target).unwrap();
+        let base = match mount.named_volume() {
+            Some(volume) => self.volume(volume),
+            None => repo().join("deploy/compose").join(&mount.source),
+        };
+        if rest.as_os_str().is_empty() {
+            base
+        } else {
+            base.join(rest)
+        }
+    }
+
+    /// A file of broker.toml's `[tls]` (`ca`, `cert`, `key`), where broker-N mounts it.
+    fn broker_file(&self, n: u32, key: &str) -> PathBuf {
+        self.host_path(&format!("broker-{n}"), &self.compose.broker_path("tls", key))
     }
     fn ca_private(&self) -> PathBuf {
-        self.dir.path().join("ca-private")
+        let dir = &self.compose.service("certs-init").environment["CA_PRIVATE_DIR"];
+        self.host_path("certs-init", dir)
     }
     fn data(&self, broker: u32) -> PathBuf {
-        self.dir.path().join(format!("broker-{broker}-data"))
+        self.host_path(&format!("broker-{broker}"), &self.compose.broker_path("", "data_dir"))
+    }
+    /// The client identities, as the `federation-setup` container sees them.
+    fn clients(&self) -> PathBuf {
+        let dir = &self.compose.service("federation-setup").environment["LIENTHONG_CERTS"];
+        self.host_path("federation-setup", dir)
+    }
+    /// The CA certificate the brokers check the database's certificate with
+    /// (`sslrootcert` of broker.toml's database_url).
+    fn database_root_cert(&self) -> PathBuf {
+        let url = self.compose.broker_path("", "database_url");
+        let root = url
+            .split(['?', '&'])
+            .find_map(|p| p.strip_prefix("sslrootcert="))
+            .expect("broker.toml's database_url names sslrootcert");
+        self.host_path("broker-1", root)
+    }
+    /// The database server's certificate or key (`ssl_cert_file`,
+    /// `ssl_key_file`), where the postgres service reads it.
+    fn database_file(&self, setting: &str) -> String {
+        let prefix = format!("{setting}=");
+        let path = self
+            .compose
+            .service("postgres")
+            .command
+            .iter()
+            .find_map(|w| w.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("postgres is started without {setting}"));
+        std::fs::read_to_string(self.host_path("postgres", path)).unwrap()
     }
 
     /// `PATH` with the built binary first, as the scripts call `lienthong`.
@@ -220,41 +437,44 @@ impl Site {
         text
     }
 
+    /// init-certs.sh with the `certs-init` service's environment, its
+    /// container paths turned into the volumes' directories here. Ownership
+    /// is left as it is (the test does not run as root).
     fn init_certs(&self) -> String {
-        self.run_script(
-            "init-certs.sh",
-            &[
-                ("TRUST_DOMAIN", TRUST_DOMAIN.into()),
-                ("CERTS_DIR", self.certs().display().to_string()),
-                ("CA_PRIVATE_DIR", self.ca_private().display().to_string()),
-                (
-                    "BROKER_DATA_DIRS",
-                    format!("{} {}", self.data(1).display(), self.data(2).display()),
-                ),
-                ("DATABASE_TLS_DIR", self.database_tls().display().to_string()),
-                ("DATABASE_HOST", "localhost".into()),
-            ],
-        )
-    }
-
-    /// The database server's certificate and key, as init-certs.sh leaves them.
-    fn database_tls(&self) -> PathBuf {
-        self.dir.path().join("pg-tls")
+        let env: Vec<(&str, String)> = self
+            .compose
+            .service("certs-init")
+            .environment
+            .iter()
+            .filter(|(k, _)| !k.ends_with("OWNER"))
+            .map(|(k, v)| {
+                let value = if v.starts_with('/') {
+                    v.split_whitespace()
+                        .map(|p| self.host_path("certs-init", p).display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                } else {
+                    v.clone()
+                };
+                (k.as_str(), value)
+            })
+            .collect();
+        assert!(env.iter().any(|(k, _)| *k == "TRUST_DOMAIN"), "{env:?}");
+        self.run_script("init-certs.sh", &env)
     }
 
     /// `lienthong serve` with deploy/compose/broker.toml, adapted to loopback
-    /// through environment overrides only.
+    /// through environment overrides only; its files where broker-N mounts them.
     fn broker(&self, n: u32) -> Daemon {
-        let certs = self.certs();
         let mut cmd = Command::new(bin());
         cmd.args(["serve", "--config"])
-            .arg(repo().join("deploy/compose/broker.toml"))
+            .arg(self.host_path(&format!("broker-{n}"), "/etc/lienthong/lienthong.toml"))
             .env("LIENTHONG_LISTEN", "127.0.0.1:0")
             .env("LIENTHONG_DATA_DIR", self.data(n))
             .env("LIENTHONG_DATABASE_URL", &self.database_url)
-            .env("LIENTHONG_TLS_CA", certs.join("ca.pem"))
-            .env("LIENTHONG_TLS_CERT", certs.join("broker.pem"))
-            .env("LIENTHONG_TLS_KEY", certs.join("broker.key"))
+            .env("LIENTHONG_TLS_CA", self.broker_file(n, "ca"))
+            .env("LIENTHONG_TLS_CERT", self.broker_file(n, "cert"))
+            .env("LIENTHONG_TLS_KEY", self.broker_file(n, "key"))
             .env("LIENTHONG_TELEMETRY_OTLP_ENDPOINT", "")
             .env("LIENTHONG_TELEMETRY_METRICS_LISTEN", "")
             .env("LIENTHONG_AUDIT_SIGN_INTERVAL_MS", "200")
@@ -266,10 +486,12 @@ impl Site {
         )
     }
 
+    /// A demo register with the `--tls-dir` its compose service mounts.
     fn register(&self, kind: &'static str) -> Daemon {
+        let tls_dir = self.host_path(kind, &self.compose.flag(kind, "--tls-dir"));
         let mut cmd = Command::new(bin());
         cmd.args(["demo-provider", kind, "--listen", "127.0.0.1:0", "--tls-dir"])
-            .arg(self.certs())
+            .arg(tls_dir)
             .args(["--trust-domain", TRUST_DOMAIN, "--seed", &SEED.to_string()])
             .env("RUST_LOG", "warn");
         Daemon::spawn(kind, cmd, "register serving on ")
@@ -280,7 +502,7 @@ impl Site {
             "setup-federation.sh",
             &[
                 ("LIENTHONG_BROKER", broker_url.to_string()),
-                ("LIENTHONG_CERTS", self.certs().display().to_string()),
+                ("LIENTHONG_CERTS", self.clients().display().to_string()),
                 (
                     "SCHEMAS_DIR",
                     repo().join("crates/provider/schemas").display().to_string(),
@@ -292,7 +514,7 @@ impl Site {
     }
 
     async fn client(&self, url: &str, member: &str) -> Clients {
-        connect(url, &member_files(&self.certs(), member)).await.unwrap()
+        connect(url, &member_files(&self.clients(), member)).await.unwrap()
     }
 
     /// `lienthong audit verify` as the state auditor through `broker_url`.
@@ -301,7 +523,7 @@ impl Site {
             "--broker",
             broker_url,
             "--certs",
-            &self.certs().display().to_string(),
+            &self.clients().display().to_string(),
             "--as",
             STATE_AUDIT,
             "audit",
@@ -315,6 +537,123 @@ impl Site {
         tokio::task::spawn_blocking(move || run_cli(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]))
             .await
             .unwrap()
+    }
+
+    /// Every file in the named volumes `service`'s container mounts, by
+    /// path, with its contents.
+    fn files_of(&self, service: &str) -> BTreeMap<PathBuf, Vec<u8>> {
+        fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return; // a volume nothing wrote into
+            };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.insert(path.clone(), std::fs::read(&path).unwrap());
+                }
+            }
+        }
+        let mut files = BTreeMap::new();
+        for m in &self.compose.service(service).mounts {
+            if let Some(volume) = m.named_volume() {
+                walk(&self.volume(volume), &mut files);
+            }
+        }
+        files
+    }
+}
+
+/// The private keys a container may hold (file names in the volumes it
+/// mounts), per compose service; `certs-init` makes them all.
+const KEYS_OF: &[(&str, &[&str])] = &[
+    // One identity for both replicas, and the shared subject secret.
+    ("broker-1", &["broker.key", "subject-hmac.key"]),
+    ("broker-2", &["broker.key", "subject-hmac.key"]),
+    ("civil-status", &["civil-status.key"]),
+    ("judicial-records", &["judicial-records.key"]),
+    ("postgres", &["database.key"]),
+    // The admin, the registers' integrators (keys of their own, not the
+    // registers'), and the demo clients a person acts as.
+    (
+        "federation-setup",
+        &[
+            "citizen-portal.key",
+            "civil-status.key",
+            "federation-admin.key",
+            "hanoi-judicial-office.key",
+            "hanoi-tax-dept.key",
+            "judicial-records.key",
+            "state-audit.key",
+        ],
+    ),
+    ("otel-collector", &[]),
+];
+
+/// What init-certs.sh left is laid out so that each container holds its own
+/// keys and nobody else's: a broken-into register holds neither the broker's
+/// key nor the federation admin's, a broker no member's.
+fn assert_each_container_holds_only_its_own_keys(site: &Site) {
+    let services: Vec<&String> = site.compose.services.keys().collect();
+    let mut holders: BTreeMap<Vec<u8>, std::collections::BTreeSet<&str>> = BTreeMap::new();
+    for service in services.iter().filter(|s| **s != "certs-init") {
+        let expected = KEYS_OF
+            .iter()
+            .find(|(s, _)| s == service)
+            .unwrap_or_else(|| panic!("compose service {service}: say in KEYS_OF which keys it may hold"))
+            .1;
+        let files = site.files_of(service);
+        let keys: Vec<String> = files
+            .keys()
+            .filter(|p| p.extension().is_some_and(|e| e == "key"))
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, expected, "the keys {service}'s container mounts");
+        for (path, bytes) in files.iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "key")) {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is for its owner only: {mode:o}", path.display());
+            let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+            assert_eq!(dir_mode, 0o700, "{}'s directory", path.display());
+            // The replicas are one identity.
+            let role = service
+                .strip_suffix("-1")
+                .or(service.strip_suffix("-2"))
+                .unwrap_or(service);
+            holders.entry(bytes.clone()).or_default().insert(role);
+        }
+    }
+    for (_, roles) in holders {
+        assert_eq!(roles.len(), 1, "one key, in the containers of {roles:?}");
+    }
+    // The CA's directory keeps the CA key and nothing else that is secret.
+    let mut at_ca: Vec<String> = std::fs::read_dir(site.ca_private())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    at_ca.sort();
+    assert_eq!(at_ca, ["ca.key", "ca.pem"], "the CA keeps no member's key");
+    let ca_volume = site
+        .compose
+        .service("certs-init")
+        .mounts
+        .iter()
+        .find(|m| site.ca_private().starts_with(site.volume(&m.source)))
+        .map(|m| m.source.clone())
+        .unwrap();
+    for service in services.iter().filter(|s| **s != "certs-init") {
+        assert!(
+            !site
+                .compose
+                .service(service)
+                .mounts
+                .iter()
+                .any(|m| m.source == ca_volume),
+            "{service} mounts the CA's private volume"
+        );
     }
 }
 
@@ -365,38 +704,36 @@ async fn lookup_with_failover(brokers: &[Clients; 2], first: usize, subject: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
-    let dir = tempfile::tempdir().unwrap();
+    let mut site = Site::new(tempfile::tempdir().unwrap());
     // The brokers verify the database's certificate, as compose's do.
-    let database_url = format!(
+    site.database_url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
         cluster.create_database().await.unwrap(),
-        dir.path().join("certs/ca.pem").display()
+        site.database_root_cert().display()
     );
-    let site = Site { dir, database_url };
 
     // Certificates and the shared subject secret, as the compose init service
-    // makes them; running it again changes nothing.
+    // makes them, each container's in the volumes it alone mounts; running it
+    // again changes nothing.
     site.init_certs();
-    let database_file = |name| std::fs::read_to_string(site.database_tls().join(name)).unwrap();
     cluster
-        .enable_tls(&database_file("database.pem"), &database_file("database.key"))
+        .enable_tls(
+            &site.database_file("ssl_cert_file"),
+            &site.database_file("ssl_key_file"),
+        )
         .unwrap();
-    assert!(
-        !site.certs().join("database.key").exists(),
-        "the database's key is not left among the members' certificates"
-    );
-    assert!(
-        !site.certs().join("ca.key").exists(),
-        "the CA key is kept apart from the certificates"
-    );
-    assert!(site.ca_private().join("ca.key").is_file());
+    assert_each_container_holds_only_its_own_keys(&site);
     let secret = |n| std::fs::read_to_string(site.data(n).join("subject-hmac.key")).unwrap();
     assert_eq!(secret(1).trim().len(), 64);
     assert_eq!(secret(1), secret(2), "replicas share one subject secret");
-    let ca_before = std::fs::read(site.certs().join("ca.pem")).unwrap();
+    let everything = || site.files_of("certs-init");
+    let before = everything();
+    assert!(before.len() > 20, "{:?}", before.keys());
     site.init_certs();
-    assert_eq!(std::fs::read(site.certs().join("ca.pem")).unwrap(), ca_before);
-    assert_eq!(secret(1), secret(2));
+    assert!(
+        before == everything(),
+        "a second run keeps the CA, every certificate and key, and the secret"
+    );
 
     let mut broker1 = site.broker(1);
     let mut broker2 = site.broker(2);
@@ -412,7 +749,7 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     );
 
     // The probe of the image and the manifests: only the CA, no client certificate.
-    let ca = site.certs().join("ca.pem");
+    let ca = site.broker_file(2, "ca");
     let (ok, out) = exchange_health(&broker2.url(), &ca).await;
     assert!(ok && out.contains("SERVING"), "{out}");
     // The probe checks whom it talks to: a broker of another CA is not healthy.
