@@ -115,9 +115,26 @@ async fn calls_tonic_refuses_get_the_specs_codes_and_are_audited() {
         .expect_err("refused");
     assert_eq!(none.code(), Code::Unimplemented, "{none:?}");
 
+    // Two lookups' messages on one unary call: the spec's cardinality
+    // violation, not the first lookup served and the second dropped.
+    use prost::Message;
+    let subject = citizen_id(&fed, 2);
+    let lookup = birth_lookup(&subject, lienthong_cli::federation::PURPOSE_CERTIFICATE).encode_to_vec();
+    grpc.ready().await.unwrap();
+    let two = grpc
+        .client_streaming::<_, Vec<u8>, Vec<u8>, _>(
+            tonic::Request::new(tokio_stream::iter(vec![lookup.clone(), lookup])),
+            http::uri::PathAndQuery::from_static(LOOKUP),
+            Raw,
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(two.code(), Code::Unimplemented, "{two:?}");
+    assert!(two.message().contains("exactly one request message"), "{two:?}");
+
     let entries = refused_lookups(&fed).await;
     let reasons: Vec<&str> = entries.iter().map(|e| e.reason.as_str()).collect();
-    assert_eq!(entries.len(), 3, "each refused call is audited: {reasons:?}");
+    assert_eq!(entries.len(), 4, "each refused call is audited: {reasons:?}");
     for e in &entries {
         assert_eq!(e.kind, pb::EntryKind::Access as i32);
         assert_eq!(e.action, "Exchange.Lookup");
@@ -129,6 +146,21 @@ async fn calls_tonic_refuses_get_the_specs_codes_and_are_audited() {
     );
     assert!(reasons.iter().any(|r| r.contains("size limit")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("no request message")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("more than one request message")),
+        "{reasons:?}"
+    );
+    // Nothing was released for the two lookups.
+    let released = logged(
+        &fed,
+        pb::EntryFilter {
+            actor: JUDICIAL_OFFICE.into(),
+            outcome: pb::Outcome::Allowed as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(released.is_empty(), "{released:?}");
 
     // The Audit service's OUT_OF_RANGE means "ask again later"; a message
     // over the limit there must not say that.

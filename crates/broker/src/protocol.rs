@@ -3,7 +3,8 @@
 //! refused with the HTTP status the gRPC spec names, the codes tonic gives
 //! a few of its own failures are replaced by the ones the gRPC status-code
 //! spec gives, and a call refused before its handler ran (a message that
-//! cannot be decoded, too large, missing) is audited like any refusal.
+//! cannot be decoded, too large, missing, one too many) is audited like any
+//! refusal.
 
 use crate::server::{Arrived, HttpRequest, HttpResponse};
 use crate::state::Broker;
@@ -31,6 +32,10 @@ pub(crate) enum LibraryFailure {
     /// waited for an exchange turn, or a deadline shorter than the broker's
     /// margin): the spec's `DEADLINE_EXCEEDED`; tonic says `CANCELLED`.
     TimedOut,
+    /// A call that takes one request message sent a second one: the spec's
+    /// request cardinality violation, `UNIMPLEMENTED`; tonic would read and
+    /// drop it, and run the call on the first.
+    ManyMessages,
     /// The request is compressed with an encoding the broker does not
     /// accept: `UNIMPLEMENTED` with `grpc-accept-encoding`, as the spec has
     /// it; only the words change, since tonic's echo the client's header.
@@ -59,6 +64,7 @@ impl LibraryFailure {
             {
                 Some(LibraryFailure::Undecodable)
             }
+            Code::Unimplemented if message == MANY_MESSAGES => Some(LibraryFailure::ManyMessages),
             Code::Unimplemented if message.starts_with("Content is compressed with `") => {
                 Some(LibraryFailure::UnknownEncoding)
             }
@@ -75,6 +81,7 @@ impl LibraryFailure {
                 "the request message is larger than this broker accepts ({}); send less in one call",
                 original.message().trim_start_matches("Error, ")
             )),
+            LibraryFailure::ManyMessages => tonic::Status::unimplemented(MANY_MESSAGES),
             // tonic's `grpc-accept-encoding` header stays in the answer.
             LibraryFailure::UnknownEncoding => tonic::Status::unimplemented(
                 "the request is compressed with an encoding this broker does not accept; \
@@ -105,6 +112,7 @@ impl LibraryFailure {
             LibraryFailure::UnknownEncoding => {
                 "malformed_request: compressed with an encoding the broker does not accept"
             }
+            LibraryFailure::ManyMessages => "malformed_request: the call sent more than one request message",
         }
     }
 }
@@ -245,11 +253,104 @@ where
         // Stamped before any wait for an exchange slot, as tonic starts the
         // client's `grpc-timeout` then: a lookup's deadline counts from here.
         request.extensions_mut().insert(Arrived(Instant::now()));
+        // Every method but reflection's takes exactly one request message.
+        if !request.uri().path().starts_with("/grpc.reflection.") {
+            request = request.map(|body| tonic::body::Body::new(OneMessage::new(body)));
+        }
         futures::future::Either::Right(
             self.inner
                 .call(request)
                 .map_ok(conform as fn(HttpResponse) -> HttpResponse),
         )
+    }
+}
+
+/// The answer to a call that sent a second request message where the
+/// method takes one.
+const MANY_MESSAGES: &str = "this method takes exactly one request message and the call sent more; \
+                             send one call per request";
+
+/// A request body that fails when a second gRPC message begins in it.
+/// tonic reads a unary (or server-streaming) call's body to its end before
+/// the handler runs, so the failure answers the call instead of the
+/// handler, and the call is audited as malformed.
+struct OneMessage {
+    inner: tonic::body::Body,
+    messages: MessageCount,
+}
+
+impl OneMessage {
+    fn new(inner: tonic::body::Body) -> OneMessage {
+        OneMessage {
+            inner,
+            messages: MessageCount::default(),
+        }
+    }
+}
+
+impl http_body::Body for OneMessage {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && self.messages.feed(data) > 1
+        {
+            return std::task::Poll::Ready(Some(Err(tonic::Status::unimplemented(MANY_MESSAGES))));
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Counts the gRPC messages begun in a body from its bytes, however the
+/// DATA frames cut them: each is a 5-byte header (flag, big-endian length)
+/// and that many bytes.
+#[derive(Debug, Default)]
+struct MessageCount {
+    /// Header bytes of the current message read so far (0 to 4).
+    header_read: usize,
+    length: [u8; 4],
+    /// Bytes of the current message still to come.
+    remaining: u64,
+    begun: u32,
+}
+
+impl MessageCount {
+    /// Reads `data`; the number of messages begun so far.
+    fn feed(&mut self, mut data: &[u8]) -> u32 {
+        while let Some((&first, rest)) = data.split_first() {
+            if self.remaining > 0 {
+                let skip = data.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                self.remaining -= skip as u64;
+                data = &data[skip..];
+                continue;
+            }
+            if self.header_read == 0 {
+                self.begun = self.begun.saturating_add(1);
+            } else if let Some(slot) = self.length.get_mut(self.header_read - 1) {
+                *slot = first;
+            }
+            self.header_read += 1;
+            data = rest;
+            if self.header_read == 5 {
+                self.remaining = u64::from(u32::from_be_bytes(self.length));
+                self.header_read = 0;
+            }
+        }
+        self.begun
     }
 }
 
@@ -334,6 +435,34 @@ mod tests {
     }
 
     #[test]
+    fn messages_are_counted_however_the_frames_cut_them() {
+        let frame = |payload: &[u8]| {
+            let mut f = vec![0u8];
+            f.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        };
+        let one = frame(&[7; 300]);
+        for cut in [1, 3, 5, 6, 299, 304] {
+            let mut count = MessageCount::default();
+            assert_eq!(count.feed(&one[..cut]), 1, "cut at {cut}");
+            assert_eq!(count.feed(&one[cut..]), 1, "cut at {cut}");
+        }
+        let mut two = frame(&[]);
+        two.extend(frame(b"second"));
+        for cut in 0..two.len() {
+            let mut count = MessageCount::default();
+            count.feed(&two[..cut]);
+            assert_eq!(count.feed(&two[cut..]), 2, "cut at {cut}");
+        }
+        // A length prefix is read whole: 0x100 bytes, not 0 or 1.
+        let mut count = MessageCount::default();
+        count.feed(&[0, 0, 0, 1, 0]);
+        assert_eq!(count.feed(&[1; 256]), 1);
+        assert_eq!(count.feed(&[0]), 2);
+    }
+
+    #[test]
     fn only_grpc_calls_get_through() {
         for ct in [
             "application/grpc",
@@ -386,6 +515,7 @@ mod tests {
                 tonic::Status::unimplemented("Content is compressed with `zstd` which isn't supported"),
                 Code::Unimplemented,
             ),
+            (tonic::Status::unimplemented(MANY_MESSAGES), Code::Unimplemented),
             (
                 tonic::Status::internal("failed to decode Protobuf message: invalid wire type value: 7"),
                 Code::Internal,
@@ -402,10 +532,9 @@ mod tests {
             let fixed = conform(status.clone().into_http());
             let got = tonic::Status::from_header_map(fixed.headers()).unwrap();
             assert_eq!(got.code(), want, "{status:?} became {got:?}");
-            if LibraryFailure::of(&status).is_none() {
-                assert_eq!(got.message(), status.message());
-            } else {
-                assert_ne!(got.message(), status.message());
+            match LibraryFailure::of(&status) {
+                None | Some(LibraryFailure::ManyMessages) => assert_eq!(got.message(), status.message()),
+                Some(_) => assert_ne!(got.message(), status.message()),
             }
         }
         // The encodings a client may use instead are still named.
