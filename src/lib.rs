@@ -6,6 +6,9 @@
 /// Encoded `FileDescriptorSet` of every lienthong proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/lienthong_descriptor.bin"));
 
+#[warn(clippy::all)]
+pub mod health;
+
 /// `lienthong.v1`: Admin, SchemaRegistry, Exchange, Audit.
 pub mod v1 {
     tonic::include_proto!("lienthong.v1");
