@@ -455,7 +455,9 @@ async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Resul
 /// Serves `source` over mutual TLS on `listener` until `shutdown` resolves.
 ///
 /// Also serves `grpc.health.v1.Health`, reporting the `RecordProvider` service
-/// (and the server as a whole) as serving.
+/// (and the server as a whole) as serving until `shutdown` resolves, then as
+/// not serving; its watches then end, as the drain would otherwise wait for
+/// watchers (a load balancer's) that never hang up.
 pub async fn serve<F>(
     source: Arc<dyn RecordSource>,
     tls: Arc<ServerTls>,
@@ -472,8 +474,13 @@ where
             configured: config.trust_domain,
         });
     }
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<RecordProviderServer<KitService>>().await;
+    let health = lienthong::health::HealthReporter::new();
+    health.set_serving::<RecordProviderServer<KitService>>();
+    let health_service = health.service();
+    let shutdown = async move {
+        shutdown.await;
+        health.shut_down();
+    };
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             %addr,

@@ -133,6 +133,54 @@ async fn broker_gets_records_and_the_health_service_answers() {
         .expect("server stops promptly");
 }
 
+/// A load balancer watching the register's health: an unknown service is
+/// SERVICE_UNKNOWN on a stream that stays open, and a shutdown says
+/// NOT_SERVING to every watcher and ends its stream instead of waiting for it.
+#[tokio::test]
+async fn health_watches_follow_the_standard_and_end_at_shutdown() {
+    let fed = Federation::new();
+    let server = start_server(civil(), fed.provider_tls()).await.unwrap();
+    let channel = fed.channel(&fed.material(&IssueSpec::broker()), &server.url()).await;
+    let mut health = HealthClient::new(channel);
+    let mut watch = async |service: &str| {
+        health
+            .watch(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let mut provider = watch("lienthong.provider.v1.RecordProvider").await;
+    let mut unknown = watch("lienthong.provider.v1.Nothing").await;
+    let status = async |stream: &mut tonic::Streaming<tonic_health::pb::HealthCheckResponse>| {
+        tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the watch answers")
+            .unwrap()
+            .expect("a message")
+            .status()
+    };
+    assert_eq!(status(&mut provider).await, ServingStatus::Serving);
+    assert_eq!(status(&mut unknown).await, ServingStatus::ServiceUnknown);
+    let quiet = tokio::time::timeout(Duration::from_millis(200), unknown.message()).await;
+    assert!(quiet.is_err(), "the watch of an unknown service stays open: {quiet:?}");
+
+    // Without the end of the watches the kit, which has no grace period,
+    // would wait for them for ever.
+    let stopped = tokio::spawn(tokio::time::timeout(Duration::from_secs(10), server.shutdown()));
+    assert_eq!(status(&mut provider).await, ServingStatus::NotServing);
+    for stream in [&mut provider, &mut unknown] {
+        let ended = tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the watch ends")
+            .unwrap_err();
+        assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+        assert_eq!(ended.message(), "server is shutting down");
+    }
+    stopped.await.unwrap().expect("the register stops although watched");
+}
+
 #[tokio::test]
 async fn only_the_broker_may_call() {
     let fed = Federation::new();
