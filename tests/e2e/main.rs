@@ -10,6 +10,7 @@ mod bench;
 mod deploy;
 mod foundation;
 mod harness;
+mod health;
 mod keyfiles;
 mod observability;
 mod protocol;

@@ -223,13 +223,11 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         },
     );
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<AdminServer<AdminService>>().await;
-    health_reporter
-        .set_serving::<SchemaRegistryServer<SchemaService>>()
-        .await;
-    health_reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
-    health_reporter.set_serving::<AuditServer<AuditService>>().await;
+    let health_reporter = lienthong::health::HealthReporter::new();
+    health_reporter.set_serving::<AdminServer<AdminService>>();
+    health_reporter.set_serving::<SchemaRegistryServer<SchemaService>>();
+    health_reporter.set_serving::<ExchangeServer<ExchangeService>>();
+    health_reporter.set_serving::<AuditServer<AuditService>>();
     // NOT_SERVING while this replica refuses lookups: an altered log, a stale snapshot.
     let exchange_health = broker.spawn_exchange_health(health_reporter.clone());
     let reflection = reflection_index().map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
@@ -250,7 +248,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         // Stamps each call's arrival, refuses what is not gRPC, and gives
         // tonic's own failures the codes the gRPC spec gives them.
         .layer(crate::protocol::ProtocolLayer)
-        .add_service(health_service)
+        .add_service(health_reporter.service())
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
@@ -322,19 +320,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             // Ended first, so that it cannot report SERVING after this.
             exchange_health.abort();
             let _ = exchange_health.await;
-            // Every service and the server as a whole (""), so that a probe
-            // or a Watch of any of them moves traffic away during the drain.
-            health_reporter
-                .set_not_serving::<ExchangeServer<ExchangeService>>()
-                .await;
-            health_reporter.set_not_serving::<AdminServer<AdminService>>().await;
-            health_reporter
-                .set_not_serving::<SchemaRegistryServer<SchemaService>>()
-                .await;
-            health_reporter.set_not_serving::<AuditServer<AuditService>>().await;
-            health_reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            // Every service and the server as a whole ("") NOT_SERVING, so
+            // that a probe or a Watch of any of them moves traffic away
+            // during the drain; then every Watch ends, as its call would
+            // otherwise hold its connection, and so the drain, to the end
+            // of the grace period.
+            health_reporter.shut_down();
             let _ = stop_tx.send(());
         };
         let serve = router.serve_with_incoming_shutdown(incoming, signal);

@@ -358,7 +358,7 @@ impl Broker {
     /// shutdown, which reports `NOT_SERVING` itself.
     pub fn spawn_exchange_health(
         self: &Arc<Self>,
-        reporter: tonic_health::server::HealthReporter,
+        reporter: lienthong::health::HealthReporter,
     ) -> tokio::task::JoinHandle<()> {
         let audit = self.audit.clone();
         let mut refusing = self.freshness.subscribe();
@@ -373,16 +373,16 @@ impl Broker {
                 if refused == serving {
                     serving = !refused;
                     if serving {
-                        reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
+                        reporter.set_serving::<ExchangeServer<ExchangeService>>();
                     } else {
-                        reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+                        reporter.set_not_serving::<ExchangeServer<ExchangeService>>();
                     }
                 }
                 tokio::select! {
                     failed = &mut history, if history_open => {
                         history_open = false;
                         if failed.is_some() {
-                            reporter.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+                            reporter.set_not_serving::<ExchangeServer<ExchangeService>>();
                             return;
                         }
                     }
