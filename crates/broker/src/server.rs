@@ -248,7 +248,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         // Stamps each call's arrival, refuses what is not gRPC, and gives
         // tonic's own failures the codes the gRPC spec gives them.
         .layer(crate::protocol::ProtocolLayer)
-        .add_service(health_reporter.service())
+        .add_service(health_reporter.service().accept_compressed(GZIP))
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(
