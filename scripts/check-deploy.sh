@@ -5,8 +5,9 @@
 #   * Kubernetes manifests against the Kubernetes schemas (kubernetes-validate,
 #     offline), and their consistency with the broker TOML (scripts/check_deploy.py);
 #   * compose.yaml with `docker compose config` (or docker-compose) when present,
-#     and by scripts/check_deploy.py: consistent with broker.toml, and each
-#     container mounts only its own keys;
+#     and by scripts/check_deploy.py: consistent with broker.toml and the
+#     collector's config (spans over TLS), and each container mounts only its
+#     own keys;
 #   * the systemd unit with `systemd-analyze verify` and its hardening score,
 #     when systemd-analyze is present;
 #   * the compose shell scripts' syntax.

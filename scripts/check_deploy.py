@@ -13,10 +13,14 @@ Called by scripts/check-deploy.sh, optionally with the output of
     with the CA the broker uses, the pod is non-root with a read-only root;
   * compose.yaml agrees with broker.toml and the collector config: certificates
     and data_dir mounted, the OTLP endpoint and the scrape targets name real
-    services, every pipeline component is defined;
+    services, every pipeline component is defined; spans go to the collector
+    over TLS only (an https endpoint, its CA mounted; the collector's receiver
+    serves TLS with files its container mounts, on the port the brokers use);
   * each compose container mounts only its own keys: every volume certs-init
     writes keys into (one per container, named by its environment) is mounted
-    by certs-init and the services it is for, nothing else, read-only;
+    by certs-init and the services it is for, nothing else, read-only; the
+    brokers' OTLP client files and the collector's TLS files are on their
+    own volumes;
   * the systemd unit provides what lienthong.toml expects (credentials for
     the certificate paths, the state directory as data_dir) and keeps its
     hardening options;
@@ -294,10 +298,14 @@ def check_compose():
         data_dir = cfg.get("data_dir", "")
         if data_dir not in targets:
             problem(where, f"{name}: data_dir {data_dir} must be its own volume")
-        otlp = cfg.get("telemetry", {}).get("otlp_endpoint", "")
+        telemetry = cfg.get("telemetry", {})
+        otlp = telemetry.get("otlp_endpoint", "")
         host = re.sub(r"^\w+://", "", otlp).split(":")[0]
+        toml_where = os.path.normpath(f"deploy/compose/{src}")
         if otlp and host not in services:
-            problem(os.path.normpath(f"deploy/compose/{src}"), f"telemetry.otlp_endpoint host {host} is no compose service")
+            problem(toml_where, f"telemetry.otlp_endpoint host {host} is no compose service")
+        if otlp:
+            check_compose_otlp(toml_where, name, telemetry, targets, services.get(host), collector)
         metrics = cfg.get("telemetry", {}).get("metrics_listen", "")
         if metrics and f"{name}:{metrics.rsplit(':', 1)[1]}" not in scrape_targets:
             problem("deploy/compose/otel-collector.yaml", f"does not scrape {name}'s metrics")
@@ -308,7 +316,50 @@ def check_compose():
         if not re.search(r"[?&]sslmode=verify-(full|ca)\b", cfg.get("database_url", "")):
             problem(os.path.normpath(f"deploy/compose/{src}"), "database_url must verify the database's TLS (sslmode=verify-full)")
     print(f"compose: {len(services)} services, {len(brokers)} brokers consistent with their config and the collector")
-    check_compose_secrets(services, brokers, configs)
+    check_compose_secrets(services, brokers, configs, collector)
+
+
+def collector_grpc(collector):
+    """The collector's OTLP/gRPC receiver: (its tls settings, {} when none; its endpoint)."""
+    receivers = collector.get("receivers", {}) or {}
+    grpc = ((receivers.get("otlp", {}) or {}).get("protocols", {}) or {}).get("grpc", {}) or {}
+    return grpc.get("tls", {}) or {}, grpc.get("endpoint", "")
+
+
+def check_compose_otlp(where, name, telemetry, targets, collector_svc, collector):
+    """Spans name which member read which record type and why: a broker sends
+    them to the collector over verified TLS only, and the collector serves it."""
+    otlp = telemetry["otlp_endpoint"]
+    if not otlp.startswith("https://"):
+        problem(where, f"telemetry.otlp_endpoint {otlp} sends spans in clear: use https:// with telemetry.otlp_ca")
+    if not telemetry.get("otlp_ca"):
+        problem(where, "telemetry.otlp_ca must name the CA of the collector's certificate")
+    if bool(telemetry.get("otlp_cert")) != bool(telemetry.get("otlp_key")):
+        problem(where, "telemetry.otlp_cert and telemetry.otlp_key go together")
+    for key in ("otlp_ca", "otlp_cert", "otlp_key"):
+        path = telemetry.get(key)
+        if path and not any(under(path, t) for t in targets):
+            problem("deploy/compose/compose.yaml", f"{name}: telemetry.{key} = {path} is not on any volume")
+    if collector_svc is None:
+        return
+    collector_where = "deploy/compose/otel-collector.yaml"
+    tls, endpoint = collector_grpc(collector)
+    port = re.sub(r"^\w+://", "", otlp).split("/")[0].rsplit(":", 1)[-1]
+    if endpoint.rsplit(":", 1)[-1] != port:
+        problem(collector_where, f"the OTLP/gRPC receiver listens on {endpoint}, not on {name}'s port {port}")
+    if not tls.get("cert_file") or not tls.get("key_file"):
+        problem(collector_where, "the OTLP/gRPC receiver must serve TLS (receivers.otlp.protocols.grpc.tls: cert_file, key_file)")
+    # Mutual TLS on both sides or neither: a client certificate nobody asks
+    # for, or one asked for and never shown (no span would arrive).
+    if telemetry.get("otlp_cert") and not tls.get("client_ca_file"):
+        problem(collector_where, f"{name} shows a client certificate the collector does not require (tls.client_ca_file)")
+    if tls.get("client_ca_file") and not telemetry.get("otlp_cert"):
+        problem(where, "the collector requires a client certificate: set telemetry.otlp_cert and telemetry.otlp_key")
+    mounted = [v.split(":")[1] for v in collector_svc.get("volumes", [])]
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        path = tls.get(key)
+        if path and not any(under(path, t) for t in mounted):
+            problem(collector_where, f"tls.{key} = {path} is not on any volume of the collector's container")
 
 
 def named_mounts(svc):
@@ -330,7 +381,7 @@ def volume_at(svc, path):
     return best[1] if best else None
 
 
-def check_compose_secrets(services, brokers, configs):
+def check_compose_secrets(services, brokers, configs, collector):
     """Each container mounts its own keys and nobody else's.
 
     certs-init (init-certs.sh) writes every key, one directory per container,
@@ -361,6 +412,7 @@ def check_compose_secrets(services, brokers, configs):
 
     setup = running(lambda s: any("setup-federation.sh" in w for w in words(s, "entrypoint")))
     postgres = running(lambda s: str(s.get("image", "")).startswith("postgres"))
+    collectors = running(lambda s: "opentelemetry-collector" in str(s.get("image", "")))
     owners = {
         # The CA key: certs-init alone.
         "CA_PRIVATE_DIR": set(),
@@ -369,6 +421,7 @@ def check_compose_secrets(services, brokers, configs):
         "JUDICIAL_RECORDS_TLS_DIR": register("judicial-records"),
         "CLIENTS_DIR": setup,
         "DATABASE_TLS_DIR": postgres,
+        "COLLECTOR_TLS_DIR": collectors,
     }
     secret_volumes = {}  # volume -> (what, its services, read-only there)
     for var, svcs in owners.items():
@@ -411,6 +464,18 @@ def check_compose_secrets(services, brokers, configs):
             path = tls_paths.get(name, {}).get(key, "")
             if volume_at(svc, path) != volume_at(init, env.get("BROKER_TLS_DIR", "")):
                 problem(where, f"{name}: tls.{key} = {path} is not on the brokers' own volume")
+        # The collector's CA and the client certificate shown to it: certs-init's too.
+        telemetry = configs.get(name, {}).get("telemetry", {})
+        for key in ("otlp_ca", "otlp_cert", "otlp_key"):
+            path = telemetry.get(key)
+            if path and volume_at(svc, path) != volume_at(init, env.get("BROKER_TLS_DIR", "")):
+                problem(where, f"{name}: telemetry.{key} = {path} is not on the brokers' own volume")
+    tls, _ = collector_grpc(collector)
+    for name in collectors:
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            path = tls.get(key)
+            if path and volume_at(services[name], path) != volume_at(init, env.get("COLLECTOR_TLS_DIR", "")):
+                problem(where, f"{name}: otel-collector.yaml's tls.{key} = {path} is not on its own volume (COLLECTOR_TLS_DIR)")
     for var, kind in (("CIVIL_STATUS_TLS_DIR", "civil-status"), ("JUDICIAL_RECORDS_TLS_DIR", "judicial-records")):
         for name in register(kind):
             svc = services[name]

@@ -15,6 +15,9 @@
 #                                registers' serving keys) and the demo consumer,
 #                                portal and auditor;
 # * the database server's certificate and key ($DATABASE_TLS_DIR), if asked;
+# * the OpenTelemetry collector's certificate and key, with the CA certificate
+#   it checks the brokers' client certificates against ($COLLECTOR_TLS_DIR),
+#   if asked;
 # * the subject-hashing secret, identical in every broker replica's data
 #   directory (replicas on one database must pseudonymise subjects alike).
 #
@@ -47,6 +50,12 @@ fi
 : "${DATABASE_TLS_DIR:=}"
 : "${DATABASE_HOST:=postgres}"
 : "${DATABASE_OWNER:=}"
+# Where to put the OpenTelemetry collector's TLS certificate and key (for the
+# host name COLLECTOR_HOST) and ca.pem, owned by COLLECTOR_OWNER; empty: no
+# collector certificate.
+: "${COLLECTOR_TLS_DIR:=}"
+: "${COLLECTOR_HOST:=otel-collector}"
+: "${COLLECTOR_OWNER:=}"
 
 ca=$CA_PRIVATE_DIR
 tls_dirs="$BROKER_TLS_DIR $CIVIL_STATUS_TLS_DIR $JUDICIAL_RECORDS_TLS_DIR $CLIENTS_DIR"
@@ -94,10 +103,13 @@ issue "$JUDICIAL_RECORDS_TLS_DIR" judicial-records judicial-records
 for member in federation-admin civil-status judicial-records hanoi-judicial-office hanoi-tax-dept citizen-portal state-audit; do
   issue "$CLIENTS_DIR" "$member"
 done
-for dir in $tls_dirs; do
-  if [ ! -f "$dir/ca.pem" ] || [ "$(cat "$dir/ca.pem")" != "$(cat "$ca/ca.pem")" ]; then
-    cp "$ca/ca.pem" "$dir/ca.pem"
+give_ca() { # destination directory: a copy of the CA certificate, unless it holds it
+  if [ ! -f "$1/ca.pem" ] || [ "$(cat "$1/ca.pem")" != "$(cat "$ca/ca.pem")" ]; then
+    cp "$ca/ca.pem" "$1/ca.pem"
   fi
+}
+for dir in $tls_dirs; do
+  give_ca "$dir"
 done
 
 if [ -n "$DATABASE_TLS_DIR" ]; then
@@ -111,6 +123,22 @@ if [ -n "$DATABASE_TLS_DIR" ]; then
   fi
   if [ -n "$DATABASE_OWNER" ]; then
     chown -R "$DATABASE_OWNER" "$DATABASE_TLS_DIR"
+  fi
+fi
+
+if [ -n "$COLLECTOR_TLS_DIR" ]; then
+  # Not a member either: the certificate names the collector's host for the
+  # brokers' https span export; its key goes to the collector alone, with
+  # the CA certificate it checks the brokers' client certificates against.
+  mkdir -p "$COLLECTOR_TLS_DIR"
+  chmod 700 "$COLLECTOR_TLS_DIR"
+  if [ ! -f "$COLLECTOR_TLS_DIR/collector.pem" ]; then
+    lienthong certs issue --dir "$ca" --member collector --host "$COLLECTOR_HOST" --host localhost --host 127.0.0.1
+    hand_out collector "$COLLECTOR_TLS_DIR"
+  fi
+  give_ca "$COLLECTOR_TLS_DIR"
+  if [ -n "$COLLECTOR_OWNER" ]; then
+    chown -R "$COLLECTOR_OWNER" "$COLLECTOR_TLS_DIR"
   fi
 fi
 
@@ -141,4 +169,4 @@ if [ -n "$OWNER" ]; then
   # shellcheck disable=SC2086
   chown -R "$OWNER" "$ca" $tls_dirs $BROKER_DATA_DIRS
 fi
-echo "federation CA in $ca; certificates and keys in $tls_dirs${DATABASE_TLS_DIR:+ $DATABASE_TLS_DIR}; subject secret in: $BROKER_DATA_DIRS"
+echo "federation CA in $ca; certificates and keys in $tls_dirs${DATABASE_TLS_DIR:+ $DATABASE_TLS_DIR}${COLLECTOR_TLS_DIR:+ $COLLECTOR_TLS_DIR}; subject secret in: $BROKER_DATA_DIRS"

@@ -12,12 +12,19 @@
 //!   admin's unless it is theirs. A client spreads lookups over both brokers;
 //!   one broker is SIGKILLed mid-run and the client's retries land on the
 //!   other; both logs verify, before and after the killed broker comes back.
+//!   The brokers export their spans as broker.toml says, over mutual TLS, to
+//!   an OTLP/gRPC endpoint serving the certificate init-certs.sh issued the
+//!   collector, with the files otel-collector.yaml names (a stand-in for the
+//!   collector: the test has no container engine).
 
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::client::{Clients, connect, member_files};
 use lienthong_cli::federation::{JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT};
 use lienthong_store::testing::PgCluster;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use rustls::pki_types::pem::PemObject;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -75,11 +82,22 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
     }
     let otlp_ca = tls.path().join("collector-ca.pem");
     std::fs::write(&otlp_ca, "placeholder").unwrap();
+    // The collector's CA and the client certificate shown to it: the
+    // federation CA and the brokers' own certificate, in broker-tls (the
+    // compose test below runs the brokers with broker.toml's own paths).
+    let mut compose_env = env.clone();
+    for (var, path) in &env {
+        let otlp_var = var.replace("LIENTHONG_TLS_", "LIENTHONG_TELEMETRY_OTLP_");
+        compose_env.push((otlp_var, path.clone()));
+    }
     for (file, name) in files.iter().zip(&shipped) {
         let mut env = env.clone();
         if name.starts_with("k8s/") {
             // Mounted from the `lienthong-otlp` Secret.
             env.push(("LIENTHONG_TELEMETRY_OTLP_CA".to_string(), otlp_ca.display().to_string()));
+        }
+        if name.starts_with("compose/") {
+            env = compose_env.clone();
         }
         let config = lienthong_broker::Config::load(Some(file), env)
             .unwrap_or_else(|e| panic!("deploy/{name} does not load: {e}"));
@@ -107,12 +125,20 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
                 "{name} reaches its database without verified TLS"
             );
             assert!(!config.allow_unverified_database, "{name}");
-        }
-        if name.starts_with("k8s/") {
-            // Spans cross namespaces: encrypted, the collector verified.
+            // Spans name who read what and why, and cross to another host
+            // (namespace, container): encrypted, the collector verified, and
+            // nothing for the broker to warn about at start.
             assert!(
                 config.telemetry.otlp_endpoint.starts_with("https://"),
                 "{name} exports traces in clear"
+            );
+            assert!(
+                !config.telemetry.otlp_ca.as_os_str().is_empty(),
+                "{name} verifies the collector"
+            );
+            assert!(
+                !lienthong_broker::telemetry::exports_in_clear_off_host(&config.telemetry.otlp_endpoint),
+                "{name}"
             );
         }
     }
@@ -120,7 +146,7 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
     let broken = tls.path().join("broken.toml");
     let text = std::fs::read_to_string(deploy.join("compose/broker.toml")).unwrap();
     std::fs::write(&broken, text.replace("sign_interval_ms", "sign_intervall_ms")).unwrap();
-    let err = lienthong_broker::Config::load(Some(&broken), env)
+    let err = lienthong_broker::Config::load(Some(&broken), compose_env)
         .unwrap_err()
         .to_string();
     assert!(err.contains("sign_intervall_ms"), "{err}");
@@ -205,14 +231,15 @@ struct Service {
     mounts: Vec<Mount>,
 }
 
-/// deploy/compose/compose.yaml's services, with the broker configuration
-/// they mount, read as the container engine reads them (YAML merge keys
-/// resolved). The workspace has no YAML parser: python3's PyYAML (which
-/// kubernetes-validate brings; ./scripts/test.sh installs it) turns both
-/// files into JSON.
+/// deploy/compose/compose.yaml's services, with the broker and collector
+/// configurations they mount, read as the container engine reads them (YAML
+/// merge keys resolved). The workspace has no YAML parser: python3's PyYAML
+/// (which kubernetes-validate brings; ./scripts/test.sh installs it) turns
+/// the files into JSON.
 struct Compose {
     services: BTreeMap<String, Service>,
     broker_toml: serde_json::Value,
+    collector_yaml: serde_json::Value,
 }
 
 impl Compose {
@@ -227,13 +254,16 @@ with open(sys.argv[1]) as f:
     compose = yaml.safe_load(f)
 with open(sys.argv[2], "rb") as f:
     broker = tomllib.load(f)
-json.dump({"compose": compose, "broker": broker}, sys.stdout)
+with open(sys.argv[3]) as f:
+    collector = yaml.safe_load(f)
+json.dump({"compose": compose, "broker": broker, "collector": collector}, sys.stdout)
 "#;
         let compose_dir = repo().join("deploy/compose");
         let out = Command::new("python3")
             .args(["-c", TO_JSON])
             .arg(compose_dir.join("compose.yaml"))
             .arg(compose_dir.join("broker.toml"))
+            .arg(compose_dir.join("otel-collector.yaml"))
             .output()
             .expect("python3 (with PyYAML: ./scripts/test.sh installs it) reads compose.yaml");
         assert!(
@@ -293,6 +323,7 @@ json.dump({"compose": compose, "broker": broker}, sys.stdout)
         Compose {
             services,
             broker_toml: doc["broker"].clone(),
+            collector_yaml: doc["collector"].clone(),
         }
     }
 
@@ -311,6 +342,29 @@ json.dump({"compose": compose, "broker": broker}, sys.stdout)
             .find_map(|w| w.strip_prefix(&prefix))
             .unwrap_or_else(|| panic!("{service} runs without {flag}"))
             .to_string()
+    }
+
+    /// A file of otel-collector.yaml's OTLP/gRPC receiver TLS settings
+    /// (`cert_file`, `key_file`, `client_ca_file`).
+    fn collector_tls(&self, key: &str) -> String {
+        self.collector_yaml["receivers"]["otlp"]["protocols"]["grpc"]["tls"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("otel-collector.yaml's OTLP/gRPC receiver serves TLS without {key}"))
+            .to_string()
+    }
+
+    /// The compose service broker.toml's `telemetry.otlp_endpoint` names.
+    fn collector_service(&self) -> String {
+        let endpoint = self.broker_path("telemetry", "otlp_endpoint");
+        let host = endpoint
+            .strip_prefix("https://")
+            .unwrap_or_else(|| panic!("broker.toml exports spans in clear: {endpoint}"))
+            .split([':', '/'])
+            .next()
+            .unwrap()
+            .to_string();
+        self.service(&host);
+        host
     }
 
     /// A path of broker.toml (`tls.key`, say).
@@ -333,6 +387,8 @@ json.dump({"compose": compose, "broker": broker}, sys.stdout)
 struct Site {
     dir: tempfile::TempDir,
     database_url: String,
+    /// Where the brokers send their spans (the stand-in collector).
+    otlp_endpoint: String,
     compose: Compose,
 }
 
@@ -341,6 +397,7 @@ impl Site {
         Site {
             dir,
             database_url: String::new(),
+            otlp_endpoint: String::new(),
             compose: Compose::load(),
         }
     }
@@ -377,6 +434,15 @@ impl Site {
     /// A file of broker.toml's `[tls]` (`ca`, `cert`, `key`), where broker-N mounts it.
     fn broker_file(&self, n: u32, key: &str) -> PathBuf {
         self.host_path(&format!("broker-{n}"), &self.compose.broker_path("tls", key))
+    }
+    /// A file of broker.toml's `[telemetry]` (`otlp_ca`, `otlp_cert`,
+    /// `otlp_key`), where broker-N mounts it.
+    fn otlp_file(&self, n: u32, key: &str) -> PathBuf {
+        self.host_path(&format!("broker-{n}"), &self.compose.broker_path("telemetry", key))
+    }
+    /// A file of the collector's TLS settings, where its container mounts it.
+    fn collector_file(&self, key: &str) -> PathBuf {
+        self.host_path(&self.compose.collector_service(), &self.compose.collector_tls(key))
     }
     fn ca_private(&self) -> PathBuf {
         let dir = &self.compose.service("certs-init").environment["CA_PRIVATE_DIR"];
@@ -475,7 +541,12 @@ impl Site {
             .env("LIENTHONG_TLS_CA", self.broker_file(n, "ca"))
             .env("LIENTHONG_TLS_CERT", self.broker_file(n, "cert"))
             .env("LIENTHONG_TLS_KEY", self.broker_file(n, "key"))
-            .env("LIENTHONG_TELEMETRY_OTLP_ENDPOINT", "")
+            // The stand-in collector on loopback; its certificate also
+            // names localhost (as the database's does).
+            .env("LIENTHONG_TELEMETRY_OTLP_ENDPOINT", &self.otlp_endpoint)
+            .env("LIENTHONG_TELEMETRY_OTLP_CA", self.otlp_file(n, "otlp_ca"))
+            .env("LIENTHONG_TELEMETRY_OTLP_CERT", self.otlp_file(n, "otlp_cert"))
+            .env("LIENTHONG_TELEMETRY_OTLP_KEY", self.otlp_file(n, "otlp_key"))
             .env("LIENTHONG_TELEMETRY_METRICS_LISTEN", "")
             .env("LIENTHONG_AUDIT_SIGN_INTERVAL_MS", "200")
             .env("RUST_LOG", "warn");
@@ -574,6 +645,7 @@ const KEYS_OF: &[(&str, &[&str])] = &[
     ("civil-status", &["civil-status.key"]),
     ("judicial-records", &["judicial-records.key"]),
     ("postgres", &["database.key"]),
+    ("otel-collector", &["collector.key"]),
     // The admin, the registers' integrators (keys of their own, not the
     // registers'), and the demo clients a person acts as.
     (
@@ -588,7 +660,6 @@ const KEYS_OF: &[(&str, &[&str])] = &[
             "state-audit.key",
         ],
     ),
-    ("otel-collector", &[]),
 ];
 
 /// What init-certs.sh left is laid out so that each container holds its own
@@ -655,6 +726,88 @@ fn assert_each_container_holds_only_its_own_keys(site: &Site) {
             "{service} mounts the CA's private volume"
         );
     }
+}
+
+/// The collector's certificate, as init-certs.sh issued it into the volume
+/// only the collector mounts, is one the brokers accept for the host name
+/// broker.toml sends spans to: it chains to their `telemetry.otlp_ca`, names
+/// that host, and is valid now for serving TLS.
+fn assert_collector_certificate_is_valid_for_its_host(site: &Site) {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let pem = |path: PathBuf| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .map(Result::unwrap)
+            .collect()
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in pem(site.otlp_file(1, "otlp_ca")) {
+        roots.add(ca).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .unwrap();
+    let chain = pem(site.collector_file("cert_file"));
+    let host = site.compose.collector_service();
+    assert_eq!(host, "otel-collector");
+    let verify = |name: &str| {
+        verifier.verify_server_cert(
+            &chain[0],
+            &chain[1..],
+            &ServerName::try_from(name.to_string()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+    };
+    verify(&host).unwrap_or_else(|e| panic!("the collector's certificate for {host}: {e}"));
+    // The check is real: a host the certificate does not name is refused.
+    assert!(verify("postgres").is_err());
+}
+
+/// One span export the stand-in collector received, with the client
+/// certificate (DER) the exporter showed.
+type Export = (ExportTraceServiceRequest, Option<Vec<u8>>);
+
+/// The stand-in for the compose collector: OTLP/gRPC over TLS as
+/// otel-collector.yaml configures it (`cert_file`, `key_file`, and
+/// `client_ca_file`: a client certificate from that CA is required), with
+/// the files from the collector's container mounts.
+struct Collector(tokio::sync::mpsc::UnboundedSender<Export>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let peer = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
+        let _ = self.0.send((request.into_inner(), peer));
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Serves the stand-in collector on a loopback port.
+async fn tls_collector(site: &Site) -> (u16, tokio::sync::mpsc::UnboundedReceiver<Export>) {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |key| std::fs::read(site.collector_file(key)).unwrap();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("cert_file"), read("key_file")))
+        .client_ca_root(Certificate::from_pem(read("client_ca_file")));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(TraceServiceServer::new(Collector(tx)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (port, rx)
 }
 
 /// `(size, entries)` that `audit verify` reported for `log_id`, if it verified.
@@ -734,6 +887,9 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
         before == everything(),
         "a second run keeps the CA, every certificate and key, and the secret"
     );
+    assert_collector_certificate_is_valid_for_its_host(&site);
+    let (otlp_port, mut exports) = tls_collector(&site).await;
+    site.otlp_endpoint = format!("https://localhost:{otlp_port}");
 
     let mut broker1 = site.broker(1);
     let mut broker2 = site.broker(2);
@@ -935,4 +1091,43 @@ async fn deploy_two_broker_processes_survive_a_kill_and_both_logs_verify() {
     }
 
     assert!(tokio::task::block_in_place(|| broker1.terminate()).success());
+
+    // The brokers' spans reached the collector over TLS, each export from a
+    // client showing the brokers' certificate (broker.toml's otlp_cert).
+    let broker_cert = rustls::pki_types::CertificateDer::from_pem_file(site.otlp_file(1, "otlp_cert"))
+        .unwrap()
+        .as_ref()
+        .to_vec();
+    let mut spans = Vec::new();
+    while let Ok((export, peer)) = exports.try_recv() {
+        assert_eq!(
+            peer.as_ref(),
+            Some(&broker_cert),
+            "spans from a client without the brokers' certificate"
+        );
+        for resource in &export.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| format!("{:?}", kv.value));
+            assert!(
+                service.as_ref().is_some_and(|s| s.contains("lienthong-broker")),
+                "{service:?}"
+            );
+            spans.extend(
+                resource
+                    .scope_spans
+                    .iter()
+                    .flat_map(|s| &s.spans)
+                    .map(|s| s.name.clone()),
+            );
+        }
+    }
+    assert!(
+        spans.iter().any(|name| name == "lienthong.v1.Exchange/Lookup"),
+        "the lookups' spans reached the collector: {} spans",
+        spans.len()
+    );
 }
