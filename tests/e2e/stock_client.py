@@ -113,6 +113,14 @@ for service in ["", "lienthong.v1.Exchange", "lienthong.v1.Audit"]:
     check(f"health {service or '(server)'} serving", status == health_pb2.HealthCheckResponse.SERVING, status)
 expect_error("health of an unknown service is NOT_FOUND", grpc.StatusCode.NOT_FOUND,
              lambda: health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10))
+# A watch of a service the server does not know answers SERVICE_UNKNOWN and
+# stays open (the standard), rather than failing.
+watch = health.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+first = next(watch)
+check("a watch of an unknown service is SERVICE_UNKNOWN",
+      first.status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN, first.status)
+check("the watch stays open", watch.is_active(), "the server ended it")
+watch.cancel()
 
 consumer = Dynamic(consumer_ch)
 services = set(consumer.reflection.get_services())
