@@ -95,6 +95,10 @@ enum Command {
         /// the list read before stays in force and the fault is logged.
         #[arg(long, value_name = "FILE")]
         refuse_certificates: Option<PathBuf>,
+        /// On SIGTERM or Ctrl-C, how long fetches in flight may take to finish
+        /// before their connections are closed.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        shutdown_grace: std::time::Duration,
     },
     /// Create the federation CA, issue certificates, and revoke them at the broker.
     #[command(subcommand)]
@@ -274,6 +278,7 @@ async fn run(cli: Cli) -> Result<()> {
             seed,
             max_handshakes_per_address,
             refuse_certificates,
+            shutdown_grace,
         } => {
             init_logging(&cli.log_format, Some("info"));
             let kind = match kind {
@@ -286,6 +291,7 @@ async fn run(cli: Cli) -> Result<()> {
             });
             let mut config = lienthong_provider::ProviderConfig::new(&trust_domain);
             config.accept.max_handshakes_per_address = max_handshakes_per_address as usize;
+            config.shutdown_grace = shutdown_grace;
             if let Some(path) = &refuse_certificates {
                 config.refused_certificates =
                     lienthong_provider::RefusedCertificates::watch_file(path, std::time::Duration::from_secs(1))?;

@@ -119,15 +119,27 @@ pub struct ProviderConfig {
     /// by SHA-256 fingerprint: a leaked broker key is shut out here, once the
     /// brokers present their new certificate, without rolling the CA.
     pub refused_certificates: RefusedCertificates,
+    /// After the shutdown signal, how long fetches in flight may take to
+    /// finish before [`serve`] returns without them: a fetch stuck on the
+    /// register's own database must not keep the register from stopping.
+    /// A fetch abandoned so goes on in the background until it ends or the
+    /// process exits, which closes its connection.
+    pub shutdown_grace: Duration,
 }
 
+/// [`ProviderConfig::shutdown_grace`] unless set: longer than the broker's
+/// default deadline for a register call, so that a healthy drain loses nothing.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 impl ProviderConfig {
-    /// Default accept limits for `trust_domain`, no certificate refused.
+    /// Default accept limits and grace period for `trust_domain`, no
+    /// certificate refused.
     pub fn new(trust_domain: impl Into<String>) -> Self {
         ProviderConfig {
             trust_domain: trust_domain.into(),
             accept: AcceptOptions::default(),
             refused_certificates: RefusedCertificates::default(),
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }
@@ -457,7 +469,8 @@ async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Resul
 /// Also serves `grpc.health.v1.Health`, reporting the `RecordProvider` service
 /// (and the server as a whole) as serving until `shutdown` resolves, then as
 /// not serving; its watches then end, as the drain would otherwise wait for
-/// watchers (a load balancer's) that never hang up.
+/// watchers (a load balancer's) that never hang up. Fetches in flight then
+/// get [`ProviderConfig::shutdown_grace`] to finish.
 pub async fn serve<F>(
     source: Arc<dyn RecordSource>,
     tls: Arc<ServerTls>,
@@ -477,10 +490,13 @@ where
     let health = lienthong::health::HealthReporter::new();
     health.set_serving::<RecordProviderServer<KitService>>();
     let health_service = health.service();
+    let (draining, drain) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
         health.shut_down();
+        let _ = draining.send(());
     };
+    let grace = config.shutdown_grace;
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(
             %addr,
@@ -493,15 +509,32 @@ where
         source,
         refused: config.refused_certificates,
     });
-    tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
         // The broker multiplexes hundreds of concurrent fetches on a few
         // connections; h2's default 64 KiB window would have it closed with
         // ENHANCE_YOUR_CALM at ~200 small requests queued on one.
         .initial_connection_window_size(Some(1 << 20))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener, tls, config.accept), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming(listener, tls, config.accept), shutdown);
+    tokio::pin!(serving);
+    // tonic waits for every call in flight, however long, once the signal
+    // came: the grace period bounds that wait.
+    let served = tokio::select! {
+        biased;
+        served = &mut serving => Some(served),
+        Ok(()) = drain => None,
+    };
+    match served {
+        Some(served) => served?,
+        None => match tokio::time::timeout(grace, &mut serving).await {
+            Ok(served) => served?,
+            Err(_) => tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "grace period over; fetches still in flight are abandoned"
+            ),
+        },
+    }
     Ok(())
 }
 

@@ -12,6 +12,6 @@ pub mod kit;
 pub mod testing;
 
 pub use kit::{
-    FetchContext, FetchError, ProviderConfig, ProviderError, RecordSource, RefusedCertificates,
+    DEFAULT_SHUTDOWN_GRACE, FetchContext, FetchError, ProviderConfig, ProviderError, RecordSource, RefusedCertificates,
     read_refused_certificates, serve, trace_id_from_metadata,
 };

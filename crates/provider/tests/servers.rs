@@ -182,6 +182,40 @@ async fn health_watches_follow_the_standard_and_end_at_shutdown() {
 }
 
 #[tokio::test]
+async fn a_fetch_that_never_ends_holds_the_shutdown_no_longer_than_the_grace_period() {
+    let fed = Federation::new();
+    let faulty = Faulty::new(civil());
+    faulty.set_mode(FaultMode::Sleep(Duration::from_secs(600)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let mut config = ProviderConfig::new(TD);
+    config.shutdown_grace = Duration::from_millis(300);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let register = tokio::spawn(serve(
+        Arc::new(faulty.clone()),
+        fed.provider_tls(),
+        config,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut broker = fed.broker(&url).await;
+    let hanging = tokio::spawn(async move { fetch(&mut broker, BIRTH_RECORD, &birth_query(5)).await });
+    wait_until(|| faulty.calls() == 1).await;
+
+    stop.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), register)
+        .await
+        .expect("the register stops once its grace period is over")
+        .unwrap();
+    assert!(result.is_ok(), "{result:?}");
+    // The fetch was abandoned, not answered: `serve` returned without it.
+    assert!(!hanging.is_finished());
+    hanging.abort();
+}
+
+#[tokio::test]
 async fn only_the_broker_may_call() {
     let fed = Federation::new();
     let server = start_server(civil(), fed.provider_tls()).await.unwrap();
