@@ -11,6 +11,8 @@ Called by scripts/check-deploy.sh, optionally with the output of
     match the pods, the TOML's certificate paths and data_dir are mounted
     (data_dir writable under the read-only root), probes run `lienthong health`
     with the CA the broker uses, the pod is non-root with a read-only root;
+    metrics reachable from other pods require client certificates
+    (telemetry.metrics_client_ca, from a Secret);
   * compose.yaml agrees with broker.toml and the collector config: certificates
     and data_dir mounted, the OTLP endpoint and the scrape targets name real
     services, every pipeline component is defined; spans go to the collector
@@ -210,6 +212,10 @@ def check_kubernetes_consistency(docs):
         for key in ("otlp_ca", "otlp_cert", "otlp_key")
         if cfg.get("telemetry", {}).get(key)
     ]
+    # And the CA of the scrapers' client certificates.
+    telemetry = cfg.get("telemetry", {})
+    if telemetry.get("metrics_client_ca"):
+        files.append(("telemetry.metrics_client_ca", telemetry["metrics_client_ca"]))
     # So does the CA of PostgreSQL's certificate (sslrootcert in database_url).
     root = re.search(r"[?&]sslrootcert=([^&]+)", cfg.get("database_url", ""))
     if root:
@@ -243,6 +249,29 @@ def check_kubernetes_consistency(docs):
     ports = {p["name"]: p["containerPort"] for p in broker.get("ports", [])}
     if ports.get("grpc") != listen_port:
         problem(where, f"containerPort grpc must be the broker's listen port {listen_port}")
+    metrics = telemetry.get("metrics_listen", "")
+    if metrics:
+        metrics_port = int(metrics.rsplit(":", 1)[-1])
+        if ports.get("metrics") != metrics_port:
+            problem(where, f"containerPort metrics must be the broker's metrics_listen port {metrics_port}")
+        # Metrics name which agencies ask for which record types, how often:
+        # reachable from other pods, only scrapers with a certificate read them.
+        if metrics_off_host(metrics) and not telemetry.get("metrics_client_ca"):
+            problem(
+                "deploy/k8s/lienthong.toml",
+                f"telemetry.metrics_listen {metrics} serves /metrics in plain HTTP to the network: "
+                "set telemetry.metrics_client_ca (the scrapers' CA, from a Secret)",
+            )
+
+
+def metrics_off_host(listen):
+    """Whether a `telemetry.metrics_listen` value is reachable from other hosts
+    (a bare port means loopback, as the broker reads it)."""
+    text = listen.strip().lstrip(":")
+    if text.isdigit():
+        return False
+    host = text.rsplit(":", 1)[0].strip("[]")
+    return not (host.startswith("127.") or host in ("::1", "localhost"))
 
 
 # --- compose ------------------------------------------------------------------

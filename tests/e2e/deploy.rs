@@ -82,6 +82,10 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
     }
     let otlp_ca = tls.path().join("collector-ca.pem");
     std::fs::write(&otlp_ca, "placeholder").unwrap();
+    // Parsed at load: a real CA certificate.
+    let metrics_ca = tls.path().join("metrics-ca.pem");
+    let monitoring = lienthong_tls::CertificateAuthority::generate("monitoring.lienthong.gov.vn").unwrap();
+    std::fs::write(&metrics_ca, monitoring.cert_pem()).unwrap();
     // The collector's CA and the client certificate shown to it: the
     // federation CA and the brokers' own certificate, in broker-tls (the
     // compose test below runs the brokers with broker.toml's own paths).
@@ -95,6 +99,15 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
         if name.starts_with("k8s/") {
             // Mounted from the `lienthong-otlp` Secret.
             env.push(("LIENTHONG_TELEMETRY_OTLP_CA".to_string(), otlp_ca.display().to_string()));
+            // Mounted from the `lienthong-metrics-ca` Secret; only where the
+            // file names it, so that the check below sees the file's choice.
+            let text = std::fs::read_to_string(file).unwrap();
+            if text.lines().any(|l| l.trim_start().starts_with("metrics_client_ca")) {
+                env.push((
+                    "LIENTHONG_TELEMETRY_METRICS_CLIENT_CA".to_string(),
+                    metrics_ca.display().to_string(),
+                ));
+            }
         }
         if name.starts_with("compose/") {
             env = compose_env.clone();
@@ -107,6 +120,19 @@ fn deploy_every_shipped_broker_config_loads_with_the_broker_loader() {
         assert_eq!(config.trust_domain, TRUST_DOMAIN, "{name}");
         assert_eq!(config.bootstrap_admin, "federation-admin", "{name}");
         assert_eq!(config.telemetry.log_format, "json", "{name}");
+        // Metrics name which agencies ask for which record types, how often:
+        // off the host, only scrapers with a certificate read them, except
+        // on compose's own network (no Prometheus there, only its collector).
+        if let Some(addr) = config.telemetry.metrics_addr() {
+            let off_host = !addr.unwrap().ip().is_loopback();
+            assert!(
+                !off_host || config.telemetry.metrics_tls() || name.starts_with("compose/"),
+                "{name} serves /metrics in plain HTTP to the network"
+            );
+        }
+        if name.starts_with("k8s/") {
+            assert_eq!(config.telemetry.metrics_client_ca, metrics_ca, "{name}");
+        }
         if name.starts_with("compose/") || name.starts_with("k8s/") {
             // Replicas: one shared PostgreSQL, the password from PGPASSWORD.
             let rest = config

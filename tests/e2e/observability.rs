@@ -319,6 +319,160 @@ async fn metrics_move_for_allowed_denied_and_failed_lookups_and_never_name_a_sub
     );
 }
 
+/// A Prometheus-like scraper: trusts the federation CA for the broker's
+/// certificate, shows `identity` (certificate, key) if any, speaks HTTP/1.1.
+fn scraper(
+    fed: &lienthong_cli::federation::Federation,
+    identity: Option<(&str, &str)>,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let fed_ca = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for root in lienthong_tls::TlsMaterial::from_pem(&fed_ca, &fed_ca, &ca(fed).key_pem())
+        .unwrap()
+        .roots
+    {
+        roots.add(root).unwrap();
+    }
+    let builder =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => {
+            let m = lienthong_tls::TlsMaterial::from_pem(&fed_ca, cert, key).unwrap();
+            builder.with_client_auth_cert(m.chain, m.key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// `GET path` over HTTPS as `config`'s scraper; returns (status, body), or
+/// the error that ended the connection (a refusal arrives as a TLS alert).
+async fn https_get(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    tls.read_to_end(&mut raw).await?;
+    let text = String::from_utf8(raw).unwrap();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The TLS alert that ended a refused scrape.
+fn alert(e: &std::io::Error) -> Option<rustls::AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// The labels say which agency asks for whose records how often: with
+/// `telemetry.metrics_client_ca` set, only a scraper with a certificate from
+/// that CA reads them, over TLS. None, or one from another CA (a federation
+/// member's included), fails the handshake; plain HTTP gets no answer.
+#[tokio::test]
+async fn metrics_over_mutual_tls_only_for_scrapers_with_a_certificate_from_the_monitoring_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let monitoring = lienthong_tls::CertificateAuthority::generate("monitoring.lienthong.gov.vn").unwrap();
+    let monitoring_ca = dir.path().join("monitoring-ca.pem");
+    std::fs::write(&monitoring_ca, monitoring.cert_pem()).unwrap();
+    let mut options = FederationOptions::new(dir.path().join("fed"));
+    options.metrics_listen = Some("127.0.0.1:0".into());
+    options.metrics_client_ca = Some(monitoring_ca);
+    let fed = Federation::start(options).await.unwrap();
+    let addr = fed.broker.metrics_addr.expect("metrics listener configured");
+
+    let prometheus = monitoring
+        .issue(&lienthong_tls::IssueSpec::member("prometheus"))
+        .unwrap();
+    let allowed = scraper(&fed, Some((&prometheus.cert_pem, &prometheus.key_pem)));
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    office
+        .exchange()
+        .lookup(birth_lookup(&citizen_id(&fed, 7100), PURPOSE_CERTIFICATE))
+        .await
+        .unwrap();
+    let (status, scrape) = https_get(addr, allowed.clone(), "/metrics").await.unwrap();
+    assert_eq!(status, 200, "{scrape}");
+    assert!(scrape.ends_with("# EOF\n"), "a complete OpenMetrics exposition");
+    assert_eq!(
+        sample(
+            &scrape,
+            &requests(JUDICIAL_OFFICE, "civil_status.birth_record", "allowed")
+        ),
+        1.0,
+        "{scrape}"
+    );
+
+    // No certificate: TLS 1.3 lets the client finish its half of the
+    // handshake, so the server's refusal arrives as the alert in place of an answer.
+    let e = https_get(addr, scraper(&fed, None), "/metrics").await.unwrap_err();
+    assert_eq!(alert(&e), Some(rustls::AlertDescription::CertificateRequired), "{e}");
+    // A federation member's certificate is from another CA than the scrapers'.
+    let (member_cert, member_key) = issue(&fed, JUDICIAL_OFFICE);
+    let e = https_get(addr, scraper(&fed, Some((&member_cert, &member_key))), "/metrics")
+        .await
+        .unwrap_err();
+    assert_eq!(alert(&e), Some(rustls::AlertDescription::UnknownCA), "{e}");
+    // A look-alike CA of the same name: the chain's signature does not verify.
+    let stranger = lienthong_tls::CertificateAuthority::generate("monitoring.lienthong.gov.vn")
+        .unwrap()
+        .issue(&lienthong_tls::IssueSpec::member("prometheus"))
+        .unwrap();
+    let e = https_get(
+        addr,
+        scraper(&fed, Some((&stranger.cert_pem, &stranger.key_pem))),
+        "/metrics",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(alert(&e), Some(rustls::AlertDescription::DecryptError), "{e}");
+
+    // Plain HTTP to the TLS port: no HTTP answer, let alone metrics.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut raw))
+            .await
+            .expect("the broker closes the connection");
+        assert!(
+            read.is_err() || !raw.starts_with(b"HTTP/"),
+            "plain HTTP was answered: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        assert!(!String::from_utf8_lossy(&raw).contains("lienthong_"));
+    }
+
+    // Refused handshakes give their connection slot back: more of them than
+    // the listener serves at once, and the scraper still gets in.
+    for _ in 0..20 {
+        assert!(https_get(addr, scraper(&fed, None), "/metrics").await.is_err());
+    }
+    let (status, _) = https_get(addr, allowed, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    fed.shutdown().await.unwrap();
+}
+
 /// How one lookup of the SIGTERM load ended.
 #[derive(Clone, Debug)]
 enum Ended {

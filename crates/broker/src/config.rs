@@ -223,12 +223,24 @@ pub struct Telemetry {
     pub otlp_cert: PathBuf,
     /// Private key (PEM) of `otlp_cert`.
     pub otlp_key: PathBuf,
-    /// Prometheus `/metrics` listener (plain HTTP), e.g. `127.0.0.1:9464`,
-    /// or a bare port such as `9464` for loopback; empty: off.
+    /// Prometheus `/metrics` listener, e.g. `127.0.0.1:9464`, or a bare port
+    /// such as `9464` for loopback; empty: off. Plain HTTP unless
+    /// `metrics_client_ca` is set.
     pub metrics_listen: String,
+    /// CA certificates (PEM) whose certificates may scrape `/metrics`: when
+    /// set, the listener serves HTTPS with the broker's `tls.cert`/`tls.key`
+    /// and refuses, in the TLS handshake, a scraper without a certificate
+    /// chaining to one of them. Any such certificate may scrape, federation
+    /// member or not: use a CA of its own for monitoring. Empty: plain HTTP.
+    pub metrics_client_ca: PathBuf,
 }
 
 impl Telemetry {
+    /// Whether `/metrics` is served over TLS with required client certificates.
+    pub fn metrics_tls(&self) -> bool {
+        !self.metrics_client_ca.as_os_str().is_empty()
+    }
+
     /// The metrics listener address, `None` when off. A bare port means loopback.
     pub fn metrics_addr(&self) -> Option<Result<SocketAddr, String>> {
         let text = self.metrics_listen.trim();
@@ -331,6 +343,7 @@ impl Default for Telemetry {
             otlp_cert: PathBuf::new(),
             otlp_key: PathBuf::new(),
             metrics_listen: String::new(),
+            metrics_client_ca: PathBuf::new(),
         }
     }
 }
@@ -412,6 +425,7 @@ impl Config {
             &mut self.telemetry.otlp_ca,
             &mut self.telemetry.otlp_cert,
             &mut self.telemetry.otlp_key,
+            &mut self.telemetry.metrics_client_ca,
         ] {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
@@ -469,6 +483,12 @@ impl Config {
         }
         if let Some(Err(e)) = self.telemetry.metrics_addr() {
             return Err(invalid("telemetry.metrics_listen", e));
+        }
+        // Parsed here, not at the listener's start, so that a wrong file is
+        // named by its key before anything runs.
+        if self.telemetry.metrics_tls() {
+            lienthong_tls::read_trust_anchors(&self.telemetry.metrics_client_ca)
+                .map_err(|e| invalid("telemetry.metrics_client_ca", e.to_string()))?;
         }
         crate::telemetry::check_log_filter(&self.telemetry.log_filter).map_err(|e| {
             invalid(
@@ -808,6 +828,75 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("LIENTHONG_TELEMETRY_OTLP_CA"), "{e}");
+    }
+
+    /// Scrapers of an off-host `/metrics` must show a certificate: the CA
+    /// they are checked against is read and parsed at load, and a file the
+    /// listener could not use stops the load, named by its key (or variable).
+    #[test]
+    fn the_metrics_client_ca_is_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        let monitoring = lienthong_tls::CertificateAuthority::generate("monitoring").unwrap();
+        write(dir.path(), "monitoring-ca.pem", &monitoring.cert_pem());
+        let metrics = "[telemetry]\nmetrics_listen = \"0.0.0.0:9464\"\n";
+
+        let p = write(dir.path(), "plain.toml", &format!("{tls}{metrics}"));
+        let c = Config::load(Some(&p), vec![]).unwrap();
+        assert!(!c.telemetry.metrics_tls(), "plain HTTP unless a CA is named");
+        assert!(c.telemetry.metrics_client_ca.as_os_str().is_empty());
+
+        let p = write(
+            dir.path(),
+            "mtls.toml",
+            &format!("{tls}{metrics}metrics_client_ca = \"monitoring-ca.pem\"\n"),
+        );
+        let c = Config::load(Some(&p), vec![]).unwrap();
+        assert!(c.telemetry.metrics_tls());
+        assert_eq!(c.telemetry.metrics_client_ca, dir.path().join("monitoring-ca.pem"));
+
+        write(dir.path(), "not-pem.pem", "x");
+        write(dir.path(), "key.pem", &monitoring.key_pem());
+        write(
+            dir.path(),
+            "garbled.pem",
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+        );
+        for (file, says) in [
+            ("gone.pem", "gone.pem"),
+            ("not-pem.pem", "no PEM certificate"),
+            ("key.pem", "no PEM certificate"),
+            ("garbled.pem", "not a usable CA certificate"),
+        ] {
+            let p = write(
+                dir.path(),
+                "t.toml",
+                &format!("{tls}{metrics}metrics_client_ca = {file:?}\n"),
+            );
+            let e = Config::load(Some(&p), vec![]).unwrap_err().to_string();
+            assert!(
+                e.contains("telemetry.metrics_client_ca") && e.contains(says),
+                "{file}: {e}"
+            );
+        }
+
+        // From the environment, as the other keys; a bad one is named by its variable.
+        let p = write(dir.path(), "env.toml", &format!("{tls}{metrics}"));
+        let var = |path: &Path| {
+            vec![(
+                "LIENTHONG_TELEMETRY_METRICS_CLIENT_CA".to_string(),
+                path.display().to_string(),
+            )]
+        };
+        let ca = dir.path().join("monitoring-ca.pem");
+        assert_eq!(
+            Config::load(Some(&p), var(&ca)).unwrap().telemetry.metrics_client_ca,
+            ca
+        );
+        let e = Config::load(Some(&p), var(&dir.path().join("not-pem.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LIENTHONG_TELEMETRY_METRICS_CLIENT_CA"), "{e}");
     }
 
     #[test]

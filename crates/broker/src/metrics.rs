@@ -1,6 +1,7 @@
 //! Prometheus metrics: the counters and histograms the request path updates,
 //! the values read at scrape time (audit log, snapshot, provider endpoints),
-//! and the plain-HTTP `/metrics` listener.
+//! and the `/metrics` listener (plain HTTP, or HTTPS requiring client
+//! certificates).
 //!
 //! Label values are bounded: RPC names and outcomes are fixed words, record
 //! types and member ids come from the registry (a record type a client made
@@ -600,19 +601,81 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     })
 }
 
-/// Most scrapes served at once; more connections wait to be accepted.
+/// Most scrapes served at once; more connections wait to be accepted. A TLS
+/// handshake holds its slot too, so this also bounds handshakes in progress.
 const MAX_CONNECTIONS: usize = 16;
 
-/// Serves `GET /metrics` over plain HTTP/1.1 on `listener` until `shutdown`
-/// resolves. Holds the broker weakly, so it never keeps a stopped broker alive.
+/// Failed handshakes are logged at warn at most this often (each at debug).
+const HANDSHAKE_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// TLS of the metrics listener (`telemetry.metrics_client_ca`).
+#[derive(Clone)]
+pub struct MetricsTls {
+    /// Requires a client certificate from the scrapers' CA (see
+    /// [`lienthong_tls::client_auth_required_config`]).
+    pub config: Arc<rustls::ServerConfig>,
+    /// A scraper that has not finished its handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for MetricsTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsTls")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts failed handshakes between warnings, so that a port scanner or a
+/// scraper with the wrong certificate shows in the log without flooding it.
+struct HandshakeFailures {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl HandshakeFailures {
+    fn new() -> Self {
+        HandshakeFailures {
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    fn note(&self, remote: SocketAddr, error: &dyn std::fmt::Display) {
+        tracing::debug!(%remote, %error, "metrics tls handshake failed");
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 += 1;
+        if state
+            .0
+            .is_some_and(|last| now.duration_since(last) < HANDSHAKE_WARN_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            %remote,
+            %error,
+            failed = state.1,
+            "metrics tls handshakes failed since the last such warning (a scraper needs a certificate from \
+             telemetry.metrics_client_ca); for a minute, further ones are logged at debug only"
+        );
+        *state = (Some(now), 0);
+    }
+}
+
+/// Serves `GET /metrics` over HTTP/1.1 on `listener` until `shutdown`
+/// resolves: over TLS with required client certificates when `tls` is given,
+/// plain otherwise. Holds the broker weakly, so it never keeps a stopped
+/// broker alive.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<MetricsTls>,
     broker: std::sync::Weak<Broker>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    use hyper::service::service_fn;
-    use hyper_util::rt::{TokioIo, TokioTimer};
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = tls
+        .as_ref()
+        .map(|t| (tokio_rustls::TlsAcceptor::from(t.config.clone()), t.handshake_timeout));
+    let failures = Arc::new(HandshakeFailures::new());
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -623,7 +686,7 @@ pub async fn serve(
                 Err(_) => break,
             },
         };
-        let (stream, _) = tokio::select! {
+        let (stream, remote) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -637,20 +700,39 @@ pub async fn serve(
         // Reap finished connections so the set stays small.
         while connections.try_join_next().is_some() {}
         let broker = broker.clone();
+        let acceptor = acceptor.clone();
+        let failures = failures.clone();
         connections.spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req| answer(broker.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "metrics connection ended with an error");
+            let Some((acceptor, timeout)) = acceptor else {
+                return serve_connection(stream, broker).await;
+            };
+            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, broker).await,
+                Ok(Err(e)) => failures.note(remote, &e),
+                Err(_elapsed) => failures.note(remote, &format_args!("no handshake within {timeout:?}")),
             }
         });
     }
     // Dropping the set aborts scrapes still open (keep-alive connections).
     drop(connections);
+}
+
+/// Answers HTTP/1.1 requests on one connection.
+async fn serve_connection<S>(stream: S, broker: std::sync::Weak<Broker>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let service = service_fn(move |req| answer(broker.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "metrics connection ended with an error");
+    }
 }
 
 async fn answer(

@@ -156,6 +156,36 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     Ok(())
 }
 
+/// The metrics listener's TLS, when `telemetry.metrics_client_ca` is set and
+/// metrics are on: the broker's own certificate, client certificates from
+/// that CA required.
+fn metrics_tls(config: &Config, material: &TlsMaterial) -> Result<Option<crate::metrics::MetricsTls>, StartError> {
+    if !config.telemetry.metrics_tls() || config.telemetry.metrics_addr().is_none() {
+        return Ok(None);
+    }
+    let invalid = |e: lienthong_tls::TlsError| {
+        StartError::Broker(BrokerError::InvalidArgument(format!(
+            "telemetry.metrics_client_ca: {e}"
+        )))
+    };
+    let roots = lienthong_tls::read_trust_anchors(&config.telemetry.metrics_client_ca).map_err(invalid)?;
+    if roots.iter().any(|root| material.roots.contains(root)) {
+        // Allowed (an operator may issue the scraper's certificate from the
+        // federation CA), but then every member's certificate scrapes too.
+        tracing::warn!(
+            "telemetry.metrics_client_ca holds the federation CA: every member agency's certificate can read \
+             /metrics (who asks for which record types, how often); give the scrapers a CA of their own"
+        );
+    }
+    let server_config =
+        lienthong_tls::client_auth_required_config(&material.chain, &material.key, &roots, &[b"http/1.1"])
+            .map_err(invalid)?;
+    Ok(Some(crate::metrics::MetricsTls {
+        config: server_config,
+        handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
+    }))
+}
+
 /// Starts a broker. With `listener` given (tests bind `127.0.0.1:0`), serves on
 /// it; otherwise binds `config.listen`.
 pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<ServerHandle, StartError> {
@@ -189,6 +219,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     )
     .await?;
     bootstrap_admin(&config, &store, &audit).await?;
+    let metrics_tls = metrics_tls(&config, &material)?;
     let relay = Relay::new(material, config.trust_domain.clone(), config.relay.clone());
     let broker = Broker::new(config.clone(), store, audit, relay).await?;
     let metrics_listener = match config.telemetry.metrics_addr() {
@@ -295,14 +326,29 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     let (metrics_stop, metrics_task) = match metrics_listener {
         Some(listener) => {
             let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(crate::metrics::serve(listener, Arc::downgrade(&broker), async move {
-                let _ = stopped.await;
-            }));
+            let tls = metrics_tls.is_some();
+            let task = tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics_tls,
+                Arc::downgrade(&broker),
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
             if let Some(addr) = metrics_addr {
-                if addr.ip().is_loopback() {
+                if tls {
+                    tracing::info!(
+                        %addr,
+                        "metrics at https://{addr}/metrics, for scrapers with a certificate from telemetry.metrics_client_ca"
+                    );
+                } else if addr.ip().is_loopback() {
                     tracing::info!(%addr, "metrics at http://{addr}/metrics");
                 } else {
-                    tracing::warn!(%addr, "metrics listener is reachable from the network; /metrics has no authentication");
+                    tracing::warn!(
+                        %addr,
+                        "metrics listener is reachable from the network; /metrics has no authentication \
+                         (set telemetry.metrics_client_ca to require client certificates)"
+                    );
                 }
             }
             (Some(stop), Some(task))

@@ -74,6 +74,9 @@ pub struct FederationOptions {
     pub trust_domain: String,
     /// Prometheus listener, if any.
     pub metrics_listen: Option<String>,
+    /// CA whose certificates may scrape it over TLS (`telemetry.metrics_client_ca`);
+    /// plain HTTP when `None`.
+    pub metrics_client_ca: Option<PathBuf>,
     /// Extra TOML appended to the broker config (tests tune timeouts with it).
     /// It follows the `[audit]` table: bare keys before any header are audit settings.
     pub extra_config: String,
@@ -88,6 +91,7 @@ impl FederationOptions {
             database_url: None,
             trust_domain: "lienthong.gov.vn".into(),
             metrics_listen: None,
+            metrics_client_ca: None,
             extra_config: String::new(),
         }
     }
@@ -229,6 +233,9 @@ pub fn write_config(opts: &FederationOptions, certs: &Path, data_dir: &Path) -> 
     ));
     if let Some(m) = &opts.metrics_listen {
         text.push_str(&format!("\n[telemetry]\nmetrics_listen = {m:?}\n"));
+        if let Some(ca) = &opts.metrics_client_ca {
+            text.push_str(&format!("metrics_client_ca = {:?}\n", ca.display().to_string()));
+        }
     }
     // Last, so that bare keys at the start of `extra_config` land in it.
     text.push_str("\n[audit]\nsign_interval_ms = 200\n");

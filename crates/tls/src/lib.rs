@@ -10,6 +10,8 @@
 //!   certificate, a foreign certificate or an expired one still reaches the application,
 //!   which answers `UNAUTHENTICATED` with a precise reason and audits the attempt. Handshake
 //!   signatures are always checked, so nobody can present a certificate whose key they lack.
+//! * [`client_auth_required_config`], [`read_trust_anchors`]: a server that refuses, in the
+//!   handshake, any client without a certificate from given CAs (the metrics listener).
 //! * [`client_config`], [`connect_channel`], [`Dialer`]: the client side, optionally
 //!   pinned to the exact SPIFFE identity of the server.
 //! * [`Coalesced`]: writes held until a flush, so an answer queued in steps leaves as one
@@ -38,13 +40,13 @@ pub use identity::{
     is_valid_trust_domain, parse_fingerprint, sha256_fingerprint, summarize_pem,
 };
 pub use keyfile::{GroupAccess, KeyFileError, read_private_key};
-pub use material::{TlsFiles, TlsMaterial};
+pub use material::{TlsFiles, TlsMaterial, read_trust_anchors};
 pub use pki::{
     CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir,
     issue_member_in_dir, trust_domain_from_ca_cert,
 };
 pub use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-pub use server::{AcceptOptions, MtlsStream, PeerInfo, ServerTls, incoming, peer_info};
+pub use server::{AcceptOptions, MtlsStream, PeerInfo, ServerTls, client_auth_required_config, incoming, peer_info};
 
 /// Installs rustls' `ring` provider as the process default; a no-op if one is installed.
 pub fn install_crypto_provider() {

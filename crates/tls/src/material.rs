@@ -70,6 +70,20 @@ impl TlsMaterial {
     }
 }
 
+/// Reads the CA certificates in the PEM file `path` to trust for clients: at least
+/// one, each usable as a trust anchor.
+pub fn read_trust_anchors(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let roots = certs(&read(path)?, path)?;
+    let mut store = rustls::RootCertStore::empty();
+    for root in &roots {
+        store.add(root.clone()).map_err(|e| TlsError::BadPem {
+            path: path.to_owned(),
+            reason: format!("not a usable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
 pub(crate) fn read(path: &Path) -> Result<String, TlsError> {
     std::fs::read_to_string(path).map_err(|source| TlsError::Io {
         path: path.to_owned(),

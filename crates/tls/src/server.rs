@@ -21,7 +21,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -214,6 +214,32 @@ impl ServerTls {
             fingerprint: presented.and_then(|c| c.first()).map(|der| sha256_fingerprint(der)),
         }
     }
+}
+
+/// A server config that serves `chain`/`key` and *requires* a client certificate
+/// chaining to `client_roots`, checked in the handshake: a client without one, or with
+/// one from another CA (or expired), fails the handshake and never reaches the
+/// application. Unlike [`ServerTls`] it asks for no SPIFFE identity, so the roots may be
+/// a CA outside the federation (a monitoring CA). ALPN offers `alpn`.
+pub fn client_auth_required_config(
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+    client_roots: &[CertificateDer<'static>],
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for root in client_roots {
+        roots.add(root.clone())?;
+    }
+    // Mandatory unless `allow_unauthenticated()` is called, which it is not.
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.to_vec(), key.clone_key())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
 }
 
 fn auth_error(error: rustls::Error, not_after: OffsetDateTime) -> AuthError {
@@ -542,6 +568,75 @@ mod tests {
                 expected: "other".into()
             })
         );
+    }
+
+    /// Runs a handshake in memory, the server then sending one byte: what each side saw.
+    /// TLS 1.3 lets a client finish before the server has judged its certificate, so a
+    /// refusal reaches the client as the alert in place of that byte.
+    async fn exchange(
+        server: Arc<ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> (Result<(), io::Error>, Result<u8, io::Error>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let serve = async move {
+            let mut tls = TlsAcceptor::from(server).accept(a).await?;
+            tls.write_all(b"!").await?;
+            tls.flush().await
+        };
+        let dial = async move {
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(client).connect(name, b).await?;
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await?;
+            Ok(byte[0])
+        };
+        tokio::join!(serve, dial)
+    }
+
+    #[tokio::test]
+    async fn a_required_client_certificate_is_checked_in_the_handshake() {
+        let federation = CertificateAuthority::generate("gov").unwrap();
+        let monitoring = CertificateAuthority::generate("monitoring").unwrap();
+        let server_material = material(&federation, &IssueSpec::broker());
+        let monitoring_roots = material(&monitoring, &IssueSpec::member("prometheus")).roots;
+        let server = client_auth_required_config(
+            &server_material.chain,
+            &server_material.key,
+            &monitoring_roots,
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        assert_eq!(server.alpn_protocols, vec![b"http/1.1".to_vec()]);
+
+        // A client trusting the federation CA for the server, showing `identity`.
+        let client = |identity: Option<TlsMaterial>| {
+            let mut roots = RootCertStore::empty();
+            roots.add(server_material.roots[0].clone()).unwrap();
+            let builder = rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots);
+            Arc::new(match identity {
+                Some(m) => builder.with_client_auth_cert(m.chain, m.key).unwrap(),
+                None => builder.with_no_client_auth(),
+            })
+        };
+        let scraper = material(&monitoring, &IssueSpec::member("prometheus"));
+        let (served, read) = exchange(server.clone(), client(Some(scraper))).await;
+        served.unwrap();
+        assert_eq!(read.unwrap(), b'!');
+
+        let (served, read) = exchange(server.clone(), client(None)).await;
+        let served = served.unwrap_err().to_string();
+        assert!(served.contains("peer sent no certificates"), "{served}");
+        assert!(read.is_err());
+        // A federation member is not a scraper unless the monitoring CA says so.
+        let member = material(&federation, &IssueSpec::member("m1"));
+        let (served, read) = exchange(server, client(Some(member))).await;
+        let served = served.unwrap_err().to_string();
+        assert!(served.contains("UnknownIssuer"), "{served}");
+        assert!(read.is_err());
     }
 
     #[test]
