@@ -285,6 +285,11 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
+    http_response(raw)
+}
+
+/// An HTTP/1.1 response read to its end: (status, body).
+pub fn http_response(raw: Vec<u8>) -> (u16, String) {
     let text = String::from_utf8(raw).unwrap();
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
     let body = text

@@ -364,13 +364,7 @@ async fn https_get(
         .await?;
     let mut raw = Vec::new();
     tls.read_to_end(&mut raw).await?;
-    let text = String::from_utf8(raw).unwrap();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap();
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    Ok(http_response(raw))
 }
 
 /// The TLS alert that ended a refused scrape.
