@@ -6,12 +6,15 @@
 use crate::harness::{citizen_id, client, eventually, exchange_health, http_get, logged, look_up_birth, sample};
 use lienthong::v1 as pb;
 use lienthong_cli::client::Clients;
-use lienthong_cli::federation::{ADMIN, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT};
+use lienthong_cli::federation::{
+    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT,
+};
 use sqlx::sqlite::SqlitePoolOptions;
 use std::time::Duration;
 use tonic::Code;
 
 const CRIMINAL: &str = "judicial.criminal_record_extract";
+const MARRIAGE: &str = "civil_status.marriage_record";
 
 /// A revocation this version cannot decode: leaving it out would let a
 /// certificate in again, so it fails every reload of the snapshot.
@@ -200,6 +203,45 @@ async fn a_broker_that_cannot_load_a_change_refuses_lookups_until_it_can() {
     assert!(members.iter().any(|m| m.id == JUDICIAL_OFFICE));
     let listed = members.iter().find(|m| m.id == TAX_DEPT).unwrap();
     assert!(!listed.enabled, "{listed:?}");
+    // The schema registry likewise: a version deprecated now reads deprecated.
+    let integrator = client(&fed, CIVIL_STATUS).await;
+    let deprecated = integrator
+        .schemas()
+        .deprecate(pb::DeprecateRequest {
+            name: MARRIAGE.into(),
+            version: 1,
+            note: "superseded by the 2026 register".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(deprecated.code(), Code::Internal, "{deprecated:?}");
+    let read = integrator
+        .schemas()
+        .get(pb::GetRecordTypeRequest {
+            name: MARRIAGE.into(),
+            version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.deprecated, "{read:?}");
+    let listed = integrator
+        .schemas()
+        .list_record_types(pb::ListRecordTypesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .record_types;
+    let names: Vec<&str> = listed
+        .iter()
+        .map(|v| v.definition.as_ref().unwrap().name.as_str())
+        .collect();
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "{names:?}");
+    let marriage = listed
+        .iter()
+        .find(|v| v.definition.as_ref().unwrap().name == MARRIAGE)
+        .unwrap();
+    assert!(marriage.deprecated, "{marriage:?}");
 
     // Repaired: the revocation is loaded at last, and other lookups are served.
     sqlx::query(REPAIR).execute(&pool).await.unwrap();

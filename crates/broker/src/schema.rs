@@ -17,7 +17,60 @@ pub struct SchemaService {
     broker: Arc<Broker>,
 }
 
+/// What the registry's reads answer from: the snapshot the call was
+/// authenticated against or, while this replica knows its snapshot is behind
+/// the database (a change it cannot load), the database, as Admin reads do:
+/// an integrator who registered a version through another replica must not
+/// be told it does not exist for as long as this one cannot reload.
+enum Registry {
+    Snapshot(Arc<lienthong_core::Snapshot>),
+    /// Every version by name, ascending.
+    Stored(std::collections::BTreeMap<String, Vec<RecordTypeVersion>>),
+}
+
+impl Registry {
+    /// Every version of `name`, ascending.
+    fn versions(&self, name: &str) -> Vec<&RecordTypeVersion> {
+        match self {
+            Registry::Snapshot(s) => s.record_type_versions(name).iter().map(|v| &v.version).collect(),
+            Registry::Stored(by_name) => by_name.get(name).map(|v| v.iter().collect()).unwrap_or_default(),
+        }
+    }
+
+    /// The version a request for `version` of `name` means (0: the current one).
+    fn version(&self, name: &str, version: u32) -> Option<&RecordTypeVersion> {
+        match self {
+            Registry::Snapshot(s) => s.record_type(name, version).map(|v| &v.version),
+            Registry::Stored(by_name) => lienthong_core::schema::select_version(by_name.get(name)?, version, |v| v),
+        }
+    }
+
+    /// Record type names in byte order.
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Registry::Snapshot(s) => {
+                let mut names: Vec<&str> = s.record_type_names().collect();
+                names.sort();
+                names
+            }
+            Registry::Stored(by_name) => by_name.keys().map(String::as_str).collect(),
+        }
+    }
+}
+
 impl SchemaService {
+    /// The registry this call's reads answer from (see [`Registry`]).
+    async fn registry(&self, caller: &Caller) -> Result<Registry> {
+        if !self.broker.freshness.is_behind() {
+            return Ok(Registry::Snapshot(caller.snapshot.clone()));
+        }
+        let mut by_name = std::collections::BTreeMap::<String, Vec<RecordTypeVersion>>::new();
+        for v in self.broker.store.list_record_type_versions().await? {
+            by_name.entry(v.definition.name.clone()).or_default().push(v);
+        }
+        Ok(Registry::Stored(by_name))
+    }
+
     /// Wraps the shared state.
     pub fn new(broker: Arc<Broker>) -> Self {
         SchemaService { broker }
@@ -227,7 +280,8 @@ impl SchemaRegistry for SchemaService {
     ) -> std::result::Result<Response<pb::RecordTypeVersion>, Status> {
         let caller = self.broker.authenticate(&request, "SchemaRegistry.Get").await?;
         let r = request.get_ref();
-        let v = caller.snapshot.record_type(&r.name, r.version).ok_or_else(|| {
+        let registry = self.registry(&caller).await?;
+        let v = registry.version(&r.name, r.version).ok_or_else(|| {
             BrokerError::NotFound(if r.version == 0 {
                 format!(
                     "record type {:?} is not registered",
@@ -241,7 +295,7 @@ impl SchemaRegistry for SchemaService {
                 )
             })
         })?;
-        Ok(Response::new(convert::record_type_version(&v.version)))
+        Ok(Response::new(convert::record_type_version(v)))
     }
 
     async fn list_versions(
@@ -253,11 +307,12 @@ impl SchemaRegistry for SchemaService {
             .authenticate(&request, "SchemaRegistry.ListVersions")
             .await?;
         let name = &request.get_ref().name;
-        let versions: Vec<_> = caller
-            .snapshot
-            .record_type_versions(name)
-            .iter()
-            .map(|v| convert::record_type_version(&v.version))
+        let versions: Vec<_> = self
+            .registry(&caller)
+            .await?
+            .versions(name)
+            .into_iter()
+            .map(convert::record_type_version)
             .collect();
         if versions.is_empty() {
             return Err(BrokerError::NotFound(format!(
@@ -278,13 +333,13 @@ impl SchemaRegistry for SchemaService {
             .authenticate(&request, "SchemaRegistry.ListRecordTypes")
             .await?;
         let owner = &request.get_ref().owner;
-        let mut names: Vec<&str> = caller.snapshot.record_type_names().collect();
-        names.sort();
-        let record_types = names
+        let registry = self.registry(&caller).await?;
+        let record_types = registry
+            .names()
             .into_iter()
-            .filter_map(|n| caller.snapshot.record_type(n, 0))
-            .filter(|v| owner.is_empty() || v.owner().as_str() == owner)
-            .map(|v| convert::record_type_version(&v.version))
+            .filter_map(|n| registry.version(n, 0))
+            .filter(|v| owner.is_empty() || v.definition.owner.as_str() == owner)
+            .map(convert::record_type_version)
             .collect();
         Ok(Response::new(pb::ListRecordTypesResponse { record_types }))
     }

@@ -68,6 +68,24 @@ pub struct RecordTypeVersion {
     pub digest: String,
 }
 
+/// The version of a record type that a request for `version` means, among
+/// `versions` (ascending): that number, or for 0 the newest version not
+/// deprecated, else the newest.
+pub fn select_version<T>(versions: &[T], version: u32, record: impl Fn(&T) -> &RecordTypeVersion) -> Option<&T> {
+    if version == 0 {
+        versions
+            .iter()
+            .rev()
+            .find(|v| !record(v).deprecated)
+            .or_else(|| versions.last())
+    } else {
+        versions
+            .binary_search_by_key(&version, |v| record(v).version)
+            .ok()
+            .and_then(|i| versions.get(i))
+    }
+}
+
 impl RecordTypeVersion {
     /// A fresh, non-deprecated version of `definition`, with its field pointers
     /// and digest computed from the definition.

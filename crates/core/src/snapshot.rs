@@ -270,18 +270,7 @@ impl Snapshot {
     /// (or the newest if all are deprecated).
     pub fn record_type(&self, name: &str, version: u32) -> Option<&Arc<CompiledRecordType>> {
         let versions = self.record_types.get(name)?;
-        if version == 0 {
-            versions
-                .iter()
-                .rev()
-                .find(|v| !v.deprecated())
-                .or_else(|| versions.last())
-        } else {
-            versions
-                .binary_search_by_key(&version, |v| v.version_number())
-                .ok()
-                .and_then(|i| versions.get(i))
-        }
+        crate::schema::select_version(versions, version, |v| &v.version)
     }
 
     /// Every version of a record type, ascending.
