@@ -112,30 +112,28 @@ for dir in $tls_dirs; do
   give_ca "$dir"
 done
 
-if [ -n "$DATABASE_TLS_DIR" ]; then
-  # Not a member: the certificate only names the database's host for the
-  # brokers' verify-full; its key goes to the database alone.
-  mkdir -p "$DATABASE_TLS_DIR"
-  chmod 700 "$DATABASE_TLS_DIR"
-  if [ ! -f "$DATABASE_TLS_DIR/database.pem" ]; then
-    lienthong certs issue --dir "$ca" --member database --host "$DATABASE_HOST" --host localhost --host 127.0.0.1
-    hand_out database "$DATABASE_TLS_DIR"
+service_tls() { # directory, stem, host name, owner: a server certificate for a service that is no member
+  [ -n "$1" ] || return 0
+  mkdir -p "$1"
+  chmod 700 "$1"
+  if [ ! -f "$1/$2.pem" ]; then
+    lienthong certs issue --dir "$ca" --member "$2" --host "$3" --host localhost --host 127.0.0.1
+    hand_out "$2" "$1"
   fi
-  if [ -n "$DATABASE_OWNER" ]; then
-    chown -R "$DATABASE_OWNER" "$DATABASE_TLS_DIR"
-  fi
+}
+
+# The database: the certificate only names its host for the brokers'
+# verify-full; its key goes to the database alone.
+service_tls "$DATABASE_TLS_DIR" database "$DATABASE_HOST"
+if [ -n "$DATABASE_TLS_DIR" ] && [ -n "$DATABASE_OWNER" ]; then
+  chown -R "$DATABASE_OWNER" "$DATABASE_TLS_DIR"
 fi
 
+# The collector: the certificate names its host for the brokers' https span
+# export; its key goes to the collector alone, with the CA certificate it
+# checks the brokers' client certificates against.
+service_tls "$COLLECTOR_TLS_DIR" collector "$COLLECTOR_HOST"
 if [ -n "$COLLECTOR_TLS_DIR" ]; then
-  # Not a member either: the certificate names the collector's host for the
-  # brokers' https span export; its key goes to the collector alone, with
-  # the CA certificate it checks the brokers' client certificates against.
-  mkdir -p "$COLLECTOR_TLS_DIR"
-  chmod 700 "$COLLECTOR_TLS_DIR"
-  if [ ! -f "$COLLECTOR_TLS_DIR/collector.pem" ]; then
-    lienthong certs issue --dir "$ca" --member collector --host "$COLLECTOR_HOST" --host localhost --host 127.0.0.1
-    hand_out collector "$COLLECTOR_TLS_DIR"
-  fi
   give_ca "$COLLECTOR_TLS_DIR"
   if [ -n "$COLLECTOR_OWNER" ]; then
     chown -R "$COLLECTOR_OWNER" "$COLLECTOR_TLS_DIR"
