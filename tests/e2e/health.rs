@@ -129,3 +129,43 @@ async fn on_shutdown_watchers_hear_not_serving_and_their_streams_end_without_hol
         "the watchers held the drain to the end of the grace period: {took:?}"
     );
 }
+
+/// Reflection answers clients without a certificate too: an idle stream of
+/// it must not hold the drain either.
+#[tokio::test]
+async fn an_open_reflection_stream_ends_at_shutdown_without_holding_the_drain() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    let (_dir, fed) = federation_with_long_grace().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let (ask, questions) = tokio::sync::mpsc::channel(1);
+    let mut reflection = ServerReflectionClient::new(office.channel.clone())
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(questions))
+        .await
+        .unwrap()
+        .into_inner();
+    ask.send(ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    })
+    .await
+    .unwrap();
+    assert!(
+        reflection.message().await.unwrap().is_some(),
+        "the question is answered"
+    );
+
+    // The client keeps its side open and asks nothing more.
+    let started = Instant::now();
+    let shutdown = tokio::spawn(fed.shutdown());
+    let ended = tokio::time::timeout(Duration::from_secs(10), reflection.message())
+        .await
+        .expect("the reflection stream ends within 10 s")
+        .expect_err("it ends with a status");
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    shutdown.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(took < GRACE, "the reflection stream held the drain: {took:?}");
+    drop(ask);
+}

@@ -15,6 +15,7 @@ use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorProto};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tonic_reflection::pb::{v1, v1alpha};
 use v1::server_reflection_request::MessageRequest;
@@ -249,9 +250,12 @@ fn error(code: Code, error_message: String) -> MessageResponse {
 type Answers<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The answers to a stream of requests, one per request, in order; the
-/// stream ends when the client's does. `Req` and `Resp` are either protocol
-/// version's types: the two versions are the same messages on the wire.
-fn answers<Req, Resp>(index: Arc<Index>, requests: Streaming<Req>) -> Answers<Resp>
+/// stream ends when the client's does, or with `UNAVAILABLE` once `closing`
+/// is cancelled: reflection answers clients without a certificate, and an
+/// idle stream would otherwise hold the server's drain for its whole grace
+/// period. `Req` and `Resp` are either protocol version's types: the two
+/// versions are the same messages on the wire.
+fn answers<Req, Resp>(index: Arc<Index>, closing: CancellationToken, requests: Streaming<Req>) -> Answers<Resp>
 where
     Req: Message + Default + 'static,
     Resp: Message + Default + 'static,
@@ -259,31 +263,41 @@ where
     let sent = HashSet::new();
     let stream = futures::stream::unfold(
         (index, requests, sent, false),
-        |(index, mut requests, mut sent, ended)| async move {
-            if ended {
-                return None;
+        move |(index, mut requests, mut sent, ended)| {
+            let closing = closing.clone();
+            async move {
+                if ended {
+                    return None;
+                }
+                let next = tokio::select! {
+                    biased;
+                    () = closing.cancelled() => {
+                        return Some((Err(Status::unavailable("server is shutting down")), (index, requests, sent, true)));
+                    }
+                    next = requests.next() => next,
+                };
+                let answer = match next? {
+                    Ok(request) => v1::ServerReflectionRequest::decode(request.encode_to_vec().as_slice())
+                        .map_err(|e| Status::internal(format!("reflection request: {e}")))
+                        .and_then(|request| {
+                            let response = index.respond(request, &mut sent);
+                            Resp::decode(response.encode_to_vec().as_slice())
+                                .map_err(|e| Status::internal(format!("reflection response: {e}")))
+                        }),
+                    // The client's stream broke: its status ends ours.
+                    Err(status) => Err(status),
+                };
+                let ended = answer.is_err();
+                Some((answer, (index, requests, sent, ended)))
             }
-            let answer = match requests.next().await? {
-                Ok(request) => v1::ServerReflectionRequest::decode(request.encode_to_vec().as_slice())
-                    .map_err(|e| Status::internal(format!("reflection request: {e}")))
-                    .and_then(|request| {
-                        let response = index.respond(request, &mut sent);
-                        Resp::decode(response.encode_to_vec().as_slice())
-                            .map_err(|e| Status::internal(format!("reflection response: {e}")))
-                    }),
-                // The client's stream broke: its status ends ours.
-                Err(status) => Err(status),
-            };
-            let ended = answer.is_err();
-            Some((answer, (index, requests, sent, ended)))
         },
     );
     Box::pin(stream)
 }
 
-/// `grpc.reflection.v1.ServerReflection`.
+/// `grpc.reflection.v1.ServerReflection`; its streams end once the token is cancelled.
 #[derive(Clone)]
-pub struct ReflectionV1(pub Arc<Index>);
+pub struct ReflectionV1(pub Arc<Index>, pub CancellationToken);
 
 #[tonic::async_trait]
 impl v1::server_reflection_server::ServerReflection for ReflectionV1 {
@@ -293,14 +307,18 @@ impl v1::server_reflection_server::ServerReflection for ReflectionV1 {
         &self,
         request: Request<Streaming<v1::ServerReflectionRequest>>,
     ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
-        Ok(Response::new(answers(self.0.clone(), request.into_inner())))
+        Ok(Response::new(answers(
+            self.0.clone(),
+            self.1.clone(),
+            request.into_inner(),
+        )))
     }
 }
 
 /// `grpc.reflection.v1alpha.ServerReflection`, which older clients (grpcurl
 /// before 1.8.8, grpcio-reflection before 1.62) still call.
 #[derive(Clone)]
-pub struct ReflectionV1Alpha(pub Arc<Index>);
+pub struct ReflectionV1Alpha(pub Arc<Index>, pub CancellationToken);
 
 #[tonic::async_trait]
 impl v1alpha::server_reflection_server::ServerReflection for ReflectionV1Alpha {
@@ -310,7 +328,11 @@ impl v1alpha::server_reflection_server::ServerReflection for ReflectionV1Alpha {
         &self,
         request: Request<Streaming<v1alpha::ServerReflectionRequest>>,
     ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
-        Ok(Response::new(answers(self.0.clone(), request.into_inner())))
+        Ok(Response::new(answers(
+            self.0.clone(),
+            self.1.clone(),
+            request.into_inner(),
+        )))
     }
 }
 

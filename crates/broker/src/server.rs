@@ -262,9 +262,13 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     // NOT_SERVING while this replica refuses lookups: an altered log, a stale snapshot.
     let exchange_health = broker.spawn_exchange_health(health_reporter.clone());
     let reflection = reflection_index().map_err(|e| BrokerError::Internal(format!("reflection: {e}")))?;
+    // Cancelled at shutdown, ending open reflection streams (see `reflection::answers`).
+    let reflection_closing = tokio_util::sync::CancellationToken::new();
     let reflection_alpha =
-        ServerReflectionAlphaServer::new(ReflectionV1Alpha(reflection.clone())).accept_compressed(GZIP);
-    let reflection = ServerReflectionServer::new(ReflectionV1(reflection)).accept_compressed(GZIP);
+        ServerReflectionAlphaServer::new(ReflectionV1Alpha(reflection.clone(), reflection_closing.clone()))
+            .accept_compressed(GZIP);
+    let reflection =
+        ServerReflectionServer::new(ReflectionV1(reflection, reflection_closing.clone())).accept_compressed(GZIP);
 
     let max = config.limits.max_message_bytes;
     let calls = TaskTracker::new();
@@ -372,6 +376,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             // otherwise hold its connection, and so the drain, to the end
             // of the grace period.
             health_reporter.shut_down();
+            reflection_closing.cancel();
             let _ = stop_tx.send(());
         };
         let serve = router.serve_with_incoming_shutdown(incoming, signal);
