@@ -220,7 +220,7 @@ async fn requests_that_are_not_grpc_get_the_http_status_the_spec_names() {
 }
 
 #[tokio::test]
-async fn gzip_requests_are_served_and_other_encodings_are_refused_and_audited() {
+async fn gzip_requests_are_served_and_other_encodings_and_broken_frames_are_refused_and_audited() {
     use tonic::codec::CompressionEncoding;
     use tower::ServiceExt;
     let (_dir, fed) = federation().await;
@@ -297,12 +297,26 @@ async fn gzip_requests_are_served_and_other_encodings_are_refused_and_audited() 
     assert_eq!(zstd.code(), Code::Unimplemented, "{zstd:?}");
     assert!(zstd.message().contains("send it uncompressed or with gzip"), "{zstd:?}");
 
+    // An uncompressed frame that says 100 bytes and brings 8: broken, not
+    // a second message.
+    let mut truncated = framed(b"whatever");
+    truncated[0] = 0;
+    truncated[1..5].copy_from_slice(&100u32.to_be_bytes());
+    let truncated = send("identity", truncated).await;
+    let truncated = tonic::Status::from_header_map(truncated.headers()).unwrap();
+    assert_eq!(truncated.code(), Code::Internal, "{truncated:?}");
+    assert!(
+        truncated.message().contains("not this method's protobuf message"),
+        "{truncated:?}"
+    );
+
     let entries = refused_lookups(&fed).await;
     let reasons: Vec<&str> = entries.iter().map(|e| e.reason.as_str()).collect();
-    assert_eq!(entries.len(), 3, "each refused call is audited: {reasons:?}");
+    assert_eq!(entries.len(), 4, "each refused call is audited: {reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("size limit")), "{reasons:?}");
-    assert!(
-        reasons.iter().any(|r| r.contains("could not be decoded")),
+    assert_eq!(
+        reasons.iter().filter(|r| r.contains("could not be decoded")).count(),
+        2,
         "{reasons:?}"
     );
     assert!(reasons.iter().any(|r| r.contains("encoding")), "{reasons:?}");

@@ -60,7 +60,8 @@ impl LibraryFailure {
             Code::Internal
                 if message.starts_with("failed to decode Protobuf message")
                     || message.starts_with("protocol error: received message with")
-                    || message.starts_with("Error decompressing: ") =>
+                    || message.starts_with("Error decompressing: ")
+                    || message == "Unexpected EOF decoding stream." =>
             {
                 Some(LibraryFailure::Undecodable)
             }
@@ -320,7 +321,7 @@ impl http_body::Body for OneMessage {
 /// and that many bytes.
 #[derive(Debug, Default)]
 struct MessageCount {
-    /// Header bytes of the current message read so far (0 to 4).
+    /// Header bytes of the next message read so far (0 to 4).
     header_read: usize,
     length: [u8; 4],
     /// Bytes of the current message still to come.
@@ -329,7 +330,7 @@ struct MessageCount {
 }
 
 impl MessageCount {
-    /// Reads `data`; the number of messages begun so far.
+    /// Reads `data`; the number of messages whose header has come whole.
     fn feed(&mut self, mut data: &[u8]) -> u32 {
         while let Some((&first, rest)) = data.split_first() {
             if self.remaining > 0 {
@@ -338,14 +339,15 @@ impl MessageCount {
                 data = &data[skip..];
                 continue;
             }
-            if self.header_read == 0 {
-                self.begun = self.begun.saturating_add(1);
-            } else if let Some(slot) = self.length.get_mut(self.header_read - 1) {
+            if let Some(slot) = self.header_read.checked_sub(1).and_then(|i| self.length.get_mut(i)) {
                 *slot = first;
             }
             self.header_read += 1;
             data = rest;
+            // Counted once its header is whole: stray bytes after a message
+            // are a broken frame (tonic's "Unexpected EOF"), not a second one.
             if self.header_read == 5 {
+                self.begun = self.begun.saturating_add(1);
                 self.remaining = u64::from(u32::from_be_bytes(self.length));
                 self.header_read = 0;
             }
@@ -445,9 +447,13 @@ mod tests {
         let one = frame(&[7; 300]);
         for cut in [1, 3, 5, 6, 299, 304] {
             let mut count = MessageCount::default();
-            assert_eq!(count.feed(&one[..cut]), 1, "cut at {cut}");
+            assert_eq!(count.feed(&one[..cut]), u32::from(cut >= 5), "cut at {cut}");
             assert_eq!(count.feed(&one[cut..]), 1, "cut at {cut}");
         }
+        // Stray bytes after a message are not a second one.
+        let mut count = MessageCount::default();
+        count.feed(&one);
+        assert_eq!(count.feed(&[0, 0, 0]), 1);
         let mut two = frame(&[]);
         two.extend(frame(b"second"));
         for cut in 0..two.len() {
@@ -459,6 +465,7 @@ mod tests {
         let mut count = MessageCount::default();
         count.feed(&[0, 0, 0, 1, 0]);
         assert_eq!(count.feed(&[1; 256]), 1);
+        assert_eq!(count.feed(&[0, 0, 0, 0]), 1);
         assert_eq!(count.feed(&[0]), 2);
     }
 
@@ -516,6 +523,10 @@ mod tests {
                 Code::Unimplemented,
             ),
             (tonic::Status::unimplemented(MANY_MESSAGES), Code::Unimplemented),
+            (
+                tonic::Status::internal("Unexpected EOF decoding stream."),
+                Code::Internal,
+            ),
             (
                 tonic::Status::internal("failed to decode Protobuf message: invalid wire type value: 7"),
                 Code::Internal,
