@@ -242,6 +242,32 @@ async fn a_broker_that_cannot_load_a_change_refuses_lookups_until_it_can() {
         .find(|v| v.definition.as_ref().unwrap().name == MARRIAGE)
         .unwrap();
     assert!(marriage.deprecated, "{marriage:?}");
+    // A record type row this version cannot read (a newer replica's) keeps
+    // the registry answering, from the snapshot, rather than failing.
+    let compatibility: String = sqlx::query_scalar("SELECT compatibility FROM record_type_versions WHERE name = ?")
+        .bind(CRIMINAL)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE record_type_versions SET compatibility = 'from-a-newer-version' WHERE name = ?")
+        .bind(CRIMINAL)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let answered = integrator
+        .schemas()
+        .get(pb::GetRecordTypeRequest {
+            name: MARRIAGE.into(),
+            version: 1,
+        })
+        .await;
+    assert!(answered.is_ok(), "{answered:?}");
+    sqlx::query("UPDATE record_type_versions SET compatibility = ? WHERE name = ?")
+        .bind(compatibility)
+        .bind(CRIMINAL)
+        .execute(&pool)
+        .await
+        .unwrap();
 
     // Repaired: the revocation is loaded at last, and other lookups are served.
     sqlx::query(REPAIR).execute(&pool).await.unwrap();

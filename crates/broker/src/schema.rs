@@ -64,8 +64,18 @@ impl SchemaService {
         if !self.broker.freshness.is_behind() {
             return Ok(Registry::Snapshot(caller.snapshot.clone()));
         }
+        let stored = match self.broker.store.list_record_type_versions().await {
+            Ok(stored) => stored,
+            // What keeps the snapshot behind may be a row this version cannot
+            // read (a newer replica's) or the database being away: the
+            // snapshot, old as it is, answers better than an error.
+            Err(e) => {
+                tracing::warn!(error = %e, "record types unreadable in the database; answered from this replica's snapshot");
+                return Ok(Registry::Snapshot(caller.snapshot.clone()));
+            }
+        };
         let mut by_name = std::collections::BTreeMap::<String, Vec<RecordTypeVersion>>::new();
-        for v in self.broker.store.list_record_type_versions().await? {
+        for v in stored {
             by_name.entry(v.definition.name.clone()).or_default().push(v);
         }
         Ok(Registry::Stored(by_name))
