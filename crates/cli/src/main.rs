@@ -420,6 +420,8 @@ async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let _ = futures::poll!(&mut signal);
+    // `lienthong bench` reads the plain form of this line (`METRICS_PREFIX`).
+    let metrics_tls = !cfg.telemetry.metrics_client_ca.as_os_str().is_empty();
     let mut handle = lienthong_broker::start(cfg, None).await?;
     let addr = handle.addr.to_string();
     stderr_line(
@@ -432,7 +434,11 @@ async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
         stderr_line(
             json,
             "INFO",
-            &format!("metrics on http://{m}/metrics"),
+            &if metrics_tls {
+                format!("metrics on https://{m}/metrics (client certificate required)")
+            } else {
+                format!("metrics on http://{m}/metrics")
+            },
             &[("metrics_addr", m.to_string())],
         );
     }
