@@ -462,8 +462,25 @@ async fn metrics_over_mutual_tls_only_for_scrapers_with_a_certificate_from_the_m
     for _ in 0..20 {
         assert!(https_get(addr, scraper(&fed, None), "/metrics").await.is_err());
     }
-    let (status, _) = https_get(addr, allowed, "/metrics").await.unwrap();
+    let (status, _) = https_get(addr, allowed.clone(), "/metrics").await.unwrap();
     assert_eq!(status, 200);
+
+    // Connections that never start their handshake (no certificate is
+    // needed to open one), more than the listener serves at once, from
+    // another address: the scraper is still served at once, not after
+    // their handshake timeout.
+    let mut idle = Vec::new();
+    for _ in 0..24 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(socket.connect(addr).await.unwrap());
+    }
+    let (status, _) = tokio::time::timeout(Duration::from_secs(2), https_get(addr, allowed, "/metrics"))
+        .await
+        .expect("served while idle connections are open")
+        .unwrap();
+    assert_eq!(status, 200);
+    drop(idle);
     fed.shutdown().await.unwrap();
 }
 

@@ -601,9 +601,20 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     })
 }
 
-/// Most scrapes served at once; more connections wait to be accepted. A TLS
-/// handshake holds its slot too, so this also bounds handshakes in progress.
+/// Most scrapes served at once; more connections wait to be accepted (with
+/// TLS: wait after their handshake).
 const MAX_CONNECTIONS: usize = 16;
+
+/// TLS handshakes in progress at once, and from one address: a connection
+/// past either is closed at once. Handshakes do not hold scrape slots, so
+/// connections that never finish theirs (no certificate is needed to open
+/// one) cannot keep a scraper from another address out.
+const MAX_HANDSHAKES: usize = 16;
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 2;
+
+/// A scraper's handshake takes milliseconds; the broker's own handshake
+/// timeout (for agencies across the country) is longer than it needs.
+const MAX_HANDSHAKE_TIME: Duration = Duration::from_secs(3);
 
 /// Failed handshakes are logged at warn at most this often (each at debug).
 const HANDSHAKE_WARN_INTERVAL: Duration = Duration::from_secs(60);
@@ -661,6 +672,62 @@ impl HandshakeFailures {
     }
 }
 
+/// The handshakes in progress, in all and by address.
+struct Handshakes {
+    total: Arc<tokio::sync::Semaphore>,
+    by_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One handshake's place among [`Handshakes`], given back when dropped.
+struct HandshakeTurn {
+    handshakes: Arc<Handshakes>,
+    address: std::net::IpAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Handshakes {
+    fn new() -> Arc<Self> {
+        Arc::new(Handshakes {
+            total: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            by_address: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    fn by_address(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        // Counts only, whole at every step: usable after a panic elsewhere.
+        self.by_address.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A turn for a handshake from `address`, or `None` when the listener or
+    /// that address has as many under way as it may.
+    fn begin(self: &Arc<Self>, address: std::net::IpAddr) -> Option<HandshakeTurn> {
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        let mut by_address = self.by_address();
+        let under_way = by_address.entry(address).or_insert(0);
+        if *under_way >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *under_way += 1;
+        Some(HandshakeTurn {
+            handshakes: self.clone(),
+            address,
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for HandshakeTurn {
+    fn drop(&mut self) {
+        let mut by_address = self.handshakes.by_address();
+        if let Some(under_way) = by_address.get_mut(&self.address) {
+            *under_way = under_way.saturating_sub(1);
+            if *under_way == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// Serves `GET /metrics` over HTTP/1.1 on `listener` until `shutdown`
 /// resolves: over TLS with required client certificates when `tls` is given,
 /// plain otherwise. Holds the broker weakly, so it never keeps a stopped
@@ -672,19 +739,29 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let acceptor = tls
-        .as_ref()
-        .map(|t| (tokio_rustls::TlsAcceptor::from(t.config.clone()), t.handshake_timeout));
+    let acceptor = tls.as_ref().map(|t| {
+        (
+            tokio_rustls::TlsAcceptor::from(t.config.clone()),
+            t.handshake_timeout.min(MAX_HANDSHAKE_TIME),
+        )
+    });
+    let handshakes = Handshakes::new();
     let failures = Arc::new(HandshakeFailures::new());
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        // Plain HTTP: a slot before accepting, so that connections past the
+        // limit wait in the listen queue. TLS: after the handshake.
+        let permit = if acceptor.is_none() {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => break,
+                },
+            }
+        } else {
+            None
         };
         let (stream, remote) = tokio::select! {
             _ = &mut shutdown => break,
@@ -700,15 +777,29 @@ pub async fn serve(
         // Reap finished connections so the set stays small.
         while connections.try_join_next().is_some() {}
         let broker = broker.clone();
-        let acceptor = acceptor.clone();
+        let Some((acceptor, timeout)) = acceptor.clone() else {
+            connections.spawn(async move {
+                let _permit = permit;
+                serve_connection(stream, broker).await;
+            });
+            continue;
+        };
+        let Some(turn) = handshakes.begin(remote.ip()) else {
+            failures.note(remote, &"too many handshakes under way; connection closed");
+            continue;
+        };
         let failures = failures.clone();
+        let limit = limit.clone();
         connections.spawn(async move {
-            let _permit = permit;
-            let Some((acceptor, timeout)) = acceptor else {
-                return serve_connection(stream, broker).await;
-            };
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(stream, broker).await,
+            let handshake = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
+            drop(turn);
+            match handshake {
+                Ok(Ok(stream)) => {
+                    let Ok(_permit) = limit.acquire_owned().await else {
+                        return;
+                    };
+                    serve_connection(stream, broker).await;
+                }
                 Ok(Err(e)) => failures.note(remote, &e),
                 Err(_elapsed) => failures.note(remote, &format_args!("no handshake within {timeout:?}")),
             }
