@@ -191,6 +191,16 @@ async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
     let tax_b = as_member(&url_b, &fed, TAX_DEPT).await;
     let subject = citizen_id(&fed, 501);
     let lookup = birth_lookup(&subject, "tax-law-38-2019/art-17");
+    // Members read from PostgreSQL: an id that cannot be a member (here one
+    // PostgreSQL would not even take as text) is not found, not an error.
+    for id in ["no\0such", "No Such Agency", "x"] {
+        let missing = admin_a
+            .admin()
+            .get_member(pb::GetMemberRequest { id: id.into() })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound, "{id:?}: {missing:?}");
+    }
 
     // A grant created through A is usable through B...
     let g = admin_a

@@ -500,6 +500,15 @@ impl Admin for AdminService {
     ) -> std::result::Result<Response<pb::Member>, Status> {
         self.admin(&request, "Admin.GetMember").await?;
         let id = &request.get_ref().id;
+        // No such member can exist, and some such ids (a NUL) are not even
+        // text PostgreSQL accepts: answered without asking the database.
+        if lienthong_core::MemberId::new(id.as_str()).is_err() {
+            return Err(BrokerError::NotFound(format!(
+                "member {:?} is not registered (not a valid member id)",
+                crate::exchange::clip(id, 128)
+            ))
+            .into());
+        }
         // From the database, as every Admin read: this replica's snapshot may
         // be behind it (the admin is often checking that a change took).
         let m = self
