@@ -423,12 +423,16 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         .map_err(db_err)?
         .application_name("lienthong");
     check_postgres_transport(&connect, options.allow_unverified_postgres)?;
-    let pool = PgPoolOptions::new()
+    let pool = match PgPoolOptions::new()
         .max_connections(options.max_connections.max(1))
         .acquire_timeout(options.acquire_timeout)
         .connect_with(connect.clone())
         .await
-        .map_err(db_err)?;
+    {
+        Ok(pool) => pool,
+        Err(sqlx::Error::PoolTimedOut) => return Err(first_connection_failed(&connect, options.acquire_timeout).await),
+        Err(e) => return Err(db_err(e)),
+    };
     // The migrator holds pg_advisory_lock (keyed on the database name) around
     // the whole run, so replicas starting together apply each migration once.
     POSTGRES_MIGRATOR.run(&pool).await.map_err(migrate_err)?;
@@ -450,6 +454,29 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         subject_runs: None,
         log_nos: Default::default(),
     }))
+}
+
+/// Why the broker's first connection to PostgreSQL failed. The pool retries
+/// until its timeout and then says only that it timed out, which leaves the
+/// operator to guess between a wrong host, a server that is down, a refused
+/// password and a TLS problem; one more attempt names the server and the cause
+/// (never the password, which no driver error carries).
+async fn first_connection_failed(connect: &PgConnectOptions, wait: Duration) -> StoreError {
+    use sqlx::ConnectOptions;
+    let server = match connect.get_socket() {
+        Some(socket) => format!("socket {}", socket.display()),
+        None => format!("{}:{}", connect.get_host(), connect.get_port()),
+    };
+    let cause = match tokio::time::timeout(wait, connect.connect()).await {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(_)) => "it answered only after the connection pool had given up; start again".into(),
+        Err(_) => format!("no answer within {} ms", wait.as_millis()),
+    };
+    StoreError::Unavailable(format!(
+        "cannot connect to PostgreSQL at {server} (database {:?}, user {:?}): {cause}",
+        connect.get_database().unwrap_or_default(),
+        connect.get_username()
+    ))
 }
 
 /// Re-sends every `lienthong_changes` notification on `changes`, forever,
@@ -1752,6 +1779,31 @@ mod tests {
             .map(|(_, _, _, detail)| detail)
             .collect::<Vec<_>>()
             .join("; ")
+    }
+
+    /// A PostgreSQL the broker cannot reach at start is named, with the cause,
+    /// and without the password of the URL.
+    #[tokio::test]
+    async fn an_unreachable_postgres_is_named_with_its_cause() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let options = StoreOptions {
+            url: format!("postgres://auditor:s3cret-pw@127.0.0.1:{port}/lienthong?sslmode=disable"),
+            max_connections: 2,
+            acquire_timeout: Duration::from_millis(500),
+            allow_unverified_postgres: false,
+        };
+        let Err(e) = crate::open(&options).await else {
+            panic!("nothing listens on port {port}")
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("127.0.0.1:{port}")) && text.contains("refused"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret-pw"), "{text}");
     }
 
     /// The pooled connections' page caches are bounded tighter than the
