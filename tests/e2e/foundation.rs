@@ -265,6 +265,90 @@ fn bad_config_files_exit_non_zero_naming_the_problem() {
 }
 
 #[tokio::test]
+async fn a_broker_certificate_from_another_trust_domain_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let (ok, out) = run_cli(
+        &[
+            "certs",
+            "init",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--trust-domain",
+            "lienthong.gov.vn",
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    let mut config = lienthong_broker::config::Config {
+        trust_domain: "tax.example".into(),
+        data_dir: dir.path().join("data"),
+        ..Default::default()
+    };
+    config.tls.ca = certs.join("ca.pem");
+    config.tls.cert = certs.join("broker.pem");
+    config.tls.key = certs.join("broker.key");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let Err(e) = lienthong_broker::server::start(config.clone(), Some(listener)).await else {
+        panic!("a broker whose certificate is in another trust domain must not start");
+    };
+    let text = e.to_string();
+    for needle in [
+        "broker.pem",
+        "spiffe://tax.example/broker",
+        "lienthong.gov.vn",
+        "--trust-domain",
+    ] {
+        assert!(text.contains(needle), "{text:?} should name {needle}");
+    }
+    // The same files with the trust domain they were made for start.
+    config.trust_domain = "lienthong.gov.vn".into();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker = lienthong_broker::server::start(config, Some(listener)).await.unwrap();
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broker_certificate_made_for_a_service_name_still_answers_local_health_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    // As deploy/README.md has it for Kubernetes: the Service's name.
+    let (ok, out) = run_cli(
+        &[
+            "certs",
+            "init",
+            "--dir",
+            certs.to_str().unwrap(),
+            "--host",
+            "lienthong-broker.lienthong.svc",
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    let mut config = lienthong_broker::config::Config {
+        data_dir: dir.path().join("data"),
+        ..Default::default()
+    };
+    config.tls.ca = certs.join("ca.pem");
+    config.tls.cert = certs.join("broker.pem");
+    config.tls.key = certs.join("broker.key");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broker = lienthong_broker::server::start(config, Some(listener)).await.unwrap();
+    let port = broker.addr.port();
+    let ca = certs.join("ca.pem").display().to_string();
+    // The probe of deploy/k8s/deployment.yaml and the image's HEALTHCHECK.
+    for host in ["localhost", "127.0.0.1"] {
+        let url = format!("https://{host}:{port}");
+        let ca = ca.clone();
+        let (ok, out) = tokio::task::spawn_blocking(move || run_cli(&["health", "--broker", &url, "--ca", &ca], &[]))
+            .await
+            .unwrap();
+        assert!(ok, "health through {host}: {out}");
+    }
+    broker.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn clients_refuse_a_server_that_is_not_the_broker() {
     // Every member's certificate chains to the federation CA and may serve
     // (registers do): one answering at the broker's address must get no
@@ -419,4 +503,93 @@ async fn the_cli_reads_a_national_id_from_standard_input() {
     .await;
     assert!(!ok && out.contains("standard input was empty"), "{out}");
     fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn certificate_files_typed_on_the_command_line_beat_the_environment() {
+    let (_dir, fed) = federation().await;
+    let certs = fed.certs.display().to_string();
+    let url = fed.broker_url.clone();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        // The container image sets LIENTHONG_CA for its health probe.
+        let env = [
+            ("LIENTHONG_CA", "/nonexistent/ca.pem"),
+            ("LIENTHONG_CERT", "/nonexistent/admin.pem"),
+        ];
+        run_cli(
+            &["--broker", &url, "--certs", &certs, "--as", ADMIN, "member", "list"],
+            &env,
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains(JUDICIAL_OFFICE), "{out}");
+    // From the environment alone, the files named on their own still win.
+    let env = cli_env(&fed, ADMIN);
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.push(("LIENTHONG_CA", "/nonexistent/ca.pem"));
+        run_cli(&["member", "list"], &env)
+    })
+    .await
+    .unwrap();
+    assert!(!ok && out.contains("/nonexistent/ca.pem"), "{out}");
+}
+
+#[test]
+fn an_unknown_log_format_is_refused_not_read_as_text() {
+    for (args, env) in [
+        (vec!["--log-format", "JSON", "serve", "--print-default-config"], vec![]),
+        (
+            vec!["serve", "--print-default-config"],
+            vec![("LIENTHONG_LOG_FORMAT", "jsn")],
+        ),
+    ] {
+        let (ok, out) = run_cli(&args, &env);
+        assert!(!ok, "{args:?} {env:?} must fail: {out}");
+        assert!(out.contains("possible values: text, json"), "{out}");
+    }
+}
+
+#[test]
+fn audit_query_refuses_a_limit_of_zero() {
+    let (ok, out) = run_cli(&["audit", "query", "--limit", "0"], &[]);
+    assert!(!ok && out.contains("--limit"), "{out}");
+}
+
+#[test]
+fn a_kept_running_demo_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["demo", "--keep-running"])
+        .env("TMPDIR", tmp.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    // Its last hint: the federation is up and waiting.
+    assert!(
+        lines.by_ref().any(|l| l.contains("broker config:")),
+        "the demo should print how to call it"
+    );
+    assert!(
+        std::fs::read_dir(tmp.path()).unwrap().next().is_some(),
+        "the demo keeps its federation in a temporary directory"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("stopping")), "{rest:?}");
+    // The temporary directory held the federation's CA key.
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

@@ -264,7 +264,7 @@ impl Default for Config {
             data_dir: PathBuf::from("lienthong-data"),
             database_url: String::new(),
             allow_unverified_database: false,
-            trust_domain: "lienthong.local".into(),
+            trust_domain: "lienthong.gov.vn".into(),
             bootstrap_admin: String::new(),
             tls: TlsConfig::default(),
             limits: Limits::default(),
@@ -430,6 +430,22 @@ impl Config {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
             }
+        }
+        // A SQLite file named relative to wherever the broker happened to be
+        // started would be a second, empty database, whose audit log the
+        // next start from the usual place refuses as rolled back.
+        // (`postgres://` parameters such as `sslrootcert` are libpq's, read
+        // as libpq reads them.)
+        let sqlite_file = self
+            .database_url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database_url.strip_prefix("sqlite:"));
+        if let Some(file) = sqlite_file
+            && !file.is_empty()
+            && !file.starts_with(':')
+            && Path::new(file).is_relative()
+        {
+            self.database_url = format!("sqlite://{}", base.join(file).display());
         }
     }
 
@@ -696,6 +712,27 @@ mod tests {
             write(dir, f, "x");
         }
         "[tls]\nca = \"ca.pem\"\ncert = \"broker.pem\"\nkey = \"broker.key\"\n".into()
+    }
+
+    #[test]
+    fn a_relative_sqlite_file_is_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = tls_files(dir.path());
+        let d = dir.path().display();
+        for (url, want) in [
+            ("sqlite://rel.db", format!("sqlite://{d}/rel.db")),
+            ("sqlite:data/x.db", format!("sqlite://{d}/data/x.db")),
+            ("sqlite:///abs/x.db", "sqlite:///abs/x.db".to_string()),
+            ("sqlite::memory:", "sqlite::memory:".to_string()),
+            (
+                "postgres://u@db/x?sslmode=disable",
+                "postgres://u@db/x?sslmode=disable".to_string(),
+            ),
+        ] {
+            let p = write(dir.path(), "db.toml", &format!("database_url = {url:?}\n{tls}"));
+            let config = Config::load(Some(&p), vec![]).unwrap();
+            assert_eq!(config.database_url, want, "{url}");
+        }
     }
 
     #[test]

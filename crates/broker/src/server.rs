@@ -156,6 +156,34 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Refuses a certificate that does not name this broker in the configured
+/// trust domain. Registers accept only `spiffe://<trust_domain>/broker` and
+/// members are checked against `trust_domain`, so a mismatch would start a
+/// broker that refuses every member and is refused by every register, with
+/// the cause only in each peer's error.
+fn check_own_identity(config: &Config) -> Result<(), StartError> {
+    let path = &config.tls.cert;
+    let pem = std::fs::read_to_string(path).map_err(io(format!("cannot read tls.cert {}", path.display())))?;
+    let named = lienthong_tls::summarize_pem(&pem, &config.trust_domain)?.identity;
+    if named == Ok(lienthong_tls::Identity::Broker) {
+        return Ok(());
+    }
+    let why = match named {
+        Ok(other) => format!("it names {}", other.spiffe_uri(&config.trust_domain)),
+        Err(e) => e.to_string(),
+    };
+    Err(BrokerError::InvalidArgument(format!(
+        "tls.cert {} is not this broker's certificate in trust domain {:?} ({why}): the broker's certificate must \
+         name spiffe://{}/broker; set `trust_domain` to the domain its CA was made for \
+         (`lienthong certs init --trust-domain`), or issue the broker a certificate in this one \
+         (`lienthong certs issue --broker-cert`)",
+        path.display(),
+        config.trust_domain,
+        config.trust_domain
+    ))
+    .into())
+}
+
 /// The metrics listener's TLS, when `telemetry.metrics_client_ca` is set and
 /// metrics are on: the broker's own certificate, client certificates from
 /// that CA required.
@@ -197,6 +225,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         cert: config.tls.cert.clone(),
         key: config.tls.key.clone(),
     })?;
+    check_own_identity(&config)?;
     let server_tls = Arc::new(ServerTls::new(&material, &config.trust_domain)?);
     let store = lienthong_store::open(&StoreOptions {
         url: config.database_url(),

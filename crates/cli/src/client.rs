@@ -39,19 +39,29 @@ pub struct ConnectArgs {
 }
 
 impl ConnectArgs {
-    /// The certificate files to use.
+    /// The certificate files to use. A value typed on the command line beats
+    /// one from the environment, so `--certs DIR` is not overridden by the
+    /// `LIENTHONG_CA` the container image sets for its health probe; from
+    /// the same source, a file named on its own beats the one in `--certs`.
     pub fn files(&self) -> Result<TlsFiles> {
-        let from_dir = |name: &str| -> Option<PathBuf> { self.certs.as_ref().map(|d| d.join(name)) };
+        let typed = |value: &Option<PathBuf>, var: &str| -> Option<PathBuf> {
+            value
+                .clone()
+                .filter(|v| std::env::var_os(var).is_none_or(|e| std::path::Path::new(&e) != v.as_path()))
+        };
         let member = self.member.as_deref();
-        let ca = self.ca.clone().or_else(|| from_dir("ca.pem"));
-        let cert = self
-            .cert
-            .clone()
-            .or_else(|| member.and_then(|m| from_dir(&format!("{m}.pem"))));
-        let key = self
-            .key
-            .clone()
-            .or_else(|| member.and_then(|m| from_dir(&format!("{m}.key"))));
+        let in_dir = |dir: &Option<PathBuf>, name: &str| dir.as_ref().map(|d| d.join(name));
+        let dir_typed = typed(&self.certs, "LIENTHONG_CERTS");
+        let pick = |own: &Option<PathBuf>, var: &str, name: Option<String>| -> Option<PathBuf> {
+            let name = name.as_deref();
+            typed(own, var)
+                .or_else(|| name.and_then(|n| in_dir(&dir_typed, n)))
+                .or_else(|| own.clone())
+                .or_else(|| name.and_then(|n| in_dir(&self.certs, n)))
+        };
+        let ca = pick(&self.ca, "LIENTHONG_CA", Some("ca.pem".into()));
+        let cert = pick(&self.cert, "LIENTHONG_CERT", member.map(|m| format!("{m}.pem")));
+        let key = pick(&self.key, "LIENTHONG_KEY", member.map(|m| format!("{m}.key")));
         match (ca, cert, key) {
             (Some(ca), Some(cert), Some(key)) => Ok(TlsFiles { ca, cert, key }),
             _ => anyhow::bail!(

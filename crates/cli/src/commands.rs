@@ -684,8 +684,8 @@ pub enum AuditCmd {
         /// Log id; this broker's own log when omitted.
         #[arg(long, default_value = "")]
         log: String,
-        /// Most entries to show.
-        #[arg(long, default_value_t = 100)]
+        /// Most entries to show (at least 1).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
         limit: u32,
     },
     /// Who accessed one citizen's data (subject-portal or auditor role).

@@ -360,8 +360,15 @@ pub async fn run(options: DemoOptions) -> Result<()> {
         && report.receipt_verified;
     say(&mut out, "");
     if options.keep_running {
+        // SIGTERM too: `kill`, systemd and container runtimes stop it so, and
+        // the federation must still sign its final tree heads and remove its
+        // temporary directory, CA key included.
+        let stop = crate::shutdown_signal();
         let certs = fed.certs.display().to_string();
-        say(&mut out, "== The federation keeps running (Ctrl-C to stop). Try:");
+        say(
+            &mut out,
+            "== The federation keeps running (Ctrl-C or SIGTERM to stop). Try:",
+        );
         say(
             &mut out,
             format!("   export LIENTHONG_BROKER={} LIENTHONG_CERTS={certs}", fed.broker_url),
@@ -394,7 +401,7 @@ pub async fn run(options: DemoOptions) -> Result<()> {
             say(&mut out, format!("   curl http://{m}/metrics"));
         }
         say(&mut out, format!("   broker config: {}", fed.config_path.display()));
-        let _ = tokio::signal::ctrl_c().await;
+        stop.await;
         say(&mut out, "stopping…");
     }
     fed.shutdown().await?;

@@ -29,9 +29,9 @@ struct Cli {
     /// Print machine-readable JSON where a command supports it.
     #[arg(long, global = true)]
     json: bool,
-    /// Log format: text or json.
-    #[arg(long, global = true, default_value = "text", env = "LIENTHONG_LOG_FORMAT")]
-    log_format: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LIENTHONG_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -131,6 +131,15 @@ enum Command {
     BenchBare(lienthong_cli::bare::BareArgs),
 }
 
+/// How log lines are written (`telemetry.log_format` in a broker's config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum RegisterKind {
     CivilStatus,
@@ -147,8 +156,9 @@ enum CertsCmd {
         /// SPIFFE trust domain of the federation.
         #[arg(long, default_value = "lienthong.gov.vn")]
         trust_domain: String,
-        /// Host names or IPs clients reach the broker by (repeat; e.g. a Service name).
-        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        /// Host names or IPs clients reach the broker by (repeat; e.g. a Service name), besides
+        /// localhost and 127.0.0.1, which the certificate always names for local health checks.
+        #[arg(long = "host")]
         hosts: Vec<String>,
     },
     /// Issue a member certificate (`<member>.pem`, `<member>.key`), or with
@@ -163,8 +173,9 @@ enum CertsCmd {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         dir: PathBuf,
-        /// Host names or IPs the certificate may serve (providers, the broker).
-        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        /// Host names or IPs the certificate may serve (providers, the broker; repeat), besides
+        /// localhost and 127.0.0.1, which it always names for local health checks.
+        #[arg(long = "host")]
         hosts: Vec<String>,
     },
     /// Revoke a member certificate at the broker (as an admin): refused from
@@ -185,7 +196,20 @@ enum CertsCmd {
     },
 }
 
-fn init_logging(format: &str, filter: Option<&str>) {
+/// The names a served certificate always carries, then `hosts`: `--host` for a
+/// Service name must not drop `localhost`, which the container's and the
+/// Kubernetes probes' `lienthong health` connect to.
+fn with_local_names(hosts: Vec<String>) -> Vec<String> {
+    let mut all = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    for h in hosts {
+        if !all.iter().any(|a| a.eq_ignore_ascii_case(&h)) {
+            all.push(h);
+        }
+    }
+    all
+}
+
+fn init_logging(format: LogFormat, filter: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("warn")));
     let builder = tracing_subscriber::fmt()
@@ -193,7 +217,7 @@ fn init_logging(format: &str, filter: Option<&str>) {
         .with_writer(std::io::stderr)
         // Colour codes only clutter a log file or the journal.
         .with_ansi(std::io::stderr().is_terminal());
-    let _ = if format == "json" {
+    let _ = if format == LogFormat::Json {
         builder.json().try_init()
     } else {
         builder.try_init()
@@ -203,7 +227,7 @@ fn init_logging(format: &str, filter: Option<&str>) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let json = cli.log_format == "json";
+    let json = cli.log_format == LogFormat::Json;
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -221,7 +245,7 @@ async fn run(cli: Cli) -> Result<()> {
         cli.command,
         Command::Serve { .. } | Command::Demo { .. } | Command::DemoProvider { .. } | Command::Bench(_)
     ) {
-        init_logging(&cli.log_format, None);
+        init_logging(cli.log_format, None);
     }
     match cli.command {
         Command::Serve {
@@ -234,7 +258,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             let cfg = lienthong_broker::Config::load(config.as_deref(), lienthong_broker::Config::environment())?;
             let mut telemetry = lienthong_broker::telemetry::TelemetryOptions::from_config(&cfg.telemetry);
-            if cli.log_format == "json" {
+            if cli.log_format == LogFormat::Json {
                 telemetry.log_format = "json".into();
             }
             let json = telemetry.log_format == "json";
@@ -259,7 +283,7 @@ async fn run(cli: Cli) -> Result<()> {
             // A throwaway federation's database is removed at the end anyway:
             // no warning that a memory-backed temporary directory would lose it.
             let quiet = format!("warn,{}=error", lienthong_store::VOLATILE_LOG_TARGET);
-            init_logging(&cli.log_format, Some(if temp.is_some() { &quiet } else { "warn" }));
+            init_logging(cli.log_format, Some(if temp.is_some() { &quiet } else { "warn" }));
             let mut federation = FederationOptions::new(dir);
             federation.seed = seed;
             federation.metrics_listen = metrics_listen;
@@ -280,7 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
             refuse_certificates,
             shutdown_grace,
         } => {
-            init_logging(&cli.log_format, Some("info"));
+            init_logging(cli.log_format, Some("info"));
             let kind = match kind {
                 RegisterKind::CivilStatus => lienthong_provider::demo::DemoRegisterKind::CivilStatus,
                 RegisterKind::JudicialRecords => lienthong_provider::demo::DemoRegisterKind::JudicialRecords,
@@ -304,12 +328,20 @@ async fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let addr = listener.local_addr()?.to_string();
             stderr_line(
-                cli.log_format == "json",
+                cli.log_format == LogFormat::Json,
                 "INFO",
                 &format!("{member} register serving on {addr}"),
                 &[("addr", addr.clone())],
             );
-            lienthong_provider::demo::run_demo_register(kind, seed, tls, config, listener, shutdown_signal()).await?;
+            lienthong_provider::demo::run_demo_register(
+                kind,
+                seed,
+                tls,
+                config,
+                listener,
+                lienthong_cli::shutdown_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Certs(CertsCmd::Init {
@@ -317,7 +349,7 @@ async fn run(cli: Cli) -> Result<()> {
             trust_domain,
             hosts,
         }) => {
-            lienthong_tls::init_dir_with_hosts(&dir, &trust_domain, &hosts)?;
+            lienthong_tls::init_dir_with_hosts(&dir, &trust_domain, &with_local_names(hosts))?;
             println!(
                 "federation CA and broker certificate written to {} (trust domain {trust_domain})",
                 dir.display()
@@ -330,6 +362,7 @@ async fn run(cli: Cli) -> Result<()> {
             dir,
             hosts,
         }) => {
+            let hosts = with_local_names(hosts);
             let (cert, key) = match member {
                 Some(member) if !broker_cert => lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?,
                 _ => lienthong_tls::issue_broker_in_dir(&dir, &hosts)?,
@@ -356,33 +389,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Audit(c) => commands::audit(&cli.connect, c, cli.json).await,
         Command::Health(a) => health::run(&cli.connect, a).await,
         Command::Bench(a) => {
-            init_logging(&cli.log_format, Some("warn"));
+            init_logging(cli.log_format, Some("warn"));
             lienthong_cli::bench::run(a, cli.json).await
         }
         Command::BenchBare(a) => lienthong_cli::bare::serve(a).await,
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -417,7 +427,7 @@ fn stderr_line(json: bool, level: &str, message: &str, fields: &[(&str, String)]
 async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
     // Handlers are installed on the first poll: do it before starting, so a
     // SIGTERM during start-up also ends in a clean shutdown.
-    let signal = shutdown_signal();
+    let signal = lienthong_cli::shutdown_signal();
     tokio::pin!(signal);
     let _ = futures::poll!(&mut signal);
     // `lienthong bench` reads the plain form of this line (`METRICS_PREFIX`).
