@@ -115,6 +115,15 @@ pub enum VerifyError {
         /// Entries covered by the signed head.
         signed: u64,
     },
+    /// An entry could not be read (the broker's export broke off there), so
+    /// nothing from it on was checked.
+    #[error("entry {sequence} could not be read, so nothing from it on was checked: {message}")]
+    Unreadable {
+        /// The entry.
+        sequence: u64,
+        /// Why, as the source said.
+        message: String,
+    },
     /// An export line cannot be parsed.
     #[error("export line {line} is malformed: {message}")]
     Malformed {
@@ -206,7 +215,7 @@ pub fn verify_export(
     previous: Option<&SignedTreeHead>,
     consistency_proof: Option<&[Hash]>,
 ) -> Result<VerifyReport, VerifyError> {
-    verify_lines(lines.map(Ok), sth, public_key, previous, consistency_proof)
+    verify_entries(lines.map(Ok), sth, public_key, previous, consistency_proof)
 }
 
 /// [`verify_export`] over a JSON Lines reader; parse errors name the line.
@@ -217,10 +226,14 @@ pub fn verify_export_reader<R: BufRead>(
     previous: Option<&SignedTreeHead>,
     consistency_proof: Option<&[Hash]>,
 ) -> Result<VerifyReport, VerifyError> {
-    verify_lines(read_export(reader), sth, public_key, previous, consistency_proof)
+    verify_entries(read_export(reader), sth, public_key, previous, consistency_proof)
 }
 
-fn verify_lines(
+/// [`verify_export`] over entries as they arrive, each read either as a line
+/// or as the reason it could not be (which ends the verification with it).
+/// Entries are consumed one at a time and not kept: a log of any size
+/// verifies in the memory of its Merkle frontier.
+pub fn verify_entries(
     lines: impl Iterator<Item = Result<ExportLine, VerifyError>>,
     sth: &SignedTreeHead,
     public_key: &[u8; 32],
