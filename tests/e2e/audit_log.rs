@@ -540,3 +540,404 @@ async fn proofs_and_pages_past_the_log_get_codes_a_client_can_act_on() {
     assert!(stream.message().await.unwrap().is_none());
     fed.shutdown().await.unwrap();
 }
+
+/// The size of the head of `log_id` a verifier state file records.
+fn verified_size(state: &std::path::Path, log_id: &str) -> Option<u64> {
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(state).ok()?).ok()?;
+    state["logs"][log_id]["tree_size"].as_u64()
+}
+
+/// The CLI environment of the state auditor against a broker process.
+fn auditor_env(fed: &Federation, process: &BrokerProcess) -> Vec<(&'static str, String)> {
+    vec![
+        ("LIENTHONG_BROKER", process.url.clone()),
+        ("LIENTHONG_CERTS", fed.certs.display().to_string()),
+        ("LIENTHONG_AS", STATE_AUDIT.to_string()),
+    ]
+}
+
+/// Runs the CLI with an environment from [`auditor_env`].
+fn run_with(args: &[&str], env: &[(&'static str, String)]) -> (bool, String) {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    run_cli(args, &env)
+}
+
+/// Stops the federation's in-process broker, so that a broker process can
+/// take its data directory over.
+async fn stop_in_process_broker(fed: &mut Federation) {
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+}
+
+/// A federation whose first log was retired as a rescheduled pod retires it
+/// (a new key makes a new log; the old one stays in the database), served
+/// by a broker process; both logs verified once into `state`.
+struct RetiredLog {
+    _dir: tempfile::TempDir,
+    fed: Federation,
+    process: BrokerProcess,
+    old: String,
+    old_size: u64,
+    new: String,
+    state: std::path::PathBuf,
+}
+
+impl RetiredLog {
+    async fn start() -> RetiredLog {
+        let (dir, mut fed) = federation().await;
+        lookups(&fed, 3).await;
+        signed_up_to_date(&fed).await;
+        let old = fed.broker.broker.audit.log_id().to_string();
+        stop_in_process_broker(&mut fed).await;
+        let data = fed.dir.join("broker-data");
+        let kept = dir.path().join("old-log-key");
+        std::fs::create_dir_all(&kept).unwrap();
+        for file in ["audit-signing.key", "audit-head.json"] {
+            std::fs::rename(data.join(file), kept.join(file)).unwrap();
+        }
+        let process = BrokerProcess::start(&fed.config_path);
+        let env = auditor_env(&fed, &process);
+        let (ok, key) = run_with(&["--json", "audit", "key"], &env);
+        assert!(ok, "{key}");
+        let key: serde_json::Value = serde_json::from_str(&key).unwrap();
+        let new = key["log_id"].as_str().unwrap().to_string();
+        assert_ne!(new, old);
+        let state = dir.path().join("state.json");
+        let mut retired = RetiredLog {
+            _dir: dir,
+            fed,
+            process,
+            old,
+            old_size: 0,
+            new,
+            state,
+        };
+        let both_ok = eventually(Duration::from_secs(10), async || {
+            let (ok, out) = retired.verify(&[]);
+            ok && out.contains(&format!("log {}: OK", retired.old)) && out.contains(&format!("log {}: OK", retired.new))
+        })
+        .await;
+        assert!(both_ok, "both logs verify: {}", retired.verify(&[]).1);
+        retired.old_size = verified_size(&retired.state, &retired.old).unwrap();
+        assert!(retired.old_size > 3);
+        retired
+    }
+
+    fn verify(&self, extra: &[&str]) -> (bool, String) {
+        let mut args = vec!["audit", "verify", "--state", self.state.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run_with(&args, &auditor_env(&self.fed, &self.process))
+    }
+
+    /// The database, with the number of the old log.
+    async fn db(&self) -> (SqlitePool, i64) {
+        let pool = db(&self.fed).await;
+        let old_no = sqlx::query("SELECT log_no FROM audit_logs WHERE log_id = ?")
+            .bind(&self.old)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            .get(0);
+        (pool, old_no)
+    }
+
+    async fn shutdown(mut self) {
+        assert_eq!(self.process.terminate().code(), Some(0));
+        self.fed.shutdown_registers().await;
+    }
+}
+
+/// A log verified before whose signed heads, then whole self, were deleted
+/// from the database fails, naming the size verified before: online
+/// verification goes by the state file, not only by what the database lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_verify_fails_a_log_verified_before_that_was_deleted() {
+    let retired = RetiredLog::start().await;
+    let (old, new, old_size) = (&retired.old, &retired.new, retired.old_size);
+    let (pool, old_no) = retired.db().await;
+    sqlx::query("DELETE FROM tree_heads WHERE log_id = ?")
+        .bind(old)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (ok, out) = retired.verify(&[]);
+    assert!(
+        !ok && out.contains(&format!(
+            "log {old}: FAILED: it has no signed tree head, but one of size {old_size} was verified before"
+        )),
+        "{out}"
+    );
+    assert!(out.contains(&format!("log {new}: OK")), "{out}");
+
+    sqlx::query("PRAGMA foreign_keys = OFF").execute(&pool).await.unwrap();
+    for table in ["audit_entries", "audit_tree_nodes", "audit_subject_runs", "audit_logs"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE log_no = ?"))
+            .bind(old_no)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    pool.close().await;
+    let gone = format!(
+        "log {old}: FAILED: a signed tree head of size {old_size} was verified before, but the log is no longer in this federation's database"
+    );
+    let (ok, out) = retired.verify(&[]);
+    assert!(!ok && out.contains(&gone), "{out}");
+    let (ok, out) = retired.verify(&["--log", old]);
+    assert!(!ok && out.contains(&gone), "{out}");
+    assert_eq!(
+        verified_size(&retired.state, old),
+        Some(old_size),
+        "the state keeps naming it"
+    );
+    retired.shutdown().await;
+}
+
+/// A row of one log the broker cannot read fails that log, naming the
+/// entry; the other logs are still verified, and their state saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_entry_fails_its_log_only_and_names_the_entry() {
+    let retired = RetiredLog::start().await;
+    let (old, new) = (&retired.old, &retired.new);
+    let (pool, old_no) = retired.db().await;
+    let hash: Vec<u8> = sqlx::query("SELECT leaf_hash FROM audit_entries WHERE log_no = ? AND sequence = 1")
+        .bind(old_no)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
+    let set_hash = async |hash: &[u8]| {
+        sqlx::query("UPDATE audit_entries SET leaf_hash = ? WHERE log_no = ? AND sequence = 1")
+            .bind(hash)
+            .bind(old_no)
+            .execute(&pool)
+            .await
+            .unwrap();
+    };
+    // A one-byte leaf hash: a row the store refuses to decode.
+    set_hash(&[0]).await;
+    // The new log forgotten, to see its state saved again.
+    let mut saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&retired.state).unwrap()).unwrap();
+    saved["logs"].as_object_mut().unwrap().remove(new);
+    std::fs::write(&retired.state, saved.to_string()).unwrap();
+    let (ok, out) = retired.verify(&[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("log {old}: FAILED: entry 1 could not be read")),
+        "the unreadable entry is named: {out}"
+    );
+    assert!(
+        out.contains(&format!("log {new}: OK")),
+        "the other log is verified: {out}"
+    );
+    assert!(
+        verified_size(&retired.state, new).is_some(),
+        "and its state saved: {out}"
+    );
+    set_hash(&hash).await;
+    let (ok, out) = retired.verify(&[]);
+    assert!(ok, "{out}");
+    pool.close().await;
+    retired.shutdown().await;
+}
+
+/// `--log` with an id that is not one, or names no log: an error, never a
+/// silent success.
+#[tokio::test]
+async fn verify_of_a_log_not_in_the_database_is_an_error() {
+    let (dir, fed) = federation().await;
+    let state = dir.path().join("state.json");
+    let state = state.to_str().unwrap();
+    let own = fed.broker.broker.audit.log_id().to_string();
+    let verify =
+        async |log: &str| cli_as(&fed, STATE_AUDIT, &["audit", "verify", "--state", state, "--log", log]).await;
+    for malformed in [own.to_uppercase(), "nonsense".to_string()] {
+        let (ok, out) = verify(&malformed).await;
+        assert!(
+            !ok && out.contains(&format!("--log {malformed:?} is not a log id")),
+            "{out}"
+        );
+    }
+    let unknown = format!("{}0", &own[..63]);
+    let unknown = if unknown == own {
+        format!("{}1", &own[..63])
+    } else {
+        unknown
+    };
+    let (ok, out) = verify(&unknown).await;
+    assert!(
+        !ok && out.contains(&format!("log {unknown} is not in this federation's database")),
+        "{out}"
+    );
+    let (ok, out) = verify(&own).await;
+    assert!(ok && out.contains(&format!("log {own}: OK")), "{out}");
+    fed.shutdown().await.unwrap();
+}
+
+/// Online, entries past the signed head are not counted as verified: the
+/// summary says, in the offline words, that no signature covers them yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_verify_says_what_no_signature_covers_yet() {
+    let (dir, mut fed) = federation().await;
+    let own = fed.broker.broker.audit.log_id().to_string();
+    stop_in_process_broker(&mut fed).await;
+    // The broker again, signing hourly: an entry made now stays unsigned.
+    let config = std::fs::read_to_string(&fed.config_path).unwrap();
+    let hourly = config.replace("sign_interval_ms = 200", "sign_interval_ms = 3600000");
+    assert_ne!(hourly, config);
+    let hourly_path = dir.path().join("hourly.toml");
+    std::fs::write(&hourly_path, hourly).unwrap();
+    let mut process = BrokerProcess::start(&hourly_path);
+    let env = auditor_env(&fed, &process);
+    let (ok, out) = run_with(&["audit", "history", "--subject", &citizen_id(&fed, 3)], &env);
+    assert!(ok, "{out}");
+    let state = dir.path().join("state.json");
+    let (ok, out) = run_with(&["audit", "verify", "--state", state.to_str().unwrap()], &env);
+    let signed = verified_size(&state, &own).unwrap();
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "log {own}: OK, {} entries, signed tree head of size {signed} verified; entry {signed} is past it: its leaf hash is intact, but no signature covers it yet",
+            signed + 1
+        )),
+        "{out}"
+    );
+    assert_eq!(process.terminate().code(), Some(0));
+    fed.shutdown_registers().await;
+}
+
+/// A head, then an export, then the log's key, as an auditor fetches them.
+async fn offline_files(fed: &Federation) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    signed_up_to_date(fed).await;
+    let (ok, sth) = cli_as(fed, STATE_AUDIT, &["audit", "sth", "--json"]).await;
+    assert!(ok, "{sth}");
+    let sth_file = fed.dir.join("sth.json");
+    std::fs::write(&sth_file, sth).unwrap();
+    let export = fed.dir.join("log.jsonl");
+    let (ok, out) = cli_as(
+        fed,
+        STATE_AUDIT,
+        &["audit", "export", "--out", export.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let (ok, pem) = cli_as(fed, STATE_AUDIT, &["audit", "key"]).await;
+    assert!(ok, "{pem}");
+    let key_file = fed.dir.join("log-key.pem");
+    std::fs::write(&key_file, &pem).unwrap();
+    (export, sth_file, key_file)
+}
+
+/// `audit verify --export` with these files.
+fn verify_offline(
+    export: &std::path::Path,
+    sth: &std::path::Path,
+    key: &std::path::Path,
+    state: &std::path::Path,
+) -> (bool, String) {
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    run_cli(
+        &[
+            "audit",
+            "verify",
+            "--export",
+            &path(export),
+            "--sth",
+            &path(sth),
+            "--public-key",
+            &path(key),
+            "--state",
+            &path(state),
+        ],
+        &[],
+    )
+}
+
+/// A `--public-key` file that is not there is said to be missing, not to be
+/// bad key text.
+#[tokio::test]
+async fn a_missing_public_key_file_is_said_to_be_missing() {
+    let (_dir, fed) = federation().await;
+    let (export, sth, _) = offline_files(&fed).await;
+    let state = fed.dir.join("state.json");
+    let (ok, out) = verify_offline(&export, &sth, &fed.dir.join("log-key.pme"), &state);
+    assert!(!ok && out.contains("log-key.pme: No such file"), "{out}");
+    let (ok, out) = cli_as(
+        &fed,
+        STATE_AUDIT,
+        &[
+            "audit",
+            "verify",
+            "--state",
+            state.to_str().unwrap(),
+            "--public-key",
+            "/nonexistent/log-key.pem",
+        ],
+    )
+    .await;
+    assert!(!ok && out.contains("/nonexistent/log-key.pem: No such file"), "{out}");
+    fed.shutdown().await.unwrap();
+}
+
+/// A state that cannot be written does not make an intact log FAILED: the
+/// log is reported verified, and the saving fails with its cause; offline
+/// and online alike.
+#[tokio::test]
+async fn an_unwritable_state_is_not_a_failed_verification() {
+    let (_dir, fed) = federation().await;
+    lookups(&fed, 2).await;
+    signed_up_to_date(&fed).await;
+    let log_id = fed.broker.broker.audit.log_id().to_string();
+    let (export, sth, key) = offline_files(&fed).await;
+    let nowhere = fed.dir.join("no-such-dir/state.json");
+    let (ok, out) = verify_offline(&export, &sth, &key, &nowhere);
+    let online = cli_as(
+        &fed,
+        STATE_AUDIT,
+        &["audit", "verify", "--state", nowhere.to_str().unwrap()],
+    )
+    .await;
+    for (ok, out) in [(ok, out), online] {
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(&format!("log {log_id}: OK")) && !out.contains("FAILED"),
+            "{out}"
+        );
+        assert!(
+            out.contains("could not be saved") && out.contains("No such file or directory"),
+            "{out}"
+        );
+    }
+    fed.shutdown().await.unwrap();
+}
+
+/// An export older than the head it is checked against (the head fetched
+/// after it, as the documentation once said) is no tampering alarm: the
+/// failure says to fetch the head first, and that order verifies.
+#[tokio::test]
+async fn an_export_older_than_its_head_says_to_fetch_the_head_first() {
+    let (_dir, fed) = federation().await;
+    let (export, _, key) = offline_files(&fed).await;
+    let exported = std::fs::read_to_string(&export).unwrap().lines().count();
+    lookups(&fed, 2).await;
+    let later = signed_up_to_date(&fed).await;
+    let (ok, sth) = cli_as(&fed, STATE_AUDIT, &["audit", "sth", "--json"]).await;
+    assert!(ok, "{sth}");
+    let later_sth = fed.dir.join("sth-later.json");
+    std::fs::write(&later_sth, sth).unwrap();
+    let state = fed.dir.join("state.json");
+    let (ok, out) = verify_offline(&export, &later_sth, &key, &state);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "the export ends after {exported} entries, but the signed tree head covers {later}"
+        )) && out.contains("fetch the head first"),
+        "{out}"
+    );
+    assert!(!out.contains("export truncated"), "{out}");
+    let (export, sth, key) = offline_files(&fed).await;
+    let (ok, out) = verify_offline(&export, &sth, &key, &state);
+    assert!(ok, "{out}");
+    fed.shutdown().await.unwrap();
+}

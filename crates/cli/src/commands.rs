@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use lienthong::v1 as pb;
 use lienthong_audit::SignedTreeHead;
 use lienthong_audit::merkle::{Hash, verify_consistency, verify_inclusion};
-use lienthong_audit::verify::{ExportLine, VerifierState, verify_export};
+use lienthong_audit::verify::{ExportLine, VerifierState, VerifyError, VerifyReport, verify_entries};
 use std::io::Write;
 use std::path::PathBuf;
 use time::OffsetDateTime;
@@ -737,10 +737,12 @@ pub struct VerifyArgs {
     /// Offline: verify this export file (from `audit export`) against `--sth`.
     #[arg(long, requires = "sth")]
     pub export: Option<PathBuf>,
-    /// Offline: signed tree head as JSON (from `audit sth --json`).
+    /// Offline: signed tree head as JSON (from `audit sth --json`), fetched
+    /// before the export so that the export holds every entry it signs.
     #[arg(long)]
     pub sth: Option<PathBuf>,
-    /// Only this log (default: every log in the federation's database).
+    /// Only this log (default: every log in the federation's database, and
+    /// every log the state file names, which must still be there).
     #[arg(long)]
     pub log: Option<String>,
 }
@@ -986,8 +988,13 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
 }
 
 fn read_pinned_key(spec: &str) -> Result<[u8; 32]> {
-    let text = if std::path::Path::new(spec).is_file() {
-        std::fs::read_to_string(spec).with_context(|| format!("cannot read {spec}"))?
+    let trimmed = spec.trim();
+    let inline =
+        trimmed.starts_with("-----BEGIN") || (trimmed.len() == 64 && trimmed.bytes().all(|b| b.is_ascii_hexdigit()));
+    // A key given inline is read as such unless a file of that name exists;
+    // anything else names a file, and a missing one is said to be missing.
+    let text = if !inline || std::path::Path::new(spec).is_file() {
+        std::fs::read_to_string(spec).with_context(|| format!("cannot read the public key file {spec}"))?
     } else {
         spec.to_string()
     };
@@ -1001,11 +1008,19 @@ fn read_pinned_key(spec: &str) -> Result<[u8; 32]> {
 /// moved, where the signed roots alone only tell that something changed.
 struct Mirror {
     path: PathBuf,
+    /// The copy kept from the last run, overwritten entry by entry with this
+    /// run's leaf hashes as they stream past.
     hashes: Vec<u8>,
+    /// Entries the head being verified signs: only those are kept.
+    covered: u64,
+    /// Entries seen so far in this run.
+    seen: u64,
+    /// The first entry whose leaf hash differs from the copy kept.
+    first_difference: Option<u64>,
 }
 
 impl Mirror {
-    fn load(state: &std::path::Path, log_id: &str) -> Result<Mirror> {
+    fn load(state: &std::path::Path, log_id: &str, covered: u64) -> Result<Mirror> {
         // The id comes from a file that may have been tampered with: only a
         // log id's hex digits may name a file.
         if log_id.len() != 64 || !log_id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -1025,27 +1040,45 @@ impl Mirror {
                 path.display()
             );
         }
-        Ok(Mirror { path, hashes })
+        Ok(Mirror {
+            path,
+            hashes,
+            covered,
+            seen: 0,
+            first_difference: None,
+        })
     }
 
-    /// The first entry whose leaf differs from the copy verified before.
-    fn first_difference(&self, lines: &[ExportLine]) -> Option<u64> {
-        self.hashes
-            .chunks_exact(32)
-            .zip(lines)
-            .enumerate()
-            .find_map(|(i, (kept, line))| {
-                (lienthong_audit::merkle::leaf_hash(line.leaf.as_bytes()) != kept).then_some(i as u64)
-            })
-    }
-
-    /// Keeps the hashes of the first `covered` entries (those a verified head signs).
-    fn save(&mut self, lines: &[ExportLine], covered: u64) -> Result<()> {
-        self.hashes.clear();
-        for line in lines.iter().take(covered as usize) {
-            self.hashes
-                .extend_from_slice(&lienthong_audit::merkle::leaf_hash(line.leaf.as_bytes()));
+    /// Compares the next entry with the copy kept, and keeps it in its place.
+    fn observe(&mut self, line: &ExportLine) {
+        let position = self.seen;
+        self.seen += 1;
+        if position >= self.covered {
+            return;
         }
+        // The stored hash rather than one computed again: the verifier
+        // checks it against the leaf before going on, and nothing is saved or
+        // compared unless every entry up to the failure passed that check.
+        let hash: Hash = hex::decode(&line.leaf_hash)
+            .ok()
+            .and_then(|h| h.try_into().ok())
+            .unwrap_or([0; 32]);
+        let at = usize::try_from(position).unwrap_or(usize::MAX).saturating_mul(32);
+        match self.hashes.get_mut(at..at.saturating_add(32)) {
+            Some(kept) => {
+                if *kept != hash && self.first_difference.is_none() {
+                    self.first_difference = Some(position);
+                }
+                kept.copy_from_slice(&hash);
+            }
+            None => self.hashes.extend_from_slice(&hash),
+        }
+    }
+
+    /// Keeps the hashes of the entries the verified head signs.
+    fn save(&mut self) -> Result<()> {
+        let covered = usize::try_from(self.covered).unwrap_or(usize::MAX).saturating_mul(32);
+        self.hashes.truncate(covered);
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, &self.hashes).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, &self.path).with_context(|| format!("cannot write {}", self.path.display()))?;
@@ -1053,42 +1086,43 @@ impl Mirror {
     }
 }
 
-/// Verifies one log's entries against its head and what this verifier saw before.
+/// Verifies one log's entries, as they arrive, against its head and what
+/// this verifier saw before. Only the mirror's 32 bytes an entry are kept.
 fn verify_log(
-    lines: Vec<ExportLine>,
+    lines: impl Iterator<Item = std::result::Result<ExportLine, VerifyError>>,
     head: &SignedTreeHead,
     key: &[u8; 32],
-    state: &mut VerifierState,
-    state_path: &std::path::Path,
+    previous: Option<&SignedTreeHead>,
+    mirror: &mut Mirror,
     proof: Option<&[Hash]>,
-) -> Result<lienthong_audit::verify::VerifyReport> {
-    use lienthong_audit::verify::VerifyError;
-    let mut mirror = Mirror::load(state_path, &head.log_id)?;
-    let previous = state.logs.get(&head.log_id).cloned();
-    let report = match verify_export(lines.iter().cloned(), head, key, previous.as_ref(), proof) {
-        Ok(report) => report,
+) -> Result<VerifyReport> {
+    let lines = lines.inspect(|line| {
+        if let Ok(line) = line {
+            mirror.observe(line);
+        }
+    });
+    match verify_entries(lines, head, key, previous, proof) {
+        Ok(report) => Ok(report),
         // Roots only say that something before a size changed; the kept copy
         // says which entry.
         Err(
             e @ (VerifyError::RootMismatch { .. }
             | VerifyError::RootMismatchSince { .. }
             | VerifyError::Inconsistent { .. }),
-        ) => match mirror.first_difference(&lines) {
+        ) => match mirror.first_difference {
             Some(n) => bail!(
                 "entry {n} differs from the copy verified on an earlier run: it was replaced, rewritten or moved ({e})"
             ),
-            None => return Err(e.into()),
+            None => Err(e.into()),
         },
-        Err(e) => return Err(e.into()),
-    };
-    mirror.save(&lines, head.tree_size)?;
-    state.logs.insert(head.log_id.clone(), head.clone());
-    Ok(report)
+        Err(e) => Err(e.into()),
+    }
 }
 
-/// What an offline verification proved, in the online form: entries past
-/// the signed head have intact leaf hashes, but no signature covers them yet.
-fn offline_summary(report: &lienthong_audit::verify::VerifyReport) -> String {
+/// What a verification proved, in the same words online and offline:
+/// entries past the signed head have intact leaf hashes, but no signature
+/// covers them yet.
+fn verified_summary(report: &VerifyReport) -> String {
     let signed = report.tree_head.tree_size;
     let mut line = format!(
         "log {}: OK, {} entries, signed tree head of size {signed} verified",
@@ -1107,6 +1141,21 @@ fn offline_summary(report: &lienthong_audit::verify::VerifyReport) -> String {
     line
 }
 
+/// An offline failure in words an auditor can act on.
+fn offline_failure(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<VerifyError>() {
+        // Offline, a head newer than the export is the usual cause, not
+        // tampering: the export cannot hold what was logged after it.
+        Some(VerifyError::Truncated { have, signed }) => format!(
+            "the export ends after {have} entries, but the signed tree head covers {signed}: entries {have}..{signed} \
+             are not in it. An export made before the head was fetched lacks them: fetch the head first \
+             (`audit sth --json`), then export (entries past the head are reported as not yet signed). An export \
+             made after the head that lacks them was truncated"
+        ),
+        _ => crate::error_text(e),
+    }
+}
+
 fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     let sth_path = v.sth.as_ref().context("--sth is required with --export")?;
     let sth: SignedTreeHead = serde_json::from_str(
@@ -1116,20 +1165,46 @@ fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
     let key = read_pinned_key(v.public_key.as_deref().context("--public-key is required offline")?)?;
     let mut state = VerifierState::load(&v.state)?;
     let file = std::fs::File::open(export).with_context(|| format!("cannot read {}", export.display()))?;
-    let lines = lienthong_audit::verify::read_export(std::io::BufReader::new(file))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
-    let report = verify_log(lines, &sth, &key, &mut state, &v.state, None)
-        .map_err(|e| anyhow::anyhow!("verification FAILED: {e}"))?;
-    state.save(&v.state)?;
-    println!("{}", offline_summary(&report));
+    let previous = state.previous(&sth.log_id).cloned();
+    let report = Mirror::load(&v.state, &sth.log_id, sth.tree_size)
+        .and_then(|mut mirror| {
+            let lines = lienthong_audit::verify::read_export(std::io::BufReader::new(file));
+            let report = verify_log(lines, &sth, &key, previous.as_ref(), &mut mirror, None)?;
+            Ok((report, mirror))
+        })
+        .map_err(|e| anyhow::anyhow!("verification FAILED: {}", offline_failure(&e)));
+    let (report, mut mirror) = report?;
+    println!("{}", verified_summary(&report));
+    // The result stands whatever happens to the state below: a failure to
+    // save it is reported as such, never as a failed verification.
+    let kept = mirror.save();
+    state.record(report.tree_head);
+    let saved = state.save(&v.state);
+    match (kept, saved) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), _) => Err(e.context(
+            "the log verified, but the copy of its leaf hashes (beside the state file) could not be saved",
+        )),
+        (_, Err(e)) => Err(anyhow::Error::new(e).context(
+            "the log verified, but the verifier state could not be saved: the next run cannot prove the log only grew since",
+        )),
+    }
+}
+
+type AuditClient = lienthong::v1::audit_client::AuditClient<tonic::transport::Channel>;
+
+/// Checks the form of a `--log` id, as receipts and `ListLogs` name logs.
+fn check_log_id(id: &str) -> Result<()> {
+    if id.len() != 64 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        bail!("--log {id:?} is not a log id: give 64 lowercase hex digits, as receipts and `audit verify` name logs");
+    }
     Ok(())
 }
 
-async fn verify_online(
-    c: &mut lienthong::v1::audit_client::AuditClient<tonic::transport::Channel>,
-    v: &VerifyArgs,
-) -> Result<()> {
+async fn verify_online(c: &mut AuditClient, v: &VerifyArgs) -> Result<()> {
+    if let Some(id) = &v.log {
+        check_log_id(id)?;
+    }
     let mut state = VerifierState::load(&v.state)?;
     let logs = c
         .list_logs(pb::ListLogsRequest {})
@@ -1137,6 +1212,7 @@ async fn verify_online(
         .map_err(status_error)?
         .into_inner()
         .logs;
+    let listed = |id: &str| logs.iter().any(|l| l.log_id == id);
     // A pinned key names exactly one log: the one whose id is its hash.
     let only = match v.public_key.as_deref().map(read_pinned_key).transpose()? {
         Some(pin) => {
@@ -1147,103 +1223,211 @@ async fn verify_online(
                     v.log.as_deref().unwrap_or_default()
                 );
             }
-            if !logs.iter().any(|l| l.log_id == id) {
+            // One verified before is reported below as missing.
+            if !listed(&id) && state.previous(&id).is_none() {
                 bail!("the log of the pinned public key ({id}) is not in this federation's database");
             }
             Some(id)
         }
-        None => v.log.clone(),
+        None => {
+            if let Some(id) = v
+                .log
+                .as_deref()
+                .filter(|id| !listed(id) && state.previous(id).is_none())
+            {
+                bail!(
+                    "log {id} is not in this federation's database (`audit verify` without --log verifies every log it holds)"
+                );
+            }
+            v.log.clone()
+        }
     };
-    let mut failures = 0;
-    for log in logs.iter().filter(|l| only.as_ref().is_none_or(|id| *id == l.log_id)) {
-        let key = key_from(&log.public_key)?;
-        // The log id is the hash of its key: a log cannot change keys unnoticed.
-        if lienthong_audit::keys::log_id_of(&key) != log.log_id {
-            println!("log {}: FAILED: its public key does not hash to its log id", log.log_id);
-            failures += 1;
-            continue;
-        }
-        let head = match c
-            .get_signed_tree_head(pb::GetSignedTreeHeadRequest {
-                log_id: log.log_id.clone(),
-            })
-            .await
-        {
-            Ok(h) => sth_from_pb(&h.into_inner())?,
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                println!("log {}: no signed tree head yet", log.log_id);
-                continue;
-            }
-            Err(s) => return Err(status_error(s)),
-        };
-        let previous = state.logs.get(&log.log_id).cloned();
-        let proof = match &previous {
-            Some(p) if p.tree_size > 0 && p.tree_size < head.tree_size => {
-                let r = c
-                    .get_consistency_proof(pb::GetConsistencyProofRequest {
-                        log_id: log.log_id.clone(),
-                        first: p.tree_size,
-                        second: head.tree_size,
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                let path = r.path.iter().map(|h| to_hash(h)).collect::<Result<Vec<_>>>()?;
-                if !verify_consistency(p.tree_size, head.tree_size, &p.root_hash, &head.root_hash, &path) {
-                    println!(
-                        "log {}: FAILED: the log of size {} does not extend the one verified before (size {}): it was rewritten",
-                        log.log_id, head.tree_size, p.tree_size
+    let wanted = |id: &str| only.as_deref().is_none_or(|o| o == id);
+    let mut failures = 0usize;
+    let mut unsaved = 0usize;
+    for log in logs.iter().filter(|l| wanted(&l.log_id)) {
+        let previous = state.previous(&log.log_id).cloned();
+        match verify_online_log(c, log, previous.as_ref(), &v.state).await {
+            Ok(None) => println!("log {}: no signed tree head yet", log.log_id),
+            Ok(Some((report, mut mirror))) => {
+                println!("{}", verified_summary(&report));
+                if let Err(e) = mirror.save() {
+                    eprintln!(
+                        "log {}: verified, but the copy of its leaf hashes could not be saved: {}",
+                        log.log_id,
+                        crate::error_text(&e)
                     );
-                    failures += 1;
-                    continue;
+                    unsaved += 1;
                 }
-                Some(path)
-            }
-            _ => None,
-        };
-        let mut stream = c
-            .export_entries(pb::ExportEntriesRequest {
-                filter: Some(pb::EntryFilter {
-                    log_id: log.log_id.clone(),
-                    ..Default::default()
-                }),
-                from_sequence: 0,
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let mut lines = Vec::new();
-        while let Some(e) = stream.message().await.map_err(status_error)? {
-            lines.push(ExportLine {
-                log_id: e.log_id,
-                sequence: e.sequence,
-                leaf_hash: hex::encode(&e.leaf_hash),
-                leaf: e.leaf_json,
-            });
-            if lines.len().is_multiple_of(50_000) {
-                eprint!(
-                    "\rlog {}: fetched {} entries",
-                    log.log_id.get(..12).unwrap_or(&log.log_id),
-                    lines.len()
-                );
-            }
-        }
-        match verify_log(lines, &head, &key, &mut state, &v.state, proof.as_deref()) {
-            Ok(report) => {
-                println!(
-                    "log {}: OK, {} entries, signed tree head of size {} verified",
-                    log.log_id, report.entries, head.tree_size
-                );
+                state.record(report.tree_head);
             }
             Err(e) => {
-                println!("log {}: FAILED: {e}", log.log_id);
+                println!("log {}: FAILED: {}", log.log_id, crate::error_text(&e));
                 failures += 1;
             }
         }
     }
-    state.save(&v.state)?;
+    // A log verified before cannot silently drop out of the federation.
+    for (id, head) in state.logs.iter().filter(|(id, _)| wanted(id) && !listed(id)) {
+        println!(
+            "log {id}: FAILED: a signed tree head of size {} was verified before, but the log is no longer in this \
+             federation's database: it was deleted",
+            head.tree_size
+        );
+        failures += 1;
+    }
+    let saved = state.save(&v.state);
+    if let Err(e) = &saved {
+        eprintln!(
+            "the verifier state could not be saved: {e}; the next run cannot prove the logs only grew since this one"
+        );
+    }
     if failures > 0 {
         bail!("{failures} log(s) failed verification");
     }
+    if saved.is_err() || unsaved > 0 {
+        bail!("the logs verified, but what was verified could not all be saved (see above)");
+    }
     Ok(())
+}
+
+/// Verifies one log online: `None` when it has no signed head yet (and none
+/// was verified before); an error says why it failed.
+async fn verify_online_log(
+    c: &mut AuditClient,
+    log: &pb::LogPublicKey,
+    previous: Option<&SignedTreeHead>,
+    state_path: &std::path::Path,
+) -> Result<Option<(VerifyReport, Mirror)>> {
+    let key = key_from(&log.public_key).context("its public key in the database is unusable")?;
+    // The log id is the hash of its key: a log cannot change keys unnoticed.
+    if lienthong_audit::keys::log_id_of(&key) != log.log_id {
+        bail!("its public key does not hash to its log id");
+    }
+    let head = match c
+        .get_signed_tree_head(pb::GetSignedTreeHeadRequest {
+            log_id: log.log_id.clone(),
+        })
+        .await
+    {
+        Ok(h) => sth_from_pb(&h.into_inner()).context("the broker sent a malformed signed tree head")?,
+        Err(s) if s.code() == tonic::Code::NotFound => match previous {
+            Some(p) => bail!(
+                "it has no signed tree head, but one of size {} was verified before: its signed tree heads were deleted",
+                p.tree_size
+            ),
+            None => return Ok(None),
+        },
+        Err(s) => return Err(status_error(s).context("cannot fetch its signed tree head")),
+    };
+    let proof = match previous {
+        Some(p) if p.tree_size > 0 && p.tree_size < head.tree_size => {
+            let r = c
+                .get_consistency_proof(pb::GetConsistencyProofRequest {
+                    log_id: log.log_id.clone(),
+                    first: p.tree_size,
+                    second: head.tree_size,
+                })
+                .await
+                .map_err(status_error)
+                .context("cannot fetch a consistency proof")?
+                .into_inner();
+            let path = r.path.iter().map(|h| to_hash(h)).collect::<Result<Vec<_>>>()?;
+            if !verify_consistency(p.tree_size, head.tree_size, &p.root_hash, &head.root_hash, &path) {
+                bail!(
+                    "the log of size {} does not extend the one verified before (size {}): it was rewritten",
+                    head.tree_size,
+                    p.tree_size
+                );
+            }
+            Some(path)
+        }
+        _ => None,
+    };
+    let mut mirror = Mirror::load(state_path, &log.log_id, head.tree_size)?;
+    let mut stream = c
+        .export_entries(pb::ExportEntriesRequest {
+            filter: Some(pb::EntryFilter {
+                log_id: log.log_id.clone(),
+                ..Default::default()
+            }),
+            from_sequence: 0,
+        })
+        .await
+        .map_err(status_error)
+        .context("cannot export its entries")?
+        .into_inner();
+    // Entries flow through the verifier as they arrive; none is kept.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    let verifier = {
+        let (head, previous) = (head.clone(), previous.cloned());
+        tokio::task::spawn_blocking(move || {
+            let lines = std::iter::from_fn(|| rx.blocking_recv());
+            let verified = verify_log(lines, &head, &key, previous.as_ref(), &mut mirror, proof.as_deref());
+            (verified, mirror)
+        })
+    };
+    let short_id = log.log_id.get(..12).unwrap_or(&log.log_id);
+    let mut fetched = 0u64;
+    loop {
+        let item = match stream.message().await {
+            Ok(Some(e)) => {
+                fetched += 1;
+                if fetched.is_multiple_of(50_000) {
+                    eprint!("\rlog {short_id}: fetched {fetched} entries");
+                }
+                Ok(ExportLine {
+                    log_id: e.log_id,
+                    sequence: e.sequence,
+                    leaf_hash: hex::encode(&e.leaf_hash),
+                    leaf: e.leaf_json,
+                })
+            }
+            Ok(None) => break,
+            Err(s) => Err(unreadable(c, &log.log_id, fetched, s).await),
+        };
+        let last = item.is_err();
+        // A closed channel: the verifier stopped at a bad entry.
+        if tx.send(item).await.is_err() || last {
+            break;
+        }
+    }
+    drop(tx);
+    if fetched >= 50_000 {
+        eprintln!();
+    }
+    let (verified, mirror) = verifier.await.context("the verifier stopped unexpectedly")?;
+    Ok(Some((verified?, mirror)))
+}
+
+/// Why the export broke off at entry `from`. An export reads a page of
+/// entries at a time, so a row the broker cannot read (INTERNAL) is looked
+/// for one entry at a time to name it.
+async fn unreadable(c: &mut AuditClient, log_id: &str, from: u64, status: tonic::Status) -> VerifyError {
+    let message = crate::error_text(&status_error(status.clone()));
+    let mut sequence = from;
+    if status.code() == tonic::Code::Internal {
+        for probe in from..from.saturating_add(1000) {
+            let page = c
+                .query_entries(pb::QueryEntriesRequest {
+                    filter: Some(pb::EntryFilter {
+                        log_id: log_id.to_string(),
+                        ..Default::default()
+                    }),
+                    page_size: 1,
+                    page_token: probe.to_string(),
+                })
+                .await;
+            match page {
+                Ok(p) if p.get_ref().entries.is_empty() => break,
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::Internal => {
+                    sequence = probe;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    VerifyError::Unreadable { sequence, message }
 }
