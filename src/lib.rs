@@ -9,6 +9,9 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 #[warn(clippy::all)]
 pub mod health;
 
+#[warn(clippy::all)]
+pub mod protocol;
+
 /// `lienthong.v1`: Admin, SchemaRegistry, Exchange, Audit.
 pub mod v1 {
     tonic::include_proto!("lienthong.v1");

@@ -4,10 +4,13 @@
 //! a few of its own failures are replaced by the ones the gRPC status-code
 //! spec gives, and a call refused before its handler ran (a message that
 //! cannot be decoded, too large, missing, one too many) is audited like any
-//! refusal.
+//! refusal. The rules themselves live in [`lienthong::protocol`], which the
+//! provider kit applies too; the broker's words, its one-message check and
+//! its audit are here.
 
 use crate::server::{Arrived, HttpRequest, HttpResponse};
 use crate::state::Broker;
+use lienthong::protocol::TonicFailure;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_tls::PeerInfo;
 use std::sync::Arc;
@@ -15,105 +18,78 @@ use std::time::Instant;
 use time::OffsetDateTime;
 use tonic::Code;
 
-/// A failure tonic answers by itself, before or around a handler.
+/// A failure tonic answers by itself, before or around a handler, or one
+/// the broker's [`OneMessage`] makes it answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum LibraryFailure {
-    /// The request message is over the service's decoding limit. tonic says
-    /// `OUT_OF_RANGE`; the spec says `RESOURCE_EXHAUSTED`, and the audit
+    /// One of tonic's own (see [`TonicFailure`]); the broker's words for a
+    /// message over the limit avoid `OUT_OF_RANGE` above all, since the audit
     /// service's `OUT_OF_RANGE` means "ask again later", which this is not.
-    TooLarge,
-    /// The request message is not the method's protobuf message (or its
-    /// frame is broken): `INTERNAL`, as the spec has it.
-    Undecodable,
-    /// A unary call without its request message: the spec's request
-    /// cardinality violation, `UNIMPLEMENTED`; tonic says `INTERNAL`.
-    NoMessage,
-    /// The client's `grpc-timeout` passed before any answer (a call that
-    /// waited for an exchange turn, or a deadline shorter than the broker's
-    /// margin): the spec's `DEADLINE_EXCEEDED`; tonic says `CANCELLED`.
-    TimedOut,
+    Tonic(TonicFailure),
     /// A call that takes one request message sent a second one: the spec's
     /// request cardinality violation, `UNIMPLEMENTED`; tonic would read and
     /// drop it, and run the call on the first.
     ManyMessages,
-    /// The request is compressed with an encoding the broker does not
-    /// accept: `UNIMPLEMENTED` with `grpc-accept-encoding`, as the spec has
-    /// it; only the words change, since tonic's echo the client's header.
-    UnknownEncoding,
 }
 
+/// The client's `grpc-timeout` passed before any answer (a call that waited
+/// for an exchange turn, or a deadline shorter than the broker's margin).
+pub(crate) const TIMED_OUT: LibraryFailure = LibraryFailure::Tonic(TonicFailure::TimedOut);
+
 impl LibraryFailure {
-    /// Which of tonic's own failures `status` is, from the texts tonic 0.14
-    /// gives them (the end-to-end tests send each one, so a change of text in
-    /// a tonic upgrade fails them).
+    /// Which of tonic's own failures `status` is (see [`TonicFailure::of`]),
+    /// or the broker's answer to a second request message.
     pub(crate) fn of(status: &tonic::Status) -> Option<LibraryFailure> {
-        let message = status.message();
-        match status.code() {
-            Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
-                Some(LibraryFailure::TooLarge)
-            }
-            // A compressed message that decompresses past the limit.
-            Code::ResourceExhausted if message.starts_with("Error decompressing: size limit") => {
-                Some(LibraryFailure::TooLarge)
-            }
-            Code::Internal if message == "Missing request message." => Some(LibraryFailure::NoMessage),
-            Code::Internal
-                if message.starts_with("failed to decode Protobuf message")
-                    || message.starts_with("protocol error: received message with")
-                    || message.starts_with("Error decompressing: ")
-                    || message == "Unexpected EOF decoding stream." =>
-            {
-                Some(LibraryFailure::Undecodable)
-            }
-            Code::Unimplemented if message == MANY_MESSAGES => Some(LibraryFailure::ManyMessages),
-            Code::Unimplemented if message.starts_with("Content is compressed with `") => {
-                Some(LibraryFailure::UnknownEncoding)
-            }
-            Code::Cancelled if message == "Timeout expired" => Some(LibraryFailure::TimedOut),
-            _ => None,
+        if status.code() == Code::Unimplemented && status.message() == MANY_MESSAGES {
+            return Some(LibraryFailure::ManyMessages);
         }
+        TonicFailure::of(status).map(LibraryFailure::Tonic)
     }
 
     /// The status a client gets instead: the spec's code and words a person
     /// can act on.
     fn status(self, original: &tonic::Status) -> tonic::Status {
-        match self {
-            LibraryFailure::TooLarge => tonic::Status::resource_exhausted(format!(
+        let failure = match self {
+            LibraryFailure::ManyMessages => return tonic::Status::unimplemented(MANY_MESSAGES),
+            LibraryFailure::Tonic(failure) => failure,
+        };
+        let words = match failure {
+            TonicFailure::TooLarge => format!(
                 "the request message is larger than this broker accepts ({}); send less in one call",
                 original.message().trim_start_matches("Error, ")
-            )),
-            LibraryFailure::ManyMessages => tonic::Status::unimplemented(MANY_MESSAGES),
-            // tonic's `grpc-accept-encoding` header stays in the answer.
-            LibraryFailure::UnknownEncoding => tonic::Status::unimplemented(
-                "the request is compressed with an encoding this broker does not accept; \
-                 send it uncompressed or with gzip (grpc-accept-encoding)",
             ),
-            LibraryFailure::Undecodable => tonic::Status::internal(format!(
+            // tonic's `grpc-accept-encoding` header stays in the answer.
+            TonicFailure::UnknownEncoding => "the request is compressed with an encoding this broker does not \
+                                              accept; send it uncompressed or with gzip (grpc-accept-encoding)"
+                .to_owned(),
+            TonicFailure::Undecodable => format!(
                 "the request is not this method's protobuf message ({}); check that the client was \
                  built from the broker's .proto files (reflection serves them)",
                 original.message()
-            )),
-            LibraryFailure::NoMessage => {
-                tonic::Status::unimplemented("a unary call takes exactly one request message and this one sent none")
-            }
-            LibraryFailure::TimedOut => tonic::Status::deadline_exceeded(
-                "the call's deadline (grpc-timeout) passed before the broker could answer it; \
-                 nothing was released; retry with a longer deadline",
             ),
-        }
+            TonicFailure::NoMessage => {
+                "a unary call takes exactly one request message and this one sent none".to_owned()
+            }
+            TonicFailure::TimedOut => "the call's deadline (grpc-timeout) passed before the broker could answer it; \
+                                       nothing was released; retry with a longer deadline"
+                .to_owned(),
+        };
+        tonic::Status::new(failure.code(), words)
     }
 
     /// The reason in the audit entry of a call refused this way.
     fn reason(self) -> &'static str {
-        match self {
-            LibraryFailure::TooLarge => "malformed_request: the request message is over the size limit",
-            LibraryFailure::Undecodable => "malformed_request: the request message could not be decoded",
-            LibraryFailure::NoMessage => "malformed_request: the unary call sent no request message",
-            LibraryFailure::TimedOut => "deadline_exceeded: the client's deadline passed before the call started",
-            LibraryFailure::UnknownEncoding => {
+        let LibraryFailure::Tonic(failure) = self else {
+            return "malformed_request: the call sent more than one request message";
+        };
+        match failure {
+            TonicFailure::TooLarge => "malformed_request: the request message is over the size limit",
+            TonicFailure::Undecodable => "malformed_request: the request message could not be decoded",
+            TonicFailure::NoMessage => "malformed_request: the unary call sent no request message",
+            TonicFailure::TimedOut => "deadline_exceeded: the client's deadline passed before the call started",
+            TonicFailure::UnknownEncoding => {
                 "malformed_request: compressed with an encoding the broker does not accept"
             }
-            LibraryFailure::ManyMessages => "malformed_request: the call sent more than one request message",
         }
     }
 }
@@ -136,78 +112,17 @@ pub(crate) fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
     arrived.checked_add(timeout)
 }
 
-/// The status of a trailers-only answer, the form every error answer of
-/// tonic takes; `None` for an answer with a message (its status comes in the
-/// trailers).
-fn trailers_only_status(response: &HttpResponse) -> Option<tonic::Status> {
-    response.headers().get("grpc-status")?;
-    tonic::Status::from_header_map(response.headers())
-}
-
 /// How tonic refused a call before its handler ran, if it did.
 pub(crate) fn refused_unseen(response: &HttpResponse) -> Option<LibraryFailure> {
-    trailers_only_status(response).and_then(|s| LibraryFailure::of(&s))
-}
-
-/// Refuses what is not a gRPC call as the gRPC over HTTP/2 spec says: a
-/// method other than POST with 405, a content type other than
-/// `application/grpc` (or `+proto`, or with parameters) with 415. tonic would
-/// decode either as protobuf and answer it, to any HTTP/2 client, without a
-/// certificate on the health service.
-pub(crate) fn refuse_non_grpc(request: &HttpRequest) -> Option<HttpResponse> {
-    if request.method() != http::Method::POST {
-        return Some(plain(
-            http::StatusCode::METHOD_NOT_ALLOWED,
-            Some((http::header::ALLOW, "POST")),
-        ));
-    }
-    let grpc = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(is_grpc_content_type);
-    (!grpc).then(|| {
-        plain(
-            http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Some((http::header::ACCEPT, "application/grpc")),
-        )
-    })
-}
-
-/// `application/grpc`, `application/grpc+proto`, either with parameters.
-fn is_grpc_content_type(value: &str) -> bool {
-    let media = value.split(';').next().unwrap_or_default().trim();
-    media.eq_ignore_ascii_case("application/grpc") || media.eq_ignore_ascii_case("application/grpc+proto")
-}
-
-fn plain(status: http::StatusCode, header: Option<(http::header::HeaderName, &'static str)>) -> HttpResponse {
-    let mut response = http::Response::new(tonic::body::Body::empty());
-    *response.status_mut() = status;
-    if let Some((name, value)) = header {
-        response
-            .headers_mut()
-            .insert(name, http::HeaderValue::from_static(value));
-    }
-    response
+    lienthong::protocol::trailers_only_status(response).and_then(|s| LibraryFailure::of(&s))
 }
 
 /// Replaces the status of an answer tonic made for one of its own failures
 /// with the spec's; any other answer is returned as it is.
-pub(crate) fn conform(mut response: HttpResponse) -> HttpResponse {
-    let Some(status) = trailers_only_status(&response) else {
-        return response;
-    };
-    let Some(failure) = LibraryFailure::of(&status) else {
-        return response;
-    };
-    let headers = response.headers_mut();
-    headers.remove("grpc-message");
-    headers.remove("grpc-status-details-bin");
-    if failure.status(&status).add_header(headers).is_err() {
-        // Only a message that cannot be a header value fails; ours are ASCII.
-        tracing::warn!(?failure, "could not rewrite the status of a failed call");
-    }
-    response
+pub(crate) fn conform(response: HttpResponse) -> HttpResponse {
+    lienthong::protocol::conform(response, |status| {
+        LibraryFailure::of(status).map(|failure| failure.status(status))
+    })
 }
 
 /// The outer layer of every call: stamps its arrival, refuses what is not
@@ -248,7 +163,7 @@ where
 
     fn call(&mut self, mut request: HttpRequest) -> Self::Future {
         use futures::TryFutureExt;
-        if let Some(refused) = refuse_non_grpc(&request) {
+        if let Some(refused) = lienthong::protocol::refuse_non_grpc(&request) {
             return futures::future::Either::Left(std::future::ready(Ok(refused)));
         }
         // Stamped before any wait for an exchange slot, as tonic starts the
@@ -409,7 +324,7 @@ impl CallOrigin {
         event.actor = caller.id().to_string();
         event.request_id = crate::state::request_id_of(&request);
         event.action = rpc;
-        event.outcome = if failure == LibraryFailure::TimedOut {
+        event.outcome = if failure == TIMED_OUT {
             Outcome::Failed
         } else {
             Outcome::Invalid
@@ -425,6 +340,7 @@ impl CallOrigin {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use lienthong::protocol::refuse_non_grpc;
 
     fn request(method: http::Method, content_type: Option<&'static str>) -> HttpRequest {
         let mut r = http::Request::new(tonic::body::Body::empty());

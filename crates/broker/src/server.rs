@@ -632,7 +632,7 @@ impl RunToEnd {
                 drop(waiting);
                 let Some(Ok(turn)) = turn else {
                     if let Some(origin) = origin {
-                        origin.audit(crate::protocol::LibraryFailure::TimedOut).await;
+                        origin.audit(crate::protocol::TIMED_OUT).await;
                     }
                     drop(token);
                     return Ok(crate::protocol::waited_past_deadline());
