@@ -19,13 +19,17 @@ use arc_swap::ArcSwap;
 use futures::FutureExt;
 use lienthong::provider::v1::record_provider_server::{RecordProvider, RecordProviderServer};
 use lienthong::provider::v1::{FetchRequest, FetchResponse};
-use lienthong_tls::{AcceptOptions, Identity, ServerTls, incoming, peer_info};
+use lienthong_tls::{AcceptOptions, AuthError, Identity, ServerTls, incoming, peer_info};
 use serde_json::Value;
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::edge::{Connections, EdgeLayer, NonBrokerLimits};
 
 /// One lookup, as the broker asked for it.
 #[derive(Clone, Debug)]
@@ -125,21 +129,62 @@ pub struct ProviderConfig {
     /// A fetch abandoned so goes on in the background until it ends or the
     /// process exits, which closes its connection.
     pub shutdown_grace: Duration,
+    /// Calls at once on one connection (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`); the broker queues calls past it.
+    pub max_concurrent_streams: u32,
+    /// How often the register pings a connection that is quiet, and how long
+    /// it waits for the answer before closing it: a broker that vanished
+    /// without closing does not hold a connection for ever.
+    pub http2_keepalive_interval: Duration,
+    /// See [`ProviderConfig::http2_keepalive_interval`].
+    pub http2_keepalive_timeout: Duration,
+    /// Largest `FetchRequest` accepted, in bytes; a larger one is refused
+    /// with `RESOURCE_EXHAUSTED` before it is buffered whole.
+    pub max_request_bytes: usize,
+    /// How long a connection of a peer that is not the broker (no
+    /// certificate, a member's, a refused one) stays open: long enough for a
+    /// health check or to read why it is refused, then it is closed.
+    pub non_broker_connection_lifetime: Duration,
+    /// Connections of peers that are not the broker open at once; one more
+    /// is closed as soon as its handshake ends. The broker's own connections
+    /// are not counted, so such peers cannot crowd it out.
+    pub max_non_broker_connections: usize,
 }
 
 /// [`ProviderConfig::shutdown_grace`] unless set: longer than the broker's
 /// default deadline for a register call, so that a healthy drain loses nothing.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// [`ProviderConfig::max_concurrent_streams`] unless set: the broker's
+/// default concurrency limit per register (`relay.provider_concurrency`),
+/// so that it never waits on this one.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1_024;
+
+/// [`ProviderConfig::max_request_bytes`] unless set. A `FetchRequest` holds a
+/// record type, a query valid against its query schema (a national ID, a
+/// date), a few ids and the granted fields' JSON Pointers: a few KB. tonic's
+/// default of 4 MiB would let every stream hold that much while it is read.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
+
 impl ProviderConfig {
-    /// Default accept limits and grace period for `trust_domain`, no
-    /// certificate refused.
+    /// Default limits and grace period for `trust_domain`, no certificate
+    /// refused.
     pub fn new(trust_domain: impl Into<String>) -> Self {
         ProviderConfig {
             trust_domain: trust_domain.into(),
             accept: AcceptOptions::default(),
             refused_certificates: RefusedCertificates::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            // As the broker's own server does.
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            // A health check or a refusal takes a round trip or two.
+            non_broker_connection_lifetime: Duration::from_secs(10),
+            // Load balancers' probes and the odd misconfigured client; well
+            // under the accept loop's 256 handshakes at once.
+            max_non_broker_connections: 64,
         }
     }
 }
@@ -341,10 +386,18 @@ pub fn remote_parent(metadata: &MetadataMap) -> Option<opentelemetry::Context> {
 struct KitService {
     source: Arc<dyn RecordSource>,
     refused: RefusedCertificates,
+    trust_domain: String,
+    /// Fetches in flight, for the shutdown to wait for and count.
+    fetches: TaskTracker,
 }
 
-/// Refuses every caller but the broker, and a broker certificate in `refused`.
-fn authorize<T>(request: &Request<T>, refused: &RefusedCertificates) -> Result<(), Status> {
+/// Refuses every caller but the broker of `trust_domain`, and a broker
+/// certificate in `refused`.
+pub(crate) fn authorize<T>(
+    request: &Request<T>,
+    refused: &RefusedCertificates,
+    trust_domain: &str,
+) -> Result<(), Status> {
     let Some(peer) = peer_info(request) else {
         // Only reachable if the server was not started through `incoming`.
         return Err(Status::unauthenticated("connection carries no tls peer information"));
@@ -374,7 +427,15 @@ fn authorize<T>(request: &Request<T>, refused: &RefusedCertificates) -> Result<(
         }
         Err(reason) => {
             tracing::warn!(remote = ?peer.remote_addr, %reason, "refused unauthenticated fetch");
-            Err(Status::unauthenticated(reason.to_string()))
+            Err(Status::unauthenticated(match reason {
+                // The shared words send a caller to its member certificate,
+                // which a register refuses too.
+                AuthError::NoCertificate => format!(
+                    "no client certificate presented; only the broker may call this register, with its \
+                     certificate (spiffe://{trust_domain}/broker) issued by the federation CA"
+                ),
+                other => other.to_string(),
+            }))
         }
     }
 }
@@ -382,7 +443,8 @@ fn authorize<T>(request: &Request<T>, refused: &RefusedCertificates) -> Result<(
 #[tonic::async_trait]
 impl RecordProvider for KitService {
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
-        authorize(&request, &self.refused)?;
+        authorize(&request, &self.refused, &self.trust_domain)?;
+        let fetching = self.fetches.token();
         let trace_id = trace_id_from_metadata(request.metadata());
         let parent = remote_parent(request.metadata());
         let req = request.into_inner();
@@ -427,6 +489,7 @@ impl RecordProvider for KitService {
                     "fetch"
                 ),
             }
+            drop(fetching);
             result
                 .map(|record_json| Response::new(FetchResponse { record_json }))
                 .map_err(Status::from)
@@ -469,8 +532,9 @@ async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Resul
 /// Also serves `grpc.health.v1.Health`, reporting the `RecordProvider` service
 /// (and the server as a whole) as serving until `shutdown` resolves, then as
 /// not serving; its watches then end, as the drain would otherwise wait for
-/// watchers (a load balancer's) that never hang up. Fetches in flight then
-/// get [`ProviderConfig::shutdown_grace`] to finish.
+/// watchers (a load balancer's) that never hang up. Connections no call is on
+/// are then closed at once; fetches in flight get
+/// [`ProviderConfig::shutdown_grace`] to finish.
 pub async fn serve<F>(
     source: Arc<dyn RecordSource>,
     tls: Arc<ServerTls>,
@@ -487,13 +551,19 @@ where
             configured: config.trust_domain,
         });
     }
+    let connections = Arc::new(Connections::default());
     let health = lienthong::health::HealthReporter::new();
     health.set_serving::<RecordProviderServer<KitService>>();
     let health_service = health.service();
     let (draining, drain) = tokio::sync::oneshot::channel::<()>();
+    let closing = connections.clone();
     let shutdown = async move {
         shutdown.await;
         health.shut_down();
+        // A connection that never spoke HTTP/2, or will not answer its
+        // goodbye, would hold the drain for the whole grace period.
+        let closed = closing.close_idle();
+        tracing::debug!(closed, "idle connections closed for the shutdown");
         let _ = draining.send(());
     };
     let grace = config.shutdown_grace;
@@ -505,18 +575,38 @@ where
             "provider listening"
         );
     }
+    let fetches = TaskTracker::new();
     let service = RecordProviderServer::new(KitService {
         source,
-        refused: config.refused_certificates,
+        refused: config.refused_certificates.clone(),
+        trust_domain: config.trust_domain.clone(),
+        fetches: fetches.clone(),
+    })
+    .max_decoding_message_size(config.max_request_bytes);
+    let limits = NonBrokerLimits {
+        lifetime: config.non_broker_connection_lifetime,
+        max_connections: config.max_non_broker_connections,
+    };
+    let refused = config.refused_certificates.clone();
+    let admitting = connections.clone();
+    let incoming = incoming(listener, tls, config.accept).filter_map(move |accepted| match accepted {
+        Ok(stream) => admitting.admit(stream, limits, &refused).map(Ok),
+        Err(e) => Some(Err(e)),
     });
     let serving = tonic::transport::Server::builder()
         // The broker multiplexes hundreds of concurrent fetches on a few
         // connections; h2's default 64 KiB window would have it closed with
         // ENHANCE_YOUR_CALM at ~200 small requests queued on one.
         .initial_connection_window_size(Some(1 << 20))
+        // Without it tonic lifts hyper's default of 200: any peer, with or
+        // without a certificate, could hold any number of streams open.
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .layer(EdgeLayer::new(config.refused_certificates, config.trust_domain))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener, tls, config.accept), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::pin!(serving);
     // tonic waits for every call in flight, however long, once the signal
     // came: the grace period bounds that wait.
@@ -529,10 +619,24 @@ where
         Some(served) => served?,
         None => match tokio::time::timeout(grace, &mut serving).await {
             Ok(served) => served?,
-            Err(_) => tracing::warn!(
-                grace_ms = grace.as_millis() as u64,
-                "grace period over; fetches still in flight are abandoned"
-            ),
+            Err(_) => {
+                let abandoned = fetches.len();
+                // Those whose calls ended since, but whose peer did not say goodbye.
+                connections.close_idle();
+                if abandoned > 0 {
+                    tracing::warn!(
+                        grace_ms = grace.as_millis() as u64,
+                        fetches = abandoned,
+                        "grace period over; abandoning the fetches still in flight: {abandoned}"
+                    );
+                } else {
+                    tracing::info!(
+                        grace_ms = grace.as_millis() as u64,
+                        connections = connections.len(),
+                        "grace period over; no fetch in flight, connections still open are closed"
+                    );
+                }
+            }
         },
     }
     Ok(())

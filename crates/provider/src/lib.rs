@@ -8,10 +8,12 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+mod edge;
 pub mod kit;
 pub mod testing;
 
 pub use kit::{
-    DEFAULT_SHUTDOWN_GRACE, FetchContext, FetchError, ProviderConfig, ProviderError, RecordSource, RefusedCertificates,
-    read_refused_certificates, serve, trace_id_from_metadata,
+    DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SHUTDOWN_GRACE, FetchContext, FetchError,
+    ProviderConfig, ProviderError, RecordSource, RefusedCertificates, read_refused_certificates, serve,
+    trace_id_from_metadata,
 };

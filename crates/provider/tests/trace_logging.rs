@@ -105,3 +105,99 @@ async fn fetches_continue_the_callers_trace_and_never_log_the_query() {
     assert!(!logs.contains(&subject.national_id[6..]), "{logs}");
     assert!(!logs.contains(&subject.full_name), "{logs}");
 }
+
+/// The shutdown's warning is given only when fetches really are in flight,
+/// and says how many; a silent connection holds neither the shutdown nor
+/// brings the warning.
+#[tokio::test(flavor = "current_thread")]
+async fn the_shutdown_warns_of_abandoned_fetches_only_and_counts_them() {
+    use lienthong_provider::testing::{FaultMode, Faulty};
+    use lienthong_provider::{ProviderConfig, serve};
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let tls = Arc::new(ServerTls::new(&material(&ca, &IssueSpec::member("civil-status")), TD).unwrap());
+    let broker_config = client_config(
+        &material(&ca, &IssueSpec::broker()),
+        Some((TD, Identity::Member("civil-status".to_owned()))),
+    )
+    .unwrap();
+    let faulty = Faulty::new(Arc::new(CivilStatusRegister::new(SEED)));
+    let start = |grace: Duration| {
+        let (tls, faulty) = (tls.clone(), faulty.clone());
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("https://{}", listener.local_addr().unwrap());
+            let mut config = ProviderConfig::new(TD);
+            config.shutdown_grace = grace;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(serve(Arc::new(faulty), tls, config, listener, async move {
+                let _ = stopped.await;
+            }));
+            (url, stop, task)
+        }
+    };
+    let logs = || String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+
+    // A silent connection and no fetch: the register stops at once, without the warning.
+    let (url, stop, task) = start(Duration::from_secs(600)).await;
+    let dialer = lienthong_tls::Dialer::new(&url, broker_config.clone(), Duration::from_secs(5)).unwrap();
+    let mut silent = dialer.dial().await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The HTTP/2 preface and SETTINGS, then the server's SETTINGS: the
+        // register serves the connection, which then says nothing, not even goodbye.
+        silent
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            .await
+            .unwrap();
+        let mut settings = [0u8; 9];
+        silent.read_exact(&mut settings).await.unwrap();
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("a silent connection does not hold the shutdown")
+        .unwrap()
+        .unwrap();
+    assert!(!logs().contains("grace period over"), "{}", logs());
+    drop(silent);
+
+    // Two fetches that never end: the warning counts them.
+    faulty.set_mode(FaultMode::Sleep(Duration::from_secs(600)));
+    let (url, stop, task) = start(Duration::from_millis(300)).await;
+    let channel = connect_channel(&url, broker_config, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut hanging = Vec::new();
+    for _ in 0..2 {
+        let mut broker = RecordProviderClient::new(channel.clone());
+        let query = json!({ "national_id": citizen_national_id(SEED, 1) });
+        hanging.push(tokio::spawn(async move { broker.fetch(fetch_request(query)).await }));
+    }
+    while faulty.calls() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .expect("the register stops once its grace period is over")
+        .unwrap()
+        .unwrap();
+    let logs = logs();
+    let warning: Vec<&str> = logs.lines().filter(|l| l.contains("grace period over")).collect();
+    assert_eq!(warning.len(), 1, "{logs}");
+    assert!(warning[0].contains("WARN"), "{logs}");
+    assert!(warning[0].contains("fetches=2"), "{logs}");
+    assert!(warning[0].contains("still in flight: 2"), "{logs}");
+    for fetch in hanging {
+        fetch.abort();
+    }
+}
