@@ -39,9 +39,18 @@ pub fn ca(fed: &Federation) -> CertificateAuthority {
 
 /// Connects presenting an arbitrary certificate.
 pub async fn connect_with(fed: &Federation, cert_pem: &str, key_pem: &str) -> Clients {
+    connect_presenting(fed, &material(fed, cert_pem, key_pem)).await
+}
+
+/// `cert_pem` and `key_pem` with the federation's CA.
+pub fn material(fed: &Federation, cert_pem: &str, key_pem: &str) -> TlsMaterial {
     let ca = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
-    let material = TlsMaterial::from_pem(&ca, cert_pem, key_pem).unwrap();
-    let config = lienthong_tls::client_config(&material, None).unwrap();
+    TlsMaterial::from_pem(&ca, cert_pem, key_pem).unwrap()
+}
+
+/// Connects presenting `material`'s certificate, whatever its encoding.
+pub async fn connect_presenting(fed: &Federation, material: &TlsMaterial) -> Clients {
+    let config = lienthong_tls::client_config(material, None).unwrap();
     let channel = lienthong_tls::connect_channel(&fed.broker_url, config, Duration::from_secs(5))
         .await
         .unwrap();

@@ -273,6 +273,57 @@ async fn bad_revocations_are_refused_and_change_nothing() {
     fed.shutdown().await.unwrap();
 }
 
+/// A revoked member certificate re-encoded by whoever holds it and its key
+/// (its ECDSA signature (r, s) as the equally valid (r, n − s): same CA, same
+/// member, another fingerprint) is refused as the original is. And the other
+/// way round: revoking the re-encoded copy by its fingerprint refuses the
+/// original.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_re_encoded_is_still_refused() {
+    let (dir, fed) = federation().await;
+    let subject = citizen_id(&fed, 11);
+    let (cert, key) = issue(&fed, JUDICIAL_OFFICE);
+    let mut re_encoded = material(&fed, &cert, &key);
+    let fingerprint = lienthong_tls::fingerprint_hex(&lienthong_tls::sha256_fingerprint(&re_encoded.chain[0]));
+    re_encoded.chain[0] = lienthong_tls::testing::with_negated_signature(&re_encoded.chain[0]);
+    // A valid certificate of the member: served.
+    let open = connect_presenting(&fed, &re_encoded).await;
+    look_up_birth(&open, &subject).await.unwrap();
+
+    let file = write_pem(dir.path(), "leaked.pem", &cert);
+    let (ok, out) = cli_as(&fed, ADMIN, &["certs", "revoke", &file, "--reason", "key leaked"]).await;
+    assert!(ok && out.contains(&fingerprint), "{out}");
+    refused_with(&open, &["revoked", &fingerprint, "key leaked"]).await;
+    let err = look_up_birth(&open, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    refused_with(&connect_presenting(&fed, &re_encoded).await, &["revoked", &fingerprint]).await;
+
+    // Only the re-encoded copy is at hand (found with the intruder).
+    let (cert, key) = issue(&fed, JUDICIAL_OFFICE);
+    let copy = lienthong_tls::testing::with_negated_signature(&material(&fed, &cert, &key).chain[0]);
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            fingerprint_sha256: lienthong_tls::fingerprint_hex(&lienthong_tls::sha256_fingerprint(&copy)),
+            member: JUDICIAL_OFFICE.into(),
+            reason: "copy found on the intruder's server".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    refused_with(
+        &connect_with(&fed, &cert, &key).await,
+        &["revoked", "copy found on the intruder's server"],
+    )
+    .await;
+    // The member's other certificate works.
+    look_up_birth(&client(&fed, JUDICIAL_OFFICE).await, &subject)
+        .await
+        .unwrap();
+    fed.shutdown().await.unwrap();
+}
+
 /// A register's revoked certificate: the broker stops calling the register
 /// that presents it (a leaked register key must not let someone else answer
 /// for the register), and calls it again once it serves a new certificate.
@@ -319,6 +370,57 @@ async fn a_register_presenting_a_revoked_certificate_is_not_called() {
     ));
     replace_civil_endpoint(&fed, &url).await;
     look_up_birth(&office, &subject).await.unwrap();
+    let _ = stop.send(());
+    register.await.unwrap().unwrap();
+    fed.shutdown().await.unwrap();
+}
+
+/// A register presenting its revoked certificate re-encoded (same key, its
+/// ECDSA signature (r, s) as (r, n − s), another fingerprint) is not called
+/// either: the relay checks every encoding of the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_presenting_its_revoked_certificate_re_encoded_is_not_called() {
+    use lienthong_cli::federation::CIVIL_STATUS;
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 8);
+    let cert = std::fs::read_to_string(fed.certs.join(format!("{CIVIL_STATUS}.pem"))).unwrap();
+    let key = std::fs::read_to_string(fed.certs.join(format!("{CIVIL_STATUS}.key"))).unwrap();
+    let mut re_encoded = material(&fed, &cert, &key);
+    re_encoded.chain[0] = lienthong_tls::testing::with_negated_signature(&re_encoded.chain[0]);
+
+    // The register serves the re-encoded certificate: it is valid, and called.
+    let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&re_encoded, &fed.options.trust_domain).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let register = tokio::spawn(lienthong_provider::demo::run_demo_register(
+        lienthong_provider::demo::DemoRegisterKind::CivilStatus,
+        fed.options.seed,
+        tls,
+        lienthong_provider::ProviderConfig::new(&fed.options.trust_domain),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    replace_civil_endpoint(&fed, &url).await;
+    look_up_birth(&office, &subject).await.unwrap();
+
+    // The original is revoked, as the admin knows it.
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            certificate_pem: cert,
+            reason: "register's key copied off a backup tape".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(!err.message().contains(&subject), "{err:?}");
     let _ = stop.send(());
     register.await.unwrap().unwrap();
     fed.shutdown().await.unwrap();

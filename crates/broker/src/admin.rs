@@ -9,6 +9,7 @@ use lienthong::v1 as pb;
 use lienthong::v1::admin_server::Admin;
 use lienthong_core::{Endpoint, Fingerprint, Grant, GrantFields, Member, MemberId, RevokedCertificate, Role};
 use lienthong_store::{GrantQuery, GrantRevocation};
+use lienthong_tls::CertificateFingerprints;
 use std::future::Future;
 use std::sync::Arc;
 use time::OffsetDateTime;
@@ -210,14 +211,14 @@ impl Broker {
         Ok(convert::member(&m))
     }
 
-    /// Revokes a member certificate. `presented` is the fingerprint of the
-    /// certificate the call came with: an admin revoking it would lock
+    /// Revokes a member certificate. `presented` holds the fingerprints of
+    /// the certificate the call came with: an admin revoking it would lock
     /// itself out mid-way, so it is refused.
     async fn revoke_certificate(
         &self,
         caller: &Caller,
         r: pb::RevokeCertificateRequest,
-        presented: Option<Fingerprint>,
+        presented: Option<CertificateFingerprints>,
     ) -> Result<pb::RevokedCertificate> {
         let reason = one_line("the reason to revoke a certificate", &r.reason, 500)?;
         let given = (!r.fingerprint_sha256.trim().is_empty())
@@ -271,7 +272,7 @@ impl Broker {
             }
             (fingerprint, member, Some(cert.not_after))
         };
-        if presented == Some(fingerprint) {
+        if presented.is_some_and(|p| p.contains(&fingerprint.0)) {
             return Err(BrokerError::FailedPrecondition(
                 "this is the certificate this call was made with; revoke it from another admin certificate \
                  (`lienthong certs issue` makes one) so that you are not locked out"
@@ -586,7 +587,7 @@ impl Admin for AdminService {
         request: Request<pb::RevokeCertificateRequest>,
     ) -> std::result::Result<Response<pb::RevokedCertificate>, Status> {
         let caller = self.admin(&request, "Admin.RevokeCertificate").await?;
-        let presented = lienthong_tls::peer_info(&request).and_then(|p| p.fingerprint.map(Fingerprint));
+        let presented = lienthong_tls::peer_info(&request).and_then(|p| p.fingerprints.clone());
         let r = request.into_inner();
         let target = [&r.member, &r.fingerprint_sha256]
             .into_iter()

@@ -502,8 +502,9 @@ fn check_peer(
         }
     };
     if let Some(revoked) = peer
-        .fingerprint
-        .and_then(|fp| snapshot.revoked_certificate(&Fingerprint(fp)))
+        .fingerprints
+        .as_ref()
+        .and_then(|f| f.iter().find_map(|fp| snapshot.revoked_certificate(&Fingerprint(*fp))))
     {
         return Err((
             id.clone(),

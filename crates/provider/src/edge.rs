@@ -31,7 +31,11 @@ type HttpRequest = http::Request<tonic::body::Body>;
 
 /// Whether `peer` is the broker with a certificate this register accepts.
 fn is_broker(peer: &PeerInfo, refused: &RefusedCertificates) -> bool {
-    matches!(peer.identity, Ok(Identity::Broker)) && !peer.fingerprint.is_some_and(|f| refused.contains(&f))
+    matches!(peer.identity, Ok(Identity::Broker))
+        && !peer
+            .fingerprints
+            .as_ref()
+            .is_some_and(|c| c.iter().any(|f| refused.contains(f)))
 }
 
 // === impl Connections ===

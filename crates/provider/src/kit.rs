@@ -411,7 +411,7 @@ pub(crate) fn authorize<T>(
                 "the broker's certificate expired during the connection; the broker must reconnect with its renewed certificate",
             ))
         }
-        Ok(Identity::Broker) => match peer.fingerprint.filter(|f| refused.contains(f)) {
+        Ok(Identity::Broker) => match peer.fingerprints.as_ref().and_then(|c| c.find(|f| refused.contains(f))) {
             None => Ok(()),
             Some(fingerprint) => {
                 let fingerprint = lienthong_tls::fingerprint_hex(&fingerprint);

@@ -536,6 +536,41 @@ async fn a_changed_refused_list_applies_to_open_connections_without_a_restart() 
     register.await.unwrap().unwrap();
 }
 
+/// The leaked broker certificate re-encoded by whoever holds it and its key:
+/// its ECDSA signature (r, s) as the equally valid (r, n − s), under another
+/// fingerprint. Served until listed; once the original's fingerprint is
+/// listed (as `openssl` prints it), refused as the original is, naming it.
+#[tokio::test]
+async fn a_refused_broker_certificate_re_encoded_is_still_refused() {
+    let fed = Federation::new();
+    let (mut leaked, fingerprint) = fed.broker_material();
+    leaked.chain[0] = lienthong_tls::testing::with_negated_signature(&leaked.chain[0]);
+    assert_ne!(lienthong_tls::sha256_fingerprint(&leaked.chain[0]), fingerprint);
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("refused.txt");
+    std::fs::write(&list, "# nothing refused yet\n").unwrap();
+    let mut config = ProviderConfig::new(TD);
+    config.refused_certificates = RefusedCertificates::watch_file(&list, Duration::from_millis(20)).unwrap();
+    let refused = config.refused_certificates.clone();
+    let (url, stop, register) = start_demo_register(&fed, DemoRegisterKind::CivilStatus, config).await;
+    let mut re_encoded = RecordProviderClient::new(fed.channel(&leaked, &url).await);
+    fetch(&mut re_encoded, BIRTH_RECORD, &birth_query(9)).await.unwrap();
+
+    std::fs::write(&list, format!("sha256 Fingerprint={}\n", openssl_form(&fingerprint))).unwrap();
+    wait_until(|| refused.contains(&fingerprint)).await;
+    let err = fetch(&mut re_encoded, BIRTH_RECORD, &birth_query(9)).await.unwrap_err();
+    assert_refused(&err, &fingerprint);
+    let mut reconnected = RecordProviderClient::new(fed.channel(&leaked, &url).await);
+    let err = fetch(&mut reconnected, BIRTH_RECORD, &birth_query(9))
+        .await
+        .unwrap_err();
+    assert_refused(&err, &fingerprint);
+    let mut new = fed.broker(&url).await;
+    fetch(&mut new, BIRTH_RECORD, &birth_query(9)).await.unwrap();
+    let _ = stop.send(());
+    register.await.unwrap().unwrap();
+}
+
 /// The fingerprint as `openssl x509 -noout -fingerprint -sha256` prints it.
 fn openssl_form(fingerprint: &[u8; 32]) -> String {
     fingerprint

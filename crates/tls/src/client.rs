@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::identity::{Identity, fingerprint_hex, identity_of, is_valid_trust_domain, sha256_fingerprint};
+use crate::identity::{CertificateFingerprints, Identity, fingerprint_hex, identity_of, is_valid_trust_domain};
 use crate::{TlsError, TlsMaterial, provider};
 
 /// HTTP/2 keep-alive ping interval of client connections: a dead peer is noticed
@@ -37,7 +37,9 @@ pub fn client_config(
     build_client_config(material, expected_server, None)
 }
 
-/// Tells whether a certificate, named by the SHA-256 of its DER encoding, was revoked.
+/// Tells whether a certificate, named by the SHA-256 of its DER encoding, was
+/// revoked. It is asked about every fingerprint of the server's certificate
+/// (see [`CertificateFingerprints`]), so a re-encoded copy is refused too.
 pub type RevocationCheck = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
 
 /// [`client_config`] pinned to `expected` in `trust_domain`, also refusing a
@@ -158,8 +160,11 @@ impl ServerCertVerifier for PinnedServerVerifier {
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let found = match identity_of(&parsed, &self.trust_domain) {
             Ok(identity) if identity == self.expected => {
-                let fingerprint = sha256_fingerprint(end_entity);
-                if self.is_revoked.as_ref().is_some_and(|r| (r.0)(&fingerprint)) {
+                let revoked = self
+                    .is_revoked
+                    .as_ref()
+                    .and_then(|r| CertificateFingerprints::of(end_entity).find(|f| (r.0)(f)));
+                if let Some(fingerprint) = revoked {
                     return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
                         Arc::new(RevokedServer {
                             server: self.expected.spiffe_uri(&self.trust_domain),

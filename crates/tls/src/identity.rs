@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::Path;
 
+use num_bigint::BigUint;
 use time::OffsetDateTime;
 
 use x509_parser::certificate::X509Certificate;
@@ -165,6 +166,137 @@ pub fn sha256_fingerprint(der: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(der).into()
 }
 
+/// The SHA-256 fingerprints one certificate can be presented under: the DER
+/// as presented, then that of each other encoding a verifier accepts as the
+/// same certificate. A refusal naming any of them names the certificate, so
+/// check refused, revoked or otherwise shut-out certificates against all of
+/// them, never against the presented one alone.
+///
+/// Why the other encodings are few, and all here. webpki (rustls) reads a
+/// certificate as strict DER: minimal lengths, no trailing bytes, a signature
+/// algorithm equal byte for byte to the one inside the signed
+/// `tbsCertificate`, a BIT STRING with no unused bits. The `tbsCertificate`
+/// (identity, key, validity) cannot change without the CA's key. That leaves
+/// the signature value:
+/// * ECDSA: (r, s) and (r, n − s) both verify (negating s negates the point
+///   whose x-coordinate must equal r, and a point and its negation share
+///   their x-coordinate), so anyone holding a certificate, with no key at all,
+///   can re-encode it under a new fingerprint. ring reads `ECDSA-Sig-Value`
+///   as strict DER with minimal INTEGERs and requires 1 ≤ s < n, so those two
+///   are the only encodings. The curve is the issuer's, which the certificate
+///   does not name: both curves ring verifies on (P-256, P-384) are tried; the
+///   wrong one gives an encoding no verifier accepts, which is harmless here.
+/// * Ed25519: ring refuses a non-canonical S (S ≥ L, RFC 8032 §5.1.7) and R is
+///   fixed bytes: one encoding.
+/// * RSA (PKCS#1 v1.5 and PSS): the signature is the integer below the
+///   modulus, read as exactly the modulus's length in bytes: one encoding; a
+///   different PSS signature needs the private key.
+///
+/// Operators keep naming a certificate by the fingerprint they know
+/// (`openssl x509 -noout -fingerprint -sha256`, `lienthong certs fingerprint`):
+/// whichever encoding they hashed, the presented one's fingerprints hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateFingerprints {
+    presented: [u8; 32],
+    equivalent: Vec<[u8; 32]>,
+}
+
+impl CertificateFingerprints {
+    /// The fingerprints of the DER-encoded certificate `der`. Bytes that are not
+    /// an ECDSA-signed certificate have their own fingerprint only.
+    pub fn of(der: &[u8]) -> Self {
+        CertificateFingerprints {
+            presented: sha256_fingerprint(der),
+            equivalent: ecdsa_equivalents(der).iter().map(|d| sha256_fingerprint(d)).collect(),
+        }
+    }
+
+    /// The fingerprint of the DER as presented.
+    pub fn presented(&self) -> [u8; 32] {
+        self.presented
+    }
+
+    /// Every fingerprint, the presented one first.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8; 32]> {
+        std::iter::once(&self.presented).chain(&self.equivalent)
+    }
+
+    /// Whether `fingerprint` names this certificate.
+    pub fn contains(&self, fingerprint: &[u8; 32]) -> bool {
+        self.iter().any(|f| f == fingerprint)
+    }
+
+    /// The first of these fingerprints `listed` holds: the one a list names
+    /// this certificate by.
+    pub fn find(&self, mut listed: impl FnMut(&[u8; 32]) -> bool) -> Option<[u8; 32]> {
+        self.iter().find(|f| listed(f)).copied()
+    }
+}
+
+/// The orders of the curves ring verifies ECDSA signatures on: P-256, P-384.
+const ECDSA_ORDERS: [&[u8]; 2] = [
+    &[
+        0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xBC, 0xE6,
+        0xFA, 0xAD, 0xA7, 0x17, 0x9E, 0x84, 0xF3, 0xB9, 0xCA, 0xC2, 0xFC, 0x63, 0x25, 0x51,
+    ],
+    &[
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xC7, 0x63, 0x4D, 0x81, 0xF4, 0x37, 0x2D, 0xDF, 0x58, 0x1A, 0x0D, 0xB2,
+        0x48, 0xB0, 0xA7, 0x7A, 0xEC, 0xEC, 0x19, 0x6A, 0xCC, 0xC5, 0x29, 0x73,
+    ],
+];
+
+/// `der` re-encoded (strict DER) with its ECDSA signature (r, s) replaced by
+/// (r, n − s), for the order n of each curve s is below; nothing unless `der`
+/// is a certificate signed with ECDSA.
+fn ecdsa_equivalents(der: &[u8]) -> Vec<Vec<u8>> {
+    let parts = yasna::parse_der(der, |r| {
+        r.read_sequence(|r| {
+            let tbs = r.next().read_der()?;
+            let algorithm = r.next().read_der()?;
+            let signature = r.next().read_bitvec_bytes()?;
+            Ok((tbs, algorithm, signature))
+        })
+    });
+    let Ok((tbs, algorithm, (signature, bits))) = parts else {
+        return Vec::new();
+    };
+    // ecdsa-with-SHA224/256/384/512 (RFC 5758), parameters absent.
+    let ecdsa = yasna::parse_der(&algorithm, |r| r.read_sequence(|r| r.next().read_oid()))
+        .is_ok_and(|oid| matches!(oid.components().as_slice(), [1, 2, 840, 10045, 4, 3, 1..=4]));
+    if !ecdsa || bits != 8 * signature.len() {
+        return Vec::new();
+    }
+    let rs = yasna::parse_der(&signature, |r| {
+        r.read_sequence(|r| Ok((r.next().read_bigint_bytes()?, r.next().read_bigint_bytes()?)))
+    });
+    let Ok(((r, true), (s, true))) = rs else {
+        return Vec::new();
+    };
+    let s = BigUint::from_bytes_be(&s);
+    ECDSA_ORDERS
+        .iter()
+        .map(|n| BigUint::from_bytes_be(n))
+        .filter(|n| s > BigUint::ZERO && s < *n)
+        .map(|n| {
+            let negated = (n - &s).to_bytes_be();
+            let signature = yasna::construct_der(|w| {
+                w.write_sequence(|w| {
+                    w.next().write_bigint_bytes(&r, true);
+                    w.next().write_bigint_bytes(&negated, true);
+                })
+            });
+            yasna::construct_der(|w| {
+                w.write_sequence(|w| {
+                    w.next().write_der(&tbs);
+                    w.next().write_der(&algorithm);
+                    w.next().write_bitvec_bytes(&signature, 8 * signature.len());
+                })
+            })
+        })
+        .collect()
+}
+
 /// A fingerprint as 64 lowercase hex digits, as `lienthong` prints it.
 pub fn fingerprint_hex(fingerprint: &[u8; 32]) -> String {
     hex::encode(fingerprint)
@@ -305,6 +437,100 @@ mod tests {
         ));
         assert!(matches!(summarize_pem("", "gov"), Err(TlsError::NoCertificate { .. })));
         assert!(summarize_pem(&issued.key_pem, "gov").is_err());
+    }
+
+    /// A CA of `trust_domain` signing with `alg`, loaded as an operator's own
+    /// CA would be, and a server checking client certificates against it.
+    fn ca_signing_with(
+        alg: &'static rcgen::SignatureAlgorithm,
+        dir: &Path,
+    ) -> (crate::CertificateAuthority, crate::ServerTls) {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        params.subject_alt_names = vec![rcgen::SanType::URI("spiffe://gov".try_into().unwrap())];
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("ca.key"), key.serialize_pem()).unwrap();
+        crate::keyfile::set_mode(&dir.join("ca.key"), 0o600);
+        let ca = crate::CertificateAuthority::load(&dir.join("ca.pem"), &dir.join("ca.key"), "gov").unwrap();
+        let server = ca.issue(&crate::IssueSpec::broker()).unwrap();
+        let material = crate::TlsMaterial::from_pem(&ca.cert_pem(), &server.cert_pem, &server.key_pem).unwrap();
+        let tls = crate::ServerTls::new(&material, "gov").unwrap();
+        (ca, tls)
+    }
+
+    /// A member certificate `ca` issues, as DER.
+    fn member_der(ca: &crate::CertificateAuthority) -> crate::CertificateDer<'static> {
+        let issued = ca.issue(&crate::IssueSpec::member("tax-office")).unwrap();
+        crate::material::certs(&issued.cert_pem, Path::new("<cert>"))
+            .unwrap()
+            .remove(0)
+    }
+
+    /// Whether the server takes `der` for member tax-office.
+    fn accepted(tls: &crate::ServerTls, der: crate::CertificateDer<'static>) -> bool {
+        tls.verify_peer(Some(&[der])).0 == Ok(Identity::Member("tax-office".into()))
+    }
+
+    /// The reviewer's attack: a refused certificate re-encoded with (r, n − s)
+    /// under a new fingerprint still verifies as the member, and a refusal of
+    /// the original still names it (and the other way round). Over many
+    /// certificates, so that s and n − s of every length are met.
+    #[test]
+    fn a_certificate_with_its_signature_negated_keeps_its_fingerprints() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, tls) = ca_signing_with(&rcgen::PKCS_ECDSA_P256_SHA256, dir.path());
+        for _ in 0..32 {
+            let original = member_der(&ca);
+            let malleated = crate::testing::with_negated_signature(&original);
+            assert!(accepted(&tls, malleated.clone()), "the re-encoded certificate verifies");
+            let (refused, presented) = (sha256_fingerprint(&original), sha256_fingerprint(&malleated));
+            assert_ne!(refused, presented);
+            let fingerprints = CertificateFingerprints::of(&malleated);
+            assert_eq!(fingerprints.presented(), presented);
+            assert!(fingerprints.contains(&refused));
+            assert_eq!(fingerprints.find(|f| *f == refused), Some(refused));
+            assert!(CertificateFingerprints::of(&original).contains(&presented));
+        }
+    }
+
+    /// Whatever curve the CA signs on (an operator may bring a P-384 CA),
+    /// the fingerprints hold exactly the encodings that verify: the
+    /// presented one and one other.
+    #[test]
+    fn the_fingerprints_hold_every_encoding_that_verifies() {
+        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384] {
+            let dir = tempfile::tempdir().unwrap();
+            let (ca, tls) = ca_signing_with(alg, dir.path());
+            let der = member_der(&ca);
+            let others = ecdsa_equivalents(&der);
+            assert!(!others.is_empty() && others.len() <= 2, "{alg:?}");
+            let verifying: Vec<_> = others
+                .iter()
+                .filter(|other| accepted(&tls, crate::CertificateDer::from(other.to_vec())))
+                .collect();
+            assert_eq!(verifying.len(), 1, "{alg:?}");
+            assert_ne!(verifying[0], &der.to_vec());
+            let fingerprints = CertificateFingerprints::of(verifying[0]);
+            assert!(fingerprints.contains(&sha256_fingerprint(&der)), "{alg:?}");
+        }
+    }
+
+    /// Ed25519 signatures have one encoding, and bytes that are no ECDSA
+    /// certificate only their own fingerprint.
+    #[test]
+    fn other_certificates_have_their_own_fingerprint_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, tls) = ca_signing_with(&rcgen::PKCS_ED25519, dir.path());
+        let der = member_der(&ca);
+        assert!(accepted(&tls, der.clone()));
+        let p256 = member_der(&crate::CertificateAuthority::generate("gov").unwrap());
+        for bytes in [&der[..], &p256[..p256.len() - 1], b"", b"\x30\x03\x02\x01\x01"] {
+            let fingerprints = CertificateFingerprints::of(bytes);
+            assert_eq!(fingerprints.iter().collect::<Vec<_>>(), [&sha256_fingerprint(bytes)]);
+        }
     }
 
     #[test]

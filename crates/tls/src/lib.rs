@@ -14,6 +14,8 @@
 //!   handshake, any client without a certificate from given CAs (the metrics listener).
 //! * [`client_config`], [`connect_channel`], [`Dialer`]: the client side, optionally
 //!   pinned to the exact SPIFFE identity of the server.
+//! * [`CertificateFingerprints`]: every SHA-256 fingerprint a certificate can be presented
+//!   under (its ECDSA signature re-encoded too), for checking refusals and revocations.
 //! * [`Coalesced`]: writes held until a flush, so an answer queued in steps leaves as one
 //!   TLS record.
 //!
@@ -27,6 +29,8 @@ mod keyfile;
 mod material;
 mod pki;
 mod server;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::path::PathBuf;
 
@@ -36,8 +40,8 @@ pub use client::{
 };
 pub use coalesce::Coalesced;
 pub use identity::{
-    AuthError, CertificateSummary, Identity, InvalidFingerprint, certificate_not_after, fingerprint_hex,
-    is_valid_trust_domain, parse_fingerprint, sha256_fingerprint, summarize_pem,
+    AuthError, CertificateFingerprints, CertificateSummary, Identity, InvalidFingerprint, certificate_not_after,
+    fingerprint_hex, is_valid_trust_domain, parse_fingerprint, sha256_fingerprint, summarize_pem,
 };
 pub use keyfile::{GroupAccess, KeyFileError, read_private_key};
 pub use material::{TlsFiles, TlsMaterial, read_trust_anchors};

@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::identity::{AuthError, Identity, identity_of, is_valid_trust_domain, sha256_fingerprint};
+use crate::identity::{AuthError, CertificateFingerprints, Identity, identity_of, is_valid_trust_domain};
 use crate::{Coalesced, TlsError, TlsMaterial, provider};
 
 /// What the server learned about a connected client.
@@ -43,9 +43,10 @@ pub struct PeerInfo {
     pub identity: Result<Identity, AuthError>,
     /// Expiry of the presented certificate, when one could be parsed.
     pub not_after: Option<OffsetDateTime>,
-    /// SHA-256 of the presented end-entity certificate, to check against
-    /// revocations; `None` when none was presented.
-    pub fingerprint: Option<[u8; 32]>,
+    /// The fingerprints of the presented end-entity certificate, to check
+    /// revocations against (all of them: see [`CertificateFingerprints`]);
+    /// `None` when none was presented.
+    pub fingerprints: Option<CertificateFingerprints>,
 }
 
 /// The peer of the connection a tonic request arrived on (set by [`incoming`]).
@@ -211,7 +212,9 @@ impl ServerTls {
             remote_addr: tcp.peer_addr().ok(),
             identity,
             not_after,
-            fingerprint: presented.and_then(|c| c.first()).map(|der| sha256_fingerprint(der)),
+            fingerprints: presented
+                .and_then(|c| c.first())
+                .map(|der| CertificateFingerprints::of(der)),
         }
     }
 }

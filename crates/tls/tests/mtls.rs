@@ -155,10 +155,14 @@ async fn member_certificate_identifies_the_member() {
         assert_eq!(peer.identity, Ok(Identity::Member("alpha".into())));
         assert!(peer.remote_addr.unwrap().ip().is_loopback());
         assert!(peer.not_after.unwrap() > OffsetDateTime::now_utc());
-        // The fingerprint revocations are checked against: the presented
+        // The fingerprints revocations are checked against: the presented
         // certificate's, not the CA's or the server's.
         assert_eq!(
-            peer.fingerprint,
+            peer.fingerprints,
+            Some(lienthong_tls::CertificateFingerprints::of(&client.chain[0]))
+        );
+        assert_eq!(
+            peer.fingerprints.as_ref().map(|f| f.presented()),
             Some(lienthong_tls::sha256_fingerprint(&client.chain[0]))
         );
     }
