@@ -130,6 +130,51 @@ async fn a_revoked_certificate_is_refused_while_the_members_new_one_works() {
     fed.shutdown().await.unwrap();
 }
 
+/// `certs revoke FILE` sends the broker the file's certificates only. A file
+/// holding a private key (the CA's key given by mistake, or a certificate
+/// with its key) is refused before anything is sent, and the key is not
+/// printed; a chain with text around it is sent as its certificate blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_from_a_file_holding_a_private_key_sends_nothing() {
+    let (dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let (cert, key) = issue(&fed, JUDICIAL_OFFICE);
+    let ca_key = fed.certs.join("ca.key");
+    let with_key = write_pem(dir.path(), "office-and-key.pem", &format!("{cert}{key}"));
+    let audited = admin_entries(&fed).await.len();
+    for (file, secret) in [
+        (ca_key.display().to_string(), std::fs::read_to_string(&ca_key).unwrap()),
+        (with_key, key.clone()),
+    ] {
+        let (ok, out) = cli_as(&fed, ADMIN, &["certs", "revoke", &file, "--reason", "leak"]).await;
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(&file) && out.contains("private key") && out.contains("not sent"),
+            "{out}"
+        );
+        for line in secret.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!out.contains(line), "the key is printed: {out}");
+        }
+    }
+    let empty = write_pem(dir.path(), "notes.txt", "the judicial office's old certificate\n");
+    let (ok, out) = cli_as(&fed, ADMIN, &["certs", "revoke", &empty, "--reason", "leak"]).await;
+    assert!(!ok && out.contains("holds no certificate"), "{out}");
+    // Nothing reached the broker: no revocation, no refused one audited.
+    assert!(revocations(&admin).await.is_empty());
+    assert_eq!(admin_entries(&fed).await.len(), audited);
+
+    let ca = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
+    let chain = write_pem(
+        dir.path(),
+        "chain.pem",
+        &format!("judicial office, issued 2026-11-27\n{cert}\nfederation CA\n{ca}"),
+    );
+    let (ok, out) = cli_as(&fed, ADMIN, &["certs", "revoke", &chain, "--reason", "leak"]).await;
+    assert!(ok && out.contains(JUDICIAL_OFFICE), "{out}");
+    refused_with(&connect_with(&fed, &cert, &key).await, &["revoked", "leak"]).await;
+    fed.shutdown().await.unwrap();
+}
+
 /// Bad revocations are refused with a message naming the problem, and
 /// change nothing; an admin cannot revoke the certificate it calls with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

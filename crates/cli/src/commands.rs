@@ -194,7 +194,7 @@ fn print_revoked(r: &pb::RevokedCertificate) {
 /// Revokes a member certificate at the broker.
 pub async fn revoke_certificate(conn: &ConnectArgs, args: RevokeCertArgs) -> Result<()> {
     let certificate_pem = match &args.file {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+        Some(path) => certificate_blocks(path)?,
         None => String::new(),
     };
     let mut c = conn.connect().await?.admin();
@@ -209,6 +209,39 @@ pub async fn revoke_certificate(conn: &ConnectArgs, args: RevokeCertArgs) -> Res
         .map_err(status_error)?;
     print_revoked(revoked.get_ref());
     Ok(())
+}
+
+/// The CERTIFICATE blocks of the PEM file `path`: all the broker is sent. A
+/// file holding a private key is refused, the key left unsent and unprinted.
+fn certificate_blocks(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut certificates = String::new();
+    let mut in_certificate = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(label) = line.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")) {
+            if label.contains("PRIVATE KEY") {
+                bail!(
+                    "{} holds a private key ({label}), which was not sent; give the certificate file instead \
+                     (`<member>.pem`, not `<member>.key`), or --fingerprint with --member",
+                    path.display()
+                );
+            }
+            in_certificate = label == "CERTIFICATE";
+        }
+        if in_certificate {
+            certificates.push_str(line);
+            certificates.push('\n');
+        }
+        if line == "-----END CERTIFICATE-----" {
+            in_certificate = false;
+        }
+    }
+    if certificates.is_empty() {
+        bail!("{} holds no certificate (-----BEGIN CERTIFICATE-----)", path.display());
+    }
+    // The broker reads the first; checked here so a wrong file fails before connecting.
+    lienthong_tls::summarize_pem(&certificates, "").with_context(|| format!("{} is not usable", path.display()))?;
+    Ok(certificates)
 }
 
 /// Lists revoked certificates, all or one member's.
