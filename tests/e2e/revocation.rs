@@ -397,23 +397,7 @@ async fn a_register_presenting_a_revoked_certificate_is_not_called() {
 
     // The register comes back with a new certificate on a new endpoint.
     let (cert, key) = issue(&fed, CIVIL_STATUS);
-    let ca_pem = std::fs::read_to_string(fed.certs.join("ca.pem")).unwrap();
-    let material = lienthong_tls::TlsMaterial::from_pem(&ca_pem, &cert, &key).unwrap();
-    let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &fed.options.trust_domain).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let register = tokio::spawn(lienthong_provider::demo::run_demo_register(
-        lienthong_provider::demo::DemoRegisterKind::CivilStatus,
-        fed.options.seed,
-        tls,
-        lienthong_provider::ProviderConfig::new(&fed.options.trust_domain),
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    replace_civil_endpoint(&fed, &url).await;
+    let (stop, register) = serve_civil_status(&fed, &material(&fed, &cert, &key)).await;
     look_up_birth(&office, &subject).await.unwrap();
     let _ = stop.send(());
     register.await.unwrap().unwrap();
@@ -435,21 +419,7 @@ async fn a_register_presenting_its_revoked_certificate_re_encoded_is_not_called(
     re_encoded.chain[0] = lienthong_tls::testing::with_negated_signature(&re_encoded.chain[0]);
 
     // The register serves the re-encoded certificate: it is valid, and called.
-    let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&re_encoded, &fed.options.trust_domain).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let register = tokio::spawn(lienthong_provider::demo::run_demo_register(
-        lienthong_provider::demo::DemoRegisterKind::CivilStatus,
-        fed.options.seed,
-        tls,
-        lienthong_provider::ProviderConfig::new(&fed.options.trust_domain),
-        listener,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    replace_civil_endpoint(&fed, &url).await;
+    let (stop, register) = serve_civil_status(&fed, &re_encoded).await;
     look_up_birth(&office, &subject).await.unwrap();
 
     // The original is revoked, as the admin knows it.
@@ -469,4 +439,31 @@ async fn a_register_presenting_its_revoked_certificate_re_encoded_is_not_called(
     let _ = stop.send(());
     register.await.unwrap().unwrap();
     fed.shutdown().await.unwrap();
+}
+
+/// A civil-status demo register presenting `material`, made the register's
+/// only endpoint; it stops when the sender is sent to or dropped.
+async fn serve_civil_status(
+    fed: &lienthong_cli::federation::Federation,
+    material: &lienthong_tls::TlsMaterial,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), lienthong_provider::ProviderError>>,
+) {
+    let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(material, &fed.options.trust_domain).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let register = tokio::spawn(lienthong_provider::demo::run_demo_register(
+        lienthong_provider::demo::DemoRegisterKind::CivilStatus,
+        fed.options.seed,
+        tls,
+        lienthong_provider::ProviderConfig::new(&fed.options.trust_domain),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    replace_civil_endpoint(fed, &url).await;
+    (stop, register)
 }
