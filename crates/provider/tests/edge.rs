@@ -363,3 +363,27 @@ async fn idle_connections_do_not_hold_the_shutdown() {
     assert!(closed_by_server(&mut mute, Duration::from_secs(5)).await);
     assert!(closed_by_server(&mut never_spoke, Duration::from_secs(5)).await);
 }
+
+/// A refused broker certificate, re-encoded by whoever holds it (its ECDSA
+/// signature (r, s) as the equally valid (r, n − s), another fingerprint),
+/// gets what any peer that is not the broker gets: its silent connection is
+/// closed.
+#[tokio::test]
+async fn a_refused_broker_certificate_re_encoded_is_not_the_broker() {
+    let fed = Federation::new();
+    let mut leaked = fed.material(&IssueSpec::broker());
+    let listed = lienthong_tls::sha256_fingerprint(&leaked.chain[0]);
+    leaked.chain[0] = lienthong_tls::testing::with_negated_signature(&leaked.chain[0]);
+    let mut config = ProviderConfig::new(TD);
+    config.non_broker_connection_lifetime = Duration::from_millis(200);
+    config.refused_certificates = lienthong_provider::RefusedCertificates::new([listed].into());
+    let register = Register::start(&fed, faulty(), config).await;
+    let pinned = client_config(&leaked, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
+    let mut silent = Dialer::new(&register.url, pinned, Duration::from_secs(5))
+        .unwrap()
+        .dial()
+        .await
+        .unwrap();
+    assert!(closed_by_server(&mut silent, Duration::from_secs(20)).await);
+    register.stop(Duration::from_secs(30)).await;
+}
