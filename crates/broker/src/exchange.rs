@@ -926,25 +926,9 @@ pub fn trace_id_of(traceparent: &str) -> Option<String> {
     (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit())).then(|| trace.to_ascii_lowercase())
 }
 
-/// The gRPC deadline a client sent (`grpc-timeout`, e.g. `250m`): at most
-/// eight ASCII digits and a unit, as the gRPC over HTTP/2 spec has it; any
-/// other value is ignored, as tonic's own timeout layer ignores it.
+/// The gRPC deadline a client sent (`grpc-timeout`), read as the kit reads it.
 pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    lienthong::protocol::grpc_timeout(metadata.as_ref())
 }
 
 #[cfg(test)]

@@ -340,17 +340,6 @@ impl CallOrigin {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use lienthong::protocol::refuse_non_grpc;
-
-    fn request(method: http::Method, content_type: Option<&'static str>) -> HttpRequest {
-        let mut r = http::Request::new(tonic::body::Body::empty());
-        *r.method_mut() = method;
-        if let Some(ct) = content_type {
-            r.headers_mut()
-                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ct));
-        }
-        r
-    }
 
     #[test]
     fn messages_are_counted_however_the_frames_cut_them() {
@@ -383,34 +372,6 @@ mod tests {
         assert_eq!(count.feed(&[1; 256]), 1);
         assert_eq!(count.feed(&[0, 0, 0, 0]), 1);
         assert_eq!(count.feed(&[0]), 2);
-    }
-
-    #[test]
-    fn only_grpc_calls_get_through() {
-        for ct in [
-            "application/grpc",
-            "application/grpc+proto",
-            "application/grpc; charset=utf-8",
-            "Application/GRPC",
-        ] {
-            assert!(
-                refuse_non_grpc(&request(http::Method::POST, Some(ct))).is_none(),
-                "{ct}"
-            );
-        }
-        for ct in [
-            None,
-            Some("application/json"),
-            Some("text/plain"),
-            Some("application/grpc+json"),
-            Some("application/grpc-web"),
-        ] {
-            let refused = refuse_non_grpc(&request(http::Method::POST, ct)).unwrap();
-            assert_eq!(refused.status(), http::StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct:?}");
-        }
-        let get = refuse_non_grpc(&request(http::Method::GET, Some("application/grpc"))).unwrap();
-        assert_eq!(get.status(), http::StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(get.headers()[http::header::ALLOW], "POST");
     }
 
     #[test]
