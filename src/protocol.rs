@@ -75,13 +75,14 @@ impl TonicFailure {
     }
 }
 
-/// The deadline a client sent (`grpc-timeout`, e.g. `250m`): at most eight
-/// ASCII digits and a unit, as the gRPC over HTTP/2 spec has it; any other
-/// value is ignored, as tonic's own timeout layer ignores it.
+/// The deadline a client sent (`grpc-timeout`, e.g. `250m`), read exactly as
+/// tonic's own timeout layer reads it (at most eight characters of a `u64`,
+/// so `+250m` too, and a unit; anything else is no deadline): the answers
+/// made at a deadline must be made for every value tonic's timer fires on.
 pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     let v = headers.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if digits.len() > 8 {
         return None;
     }
     let n: u64 = digits.parse().ok()?;
@@ -222,7 +223,9 @@ mod tests {
         assert_eq!(timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
-        for bad in ["", "m", "123456789m", "-1S", "1s", "1.5S"] {
+        // tonic's timer fires on it, so the deadline answer must be made for it.
+        assert_eq!(timeout("+300m"), Some(Duration::from_millis(300)));
+        for bad in ["", "m", "123456789m", "-1S", "1s", "1.5S", "+m"] {
             assert_eq!(timeout(bad), None, "{bad:?}");
         }
         assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);

@@ -94,6 +94,7 @@ impl Connections {
             inner: stream,
             closed: Box::pin(connection.close.clone().cancelled_owned()),
             lifetime: (!broker).then(|| Box::pin(tokio::time::sleep(limits.lifetime))),
+            refused: broker.then(|| refused.clone()),
             ended: false,
             caller: connection,
             _entry: Entry {
@@ -151,6 +152,10 @@ pub(crate) struct KitStream {
     inner: MtlsStream,
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     lifetime: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// For the broker's connection, the list that may come to refuse its
+    /// certificate: the connection then ends, so that a leaked key refused
+    /// after connecting keeps no connection exempt from the limits above.
+    refused: Option<RefusedCertificates>,
     ended: bool,
     caller: Arc<Connection>,
     _entry: Entry,
@@ -164,6 +169,14 @@ impl KitStream {
                 tracing::debug!(
                     remote = ?self.inner.peer().remote_addr,
                     "connection of a peer that is not the broker closed: its time is over"
+                );
+                self.ended = true;
+            } else if self.refused.as_ref().is_some_and(|r| !is_broker(self.inner.peer(), r)) {
+                // Checked whenever the connection reads or writes; an idle one
+                // does at the latest with its next keepalive ping.
+                tracing::info!(
+                    remote = ?self.inner.peer().remote_addr,
+                    "connection of the broker closed: its certificate is refused now"
                 );
                 self.ended = true;
             } else {

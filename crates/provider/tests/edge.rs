@@ -387,3 +387,51 @@ async fn a_refused_broker_certificate_re_encoded_is_not_the_broker() {
     assert!(closed_by_server(&mut silent, Duration::from_secs(20)).await);
     register.stop(Duration::from_secs(30)).await;
 }
+
+/// A gRPC health check over `send`: its HTTP status, or `None` when the
+/// connection is gone.
+async fn try_health_check(send: &h2::client::SendRequest<Bytes>, url: &str) -> Option<http::StatusCode> {
+    let request = http::Request::post(format!("{url}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.ok()?;
+    let (answer, mut body) = ready.send_request(request, false).ok()?;
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true).ok()?;
+    Some(
+        tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .ok()?
+            .ok()?
+            .status(),
+    )
+}
+
+/// Whoever holds a leaked broker key and connected before its certificate
+/// was refused keeps no connection exempt from the limits strangers meet.
+#[tokio::test]
+async fn the_brokers_connection_ends_once_its_certificate_is_refused() {
+    let fed = Federation::new();
+    let broker = fed.material(&IssueSpec::broker());
+    let refused = lienthong_provider::RefusedCertificates::default();
+    let mut config = ProviderConfig::new(TD);
+    config.refused_certificates = refused.clone();
+    let register = Register::start(&fed, faulty(), config).await;
+    let pinned = client_config(&broker, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
+    let dialer = Dialer::new(&register.url, pinned, Duration::from_secs(5)).unwrap();
+    let send = h2_client(dialer.dial().await.unwrap()).await;
+    assert_eq!(try_health_check(&send, &register.url).await, Some(http::StatusCode::OK));
+    refused.replace([lienthong_tls::sha256_fingerprint(&broker.chain[0])].into());
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let answer = try_health_check(&send, &register.url).await;
+        answers.push(answer);
+        if answer.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(answers.last(), Some(&None), "the connection still answers: {answers:?}");
+    register.stop(Duration::from_secs(30)).await;
+}
