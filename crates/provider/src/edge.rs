@@ -95,6 +95,7 @@ impl Connections {
             closed: Box::pin(connection.close.clone().cancelled_owned()),
             lifetime: (!broker).then(|| Box::pin(tokio::time::sleep(limits.lifetime))),
             refused: broker.then(|| refused.clone()),
+            stranger_lifetime: limits.lifetime,
             ended: false,
             caller: connection,
             _entry: Entry {
@@ -153,9 +154,11 @@ pub(crate) struct KitStream {
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     lifetime: Option<Pin<Box<tokio::time::Sleep>>>,
     /// For the broker's connection, the list that may come to refuse its
-    /// certificate: the connection then ends, so that a leaked key refused
-    /// after connecting keeps no connection exempt from the limits above.
+    /// certificate: the connection then gets a stranger's lifetime, so that
+    /// a leaked key refused after connecting keeps no connection exempt from
+    /// the limits strangers meet (its calls meanwhile are refused, saying why).
     refused: Option<RefusedCertificates>,
+    stranger_lifetime: Duration,
     ended: bool,
     caller: Arc<Connection>,
     _entry: Entry,
@@ -164,24 +167,28 @@ pub(crate) struct KitStream {
 impl KitStream {
     /// Whether the connection is to end; registers `cx` to hear when it is.
     fn ended(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.ended {
-            if self.lifetime.as_mut().is_some_and(|l| l.as_mut().poll(cx).is_ready()) {
-                tracing::debug!(
-                    remote = ?self.inner.peer().remote_addr,
-                    "connection of a peer that is not the broker closed: its time is over"
-                );
-                self.ended = true;
-            } else if self.refused.as_ref().is_some_and(|r| !is_broker(self.inner.peer(), r)) {
-                // Checked whenever the connection reads or writes; an idle one
-                // does at the latest with its next keepalive ping.
-                tracing::info!(
-                    remote = ?self.inner.peer().remote_addr,
-                    "connection of the broker closed: its certificate is refused now"
-                );
-                self.ended = true;
-            } else {
-                self.ended = self.closed.as_mut().poll(cx).is_ready();
-            }
+        if self.ended {
+            return true;
+        }
+        // Checked whenever the connection reads or writes; an idle one does
+        // at the latest with its next keepalive ping.
+        if self.refused.as_ref().is_some_and(|r| !is_broker(self.inner.peer(), r)) {
+            tracing::info!(
+                remote = ?self.inner.peer().remote_addr,
+                lifetime_ms = self.stranger_lifetime.as_millis() as u64,
+                "the broker's certificate on this connection is refused now: it is closed as a stranger's would be"
+            );
+            self.refused = None;
+            self.lifetime = Some(Box::pin(tokio::time::sleep(self.stranger_lifetime)));
+        }
+        if self.lifetime.as_mut().is_some_and(|l| l.as_mut().poll(cx).is_ready()) {
+            tracing::debug!(
+                remote = ?self.inner.peer().remote_addr,
+                "connection of a peer that is not the broker closed: its time is over"
+            );
+            self.ended = true;
+        } else {
+            self.ended = self.closed.as_mut().poll(cx).is_ready();
         }
         self.ended
     }

@@ -417,21 +417,26 @@ async fn the_brokers_connection_ends_once_its_certificate_is_refused() {
     let refused = lienthong_provider::RefusedCertificates::default();
     let mut config = ProviderConfig::new(TD);
     config.refused_certificates = refused.clone();
+    config.non_broker_connection_lifetime = Duration::from_millis(300);
     let register = Register::start(&fed, faulty(), config).await;
     let pinned = client_config(&broker, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
     let dialer = Dialer::new(&register.url, pinned, Duration::from_secs(5)).unwrap();
     let send = h2_client(dialer.dial().await.unwrap()).await;
+    // Longer than a stranger's lifetime: the broker's connection has none.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(try_health_check(&send, &register.url).await, Some(http::StatusCode::OK));
     refused.replace([lienthong_tls::sha256_fingerprint(&broker.chain[0])].into());
+    // Its calls are refused, saying why, until a stranger's lifetime is over.
     let mut answers = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..30 {
         let answer = try_health_check(&send, &register.url).await;
         answers.push(answer);
         if answer.is_none() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(answers.last(), Some(&None), "the connection still answers: {answers:?}");
+    assert!(answers.len() > 1, "closed before a stranger's lifetime: {answers:?}");
     register.stop(Duration::from_secs(30)).await;
 }
