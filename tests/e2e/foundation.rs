@@ -264,30 +264,29 @@ fn bad_config_files_exit_non_zero_naming_the_problem() {
     }
 }
 
-#[tokio::test]
-async fn a_broker_certificate_from_another_trust_domain_stops_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let (ok, out) = run_cli(
-        &[
-            "certs",
-            "init",
-            "--dir",
-            certs.to_str().unwrap(),
-            "--trust-domain",
-            "lienthong.gov.vn",
-        ],
-        &[],
-    );
+/// `lienthong certs init --dir DIR/certs ARGS`, and a default broker config
+/// using its files, with its data in DIR/data.
+fn config_after_certs_init(dir: &std::path::Path, args: &[&str]) -> lienthong_broker::config::Config {
+    let certs = dir.join("certs");
+    let mut all = vec!["certs", "init", "--dir", certs.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (ok, out) = run_cli(&all, &[]);
     assert!(ok, "{out}");
     let mut config = lienthong_broker::config::Config {
-        trust_domain: "tax.example".into(),
-        data_dir: dir.path().join("data"),
+        data_dir: dir.join("data"),
         ..Default::default()
     };
     config.tls.ca = certs.join("ca.pem");
     config.tls.cert = certs.join("broker.pem");
     config.tls.key = certs.join("broker.key");
+    config
+}
+
+#[tokio::test]
+async fn a_broker_certificate_from_another_trust_domain_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_after_certs_init(dir.path(), &["--trust-domain", "lienthong.gov.vn"]);
+    config.trust_domain = "tax.example".into();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let Err(e) = lienthong_broker::server::start(config.clone(), Some(listener)).await else {
         panic!("a broker whose certificate is in another trust domain must not start");
@@ -311,27 +310,9 @@ async fn a_broker_certificate_from_another_trust_domain_stops_the_start() {
 #[tokio::test]
 async fn a_broker_certificate_made_for_a_service_name_still_answers_local_health_probes() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
     // As deploy/README.md has it for Kubernetes: the Service's name.
-    let (ok, out) = run_cli(
-        &[
-            "certs",
-            "init",
-            "--dir",
-            certs.to_str().unwrap(),
-            "--host",
-            "lienthong-broker.lienthong.svc",
-        ],
-        &[],
-    );
-    assert!(ok, "{out}");
-    let mut config = lienthong_broker::config::Config {
-        data_dir: dir.path().join("data"),
-        ..Default::default()
-    };
-    config.tls.ca = certs.join("ca.pem");
-    config.tls.cert = certs.join("broker.pem");
-    config.tls.key = certs.join("broker.key");
+    let config = config_after_certs_init(dir.path(), &["--host", "lienthong-broker.lienthong.svc"]);
+    let certs = dir.path().join("certs");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let broker = lienthong_broker::server::start(config, Some(listener)).await.unwrap();
     let port = broker.addr.port();
