@@ -29,9 +29,12 @@ const HEALTH: &str = "/grpc.health.v1.Health/";
 /// A request as tonic's server hands it on.
 type HttpRequest = http::Request<tonic::body::Body>;
 
-/// Whether `peer` is the broker with a certificate this register accepts.
+/// Whether `peer` is the broker with a certificate this register accepts
+/// now: not refused and not expired (a connection outlives the certificate
+/// it was made with).
 fn is_broker(peer: &PeerInfo, refused: &RefusedCertificates) -> bool {
     matches!(peer.identity, Ok(Identity::Broker))
+        && peer.not_after.is_none_or(|t| t > time::OffsetDateTime::now_utc())
         && !peer
             .fingerprints
             .as_ref()
@@ -154,9 +157,10 @@ pub(crate) struct KitStream {
     closed: Pin<Box<WaitForCancellationFutureOwned>>,
     lifetime: Option<Pin<Box<tokio::time::Sleep>>>,
     /// For the broker's connection, the list that may come to refuse its
-    /// certificate: the connection then gets a stranger's lifetime, so that
-    /// a leaked key refused after connecting keeps no connection exempt from
-    /// the limits strangers meet (its calls meanwhile are refused, saying why).
+    /// certificate: once refused or expired, the connection gets a stranger's
+    /// lifetime, so that a leaked key refused after connecting (or a
+    /// certificate past its end) keeps no connection exempt from the limits
+    /// strangers meet (its calls meanwhile are refused, saying why).
     refused: Option<RefusedCertificates>,
     stranger_lifetime: Duration,
     ended: bool,
@@ -176,7 +180,7 @@ impl KitStream {
             tracing::info!(
                 remote = ?self.inner.peer().remote_addr,
                 lifetime_ms = self.stranger_lifetime.as_millis() as u64,
-                "the broker's certificate on this connection is refused now: it is closed as a stranger's would be"
+                "the broker's certificate on this connection is refused or expired now: it is closed as a stranger's would be"
             );
             self.refused = None;
             self.lifetime = Some(Box::pin(tokio::time::sleep(self.stranger_lifetime)));

@@ -440,3 +440,34 @@ async fn the_brokers_connection_ends_once_its_certificate_is_refused() {
     assert!(answers.len() > 1, "closed before a stranger's lifetime: {answers:?}");
     register.stop(Duration::from_secs(30)).await;
 }
+
+/// A broker certificate that expires while its connection is open leaves
+/// that connection a stranger's limits, as a refused one does.
+#[tokio::test]
+async fn the_brokers_connection_ends_once_its_certificate_expires() {
+    let fed = Federation::new();
+    let mut spec = IssueSpec::broker();
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::milliseconds(1_500);
+    let broker = fed.material(&spec);
+    let mut config = ProviderConfig::new(TD);
+    config.non_broker_connection_lifetime = Duration::from_millis(300);
+    let register = Register::start(&fed, faulty(), config).await;
+    let pinned = client_config(&broker, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
+    let dialer = Dialer::new(&register.url, pinned, Duration::from_secs(5)).unwrap();
+    let send = h2_client(dialer.dial().await.unwrap()).await;
+    // Longer than a stranger's lifetime: the broker's connection has none.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(try_health_check(&send, &register.url).await, Some(http::StatusCode::OK));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let mut answers = Vec::new();
+    for _ in 0..30 {
+        let answer = try_health_check(&send, &register.url).await;
+        answers.push(answer);
+        if answer.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(answers.last(), Some(&None), "the connection still answers: {answers:?}");
+    register.stop(Duration::from_secs(30)).await;
+}
