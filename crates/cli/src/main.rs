@@ -99,6 +99,8 @@ enum Command {
         /// before their connections are closed.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
         shutdown_grace: std::time::Duration,
+        #[command(flatten)]
+        limits: RegisterLimits,
     },
     /// Create the federation CA, issue certificates, and revoke them at the broker.
     #[command(subcommand)]
@@ -138,6 +140,59 @@ enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// The register kit's limits on its connections, as `demo-provider` flags
+/// (defaults: the kit's own).
+#[derive(Debug, Clone, clap::Args)]
+struct RegisterLimits {
+    /// Calls at once on one connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`);
+    /// the broker queues calls past it.
+    #[arg(long, default_value_t = lienthong_provider::DEFAULT_MAX_CONCURRENT_STREAMS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    max_concurrent_streams: u32,
+    /// Largest fetch request accepted, in bytes; a larger one is refused with
+    /// RESOURCE_EXHAUSTED before it is read whole.
+    #[arg(long, default_value_t = lienthong_provider::DEFAULT_MAX_REQUEST_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1..=(64 << 20)))]
+    max_request_bytes: u64,
+    /// How often a quiet connection is pinged (HTTP/2 keepalive).
+    #[arg(long, value_parser = parse_positive_duration, default_value = "30s")]
+    keepalive_interval: std::time::Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, value_parser = parse_positive_duration, default_value = "10s")]
+    keepalive_timeout: std::time::Duration,
+    /// How long a connection of a peer that is not the broker (a load
+    /// balancer's probe, a member, a refused certificate) stays open.
+    #[arg(long, value_parser = parse_positive_duration, default_value = "10s")]
+    non_broker_connection_lifetime: std::time::Duration,
+    /// Connections of peers that are not the broker open at once; the
+    /// broker's own are not counted.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_non_broker_connections: u32,
+}
+
+impl RegisterLimits {
+    /// Sets these limits in `config`.
+    fn apply(&self, config: &mut lienthong_provider::ProviderConfig) {
+        config.max_concurrent_streams = self.max_concurrent_streams;
+        // Bounded by the parser to 64 MiB, which every target's usize holds.
+        config.max_request_bytes = usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX);
+        config.http2_keepalive_interval = self.keepalive_interval;
+        config.http2_keepalive_timeout = self.keepalive_timeout;
+        config.non_broker_connection_lifetime = self.non_broker_connection_lifetime;
+        config.max_non_broker_connections = self.max_non_broker_connections as usize;
+    }
+}
+
+/// A duration above zero (`500ms`, `10s`): zero would close every
+/// connection at once or ping without pause.
+fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be above zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -303,6 +358,7 @@ async fn run(cli: Cli) -> Result<()> {
             max_handshakes_per_address,
             refuse_certificates,
             shutdown_grace,
+            limits,
         } => {
             init_logging(cli.log_format, Some("info"));
             let kind = match kind {
@@ -316,6 +372,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut config = lienthong_provider::ProviderConfig::new(&trust_domain);
             config.accept.max_handshakes_per_address = max_handshakes_per_address as usize;
             config.shutdown_grace = shutdown_grace;
+            limits.apply(&mut config);
             if let Some(path) = &refuse_certificates {
                 config.refused_certificates =
                     lienthong_provider::RefusedCertificates::watch_file(path, std::time::Duration::from_secs(1))?;
@@ -469,4 +526,66 @@ async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
     handle.wait().await?;
     stderr_line(json, "INFO", "stopped cleanly", &[]);
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `demo-provider` without limit flags serves with the kit's defaults,
+    /// so the flags' documented defaults cannot drift from the kit's.
+    #[test]
+    fn demo_provider_limits_default_to_the_kits() {
+        let cli = Cli::try_parse_from(["lienthong", "demo-provider", "civil-status", "--tls-dir", "certs"]).unwrap();
+        let Command::DemoProvider { limits, .. } = cli.command else {
+            panic!("not demo-provider");
+        };
+        let mut config = lienthong_provider::ProviderConfig::new("gov.test");
+        let defaults = format!("{config:?}");
+        limits.apply(&mut config);
+        assert_eq!(format!("{config:?}"), defaults);
+    }
+
+    #[test]
+    fn demo_provider_limits_are_set_from_flags() {
+        let cli = Cli::try_parse_from([
+            "lienthong",
+            "demo-provider",
+            "civil-status",
+            "--tls-dir",
+            "certs",
+            "--max-concurrent-streams",
+            "8",
+            "--max-request-bytes",
+            "4096",
+            "--non-broker-connection-lifetime",
+            "500ms",
+            "--max-non-broker-connections",
+            "3",
+        ])
+        .unwrap();
+        let Command::DemoProvider { limits, .. } = cli.command else {
+            panic!("not demo-provider");
+        };
+        let mut config = lienthong_provider::ProviderConfig::new("gov.test");
+        limits.apply(&mut config);
+        assert_eq!(config.max_concurrent_streams, 8);
+        assert_eq!(config.max_request_bytes, 4096);
+        assert_eq!(
+            config.non_broker_connection_lifetime,
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(config.max_non_broker_connections, 3);
+        let zero = Cli::try_parse_from([
+            "lienthong",
+            "demo-provider",
+            "civil-status",
+            "--tls-dir",
+            "certs",
+            "--keepalive-timeout",
+            "0s",
+        ]);
+        assert!(zero.is_err(), "a zero keepalive timeout was accepted");
+    }
 }
