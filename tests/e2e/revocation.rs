@@ -362,6 +362,25 @@ async fn a_revoked_certificate_re_encoded_is_still_refused() {
         &["revoked", "copy found on the intruder's server"],
     )
     .await;
+    // The original, revoked in its turn, is named as revoked already
+    // rather than filed a second time.
+    let err = client(&fed, ADMIN)
+        .await
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            certificate_pem: cert.clone(),
+            reason: "key leaked".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("revoked already") && err.message().contains("copy found on the intruder's server"),
+        "{err:?}"
+    );
+    let listed = revocations(&client(&fed, ADMIN).await).await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
     // The member's other certificate works.
     look_up_birth(&client(&fed, JUDICIAL_OFFICE).await, &subject)
         .await

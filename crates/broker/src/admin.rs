@@ -270,6 +270,28 @@ impl Broker {
                     r.member
                 )));
             }
+            // Revoked before under another encoding of the same certificate
+            // (see `CertificateFingerprints`): already refused, so say so
+            // rather than file it twice.
+            let snapshot = self.snapshot();
+            if let Some(first) = cert
+                .fingerprints
+                .iter()
+                .find_map(|f| snapshot.revoked_certificate(&Fingerprint(*f)))
+            {
+                let alias = if first.fingerprint == fingerprint {
+                    String::new()
+                } else {
+                    format!(
+                        " under the fingerprint of another encoding of it, {}",
+                        first.fingerprint
+                    )
+                };
+                return Err(BrokerError::AlreadyExists(format!(
+                    "certificate {fingerprint} of member {} was revoked already{alias}, by {}: {}",
+                    first.member, first.revoked_by, first.reason
+                )));
+            }
             (fingerprint, member, Some(cert.not_after))
         };
         if presented.is_some_and(|p| p.contains(&fingerprint.0)) {

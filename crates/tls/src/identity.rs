@@ -152,6 +152,8 @@ pub struct CertificateSummary {
     pub not_after: OffsetDateTime,
     /// SHA-256 of its DER encoding.
     pub sha256: [u8; 32],
+    /// The fingerprints of every encoding of it a verifier accepts.
+    pub fingerprints: CertificateFingerprints,
 }
 
 /// The expiry of a DER-encoded certificate; `None` if it does not parse.
@@ -342,6 +344,7 @@ pub fn summarize_pem(pem: &str, trust_domain: &str) -> Result<CertificateSummary
         identity: identity_of(&parsed, trust_domain),
         not_after: parsed.validity().not_after.to_datetime(),
         sha256: sha256_fingerprint(der),
+        fingerprints: CertificateFingerprints::of(der),
     })
 }
 
