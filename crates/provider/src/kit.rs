@@ -527,13 +527,19 @@ async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Resul
     serde_json::to_string(&record).map_err(|e| FetchError::Internal(format!("cannot serialise the record: {e}")))
 }
 
+/// How long, at shutdown, a peer no call is on has to answer HTTP/2's
+/// goodbye (a ping's round trip) and hang up before its connection is closed.
+pub const GOODBYE: Duration = Duration::from_secs(1);
+
 /// Serves `source` over mutual TLS on `listener` until `shutdown` resolves.
 ///
 /// Also serves `grpc.health.v1.Health`, reporting the `RecordProvider` service
 /// (and the server as a whole) as serving until `shutdown` resolves, then as
 /// not serving; its watches then end, as the drain would otherwise wait for
-/// watchers (a load balancer's) that never hang up. Connections no call is on
-/// are then closed at once; fetches in flight get
+/// watchers (a load balancer's) that never hang up. Every connection is sent
+/// HTTP/2's goodbye (GOAWAY), so the broker moves its calls elsewhere rather
+/// than seeing a reset; those no call is on and whose peer has not hung up
+/// after [`GOODBYE`] are then closed. Fetches in flight get
 /// [`ProviderConfig::shutdown_grace`] to finish.
 pub async fn serve<F>(
     source: Arc<dyn RecordSource>,
@@ -556,14 +562,9 @@ where
     health.set_serving::<RecordProviderServer<KitService>>();
     let health_service = health.service();
     let (draining, drain) = tokio::sync::oneshot::channel::<()>();
-    let closing = connections.clone();
     let shutdown = async move {
         shutdown.await;
         health.shut_down();
-        // A connection that never spoke HTTP/2, or will not answer its
-        // goodbye, would hold the drain for the whole grace period.
-        let closed = closing.close_idle();
-        tracing::debug!(closed, "idle connections closed for the shutdown");
         let _ = draining.send(());
     };
     let grace = config.shutdown_grace;
@@ -617,7 +618,19 @@ where
     };
     match served {
         Some(served) => served?,
-        None => match tokio::time::timeout(grace, &mut serving).await {
+        None => match tokio::time::timeout(grace, async {
+            let goodbye = GOODBYE.min(grace);
+            if let Ok(served) = tokio::time::timeout(goodbye, &mut serving).await {
+                return served;
+            }
+            // A connection that never spoke HTTP/2, or does not answer its
+            // goodbye's ping, would hold the drain for the whole grace period.
+            let closed = connections.close_idle();
+            tracing::debug!(closed, "idle connections closed for the shutdown");
+            (&mut serving).await
+        })
+        .await
+        {
             Ok(served) => served?,
             Err(_) => {
                 let abandoned = fetches.len();

@@ -14,6 +14,6 @@ pub mod testing;
 
 pub use kit::{
     DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SHUTDOWN_GRACE, FetchContext, FetchError,
-    ProviderConfig, ProviderError, RecordSource, RefusedCertificates, read_refused_certificates, serve,
+    GOODBYE, ProviderConfig, ProviderError, RecordSource, RefusedCertificates, read_refused_certificates, serve,
     trace_id_from_metadata,
 };

@@ -364,6 +364,66 @@ async fn idle_connections_do_not_hold_the_shutdown() {
     assert!(closed_by_server(&mut never_spoke, Duration::from_secs(5)).await);
 }
 
+/// At shutdown every connection is told goodbye (HTTP/2 GOAWAY) before it
+/// is closed, so the broker moves its calls elsewhere rather than seeing a
+/// reset; a silent peer does not hold the shutdown for the grace period.
+#[tokio::test]
+async fn idle_connections_are_told_goodbye_before_they_are_closed() {
+    let fed = Federation::new();
+    let mut config = ProviderConfig::new(TD);
+    config.shutdown_grace = Duration::from_secs(600);
+    let register = Register::start(&fed, faulty(), config).await;
+    let broker = fed.material(&IssueSpec::broker());
+    let pinned = client_config(&broker, Some((TD, Identity::Member(PROVIDER.to_owned())))).unwrap();
+    let mut mute = Dialer::new(&register.url, pinned, Duration::from_secs(5))
+        .unwrap()
+        .dial()
+        .await
+        .unwrap();
+    mute.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    mute.flush().await.unwrap();
+    let mut answering = RecordProviderClient::new(fed.channel(Some(&IssueSpec::broker()), &register.url).await);
+    answering.fetch(fetch_request(birth_query())).await.unwrap();
+    // Within 30 s, where the grace period is 600 s.
+    let stopping = tokio::spawn(register.stop(Duration::from_secs(30)));
+    let frames = frames_until_closed(&mut mute, Duration::from_secs(5)).await;
+    assert!(
+        frames.contains(&GOAWAY),
+        "no GOAWAY before the close: frame types {frames:?}"
+    );
+    stopping.await.unwrap();
+}
+
+/// HTTP/2's GOAWAY frame type.
+const GOAWAY: u8 = 0x7;
+
+/// The types of the HTTP/2 frames the server sends on `tls` until it closes
+/// the connection (or `within` passes without a byte).
+async fn frames_until_closed(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    within: Duration,
+) -> Vec<u8> {
+    let mut types = Vec::new();
+    let mut header = [0u8; 9];
+    loop {
+        match tokio::time::timeout(within, tls.read_exact(&mut header)).await {
+            Ok(Ok(_)) => {}
+            _ => return types,
+        }
+        types.push(header[3]);
+        let length = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        let mut payload = vec![0u8; length];
+        if !matches!(
+            tokio::time::timeout(within, tls.read_exact(&mut payload)).await,
+            Ok(Ok(_))
+        ) {
+            return types;
+        }
+    }
+}
+
 /// A refused broker certificate, re-encoded by whoever holds it (its ECDSA
 /// signature (r, s) as the equally valid (r, n − s), another fingerprint),
 /// gets what any peer that is not the broker gets: its silent connection is
