@@ -1312,9 +1312,72 @@ fn plural(n: u64, word: &str) -> String {
     }
 }
 
-/// Turns a jsonschema error into a message free of instance values.
-fn failure_from(error: &ValidationError<'_>) -> ValidationFailure {
-    let mut pointer = error.instance_path().as_str().to_owned();
+/// Stands in a failure's pointer for an object key the schema does not
+/// declare: the key is the instance's, not the schema's, and may be anything
+/// (a national ID, a megabyte of text).
+const UNDECLARED_KEY: &str = "<undeclared key>";
+
+/// Longest pointer (and message) a failure names, in bytes; longer ones are
+/// cut, with a mark.
+const MAX_POINTER_CHARS: usize = 512;
+
+/// The instance location of `error` in `instance`, naming only object keys
+/// the schema declares (those its evaluation went through as
+/// `properties/<key>`) and array indexes; any other key is [`UNDECLARED_KEY`].
+fn declared_pointer(error: &ValidationError<'_>, instance: &Value) -> String {
+    let evaluation = error.evaluation_path();
+    let mut segments = evaluation.segments().peekable();
+    let mut declared = HashSet::new();
+    while let Some(segment) = segments.next() {
+        if matches!(&segment, jsonschema::paths::LocationSegment::Property(p) if p == "properties")
+            && let Some(jsonschema::paths::LocationSegment::Property(name)) = segments.peek()
+        {
+            declared.insert(name.to_string());
+            segments.next();
+        }
+    }
+    let mut pointer = String::new();
+    let mut at = Some(instance);
+    // Read off the raw pointer, since a key made of digits parses as an
+    // index: only the instance tells an array's index from an object's key.
+    for raw in error.instance_path().as_str().split('/').skip(1) {
+        let key = raw.replace("~1", "/").replace("~0", "~");
+        match at {
+            Some(Value::Array(items)) => {
+                at = key.parse::<usize>().ok().and_then(|i| items.get(i));
+                pointer.push('/');
+                pointer.push_str(raw);
+            }
+            Some(Value::Object(fields)) if declared.contains(&key) => {
+                at = fields.get(&key);
+                push_segment(&mut pointer, &key);
+            }
+            _ => {
+                at = at.and_then(|v| v.as_object()).and_then(|f| f.get(&key));
+                pointer.push('/');
+                pointer.push_str(UNDECLARED_KEY);
+            }
+        }
+        if pointer.len() > MAX_POINTER_CHARS {
+            return clipped(pointer, MAX_POINTER_CHARS);
+        }
+    }
+    pointer
+}
+
+/// "1 property" or "N properties" the schema does not declare.
+fn undeclared(count: usize) -> String {
+    if count == 1 {
+        "has a property the schema does not declare".to_owned()
+    } else {
+        format!("has {count} properties the schema does not declare")
+    }
+}
+
+/// Turns a jsonschema error into a message free of instance values, keys
+/// included.
+fn failure_from(error: &ValidationError<'_>, instance: &Value) -> ValidationFailure {
+    let mut pointer = declared_pointer(error, instance);
     let message = match error.kind() {
         ValidationErrorKind::Required { property } => {
             if let Some(name) = property.as_str() {
@@ -1323,16 +1386,10 @@ fn failure_from(error: &ValidationError<'_>) -> ValidationFailure {
             "is required".to_owned()
         }
         ValidationErrorKind::AdditionalProperties { unexpected } => {
-            if let Some(first) = unexpected.first() {
-                push_segment(&mut pointer, first);
-            }
-            "is not allowed (additionalProperties)".to_owned()
+            format!("{} (additionalProperties)", undeclared(unexpected.len()))
         }
         ValidationErrorKind::UnevaluatedProperties { unexpected } => {
-            if let Some(first) = unexpected.first() {
-                push_segment(&mut pointer, first);
-            }
-            "is not allowed (unevaluatedProperties)".to_owned()
+            format!("{} (unevaluatedProperties)", undeclared(unexpected.len()))
         }
         ValidationErrorKind::Type { kind } => format!("expected type {}", describe_types(kind)),
         ValidationErrorKind::Pattern { pattern } => format!("does not match pattern {pattern}"),
@@ -1393,7 +1450,24 @@ fn failure_from(error: &ValidationError<'_>) -> ValidationFailure {
         ValidationErrorKind::Custom { keyword, .. } => format!("fails the {keyword} constraint"),
         ValidationErrorKind::Referencing(_) => "could not be checked: a schema reference does not resolve".to_owned(),
     };
-    ValidationFailure { pointer, message }
+    ValidationFailure {
+        pointer,
+        // A pattern may be long: the message rides in a gRPC status header.
+        message: clipped(message, MAX_POINTER_CHARS),
+    }
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
+fn clipped(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 /// A record type version with its validators compiled once.
@@ -1437,12 +1511,16 @@ impl CompiledRecordType {
 
     /// Validates a query; the first error, without the query's values.
     pub fn validate_query(&self, query: &Value) -> Result<(), ValidationFailure> {
-        self.query_validator.validate(query).map_err(|e| failure_from(&e))
+        self.query_validator
+            .validate(query)
+            .map_err(|e| failure_from(&e, query))
     }
 
     /// Validates a record a provider returned; the first error, without its values.
     pub fn validate_record(&self, record: &Value) -> Result<(), ValidationFailure> {
-        self.record_validator.validate(record).map_err(|e| failure_from(&e))
+        self.record_validator
+            .validate(record)
+            .map_err(|e| failure_from(&e, record))
     }
 
     /// The subject key's value in `query`, if present and a string.

@@ -858,6 +858,33 @@ fn version_constructor_fills_fields_and_digest() {
 
 const NATIONAL_ID: &str = "0010990123456";
 
+/// A record's keys are the register's words: a failure names the keys its
+/// schema declares and array indexes, never a key the register made up.
+#[test]
+fn record_validation_never_names_an_undeclared_key() {
+    let mut record = base_record();
+    set(
+        &mut record,
+        "/properties/aliases",
+        json!({"type": "object", "additionalProperties": {"type": "string"}}),
+    );
+    let c = compiled(define(&base_query(), &record, "national_id").unwrap());
+    let err = c
+        .validate_record(&json!({"full_name": "A", "aliases": {NATIONAL_ID: 7}}))
+        .unwrap_err();
+    assert_eq!(err.pointer, "/aliases/<undeclared key>");
+    assert_eq!(err.message, "expected type string");
+    let err = c
+        .validate_record(&json!({"full_name": "A", "previous_names": [{"given_name": "B"}, {"given_name": 1}]}))
+        .unwrap_err();
+    assert_eq!(err.pointer, "/previous_names/1/given_name");
+    let long = "K".repeat(100_000);
+    let err = c
+        .validate_record(&json!({"full_name": "A", "aliases": {long.as_str(): 7}}))
+        .unwrap_err();
+    assert!(!err.to_string().contains("KKKK"), "{err}");
+}
+
 #[test]
 fn query_validation_names_the_field_and_constraint_never_the_value() {
     let c = base();
@@ -885,9 +912,25 @@ fn query_validation_names_the_field_and_constraint_never_the_value() {
     let extra = c
         .validate_query(&json!({"national_id": "001099012345", "nickname": NATIONAL_ID}))
         .unwrap_err();
-    assert_eq!(extra.pointer, "/nickname");
-    assert_eq!(extra.message, "is not allowed (additionalProperties)");
+    assert_eq!(extra.pointer, "");
+    assert_eq!(
+        extra.message,
+        "has a property the schema does not declare (additionalProperties)"
+    );
     assert!(!extra.to_string().contains(NATIONAL_ID));
+
+    // An undeclared key is the caller's text, not the schema's: it may be a
+    // national ID, or a megabyte.
+    let keyed = c
+        .validate_query(&json!({"national_id": "001099012345", NATIONAL_ID: 1, "x": 2}))
+        .unwrap_err();
+    assert!(
+        keyed
+            .message
+            .contains("the schema does not declare (additionalProperties)"),
+        "{keyed}"
+    );
+    assert!(!keyed.to_string().contains(NATIONAL_ID), "{keyed}");
 
     let date = c
         .validate_query(&json!({"national_id": "001099012345", "birth_date": "2000-13-45"}))
