@@ -115,8 +115,15 @@ async fn an_expired_grant_is_denied() {
     let now = time::OffsetDateTime::now_utc();
     let mut g = birth_grant(TAX_DEPT, &["*"], 0);
     g.valid_from = Some(lienthong_broker::convert::ts(now - time::Duration::hours(2)));
+    // One already past is refused: it would allow nothing.
     g.valid_until = Some(lienthong_broker::convert::ts(now - time::Duration::hours(1)));
+    let err = admin.admin().create_grant(g.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("already past"), "{}", err.message());
+    let until = time::OffsetDateTime::now_utc() + time::Duration::seconds(1);
+    g.valid_until = Some(lienthong_broker::convert::ts(until));
     admin.admin().create_grant(g).await.unwrap();
+    tokio::time::sleep((until - time::OffsetDateTime::now_utc()).try_into().unwrap_or_default()).await;
     let err = client(&fed, TAX_DEPT)
         .await
         .exchange()

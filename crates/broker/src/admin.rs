@@ -135,13 +135,28 @@ fn check_endpoint_url(url: &str) -> Result<()> {
         return refuse("must look like https://host:port");
     };
     let host = authority.host();
+    // An address no connection can go to (`0.0.0.0`, `::`), or a name no
+    // resolver answers (an all-digit last label that is no IPv4 address, a
+    // label with a leading or trailing hyphen), would only fail at the first
+    // lookup routed to it.
     let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok_and(|a| !a.is_unspecified()),
+        None if host
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit())) =>
+        {
+            host.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|a| !a.is_unspecified() && !a.is_broadcast())
+        }
         None => {
             !host.is_empty()
-                && host
-                    .split('.')
-                    .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+                && host.split('.').all(|label| {
+                    (1..=63).contains(&label.len())
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                })
         }
     };
     if authority.as_str().contains('@') || !host_ok || authority.port_u16().is_none_or(|p| p == 0) {
@@ -453,6 +468,16 @@ impl Broker {
                 "valid_until must be after valid_from".into(),
             ));
         }
+        // A grant born expired would list as a grant and allow nothing: a
+        // typo in the year, most likely.
+        if let Some(until) = valid_until
+            && until <= now
+        {
+            return Err(BrokerError::InvalidArgument(format!(
+                "valid_until {} is already past; a grant must end in the future",
+                until.format(&Rfc3339).unwrap_or_else(|_| until.to_string())
+            )));
+        }
         let g = Grant {
             id: format!("g-{}", uuid::Uuid::new_v4().simple()),
             consumer,
@@ -744,12 +769,21 @@ mod tests {
         assert!(check_endpoint_url("https://host:0").is_err());
         assert!(check_endpoint_url("https://[::1]:9001").is_ok());
         assert!(check_endpoint_url("https://civil.registry.gov.vn:443/").is_ok());
+        assert!(check_endpoint_url("https://register-2.civil.gov.vn:443").is_ok());
+        assert!(check_endpoint_url("https://10.0.0.7:9101").is_ok());
         for bad in [
             "https://::1:443",
             "https://a b:443",
             "https://u:p@h:443",
             "https://h:443/path",
             "https://h..x:443",
+            "https://0.0.0.0:1",
+            "https://[::]:1",
+            "https://999.1.1.1:1",
+            "https://1.2.3.4.5:1",
+            "https://255.255.255.255:1",
+            "https://-bad-:1",
+            "https://civil.-registry.gov.vn:443",
         ] {
             assert!(check_endpoint_url(bad).is_err(), "{bad}");
         }

@@ -379,28 +379,41 @@ pub enum GrantCmd {
     },
 }
 
-fn print_grant(g: &pb::Grant) {
-    let state = if g.revoked_at.is_some() {
+/// What a grant allows at `now`: revoked, expired, not yet valid, or active
+/// (as the broker decides a lookup under it).
+fn grant_state(g: &pb::Grant, now: &prost_types::Timestamp) -> String {
+    let before = |a: &prost_types::Timestamp, b: &prost_types::Timestamp| (a.seconds, a.nanos) < (b.seconds, b.nanos);
+    if g.revoked_at.is_some() {
         format!("REVOKED ({})", g.revoked_reason)
+    } else if let Some(until) = g.valid_until.as_ref().filter(|u| !before(now, u)) {
+        format!("EXPIRED (at {})", format_ts(until))
+    } else if let Some(from) = g.valid_from.as_ref().filter(|f| before(now, f)) {
+        format!("NOT YET VALID (from {})", format_ts(from))
     } else {
         "active".into()
-    };
+    }
+}
+
+fn print_grant(g: &pb::Grant) {
+    let state = grant_state(g, &prost_types::Timestamp::from(std::time::SystemTime::now()));
+    let from = g.valid_from.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
     let until = g.valid_until.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
+    let rate = match g.rate_limit_per_minute {
+        0 => "rate unlimited".to_owned(),
+        n => format!("rate {n}/min"),
+    };
     // The version whose declared fields the grant covers.
     let version = match g.reviewed_version {
         0 => String::new(),
         v => format!(" v{v}"),
     };
     println!(
-        "{}  {} -> {}{version}  fields [{}]  purposes [{}]  until {}  rate {}/min  {}",
+        "{}  {} -> {}{version}  fields [{}]  purposes [{}]  from {from}  until {until}  {rate}  {state}",
         g.id,
         g.consumer,
         g.record_type,
         g.fields.join(", "),
         g.purposes.join(", "),
-        until,
-        g.rate_limit_per_minute,
-        state
     );
 }
 
@@ -1463,4 +1476,32 @@ async fn unreadable(c: &mut AuditClient, log_id: &str, from: u64, status: tonic:
         }
     }
     VerifyError::Unreadable { sequence, message }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> prost_types::Timestamp {
+        prost_types::Timestamp { seconds, nanos: 0 }
+    }
+
+    /// `grant list` says what a lookup under the grant would meet.
+    #[test]
+    fn a_grant_is_listed_as_what_it_allows_now() {
+        let g = |from: i64, until: Option<i64>, revoked: bool| pb::Grant {
+            valid_from: Some(at(from)),
+            valid_until: until.map(at),
+            revoked_at: revoked.then(|| at(from)),
+            revoked_reason: "audit finding".into(),
+            ..Default::default()
+        };
+        let now = at(1_000);
+        assert_eq!(grant_state(&g(0, None, false), &now), "active");
+        assert_eq!(grant_state(&g(0, Some(2_000), false), &now), "active");
+        assert!(grant_state(&g(0, Some(1_000), false), &now).starts_with("EXPIRED"));
+        assert!(grant_state(&g(2_000, None, false), &now).starts_with("NOT YET VALID"));
+        assert_eq!(grant_state(&g(0, None, true), &now), "REVOKED (audit finding)");
+    }
 }

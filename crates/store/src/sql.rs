@@ -975,7 +975,9 @@ impl Store for SqlStore {
         on_pool!(self, p => sqlx::query("INSERT INTO endpoints (id, provider, url, created_at_us) VALUES ($1, $2, $3, $4)")
             .bind(&e.id).bind(e.provider.as_str()).bind(&e.url).bind(to_us(e.created_at))
             .execute(p).await.map(|_| ()))
-        .map_err(unique(|| format!("endpoint {:?} ({} of provider {:?})", e.id, e.url, e.provider.as_str())))
+        // Named by what the caller gave: the id made for this attempt is no
+        // endpoint's (`lienthong endpoint list` shows the existing one's).
+        .map_err(unique(|| format!("endpoint {} of provider {:?}", e.url, e.provider.as_str())))
     }
 
     async fn delete_endpoint(&self, id: &str) -> Result<Endpoint> {
