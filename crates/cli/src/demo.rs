@@ -397,7 +397,8 @@ pub async fn run(options: DemoOptions) -> Result<()> {
                 dir.display()
             ),
         );
-        if let Some(m) = &fed.options.metrics_listen {
+        // The address bound, not the one asked for: `127.0.0.1:0` picks a port.
+        if let Some(m) = fed.broker.metrics_addr {
             say(&mut out, format!("   curl http://{m}/metrics"));
         }
         say(&mut out, format!("   broker config: {}", fed.config_path.display()));
