@@ -1359,7 +1359,7 @@ fn declared_pointer(error: &ValidationError<'_>, instance: &Value) -> String {
             }
         }
         if pointer.len() > MAX_POINTER_CHARS {
-            return clipped(pointer, MAX_POINTER_CHARS);
+            return truncate(pointer, MAX_POINTER_CHARS);
         }
     }
     pointer
@@ -1453,21 +1453,8 @@ fn failure_from(error: &ValidationError<'_>, instance: &Value) -> ValidationFail
     ValidationFailure {
         pointer,
         // A pattern may be long: the message rides in a gRPC status header.
-        message: clipped(message, MAX_POINTER_CHARS),
+        message: truncate(message, MAX_POINTER_CHARS),
     }
-}
-
-/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
-fn clipped(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut cut = max;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-        text.push('…');
-    }
-    text
 }
 
 /// A record type version with its validators compiled once.
