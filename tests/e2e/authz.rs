@@ -328,3 +328,88 @@ async fn a_disabled_register_gets_no_more_queries() {
     look_up_birth(&office, &subject).await.unwrap();
     fed.shutdown().await.unwrap();
 }
+
+/// A consumer whose grant for one purpose is live is told why its grant
+/// for another purpose cannot be used (not yet valid, expired, revoked),
+/// not that the other purpose is not granted.
+#[tokio::test]
+async fn a_dead_grant_is_named_even_beside_a_live_grant_for_another_purpose() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let tax = client(&fed, TAX_DEPT).await;
+    let subject = citizen_id(&fed, 13);
+    admin
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["*"], 0))
+        .await
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let for_purpose = |purpose: &str, from: time::OffsetDateTime, until: time::OffsetDateTime| {
+        let mut g = birth_grant(TAX_DEPT, &["*"], 0);
+        g.purposes = vec![purpose.into()];
+        g.valid_from = Some(lienthong_broker::convert::ts(from));
+        g.valid_until = Some(lienthong_broker::convert::ts(until));
+        g
+    };
+    let hour = time::Duration::hours(1);
+    admin
+        .admin()
+        .create_grant(for_purpose("pw-later", now + hour, now + 2 * hour))
+        .await
+        .unwrap();
+    admin
+        .admin()
+        .create_grant(for_purpose("pw-over", now - 2 * hour, now - hour))
+        .await
+        .unwrap();
+    let revoked = admin
+        .admin()
+        .create_grant(for_purpose("pw-revoked", now - hour, now + hour))
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: revoked.id,
+            reason: "inspection closed".into(),
+        })
+        .await
+        .unwrap();
+    tax.exchange()
+        .lookup(birth_lookup(&subject, "tax-law-38-2019/art-17"))
+        .await
+        .expect("the live grant is used");
+
+    for (purpose, says, reason) in [
+        ("pw-later", "grant is not valid before", "grant_not_yet_valid"),
+        ("pw-over", "grant expired at", "grant_expired"),
+        ("pw-revoked", "grant was revoked (inspection closed)", "grant_revoked"),
+    ] {
+        let mut lookup = birth_lookup(&subject, purpose);
+        lookup.request_id = format!("dead-{purpose}");
+        let err = tax.exchange().lookup(lookup).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{purpose}: {err:?}");
+        assert!(err.message().starts_with(says), "{purpose}: {}", err.message());
+        let entry = logged(
+            &fed,
+            pb::EntryFilter {
+                actor: TAX_DEPT.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .into_iter()
+        .find(|e| e.request_id == format!("dead-{purpose}"))
+        .expect("the refusal is logged");
+        assert!(entry.reason.starts_with(reason), "{purpose}: {}", entry.reason);
+    }
+    // A purpose no grant names is still "not granted".
+    let err = tax
+        .exchange()
+        .lookup(birth_lookup(&subject, "pw-never"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("is not granted"), "{}", err.message());
+    fed.shutdown().await.unwrap();
+}

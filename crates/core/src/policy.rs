@@ -62,7 +62,7 @@ pub enum DenyReason {
         /// The record type asked for.
         record_type: String,
     },
-    /// Live grants exist but none names the purpose.
+    /// Live grants exist, but no grant (live or not) names the purpose.
     #[error(
         "purpose {purpose:?} is not granted for this record type; state a granted purpose or ask the federation admin to add it"
     )]
@@ -249,11 +249,10 @@ pub fn decide(member: &Member, grants: &[Grant], request: &AccessRequest<'_>, no
         DenyReason::FieldNotGranted {
             field: field.to_owned(),
         }
-    } else if any_live {
-        DenyReason::PurposeNotGranted {
-            purpose: request.purpose.to_owned(),
-        }
     } else if let Some(grant) = dead_with_purpose {
+        // Before "purpose not granted": the consumer's grant for this purpose
+        // exists, and what to do (wait, renew, ask again) depends on why it
+        // is unusable, whatever grants it holds for other purposes.
         match grant_state(grant, now) {
             GrantState::NotYetValid => DenyReason::GrantNotYetValid {
                 valid_from: grant.valid_from,
@@ -264,6 +263,10 @@ pub fn decide(member: &Member, grants: &[Grant], request: &AccessRequest<'_>, no
             GrantState::Revoked | GrantState::Live => DenyReason::GrantRevoked {
                 reason: grant.revoked_reason.clone(),
             },
+        }
+    } else if any_live {
+        DenyReason::PurposeNotGranted {
+            purpose: request.purpose.to_owned(),
         }
     } else {
         DenyReason::NoGrant {

@@ -331,13 +331,52 @@ fn field_not_granted_beats_purpose_not_granted() {
 }
 
 #[test]
-fn purpose_not_granted_beats_dead_grants() {
+fn a_dead_grant_with_the_purpose_beats_purpose_not_granted() {
+    // A live grant for another purpose does not hide why the grant for this
+    // one cannot be used: the consumer must wait, renew or ask again.
     let live_other_purpose = grant("g1", GrantFields::All, &["census"]);
     let mut revoked = grant("g2", GrantFields::All, &["tax"]);
     revoked.revoked_at = Some(NOW);
+    revoked.revoked_reason = "court order 12/2025".into();
     assert_eq!(
-        denied(ask(&[revoked, live_other_purpose], "tax", &[])).code(),
+        denied(ask(&[revoked, live_other_purpose.clone()], "tax", &[])),
+        DenyReason::GrantRevoked {
+            reason: "court order 12/2025".into()
+        }
+    );
+    let mut later = grant("g3", GrantFields::All, &["tax"]);
+    later.valid_from = NOW + TimeDelta::seconds(8);
+    later.valid_until = Some(NOW + TimeDelta::seconds(16));
+    assert_eq!(
+        denied(ask(&[live_other_purpose.clone(), later.clone()], "tax", &[])),
+        DenyReason::GrantNotYetValid {
+            valid_from: NOW + TimeDelta::seconds(8)
+        }
+    );
+    let mut expired = later;
+    expired.valid_from = NOW - TimeDelta::seconds(16);
+    expired.valid_until = Some(NOW - TimeDelta::seconds(8));
+    assert_eq!(
+        denied(ask(&[expired, live_other_purpose.clone()], "tax", &[])),
+        DenyReason::GrantExpired {
+            valid_until: NOW - TimeDelta::seconds(8)
+        }
+    );
+    // No grant of any state names the purpose: then it is not granted.
+    assert_eq!(
+        denied(ask(&[live_other_purpose], "tax", &[])).code(),
         "purpose_not_granted"
+    );
+}
+
+#[test]
+fn a_live_grant_lacking_a_field_beats_a_dead_grant_with_it() {
+    let lacking = grant("g1", pointers(&["/a"]), &["tax"]);
+    let mut revoked = grant("g2", GrantFields::All, &["tax"]);
+    revoked.revoked_at = Some(NOW);
+    assert_eq!(
+        denied(ask(&[revoked, lacking], "tax", &["/b"])),
+        DenyReason::FieldNotGranted { field: "/b".into() }
     );
 }
 
@@ -540,6 +579,36 @@ proptest! {
                         prop_assert!(covered(&g.fields, p), "{} not covered by {:?}", p, g.fields);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_denial_names_the_purposes_own_grant_when_the_consumer_holds_one(
+        grants in arb_grants(8, false),
+        requested in arb_request_fields(),
+        purpose in proptest::sample::select(PURPOSES.to_vec()),
+    ) {
+        let req: Vec<&str> = requested.iter().map(String::as_str).collect();
+        if let Decision::Deny(reason) = ask(&grants, purpose, &req) {
+            let names_it = |g: &Grant| g.purposes.iter().any(|p| p == purpose);
+            let live = |g: &Grant| g.revoked_at.is_none() && g.valid_from <= NOW && g.valid_until.is_none_or(|u| NOW < u);
+            // "Not granted" only when no grant of any state names the purpose ...
+            if grants.iter().any(names_it) {
+                prop_assert!(
+                    !matches!(reason, DenyReason::PurposeNotGranted { .. } | DenyReason::NoGrant { .. }),
+                    "{reason:?}"
+                );
+            }
+            // ... and when none that names it is live, the reason is why the newest is not.
+            if grants.iter().any(names_it) && !grants.iter().any(|g| names_it(g) && live(g)) {
+                prop_assert!(
+                    matches!(
+                        reason,
+                        DenyReason::GrantNotYetValid { .. } | DenyReason::GrantExpired { .. } | DenyReason::GrantRevoked { .. }
+                    ),
+                    "{reason:?}"
+                );
             }
         }
     }
