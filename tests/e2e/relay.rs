@@ -4,7 +4,7 @@
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::federation::{
-    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE,
+    ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE,
 };
 use lienthong_provider::demo::DemoRegisterKind;
 use lienthong_provider::testing::{self, FaultMode, Faulty, RawProvider};
@@ -275,7 +275,7 @@ async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_paren
         serde_json::json!({
             "full_name": "Pham Van D",
             "adoptive_parent": {"full_name": "Pham Thi E", "national_id": "001070000001"},
-            "national_id": "001099000002"
+            "national_id": citizen_id(&fed, 81)
         }),
     )
     .await;
@@ -295,6 +295,103 @@ async fn keys_the_schema_does_not_declare_never_leave_even_under_a_granted_paren
         serde_json::from_str::<serde_json::Value>(&r.record_json).unwrap(),
         serde_json::json!({"full_name": "Pham Van D", "adoptive_parent": {"full_name": "Pham Thi E"}})
     );
+    raw.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
+/// `subject`'s access history, as the citizen portal reads it.
+async fn history_of(fed: &Federation, subject: &str) -> Vec<pb::SubjectAccess> {
+    client(fed, CITIZEN_PORTAL)
+        .await
+        .audit()
+        .subject_history(pb::SubjectHistoryRequest {
+            subject_key: subject.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accesses
+}
+
+/// A register answering a schema-valid record about another citizen than
+/// the one looked up: nothing leaves, the register is blamed (`DATA_LOSS`),
+/// and neither national id is in the answer or the log.
+#[tokio::test]
+async fn a_record_about_another_citizen_is_not_released() {
+    let (_dir, fed) = federation().await;
+    let register = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed);
+    let (asked, other) = (citizen_id(&fed, 83), citizen_id(&fed, 84));
+    let mut record = register.birth_record(83);
+    assert_eq!(
+        record["national_id"],
+        asked.as_str(),
+        "the demo record names its citizen"
+    );
+    let raw = serve_civil_records(&fed, record.clone()).await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    look_up_birth(&office, &asked)
+        .await
+        .expect("the right citizen's record is released");
+    raw.shutdown().await;
+
+    record["national_id"] = other.as_str().into();
+    let raw = serve_civil_records(&fed, record).await;
+    let mut lookup = birth_lookup(&asked, PURPOSE_CERTIFICATE);
+    lookup.request_id = "another-citizen".into();
+    let err = office.exchange().lookup(lookup).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(
+        err.message().contains("another subject") && err.message().contains("nothing was passed on"),
+        "{}",
+        err.message()
+    );
+    // Each item of a Collect is checked alike.
+    let collected = office
+        .exchange()
+        .collect(pb::CollectRequest {
+            query_json: serde_json::json!({ "national_id": asked }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            items: vec![pb::CollectItem {
+                record_type: "civil_status.birth_record".into(),
+                ..Default::default()
+            }],
+            request_id: "another-citizen-collected".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::collect_result::Result::Error(item)) = &collected.results[0].result else {
+        panic!("the item is refused: {:?}", collected.results[0]);
+    };
+    assert_eq!(item.code, Code::DataLoss as i32, "{item:?}");
+    for text in [err.message(), item.message.as_str()] {
+        assert!(!text.contains(&asked) && !text.contains(&other), "{text}");
+    }
+
+    let failed = failed_entries(&fed).await;
+    for request_id in ["another-citizen", "another-citizen-collected"] {
+        let e = failed
+            .iter()
+            .find(|e| e.request_id == request_id)
+            .unwrap_or_else(|| panic!("{request_id} is audited: {failed:#?}"));
+        assert!(e.reason.starts_with("provider_subject_mismatch: "), "{}", e.reason);
+        assert!(e.fields_released.is_empty() && e.payload_digest.is_empty(), "{e:?}");
+        assert!(
+            !e.leaf_json.contains(&asked) && !e.leaf_json.contains(&other),
+            "{}",
+            e.leaf_json
+        );
+    }
+    // The attempts are in the queried citizen's history; the other citizen's
+    // history holds nothing, as nothing of theirs was released.
+    let failed_for_asked = history_of(&fed, &asked)
+        .await
+        .iter()
+        .filter(|a| a.outcome == pb::Outcome::Failed as i32)
+        .count();
+    assert_eq!(failed_for_asked, 2);
+    assert!(history_of(&fed, &other).await.is_empty());
     raw.shutdown().await;
     fed.shutdown().await.unwrap();
 }

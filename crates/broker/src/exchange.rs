@@ -16,7 +16,7 @@ use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::policy::{AccessRequest, Decision};
 use lienthong_core::ratelimit::{Held, lease_size};
-use lienthong_core::schema::MAX_FIELDS;
+use lienthong_core::schema::{CompiledRecordType, MAX_FIELDS};
 use lienthong_store::{Backend, RateTake};
 use opentelemetry::trace::SpanContext;
 use serde_json::Value;
@@ -868,6 +868,16 @@ impl Broker {
                     ),
                 )
             })?;
+            if !about_the_queried_subject(rt, &query, &record) {
+                return Err(bad(
+                    "provider_subject_mismatch",
+                    format!(
+                        "register {provider} answered a {} record about another subject than the query names; \
+                         nothing was passed on",
+                        rt.name()
+                    ),
+                ));
+            }
             // A request naming no fields gets its grant's fields, compiled with
             // the snapshot; either way, only what the schema declares leaves.
             let written = match snapshot.grant_selection(&allowed.grant_id, rt.version_number()) {
@@ -911,6 +921,20 @@ impl Broker {
     }
 }
 
+/// False when `record` names a subject other than `query`'s: a property at
+/// its top level named as the record type's subject key must hold the
+/// query's subject. Otherwise a register answering about another citizen
+/// would have that citizen's record released, and audited under the queried
+/// citizen (whose history would show it, and the other's would not). Compared
+/// trimmed, as subjects are hashed for the log; a record without the property
+/// is not checked. Neither value is ever put in a message.
+fn about_the_queried_subject(rt: &CompiledRecordType, query: &Value, record: &Value) -> bool {
+    let Some(named) = record.get(&rt.version.definition.subject_key) else {
+        return true;
+    };
+    matches!((named.as_str(), rt.subject(query)), (Some(named), Some(asked)) if named.trim() == asked.trim())
+}
+
 fn receipt(r: lienthong_audit::Receipt) -> Receipt {
     Receipt {
         log_id: r.log_id,
@@ -933,8 +957,65 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use tonic::metadata::MetadataValue;
+
+    fn record_type(subject_key: &str) -> CompiledRecordType {
+        use lienthong_core::MemberId;
+        use lienthong_core::schema::{Compatibility, RecordTypeVersion, SchemaLimits, parse_definition};
+        let owner = MemberId::new("civil-status").unwrap();
+        let query = serde_json::json!({
+            "type": "object",
+            "properties": {subject_key: {"type": "string"}},
+            "required": [subject_key]
+        });
+        let definition = parse_definition(
+            "civil_status.test_record",
+            "a record",
+            owner.clone(),
+            &query.to_string(),
+            r#"{"type":"object","properties":{"full_name":{"type":"string"}}}"#,
+            subject_key,
+            &SchemaLimits::default(),
+        )
+        .unwrap();
+        let version = RecordTypeVersion::new(
+            definition,
+            1,
+            OffsetDateTime::now_utc(),
+            owner,
+            Compatibility::Backward,
+        );
+        CompiledRecordType::compile(version).unwrap()
+    }
+
+    #[test]
+    fn a_record_naming_another_subject_than_the_query_is_refused() {
+        let rt = record_type("national_id");
+        let query = serde_json::json!({"national_id": "001084004217"});
+        let about = |record: Value| about_the_queried_subject(&rt, &query, &record);
+        assert!(about(serde_json::json!({"national_id": "001084004217", "full_name": "A"})));
+        assert!(about(serde_json::json!({"national_id": " 001084004217 "})), "compared as hashed: trimmed");
+        // A record that does not name its subject at the top level is not checked.
+        assert!(about(serde_json::json!({"full_name": "A", "father": {"national_id": "999999999999"}})));
+        assert!(!about(serde_json::json!({"national_id": "999999999999", "full_name": "A"})));
+        assert!(!about(serde_json::json!({"national_id": 1084004217u64})));
+        assert!(!about(serde_json::json!({"national_id": null})));
+        // The property checked is the record type's subject key, whatever it is called.
+        let by_passport = record_type("passport_no");
+        let query = serde_json::json!({"passport_no": "C1234567"});
+        assert!(!about_the_queried_subject(
+            &by_passport,
+            &query,
+            &serde_json::json!({"passport_no": "C7654321", "national_id": "001084004217"})
+        ));
+        assert!(about_the_queried_subject(
+            &by_passport,
+            &query,
+            &serde_json::json!({"passport_no": "C1234567", "national_id": "999999999999"})
+        ));
+    }
 
     #[test]
     fn parses_grpc_timeout_and_traceparent() {
