@@ -106,6 +106,92 @@ async fn a_malformed_item_query_in_a_collect_is_refused_and_logged() {
         .expect("the refused collect is logged");
     assert_eq!(e.outcome, pb::Outcome::Invalid as i32);
     assert!(e.reason.starts_with("invalid_query: "), "{}", e.reason);
+    // The shared query names the citizen: the attempt is in their history.
+    let seen = history(&client(&fed, CITIZEN_PORTAL).await, &citizen_id(&fed, 6))
+        .await
+        .unwrap();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].outcome, pb::Outcome::Invalid as i32);
+    fed.shutdown().await.unwrap();
+}
+
+/// A Collect refused as a whole is an attempt on every citizen it names:
+/// each sees it in their history, and no national id is in the log.
+#[tokio::test]
+async fn a_collect_refused_as_a_whole_is_in_the_history_of_every_citizen_it_names() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let portal = client(&fed, CITIZEN_PORTAL).await;
+    let (first, second) = (citizen_id(&fed, 14), citizen_id(&fed, 15));
+    let (birth, marriage) = ("civil_status.birth_record", "civil_status.marriage_record");
+    let item = |record_type: &str, query: serde_json::Value| pb::CollectItem {
+        record_type: record_type.into(),
+        query_json: if query.is_null() {
+            String::new()
+        } else {
+            query.to_string()
+        },
+        ..Default::default()
+    };
+    let err = office
+        .exchange()
+        .collect(pb::CollectRequest {
+            query_json: serde_json::json!({ "national_id": first }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            items: vec![
+                item(birth, serde_json::json!({ "national_id": second })),
+                item(marriage, serde_json::Value::Null),
+            ],
+            request_id: "two-citizens".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("items name different subjects"),
+        "{}",
+        err.message()
+    );
+    // Refused for its shape (the same type twice), about one citizen.
+    let err = office
+        .exchange()
+        .collect(pb::CollectRequest {
+            query_json: serde_json::json!({ "national_id": first }).to_string(),
+            purpose: PURPOSE_CERTIFICATE.into(),
+            items: vec![
+                item(birth, serde_json::Value::Null),
+                item(birth, serde_json::Value::Null),
+            ],
+            request_id: "type-twice".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let logged = logged(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access)).await;
+    let two: Vec<_> = logged.iter().filter(|e| e.request_id == "two-citizens").collect();
+    assert_eq!(two.len(), 2, "one entry for each citizen named: {two:#?}");
+    let twice: Vec<_> = logged.iter().filter(|e| e.request_id == "type-twice").collect();
+    assert_eq!(twice.len(), 1, "{twice:#?}");
+    for e in two.iter().chain(&twice) {
+        assert_eq!(e.outcome, pb::Outcome::Invalid as i32);
+        assert!(!e.subject_hash.is_empty(), "{e:?}");
+        assert!(!e.leaf_json.contains(&first) && !e.leaf_json.contains(&second));
+    }
+    assert!(two.iter().all(|e| e.reason.starts_with("several_subjects: ")));
+    assert!(twice[0].reason.starts_with("invalid_collect: "), "{}", twice[0].reason);
+    assert_eq!(twice[0].record_type, birth);
+
+    let first_saw = history(&portal, &first).await.unwrap();
+    let second_saw = history(&portal, &second).await.unwrap();
+    assert_eq!(first_saw.len(), 2, "{first_saw:#?}");
+    assert_eq!(second_saw.len(), 1, "{second_saw:#?}");
+    assert_eq!(second_saw[0].record_type, birth, "the item naming the second citizen");
+    assert!(first_saw.iter().any(|a| a.record_type == marriage));
+    for a in first_saw.iter().chain(&second_saw) {
+        assert_eq!(a.outcome, pb::Outcome::Invalid as i32);
+        assert_eq!(a.consumer, JUDICIAL_OFFICE);
+    }
     fed.shutdown().await.unwrap();
 }
 

@@ -249,19 +249,46 @@ impl ExchangeService {
         Ok(Response::new(result?))
     }
 
-    /// Audits and counts a Collect refused as a whole.
+    /// Audits and counts a Collect refused as a whole: one entry for each
+    /// subject it names (see [`collect_subjects`]), so that every citizen
+    /// named sees the attempt in their history, or one entry without a
+    /// subject when none can be read.
     async fn refuse_collect(
         &self,
         caller: &Caller,
         ctx: &CallContext,
-        purpose: &str,
+        r: &CollectRequest,
         reason: String,
         started: Instant,
     ) {
-        let mut event = self.broker.access_event(caller, ctx, "", purpose);
-        event.outcome = Outcome::Invalid;
-        event.reason = reason;
-        self.broker.audit_refusal(event).await;
+        let limits = &self.broker.config.limits;
+        let named = collect_subjects(caller, r, limits.max_query_bytes, limits.max_collect_items);
+        let event = |record_type: Option<&CompiledRecordType>| {
+            let mut event = self
+                .broker
+                .access_event(caller, ctx, record_type.map_or("", |rt| rt.name()), &r.purpose);
+            if let Some(rt) = record_type {
+                event.provider = rt.owner().to_string();
+                event.schema_version = rt.version_number();
+            }
+            event.outcome = Outcome::Invalid;
+            event.reason = reason.clone();
+            event
+        };
+        let events: Vec<AuditEvent> = if named.is_empty() {
+            vec![event(None)]
+        } else {
+            named
+                .iter()
+                .map(|(subject, record_type)| {
+                    let mut e = event(*record_type);
+                    e.subject_hash = self.broker.audit.subject_hash(subject);
+                    e
+                })
+                .collect()
+        };
+        // Appended together: they share a commit.
+        futures::future::join_all(events.into_iter().map(|e| self.broker.audit_refusal(e))).await;
         self.broker
             .metrics
             .request(Rpc::Collect, caller.id(), UNKNOWN, Outcome::Invalid, started.elapsed());
@@ -279,14 +306,14 @@ impl ExchangeService {
         let ctx = CallContext::of(&request, request_id, Rpc::Collect, caller_trace);
         let r = request.into_inner();
         if let Err(e) = check_collect(&r, self.broker.config.limits.max_collect_items) {
-            self.refuse_collect(&caller, &ctx, &r.purpose, format!("invalid_collect: {e}"), started)
+            self.refuse_collect(&caller, &ctx, &r, format!("invalid_collect: {e}"), started)
                 .await;
             return Err(e.into());
         }
         let shared = match parse_object(&r.query_json, "query_json", self.broker.config.limits.max_query_bytes) {
             Ok(v) => v,
             Err(e) => {
-                self.refuse_collect(&caller, &ctx, &r.purpose, format!("invalid_query: {e}"), started)
+                self.refuse_collect(&caller, &ctx, &r, format!("invalid_query: {e}"), started)
                     .await;
                 return Err(e.into());
             }
@@ -311,7 +338,7 @@ impl ExchangeService {
                             "item {}: {e}",
                             clip(&item.record_type, MAX_NAME_BYTES)
                         ));
-                        self.refuse_collect(&caller, &ctx, &r.purpose, format!("invalid_query: {e}"), started)
+                        self.refuse_collect(&caller, &ctx, &r, format!("invalid_query: {e}"), started)
                             .await;
                         return Err(e.into());
                     }
@@ -320,7 +347,7 @@ impl ExchangeService {
             queries.push(q);
         }
         if let Err(e) = self.broker.check_one_subject(&caller, &r, &queries) {
-            self.refuse_collect(&caller, &ctx, &r.purpose, format!("several_subjects: {e}"), started)
+            self.refuse_collect(&caller, &ctx, &r, format!("several_subjects: {e}"), started)
                 .await;
             return Err(e.into());
         }
@@ -408,6 +435,48 @@ fn check_collect(r: &CollectRequest, max: usize) -> Result<(), BrokerError> {
         }
     }
     Ok(())
+}
+
+/// The subjects a Collect names, as far as its queries can be read, for the
+/// entries of its refusal: the subject key's value in the shared query
+/// merged with each item's (an item query that cannot be read adds nothing;
+/// an item of a record type the registry does not know names no key), trimmed
+/// as subjects are hashed, each once, in the order first named. With each,
+/// the record type naming it, or `None` when several do. Only the first
+/// `max_items` items are read, as many as a Collect may hold: a refused
+/// request cannot make the log write more entries than an accepted one.
+fn collect_subjects<'s>(
+    caller: &'s Caller,
+    r: &CollectRequest,
+    max_query_bytes: usize,
+    max_items: usize,
+) -> Vec<(String, Option<&'s CompiledRecordType>)> {
+    let shared = parse_object(&r.query_json, "query_json", max_query_bytes).ok();
+    let mut named: Vec<(String, Option<&CompiledRecordType>)> = Vec::new();
+    for item in r.items.iter().take(max_items) {
+        let Some(rt) = caller.snapshot.record_type(&item.record_type, item.schema_version) else {
+            continue;
+        };
+        let mut query = shared.clone().unwrap_or_else(|| Value::Object(serde_json::Map::new()));
+        if let (Value::Object(base), Ok(Value::Object(extra))) = (
+            &mut query,
+            parse_object(&item.query_json, "items[].query_json", max_query_bytes),
+        ) {
+            base.extend(extra);
+        }
+        let Some(subject) = rt.subject(&query).map(str::trim).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        match named.iter_mut().find(|(s, _)| s == subject) {
+            Some((_, record_type)) => {
+                if record_type.is_some_and(|named_by| named_by.name() != rt.name()) {
+                    *record_type = None;
+                }
+            }
+            None => named.push((subject.to_owned(), Some(rt.as_ref()))),
+        }
+    }
+    named
 }
 
 fn parse_object(text: &str, what: &str, max: usize) -> Result<Value, BrokerError> {
@@ -962,6 +1031,10 @@ mod tests {
     use tonic::metadata::MetadataValue;
 
     fn record_type(subject_key: &str) -> CompiledRecordType {
+        named_record_type("civil_status.test_record", subject_key)
+    }
+
+    fn named_record_type(name: &str, subject_key: &str) -> CompiledRecordType {
         use lienthong_core::MemberId;
         use lienthong_core::schema::{Compatibility, RecordTypeVersion, SchemaLimits, parse_definition};
         let owner = MemberId::new("civil-status").unwrap();
@@ -971,7 +1044,7 @@ mod tests {
             "required": [subject_key]
         });
         let definition = parse_definition(
-            "civil_status.test_record",
+            name,
             "a record",
             owner.clone(),
             &query.to_string(),
@@ -980,13 +1053,7 @@ mod tests {
             &SchemaLimits::default(),
         )
         .unwrap();
-        let version = RecordTypeVersion::new(
-            definition,
-            1,
-            OffsetDateTime::now_utc(),
-            owner,
-            Compatibility::Backward,
-        );
+        let version = RecordTypeVersion::new(definition, 1, OffsetDateTime::now_utc(), owner, Compatibility::Backward);
         CompiledRecordType::compile(version).unwrap()
     }
 
@@ -995,11 +1062,20 @@ mod tests {
         let rt = record_type("national_id");
         let query = serde_json::json!({"national_id": "001084004217"});
         let about = |record: Value| about_the_queried_subject(&rt, &query, &record);
-        assert!(about(serde_json::json!({"national_id": "001084004217", "full_name": "A"})));
-        assert!(about(serde_json::json!({"national_id": " 001084004217 "})), "compared as hashed: trimmed");
+        assert!(about(
+            serde_json::json!({"national_id": "001084004217", "full_name": "A"})
+        ));
+        assert!(
+            about(serde_json::json!({"national_id": " 001084004217 "})),
+            "compared as hashed: trimmed"
+        );
         // A record that does not name its subject at the top level is not checked.
-        assert!(about(serde_json::json!({"full_name": "A", "father": {"national_id": "999999999999"}})));
-        assert!(!about(serde_json::json!({"national_id": "999999999999", "full_name": "A"})));
+        assert!(about(
+            serde_json::json!({"full_name": "A", "father": {"national_id": "999999999999"}})
+        ));
+        assert!(!about(
+            serde_json::json!({"national_id": "999999999999", "full_name": "A"})
+        ));
         assert!(!about(serde_json::json!({"national_id": 1084004217u64})));
         assert!(!about(serde_json::json!({"national_id": null})));
         // The property checked is the record type's subject key, whatever it is called.
@@ -1015,6 +1091,81 @@ mod tests {
             &query,
             &serde_json::json!({"passport_no": "C1234567", "national_id": "999999999999"})
         ));
+    }
+
+    #[test]
+    fn a_refused_collect_names_each_subject_its_queries_name_once() {
+        use lienthong::v1::CollectItem;
+        use lienthong_core::{Member, MemberId, Role, Snapshot};
+        let now = OffsetDateTime::now_utc();
+        let types = ["civil_status.birth_record", "civil_status.marriage_record"]
+            .map(|name| Arc::new(named_record_type(name, "national_id")));
+        let caller = Caller {
+            member: Member {
+                id: MemberId::new("office").unwrap(),
+                display_name: "Office".into(),
+                roles: vec![Role::Consumer],
+                enabled: true,
+                disabled_reason: String::new(),
+                created_at: now,
+                updated_at: now,
+            },
+            snapshot: Arc::new(Snapshot::build(
+                1,
+                now,
+                Vec::new(),
+                Vec::new(),
+                types.to_vec(),
+                Vec::new(),
+            )),
+        };
+        let item = |record_type: &str, query: &str| CollectItem {
+            record_type: record_type.into(),
+            query_json: query.into(),
+            ..Default::default()
+        };
+        let (birth, marriage) = ("civil_status.birth_record", "civil_status.marriage_record");
+        let collect = |shared: &str, items: Vec<CollectItem>| CollectRequest {
+            query_json: shared.into(),
+            items,
+            ..Default::default()
+        };
+        let subjects = |r: &CollectRequest, max_items: usize| -> Vec<(String, Option<String>)> {
+            collect_subjects(&caller, r, 1024, max_items)
+                .into_iter()
+                .map(|(s, rt)| (s, rt.map(|rt| rt.name().to_owned())))
+                .collect()
+        };
+        let a = r#"{"national_id":"001084004217"}"#;
+        let b = r#"{"national_id":" 027209000007 "}"#;
+        // An item naming another subject than the shared query's: both, each
+        // with the record type naming it.
+        let several = collect(a, vec![item(birth, b), item(marriage, "")]);
+        assert_eq!(
+            subjects(&several, 16),
+            [
+                ("027209000007".to_owned(), Some(birth.to_owned())),
+                ("001084004217".to_owned(), Some(marriage.to_owned()))
+            ]
+        );
+        // One subject named by two record types: one entry, no one record type.
+        let one = collect(a, vec![item(birth, ""), item(marriage, a)]);
+        assert_eq!(subjects(&one, 16), [("001084004217".to_owned(), None)]);
+        // A shared query that cannot be read: what the items' queries name;
+        // an item query that cannot be read, or of an unknown type, names none.
+        let unreadable = collect("{", vec![item(birth, "{"), item(marriage, b), item("made.up", a)]);
+        assert_eq!(
+            subjects(&unreadable, 16),
+            [("027209000007".to_owned(), Some(marriage.to_owned()))]
+        );
+        let too_big = collect(
+            &format!(r#"{{"national_id":"{}"}}"#, "1".repeat(2000)),
+            vec![item(birth, "")],
+        );
+        assert!(subjects(&too_big, 16).is_empty());
+        // Items past the most a Collect may hold are not read.
+        assert_eq!(subjects(&several, 1).len(), 1);
+        assert!(subjects(&collect(a, Vec::new()), 16).is_empty());
     }
 
     #[test]
