@@ -177,6 +177,10 @@ async fn provider_faults_get_their_documented_status_and_are_audited() {
     replace_civil_endpoint(&fed, &dropping.url()).await;
     let err = look_up_birth(&office, &subject).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(
+        err.message(),
+        "provider civil-status failed to answer: the connection to the register closed before it answered"
+    );
     dropping.shutdown().await;
 
     // Not running at all.

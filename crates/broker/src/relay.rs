@@ -47,8 +47,12 @@ pub enum RelayError {
 /// Why one call to an endpoint brought no record.
 #[derive(Debug)]
 enum CallError {
-    /// The register, or the HTTP/2 connection, answered with this status.
+    /// The register answered with this status, or the call could not be
+    /// sent (no connection, closed before the request left).
     Status(tonic::Status),
+    /// The call's HTTP/2 stream or its connection failed once the request
+    /// had left, before the whole answer came.
+    Broken(h2::Error),
     /// The register answered, but not in the gRPC protocol.
     Malformed(String),
 }
@@ -262,9 +266,14 @@ impl Conn {
         let (response, mut body) = send.send_request(head, false).map_err(closed)?;
         // Queued with the headers: both leave in the connection task's next write.
         body.send_data(frame, true).map_err(closed)?;
-        let response = response.await.map_err(h2_status)?;
-        read_fetch_response(response).await
+        answer_of(response).await
     }
+}
+
+/// The answer to a call sent: its response, read whole.
+async fn answer_of(response: h2::client::ResponseFuture) -> Result<FetchAnswer, CallError> {
+    let response = response.await.map_err(CallError::Broken)?;
+    read_fetch_response(response).await
 }
 
 /// Runs the HTTP/2 handshake on a register connection and spawns its task,
@@ -347,9 +356,22 @@ fn grpc_frame(message: &FetchRequest) -> Result<Bytes, tonic::Status> {
     Ok(buf.freeze())
 }
 
-/// The status gRPC gives an HTTP/2 error (tonic's mapping).
-fn h2_status(e: h2::Error) -> tonic::Status {
-    tonic::Status::from_error(Box::new(e))
+/// The code gRPC gives an HTTP/2 error (tonic's mapping: `UNAVAILABLE` for a
+/// stream the register refused before working on it, `UNKNOWN` for a
+/// connection that closed, ...), with words a consumer can read in place of
+/// h2's or the operating system's (`broken pipe`).
+fn cut_off(e: h2::Error) -> (Code, String) {
+    let reset_by_register = e.is_reset() && e.is_remote();
+    let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    let code = tonic::Status::from_error(Box::new(e)).code();
+    let words = if refused {
+        "the register refused the call before working on it".to_owned()
+    } else if reset_by_register {
+        format!("the register reset the call before it answered ({})", code_name(code))
+    } else {
+        "the connection to the register closed before it answered".to_owned()
+    };
+    (code, words)
 }
 
 /// Reads a unary gRPC answer: headers, at most [`MAX_RESPONSE_BYTES`] of
@@ -380,7 +402,7 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
     }
     let mut message = bytes::BytesMut::new();
     while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(h2_status)?;
+        let chunk = chunk.map_err(CallError::Broken)?;
         // Hand the window back at once: the whole answer is read here anyway.
         let _ = body.flow_control().release_capacity(chunk.len());
         if message.len() + chunk.len() > MAX_RESPONSE_BYTES + 5 {
@@ -390,7 +412,7 @@ async fn read_fetch_response(response: http::Response<h2::RecvStream>) -> Result
         }
         message.extend_from_slice(&chunk);
     }
-    let trailers = body.trailers().await.map_err(h2_status)?;
+    let trailers = body.trailers().await.map_err(CallError::Broken)?;
     let Some(status) = trailers.as_ref().and_then(tonic::Status::from_header_map) else {
         return Err(CallError::Malformed(
             "the register's answer ended without a gRPC status".into(),
@@ -466,6 +488,15 @@ fn code_name(code: Code) -> &'static str {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
+}
+
+/// A call that ended without an answer the relay acts on: the register's
+/// code, as the gRPC standard names it, or how the call was cut off.
+fn failed_to_answer(provider: &str, code: Code, cut_off: Option<&str>) -> RelayError {
+    RelayError::Unavailable(match cut_off {
+        Some(how) => format!("provider {provider} failed to answer: {how}"),
+        None => format!("provider {provider} failed to answer ({})", code_name(code)),
+    })
 }
 
 /// The gRPC code for an HTTP status other than 200, as the gRPC spec maps them.
@@ -898,12 +929,17 @@ impl Relay {
                 }
                 Err(RelayError::Deadline(total))
             };
-            let status = match result {
+            // The code acted on, and, for a call cut off on the way, how.
+            let (code, cut) = match result {
                 Ok(Ok(resp)) => {
                     ep.record(true, threshold, open_for, provider);
                     return Ok(resp.record_json);
                 }
-                Ok(Err(CallError::Status(status))) => status,
+                Ok(Err(CallError::Status(status))) => (status.code(), Err(status)),
+                Ok(Err(CallError::Broken(e))) => {
+                    let (code, words) = cut_off(e);
+                    (code, Ok(words))
+                }
                 Ok(Err(CallError::Malformed(why))) => {
                     // A register answering garbage is as broken as one not answering.
                     ep.record(false, threshold, open_for, provider);
@@ -912,7 +948,7 @@ impl Relay {
                 }
                 Err(_) => return timed_out(),
             };
-            match status.code() {
+            match code {
                 Code::NotFound => {
                     ep.record(true, threshold, open_for, provider);
                     return Err(RelayError::NotFound);
@@ -949,22 +985,23 @@ impl Relay {
                         retries += 1;
                         continue;
                     }
-                    return Err(RelayError::Unavailable(format!(
-                        "provider {provider} is unavailable: {}",
+                    let why = match &cut {
+                        Ok(words) => words.as_str(),
                         // The connection's words, or the register's code only
                         // (`from_register`), bounded: they reach the consumer,
                         // the broker's log and the audit log.
-                        crate::exchange::clip(status.message(), 200)
+                        Err(status) => crate::exchange::clip(status.message(), 200),
+                    };
+                    return Err(RelayError::Unavailable(format!(
+                        "provider {provider} is unavailable: {why}"
                     )));
                 }
                 code => {
                     // A dropped connection, a refused certificate or a crash in the
                     // register: the answer may be half-made, so no retry.
                     ep.record(false, threshold, open_for, provider);
-                    tracing::warn!(provider = %provider, endpoint = %ep.id, code = ?code, "provider call failed");
-                    return Err(RelayError::Unavailable(format!(
-                        "provider {provider} failed to answer ({code:?})"
-                    )));
+                    tracing::warn!(provider = %provider, endpoint = %ep.id, code = code_name(code), "provider call failed");
+                    return Err(failed_to_answer(provider, code, cut.ok().as_deref()));
                 }
             }
         }
@@ -1160,6 +1197,67 @@ mod tests {
         assert_eq!(status.code(), Code::Unavailable);
         assert!(!status.message().contains("079203001234"), "{}", status.message());
         assert!(status.message().contains("UNAVAILABLE"), "{}", status.message());
+    }
+
+    /// A register at the far end of an in-memory connection that answers
+    /// every call with gRPC status `code` (and its own words, naming a
+    /// citizen), or, given `None`, closes the connection once a call has come
+    /// (a register killed mid-call).
+    async fn register_answering(code: Option<&'static str>) -> Live {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new().handshake::<_, Bytes>(far).await.unwrap();
+            while let Some(call) = conn.accept().await {
+                let (_, mut respond) = call.unwrap();
+                // Dropping the connection (and the pipe) closes it.
+                let Some(code) = code else { return };
+                let head = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", code)
+                    .header("grpc-message", "lookup of 079203001234 failed")
+                    .body(())
+                    .unwrap();
+                respond.send_response(head, true).unwrap();
+            }
+        });
+        start(near, "https://register.test:443".parse().unwrap()).await.unwrap()
+    }
+
+    /// What the consumer is told of a call that ended as `failed` did.
+    fn told(failed: CallError) -> String {
+        let (code, cut) = match failed {
+            CallError::Status(status) => (status.code(), None),
+            CallError::Broken(e) => {
+                let (code, words) = cut_off(e);
+                (code, Some(words))
+            }
+            CallError::Malformed(why) => panic!("not a failure to answer: {why}"),
+        };
+        failed_to_answer("civil-status", code, cut.as_deref()).to_string()
+    }
+
+    /// A register's failure is named as the gRPC standard names its code, and
+    /// a register gone mid-call in plain words, never in Rust's names
+    /// (`Internal`) or the connection's (`Unknown`, `broken pipe`).
+    #[tokio::test]
+    async fn a_register_failing_to_answer_is_described_in_the_standards_words() {
+        for (code, named) in [
+            ("13", "(INTERNAL)"),
+            ("4", "(DEADLINE_EXCEEDED)"),
+            ("8", "(RESOURCE_EXHAUSTED)"),
+        ] {
+            let live = register_answering(Some(code)).await;
+            let (_counted, response, _body) = call(&live).await;
+            let words = told(answer_of(response).await.unwrap_err());
+            assert_eq!(words, format!("provider civil-status failed to answer {named}"));
+        }
+        let live = register_answering(None).await;
+        let (_counted, response, _body) = call(&live).await;
+        let words = told(answer_of(response).await.unwrap_err());
+        assert_eq!(
+            words,
+            "provider civil-status failed to answer: the connection to the register closed before it answered"
+        );
     }
 
     fn answer(record_json: &str) -> FetchResponse {
