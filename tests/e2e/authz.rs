@@ -413,3 +413,45 @@ async fn a_dead_grant_is_named_even_beside_a_live_grant_for_another_purpose() {
     assert!(err.message().contains("is not granted"), "{}", err.message());
     fed.shutdown().await.unwrap();
 }
+
+/// Lookups refused because the register is disabled fetch nothing, and so
+/// use none of the grant's rate limit.
+#[tokio::test]
+async fn lookups_refused_for_a_disabled_register_use_none_of_the_rate_limit() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let tax = client(&fed, TAX_DEPT).await;
+    admin
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 1))
+        .await
+        .unwrap();
+    let lookup = birth_lookup(&citizen_id(&fed, 17), "tax-law-38-2019/art-17");
+    admin
+        .admin()
+        .disable_member(pb::SetMemberEnabledRequest {
+            id: CIVIL_STATUS.into(),
+            reason: "register under maintenance".into(),
+        })
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let err = tax.exchange().lookup(lookup.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    admin
+        .admin()
+        .enable_member(pb::SetMemberEnabledRequest {
+            id: CIVIL_STATUS.into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    tax.exchange()
+        .lookup(lookup.clone())
+        .await
+        .expect("the one lookup a minute is still there");
+    let err = tax.exchange().lookup(lookup).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    fed.shutdown().await.unwrap();
+}

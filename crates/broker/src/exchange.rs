@@ -761,6 +761,20 @@ impl Broker {
                 )
             })
         })?;
+        // A disabled register (its key leaked, its agency suspended) gets no
+        // more queries, as a disabled consumer gets no more answers. Checked
+        // before the rate limit: a lookup refused for it uses none of it.
+        if !snapshot.member(rt.owner().as_str()).is_some_and(|m| m.enabled) {
+            return Err(fail(
+                Outcome::Failed,
+                "provider_disabled",
+                BrokerError::Unavailable(format!(
+                    "register {} is disabled in the federation; {} records cannot be looked up until an admin enables it again",
+                    rt.owner(),
+                    rt.name()
+                )),
+            ));
+        }
         let within_limit = self
             .count_against_limit(&allowed.grant_id, allowed.rate_limit_per_minute)
             .await
@@ -807,19 +821,6 @@ impl Broker {
                 .collect(),
             GrantFields::Pointers(p) => p.iter().filter(|p| declared(p)).cloned().collect(),
         };
-        // A disabled register (its key leaked, its agency suspended) gets no
-        // more queries, as a disabled consumer gets no more answers.
-        if !snapshot.member(rt.owner().as_str()).is_some_and(|m| m.enabled) {
-            return Err(fail(
-                Outcome::Failed,
-                "provider_disabled",
-                BrokerError::Unavailable(format!(
-                    "register {} is disabled in the federation; {} records cannot be looked up until an admin enables it again",
-                    rt.owner(),
-                    rt.name()
-                )),
-            ));
-        }
         let timeout = self.config.provider_timeout(rt.name());
         let now = Instant::now();
         let deadline = match ctx.deadline {
