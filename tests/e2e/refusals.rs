@@ -228,6 +228,45 @@ async fn a_grpc_timeout_outside_the_spec_is_ignored() {
     fed.shutdown().await.unwrap();
 }
 
+/// A lookup whose deadline has passed before the register could be asked
+/// is not blamed on the register: it is not called, and the entry says the
+/// caller's deadline passed.
+#[tokio::test]
+async fn a_deadline_passed_before_the_register_was_asked_is_the_callers() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let mut request = tonic::Request::new(pb::LookupRequest {
+        request_id: "no-time-left".into(),
+        ..birth_lookup(&citizen_id(&fed, 16), PURPOSE_CERTIFICATE)
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", tonic::metadata::MetadataValue::from_static("0m"));
+    let err = office.exchange().lookup(request).await.unwrap_err();
+    // tonic's client gives up at once, by its own clock, before the answer.
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    // The lookup runs to its end behind the answer: its entry comes after.
+    let entry = async || {
+        logged(&fed, by(JUDICIAL_OFFICE, pb::EntryKind::Access))
+            .await
+            .into_iter()
+            .find(|e| e.request_id == "no-time-left")
+    };
+    assert!(eventually(Duration::from_secs(10), async || entry().await.is_some()).await);
+    let entry = entry().await.unwrap();
+    assert_eq!(entry.outcome, pb::Outcome::Failed as i32);
+    assert!(
+        entry.reason.starts_with("deadline_exceeded: ") && entry.reason.contains("caller's deadline"),
+        "{}",
+        entry.reason
+    );
+    assert!(!entry.reason.contains("did not answer"), "{}", entry.reason);
+    fed.shutdown().await.unwrap();
+}
+
 /// `subject`'s access history, read by `reader`.
 async fn history(reader: &Clients, subject: &str) -> Result<Vec<pb::SubjectAccess>, tonic::Status> {
     let r = reader

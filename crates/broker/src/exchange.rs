@@ -775,6 +775,23 @@ impl Broker {
                 )),
             ));
         }
+        // The caller gave up already (a zero or spent `grpc-timeout`): the
+        // register is not asked, nor blamed, and no rate limit is used.
+        let too_late = || {
+            fail(
+                Outcome::Failed,
+                "deadline_exceeded",
+                BrokerError::DeadlineExceeded(format!(
+                    "the caller's deadline (grpc-timeout) passed before register {} was asked for the {} record; \
+                     nothing was fetched or released; retry with a longer deadline",
+                    rt.owner(),
+                    rt.name()
+                )),
+            )
+        };
+        if ctx.deadline.is_some_and(|d| d <= Instant::now()) {
+            return Err(too_late());
+        }
         let within_limit = self
             .count_against_limit(&allowed.grant_id, allowed.rate_limit_per_minute)
             .await
@@ -853,6 +870,11 @@ impl Broker {
                 .fetch(provider, fetch, deadline, deadline_is_callers, &ctx.caller_trace),
         )
         .await;
+        // The relay gives up without calling when it had no time at all: the
+        // deadline passed while the rate limit was counted (on the database).
+        if deadline_is_callers && matches!(fetched, Err(RelayError::Deadline(d)) if d.is_zero()) {
+            return Err(too_late());
+        }
         let call_outcome = match &fetched {
             Ok(_) => CallOutcome::Ok,
             Err(RelayError::NotFound) => CallOutcome::NotFound,
