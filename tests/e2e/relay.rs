@@ -938,3 +938,46 @@ async fn time_waited_for_a_turn_counts_against_the_deadline() {
     assert!(entry.reason.starts_with("provider_timeout"), "{entry:?}");
     fed.shutdown().await.unwrap();
 }
+
+/// A register call counts as `ok` only when its answer is a record the
+/// broker can use: one that breaks its schema, or is about another
+/// citizen, counts as `malformed`.
+#[tokio::test]
+async fn register_calls_answering_unusable_records_are_not_counted_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.metrics_listen = Some("127.0.0.1:0".into());
+    let fed = Federation::start(opts).await.unwrap();
+    let addr = fed.broker.metrics_addr.expect("metrics listener configured");
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 85);
+    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
+    let server = testing::start_faulty_server(faulty.clone(), civil_tls(&fed))
+        .await
+        .unwrap();
+    replace_civil_endpoint(&fed, &server.url()).await;
+    let calls = |scrape: &str, outcome: &str| {
+        sample(
+            scrape,
+            &format!(r#"lienthong_provider_calls_total{{provider="civil-status",outcome="{outcome}"}}"#),
+        )
+    };
+
+    let (_, before) = http_get(addr, "/metrics").await;
+    look_up_birth(&office, &subject).await.unwrap();
+    faulty.set_mode(FaultMode::InvalidRecord);
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    server.shutdown().await;
+    let mut record = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed).birth_record(85);
+    record["national_id"] = citizen_id(&fed, 86).into();
+    let raw = serve_civil_records(&fed, record).await;
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    let (_, after) = http_get(addr, "/metrics").await;
+
+    assert_eq!(calls(&after, "ok") - calls(&before, "ok"), 1.0, "{after}");
+    assert_eq!(calls(&after, "malformed") - calls(&before, "malformed"), 2.0, "{after}");
+    raw.shutdown().await;
+    fed.shutdown().await.unwrap();
+}

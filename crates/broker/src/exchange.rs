@@ -875,17 +875,20 @@ impl Broker {
         if deadline_is_callers && matches!(fetched, Err(RelayError::Deadline(d)) if d.is_zero()) {
             return Err(too_late());
         }
+        let call_elapsed = call_started.elapsed();
         let call_outcome = match &fetched {
-            Ok(_) => CallOutcome::Ok,
-            Err(RelayError::NotFound) => CallOutcome::NotFound,
-            Err(RelayError::Rejected) => CallOutcome::Rejected,
-            Err(RelayError::NotServed) => CallOutcome::NotServed,
-            Err(RelayError::Unavailable(_)) => CallOutcome::Unavailable,
-            Err(RelayError::Deadline(_)) => CallOutcome::Timeout,
-            Err(RelayError::Malformed(_)) => CallOutcome::Malformed,
+            // Counted once the record is checked, below.
+            Ok(_) => None,
+            Err(RelayError::NotFound) => Some(CallOutcome::NotFound),
+            Err(RelayError::Rejected) => Some(CallOutcome::Rejected),
+            Err(RelayError::NotServed) => Some(CallOutcome::NotServed),
+            Err(RelayError::Unavailable(_)) => Some(CallOutcome::Unavailable),
+            Err(RelayError::Deadline(_)) => Some(CallOutcome::Timeout),
+            Err(RelayError::Malformed(_)) => Some(CallOutcome::Malformed),
         };
-        self.metrics
-            .provider_call(provider, call_outcome, call_started.elapsed());
+        if let Some(outcome) = call_outcome {
+            self.metrics.provider_call(provider, outcome, call_elapsed);
+        }
         let record_text = fetched.map_err(|e| match e {
             RelayError::NotFound => fail(
                 Outcome::Failed,
@@ -928,7 +931,7 @@ impl Broker {
             ),
         })?;
         let bad = |code, msg: String| fail(Outcome::Failed, code, BrokerError::InvalidProviderRecord(msg));
-        let record_json = tracing::debug_span!("validate_record").in_scope(|| {
+        let checked = tracing::debug_span!("validate_record").in_scope(|| {
             // Checked once, with SIMD: serde_json would check every string of
             // the record on its own, slowly for text that is not ASCII (as names
             // and places in most languages are).
@@ -985,7 +988,19 @@ impl Broker {
                     BrokerError::Internal(format!("the released {} record could not be written: {e}", rt.name())),
                 )
             })
-        })?;
+        });
+        // A record the broker cannot pass on (not UTF-8 or JSON, breaking its
+        // schema, about another subject) is as unusable as an answer outside
+        // the protocol: the call is not `ok`, whoever looks at the register's
+        // error rate. A record the broker fails to write is its own fault.
+        let register_at_fault = matches!(&checked, Err((_, _, BrokerError::InvalidProviderRecord(_))));
+        let outcome = if register_at_fault {
+            CallOutcome::Malformed
+        } else {
+            CallOutcome::Ok
+        };
+        self.metrics.provider_call(provider, outcome, call_elapsed);
+        let record_json = checked?;
         event.fields_released = released.clone();
         event.outcome = Outcome::Allowed;
         let deprecation_notice = if rt.deprecated() {
