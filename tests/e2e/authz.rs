@@ -359,7 +359,7 @@ async fn a_dead_grant_is_named_even_beside_a_live_grant_for_another_purpose() {
         .unwrap();
     admin
         .admin()
-        .create_grant(for_purpose("pw-over", now - 2 * hour, now - hour))
+        .create_grant(for_purpose("pw-over", now - 2 * hour, now + time::Duration::seconds(1)))
         .await
         .unwrap();
     let revoked = admin
@@ -380,6 +380,9 @@ async fn a_dead_grant_is_named_even_beside_a_live_grant_for_another_purpose() {
         .lookup(birth_lookup(&subject, "tax-law-38-2019/art-17"))
         .await
         .expect("the live grant is used");
+    // A grant cannot be made already expired: "pw-over" ends a second after `now`.
+    let over = now + time::Duration::seconds(1) - time::OffsetDateTime::now_utc();
+    tokio::time::sleep(over.try_into().unwrap_or_default()).await;
 
     for (purpose, says, reason) in [
         ("pw-later", "grant is not valid before", "grant_not_yet_valid"),
