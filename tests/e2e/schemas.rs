@@ -77,6 +77,17 @@ async fn bad_registrations_are_refused_and_nothing_is_stored() {
             def("Civil Status.Adoption", query_schema(), record_schema(json!({}))),
             "Civil Status.Adoption",
         ),
+        // A guardian who has a guardian, who has...: the broker could not
+        // list the fields it may release inside the last one.
+        (
+            def(
+                name,
+                query_schema(),
+                json!({"type":"object","properties":{"full_name":{"type":"string"},"guardian":{"$ref":"#/$defs/person"}},
+                       "$defs":{"person":{"type":"object","properties":{"full_name":{"type":"string"},"guardian":{"$ref":"#/$defs/person"}}}}}),
+            ),
+            "/$defs/person/properties/guardian/$ref",
+        ),
     ];
     for (d, needle) in cases {
         let err = register(d).await.unwrap_err();

@@ -21,6 +21,9 @@ pub struct FieldSelection {
 struct Node {
     /// The whole value at this node is selected.
     whole: bool,
+    /// Nothing of the value at this node is selected, whatever else says so:
+    /// a field whose schema does not list what it holds.
+    withheld: bool,
     /// Selected properties, sorted by name (unescaped) for binary search.
     children: Vec<(String, Node)>,
 }
@@ -46,15 +49,19 @@ impl Node {
 
     /// What both `self` and `other` select.
     fn intersect(&self, other: &Node) -> Node {
+        if self.withheld || other.withheld {
+            return Node::withheld();
+        }
         match (self.whole, other.whole) {
             (true, true) => Node {
                 whole: true,
-                children: Vec::new(),
+                ..Node::default()
             },
             (true, false) => other.clone(),
             (false, true) => self.clone(),
             (false, false) => Node {
                 whole: false,
+                withheld: false,
                 children: self
                     .children
                     .iter()
@@ -64,8 +71,18 @@ impl Node {
         }
     }
 
+    fn withheld() -> Node {
+        Node {
+            withheld: true,
+            ..Node::default()
+        }
+    }
+
     /// Marks every node without children whole: the leaves of a shape.
     fn mark_leaves(&mut self) {
+        if self.withheld {
+            return;
+        }
         if self.children.is_empty() {
             self.whole = true;
         }
@@ -77,11 +94,14 @@ impl Node {
     /// True when [`Node::apply`] keeps something of `value`: scalars hold no
     /// selected properties, objects and arrays are kept (possibly emptied).
     fn keeps(&self, value: &Value) -> bool {
-        self.whole || value.is_object() || value.is_array()
+        !self.withheld && (self.whole || value.is_object() || value.is_array())
     }
 
     /// The selected part of `value`, or `None` when nothing of it is selected.
     fn apply(&self, value: &Value) -> Option<Value> {
+        if self.withheld {
+            return None;
+        }
         if self.whole {
             return Some(value.clone());
         }
@@ -186,8 +206,16 @@ impl FieldSelection {
     /// kept whole, and nothing else is kept. An object that declares its
     /// properties is cut down to them, whatever else the register sends.
     pub fn shape(declared: &[String]) -> Self {
+        FieldSelection::shape_withholding(declared, &[])
+    }
+
+    /// [`FieldSelection::shape`], with `withheld` fields kept nowhere, not
+    /// even whole under a granted parent: fields whose schema does not list
+    /// what they hold (a recursive reference), so that whatever the register
+    /// puts there never leaves.
+    pub fn shape_withholding(declared: &[String], withheld: &[String]) -> Self {
         let mut root = Node::default();
-        for pointer in declared {
+        for pointer in declared.iter().chain(withheld) {
             let Some(rest) = pointer.strip_prefix('/') else {
                 continue;
             };
@@ -195,6 +223,16 @@ impl FieldSelection {
             for segment in rest.split('/') {
                 node = node.child_mut(unescape(segment));
             }
+        }
+        for pointer in withheld {
+            let Some(rest) = pointer.strip_prefix('/') else {
+                continue;
+            };
+            let mut node = &mut root;
+            for segment in rest.split('/') {
+                node = node.child_mut(unescape(segment));
+            }
+            *node = Node::withheld();
         }
         // A shape that declares nothing keeps nothing, not everything.
         for (_, child) in &mut root.children {
@@ -215,7 +253,7 @@ impl FieldSelection {
         FieldSelection {
             root: Node {
                 whole: true,
-                children: Vec::new(),
+                ..Node::default()
             },
         }
     }
@@ -455,6 +493,40 @@ mod tests {
         assert_eq!(released, r#"{"father":{"full_name":"Nguyen Van B"}}"#);
         let everything = FieldSelection::all().intersect(&declared());
         assert_eq!(everything, declared(), "a grant of every field is the shape");
+    }
+
+    /// A field whose schema does not list what it holds (a recursive
+    /// reference) releases nothing, even under a granted parent, and does
+    /// not make its parent a leaf released whole.
+    #[test]
+    fn a_withheld_field_releases_nothing_whatever_the_grant() {
+        let shape = FieldSelection::shape_withholding(
+            &["/father", "/father/full_name", "/mother"].map(String::from),
+            &["/father/father", "/mother/mother"].map(String::from),
+        );
+        let rec = json!({
+            "father": {"full_name": "B", "father": {"national_id": "001060000001"}, "extra": 1},
+            "mother": {"mother": {"national_id": "001060000002"}, "national_id": "001060000003"}
+        });
+        assert_eq!(shape.apply(&rec), json!({"father": {"full_name": "B"}, "mother": {}}));
+        for grant in [
+            vec!["/father", "/mother"],
+            vec!["/father/father", "/mother/mother"],
+            vec!["/father/father/national_id"],
+            vec![""],
+        ] {
+            let grant = FieldSelection::new(&grant.iter().map(|p| p.to_string()).collect::<Vec<_>>());
+            let released = grant.intersect(&shape).to_json(&rec).unwrap();
+            assert!(!released.contains("00106000000"), "{released}");
+            assert_eq!(
+                serde_json::from_str::<Value>(&released).unwrap(),
+                grant.intersect(&shape).apply(&rec)
+            );
+        }
+        assert_eq!(
+            FieldSelection::shape_withholding(&["/a".to_string()], &[]),
+            FieldSelection::shape(&["/a".to_string()])
+        );
     }
 
     proptest! {

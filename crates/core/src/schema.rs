@@ -283,6 +283,20 @@ pub enum SchemaError {
         /// The limit.
         limit: usize,
     },
+    /// A record field whose own fields the broker cannot list, so that it
+    /// could not cut a record down to what the schema declares inside it.
+    #[error("{schema} at {}: field {field} {problem}", show_pointer(.pointer))]
+    UnlistedFields {
+        /// Always `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer into the schema where listing stopped (a `$ref`, or the
+        /// schema of the field nested too deep).
+        pointer: String,
+        /// Instance JSON Pointer of the field.
+        field: String,
+        /// Why its fields cannot be listed.
+        problem: FieldCut,
+    },
     /// The schema passed the meta-schema but could not be compiled (bad regex,
     /// unresolvable local reference, ...).
     #[error("{schema} at {} cannot be compiled: {message}", show_pointer(.pointer))]
@@ -308,6 +322,7 @@ impl SchemaError {
             | SchemaError::RemoteRef { pointer, .. }
             | SchemaError::NotAnObjectSchema { pointer, .. }
             | SchemaError::SubjectKey { pointer, .. }
+            | SchemaError::UnlistedFields { pointer, .. }
             | SchemaError::Compile { pointer, .. } => Some(pointer),
             SchemaError::UnsupportedDraft { .. } => Some("/$schema"),
             _ => None,
@@ -325,6 +340,7 @@ impl SchemaError {
             | SchemaError::RemoteRef { schema, .. }
             | SchemaError::NotAnObjectSchema { schema, .. }
             | SchemaError::TooManyFields { schema, .. }
+            | SchemaError::UnlistedFields { schema, .. }
             | SchemaError::Compile { schema, .. } => Some(schema),
             SchemaError::SubjectKey { .. } => Some(QUERY_SCHEMA),
             SchemaError::InvalidName { .. } | SchemaError::EmptyDescription | SchemaError::NulCharacter { .. } => None,
@@ -402,6 +418,9 @@ fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Resul
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
     build_validator(which, &value)?;
+    if which == RECORD_SCHEMA {
+        check_record_fields(which, &value)?;
+    }
     Ok(value)
 }
 
@@ -757,7 +776,7 @@ fn follow_refs<'a>(root: &'a Value, mut schema: &'a Value) -> &'a Value {
 struct FieldInfo<'a> {
     /// JSON Pointer of the field in instances.
     pointer: String,
-    /// Its schema, bare `$ref`s followed.
+    /// Its schema, bare `$ref`s followed: where the walk found its fields.
     schema: &'a Value,
     /// Its array items' schema, if it declares one.
     items: Option<&'a Value>,
@@ -765,16 +784,91 @@ struct FieldInfo<'a> {
     required: bool,
 }
 
+/// Why the walk could not list the fields inside a field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FieldCut {
+    /// A `$ref` back to a schema that encloses the field.
+    Recursive {
+        /// The reference, as written.
+        reference: String,
+    },
+    /// More `$ref`s in a row than the walk follows.
+    ReferenceChain,
+    /// A `$ref` to an anchor (`#name`), which the walk does not resolve.
+    Anchor {
+        /// The reference, as written.
+        reference: String,
+    },
+    /// Fields nested deeper than the walk expands.
+    TooDeep,
+}
+
+impl fmt::Display for FieldCut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldCut::Recursive { reference } => write!(
+                f,
+                "refers back to {reference:?}, which encloses it: a record schema may not be recursive, \
+                 because the broker releases a record field by field and must list every field; declare a fixed \
+                 number of levels instead"
+            ),
+            FieldCut::ReferenceChain => write!(
+                f,
+                "follows more than {MAX_REF_HOPS} references in a row: reference the definition directly"
+            ),
+            FieldCut::Anchor { reference } => write!(
+                f,
+                "references the anchor {reference:?}: reference the definition by its JSON Pointer \
+                 (\"#/$defs/...\") so that the broker can list its fields"
+            ),
+            FieldCut::TooDeep => write!(
+                f,
+                "nests fields more than {MAX_FIELD_LEVELS} levels deep: flatten the record"
+            ),
+        }
+    }
+}
+
+/// A field whose own fields the walk could not list: nothing inside it is
+/// known to be declared.
+struct Cut {
+    /// Instance JSON Pointer of the field.
+    field: String,
+    /// Schema JSON Pointer of the keyword where the walk stopped.
+    at: String,
+    /// Why it stopped.
+    why: FieldCut,
+}
+
+/// What following a schema's bare `$ref`s led to.
+enum Resolved<'a> {
+    /// A schema whose fields can be listed, and its location in the document.
+    Expand(&'a Value, String),
+    /// The walk stopped at a reference; the schema is the reference itself.
+    Stop(&'a Value, String, FieldCut),
+}
+
 /// Depth-first walk of `properties`, following local references with cycle detection.
 struct Walk<'a> {
     root: &'a Value,
     refs: Vec<&'a str>,
     out: Vec<FieldInfo<'a>>,
+    cuts: Vec<Cut>,
     limit: usize,
 }
 
 /// The walk found more fields than its limit.
 struct TooManyFields;
+
+/// The schema pointer a local JSON Pointer reference (`#`, `#/...`) names.
+fn reference_pointer(reference: &str) -> Option<String> {
+    let fragment = reference.strip_prefix('#')?;
+    if fragment.contains('%') {
+        percent_decode(fragment)
+    } else {
+        Some(fragment.to_owned())
+    }
+}
 
 impl<'a> Walk<'a> {
     fn new(root: &'a Value, limit: usize) -> Self {
@@ -782,6 +876,7 @@ impl<'a> Walk<'a> {
             root,
             refs: Vec::new(),
             out: Vec::new(),
+            cuts: Vec::new(),
             limit,
         }
     }
@@ -790,17 +885,20 @@ impl<'a> Walk<'a> {
         let root = self.root;
         // The root is being expanded: a `"$ref": "#"` below it is a cycle.
         self.refs.push("#");
-        let (resolved, expand, pushed) = self.resolve(root);
-        let result = if expand { self.children(resolved, "", 0) } else { Ok(()) };
+        let (resolved, pushed) = self.resolve(root, String::new());
+        let result = match resolved {
+            Resolved::Expand(schema, at) => self.children(schema, "", 0, &at),
+            Resolved::Stop(..) => Ok(()),
+        };
         self.refs.truncate(self.refs.len() - pushed);
         result
     }
 
-    /// Follows bare `$ref`s; says whether the target may be expanded (false on a
-    /// cycle) and how many references it pushed on the stack.
-    fn resolve(&mut self, mut schema: &'a Value) -> (&'a Value, bool, usize) {
+    /// Follows bare `$ref`s from `schema` (at schema pointer `at`); says where
+    /// they led and how many references it pushed on the stack.
+    fn resolve(&mut self, mut schema: &'a Value, mut at: String) -> (Resolved<'a>, usize) {
         let mut pushed = 0;
-        for _ in 0..MAX_REF_HOPS {
+        for _ in 0..=MAX_REF_HOPS {
             let Some(obj) = schema.as_object() else {
                 break;
             };
@@ -810,30 +908,64 @@ impl<'a> Walk<'a> {
             let Some(reference) = obj.get("$ref").and_then(Value::as_str) else {
                 break;
             };
+            push_segment(&mut at, "$ref");
             if self.refs.contains(&reference) {
-                return (schema, false, pushed);
+                let why = FieldCut::Recursive {
+                    reference: truncate(reference.to_owned(), 200),
+                };
+                return (Resolved::Stop(schema, at, why), pushed);
             }
-            let Some(target) = local_target(self.root, reference) else {
+            if pushed == MAX_REF_HOPS {
+                return (Resolved::Stop(schema, at, FieldCut::ReferenceChain), pushed);
+            }
+            let target = local_target(self.root, reference);
+            let Some((target, pointer)) = target.zip(reference_pointer(reference)) else {
+                if reference.starts_with('#') && !reference.starts_with("#/") && reference != "#" {
+                    let why = FieldCut::Anchor {
+                        reference: truncate(reference.to_owned(), 200),
+                    };
+                    return (Resolved::Stop(schema, at, why), pushed);
+                }
+                // Unresolvable: the validator refuses it at registration.
                 break;
             };
             self.refs.push(reference);
             pushed += 1;
             schema = target;
+            at = pointer;
         }
-        (schema, true, pushed)
+        (Resolved::Expand(schema, at), pushed)
     }
 
-    fn children(&mut self, schema: &'a Value, prefix: &str, level: usize) -> Result<(), TooManyFields> {
+    fn children(&mut self, schema: &'a Value, prefix: &str, level: usize, at: &str) -> Result<(), TooManyFields> {
         if level >= MAX_FIELD_LEVELS {
+            if !prefix.is_empty() && schema.as_object().is_some_and(has_own_structure) {
+                self.cuts.push(Cut {
+                    field: prefix.to_owned(),
+                    at: at.to_owned(),
+                    why: FieldCut::TooDeep,
+                });
+            }
             return Ok(());
         }
-        self.properties(schema, prefix, level)?;
+        self.properties(schema, prefix, level, at)?;
         if let Some(items) = schema.get("items").filter(|i| i.is_object()) {
-            let (resolved, expand, pushed) = self.resolve(items);
-            let result = if expand {
-                self.children(resolved, prefix, level + 1)
-            } else {
-                Ok(())
+            let mut items_at = at.to_owned();
+            push_segment(&mut items_at, "items");
+            let (resolved, pushed) = self.resolve(items, items_at);
+            let result = match resolved {
+                Resolved::Expand(schema, at) => self.children(schema, prefix, level + 1, &at),
+                Resolved::Stop(_, at, why) => {
+                    // The items of `prefix` are what could not be listed.
+                    if !prefix.is_empty() {
+                        self.cuts.push(Cut {
+                            field: prefix.to_owned(),
+                            at,
+                            why,
+                        });
+                    }
+                    Ok(())
+                }
             };
             self.refs.truncate(self.refs.len() - pushed);
             result?;
@@ -841,7 +973,7 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    fn properties(&mut self, schema: &'a Value, prefix: &str, level: usize) -> Result<(), TooManyFields> {
+    fn properties(&mut self, schema: &'a Value, prefix: &str, level: usize, at: &str) -> Result<(), TooManyFields> {
         let Some(props) = schema.get("properties").and_then(Value::as_object) else {
             return Ok(());
         };
@@ -853,22 +985,35 @@ impl<'a> Walk<'a> {
             let mut pointer = String::with_capacity(prefix.len() + name.len() + 1);
             pointer.push_str(prefix);
             push_segment(&mut pointer, name);
-            let (resolved, expand, pushed) = self.resolve(sub);
-            let items = resolved
+            let mut sub_at = String::with_capacity(at.len() + name.len() + 12);
+            sub_at.push_str(at);
+            push_segment(&mut sub_at, "properties");
+            push_segment(&mut sub_at, name);
+            let (resolved, pushed) = self.resolve(sub, sub_at);
+            let walked = match &resolved {
+                Resolved::Expand(schema, _) | Resolved::Stop(schema, _, _) => *schema,
+            };
+            let items = walked
                 .get("items")
                 .filter(|i| i.is_object())
                 .map(|i| follow_refs(self.root, i));
             let is_required = required.is_some_and(|r| r.iter().any(|v| v.as_str() == Some(name)));
             self.out.push(FieldInfo {
                 pointer: pointer.clone(),
-                schema: resolved,
+                schema: walked,
                 items,
                 required: is_required,
             });
-            let result = if expand {
-                self.children(resolved, &pointer, level + 1)
-            } else {
-                Ok(())
+            let result = match resolved {
+                Resolved::Expand(schema, at) => self.children(schema, &pointer, level + 1, &at),
+                Resolved::Stop(_, at, why) => {
+                    self.cuts.push(Cut {
+                        field: pointer,
+                        at,
+                        why,
+                    });
+                    Ok(())
+                }
             };
             self.refs.truncate(self.refs.len() - pushed);
             result?;
@@ -879,10 +1024,32 @@ impl<'a> Walk<'a> {
 
 /// Fields of a schema; on overflow, the fields found up to the limit.
 fn collect_fields(schema: &Value) -> Vec<FieldInfo<'_>> {
+    walk_fields(schema).0
+}
+
+/// Fields of a schema and those whose own fields could not be listed; on
+/// overflow, what was found up to the limit.
+fn walk_fields(schema: &Value) -> (Vec<FieldInfo<'_>>, Vec<Cut>) {
     let mut walk = Walk::new(schema, MAX_FIELDS);
     // Overflow is refused at registration; a truncated list is the best answer here.
     let _ = walk.run();
-    walk.out
+    (walk.out, walk.cuts)
+}
+
+/// Refuses a record schema with a field whose own fields cannot be listed
+/// (a recursive reference, a chain of references, an anchor, nesting past
+/// the limit): the filter would have nothing to cut such a field down to.
+fn check_record_fields(which: &'static str, schema: &Value) -> Result<(), SchemaError> {
+    let (_, cuts) = walk_fields(schema);
+    match cuts.into_iter().next() {
+        Some(cut) => Err(SchemaError::UnlistedFields {
+            schema: which,
+            pointer: cut.at,
+            field: cut.field,
+            problem: cut.why,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Canonical JSON: object keys sorted, no whitespace.
@@ -1486,12 +1653,19 @@ impl CompiledRecordType {
         let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema)?;
         let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema)?;
         let pointers = definition.field_pointers();
-        let shape = FieldSelection::shape(&pointers);
+        // Registration refuses such fields now; a version stored before
+        // still loads, and releases nothing inside them.
+        let withheld: Vec<String> = walk_fields(&definition.record_schema)
+            .1
+            .into_iter()
+            .map(|cut| cut.field)
+            .collect();
+        let shape = FieldSelection::shape_withholding(&pointers, &withheld);
         Ok(CompiledRecordType {
             version,
             query_validator,
             record_validator,
-            fields: pointers.into_iter().collect(),
+            fields: pointers.into_iter().filter(|p| !withheld.contains(p)).collect(),
             shape,
         })
     }

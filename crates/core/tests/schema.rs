@@ -2,10 +2,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lienthong_core::schema::{
-    CompiledRecordType, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility, parse_definition,
+    CompiledRecordType, FieldCut, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility, parse_definition,
     validate_record_type_name,
 };
-use lienthong_core::{Compatibility, MemberId, RecordTypeDefinition, RecordTypeVersion};
+use lienthong_core::{Compatibility, FieldSelection, MemberId, RecordTypeDefinition, RecordTypeVersion};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use time::macros::datetime;
@@ -519,14 +519,22 @@ fn local_references_and_draft_07_are_accepted() {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "type": "object",
         "definitions": {
-            "person": {"type": "object", "properties": {"full_name": {"type": "string"}, "father": {"$ref": "#/definitions/person"}}}
+            "parent": {"type": "object", "properties": {"full_name": {"type": "string"}}},
+            "person": {"type": "object", "properties": {"full_name": {"type": "string"}, "father": {"$ref": "#/definitions/parent"}}}
         },
-        "properties": {"father": {"$ref": "#/definitions/person"}, "self": {"$ref": "#"}}
+        "properties": {"father": {"$ref": "#/definitions/person"}}
     });
     let def = define(&base_query(), &record, "national_id").unwrap();
     let fields = def.field_pointers();
-    // The recursive reference is cut at the cycle: /father/father is a field, not expanded further.
-    assert_eq!(fields, vec!["/father", "/father/father", "/father/full_name", "/self"]);
+    assert_eq!(
+        fields,
+        vec![
+            "/father",
+            "/father/father",
+            "/father/father/full_name",
+            "/father/full_name"
+        ]
+    );
     let c = compiled(def);
     assert!(
         c.validate_record(&json!({"father": {"full_name": "A", "father": {"full_name": "B"}}}))
@@ -536,6 +544,175 @@ fn local_references_and_draft_07_are_accepted() {
         .validate_record(&json!({"father": {"father": {"full_name": 1}}}))
         .unwrap_err();
     assert_eq!(err.pointer, "/father/father/full_name");
+}
+
+/// A record schema whose fields refer back to an enclosing schema.
+fn recursive_record() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "full_name": {"type": "string"},
+            "guardian": {"$ref": "#/$defs/person"}
+        },
+        "$defs": {
+            "person": {
+                "type": "object",
+                "properties": {
+                    "full_name": {"type": "string"},
+                    "guardian": {"$ref": "#/$defs/person"}
+                }
+            }
+        }
+    })
+}
+
+/// The broker releases a record field by field: a field whose fields it
+/// cannot list would be released whole, with whatever the register puts in
+/// it. Registration refuses such a record schema, naming where.
+#[test]
+fn record_schemas_whose_fields_cannot_be_listed_are_refused() {
+    let err = record_error(&recursive_record().to_string());
+    match &err {
+        SchemaError::UnlistedFields {
+            schema, field, problem, ..
+        } => {
+            assert_eq!((*schema, field.as_str()), ("record_schema", "/guardian/guardian"));
+            assert!(matches!(problem, FieldCut::Recursive { reference } if reference == "#/$defs/person"));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(err.pointer(), Some("/$defs/person/properties/guardian/$ref"));
+    let text = err.to_string();
+    assert!(
+        text.contains("/guardian/guardian") && text.contains("may not be recursive"),
+        "{text}"
+    );
+
+    // The whole record again, and array items of the same person.
+    let itself = json!({"type": "object", "properties": {"a": {"type": "string"}, "self": {"$ref": "#"}}});
+    assert_eq!(
+        record_error(&itself.to_string()).pointer(),
+        Some("/properties/self/$ref")
+    );
+    let mut children = recursive_record();
+    children["$defs"]["person"]["properties"]["children"] =
+        json!({"type": "array", "items": {"$ref": "#/$defs/person"}});
+    children["$defs"]["person"]["properties"]
+        .as_object_mut()
+        .unwrap()
+        .remove("guardian");
+    let err = record_error(&children.to_string());
+    assert!(
+        matches!(&err, SchemaError::UnlistedFields { field, .. } if field == "/guardian/children"),
+        "{err:?}"
+    );
+    assert_eq!(err.pointer(), Some("/$defs/person/properties/children/items/$ref"));
+
+    // More references in a row than are followed.
+    let mut defs = serde_json::Map::new();
+    for i in 0..20 {
+        defs.insert(format!("d{i}"), json!({"$ref": format!("#/$defs/d{}", i + 1)}));
+    }
+    defs.insert(
+        "d20".into(),
+        json!({"type": "object", "properties": {"a": {"type": "string"}}}),
+    );
+    let chain = json!({"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": defs});
+    let err = record_error(&chain.to_string());
+    assert!(
+        matches!(&err, SchemaError::UnlistedFields { problem: FieldCut::ReferenceChain, field, .. } if field == "/x"),
+        "{err:?}"
+    );
+
+    // An anchor, which the validator resolves and the field listing does not.
+    let anchor = json!({
+        "type": "object",
+        "properties": {"guardian": {"$ref": "#person"}},
+        "$defs": {"person": {"$anchor": "person", "type": "object", "properties": {"full_name": {"type": "string"}}}}
+    });
+    let err = record_error(&anchor.to_string());
+    assert!(
+        matches!(
+            &err,
+            SchemaError::UnlistedFields {
+                problem: FieldCut::Anchor { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.pointer(), Some("/properties/guardian/$ref"));
+
+    // Nested deeper than fields are listed, through shallow definitions.
+    let mut defs = serde_json::Map::new();
+    for i in 0..70 {
+        defs.insert(
+            format!("l{i}"),
+            json!({"type": "object", "properties": {"x": {"$ref": format!("#/$defs/l{}", i + 1)}}}),
+        );
+    }
+    defs.insert("l70".into(), json!({"type": "string"}));
+    let deep = json!({"type": "object", "properties": {"x": {"$ref": "#/$defs/l0"}}, "$defs": defs});
+    let err = record_error(&deep.to_string());
+    assert!(
+        matches!(
+            &err,
+            SchemaError::UnlistedFields {
+                problem: FieldCut::TooDeep,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("levels deep"), "{err}");
+
+    // A query schema is not cut down field by field: it may be recursive.
+    let query = json!({
+        "type": "object",
+        "properties": {"national_id": {"type": "string"}, "filter": {"$ref": "#/$defs/f"}},
+        "required": ["national_id"],
+        "$defs": {"f": {"type": "object", "properties": {"and": {"$ref": "#/$defs/f"}}}}
+    });
+    assert!(define(&query, &base_record(), "national_id").is_ok());
+}
+
+/// A recursive version registered before such schemas were refused still
+/// loads, and releases nothing inside the field where the listing stopped,
+/// whatever a grant names.
+#[test]
+fn a_stored_recursive_version_releases_only_declared_fields() {
+    let mut def = define(&base_query(), &base_record(), "national_id").unwrap();
+    def.record_schema = recursive_record();
+    let version = RecordTypeVersion::new(def, 1, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::Backward);
+    assert!(version.field_pointers.contains(&"/guardian/guardian".to_owned()));
+    let c = CompiledRecordType::compile(version).unwrap();
+    let record = json!({
+        "full_name": "A",
+        "guardian": {
+            "full_name": "B",
+            "guardian": {"full_name": "C", "national_id": "001060000001", "undeclared_secret": "s"},
+            "national_id": "001060000002"
+        }
+    });
+    assert!(c.validate_record(&record).is_ok());
+    let released = |fields: &[&str]| {
+        let grant = FieldSelection::new(&fields.iter().map(|f| f.to_string()).collect::<Vec<_>>());
+        grant.intersect(c.shape()).to_json(&record).unwrap()
+    };
+    let expected = r#"{"guardian":{"full_name":"B"}}"#;
+    assert_eq!(released(&["/guardian"]), expected);
+    assert_eq!(released(&["/guardian", "/guardian/guardian"]), expected);
+    assert_eq!(released(&["/guardian/guardian"]), r#"{"guardian":{}}"#);
+    assert_eq!(
+        FieldSelection::all().intersect(c.shape()).to_json(&record).unwrap(),
+        r#"{"full_name":"A","guardian":{"full_name":"B"}}"#
+    );
+    assert_eq!(
+        c.shape().apply(&record),
+        json!({"full_name": "A", "guardian": {"full_name": "B"}})
+    );
+    assert!(c.has_field("/guardian/full_name"));
+    assert!(!c.has_field("/guardian/guardian"), "nothing is released there");
 }
 
 #[test]
