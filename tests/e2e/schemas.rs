@@ -88,6 +88,15 @@ async fn bad_registrations_are_refused_and_nothing_is_stored() {
             ),
             "/$defs/person/properties/guardian/$ref",
         ),
+        // Two kilobytes of pattern that would compile to megabytes.
+        (
+            def(
+                name,
+                query_schema(),
+                record_schema(json!({"nickname":{"type":"string","pattern":"\\p{L}{240}1"}})),
+            ),
+            "record_schema at /properties/nickname/pattern cannot be compiled: the pattern compiles to more than 128 KiB",
+        ),
     ];
     for (d, needle) in cases {
         let err = register(d).await.unwrap_err();
@@ -297,6 +306,42 @@ async fn cli_schema_commands_work_as_documented() {
     )
     .await;
     assert!(ok && out.contains("/father/full_name"), "{out}");
+    fed.shutdown().await.unwrap();
+}
+
+/// Checking a definition compiles its schemas as registering does: only a
+/// member that may register it may ask, so that any member cannot make
+/// the broker compile patterns at will.
+#[tokio::test]
+async fn only_those_who_may_register_a_definition_may_check_it() {
+    let (_dir, fed) = federation().await;
+    let request = || pb::CheckCompatibilityRequest {
+        definition: Some(def(
+            "civil_status.adoption_record",
+            query_schema(),
+            record_schema(json!({})),
+        )),
+    };
+    for member in [JUDICIAL_OFFICE, JUDICIAL_RECORDS] {
+        let err = client(&fed, member)
+            .await
+            .schemas()
+            .check_compatibility(request())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{member}: {err:?}");
+        assert!(err.message().contains(CIVIL_STATUS), "{}", err.message());
+    }
+    for member in [CIVIL_STATUS, ADMIN] {
+        let check = client(&fed, member)
+            .await
+            .schemas()
+            .check_compatibility(request())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(check.compatible && check.against_version == 0, "{member}: {check:?}");
+    }
     fed.shutdown().await.unwrap();
 }
 

@@ -102,18 +102,40 @@ fn may_manage(caller: &Caller, owner: &str) -> Result<()> {
     }
 }
 
+/// Schemas compiled at once. Compiling is CPU work that a member's request
+/// sets off (a schema's patterns, bounded in size and number): it runs off
+/// the async runtime, a few at a time, so that registrations cannot starve
+/// lookups of threads or grow the broker's memory without bound.
+static SCHEMA_WORK: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Runs schema work (parsing, compiling, comparing) on the blocking pool,
+/// once a [`SCHEMA_WORK`] permit is free.
+async fn schema_work<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let _permit = SCHEMA_WORK
+        .acquire()
+        .await
+        .map_err(|_| BrokerError::Internal("the schema work queue is closed".into()))?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| BrokerError::Internal(format!("schema work did not finish: {e}")))
+}
+
 impl Broker {
-    fn parse(&self, d: &pb::RecordTypeDefinition) -> Result<RecordTypeDefinition> {
+    async fn parse(&self, d: pb::RecordTypeDefinition) -> Result<RecordTypeDefinition> {
         let owner = MemberId::new(d.owner.clone()).map_err(|e| BrokerError::InvalidArgument(format!("owner: {e}")))?;
-        parse_definition(
-            &d.name,
-            &d.description,
-            owner,
-            &d.query_schema_json,
-            &d.record_schema_json,
-            &d.subject_key,
-            &self.schema_limits,
-        )
+        let limits = self.schema_limits;
+        schema_work(move || {
+            parse_definition(
+                &d.name,
+                &d.description,
+                owner,
+                &d.query_schema_json,
+                &d.record_schema_json,
+                &d.subject_key,
+                &limits,
+            )
+        })
+        .await?
         .map_err(|e| BrokerError::InvalidArgument(e.to_string()))
     }
 
@@ -147,7 +169,7 @@ impl Broker {
                 )));
             }
         };
-        let def = self.parse(&d)?;
+        let def = self.parse(d).await?;
         match caller.snapshot.member(def.owner.as_str()) {
             Some(m) if m.has_role(Role::Provider) => {}
             Some(_) => {
@@ -202,7 +224,10 @@ impl Broker {
                 registered_by: caller.member.id.clone(),
                 compatibility,
             };
-            CompiledRecordType::compile(version.clone()).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            let compiled = version.clone();
+            schema_work(move || CompiledRecordType::compile(compiled).map(drop))
+                .await?
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
             match self.store.insert_record_type_version(&version).await {
                 Ok(()) => {
                     let mode = if compatibility == Compatibility::None {
@@ -384,8 +409,10 @@ impl SchemaRegistry for SchemaService {
             .into_inner()
             .definition
             .ok_or_else(|| BrokerError::InvalidArgument("definition is required".into()))?;
-        let _ = caller;
-        let def = self.broker.parse(&d)?;
+        // Checking compiles the schemas, as registering does: only those who
+        // may register the definition may ask.
+        may_manage(&caller, &d.owner)?;
+        let def = self.broker.parse(d).await?;
         let existing = self.broker.versions_of(&def.name).await?;
         let digest = def.digest();
         let identical = existing.iter().any(|v| v.digest == digest);

@@ -121,6 +121,14 @@ pub const RECORD_SCHEMA: &str = "record_schema";
 pub const MAX_FIELDS: usize = 4096;
 /// Longest record type name.
 pub const MAX_NAME_LEN: usize = 128;
+/// Most regular expressions (`pattern`s and `patternProperties` keys) one
+/// schema may hold: with [`PATTERN_SIZE_LIMIT`], bounds the memory and time
+/// compiling a schema takes.
+pub const MAX_PATTERNS: usize = 64;
+/// Largest compiled form of one regular expression, in bytes (the regex
+/// default is 10 MiB, which a short pattern such as `\p{L}{240}` nearly
+/// reaches); also the capacity of each one's matching cache.
+pub const PATTERN_SIZE_LIMIT: usize = 128 * 1024;
 
 /// How many `$ref` hops are followed before a schema is taken as it is.
 const MAX_REF_HOPS: usize = 16;
@@ -297,6 +305,19 @@ pub enum SchemaError {
         /// Why its fields cannot be listed.
         problem: FieldCut,
     },
+    /// The schema holds more regular expressions than allowed.
+    #[error(
+        "{schema} at {} holds regular expression number {}, more than the limit of {limit}: a schema may hold at most {limit} patterns (pattern and patternProperties together)",
+        show_pointer(.pointer), .limit + 1
+    )]
+    TooManyPatterns {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer of the first pattern past the limit.
+        pointer: String,
+        /// The limit.
+        limit: usize,
+    },
     /// The schema passed the meta-schema but could not be compiled (bad regex,
     /// unresolvable local reference, ...).
     #[error("{schema} at {} cannot be compiled: {message}", show_pointer(.pointer))]
@@ -323,6 +344,7 @@ impl SchemaError {
             | SchemaError::NotAnObjectSchema { pointer, .. }
             | SchemaError::SubjectKey { pointer, .. }
             | SchemaError::UnlistedFields { pointer, .. }
+            | SchemaError::TooManyPatterns { pointer, .. }
             | SchemaError::Compile { pointer, .. } => Some(pointer),
             SchemaError::UnsupportedDraft { .. } => Some("/$schema"),
             _ => None,
@@ -341,6 +363,7 @@ impl SchemaError {
             | SchemaError::NotAnObjectSchema { schema, .. }
             | SchemaError::TooManyFields { schema, .. }
             | SchemaError::UnlistedFields { schema, .. }
+            | SchemaError::TooManyPatterns { schema, .. }
             | SchemaError::Compile { schema, .. } => Some(schema),
             SchemaError::SubjectKey { .. } => Some(QUERY_SCHEMA),
             SchemaError::InvalidName { .. } | SchemaError::EmptyDescription | SchemaError::NulCharacter { .. } => None,
@@ -483,6 +506,14 @@ fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaEr
         });
     }
     check_object_schema(which, value)?;
+    let mut patterns = 0;
+    if let Some(pointer) = pattern_past_limit(value, &mut String::new(), &mut patterns) {
+        return Err(SchemaError::TooManyPatterns {
+            schema: which,
+            pointer,
+            limit: MAX_PATTERNS,
+        });
+    }
     let mut walk = Walk::new(value, MAX_FIELDS);
     if walk.run().is_err() {
         return Err(SchemaError::TooManyFields {
@@ -491,6 +522,61 @@ fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaEr
         });
     }
     Ok(())
+}
+
+/// Pointer of the first regular expression past [`MAX_PATTERNS`], counting
+/// into `seen`: every `pattern` string and `patternProperties` key outside
+/// the keywords whose values are data.
+fn pattern_past_limit(value: &Value, pointer: &mut String, seen: &mut usize) -> Option<String> {
+    fn count(pointer: &str, seen: &mut usize) -> Option<String> {
+        *seen += 1;
+        (*seen > MAX_PATTERNS).then(|| pointer.to_owned())
+    }
+    match value {
+        Value::Object(map) => {
+            for (key, sub) in map {
+                if DATA_KEYWORDS.contains(&key.as_str()) {
+                    continue;
+                }
+                let len = pointer.len();
+                push_segment(pointer, key);
+                if key == "pattern" && sub.is_string() {
+                    if let Some(found) = count(pointer, seen) {
+                        return Some(found);
+                    }
+                } else if key == "patternProperties"
+                    && let Some(patterns) = sub.as_object()
+                {
+                    for name in patterns.keys() {
+                        let len = pointer.len();
+                        push_segment(pointer, name);
+                        if let Some(found) = count(pointer, seen) {
+                            return Some(found);
+                        }
+                        pointer.truncate(len);
+                    }
+                }
+                if let Some(found) = pattern_past_limit(sub, pointer, seen) {
+                    return Some(found);
+                }
+                pointer.truncate(len);
+            }
+            None
+        }
+        Value::Array(items) => {
+            for (i, sub) in items.iter().enumerate() {
+                let len = pointer.len();
+                pointer.push('/');
+                pointer.push_str(&i.to_string());
+                if let Some(found) = pattern_past_limit(sub, pointer, seen) {
+                    return Some(found);
+                }
+                pointer.truncate(len);
+            }
+            None
+        }
+        _ => None,
+    }
 }
 
 fn truncate(mut s: String, max: usize) -> String {
@@ -647,8 +733,14 @@ fn build_validator(which: &'static str, schema: &Value) -> Result<Validator, Sch
     jsonschema::options()
         .with_draft(draft)
         .with_retriever(RefuseRetrieval)
-        // Linear-time matching: patterns run on every client query.
-        .with_pattern_options(jsonschema::PatternOptions::regex())
+        // Linear-time matching: patterns run on every client query. Bounded
+        // size: a short pattern may otherwise compile to megabytes, and any
+        // member could make the broker compile many.
+        .with_pattern_options(
+            jsonschema::PatternOptions::regex()
+                .size_limit(PATTERN_SIZE_LIMIT)
+                .dfa_size_limit(PATTERN_SIZE_LIMIT),
+        )
         .should_validate_formats(true)
         .build(schema)
         .map_err(|e| {
@@ -660,12 +752,39 @@ fn build_validator(which: &'static str, schema: &Value) -> Result<Validator, Sch
                     pointer = found;
                 }
             }
+            let message = match (e.kind(), schema.pointer(&pointer).and_then(Value::as_str)) {
+                (ValidationErrorKind::Format { format }, Some(pattern)) if format == "regex" => {
+                    pattern_problem(pattern)
+                }
+                _ => truncate(e.to_string(), 300),
+            };
             SchemaError::Compile {
                 schema: which,
                 pointer,
-                message: truncate(e.to_string(), 300),
+                message,
             }
         })
+}
+
+/// Why a pattern the validator refused cannot be used, for a person.
+fn pattern_problem(pattern: &str) -> String {
+    // Compiled again only to tell the causes apart, and within the same bound.
+    let too_big = matches!(
+        regex::RegexBuilder::new(pattern).size_limit(PATTERN_SIZE_LIMIT).build(),
+        Err(regex::Error::CompiledTooBig(_))
+    );
+    if too_big {
+        format!(
+            "the pattern compiles to more than {} KiB, the limit: a bounded repetition of a large \
+             character class (such as \\p{{L}}{{1,100}}) grows with its count; repeat with + or * and bound the \
+             length with minLength and maxLength instead",
+            PATTERN_SIZE_LIMIT / 1024
+        )
+    } else {
+        "the pattern is not a regular expression the broker accepts: patterns run in linear time, without \
+         look-around or back-references"
+            .to_owned()
+    }
 }
 
 /// Pointer of the first `$ref` to a JSON Pointer fragment absent from the document.

@@ -2,8 +2,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use lienthong_core::schema::{
-    CompiledRecordType, FieldCut, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility, parse_definition,
-    validate_record_type_name,
+    CompiledRecordType, FieldCut, MAX_PATTERNS, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility,
+    parse_definition, validate_record_type_name,
 };
 use lienthong_core::{Compatibility, FieldSelection, MemberId, RecordTypeDefinition, RecordTypeVersion};
 use proptest::prelude::*;
@@ -925,6 +925,53 @@ fn uncompilable_patterns_are_refused() {
     // Look-around needs a backtracking engine; patterns run in linear time here.
     let schema = json!({"type": "object", "properties": {"a": {"type": "string", "pattern": "(?=x)"}}});
     assert!(matches!(record_error(&schema.to_string()), SchemaError::Compile { .. }));
+}
+
+/// A short pattern can compile to megabytes (`\p{L}{240}` nearly reaches
+/// the regex default of 10 MiB): each is bounded, and so is their number.
+#[test]
+fn patterns_are_bounded_in_size_and_number() {
+    let big = json!({"type": "object", "properties": {
+        "a": {"type": "string"},
+        "b": {"type": "string", "pattern": "\\p{L}{240}0"}
+    }});
+    let err = record_error(&big.to_string());
+    assert!(matches!(err, SchemaError::Compile { .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/properties/b/pattern"));
+    assert!(err.to_string().contains("more than 128 KiB"), "{err}");
+    let keyed = json!({"type": "object", "properties": {"a": {}}, "patternProperties": {"x\\p{L}{240}0": {}}});
+    assert!(matches!(record_error(&keyed.to_string()), SchemaError::Compile { .. }));
+
+    // Patterns an agency writes for names, ids and dates stay well within.
+    for pattern in [
+        "^[0-9]{12}$",
+        "^\\p{L}{1,100}$",
+        "^[\\p{L}\\p{M} '\\-.]{1,200}$",
+        "^\\p{Lu}\\p{Ll}+( \\p{Lu}\\p{Ll}+)*$",
+        "^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$",
+        "^\\d{4}-\\d{2}-\\d{2}$",
+    ] {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string", "pattern": pattern}}});
+        assert!(define(&base_query(), &schema, "national_id").is_ok(), "{pattern}");
+    }
+
+    let many = |n: usize| {
+        let mut props = serde_json::Map::new();
+        for i in 0..n {
+            props.insert(format!("p{i}"), json!({"type": "string", "pattern": format!("^{i}$")}));
+        }
+        json!({"type": "object", "properties": props})
+    };
+    assert!(define(&base_query(), &many(MAX_PATTERNS - 1), "national_id").is_ok());
+    let err = record_error(&many(MAX_PATTERNS + 5).to_string());
+    assert!(matches!(err, SchemaError::TooManyPatterns { limit: 64, .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/properties/p64/pattern"));
+    assert!(err.to_string().contains("at most 64 patterns"), "{err}");
+    // Patterns in the query count against the query schema, and the values of
+    // data keywords are not patterns.
+    let mut query = base_query();
+    query["properties"]["national_id"]["examples"] = json!([{"pattern": "x"}]);
+    assert!(define(&query, &many(MAX_PATTERNS - 1), "national_id").is_ok());
 }
 
 #[test]
