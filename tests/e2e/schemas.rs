@@ -97,6 +97,15 @@ async fn bad_registrations_are_refused_and_nothing_is_stored() {
             ),
             "record_schema at /properties/nickname/pattern cannot be compiled: the pattern compiles to more than 128 KiB",
         ),
+        // A typo would leave the format unchecked.
+        (
+            def(
+                name,
+                query_schema(),
+                record_schema(json!({"adopted_on":{"type":"string","format":"dat"}})),
+            ),
+            "record_schema at /properties/adopted_on/format cannot be compiled: format \"dat\"",
+        ),
     ];
     for (d, needle) in cases {
         let err = register(d).await.unwrap_err();

@@ -440,7 +440,7 @@ fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Resul
     }
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
-    build_validator(which, &value)?;
+    build_validator(which, &value, Formats::RefuseUnknown)?;
     if which == RECORD_SCHEMA {
         check_record_fields(which, &value)?;
     }
@@ -728,7 +728,17 @@ impl jsonschema::Retrieve for RefuseRetrieval {
     }
 }
 
-fn build_validator(which: &'static str, schema: &Value) -> Result<Validator, SchemaError> {
+/// What a validator makes of a `format` it does not know.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Formats {
+    /// A schema being registered: refused, as a typo (`"dat"`) would let any
+    /// value pass unchecked.
+    RefuseUnknown,
+    /// A stored version: ignored, as when it was registered.
+    IgnoreUnknown,
+}
+
+fn build_validator(which: &'static str, schema: &Value, formats: Formats) -> Result<Validator, SchemaError> {
     let draft = draft_of(which, schema)?;
     jsonschema::options()
         .with_draft(draft)
@@ -742,6 +752,7 @@ fn build_validator(which: &'static str, schema: &Value) -> Result<Validator, Sch
                 .dfa_size_limit(PATTERN_SIZE_LIMIT),
         )
         .should_validate_formats(true)
+        .should_ignore_unknown_formats(formats == Formats::IgnoreUnknown)
         .build(schema)
         .map_err(|e| {
             let mut pointer = e.instance_path().as_str().to_owned();
@@ -752,10 +763,17 @@ fn build_validator(which: &'static str, schema: &Value) -> Result<Validator, Sch
                     pointer = found;
                 }
             }
-            let message = match (e.kind(), schema.pointer(&pointer).and_then(Value::as_str)) {
+            let at = schema.pointer(&pointer).and_then(Value::as_str);
+            let message = match (e.kind(), at) {
                 (ValidationErrorKind::Format { format }, Some(pattern)) if format == "regex" => {
                     pattern_problem(pattern)
                 }
+                (_, Some(format)) if pointer.ends_with("/format") => format!(
+                    "format {:?} is not one the broker knows, so values would pass unchecked: use one of {} \
+                     (or remove it)",
+                    truncate(format.to_owned(), 100),
+                    KNOWN_FORMATS.join(", ")
+                ),
                 _ => truncate(e.to_string(), 300),
             };
             SchemaError::Compile {
@@ -765,6 +783,27 @@ fn build_validator(which: &'static str, schema: &Value) -> Result<Validator, Sch
             }
         })
 }
+
+/// The formats checked (in draft 2020-12; draft-07 lacks `duration` and `uuid`).
+const KNOWN_FORMATS: [&str; 17] = [
+    "date",
+    "date-time",
+    "time",
+    "duration",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "uri",
+    "uri-reference",
+    "uri-template",
+    "iri",
+    "iri-reference",
+    "uuid",
+    "json-pointer",
+    "relative-json-pointer",
+    "regex",
+];
 
 /// Why a pattern the validator refused cannot be used, for a person.
 fn pattern_problem(pattern: &str) -> String {
@@ -1769,8 +1808,9 @@ impl CompiledRecordType {
         let definition = &version.definition;
         check_schema_value(QUERY_SCHEMA, &definition.query_schema)?;
         check_schema_value(RECORD_SCHEMA, &definition.record_schema)?;
-        let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema)?;
-        let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema)?;
+        // A version registered before unknown formats were refused still loads.
+        let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema, Formats::IgnoreUnknown)?;
+        let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema, Formats::IgnoreUnknown)?;
         let pointers = definition.field_pointers();
         // Registration refuses such fields now; a version stored before
         // still loads, and releases nothing inside them.

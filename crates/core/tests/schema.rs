@@ -974,6 +974,36 @@ fn patterns_are_bounded_in_size_and_number() {
     assert!(define(&query, &many(MAX_PATTERNS - 1), "national_id").is_ok());
 }
 
+/// A format the validator does not know is not checked: a typo would let
+/// any value through. Registration refuses it; a version stored before
+/// still loads.
+#[test]
+fn unknown_formats_are_refused_at_registration() {
+    let record = json!({"type": "object", "properties": {"born": {"type": "string", "format": "dat"}}});
+    let err = record_error(&record.to_string());
+    assert!(matches!(err, SchemaError::Compile { .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/properties/born/format"));
+    let text = err.to_string();
+    assert!(text.contains("\"dat\"") && text.contains("date-time"), "{text}");
+    let mut query = base_query();
+    query["properties"]["birth_date"]["format"] = json!("idn-date");
+    let err = define(&query, &base_record(), "national_id").unwrap_err();
+    assert_eq!(
+        (err.schema(), err.pointer()),
+        (Some("query_schema"), Some("/properties/birth_date/format"))
+    );
+    for format in ["date", "date-time", "email", "uuid", "ipv4", "uri"] {
+        let record = json!({"type": "object", "properties": {"a": {"type": "string", "format": format}}});
+        assert!(define(&base_query(), &record, "national_id").is_ok(), "{format}");
+    }
+
+    let mut def = define(&base_query(), &base_record(), "national_id").unwrap();
+    def.record_schema["properties"]["full_name"]["format"] = json!("dat");
+    let stored = RecordTypeVersion::new(def, 1, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::Backward);
+    let c = CompiledRecordType::compile(stored).unwrap();
+    assert!(c.validate_record(&json!({"full_name": "A"})).is_ok());
+}
+
 #[test]
 fn unresolvable_local_references_are_refused_at_their_pointer() {
     let schema = json!({"type": "object", "$defs": {"person": {"type": "object"}}, "properties": {"a": {"$ref": "#/$defs/persn"}}});
