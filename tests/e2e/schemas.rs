@@ -354,6 +354,98 @@ async fn only_those_who_may_register_a_definition_may_check_it() {
     fed.shutdown().await.unwrap();
 }
 
+/// The demo birth record's definition, changed by `change`.
+fn birth_record_changed(change: impl FnOnce(&mut serde_json::Value)) -> pb::RecordTypeDefinition {
+    let mut definition: serde_json::Value =
+        serde_json::from_str(lienthong_provider::demo::demo_schemas()[0].1).unwrap();
+    change(&mut definition);
+    lienthong_cli::federation::definition_from_json(&definition.to_string()).unwrap()
+}
+
+/// Asks whether `definition` is compatible, as the owner's integrator.
+async fn checked(
+    fed: &lienthong_cli::federation::Federation,
+    definition: pb::RecordTypeDefinition,
+) -> pb::CheckCompatibilityResponse {
+    client(fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            definition: Some(definition),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// A query the current version accepts must stay valid: a tightened
+/// constraint on a query parameter, or on the query as a whole, would
+/// refuse every consumer's lookups once registered.
+#[tokio::test]
+async fn a_tightened_query_constraint_is_a_breaking_change() {
+    let (_dir, fed) = federation().await;
+    let thirteen_digits = birth_record_changed(|d| {
+        d["query_schema"]["properties"]["national_id"]["pattern"] = json!("^[0-9]{13}$");
+    });
+    let check = checked(&fed, thirteen_digits.clone()).await;
+    assert!(!check.compatible, "{check:?}");
+    assert_eq!(check.against_version, 1);
+    assert_eq!(check.changes.len(), 1, "{:?}", check.changes);
+    assert_eq!(
+        (check.changes[0].kind.as_str(), check.changes[0].pointer.as_str()),
+        ("query_constraint_changed", "/national_id")
+    );
+    assert!(
+        check.changes[0].message.contains("pattern changed"),
+        "{:?}",
+        check.changes[0]
+    );
+    let err = client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(thirteen_digits),
+            compatibility: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("query_constraint_changed at /national_id"),
+        "{}",
+        err.message()
+    );
+
+    for (pointer, value, at) in [
+        ("/properties/birth_date/format", json!("date-time"), "/birth_date"),
+        ("/properties/national_id/maxLength", json!(0), "/national_id"),
+        ("/minProperties", json!(2), ""),
+        ("/dependentRequired", json!({"national_id": ["birth_date"]}), ""),
+    ] {
+        let changed = birth_record_changed(|d| {
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            d["query_schema"].pointer_mut(parent).unwrap()[key] = value;
+        });
+        let check = checked(&fed, changed).await;
+        assert!(
+            check
+                .changes
+                .iter()
+                .any(|c| c.kind == "query_constraint_changed" && c.pointer == at),
+            "{pointer}: {check:?}"
+        );
+    }
+    // Loosening is compatible: the pattern dropped, a description changed.
+    let looser = birth_record_changed(|d| {
+        let national_id = &mut d["query_schema"]["properties"]["national_id"];
+        national_id.as_object_mut().unwrap().remove("pattern");
+        national_id["description"] = json!("citizen identity number");
+    });
+    let check = checked(&fed, looser).await;
+    assert!(check.compatible, "{check:?}");
+    fed.shutdown().await.unwrap();
+}
+
 /// Registers version 2 of the birth record, which declares the father's
 /// national id.
 async fn register_birth_v2_with_fathers_id(fed: &lienthong_cli::federation::Federation) {

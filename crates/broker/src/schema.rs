@@ -5,7 +5,7 @@ use crate::error::{BrokerError, Result};
 use crate::state::{Broker, Caller};
 use lienthong::v1 as pb;
 use lienthong::v1::schema_registry_server::SchemaRegistry;
-use lienthong_core::schema::{CompiledRecordType, check_compatibility, parse_definition};
+use lienthong_core::schema::{BreakingChange, CompiledRecordType, check_compatibility, parse_definition};
 use lienthong_core::{Compatibility, MemberId, RecordTypeDefinition, RecordTypeVersion, Role};
 use lienthong_store::StoreError;
 use std::sync::Arc;
@@ -120,6 +120,12 @@ async fn schema_work<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'stati
         .map_err(|e| BrokerError::Internal(format!("schema work did not finish: {e}")))
 }
 
+/// [`check_compatibility`] as schema work: comparing inlines references.
+async fn compare(previous: &RecordTypeDefinition, next: &RecordTypeDefinition) -> Result<Vec<BreakingChange>> {
+    let (previous, next) = (previous.clone(), next.clone());
+    schema_work(move || check_compatibility(&previous, &next)).await
+}
+
 impl Broker {
     async fn parse(&self, d: pb::RecordTypeDefinition) -> Result<RecordTypeDefinition> {
         let owner = MemberId::new(d.owner.clone()).map_err(|e| BrokerError::InvalidArgument(format!("owner: {e}")))?;
@@ -199,7 +205,7 @@ impl Broker {
             if let Some(latest) = existing.last()
                 && compatibility == Compatibility::Backward
             {
-                let changes = check_compatibility(&latest.definition, &def);
+                let changes = compare(&latest.definition, &def).await?;
                 if !changes.is_empty() {
                     let list: Vec<String> = changes
                         .iter()
@@ -417,7 +423,7 @@ impl SchemaRegistry for SchemaService {
         let digest = def.digest();
         let identical = existing.iter().any(|v| v.digest == digest);
         let (against_version, changes) = match existing.last() {
-            Some(latest) => (latest.version, check_compatibility(&latest.definition, &def)),
+            Some(latest) => (latest.version, compare(&latest.definition, &def).await?),
             None => (0, Vec::new()),
         };
         Ok(Response::new(pb::CheckCompatibilityResponse {

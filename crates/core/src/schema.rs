@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 #[serde(rename_all = "snake_case")]
 pub enum Compatibility {
     /// No removed or retyped record property, no new required query parameter,
-    /// no narrowed enum.
+    /// no narrowed enum, no query constraint tightened.
     Backward,
     /// No check (admins only); recorded on the version.
     None,
@@ -934,6 +934,8 @@ fn follow_refs<'a>(root: &'a Value, mut schema: &'a Value) -> &'a Value {
 struct FieldInfo<'a> {
     /// JSON Pointer of the field in instances.
     pointer: String,
+    /// Its schema as written where it is declared, before any `$ref` is followed.
+    declared: &'a Value,
     /// Its schema, bare `$ref`s followed: where the walk found its fields.
     schema: &'a Value,
     /// Its array items' schema, if it declares one.
@@ -1158,6 +1160,7 @@ impl<'a> Walk<'a> {
             let is_required = required.is_some_and(|r| r.iter().any(|v| v.as_str() == Some(name)));
             self.out.push(FieldInfo {
                 pointer: pointer.clone(),
+                declared: sub,
                 schema: walked,
                 items,
                 required: is_required,
@@ -1282,8 +1285,10 @@ impl RecordTypeDefinition {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakingChange {
     /// `record_property_removed`, `record_property_retyped`, `record_enum_narrowed`,
-    /// `query_parameter_required`, `query_parameter_removed`, `query_parameter_retyped`,
-    /// `query_enum_narrowed`, `subject_key_changed` or `owner_changed`.
+    /// `record_property_structure_changed`, `query_parameter_required`,
+    /// `query_parameter_removed`, `query_parameter_retyped`, `query_enum_narrowed`,
+    /// `query_constraint_changed`, `subject_key_changed`, `owner_changed` or
+    /// `comparison_too_large`.
     pub kind: String,
     /// Instance JSON Pointer of the field (`/subject_key`, `/owner` for the definition).
     pub pointer: String,
@@ -1377,8 +1382,18 @@ pub fn check_compatibility(previous: &RecordTypeDefinition, next: &RecordTypeDef
             ),
         ));
     }
-    compare_record(&previous.record_schema, &next.record_schema, &mut out);
-    compare_query(&previous.query_schema, &next.query_schema, &mut out);
+    let mut budget = Budget::new();
+    compare_record(&previous.record_schema, &next.record_schema, &mut budget, &mut out);
+    compare_query(&previous.query_schema, &next.query_schema, &mut budget, &mut out);
+    if budget.exhausted {
+        out.push(breaking(
+            "comparison_too_large",
+            "",
+            "the schemas reference so much that the broker stopped comparing them; changes it could not compare \
+             count as breaking: simplify the references, or have an admin register with compatibility NONE"
+                .to_owned(),
+        ));
+    }
     out
 }
 
@@ -1386,7 +1401,7 @@ fn index<'a, 'b>(fields: &'b [FieldInfo<'a>]) -> HashMap<&'b str, &'b FieldInfo<
     fields.iter().map(|f| (f.pointer.as_str(), f)).collect()
 }
 
-fn compare_record(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingChange>) {
+fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, out: &mut Vec<BreakingChange>) {
     let old_fields = collect_fields(old_schema);
     let new_fields = collect_fields(new_schema);
     let new_index = index(&new_fields);
@@ -1419,7 +1434,10 @@ fn compare_record(old_schema: &Value, new_schema: &Value, out: &mut Vec<Breaking
                 format!("record property {p} no longer allows every value it allowed (enum narrowed or added)"),
             ));
         }
-        let changed = || match (resolved(old_schema, old.schema), resolved(new_schema, new.schema)) {
+        let mut changed = || match (
+            resolved(old_schema, old.schema, budget),
+            resolved(new_schema, new.schema, budget),
+        ) {
             (Some(o), Some(n)) => o != n,
             _ => true,
         };
@@ -1476,60 +1494,408 @@ fn is_opaque_leaf(field: &FieldInfo<'_>, fields: &[FieldInfo<'_>]) -> bool {
     !scalar_only && !fields.iter().any(|f| f.pointer.starts_with(&below))
 }
 
-/// A subschema with its local `$ref`s inlined (to a bounded depth) and the
-/// keywords that only annotate removed: two are equal when they admit the
-/// same values. `None` past a bound on the work, as for a schema whose
-/// references fan out: it then counts as changed.
-fn resolved(root: &Value, schema: &Value) -> Option<Value> {
-    /// Nodes inlined at most, so that references fanning out cannot make a
-    /// registration do exponential work.
-    const BUDGET: usize = 20_000;
-    fn inline(root: &Value, schema: &Value, depth: usize, budget: &mut usize) -> Option<Value> {
-        const ANNOTATIONS: [&str; 9] = [
-            "description",
-            "title",
-            "examples",
-            "$comment",
-            "default",
-            "deprecated",
-            "readOnly",
-            "writeOnly",
-            "$defs",
-        ];
-        *budget = budget.checked_sub(1)?;
-        Some(match schema {
-            Value::Object(obj) => {
-                let mut out = Map::new();
-                for (key, value) in obj {
-                    if ANNOTATIONS.contains(&key.as_str()) {
-                        continue;
-                    }
-                    let inlined = match (key.as_str(), value.as_str().and_then(|r| local_target(root, r))) {
-                        ("$ref", Some(target)) if depth < MAX_REF_HOPS => inline(root, target, depth + 1, budget)?,
-                        _ => inline(root, value, depth, budget)?,
-                    };
-                    out.insert(key.clone(), inlined);
-                }
-                Value::Object(out)
-            }
-            Value::Array(items) => Value::Array(
-                items
-                    .iter()
-                    .map(|v| inline(root, v, depth, budget))
-                    .collect::<Option<_>>()?,
-            ),
-            other => other.clone(),
-        })
-    }
-    let mut budget = BUDGET;
-    inline(root, schema, 0, &mut budget)
+/// Work a compatibility check may do inlining references, in JSON nodes:
+/// references fanning out must not make a registration do exponential work.
+const COMPARE_BUDGET: usize = 1_000_000;
+
+/// What is left of [`COMPARE_BUDGET`] in one compatibility check.
+struct Budget {
+    left: usize,
+    exhausted: bool,
 }
 
-fn compare_query(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingChange>) {
+impl Budget {
+    fn new() -> Self {
+        Budget {
+            left: COMPARE_BUDGET,
+            exhausted: false,
+        }
+    }
+
+    /// Takes `nodes` from the budget; `None` once it is spent.
+    fn spend(&mut self, nodes: usize) -> Option<()> {
+        match self.left.checked_sub(nodes) {
+            Some(left) => {
+                self.left = left;
+                Some(())
+            }
+            None => {
+                self.left = 0;
+                self.exhausted = true;
+                None
+            }
+        }
+    }
+}
+
+/// JSON nodes in a value.
+fn nodes(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(nodes).sum::<usize>(),
+        Value::Array(items) => 1 + items.iter().map(nodes).sum::<usize>(),
+        _ => 1,
+    }
+}
+
+/// Keywords that say nothing about which values are valid (or, for the
+/// `$defs`, are reached only through the references inlined).
+const ANNOTATIONS: [&str; 15] = [
+    "title",
+    "description",
+    "examples",
+    "$comment",
+    "default",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "$defs",
+    "definitions",
+    "$schema",
+    "$id",
+    "$anchor",
+    "$dynamicAnchor",
+    "$vocabulary",
+];
+/// Keywords whose value is a schema, or an array of schemas.
+const SCHEMA_KEYWORDS: [&str; 16] = [
+    "items",
+    "additionalItems",
+    "additionalProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "contentSchema",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "prefixItems",
+];
+/// Keywords whose value maps names to schemas.
+const SCHEMA_MAP_KEYWORDS: [&str; 4] = ["properties", "patternProperties", "dependentSchemas", "dependencies"];
+
+/// A subschema with its local `$ref`s inlined and the keywords that only
+/// annotate removed: two are equal when they admit the same values. A
+/// reference back to a schema being inlined stays as written (its target
+/// is inlined once already, changes and all), as does one past
+/// [`MAX_REF_HOPS`]. `None` once the budget is spent: it then counts as
+/// changed.
+fn resolved(root: &Value, schema: &Value, budget: &mut Budget) -> Option<Value> {
+    inline_schema(root, schema, &mut Vec::new(), budget)
+}
+
+fn inline_schema<'a>(
+    root: &'a Value,
+    schema: &'a Value,
+    inlining: &mut Vec<&'a Value>,
+    budget: &mut Budget,
+) -> Option<Value> {
+    budget.spend(1)?;
+    let Some(obj) = schema.as_object() else {
+        return Some(schema.clone());
+    };
+    let mut out = Map::new();
+    for (key, value) in obj {
+        if ANNOTATIONS.contains(&key.as_str()) {
+            continue;
+        }
+        let target = value
+            .as_str()
+            .filter(|_| key == "$ref" && inlining.len() < MAX_REF_HOPS)
+            .and_then(|r| local_target(root, r))
+            .filter(|t| !inlining.iter().any(|s| std::ptr::eq(*s, *t)));
+        let inlined = match target {
+            Some(target) => {
+                inlining.push(target);
+                let inlined = inline_schema(root, target, inlining, budget);
+                inlining.pop();
+                inlined?
+            }
+            None => inline_keyword(root, key, value, inlining, budget)?,
+        };
+        out.insert(key.clone(), inlined);
+    }
+    Some(Value::Object(out))
+}
+
+/// The value of `key` in a schema, inlined as a schema where it is one and
+/// copied where it is data (a property named `title` is not an annotation).
+fn inline_keyword<'a>(
+    root: &'a Value,
+    key: &str,
+    value: &'a Value,
+    inlining: &mut Vec<&'a Value>,
+    budget: &mut Budget,
+) -> Option<Value> {
+    if SCHEMA_KEYWORDS.contains(&key) {
+        return match value {
+            Value::Array(items) => Some(Value::Array(
+                items
+                    .iter()
+                    .map(|v| inline_schema(root, v, inlining, budget))
+                    .collect::<Option<_>>()?,
+            )),
+            other => inline_schema(root, other, inlining, budget),
+        };
+    }
+    if SCHEMA_MAP_KEYWORDS.contains(&key)
+        && let Some(map) = value.as_object()
+    {
+        let mut out = Map::new();
+        for (name, sub) in map {
+            let inlined = if sub.is_object() || sub.is_boolean() {
+                inline_schema(root, sub, inlining, budget)?
+            } else {
+                budget.spend(nodes(sub))?;
+                sub.clone()
+            };
+            out.insert(name.clone(), inlined);
+        }
+        return Some(Value::Object(out));
+    }
+    budget.spend(nodes(value))?;
+    Some(value.clone())
+}
+
+/// Keywords compared field by field where the field walk expanded a field.
+const FIELD_KEYWORDS: [&str; 6] = ["type", "enum", "const", "properties", "required", "items"];
+
+/// Every constraint keyword of a schema and its values, inlined.
+type Constraints = std::collections::BTreeMap<String, Vec<Value>>;
+
+/// The constraints a field's schema puts on its values beyond what is
+/// compared field by field ([`FIELD_KEYWORDS`] of `walked`, the schema the
+/// walk expanded): every other keyword that asserts, in the schema as
+/// `declared` and in each schema its `$ref`s lead to (a reference and the
+/// keywords beside it all apply). `None` once the budget is spent.
+fn constraints(root: &Value, declared: &Value, walked: &Value, budget: &mut Budget) -> Option<Constraints> {
+    let mut out = Constraints::new();
+    let mut seen: Vec<&Value> = Vec::new();
+    let mut next = Some(declared);
+    while let Some(schema) = next.take() {
+        if seen.iter().any(|s| std::ptr::eq(*s, schema)) {
+            break;
+        }
+        seen.push(schema);
+        let Some(obj) = schema.as_object() else {
+            out.entry("true/false schema".into()).or_default().push(schema.clone());
+            break;
+        };
+        let expanded = std::ptr::eq(schema, walked);
+        for (key, value) in obj {
+            let k = key.as_str();
+            let compared_elsewhere = expanded && FIELD_KEYWORDS.contains(&k) && (k != "items" || value.is_object());
+            if k == "$ref" || ANNOTATIONS.contains(&k) || compared_elsewhere {
+                continue;
+            }
+            out.entry(key.clone())
+                .or_default()
+                .push(inline_keyword(root, k, value, &mut Vec::new(), budget)?);
+        }
+        if let Some(reference) = obj.get("$ref").and_then(Value::as_str) {
+            match local_target(root, reference).filter(|_| seen.len() <= MAX_REF_HOPS) {
+                Some(target) => next = Some(target),
+                None => out
+                    .entry("$ref".into())
+                    .or_default()
+                    .push(Value::String(reference.to_owned())),
+            }
+        }
+    }
+    Some(out)
+}
+
+/// A field's array items: as declared, and with bare references followed.
+fn items_of<'a>(root: &'a Value, walked: &'a Value) -> Option<(&'a Value, &'a Value)> {
+    let items = walked.get("items").filter(|i| i.is_object())?;
+    Some((items, follow_refs(root, items)))
+}
+
+/// Constraint keywords whose removal from a query parameter admits more
+/// queries, whatever else its schema says.
+const REMOVABLE: [&str; 37] = [
+    "type",
+    "enum",
+    "const",
+    "required",
+    "pattern",
+    "format",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "contains",
+    "maxContains",
+    "minProperties",
+    "maxProperties",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "propertyNames",
+    "not",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "if",
+    "then",
+    "else",
+    "additionalItems",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+    "contentEncoding",
+    "contentMediaType",
+    "contentSchema",
+];
+const LOWER_BOUNDS: [&str; 6] = [
+    "minLength",
+    "minItems",
+    "minProperties",
+    "minimum",
+    "exclusiveMinimum",
+    "minContains",
+];
+const UPPER_BOUNDS: [&str; 6] = [
+    "maxLength",
+    "maxItems",
+    "maxProperties",
+    "maximum",
+    "exclusiveMaximum",
+    "maxContains",
+];
+
+/// Whether a change may only ever admit more values.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loosening {
+    /// Allowed (a query: what was valid stays valid).
+    Allowed,
+    /// Breaking too (a record: consumers see what they never saw).
+    Breaking,
+}
+
+/// Whether `key` changing from `old` to `new` (`None`: absent) only admits
+/// more: a constraint removed, a lower bound lowered, an upper one raised,
+/// a `multipleOf` divided.
+fn only_loosens(key: &str, old: &[Value], new: Option<&[Value]>, new_all: &Constraints) -> bool {
+    let Some(new) = new else {
+        return match key {
+            "additionalProperties" => !new_all.contains_key("unevaluatedProperties"),
+            "patternProperties" => {
+                !new_all.contains_key("additionalProperties") && !new_all.contains_key("unevaluatedProperties")
+            }
+            _ => REMOVABLE.contains(&key),
+        };
+    };
+    let ([o], [n]) = (old, new) else {
+        return false;
+    };
+    let (Some(o), Some(n)) = (o.as_f64(), n.as_f64()) else {
+        return false;
+    };
+    if LOWER_BOUNDS.contains(&key) {
+        n <= o
+    } else if UPPER_BOUNDS.contains(&key) {
+        n >= o
+    } else if key == "multipleOf" {
+        n > 0.0 && (o / n).fract() == 0.0
+    } else {
+        false
+    }
+}
+
+/// The constraint keywords whose change from `old` to `new` breaks, each as
+/// "keyword added", "keyword removed" or "keyword changed".
+fn constraint_changes(old: &Constraints, new: &Constraints, loosening: Loosening) -> Vec<String> {
+    let mut out = Vec::new();
+    for (key, before) in old {
+        let after = new.get(key);
+        if after == Some(before) {
+            continue;
+        }
+        if loosening == Loosening::Allowed && only_loosens(key, before, after.map(Vec::as_slice), new) {
+            continue;
+        }
+        out.push(format!("{key} {}", if after.is_some() { "changed" } else { "removed" }));
+    }
+    for key in new.keys().filter(|k| !old.contains_key(*k)) {
+        out.push(format!("{key} added"));
+    }
+    out
+}
+
+/// Constraint changes of one field (or the root) and, level by level, of its
+/// array items; `None` for "changed" once the budget is spent.
+fn field_constraint_changes(
+    (old_root, old_declared, old_walked): (&Value, &Value, &Value),
+    (new_root, new_declared, new_walked): (&Value, &Value, &Value),
+    loosening: Loosening,
+    budget: &mut Budget,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let (mut old, mut new) = ((old_declared, old_walked), (new_declared, new_walked));
+    for level in 0..MAX_FIELD_LEVELS {
+        let of = if level == 0 { "" } else { "items: " };
+        let compared = constraints(old_root, old.0, old.1, budget)
+            .zip(constraints(new_root, new.0, new.1, budget))
+            .map(|(o, n)| constraint_changes(&o, &n, loosening));
+        match compared {
+            Some(changes) => out.extend(changes.into_iter().map(|c| format!("{of}{c}"))),
+            None => {
+                out.push("too large to compare".to_owned());
+                break;
+            }
+        }
+        match (items_of(old_root, old.1), items_of(new_root, new.1)) {
+            (Some(o), Some(n)) => (old, new) = (o, n),
+            (None, Some(_)) => {
+                out.push("items added".to_owned());
+                break;
+            }
+            (Some(_), None) if loosening == Loosening::Breaking => {
+                out.push("items removed".to_owned());
+                break;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// A breaking change of constraints, when there is one.
+fn constrained(kind: &str, pointer: &str, what: &str, changes: &[String], consequence: &str) -> Option<BreakingChange> {
+    (!changes.is_empty()).then(|| breaking(kind, pointer, format!("{what}: {}; {consequence}", changes.join(", "))))
+}
+
+const QUERY_CONSTRAINED: &str = "queries the previous version accepted may be refused (only removing a constraint, \
+                                 lowering a minimum or raising a maximum keeps them valid)";
+
+fn compare_query(old_schema: &Value, new_schema: &Value, budget: &mut Budget, out: &mut Vec<BreakingChange>) {
     let old_fields = collect_fields(old_schema);
     let new_fields = collect_fields(new_schema);
     let old_index = index(&old_fields);
     let new_index = index(&new_fields);
+    let root = field_constraint_changes(
+        (old_schema, old_schema, old_schema),
+        (new_schema, new_schema, new_schema),
+        Loosening::Allowed,
+        budget,
+    );
+    out.extend(constrained(
+        "query_constraint_changed",
+        "",
+        "the query schema's root",
+        &root,
+        QUERY_CONSTRAINED,
+    ));
     for old in &old_fields {
         let p = old.pointer.as_str();
         let Some(new) = new_index.get(p) else {
@@ -1540,6 +1906,19 @@ fn compare_query(old_schema: &Value, new_schema: &Value, out: &mut Vec<BreakingC
             ));
             continue;
         };
+        let changes = field_constraint_changes(
+            (old_schema, old.declared, old.schema),
+            (new_schema, new.declared, new.schema),
+            Loosening::Allowed,
+            budget,
+        );
+        out.extend(constrained(
+            "query_constraint_changed",
+            p,
+            &format!("query parameter {p}"),
+            &changes,
+            QUERY_CONSTRAINED,
+        ));
         let (ot, nt) = (type_set(old.schema), type_set(new.schema));
         if !types_widened_or_equal(&ot, &nt) {
             out.push(breaking(

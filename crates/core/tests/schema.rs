@@ -110,6 +110,21 @@ fn remove(v: &mut Value, pointer: &str, key: &str) {
 
 fn nothing(_: &mut Value, _: &mut Value) {}
 
+/// A query filter that nests itself twice over: comparing it must not
+/// unroll it level after level.
+fn recursive_filter(q: &mut Value, _: &mut Value) {
+    set(
+        q,
+        "/$defs",
+        json!({"filter": {"type": "object", "properties": {
+            "and": {"$ref": "#/$defs/filter"},
+            "or": {"$ref": "#/$defs/filter"},
+            "equals": {"type": "string", "maxLength": 5}
+        }}}),
+    );
+    set(q, "/properties/filter", json!({"$ref": "#/$defs/filter"}));
+}
+
 const TABLE: &[Row] = &[
     Row {
         what: "add an optional record property",
@@ -338,6 +353,103 @@ const TABLE: &[Row] = &[
         expect: &[
             ("subject_key_changed", "/subject_key"),
             ("query_parameter_required", "/citizen_id"),
+        ],
+    },
+    Row {
+        what: "tighten a query parameter's pattern",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/properties/national_id/pattern", json!("^[0-9]{13}$")),
+        expect: &[("query_constraint_changed", "/national_id")],
+    },
+    Row {
+        what: "forbid undeclared query parameters",
+        before: |q, _| remove(q, "", "additionalProperties"),
+        after: |q, _, _, _| set(q, "/additionalProperties", json!(false)),
+        expect: &[("query_constraint_changed", "")],
+    },
+    Row {
+        what: "add a format to a query parameter",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/properties/national_id/format", json!("date")),
+        expect: &[("query_constraint_changed", "/national_id")],
+    },
+    Row {
+        what: "cap a query parameter's length",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/properties/birth_date/maxLength", json!(0)),
+        expect: &[("query_constraint_changed", "/birth_date")],
+    },
+    Row {
+        what: "ask queries for more properties",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/minProperties", json!(2)),
+        expect: &[("query_constraint_changed", "")],
+    },
+    Row {
+        what: "make one query parameter depend on another",
+        before: nothing,
+        after: |q, _, _, _| set(q, "/dependentRequired", json!({"national_id": ["birth_date"]})),
+        expect: &[("query_constraint_changed", "")],
+    },
+    Row {
+        what: "tighten a query parameter's definition behind a reference",
+        before: |q, _| {
+            set(q, "/$defs", json!({"id": {"type": "string", "pattern": "^[0-9]{12}$"}}));
+            set(
+                q,
+                "/properties/national_id",
+                json!({"$ref": "#/$defs/id", "maxLength": 12}),
+            );
+        },
+        after: |q, _, _, _| {
+            set(q, "/$defs/id/pattern", json!("^[0-9]{13}$"));
+            set(q, "/properties/national_id/maxLength", json!(11));
+        },
+        expect: &[("query_constraint_changed", "/national_id")],
+    },
+    Row {
+        what: "loosen query constraints",
+        before: |q, _| {
+            set(q, "/properties/birth_date/minLength", json!(10));
+            set(q, "/properties/birth_date/maxLength", json!(10));
+            set(q, "/properties/national_id/multipleOf", json!(4));
+            set(q, "/minProperties", json!(1));
+        },
+        after: |q, _, _, _| {
+            remove(q, "/properties/birth_date", "format");
+            remove(q, "/properties/national_id", "pattern");
+            set(q, "/properties/birth_date/minLength", json!(8));
+            set(q, "/properties/birth_date/maxLength", json!(12));
+            set(q, "/properties/national_id/multipleOf", json!(2));
+            remove(q, "", "additionalProperties");
+            remove(q, "", "minProperties");
+        },
+        expect: &[],
+    },
+    Row {
+        what: "annotate query parameters",
+        before: nothing,
+        after: |q, _, _, _| {
+            set(q, "/properties/national_id/examples", json!(["001099012345"]));
+            set(q, "/properties/national_id/title", json!("Citizen id"));
+            set(q, "/$comment", json!("reviewed"));
+        },
+        expect: &[],
+    },
+    Row {
+        what: "describe a recursive query filter",
+        before: recursive_filter,
+        after: |q, _, _, _| set(q, "/$defs/filter/description", json!("and, or, equals")),
+        expect: &[],
+    },
+    Row {
+        what: "tighten a recursive query filter",
+        before: recursive_filter,
+        after: |q, _, _, _| set(q, "/$defs/filter/properties/equals/maxLength", json!(3)),
+        expect: &[
+            ("query_constraint_changed", "/filter/and"),
+            ("query_constraint_changed", "/filter/equals"),
+            ("query_constraint_changed", "/filter/or"),
         ],
     },
     Row {
@@ -1337,6 +1449,105 @@ proptest! {
         let err = c.validate_record(&json!({"full_name": 5, "father": {"national_id": id.clone()}, "x": [id.clone()]})).unwrap_err();
         prop_assert!(!err.to_string().contains(&id));
     }
+}
+
+/// Constraints of a string query parameter, each present or not.
+fn string_constraints() -> impl Strategy<Value = Value> {
+    (
+        proptest::option::of(0u64..5),
+        proptest::option::of(2u64..8),
+        proptest::option::of(prop_oneof![
+            Just("^[0-9]*$"),
+            Just("^[0-9]{2,}$"),
+            Just("^[a-z0-9]*$"),
+            Just("[0-9]")
+        ]),
+        proptest::option::of(Just(json!({"type": "string", "maxLength": 6}))),
+    )
+        .prop_map(|(min, max, pattern, all_of)| {
+            let mut schema = json!({"type": "string"});
+            if let Some(min) = min {
+                schema["minLength"] = json!(min);
+            }
+            if let Some(max) = max {
+                schema["maxLength"] = json!(max);
+            }
+            if let Some(pattern) = pattern {
+                schema["pattern"] = json!(pattern);
+            }
+            if let Some(all_of) = all_of {
+                schema["allOf"] = json!([all_of]);
+            }
+            schema
+        })
+}
+
+/// A query schema whose `code` parameter and root vary.
+fn varied_query() -> impl Strategy<Value = Value> {
+    (string_constraints(), any::<bool>(), proptest::option::of(1u64..3)).prop_map(|(code, closed, min_props)| {
+        let mut query = json!({
+            "type": "object",
+            "properties": {"national_id": {"type": "string"}, "code": code},
+            "required": ["national_id"]
+        });
+        if closed {
+            query["additionalProperties"] = json!(false);
+        }
+        if let Some(n) = min_props {
+            query["minProperties"] = json!(n);
+        }
+        query
+    })
+}
+
+fn sample_query() -> impl Strategy<Value = Value> {
+    (proptest::option::of("[0-9a-z]{0,9}"), any::<bool>()).prop_map(|(code, extra)| {
+        let mut query = json!({"national_id": "001099012345"});
+        if let Some(code) = code {
+            query["code"] = json!(code);
+        }
+        if extra {
+            query["district"] = json!("x");
+        }
+        query
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// What BACKWARD promises consumers: a query the previous version
+    /// accepted, the next compatible one accepts too.
+    #[test]
+    fn queries_of_a_version_stay_valid_under_a_later_compatible_one(
+        old in varied_query(),
+        new in varied_query(),
+        queries in proptest::collection::vec(sample_query(), 1..8),
+    ) {
+        let old_def = define(&old, &base_record(), "national_id").unwrap();
+        let new_def = define(&new, &base_record(), "national_id").unwrap();
+        if check_compatibility(&old_def, &new_def).is_empty() {
+            let (before, after) = (compiled(old_def), compiled(new_def));
+            for query in queries.iter().filter(|q| before.validate_query(q).is_ok()) {
+                prop_assert!(after.validate_query(query).is_ok(), "{query} refused by {new} after {old}");
+            }
+        }
+    }
+}
+
+#[test]
+fn query_constraint_changes_name_the_parameter_and_the_keywords() {
+    let previous = define(&base_query(), &base_record(), "national_id").unwrap();
+    let mut query = base_query();
+    set(&mut query, "/properties/national_id/pattern", json!("^[0-9]{13}$"));
+    set(&mut query, "/properties/national_id/minLength", json!(13));
+    let changes = check_compatibility(&previous, &define(&query, &base_record(), "national_id").unwrap());
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(
+        changes[0].message,
+        "query parameter /national_id: pattern changed, minLength added; queries the previous version accepted \
+         may be refused (only removing a constraint, lowering a minimum or raising a maximum keeps them valid)"
+    );
 }
 
 #[test]
