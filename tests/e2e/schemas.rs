@@ -446,6 +446,60 @@ async fn a_tightened_query_constraint_is_a_breaking_change() {
     fed.shutdown().await.unwrap();
 }
 
+/// Consumers rely on what a record always holds and on the values they
+/// saw: a version that makes a property optional, at any level, or changes
+/// its constraints is a breaking change.
+#[tokio::test]
+async fn a_record_property_made_optional_or_reconstrained_is_a_breaking_change() {
+    let (_dir, fed) = federation().await;
+    /// A change to the definition, and the breaking change it is.
+    type Case = (fn(&mut serde_json::Value), &'static str, &'static str);
+    let cases: [Case; 3] = [
+        (
+            |d| {
+                let required = d["record_schema"]["required"].as_array_mut().unwrap();
+                required.retain(|p| p != "full_name");
+            },
+            "record_property_no_longer_required",
+            "/full_name",
+        ),
+        (
+            |d| {
+                let father = d["record_schema"]["properties"]["father"].as_object_mut().unwrap();
+                father.remove("required");
+            },
+            "record_property_no_longer_required",
+            "/father/full_name",
+        ),
+        (
+            |d| d["record_schema"]["properties"]["native_place"]["format"] = json!("email"),
+            "record_constraint_changed",
+            "/native_place",
+        ),
+    ];
+    for (change, kind, pointer) in cases {
+        let definition = birth_record_changed(change);
+        let check = checked(&fed, definition.clone()).await;
+        assert!(!check.compatible, "{kind} {pointer}: {check:?}");
+        assert!(
+            check.changes.iter().any(|c| c.kind == kind && c.pointer == pointer),
+            "{kind} {pointer}: {:?}",
+            check.changes
+        );
+        let err = client(&fed, CIVIL_STATUS)
+            .await
+            .schemas()
+            .register(pb::RegisterRequest {
+                definition: Some(definition),
+                compatibility: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    }
+    fed.shutdown().await.unwrap();
+}
+
 /// Registers version 2 of the birth record, which declares the father's
 /// national id.
 async fn register_birth_v2_with_fathers_id(fed: &lienthong_cli::federation::Federation) {

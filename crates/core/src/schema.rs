@@ -20,7 +20,8 @@ use time::OffsetDateTime;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Compatibility {
-    /// No removed or retyped record property, no new required query parameter,
+    /// No removed or retyped record property, no record property no longer
+    /// required or with other constraints, no new required query parameter,
     /// no narrowed enum, no query constraint tightened.
     Backward,
     /// No check (admins only); recorded on the version.
@@ -1285,7 +1286,8 @@ impl RecordTypeDefinition {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakingChange {
     /// `record_property_removed`, `record_property_retyped`, `record_enum_narrowed`,
-    /// `record_property_structure_changed`, `query_parameter_required`,
+    /// `record_property_structure_changed`, `record_property_no_longer_required`,
+    /// `record_constraint_changed`, `query_parameter_required`,
     /// `query_parameter_removed`, `query_parameter_retyped`, `query_enum_narrowed`,
     /// `query_constraint_changed`, `subject_key_changed`, `owner_changed` or
     /// `comparison_too_large`.
@@ -1401,10 +1403,30 @@ fn index<'a, 'b>(fields: &'b [FieldInfo<'a>]) -> HashMap<&'b str, &'b FieldInfo<
     fields.iter().map(|f| (f.pointer.as_str(), f)).collect()
 }
 
+/// Both ways, as a record's values flow from the register to consumers: a
+/// constraint tightened refuses the register's records valid before, one
+/// loosened lets through values consumers never saw.
+const RECORD_CONSTRAINED: &str = "the register may now send values consumers of the previous version never saw, \
+                                  or records valid before may be refused (a record property's constraints may not \
+                                  change)";
+
 fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, out: &mut Vec<BreakingChange>) {
     let old_fields = collect_fields(old_schema);
     let new_fields = collect_fields(new_schema);
     let new_index = index(&new_fields);
+    let root = field_constraint_changes(
+        (old_schema, old_schema, old_schema),
+        (new_schema, new_schema, new_schema),
+        Loosening::Breaking,
+        budget,
+    );
+    out.extend(constrained(
+        "record_constraint_changed",
+        "",
+        "the record schema's root",
+        &root,
+        RECORD_CONSTRAINED,
+    ));
     for old in &old_fields {
         let p = old.pointer.as_str();
         let Some(new) = new_index.get(p) else {
@@ -1415,6 +1437,16 @@ fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, o
             ));
             continue;
         };
+        if old.required && !new.required {
+            out.push(breaking(
+                "record_property_no_longer_required",
+                p,
+                format!(
+                    "record property {p} is no longer required; consumers of the previous version rely on every \
+                     record having it"
+                ),
+            ));
+        }
         let (ot, nt) = (type_set(old.schema), type_set(new.schema));
         if ot != nt {
             out.push(breaking(
@@ -1441,7 +1473,8 @@ fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, o
             (Some(o), Some(n)) => o != n,
             _ => true,
         };
-        if is_opaque_leaf(new, &new_fields) && changed() {
+        let structure_changed = is_opaque_leaf(new, &new_fields) && changed();
+        if structure_changed {
             out.push(breaking(
                 "record_property_structure_changed",
                 p,
@@ -1451,6 +1484,20 @@ fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, o
                      on {p} releases whatever the new schema admits there. Declare its fields, or have an admin \
                      register it with compatibility NONE"
                 ),
+            ));
+        } else {
+            let changes = field_constraint_changes(
+                (old_schema, old.declared, old.schema),
+                (new_schema, new.declared, new.schema),
+                Loosening::Breaking,
+                budget,
+            );
+            out.extend(constrained(
+                "record_constraint_changed",
+                p,
+                &format!("record property {p}"),
+                &changes,
+                RECORD_CONSTRAINED,
             ));
         }
         if let (Some(oi), Some(ni)) = (old.items, new.items) {

@@ -356,6 +356,75 @@ const TABLE: &[Row] = &[
         ],
     },
     Row {
+        what: "no longer require a record property",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/required", json!([])),
+        expect: &[("record_property_no_longer_required", "/full_name")],
+    },
+    Row {
+        what: "no longer require a nested record property",
+        before: |_, r| set(r, "/properties/father/required", json!(["full_name"])),
+        after: |_, r, _, _| remove(r, "/properties/father", "required"),
+        expect: &[("record_property_no_longer_required", "/father/full_name")],
+    },
+    Row {
+        what: "no longer require a property of array items",
+        before: |_, r| set(r, "/properties/previous_names/items/required", json!(["family_name"])),
+        after: |_, r, _, _| set(r, "/properties/previous_names/items/required", json!([])),
+        expect: &[("record_property_no_longer_required", "/previous_names/family_name")],
+    },
+    Row {
+        what: "give a record property a format",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/full_name/format", json!("email")),
+        expect: &[("record_constraint_changed", "/full_name")],
+    },
+    Row {
+        what: "loosen a record property's length",
+        before: |_, r| set(r, "/properties/full_name/maxLength", json!(100)),
+        after: |_, r, _, _| set(r, "/properties/full_name/maxLength", json!(200)),
+        expect: &[("record_constraint_changed", "/full_name")],
+    },
+    Row {
+        what: "tighten the pattern of a property of array items",
+        before: nothing,
+        after: |_, r, _, _| {
+            set(
+                r,
+                "/properties/previous_names/items/properties/family_name/pattern",
+                json!("^\\p{Lu}"),
+            )
+        },
+        expect: &[("record_constraint_changed", "/previous_names/family_name")],
+    },
+    Row {
+        what: "bound the items of a record array",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/previous_names/maxItems", json!(3)),
+        expect: &[("record_constraint_changed", "/previous_names")],
+    },
+    Row {
+        what: "close a nested record object",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/properties/father/additionalProperties", json!(false)),
+        expect: &[("record_constraint_changed", "/father")],
+    },
+    Row {
+        what: "change the record schema's root constraints",
+        before: nothing,
+        after: |_, r, _, _| set(r, "/minProperties", json!(2)),
+        expect: &[("record_constraint_changed", "")],
+    },
+    Row {
+        what: "annotate record properties",
+        before: nothing,
+        after: |_, r, _, _| {
+            set(r, "/properties/full_name/title", json!("Full name"));
+            set(r, "/properties/father/examples", json!([{"full_name": "A"}]));
+        },
+        expect: &[],
+    },
+    Row {
         what: "tighten a query parameter's pattern",
         before: nothing,
         after: |q, _, _, _| set(q, "/properties/national_id/pattern", json!("^[0-9]{13}$")),
@@ -1530,6 +1599,52 @@ proptest! {
             let (before, after) = (compiled(old_def), compiled(new_def));
             for query in queries.iter().filter(|q| before.validate_query(q).is_ok()) {
                 prop_assert!(after.validate_query(query).is_ok(), "{query} refused by {new} after {old}");
+            }
+        }
+    }
+}
+
+/// A record schema whose `code` property varies, required or not.
+fn varied_record() -> impl Strategy<Value = Value> {
+    (string_constraints(), any::<bool>()).prop_map(|(code, required)| {
+        let required = if required {
+            json!(["name", "code"])
+        } else {
+            json!(["name"])
+        };
+        json!({
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "code": code},
+            "required": required
+        })
+    })
+}
+
+fn sample_record() -> impl Strategy<Value = Value> {
+    proptest::option::of("[0-9a-z]{0,9}").prop_map(|code| match code {
+        Some(code) => json!({"name": "A", "code": code}),
+        None => json!({"name": "A"}),
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// What consumers of the previous version rely on: a record a later
+    /// compatible version admits, the previous one admitted (here, where
+    /// neither types nor enums change: those may widen).
+    #[test]
+    fn a_later_compatible_version_admits_no_record_the_previous_refused(
+        old in varied_record(),
+        new in varied_record(),
+        records in proptest::collection::vec(sample_record(), 1..8),
+    ) {
+        let old_def = define(&base_query(), &old, "national_id").unwrap();
+        let new_def = define(&base_query(), &new, "national_id").unwrap();
+        if check_compatibility(&old_def, &new_def).is_empty() {
+            let (before, after) = (compiled(old_def), compiled(new_def));
+            for record in records.iter().filter(|r| after.validate_record(r).is_ok()) {
+                prop_assert!(before.validate_record(record).is_ok(), "{} under {} then {}", record, old, new);
             }
         }
     }
