@@ -500,6 +500,101 @@ async fn a_record_property_made_optional_or_reconstrained_is_a_breaking_change()
     fed.shutdown().await.unwrap();
 }
 
+/// The same schemas under another owner are a transfer, not a repeat: a
+/// member that does not own the record type is refused (and audited), an
+/// admin asking for BACKWARD is told how to transfer, and an admin asking
+/// for NONE gets a new version under the new owner.
+#[tokio::test]
+async fn registering_a_record_type_under_another_owner_is_a_transfer_not_a_repeat() {
+    let (_dir, fed) = federation().await;
+    let birth = "civil_status.birth_record";
+    let moved = birth_record_changed(|d| d["owner"] = json!(JUDICIAL_RECORDS));
+    let register = |member: &'static str, compatibility: pb::Compatibility| {
+        let definition = moved.clone();
+        let fed = &fed;
+        async move {
+            client(fed, member)
+                .await
+                .schemas()
+                .register(pb::RegisterRequest {
+                    definition: Some(definition),
+                    compatibility: compatibility as i32,
+                })
+                .await
+        }
+    };
+    let err = register(JUDICIAL_RECORDS, pb::Compatibility::Backward)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains(JUDICIAL_RECORDS) && err.message().contains(CIVIL_STATUS),
+        "{}",
+        err.message()
+    );
+    let refused = admin_entries(&fed)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.action == "schema.register" && e.actor == JUDICIAL_RECORDS)
+        .expect("the refusal is audited");
+    assert_eq!(refused.outcome, pb::Outcome::Denied as i32, "{refused:?}");
+    let check = client(&fed, JUDICIAL_RECORDS)
+        .await
+        .schemas()
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            definition: Some(moved.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(check.code(), Code::PermissionDenied);
+
+    let check = client(&fed, ADMIN)
+        .await
+        .schemas()
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            definition: Some(moved.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!check.identical && !check.compatible, "{check:?}");
+    let err = register(ADMIN, pb::Compatibility::Backward).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("owner_changed") && err.message().contains("compatibility NONE"),
+        "{}",
+        err.message()
+    );
+
+    let r = register(ADMIN, pb::Compatibility::None).await.unwrap().into_inner();
+    assert!(r.created);
+    let v2 = r.version.unwrap();
+    assert_eq!(v2.version, 2);
+    assert_eq!(v2.definition.unwrap().owner, JUDICIAL_RECORDS);
+    let transfer = admin_entries(&fed)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.action == "schema.register" && e.target == format!("{birth}@2"))
+        .expect("the transfer is audited");
+    assert_eq!(transfer.outcome, pb::Outcome::Allowed as i32, "{transfer:?}");
+    // Now it is judicial-records' record type, and civil-status's integrator
+    // may not register it back.
+    let back = birth_record_changed(|_| {});
+    let err = client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(back),
+            compatibility: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    fed.shutdown().await.unwrap();
+}
+
 /// Registers version 2 of the birth record, which declares the father's
 /// national id.
 async fn register_birth_v2_with_fathers_id(fed: &lienthong_cli::federation::Federation) {

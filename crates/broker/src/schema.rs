@@ -126,6 +126,32 @@ async fn compare(previous: &RecordTypeDefinition, next: &RecordTypeDefinition) -
     schema_work(move || check_compatibility(&previous, &next)).await
 }
 
+/// A record type belongs to the owner of its newest version: whatever
+/// owner a new definition names, only that owner's integrators or a
+/// federation admin may register its next version.
+fn may_change_record_type(caller: &Caller, existing: &[RecordTypeVersion]) -> Result<()> {
+    match existing.last() {
+        Some(current) => may_manage(caller, current.definition.owner.as_str()),
+        None => Ok(()),
+    }
+}
+
+/// The registered version `def` (of digest `digest`) repeats, if registering
+/// it would change nothing: the same schemas and subject key, under the
+/// owner the record type has now. Another owner is a change (a transfer),
+/// never a repeat.
+fn identical<'a>(
+    existing: &'a [RecordTypeVersion],
+    def: &RecordTypeDefinition,
+    digest: &str,
+) -> Option<&'a RecordTypeVersion> {
+    let current_owner = &existing.last()?.definition.owner;
+    existing
+        .iter()
+        .filter(|v| v.definition.owner == def.owner && *current_owner == def.owner)
+        .find(|v| v.digest == digest)
+}
+
 impl Broker {
     async fn parse(&self, d: pb::RecordTypeDefinition) -> Result<RecordTypeDefinition> {
         let owner = MemberId::new(d.owner.clone()).map_err(|e| BrokerError::InvalidArgument(format!("owner: {e}")))?;
@@ -175,6 +201,10 @@ impl Broker {
                 )));
             }
         };
+        // Checked before anything is compiled, and again below against what
+        // is current then.
+        let existing = self.versions_of(&d.name).await?;
+        may_change_record_type(caller, &existing)?;
         let def = self.parse(d).await?;
         match caller.snapshot.member(def.owner.as_str()) {
             Some(m) if m.has_role(Role::Provider) => {}
@@ -196,7 +226,8 @@ impl Broker {
         // number; re-read and try again.
         for _ in 0..3 {
             let existing = self.versions_of(&def.name).await?;
-            if let Some(same) = existing.iter().find(|v| v.digest == digest) {
+            may_change_record_type(caller, &existing)?;
+            if let Some(same) = identical(&existing, &def, &digest) {
                 return Ok(pb::RegisterResponse {
                     version: Some(convert::record_type_version(same)),
                     created: false,
@@ -241,11 +272,17 @@ impl Broker {
                     } else {
                         "backward"
                     };
+                    let mut detail = format!("compatibility={mode} digest={digest}");
+                    if let Some(previous) = existing.last().map(|v| &v.definition.owner)
+                        && *previous != def.owner
+                    {
+                        detail.push_str(&format!(" owner={} previous_owner={previous}", def.owner));
+                    }
                     self.applied(
                         caller,
                         "schema.register",
                         &format!("{}@{}", version.definition.name, version.version),
-                        Some(format!("compatibility={mode} digest={digest}")),
+                        Some(detail),
                     )
                     .await?;
                     return Ok(pb::RegisterResponse {
@@ -418,10 +455,10 @@ impl SchemaRegistry for SchemaService {
         // Checking compiles the schemas, as registering does: only those who
         // may register the definition may ask.
         may_manage(&caller, &d.owner)?;
+        let existing = self.broker.versions_of(&d.name).await?;
+        may_change_record_type(&caller, &existing)?;
         let def = self.broker.parse(d).await?;
-        let existing = self.broker.versions_of(&def.name).await?;
-        let digest = def.digest();
-        let identical = existing.iter().any(|v| v.digest == digest);
+        let identical = identical(&existing, &def, &def.digest()).is_some();
         let (against_version, changes) = match existing.last() {
             Some(latest) => (latest.version, compare(&latest.definition, &def).await?),
             None => (0, Vec::new()),

@@ -1379,8 +1379,10 @@ pub fn check_compatibility(previous: &RecordTypeDefinition, next: &RecordTypeDef
             "owner_changed",
             "/owner",
             format!(
-                "owner changed from {} to {}; register a new record type instead",
-                previous.owner, next.owner
+                "owner changed from {} to {}: lookups of the new version would go to {}'s register. To move the \
+                 record type, a federation admin registers this version with compatibility NONE; or register a new \
+                 record type",
+                previous.owner, next.owner, next.owner
             ),
         ));
     }
