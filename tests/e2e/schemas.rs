@@ -595,6 +595,66 @@ async fn registering_a_record_type_under_another_owner_is_a_transfer_not_a_repea
     fed.shutdown().await.unwrap();
 }
 
+/// Lookups that pin no version use the newest one not deprecated: a new
+/// version is checked against that one, not against a newer version an
+/// admin registered without checks and then withdrew.
+#[tokio::test]
+async fn a_new_version_is_checked_against_the_version_lookups_use_not_a_withdrawn_one() {
+    let (_dir, fed) = federation().await;
+    let birth = "civil_status.birth_record";
+    let without_native_place = |d: &mut serde_json::Value| {
+        let record = &mut d["record_schema"];
+        record["properties"].as_object_mut().unwrap().remove("native_place");
+    };
+    let v2 = client(&fed, ADMIN)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(birth_record_changed(without_native_place)),
+            compatibility: pb::Compatibility::None as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v2.version.unwrap().version, 2);
+    client(&fed, ADMIN)
+        .await
+        .schemas()
+        .deprecate(pb::DeprecateRequest {
+            name: birth.into(),
+            version: 2,
+            note: "withdrawn: it dropped native_place".into(),
+        })
+        .await
+        .unwrap();
+    // Compatible with version 2, not with version 1, which lookups use.
+    let v3 = birth_record_changed(|d| {
+        without_native_place(d);
+        d["record_schema"]["properties"]["court"] = json!({"type": "string"});
+    });
+    let check = checked(&fed, v3.clone()).await;
+    assert_eq!(check.against_version, 1, "{check:?}");
+    assert!(
+        check
+            .changes
+            .iter()
+            .any(|c| c.kind == "record_property_removed" && c.pointer == "/native_place"),
+        "{check:?}"
+    );
+    let err = client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(v3),
+            compatibility: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("with version 1"), "{}", err.message());
+    fed.shutdown().await.unwrap();
+}
+
 /// Registers version 2 of the birth record, which declares the father's
 /// national id.
 async fn register_birth_v2_with_fathers_id(fed: &lienthong_cli::federation::Federation) {

@@ -126,11 +126,19 @@ async fn compare(previous: &RecordTypeDefinition, next: &RecordTypeDefinition) -
     schema_work(move || check_compatibility(&previous, &next)).await
 }
 
-/// A record type belongs to the owner of its newest version: whatever
+/// The version a record type is now, among `existing` (ascending): the one
+/// lookups that pin no version use, the newest not deprecated. What a new
+/// version is compared against and whose owner may register it: lookups
+/// move from it to the new one.
+fn current(existing: &[RecordTypeVersion]) -> Option<&RecordTypeVersion> {
+    lienthong_core::schema::select_version(existing, 0, |v| v)
+}
+
+/// A record type belongs to the owner of its current version: whatever
 /// owner a new definition names, only that owner's integrators or a
 /// federation admin may register its next version.
 fn may_change_record_type(caller: &Caller, existing: &[RecordTypeVersion]) -> Result<()> {
-    match existing.last() {
+    match current(existing) {
         Some(current) => may_manage(caller, current.definition.owner.as_str()),
         None => Ok(()),
     }
@@ -145,7 +153,7 @@ fn identical<'a>(
     def: &RecordTypeDefinition,
     digest: &str,
 ) -> Option<&'a RecordTypeVersion> {
-    let current_owner = &existing.last()?.definition.owner;
+    let current_owner = &current(existing)?.definition.owner;
     existing
         .iter()
         .filter(|v| v.definition.owner == def.owner && *current_owner == def.owner)
@@ -233,7 +241,7 @@ impl Broker {
                     created: false,
                 });
             }
-            if let Some(latest) = existing.last()
+            if let Some(latest) = current(&existing)
                 && compatibility == Compatibility::Backward
             {
                 let changes = compare(&latest.definition, &def).await?;
@@ -273,7 +281,7 @@ impl Broker {
                         "backward"
                     };
                     let mut detail = format!("compatibility={mode} digest={digest}");
-                    if let Some(previous) = existing.last().map(|v| &v.definition.owner)
+                    if let Some(previous) = current(&existing).map(|v| &v.definition.owner)
                         && *previous != def.owner
                     {
                         detail.push_str(&format!(" owner={} previous_owner={previous}", def.owner));
@@ -459,7 +467,7 @@ impl SchemaRegistry for SchemaService {
         may_change_record_type(&caller, &existing)?;
         let def = self.broker.parse(d).await?;
         let identical = identical(&existing, &def, &def.digest()).is_some();
-        let (against_version, changes) = match existing.last() {
+        let (against_version, changes) = match current(&existing) {
             Some(latest) => (latest.version, compare(&latest.definition, &def).await?),
             None => (0, Vec::new()),
         };
