@@ -257,6 +257,20 @@ async fn versions_compatibility_and_deprecation() {
         r.deprecation_notice
     );
 
+    // Version 0 means the current one for lookups; deprecating it must name it.
+    let err = client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .deprecate(pb::DeprecateRequest {
+            name: birth.into(),
+            version: 0,
+            note: "use version 3".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("version is required"), "{}", err.message());
+
     // A second deprecation with a new note: the note lookups carry changes.
     client(&fed, CIVIL_STATUS)
         .await

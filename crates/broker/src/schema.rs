@@ -311,17 +311,20 @@ impl Broker {
     }
 
     async fn deprecate(&self, caller: &Caller, r: pb::DeprecateRequest) -> Result<pb::RecordTypeVersion> {
-        let v = caller
-            .snapshot
-            .record_type(&r.name, r.version)
-            .filter(|_| r.version != 0)
-            .ok_or_else(|| {
-                BrokerError::NotFound(format!(
-                    "record type {} has no version {}",
-                    crate::exchange::clip(&r.name, 128),
-                    r.version
-                ))
-            })?;
+        // 0 means "the current version" elsewhere: deprecating whichever one
+        // that is must not be a guess.
+        if r.version == 0 {
+            return Err(BrokerError::InvalidArgument(
+                "version is required: name the version to deprecate (1 or more; ListVersions shows them)".into(),
+            ));
+        }
+        let v = caller.snapshot.record_type(&r.name, r.version).ok_or_else(|| {
+            BrokerError::NotFound(format!(
+                "record type {} has no version {}",
+                crate::exchange::clip(&r.name, 128),
+                r.version
+            ))
+        })?;
         may_manage(caller, v.owner().as_str())?;
         // Shown to every consumer of the version, in one line.
         let note = crate::admin::one_line("the note (why, and what to use instead)", &r.note, 500)?;
