@@ -441,7 +441,7 @@ fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Resul
     }
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
-    build_validator(which, &value, Formats::RefuseUnknown)?;
+    build_validator(which, &value, Admission::New)?;
     if which == RECORD_SCHEMA {
         check_record_fields(which, &value)?;
     }
@@ -729,18 +729,30 @@ impl jsonschema::Retrieve for RefuseRetrieval {
     }
 }
 
-/// What a validator makes of a `format` it does not know.
+/// Whose schema a validator is built for: rules added since a version was
+/// registered apply to new schemas, never to stored versions, so that an
+/// upgrade cannot take a record type that answered before out of service.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Formats {
-    /// A schema being registered: refused, as a typo (`"dat"`) would let any
-    /// value pass unchecked.
-    RefuseUnknown,
-    /// A stored version: ignored, as when it was registered.
-    IgnoreUnknown,
+enum Admission {
+    /// A schema being registered: an unknown `format` is refused (a typo,
+    /// `"dat"`, would let any value pass unchecked), and each pattern must
+    /// compile within [`PATTERN_SIZE_LIMIT`].
+    New,
+    /// A stored version: an unknown `format` is ignored and a pattern may be
+    /// as large as [`STORED_PATTERN_SIZE_LIMIT`], as when it was registered.
+    Stored,
 }
 
-fn build_validator(which: &'static str, schema: &Value, formats: Formats) -> Result<Validator, SchemaError> {
+/// Largest compiled form of one regular expression of a stored version: the
+/// regex crate's default, which applied before [`PATTERN_SIZE_LIMIT`] did.
+const STORED_PATTERN_SIZE_LIMIT: usize = 10 * (1 << 20);
+
+fn build_validator(which: &'static str, schema: &Value, admission: Admission) -> Result<Validator, SchemaError> {
     let draft = draft_of(which, schema)?;
+    let pattern_limit = match admission {
+        Admission::New => PATTERN_SIZE_LIMIT,
+        Admission::Stored => STORED_PATTERN_SIZE_LIMIT,
+    };
     jsonschema::options()
         .with_draft(draft)
         .with_retriever(RefuseRetrieval)
@@ -749,11 +761,11 @@ fn build_validator(which: &'static str, schema: &Value, formats: Formats) -> Res
         // member could make the broker compile many.
         .with_pattern_options(
             jsonschema::PatternOptions::regex()
-                .size_limit(PATTERN_SIZE_LIMIT)
-                .dfa_size_limit(PATTERN_SIZE_LIMIT),
+                .size_limit(pattern_limit)
+                .dfa_size_limit(pattern_limit),
         )
         .should_validate_formats(true)
-        .should_ignore_unknown_formats(formats == Formats::IgnoreUnknown)
+        .should_ignore_unknown_formats(admission == Admission::Stored)
         .build(schema)
         .map_err(|e| {
             let mut pointer = e.instance_path().as_str().to_owned();
@@ -2237,8 +2249,8 @@ impl CompiledRecordType {
         check_schema_value(QUERY_SCHEMA, &definition.query_schema)?;
         check_schema_value(RECORD_SCHEMA, &definition.record_schema)?;
         // A version registered before unknown formats were refused still loads.
-        let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema, Formats::IgnoreUnknown)?;
-        let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema, Formats::IgnoreUnknown)?;
+        let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema, Admission::Stored)?;
+        let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema, Admission::Stored)?;
         let pointers = definition.field_pointers();
         // Registration refuses such fields now; a version stored before
         // still loads, and releases nothing inside them.

@@ -1110,6 +1110,17 @@ fn uncompilable_patterns_are_refused() {
 
 /// A short pattern can compile to megabytes (`\p{L}{240}` nearly reaches
 /// the regex default of 10 MiB): each is bounded, and so is their number.
+/// A version registered before the pattern limit still loads, and still
+/// checks its pattern: an upgrade takes no record type out of service.
+#[test]
+fn a_stored_version_with_a_pattern_over_the_new_limit_still_compiles() {
+    let mut definition = define(&base_query(), &base_record(), "national_id").unwrap();
+    definition.record_schema["properties"]["full_name"]["pattern"] = json!("\\p{L}{240}0");
+    let c = compiled(definition);
+    assert!(c.validate_record(&json!({"full_name": format!("{}0", "A".repeat(240))})).is_ok());
+    assert!(c.validate_record(&json!({"full_name": "A1"})).is_err());
+}
+
 #[test]
 fn patterns_are_bounded_in_size_and_number() {
     let big = json!({"type": "object", "properties": {
