@@ -71,17 +71,7 @@ const MAX_NAME_BYTES: usize = 128;
 /// audited clipped) before they are echoed in a message.
 const MAX_FIELD_BYTES: usize = 1024;
 
-/// `text`, cut to at most `max` bytes at a character boundary.
-pub(crate) fn clip(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
+pub(crate) use lienthong_core::clip;
 
 /// The caller's request id, clipped to [`MAX_NAME_BYTES`], or a new one.
 fn request_id_or_new(given: &str) -> String {

@@ -162,10 +162,7 @@ impl AuditEvent {
                 *text = text.replace('\0', "\u{FFFD}");
             }
             if text.len() > max {
-                let mut end = max;
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
+                let end = crate::clip(text, max).len();
                 text.truncate(end);
                 text.push('…');
             }

@@ -24,3 +24,16 @@ pub use schema::{
     SchemaLimits, ValidationFailure,
 };
 pub use snapshot::Snapshot;
+
+/// `text`, cut to at most `max` bytes at a character boundary: for a
+/// caller's or a register's text bound for a message or the log.
+pub fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

@@ -582,10 +582,7 @@ fn pattern_past_limit(value: &Value, pointer: &mut String, seen: &mut usize) -> 
 
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = crate::clip(&s, max).len();
         s.truncate(end);
         s.push_str("...");
     }

@@ -1117,7 +1117,10 @@ fn a_stored_version_with_a_pattern_over_the_new_limit_still_compiles() {
     let mut definition = define(&base_query(), &base_record(), "national_id").unwrap();
     definition.record_schema["properties"]["full_name"]["pattern"] = json!("\\p{L}{240}0");
     let c = compiled(definition);
-    assert!(c.validate_record(&json!({"full_name": format!("{}0", "A".repeat(240))})).is_ok());
+    assert!(
+        c.validate_record(&json!({"full_name": format!("{}0", "A".repeat(240))}))
+            .is_ok()
+    );
     assert!(c.validate_record(&json!({"full_name": "A1"})).is_err());
 }
 
