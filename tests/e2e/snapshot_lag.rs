@@ -310,3 +310,48 @@ async fn a_broker_that_cannot_load_a_change_refuses_lookups_until_it_can() {
     pool.close().await;
     fed.shutdown().await.unwrap();
 }
+
+/// A replica that cannot read its database at all (cut off from it) cannot
+/// tell whether a change it lacks was made: past the bound its lookups are
+/// refused and its health says so, until it reads the database again.
+#[tokio::test]
+async fn a_broker_that_cannot_read_its_database_refuses_lookups_past_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.extra_config = "\n[limits]\nmax_snapshot_lag_ms = 300\n".into();
+    let fed = Federation::start(opts).await.unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 4);
+    look_up_birth(&office, &subject).await.unwrap();
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&format!(
+            "sqlite://{}",
+            fed.dir.join("broker-data/lienthong.db").display()
+        ))
+        .await
+        .unwrap();
+    // What the broker polls, and reloads from, gone: as a database out of reach.
+    sqlx::query("ALTER TABLE change_counter RENAME TO change_counter_away")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || !exchange_serving(&fed).await).await,
+        "still serving while it cannot read its database"
+    );
+    let refused = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("no data was released"), "{refused:?}");
+
+    sqlx::query("ALTER TABLE change_counter_away RENAME TO change_counter")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || exchange_serving(&fed).await).await,
+        "not serving again once it reads its database"
+    );
+    look_up_birth(&office, &subject).await.unwrap();
+    fed.shutdown().await.unwrap();
+}

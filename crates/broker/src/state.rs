@@ -323,7 +323,18 @@ impl Broker {
                 };
                 let Some(broker) = broker.upgrade() else { return };
                 let current = broker.snapshot.load().version;
-                let changed = notified || matches!(broker.store.change_counter().await, Ok(v) if v != current);
+                // A counter that cannot be read is a database that cannot
+                // tell whether it holds a change: behind as well, or a replica
+                // cut off from it would serve its old snapshot without bound
+                // (and again, for a poll, once the database is back).
+                let changed = notified
+                    || match broker.store.change_counter().await {
+                        Ok(v) => v != current,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the database's change counter; the snapshot may be behind");
+                            true
+                        }
+                    };
                 if changed {
                     // Behind from now: a reload that hangs counts against the bound.
                     broker.freshness.behind(false);
