@@ -1708,7 +1708,12 @@ fn database_error(d: &dyn DatabaseError) -> StoreError {
 fn migrate_err(e: MigrateError) -> StoreError {
     match e {
         MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => db_err(e),
-        // Applied migrations unknown to, or different from, this binary's.
+        // Not corruption: a rolling upgrade ran ahead of this replica, and
+        // restoring a backup would be the wrong cure.
+        MigrateError::VersionMissing(version) => StoreError::Config(format!(
+            "this database was migrated by a newer lienthong (migration {version}, which this binary does not              have); run that version or a newer one against it"
+        )),
+        // Applied migrations different from this binary's.
         other => StoreError::Corrupt(format!("database schema: {other}")),
     }
 }

@@ -1160,6 +1160,31 @@ async fn sqlite_file_is_in_wal_mode_and_reopens_with_its_data() {
     }
 }
 
+/// A replica left behind by a rolling upgrade is told to upgrade, not that
+/// its data is corrupt (which would send an operator to the backups).
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_version_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let url = format!("sqlite://{}", path.display());
+    drop(open(&options(&url)).await.unwrap());
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99990101000000, 'from the future', 1, x'00', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    match open(&options(&url)).await {
+        Err(StoreError::Config(m)) => assert!(m.contains("newer lienthong") && m.contains("99990101000000"), "{m}"),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("opened a database migrated past this binary"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_wal_is_copied_back_in_the_background_and_reused() {
     let dir = tempfile::tempdir().unwrap();
