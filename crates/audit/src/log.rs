@@ -11,7 +11,7 @@
 
 use crate::keys::LogKeys;
 use crate::merkle::{self, Frontier, Hash, Subtree};
-use crate::pin::{self, Pinned};
+use crate::pin::{self, LogState, Pinned};
 use crate::sth::{SignedTreeHead, verify_tree_head};
 use lienthong_core::audit::AuditEvent;
 use lienthong_store::{LogInfo, Store, StoreError, StoredEntry, StoredTreeHead, TreeNode};
@@ -63,6 +63,10 @@ pub enum AuditError {
     /// signed (pinned beside its key): it was rolled back or rewritten.
     #[error("the audit log's database was rolled back or rewritten: {0}")]
     RolledBack(String),
+    /// The database holds entries past the head this broker closed its log
+    /// with (pinned beside its key): they were appended while it was stopped.
+    #[error("the audit log's database holds entries appended behind the broker's back: {0}")]
+    AppendedWhileClosed(String),
     /// The file pinning the newest signed head is unreadable, malformed or
     /// not signed by the log's key, or cannot be written.
     #[error("pinned audit head: {0}")]
@@ -164,6 +168,11 @@ struct Shared {
     counters: Counters,
     /// The check of the stored history against the signed root.
     history: watch::Sender<HistoryCheck>,
+    /// Entries found at the opening past the newest signed head (committed
+    /// before a broker stopped without closing the log), which no head may
+    /// cover before the history check has read them; `None` when there were
+    /// none, or once they are checked.
+    unchecked_tail: Mutex<Option<(u64, u64)>>,
 }
 
 impl Shared {
@@ -171,6 +180,38 @@ impl Shared {
         // The frontier is only mutated by whole pushes; a panic elsewhere while
         // holding the lock cannot leave it half-updated.
         self.frontier.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Why no tree head may be signed now; `None` when one may.
+    fn signing_refused(&self) -> Option<SigningRefused> {
+        if let HistoryCheck::Failed(why) = &*self.history.borrow() {
+            return Some(SigningRefused::Altered(why.clone()));
+        }
+        lock(&self.unchecked_tail).map(|(from, to)| SigningRefused::Unchecked { from, to })
+    }
+}
+
+/// Why the log signs no tree head.
+enum SigningRefused {
+    /// Its stored history was found altered: a head signed now would vouch
+    /// for it, and for entries appended on top of it.
+    Altered(String),
+    /// Entries committed before the broker last stopped without closing the
+    /// log, past its newest head, are not checked yet.
+    Unchecked { from: u64, to: u64 },
+}
+
+impl SigningRefused {
+    fn into_error(self) -> AuditError {
+        match self {
+            SigningRefused::Altered(why) => {
+                AuditError::Corrupt(format!("no tree head is signed over a log found altered: {why}"))
+            }
+            SigningRefused::Unchecked { from, to } => AuditError::Unavailable(format!(
+                "entries {from}..{to}, committed after the newest signed head before the broker last stopped \
+                 without closing the log, are still being checked; no head is signed until they are"
+            )),
+        }
     }
 }
 
@@ -294,6 +335,21 @@ impl AuditLog {
         if let Some(path) = &pin_path {
             check_pinned(store.as_ref(), &public_key, path, latest.as_ref(), &frontier).await?;
         }
+        // Entries past the newest head are what a crash leaves (committed,
+        // not yet signed), or what someone appended to the database: the
+        // first head over them waits for the check of their leaves and
+        // columns, so that one found altered is never signed.
+        let signed = latest.as_ref().map_or(0, |h| h.tree_size);
+        let unchecked_tail = (size > signed).then_some((signed, size));
+        if let Some((from, to)) = unchecked_tail {
+            tracing::warn!(
+                log_id = %log_id,
+                from,
+                to,
+                "the audit log holds entries past its newest signed head (the broker stopped without closing it); \
+                 they are checked before a head covers them"
+            );
+        }
         tracing::info!(log_id = %log_id, size, "audit log opened");
         // Even a log whose leaf hashes were just rehashed is checked: the
         // rebuild read no leaf and no column, and deleting one tree node
@@ -305,6 +361,7 @@ impl AuditLog {
             size: AtomicU64::new(size),
             counters: Counters::default(),
             history,
+            unchecked_tail: Mutex::new(unchecked_tail),
         });
         let (sender, receiver) = mpsc::channel(config.queue);
         let (stop_signer, stop_rx) = watch::channel(false);
@@ -480,8 +537,15 @@ impl AuditLog {
 
     /// Signs the current tree if it grew since the last head (or there is no
     /// head yet), stores the head and returns it; otherwise returns the last one.
+    ///
+    /// Refuses (`Corrupt`) once the stored history was found altered, and
+    /// (`Unavailable`) while entries found past the newest head at the
+    /// opening are not checked yet.
     pub async fn sign_now(&self) -> Result<SignedTreeHead, AuditError> {
         let _one_signer = self.sign_lock.lock().await;
+        if let Some(refused) = self.shared.signing_refused() {
+            return Err(refused.into_error());
+        }
         let (size, root) = {
             let frontier = self.shared.frontier();
             (frontier.size(), frontier.root())
@@ -512,7 +576,7 @@ impl AuditLog {
         // signing, so the signer tries again (same tree, same root) until it
         // is written.
         if let Some(path) = &self.pin_path {
-            pin::write_async(path, &sth).await?;
+            pin::write_async(path, &sth, LogState::Open).await?;
         }
         tracing::debug!(log_id = %self.log_id, tree_size = size, "signed tree head");
         *lock(&self.last_signed) = Some(sth.clone());
@@ -616,6 +680,11 @@ impl AuditLog {
             let _ = signer.await;
         }
         let sth = self.sign_now().await?;
+        // Only now may the next start take entries past this head for
+        // appended behind the broker's back: none of its own can follow.
+        if let Some(path) = &self.pin_path {
+            pin::write_async(path, &sth, LogState::Closed).await?;
+        }
         tracing::info!(log_id = %self.log_id, tree_size = sth.tree_size, "audit log closed with a final signed head");
         Ok(Some(sth))
     }
@@ -906,15 +975,17 @@ async fn stored_root(store: &dyn Store, log_id: &str, n: u64) -> Result<Hash, Au
 }
 
 /// Checks the database against the head pinned in `path`, then pins the
-/// database's newest head.
+/// database's newest head, the log open.
 ///
 /// `latest` is the database's newest head of this log, its signature checked,
 /// and `frontier` the stored tree, checked against it. The database must hold
 /// a head at least as large as the pinned one, and its entries up to the
 /// pinned size must hash to the pinned root; the stored tree then extends the
-/// pinned head, and the pin may move forward to `latest`. Without a pin (a
-/// first start, or an upgrade from a version that kept none) the database's
-/// newest head is trusted and pinned: there is nothing to check it against.
+/// pinned head, and the pin may move forward to `latest`. When the broker
+/// closed the log with the pinned head and the database holds no newer one,
+/// it must hold no entry past it either. Without a pin (a first start, or an
+/// upgrade from a version that kept none) the database's newest head is
+/// trusted and pinned: there is nothing to check it against.
 async fn check_pinned(
     store: &dyn Store,
     public_key: &[u8; 32],
@@ -922,8 +993,8 @@ async fn check_pinned(
     latest: Option<&SignedTreeHead>,
     frontier: &Frontier,
 ) -> Result<(), AuditError> {
-    let pinned = match pin::read(path, public_key)? {
-        Pinned::Head(head) => head,
+    let (pinned, closed) = match pin::read(path, public_key)? {
+        Pinned::Head { head, closed } => (head, closed),
         found => {
             if let Pinned::OtherLog(old) = &found {
                 // Logged in full: replacing the file loses the old log's last word.
@@ -938,7 +1009,7 @@ async fn check_pinned(
             }
             if let Some(head) = latest {
                 tracing::info!(file = %path.display(), tree_size = head.tree_size, "pinning the database's newest audit head");
-                pin::write_async(path, head).await?;
+                pin::write_async(path, head, LogState::Open).await?;
             }
             return Ok(());
         }
@@ -954,10 +1025,16 @@ async fn check_pinned(
     if root != pinned.root_hash {
         return Err(pin::rewritten(path, &pinned, latest, &root));
     }
-    if let Some(head) = latest.filter(|h| **h != pinned) {
-        pin::write_async(path, head).await?;
+    // A newer head in the database is this key's too: the broker ran again
+    // after the pin was written (a data directory restored from a backup
+    // taken while it was stopped), and the pin's "closed" is stale.
+    let newest = latest.unwrap_or(&pinned);
+    if closed && newest.tree_size == pinned.tree_size && frontier.size() > pinned.tree_size {
+        return Err(pin::appended_while_closed(path, &pinned, frontier.size()));
     }
-    Ok(())
+    // Open from now on: entries this run commits after its last head are
+    // what a crash leaves, not an intrusion.
+    pin::write_async(path, newest, LogState::Open).await
 }
 
 /// Whether the log is shutting down or gone.
@@ -1005,12 +1082,152 @@ where
     }
 }
 
-/// Checks the log's first `size` stored entries behind an opening from the
-/// stored tree nodes: every entry's leaf must hash to its stored leaf hash
-/// and carry its indexed columns, every node must hash from its entries, and
-/// the entries to the signed root; then the index citizens' histories are
-/// read through. On a difference, or entries missing or unreadable, the log
-/// refuses new entries.
+/// Why a check of stored entries ended without passing.
+enum Unchecked {
+    /// The log is shutting down.
+    ShuttingDown,
+    /// The stored history is not what was logged: why.
+    Altered(String),
+}
+
+/// Reads entries `[from, to)` of the log a chunk at a time, checking that
+/// each is in its place and is its own leaf's (its leaf hashing to its leaf
+/// hash, its columns those of its leaf), and with `tree` that their leaf
+/// hashes make its stored tree nodes and signed root.
+async fn read_checked(
+    store: &dyn Store,
+    log_id: &str,
+    from: u64,
+    to: u64,
+    stop: &mut watch::Receiver<bool>,
+    mut tree: Option<&mut TreeCheck<'_>>,
+) -> Result<(), Unchecked> {
+    let mut from = from;
+    while from < to {
+        let end = to.min(from + ENTRY_CHUNK);
+        let entries = match read_retrying(stop, log_id, || store.entries_in_range(log_id, from, end)).await {
+            Ok(entries) => entries,
+            Err(Halt::ShuttingDown) => return Err(Unchecked::ShuttingDown),
+            Err(Halt::Refused(e)) => {
+                return Err(Unchecked::Altered(format!(
+                    "log {log_id}: reading entries {from}..{end} to check them: {e}"
+                )));
+            }
+        };
+        check_chunk(log_id, from, end, entries.len()).map_err(|e| Unchecked::Altered(e.to_string()))?;
+        let mut completed = Vec::new();
+        for (at, entry) in (from..).zip(&entries) {
+            if entry.sequence != at {
+                return Err(Unchecked::Altered(format!(
+                    "log {log_id}: entry {at} was read back as entry {}",
+                    entry.sequence
+                )));
+            }
+            if let Some(why) = entry_mismatch(entry) {
+                return Err(Unchecked::Altered(format!("log {log_id}: entry {at} {why}")));
+            }
+            if let Some(tree) = tree.as_deref_mut() {
+                tree.push(entry.leaf_hash, &mut completed)?;
+            }
+            if (at + 1) % ENTRIES_PER_YIELD == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // The leaves are checked; only the tree nodes are left to read.
+        drop(entries);
+        if tree.is_some() {
+            check_nodes(store, log_id, stop, from, end, completed).await?;
+        }
+        from = end;
+    }
+    Ok(())
+}
+
+/// The tree the checked entries' leaf hashes make, against a signed root.
+struct TreeCheck<'a> {
+    log_id: &'a str,
+    head: Option<&'a SignedTreeHead>,
+    frontier: Frontier,
+}
+
+impl TreeCheck<'_> {
+    /// Adds a leaf hash, collecting the nodes it completes; fails where the
+    /// tree reaches the signed size with another root.
+    fn push(&mut self, leaf_hash: Hash, completed: &mut Vec<(Subtree, Hash)>) -> Result<(), Unchecked> {
+        self.frontier.push_collecting(leaf_hash, completed);
+        match self.head {
+            Some(h) if h.tree_size == self.frontier.size() && self.frontier.root() != h.root_hash => {
+                Err(Unchecked::Altered(format!(
+                    "log {}: stored entries 0..{} no longer hash to their signed root",
+                    self.log_id, h.tree_size
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Compares the nodes the entries `[from, to)` completed with the stored ones.
+async fn check_nodes(
+    store: &dyn Store,
+    log_id: &str,
+    stop: &mut watch::Receiver<bool>,
+    from: u64,
+    to: u64,
+    completed: Vec<(Subtree, Hash)>,
+) -> Result<(), Unchecked> {
+    let wanted: Vec<(u32, u64)> = completed.iter().map(|(s, _)| (s.level, s.index)).collect();
+    let stored = match read_retrying(stop, log_id, || store.tree_nodes(log_id, &wanted)).await {
+        Ok(stored) => stored,
+        Err(Halt::ShuttingDown) => return Err(Unchecked::ShuttingDown),
+        Err(Halt::Refused(e)) => {
+            return Err(Unchecked::Altered(format!(
+                "log {log_id}: reading the tree nodes over entries {from}..{to}: {e}"
+            )));
+        }
+    };
+    let stored: HashMap<(u32, u64), Hash> = stored.into_iter().map(|n| ((n.level, n.index), n.hash)).collect();
+    for (s, hash) in completed {
+        if stored.get(&(s.level, s.index)) != Some(&hash) {
+            return Err(Unchecked::Altered(format!(
+                "log {log_id}: the stored tree node over entries {}..{} does not hash from them",
+                s.start(),
+                s.end()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks the log's first `size` stored entries: every entry's leaf must
+/// hash to its stored leaf hash and carry its indexed columns, every node
+/// must hash from its entries, and the entries to `head`'s signed root;
+/// then the index citizens' histories are read through must hold each.
+async fn check_stored(
+    store: &dyn Store,
+    log_id: &str,
+    size: u64,
+    head: Option<&SignedTreeHead>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), Unchecked> {
+    let mut tree = TreeCheck {
+        log_id,
+        head,
+        frontier: Frontier::new(),
+    };
+    read_checked(store, log_id, 0, size, stop, Some(&mut tree)).await?;
+    match read_retrying(stop, log_id, || store.check_subject_index(log_id)).await {
+        Ok(()) => Ok(()),
+        Err(Halt::ShuttingDown) => Err(Unchecked::ShuttingDown),
+        Err(Halt::Refused(e)) => Err(Unchecked::Altered(format!("log {log_id}: {e}"))),
+    }
+}
+
+/// Checks the stored history behind an opening from the stored tree nodes:
+/// first the entries found past the newest signed head, which the signer
+/// waits for, then the whole log up to the opening's `size` against `head`
+/// ([`check_stored`]). On a difference, or entries missing or unreadable,
+/// the log refuses new entries and signs no head.
 async fn check_history(
     store: Arc<dyn Store>,
     log_id: String,
@@ -1021,80 +1238,24 @@ async fn check_history(
 ) {
     let began = Instant::now();
     let altered = |why: String| {
-        tracing::error!(log_id = %log_id, why = %why, "the audit log's stored history was altered; it refuses new entries");
+        tracing::error!(log_id = %log_id, why = %why, "the audit log's stored history was altered; it refuses new entries and signs no tree head");
         shared.history.send_replace(HistoryCheck::Failed(why));
     };
-    let mut frontier = Frontier::new();
-    let mut from = 0;
-    while from < size {
-        let to = size.min(from + ENTRY_CHUNK);
-        let entries = match read_retrying(&mut stop, &log_id, || store.entries_in_range(&log_id, from, to)).await {
-            Ok(entries) => entries,
-            Err(Halt::ShuttingDown) => return,
-            Err(Halt::Refused(e)) => {
-                return altered(format!(
-                    "log {log_id}: reading entries {from}..{to} to check them against the signed root: {e}"
-                ));
+    let tail = *lock(&shared.unchecked_tail);
+    if let Some((from, to)) = tail {
+        match read_checked(store.as_ref(), &log_id, from, to, &mut stop, None).await {
+            Ok(()) => {
+                tracing::info!(log_id = %log_id, from, to, "the audit log's entries past its newest signed head are checked; signing them");
+                *lock(&shared.unchecked_tail) = None;
             }
-        };
-        if let Err(e) = check_chunk(&log_id, from, to, entries.len()) {
-            return altered(e.to_string());
+            Err(Unchecked::ShuttingDown) => return,
+            Err(Unchecked::Altered(why)) => return altered(why),
         }
-        let mut completed = Vec::new();
-        for (at, entry) in (from..).zip(&entries) {
-            if entry.sequence != at {
-                return altered(format!(
-                    "log {log_id}: entry {at} was read back as entry {}",
-                    entry.sequence
-                ));
-            }
-            if let Some(why) = entry_mismatch(entry) {
-                return altered(format!("log {log_id}: entry {at} {why}"));
-            }
-            frontier.push_collecting(entry.leaf_hash, &mut completed);
-            if let Some(h) = head
-                .as_ref()
-                .filter(|h| h.tree_size == frontier.size() && frontier.root() != h.root_hash)
-            {
-                return altered(format!(
-                    "log {log_id}: stored entries 0..{} no longer hash to their signed root",
-                    h.tree_size
-                ));
-            }
-            if (at + 1) % ENTRIES_PER_YIELD == 0 {
-                tokio::task::yield_now().await;
-            }
-        }
-        // The leaves are checked; only the tree nodes are left to read.
-        drop(entries);
-        let wanted: Vec<(u32, u64)> = completed.iter().map(|(s, _)| (s.level, s.index)).collect();
-        let stored = match read_retrying(&mut stop, &log_id, || store.tree_nodes(&log_id, &wanted)).await {
-            Ok(stored) => stored,
-            Err(Halt::ShuttingDown) => return,
-            Err(Halt::Refused(e)) => {
-                return altered(format!(
-                    "log {log_id}: reading the tree nodes over entries {from}..{to}: {e}"
-                ));
-            }
-        };
-        let stored: HashMap<(u32, u64), Hash> = stored.into_iter().map(|n| ((n.level, n.index), n.hash)).collect();
-        for (s, hash) in completed {
-            if stored.get(&(s.level, s.index)) != Some(&hash) {
-                return altered(format!(
-                    "log {log_id}: the stored tree node over entries {}..{} does not hash from them",
-                    s.start(),
-                    s.end()
-                ));
-            }
-        }
-        from = to;
     }
-    // The entries are what was signed; what a citizen's history is read
-    // through must hold each of them.
-    match read_retrying(&mut stop, &log_id, || store.check_subject_index(&log_id)).await {
+    match check_stored(store.as_ref(), &log_id, size, head.as_ref(), &mut stop).await {
         Ok(()) => {}
-        Err(Halt::ShuttingDown) => return,
-        Err(Halt::Refused(e)) => return altered(format!("log {log_id}: {e}")),
+        Err(Unchecked::ShuttingDown) => return,
+        Err(Unchecked::Altered(why)) => return altered(why),
     }
     tracing::info!(
         log_id = %log_id,
@@ -1392,6 +1553,15 @@ async fn run_signer(log: Weak<AuditLog>, interval: Duration, mut stop: watch::Re
         let Some(log) = log.upgrade() else { break };
         if !log.needs_signing() {
             continue;
+        }
+        match log.shared.signing_refused() {
+            Some(SigningRefused::Altered(why)) => {
+                tracing::error!(log_id = %log.log_id, why = %why, "the audit log's stored history was altered; no tree head will be signed over it");
+                break;
+            }
+            // Signed once the check has read them.
+            Some(SigningRefused::Unchecked { .. }) => continue,
+            None => {}
         }
         if let Err(e) = log.sign_now().await {
             tracing::warn!(log_id = %log.log_id, error = %e, "signing the audit tree head failed; will retry");

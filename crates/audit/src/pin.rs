@@ -7,10 +7,16 @@
 //! the same log id. The data directory is out of that reach, and a head in
 //! it cannot be forged without the signing key, so a log opens only on a
 //! database whose history contains the pinned head.
+//!
+//! The file also says whether the broker closed the log with that head
+//! (`"state": "closed"`) or has it open (`"open"`, written at every start):
+//! after a close, entries past the pinned head were appended behind the
+//! broker's back, and signing them would vouch for accesses nobody made.
 
 use crate::keys::{PINNED_HEAD_FILE, SIGNING_KEY_FILE, log_id_of};
 use crate::log::AuditError;
 use crate::sth::{SignedTreeHead, verify_tree_head};
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use time::OffsetDateTime;
@@ -26,7 +32,35 @@ pub(crate) enum Pinned {
     /// new log.
     OtherLog(SignedTreeHead),
     /// A head of this log, its signature checked.
-    Head(SignedTreeHead),
+    Head {
+        /// The newest head the broker signed.
+        head: SignedTreeHead,
+        /// Whether the broker closed the log with it: it then appended
+        /// nothing past it.
+        closed: bool,
+    },
+}
+
+/// Whether a broker has the log open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogState {
+    /// The broker has the log open, or stopped without closing it (a crash):
+    /// entries committed after the pinned head may follow it.
+    Open,
+    /// The broker closed the log with the pinned head as its final one.
+    Closed,
+}
+
+/// The file's contents: the head's own fields, and the state beside them.
+#[derive(Debug, Serialize, Deserialize)]
+struct PinFile {
+    #[serde(flatten)]
+    head: SignedTreeHead,
+    /// Missing in files written before it was kept: read as open, which
+    /// refuses nothing a crash could have left.
+    #[serde(default)]
+    state: Option<LogState>,
 }
 
 /// Reads the pin at `path` for the log of `public_key`.
@@ -39,7 +73,7 @@ pub(crate) fn read(path: &Path, public_key: &[u8; 32]) -> Result<Pinned, AuditEr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Pinned::Missing),
         Err(e) => return Err(unusable(path, &format!("cannot be read: {e}"))),
     };
-    let head: SignedTreeHead = serde_json::from_str(&text).map_err(|e| {
+    let file: PinFile = serde_json::from_str(&text).map_err(|e| {
         // The position, not serde's text, which may quote the file.
         unusable(
             path,
@@ -51,6 +85,7 @@ pub(crate) fn read(path: &Path, public_key: &[u8; 32]) -> Result<Pinned, AuditEr
             ),
         )
     })?;
+    let PinFile { head, state } = file;
     if head.log_id != log_id_of(public_key) {
         return Ok(Pinned::OtherLog(head));
     }
@@ -63,14 +98,21 @@ pub(crate) fn read(path: &Path, public_key: &[u8; 32]) -> Result<Pinned, AuditEr
             ),
         )
     })?;
-    Ok(Pinned::Head(head))
+    Ok(Pinned::Head {
+        head,
+        closed: state == Some(LogState::Closed),
+    })
 }
 
-/// Replaces the pin at `path` with `head`, durably: a crash leaves the old
-/// pin or the new one, never a torn file.
-pub(crate) fn write(path: &Path, head: &SignedTreeHead) -> Result<(), AuditError> {
+/// Replaces the pin at `path` with `head` and `state`, durably: a crash
+/// leaves the old pin or the new one, never a torn file.
+pub(crate) fn write(path: &Path, head: &SignedTreeHead, state: LogState) -> Result<(), AuditError> {
     let failed = |what: &str, e: std::io::Error| AuditError::Pin(format!("cannot {what} {}: {e}", path.display()));
-    let mut json = serde_json::to_vec_pretty(head)
+    let file = PinFile {
+        head: head.clone(),
+        state: Some(state),
+    };
+    let mut json = serde_json::to_vec_pretty(&file)
         .map_err(|e| AuditError::Pin(format!("cannot encode the head to pin in {}: {e}", path.display())))?;
     json.push(b'\n');
     let temp = temp_path(path);
@@ -100,9 +142,9 @@ pub(crate) fn write(path: &Path, head: &SignedTreeHead) -> Result<(), AuditError
 }
 
 /// [`write`] off the async runtime's threads: it waits for two fsyncs.
-pub(crate) async fn write_async(path: &Path, head: &SignedTreeHead) -> Result<(), AuditError> {
+pub(crate) async fn write_async(path: &Path, head: &SignedTreeHead, state: LogState) -> Result<(), AuditError> {
     let (owned, head) = (path.to_path_buf(), head.clone());
-    tokio::task::spawn_blocking(move || write(&owned, &head))
+    tokio::task::spawn_blocking(move || write(&owned, &head, state))
         .await
         .map_err(|e| AuditError::Pin(format!("writing {} did not finish: {e}", path.display())))?
 }
@@ -175,6 +217,29 @@ pub(crate) fn rewritten(
     ))
 }
 
+/// The refusal to start on a database holding entries past the head the
+/// broker closed the log with: they were appended while it was stopped,
+/// by something else than the broker, and no signature may cover them.
+pub(crate) fn appended_while_closed(path: &Path, pinned: &SignedTreeHead, size: u64) -> AuditError {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.display().to_string(),
+        _ => "the data directory".to_string(),
+    };
+    AuditError::AppendedWhileClosed(format!(
+        "log {log_id}: this broker closed the log with a head of {signed} entries ({pinned}), but the database \
+         now holds {size} entries: entries {signed}..{size} were appended while the broker was stopped, not by \
+         it. Signing a head over them would vouch for accesses the broker never logged. Find out who wrote them \
+         (the audit_entries rows of this log from sequence {signed} on, and audit_logs.size), then restore the \
+         database from a backup taken when the broker stopped, or remove those rows and set the log's size back \
+         to {signed}. Only if a broker with this data directory ({dir}) did write them, start it with \
+         \"state\": \"open\" in {file}: it then checks those entries before signing them",
+        log_id = pinned.log_id,
+        signed = pinned.tree_size,
+        pinned = describe(path, pinned),
+        file = path.display(),
+    ))
+}
+
 fn describe(path: &Path, head: &SignedTreeHead) -> String {
     let at = i128::from(head.timestamp_ms) * 1_000_000;
     let time = OffsetDateTime::from_unix_timestamp_nanos(at)
@@ -218,11 +283,16 @@ mod tests {
         assert!(matches!(read(&path, &keys.public_key()).unwrap(), Pinned::Missing));
 
         let first = keys.sign_tree_head(3, &[1; 32], 10);
-        write(&path, &first).unwrap();
+        write(&path, &first, LogState::Closed).unwrap();
         let second = keys.sign_tree_head(5, &[2; 32], 20);
-        write(&path, &second).unwrap();
+        write(&path, &second, LogState::Open).unwrap();
         match read(&path, &keys.public_key()).unwrap() {
-            Pinned::Head(head) => assert_eq!(head, second),
+            Pinned::Head { head, closed } => assert_eq!((head, closed), (second.clone(), false)),
+            other => panic!("{other:?}"),
+        }
+        write(&path, &second, LogState::Closed).unwrap();
+        match read(&path, &keys.public_key()).unwrap() {
+            Pinned::Head { head, closed } => assert_eq!((head, closed), (second.clone(), true)),
             other => panic!("{other:?}"),
         }
         assert!(!temp_path(&path).exists(), "no temporary file is left");
@@ -250,7 +320,7 @@ mod tests {
         std::fs::write(&temp, "half a head").unwrap();
         std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o644)).unwrap();
         let keys = LogKeys::generate().unwrap();
-        write(&path, &keys.sign_tree_head(1, &[1; 32], 1)).unwrap();
+        write(&path, &keys.sign_tree_head(1, &[1; 32], 1), LogState::Open).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
     }
@@ -262,7 +332,7 @@ mod tests {
         let keys = LogKeys::generate().unwrap();
         let mut forged = keys.sign_tree_head(9, &[4; 32], 30);
         forged.tree_size = 2;
-        write(&path, &forged).unwrap();
+        write(&path, &forged, LogState::Open).unwrap();
         let err = read(&path, &keys.public_key()).unwrap_err();
         assert!(matches!(err, AuditError::Pin(_)), "{err:?}");
         let err = err.to_string();
@@ -273,6 +343,47 @@ mod tests {
         let err = read(&path, &keys.public_key()).unwrap_err().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(!err.contains("38001085718"), "the file is not quoted: {err}");
+    }
+
+    /// A file written before the state was kept is read as open: a crash
+    /// may have left entries past its head.
+    #[test]
+    fn a_pin_without_a_state_reads_as_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PINNED_HEAD_FILE);
+        let keys = LogKeys::generate().unwrap();
+        let head = keys.sign_tree_head(4, &[3; 32], 40);
+        std::fs::write(&path, serde_json::to_vec(&head).unwrap()).unwrap();
+        match read(&path, &keys.public_key()).unwrap() {
+            Pinned::Head { head: read, closed } => assert_eq!((read, closed), (head.clone(), false)),
+            other => panic!("{other:?}"),
+        }
+        // And a head reader that knows nothing of the state still reads it.
+        write(&path, &head, LogState::Closed).unwrap();
+        let plain: SignedTreeHead = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(plain, head);
+    }
+
+    #[test]
+    fn entries_appended_while_closed_are_refused_saying_what_to_check() {
+        let keys = LogKeys::generate().unwrap();
+        let path = Path::new("/var/lib/lienthong").join(PINNED_HEAD_FILE);
+        let pinned = keys.sign_tree_head(1665, &[7; 32], 1_750_000_000_000);
+        let err = appended_while_closed(&path, &pinned, 1666);
+        assert!(matches!(err, AuditError::AppendedWhileClosed(_)), "{err:?}");
+        let err = err.to_string();
+        for needle in [
+            keys.log_id().as_str(),
+            "head of 1665 entries",
+            "holds 1666 entries",
+            "entries 1665..1666",
+            "not by it",
+            "/var/lib/lienthong/audit-head.json",
+            "audit_logs.size",
+            "backup taken when the broker stopped",
+        ] {
+            assert!(err.contains(needle), "{needle:?} missing: {err}");
+        }
     }
 
     #[test]

@@ -684,3 +684,168 @@ async fn a_malformed_pin_is_refused_naming_the_file() {
     assert_eq!(log.size(), 20);
     log.shutdown().await.unwrap();
 }
+
+/// Appends to the log in `dir`, behind the broker's back, a copy of entry
+/// `of` made to read as another agency's access (a new request id, its leaf
+/// hash recomputed, its columns those of its leaf), with `time_shift_us`
+/// added to its time column only, and raises the log's size to cover it.
+async fn fabricate_after(dir: &Path, log_id: &str, of: i64, time_shift_us: i64) -> u64 {
+    use sqlx::Row;
+    let pool = raw(dir).await;
+    let row = sqlx::query(
+        "SELECT e.leaf, l.size FROM audit_entries e JOIN audit_logs l ON l.log_no = e.log_no \
+         WHERE l.log_id = ? AND e.sequence = ?",
+    )
+    .bind(log_id)
+    .bind(of)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (leaf, size): (String, i64) = (row.get(0), row.get(1));
+    let mut forged: lienthong_core::audit::AuditEvent = serde_json::from_str(&leaf).unwrap();
+    forged.actor = "hanoi-tax-dept".into();
+    forged.request_id = "fabricated-0001".into();
+    let leaf = forged.to_leaf().unwrap();
+    sqlx::query(
+        "INSERT INTO audit_entries (log_no, sequence, leaf_hash, leaf, time_us, kind, actor, provider, record_type, \
+         purpose, outcome, subject_hash) VALUES ((SELECT log_no FROM audit_logs WHERE log_id = ?), ?, ?, ?, ?, ?, ?, \
+         ?, ?, ?, ?, ?)",
+    )
+    .bind(log_id)
+    .bind(size)
+    .bind(merkle::leaf_hash(leaf.as_bytes()).to_vec())
+    .bind(&leaf)
+    .bind((forged.time.unix_timestamp_nanos() / 1_000) as i64 + time_shift_us)
+    .bind(forged.kind.as_str())
+    .bind(&forged.actor)
+    .bind(&forged.provider)
+    .bind(&forged.record_type)
+    .bind(&forged.purpose)
+    .bind(forged.outcome.as_str())
+    .bind((!forged.subject_hash.is_empty()).then(|| hex::decode(&forged.subject_hash).unwrap()))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE audit_logs SET size = size + 1 WHERE log_id = ?")
+        .bind(log_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    size as u64
+}
+
+/// An entry appended to the database of a log its broker closed cleanly,
+/// however well made, is refused at start naming both sizes: signing it
+/// would let whoever holds the database frame an agency with a receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_appended_behind_a_closed_log_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    let log_id = log.log_id().to_string();
+    grow(&log, 0, 40).await;
+    let closed = log.shutdown().await.unwrap().unwrap();
+    drop(log);
+
+    let fabricated = fabricate_after(dir.path(), &log_id, 16, 0).await;
+    assert_eq!(fabricated, 40);
+    let err = open_dir(dir.path()).await.unwrap_err();
+    assert!(matches!(err, AuditError::AppendedWhileClosed(_)), "{err:?}");
+    let err = err.to_string();
+    for needle in [
+        log_id.as_str(),
+        "head of 40 entries",
+        "holds 41 entries",
+        "entries 40..41",
+        &dir.path().join(PINNED_HEAD_FILE).display().to_string(),
+    ] {
+        assert!(err.contains(needle), "says {needle:?}: {err}");
+    }
+    assert_eq!(
+        stored_head(dir.path(), &log_id).await,
+        Some(closed.clone()),
+        "nothing signed"
+    );
+    // Refused again, however often it is started.
+    assert!(matches!(
+        open_dir(dir.path()).await.unwrap_err(),
+        AuditError::AppendedWhileClosed(_)
+    ));
+
+    // The entry removed and the size set back, the log opens where it was.
+    alter(dir.path(), "DELETE FROM audit_entries WHERE sequence = 40").await;
+    alter(dir.path(), "UPDATE audit_logs SET size = 40").await;
+    let log = open_dir(dir.path()).await.unwrap();
+    assert_eq!(log.size(), 40);
+    assert_eq!(log.history_checked().await, HistoryCheck::Passed);
+    log.shutdown().await.unwrap();
+}
+
+/// A log left open (a crash) may hold committed entries past its newest
+/// head: they are signed once checked, and one whose columns are not its
+/// leaf's is never signed, by the signer or at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_past_the_head_after_a_crash_are_signed_only_once_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_dir(dir.path()).await.unwrap();
+    let log_id = log.log_id().to_string();
+    grow(&log, 0, 30).await;
+    let signed = log.sign_now().await.unwrap();
+    assert_eq!(signed.tree_size, 30);
+    grow(&log, 30, 35).await;
+    // A crash: the log is never closed.
+    drop(log);
+
+    let (log, check) = reopen_and_check(dir.path()).await;
+    assert_eq!(check, HistoryCheck::Passed);
+    assert_eq!(
+        log.sign_now().await.unwrap().tree_size,
+        35,
+        "its own entries are signed"
+    );
+    grow(&log, 35, 40).await;
+    let head = log.sign_now().await.unwrap();
+    assert_eq!(head.tree_size, 40);
+    drop(log);
+
+    // Left open again, with an entry appended behind its back whose time
+    // column is not its leaf's.
+    let fabricated = fabricate_after(dir.path(), &log_id, 16, 1).await;
+    let (log, check) = reopen_and_check(dir.path()).await;
+    assert_failed_naming(&log, check, fabricated, "time_us is").await;
+    let err = log.sign_now().await.unwrap_err();
+    assert!(matches!(err, AuditError::Corrupt(_)), "{err:?}");
+    assert!(err.to_string().contains(&format!("entry {fabricated}")), "{err}");
+    let err = log.shutdown().await.unwrap_err();
+    assert!(matches!(err, AuditError::Corrupt(_)), "{err:?}");
+    assert_eq!(
+        stored_head(dir.path(), &log_id).await,
+        Some(head.clone()),
+        "nothing signed over it"
+    );
+    assert_eq!(pinned(dir.path()), head);
+}
+
+/// A log found altered below its signed head signs no head either, though
+/// its tree did not grow: closing it would tell the next start that nothing
+/// was appended since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_found_altered_signs_no_head_and_is_not_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    closed_sqlite_log(dir.path(), 50).await;
+    assert_eq!(
+        alter(
+            dir.path(),
+            "UPDATE audit_entries SET actor = 'nobody' WHERE sequence = 16"
+        )
+        .await,
+        1
+    );
+    let (log, check) = reopen_and_check(dir.path()).await;
+    assert_failed_naming(&log, check, 16, "actor is").await;
+    assert!(matches!(log.sign_now().await, Err(AuditError::Corrupt(_))));
+    assert!(matches!(log.shutdown().await, Err(AuditError::Corrupt(_))));
+    let pin: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join(PINNED_HEAD_FILE)).unwrap()).unwrap();
+    assert_eq!(pin["state"], "open", "{pin}");
+}
