@@ -948,3 +948,84 @@ async fn an_export_older_than_its_head_says_to_fetch_the_head_first() {
     assert!(ok, "{out}");
     fed.shutdown().await.unwrap();
 }
+
+/// Columns altered on a running broker (one access hidden from its
+/// citizen's history and its agency renamed; another access put into a
+/// second citizen's history): queries and histories refuse the altered
+/// entry with DATA_LOSS naming it rather than show what the columns say, and
+/// `audit verify` fails naming it.
+#[tokio::test]
+async fn altered_columns_are_never_shown_and_verify_names_the_entry() {
+    let (dir, fed) = federation().await;
+    let receipts = lookups(&fed, 3).await;
+    signed_up_to_date(&fed).await;
+    let (hidden, moved) = (receipts[1].sequence as i64, receipts[2].sequence as i64);
+    let pool = db(&fed).await;
+    sqlx::query("UPDATE audit_entries SET subject_hash = zeroblob(32), actor = 'nobody' WHERE sequence = ?")
+        .bind(hidden)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let auditor = client(&fed, STATE_AUDIT).await;
+    let err = auditor
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&format!("entry {hidden} has columns that are not its leaf's"))
+            && err.message().contains("actor is \"nobody\""),
+        "{err:?}"
+    );
+    let (ok, out) = cli_as(&fed, STATE_AUDIT, &["audit", "query", "--actor", "nobody"]).await;
+    assert!(!ok && out.contains(&format!("entry {hidden}")), "{out}");
+
+    let state = dir.path().join("verifier-state.json");
+    let (ok, out) = cli_as(
+        &fed,
+        STATE_AUDIT,
+        &["audit", "verify", "--state", state.to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        !ok && out.contains(&format!("entry {hidden} is shown differently from what was logged"))
+            && out.contains("actor is \"nobody\""),
+        "{out}"
+    );
+
+    // Another citizen's access moved into the first one's history.
+    let first: Vec<u8> = sqlx::query_scalar("SELECT subject_hash FROM audit_entries WHERE sequence = ?")
+        .bind(receipts[0].sequence as i64)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_entries SET subject_hash = ? WHERE sequence = ?")
+        .bind(&first)
+        .bind(moved)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let portal = client(&fed, lienthong_cli::federation::CITIZEN_PORTAL).await;
+    let err = portal
+        .audit()
+        .subject_history(pb::SubjectHistoryRequest {
+            subject_key: citizen_id(&fed, 100),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(err.message().contains(&format!("entry {moved} ")), "{err:?}");
+    assert!(
+        !err.message().contains(&citizen_id(&fed, 100)),
+        "no national id: {err:?}"
+    );
+    pool.close().await;
+    fed.shutdown().await.unwrap();
+}

@@ -20,7 +20,7 @@ pub mod sth;
 pub mod verify;
 
 pub use keys::LogKeys;
-pub use log::{AuditConfig, AuditError, AuditLog, HistoryCheck, Receipt, WriterStats};
+pub use log::{AuditConfig, AuditError, AuditLog, HistoryCheck, Receipt, WriterStats, entry_mismatch};
 pub use merkle::{Frontier, Hash};
 pub use sth::{SignedTreeHead, signing_input, verify_tree_head};
 pub use verify::{ExportLine, VerifierState, VerifyError, VerifyReport, verify_export};

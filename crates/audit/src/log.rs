@@ -30,6 +30,10 @@ const HASH_CHUNK: u64 = 65_536;
 /// a kilobyte included, while it checks them: 1.5 MiB or so. Twice as many
 /// checked 300,000 entries a few per cent faster for 2 MiB more peak RSS.
 const ENTRY_CHUNK: u64 = 1_024;
+/// A check of the whole stored history starts again no sooner than this many
+/// times the last one took, so that however large the log, rechecking it
+/// takes at most a fiftieth of a core (about 20 s a million entries).
+pub const RECHECK_DUTY: u32 = 50;
 /// Entries the history check hashes and parses between two yields to the
 /// runtime, so that lookups on the same worker thread wait a millisecond or
 /// two, not a whole chunk's work.
@@ -91,6 +95,11 @@ pub struct AuditConfig {
     /// entry may still be committed later (the log then records an access
     /// that released nothing, never the reverse).
     pub commit_timeout: Duration,
+    /// Least time between the end of one check of the whole stored history
+    /// and the start of the next: the database can be altered while the
+    /// broker runs, not only while it is stopped. A check is also never
+    /// started sooner than [`RECHECK_DUTY`] times the last one took.
+    pub recheck_interval: Duration,
 }
 
 impl Default for AuditConfig {
@@ -100,6 +109,7 @@ impl Default for AuditConfig {
             max_batch: 512,
             queue: 16_384,
             commit_timeout: Duration::from_secs(10),
+            recheck_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -173,6 +183,8 @@ struct Shared {
     /// cover before the history check has read them; `None` when there were
     /// none, or once they are checked.
     unchecked_tail: Mutex<Option<(u64, u64)>>,
+    /// The newest head signed, which the history is checked against.
+    last_signed: Mutex<Option<SignedTreeHead>>,
 }
 
 impl Shared {
@@ -232,7 +244,6 @@ pub struct AuditLog {
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     closing: AtomicBool,
     commit_timeout: Duration,
-    last_signed: Mutex<Option<SignedTreeHead>>,
     sign_lock: tokio::sync::Mutex<()>,
     stop_signer: watch::Sender<bool>,
     writer_task: Mutex<Option<JoinHandle<()>>>,
@@ -268,9 +279,9 @@ impl AuditLog {
                 "audit max_batch and queue must be at least 1".into(),
             ));
         }
-        if config.sign_interval.is_zero() {
+        if config.sign_interval.is_zero() || config.recheck_interval.is_zero() {
             return Err(AuditError::InvalidArgument(
-                "audit sign_interval must be positive".into(),
+                "audit sign_interval and recheck_interval must be positive".into(),
             ));
         }
         let log_id = keys.log_id();
@@ -362,6 +373,7 @@ impl AuditLog {
             counters: Counters::default(),
             history,
             unchecked_tail: Mutex::new(unchecked_tail),
+            last_signed: Mutex::new(latest),
         });
         let (sender, receiver) = mpsc::channel(config.queue);
         let (stop_signer, stop_rx) = watch::channel(false);
@@ -374,7 +386,6 @@ impl AuditLog {
             sender: Mutex::new(Some(sender)),
             closing: AtomicBool::new(false),
             commit_timeout: config.commit_timeout,
-            last_signed: Mutex::new(latest),
             sign_lock: tokio::sync::Mutex::new(()),
             stop_signer,
             writer_task: Mutex::new(None),
@@ -393,8 +404,8 @@ impl AuditLog {
             Arc::clone(&log.store),
             log.log_id.clone(),
             size,
-            lock(&log.last_signed).clone(),
             Arc::clone(&log.shared),
+            config.recheck_interval,
             stop_rx.clone(),
         ));
         *lock(&log.signer_task) = Some(tokio::spawn(run_signer(
@@ -550,7 +561,7 @@ impl AuditLog {
             let frontier = self.shared.frontier();
             (frontier.size(), frontier.root())
         };
-        let last = lock(&self.last_signed).clone();
+        let last = lock(&self.shared.last_signed).clone();
         let mut timestamp_ms = now_ms();
         if let Some(last) = last {
             if last.tree_size == size {
@@ -579,18 +590,18 @@ impl AuditLog {
             pin::write_async(path, &sth, LogState::Open).await?;
         }
         tracing::debug!(log_id = %self.log_id, tree_size = size, "signed tree head");
-        *lock(&self.last_signed) = Some(sth.clone());
+        *lock(&self.shared.last_signed) = Some(sth.clone());
         Ok(sth)
     }
 
     /// The newest head this log signed, without touching the store.
     pub fn latest_signed(&self) -> Option<SignedTreeHead> {
-        lock(&self.last_signed).clone()
+        lock(&self.shared.last_signed).clone()
     }
 
     fn needs_signing(&self) -> bool {
         let size = self.size();
-        lock(&self.last_signed)
+        lock(&self.shared.last_signed)
             .as_ref()
             .is_none_or(|last| last.tree_size != size)
     }
@@ -1225,15 +1236,18 @@ async fn check_stored(
 
 /// Checks the stored history behind an opening from the stored tree nodes:
 /// first the entries found past the newest signed head, which the signer
-/// waits for, then the whole log up to the opening's `size` against `head`
-/// ([`check_stored`]). On a difference, or entries missing or unreadable,
-/// the log refuses new entries and signs no head.
+/// waits for, then the whole log up to the opening's `size` against the
+/// newest head ([`check_stored`]); then, while the log is open, the whole
+/// log again every `recheck_interval` (or [`RECHECK_DUTY`] times as long as
+/// the last check took), for an alteration made while the broker runs. On a
+/// difference, or entries missing or unreadable, the log refuses new entries
+/// and signs no head.
 async fn check_history(
     store: Arc<dyn Store>,
     log_id: String,
     size: u64,
-    head: Option<SignedTreeHead>,
     shared: Arc<Shared>,
+    recheck_interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let began = Instant::now();
@@ -1252,18 +1266,50 @@ async fn check_history(
             Err(Unchecked::Altered(why)) => return altered(why),
         }
     }
+    // Nothing is signed before the tail is checked: the newest head is still
+    // the one the log opened with, which `size` extends.
+    let head = lock(&shared.last_signed).clone();
     match check_stored(store.as_ref(), &log_id, size, head.as_ref(), &mut stop).await {
         Ok(()) => {}
         Err(Unchecked::ShuttingDown) => return,
         Err(Unchecked::Altered(why)) => return altered(why),
     }
+    let mut took = began.elapsed();
     tracing::info!(
         log_id = %log_id,
         entries = size,
-        seconds = began.elapsed().as_secs_f64(),
+        seconds = took.as_secs_f64(),
         "audit log history checked against its signed root"
     );
     shared.history.send_replace(HistoryCheck::Passed);
+    loop {
+        let pause = recheck_interval.max(took.saturating_mul(RECHECK_DUTY));
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.changed() => {}
+        }
+        // The writer may have found the log altered meanwhile.
+        if stopping(&stop) || matches!(*shared.history.borrow(), HistoryCheck::Failed(_)) {
+            return;
+        }
+        // The head first: every head signed covers at most the entries
+        // committed by then.
+        let head = lock(&shared.last_signed).clone();
+        let size = shared.size.load(Ordering::Acquire);
+        let began = Instant::now();
+        match check_stored(store.as_ref(), &log_id, size, head.as_ref(), &mut stop).await {
+            Ok(()) => {}
+            Err(Unchecked::ShuttingDown) => return,
+            Err(Unchecked::Altered(why)) => return altered(why),
+        }
+        took = began.elapsed();
+        tracing::info!(
+            log_id = %log_id,
+            entries = size,
+            seconds = took.as_secs_f64(),
+            "audit log history checked again against its signed root"
+        );
+    }
 }
 
 /// Longest stored value a finding quotes: a column holds what whoever
@@ -1280,13 +1326,13 @@ fn quoted(value: &str) -> String {
 
 /// Why a stored entry is not what the writer stored: its leaf does not hash
 /// to its stored leaf hash, is not an audit event, or its indexed columns
-/// (which the Audit service displays and filters on, the citizens' history
-/// included) are not its leaf's; `None` when it is consistent.
+/// (which the Audit service filters on, the citizens' history included) are
+/// not its leaf's; `None` when it is consistent. Worded to follow "entry N".
 ///
 /// The leaf hash is checked against the signed root elsewhere; this binds the
 /// leaf and the columns to it. The leaf never holds a subject key in clear,
 /// so quoting stored values cannot print one.
-fn entry_mismatch(entry: &StoredEntry) -> Option<String> {
+pub fn entry_mismatch(entry: &StoredEntry) -> Option<String> {
     if merkle::leaf_hash(entry.leaf.as_bytes()) != entry.leaf_hash {
         return Some("was altered: its stored leaf does not hash to its stored leaf hash".into());
     }

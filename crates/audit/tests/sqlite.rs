@@ -849,3 +849,42 @@ async fn a_log_found_altered_signs_no_head_and_is_not_closed() {
         serde_json::from_slice(&std::fs::read(dir.path().join(PINNED_HEAD_FILE)).unwrap()).unwrap();
     assert_eq!(pin["state"], "open", "{pin}");
 }
+
+/// Columns altered while the broker runs (a citizen's access hidden from
+/// their history, its agency renamed) are found by the check repeated while
+/// the log is open, and the log then signs no head and takes no entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn columns_altered_while_the_log_is_open_are_found_by_the_repeated_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = AuditConfig {
+        recheck_interval: Duration::from_millis(20),
+        ..config()
+    };
+    let log = AuditLog::open(
+        open_store(dir.path()).await,
+        LogKeys::load_or_create(dir.path()).unwrap(),
+        config,
+    )
+    .await
+    .unwrap();
+    grow(&log, 0, 40).await;
+    assert_eq!(log.history_checked().await, HistoryCheck::Passed);
+    let head = log.sign_now().await.unwrap();
+
+    assert_eq!(
+        alter(
+            dir.path(),
+            "UPDATE audit_entries SET subject_hash = zeroblob(32), actor = 'nobody' WHERE sequence = 16"
+        )
+        .await,
+        1
+    );
+    let why = tokio::time::timeout(Duration::from_secs(30), log.history_failure())
+        .await
+        .expect("the repeated check did not find the alteration within 30 s")
+        .expect("the log shut down");
+    assert!(why.contains("entry 16") && why.contains("actor is \"nobody\""), "{why}");
+    assert_failed_naming(&log, log.history_check(), 16, "subject_hash is").await;
+    assert!(matches!(log.sign_now().await, Err(AuditError::Corrupt(_))));
+    assert_eq!(stored_head(dir.path(), log.log_id()).await, Some(head));
+}

@@ -124,8 +124,11 @@ fn kind_from_pb(n: i32) -> Option<EntryKind> {
     }
 }
 
-/// Stored entry to wire. The leaf is passed on byte for byte so auditors can
-/// re-hash it; the decoded fields are a convenience.
+/// Stored entry to wire as exported: the leaf byte for byte, for auditors to
+/// re-hash, and beside it the indexed columns as the database holds them
+/// (what queries filter on and citizens' histories are read through), which
+/// `lienthong audit verify` checks against the leaf; the fields no column
+/// holds are decoded from the leaf.
 pub fn entry(e: &StoredEntry) -> pb::AuditEntry {
     let mut out = pb::AuditEntry {
         log_id: e.log_id.clone(),
@@ -154,6 +157,54 @@ pub fn entry(e: &StoredEntry) -> pb::AuditEntry {
         out.target = ev.target;
     }
     out
+}
+
+/// The event an entry records, once the entry is checked to be its own
+/// leaf's: its leaf hashing to its leaf hash, its columns those of its leaf.
+/// Otherwise `DataLoss` naming it: someone altered the database, and what a
+/// query found through an altered column is not what was logged.
+fn checked_event(e: &StoredEntry) -> Result<AuditEvent> {
+    let altered = |why: String| {
+        let why = format!("log {}: entry {} {why}", e.log_id, e.sequence);
+        tracing::error!(why = %why, "an audit entry read for the audit service is not what was logged");
+        BrokerError::DataLoss(format!(
+            "{why}. The audit database was altered behind the broker's back, so this answer is refused; \
+             tell the broker's operator, and run `lienthong audit verify`"
+        ))
+    };
+    if let Some(why) = lienthong_audit::entry_mismatch(e) {
+        return Err(altered(why));
+    }
+    serde_json::from_str(&e.leaf).map_err(|_| altered("was altered: its stored leaf is not an audit event".into()))
+}
+
+/// Stored entry to wire as shown to people: every field decoded from the
+/// leaf the tree hashes, once [`checked_event`] found the entry intact.
+fn displayed_entry(e: &StoredEntry) -> Result<pb::AuditEntry> {
+    let ev = checked_event(e)?;
+    Ok(pb::AuditEntry {
+        log_id: e.log_id.clone(),
+        sequence: e.sequence,
+        leaf_hash: e.leaf_hash.to_vec(),
+        leaf_json: e.leaf.clone(),
+        time: Some(ts(ev.time)),
+        kind: kind_to_pb(ev.kind) as i32,
+        request_id: ev.request_id,
+        trace_id: ev.trace_id,
+        actor: ev.actor,
+        provider: ev.provider,
+        record_type: ev.record_type,
+        schema_version: ev.schema_version,
+        purpose: ev.purpose,
+        subject_hash: ev.subject_hash,
+        fields_released: ev.fields_released,
+        outcome: outcome_to_pb(ev.outcome) as i32,
+        reason: ev.reason,
+        payload_digest: ev.payload_digest,
+        latency_us: ev.latency_us,
+        action: ev.action,
+        target: ev.target,
+    })
 }
 
 /// Tree head to wire.
@@ -349,7 +400,7 @@ impl Audit for AuditService {
             String::new()
         };
         Ok(Response::new(pb::QueryEntriesResponse {
-            entries: entries.iter().map(entry).collect(),
+            entries: entries.iter().map(displayed_entry).collect::<Result<_>>()?,
             next_page_token,
         }))
     }
@@ -430,37 +481,42 @@ impl Audit for AuditService {
             Ok(entries) => entries,
             Err(e) => return Err(self.refused(&caller, RPC, request_id, hash, e.into()).await),
         };
-        // Fail closed: who read a citizen's history is itself on the record,
-        // and the history leaves only once that entry is durable.
-        let event = Self::read_event(&caller, RPC, request_id, hash, None);
-        self.broker.audit.append(event).await.map_err(BrokerError::from)?;
-        let accesses = entries
+        // What the citizen is shown is what the tree hashes: an entry put in
+        // this history by an altered subject column, or shown through altered
+        // columns, refuses the whole page rather than mislead.
+        let accesses = match entries
             .iter()
             .map(|e| {
-                let fields = serde_json::from_str::<AuditEvent>(&e.leaf)
-                    .map(|ev| ev.fields_released)
-                    .unwrap_or_default();
-                pb::SubjectAccess {
-                    time: Some(ts(e.time)),
-                    consumer: e.actor.clone(),
+                let ev = checked_event(e)?;
+                Ok(pb::SubjectAccess {
+                    time: Some(ts(ev.time)),
                     consumer_name: caller
                         .snapshot
-                        .member(&e.actor)
+                        .member(&ev.actor)
                         .map(|m| m.display_name.clone())
                         .unwrap_or_default(),
-                    provider: e.provider.clone(),
-                    record_type: e.record_type.clone(),
-                    purpose: e.purpose.clone(),
-                    fields_released: fields,
-                    outcome: outcome_to_pb(e.outcome) as i32,
+                    consumer: ev.actor,
+                    provider: ev.provider,
+                    record_type: ev.record_type,
+                    purpose: ev.purpose,
+                    fields_released: ev.fields_released,
+                    outcome: outcome_to_pb(ev.outcome) as i32,
                     receipt: Some(pb::Receipt {
                         log_id: e.log_id.clone(),
                         sequence: e.sequence,
                         leaf_hash: e.leaf_hash.to_vec(),
                     }),
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(accesses) => accesses,
+            Err(e) => return Err(self.refused(&caller, RPC, request_id, hash, e).await),
+        };
+        // Fail closed: who read a citizen's history is itself on the record,
+        // and the history leaves only once that entry is durable.
+        let event = Self::read_event(&caller, RPC, request_id, hash, None);
+        self.broker.audit.append(event).await.map_err(BrokerError::from)?;
         let next_page_token = match entries.last() {
             Some(last) if entries.len() as u32 == limit => history_token(&HistoryCursor::after(last)),
             _ => String::new(),
@@ -668,6 +724,77 @@ mod tests {
             got.push(item.map(|e| e.sequence));
         }
         got
+    }
+
+    /// Entry 16 of LOG as the writer stores it: columns from its leaf.
+    fn intact() -> StoredEntry {
+        let time = OffsetDateTime::from_unix_timestamp_nanos(1_750_000_000_123_456_789).unwrap();
+        let mut ev = AuditEvent::new(EntryKind::Access, time);
+        ev.actor = "tax-office".into();
+        ev.provider = "civil-status".into();
+        ev.record_type = "vn.civil.birth".into();
+        ev.purpose = "tax".into();
+        ev.subject_hash = "ab".repeat(32);
+        ev.fields_released = vec!["/name".into()];
+        ev.request_id = "req-16".into();
+        let leaf = ev.to_leaf().unwrap();
+        StoredEntry {
+            log_id: LOG.into(),
+            sequence: 16,
+            leaf_hash: lienthong_audit::merkle::leaf_hash(leaf.as_bytes()),
+            leaf,
+            time: OffsetDateTime::from_unix_timestamp_nanos(1_750_000_000_123_456_000).unwrap(),
+            kind: ev.kind,
+            actor: ev.actor,
+            provider: ev.provider,
+            record_type: ev.record_type,
+            purpose: ev.purpose,
+            outcome: ev.outcome,
+            subject_hash: ev.subject_hash,
+        }
+    }
+
+    /// What a query shows is the leaf the tree hashes, and an entry whose
+    /// columns (which the filters and citizens' histories read) are not its
+    /// leaf's is DATA_LOSS naming it, never shown as the columns say.
+    #[test]
+    fn shown_entries_are_their_leaves_and_altered_ones_are_data_loss() {
+        let shown = displayed_entry(&intact()).unwrap();
+        assert_eq!(
+            (
+                shown.actor.as_str(),
+                shown.request_id.as_str(),
+                shown.fields_released.len()
+            ),
+            ("tax-office", "req-16", 1)
+        );
+        assert_eq!(shown.time.unwrap().nanos, 123_456_789, "the leaf's own time");
+
+        let alterations: [fn(&mut StoredEntry); 3] = [
+            |e| e.actor = "nobody".into(),
+            |e| e.subject_hash = "00".repeat(32),
+            |e| e.leaf = e.leaf.replace("tax-office", "tax-0ffice"),
+        ];
+        for alter in alterations {
+            let mut altered = intact();
+            alter(&mut altered);
+            let status = Status::from(displayed_entry(&altered).unwrap_err());
+            assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+            assert!(
+                status.message().contains(&format!("log {LOG}: entry 16 ")),
+                "{status:?}"
+            );
+            assert!(status.message().contains("audit verify"), "{status:?}");
+        }
+        let mut altered = intact();
+        altered.actor = "nobody".into();
+        let status = Status::from(displayed_entry(&altered).unwrap_err());
+        assert!(
+            status
+                .message()
+                .contains("actor is \"nobody\" but its leaf says \"tax-office\""),
+            "{status:?}"
+        );
     }
 
     #[tokio::test]

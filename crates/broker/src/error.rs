@@ -51,6 +51,10 @@ pub enum BrokerError {
     /// The provider answered something that violates its registered schema.
     #[error("{0}")]
     InvalidProviderRecord(String),
+    /// Stored data is not what was written (an audit entry whose columns
+    /// are not its leaf's): nothing built on it is served.
+    #[error("{0}")]
+    DataLoss(String),
     /// A bug or an unexpected state; details are logged, not returned.
     #[error("{0}")]
     Internal(String),
@@ -84,7 +88,7 @@ impl BrokerError {
             BrokerError::Unavailable(_) => Code::Unavailable,
             BrokerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             // Distinct from every consumer-side error: the register is at fault.
-            BrokerError::InvalidProviderRecord(_) => Code::DataLoss,
+            BrokerError::InvalidProviderRecord(_) | BrokerError::DataLoss(_) => Code::DataLoss,
             // Not UNAVAILABLE: a client would retry a change already made.
             BrokerError::Internal(_) | BrokerError::AppliedNotAudited(_) | BrokerError::AppliedNotLoaded(_) => {
                 Code::Internal

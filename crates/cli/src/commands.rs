@@ -1415,12 +1415,19 @@ async fn verify_online_log(
     };
     let short_id = log.log_id.get(..12).unwrap_or(&log.log_id);
     let mut fetched = 0u64;
+    // The first entry whose served fields are not its leaf's. Reported only
+    // if the leaves verify: a leaf rewritten under its columns shows as such
+    // a difference too, and is better named by what the leaves prove.
+    let mut misdisplayed: Option<(u64, String)> = None;
     loop {
         let item = match stream.message().await {
             Ok(Some(e)) => {
                 fetched += 1;
                 if fetched.is_multiple_of(50_000) {
                     eprint!("\rlog {short_id}: fetched {fetched} entries");
+                }
+                if misdisplayed.is_none() {
+                    misdisplayed = served_fields_mismatch(&e).map(|why| (e.sequence, why));
                 }
                 Ok(ExportLine {
                     log_id: e.log_id,
@@ -1443,7 +1450,98 @@ async fn verify_online_log(
         eprintln!();
     }
     let (verified, mirror) = verifier.await.context("the verifier stopped unexpectedly")?;
-    Ok(Some((verified?, mirror)))
+    let report = verified?;
+    if let Some((sequence, why)) = misdisplayed {
+        bail!(
+            "entry {sequence} is shown differently from what was logged: {why}. Its leaf is intact, but the \
+             database's columns that queries and citizens' histories read were altered"
+        );
+    }
+    Ok(Some((report, mirror)))
+}
+
+/// Longest served value a finding quotes: it holds what whoever altered the
+/// database wrote.
+const QUOTED_CHARS: usize = 80;
+
+fn quoted(value: &str) -> String {
+    match value.char_indices().nth(QUOTED_CHARS) {
+        Some((cut, _)) => format!("{:?}...", &value[..cut]),
+        None => format!("{value:?}"),
+    }
+}
+
+/// How the fields the broker served beside an entry's leaf differ from the
+/// leaf, which is what the tree hashes and what was logged; `None` when they
+/// agree. The broker exports its indexed columns as stored: one that differs
+/// was altered in the database, and queries and citizens' histories read it.
+fn served_fields_mismatch(e: &pb::AuditEntry) -> Option<String> {
+    let Ok(ev) = serde_json::from_str::<lienthong_core::audit::AuditEvent>(&e.leaf_json) else {
+        return Some("its leaf is not an audit event".into());
+    };
+    let mut differ = Vec::new();
+    let mut compare = |field: &str, served: &str, leaf: &str| {
+        if served != leaf {
+            differ.push(format!(
+                "{field} is {} but its leaf says {}",
+                quoted(served),
+                quoted(leaf)
+            ));
+        }
+    };
+    let kind = |n: i32| pb::EntryKind::try_from(n).map_or_else(|_| n.to_string(), |k| k.as_str_name().to_string());
+    let leaf_kind = match ev.kind {
+        lienthong_core::audit::EntryKind::Access => pb::EntryKind::Access,
+        lienthong_core::audit::EntryKind::Authentication => pb::EntryKind::Authentication,
+        lienthong_core::audit::EntryKind::Admin => pb::EntryKind::Admin,
+        lienthong_core::audit::EntryKind::AuditRead => pb::EntryKind::AuditRead,
+    };
+    compare("kind", &kind(e.kind), &kind(leaf_kind as i32));
+    let leaf_outcome = match ev.outcome {
+        lienthong_core::audit::Outcome::Allowed => pb::Outcome::Allowed,
+        lienthong_core::audit::Outcome::Denied => pb::Outcome::Denied,
+        lienthong_core::audit::Outcome::Failed => pb::Outcome::Failed,
+        lienthong_core::audit::Outcome::Invalid => pb::Outcome::Invalid,
+    };
+    compare("outcome", &outcome_name(e.outcome), &outcome_name(leaf_outcome as i32));
+    compare("actor", &e.actor, &ev.actor);
+    compare("provider", &e.provider, &ev.provider);
+    compare("record_type", &e.record_type, &ev.record_type);
+    compare("purpose", &e.purpose, &ev.purpose);
+    // Stored as bytes, served in lower case.
+    if !e.subject_hash.eq_ignore_ascii_case(&ev.subject_hash) {
+        compare("subject_hash", &e.subject_hash, &ev.subject_hash);
+    }
+    compare("request_id", &e.request_id, &ev.request_id);
+    compare("trace_id", &e.trace_id, &ev.trace_id);
+    compare("reason", &e.reason, &ev.reason);
+    compare("payload_digest", &e.payload_digest, &ev.payload_digest);
+    compare("action", &e.action, &ev.action);
+    compare("target", &e.target, &ev.target);
+    compare(
+        "schema_version",
+        &e.schema_version.to_string(),
+        &ev.schema_version.to_string(),
+    );
+    compare("latency_us", &e.latency_us.to_string(), &ev.latency_us.to_string());
+    compare(
+        "fields_released",
+        &e.fields_released.join(","),
+        &ev.fields_released.join(","),
+    );
+    // The time column keeps microseconds, rounded down.
+    let served = e
+        .time
+        .as_ref()
+        .map(|t| i128::from(t.seconds) * 1_000_000 + i128::from(t.nanos).div_euclid(1_000));
+    let leaf_time = ev.time.unix_timestamp_nanos().div_euclid(1_000);
+    if served != Some(leaf_time) {
+        differ.push(format!(
+            "time is {} µs but its leaf says {leaf_time} µs",
+            served.map_or_else(|| "missing".to_string(), |t| t.to_string())
+        ));
+    }
+    (!differ.is_empty()).then(|| differ.join("; "))
 }
 
 /// Why the export broke off at entry `from`. An export reads a page of
