@@ -517,6 +517,41 @@ async fn proofs_and_pages_past_the_log_get_codes_a_client_can_act_on() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 
+    // A filter on an outcome or kind this version does not know.
+    for filter in [
+        pb::EntryFilter {
+            outcome: 9,
+            ..Default::default()
+        },
+        pb::EntryFilter {
+            kind: 9,
+            ..Default::default()
+        },
+    ] {
+        let field = if filter.outcome != 0 {
+            "filter.outcome 9"
+        } else {
+            "filter.kind 9"
+        };
+        let err = audit
+            .query_entries(pb::QueryEntriesRequest {
+                filter: Some(filter.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{err:?}");
+        let err = audit
+            .export_entries(pb::ExportEntriesRequest {
+                filter: Some(filter),
+                from_sequence: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+
     // Pages: a token never returned is refused; a start past any log's end
     // streams nothing.
     for token in ["9223372036854775808", "18446744073709551615", "x"] {

@@ -104,24 +104,40 @@ fn outcome_to_pb(o: Outcome) -> pb::Outcome {
     }
 }
 
-fn outcome_from_pb(n: i32) -> Option<Outcome> {
-    match pb::Outcome::try_from(n).ok()? {
-        pb::Outcome::Unspecified => None,
-        pb::Outcome::Allowed => Some(Outcome::Allowed),
-        pb::Outcome::Denied => Some(Outcome::Denied),
-        pb::Outcome::Failed => Some(Outcome::Failed),
-        pb::Outcome::Invalid => Some(Outcome::Invalid),
-    }
+/// The outcome a filter asks for; `None` for any. A value this version does
+/// not know is refused: dropping the filter would answer with every entry.
+fn outcome_from_pb(n: i32) -> Result<Option<Outcome>> {
+    Ok(match pb::Outcome::try_from(n) {
+        Ok(pb::Outcome::Unspecified) => None,
+        Ok(pb::Outcome::Allowed) => Some(Outcome::Allowed),
+        Ok(pb::Outcome::Denied) => Some(Outcome::Denied),
+        Ok(pb::Outcome::Failed) => Some(Outcome::Failed),
+        Ok(pb::Outcome::Invalid) => Some(Outcome::Invalid),
+        Err(_) => {
+            return Err(BrokerError::InvalidArgument(format!(
+                "filter.outcome {n} is not an outcome: use OUTCOME_ALLOWED (1), OUTCOME_DENIED (2), \
+                 OUTCOME_FAILED (3) or OUTCOME_INVALID (4), or leave it 0 for any"
+            )));
+        }
+    })
 }
 
-fn kind_from_pb(n: i32) -> Option<EntryKind> {
-    match pb::EntryKind::try_from(n).ok()? {
-        pb::EntryKind::Unspecified => None,
-        pb::EntryKind::Access => Some(EntryKind::Access),
-        pb::EntryKind::Authentication => Some(EntryKind::Authentication),
-        pb::EntryKind::Admin => Some(EntryKind::Admin),
-        pb::EntryKind::AuditRead => Some(EntryKind::AuditRead),
-    }
+/// The kind a filter asks for; `None` for any. A value this version does not
+/// know is refused, as for [`outcome_from_pb`].
+fn kind_from_pb(n: i32) -> Result<Option<EntryKind>> {
+    Ok(match pb::EntryKind::try_from(n) {
+        Ok(pb::EntryKind::Unspecified) => None,
+        Ok(pb::EntryKind::Access) => Some(EntryKind::Access),
+        Ok(pb::EntryKind::Authentication) => Some(EntryKind::Authentication),
+        Ok(pb::EntryKind::Admin) => Some(EntryKind::Admin),
+        Ok(pb::EntryKind::AuditRead) => Some(EntryKind::AuditRead),
+        Err(_) => {
+            return Err(BrokerError::InvalidArgument(format!(
+                "filter.kind {n} is not an entry kind: use ENTRY_KIND_ACCESS (1), ENTRY_KIND_AUTHENTICATION (2), \
+                 ENTRY_KIND_ADMIN (3) or ENTRY_KIND_AUDIT_READ (4), or leave it 0 for any"
+            )));
+        }
+    })
 }
 
 /// Stored entry to wire as exported: the leaf byte for byte, for auditors to
@@ -290,8 +306,8 @@ impl Broker {
             provider: opt(f.provider),
             record_type: opt(f.record_type),
             purpose: opt(f.purpose),
-            outcome: outcome_from_pb(f.outcome),
-            kind: kind_from_pb(f.kind),
+            outcome: outcome_from_pb(f.outcome)?,
+            kind: kind_from_pb(f.kind)?,
             since: time(f.since, "since")?,
             until: time(f.until, "until")?,
             from_sequence: 0,
@@ -724,6 +740,25 @@ mod tests {
             got.push(item.map(|e| e.sequence));
         }
         got
+    }
+
+    /// A filter on an outcome or kind this version does not know is refused
+    /// naming the field and the value, not dropped (which would answer with
+    /// every entry).
+    #[test]
+    fn unknown_outcome_and_kind_filters_are_invalid_arguments() {
+        assert_eq!(outcome_from_pb(0).unwrap(), None);
+        assert_eq!(outcome_from_pb(2).unwrap(), Some(Outcome::Denied));
+        assert_eq!(kind_from_pb(0).unwrap(), None);
+        assert_eq!(kind_from_pb(4).unwrap(), Some(EntryKind::AuditRead));
+        for (status, needle) in [
+            (Status::from(outcome_from_pb(7).unwrap_err()), "filter.outcome 7 "),
+            (Status::from(outcome_from_pb(-1).unwrap_err()), "filter.outcome -1 "),
+            (Status::from(kind_from_pb(5).unwrap_err()), "filter.kind 5 "),
+        ] {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(needle), "{status:?}");
+        }
     }
 
     /// Entry 16 of LOG as the writer stores it: columns from its leaf.
