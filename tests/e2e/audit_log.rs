@@ -1064,3 +1064,43 @@ async fn altered_columns_are_never_shown_and_verify_names_the_entry() {
     pool.close().await;
     fed.shutdown().await.unwrap();
 }
+
+/// Another log's key, as every log's, comes as a PEM to pin: never an empty
+/// file written with success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_of_another_log_is_a_pem_to_pin() {
+    let retired = RetiredLog::start().await;
+    let env = auditor_env(&retired.fed, &retired.process);
+    for log in [&retired.old, &retired.new] {
+        let (ok, pem) = run_with(&["audit", "key", "--log", log], &env);
+        assert!(ok, "{pem}");
+        let key = lienthong_audit::keys::parse_public_key(&pem).unwrap_or_else(|e| panic!("{e}: {pem:?}"));
+        assert_eq!(&lienthong_audit::keys::log_id_of(&key), log);
+    }
+    let files = lienthong_cli::client::member_files(&retired.fed.certs, STATE_AUDIT);
+    let auditor = lienthong_cli::client::connect(&retired.process.url, &files)
+        .await
+        .unwrap();
+    let listed = auditor
+        .audit()
+        .list_logs(pb::ListLogsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .logs;
+    assert_eq!(listed.len(), 2);
+    for log in listed {
+        let key = lienthong_audit::keys::parse_public_key(&log.public_key_pem).unwrap();
+        assert_eq!(key.to_vec(), log.public_key, "{}", log.log_id);
+        let served = auditor
+            .audit()
+            .get_public_key(pb::GetPublicKeyRequest {
+                log_id: log.log_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(served.public_key_pem, log.public_key_pem);
+    }
+    retired.shutdown().await;
+}

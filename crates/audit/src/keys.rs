@@ -203,6 +203,21 @@ pub fn log_id_of(public_key: &[u8; 32]) -> String {
     hex::encode(Sha256::digest(public_key))
 }
 
+/// The SPKI PEM of a raw Ed25519 public key (as the database keeps every
+/// log's); `InvalidArgument` when the bytes are not one.
+pub fn public_key_pem_of(public_key: &[u8]) -> Result<String, AuditError> {
+    let raw: [u8; 32] = public_key.try_into().map_err(|_| {
+        AuditError::InvalidArgument(format!(
+            "a public key of {} bytes is not an ed25519 key (32 bytes)",
+            public_key.len()
+        ))
+    })?;
+    VerifyingKey::from_bytes(&raw)
+        .map_err(|_| AuditError::InvalidArgument("public key is not a valid ed25519 point".into()))?
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| AuditError::InvalidArgument(format!("cannot encode the public key: {e}")))
+}
+
 /// Reads an auditor's copy of the public key: SPKI PEM, or 64 hex digits.
 pub fn parse_public_key(text: &str) -> Result<[u8; 32], AuditError> {
     let trimmed = text.trim();
@@ -474,6 +489,8 @@ mod tests {
             parse_public_key(&hex::encode(keys.public_key())).unwrap(),
             keys.public_key()
         );
+        assert_eq!(public_key_pem_of(&keys.public_key()).unwrap(), keys.public_key_pem());
+        assert!(public_key_pem_of(&[7; 31]).is_err());
         assert!(parse_public_key("abcd").is_err());
         assert!(parse_public_key("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----").is_err());
     }

@@ -648,10 +648,16 @@ impl Audit for AuditService {
             .into_iter()
             .find(|l| l.log_id == log_id)
             .ok_or_else(|| BrokerError::NotFound(format!("log {log_id} is not in this federation's database")))?;
+        let public_key_pem = lienthong_audit::keys::public_key_pem_of(&log.public_key).map_err(|e| {
+            BrokerError::DataLoss(format!(
+                "log {log_id}'s public key in the database is unusable ({e}): the database was altered; \
+                 take the key from the log's broker instead (`lienthong audit key` against it)"
+            ))
+        })?;
         Ok(Response::new(pb::LogPublicKey {
             log_id: log.log_id,
             public_key: log.public_key,
-            public_key_pem: String::new(),
+            public_key_pem,
         }))
     }
 
@@ -665,9 +671,11 @@ impl Audit for AuditService {
             logs: logs
                 .into_iter()
                 .map(|l| pb::LogPublicKey {
+                    // Empty for a key that is not one: the list still names
+                    // every log, and `audit verify` fails that one saying why.
+                    public_key_pem: lienthong_audit::keys::public_key_pem_of(&l.public_key).unwrap_or_default(),
                     log_id: l.log_id,
                     public_key: l.public_key,
-                    public_key_pem: String::new(),
                 })
                 .collect(),
         }))

@@ -1018,14 +1018,31 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                     k.log_id
                 );
             }
+            // What is printed is what an auditor pins: never nothing, and
+            // never a PEM of another key than the one checked above. A
+            // broker that sends none (before it did for every log) gets
+            // one made from that key.
+            let pem = if k.public_key_pem.trim().is_empty() {
+                lienthong_audit::keys::public_key_pem_of(&key).map_err(|e| {
+                    anyhow::anyhow!("the broker gave for log {} a key that cannot be pinned: {e}", k.log_id)
+                })?
+            } else {
+                match lienthong_audit::keys::parse_public_key(&k.public_key_pem) {
+                    Ok(parsed) if parsed == key => k.public_key_pem,
+                    _ => bail!(
+                        "the broker gave for log {} a PEM that is not the log's key; do not pin it",
+                        k.log_id
+                    ),
+                }
+            };
             if json {
                 print_json(&serde_json::json!({
                     "log_id": k.log_id,
                     "public_key_hex": hex::encode(&k.public_key),
-                    "public_key_pem": k.public_key_pem,
+                    "public_key_pem": pem,
                 }));
             } else {
-                print!("{}", k.public_key_pem);
+                print!("{pem}");
             }
         }
         AuditCmd::Verify(v) => verify_online(&mut c, &v).await?,
