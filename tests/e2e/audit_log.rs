@@ -805,6 +805,31 @@ async fn verify_of_a_log_not_in_the_database_is_an_error() {
         !ok && out.contains(&format!("log {unknown} is not in this federation's database")),
         "{out}"
     );
+    // Nor is its export or a query of it an empty success.
+    let export = dir.path().join("unknown.jsonl");
+    let (ok, out) = cli_as(
+        &fed,
+        STATE_AUDIT,
+        &["audit", "export", "--log", &unknown, "--out", export.to_str().unwrap()],
+    )
+    .await;
+    assert!(!ok && out.contains(&format!("log {unknown} not found")), "{out}");
+    assert!(!export.exists(), "no empty export is left behind");
+    let (ok, out) = cli_as(&fed, STATE_AUDIT, &["audit", "query", "--log", &unknown]).await;
+    assert!(!ok && out.contains(&format!("log {unknown} not found")), "{out}");
+    let err = client(&fed, STATE_AUDIT)
+        .await
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(pb::EntryFilter {
+                log_id: unknown.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     // The broker signs its first head within its sign interval of starting.
     let mut out = String::new();
     let verified = eventually(Duration::from_secs(10), async || {

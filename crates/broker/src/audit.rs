@@ -437,6 +437,9 @@ impl Audit for AuditService {
         // a start beyond it is past the end, and streams nothing.
         q.from_sequence = r.from_sequence.min(i64::MAX as u64);
         q.limit = 1000;
+        // An unknown log is NOT_FOUND before anything streams, as its tree
+        // heads and proofs are: not an empty export that looks like success.
+        self.broker.store.log_size(&q.log_id).await.map_err(BrokerError::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(export_pages(self.broker.store.clone(), q, deadline, tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

@@ -965,10 +965,13 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            // The first entry (or the refusal) before the file: a log that
+            // cannot be exported leaves no empty export behind.
+            let mut next = stream.message().await.map_err(status_error)?;
             let file = std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
             let mut w = std::io::BufWriter::new(file);
             let mut n = 0u64;
-            while let Some(e) = stream.message().await.map_err(status_error)? {
+            while let Some(e) = next {
                 let line = ExportLine {
                     log_id: e.log_id,
                     sequence: e.sequence,
@@ -981,6 +984,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 if n.is_multiple_of(10_000) {
                     eprint!("\rexported {n} entries");
                 }
+                next = stream.message().await.map_err(status_error)?;
             }
             w.flush()?;
             eprintln!("\rexported {n} entries to {}", out.display());

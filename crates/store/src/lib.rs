@@ -326,7 +326,8 @@ pub trait Store: Send + Sync + 'static {
     /// log lacks any of them. The rows are held in memory: read a large log a
     /// few thousand entries at a time.
     async fn entries_in_range(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<StoredEntry>>;
-    /// Entries matching a query, in sequence order.
+    /// Entries matching a query, in sequence order; `NotFound` for a log the
+    /// database does not hold.
     async fn query_entries(&self, query: &EntryQuery) -> Result<Vec<StoredEntry>>;
     /// Access entries of one subject across all logs (its records looked up,
     /// not reads of its history), newest first (then by log id, then newest

@@ -1434,7 +1434,9 @@ impl Store for SqlStore {
         let from = to_i64(q.from_sequence, "sequence")?;
         let limit = if q.limit == 0 { NO_LIMIT } else { i64::from(q.limit) };
         let Some(log_no) = self.log_no(&q.log_id).await? else {
-            return Ok(Vec::new());
+            return Err(StoreError::NotFound {
+                what: format!("log {}", q.log_id),
+            });
         };
         let rows = on_pool!(self, p => {
             let mut qb = entry_query(q, log_no, from, limit);

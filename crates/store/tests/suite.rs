@@ -899,6 +899,18 @@ async fn check_query_entries(store: Arc<dyn Store>) {
         .await,
         [0, 1, 2]
     );
+    // A log not in the database is not an empty one: an export of it must
+    // not look like a log with nothing in it.
+    match store
+        .query_entries(&EntryQuery {
+            log_id: "log-unknown".into(),
+            ..Default::default()
+        })
+        .await
+    {
+        Err(StoreError::NotFound { what }) => assert_eq!(what, "log log-unknown"),
+        other => panic!("an unknown log: {other:?}"),
+    }
 }
 
 /// The first broker's subject-secret fingerprint is the federation's; a
