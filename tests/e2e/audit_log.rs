@@ -870,6 +870,42 @@ async fn online_verify_says_what_no_signature_covers_yet() {
         )),
         "{out}"
     );
+    // No proof against the size the log has but no head signed: no root
+    // anyone holds could check it.
+    let files = lienthong_cli::client::member_files(&fed.certs, STATE_AUDIT);
+    let auditor = lienthong_cli::client::connect(&process.url, &files).await.unwrap();
+    let err = auditor
+        .audit()
+        .get_inclusion_proof(pb::GetInclusionProofRequest {
+            sequence: 0,
+            tree_size: signed + 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains(&format!("covers {signed} entries")), "{err:?}");
+    let err = auditor
+        .audit()
+        .get_consistency_proof(pb::GetConsistencyProofRequest {
+            first: 1,
+            second: signed + 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        auditor
+            .audit()
+            .get_inclusion_proof(pb::GetInclusionProofRequest {
+                sequence: 0,
+                tree_size: signed,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+    );
     assert_eq!(process.terminate().code(), Some(0));
     fed.shutdown_registers().await;
 }

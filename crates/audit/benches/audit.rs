@@ -117,6 +117,8 @@ fn served(c: &mut Criterion) {
             log.append_many((next..to).map(event).collect()).await.unwrap();
             next = to;
         }
+        // Proofs are served up to the newest signed head.
+        log.sign_now().await.unwrap();
         (store, log)
     });
     let log_id = log.log_id().to_owned();

@@ -617,7 +617,8 @@ impl AuditLog {
     }
 
     /// Leaf hash of entry `sequence` and its audit path in the tree of the
-    /// first `tree_size` entries of `log_id`.
+    /// first `tree_size` entries of `log_id`; `OutOfRange` past the newest
+    /// signed head of that log.
     ///
     /// Reads O(log n) stored tree nodes and the leaf hashes of one or two
     /// blocks of 256 entries, whatever the size of the log.
@@ -632,7 +633,7 @@ impl AuditLog {
                 "sequence {sequence} is not inside a tree of size {tree_size}"
             )));
         }
-        self.require_size(log_id, tree_size).await?;
+        self.require_signed(log_id, tree_size).await?;
         let ranges = merkle::inclusion_ranges(sequence, tree_size);
         let mut hashes = SubtreeHashes::new(self.store.as_ref(), log_id, tree_size);
         let leaf = hashes.leaf(sequence).await?;
@@ -641,32 +642,47 @@ impl AuditLog {
     }
 
     /// Consistency proof between the trees of the first `first` and `second`
-    /// entries of `log_id`.
+    /// entries of `log_id`; `OutOfRange` past the newest signed head of that
+    /// log.
     pub async fn consistency_proof(&self, log_id: &str, first: u64, second: u64) -> Result<Vec<Hash>, AuditError> {
         if first > second {
             return Err(AuditError::InvalidArgument(format!(
                 "first tree size {first} is larger than second tree size {second}"
             )));
         }
-        self.require_size(log_id, second).await?;
+        self.require_signed(log_id, second).await?;
         let ranges = merkle::consistency_ranges(first, second);
         SubtreeHashes::new(self.store.as_ref(), log_id, second)
             .prove(ranges)
             .await
     }
 
-    async fn require_size(&self, log_id: &str, tree_size: u64) -> Result<(), AuditError> {
-        let available = if log_id == self.log_id {
-            self.size()
+    /// Refuses a tree size no signed head of `log_id` reaches: no one can
+    /// hold a signed root to check a proof for it against, and entries past
+    /// the newest head are not vouched for yet.
+    async fn require_signed(&self, log_id: &str, tree_size: u64) -> Result<(), AuditError> {
+        let signed = if log_id == self.log_id {
+            self.latest_signed().map(|h| h.tree_size)
         } else {
-            self.store.log_size(log_id).await.map_err(lookup_error)?
+            match self.store.latest_tree_head(log_id).await.map_err(lookup_error)? {
+                Some(head) => Some(head.tree_size),
+                None => {
+                    // An unknown log is not found, not merely unsigned.
+                    self.store.log_size(log_id).await.map_err(lookup_error)?;
+                    None
+                }
+            }
         };
-        if tree_size > available {
-            return Err(AuditError::OutOfRange(format!(
-                "log {log_id} has {available} entries, fewer than the tree size {tree_size} asked for"
-            )));
+        match signed {
+            Some(signed) if tree_size <= signed => Ok(()),
+            Some(signed) => Err(AuditError::OutOfRange(format!(
+                "the newest signed tree head of log {log_id} covers {signed} entries, fewer than the tree size \
+                 {tree_size} asked for; ask again after a head covering it is signed"
+            ))),
+            None => Err(AuditError::OutOfRange(format!(
+                "log {log_id} has no signed tree head yet; ask again after its first one is signed"
+            ))),
         }
-        Ok(())
     }
 
     /// Stops accepting entries (they fail with `ShuttingDown`), commits

@@ -390,15 +390,28 @@ async fn proofs_and_heads_validate_their_arguments() {
     for i in 0..6 {
         log.append(event(i)).await.unwrap();
     }
+    // No head signed yet: no root anyone holds could check a proof.
+    assert!(matches!(
+        log.inclusion_proof(&id, 0, 6).await,
+        Err(AuditError::OutOfRange(_))
+    ));
+    assert!(matches!(
+        log.consistency_proof(&id, 1, 6).await,
+        Err(AuditError::OutOfRange(_))
+    ));
+    assert_eq!(log.sign_now().await.unwrap().tree_size, 6);
+    log.append(event(6)).await.unwrap();
     assert!(matches!(
         log.inclusion_proof(&id, 6, 6).await,
         Err(AuditError::InvalidArgument(_))
     ));
-    // Past the log's end: may exist later, so not "not found".
-    assert!(matches!(
-        log.inclusion_proof(&id, 0, 7).await,
-        Err(AuditError::OutOfRange(_))
-    ));
+    // Past the newest signed head, though in the log, and past the log's
+    // end: may be signed later, so not "not found".
+    for size in [7, 8] {
+        let err = log.inclusion_proof(&id, 0, size).await.unwrap_err();
+        assert!(matches!(err, AuditError::OutOfRange(_)), "{err:?}");
+        assert!(err.to_string().contains("newest signed tree head"), "{err}");
+    }
     assert!(matches!(
         log.inclusion_proof("other", 0, 1).await,
         Err(AuditError::NotFound(_))
@@ -487,6 +500,7 @@ async fn the_writer_stores_tree_nodes_and_proofs_use_them() {
         let (from, to) = ((index << level) as usize, ((index + 1) << level) as usize);
         assert_eq!(*hash, merkle::root(&leaves[from..to]), "node {level}/{index}");
     }
+    log.sign_now().await.unwrap();
     assert_proofs_match_the_reference(&log, &leaves, &[1, 2, 256, 257, 1300, 4096, 5000, 5124]).await;
 
     // A stored node that was altered gives a proof that does not verify
