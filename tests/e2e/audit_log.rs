@@ -1045,6 +1045,42 @@ async fn an_export_older_than_its_head_says_to_fetch_the_head_first() {
     fed.shutdown().await.unwrap();
 }
 
+/// A line deleted from an export and the lines after it renumbered reads
+/// as a short export: the copy of the leaf hashes kept from an earlier run
+/// names the first entry that differs instead of calling it harmless.
+#[tokio::test]
+async fn a_line_deleted_and_renumbered_is_named_not_called_a_short_export() {
+    let (_dir, fed) = federation().await;
+    lookups(&fed, 6).await;
+    let (export, sth, key) = offline_files(&fed).await;
+    let state = fed.dir.join("state.json");
+    let (ok, out) = verify_offline(&export, &sth, &key, &state);
+    assert!(ok, "{out}");
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let victim = 4;
+    let mut edited = String::new();
+    for (i, mut line) in lines.into_iter().enumerate().filter(|(i, _)| *i != victim) {
+        line["sequence"] = (if i > victim { i - 1 } else { i }).into();
+        edited.push_str(&format!("{line}\n"));
+    }
+    std::fs::write(&export, edited).unwrap();
+    let (ok, out) = verify_offline(&export, &sth, &key, &state);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "entry {victim} differs from the copy verified on an earlier run"
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("fetch the head first"), "{out}");
+    fed.shutdown().await.unwrap();
+}
+
 /// Columns altered on a running broker (one access hidden from its
 /// citizen's history and its agency renamed; another access put into a
 /// second citizen's history): queries and histories refuse the altered

@@ -1170,12 +1170,17 @@ fn verify_log(
     });
     match verify_entries(lines, head, key, previous, proof) {
         Ok(report) => Ok(report),
-        // Roots only say that something before a size changed; the kept copy
-        // says which entry.
+        // Roots only say that something before a size changed, and a short
+        // export or a missing or misplaced line where the entries ran out
+        // or broke off: the kept copy says which entry changed before that
+        // (a line deleted and the rest renumbered reads as a truncation).
         Err(
             e @ (VerifyError::RootMismatch { .. }
             | VerifyError::RootMismatchSince { .. }
-            | VerifyError::Inconsistent { .. }),
+            | VerifyError::Inconsistent { .. }
+            | VerifyError::Truncated { .. }
+            | VerifyError::Gap { .. }
+            | VerifyError::OutOfOrder { .. }),
         ) => match mirror.first_difference {
             Some(n) => bail!(
                 "entry {n} differs from the copy verified on an earlier run: it was replaced, rewritten or moved ({e})"
