@@ -574,3 +574,29 @@ fn a_kept_running_demo_stops_cleanly_on_sigterm() {
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Two brokers on one data directory would write one audit log with one
+/// signing key: the second is refused at start, and starts once the first
+/// has stopped.
+#[tokio::test]
+async fn a_second_broker_on_the_same_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_after_certs_init(dir.path(), &[]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let first = lienthong_broker::server::start(config.clone(), Some(listener))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let Err(e) = lienthong_broker::server::start(config.clone(), Some(listener)).await else {
+        panic!("a second broker started on a data directory in use");
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("another broker is running with data directory") && text.contains("broker.lock"),
+        "{text}"
+    );
+    first.shutdown().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let again = lienthong_broker::server::start(config, Some(listener)).await.unwrap();
+    again.shutdown().await.unwrap();
+}

@@ -67,6 +67,41 @@ async fn a_replica_without_the_shared_subject_secret_refuses_to_start() {
     handle.shutdown().await.unwrap();
 }
 
+/// A data directory copied to a second host would have two brokers write one
+/// log with one key, each taking the other's entries for a lost commit of
+/// its own: the copy is refused at start, naming the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_on_a_copy_of_another_ones_data_directory_is_refused() {
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (_dir, fed, url) = pg_federation(&cluster, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker-data");
+    std::fs::create_dir_all(&data).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["audit-signing.key", "subject-hmac.key"] {
+        std::fs::copy(fed.dir.join("broker-data").join(file), data.join(file)).unwrap();
+        std::fs::set_permissions(data.join(file), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut opts = FederationOptions::new(dir.path());
+    opts.database_url = Some(url);
+    let (_, config) = write_config(&opts, &fed.certs, &data).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = lienthong_broker::start(config, Some(listener))
+        .await
+        .err()
+        .expect("a replica on a copy of another's data directory started");
+    let why = refused.to_string();
+    let log_id = fed.broker.broker.audit.log_id();
+    assert!(
+        why.contains("another broker is writing audit log") && why.contains(log_id),
+        "{why}"
+    );
+    look_up_birth(&client(&fed, JUDICIAL_OFFICE).await, &citizen_id(&fed, 2))
+        .await
+        .unwrap();
+    fed.shutdown().await.unwrap();
+}
+
 async fn as_member(url: &str, fed: &Federation, member: &str) -> Clients {
     connect(url, &member_files(&fed.certs, member)).await.unwrap()
 }

@@ -156,6 +156,34 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Locks `dir` for this process (`broker.lock`, released when the file is
+/// closed, at exit at the latest): two brokers on one data directory would
+/// write one audit log with one signing key, each taking the other's
+/// entries for its own.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = dir.join("broker.lock");
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).truncate(false).write(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options
+        .open(&path)
+        .map_err(io(format!("cannot open {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartError::Broker(BrokerError::FailedPrecondition(format!(
+            "another broker is running with data directory {} (it holds {}); stop it first, or give this one a \
+             data directory of its own",
+            dir.display(),
+            path.display()
+        )))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StartError::Io {
+            what: format!("cannot lock {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
 /// Refuses a certificate that does not name this broker in the configured
 /// trust domain. Registers accept only `spiffe://<trust_domain>/broker` and
 /// members are checked against `trust_domain`, so a mismatch would start a
@@ -220,6 +248,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     lienthong_tls::install_crypto_provider();
     let config = Arc::new(config);
     create_data_dir(&config.data_dir)?;
+    let data_dir_lock = lock_data_dir(&config.data_dir)?;
     let material = TlsMaterial::load(&TlsFiles {
         ca: config.tls.ca.clone(),
         cert: config.tls.cert.clone(),
@@ -235,6 +264,15 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     })
     .await?;
     let keys = LogKeys::load_or_create(&config.data_dir)?;
+    let Some(log_claim) = store.claim_log(&keys.log_id()).await? else {
+        return Err(StartError::Broker(BrokerError::FailedPrecondition(format!(
+            "another broker is writing audit log {} in this database: its data directory (audit-signing.key) \
+             was copied from, or is shared with, {}; every broker needs a data directory, and so a signing key, \
+             of its own",
+            keys.log_id(),
+            config.data_dir.display()
+        ))));
+    };
     check_subject_key(&store, &keys, &config.data_dir).await?;
     let audit = AuditLog::open(
         store.clone(),
@@ -393,6 +431,9 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     let task_broker = broker.clone();
     let join = tokio::spawn(async move {
+        // Held until the final tree head is signed: no other broker writes
+        // this log, or signs with this key, before then.
+        let _claims = (data_dir_lock, log_claim);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let signal = async move {
             let _ = rx.await;

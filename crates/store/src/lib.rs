@@ -72,6 +72,13 @@ pub enum StoreError {
 /// Result alias.
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A process's claim on an audit log (see [`Store::claim_log`]), released
+/// when dropped.
+pub struct LogClaim {
+    /// The PostgreSQL connection holding the lock; closing it releases it.
+    pub(crate) _held: Option<Box<dyn std::any::Any + Send>>,
+}
+
 /// Which backend a store runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -289,6 +296,17 @@ pub trait Store: Send + Sync + 'static {
     /// (re)connection so a notification missed during an outage is caught up);
     /// on SQLite by this process. A receiver may see a value it already knows.
     fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<u64>;
+
+    /// Claims the audit log `log_id` for this process, for as long as the
+    /// claim lives; `None` when another process holds it (its data directory,
+    /// and so its signing key, was copied or is shared). On PostgreSQL a
+    /// session advisory lock on a connection of its own; on SQLite, whose
+    /// database sits in the broker's data directory, the directory's own lock
+    /// does it, and this always succeeds (as it does for stores that hold
+    /// nothing other processes share).
+    async fn claim_log(&self, _log_id: &str) -> Result<Option<LogClaim>> {
+        Ok(Some(LogClaim { _held: None }))
+    }
 
     // === audit log ===
 

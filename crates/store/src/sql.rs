@@ -8,8 +8,8 @@ use crate::rows::{
 };
 use crate::subjects;
 use crate::{
-    Backend, EntryQuery, GrantQuery, GrantRevocation, HistoryCursor, LogInfo, RateTake, Result, Store, StoreError,
-    StoreOptions, StoredEntry, StoredTreeHead, TreeNode,
+    Backend, EntryQuery, GrantQuery, GrantRevocation, HistoryCursor, LogClaim, LogInfo, RateTake, Result, Store,
+    StoreError, StoreOptions, StoredEntry, StoredTreeHead, TreeNode,
 };
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -1146,6 +1146,23 @@ impl Store for SqlStore {
         self.changes.subscribe()
     }
 
+    async fn claim_log(&self, log_id: &str) -> Result<Option<LogClaim>> {
+        let Pool::Postgres(p) = &self.pool else {
+            return Ok(Some(LogClaim { _held: None }));
+        };
+        // Out of the pool for good: the lock lives as long as this session.
+        let mut conn = p.acquire().await.map_err(db_err)?.detach();
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(LOG_LOCK_CLASS)
+            .bind(log_lock_key(log_id))
+            .fetch_one(&mut conn)
+            .await
+            .map_err(db_err)?;
+        Ok(taken.then(|| LogClaim {
+            _held: Some(Box::new(conn)),
+        }))
+    }
+
     async fn ensure_log(&self, log: &LogInfo) -> Result<LogInfo> {
         // PostgreSQL numbers a log from a sequence; SQLite, whose writes are
         // serialized, from the largest number so far.
@@ -1705,6 +1722,20 @@ fn database_error(d: &dyn DatabaseError) -> StoreError {
         "28" | "3D" => StoreError::Config(format!("postgres {state}: {message}")),
         _ => StoreError::Corrupt(format!("postgres {state}: {message}")),
     }
+}
+
+/// The first key of the advisory locks claiming audit logs ("LTLG"); the
+/// two-key form does not meet the migrator's one-key lock.
+const LOG_LOCK_CLASS: i32 = 0x4c54_4c47;
+
+/// The second key of a log's advisory lock: FNV-1a of its id, folded to 32
+/// bits (two logs sharing one would only make the second broker's start
+/// refused, saying why).
+fn log_lock_key(log_id: &str) -> i32 {
+    let hash = log_id
+        .bytes()
+        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
 fn migrate_err(e: MigrateError) -> StoreError {
