@@ -529,53 +529,52 @@ fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaEr
 /// into `seen`: every `pattern` string and `patternProperties` key outside
 /// the keywords whose values are data.
 fn pattern_past_limit(value: &Value, pointer: &mut String, seen: &mut usize) -> Option<String> {
-    fn count(pointer: &str, seen: &mut usize) -> Option<String> {
+    let mut count = |at: String| {
         *seen += 1;
-        (*seen > MAX_PATTERNS).then(|| pointer.to_owned())
-    }
+        (*seen > MAX_PATTERNS).then_some(at)
+    };
+    first_in_schema(value, pointer, &mut |key, sub, at| {
+        if key == "pattern" && sub.is_string() {
+            return count(at.to_owned());
+        }
+        if key == "patternProperties" {
+            for name in sub.as_object().into_iter().flat_map(|p| p.keys()) {
+                let mut named = at.to_owned();
+                push_segment(&mut named, name);
+                if let Some(found) = count(named) {
+                    return Some(found);
+                }
+            }
+        }
+        None
+    })
+}
+
+/// The first `Some` that `found` gives for a member of `value`, in document
+/// order, depth first: it sees each member's key, value and pointer, across
+/// every object and array of the schema but the keywords whose values are
+/// data.
+fn first_in_schema(
+    value: &Value,
+    pointer: &mut String,
+    found: &mut dyn FnMut(&str, &Value, &str) -> Option<String>,
+) -> Option<String> {
+    let mut visit = |segment: &str, sub: &Value, pointer: &mut String| {
+        let len = pointer.len();
+        push_segment(pointer, segment);
+        let hit = found(segment, sub, pointer).or_else(|| first_in_schema(sub, pointer, found));
+        pointer.truncate(len);
+        hit
+    };
     match value {
-        Value::Object(map) => {
-            for (key, sub) in map {
-                if DATA_KEYWORDS.contains(&key.as_str()) {
-                    continue;
-                }
-                let len = pointer.len();
-                push_segment(pointer, key);
-                if key == "pattern" && sub.is_string() {
-                    if let Some(found) = count(pointer, seen) {
-                        return Some(found);
-                    }
-                } else if key == "patternProperties"
-                    && let Some(patterns) = sub.as_object()
-                {
-                    for name in patterns.keys() {
-                        let len = pointer.len();
-                        push_segment(pointer, name);
-                        if let Some(found) = count(pointer, seen) {
-                            return Some(found);
-                        }
-                        pointer.truncate(len);
-                    }
-                }
-                if let Some(found) = pattern_past_limit(sub, pointer, seen) {
-                    return Some(found);
-                }
-                pointer.truncate(len);
-            }
-            None
-        }
-        Value::Array(items) => {
-            for (i, sub) in items.iter().enumerate() {
-                let len = pointer.len();
-                pointer.push('/');
-                pointer.push_str(&i.to_string());
-                if let Some(found) = pattern_past_limit(sub, pointer, seen) {
-                    return Some(found);
-                }
-                pointer.truncate(len);
-            }
-            None
-        }
+        Value::Object(map) => map
+            .iter()
+            .filter(|(key, _)| !DATA_KEYWORDS.contains(&key.as_str()))
+            .find_map(|(key, sub)| visit(key, sub, pointer)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, sub)| visit(&i.to_string(), sub, pointer)),
         _ => None,
     }
 }
@@ -617,38 +616,22 @@ const DATA_KEYWORDS: [&str; 4] = ["enum", "const", "examples", "default"];
 const REF_KEYWORDS: [&str; 3] = ["$ref", "$dynamicRef", "$recursiveRef"];
 
 fn find_remote_ref(which: &'static str, value: &Value, pointer: &mut String) -> Result<(), SchemaError> {
-    match value {
-        Value::Object(map) => {
-            for (key, sub) in map {
-                let len = pointer.len();
-                push_segment(pointer, key);
-                if REF_KEYWORDS.contains(&key.as_str()) {
-                    let remote = sub.as_str().filter(|r| !r.starts_with('#'));
-                    if let Some(reference) = remote {
-                        return Err(SchemaError::RemoteRef {
-                            schema: which,
-                            pointer: pointer.clone(),
-                            reference: truncate(reference.to_owned(), 200),
-                        });
-                    }
-                } else if !DATA_KEYWORDS.contains(&key.as_str()) {
-                    find_remote_ref(which, sub, pointer)?;
-                }
-                pointer.truncate(len);
-            }
-        }
-        Value::Array(items) => {
-            for (i, sub) in items.iter().enumerate() {
-                let len = pointer.len();
-                pointer.push('/');
-                pointer.push_str(&i.to_string());
-                find_remote_ref(which, sub, pointer)?;
-                pointer.truncate(len);
-            }
-        }
-        _ => {}
+    let mut reference = String::new();
+    let found = first_in_schema(value, pointer, &mut |key, sub, at| {
+        let remote = sub
+            .as_str()
+            .filter(|r| REF_KEYWORDS.contains(&key) && !r.starts_with('#'))?;
+        reference = truncate(remote.to_owned(), 200);
+        Some(at.to_owned())
+    });
+    match found {
+        None => Ok(()),
+        Some(pointer) => Err(SchemaError::RemoteRef {
+            schema: which,
+            pointer,
+            reference,
+        }),
     }
-    Ok(())
 }
 
 fn check_object_schema(which: &'static str, value: &Value) -> Result<(), SchemaError> {
@@ -838,41 +821,13 @@ fn pattern_problem(pattern: &str) -> String {
 
 /// Pointer of the first `$ref` to a JSON Pointer fragment absent from the document.
 fn find_unresolved_ref(root: &Value, value: &Value, pointer: &mut String) -> Option<String> {
-    match value {
-        Value::Object(map) => {
-            for (key, sub) in map {
-                let len = pointer.len();
-                push_segment(pointer, key);
-                let found = if key == "$ref" {
-                    sub.as_str()
-                        .filter(|r| r.starts_with("#/") && local_target(root, r).is_none())
-                        .map(|_| pointer.clone())
-                } else if DATA_KEYWORDS.contains(&key.as_str()) {
-                    None
-                } else {
-                    find_unresolved_ref(root, sub, pointer)
-                };
-                if found.is_some() {
-                    return found;
-                }
-                pointer.truncate(len);
-            }
-            None
-        }
-        Value::Array(items) => {
-            for (i, sub) in items.iter().enumerate() {
-                let len = pointer.len();
-                pointer.push('/');
-                pointer.push_str(&i.to_string());
-                if let Some(found) = find_unresolved_ref(root, sub, pointer) {
-                    return Some(found);
-                }
-                pointer.truncate(len);
-            }
-            None
-        }
-        _ => None,
-    }
+    first_in_schema(value, pointer, &mut |key, sub, at| {
+        (key == "$ref"
+            && sub
+                .as_str()
+                .is_some_and(|r| r.starts_with("#/") && local_target(root, r).is_none()))
+        .then(|| at.to_owned())
+    })
 }
 
 /// Resolves a local JSON Pointer reference (`#`, `#/...`) within `root`.
