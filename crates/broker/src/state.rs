@@ -184,12 +184,18 @@ impl Broker {
         let grants = self.store.list_grants(&Default::default()).await?;
         let versions = self.store.list_record_type_versions().await?;
         let endpoints = self.store.list_endpoints().await?;
-        let mut compiled_types = Vec::with_capacity(versions.len());
-        {
-            let mut cache = self
+        // Out of the mutex while versions compile: the caller holds
+        // `reload_lock`, so no other load touches the cache meanwhile.
+        let mut cache = std::mem::take(
+            &mut *self
                 .compiled
                 .lock()
-                .map_err(|_| BrokerError::Internal("validator cache poisoned".into()))?;
+                .map_err(|_| BrokerError::Internal("validator cache poisoned".into()))?,
+        );
+        // A new version's patterns may take long to compile: not on a
+        // thread that serves lookups.
+        let (compiled_types, live) = tokio::task::spawn_blocking(move || {
+            let mut compiled_types = Vec::with_capacity(versions.len());
             let mut live = HashMap::with_capacity(versions.len());
             for v in versions {
                 let key = (
@@ -214,6 +220,11 @@ impl Broker {
                 compiled_types.push(compiled.clone());
                 live.insert(key, compiled);
             }
+            (compiled_types, live)
+        })
+        .await
+        .map_err(|e| BrokerError::Internal(format!("compiling the stored schemas failed: {e}")))?;
+        if let Ok(mut cache) = self.compiled.lock() {
             *cache = live;
         }
         let snapshot = Snapshot::build(
