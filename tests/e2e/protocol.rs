@@ -322,3 +322,63 @@ async fn gzip_requests_are_served_and_other_encodings_and_broken_frames_are_refu
     assert!(reasons.iter().any(|r| r.contains("encoding")), "{reasons:?}");
     fed.shutdown().await.unwrap();
 }
+
+/// A call whose `grpc-timeout` is spent (or nearly) is answered
+/// `DEADLINE_EXCEEDED`, as the spec says, not tonic's `CANCELLED`
+/// ("Timeout expired"). Sent over plain HTTP/2: tonic's client would time
+/// the call out itself.
+#[tokio::test]
+async fn a_spent_grpc_timeout_is_deadline_exceeded() {
+    use prost::Message;
+    let (_dir, fed) = federation().await;
+    let subject = citizen_id(&fed, 6);
+    let material =
+        lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE)).unwrap();
+    let config = lienthong_tls::client_config(
+        &material,
+        Some((&fed.options.trust_domain, lienthong_tls::Identity::Broker)),
+    )
+    .unwrap();
+    let tls = lienthong_tls::Dialer::new(&fed.broker_url, config, std::time::Duration::from_secs(5))
+        .unwrap()
+        .dial()
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let message = birth_lookup(&subject, lienthong_cli::federation::PURPOSE_CERTIFICATE).encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(&message);
+    for timeout in ["0m", "1u", "0n", "1m"] {
+        for _ in 0..3 {
+            let request = http::Request::post(format!("{}{LOOKUP}", fed.broker_url))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .header("grpc-timeout", timeout)
+                .body(())
+                .unwrap();
+            let mut ready = send.clone().ready().await.unwrap();
+            let (answer, mut body) = ready.send_request(request, false).unwrap();
+            body.send_data(bytes::Bytes::from(framed.clone()), true).unwrap();
+            let mut answer = answer.await.unwrap();
+            // Trailers-only, or headers then a message and trailers.
+            let status = match answer.headers().get("grpc-status") {
+                Some(status) => status.clone(),
+                None => {
+                    let body = answer.body_mut();
+                    while body.data().await.is_some() {}
+                    body.trailers().await.unwrap().unwrap()["grpc-status"].clone()
+                }
+            };
+            let ok = status == "0";
+            assert!(
+                status == "4" || (ok && timeout == "1m"),
+                "grpc-timeout {timeout}: grpc-status {status:?} (4 is DEADLINE_EXCEEDED)"
+            );
+        }
+    }
+    fed.shutdown().await.unwrap();
+}

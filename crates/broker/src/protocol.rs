@@ -146,12 +146,21 @@ impl<S> tower::Layer<S> for ProtocolLayer {
 
 type Conformed<F, E> = futures::future::Either<
     std::future::Ready<Result<HttpResponse, E>>,
-    futures::future::MapOk<F, fn(HttpResponse) -> HttpResponse>,
+    futures::future::Either<
+        futures::future::MapOk<F, fn(HttpResponse) -> HttpResponse>,
+        futures::future::BoxFuture<'static, Result<HttpResponse, E>>,
+    >,
 >;
+
+/// The answer to a call whose `grpc-timeout` passed before its answer began.
+const DEADLINE_PASSED: &str = "the call's deadline (grpc-timeout) passed before the broker answered it; a lookup \
+                               still ends and is audited, so ask the audit log before repeating it";
 
 impl<S> tower::Service<HttpRequest> for Protocol<S>
 where
     S: tower::Service<HttpRequest, Response = HttpResponse>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = HttpResponse;
     type Error = S::Error;
@@ -173,11 +182,30 @@ where
         if !request.uri().path().starts_with("/grpc.reflection.") {
             request = request.map(|body| tonic::body::Body::new(OneMessage::new(body)));
         }
-        futures::future::Either::Right(
-            self.inner
-                .call(request)
-                .map_ok(conform as fn(HttpResponse) -> HttpResponse),
-        )
+        // tonic's own timer, outside this layer, would answer `CANCELLED`
+        // ("Timeout expired") where the spec says `DEADLINE_EXCEEDED`. It
+        // starts just after this call returns (tonic 0.14's `GrpcTimeout`),
+        // so this one, started here for as long, is due first or in the same
+        // timer tick, and is seen first since tonic polls the call before
+        // its timer. Dropping the call does not stop a lookup: it runs to its
+        // end and its audit entry.
+        let deadline = lienthong::protocol::grpc_timeout(request.headers());
+        let answer = self
+            .inner
+            .call(request)
+            .map_ok(conform as fn(HttpResponse) -> HttpResponse);
+        futures::future::Either::Right(match deadline {
+            None => futures::future::Either::Left(answer),
+            Some(deadline) => futures::future::Either::Right(Box::pin(async move {
+                tokio::select! {
+                    biased;
+                    answer = answer => answer,
+                    () = tokio::time::sleep(deadline) => {
+                        Ok(tonic::Status::deadline_exceeded(DEADLINE_PASSED).into_http())
+                    }
+                }
+            })),
+        })
     }
 }
 
