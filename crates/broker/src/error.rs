@@ -97,9 +97,20 @@ impl BrokerError {
     }
 }
 
+/// Longest status message sent, in bytes before percent-encoding: it rides in
+/// a header, and stock clients drop a call whose headers pass 16 KiB (the
+/// encoding triples non-ASCII text), reporting their own error instead.
+const MAX_STATUS_MESSAGE: usize = 2048;
+
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
-        let mut status = Status::new(e.code(), e.to_string());
+        let mut message = e.to_string();
+        if message.len() > MAX_STATUS_MESSAGE {
+            let end = lienthong_core::clip(&message, MAX_STATUS_MESSAGE).len();
+            message.truncate(end);
+            message.push('…');
+        }
+        let mut status = Status::new(e.code(), message);
         if let BrokerError::RateLimited { retry_after, .. } = &e {
             // Whole seconds, rounded up, as HTTP's Retry-After.
             let secs = retry_after.as_millis().div_ceil(1000).max(1);
@@ -161,6 +172,22 @@ impl From<AuditError> for BrokerError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status message rides in a header: a long one would have stock
+    /// clients drop the call and report their own error instead.
+    #[test]
+    fn a_long_status_message_is_cut_on_a_character_boundary() {
+        let status = Status::from(BrokerError::FailedPrecondition("kiểm tra ".repeat(1_000)));
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(
+            status.message().len() <= MAX_STATUS_MESSAGE + '…'.len_utf8(),
+            "{}",
+            status.message().len()
+        );
+        assert!(status.message().ends_with('…'));
+        let short = Status::from(BrokerError::NotFound("member x".into()));
+        assert_eq!(short.message(), "member x");
+    }
 
     #[test]
     fn a_failed_read_of_the_log_is_not_called_a_failed_write() {

@@ -12,6 +12,9 @@ use std::sync::Arc;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
+/// Breaking changes a refused registration names in its status message.
+const SHOWN_CHANGES: usize = 5;
+
 /// The SchemaRegistry service.
 pub struct SchemaService {
     broker: Arc<Broker>,
@@ -246,10 +249,19 @@ impl Broker {
             {
                 let changes = compare(&latest.definition, &def).await?;
                 if !changes.is_empty() {
-                    let list: Vec<String> = changes
+                    // A few in the status (a header, which clients cap at
+                    // 8-16 KiB); `schema check` lists them all in its body.
+                    let mut list: Vec<String> = changes
                         .iter()
+                        .take(SHOWN_CHANGES)
                         .map(|c| format!("{} at {}: {}", c.kind, c.pointer, c.message))
                         .collect();
+                    if changes.len() > SHOWN_CHANGES {
+                        list.push(format!(
+                            "and {} more (`lienthong schema check` lists them all)",
+                            changes.len() - SHOWN_CHANGES
+                        ));
+                    }
                     return Err(BrokerError::FailedPrecondition(format!(
                         "{} is not backward compatible with version {}: {}",
                         def.name,
