@@ -600,3 +600,23 @@ async fn a_second_broker_on_the_same_data_directory_is_refused() {
     let again = lienthong_broker::server::start(config, Some(listener)).await.unwrap();
     again.shutdown().await.unwrap();
 }
+
+/// A broker stopped cleanly leaves its SQLite database in one file (the WAL
+/// copied back and emptied), so that a backup copied over it, as a restore
+/// does, cannot meet an old WAL that SQLite would replay onto it.
+#[tokio::test]
+async fn a_stopped_broker_leaves_its_database_in_one_file() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    for i in 0..20 {
+        look_up_birth(&office, &citizen_id(&fed, i)).await.unwrap();
+    }
+    let wal = fed.dir.join("broker-data/lienthong.db-wal");
+    assert!(
+        std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0),
+        "the lookups went through the WAL"
+    );
+    fed.shutdown().await.unwrap();
+    let left = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(left, 0, "{left} bytes left in {}", wal.display());
+}

@@ -489,7 +489,12 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
-        if let Some(h) = head? {
+        let head = head?;
+        // SQLite copies its WAL back and empties it here, where the stop
+        // waits for it: a stopped broker's database is then one file, which
+        // a backup can be copied over without meeting an old WAL.
+        task_broker.store.close().await;
+        if let Some(h) = head {
             tracing::info!(tree_size = h.tree_size, "final tree head signed");
         }
         result.map_err(|e| StartError::Broker(BrokerError::Internal(format!("server: {e}"))))

@@ -1505,15 +1505,30 @@ impl Store for SqlStore {
             // Aborted is what is expected; a panic has been reported already.
             let _ = task.await;
         }
+        // Readers first, so that none holds the WAL while it is copied back.
+        on_pool!(self, p => p.close().await);
         if let Pool::Sqlite(writer) = &self.audit_writer {
             // The last connection to close copies the WAL back into the
             // database, holding its lock, possibly after close() returned:
-            // do it here, where the caller waits for it.
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(writer).await {
-                tracing::warn!(error = %db_err(e), "the WAL could not be copied back before closing the database");
+            // do it here, where the caller waits for it, and empty the WAL, so
+            // that a stopped broker's database is its one file (a backup
+            // copied over it cannot meet an old WAL).
+            match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(writer)
+                .await
+            {
+                Ok((0, _, _)) => {}
+                Ok((_, frames, copied)) => tracing::warn!(
+                    frames,
+                    copied,
+                    "the WAL could not be emptied before closing the database (a reader held it); \
+                     it is copied back at the next start"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %db_err(e), "the WAL could not be copied back before closing the database")
+                }
             }
         }
-        on_pool!(self, p => p.close().await);
         on_audit_writer!(self, p => p.close().await);
     }
 

@@ -1237,6 +1237,25 @@ async fn sqlite_wal_is_copied_back_in_the_background_and_reused() {
     assert_eq!(store.log_size("log-a").await.unwrap(), 2_500);
 }
 
+/// A closed store leaves its database in one file: a backup copied over it
+/// cannot meet an old WAL that SQLite would replay onto it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_close_leaves_an_empty_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let wal = dir.path().join("db.sqlite-wal");
+    let store = open(&options(&path.display().to_string())).await.unwrap();
+    with_log(&store, "log-a", 0).await;
+    for batch in entries("log-a", 0..2_000).chunks(100) {
+        store.append_entries(batch).await.unwrap();
+        // Readers on the other pool, as the audit service's queries are.
+        store.log_size("log-a").await.unwrap();
+    }
+    store.close().await;
+    let left = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(left, 0, "{left} bytes left in the WAL after a clean close");
+}
+
 /// An append over a row the log's size does not account for (a damaged
 /// database), put there through `$raw`, a connection of the store's backend:
 /// the size check passes, the insert then fails on the primary key, and the
