@@ -38,17 +38,32 @@ pub struct ConnectArgs {
     pub key: Option<PathBuf>,
 }
 
+/// `value` when it was typed on the command line, not taken from `var`.
+fn typed_flag(value: &Option<PathBuf>, var: &str) -> Option<PathBuf> {
+    value
+        .clone()
+        .filter(|v| std::env::var_os(var).is_none_or(|e| std::path::Path::new(&e) != v.as_path()))
+}
+
 impl ConnectArgs {
+    /// `files` with `--ca`, `--cert` and `--key` put in place of theirs
+    /// where typed on the command line (the environment's are for the
+    /// client commands: the container image sets `LIENTHONG_CA` for its
+    /// health probe).
+    pub fn typed_over(&self, files: TlsFiles) -> TlsFiles {
+        TlsFiles {
+            ca: typed_flag(&self.ca, "LIENTHONG_CA").unwrap_or(files.ca),
+            cert: typed_flag(&self.cert, "LIENTHONG_CERT").unwrap_or(files.cert),
+            key: typed_flag(&self.key, "LIENTHONG_KEY").unwrap_or(files.key),
+        }
+    }
+
     /// The certificate files to use. A value typed on the command line beats
     /// one from the environment, so `--certs DIR` is not overridden by the
     /// `LIENTHONG_CA` the container image sets for its health probe; from
     /// the same source, a file named on its own beats the one in `--certs`.
     pub fn files(&self) -> Result<TlsFiles> {
-        let typed = |value: &Option<PathBuf>, var: &str| -> Option<PathBuf> {
-            value
-                .clone()
-                .filter(|v| std::env::var_os(var).is_none_or(|e| std::path::Path::new(&e) != v.as_path()))
-        };
+        let typed = typed_flag;
         let member = self.member.as_deref();
         let in_dir = |dir: &Option<PathBuf>, name: &str| dir.as_ref().map(|d| d.join(name));
         let dir_typed = typed(&self.certs, "LIENTHONG_CERTS");
@@ -140,4 +155,30 @@ pub fn member_files(dir: &Path, member: &str) -> TlsFiles {
 /// Turns a gRPC status into an error a person can read.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `demo-provider --ca BUNDLE` (a CA roll) serves with the bundle, and
+    /// the files not typed stay those of `--tls-dir`.
+    #[test]
+    fn typed_files_replace_only_their_own() {
+        let args = ConnectArgs {
+            broker: String::new(),
+            certs: None,
+            member: None,
+            ca: Some("/roll/bundle.pem".into()),
+            cert: None,
+            key: None,
+        };
+        let files = args.typed_over(member_files(Path::new("/tls"), "civil-status"));
+        if std::env::var_os("LIENTHONG_CA").is_none() {
+            assert_eq!(files.ca, Path::new("/roll/bundle.pem"));
+        }
+        assert_eq!(files.cert, Path::new("/tls/civil-status.pem"));
+        assert_eq!(files.key, Path::new("/tls/civil-status.key"));
+    }
 }

@@ -378,7 +378,12 @@ async fn run(cli: Cli) -> Result<()> {
                     lienthong_provider::RefusedCertificates::watch_file(path, std::time::Duration::from_secs(1))?;
             }
             lienthong_tls::install_crypto_provider();
-            let material = lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(&tls_dir, &member))?;
+            // `--ca` for a CA roll's bundle, `--cert`/`--key` for a renewed
+            // certificate, each over its file in `--tls-dir`.
+            let files = cli
+                .connect
+                .typed_over(lienthong_cli::client::member_files(&tls_dir, &member));
+            let material = lienthong_tls::TlsMaterial::load(&files)?;
             let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &trust_domain)?);
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
