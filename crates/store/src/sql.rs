@@ -1759,7 +1759,8 @@ fn migrate_err(e: MigrateError) -> StoreError {
         // Not corruption: a rolling upgrade ran ahead of this replica, and
         // restoring a backup would be the wrong cure.
         MigrateError::VersionMissing(version) => StoreError::Config(format!(
-            "this database was migrated by a newer lienthong (migration {version}, which this binary does not              have); run that version or a newer one against it"
+            "this database was migrated by a newer lienthong (migration {version}, which this binary does not \
+             have); run that version or a newer one against it"
         )),
         // Applied migrations different from this binary's.
         other => StoreError::Corrupt(format!("database schema: {other}")),
