@@ -1023,10 +1023,22 @@ impl Broker {
 /// query's subject. Otherwise a register answering about another citizen
 /// would have that citizen's record released, and audited under the queried
 /// citizen (whose history would show it, and the other's would not). Compared
-/// trimmed, as subjects are hashed for the log; a record without the property
-/// is not checked. Neither value is ever put in a message.
+/// trimmed, as subjects are hashed for the log. Only where the record schema
+/// declares that property a string, as the subject is: a record type whose
+/// `id` is a certificate number (an integer) while its query's `id` names the
+/// citizen is not checked, nor a record without the property. Neither value
+/// is ever put in a message.
 fn about_the_queried_subject(rt: &CompiledRecordType, query: &Value, record: &Value) -> bool {
-    let Some(named) = record.get(&rt.version.definition.subject_key) else {
+    let key = &rt.version.definition.subject_key;
+    let declared_string = rt
+        .version
+        .definition
+        .record_schema
+        .get("properties")
+        .and_then(|p| p.get(key))
+        .and_then(|p| p.get("type"))
+        .is_some_and(|t| t == "string");
+    let Some(named) = record.get(key).filter(|_| declared_string) else {
         return true;
     };
     matches!((named.as_str(), rt.subject(query)), (Some(named), Some(asked)) if named.trim() == asked.trim())
@@ -1063,6 +1075,14 @@ mod tests {
     }
 
     fn named_record_type(name: &str, subject_key: &str) -> CompiledRecordType {
+        let record = serde_json::json!({"type": "object", "properties": {
+            subject_key: {"type": "string"},
+            "full_name": {"type": "string"}
+        }});
+        defined_record_type(name, subject_key, &record)
+    }
+
+    fn defined_record_type(name: &str, subject_key: &str, record: &Value) -> CompiledRecordType {
         use lienthong_core::MemberId;
         use lienthong_core::schema::{Compatibility, RecordTypeVersion, SchemaLimits, parse_definition};
         let owner = MemberId::new("civil-status").unwrap();
@@ -1076,7 +1096,7 @@ mod tests {
             "a record",
             owner.clone(),
             &query.to_string(),
-            r#"{"type":"object","properties":{"full_name":{"type":"string"}}}"#,
+            &record.to_string(),
             subject_key,
             &SchemaLimits::default(),
         )
@@ -1118,6 +1138,18 @@ mod tests {
             &by_passport,
             &query,
             &serde_json::json!({"passport_no": "C1234567", "national_id": "999999999999"})
+        ));
+        // A record property of the same name that is no string (a certificate
+        // number where the query's `id` names the citizen) is not the subject.
+        let numbered = defined_record_type(
+            "judicial.certificate",
+            "id",
+            &serde_json::json!({"type": "object", "properties": {"id": {"type": "integer"}}}),
+        );
+        assert!(about_the_queried_subject(
+            &numbered,
+            &serde_json::json!({"id": "001084004217"}),
+            &serde_json::json!({"id": 4711})
         ));
     }
 
