@@ -601,6 +601,31 @@ async fn a_second_broker_on_the_same_data_directory_is_refused() {
     again.shutdown().await.unwrap();
 }
 
+/// A SQLite database serves one broker, wherever `database_url` puts it: a
+/// second broker pointed at it from another data directory is refused.
+#[tokio::test]
+async fn a_second_broker_on_the_same_sqlite_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_after_certs_init(dir.path(), &[]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let first = lienthong_broker::server::start(config.clone(), Some(listener))
+        .await
+        .unwrap();
+    let mut other = config.clone();
+    other.data_dir = dir.path().join("other-data");
+    other.database_url = config.database_url();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let Err(e) = lienthong_broker::server::start(other, Some(listener)).await else {
+        panic!("a second broker started on a SQLite database in use");
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("another broker is running on this SQLite database"),
+        "{text}"
+    );
+    first.shutdown().await.unwrap();
+}
+
 /// A broker stopped cleanly leaves its SQLite database in one file (the WAL
 /// copied back and emptied), so that a backup copied over it, as a restore
 /// does, cannot meet an old WAL that SQLite would replay onto it.

@@ -102,6 +102,48 @@ async fn a_replica_started_on_a_copy_of_another_ones_data_directory_is_refused()
     fed.shutdown().await.unwrap();
 }
 
+/// The claim on a log is a PostgreSQL session's advisory lock, which goes
+/// with the session: a broker whose session ended and whose log another
+/// broker (on a copy of its data directory) took meanwhile stops, rather
+/// than write one log from two brokers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_log_another_took_stops() {
+    use sqlx::Connection;
+    let cluster = PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let (_dir, mut fed, url) = pg_federation(&cluster, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("broker-data");
+    std::fs::create_dir_all(&data).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["audit-signing.key", "subject-hmac.key"] {
+        std::fs::copy(fed.dir.join("broker-data").join(file), data.join(file)).unwrap();
+        std::fs::set_permissions(data.join(file), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut opts = FederationOptions::new(dir.path());
+    opts.database_url = Some(url.clone());
+    let (_, config) = write_config(&opts, &fed.certs, &data).unwrap();
+    // The session holding the claim ends (a restart, a firewall, a timeout).
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty(), "no advisory lock held");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let copy = lienthong_broker::start(config, Some(listener))
+        .await
+        .expect("the copy takes the unclaimed log");
+    let stopped = tokio::time::timeout(Duration::from_secs(30), fed.broker.wait())
+        .await
+        .expect("the first broker went on writing a log another holds");
+    let why = stopped.expect_err("stopped with an error").to_string();
+    assert!(why.contains("another broker took this broker's audit log"), "{why}");
+    copy.shutdown().await.unwrap();
+    fed.shutdown_registers().await;
+}
+
 async fn as_member(url: &str, fed: &Federation, member: &str) -> Clients {
     connect(url, &member_files(&fed.certs, member)).await.unwrap()
 }

@@ -156,6 +156,41 @@ fn create_data_dir(dir: &std::path::Path) -> Result<(), StartError> {
     Ok(())
 }
 
+/// How often the claim on this broker's log is checked (see
+/// [`lienthong_store::LogClaim::still_held`]).
+const CLAIM_CHECK: Duration = Duration::from_secs(5);
+
+/// Keeps `claim` (until aborted, after the final tree head) and checks it
+/// every [`CLAIM_CHECK`]; the receiver turns `true` once another broker holds it.
+fn watch_log_claim(
+    mut claim: lienthong_store::LogClaim,
+    log_id: String,
+) -> (JoinHandle<()>, tokio::sync::watch::Receiver<bool>) {
+    let (lost_tx, lost_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(CLAIM_CHECK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            match claim.still_held().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::error!(
+                        %log_id,
+                        "another broker holds this broker's audit log now (its data directory was copied); stopping"
+                    );
+                    lost_tx.send_replace(true);
+                    // Keeps `claim` until aborted.
+                    std::future::pending::<()>().await;
+                }
+                // The database out of reach: no one writes the log meanwhile.
+                Err(e) => tracing::warn!(error = %e, "cannot check this broker's claim on its audit log"),
+            }
+        }
+    });
+    (task, lost_rx)
+}
+
 /// Locks `dir` for this process (`broker.lock`, released when the file is
 /// closed, at exit at the latest): two brokers on one data directory would
 /// write one audit log with one signing key, each taking the other's
@@ -265,13 +300,21 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     .await?;
     let keys = LogKeys::load_or_create(&config.data_dir)?;
     let Some(log_claim) = store.claim_log(&keys.log_id()).await? else {
-        return Err(StartError::Broker(BrokerError::FailedPrecondition(format!(
-            "another broker is writing audit log {} in this database: its data directory (audit-signing.key) \
-             was copied from, or is shared with, {}; every broker needs a data directory, and so a signing key, \
-             of its own",
-            keys.log_id(),
-            config.data_dir.display()
-        ))));
+        let why = match store.backend() {
+            lienthong_store::Backend::Sqlite => format!(
+                "another broker is running on this SQLite database ({}): a SQLite database serves one broker; \
+                 stop it first, or give this one a database of its own (several replicas share a PostgreSQL one)",
+                config.database_url()
+            ),
+            lienthong_store::Backend::Postgres => format!(
+                "another broker is writing audit log {} in this database: its data directory \
+                 (audit-signing.key) was copied from, or is shared with, {}; every broker needs a data \
+                 directory, and so a signing key, of its own",
+                keys.log_id(),
+                config.data_dir.display()
+            ),
+        };
+        return Err(StartError::Broker(BrokerError::FailedPrecondition(why)));
     };
     check_subject_key(&store, &keys, &config.data_dir).await?;
     let audit = AuditLog::open(
@@ -430,13 +473,21 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     let (tx, rx) = oneshot::channel::<()>();
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     let task_broker = broker.clone();
+    let (claim_watch, claim_lost) = watch_log_claim(log_claim, broker.audit.log_id().to_owned());
     let join = tokio::spawn(async move {
         // Held until the final tree head is signed: no other broker writes
         // this log, or signs with this key, before then.
-        let _claims = (data_dir_lock, log_claim);
+        let _dir_lock = data_dir_lock;
+        let lost = claim_lost.clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let signal = async move {
-            let _ = rx.await;
+            let mut lost = lost;
+            tokio::select! {
+                _ = rx => {}
+                // Another broker writes this log now: stop rather than write
+                // it too (the orchestrator's restart is then refused, saying so).
+                Ok(_) = lost.wait_for(|lost| *lost) => {}
+            }
             // Ended first, so that it cannot report SERVING after this.
             exchange_health.abort();
             let _ = exchange_health.await;
@@ -496,6 +547,15 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         task_broker.store.close().await;
         if let Some(h) = head {
             tracing::info!(tree_size = h.tree_size, "final tree head signed");
+        }
+        claim_watch.abort();
+        let _ = claim_watch.await;
+        if *claim_lost.borrow() {
+            return Err(StartError::Broker(BrokerError::FailedPrecondition(
+                "another broker took this broker's audit log (its data directory was copied); stopped rather \
+                 than write one log from two brokers"
+                    .into(),
+            )));
         }
         result.map_err(|e| StartError::Broker(BrokerError::Internal(format!("server: {e}"))))
     });

@@ -75,8 +75,36 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// A process's claim on an audit log (see [`Store::claim_log`]), released
 /// when dropped.
 pub struct LogClaim {
-    /// The PostgreSQL connection holding the lock; closing it releases it.
-    pub(crate) _held: Option<Box<dyn std::any::Any + Send>>,
+    pub(crate) held: Held,
+}
+
+/// What holds a [`LogClaim`].
+pub(crate) enum Held {
+    /// Nothing to hold: the store is this process's alone.
+    Nothing,
+    /// A lock file beside a SQLite database, locked while open.
+    File(#[allow(dead_code)] std::fs::File),
+    /// A PostgreSQL session holding an advisory lock.
+    Postgres(sql::PgClaim),
+}
+
+impl LogClaim {
+    /// A claim on a store that holds nothing other processes share.
+    pub fn unshared() -> LogClaim {
+        LogClaim { held: Held::Nothing }
+    }
+
+    /// Whether the claim still holds, taking it again if the session that
+    /// held it ended (a database restart, a dropped connection): `Ok(false)`
+    /// when another process took it meanwhile, an error when the database
+    /// cannot be asked. Check it now and then: a PostgreSQL advisory lock
+    /// goes with its session, silently.
+    pub async fn still_held(&mut self) -> Result<bool> {
+        match &mut self.held {
+            Held::Nothing | Held::File(_) => Ok(true),
+            Held::Postgres(claim) => claim.still_held().await,
+        }
+    }
 }
 
 /// Which backend a store runs on.
@@ -300,12 +328,12 @@ pub trait Store: Send + Sync + 'static {
     /// Claims the audit log `log_id` for this process, for as long as the
     /// claim lives; `None` when another process holds it (its data directory,
     /// and so its signing key, was copied or is shared). On PostgreSQL a
-    /// session advisory lock on a connection of its own; on SQLite, whose
-    /// database sits in the broker's data directory, the directory's own lock
-    /// does it, and this always succeeds (as it does for stores that hold
-    /// nothing other processes share).
+    /// session advisory lock on a connection of its own; on SQLite, a lock
+    /// file beside the database (`<database>-broker.lock`), since a SQLite
+    /// database serves one broker, wherever `database_url` puts it. Stores
+    /// that hold nothing other processes share always succeed.
     async fn claim_log(&self, _log_id: &str) -> Result<Option<LogClaim>> {
-        Ok(Some(LogClaim { _held: None }))
+        Ok(Some(LogClaim::unshared()))
     }
 
     // === audit log ===

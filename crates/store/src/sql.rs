@@ -1147,22 +1147,38 @@ impl Store for SqlStore {
     }
 
     async fn claim_log(&self, log_id: &str) -> Result<Option<LogClaim>> {
-        let Pool::Postgres(p) = &self.pool else {
-            return Ok(Some(LogClaim { _held: None }));
-        };
-        // Out of the pool for good: the lock lives as long as this session.
-        let mut conn = p.acquire().await.map_err(db_err)?.detach();
-        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LOG_LOCK_CLASS)
-            .bind(log_lock_key(log_id))
-            .fetch_one(&mut conn)
-            .await
-            .map_err(db_err)?;
-        Ok(taken.then(|| LogClaim {
-            _held: Some(Box::new(conn)),
-        }))
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut path = p.connect_options().get_filename().as_os_str().to_owned();
+                path.push("-broker.lock");
+                let path = std::path::PathBuf::from(path);
+                let mut options = std::fs::OpenOptions::new();
+                options.create(true).truncate(false).write(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                let file = options
+                    .open(&path)
+                    .map_err(|e| StoreError::Config(format!("cannot open {}: {e}", path.display())))?;
+                match file.try_lock() {
+                    Ok(()) => Ok(Some(LogClaim {
+                        held: crate::Held::File(file),
+                    })),
+                    Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        Err(StoreError::Config(format!("cannot lock {}: {e}", path.display())))
+                    }
+                }
+            }
+            Pool::Postgres(p) => {
+                let claim = PgClaim {
+                    pool: p.clone(),
+                    key: log_lock_key(log_id),
+                    session: None,
+                };
+                claim.take().await
+            }
+        }
     }
-
     async fn ensure_log(&self, log: &LogInfo) -> Result<LogInfo> {
         // PostgreSQL numbers a log from a sequence; SQLite, whose writes are
         // serialized, from the largest number so far.
@@ -1736,6 +1752,61 @@ fn database_error(d: &dyn DatabaseError) -> StoreError {
         // authorization, unknown database or role
         "28" | "3D" => StoreError::Config(format!("postgres {state}: {message}")),
         _ => StoreError::Corrupt(format!("postgres {state}: {message}")),
+    }
+}
+
+/// A PostgreSQL session holding the advisory lock that claims a log.
+pub(crate) struct PgClaim {
+    pool: PgPool,
+    key: i32,
+    /// Out of the pool for good, since the lock lives as long as this
+    /// session: one connection beyond `database_max_connections`.
+    session: Option<sqlx::PgConnection>,
+}
+
+impl PgClaim {
+    /// Takes the lock on a session of its own: `None` when another holds it.
+    async fn take(mut self) -> Result<Option<LogClaim>> {
+        let mut session = self.pool.acquire().await.map_err(db_err)?.detach();
+        let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(LOG_LOCK_CLASS)
+            .bind(self.key)
+            .fetch_one(&mut session)
+            .await
+            .map_err(db_err)?;
+        if !taken {
+            return Ok(None);
+        }
+        self.session = Some(session);
+        Ok(Some(LogClaim {
+            held: crate::Held::Postgres(self),
+        }))
+    }
+
+    /// See [`LogClaim::still_held`].
+    pub(crate) async fn still_held(&mut self) -> Result<bool> {
+        // The session answers only while it lives, and the lock with it.
+        if let Some(session) = self.session.as_mut()
+            && sqlx::query("SELECT 1").execute(&mut *session).await.is_ok()
+        {
+            return Ok(true);
+        }
+        self.session = None;
+        let again = PgClaim {
+            pool: self.pool.clone(),
+            key: self.key,
+            session: None,
+        };
+        match again.take().await? {
+            Some(LogClaim {
+                held: crate::Held::Postgres(taken),
+            }) => {
+                self.session = taken.session;
+                tracing::warn!("the session claiming this broker's audit log ended; the claim was taken again");
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 }
 
