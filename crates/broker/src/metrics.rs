@@ -300,7 +300,7 @@ impl Metrics {
         let provider_calls = Family::<ProviderCallLabels, Counter>::default();
         registry.register(
             "provider_calls",
-            "Calls to registers (retries included in one call) by provider and outcome (ok, not_found, rejected, unavailable, timeout)",
+            "Calls to registers (retries included in one call) by provider and outcome (ok, not_found, rejected, not_served, unavailable, timeout, malformed)",
             provider_calls.clone(),
         );
         let provider_seconds =
@@ -616,9 +616,6 @@ const MAX_HANDSHAKES_PER_ADDRESS: usize = 2;
 /// timeout (for agencies across the country) is longer than it needs.
 const MAX_HANDSHAKE_TIME: Duration = Duration::from_secs(3);
 
-/// Failed handshakes are logged at warn at most this often (each at debug).
-const HANDSHAKE_WARN_INTERVAL: Duration = Duration::from_secs(60);
-
 /// TLS of the metrics listener (`telemetry.metrics_client_ca`).
 #[derive(Clone)]
 pub struct MetricsTls {
@@ -634,41 +631,6 @@ impl std::fmt::Debug for MetricsTls {
         f.debug_struct("MetricsTls")
             .field("handshake_timeout", &self.handshake_timeout)
             .finish_non_exhaustive()
-    }
-}
-
-/// Counts failed handshakes between warnings, so that a port scanner or a
-/// scraper with the wrong certificate shows in the log without flooding it.
-struct HandshakeFailures {
-    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
-}
-
-impl HandshakeFailures {
-    fn new() -> Self {
-        HandshakeFailures {
-            state: std::sync::Mutex::new((None, 0)),
-        }
-    }
-
-    fn note(&self, remote: SocketAddr, error: &dyn std::fmt::Display) {
-        tracing::debug!(%remote, %error, "metrics tls handshake failed");
-        let now = std::time::Instant::now();
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.1 += 1;
-        if state
-            .0
-            .is_some_and(|last| now.duration_since(last) < HANDSHAKE_WARN_INTERVAL)
-        {
-            return;
-        }
-        tracing::warn!(
-            %remote,
-            %error,
-            failed = state.1,
-            "metrics tls handshakes failed since the last such warning (a scraper needs a certificate from \
-             telemetry.metrics_client_ca); for a minute, further ones are logged at debug only"
-        );
-        *state = (Some(now), 0);
     }
 }
 
@@ -746,7 +708,9 @@ pub async fn serve(
         )
     });
     let handshakes = Handshakes::new();
-    let failures = Arc::new(HandshakeFailures::new());
+    let failures = Arc::new(lienthong_tls::FailureLog::new(
+        "metrics tls handshakes failed (a scraper needs a certificate from telemetry.metrics_client_ca)",
+    ));
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -800,8 +764,12 @@ pub async fn serve(
                     };
                     serve_connection(stream, broker).await;
                 }
-                Ok(Err(e)) => failures.note(remote, &e),
-                Err(_elapsed) => failures.note(remote, &format_args!("no handshake within {timeout:?}")),
+                Ok(Err(e)) => {
+                    failures.note(remote, &e);
+                }
+                Err(_elapsed) => {
+                    failures.note(remote, &format_args!("no handshake within {timeout:?}"));
+                }
             }
         });
     }

@@ -50,7 +50,9 @@ pub use pki::{
     issue_member_in_dir, trust_domain_from_ca_cert,
 };
 pub use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-pub use server::{AcceptOptions, MtlsStream, PeerInfo, ServerTls, client_auth_required_config, incoming, peer_info};
+pub use server::{
+    AcceptOptions, FailureLog, MtlsStream, PeerInfo, ServerTls, client_auth_required_config, incoming, peer_info,
+};
 
 /// Installs rustls' `ring` provider as the process default; a no-op if one is installed.
 pub fn install_crypto_provider() {

@@ -381,12 +381,60 @@ impl AsyncWrite for MtlsStream {
     }
 }
 
+/// Counts failures of one kind between warnings, so that a port scanner or
+/// a client with the wrong certificate shows in the log without flooding it:
+/// each failure is logged at `debug`, and at `warn` at most once a minute,
+/// with the count since the last warning.
+pub struct FailureLog {
+    /// What failed and what to do about it, for the warning.
+    what: &'static str,
+    /// When the last warning was logged, and the failures since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+/// [`FailureLog`] warns at most this often.
+const FAILURE_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
+impl FailureLog {
+    /// A log of failures described as `what` (e.g. "tls handshakes failed").
+    pub fn new(what: &'static str) -> FailureLog {
+        FailureLog {
+            what,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Notes one failure of a connection from `remote`; whether it was
+    /// warned of.
+    pub fn note(&self, remote: std::net::SocketAddr, error: &dyn std::fmt::Display) -> bool {
+        tracing::debug!(%remote, %error, "{}", self.what);
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 += 1;
+        if state
+            .0
+            .is_some_and(|last| now.duration_since(last) < FAILURE_WARN_INTERVAL)
+        {
+            return false;
+        }
+        tracing::warn!(
+            %remote,
+            %error,
+            failed = state.1,
+            "{} since the last such warning; for a minute, further ones are logged at debug only",
+            self.what
+        );
+        *state = (Some(now), 0);
+        true
+    }
+}
+
 /// Accepts TCP connections on `listener` and yields those that complete a TLS handshake.
 ///
 /// Handshakes run concurrently in their own tasks, at most
 /// `options.max_concurrent_handshakes` at a time and each bounded by
 /// `options.handshake_timeout`, so a slow or silent client cannot stall accepting. A failed
-/// handshake is logged and dropped. Only errors of the listener itself (e.g. out of file
+/// handshake is dropped and logged through a [`FailureLog`]. Only errors of the listener itself (e.g. out of file
 /// descriptors) are yielded as `Err`; accepting then resumes after a short pause. Dropping
 /// the stream stops accepting and closes the listener.
 ///
@@ -418,6 +466,8 @@ async fn accept_loop(
     let permits = Arc::new(Semaphore::new(options.max_concurrent_handshakes));
     let by_address: AddressCounts = Arc::default();
     let acceptor = TlsAcceptor::from(tls.config.clone());
+    let crowded = FailureLog::new("connections closed: too many tls handshakes from one address at once");
+    let failed = Arc::new(FailureLog::new("tls handshakes failed or timed out"));
     loop {
         let accepted = tokio::select! {
             () = tx.closed() => return,
@@ -446,10 +496,9 @@ async fn accept_loop(
             }
         };
         let Some(slot) = AddressSlot::claim(&by_address, remote.ip(), options.max_handshakes_per_address) else {
-            tracing::info!(
-                %remote,
-                max = options.max_handshakes_per_address,
-                "too many tls handshakes from one address at once; connection closed"
+            crowded.note(
+                remote,
+                &format_args!("at most {} at once", options.max_handshakes_per_address),
             );
             continue;
         };
@@ -457,7 +506,7 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
         }
-        let (acceptor, tls, tx) = (acceptor.clone(), tls.clone(), tx.clone());
+        let (acceptor, tls, tx, failed) = (acceptor.clone(), tls.clone(), tx.clone(), failed.clone());
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
             drop(permit);
@@ -479,12 +528,15 @@ async fn accept_loop(
                         }))
                         .await;
                 }
-                Ok(Err(e)) => tracing::info!(%remote, error = %e, "tls handshake failed"),
-                Err(_elapsed) => tracing::info!(
-                    %remote,
-                    timeout_ms = handshake_timeout.as_millis() as u64,
-                    "tls handshake timed out"
-                ),
+                Ok(Err(e)) => {
+                    failed.note(remote, &e);
+                }
+                Err(_elapsed) => {
+                    failed.note(
+                        remote,
+                        &format_args!("timed out after {} ms", handshake_timeout.as_millis()),
+                    );
+                }
             }
         });
     }
@@ -508,6 +560,16 @@ fn is_per_connection(e: &io::Error) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A flood of failed handshakes (a port scanner) is one warning a minute,
+    /// not a line each.
+    #[test]
+    fn failures_are_warned_of_once_a_minute() {
+        let log = FailureLog::new("tls handshakes failed");
+        let remote = "192.0.2.7:40000".parse().unwrap();
+        assert!(log.note(remote, &"first"));
+        assert!((0..200).all(|_| !log.note(remote, &"again")));
+    }
     use crate::{CertificateAuthority, IssueSpec};
 
     fn material(ca: &CertificateAuthority, spec: &IssueSpec) -> TlsMaterial {
