@@ -398,6 +398,7 @@ impl AuditLog {
             max_batch: config.max_batch,
             commit_timeout: config.commit_timeout,
             needs_resync: false,
+            in_doubt: Vec::new(),
         };
         *lock(&log.writer_task) = Some(tokio::spawn(writer.run(receiver)));
         tokio::spawn(check_history(
@@ -1408,6 +1409,28 @@ struct Writer {
     /// A commit failed: the store may hold more (or, if corrupt, fewer) entries
     /// than the frontier; re-read its size before the next commit.
     needs_resync: bool,
+    /// The failed batches that may yet be found stored at the frontier, oldest
+    /// first (at most [`MAX_IN_DOUBT`]): the only entries a resynchronisation
+    /// may adopt. All start at the frontier, which moves only when one of
+    /// them, or a new batch, is known stored; that clears them.
+    in_doubt: Vec<InDoubt>,
+}
+
+/// Failed batches kept for a resynchronisation to recognise. A batch whose
+/// call answered is settled by the next read-back; only batches given up
+/// after `commit_timeout` (one per timeout at most) pile up here, while
+/// the database hangs. One older than these that lands after all is
+/// taken for foreign entries: the log fails closed.
+const MAX_IN_DOUBT: usize = 16;
+
+/// A batch whose commit failed, which may have landed all the same.
+struct InDoubt {
+    /// Its entries' leaf hashes, in order: 32 bytes an entry is all it takes
+    /// to recognise them, with each stored leaf checked against its hash.
+    leaf_hashes: Vec<Hash>,
+    /// The store answered (with an error); `false` when the writer gave the
+    /// call up after `commit_timeout`, and the transaction may still commit.
+    answered: bool,
 }
 
 impl Writer {
@@ -1505,12 +1528,15 @@ impl Writer {
         // A commit given up may still land: the resynchronisation before the
         // next batch finds it, as after any failed commit.
         let append = self.store.append_entries_and_nodes(&entries, &nodes);
-        let result = match tokio::time::timeout(self.commit_timeout, append).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "the database did not confirm the commit within {:?}",
-                self.commit_timeout
-            ))),
+        let (result, answered) = match tokio::time::timeout(self.commit_timeout, append).await {
+            Ok(result) => (result, true),
+            Err(_) => (
+                Err(StoreError::Unavailable(format!(
+                    "the database did not confirm the commit within {:?}",
+                    self.commit_timeout
+                ))),
+                false,
+            ),
         };
         counters.last_commit_micros.store(
             u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -1520,8 +1546,16 @@ impl Writer {
         if let Err(e) = result {
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             // The transaction may still have committed (connection lost after
-            // COMMIT): never guess, re-read the store before the next batch.
+            // COMMIT): never guess, re-read the store before the next batch,
+            // and keep what it tried to write to tell it from foreign rows.
             self.needs_resync = true;
+            if self.in_doubt.len() >= MAX_IN_DOUBT {
+                self.in_doubt.remove(0);
+            }
+            self.in_doubt.push(InDoubt {
+                leaf_hashes: entries.iter().map(|e| e.leaf_hash).collect(),
+                answered,
+            });
             tracing::error!(log_id = %self.log_id, entries = count, error = %e, "audit commit failed; nothing released");
             for (reply, _, _) in waiters {
                 let _ = reply.send(Err(AuditError::Unavailable(format!(
@@ -1536,6 +1570,8 @@ impl Writer {
             *frontier = grown;
             self.shared.size.store(frontier.size(), Ordering::Release);
         }
+        // Stored where every failed batch would have gone: none of them can land now.
+        self.in_doubt.clear();
         counters.total_batches.fetch_add(1, Ordering::Relaxed);
         counters.total_entries.fetch_add(count as u64, Ordering::Relaxed);
 
@@ -1556,41 +1592,110 @@ impl Writer {
     /// Brings the frontier in line with what the store really holds. Only
     /// an outage is `Unavailable`: any other answer of the store is about the
     /// stored log, and `Corrupt`.
+    ///
+    /// Entries found past the frontier are adopted only when they are one of
+    /// the failed batches this writer holds, landed after all: each stored
+    /// leaf hashing to its leaf hash and carrying its columns, the leaf
+    /// hashes those of the batch, and the tree nodes the batch completes
+    /// those stored. They are checked before the frontier moves, so no head
+    /// is ever signed over them unchecked. Anything else (more entries, other
+    /// leaves, one altered) was written by someone else: another process
+    /// holding the database, or whoever raised `audit_logs.size` and inserted
+    /// rows, which is what made the commit fail. Adopting it would have the
+    /// broker sign for accesses it never logged: the log fails instead.
     async fn resync(&mut self) -> Result<(), AuditError> {
         let log_id = self.log_id.clone();
         let read_error = |e: StoreError| match e {
             StoreError::Unavailable(m) => AuditError::Unavailable(m),
             other => AuditError::Corrupt(format!("log {log_id}: reading it back after a failed commit: {other}")),
         };
-        let stored = self.store.log_size(&self.log_id).await.map_err(read_error)?;
+        let stored = self.store.log_size(&log_id).await.map_err(read_error)?;
         let have = self.shared.size.load(Ordering::Acquire);
         if stored < have {
             return Err(AuditError::Corrupt(format!(
-                "log {} holds {stored} entries but {have} were committed; entries were deleted",
-                self.log_id
+                "log {log_id} holds {stored} entries but {have} were committed; entries were deleted"
             )));
         }
-        let mut from = have;
-        while from < stored {
-            let to = stored.min(from + HASH_CHUNK);
-            let chunk = self
-                .store
-                .leaf_hashes(&self.log_id, from, to)
-                .await
-                .map_err(read_error)?;
-            check_chunk(&self.log_id, from, to, chunk.len())?;
+        if stored == have {
+            // None landed. A batch whose call answered never will; one given
+            // up may still be on its way.
+            self.in_doubt.retain(|b| !b.answered);
+            return Ok(());
+        }
+        let landed = stored - have;
+        let foreign = |why: &str| {
+            AuditError::Corrupt(format!(
+                "log {log_id}: entries {have}..{stored}, found stored after a failed commit, {why}: \
+                 they were not written by this broker, which signs no head over them"
+            ))
+        };
+        if !self.in_doubt.iter().any(|b| b.leaf_hashes.len() as u64 == landed) {
+            return Err(foreign(
+                "are not as many as any batch this broker failed to commit there",
+            ));
+        }
+        let entries = self
+            .store
+            .entries_in_range(&log_id, have, stored)
+            .await
+            .map_err(read_error)?;
+        check_chunk(&log_id, have, stored, entries.len())?;
+        let mut hashes = Vec::with_capacity(entries.len());
+        for (at, entry) in (have..).zip(&entries) {
+            if entry.sequence != at {
+                return Err(AuditError::Corrupt(format!(
+                    "log {log_id}: entry {at} was read back as entry {}",
+                    entry.sequence
+                )));
+            }
+            if let Some(why) = entry_mismatch(entry) {
+                return Err(AuditError::Corrupt(format!("log {log_id}: entry {at} {why}")));
+            }
+            hashes.push(entry.leaf_hash);
+        }
+        // Each stored leaf hashes to its stored hash and that hash is the
+        // batch's: the leaf is, byte for byte, the one the writer hashed, and
+        // its columns (just checked against it) are the batch's.
+        if !self.in_doubt.iter().any(|b| b.leaf_hashes == hashes) {
+            return Err(foreign(
+                "are not the entries of any batch this broker failed to commit there",
+            ));
+        }
+        let mut grown = self.shared.frontier().clone();
+        let mut completed = Vec::new();
+        for hash in &hashes {
+            grown.push_collecting(*hash, &mut completed);
+        }
+        // The failed commit stored its nodes in the same transaction.
+        let wanted: Vec<(u32, u64)> = completed.iter().map(|(s, _)| (s.level, s.index)).collect();
+        let nodes: HashMap<(u32, u64), Hash> = self
+            .store
+            .tree_nodes(&log_id, &wanted)
+            .await
+            .map_err(read_error)?
+            .into_iter()
+            .map(|n| ((n.level, n.index), n.hash))
+            .collect();
+        for (s, hash) in &completed {
+            if nodes.get(&(s.level, s.index)) != Some(hash) {
+                return Err(AuditError::Corrupt(format!(
+                    "log {log_id}: the stored tree node over entries {}..{} does not hash from them",
+                    s.start(),
+                    s.end()
+                )));
+            }
+        }
+        {
             let mut frontier = self.shared.frontier();
-            frontier.extend(&chunk);
+            *frontier = grown;
             self.shared.size.store(frontier.size(), Ordering::Release);
-            from = to;
         }
-        if stored > have {
-            tracing::warn!(
-                log_id = %self.log_id,
-                recovered = stored - have,
-                "a failed audit commit had been written after all; tree resynchronised"
-            );
-        }
+        self.in_doubt.clear();
+        tracing::warn!(
+            log_id = %log_id,
+            recovered = landed,
+            "a failed audit commit had been written after all; its entries are checked and the tree resynchronised"
+        );
         Ok(())
     }
 }

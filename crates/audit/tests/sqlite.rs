@@ -888,3 +888,56 @@ async fn columns_altered_while_the_log_is_open_are_found_by_the_repeated_check()
     assert!(matches!(log.sign_now().await, Err(AuditError::Corrupt(_))));
     assert_eq!(stored_head(dir.path(), log.log_id()).await, Some(head));
 }
+
+/// Rows inserted under the running broker (the log's size raised to cover
+/// them, as another process holding the database would) make its next
+/// commit fail; the read-back after it finds them, and however well made
+/// they are, they are not a batch this broker wrote: the log refuses new
+/// entries and never signs a head over them, by the signer or at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_inserted_under_the_running_writer_are_never_signed() {
+    for forged in [1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig {
+            sign_interval: Duration::from_millis(20),
+            ..config()
+        };
+        let log = AuditLog::open(
+            open_store(dir.path()).await,
+            LogKeys::load_or_create(dir.path()).unwrap(),
+            config,
+        )
+        .await
+        .unwrap();
+        let log_id = log.log_id().to_string();
+        grow(&log, 0, 20).await;
+        let head = log.sign_now().await.unwrap();
+        assert_eq!(log.history_checked().await, HistoryCheck::Passed);
+
+        for _ in 0..forged {
+            fabricate_after(dir.path(), &log_id, 5, 0).await;
+        }
+        // One entry, as many as the first forged row: its commit is refused.
+        let refused = log.append(event(100)).await.unwrap_err();
+        assert!(matches!(refused, AuditError::Unavailable(_)), "{refused:?}");
+        let refused = log.append(event(101)).await.unwrap_err();
+        assert!(matches!(refused, AuditError::Unavailable(_)), "{refused:?}");
+        let HistoryCheck::Failed(why) = log.history_check() else {
+            panic!("{forged} forged: {:?}", log.history_check());
+        };
+        assert!(
+            why.contains(&format!("entries 20..{}", 20 + forged)) && why.contains("not written by this broker"),
+            "{why}"
+        );
+        assert_eq!(log.size(), 20, "nothing adopted");
+        assert!(matches!(log.append(event(102)).await, Err(AuditError::Corrupt(_))));
+        assert!(matches!(log.sign_now().await, Err(AuditError::Corrupt(_))));
+        assert!(matches!(log.shutdown().await, Err(AuditError::Corrupt(_))));
+        assert_eq!(
+            stored_head(dir.path(), &log_id).await,
+            Some(head.clone()),
+            "nothing signed"
+        );
+        assert_eq!(pinned(dir.path()), head);
+    }
+}

@@ -168,6 +168,79 @@ async fn a_commit_that_landed_despite_an_error_is_resynchronised() {
     assert_eq!(sth.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
 }
 
+/// A commit the writer gave up on may land later, while another batch is
+/// on its way: the batch that then fails finds it stored, and the writer
+/// recognises it as its own, though it is not the last batch it tried.
+#[tokio::test]
+async fn a_batch_given_up_that_lands_behind_a_later_one_is_recognised() {
+    let store = Arc::new(FakeStore::new());
+    let config = AuditConfig {
+        commit_timeout: Duration::from_millis(300),
+        ..quiet()
+    };
+    let log = AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), config)
+        .await
+        .unwrap();
+    log.append(event(0)).await.unwrap();
+    store.land_late.store(true, Ordering::SeqCst);
+    assert!(matches!(log.append(event(1)).await, Err(AuditError::Unavailable(_))));
+    store.land_late.store(false, Ordering::SeqCst);
+    // Entry 1 lands just before this one is written, which fails.
+    assert!(matches!(log.append(event(2)).await, Err(AuditError::Unavailable(_))));
+    assert_eq!(store.entries(log.log_id()).len(), 2);
+    assert_eq!(log.append(event(3)).await.unwrap().sequence, 2);
+    assert_eq!(log.history_check(), HistoryCheck::Passed);
+    let sth = log.sign_now().await.unwrap();
+    assert_eq!(sth.tree_size, 3);
+    assert_eq!(sth.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
+}
+
+/// The entries of a failed commit found stored are adopted only if they are
+/// what the writer wrote: a leaf replaced (with its hash), a column altered
+/// or a tree node altered before the read-back fails the log, which then
+/// signs nothing over them.
+#[tokio::test]
+async fn entries_found_after_a_failed_commit_are_checked_before_they_are_adopted() {
+    type Alteration = (&'static str, fn(&FakeStore, &str));
+    let alterations: [Alteration; 3] = [
+        ("not the entries of any batch", |store, log_id| {
+            store.tamper(log_id, 255, |e| {
+                e.leaf = e.leaf.replace("tax-board", "tax-b0ard");
+                e.actor = "tax-b0ard".into();
+                e.leaf_hash = merkle::leaf_hash(e.leaf.as_bytes());
+            })
+        }),
+        ("entry 255 has columns that are not its leaf's", |store, log_id| {
+            store.tamper(log_id, 255, |e| e.actor = "police".into())
+        }),
+        ("tree node over entries 0..256", |store, log_id| {
+            store.tamper_node(log_id, (8, 0), [0x55; 32])
+        }),
+    ];
+    for (finding, alter) in alterations {
+        let store = Arc::new(FakeStore::new());
+        let log = open(&store, LogKeys::generate().unwrap()).await;
+        let log_id = log.log_id().to_owned();
+        log.append_many((0..255).map(event).collect()).await.unwrap();
+        let head = log.sign_now().await.unwrap();
+        // Entry 255 completes the stored node over 0..256.
+        store.fail_after_commit.store(true, Ordering::SeqCst);
+        assert!(log.append(event(255)).await.is_err());
+        store.fail_after_commit.store(false, Ordering::SeqCst);
+        alter(&store, &log_id);
+
+        assert!(log.append(event(256)).await.is_err(), "{finding}");
+        let HistoryCheck::Failed(why) = log.history_check() else {
+            panic!("{finding}: {:?}", log.history_check());
+        };
+        assert!(why.contains(finding), "{finding}: {why}");
+        assert_eq!(log.size(), 255, "{finding}: nothing adopted");
+        assert!(matches!(log.sign_now().await, Err(AuditError::Corrupt(_))), "{finding}");
+        assert_eq!(store.heads(&log_id).last(), Some(&(&head).into()), "{finding}");
+        assert!(matches!(log.append(event(257)).await, Err(AuditError::Corrupt(_))));
+    }
+}
+
 /// A database that stops answering (a network black hole) fails the batch
 /// after the commit timeout, and the writer is free for the next one as soon
 /// as the database answers again, not when the hung call would have ended.

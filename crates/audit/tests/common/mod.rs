@@ -35,6 +35,11 @@ pub struct FakeStore {
     pub fail_after_commit: AtomicBool,
     /// Every call answers that stored data cannot be decoded, without writing.
     pub corrupt: AtomicBool,
+    /// `append_entries` hangs instead of writing, and its batch lands at the
+    /// start of the next `append_entries` call: a commit the writer gave up
+    /// that the database carried out later.
+    pub land_late: AtomicBool,
+    late: Mutex<Vec<(Vec<StoredEntry>, Vec<TreeNode>)>>,
     delay: Mutex<Duration>,
     batches: Mutex<Vec<usize>>,
     /// Leaf hashes handed out by `leaf_hashes` and `entries_in_range`, in all.
@@ -122,6 +127,41 @@ impl FakeStore {
             .get_mut(log_id)
             .unwrap()
             .truncate(len);
+    }
+
+    /// Appends a batch if it continues the log, with its nodes.
+    fn write(&self, entries: &[StoredEntry], nodes: &[TreeNode]) -> Result<()> {
+        let mut tables = self.tables.lock().unwrap();
+        for (i, entry) in entries.iter().enumerate() {
+            let Some(log) = tables.entries.get(&entry.log_id) else {
+                return Err(StoreError::NotFound {
+                    what: format!("log {}", entry.log_id),
+                });
+            };
+            let expected = log.len() as u64 + entries[..i].iter().filter(|e| e.log_id == entry.log_id).count() as u64;
+            if entry.sequence < expected {
+                return Err(StoreError::AlreadyExists {
+                    what: format!("entry {}", entry.sequence),
+                });
+            }
+            if entry.sequence > expected {
+                return Err(StoreError::SequenceGap {
+                    log_id: entry.log_id.clone(),
+                    expected,
+                    found: entry.sequence,
+                });
+            }
+        }
+        for entry in entries {
+            tables.entries.get_mut(&entry.log_id).unwrap().push(entry.clone());
+        }
+        if let Some(first) = entries.first() {
+            let stored = tables.nodes.entry(first.log_id.clone()).or_default();
+            for n in nodes {
+                stored.insert((n.level, n.index), n.hash);
+            }
+        }
+        Ok(())
     }
 
     fn check(&self) -> Result<()> {
@@ -234,39 +274,16 @@ impl Store for FakeStore {
             tokio::time::sleep(delay).await;
         }
         self.check()?;
-        {
-            let mut tables = self.tables.lock().unwrap();
-            for (i, entry) in entries.iter().enumerate() {
-                let Some(log) = tables.entries.get(&entry.log_id) else {
-                    return Err(StoreError::NotFound {
-                        what: format!("log {}", entry.log_id),
-                    });
-                };
-                let expected =
-                    log.len() as u64 + entries[..i].iter().filter(|e| e.log_id == entry.log_id).count() as u64;
-                if entry.sequence < expected {
-                    return Err(StoreError::AlreadyExists {
-                        what: format!("entry {}", entry.sequence),
-                    });
-                }
-                if entry.sequence > expected {
-                    return Err(StoreError::SequenceGap {
-                        log_id: entry.log_id.clone(),
-                        expected,
-                        found: entry.sequence,
-                    });
-                }
-            }
-            for entry in entries {
-                tables.entries.get_mut(&entry.log_id).unwrap().push(entry.clone());
-            }
-            if let Some(first) = entries.first() {
-                let stored = tables.nodes.entry(first.log_id.clone()).or_default();
-                for n in nodes {
-                    stored.insert((n.level, n.index), n.hash);
-                }
-            }
+        let late = std::mem::take(&mut *self.late.lock().unwrap());
+        for (entries, nodes) in late {
+            // Lands if it still fits, as a transaction would.
+            let _ = self.write(&entries, &nodes);
         }
+        if self.land_late.load(Ordering::SeqCst) {
+            self.late.lock().unwrap().push((entries.to_vec(), nodes.to_vec()));
+            std::future::pending::<()>().await;
+        }
+        self.write(entries, nodes)?;
         if self.fail_after_commit.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable(
                 "injected fault: connection lost after commit".into(),
