@@ -1082,9 +1082,10 @@ enum Halt {
 /// A store read of the history check, retried every few seconds while the
 /// database is unavailable.
 ///
-/// Only an outage is worth waiting for: any other error is the store's
-/// answer about the stored history, and retrying it would leave the check
-/// running for ever while the log takes entries on top of that history.
+/// Only an outage is worth waiting for here: any other error is handed to
+/// the caller, whose [`Pass`] decides whether it ends the check failed or
+/// only leaves it to be made again later; retrying it here would leave the
+/// check running for ever while the log takes entries on top of that history.
 async fn read_retrying<T, F, Fut>(stop: &mut watch::Receiver<bool>, log_id: &str, mut read: F) -> Result<T, Halt>
 where
     F: FnMut() -> Fut,
@@ -1116,6 +1117,39 @@ enum Unchecked {
     ShuttingDown,
     /// The stored history is not what was logged: why.
     Altered(String),
+    /// A check repeated while the log is open could not read the history:
+    /// the store answered with an error that says nothing about it.
+    Inconclusive(String),
+}
+
+/// Which check of the stored history is running.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The check behind the opening (and of the entries found past the
+    /// newest head): any answer of the store but an outage ends it failed,
+    /// as it did before the log served.
+    First,
+    /// A check repeated while the log is open, the first having passed. A
+    /// store error there is no finding: on PostgreSQL every SQLSTATE outside
+    /// the connection and resource classes comes back `Corrupt` (a lock or
+    /// statement timeout, a snapshot too old, a privilege revoked by mistake),
+    /// and failing the log on it would refuse every lookup until a restart.
+    /// Only what the check itself finds fails the log: rows missing, a leaf
+    /// that is not its hash's, columns that are not its leaf's, a node or a
+    /// signed root the leaf hashes do not make.
+    Again,
+}
+
+impl Pass {
+    /// What the store refusing a read of the check (`what`) says.
+    fn refused(self, e: StoreError, what: String) -> Unchecked {
+        match (self, e) {
+            // Rows the log's size says exist are missing, whichever the pass.
+            (_, e @ StoreError::NotFound { .. }) => Unchecked::Altered(format!("{what}: {e}")),
+            (Pass::First, e) => Unchecked::Altered(format!("{what}: {e}")),
+            (Pass::Again, e) => Unchecked::Inconclusive(format!("{what}: {e}")),
+        }
+    }
 }
 
 /// Reads entries `[from, to)` of the log a chunk at a time, checking that
@@ -1129,6 +1163,7 @@ async fn read_checked(
     to: u64,
     stop: &mut watch::Receiver<bool>,
     mut tree: Option<&mut TreeCheck<'_>>,
+    pass: Pass,
 ) -> Result<(), Unchecked> {
     let mut from = from;
     while from < to {
@@ -1137,9 +1172,7 @@ async fn read_checked(
             Ok(entries) => entries,
             Err(Halt::ShuttingDown) => return Err(Unchecked::ShuttingDown),
             Err(Halt::Refused(e)) => {
-                return Err(Unchecked::Altered(format!(
-                    "log {log_id}: reading entries {from}..{end} to check them: {e}"
-                )));
+                return Err(pass.refused(e, format!("log {log_id}: reading entries {from}..{end} to check them")));
             }
         };
         check_chunk(log_id, from, end, entries.len()).map_err(|e| Unchecked::Altered(e.to_string()))?;
@@ -1164,7 +1197,7 @@ async fn read_checked(
         // The leaves are checked; only the tree nodes are left to read.
         drop(entries);
         if tree.is_some() {
-            check_nodes(store, log_id, stop, from, end, completed).await?;
+            check_nodes(store, log_id, stop, (from, end), completed, pass).await?;
         }
         from = end;
     }
@@ -1200,18 +1233,19 @@ async fn check_nodes(
     store: &dyn Store,
     log_id: &str,
     stop: &mut watch::Receiver<bool>,
-    from: u64,
-    to: u64,
+    (from, to): (u64, u64),
     completed: Vec<(Subtree, Hash)>,
+    pass: Pass,
 ) -> Result<(), Unchecked> {
     let wanted: Vec<(u32, u64)> = completed.iter().map(|(s, _)| (s.level, s.index)).collect();
     let stored = match read_retrying(stop, log_id, || store.tree_nodes(log_id, &wanted)).await {
         Ok(stored) => stored,
         Err(Halt::ShuttingDown) => return Err(Unchecked::ShuttingDown),
         Err(Halt::Refused(e)) => {
-            return Err(Unchecked::Altered(format!(
-                "log {log_id}: reading the tree nodes over entries {from}..{to}: {e}"
-            )));
+            return Err(pass.refused(
+                e,
+                format!("log {log_id}: reading the tree nodes over entries {from}..{to}"),
+            ));
         }
     };
     let stored: HashMap<(u32, u64), Hash> = stored.into_iter().map(|n| ((n.level, n.index), n.hash)).collect();
@@ -1237,17 +1271,21 @@ async fn check_stored(
     size: u64,
     head: Option<&SignedTreeHead>,
     stop: &mut watch::Receiver<bool>,
+    pass: Pass,
 ) -> Result<(), Unchecked> {
     let mut tree = TreeCheck {
         log_id,
         head,
         frontier: Frontier::new(),
     };
-    read_checked(store, log_id, 0, size, stop, Some(&mut tree)).await?;
+    read_checked(store, log_id, 0, size, stop, Some(&mut tree), pass).await?;
     match read_retrying(stop, log_id, || store.check_subject_index(log_id)).await {
         Ok(()) => Ok(()),
         Err(Halt::ShuttingDown) => Err(Unchecked::ShuttingDown),
-        Err(Halt::Refused(e)) => Err(Unchecked::Altered(format!("log {log_id}: {e}"))),
+        // `Corrupt` is the store's finding: the index does not hold the
+        // entries (PostgreSQL's check reads nothing and never answers so).
+        Err(Halt::Refused(e @ StoreError::Corrupt(_))) => Err(Unchecked::Altered(format!("log {log_id}: {e}"))),
+        Err(Halt::Refused(e)) => Err(pass.refused(e, format!("log {log_id}: checking the citizens' history index"))),
     }
 }
 
@@ -1257,8 +1295,10 @@ async fn check_stored(
 /// newest head ([`check_stored`]); then, while the log is open, the whole
 /// log again every `recheck_interval` (or [`RECHECK_DUTY`] times as long as
 /// the last check took), for an alteration made while the broker runs. On a
-/// difference, or entries missing or unreadable, the log refuses new entries
-/// and signs no head.
+/// difference, or entries missing (or, before the first check passed,
+/// unreadable), the log refuses new entries and signs no head; a repeated
+/// check the store answers with an error is logged and made again later
+/// (see [`Pass::Again`]).
 async fn check_history(
     store: Arc<dyn Store>,
     log_id: String,
@@ -1274,22 +1314,24 @@ async fn check_history(
     };
     let tail = *lock(&shared.unchecked_tail);
     if let Some((from, to)) = tail {
-        match read_checked(store.as_ref(), &log_id, from, to, &mut stop, None).await {
+        match read_checked(store.as_ref(), &log_id, from, to, &mut stop, None, Pass::First).await {
             Ok(()) => {
                 tracing::info!(log_id = %log_id, from, to, "the audit log's entries past its newest signed head are checked; signing them");
                 *lock(&shared.unchecked_tail) = None;
             }
             Err(Unchecked::ShuttingDown) => return,
-            Err(Unchecked::Altered(why)) => return altered(why),
+            // The first pass finds no store error inconclusive.
+            Err(Unchecked::Altered(why) | Unchecked::Inconclusive(why)) => return altered(why),
         }
     }
     // Nothing is signed before the tail is checked: the newest head is still
     // the one the log opened with, which `size` extends.
     let head = lock(&shared.last_signed).clone();
-    match check_stored(store.as_ref(), &log_id, size, head.as_ref(), &mut stop).await {
+    match check_stored(store.as_ref(), &log_id, size, head.as_ref(), &mut stop, Pass::First).await {
         Ok(()) => {}
         Err(Unchecked::ShuttingDown) => return,
-        Err(Unchecked::Altered(why)) => return altered(why),
+        // The first pass finds no store error inconclusive.
+        Err(Unchecked::Altered(why) | Unchecked::Inconclusive(why)) => return altered(why),
     }
     let mut took = began.elapsed();
     tracing::info!(
@@ -1314,10 +1356,21 @@ async fn check_history(
         let head = lock(&shared.last_signed).clone();
         let size = shared.size.load(Ordering::Acquire);
         let began = Instant::now();
-        match check_stored(store.as_ref(), &log_id, size, head.as_ref(), &mut stop).await {
+        match check_stored(store.as_ref(), &log_id, size, head.as_ref(), &mut stop, Pass::Again).await {
             Ok(()) => {}
             Err(Unchecked::ShuttingDown) => return,
             Err(Unchecked::Altered(why)) => return altered(why),
+            Err(Unchecked::Inconclusive(why)) => {
+                // Checked again at the next turn; `took` stays the last
+                // complete check's.
+                tracing::error!(
+                    log_id = %log_id,
+                    why = %why,
+                    "the audit log's history could not be checked again: the database answered with an error, \
+                     which is no finding about the stored history; the log goes on and is checked again later"
+                );
+                continue;
+            }
         }
         took = began.elapsed();
         tracing::info!(

@@ -730,3 +730,63 @@ async fn opening_a_log_reads_at_most_one_block_of_leaf_hashes() {
         "the check read the whole history"
     );
 }
+
+/// Waits (at most 30 s, so that a bug fails the test instead of hanging it)
+/// until `done` holds or the log's history check failed.
+async fn until_or_failed(log: &AuditLog, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !done() && !matches!(log.history_check(), HistoryCheck::Failed(_)) {
+        assert!(tokio::time::Instant::now() < deadline, "nothing happened within 30 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A store error while the history is checked again (here `Corrupt`, as
+/// PostgreSQL's lock timeouts come back) is no finding about the history:
+/// the log goes on and the check is made again. Rows a later check finds
+/// missing still fail the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_error_in_a_repeated_check_is_checked_again_later_not_a_finding() {
+    let store = Arc::new(FakeStore::new());
+    let config = AuditConfig {
+        recheck_interval: Duration::from_millis(20),
+        ..quiet()
+    };
+    let log = AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), config)
+        .await
+        .unwrap();
+    let log_id = log.log_id().to_owned();
+    log.append_many((0..10).map(event).collect()).await.unwrap();
+    assert_eq!(log.history_checked().await, HistoryCheck::Passed);
+
+    store.corrupt_reads.store(1, Ordering::SeqCst);
+    until_or_failed(&log, || store.corrupt_reads.load(Ordering::SeqCst) == 0).await;
+    // A later check reads the entries again.
+    let read = store.leaf_hashes_read.load(Ordering::SeqCst);
+    until_or_failed(&log, || store.leaf_hashes_read.load(Ordering::SeqCst) > read).await;
+    assert_eq!(log.history_check(), HistoryCheck::Passed);
+    assert_eq!(log.append(event(10)).await.unwrap().sequence, 10);
+    assert_eq!(log.sign_now().await.unwrap().tree_size, 11);
+
+    store.truncate(&log_id, 5);
+    let why = tokio::time::timeout(Duration::from_secs(30), log.history_failure())
+        .await
+        .expect("the repeated check did not find the rows missing within 30 s")
+        .expect("the log shut down");
+    assert!(why.contains("entry 5") && why.contains("not found"), "{why}");
+    assert!(matches!(log.append(event(11)).await, Err(AuditError::Corrupt(_))));
+}
+
+/// The check behind the opening still ends failed on such an error: the
+/// log has not been found whole yet.
+#[tokio::test]
+async fn a_store_error_in_the_check_behind_the_opening_fails_the_log() {
+    let store = Arc::new(FakeStore::new());
+    let (keys, _) = closed_log(&store, 300).await;
+    store.corrupt_reads.store(1, Ordering::SeqCst);
+    let log = open(&store, keys).await;
+    let HistoryCheck::Failed(why) = log.history_checked().await else {
+        panic!("{:?}", log.history_check());
+    };
+    assert!(why.contains("lock timeout"), "{why}");
+}

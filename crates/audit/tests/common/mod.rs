@@ -42,6 +42,10 @@ pub struct FakeStore {
     late: Mutex<Vec<(Vec<StoredEntry>, Vec<TreeNode>)>>,
     delay: Mutex<Duration>,
     batches: Mutex<Vec<usize>>,
+    /// The next this many `entries_in_range` calls fail `Corrupt`, as
+    /// PostgreSQL's errors outside the connection and resource classes (a
+    /// lock timeout, a snapshot too old) come back.
+    pub corrupt_reads: std::sync::atomic::AtomicU64,
     /// Leaf hashes handed out by `leaf_hashes` and `entries_in_range`, in all.
     pub leaf_hashes_read: std::sync::atomic::AtomicU64,
 }
@@ -325,6 +329,15 @@ impl Store for FakeStore {
 
     async fn entries_in_range(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
         self.check()?;
+        if self
+            .corrupt_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::Corrupt(
+                "injected fault: postgres 55P03: canceling statement due to lock timeout".into(),
+            ));
+        }
         let tables = self.tables.lock().unwrap();
         let entries = tables.entries.get(log_id).map(Vec::as_slice).unwrap_or_default();
         if (entries.len() as u64) < to || from > to {
