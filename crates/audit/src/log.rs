@@ -100,6 +100,12 @@ pub struct AuditConfig {
     /// broker runs, not only while it is stopped. A check is also never
     /// started sooner than [`RECHECK_DUTY`] times the last one took.
     pub recheck_interval: Duration,
+    /// Longest a shutdown waits for the check of the entries found past the
+    /// newest signed head at the opening (what a crash leaves), so that its
+    /// final head covers them. Past it the log is left open (no final head,
+    /// `audit-head.json` says "open"), with a warning: the next start checks
+    /// them again, as after a crash.
+    pub shutdown_check_wait: Duration,
 }
 
 impl Default for AuditConfig {
@@ -110,6 +116,10 @@ impl Default for AuditConfig {
             queue: 16_384,
             commit_timeout: Duration::from_secs(10),
             recheck_interval: Duration::from_secs(3600),
+            // Such entries are a sign interval's worth of traffic, checked
+            // in well under a second; this leaves the rest of the
+            // orchestrator's grace to the drain before it.
+            shutdown_check_wait: Duration::from_secs(5),
         }
     }
 }
@@ -181,8 +191,9 @@ struct Shared {
     /// Entries found at the opening past the newest signed head (committed
     /// before a broker stopped without closing the log), which no head may
     /// cover before the history check has read them; `None` when there were
-    /// none, or once they are checked.
-    unchecked_tail: Mutex<Option<(u64, u64)>>,
+    /// none, or once they are checked. A watch, so that a shutdown can wait
+    /// for their check.
+    unchecked_tail: watch::Sender<Option<(u64, u64)>>,
     /// The newest head signed, which the history is checked against.
     last_signed: Mutex<Option<SignedTreeHead>>,
 }
@@ -199,7 +210,9 @@ impl Shared {
         if let HistoryCheck::Failed(why) = &*self.history.borrow() {
             return Some(SigningRefused::Altered(why.clone()));
         }
-        lock(&self.unchecked_tail).map(|(from, to)| SigningRefused::Unchecked { from, to })
+        self.unchecked_tail
+            .borrow()
+            .map(|(from, to)| SigningRefused::Unchecked { from, to })
     }
 }
 
@@ -244,6 +257,7 @@ pub struct AuditLog {
     sender: Mutex<Option<mpsc::Sender<Request>>>,
     closing: AtomicBool,
     commit_timeout: Duration,
+    shutdown_check_wait: Duration,
     sign_lock: tokio::sync::Mutex<()>,
     stop_signer: watch::Sender<bool>,
     writer_task: Mutex<Option<JoinHandle<()>>>,
@@ -372,7 +386,7 @@ impl AuditLog {
             size: AtomicU64::new(size),
             counters: Counters::default(),
             history,
-            unchecked_tail: Mutex::new(unchecked_tail),
+            unchecked_tail: watch::Sender::new(unchecked_tail),
             last_signed: Mutex::new(latest),
         });
         let (sender, receiver) = mpsc::channel(config.queue);
@@ -386,6 +400,7 @@ impl AuditLog {
             sender: Mutex::new(Some(sender)),
             closing: AtomicBool::new(false),
             commit_timeout: config.commit_timeout,
+            shutdown_check_wait: config.shutdown_check_wait,
             sign_lock: tokio::sync::Mutex::new(()),
             stop_signer,
             writer_task: Mutex::new(None),
@@ -688,7 +703,11 @@ impl AuditLog {
 
     /// Stops accepting entries (they fail with `ShuttingDown`), commits
     /// everything already queued, stops the signer and signs a final head over
-    /// every entry. `None` if the log was already shut down.
+    /// every entry, and pins it with the log closed. `None` if the log was
+    /// already shut down, or if the entries found past the newest head at the
+    /// opening were still being checked after
+    /// [`AuditConfig::shutdown_check_wait`]: the log is then left open, and
+    /// the next start checks them again.
     pub async fn shutdown(&self) -> Result<Option<SignedTreeHead>, AuditError> {
         if self.closing.swap(true, Ordering::AcqRel) {
             return Ok(None);
@@ -702,10 +721,26 @@ impl AuditLog {
                 .await
                 .map_err(|e| AuditError::Unavailable(format!("audit writer task failed: {e}")))?;
         }
+        // Stopping the signer stops the history check too: the entries found
+        // past the newest head at the opening get a while to be checked first.
+        self.tail_checked().await;
         let _ = self.stop_signer.send(true);
         let signer = lock(&self.signer_task).take();
         if let Some(signer) = signer {
             let _ = signer.await;
+        }
+        if let Some(SigningRefused::Unchecked { from, to }) = self.shared.signing_refused() {
+            // Not a failed stop: these entries are what a crash leaves, and
+            // a log left open is what the next start expects after one.
+            tracing::warn!(
+                log_id = %self.log_id,
+                from,
+                to,
+                waited_ms = u64::try_from(self.shutdown_check_wait.as_millis()).unwrap_or(u64::MAX),
+                "the audit log's entries past its newest signed head at the opening were still being checked; \
+                 it is left open without a final head, and the next start checks them again"
+            );
+            return Ok(None);
         }
         let sth = self.sign_now().await?;
         // Only now may the next start take entries past this head for
@@ -715,6 +750,25 @@ impl AuditLog {
         }
         tracing::info!(log_id = %self.log_id, tree_size = sth.tree_size, "audit log closed with a final signed head");
         Ok(Some(sth))
+    }
+
+    /// Waits, at most [`AuditConfig::shutdown_check_wait`], for the check
+    /// of the entries found past the newest head at the opening to end,
+    /// passed or failed.
+    async fn tail_checked(&self) {
+        if self.shared.unchecked_tail.borrow().is_none() {
+            return;
+        }
+        let mut tail = self.shared.unchecked_tail.subscribe();
+        let mut history = self.shared.history.subscribe();
+        let ended = async {
+            tokio::select! {
+                _ = tail.wait_for(Option::is_none) => {}
+                _ = history.wait_for(|h| matches!(h, HistoryCheck::Failed(_))) => {}
+            }
+        };
+        // Past the wait the caller finds the tail still unchecked and says so.
+        let _ = tokio::time::timeout(self.shutdown_check_wait, ended).await;
     }
 
     /// Counters of the writer.
@@ -1312,12 +1366,12 @@ async fn check_history(
         tracing::error!(log_id = %log_id, why = %why, "the audit log's stored history was altered; it refuses new entries and signs no tree head");
         shared.history.send_replace(HistoryCheck::Failed(why));
     };
-    let tail = *lock(&shared.unchecked_tail);
+    let tail = *shared.unchecked_tail.borrow();
     if let Some((from, to)) = tail {
         match read_checked(store.as_ref(), &log_id, from, to, &mut stop, None, Pass::First).await {
             Ok(()) => {
                 tracing::info!(log_id = %log_id, from, to, "the audit log's entries past its newest signed head are checked; signing them");
-                *lock(&shared.unchecked_tail) = None;
+                shared.unchecked_tail.send_replace(None);
             }
             Err(Unchecked::ShuttingDown) => return,
             // The first pass finds no store error inconclusive.

@@ -790,3 +790,92 @@ async fn a_store_error_in_the_check_behind_the_opening_fails_the_log() {
     };
     assert!(why.contains("lock timeout"), "{why}");
 }
+
+/// A log of 35 entries whose broker stopped without closing it (a crash)
+/// after signing a head over the first 30, with its keys (and pin) in `dir`.
+async fn crashed_log(store: &Arc<FakeStore>, dir: &std::path::Path) -> LogKeys {
+    let keys = LogKeys::load_or_create(dir).unwrap();
+    let log = open(store, keys.clone()).await;
+    log.append_many((0..30).map(event).collect()).await.unwrap();
+    assert_eq!(log.sign_now().await.unwrap().tree_size, 30);
+    log.append_many((30..35).map(event).collect()).await.unwrap();
+    drop(log);
+    keys
+}
+
+/// The pin beside the keys in `dir`: its tree size and state.
+fn pin(dir: &std::path::Path) -> (u64, String) {
+    let pin: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(lienthong_audit::keys::PINNED_HEAD_FILE)).unwrap()).unwrap();
+    (
+        pin["tree_size"].as_u64().unwrap(),
+        pin["state"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A shutdown while the entries found past the head after a crash are still
+/// being checked waits for the check, then closes the log with a head over
+/// them, instead of failing the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_the_check_of_a_crash_tail_waits_for_it_and_closes_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FakeStore::new());
+    let keys = crashed_log(&store, dir.path()).await;
+    store.hold_reads(true);
+    let config = AuditConfig {
+        shutdown_check_wait: Duration::from_secs(60),
+        ..quiet()
+    };
+    let log = AuditLog::open(store.clone() as Arc<dyn Store>, keys, config)
+        .await
+        .unwrap();
+    let closing = tokio::spawn({
+        let log = log.clone();
+        async move { log.shutdown().await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store.reads_waiting() == 0 {
+        assert!(!closing.is_finished(), "the shutdown did not wait: {:?}", closing.await);
+        assert!(tokio::time::Instant::now() < deadline, "the tail's check never read it");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Time for a shutdown that does not wait to get past its stop.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.hold_reads(false);
+    let head = closing.await.unwrap().unwrap().expect("a final head");
+    assert_eq!(head.tree_size, 35);
+    assert_eq!(store.heads(log.log_id()).last().unwrap().tree_size, 35);
+    assert_eq!(pin(dir.path()), (35, "closed".to_owned()));
+}
+
+/// One whose check cannot end within the wait (a database slow to read)
+/// stops cleanly too, leaving the log open with no head over them: the next
+/// start checks them again and signs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_the_crash_tail_check_outlasts_leaves_the_log_open_without_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FakeStore::new());
+    let keys = crashed_log(&store, dir.path()).await;
+    store.hold_reads(true);
+    let config = AuditConfig {
+        shutdown_check_wait: Duration::from_millis(100),
+        ..quiet()
+    };
+    let log = AuditLog::open(store.clone() as Arc<dyn Store>, keys.clone(), config)
+        .await
+        .unwrap();
+    assert_eq!(log.shutdown().await.unwrap(), None);
+    assert_eq!(
+        store.heads(log.log_id()).last().unwrap().tree_size,
+        30,
+        "nothing signed"
+    );
+    assert_eq!(pin(dir.path()), (30, "open".to_owned()));
+    store.hold_reads(false);
+    drop(log);
+
+    let log = open(&store, keys).await;
+    assert_eq!(log.history_checked().await, HistoryCheck::Passed);
+    assert_eq!(log.shutdown().await.unwrap().unwrap().tree_size, 35);
+    assert_eq!(pin(dir.path()), (35, "closed".to_owned()));
+}

@@ -46,6 +46,10 @@ pub struct FakeStore {
     /// PostgreSQL's errors outside the connection and resource classes (a
     /// lock timeout, a snapshot too old) come back.
     pub corrupt_reads: std::sync::atomic::AtomicU64,
+    /// While true, `entries_in_range` calls wait (a database slow to read).
+    reads_held: tokio::sync::watch::Sender<bool>,
+    /// `entries_in_range` calls waiting for `reads_held` to be lifted.
+    reads_waiting: std::sync::atomic::AtomicU64,
     /// Leaf hashes handed out by `leaf_hashes` and `entries_in_range`, in all.
     pub leaf_hashes_read: std::sync::atomic::AtomicU64,
 }
@@ -58,6 +62,16 @@ impl FakeStore {
     /// Each `append_entries` takes this long, as an fsync would.
     pub fn set_delay(&self, delay: Duration) {
         *self.delay.lock().unwrap() = delay;
+    }
+
+    /// Holds `entries_in_range` calls until called with `false`.
+    pub fn hold_reads(&self, held: bool) {
+        self.reads_held.send_replace(held);
+    }
+
+    /// `entries_in_range` calls held now.
+    pub fn reads_waiting(&self) -> u64 {
+        self.reads_waiting.load(Ordering::SeqCst)
     }
 
     pub fn set_failing(&self, fail: bool) {
@@ -328,6 +342,12 @@ impl Store for FakeStore {
     }
 
     async fn entries_in_range(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<StoredEntry>> {
+        let mut held = self.reads_held.subscribe();
+        if *held.borrow_and_update() {
+            self.reads_waiting.fetch_add(1, Ordering::SeqCst);
+            let _ = held.wait_for(|held| !*held).await;
+            self.reads_waiting.fetch_sub(1, Ordering::SeqCst);
+        }
         self.check()?;
         if self
             .corrupt_reads
