@@ -1090,6 +1090,19 @@ async fn check_pinned(
                 );
             }
             if let Some(head) = latest {
+                if matches!(found, Pinned::Missing) {
+                    // The database already holds heads of this log, so the
+                    // pin was lost or not restored: nothing checks that this
+                    // database is not older than heads auditors have seen.
+                    tracing::warn!(
+                        file = %path.display(),
+                        tree_size = head.tree_size,
+                        "no pinned audit head beside the signing key although the database holds signed heads of \
+                         this log: pinning the database's newest, unchecked (if this data directory or the \
+                         database was restored from a backup taken while the broker ran, end this log instead: \
+                         see \"Back up\" in deploy/README.md)"
+                    );
+                }
                 tracing::info!(file = %path.display(), tree_size = head.tree_size, "pinning the database's newest audit head");
                 pin::write_async(path, head, LogState::Open).await?;
             }
