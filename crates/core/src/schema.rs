@@ -441,6 +441,7 @@ fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Resul
     }
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
+    check_pattern_count(which, &value)?;
     build_validator(which, &value, Admission::New)?;
     if which == RECORD_SCHEMA {
         check_record_fields(which, &value)?;
@@ -491,7 +492,8 @@ fn text_depth_exceeding(text: &str, limit: usize) -> Option<usize> {
     None
 }
 
-/// Checks of a parsed schema shared by registration and compilation.
+/// Checks of a parsed schema shared by registration and compilation: only
+/// rules every stored version met when it was registered belong here.
 fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaError> {
     let draft = draft_of(which, value)?;
     find_remote_ref(which, value, &mut String::new())?;
@@ -507,14 +509,6 @@ fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaEr
         });
     }
     check_object_schema(which, value)?;
-    let mut patterns = 0;
-    if let Some(pointer) = pattern_past_limit(value, &mut String::new(), &mut patterns) {
-        return Err(SchemaError::TooManyPatterns {
-            schema: which,
-            pointer,
-            limit: MAX_PATTERNS,
-        });
-    }
     let mut walk = Walk::new(value, MAX_FIELDS);
     if walk.run().is_err() {
         return Err(SchemaError::TooManyFields {
@@ -523,6 +517,21 @@ fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaEr
         });
     }
     Ok(())
+}
+
+/// Refuses a schema being registered with more than [`MAX_PATTERNS`]
+/// regular expressions. Not part of [`check_schema_value`]: the limit came
+/// after versions with more were stored, and those must still load.
+fn check_pattern_count(which: &'static str, value: &Value) -> Result<(), SchemaError> {
+    let mut patterns = 0;
+    match pattern_past_limit(value, &mut String::new(), &mut patterns) {
+        Some(pointer) => Err(SchemaError::TooManyPatterns {
+            schema: which,
+            pointer,
+            limit: MAX_PATTERNS,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Pointer of the first regular expression past [`MAX_PATTERNS`], counting

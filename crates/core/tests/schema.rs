@@ -1124,6 +1124,27 @@ fn a_stored_version_with_a_pattern_over_the_new_limit_still_compiles() {
     assert!(c.validate_record(&json!({"full_name": "A1"})).is_err());
 }
 
+/// The pattern count limit came after versions with more patterns were
+/// stored: such a version still loads, and still checks every pattern.
+#[test]
+fn a_stored_version_with_more_patterns_than_the_new_limit_still_compiles() {
+    let mut definition = define(&base_query(), &base_record(), "national_id").unwrap();
+    let props = definition.record_schema["properties"].as_object_mut().unwrap();
+    for i in 0..=MAX_PATTERNS {
+        props.insert(format!("p{i}"), json!({"type": "string", "pattern": format!("^{i}$")}));
+    }
+    let c = compiled(definition);
+    let last = format!("p{MAX_PATTERNS}");
+    assert!(
+        c.validate_record(&json!({"full_name": "A", last.clone(): MAX_PATTERNS.to_string()}))
+            .is_ok()
+    );
+    let err = c
+        .validate_record(&json!({"full_name": "A", last.clone(): "x"}))
+        .unwrap_err();
+    assert_eq!(err.pointer, format!("/{last}"));
+}
+
 #[test]
 fn patterns_are_bounded_in_size_and_number() {
     let big = json!({"type": "object", "properties": {
