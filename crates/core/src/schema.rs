@@ -123,13 +123,28 @@ pub const MAX_FIELDS: usize = 4096;
 /// Longest record type name.
 pub const MAX_NAME_LEN: usize = 128;
 /// Most regular expressions (`pattern`s and `patternProperties` keys) one
-/// schema may hold: with [`PATTERN_SIZE_LIMIT`], bounds the memory and time
-/// compiling a schema takes.
+/// schema may hold: with [`PATTERNS_SIZE_BUDGET`], bounds the memory and
+/// time compiling a schema takes.
 pub const MAX_PATTERNS: usize = 64;
-/// Largest compiled form of one regular expression, in bytes (the regex
-/// default is 10 MiB, which a short pattern such as `\p{L}{240}` nearly
-/// reaches); also the capacity of each one's matching cache.
-pub const PATTERN_SIZE_LIMIT: usize = 128 * 1024;
+/// Largest compiled form of one regular expression of a new registration,
+/// in bytes. The regex default, 10 MiB, lets a short pattern such as
+/// `\p{L}{240}` cost 50 ms and 10 MiB; but a name or address pattern that
+/// repeats a group of Unicode classes a bounded number of times needs far
+/// more than a few KiB (measured: `^\p{L}+( \p{L}+){0,5}$` 251 KiB,
+/// `^\p{Lu}\p{Ll}*( \p{Lu}\p{Ll}*){0,10}$` 582 KiB,
+/// `^\p{L}+([ '\-]\p{L}+){0,20}$` 882 KiB, an address pattern repeating
+/// its group 30 times 1.4 MiB): 2 MiB admits those, about 40 repetitions.
+pub const PATTERN_SIZE_LIMIT: usize = 2 * MIB;
+/// Most the compiled forms of one schema's regular expressions may take
+/// together, in bytes, each counted as the smallest of 64 KiB, 128 KiB,
+/// 256 KiB ... [`PATTERN_SIZE_LIMIT`] it compiles within: eight patterns
+/// at the per-pattern limit, or all [`MAX_PATTERNS`] small ones.
+pub const PATTERNS_SIZE_BUDGET: usize = 16 * MIB;
+
+const MIB: usize = 1 << 20;
+/// The least a pattern is counted against [`PATTERNS_SIZE_BUDGET`], and the
+/// first size it is tried within.
+const PATTERN_SIZE_STEP: usize = 64 * 1024;
 
 /// How many `$ref` hops are followed before a schema is taken as it is.
 const MAX_REF_HOPS: usize = 16;
@@ -441,7 +456,7 @@ fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Resul
     }
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
-    check_pattern_count(which, &value)?;
+    check_patterns(which, &value)?;
     build_validator(which, &value, Admission::New)?;
     if which == RECORD_SCHEMA {
         check_record_fields(which, &value)?;
@@ -519,44 +534,132 @@ fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaEr
     Ok(())
 }
 
-/// Refuses a schema being registered with more than [`MAX_PATTERNS`]
-/// regular expressions. Not part of [`check_schema_value`]: the limit came
-/// after versions with more were stored, and those must still load.
-fn check_pattern_count(which: &'static str, value: &Value) -> Result<(), SchemaError> {
-    let mut patterns = 0;
-    match pattern_past_limit(value, &mut String::new(), &mut patterns) {
-        Some(pointer) => Err(SchemaError::TooManyPatterns {
+/// Refuses a schema being registered whose regular expressions are more
+/// than [`MAX_PATTERNS`], or one of which compiles to more than
+/// [`PATTERN_SIZE_LIMIT`], or which together take more than
+/// [`PATTERNS_SIZE_BUDGET`]. Not part of [`check_schema_value`]: these
+/// limits came after versions beyond them were stored, and those must
+/// still load.
+fn check_patterns(which: &'static str, value: &Value) -> Result<(), SchemaError> {
+    let patterns = patterns_of(value);
+    if let Some(past) = patterns.get(MAX_PATTERNS) {
+        return Err(SchemaError::TooManyPatterns {
             schema: which,
-            pointer,
+            pointer: past.pointer.clone(),
             limit: MAX_PATTERNS,
-        }),
-        None => Ok(()),
+        });
     }
+    let refuse = |at: &PatternAt, message| SchemaError::Compile {
+        schema: which,
+        pointer: at.pointer.clone(),
+        message,
+    };
+    let mut total = 0;
+    for at in &patterns {
+        let size =
+            compiled_size_bound(at, PATTERN_SIZE_LIMIT).ok_or_else(|| refuse(at, pattern_problem(&at.pattern)))?;
+        total += size;
+        if total > PATTERNS_SIZE_BUDGET {
+            return Err(refuse(
+                at,
+                format!(
+                    "the schema's patterns compile to more than {} together, the limit, with this one: {}",
+                    show_size(PATTERNS_SIZE_BUDGET),
+                    SHRINK_PATTERN
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
-/// Pointer of the first regular expression past [`MAX_PATTERNS`], counting
-/// into `seen`: every `pattern` string and `patternProperties` key outside
-/// the keywords whose values are data.
-fn pattern_past_limit(value: &Value, pointer: &mut String, seen: &mut usize) -> Option<String> {
-    let mut count = |at: String| {
-        *seen += 1;
-        (*seen > MAX_PATTERNS).then_some(at)
-    };
-    first_in_schema(value, pointer, &mut |key, sub, at| {
-        if key == "pattern" && sub.is_string() {
-            return count(at.to_owned());
+/// A regular expression of a schema and where it is.
+struct PatternAt {
+    /// JSON Pointer of the `pattern` keyword or `patternProperties` key.
+    pointer: String,
+    /// The expression.
+    pattern: String,
+    /// A `patternProperties` key (else a `pattern` value).
+    key: bool,
+}
+
+/// Every regular expression of a schema in document order: each `pattern`
+/// string and `patternProperties` key outside the keywords whose values
+/// are data.
+fn patterns_of(value: &Value) -> Vec<PatternAt> {
+    let mut out = Vec::new();
+    first_in_schema(value, &mut String::new(), &mut |key, sub, at| {
+        if key == "pattern"
+            && let Some(pattern) = sub.as_str()
+        {
+            out.push(PatternAt {
+                pointer: at.to_owned(),
+                pattern: pattern.to_owned(),
+                key: false,
+            });
         }
         if key == "patternProperties" {
             for name in sub.as_object().into_iter().flat_map(|p| p.keys()) {
-                let mut named = at.to_owned();
-                push_segment(&mut named, name);
-                if let Some(found) = count(named) {
-                    return Some(found);
-                }
+                let mut pointer = at.to_owned();
+                push_segment(&mut pointer, name);
+                out.push(PatternAt {
+                    pointer,
+                    pattern: name.clone(),
+                    key: true,
+                });
             }
         }
         None
-    })
+    });
+    out
+}
+
+/// The smallest of [`PATTERN_SIZE_STEP`], doubled again and again up to
+/// `limit`, that the pattern compiles within (as the validator compiles it,
+/// after translating it from ECMA 262 syntax and taking its shortcuts): a
+/// bound on its compiled size, at most twice it, as the regex crate reports
+/// none. An attempt that fails stops once it passes its bound, so measuring
+/// costs about one more compile. `None` if it does not compile within
+/// `limit`.
+fn compiled_size_bound(at: &PatternAt, limit: usize) -> Option<usize> {
+    let schema = if at.key {
+        let mut keyed = Map::new();
+        keyed.insert(at.pattern.clone(), Value::Bool(true));
+        let mut schema = Map::new();
+        schema.insert("patternProperties".to_owned(), Value::Object(keyed));
+        Value::Object(schema)
+    } else {
+        let mut schema = Map::new();
+        schema.insert("pattern".to_owned(), Value::String(at.pattern.clone()));
+        Value::Object(schema)
+    };
+    let mut size = PATTERN_SIZE_STEP.min(limit);
+    loop {
+        let compiled = jsonschema::options()
+            .with_retriever(RefuseRetrieval)
+            .with_pattern_options(
+                jsonschema::PatternOptions::regex()
+                    .size_limit(size)
+                    .dfa_size_limit(REGEX_DFA_SIZE_LIMIT),
+            )
+            .build(&schema);
+        if compiled.is_ok() {
+            return Some(size);
+        }
+        if size >= limit {
+            return None;
+        }
+        size = (size * 2).min(limit);
+    }
+}
+
+/// "2 MiB", "128 KiB".
+fn show_size(bytes: usize) -> String {
+    if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{} KiB", bytes / 1024)
+    }
 }
 
 /// The first `Some` that `found` gives for a member of `value`, in document
@@ -734,14 +837,25 @@ enum Admission {
 
 /// Largest compiled form of one regular expression of a stored version: the
 /// regex crate's default, which applied before [`PATTERN_SIZE_LIMIT`] did.
-const STORED_PATTERN_SIZE_LIMIT: usize = 10 * (1 << 20);
+const STORED_PATTERN_SIZE_LIMIT: usize = 10 * MIB;
+/// Capacity of each regular expression's matching cache (its lazy DFA): the
+/// regex crate's default, which applied before any limit here did.
+const REGEX_DFA_SIZE_LIMIT: usize = 2 * MIB;
+
+/// The compiled size and matching cache each regular expression may take.
+/// The validators that answer lookups are always built as
+/// [`Admission::Stored`] (registration compiles the new version so too):
+/// a new schema's build only checks it, its patterns measured beforehand.
+fn pattern_limits(admission: Admission) -> (usize, usize) {
+    match admission {
+        Admission::New => (PATTERN_SIZE_LIMIT, REGEX_DFA_SIZE_LIMIT),
+        Admission::Stored => (STORED_PATTERN_SIZE_LIMIT, REGEX_DFA_SIZE_LIMIT),
+    }
+}
 
 fn build_validator(which: &'static str, schema: &Value, admission: Admission) -> Result<Validator, SchemaError> {
     let draft = draft_of(which, schema)?;
-    let pattern_limit = match admission {
-        Admission::New => PATTERN_SIZE_LIMIT,
-        Admission::Stored => STORED_PATTERN_SIZE_LIMIT,
-    };
+    let (size_limit, dfa_size_limit) = pattern_limits(admission);
     jsonschema::options()
         .with_draft(draft)
         .with_retriever(RefuseRetrieval)
@@ -750,8 +864,8 @@ fn build_validator(which: &'static str, schema: &Value, admission: Admission) ->
         // member could make the broker compile many.
         .with_pattern_options(
             jsonschema::PatternOptions::regex()
-                .size_limit(pattern_limit)
-                .dfa_size_limit(pattern_limit),
+                .size_limit(size_limit)
+                .dfa_size_limit(dfa_size_limit),
         )
         .should_validate_formats(true)
         .should_ignore_unknown_formats(admission == Admission::Stored)
@@ -807,6 +921,13 @@ const KNOWN_FORMATS: [&str; 17] = [
     "regex",
 ];
 
+/// How to make a pattern compile smaller. What grows is a bounded
+/// repetition: `{m,n}` writes out what it repeats n times, and a Unicode
+/// class such as `\p{L}` is hundreds of ranges; `+` and `*` cost one copy.
+const SHRINK_PATTERN: &str = "a bounded repetition {m,n} of a group or class holding Unicode classes (such as \
+                              ( \\p{L}+){0,50} or [\\p{L}\\p{N} ,.]{0,100}) compiles to n copies of it; lower n, \
+                              or repeat it with * or + and bound the length with maxLength instead";
+
 /// Why a pattern the validator refused cannot be used, for a person.
 fn pattern_problem(pattern: &str) -> String {
     // Compiled again only to tell the causes apart, and within the same bound.
@@ -816,10 +937,8 @@ fn pattern_problem(pattern: &str) -> String {
     );
     if too_big {
         format!(
-            "the pattern compiles to more than {} KiB, the limit: a bounded repetition of a large \
-             character class (such as \\p{{L}}{{1,100}}) grows with its count; repeat with + or * and bound the \
-             length with minLength and maxLength instead",
-            PATTERN_SIZE_LIMIT / 1024
+            "the pattern compiles to more than {}, the limit: {SHRINK_PATTERN}",
+            show_size(PATTERN_SIZE_LIMIT)
         )
     } else {
         "the pattern is not a regular expression the broker accepts: patterns run in linear time, without \
@@ -2278,5 +2397,18 @@ impl CompiledRecordType {
     /// True once deprecated.
     pub fn deprecated(&self) -> bool {
         self.version.deprecated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stored version compiles as it did before any limit here: under the
+    /// regex crate's defaults, 10 MiB compiled and a 2 MiB matching cache
+    /// (a larger cache than before would grow with every thread matching).
+    #[test]
+    fn stored_versions_compile_under_the_regex_defaults() {
+        assert_eq!(pattern_limits(Admission::Stored), (10 * (1 << 20), 2 * (1 << 20)));
     }
 }
