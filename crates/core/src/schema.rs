@@ -323,15 +323,17 @@ pub enum SchemaError {
     },
     /// The schema holds more regular expressions than allowed.
     #[error(
-        "{schema} at {} holds regular expression number {}, more than the limit of {limit}: a schema may hold at most {limit} patterns (pattern and patternProperties together)",
-        show_pointer(.pointer), .limit + 1
+        "{schema} at {} holds regular expression number {}, more than the limit of {limit}: a schema may hold at most {} patterns (pattern and patternProperties together), or as many as it keeps unchanged from the version it follows",
+        show_pointer(.pointer), .limit + 1, MAX_PATTERNS
     )]
     TooManyPatterns {
         /// `query_schema` or `record_schema`.
         schema: &'static str,
-        /// JSON Pointer of the first pattern past the limit.
+        /// JSON Pointer of the first pattern past the limit that the version
+        /// it follows does not hold.
         pointer: String,
-        /// The limit.
+        /// The limit: [`MAX_PATTERNS`], or how many the schema keeps
+        /// unchanged from the version it follows if more.
         limit: usize,
     },
     /// The schema passed the meta-schema but could not be compiled (bad regex,
@@ -414,6 +416,41 @@ pub fn parse_definition(
     subject_key: &str,
     limits: &SchemaLimits,
 ) -> Result<RecordTypeDefinition, SchemaError> {
+    parse_next_definition(
+        None,
+        name,
+        description,
+        owner,
+        query_schema_json,
+        record_schema_json,
+        subject_key,
+        limits,
+    )
+}
+
+/// [`parse_definition`] for the next version of a record type, `previous`
+/// being the version it is compared with (the current one; `None` for a
+/// first version). A `pattern`, `patternProperties` key or `format` kept
+/// unchanged from `previous` (the same string at the same JSON Pointer) is
+/// admitted under the rules `previous` loads under: a version stored before
+/// a rule came in answers under the old rules already, and its integrator
+/// must be able to register a backward compatible next version without an
+/// admin. Kept patterns may make the schema hold more patterns, or larger
+/// ones together, than the limits allow, but then it adds none: a version
+/// never holds more than the limits or what the previous one kept, so
+/// versions registered one after another cannot pile patterns up.
+// The arguments are those of `parse_definition` and the previous version.
+#[allow(clippy::too_many_arguments)]
+pub fn parse_next_definition(
+    previous: Option<&RecordTypeDefinition>,
+    name: &str,
+    description: &str,
+    owner: MemberId,
+    query_schema_json: &str,
+    record_schema_json: &str,
+    subject_key: &str,
+    limits: &SchemaLimits,
+) -> Result<RecordTypeDefinition, SchemaError> {
     validate_record_type_name(name)?;
     if description.trim().is_empty() {
         return Err(SchemaError::EmptyDescription);
@@ -423,8 +460,18 @@ pub fn parse_definition(
             return Err(SchemaError::NulCharacter { field });
         }
     }
-    let query_schema = parse_schema(QUERY_SCHEMA, query_schema_json, limits)?;
-    let record_schema = parse_schema(RECORD_SCHEMA, record_schema_json, limits)?;
+    let query_schema = parse_schema(
+        QUERY_SCHEMA,
+        query_schema_json,
+        limits,
+        previous.map(|p| &p.query_schema),
+    )?;
+    let record_schema = parse_schema(
+        RECORD_SCHEMA,
+        record_schema_json,
+        limits,
+        previous.map(|p| &p.record_schema),
+    )?;
     check_subject_key(&query_schema, subject_key)?;
     Ok(RecordTypeDefinition {
         name: name.to_owned(),
@@ -436,8 +483,14 @@ pub fn parse_definition(
     })
 }
 
-/// Every check of one schema document, in the order cheapest-first.
-fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Result<Value, SchemaError> {
+/// Every check of one schema document, in the order cheapest-first;
+/// `previous` is the same schema of the version it follows, if any.
+fn parse_schema(
+    which: &'static str,
+    text: &str,
+    limits: &SchemaLimits,
+    previous: Option<&Value>,
+) -> Result<Value, SchemaError> {
     if text.len() > limits.max_schema_bytes {
         return Err(SchemaError::TooLarge {
             schema: which,
@@ -456,8 +509,12 @@ fn parse_schema(which: &'static str, text: &str, limits: &SchemaLimits) -> Resul
     }
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
-    check_patterns(which, &value)?;
-    build_validator(which, &value, Admission::New)?;
+    let largest_pattern = check_patterns(which, &value, previous)?;
+    build_validator(
+        which,
+        &without_kept_formats(&value, previous),
+        Admission::New { largest_pattern },
+    )?;
     if which == RECORD_SCHEMA {
         check_record_fields(which, &value)?;
     }
@@ -537,16 +594,27 @@ fn check_schema_value(which: &'static str, value: &Value) -> Result<(), SchemaEr
 /// Refuses a schema being registered whose regular expressions are more
 /// than [`MAX_PATTERNS`], or one of which compiles to more than
 /// [`PATTERN_SIZE_LIMIT`], or which together take more than
-/// [`PATTERNS_SIZE_BUDGET`]. Not part of [`check_schema_value`]: these
-/// limits came after versions beyond them were stored, and those must
-/// still load.
-fn check_patterns(which: &'static str, value: &Value) -> Result<(), SchemaError> {
-    let patterns = patterns_of(value);
-    if let Some(past) = patterns.get(MAX_PATTERNS) {
+/// [`PATTERNS_SIZE_BUDGET`]; those kept unchanged from `previous` are
+/// measured as stored versions compile them, and bound the schema only
+/// where they alone pass a limit (see [`parse_next_definition`]). Not part
+/// of [`check_schema_value`]: these limits came after versions beyond them
+/// were stored, and those must still load. Returns the largest size limit
+/// one pattern needed.
+fn check_patterns(which: &'static str, value: &Value, previous: Option<&Value>) -> Result<usize, SchemaError> {
+    let before = previous.map(patterns_of).unwrap_or_default();
+    let before: HashSet<(&str, &str)> = before
+        .iter()
+        .map(|b| (b.pointer.as_str(), b.pattern.as_str()))
+        .collect();
+    let (kept, added): (Vec<PatternAt>, Vec<PatternAt>) = patterns_of(value)
+        .into_iter()
+        .partition(|at| before.contains(&(at.pointer.as_str(), at.pattern.as_str())));
+    let count_limit = MAX_PATTERNS.max(kept.len());
+    if let Some(past) = added.get(count_limit - kept.len()) {
         return Err(SchemaError::TooManyPatterns {
             schema: which,
             pointer: past.pointer.clone(),
-            limit: MAX_PATTERNS,
+            limit: count_limit,
         });
     }
     let refuse = |at: &PatternAt, message| SchemaError::Compile {
@@ -554,23 +622,82 @@ fn check_patterns(which: &'static str, value: &Value) -> Result<(), SchemaError>
         pointer: at.pointer.clone(),
         message,
     };
+    let mut largest = PATTERN_SIZE_STEP;
     let mut total = 0;
-    for at in &patterns {
+    for at in &kept {
+        // It compiled when `previous` was stored, within the regex default.
+        let size = compiled_size_bound(at, STORED_PATTERN_SIZE_LIMIT)
+            .ok_or_else(|| refuse(at, pattern_problem(&at.pattern)))?;
+        largest = largest.max(size);
+        total += size;
+    }
+    let budget = PATTERNS_SIZE_BUDGET.max(total);
+    for at in &added {
         let size =
             compiled_size_bound(at, PATTERN_SIZE_LIMIT).ok_or_else(|| refuse(at, pattern_problem(&at.pattern)))?;
+        largest = largest.max(size);
         total += size;
-        if total > PATTERNS_SIZE_BUDGET {
+        if total > budget {
+            let limit = if budget > PATTERNS_SIZE_BUDGET {
+                format!(
+                    "what those kept unchanged from the version it follows take (the limit is {})",
+                    show_size(PATTERNS_SIZE_BUDGET)
+                )
+            } else {
+                "the limit".to_owned()
+            };
             return Err(refuse(
                 at,
                 format!(
-                    "the schema's patterns compile to more than {} together, the limit, with this one: {}",
-                    show_size(PATTERNS_SIZE_BUDGET),
-                    SHRINK_PATTERN
+                    "the schema's patterns compile to more than {} together, {limit}, with this one: {SHRINK_PATTERN}",
+                    show_size(budget)
                 ),
             ));
         }
     }
-    Ok(())
+    Ok(largest)
+}
+
+/// `schema` without the `format`s kept unchanged from `previous` (the same
+/// name at the same JSON Pointer), for the check of a new schema: they are
+/// admitted as `previous` was, an unknown one ignored, while a format added
+/// or changed must be one the broker checks. Only object members go, so
+/// every other JSON Pointer stays the same.
+fn without_kept_formats<'a>(schema: &'a Value, previous: Option<&Value>) -> std::borrow::Cow<'a, Value> {
+    let Some(previous) = previous else {
+        return std::borrow::Cow::Borrowed(schema);
+    };
+    let before: HashSet<(String, String)> = formats_of(previous).into_iter().collect();
+    let kept: Vec<(String, String)> = formats_of(schema)
+        .into_iter()
+        .filter(|format| before.contains(format))
+        .collect();
+    if kept.is_empty() {
+        return std::borrow::Cow::Borrowed(schema);
+    }
+    let mut checked = schema.clone();
+    for (pointer, _) in &kept {
+        let parent = parent_pointer(pointer);
+        if let Some(keywords) = checked.pointer_mut(parent).and_then(Value::as_object_mut) {
+            keywords.remove("format");
+        }
+    }
+    std::borrow::Cow::Owned(checked)
+}
+
+/// Every `format` of a schema: its JSON Pointer and name, outside the
+/// keywords whose values are data.
+fn formats_of(value: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    first_in_schema(value, &mut String::new(), &mut |key, sub, at| {
+        if key == "format"
+            && let Some(name) = sub.as_str()
+        {
+            out.push((at.to_owned(), name.to_owned()));
+        }
+        None
+    });
+    out
 }
 
 /// A regular expression of a schema and where it is.
@@ -828,8 +955,12 @@ impl jsonschema::Retrieve for RefuseRetrieval {
 enum Admission {
     /// A schema being registered: an unknown `format` is refused (a typo,
     /// `"dat"`, would let any value pass unchecked), and each pattern must
-    /// compile within [`PATTERN_SIZE_LIMIT`].
-    New,
+    /// compile within `largest_pattern`, the most [`check_patterns`] found
+    /// one needs.
+    New {
+        /// Size limit of each pattern's compiled form.
+        largest_pattern: usize,
+    },
     /// A stored version: an unknown `format` is ignored and a pattern may be
     /// as large as [`STORED_PATTERN_SIZE_LIMIT`], as when it was registered.
     Stored,
@@ -848,7 +979,7 @@ const REGEX_DFA_SIZE_LIMIT: usize = 2 * MIB;
 /// a new schema's build only checks it, its patterns measured beforehand.
 fn pattern_limits(admission: Admission) -> (usize, usize) {
     match admission {
-        Admission::New => (PATTERN_SIZE_LIMIT, REGEX_DFA_SIZE_LIMIT),
+        Admission::New { largest_pattern } => (largest_pattern, REGEX_DFA_SIZE_LIMIT),
         Admission::Stored => (STORED_PATTERN_SIZE_LIMIT, REGEX_DFA_SIZE_LIMIT),
     }
 }
@@ -1697,6 +1828,24 @@ const ANNOTATIONS: [&str; 15] = [
     "$dynamicAnchor",
     "$vocabulary",
 ];
+/// True for a `format` the validator does not check in `root`'s draft. A
+/// version stored with one ignores it (registration refuses it now), so it
+/// constrains nothing: a next version dropping it changes no answer.
+fn unchecked_format(root: &Value, key: &str, value: &Value) -> bool {
+    let Some(format) = value.as_str().filter(|_| key == "format") else {
+        return false;
+    };
+    let draft = draft_of(RECORD_SCHEMA, root).unwrap_or(Draft::Draft202012);
+    let mut schema = Map::new();
+    schema.insert("format".to_owned(), Value::String(format.to_owned()));
+    jsonschema::options()
+        .with_draft(draft)
+        .should_validate_formats(true)
+        .should_ignore_unknown_formats(false)
+        .build(&Value::Object(schema))
+        .is_err()
+}
+
 /// Keywords whose value is a schema, or an array of schemas.
 const SCHEMA_KEYWORDS: [&str; 16] = [
     "items",
@@ -1741,7 +1890,7 @@ fn inline_schema<'a>(
     };
     let mut out = Map::new();
     for (key, value) in obj {
-        if ANNOTATIONS.contains(&key.as_str()) {
+        if ANNOTATIONS.contains(&key.as_str()) || unchecked_format(root, key, value) {
             continue;
         }
         let target = value
@@ -1830,7 +1979,7 @@ fn constraints(root: &Value, declared: &Value, walked: &Value, budget: &mut Budg
         for (key, value) in obj {
             let k = key.as_str();
             let compared_elsewhere = expanded && FIELD_KEYWORDS.contains(&k) && (k != "items" || value.is_object());
-            if k == "$ref" || ANNOTATIONS.contains(&k) || compared_elsewhere {
+            if k == "$ref" || ANNOTATIONS.contains(&k) || compared_elsewhere || unchecked_format(root, k, value) {
                 continue;
             }
             out.entry(key.clone())

@@ -3,7 +3,7 @@
 
 use lienthong_core::schema::{
     CompiledRecordType, FieldCut, MAX_PATTERNS, SchemaError, SchemaLimits, SubjectKeyProblem, check_compatibility,
-    parse_definition, validate_record_type_name,
+    parse_definition, parse_next_definition, validate_record_type_name,
 };
 use lienthong_core::{Compatibility, FieldSelection, MemberId, RecordTypeDefinition, RecordTypeVersion};
 use proptest::prelude::*;
@@ -1258,6 +1258,128 @@ fn unknown_formats_are_refused_at_registration() {
     let stored = RecordTypeVersion::new(def, 1, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::Backward);
     let c = CompiledRecordType::compile(stored).unwrap();
     assert!(c.validate_record(&json!({"full_name": "A"})).is_ok());
+}
+
+/// The next version of `previous`, as its integrator submits it.
+fn define_after(
+    previous: &RecordTypeDefinition,
+    query: &Value,
+    record: &Value,
+) -> Result<RecordTypeDefinition, SchemaError> {
+    parse_next_definition(
+        Some(previous),
+        "civil.birth",
+        "birth record of a citizen",
+        owner(),
+        &query.to_string(),
+        &record.to_string(),
+        "national_id",
+        &SchemaLimits::default(),
+    )
+}
+
+/// A version stored before unknown formats were refused: its next version
+/// may keep the format (the same name at the same place), or drop it, which
+/// changes no answer since the broker never checked it; a format added,
+/// changed or moved must be one the broker checks.
+#[test]
+fn a_format_kept_from_the_previous_version_is_admitted_as_it_was() {
+    let mut v1 = define(&base_query(), &base_record(), "national_id").unwrap();
+    v1.record_schema["properties"]["full_name"]["format"] = json!("person-name");
+    v1.query_schema["properties"]["national_id"]["format"] = json!("int64");
+    let (query, record) = (v1.query_schema.clone(), v1.record_schema.clone());
+    assert!(define(&query, &base_record(), "national_id").is_err());
+    assert!(define(&base_query(), &record, "national_id").is_err());
+
+    let kept = define_after(&v1, &query, &record).unwrap();
+    assert_eq!(check_compatibility(&v1, &kept), vec![]);
+    let c = compiled(kept);
+    assert!(c.validate_record(&json!({"full_name": "A"})).is_ok());
+    assert!(c.validate_query(&json!({"national_id": "001099012345"})).is_ok());
+
+    let (mut q, mut r) = (query.clone(), record.clone());
+    remove(&mut q, "/properties/national_id", "format");
+    remove(&mut r, "/properties/full_name", "format");
+    let dropped = define_after(&v1, &q, &r).unwrap();
+    assert_eq!(check_compatibility(&v1, &dropped), vec![]);
+
+    // Changed, or moved elsewhere: a format the broker does not check, refused.
+    let mut changed = record.clone();
+    set(&mut changed, "/properties/full_name/format", json!("person-names"));
+    let err = define_after(&v1, &query, &changed).unwrap_err();
+    assert_eq!(err.pointer(), Some("/properties/full_name/format"), "{err}");
+    let mut moved = record.clone();
+    set(
+        &mut moved,
+        "/properties/father/properties/full_name/format",
+        json!("person-name"),
+    );
+    let err = define_after(&v1, &query, &moved).unwrap_err();
+    assert_eq!(
+        err.pointer(),
+        Some("/properties/father/properties/full_name/format"),
+        "{err}"
+    );
+    // Replaced by one the broker checks: the register's values are now
+    // checked, a record constraint changed.
+    let mut checked = record.clone();
+    set(&mut checked, "/properties/full_name/format", json!("email"));
+    let next = define_after(&v1, &query, &checked).unwrap();
+    let kinds: Vec<_> = check_compatibility(&v1, &next).into_iter().map(|c| c.kind).collect();
+    assert_eq!(kinds, ["record_constraint_changed"]);
+}
+
+/// A version stored with a pattern over today's limit, or more patterns
+/// than it: its next version may keep them (the same string at the same
+/// place), but not add to what it keeps past a limit.
+#[test]
+fn patterns_kept_from_the_previous_version_are_admitted_as_they_were() {
+    let big = "\\p{L}{240}0";
+    let mut v1 = define(&base_query(), &base_record(), "national_id").unwrap();
+    v1.record_schema["properties"]["full_name"]["pattern"] = json!(big);
+    let record = v1.record_schema.clone();
+    let kept = define_after(&v1, &base_query(), &record).unwrap();
+    assert_eq!(check_compatibility(&v1, &kept), vec![]);
+    let mut moved = record.clone();
+    set(
+        &mut moved,
+        "/properties/father/properties/full_name/pattern",
+        json!(big),
+    );
+    let err = define_after(&v1, &base_query(), &moved).unwrap_err();
+    assert_eq!(
+        err.pointer(),
+        Some("/properties/father/properties/full_name/pattern"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("more than 2 MiB"), "{err}");
+
+    // 65 patterns kept: as many stay, none may be added.
+    let mut many = define(&base_query(), &base_record(), "national_id").unwrap();
+    let props = many.record_schema["properties"].as_object_mut().unwrap();
+    for i in 0..=MAX_PATTERNS {
+        props.insert(format!("p{i}"), json!({"type": "string", "pattern": format!("^{i}$")}));
+    }
+    let record = many.record_schema.clone();
+    assert!(define_after(&many, &base_query(), &record).is_ok());
+    let mut more = record.clone();
+    set(&mut more, "/properties/full_name/pattern", json!("^A"));
+    let err = define_after(&many, &base_query(), &more).unwrap_err();
+    assert!(matches!(err, SchemaError::TooManyPatterns { limit: 65, .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/properties/full_name/pattern"));
+
+    // Two kept that take 20 MiB together, more than 16: they stay, and
+    // nothing is added.
+    let mut huge = define(&base_query(), &base_record(), "national_id").unwrap();
+    huge.record_schema["properties"]["full_name"]["pattern"] = json!(big);
+    huge.record_schema["properties"]["father"]["properties"]["full_name"]["pattern"] = json!(big);
+    let record = huge.record_schema.clone();
+    assert!(define_after(&huge, &base_query(), &record).is_ok());
+    let mut more = record.clone();
+    set(&mut more, "/properties/birth_year/pattern", json!("^1"));
+    let err = define_after(&huge, &base_query(), &more).unwrap_err();
+    assert_eq!(err.pointer(), Some("/properties/birth_year/pattern"), "{err}");
+    assert!(err.to_string().contains("more than 20 MiB together"), "{err}");
 }
 
 #[test]
