@@ -468,7 +468,7 @@ async fn a_record_property_made_optional_or_reconstrained_is_a_breaking_change()
     let (_dir, fed) = federation().await;
     /// A change to the definition, and the breaking change it is.
     type Case = (fn(&mut serde_json::Value), &'static str, &'static str);
-    let cases: [Case; 3] = [
+    let cases: [Case; 5] = [
         (
             |d| {
                 let required = d["record_schema"]["required"].as_array_mut().unwrap();
@@ -489,6 +489,20 @@ async fn a_record_property_made_optional_or_reconstrained_is_a_breaking_change()
             |d| d["record_schema"]["properties"]["native_place"]["format"] = json!("email"),
             "record_constraint_changed",
             "/native_place",
+        ),
+        // A value consumers never saw, as with a raised maxLength.
+        (
+            |d| d["record_schema"]["properties"]["gender"]["enum"] = json!(["male", "female", "other"]),
+            "record_constraint_changed",
+            "/gender",
+        ),
+        (
+            |d| {
+                let gender = d["record_schema"]["properties"]["gender"].as_object_mut().unwrap();
+                gender.remove("enum");
+            },
+            "record_constraint_changed",
+            "/gender",
         ),
     ];
     for (change, kind, pointer) in cases {

@@ -21,8 +21,9 @@ use time::OffsetDateTime;
 #[serde(rename_all = "snake_case")]
 pub enum Compatibility {
     /// No removed or retyped record property, no record property no longer
-    /// required or with other constraints, no new required query parameter,
-    /// no narrowed enum, no query constraint tightened.
+    /// required or with other constraints (its `enum` and `const` too), no
+    /// new required query parameter, no narrowed query enum, no query
+    /// constraint tightened.
     Backward,
     /// No check (admins only); recorded on the version.
     None,
@@ -1508,7 +1509,7 @@ impl RecordTypeDefinition {
 /// One reason a new version breaks consumers of the previous one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BreakingChange {
-    /// `record_property_removed`, `record_property_retyped`, `record_enum_narrowed`,
+    /// `record_property_removed`, `record_property_retyped`,
     /// `record_property_structure_changed`, `record_property_no_longer_required`,
     /// `record_constraint_changed`, `query_parameter_required`,
     /// `query_parameter_removed`, `query_parameter_retyped`, `query_enum_narrowed`,
@@ -1684,13 +1685,6 @@ fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, o
                 ),
             ));
         }
-        if enum_narrowed(enum_values(old.schema), enum_values(new.schema)) {
-            out.push(breaking(
-                "record_enum_narrowed",
-                p,
-                format!("record property {p} no longer allows every value it allowed (enum narrowed or added)"),
-            ));
-        }
         let mut changed = || match (
             resolved(old_schema, old.schema, budget),
             resolved(new_schema, new.schema, budget),
@@ -1735,15 +1729,6 @@ fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, o
                         "items of record property {p} changed type from {} to {}",
                         show_types(&ot),
                         show_types(&nt)
-                    ),
-                ));
-            }
-            if enum_narrowed(enum_values(oi), enum_values(ni)) {
-                out.push(breaking(
-                    "record_enum_narrowed",
-                    p,
-                    format!(
-                        "items of record property {p} no longer allow every value they allowed (enum narrowed or added)"
                     ),
                 ));
             }
@@ -1951,18 +1936,30 @@ fn inline_keyword<'a>(
     Some(value.clone())
 }
 
-/// Keywords compared field by field where the field walk expanded a field.
-const FIELD_KEYWORDS: [&str; 6] = ["type", "enum", "const", "properties", "required", "items"];
+/// Keywords compared field by field where the field walk expanded a field,
+/// in a query: its `enum` and `const` may widen, so they are compared as
+/// sets of values accepted ([`enum_narrowed`]).
+const QUERY_FIELD_KEYWORDS: [&str; 6] = ["type", "enum", "const", "properties", "required", "items"];
+/// The same in a record. Its `enum` and `const` are constraints like any
+/// other: a value added lets the register send one consumers never saw, a
+/// value dropped refuses records valid before.
+const RECORD_FIELD_KEYWORDS: [&str; 4] = ["type", "properties", "required", "items"];
 
 /// Every constraint keyword of a schema and its values, inlined.
 type Constraints = std::collections::BTreeMap<String, Vec<Value>>;
 
 /// The constraints a field's schema puts on its values beyond what is
-/// compared field by field ([`FIELD_KEYWORDS`] of `walked`, the schema the
+/// compared field by field (the `field_keywords` of `walked`, the schema the
 /// walk expanded): every other keyword that asserts, in the schema as
 /// `declared` and in each schema its `$ref`s lead to (a reference and the
-/// keywords beside it all apply). `None` once the budget is spent.
-fn constraints(root: &Value, declared: &Value, walked: &Value, budget: &mut Budget) -> Option<Constraints> {
+/// keywords beside it all apply). An `enum`'s values count as a set, in
+/// no order. `None` once the budget is spent.
+fn constraints(
+    root: &Value,
+    (declared, walked): (&Value, &Value),
+    field_keywords: &[&str],
+    budget: &mut Budget,
+) -> Option<Constraints> {
     let mut out = Constraints::new();
     let mut seen: Vec<&Value> = Vec::new();
     let mut next = Some(declared);
@@ -1978,13 +1975,15 @@ fn constraints(root: &Value, declared: &Value, walked: &Value, budget: &mut Budg
         let expanded = std::ptr::eq(schema, walked);
         for (key, value) in obj {
             let k = key.as_str();
-            let compared_elsewhere = expanded && FIELD_KEYWORDS.contains(&k) && (k != "items" || value.is_object());
+            let compared_elsewhere = expanded && field_keywords.contains(&k) && (k != "items" || value.is_object());
             if k == "$ref" || ANNOTATIONS.contains(&k) || compared_elsewhere || unchecked_format(root, k, value) {
                 continue;
             }
-            out.entry(key.clone())
-                .or_default()
-                .push(inline_keyword(root, k, value, &mut Vec::new(), budget)?);
+            let mut inlined = inline_keyword(root, k, value, &mut Vec::new(), budget)?;
+            if let (true, Value::Array(values)) = (k == "enum", &mut inlined) {
+                as_set(values);
+            }
+            out.entry(key.clone()).or_default().push(inlined);
         }
         if let Some(reference) = obj.get("$ref").and_then(Value::as_str) {
             match local_target(root, reference).filter(|_| seen.len() <= MAX_REF_HOPS) {
@@ -1997,6 +1996,21 @@ fn constraints(root: &Value, declared: &Value, walked: &Value, budget: &mut Budg
         }
     }
     Some(out)
+}
+
+/// Sorts and dedups `values` (by their canonical JSON), for comparing as sets.
+fn as_set(values: &mut Vec<Value>) {
+    let mut keyed: Vec<(String, Value)> = values
+        .drain(..)
+        .map(|v| {
+            let mut key = String::new();
+            write_canonical(&v, &mut key);
+            (key, v)
+        })
+        .collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    keyed.dedup_by(|a, b| a.0 == b.0);
+    values.extend(keyed.into_iter().map(|(_, v)| v));
 }
 
 /// A field's array items: as declared, and with bare references followed.
@@ -2131,11 +2145,15 @@ fn field_constraint_changes(
     budget: &mut Budget,
 ) -> Vec<String> {
     let mut out = Vec::new();
+    let field_keywords: &[&str] = match loosening {
+        Loosening::Allowed => &QUERY_FIELD_KEYWORDS,
+        Loosening::Breaking => &RECORD_FIELD_KEYWORDS,
+    };
     let (mut old, mut new) = ((old_declared, old_walked), (new_declared, new_walked));
     for level in 0..MAX_FIELD_LEVELS {
         let of = if level == 0 { "" } else { "items: " };
-        let compared = constraints(old_root, old.0, old.1, budget)
-            .zip(constraints(new_root, new.0, new.1, budget))
+        let compared = constraints(old_root, old, field_keywords, budget)
+            .zip(constraints(new_root, new, field_keywords, budget))
             .map(|(o, n)| constraint_changes(&o, &n, loosening));
         match compared {
             Some(changes) => out.extend(changes.into_iter().map(|c| format!("{of}{c}"))),
