@@ -528,6 +528,38 @@ async fn a_record_property_made_optional_or_reconstrained_is_a_breaking_change()
     fed.shutdown().await.unwrap();
 }
 
+/// What only annotates, a custom `x-...` keyword included, changes no
+/// answer: a version adding, changing or removing it is compatible and
+/// registers.
+#[tokio::test]
+async fn annotations_are_not_breaking_changes() {
+    let (_dir, fed) = federation().await;
+    let annotated = birth_record_changed(|d| {
+        let full_name = &mut d["record_schema"]["properties"]["full_name"];
+        full_name["x-pii"] = json!(true);
+        full_name["title"] = json!("Full name");
+        full_name["deprecated"] = json!(false);
+        d["record_schema"]["properties"]["place_of_birth"]["x-source"] = json!("civil status book");
+        d["query_schema"]["properties"]["national_id"]["x-display"] = json!("Citizen id");
+        d["query_schema"]["properties"]["national_id"]["$comment"] = json!("reviewed");
+    });
+    let check = checked(&fed, annotated.clone()).await;
+    assert!(check.compatible, "{check:?}");
+    let registered = client(&fed, CIVIL_STATUS)
+        .await
+        .schemas()
+        .register(pb::RegisterRequest {
+            definition: Some(annotated),
+            compatibility: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(registered.created);
+    assert_eq!(registered.version.unwrap().version, 2);
+    fed.shutdown().await.unwrap();
+}
+
 /// The same schemas under another owner are a transfer, not a repeat: a
 /// member that does not own the record type is refused (and audited), an
 /// admin asking for BACKWARD is told how to transfer, and an admin asking

@@ -1794,25 +1794,67 @@ fn nodes(value: &Value) -> usize {
     }
 }
 
-/// Keywords that say nothing about which values are valid (or, for the
-/// `$defs`, are reached only through the references inlined).
-const ANNOTATIONS: [&str; 15] = [
-    "title",
-    "description",
-    "examples",
-    "$comment",
-    "default",
-    "deprecated",
-    "readOnly",
-    "writeOnly",
-    "$defs",
-    "definitions",
-    "$schema",
-    "$id",
-    "$anchor",
-    "$dynamicAnchor",
-    "$vocabulary",
+/// Keywords the validator asserts or applies, in draft 2020-12 or draft-07:
+/// the only ones compared between versions. Any other says nothing about
+/// which values are valid: annotations (`title`, `description`, `examples`,
+/// `$comment`, `deprecated`, `readOnly`, ...), definitions (`$defs`, reached
+/// only through the references inlined), custom keywords such as `x-pii`,
+/// and whatever the validator does not know, which it ignores.
+const ASSERTIONS: [&str; 46] = [
+    "type",
+    "enum",
+    "const",
+    "multipleOf",
+    "maximum",
+    "exclusiveMaximum",
+    "minimum",
+    "exclusiveMinimum",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "format",
+    "maxItems",
+    "minItems",
+    "uniqueItems",
+    "maxContains",
+    "minContains",
+    "contains",
+    "maxProperties",
+    "minProperties",
+    "required",
+    "dependentRequired",
+    "dependencies",
+    "dependentSchemas",
+    "properties",
+    "patternProperties",
+    "additionalProperties",
+    "propertyNames",
+    "unevaluatedProperties",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "unevaluatedItems",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
+    "$ref",
+    "$dynamicRef",
+    "$recursiveRef",
+    "contentEncoding",
+    "contentMediaType",
+    "contentSchema",
 ];
+
+/// True for a keyword whose change cannot change which values are valid:
+/// one outside [`ASSERTIONS`], or a `format` the validator does not check.
+fn asserts_nothing(root: &Value, key: &str, value: &Value) -> bool {
+    !ASSERTIONS.contains(&key) || unchecked_format(root, key, value)
+}
+
 /// True for a `format` the validator does not check in `root`'s draft. A
 /// version stored with one ignores it (registration refuses it now), so it
 /// constrains nothing: a next version dropping it changes no answer.
@@ -1853,8 +1895,9 @@ const SCHEMA_KEYWORDS: [&str; 16] = [
 /// Keywords whose value maps names to schemas.
 const SCHEMA_MAP_KEYWORDS: [&str; 4] = ["properties", "patternProperties", "dependentSchemas", "dependencies"];
 
-/// A subschema with its local `$ref`s inlined and the keywords that only
-/// annotate removed: two are equal when they admit the same values. A
+/// A subschema with its local `$ref`s inlined and only the keywords that
+/// assert kept ([`ASSERTIONS`]): two are equal when they admit the same
+/// values. A
 /// reference back to a schema being inlined stays as written (its target
 /// is inlined once already, changes and all), as does one past
 /// [`MAX_REF_HOPS`]. `None` once the budget is spent: it then counts as
@@ -1875,7 +1918,7 @@ fn inline_schema<'a>(
     };
     let mut out = Map::new();
     for (key, value) in obj {
-        if ANNOTATIONS.contains(&key.as_str()) || unchecked_format(root, key, value) {
+        if asserts_nothing(root, key, value) {
             continue;
         }
         let target = value
@@ -1976,7 +2019,7 @@ fn constraints(
         for (key, value) in obj {
             let k = key.as_str();
             let compared_elsewhere = expanded && field_keywords.contains(&k) && (k != "items" || value.is_object());
-            if k == "$ref" || ANNOTATIONS.contains(&k) || compared_elsewhere || unchecked_format(root, k, value) {
+            if k == "$ref" || compared_elsewhere || asserts_nothing(root, k, value) {
                 continue;
             }
             let mut inlined = inline_keyword(root, k, value, &mut Vec::new(), budget)?;

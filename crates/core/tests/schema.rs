@@ -475,6 +475,86 @@ const TABLE: &[Row] = &[
         },
         expect: &[],
     },
+    // Keywords the validator does not assert change no answer: custom
+    // annotations (x-...), the standard ones and those it does not know.
+    Row {
+        what: "add custom annotations to record properties",
+        before: nothing,
+        after: |_, r, _, _| {
+            set(r, "/properties/full_name/x-pii", json!(true));
+            set(r, "/properties/father/x-pii", json!({"category": "family"}));
+            set(r, "/properties/previous_names/items/x-source", json!("register"));
+            set(r, "/x-owner-unit", json!("civil status office"));
+        },
+        expect: &[],
+    },
+    Row {
+        what: "change and remove custom annotations of record properties",
+        before: |_, r| {
+            set(r, "/properties/full_name/x-pii", json!(true));
+            set(r, "/properties/sex/x-display", json!("Sex"));
+        },
+        after: |_, r, _, _| {
+            set(r, "/properties/full_name/x-pii", json!(false));
+            remove(r, "/properties/sex", "x-display");
+        },
+        expect: &[],
+    },
+    Row {
+        what: "annotate a record property whose structure allOf gives",
+        before: |_, r| {
+            set(
+                r,
+                "/properties/guardian",
+                json!({"allOf": [{"type": "object", "properties": {"full_name": {"type": "string"}}}]}),
+            )
+        },
+        after: |_, r, _, _| {
+            set(r, "/properties/guardian/x-pii", json!(true));
+            set(
+                r,
+                "/properties/guardian/allOf/0/properties/full_name/x-pii",
+                json!(true),
+            );
+            set(
+                r,
+                "/properties/guardian/allOf/0/$comment",
+                json!("as in the civil code"),
+            );
+        },
+        expect: &[],
+    },
+    Row {
+        what: "annotate record properties with every standard annotation",
+        before: |_, r| set(r, "/properties/birth_year/title", json!("Year")),
+        after: |_, r, _, _| {
+            let year = json!({
+                "type": "integer",
+                "title": "Year of birth",
+                "description": "as registered",
+                "$comment": "reviewed",
+                "examples": [1990],
+                "deprecated": true,
+                "readOnly": true,
+                "writeOnly": false,
+                "units": "year"
+            });
+            set(r, "/properties/birth_year", year);
+        },
+        expect: &[],
+    },
+    Row {
+        what: "add, change and remove custom annotations of query parameters",
+        before: |q, _| set(q, "/properties/birth_date/x-display", json!("Date of birth")),
+        after: |q, _, _, _| {
+            set(q, "/properties/national_id/x-display", json!("Citizen id"));
+            set(q, "/properties/national_id/deprecated", json!(true));
+            set(q, "/properties/national_id/readOnly", json!(true));
+            remove(q, "/properties/birth_date", "x-display");
+            set(q, "/x-form", json!({"layout": "single"}));
+        },
+        expect: &[],
+    },
     Row {
         what: "tighten a query parameter's pattern",
         before: nothing,
