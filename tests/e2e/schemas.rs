@@ -840,3 +840,75 @@ async fn fields_released_lists_only_what_the_version_looked_up_declares() {
     assert_eq!(entry.fields_released, ["/father/full_name"]);
     fed.shutdown().await.unwrap();
 }
+
+/// A version stored before a `format` was refused at registration (here an
+/// unknown `int64`, written as an older broker stored it) can still get a
+/// BACKWARD next version from its integrator: the format kept unchanged is
+/// admitted as it was, and dropping it is no breaking change either.
+#[tokio::test]
+async fn the_next_version_of_a_type_stored_under_older_rules_may_keep_what_it_had() {
+    use sqlx::Connection;
+    let (_dir, fed) = federation().await;
+    let civil = client(&fed, CIVIL_STATUS).await;
+    let name = "civil_status.adoption_record";
+    let register = |record: serde_json::Value| {
+        let mut c = civil.schemas();
+        async move {
+            c.register(pb::RegisterRequest {
+                definition: Some(def(name, query_schema(), record)),
+                compatibility: 0,
+            })
+            .await
+        }
+    };
+    register(record_schema(json!({"case_no": {"type": "integer"}})))
+        .await
+        .unwrap();
+    let db = fed.dir.join("broker-data/lienthong.db");
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE record_type_versions SET record_schema = \
+         json_set(record_schema, '$.properties.case_no.format', 'int64'), digest = 'as an older broker stored it' \
+         WHERE name = ?",
+    )
+    .bind(name)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE change_counter SET value = value + 1")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    assert!(
+        eventually(std::time::Duration::from_secs(10), async || {
+            civil
+                .schemas()
+                .get(pb::GetRecordTypeRequest {
+                    name: name.into(),
+                    version: 1,
+                })
+                .await
+                .is_ok_and(|v| {
+                    v.into_inner()
+                        .definition
+                        .is_some_and(|d| d.record_schema_json.contains("int64"))
+                })
+        })
+        .await,
+        "the stored version was not reloaded"
+    );
+    // The next version keeps the format a new type could not have.
+    let kept = register(record_schema(json!({
+        "case_no": {"type": "integer", "format": "int64"},
+        "court": {"type": "string"}
+    })))
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(kept.created);
+    assert_eq!(kept.version.unwrap().version, 2);
+    fed.shutdown().await.unwrap();
+}

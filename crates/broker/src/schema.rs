@@ -5,7 +5,7 @@ use crate::error::{BrokerError, Result};
 use crate::state::{Broker, Caller};
 use lienthong::v1 as pb;
 use lienthong::v1::schema_registry_server::SchemaRegistry;
-use lienthong_core::schema::{BreakingChange, CompiledRecordType, check_compatibility, parse_definition};
+use lienthong_core::schema::{BreakingChange, CompiledRecordType, check_compatibility, parse_next_definition};
 use lienthong_core::{Compatibility, MemberId, RecordTypeDefinition, RecordTypeVersion, Role};
 use lienthong_store::StoreError;
 use std::sync::Arc;
@@ -164,11 +164,16 @@ fn identical<'a>(
 }
 
 impl Broker {
-    async fn parse(&self, d: pb::RecordTypeDefinition) -> Result<RecordTypeDefinition> {
+    /// Parses a submitted definition as the next version of `existing`:
+    /// what it keeps unchanged from the current version is admitted under
+    /// the rules that version was stored under.
+    async fn parse(&self, d: pb::RecordTypeDefinition, existing: &[RecordTypeVersion]) -> Result<RecordTypeDefinition> {
         let owner = MemberId::new(d.owner.clone()).map_err(|e| BrokerError::InvalidArgument(format!("owner: {e}")))?;
         let limits = self.schema_limits;
+        let previous = current(existing).map(|v| v.definition.clone());
         schema_work(move || {
-            parse_definition(
+            parse_next_definition(
+                previous.as_ref(),
                 &d.name,
                 &d.description,
                 owner,
@@ -216,7 +221,7 @@ impl Broker {
         // is current then.
         let existing = self.versions_of(&d.name).await?;
         may_change_record_type(caller, &existing)?;
-        let def = self.parse(d).await?;
+        let def = self.parse(d, &existing).await?;
         match caller.snapshot.member(def.owner.as_str()) {
             Some(m) if m.has_role(Role::Provider) => {}
             Some(_) => {
@@ -480,7 +485,7 @@ impl SchemaRegistry for SchemaService {
         may_manage(&caller, &d.owner)?;
         let existing = self.broker.versions_of(&d.name).await?;
         may_change_record_type(&caller, &existing)?;
-        let def = self.broker.parse(d).await?;
+        let def = self.broker.parse(d, &existing).await?;
         let identical = identical(&existing, &def, &def.digest()).is_some();
         let (against_version, changes) = match current(&existing) {
             Some(latest) => (latest.version, compare(&latest.definition, &def).await?),
