@@ -468,6 +468,21 @@ async fn try_health_check(send: &h2::client::SendRequest<Bytes>, url: &str) -> O
     )
 }
 
+/// Health checks over `send` every 100 ms, for at most three seconds, until
+/// one finds the connection closed (`None`); their answers.
+async fn health_checks_until_closed(send: &h2::client::SendRequest<Bytes>, url: &str) -> Vec<Option<http::StatusCode>> {
+    let mut answers = Vec::new();
+    for _ in 0..30 {
+        let answer = try_health_check(send, url).await;
+        answers.push(answer);
+        if answer.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    answers
+}
+
 /// Whoever holds a leaked broker key and connected before its certificate
 /// was refused keeps no connection exempt from the limits strangers meet.
 #[tokio::test]
@@ -487,15 +502,7 @@ async fn the_brokers_connection_ends_once_its_certificate_is_refused() {
     assert_eq!(try_health_check(&send, &register.url).await, Some(http::StatusCode::OK));
     refused.replace([lienthong_tls::sha256_fingerprint(&broker.chain[0])].into());
     // Its calls are refused, saying why, until a stranger's lifetime is over.
-    let mut answers = Vec::new();
-    for _ in 0..30 {
-        let answer = try_health_check(&send, &register.url).await;
-        answers.push(answer);
-        if answer.is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let answers = health_checks_until_closed(&send, &register.url).await;
     assert_eq!(answers.last(), Some(&None), "the connection still answers: {answers:?}");
     assert!(answers.len() > 1, "closed before a stranger's lifetime: {answers:?}");
     register.stop(Duration::from_secs(30)).await;
@@ -519,15 +526,7 @@ async fn the_brokers_connection_ends_once_its_certificate_expires() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(try_health_check(&send, &register.url).await, Some(http::StatusCode::OK));
     tokio::time::sleep(Duration::from_millis(1_000)).await;
-    let mut answers = Vec::new();
-    for _ in 0..30 {
-        let answer = try_health_check(&send, &register.url).await;
-        answers.push(answer);
-        if answer.is_none() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let answers = health_checks_until_closed(&send, &register.url).await;
     assert_eq!(answers.last(), Some(&None), "the connection still answers: {answers:?}");
     register.stop(Duration::from_secs(30)).await;
 }
