@@ -168,19 +168,24 @@ async fn a_commit_that_landed_despite_an_error_is_resynchronised() {
     assert_eq!(sth.root_hash, merkle::root(&stored_hashes(&store, log.log_id())));
 }
 
+/// A log on `store` whose commits are given up after 300 ms.
+async fn open_giving_up_after_300ms(store: &Arc<FakeStore>) -> Arc<AuditLog> {
+    let config = AuditConfig {
+        commit_timeout: Duration::from_millis(300),
+        ..quiet()
+    };
+    AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), config)
+        .await
+        .unwrap()
+}
+
 /// A commit the writer gave up on may land later, while another batch is
 /// on its way: the batch that then fails finds it stored, and the writer
 /// recognises it as its own, though it is not the last batch it tried.
 #[tokio::test]
 async fn a_batch_given_up_that_lands_behind_a_later_one_is_recognised() {
     let store = Arc::new(FakeStore::new());
-    let config = AuditConfig {
-        commit_timeout: Duration::from_millis(300),
-        ..quiet()
-    };
-    let log = AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), config)
-        .await
-        .unwrap();
+    let log = open_giving_up_after_300ms(&store).await;
     log.append(event(0)).await.unwrap();
     store.land_late.store(true, Ordering::SeqCst);
     assert!(matches!(log.append(event(1)).await, Err(AuditError::Unavailable(_))));
@@ -247,13 +252,7 @@ async fn entries_found_after_a_failed_commit_are_checked_before_they_are_adopted
 #[tokio::test]
 async fn a_commit_that_hangs_is_given_up_and_the_writer_goes_on() {
     let store = Arc::new(FakeStore::new());
-    let config = AuditConfig {
-        commit_timeout: Duration::from_millis(300),
-        ..quiet()
-    };
-    let log = AuditLog::open(store.clone() as Arc<dyn Store>, LogKeys::generate().unwrap(), config)
-        .await
-        .unwrap();
+    let log = open_giving_up_after_300ms(&store).await;
     log.append(event(0)).await.unwrap();
     store.set_delay(Duration::from_secs(60));
     let err = log.append(event(1)).await.unwrap_err();
