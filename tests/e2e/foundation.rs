@@ -532,6 +532,28 @@ fn an_unknown_log_format_is_refused_not_read_as_text() {
     }
 }
 
+/// A connection flag a command does not use is refused, not ignored:
+/// `serve --ca bundle.pem` during a CA roll would otherwise seem to work.
+/// The same values from the environment (the container image sets
+/// `LIENTHONG_CA` for its health probe) are left alone.
+#[test]
+fn flags_a_command_ignores_are_refused() {
+    let (ok, out) = run_cli(&["serve", "--ca", "bundle.pem", "--print-default-config"], &[]);
+    assert!(
+        !ok && out.contains("does not take --ca") && out.contains("tls.ca"),
+        "{out}"
+    );
+    let (ok, out) = run_cli(&["serve", "--print-default-config"], &[("LIENTHONG_CA", "bundle.pem")]);
+    assert!(ok && out.contains("[tls]"), "{out}");
+    let (ok, out) = run_cli(&["demo", "--as", "federation-admin"], &[]);
+    assert!(!ok && out.contains("does not take --as"), "{out}");
+    let (ok, out) = run_cli(
+        &["demo-provider", "civil-status", "--tls-dir", "x", "--certs", "y"],
+        &[],
+    );
+    assert!(!ok && out.contains("does not take --certs"), "{out}");
+}
+
 #[test]
 fn audit_query_refuses_a_limit_of_zero() {
     let (ok, out) = run_cli(&["audit", "query", "--limit", "0"], &[]);
@@ -542,8 +564,15 @@ fn audit_query_refuses_a_limit_of_zero() {
 fn a_kept_running_demo_stops_cleanly_on_sigterm() {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
+    // `--broker` is where the demo's broker listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("https://127.0.0.1:{port}");
     let mut child = std::process::Command::new(bin())
-        .args(["demo", "--keep-running"])
+        .args(["demo", "--keep-running", "--broker", &url])
         .env("TMPDIR", tmp.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -554,10 +583,28 @@ fn a_kept_running_demo_stops_cleanly_on_sigterm() {
         .lines()
         .map_while(Result::ok);
     // Its last hint: the federation is up and waiting.
+    let mut told = Vec::new();
+    for line in lines.by_ref() {
+        let last = line.contains("broker config:");
+        told.push(line);
+        if last {
+            break;
+        }
+    }
     assert!(
-        lines.by_ref().any(|l| l.contains("broker config:")),
-        "the demo should print how to call it"
+        told.iter().any(|l| l.contains("broker config:")),
+        "the demo should print how to call it: {told:?}"
     );
+    assert!(
+        told.iter().any(|l| l.contains(&format!("LIENTHONG_BROKER={url} "))),
+        "{told:?}"
+    );
+    let config = told
+        .iter()
+        .find_map(|l| l.split("broker config:").nth(1))
+        .map(|p| std::fs::read_to_string(p.trim()).unwrap())
+        .unwrap();
+    assert!(config.contains(&format!("listen = \"127.0.0.1:{port}\"")), "{config}");
     assert!(
         std::fs::read_dir(tmp.path()).unwrap().next().is_some(),
         "the demo keeps its federation in a temporary directory"

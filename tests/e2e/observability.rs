@@ -691,3 +691,38 @@ async fn json_logs_are_json_on_every_line_from_start_to_stop() {
     assert!(lines.last().unwrap().contains("stopped cleanly"), "{lines:?}");
     fed.shutdown_registers().await;
 }
+
+/// JSON logs set in the config (not by the flag): the fatal error that stops
+/// the broker is a JSON line as well, the one line a log pipeline must not
+/// fail to parse.
+#[tokio::test]
+async fn a_fatal_error_is_json_when_the_config_asks_for_json_logs() {
+    let (_dir, mut fed) = bare_federation().await;
+    // The running broker holds the data directory: a second one fails to start.
+    let out = std::process::Command::new(bin())
+        .args(["serve", "--config"])
+        .arg(&fed.config_path)
+        .env("LIENTHONG_LISTEN", "127.0.0.1:0")
+        .env("LIENTHONG_TELEMETRY_LOG_FORMAT", "json")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().expect("a fatal error is printed");
+    for line in stderr.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "{line}");
+    }
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["level"], "ERROR", "{last}");
+    assert!(
+        v["fields"]["message"].as_str().unwrap().starts_with("error: "),
+        "{last}"
+    );
+    if let Some(stop) = fed.broker.take_shutdown() {
+        let _ = stop.send(());
+    }
+    fed.broker.wait().await.unwrap();
+    fed.shutdown_registers().await;
+}

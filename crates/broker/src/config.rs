@@ -386,11 +386,22 @@ impl Config {
             None => (toml::Table::new(), "defaults".to_string()),
         };
         let from_env = apply_env(&mut tree, env)?;
-        let mut config: Config = Config::deserialize(toml::Value::Table(tree)).map_err(|e| ConfigError::Parse {
-            path: path
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("<environment>")),
-            message: e.to_string(),
+        let mut config: Config = Config::deserialize(toml::Value::Table(tree)).map_err(|e| {
+            let message = e.to_string();
+            // A value of the wrong range or shape set by a variable is named
+            // by the variable: it is not in the file.
+            match from_env.iter().find(|(key, _)| message.contains(&format!("`{key}`"))) {
+                Some((_, var)) => ConfigError::Env {
+                    var: var.clone(),
+                    message: message.trim_end().to_owned(),
+                },
+                None => ConfigError::Parse {
+                    path: path
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| PathBuf::from("<environment>")),
+                    message,
+                },
+            }
         })?;
         if let Some(dir) = path.and_then(Path::parent) {
             config.resolve_relative(dir);
@@ -604,10 +615,6 @@ impl Config {
     }
 }
 
-/// Applies `LIENTHONG_*` overrides to the parsed table. The type of each value
-/// follows the default's type, so `LIENTHONG_LIMITS_MAX_COLLECT_ITEMS=8` is an
-/// integer and `LIENTHONG_LISTEN=0.0.0.0:7443` a string.
-/// Returns the variables applied, by the dotted key each set.
 /// Where and why a config file is not TOML, without toml's quote of the
 /// line: that line may hold a secret (a `database_url` with a password whose
 /// backslash broke the string), and the message reaches the log.
@@ -621,6 +628,51 @@ fn parse_message(text: &str, error: &toml::de::Error) -> String {
     format!("line {line}, column {column}: {}", error.message().trim_end())
 }
 
+/// Variables of the `lienthong` command line (and of the deploy files), not
+/// broker settings: `serve` ignores them.
+const NOT_SETTINGS: &[&str] = &["BROKER", "CERTS", "AS", "CA", "CERT", "KEY", "LOG_FORMAT"];
+
+/// Why a `LIENTHONG_*` variable that names no key is refused, or `None` when
+/// it is not meant as a setting at all. A variable inside a section
+/// (`LIENTHONG_TELEMETRY_…`) or one edit or two away from a key is a setting
+/// mistyped: ignored, it would leave the default in force, and a typo in
+/// `…_METRICS_CLIENT_CA` would leave `/metrics` open. Anything else
+/// (`LIENTHONG_DB_PASSWORD`, `LIENTHONG_IMAGE` in the compose file) belongs
+/// to another program.
+fn unknown_setting(rest: &str, known: &[(String, Vec<String>, toml::Value)], maps: &[String]) -> Option<String> {
+    if NOT_SETTINGS.contains(&rest) {
+        return None;
+    }
+    if let Some(map) = maps
+        .iter()
+        .find(|m| rest == m.as_str() || rest.starts_with(&format!("{m}_")))
+    {
+        return Some(format!(
+            "`{}` is a table keyed by record type and cannot be set from the environment; set it in the config file",
+            map.to_lowercase().replacen('_', ".", 1)
+        ));
+    }
+    let closest = known
+        .iter()
+        .map(|(name, path, _)| (strsim::levenshtein(name, rest), name, path))
+        .min_by_key(|(distance, _, _)| *distance);
+    let in_section = known
+        .iter()
+        .any(|(_, path, _)| path.len() > 1 && rest.starts_with(&format!("{}_", path[0].to_uppercase())));
+    match closest {
+        Some((distance, name, path)) if distance <= 2 || in_section => Some(format!(
+            "no config key is named by this variable; did you mean {ENV_PREFIX}{name} (`{}`)? \
+             `lienthong serve --print-default-config` lists every key",
+            path.join(".")
+        )),
+        _ => None,
+    }
+}
+
+/// Applies `LIENTHONG_*` overrides to the parsed table. The type of each value
+/// follows the default's type, so `LIENTHONG_LIMITS_MAX_COLLECT_ITEMS=8` is an
+/// integer and `LIENTHONG_LISTEN=0.0.0.0:7443` a string.
+/// Returns the variables applied, by the dotted key each set.
 fn apply_env(
     tree: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
@@ -631,12 +683,16 @@ fn apply_env(
         _ => toml::Table::new(),
     };
     let mut known: Vec<(String, Vec<String>, toml::Value)> = Vec::new();
-    collect_leaves(&defaults, &mut Vec::new(), &mut known);
+    let mut maps = Vec::new();
+    collect_leaves(&defaults, &mut Vec::new(), &mut known, &mut maps);
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
         let Some((_, path, default)) = known.iter().find(|(name, _, _)| name == rest) else {
+            if let Some(message) = unknown_setting(rest, &known, &maps) {
+                return Err(ConfigError::Env { var, message });
+            }
             continue;
         };
         let value = match default {
@@ -683,13 +739,20 @@ fn apply_env(
     Ok(applied)
 }
 
-fn collect_leaves(table: &toml::Table, prefix: &mut Vec<String>, out: &mut Vec<(String, Vec<String>, toml::Value)>) {
+/// Every settable leaf of `table` as (variable suffix, key path, default),
+/// and in `maps` the variable suffixes of the tables keyed by user data.
+fn collect_leaves(
+    table: &toml::Table,
+    prefix: &mut Vec<String>,
+    out: &mut Vec<(String, Vec<String>, toml::Value)>,
+    maps: &mut Vec<String>,
+) {
     for (key, value) in table {
         prefix.push(key.clone());
         match value {
-            toml::Value::Table(t) if !t.is_empty() => collect_leaves(t, prefix, out),
+            toml::Value::Table(t) if !t.is_empty() => collect_leaves(t, prefix, out, maps),
             // Maps keyed by user data (record type timeouts) are not overridable by env.
-            toml::Value::Table(_) => {}
+            toml::Value::Table(_) => maps.push(prefix.join("_").to_uppercase()),
             other => out.push((prefix.join("_").to_uppercase(), prefix.clone(), other.clone())),
         }
         prefix.pop();
@@ -955,6 +1018,55 @@ mod tests {
         assert_eq!(c.limits.max_collect_items, 8);
         assert_eq!(c.trust_domain, "gov.example");
         assert_eq!(c.tls.ca, dir.path().join("ca.pem"));
+    }
+
+    /// A mistyped variable would leave the default in force without a word:
+    /// one inside a section, or close to a key, stops the broker naming the
+    /// key meant; other programs' `LIENTHONG_*` variables are left alone.
+    #[test]
+    fn a_mistyped_variable_is_refused_naming_the_key_meant() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "c.toml", &tls_files(dir.path()));
+        let load = |var: &str, value: &str| Config::load(Some(&p), vec![(var.to_string(), value.to_string())]);
+        let e = load("LIENTHONG_TELEMETRY_METRICS_CLIENTCA", "/etc/ca.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LIENTHONG_TELEMETRY_METRICS_CLIENTCA"), "{e}");
+        assert!(e.contains("did you mean LIENTHONG_TELEMETRY_METRICS_CLIENT_CA"), "{e}");
+        let e = load("LIENTHONG_LIMITS_MAX_COLECT_ITEMS", "abc")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`limits.max_collect_items`"), "{e}");
+        let e = load("LIENTHONG_DATABSE_URL", "sqlite://x.db").unwrap_err().to_string();
+        assert!(e.contains("did you mean LIENTHONG_DATABASE_URL"), "{e}");
+        let e = load("LIENTHONG_RELAY_RECORD_TYPE_TIMEOUTS_MS", "5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot be set from the environment"), "{e}");
+        for other in [
+            "LIENTHONG_DB_PASSWORD",
+            "LIENTHONG_IMAGE",
+            "LIENTHONG_CERTS",
+            "LIENTHONG_AS",
+            "LIENTHONG_CA",
+        ] {
+            assert!(load(other, "x").is_ok(), "{other} is not a broker setting");
+        }
+    }
+
+    /// A value out of its key's range that came from a variable is not in
+    /// the file: the message names the variable.
+    #[test]
+    fn a_bad_value_from_a_variable_names_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "c.toml", &tls_files(dir.path()));
+        let env = vec![("LIENTHONG_LIMITS_MAX_COLLECT_ITEMS".to_string(), "-1".to_string())];
+        let e = Config::load(Some(&p), env).unwrap_err().to_string();
+        assert!(
+            e.starts_with("environment variable LIENTHONG_LIMITS_MAX_COLLECT_ITEMS"),
+            "{e}"
+        );
+        assert!(!e.contains("c.toml"), "{e}");
     }
 
     /// Agencies behind one NAT share an address: its handshake bound is a

@@ -72,6 +72,9 @@ pub struct FederationOptions {
     pub database_url: Option<String>,
     /// SPIFFE trust domain.
     pub trust_domain: String,
+    /// Address the broker listens on (`host:port`); a free loopback port
+    /// when `None`.
+    pub listen: Option<String>,
     /// Prometheus listener, if any.
     pub metrics_listen: Option<String>,
     /// CA whose certificates may scrape it over TLS (`telemetry.metrics_client_ca`);
@@ -90,6 +93,7 @@ impl FederationOptions {
             seed: 2020,
             database_url: None,
             trust_domain: "lienthong.gov.vn".into(),
+            listen: None,
             metrics_listen: None,
             metrics_client_ca: None,
             extra_config: String::new(),
@@ -213,11 +217,12 @@ pub fn make_certs(certs: &Path, trust_domain: &str) -> Result<()> {
 pub fn write_config(opts: &FederationOptions, certs: &Path, data_dir: &Path) -> Result<(PathBuf, Config)> {
     let mut text = format!(
         "# Written by `lienthong demo`; run this broker alone with `lienthong serve --config {path}`\n\
-         listen = \"127.0.0.1:7443\"\n\
+         listen = {listen:?}\n\
          data_dir = {data:?}\n\
          trust_domain = {td:?}\n\
          bootstrap_admin = {admin:?}\n",
         path = opts.dir.join("broker.toml").display(),
+        listen = opts.listen.as_deref().unwrap_or("127.0.0.1:7443"),
         data = data_dir.display().to_string(),
         td = opts.trust_domain,
         admin = ADMIN,
@@ -256,15 +261,27 @@ impl Federation {
     }
 
     /// Starts certificates, broker and registers without any administration.
-    pub async fn start_bare(options: FederationOptions) -> Result<Federation> {
+    pub async fn start_bare(mut options: FederationOptions) -> Result<Federation> {
         lienthong_tls::install_crypto_provider();
         std::fs::create_dir_all(&options.dir).with_context(|| format!("creating {}", options.dir.display()))?;
         let certs = options.dir.join("certs");
         make_certs(&certs, &options.trust_domain)?;
+        let wanted = options.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        let listener = TcpListener::bind(&wanted)
+            .await
+            .with_context(|| format!("the demo's broker cannot listen on {wanted}"))?;
+        let bound = listener.local_addr()?;
+        // The config names the port in use, so that `serve --config` of it
+        // serves where the printed commands call.
+        options.listen = Some(bound.to_string());
         let (config_path, config) = write_config(&options, &certs, &options.dir.join("broker-data"))?;
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
         let broker = lienthong_broker::start(config, Some(listener)).await?;
-        let broker_url = format!("https://127.0.0.1:{}", broker.addr.port());
+        // The certificates name localhost and 127.0.0.1.
+        let host = match bound.ip() {
+            ip if ip.is_unspecified() || ip.is_loopback() => "127.0.0.1".to_string(),
+            ip => ip.to_string(),
+        };
+        let broker_url = format!("https://{host}:{}", broker.addr.port());
         let mut registers = Vec::new();
         for kind in [DemoRegisterKind::CivilStatus, DemoRegisterKind::JudicialRecords] {
             registers.push(Register::start(kind, &certs, options.seed, &options.trust_domain).await?);

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lienthong_cli::client::ConnectArgs;
 use lienthong_cli::commands::{self, AuditCmd, EndpointCmd, GrantCmd, LookupArgs, MemberCmd, SchemaCmd};
 use lienthong_cli::demo::{self, DemoOptions};
@@ -264,6 +264,18 @@ fn with_local_names(hosts: Vec<String>) -> Vec<String> {
     all
 }
 
+/// The `host:port` the demo's broker listens on for `--broker URL`.
+fn listen_address(broker: &str) -> Result<String> {
+    let rest = broker.strip_prefix("https://").unwrap_or(broker);
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() || !authority.contains(':') {
+        anyhow::bail!(
+            "--broker {broker:?}: the demo's broker needs an address with a port, such as https://127.0.0.1:7443"
+        );
+    }
+    Ok(authority.to_owned())
+}
+
 fn init_logging(format: LogFormat, filter: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter.unwrap_or("warn")));
@@ -279,21 +291,69 @@ fn init_logging(format: LogFormat, filter: Option<&str>) {
     };
 }
 
+/// Set once `serve` knows its config asks for JSON logs: the fatal error
+/// that ends it is then a JSON line too, as every line before it.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The global flags typed on the command line (not set by the environment
+/// or left at their defaults), by argument id.
+struct Typed(Vec<&'static str>);
+
+impl Typed {
+    const CONNECTION: [&'static str; 7] = ["broker", "certs", "member", "ca", "cert", "key", "json"];
+
+    fn of(matches: &clap::ArgMatches) -> Typed {
+        let sub = matches.subcommand().map_or(matches, |(_, m)| m);
+        let typed = |id: &str| {
+            matches!(
+                sub.try_get_raw(id).ok().flatten().and_then(|_| sub.value_source(id)),
+                Some(clap::parser::ValueSource::CommandLine)
+            )
+        };
+        Typed(Self::CONNECTION.into_iter().filter(|id| typed(id)).collect())
+    }
+
+    fn has(&self, id: &str) -> bool {
+        self.0.contains(&id)
+    }
+
+    /// Refuses the typed flags among `ignored`, which `command` does not
+    /// use: silently ignored, `serve --ca bundle.pem` during a CA roll
+    /// would seem to work and change nothing.
+    fn refuse(&self, command: &str, ignored: &[&str], instead: &str) -> Result<()> {
+        let flags: Vec<String> = ignored
+            .iter()
+            .filter(|id| self.has(id))
+            .map(|id| format!("--{}", if *id == "member" { "as" } else { id }))
+            .collect();
+        if flags.is_empty() {
+            return Ok(());
+        }
+        anyhow::bail!("`lienthong {command}` does not take {}: {instead}", flags.join(", "))
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let json = cli.log_format == LogFormat::Json;
-    match run(cli).await {
+    let matches = Cli::command().get_matches();
+    let typed = Typed::of(&matches);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let flag = cli.log_format == LogFormat::Json;
+    match run(cli, typed).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let text = format!("error: {}", lienthong_cli::error_text(&e));
+            let json = flag || JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed);
             stderr_line(json, "ERROR", &text, &[]);
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, typed: Typed) -> Result<()> {
     // The other commands log nothing of their own, but load key files: a
     // warning about one (readable by its group) must still reach the operator.
     if !matches!(
@@ -307,6 +367,12 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             print_default_config,
         } => {
+            typed.refuse(
+                "serve",
+                &Typed::CONNECTION,
+                "the broker takes its address and certificates from its config file \
+                 (`listen`, `tls.ca`, `tls.cert`, `tls.key`) or their LIENTHONG_* variables",
+            )?;
             if print_default_config {
                 print!("{}", lienthong_broker::Config::example_toml());
                 return Ok(());
@@ -317,6 +383,7 @@ async fn run(cli: Cli) -> Result<()> {
                 telemetry.log_format = "json".into();
             }
             let json = telemetry.log_format == "json";
+            JSON_LOGS.store(json, std::sync::atomic::Ordering::Relaxed);
             let telemetry = lienthong_broker::telemetry::init(&telemetry)?;
             let result = serve(cfg, json).await;
             telemetry.shutdown().await;
@@ -339,9 +406,17 @@ async fn run(cli: Cli) -> Result<()> {
             // no warning that a memory-backed temporary directory would lose it.
             let quiet = format!("warn,{}=error", lienthong_store::VOLATILE_LOG_TARGET);
             init_logging(cli.log_format, Some(if temp.is_some() { &quiet } else { "warn" }));
+            typed.refuse(
+                "demo",
+                &["certs", "member", "ca", "cert", "key", "json"],
+                "the demo makes its own certificates in its directory (`--dir`)",
+            )?;
             let mut federation = FederationOptions::new(dir);
             federation.seed = seed;
             federation.metrics_listen = metrics_listen;
+            if typed.has("broker") {
+                federation.listen = Some(listen_address(&cli.connect.broker)?);
+            }
             demo::run(DemoOptions {
                 federation,
                 keep_running,
@@ -360,6 +435,13 @@ async fn run(cli: Cli) -> Result<()> {
             shutdown_grace,
             limits,
         } => {
+            typed.refuse(
+                "demo-provider",
+                // Its own `--member` takes the id of the global `--as`.
+                &["broker", "certs", "json"],
+                "a register takes its certificate from `--tls-dir` and `--member` \
+                 (`--ca`, `--cert` and `--key` replace a file of it), and its address from `--listen`",
+            )?;
             init_logging(cli.log_format, Some("info"));
             let kind = match kind {
                 RegisterKind::CivilStatus => lienthong_provider::demo::DemoRegisterKind::CivilStatus,
