@@ -4,6 +4,7 @@
 //! is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin_refusals;
 mod audit_log;
 mod authz;
 mod bench;

@@ -154,13 +154,58 @@ pub fn member_files(dir: &Path, member: &str) -> TlsFiles {
 
 /// Turns a gRPC status into an error a person can read.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    anyhow::anyhow!("{:?}: {}", s.code(), shown(s.message()))
+}
+
+/// Text from the broker as a terminal may show it. Much of it was typed by
+/// other members (a purpose, a reason, a name): a line break would start a
+/// row that looks like another entry, and an escape sequence or a bidi
+/// override would rewrite or reorder what is on the screen. Those, every
+/// other control or invisible formatting character, and the backslash (so
+/// that an escape cannot be faked) are printed escaped, as `\n` or `\u{1b}`.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    fn escaped(c: char) -> bool {
+        c == '\\'
+            || c.is_control()
+            || matches!(
+                c,
+                '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}'
+            )
+    }
+    if !text.chars().any(escaped) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if escaped(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_from_the_broker_cannot_break_a_line_or_drive_the_terminal() {
+        assert_eq!(shown("decree-47-2020/art-12"), "decree-47-2020/art-12");
+        assert_eq!(shown("Sở Tư pháp Hà Nội"), "Sở Tư pháp Hà Nội");
+        assert_eq!(
+            shown("x\n#999 federation-admin grant.revoke allowed forged"),
+            "x\\n#999 federation-admin grant.revoke allowed forged"
+        );
+        assert_eq!(shown("\u{1b}[2K\r\tok"), "\\u{1b}[2K\\r\\tok");
+        assert_eq!(shown("a\u{202e}b\u{9b}c"), "a\\u{202e}b\\u{9b}c");
+        // A backslash typed as such cannot pass for an escape.
+        assert_eq!(shown("a\\nb"), "a\\\\nb");
+        let message = status_error(tonic::Status::not_found("no \u{1b}[31mred\nline")).to_string();
+        assert!(!message.contains('\u{1b}') && !message.contains('\n'), "{message:?}");
+    }
 
     /// `demo-provider --ca BUNDLE` (a CA roll) serves with the bundle, and
     /// the files not typed stay those of `--tls-dir`.

@@ -1,6 +1,6 @@
 //! Client subcommands: members, endpoints, grants, schemas, lookups, audit.
 
-use crate::client::{ConnectArgs, status_error};
+use crate::client::{ConnectArgs, shown, status_error};
 use crate::federation::definition_from_json;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -99,9 +99,15 @@ fn print_member(m: &pb::Member) {
     let state = if m.enabled {
         "enabled".to_string()
     } else {
-        format!("DISABLED ({})", m.disabled_reason)
+        format!("DISABLED ({})", shown(&m.disabled_reason))
     };
-    println!("{:<24} {:<16} {:<34} {}", m.id, state, roles.join(","), m.display_name);
+    println!(
+        "{:<24} {:<16} {:<34} {}",
+        shown(&m.id),
+        state,
+        roles.join(","),
+        shown(&m.display_name)
+    );
 }
 
 /// Runs a member command.
@@ -182,12 +188,12 @@ fn print_revoked(r: &pb::RevokedCertificate) {
     let expires = r.not_after.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
     println!(
         "{}  member {}  revoked {} by {}  expires {}  ({})",
-        r.fingerprint_sha256,
-        r.member,
+        shown(&r.fingerprint_sha256),
+        shown(&r.member),
         r.revoked_at.as_ref().map(format_ts).unwrap_or_default(),
-        r.revoked_by,
+        shown(&r.revoked_by),
         expires,
-        r.reason
+        shown(&r.reason)
     );
 }
 
@@ -300,7 +306,7 @@ pub enum EndpointCmd {
 /// Runs an endpoint command.
 pub async fn endpoint(conn: &ConnectArgs, cmd: EndpointCmd) -> Result<()> {
     let mut c = conn.connect().await?.admin();
-    let show = |e: &pb::Endpoint| println!("{:<40} {:<20} {}", e.id, e.provider, e.url);
+    let show = |e: &pb::Endpoint| println!("{:<40} {:<20} {}", shown(&e.id), shown(&e.provider), shown(&e.url));
     match cmd {
         EndpointCmd::Add { provider, url } => show(
             c.add_endpoint(pb::AddEndpointRequest { provider, url })
@@ -524,13 +530,16 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
     let line = |v: &pb::RecordTypeVersion| {
         let d = v.definition.clone().unwrap_or_default();
         let dep = if v.deprecated {
-            format!(" DEPRECATED: {}", v.deprecation_note)
+            format!(" DEPRECATED: {}", shown(&v.deprecation_note))
         } else {
             String::new()
         };
         println!(
             "{:<36} v{:<3} owner {:<18} {}{dep}",
-            d.name, v.version, d.owner, d.description
+            shown(&d.name),
+            v.version,
+            shown(&d.owner),
+            shown(&d.description)
         );
     };
     match cmd {
@@ -580,8 +589,8 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
                 .into_inner();
             line(&v);
             let d = v.definition.clone().unwrap_or_default();
-            println!("subject key: {}", d.subject_key);
-            println!("fields: {}", v.field_pointers.join(" "));
+            println!("subject key: {}", shown(&d.subject_key));
+            println!("fields: {}", shown(&v.field_pointers.join(" ")));
             let pretty = |s: &str| {
                 serde_json::from_str::<serde_json::Value>(s)
                     .and_then(|v| serde_json::to_string_pretty(&v))
@@ -610,7 +619,12 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
             } else {
                 println!("NOT compatible with version {}:", r.against_version);
                 for ch in &r.changes {
-                    println!("  {:<26} {:<30} {}", ch.kind, ch.pointer, ch.message);
+                    println!(
+                        "  {:<26} {:<30} {}",
+                        shown(&ch.kind),
+                        shown(&ch.pointer),
+                        shown(&ch.message)
+                    );
                 }
                 bail!("{} breaking change(s)", r.changes.len());
             }
@@ -878,12 +892,12 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 kind: 0,
             };
             let mut token = String::new();
-            let mut shown = 0u32;
+            let mut listed = 0u32;
             loop {
                 let page = c
                     .query_entries(pb::QueryEntriesRequest {
                         filter: Some(filter.clone()),
-                        page_size: (limit - shown).min(1000),
+                        page_size: (limit - listed).min(1000),
                         page_token: token,
                     })
                     .await
@@ -895,23 +909,25 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                     } else {
                         let when = e.time.as_ref().map(format_ts).unwrap_or_default();
                         let what = if e.record_type.is_empty() {
-                            e.action.clone()
+                            &e.action
                         } else {
-                            e.record_type.clone()
+                            &e.record_type
                         };
+                        // Purposes and reasons are typed by members: one
+                        // entry is one line, whatever they hold.
                         println!(
                             "#{:<6} {when} {:<22} {:<34} {:<8} {} {}",
                             e.sequence,
-                            e.actor,
-                            what,
+                            shown(&e.actor),
+                            shown(what),
                             outcome_name(e.outcome),
-                            e.purpose,
-                            e.reason
+                            shown(&e.purpose),
+                            shown(&e.reason)
                         );
                     }
                 }
-                shown += page.entries.len() as u32;
-                if page.next_page_token.is_empty() || shown >= limit {
+                listed += page.entries.len() as u32;
+                if page.next_page_token.is_empty() || listed >= limit {
                     break;
                 }
                 token = page.next_page_token;
@@ -943,12 +959,12 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 let when = a.time.as_ref().map(format_ts).unwrap_or_default();
                 println!(
                     "{when} {} ({}) read {} from {} for {} [{}] {}",
-                    a.consumer,
-                    a.consumer_name,
-                    a.record_type,
-                    a.provider,
-                    a.purpose,
-                    a.fields_released.join(", "),
+                    shown(&a.consumer),
+                    shown(&a.consumer_name),
+                    shown(&a.record_type),
+                    shown(&a.provider),
+                    shown(&a.purpose),
+                    shown(&a.fields_released.join(", ")),
                     outcome_name(a.outcome)
                 );
             }
@@ -1001,7 +1017,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             } else {
                 println!(
                     "log {} size {} root {} signed at {} ms",
-                    sth.log_id,
+                    shown(&sth.log_id),
                     sth.tree_size,
                     hex::encode(sth.root_hash),
                     sth.timestamp_ms
@@ -1019,26 +1035,21 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             if id != k.log_id {
                 bail!(
                     "the broker gave for log {} a key whose log id is {id}; do not pin it",
-                    k.log_id
+                    shown(&k.log_id)
                 );
             }
             // What is printed is what an auditor pins: never nothing, and
-            // never a PEM of another key than the one checked above. A
-            // broker that sends none (before it did for every log) gets
-            // one made from that key.
-            let pem = if k.public_key_pem.trim().is_empty() {
-                lienthong_audit::keys::public_key_pem_of(&key).map_err(|e| {
-                    anyhow::anyhow!("the broker gave for log {} a key that cannot be pinned: {e}", k.log_id)
-                })?
-            } else {
-                match lienthong_audit::keys::parse_public_key(&k.public_key_pem) {
-                    Ok(parsed) if parsed == key => k.public_key_pem,
-                    _ => bail!(
-                        "the broker gave for log {} a PEM that is not the log's key; do not pin it",
-                        k.log_id
-                    ),
-                }
-            };
+            // never a PEM of another key than the one checked above. It is
+            // made here from that key, so that nothing but the key's own
+            // lines reaches the terminal; a broker that sends a PEM (before
+            // some sent none) must send one of that key.
+            if !k.public_key_pem.trim().is_empty()
+                && lienthong_audit::keys::parse_public_key(&k.public_key_pem).ok() != Some(key)
+            {
+                bail!("the broker gave for log {id} a PEM that is not the log's key; do not pin it");
+            }
+            let pem = lienthong_audit::keys::public_key_pem_of(&key)
+                .map_err(|e| anyhow::anyhow!("the broker gave for log {id} a key that cannot be pinned: {e}"))?;
             if json {
                 print_json(&serde_json::json!({
                     "log_id": k.log_id,
@@ -1198,7 +1209,8 @@ fn verified_summary(report: &VerifyReport) -> String {
     let signed = report.tree_head.tree_size;
     let mut line = format!(
         "log {}: OK, {} entries, signed tree head of size {signed} verified",
-        report.log_id, report.entries
+        shown(&report.log_id),
+        report.entries
     );
     let last = report.entries.saturating_sub(1);
     match report.entries.saturating_sub(signed) {
@@ -1320,21 +1332,21 @@ async fn verify_online(c: &mut AuditClient, v: &VerifyArgs) -> Result<()> {
     for log in logs.iter().filter(|l| wanted(&l.log_id)) {
         let previous = state.previous(&log.log_id).cloned();
         match verify_online_log(c, log, previous.as_ref(), &v.state).await {
-            Ok(None) => println!("log {}: no signed tree head yet", log.log_id),
+            Ok(None) => println!("log {}: no signed tree head yet", shown(&log.log_id)),
             Ok(Some((report, mut mirror))) => {
                 println!("{}", verified_summary(&report));
                 if let Err(e) = mirror.save() {
                     eprintln!(
                         "log {}: verified, but the copy of its leaf hashes could not be saved: {}",
-                        log.log_id,
-                        crate::error_text(&e)
+                        shown(&log.log_id),
+                        shown(&crate::error_text(&e))
                     );
                     unsaved += 1;
                 }
                 state.record(report.tree_head);
             }
             Err(e) => {
-                println!("log {}: FAILED: {}", log.log_id, crate::error_text(&e));
+                println!("log {}: FAILED: {}", shown(&log.log_id), shown(&crate::error_text(&e)));
                 failures += 1;
             }
         }
