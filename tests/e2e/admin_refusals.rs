@@ -4,7 +4,9 @@
 //! auditor's terminal.
 
 use crate::harness::*;
-use lienthong_cli::federation::{CITIZEN_PORTAL, JUDICIAL_OFFICE, STATE_AUDIT};
+use lienthong::v1 as pb;
+use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, JUDICIAL_OFFICE, STATE_AUDIT};
+use tonic::Code;
 
 /// An escape sequence (erase the line, back to its start) and a line that
 /// reads like another entry of `audit query`.
@@ -52,5 +54,38 @@ async fn member_text_cannot_forge_or_hide_rows_in_the_cli() {
         })
         .collect();
     assert!(purposes.iter().any(|p| p.ends_with(FORGED)), "{purposes:?}");
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_endpoint_url_with_a_secret_is_refused_without_repeating_it() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    for url in [
+        "https://user:Pa55word@127.0.0.1:7496",
+        "https://127.0.0.1:7496?token=Pa55word",
+        "http://user:Pa55word@127.0.0.1:7496",
+    ] {
+        let err = admin
+            .admin()
+            .add_endpoint(pb::AddEndpointRequest {
+                provider: CIVIL_STATUS.into(),
+                url: url.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{url}: {err:?}");
+        assert!(!err.message().contains("Pa55word"), "{}", err.message());
+        assert!(err.message().contains("https://host:port"), "{}", err.message());
+    }
+    let refused: Vec<_> = admin_entries(&fed)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "endpoint.add" && e.outcome == pb::Outcome::Invalid as i32)
+        .collect();
+    assert_eq!(refused.len(), 3, "each refusal is audited");
+    for e in &refused {
+        assert!(!e.leaf_json.contains("Pa55word"), "{}", e.leaf_json);
+    }
     fed.shutdown().await.unwrap();
 }

@@ -115,6 +115,17 @@ fn check_purpose(p: &str) -> Result<()> {
 /// An endpoint URL the relay can dial: `https://host:port`, the host a DNS
 /// name or an IP address (IPv6 in brackets), no user, path or query.
 fn check_endpoint_url(url: &str) -> Result<()> {
+    // A user name and password, or a token in a query or fragment, would be
+    // a secret: the refusal goes back to the caller and into the permanent
+    // audit log, so it does not repeat such a URL at all.
+    if url.contains(['@', '?', '#']) {
+        return Err(BrokerError::InvalidArgument(
+            "endpoint url must be https://host:port, without a user name, password, query or fragment (the url \
+             is not repeated here, as it may hold a secret: remove it from wherever it is kept); providers are \
+             authenticated by their certificates"
+                .into(),
+        ));
+    }
     let refuse = |why: &str| {
         Err(BrokerError::InvalidArgument(format!(
             "endpoint url {:?} {why}",
@@ -159,7 +170,7 @@ fn check_endpoint_url(url: &str) -> Result<()> {
                 })
         }
     };
-    if authority.as_str().contains('@') || !host_ok || authority.port_u16().is_none_or(|p| p == 0) {
+    if !host_ok || authority.port_u16().is_none_or(|p| p == 0) {
         return refuse("must look like https://host:port (a DNS name or an IP address, an IPv6 one in brackets)");
     }
     Ok(())
@@ -786,6 +797,22 @@ mod tests {
             "https://civil.-registry.gov.vn:443",
         ] {
             assert!(check_endpoint_url(bad).is_err(), "{bad}");
+        }
+        // A password or token is never repeated, wherever the URL breaks the rules.
+        for secret in [
+            "https://user:Pa55word@127.0.0.1:7496",
+            "https://127.0.0.1:7496?token=Pa55word",
+            "https://127.0.0.1:7496/#Pa55word",
+            "http://user:Pa55word@host:1",
+            "user:Pa55word@host",
+            "https://127.0.0.1:7496/x?password=Pa55word",
+        ] {
+            let err = check_endpoint_url(secret).unwrap_err().to_string();
+            assert!(!err.contains("Pa55word"), "{err}");
+            assert!(
+                err.contains("without a user name, password, query or fragment"),
+                "{err}"
+            );
         }
         let long = format!("https://{}:443", "a".repeat(3000));
         let err = check_endpoint_url(&long).unwrap_err().to_string();
