@@ -89,3 +89,91 @@ async fn an_endpoint_url_with_a_secret_is_refused_without_repeating_it() {
     }
     fed.shutdown().await.unwrap();
 }
+
+fn adoption(owner: &str) -> pb::RecordTypeDefinition {
+    pb::RecordTypeDefinition {
+        name: "civil_status.adoption_record".into(),
+        description: "Adoption record".into(),
+        owner: owner.into(),
+        query_schema_json: serde_json::json!({"type":"object","properties":{"national_id":{"type":"string"}},"required":["national_id"]}).to_string(),
+        record_schema_json: serde_json::json!({"type":"object","properties":{"full_name":{"type":"string"}}}).to_string(),
+        subject_key: "national_id".into(),
+    }
+}
+
+#[tokio::test]
+async fn refused_compatibility_checks_are_audited_and_a_missing_owner_is_named() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let err = office
+        .schemas()
+        .check_compatibility(pb::CheckCompatibilityRequest {
+            definition: Some(adoption(CIVIL_STATUS)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = office
+        .schemas()
+        .check_compatibility(pb::CheckCompatibilityRequest { definition: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // No owner (or no name) is a mistake to correct, not an attempt on
+    // another member's record types.
+    for (what, d) in [
+        ("definition.owner is required", adoption("")),
+        (
+            "definition.name is required",
+            pb::RecordTypeDefinition {
+                name: String::new(),
+                ..adoption(CIVIL_STATUS)
+            },
+        ),
+    ] {
+        let err = office
+            .schemas()
+            .check_compatibility(pb::CheckCompatibilityRequest {
+                definition: Some(d.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(what), "{}", err.message());
+        let err = office
+            .schemas()
+            .register(pb::RegisterRequest {
+                definition: Some(d),
+                compatibility: pb::Compatibility::Backward as i32,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(what), "{}", err.message());
+    }
+
+    let checks: Vec<_> = admin_entries(&fed)
+        .await
+        .into_iter()
+        .filter(|e| e.actor == JUDICIAL_OFFICE && e.action == "schema.check")
+        .collect();
+    let outcomes: Vec<i32> = checks.iter().map(|e| e.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            pb::Outcome::Denied as i32,
+            pb::Outcome::Invalid as i32,
+            pb::Outcome::Invalid as i32,
+            pb::Outcome::Invalid as i32
+        ],
+        "{checks:?}"
+    );
+    assert_eq!(checks[0].target, "civil_status.adoption_record");
+    assert!(
+        checks[2].reason.contains("definition.owner is required"),
+        "{:?}",
+        checks[2]
+    );
+    fed.shutdown().await.unwrap();
+}

@@ -105,6 +105,25 @@ fn may_manage(caller: &Caller, owner: &str) -> Result<()> {
     }
 }
 
+/// What every decision on a definition is made on, its name and owner,
+/// given and well-formed: a definition without an owner is a mistake to
+/// correct, not an attempt on another member's record types.
+fn named_and_owned(d: &pb::RecordTypeDefinition) -> Result<()> {
+    if d.name.trim().is_empty() {
+        return Err(BrokerError::InvalidArgument(
+            "definition.name is required: the record type's name, e.g. civil_status.birth_record".into(),
+        ));
+    }
+    if d.owner.trim().is_empty() {
+        return Err(BrokerError::InvalidArgument(
+            "definition.owner is required: the member id of the provider whose register serves the record type".into(),
+        ));
+    }
+    MemberId::new(d.owner.as_str())
+        .map(drop)
+        .map_err(|e| BrokerError::InvalidArgument(format!("definition.owner: {e}")))
+}
+
 /// Schemas compiled at once. Compiling is CPU work that a member's request
 /// sets off (a schema's patterns, bounded in size and number): it runs off
 /// the async runtime, a few at a time, so that registrations cannot starve
@@ -203,6 +222,7 @@ impl Broker {
         let d = r
             .definition
             .ok_or_else(|| BrokerError::InvalidArgument("definition is required".into()))?;
+        named_and_owned(&d)?;
         may_manage(caller, &d.owner)?;
         let compatibility = match pb::Compatibility::try_from(r.compatibility) {
             Ok(pb::Compatibility::None) => {
@@ -325,6 +345,30 @@ impl Broker {
             "{} is being registered concurrently; retry",
             def.name
         )))
+    }
+
+    async fn check(&self, caller: &Caller, r: pb::CheckCompatibilityRequest) -> Result<pb::CheckCompatibilityResponse> {
+        let d = r
+            .definition
+            .ok_or_else(|| BrokerError::InvalidArgument("definition is required".into()))?;
+        named_and_owned(&d)?;
+        // Checking compiles the schemas, as registering does: only those who
+        // may register the definition may ask.
+        may_manage(caller, &d.owner)?;
+        let existing = self.versions_of(&d.name).await?;
+        may_change_record_type(caller, &existing)?;
+        let def = self.parse(d, &existing).await?;
+        let identical = identical(&existing, &def, &def.digest()).is_some();
+        let (against_version, changes) = match current(&existing) {
+            Some(latest) => (latest.version, compare(&latest.definition, &def).await?),
+            None => (0, Vec::new()),
+        };
+        Ok(pb::CheckCompatibilityResponse {
+            compatible: changes.is_empty(),
+            against_version,
+            changes: changes.iter().map(convert::breaking_change).collect(),
+            identical,
+        })
     }
 
     async fn deprecate(&self, caller: &Caller, r: pb::DeprecateRequest) -> Result<pb::RecordTypeVersion> {
@@ -476,26 +520,18 @@ impl SchemaRegistry for SchemaService {
             .broker
             .authenticate(&request, "SchemaRegistry.CheckCompatibility")
             .await?;
-        let d = request
-            .into_inner()
-            .definition
-            .ok_or_else(|| BrokerError::InvalidArgument("definition is required".into()))?;
-        // Checking compiles the schemas, as registering does: only those who
-        // may register the definition may ask.
-        may_manage(&caller, &d.owner)?;
-        let existing = self.broker.versions_of(&d.name).await?;
-        may_change_record_type(&caller, &existing)?;
-        let def = self.broker.parse(d, &existing).await?;
-        let identical = identical(&existing, &def, &def.digest()).is_some();
-        let (against_version, changes) = match current(&existing) {
-            Some(latest) => (latest.version, compare(&latest.definition, &def).await?),
-            None => (0, Vec::new()),
-        };
-        Ok(Response::new(pb::CheckCompatibilityResponse {
-            compatible: changes.is_empty(),
-            against_version,
-            changes: changes.iter().map(convert::breaking_change).collect(),
-            identical,
-        }))
+        let r = request.into_inner();
+        let target = r.definition.as_ref().map(|d| d.name.clone()).unwrap_or_default();
+        // A refusal is audited as Register's are: asking is how a member
+        // probes what it may not register.
+        match self.broker.check(&caller, r).await {
+            Ok(v) => Ok(Response::new(v)),
+            Err(e) => {
+                self.broker
+                    .admin_refused(caller.id(), "schema.check", &target, &e)
+                    .await;
+                Err(e.into())
+            }
+        }
     }
 }
