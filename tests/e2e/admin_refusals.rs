@@ -5,7 +5,7 @@
 
 use crate::harness::*;
 use lienthong::v1 as pb;
-use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, JUDICIAL_OFFICE, STATE_AUDIT};
+use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, JUDICIAL_OFFICE, STATE_AUDIT, TAX_DEPT};
 use tonic::Code;
 
 /// An escape sequence (erase the line, back to its start) and a line that
@@ -175,5 +175,83 @@ async fn refused_compatibility_checks_are_audited_and_a_missing_owner_is_named()
         "{:?}",
         checks[2]
     );
+    fed.shutdown().await.unwrap();
+}
+
+fn at(t: time::OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: 0,
+    }
+}
+
+#[tokio::test]
+async fn a_grants_window_and_id_are_refused_in_words_that_say_what_is_wrong() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let now = time::OffsetDateTime::now_utc();
+    let refused = |change: Box<dyn FnOnce(&mut pb::CreateGrantRequest)>| {
+        let admin = admin.clone();
+        async move {
+            let mut g = birth_grant(TAX_DEPT, &["/full_name"], 0);
+            change(&mut g);
+            let err = admin.admin().create_grant(g).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            err.message().to_owned()
+        }
+    };
+
+    let past = at(time::macros::datetime!(2020-01-01 00:00:00 UTC));
+    let m = refused(Box::new(move |g| g.valid_until = Some(past))).await;
+    assert!(m.contains("valid_until 2020-01-01T00:00:00Z is already past"), "{m}");
+
+    let far = at(time::macros::datetime!(9999-12-31 00:00:00 UTC));
+    let m = refused(Box::new(move |g| g.valid_from = Some(far))).await;
+    assert!(
+        m.contains("valid_from 9999-12-31T00:00:00Z is more than 10 years ahead"),
+        "{m}"
+    );
+
+    // Carried into the seconds, these nanos would be another time.
+    let soon = now + time::Duration::days(1);
+    let m = refused(Box::new(move |g| {
+        g.valid_from = Some(prost_types::Timestamp {
+            nanos: 2_000_000_000,
+            ..at(soon)
+        })
+    }))
+    .await;
+    assert!(m.contains("valid_from.nanos is 2000000000"), "{m}");
+    let m = refused(Box::new(move |g| {
+        g.valid_until = Some(prost_types::Timestamp { nanos: -1, ..at(soon) })
+    }))
+    .await;
+    assert!(m.contains("valid_until.nanos is -1"), "{m}");
+
+    let err = admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: "g".repeat(5_000),
+            reason: "typo".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("is not a grant id") && err.message().len() < 300,
+        "{} bytes: {}",
+        err.message().len(),
+        err.message()
+    );
+    // A well-formed id of no grant is still NOT_FOUND.
+    let err = admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: format!("g-{}", "0".repeat(32)),
+            reason: "typo".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
     fed.shutdown().await.unwrap();
 }

@@ -176,6 +176,30 @@ fn check_endpoint_url(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// The furthest ahead a grant may start.
+const MAX_START_AHEAD: time::Duration = time::Duration::days(3653);
+
+/// `t` as RFC 3339, as grants are shown.
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+/// A grant id as `CreateGrant` makes them: `g-` and 32 lowercase hex digits.
+/// Anything else names no grant, and is not echoed whole.
+fn check_grant_id(id: &str) -> Result<()> {
+    let ok = id
+        .strip_prefix("g-")
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+    if ok {
+        Ok(())
+    } else {
+        Err(BrokerError::InvalidArgument(format!(
+            "id {:?} is not a grant id: grant ids are g- and 32 hex digits (`lienthong grant list` shows them)",
+            crate::exchange::clip(id, 64)
+        )))
+    }
+}
+
 impl Broker {
     async fn add_member(&self, caller: &Caller, r: pb::AddMemberRequest) -> Result<pb::Member> {
         let id = member_id(&r.id)?;
@@ -460,33 +484,41 @@ impl Broker {
         purposes.dedup();
         let now = OffsetDateTime::now_utc();
         let valid_from = match &r.valid_from {
-            Some(t) => {
-                convert::from_ts(t).ok_or_else(|| BrokerError::InvalidArgument("valid_from is out of range".into()))?
-            }
+            Some(t) => convert::time_field("valid_from", t)?,
             None => now,
         };
-        let valid_until = match &r.valid_until {
-            Some(t) => Some(
-                convert::from_ts(t)
-                    .ok_or_else(|| BrokerError::InvalidArgument("valid_until is out of range".into()))?,
-            ),
-            None => None,
-        };
-        if let Some(until) = valid_until
-            && until <= valid_from
-        {
-            return Err(BrokerError::InvalidArgument(
-                "valid_until must be after valid_from".into(),
-            ));
-        }
+        let valid_until = r
+            .valid_until
+            .as_ref()
+            .map(|t| convert::time_field("valid_until", t))
+            .transpose()?;
         // A grant born expired would list as a grant and allow nothing: a
-        // typo in the year, most likely.
+        // typo in the year, most likely. Said before the order of the two
+        // ends, which a grant without valid_from (now) would otherwise get.
         if let Some(until) = valid_until
             && until <= now
         {
             return Err(BrokerError::InvalidArgument(format!(
                 "valid_until {} is already past; a grant must end in the future",
-                until.format(&Rfc3339).unwrap_or_else(|_| until.to_string())
+                rfc3339(until)
+            )));
+        }
+        if let Some(until) = valid_until
+            && until <= valid_from
+        {
+            return Err(BrokerError::InvalidArgument(format!(
+                "valid_until {} must be after valid_from {}",
+                rfc3339(until),
+                rfc3339(valid_from)
+            )));
+        }
+        // Nor does a grant that starts in centuries: the start is a typo,
+        // and the grant would sit in every list allowing nothing.
+        if valid_from > now + MAX_START_AHEAD {
+            return Err(BrokerError::InvalidArgument(format!(
+                "valid_from {} is more than 10 years ahead; check the year (a grant that is not due yet is \
+                 better created nearer its start)",
+                rfc3339(valid_from)
             )));
         }
         let g = Grant {
@@ -519,6 +551,7 @@ impl Broker {
     }
 
     async fn revoke_grant(&self, caller: &Caller, r: pb::RevokeGrantRequest) -> Result<pb::Grant> {
+        check_grant_id(&r.id)?;
         let reason = one_line("the reason to revoke a grant", &r.reason, 500)?;
         let g = match self
             .store
@@ -817,5 +850,22 @@ mod tests {
         let long = format!("https://{}:443", "a".repeat(3000));
         let err = check_endpoint_url(&long).unwrap_err().to_string();
         assert!(err.contains("255") && err.len() < 400, "{err}");
+    }
+
+    #[test]
+    fn grant_ids_are_checked_for_form_and_not_echoed_whole() {
+        assert!(check_grant_id("g-0123456789abcdef0123456789abcdef").is_ok());
+        for bad in [
+            "",
+            "g-",
+            "g-0123456789ABCDEF0123456789ABCDEF",
+            "g-0123456789abcdef0123456789abcde",
+            "x-0123456789abcdef0123456789abcdef",
+            "g-0123456789abcdef0123456789abcdef\n",
+        ] {
+            assert!(check_grant_id(bad).is_err(), "{bad:?}");
+        }
+        let err = check_grant_id(&"g".repeat(5000)).unwrap_err().to_string();
+        assert!(err.len() < 300 && err.contains("is not a grant id"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! Conversions between domain types and their wire messages.
 
+use crate::error::BrokerError;
 use lienthong::v1 as pb;
 use lienthong_core::schema::BreakingChange;
 use lienthong_core::{
@@ -16,10 +17,31 @@ pub fn ts(t: OffsetDateTime) -> prost_types::Timestamp {
     }
 }
 
-/// Protobuf Timestamp to domain time; `None` when out of range.
+/// Protobuf Timestamp to domain time; `None` when out of range, or when its
+/// `nanos` is not 0 to 999,999,999 (which the Timestamp type calls invalid:
+/// carried into the seconds, it would be another time than the one meant).
 pub fn from_ts(t: &prost_types::Timestamp) -> Option<OffsetDateTime> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return None;
+    }
     let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
     OffsetDateTime::from_unix_timestamp_nanos(nanos).ok()
+}
+
+/// [`from_ts`] for the request field `field`, refused in words that say
+/// what is wrong with it.
+pub fn time_field(field: &str, t: &prost_types::Timestamp) -> Result<OffsetDateTime, BrokerError> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(BrokerError::InvalidArgument(format!(
+            "{field}.nanos is {}: a Timestamp's nanos must be 0 to 999999999 (whole seconds go in seconds)",
+            t.nanos
+        )));
+    }
+    from_ts(t).ok_or_else(|| {
+        BrokerError::InvalidArgument(format!(
+            "{field} is out of range: give a time between 0001-01-01 and 9999-12-31 UTC"
+        ))
+    })
 }
 
 /// Domain role to wire role.
@@ -141,5 +163,29 @@ pub fn breaking_change(c: &BreakingChange) -> pb::BreakingChange {
         kind: c.kind.clone(),
         pointer: c.pointer.clone(),
         message: c.message.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn timestamps_with_nanos_outside_a_second_are_refused() {
+        let at = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        assert_eq!(from_ts(&at(10, 999_999_999)).unwrap().unix_timestamp(), 10);
+        // Carried into the seconds, these would be 12 and 8 seconds.
+        for nanos in [2_000_000_000, 1_000_000_000, -1, -1_000_000_000, i32::MIN, i32::MAX] {
+            assert!(from_ts(&at(10, nanos)).is_none(), "{nanos}");
+            let e = time_field("valid_from", &at(10, nanos)).unwrap_err();
+            assert!(
+                matches!(&e, BrokerError::InvalidArgument(m) if m.starts_with("valid_from.nanos is ")),
+                "{e}"
+            );
+        }
+        let e = time_field("valid_until", &at(i64::MAX, 0)).unwrap_err();
+        assert!(e.to_string().contains("valid_until is out of range"), "{e}");
+        assert!(time_field("valid_until", &at(0, 0)).is_ok());
     }
 }
