@@ -255,3 +255,44 @@ async fn a_grants_window_and_id_are_refused_in_words_that_say_what_is_wrong() {
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
     fed.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_grants_audit_entry_holds_its_window_and_reviewed_version() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let now = time::OffsetDateTime::now_utc();
+    let mut old = birth_grant(TAX_DEPT, &["/full_name"], 0);
+    old.valid_from = Some(at(time::macros::datetime!(2001-02-03 04:05:06 UTC)));
+    let old = admin.admin().create_grant(old).await.unwrap().into_inner();
+    let mut later = birth_grant(TAX_DEPT, &["/full_name"], 0);
+    later.valid_from = Some(at(now + time::Duration::days(365)));
+    later.valid_until = Some(at(now + time::Duration::days(730)));
+    let later = admin.admin().create_grant(later).await.unwrap().into_inner();
+
+    let entries = admin_entries(&fed).await;
+    let detail = |id: &str| {
+        entries
+            .iter()
+            .find(|e| e.action == "grant.create" && e.target == id)
+            .map(|e| e.reason.clone())
+            .unwrap()
+    };
+    let old = detail(&old.id);
+    assert!(
+        old.contains("valid_from=2001-02-03T04:05:06Z")
+            && old.contains("valid_until=unbounded")
+            && old.contains("reviewed_version=1"),
+        "{old}"
+    );
+    let later = detail(&later.id);
+    assert!(
+        !later.contains("unbounded") && later.contains("valid_until="),
+        "{later}"
+    );
+    assert_ne!(
+        old.replace("2001-02-03T04:05:06Z", ""),
+        later,
+        "the entries tell the grants apart"
+    );
+    fed.shutdown().await.unwrap();
+}

@@ -538,12 +538,18 @@ impl Broker {
         };
         self.store.insert_grant(&g).await?;
         let pb = convert::grant(&g);
+        // Everything that decides what the grant allows, the window and the
+        // version whose fields were reviewed included.
         let detail = format!(
-            "consumer={} record_type={} fields={} purposes={} rate_limit_per_minute={}",
+            "consumer={} record_type={} reviewed_version={} fields={} purposes={} valid_from={} valid_until={} \
+             rate_limit_per_minute={}",
             g.consumer,
             g.record_type,
+            rt.version_number(),
             pb.fields.join(","),
             g.purposes.join(","),
+            rfc3339(g.valid_from),
+            g.valid_until.map_or_else(|| "unbounded".to_owned(), rfc3339),
             g.rate_limit_per_minute
         );
         self.applied(caller, "grant.create", &g.id, Some(detail)).await?;
