@@ -296,3 +296,75 @@ async fn a_grants_audit_entry_holds_its_window_and_reviewed_version() {
     );
     fed.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn grant_list_says_what_each_grant_allows_and_who_made_it() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let kept = admin
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let revoked = admin
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/birth_date"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: revoked.id.clone(),
+            reason: "inspection closed".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .admin()
+        .disable_member(pb::SetMemberEnabledRequest {
+            id: TAX_DEPT.into(),
+            reason: "certificate compromised".into(),
+        })
+        .await
+        .unwrap();
+
+    let (ok, out) = cli_as(&fed, ADMIN, &["grant", "list", "--consumer", TAX_DEPT]).await;
+    assert!(ok, "{out}");
+    let line = |id: &str| out.lines().find(|l| l.starts_with(id)).unwrap().to_owned();
+    let kept_line = line(&kept.id);
+    assert!(
+        kept_line.contains("CONSUMER DISABLED (certificate compromised)") && !kept_line.contains(" active"),
+        "{kept_line}"
+    );
+    assert!(kept_line.contains(&format!("by {ADMIN}")), "{kept_line}");
+    assert!(kept_line.contains("created 20"), "{kept_line}");
+    let revoked_line = line(&revoked.id);
+    assert!(
+        revoked_line.contains("REVOKED at 20") && revoked_line.contains("(inspection closed)"),
+        "{revoked_line}"
+    );
+
+    let (ok, out) = cli_as(&fed, ADMIN, &["--json", "grant", "list", "--consumer", TAX_DEPT]).await;
+    assert!(ok, "{out}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(list.len(), 2, "{out}");
+    let kept_json = list.iter().find(|g| g["id"] == kept.id.as_str()).unwrap();
+    assert_eq!(kept_json["state"], "consumer_disabled");
+    assert_eq!(kept_json["consumer_enabled"], false);
+    assert_eq!(kept_json["created_by"], ADMIN);
+    assert!(kept_json["valid_until"].is_null());
+    let revoked_json = list.iter().find(|g| g["id"] == revoked.id.as_str()).unwrap();
+    assert_eq!(revoked_json["state"], "revoked");
+    assert!(revoked_json["revoked_at"].as_str().unwrap().starts_with("20"));
+
+    // A consumer that is no member is a typo, not a consumer without grants.
+    let (ok, out) = cli_as(&fed, ADMIN, &["grant", "list", "--consumer", "nobody"]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("NotFound") && out.contains("\"nobody\" is not a registered member"),
+        "{out}"
+    );
+    fed.shutdown().await.unwrap();
+}

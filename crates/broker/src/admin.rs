@@ -781,6 +781,27 @@ impl Admin for AdminService {
     ) -> std::result::Result<Response<pb::ListGrantsResponse>, Status> {
         self.admin(&request, "Admin.ListGrants").await?;
         let r = request.into_inner();
+        // A filter on no member would list nothing, which reads as "no
+        // grants" rather than as the typo it is.
+        if !r.consumer.is_empty() {
+            let known = match MemberId::new(r.consumer.as_str()) {
+                Ok(id) => self
+                    .broker
+                    .store
+                    .read_member(id.as_str())
+                    .await
+                    .map_err(BrokerError::from)?
+                    .is_some(),
+                Err(_) => false,
+            };
+            if !known {
+                return Err(BrokerError::NotFound(format!(
+                    "consumer {:?} is not a registered member; `lienthong member list --role consumer` lists them",
+                    crate::exchange::clip(&r.consumer, 64)
+                ))
+                .into());
+            }
+        }
         let query = GrantQuery {
             consumer: (!r.consumer.is_empty()).then_some(r.consumer),
             record_type: (!r.record_type.is_empty()).then_some(r.record_type),

@@ -385,25 +385,46 @@ pub enum GrantCmd {
     },
 }
 
-/// What a grant allows at `now`: revoked, expired, not yet valid, or active
-/// (as the broker decides a lookup under it).
-fn grant_state(g: &pb::Grant, now: &prost_types::Timestamp) -> String {
+/// What a grant allows at `now`, as the broker decides a lookup under it:
+/// (a word for `--json`, the words for a person). A grant whose consumer
+/// is disabled allows nothing, however valid it is: the consumer's calls
+/// are refused before any grant is looked at.
+fn grant_state(g: &pb::Grant, now: &prost_types::Timestamp, consumer: Option<&pb::Member>) -> (&'static str, String) {
     let before = |a: &prost_types::Timestamp, b: &prost_types::Timestamp| (a.seconds, a.nanos) < (b.seconds, b.nanos);
-    if g.revoked_at.is_some() {
-        format!("REVOKED ({})", g.revoked_reason)
-    } else if let Some(until) = g.valid_until.as_ref().filter(|u| !before(now, u)) {
-        format!("EXPIRED (at {})", format_ts(until))
+    if let Some(at) = &g.revoked_at {
+        return (
+            "revoked",
+            format!("REVOKED at {} ({})", format_ts(at), shown(&g.revoked_reason)),
+        );
+    }
+    let (word, text) = if let Some(until) = g.valid_until.as_ref().filter(|u| !before(now, u)) {
+        ("expired", format!("EXPIRED (at {})", format_ts(until)))
     } else if let Some(from) = g.valid_from.as_ref().filter(|f| before(now, f)) {
-        format!("NOT YET VALID (from {})", format_ts(from))
+        ("not_yet_valid", format!("NOT YET VALID (from {})", format_ts(from)))
     } else {
-        "active".into()
+        ("active", "active".to_owned())
+    };
+    match consumer.filter(|m| !m.enabled) {
+        Some(m) if word == "active" => (
+            "consumer_disabled",
+            format!(
+                "CONSUMER DISABLED ({}): allows nothing while the member is disabled",
+                shown(&m.disabled_reason)
+            ),
+        ),
+        Some(m) => (
+            word,
+            format!("{text}; consumer disabled ({})", shown(&m.disabled_reason)),
+        ),
+        None => (word, text),
     }
 }
 
-fn print_grant(g: &pb::Grant) {
-    let state = grant_state(g, &prost_types::Timestamp::from(std::time::SystemTime::now()));
+fn print_grant(g: &pb::Grant, consumer: Option<&pb::Member>) {
+    let (_, state) = grant_state(g, &prost_types::Timestamp::from(std::time::SystemTime::now()), consumer);
     let from = g.valid_from.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
     let until = g.valid_until.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
+    let created = g.created_at.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
     let rate = match g.rate_limit_per_minute {
         0 => "rate unlimited".to_owned(),
         n => format!("rate {n}/min"),
@@ -414,19 +435,44 @@ fn print_grant(g: &pb::Grant) {
         v => format!(" v{v}"),
     };
     println!(
-        "{}  {} -> {}{version}  fields [{}]  purposes [{}]  from {from}  until {until}  {rate}  {state}",
-        g.id,
-        g.consumer,
-        g.record_type,
-        g.fields.join(", "),
-        g.purposes.join(", "),
+        "{}  {} -> {}{version}  fields [{}]  purposes [{}]  from {from}  until {until}  {rate}  created {created} by {}  {state}",
+        shown(&g.id),
+        shown(&g.consumer),
+        shown(&g.record_type),
+        shown(&g.fields.join(", ")),
+        shown(&g.purposes.join(", ")),
+        shown(&g.created_by),
     );
 }
 
-/// Runs a grant command.
-pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd) -> Result<()> {
+/// A grant for `--json`: every field, times in RFC 3339 (`null` when none),
+/// and what it allows now.
+fn grant_json(g: &pb::Grant, consumer: Option<&pb::Member>) -> serde_json::Value {
+    let (state, _) = grant_state(g, &prost_types::Timestamp::from(std::time::SystemTime::now()), consumer);
+    let time = |t: &Option<prost_types::Timestamp>| t.as_ref().map(format_ts);
+    serde_json::json!({
+        "id": g.id,
+        "consumer": g.consumer,
+        "consumer_enabled": consumer.map(|m| m.enabled),
+        "record_type": g.record_type,
+        "reviewed_version": g.reviewed_version,
+        "fields": g.fields,
+        "purposes": g.purposes,
+        "valid_from": time(&g.valid_from),
+        "valid_until": time(&g.valid_until),
+        "rate_limit_per_minute": g.rate_limit_per_minute,
+        "state": state,
+        "revoked_at": time(&g.revoked_at),
+        "revoked_reason": g.revoked_reason,
+        "created_by": g.created_by,
+        "created_at": time(&g.created_at),
+    })
+}
+
+/// Runs a grant command; `json` prints grants as JSON (a list as an array).
+pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd, json: bool) -> Result<()> {
     let mut c = conn.connect().await?.admin();
-    match cmd {
+    let grants = match cmd {
         GrantCmd::Create {
             consumer,
             record_type,
@@ -448,27 +494,58 @@ pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd) -> Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            print_grant(g.get_ref());
+            vec![g.into_inner()]
         }
         GrantCmd::List { consumer, record_type } => {
-            for g in c
+            let grants = c
                 .list_grants(pb::ListGrantsRequest { consumer, record_type })
                 .await
                 .map_err(status_error)?
                 .into_inner()
-                .grants
-            {
-                print_grant(&g);
+                .grants;
+            let members = consumers(&mut c).await?;
+            if json {
+                let list: Vec<_> = grants.iter().map(|g| grant_json(g, members.get(&g.consumer))).collect();
+                print_json(&list);
+            } else {
+                for g in &grants {
+                    print_grant(g, members.get(&g.consumer));
+                }
             }
+            return Ok(());
         }
-        GrantCmd::Revoke { id, reason } => print_grant(
+        GrantCmd::Revoke { id, reason } => vec![
             c.revoke_grant(pb::RevokeGrantRequest { id, reason })
                 .await
                 .map_err(status_error)?
-                .get_ref(),
-        ),
+                .into_inner(),
+        ],
+    };
+    let members = consumers(&mut c).await?;
+    for g in &grants {
+        if json {
+            print_json(&grant_json(g, members.get(&g.consumer)));
+        } else {
+            print_grant(g, members.get(&g.consumer));
+        }
     }
     Ok(())
+}
+
+/// The federation's consumers by id, for what their grants allow.
+async fn consumers(
+    c: &mut lienthong::v1::admin_client::AdminClient<tonic::transport::Channel>,
+) -> Result<std::collections::HashMap<String, pb::Member>> {
+    Ok(c.list_members(pb::ListMembersRequest {
+        role: pb::Role::Consumer as i32,
+    })
+    .await
+    .map_err(status_error)?
+    .into_inner()
+    .members
+    .into_iter()
+    .map(|m| (m.id.clone(), m))
+    .collect())
 }
 
 // === schemas ===
@@ -1634,10 +1711,35 @@ mod tests {
             ..Default::default()
         };
         let now = at(1_000);
-        assert_eq!(grant_state(&g(0, None, false), &now), "active");
-        assert_eq!(grant_state(&g(0, Some(2_000), false), &now), "active");
-        assert!(grant_state(&g(0, Some(1_000), false), &now).starts_with("EXPIRED"));
-        assert!(grant_state(&g(2_000, None, false), &now).starts_with("NOT YET VALID"));
-        assert_eq!(grant_state(&g(0, None, true), &now), "REVOKED (audit finding)");
+        let text = |g: &pb::Grant, consumer: Option<&pb::Member>| grant_state(g, &now, consumer).1;
+        assert_eq!(text(&g(0, None, false), None), "active");
+        assert_eq!(text(&g(0, Some(2_000), false), None), "active");
+        assert!(text(&g(0, Some(1_000), false), None).starts_with("EXPIRED"));
+        assert!(text(&g(2_000, None, false), None).starts_with("NOT YET VALID"));
+        assert_eq!(
+            text(&g(0, None, true), None),
+            "REVOKED at 1970-01-01T00:00:00Z (audit finding)"
+        );
+        // A disabled consumer's calls are refused before any grant is looked at.
+        let enabled = pb::Member {
+            enabled: true,
+            ..Default::default()
+        };
+        let disabled = pb::Member {
+            enabled: false,
+            disabled_reason: "audit\nfinding".into(),
+            ..Default::default()
+        };
+        assert_eq!(grant_state(&g(0, None, false), &now, Some(&enabled)).0, "active");
+        let (word, words) = grant_state(&g(0, None, false), &now, Some(&disabled));
+        assert_eq!(word, "consumer_disabled");
+        assert_eq!(
+            words,
+            "CONSUMER DISABLED (audit\\nfinding): allows nothing while the member is disabled"
+        );
+        let (word, words) = grant_state(&g(0, Some(1_000), false), &now, Some(&disabled));
+        assert_eq!(word, "expired");
+        assert!(words.ends_with("; consumer disabled (audit\\nfinding)"), "{words}");
+        assert_eq!(grant_state(&g(0, None, true), &now, Some(&disabled)).0, "revoked");
     }
 }

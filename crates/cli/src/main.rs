@@ -527,7 +527,7 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
         }
         Command::Member(c) => commands::member(&cli.connect, c).await,
         Command::Endpoint(c) => commands::endpoint(&cli.connect, c).await,
-        Command::Grant(c) => commands::grant(&cli.connect, c).await,
+        Command::Grant(c) => commands::grant(&cli.connect, c, cli.json).await,
         Command::Schema(c) => commands::schema(&cli.connect, c).await,
         Command::Lookup(a) => commands::lookup(&cli.connect, a).await,
         Command::Audit(c) => commands::audit(&cli.connect, c, cli.json).await,
