@@ -4,6 +4,7 @@
 //! auditor's terminal.
 
 use crate::harness::*;
+use bytes::{Buf, BufMut};
 use lienthong::v1 as pb;
 use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, JUDICIAL_OFFICE, STATE_AUDIT, TAX_DEPT};
 use tonic::Code;
@@ -366,5 +367,70 @@ async fn grant_list_says_what_each_grant_allows_and_who_made_it() {
         out.contains("NotFound") && out.contains("\"nobody\" is not a registered member"),
         "{out}"
     );
+    fed.shutdown().await.unwrap();
+}
+
+/// Sends and receives message bytes as they are.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let bytes = src.chunk().to_vec();
+        src.advance(bytes.len());
+        Ok(Some(bytes))
+    }
+}
+
+#[tokio::test]
+async fn an_unknown_method_is_named_with_where_to_find_the_others() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    for path in ["/lienthong.v1.Exchange/Nope", "/foo.Bar/Baz"] {
+        let mut grpc = tonic::client::Grpc::new(office.channel.clone());
+        grpc.ready().await.unwrap();
+        let err = grpc
+            .unary(
+                tonic::Request::new(Vec::new()),
+                http::uri::PathAndQuery::from_static(path),
+                Raw,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{path}: {err:?}");
+        assert!(
+            err.message().contains(&format!("{path:?}")) && err.message().contains("reflection"),
+            "{path}: {}",
+            err.message()
+        );
+    }
     fed.shutdown().await.unwrap();
 }

@@ -144,13 +144,40 @@ impl<S> tower::Layer<S> for ProtocolLayer {
     }
 }
 
+/// A call's answer with its request path beside it, for [`answered`].
+type Answer<F, E> = futures::future::Map<
+    futures::future::Join<F, std::future::Ready<Option<http::uri::PathAndQuery>>>,
+    fn((Result<HttpResponse, E>, Option<http::uri::PathAndQuery>)) -> Result<HttpResponse, E>,
+>;
+
 type Conformed<F, E> = futures::future::Either<
     std::future::Ready<Result<HttpResponse, E>>,
-    futures::future::Either<
-        futures::future::MapOk<F, fn(HttpResponse) -> HttpResponse>,
-        futures::future::BoxFuture<'static, Result<HttpResponse, E>>,
-    >,
+    futures::future::Either<Answer<F, E>, futures::future::BoxFuture<'static, Result<HttpResponse, E>>>,
 >;
+
+/// The answer to a call to `path` as it goes out: tonic's own failures with
+/// the spec's codes, and a method no service here has named (tonic answers
+/// `UNIMPLEMENTED` without a word, for an unknown service as for an unknown
+/// method of a known one).
+fn answered<E>((answer, path): (Result<HttpResponse, E>, Option<http::uri::PathAndQuery>)) -> Result<HttpResponse, E> {
+    answer.map(|response| {
+        let response = lienthong::protocol::conform(response, |status| {
+            (status.code() == Code::Unimplemented && status.message().is_empty())
+                .then(|| tonic::Status::unimplemented(unknown_method(path.as_ref().map_or("", |p| p.path()))))
+        });
+        conform(response)
+    })
+}
+
+/// Why a call to `path` found no method.
+fn unknown_method(path: &str) -> String {
+    format!(
+        "this broker serves no method {:?}: check the service and method names (full service name with its \
+         package, e.g. /lienthong.v1.Exchange/Lookup); server reflection (grpc.reflection.v1) lists the services \
+         and methods it serves",
+        crate::exchange::clip(path, 128)
+    )
+}
 
 /// The answer to a call whose `grpc-timeout` passed before its answer began.
 const DEADLINE_PASSED: &str = "the call's deadline (grpc-timeout) passed before the broker answered it; a lookup \
@@ -171,7 +198,7 @@ where
     }
 
     fn call(&mut self, mut request: HttpRequest) -> Self::Future {
-        use futures::TryFutureExt;
+        use futures::FutureExt;
         if let Some(refused) = lienthong::protocol::refuse_non_grpc(&request) {
             return futures::future::Either::Left(std::future::ready(Ok(refused)));
         }
@@ -190,10 +217,13 @@ where
         // its timer. Dropping the call does not stop a lookup: it runs to its
         // end and its audit entry.
         let deadline = lienthong::protocol::grpc_timeout(request.headers());
-        let answer = self
-            .inner
-            .call(request)
-            .map_ok(conform as fn(HttpResponse) -> HttpResponse);
+        let path = request.uri().path_and_query().cloned();
+        let answer = futures::future::join(self.inner.call(request), std::future::ready(path)).map(
+            answered::<S::Error>
+                as fn(
+                    (Result<HttpResponse, S::Error>, Option<http::uri::PathAndQuery>),
+                ) -> Result<HttpResponse, S::Error>,
+        );
         futures::future::Either::Right(match deadline {
             None => futures::future::Either::Left(answer),
             Some(deadline) => futures::future::Either::Right(Box::pin(async move {
@@ -460,6 +490,18 @@ mod tests {
             .insert("grpc-accept-encoding", "gzip".parse().unwrap());
         let fixed = conform(unknown.into_http());
         assert_eq!(fixed.headers()["grpc-accept-encoding"], "gzip");
+        // A method no service has: named, with where to find those there are.
+        let unknown = answered::<()>((
+            Ok(tonic::Status::unimplemented("").into_http()),
+            Some(http::uri::PathAndQuery::from_static("/foo.Bar/Baz")),
+        ))
+        .unwrap();
+        let got = tonic::Status::from_header_map(unknown.headers()).unwrap();
+        assert_eq!(got.code(), Code::Unimplemented);
+        assert!(
+            got.message().contains("\"/foo.Bar/Baz\"") && got.message().contains("reflection"),
+            "{got:?}"
+        );
         // An answer with a message is not looked into.
         let ok = conform(http::Response::new(tonic::body::Body::empty()));
         assert!(ok.headers().get("grpc-status").is_none());
