@@ -8,6 +8,7 @@ mod admin_refusals;
 mod audit_log;
 mod authz;
 mod bench;
+mod cli_json;
 mod deploy;
 mod foundation;
 mod harness;

@@ -34,6 +34,20 @@ fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// A time for `--json`: RFC 3339, `null` when none.
+fn ts_json(t: Option<&prost_types::Timestamp>) -> serde_json::Value {
+    t.map_or(serde_json::Value::Null, |t| format_ts(t).into())
+}
+
+/// Prints `items` as `--json` wants them (one JSON array) or line by line.
+fn print_all<T>(items: &[T], json: bool, as_json: impl Fn(&T) -> serde_json::Value, line: impl Fn(&T)) {
+    if json {
+        print_json(&items.iter().map(as_json).collect::<Vec<_>>());
+    } else {
+        items.iter().for_each(line);
+    }
+}
+
 fn role_name(n: i32) -> String {
     pb::Role::try_from(n)
         .map(|r| {
@@ -94,6 +108,19 @@ pub enum MemberCmd {
     },
 }
 
+/// A member for `--json`.
+fn member_json(m: &pb::Member) -> serde_json::Value {
+    serde_json::json!({
+        "id": m.id,
+        "display_name": m.display_name,
+        "roles": m.roles.iter().map(|r| role_name(*r)).collect::<Vec<_>>(),
+        "enabled": m.enabled,
+        "disabled_reason": m.disabled_reason,
+        "created_at": ts_json(m.created_at.as_ref()),
+        "updated_at": ts_json(m.updated_at.as_ref()),
+    })
+}
+
 fn print_member(m: &pb::Member) {
     let roles: Vec<String> = m.roles.iter().map(|r| role_name(*r)).collect();
     let state = if m.enabled {
@@ -111,8 +138,15 @@ fn print_member(m: &pb::Member) {
 }
 
 /// Runs a member command.
-pub async fn member(conn: &ConnectArgs, cmd: MemberCmd) -> Result<()> {
+pub async fn member(conn: &ConnectArgs, cmd: MemberCmd, json: bool) -> Result<()> {
     let mut c = conn.connect().await?.admin();
+    let print_member = |m: &pb::Member| {
+        if json {
+            print_json(&member_json(m));
+        } else {
+            print_member(m);
+        }
+    };
     match cmd {
         MemberCmd::Add { id, name, roles } => {
             let roles = roles.iter().map(|r| parse_role(r)).collect::<Result<Vec<_>>>()?;
@@ -134,15 +168,13 @@ pub async fn member(conn: &ConnectArgs, cmd: MemberCmd) -> Result<()> {
         ),
         MemberCmd::List { role } => {
             let role = role.map(|r| parse_role(&r)).transpose()?.unwrap_or(0);
-            for m in c
+            let members = c
                 .list_members(pb::ListMembersRequest { role })
                 .await
                 .map_err(status_error)?
                 .into_inner()
-                .members
-            {
-                print_member(&m);
-            }
+                .members;
+            print_all(&members, json, member_json, self::print_member);
         }
         MemberCmd::Disable { id, reason } => print_member(
             c.disable_member(pb::SetMemberEnabledRequest { id, reason })
@@ -184,6 +216,18 @@ pub struct RevokeCertArgs {
     pub reason: String,
 }
 
+/// A revoked certificate for `--json`.
+fn revoked_json(r: &pb::RevokedCertificate) -> serde_json::Value {
+    serde_json::json!({
+        "fingerprint_sha256": r.fingerprint_sha256,
+        "member": r.member,
+        "revoked_at": ts_json(r.revoked_at.as_ref()),
+        "revoked_by": r.revoked_by,
+        "not_after": ts_json(r.not_after.as_ref()),
+        "reason": r.reason,
+    })
+}
+
 fn print_revoked(r: &pb::RevokedCertificate) {
     let expires = r.not_after.as_ref().map(format_ts).unwrap_or_else(|| "-".into());
     println!(
@@ -198,7 +242,7 @@ fn print_revoked(r: &pb::RevokedCertificate) {
 }
 
 /// Revokes a member certificate at the broker.
-pub async fn revoke_certificate(conn: &ConnectArgs, args: RevokeCertArgs) -> Result<()> {
+pub async fn revoke_certificate(conn: &ConnectArgs, args: RevokeCertArgs, json: bool) -> Result<()> {
     let certificate_pem = match &args.file {
         Some(path) => certificate_blocks(path)?,
         None => String::new(),
@@ -213,7 +257,11 @@ pub async fn revoke_certificate(conn: &ConnectArgs, args: RevokeCertArgs) -> Res
         })
         .await
         .map_err(status_error)?;
-    print_revoked(revoked.get_ref());
+    if json {
+        print_json(&revoked_json(revoked.get_ref()));
+    } else {
+        print_revoked(revoked.get_ref());
+    }
     Ok(())
 }
 
@@ -251,19 +299,17 @@ fn certificate_blocks(path: &std::path::Path) -> Result<String> {
 }
 
 /// Lists revoked certificates, all or one member's.
-pub async fn revoked_certificates(conn: &ConnectArgs, member: Option<String>) -> Result<()> {
+pub async fn revoked_certificates(conn: &ConnectArgs, member: Option<String>, json: bool) -> Result<()> {
     let mut c = conn.connect().await?.admin();
-    for r in c
+    let certificates = c
         .list_revoked_certificates(pb::ListRevokedCertificatesRequest {
             member: member.unwrap_or_default(),
         })
         .await
         .map_err(status_error)?
         .into_inner()
-        .certificates
-    {
-        print_revoked(&r);
-    }
+        .certificates;
+    print_all(&certificates, json, revoked_json, print_revoked);
     Ok(())
 }
 
@@ -304,9 +350,24 @@ pub enum EndpointCmd {
 }
 
 /// Runs an endpoint command.
-pub async fn endpoint(conn: &ConnectArgs, cmd: EndpointCmd) -> Result<()> {
+pub async fn endpoint(conn: &ConnectArgs, cmd: EndpointCmd, json: bool) -> Result<()> {
     let mut c = conn.connect().await?.admin();
-    let show = |e: &pb::Endpoint| println!("{:<40} {:<20} {}", shown(&e.id), shown(&e.provider), shown(&e.url));
+    let as_json = |e: &pb::Endpoint| {
+        serde_json::json!({
+            "id": e.id,
+            "provider": e.provider,
+            "url": e.url,
+            "created_at": ts_json(e.created_at.as_ref()),
+        })
+    };
+    let line = |e: &pb::Endpoint| println!("{:<40} {:<20} {}", shown(&e.id), shown(&e.provider), shown(&e.url));
+    let show = |e: &pb::Endpoint| {
+        if json {
+            print_json(&as_json(e));
+        } else {
+            line(e);
+        }
+    };
     match cmd {
         EndpointCmd::Add { provider, url } => show(
             c.add_endpoint(pb::AddEndpointRequest { provider, url })
@@ -315,15 +376,13 @@ pub async fn endpoint(conn: &ConnectArgs, cmd: EndpointCmd) -> Result<()> {
                 .get_ref(),
         ),
         EndpointCmd::List { provider } => {
-            for e in c
+            let endpoints = c
                 .list_endpoints(pb::ListEndpointsRequest { provider })
                 .await
                 .map_err(status_error)?
                 .into_inner()
-                .endpoints
-            {
-                show(&e);
-            }
+                .endpoints;
+            print_all(&endpoints, json, as_json, line);
         }
         EndpointCmd::Remove { id } => show(
             c.remove_endpoint(pb::RemoveEndpointRequest { id })
@@ -362,9 +421,14 @@ pub enum GrantCmd {
         /// End of validity (RFC 3339); none when omitted.
         #[arg(long)]
         until: Option<String>,
-        /// Lookups per minute; 0 for unlimited.
-        #[arg(long, default_value_t = 0)]
-        rate: u32,
+        /// Lookups per minute the consumer may make under this grant. Required,
+        /// unless --unlimited says, deliberately, that there is no limit.
+        #[arg(long, required_unless_present = "unlimited", conflicts_with = "unlimited",
+              value_parser = clap::value_parser!(u32).range(1..))]
+        rate: Option<u32>,
+        /// No rate limit at all (recorded in the grant and its audit entry).
+        #[arg(long)]
+        unlimited: bool,
     },
     /// List grants (revoked and expired included).
     List {
@@ -481,6 +545,7 @@ pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd, json: bool) -> Result<()> 
             from,
             until,
             rate,
+            unlimited: _,
         } => {
             let g = c
                 .create_grant(pb::CreateGrantRequest {
@@ -490,7 +555,8 @@ pub async fn grant(conn: &ConnectArgs, cmd: GrantCmd, json: bool) -> Result<()> 
                     purposes,
                     valid_from: from.as_deref().map(parse_time).transpose()?,
                     valid_until: until.as_deref().map(parse_time).transpose()?,
-                    rate_limit_per_minute: rate,
+                    // 0: no limit, which only --unlimited can ask for.
+                    rate_limit_per_minute: rate.unwrap_or(0),
                 })
                 .await
                 .map_err(status_error)?;
@@ -601,10 +667,39 @@ fn read_definition(file: &PathBuf) -> Result<pb::RecordTypeDefinition> {
     definition_from_json(&text).with_context(|| format!("in {}", file.display()))
 }
 
+/// A record type version for `--json`; with `schemas`, its two schemas as
+/// JSON values.
+fn version_json(v: &pb::RecordTypeVersion, schemas: bool) -> serde_json::Value {
+    let d = v.definition.clone().unwrap_or_default();
+    let mut out = serde_json::json!({
+        "name": d.name,
+        "version": v.version,
+        "owner": d.owner,
+        "description": d.description,
+        "subject_key": d.subject_key,
+        "deprecated": v.deprecated,
+        "deprecation_note": v.deprecation_note,
+        "registered_at": ts_json(v.registered_at.as_ref()),
+        "registered_by": v.registered_by,
+        "fields": v.field_pointers,
+        "digest": v.digest,
+    });
+    if schemas {
+        let value = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap_or(serde_json::Value::Null);
+        out["query_schema"] = value(&d.query_schema_json);
+        out["record_schema"] = value(&d.record_schema_json);
+    }
+    out
+}
+
 /// Runs a schema command.
-pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
+pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd, json: bool) -> Result<()> {
     let mut c = conn.connect().await?.schemas();
     let line = |v: &pb::RecordTypeVersion| {
+        if json {
+            print_json(&version_json(v, false));
+            return;
+        }
         let d = v.definition.clone().unwrap_or_default();
         let dep = if v.deprecated {
             format!(" DEPRECATED: {}", shown(&v.deprecation_note))
@@ -636,6 +731,12 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             if let Some(v) = &r.version {
+                if json {
+                    let mut out = version_json(v, false);
+                    out["created"] = r.created.into();
+                    print_json(&out);
+                    return Ok(());
+                }
                 line(v);
                 println!(
                     "{}",
@@ -648,15 +749,13 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
             }
         }
         SchemaCmd::List { owner } => {
-            for v in c
+            let versions = c
                 .list_record_types(pb::ListRecordTypesRequest { owner })
                 .await
                 .map_err(status_error)?
                 .into_inner()
-                .record_types
-            {
-                line(&v);
-            }
+                .record_types;
+            print_all(&versions, json, |v| version_json(v, false), line);
         }
         SchemaCmd::Show { name, version } => {
             let v = c
@@ -664,6 +763,10 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            if json {
+                print_json(&version_json(&v, true));
+                return Ok(());
+            }
             line(&v);
             let d = v.definition.clone().unwrap_or_default();
             println!("subject key: {}", shown(&d.subject_key));
@@ -683,6 +786,23 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd) -> Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            if json {
+                let changes: Vec<_> = r
+                    .changes
+                    .iter()
+                    .map(|ch| serde_json::json!({ "kind": ch.kind, "pointer": ch.pointer, "message": ch.message }))
+                    .collect();
+                print_json(&serde_json::json!({
+                    "identical": r.identical,
+                    "compatible": r.compatible,
+                    "against_version": r.against_version,
+                    "changes": changes,
+                }));
+                if !r.identical && r.against_version != 0 && !r.compatible {
+                    bail!("{} breaking change(s)", r.changes.len());
+                }
+                return Ok(());
+            }
             if r.identical {
                 println!("identical to an existing version");
             } else if r.against_version == 0 {
@@ -835,7 +955,7 @@ pub enum AuditCmd {
     },
     /// Export every entry of a log as JSON lines (auditor role).
     Export {
-        /// Output file.
+        /// Output file (JSON lines); `-` for standard output.
         #[arg(long)]
         out: PathBuf,
         /// Log id; this broker's own log when omitted.
@@ -876,7 +996,7 @@ pub struct VerifyArgs {
     pub export: Option<PathBuf>,
     /// Offline: signed tree head as JSON (from `audit sth --json`), fetched
     /// before the export so that the export holds every entry it signs.
-    #[arg(long)]
+    #[arg(long, requires = "export")]
     pub sth: Option<PathBuf>,
     /// Only this log (default: every log in the federation's database, and
     /// every log the state file names, which must still be there).
@@ -942,7 +1062,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
     if let AuditCmd::Verify(v) = &cmd
         && let Some(export) = &v.export
     {
-        return verify_offline(v, export);
+        return verify_offline(v, export, json);
     }
     let mut c = conn.connect().await?.audit();
     match cmd {
@@ -1032,6 +1152,33 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 }
                 token = page.next_page_token;
             }
+            if json {
+                let list: Vec<_> = accesses
+                    .iter()
+                    .map(|a| {
+                        let receipt = a.receipt.as_ref().map(|r| {
+                            serde_json::json!({
+                                "log_id": r.log_id,
+                                "sequence": r.sequence,
+                                "leaf_hash": hex::encode(&r.leaf_hash),
+                            })
+                        });
+                        serde_json::json!({
+                            "time": ts_json(a.time.as_ref()),
+                            "consumer": a.consumer,
+                            "consumer_name": a.consumer_name,
+                            "provider": a.provider,
+                            "record_type": a.record_type,
+                            "purpose": a.purpose,
+                            "fields_released": a.fields_released,
+                            "outcome": outcome_name(a.outcome),
+                            "receipt": receipt,
+                        })
+                    })
+                    .collect();
+                print_json(&list);
+                return Ok(());
+            }
             for a in accesses {
                 let when = a.time.as_ref().map(format_ts).unwrap_or_default();
                 println!(
@@ -1061,8 +1208,14 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             // The first entry (or the refusal) before the file: a log that
             // cannot be exported leaves no empty export behind.
             let mut next = stream.message().await.map_err(status_error)?;
-            let file = std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
-            let mut w = std::io::BufWriter::new(file);
+            // `--out -` is standard output, as a pipe to another tool wants.
+            let to_stdout = out.as_os_str() == "-";
+            let sink: Box<dyn Write> = if to_stdout {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?)
+            };
+            let mut w = std::io::BufWriter::new(sink);
             let mut n = 0u64;
             while let Some(e) = next {
                 let line = ExportLine {
@@ -1080,7 +1233,12 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 next = stream.message().await.map_err(status_error)?;
             }
             w.flush()?;
-            eprintln!("\rexported {n} entries to {}", out.display());
+            let to = if to_stdout {
+                "standard output".to_string()
+            } else {
+                out.display().to_string()
+            };
+            eprintln!("\rexported {n} entries to {to}");
         }
         AuditCmd::Sth { log } => {
             let h = c
@@ -1092,12 +1250,15 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             if json {
                 print_json(&sth);
             } else {
+                let signed = OffsetDateTime::from_unix_timestamp_nanos(i128::from(sth.timestamp_ms) * 1_000_000)
+                    .ok()
+                    .and_then(|t| t.format(&Rfc3339).ok())
+                    .unwrap_or_else(|| format!("{} ms after 1970", sth.timestamp_ms));
                 println!(
-                    "log {} size {} root {} signed at {} ms",
+                    "log {} size {} root {} signed at {signed}",
                     shown(&sth.log_id),
                     sth.tree_size,
                     hex::encode(sth.root_hash),
-                    sth.timestamp_ms
                 );
             }
         }
@@ -1137,7 +1298,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 print!("{pem}");
             }
         }
-        AuditCmd::Verify(v) => verify_online(&mut c, &v).await?,
+        AuditCmd::Verify(v) => verify_online(&mut c, &v, json).await?,
     }
     Ok(())
 }
@@ -1282,6 +1443,19 @@ fn verify_log(
 /// What a verification proved, in the same words online and offline:
 /// entries past the signed head have intact leaf hashes, but no signature
 /// covers them yet.
+/// One log's verification for `--json`.
+fn verified_json(report: &VerifyReport) -> serde_json::Value {
+    serde_json::json!({
+        "log_id": report.log_id,
+        "result": "verified",
+        "entries": report.entries,
+        "signed_tree_size": report.tree_head.tree_size,
+        "root_hash": hex::encode(report.tree_head.root_hash),
+        "unsigned_entries": report.entries.saturating_sub(report.tree_head.tree_size),
+        "consistent_with_previous_size": report.consistent_with_previous,
+    })
+}
+
 fn verified_summary(report: &VerifyReport) -> String {
     let signed = report.tree_head.tree_size;
     let mut line = format!(
@@ -1317,7 +1491,7 @@ fn offline_failure(e: &anyhow::Error) -> String {
     }
 }
 
-fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
+fn verify_offline(v: &VerifyArgs, export: &PathBuf, json: bool) -> Result<()> {
     let sth_path = v.sth.as_ref().context("--sth is required with --export")?;
     let sth: SignedTreeHead = serde_json::from_str(
         &std::fs::read_to_string(sth_path).with_context(|| format!("cannot read {}", sth_path.display()))?,
@@ -1335,7 +1509,11 @@ fn verify_offline(v: &VerifyArgs, export: &PathBuf) -> Result<()> {
         })
         .map_err(|e| anyhow::anyhow!("verification FAILED: {}", offline_failure(&e)));
     let (report, mut mirror) = report?;
-    println!("{}", verified_summary(&report));
+    if json {
+        print_json(&[verified_json(&report)]);
+    } else {
+        println!("{}", verified_summary(&report));
+    }
     // The result stands whatever happens to the state below: a failure to
     // save it is reported as such, never as a failed verification.
     let kept = mirror.save();
@@ -1362,7 +1540,7 @@ fn check_log_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-async fn verify_online(c: &mut AuditClient, v: &VerifyArgs) -> Result<()> {
+async fn verify_online(c: &mut AuditClient, v: &VerifyArgs, json: bool) -> Result<()> {
     if let Some(id) = &v.log {
         check_log_id(id)?;
     }
@@ -1406,12 +1584,27 @@ async fn verify_online(c: &mut AuditClient, v: &VerifyArgs) -> Result<()> {
     let wanted = |id: &str| only.as_deref().is_none_or(|o| o == id);
     let mut failures = 0usize;
     let mut unsaved = 0usize;
+    // With --json, one array of every log's result, printed at the end.
+    let mut results = Vec::new();
+    let mut failed = |log_id: &str, why: String| {
+        if json {
+            results.push(serde_json::json!({ "log_id": log_id, "result": "failed", "error": why }));
+        } else {
+            println!("log {}: FAILED: {}", shown(log_id), shown(&why));
+        }
+    };
+    let mut verified = Vec::new();
     for log in logs.iter().filter(|l| wanted(&l.log_id)) {
         let previous = state.previous(&log.log_id).cloned();
         match verify_online_log(c, log, previous.as_ref(), &v.state).await {
+            Ok(None) if json => verified.push(serde_json::json!({ "log_id": log.log_id, "result": "unsigned" })),
             Ok(None) => println!("log {}: no signed tree head yet", shown(&log.log_id)),
             Ok(Some((report, mut mirror))) => {
-                println!("{}", verified_summary(&report));
+                if json {
+                    verified.push(verified_json(&report));
+                } else {
+                    println!("{}", verified_summary(&report));
+                }
                 if let Err(e) = mirror.save() {
                     eprintln!(
                         "log {}: verified, but the copy of its leaf hashes could not be saved: {}",
@@ -1423,19 +1616,26 @@ async fn verify_online(c: &mut AuditClient, v: &VerifyArgs) -> Result<()> {
                 state.record(report.tree_head);
             }
             Err(e) => {
-                println!("log {}: FAILED: {}", shown(&log.log_id), shown(&crate::error_text(&e)));
+                failed(&log.log_id, crate::error_text(&e));
                 failures += 1;
             }
         }
     }
     // A log verified before cannot silently drop out of the federation.
     for (id, head) in state.logs.iter().filter(|(id, _)| wanted(id) && !listed(id)) {
-        println!(
-            "log {id}: FAILED: a signed tree head of size {} was verified before, but the log is no longer in this \
-             federation's database: it was deleted",
-            head.tree_size
+        failed(
+            id,
+            format!(
+                "a signed tree head of size {} was verified before, but the log is no longer in this \
+                 federation's database: it was deleted",
+                head.tree_size
+            ),
         );
         failures += 1;
+    }
+    if json {
+        verified.append(&mut results);
+        print_json(&verified);
     }
     let saved = state.save(&v.state);
     if let Err(e) = &saved {

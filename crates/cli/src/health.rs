@@ -29,7 +29,7 @@ pub struct HealthArgs {
 }
 
 /// Checks the broker at `conn.broker`, trusting `--ca` (or `--certs DIR`'s `ca.pem`).
-pub async fn run(conn: &ConnectArgs, args: HealthArgs) -> Result<()> {
+pub async fn run(conn: &ConnectArgs, args: HealthArgs, json: bool) -> Result<()> {
     let ca = ca_file(conn)?;
     let config = client_config(&ca)?;
     let timeout = Duration::from_secs(args.timeout_secs.max(1));
@@ -41,10 +41,20 @@ pub async fn run(conn: &ConnectArgs, args: HealthArgs) -> Result<()> {
     } else {
         format!("service {}", args.service)
     };
+    if json {
+        let answer = serde_json::json!({
+            "broker": conn.broker,
+            "service": args.service,
+            "status": status.as_str_name(),
+        });
+        println!("{answer}");
+    }
     if status != ServingStatus::Serving {
         bail!("{what} at {} is {}", conn.broker, status.as_str_name());
     }
-    println!("{what} at {} is SERVING", conn.broker);
+    if !json {
+        println!("{what} at {} is SERVING", conn.broker);
+    }
     Ok(())
 }
 

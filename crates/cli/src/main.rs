@@ -26,7 +26,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 struct Cli {
     #[command(flatten)]
     connect: ConnectArgs,
-    /// Print machine-readable JSON where a command supports it.
+    /// Print results as JSON instead of text (`lookup` always does, `audit export` writes JSON lines).
     #[arg(long, global = true)]
     json: bool,
     /// Log format.
@@ -494,10 +494,15 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
             hosts,
         }) => {
             lienthong_tls::init_dir_with_hosts(&dir, &trust_domain, &with_local_names(hosts))?;
-            println!(
-                "federation CA and broker certificate written to {} (trust domain {trust_domain})",
-                dir.display()
-            );
+            if cli.json {
+                let written = serde_json::json!({ "dir": dir, "trust_domain": trust_domain });
+                println!("{written}");
+            } else {
+                println!(
+                    "federation CA and broker certificate written to {} (trust domain {trust_domain})",
+                    dir.display()
+                );
+            }
             Ok(())
         }
         Command::Certs(CertsCmd::Issue {
@@ -511,27 +516,39 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
                 Some(member) if !broker_cert => lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?,
                 _ => lienthong_tls::issue_broker_in_dir(&dir, &hosts)?,
             };
-            println!(
-                "issued {} and {} (sha256 fingerprint {})",
-                cert.display(),
-                key.display(),
-                commands::certificate_fingerprint(&cert)?
-            );
+            let fingerprint = commands::certificate_fingerprint(&cert)?;
+            if cli.json {
+                let issued = serde_json::json!({ "certificate": cert, "key": key, "fingerprint_sha256": fingerprint });
+                println!("{issued}");
+            } else {
+                println!(
+                    "issued {} and {} (sha256 fingerprint {fingerprint})",
+                    cert.display(),
+                    key.display(),
+                );
+            }
             Ok(())
         }
-        Command::Certs(CertsCmd::Revoke(args)) => commands::revoke_certificate(&cli.connect, args).await,
-        Command::Certs(CertsCmd::Revoked { member }) => commands::revoked_certificates(&cli.connect, member).await,
+        Command::Certs(CertsCmd::Revoke(args)) => commands::revoke_certificate(&cli.connect, args, cli.json).await,
+        Command::Certs(CertsCmd::Revoked { member }) => {
+            commands::revoked_certificates(&cli.connect, member, cli.json).await
+        }
         Command::Certs(CertsCmd::Fingerprint { file }) => {
-            println!("{}", commands::certificate_fingerprint(&file)?);
+            let fingerprint = commands::certificate_fingerprint(&file)?;
+            if cli.json {
+                println!("{}", serde_json::json!({ "fingerprint_sha256": fingerprint }));
+            } else {
+                println!("{fingerprint}");
+            }
             Ok(())
         }
-        Command::Member(c) => commands::member(&cli.connect, c).await,
-        Command::Endpoint(c) => commands::endpoint(&cli.connect, c).await,
+        Command::Member(c) => commands::member(&cli.connect, c, cli.json).await,
+        Command::Endpoint(c) => commands::endpoint(&cli.connect, c, cli.json).await,
         Command::Grant(c) => commands::grant(&cli.connect, c, cli.json).await,
-        Command::Schema(c) => commands::schema(&cli.connect, c).await,
+        Command::Schema(c) => commands::schema(&cli.connect, c, cli.json).await,
         Command::Lookup(a) => commands::lookup(&cli.connect, a).await,
         Command::Audit(c) => commands::audit(&cli.connect, c, cli.json).await,
-        Command::Health(a) => health::run(&cli.connect, a).await,
+        Command::Health(a) => health::run(&cli.connect, a, cli.json).await,
         Command::Bench(a) => {
             init_logging(cli.log_format, Some("warn"));
             lienthong_cli::bench::run(a, cli.json).await
