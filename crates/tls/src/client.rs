@@ -66,26 +66,26 @@ fn build_client_config(
         roots.add(root.clone())?;
     }
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
-    let builder = match expected_server {
-        None => builder.with_webpki_verifier(webpki),
+    let pin = match expected_server {
+        None => None,
         Some((trust_domain, expected)) => {
             if !is_valid_trust_domain(trust_domain) {
                 return Err(TlsError::InvalidRequest(format!(
                     "trust domain {trust_domain:?} is invalid"
                 )));
             }
-            // Not actually dangerous: the pinned verifier runs the full webpki check first.
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinnedServerVerifier {
-                    inner: webpki,
-                    trust_domain: trust_domain.to_owned(),
-                    expected,
-                    is_revoked: is_revoked.map(Revocations),
-                }))
+            Some(ServerPin {
+                trust_domain: trust_domain.to_owned(),
+                expected,
+                is_revoked: is_revoked.map(Revocations),
+            })
         }
     };
+    // Not actually dangerous: the verifier runs the full webpki check first.
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(FederationServerVerifier { inner: webpki, pin }));
     let mut config = builder.with_client_auth_cert(material.chain.clone(), material.key.clone_key())?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     if pinned_register {
@@ -98,16 +98,23 @@ fn build_client_config(
     Ok(Arc::new(config))
 }
 
-/// WebPKI server verification plus an exact SPIFFE identity match.
+/// WebPKI server verification of a certificate the CA signed itself, plus,
+/// when pinned, an exact SPIFFE identity match.
 #[derive(Debug)]
-struct PinnedServerVerifier {
+struct FederationServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
+    pin: Option<ServerPin>,
+}
+
+/// The one identity a server must have, and the certificates refused to it.
+#[derive(Debug)]
+struct ServerPin {
     trust_domain: String,
     expected: Identity,
     is_revoked: Option<Revocations>,
 }
 
-/// A [`RevocationCheck`] that `PinnedServerVerifier` can derive `Debug` with.
+/// A [`RevocationCheck`] that `ServerPin` can derive `Debug` with.
 struct Revocations(RevocationCheck);
 
 impl std::fmt::Debug for Revocations {
@@ -145,41 +152,48 @@ impl std::fmt::Debug for WrongServerIdentity {
     }
 }
 
-impl ServerCertVerifier for PinnedServerVerifier {
+impl ServerCertVerifier for FederationServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
+        _intermediates: &[CertificateDer<'_>],
         server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        // No intermediates, whatever the server sends: the federation CA signs
+        // leaves and nothing else, and webpki does not enforce a trust
+        // anchor's path length, so a CA:TRUE certificate it once signed could
+        // otherwise mint the broker's or any register's identity.
         self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+            .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?;
+        let Some(pin) = &self.pin else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let (_, parsed) = x509_parser::parse_x509_certificate(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        let found = match identity_of(&parsed, &self.trust_domain) {
-            Ok(identity) if identity == self.expected => {
-                let revoked = self
+        let found = match identity_of(&parsed, &pin.trust_domain) {
+            Ok(identity) if identity == pin.expected => {
+                let revoked = pin
                     .is_revoked
                     .as_ref()
                     .and_then(|r| CertificateFingerprints::of(end_entity).find(|f| (r.0)(f)));
                 if let Some(fingerprint) = revoked {
                     return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
                         Arc::new(RevokedServer {
-                            server: self.expected.spiffe_uri(&self.trust_domain),
+                            server: pin.expected.spiffe_uri(&pin.trust_domain),
                             fingerprint: fingerprint_hex(&fingerprint),
                         }),
                     ))));
                 }
                 return Ok(ServerCertVerified::assertion());
             }
-            Ok(identity) => format!("its certificate names {}", identity.spiffe_uri(&self.trust_domain)),
+            Ok(identity) => format!("its certificate names {}", identity.spiffe_uri(&pin.trust_domain)),
             Err(reason) => format!("its certificate has no usable identity ({reason})"),
         };
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
             Arc::new(WrongServerIdentity {
-                expected: self.expected.spiffe_uri(&self.trust_domain),
+                expected: pin.expected.spiffe_uri(&pin.trust_domain),
                 found,
             }),
         ))))
@@ -353,12 +367,13 @@ impl Dialer {
     }
 }
 
-/// An error with its causes, outermost first, skipping causes already quoted.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
+/// An error with its causes, outermost first, skipping causes already quoted;
+/// a TLS refusal of the server's certificate in plain words (see [`tls_refusal`]).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = describe(error);
     let mut source = error.source();
     while let Some(cause) = source {
-        let message = cause.to_string();
+        let message = describe(cause);
         if !text.contains(&message) {
             text.push_str(": ");
             text.push_str(&message);
@@ -368,11 +383,107 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// One error's own words: a rustls error (also inside the `io::Error` that
+/// tokio-rustls wraps it in, whose `source` skips it) as [`tls_refusal`] says it.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+        error
+            .downcast_ref::<io::Error>()
+            .and_then(|e| e.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    });
+    match tls {
+        Some(e) => tls_refusal(e),
+        None => error.to_string(),
+    }
+}
+
+/// A rustls error as a person reads it: its Display of a refused certificate
+/// wraps our own reasons in `Other(OtherError(..))` and names a certificate
+/// signed by another CA of the same name only as `BadSignature`.
+fn tls_refusal(error: &rustls::Error) -> String {
+    match error {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            format!("the server's certificate was refused: {}", other.0)
+        }
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+            "the server's certificate is not issued by this federation's CA (is the CA file the one the federation \
+             uses now? a certificate signed through an intermediate CA is refused too)"
+                .to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::{CertificateAuthority, IssueSpec};
+
+    /// The server-side verifier of `material`, pinned to `expected` or not.
+    fn verifier(material: &TlsMaterial, expected: Option<Identity>) -> FederationServerVerifier {
+        let mut roots = RootCertStore::empty();
+        for root in &material.roots {
+            roots.add(root.clone()).unwrap();
+        }
+        FederationServerVerifier {
+            inner: WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .unwrap(),
+            pin: expected.map(|expected| ServerPin {
+                trust_domain: "gov".into(),
+                expected,
+                is_revoked: None,
+            }),
+        }
+    }
+
+    /// A broker (or register) certificate minted through a sub-CA the
+    /// federation CA signed is refused by clients, pinned or not, in words
+    /// that say which CA is wrong.
+    #[test]
+    fn a_server_certificate_issued_through_an_intermediate_is_refused() {
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let forged = crate::testing::through_intermediate(&ca, &IssueSpec::broker());
+        let forged = TlsMaterial::from_pem(&ca.cert_pem(), &forged.cert_pem, &forged.key_pem).unwrap();
+        let genuine = ca.issue(&IssueSpec::broker()).unwrap();
+        let genuine = TlsMaterial::from_pem(&ca.cert_pem(), &genuine.cert_pem, &genuine.key_pem).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        for expected in [None, Some(Identity::Broker)] {
+            let verifier = verifier(&genuine, expected);
+            verifier
+                .verify_server_cert(&genuine.chain[0], &[], &name, &[], UnixTime::now())
+                .unwrap();
+            let err = verifier
+                .verify_server_cert(&forged.chain[0], &forged.chain[1..], &name, &[], UnixTime::now())
+                .unwrap_err();
+            assert_eq!(err, rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer));
+            assert!(tls_refusal(&err).contains("not issued by this federation's CA"));
+        }
+    }
+
+    /// Our own reasons for refusing a server read as words, not as rustls'
+    /// `Other(OtherError(..))`, also inside the `io::Error` tokio-rustls gives.
+    #[test]
+    fn a_refused_server_certificate_reads_plainly() {
+        let refused = rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(RevokedServer {
+            server: "spiffe://gov/member/civil-status".into(),
+            fingerprint: "ab".repeat(32),
+        }))));
+        let text = error_chain(&io::Error::new(io::ErrorKind::InvalidData, refused));
+        assert_eq!(
+            text,
+            format!(
+                "the server's certificate was refused: the certificate of spiffe://gov/member/civil-status (sha256 {}) \
+                 was revoked by the federation admin",
+                "ab".repeat(32)
+            )
+        );
+        let foreign = rustls::Error::InvalidCertificate(CertificateError::BadSignature);
+        let text = error_chain(&io::Error::new(io::ErrorKind::InvalidData, foreign));
+        assert!(text.contains("not issued by this federation's CA"), "{text}");
+    }
 
     #[test]
     fn endpoint_urls_are_checked() {

@@ -348,6 +348,17 @@ pub fn summarize_pem(pem: &str, trust_domain: &str) -> Result<CertificateSummary
     })
 }
 
+/// The SPIFFE ID a certificate names, read without checking who signed it:
+/// for the record of a refused certificate only, never as an identity. Only
+/// a well-formed broker or member ID (of any trust domain) is returned, so
+/// that the text is short and plain whatever the certificate holds.
+pub(crate) fn claimed_spiffe_id(der: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).ok()?;
+    let uri = spiffe_uri(&parsed).ok()?;
+    let domain = uri.strip_prefix(SCHEME)?.split('/').next()?;
+    (is_valid_trust_domain(domain) && Identity::from_spiffe_uri(uri, domain).is_ok()).then(|| uri.to_owned())
+}
+
 /// The identity named by a certificate, required to be in `trust_domain`.
 pub(crate) fn identity_of(cert: &X509Certificate<'_>, trust_domain: &str) -> Result<Identity, AuthError> {
     Identity::from_spiffe_uri(spiffe_uri(cert)?, trust_domain)
@@ -534,6 +545,19 @@ mod tests {
             let fingerprints = CertificateFingerprints::of(bytes);
             assert_eq!(fingerprints.iter().collect::<Vec<_>>(), [&sha256_fingerprint(bytes)]);
         }
+    }
+
+    /// What a refused certificate claimed is read without its chain, and
+    /// only as a well-formed SPIFFE ID.
+    #[test]
+    fn a_certificate_claim_is_read_without_trusting_it() {
+        let foreign = crate::CertificateAuthority::generate("other.gov").unwrap();
+        let der = member_der(&foreign);
+        assert_eq!(
+            claimed_spiffe_id(&der).as_deref(),
+            Some("spiffe://other.gov/member/tax-office")
+        );
+        assert_eq!(claimed_spiffe_id(b"\x30\x03\x02\x01\x01"), None);
     }
 
     #[test]

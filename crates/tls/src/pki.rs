@@ -118,6 +118,12 @@ impl CertificateAuthority {
         self.cert_pem.clone()
     }
 
+    /// The CA as rcgen signs with it, for tests that make odd certificates.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     /// The CA private key in PEM (PKCS#8). Secret: store with mode 0600.
     pub fn key_pem(&self) -> String {
         self.issuer.key().serialize_pem()

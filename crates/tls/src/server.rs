@@ -31,7 +31,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::identity::{AuthError, CertificateFingerprints, Identity, identity_of, is_valid_trust_domain};
+use crate::identity::{
+    AuthError, CertificateFingerprints, Identity, claimed_spiffe_id, identity_of, is_valid_trust_domain,
+};
 use crate::{Coalesced, TlsError, TlsMaterial, provider};
 
 /// What the server learned about a connected client.
@@ -47,6 +49,10 @@ pub struct PeerInfo {
     /// revocations against (all of them: see [`CertificateFingerprints`]);
     /// `None` when none was presented.
     pub fingerprints: Option<CertificateFingerprints>,
+    /// The SPIFFE ID the presented certificate names, read whether or not it
+    /// verified: what a refused certificate claimed to be, for the record.
+    /// Unverified: never an identity (that is [`PeerInfo::identity`]).
+    pub claimed: Option<String>,
 }
 
 /// The peer of the connection a tonic request arrived on (set by [`incoming`]).
@@ -180,13 +186,20 @@ impl ServerTls {
         &self.trust_domain
     }
 
-    /// Verifies a client's presented chain (end entity first) against the CA, now, and
-    /// extracts its identity. Also returns the certificate's expiry when it is readable.
+    /// Verifies a client's presented certificate (the first of `certs`) against the CA,
+    /// now, and extracts its identity. Also returns the certificate's expiry when it
+    /// is readable.
+    ///
+    /// Only a certificate a configured CA signed itself is accepted: whatever else the
+    /// client sends is ignored. The federation CA signs leaves and nothing else, and
+    /// webpki does not enforce a trust anchor's own path length, so a CA:TRUE
+    /// certificate it once signed (by mistake, or an operator's own sub-CA) could
+    /// otherwise mint any member's identity.
     pub fn verify_peer(
         &self,
         certs: Option<&[CertificateDer<'_>]>,
     ) -> (Result<Identity, AuthError>, Option<OffsetDateTime>) {
-        let Some((end_entity, intermediates)) = certs.and_then(|c| c.split_first()) else {
+        let Some(end_entity) = certs.and_then(|c| c.first()) else {
             return (Err(AuthError::NoCertificate), None);
         };
         let parsed = match x509_parser::parse_x509_certificate(end_entity) {
@@ -194,9 +207,7 @@ impl ServerTls {
             Err(e) => return (Err(AuthError::BadCertificate(format!("unparsable: {e}"))), None),
         };
         let not_after = parsed.validity().not_after.to_datetime();
-        let verified = self
-            .verifier
-            .verify_client_cert(end_entity, intermediates, UnixTime::now());
+        let verified = self.verifier.verify_client_cert(end_entity, &[], UnixTime::now());
         let identity = match verified {
             Ok(_) => identity_of(&parsed, &self.trust_domain),
             Err(e) => Err(auth_error(e, not_after)),
@@ -208,13 +219,13 @@ impl ServerTls {
         let (tcp, conn) = stream.get_ref();
         let presented = conn.peer_certificates();
         let (identity, not_after) = self.verify_peer(presented);
+        let end_entity = presented.and_then(|c| c.first());
         PeerInfo {
             remote_addr: tcp.peer_addr().ok(),
             identity,
             not_after,
-            fingerprints: presented
-                .and_then(|c| c.first())
-                .map(|der| CertificateFingerprints::of(der)),
+            fingerprints: end_entity.map(|der| CertificateFingerprints::of(der)),
+            claimed: end_entity.and_then(|der| claimed_spiffe_id(der)),
         }
     }
 }
@@ -618,6 +629,34 @@ mod tests {
             server.verify_peer(Some(&garbage)).0,
             Err(AuthError::BadCertificate(_))
         ));
+    }
+
+    /// The reviewer's attack: a sub-CA the federation CA signed (CA:TRUE, no
+    /// path length) mints the admin's identity. Only leaves the CA signed
+    /// itself are accepted, whatever chain comes with them; a CA roll (two CAs
+    /// trusted) still accepts both CAs' leaves.
+    #[test]
+    fn a_certificate_issued_through_an_intermediate_is_refused() {
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let server = ServerTls::new(&material(&ca, &IssueSpec::broker()), "gov").unwrap();
+        let forged = crate::testing::through_intermediate(&ca, &IssueSpec::member("federation-admin"));
+        let forged = TlsMaterial::from_pem(&ca.cert_pem(), &forged.cert_pem, &forged.key_pem).unwrap();
+        assert_eq!(forged.chain.len(), 2, "leaf and sub-CA");
+        assert_eq!(server.verify_peer(Some(&forged.chain)).0, Err(AuthError::UnknownIssuer));
+        // The sub-CA itself, as the leaf, is no member either.
+        assert!(server.verify_peer(Some(&forged.chain[1..])).0.is_err());
+
+        let next = CertificateAuthority::generate("gov").unwrap();
+        let mut both = material(&ca, &IssueSpec::broker());
+        both.roots.extend(material(&next, &IssueSpec::broker()).roots);
+        let rolling = ServerTls::new(&both, "gov").unwrap();
+        for issuer in [&ca, &next] {
+            let member = material(issuer, &IssueSpec::member("m1"));
+            assert_eq!(
+                rolling.verify_peer(Some(&member.chain)).0,
+                Ok(Identity::Member("m1".into()))
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,40 @@
 use num_bigint::BigUint;
 use rustls_pki_types::CertificateDer;
 
+/// A certificate for `spec` signed not by `ca` but by a sub-CA (CA:TRUE, no
+/// path length limit) that `ca` signed: what a mistakenly issued or stolen
+/// intermediate could mint. The PEM holds the leaf, then the sub-CA.
+pub fn through_intermediate(ca: &crate::CertificateAuthority, spec: &crate::IssueSpec) -> crate::IssuedCert {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        PKCS_ECDSA_P256_SHA256, SanType,
+    };
+    let sub_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("a key");
+    let mut sub = CertificateParams::new(Vec::<String>::new()).expect("params");
+    sub.distinguished_name.push(rcgen::DnType::CommonName, "sub-CA");
+    sub.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    sub.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+    sub.not_before = spec.not_before;
+    sub.not_after = spec.not_after;
+    let sub_cert = sub.signed_by(&sub_key, ca.issuer()).expect("the sub-CA");
+    let sub_issuer = Issuer::new(sub, sub_key);
+    let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("a key");
+    let mut leaf = CertificateParams::new(spec.hosts.clone()).expect("params");
+    leaf.subject_alt_names.push(SanType::URI(
+        spec.identity.spiffe_uri(ca.trust_domain()).try_into().expect("a URI"),
+    ));
+    leaf.is_ca = IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.not_before = spec.not_before;
+    leaf.not_after = spec.not_after;
+    let leaf_cert = leaf.signed_by(&leaf_key, &sub_issuer).expect("the leaf");
+    crate::IssuedCert {
+        cert_pem: format!("{}{}", leaf_cert.pem(), sub_cert.pem()),
+        key_pem: leaf_key.serialize_pem(),
+    }
+}
+
 /// The order n of P-256, the federation CA's curve.
 const P256_ORDER: &str = "FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551";
 
