@@ -431,7 +431,7 @@ impl Broker {
                 event.actor = claimed;
                 event.outcome = Outcome::Denied;
                 event.action = rpc.to_string();
-                event.reason = format!("unauthenticated: {message}");
+                event.reason = format!("unauthenticated: {message}{}", refused_certificate(peer.as_deref()));
                 event.request_id = request_id_of(request);
                 let addr = peer.as_ref().and_then(|p| p.remote_addr).map(|a| a.ip());
                 // Past its budget, an address's refusals are summed up by
@@ -500,8 +500,44 @@ pub fn request_id_of<T>(request: &tonic::Request<T>) -> String {
         .to_string()
 }
 
+/// What the audit entry of a refused caller adds to the reason: which
+/// certificate was presented, whom it claimed to be when that was not
+/// verified, and from where; empty when nothing is known.
+///
+/// An unverified claim stays out of `actor`: that column is who acted, and
+/// an entry there would show in that member's history as the member's own
+/// attempt, though anyone can write any name into a certificate of their
+/// own CA. In the reason it still lets an investigator search for it.
+fn refused_certificate(peer: Option<&PeerInfo>) -> String {
+    let Some(peer) = peer else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    if peer.identity.is_err()
+        && let Some(claimed) = &peer.claimed
+    {
+        parts.push(format!("claimed (unverified) {claimed}"));
+    }
+    if let Some(fingerprints) = &peer.fingerprints {
+        parts.push(format!(
+            "certificate sha256 {}",
+            lienthong_tls::fingerprint_hex(&fingerprints.presented())
+        ));
+    }
+    if let Some(addr) = peer.remote_addr {
+        parts.push(format!("from {}", addr.ip()));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", parts.join(", "))
+    }
+}
+
 /// Maps a peer to an enabled member of the snapshot, or to (claimed identity,
-/// message) for the audit log and the caller.
+/// message) for the audit log and the caller. The claimed identity is only
+/// ever one a certificate of the federation CA names (see
+/// [`refused_certificate`] for why an unverified one is not).
 fn check_peer(
     peer: Option<&PeerInfo>,
     snapshot: &Snapshot,
@@ -563,5 +599,45 @@ fn check_peer(
             },
         )),
         Some(m) => Ok(m.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An expired certificate naming a member: the entry says whom it
+    /// claimed to be, which certificate it was and from where, while the
+    /// actor stays empty (the claim is unverified).
+    #[test]
+    fn a_refused_certificate_is_recorded_without_taking_its_claim_for_the_actor() {
+        let der = b"certificate bytes";
+        let mut peer = PeerInfo {
+            remote_addr: Some("192.0.2.7:40000".parse().unwrap()),
+            identity: Err(lienthong_tls::AuthError::Expired {
+                not_after: "2025-01-01T00:00:00Z".into(),
+            }),
+            not_after: None,
+            fingerprints: Some(lienthong_tls::CertificateFingerprints::of(der)),
+            claimed: Some("spiffe://gov/member/hanoi-judicial-office".into()),
+        };
+        let snapshot = Snapshot::empty();
+        let (actor, _) = check_peer(Some(&peer), &snapshot, "gov").unwrap_err();
+        assert_eq!(actor, "");
+        let sha256 = lienthong_tls::fingerprint_hex(&lienthong_tls::sha256_fingerprint(der));
+        assert_eq!(
+            refused_certificate(Some(&peer)),
+            format!(
+                " [claimed (unverified) spiffe://gov/member/hanoi-judicial-office, certificate sha256 {sha256}, \
+                 from 192.0.2.7]"
+            )
+        );
+        // A verified identity is the actor; no claim is repeated.
+        peer.identity = Ok(Identity::Member("hanoi-judicial-office".into()));
+        let (actor, _) = check_peer(Some(&peer), &snapshot, "gov").unwrap_err();
+        assert_eq!(actor, "hanoi-judicial-office");
+        assert!(!refused_certificate(Some(&peer)).contains("claimed"));
+        assert_eq!(refused_certificate(None), "");
     }
 }
