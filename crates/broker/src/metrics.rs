@@ -248,6 +248,8 @@ pub struct Metrics {
     rate_limited: Family<GrantLabels, Counter>,
     unauthenticated: Family<RpcLabels, Counter>,
     audit_append_seconds: Histogram,
+    /// When the broker's own certificate (`tls.cert`) expires, Unix seconds.
+    pub certificate_expiry: Gauge,
     request_cache: [Cache<RequestSeries>; 2],
     provider_cache: Cache<ProviderSeries>,
     scrape: tokio::sync::Mutex<()>,
@@ -330,6 +332,15 @@ impl Metrics {
             Unit::Seconds,
             audit_append_seconds.clone(),
         );
+        // No member label: the broker's own certificate only, so an alert
+        // (`- time() < 30 * 86400`) fires before every client is refused.
+        let certificate_expiry = Gauge::default();
+        registry.register_with_unit(
+            "certificate_expiry_timestamp",
+            "When the broker's own certificate (tls.cert) expires, as a Unix time",
+            Unit::Seconds,
+            certificate_expiry.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -341,6 +352,7 @@ impl Metrics {
             rate_limited,
             unauthenticated,
             audit_append_seconds,
+            certificate_expiry,
             request_cache: [Cache::new(), Cache::new()],
             provider_cache: Cache::new(),
             scrape: tokio::sync::Mutex::new(()),
@@ -877,6 +889,17 @@ mod tests {
         assert!(!t.contains(
             r#"lienthong_request_duration_seconds_count{rpc="lookup",record_type="civil.birth",outcome="failed"}"#
         ));
+    }
+
+    #[test]
+    fn the_broker_certificate_expiry_is_exported_without_labels() {
+        let m = Metrics::new();
+        m.certificate_expiry.set(1_800_000_000);
+        let t = text(&m);
+        assert!(
+            t.contains("lienthong_certificate_expiry_timestamp_seconds 1800000000\n"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -247,6 +247,70 @@ fn check_own_identity(config: &Config) -> Result<(), StartError> {
     .into())
 }
 
+/// Refuses a certificate members and registers would refuse now: not issued
+/// by a CA in `tls.ca` (a slip in a CA roll), expired, or not valid yet. The
+/// broker would otherwise say it serves while every connection fails, with
+/// the cause only in each peer's error. Returns the certificate's expiry.
+fn check_own_certificate(
+    config: &Config,
+    server_tls: &ServerTls,
+    material: &TlsMaterial,
+) -> Result<OffsetDateTime, StartError> {
+    let (cert, ca) = (config.tls.cert.display(), config.tls.ca.display());
+    let (verified, not_after) = server_tls.verify_peer(Some(&material.chain));
+    let why = match (verified, not_after) {
+        (Ok(_), Some(not_after)) => return Ok(not_after),
+        (Ok(_), None) => format!("tls.cert {cert} has no readable expiry"),
+        (Err(lienthong_tls::AuthError::UnknownIssuer), _) => format!(
+            "tls.cert {cert} is not issued by a CA in tls.ca {ca}, so members and registers would refuse the \
+             broker: during a CA roll put both the old and the new CA certificate in tls.ca, or issue the broker \
+             a certificate from the CA in tls.ca (`lienthong certs issue --broker-cert`)"
+        ),
+        (Err(lienthong_tls::AuthError::Expired { not_after }), _) => format!(
+            "tls.cert {cert} expired at {not_after}, so members and registers would refuse the broker: issue it \
+             a new certificate (`lienthong certs issue --broker-cert`) and restart"
+        ),
+        (Err(lienthong_tls::AuthError::NotYetValid), _) => format!(
+            "tls.cert {cert} is not valid yet by this host's clock, so members and registers would refuse the \
+             broker: check the clock (and the issuing host's), or wait until the certificate's validity starts"
+        ),
+        (Err(other), _) => format!("tls.cert {cert} is not usable as the broker's certificate: {other}"),
+    };
+    Err(BrokerError::FailedPrecondition(why).into())
+}
+
+/// The broker warns this long before its certificate expires.
+const EXPIRY_WARNING: time::Duration = time::Duration::days(30);
+
+/// Warns when the broker's certificate expires within [`EXPIRY_WARNING`] of
+/// `now`; whether it did.
+fn warn_if_expiring(cert: &std::path::Path, not_after: OffsetDateTime, now: OffsetDateTime) -> bool {
+    let left = not_after - now;
+    if left > EXPIRY_WARNING {
+        return false;
+    }
+    tracing::warn!(
+        tls_cert = %cert.display(),
+        not_after = %not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        days_left = left.whole_days(),
+        "the broker's certificate expires soon, and then every member and register refuses the broker: issue a \
+         new one (`lienthong certs issue --broker-cert`) and restart each replica with it"
+    );
+    true
+}
+
+/// Repeats [`warn_if_expiring`] once a day while the broker runs.
+fn spawn_expiry_warnings(cert: std::path::PathBuf, not_after: OffsetDateTime) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let day = Duration::from_secs(24 * 60 * 60);
+        let mut daily = tokio::time::interval_at(tokio::time::Instant::now() + day, day);
+        loop {
+            daily.tick().await;
+            warn_if_expiring(&cert, not_after, OffsetDateTime::now_utc());
+        }
+    })
+}
+
 /// The metrics listener's TLS, when `telemetry.metrics_client_ca` is set and
 /// metrics are on: the broker's own certificate, client certificates from
 /// that CA required.
@@ -291,6 +355,8 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     })?;
     check_own_identity(&config)?;
     let server_tls = Arc::new(ServerTls::new(&material, &config.trust_domain)?);
+    let certificate_expires = check_own_certificate(&config, &server_tls, &material)?;
+    warn_if_expiring(&config.tls.cert, certificate_expires, OffsetDateTime::now_utc());
     let store = lienthong_store::open(&StoreOptions {
         url: config.database_url(),
         max_connections: config.limits.database_max_connections,
@@ -344,6 +410,11 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         Some(l) => Some(l.local_addr().map_err(io("metrics listener address"))?),
         None => None,
     };
+    broker
+        .metrics
+        .certificate_expiry
+        .set(certificate_expires.unix_timestamp());
+    let expiry_warnings = spawn_expiry_warnings(config.tls.cert.clone(), certificate_expires);
     let watcher = broker.spawn_watcher(Duration::from_secs(2));
     let refusal_summaries = broker.spawn_refusal_summaries(Duration::from_secs(10));
 
@@ -531,6 +602,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             );
         }
         watcher.abort();
+        expiry_warnings.abort();
         refusal_summaries.abort();
         task_broker.summarize_refusals().await;
         let head = task_broker.audit.shutdown().await;
@@ -954,6 +1026,85 @@ where
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A config whose tls.ca is `ca`, and the broker's TLS from `broker`'s certificate.
+    fn own_certificate(
+        ca: &lienthong_tls::CertificateAuthority,
+        broker: &lienthong_tls::IssueSpec,
+    ) -> Result<OffsetDateTime, StartError> {
+        let issued = ca.issue(broker).map_err(StartError::Tls)?;
+        let mut config = Config {
+            trust_domain: "gov".into(),
+            ..Config::default()
+        };
+        config.tls.ca = "certs/ca.pem".into();
+        config.tls.cert = "certs/broker.pem".into();
+        let material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem)?;
+        let server_tls = ServerTls::new(&material, "gov")?;
+        check_own_certificate(&config, &server_tls, &material)
+    }
+
+    #[allow(clippy::unwrap_used)]
+    #[test]
+    fn the_broker_refuses_to_start_with_a_certificate_its_peers_would_refuse() {
+        let ca = lienthong_tls::CertificateAuthority::generate("gov").unwrap();
+        let good = lienthong_tls::IssueSpec::broker();
+        let not_after = own_certificate(&ca, &good).unwrap();
+        assert!(not_after > OffsetDateTime::now_utc() + time::Duration::days(300));
+
+        // Issued by a CA that is not in tls.ca (the same name, another key).
+        let next = lienthong_tls::CertificateAuthority::generate("gov").unwrap();
+        let issued = next.issue(&good).unwrap();
+        let mut material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+        let mut config = Config::default();
+        config.tls.ca = "certs/ca.pem".into();
+        config.tls.cert = "certs/broker.pem".into();
+        let server_tls = ServerTls::new(&material, "gov").unwrap();
+        let err = check_own_certificate(&config, &server_tls, &material)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("certs/broker.pem is not issued by a CA in tls.ca certs/ca.pem") && err.contains("CA roll"),
+            "{err}"
+        );
+        // A CA roll: both CAs in tls.ca.
+        material.roots = TlsMaterial::from_pem(
+            &format!("{}{}", ca.cert_pem(), next.cert_pem()),
+            &issued.cert_pem,
+            &issued.key_pem,
+        )
+        .unwrap()
+        .roots;
+        let server_tls = ServerTls::new(&material, "gov").unwrap();
+        check_own_certificate(&config, &server_tls, &material).unwrap();
+
+        let now = OffsetDateTime::now_utc();
+        let expired = lienthong_tls::IssueSpec {
+            not_before: now - time::Duration::days(400),
+            not_after: now - time::Duration::days(1),
+            ..lienthong_tls::IssueSpec::broker()
+        };
+        let err = own_certificate(&ca, &expired).unwrap_err().to_string();
+        assert!(
+            err.contains("expired at") && err.contains("certs issue --broker-cert"),
+            "{err}"
+        );
+        let future = lienthong_tls::IssueSpec {
+            not_before: now + time::Duration::days(1),
+            ..lienthong_tls::IssueSpec::broker()
+        };
+        let err = own_certificate(&ca, &future).unwrap_err().to_string();
+        assert!(err.contains("not valid yet") && err.contains("clock"), "{err}");
+    }
+
+    #[test]
+    fn the_broker_warns_in_the_last_thirty_days_of_its_certificate() {
+        let now = OffsetDateTime::now_utc();
+        let cert = std::path::Path::new("certs/broker.pem");
+        assert!(!warn_if_expiring(cert, now + time::Duration::days(31), now));
+        assert!(warn_if_expiring(cert, now + time::Duration::days(29), now));
+        assert!(warn_if_expiring(cert, now - time::Duration::days(1), now));
+    }
     use tower::Service;
 
     type Outcome = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;
