@@ -23,3 +23,4 @@ mod revocation;
 mod schemas;
 mod snapshot_lag;
 mod stock_client;
+mod tls_lifecycle;

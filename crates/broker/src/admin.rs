@@ -282,6 +282,39 @@ impl Broker {
                     "name the certificate: give certificate_pem, or fingerprint_sha256 with member".into(),
                 ));
             };
+            // The broker's own certificate and the CAs it trusts are never
+            // checked as a member's: a revocation filed for them would be
+            // reported done and refuse nothing (incident response would
+            // believe a leaked broker key shut out). Any encoding counts.
+            for (path, is_ca_file) in [(&self.config.tls.cert, false), (&self.config.tls.ca, true)] {
+                let certificates = match lienthong_tls::read_certificates(path) {
+                    Ok(certificates) => certificates,
+                    Err(e) => {
+                        // Revoking must not wait for a file moved since start.
+                        tracing::warn!(error = %e, "cannot check a revocation against the broker's own certificates");
+                        continue;
+                    }
+                };
+                let Some(index) = certificates
+                    .iter()
+                    .position(|der| CertificateFingerprints::of(der).contains(&fingerprint.0))
+                else {
+                    continue;
+                };
+                return Err(BrokerError::FailedPrecondition(if is_ca_file || index > 0 {
+                    format!(
+                        "fingerprint_sha256 names a CA certificate ({}), which the broker does not check as a \
+                         member's: to stop trusting a CA, remove it from tls.ca on every broker and register and \
+                         restart them (see the deploy guide, \"Rotate certificates\")",
+                        path.display()
+                    )
+                } else {
+                    "fingerprint_sha256 names the broker's certificate, which the broker does not check: once the \
+                     brokers present a new one, give its fingerprint (`lienthong certs fingerprint`) to every \
+                     register to refuse (see the deploy guide, \"Rotate certificates\")"
+                        .into()
+                }));
+            }
             // A typo in the member would file the revocation under nobody.
             if self.store.get_member(member.as_str()).await?.is_none() {
                 return Err(BrokerError::NotFound(format!(

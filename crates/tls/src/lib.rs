@@ -44,7 +44,7 @@ pub use identity::{
     fingerprint_hex, is_valid_trust_domain, parse_fingerprint, sha256_fingerprint, summarize_pem,
 };
 pub use keyfile::{GroupAccess, KeyFileError, read_private_key};
-pub use material::{TlsFiles, TlsMaterial, read_trust_anchors};
+pub use material::{TlsFiles, TlsMaterial, read_certificates, read_trust_anchors};
 pub use pki::{
     CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir,
     issue_member_in_dir, trust_domain_from_ca_cert,

@@ -84,6 +84,11 @@ pub fn read_trust_anchors(path: &Path) -> Result<Vec<CertificateDer<'static>>, T
     Ok(roots)
 }
 
+/// Every certificate in the PEM file `path`: at least one.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    certs(&read(path)?, path)
+}
+
 pub(crate) fn read(path: &Path) -> Result<String, TlsError> {
     std::fs::read_to_string(path).map_err(|source| TlsError::Io {
         path: path.to_owned(),
