@@ -135,3 +135,51 @@ async fn the_brokers_own_certificate_and_the_ca_cannot_be_revoked_by_fingerprint
     assert!(listed.is_empty(), "{listed:?}");
     fed.shutdown().await.unwrap();
 }
+
+/// `certs issue` as an operator meets it: a wildcard or a malformed host is
+/// refused, issuing again says which certificate it replaced and how to
+/// revoke it, and `certs fingerprint` on a key file names that file.
+#[test]
+fn certs_issue_refuses_wildcards_and_names_the_certificate_it_replaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    let (ok, out) = run_cli(&["certs", "init", "--dir", certs_arg, "--trust-domain", "gov"], &[]);
+    assert!(ok, "{out}");
+    for host in ["*.gov.vn", "*", "a b"] {
+        let (ok, out) = run_cli(
+            &[
+                "certs", "issue", "--dir", certs_arg, "--member", "registry", "--host", host,
+            ],
+            &[],
+        );
+        assert!(!ok && out.contains(&format!("{host:?}")), "{out}");
+        assert!(!certs.join("registry.pem").exists());
+    }
+
+    let (ok, first) = run_cli(&["certs", "issue", "--dir", certs_arg, "--member", "office"], &[]);
+    assert!(ok && !first.contains("replaced"), "{first}");
+    let old = std::fs::read_to_string(certs.join("office.pem")).unwrap();
+    let old_fingerprint = fingerprint_hex(&lienthong_tls::summarize_pem(&old, "gov").unwrap().sha256);
+    let (ok, second) = run_cli(&["certs", "issue", "--dir", certs_arg, "--member", "office"], &[]);
+    assert!(ok, "{second}");
+    assert!(
+        second.contains(&format!(
+            "replaced the certificate that was there (sha256 fingerprint {old_fingerprint}"
+        )),
+        "{second}"
+    );
+    assert!(
+        second.contains(&format!("certs revoke --fingerprint {old_fingerprint} --member office")),
+        "{second}"
+    );
+
+    let key = certs.join("office.key");
+    let (ok, out) = run_cli(&["certs", "fingerprint", key.to_str().unwrap()], &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&key.display().to_string()) && out.contains("private key, not a certificate"),
+        "{out}"
+    );
+    assert!(!out.contains("<certificate>"), "{out}");
+}

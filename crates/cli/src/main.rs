@@ -228,8 +228,9 @@ enum CertsCmd {
         /// Directory holding ca.pem and ca.key.
         #[arg(long)]
         dir: PathBuf,
-        /// Host names or IPs the certificate may serve (providers, the broker; repeat), besides
-        /// localhost and 127.0.0.1, which it always names for local health checks.
+        /// Host names or IPs the certificate may serve (a member's register, the broker; repeat),
+        /// besides localhost and 127.0.0.1, which it then names for local health checks. A
+        /// member without --host gets a client certificate only.
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
@@ -511,21 +512,60 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
             dir,
             hosts,
         }) => {
-            let hosts = with_local_names(hosts);
-            let (cert, key) = match member {
-                Some(member) if !broker_cert => lienthong_tls::issue_member_in_dir(&dir, &member, &hosts)?,
-                _ => lienthong_tls::issue_broker_in_dir(&dir, &hosts)?,
-            };
-            let fingerprint = commands::certificate_fingerprint(&cert)?;
-            if cli.json {
-                let issued = serde_json::json!({ "certificate": cert, "key": key, "fingerprint_sha256": fingerprint });
-                println!("{issued}");
+            // A member without --host serves nowhere: its certificate is a
+            // client certificate only, naming no host (not even localhost).
+            let member = member.filter(|_| !broker_cert);
+            let hosts = if member.is_some() && hosts.is_empty() {
+                hosts
             } else {
+                with_local_names(hosts)
+            };
+            let issued = match &member {
+                Some(member) => lienthong_tls::issue_member_in_dir(&dir, member, &hosts)?,
+                None => lienthong_tls::issue_broker_in_dir(&dir, &hosts)?,
+            };
+            let fingerprint = commands::certificate_fingerprint(&issued.cert)?;
+            let replaced = issued.replaced.as_ref().map(|old| {
+                let day = |t: time::OffsetDateTime| t.date().to_string();
+                (
+                    lienthong_tls::fingerprint_hex(&old.sha256),
+                    day(old.not_before),
+                    day(old.not_after),
+                )
+            });
+            if cli.json {
+                let replaced = replaced.as_ref().map(|(fingerprint, from, until)| {
+                    serde_json::json!({ "fingerprint_sha256": fingerprint, "valid_from": from, "valid_until": until })
+                });
+                let out = serde_json::json!({
+                    "certificate": issued.cert,
+                    "key": issued.key,
+                    "fingerprint_sha256": fingerprint,
+                    "replaced": replaced,
+                });
+                println!("{out}");
+                return Ok(());
+            }
+            println!(
+                "issued {} and {} (sha256 fingerprint {fingerprint})",
+                issued.cert.display(),
+                issued.key.display(),
+            );
+            if let Some((fingerprint, from, until)) = replaced {
                 println!(
-                    "issued {} and {} (sha256 fingerprint {fingerprint})",
-                    cert.display(),
-                    key.display(),
+                    "replaced the certificate that was there (sha256 fingerprint {fingerprint}, valid {from} to {until}); it \
+                     stays valid until then unless revoked"
                 );
+                match &member {
+                    Some(member) => println!(
+                        "once the member uses the new one (at once if its key leaked): lienthong --as <admin> certs \
+                         revoke --fingerprint {fingerprint} --member {member} --reason \"...\""
+                    ),
+                    None => println!(
+                        "the broker does not check its own certificate: once every replica presents the new one, \
+                         give {fingerprint} to the registers to refuse"
+                    ),
+                }
             }
             Ok(())
         }

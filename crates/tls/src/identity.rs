@@ -330,16 +330,32 @@ pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], InvalidFingerprint> {
 }
 
 /// Reads the end-entity certificate of a PEM text (its first certificate).
+///
+/// Its errors name no file: the caller, who knows where the text came from, does.
 pub fn summarize_pem(pem: &str, trust_domain: &str) -> Result<CertificateSummary, TlsError> {
     let path = Path::new("<certificate>");
-    let certs = crate::material::certs(pem, path)?;
+    let certs = match crate::material::certs(pem, path) {
+        Ok(certs) => certs,
+        Err(TlsError::NoCertificate { .. }) if pem.contains("PRIVATE KEY-----") => {
+            return Err(TlsError::NotACertificate(
+                "it holds a private key, not a certificate (-----BEGIN CERTIFICATE-----): give the certificate \
+                 (.pem) file, not the key"
+                    .into(),
+            ));
+        }
+        Err(TlsError::NoCertificate { .. }) => {
+            return Err(TlsError::NotACertificate(
+                "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
+        Err(TlsError::BadPem { reason, .. }) => return Err(TlsError::NotACertificate(reason)),
+        Err(e) => return Err(e),
+    };
     let der = certs
         .first()
-        .ok_or_else(|| TlsError::NoCertificate { path: path.to_owned() })?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadPem {
-        path: path.to_owned(),
-        reason: format!("not an X.509 certificate: {e}"),
-    })?;
+        .ok_or_else(|| TlsError::NotACertificate("it holds no PEM certificate".into()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::NotACertificate(format!("not an X.509 certificate: {e}")))?;
     Ok(CertificateSummary {
         identity: identity_of(&parsed, trust_domain),
         not_after: parsed.validity().not_after.to_datetime(),
@@ -449,8 +465,11 @@ mod tests {
             summarize_pem(&issued.cert_pem, "other").unwrap().identity,
             Err(AuthError::WrongTrustDomain { .. })
         ));
-        assert!(matches!(summarize_pem("", "gov"), Err(TlsError::NoCertificate { .. })));
-        assert!(summarize_pem(&issued.key_pem, "gov").is_err());
+        assert!(matches!(summarize_pem("", "gov"), Err(TlsError::NotACertificate(_))));
+        // `certs fingerprint m1.key` names the file itself; the text names none.
+        let err = summarize_pem(&issued.key_pem, "gov").unwrap_err().to_string();
+        assert!(err.contains("private key, not a certificate"), "{err}");
+        assert!(!err.contains("<certificate>"), "{err}");
     }
 
     /// A CA of `trust_domain` signing with `alg`, loaded as an operator's own

@@ -46,8 +46,8 @@ pub use identity::{
 pub use keyfile::{GroupAccess, KeyFileError, read_private_key};
 pub use material::{TlsFiles, TlsMaterial, read_certificates, read_trust_anchors};
 pub use pki::{
-    CertificateAuthority, IssueSpec, IssuedCert, init_dir, init_dir_with_hosts, issue_broker_in_dir,
-    issue_member_in_dir, trust_domain_from_ca_cert,
+    CertificateAuthority, IssueSpec, IssuedCert, IssuedFiles, ReplacedCertificate, init_dir, init_dir_with_hosts,
+    issue_broker_in_dir, issue_member_in_dir, trust_domain_from_ca_cert,
 };
 pub use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 pub use server::{
@@ -82,6 +82,9 @@ pub enum TlsError {
         /// The file concerned.
         path: PathBuf,
     },
+    /// PEM text (of a file its reader names) holds no usable certificate.
+    #[error("{0}")]
+    NotACertificate(String),
     /// A key file holds no private key.
     #[error("no PEM private key (PKCS#8, PKCS#1 or SEC1) found in {}", path.display())]
     NoKey {

@@ -2,6 +2,8 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+#[cfg(test)]
+use std::sync::Arc;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -44,8 +46,20 @@ impl CertificateAuthority {
     pub fn generate(trust_domain: &str) -> Result<Self, TlsError> {
         check_trust_domain(trust_domain)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let now = OffsetDateTime::now_utc();
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&format!("lienthong federation CA {trust_domain}"));
+        // Every CA of a trust domain would otherwise have the same name, and a
+        // certificate from another one (the wrong ca.pem after a CA roll) would
+        // read as a bad signature rather than as a certificate of another CA.
+        params.distinguished_name.push(
+            DnType::OrganizationalUnitName,
+            format!(
+                "created {}, key {}",
+                now.date(),
+                &hex::encode(crate::identity::sha256_fingerprint(key.public_key_raw()))[..16]
+            ),
+        );
         params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
         // Path length 0: the CA signs leaves directly and nothing else.
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -54,7 +68,6 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let now = OffsetDateTime::now_utc();
         params.not_before = now - BACKDATE;
         params.not_after = now + CA_VALIDITY;
         let cert = params.self_signed(&key)?;
@@ -66,8 +79,9 @@ impl CertificateAuthority {
     }
 
     /// Loads an existing CA; the key must match the certificate, and if the certificate
-    /// records a trust domain it must be `trust_domain`. A key file other users can
-    /// access is refused (see [`read_private_key`]).
+    /// records a trust domain it must be `trust_domain`. A key file its group or other
+    /// users can access is refused (see [`read_private_key`]): unlike a node's key, the
+    /// CA key is never a Kubernetes Secret mounted for a group.
     pub fn load(cert_pem_path: &Path, key_pem_path: &Path, trust_domain: &str) -> Result<Self, TlsError> {
         check_trust_domain(trust_domain)?;
         let cert_pem = read(cert_pem_path)?;
@@ -92,7 +106,7 @@ impl CertificateAuthority {
             path: key_pem_path.to_owned(),
             reason,
         };
-        let key = KeyPair::from_pem(&read_private_key(key_pem_path, GroupAccess::Warn)?)
+        let key = KeyPair::from_pem(&read_private_key(key_pem_path, GroupAccess::Refuse)?)
             .map_err(|e| bad_key(format!("unusable private key: {e}")))?;
         if key.public_key_raw() != parsed.public_key().subject_public_key.data.as_ref() {
             return Err(bad_key(format!(
@@ -129,7 +143,9 @@ impl CertificateAuthority {
         self.issuer.key().serialize_pem()
     }
 
-    /// Issues a leaf certificate usable both as TLS client and TLS server.
+    /// Issues a leaf certificate: a TLS client certificate, and a TLS server one for
+    /// `spec.hosts` when it names any (none: the holder serves nowhere, so its
+    /// certificate cannot pass for a server's either).
     pub fn issue(&self, spec: &IssueSpec) -> Result<IssuedCert, TlsError> {
         let common_name = match &spec.identity {
             Identity::Broker => "broker".to_owned(),
@@ -151,13 +167,16 @@ impl CertificateAuthority {
         for host in &spec.hosts {
             params.subject_alt_names.push(match host.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) if !host.is_empty() => SanType::DnsName(host.as_str().try_into()?),
-                Err(_) => return Err(TlsError::InvalidRequest("empty host name".into())),
+                Err(_) => SanType::DnsName(check_host_name(host)?.try_into()?),
             });
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = if spec.hosts.is_empty() {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth]
+        };
         params.use_authority_key_identifier_extension = true;
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
@@ -175,7 +194,8 @@ impl CertificateAuthority {
 pub struct IssueSpec {
     /// The identity written as the URI SAN.
     pub identity: Identity,
-    /// DNS names or IP addresses the holder serves on (e.g. `localhost`, `127.0.0.1`).
+    /// DNS names or IP addresses the holder serves on (e.g. `localhost`, `127.0.0.1`);
+    /// empty for a certificate that only connects (no server authentication).
     pub hosts: Vec<String>,
     /// Start of validity.
     pub not_before: OffsetDateTime,
@@ -187,6 +207,15 @@ impl IssueSpec {
     /// A member certificate valid from an hour ago for one year, for localhost.
     pub fn member(id: &str) -> Self {
         Self::default_for(Identity::Member(id.to_owned()))
+    }
+
+    /// A member certificate valid from an hour ago for one year that serves
+    /// nowhere: a client certificate only.
+    pub fn client(id: &str) -> Self {
+        IssueSpec {
+            hosts: Vec::new(),
+            ..Self::member(id)
+        }
     }
 
     /// A broker certificate valid from an hour ago for one year, for localhost.
@@ -269,19 +298,57 @@ pub fn init_dir_with_hosts(dir: &Path, trust_domain: &str, hosts: &[String]) -> 
 
 /// `lienthong certs issue`: signs `dir/<member_id>.pem` + `.key` with `dir/ca.pem` + `ca.key`.
 ///
-/// The trust domain is read back from the CA certificate. An empty `hosts` means the
-/// defaults of [`IssueSpec::member`] (`localhost`, `127.0.0.1`).
-pub fn issue_member_in_dir(dir: &Path, member_id: &str, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+/// The trust domain is read back from the CA certificate. An empty `hosts` makes a
+/// client certificate only (a member that runs no register); a register's certificate
+/// names the hosts it serves on.
+pub fn issue_member_in_dir(dir: &Path, member_id: &str, hosts: &[String]) -> Result<IssuedFiles, TlsError> {
     issue_in_dir(dir, Identity::Member(member_id.to_string()), hosts)
 }
 
 /// `lienthong certs issue --broker`: a new `dir/broker.pem` + `.key` under the
 /// existing CA, to rotate the broker's certificate or change its host names.
-pub fn issue_broker_in_dir(dir: &Path, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+/// An empty `hosts` means `localhost` and `127.0.0.1`.
+pub fn issue_broker_in_dir(dir: &Path, hosts: &[String]) -> Result<IssuedFiles, TlsError> {
     issue_in_dir(dir, Identity::Broker, hosts)
 }
 
-fn issue_in_dir(dir: &Path, identity: Identity, hosts: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+/// The files [`issue_member_in_dir`] or [`issue_broker_in_dir`] wrote, and the
+/// certificate they replaced.
+#[derive(Clone, Debug)]
+pub struct IssuedFiles {
+    /// The new certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The certificate that was at `cert` before, which stays valid until it
+    /// expires unless revoked.
+    pub replaced: Option<ReplacedCertificate>,
+}
+
+/// A certificate `certs issue` wrote over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplacedCertificate {
+    /// SHA-256 of its DER encoding, as revocations name it.
+    pub sha256: [u8; 32],
+    /// Start of its validity.
+    pub not_before: OffsetDateTime,
+    /// End of its validity.
+    pub not_after: OffsetDateTime,
+}
+
+/// The certificate at `path`, if one is there and readable.
+fn existing_certificate(path: &Path) -> Option<ReplacedCertificate> {
+    let pem = std::fs::read_to_string(path).ok()?;
+    let der = certs(&pem, path).ok()?.into_iter().next()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(ReplacedCertificate {
+        sha256: crate::identity::sha256_fingerprint(&der),
+        not_before: parsed.validity().not_before.to_datetime(),
+        not_after: parsed.validity().not_after.to_datetime(),
+    })
+}
+
+fn issue_in_dir(dir: &Path, identity: Identity, hosts: &[String]) -> Result<IssuedFiles, TlsError> {
     if let Identity::Member(id) = &identity
         && matches!(id.as_str(), "ca" | "broker")
     {
@@ -298,15 +365,45 @@ fn issue_in_dir(dir: &Path, identity: Identity, hosts: &[String]) -> Result<(Pat
     let ca_pem = dir.join("ca.pem");
     let trust_domain = trust_domain_from_ca_cert(&ca_pem)?;
     let ca = CertificateAuthority::load(&ca_pem, &dir.join("ca.key"), &trust_domain)?;
-    let stem = match &identity {
-        Identity::Broker => "broker".to_string(),
-        Identity::Member(id) => id.clone(),
+    let (stem, serves) = match &identity {
+        Identity::Broker => ("broker".to_string(), true),
+        Identity::Member(id) => (id.clone(), false),
     };
     let mut spec = IssueSpec::default_for(identity);
-    if !hosts.is_empty() {
+    if !hosts.is_empty() || !serves {
         spec.hosts = hosts.to_vec();
     }
-    ca.issue(&spec)?.write(dir, &stem)
+    let issued = ca.issue(&spec)?;
+    let replaced = existing_certificate(&dir.join(format!("{stem}.pem")));
+    let (cert, key) = issued.write(dir, &stem)?;
+    Ok(IssuedFiles { cert, key, replaced })
+}
+
+/// `host` if it is a DNS host name (RFC 1123: dot-separated labels of letters,
+/// digits and inner hyphens): no wildcard, which would let the holder serve as
+/// any host under it.
+fn check_host_name(host: &str) -> Result<&str, TlsError> {
+    let bad = |why: &str| TlsError::InvalidRequest(format!("host {host:?} {why}"));
+    if host.contains('*') {
+        return Err(bad(
+            "is a wildcard: a certificate names the exact host names (or IP addresses) its holder serves on; \
+             give each with its own --host",
+        ));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(bad(
+            "is neither an IP address nor a DNS host name (letters, digits and '-' in dot-separated labels of \
+             at most 63 characters, no '-' at either end of a label)",
+        ));
+    }
+    Ok(host)
 }
 
 /// The trust domain recorded in a CA certificate written by [`CertificateAuthority::generate`].
@@ -381,7 +478,9 @@ mod tests {
             "gov.example"
         );
 
-        let (cert, key) = issue_member_in_dir(&certs_dir, "tax-office", &["tax.internal".into()]).unwrap();
+        let IssuedFiles { cert, key, replaced } =
+            issue_member_in_dir(&certs_dir, "tax-office", &["tax.internal".into()]).unwrap();
+        assert_eq!(replaced, None);
         assert_eq!(cert, certs_dir.join("tax-office.pem"));
         assert_eq!(key, certs_dir.join("tax-office.key"));
 
@@ -479,6 +578,17 @@ mod tests {
         let err = CertificateAuthority::load(&dir.path().join("ca.pem"), &ca_key, "gov").unwrap_err();
         assert!(matches!(err, TlsError::KeyFile(_)), "{err:?}");
 
+        // Group-readable too: the CA key is never a Secret mounted for a group.
+        set_mode(&ca_key, 0o640);
+        let err = issue_member_in_dir(dir.path(), "m2", &[]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TlsError::KeyFile(crate::KeyFileError::Exposed { whom: "its group", .. })
+            ),
+            "{err:?}"
+        );
+
         set_mode(&ca_key, 0o600);
         issue_member_in_dir(dir.path(), "m2", &[]).unwrap();
     }
@@ -499,7 +609,7 @@ mod tests {
         std::os::unix::fs::symlink(&victims[0], certs_dir.join("evil.key")).unwrap();
         std::os::unix::fs::symlink(&victims[1], certs_dir.join("evil.pem")).unwrap();
 
-        let (cert, key) = issue_member_in_dir(&certs_dir, "evil", &[]).unwrap();
+        let IssuedFiles { cert, key, .. } = issue_member_in_dir(&certs_dir, "evil", &[]).unwrap();
         for victim in &victims {
             assert_eq!(std::fs::read_to_string(victim).unwrap(), "precious");
             assert_eq!(mode_of(victim), 0o644);
@@ -587,6 +697,134 @@ mod tests {
         // broker.pem is not a CA.
         let err = CertificateAuthority::load(&dir.path().join("broker.pem"), &ca_key, "gov").unwrap_err();
         assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    /// `certs issue --host '*.gov.vn'` would let the holder serve as any
+    /// agency's host; `a b` is no name at all.
+    #[test]
+    fn hosts_are_exact_dns_names_or_ip_addresses() {
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let with_host = |host: &str| {
+            ca.issue(&IssueSpec {
+                hosts: vec![host.into()],
+                ..IssueSpec::member("m1")
+            })
+        };
+        for good in [
+            "registry.gov.vn",
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "a-1.b2.",
+            "civil-status",
+        ] {
+            with_host(good).unwrap();
+        }
+        for bad in [
+            "*.gov.vn",
+            "*",
+            "a b",
+            "",
+            "-a.gov.vn",
+            "a-.gov.vn",
+            "a..b",
+            "gov.vn/x",
+            &"a".repeat(64),
+        ] {
+            let err = with_host(bad).unwrap_err();
+            assert!(matches!(err, TlsError::InvalidRequest(_)), "{bad}: {err:?}");
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
+        }
+        assert!(with_host("*.gov.vn").unwrap_err().to_string().contains("wildcard"));
+    }
+
+    /// A member that runs no register gets a client certificate only: a
+    /// stock TLS client checking host names cannot take it for a server's.
+    #[test]
+    fn only_certificates_that_name_hosts_may_serve() {
+        use rustls::client::danger::ServerCertVerifier;
+        let ca = CertificateAuthority::generate("gov").unwrap();
+        let material = |spec: &IssueSpec| {
+            let issued = ca.issue(spec).unwrap();
+            crate::TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap()
+        };
+        let server_verifier = |material: &crate::TlsMaterial| {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(material.roots[0].clone()).unwrap();
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::provider())
+                .build()
+                .unwrap()
+        };
+        let as_server = server_verifier(&material(&IssueSpec::broker()));
+        let localhost = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        let client_only = material(&IssueSpec::client("consumer"));
+        let err = as_server
+            .verify_server_cert(&client_only.chain[0], &[], &localhost, &[], now)
+            .unwrap_err();
+        assert!(err.to_string().contains("extended key usage"), "{err}");
+        let server = crate::ServerTls::new(&material(&IssueSpec::broker()), "gov").unwrap();
+        assert_eq!(
+            server.verify_peer(Some(&client_only.chain)).0,
+            Ok(Identity::Member("consumer".into())),
+            "it still authenticates its holder"
+        );
+        let register = material(&IssueSpec::member("civil-status"));
+        as_server
+            .verify_server_cert(&register.chain[0], &[], &localhost, &[], now)
+            .unwrap();
+
+        // `certs issue` without --host: a client certificate; a broker's always serves.
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "gov").unwrap();
+        for (files, serves) in [
+            (issue_member_in_dir(dir.path(), "consumer", &[]).unwrap(), false),
+            (issue_broker_in_dir(dir.path(), &[]).unwrap(), true),
+        ] {
+            let material = crate::TlsMaterial::load(&crate::TlsFiles {
+                ca: dir.path().join("ca.pem"),
+                cert: files.cert,
+                key: files.key,
+            })
+            .unwrap();
+            let verified = server_verifier(&material).verify_server_cert(&material.chain[0], &[], &localhost, &[], now);
+            assert_eq!(verified.is_ok(), serves, "{verified:?}");
+        }
+    }
+
+    /// Re-issuing a member's certificate says which one it replaced, so that
+    /// it can be revoked: it stays valid until it expires otherwise.
+    #[test]
+    fn issuing_again_names_the_certificate_it_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), "gov").unwrap();
+        let first = issue_member_in_dir(dir.path(), "m1", &[]).unwrap();
+        assert_eq!(first.replaced, None);
+        let pem = std::fs::read_to_string(&first.cert).unwrap();
+        let summary = crate::summarize_pem(&pem, "gov").unwrap();
+        let second = issue_member_in_dir(dir.path(), "m1", &[]).unwrap();
+        let replaced = second.replaced.unwrap();
+        assert_eq!(replaced.sha256, summary.sha256);
+        assert_eq!(replaced.not_after, summary.not_after);
+        assert!(replaced.not_before < replaced.not_after);
+        assert_ne!(std::fs::read_to_string(&second.cert).unwrap(), pem);
+    }
+
+    /// Two CAs of one trust domain have different names, so a certificate of
+    /// the other reads as "not issued by this CA", not as a bad signature.
+    #[test]
+    fn every_ca_has_a_name_of_its_own() {
+        let subject = |ca: &CertificateAuthority| {
+            let der = certs(&ca.cert_pem(), Path::new("<ca>")).unwrap().remove(0);
+            let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+            parsed.subject().to_string()
+        };
+        let (a, b) = (
+            CertificateAuthority::generate("gov").unwrap(),
+            CertificateAuthority::generate("gov").unwrap(),
+        );
+        assert_ne!(subject(&a), subject(&b));
+        assert!(subject(&a).contains("lienthong federation CA gov"), "{}", subject(&a));
     }
 
     #[test]
