@@ -183,3 +183,52 @@ fn certs_issue_refuses_wildcards_and_names_the_certificate_it_replaces() {
     );
     assert!(!out.contains("<certificate>"), "{out}");
 }
+
+/// A register presenting a revoked certificate: the consumer and the audit
+/// log read why (revoked, which certificate), not a message cut off inside
+/// the register's URL and rustls' wrappers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_register_certificate_is_named_in_full_to_the_consumer_and_the_audit_log() {
+    use lienthong_cli::federation::CIVIL_STATUS;
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 3);
+    look_up_birth(&office, &subject).await.unwrap();
+    let register_pem = std::fs::read_to_string(fed.certs.join(format!("{CIVIL_STATUS}.pem"))).unwrap();
+    let sha256 = sha256_of(&register_pem);
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            certificate_pem: register_pem,
+            reason: "register's key copied off a backup tape".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let why = format!("(sha256 {sha256}) was revoked by the federation admin");
+    assert!(err.message().contains(&why), "{err:?}");
+    assert!(!err.message().contains("OtherError"), "{err:?}");
+    assert!(!err.message().contains(&subject), "{err:?}");
+
+    let failed = client(&fed, STATE_AUDIT)
+        .await
+        .audit()
+        .query_entries(pb::QueryEntriesRequest {
+            filter: Some(pb::EntryFilter {
+                actor: JUDICIAL_OFFICE.into(),
+                outcome: pb::Outcome::Failed as i32,
+                ..Default::default()
+            }),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(failed.iter().any(|e| e.reason.contains(&why)), "{failed:#?}");
+    fed.shutdown().await.unwrap();
+}

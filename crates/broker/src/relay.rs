@@ -226,7 +226,15 @@ impl Conn {
     }
 
     async fn dial(&self) -> Result<Live, String> {
-        let stream = self.dialer.dial().await.map_err(|e| e.to_string())?;
+        // The reason first, then where: a bound on the message (see
+        // `Relay::call`) must cut the URL, never why the register was refused
+        // (revoked, the wrong identity).
+        let stream = self.dialer.dial().await.map_err(|e| match e {
+            lienthong_tls::TlsError::Connect { url, detail } => {
+                format!("{detail} (connecting to {})", crate::exchange::clip(&url, 100))
+            }
+            other => other.to_string(),
+        })?;
         let expires = stream
             .get_ref()
             .1
@@ -989,8 +997,10 @@ impl Relay {
                         Ok(words) => words.as_str(),
                         // The connection's words, or the register's code only
                         // (`from_register`), bounded: they reach the consumer,
-                        // the broker's log and the audit log.
-                        Err(status) => crate::exchange::clip(status.message(), 200),
+                        // the broker's log and the audit log. Room for a refused
+                        // certificate's reason, which names the register's
+                        // identity and the certificate's fingerprint.
+                        Err(status) => crate::exchange::clip(status.message(), 400),
                     };
                     return Err(RelayError::Unavailable(format!(
                         "provider {provider} is unavailable: {why}"
