@@ -80,13 +80,17 @@ hand_out() { # stem, destination directory: moves <stem>.pem/.key out of the CA'
   chmod 600 "$2/$1.key"
 }
 
-issue() { # destination directory, member id, then the host names it serves on
+issue() { # destination directory, member id, then the host names it serves on (none: a client certificate only)
   dir=$1
   member=$2
   shift 2
   [ -f "$dir/$member.pem" ] && return 0
   hosts=""
-  for h in "$@" localhost 127.0.0.1; do hosts="$hosts --host $h"; done
+  # A member that serves nowhere gets a certificate that cannot serve: no host
+  # names, no server use, so it cannot stand in for a host to stock clients.
+  if [ $# -gt 0 ]; then
+    for h in "$@" localhost 127.0.0.1; do hosts="$hosts --host $h"; done
+  fi
   # shellcheck disable=SC2086 # one word per --host flag
   lienthong certs issue --dir "$ca" --member "$member" $hosts
   hand_out "$member" "$dir"

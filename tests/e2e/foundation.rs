@@ -692,3 +692,61 @@ async fn a_stopped_broker_leaves_its_database_in_one_file() {
     let left = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
     assert_eq!(left, 0, "{left} bytes left in {}", wal.display());
 }
+
+/// A broker with no admin serves, but nobody could administer it: it says
+/// so at start, with what to set. With `bootstrap_admin` set, nothing is said.
+#[test]
+fn a_broker_without_an_admin_says_how_to_get_one() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_after_certs_init(dir.path(), &[]);
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        config.data_dir.display().to_string(),
+        config.tls.ca.display().to_string(),
+        config.tls.cert.display().to_string(),
+        config.tls.key.display().to_string(),
+    );
+    let file = dir.path().join("broker.toml");
+    std::fs::write(&file, text).unwrap();
+    let start = |admin: &str| {
+        let mut child = std::process::Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env("LIENTHONG_BOOTSTRAP_ADMIN", admin)
+            .env("RUST_LOG", "warn,lienthong_broker=info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut seen = Vec::new();
+        for line in BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+        {
+            let serving = line.contains("broker serving");
+            seen.push(line);
+            if serving {
+                break;
+            }
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        seen
+    };
+    let seen = start("");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("no enabled member has the admin role") && l.contains("bootstrap_admin")),
+        "{seen:?}"
+    );
+    let seen = start("federation-admin");
+    assert!(seen.iter().any(|l| l.contains("broker serving")), "{seen:?}");
+    assert!(
+        !seen.iter().any(|l| l.contains("no enabled member has the admin role")),
+        "{seen:?}"
+    );
+}

@@ -689,6 +689,16 @@ async fn bootstrap_admin(
     audit: &Arc<AuditLog>,
 ) -> Result<(), StartError> {
     if config.bootstrap_admin.is_empty() {
+        // Every administration needs an admin: without one, every call is
+        // refused and nothing says why until someone reads the config.
+        let members = store.list_members().await?;
+        if !members.iter().any(|m| m.enabled && m.roles.contains(&Role::Admin)) {
+            tracing::warn!(
+                "no enabled member has the admin role and `bootstrap_admin` is not set: nobody can add members, \
+                 endpoints or grants; set `bootstrap_admin` (or LIENTHONG_BOOTSTRAP_ADMIN) to an admin's member id, \
+                 issue it a certificate (`lienthong certs issue --member <id>`) and restart"
+            );
+        }
         return Ok(());
     }
     let id = MemberId::new(config.bootstrap_admin.clone()).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;

@@ -204,9 +204,11 @@ pub fn make_certs(certs: &Path, trust_domain: &str) -> Result<()> {
         lienthong_tls::init_dir(certs, trust_domain)?;
     }
     let hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    for id in std::iter::once(ADMIN).chain(MEMBERS.iter().map(|m| m.0)) {
+    for (id, roles) in std::iter::once((ADMIN, &[][..])).chain(MEMBERS.iter().map(|m| (m.0, m.2))) {
+        // Only the registers serve: the others' certificates name no host.
+        let serves = roles.contains(&pb::Role::Provider);
         if !certs.join(format!("{id}.pem")).exists() {
-            lienthong_tls::issue_member_in_dir(certs, id, &hosts)?;
+            lienthong_tls::issue_member_in_dir(certs, id, if serves { &hosts } else { &[] })?;
         }
     }
     Ok(())

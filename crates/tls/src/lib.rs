@@ -76,6 +76,19 @@ pub enum TlsError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A private key that is not the key of the certificate beside it.
+    #[error(
+        "the private key in {} is not the key of the certificate in {}: give the key issued with that \
+         certificate (`lienthong certs issue` writes `<member>.key` beside `<member>.pem`)",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
     /// A certificate file holds no certificate.
     #[error("no PEM certificate found in {}", path.display())]
     NoCertificate {

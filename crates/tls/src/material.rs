@@ -53,11 +53,25 @@ impl TlsMaterial {
     /// is refused; a group-readable one is accepted with a warning (see
     /// [`read_private_key`]).
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
-        Ok(TlsMaterial {
+        let material = TlsMaterial {
             roots: certs(&read(&files.ca)?, &files.ca)?,
             chain: certs(&read(&files.cert)?, &files.cert)?,
             key: key(&read_private_key(&files.key, GroupAccess::Warn)?, &files.key)?,
-        })
+        };
+        // rustls would say only `KeyMismatch`, later and naming no file.
+        if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+            rustls::sign::CertifiedKey::from_der(
+                material.chain.clone(),
+                material.key.clone_key(),
+                &rustls::crypto::ring::default_provider(),
+            )
+        {
+            return Err(TlsError::KeyMismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+            });
+        }
+        Ok(material)
     }
 
     /// Parses PEM text held in memory (errors name the part as `<ca>`, `<cert>`, `<key>`).
@@ -161,6 +175,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = node_files(dir.path());
         set_mode(&files.key, 0o440);
+        TlsMaterial::load(&files).unwrap();
+    }
+
+    /// One member's certificate with another's key: the error names both
+    /// files, where rustls would say only `KeyMismatch`.
+    #[test]
+    fn a_key_of_another_certificate_is_named_with_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = node_files(dir.path());
+        let other = crate::issue_member_in_dir(dir.path(), "someone", &[]).unwrap();
+        let mixed = TlsFiles {
+            key: other.key.clone(),
+            ..files.clone()
+        };
+        let err = TlsMaterial::load(&mixed).unwrap_err();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains(&other.key.display().to_string()) && text.contains(&files.cert.display().to_string()),
+            "{text}"
+        );
         TlsMaterial::load(&files).unwrap();
     }
 
