@@ -14,6 +14,7 @@ mod foundation;
 mod harness;
 mod health;
 mod keyfiles;
+mod lookup_races;
 mod observability;
 mod protocol;
 mod refusals;

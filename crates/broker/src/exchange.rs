@@ -12,11 +12,11 @@ use lienthong::v1::exchange_server::Exchange;
 use lienthong::v1::{
     CollectRequest, CollectResponse, CollectResult, ItemError, LookupRequest, LookupResponse, Receipt, collect_result,
 };
-use lienthong_core::GrantFields;
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
-use lienthong_core::policy::{AccessRequest, Decision};
+use lienthong_core::policy::{AccessRequest, Allowed, Decision, DenyReason, GrantState, fields_cover, grant_state};
 use lienthong_core::ratelimit::{Held, lease_size};
 use lienthong_core::schema::{CompiledRecordType, MAX_FIELDS};
+use lienthong_core::{Fingerprint, GrantFields, Role};
 use lienthong_store::{Backend, RateTake};
 use opentelemetry::trace::SpanContext;
 use serde_json::Value;
@@ -47,6 +47,9 @@ struct CallContext {
     caller_trace: SpanContext,
     trace_id: String,
     request_id: String,
+    /// The caller's connection, whose certificate a lookup checks again
+    /// once its register answered.
+    peer: Option<Arc<lienthong_tls::PeerInfo>>,
 }
 
 impl CallContext {
@@ -59,6 +62,7 @@ impl CallContext {
             caller_trace,
             trace_id,
             request_id,
+            peer: lienthong_tls::peer_info(request),
         }
     }
 }
@@ -80,6 +84,20 @@ fn request_id_or_new(given: &str) -> String {
     } else {
         clip(given, MAX_NAME_BYTES).to_string()
     }
+}
+
+/// Refuses a lookup on a replica whose snapshot is too far behind.
+fn snapshot_stale() -> Failure {
+    fail(
+        Outcome::Failed,
+        "snapshot_stale",
+        BrokerError::Unavailable(
+            "this broker replica cannot load the federation's current grants, members and certificates \
+             from its database, so it serves no lookups; no data was released; retry on another replica; \
+             its operator finds why under `snapshot reload failed` in the broker log"
+                .into(),
+        ),
+    )
 }
 
 /// Refuses a lookup whose names are longer than anything registered, before
@@ -569,6 +587,103 @@ impl Broker {
         }
     }
 
+    /// Decides again, once the register has answered, whether its record
+    /// may still leave: the grant may have been revoked or have expired, the
+    /// consumer been disabled or its certificate revoked while the register
+    /// was asked, and an admin told so relies on nothing more leaving under
+    /// them. Decided against this broker's current snapshot, now. When the
+    /// snapshot is still the one the lookup was decided with, only time has
+    /// moved: the grant's end is all there is to check, without a lock or an
+    /// allocation. The entry's commit comes after this: a change loaded
+    /// while it is being written no longer stops the record.
+    fn still_allowed(
+        &self,
+        caller: &Caller,
+        ctx: &CallContext,
+        access: &AccessRequest<'_>,
+        allowed: &Allowed,
+        released: &[String],
+    ) -> Result<(), Failure> {
+        if self.freshness.refusing() {
+            return Err(snapshot_stale());
+        }
+        let denied = |reason: DenyReason| {
+            fail(
+                Outcome::Denied,
+                reason.code(),
+                BrokerError::PermissionDenied(format!(
+                    "{reason} (this changed while the register was asked for the {} record; nothing was released)",
+                    access.record_type
+                )),
+            )
+        };
+        let now = OffsetDateTime::now_utc();
+        let current = self.snapshot();
+        if Arc::ptr_eq(&current, &caller.snapshot) {
+            return match caller.snapshot.grant(&allowed.grant_id).and_then(|g| g.valid_until) {
+                Some(valid_until) if now >= valid_until => Err(denied(DenyReason::GrantExpired { valid_until })),
+                _ => Ok(()),
+            };
+        }
+        match current.member(caller.id()) {
+            Some(m) if !m.enabled => return Err(denied(DenyReason::MemberDisabled)),
+            Some(m) if m.has_role(Role::Consumer) => {}
+            _ => return Err(denied(DenyReason::NotAConsumer)),
+        }
+        let revoked = ctx
+            .peer
+            .as_ref()
+            .and_then(|p| p.fingerprints.as_ref())
+            .and_then(|f| f.iter().find_map(|fp| current.revoked_certificate(&Fingerprint(*fp))));
+        if let Some(revoked) = revoked {
+            return Err(fail(
+                Outcome::Denied,
+                "certificate_revoked",
+                BrokerError::Unauthenticated(format!(
+                    "the certificate of member {} this lookup was made with (sha256 {}) was revoked while the \
+                     register was asked; nothing was released; connect with the member's current certificate",
+                    caller.id(),
+                    revoked.fingerprint
+                )),
+            ));
+        }
+        let Some(grant) = current.grant(&allowed.grant_id) else {
+            return Err(denied(DenyReason::GrantRevoked { reason: String::new() }));
+        };
+        match grant_state(grant, now) {
+            GrantState::Live => {}
+            GrantState::Revoked => {
+                return Err(denied(DenyReason::GrantRevoked {
+                    reason: grant.revoked_reason.clone(),
+                }));
+            }
+            GrantState::Expired => {
+                return Err(denied(DenyReason::GrantExpired {
+                    valid_until: grant.valid_until.unwrap_or(grant.valid_from),
+                }));
+            }
+            GrantState::NotYetValid => {
+                return Err(denied(DenyReason::GrantNotYetValid {
+                    valid_from: grant.valid_from,
+                }));
+            }
+        }
+        if !grant.purposes.iter().any(|p| p == access.purpose) {
+            return Err(denied(DenyReason::PurposeNotGranted {
+                purpose: access.purpose.to_owned(),
+            }));
+        }
+        if let Some(field) = access
+            .fields
+            .iter()
+            .chain(released)
+            .find(|f| !fields_cover(&grant.fields, f))
+        {
+            return Err(denied(DenyReason::FieldNotGranted { field: field.clone() }));
+        }
+        Ok(())
+    }
+
     /// Appends an access entry in an `audit_commit` span, timing the wait.
     async fn append_access(&self, event: AuditEvent) -> Result<lienthong_audit::Receipt, lienthong_audit::AuditError> {
         let started = Instant::now();
@@ -662,21 +777,12 @@ impl Broker {
         ctx: &CallContext,
         event: &mut AuditEvent,
     ) -> Result<(LookupResponse, String), Failure> {
+        let snapshot = &caller.snapshot;
         // Fail closed: a snapshot this replica knows is behind would still
         // honour revoked grants, disabled members and revoked certificates.
         if self.freshness.refusing() {
-            return Err(fail(
-                Outcome::Failed,
-                "snapshot_stale",
-                BrokerError::Unavailable(
-                    "this broker replica cannot load the federation's current grants, members and certificates \
-                     from its database, so it serves no lookups; no data was released; retry on another replica; \
-                     its operator finds why under `snapshot reload failed` in the broker log"
-                        .into(),
-                ),
-            ));
+            return Err(snapshot_stale());
         }
-        let snapshot = &caller.snapshot;
         let invalid = |code, msg: String| fail(Outcome::Invalid, code, BrokerError::InvalidArgument(msg));
         check_sizes(&item).map_err(|e| fail(Outcome::Invalid, "oversized_request", e))?;
         let Some(rt) = snapshot.record_type(item.record_type, item.schema_version) else {
@@ -991,6 +1097,7 @@ impl Broker {
         };
         self.metrics.provider_call(provider, outcome, call_elapsed);
         let record_json = checked?;
+        self.still_allowed(caller, ctx, &access, &allowed, &released)?;
         event.fields_released = released.clone();
         event.outcome = Outcome::Allowed;
         let deprecation_notice = if rt.deprecated() {

@@ -1,0 +1,159 @@
+//! A lookup between its decision and its release: a grant revoked or a
+//! consumer disabled while the register answers stops the record.
+
+use crate::harness::*;
+use lienthong::v1 as pb;
+use lienthong_cli::client::Clients;
+use lienthong_cli::federation::{
+    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT,
+};
+use lienthong_provider::demo::DemoRegisterKind;
+use lienthong_provider::testing::{self, FaultMode, Faulty};
+use lienthong_tls::{ServerTls, TlsMaterial};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Code;
+
+const TAX_PURPOSE: &str = "tax-law-38-2019/art-17";
+
+/// The federation's civil-status register replaced by a [`Faulty`] one,
+/// healthy until told otherwise.
+async fn faulty_civil_register(fed: &Federation) -> (Faulty, testing::ServerHandle) {
+    let material = TlsMaterial::load(&lienthong_cli::client::member_files(&fed.certs, CIVIL_STATUS)).unwrap();
+    let tls = Arc::new(ServerTls::new(&material, &fed.options.trust_domain).unwrap());
+    let faulty = Faulty::new(DemoRegisterKind::CivilStatus.source(fed.options.seed));
+    let server = testing::start_faulty_server(faulty.clone(), tls).await.unwrap();
+    replace_civil_endpoint(fed, &server.url()).await;
+    (faulty, server)
+}
+
+/// A federation (on PostgreSQL when `database_url` is given) whose
+/// civil-status register is a [`Faulty`] one, its circuit breaker out of
+/// the way.
+async fn federation_with_faulty_register(
+    database_url: Option<String>,
+) -> (tempfile::TempDir, Federation, Faulty, testing::ServerHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    opts.extra_config = "\n[relay]\nbreaker_failures = 1000\n".into();
+    opts.database_url = database_url;
+    let fed = Federation::start(opts).await.unwrap();
+    let (faulty, server) = faulty_civil_register(&fed).await;
+    (dir, fed, faulty, server)
+}
+
+/// Starts `lookup` as `consumer`, and returns once the register has it (and
+/// is sleeping on it).
+async fn lookup_held_by_the_register(
+    consumer: &Clients,
+    faulty: &Faulty,
+    lookup: pb::LookupRequest,
+) -> tokio::task::JoinHandle<Result<tonic::Response<pb::LookupResponse>, tonic::Status>> {
+    let calls = faulty.calls();
+    faulty.set_mode(FaultMode::Sleep(Duration::from_secs(3)));
+    let consumer = consumer.clone();
+    let call = tokio::spawn(async move { consumer.exchange().lookup(lookup).await });
+    assert!(
+        eventually(Duration::from_secs(10), async || faulty.calls() > calls).await,
+        "the lookup reached the register"
+    );
+    call
+}
+
+/// The access entries of `actor`, oldest first.
+async fn access_entries(fed: &Federation, actor: &str) -> Vec<pb::AuditEntry> {
+    logged(
+        fed,
+        pb::EntryFilter {
+            actor: actor.into(),
+            kind: pb::EntryKind::Access as i32,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// An admin told a grant is revoked, or a consumer disabled, can rely on
+/// nothing more leaving under it: a lookup the register was answering then
+/// is refused once the answer comes, and audited as denied, after the
+/// revocation.
+#[tokio::test]
+async fn a_lookup_in_progress_releases_nothing_once_its_grant_is_revoked_or_its_consumer_disabled() {
+    let (_dir, fed, faulty, server) = federation_with_faulty_register(None).await;
+    let admin = client(&fed, ADMIN).await;
+    let grant = admin
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let tax = client(&fed, TAX_DEPT).await;
+    let subject = citizen_id(&fed, 41);
+    tax.exchange()
+        .lookup(birth_lookup(&subject, TAX_PURPOSE))
+        .await
+        .expect("allowed before the revocation");
+
+    let in_progress = lookup_held_by_the_register(&tax, &faulty, birth_lookup(&subject, TAX_PURPOSE)).await;
+    admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: grant.id.clone(),
+            reason: "agreement ended".into(),
+        })
+        .await
+        .expect("revoked while the register answers");
+    let err = in_progress
+        .await
+        .unwrap()
+        .expect_err("nothing leaves once the grant is revoked");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("revoked") && err.message().contains("nothing was released"),
+        "{}",
+        err.message()
+    );
+    let entries = access_entries(&fed, TAX_DEPT).await;
+    let last = entries.last().unwrap();
+    assert_eq!(last.outcome, pb::Outcome::Denied as i32, "{last:?}");
+    assert!(last.reason.starts_with("grant_revoked: "), "{}", last.reason);
+    assert!(
+        last.payload_digest.is_empty() && last.fields_released.is_empty(),
+        "{last:?}"
+    );
+    let revoked_at = admin_entries(&fed)
+        .await
+        .iter()
+        .find(|e| e.action == "grant.revoke")
+        .map(|e| e.sequence)
+        .unwrap();
+    assert!(
+        !entries
+            .iter()
+            .any(|e| e.sequence > revoked_at && e.outcome == pb::Outcome::Allowed as i32),
+        "no access allowed after the revocation: {entries:#?}"
+    );
+
+    // A consumer disabled meanwhile: the same.
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let in_progress = lookup_held_by_the_register(&office, &faulty, birth_lookup(&subject, PURPOSE_CERTIFICATE)).await;
+    admin
+        .admin()
+        .disable_member(pb::SetMemberEnabledRequest {
+            id: JUDICIAL_OFFICE.into(),
+            reason: "certificate leaked".into(),
+        })
+        .await
+        .unwrap();
+    let err = in_progress
+        .await
+        .unwrap()
+        .expect_err("nothing leaves to a disabled consumer");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("disabled"), "{}", err.message());
+    let last = access_entries(&fed, JUDICIAL_OFFICE).await.pop().unwrap();
+    assert_eq!(last.outcome, pb::Outcome::Denied as i32, "{last:?}");
+    assert!(last.reason.starts_with("member_disabled: "), "{}", last.reason);
+    server.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
