@@ -1,5 +1,6 @@
 //! A lookup between its decision and its release: a grant revoked or a
-//! consumer disabled while the register answers stops the record.
+//! consumer disabled while the register answers stops the record; text
+//! that would forge the log is refused.
 
 use crate::harness::*;
 use lienthong::v1 as pb;
@@ -155,5 +156,74 @@ async fn a_lookup_in_progress_releases_nothing_once_its_grant_is_revoked_or_its_
     assert_eq!(last.outcome, pb::Outcome::Denied as i32, "{last:?}");
     assert!(last.reason.starts_with("member_disabled: "), "{}", last.reason);
     server.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
+/// A newline or an escape character in a request id, record type, purpose
+/// or field pointer would forge rows where the log is printed, or drive the
+/// auditor's terminal: refused as INVALID_ARGUMENT, audited as invalid with
+/// the text escaped.
+#[tokio::test]
+async fn text_with_control_characters_is_refused_and_audited_escaped() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 42);
+    let lookup = || birth_lookup(&subject, PURPOSE_CERTIFICATE);
+    let forged_row = "\n2026-01-01T00:00:00Z access hanoi-tax-dept allowed";
+    let mut purpose = lookup();
+    purpose.purpose.push_str(forged_row);
+    let mut record_type = lookup();
+    record_type.record_type.push_str("\u{1b}[2J");
+    let mut request_id = lookup();
+    request_id.request_id = format!("case-7{forged_row}");
+    let mut field = lookup();
+    field.fields = vec!["/full_name\r".into()];
+    for (what, request, character) in [
+        ("purpose", purpose, "U+000A"),
+        ("record_type", record_type, "U+001B"),
+        ("request_id", request_id, "U+000A"),
+        ("a field pointer", field, "U+000D"),
+    ] {
+        let err = office.exchange().lookup(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().starts_with(what) && err.message().contains(character),
+            "{what}: {}",
+            err.message()
+        );
+    }
+    let err = office
+        .exchange()
+        .collect(pb::CollectRequest {
+            query_json: serde_json::json!({ "national_id": subject }).to_string(),
+            purpose: format!("{PURPOSE_CERTIFICATE}{forged_row}"),
+            items: vec![pb::CollectItem {
+                record_type: "civil_status.birth_record".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let entries = access_entries(&fed, JUDICIAL_OFFICE).await;
+    assert_eq!(entries.len(), 5, "every refusal is audited: {entries:#?}");
+    for e in &entries {
+        assert_eq!(e.outcome, pb::Outcome::Invalid as i32, "{e:?}");
+        assert!(e.reason.starts_with("unprintable_text: "), "{}", e.reason);
+        let texts = [&e.purpose, &e.record_type, &e.request_id, &e.reason];
+        assert!(
+            texts.iter().all(|t| !t.contains(char::is_control)),
+            "no control character is stored: {e:?}"
+        );
+    }
+    let escaped = format!("{PURPOSE_CERTIFICATE}\\n2026-01-01T00:00:00Z access hanoi-tax-dept allowed");
+    assert_eq!(entries[0].purpose, escaped);
+    assert_eq!(entries[1].record_type, "civil_status.birth_record\\u{1b}[2J");
+    assert!(entries[2].request_id.starts_with("case-7\\n2026"), "{:?}", entries[2]);
+    assert_eq!(entries[4].purpose, escaped, "the collect's entry");
+    // The refused lookups are in the citizen's history.
+    assert!(!entries[0].subject_hash.is_empty() && !entries[4].subject_hash.is_empty());
     fed.shutdown().await.unwrap();
 }

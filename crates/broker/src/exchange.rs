@@ -12,7 +12,7 @@ use lienthong::v1::exchange_server::Exchange;
 use lienthong::v1::{
     CollectRequest, CollectResponse, CollectResult, ItemError, LookupRequest, LookupResponse, Receipt, collect_result,
 };
-use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
+use lienthong_core::audit::{AuditEvent, EntryKind, Outcome, escape_unprintable, first_unprintable};
 use lienthong_core::policy::{AccessRequest, Allowed, Decision, DenyReason, GrantState, fields_cover, grant_state};
 use lienthong_core::ratelimit::{Held, lease_size};
 use lienthong_core::schema::{CompiledRecordType, MAX_FIELDS};
@@ -46,7 +46,11 @@ struct CallContext {
     /// The consumer's trace (`traceparent`), invalid when it sent none.
     caller_trace: SpanContext,
     trace_id: String,
+    /// The request id, its unprintable characters escaped.
     request_id: String,
+    /// The first unprintable character of the request id the caller sent,
+    /// for which its lookups are refused.
+    request_id_unprintable: Option<char>,
     /// The caller's connection, whose certificate a lookup checks again
     /// once its register answered.
     peer: Option<Arc<lienthong_tls::PeerInfo>>,
@@ -54,14 +58,15 @@ struct CallContext {
 
 impl CallContext {
     /// Built inside the RPC span, whose trace id the audit entries carry.
-    fn of<T>(request: &Request<T>, request_id: String, rpc: Rpc, caller_trace: SpanContext) -> CallContext {
+    fn of<T>(request: &Request<T>, request_id: RequestId, rpc: Rpc, caller_trace: SpanContext) -> CallContext {
         let trace_id = telemetry::trace_id(&Span::current(), &caller_trace);
         CallContext {
             rpc,
             deadline: crate::protocol::deadline_of(request),
             caller_trace,
             trace_id,
-            request_id,
+            request_id: request_id.text,
+            request_id_unprintable: request_id.unprintable,
             peer: lienthong_tls::peer_info(request),
         }
     }
@@ -77,13 +82,71 @@ const MAX_FIELD_BYTES: usize = 1024;
 
 pub(crate) use lienthong_core::clip;
 
+/// A request's id as spans, logs and the audit log carry it.
+struct RequestId {
+    /// The id, its unprintable characters escaped, clipped.
+    text: String,
+    /// The first unprintable character the caller's id holds, if any.
+    unprintable: Option<char>,
+}
+
 /// The caller's request id, clipped to [`MAX_NAME_BYTES`], or a new one.
-fn request_id_or_new(given: &str) -> String {
+/// Escaped: a request id with a newline or an escape character would forge
+/// lines in the broker's log and the log's rows where they are printed;
+/// the request is refused for it ([`check_printable`]), and its span and
+/// entry show it escaped.
+fn request_id_or_new(given: &str) -> RequestId {
     if given.is_empty() {
-        uuid::Uuid::now_v7().to_string()
-    } else {
-        clip(given, MAX_NAME_BYTES).to_string()
+        return RequestId {
+            text: uuid::Uuid::now_v7().to_string(),
+            unprintable: None,
+        };
     }
+    RequestId {
+        text: loggable(given),
+        unprintable: first_unprintable(given),
+    }
+}
+
+/// A client's name or id as the log and spans keep it: clipped to
+/// [`MAX_NAME_BYTES`], its unprintable characters escaped.
+fn loggable(text: &str) -> String {
+    clip(&escape_unprintable(clip(text, MAX_NAME_BYTES)), MAX_NAME_BYTES).to_string()
+}
+
+/// Refuses a request whose request id, record type, purpose or a field
+/// pointer holds an unprintable character (a newline, an escape, a
+/// bidirectional override): each is written to the log and shown to
+/// auditors and operators, where it would forge rows or drive their
+/// terminal. No registered name, granted purpose or schema field holds
+/// one. The message names the character, never the text.
+fn check_printable<'a>(
+    request_id: Option<char>,
+    named: impl IntoIterator<Item = (&'static str, &'a str)>,
+) -> Result<(), BrokerError> {
+    let refuse = |what: &str, c: char| {
+        BrokerError::InvalidArgument(format!(
+            "{what} holds the unprintable character U+{:04X}; request ids, record types, purposes and field \
+             pointers must be printable text: send it without control characters",
+            c as u32
+        ))
+    };
+    if let Some(c) = request_id {
+        return Err(refuse("request_id", c));
+    }
+    for (what, text) in named {
+        if let Some(c) = first_unprintable(text) {
+            return Err(refuse(what, c));
+        }
+    }
+    Ok(())
+}
+
+/// The texts of one lookup [`check_printable`] checks, named as in the request.
+fn item_texts<'a>(item: &Item<'a>) -> impl Iterator<Item = (&'static str, &'a str)> {
+    [("record_type", item.record_type), ("purpose", item.purpose)]
+        .into_iter()
+        .chain(item.fields.iter().map(|f| ("a field pointer", f.as_str())))
 }
 
 /// Refuses a lookup on a replica whose snapshot is too far behind.
@@ -241,7 +304,7 @@ impl ExchangeService {
         &self,
         request: Request<LookupRequest>,
         caller: Caller,
-        request_id: String,
+        request_id: RequestId,
         caller_trace: SpanContext,
     ) -> Result<Response<LookupResponse>, Status> {
         let ctx = CallContext::of(&request, request_id, Rpc::Lookup, caller_trace);
@@ -307,12 +370,24 @@ impl ExchangeService {
         &self,
         request: Request<CollectRequest>,
         caller: Caller,
-        request_id: String,
+        request_id: RequestId,
         caller_trace: SpanContext,
     ) -> Result<Response<CollectResponse>, Status> {
         let started = Instant::now();
         let ctx = CallContext::of(&request, request_id, Rpc::Collect, caller_trace);
         let r = request.into_inner();
+        let texts = [("purpose", r.purpose.as_str())]
+            .into_iter()
+            .chain(r.items.iter().flat_map(|item| {
+                [("items[].record_type", item.record_type.as_str())]
+                    .into_iter()
+                    .chain(item.fields.iter().map(|f| ("a field pointer", f.as_str())))
+            }));
+        if let Err(e) = check_printable(ctx.request_id_unprintable, texts) {
+            self.refuse_collect(&caller, &ctx, &r, format!("unprintable_text: {e}"), started)
+                .await;
+            return Err(e.into());
+        }
         if let Err(e) = check_collect(&r, self.broker.config.limits.max_collect_items) {
             self.refuse_collect(&caller, &ctx, &r, format!("invalid_collect: {e}"), started)
                 .await;
@@ -402,9 +477,11 @@ impl Exchange for ExchangeService {
         let _in_flight = self.broker.metrics.in_flight(Rpc::Lookup);
         let caller_trace = telemetry::remote_parent(request.metadata());
         let request_id = request_id_or_new(&request.get_ref().request_id);
-        let caller = self.caller(&request, Rpc::Lookup, &request_id, &caller_trace).await?;
+        let caller = self
+            .caller(&request, Rpc::Lookup, &request_id.text, &caller_trace)
+            .await?;
         let (label, provider) = labels(&caller, &request.get_ref().record_type);
-        let span = rpc_span(Rpc::Lookup, &request_id, caller.id(), label, provider);
+        let span = rpc_span(Rpc::Lookup, &request_id.text, caller.id(), label, provider);
         telemetry::continue_trace(&span, &caller_trace);
         self.lookup_rpc(request, caller, request_id, caller_trace)
             .instrument(span)
@@ -415,8 +492,10 @@ impl Exchange for ExchangeService {
         let _in_flight = self.broker.metrics.in_flight(Rpc::Collect);
         let caller_trace = telemetry::remote_parent(request.metadata());
         let request_id = request_id_or_new(&request.get_ref().request_id);
-        let caller = self.caller(&request, Rpc::Collect, &request_id, &caller_trace).await?;
-        let span = rpc_span(Rpc::Collect, &request_id, caller.id(), UNKNOWN, "");
+        let caller = self
+            .caller(&request, Rpc::Collect, &request_id.text, &caller_trace)
+            .await?;
+        let span = rpc_span(Rpc::Collect, &request_id.text, caller.id(), UNKNOWN, "");
         telemetry::continue_trace(&span, &caller_trace);
         self.collect_rpc(request, caller, request_id, caller_trace)
             .instrument(span)
@@ -508,9 +587,11 @@ impl Broker {
         event.actor = caller.id().to_string();
         event.request_id = ctx.request_id.clone();
         event.trace_id = ctx.trace_id.clone();
-        // Clipped: an oversized name is refused, and its entry need not keep it whole.
-        event.record_type = clip(record_type, MAX_NAME_BYTES).to_string();
-        event.purpose = clip(purpose, MAX_NAME_BYTES).to_string();
+        // Clipped: an oversized name is refused, and its entry need not keep
+        // it whole. Escaped: one holding a control character is refused, and
+        // its entry must not print it.
+        event.record_type = loggable(record_type);
+        event.purpose = loggable(purpose);
         event
     }
 
@@ -684,6 +765,23 @@ impl Broker {
         Ok(())
     }
 
+    /// Names in a refused lookup's entry the subject its query names by
+    /// `rt`'s subject key, when the query can be read: trimmed, as
+    /// SubjectHistory trims the key a citizen portal sends.
+    fn name_subject(&self, event: &mut AuditEvent, rt: &CompiledRecordType, query: &Query<'_>) {
+        let parsed;
+        let query = match query {
+            Query::Text(text) => {
+                parsed = parse_object(text, "query_json", self.config.limits.max_query_bytes).ok();
+                parsed.as_ref()
+            }
+            Query::Value(v) => Some(v),
+        };
+        if let Some(subject) = query.and_then(|q| rt.subject(q)) {
+            event.subject_hash = self.audit.subject_hash(subject.trim());
+        }
+    }
+
     /// Appends an access entry in an `audit_commit` span, timing the wait.
     async fn append_access(&self, event: AuditEvent) -> Result<lienthong_audit::Receipt, lienthong_audit::AuditError> {
         let started = Instant::now();
@@ -778,6 +876,14 @@ impl Broker {
         event: &mut AuditEvent,
     ) -> Result<(LookupResponse, String), Failure> {
         let snapshot = &caller.snapshot;
+        // First: the message of any later refusal may quote these texts.
+        if let Err(e) = check_printable(ctx.request_id_unprintable, item_texts(&item)) {
+            // Still in the citizen's history when a known type's query names them.
+            if let Some(rt) = snapshot.record_type(item.record_type, 0) {
+                self.name_subject(event, rt, &item.query);
+            }
+            return Err(fail(Outcome::Invalid, "unprintable_text", e));
+        }
         // Fail closed: a snapshot this replica knows is behind would still
         // honour revoked grants, disabled members and revoked certificates.
         if self.freshness.refusing() {

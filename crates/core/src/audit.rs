@@ -214,6 +214,38 @@ impl AuditEvent {
     }
 }
 
+/// Whether `c` must not reach the log, a log line or a terminal as is: a
+/// control character (C0 and C1, DEL: newlines that forge rows, ESC that
+/// starts terminal escape sequences), a line or paragraph separator, or a
+/// bidirectional override or isolate (which reorder the text around them
+/// on display).
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// The first [`is_unprintable`] character of `text`, if any.
+pub fn first_unprintable(text: &str) -> Option<char> {
+    text.chars().find(|c| is_unprintable(*c))
+}
+
+/// `text` with every [`is_unprintable`] character written as its Rust
+/// escape (`\n`, `\u{1b}`), the rest as it is: what the log keeps of a
+/// client's text that was refused for holding one.
+pub fn escape_unprintable(text: &str) -> std::borrow::Cow<'_, str> {
+    if first_unprintable(text).is_none() {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_unprintable(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
 /// Longest text an audit entry keeps of a name, id or target (bytes).
 pub const MAX_TEXT_BYTES: usize = 256;
 /// Longest reason an audit entry keeps (bytes).
@@ -252,5 +284,20 @@ mod tests {
         // Nothing to replace: the same event.
         let clean = AuditEvent::new(EntryKind::Admin, OffsetDateTime::UNIX_EPOCH);
         assert_eq!(clean.clone().storable(), clean);
+    }
+
+    #[test]
+    fn unprintable_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_unprintable("tax-law/art-17"), "tax-law/art-17");
+        assert!(matches!(
+            escape_unprintable("Nguyễn \"Văn\" A"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            escape_unprintable("a\nforged row\u{1b}[31m\0\u{202E}\u{85}"),
+            "a\\nforged row\\u{1b}[31m\\u{0}\\u{202e}\\u{85}"
+        );
+        assert_eq!(first_unprintable("ok\r"), Some('\r'));
+        assert_eq!(first_unprintable("ok"), None);
     }
 }

@@ -41,7 +41,8 @@ pub struct FetchContext {
     /// The query, already valid against the registered query schema. Holds
     /// subject identifiers: never log it.
     pub query: Value,
-    /// The broker's request id, for correlating logs.
+    /// The broker's request id, for correlating logs; any control character
+    /// in it written as its escape (`\n`, `\u{1b}`), as the kit logs it.
     pub request_id: String,
     /// Consumer member the lookup is made for.
     pub consumer: String,
@@ -452,9 +453,9 @@ impl RecordProvider for KitService {
             "fetch",
             otel.name = "lienthong.provider.v1.RecordProvider/Fetch",
             otel.kind = "server",
-            record_type = %req.record_type,
-            request_id = %req.request_id,
-            consumer = %req.consumer,
+            record_type = %printable(&req.record_type),
+            request_id = %printable(&req.request_id),
+            consumer = %printable(&req.consumer),
             trace_id = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
@@ -469,7 +470,7 @@ impl RecordProvider for KitService {
         let source = self.source.clone();
         async move {
             let started = Instant::now();
-            let record_type = req.record_type.clone();
+            let record_type = printable(&req.record_type).into_owned();
             let result = fetch_record(source, req).await;
             let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
             tracing::Span::current().record(
@@ -499,12 +500,36 @@ impl RecordProvider for KitService {
     }
 }
 
+/// `text` as the kit's spans and logs carry it: each control character (a
+/// newline that would forge a log line, an escape that drives the terminal
+/// the log is read on), line separator or bidirectional override written as
+/// its escape (`\n`, `\u{1b}`), the rest as it is. The broker refuses
+/// lookups whose request id holds one; a register still never writes one
+/// raw, whoever sent it.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unprintable = |c: char| {
+        c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unprintable) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unprintable(c) {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
+}
+
 /// Checks the type and query, asks the source, serialises the record.
 async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Result<String, FetchError> {
     if !source.record_types().contains(&req.record_type) {
         return Err(FetchError::NotServed(format!(
             "record type {} is not served here",
-            req.record_type
+            printable(&req.record_type)
         )));
     }
     // serde_json's error names line and column only, never the offending text.
@@ -514,7 +539,7 @@ async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Resul
         record_type: req.record_type,
         schema_version: req.schema_version,
         query,
-        request_id: req.request_id,
+        request_id: printable(&req.request_id).into_owned(),
         consumer: req.consumer,
         purpose: req.purpose,
         fields: req.fields,

@@ -106,6 +106,49 @@ async fn fetches_continue_the_callers_trace_and_never_log_the_query() {
     assert!(!logs.contains(&subject.full_name), "{logs}");
 }
 
+/// A request id holding a newline or an escape character is logged escaped:
+/// it cannot forge a log line nor drive the terminal the log is read on.
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_id_with_control_characters_is_logged_escaped() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let tls = ServerTls::new(&material(&ca, &IssueSpec::member("civil-status")), TD).unwrap();
+    let server = start_server(Arc::new(CivilStatusRegister::new(SEED)), Arc::new(tls))
+        .await
+        .unwrap();
+    let config = client_config(
+        &material(&ca, &IssueSpec::broker()),
+        Some((TD, Identity::Member("civil-status".to_owned()))),
+    )
+    .unwrap();
+    let channel = connect_channel(&server.url(), config, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut broker = RecordProviderClient::new(channel);
+    let mut request = fetch_request(json!({ "national_id": citizen_national_id(SEED, 3) }));
+    request.request_id = "req-7\nINFO fetch outcome=\"ok\" forged\u{1b}[2J".to_owned();
+    broker.fetch(request).await.unwrap();
+    drop(broker);
+    server.shutdown().await;
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let fetch_lines: Vec<&str> = logs.lines().filter(|l| l.contains("outcome=")).collect();
+    assert_eq!(fetch_lines.len(), 1, "one line, no forged one: {logs}");
+    assert!(
+        fetch_lines[0].contains(r#"request_id=req-7\nINFO fetch outcome="ok" forged\u{1b}[2J"#),
+        "{logs}"
+    );
+    assert!(!logs.contains('\u{1b}'), "{logs}");
+}
+
 /// The shutdown's warning is given only when fetches really are in flight,
 /// and says how many; a silent connection holds neither the shutdown nor
 /// brings the warning.
