@@ -1,6 +1,7 @@
 //! A lookup between its decision and its release: a grant revoked or a
-//! consumer disabled while the register answers stops the record; text
-//! that would forge the log is refused.
+//! consumer disabled while the register answers stops the record; the entry
+//! names the grant it was allowed under; text that would forge the log is
+//! refused.
 
 use crate::harness::*;
 use lienthong::v1 as pb;
@@ -74,10 +75,19 @@ async fn access_entries(fed: &Federation, actor: &str) -> Vec<pb::AuditEntry> {
     .await
 }
 
+/// The grant an entry's leaf names (`grant_id`), empty when none.
+fn grant_of(entry: &pb::AuditEntry) -> String {
+    let leaf: serde_json::Value = serde_json::from_str(&entry.leaf_json).unwrap();
+    leaf.get("grant_id")
+        .and_then(|g| g.as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// An admin told a grant is revoked, or a consumer disabled, can rely on
 /// nothing more leaving under it: a lookup the register was answering then
 /// is refused once the answer comes, and audited as denied, after the
-/// revocation.
+/// revocation. An allowed lookup's entry names the grant it was allowed under.
 #[tokio::test]
 async fn a_lookup_in_progress_releases_nothing_once_its_grant_is_revoked_or_its_consumer_disabled() {
     let (_dir, fed, faulty, server) = federation_with_faulty_register(None).await;
@@ -94,6 +104,10 @@ async fn a_lookup_in_progress_releases_nothing_once_its_grant_is_revoked_or_its_
         .lookup(birth_lookup(&subject, TAX_PURPOSE))
         .await
         .expect("allowed before the revocation");
+    let allowed = access_entries(&fed, TAX_DEPT).await;
+    assert_eq!(allowed.len(), 1);
+    assert_eq!(allowed[0].outcome, pb::Outcome::Allowed as i32);
+    assert_eq!(grant_of(&allowed[0]), grant.id, "the entry names its grant");
 
     let in_progress = lookup_held_by_the_register(&tax, &faulty, birth_lookup(&subject, TAX_PURPOSE)).await;
     admin
@@ -122,6 +136,7 @@ async fn a_lookup_in_progress_releases_nothing_once_its_grant_is_revoked_or_its_
         last.payload_digest.is_empty() && last.fields_released.is_empty(),
         "{last:?}"
     );
+    assert_eq!(grant_of(last), grant.id);
     let revoked_at = admin_entries(&fed)
         .await
         .iter()

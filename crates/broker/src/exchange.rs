@@ -942,7 +942,10 @@ impl Broker {
         };
         let decision = tracing::debug_span!("authorize").in_scope(|| snapshot.decide(caller.id(), &access, now));
         let allowed = match decision {
-            Decision::Allow(a) => a,
+            Decision::Allow(a) => {
+                event.grant_id = a.grant_id.clone();
+                a
+            }
             Decision::Deny(reason) => {
                 return Err(fail(
                     Outcome::Denied,

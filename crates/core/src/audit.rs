@@ -123,6 +123,11 @@ pub struct AuditEvent {
     pub action: String,
     /// Admin entries: object acted on, e.g. the grant id.
     pub target: String,
+    /// Access entries: the grant a lookup was allowed under; empty when none
+    /// allowed it. Left out of the leaf when empty, so that the leaves of
+    /// entries written before it existed read and hash as they were written.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub grant_id: String,
 }
 
 impl AuditEvent {
@@ -146,6 +151,7 @@ impl AuditEvent {
             latency_us: 0,
             action: String::new(),
             target: String::new(),
+            grant_id: String::new(),
         }
     }
 
@@ -187,6 +193,7 @@ impl AuditEvent {
             latency_us: _,
             action,
             target,
+            grant_id,
         } = &mut self;
         for text in [
             request_id,
@@ -199,6 +206,7 @@ impl AuditEvent {
             payload_digest,
             action,
             target,
+            grant_id,
         ] {
             clean(text);
         }
@@ -299,5 +307,29 @@ mod tests {
         );
         assert_eq!(first_unprintable("ok\r"), Some('\r'));
         assert_eq!(first_unprintable("ok"), None);
+    }
+
+    /// A leaf written before entries named their grant: what an old broker
+    /// serialised for an allowed lookup.
+    const OLD_LEAF: &str = r#"{"time":"2026-03-01T08:00:00Z","kind":"access","request_id":"r-1","trace_id":"","actor":"tax-office","provider":"civil-status","record_type":"civil_status.birth_record","schema_version":1,"purpose":"tax-law-38-2019/art-17","subject_hash":"ab","fields_released":["/full_name"],"outcome":"allowed","reason":"","payload_digest":"cd","latency_us":12,"action":"","target":""}"#;
+
+    #[test]
+    fn a_leaf_without_a_grant_id_reads_and_hashes_as_written() {
+        let old: AuditEvent = serde_json::from_str(OLD_LEAF).unwrap();
+        assert_eq!(old.grant_id, "");
+        assert_eq!(old.actor, "tax-office");
+        // Serialised again byte for byte: its leaf hash still verifies.
+        assert_eq!(old.to_leaf().unwrap(), OLD_LEAF);
+        assert_eq!(old.clone().storable().to_leaf().unwrap(), OLD_LEAF);
+    }
+
+    #[test]
+    fn an_allowed_access_names_its_grant_in_its_leaf() {
+        let mut event: AuditEvent = serde_json::from_str(OLD_LEAF).unwrap();
+        event.grant_id = "g-0194".into();
+        let leaf = event.clone().storable().to_leaf().unwrap();
+        assert!(leaf.ends_with(r#","target":"","grant_id":"g-0194"}"#), "{leaf}");
+        let read: AuditEvent = serde_json::from_str(&leaf).unwrap();
+        assert_eq!(read, event);
     }
 }
