@@ -1,7 +1,7 @@
 //! A lookup between its decision and its release: a grant revoked or a
 //! consumer disabled while the register answers stops the record; the entry
 //! names the grant it was allowed under; text that would forge the log is
-//! refused.
+//! refused; a register's fault uses none of the consumer's rate limit.
 
 use crate::harness::*;
 use lienthong::v1 as pb;
@@ -9,7 +9,7 @@ use lienthong_cli::client::Clients;
 use lienthong_cli::federation::{
     ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT,
 };
-use lienthong_provider::demo::DemoRegisterKind;
+use lienthong_provider::demo::{DEMO_CITIZENS, DemoRegisterKind};
 use lienthong_provider::testing::{self, FaultMode, Faulty};
 use lienthong_tls::{ServerTls, TlsMaterial};
 use std::sync::Arc;
@@ -241,4 +241,55 @@ async fn text_with_control_characters_is_refused_and_audited_escaped() {
     // The refused lookups are in the citizen's history.
     assert!(!entries[0].subject_hash.is_empty() && !entries[4].subject_hash.is_empty());
     fed.shutdown().await.unwrap();
+}
+
+/// A lookup the register makes fail (down, answering a record that breaks
+/// its schema) gives its token back to the grant's rate limit; one for a
+/// record the register does not hold uses it, so the limit still curbs
+/// probing.
+async fn register_faults_use_none_of_the_rate_limit(database_url: Option<String>) {
+    let (_dir, fed, faulty, server) = federation_with_faulty_register(database_url.clone()).await;
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 2))
+        .await
+        .unwrap();
+    let tax = client(&fed, TAX_DEPT).await;
+    let subject = citizen_id(&fed, 43);
+    let look_up = async |subject: &str| tax.exchange().lookup(birth_lookup(subject, TAX_PURPOSE)).await;
+    // On PostgreSQL a token given back is this replica's to use for a
+    // second (see `Leases::give_back`): only answers that come at once.
+    if database_url.is_none() {
+        faulty.set_mode(FaultMode::Unavailable);
+        for _ in 0..3 {
+            let err = look_up(&subject).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        }
+    }
+    faulty.set_mode(FaultMode::InvalidRecord);
+    let err = look_up(&subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    faulty.set_mode(FaultMode::Healthy);
+    look_up(&subject).await.expect("the first of two a minute");
+    let missing = format!("{}{}", &subject[..6], DEMO_CITIZENS);
+    let err = look_up(&missing).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "the second of two a minute: {err:?}");
+    let err = look_up(&subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    server.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn register_faults_use_none_of_the_rate_limit_and_missing_records_do() {
+    register_faults_use_none_of_the_rate_limit(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_faults_use_none_of_the_shared_rate_limit_on_postgresql() {
+    let cluster =
+        lienthong_store::testing::PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
+    let url = cluster.create_database().await.unwrap();
+    register_faults_use_none_of_the_rate_limit(Some(url)).await;
 }

@@ -163,6 +163,29 @@ fn snapshot_stale() -> Failure {
     )
 }
 
+/// Whether a failed call to the register is the register's fault (down,
+/// not serving the type, answering outside the protocol, slower than the
+/// broker's own timeout), so that the consumer's rate limit gets its
+/// token back. A missing record is not: the limit still curbs probing. Nor
+/// is a query the register refused, or a deadline the consumer set shorter
+/// than the register's timeout.
+fn registers_fault(e: &RelayError, deadline_is_callers: bool) -> bool {
+    match e {
+        RelayError::NotServed | RelayError::Unavailable(_) | RelayError::Malformed(_) => true,
+        RelayError::Deadline(_) => !deadline_is_callers,
+        RelayError::NotFound | RelayError::Rejected => false,
+    }
+}
+
+/// How a lookup was counted against its grant's rate limit.
+#[derive(Clone, Copy)]
+enum Counted {
+    /// In this broker's own buckets.
+    InMemory,
+    /// A token leased from the grant's shared bucket.
+    Leased,
+}
+
 /// Refuses a lookup whose names are longer than anything registered, before
 /// any of them is echoed in a message or written to the log whole.
 fn check_sizes(item: &Item<'_>) -> Result<(), BrokerError> {
@@ -616,9 +639,14 @@ impl Broker {
         &self,
         grant_id: &str,
         per_minute: u32,
-    ) -> Result<Result<(), Duration>, lienthong_store::StoreError> {
+    ) -> Result<Result<Counted, Duration>, lienthong_store::StoreError> {
+        let in_memory = |now| {
+            self.rate_limiter
+                .check(grant_id, per_minute, now)
+                .map(|()| Counted::InMemory)
+        };
         if per_minute == 0 || self.store.backend() == Backend::Sqlite {
-            return Ok(self.rate_limiter.check(grant_id, per_minute, Instant::now()));
+            return Ok(in_memory(Instant::now()));
         }
         if let Some(counted) = self.held_rate_token(grant_id) {
             return Ok(counted);
@@ -643,14 +671,14 @@ impl Broker {
             Ok(match taken {
                 Some(RateTake::Taken(n)) => {
                     self.rate_leases.hold(grant_id, n.saturating_sub(1), now);
-                    Ok(())
+                    Ok(Counted::Leased)
                 }
                 Some(RateTake::Empty(retry_after)) => {
                     self.rate_leases.empty_until(grant_id, now, now + retry_after);
                     Err(retry_after)
                 }
                 // A backend without shared buckets has one broker.
-                None => self.rate_limiter.check(grant_id, per_minute, now),
+                None => in_memory(now),
             })
         };
         tokio::time::timeout(limit, lease).await.map_err(|_| {
@@ -660,11 +688,26 @@ impl Broker {
 
     /// What this broker holds of a grant's shared bucket: a token, or the
     /// knowledge that it is empty; `None` when it must ask the database.
-    fn held_rate_token(&self, grant_id: &str) -> Option<Result<(), Duration>> {
+    fn held_rate_token(&self, grant_id: &str) -> Option<Result<Counted, Duration>> {
         match self.rate_leases.take(grant_id, Instant::now()) {
-            Held::Token => Some(Ok(())),
+            Held::Token => Some(Ok(Counted::Leased)),
             Held::Empty(retry_after) => Some(Err(retry_after)),
             Held::Nothing => None,
+        }
+    }
+
+    /// Gives back the token a lookup took from its grant's rate limit, when
+    /// the register made it fail: a consumer is not limited for the
+    /// register's outage. A leased token goes back to this broker's lease
+    /// (see [`lienthong_core::Leases::give_back`] for why not to the shared
+    /// bucket).
+    fn give_back_rate_token(&self, allowed: &Allowed, counted: Counted) {
+        let now = Instant::now();
+        match counted {
+            Counted::InMemory => self
+                .rate_limiter
+                .give_back(&allowed.grant_id, allowed.rate_limit_per_minute, now),
+            Counted::Leased => self.rate_leases.give_back(&allowed.grant_id, now),
         }
     }
 
@@ -1012,21 +1055,24 @@ impl Broker {
                     )),
                 )
             })?;
-        if let Err(retry_after) = within_limit {
-            return Err(fail(
-                Outcome::Denied,
-                "rate_limited",
-                BrokerError::RateLimited {
-                    message: format!(
-                        "rate limit of {} lookups per minute of grant {} reached; retry in {} s",
-                        allowed.rate_limit_per_minute,
-                        allowed.grant_id,
-                        retry_after.as_secs_f64().ceil()
-                    ),
-                    retry_after,
-                },
-            ));
-        }
+        let counted = match within_limit {
+            Ok(counted) => counted,
+            Err(retry_after) => {
+                return Err(fail(
+                    Outcome::Denied,
+                    "rate_limited",
+                    BrokerError::RateLimited {
+                        message: format!(
+                            "rate limit of {} lookups per minute of grant {} reached; retry in {} s",
+                            allowed.rate_limit_per_minute,
+                            allowed.grant_id,
+                            retry_after.as_secs_f64().ceil()
+                        ),
+                        retry_after,
+                    },
+                ));
+            }
+        };
         // What the audit entry, the register and the consumer are told is
         // released: only fields this version and the grant's reviewed
         // version both declare, as the selection applied to the record.
@@ -1078,7 +1124,14 @@ impl Broker {
         // The relay gives up without calling when it had no time at all: the
         // deadline passed while the rate limit was counted (on the database).
         if deadline_is_callers && matches!(fetched, Err(RelayError::Deadline(d)) if d.is_zero()) {
+            // The register was not asked: as before the count, no rate limit is used.
+            self.give_back_rate_token(&allowed, counted);
             return Err(too_late());
+        }
+        if let Err(e) = &fetched
+            && registers_fault(e, deadline_is_callers)
+        {
+            self.give_back_rate_token(&allowed, counted);
         }
         let call_elapsed = call_started.elapsed();
         let call_outcome = match &fetched {
@@ -1205,6 +1258,9 @@ impl Broker {
             CallOutcome::Ok
         };
         self.metrics.provider_call(provider, outcome, call_elapsed);
+        if register_at_fault {
+            self.give_back_rate_token(&allowed, counted);
+        }
         let record_json = checked?;
         self.still_allowed(caller, ctx, &access, &allowed, &released)?;
         event.fields_released = released.clone();

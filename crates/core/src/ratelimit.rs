@@ -145,6 +145,26 @@ impl RateLimiter {
         outcome
     }
 
+    /// Returns a token [`RateLimiter::check`] took for a lookup that the
+    /// register, not the consumer, made fail: it goes back into the bucket
+    /// (never past its capacity). Nothing to do for a bucket already full,
+    /// or pruned (which it is only when full).
+    pub fn give_back(&self, grant_id: &str, per_minute: u32, now: Instant) {
+        if per_minute == 0 {
+            return;
+        }
+        let Some(mut buckets) = self.shards.lock(grant_id) else {
+            return;
+        };
+        if let Some(bucket) = buckets.get_mut(grant_id) {
+            bucket.refill(now);
+            bucket.units = bucket
+                .units
+                .saturating_add(UNITS_PER_TOKEN)
+                .min(capacity(bucket.per_minute));
+        }
+    }
+
     /// Drops buckets that have refilled completely by `now`; a full bucket
     /// behaves exactly like a new one, so this only frees memory.
     pub fn prune(&self, now: Instant) {
@@ -262,6 +282,32 @@ impl Leases {
         }
         lease.tokens = lease.tokens.saturating_add(tokens);
         lease.until = until;
+    }
+
+    /// Holds again one token [`Leases::take`] handed out for a lookup that
+    /// the register, not the consumer, made fail. It goes back to this
+    /// broker's lease, not to the shared bucket: crediting the database
+    /// would cost a write per failed lookup, the more so while a register
+    /// is down, and the token, taken from the shared bucket, stays within
+    /// the grant's limit either way. It is usable until the lease lapses
+    /// (at least [`LEASE_TTL`] from now when none is held), as the consumer's
+    /// retry usually comes; unused, it lapses like any leased token. A bucket
+    /// remembered empty holds this one token now.
+    pub fn give_back(&self, grant_id: &str, now: Instant) {
+        let Some(mut leases) = self.shards.lock(grant_id) else {
+            return;
+        };
+        let fresh = Lease {
+            tokens: 1,
+            until: now + LEASE_TTL,
+        };
+        match leases.get_mut(grant_id) {
+            Some(lease) if lease.tokens > 0 && now < lease.until => lease.tokens = lease.tokens.saturating_add(1),
+            Some(lease) => *lease = fresh,
+            None => {
+                leases.insert(grant_id.to_owned(), fresh);
+            }
+        }
     }
 
     /// Remembers at `now` that the grant's shared bucket had no token, and
@@ -444,6 +490,54 @@ mod tests {
         let later = t0 + LEASE_TTL;
         leases.empty_until("g", later, later + Duration::from_secs(1));
         assert_eq!(leases.take("g", later), Held::Empty(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_token_given_back_is_used_again_and_never_overfills() {
+        let limiter = RateLimiter::new();
+        let t0 = Instant::now();
+        limiter.check("g", 2, t0).unwrap();
+        limiter.check("g", 2, t0).unwrap();
+        assert!(limiter.check("g", 2, t0).is_err());
+        limiter.give_back("g", 2, t0);
+        assert_eq!(limiter.check("g", 2, t0), Ok(()), "the token given back");
+        assert!(limiter.check("g", 2, t0).is_err());
+        // A bucket refilled meanwhile keeps its capacity: two, not three.
+        let later = t0 + Duration::from_secs(60);
+        limiter.give_back("g", 2, later);
+        limiter.check("g", 2, later).unwrap();
+        limiter.check("g", 2, later).unwrap();
+        assert!(limiter.check("g", 2, later).is_err());
+        // Unlimited, or a bucket never used: nothing to give back.
+        limiter.give_back("free", 0, t0);
+        limiter.give_back("unknown", 5, t0);
+        assert_eq!(limiter.len(), 1);
+    }
+
+    #[test]
+    fn a_leased_token_given_back_is_held_again() {
+        let leases = Leases::new();
+        let t0 = Instant::now();
+        leases.hold("g", 1, t0);
+        assert_eq!(leases.take("g", t0), Held::Token);
+        leases.give_back("g", t0);
+        assert_eq!(leases.take("g", t0), Held::Token, "given back");
+        assert_eq!(leases.take("g", t0), Held::Nothing);
+        // Added to the tokens held, within the lease's life.
+        leases.hold("g", 2, t0);
+        leases.give_back("g", t0);
+        for _ in 0..3 {
+            assert_eq!(leases.take("g", t0), Held::Token);
+        }
+        // A bucket remembered empty: the token given back is used first, then
+        // the bucket is asked again.
+        leases.empty_until("g", t0, t0 + Duration::from_secs(10));
+        leases.give_back("g", t0);
+        assert_eq!(leases.take("g", t0), Held::Token);
+        assert_eq!(leases.take("g", t0), Held::Nothing);
+        // Unused, it lapses like any leased token.
+        leases.give_back("g", t0);
+        assert_eq!(leases.take("g", t0 + LEASE_TTL), Held::Nothing);
     }
 
     #[test]
