@@ -1,13 +1,14 @@
 //! A lookup between its decision and its release: a grant revoked or a
 //! consumer disabled while the register answers stops the record; the entry
 //! names the grant it was allowed under; text that would forge the log is
-//! refused; a register's fault uses none of the consumer's rate limit.
+//! refused; a register's fault uses none of the consumer's rate limit; and
+//! an unknown schema version still reaches the citizen's history.
 
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::client::Clients;
 use lienthong_cli::federation::{
-    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT,
+    ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT,
 };
 use lienthong_provider::demo::{DEMO_CITIZENS, DemoRegisterKind};
 use lienthong_provider::testing::{self, FaultMode, Faulty};
@@ -292,4 +293,35 @@ async fn register_faults_use_none_of_the_shared_rate_limit_on_postgresql() {
         lienthong_store::testing::PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
     let url = cluster.create_database().await.unwrap();
     register_faults_use_none_of_the_rate_limit(Some(url)).await;
+}
+
+/// A lookup asking for a version its record type does not have is refused,
+/// and the citizen still sees the attempt: its subject is read with the
+/// current version's subject key.
+#[tokio::test]
+async fn a_lookup_of_an_unknown_schema_version_is_in_the_citizens_history() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 44);
+    let mut lookup = birth_lookup(&subject, PURPOSE_CERTIFICATE);
+    lookup.schema_version = 99;
+    let err = office.exchange().lookup(lookup).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("no version 99"), "{}", err.message());
+    let history = client(&fed, CITIZEN_PORTAL)
+        .await
+        .audit()
+        .subject_history(pb::SubjectHistoryRequest {
+            subject_key: subject.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .accesses;
+    assert_eq!(history.len(), 1, "{history:#?}");
+    assert_eq!(history[0].consumer, JUDICIAL_OFFICE);
+    assert_eq!(history[0].outcome, pb::Outcome::Invalid as i32);
+    assert_eq!(history[0].provider, CIVIL_STATUS);
+    fed.shutdown().await.unwrap();
 }

@@ -935,6 +935,13 @@ impl Broker {
         let invalid = |code, msg: String| fail(Outcome::Invalid, code, BrokerError::InvalidArgument(msg));
         check_sizes(&item).map_err(|e| fail(Outcome::Invalid, "oversized_request", e))?;
         let Some(rt) = snapshot.record_type(item.record_type, item.schema_version) else {
+            // A type the registry knows, in a version it does not: the entry
+            // names the subject as the current version's key finds it, so that
+            // the attempt is in the citizen's history.
+            if let Some(current) = snapshot.record_type(item.record_type, 0) {
+                event.provider = current.owner().to_string();
+                self.name_subject(event, current, &item.query);
+            }
             let msg = if item.schema_version == 0 || snapshot.record_type(item.record_type, 0).is_none() {
                 format!(
                     "record type {:?} is not registered; `lienthong schema list` shows the registered types",
