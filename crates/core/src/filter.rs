@@ -5,7 +5,11 @@
 //! every item of `previous_names`). Selecting a field keeps all of it; the
 //! lookup path intersects a grant's selection with the record type's
 //! [`FieldSelection::shape`], so that "all of it" is what the schema declares
-//! and a register's undeclared keys never pass through.
+//! and a register's undeclared keys never pass through: in a shape, an
+//! object is cut down to the keys declared for it, at every depth, whatever
+//! the value (an object, an array of them, a scalar) and whichever
+//! alternative of the schema it matches; only a field its schema marks
+//! opaque is released whole.
 
 use crate::grant::GrantFields;
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
@@ -24,6 +28,11 @@ struct Node {
     /// Nothing of the value at this node is selected, whatever else says so:
     /// a field whose schema does not list what it holds.
     withheld: bool,
+    /// A scalar value here (or a scalar item of an array here) is kept, though
+    /// the node is not whole: a field selected as a whole that a shape cuts
+    /// down to its declared keys. A scalar holds no key, so none can be
+    /// undeclared.
+    scalars: bool,
     /// Selected properties, sorted by name (unescaped) for binary search.
     children: Vec<(String, Node)>,
 }
@@ -62,6 +71,7 @@ impl Node {
             (false, false) => Node {
                 whole: false,
                 withheld: false,
+                scalars: self.scalars && other.scalars,
                 children: self
                     .children
                     .iter()
@@ -78,23 +88,34 @@ impl Node {
         }
     }
 
-    /// Marks every node without children whole: the leaves of a shape.
-    fn mark_leaves(&mut self) {
+    /// Marks every node but the withheld ones as keeping scalars: the
+    /// declared fields of a shape.
+    fn keep_scalars(&mut self) {
         if self.withheld {
             return;
         }
-        if self.children.is_empty() {
-            self.whole = true;
-        }
+        self.scalars = true;
         for (_, child) in &mut self.children {
-            child.mark_leaves();
+            child.keep_scalars();
         }
     }
 
-    /// True when [`Node::apply`] keeps something of `value`: scalars hold no
-    /// selected properties, objects and arrays are kept (possibly emptied).
+    /// True when [`Node::apply`] keeps something of `value`: objects and
+    /// arrays are kept (possibly emptied), scalars only where selected.
     fn keeps(&self, value: &Value) -> bool {
-        !self.withheld && (self.whole || value.is_object() || value.is_array())
+        !self.withheld && (self.whole || self.scalars || value.is_object() || value.is_array())
+    }
+
+    /// True when `value` is kept as it is: the whole value, or a scalar
+    /// (which holds no key) where scalars are kept.
+    fn writes_as_is(&self, value: &Value) -> bool {
+        self.whole || (self.scalars && !matches!(value, Value::Object(_) | Value::Array(_)))
+    }
+
+    /// True when an array item is kept: objects and arrays (possibly
+    /// emptied), scalars only where selected.
+    fn keeps_item(&self, item: &Value) -> bool {
+        self.scalars || item.is_object() || item.is_array()
     }
 
     /// The selected part of `value`, or `None` when nothing of it is selected.
@@ -120,10 +141,11 @@ impl Node {
             Value::Array(items) => Some(Value::Array(
                 items
                     .iter()
-                    .filter(|item| item.is_object() || item.is_array())
+                    .filter(|item| self.keeps_item(item))
                     .filter_map(|item| self.apply(item))
                     .collect(),
             )),
+            scalar if self.scalars => Some(scalar.clone()),
             _ => None,
         }
     }
@@ -138,24 +160,31 @@ struct Selected<'a> {
 
 impl Serialize for Selected<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        if self.node.whole {
+        if self.node.writes_as_is(self.value) {
             return self.value.serialize(serializer);
         }
         match self.value {
             Value::Object(map) => {
                 let mut out = serializer.serialize_map(None)?;
                 for (key, sub) in map {
-                    if let Some(node) = self.node.child(key)
-                        && node.keeps(sub)
-                    {
-                        out.serialize_entry(key, &Selected { node, value: sub })?;
+                    let Some(node) = self.node.child(key) else {
+                        continue;
+                    };
+                    // Written straight, not through a `Selected`: a declared
+                    // scalar is what most fields hold.
+                    if node.writes_as_is(sub) {
+                        out.serialize_key(key)?;
+                        out.serialize_value(sub)?;
+                    } else if node.keeps(sub) {
+                        out.serialize_key(key)?;
+                        out.serialize_value(&Selected { node, value: sub })?;
                     }
                 }
                 out.end()
             }
             Value::Array(items) => {
                 let mut out = serializer.serialize_seq(None)?;
-                for item in items.iter().filter(|item| item.is_object() || item.is_array()) {
+                for item in items.iter().filter(|item| self.node.keeps_item(item)) {
                     out.serialize_element(&Selected {
                         node: self.node,
                         value: item,
@@ -202,18 +231,21 @@ impl FieldSelection {
 
     /// The shape of a record type from its declared field pointers (parents
     /// and children alike, as [`crate::schema::RecordTypeDefinition::field_pointers`]
-    /// lists them): each declared field that declares no fields of its own is
-    /// kept whole, and nothing else is kept. An object that declares its
-    /// properties is cut down to them, whatever else the register sends.
+    /// lists them): each declared field keeps its scalars, and its objects
+    /// (themselves or as array items, at any depth) cut down to the declared
+    /// fields below it; nothing else is kept. So no key the schema does not
+    /// declare ever passes, whichever value the register sends.
     pub fn shape(declared: &[String]) -> Self {
-        FieldSelection::shape_withholding(declared, &[])
+        FieldSelection::shape_of(declared, &[], &[])
     }
 
-    /// [`FieldSelection::shape`], with `withheld` fields kept nowhere, not
-    /// even whole under a granted parent: fields whose schema does not list
-    /// what they hold (a recursive reference), so that whatever the register
-    /// puts there never leaves.
-    pub fn shape_withholding(declared: &[String], withheld: &[String]) -> Self {
+    /// [`FieldSelection::shape`], with `opaque` fields kept whole (fields
+    /// their schema marks opaque: what they hold is released as it is, on
+    /// purpose; ignored for a field with declared fields below it) and
+    /// `withheld` fields kept nowhere, not even under a granted parent:
+    /// fields whose schema does not list what they hold (a recursive
+    /// reference), so that whatever the register puts there never leaves.
+    pub fn shape_of(declared: &[String], opaque: &[String], withheld: &[String]) -> Self {
         let mut root = Node::default();
         for pointer in declared.iter().chain(withheld) {
             let Some(rest) = pointer.strip_prefix('/') else {
@@ -222,6 +254,27 @@ impl FieldSelection {
             let mut node = &mut root;
             for segment in rest.split('/') {
                 node = node.child_mut(unescape(segment));
+            }
+        }
+        // A shape that declares nothing keeps nothing, not everything; a root
+        // scalar keeps nothing either.
+        for (_, child) in &mut root.children {
+            child.keep_scalars();
+        }
+        for pointer in opaque {
+            let Some(rest) = pointer.strip_prefix('/') else {
+                continue;
+            };
+            let mut node = Some(&mut root);
+            for segment in rest.split('/') {
+                node = node.and_then(|n| {
+                    let name = unescape(segment);
+                    let index = n.children.binary_search_by(|(c, _)| c.as_str().cmp(&name)).ok()?;
+                    Some(&mut n.children[index].1)
+                });
+            }
+            if let Some(node) = node.filter(|n| n.children.is_empty() && !n.withheld) {
+                node.whole = true;
             }
         }
         for pointer in withheld {
@@ -233,10 +286,6 @@ impl FieldSelection {
                 node = node.child_mut(unescape(segment));
             }
             *node = Node::withheld();
-        }
-        // A shape that declares nothing keeps nothing, not everything.
-        for (_, child) in &mut root.children {
-            child.mark_leaves();
         }
         FieldSelection { root }
     }
@@ -500,8 +549,9 @@ mod tests {
     /// not make its parent a leaf released whole.
     #[test]
     fn a_withheld_field_releases_nothing_whatever_the_grant() {
-        let shape = FieldSelection::shape_withholding(
+        let shape = FieldSelection::shape_of(
             &["/father", "/father/full_name", "/mother"].map(String::from),
+            &[],
             &["/father/father", "/mother/mother"].map(String::from),
         );
         let rec = json!({
@@ -524,27 +574,98 @@ mod tests {
             );
         }
         assert_eq!(
-            FieldSelection::shape_withholding(&["/a".to_string()], &[]),
+            FieldSelection::shape_of(&["/a".to_string()], &[], &[]),
             FieldSelection::shape(&["/a".to_string()])
         );
+    }
+
+    /// A declared field keeps its scalars whatever it is declared as, and
+    /// cuts every object in it (itself, or array items at any depth) down to
+    /// the fields declared below it: nothing when none is. Only an opaque
+    /// field is kept whole.
+    #[test]
+    fn a_shape_cuts_every_object_to_its_declared_fields() {
+        let shape = FieldSelection::shape_of(
+            &["/a", "/b", "/b/x", "/meta"].map(String::from),
+            &["/meta", "/b"].map(String::from),
+            &[],
+        );
+        let rec = json!({
+            "a": [1, "s", null, {"national_id": "001060000001"}, [{"k": 1}, 2]],
+            "b": {"x": {"y": 1}, "national_id": "001060000002"},
+            "meta": {"any": {"thing": true}}
+        });
+        let kept = json!({"a": [1, "s", null, {}, [{}, 2]], "b": {"x": {}}, "meta": {"any": {"thing": true}}});
+        assert_eq!(shape.apply(&rec), kept, "/b declares /b/x: not opaque");
+        assert_eq!(shape.to_json(&rec).unwrap(), kept.to_string());
+        let scalars = json!({"a": "plain", "b": null, "meta": 3});
+        assert_eq!(shape.apply(&scalars), scalars);
+        // A grant of a field below keeps only what is below: not the field's scalar.
+        let grant = FieldSelection::new(&["/b/x".to_string()]).intersect(&shape);
+        assert_eq!(grant.apply(&scalars), json!({}));
+        assert_eq!(grant.to_json(&scalars).unwrap(), "{}");
+    }
+
+    /// A grant's selection or a shape, with some fields opaque or withheld.
+    fn selection() -> impl Strategy<Value = FieldSelection> {
+        prop_oneof![
+            pointer_set().prop_map(|p| FieldSelection::new(&p)),
+            (pointer_set(), pointer_set(), pointer_set()).prop_map(|(declared, opaque, withheld)| {
+                let declared: Vec<String> = declared.into_iter().chain(opaque.iter().cloned()).collect();
+                FieldSelection::shape_of(&declared, &opaque, &withheld)
+            }),
+        ]
     }
 
     proptest! {
         /// Intersecting is filtering twice, in either order: no field leaves
         /// that either side would have cut.
         #[test]
-        fn an_intersection_is_both_filters(record in value(), a in pointer_set(), b in pointer_set()) {
-            let (a, b) = (FieldSelection::new(&a), FieldSelection::new(&b));
+        fn an_intersection_is_both_filters(record in value(), a in selection(), b in selection()) {
             let both = a.intersect(&b).apply(&record);
             prop_assert_eq!(&both, &a.apply(&b.apply(&record)));
             prop_assert_eq!(&both, &b.apply(&a.apply(&record)));
         }
 
+        /// A shape without opaque fields releases no key it does not declare,
+        /// at any depth, whatever the record holds.
+        #[test]
+        fn a_shape_releases_only_declared_keys(record in value(), declared in pointer_set(), withheld in pointer_set()) {
+            let shape = FieldSelection::shape_of(&declared, &[], &withheld);
+            // Withheld fields are declared fields (with nothing listed inside).
+            let declared: Vec<Vec<String>> = declared
+                .iter()
+                .chain(&withheld)
+                .filter_map(|p| p.strip_prefix('/'))
+                .flat_map(|p| {
+                    // A field declares its parents too.
+                    let segments: Vec<String> = p.split('/').map(unescape).collect();
+                    (1..=segments.len()).map(move |n| segments[..n].to_vec())
+                })
+                .collect();
+            fn check(value: &Value, path: &mut Vec<String>, declared: &[Vec<String>]) -> Result<(), String> {
+                match value {
+                    Value::Object(map) => map.iter().try_for_each(|(key, sub)| {
+                        path.push(key.clone());
+                        if !declared.contains(path) {
+                            return Err(path.join("/"));
+                        }
+                        let below = check(sub, path, declared);
+                        path.pop();
+                        below
+                    }),
+                    Value::Array(items) => items.iter().try_for_each(|item| check(item, path, declared)),
+                    _ => Ok(()),
+                }
+            }
+            let released = shape.apply(&record);
+            prop_assert!(check(&released, &mut Vec::new(), &declared).is_ok(), "{:?}", check(&released, &mut Vec::new(), &declared));
+        }
+
         /// The lookup path writes `to_json`; auditors and tests reason about
         /// `apply`. They must never release different data.
         #[test]
-        fn written_json_is_the_applied_selection(record in value(), pointers in pointer_set()) {
-            let selection = FieldSelection::new(&pointers);
+        fn written_json_is_the_applied_selection(record in value(), selection in selection()) {
             let written = selection.to_json(&record).unwrap();
             prop_assert_eq!(&written, &serde_json::to_string(&selection.apply(&record)).unwrap());
             prop_assert_eq!(serde_json::from_str::<Value>(&written).unwrap(), selection.apply(&record));

@@ -1159,6 +1159,8 @@ fn follow_refs<'a>(root: &'a Value, mut schema: &'a Value) -> &'a Value {
 struct FieldInfo<'a> {
     /// JSON Pointer of the field in instances.
     pointer: String,
+    /// JSON Pointer of its declaration in the schema.
+    at: String,
     /// Its schema as written where it is declared, before any `$ref` is followed.
     declared: &'a Value,
     /// Its schema, bare `$ref`s followed: where the walk found its fields.
@@ -1186,6 +1188,10 @@ pub enum FieldCut {
     },
     /// Fields nested deeper than the walk expands.
     TooDeep,
+    /// A field declaring no fields of its own whose values may be objects
+    /// (or hold them as array items): their keys are not declared, so the
+    /// broker would release none of them.
+    KeysNotDeclared,
 }
 
 impl fmt::Display for FieldCut {
@@ -1209,6 +1215,14 @@ impl fmt::Display for FieldCut {
             FieldCut::TooDeep => write!(
                 f,
                 "nests fields more than {MAX_FIELD_LEVELS} levels deep: flatten the record"
+            ),
+            FieldCut::KeysNotDeclared => write!(
+                f,
+                "may hold an object whose keys its schema does not declare (no \"properties\": an object \
+                 without them, a map with additionalProperties or patternProperties, an array without \
+                 \"items\", or no \"type\" at all): the broker releases only declared keys, so it would \
+                 release none. Declare its properties, or mark it \"{OPAQUE}\": true to have a grant on it \
+                 release whatever it holds"
             ),
         }
     }
@@ -1240,7 +1254,27 @@ struct Walk<'a> {
     out: Vec<FieldInfo<'a>>,
     cuts: Vec<Cut>,
     limit: usize,
+    /// Also list the fields declared in the alternatives of a schema (see
+    /// [`BRANCH_KEYWORDS`]), as the fields of the instance the schema is at.
+    branches: bool,
+    /// Schemas expanded so far: alternatives referencing the same
+    /// definitions twice over would otherwise expand exponentially many.
+    visits: usize,
 }
+
+/// Keywords whose subschemas describe the same instance as the schema they
+/// are in: the fields they declare are the instance's fields, for a grant
+/// to name and the filter to keep. A value matching one alternative may
+/// carry a key only another declares; that key is declared, and the filter
+/// keeps it only where it is granted.
+const BRANCH_KEYWORDS: [&str; 3] = ["allOf", "anyOf", "oneOf"];
+
+/// Most schemas one walk expands, alternatives included.
+const MAX_VISITS: usize = 8 * MAX_FIELDS;
+
+/// The annotation marking a record field opaque: released whole when
+/// granted, though its schema does not declare what it holds.
+pub const OPAQUE: &str = "x-lienthong-opaque";
 
 /// The walk found more fields than its limit.
 struct TooManyFields;
@@ -1263,7 +1297,15 @@ impl<'a> Walk<'a> {
             out: Vec::new(),
             cuts: Vec::new(),
             limit,
+            branches: false,
+            visits: 0,
         }
+    }
+
+    /// A walk that lists the fields of alternatives too.
+    fn through_branches(mut self) -> Self {
+        self.branches = true;
+        self
     }
 
     fn run(&mut self) -> Result<(), TooManyFields> {
@@ -1281,13 +1323,19 @@ impl<'a> Walk<'a> {
 
     /// Follows bare `$ref`s from `schema` (at schema pointer `at`); says where
     /// they led and how many references it pushed on the stack.
-    fn resolve(&mut self, mut schema: &'a Value, mut at: String) -> (Resolved<'a>, usize) {
+    fn resolve(&mut self, schema: &'a Value, at: String) -> (Resolved<'a>, usize) {
+        self.resolve_from(schema, at, false)
+    }
+
+    /// [`Walk::resolve`]; with `beside`, the first `$ref` is followed even
+    /// beside `properties` or `items`.
+    fn resolve_from(&mut self, mut schema: &'a Value, mut at: String, beside: bool) -> (Resolved<'a>, usize) {
         let mut pushed = 0;
-        for _ in 0..=MAX_REF_HOPS {
+        for hop in 0..=MAX_REF_HOPS {
             let Some(obj) = schema.as_object() else {
                 break;
             };
-            if has_own_structure(obj) {
+            if has_own_structure(obj) && !(beside && hop == 0) {
                 break;
             }
             let Some(reference) = obj.get("$ref").and_then(Value::as_str) else {
@@ -1323,6 +1371,10 @@ impl<'a> Walk<'a> {
     }
 
     fn children(&mut self, schema: &'a Value, prefix: &str, level: usize, at: &str) -> Result<(), TooManyFields> {
+        self.visits += 1;
+        if self.branches && self.visits > MAX_VISITS {
+            return Err(TooManyFields);
+        }
         if level >= MAX_FIELD_LEVELS {
             if !prefix.is_empty() && schema.as_object().is_some_and(has_own_structure) {
                 self.cuts.push(Cut {
@@ -1355,6 +1407,58 @@ impl<'a> Walk<'a> {
             self.refs.truncate(self.refs.len() - pushed);
             result?;
         }
+        if self.branches {
+            self.alternatives(schema, prefix, level, at)?;
+        }
+        Ok(())
+    }
+
+    /// The fields of `schema`'s alternatives ([`BRANCH_KEYWORDS`], and a
+    /// `$ref` beside `properties` or `items`, which applies as `allOf` would),
+    /// at the same instance `prefix`.
+    fn alternatives(&mut self, schema: &'a Value, prefix: &str, level: usize, at: &str) -> Result<(), TooManyFields> {
+        let Some(obj) = schema.as_object() else {
+            return Ok(());
+        };
+        // (schema, where it is, a `$ref` beside own structure to follow)
+        let mut branches: Vec<(&'a Value, String, bool)> = Vec::new();
+        if has_own_structure(obj) && obj.get("$ref").is_some_and(Value::is_string) {
+            branches.push((schema, at.to_owned(), true));
+        }
+        for keyword in BRANCH_KEYWORDS {
+            for (i, branch) in obj
+                .get(keyword)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let mut branch_at = at.to_owned();
+                push_segment(&mut branch_at, keyword);
+                push_segment(&mut branch_at, &i.to_string());
+                branches.push((branch, branch_at, false));
+            }
+        }
+        for (branch, branch_at, beside) in branches {
+            let (resolved, pushed) = self.resolve_from(branch, branch_at, beside);
+            let result = match resolved {
+                // A reference beside that did not resolve: the validator refuses it.
+                Resolved::Expand(target, _) if beside && std::ptr::eq(target, schema) => Ok(()),
+                Resolved::Expand(target, at) => self.children(target, prefix, level + 1, &at),
+                Resolved::Stop(_, at, why) => {
+                    if !prefix.is_empty() {
+                        self.cuts.push(Cut {
+                            field: prefix.to_owned(),
+                            at,
+                            why,
+                        });
+                    }
+                    Ok(())
+                }
+            };
+            self.refs.truncate(self.refs.len() - pushed);
+            result?;
+        }
         Ok(())
     }
 
@@ -1374,6 +1478,7 @@ impl<'a> Walk<'a> {
             sub_at.push_str(at);
             push_segment(&mut sub_at, "properties");
             push_segment(&mut sub_at, name);
+            let sub_at_declared = sub_at.clone();
             let (resolved, pushed) = self.resolve(sub, sub_at);
             let walked = match &resolved {
                 Resolved::Expand(schema, _) | Resolved::Stop(schema, _, _) => *schema,
@@ -1385,6 +1490,7 @@ impl<'a> Walk<'a> {
             let is_required = required.is_some_and(|r| r.iter().any(|v| v.as_str() == Some(name)));
             self.out.push(FieldInfo {
                 pointer: pointer.clone(),
+                at: sub_at_declared,
                 declared: sub,
                 schema: walked,
                 items,
@@ -1408,31 +1514,177 @@ impl<'a> Walk<'a> {
     }
 }
 
-/// Fields of a schema; on overflow, the fields found up to the limit.
+/// Fields of a schema as the compatibility check compares them (those
+/// declared in alternatives are not: an alternative changed is a change of
+/// the field holding it); on overflow, the fields found up to the limit.
 fn collect_fields(schema: &Value) -> Vec<FieldInfo<'_>> {
-    walk_fields(schema).0
-}
-
-/// Fields of a schema and those whose own fields could not be listed; on
-/// overflow, what was found up to the limit.
-fn walk_fields(schema: &Value) -> (Vec<FieldInfo<'_>>, Vec<Cut>) {
     let mut walk = Walk::new(schema, MAX_FIELDS);
     // Overflow is refused at registration; a truncated list is the best answer here.
     let _ = walk.run();
-    (walk.out, walk.cuts)
+    walk.out
+}
+
+/// How the broker releases the fields of a record schema.
+struct RecordFields<'a> {
+    /// Every field declared, alternatives included, as the walk found them
+    /// (a field declared in several alternatives is found once for each).
+    found: Vec<FieldInfo<'a>>,
+    /// Fields whose own fields could not be listed.
+    cuts: Vec<Cut>,
+    /// The walk stopped at [`MAX_FIELDS`] or [`MAX_VISITS`]: what it found is
+    /// a part of the fields.
+    overflow: bool,
+}
+
+/// Walks a record schema's fields, alternatives included.
+fn record_fields(schema: &Value) -> RecordFields<'_> {
+    let mut walk = Walk::new(schema, MAX_FIELDS).through_branches();
+    let overflow = walk.run().is_err();
+    RecordFields {
+        found: walk.out,
+        cuts: walk.cuts,
+        overflow,
+    }
+}
+
+impl<'a> RecordFields<'a> {
+    /// Every field a grant can name, sorted, once each.
+    fn pointers(&self) -> Vec<String> {
+        let mut pointers: Vec<String> = self.found.iter().map(|f| f.pointer.clone()).collect();
+        pointers.sort();
+        pointers.dedup();
+        pointers
+    }
+
+    /// The fields released whole, and those declaring no field of their own
+    /// that may hold objects without being marked [`OPAQUE`] (each with the
+    /// schema pointer of such a declaration). A field is released whole when
+    /// no field is declared below it and every declaration of it (in every
+    /// alternative) is marked opaque or holds no object, one at least
+    /// marked: an object there is then released as it is, on purpose. Any
+    /// other field is cut down to what is declared below it (nothing, if
+    /// nothing is), its scalars kept.
+    fn opaque_and_undeclared(&self, root: &Value) -> (Vec<String>, Vec<(String, String)>) {
+        let parents: HashSet<&str> = self.found.iter().map(|f| parent_pointer(&f.pointer)).collect();
+        let mut by_pointer: std::collections::BTreeMap<&str, Vec<&FieldInfo<'a>>> = Default::default();
+        for field in self.found.iter().filter(|f| !parents.contains(f.pointer.as_str())) {
+            by_pointer.entry(field.pointer.as_str()).or_default().push(field);
+        }
+        let mut budget = MAX_VISITS;
+        let (mut opaque, mut undeclared) = (Vec::new(), Vec::new());
+        for (pointer, declarations) in by_pointer {
+            let mut marked = false;
+            let mut unmarked_object = None;
+            for field in declarations {
+                if is_marked_opaque(field.declared) || is_marked_opaque(field.schema) {
+                    marked = true;
+                } else if unmarked_object.is_none() && may_hold_object(root, field.declared, 0, &mut budget) {
+                    unmarked_object = Some(field.at.clone());
+                }
+            }
+            match unmarked_object {
+                Some(at) => undeclared.push((pointer.to_owned(), at)),
+                None if marked => opaque.push(pointer.to_owned()),
+                None => {}
+            }
+        }
+        (opaque, undeclared)
+    }
+}
+
+/// True if the schema carries `"x-lienthong-opaque": true`.
+fn is_marked_opaque(schema: &Value) -> bool {
+    schema.get(OPAQUE) == Some(&Value::Bool(true))
+}
+
+/// True if a value `schema` admits may be an object, or hold one as an
+/// array item at any depth, whose keys the schema does not list: a schema
+/// without `type`, one admitting `object`, or `array` without object
+/// `items` (a tuple included), unless an `enum` or `const` lists the values,
+/// a `$ref` or `allOf` beside excludes it, or every `anyOf`/`oneOf`
+/// alternative does. Errs on the side of `true`: past `MAX_FIELD_LEVELS`
+/// schemas deep or once `budget` is spent.
+fn may_hold_object(root: &Value, schema: &Value, depth: usize, budget: &mut usize) -> bool {
+    if depth >= MAX_FIELD_LEVELS || *budget == 0 {
+        return true;
+    }
+    *budget -= 1;
+    let obj = match schema {
+        Value::Object(obj) => obj,
+        Value::Bool(admits) => return *admits,
+        _ => return true,
+    };
+    if obj.contains_key("enum") || obj.contains_key("const") {
+        return false;
+    }
+    let own = match obj.get("type") {
+        None => true,
+        Some(_) => {
+            let types = type_set(schema).unwrap_or_default();
+            let mut items = || match obj.get("items") {
+                _ if obj.contains_key("prefixItems") => true,
+                Some(items @ Value::Object(_)) => may_hold_object(root, items, depth + 1, budget),
+                Some(Value::Bool(admits)) => *admits,
+                _ => true,
+            };
+            types.contains("object") || (types.contains("array") && items())
+        }
+    };
+    if !own {
+        return false;
+    }
+    if let Some(target) = obj
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| local_target(root, r))
+        && !may_hold_object(root, target, depth + 1, budget)
+    {
+        return false;
+    }
+    let branches = |keyword| obj.get(keyword).and_then(Value::as_array);
+    if let Some(all) = branches("allOf")
+        && all.iter().any(|b| !may_hold_object(root, b, depth + 1, budget))
+    {
+        return false;
+    }
+    for keyword in ["anyOf", "oneOf"] {
+        if let Some(any) = branches(keyword)
+            && !any.iter().any(|b| may_hold_object(root, b, depth + 1, budget))
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// Refuses a record schema with a field whose own fields cannot be listed
 /// (a recursive reference, a chain of references, an anchor, nesting past
-/// the limit): the filter would have nothing to cut such a field down to.
+/// the limit) or are not declared (an object without `properties`, a map,
+/// unless marked [`OPAQUE`]): the filter would have nothing to cut such a
+/// field down to. Not part of [`check_schema_value`]: versions stored
+/// before these rules load, and release nothing inside such fields.
 fn check_record_fields(which: &'static str, schema: &Value) -> Result<(), SchemaError> {
-    let (_, cuts) = walk_fields(schema);
-    match cuts.into_iter().next() {
-        Some(cut) => Err(SchemaError::UnlistedFields {
+    let mut fields = record_fields(schema);
+    if fields.overflow {
+        return Err(SchemaError::TooManyFields {
+            schema: which,
+            limit: MAX_FIELDS,
+        });
+    }
+    if let Some(cut) = std::mem::take(&mut fields.cuts).into_iter().next() {
+        return Err(SchemaError::UnlistedFields {
             schema: which,
             pointer: cut.at,
             field: cut.field,
             problem: cut.why,
+        });
+    }
+    match fields.opaque_and_undeclared(schema).1.into_iter().next() {
+        Some((field, at)) => Err(SchemaError::UnlistedFields {
+            schema: which,
+            pointer: at,
+            field,
+            problem: FieldCut::KeysNotDeclared,
         }),
         None => Ok(()),
     }
@@ -1496,13 +1748,7 @@ impl RecordTypeDefinition {
     /// object properties and the properties of array items (array levels
     /// transparent), parents and children alike.
     pub fn field_pointers(&self) -> Vec<String> {
-        let mut pointers: Vec<String> = collect_fields(&self.record_schema)
-            .into_iter()
-            .map(|f| f.pointer)
-            .collect();
-        pointers.sort();
-        pointers.dedup();
-        pointers
+        record_fields(&self.record_schema).pointers()
     }
 }
 
@@ -2541,15 +2787,14 @@ impl CompiledRecordType {
         // A version registered before unknown formats were refused still loads.
         let query_validator = build_validator(QUERY_SCHEMA, &definition.query_schema, Admission::Stored)?;
         let record_validator = build_validator(RECORD_SCHEMA, &definition.record_schema, Admission::Stored)?;
-        let pointers = definition.field_pointers();
+        let fields = record_fields(&definition.record_schema);
+        let pointers = fields.pointers();
         // Registration refuses such fields now; a version stored before
-        // still loads, and releases nothing inside them.
-        let withheld: Vec<String> = walk_fields(&definition.record_schema)
-            .1
-            .into_iter()
-            .map(|cut| cut.field)
-            .collect();
-        let shape = FieldSelection::shape_withholding(&pointers, &withheld);
+        // still loads, and releases nothing inside them (an object without
+        // declared fields is released empty).
+        let withheld: Vec<String> = fields.cuts.iter().map(|cut| cut.field.clone()).collect();
+        let (opaque, _) = fields.opaque_and_undeclared(&definition.record_schema);
+        let shape = FieldSelection::shape_of(&pointers, &opaque, &withheld);
         Ok(CompiledRecordType {
             version,
             query_validator,

@@ -270,7 +270,14 @@ const TABLE: &[Row] = &[
                 json!({"type": "array", "items": {"type": "string"}}),
             )
         },
-        after: |_, r, _, _| set(r, "/properties/aliases", json!({"type": "array"})),
+        // Marked opaque, as a new registration must mark a field holding anything.
+        after: |_, r, _, _| {
+            set(
+                r,
+                "/properties/aliases",
+                json!({"type": "array", "x-lienthong-opaque": true}),
+            )
+        },
         expect: &[("record_property_structure_changed", "/aliases")],
     },
     Row {
@@ -1564,7 +1571,8 @@ fn field_pointers_cover_nested_objects_and_array_items() {
 
 #[test]
 fn field_pointers_are_escaped() {
-    let record = json!({"type": "object", "properties": {"a/b": {"type": "object", "properties": {"c~d": {}}}}});
+    let record =
+        json!({"type": "object", "properties": {"a/b": {"type": "object", "properties": {"c~d": {"type": "string"}}}}});
     let def = define(&base_query(), &record, "national_id").unwrap();
     assert_eq!(def.field_pointers(), vec!["/a~1b", "/a~1b/c~0d"]);
 }
@@ -1629,7 +1637,7 @@ fn record_validation_never_names_an_undeclared_key() {
     set(
         &mut record,
         "/properties/aliases",
-        json!({"type": "object", "additionalProperties": {"type": "string"}}),
+        json!({"type": "object", "additionalProperties": {"type": "string"}, "x-lienthong-opaque": true}),
     );
     let c = compiled(define(&base_query(), &record, "national_id").unwrap());
     let err = c
@@ -2071,6 +2079,382 @@ fn the_version_family_is_backward_compatible_step_by_step() {
         for j in i + 1..defs.len() {
             let changes = check_compatibility(&defs[i], &defs[j]);
             assert!(changes.is_empty(), "v{} -> v{}: {changes:?}", i + 1, j + 1);
+        }
+    }
+}
+
+// ------------------------------------------- fields declared in alternatives
+
+/// What a grant of `fields` releases of `record` under `c`, as the lookup
+/// path writes it.
+fn released(c: &CompiledRecordType, fields: &[&str], record: &Value) -> String {
+    let grant = FieldSelection::new(&fields.iter().map(|f| f.to_string()).collect::<Vec<_>>());
+    grant.intersect(c.shape()).to_json(record).unwrap()
+}
+
+fn with_father(father: Value) -> Value {
+    let mut record = base_record();
+    set(&mut record, "/properties/father", father);
+    record
+}
+
+/// The nullable object schemars and most generators emit for an optional
+/// struct: its fields are fields a grant names one by one, and a grant of
+/// the father's name releases neither his national ID nor a key the schema
+/// does not declare.
+#[test]
+fn a_nullable_object_declared_through_any_of_is_granted_field_by_field() {
+    let person =
+        json!({"type": "object", "properties": {"full_name": {"type": "string"}, "national_id": {"type": "string"}}});
+    let forms = [
+        json!({"anyOf": [{"type": "null"}, person.clone()]}),
+        json!({"oneOf": [{"$ref": "#/$defs/person"}, {"type": "null"}]}),
+        json!({"anyOf": [{"allOf": [{"$ref": "#/$defs/person"}]}, {"type": "null"}], "description": "the father"}),
+        json!({"type": ["object", "null"], "properties": person["properties"].clone()}),
+    ];
+    for father in forms {
+        let mut schema = with_father(father.clone());
+        set(&mut schema, "/$defs", json!({"person": person}));
+        let c = compiled(define(&base_query(), &schema, "national_id").unwrap());
+        assert!(c.has_field("/father/full_name"), "{father}");
+        assert!(c.has_field("/father/national_id"), "{father}");
+        assert!(c.version.field_pointers.contains(&"/father/full_name".to_owned()));
+        let record = json!({
+            "full_name": "A",
+            "father": {"full_name": "B", "national_id": "001060000001", "undeclared": "MY-SECRET"}
+        });
+        assert!(c.validate_record(&record).is_ok());
+        assert_eq!(
+            released(&c, &["/father/full_name"], &record),
+            r#"{"father":{"full_name":"B"}}"#
+        );
+        assert_eq!(
+            released(&c, &["/father"], &record),
+            r#"{"father":{"full_name":"B","national_id":"001060000001"}}"#,
+            "{father}"
+        );
+        // No father: a grant of the father says so; a grant of his name alone does not.
+        let orphan = json!({"full_name": "A", "father": null});
+        assert_eq!(released(&c, &["/father"], &orphan), r#"{"father":null}"#);
+        assert_eq!(released(&c, &["/father/full_name"], &orphan), "{}");
+    }
+}
+
+/// A field that is a string or an object releases the string, or the
+/// object's declared keys: never one the schema does not declare.
+#[test]
+fn a_scalar_or_object_field_releases_only_declared_keys() {
+    let mut schema = base_record();
+    set(
+        &mut schema,
+        "/properties/mixed",
+        json!({"anyOf": [{"type": "string"}, {"type": "object", "properties": {"x": {"type": "integer"}}}]}),
+    );
+    let c = compiled(define(&base_query(), &schema, "national_id").unwrap());
+    let record = json!({"full_name": "A", "mixed": {"x": 1, "y": "MY-SECRET"}});
+    assert!(c.validate_record(&record).is_ok());
+    assert_eq!(released(&c, &["/mixed"], &record), r#"{"mixed":{"x":1}}"#);
+    assert_eq!(released(&c, &[""], &record), r#"{"full_name":"A","mixed":{"x":1}}"#);
+    let text = json!({"full_name": "A", "mixed": "plain"});
+    assert_eq!(released(&c, &["/mixed"], &text), r#"{"mixed":"plain"}"#);
+    assert_eq!(released(&c, &["/mixed/x"], &text), "{}");
+}
+
+/// Alternatives declaring different names: each name is a field. A value
+/// matching one alternative may hold, under a name only another declares,
+/// anything at all (that alternative leaves it free); the filter still
+/// releases no key that no alternative declares there.
+#[test]
+fn alternatives_declaring_different_names_release_no_undeclared_key() {
+    let mut schema = base_record();
+    set(
+        &mut schema,
+        "/properties/doc",
+        json!({"anyOf": [
+            {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+            {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "object", "properties": {"c": {"type": "string"}}}}}
+        ]}),
+    );
+    let c = compiled(define(&base_query(), &schema, "national_id").unwrap());
+    for pointer in ["/doc", "/doc/a", "/doc/a/c", "/doc/b"] {
+        assert!(c.has_field(pointer), "{pointer}");
+    }
+    let record = json!({"full_name": "A", "doc": {"a": {"c": "C", "national_id": "001060000001"}, "b": "B"}});
+    assert!(c.validate_record(&record).is_ok());
+    assert_eq!(released(&c, &["/doc"], &record), r#"{"doc":{"a":{"c":"C"},"b":"B"}}"#);
+    let string = json!({"full_name": "A", "doc": {"a": "A"}});
+    assert_eq!(released(&c, &["/doc/a"], &string), r#"{"doc":{"a":"A"}}"#);
+}
+
+/// An object field whose keys its schema does not declare is refused at
+/// registration, naming it and the fix, unless marked opaque: then a grant
+/// on it releases it whole, as its owner declared.
+#[test]
+fn an_object_field_without_declared_keys_must_be_marked_opaque() {
+    for (field, at) in [
+        (json!({"type": "object"}), "/properties/extra"),
+        (
+            json!({"type": "object", "additionalProperties": {"type": "string"}}),
+            "/properties/extra",
+        ),
+        (
+            json!({"type": "object", "patternProperties": {"^x": {"type": "string"}}}),
+            "/properties/extra",
+        ),
+        (json!({"type": "array"}), "/properties/extra"),
+        (
+            json!({"type": "array", "items": {"type": "object"}}),
+            "/properties/extra",
+        ),
+        (json!({"description": "anything"}), "/properties/extra"),
+        (
+            json!({"anyOf": [{"type": "null"}, {"type": "object"}]}),
+            "/properties/extra",
+        ),
+    ] {
+        let mut schema = base_record();
+        set(&mut schema, "/properties/extra", field.clone());
+        let err = define(&base_query(), &schema, "national_id").unwrap_err();
+        assert!(
+            matches!(&err, SchemaError::UnlistedFields { problem: FieldCut::KeysNotDeclared, field, pointer, .. }
+                if field == "/extra" && pointer == at),
+            "{field}: {err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("/extra") && message.contains("\"x-lienthong-opaque\": true"),
+            "{message}"
+        );
+    }
+    // Fields that hold no object need no mark.
+    for field in [
+        json!({"type": "array", "items": {"type": "string"}}),
+        json!({"type": ["string", "null"]}),
+        json!({"enum": ["a", {"b": 1}]}),
+        json!({"anyOf": [{"type": "null"}, {"type": "integer"}]}),
+        json!({"allOf": [{"type": "string"}, {"minLength": 2}]}),
+    ] {
+        let mut schema = base_record();
+        set(&mut schema, "/properties/extra", field.clone());
+        assert!(define(&base_query(), &schema, "national_id").is_ok(), "{field}");
+    }
+    let mut schema = base_record();
+    set(
+        &mut schema,
+        "/properties/extra",
+        json!({"type": "object", "x-lienthong-opaque": true}),
+    );
+    let c = compiled(define(&base_query(), &schema, "national_id").unwrap());
+    let record = json!({"full_name": "A", "extra": {"anything": {"at": "all"}}});
+    assert_eq!(
+        released(&c, &["/extra"], &record),
+        r#"{"extra":{"anything":{"at":"all"}}}"#
+    );
+}
+
+/// A version stored before such fields were refused still loads; an object
+/// there is released without any of its keys, since none is declared.
+#[test]
+fn a_stored_object_field_without_declared_keys_releases_none_of_them() {
+    let mut def = define(&base_query(), &base_record(), "national_id").unwrap();
+    set(&mut def.record_schema, "/properties/extra", json!({"type": "object"}));
+    set(&mut def.record_schema, "/properties/anything", json!({}));
+    let version = RecordTypeVersion::new(def, 1, datetime!(2025-01-01 0:00 UTC), owner(), Compatibility::Backward);
+    let c = CompiledRecordType::compile(version).unwrap();
+    let record = json!({
+        "full_name": "A",
+        "extra": {"national_id": "001060000001"},
+        "anything": [{"national_id": "001060000002"}, "text"]
+    });
+    assert!(c.validate_record(&record).is_ok());
+    assert_eq!(
+        released(&c, &["/extra", "/anything"], &record),
+        r#"{"extra":{},"anything":[{},"text"]}"#
+    );
+    assert_eq!(released(&c, &["/extra/national_id"], &record), r#"{"extra":{}}"#);
+    // Its integrator marks the field in the next version, without an admin.
+    let stored = c.version.definition.clone();
+    let mut marked = stored.record_schema.clone();
+    for field in ["/properties/extra", "/properties/anything"] {
+        set(&mut marked, &format!("{field}/x-lienthong-opaque"), json!(true));
+    }
+    let next = define(&base_query(), &marked, "national_id").unwrap();
+    assert_eq!(check_compatibility(&stored, &next), vec![]);
+    assert!(define(&base_query(), &stored.record_schema, "national_id").is_err());
+}
+
+/// A record schema may not recurse through an alternative either: the
+/// broker could not list the fields inside.
+#[test]
+fn a_recursive_alternative_is_refused() {
+    let mut schema = base_record();
+    set(&mut schema, "/properties/guardian", json!({"$ref": "#/$defs/person"}));
+    set(
+        &mut schema,
+        "/$defs",
+        json!({"person": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+            "full_name": {"type": "string"}, "guardian": {"$ref": "#/$defs/person"}}}]}}),
+    );
+    let err = define(&base_query(), &schema, "national_id").unwrap_err();
+    assert!(
+        matches!(&err, SchemaError::UnlistedFields { problem: FieldCut::Recursive { .. }, field, .. } if field == "/guardian/guardian"),
+        "{err:?}"
+    );
+}
+
+/// Alternatives referencing the same definitions over and over are refused
+/// as too many fields, before they cost exponential work.
+#[test]
+fn alternatives_fanning_out_are_bounded() {
+    let mut defs = serde_json::Map::new();
+    for i in 0..30 {
+        defs.insert(
+            format!("d{i}"),
+            json!({"anyOf": [{"$ref": format!("#/$defs/d{}", i + 1)}, {"$ref": format!("#/$defs/d{}", i + 1)}]}),
+        );
+    }
+    defs.insert(
+        "d30".into(),
+        json!({"type": "object", "properties": {"x": {"type": "string"}}}),
+    );
+    let mut schema = base_record();
+    set(&mut schema, "/properties/deep", json!({"$ref": "#/$defs/d0"}));
+    set(&mut schema, "/$defs", Value::Object(defs));
+    let err = define(&base_query(), &schema, "national_id").unwrap_err();
+    assert!(matches!(err, SchemaError::TooManyFields { .. }), "{err:?}");
+}
+
+/// Key names the generated schemas declare, and those they never do.
+const DECLARED_NAMES: [&str; 3] = ["a", "b", "c"];
+
+/// A record field's schema: scalars, objects declaring some of
+/// [`DECLARED_NAMES`], arrays, and objects declared every way a generator
+/// may: `anyOf`/`oneOf` with `null` or another alternative, `allOf`,
+/// `type: ["object", "null"]`, and `$ref` (an object to move to `$defs`,
+/// under `x-hoist`).
+fn field_schema() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(json!({"type": "string"})),
+        Just(json!({"type": "integer"})),
+        Just(json!({"type": ["string", "null"]})),
+        Just(json!({"type": "array", "items": {"type": "string"}})),
+    ];
+    leaf.prop_recursive(4, 32, 3, |inner| {
+        let name = prop::sample::select(DECLARED_NAMES.to_vec());
+        let object = prop::collection::btree_map(name, inner.clone(), 1..3)
+            .prop_map(|props| json!({"type": "object", "properties": props}));
+        prop_oneof![
+            object.clone(),
+            object.clone().prop_map(|o| json!({"anyOf": [{"type": "null"}, o]})),
+            (object.clone(), inner.clone()).prop_map(|(o, other)| json!({"oneOf": [other, o]})),
+            (object.clone(), object.clone()).prop_map(|(a, b)| json!({"anyOf": [a, b]})),
+            (object.clone(), object.clone()).prop_map(|(a, b)| json!({"allOf": [a, {"allOf": [b]}]})),
+            object.clone().prop_map(|mut o| {
+                o["type"] = json!(["object", "null"]);
+                o
+            }),
+            inner.clone().prop_map(|i| json!({"type": "array", "items": i})),
+            object.prop_map(|o| json!({"x-hoist": o})),
+        ]
+    })
+}
+
+/// Moves every `{"x-hoist": schema}` to `$defs`, leaving a `$ref` to it.
+fn hoist(schema: &mut Value, defs: &mut serde_json::Map<String, Value>) {
+    if let Some(target) = schema.get_mut("x-hoist").map(Value::take) {
+        let name = format!("d{}", defs.len());
+        *schema = json!({"$ref": format!("#/$defs/{name}")});
+        // Taken before the definitions it holds are named.
+        defs.insert(name.clone(), Value::Null);
+        let mut target = target;
+        hoist(&mut target, defs);
+        defs.insert(name, target);
+        return;
+    }
+    match schema {
+        Value::Object(map) => map.values_mut().for_each(|v| hoist(v, defs)),
+        Value::Array(items) => items.iter_mut().for_each(|v| hoist(v, defs)),
+        _ => {}
+    }
+}
+
+fn record_schema() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map(prop::sample::select(DECLARED_NAMES.to_vec()), field_schema(), 1..4).prop_map(|props| {
+        let mut schema = json!({"type": "object", "properties": props});
+        let mut defs = serde_json::Map::new();
+        hoist(&mut schema, &mut defs);
+        schema["$defs"] = Value::Object(defs);
+        schema
+    })
+}
+
+/// Records that fit the schemas often, and carry keys no schema declares
+/// at every depth.
+fn random_record() -> impl Strategy<Value = Value> {
+    let key = prop::sample::select(vec!["a", "b", "c", "national_id", "zz"]);
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<i32>().prop_map(|n| json!(n)),
+        "[a-z]{0,4}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(5, 64, 5, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+            prop::collection::vec((key.clone(), inner), 0..5)
+                .prop_map(|kvs| Value::Object(kvs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+        ]
+    })
+}
+
+/// Every key path of `value`'s objects (array levels transparent) is a
+/// declared field pointer.
+fn only_declared_keys(value: &Value, prefix: &str, declared: &[String]) -> Result<(), String> {
+    match value {
+        Value::Object(map) => map.iter().try_for_each(|(key, sub)| {
+            let pointer = format!("{prefix}/{key}");
+            if !declared.contains(&pointer) {
+                return Err(pointer);
+            }
+            only_declared_keys(sub, &pointer, declared)
+        }),
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|item| only_declared_keys(item, prefix, declared)),
+        _ => Ok(()),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever the register sends (valid or not), under whatever grant, the
+    /// released record holds only keys its schema declares, however the
+    /// schema declares them.
+    #[test]
+    fn no_undeclared_key_is_ever_released(
+        schema in record_schema(),
+        fields in random_record(),
+        grant in prop::collection::vec(
+            prop::collection::vec(prop::sample::select(vec!["a", "b", "c", "national_id"]), 0..4)
+                .prop_map(|s| if s.is_empty() { String::new() } else { format!("/{}", s.join("/")) }),
+            0..4,
+        ),
+    ) {
+        let mut record = json!({"a": "x", "national_id": "001060000001"});
+        if let (Some(extra), Some(map)) = (fields.as_object(), record.as_object_mut()) {
+            map.extend(extra.clone());
+        }
+        let def = define(&base_query(), &schema, "national_id").unwrap_or_else(|e| panic!("{schema}: {e}"));
+        let declared = def.field_pointers();
+        let c = compiled(def);
+        for selection in [FieldSelection::all(), FieldSelection::new(&grant)] {
+            let within = selection.intersect(c.shape());
+            let written = within.to_json(&record).unwrap();
+            let applied = within.apply(&record);
+            prop_assert_eq!(serde_json::from_str::<Value>(&written).unwrap(), applied.clone());
+            if let Err(pointer) = only_declared_keys(&applied, "", &declared) {
+                prop_assert!(false, "{} released under {}: {}", pointer, schema, written);
+            }
         }
     }
 }
