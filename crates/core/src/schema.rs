@@ -1264,9 +1264,16 @@ struct Walk<'a> {
 
 /// Keywords whose subschemas describe the same instance as the schema they
 /// are in: the fields they declare are the instance's fields, for a grant
-/// to name and the filter to keep. A value matching one alternative may
-/// carry a key only another declares; that key is declared, and the filter
-/// keeps it only where it is granted.
+/// to name and the filter to keep. The rule, kept simple so that no
+/// undeclared key ever leaves: an instance's fields are the union of the
+/// names its alternatives declare, each granted by its pointer, and a name
+/// declared by several alternatives (alike or not) is one field whose own
+/// fields are the union of theirs. The filter does not tell which
+/// alternative a value matched: at every field it keeps scalars and cuts
+/// objects down to the declared names. So a value matching an alternative
+/// that leaves a name free (declares it not, or as a string where another
+/// declares an object) releases there at most the keys some alternative
+/// declares, and none if none does.
 const BRANCH_KEYWORDS: [&str; 3] = ["allOf", "anyOf", "oneOf"];
 
 /// Most schemas one walk expands, alternatives included.
@@ -1945,9 +1952,10 @@ fn compare_record(old_schema: &Value, new_schema: &Value, budget: &mut Budget, o
                 p,
                 format!(
                     "record property {p} holds values whose fields its schema does not declare with \
-                     properties and items (allOf, anyOf, oneOf, a tuple, a map...), and that schema changed: a grant \
-                     on {p} releases whatever the new schema admits there. Declare its fields, or have an admin \
-                     register it with compatibility NONE"
+                     properties and items alone (allOf, anyOf, oneOf, a tuple, a map...), which are not compared \
+                     field by field, and that schema changed: consumers of the previous version may receive values \
+                     it did not admit. Declare its fields with properties and items, or have an admin register it \
+                     with compatibility NONE"
                 ),
             ));
         } else {
