@@ -2803,11 +2803,19 @@ impl CompiledRecordType {
         let withheld: Vec<String> = fields.cuts.iter().map(|cut| cut.field.clone()).collect();
         let (opaque, _) = fields.opaque_and_undeclared(&definition.record_schema);
         let shape = FieldSelection::shape_of(&pointers, &opaque, &withheld);
+        let listed: Vec<String> = pointers.into_iter().filter(|p| !withheld.contains(p)).collect();
+        // The pointers stored at registration were listed by the walk of
+        // that day: fields declared inside `anyOf`/`oneOf`/`allOf` branches
+        // were missing. What a version lists (`schema show`, the fields a
+        // refused grant is told of, a `*` grant's release) is what can be
+        // granted now.
+        let mut version = version;
+        version.field_pointers = listed.clone();
         Ok(CompiledRecordType {
             version,
             query_validator,
             record_validator,
-            fields: pointers.into_iter().filter(|p| !withheld.contains(p)).collect(),
+            fields: listed.into_iter().collect(),
             shape,
         })
     }

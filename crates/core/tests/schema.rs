@@ -2140,6 +2140,31 @@ fn a_nullable_object_declared_through_any_of_is_granted_field_by_field() {
     }
 }
 
+/// A version stored before the fields of alternatives were listed kept the
+/// pointers of that day; compiled, it lists what can be granted now, as
+/// `schema show` and a refused grant's message show them.
+#[test]
+fn a_stored_version_lists_the_fields_of_its_alternatives() {
+    let person =
+        json!({"type": "object", "properties": {"full_name": {"type": "string"}, "national_id": {"type": "string"}}});
+    let schema = with_father(json!({"anyOf": [{"type": "null"}, person]}));
+    let mut version = RecordTypeVersion::new(
+        define(&base_query(), &schema, "national_id").unwrap(),
+        1,
+        datetime!(2025-01-01 0:00 UTC),
+        owner(),
+        Compatibility::Backward,
+    );
+    version.field_pointers = vec!["/full_name".into(), "/father".into()];
+    let c = CompiledRecordType::compile(version).unwrap();
+    assert!(
+        c.version.field_pointers.contains(&"/father/full_name".to_owned()),
+        "{:?}",
+        c.version.field_pointers
+    );
+    assert!(c.version.field_pointers.contains(&"/father".to_owned()));
+}
+
 /// A field that is a string or an object releases the string, or the
 /// object's declared keys: never one the schema does not declare.
 #[test]
