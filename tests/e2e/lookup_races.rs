@@ -85,6 +85,51 @@ fn grant_of(entry: &pb::AuditEntry) -> String {
         .to_owned()
 }
 
+/// A grant replaced while a lookup waits for its register (a new grant
+/// made, the old one revoked) does not refuse the lookup: the new grant
+/// covers it, and the entry names the new grant.
+#[tokio::test]
+async fn a_lookup_in_progress_is_released_under_the_grant_that_replaced_its_own() {
+    let (_dir, fed, faulty, server) = federation_with_faulty_register(None).await;
+    let admin = client(&fed, ADMIN).await;
+    let old = admin
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let tax = client(&fed, TAX_DEPT).await;
+    let subject = citizen_id(&fed, 44);
+    let in_progress = lookup_held_by_the_register(&tax, &faulty, birth_lookup(&subject, TAX_PURPOSE)).await;
+    let new = admin
+        .admin()
+        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
+        .await
+        .unwrap()
+        .into_inner();
+    admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: old.id.clone(),
+            reason: "replaced by a new grant".into(),
+        })
+        .await
+        .unwrap();
+    in_progress
+        .await
+        .unwrap()
+        .expect("the new grant allows what the old one did");
+    let last = access_entries(&fed, TAX_DEPT).await.pop().unwrap();
+    assert_eq!(last.outcome, pb::Outcome::Allowed as i32, "{last:?}");
+    assert_eq!(
+        grant_of(&last),
+        new.id,
+        "the entry names the grant that allowed the release"
+    );
+    server.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
 /// An admin told a grant is revoked, or a consumer disabled, can rely on
 /// nothing more leaving under it: a lookup the register was answering then
 /// is refused once the answer comes, and audited as denied, after the
@@ -244,14 +289,15 @@ async fn text_with_control_characters_is_refused_and_audited_escaped() {
     fed.shutdown().await.unwrap();
 }
 
-/// A lookup the register makes fail (down, answering a record that breaks
-/// its schema) gives its token back to the grant's rate limit; one for a
-/// record the register does not hold uses it, so the limit still curbs
-/// probing.
-async fn register_faults_use_none_of_the_rate_limit(database_url: Option<String>) {
+/// A lookup the broker could not put to the register (it has no endpoint)
+/// gives its token back to the grant's rate limit. A call the register
+/// received uses it, whatever the answer (down, a record breaking its
+/// schema, no such record): the limit caps the calls one consumer puts to a
+/// register, so a query the register chokes on cannot be sent without end.
+async fn lookups_never_received_give_their_token_back(database_url: Option<String>) {
     let (_dir, fed, faulty, server) = federation_with_faulty_register(database_url.clone()).await;
-    client(&fed, ADMIN)
-        .await
+    let admin = client(&fed, ADMIN).await;
+    admin
         .admin()
         .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 2))
         .await
@@ -259,40 +305,69 @@ async fn register_faults_use_none_of_the_rate_limit(database_url: Option<String>
     let tax = client(&fed, TAX_DEPT).await;
     let subject = citizen_id(&fed, 43);
     let look_up = async |subject: &str| tax.exchange().lookup(birth_lookup(subject, TAX_PURPOSE)).await;
-    // On PostgreSQL a token given back is this replica's to use for a
-    // second (see `Leases::give_back`): only answers that come at once.
-    if database_url.is_none() {
-        faulty.set_mode(FaultMode::Unavailable);
-        for _ in 0..3 {
-            let err = look_up(&subject).await.unwrap_err();
-            assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-        }
+    // No endpoint: the register is never asked, and no token is used.
+    let endpoints = admin
+        .admin()
+        .list_endpoints(pb::ListEndpointsRequest {
+            provider: CIVIL_STATUS.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .endpoints;
+    for e in &endpoints {
+        admin
+            .admin()
+            .remove_endpoint(pb::RemoveEndpointRequest { id: e.id.clone() })
+            .await
+            .unwrap();
     }
+    // On PostgreSQL a token given back is this replica's to use for a
+    // second (see `Leases::give_back`): answers that come at once.
+    for _ in 0..3 {
+        let err = look_up(&subject).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    for e in &endpoints {
+        admin
+            .admin()
+            .add_endpoint(pb::AddEndpointRequest {
+                provider: CIVIL_STATUS.into(),
+                url: e.url.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    faulty.set_mode(FaultMode::Unavailable);
+    let err = look_up(&subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "the first of two a minute: {err:?}");
     faulty.set_mode(FaultMode::InvalidRecord);
     let err = look_up(&subject).await.unwrap_err();
-    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert_eq!(err.code(), Code::DataLoss, "the second of two a minute: {err:?}");
     faulty.set_mode(FaultMode::Healthy);
-    look_up(&subject).await.expect("the first of two a minute");
-    let missing = format!("{}{}", &subject[..6], DEMO_CITIZENS);
-    let err = look_up(&missing).await.unwrap_err();
-    assert_eq!(err.code(), Code::NotFound, "the second of two a minute: {err:?}");
+    let calls = faulty.calls();
     let err = look_up(&subject).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(
+        faulty.calls(),
+        calls,
+        "a lookup past the limit never reaches the register"
+    );
     server.shutdown().await;
     fed.shutdown().await.unwrap();
 }
 
 #[tokio::test]
-async fn register_faults_use_none_of_the_rate_limit_and_missing_records_do() {
-    register_faults_use_none_of_the_rate_limit(None).await;
+async fn only_lookups_the_register_never_received_give_their_token_back() {
+    lookups_never_received_give_their_token_back(None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_faults_use_none_of_the_shared_rate_limit_on_postgresql() {
+async fn only_lookups_the_register_never_received_give_their_token_back_on_postgresql() {
     let cluster =
         lienthong_store::testing::PgCluster::start().expect("PostgreSQL binaries (the test command installs them)");
     let url = cluster.create_database().await.unwrap();
-    register_faults_use_none_of_the_rate_limit(Some(url)).await;
+    lookups_never_received_give_their_token_back(Some(url)).await;
 }
 
 /// A lookup asking for a version its record type does not have is refused,

@@ -163,17 +163,67 @@ fn snapshot_stale() -> Failure {
     )
 }
 
-/// Whether a failed call to the register is the register's fault (down,
-/// not serving the type, answering outside the protocol, slower than the
-/// broker's own timeout), so that the consumer's rate limit gets its
-/// token back. A missing record is not: the limit still curbs probing. Nor
-/// is a query the register refused, or a deadline the consumer set shorter
-/// than the register's timeout.
-fn registers_fault(e: &RelayError, deadline_is_callers: bool) -> bool {
+/// Whether grant `grant_id` of `snapshot` is live at `now` and still covers
+/// `access`'s purpose, its fields and the fields `released`; if not, why.
+fn grant_still_covers(
+    snapshot: &lienthong_core::snapshot::Snapshot,
+    grant_id: &str,
+    access: &AccessRequest<'_>,
+    released: &[String],
+    now: OffsetDateTime,
+) -> Result<(), DenyReason> {
+    let Some(grant) = snapshot.grant(grant_id) else {
+        return Err(DenyReason::GrantRevoked { reason: String::new() });
+    };
+    match grant_state(grant, now) {
+        GrantState::Live => {}
+        GrantState::Revoked => {
+            return Err(DenyReason::GrantRevoked {
+                reason: grant.revoked_reason.clone(),
+            });
+        }
+        GrantState::Expired => {
+            return Err(DenyReason::GrantExpired {
+                valid_until: grant.valid_until.unwrap_or(grant.valid_from),
+            });
+        }
+        GrantState::NotYetValid => {
+            return Err(DenyReason::GrantNotYetValid {
+                valid_from: grant.valid_from,
+            });
+        }
+    }
+    if !grant.purposes.iter().any(|p| p == access.purpose) {
+        return Err(DenyReason::PurposeNotGranted {
+            purpose: access.purpose.to_owned(),
+        });
+    }
+    if let Some(field) = access
+        .fields
+        .iter()
+        .chain(released)
+        .find(|f| !fields_cover(&grant.fields, f))
+    {
+        return Err(DenyReason::FieldNotGranted { field: field.clone() });
+    }
+    Ok(())
+}
+
+/// Whether a lookup never reached the register (no endpoint, its circuit
+/// open, the broker's limit on calls to it), so that the consumer's rate
+/// limit gets its token back. A call the register received keeps it,
+/// whatever its answer: the limit caps how many calls one consumer puts to
+/// a register, and refunding failures would let a query the register
+/// chokes on be sent without limit, and open its circuit for everyone.
+fn never_asked(e: &RelayError) -> bool {
     match e {
-        RelayError::NotServed | RelayError::Unavailable(_) | RelayError::Malformed(_) => true,
-        RelayError::Deadline(_) => !deadline_is_callers,
-        RelayError::NotFound | RelayError::Rejected => false,
+        RelayError::NotAsked(_) => true,
+        RelayError::NotServed
+        | RelayError::Unavailable(_)
+        | RelayError::Malformed(_)
+        | RelayError::Deadline(_)
+        | RelayError::NotFound
+        | RelayError::Rejected => false,
     }
 }
 
@@ -727,7 +777,7 @@ impl Broker {
         access: &AccessRequest<'_>,
         allowed: &Allowed,
         released: &[String],
-    ) -> Result<(), Failure> {
+    ) -> Result<Option<String>, Failure> {
         if self.freshness.refusing() {
             return Err(snapshot_stale());
         }
@@ -746,7 +796,7 @@ impl Broker {
         if Arc::ptr_eq(&current, &caller.snapshot) {
             return match caller.snapshot.grant(&allowed.grant_id).and_then(|g| g.valid_until) {
                 Some(valid_until) if now >= valid_until => Err(denied(DenyReason::GrantExpired { valid_until })),
-                _ => Ok(()),
+                _ => Ok(None),
             };
         }
         match current.member(caller.id()) {
@@ -771,41 +821,21 @@ impl Broker {
                 )),
             ));
         }
-        let Some(grant) = current.grant(&allowed.grant_id) else {
-            return Err(denied(DenyReason::GrantRevoked { reason: String::new() }));
+        let Err(reason) = grant_still_covers(&current, &allowed.grant_id, access, released, now) else {
+            return Ok(None);
         };
-        match grant_state(grant, now) {
-            GrantState::Live => {}
-            GrantState::Revoked => {
-                return Err(denied(DenyReason::GrantRevoked {
-                    reason: grant.revoked_reason.clone(),
-                }));
-            }
-            GrantState::Expired => {
-                return Err(denied(DenyReason::GrantExpired {
-                    valid_until: grant.valid_until.unwrap_or(grant.valid_from),
-                }));
-            }
-            GrantState::NotYetValid => {
-                return Err(denied(DenyReason::GrantNotYetValid {
-                    valid_from: grant.valid_from,
-                }));
-            }
-        }
-        if !grant.purposes.iter().any(|p| p == access.purpose) {
-            return Err(denied(DenyReason::PurposeNotGranted {
-                purpose: access.purpose.to_owned(),
-            }));
-        }
-        if let Some(field) = access
-            .fields
-            .iter()
-            .chain(released)
-            .find(|f| !fields_cover(&grant.fields, f))
+        // The grant was replaced meanwhile (a new one made, the old one
+        // revoked): a live grant covering everything released allows it,
+        // and the entry names that grant.
+        if let Decision::Allow(other) = current.decide(caller.id(), access, now)
+            && grant_still_covers(&current, &other.grant_id, access, released, now).is_ok()
+            && current
+                .grant_reviewed(&other.grant_id)
+                .is_none_or(|r| released.iter().all(|p| r.has_field(p)))
         {
-            return Err(denied(DenyReason::FieldNotGranted { field: field.clone() }));
+            return Ok(Some(other.grant_id));
         }
-        Ok(())
+        Err(denied(reason))
     }
 
     /// Names in a refused lookup's entry the subject its query names by
@@ -1136,7 +1166,7 @@ impl Broker {
             return Err(too_late());
         }
         if let Err(e) = &fetched
-            && registers_fault(e, deadline_is_callers)
+            && never_asked(e)
         {
             self.give_back_rate_token(&allowed, counted);
         }
@@ -1147,7 +1177,7 @@ impl Broker {
             Err(RelayError::NotFound) => Some(CallOutcome::NotFound),
             Err(RelayError::Rejected) => Some(CallOutcome::Rejected),
             Err(RelayError::NotServed) => Some(CallOutcome::NotServed),
-            Err(RelayError::Unavailable(_)) => Some(CallOutcome::Unavailable),
+            Err(RelayError::Unavailable(_) | RelayError::NotAsked(_)) => Some(CallOutcome::Unavailable),
             Err(RelayError::Deadline(_)) => Some(CallOutcome::Timeout),
             Err(RelayError::Malformed(_)) => Some(CallOutcome::Malformed),
         };
@@ -1176,7 +1206,9 @@ impl Broker {
                     rt.name()
                 )),
             ),
-            RelayError::Unavailable(m) => fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m)),
+            RelayError::Unavailable(m) | RelayError::NotAsked(m) => {
+                fail(Outcome::Failed, "provider_unavailable", BrokerError::Unavailable(m))
+            }
             RelayError::Deadline(d) => fail(
                 Outcome::Failed,
                 "provider_timeout",
@@ -1265,11 +1297,10 @@ impl Broker {
             CallOutcome::Ok
         };
         self.metrics.provider_call(provider, outcome, call_elapsed);
-        if register_at_fault {
-            self.give_back_rate_token(&allowed, counted);
-        }
         let record_json = checked?;
-        self.still_allowed(caller, ctx, &access, &allowed, &released)?;
+        if let Some(replacement) = self.still_allowed(caller, ctx, &access, &allowed, &released)? {
+            event.grant_id = replacement;
+        }
         event.fields_released = released.clone();
         event.outcome = Outcome::Allowed;
         let deprecation_notice = if rt.deprecated() {

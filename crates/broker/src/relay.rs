@@ -31,9 +31,13 @@ pub enum RelayError {
     /// The provider does not serve the record type (`UNIMPLEMENTED`).
     #[error("the register does not serve the record type")]
     NotServed,
-    /// Provider down, refusing, overloaded or circuit open.
+    /// Provider down, refusing or overloaded, once it was asked.
     #[error("{0}")]
     Unavailable(String),
+    /// The register could not be asked at all: no endpoint, its circuit
+    /// open, the broker's own limit on calls to it reached.
+    #[error("{0}")]
+    NotAsked(String),
     /// No answer before the deadline.
     #[error("the register did not answer within {0:?}")]
     Deadline(Duration),
@@ -842,14 +846,17 @@ impl Relay {
             Err(RelayError::NotFound) => "not_found",
             Err(RelayError::Rejected) => "rejected",
             Err(RelayError::NotServed) => "not_served",
-            Err(RelayError::Unavailable(_)) => "unavailable",
+            Err(RelayError::Unavailable(_) | RelayError::NotAsked(_)) => "unavailable",
             Err(RelayError::Deadline(_)) => "timeout",
             Err(RelayError::Malformed(_)) => "malformed",
         };
         span.record("outcome", outcome);
         if matches!(
             result,
-            Err(RelayError::Unavailable(_) | RelayError::Deadline(_) | RelayError::Malformed(_))
+            Err(RelayError::Unavailable(_)
+                | RelayError::NotAsked(_)
+                | RelayError::Deadline(_)
+                | RelayError::Malformed(_))
         ) {
             span.record("otel.status_code", "ERROR");
         }
@@ -870,9 +877,9 @@ impl Relay {
             .read()
             .ok()
             .and_then(|p| p.get(provider).cloned())
-            .ok_or_else(|| RelayError::Unavailable(format!("provider {provider} has no registered endpoint")))?;
+            .ok_or_else(|| RelayError::NotAsked(format!("provider {provider} has no registered endpoint")))?;
         if pool.endpoints.is_empty() {
-            return Err(RelayError::Unavailable(format!(
+            return Err(RelayError::NotAsked(format!(
                 "provider {provider} has no usable endpoint"
             )));
         }
@@ -882,7 +889,7 @@ impl Relay {
             // The deadline passed while this call waited its turn.
             Err(_) => return Err(RelayError::Deadline(total)),
             Ok(Err(_)) => {
-                return Err(RelayError::Unavailable(format!(
+                return Err(RelayError::NotAsked(format!(
                     "provider {provider} is at its concurrency limit of {} calls",
                     self.config.provider_concurrency
                 )));
@@ -894,7 +901,7 @@ impl Relay {
         });
         // Encoded once: a retry sends the same bytes.
         let frame = grpc_frame(&request).map_err(|e| {
-            RelayError::Unavailable(format!(
+            RelayError::NotAsked(format!(
                 "the request to {provider} could not be encoded: {}",
                 e.message()
             ))
@@ -908,11 +915,13 @@ impl Relay {
                 return Err(RelayError::Deadline(total));
             }
             let Some(i) = self.pick(&pool, &tried, now) else {
-                return Err(RelayError::Unavailable(if tried.is_empty() {
-                    format!("circuit open for every endpoint of provider {provider}; retry later")
+                return Err(if tried.is_empty() {
+                    RelayError::NotAsked(format!(
+                        "circuit open for every endpoint of provider {provider}; retry later"
+                    ))
                 } else {
-                    format!("every endpoint of provider {provider} failed")
-                }));
+                    RelayError::Unavailable(format!("every endpoint of provider {provider} failed"))
+                });
             };
             let ep = &pool.endpoints[i];
             let mut req = tonic::Request::new(());

@@ -137,7 +137,7 @@ impl RecordProvider for Bare {
             Err(RelayError::NotFound) => Err(Status::not_found("the register holds no such record")),
             Err(RelayError::Rejected) => Err(Status::invalid_argument("the register could not use the query")),
             Err(RelayError::NotServed) => Err(Status::unimplemented("the register does not serve the record type")),
-            Err(e @ RelayError::Unavailable(_)) => Err(Status::unavailable(e.to_string())),
+            Err(e @ (RelayError::Unavailable(_) | RelayError::NotAsked(_))) => Err(Status::unavailable(e.to_string())),
             Err(e @ RelayError::Deadline(_)) => Err(Status::deadline_exceeded(e.to_string())),
             Err(RelayError::Malformed(why)) => Err(Status::data_loss(why)),
         }

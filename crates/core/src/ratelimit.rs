@@ -145,8 +145,8 @@ impl RateLimiter {
         outcome
     }
 
-    /// Returns a token [`RateLimiter::check`] took for a lookup that the
-    /// register, not the consumer, made fail: it goes back into the bucket
+    /// Returns a token [`RateLimiter::check`] took for a lookup the broker
+    /// could not put to the register (no endpoint, its circuit open): it goes back into the bucket
     /// (never past its capacity). Nothing to do for a bucket already full,
     /// or pruned (which it is only when full).
     pub fn give_back(&self, grant_id: &str, per_minute: u32, now: Instant) {
@@ -285,7 +285,7 @@ impl Leases {
     }
 
     /// Holds again one token [`Leases::take`] handed out for a lookup that
-    /// the register, not the consumer, made fail. It goes back to this
+    /// the broker could not put to the register. It goes back to this
     /// broker's lease, not to the shared bucket: crediting the database
     /// would cost a write per failed lookup, the more so while a register
     /// is down, and the token, taken from the shared bucket, stays within
