@@ -10,7 +10,7 @@ use lienthong_cli::client::Clients;
 use lienthong_cli::federation::{
     ADMIN, CITIZEN_PORTAL, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT,
 };
-use lienthong_provider::demo::{DEMO_CITIZENS, DemoRegisterKind};
+use lienthong_provider::demo::DemoRegisterKind;
 use lienthong_provider::testing::{self, FaultMode, Faulty};
 use lienthong_tls::{ServerTls, TlsMaterial};
 use std::sync::Arc;
