@@ -640,7 +640,7 @@ const NOT_SETTINGS: &[&str] = &["BROKER", "CERTS", "AS", "CA", "CERT", "KEY", "L
 /// (`LIENTHONG_DB_PASSWORD`, `LIENTHONG_IMAGE` in the compose file) belongs
 /// to another program.
 fn unknown_setting(rest: &str, known: &[(String, Vec<String>, toml::Value)], maps: &[String]) -> Option<String> {
-    if NOT_SETTINGS.contains(&rest) {
+    if NOT_SETTINGS.contains(&rest) || service_link(rest) {
         return None;
     }
     if let Some(map) = maps
@@ -666,6 +666,32 @@ fn unknown_setting(rest: &str, known: &[(String, Vec<String>, toml::Value)], map
             path.join(".")
         )),
         _ => None,
+    }
+}
+
+/// Whether `rest` (after `LIENTHONG_`) is one of the variables Kubernetes
+/// sets for each Service of a namespace (`<NAME>_SERVICE_HOST`,
+/// `<NAME>_SERVICE_PORT[_<PORT NAME>]`, `<NAME>_PORT[_<N>_<PROTO>[_ADDR|_PORT|_PROTO]]`):
+/// a Service named `lienthong-audit` is no mistyped setting.
+fn service_link(rest: &str) -> bool {
+    if rest.ends_with("_SERVICE_HOST") || rest.contains("_SERVICE_PORT") {
+        return true;
+    }
+    let Some(at) = rest.rfind("_PORT") else {
+        return false;
+    };
+    let after = &rest[at + "_PORT".len()..];
+    if after.is_empty() {
+        return true;
+    }
+    let parts: Vec<&str> = after.split('_').skip(1).collect();
+    match parts.as_slice() {
+        [port, proto, rest @ ..] if rest.len() <= 1 => {
+            port.bytes().all(|b| b.is_ascii_digit())
+                && matches!(*proto, "TCP" | "UDP" | "SCTP")
+                && matches!(rest, [] | ["ADDR" | "PORT" | "PROTO"])
+        }
+        _ => false,
     }
 }
 
@@ -1052,6 +1078,20 @@ mod tests {
         ] {
             assert!(load(other, "x").is_ok(), "{other} is not a broker setting");
         }
+        // Kubernetes' variables for a Service named `lienthong-audit`.
+        for link in [
+            "LIENTHONG_AUDIT_SERVICE_HOST",
+            "LIENTHONG_AUDIT_SERVICE_PORT",
+            "LIENTHONG_AUDIT_SERVICE_PORT_GRPC",
+            "LIENTHONG_AUDIT_PORT",
+            "LIENTHONG_AUDIT_PORT_7443_TCP",
+            "LIENTHONG_AUDIT_PORT_7443_TCP_ADDR",
+            "LIENTHONG_TLS_PORT_443_TCP_PROTO",
+        ] {
+            assert!(load(link, "10.0.0.1").is_ok(), "{link} is a Service's, not a setting");
+        }
+        let e = load("LIENTHONG_AUDIT_PORT_X", "1").unwrap_err().to_string();
+        assert!(e.contains("did you mean"), "{e}");
     }
 
     /// A value out of its key's range that came from a variable is not in

@@ -1329,29 +1329,23 @@ impl Broker {
 }
 
 /// False when `record` names a subject other than `query`'s: a property at
-/// its top level named as the record type's subject key must hold the
-/// query's subject. Otherwise a register answering about another citizen
-/// would have that citizen's record released, and audited under the queried
-/// citizen (whose history would show it, and the other's would not). Compared
-/// trimmed, as subjects are hashed for the log. Only where the record schema
-/// declares that property a string, as the subject is: a record type whose
-/// `id` is a certificate number (an integer) while its query's `id` names the
-/// citizen is not checked, nor a record without the property. Neither value
-/// is ever put in a message.
+/// its top level named as the record type's subject key, holding a string,
+/// must hold the query's subject. Otherwise a register answering about
+/// another citizen would have that citizen's record released, and audited
+/// under the queried citizen (whose history would show it, and the other's
+/// would not). Compared trimmed, as subjects are hashed for the log. Decided
+/// by the value, not by how the schema declares the property (`"type":
+/// "string"`, a `$ref`, a type array, `allOf`: a check that depends on the
+/// form was skipped by all but the first). A record type whose `id` is a
+/// certificate number (an integer) while its query's `id` names the citizen
+/// is not checked, nor a record without the property. Neither value is ever
+/// put in a message.
 fn about_the_queried_subject(rt: &CompiledRecordType, query: &Value, record: &Value) -> bool {
     let key = &rt.version.definition.subject_key;
-    let declared_string = rt
-        .version
-        .definition
-        .record_schema
-        .get("properties")
-        .and_then(|p| p.get(key))
-        .and_then(|p| p.get("type"))
-        .is_some_and(|t| t == "string");
-    let Some(named) = record.get(key).filter(|_| declared_string) else {
+    let Some(named) = record.get(key).and_then(Value::as_str) else {
         return true;
     };
-    matches!((named.as_str(), rt.subject(query)), (Some(named), Some(asked)) if named.trim() == asked.trim())
+    matches!(rt.subject(query), Some(asked) if named.trim() == asked.trim())
 }
 
 fn receipt(r: lienthong_audit::Receipt) -> Receipt {
@@ -1434,8 +1428,10 @@ mod tests {
         assert!(!about(
             serde_json::json!({"national_id": "999999999999", "full_name": "A"})
         ));
-        assert!(!about(serde_json::json!({"national_id": 1084004217u64})));
-        assert!(!about(serde_json::json!({"national_id": null})));
+        // No string, no subject: a schema declaring it a string refuses
+        // such a record before this check.
+        assert!(about(serde_json::json!({"national_id": 1084004217u64})));
+        assert!(about(serde_json::json!({"national_id": null})));
         // The property checked is the record type's subject key, whatever it is called.
         let by_passport = record_type("passport_no");
         let query = serde_json::json!({"passport_no": "C1234567"});
@@ -1461,6 +1457,33 @@ mod tests {
             &serde_json::json!({"id": "001084004217"}),
             &serde_json::json!({"id": 4711})
         ));
+        // However the schema declares the subject's property, a string in
+        // it is checked: through a `$ref`, a type array, `allOf`.
+        for declared in [
+            serde_json::json!({"$ref": "#/$defs/nid"}),
+            serde_json::json!({"type": ["string"]}),
+            serde_json::json!({"allOf": [{"type": "string"}, {"minLength": 12}]}),
+        ] {
+            let rt = defined_record_type(
+                "land.owner_record",
+                "national_id",
+                &serde_json::json!({
+                    "type": "object",
+                    "properties": {"national_id": declared},
+                    "$defs": {"nid": {"type": "string", "pattern": "^[0-9]{12}$"}}
+                }),
+            );
+            let query = serde_json::json!({"national_id": "000000000002"});
+            assert!(
+                !about_the_queried_subject(&rt, &query, &serde_json::json!({"national_id": "001084004217"})),
+                "{declared}"
+            );
+            assert!(about_the_queried_subject(
+                &rt,
+                &query,
+                &serde_json::json!({"national_id": "000000000002"})
+            ));
+        }
     }
 
     #[test]
