@@ -1192,6 +1192,15 @@ pub enum FieldCut {
     /// (or hold them as array items): their keys are not declared, so the
     /// broker would release none of them.
     KeysNotDeclared,
+    /// Properties declared only under `if`/`then`/`else` or
+    /// `dependentSchemas`, which the broker does not list as fields: a
+    /// record would have them dropped without a word.
+    ConditionalKeys {
+        /// The keyword they are declared under.
+        keyword: String,
+        /// The first property declared there and not beside it.
+        key: String,
+    },
 }
 
 impl fmt::Display for FieldCut {
@@ -1215,6 +1224,13 @@ impl fmt::Display for FieldCut {
             FieldCut::TooDeep => write!(
                 f,
                 "nests fields more than {MAX_FIELD_LEVELS} levels deep: flatten the record"
+            ),
+            FieldCut::ConditionalKeys { keyword, .. } => write!(
+                f,
+                "is declared under \"{keyword}\" only: the broker lists as fields the \
+                 properties declared under \"properties\" (and the alternatives of anyOf, oneOf, allOf), so \
+                 it could never be granted and would be dropped from every record; declare it under \
+                 \"properties\" too (a condition may still make it required)"
             ),
             FieldCut::KeysNotDeclared => write!(
                 f,
@@ -1686,15 +1702,68 @@ fn check_record_fields(which: &'static str, schema: &Value) -> Result<(), Schema
             problem: cut.why,
         });
     }
-    match fields.opaque_and_undeclared(schema).1.into_iter().next() {
-        Some((field, at)) => Err(SchemaError::UnlistedFields {
+    if let Some((field, at)) = fields.opaque_and_undeclared(schema).1.into_iter().next() {
+        return Err(SchemaError::UnlistedFields {
             schema: which,
             pointer: at,
             field,
             problem: FieldCut::KeysNotDeclared,
+        });
+    }
+    match conditional_keys(schema, &mut String::new()) {
+        Some((at, keyword, key)) => Err(SchemaError::UnlistedFields {
+            schema: which,
+            pointer: at.clone(),
+            field: format!("{key:?}"),
+            problem: FieldCut::ConditionalKeys { keyword, key },
         }),
         None => Ok(()),
     }
+}
+
+/// The first property a schema declares under `if`, `then`, `else` or
+/// `dependentSchemas` without declaring it under the `properties` beside
+/// them: (schema pointer of the keyword, keyword, property). Searched
+/// through the whole schema, `$defs` included.
+fn conditional_keys(schema: &Value, at: &mut String) -> Option<(String, String, String)> {
+    let len = at.len();
+    let found = match schema {
+        Value::Object(obj) => {
+            let beside = obj.get("properties").and_then(Value::as_object);
+            let declared = |key: &str| beside.is_some_and(|p| p.contains_key(key));
+            let mut conditions: Vec<(String, &Value)> = ["if", "then", "else"]
+                .into_iter()
+                .filter_map(|k| obj.get(k).map(|v| (k.to_owned(), v)))
+                .collect();
+            if let Some(deps) = obj.get("dependentSchemas").and_then(Value::as_object) {
+                conditions.extend(deps.iter().map(|(name, v)| (format!("dependentSchemas/{name}"), v)));
+            }
+            let own = conditions.iter().find_map(|(keyword, condition)| {
+                let properties = condition.get("properties").and_then(Value::as_object)?;
+                let key = properties.keys().find(|k| !declared(k))?;
+                let keyword = keyword.split('/').next().unwrap_or_default().to_owned();
+                let mut pointer = at.clone();
+                push_segment(&mut pointer, &keyword);
+                Some((pointer, keyword, key.clone()))
+            });
+            own.or_else(|| {
+                obj.iter().find_map(|(k, v)| {
+                    at.truncate(len);
+                    push_segment(at, k);
+                    conditional_keys(v, at)
+                })
+            })
+        }
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, v)| {
+            at.truncate(len);
+            at.push('/');
+            at.push_str(&i.to_string());
+            conditional_keys(v, at)
+        }),
+        _ => None,
+    };
+    at.truncate(len);
+    found
 }
 
 /// Canonical JSON: object keys sorted, no whitespace.

@@ -2211,6 +2211,60 @@ fn alternatives_declaring_different_names_release_no_undeclared_key() {
     assert_eq!(released(&c, &["/doc/a"], &string), r#"{"doc":{"a":"A"}}"#);
 }
 
+/// A property declared only under `if`/`then`/`else` or `dependentSchemas`
+/// could never be granted and would be dropped from every record: refused
+/// at registration, naming it and where. A condition that only makes a
+/// declared property required is fine.
+#[test]
+fn a_property_declared_only_under_a_condition_is_refused() {
+    let object = |extra: Value| {
+        let mut n = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        for (k, v) in extra.as_object().unwrap() {
+            n[k] = v.clone();
+        }
+        n
+    };
+    for (n, keyword) in [
+        (
+            object(
+                json!({"if": {"required": ["a"]}, "then": {"properties": {"b": {"type": "string"}}, "required": ["b"]}}),
+            ),
+            "then",
+        ),
+        (
+            object(json!({"if": {"required": ["a"]}, "else": {"properties": {"b": {"type": "string"}}}})),
+            "else",
+        ),
+        (
+            object(json!({"dependentSchemas": {"a": {"properties": {"b": {"type": "string"}}}}})),
+            "dependentSchemas",
+        ),
+    ] {
+        let mut schema = base_record();
+        set(&mut schema, "/properties/n", n.clone());
+        let err = define(&base_query(), &schema, "national_id").unwrap_err();
+        assert!(
+            matches!(&err, SchemaError::UnlistedFields { problem: FieldCut::ConditionalKeys { keyword: k, key }, .. }
+                if k == keyword && key == "b"),
+            "{n}: {err:?}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("/properties/n/{keyword}")) && message.contains("\"b\""),
+            "{message}"
+        );
+    }
+    // Declared beside the condition, and only required by it: fine.
+    let mut schema = base_record();
+    set(
+        &mut schema,
+        "/properties/n",
+        json!({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"}},
+               "if": {"required": ["a"]}, "then": {"properties": {"b": {"minLength": 1}}, "required": ["b"]}}),
+    );
+    define(&base_query(), &schema, "national_id").expect("a condition on declared properties");
+}
+
 /// An object field whose keys its schema does not declare is refused at
 /// registration, naming it and the fix, unless marked opaque: then a grant
 /// on it releases it whole, as its owner declared.
