@@ -139,7 +139,13 @@ pub async fn connect(url: &str, files: &TlsFiles) -> Result<Clients> {
     let config = lienthong_tls::client_config(&material, Some((&trust_domain, lienthong_tls::Identity::Broker)))?;
     let channel = lienthong_tls::connect_channel(url, config, Duration::from_secs(5))
         .await
-        .with_context(|| format!("cannot connect to the broker at {url}"))?;
+        .map_err(|e| match e {
+            // Said once: the TLS error names the URL too.
+            lienthong_tls::TlsError::Connect { url, detail } => {
+                anyhow::anyhow!("cannot connect to the broker at {url}: {detail}")
+            }
+            e => anyhow::Error::new(e).context(format!("cannot connect to the broker at {url}")),
+        })?;
     Ok(Clients { channel })
 }
 

@@ -423,8 +423,7 @@ pub enum GrantCmd {
         until: Option<String>,
         /// Lookups per minute the consumer may make under this grant. Required,
         /// unless --unlimited says, deliberately, that there is no limit.
-        #[arg(long, required_unless_present = "unlimited", conflicts_with = "unlimited",
-              value_parser = clap::value_parser!(u32).range(1..))]
+        #[arg(long, required_unless_present = "unlimited", conflicts_with = "unlimited", value_parser = per_minute)]
         rate: Option<u32>,
         /// No rate limit at all (recorded in the grant and its audit entry).
         #[arg(long)]
@@ -447,6 +446,18 @@ pub enum GrantCmd {
         #[arg(long)]
         reason: String,
     },
+}
+
+/// `--rate`: lookups per minute, at least one.
+fn per_minute(text: &str) -> std::result::Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err("0 lookups a minute would allow none; give at least 1, or --unlimited for no limit".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "{text:?} is not a number of lookups per minute (1 to {})",
+            u32::MAX
+        )),
+    }
 }
 
 /// What a grant allows at `now`, as the broker decides a lookup under it:

@@ -409,9 +409,10 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
             init_logging(cli.log_format, Some(if temp.is_some() { &quiet } else { "warn" }));
             typed.refuse(
                 "demo",
-                &["certs", "member", "ca", "cert", "key", "json"],
+                &["certs", "member", "ca", "cert", "key"],
                 "the demo makes its own certificates in its directory (`--dir`)",
             )?;
+            typed.refuse("demo", &["json"], "it tells a story, and prints no results to format")?;
             let mut federation = FederationOptions::new(dir);
             federation.seed = seed;
             federation.metrics_listen = metrics_listen;
@@ -439,10 +440,11 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
             typed.refuse(
                 "demo-provider",
                 // Its own `--member` takes the id of the global `--as`.
-                &["broker", "certs", "json"],
+                &["broker", "certs"],
                 "a register takes its certificate from `--tls-dir` and `--member` \
                  (`--ca`, `--cert` and `--key` replace a file of it), and its address from `--listen`",
             )?;
+            typed.refuse("demo-provider", &["json"], "it serves, and prints no results to format")?;
             init_logging(cli.log_format, Some("info"));
             let kind = match kind {
                 RegisterKind::CivilStatus => lienthong_provider::demo::DemoRegisterKind::CivilStatus,
