@@ -673,6 +673,54 @@ pub enum SchemaCmd {
     },
 }
 
+type SchemaClient = lienthong::v1::schema_registry_client::SchemaRegistryClient<tonic::transport::Channel>;
+
+/// Tells, on standard error, which record properties version `next` of
+/// `name` requires that version `previous` did not: compatible for
+/// consumers, but from then on every answer of the register must hold them,
+/// and lookups that pin no version use the newest at once. Best effort: a
+/// failure to fetch the previous version says nothing.
+async fn note_newly_required(
+    c: &mut SchemaClient,
+    name: &str,
+    previous: u32,
+    record_schema: &str,
+    next: u32,
+    registered: bool,
+) {
+    let Ok(before) = c
+        .get(pb::GetRecordTypeRequest {
+            name: name.to_owned(),
+            version: previous,
+        })
+        .await
+    else {
+        return;
+    };
+    let before = before.into_inner().definition.unwrap_or_default();
+    let (Ok(before), Ok(after)) = (
+        serde_json::from_str::<serde_json::Value>(&before.record_schema_json),
+        serde_json::from_str::<serde_json::Value>(record_schema),
+    ) else {
+        return;
+    };
+    let added = lienthong_core::schema::newly_required(&before, &after);
+    if added.is_empty() {
+        return;
+    }
+    let when = if registered {
+        "lookups that pin no version use it from now on"
+    } else {
+        "lookups that pin no version will use it as soon as it is registered"
+    };
+    eprintln!(
+        "note: version {next} requires {} that version {previous} did not: the register must send them in its \
+         answers for version {next} (it is told the version in each request's schema_version); {when}, and a \
+         record without them is refused as breaking its schema",
+        shown(&added.join(", "))
+    );
+}
+
 fn read_definition(file: &PathBuf) -> Result<pb::RecordTypeDefinition> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     definition_from_json(&text).with_context(|| format!("in {}", file.display()))
@@ -733,6 +781,7 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd, json: bool) -> Result<()
             } else {
                 pb::Compatibility::Backward
             } as i32;
+            let record_schema = def.record_schema_json.clone();
             let r = c
                 .register(pb::RegisterRequest {
                     definition: Some(def),
@@ -741,6 +790,10 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd, json: bool) -> Result<()
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            if let Some(v) = r.version.as_ref().filter(|v| r.created && v.version > 1) {
+                let name = v.definition.as_ref().map(|d| d.name.clone()).unwrap_or_default();
+                note_newly_required(&mut c, &name, v.version - 1, &record_schema, v.version, true).await;
+            }
             if let Some(v) = &r.version {
                 if json {
                     let mut out = version_json(v, false);
@@ -792,11 +845,16 @@ pub async fn schema(conn: &ConnectArgs, cmd: SchemaCmd, json: bool) -> Result<()
         }
         SchemaCmd::Check { file } => {
             let def = read_definition(&file)?;
+            let (name, record_schema) = (def.name.clone(), def.record_schema_json.clone());
             let r = c
                 .check_compatibility(pb::CheckCompatibilityRequest { definition: Some(def) })
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            if r.compatible && !r.identical && r.against_version > 0 {
+                let next = r.against_version + 1;
+                note_newly_required(&mut c, &name, r.against_version, &record_schema, next, false).await;
+            }
             if json {
                 let changes: Vec<_> = r
                     .changes

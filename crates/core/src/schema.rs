@@ -1766,6 +1766,48 @@ fn conditional_keys(schema: &Value, at: &mut String) -> Option<(String, String, 
     found
 }
 
+/// Record properties `next` requires that `previous` did not (instance JSON
+/// Pointers), following nested `properties`. Not a breaking change for
+/// consumers, but from the version on, the register must send them: a
+/// record without them is refused as breaking its schema.
+pub fn newly_required(previous: &Value, next: &Value) -> Vec<String> {
+    fn walk(previous: Option<&Value>, next: &Value, at: &mut String, out: &mut Vec<String>) {
+        let required = |schema: Option<&Value>| -> Vec<String> {
+            schema
+                .and_then(|s| s.get("required"))
+                .and_then(Value::as_array)
+                .map(|r| r.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        let before = required(previous);
+        let len = at.len();
+        for key in required(Some(next)) {
+            // A property new in `next` is required only if its parent exists in
+            // `previous`'s records too; a new parent is reported itself.
+            if !before.contains(&key) {
+                push_segment(at, &key);
+                out.push(at.clone());
+                at.truncate(len);
+            }
+        }
+        let Some(properties) = next.get("properties").and_then(Value::as_object) else {
+            return;
+        };
+        for (key, schema) in properties {
+            let old = previous.and_then(|p| p.get("properties")).and_then(|p| p.get(key));
+            if old.is_none() {
+                continue;
+            }
+            push_segment(at, key);
+            walk(old, schema, at, out);
+            at.truncate(len);
+        }
+    }
+    let mut out = Vec::new();
+    walk(Some(previous), next, &mut String::new(), &mut out);
+    out
+}
+
 /// Canonical JSON: object keys sorted, no whitespace.
 fn write_canonical(value: &Value, out: &mut String) {
     match value {

@@ -2537,3 +2537,37 @@ proptest! {
         }
     }
 }
+
+/// What a next version newly requires of the register's records, nested
+/// ones included: a property required before, or new with its new parent,
+/// is not listed again.
+#[test]
+fn newly_required_record_properties_are_listed() {
+    let before = json!({
+        "type": "object",
+        "properties": {
+            "full_name": {"type": "string"},
+            "father": {"type": "object", "properties": {"full_name": {"type": "string"}}}
+        },
+        "required": ["full_name"]
+    });
+    let after = json!({
+        "type": "object",
+        "properties": {
+            "full_name": {"type": "string"},
+            "birth_place": {"type": "string"},
+            "father": {
+                "type": "object",
+                "properties": {"full_name": {"type": "string"}, "national_id": {"type": "string"}},
+                "required": ["national_id"]
+            },
+            "mother": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+        },
+        "required": ["full_name", "birth_place"]
+    });
+    assert_eq!(
+        lienthong_core::schema::newly_required(&before, &after),
+        vec!["/birth_place".to_owned(), "/father/national_id".to_owned()]
+    );
+    assert!(lienthong_core::schema::newly_required(&after, &after).is_empty());
+}
