@@ -21,7 +21,7 @@ use lienthong_tls::{Identity, MtlsStream, PeerInfo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::kit::{RefusedCertificates, authorize};
+use crate::kit::{Refusals, RefusedCertificates, authorize};
 
 /// Calls any peer may make: a load balancer probes without the broker's certificate.
 const HEALTH: &str = "/grpc.health.v1.Health/";
@@ -318,14 +318,17 @@ impl http_body::Body for Answer {
 pub(crate) struct EdgeLayer {
     refused: RefusedCertificates,
     trust_domain: Arc<str>,
+    refusals: Arc<Refusals>,
 }
 
 impl EdgeLayer {
-    /// Lets through the broker of `trust_domain` unless its certificate is in `refused`.
-    pub(crate) fn new(refused: RefusedCertificates, trust_domain: String) -> EdgeLayer {
+    /// Lets through the broker of `trust_domain` unless its certificate is
+    /// in `refused`, noting each refusal in `refusals`.
+    pub(crate) fn new(refused: RefusedCertificates, trust_domain: String, refusals: Arc<Refusals>) -> EdgeLayer {
         EdgeLayer {
             refused,
             trust_domain: trust_domain.into(),
+            refusals,
         }
     }
 }
@@ -338,6 +341,7 @@ impl<S> tower_layer::Layer<S> for EdgeLayer {
             inner,
             refused: self.refused.clone(),
             trust_domain: self.trust_domain.clone(),
+            refusals: self.refusals.clone(),
         }
     }
 }
@@ -351,6 +355,7 @@ pub(crate) struct Edge<S> {
     inner: S,
     refused: RefusedCertificates,
     trust_domain: Arc<str>,
+    refusals: Arc<Refusals>,
 }
 
 impl<S> tower_service::Service<HttpRequest> for Edge<S>
@@ -381,7 +386,7 @@ where
             if let Some(peer) = &peer {
                 check.extensions_mut().insert(peer.clone());
             }
-            if let Err(status) = authorize(&check, &self.refused, &self.trust_domain) {
+            if let Err(status) = authorize(&check, &self.refused, &self.trust_domain, &self.refusals) {
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         }

@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use arc_swap::ArcSwap;
 use futures::FutureExt;
 use lienthong::provider::v1::record_provider_server::{RecordProvider, RecordProviderServer};
 use lienthong::provider::v1::{FetchRequest, FetchResponse};
-use lienthong_tls::{AcceptOptions, AuthError, Identity, ServerTls, incoming, peer_info};
+use lienthong_tls::{AcceptOptions, AuthError, FailureLog, Identity, PeerInfo, ServerTls, incoming, peer_info};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -388,16 +389,56 @@ struct KitService {
     source: Arc<dyn RecordSource>,
     refused: RefusedCertificates,
     trust_domain: String,
+    /// Refused calls, shared with the edge.
+    refusals: Arc<Refusals>,
     /// Fetches in flight, for the shutdown to wait for and count.
     fetches: TaskTracker,
 }
 
+/// The kit's log of refused calls: each at `debug`, a warning at most once a
+/// minute per kind with the count since, so that a peer without the broker's
+/// certificate cannot flood the register's log (a call costs it a few bytes).
+pub(crate) struct Refusals {
+    unauthenticated: FailureLog,
+    member: FailureLog,
+    refused_broker: FailureLog,
+    expired_broker: FailureLog,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals {
+            unauthenticated: FailureLog::new(
+                "fetches refused without a valid certificate (only the broker, with its federation certificate, \
+                 may call this register)",
+            ),
+            member: FailureLog::new(
+                "fetches refused from a member (only the broker may call this register; members read through \
+                 the broker, which audits it)",
+            ),
+            refused_broker: FailureLog::new(
+                "fetches refused with a broker certificate on this register's refused list (the broker must \
+                 present its new certificate)",
+            ),
+            expired_broker: FailureLog::new(
+                "fetches refused with a broker certificate that expired during the connection",
+            ),
+        }
+    }
+}
+
+/// Where a refused call came from, for [`FailureLog::note`].
+fn remote_of(peer: &PeerInfo) -> SocketAddr {
+    peer.remote_addr.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
 /// Refuses every caller but the broker of `trust_domain`, and a broker
-/// certificate in `refused`.
+/// certificate in `refused`; each refusal noted in `refusals`.
 pub(crate) fn authorize<T>(
     request: &Request<T>,
     refused: &RefusedCertificates,
     trust_domain: &str,
+    refusals: &Refusals,
 ) -> Result<(), Status> {
     let Some(peer) = peer_info(request) else {
         // Only reachable if the server was not started through `incoming`.
@@ -407,7 +448,9 @@ pub(crate) fn authorize<T>(
         // Checked at the handshake, and again here: a connection outlives
         // the certificate it was made with.
         Ok(Identity::Broker) if peer.not_after.is_some_and(|t| t <= time::OffsetDateTime::now_utc()) => {
-            tracing::warn!(remote = ?peer.remote_addr, "refused fetch with a broker certificate that expired during the connection");
+            refusals
+                .expired_broker
+                .note(remote_of(&peer), &"broker certificate expired");
             Err(Status::unauthenticated(
                 "the broker's certificate expired during the connection; the broker must reconnect with its renewed certificate",
             ))
@@ -416,18 +459,21 @@ pub(crate) fn authorize<T>(
             None => Ok(()),
             Some(fingerprint) => {
                 let fingerprint = lienthong_tls::fingerprint_hex(&fingerprint);
-                tracing::warn!(remote = ?peer.remote_addr, %fingerprint, "refused fetch with a refused broker certificate");
+                refusals.refused_broker.note(
+                    remote_of(&peer),
+                    &format_args!("broker certificate sha256 {fingerprint}"),
+                );
                 Err(Status::unauthenticated(format!(
                     "this register refuses the broker certificate sha256 {fingerprint}; the broker must present its new certificate"
                 )))
             }
         },
         Ok(Identity::Member(member)) => {
-            tracing::warn!(remote = ?peer.remote_addr, %member, "refused fetch from a member");
+            refusals.member.note(remote_of(&peer), &format_args!("member {member}"));
             Err(Status::permission_denied("only the broker may call this register"))
         }
         Err(reason) => {
-            tracing::warn!(remote = ?peer.remote_addr, %reason, "refused unauthenticated fetch");
+            refusals.unauthenticated.note(remote_of(&peer), reason);
             Err(Status::unauthenticated(match reason {
                 // The shared words send a caller to its member certificate,
                 // which a register refuses too.
@@ -444,7 +490,7 @@ pub(crate) fn authorize<T>(
 #[tonic::async_trait]
 impl RecordProvider for KitService {
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
-        authorize(&request, &self.refused, &self.trust_domain)?;
+        authorize(&request, &self.refused, &self.trust_domain, &self.refusals)?;
         let fetching = self.fetches.token();
         let trace_id = trace_id_from_metadata(request.metadata());
         let parent = remote_parent(request.metadata());
@@ -602,10 +648,12 @@ where
         );
     }
     let fetches = TaskTracker::new();
+    let refusals = Arc::new(Refusals::default());
     let service = RecordProviderServer::new(KitService {
         source,
         refused: config.refused_certificates.clone(),
         trust_domain: config.trust_domain.clone(),
+        refusals: refusals.clone(),
         fetches: fetches.clone(),
     })
     .max_decoding_message_size(config.max_request_bytes);
@@ -629,7 +677,11 @@ where
         .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
-        .layer(EdgeLayer::new(config.refused_certificates, config.trust_domain))
+        .layer(EdgeLayer::new(
+            config.refused_certificates,
+            config.trust_domain,
+            refusals,
+        ))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown);
@@ -742,6 +794,90 @@ mod tests {
         assert_eq!(code(FetchError::InvalidQuery("x".into())), tonic::Code::InvalidArgument);
         assert_eq!(code(FetchError::Unavailable("x".into())), tonic::Code::Unavailable);
         assert_eq!(code(FetchError::Internal("x".into())), tonic::Code::Internal);
+    }
+
+    /// Everything a fmt subscriber writes, for the tests of what the kit logs.
+    #[derive(Clone, Default)]
+    pub(crate) struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        /// Captures, at `debug`, what this thread logs while the guard lives.
+        pub(crate) fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::DEBUG)
+                .finish();
+            (captured, tracing::subscriber::set_default(subscriber))
+        }
+
+        pub(crate) fn lines(&self) -> Vec<String> {
+            String::from_utf8(self.0.lock().unwrap().clone())
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    fn from_peer(identity: Result<Identity, AuthError>) -> Request<()> {
+        let mut request = Request::new(());
+        request.extensions_mut().insert(Arc::new(PeerInfo {
+            remote_addr: Some(SocketAddr::from(([192, 0, 2, 7], 40_000))),
+            identity,
+            not_after: None,
+            fingerprints: None,
+            claimed: None,
+        }));
+        request
+    }
+
+    #[test]
+    fn a_flood_of_refused_fetches_warns_once_a_minute_not_once_a_call() {
+        let (captured, _guard) = Captured::start();
+        let refusals = Refusals::default();
+        let refused = RefusedCertificates::default();
+        for _ in 0..300 {
+            let status = authorize(
+                &from_peer(Err(AuthError::NoCertificate)),
+                &refused,
+                "gov.test",
+                &refusals,
+            )
+            .unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            let member = from_peer(Ok(Identity::Member("tax-office".to_owned())));
+            let status = authorize(&member, &refused, "gov.test", &refusals).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        }
+        let lines = captured.lines();
+        let warnings: Vec<_> = lines.iter().filter(|l| l.contains(" WARN ")).collect();
+        assert_eq!(warnings.len(), 2, "one warning per kind: {warnings:#?}");
+        assert!(
+            warnings.iter().any(|l| l.contains("without a valid certificate")),
+            "{warnings:#?}"
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|l| l.contains("from a member") && l.contains("tax-office")),
+            "{warnings:#?}"
+        );
+        // Every refusal is still there for whoever turns debug on.
+        assert_eq!(lines.iter().filter(|l| l.contains("DEBUG")).count(), 600);
     }
 
     struct Panicking;
