@@ -119,6 +119,10 @@ pub trait RecordSource: Send + Sync + 'static {
 pub struct ProviderConfig {
     /// The federation's SPIFFE trust domain, e.g. `gov.example`.
     pub trust_domain: String,
+    /// The member whose register this is, e.g. `civil-status`: when set,
+    /// [`serve`] refuses to start with a certificate naming another member
+    /// (the broker would refuse it at every handshake).
+    pub member: Option<String>,
     /// Limits on TLS handshakes.
     pub accept: AcceptOptions,
     /// Broker certificates refused although the federation CA signed them,
@@ -174,6 +178,7 @@ impl ProviderConfig {
     pub fn new(trust_domain: impl Into<String>) -> Self {
         ProviderConfig {
             trust_domain: trust_domain.into(),
+            member: None,
             accept: AcceptOptions::default(),
             refused_certificates: RefusedCertificates::default(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -333,6 +338,9 @@ pub enum ProviderError {
         /// Trust domain of the `ProviderConfig`.
         configured: String,
     },
+    /// The register's own certificate is one the broker would refuse.
+    #[error("{0}")]
+    OwnCertificate(String),
     /// The gRPC server failed.
     #[error("provider server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -612,6 +620,11 @@ pub const GOODBYE: Duration = Duration::from_secs(1);
 /// than seeing a reset; those no call is on and whose peer has not hung up
 /// after [`GOODBYE`] are then closed. Fetches in flight get
 /// [`ProviderConfig::shutdown_grace`] to finish.
+///
+/// Refuses to start ([`ProviderError::OwnCertificate`]) when `tls` serves a
+/// certificate the broker would refuse from a register: not a member of
+/// [`ProviderConfig::trust_domain`] (or not [`ProviderConfig::member`]), not
+/// valid now, or a client certificate only (issued without `--host`).
 pub async fn serve<F>(
     source: Arc<dyn RecordSource>,
     tls: Arc<ServerTls>,
@@ -628,6 +641,10 @@ where
             configured: config.trust_domain,
         });
     }
+    // Before reporting serving: with a certificate the broker refuses, every
+    // fetch would fail at its handshake while the register looked healthy.
+    crate::own_certificate::check(&tls, &config.trust_domain, config.member.as_deref())
+        .map_err(ProviderError::OwnCertificate)?;
     let connections = Arc::new(Connections::default());
     let health = lienthong::health::HealthReporter::new();
     health.set_serving::<RecordProviderServer<KitService>>();
@@ -878,6 +895,34 @@ mod tests {
         );
         // Every refusal is still there for whoever turns debug on.
         assert_eq!(lines.iter().filter(|l| l.contains("DEBUG")).count(), 600);
+    }
+
+    #[tokio::test]
+    async fn a_register_whose_certificate_the_broker_would_refuse_does_not_start() {
+        use lienthong_tls::{CertificateAuthority, IssueSpec, TlsMaterial};
+        let ca = CertificateAuthority::generate("gov.test").unwrap();
+        let issued = ca.issue(&IssueSpec::client("civil-status")).unwrap();
+        let material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
+        let tls = Arc::new(ServerTls::new(&material, "gov.test").unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = tokio::time::timeout(
+            Duration::from_secs(5),
+            serve(
+                Arc::new(Panicking),
+                tls,
+                ProviderConfig::new("gov.test"),
+                listener,
+                std::future::pending(),
+            ),
+        )
+        .await
+        .expect("serve returns at once");
+        match served {
+            Err(ProviderError::OwnCertificate(message)) => {
+                assert!(message.contains("--member civil-status --host"), "{message}")
+            }
+            other => panic!("expected OwnCertificate, got {other:?}"),
+        }
     }
 
     struct Panicking;

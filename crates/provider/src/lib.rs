@@ -10,6 +10,7 @@
 pub mod demo;
 mod edge;
 pub mod kit;
+mod own_certificate;
 pub mod testing;
 
 pub use kit::{
