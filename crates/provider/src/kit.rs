@@ -51,6 +51,10 @@ pub struct FetchContext {
     pub purpose: String,
     /// JSON Pointers of the fields the consumer will receive; the broker filters regardless.
     pub fields: Vec<String>,
+    /// When the broker stops waiting for the answer (its `grpc-timeout`),
+    /// if it set one: size the register's own database timeout to it, as an
+    /// answer after it is thrown away. The fetch is dropped at that instant.
+    pub deadline: Option<Instant>,
 }
 
 /// Why a register cannot answer; each maps to the gRPC code the broker expects.
@@ -495,10 +499,70 @@ pub(crate) fn authorize<T>(
     }
 }
 
+/// How close to its deadline a dropped fetch counts as past it.
+const DEADLINE_SLACK: Duration = Duration::from_millis(100);
+
+/// The one log line of a fetch: written when it ends, or when it is dropped
+/// unfinished because its deadline passed or the broker cancelled it (the
+/// edge answers then, and the fetch's future is dropped mid-way).
+struct FetchLog {
+    started: Instant,
+    deadline: Option<Instant>,
+    record_type: String,
+    span: tracing::Span,
+    logged: bool,
+}
+
+impl FetchLog {
+    /// Logs the fetch's end.
+    fn finished(&mut self, result: &Result<String, FetchError>) {
+        self.logged = true;
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let record_type = &self.record_type;
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(error) => error.outcome(),
+        };
+        self.span.record("outcome", outcome);
+        match result {
+            Ok(_) => tracing::info!(%record_type, outcome, latency_ms, "fetch"),
+            Err(error) => tracing::info!(%record_type, outcome, latency_ms, reason = %error, "fetch"),
+        }
+    }
+}
+
+impl Drop for FetchLog {
+    fn drop(&mut self) {
+        if self.logged {
+            return;
+        }
+        let _entered = self.span.enter();
+        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let record_type = &self.record_type;
+        // The broker's clock started before the request crossed the network,
+        // so its cancel at the deadline may arrive a little before the
+        // deadline as the register reckons it.
+        let outcome = if self.deadline.is_some_and(|d| Instant::now() + DEADLINE_SLACK >= d) {
+            "deadline_exceeded"
+        } else {
+            "cancelled"
+        };
+        self.span.record("outcome", outcome);
+        tracing::info!(
+            %record_type,
+            outcome,
+            latency_ms,
+            "fetch abandoned: the register had not answered when the caller's deadline passed or the caller cancelled"
+        );
+    }
+}
+
 #[tonic::async_trait]
 impl RecordProvider for KitService {
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<FetchResponse>, Status> {
         authorize(&request, &self.refused, &self.trust_domain, &self.refusals)?;
+        let started = Instant::now();
+        let deadline = lienthong::protocol::grpc_timeout(request.metadata().as_ref()).map(|t| started + t);
         let fetching = self.fetches.token();
         let trace_id = trace_id_from_metadata(request.metadata());
         let parent = remote_parent(request.metadata());
@@ -522,28 +586,16 @@ impl RecordProvider for KitService {
             let _ = span.set_parent(parent);
         }
         let source = self.source.clone();
+        let mut log = FetchLog {
+            started,
+            deadline,
+            record_type: printable(&req.record_type).into_owned(),
+            span: span.clone(),
+            logged: false,
+        };
         async move {
-            let started = Instant::now();
-            let record_type = printable(&req.record_type).into_owned();
-            let result = fetch_record(source, req).await;
-            let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-            tracing::Span::current().record(
-                "outcome",
-                match &result {
-                    Ok(_) => "ok",
-                    Err(error) => error.outcome(),
-                },
-            );
-            match &result {
-                Ok(_) => tracing::info!(%record_type, outcome = "ok", latency_ms, "fetch"),
-                Err(error) => tracing::info!(
-                    %record_type,
-                    outcome = error.outcome(),
-                    latency_ms,
-                    reason = %error,
-                    "fetch"
-                ),
-            }
+            let result = fetch_record(source, req, deadline).await;
+            log.finished(&result);
             drop(fetching);
             result
                 .map(|record_json| Response::new(FetchResponse { record_json }))
@@ -579,7 +631,11 @@ pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Checks the type and query, asks the source, serialises the record.
-async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Result<String, FetchError> {
+async fn fetch_record(
+    source: Arc<dyn RecordSource>,
+    req: FetchRequest,
+    deadline: Option<Instant>,
+) -> Result<String, FetchError> {
     if !source.record_types().contains(&req.record_type) {
         return Err(FetchError::NotServed(format!(
             "record type {} is not served here",
@@ -597,6 +653,7 @@ async fn fetch_record(source: Arc<dyn RecordSource>, req: FetchRequest) -> Resul
         consumer: req.consumer,
         purpose: req.purpose,
         fields: req.fields,
+        deadline,
     };
     // A panicking register fails this one lookup, not the connection it came on.
     let record = AssertUnwindSafe(source.fetch(ctx))
@@ -949,13 +1006,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_register_fails_the_lookup_with_internal() {
-        let result = fetch_record(Arc::new(Panicking), request("{}")).await;
+        let result = fetch_record(Arc::new(Panicking), request("{}"), None).await;
         assert!(matches!(result, Err(FetchError::Internal(_))), "{result:?}");
     }
 
     #[tokio::test]
     async fn malformed_query_json_is_an_invalid_query_without_echoing_it() {
-        let result = fetch_record(Arc::new(Panicking), request("{\"national_id\": \"0790")).await;
+        let result = fetch_record(Arc::new(Panicking), request("{\"national_id\": \"0790"), None).await;
         match result {
             Err(FetchError::InvalidQuery(message)) => assert!(!message.contains("0790"), "{message}"),
             other => panic!("expected InvalidQuery, got {other:?}"),

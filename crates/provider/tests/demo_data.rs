@@ -47,6 +47,7 @@ fn ctx(record_type: &str, query: Value) -> FetchContext {
         consumer: "tax-office".to_owned(),
         purpose: "test".to_owned(),
         fields: Vec::new(),
+        deadline: None,
     }
 }
 

@@ -244,3 +244,90 @@ async fn the_shutdown_warns_of_abandoned_fetches_only_and_counts_them() {
         fetch.abort();
     }
 }
+
+/// Waits for ever, noting when it was told the broker stops waiting.
+struct Stuck(Arc<Mutex<Vec<Option<std::time::Instant>>>>);
+
+#[async_trait::async_trait]
+impl lienthong_provider::RecordSource for Stuck {
+    fn record_types(&self) -> Vec<String> {
+        vec![BIRTH_RECORD.to_owned()]
+    }
+
+    async fn fetch(
+        &self,
+        ctx: lienthong_provider::FetchContext,
+    ) -> Result<serde_json::Value, lienthong_provider::FetchError> {
+        self.0.lock().unwrap().push(ctx.deadline);
+        std::future::pending().await
+    }
+}
+
+/// A fetch the register had not answered when the broker's deadline passed,
+/// or that the broker cancelled, still leaves its line, saying which; the
+/// register was told the deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn a_fetch_past_its_deadline_or_cancelled_is_logged() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let tls = Arc::new(ServerTls::new(&material(&ca, &IssueSpec::member("civil-status")), TD).unwrap());
+    let deadlines = Arc::new(Mutex::new(Vec::new()));
+    let server = start_server(Arc::new(Stuck(deadlines.clone())), tls).await.unwrap();
+    let config = client_config(
+        &material(&ca, &IssueSpec::broker()),
+        Some((TD, Identity::Member("civil-status".to_owned()))),
+    )
+    .unwrap();
+    let channel = connect_channel(&server.url(), config, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut broker = RecordProviderClient::new(channel);
+    let query = json!({ "national_id": citizen_national_id(SEED, 1) });
+
+    let mut request = Request::new(fetch_request(query.clone()));
+    request.set_timeout(Duration::from_millis(300));
+    let asked = std::time::Instant::now();
+    // The client's own timer may answer before the register's.
+    broker.fetch(request).await.unwrap_err();
+    let told = deadlines.lock().unwrap()[0].expect("the register is told the deadline");
+    // 300 ms from when the call reached the register.
+    let after = told.duration_since(asked);
+    assert!(
+        after >= Duration::from_millis(300) && after < Duration::from_secs(1),
+        "{after:?}"
+    );
+
+    let mut cancelled = broker.clone();
+    let call = tokio::spawn(async move { cancelled.fetch(fetch_request(query)).await });
+    while deadlines.lock().unwrap().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(deadlines.lock().unwrap()[1], None, "no deadline sent, none told");
+    call.abort();
+    let logs = || String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    for _ in 0..200 {
+        if logs().contains("outcome=\"cancelled\"") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(broker);
+    server.shutdown().await;
+
+    let logs = logs();
+    let fetch_lines: Vec<&str> = logs.lines().filter(|l| l.contains("outcome=")).collect();
+    assert_eq!(fetch_lines.len(), 2, "{logs}");
+    assert!(fetch_lines[0].contains("outcome=\"deadline_exceeded\""), "{logs}");
+    assert!(fetch_lines[0].contains("latency_ms="), "{logs}");
+    assert!(fetch_lines[0].contains(BIRTH_RECORD), "{logs}");
+    assert!(fetch_lines[0].contains("request_id=req-42"), "{logs}");
+    assert!(fetch_lines[1].contains("outcome=\"cancelled\""), "{logs}");
+}
