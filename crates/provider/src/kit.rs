@@ -151,6 +151,10 @@ pub struct ProviderConfig {
     /// Largest `FetchRequest` accepted, in bytes; a larger one is refused
     /// with `RESOURCE_EXHAUSTED` before it is buffered whole.
     pub max_request_bytes: usize,
+    /// Largest answer (`FetchResponse`, encoded) sent, in bytes: the broker
+    /// refuses a larger one, so the kit fails such a fetch with `INTERNAL`
+    /// and logs why rather than logging it as answered.
+    pub max_answer_bytes: usize,
     /// How long a connection of a peer that is not the broker (no
     /// certificate, a member's, a refused one) stays open: long enough for a
     /// health check or to read why it is refused, then it is closed.
@@ -176,6 +180,11 @@ pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1_024;
 /// default of 4 MiB would let every stream hold that much while it is read.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
+/// [`ProviderConfig::max_answer_bytes`] unless set: the largest answer the
+/// broker accepts from a register, 4 MiB (its answer to the consumer is
+/// bounded by `limits.max_message_bytes`, 4 MiB by default, too).
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
 impl ProviderConfig {
     /// Default limits and grace period for `trust_domain`, no certificate
     /// refused.
@@ -191,6 +200,7 @@ impl ProviderConfig {
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
             // A health check or a refusal takes a round trip or two.
             non_broker_connection_lifetime: Duration::from_secs(10),
             // Load balancers' probes and the odd misconfigured client; well
@@ -403,6 +413,8 @@ struct KitService {
     trust_domain: String,
     /// Refused calls, shared with the edge.
     refusals: Arc<Refusals>,
+    /// See [`ProviderConfig::max_answer_bytes`].
+    max_answer_bytes: usize,
     /// Fetches in flight, for the shutdown to wait for and count.
     fetches: TaskTracker,
 }
@@ -586,6 +598,7 @@ impl RecordProvider for KitService {
             let _ = span.set_parent(parent);
         }
         let source = self.source.clone();
+        let max_answer_bytes = self.max_answer_bytes;
         let mut log = FetchLog {
             started,
             deadline,
@@ -594,7 +607,7 @@ impl RecordProvider for KitService {
             logged: false,
         };
         async move {
-            let result = fetch_record(source, req, deadline).await;
+            let result = fetch_record(source, req, deadline, max_answer_bytes).await;
             log.finished(&result);
             drop(fetching);
             result
@@ -635,6 +648,7 @@ async fn fetch_record(
     source: Arc<dyn RecordSource>,
     req: FetchRequest,
     deadline: Option<Instant>,
+    max_answer_bytes: usize,
 ) -> Result<String, FetchError> {
     if !source.record_types().contains(&req.record_type) {
         return Err(FetchError::NotServed(format!(
@@ -660,7 +674,20 @@ async fn fetch_record(
         .catch_unwind()
         .await
         .map_err(|_| FetchError::Internal("the register failed unexpectedly".to_owned()))??;
-    serde_json::to_string(&record).map_err(|e| FetchError::Internal(format!("cannot serialise the record: {e}")))
+    let record_json = serde_json::to_string(&record)
+        .map_err(|e| FetchError::Internal(format!("cannot serialise the record: {e}")))?;
+    // The broker refuses a larger answer: failing it here puts the reason in
+    // this register's log, where it can be acted on.
+    let size = prost::Message::encoded_len(&FetchResponse {
+        record_json: String::new(),
+    }) + prost::encoding::string::encoded_len(1, &record_json);
+    if size > max_answer_bytes {
+        return Err(FetchError::Internal(format!(
+            "the answer is {size} bytes, more than the {max_answer_bytes} the broker accepts \
+             (ProviderConfig::max_answer_bytes); the record is too large to send"
+        )));
+    }
+    Ok(record_json)
 }
 
 /// How long, at shutdown, a peer no call is on has to answer HTTP/2's
@@ -728,6 +755,7 @@ where
         refused: config.refused_certificates.clone(),
         trust_domain: config.trust_domain.clone(),
         refusals: refusals.clone(),
+        max_answer_bytes: config.max_answer_bytes,
         fetches: fetches.clone(),
     })
     .max_decoding_message_size(config.max_request_bytes);
@@ -982,6 +1010,46 @@ mod tests {
         }
     }
 
+    /// Answers a record whose one field holds `.0` bytes.
+    struct Sized(usize);
+
+    #[async_trait::async_trait]
+    impl RecordSource for Sized {
+        fn record_types(&self) -> Vec<String> {
+            vec!["test.record".to_owned()]
+        }
+
+        async fn fetch(&self, _ctx: FetchContext) -> Result<Value, FetchError> {
+            Ok(serde_json::json!({ "blob": "x".repeat(self.0) }))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_the_broker_accepts_fails_with_internal_saying_why() {
+        // `{"blob":"…"}` is 11 bytes around the blob, and the message's field
+        // tag and length 1 + 4 more at this size.
+        let fits = DEFAULT_MAX_ANSWER_BYTES - 11 - 5;
+        let answer = fetch_record(Arc::new(Sized(fits)), request("{}"), None, DEFAULT_MAX_ANSWER_BYTES).await;
+        let answer = answer.unwrap();
+        assert_eq!(
+            prost::Message::encoded_len(&FetchResponse { record_json: answer }),
+            DEFAULT_MAX_ANSWER_BYTES
+        );
+        let result = fetch_record(Arc::new(Sized(fits + 1)), request("{}"), None, DEFAULT_MAX_ANSWER_BYTES).await;
+        match result {
+            Err(FetchError::Internal(message)) => {
+                assert!(
+                    message.contains("more than the 4194304 the broker accepts"),
+                    "{message}"
+                )
+            }
+            other => panic!("expected Internal, got {:?}", other.map(|r| r.len())),
+        }
+        // A smaller limit, set by the register, holds too.
+        let result = fetch_record(Arc::new(Sized(100)), request("{}"), None, 64).await;
+        assert!(matches!(result, Err(FetchError::Internal(_))), "{result:?}");
+    }
+
     struct Panicking;
 
     #[async_trait::async_trait]
@@ -1006,13 +1074,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_register_fails_the_lookup_with_internal() {
-        let result = fetch_record(Arc::new(Panicking), request("{}"), None).await;
+        let result = fetch_record(Arc::new(Panicking), request("{}"), None, DEFAULT_MAX_ANSWER_BYTES).await;
         assert!(matches!(result, Err(FetchError::Internal(_))), "{result:?}");
     }
 
     #[tokio::test]
     async fn malformed_query_json_is_an_invalid_query_without_echoing_it() {
-        let result = fetch_record(Arc::new(Panicking), request("{\"national_id\": \"0790"), None).await;
+        let result = fetch_record(
+            Arc::new(Panicking),
+            request("{\"national_id\": \"0790"),
+            None,
+            DEFAULT_MAX_ANSWER_BYTES,
+        )
+        .await;
         match result {
             Err(FetchError::InvalidQuery(message)) => assert!(!message.contains("0790"), "{message}"),
             other => panic!("expected InvalidQuery, got {other:?}"),
