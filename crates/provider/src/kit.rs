@@ -33,23 +33,37 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::edge::{Connections, EdgeLayer, NonBrokerLimits};
 
 /// One lookup, as the broker asked for it.
+///
+/// Answer it with the whole record, valid against the registered record
+/// schema of `schema_version`, about the subject the query names (the broker
+/// refuses a record about another); with [`FetchError::NotFound`] when there
+/// is none (an empty object is a record, not "none").
 #[derive(Clone, Debug)]
 pub struct FetchContext {
     /// Record type name, e.g. `civil_status.birth_record`.
     pub record_type: String,
-    /// Schema version the answer must satisfy.
+    /// Version of the registered record schema the answer must be valid
+    /// against: honour it, as a new version is served before it is
+    /// registered.
     pub schema_version: u32,
     /// The query, already valid against the registered query schema. Holds
     /// subject identifiers: never log it.
     pub query: Value,
-    /// The broker's request id, for correlating logs; any control character
-    /// in it written as its escape (`\n`, `\u{1b}`), as the kit logs it.
+    /// The consumer's correlation id (its `x-request-id` or `request_id`),
+    /// or a UUID the broker made when it sent none: for correlating logs.
+    /// Free text the consumer chose, neither unique nor trustworthy; any
+    /// control character in it written as its escape (`\n`, `\u{1b}`), as
+    /// the kit logs it.
     pub request_id: String,
     /// Consumer member the lookup is made for.
     pub consumer: String,
     /// Legal basis stated by the consumer.
     pub purpose: String,
-    /// JSON Pointers of the fields the consumer will receive; the broker filters regardless.
+    /// JSON Pointers of the fields the consumer will receive: what will be
+    /// released, for the register's own log and minimisation decisions.
+    /// Return the whole record regardless: the broker validates all of it
+    /// against the record schema (a record missing a required property is
+    /// refused, and the consumer gets `DATA_LOSS`), then filters it.
     pub fields: Vec<String>,
     /// When the broker stops waiting for the answer (its `grpc-timeout`),
     /// if it set one: size the register's own database timeout to it, as an
@@ -65,17 +79,19 @@ pub struct FetchContext {
 /// national ID or other subject data in them.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    /// No record for this query (`NOT_FOUND`).
+    /// No record for this subject (`NOT_FOUND`); only that.
     #[error("{0}")]
     NotFound(String),
-    /// The register cannot use the query (`INVALID_ARGUMENT`).
+    /// The register rejects the query (`INVALID_ARGUMENT`).
     #[error("{0}")]
     InvalidQuery(String),
-    /// The register does not serve this record type (`UNIMPLEMENTED`): not
-    /// "no such record", which would tell the consumer the citizen has none.
+    /// The register does not serve this record type (`UNIMPLEMENTED`; the
+    /// consumer gets `FAILED_PRECONDITION`): not "no such record", which
+    /// would tell the consumer the citizen has none.
     #[error("{0}")]
     NotServed(String),
-    /// Temporarily unable to answer; the broker may retry (`UNAVAILABLE`).
+    /// Temporary trouble, e.g. the database is down; the broker may retry
+    /// on another endpoint (`UNAVAILABLE`).
     #[error("{0}")]
     Unavailable(String),
     /// A fault of the register itself (`INTERNAL`).
