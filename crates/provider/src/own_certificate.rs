@@ -59,6 +59,13 @@ fn judge(der: &[u8], trust_domain: &str, member: Option<&str>, now: OffsetDateTi
                 issue(wanted)
             ));
         }
+        Err(lienthong_tls::AuthError::WrongTrustDomain { found, .. }) => {
+            return Err(format!(
+                "the register's certificate {uri} is of trust domain {found}, not {trust_domain}, the one this \
+                 register is configured for: check the trust domain, or {}",
+                issue(wanted)
+            ));
+        }
         Err(e) => {
             return Err(format!(
                 "the register's certificate {uri} is not a member of trust domain {trust_domain}: {e}; {}",
@@ -240,7 +247,7 @@ mod tests {
             (
                 served(&other, &IssueSpec::member("civil-status")),
                 None,
-                "not a member of trust domain gov.test",
+                "of trust domain other.test, not gov.test",
             ),
             (served(&ca, &IssueSpec::broker()), None, "the broker's"),
             (
