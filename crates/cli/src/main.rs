@@ -455,6 +455,7 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
                 lienthong_provider::demo::DemoRegisterKind::JudicialRecords => "judicial-records".into(),
             });
             let mut config = lienthong_provider::ProviderConfig::new(&trust_domain);
+            config.member = Some(member.clone());
             config.accept.max_handshakes_per_address = max_handshakes_per_address as usize;
             config.shutdown_grace = shutdown_grace;
             limits.apply(&mut config);
