@@ -3,12 +3,7 @@
 //! an expired one) would otherwise have the register report serving while
 //! every fetch fails at the broker's handshake.
 
-use std::sync::{Arc, Mutex, PoisonError};
-
-use lienthong_tls::{CertificateDer, Identity, ServerTls};
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{ServerName, UnixTime};
+use lienthong_tls::{Identity, ServerTls};
 use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 
@@ -17,8 +12,12 @@ use x509_parser::extensions::GeneralName;
 /// for server authentication, naming the hosts it serves on. The error says
 /// what is wrong and how to issue the right one.
 pub(crate) fn check(tls: &ServerTls, trust_domain: &str, member: Option<&str>) -> Result<(), String> {
-    let der = served_certificate(tls)?;
-    judge(&der, trust_domain, member, OffsetDateTime::now_utc())
+    judge(
+        tls.served_certificate(),
+        trust_domain,
+        member,
+        OffsetDateTime::now_utc(),
+    )
 }
 
 /// What a certificate lacks to serve as `member`'s register in `trust_domain` at `now`.
@@ -110,100 +109,6 @@ fn judge(der: &[u8], trust_domain: &str, member: Option<&str>, now: OffsetDateTi
         ));
     }
     Ok(())
-}
-
-/// The end-entity certificate `tls` serves, read from a handshake in memory:
-/// `ServerTls` holds it inside rustls, which shows it to clients only.
-fn served_certificate(tls: &ServerTls) -> Result<Vec<u8>, String> {
-    let fail = |e: rustls::Error| format!("cannot read the register's own certificate from its TLS configuration: {e}");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let seen = Arc::new(Mutex::new(None));
-    let verifier = Arc::new(Capture {
-        seen: seen.clone(),
-        algorithms: provider.signature_verification_algorithms,
-    });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(fail)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let name = ServerName::try_from("localhost").map_err(|e| format!("{e}"))?;
-    let mut client = rustls::ClientConnection::new(Arc::new(config), name).map_err(fail)?;
-    let mut server = rustls::ServerConnection::new(tls.config()).map_err(fail)?;
-    // A TLS 1.3 server sends its certificate in its first flight: two rounds suffice.
-    for _ in 0..4 {
-        if let Some(der) = seen.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            return Ok(der);
-        }
-        pass(&mut client, &mut server).map_err(fail)?;
-        pass(&mut server, &mut client).map_err(fail)?;
-    }
-    Err("cannot read the register's own certificate from its TLS configuration: the handshake showed none".into())
-}
-
-/// Moves what `from` has to send into `to`.
-fn pass<A, B, D, E>(from: &mut A, to: &mut B) -> Result<(), rustls::Error>
-where
-    A: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
-    B: std::ops::DerefMut<Target = rustls::ConnectionCommon<E>>,
-{
-    let mut bytes = Vec::new();
-    while from.wants_write() {
-        from.write_tls(&mut bytes)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-    }
-    let mut rest = bytes.as_slice();
-    while !rest.is_empty() {
-        to.read_tls(&mut rest)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        to.process_new_packets()?;
-    }
-    Ok(())
-}
-
-/// Accepts any server certificate, keeping it: the handshake is with ourselves.
-#[derive(Debug)]
-struct Capture {
-    seen: Arc<Mutex<Option<Vec<u8>>>>,
-    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for Capture {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = Some(end_entity.to_vec());
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
 }
 
 #[cfg(test)]

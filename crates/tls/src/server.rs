@@ -137,6 +137,8 @@ pub struct ServerTls {
     config: Arc<ServerConfig>,
     verifier: Arc<dyn ClientCertVerifier>,
     trust_domain: String,
+    /// The end-entity certificate this config serves.
+    served: CertificateDer<'static>,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -169,11 +171,22 @@ impl ServerTls {
             .with_client_cert_verifier(Arc::new(deferred))
             .with_single_cert(material.chain.clone(), material.key.clone_key())?;
         config.alpn_protocols = vec![b"h2".to_vec()];
+        let served = material
+            .chain
+            .first()
+            .cloned()
+            .ok_or_else(|| TlsError::InvalidRequest("the certificate chain is empty".into()))?;
         Ok(ServerTls {
             config: Arc::new(config),
             verifier,
             trust_domain: trust_domain.to_owned(),
+            served,
         })
+    }
+
+    /// The end-entity certificate this server presents.
+    pub fn served_certificate(&self) -> &CertificateDer<'static> {
+        &self.served
     }
 
     /// The rustls config, for callers driving their own acceptor.
