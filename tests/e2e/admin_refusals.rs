@@ -306,26 +306,9 @@ async fn a_grants_audit_entry_holds_its_window_and_reviewed_version() {
 async fn grant_list_says_what_each_grant_allows_and_who_made_it() {
     let (_dir, fed) = federation().await;
     let admin = client(&fed, ADMIN).await;
-    let kept = admin
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
-        .await
-        .unwrap()
-        .into_inner();
-    let revoked = admin
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/birth_date"], 0))
-        .await
-        .unwrap()
-        .into_inner();
-    admin
-        .admin()
-        .revoke_grant(pb::RevokeGrantRequest {
-            id: revoked.id.clone(),
-            reason: "inspection closed".into(),
-        })
-        .await
-        .unwrap();
+    let kept = granted(&admin, birth_grant(TAX_DEPT, &["/full_name"], 0)).await;
+    let revoked = granted(&admin, birth_grant(TAX_DEPT, &["/birth_date"], 0)).await;
+    revoke(&admin, &revoked.id, "inspection closed").await;
     admin
         .admin()
         .disable_member(pb::SetMemberEnabledRequest {

@@ -18,12 +18,7 @@ async fn grant_allows_revocation_denies_the_next_lookup() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("grant"), "{}", err.message());
 
-    let g = admin
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/full_name", "/birth_date"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let g = granted(&admin, birth_grant(TAX_DEPT, &["/full_name", "/birth_date"], 0)).await;
     let r = tax.exchange().lookup(lookup.clone()).await.unwrap().into_inner();
     let record: serde_json::Value = serde_json::from_str(&r.record_json).unwrap();
     let mut keys: Vec<&String> = record.as_object().unwrap().keys().collect();
@@ -44,14 +39,7 @@ async fn grant_allows_revocation_denies_the_next_lookup() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("purpose"), "{}", err.message());
 
-    admin
-        .admin()
-        .revoke_grant(pb::RevokeGrantRequest {
-            id: g.id.clone(),
-            reason: "end of the tax audit".into(),
-        })
-        .await
-        .unwrap();
+    revoke(&admin, &g.id, "end of the tax audit").await;
     let err = tax.exchange().lookup(lookup).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("revoked"), "{}", err.message());
@@ -362,20 +350,8 @@ async fn a_dead_grant_is_named_even_beside_a_live_grant_for_another_purpose() {
         .create_grant(for_purpose("pw-over", now - 2 * hour, now + time::Duration::seconds(1)))
         .await
         .unwrap();
-    let revoked = admin
-        .admin()
-        .create_grant(for_purpose("pw-revoked", now - hour, now + hour))
-        .await
-        .unwrap()
-        .into_inner();
-    admin
-        .admin()
-        .revoke_grant(pb::RevokeGrantRequest {
-            id: revoked.id,
-            reason: "inspection closed".into(),
-        })
-        .await
-        .unwrap();
+    let revoked = granted(&admin, for_purpose("pw-revoked", now - hour, now + hour)).await;
+    revoke(&admin, &revoked.id, "inspection closed").await;
     tax.exchange()
         .lookup(birth_lookup(&subject, "tax-law-38-2019/art-17"))
         .await

@@ -57,6 +57,23 @@ pub async fn connect_presenting(fed: &Federation, material: &TlsMaterial) -> Cli
     Clients { channel }
 }
 
+/// Creates a grant as `admin`, which must be allowed.
+pub async fn granted(admin: &Clients, request: pb::CreateGrantRequest) -> pb::Grant {
+    admin.admin().create_grant(request).await.unwrap().into_inner()
+}
+
+/// Revokes grant `id` as `admin`, which must be allowed.
+pub async fn revoke(admin: &Clients, id: &str, reason: &str) {
+    admin
+        .admin()
+        .revoke_grant(pb::RevokeGrantRequest {
+            id: id.into(),
+            reason: reason.into(),
+        })
+        .await
+        .unwrap();
+}
+
 /// Connects as a member of the federation.
 pub async fn client(fed: &Federation, member: &str) -> Clients {
     connect(&fed.broker_url, &member_files(&fed.certs, member))

@@ -92,29 +92,12 @@ fn grant_of(entry: &pb::AuditEntry) -> String {
 async fn a_lookup_in_progress_is_released_under_the_grant_that_replaced_its_own() {
     let (_dir, fed, faulty, server) = federation_with_faulty_register(None).await;
     let admin = client(&fed, ADMIN).await;
-    let old = admin
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let old = granted(&admin, birth_grant(TAX_DEPT, &["/full_name"], 0)).await;
     let tax = client(&fed, TAX_DEPT).await;
     let subject = citizen_id(&fed, 44);
     let in_progress = lookup_held_by_the_register(&tax, &faulty, birth_lookup(&subject, TAX_PURPOSE)).await;
-    let new = admin
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
-        .await
-        .unwrap()
-        .into_inner();
-    admin
-        .admin()
-        .revoke_grant(pb::RevokeGrantRequest {
-            id: old.id.clone(),
-            reason: "replaced by a new grant".into(),
-        })
-        .await
-        .unwrap();
+    let new = granted(&admin, birth_grant(TAX_DEPT, &["/full_name"], 0)).await;
+    revoke(&admin, &old.id, "replaced by a new grant").await;
     in_progress
         .await
         .unwrap()
@@ -138,12 +121,7 @@ async fn a_lookup_in_progress_is_released_under_the_grant_that_replaced_its_own(
 async fn a_lookup_in_progress_releases_nothing_once_its_grant_is_revoked_or_its_consumer_disabled() {
     let (_dir, fed, faulty, server) = federation_with_faulty_register(None).await;
     let admin = client(&fed, ADMIN).await;
-    let grant = admin
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let grant = granted(&admin, birth_grant(TAX_DEPT, &["/full_name"], 0)).await;
     let tax = client(&fed, TAX_DEPT).await;
     let subject = citizen_id(&fed, 41);
     tax.exchange()

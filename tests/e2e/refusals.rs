@@ -356,12 +356,7 @@ async fn a_grant_revoked_in_the_database_alone_stops_lookups_within_seconds() {
     let (_dir, fed) = federation().await;
     let admin = client(&fed, lienthong_cli::federation::ADMIN).await;
     let tax = client(&fed, TAX_DEPT).await;
-    let g = admin
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let g = granted(&admin, birth_grant(TAX_DEPT, &["/full_name"], 0)).await;
     let lookup = birth_lookup(&citizen_id(&fed, 9), "tax-law-38-2019/art-17");
     tax.exchange().lookup(lookup.clone()).await.unwrap();
 

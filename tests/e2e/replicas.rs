@@ -280,12 +280,7 @@ async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
     }
 
     // A grant created through A is usable through B...
-    let g = admin_a
-        .admin()
-        .create_grant(birth_grant(TAX_DEPT, &["/full_name"], 0))
-        .await
-        .unwrap()
-        .into_inner();
+    let g = granted(&admin_a, birth_grant(TAX_DEPT, &["/full_name"], 0)).await;
     let t = tax_b.clone();
     assert!(
         eventually(Duration::from_secs(1), async || t
@@ -297,14 +292,7 @@ async fn two_replicas_share_state_and_keep_two_verifiable_logs() {
         "grant reaches replica B within a second"
     );
     // ...and revoked through A, B denies within one second.
-    admin_a
-        .admin()
-        .revoke_grant(pb::RevokeGrantRequest {
-            id: g.id,
-            reason: "audit finished".into(),
-        })
-        .await
-        .unwrap();
+    revoke(&admin_a, &g.id, "audit finished").await;
     let revoked_at = Instant::now();
     let t = tax_b.clone();
     let denied = eventually(

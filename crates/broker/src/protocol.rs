@@ -212,11 +212,13 @@ where
         // tonic's own timer, outside this layer, would answer `CANCELLED`
         // ("Timeout expired") where the spec says `DEADLINE_EXCEEDED`. It
         // starts just after this call returns (tonic 0.14's `GrpcTimeout`),
-        // so this one, started here for as long, is due first or in the same
-        // timer tick, and is seen first since tonic polls the call before
-        // its timer. Dropping the call does not stop a lookup: it runs to its
-        // end and its audit entry.
-        let deadline = lienthong::protocol::grpc_timeout(request.headers());
+        // so this one, its instant taken here (a sleep made inside the async
+        // block would start at its first poll, after tonic's, and could be
+        // due a tick later), is due first or in the same timer tick, and is
+        // seen first since tonic polls the call before its timer. Dropping
+        // the call does not stop a lookup: it runs to its end and its audit
+        // entry.
+        let deadline = lienthong::protocol::grpc_timeout(request.headers()).map(|t| tokio::time::Instant::now() + t);
         let path = request.uri().path_and_query().cloned();
         let answer = futures::future::join(self.inner.call(request), std::future::ready(path)).map(
             answered::<S::Error>
@@ -230,7 +232,7 @@ where
                 tokio::select! {
                     biased;
                     answer = answer => answer,
-                    () = tokio::time::sleep(deadline) => {
+                    () = tokio::time::sleep_until(deadline) => {
                         Ok(tonic::Status::deadline_exceeded(DEADLINE_PASSED).into_http())
                     }
                 }
