@@ -135,6 +135,12 @@ pub struct TlsConfig {
     pub max_handshakes_per_address: usize,
     /// Handshake timeout.
     pub handshake_timeout_ms: u64,
+    /// Connections open at once whose client presented no certificate the
+    /// broker accepts (health probes, reflection); one past it is closed
+    /// after its handshake.
+    pub max_unauthenticated_connections: usize,
+    /// How long such a connection stays open after its handshake.
+    pub unauthenticated_connection_ms: u64,
 }
 
 /// Size and rate limits.
@@ -284,6 +290,8 @@ impl Default for TlsConfig {
             max_concurrent_handshakes: 256,
             max_handshakes_per_address: 32,
             handshake_timeout_ms: 10_000,
+            max_unauthenticated_connections: 64,
+            unauthenticated_connection_ms: 10_000,
         }
     }
 }
@@ -542,6 +550,15 @@ impl Config {
             // A timeout of 0 elapses at once: no handshake, dial or
             // database connection could ever finish.
             ("tls.handshake_timeout_ms", self.tls.handshake_timeout_ms),
+            (
+                "tls.max_unauthenticated_connections",
+                self.tls.max_unauthenticated_connections as u64,
+            ),
+            // 0 would close a health probe's connection before its answer.
+            (
+                "tls.unauthenticated_connection_ms",
+                self.tls.unauthenticated_connection_ms,
+            ),
             ("relay.connect_timeout_ms", self.relay.connect_timeout_ms),
             (
                 "limits.database_acquire_timeout_ms",

@@ -432,6 +432,10 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             max_concurrent_handshakes: config.tls.max_concurrent_handshakes,
             handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
             max_handshakes_per_address: config.tls.max_handshakes_per_address,
+            unauthenticated: Some(lienthong_tls::UnauthenticatedLimits {
+                max_connections: config.tls.max_unauthenticated_connections,
+                lifetime: Duration::from_millis(config.tls.unauthenticated_connection_ms),
+            }),
         },
     );
 

@@ -295,6 +295,21 @@ pub struct AcceptOptions {
     /// is closed at once, so one host of silent connections cannot hold
     /// every slot for `handshake_timeout`.
     pub max_handshakes_per_address: usize,
+    /// Bounds on connections whose client presented no certificate this
+    /// server accepts (health probes, reflection); `None`: unbounded.
+    pub unauthenticated: Option<UnauthenticatedLimits>,
+}
+
+/// How many connections without an accepted certificate may be open at
+/// once, and for how long each. Without them, anyone who can reach the
+/// port could hold connections of 1,024 streams each without end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnauthenticatedLimits {
+    /// Open at once; a connection past it is closed after its handshake.
+    pub max_connections: usize,
+    /// Each is closed this long after its handshake: time enough for a
+    /// health check or a reflection listing.
+    pub lifetime: Duration,
 }
 
 impl Default for AcceptOptions {
@@ -303,6 +318,7 @@ impl Default for AcceptOptions {
             max_concurrent_handshakes: 256,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes_per_address: 32,
+            unauthenticated: None,
         }
     }
 }
@@ -348,6 +364,30 @@ impl Drop for AddressSlot {
 pub struct MtlsStream {
     inner: Coalesced<tokio_rustls::server::TlsStream<TcpStream>>,
     peer: Arc<PeerInfo>,
+    /// For a client without an accepted certificate: its place among such
+    /// connections, and when the connection ends.
+    unauthenticated: Option<Unauthenticated>,
+}
+
+/// A connection without an accepted certificate's bounds.
+struct Unauthenticated {
+    _place: tokio::sync::OwnedSemaphorePermit,
+    ends: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl MtlsStream {
+    /// An error once an unauthenticated connection's time is up: its reads
+    /// and writes fail, and the HTTP/2 server closes it.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        use std::future::Future;
+        let bounds = self.unauthenticated.as_mut()?;
+        bounds.ends.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a connection without a client certificate is closed after its allotted time",
+            )
+        })
+    }
 }
 
 impl std::fmt::Debug for MtlsStream {
@@ -375,12 +415,18 @@ impl tonic::transport::server::Connected for MtlsStream {
 
 impl AsyncRead for MtlsStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for MtlsStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -389,6 +435,9 @@ impl AsyncWrite for MtlsStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -488,6 +537,13 @@ async fn accept_loop(
 ) {
     let handshake_timeout = options.handshake_timeout;
     let permits = Arc::new(Semaphore::new(options.max_concurrent_handshakes));
+    let unauthenticated = options.unauthenticated.map(|limits| {
+        let max = limits.max_connections.max(1);
+        (Arc::new(Semaphore::new(max)), limits.lifetime, max)
+    });
+    let turned_away = Arc::new(FailureLog::new(
+        "connections without a client certificate closed: as many as allowed are open",
+    ));
     let by_address: AddressCounts = Arc::default();
     let acceptor = TlsAcceptor::from(tls.config.clone());
     let crowded = FailureLog::new("connections closed: too many tls handshakes from one address at once");
@@ -531,6 +587,7 @@ async fn accept_loop(
             tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
         }
         let (acceptor, tls, tx, failed) = (acceptor.clone(), tls.clone(), tx.clone(), failed.clone());
+        let (unauthenticated, turned_away) = (unauthenticated.clone(), turned_away.clone());
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
             drop(permit);
@@ -538,10 +595,21 @@ async fn accept_loop(
             match handshake {
                 Ok(Ok(stream)) => {
                     let peer = Arc::new(tls.peer_info(&stream));
+                    let mut bounds = None;
                     match &peer.identity {
                         Ok(identity) => tracing::debug!(%remote, %identity, "tls client connected"),
                         Err(reason) => {
-                            tracing::debug!(%remote, %reason, "unauthenticated tls client connected")
+                            tracing::debug!(%remote, %reason, "unauthenticated tls client connected");
+                            if let Some((places, lifetime, max)) = unauthenticated {
+                                let Ok(place) = places.try_acquire_owned() else {
+                                    turned_away.note(remote, &format_args!("at most {max} at once"));
+                                    return;
+                                };
+                                bounds = Some(Unauthenticated {
+                                    _place: place,
+                                    ends: Box::pin(tokio::time::sleep(lifetime)),
+                                });
+                            }
                         }
                     }
                     // Err means the server is shutting down; the connection is just dropped.
@@ -549,6 +617,7 @@ async fn accept_loop(
                         .send(Ok(MtlsStream {
                             inner: Coalesced::new(stream),
                             peer,
+                            unauthenticated: bounds,
                         }))
                         .await;
                 }

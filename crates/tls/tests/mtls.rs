@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lienthong_tls::{
     AcceptOptions, AuthError, CertificateAuthority, Dialer, Identity, IssueSpec, PeerInfo, ServerTls, TlsError,
-    TlsMaterial, client_config, connect_channel, incoming, peer_info, pinned_client_config,
+    TlsMaterial, UnauthenticatedLimits, client_config, connect_channel, incoming, peer_info, pinned_client_config,
 };
 use rustls::ClientConfig;
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
@@ -334,6 +334,7 @@ async fn a_silent_client_times_out_without_blocking_others() {
         max_concurrent_handshakes: 1,
         handshake_timeout: Duration::from_millis(300),
         max_handshakes_per_address: 1,
+        ..AcceptOptions::default()
     };
     let server = TestServer::start(&ca, "provider", options).await;
     let mut silent = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
@@ -358,6 +359,7 @@ async fn one_address_cannot_hold_every_handshake_slot() {
         max_concurrent_handshakes: 8,
         handshake_timeout: Duration::from_secs(5),
         max_handshakes_per_address: 2,
+        ..AcceptOptions::default()
     };
     let server = TestServer::start(&ca, "provider", options).await;
     let silent: Vec<TcpStream> = futures_silent(server.port, 2).await;
@@ -382,4 +384,82 @@ async fn futures_silent(port: u16, n: usize) -> Vec<TcpStream> {
         out.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
     }
     out
+}
+
+/// A TLS connection to the test server presenting no client certificate,
+/// handshake done, nothing sent.
+async fn anonymous_connection(ca: &CertificateAuthority, port: u16) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots_only(ca))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Whether the server closes `stream` within `within`.
+async fn closed_within(stream: &mut tokio_rustls::client::TlsStream<TcpStream>, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // The server's HTTP/2 settings: read on.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Nobody outside the federation can hold the server's connections:
+/// connections without a certificate it accepts are bounded in number (one
+/// past the bound is closed after its handshake) and in time, while a
+/// member's connection is not.
+#[tokio::test]
+async fn connections_without_a_certificate_are_bounded_in_number_and_time() {
+    let ca = CertificateAuthority::generate(TD).unwrap();
+    let options = AcceptOptions {
+        unauthenticated: Some(UnauthenticatedLimits {
+            max_connections: 2,
+            lifetime: Duration::from_millis(1_500),
+        }),
+        ..AcceptOptions::default()
+    };
+    let server = TestServer::start(&ca, "provider", options).await;
+    let mut held = vec![
+        anonymous_connection(&ca, server.port).await,
+        anonymous_connection(&ca, server.port).await,
+    ];
+    let mut third = anonymous_connection(&ca, server.port).await;
+    assert!(
+        closed_within(&mut third, Duration::from_millis(700)).await,
+        "a third connection without a certificate is closed at once"
+    );
+    let member = material(&ca, &IssueSpec::member("alpha"));
+    assert_eq!(
+        check(&server.url(), pinned(&member)).await.unwrap(),
+        ServingStatus::Serving
+    );
+    for stream in &mut held {
+        assert!(
+            closed_within(stream, Duration::from_secs(5)).await,
+            "closed after its time"
+        );
+    }
+    // Their places are free again: an anonymous caller is answered (refused by the service).
+    let mut anonymous = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots_only(&ca))
+        .with_no_client_auth();
+    anonymous.alpn_protocols = vec![b"h2".to_vec()];
+    let status = check(&server.url(), Arc::new(anonymous)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    server.shutdown().await;
 }
