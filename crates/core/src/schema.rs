@@ -1313,6 +1313,18 @@ fn reference_pointer(reference: &str) -> Option<String> {
 }
 
 impl<'a> Walk<'a> {
+    /// Notes that the fields inside `field` could not be listed, and why
+    /// (the record itself, `""`, is no field to note).
+    fn stopped(&mut self, field: &str, at: String, why: FieldCut) {
+        if !field.is_empty() {
+            self.cuts.push(Cut {
+                field: field.to_owned(),
+                at,
+                why,
+            });
+        }
+    }
+
     fn new(root: &'a Value, limit: usize) -> Self {
         Walk {
             root,
@@ -1415,15 +1427,9 @@ impl<'a> Walk<'a> {
             let (resolved, pushed) = self.resolve(items, items_at);
             let result = match resolved {
                 Resolved::Expand(schema, at) => self.children(schema, prefix, level + 1, &at),
+                // The items of `prefix` are what could not be listed.
                 Resolved::Stop(_, at, why) => {
-                    // The items of `prefix` are what could not be listed.
-                    if !prefix.is_empty() {
-                        self.cuts.push(Cut {
-                            field: prefix.to_owned(),
-                            at,
-                            why,
-                        });
-                    }
+                    self.stopped(prefix, at, why);
                     Ok(())
                 }
             };
@@ -1469,13 +1475,7 @@ impl<'a> Walk<'a> {
                 Resolved::Expand(target, _) if beside && std::ptr::eq(target, schema) => Ok(()),
                 Resolved::Expand(target, at) => self.children(target, prefix, level + 1, &at),
                 Resolved::Stop(_, at, why) => {
-                    if !prefix.is_empty() {
-                        self.cuts.push(Cut {
-                            field: prefix.to_owned(),
-                            at,
-                            why,
-                        });
-                    }
+                    self.stopped(prefix, at, why);
                     Ok(())
                 }
             };
@@ -1522,11 +1522,7 @@ impl<'a> Walk<'a> {
             let result = match resolved {
                 Resolved::Expand(schema, at) => self.children(schema, &pointer, level + 1, &at),
                 Resolved::Stop(_, at, why) => {
-                    self.cuts.push(Cut {
-                        field: pointer,
-                        at,
-                        why,
-                    });
+                    self.stopped(&pointer, at, why);
                     Ok(())
                 }
             };
