@@ -1313,6 +1313,26 @@ fn reference_pointer(reference: &str) -> Option<String> {
 }
 
 impl<'a> Walk<'a> {
+    /// Lists the fields of a resolved schema one level below `prefix`, or
+    /// notes why they cannot be listed; then forgets the references
+    /// followed to reach it.
+    fn expand(
+        &mut self,
+        (resolved, pushed): (Resolved<'a>, usize),
+        prefix: &str,
+        level: usize,
+    ) -> Result<(), TooManyFields> {
+        let result = match resolved {
+            Resolved::Expand(schema, at) => self.children(schema, prefix, level + 1, &at),
+            Resolved::Stop(_, at, why) => {
+                self.stopped(prefix, at, why);
+                Ok(())
+            }
+        };
+        self.refs.truncate(self.refs.len() - pushed);
+        result
+    }
+
     /// Notes that the fields inside `field` could not be listed, and why
     /// (the record itself, `""`, is no field to note).
     fn stopped(&mut self, field: &str, at: String, why: FieldCut) {
@@ -1424,17 +1444,9 @@ impl<'a> Walk<'a> {
         if let Some(items) = schema.get("items").filter(|i| i.is_object()) {
             let mut items_at = at.to_owned();
             push_segment(&mut items_at, "items");
-            let (resolved, pushed) = self.resolve(items, items_at);
-            let result = match resolved {
-                Resolved::Expand(schema, at) => self.children(schema, prefix, level + 1, &at),
-                // The items of `prefix` are what could not be listed.
-                Resolved::Stop(_, at, why) => {
-                    self.stopped(prefix, at, why);
-                    Ok(())
-                }
-            };
-            self.refs.truncate(self.refs.len() - pushed);
-            result?;
+            // The items of `prefix` are what could not be listed, if anything.
+            let resolved = self.resolve(items, items_at);
+            self.expand(resolved, prefix, level)?;
         }
         if self.branches {
             self.alternatives(schema, prefix, level, at)?;
@@ -1470,17 +1482,12 @@ impl<'a> Walk<'a> {
         }
         for (branch, branch_at, beside) in branches {
             let (resolved, pushed) = self.resolve_from(branch, branch_at, beside);
-            let result = match resolved {
-                // A reference beside that did not resolve: the validator refuses it.
-                Resolved::Expand(target, _) if beside && std::ptr::eq(target, schema) => Ok(()),
-                Resolved::Expand(target, at) => self.children(target, prefix, level + 1, &at),
-                Resolved::Stop(_, at, why) => {
-                    self.stopped(prefix, at, why);
-                    Ok(())
-                }
-            };
-            self.refs.truncate(self.refs.len() - pushed);
-            result?;
+            // A reference beside that did not resolve: the validator refuses it.
+            if beside && matches!(resolved, Resolved::Expand(target, _) if std::ptr::eq(target, schema)) {
+                self.refs.truncate(self.refs.len() - pushed);
+                continue;
+            }
+            self.expand((resolved, pushed), prefix, level)?;
         }
         Ok(())
     }
@@ -1519,15 +1526,7 @@ impl<'a> Walk<'a> {
                 items,
                 required: is_required,
             });
-            let result = match resolved {
-                Resolved::Expand(schema, at) => self.children(schema, &pointer, level + 1, &at),
-                Resolved::Stop(_, at, why) => {
-                    self.stopped(&pointer, at, why);
-                    Ok(())
-                }
-            };
-            self.refs.truncate(self.refs.len() - pushed);
-            result?;
+            self.expand((resolved, pushed), &pointer, level)?;
         }
         Ok(())
     }

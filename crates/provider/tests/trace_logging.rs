@@ -42,6 +42,22 @@ fn fetch_request(query: serde_json::Value) -> FetchRequest {
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
+impl Captured {
+    /// Captures this thread's log lines up to `level` while the guard lives:
+    /// thread-local, and the current-thread runtime runs the server tasks on
+    /// this thread.
+    fn start(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl Write for Captured {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(buf);
@@ -55,15 +71,7 @@ impl Write for Captured {
 
 #[tokio::test(flavor = "current_thread")]
 async fn fetches_continue_the_callers_trace_and_never_log_the_query() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
-        .finish();
-    // Thread-local, and the current-thread runtime runs the server tasks on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::start(tracing::Level::DEBUG);
 
     let ca = CertificateAuthority::generate(TD).unwrap();
     let tls = ServerTls::new(&material(&ca, &IssueSpec::member("civil-status")), TD).unwrap();
@@ -110,14 +118,7 @@ async fn fetches_continue_the_callers_trace_and_never_log_the_query() {
 /// it cannot forge a log line nor drive the terminal the log is read on.
 #[tokio::test(flavor = "current_thread")]
 async fn a_request_id_with_control_characters_is_logged_escaped() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::start(tracing::Level::INFO);
 
     let ca = CertificateAuthority::generate(TD).unwrap();
     let tls = ServerTls::new(&material(&ca, &IssueSpec::member("civil-status")), TD).unwrap();
@@ -156,14 +157,7 @@ async fn a_request_id_with_control_characters_is_logged_escaped() {
 async fn the_shutdown_warns_of_abandoned_fetches_only_and_counts_them() {
     use lienthong_provider::testing::{FaultMode, Faulty};
     use lienthong_provider::{ProviderConfig, serve};
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::start(tracing::Level::INFO);
 
     let ca = CertificateAuthority::generate(TD).unwrap();
     let tls = Arc::new(ServerTls::new(&material(&ca, &IssueSpec::member("civil-status")), TD).unwrap());
@@ -268,14 +262,7 @@ impl lienthong_provider::RecordSource for Stuck {
 /// register was told the deadline.
 #[tokio::test(flavor = "current_thread")]
 async fn a_fetch_past_its_deadline_or_cancelled_is_logged() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::start(tracing::Level::INFO);
 
     let ca = CertificateAuthority::generate(TD).unwrap();
     let tls = Arc::new(ServerTls::new(&material(&ca, &IssueSpec::member("civil-status")), TD).unwrap());
