@@ -178,11 +178,17 @@ impl BrokerProcess {
     /// Starts `lienthong serve --config <config>` where the config listens on
     /// port 0, and reads the bound address from its output.
     pub fn start(config: &Path) -> BrokerProcess {
+        BrokerProcess::start_with(config, &[])
+    }
+
+    /// [`BrokerProcess::start`] with more environment (settings as `LIENTHONG_*`).
+    pub fn start_with(config: &Path, env: &[(&str, &str)]) -> BrokerProcess {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(bin())
             .args(["serve", "--config"])
             .arg(config)
             .env("LIENTHONG_LISTEN", "127.0.0.1:0")
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -216,6 +222,15 @@ impl BrokerProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (a name `kill` knows: `HUP`, `TERM`).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal}");
     }
 
     /// SIGTERM, then the exit status.

@@ -6,6 +6,7 @@ use lienthong::v1 as pb;
 use lienthong_cli::client::Clients;
 use lienthong_cli::federation::{ADMIN, JUDICIAL_OFFICE, STATE_AUDIT};
 use lienthong_tls::{IssueSpec, fingerprint_hex};
+use std::time::Duration;
 use tonic::Code;
 
 async fn refused(c: &Clients) -> tonic::Status {
@@ -231,4 +232,155 @@ async fn a_refused_register_certificate_is_named_in_full_to_the_consumer_and_the
         .entries;
     assert!(failed.iter().any(|e| e.reason.contains(&why)), "{failed:#?}");
     fed.shutdown().await.unwrap();
+}
+
+/// The SHA-256 of the certificate the broker at `url` serves to a new connection.
+async fn served_sha256(url: &str, certs: &std::path::Path) -> String {
+    let material =
+        lienthong_tls::TlsMaterial::load(&lienthong_cli::client::member_files(certs, JUDICIAL_OFFICE)).unwrap();
+    let config = lienthong_tls::client_config(&material, None).unwrap();
+    let dialer = lienthong_tls::Dialer::new(url, config, Duration::from_secs(5)).unwrap();
+    let stream = dialer.dial().await.unwrap();
+    let served = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    fingerprint_hex(&lienthong_tls::CertificateFingerprints::of(&served).presented())
+}
+
+/// `lienthong certs issue --broker-cert` into the federation's directory: the
+/// documented renewal, writing a new broker.pem and broker.key in place.
+async fn renew_broker_certificate(certs: &std::path::Path) -> String {
+    let dir = certs.display().to_string();
+    let (ok, out) =
+        tokio::task::spawn_blocking(move || run_cli(&["certs", "issue", "--dir", &dir, "--broker-cert"], &[]))
+            .await
+            .unwrap();
+    assert!(ok, "{out}");
+    sha256_of(&std::fs::read_to_string(certs.join("broker.pem")).unwrap())
+}
+
+/// Renewing the broker's certificate takes no restart: the broker serves the
+/// new one to new connections and presents it to registers, so a register can
+/// refuse the old one at once (the procedure for a leaked broker key). Files
+/// it would not start with (a key that is not the certificate's, as in a copy
+/// half done) leave it serving what it had, and say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_broker_certificate_is_served_and_presented_to_registers_without_a_restart() {
+    use lienthong_cli::federation::CIVIL_STATUS;
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 3);
+    look_up_birth(&office, &subject).await.unwrap();
+    let old = sha256_of(&std::fs::read_to_string(fed.certs.join("broker.pem")).unwrap());
+    assert_eq!(served_sha256(&fed.broker_url, &fed.certs).await, old);
+    let metrics = &fed.broker.broker.metrics;
+
+    // Half a copy: a new key beside the old certificate.
+    let stray = ca(&fed).issue(&IssueSpec::broker()).unwrap();
+    let old_key = std::fs::read(fed.certs.join("broker.key")).unwrap();
+    std::fs::write(fed.certs.join("broker.key"), &stray.key_pem).unwrap();
+    fed.broker.reload_tls();
+    assert!(
+        eventually(Duration::from_secs(10), async || metrics.tls_files_refused.get() == 1).await,
+        "files whose key is not the certificate's are refused"
+    );
+    assert_eq!(served_sha256(&fed.broker_url, &fed.certs).await, old);
+    look_up_birth(&office, &subject)
+        .await
+        .expect("still serving with what it had");
+    std::fs::write(fed.certs.join("broker.key"), old_key).unwrap();
+
+    let new = renew_broker_certificate(&fed.certs).await;
+    assert_ne!(new, old);
+    fed.broker.reload_tls();
+    assert!(
+        eventually(Duration::from_secs(10), async || served_sha256(
+            &fed.broker_url,
+            &fed.certs
+        )
+        .await
+            == new)
+        .await,
+        "the renewed certificate is served"
+    );
+    assert_eq!(metrics.tls_files_refused.get(), 0);
+    let expiry = lienthong_tls::summarize_pem(&std::fs::read_to_string(fed.certs.join("broker.pem")).unwrap(), "")
+        .unwrap()
+        .not_after
+        .unix_timestamp();
+    assert_eq!(metrics.certificate_expiry.get(), expiry);
+
+    // The register refuses the old certificate from its next fetch: the broker
+    // reaches it with the new one.
+    let register = fed.registers.iter().find(|r| r.member == CIVIL_STATUS).unwrap();
+    let old_fingerprint: [u8; 32] = hex::decode(&old).unwrap().try_into().unwrap();
+    register.refused.replace([old_fingerprint].into());
+    look_up_birth(&office, &subject)
+        .await
+        .expect("the broker presents its renewed certificate to the register");
+    fed.shutdown().await.unwrap();
+}
+
+/// `lienthong serve` reloads its TLS files on SIGHUP (here with the periodic
+/// look turned off), and goes on serving: SIGHUP does not end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_has_lienthong_serve_take_its_renewed_certificate() {
+    let (_dir, mut fed) = federation().await;
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+    let mut process = BrokerProcess::start_with(&fed.config_path, &[("LIENTHONG_TLS_RELOAD_CHECK_MS", "0")]);
+    let old = served_sha256(&process.url, &fed.certs).await;
+    let new = renew_broker_certificate(&fed.certs).await;
+    assert_eq!(
+        served_sha256(&process.url, &fed.certs).await,
+        old,
+        "not before it is asked"
+    );
+    process.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), async || served_sha256(
+            &process.url,
+            &fed.certs
+        )
+        .await
+            == new)
+        .await,
+        "served after SIGHUP"
+    );
+    assert!(
+        process.child.try_wait().unwrap().is_none(),
+        "SIGHUP does not stop the broker"
+    );
+    let office = lienthong_cli::client::connect(
+        &process.url,
+        &lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE),
+    )
+    .await
+    .unwrap();
+    look_up_birth(&office, &citizen_id(&fed, 4)).await.unwrap();
+    assert_eq!(process.terminate().code(), Some(0));
+    fed.shutdown_registers().await;
+}
+
+/// Without a signal, the broker finds renewed files at its next look
+/// (`tls.reload_check_ms`), as when Kubernetes updates a mounted Secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_finds_its_renewed_certificate_by_itself() {
+    let (_dir, mut fed) = federation().await;
+    let stop = fed.broker.take_shutdown().unwrap();
+    let _ = stop.send(());
+    fed.broker.wait().await.unwrap();
+    let mut process = BrokerProcess::start_with(&fed.config_path, &[("LIENTHONG_TLS_RELOAD_CHECK_MS", "100")]);
+    let new = renew_broker_certificate(&fed.certs).await;
+    assert!(
+        eventually(Duration::from_secs(10), async || served_sha256(
+            &process.url,
+            &fed.certs
+        )
+        .await
+            == new)
+        .await,
+        "served at the next look"
+    );
+    assert_eq!(process.terminate().code(), Some(0));
+    fed.shutdown_registers().await;
 }

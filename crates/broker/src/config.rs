@@ -141,6 +141,10 @@ pub struct TlsConfig {
     pub max_unauthenticated_connections: usize,
     /// How long such a connection stays open after its handshake.
     pub unauthenticated_connection_ms: u64,
+    /// How often the broker looks at `ca`, `cert` and `key` for new contents
+    /// and, when they changed and pass the start-up checks, serves them from
+    /// the next connection on; 0: only on SIGHUP.
+    pub reload_check_ms: u64,
 }
 
 /// Size and rate limits.
@@ -292,6 +296,7 @@ impl Default for TlsConfig {
             handshake_timeout_ms: 10_000,
             max_unauthenticated_connections: 64,
             unauthenticated_connection_ms: 10_000,
+            reload_check_ms: 60_000,
         }
     }
 }

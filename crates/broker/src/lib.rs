@@ -11,6 +11,7 @@ pub mod error;
 pub mod exchange;
 pub mod freshness;
 pub mod metrics;
+mod own_tls;
 mod protocol;
 pub mod reflection;
 pub mod refusals;

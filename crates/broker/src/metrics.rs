@@ -250,6 +250,8 @@ pub struct Metrics {
     audit_append_seconds: Histogram,
     /// When the broker's own certificate (`tls.cert`) expires, Unix seconds.
     pub certificate_expiry: Gauge,
+    /// 1 while the TLS files on disk are refused and older ones are served.
+    pub tls_files_refused: Gauge,
     request_cache: [Cache<RequestSeries>; 2],
     provider_cache: Cache<ProviderSeries>,
     scrape: tokio::sync::Mutex<()>,
@@ -341,6 +343,12 @@ impl Metrics {
             Unit::Seconds,
             certificate_expiry.clone(),
         );
+        let tls_files_refused = Gauge::default();
+        registry.register(
+            "tls_files_refused",
+            "1 while the broker's TLS files (tls.ca, tls.cert, tls.key) have changed into ones it refuses, so it goes on serving the ones it had; the reason is in its log",
+            tls_files_refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -353,6 +361,7 @@ impl Metrics {
             unauthenticated,
             audit_append_seconds,
             certificate_expiry,
+            tls_files_refused,
             request_cache: [Cache::new(), Cache::new()],
             provider_cache: Cache::new(),
             scrape: tokio::sync::Mutex::new(()),
@@ -632,8 +641,9 @@ const MAX_HANDSHAKE_TIME: Duration = Duration::from_secs(3);
 #[derive(Clone)]
 pub struct MetricsTls {
     /// Requires a client certificate from the scrapers' CA (see
-    /// [`lienthong_tls::client_auth_required_config`]).
-    pub config: Arc<rustls::ServerConfig>,
+    /// [`lienthong_tls::client_auth_required_config`]); replaced when the
+    /// broker's TLS files change.
+    pub config: Arc<arc_swap::ArcSwap<rustls::ServerConfig>>,
     /// A scraper that has not finished its handshake by then is dropped.
     pub handshake_timeout: Duration,
 }
@@ -713,12 +723,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let acceptor = tls.as_ref().map(|t| {
-        (
-            tokio_rustls::TlsAcceptor::from(t.config.clone()),
-            t.handshake_timeout.min(MAX_HANDSHAKE_TIME),
-        )
-    });
+    let acceptor = tls
+        .as_ref()
+        .map(|t| (t.config.clone(), t.handshake_timeout.min(MAX_HANDSHAKE_TIME)));
     let handshakes = Handshakes::new();
     let failures = Arc::new(lienthong_tls::FailureLog::new(
         "metrics tls handshakes failed (a scraper needs a certificate from telemetry.metrics_client_ca)",
@@ -753,7 +760,7 @@ pub async fn serve(
         // Reap finished connections so the set stays small.
         while connections.try_join_next().is_some() {}
         let broker = broker.clone();
-        let Some((acceptor, timeout)) = acceptor.clone() else {
+        let Some((config, timeout)) = acceptor.as_ref() else {
             connections.spawn(async move {
                 let _permit = permit;
                 serve_connection(stream, broker).await;
@@ -764,8 +771,8 @@ pub async fn serve(
             failures.note(remote, &"too many handshakes under way; connection closed");
             continue;
         };
-        let failures = failures.clone();
-        let limit = limit.clone();
+        let (failures, limit, timeout) = (failures.clone(), limit.clone(), *timeout);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config.load_full());
         connections.spawn(async move {
             let handshake = tokio::time::timeout(timeout, acceptor.accept(stream)).await;
             drop(turn);

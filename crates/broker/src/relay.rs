@@ -547,6 +547,17 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
+    fn new(id: String, url: String, conns: Vec<Conn>) -> EndpointState {
+        EndpointState {
+            id,
+            url,
+            conns,
+            next_conn: AtomicUsize::new(0),
+            outstanding: AtomicU64::new(0),
+            breaker: Mutex::new(Breaker::Closed { failures: 0 }),
+        }
+    }
+
     /// One `Fetch` on the connection [`next_connection`] picks.
     async fn call(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, CallError> {
         let calls = self.conns.iter().map(|c| c.calls.load(Ordering::Relaxed));
@@ -646,7 +657,8 @@ struct ProviderPool {
 
 /// Calls providers. Endpoints come from the snapshot through [`Relay::sync`].
 pub struct Relay {
-    material: TlsMaterial,
+    /// The broker's certificate, key and trusted CAs; replaced by [`Relay::renew_identity`].
+    material: ArcSwap<TlsMaterial>,
     trust_domain: String,
     config: RelayConfig,
     pools: RwLock<HashMap<String, Arc<ProviderPool>>>,
@@ -665,7 +677,7 @@ impl Relay {
     /// A relay authenticating to providers with `material` (the broker's certificate).
     pub fn new(material: TlsMaterial, trust_domain: String, config: RelayConfig) -> Relay {
         Relay {
-            material,
+            material: ArcSwap::from_pointee(material),
             trust_domain,
             config,
             pools: RwLock::new(HashMap::new()),
@@ -709,14 +721,7 @@ impl Relay {
                 let state = match existing {
                     Some(s) => s,
                     None => match self.connections(provider, &e.url) {
-                        Ok(conns) => Arc::new(EndpointState {
-                            id: e.id.clone(),
-                            url: e.url.clone(),
-                            conns,
-                            next_conn: AtomicUsize::new(0),
-                            outstanding: AtomicU64::new(0),
-                            breaker: Mutex::new(Breaker::Closed { failures: 0 }),
-                        }),
+                        Ok(conns) => Arc::new(EndpointState::new(e.id.clone(), e.url.clone(), conns)),
                         Err(err) => {
                             tracing::error!(provider = %provider, endpoint = %e.id, error = %err, "cannot build the connections to a provider endpoint");
                             continue;
@@ -739,11 +744,43 @@ impl Relay {
         *pools = next;
     }
 
+    /// Presents `material` (the broker's new certificate and key, or new CAs)
+    /// to registers from now on. Every endpoint's connections are made anew,
+    /// with new TLS sessions, as those open would go on presenting the old
+    /// certificate; calls under way finish on them. Breakers start closed:
+    /// what failed may have been the old certificate.
+    pub fn renew_identity(&self, material: TlsMaterial) {
+        let Ok(mut pools) = self.pools.write() else { return };
+        self.material.store(Arc::new(material));
+        let renewed = pools
+            .iter()
+            .map(|(provider, pool)| {
+                let endpoints = pool
+                    .endpoints
+                    .iter()
+                    .map(|old| match self.connections(provider, &old.url) {
+                        Ok(conns) => Arc::new(EndpointState::new(old.id.clone(), old.url.clone(), conns)),
+                        Err(err) => {
+                            tracing::error!(provider = %provider, endpoint = %old.id, error = %err, "cannot renew the connections to a provider endpoint; keeping the old ones");
+                            old.clone()
+                        }
+                    })
+                    .collect();
+                let pool = ProviderPool {
+                    endpoints,
+                    limit: pool.limit.clone(),
+                };
+                (provider.clone(), Arc::new(pool))
+            })
+            .collect();
+        *pools = renewed;
+    }
+
     /// The (not yet dialled) connections to one endpoint of `provider`.
     fn connections(&self, provider: &str, url: &str) -> Result<Vec<Conn>, String> {
         let revoked = self.revoked.clone();
         let tls = lienthong_tls::pinned_client_config(
-            &self.material,
+            &self.material.load(),
             &self.trust_domain,
             Identity::Member(provider.to_string()),
             Arc::new(move |fingerprint| revoked.load().contains(fingerprint)),

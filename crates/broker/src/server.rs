@@ -12,6 +12,7 @@ use crate::reflection::{Index, ReflectionV1, ReflectionV1Alpha};
 use crate::relay::Relay;
 use crate::schema::SchemaService;
 use crate::state::Broker;
+use arc_swap::ArcSwap;
 use lienthong::v1::admin_server::AdminServer;
 use lienthong::v1::audit_server::AuditServer;
 use lienthong::v1::exchange_server::ExchangeServer;
@@ -20,7 +21,7 @@ use lienthong_audit::{AuditConfig, AuditLog, LogKeys};
 use lienthong_core::audit::{AuditEvent, EntryKind, Outcome};
 use lienthong_core::{Member, MemberId, Role};
 use lienthong_store::{StoreError, StoreOptions};
-use lienthong_tls::{AcceptOptions, ServerTls, TlsFiles, TlsMaterial};
+use lienthong_tls::AcceptOptions;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,6 +70,7 @@ pub struct ServerHandle {
     pub broker: Arc<Broker>,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<JoinHandle<Result<(), StartError>>>,
+    reload_tls: Arc<tokio::sync::Notify>,
 }
 
 impl ServerHandle {
@@ -99,6 +101,13 @@ impl ServerHandle {
                 "server task ended: {e}"
             )))),
         }
+    }
+
+    /// Has the broker look at its TLS files now (`lienthong serve` does on
+    /// SIGHUP) rather than at its next `tls.reload_check_ms`; the outcome is
+    /// in its log and in `lienthong_tls_files_refused`.
+    pub fn reload_tls(&self) {
+        self.reload_tls.notify_one();
     }
 
     /// A sender that starts the graceful shutdown.
@@ -219,128 +228,6 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
     }
 }
 
-/// Refuses a certificate that does not name this broker in the configured
-/// trust domain. Registers accept only `spiffe://<trust_domain>/broker` and
-/// members are checked against `trust_domain`, so a mismatch would start a
-/// broker that refuses every member and is refused by every register, with
-/// the cause only in each peer's error.
-fn check_own_identity(config: &Config) -> Result<(), StartError> {
-    let path = &config.tls.cert;
-    let pem = std::fs::read_to_string(path).map_err(io(format!("cannot read tls.cert {}", path.display())))?;
-    let named = lienthong_tls::summarize_pem(&pem, &config.trust_domain)?.identity;
-    if named == Ok(lienthong_tls::Identity::Broker) {
-        return Ok(());
-    }
-    let why = match named {
-        Ok(other) => format!("it names {}", other.spiffe_uri(&config.trust_domain)),
-        Err(e) => e.to_string(),
-    };
-    Err(BrokerError::InvalidArgument(format!(
-        "tls.cert {} is not this broker's certificate in trust domain {:?} ({why}): the broker's certificate must \
-         name spiffe://{}/broker; set `trust_domain` to the domain its CA was made for \
-         (`lienthong certs init --trust-domain`), or issue the broker a certificate in this one \
-         (`lienthong certs issue --broker-cert`)",
-        path.display(),
-        config.trust_domain,
-        config.trust_domain
-    ))
-    .into())
-}
-
-/// Refuses a certificate members and registers would refuse now: not issued
-/// by a CA in `tls.ca` (a slip in a CA roll), expired, or not valid yet. The
-/// broker would otherwise say it serves while every connection fails, with
-/// the cause only in each peer's error. Returns the certificate's expiry.
-fn check_own_certificate(
-    config: &Config,
-    server_tls: &ServerTls,
-    material: &TlsMaterial,
-) -> Result<OffsetDateTime, StartError> {
-    let (cert, ca) = (config.tls.cert.display(), config.tls.ca.display());
-    let (verified, not_after) = server_tls.verify_peer(Some(&material.chain));
-    let why = match (verified, not_after) {
-        (Ok(_), Some(not_after)) => return Ok(not_after),
-        (Ok(_), None) => format!("tls.cert {cert} has no readable expiry"),
-        (Err(lienthong_tls::AuthError::UnknownIssuer), _) => format!(
-            "tls.cert {cert} is not issued by a CA in tls.ca {ca}, so members and registers would refuse the \
-             broker: during a CA roll put both the old and the new CA certificate in tls.ca, or issue the broker \
-             a certificate from the CA in tls.ca (`lienthong certs issue --broker-cert`)"
-        ),
-        (Err(lienthong_tls::AuthError::Expired { not_after }), _) => format!(
-            "tls.cert {cert} expired at {not_after}, so members and registers would refuse the broker: issue it \
-             a new certificate (`lienthong certs issue --broker-cert`) and restart"
-        ),
-        (Err(lienthong_tls::AuthError::NotYetValid), _) => format!(
-            "tls.cert {cert} is not valid yet by this host's clock, so members and registers would refuse the \
-             broker: check the clock (and the issuing host's), or wait until the certificate's validity starts"
-        ),
-        (Err(other), _) => format!("tls.cert {cert} is not usable as the broker's certificate: {other}"),
-    };
-    Err(BrokerError::FailedPrecondition(why).into())
-}
-
-/// The broker warns this long before its certificate expires.
-const EXPIRY_WARNING: time::Duration = time::Duration::days(30);
-
-/// Warns when the broker's certificate expires within [`EXPIRY_WARNING`] of
-/// `now`; whether it did.
-fn warn_if_expiring(cert: &std::path::Path, not_after: OffsetDateTime, now: OffsetDateTime) -> bool {
-    let left = not_after - now;
-    if left > EXPIRY_WARNING {
-        return false;
-    }
-    tracing::warn!(
-        tls_cert = %cert.display(),
-        not_after = %not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        days_left = left.whole_days(),
-        "the broker's certificate expires soon, and then every member and register refuses the broker: issue a \
-         new one (`lienthong certs issue --broker-cert`) and restart each replica with it"
-    );
-    true
-}
-
-/// Repeats [`warn_if_expiring`] once a day while the broker runs.
-fn spawn_expiry_warnings(cert: std::path::PathBuf, not_after: OffsetDateTime) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let day = Duration::from_secs(24 * 60 * 60);
-        let mut daily = tokio::time::interval_at(tokio::time::Instant::now() + day, day);
-        loop {
-            daily.tick().await;
-            warn_if_expiring(&cert, not_after, OffsetDateTime::now_utc());
-        }
-    })
-}
-
-/// The metrics listener's TLS, when `telemetry.metrics_client_ca` is set and
-/// metrics are on: the broker's own certificate, client certificates from
-/// that CA required.
-fn metrics_tls(config: &Config, material: &TlsMaterial) -> Result<Option<crate::metrics::MetricsTls>, StartError> {
-    if !config.telemetry.metrics_tls() || config.telemetry.metrics_addr().is_none() {
-        return Ok(None);
-    }
-    let invalid = |e: lienthong_tls::TlsError| {
-        StartError::Broker(BrokerError::InvalidArgument(format!(
-            "telemetry.metrics_client_ca: {e}"
-        )))
-    };
-    let roots = lienthong_tls::read_trust_anchors(&config.telemetry.metrics_client_ca).map_err(invalid)?;
-    if roots.iter().any(|root| material.roots.contains(root)) {
-        // Allowed (an operator may issue the scraper's certificate from the
-        // federation CA), but then every member's certificate scrapes too.
-        tracing::warn!(
-            "telemetry.metrics_client_ca holds the federation CA: every member agency's certificate can read \
-             /metrics (who asks for which record types, how often); give the scrapers a CA of their own"
-        );
-    }
-    let server_config =
-        lienthong_tls::client_auth_required_config(&material.chain, &material.key, &roots, &[b"http/1.1"])
-            .map_err(invalid)?;
-    Ok(Some(crate::metrics::MetricsTls {
-        config: server_config,
-        handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
-    }))
-}
-
 /// Starts a broker. With `listener` given (tests bind `127.0.0.1:0`), serves on
 /// it; otherwise binds `config.listen`.
 pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<ServerHandle, StartError> {
@@ -348,15 +235,8 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     let config = Arc::new(config);
     create_data_dir(&config.data_dir)?;
     let data_dir_lock = lock_data_dir(&config.data_dir)?;
-    let material = TlsMaterial::load(&TlsFiles {
-        ca: config.tls.ca.clone(),
-        cert: config.tls.cert.clone(),
-        key: config.tls.key.clone(),
-    })?;
-    check_own_identity(&config)?;
-    let server_tls = Arc::new(ServerTls::new(&material, &config.trust_domain)?);
-    let certificate_expires = check_own_certificate(&config, &server_tls, &material)?;
-    warn_if_expiring(&config.tls.cert, certificate_expires, OffsetDateTime::now_utc());
+    let own = crate::own_tls::OwnTls::load(&config)?;
+    crate::own_tls::warn_if_expiring(&config.tls.cert, own.expires, OffsetDateTime::now_utc());
     let store = lienthong_store::open(&StoreOptions {
         url: config.database_url(),
         max_connections: config.limits.database_max_connections,
@@ -395,8 +275,15 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     )
     .await?;
     bootstrap_admin(&config, &store, &audit).await?;
-    let metrics_tls = metrics_tls(&config, &material)?;
-    let relay = Relay::new(material, config.trust_domain.clone(), config.relay.clone());
+    let served = crate::own_tls::Served {
+        server: Arc::new(own.server),
+        metrics: own.metrics.map(|config| Arc::new(ArcSwap::new(config))),
+    };
+    let metrics_tls = served.metrics.as_ref().map(|tls| crate::metrics::MetricsTls {
+        config: tls.clone(),
+        handshake_timeout: Duration::from_millis(config.tls.handshake_timeout_ms),
+    });
+    let relay = Relay::new(own.material, config.trust_domain.clone(), config.relay.clone());
     let broker = Broker::new(config.clone(), store, audit, relay).await?;
     let metrics_listener = match config.telemetry.metrics_addr() {
         None => None,
@@ -410,11 +297,11 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         Some(l) => Some(l.local_addr().map_err(io("metrics listener address"))?),
         None => None,
     };
-    broker
-        .metrics
-        .certificate_expiry
-        .set(certificate_expires.unix_timestamp());
-    let expiry_warnings = spawn_expiry_warnings(config.tls.cert.clone(), certificate_expires);
+    broker.metrics.certificate_expiry.set(own.expires.unix_timestamp());
+    let server_tls = served.server.clone();
+    let reload_tls = Arc::new(tokio::sync::Notify::new());
+    let tls_watch =
+        crate::own_tls::spawn_watch(config.clone(), broker.clone(), served, own.expires, reload_tls.clone());
     let watcher = broker.spawn_watcher(Duration::from_secs(2));
     let refusal_summaries = broker.spawn_refusal_summaries(Duration::from_secs(10));
 
@@ -606,7 +493,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             );
         }
         watcher.abort();
-        expiry_warnings.abort();
+        tls_watch.abort();
         refusal_summaries.abort();
         task_broker.summarize_refusals().await;
         let head = task_broker.audit.shutdown().await;
@@ -642,6 +529,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
         broker,
         shutdown: Some(tx),
         join: Some(join),
+        reload_tls,
     })
 }
 
@@ -1041,84 +929,6 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    /// A config whose tls.ca is `ca`, and the broker's TLS from `broker`'s certificate.
-    fn own_certificate(
-        ca: &lienthong_tls::CertificateAuthority,
-        broker: &lienthong_tls::IssueSpec,
-    ) -> Result<OffsetDateTime, StartError> {
-        let issued = ca.issue(broker).map_err(StartError::Tls)?;
-        let mut config = Config {
-            trust_domain: "gov".into(),
-            ..Config::default()
-        };
-        config.tls.ca = "certs/ca.pem".into();
-        config.tls.cert = "certs/broker.pem".into();
-        let material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem)?;
-        let server_tls = ServerTls::new(&material, "gov")?;
-        check_own_certificate(&config, &server_tls, &material)
-    }
-
-    #[allow(clippy::unwrap_used)]
-    #[test]
-    fn the_broker_refuses_to_start_with_a_certificate_its_peers_would_refuse() {
-        let ca = lienthong_tls::CertificateAuthority::generate("gov").unwrap();
-        let good = lienthong_tls::IssueSpec::broker();
-        let not_after = own_certificate(&ca, &good).unwrap();
-        assert!(not_after > OffsetDateTime::now_utc() + time::Duration::days(300));
-
-        // Issued by a CA that is not in tls.ca (the same name, another key).
-        let next = lienthong_tls::CertificateAuthority::generate("gov").unwrap();
-        let issued = next.issue(&good).unwrap();
-        let mut material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
-        let mut config = Config::default();
-        config.tls.ca = "certs/ca.pem".into();
-        config.tls.cert = "certs/broker.pem".into();
-        let server_tls = ServerTls::new(&material, "gov").unwrap();
-        let err = check_own_certificate(&config, &server_tls, &material)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("certs/broker.pem is not issued by a CA in tls.ca certs/ca.pem") && err.contains("CA roll"),
-            "{err}"
-        );
-        // A CA roll: both CAs in tls.ca.
-        material.roots = TlsMaterial::from_pem(
-            &format!("{}{}", ca.cert_pem(), next.cert_pem()),
-            &issued.cert_pem,
-            &issued.key_pem,
-        )
-        .unwrap()
-        .roots;
-        let server_tls = ServerTls::new(&material, "gov").unwrap();
-        check_own_certificate(&config, &server_tls, &material).unwrap();
-
-        let now = OffsetDateTime::now_utc();
-        let expired = lienthong_tls::IssueSpec {
-            not_before: now - time::Duration::days(400),
-            not_after: now - time::Duration::days(1),
-            ..lienthong_tls::IssueSpec::broker()
-        };
-        let err = own_certificate(&ca, &expired).unwrap_err().to_string();
-        assert!(
-            err.contains("expired at") && err.contains("certs issue --broker-cert"),
-            "{err}"
-        );
-        let future = lienthong_tls::IssueSpec {
-            not_before: now + time::Duration::days(1),
-            ..lienthong_tls::IssueSpec::broker()
-        };
-        let err = own_certificate(&ca, &future).unwrap_err().to_string();
-        assert!(err.contains("not valid yet") && err.contains("clock"), "{err}");
-    }
-
-    #[test]
-    fn the_broker_warns_in_the_last_thirty_days_of_its_certificate() {
-        let now = OffsetDateTime::now_utc();
-        let cert = std::path::Path::new("certs/broker.pem");
-        assert!(!warn_if_expiring(cert, now + time::Duration::days(31), now));
-        assert!(warn_if_expiring(cert, now + time::Duration::days(29), now));
-        assert!(warn_if_expiring(cert, now - time::Duration::days(1), now));
-    }
     use tower::Service;
 
     type Outcome = Result<http::Response<tonic::body::Body>, std::convert::Infallible>;

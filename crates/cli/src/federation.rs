@@ -109,6 +109,9 @@ pub struct Register {
     pub member: &'static str,
     /// Address it listens on.
     pub addr: SocketAddr,
+    /// The broker certificates it refuses (empty at first), changeable while
+    /// it serves, as a register told of a leaked broker key.
+    pub refused: lienthong_provider::RefusedCertificates,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<()>>,
 }
@@ -136,6 +139,7 @@ impl Register {
         let material = TlsMaterial::load(&member_files(certs, member))?;
         let tls = Arc::new(ServerTls::new(&material, trust_domain)?);
         let config = lienthong_provider::ProviderConfig::new(trust_domain);
+        let refused = config.refused_certificates.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = rx.await;
@@ -151,6 +155,7 @@ impl Register {
             kind,
             member,
             addr,
+            refused,
             shutdown: Some(tx),
             join: Some(join),
         })

@@ -634,6 +634,8 @@ async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
     let signal = lienthong_cli::shutdown_signal();
     tokio::pin!(signal);
     let _ = futures::poll!(&mut signal);
+    // SIGHUP has the broker reload its TLS files; caught from before it starts.
+    let mut hangups = lienthong_cli::Hangups::new();
     // `lienthong bench` reads the plain form of this line (`METRICS_PREFIX`).
     let metrics_tls = !cfg.telemetry.metrics_client_ca.as_os_str().is_empty();
     let mut handle = lienthong_broker::start(cfg, None).await?;
@@ -657,9 +659,12 @@ async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
         );
     }
     let stop = handle.take_shutdown();
-    tokio::select! {
-        r = handle.wait() => return r.map_err(Into::into),
-        _ = &mut signal => {}
+    loop {
+        tokio::select! {
+            r = handle.wait() => return r.map_err(Into::into),
+            _ = &mut signal => break,
+            () = hangups.next() => handle.reload_tls(),
+        }
     }
     stderr_line(
         json,

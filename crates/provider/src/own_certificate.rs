@@ -13,7 +13,7 @@ use x509_parser::extensions::GeneralName;
 /// what is wrong and how to issue the right one.
 pub(crate) fn check(tls: &ServerTls, trust_domain: &str, member: Option<&str>) -> Result<(), String> {
     judge(
-        tls.served_certificate(),
+        &tls.served_certificate(),
         trust_domain,
         member,
         OffsetDateTime::now_utc(),

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::WebPkiClientVerifier;
@@ -133,11 +134,20 @@ impl DeferredClientVerifier {
 }
 
 /// Server TLS configuration plus the post-handshake client check.
+///
+/// The certificate, key and trusted CAs can be replaced while serving
+/// ([`ServerTls::replace`]): connections accepted afterwards use the new ones,
+/// those already open keep what they were accepted with.
 pub struct ServerTls {
+    trust_domain: String,
+    current: ArcSwap<Loaded>,
+}
+
+/// What one set of TLS material makes of a server: its config, the CA check
+/// of clients, and the certificate it presents.
+struct Loaded {
     config: Arc<ServerConfig>,
     verifier: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
-    /// The end-entity certificate this config serves.
     served: CertificateDer<'static>,
 }
 
@@ -149,15 +159,8 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-impl ServerTls {
-    /// Builds the server config (ALPN `h2`) from own chain/key, trusting `material.roots`
-    /// for clients of `trust_domain`.
-    pub fn new(material: &TlsMaterial, trust_domain: &str) -> Result<Self, TlsError> {
-        if !is_valid_trust_domain(trust_domain) {
-            return Err(TlsError::InvalidRequest(format!(
-                "trust domain {trust_domain:?} is invalid"
-            )));
-        }
+impl Loaded {
+    fn new(material: &TlsMaterial) -> Result<Self, TlsError> {
         let provider = provider();
         let mut roots = RootCertStore::empty();
         for root in &material.roots {
@@ -176,22 +179,43 @@ impl ServerTls {
             .first()
             .cloned()
             .ok_or_else(|| TlsError::InvalidRequest("the certificate chain is empty".into()))?;
-        Ok(ServerTls {
+        Ok(Loaded {
             config: Arc::new(config),
             verifier,
-            trust_domain: trust_domain.to_owned(),
             served,
         })
     }
+}
+
+impl ServerTls {
+    /// Builds the server config (ALPN `h2`) from own chain/key, trusting `material.roots`
+    /// for clients of `trust_domain`.
+    pub fn new(material: &TlsMaterial, trust_domain: &str) -> Result<Self, TlsError> {
+        if !is_valid_trust_domain(trust_domain) {
+            return Err(TlsError::InvalidRequest(format!(
+                "trust domain {trust_domain:?} is invalid"
+            )));
+        }
+        Ok(ServerTls {
+            trust_domain: trust_domain.to_owned(),
+            current: ArcSwap::from_pointee(Loaded::new(material)?),
+        })
+    }
+
+    /// Serves what `newer` serves (own chain and key, trusted CAs) from the
+    /// next connection on. The trust domain stays this one's.
+    pub fn replace(&self, newer: ServerTls) {
+        self.current.store(newer.current.into_inner());
+    }
 
     /// The end-entity certificate this server presents.
-    pub fn served_certificate(&self) -> &CertificateDer<'static> {
-        &self.served
+    pub fn served_certificate(&self) -> CertificateDer<'static> {
+        self.current.load().served.clone()
     }
 
     /// The rustls config, for callers driving their own acceptor.
     pub fn config(&self) -> Arc<ServerConfig> {
-        self.config.clone()
+        self.current.load().config.clone()
     }
 
     /// The trust domain clients must belong to.
@@ -220,7 +244,11 @@ impl ServerTls {
             Err(e) => return (Err(AuthError::BadCertificate(format!("unparsable: {e}"))), None),
         };
         let not_after = parsed.validity().not_after.to_datetime();
-        let verified = self.verifier.verify_client_cert(end_entity, &[], UnixTime::now());
+        let verified = self
+            .current
+            .load()
+            .verifier
+            .verify_client_cert(end_entity, &[], UnixTime::now());
         let identity = match verified {
             Ok(_) => identity_of(&parsed, &self.trust_domain),
             Err(e) => Err(auth_error(e, not_after)),
@@ -545,7 +573,6 @@ async fn accept_loop(
         "connections without a client certificate closed: as many as allowed are open",
     ));
     let by_address: AddressCounts = Arc::default();
-    let acceptor = TlsAcceptor::from(tls.config.clone());
     let crowded = FailureLog::new("connections closed: too many tls handshakes from one address at once");
     let failed = Arc::new(FailureLog::new("tls handshakes failed or timed out"));
     loop {
@@ -586,7 +613,9 @@ async fn accept_loop(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
         }
-        let (acceptor, tls, tx, failed) = (acceptor.clone(), tls.clone(), tx.clone(), failed.clone());
+        // Taken per connection: the material may have been replaced since the last.
+        let acceptor = TlsAcceptor::from(tls.config());
+        let (tls, tx, failed) = (tls.clone(), tx.clone(), failed.clone());
         let (unauthenticated, turned_away) = (unauthenticated.clone(), turned_away.clone());
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
