@@ -39,6 +39,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker.
+    ///
+    /// SIGTERM or Ctrl-C drains in-flight lookups and signs a final tree head;
+    /// SIGHUP has it reload its TLS files (tls.ca, tls.cert, tls.key) now.
     Serve {
         /// Config file (TOML); every key can be overridden by a LIENTHONG_* variable.
         #[arg(long, short)]
