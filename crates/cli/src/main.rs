@@ -474,6 +474,8 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
                 .typed_over(lienthong_cli::client::member_files(&tls_dir, &member));
             let material = lienthong_tls::TlsMaterial::load(&files)?;
             let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &trust_domain)?);
+            // A renewed certificate is taken within a minute, without a restart.
+            config.tls_files = Some(files);
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

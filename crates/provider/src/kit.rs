@@ -20,7 +20,9 @@ use arc_swap::ArcSwap;
 use futures::FutureExt;
 use lienthong::provider::v1::record_provider_server::{RecordProvider, RecordProviderServer};
 use lienthong::provider::v1::{FetchRequest, FetchResponse};
-use lienthong_tls::{AcceptOptions, AuthError, FailureLog, Identity, PeerInfo, ServerTls, incoming, peer_info};
+use lienthong_tls::{
+    AcceptOptions, AuthError, FailureLog, Identity, PeerInfo, ServerTls, TlsFiles, TlsMaterial, incoming, peer_info,
+};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -179,6 +181,15 @@ pub struct ProviderConfig {
     /// is closed as soon as its handshake ends. The broker's own connections
     /// are not counted, so such peers cannot crowd it out.
     pub max_non_broker_connections: usize,
+    /// The files the register's TLS was loaded from, when it should take
+    /// their new contents (a renewed certificate, a CA bundle for a CA roll)
+    /// without a restart: [`serve`] looks at them every
+    /// [`ProviderConfig::tls_reload_every`] and serves new contents that pass
+    /// its start-up check from the next connection on; others are logged and
+    /// the certificate served before stays.
+    pub tls_files: Option<TlsFiles>,
+    /// See [`ProviderConfig::tls_files`].
+    pub tls_reload_every: Duration,
 }
 
 /// [`ProviderConfig::shutdown_grace`] unless set: longer than the broker's
@@ -219,6 +230,8 @@ impl ProviderConfig {
             max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
             // A health check or a refusal takes a round trip or two.
             non_broker_connection_lifetime: Duration::from_secs(10),
+            tls_files: None,
+            tls_reload_every: Duration::from_secs(60),
             // Load balancers' probes and the odd misconfigured client; well
             // under the accept loop's 256 handshakes at once.
             max_non_broker_connections: 64,
@@ -322,6 +335,47 @@ impl RefusedCertificates {
             }
         });
         Ok(list)
+    }
+}
+
+/// Serves the contents of `files` from the next connection on whenever they
+/// change (looked at every `every`) into a certificate the broker accepts from
+/// this register, as [`serve`] checks at start; logs files it refuses, once
+/// per change, and goes on serving what it had.
+async fn keep_tls_current(tls: Arc<ServerTls>, files: TlsFiles, every: Duration, member: Option<String>) {
+    let read = |files: &TlsFiles| [&files.ca, &files.cert, &files.key].map(|path| std::fs::read(path).ok());
+    let mut seen = read(&files);
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let now = read(&files);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let trust_domain = tls.trust_domain();
+        let renewed = TlsMaterial::load(&files)
+            .and_then(|material| ServerTls::new(&material, trust_domain))
+            .map_err(|e| e.to_string())
+            .and_then(|renewed| {
+                crate::own_certificate::check(&renewed, trust_domain, member.as_deref()).map(|()| renewed)
+            });
+        match renewed {
+            Ok(renewed) => {
+                tls.replace(renewed);
+                tracing::info!(
+                    cert = %files.cert.display(),
+                    "the register's TLS files changed: new connections use them"
+                );
+            }
+            Err(e) => tracing::error!(
+                cert = %files.cert.display(),
+                error = %e,
+                "the register's TLS files changed into ones it refuses; it goes on serving the ones it had"
+            ),
+        }
     }
 }
 
@@ -745,6 +799,14 @@ where
     // fetch would fail at its handshake while the register looked healthy.
     crate::own_certificate::check(&tls, &config.trust_domain, config.member.as_deref())
         .map_err(ProviderError::OwnCertificate)?;
+    let _reloads = config.tls_files.clone().map(|files| {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(keep_tls_current(
+            tls.clone(),
+            files,
+            config.tls_reload_every,
+            config.member.clone(),
+        )))
+    });
     let connections = Arc::new(Connections::default());
     let health = lienthong::health::HealthReporter::new();
     health.set_serving::<RecordProviderServer<KitService>>();

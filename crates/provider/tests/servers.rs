@@ -619,3 +619,81 @@ async fn a_broker_certificate_that_expires_during_a_connection_is_refused() {
     let _ = stop.send(());
     register.await.unwrap().unwrap();
 }
+
+/// The SHA-256 of the certificate the register at `url` serves to a new connection.
+async fn served_fingerprint(fed: &Federation, url: &str) -> [u8; 32] {
+    let config = client_config(
+        &fed.material(&IssueSpec::broker()),
+        Some((TD, Identity::Member(PROVIDER.to_owned()))),
+    )
+    .unwrap();
+    let stream = lienthong_tls::Dialer::new(url, config, Duration::from_secs(5))
+        .unwrap()
+        .dial()
+        .await
+        .unwrap();
+    lienthong_tls::sha256_fingerprint(&stream.get_ref().1.peer_certificates().unwrap()[0])
+}
+
+/// With `ProviderConfig::tls_files`, a register takes its renewed certificate
+/// without a restart, and refuses files it would not start with (another
+/// member's certificate), serving the one it had.
+#[tokio::test]
+async fn a_register_takes_its_renewed_certificate_without_a_restart() {
+    let fed = Federation::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = lienthong_tls::TlsFiles {
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join("register.pem"),
+        key: dir.path().join("register.key"),
+    };
+    let write = |spec: &IssueSpec| {
+        let issued = fed.ca.issue(spec).unwrap();
+        std::fs::write(&files.cert, &issued.cert_pem).unwrap();
+        std::fs::write(&files.key, &issued.key_pem).unwrap();
+        std::fs::set_permissions(&files.key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        lienthong_tls::sha256_fingerprint(
+            &TlsMaterial::from_pem(&fed.ca.cert_pem(), &issued.cert_pem, &issued.key_pem)
+                .unwrap()
+                .chain[0],
+        )
+    };
+    std::fs::write(&files.ca, fed.ca.cert_pem()).unwrap();
+    let first = write(&IssueSpec::member(PROVIDER));
+    let tls = Arc::new(ServerTls::new(&TlsMaterial::load(&files).unwrap(), TD).unwrap());
+    let mut config = ProviderConfig::new(TD);
+    config.member = Some(PROVIDER.to_owned());
+    config.tls_files = Some(files.clone());
+    config.tls_reload_every = Duration::from_millis(20);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let register = tokio::spawn(serve(civil(), tls, config, listener, async move {
+        let _ = stopped.await;
+    }));
+    assert_eq!(served_fingerprint(&fed, &url).await, first);
+
+    // Another member's certificate: the broker would refuse it from this register.
+    write(&IssueSpec::member("land-registry"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        served_fingerprint(&fed, &url).await,
+        first,
+        "refused files leave the old one served"
+    );
+
+    let renewed = write(&IssueSpec::member(PROVIDER));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_fingerprint(&fed, &url).await != renewed {
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate was not served within ten seconds"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut broker = fed.broker(&url).await;
+    fetch(&mut broker, BIRTH_RECORD, &birth_query(5)).await.unwrap();
+    drop(broker);
+    stop.send(()).unwrap();
+    register.await.unwrap().unwrap();
+}
