@@ -286,6 +286,34 @@ async fn a_renewed_broker_certificate_is_served_and_presented_to_registers_witho
     look_up_birth(&office, &subject)
         .await
         .expect("still serving with what it had");
+    std::fs::write(fed.certs.join("broker.key"), &old_key).unwrap();
+
+    // Not valid yet (the issuing host's clock ahead): refused, then taken once
+    // valid, the files unchanged meanwhile.
+    let old_cert = std::fs::read(fed.certs.join("broker.pem")).unwrap();
+    let early = ca(&fed)
+        .issue(&IssueSpec {
+            not_before: time::OffsetDateTime::now_utc() + time::Duration::seconds(2),
+            ..IssueSpec::broker()
+        })
+        .unwrap();
+    std::fs::write(fed.certs.join("broker.pem"), &early.cert_pem).unwrap();
+    std::fs::write(fed.certs.join("broker.key"), &early.key_pem).unwrap();
+    fed.broker.reload_tls();
+    assert!(
+        eventually(Duration::from_secs(10), async || metrics.tls_files_refused.get() == 1).await,
+        "a certificate not valid yet is refused"
+    );
+    assert_eq!(served_sha256(&fed.broker_url, &fed.certs).await, old);
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            fed.broker.reload_tls();
+            served_sha256(&fed.broker_url, &fed.certs).await == sha256_of(&early.cert_pem)
+        })
+        .await,
+        "taken once valid"
+    );
+    std::fs::write(fed.certs.join("broker.pem"), old_cert).unwrap();
     std::fs::write(fed.certs.join("broker.key"), old_key).unwrap();
 
     let new = renew_broker_certificate(&fed.certs).await;

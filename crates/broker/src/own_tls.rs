@@ -232,6 +232,7 @@ pub(crate) fn spawn_watch(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut seen = files_digest(&config);
+        let mut refused: Option<String> = None;
         let check = Duration::from_millis(config.tls.reload_check_ms);
         let start = tokio::time::Instant::now();
         let mut looks = (!check.is_zero()).then(|| tokio::time::interval_at(start + check, check));
@@ -252,7 +253,9 @@ pub(crate) fn spawn_watch(
                 }
             };
             let now_seen = files_digest(&config);
-            if now_seen == seen {
+            // Refused files are tried again at every look, unchanged too: a
+            // certificate refused as not valid yet becomes valid by itself.
+            if now_seen == seen && refused.is_none() {
                 if on_request {
                     tracing::info!("asked to reload the broker's TLS files, which have not changed");
                 }
@@ -262,16 +265,22 @@ pub(crate) fn spawn_watch(
             match renew(&config, &broker, &served) {
                 Ok(renewed) => {
                     expires = renewed;
+                    refused = None;
                     broker.metrics.tls_files_refused.set(0);
                     warn_if_expiring(&config.tls.cert, expires, OffsetDateTime::now_utc());
                 }
                 Err(e) => {
                     broker.metrics.tls_files_refused.set(1);
-                    tracing::error!(
-                        error = %e,
-                        "the broker's TLS files changed into ones it refuses; it goes on serving the ones it had \
-                         (until they expire): correct the files, and the broker takes them at its next look"
-                    );
+                    let why = e.to_string();
+                    // Once per reason (and whenever asked), not at every look.
+                    if on_request || refused.as_ref() != Some(&why) {
+                        tracing::error!(
+                            error = %why,
+                            "the broker's TLS files changed into ones it refuses; it goes on serving the ones it \
+                             had (until they expire): correct the files, and the broker takes them at its next look"
+                        );
+                    }
+                    refused = Some(why);
                 }
             }
         }
