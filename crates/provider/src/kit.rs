@@ -345,13 +345,15 @@ impl RefusedCertificates {
 async fn keep_tls_current(tls: Arc<ServerTls>, files: TlsFiles, every: Duration, member: Option<String>) {
     let read = |files: &TlsFiles| [&files.ca, &files.cert, &files.key].map(|path| std::fs::read(path).ok());
     let mut seen = read(&files);
+    let mut refused: Option<String> = None;
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
         ticker.tick().await;
         let now = read(&files);
-        if now == seen {
+        // Refused files are tried again, unchanged too: one not valid yet becomes valid.
+        if now == seen && refused.is_none() {
             continue;
         }
         seen = now;
@@ -365,16 +367,22 @@ async fn keep_tls_current(tls: Arc<ServerTls>, files: TlsFiles, every: Duration,
         match renewed {
             Ok(renewed) => {
                 tls.replace(renewed);
+                refused = None;
                 tracing::info!(
                     cert = %files.cert.display(),
                     "the register's TLS files changed: new connections use them"
                 );
             }
-            Err(e) => tracing::error!(
-                cert = %files.cert.display(),
-                error = %e,
-                "the register's TLS files changed into ones it refuses; it goes on serving the ones it had"
-            ),
+            Err(e) => {
+                if refused.as_ref() != Some(&e) {
+                    tracing::error!(
+                        cert = %files.cert.display(),
+                        error = %e,
+                        "the register's TLS files changed into ones it refuses; it goes on serving the ones it had"
+                    );
+                }
+                refused = Some(e);
+            }
         }
     }
 }

@@ -691,6 +691,17 @@ async fn a_register_takes_its_renewed_certificate_without_a_restart() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // Not valid yet (the issuing host's clock ahead): taken once valid, the files unchanged meanwhile.
+    let early = write(&IssueSpec {
+        not_before: time::OffsetDateTime::now_utc() + time::Duration::seconds(1),
+        ..IssueSpec::member(PROVIDER)
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_fingerprint(&fed, &url).await != early {
+        assert!(Instant::now() < deadline, "the certificate was not served once valid");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut broker = fed.broker(&url).await;
     fetch(&mut broker, BIRTH_RECORD, &birth_query(5)).await.unwrap();
     drop(broker);
