@@ -1943,6 +1943,188 @@ fn parent_pointer(pointer: &str) -> &str {
     pointer.rfind('/').map_or("", |i| &pointer[..i])
 }
 
+/// Keywords that constrain values of one JSON type only, so that admitting
+/// `null` as well (a `"null"` added to `type`) leaves them without effect on
+/// it, as the `{"type": "null"}` alternative beside them does.
+const ONE_TYPE_KEYWORDS: [&str; 29] = [
+    "type",
+    "multipleOf",
+    "maximum",
+    "exclusiveMaximum",
+    "minimum",
+    "exclusiveMinimum",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "format",
+    "contentEncoding",
+    "contentMediaType",
+    "maxItems",
+    "minItems",
+    "uniqueItems",
+    "maxContains",
+    "minContains",
+    "contains",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "maxProperties",
+    "minProperties",
+    "required",
+    "dependentRequired",
+    "properties",
+    "patternProperties",
+    "additionalProperties",
+    "propertyNames",
+];
+
+/// The schema a nullable alternative stands for, when `obj` is one: `anyOf`
+/// or `oneOf` of `{"type": "null"}` and one schema (inline, or a local
+/// `$ref`) that admits no `null` and constrains its types only, beside
+/// annotations alone. This is how generators write an optional struct
+/// (pydantic, schemars), and it admits exactly what that schema with
+/// `"null"` added to its `type` admits.
+fn nullable_as_type(root: &Value, obj: &Map<String, Value>) -> Option<Value> {
+    let (keyword, branches) = ["anyOf", "oneOf"]
+        .iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_array).map(|b| (*k, b)))?;
+    let asserts_only_type =
+        |branch: &Map<String, Value>| branch.iter().all(|(k, v)| k == "type" || asserts_nothing(root, k, v));
+    let is_null = |branch: &Value| {
+        branch
+            .as_object()
+            .is_some_and(|b| asserts_only_type(b) && (b.get("type") == Some(&Value::from("null"))))
+    };
+    let [first, second] = branches.as_slice() else {
+        return None;
+    };
+    let other = match (is_null(first), is_null(second)) {
+        (true, false) => second,
+        (false, true) => first,
+        _ => return None,
+    };
+    // Beside the alternatives, annotations only: an assertion there would
+    // apply to null too.
+    if obj.iter().any(|(k, v)| k != keyword && !asserts_nothing(root, k, v)) {
+        return None;
+    }
+    let target = match other.get("$ref") {
+        Some(reference) => {
+            let wrapper = other.as_object()?;
+            if wrapper.iter().any(|(k, v)| k != "$ref" && !asserts_nothing(root, k, v)) {
+                return None;
+            }
+            local_target(root, reference.as_str()?)?
+        }
+        None => other,
+    };
+    let target = target.as_object()?;
+    if target
+        .iter()
+        .any(|(k, v)| !ONE_TYPE_KEYWORDS.contains(&k.as_str()) && !asserts_nothing(root, k, v))
+    {
+        return None;
+    }
+    let mut types: Vec<Value> = match target.get("type")? {
+        Value::String(t) => vec![Value::from(t.as_str())],
+        Value::Array(ts) if ts.iter().all(Value::is_string) => ts.clone(),
+        _ => return None,
+    };
+    if types.iter().any(|t| t == "null") {
+        return None;
+    }
+    types.push(Value::from("null"));
+    let mut merged = target.clone();
+    merged.insert("type".to_owned(), Value::Array(types));
+    for (k, v) in obj {
+        if k != keyword && !merged.contains_key(k) {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    Some(Value::Object(merged))
+}
+
+/// `schema` with its nullable alternatives (see [`nullable_as_type`]) written
+/// as types admitting `null`, which admit the same values; the field-by-field
+/// comparison then sees into an optional struct as it sees into a `"type":
+/// ["object", "null"]` one. `schema` itself when a local `$ref` that
+/// resolved in it would no longer resolve (one pointing inside an
+/// alternative rewritten).
+fn nullable_alternatives_as_types(schema: &Value) -> Value {
+    let mut budget = REWRITE_BUDGET;
+    let Some(rewritten) = rewrite_nullable(schema, schema, 0, &mut budget) else {
+        return schema.clone();
+    };
+    let mut references = Vec::new();
+    local_references(schema, &mut references, 0);
+    let still_resolve = references
+        .iter()
+        .all(|r| local_target(schema, r).is_none() || local_target(&rewritten, r).is_some());
+    if still_resolve { rewritten } else { schema.clone() }
+}
+
+/// JSON nodes [`nullable_alternatives_as_types`] may write: a reference
+/// inlined is copied, and references fanning out (or back) must not make a
+/// registration do exponential work. Past it the schema is compared as written.
+const REWRITE_BUDGET: usize = 100_000;
+
+fn rewrite_nullable(root: &Value, schema: &Value, level: usize, budget: &mut usize) -> Option<Value> {
+    *budget = budget.checked_sub(1)?;
+    let Some(obj) = schema.as_object() else {
+        return Some(schema.clone());
+    };
+    if level >= MAX_FIELD_LEVELS {
+        return None;
+    }
+    if let Some(merged) = nullable_as_type(root, obj) {
+        return rewrite_nullable(root, &merged, level + 1, budget);
+    }
+    let mut out = Map::with_capacity(obj.len());
+    for (key, value) in obj {
+        let schemas_below = SCHEMA_KEYWORDS.contains(&key.as_str());
+        let named_schemas_below = SCHEMA_MAP_KEYWORDS.contains(&key.as_str()) || key == "$defs" || key == "definitions";
+        let rewritten = match value {
+            Value::Array(items) if schemas_below => Value::Array(
+                items
+                    .iter()
+                    .map(|item| rewrite_nullable(root, item, level + 1, budget))
+                    .collect::<Option<_>>()?,
+            ),
+            Value::Object(_) if schemas_below => rewrite_nullable(root, value, level + 1, budget)?,
+            Value::Object(map) if named_schemas_below => Value::Object(
+                map.iter()
+                    .map(|(name, sub)| Some((name.clone(), rewrite_nullable(root, sub, level + 1, budget)?)))
+                    .collect::<Option<_>>()?,
+            ),
+            other => {
+                *budget = budget.checked_sub(1)?;
+                other.clone()
+            }
+        };
+        out.insert(key.clone(), rewritten);
+    }
+    Some(Value::Object(out))
+}
+
+/// Every `$ref` written in `schema`, as far down as [`MAX_FIELD_LEVELS`] levels of JSON.
+fn local_references(schema: &Value, out: &mut Vec<String>, level: usize) {
+    if level >= MAX_FIELD_LEVELS {
+        return;
+    }
+    match schema {
+        Value::Object(obj) => {
+            for (key, value) in obj {
+                match value.as_str() {
+                    Some(reference) if key == "$ref" => out.push(reference.to_owned()),
+                    _ => local_references(value, out, level + 1),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| local_references(item, out, level + 1)),
+        _ => {}
+    }
+}
+
 /// Lists every change from `previous` to `next` that breaks consumers of
 /// `previous` (BACKWARD compatibility); empty when compatible.
 pub fn check_compatibility(previous: &RecordTypeDefinition, next: &RecordTypeDefinition) -> Vec<BreakingChange> {
@@ -1970,8 +2152,18 @@ pub fn check_compatibility(previous: &RecordTypeDefinition, next: &RecordTypeDef
         ));
     }
     let mut budget = Budget::new();
-    compare_record(&previous.record_schema, &next.record_schema, &mut budget, &mut out);
-    compare_query(&previous.query_schema, &next.query_schema, &mut budget, &mut out);
+    compare_record(
+        &nullable_alternatives_as_types(&previous.record_schema),
+        &nullable_alternatives_as_types(&next.record_schema),
+        &mut budget,
+        &mut out,
+    );
+    compare_query(
+        &nullable_alternatives_as_types(&previous.query_schema),
+        &nullable_alternatives_as_types(&next.query_schema),
+        &mut budget,
+        &mut out,
+    );
     if budget.exhausted {
         out.push(breaking(
             "comparison_too_large",
@@ -2987,5 +3179,138 @@ mod tests {
     #[test]
     fn stored_versions_compile_under_the_regex_defaults() {
         assert_eq!(pattern_limits(Admission::Stored), (10 * (1 << 20), 2 * (1 << 20)));
+    }
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// A value schema: a scalar, an object of two properties (each a value
+    /// schema), or either written as a nullable alternative, inline or
+    /// through `$defs`, by `anyOf` or `oneOf`, in either order, with
+    /// annotations; some with a constraint beside or inside that keeps them
+    /// from being rewritten.
+    fn value_schema() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(json!({"type": "string"})),
+            Just(json!({"type": "string", "minLength": 2})),
+            Just(json!({"type": "integer", "minimum": 0})),
+            Just(json!({"type": ["string", "integer"]})),
+            Just(json!({"type": "string", "enum": ["a", "b"]})),
+            Just(json!({"type": ["string", "null"]})),
+            Just(json!({"const": null})),
+        ];
+        leaf.prop_recursive(3, 24, 2, |inner| {
+            prop_oneof![
+                (inner.clone(), inner.clone(), any::<bool>()).prop_map(|(a, b, required)| {
+                    let mut o = json!({"type": "object", "properties": {"a": a, "b": b}});
+                    if required {
+                        o["required"] = json!(["a"]);
+                    }
+                    o
+                }),
+                (inner, any::<bool>(), any::<bool>(), 0..3u8).prop_map(|(s, one_of, null_first, extra)| {
+                    let keyword = if one_of { "oneOf" } else { "anyOf" };
+                    let nothing = json!({"type": "null"});
+                    let branches = if null_first {
+                        json!([nothing, s])
+                    } else {
+                        json!([s, nothing])
+                    };
+                    let mut o = json!({ keyword: branches });
+                    match extra {
+                        1 => o["description"] = json!("optional"),
+                        2 => o["maxProperties"] = json!(1),
+                        _ => {}
+                    }
+                    o
+                }),
+            ]
+        })
+    }
+
+    /// An instance for such schemas: scalars, nulls and small objects.
+    fn instance() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            Just(json!("a")),
+            Just(json!("x")),
+            Just(json!(3)),
+            Just(json!(-1)),
+            Just(json!(true)),
+        ];
+        leaf.prop_recursive(3, 16, 2, |inner| {
+            prop::collection::btree_map(prop::sample::select(vec!["a", "b", "c"]), inner, 0..3)
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
+        })
+    }
+
+    /// Moves the `n`-th nullable alternative's schema into `$defs`, as
+    /// pydantic writes it, so that the rewriting follows a `$ref` too.
+    fn through_defs(schema: &Value) -> Value {
+        let mut defs = Map::new();
+        let mut rewritten = schema.clone();
+        fn walk(v: &mut Value, defs: &mut Map<String, Value>) {
+            if let Some(obj) = v.as_object_mut() {
+                for keyword in ["anyOf", "oneOf"] {
+                    if let Some(Value::Array(branches)) = obj.get_mut(keyword) {
+                        for branch in branches.iter_mut() {
+                            if branch.get("type") != Some(&json!("null")) {
+                                walk(branch, defs);
+                                let name = format!("D{}", defs.len());
+                                defs.insert(name.clone(), branch.take());
+                                *branch = json!({ "$ref": format!("#/$defs/{name}") });
+                            }
+                        }
+                    }
+                }
+                for value in obj.values_mut() {
+                    walk(value, defs);
+                }
+            }
+        }
+        walk(&mut rewritten, &mut defs);
+        if !defs.is_empty() {
+            rewritten["$defs"] = Value::Object(defs);
+        }
+        rewritten
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// The rewriting used by the compatibility check admits exactly the
+        /// values the schema as written admits.
+        #[test]
+        fn nullable_alternatives_rewritten_admit_the_same_values(
+            field in value_schema(),
+            by_ref in any::<bool>(),
+            values in prop::collection::vec(instance(), 1..8),
+        ) {
+            let written = json!({"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {"f": field}});
+            let written = if by_ref { through_defs(&written) } else { written };
+            let rewritten = nullable_alternatives_as_types(&written);
+            let before = jsonschema::validator_for(&written).expect("a valid schema");
+            let after = jsonschema::validator_for(&rewritten).expect("still a valid schema");
+            for value in values {
+                let instance = json!({ "f": value });
+                prop_assert_eq!(
+                    before.is_valid(&instance),
+                    after.is_valid(&instance),
+                    "{} against {} rewritten as {}", instance, written, rewritten
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_nullable_alternative_is_rewritten_as_a_type_admitting_null() {
+        let written = json!({"type": "object", "properties": {
+            "father": {"anyOf": [{"$ref": "#/$defs/P"}, {"type": "null"}], "default": null},
+        }, "$defs": {"P": {"type": "object", "properties": {"n": {"type": "string"}}}}});
+        let rewritten = nullable_alternatives_as_types(&written);
+        assert_eq!(
+            rewritten["properties"]["father"],
+            json!({"type": ["object", "null"], "properties": {"n": {"type": "string"}}, "default": null})
+        );
     }
 }

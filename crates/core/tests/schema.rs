@@ -125,6 +125,28 @@ fn recursive_filter(q: &mut Value, _: &mut Value) {
     set(q, "/properties/filter", json!({"$ref": "#/$defs/filter"}));
 }
 
+/// The father as generators write an optional struct: `anyOf` of the
+/// object and null.
+fn optional_father(_: &mut Value, r: &mut Value) {
+    let father = r.pointer("/properties/father").unwrap().clone();
+    set(
+        r,
+        "/properties/father",
+        json!({"anyOf": [father, {"type": "null"}], "default": null}),
+    );
+}
+
+/// The same as pydantic writes it: a `$ref` to `$defs` beside null.
+fn optional_father_by_ref(_: &mut Value, r: &mut Value) {
+    let father = r.pointer("/properties/father").unwrap().clone();
+    set(r, "/$defs", json!({"Person": father}));
+    set(
+        r,
+        "/properties/father",
+        json!({"anyOf": [{"$ref": "#/$defs/Person"}, {"type": "null"}], "title": "Father"}),
+    );
+}
+
 const TABLE: &[Row] = &[
     Row {
         what: "add an optional record property",
@@ -664,6 +686,67 @@ const TABLE: &[Row] = &[
         before: nothing,
         after: |_, _, _, owner| *owner = MemberId::new("judicial-records").unwrap(),
         expect: &[("owner_changed", "/owner")],
+    },
+    Row {
+        what: "add an optional property inside an optional object written as anyOf with null",
+        before: optional_father,
+        after: |_, r, _, _| {
+            set(
+                r,
+                "/properties/father/anyOf/0/properties/birth_year",
+                json!({"type": "integer"}),
+            )
+        },
+        expect: &[],
+    },
+    Row {
+        what: "add an optional property inside an optional object referenced beside null",
+        before: optional_father_by_ref,
+        after: |_, r, _, _| set(r, "/$defs/Person/properties/birth_year", json!({"type": "integer"})),
+        expect: &[],
+    },
+    Row {
+        what: "remove a property inside an optional object written as anyOf with null",
+        before: optional_father,
+        after: |_, r, _, _| remove(r, "/properties/father/anyOf/0/properties", "national_id"),
+        expect: &[("record_property_removed", "/father/national_id")],
+    },
+    Row {
+        what: "retype a property inside an optional object referenced beside null",
+        before: optional_father_by_ref,
+        after: |_, r, _, _| set(r, "/$defs/Person/properties/full_name", json!({"type": "integer"})),
+        expect: &[("record_property_retyped", "/father/full_name")],
+    },
+    Row {
+        what: "write an optional object's anyOf with null as a type admitting null",
+        before: optional_father,
+        after: |_, r, _, _| {
+            let father = r.pointer("/properties/father/anyOf/0").unwrap().clone();
+            set(r, "/properties/father", father);
+            set(r, "/properties/father/type", json!(["object", "null"]));
+        },
+        expect: &[],
+    },
+    Row {
+        what: "make an optional object written as anyOf with null required to be an object",
+        before: optional_father,
+        after: |_, r, _, _| {
+            let father = r.pointer("/properties/father/anyOf/0").unwrap().clone();
+            set(r, "/properties/father", father);
+        },
+        expect: &[("record_property_retyped", "/father")],
+    },
+    Row {
+        what: "constrain an optional object written as anyOf with null beside its alternatives",
+        before: optional_father,
+        after: |_, r, _, _| set(r, "/properties/father/minProperties", json!(1)),
+        // Not a nullable alternative any more: compared as a whole, as before.
+        expect: &[
+            ("record_property_retyped", "/father"),
+            ("record_property_structure_changed", "/father"),
+            ("record_property_removed", "/father/full_name"),
+            ("record_property_removed", "/father/national_id"),
+        ],
     },
 ];
 
