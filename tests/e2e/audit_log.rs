@@ -158,11 +158,7 @@ async fn restore_row(pool: &SqlitePool, log_id: &str, seq: i64, (leaf, hash): &(
 #[tokio::test]
 async fn sigkill_under_load_loses_no_released_lookup() {
     let (dir, mut fed) = federation().await;
-    // Hand the data directory to a broker process of its own.
-    let stop = fed.broker.take_shutdown().unwrap();
-    let _ = stop.send(());
-    fed.broker.wait().await.unwrap();
-    let mut process = BrokerProcess::start(&fed.config_path);
+    let mut process = BrokerProcess::take_over(&mut fed, &[]).await;
     let certs = fed.certs.clone();
     let files = lienthong_cli::client::member_files(&certs, JUDICIAL_OFFICE);
     let office = lienthong_cli::client::connect(&process.url, &files).await.unwrap();

@@ -181,6 +181,15 @@ impl BrokerProcess {
         BrokerProcess::start_with(config, &[])
     }
 
+    /// Stops `fed`'s broker and hands its data directory and config to a
+    /// broker process of its own, started with `env` (settings as `LIENTHONG_*`).
+    pub async fn take_over(fed: &mut Federation, env: &[(&str, &str)]) -> BrokerProcess {
+        let stop = fed.broker.take_shutdown().unwrap();
+        let _ = stop.send(());
+        fed.broker.wait().await.unwrap();
+        BrokerProcess::start_with(&fed.config_path, env)
+    }
+
     /// [`BrokerProcess::start`] with more environment (settings as `LIENTHONG_*`).
     pub fn start_with(config: &Path, env: &[(&str, &str)]) -> BrokerProcess {
         use std::io::{BufRead, BufReader};

@@ -495,11 +495,7 @@ enum Ended {
 #[tokio::test]
 async fn sigterm_under_load_drains_and_signs_a_head_over_every_entry() {
     let (dir, mut fed) = federation().await;
-    // Hand the data directory to a broker process of its own.
-    let stop = fed.broker.take_shutdown().unwrap();
-    let _ = stop.send(());
-    fed.broker.wait().await.unwrap();
-    let mut process = BrokerProcess::start(&fed.config_path);
+    let mut process = BrokerProcess::take_over(&mut fed, &[]).await;
     let files = lienthong_cli::client::member_files(&fed.certs, JUDICIAL_OFFICE);
     let office = lienthong_cli::client::connect(&process.url, &files).await.unwrap();
     let ended = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Ended)>::new()));

@@ -245,6 +245,16 @@ async fn served_sha256(url: &str, certs: &std::path::Path) -> String {
     fingerprint_hex(&lienthong_tls::CertificateFingerprints::of(&served).presented())
 }
 
+/// Whether the broker at `url` serves the certificate `sha256` to new
+/// connections within ten seconds, calling `meanwhile` before each look.
+async fn comes_to_serve(url: &str, certs: &std::path::Path, sha256: &str, meanwhile: impl Fn()) -> bool {
+    eventually(Duration::from_secs(10), async || {
+        meanwhile();
+        served_sha256(url, certs).await == sha256
+    })
+    .await
+}
+
 /// `lienthong certs issue --broker-cert` into the federation's directory: the
 /// documented renewal, writing a new broker.pem and broker.key in place.
 async fn renew_broker_certificate(certs: &std::path::Path) -> String {
@@ -306,10 +316,9 @@ async fn a_renewed_broker_certificate_is_served_and_presented_to_registers_witho
     );
     assert_eq!(served_sha256(&fed.broker_url, &fed.certs).await, old);
     assert!(
-        eventually(Duration::from_secs(10), async || {
-            fed.broker.reload_tls();
-            served_sha256(&fed.broker_url, &fed.certs).await == sha256_of(&early.cert_pem)
-        })
+        comes_to_serve(&fed.broker_url, &fed.certs, &sha256_of(&early.cert_pem), || fed
+            .broker
+            .reload_tls())
         .await,
         "taken once valid"
     );
@@ -320,13 +329,7 @@ async fn a_renewed_broker_certificate_is_served_and_presented_to_registers_witho
     assert_ne!(new, old);
     fed.broker.reload_tls();
     assert!(
-        eventually(Duration::from_secs(10), async || served_sha256(
-            &fed.broker_url,
-            &fed.certs
-        )
-        .await
-            == new)
-        .await,
+        comes_to_serve(&fed.broker_url, &fed.certs, &new, || ()).await,
         "the renewed certificate is served"
     );
     assert_eq!(metrics.tls_files_refused.get(), 0);
@@ -352,10 +355,7 @@ async fn a_renewed_broker_certificate_is_served_and_presented_to_registers_witho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_has_lienthong_serve_take_its_renewed_certificate() {
     let (_dir, mut fed) = federation().await;
-    let stop = fed.broker.take_shutdown().unwrap();
-    let _ = stop.send(());
-    fed.broker.wait().await.unwrap();
-    let mut process = BrokerProcess::start_with(&fed.config_path, &[("LIENTHONG_TLS_RELOAD_CHECK_MS", "0")]);
+    let mut process = BrokerProcess::take_over(&mut fed, &[("LIENTHONG_TLS_RELOAD_CHECK_MS", "0")]).await;
     let old = served_sha256(&process.url, &fed.certs).await;
     let new = renew_broker_certificate(&fed.certs).await;
     assert_eq!(
@@ -365,13 +365,7 @@ async fn sighup_has_lienthong_serve_take_its_renewed_certificate() {
     );
     process.signal("HUP");
     assert!(
-        eventually(Duration::from_secs(10), async || served_sha256(
-            &process.url,
-            &fed.certs
-        )
-        .await
-            == new)
-        .await,
+        comes_to_serve(&process.url, &fed.certs, &new, || ()).await,
         "served after SIGHUP"
     );
     assert!(
@@ -394,19 +388,10 @@ async fn sighup_has_lienthong_serve_take_its_renewed_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_finds_its_renewed_certificate_by_itself() {
     let (_dir, mut fed) = federation().await;
-    let stop = fed.broker.take_shutdown().unwrap();
-    let _ = stop.send(());
-    fed.broker.wait().await.unwrap();
-    let mut process = BrokerProcess::start_with(&fed.config_path, &[("LIENTHONG_TLS_RELOAD_CHECK_MS", "100")]);
+    let mut process = BrokerProcess::take_over(&mut fed, &[("LIENTHONG_TLS_RELOAD_CHECK_MS", "100")]).await;
     let new = renew_broker_certificate(&fed.certs).await;
     assert!(
-        eventually(Duration::from_secs(10), async || served_sha256(
-            &process.url,
-            &fed.certs
-        )
-        .await
-            == new)
-        .await,
+        comes_to_serve(&process.url, &fed.certs, &new, || ()).await,
         "served at the next look"
     );
     assert_eq!(process.terminate().code(), Some(0));
