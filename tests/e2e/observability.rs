@@ -723,3 +723,60 @@ async fn a_fatal_error_is_json_when_the_config_asks_for_json_logs() {
     fed.broker.wait().await.unwrap();
     fed.shutdown_registers().await;
 }
+
+/// The certificates agencies use are watched for their end: the one each
+/// member last connected with and the one each register endpoint presented
+/// are in /metrics, and those within 30 days are warned of.
+#[tokio::test]
+async fn members_and_registers_certificate_expiries_are_exported_and_warned_of() {
+    use lienthong_cli::federation::CIVIL_STATUS;
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = FederationOptions::new(dir.path());
+    options.metrics_listen = Some("127.0.0.1:0".into());
+    let fed = Federation::start(options).await.unwrap();
+    let addr = fed.broker.metrics_addr.expect("metrics listener configured");
+    let now = time::OffsetDateTime::now_utc();
+    let ending = ca(&fed)
+        .issue(&lienthong_tls::IssueSpec {
+            not_after: now + time::Duration::days(10),
+            ..lienthong_tls::IssueSpec::client(JUDICIAL_OFFICE)
+        })
+        .unwrap();
+    let office = connect_with(&fed, &ending.cert_pem, &ending.key_pem).await;
+    office
+        .exchange()
+        .lookup(birth_lookup(&citizen_id(&fed, 7200), PURPOSE_CERTIFICATE))
+        .await
+        .unwrap();
+    let not_after = |pem: &str| {
+        lienthong_tls::summarize_pem(pem, "")
+            .unwrap()
+            .not_after
+            .unix_timestamp() as f64
+    };
+    let (status, scrape) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{scrape}");
+    assert_eq!(
+        sample(
+            &scrape,
+            &format!(r#"lienthong_member_certificate_expiry_timestamp_seconds{{member="{JUDICIAL_OFFICE}"}}"#)
+        ),
+        not_after(&ending.cert_pem),
+        "{scrape}"
+    );
+    let register_pem = std::fs::read_to_string(fed.certs.join(format!("{CIVIL_STATUS}.pem"))).unwrap();
+    let register_series =
+        format!(r#"lienthong_provider_endpoint_certificate_expiry_timestamp_seconds{{provider="{CIVIL_STATUS}","#);
+    let register_expiry = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(&register_series))
+        .and_then(|rest| rest.rsplit(' ').next())
+        .map(|v| v.parse::<f64>().unwrap());
+    assert_eq!(register_expiry, Some(not_after(&register_pem)), "{scrape}");
+    assert_eq!(
+        lienthong_broker::expiry::warn_of_expiring(&fed.broker.broker, now),
+        1,
+        "the office's certificate, not the register's (a year)"
+    );
+    fed.shutdown().await.unwrap();
+}

@@ -9,6 +9,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod exchange;
+pub mod expiry;
 pub mod freshness;
 pub mod metrics;
 mod own_tls;

@@ -168,6 +168,11 @@ struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MemberLabels {
+    member: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -566,8 +571,21 @@ fn scrape_time(broker: &Broker) -> Registry {
          reloaded (past limits.max_snapshot_lag_ms)",
         gauge(i64::from(broker.freshness.refusing())),
     );
+    let member_certificates = Family::<MemberLabels, Gauge>::default();
+    for (member, not_after) in broker.member_certificates.all() {
+        member_certificates
+            .get_or_create(&MemberLabels { member })
+            .set(not_after.unix_timestamp());
+    }
+    r.register_with_unit(
+        "member_certificate_expiry_timestamp",
+        "When the certificate each member last connected with expires, as a Unix time",
+        Unit::Seconds,
+        member_certificates,
+    );
     let outstanding = Family::<EndpointLabels, Gauge>::default();
     let breaker = Family::<BreakerLabels, Gauge>::default();
+    let register_certificates = Family::<EndpointLabels, Gauge>::default();
     for (provider, endpoint) in broker.relay.endpoints() {
         let labels = EndpointLabels {
             provider: provider.clone(),
@@ -576,6 +594,11 @@ fn scrape_time(broker: &Broker) -> Registry {
         outstanding
             .get_or_create(&labels)
             .set(saturating_i64(endpoint.outstanding()));
+        if let Some(not_after) = endpoint.certificate_not_after() {
+            register_certificates
+                .get_or_create(&labels)
+                .set(not_after.unix_timestamp());
+        }
         let current = endpoint.breaker_state();
         for (state, name) in [
             (BreakerState::Closed, "closed"),
@@ -600,6 +623,12 @@ fn scrape_time(broker: &Broker) -> Registry {
         "provider_endpoint_breaker_state",
         "Circuit breaker of each register endpoint: 1 for its current state",
         breaker,
+    );
+    r.register_with_unit(
+        "provider_endpoint_certificate_expiry_timestamp",
+        "When the certificate each register endpoint presented at the broker's last connection expires, as a Unix time",
+        Unit::Seconds,
+        register_certificates,
     );
     r
 }

@@ -6,6 +6,7 @@
 
 use crate::config::Config;
 use crate::error::BrokerError;
+use crate::expiry::EXPIRY_WARNING;
 use crate::server::StartError;
 use crate::state::Broker;
 use arc_swap::ArcSwap;
@@ -116,9 +117,6 @@ fn check_own_certificate(
     Err(BrokerError::FailedPrecondition(why).into())
 }
 
-/// The broker warns this long before its certificate expires.
-const EXPIRY_WARNING: time::Duration = time::Duration::days(30);
-
 /// Warns when the broker's certificate expires within [`EXPIRY_WARNING`] of
 /// `now`; whether it did.
 pub(crate) fn warn_if_expiring(cert: &std::path::Path, not_after: OffsetDateTime, now: OffsetDateTime) -> bool {
@@ -220,9 +218,13 @@ fn renew(config: &Config, broker: &Broker, served: &Served) -> Result<OffsetDate
     Ok(own.expires)
 }
 
+/// When the expiry warnings are first given after the start; then daily.
+const FIRST_EXPIRY_REPORT: Duration = Duration::from_secs(10 * 60);
+
 /// Keeps the broker's TLS in line with its files: looks at them every
 /// `tls.reload_check_ms` (when not 0) and whenever `asked` is notified (on
-/// SIGHUP, by `lienthong serve`), and repeats the expiry warning daily.
+/// SIGHUP, by `lienthong serve`); and warns daily of its own certificate's
+/// expiry, and of members' and registers' (see [`crate::expiry`]).
 pub(crate) fn spawn_watch(
     config: Arc<Config>,
     broker: Arc<Broker>,
@@ -237,7 +239,8 @@ pub(crate) fn spawn_watch(
         let start = tokio::time::Instant::now();
         let mut looks = (!check.is_zero()).then(|| tokio::time::interval_at(start + check, check));
         let day = Duration::from_secs(24 * 60 * 60);
-        let mut daily = tokio::time::interval_at(start + day, day);
+        // Members have connected, and registers been called, by the first.
+        let mut daily = tokio::time::interval_at(start + FIRST_EXPIRY_REPORT, day);
         loop {
             let on_request = tokio::select! {
                 () = asked.notified() => true,
@@ -248,7 +251,9 @@ pub(crate) fn spawn_watch(
                     }
                 } => false,
                 _ = daily.tick() => {
-                    warn_if_expiring(&config.tls.cert, expires, OffsetDateTime::now_utc());
+                    let now = OffsetDateTime::now_utc();
+                    warn_if_expiring(&config.tls.cert, expires, now);
+                    crate::expiry::warn_of_expiring(&broker, now);
                     continue;
                 }
             };

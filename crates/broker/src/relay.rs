@@ -169,6 +169,8 @@ struct Conn {
     last_error: Mutex<Option<String>>,
     /// Calls under way on this connection, a dial they wait for included.
     calls: Arc<AtomicUsize>,
+    /// When the certificate the register presented at the last dial expires.
+    certificate_not_after: Mutex<Option<time::OffsetDateTime>>,
 }
 
 impl Conn {
@@ -186,6 +188,7 @@ impl Conn {
             dials: AtomicU64::new(0),
             last_error: Mutex::new(None),
             calls: Arc::new(AtomicUsize::new(0)),
+            certificate_not_after: Mutex::new(None),
         })
     }
 
@@ -239,12 +242,16 @@ impl Conn {
             }
             other => other.to_string(),
         })?;
-        let expires = stream
+        let not_after = stream
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|der| lienthong_tls::certificate_not_after(der))
+            .and_then(|der| lienthong_tls::certificate_not_after(der));
+        if let Ok(mut seen) = self.certificate_not_after.lock() {
+            *seen = not_after;
+        }
+        let expires = not_after
             // Valid through its last second, as the handshake's check counts it.
             .map(|t| t + time::Duration::SECOND)
             .map(|t| Instant::now() + Duration::try_from(t - time::OffsetDateTime::now_utc()).unwrap_or_default());
@@ -566,6 +573,15 @@ impl EndpointState {
             return Err(tonic::Status::unavailable("endpoint has no connection").into());
         };
         conn.fetch(metadata, frame).await
+    }
+
+    /// When the certificate this endpoint's register presented expires, the
+    /// soonest of its connections' last dials; `None` before any.
+    pub fn certificate_not_after(&self) -> Option<time::OffsetDateTime> {
+        self.conns
+            .iter()
+            .filter_map(|c| c.certificate_not_after.lock().ok().and_then(|t| *t))
+            .min()
     }
 
     /// Requests in flight to this endpoint.

@@ -60,6 +60,8 @@ pub struct Broker {
     pub schema_limits: SchemaLimits,
     /// Prometheus metrics of the request path.
     pub metrics: crate::metrics::Metrics,
+    /// When each member's certificate, as it last connected, expires.
+    pub member_certificates: crate::expiry::MemberCertificates,
     /// Whether the snapshot is behind the database, and lookups refused for it.
     pub freshness: Freshness,
     snapshot: ArcSwap<Snapshot>,
@@ -128,6 +130,7 @@ impl Broker {
             refusals: Default::default(),
             schema_limits,
             metrics: crate::metrics::Metrics::new(),
+            member_certificates: Default::default(),
             freshness,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             snapshot_loaded_at: Mutex::new(Instant::now()),
