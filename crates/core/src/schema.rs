@@ -1762,7 +1762,8 @@ fn conditional_keys(schema: &Value, at: &mut String) -> Option<(String, String, 
 }
 
 /// Record properties `next` requires that `previous` did not (instance JSON
-/// Pointers), following nested `properties`. Not a breaking change for
+/// Pointers), following nested `properties`, those of an optional object
+/// written as an alternative with null included. Not a breaking change for
 /// consumers, but from the version on, the register must send them: a
 /// record without them is refused as breaking its schema.
 pub fn newly_required(previous: &Value, next: &Value) -> Vec<String> {
@@ -1799,7 +1800,12 @@ pub fn newly_required(previous: &Value, next: &Value) -> Vec<String> {
         }
     }
     let mut out = Vec::new();
-    walk(Some(previous), next, &mut String::new(), &mut out);
+    // Into optional structs written as alternatives too (see `nullable_as_type`).
+    let (previous, next) = (
+        nullable_alternatives_as_types(previous),
+        nullable_alternatives_as_types(next),
+    );
+    walk(Some(&previous), &next, &mut String::new(), &mut out);
     out
 }
 

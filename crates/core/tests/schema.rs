@@ -2653,4 +2653,22 @@ fn newly_required_record_properties_are_listed() {
         vec!["/birth_place".to_owned(), "/father/national_id".to_owned()]
     );
     assert!(lienthong_core::schema::newly_required(&after, &after).is_empty());
+
+    // The same inside an optional father written as generators write him.
+    let optional = |father: &Value| {
+        let mut schema = after.clone();
+        set(&mut schema, "/$defs", json!({"Person": father}));
+        set(
+            &mut schema,
+            "/properties/father",
+            json!({"anyOf": [{"$ref": "#/$defs/Person"}, {"type": "null"}]}),
+        );
+        schema
+    };
+    let mut father_before = after["properties"]["father"].clone();
+    remove(&mut father_before, "", "required");
+    assert_eq!(
+        lienthong_core::schema::newly_required(&optional(&father_before), &optional(&after["properties"]["father"])),
+        vec!["/father/national_id".to_owned()]
+    );
 }
