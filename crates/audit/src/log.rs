@@ -677,16 +677,19 @@ impl AuditLog {
     /// hold a signed root to check a proof for it against, and entries past
     /// the newest head are not vouched for yet.
     async fn require_signed(&self, log_id: &str, tree_size: u64) -> Result<(), AuditError> {
-        let signed = if log_id == self.log_id {
-            self.latest_signed().map(|h| h.tree_size)
-        } else {
-            match self.store.latest_tree_head(log_id).await.map_err(lookup_error)? {
-                Some(head) => Some(head.tree_size),
-                None => {
-                    // An unknown log is not found, not merely unsigned.
-                    self.store.log_size(log_id).await.map_err(lookup_error)?;
-                    None
-                }
+        if log_id == self.log_id && self.latest_signed().is_some_and(|h| tree_size <= h.tree_size) {
+            return Ok(());
+        }
+        // The database's newest head otherwise, this log's too: a head is
+        // served (GetSignedTreeHead reads the database) from when it is
+        // stored, a moment before it is pinned and known here as signed, and
+        // a proof up to a head a client was just given must not be refused.
+        let signed = match self.store.latest_tree_head(log_id).await.map_err(lookup_error)? {
+            Some(head) => Some(head.tree_size),
+            None => {
+                // An unknown log is not found, not merely unsigned.
+                self.store.log_size(log_id).await.map_err(lookup_error)?;
+                None
             }
         };
         match signed {

@@ -878,3 +878,38 @@ async fn a_shutdown_the_crash_tail_check_outlasts_leaves_the_log_open_without_fa
     assert_eq!(log.shutdown().await.unwrap().unwrap().tree_size, 35);
     assert_eq!(pin(dir.path()), (35, "closed".to_owned()));
 }
+
+/// A head is served (GetSignedTreeHead reads the database) from when it is
+/// stored, a moment before the log has pinned it and knows it as signed: a
+/// proof up to the head a client was just given is not refused meanwhile.
+#[tokio::test]
+async fn proofs_reach_a_head_stored_before_it_is_known_as_signed() {
+    let store = Arc::new(FakeStore::new());
+    let keys = LogKeys::generate().unwrap();
+    let log = open(&store, keys.clone()).await;
+    let id = log.log_id().to_string();
+    for i in 0..4 {
+        log.append(event(i)).await.unwrap();
+    }
+    let first = log.sign_now().await.unwrap();
+    for i in 4..6 {
+        log.append(event(i)).await.unwrap();
+    }
+    // The signer between storing the head and pinning it.
+    let root = merkle::root(&stored_hashes(&store, &id));
+    let second = keys.sign_tree_head(6, &root, first.timestamp_ms + 1);
+    store
+        .insert_tree_head(&lienthong_store::StoredTreeHead::from(&second))
+        .await
+        .unwrap();
+    assert_eq!(log.latest_tree_head(&id).await.unwrap().tree_size, 6);
+    let path = log.consistency_proof(&id, 4, 6).await.unwrap();
+    assert!(merkle::verify_consistency(4, 6, &first.root_hash, &root, &path));
+    let (leaf, path) = log.inclusion_proof(&id, 5, 6).await.unwrap();
+    assert!(merkle::verify_inclusion(5, 6, &leaf, &path, &root));
+    // Past it, still refused.
+    assert!(matches!(
+        log.consistency_proof(&id, 4, 7).await,
+        Err(AuditError::OutOfRange(_))
+    ));
+}
