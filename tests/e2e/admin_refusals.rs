@@ -421,3 +421,94 @@ async fn an_unknown_method_is_named_with_where_to_find_the_others() {
     }
     fed.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_grant_repeating_a_live_one_is_refused_naming_it_and_audited() {
+    let (_dir, fed) = federation().await;
+    let admin = client(&fed, ADMIN).await;
+    let first = granted(&admin, birth_grant(TAX_DEPT, &["/full_name", "/birth_date"], 60)).await;
+    // The same in effect: fields and purposes in another order, no start.
+    let mut again = birth_grant(TAX_DEPT, &["/birth_date", "/full_name", "/full_name"], 60);
+    again.purposes.push(again.purposes[0].clone());
+    let err = admin.admin().create_grant(again.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains(&first.id), "{}", err.message());
+    let refusal = admin_entries(&fed)
+        .await
+        .into_iter()
+        .find(|e| e.action == "grant.create" && e.outcome == pb::Outcome::Invalid as i32)
+        .expect("the refusal is audited");
+    assert!(refusal.reason.contains(&first.id), "{}", refusal.reason);
+    let listed = |grants: Vec<pb::Grant>| grants.into_iter().filter(|g| g.consumer == TAX_DEPT).count();
+    let list = || async {
+        admin
+            .admin()
+            .list_grants(pb::ListGrantsRequest {
+                consumer: TAX_DEPT.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .grants
+    };
+    assert_eq!(listed(list().await), 1);
+
+    // The CLI says the same.
+    let (ok, out) = cli_as(
+        &fed,
+        ADMIN,
+        &[
+            "grant",
+            "create",
+            "--consumer",
+            TAX_DEPT,
+            "--type",
+            "civil_status.birth_record",
+            "--field",
+            "/full_name",
+            "--field",
+            "/birth_date",
+            "--purpose",
+            "tax-law-38-2019/art-17",
+            "--rate",
+            "60",
+        ],
+    )
+    .await;
+    assert!(!ok && out.contains(&first.id), "{out}");
+
+    // Anything that changes what it allows is another grant.
+    granted(&admin, birth_grant(TAX_DEPT, &["/full_name", "/birth_date"], 61)).await;
+    // And once the first is revoked, it may be made again.
+    revoke(&admin, &first.id, "replaced").await;
+    granted(&admin, again).await;
+    assert_eq!(listed(list().await), 3);
+    fed.shutdown().await.unwrap();
+}
+
+/// A federation started again in its directory (`lienthong demo --dir D`
+/// twice) finds its grants made, and does not make them twice.
+#[tokio::test]
+async fn a_federation_started_again_in_its_directory_keeps_one_copy_of_each_grant() {
+    let (dir, fed) = federation().await;
+    fed.shutdown().await.unwrap();
+    let fed =
+        lienthong_cli::federation::Federation::start(lienthong_cli::federation::FederationOptions::new(dir.path()))
+            .await
+            .expect("starts again in its directory");
+    let grants = client(&fed, ADMIN)
+        .await
+        .admin()
+        .list_grants(pb::ListGrantsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .grants;
+    assert_eq!(
+        grants.len(),
+        lienthong_cli::federation::demo_grants().len(),
+        "{grants:#?}"
+    );
+    fed.shutdown().await.unwrap();
+}

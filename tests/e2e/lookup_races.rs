@@ -96,7 +96,13 @@ async fn a_lookup_in_progress_is_released_under_the_grant_that_replaced_its_own(
     let tax = client(&fed, TAX_DEPT).await;
     let subject = citizen_id(&fed, 44);
     let in_progress = lookup_held_by_the_register(&tax, &faulty, birth_lookup(&subject, TAX_PURPOSE)).await;
-    let new = granted(&admin, birth_grant(TAX_DEPT, &["/full_name"], 0)).await;
+    // The replacement differs (a grant the same as a live one is refused):
+    // here it adds an end.
+    let mut replacement = birth_grant(TAX_DEPT, &["/full_name"], 0);
+    replacement.valid_until = Some(lienthong_broker::convert::ts(
+        time::OffsetDateTime::now_utc() + time::Duration::days(365),
+    ));
+    let new = granted(&admin, replacement).await;
     revoke(&admin, &old.id, "replaced by a new grant").await;
     in_progress
         .await

@@ -569,7 +569,19 @@ impl Broker {
             created_at: now,
             reviewed_version: Some(rt.version_number()),
         };
-        self.store.insert_grant(&g).await?;
+        // A second grant allowing the same would have to be found and
+        // revoked too to end the access: the first is named instead.
+        if let Some(existing) = self.store.insert_grant_unless_repeated(&g, now).await? {
+            return Err(BrokerError::AlreadyExists(format!(
+                "grant {} already allows {} exactly this on {} (same fields, purposes, window, rate and reviewed \
+                 version {}); nothing was created. Revoke {} first to replace it, or change what the new grant allows",
+                existing.id,
+                g.consumer,
+                g.record_type,
+                rt.version_number(),
+                existing.id
+            )));
+        }
         let pb = convert::grant(&g);
         // Everything that decides what the grant allows, the window and the
         // version whose fields were reviewed included.

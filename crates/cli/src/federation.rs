@@ -364,12 +364,13 @@ impl Federation {
                 .with_context(|| format!("adding the endpoint of {}", reg.member))?;
         }
         for g in demo_grants() {
-            admin
-                .admin()
-                .create_grant(g)
-                .await
-                .map_err(status_error)
-                .context("creating a grant")?;
+            match admin.admin().create_grant(g).await {
+                Ok(_) => {}
+                // A federation started again in its directory: the grant made
+                // the first time still allows this, and is not made twice.
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+                Err(s) => return Err(status_error(s)).context("creating a grant"),
+            }
         }
         Ok(())
     }

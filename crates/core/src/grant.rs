@@ -68,3 +68,95 @@ pub struct Endpoint {
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
+
+impl Grant {
+    /// Whether the grant allows lookups now or will later: not revoked, not ended.
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.revoked_at.is_none() && self.valid_until.is_none_or(|until| until > now)
+    }
+
+    /// Whether `other` allows exactly what this grant allows from `now` on:
+    /// the same consumer, record type, reviewed version, fields, purposes,
+    /// rate limit and window. A start already past is the same start as
+    /// any other past start (both allow from now on), so a grant made
+    /// without `valid_from` repeats one made earlier.
+    pub fn same_effect_as(&self, other: &Grant, now: OffsetDateTime) -> bool {
+        let start = |g: &Grant| g.valid_from.max(now);
+        self.consumer == other.consumer
+            && self.record_type == other.record_type
+            && self.reviewed_version == other.reviewed_version
+            && self.fields == other.fields
+            && self.purposes == other.purposes
+            && self.rate_limit_per_minute == other.rate_limit_per_minute
+            && start(self) == start(other)
+            && self.valid_until == other.valid_until
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use time::Duration;
+    use time::macros::datetime;
+
+    fn grant(id: &str) -> Grant {
+        let at = datetime!(2026-01-01 00:00 UTC);
+        Grant {
+            id: id.into(),
+            consumer: MemberId::new("tax-office").unwrap(),
+            record_type: "ee.civil.person".into(),
+            fields: GrantFields::Pointers(vec!["/name".into()]),
+            purposes: vec!["tax-law/art-1".into()],
+            valid_from: at,
+            valid_until: Some(at + Duration::days(30)),
+            rate_limit_per_minute: 60,
+            revoked_at: None,
+            revoked_reason: String::new(),
+            created_by: MemberId::new("admin").unwrap(),
+            created_at: at,
+            reviewed_version: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_grant_repeating_another_is_told_apart_from_one_that_differs() {
+        let now = datetime!(2026-01-02 00:00 UTC);
+        let a = grant("g-a");
+        // Made a day later without a start, by another admin: the same grant.
+        let mut b = grant("g-b");
+        b.valid_from = now;
+        b.created_at = now;
+        b.created_by = MemberId::new("other-admin").unwrap();
+        assert!(a.same_effect_as(&b, now) && b.same_effect_as(&a, now));
+
+        type Change<'a> = Box<dyn Fn(&mut Grant) + 'a>;
+        let differs: Vec<(&str, Change<'_>)> = vec![
+            ("consumer", Box::new(|g| g.consumer = MemberId::new("police").unwrap())),
+            ("record type", Box::new(|g| g.record_type = "ee.civil.marriage".into())),
+            ("reviewed version", Box::new(|g| g.reviewed_version = Some(2))),
+            ("legacy version", Box::new(|g| g.reviewed_version = None)),
+            ("fields", Box::new(|g| g.fields = GrantFields::All)),
+            ("purposes", Box::new(|g| g.purposes.push("other/art-2".into()))),
+            ("rate", Box::new(|g| g.rate_limit_per_minute = 0)),
+            ("end", Box::new(|g| g.valid_until = None)),
+            ("later start", Box::new(|g| g.valid_from = now + Duration::days(1))),
+        ];
+        for (what, change) in differs {
+            let mut c = grant("g-c");
+            change(&mut c);
+            assert!(!a.same_effect_as(&c, now), "{what}");
+        }
+    }
+
+    #[test]
+    fn only_a_grant_neither_revoked_nor_ended_is_live() {
+        let g = grant("g-a");
+        let end = g.valid_until.unwrap();
+        assert!(g.is_live(end - Duration::seconds(1)));
+        assert!(!g.is_live(end));
+        let mut revoked = grant("g-b");
+        revoked.revoked_at = Some(g.valid_from);
+        assert!(!revoked.is_live(g.valid_from));
+    }
+}

@@ -294,6 +294,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a grant.
     async fn insert_grant(&self, grant: &Grant) -> Result<()>;
+    /// Inserts a grant unless a live grant (not revoked, not ended at `now`)
+    /// allows exactly what it allows ([`Grant::same_effect_as`], times as
+    /// stored, to the microsecond): then that grant, and nothing is inserted.
+    /// Two such calls at once, through any replicas, insert at most one.
+    async fn insert_grant_unless_repeated(&self, grant: &Grant, now: OffsetDateTime) -> Result<Option<Grant>>;
     /// Marks a grant revoked; the first revocation wins, and a later one
     /// changes nothing.
     async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<GrantRevocation>;

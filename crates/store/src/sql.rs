@@ -4,7 +4,7 @@
 
 use crate::rows::{
     EndpointRow, EntryRow, GrantRow, LogRow, MemberRow, RecordTypeRow, RevokedCertificateRow, TreeHeadRow,
-    compatibility_text, decode_or_skip, roles_text, to_i64, to_json, to_u64, to_us,
+    compatibility_text, decode_or_skip, from_us, roles_text, to_i64, to_json, to_u64, to_us,
 };
 use crate::subjects;
 use crate::{
@@ -1013,6 +1013,55 @@ impl Store for SqlStore {
             .bind(g.reviewed_version.map(i64::from))
             .execute(p).await.map(|_| ()))
         .map_err(unique(|| format!("grant {:?}", g.id)))
+    }
+
+    async fn insert_grant_unless_repeated(&self, g: &Grant, now: OffsetDateTime) -> Result<Option<Grant>> {
+        let fields = to_json(&g.fields, "grant fields")?;
+        let purposes = to_json(&g.purposes, "grant purposes")?;
+        // Compared as it will read back: a time the request gave in
+        // nanoseconds is kept in microseconds.
+        let mut stored = g.clone();
+        stored.valid_from = from_us(to_us(g.valid_from), "valid_from")?;
+        stored.valid_until = g.valid_until.map(|t| from_us(to_us(t), "valid_until")).transpose()?;
+        // One consumer's grants are made one at a time, so that two equal
+        // grants made at once cannot both find no other: SQLite's write
+        // transaction holds the whole database, and on PostgreSQL the
+        // consumer's row is locked until the grant is in.
+        let lock = match self.pool {
+            Pool::Sqlite(_) => "SELECT id FROM members WHERE id = $1",
+            Pool::Postgres(_) => "SELECT id FROM members WHERE id = $1 FOR UPDATE",
+        };
+        let live = format!(
+            "SELECT {GRANT_COLUMNS} FROM grants WHERE consumer = $1 AND record_type = $2 AND revoked_at_us IS NULL \
+             ORDER BY created_at_us, id"
+        );
+        let insert = format!(
+            "INSERT INTO grants ({GRANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        );
+        on_pool!(self, p => {
+            let mut tx = begin_write(p).await?;
+            sqlx::query(lock).bind(g.consumer.as_str()).fetch_optional(&mut *tx).await.map_err(db_err)?;
+            let rows = sqlx::query_as::<_, GrantRow>(&live)
+                .bind(g.consumer.as_str()).bind(&g.record_type)
+                .fetch_all(&mut *tx).await.map_err(db_err)?;
+            // A row that cannot be decoded allows nothing (see `list_grants`),
+            // so it repeats nothing either.
+            let repeated = decode_or_skip(rows, "grants", GrantRow::key, GrantRow::into_grant)
+                .into_iter()
+                .find(|e| e.is_live(now) && e.same_effect_as(&stored, now));
+            if repeated.is_some() {
+                // Dropping `tx` rolls back.
+                return Ok(repeated);
+            }
+            sqlx::query(&insert)
+                .bind(&g.id).bind(g.consumer.as_str()).bind(&g.record_type).bind(&fields).bind(&purposes)
+                .bind(to_us(g.valid_from)).bind(g.valid_until.map(to_us)).bind(i64::from(g.rate_limit_per_minute))
+                .bind(g.revoked_at.map(to_us)).bind(&g.revoked_reason).bind(g.created_by.as_str())
+                .bind(to_us(g.created_at)).bind(g.reviewed_version.map(i64::from))
+                .execute(&mut *tx).await.map_err(unique(|| format!("grant {:?}", g.id)))?;
+            tx.commit().await.map_err(db_err)?;
+        });
+        Ok(None)
     }
 
     async fn revoke_grant(&self, id: &str, reason: &str, at: OffsetDateTime) -> Result<GrantRevocation> {

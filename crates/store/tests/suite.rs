@@ -396,6 +396,29 @@ async fn check_grants(store: Arc<dyn Store>) {
         store.revoke_grant("g-9", "x", at(1)).await,
         Err(StoreError::NotFound { .. })
     ));
+
+    // g-3 is live: made again under another id, to the nanosecond, it is found.
+    let now = at(59);
+    let repeat = Grant {
+        id: "g-4".into(),
+        created_at: now,
+        valid_until: Some(datetime!(9999-12-31 23:59:59.999999999 UTC)),
+        ..g3.clone()
+    };
+    assert_eq!(
+        store.insert_grant_unless_repeated(&repeat, now).await.unwrap(),
+        Some(g3.clone())
+    );
+    assert_eq!(store.get_grant("g-4").await.unwrap(), None);
+    // g-1 is revoked: made again, it is a new grant.
+    let renewed = Grant {
+        id: "g-5".into(),
+        revoked_at: None,
+        revoked_reason: String::new(),
+        ..g1.clone()
+    };
+    assert_eq!(store.insert_grant_unless_repeated(&renewed, now).await.unwrap(), None);
+    assert_eq!(store.get_grant("g-5").await.unwrap(), Some(renewed));
 }
 
 async fn check_record_types(store: Arc<dyn Store>) {

@@ -237,6 +237,9 @@ impl Store for FakeStore {
     async fn insert_grant(&self, _grant: &Grant) -> Result<()> {
         Self::unsupported()
     }
+    async fn insert_grant_unless_repeated(&self, _grant: &Grant, _now: OffsetDateTime) -> Result<Option<Grant>> {
+        Self::unsupported()
+    }
     async fn revoke_grant(&self, _id: &str, _reason: &str, _at: OffsetDateTime) -> Result<GrantRevocation> {
         Self::unsupported()
     }
