@@ -981,3 +981,92 @@ async fn register_calls_answering_unusable_records_are_not_counted_ok() {
     raw.shutdown().await;
     fed.shutdown().await.unwrap();
 }
+
+/// A record or query in which an object names a key twice reads one way to
+/// the broker and maybe another to the next reader: refused, whatever value
+/// would have been kept, and audited without the values.
+#[tokio::test]
+async fn a_record_or_query_naming_a_key_twice_is_refused_and_audited() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let index = 31;
+    let subject = citizen_id(&fed, index);
+    let record = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed).birth_record(index);
+    let text = record.to_string();
+    let raw_provider = RawProvider::new(text.clone());
+    let raw = testing::start_raw_server(raw_provider.clone(), civil_tls(&fed))
+        .await
+        .unwrap();
+    replace_civil_endpoint(&fed, &raw.url()).await;
+    look_up_birth(&office, &subject)
+        .await
+        .expect("the record as the register keeps it is released");
+
+    // The second value of each repeated key is the valid one, as serde_json
+    // would keep it: at the top, in a nested object, and the subject itself.
+    let ambiguous = [
+        text.replacen('{', "{\"full_name\":\"Decoy Name\",", 1),
+        text.replacen("\"mother\":{", "\"mother\":{\"birth_year\":1851,", 1),
+        text.replacen('{', "{\"national_id\":\"000000000001\",", 1),
+    ];
+    for answer in ambiguous {
+        assert_ne!(answer, text, "the test repeats a key");
+        raw_provider.set_answer(answer);
+        let err = look_up_birth(&office, &subject).await.unwrap_err();
+        assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+        let m = err.message();
+        assert!(
+            m.contains("ambiguous") && m.contains("twice") && m.contains("nothing was passed on"),
+            "{m}"
+        );
+        assert!(
+            !m.contains("Decoy") && !m.contains("1851") && !m.contains("000000000001") && !m.contains(&subject),
+            "{m}"
+        );
+    }
+    let failed = failed_entries(&fed).await;
+    assert_eq!(failed.len(), 3, "{failed:#?}");
+    for e in &failed {
+        assert!(
+            e.reason.starts_with("provider_invalid_record")
+                && e.reason.contains("twice")
+                && !e.reason.contains("Decoy"),
+            "{}",
+            e.reason
+        );
+    }
+
+    // A consumer's query too, at any depth, before the register is asked.
+    let calls = raw_provider.calls();
+    for query in [
+        format!(r#"{{"national_id":"000000000001","national_id":"{subject}"}}"#),
+        format!(r#"{{"national_id":"{subject}","birth_date":"2001-01-01","birth_date":"2001-01-02"}}"#),
+    ] {
+        let err = office
+            .exchange()
+            .lookup(pb::LookupRequest {
+                query_json: query,
+                ..birth_lookup(&subject, PURPOSE_CERTIFICATE)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains("query_json is ambiguous") && !err.message().contains(&subject),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(raw_provider.calls(), calls, "the register was not asked");
+    let invalid = office_entries(&fed, pb::Outcome::Invalid).await;
+    assert_eq!(
+        invalid
+            .iter()
+            .filter(|e| e.reason.starts_with("invalid_query") && e.reason.contains("twice"))
+            .count(),
+        2,
+        "{invalid:#?}"
+    );
+    raw.shutdown().await;
+    fed.shutdown().await.unwrap();
+}

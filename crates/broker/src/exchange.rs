@@ -16,7 +16,7 @@ use lienthong_core::audit::{AuditEvent, EntryKind, Outcome, escape_unprintable, 
 use lienthong_core::policy::{AccessRequest, Allowed, Decision, DenyReason, GrantState, fields_cover, grant_state};
 use lienthong_core::ratelimit::{Held, lease_size};
 use lienthong_core::schema::{CompiledRecordType, MAX_FIELDS};
-use lienthong_core::{Fingerprint, GrantFields, Role};
+use lienthong_core::{Fingerprint, GrantFields, JsonError, Role};
 use lienthong_store::{Backend, RateTake};
 use opentelemetry::trace::SpanContext;
 use serde_json::Value;
@@ -646,11 +646,16 @@ fn parse_object(text: &str, what: &str, max: usize) -> Result<Value, BrokerError
             text.len()
         )));
     }
-    match serde_json::from_str::<Value>(text) {
+    match lienthong_core::parse_unique_keys(text) {
         Ok(v @ Value::Object(_)) => Ok(v),
         Ok(_) => Err(BrokerError::InvalidArgument(format!("{what} must be a JSON object"))),
+        // Which of the two the register would read is anyone's guess, and
+        // the query schema would have checked only the last.
+        Err(e @ JsonError::RepeatedKey { .. }) => Err(BrokerError::InvalidArgument(format!(
+            "{what} is ambiguous: {e}; name each key once"
+        ))),
         // serde_json's message names line and column, never the content.
-        Err(e) => Err(BrokerError::InvalidArgument(format!("{what} is not valid JSON: {e}"))),
+        Err(JsonError::Malformed(e)) => Err(BrokerError::InvalidArgument(format!("{what} is not valid JSON: {e}"))),
     }
 }
 
@@ -1241,14 +1246,24 @@ impl Broker {
                     ),
                 )
             })?;
-            let record: Value = serde_json::from_str(record_text).map_err(|e| {
-                bad(
+            // Parsed once, refusing a repeated key on the way: the schema
+            // would check only the value serde_json kept, and the consumer's
+            // reader might keep the other.
+            let record = lienthong_core::parse_unique_keys(record_text).map_err(|e| match e {
+                JsonError::Malformed(e) => bad(
                     "provider_malformed_record",
                     format!(
                         "register {provider} answered malformed JSON for {} ({e}); nothing was passed on",
                         rt.name()
                     ),
-                )
+                ),
+                JsonError::RepeatedKey { .. } => bad(
+                    "provider_invalid_record",
+                    format!(
+                        "register {provider} answered an ambiguous {} record: {e}; nothing was passed on",
+                        rt.name()
+                    ),
+                ),
             })?;
             rt.validate_record(&record).map_err(|f| {
                 bad(

@@ -7,7 +7,9 @@ use lienthong_core::filter::FieldSelection;
 use lienthong_core::policy::AccessRequest;
 use lienthong_core::schema::{CompiledRecordType, SchemaLimits, parse_definition};
 use lienthong_core::snapshot::Snapshot;
-use lienthong_core::{Compatibility, Grant, GrantFields, Member, MemberId, RecordTypeVersion, Role, filter_record};
+use lienthong_core::{
+    Compatibility, Grant, GrantFields, Member, MemberId, RecordTypeVersion, Role, filter_record, parse_unique_keys,
+};
 use serde_json::{Value, json};
 use std::hint::black_box;
 use std::sync::Arc;
@@ -137,6 +139,17 @@ fn benches(c: &mut Criterion) {
     assert!(compiled.validate_record(&record).is_ok());
     c.bench_function("validate_record/20_fields", |b| {
         b.iter(|| black_box(compiled.validate_record(black_box(&record))))
+    });
+
+    // A register's answer as the broker parses it: serde_json's own Value,
+    // against the parse that refuses a repeated key on the way.
+    let record_text = record.to_string();
+    assert_eq!(parse_unique_keys(&record_text).unwrap(), record);
+    c.bench_function("parse_record/20_fields/serde_json_value", |b| {
+        b.iter(|| black_box(serde_json::from_str::<Value>(black_box(&record_text)).unwrap()))
+    });
+    c.bench_function("parse_record/20_fields/unique_keys", |b| {
+        b.iter(|| black_box(parse_unique_keys(black_box(&record_text)).unwrap()))
     });
 
     let selected = GrantFields::Pointers(vec![

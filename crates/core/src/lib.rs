@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod filter;
 pub mod grant;
+pub mod json;
 pub mod member;
 pub mod policy;
 pub mod ratelimit;
@@ -16,6 +17,7 @@ pub mod snapshot;
 
 pub use filter::{FieldSelection, filter_record};
 pub use grant::{Endpoint, Grant, GrantFields};
+pub use json::{JsonError, parse_unique_keys};
 pub use member::{Fingerprint, Member, MemberId, RevokedCertificate, Role};
 pub use policy::{AccessRequest, Allowed, Decision, DenyReason, decide};
 pub use ratelimit::{Held, Leases, RateLimiter};
