@@ -182,3 +182,32 @@ fn certs_refuses_a_directory_others_can_write_in() {
     assert!(out.contains(&format!("chmod go-w {}", shared.display())), "{out}");
     assert!(!shared.join("m2.key").exists());
 }
+
+/// `demo-provider` says it serves only once it does: a register whose own
+/// certificate the broker would refuse stops without having said so.
+#[test]
+fn a_demo_register_that_refuses_to_start_never_says_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let (ok, out) = run_cli(&["certs", "init", "--dir", s(&certs), "--trust-domain", "gov"], &[]);
+    assert!(ok, "{out}");
+    // Without --host: a client certificate only, which a register cannot serve.
+    let (ok, out) = run_cli(&["certs", "issue", "--dir", s(&certs), "--member", "civil-status"], &[]);
+    assert!(ok, "{out}");
+    let (ok, out) = run_cli(
+        &[
+            "demo-provider",
+            "civil-status",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            s(&certs),
+            "--trust-domain",
+            "gov",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    assert!(!ok, "{out}");
+    assert!(out.contains("--host"), "says why: {out}");
+    assert!(!out.contains("serving on"), "{out}");
+}

@@ -480,19 +480,30 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
             let addr = listener.local_addr()?.to_string();
-            stderr_line(
-                cli.log_format == LogFormat::Json,
-                "INFO",
-                &format!("{member} register serving on {addr}"),
-                &[("addr", addr.clone())],
+            let json = cli.log_format == LogFormat::Json;
+            // Said once the kit's start-up checks have passed: a script
+            // waiting for this line must not take a register that is about
+            // to refuse its own certificate for one that serves.
+            let announce = move || {
+                stderr_line(
+                    json,
+                    "INFO",
+                    &format!("{member} register serving on {addr}"),
+                    &[("addr", addr.clone())],
+                )
+            };
+            tracing::info!(
+                register = %kind,
+                "starting demo register with {} synthetic citizens",
+                lienthong_provider::demo::DEMO_CITIZENS
             );
-            lienthong_provider::demo::run_demo_register(
-                kind,
-                seed,
+            lienthong_provider::serve_announced(
+                kind.source(seed),
                 tls,
                 config,
                 listener,
                 lienthong_cli::shutdown_signal(),
+                announce,
             )
             .await?;
             Ok(())

@@ -797,6 +797,24 @@ pub async fn serve<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    serve_announced(source, tls, config, listener, shutdown, || {}).await
+}
+
+/// [`serve`], calling `announce` once the start-up checks have passed and
+/// calls are taken: a "serving on" line printed from it is never followed by
+/// a refusal to start.
+pub async fn serve_announced<F, A>(
+    source: Arc<dyn RecordSource>,
+    tls: Arc<ServerTls>,
+    config: ProviderConfig,
+    listener: TcpListener,
+    shutdown: F,
+    announce: A,
+) -> Result<(), ProviderError>
+where
+    F: Future<Output = ()> + Send + 'static,
+    A: FnOnce() + Send,
+{
     if tls.trust_domain() != config.trust_domain {
         return Err(ProviderError::TrustDomainMismatch {
             tls: tls.trust_domain().to_owned(),
@@ -874,6 +892,7 @@ where
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown);
     tokio::pin!(serving);
+    announce();
     // tonic waits for every call in flight, however long, once the signal
     // came: the grace period bounds that wait.
     let served = tokio::select! {
@@ -1076,18 +1095,24 @@ mod tests {
         let material = TlsMaterial::from_pem(&ca.cert_pem(), &issued.cert_pem, &issued.key_pem).unwrap();
         let tls = Arc::new(ServerTls::new(&material, "gov.test").unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let announced = std::sync::atomic::AtomicBool::new(false);
         let served = tokio::time::timeout(
             Duration::from_secs(5),
-            serve(
+            serve_announced(
                 Arc::new(Panicking),
                 tls,
                 ProviderConfig::new("gov.test"),
                 listener,
                 std::future::pending(),
+                || announced.store(true, std::sync::atomic::Ordering::Relaxed),
             ),
         )
         .await
         .expect("serve returns at once");
+        assert!(
+            !announced.load(std::sync::atomic::Ordering::Relaxed),
+            "a register that does not start never said it serves"
+        );
         match served {
             Err(ProviderError::OwnCertificate(message)) => {
                 assert!(message.contains("--member civil-status --host"), "{message}")

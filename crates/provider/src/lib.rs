@@ -19,7 +19,7 @@ pub mod testing;
 pub use kit::{
     DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_CONCURRENT_STREAMS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_SHUTDOWN_GRACE,
     FetchContext, FetchError, GOODBYE, ProviderConfig, ProviderError, RecordSource, RefusedCertificates,
-    read_refused_certificates, serve, trace_id_from_metadata,
+    read_refused_certificates, serve, serve_announced, trace_id_from_metadata,
 };
 
 #[cfg(test)]
