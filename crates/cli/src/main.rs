@@ -299,6 +299,45 @@ fn init_logging(format: LogFormat, filter: Option<&str>) {
 /// that ends it is then a JSON line too, as every line before it.
 static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The global flags `serve` refuses, by argument id: its config says where
+/// it listens and which certificates it serves.
+const SERVE_REFUSES: &[&str] = &Typed::CONNECTION;
+/// The global flags `demo` refuses for its certificates (it makes its own);
+/// `--broker` is its broker's address.
+const DEMO_REFUSES: &[&str] = &["certs", "member", "ca", "cert", "key"];
+/// The global flags `demo-provider` refuses for its address and certificate
+/// directory; `--ca`, `--cert` and `--key` replace files of its `--tls-dir`.
+const DEMO_PROVIDER_REFUSES: &[&str] = &["broker", "certs"];
+/// `--json`, refused by the commands that print no results.
+const NO_RESULTS: &[&str] = &["json"];
+
+/// Every global flag a command refuses, by command: left out of its `--help`.
+const REFUSED_GLOBALS: [(&str, &[&[&str]]); 3] = [
+    ("serve", &[SERVE_REFUSES]),
+    ("demo", &[DEMO_REFUSES, NO_RESULTS]),
+    ("demo-provider", &[DEMO_PROVIDER_REFUSES, NO_RESULTS]),
+];
+
+/// The command line, with each command's `--help` leaving out the global
+/// flags it refuses. Parsing is unchanged: a refused flag is still parsed,
+/// then refused saying what to use instead.
+fn cli_command() -> clap::Command {
+    let cmd = Cli::command();
+    let globals: Vec<clap::Arg> = cmd.get_arguments().filter(|a| a.is_global_set()).cloned().collect();
+    REFUSED_GLOBALS.into_iter().fold(cmd, |cmd, (name, lists)| {
+        cmd.mut_subcommand(name, |sub| {
+            // A command's own argument of a global's id takes its place
+            // there (clap does not copy a global over it): the same flag,
+            // hidden. Its value stays the command's, which only refuses it.
+            lists
+                .iter()
+                .flat_map(|ids| ids.iter())
+                .filter_map(|id| globals.iter().find(|a| a.get_id() == id))
+                .fold(sub, |sub, global| sub.arg(global.clone().global(false).hide(true)))
+        })
+    })
+}
+
 /// The global flags typed on the command line (not set by the environment
 /// or left at their defaults), by argument id.
 struct Typed(Vec<&'static str>);
@@ -339,7 +378,7 @@ impl Typed {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = cli_command().get_matches();
     let typed = Typed::of(&matches);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -373,7 +412,7 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
         } => {
             typed.refuse(
                 "serve",
-                &Typed::CONNECTION,
+                SERVE_REFUSES,
                 "the broker takes its address and certificates from its config file \
                  (`listen`, `tls.ca`, `tls.cert`, `tls.key`) or their LIENTHONG_* variables",
             )?;
@@ -412,10 +451,10 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
             init_logging(cli.log_format, Some(if temp.is_some() { &quiet } else { "warn" }));
             typed.refuse(
                 "demo",
-                &["certs", "member", "ca", "cert", "key"],
+                DEMO_REFUSES,
                 "the demo makes its own certificates in its directory (`--dir`)",
             )?;
-            typed.refuse("demo", &["json"], "it tells a story, and prints no results to format")?;
+            typed.refuse("demo", NO_RESULTS, "it tells a story, and prints no results to format")?;
             let mut federation = FederationOptions::new(dir);
             federation.seed = seed;
             federation.metrics_listen = metrics_listen;
@@ -443,11 +482,15 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
             typed.refuse(
                 "demo-provider",
                 // Its own `--member` takes the id of the global `--as`.
-                &["broker", "certs"],
+                DEMO_PROVIDER_REFUSES,
                 "a register takes its certificate from `--tls-dir` and `--member` \
                  (`--ca`, `--cert` and `--key` replace a file of it), and its address from `--listen`",
             )?;
-            typed.refuse("demo-provider", &["json"], "it serves, and prints no results to format")?;
+            typed.refuse(
+                "demo-provider",
+                NO_RESULTS,
+                "it serves, and prints no results to format",
+            )?;
             init_logging(cli.log_format, Some("info"));
             let kind = match kind {
                 RegisterKind::CivilStatus => lienthong_provider::demo::DemoRegisterKind::CivilStatus,
@@ -700,6 +743,69 @@ async fn serve(cfg: lienthong_broker::Config, json: bool) -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The long help of `lienthong <path...>`.
+    fn help(path: &[&str]) -> String {
+        let mut cmd = cli_command();
+        // As parsing does: the global flags reach each command.
+        cmd.build();
+        let mut sub = &mut cmd;
+        for name in path {
+            sub = sub.find_subcommand_mut(name).unwrap();
+        }
+        sub.render_long_help().to_string()
+    }
+
+    /// Each command's help lists the flags it takes, and none it refuses.
+    #[test]
+    fn help_advertises_no_flag_the_command_refuses() {
+        // An option's own line: `-c, --config <CONFIG>`, `--json`.
+        let shown = |text: &str, name: &str| {
+            text.lines()
+                .map(str::trim_start)
+                .filter(|l| l.starts_with('-'))
+                .any(|l| l.split([',', ' ']).any(|t| t == format!("--{name}")))
+        };
+        let cases: [(&[&str], &[&str], &[&str]); 4] = [
+            (
+                &["serve"],
+                &["config", "log-format"],
+                &["broker", "certs", "as", "ca", "cert", "key", "json"],
+            ),
+            (
+                &["demo"],
+                &["broker", "dir", "log-format"],
+                &["certs", "as", "ca", "cert", "key", "json"],
+            ),
+            (
+                &["demo-provider"],
+                &["tls-dir", "member", "ca", "cert", "key", "log-format"],
+                &["broker", "certs", "json"],
+            ),
+            (
+                &["grant", "create"],
+                &["broker", "certs", "as", "ca", "cert", "key", "json"],
+                &[],
+            ),
+        ];
+        for (path, taken, refused) in cases {
+            let text = help(path);
+            for name in taken {
+                assert!(shown(&text, name), "{path:?} --{name} missing:\n{text}");
+            }
+            for name in refused {
+                assert!(!shown(&text, name), "{path:?} --{name} advertised:\n{text}");
+            }
+        }
+        // Still parsed where refused, to be refused saying what to use instead.
+        let matches = cli_command()
+            .try_get_matches_from(["lienthong", "demo", "--ca", "ca.pem", "--json"])
+            .unwrap();
+        let typed = Typed::of(&matches);
+        let refused = typed.refuse("demo", DEMO_REFUSES, "x").unwrap_err().to_string();
+        assert!(refused.contains("--ca"), "{refused}");
+        assert!(typed.refuse("demo", NO_RESULTS, "x").is_err());
+    }
 
     /// `demo-provider` without limit flags serves with the kit's defaults,
     /// so the flags' documented defaults cannot drift from the kit's.
