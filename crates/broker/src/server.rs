@@ -203,8 +203,9 @@ fn watch_log_claim(
 /// Locks `dir` for this process (`broker.lock`, released when the file is
 /// closed, at exit at the latest): two brokers on one data directory would
 /// write one audit log with one signing key, each taking the other's
-/// entries for its own.
-fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+/// entries for its own. Whatever else writes a broker's data directory (the
+/// bench filling its log) takes it too.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, StartError> {
     let path = dir.join("broker.lock");
     let mut options = std::fs::OpenOptions::new();
     options.create(true).truncate(false).write(true);

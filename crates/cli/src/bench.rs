@@ -165,7 +165,7 @@ pub struct BenchArgs {
     /// subject each) through the audit crate as the broker would, restarts it
     /// and waits for its check of the history. About a minute per million
     /// entries, fill and check included. Only the SQLite broker of `relayed`
-    /// is filled.
+    /// is filled, under its data directory's lock, as `serve` takes it.
     #[arg(long, default_value_t = 0)]
     pub log_entries: u64,
     /// A few seconds per scenario (warm-up 300ms, 1.5s measured, 200 subjects): a smoke run

@@ -56,6 +56,10 @@ pub(super) async fn fill(
 ) -> Result<(u64, f64)> {
     let config = lienthong_broker::config::Config::load(Some(config), Vec::new())
         .with_context(|| format!("reading the broker's config {}", config.display()))?;
+    // As `serve` takes it: appending while a broker runs on the directory
+    // would interleave two writers' entries in one log under one key.
+    let _data_dir = lienthong_broker::server::lock_data_dir(&config.data_dir)
+        .context("the bench fills the audit log of a stopped broker only")?;
     let store = lienthong_store::open(&StoreOptions {
         url: config.database_url(),
         max_connections: 2,
@@ -65,6 +69,18 @@ pub(super) async fn fill(
     .await
     .context("opening the broker's database")?;
     let keys = LogKeys::load_or_create(&config.data_dir).context("loading the broker's audit keys")?;
+    // The log's own claim, as `serve` takes it: a broker on this database
+    // from another data directory holds it.
+    let _claim = store
+        .claim_log(&keys.log_id())
+        .await
+        .context("claiming the broker's audit log")?
+        .ok_or_else(|| {
+            anyhow!(
+                "another broker is writing this audit log ({}); the bench fills the audit log of a stopped broker only",
+                config.database_url()
+            )
+        })?;
     let log = AuditLog::open(
         store.clone(),
         keys,
@@ -157,6 +173,7 @@ pub(super) fn check_timeout(entries: u64) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -164,5 +181,33 @@ mod tests {
         let id = uuid_shaped(0x0197_a000_0000_7000_8000_0000_0000_002a);
         assert_eq!(id, "0197a000-0000-7000-8000-00000000002a");
         assert_eq!(uuid_shaped(u128::MAX).len(), 36);
+    }
+
+    /// The bench's birth-record grant, as it fills the log with.
+    fn grant() -> pb::CreateGrantRequest {
+        crate::federation::demo_grants().into_iter().next().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_data_directory_a_broker_holds_is_not_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let certs = dir.path().join("certs");
+        crate::federation::make_certs(&certs, "bench.test").unwrap();
+        let config =
+            super::super::write_broker_config(dir.path(), "broker.toml", &data, None, &certs, "bench.test").unwrap();
+        let held = lienthong_broker::server::lock_data_dir(&data).unwrap();
+        let err = fill(&config, &grant(), 10, 1, &Progress::new()).await.unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("stopped broker only") && text.contains("broker.lock"),
+            "{text}"
+        );
+        assert!(!data.join("lienthong.db").exists(), "nothing was written");
+        // Once the broker is gone, the same directory is filled.
+        drop(held);
+        let (size, _) = fill(&config, &grant(), 10, 1, &Progress::new()).await.unwrap();
+        assert_eq!(size, 10);
     }
 }
