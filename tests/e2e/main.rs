@@ -13,6 +13,7 @@ mod deploy;
 mod foundation;
 mod harness;
 mod health;
+mod independent_verifier;
 mod keyfiles;
 mod lookup_races;
 mod observability;
