@@ -428,3 +428,56 @@ async fn a_refused_request_cannot_write_megabytes_into_the_log() {
     }
     fed.shutdown().await.unwrap();
 }
+
+/// A member reading citizens' histories faster than
+/// `limits.subject_history_per_minute` is refused with a wait to honour, and
+/// the refusal is on the record; another member keeps its own allowance.
+#[tokio::test]
+async fn reading_citizens_histories_is_rate_limited_per_member_and_refusals_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = lienthong_cli::federation::FederationOptions::new(dir.path());
+    opts.extra_config = "\n[limits]\nsubject_history_per_minute = 2\n".into();
+    let fed = lienthong_cli::federation::Federation::start(opts).await.unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let portal = client(&fed, CITIZEN_PORTAL).await;
+    let auditor = client(&fed, lienthong_cli::federation::STATE_AUDIT).await;
+    let subject = citizen_id(&fed, 8);
+    look_up_birth(&office, &subject).await.unwrap();
+
+    assert_eq!(history(&portal, &subject).await.unwrap().len(), 1);
+    assert_eq!(history(&portal, &citizen_id(&fed, 9)).await.unwrap().len(), 0);
+    let err = history(&portal, &citizen_id(&fed, 10)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("limits.subject_history_per_minute"), "{err:?}");
+    assert!(!err.message().contains(&citizen_id(&fed, 10)), "{err:?}");
+    let wait: u64 = err
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    // The limit is the member's: the auditor still reads.
+    assert_eq!(history(&auditor, &subject).await.unwrap().len(), 1);
+
+    let reads = logged(&fed, by(CITIZEN_PORTAL, pb::EntryKind::AuditRead)).await;
+    let outcomes: Vec<i32> = reads.iter().map(|e| e.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            pb::Outcome::Allowed as i32,
+            pb::Outcome::Allowed as i32,
+            pb::Outcome::Denied as i32
+        ]
+    );
+    let refused = &reads[2];
+    assert_eq!(refused.action, "Audit.SubjectHistory");
+    assert!(refused.reason.starts_with("rate_limited: "), "{}", refused.reason);
+    assert!(
+        !refused.subject_hash.is_empty(),
+        "the refused read names the citizen by HMAC"
+    );
+    fed.shutdown().await.unwrap();
+}

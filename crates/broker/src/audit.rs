@@ -42,11 +42,15 @@ impl AuditService {
         event.subject_hash = subject_hash;
         if let Some(e) = refused {
             event.outcome = match e {
-                BrokerError::PermissionDenied(_) => Outcome::Denied,
+                BrokerError::PermissionDenied(_) | BrokerError::RateLimited { .. } => Outcome::Denied,
                 BrokerError::InvalidArgument(_) => Outcome::Invalid,
                 _ => Outcome::Failed,
             };
-            event.reason = e.to_string();
+            event.reason = match e {
+                // The code lookups refused by their grant's limit are logged with.
+                BrokerError::RateLimited { .. } => format!("rate_limited: {e}"),
+                _ => e.to_string(),
+            };
         }
         event
     }
@@ -460,6 +464,27 @@ impl Audit for AuditService {
             .await?;
         let request_id = request_id_of(&request);
         let r = request.into_inner();
+        let per_minute = self.broker.config.limits.subject_history_per_minute;
+        if let Err(retry_after) = self
+            .broker
+            .history_limiter
+            .check(caller.id(), per_minute, std::time::Instant::now())
+        {
+            let hash = match r.subject_key.trim() {
+                "" => String::new(),
+                key => self.broker.audit.subject_hash(key),
+            };
+            let e = BrokerError::RateLimited {
+                message: format!(
+                    "{} may read {per_minute} pages of citizens' histories a minute from this broker \
+                     (limits.subject_history_per_minute); retry in {} s",
+                    caller.id(),
+                    retry_after.as_secs_f64().ceil()
+                ),
+                retry_after,
+            };
+            return Err(self.refused(&caller, RPC, request_id, hash, e).await);
+        }
         if r.subject_key.trim().is_empty() {
             let e = BrokerError::InvalidArgument("subject_key is required".into());
             return Err(self.refused(&caller, RPC, request_id, String::new(), e).await);

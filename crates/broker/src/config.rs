@@ -176,6 +176,10 @@ pub struct Limits {
     /// past it, lookups are refused with `UNAVAILABLE` until a reload
     /// succeeds, and the Exchange reports `NOT_SERVING`.
     pub max_snapshot_lag_ms: u64,
+    /// Citizens' histories (`Audit.SubjectHistory` pages) one member may
+    /// read a minute from this replica: a portal or auditor cannot walk the
+    /// national id space, or grow the log with reads, at will.
+    pub subject_history_per_minute: u32,
 }
 
 /// How the broker calls providers.
@@ -317,6 +321,9 @@ impl Default for Limits {
             // under a second), short enough that a revocation is not ignored
             // for long by a replica that cannot load it.
             max_snapshot_lag_ms: 5_000,
+            // Ten pages a second per portal: far above one citizen paging
+            // through their own history, far below enumerating ids.
+            subject_history_per_minute: 600,
         }
     }
 }
@@ -572,6 +579,11 @@ impl Config {
             ("relay.provider_timeout_ms", self.relay.provider_timeout_ms),
             // 0 would refuse every lookup after any reload that fails once.
             ("limits.max_snapshot_lag_ms", self.limits.max_snapshot_lag_ms),
+            // 0 would refuse every history: there is no "unlimited".
+            (
+                "limits.subject_history_per_minute",
+                u64::from(self.limits.subject_history_per_minute),
+            ),
             ("relay.provider_concurrency", self.relay.provider_concurrency as u64),
             ("relay.breaker_failures", self.relay.breaker_failures as u64),
             ("audit.sign_interval_ms", self.audit.sign_interval_ms),
@@ -1246,6 +1258,7 @@ mod tests {
             "LIENTHONG_TLS_HANDSHAKE_TIMEOUT_MS",
             "LIENTHONG_RELAY_CONNECT_TIMEOUT_MS",
             "LIENTHONG_LIMITS_DATABASE_ACQUIRE_TIMEOUT_MS",
+            "LIENTHONG_LIMITS_SUBJECT_HISTORY_PER_MINUTE",
         ] {
             let e = Config::load(Some(&p), vec![(key.into(), "0".into())])
                 .unwrap_err()

@@ -54,6 +54,9 @@ pub struct Broker {
     pub rate_leases: Leases,
     /// Taken while a grant's tokens are leased, so one lookup at a time asks.
     pub rate_lease_locks: LeaseLocks,
+    /// Per-member token buckets of citizens' history reads
+    /// (`limits.subject_history_per_minute`), on this replica.
+    pub history_limiter: RateLimiter,
     /// Per-address bound on authentication-failure entries.
     pub refusals: crate::refusals::RefusalGate,
     /// Limits applied to registered schemas.
@@ -125,6 +128,7 @@ impl Broker {
             audit,
             relay,
             rate_limiter: RateLimiter::new(),
+            history_limiter: RateLimiter::new(),
             rate_leases: Leases::new(),
             rate_lease_locks: LeaseLocks::default(),
             refusals: Default::default(),
