@@ -1386,7 +1386,22 @@ impl Store for SqlStore {
             }
         });
         if hashes.len() as u64 != to - from {
-            return Err(missing());
+            // Rare (rows deleted behind the broker's back): a second read
+            // names the first missing entry, so the operator knows where.
+            let sql = "SELECT sequence FROM audit_entries WHERE log_no = $1 AND sequence >= $2 AND sequence < $3 ORDER BY sequence";
+            let present: Vec<i64> = on_pool!(self, p => {
+                sqlx::query_scalar::<_, i64>(sql).bind(log_no).bind(lo).bind(hi).fetch_all(p).await.map_err(db_err)?
+            });
+            let mut expected = lo;
+            for sequence in present {
+                if sequence != expected {
+                    break;
+                }
+                expected += 1;
+            }
+            return Err(StoreError::NotFound {
+                what: format!("entry {expected} of log {log_id}"),
+            });
         }
         Ok(hashes)
     }
