@@ -1197,3 +1197,22 @@ async fn the_key_of_another_log_is_a_pem_to_pin() {
     }
     retired.shutdown().await;
 }
+
+/// Asking for the head of a log the database does not hold says so, rather
+/// than that the log has no head yet (which would have an auditor wait).
+#[tokio::test]
+async fn the_head_of_an_unknown_log_is_not_found_as_such() {
+    let (_dir, fed) = federation().await;
+    let auditor = client(&fed, STATE_AUDIT).await;
+    let err = auditor
+        .audit()
+        .get_signed_tree_head(pb::GetSignedTreeHeadRequest { log_id: "a".repeat(64) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("is not in this federation's database"),
+        "{err:?}"
+    );
+    fed.shutdown().await.unwrap();
+}

@@ -624,12 +624,27 @@ impl AuditLog {
 
     /// The newest signed head of any log in the database (other replicas' too).
     pub async fn latest_tree_head(&self, log_id: &str) -> Result<SignedTreeHead, AuditError> {
-        self.store
+        let head = self
+            .store
             .latest_tree_head(log_id)
             .await
             .map_err(lookup_error)?
-            .map(SignedTreeHead::from)
-            .ok_or_else(|| AuditError::NotFound(format!("log {log_id} has no signed tree head")))
+            .map(SignedTreeHead::from);
+        match head {
+            Some(head) => Ok(head),
+            // Which of the two it is tells an auditor whether to wait or to
+            // check the log id: only this path pays for the second read.
+            None => Err(match self.store.log_size(log_id).await {
+                Err(StoreError::NotFound { .. }) => AuditError::NotFound(format!(
+                    "log {log_id} is not in this federation's database (`lienthong audit verify` and \
+                     Audit.ListLogs name the logs it holds)"
+                )),
+                _ => AuditError::NotFound(format!(
+                    "log {log_id} has no signed tree head yet: one is signed within audit.sign_interval_ms \
+                     of its first entry; ask again then"
+                )),
+            }),
+        }
     }
 
     /// Leaf hash of entry `sequence` and its audit path in the tree of the
