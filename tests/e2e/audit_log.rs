@@ -1216,3 +1216,92 @@ async fn the_head_of_an_unknown_log_is_not_found_as_such() {
     );
     fed.shutdown().await.unwrap();
 }
+
+/// A consumer checks its receipt from the command line: the entry's inclusion
+/// proof against the newest signed head, under the log's key (pinned or
+/// checked to be the log's); a receipt that is not the entry's fails saying
+/// which hash the log holds.
+#[tokio::test]
+async fn audit_receipt_proves_a_lookups_receipt_and_refuses_a_wrong_one() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let receipt = look_up_birth(&office, &citizen_id(&fed, 2))
+        .await
+        .unwrap()
+        .into_inner()
+        .receipt
+        .unwrap();
+    let auditor = client(&fed, STATE_AUDIT).await;
+    let signed = eventually(Duration::from_secs(30), async || {
+        let head = auditor
+            .audit()
+            .get_signed_tree_head(pb::GetSignedTreeHeadRequest::default())
+            .await;
+        head.is_ok_and(|h| h.into_inner().tree_size > receipt.sequence)
+    })
+    .await;
+    assert!(signed);
+    let sequence = receipt.sequence.to_string();
+    let leaf = hex::encode(&receipt.leaf_hash);
+    let args = |leaf: &str| {
+        vec![
+            "audit".to_string(),
+            "receipt".into(),
+            "--log".into(),
+            receipt.log_id.clone(),
+            "--sequence".into(),
+            sequence.clone(),
+            "--leaf-hash".into(),
+            leaf.to_string(),
+        ]
+    };
+    let run = async |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_as(&fed, JUDICIAL_OFFICE, &args).await
+    };
+    let (ok, out) = run(args(&leaf)).await;
+    assert!(ok && out.contains("VERIFIED"), "{out}");
+    assert!(
+        out.contains(&format!("entry #{sequence} of log {}", receipt.log_id)),
+        "{out}"
+    );
+
+    // Pinned: the log's own key passes, another log's key is refused.
+    let (ok, key) = cli_as(&fed, STATE_AUDIT, &["audit", "key"]).await;
+    assert!(ok, "{key}");
+    let mut pinned = args(&leaf);
+    pinned.extend(["--public-key".into(), key.clone()]);
+    let (ok, out) = run(pinned).await;
+    assert!(ok && out.contains("VERIFIED"), "{out}");
+    // As `audit verify` takes it too: the PEM inline, dashes first.
+    let state = fed.dir.join("receipt-verifier-state.json");
+    let (ok, out) = cli_as(
+        &fed,
+        STATE_AUDIT,
+        &[
+            "audit",
+            "verify",
+            "--state",
+            state.to_str().unwrap(),
+            "--public-key",
+            &key,
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let mut other = args(&leaf);
+    other.extend(["--public-key".into(), "11".repeat(32)]);
+    let (ok, out) = run(other).await;
+    assert!(!ok && out.contains("not of the receipt's log"), "{out}");
+
+    let wrong = "00".repeat(32);
+    let (ok, out) = run(args(&wrong)).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!("has leaf hash {leaf}, not the receipt's {wrong}")),
+        "{out}"
+    );
+    let (ok, out) = run(args("xyz")).await;
+    assert!(!ok && out.contains("--leaf-hash must be 64 hex digits"), "{out}");
+    fed.shutdown().await.unwrap();
+}

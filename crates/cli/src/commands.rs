@@ -1047,6 +1047,24 @@ pub enum AuditCmd {
     /// Verify logs: signatures, the export rebuilding the signed root, every
     /// inclusion, and consistency with the heads seen last time (state file).
     Verify(VerifyArgs),
+    /// Check a lookup's receipt (any member): its entry's inclusion proof
+    /// against the newest signed tree head, and that head's signature.
+    Receipt {
+        /// Log id of the receipt (64 hex digits).
+        #[arg(long)]
+        log: String,
+        /// Sequence of the receipt's entry.
+        #[arg(long)]
+        sequence: u64,
+        /// Leaf hash of the receipt (64 hex digits).
+        #[arg(long)]
+        leaf_hash: String,
+        /// Pinned public key (PEM or 64 hex digits) or a file holding it;
+        /// without it, the key the broker serves for the log, checked to
+        /// hash to the log id.
+        #[arg(long, allow_hyphen_values = true)]
+        public_key: Option<String>,
+    },
 }
 
 /// `lienthong audit verify`
@@ -1058,7 +1076,8 @@ pub struct VerifyArgs {
     /// Pinned public key (PEM or 64 hex digits) or a file holding it. Online,
     /// each log's key must hash to its log id, and the state file pins the
     /// heads verified before.
-    #[arg(long)]
+    // A PEM given inline begins with dashes: a value, not an option.
+    #[arg(long, allow_hyphen_values = true)]
     pub public_key: Option<String>,
     /// Offline: verify this export file (from `audit export`) against `--sth`.
     #[arg(long, requires = "sth")]
@@ -1319,10 +1338,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             if json {
                 print_json(&sth);
             } else {
-                let signed = OffsetDateTime::from_unix_timestamp_nanos(i128::from(sth.timestamp_ms) * 1_000_000)
-                    .ok()
-                    .and_then(|t| t.format(&Rfc3339).ok())
-                    .unwrap_or_else(|| format!("{} ms after 1970", sth.timestamp_ms));
+                let signed = signed_at(sth.timestamp_ms);
                 println!(
                     "log {} size {} root {} signed at {signed}",
                     shown(&sth.log_id),
@@ -1368,6 +1384,97 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             }
         }
         AuditCmd::Verify(v) => verify_online(&mut c, &v, json).await?,
+        AuditCmd::Receipt {
+            log,
+            sequence,
+            leaf_hash,
+            public_key,
+        } => verify_receipt(&mut c, &log, sequence, &leaf_hash, public_key.as_deref(), json).await?,
+    }
+    Ok(())
+}
+
+/// A tree head's signing time (milliseconds since the epoch) as RFC 3339.
+fn signed_at(timestamp_ms: u64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(timestamp_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("{timestamp_ms} ms after 1970"))
+}
+
+/// `audit receipt`: proves that a receipt's entry is in the log the newest
+/// signed tree head signs, with the log's key pinned or checked to be the
+/// log's.
+async fn verify_receipt(
+    c: &mut AuditClient,
+    log: &str,
+    sequence: u64,
+    leaf_hash: &str,
+    public_key: Option<&str>,
+    json: bool,
+) -> Result<()> {
+    check_log_id(log)?;
+    let leaf: Hash = hex::decode(leaf_hash.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .context("--leaf-hash must be 64 hex digits, as the receipt shows it")?;
+    let key = match public_key {
+        Some(spec) => read_pinned_key(spec)?,
+        None => {
+            let k = c
+                .get_public_key(pb::GetPublicKeyRequest { log_id: log.into() })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            key_from(&k.public_key)?
+        }
+    };
+    let id = lienthong_audit::keys::log_id_of(&key);
+    if id != log {
+        bail!("the key is that of log {id}, not of the receipt's log {}", shown(log));
+    }
+    let p = c
+        .get_inclusion_proof(pb::GetInclusionProofRequest {
+            log_id: log.into(),
+            sequence,
+            tree_size: 0,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if p.log_id != log || p.sequence != sequence {
+        bail!(
+            "the broker answered with a proof of entry {} of log {}, not of entry {sequence} of log {log}",
+            p.sequence,
+            shown(&p.log_id)
+        );
+    }
+    if p.leaf_hash != leaf {
+        bail!(
+            "entry {sequence} of log {log} has leaf hash {}, not the receipt's {}: the receipt is not this \
+             entry's, or the log was altered",
+            hex::encode(&p.leaf_hash),
+            hex::encode(leaf)
+        );
+    }
+    verify_inclusion_proof(&p, &key).with_context(|| format!("receipt of entry {sequence} of log {log}"))?;
+    let head = p.tree_head.as_ref().context("the proof carries no signed tree head")?;
+    if json {
+        print_json(&serde_json::json!({
+            "log_id": log,
+            "sequence": sequence,
+            "leaf_hash": hex::encode(leaf),
+            "tree_size": head.tree_size,
+            "root_hash": hex::encode(&head.root_hash),
+            "timestamp_ms": head.timestamp_ms,
+            "verified": true,
+        }));
+    } else {
+        println!(
+            "entry #{sequence} of log {log} is in the tree of size {} signed at {}: VERIFIED",
+            head.tree_size,
+            signed_at(head.timestamp_ms)
+        );
     }
     Ok(())
 }
