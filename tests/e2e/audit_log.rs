@@ -1305,3 +1305,36 @@ async fn audit_receipt_proves_a_lookups_receipt_and_refuses_a_wrong_one() {
     assert!(!ok && out.contains("--leaf-hash must be 64 hex digits"), "{out}");
     fed.shutdown().await.unwrap();
 }
+
+/// A citizen's history in text says "read" only of what was released: a
+/// refused attempt is shown as asked for, with nothing released.
+#[tokio::test]
+async fn a_citizens_history_says_read_only_of_released_records() {
+    let (_dir, fed) = federation().await;
+    let subject = citizen_id(&fed, 6);
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    look_up_birth(&office, &subject).await.unwrap();
+    let tax = client(&fed, lienthong_cli::federation::TAX_DEPT).await;
+    look_up_birth(&tax, &subject).await.unwrap_err();
+    let (ok, out) = cli_as(
+        &fed,
+        lienthong_cli::federation::CITIZEN_PORTAL,
+        &["audit", "history", "--subject", &subject],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let line = |who: &str| out.lines().find(|l| l.contains(who)).unwrap_or_default().to_string();
+    let refused = line("hanoi-tax-dept");
+    assert!(
+        refused.contains(") asked for civil_status.birth_record") && refused.ends_with("denied, nothing released"),
+        "{out}"
+    );
+    let released = line("hanoi-judicial-office");
+    assert!(
+        released.contains(") read civil_status.birth_record")
+            && released.contains("/full_name")
+            && released.ends_with("allowed"),
+        "{out}"
+    );
+    fed.shutdown().await.unwrap();
+}

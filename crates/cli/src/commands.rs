@@ -1269,15 +1269,20 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
             }
             for a in accesses {
                 let when = a.time.as_ref().map(format_ts).unwrap_or_default();
+                // A citizen reads "read" as "has my data": only what was
+                // released is said so; a refused or failed attempt is an ask.
+                let (verb, end) = if a.outcome == pb::Outcome::Allowed as i32 {
+                    ("read", format!("[{}] allowed", shown(&a.fields_released.join(", "))))
+                } else {
+                    ("asked for", format!("{}, nothing released", outcome_name(a.outcome)))
+                };
                 println!(
-                    "{when} {} ({}) read {} from {} for {} [{}] {}",
+                    "{when} {} ({}) {verb} {} from {} for {} {end}",
                     shown(&a.consumer),
                     shown(&a.consumer_name),
                     shown(&a.record_type),
                     shown(&a.provider),
                     shown(&a.purpose),
-                    shown(&a.fields_released.join(", ")),
-                    outcome_name(a.outcome)
                 );
             }
         }
