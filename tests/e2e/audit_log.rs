@@ -1336,5 +1336,22 @@ async fn a_citizens_history_says_read_only_of_released_records() {
             && released.ends_with("allowed"),
         "{out}"
     );
+    // `--since` keeps only what happened from then on.
+    for (since, lines) in [("2000-01-01T00:00:00Z", 2), ("2999-01-01T00:00:00Z", 0)] {
+        let (ok, out) = cli_as(
+            &fed,
+            lienthong_cli::federation::CITIZEN_PORTAL,
+            &["audit", "history", "--subject", &subject, "--since", since],
+        )
+        .await;
+        assert!(ok && out.lines().count() == lines, "{since}: {out}");
+    }
+    let (ok, out) = cli_as(
+        &fed,
+        lienthong_cli::federation::CITIZEN_PORTAL,
+        &["audit", "history", "--subject", &subject, "--since", "yesterday"],
+    )
+    .await;
+    assert!(!ok && out.contains("not an RFC 3339 time"), "{out}");
     fed.shutdown().await.unwrap();
 }

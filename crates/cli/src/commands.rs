@@ -1021,6 +1021,9 @@ pub enum AuditCmd {
         /// the shell's history and the process list.
         #[arg(long)]
         subject: String,
+        /// Only accesses at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
     },
     /// Export every entry of a log as JSON lines (auditor role).
     Export {
@@ -1218,7 +1221,8 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 token = page.next_page_token;
             }
         }
-        AuditCmd::History { subject } => {
+        AuditCmd::History { subject, since } => {
+            let since = since.as_deref().map(parse_time).transpose()?;
             let subject = arg_or_stdin(subject, "--subject")?;
             // Every page, newest first: a citizen's whole history.
             let mut accesses = Vec::new();
@@ -1227,7 +1231,7 @@ pub async fn audit(conn: &ConnectArgs, cmd: AuditCmd, json: bool) -> Result<()> 
                 let page = c
                     .subject_history(pb::SubjectHistoryRequest {
                         subject_key: subject.clone(),
-                        since: None,
+                        since,
                         limit: 1000,
                         page_token: token,
                     })
