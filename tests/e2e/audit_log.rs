@@ -1355,3 +1355,24 @@ async fn a_citizens_history_says_read_only_of_released_records() {
     assert!(!ok && out.contains("not an RFC 3339 time"), "{out}");
     fed.shutdown().await.unwrap();
 }
+
+/// A member without the auditor role running `audit verify` is told so, not
+/// that a log FAILED verification (a false alarm of tampering).
+#[tokio::test]
+async fn audit_verify_by_a_non_auditor_says_it_lacks_the_role_not_that_a_log_failed() {
+    let (dir, fed) = federation().await;
+    let state = dir.path().join("state.json");
+    let (ok, out) = cli_as(
+        &fed,
+        JUDICIAL_OFFICE,
+        &["audit", "verify", "--state", state.to_str().unwrap()],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("cannot verify the logs") && out.contains("auditor role"),
+        "{out}"
+    );
+    assert!(!out.contains("FAILED") && !out.contains("failed verification"), "{out}");
+    fed.shutdown().await.unwrap();
+}

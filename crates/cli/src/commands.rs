@@ -1800,6 +1800,11 @@ async fn verify_online(c: &mut AuditClient, v: &VerifyArgs, json: bool) -> Resul
                 }
                 state.record(report.tree_head);
             }
+            // The caller's roles, not the log: nothing was verified, and
+            // saying a log FAILED would raise a false alarm of tampering.
+            Err(e) if e.downcast_ref::<NotAllowed>().is_some() => {
+                bail!("cannot verify the logs: {}", crate::error_text(&e))
+            }
             Err(e) => {
                 failed(&log.log_id, crate::error_text(&e));
                 failures += 1;
@@ -1836,6 +1841,23 @@ async fn verify_online(c: &mut AuditClient, v: &VerifyArgs, json: bool) -> Resul
     }
     Ok(())
 }
+
+/// The broker refused the caller the export `audit verify` reads: its roles
+/// are the matter, not any log.
+#[derive(Debug)]
+struct NotAllowed(String);
+
+impl std::fmt::Display for NotAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}; `audit verify` online needs a member with the auditor role (or verify an export offline)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NotAllowed {}
 
 /// Verifies one log online: `None` when it has no signed head yet (and none
 /// was verified before); an error says why it failed.
@@ -1900,8 +1922,13 @@ async fn verify_online_log(
             from_sequence: 0,
         })
         .await
-        .map_err(status_error)
-        .context("cannot export its entries")?
+        .map_err(|s| {
+            if s.code() == tonic::Code::PermissionDenied {
+                anyhow::Error::new(NotAllowed(s.message().to_string()))
+            } else {
+                status_error(s).context("cannot export its entries")
+            }
+        })?
         .into_inner();
     // Entries flow through the verifier as they arrive; none is kept.
     let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
