@@ -1316,6 +1316,19 @@ async fn a_citizens_history_says_read_only_of_released_records() {
     look_up_birth(&office, &subject).await.unwrap();
     let tax = client(&fed, lienthong_cli::federation::TAX_DEPT).await;
     look_up_birth(&tax, &subject).await.unwrap_err();
+    // An auditor sees which grant allowed each access, and that none allowed a refusal.
+    let accesses = logged(
+        &fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Access as i32,
+            ..Default::default()
+        },
+    )
+    .await;
+    let allowed = accesses.iter().find(|e| e.actor == JUDICIAL_OFFICE).unwrap();
+    assert!(!allowed.grant_id.is_empty() && allowed.leaf_json.contains(&allowed.grant_id));
+    let refused = accesses.iter().find(|e| e.actor == "hanoi-tax-dept").unwrap();
+    assert_eq!(refused.grant_id, "");
     let (ok, out) = cli_as(
         &fed,
         lienthong_cli::federation::CITIZEN_PORTAL,

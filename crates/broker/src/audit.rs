@@ -175,6 +175,7 @@ pub fn entry(e: &StoredEntry) -> pb::AuditEntry {
         out.latency_us = ev.latency_us;
         out.action = ev.action;
         out.target = ev.target;
+        out.grant_id = ev.grant_id;
     }
     out
 }
@@ -224,6 +225,7 @@ fn displayed_entry(e: &StoredEntry) -> Result<pb::AuditEntry> {
         latency_us: ev.latency_us,
         action: ev.action,
         target: ev.target,
+        grant_id: ev.grant_id,
     })
 }
 
