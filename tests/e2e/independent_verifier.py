@@ -232,6 +232,14 @@ def online(cfg):
           consistent(first.tree_size, head.tree_size, bytes(first.root_hash), bytes(head.root_hash),
                      [bytes(p) for p in proof.path]), f"{first.tree_size} -> {head.tree_size}")
     SUMMARY["sequence"] = receipt.sequence
+    # Against the newest head (second = 0), the proof carries that head.
+    proof = consumer.call("Audit", "GetConsistencyProof", first=first.tree_size)
+    check("a proof against the newest head carries it",
+          proof.HasField("tree_head") and proof.tree_head.tree_size == proof.second, str(proof.second))
+    check_head("consistency proof's head", key, proof.tree_head)
+    check("the newest head extends the first",
+          consistent(first.tree_size, proof.second, bytes(first.root_hash), bytes(proof.tree_head.root_hash),
+                     [bytes(p) for p in proof.path]), f"{first.tree_size} -> {proof.second}")
 
     # Every proof of the log up to the newest head, against roots computed
     # here from the leaves: the proof layouts, not one lucky case.

@@ -101,6 +101,7 @@ async fn a_verifier_written_from_the_docs_alone_checks_heads_proofs_and_an_expor
     for want in [
         "the receipt is in the signed tree",
         "the newer head extends the first",
+        "the newest head extends the first",
         "every inclusion and consistency proof up to the newest head",
         "the export verifies against the head",
         "an altered export fails",

@@ -629,10 +629,13 @@ impl Audit for AuditService {
         self.broker.authenticate(&request, "Audit.GetConsistencyProof").await?;
         let r = request.into_inner();
         let log_id = self.broker.log_or_own(&r.log_id)?.to_string();
-        let second = if r.second == 0 {
-            self.broker.tree_head(&log_id).await?.tree_size
+        // Asked against the newest head, the answer carries it: the head
+        // fetched by another call could be a newer one than the proof's.
+        let (second, tree_head) = if r.second == 0 {
+            let head = self.broker.tree_head(&log_id).await?;
+            (head.tree_size, Some(sth(&head)))
         } else {
-            r.second
+            (r.second, None)
         };
         if r.first > second {
             return Err(if r.second == 0 {
@@ -656,6 +659,7 @@ impl Audit for AuditService {
             first: r.first,
             second,
             path: path.iter().map(|h| h.to_vec()).collect(),
+            tree_head,
         }))
     }
 
