@@ -1374,6 +1374,17 @@ async fn a_citizens_history_says_read_only_of_released_records() {
 #[tokio::test]
 async fn audit_verify_by_a_non_auditor_says_it_lacks_the_role_not_that_a_log_failed() {
     let (dir, fed) = federation().await;
+    // A log with a signed head, whose entries a verifier must then read.
+    let auditor = client(&fed, STATE_AUDIT).await;
+    let signed = eventually(Duration::from_secs(30), async || {
+        auditor
+            .audit()
+            .get_signed_tree_head(pb::GetSignedTreeHeadRequest::default())
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(signed);
     let state = dir.path().join("state.json");
     let (ok, out) = cli_as(
         &fed,
