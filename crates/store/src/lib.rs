@@ -368,8 +368,8 @@ pub trait Store: Send + Sync + 'static {
     async fn put_tree_nodes(&self, log_id: &str, nodes: &[TreeNode]) -> Result<()>;
     /// Number of entries in a log.
     async fn log_size(&self, log_id: &str) -> Result<u64>;
-    /// Leaf hashes of entries `[from, to)` in order; `NotFound` if the log holds
-    /// fewer than `to` entries.
+    /// Leaf hashes of entries `[from, to)` in order; `NotFound` naming the
+    /// first missing entry if the log lacks any of them.
     async fn leaf_hashes(&self, log_id: &str, from: u64, to: u64) -> Result<Vec<[u8; 32]>>;
     /// Entries `[from, to)` of a log in sequence order, each with its leaf,
     /// leaf hash and indexed columns as stored, so that they can be checked
