@@ -178,7 +178,7 @@ pub struct Limits {
     pub max_snapshot_lag_ms: u64,
     /// Citizens' histories (`Audit.SubjectHistory` pages) one member may
     /// read a minute from this replica: a portal or auditor cannot walk the
-    /// national id space, or grow the log with reads, at will.
+    /// national id space at will.
     pub subject_history_per_minute: u32,
 }
 
