@@ -397,6 +397,17 @@ pub async fn run(options: DemoOptions) -> Result<()> {
                 dir.display()
             ),
         );
+        if let Some(rc) = &report.receipt {
+            say(
+                &mut out,
+                format!(
+                    "   lienthong --as {JUDICIAL_OFFICE} audit receipt --log {} --sequence {} --leaf-hash {}",
+                    rc.log_id,
+                    rc.sequence,
+                    hex::encode(&rc.leaf_hash)
+                ),
+            );
+        }
         // The address bound, not the one asked for: `127.0.0.1:0` picks a port.
         if let Some(m) = fed.broker.metrics_addr {
             say(&mut out, format!("   curl http://{m}/metrics"));
