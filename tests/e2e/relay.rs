@@ -564,6 +564,54 @@ async fn consumers_with_short_deadlines_do_not_open_the_circuit_for_everyone() {
     fed.shutdown().await.unwrap();
 }
 
+/// A register that says GOAWAY on its connection while a call on it is
+/// still under way (a gRPC server past its maximum connection age, or
+/// draining for a restart) is called on a new connection: the lookups after
+/// the GOAWAY are answered, not refused until the call under way ends.
+#[tokio::test]
+async fn a_register_saying_goaway_mid_call_is_called_on_a_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = FederationOptions::new(dir.path());
+    // Without a breaker to open or retries to spend, each refused call shows.
+    opts.extra_config = "\n[relay]\nmax_retries = 0\nbreaker_failures = 1000\n".into();
+    let fed = Federation::start(opts).await.unwrap();
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 85);
+    let register = lienthong_provider::demo::CivilStatusRegister::new(fed.options.seed);
+    let raw = RawProvider::new(register.birth_record(85).to_string());
+    let going = testing::start_going_away_server(raw.clone(), civil_tls(&fed))
+        .await
+        .unwrap();
+    replace_civil_endpoint(&fed, &going.url()).await;
+
+    let held = {
+        let (office, subject) = (office.clone(), subject.clone());
+        tokio::spawn(async move {
+            let mut req = tonic::Request::new(birth_lookup(&subject, PURPOSE_CERTIFICATE));
+            // Ends the held call, and with it the old connection, after the test.
+            req.set_timeout(Duration::from_secs(4));
+            office.exchange().lookup(req).await
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(30), async || going.requests() == 1).await,
+        "the broker read the register's GOAWAY"
+    );
+    for _ in 0..3 {
+        look_up_birth(&office, &subject)
+            .await
+            .expect("answered on a new connection while the old one drains");
+    }
+    assert_eq!(raw.calls(), 3);
+    let err = held.await.unwrap().unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    going.shutdown().await;
+    fed.shutdown().await.unwrap();
+}
+
 /// A register restarted on its address (a redeployment) is called again
 /// without restarting the broker, which dials it anew; while it is down,
 /// lookups get UNAVAILABLE and are audited.

@@ -266,11 +266,36 @@ impl Conn {
     async fn fetch(&self, metadata: tonic::metadata::MetadataMap, frame: Bytes) -> Result<FetchAnswer, CallError> {
         // Not ready means the connection closed before the request left, so
         // the call may go elsewhere.
-        let closed = |e: h2::Error| tonic::Status::unavailable(format!("the connection to the register closed: {e}"));
+        let closed = |e: h2::Error| {
+            tonic::Status::unavailable(if e.is_go_away() {
+                // h2's words for it ("connection error received: not a result
+                // of an error") tell an operator nothing.
+                "the register closed its connection to new calls (HTTP/2 GOAWAY)".to_owned()
+            } else {
+                format!("the connection to the register closed: {e}")
+            })
+        };
         let _call = InFlight::new(&self.calls);
-        let live = self.sender().await?;
-        let _counted = InFlight::new(&live.in_flight);
-        let mut send = live.send.ready().await.map_err(closed)?;
+        let mut live = self.sender().await?;
+        let mut counted = InFlight::new(&live.in_flight);
+        let mut send = match live.send.clone().ready().await {
+            Ok(send) => send,
+            // A GOAWAY (a register past its maximum connection age, or
+            // draining for a restart) ends new calls on this connection, which
+            // stays up for the calls under way: a new call needs a new
+            // connection, not a refusal until those calls end.
+            Err(e) if e.is_go_away() => {
+                live.alive.store(false, Ordering::Release);
+                live = self.sender().await?;
+                counted = InFlight::new(&live.in_flight);
+                live.send.clone().ready().await.map_err(closed)?
+            }
+            Err(e) => {
+                live.alive.store(false, Ordering::Release);
+                return Err(closed(e).into());
+            }
+        };
+        let _counted = counted;
         let mut head = http::Request::new(());
         *head.method_mut() = http::Method::POST;
         *head.uri_mut() = self.fetch_uri.clone();
@@ -282,7 +307,10 @@ impl Conn {
         );
         headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
         headers.insert(http::header::USER_AGENT, http::HeaderValue::from_static(USER_AGENT));
-        let (response, mut body) = send.send_request(head, false).map_err(closed)?;
+        let (response, mut body) = send.send_request(head, false).map_err(|e| {
+            live.alive.store(false, Ordering::Release);
+            closed(e)
+        })?;
         // Queued with the headers: both leave in the connection task's next write.
         body.send_data(frame, true).map_err(closed)?;
         answer_of(response).await

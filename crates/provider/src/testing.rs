@@ -335,31 +335,113 @@ pub async fn start_dropping_server(tls: Arc<ServerTls>) -> io::Result<ServerHand
     .await
 }
 
+/// A register that says GOAWAY on a connection while a call on it is still
+/// under way, as a gRPC server past its maximum connection age, or draining
+/// for a restart, does: the first connection's first call is held, never
+/// answered, and that connection stays up for it (its pings answered); every
+/// call on a later connection is answered as `raw` answers.
+///
+/// [`ServerHandle::requests`] turns 1 once the broker has acknowledged a ping
+/// sent after the GOAWAY, and so has read the GOAWAY itself.
+pub async fn start_going_away_server(raw: RawProvider, tls: Arc<ServerTls>) -> io::Result<ServerHandle> {
+    let gone_away = Arc::new(AtomicU64::new(0));
+    let signal = gone_away.clone();
+    spawn_server(gone_away, move |listener, rx| async move {
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let later = incoming(listener, tls, AcceptOptions::default()).filter_map(move |stream| {
+            if stream.is_ok() && first.swap(false, Ordering::SeqCst) {
+                let signal = signal.clone();
+                tokio::spawn(async move {
+                    if let Ok(stream) = stream
+                        && let Err(e) = hold_one_call_and_go_away(stream, &signal).await
+                    {
+                        tracing::debug!(error = %e, "going-away server: the broker closed the held connection");
+                    }
+                });
+                return None;
+            }
+            Some(stream)
+        });
+        let served = tonic::transport::Server::builder()
+            .add_service(RawServer(raw))
+            .serve_with_incoming_shutdown(later, shutdown)
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "going-away test provider stopped");
+        }
+    })
+    .await
+}
+
+/// Reads one request, answers GOAWAY naming it as the last stream served and
+/// a ping, counts the ping's acknowledgement in `gone_away`, then holds the
+/// connection (answering pings and settings) until the broker closes it.
+async fn hold_one_call_and_go_away(mut stream: MtlsStream, gone_away: &AtomicU64) -> io::Result<()> {
+    let Some(last_stream) = read_request(&mut stream).await? else {
+        return Ok(());
+    };
+    let mut go_away = vec![0, 0, 8, FRAME_GOAWAY, 0, 0, 0, 0, 0];
+    go_away.extend_from_slice(&last_stream.to_be_bytes());
+    go_away.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+    stream.write_all(&go_away).await?;
+    stream
+        .write_all(&[0, 0, 8, FRAME_PING, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7, 7, 7])
+        .await?;
+    stream.flush().await?;
+    loop {
+        let (kind, flags, _, payload) = read_frame(&mut stream).await?;
+        match kind {
+            FRAME_PING if flags & FLAG_ACK != 0 => {
+                gone_away.fetch_add(1, Ordering::SeqCst);
+            }
+            FRAME_PING => {
+                let mut pong = vec![0, 0, 8, FRAME_PING, FLAG_ACK, 0, 0, 0, 0];
+                pong.extend_from_slice(&payload);
+                stream.write_all(&pong).await?;
+                stream.flush().await?;
+            }
+            FRAME_SETTINGS if flags & FLAG_ACK == 0 => {
+                stream
+                    .write_all(&[0, 0, 0, FRAME_SETTINGS, FLAG_ACK, 0, 0, 0, 0])
+                    .await?;
+                stream.flush().await?;
+            }
+            _ => {}
+        }
+    }
+}
+
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
 const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PING: u8 = 0x6;
+const FRAME_GOAWAY: u8 = 0x7;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_ACK: u8 = 0x1;
 
 /// Speaks just enough HTTP/2 to read a request to its end; true if one was read.
 async fn read_one_request(mut stream: MtlsStream) -> io::Result<bool> {
+    Ok(read_request(&mut stream).await?.is_some())
+}
+
+/// Reads the client's preface and frames up to the end of a request, acking
+/// its settings; the request's stream id, or `None` when the client does not
+/// speak HTTP/2.
+async fn read_request(stream: &mut MtlsStream) -> io::Result<Option<u32>> {
     let mut preface = [0u8; 24];
     stream.read_exact(&mut preface).await?;
     if &preface != H2_PREFACE {
-        return Ok(false);
+        return Ok(None);
     }
     // Our (empty) SETTINGS: every default applies.
     stream.write_all(&[0, 0, 0, FRAME_SETTINGS, 0, 0, 0, 0, 0]).await?;
     stream.flush().await?;
     loop {
-        let mut header = [0u8; 9];
-        stream.read_exact(&mut header).await?;
-        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-        let (kind, flags) = (header[3], header[4]);
-        let stream_id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).await?;
+        let (kind, flags, stream_id, _) = read_frame(stream).await?;
         match kind {
             FRAME_SETTINGS if flags & FLAG_ACK == 0 => {
                 stream
@@ -368,11 +450,23 @@ async fn read_one_request(mut stream: MtlsStream) -> io::Result<bool> {
                 stream.flush().await?;
             }
             FRAME_DATA | FRAME_HEADERS if stream_id != 0 && flags & FLAG_END_STREAM != 0 => {
-                return Ok(true);
+                return Ok(Some(stream_id));
             }
             _ => {}
         }
     }
+}
+
+/// One HTTP/2 frame: its type, flags, stream id and payload.
+async fn read_frame(stream: &mut MtlsStream) -> io::Result<(u8, u8, u32, Vec<u8>)> {
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+    let (kind, flags) = (header[3], header[4]);
+    let stream_id = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await?;
+    Ok((kind, flags, stream_id, payload))
 }
 
 #[cfg(test)]
