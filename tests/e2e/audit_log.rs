@@ -255,6 +255,32 @@ async fn an_unwritable_log_fails_closed_and_recovers() {
     fed.shutdown().await.unwrap();
 }
 
+/// The database file moved away (or deleted) under the running broker: its
+/// commits would go to a file the next start does not open, so lookups fail
+/// closed until the file is back, and the log goes on densely then.
+#[tokio::test]
+async fn a_database_file_moved_away_fails_closed_until_it_is_back() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let subject = citizen_id(&fed, 322);
+    look_up_birth(&office, &subject).await.unwrap();
+    let before = fed.broker.broker.audit.size();
+
+    let db = fed.dir.join("broker-data/lienthong.db");
+    let away = fed.dir.join("broker-data/lienthong.db.away");
+    std::fs::rename(&db, &away).unwrap();
+    let err = look_up_birth(&office, &subject).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("no data was released"), "{}", err.message());
+
+    std::fs::rename(&away, &db).unwrap();
+    let r = look_up_birth(&office, &subject).await.expect("writes resume");
+    // The refused lookup's entry landed in the file all the same, and the
+    // log's writer took it back in: the log goes on after it.
+    assert_eq!(r.into_inner().receipt.unwrap().sequence, before + 1);
+    fed.shutdown().await.unwrap();
+}
+
 /// An admin change the store committed whose audit entry then fails (the
 /// database refuses the log's insert, as a full disk would): the admin hears
 /// it is in effect and not to repeat it, and no entry claims it failed.

@@ -169,6 +169,8 @@ pub(crate) struct SqlStore {
     subject_runs: Option<Arc<subjects::Waker>>,
     /// Each log's number, which its entries carry (a log's number never changes).
     log_nos: std::sync::RwLock<std::collections::HashMap<String, i64>>,
+    /// SQLite's database file and WAL as opened; `None` in memory and on PostgreSQL.
+    files: Option<OpenedFiles>,
 }
 
 impl SqlStore {
@@ -190,6 +192,12 @@ impl SqlStore {
             (Pool::Sqlite(p), Pool::Sqlite(w)) => Some((p.clone(), w.clone())),
             _ => None,
         }
+    }
+
+    /// `Unavailable` when SQLite's database file or WAL is no longer where it
+    /// was opened (see [`OpenedFiles`]).
+    fn files_in_place(&self) -> Result<()> {
+        self.files.as_ref().map_or(Ok(()), OpenedFiles::check)
     }
 
     /// Tells SQLite's subject-run maintenance that `n` entries were appended.
@@ -339,7 +347,72 @@ pub(crate) async fn sqlite_store(path: &str, options: &StoreOptions) -> Result<S
         background: std::sync::Mutex::new(background),
         subject_runs: Some(waker),
         log_nos: Default::default(),
+        files: (path != ":memory:")
+            .then(|| OpenedFiles::record(std::path::Path::new(path)))
+            .flatten(),
     })
+}
+
+/// SQLite's database file and WAL, as the broker opened them.
+///
+/// SQLite writes through the descriptors it opened, whatever becomes of the
+/// paths: a database file (or WAL) deleted, moved or replaced under a
+/// running broker takes every commit after it, each one synced, into a file
+/// the next start will not open. Those entries vanish when the broker stops,
+/// and with them the record of what it released meanwhile.
+#[derive(Debug)]
+struct OpenedFiles {
+    /// The database file and its (device, inode) when opened.
+    db: (std::path::PathBuf, (u64, u64)),
+    /// The WAL, when there was one at the opening. Only its presence is
+    /// checked: SQLite makes a new one (a new inode) when a connection opens
+    /// after the last one closed, but never removes it while one is open, as
+    /// the audit writer's is whenever it appends.
+    wal: Option<std::path::PathBuf>,
+}
+
+impl OpenedFiles {
+    fn record(db: &std::path::Path) -> Option<OpenedFiles> {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = std::path::PathBuf::from(wal);
+        Some(OpenedFiles {
+            db: (db.to_path_buf(), file_id(db)?),
+            wal: file_id(&wal).is_some().then_some(wal),
+        })
+    }
+
+    /// `Unavailable` when the database file is no longer the one opened
+    /// there, or the WAL is gone.
+    fn check(&self) -> Result<()> {
+        let (db, opened) = &self.db;
+        let moved = if file_id(db) != Some(*opened) {
+            Some(db)
+        } else {
+            self.wal.as_ref().filter(|wal| file_id(wal).is_none())
+        };
+        match moved {
+            None => Ok(()),
+            Some(path) => Err(StoreError::Unavailable(format!(
+                "the database file {} was deleted, moved or replaced while the broker ran, so what is \
+                 written now would be lost when it stops; put that file back (the broker then goes on), \
+                 or stop the broker and restore its data directory",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// The (device, inode) of the file at `path`, if there is one.
+#[cfg(unix)]
+fn file_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_id(_path: &std::path::Path) -> Option<(u64, u64)> {
+    None
 }
 
 /// Page cache of each pooled (reading) connection, in KiB when negative;
@@ -453,6 +526,7 @@ pub(crate) async fn open_postgres(url: &str, options: &StoreOptions) -> Result<A
         background: std::sync::Mutex::new(vec![listener]),
         subject_runs: None,
         log_nos: Default::default(),
+        files: None,
     }))
 }
 
@@ -1305,7 +1379,10 @@ impl Store for SqlStore {
             (Pool::Sqlite(writer), [run]) => {
                 append_sqlite_in_one_call(writer, run, bounds[0], &rows, (node_log_no, &nodes)).await?;
                 self.appended_subjects(rows.len());
-                return Ok(());
+                // After the commit: a file gone before it was synced fails the
+                // batch (nothing is released), and the log's writer reads the
+                // store back before its next one, as after any failed commit.
+                return self.files_in_place();
             }
             (Pool::Postgres(pool), [run]) if rows.len() <= ENTRY_ROWS_PER_INSERT => {
                 return append_postgres_in_one_statement(pool, run, bounds[0], &rows, (node_log_no, &nodes)).await;
@@ -1343,7 +1420,7 @@ impl Store for SqlStore {
             tx.commit().await.map_err(db_err)
         })?;
         self.appended_subjects(rows.len());
-        Ok(())
+        self.files_in_place()
     }
 
     async fn log_size(&self, log_id: &str) -> Result<u64> {
@@ -1650,7 +1727,8 @@ impl Store for SqlStore {
             other => other,
         })?;
         if changed > 0 {
-            return Ok(());
+            // A head in a file the next start will not open is not pinned either.
+            return self.files_in_place();
         }
         let sql = "SELECT root_hash FROM tree_heads WHERE log_id = $1 AND tree_size = $2";
         let root = on_pool!(self, p => sqlx::query_scalar::<_, Vec<u8>>(sql).bind(&h.log_id).bind(size).fetch_optional(p).await)
@@ -1995,6 +2073,69 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("s3cret-pw"), "{text}");
+    }
+
+    /// A database file or WAL moved or deleted under the store fails every
+    /// append after it (the rows go to a file no start will open), and
+    /// appends go on once the file is back where it was.
+    #[tokio::test]
+    async fn appends_fail_while_the_database_file_or_its_wal_is_not_where_it_was_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lienthong.db");
+        let options = StoreOptions {
+            url: String::new(),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+            allow_unverified_postgres: false,
+        };
+        let store = sqlite_store(path.to_str().unwrap(), &options).await.unwrap();
+        let log = LogInfo {
+            log_id: "log-a".into(),
+            public_key: vec![1; 32],
+            created_at: OffsetDateTime::UNIX_EPOCH,
+        };
+        store.ensure_log(&log).await.unwrap();
+        store.append_entries_and_nodes(&[entry("log-a", 0)], &[]).await.unwrap();
+
+        for moved in ["lienthong.db", "lienthong.db-wal"] {
+            let (at, away) = (dir.path().join(moved), dir.path().join(format!("{moved}.away")));
+            std::fs::rename(&at, &away).unwrap();
+            let size = store.log_size("log-a").await.unwrap();
+            let Err(StoreError::Unavailable(why)) = store.append_entries_and_nodes(&[entry("log-a", size)], &[]).await
+            else {
+                panic!("an append into {moved}, moved away, must fail");
+            };
+            assert!(
+                why.contains(&at.display().to_string()) && why.contains("put that file back"),
+                "{why}"
+            );
+            std::fs::rename(&away, &at).unwrap();
+            let size = store.log_size("log-a").await.unwrap();
+            store
+                .append_entries_and_nodes(&[entry("log-a", size)], &[])
+                .await
+                .expect("the file is back: appends go on");
+        }
+
+        // Deleted, with nothing at its path any more: a new start would
+        // create an empty database there.
+        std::fs::remove_file(&path).unwrap();
+        let size = store.log_size("log-a").await.unwrap();
+        assert!(matches!(
+            store.append_entries_and_nodes(&[entry("log-a", size)], &[]).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        let head = StoredTreeHead {
+            log_id: "log-a".into(),
+            tree_size: 1,
+            root_hash: [0; 32],
+            timestamp_ms: 1,
+            signature: vec![0; 64],
+        };
+        assert!(matches!(
+            store.insert_tree_head(&head).await,
+            Err(StoreError::Unavailable(_))
+        ));
     }
 
     /// The pooled connections' page caches are bounded tighter than the
