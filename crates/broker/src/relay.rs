@@ -409,8 +409,16 @@ fn grpc_frame(message: &FetchRequest) -> Result<Bytes, tonic::Status> {
 /// h2's or the operating system's (`broken pipe`).
 fn cut_off(e: h2::Error) -> (Code, String) {
     let reset_by_register = e.is_reset() && e.is_remote();
-    let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
-    let code = tonic::Status::from_error(Box::new(e)).code();
+    // A call past the last stream a register's GOAWAY names is one it never
+    // worked on (RFC 9113, 6.8), whatever code the GOAWAY carries: refused,
+    // as by REFUSED_STREAM, not a register failing mid-answer (`INTERNAL`
+    // for a GOAWAY's `NO_ERROR`, in tonic's mapping).
+    let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote());
+    let code = if refused {
+        Code::Unavailable
+    } else {
+        tonic::Status::from_error(Box::new(e)).code()
+    };
     let words = if refused {
         "the register refused the call before working on it".to_owned()
     } else if reset_by_register {
@@ -1297,6 +1305,51 @@ mod tests {
         assert_eq!(status.code(), Code::Unavailable);
         assert!(!status.message().contains("079203001234"), "{}", status.message());
         assert!(status.message().contains("UNAVAILABLE"), "{}", status.message());
+    }
+
+    /// A call the register's GOAWAY leaves out (past the last stream it
+    /// names: a register going down at once) was never worked on: it is
+    /// refused (`UNAVAILABLE`, retried on another endpoint), not a register
+    /// failing mid-answer (`INTERNAL`).
+    #[tokio::test]
+    async fn a_call_past_the_last_stream_of_a_goaway_is_refused_not_failed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut preface = [0u8; 24];
+            far.read_exact(&mut preface).await.unwrap();
+            far.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            loop {
+                let mut frame = [0u8; 9];
+                far.read_exact(&mut frame).await.unwrap();
+                let len = u32::from_be_bytes([0, frame[0], frame[1], frame[2]]) as usize;
+                far.read_exact(&mut vec![0u8; len]).await.unwrap();
+                let (kind, flags) = (frame[3], frame[4]);
+                if kind == 4 && flags & 1 == 0 {
+                    far.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap();
+                }
+                if (kind == 0 || kind == 1) && flags & 1 != 0 {
+                    // GOAWAY, last stream 0, NO_ERROR: the call is not served.
+                    far.write_all(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+                        .await
+                        .unwrap();
+                    return std::future::pending::<()>().await;
+                }
+            }
+        });
+        let live = start(near, "https://register.test:443".parse().unwrap()).await.unwrap();
+        let (_counted, response, mut body) = call(&live).await;
+        body.send_data(Bytes::from_static(b"call"), true).unwrap();
+        let Err(CallError::Broken(e)) = answer_of(response).await else {
+            panic!("the call is cut off");
+        };
+        assert_eq!(
+            cut_off(e),
+            (
+                Code::Unavailable,
+                "the register refused the call before working on it".to_owned()
+            )
+        );
     }
 
     /// A register at the far end of an in-memory connection that answers
