@@ -815,6 +815,69 @@ async fn shutdown_waits_for_a_call_whose_consumer_left_and_signs_over_its_entry(
     );
 }
 
+/// A lookup whose register is still working when the broker's shutdown
+/// grace period is nearly over is given up, audited as failed and answered
+/// UNAVAILABLE before the broker stops, rather than dropped with its
+/// connection, unaudited, though the register was asked.
+#[tokio::test]
+async fn a_lookup_outlasting_the_shutdown_grace_period_is_audited_and_answered() {
+    use lienthong_core::audit::{EntryKind, Outcome};
+    let (_dir, fed, office, subject, faulty, server) = with_faulty_register(
+        "\n[limits]\nshutdown_grace_ms = 1500\n[relay]\nprovider_timeout_ms = 600000\n",
+        86,
+    )
+    .await;
+    // Past the grace period; short enough for the test to fail, not hang,
+    // should the broker drop the call.
+    faulty.set_mode(FaultMode::Sleep(Duration::from_secs(20)));
+    let asked = faulty.calls();
+    let lookup = {
+        let (office, subject) = (office.clone(), subject.clone());
+        tokio::spawn(async move { look_up_birth(&office, &subject).await })
+    };
+    assert!(
+        eventually(Duration::from_secs(30), async || faulty.calls() > asked).await,
+        "the register has the call"
+    );
+    let database = fed.dir.join("broker-data").join("lienthong.db");
+    fed.shutdown().await.unwrap();
+    let err = lookup.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("the broker is stopping") && err.message().contains("nothing was released"),
+        "{}",
+        err.message()
+    );
+    drop(server);
+
+    let store = lienthong_store::open(&lienthong_store::StoreOptions {
+        url: format!("sqlite://{}", database.display()),
+        max_connections: 1,
+        acquire_timeout: Duration::from_secs(5),
+        allow_unverified_postgres: false,
+    })
+    .await
+    .unwrap();
+    let log_id = store.list_logs().await.unwrap()[0].log_id.clone();
+    let failed = store
+        .query_entries(&lienthong_store::EntryQuery {
+            log_id: log_id.clone(),
+            actor: Some(JUDICIAL_OFFICE.into()),
+            kind: Some(EntryKind::Access),
+            outcome: Some(Outcome::Failed),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1, "the given-up lookup is audited");
+    let head = store
+        .latest_tree_head(&log_id)
+        .await
+        .unwrap()
+        .expect("a final tree head");
+    assert_eq!(head.tree_size, store.log_size(&log_id).await.unwrap());
+}
+
 /// A record type registered before its register serves it: the consumer is
 /// told so (FAILED_PRECONDITION), not that the citizen has no record, and
 /// the register's circuit stays closed for the record types it does serve.

@@ -721,11 +721,24 @@ pub struct Relay {
     // `retry_budget_percent`, each retry withdraws 100.
     budget: AtomicI64,
     rng: AtomicU64,
+    /// Cancelled near the end of a shutdown's grace period: the register
+    /// calls still under way are given up, so that their lookups are audited
+    /// and answered before the broker stops (see [`Relay::give_up_calls`]).
+    giving_up: tokio_util::sync::CancellationToken,
 }
 
 const BUDGET_CAP: i64 = 100 * 100;
 
 impl Relay {
+    /// Gives up the register calls under way, and any made from now on:
+    /// each ends `UNAVAILABLE` (the broker is stopping), its register not
+    /// blamed. A stop calls it shortly before its grace period ends, so that
+    /// a lookup waiting for a slow register still writes its audit entry and
+    /// answers, rather than being dropped unaudited with its connection.
+    pub fn give_up_calls(&self) {
+        self.giving_up.cancel();
+    }
+
     /// A relay authenticating to providers with `material` (the broker's certificate).
     pub fn new(material: TlsMaterial, trust_domain: String, config: RelayConfig) -> Relay {
         Relay {
@@ -735,6 +748,7 @@ impl Relay {
             pools: RwLock::new(HashMap::new()),
             revoked: Arc::default(),
             budget: AtomicI64::new(10 * 100),
+            giving_up: tokio_util::sync::CancellationToken::new(),
             rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15),
         }
     }
@@ -1021,7 +1035,18 @@ impl Relay {
             }
             crate::telemetry::inject(span, caller_trace, req.metadata_mut());
             ep.outstanding.fetch_add(1, Ordering::Relaxed);
-            let result = tokio::time::timeout(remaining, ep.call(req.into_parts().0, frame.clone())).await;
+            let call = tokio::time::timeout(remaining, ep.call(req.into_parts().0, frame.clone()));
+            let result = tokio::select! {
+                result = call => result,
+                () = self.giving_up.cancelled() => {
+                    ep.outstanding.fetch_sub(1, Ordering::Relaxed);
+                    ep.inconclusive();
+                    return Err(RelayError::Unavailable(format!(
+                        "the broker is stopping and provider {provider} had not answered before the end of \
+                         its shutdown grace period (limits.shutdown_grace_ms); nothing was released, retry"
+                    )));
+                }
+            };
             ep.outstanding.fetch_sub(1, Ordering::Relaxed);
             let (threshold, open_for) = (
                 self.config.breaker_failures,

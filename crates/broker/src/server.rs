@@ -482,6 +482,17 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
             _ = stop_rx => None,
         };
         let grace_ends = tokio::time::Instant::now() + grace;
+        // Register calls still under way shortly before the end are given up,
+        // leaving their lookups the rest of the period to be audited and
+        // answered (UNAVAILABLE), rather than dropped, unaudited, at its end.
+        let give_up_at = grace_ends - (grace / 4).min(Duration::from_secs(1));
+        let giving_up = {
+            let broker = task_broker.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(give_up_at).await;
+                broker.relay.give_up_calls();
+            })
+        };
         let result = match served {
             Some(r) => r,
             None => match tokio::time::timeout_at(grace_ends, &mut serve).await {
@@ -504,6 +515,7 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
                 "grace period over; calls whose client left are abandoned before their end"
             );
         }
+        giving_up.abort();
         watcher.abort();
         tls_watch.abort();
         refusal_summaries.abort();
