@@ -397,3 +397,28 @@ async fn the_broker_finds_its_renewed_certificate_by_itself() {
     assert_eq!(process.terminate().code(), Some(0));
     fed.shutdown_registers().await;
 }
+
+/// `demo-provider --help` names the register's own files: its `--ca`,
+/// `--cert` and `--key` replace files in `--tls-dir`, not a client's
+/// `--certs`/`--as`, which it refuses; and it says the files are read again,
+/// which a CA roll counts on.
+#[test]
+fn demo_provider_help_names_its_own_files_and_their_reload() {
+    let (ok, help) = run_cli(&["demo-provider", "--help"], &[]);
+    assert!(ok, "{help}");
+    let flag = |name: &str| {
+        let at = help
+            .find(&format!("      --{name} <"))
+            .unwrap_or_else(|| panic!("--{name}:\n{help}"));
+        let rest = &help[at..];
+        let end = rest[1..].find("\n      --").map_or(rest.len(), |i| i + 1);
+        rest[..end].to_owned()
+    };
+    for name in ["ca", "cert", "key"] {
+        let text = flag(name);
+        assert!(text.contains("--tls-dir"), "--{name} names --tls-dir:\n{text}");
+        assert!(!text.contains("Client"), "--{name} is not a client's:\n{text}");
+    }
+    let tls_dir = flag("tls-dir");
+    assert!(tls_dir.contains("without a restart"), "{tls_dir}");
+}

@@ -27,13 +27,13 @@ pub struct ConnectArgs {
     /// Member to act as; picks `<member>.pem` and `<member>.key` in `--certs`.
     #[arg(long = "as", env = "LIENTHONG_AS", global = true)]
     pub member: Option<String>,
-    /// Federation CA certificate (overrides `--certs`).
+    /// Federation CA certificate (overrides `ca.pem` in `--certs`, or in `demo-provider`'s `--tls-dir`).
     #[arg(long, env = "LIENTHONG_CA", global = true)]
     pub ca: Option<PathBuf>,
-    /// Client certificate (overrides `--certs`/`--as`).
+    /// Certificate to present (overrides `--certs`/`--as`; for `demo-provider`, the register's in `--tls-dir`).
     #[arg(long, env = "LIENTHONG_CERT", global = true)]
     pub cert: Option<PathBuf>,
-    /// Client private key (overrides `--certs`/`--as`).
+    /// Private key of that certificate (overrides `--certs`/`--as`; for `demo-provider`, the register's in `--tls-dir`).
     #[arg(long, env = "LIENTHONG_KEY", global = true)]
     pub key: Option<PathBuf>,
 }

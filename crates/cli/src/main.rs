@@ -74,6 +74,10 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9101")]
         listen: String,
         /// Certificates directory (ca.pem and the register's member certificate).
+        /// The files in use (these, or `--ca`, `--cert` and `--key`) are read
+        /// again every minute: a renewed certificate, or a CA bundle during a CA
+        /// roll, serves new connections without a restart, and files the
+        /// register would not start with are logged and left unused.
         #[arg(long = "tls-dir")]
         tls_dir: PathBuf,
         /// The register's member id (its certificate is `<member>.pem`).
