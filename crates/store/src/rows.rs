@@ -96,6 +96,14 @@ pub(crate) fn decode_or_skip<R, T>(
     decoded
 }
 
+/// `e`, saying which row it is about when it is the row's content at fault.
+fn name_row(e: StoreError, row: &str) -> StoreError {
+    match e {
+        StoreError::Corrupt(m) => StoreError::Corrupt(format!("{row}: {m}")),
+        other => other,
+    }
+}
+
 #[derive(sqlx::FromRow)]
 pub(crate) struct MemberRow {
     id: String,
@@ -170,7 +178,18 @@ pub(crate) struct RevokedCertificateRow {
 }
 
 impl RevokedCertificateRow {
+    /// The revocation. One that cannot be decoded fails the reload it is
+    /// read for, so the error names its row (by what it holds, escaped): the
+    /// operator must find it to repair it, and must not delete the wrong one.
     pub(crate) fn into_revoked(self) -> Result<RevokedCertificate> {
+        let row = format!(
+            "revoked_certificates row fingerprint={:?} member_id={:?}",
+            self.fingerprint, self.member_id
+        );
+        self.decode_revoked().map_err(|e| name_row(e, &row))
+    }
+
+    fn decode_revoked(self) -> Result<RevokedCertificate> {
         Ok(RevokedCertificate {
             fingerprint: {
                 let mut bytes = [0u8; 32];
@@ -285,7 +304,14 @@ pub(crate) struct RecordTypeRow {
 }
 
 impl RecordTypeRow {
+    /// The version. One that cannot be decoded fails the reload it is read
+    /// for, so the error names its row.
     pub(crate) fn into_version(self) -> Result<RecordTypeVersion> {
+        let row = format!("record_type_versions row name={:?} version={}", self.name, self.version);
+        self.decode_version().map_err(|e| name_row(e, &row))
+    }
+
+    fn decode_version(self) -> Result<RecordTypeVersion> {
         Ok(RecordTypeVersion {
             definition: RecordTypeDefinition {
                 name: self.name,
@@ -423,6 +449,26 @@ mod tests {
     fn roles_round_trip_through_their_text_form() {
         let text = roles_text(&[Role::Admin, Role::SubjectPortal]);
         assert_eq!(text, "admin,subject-portal");
+    }
+
+    #[test]
+    fn a_revocation_that_cannot_be_decoded_is_named_by_its_row() {
+        let row = RevokedCertificateRow {
+            fingerprint: "zz-not-hex".into(),
+            member_id: "civil-status".into(),
+            reason: String::new(),
+            not_after_us: None,
+            revoked_at_us: 1,
+            revoked_by: "federation-admin".into(),
+        };
+        let Err(StoreError::Corrupt(m)) = row.into_revoked() else {
+            panic!("corrupt")
+        };
+        assert!(
+            m.contains(r#"fingerprint="zz-not-hex""#) && m.contains(r#"member_id="civil-status""#),
+            "{m}"
+        );
+        assert!(m.contains("holds an invalid fingerprint"), "{m}");
     }
 
     #[test]
