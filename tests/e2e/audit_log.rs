@@ -705,6 +705,31 @@ impl RetiredLog {
     }
 }
 
+/// Online, a pinned key verifies its own log only, and the auditor is told
+/// which other logs of the federation that run did not check, rather than
+/// taking a success for the whole federation's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_verify_with_a_pinned_key_names_the_logs_it_left_unchecked() {
+    let retired = RetiredLog::start().await;
+    let (old, new) = (&retired.old, &retired.new);
+    let env = auditor_env(&retired.fed, &retired.process);
+    let (ok, key) = run_with(&["audit", "key", "--log", old], &env);
+    assert!(ok, "{key}");
+    let (ok, out) = retired.verify(&["--public-key", &key]);
+    assert!(ok && out.contains(&format!("log {old}: OK")), "{out}");
+    assert!(!out.contains(&format!("log {new}: OK")), "{out}");
+    assert!(
+        out.contains(&format!("only log {old} was verified (the log of --public-key)"))
+            && out.contains(&format!("1 other log(s) in this federation's database were not: {new}")),
+        "{out}"
+    );
+    let (ok, out) = retired.verify(&["--log", new]);
+    assert!(ok && out.contains(&format!("were not: {old}")), "{out}");
+    let (ok, out) = retired.verify(&[]);
+    assert!(ok && !out.contains("were not"), "{out}");
+    retired.shutdown().await;
+}
+
 /// A log verified before whose signed heads, then whole self, were deleted
 /// from the database fails, naming the size verified before: online
 /// verification goes by the state file, not only by what the database lists.

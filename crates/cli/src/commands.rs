@@ -1077,8 +1077,10 @@ pub struct VerifyArgs {
     #[arg(long, default_value = "lienthong-verifier-state.json")]
     pub state: PathBuf,
     /// Pinned public key (PEM or 64 hex digits) or a file holding it. Online,
-    /// each log's key must hash to its log id, and the state file pins the
-    /// heads verified before.
+    /// only the log of that key (the one whose id is its hash) is verified,
+    /// as with `--log`: run once per log to pin each. Without it, each log's
+    /// key must hash to its log id, and the state file pins the heads
+    /// verified before.
     // A PEM given inline begins with dashes: a value, not an option.
     #[arg(long, allow_hyphen_values = true)]
     pub public_key: Option<String>,
@@ -1822,6 +1824,26 @@ async fn verify_online(c: &mut AuditClient, v: &VerifyArgs, json: bool) -> Resul
             ),
         );
         failures += 1;
+    }
+    // A pin names one log: an auditor who pinned one key to check the
+    // federation must not take the others for checked.
+    if let Some(only) = &only {
+        let others: Vec<&str> = logs.iter().map(|l| l.log_id.as_str()).filter(|id| id != only).collect();
+        if !others.is_empty() {
+            eprintln!(
+                "only log {} was verified ({}); {} other log(s) in this federation's database were not: {}. \
+                 Verify each with its own --public-key (`lienthong audit key --log ID`), or all of them without \
+                 --public-key and --log",
+                shown(only),
+                if v.public_key.is_some() {
+                    "the log of --public-key"
+                } else {
+                    "--log"
+                },
+                others.len(),
+                others.iter().map(|id| shown(id)).collect::<Vec<_>>().join(", ")
+            );
+        }
     }
     if json {
         verified.append(&mut results);
