@@ -6,7 +6,7 @@
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::federation::{
-    CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT,
+    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT,
 };
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{IdGenerator, InMemorySpanExporter, RandomIdGenerator, SdkTracerProvider, SpanData};
@@ -777,6 +777,65 @@ async fn members_and_registers_certificate_expiries_are_exported_and_warned_of()
         lienthong_broker::expiry::warn_of_expiring(&fed.broker.broker, now),
         1,
         "the office's certificate, not the register's (a year)"
+    );
+    fed.shutdown().await.unwrap();
+}
+
+/// A member's revoked certificate, still tried after the member moved to a
+/// new one (a stolen key, an old client left running), is refused: its
+/// expiry is no alarm, and the metric keeps the certificate the member uses.
+#[tokio::test]
+async fn a_revoked_certificate_still_tried_does_not_replace_the_members_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = FederationOptions::new(dir.path());
+    options.metrics_listen = Some("127.0.0.1:0".into());
+    let fed = Federation::start(options).await.unwrap();
+    let addr = fed.broker.metrics_addr.expect("metrics listener configured");
+    let now = time::OffsetDateTime::now_utc();
+    let issue = |days: i64| {
+        ca(&fed)
+            .issue(&lienthong_tls::IssueSpec {
+                not_after: now + time::Duration::days(days),
+                ..lienthong_tls::IssueSpec::client(JUDICIAL_OFFICE)
+            })
+            .unwrap()
+    };
+    let (old, current) = (issue(20), issue(200));
+    let series = format!(r#"lienthong_member_certificate_expiry_timestamp_seconds{{member="{JUDICIAL_OFFICE}"}}"#);
+    let not_after = |pem: &str| {
+        lienthong_tls::summarize_pem(pem, "")
+            .unwrap()
+            .not_after
+            .unix_timestamp() as f64
+    };
+    let look_up = async |pem: &str, key: &str| {
+        connect_with(&fed, pem, key)
+            .await
+            .exchange()
+            .lookup(birth_lookup(&citizen_id(&fed, 7300), PURPOSE_CERTIFICATE))
+            .await
+    };
+    look_up(&old.cert_pem, &old.key_pem).await.unwrap();
+    client(&fed, ADMIN)
+        .await
+        .admin()
+        .revoke_certificate(pb::RevokeCertificateRequest {
+            certificate_pem: old.cert_pem.clone(),
+            reason: "moved to a new certificate".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    look_up(&current.cert_pem, &current.key_pem).await.unwrap();
+    let refused = look_up(&old.cert_pem, &old.key_pem).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let (status, scrape) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "{scrape}");
+    assert_eq!(sample(&scrape, &series), not_after(&current.cert_pem), "{scrape}");
+    assert_eq!(
+        lienthong_broker::expiry::warn_of_expiring(&fed.broker.broker, now),
+        0,
+        "the revoked certificate's end is not warned of"
     );
     fed.shutdown().await.unwrap();
 }

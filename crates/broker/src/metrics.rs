@@ -579,7 +579,7 @@ fn scrape_time(broker: &Broker) -> Registry {
     }
     r.register_with_unit(
         "member_certificate_expiry_timestamp",
-        "When the certificate each member last connected with expires, as a Unix time",
+        "When the certificate each member last connected with expires, as a Unix time (revoked ones left out)",
         Unit::Seconds,
         member_certificates,
     );

@@ -329,11 +329,8 @@ pub async fn start(config: Config, listener: Option<TcpListener>) -> Result<Serv
     // The certificate each member connects with, for the expiry warnings.
     let noting = broker.clone();
     let incoming = tokio_stream::StreamExt::map(incoming, move |accepted| {
-        if let Ok(stream) = &accepted
-            && let (Ok(lienthong_tls::Identity::Member(member)), Some(not_after)) =
-                (&stream.peer().identity, stream.peer().not_after)
-        {
-            noting.member_certificates.note(member, not_after);
+        if let Ok(stream) = &accepted {
+            noting.note_member_certificate(stream.peer());
         }
         accepted
     });

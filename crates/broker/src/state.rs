@@ -425,6 +425,20 @@ impl Broker {
         })
     }
 
+    /// Notes the expiry of the certificate a member connected with, for the
+    /// expiry metric and warnings, when the broker accepts it. A revoked
+    /// certificate (a stolen key still tried, an old client left running
+    /// after a rotation) is refused already: its end is no reason to alarm,
+    /// and noting it would hide the certificate the member now uses. An id
+    /// no member holds is not noted either.
+    pub fn note_member_certificate(&self, peer: &PeerInfo) {
+        if let Some(not_after) = peer.not_after
+            && let Ok(member) = check_peer(Some(peer), &self.snapshot(), &self.config.trust_domain)
+        {
+            self.member_certificates.note(member.id.as_str(), not_after);
+        }
+    }
+
     /// Identifies the caller of a request from its mutual-TLS peer certificate,
     /// against the current snapshot. A failure is audited and answered
     /// `UNAUTHENTICATED`.
