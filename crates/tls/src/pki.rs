@@ -373,10 +373,62 @@ fn issue_in_dir(dir: &Path, identity: Identity, hosts: &[String]) -> Result<Issu
     if !hosts.is_empty() || !serves {
         spec.hosts = hosts.to_vec();
     }
+    let in_place = dir.join(format!("{stem}.pem"));
+    // A renewal is taken up without a restart (the broker and kit registers
+    // reload their files), so a name left out here would be refused by
+    // everyone who reaches the holder by it, as soon as the files change.
+    let lost = names_lost(&in_place, &spec.hosts);
+    if !lost.is_empty() {
+        return Err(TlsError::InvalidRequest(format!(
+            "{} also serves on {}, which the new certificate would not name: whoever reaches its holder by \
+             them would refuse it once it is in use. Give them again with --host (only the names given are \
+             kept), or move {} away first to drop them",
+            in_place.display(),
+            lost.join(", "),
+            in_place.display()
+        )));
+    }
     let issued = ca.issue(&spec)?;
-    let replaced = existing_certificate(&dir.join(format!("{stem}.pem")));
+    let replaced = existing_certificate(&in_place);
     let (cert, key) = issued.write(dir, &stem)?;
     Ok(IssuedFiles { cert, key, replaced })
+}
+
+/// The host names and IP addresses the certificate at `path` serves on that
+/// `hosts` leaves out (empty when no certificate is there to read).
+fn names_lost(path: &Path, hosts: &[String]) -> Vec<String> {
+    let normal = |name: &str| match name.parse::<IpAddr>() {
+        Ok(ip) => ip.to_string(),
+        Err(_) => name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase(),
+    };
+    let Some(der) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|pem| certs(&pem, path).ok())
+        .and_then(|mut ders| (!ders.is_empty()).then(|| ders.swap_remove(0)))
+    else {
+        return Vec::new();
+    };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(&der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    let kept: Vec<String> = hosts.iter().map(|h| normal(h)).collect();
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(normal(dns)),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes).ok().map(|b| IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes).ok().map(|b| IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .filter(|name| !kept.contains(name))
+        .collect()
 }
 
 /// `host` if it is a DNS host name (RFC 1123: dot-separated labels of letters,
@@ -463,6 +515,37 @@ mod tests {
     fn mode_of(path: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_renewal_that_would_drop_a_name_the_certificate_serves_on_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs_dir = dir.path().join("certs");
+        let names = |extra: &[&str]| {
+            let mut v: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        init_dir_with_hosts(&certs_dir, "gov.example", &names(&["broker.gov.example"])).unwrap();
+        let before = std::fs::read(certs_dir.join("broker.pem")).unwrap();
+        let err = issue_broker_in_dir(&certs_dir, &names(&[])).unwrap_err().to_string();
+        assert!(err.contains("broker.pem also serves on broker.gov.example,"), "{err}");
+        assert!(err.contains("--host") && err.contains("move"), "{err}");
+        assert_eq!(
+            std::fs::read(certs_dir.join("broker.pem")).unwrap(),
+            before,
+            "nothing written"
+        );
+        // Kept (in any case, with a trailing dot), or added to: issued.
+        issue_broker_in_dir(&certs_dir, &names(&["Broker.Gov.Example."])).unwrap();
+        issue_broker_in_dir(&certs_dir, &names(&["broker.gov.example", "lb.gov.example"])).unwrap();
+        // A register's certificate renewed as a client certificate only.
+        issue_member_in_dir(&certs_dir, "land", &names(&["::1"])).unwrap();
+        let err = issue_member_in_dir(&certs_dir, "land", &[]).unwrap_err().to_string();
+        assert!(err.contains("localhost, 127.0.0.1, ::1,"), "{err}");
+        // Moved away: a fresh start.
+        std::fs::rename(certs_dir.join("land.pem"), dir.path().join("old-land.pem")).unwrap();
+        issue_member_in_dir(&certs_dir, "land", &[]).unwrap();
     }
 
     #[test]
