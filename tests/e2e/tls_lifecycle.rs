@@ -422,3 +422,79 @@ fn demo_provider_help_names_its_own_files_and_their_reload() {
     let tls_dir = flag("tls-dir");
     assert!(tls_dir.contains("without a restart"), "{tls_dir}");
 }
+
+/// SIGHUP has `lienthong demo-provider` take its renewed certificate at once,
+/// as it has the broker, rather than at its next look a minute later; it
+/// used to end the register, without a word, in the middle of a CA roll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_has_demo_provider_take_its_renewed_certificate() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let certs_arg = certs.to_str().unwrap();
+    let register = [
+        "certs",
+        "issue",
+        "--dir",
+        certs_arg,
+        "--member",
+        "civil-status",
+        "--host",
+        "127.0.0.1",
+    ];
+    for args in [
+        &["certs", "init", "--dir", certs_arg, "--trust-domain", "gov"][..],
+        &register[..],
+        &["certs", "issue", "--dir", certs_arg, "--member", JUDICIAL_OFFICE][..],
+    ] {
+        let (ok, out) = run_cli(args, &[]);
+        assert!(ok, "{out}");
+    }
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "demo-provider",
+            "civil-status",
+            "--listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            "gov",
+        ])
+        .args(["--tls-dir", certs_arg])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some((_, addr)) = line.split_once("register serving on ") {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+            eprintln!("[civil-status] {line}");
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the register says where it serves");
+    let url = format!("https://{addr}");
+    let old = served_sha256(&url, &certs).await;
+    let (ok, out) = run_cli(&register, &[]);
+    assert!(ok, "{out}");
+    let new = sha256_of(&std::fs::read_to_string(certs.join("civil-status.pem")).unwrap());
+    assert_ne!(old, new);
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // Its own look comes a minute later: within ten seconds, only SIGHUP.
+    assert!(comes_to_serve(&url, &certs, &new, || ()).await, "served after SIGHUP");
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP does not stop the register");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+}

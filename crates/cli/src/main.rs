@@ -75,9 +75,9 @@ enum Command {
         listen: String,
         /// Certificates directory (ca.pem and the register's member certificate).
         /// The files in use (these, or `--ca`, `--cert` and `--key`) are read
-        /// again every minute: a renewed certificate, or a CA bundle during a CA
-        /// roll, serves new connections without a restart, and files the
-        /// register would not start with are logged and left unused.
+        /// again every minute, and at once on SIGHUP: a renewed certificate, or a
+        /// CA bundle during a CA roll, serves new connections without a restart,
+        /// and files the register would not start with are logged and left unused.
         #[arg(long = "tls-dir")]
         tls_dir: PathBuf,
         /// The register's member id (its certificate is `<member>.pem`).
@@ -521,8 +521,19 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
                 .typed_over(lienthong_cli::client::member_files(&tls_dir, &member));
             let material = lienthong_tls::TlsMaterial::load(&files)?;
             let tls = std::sync::Arc::new(lienthong_tls::ServerTls::new(&material, &trust_domain)?);
-            // A renewed certificate is taken within a minute, without a restart.
+            // A renewed certificate is taken within a minute, without a restart,
+            // and at once on SIGHUP, which would otherwise end the register.
             config.tls_files = Some(files);
+            let reload_now = std::sync::Arc::new(tokio::sync::Notify::new());
+            config.tls_reload_now = Some(reload_now.clone());
+            let mut hangups = lienthong_cli::Hangups::new();
+            // Lives as long as the process, which ends when the register does.
+            tokio::spawn(async move {
+                loop {
+                    hangups.next().await;
+                    reload_now.notify_one();
+                }
+            });
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;

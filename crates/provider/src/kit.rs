@@ -190,6 +190,10 @@ pub struct ProviderConfig {
     pub tls_files: Option<TlsFiles>,
     /// See [`ProviderConfig::tls_files`].
     pub tls_reload_every: Duration,
+    /// With [`ProviderConfig::tls_files`]: each notification has [`serve`]
+    /// look at the files at once rather than at its next look (as SIGHUP
+    /// does for `lienthong demo-provider` and the broker).
+    pub tls_reload_now: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// [`ProviderConfig::shutdown_grace`] unless set: longer than the broker's
@@ -232,6 +236,7 @@ impl ProviderConfig {
             non_broker_connection_lifetime: Duration::from_secs(10),
             tls_files: None,
             tls_reload_every: Duration::from_secs(60),
+            tls_reload_now: None,
             // Load balancers' probes and the odd misconfigured client; well
             // under the accept loop's 256 handshakes at once.
             max_non_broker_connections: 64,
@@ -342,7 +347,13 @@ impl RefusedCertificates {
 /// change (looked at every `every`) into a certificate the broker accepts from
 /// this register, as [`serve`] checks at start; logs files it refuses, once
 /// per change, and goes on serving what it had.
-async fn keep_tls_current(tls: Arc<ServerTls>, files: TlsFiles, every: Duration, member: Option<String>) {
+async fn keep_tls_current(
+    tls: Arc<ServerTls>,
+    files: TlsFiles,
+    every: Duration,
+    now_asked: Option<Arc<tokio::sync::Notify>>,
+    member: Option<String>,
+) {
     let read = |files: &TlsFiles| [&files.ca, &files.cert, &files.key].map(|path| std::fs::read(path).ok());
     let mut seen = read(&files);
     let mut refused: Option<String> = None;
@@ -350,10 +361,21 @@ async fn keep_tls_current(tls: Arc<ServerTls>, files: TlsFiles, every: Duration,
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
     loop {
-        ticker.tick().await;
+        let asked = tokio::select! {
+            _ = ticker.tick() => false,
+            () = async {
+                match &now_asked {
+                    Some(asked) => asked.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
         let now = read(&files);
         // Refused files are tried again, unchanged too: one not valid yet becomes valid.
         if now == seen && refused.is_none() {
+            if asked {
+                tracing::info!(cert = %files.cert.display(), "asked to reload the register's TLS files, which have not changed");
+            }
             continue;
         }
         seen = now;
@@ -830,6 +852,7 @@ where
             tls.clone(),
             files,
             config.tls_reload_every,
+            config.tls_reload_now.clone(),
             config.member.clone(),
         )))
     });
