@@ -2054,8 +2054,11 @@ fn nullable_as_type(root: &Value, obj: &Map<String, Value>) -> Option<Value> {
 /// as types admitting `null`, which admit the same values; the field-by-field
 /// comparison then sees into an optional struct as it sees into a `"type":
 /// ["object", "null"]` one. `schema` itself when a local `$ref` that
-/// resolved in it would no longer resolve (one pointing inside an
-/// alternative rewritten).
+/// resolved in it would no longer reach the same schema rewritten: one
+/// pointing inside an alternative rewritten, or at a key beside the
+/// alternatives that the schema they stand for names too (its `$defs`
+/// would shadow theirs, and the comparison would follow a reference
+/// elsewhere than the validator does).
 fn nullable_alternatives_as_types(schema: &Value) -> Value {
     let mut budget = REWRITE_BUDGET;
     let Some(rewritten) = rewrite_nullable(schema, schema, 0, &mut budget) else {
@@ -2063,10 +2066,23 @@ fn nullable_alternatives_as_types(schema: &Value) -> Value {
     };
     let mut references = Vec::new();
     local_references(schema, &mut references, 0);
-    let still_resolve = references
-        .iter()
-        .all(|r| local_target(schema, r).is_none() || local_target(&rewritten, r).is_some());
-    if still_resolve { rewritten } else { schema.clone() }
+    references.sort_unstable();
+    references.dedup();
+    let still_reach_the_same =
+        references
+            .iter()
+            .all(|r| match (local_target(schema, r), local_target(&rewritten, r)) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(before), Some(after)) => {
+                    rewrite_nullable(schema, before, 0, &mut budget).is_some_and(|before| before == *after)
+                }
+            });
+    if still_reach_the_same {
+        rewritten
+    } else {
+        schema.clone()
+    }
 }
 
 /// JSON nodes [`nullable_alternatives_as_types`] may write: a reference

@@ -2672,3 +2672,47 @@ fn newly_required_record_properties_are_listed() {
         vec!["/father/national_id".to_owned()]
     );
 }
+
+/// A reference to `$defs` beside a nullable alternative reaches them, not
+/// the `$defs` of the object the alternative stands for: comparing the
+/// alternative as that object with null would follow it to the wrong
+/// place and let a retyped property pass as compatible.
+#[test]
+fn a_reference_beside_a_nullable_alternative_is_followed_where_the_validator_follows_it() {
+    let mut r0 = base_record();
+    set(
+        &mut r0,
+        "/properties/extra",
+        json!({"anyOf": [
+            {"type": "object", "properties": {"g": {"type": "integer"}}},
+            {"type": "null"}
+        ]}),
+    );
+    let mut r1 = base_record();
+    set(
+        &mut r1,
+        "/properties/extra",
+        json!({
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"g": {"$ref": "#/properties/extra/$defs/X"}},
+                    "$defs": {"X": {"type": "integer"}}
+                },
+                {"type": "null"}
+            ],
+            "$defs": {"X": {"type": "string"}}
+        }),
+    );
+    // The next version's `g` is a string to the validator.
+    let validator = jsonschema::validator_for(&r1).unwrap();
+    assert!(validator.is_valid(&json!({"full_name": "A", "extra": {"g": "text"}})));
+    assert!(!validator.is_valid(&json!({"full_name": "A", "extra": {"g": 3}})));
+    let previous = define(&base_query(), &r0, "national_id").unwrap();
+    let next = define(&base_query(), &r1, "national_id").unwrap();
+    let changes = check_compatibility(&previous, &next);
+    assert!(
+        changes.iter().any(|c| c.pointer.starts_with("/extra")),
+        "a property retyped from integer to string passed: {changes:#?}"
+    );
+}
