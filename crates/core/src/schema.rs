@@ -277,6 +277,20 @@ pub enum SchemaError {
         /// The reference.
         reference: String,
     },
+    /// A `$id` below the root: it would make the references under it
+    /// resolve within it, while the broker reads every `#/...` reference
+    /// from the root (comparing versions, listing fields).
+    #[error(
+        "{schema} at {} sets $id below the root: the references under it would resolve against it, and the \
+         broker reads every reference from the schema's root; remove it (a $defs entry needs no $id)",
+        show_pointer(.pointer)
+    )]
+    NestedId {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer of the `$id` keyword.
+        pointer: String,
+    },
     /// The schema is not `{"type": "object", "properties": {...}}`.
     #[error(
         "{schema} at {} must be an object schema (\"type\": \"object\" with \"properties\"): {problem}",
@@ -360,6 +374,7 @@ impl SchemaError {
         match self {
             SchemaError::MetaSchema { pointer, .. }
             | SchemaError::RemoteRef { pointer, .. }
+            | SchemaError::NestedId { pointer, .. }
             | SchemaError::NotAnObjectSchema { pointer, .. }
             | SchemaError::SubjectKey { pointer, .. }
             | SchemaError::UnlistedFields { pointer, .. }
@@ -379,6 +394,7 @@ impl SchemaError {
             | SchemaError::UnsupportedDraft { schema, .. }
             | SchemaError::MetaSchema { schema, .. }
             | SchemaError::RemoteRef { schema, .. }
+            | SchemaError::NestedId { schema, .. }
             | SchemaError::NotAnObjectSchema { schema, .. }
             | SchemaError::TooManyFields { schema, .. }
             | SchemaError::UnlistedFields { schema, .. }
@@ -510,6 +526,7 @@ fn parse_schema(
     }
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
+    find_nested_id(which, &value)?;
     let largest_pattern = check_patterns(which, &value, previous)?;
     build_validator(
         which,
@@ -871,6 +888,21 @@ fn find_remote_ref(which: &'static str, value: &Value, pointer: &mut String) -> 
             pointer,
             reference,
         }),
+    }
+}
+
+/// Refuses a `$id` anywhere but at the root of a schema being registered.
+/// Below it, `$id` starts a resource of its own, against which the
+/// validator resolves the `#/...` references under it, whereas the
+/// comparison of versions and the field walk resolve every one from the
+/// root: a next version could then retype a field, or hide one, unseen.
+fn find_nested_id(which: &'static str, value: &Value) -> Result<(), SchemaError> {
+    let found = first_in_schema(value, &mut String::new(), &mut |key, sub, at| {
+        (key == "$id" && sub.is_string() && at != "/$id").then(|| at.to_owned())
+    });
+    match found {
+        None => Ok(()),
+        Some(pointer) => Err(SchemaError::NestedId { schema: which, pointer }),
     }
 }
 

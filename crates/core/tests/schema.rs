@@ -2716,3 +2716,42 @@ fn a_reference_beside_a_nullable_alternative_is_followed_where_the_validator_fol
         "a property retyped from integer to string passed: {changes:#?}"
     );
 }
+
+/// A `$id` below the root rebases the references under it for the
+/// validator, not for the comparison of versions: registered, it would let
+/// a next version retype a field through `$defs` of its own unseen.
+#[test]
+fn a_nested_id_is_refused_at_registration() {
+    let mut record = base_record();
+    set(&mut record, "/properties/extra", json!({"$ref": "#/$defs/P"}));
+    set(
+        &mut record,
+        "/$defs",
+        json!({
+            "X": {"type": "integer"},
+            "P": {
+                "$id": "https://example.com/p",
+                "type": "object",
+                "properties": {"g": {"$ref": "#/$defs/X"}},
+                "$defs": {"X": {"type": "string"}}
+            }
+        }),
+    );
+    // To the validator, `g` is the string of P's own `$defs`.
+    let validator = jsonschema::validator_for(&record).unwrap();
+    assert!(validator.is_valid(&json!({"full_name": "A", "extra": {"g": "text"}})));
+    let err = define(&base_query(), &record, "national_id").unwrap_err();
+    assert!(matches!(err, SchemaError::NestedId { .. }), "{err:?}");
+    assert_eq!(err.pointer(), Some("/$defs/P/$id"));
+    assert!(
+        err.to_string()
+            .contains("record_schema at /$defs/P/$id sets $id below the root"),
+        "{err}"
+    );
+
+    // At the root it rebases nothing, and a property named `$id` is no keyword.
+    let mut record = base_record();
+    set(&mut record, "/$id", json!("https://example.com/birth"));
+    set(&mut record, "/properties/$id", json!({"type": "string"}));
+    define(&base_query(), &record, "national_id").unwrap();
+}
