@@ -1139,8 +1139,23 @@ pub fn verify_inclusion_proof(p: &pb::InclusionProof, public_key: &[u8]) -> Resu
     let head = p.tree_head.as_ref().context("the proof carries no signed tree head")?;
     let sth = sth_from_pb(head)?;
     lienthong_audit::sth::verify_tree_head(&sth, &key_from(public_key)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The shape of the path is that of the head's tree: a proof claiming
+    // another size could pass an inner node of the signed tree off as a leaf.
+    if p.tree_size != sth.tree_size {
+        bail!(
+            "the proof is against a tree of size {}, but the signed tree head it carries is of size {}",
+            p.tree_size,
+            sth.tree_size
+        );
+    }
     let path = p.path.iter().map(|h| to_hash(h)).collect::<Result<Vec<_>>>()?;
-    if !verify_inclusion(p.sequence, p.tree_size, &to_hash(&p.leaf_hash)?, &path, &sth.root_hash) {
+    if !verify_inclusion(
+        p.sequence,
+        sth.tree_size,
+        &to_hash(&p.leaf_hash)?,
+        &path,
+        &sth.root_hash,
+    ) {
         bail!(
             "entry {} is not included in the signed tree of size {}",
             p.sequence,
@@ -2129,6 +2144,46 @@ async fn unreadable(c: &mut AuditClient, log_id: &str, from: u64, status: tonic:
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// An inclusion proof is checked in the shape of the tree its signed
+    /// head signs: a broker cannot prove an inner node of that tree (which
+    /// it could have handed out as a receipt's leaf hash) by claiming a
+    /// smaller tree, in which the node stands where a leaf would.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn an_inclusion_proof_is_checked_against_its_heads_tree_size() {
+        use lienthong_audit::merkle::{inclusion_proof, leaf_hash, node_hash, root};
+        let keys = lienthong_audit::keys::LogKeys::generate().unwrap();
+        let leaves: Vec<_> = [b"a", b"b", b"c", b"d"].iter().map(|l| leaf_hash(*l)).collect();
+        let head = keys.sign_tree_head(4, &root(&leaves), 1_700_000_000_000);
+        let tree_head = Some(pb::SignedTreeHead {
+            log_id: head.log_id.clone(),
+            tree_size: head.tree_size,
+            root_hash: head.root_hash.to_vec(),
+            timestamp_ms: head.timestamp_ms,
+            signature: head.signature.clone(),
+        });
+        let honest = pb::InclusionProof {
+            log_id: keys.log_id(),
+            sequence: 2,
+            tree_size: 4,
+            leaf_hash: leaves[2].to_vec(),
+            path: inclusion_proof(2, &leaves).iter().map(|h| h.to_vec()).collect(),
+            tree_head: tree_head.clone(),
+        };
+        verify_inclusion_proof(&honest, &keys.public_key()).unwrap();
+        // "Entry 2 of a tree of 3": the node over c and d where a leaf would be.
+        let forged = pb::InclusionProof {
+            log_id: keys.log_id(),
+            sequence: 2,
+            tree_size: 3,
+            leaf_hash: node_hash(&leaves[2], &leaves[3]).to_vec(),
+            path: vec![node_hash(&leaves[0], &leaves[1]).to_vec()],
+            tree_head,
+        };
+        let err = verify_inclusion_proof(&forged, &keys.public_key()).unwrap_err();
+        assert!(err.to_string().contains("tree of size 3"), "{err}");
+    }
 
     fn at(seconds: i64) -> prost_types::Timestamp {
         prost_types::Timestamp { seconds, nanos: 0 }
