@@ -2090,14 +2090,17 @@ fn nullable_as_type(root: &Value, obj: &Map<String, Value>) -> Option<Value> {
 /// pointing inside an alternative rewritten, or at a key beside the
 /// alternatives that the schema they stand for names too (its `$defs`
 /// would shadow theirs, and the comparison would follow a reference
-/// elsewhere than the validator does).
+/// elsewhere than the validator does), or one too deep to be looked at.
 fn nullable_alternatives_as_types(schema: &Value) -> Value {
     let mut budget = REWRITE_BUDGET;
     let Some(rewritten) = rewrite_nullable(schema, schema, 0, &mut budget) else {
         return schema.clone();
     };
     let mut references = Vec::new();
-    local_references(schema, &mut references, 0);
+    // A reference not seen could not be checked: the schema as written then.
+    if !local_references(schema, &mut references, 0) {
+        return schema.clone();
+    }
     references.sort_unstable();
     references.dedup();
     let still_reach_the_same =
@@ -2160,22 +2163,20 @@ fn rewrite_nullable(root: &Value, schema: &Value, level: usize, budget: &mut usi
     Some(Value::Object(out))
 }
 
-/// Every `$ref` written in `schema`, as far down as [`MAX_FIELD_LEVELS`] levels of JSON.
-fn local_references(schema: &Value, out: &mut Vec<String>, level: usize) {
-    if level >= MAX_FIELD_LEVELS {
-        return;
-    }
+/// Every `$ref` written in `schema`, as far down as [`MAX_FIELD_LEVELS`]
+/// levels of JSON; false when the schema goes deeper, and some may be missed.
+fn local_references(schema: &Value, out: &mut Vec<String>, level: usize) -> bool {
     match schema {
-        Value::Object(obj) => {
-            for (key, value) in obj {
-                match value.as_str() {
-                    Some(reference) if key == "$ref" => out.push(reference.to_owned()),
-                    _ => local_references(value, out, level + 1),
-                }
+        Value::Object(_) | Value::Array(_) if level >= MAX_FIELD_LEVELS => false,
+        Value::Object(obj) => obj.iter().all(|(key, value)| match value.as_str() {
+            Some(reference) if key == "$ref" => {
+                out.push(reference.to_owned());
+                true
             }
-        }
-        Value::Array(items) => items.iter().for_each(|item| local_references(item, out, level + 1)),
-        _ => {}
+            _ => local_references(value, out, level + 1),
+        }),
+        Value::Array(items) => items.iter().all(|item| local_references(item, out, level + 1)),
+        _ => true,
     }
 }
 

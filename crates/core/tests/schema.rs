@@ -2755,3 +2755,40 @@ fn a_nested_id_is_refused_at_registration() {
     set(&mut record, "/properties/$id", json!({"type": "string"}));
     define(&base_query(), &record, "national_id").unwrap();
 }
+
+/// The same, with the reference deeper than the rewriting looks for
+/// references (a broker may allow schemas deeper than the default 32).
+#[test]
+fn a_deep_reference_beside_a_nullable_alternative_is_followed_where_the_validator_follows_it() {
+    let limits = SchemaLimits {
+        max_depth: 128,
+        ..SchemaLimits::default()
+    };
+    let nest = |leaf: Value| (0..35).fold(leaf, |inner, _| json!({"type": "object", "properties": {"n": inner}}));
+    let record = |extra: Value| {
+        let mut r = base_record();
+        set(&mut r, "/properties/extra", extra);
+        r
+    };
+    let r0 = record(json!({"anyOf": [nest(json!({"type": "integer"})), {"type": "null"}]}));
+    let mut inner = nest(json!({"$ref": "#/properties/extra/$defs/X"}));
+    set(&mut inner, "/$defs", json!({"X": {"type": "integer"}}));
+    let r1 = record(json!({"anyOf": [inner, {"type": "null"}], "$defs": {"X": {"type": "string"}}}));
+    let parse = |r: &Value| {
+        lienthong_core::schema::parse_definition(
+            "civil.birth",
+            "birth record of a citizen",
+            owner(),
+            &base_query().to_string(),
+            &r.to_string(),
+            "national_id",
+            &limits,
+        )
+        .unwrap()
+    };
+    let changes = check_compatibility(&parse(&r0), &parse(&r1));
+    assert!(
+        changes.iter().any(|c| c.pointer.starts_with("/extra")),
+        "a property retyped from integer to string passed: {changes:#?}"
+    );
+}
