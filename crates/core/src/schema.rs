@@ -291,6 +291,18 @@ pub enum SchemaError {
         /// JSON Pointer of the `$id` keyword.
         pointer: String,
     },
+    /// A `$dynamicRef`: the validator follows it, the broker does not.
+    #[error(
+        "{schema} at {} uses $dynamicRef, which the broker does not follow (comparing versions, listing \
+         fields): use $ref",
+        show_pointer(.pointer)
+    )]
+    DynamicRef {
+        /// `query_schema` or `record_schema`.
+        schema: &'static str,
+        /// JSON Pointer of the `$dynamicRef` keyword.
+        pointer: String,
+    },
     /// The schema is not `{"type": "object", "properties": {...}}`.
     #[error(
         "{schema} at {} must be an object schema (\"type\": \"object\" with \"properties\"): {problem}",
@@ -375,6 +387,7 @@ impl SchemaError {
             SchemaError::MetaSchema { pointer, .. }
             | SchemaError::RemoteRef { pointer, .. }
             | SchemaError::NestedId { pointer, .. }
+            | SchemaError::DynamicRef { pointer, .. }
             | SchemaError::NotAnObjectSchema { pointer, .. }
             | SchemaError::SubjectKey { pointer, .. }
             | SchemaError::UnlistedFields { pointer, .. }
@@ -395,6 +408,7 @@ impl SchemaError {
             | SchemaError::MetaSchema { schema, .. }
             | SchemaError::RemoteRef { schema, .. }
             | SchemaError::NestedId { schema, .. }
+            | SchemaError::DynamicRef { schema, .. }
             | SchemaError::NotAnObjectSchema { schema, .. }
             | SchemaError::TooManyFields { schema, .. }
             | SchemaError::UnlistedFields { schema, .. }
@@ -527,6 +541,7 @@ fn parse_schema(
     let value: Value = serde_json::from_str(text).map_err(|e| malformed(which, &e))?;
     check_schema_value(which, &value)?;
     find_nested_id(which, &value)?;
+    find_dynamic_ref(which, &value)?;
     let largest_pattern = check_patterns(which, &value, previous)?;
     build_validator(
         which,
@@ -903,6 +918,20 @@ fn find_nested_id(which: &'static str, value: &Value) -> Result<(), SchemaError>
     match found {
         None => Ok(()),
         Some(pointer) => Err(SchemaError::NestedId { schema: which, pointer }),
+    }
+}
+
+/// Refuses a `$dynamicRef` in a schema being registered. The validator
+/// follows one (to a JSON Pointer, as a `$ref`), whereas the comparison of
+/// versions compares it as written: a next version could change what it
+/// points to unseen.
+fn find_dynamic_ref(which: &'static str, value: &Value) -> Result<(), SchemaError> {
+    let found = first_in_schema(value, &mut String::new(), &mut |key, sub, at| {
+        (key == "$dynamicRef" && sub.is_string()).then(|| at.to_owned())
+    });
+    match found {
+        None => Ok(()),
+        Some(pointer) => Err(SchemaError::DynamicRef { schema: which, pointer }),
     }
 }
 
