@@ -498,3 +498,40 @@ async fn sighup_has_demo_provider_take_its_renewed_certificate() {
         .status();
     assert!(child.wait().unwrap().success());
 }
+
+/// A CA taken out of `tls.ca` (the last step of a CA roll, or a CA that
+/// leaked) is out from the reload on, on connections opened before too: a
+/// member certificate only it vouches for is refused at its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_taken_out_of_the_bundle_vouches_for_no_open_connection() {
+    let (_dir, fed) = federation().await;
+    let office = client(&fed, JUDICIAL_OFFICE).await;
+    let list = |c: &Clients| {
+        let c = c.clone();
+        async move {
+            c.schemas()
+                .list_record_types(pb::ListRecordTypesRequest::default())
+                .await
+        }
+    };
+    list(&office)
+        .await
+        .expect("the office's certificate is from the CA in tls.ca");
+
+    // The CA roll's end: a new CA alone in tls.ca, the broker's certificate from it.
+    let next = lienthong_tls::CertificateAuthority::generate(&fed.options.trust_domain).unwrap();
+    let broker = next.issue(&IssueSpec::broker()).unwrap();
+    std::fs::write(fed.certs.join("ca.pem"), next.cert_pem()).unwrap();
+    std::fs::write(fed.certs.join("broker.pem"), &broker.cert_pem).unwrap();
+    std::fs::write(fed.certs.join("broker.key"), &broker.key_pem).unwrap();
+    fed.broker.reload_tls();
+    assert!(
+        comes_to_serve(&fed.broker_url, &fed.certs, &sha256_of(&broker.cert_pem), || ()).await,
+        "the new files are taken"
+    );
+    let err = list(&office)
+        .await
+        .expect_err("no CA in tls.ca vouches for the office any more");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    fed.shutdown().await.unwrap();
+}

@@ -568,7 +568,8 @@ pub(crate) fn authorize<T>(
         // Only reachable if the server was not started through `incoming`.
         return Err(Status::unauthenticated("connection carries no tls peer information"));
     };
-    match &peer.identity {
+    // Under the register's CAs as they are now (see `PeerInfo::identity_now`).
+    match &peer.identity_now() {
         // Checked at the handshake, and again here: a connection outlives
         // the certificate it was made with.
         Ok(Identity::Broker) if peer.not_after.is_some_and(|t| t <= time::OffsetDateTime::now_utc()) => {
@@ -1071,6 +1072,7 @@ mod tests {
             not_after: None,
             fingerprints: None,
             claimed: None,
+            revalidation: None,
         }));
         request
     }

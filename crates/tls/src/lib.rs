@@ -51,8 +51,8 @@ pub use pki::{
 };
 pub use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 pub use server::{
-    AcceptOptions, FailureLog, MtlsStream, PeerInfo, ServerTls, UnauthenticatedLimits, client_auth_required_config,
-    incoming, peer_info,
+    AcceptOptions, FailureLog, MtlsStream, PeerInfo, Revalidation, ServerTls, UnauthenticatedLimits,
+    client_auth_required_config, incoming, peer_info,
 };
 
 /// Installs rustls' `ring` provider as the process default; a no-op if one is installed.

@@ -5,12 +5,14 @@
 //! handshake, [`ServerTls::verify_peer`] checks the chain against the federation CA and
 //! reads the SPIFFE identity; the outcome travels with the connection as [`PeerInfo`]
 //! so handlers can answer `UNAUTHENTICATED` with a precise reason and audit the attempt.
-//! Handlers must therefore refuse every request whose `PeerInfo::identity` is an `Err`.
+//! Handlers must therefore refuse every request whose [`PeerInfo::identity_now`] is an
+//! `Err` (the identity, checked again when the CAs were replaced since).
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -54,6 +56,60 @@ pub struct PeerInfo {
     /// verified: what a refused certificate claimed to be, for the record.
     /// Unverified: never an identity (that is [`PeerInfo::identity`]).
     pub claimed: Option<String>,
+    /// What [`PeerInfo::identity_now`] checks the certificate against again
+    /// once the server's CAs were replaced; `None` when none was presented.
+    pub revalidation: Option<Revalidation>,
+}
+
+/// The certificate a connection was accepted with, and the server's CAs as
+/// they are now: a CA taken out of the bundle while the connection is open
+/// vouches for it no more ([`PeerInfo::identity_now`]).
+#[derive(Clone)]
+pub struct Revalidation {
+    current: Arc<ArcSwap<Loaded>>,
+    trust_domain: Arc<str>,
+    certificate: CertificateDer<'static>,
+    /// The generation of the CAs the certificate last passed under.
+    checked: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Revalidation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revalidation").finish_non_exhaustive()
+    }
+}
+
+impl PeerInfo {
+    /// [`PeerInfo::identity`] under the server's CAs as they are now: when
+    /// they were replaced since the certificate was last checked, it is
+    /// checked again (once per replacement while it passes), so that a
+    /// connection opened under a CA since taken out of the bundle is refused
+    /// at its next request rather than served for as long as it stays open.
+    pub fn identity_now(&self) -> Result<Identity, AuthError> {
+        let (Some(again), Ok(identity)) = (&self.revalidation, &self.identity) else {
+            return self.identity.clone();
+        };
+        let loaded = again.current.load();
+        if loaded.generation == again.checked.load(Ordering::Acquire) {
+            return Ok(identity.clone());
+        }
+        match verify_with(
+            &loaded,
+            &again.trust_domain,
+            Some(std::slice::from_ref(&again.certificate)),
+        )
+        .0
+        {
+            Ok(now) if now == *identity => {
+                again.checked.store(loaded.generation, Ordering::Release);
+                Ok(now)
+            }
+            Ok(_) => Err(AuthError::BadCertificate(
+                "the certificate names another identity than when the connection was opened".into(),
+            )),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// The peer of the connection a tonic request arrived on (set by [`incoming`]).
@@ -136,19 +192,24 @@ impl DeferredClientVerifier {
 /// Server TLS configuration plus the post-handshake client check.
 ///
 /// The certificate, key and trusted CAs can be replaced while serving
-/// ([`ServerTls::replace`]): connections accepted afterwards use the new ones,
-/// those already open keep what they were accepted with.
+/// ([`ServerTls::replace`]): connections accepted afterwards use the new ones;
+/// those already open keep their TLS session, but their client's certificate
+/// is checked against the new CAs at its next request
+/// ([`PeerInfo::identity_now`]).
 pub struct ServerTls {
     trust_domain: String,
-    current: ArcSwap<Loaded>,
+    current: Arc<ArcSwap<Loaded>>,
 }
 
 /// What one set of TLS material makes of a server: its config, the CA check
 /// of clients, and the certificate it presents.
+#[derive(Clone)]
 struct Loaded {
     config: Arc<ServerConfig>,
     verifier: Arc<dyn ClientCertVerifier>,
     served: CertificateDer<'static>,
+    /// How many times the material was replaced before this one.
+    generation: u64,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -183,6 +244,7 @@ impl Loaded {
             config: Arc::new(config),
             verifier,
             served,
+            generation: 0,
         })
     }
 }
@@ -198,14 +260,18 @@ impl ServerTls {
         }
         Ok(ServerTls {
             trust_domain: trust_domain.to_owned(),
-            current: ArcSwap::from_pointee(Loaded::new(material)?),
+            current: Arc::new(ArcSwap::from_pointee(Loaded::new(material)?)),
         })
     }
 
     /// Serves what `newer` serves (own chain and key, trusted CAs) from the
     /// next connection on. The trust domain stays this one's.
     pub fn replace(&self, newer: ServerTls) {
-        self.current.store(newer.current.into_inner());
+        let newer = newer.current.load_full();
+        self.current.rcu(|current| Loaded {
+            generation: current.generation + 1,
+            ..Loaded::clone(&newer)
+        });
     }
 
     /// The end-entity certificate this server presents.
@@ -236,30 +302,14 @@ impl ServerTls {
         &self,
         certs: Option<&[CertificateDer<'_>]>,
     ) -> (Result<Identity, AuthError>, Option<OffsetDateTime>) {
-        let Some(end_entity) = certs.and_then(|c| c.first()) else {
-            return (Err(AuthError::NoCertificate), None);
-        };
-        let parsed = match x509_parser::parse_x509_certificate(end_entity) {
-            Ok((_, parsed)) => parsed,
-            Err(e) => return (Err(AuthError::BadCertificate(format!("unparsable: {e}"))), None),
-        };
-        let not_after = parsed.validity().not_after.to_datetime();
-        let verified = self
-            .current
-            .load()
-            .verifier
-            .verify_client_cert(end_entity, &[], UnixTime::now());
-        let identity = match verified {
-            Ok(_) => identity_of(&parsed, &self.trust_domain),
-            Err(e) => Err(auth_error(e, not_after)),
-        };
-        (identity, Some(not_after))
+        verify_with(&self.current.load(), &self.trust_domain, certs)
     }
 
     fn peer_info(&self, stream: &tokio_rustls::server::TlsStream<TcpStream>) -> PeerInfo {
         let (tcp, conn) = stream.get_ref();
         let presented = conn.peer_certificates();
-        let (identity, not_after) = self.verify_peer(presented);
+        let loaded = self.current.load_full();
+        let (identity, not_after) = verify_with(&loaded, &self.trust_domain, presented);
         let end_entity = presented.and_then(|c| c.first());
         PeerInfo {
             remote_addr: tcp.peer_addr().ok(),
@@ -267,8 +317,36 @@ impl ServerTls {
             not_after,
             fingerprints: end_entity.map(|der| CertificateFingerprints::of(der)),
             claimed: end_entity.and_then(|der| claimed_spiffe_id(der)),
+            revalidation: end_entity.map(|der| Revalidation {
+                current: self.current.clone(),
+                trust_domain: Arc::from(self.trust_domain.as_str()),
+                certificate: der.clone().into_owned(),
+                checked: Arc::new(AtomicU64::new(loaded.generation)),
+            }),
         }
     }
+}
+
+/// [`ServerTls::verify_peer`] against one set of material.
+fn verify_with(
+    loaded: &Loaded,
+    trust_domain: &str,
+    certs: Option<&[CertificateDer<'_>]>,
+) -> (Result<Identity, AuthError>, Option<OffsetDateTime>) {
+    let Some(end_entity) = certs.and_then(|c| c.first()) else {
+        return (Err(AuthError::NoCertificate), None);
+    };
+    let parsed = match x509_parser::parse_x509_certificate(end_entity) {
+        Ok((_, parsed)) => parsed,
+        Err(e) => return (Err(AuthError::BadCertificate(format!("unparsable: {e}"))), None),
+    };
+    let not_after = parsed.validity().not_after.to_datetime();
+    let verified = loaded.verifier.verify_client_cert(end_entity, &[], UnixTime::now());
+    let identity = match verified {
+        Ok(_) => identity_of(&parsed, trust_domain),
+        Err(e) => Err(auth_error(e, not_after)),
+    };
+    (identity, Some(not_after))
 }
 
 /// A server config that serves `chain`/`key` and *requires* a client certificate
