@@ -416,3 +416,32 @@ pub async fn replace_civil_endpoint(fed: &Federation, url: &str) {
             .unwrap();
     }
 }
+
+/// Runs the Python script at `script` with `settings` as JSON on its standard
+/// input, off the async runtime, and returns the JSON summary it printed and
+/// what it wrote to standard error; a script that fails fails the test,
+/// showing the latter.
+pub async fn run_python(script: &'static str, settings: serde_json::Value) -> (serde_json::Value, String) {
+    use std::io::Write;
+    let output = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("python3")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(settings.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{script} failed:\n{stderr}");
+    (serde_json::from_slice(&output.stdout).unwrap(), stderr)
+}

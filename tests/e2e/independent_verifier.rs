@@ -7,8 +7,7 @@
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::federation::{JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/independent_verifier.py");
@@ -71,27 +70,7 @@ async fn a_verifier_written_from_the_docs_alone_checks_heads_proofs_and_an_expor
         "sth": sth_path,
         "key": key_path,
     });
-    let output = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("python3")
-            .arg(SCRIPT)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(settings.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the independent verifier failed:\n{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (summary, _) = run_python(SCRIPT, settings).await;
     let checks: Vec<&str> = summary["checks"]
         .as_array()
         .unwrap()

@@ -6,8 +6,8 @@
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::federation::{ADMIN, CITIZEN_PORTAL, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT};
-use std::io::Write;
-use std::process::{Command, Stdio};
+
+use std::process::Command;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/e2e/stock_client.py");
 
@@ -47,27 +47,7 @@ async fn a_stock_python_client_looks_up_meets_refusals_and_verifies_its_receipt(
         "portal": CITIZEN_PORTAL,
         "subject": subject,
     });
-    let output = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("python3")
-            .arg(SCRIPT)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(settings.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "the stock client failed:\n{stderr}");
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (summary, stderr) = run_python(SCRIPT, settings).await;
     let checks = summary["checks"].as_array().unwrap();
     assert!(checks.len() >= 30, "{summary}");
 
