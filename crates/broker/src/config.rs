@@ -147,6 +147,9 @@ pub struct TlsConfig {
     pub reload_check_ms: u64,
 }
 
+/// The least `tls.reload_check_ms` other than 0.
+const MIN_RELOAD_CHECK_MS: u64 = 100;
+
 /// Size and rate limits.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -602,6 +605,13 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
             }
+        }
+        // Each look reads and hashes the three files: a few a second at most.
+        if (1..MIN_RELOAD_CHECK_MS).contains(&self.tls.reload_check_ms) {
+            return Err(invalid(
+                "tls.reload_check_ms",
+                format!("must be 0 (only on SIGHUP) or at least {MIN_RELOAD_CHECK_MS}"),
+            ));
         }
         for (record_type, ms) in &self.relay.record_type_timeouts_ms {
             if *ms == 0 {
@@ -1168,6 +1178,20 @@ mod tests {
         let env = vec![("LIENTHONG_TLS_MAX_HANDSHAKES_PER_ADDRESS".to_string(), "0".to_string())];
         let e = Config::load(Some(&p), env).unwrap_err().to_string();
         assert!(e.contains("max_handshakes_per_address"), "{e}");
+    }
+
+    /// The TLS files are looked at every 100 ms at most often, or only on SIGHUP.
+    #[test]
+    fn the_tls_files_are_looked_at_no_more_than_ten_times_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "reload.toml", &tls_files(dir.path()));
+        for (ms, ok) in [("0", true), ("1", false), ("99", false), ("100", true), ("60000", true)] {
+            let env = vec![("LIENTHONG_TLS_RELOAD_CHECK_MS".to_string(), ms.to_string())];
+            match Config::load(Some(&p), env) {
+                Ok(c) => assert!(ok && c.tls.reload_check_ms.to_string() == ms, "{ms}"),
+                Err(e) => assert!(!ok && e.to_string().contains("tls.reload_check_ms"), "{ms}: {e}"),
+            }
+        }
     }
 
     #[test]
