@@ -268,6 +268,11 @@ async fn renew_broker_certificate(certs: &std::path::Path) -> String {
             .await
             .unwrap();
     assert!(ok, "{out}");
+    // A routine renewal: no register has to be told anything.
+    assert!(
+        out.contains("take the new files at their next look") && out.contains("only if the old key leaked"),
+        "{out}"
+    );
     sha256_of(&std::fs::read_to_string(certs.join("broker.pem")).unwrap())
 }
 

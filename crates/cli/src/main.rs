@@ -639,8 +639,9 @@ async fn run(cli: Cli, typed: Typed) -> Result<()> {
                          revoke --fingerprint {fingerprint} --member {member} --reason \"...\""
                     ),
                     None => println!(
-                        "the broker does not check its own certificate: once every replica presents the new one, \
-                         give {fingerprint} to the registers to refuse"
+                        "running brokers take the new files at their next look (tls.reload_check_ms) or on SIGHUP; \
+                         only if the old key leaked: once every replica presents the new one, give {fingerprint} to \
+                         the registers to refuse (their --refuse-certificates file)"
                     ),
                 }
             }
