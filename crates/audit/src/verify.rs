@@ -105,6 +105,23 @@ pub enum VerifyError {
         /// Size signed now.
         signed: u64,
     },
+    /// The signed head is dated before one verified earlier: the log signs
+    /// its heads at times that never go back, so this is another history.
+    #[error(
+        "the signed head of size {signed} is dated {signed_ms} ms after the epoch, before the head of size {verified} \
+         verified earlier ({verified_ms}); the log never signs a head earlier than its last, so this head is from \
+         another history of the log (a restored or forked database)"
+    )]
+    TimeWentBack {
+        /// Size verified earlier.
+        verified: u64,
+        /// Its timestamp.
+        verified_ms: u64,
+        /// Size signed now.
+        signed: u64,
+        /// Its timestamp.
+        signed_ms: u64,
+    },
     /// The export has fewer entries than the signed head covers.
     #[error(
         "export truncated: it ends after {have} entries but the signed head covers {signed}; entries {have}..{signed} are missing"
@@ -258,6 +275,14 @@ pub fn verify_entries(
         }
         if prev.tree_size == sth.tree_size && prev.root_hash != sth.root_hash {
             return Err(forked());
+        }
+        if sth.timestamp_ms < prev.timestamp_ms {
+            return Err(VerifyError::TimeWentBack {
+                verified: prev.tree_size,
+                verified_ms: prev.timestamp_ms,
+                signed: sth.tree_size,
+                signed_ms: sth.timestamp_ms,
+            });
         }
         if prev.tree_size == 0 && prev.root_hash != merkle::empty_root() {
             return Err(forked());

@@ -207,6 +207,33 @@ fn a_truncated_tail_is_reported() {
     );
 }
 
+/// The log never dates a head before its last: a larger head dated earlier
+/// than one verified before is from another history, however well it hashes.
+#[test]
+fn a_head_dated_before_one_verified_earlier_is_refused() {
+    let f = Fixture::new(20);
+    let earlier = f.head(12);
+    let backdated = f
+        .keys
+        .sign_tree_head(20, &f.head(20).root_hash, earlier.timestamp_ms - 1);
+    let err = f.verify(f.lines.clone(), &backdated, Some(&earlier)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VerifyError::TimeWentBack {
+                verified: 12,
+                signed: 20,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("another history"), "{err}");
+    // Dated the same as, or after, the head verified before: verified.
+    let same_time = f.keys.sign_tree_head(20, &f.head(20).root_hash, earlier.timestamp_ms);
+    assert_eq!(f.verify(f.lines.clone(), &same_time, Some(&earlier)).unwrap(), 20);
+}
+
 #[test]
 fn heads_must_be_signed_by_the_logs_key() {
     let f = Fixture::new(8);
