@@ -201,21 +201,14 @@ async fn mutual_tls_refuses_every_bad_identity_and_accepts_an_enabled_member() {
     expect_unauthenticated(&office, "disabled").await;
 
     // Every refusal reached the audit log as an authentication entry.
-    let auditor = client(&fed, lienthong_cli::federation::STATE_AUDIT).await;
-    let entries = auditor
-        .audit()
-        .query_entries(pb::QueryEntriesRequest {
-            filter: Some(pb::EntryFilter {
-                kind: pb::EntryKind::Authentication as i32,
-                ..Default::default()
-            }),
-            page_size: 100,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = logged(
+        &fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Authentication as i32,
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(entries.len() >= 5, "authentication failures audited: {}", entries.len());
     fed.shutdown().await.unwrap();
 }

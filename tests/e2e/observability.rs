@@ -6,7 +6,7 @@
 use crate::harness::*;
 use lienthong::v1 as pb;
 use lienthong_cli::federation::{
-    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, STATE_AUDIT, TAX_DEPT,
+    ADMIN, CIVIL_STATUS, Federation, FederationOptions, JUDICIAL_OFFICE, PURPOSE_CERTIFICATE, TAX_DEPT,
 };
 use opentelemetry::trace::{SpanId, SpanKind, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{IdGenerator, InMemorySpanExporter, RandomIdGenerator, SdkTracerProvider, SpanData};
@@ -153,21 +153,14 @@ async fn a_lookup_is_one_trace_from_the_consumer_into_the_register() {
     }
 
     // The audit entry names the same trace.
-    let entries = client(&fed, STATE_AUDIT)
-        .await
-        .audit()
-        .query_entries(pb::QueryEntriesRequest {
-            filter: Some(pb::EntryFilter {
-                actor: JUDICIAL_OFFICE.into(),
-                ..Default::default()
-            }),
-            page_size: 1000,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = logged(
+        &fed,
+        pb::EntryFilter {
+            actor: JUDICIAL_OFFICE.into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let entry = entries.iter().find(|e| e.sequence == receipt.sequence).unwrap();
     assert_eq!(entry.trace_id, trace.to_string());
 

@@ -20,21 +20,14 @@ async fn refused(c: &Clients) -> tonic::Status {
 }
 
 async fn authentication_entries(fed: &lienthong_cli::federation::Federation) -> Vec<pb::AuditEntry> {
-    client(fed, STATE_AUDIT)
-        .await
-        .audit()
-        .query_entries(pb::QueryEntriesRequest {
-            filter: Some(pb::EntryFilter {
-                kind: pb::EntryKind::Authentication as i32,
-                ..Default::default()
-            }),
-            page_size: 100,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
+    logged(
+        fed,
+        pb::EntryFilter {
+            kind: pb::EntryKind::Authentication as i32,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// The SHA-256 of a PEM certificate, as the audit log and `certs fingerprint` print it.
